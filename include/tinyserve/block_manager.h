@@ -1,0 +1,104 @@
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "tinyserve/export.h"
+
+namespace tinyserve {
+
+// The engine's allocator of physical KV-cache blocks. It owns no tensor memory: it hands out
+// block ids and slot ids (slot = block * block_size + offset) and says which block copies the
+// engine must run. All methods are thread-safe.
+//
+// Invariants (check() verifies them all):
+// - a block's ref count equals the number of sequence block lists that hold it;
+// - the free list holds exactly the blocks with ref count 0, each once; its order is the
+//   eviction order (head first);
+// - a block that holds a prefix-cache key is the one the key maps to, and the map holds no
+//   other entries;
+// - a sequence holds ceil(len / block_size) blocks.
+//
+// Failed calls change nothing.
+class TINYSERVE_API BlockManager {
+ public:
+  struct Stats {
+    std::int64_t num_blocks = 0;
+    std::int64_t num_free = 0;       // blocks with ref count 0 (cached ones included)
+    std::int64_t num_used = 0;       // blocks with ref count > 0
+    std::int64_t num_cached = 0;     // blocks that hold a prefix-cache key, used or free
+    std::int64_t num_evictable = 0;  // free blocks that still hold a key
+    std::int64_t num_shared = 0;     // blocks with ref count > 1
+    std::int64_t num_sequences = 0;
+    std::int64_t num_tokens = 0;     // tokens held, summed over sequences
+    std::int64_t waste_slots = 0;    // slots of used blocks that hold no token of any sequence
+    std::int64_t prefix_hits = 0;    // blocks attached from the prefix cache, since creation
+    std::int64_t prefix_queries = 0; // full prompt blocks looked up, since creation
+    std::int64_t evictions = 0;      // cached blocks whose key was dropped to reuse them
+  };
+
+  struct BlockTable {
+    std::vector<std::int32_t> table;  // row-major [batch, width], padded with 0
+    std::vector<std::int32_t> lens;   // [batch]
+    std::int64_t batch = 0;
+    std::int64_t width = 0;           // max blocks over the batch
+  };
+
+  BlockManager(std::int64_t num_blocks, std::int64_t block_size,
+               bool enable_prefix_caching = false);
+  ~BlockManager();
+  BlockManager(const BlockManager&) = delete;
+  BlockManager& operator=(const BlockManager&) = delete;
+
+  // Registers a sequence. With prefix caching and token ids, attaches the longest chain of
+  // cached full blocks matching the prompt's prefix and returns the tokens they cover (at most
+  // num_token_ids - 1); those tokens count as appended. Otherwise returns 0.
+  std::int64_t add_sequence(std::int64_t seq_id, const std::int64_t* token_ids = nullptr,
+                            std::int64_t num_token_ids = 0);
+
+  // Reserves the slots of the sequence's next num_tokens tokens, writing them to slots_out
+  // (num_tokens entries). A shared partial last block is copied first (copy-on-write). Token ids
+  // (num_tokens of them, or null) key each block that becomes full. Throws OutOfBlocks and
+  // changes nothing when blocks run out.
+  void append(std::int64_t seq_id, std::int64_t num_tokens, const std::int64_t* token_ids,
+              std::int64_t* slots_out);
+  std::vector<std::int64_t> append(std::int64_t seq_id, std::int64_t num_tokens,
+                                   const std::int64_t* token_ids = nullptr);
+
+  // append() for every listed sequence, slots concatenated in order into slots_out (the sum of
+  // num_tokens entries); all-or-nothing over the whole batch.
+  void append_batch(const std::int64_t* seq_ids, const std::int64_t* num_tokens,
+                    std::int64_t count, std::int64_t* slots_out);
+
+  // The child shares every block of the parent; no copy until one of them appends into a shared
+  // partial block.
+  void fork(std::int64_t parent_id, std::int64_t child_id);
+
+  // Releases the sequence's blocks, tail first.
+  void free(std::int64_t seq_id);
+
+  BlockTable block_table(const std::int64_t* seq_ids, std::int64_t count) const;
+
+  // The pending copy-on-write (src, dst) pairs, emptied by the call.
+  std::vector<std::pair<std::int32_t, std::int32_t>> take_copies();
+
+  std::int64_t seq_len(std::int64_t seq_id) const;
+  std::vector<std::int32_t> block_ids(std::int64_t seq_id) const;
+  bool has_sequence(std::int64_t seq_id) const;
+  std::int64_t num_free_blocks() const;
+  std::int64_t num_blocks() const;
+  std::int64_t block_size() const;
+  bool prefix_caching() const;
+  Stats stats() const;
+
+  // Verifies every invariant; throws std::logic_error naming the first violation.
+  void check() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace tinyserve

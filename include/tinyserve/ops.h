@@ -1,0 +1,90 @@
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "tinyserve/export.h"
+#include "tinyserve/tensor.h"
+
+// The kernels' entry points. Every op validates all of its arguments before it writes anything
+// (a rejected call leaves every tensor untouched), then runs on the backend that the tensors'
+// device selects: host memory runs the CPU backend, CUDA memory the CUDA backend. CUDA ops are
+// enqueued on `stream` and never synchronise.
+//
+// A KV cache tensor has the logical shape [num_blocks, block_size, num_kv_heads, head_dim] with
+// a contiguous last dimension; any other strides are allowed (HND storage is the permuted view).
+
+namespace tinyserve {
+
+// Writes new tokens' keys and values, [num_tokens, num_kv_heads, head_dim], into the cache slots
+// named by slot_mapping (int64 [num_tokens], slot = block * block_size + offset, -1 = skip).
+TINYSERVE_API void reshape_and_cache(const TensorView& key, const TensorView& value,
+                                     const TensorView& key_cache, const TensorView& value_cache,
+                                     const TensorView& slot_mapping, Stream stream = 0);
+
+struct AttentionOptions {
+  // Softmax scale applied to q.k; unset means 1/sqrt(head_dim).
+  std::optional<float> scale;
+  // Sliding window: attend only to the last window_left + 1 tokens (the query's own position and
+  // window_left before it). -1 attends to the whole sequence.
+  int window_left = -1;
+  // When > 0, logits become cap * tanh(logits / cap) before the softmax.
+  float logits_soft_cap = 0.0f;
+  // Optional output: the natural-log sum of exp(logits) per (sequence, query head), float32
+  // [batch, num_q_heads]. An empty sequence gets -inf.
+  std::optional<TensorView> lse;
+  // An upper bound on seq_lens that the caller knows on the host (no device read is ever made).
+  // -1 uses the block table's capacity, max_blocks * block_size.
+  std::int64_t max_seq_len = -1;
+  // How many pieces each sequence is split into (flash-decoding). 0 picks from the device and
+  // the batch; 1 disables splitting. A fixed value gives batch-invariant results.
+  int num_splits = 0;
+  // CUDA scratch for split partials, at least plan_paged_attention(...).workspace_bytes bytes on
+  // the tensors' device. Unused by the CPU backend and when no split happens.
+  std::optional<TensorView> workspace;
+};
+
+struct AttentionPlan {
+  int num_splits = 1;
+  std::size_t workspace_bytes = 0;
+};
+
+// Decode attention, one query token per sequence: query [batch, num_q_heads, head_dim],
+// block_table int32 [batch, max_blocks], seq_lens int32 [batch], out like query. num_q_heads must
+// be a multiple of num_kv_heads (GQA/MQA). Softmax in float32 whatever the dtype. A sequence of
+// length 0 gets a zero output.
+TINYSERVE_API void paged_attention(const TensorView& query, const TensorView& key_cache,
+                                   const TensorView& value_cache, const TensorView& block_table,
+                                   const TensorView& seq_lens, const TensorView& out,
+                                   const AttentionOptions& options = {}, Stream stream = 0);
+
+// The split count and the workspace that paged_attention would use for these arguments; it
+// depends only on host-side values (shapes, options, and the device's multiprocessor count).
+TINYSERVE_API AttentionPlan plan_paged_attention(const TensorView& query,
+                                                 const TensorView& key_cache,
+                                                 const TensorView& block_table,
+                                                 const AttentionOptions& options = {});
+
+// Copies block src[i] to block dst[i] in every tensor of `caches` (each indexed by block along
+// dimension 0: K and V caches of every layer, page metadata, ...), all pairs of all tensors in
+// one launch on CUDA. src and dst are int32 [num_pairs] on the caches' device. A block must not
+// be both a source and a destination of one call.
+TINYSERVE_API void copy_blocks(const std::vector<TensorView>& caches, const TensorView& src,
+                               const TensorView& dst, Stream stream = 0);
+
+// Copies block src[i] of src_cache to block dst[i] of dst_cache, where the caches may live on
+// different devices (pinned host memory and a CUDA device: offload and recall). The caches share
+// dtype and every dimension but the first; src and dst are int32 [num_pairs] in host memory.
+TINYSERVE_API void swap_blocks(const TensorView& src_cache, const TensorView& dst_cache,
+                               const TensorView& src, const TensorView& dst, Stream stream = 0);
+
+// Backends.
+TINYSERVE_API bool cuda_compiled();    // built with the CUDA backend
+TINYSERVE_API int cuda_device_count(); // 0 when not compiled, no driver or no device
+TINYSERVE_API void cuda_stream_synchronize(Stream stream);  // waits for a CUDA stream
+TINYSERVE_API int num_threads();       // worker threads of the CPU backend
+TINYSERVE_API void set_num_threads(int n);
+
+}  // namespace tinyserve

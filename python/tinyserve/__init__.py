@@ -1,0 +1,48 @@
+"""tinyserve: a paged KV-cache library for LLM serving engines.
+
+Ops take arrays from any framework (NumPy, PyTorch, CuPy, JAX, any DLPack producer); the device
+of the arrays picks the backend (CPU or CUDA). See README.md and docs/ for the contracts."""
+
+from ._tinyserve import (
+    BlockManager,
+    OutOfBlocks,
+    __version__,
+    cuda_compiled,
+    cuda_device_count,
+    num_threads,
+    set_num_threads,
+)
+from ._ops import copy_blocks, paged_attention, plan_paged_attention, reshape_and_cache, swap_blocks
+
+
+def cuda_available() -> bool:
+    """True when tinyserve was built with CUDA and a CUDA device is visible."""
+    return cuda_compiled() and cuda_device_count() > 0
+
+
+def cmake_dir() -> str:
+    """The folder to put on CMAKE_PREFIX_PATH (or pass as tinyserve_DIR) so that a C++ project's
+    find_package(tinyserve) finds the library shipped in this package."""
+    import os
+
+    from . import _tinyserve
+
+    return os.path.join(os.path.dirname(os.path.abspath(_tinyserve.__file__)), "lib", "cmake", "tinyserve")
+
+
+__all__ = [
+    "BlockManager",
+    "OutOfBlocks",
+    "__version__",
+    "cmake_dir",
+    "copy_blocks",
+    "cuda_available",
+    "cuda_compiled",
+    "cuda_device_count",
+    "num_threads",
+    "paged_attention",
+    "plan_paged_attention",
+    "reshape_and_cache",
+    "set_num_threads",
+    "swap_blocks",
+]

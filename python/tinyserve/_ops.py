@@ -1,0 +1,177 @@
+"""The ops, over any framework's arrays. Each wrapper resolves the stream, allocates missing
+outputs through the caller's framework, and calls the compiled core once."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Sequence
+
+from . import _interop
+from . import _tinyserve as _C
+
+__all__ = [
+    "reshape_and_cache",
+    "paged_attention",
+    "plan_paged_attention",
+    "copy_blocks",
+    "swap_blocks",
+]
+
+# Split-KV scratch on CUDA, one buffer per (framework, device), grown when a call needs more.
+# Buffers that were replaced stay referenced: a captured CUDA graph may still point at them.
+_WORKSPACE_MIN_BYTES = 8 << 20
+_workspaces: dict[tuple[str, str], Any] = {}
+_retired_workspaces: list[Any] = []
+_workspace_lock = threading.Lock()
+
+
+def _workspace(like: Any, nbytes: int) -> Any:
+    key = (_interop.framework(like), str(getattr(like, "device", "")))
+    with _workspace_lock:
+        ws = _workspaces.get(key)
+        if ws is None or ws.nbytes < nbytes:
+            if ws is not None:
+                _retired_workspaces.append(ws)
+            size = max(nbytes, _WORKSPACE_MIN_BYTES)
+            if ws is not None:
+                size = max(size, 2 * ws.nbytes)
+            ws = _interop.empty(like, (size,), "uint8")
+            _workspaces[key] = ws
+        return ws
+
+
+def _finish_jax(stream: int, *arrays: Any) -> None:
+    # JAX shares no stream with us: results handed back to JAX must be complete.
+    if any(_interop.framework(a) == "jax" for a in arrays) and _interop.is_cuda(arrays[0]):
+        _C._stream_synchronize(stream)
+
+
+def reshape_and_cache(
+    key: Any,
+    value: Any,
+    key_cache: Any,
+    value_cache: Any,
+    slot_mapping: Any,
+    *,
+    stream: Any = None,
+) -> None:
+    """Write new tokens' keys and values, ``[num_tokens, num_kv_heads, head_dim]``, into their
+    cache slots. ``slot_mapping`` is int64 ``[num_tokens]``: slot = block * block_size + offset,
+    -1 skips the token. The caches have the logical shape
+    ``[num_blocks, block_size, num_kv_heads, head_dim]`` (any strides, last dim contiguous)."""
+    _interop.wait_ready(key, value, slot_mapping)
+    s = _interop.resolve_stream(stream, key_cache)
+    _C.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, stream=s)
+
+
+def plan_paged_attention(
+    query: Any,
+    key_cache: Any,
+    block_table: Any,
+    *,
+    window_left: int = -1,
+    max_seq_len: int | None = None,
+    num_splits: int | None = None,
+) -> tuple[int, int]:
+    """``(num_splits, workspace_bytes)`` that :func:`paged_attention` uses for these arguments,
+    from host-side values only."""
+    return _C.plan_paged_attention(
+        query,
+        key_cache,
+        block_table,
+        window_left=window_left,
+        max_seq_len=-1 if max_seq_len is None else max_seq_len,
+        num_splits=0 if num_splits is None else num_splits,
+    )
+
+
+def paged_attention(
+    query: Any,
+    key_cache: Any,
+    value_cache: Any,
+    block_table: Any,
+    seq_lens: Any,
+    out: Any = None,
+    *,
+    scale: float | None = None,
+    window_left: int = -1,
+    logits_soft_cap: float = 0.0,
+    lse: Any = None,
+    return_lse: bool = False,
+    max_seq_len: int | None = None,
+    num_splits: int | None = None,
+    workspace: Any = None,
+    stream: Any = None,
+) -> Any:
+    """Decode attention over a paged KV cache, one query token per sequence.
+
+    query ``[batch, num_q_heads, head_dim]``; key_cache/value_cache
+    ``[num_blocks, block_size, num_kv_heads, head_dim]``; block_table int32
+    ``[batch, max_blocks]``; seq_lens int32 ``[batch]``. num_q_heads must be a multiple of
+    num_kv_heads. Returns ``out`` (allocated like ``query`` when omitted), or ``(out, lse)`` with
+    ``return_lse=True``; ``lse`` is the float32 natural-log sum of exp(logits),
+    ``[batch, num_q_heads]``.
+
+    scale defaults to 1/sqrt(head_dim). window_left >= 0 attends to the last window_left + 1
+    tokens only. logits_soft_cap > 0 applies cap * tanh(logits / cap). max_seq_len is an upper
+    bound on seq_lens known on the host (it only guides the split). num_splits fixes the
+    flash-decoding split (1 disables it; a fixed value makes results batch-invariant).
+    workspace is CUDA scratch of at least ``plan_paged_attention(...)[1]`` bytes; when omitted,
+    one buffer per device is kept and reused."""
+    _interop.wait_ready(query, key_cache, value_cache, block_table, seq_lens)
+    if out is None:
+        out = _interop.empty(query, tuple(query.shape))
+    if lse is None and return_lse:
+        lse = _interop.empty(query, tuple(query.shape[:2]), "float32")
+    max_len = -1 if max_seq_len is None else max_seq_len
+    splits = 0 if num_splits is None else num_splits
+    if workspace is None and _interop.is_cuda(query):
+        planned_splits, nbytes = _C.plan_paged_attention(
+            query, key_cache, block_table, window_left, max_len, splits
+        )
+        if nbytes > 0:
+            workspace = _workspace(query, nbytes)
+            splits = planned_splits
+    s = _interop.resolve_stream(stream, query)
+    _C.paged_attention(
+        query,
+        key_cache,
+        value_cache,
+        block_table,
+        seq_lens,
+        out,
+        scale=scale,
+        window_left=window_left,
+        logits_soft_cap=logits_soft_cap,
+        lse=lse,
+        max_seq_len=max_len,
+        num_splits=splits,
+        workspace=workspace,
+        stream=s,
+    )
+    _finish_jax(s, query, out)
+    return (out, lse) if return_lse else out
+
+
+def copy_blocks(caches: Sequence[Any], src: Any, dst: Any, *, stream: Any = None) -> None:
+    """Copy block ``src[i]`` to block ``dst[i]`` in every tensor of ``caches`` (each indexed by
+    block along dimension 0: the K and V caches of every layer, page metadata, ...). ``src`` and
+    ``dst`` are int32 ``[num_pairs]`` on the caches' device; on CUDA all copies are one launch.
+    ``BlockManager.take_copies()`` returns the pairs as ``[P, 2]``: pass ``pairs[:, 0]`` and
+    ``pairs[:, 1]``."""
+    caches = list(caches)
+    if not caches:
+        return
+    s = _interop.resolve_stream(stream, caches[0])
+    _C.copy_blocks(caches, src, dst, stream=s)
+
+
+def swap_blocks(src_cache: Any, dst_cache: Any, src: Any, dst: Any, *, stream: Any = None) -> None:
+    """Copy block ``src[i]`` of ``src_cache`` to block ``dst[i]`` of ``dst_cache`` between host
+    and device caches (offload and recall). The caches share dtype, block shape and layout; on
+    CUDA the host side must be pinned (page-locked) memory. ``src`` and ``dst`` are int32 host
+    arrays."""
+    device_side = dst_cache if _interop.is_cuda(dst_cache) else src_cache
+    _interop.wait_ready(src_cache)
+    s = _interop.resolve_stream(stream, device_side)
+    _C.swap_blocks(src_cache, dst_cache, src, dst, stream=s)

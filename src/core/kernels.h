@@ -1,0 +1,125 @@
+#pragma once
+
+// The interface between the core (validation, dispatch) and the backends. Parameters arrive
+// validated: a backend checks nothing the core has checked, and never calls back up. Strides are
+// in elements. The CUDA backend bounds-checks ids that live in device memory, since the core
+// cannot read them without a synchronisation.
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "tinyserve/tensor.h"
+
+namespace tinyserve::kernels {
+
+// One KV cache tensor, logical shape [num_blocks, block_size, num_heads, head_dim], head_dim
+// contiguous.
+struct CacheDesc {
+  void* data = nullptr;
+  std::int64_t stride_block = 0;
+  std::int64_t stride_token = 0;
+  std::int64_t stride_head = 0;
+};
+
+struct ReshapeAndCacheParams {
+  DType dtype = DType::Float32;
+  const void* key = nullptr;  // [num_tokens, num_heads, head_dim]
+  std::int64_t key_stride_token = 0, key_stride_head = 0;
+  const void* value = nullptr;
+  std::int64_t value_stride_token = 0, value_stride_head = 0;
+  CacheDesc key_cache, value_cache;
+  const std::int64_t* slot_mapping = nullptr;  // [num_tokens], -1 = skip
+  std::int64_t num_tokens = 0;
+  int num_heads = 0;
+  int head_dim = 0;
+  int block_size = 0;
+  std::int64_t num_blocks = 0;
+  int device_index = 0;
+};
+
+struct PagedAttentionParams {
+  DType dtype = DType::Float32;
+  const void* query = nullptr;  // [batch, num_q_heads, head_dim]
+  std::int64_t q_stride_batch = 0, q_stride_head = 0;
+  CacheDesc key_cache, value_cache;
+  const std::int32_t* block_table = nullptr;  // [batch, max_blocks], row stride below
+  std::int64_t block_table_stride = 0;
+  int max_blocks = 0;
+  const std::int32_t* seq_lens = nullptr;  // [batch], contiguous
+  void* out = nullptr;                     // [batch, num_q_heads, head_dim]
+  std::int64_t out_stride_batch = 0, out_stride_head = 0;
+  float* lse = nullptr;  // optional [batch, num_q_heads]
+  std::int64_t lse_stride_batch = 0, lse_stride_head = 0;
+  int batch = 0;
+  int num_q_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  int block_size = 0;
+  std::int64_t num_blocks = 0;
+  float scale = 1.0f;
+  float logits_soft_cap = 0.0f;  // 0 = off
+  int window_left = -1;          // -1 = off
+  std::int64_t max_seq_len = 0;  // host-known bound, a hint for planning only
+  int num_splits = 1;            // resolved, >= 1
+  void* workspace = nullptr;     // CUDA: split partials
+  std::size_t workspace_bytes = 0;
+  int device_index = 0;
+};
+
+// One tensor of a block copy: dimension 0 indexes blocks; a block is the sub-tensor below it.
+struct BlockTensor {
+  void* data = nullptr;
+  std::int64_t num_blocks = 0;
+  std::int64_t stride_block = 0;  // elements
+  int elem_size = 0;              // bytes
+  int inner_ndim = 0;
+  std::int64_t inner_shape[kMaxDims - 1] = {};
+  std::int64_t inner_strides[kMaxDims - 1] = {};
+  std::int64_t inner_numel = 0;
+  // The block's elements fill a contiguous run of inner_numel elements starting at the block's
+  // base (in some order): a byte copy of the run copies the block.
+  bool dense = false;
+};
+
+struct CopyBlocksParams {
+  std::vector<BlockTensor> tensors;
+  const std::int32_t* src = nullptr;
+  const std::int32_t* dst = nullptr;
+  std::int64_t num_pairs = 0;
+  int device_index = 0;
+};
+
+struct SwapBlocksParams {
+  BlockTensor src_cache, dst_cache;  // same inner layout, both dense
+  Device src_device, dst_device;
+  const std::int32_t* src = nullptr;  // host memory
+  const std::int32_t* dst = nullptr;
+  std::int64_t num_pairs = 0;
+};
+
+// Workspace for split partials: per split, batch and query head, head_dim float32 outputs and
+// one float32 log-sum-exp.
+std::size_t attention_workspace_bytes(int num_splits, int batch, int num_q_heads, int head_dim);
+
+namespace cpu {
+void reshape_and_cache(const ReshapeAndCacheParams& p);
+void paged_attention(const PagedAttentionParams& p);
+int plan_attention_splits(int batch, int num_kv_heads, std::int64_t max_kv_len);
+void copy_blocks(const CopyBlocksParams& p);
+void swap_blocks(const SwapBlocksParams& p);
+}  // namespace cpu
+
+namespace cuda {
+bool compiled();
+int device_count();
+void reshape_and_cache(const ReshapeAndCacheParams& p, Stream stream);
+void paged_attention(const PagedAttentionParams& p, Stream stream);
+int plan_attention_splits(int device_index, DType dtype, int batch, int num_q_heads,
+                          int num_kv_heads, int head_dim, std::int64_t max_kv_len);
+void copy_blocks(const CopyBlocksParams& p, Stream stream);
+void swap_blocks(const SwapBlocksParams& p, Stream stream);
+void synchronize(Stream stream);
+}  // namespace cuda
+
+}  // namespace tinyserve::kernels

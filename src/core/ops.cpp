@@ -1,0 +1,467 @@
+// Op entry points: validate every argument, then dispatch to the backend of the tensors' device.
+// Nothing is written before the last check has passed.
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "core/kernels.h"
+#include "core/validate.h"
+#include "tinyserve/ops.h"
+
+namespace tinyserve {
+
+using detail::Backend;
+using detail::OpCheck;
+using detail::shape_str;
+
+namespace {
+
+constexpr int kMaxSplits = 4096;
+
+kernels::CacheDesc cache_desc(const TensorView& t) {
+  return {t.data, t.strides[0], t.strides[1], t.strides[2]};
+}
+
+void check_cache_pair(const OpCheck& c, const TensorView& key_cache,
+                      const TensorView& value_cache) {
+  c.ndim(key_cache, "key_cache", 4, "[num_blocks, block_size, num_kv_heads, head_dim]");
+  c.ndim(value_cache, "value_cache", 4, "[num_blocks, block_size, num_kv_heads, head_dim]");
+  c.attention_dtype(key_cache, "key_cache");
+  c.same_dtype(key_cache, "key_cache", value_cache, "value_cache");
+  for (int d = 0; d < 4; ++d) {
+    if (key_cache.shape[d] != value_cache.shape[d]) {
+      c.fail("value_cache must have the shape of key_cache ", shape_str(key_cache), ", got ",
+             shape_str(value_cache));
+    }
+  }
+  c.require(key_cache.shape[1] > 0, "block_size must be positive, got ", key_cache.shape[1]);
+  c.require(key_cache.shape[2] > 0, "num_kv_heads must be positive, got ", key_cache.shape[2]);
+  c.require(key_cache.shape[3] > 0, "head_dim must be positive, got ", key_cache.shape[3]);
+  c.require(key_cache.shape[1] <= (1 << 20), "block_size must be at most 1048576, got ",
+            key_cache.shape[1]);
+}
+
+// The longest key range one query reads: the table's capacity, cut by the caller's bound and
+// the sliding window.
+std::int64_t max_kv_len(const AttentionOptions& o, std::int64_t capacity) {
+  std::int64_t len = capacity;
+  if (o.max_seq_len >= 0) len = std::min(len, o.max_seq_len);
+  if (o.window_left >= 0) len = std::min<std::int64_t>(len, std::int64_t(o.window_left) + 1);
+  return len;
+}
+
+struct AttentionShapes {
+  int batch, num_q_heads, num_kv_heads, head_dim, block_size, max_blocks;
+  Device device;
+  Backend backend;
+};
+
+// Checks what planning needs (query, caches, block table, options) and returns the shapes.
+AttentionShapes check_attention_plan_args(const OpCheck& c, const TensorView& query,
+                                          const TensorView& key_cache,
+                                          const TensorView& block_table,
+                                          const AttentionOptions& o) {
+  c.ndim(query, "query", 3, "[batch, num_q_heads, head_dim]");
+  c.attention_dtype(query, "query");
+  c.last_dim_contiguous(query, "query");
+  c.ndim(key_cache, "key_cache", 4, "[num_blocks, block_size, num_kv_heads, head_dim]");
+  c.ndim(block_table, "block_table", 2, "[batch, max_blocks]");
+  c.dtype(block_table, "block_table", DType::Int32);
+  c.last_dim_contiguous(block_table, "block_table");
+  c.require(key_cache.shape[2] > 0, "num_kv_heads must be positive, got ", key_cache.shape[2]);
+  c.require(key_cache.shape[1] > 0, "block_size must be positive, got ", key_cache.shape[1]);
+  c.dim(query, "query", 2, key_cache.shape[3], "head_dim of the caches");
+  c.dim(block_table, "block_table", 0, query.shape[0], "batch");
+  if (query.shape[1] % key_cache.shape[2] != 0 || query.shape[1] == 0) {
+    c.fail("num_q_heads must be a positive multiple of num_kv_heads (", key_cache.shape[2],
+           "), got ", query.shape[1]);
+  }
+  c.require(o.window_left >= -1, "window_left must be -1 (off) or >= 0, got ", o.window_left);
+  c.require(o.num_splits >= 0 && o.num_splits <= kMaxSplits, "num_splits must be in [0, ",
+            kMaxSplits, "], got ", o.num_splits);
+  c.require(o.max_seq_len >= -1, "max_seq_len must be -1 (unknown) or >= 0, got ",
+            o.max_seq_len);
+  c.require(std::isfinite(o.logits_soft_cap) && o.logits_soft_cap >= 0.0f,
+            "logits_soft_cap must be finite and >= 0 (0 = off), got ", o.logits_soft_cap);
+  if (o.scale) {
+    c.require(std::isfinite(*o.scale) && *o.scale != 0.0f,
+              "scale must be finite and nonzero, got ", *o.scale);
+  }
+  c.require(query.shape[0] <= (1 << 30) && block_table.shape[1] <= (1 << 30) &&
+                query.shape[1] <= 65535,
+            "sizes must fit 32-bit indexing, got query ", shape_str(query), " and block_table ",
+            shape_str(block_table));
+  Device device = c.same_device({{query, "query"}, {key_cache, "key_cache"},
+                                 {block_table, "block_table"}});
+  return {int(query.shape[0]), int(query.shape[1]), int(key_cache.shape[2]),
+          int(key_cache.shape[3]), int(key_cache.shape[1]), int(block_table.shape[1]),
+          device, c.backend(device)};
+}
+
+AttentionPlan make_plan(const AttentionShapes& s, DType dtype, const AttentionOptions& o) {
+  AttentionPlan plan;
+  std::int64_t kv_len = max_kv_len(o, std::int64_t(s.max_blocks) * s.block_size);
+  if (o.num_splits > 0) {
+    plan.num_splits = o.num_splits;
+  } else if (s.backend == Backend::CPU) {
+    plan.num_splits = kernels::cpu::plan_attention_splits(s.batch, s.num_kv_heads, kv_len);
+  } else {
+    plan.num_splits = kernels::cuda::plan_attention_splits(
+        s.device.index, dtype, s.batch, s.num_q_heads, s.num_kv_heads, s.head_dim, kv_len);
+  }
+  if (s.backend == Backend::CUDA && plan.num_splits > 1) {
+    plan.workspace_bytes = kernels::attention_workspace_bytes(plan.num_splits, s.batch,
+                                                              s.num_q_heads, s.head_dim);
+  }
+  return plan;
+}
+
+kernels::BlockTensor block_tensor(const OpCheck& c, const TensorView& t, const char* name) {
+  c.require(t.ndim >= 2, name, " must have at least 2 dimensions [num_blocks, ...], got ",
+            t.ndim, " (shape ", shape_str(t), ")");
+  for (int i = 0; i < t.ndim; ++i) {
+    c.require(t.shape[i] >= 0, name, " has a negative extent, got shape ", shape_str(t));
+  }
+  c.require(t.data != nullptr || t.numel() == 0, name, " has no data, got a null pointer");
+  c.writable(t, name);
+  kernels::BlockTensor b;
+  b.data = t.data;
+  b.num_blocks = t.shape[0];
+  b.stride_block = t.strides[0];
+  b.elem_size = int(dtype_size(t.dtype));
+  b.inner_ndim = t.ndim - 1;
+  b.inner_numel = 1;
+  for (int i = 1; i < t.ndim; ++i) {
+    b.inner_shape[i - 1] = t.shape[i];
+    b.inner_strides[i - 1] = t.strides[i];
+    b.inner_numel *= t.shape[i];
+  }
+  // Dense: sorted by stride, each extent-above-1 dimension's stride is the product of the
+  // extents below it.
+  std::vector<std::pair<std::int64_t, std::int64_t>> dims;  // (stride, extent)
+  for (int i = 0; i < b.inner_ndim; ++i) {
+    if (b.inner_shape[i] > 1) dims.push_back({b.inner_strides[i], b.inner_shape[i]});
+  }
+  std::sort(dims.begin(), dims.end());
+  std::int64_t expect = 1;
+  b.dense = true;
+  for (auto [stride, extent] : dims) {
+    if (stride != expect) b.dense = false;
+    expect *= extent;
+  }
+  return b;
+}
+
+// Ids of a block copy, on the host: in range, no destination twice, and (when source and
+// destination are one tensor) no block both read and written.
+void check_host_block_ids(const OpCheck& c, const std::int32_t* src, const std::int32_t* dst,
+                          std::int64_t n, std::int64_t src_blocks, std::int64_t dst_blocks,
+                          bool same_tensor) {
+  for (std::int64_t i = 0; i < n; ++i) {
+    c.require(src[i] >= 0 && src[i] < src_blocks, "src[", i, "] must be a block id in [0, ",
+              src_blocks, "), got ", src[i]);
+    c.require(dst[i] >= 0 && dst[i] < dst_blocks, "dst[", i, "] must be a block id in [0, ",
+              dst_blocks, "), got ", dst[i]);
+  }
+  std::vector<std::int32_t> sorted_dst(dst, dst + n);
+  std::sort(sorted_dst.begin(), sorted_dst.end());
+  auto dup = std::adjacent_find(sorted_dst.begin(), sorted_dst.end());
+  c.require(dup == sorted_dst.end(), "dst must not name a block twice, got ",
+            dup == sorted_dst.end() ? 0 : *dup, " twice");
+  if (same_tensor) {
+    for (std::int64_t i = 0; i < n; ++i) {
+      c.require(!std::binary_search(sorted_dst.begin(), sorted_dst.end(), src[i]),
+                "a block must not be both a source and a destination, got block ", src[i]);
+    }
+  }
+}
+
+void check_id_array(const OpCheck& c, const TensorView& t, const char* name) {
+  c.ndim(t, name, 1, "[num_pairs]");
+  c.dtype(t, name, DType::Int32);
+  c.last_dim_contiguous(t, name);
+}
+
+}  // namespace
+
+void reshape_and_cache(const TensorView& key, const TensorView& value,
+                       const TensorView& key_cache, const TensorView& value_cache,
+                       const TensorView& slot_mapping, Stream stream) {
+  OpCheck c("reshape_and_cache");
+  c.ndim(key, "key", 3, "[num_tokens, num_kv_heads, head_dim]");
+  c.ndim(value, "value", 3, "[num_tokens, num_kv_heads, head_dim]");
+  check_cache_pair(c, key_cache, value_cache);
+  c.ndim(slot_mapping, "slot_mapping", 1, "[num_tokens]");
+  c.dtype(slot_mapping, "slot_mapping", DType::Int64);
+  c.last_dim_contiguous(slot_mapping, "slot_mapping");
+  c.same_dtype(key_cache, "key_cache", key, "key");
+  c.same_dtype(key_cache, "key_cache", value, "value");
+  c.last_dim_contiguous(key, "key");
+  c.last_dim_contiguous(value, "value");
+  c.writable(key_cache, "key_cache");
+  c.writable(value_cache, "value_cache");
+  c.dim(key, "key", 1, key_cache.shape[2], "num_kv_heads of the caches");
+  c.dim(key, "key", 2, key_cache.shape[3], "head_dim of the caches");
+  for (int d = 0; d < 3; ++d) {
+    if (value.shape[d] != key.shape[d]) {
+      c.fail("value must have the shape of key ", shape_str(key), ", got ", shape_str(value));
+    }
+  }
+  c.dim(slot_mapping, "slot_mapping", 0, key.shape[0], "num_tokens of key");
+  Device device = c.same_device({{key, "key"}, {value, "value"}, {key_cache, "key_cache"},
+                                 {value_cache, "value_cache"}, {slot_mapping, "slot_mapping"}});
+  Backend backend = c.backend(device);
+
+  const std::int64_t num_slots = key_cache.shape[0] * key_cache.shape[1];
+  if (backend == Backend::CPU) {
+    const std::int64_t* slots = slot_mapping.ptr<const std::int64_t>();
+    for (std::int64_t i = 0; i < slot_mapping.shape[0]; ++i) {
+      c.require(slots[i] >= -1 && slots[i] < num_slots, "slot_mapping[", i,
+                "] must be -1 or a slot in [0, ", num_slots, "), got ", slots[i]);
+    }
+  }
+  if (key.shape[0] == 0) return;
+
+  kernels::ReshapeAndCacheParams p;
+  p.dtype = key.dtype;
+  p.key = key.data;
+  p.key_stride_token = key.strides[0];
+  p.key_stride_head = key.strides[1];
+  p.value = value.data;
+  p.value_stride_token = value.strides[0];
+  p.value_stride_head = value.strides[1];
+  p.key_cache = cache_desc(key_cache);
+  p.value_cache = cache_desc(value_cache);
+  p.slot_mapping = slot_mapping.ptr<const std::int64_t>();
+  p.num_tokens = key.shape[0];
+  p.num_heads = int(key.shape[1]);
+  p.head_dim = int(key.shape[2]);
+  p.block_size = int(key_cache.shape[1]);
+  p.num_blocks = key_cache.shape[0];
+  p.device_index = device.index;
+  if (backend == Backend::CPU) {
+    kernels::cpu::reshape_and_cache(p);
+  } else {
+    kernels::cuda::reshape_and_cache(p, stream);
+  }
+}
+
+AttentionPlan plan_paged_attention(const TensorView& query, const TensorView& key_cache,
+                                   const TensorView& block_table,
+                                   const AttentionOptions& options) {
+  OpCheck c("plan_paged_attention");
+  AttentionShapes s = check_attention_plan_args(c, query, key_cache, block_table, options);
+  return make_plan(s, query.dtype, options);
+}
+
+void paged_attention(const TensorView& query, const TensorView& key_cache,
+                     const TensorView& value_cache, const TensorView& block_table,
+                     const TensorView& seq_lens, const TensorView& out,
+                     const AttentionOptions& options, Stream stream) {
+  OpCheck c("paged_attention");
+  check_cache_pair(c, key_cache, value_cache);
+  AttentionShapes s = check_attention_plan_args(c, query, key_cache, block_table, options);
+  c.same_dtype(key_cache, "key_cache", query, "query");
+  c.ndim(seq_lens, "seq_lens", 1, "[batch]");
+  c.dtype(seq_lens, "seq_lens", DType::Int32);
+  c.last_dim_contiguous(seq_lens, "seq_lens");
+  c.dim(seq_lens, "seq_lens", 0, s.batch, "batch");
+  c.ndim(out, "out", 3, "[batch, num_q_heads, head_dim]");
+  c.same_dtype(query, "query", out, "out");
+  c.writable(out, "out");
+  for (int d = 0; d < 3; ++d) {
+    if (out.shape[d] != query.shape[d]) {
+      c.fail("out must have the shape of query ", shape_str(query), ", got ", shape_str(out));
+    }
+  }
+  c.same_device({{query, "query"}, {value_cache, "value_cache"}, {seq_lens, "seq_lens"},
+                 {out, "out"}});
+  if (options.lse) {
+    const TensorView& lse = *options.lse;
+    c.ndim(lse, "lse", 2, "[batch, num_q_heads]");
+    c.dtype(lse, "lse", DType::Float32);
+    c.writable(lse, "lse");
+    c.dim(lse, "lse", 0, s.batch, "batch");
+    c.dim(lse, "lse", 1, s.num_q_heads, "num_q_heads");
+    c.same_device({{query, "query"}, {lse, "lse"}});
+  }
+  AttentionPlan plan = make_plan(s, query.dtype, options);
+  if (plan.workspace_bytes > 0) {
+    c.require(options.workspace.has_value(), "splitting into ", plan.num_splits,
+              " pieces needs a workspace of ", plan.workspace_bytes,
+              " bytes (see plan_paged_attention), got none");
+    const TensorView& ws = *options.workspace;
+    c.same_device({{query, "query"}, {ws, "workspace"}});
+    std::size_t bytes = std::size_t(ws.numel()) * dtype_size(ws.dtype);
+    bool contiguous = true;
+    std::int64_t expect = 1;
+    for (int d = ws.ndim - 1; d >= 0; --d) {
+      if (ws.shape[d] > 1 && ws.strides[d] != expect) contiguous = false;
+      expect *= ws.shape[d];
+    }
+    c.require(contiguous, "workspace must be contiguous, got strides of shape ", shape_str(ws));
+    c.require(bytes >= plan.workspace_bytes, "workspace must hold at least ",
+              plan.workspace_bytes, " bytes for ", plan.num_splits, " splits, got ", bytes);
+    c.require(reinterpret_cast<std::uintptr_t>(ws.data) % 16 == 0,
+              "workspace must be 16-byte aligned, got address ", ws.data);
+  }
+
+  const std::int64_t capacity = std::int64_t(s.max_blocks) * s.block_size;
+  if (s.backend == Backend::CPU) {
+    // Ids and lengths live on the host: check every one the kernel will read.
+    const std::int32_t* lens = seq_lens.ptr<const std::int32_t>();
+    const std::int32_t* table = block_table.ptr<const std::int32_t>();
+    for (int b = 0; b < s.batch; ++b) {
+      c.require(lens[b] >= 0 && lens[b] <= capacity, "seq_lens[", b, "] must be in [0, ",
+                capacity, "] (max_blocks * block_size), got ", lens[b]);
+      std::int64_t first = 0;
+      if (options.window_left >= 0) first = std::max<std::int64_t>(0, lens[b] - 1 - options.window_left);
+      for (std::int64_t page = first / s.block_size;
+           page < (lens[b] + s.block_size - 1) / s.block_size; ++page) {
+        std::int32_t id = table[b * block_table.strides[0] + page];
+        c.require(id >= 0 && id < key_cache.shape[0], "block_table[", b, ", ", page,
+                  "] must be a block id in [0, ", key_cache.shape[0], "), got ", id);
+      }
+    }
+  }
+  if (s.batch == 0) return;
+
+  kernels::PagedAttentionParams p;
+  p.dtype = query.dtype;
+  p.query = query.data;
+  p.q_stride_batch = query.strides[0];
+  p.q_stride_head = query.strides[1];
+  p.key_cache = cache_desc(key_cache);
+  p.value_cache = cache_desc(value_cache);
+  p.block_table = block_table.ptr<const std::int32_t>();
+  p.block_table_stride = block_table.strides[0];
+  p.max_blocks = s.max_blocks;
+  p.seq_lens = seq_lens.ptr<const std::int32_t>();
+  p.out = out.data;
+  p.out_stride_batch = out.strides[0];
+  p.out_stride_head = out.strides[1];
+  if (options.lse) {
+    p.lse = options.lse->ptr<float>();
+    p.lse_stride_batch = options.lse->strides[0];
+    p.lse_stride_head = options.lse->strides[1];
+  }
+  p.batch = s.batch;
+  p.num_q_heads = s.num_q_heads;
+  p.num_kv_heads = s.num_kv_heads;
+  p.head_dim = s.head_dim;
+  p.block_size = s.block_size;
+  p.num_blocks = key_cache.shape[0];
+  p.scale = options.scale ? *options.scale : 1.0f / std::sqrt(float(s.head_dim));
+  p.logits_soft_cap = options.logits_soft_cap;
+  p.window_left = options.window_left;
+  p.max_seq_len = max_kv_len(options, capacity);
+  p.num_splits = plan.num_splits;
+  if (plan.workspace_bytes > 0) {
+    p.workspace = options.workspace->data;
+    p.workspace_bytes = std::size_t(options.workspace->numel()) *
+                        dtype_size(options.workspace->dtype);
+  }
+  p.device_index = s.device.index;
+  if (s.backend == Backend::CPU) {
+    kernels::cpu::paged_attention(p);
+  } else {
+    kernels::cuda::paged_attention(p, stream);
+  }
+}
+
+void copy_blocks(const std::vector<TensorView>& caches, const TensorView& src,
+                 const TensorView& dst, Stream stream) {
+  OpCheck c("copy_blocks");
+  check_id_array(c, src, "src");
+  check_id_array(c, dst, "dst");
+  c.dim(dst, "dst", 0, src.shape[0], "num_pairs of src");
+  kernels::CopyBlocksParams p;
+  p.tensors.reserve(caches.size());
+  std::int64_t min_blocks = INT64_MAX;
+  Device device = src.device;
+  for (std::size_t i = 0; i < caches.size(); ++i) {
+    std::string name = detail::concat("caches[", i, "]");
+    p.tensors.push_back(block_tensor(c, caches[i], name.c_str()));
+    c.same_device({{src, "src"}, {caches[i], name.c_str()}});
+    min_blocks = std::min(min_blocks, caches[i].shape[0]);
+  }
+  c.same_device({{src, "src"}, {dst, "dst"}});
+  Backend backend = c.backend(device);
+  if (backend == Backend::CPU && !caches.empty()) {
+    check_host_block_ids(c, src.ptr<const std::int32_t>(), dst.ptr<const std::int32_t>(),
+                         src.shape[0], min_blocks, min_blocks, true);
+  }
+  if (caches.empty() || src.shape[0] == 0) return;
+  p.src = src.ptr<const std::int32_t>();
+  p.dst = dst.ptr<const std::int32_t>();
+  p.num_pairs = src.shape[0];
+  p.device_index = device.index;
+  if (backend == Backend::CPU) {
+    kernels::cpu::copy_blocks(p);
+  } else {
+    kernels::cuda::copy_blocks(p, stream);
+  }
+}
+
+void swap_blocks(const TensorView& src_cache, const TensorView& dst_cache, const TensorView& src,
+                 const TensorView& dst, Stream stream) {
+  OpCheck c("swap_blocks");
+  check_id_array(c, src, "src");
+  check_id_array(c, dst, "dst");
+  c.dim(dst, "dst", 0, src.shape[0], "num_pairs of src");
+  c.require(detail::is_host(src.device) && detail::is_host(dst.device),
+            "src and dst must be in host memory, got ", detail::device_str(src.device), " and ",
+            detail::device_str(dst.device));
+  kernels::SwapBlocksParams p;
+  p.src_cache = block_tensor(c, src_cache, "src_cache");
+  p.dst_cache = block_tensor(c, dst_cache, "dst_cache");
+  c.same_dtype(src_cache, "src_cache", dst_cache, "dst_cache");
+  c.require(src_cache.ndim == dst_cache.ndim, "dst_cache must have the rank of src_cache (",
+            src_cache.ndim, "), got ", dst_cache.ndim);
+  for (int d = 1; d < src_cache.ndim; ++d) {
+    c.require(src_cache.shape[d] == dst_cache.shape[d],
+              "dst_cache must match src_cache in every dimension but the first, got ",
+              shape_str(src_cache), " and ", shape_str(dst_cache));
+    c.require(src_cache.shape[d] <= 1 || src_cache.strides[d] == dst_cache.strides[d],
+              "src_cache and dst_cache must lay out a block alike, got stride ",
+              src_cache.strides[d], " and ", dst_cache.strides[d], " in dimension ", d);
+  }
+  c.require(p.src_cache.dense, "a block of the caches must be one contiguous run of memory, "
+            "got strides of shape ", shape_str(src_cache));
+  bool src_cuda = !detail::is_host(src_cache.device);
+  bool dst_cuda = !detail::is_host(dst_cache.device);
+  c.require(!(src_cuda && dst_cuda) || src_cache.device.index == dst_cache.device.index,
+            "device caches must be on one device, got ", detail::device_str(src_cache.device),
+            " and ", detail::device_str(dst_cache.device));
+  Device device = src_cuda ? src_cache.device : dst_cache.device;
+  Backend backend = c.backend(device);
+  check_host_block_ids(c, src.ptr<const std::int32_t>(), dst.ptr<const std::int32_t>(),
+                       src.shape[0], src_cache.shape[0], dst_cache.shape[0],
+                       src_cache.data == dst_cache.data);
+  if (src.shape[0] == 0) return;
+  p.src_device = src_cache.device;
+  p.dst_device = dst_cache.device;
+  p.src = src.ptr<const std::int32_t>();
+  p.dst = dst.ptr<const std::int32_t>();
+  p.num_pairs = src.shape[0];
+  if (backend == Backend::CPU) {
+    kernels::cpu::swap_blocks(p);
+  } else {
+    kernels::cuda::swap_blocks(p, stream);
+  }
+}
+
+bool cuda_compiled() { return kernels::cuda::compiled(); }
+int cuda_device_count() { return kernels::cuda::device_count(); }
+void cuda_stream_synchronize(Stream stream) { kernels::cuda::synchronize(stream); }
+
+std::size_t kernels::attention_workspace_bytes(int num_splits, int batch, int num_q_heads,
+                                               int head_dim) {
+  std::size_t rows = std::size_t(num_splits) * batch * num_q_heads;
+  std::size_t out_bytes = rows * head_dim * sizeof(float);
+  out_bytes = (out_bytes + 255) / 256 * 256;
+  return out_bytes + rows * sizeof(float);
+}
+
+}  // namespace tinyserve

@@ -1,0 +1,92 @@
+// CPU cache writes and block copies.
+
+#include <cstring>
+
+#include "core/kernels.h"
+#include "cpu/parallel.h"
+
+namespace tinyserve::kernels::cpu {
+namespace {
+
+using tinyserve::cpu::parallel_for;
+
+// Copies one block's elements between two block bases that share the inner layout `t`.
+void copy_block(const BlockTensor& t, const char* src, char* dst) {
+  if (t.dense) {
+    std::memcpy(dst, src, std::size_t(t.inner_numel) * t.elem_size);
+    return;
+  }
+  // Walk every inner index except the last (contiguous) dimension.
+  const int last = t.inner_ndim - 1;
+  const std::size_t row_bytes = std::size_t(t.inner_shape[last]) * t.elem_size;
+  std::int64_t index[kMaxDims] = {};
+  std::int64_t rows = 1;
+  for (int d = 0; d < last; ++d) rows *= t.inner_shape[d];
+  for (std::int64_t r = 0; r < rows; ++r) {
+    std::int64_t offset = 0;
+    for (int d = 0; d < last; ++d) offset += index[d] * t.inner_strides[d];
+    std::memcpy(dst + offset * t.elem_size, src + offset * t.elem_size, row_bytes);
+    for (int d = last - 1; d >= 0; --d) {
+      if (++index[d] < t.inner_shape[d]) break;
+      index[d] = 0;
+    }
+  }
+}
+
+const char* block_base(const BlockTensor& t, std::int64_t block) {
+  return static_cast<const char*>(t.data) + block * t.stride_block * t.elem_size;
+}
+
+}  // namespace
+
+void reshape_and_cache(const ReshapeAndCacheParams& p) {
+  const std::size_t elem = dtype_size(p.dtype);
+  const std::size_t row_bytes = std::size_t(p.head_dim) * elem;
+  parallel_for(p.num_tokens, [&](std::int64_t begin, std::int64_t end) {
+    for (std::int64_t i = begin; i < end; ++i) {
+      const std::int64_t slot = p.slot_mapping[i];
+      if (slot < 0) continue;
+      const std::int64_t block = slot / p.block_size, offset = slot % p.block_size;
+      for (int h = 0; h < p.num_heads; ++h) {
+        const std::int64_t kc = block * p.key_cache.stride_block +
+                                offset * p.key_cache.stride_token + h * p.key_cache.stride_head;
+        const std::int64_t vc = block * p.value_cache.stride_block +
+                                offset * p.value_cache.stride_token +
+                                h * p.value_cache.stride_head;
+        std::memcpy(static_cast<char*>(p.key_cache.data) + kc * elem,
+                    static_cast<const char*>(p.key) +
+                        (i * p.key_stride_token + h * p.key_stride_head) * elem,
+                    row_bytes);
+        std::memcpy(static_cast<char*>(p.value_cache.data) + vc * elem,
+                    static_cast<const char*>(p.value) +
+                        (i * p.value_stride_token + h * p.value_stride_head) * elem,
+                    row_bytes);
+      }
+    }
+  });
+}
+
+void copy_blocks(const CopyBlocksParams& p) {
+  const std::int64_t per_tensor = p.num_pairs;
+  parallel_for(std::int64_t(p.tensors.size()) * per_tensor,
+               [&](std::int64_t begin, std::int64_t end) {
+                 for (std::int64_t i = begin; i < end; ++i) {
+                   const BlockTensor& t = p.tensors[std::size_t(i / per_tensor)];
+                   const std::int64_t pair = i % per_tensor;
+                   copy_block(t, block_base(t, p.src[pair]),
+                              const_cast<char*>(block_base(t, p.dst[pair])));
+                 }
+               });
+}
+
+void swap_blocks(const SwapBlocksParams& p) {
+  parallel_for(p.num_pairs, [&](std::int64_t begin, std::int64_t end) {
+    for (std::int64_t i = begin; i < end; ++i) {
+      std::memcpy(const_cast<char*>(block_base(p.dst_cache, p.dst[i])),
+                  block_base(p.src_cache, p.src[i]),
+                  std::size_t(p.src_cache.inner_numel) * p.src_cache.elem_size);
+    }
+  });
+}
+
+}  // namespace tinyserve::kernels::cpu

@@ -1,0 +1,30 @@
+// The CUDA backend of a build without nvcc: it reports itself absent, and every entry point
+// fails with a precise error. The core reaches these only for tensors on a CUDA device.
+
+#include <stdexcept>
+
+#include "core/kernels.h"
+
+namespace tinyserve::kernels::cuda {
+namespace {
+
+[[noreturn]] void unavailable(const char* op) {
+  throw std::runtime_error(std::string("tinyserve.") + op +
+                           ": tinyserve was built without CUDA (rebuild with nvcc on the PATH, "
+                           "or TINYSERVE_CUDA=ON)");
+}
+
+}  // namespace
+
+bool compiled() { return false; }
+int device_count() { return 0; }
+void reshape_and_cache(const ReshapeAndCacheParams&, Stream) { unavailable("reshape_and_cache"); }
+void paged_attention(const PagedAttentionParams&, Stream) { unavailable("paged_attention"); }
+int plan_attention_splits(int, DType, int, int, int, int, std::int64_t) {
+  unavailable("plan_paged_attention");
+}
+void copy_blocks(const CopyBlocksParams&, Stream) { unavailable("copy_blocks"); }
+void swap_blocks(const SwapBlocksParams&, Stream) { unavailable("swap_blocks"); }
+void synchronize(Stream) { unavailable("synchronize"); }
+
+}  // namespace tinyserve::kernels::cuda
