@@ -423,6 +423,8 @@ void swap_blocks(const TensorView& src_cache, const TensorView& dst_cache, const
     c.require(src_cache.shape[d] == dst_cache.shape[d],
               "dst_cache must match src_cache in every dimension but the first, got ",
               shape_str(src_cache), " and ", shape_str(dst_cache));
+  }
+  for (int d = 1; d < src_cache.ndim; ++d) {
     c.require(src_cache.shape[d] <= 1 || src_cache.strides[d] == dst_cache.strides[d],
               "src_cache and dst_cache must lay out a block alike, got stride ",
               src_cache.strides[d], " and ", dst_cache.strides[d], " in dimension ", d);

@@ -1,0 +1,103 @@
+"""Test helpers: put NumPy data into a framework's arrays (dtype, device, cache layout) and read
+results back as float64."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tinyserve
+
+try:
+    import torch
+except ImportError:  # torch is a test dependency, but keep NumPy-only runs possible
+    torch = None
+
+DTYPES = ["float32", "float16", "bfloat16"]
+# Relative L2 error allowed against the float64 reference, by storage dtype: the inputs are
+# rounded to the dtype before the reference sees them, so this bounds the kernel's own error
+# (float32 accumulation, rounding of the output, 16-bit probabilities on tensor cores).
+TOLERANCE = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+CACHE_LAYOUTS = ["NHD", "HND", "NHD_combined", "HND_combined"]
+
+
+def backends():
+    """(framework, device) pairs to run: NumPy and torch on the CPU, torch on CUDA (marked)."""
+    out = [pytest.param(("numpy", "cpu"), id="numpy-cpu")]
+    if torch is not None:
+        out.append(pytest.param(("torch", "cpu"), id="torch-cpu"))
+        out.append(pytest.param(("torch", "cuda"), id="torch-cuda", marks=pytest.mark.cuda))
+    return out
+
+
+def require(fw: str, dtype: str) -> None:
+    if fw == "torch" and torch is None:
+        pytest.skip("torch is not installed")
+    if fw == "numpy" and dtype == "bfloat16":
+        pytest.skip("NumPy has no bfloat16")
+
+
+def _torch_dtype(dtype: str):
+    return getattr(torch, dtype)
+
+
+def asarray(x: np.ndarray, fw: str, dtype: str | None = None, device: str = "cpu"):
+    """x converted to the framework, dtype and device (integer arrays keep their dtype)."""
+    x = np.ascontiguousarray(x)
+    if fw == "numpy":
+        return x if dtype is None else x.astype(dtype)
+    t = torch.from_numpy(x)
+    if dtype is not None:
+        t = t.to(_torch_dtype(dtype))
+    return t.to(device)
+
+
+def empty(shape, fw: str, dtype: str, device: str = "cpu", fill=np.nan):
+    if fw == "numpy":
+        return np.full(shape, fill, dtype=dtype)
+    return torch.full(shape, fill, dtype=_torch_dtype(dtype), device=device)
+
+
+def cache_pair(key: np.ndarray, value: np.ndarray, fw: str, dtype: str, device: str, layout: str):
+    """K and V caches with logical shape [N, P, H, D] in one of the storage layouts:
+    NHD / HND (two tensors), or *_combined (two views of one [N, 2, ...] tensor)."""
+    n, p, h, d = key.shape
+    combined = layout.endswith("_combined")
+    hnd = layout.startswith("HND")
+    storage = (n, 2, h, p, d) if hnd else (n, 2, p, h, d)
+    if not combined:
+        storage = storage[:1] + storage[2:]
+
+    def alloc():
+        if fw == "numpy":
+            return np.empty(storage, dtype=dtype)
+        return torch.empty(storage, dtype=_torch_dtype(dtype), device=device)
+
+    def logical(t):  # storage -> logical [N, P, H, D] view
+        if fw == "numpy":
+            return t.transpose(0, 2, 1, 3) if hnd else t
+        return t.permute(0, 2, 1, 3) if hnd else t
+
+    if combined:
+        buf = alloc()
+        k, v = logical(buf[:, 0]), logical(buf[:, 1])
+    else:
+        k, v = logical(alloc()), logical(alloc())
+    k[...] = asarray(key, fw, dtype, device)
+    v[...] = asarray(value, fw, dtype, device)
+    return k, v
+
+
+def f64(a) -> np.ndarray:
+    if torch is not None and isinstance(a, torch.Tensor):
+        return a.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(a, dtype=np.float64)
+
+
+def sync(fw: str, device: str) -> None:
+    if fw == "torch" and device == "cuda":
+        torch.cuda.synchronize()
+
+
+def cuda_ok() -> bool:
+    return tinyserve.cuda_available() and torch is not None and torch.cuda.is_available()

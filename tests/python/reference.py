@@ -1,0 +1,107 @@
+"""Independent float64 NumPy references for the ops, and helpers that build poisoned paged
+caches. Nothing here calls tinyserve."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def logical_kv(cache: np.ndarray, table_row: np.ndarray, length: int) -> np.ndarray:
+    """The sequence's keys (or values) in token order, [length, num_kv_heads, head_dim], read
+    through its block table row from a [num_blocks, block_size, num_kv_heads, head_dim] cache."""
+    block_size = cache.shape[1]
+    tokens = np.arange(length)
+    blocks = table_row[tokens // block_size]
+    return cache[blocks, tokens % block_size]
+
+
+def paged_attention(
+    query: np.ndarray,
+    key_cache: np.ndarray,
+    value_cache: np.ndarray,
+    block_table: np.ndarray,
+    seq_lens: np.ndarray,
+    scale: float | None = None,
+    window_left: int = -1,
+    logits_soft_cap: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode attention in float64: (out [B, Hq, D], lse [B, Hq]); empty sequences give zeros and
+    -inf."""
+    q = np.asarray(query, dtype=np.float64)
+    k_cache = np.asarray(key_cache, dtype=np.float64)
+    v_cache = np.asarray(value_cache, dtype=np.float64)
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    scale = 1.0 / np.sqrt(head_dim) if scale is None else scale
+    out = np.zeros((batch, num_q_heads, head_dim))
+    lse = np.full((batch, num_q_heads), -np.inf)
+    for b in range(batch):
+        length = int(seq_lens[b])
+        start = 0 if window_left < 0 else max(0, length - 1 - window_left)
+        if length == 0:
+            continue
+        k = logical_kv(k_cache, block_table[b], length)[start:]
+        v = logical_kv(v_cache, block_table[b], length)[start:]
+        for h in range(num_q_heads):
+            logits = k[:, h // group] @ q[b, h] * scale
+            if logits_soft_cap > 0:
+                logits = logits_soft_cap * np.tanh(logits / logits_soft_cap)
+            m = logits.max()
+            p = np.exp(logits - m)
+            out[b, h] = p @ v[:, h // group] / p.sum()
+            lse[b, h] = m + np.log(p.sum())
+    return out, lse
+
+
+def rel_error(actual, expected) -> float:
+    """||actual - expected|| / ||expected|| in float64 (NaN if anything is NaN)."""
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    if np.isnan(a).any():
+        return float("nan")
+    denom = np.linalg.norm(e)
+    return float(np.linalg.norm(a - e) / (denom if denom > 0 else 1.0))
+
+
+class PagedCase:
+    """A random batch of sequences in a NaN-poisoned paged cache (logical float32 arrays).
+
+    Blocks are handed out in random physical order; every slot that holds no token (the tail of
+    each last block, unused blocks) is NaN, and block-table padding names a real block of NaNs,
+    so a kernel that reads anything it should not produces NaN."""
+
+    def __init__(
+        self,
+        rng: np.random.Generator,
+        seq_lens,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        block_size: int,
+        spare_blocks: int = 3,
+    ):
+        self.seq_lens = np.asarray(seq_lens, dtype=np.int32)
+        batch = len(self.seq_lens)
+        blocks_per_seq = [-(-int(n) // block_size) for n in self.seq_lens]
+        max_blocks = max(blocks_per_seq, default=0) + 1  # at least one padding column
+        num_blocks = sum(blocks_per_seq) + spare_blocks
+        perm = rng.permutation(num_blocks).astype(np.int32)
+        spare = perm[sum(blocks_per_seq) :]
+        self.block_table = np.empty((batch, max_blocks), dtype=np.int32)
+        used = 0
+        for b, n in enumerate(blocks_per_seq):
+            self.block_table[b, :n] = perm[used : used + n]
+            self.block_table[b, n:] = spare[b % len(spare)]
+            used += n
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.key_cache = np.full(shape, np.nan, dtype=np.float32)
+        self.value_cache = np.full(shape, np.nan, dtype=np.float32)
+        for b in range(batch):
+            length = int(self.seq_lens[b])
+            tokens = np.arange(length)
+            blocks = self.block_table[b, tokens // block_size]
+            size = (length, num_kv_heads, head_dim)
+            self.key_cache[blocks, tokens % block_size] = rng.standard_normal(size)
+            self.value_cache[blocks, tokens % block_size] = rng.standard_normal(size)
+        self.query = rng.standard_normal((batch, num_q_heads, head_dim)).astype(np.float32)

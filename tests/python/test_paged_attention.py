@@ -1,0 +1,192 @@
+"""paged_attention against the float64 reference, on every backend, dtype and cache layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import reference as R
+import tinyserve as ts
+from arrays import (
+    CACHE_LAYOUTS,
+    DTYPES,
+    TOLERANCE,
+    asarray,
+    backends,
+    cache_pair,
+    empty,
+    f64,
+    require,
+    sync,
+)
+
+# (head_dim, group size, block size): the fast head dims, an odd one, GQA groups 1/4/8/5,
+# page sizes 1/16/32 and an odd one.
+SHAPES = [
+    (64, 1, 16),
+    (128, 4, 16),
+    (128, 8, 32),
+    (256, 5, 1),
+    (96, 4, 32),
+    (80, 5, 7),
+    (64, 8, 1),
+    (256, 1, 16),
+]
+
+
+def run_case(case, fw, device, dtype, layout, **kwargs):
+    """Runs tinyserve on the case; returns (out, lse, reference out, reference lse)."""
+    kc, vc = cache_pair(case.key_cache, case.value_cache, fw, dtype, device, layout)
+    q = asarray(case.query, fw, dtype, device)
+    table = asarray(case.block_table, fw, device=device)
+    lens = asarray(case.seq_lens, fw, device=device)
+    out = empty(q.shape, fw, dtype, device)
+    lse = empty(tuple(q.shape[:2]), fw, "float32", device)
+    ts.paged_attention(q, kc, vc, table, lens, out, lse=lse, **kwargs)
+    sync(fw, device)
+    ref_out, ref_lse = R.paged_attention(
+        f64(q), f64(kc), f64(vc), case.block_table, case.seq_lens,
+        scale=kwargs.get("scale"),
+        window_left=kwargs.get("window_left", -1),
+        logits_soft_cap=kwargs.get("logits_soft_cap", 0.0),
+    )
+    return f64(out), f64(lse), ref_out, ref_lse
+
+
+def check_lse(lse, ref_lse):
+    finite = np.isfinite(ref_lse)
+    assert not np.isnan(lse).any()
+    np.testing.assert_array_equal(np.isfinite(lse), finite)
+    assert np.all(lse[~finite] == -np.inf)
+    np.testing.assert_allclose(lse[finite], ref_lse[finite], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", CACHE_LAYOUTS)
+@pytest.mark.parametrize("head_dim,group,block_size", SHAPES)
+def test_matches_reference(rng, backend, dtype, layout, head_dim, group, block_size):
+    fw, device = backend
+    require(fw, dtype)
+    num_kv_heads = int(rng.integers(1, 4))
+    lens = rng.integers(1, 300, size=int(rng.integers(1, 5)))
+    case = R.PagedCase(rng, lens, num_kv_heads * group, num_kv_heads, head_dim, block_size)
+    out, lse, ref_out, ref_lse = run_case(case, fw, device, dtype, layout)
+    assert R.rel_error(out, ref_out) < TOLERANCE[dtype]
+    check_lse(lse, ref_lse)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"window_left": 0},
+        {"window_left": 37},
+        {"window_left": 5000},
+        {"logits_soft_cap": 3.0},
+        {"scale": 0.7},
+        {"scale": -0.2, "window_left": 100, "logits_soft_cap": 10.0},
+    ],
+    ids=["window0", "window37", "window_gt_len", "softcap", "scale", "all"],
+)
+def test_options(rng, backend, dtype, options):
+    fw, device = backend
+    require(fw, dtype)
+    case = R.PagedCase(rng, [1, 250, 16, 1000], 8, 2, 128, 16)
+    out, lse, ref_out, ref_lse = run_case(case, fw, device, dtype, "NHD", **options)
+    assert R.rel_error(out, ref_out) < TOLERANCE[dtype]
+    check_lse(lse, ref_lse)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 16, 200])
+def test_splits(rng, backend, num_splits):
+    """Any split count gives the reference result, including more splits than tokens."""
+    fw, device = backend
+    require(fw, "float32")
+    case = R.PagedCase(rng, [3000, 1, 130, 0, 57], 16, 4, 64, 16)
+    out, lse, ref_out, ref_lse = run_case(case, fw, device, "float32", "NHD", num_splits=num_splits)
+    assert R.rel_error(out, ref_out) < TOLERANCE["float32"]
+    check_lse(lse, ref_lse)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_empty_sequences(rng, backend):
+    """Length-0 sequences give zero output and -inf log-sum-exp, next to normal ones."""
+    fw, device = backend
+    require(fw, "float32")
+    case = R.PagedCase(rng, [0, 5, 0], 4, 2, 64, 16)
+    out, lse, ref_out, ref_lse = run_case(case, fw, device, "float32", "NHD")
+    assert np.all(out[[0, 2]] == 0.0)
+    assert np.all(lse[[0, 2]] == -np.inf)
+    assert R.rel_error(out, ref_out) < TOLERANCE["float32"]
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_long_sequence(rng, backend):
+    """A long single sequence (the case flash-decoding splits) and a short one beside it."""
+    fw, device = backend
+    require(fw, "float32")
+    case = R.PagedCase(rng, [20000, 3], 8, 1, 64, 16)
+    out, lse, ref_out, ref_lse = run_case(case, fw, device, "float32", "NHD")
+    assert R.rel_error(out, ref_out) < TOLERANCE["float32"]
+    check_lse(lse, ref_lse)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_strided_query_and_output(rng, backend):
+    """query and out as non-contiguous views (a fused QKV buffer, an output with a gap)."""
+    fw, device = backend
+    require(fw, "float32")
+    case = R.PagedCase(rng, [40, 77], 8, 2, 64, 16)
+    qkv = asarray(rng.standard_normal((2, 12, 64)).astype(np.float32), fw, "float32", device)
+    q = qkv[:, :8]
+    q[...] = asarray(case.query, fw, "float32", device)
+    big_out = empty((2, 10, 64), fw, "float32", device)
+    out = big_out[:, 1:9]
+    kc, vc = cache_pair(case.key_cache, case.value_cache, fw, "float32", device, "NHD")
+    ts.paged_attention(
+        q, kc, vc, asarray(case.block_table, fw, device=device),
+        asarray(case.seq_lens, fw, device=device), out,
+    )
+    sync(fw, device)
+    ref_out, _ = R.paged_attention(case.query, case.key_cache, case.value_cache,
+                                   case.block_table, case.seq_lens)
+    assert R.rel_error(f64(out), ref_out) < TOLERANCE["float32"]
+    # the gap around the output view is untouched
+    assert np.isnan(f64(big_out)[:, [0, 9]]).all()
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_out_allocated_by_callers_framework(rng, backend):
+    fw, device = backend
+    require(fw, "float32")
+    case = R.PagedCase(rng, [9, 20], 4, 4, 64, 8)
+    kc, vc = cache_pair(case.key_cache, case.value_cache, fw, "float32", device, "NHD")
+    q = asarray(case.query, fw, "float32", device)
+    args = (q, kc, vc, asarray(case.block_table, fw, device=device),
+            asarray(case.seq_lens, fw, device=device))
+    out = ts.paged_attention(*args)
+    assert type(out) is type(q)
+    out2, lse = ts.paged_attention(*args, return_lse=True)
+    assert type(lse) is type(q) and tuple(lse.shape) == (2, 4)
+    assert str(lse.dtype).endswith("float32")
+    if fw == "torch":
+        assert out.device == q.device and lse.device == q.device
+    sync(fw, device)
+    ref_out, ref_lse = R.paged_attention(case.query, case.key_cache, case.value_cache,
+                                         case.block_table, case.seq_lens)
+    assert R.rel_error(f64(out), ref_out) < TOLERANCE["float32"]
+    np.testing.assert_array_equal(f64(out), f64(out2))
+    check_lse(f64(lse), ref_lse)
+
+
+def test_plan_is_host_only_and_consistent(rng):
+    case = R.PagedCase(rng, [10], 8, 2, 64, 16)
+    splits, nbytes = ts.plan_paged_attention(case.query, case.key_cache, case.block_table,
+                                             num_splits=3)
+    assert splits == 3
+    assert nbytes == 0  # the CPU backend needs no workspace
+    splits, _ = ts.plan_paged_attention(case.query, case.key_cache, case.block_table)
+    assert splits >= 1
