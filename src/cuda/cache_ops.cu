@@ -1,0 +1,326 @@
+// CUDA cache writes, block copies and host<->device block swaps.
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <vector>
+
+#include "core/kernels.h"
+#include "cuda/common.cuh"
+
+namespace tinyserve::kernels::cuda {
+namespace {
+
+// An unsigned integer type of N bytes: the unit of a vectorised copy.
+template <int N>
+struct Word;
+template <>
+struct Word<16> {
+  using type = uint4;
+};
+template <>
+struct Word<8> {
+  using type = uint2;
+};
+template <>
+struct Word<4> {
+  using type = std::uint32_t;
+};
+template <>
+struct Word<2> {
+  using type = std::uint16_t;
+};
+template <>
+struct Word<1> {
+  using type = std::uint8_t;
+};
+
+// The widest copy unit (16, 8, 4, 2 or 1 bytes) that divides every value given.
+int copy_width(std::initializer_list<std::uint64_t> values) {
+  for (int w : {16, 8, 4, 2}) {
+    bool ok = true;
+    for (std::uint64_t v : values) ok = ok && v % w == 0;
+    if (ok) return w;
+  }
+  return 1;
+}
+
+// ---------------------------------------------------------------------------------------------
+// reshape_and_cache: one thread block per token (grid-stride), threads over (head, word).
+
+struct ReshapeArgs {
+  const char* key;
+  const char* value;
+  char* key_cache;
+  char* value_cache;
+  const std::int64_t* slot_mapping;
+  std::int64_t key_stride_token, key_stride_head;  // bytes
+  std::int64_t value_stride_token, value_stride_head;
+  std::int64_t kc_stride_block, kc_stride_token, kc_stride_head;
+  std::int64_t vc_stride_block, vc_stride_token, vc_stride_head;
+  std::int64_t num_tokens;
+  std::int64_t num_slots;
+  int block_size;
+  int num_heads;
+  int words_per_row;
+};
+
+template <int W>
+__global__ void reshape_and_cache_kernel(const __grid_constant__ ReshapeArgs a) {
+  using word = typename Word<W>::type;
+  const int per_token = a.num_heads * a.words_per_row;
+  for (std::int64_t tok = blockIdx.x; tok < a.num_tokens; tok += gridDim.x) {
+    const std::int64_t slot = a.slot_mapping[tok];
+    if (slot < 0 || slot >= a.num_slots) continue;  // -1 = padding; out of range never written
+    const std::int64_t block = slot / a.block_size;
+    const std::int64_t offset = slot - block * a.block_size;
+    char* kc = a.key_cache + block * a.kc_stride_block + offset * a.kc_stride_token;
+    char* vc = a.value_cache + block * a.vc_stride_block + offset * a.vc_stride_token;
+    const char* k = a.key + tok * a.key_stride_token;
+    const char* v = a.value + tok * a.value_stride_token;
+    for (int i = threadIdx.x; i < per_token; i += blockDim.x) {
+      const int head = i / a.words_per_row;
+      const int w = i - head * a.words_per_row;
+      const word kw = reinterpret_cast<const word*>(k + head * a.key_stride_head)[w];
+      const word vw = reinterpret_cast<const word*>(v + head * a.value_stride_head)[w];
+      reinterpret_cast<word*>(kc + head * a.kc_stride_head)[w] = kw;
+      reinterpret_cast<word*>(vc + head * a.vc_stride_head)[w] = vw;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// copy_blocks: dense tensors, every (pair, tensor) in one launch; grid (pairs, tensors).
+
+constexpr int kMaxCopyTensors = 192;  // 40 bytes each: the launch's parameters stay < 8 KB
+
+struct CopyEntry {
+  char* data;
+  std::int64_t stride_block;  // bytes
+  std::int64_t block_bytes;
+  std::int64_t num_blocks;
+  int width;  // copy unit in bytes
+};
+
+struct CopyArgs {
+  CopyEntry entries[kMaxCopyTensors];
+  const std::int32_t* src;
+  const std::int32_t* dst;
+};
+
+template <int W>
+__device__ __forceinline__ void copy_words(char* dst, const char* src, std::int64_t bytes) {
+  using word = typename Word<W>::type;
+  const word* s = reinterpret_cast<const word*>(src);
+  word* d = reinterpret_cast<word*>(dst);
+  for (std::int64_t i = threadIdx.x; i < bytes / W; i += blockDim.x) d[i] = s[i];
+}
+
+__global__ void copy_blocks_kernel(const __grid_constant__ CopyArgs a) {
+  const CopyEntry& e = a.entries[blockIdx.y];
+  const std::int64_t s = a.src[blockIdx.x], d = a.dst[blockIdx.x];
+  if (s < 0 || s >= e.num_blocks || d < 0 || d >= e.num_blocks) return;  // never out of bounds
+  char* to = e.data + d * e.stride_block;
+  const char* from = e.data + s * e.stride_block;
+  switch (e.width) {
+    case 16: copy_words<16>(to, from, e.block_bytes); break;
+    case 8: copy_words<8>(to, from, e.block_bytes); break;
+    case 4: copy_words<4>(to, from, e.block_bytes); break;
+    case 2: copy_words<2>(to, from, e.block_bytes); break;
+    default: copy_words<1>(to, from, e.block_bytes); break;
+  }
+}
+
+// copy_blocks for a tensor whose blocks are not one contiguous run: element by element.
+struct StridedCopyArgs {
+  char* data;
+  std::int64_t stride_block;  // elements
+  std::int64_t num_blocks;
+  std::int64_t inner_shape[kMaxDims - 1];
+  std::int64_t inner_strides[kMaxDims - 1];
+  std::int64_t inner_numel;
+  int inner_ndim;
+  const std::int32_t* src;
+  const std::int32_t* dst;
+};
+
+template <class E>
+__global__ void strided_copy_kernel(const __grid_constant__ StridedCopyArgs a) {
+  const std::int64_t s = a.src[blockIdx.y], d = a.dst[blockIdx.y];
+  if (s < 0 || s >= a.num_blocks || d < 0 || d >= a.num_blocks) return;
+  E* base = reinterpret_cast<E*>(a.data);
+  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < a.inner_numel;
+       i += std::int64_t(gridDim.x) * blockDim.x) {
+    std::int64_t rest = i, offset = 0;
+    for (int k = a.inner_ndim - 1; k >= 0; --k) {
+      offset += (rest % a.inner_shape[k]) * a.inner_strides[k];
+      rest /= a.inner_shape[k];
+    }
+    base[d * a.stride_block + offset] = base[s * a.stride_block + offset];
+  }
+}
+
+}  // namespace
+
+void reshape_and_cache(const ReshapeAndCacheParams& p, Stream stream) {
+  const char* op = "reshape_and_cache";
+  DeviceGuard guard(p.device_index, op);
+  const std::int64_t e = std::int64_t(dtype_size(p.dtype));
+  ReshapeArgs a;
+  a.key = static_cast<const char*>(p.key);
+  a.value = static_cast<const char*>(p.value);
+  a.key_cache = static_cast<char*>(p.key_cache.data);
+  a.value_cache = static_cast<char*>(p.value_cache.data);
+  a.slot_mapping = p.slot_mapping;
+  a.key_stride_token = p.key_stride_token * e;
+  a.key_stride_head = p.key_stride_head * e;
+  a.value_stride_token = p.value_stride_token * e;
+  a.value_stride_head = p.value_stride_head * e;
+  a.kc_stride_block = p.key_cache.stride_block * e;
+  a.kc_stride_token = p.key_cache.stride_token * e;
+  a.kc_stride_head = p.key_cache.stride_head * e;
+  a.vc_stride_block = p.value_cache.stride_block * e;
+  a.vc_stride_token = p.value_cache.stride_token * e;
+  a.vc_stride_head = p.value_cache.stride_head * e;
+  a.num_tokens = p.num_tokens;
+  a.num_slots = p.num_blocks * p.block_size;
+  a.block_size = p.block_size;
+  a.num_heads = p.num_heads;
+  const std::uint64_t row_bytes = std::uint64_t(p.head_dim) * e;
+  auto u = [](auto x) { return static_cast<std::uint64_t>(x); };
+  // Negative strides are fine for the width test: only divisibility matters.
+  const int width = copy_width(
+      {row_bytes, u(reinterpret_cast<std::uintptr_t>(a.key)),
+       u(reinterpret_cast<std::uintptr_t>(a.value)),
+       u(reinterpret_cast<std::uintptr_t>(a.key_cache)),
+       u(reinterpret_cast<std::uintptr_t>(a.value_cache)), u(a.key_stride_token),
+       u(a.key_stride_head), u(a.value_stride_token), u(a.value_stride_head),
+       u(a.kc_stride_block), u(a.kc_stride_token), u(a.kc_stride_head), u(a.vc_stride_block),
+       u(a.vc_stride_token), u(a.vc_stride_head)});
+  a.words_per_row = int(row_bytes / width);
+  const int per_token = a.num_heads * a.words_per_row;
+  const int threads = std::min(256, std::max(32, (per_token + 31) / 32 * 32));
+  const unsigned grid = unsigned(std::min<std::int64_t>(p.num_tokens, 1 << 30));
+  cudaStream_t s = as_stream(stream);
+  switch (width) {
+    case 16: reshape_and_cache_kernel<16><<<grid, threads, 0, s>>>(a); break;
+    case 8: reshape_and_cache_kernel<8><<<grid, threads, 0, s>>>(a); break;
+    case 4: reshape_and_cache_kernel<4><<<grid, threads, 0, s>>>(a); break;
+    case 2: reshape_and_cache_kernel<2><<<grid, threads, 0, s>>>(a); break;
+    default: reshape_and_cache_kernel<1><<<grid, threads, 0, s>>>(a); break;
+  }
+  check_launch(op, "reshape_and_cache_kernel");
+}
+
+void copy_blocks(const CopyBlocksParams& p, Stream stream) {
+  const char* op = "copy_blocks";
+  DeviceGuard guard(p.device_index, op);
+  cudaStream_t s = as_stream(stream);
+  CopyArgs dense{};
+  dense.src = p.src;
+  dense.dst = p.dst;
+  int count = 0;
+  auto flush = [&] {
+    if (count == 0) return;
+    dim3 grid(unsigned(p.num_pairs), unsigned(count));
+    copy_blocks_kernel<<<grid, 256, 0, s>>>(dense);
+    check_launch(op, "copy_blocks_kernel");
+    count = 0;
+  };
+  for (const BlockTensor& t : p.tensors) {
+    if (t.num_blocks == 0 || t.inner_numel == 0) continue;
+    if (!t.dense) {
+      StridedCopyArgs a{};
+      a.data = static_cast<char*>(t.data);
+      a.stride_block = t.stride_block;
+      a.num_blocks = t.num_blocks;
+      for (int i = 0; i < t.inner_ndim; ++i) {
+        a.inner_shape[i] = t.inner_shape[i];
+        a.inner_strides[i] = t.inner_strides[i];
+      }
+      a.inner_numel = t.inner_numel;
+      a.inner_ndim = t.inner_ndim;
+      a.src = p.src;
+      a.dst = p.dst;
+      dim3 grid(unsigned(std::min<std::int64_t>((t.inner_numel + 255) / 256, 1024)),
+                unsigned(p.num_pairs));
+      switch (t.elem_size) {
+        case 1: strided_copy_kernel<std::uint8_t><<<grid, 256, 0, s>>>(a); break;
+        case 2: strided_copy_kernel<std::uint16_t><<<grid, 256, 0, s>>>(a); break;
+        case 4: strided_copy_kernel<std::uint32_t><<<grid, 256, 0, s>>>(a); break;
+        default: strided_copy_kernel<std::uint64_t><<<grid, 256, 0, s>>>(a); break;
+      }
+      check_launch(op, "strided_copy_kernel");
+      continue;
+    }
+    CopyEntry& e = dense.entries[count++];
+    e.data = static_cast<char*>(t.data);
+    e.stride_block = t.stride_block * t.elem_size;
+    e.block_bytes = t.inner_numel * t.elem_size;
+    e.num_blocks = t.num_blocks;
+    e.width = copy_width({std::uint64_t(reinterpret_cast<std::uintptr_t>(e.data)),
+                          std::uint64_t(e.stride_block), std::uint64_t(e.block_bytes)});
+    if (count == kMaxCopyTensors) flush();
+  }
+  flush();
+}
+
+void swap_blocks(const SwapBlocksParams& p, Stream stream) {
+  const char* op = "swap_blocks";
+  const bool src_dev = p.src_device.type == DeviceType::CUDA;
+  const bool dst_dev = p.dst_device.type == DeviceType::CUDA;
+  DeviceGuard guard(src_dev ? p.src_device.index : p.dst_device.index, op);
+  // Host memory must be page-locked: a copy from pageable memory would block the caller.
+  auto require_pinned = [&](const void* data, const char* name) {
+    cudaPointerAttributes attr{};
+    check(cudaPointerGetAttributes(&attr, data), op, "cudaPointerGetAttributes");
+    if (attr.type != cudaMemoryTypeHost) {
+      throw std::invalid_argument(std::string("tinyserve.swap_blocks: ") + name +
+                                  " must be pinned (page-locked) host memory for a copy with a "
+                                  "CUDA device, got pageable memory");
+    }
+  };
+  if (!src_dev) require_pinned(p.src_cache.data, "src_cache");
+  if (!dst_dev) require_pinned(p.dst_cache.data, "dst_cache");
+  const std::int64_t block_bytes = p.src_cache.inner_numel * p.src_cache.elem_size;
+  const std::int64_t src_stride = p.src_cache.stride_block * p.src_cache.elem_size;
+  const std::int64_t dst_stride = p.dst_cache.stride_block * p.dst_cache.elem_size;
+  // Runs of consecutive ids on both sides become one copy when blocks sit back to back.
+  std::vector<void*> dsts;
+  std::vector<const void*> srcs;
+  std::vector<std::size_t> sizes;
+  const char* src_base = static_cast<const char*>(p.src_cache.data);
+  char* dst_base = static_cast<char*>(p.dst_cache.data);
+  for (std::int64_t i = 0; i < p.num_pairs;) {
+    std::int64_t n = 1;
+    if (src_stride == block_bytes && dst_stride == block_bytes) {
+      while (i + n < p.num_pairs && p.src[i + n] == p.src[i] + n && p.dst[i + n] == p.dst[i] + n) {
+        ++n;
+      }
+    }
+    srcs.push_back(src_base + p.src[i] * src_stride);
+    dsts.push_back(dst_base + p.dst[i] * dst_stride);
+    sizes.push_back(std::size_t(n * block_bytes));
+    i += n;
+  }
+  cudaStream_t s = as_stream(stream);
+  if (s != nullptr && srcs.size() > 1) {
+    // One driver call for the whole batch (not allowed on the legacy default stream).
+    cudaMemcpyAttributes attr{};
+    attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
+    std::size_t attr_index = 0;
+    cudaError_t err = cudaMemcpyBatchAsync(dsts.data(), srcs.data(), sizes.data(), srcs.size(),
+                                           &attr, &attr_index, 1, s);
+    if (err == cudaSuccess) return;
+    if (err != cudaErrorNotSupported && err != cudaErrorInvalidValue) {
+      check(err, op, "cudaMemcpyBatchAsync");
+    }
+    cudaGetLastError();  // fall back to one call per run
+  }
+  for (std::size_t i = 0; i < srcs.size(); ++i) {
+    check(cudaMemcpyAsync(dsts[i], srcs[i], sizes[i], cudaMemcpyDefault, s), op,
+          "cudaMemcpyAsync");
+  }
+}
+
+}  // namespace tinyserve::kernels::cuda

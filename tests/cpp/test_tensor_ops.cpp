@@ -1,0 +1,175 @@
+// The ops through the public C++ API on the CPU backend: results against a double-precision
+// reference written here, error types across the library boundary, rejected calls writing
+// nothing.
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <random>
+#include <stdexcept>
+#include <vector>
+
+#include <tinyserve/tinyserve.h>
+
+#include "check.h"
+
+using tinyserve::Device;
+using tinyserve::DeviceType;
+using tinyserve::DType;
+using tinyserve::make_tensor;
+
+namespace {
+
+const Device kCpu{DeviceType::CPU, 0};
+
+void test_tensor_views() {
+  float data[24];
+  auto t = make_tensor(data, DType::Float32, kCpu, {2, 3, 4});
+  CHECK(t.ndim == 3 && t.numel() == 24);
+  CHECK(t.strides[0] == 12 && t.strides[1] == 4 && t.strides[2] == 1);
+  auto u = tinyserve::transpose(t, 0, 1);
+  CHECK(u.shape[0] == 3 && u.shape[1] == 2 && u.strides[0] == 4 && u.strides[1] == 12);
+  CHECK(tinyserve::dtype_size(DType::BFloat16) == 2);
+  CHECK(std::string(tinyserve::dtype_name(DType::Int64)) == "int64");
+  EXPECT_THROWS(make_tensor(data, DType::Float32, kCpu, {1, 2, 3, 4, 5, 6, 7}),
+                std::invalid_argument);
+  EXPECT_THROWS(tinyserve::transpose(t, 0, 3), std::invalid_argument);
+}
+
+// Paged decode attention on one sequence: reference in double over the logical tokens.
+void test_paged_attention_cpu() {
+  std::mt19937 gen(1234);
+  std::normal_distribution<float> normal;
+  const int num_blocks = 7, block_size = 4, kv_heads = 2, q_heads = 6, dim = 16, len = 13;
+  std::vector<float> k(num_blocks * block_size * kv_heads * dim), v(k.size());
+  for (auto& x : k) x = normal(gen);
+  for (auto& x : v) x = normal(gen);
+  std::vector<float> q(q_heads * dim);
+  for (auto& x : q) x = normal(gen);
+  std::vector<std::int32_t> table = {5, 0, 3, 6};  // 4 pages cover 13 tokens
+  std::vector<std::int32_t> lens = {len};
+  std::vector<float> out(q.size(), std::numeric_limits<float>::quiet_NaN());
+  std::vector<float> lse(q_heads, std::numeric_limits<float>::quiet_NaN());
+
+  auto kc = make_tensor(k.data(), DType::Float32, kCpu, {num_blocks, block_size, kv_heads, dim});
+  auto vc = make_tensor(v.data(), DType::Float32, kCpu, {num_blocks, block_size, kv_heads, dim});
+  tinyserve::AttentionOptions opts;
+  opts.lse = make_tensor(lse.data(), DType::Float32, kCpu, {1, q_heads});
+  tinyserve::paged_attention(make_tensor(q.data(), DType::Float32, kCpu, {1, q_heads, dim}), kc,
+                             vc, make_tensor(table.data(), DType::Int32, kCpu, {1, 4}),
+                             make_tensor(lens.data(), DType::Int32, kCpu, {1}),
+                             make_tensor(out.data(), DType::Float32, kCpu, {1, q_heads, dim}),
+                             opts);
+  const int group = q_heads / kv_heads;
+  double worst = 0.0, worst_lse = 0.0;
+  for (int h = 0; h < q_heads; ++h) {
+    const int kvh = h / group;
+    std::vector<double> logits(len);
+    double m = -INFINITY;
+    for (int t = 0; t < len; ++t) {
+      const float* krow = &k[((table[t / block_size] * block_size + t % block_size) * kv_heads +
+                              kvh) * dim];
+      double s = 0.0;
+      for (int d = 0; d < dim; ++d) s += double(q[h * dim + d]) * krow[d];
+      logits[t] = s / std::sqrt(double(dim));
+      m = std::max(m, logits[t]);
+    }
+    double denom = 0.0;
+    std::vector<double> acc(dim, 0.0);
+    for (int t = 0; t < len; ++t) {
+      const double p = std::exp(logits[t] - m);
+      denom += p;
+      const float* vrow = &v[((table[t / block_size] * block_size + t % block_size) * kv_heads +
+                              kvh) * dim];
+      for (int d = 0; d < dim; ++d) acc[d] += p * vrow[d];
+    }
+    for (int d = 0; d < dim; ++d) {
+      worst = std::max(worst, std::abs(acc[d] / denom - out[h * dim + d]));
+    }
+    worst_lse = std::max(worst_lse, std::abs(m + std::log(denom) - lse[h]));
+  }
+  CHECK(worst < 1e-5);
+  CHECK(worst_lse < 1e-5);
+
+  // A block id out of range: std::invalid_argument, and nothing written.
+  std::vector<float> before = out;
+  table[2] = num_blocks;
+  EXPECT_THROWS(tinyserve::paged_attention(
+                    make_tensor(q.data(), DType::Float32, kCpu, {1, q_heads, dim}), kc, vc,
+                    make_tensor(table.data(), DType::Int32, kCpu, {1, 4}),
+                    make_tensor(lens.data(), DType::Int32, kCpu, {1}),
+                    make_tensor(out.data(), DType::Float32, kCpu, {1, q_heads, dim})),
+                std::invalid_argument);
+  bool unchanged = true;
+  for (std::size_t i = 0; i < out.size(); ++i) unchanged = unchanged && out[i] == before[i];
+  CHECK(unchanged);
+}
+
+void test_cache_ops_cpu() {
+  const int n = 5, p = 2, h = 1, d = 4;
+  std::vector<float> kc(n * p * h * d, -1.0f), vc(kc.size(), -1.0f);
+  std::vector<float> key = {1, 2, 3, 4, 5, 6, 7, 8}, value = {9, 10, 11, 12, 13, 14, 15, 16};
+  std::vector<std::int64_t> slots = {7, -1};
+  auto kct = make_tensor(kc.data(), DType::Float32, kCpu, {n, p, h, d});
+  auto vct = make_tensor(vc.data(), DType::Float32, kCpu, {n, p, h, d});
+  tinyserve::reshape_and_cache(make_tensor(key.data(), DType::Float32, kCpu, {2, h, d}),
+                               make_tensor(value.data(), DType::Float32, kCpu, {2, h, d}), kct,
+                               vct, make_tensor(slots.data(), DType::Int64, kCpu, {2}));
+  CHECK(kc[7 * d] == 1 && kc[7 * d + 3] == 4 && vc[7 * d] == 9);
+  int written = 0;
+  for (float x : kc) written += x != -1.0f;
+  CHECK(written == d);  // the -1 slot was skipped
+
+  std::vector<std::int32_t> src = {3}, dst = {1};
+  tinyserve::copy_blocks({kct, vct}, make_tensor(src.data(), DType::Int32, kCpu, {1}),
+                         make_tensor(dst.data(), DType::Int32, kCpu, {1}));
+  CHECK(kc[1 * p * d + 1 * d] == 1 && vc[1 * p * d + 1 * d + 3] == 12);
+
+  std::vector<float> host(2 * p * h * d, 0.0f);
+  std::vector<std::int32_t> to = {1};
+  tinyserve::swap_blocks(kct, make_tensor(host.data(), DType::Float32, kCpu, {2, p, h, d}),
+                         make_tensor(src.data(), DType::Int32, kCpu, {1}),
+                         make_tensor(to.data(), DType::Int32, kCpu, {1}));
+  CHECK(host[p * d + d] == 1 && host[p * d + d + 3] == 4);
+
+  // A slot past the cache: std::invalid_argument before any write.
+  slots[1] = n * p;
+  std::vector<float> before = kc;
+  EXPECT_THROWS(tinyserve::reshape_and_cache(
+                    make_tensor(key.data(), DType::Float32, kCpu, {2, h, d}),
+                    make_tensor(value.data(), DType::Float32, kCpu, {2, h, d}), kct, vct,
+                    make_tensor(slots.data(), DType::Int64, kCpu, {2})),
+                std::invalid_argument);
+  CHECK(kc == before);
+}
+
+void test_backend_errors() {
+  // A tensor on a CUDA device: built without CUDA, or no such device here: std::runtime_error.
+  float dummy[64];
+  const Device gpu{DeviceType::CUDA, 7};
+  std::int64_t slot = 0;
+  auto c = make_tensor(dummy, DType::Float32, gpu, {1, 1, 1, 4});
+  bool raised = false;
+  try {
+    tinyserve::reshape_and_cache(make_tensor(dummy, DType::Float32, gpu, {1, 1, 4}),
+                                 make_tensor(dummy, DType::Float32, gpu, {1, 1, 4}), c, c,
+                                 make_tensor(&slot, DType::Int64, gpu, {1}));
+  } catch (const std::invalid_argument&) {
+  } catch (const std::runtime_error& e) {
+    raised = std::string(e.what()).find("tinyserve.reshape_and_cache") == 0;
+  }
+  CHECK(raised || tinyserve::cuda_device_count() > 7);
+  CHECK(tinyserve::cuda_compiled() || tinyserve::cuda_device_count() == 0);
+  CHECK(tinyserve::num_threads() >= 1);
+  EXPECT_THROWS(tinyserve::set_num_threads(0), std::invalid_argument);
+}
+
+}  // namespace
+
+int main() {
+  test_tensor_views();
+  test_paged_attention_cpu();
+  test_cache_ops_cpu();
+  test_backend_errors();
+  return test::exit_code();
+}

@@ -1,0 +1,234 @@
+"""CUDA-only behaviour: graph capture and replay, streams, CuPy and JAX interop, device-side
+bounds checks, long sequences, and agreement with the CPU backend. Skipped without a device."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import reference as R
+import tinyserve as ts
+from arrays import TOLERANCE, asarray, cache_pair, f64, torch
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(torch is None, reason="torch is not installed"),
+]
+
+
+def cuda(x, dtype=None):
+    return asarray(np.asarray(x), "torch", dtype, "cuda")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("head_dim", [128, 96])
+def test_cuda_matches_cpu_backend(rng, dtype, head_dim):
+    """The CUDA kernels against the CPU backend on the same (rounded) data, and both against the
+    float64 reference."""
+    case = R.PagedCase(rng, rng.integers(1, 3000, size=6), 32, 8, head_dim, 16)
+    kc, vc = cache_pair(case.key_cache, case.value_cache, "torch", dtype, "cuda", "NHD")
+    q = cuda(case.query, dtype)
+    table, lens = cuda(case.block_table), cuda(case.seq_lens)
+    out_gpu, lse_gpu = ts.paged_attention(q, kc, vc, table, lens, return_lse=True)
+    out_cpu, lse_cpu = ts.paged_attention(q.cpu(), kc.cpu(), vc.cpu(), table.cpu(), lens.cpu(),
+                                          return_lse=True)
+    torch.cuda.synchronize()
+    ref, ref_lse = R.paged_attention(f64(q), f64(kc), f64(vc), case.block_table, case.seq_lens)
+    assert R.rel_error(f64(out_gpu), ref) < TOLERANCE[dtype]
+    assert R.rel_error(f64(out_cpu), ref) < TOLERANCE[dtype]
+    assert R.rel_error(f64(out_gpu), f64(out_cpu)) < 2 * TOLERANCE[dtype]
+    np.testing.assert_allclose(f64(lse_gpu), ref_lse, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(f64(lse_gpu), f64(lse_cpu), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_lengths_up_to_100k(rng, dtype):
+    """Long and short sequences in one batch, default (planned) splits."""
+    lens = [100_000, 1, 4097, 65_536]
+    case = R.PagedCase(rng, lens, 8, 2, 128, 16)
+    kc, vc = cache_pair(case.key_cache, case.value_cache, "torch", dtype, "cuda", "HND")
+    q = cuda(case.query, dtype)
+    out, lse = ts.paged_attention(q, kc, vc, cuda(case.block_table), cuda(case.seq_lens),
+                                  return_lse=True)
+    torch.cuda.synchronize()
+    ref, ref_lse = R.paged_attention(f64(q), f64(kc), f64(vc), case.block_table, case.seq_lens)
+    assert R.rel_error(f64(out), ref) < TOLERANCE[dtype]
+    np.testing.assert_allclose(f64(lse), ref_lse, rtol=1e-4, atol=1e-3)
+
+
+def test_plan_fills_the_gpu_for_one_long_sequence(rng):
+    """One sequence of 128k tokens is split across the GPU; 256 short ones are not split."""
+    sm = torch.cuda.get_device_properties(0).multi_processor_count
+    q = torch.empty((1, 32, 128), dtype=torch.float16, device="cuda")
+    kc = torch.empty((8193, 16, 8, 128), dtype=torch.float16, device="cuda")
+    table = torch.zeros((1, 8192), dtype=torch.int32, device="cuda")
+    splits, nbytes = ts.plan_paged_attention(q, kc, table)
+    assert splits * 8 >= sm  # at least one CTA per multiprocessor
+    assert nbytes >= splits * 32 * 129 * 4
+    q256 = torch.empty((256, 32, 128), dtype=torch.float16, device="cuda")
+    table256 = torch.zeros((256, 64), dtype=torch.int32, device="cuda")
+    assert ts.plan_paged_attention(q256, kc, table256) == (1, 0)
+
+
+def test_cuda_graph_capture_and_replay(rng):
+    """Capture decode once; replay with new lengths, tables and queries written into the same
+    buffers: every replay matches the reference."""
+    num_blocks, block_size, max_blocks, batch = 600, 16, 40, 5
+    dtype = torch.float16
+    key = rng.standard_normal((num_blocks, block_size, 4, 128)).astype(np.float32)
+    value = rng.standard_normal((num_blocks, block_size, 4, 128)).astype(np.float32)
+    kc, vc = cuda(key, "float16"), cuda(value, "float16")
+    q = torch.zeros((batch, 16, 128), dtype=dtype, device="cuda")
+    table = torch.zeros((batch, max_blocks), dtype=torch.int32, device="cuda")
+    lens = torch.ones((batch,), dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    lse = torch.empty((batch, 16), dtype=torch.float32, device="cuda")
+    splits, nbytes = ts.plan_paged_attention(q, kc, table, num_splits=4)
+    workspace = torch.empty((nbytes,), dtype=torch.uint8, device="cuda")
+    kwargs = dict(out=out, lse=lse, num_splits=4, workspace=workspace)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        ts.paged_attention(q, kc, vc, table, lens, **kwargs)  # warm-up outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ts.paged_attention(q, kc, vc, table, lens, **kwargs)
+    for _ in range(3):
+        new_lens = rng.integers(0, max_blocks * block_size + 1, size=batch).astype(np.int32)
+        new_table = rng.integers(0, num_blocks, size=(batch, max_blocks)).astype(np.int32)
+        new_q = rng.standard_normal((batch, 16, 128)).astype(np.float32)
+        q.copy_(cuda(new_q, "float16"))
+        table.copy_(cuda(new_table))
+        lens.copy_(cuda(new_lens))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref, ref_lse = R.paged_attention(f64(q), f64(kc), f64(vc), new_table, new_lens)
+        assert R.rel_error(f64(out), ref) < TOLERANCE["float16"]
+        finite = np.isfinite(ref_lse)
+        np.testing.assert_allclose(f64(lse)[finite], ref_lse[finite], rtol=1e-4, atol=1e-3)
+
+
+def test_runs_on_the_current_torch_stream(rng):
+    """With stream=None the op runs on torch's current stream: it sees work queued before it on
+    that stream (a long sleep, then the query write) with no synchronisation by the caller."""
+    case = R.PagedCase(rng, [500, 37], 16, 4, 128, 16)
+    kc, vc = cache_pair(case.key_cache, case.value_cache, "torch", "float16", "cuda", "NHD")
+    table, lens = cuda(case.block_table), cuda(case.seq_lens)
+    q_host = torch.from_numpy(case.query).half().pin_memory()
+    q = torch.zeros((2, 16, 128), dtype=torch.float16, device="cuda")
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time on this stream
+        q.copy_(q_host, non_blocking=True)
+        out = ts.paged_attention(q, kc, vc, table, lens)
+        explicit = torch.empty_like(out)
+    ts.paged_attention(q, kc, vc, table, lens, explicit, stream=stream)
+    stream.synchronize()
+    ref, _ = R.paged_attention(case.query.astype(np.float16), f64(kc), f64(vc), case.block_table,
+                               case.seq_lens)
+    assert R.rel_error(f64(out), ref) < TOLERANCE["float16"]
+    assert R.rel_error(f64(explicit), ref) < TOLERANCE["float16"]
+    with pytest.raises(TypeError):
+        ts.paged_attention(q, kc, vc, table, lens, stream=1.5)
+
+
+def test_cache_writes_never_leave_the_cache(rng):
+    """Out-of-range slots and block ids arriving on the device write and read nothing outside
+    the cache (the guard blocks around the cache view stay untouched)."""
+    n, p, h, d = 8, 16, 2, 64
+    buf = torch.full((n + 2, p, h, d), 7.0, dtype=torch.float16, device="cuda")
+    cache = buf[1 : n + 1]
+    slots = torch.tensor([-5, n * p, n * p + 100, -1, 3, 2**40], dtype=torch.int64, device="cuda")
+    key = torch.randn((6, h, d), dtype=torch.float16, device="cuda")
+    ts.reshape_and_cache(key, key, cache, cache, slots)
+    torch.cuda.synchronize()
+    assert torch.equal(cache.reshape(-1, h, d)[3], key[4])
+    expected = torch.full_like(buf, 7.0)
+    expected[1:].reshape(-1, h, d)[3] = key[4]
+    assert torch.equal(buf, expected)
+
+    ts.copy_blocks([cache], torch.tensor([0, -3, 9], dtype=torch.int32, device="cuda"),
+                   torch.tensor([n, 1, 2], dtype=torch.int32, device="cuda"))
+    torch.cuda.synchronize()
+    assert torch.equal(buf, expected)
+
+    table = torch.tensor([[0, -1, n, 2**30]], dtype=torch.int32, device="cuda")
+    out = ts.paged_attention(torch.randn((1, 4, d), dtype=torch.float16, device="cuda"),
+                             cache, cache, table, torch.tensor([64], dtype=torch.int32,
+                                                              device="cuda"))
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+
+
+def test_device_mismatch_and_pageable_host(rng):
+    q = torch.randn((1, 4, 64), device="cuda")
+    kc = torch.randn((4, 16, 1, 64), device="cuda")
+    lens = torch.tensor([3], dtype=torch.int32)
+    with pytest.raises(ValueError, match="all tensors must be on one device"):
+        ts.paged_attention(q, kc, kc, torch.zeros((1, 1), dtype=torch.int32), lens)
+    host = torch.zeros((4, 16, 1, 64))  # pageable
+    with pytest.raises(ValueError, match="must be pinned"):
+        ts.swap_blocks(kc, host, np.array([0], np.int32), np.array([1], np.int32))
+    with pytest.raises(ValueError, match="src and dst must be in host memory"):
+        ts.swap_blocks(kc, host.pin_memory(), torch.tensor([0], dtype=torch.int32, device="cuda"),
+                       np.array([1], np.int32))
+
+
+def test_swap_pinned_combined_layout(rng):
+    """Offload through a pinned host pool laid out like the device cache ([N, 2, H, P, D])."""
+    dev = torch.randn((20, 2, 4, 16, 64), dtype=torch.bfloat16, device="cuda")
+    host = torch.zeros((6, 2, 4, 16, 64), dtype=torch.bfloat16).pin_memory()
+    src = np.array([3, 4, 5, 11], np.int32)  # a run of three and a single block
+    dst = np.array([0, 1, 2, 5], np.int32)
+    stream = torch.cuda.Stream()
+    ts.swap_blocks(dev, host, src, dst, stream=stream)
+    stream.synchronize()
+    assert torch.equal(host[torch.from_numpy(dst).long()], dev[torch.from_numpy(src).long()].cpu())
+    back = np.array([15, 16, 17, 0], np.int32)
+    ts.swap_blocks(host, dev, dst, back)
+    torch.cuda.synchronize()
+    assert torch.equal(dev[torch.from_numpy(back).long()], dev[torch.from_numpy(src).long()])
+
+
+def test_cupy_arrays(rng):
+    cupy = pytest.importorskip("cupy")
+    case = R.PagedCase(rng, [33, 200], 8, 2, 64, 16)
+    kc = cupy.asarray(case.key_cache.astype(np.float16))
+    vc = cupy.asarray(case.value_cache.astype(np.float16))
+    q = cupy.asarray(case.query.astype(np.float16))
+    out = ts.paged_attention(q, kc, vc, cupy.asarray(case.block_table),
+                             cupy.asarray(case.seq_lens))
+    assert isinstance(out, cupy.ndarray)
+    cupy.cuda.get_current_stream().synchronize()
+    ref, _ = R.paged_attention(case.query.astype(np.float16), case.key_cache.astype(np.float16),
+                               case.value_cache.astype(np.float16), case.block_table,
+                               case.seq_lens)
+    assert R.rel_error(cupy.asnumpy(out), ref) < TOLERANCE["float16"]
+    slots = cupy.asarray(np.array([5, -1], np.int64))
+    new = cupy.asarray(rng.standard_normal((2, 2, 64)).astype(np.float16))
+    ts.reshape_and_cache(new, new, kc, vc, slots, stream=cupy.cuda.get_current_stream())
+    cupy.cuda.get_current_stream().synchronize()
+    assert bool((kc[0, 5] == new[0]).all())
+
+
+def test_jax_arrays_as_inputs(rng):
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    jax = pytest.importorskip("jax")
+    jnp = pytest.importorskip("jax.numpy")
+    if not any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("JAX sees no GPU")
+    case = R.PagedCase(rng, [70, 3, 129], 8, 4, 128, 16)
+    args = [jnp.asarray(x) for x in (case.query.astype(np.float16),
+                                     case.key_cache.astype(np.float16),
+                                     case.value_cache.astype(np.float16),
+                                     case.block_table, case.seq_lens)]
+    out = ts.paged_attention(*args)
+    assert "jax" in type(out).__module__ or "jaxlib" in type(out).__module__
+    ref, _ = R.paged_attention(case.query.astype(np.float16), case.key_cache.astype(np.float16),
+                               case.value_cache.astype(np.float16), case.block_table,
+                               case.seq_lens)
+    assert R.rel_error(np.asarray(out), ref) < TOLERANCE["float16"]

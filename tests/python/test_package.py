@@ -1,0 +1,48 @@
+"""Packaging: version, stubs, CLI, backend queries."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import tinyserve
+
+
+def test_version_matches_header():
+    header = Path(tinyserve.cmake_dir()).parents[2] / "include" / "tinyserve" / "version.h"
+    assert f'#define TINYSERVE_VERSION "{tinyserve.__version__}"' in header.read_text()
+    out = subprocess.run([sys.executable, "-m", "tinyserve", "--version"], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    assert out == tinyserve.__version__
+
+
+def test_typing_stubs_ship():
+    package = Path(tinyserve.__file__).parent
+    stub = (package / "_tinyserve.pyi").read_text()
+    assert "def paged_attention(" in stub and "class BlockManager" in stub
+    assert (package / "py.typed").exists()
+
+
+def test_backend_queries_are_consistent():
+    assert isinstance(tinyserve.cuda_compiled(), bool)
+    assert tinyserve.cuda_device_count() >= 0
+    assert tinyserve.cuda_available() == (tinyserve.cuda_compiled()
+                                          and tinyserve.cuda_device_count() > 0)
+    if not tinyserve.cuda_compiled():
+        assert tinyserve.cuda_device_count() == 0
+
+
+def test_num_threads_roundtrip():
+    before = tinyserve.num_threads()
+    try:
+        tinyserve.set_num_threads(3)
+        assert tinyserve.num_threads() == 3
+    finally:
+        tinyserve.set_num_threads(before)
+
+
+def test_cli_usage():
+    run = subprocess.run([sys.executable, "-m", "tinyserve", "bogus"], capture_output=True,
+                         text=True)
+    assert run.returncode == 2 and "demo" in run.stderr
