@@ -117,12 +117,14 @@ class Int64Arg {
   std::size_t size_ = 0;
 };
 
-// Hands a vector's buffer to NumPy without a copy: the array owns the vector.
+// Hands a vector's buffer to NumPy without a copy: the array owns the vector. Strides in
+// elements; none means C order.
 template <class T>
-nb::ndarray<nb::numpy, T> to_numpy(std::vector<T>&& v, std::initializer_list<std::size_t> shape) {
+nb::ndarray<nb::numpy, T> to_numpy(std::vector<T>&& v, std::initializer_list<std::size_t> shape,
+                                   std::initializer_list<std::int64_t> strides = {}) {
   auto* owned = new std::vector<T>(std::move(v));
   nb::capsule owner(owned, [](void* p) noexcept { delete static_cast<std::vector<T>*>(p); });
-  return nb::ndarray<nb::numpy, T>(owned->data(), shape, owner);
+  return nb::ndarray<nb::numpy, T>(owned->data(), shape, owner, strides);
 }
 
 }  // namespace
@@ -264,22 +266,25 @@ void bind_block_manager(nb::module_& m) {
       .def(
           "take_copies",
           [](BlockManager& self) {
-            std::vector<std::int32_t> flat;
+            // Column-major [P, 2]: pairs[:, 0] and pairs[:, 1] are contiguous, as copy_blocks
+            // wants its src and dst.
+            std::vector<std::int32_t> columns;
             {
               nb::gil_scoped_release release;
               const auto pairs = self.take_copies();
-              flat.reserve(2 * pairs.size());
-              for (const auto& [src, dst] : pairs) {
-                flat.push_back(src);
-                flat.push_back(dst);
+              columns.resize(2 * pairs.size());
+              for (std::size_t i = 0; i < pairs.size(); ++i) {
+                columns[i] = pairs[i].first;
+                columns[pairs.size() + i] = pairs[i].second;
               }
             }
-            const std::size_t n = flat.size() / 2;
-            return to_numpy(std::move(flat), {n, 2});
+            const std::size_t n = columns.size() / 2;
+            return to_numpy(std::move(columns), {n, 2}, {1, std::int64_t(n)});
           },
           nb::sig("def take_copies(self) -> numpy.typing.NDArray[numpy.int32]"),
-          "The pending copy-on-write pairs, int32 [P, 2] as (src, dst), emptied by the call. Run "
-          "them (copy_blocks) before the step's kernels write anything.")
+          "The pending copy-on-write pairs, int32 [P, 2] as (src, dst), emptied by the call; "
+          "pairs[:, 0] and pairs[:, 1] are contiguous. Run them (copy_blocks) before the step's "
+          "kernels write anything.")
       .def("seq_len", &BlockManager::seq_len, "seq_id"_a, nb::call_guard<nb::gil_scoped_release>())
       .def(
           "block_ids",

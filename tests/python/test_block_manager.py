@@ -346,6 +346,22 @@ def test_copy_on_write_after_fork():
     bm.check()
 
 
+def test_copy_pairs_feed_copy_blocks_directly():
+    bm = BlockManager(6, 2)
+    new_seq(bm, 1, 3)  # blocks 0, 1
+    bm.fork(1, 2)
+    bm.fork(1, 3)
+    bm.append_batch([2, 3], 1)  # copies 1 -> 2 and 1 -> 3
+    pairs = bm.take_copies()
+    assert pairs.tolist() == [[1, 2], [1, 3]]
+    assert pairs[:, 0].flags.c_contiguous and pairs[:, 1].flags.c_contiguous
+    cache = np.random.default_rng(0).standard_normal((6, 2, 1, 4)).astype(np.float32)
+    expected = cache.copy()
+    expected[[2, 3]] = cache[1]
+    tinyserve.copy_blocks([cache], pairs[:, 0], pairs[:, 1])
+    np.testing.assert_array_equal(cache, expected)
+
+
 def test_a_full_shared_last_block_needs_no_copy():
     bm = BlockManager(8, 4)
     new_seq(bm, 1, 8)
