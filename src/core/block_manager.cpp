@@ -564,7 +564,8 @@ std::int64_t BlockManager::add_sequence(std::int64_t seq_id, const std::int64_t*
       m.caching && num_token_ids > 0 ? (num_token_ids - 1) / m.block_size : 0;
   Impl::Sequence fresh;
   fresh.chain_key = root_key();
-  fresh.blocks.reserve(std::size_t(max_blocks));
+  // Hits are distinct blocks, so never more than the pool.
+  fresh.blocks.reserve(std::size_t(std::min<std::int64_t>(max_blocks, m.num_blocks)));
   Impl::Sequence& s = m.seqs.emplace(seq_id, std::move(fresh)).first->second;
   for (std::int64_t i = 0; i < max_blocks; ++i) {
     // The chain ends at the first miss: later keys hash this block's key.
