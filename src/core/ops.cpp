@@ -35,10 +35,10 @@ void check_cache_pair(const OpCheck& c, const TensorView& key_cache,
              shape_str(value_cache));
     }
   }
-  c.require(key_cache.shape[1] > 0, "block_size must be positive, got ", key_cache.shape[1]);
-  c.require(key_cache.shape[2] > 0, "num_kv_heads must be positive, got ", key_cache.shape[2]);
-  c.require(key_cache.shape[3] > 0, "head_dim must be positive, got ", key_cache.shape[3]);
-  c.require(key_cache.shape[1] <= (1 << 20), "block_size must be at most 1048576, got ",
+  TS_REQUIRE(c, key_cache.shape[1] > 0, "block_size must be positive, got ", key_cache.shape[1]);
+  TS_REQUIRE(c, key_cache.shape[2] > 0, "num_kv_heads must be positive, got ", key_cache.shape[2]);
+  TS_REQUIRE(c, key_cache.shape[3] > 0, "head_dim must be positive, got ", key_cache.shape[3]);
+  TS_REQUIRE(c, key_cache.shape[1] <= (1 << 20), "block_size must be at most 1048576, got ",
             key_cache.shape[1]);
 }
 
@@ -69,26 +69,26 @@ AttentionShapes check_attention_plan_args(const OpCheck& c, const TensorView& qu
   c.ndim(block_table, "block_table", 2, "[batch, max_blocks]");
   c.dtype(block_table, "block_table", DType::Int32);
   c.last_dim_contiguous(block_table, "block_table");
-  c.require(key_cache.shape[2] > 0, "num_kv_heads must be positive, got ", key_cache.shape[2]);
-  c.require(key_cache.shape[1] > 0, "block_size must be positive, got ", key_cache.shape[1]);
+  TS_REQUIRE(c, key_cache.shape[2] > 0, "num_kv_heads must be positive, got ", key_cache.shape[2]);
+  TS_REQUIRE(c, key_cache.shape[1] > 0, "block_size must be positive, got ", key_cache.shape[1]);
   c.dim(query, "query", 2, key_cache.shape[3], "head_dim of the caches");
   c.dim(block_table, "block_table", 0, query.shape[0], "batch");
   if (query.shape[1] % key_cache.shape[2] != 0 || query.shape[1] == 0) {
     c.fail("num_q_heads must be a positive multiple of num_kv_heads (", key_cache.shape[2],
            "), got ", query.shape[1]);
   }
-  c.require(o.window_left >= -1, "window_left must be -1 (off) or >= 0, got ", o.window_left);
-  c.require(o.num_splits >= 0 && o.num_splits <= kMaxSplits, "num_splits must be in [0, ",
+  TS_REQUIRE(c, o.window_left >= -1, "window_left must be -1 (off) or >= 0, got ", o.window_left);
+  TS_REQUIRE(c, o.num_splits >= 0 && o.num_splits <= kMaxSplits, "num_splits must be in [0, ",
             kMaxSplits, "], got ", o.num_splits);
-  c.require(o.max_seq_len >= -1, "max_seq_len must be -1 (unknown) or >= 0, got ",
+  TS_REQUIRE(c, o.max_seq_len >= -1, "max_seq_len must be -1 (unknown) or >= 0, got ",
             o.max_seq_len);
-  c.require(std::isfinite(o.logits_soft_cap) && o.logits_soft_cap >= 0.0f,
+  TS_REQUIRE(c, std::isfinite(o.logits_soft_cap) && o.logits_soft_cap >= 0.0f,
             "logits_soft_cap must be finite and >= 0 (0 = off), got ", o.logits_soft_cap);
   if (o.scale) {
-    c.require(std::isfinite(*o.scale) && *o.scale != 0.0f,
+    TS_REQUIRE(c, std::isfinite(*o.scale) && *o.scale != 0.0f,
               "scale must be finite and nonzero, got ", *o.scale);
   }
-  c.require(query.shape[0] <= (1 << 30) && block_table.shape[1] <= (1 << 30) &&
+  TS_REQUIRE(c, query.shape[0] <= (1 << 30) && block_table.shape[1] <= (1 << 30) &&
                 query.shape[1] <= 65535,
             "sizes must fit 32-bit indexing, got query ", shape_str(query), " and block_table ",
             shape_str(block_table));
@@ -118,12 +118,12 @@ AttentionPlan make_plan(const AttentionShapes& s, DType dtype, const AttentionOp
 }
 
 kernels::BlockTensor block_tensor(const OpCheck& c, const TensorView& t, const char* name) {
-  c.require(t.ndim >= 2, name, " must have at least 2 dimensions [num_blocks, ...], got ",
+  TS_REQUIRE(c, t.ndim >= 2, name, " must have at least 2 dimensions [num_blocks, ...], got ",
             t.ndim, " (shape ", shape_str(t), ")");
   for (int i = 0; i < t.ndim; ++i) {
-    c.require(t.shape[i] >= 0, name, " has a negative extent, got shape ", shape_str(t));
+    TS_REQUIRE(c, t.shape[i] >= 0, name, " has a negative extent, got shape ", shape_str(t));
   }
-  c.require(t.data != nullptr || t.numel() == 0, name, " has no data, got a null pointer");
+  TS_REQUIRE(c, t.data != nullptr || t.numel() == 0, name, " has no data, got a null pointer");
   c.writable(t, name);
   kernels::BlockTensor b;
   b.data = t.data;
@@ -159,19 +159,19 @@ void check_host_block_ids(const OpCheck& c, const std::int32_t* src, const std::
                           std::int64_t n, std::int64_t src_blocks, std::int64_t dst_blocks,
                           bool same_tensor) {
   for (std::int64_t i = 0; i < n; ++i) {
-    c.require(src[i] >= 0 && src[i] < src_blocks, "src[", i, "] must be a block id in [0, ",
+    TS_REQUIRE(c, src[i] >= 0 && src[i] < src_blocks, "src[", i, "] must be a block id in [0, ",
               src_blocks, "), got ", src[i]);
-    c.require(dst[i] >= 0 && dst[i] < dst_blocks, "dst[", i, "] must be a block id in [0, ",
+    TS_REQUIRE(c, dst[i] >= 0 && dst[i] < dst_blocks, "dst[", i, "] must be a block id in [0, ",
               dst_blocks, "), got ", dst[i]);
   }
   std::vector<std::int32_t> sorted_dst(dst, dst + n);
   std::sort(sorted_dst.begin(), sorted_dst.end());
   auto dup = std::adjacent_find(sorted_dst.begin(), sorted_dst.end());
-  c.require(dup == sorted_dst.end(), "dst must not name a block twice, got ",
+  TS_REQUIRE(c, dup == sorted_dst.end(), "dst must not name a block twice, got ",
             dup == sorted_dst.end() ? 0 : *dup, " twice");
   if (same_tensor) {
     for (std::int64_t i = 0; i < n; ++i) {
-      c.require(!std::binary_search(sorted_dst.begin(), sorted_dst.end(), src[i]),
+      TS_REQUIRE(c, !std::binary_search(sorted_dst.begin(), sorted_dst.end(), src[i]),
                 "a block must not be both a source and a destination, got block ", src[i]);
     }
   }
@@ -217,7 +217,7 @@ void reshape_and_cache(const TensorView& key, const TensorView& value,
   if (backend == Backend::CPU) {
     const std::int64_t* slots = slot_mapping.ptr<const std::int64_t>();
     for (std::int64_t i = 0; i < slot_mapping.shape[0]; ++i) {
-      c.require(slots[i] >= -1 && slots[i] < num_slots, "slot_mapping[", i,
+      TS_REQUIRE(c, slots[i] >= -1 && slots[i] < num_slots, "slot_mapping[", i,
                 "] must be -1 or a slot in [0, ", num_slots, "), got ", slots[i]);
     }
   }
@@ -288,7 +288,7 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
   }
   AttentionPlan plan = make_plan(s, query.dtype, options);
   if (plan.workspace_bytes > 0) {
-    c.require(options.workspace.has_value(), "splitting into ", plan.num_splits,
+    TS_REQUIRE(c, options.workspace.has_value(), "splitting into ", plan.num_splits,
               " pieces needs a workspace of ", plan.workspace_bytes,
               " bytes (see plan_paged_attention), got none");
     const TensorView& ws = *options.workspace;
@@ -300,10 +300,10 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
       if (ws.shape[d] > 1 && ws.strides[d] != expect) contiguous = false;
       expect *= ws.shape[d];
     }
-    c.require(contiguous, "workspace must be contiguous, got strides of shape ", shape_str(ws));
-    c.require(bytes >= plan.workspace_bytes, "workspace must hold at least ",
+    TS_REQUIRE(c, contiguous, "workspace must be contiguous, got strides of shape ", shape_str(ws));
+    TS_REQUIRE(c, bytes >= plan.workspace_bytes, "workspace must hold at least ",
               plan.workspace_bytes, " bytes for ", plan.num_splits, " splits, got ", bytes);
-    c.require(reinterpret_cast<std::uintptr_t>(ws.data) % 16 == 0,
+    TS_REQUIRE(c, reinterpret_cast<std::uintptr_t>(ws.data) % 16 == 0,
               "workspace must be 16-byte aligned, got address ", ws.data);
   }
 
@@ -313,14 +313,14 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
     const std::int32_t* lens = seq_lens.ptr<const std::int32_t>();
     const std::int32_t* table = block_table.ptr<const std::int32_t>();
     for (int b = 0; b < s.batch; ++b) {
-      c.require(lens[b] >= 0 && lens[b] <= capacity, "seq_lens[", b, "] must be in [0, ",
+      TS_REQUIRE(c, lens[b] >= 0 && lens[b] <= capacity, "seq_lens[", b, "] must be in [0, ",
                 capacity, "] (max_blocks * block_size), got ", lens[b]);
       std::int64_t first = 0;
       if (options.window_left >= 0) first = std::max<std::int64_t>(0, lens[b] - 1 - options.window_left);
       for (std::int64_t page = first / s.block_size;
            page < (lens[b] + s.block_size - 1) / s.block_size; ++page) {
         std::int32_t id = table[b * block_table.strides[0] + page];
-        c.require(id >= 0 && id < key_cache.shape[0], "block_table[", b, ", ", page,
+        TS_REQUIRE(c, id >= 0 && id < key_cache.shape[0], "block_table[", b, ", ", page,
                   "] must be a block id in [0, ", key_cache.shape[0], "), got ", id);
       }
     }
@@ -410,30 +410,30 @@ void swap_blocks(const TensorView& src_cache, const TensorView& dst_cache, const
   check_id_array(c, src, "src");
   check_id_array(c, dst, "dst");
   c.dim(dst, "dst", 0, src.shape[0], "num_pairs of src");
-  c.require(detail::is_host(src.device) && detail::is_host(dst.device),
+  TS_REQUIRE(c, detail::is_host(src.device) && detail::is_host(dst.device),
             "src and dst must be in host memory, got ", detail::device_str(src.device), " and ",
             detail::device_str(dst.device));
   kernels::SwapBlocksParams p;
   p.src_cache = block_tensor(c, src_cache, "src_cache");
   p.dst_cache = block_tensor(c, dst_cache, "dst_cache");
   c.same_dtype(src_cache, "src_cache", dst_cache, "dst_cache");
-  c.require(src_cache.ndim == dst_cache.ndim, "dst_cache must have the rank of src_cache (",
+  TS_REQUIRE(c, src_cache.ndim == dst_cache.ndim, "dst_cache must have the rank of src_cache (",
             src_cache.ndim, "), got ", dst_cache.ndim);
   for (int d = 1; d < src_cache.ndim; ++d) {
-    c.require(src_cache.shape[d] == dst_cache.shape[d],
+    TS_REQUIRE(c, src_cache.shape[d] == dst_cache.shape[d],
               "dst_cache must match src_cache in every dimension but the first, got ",
               shape_str(src_cache), " and ", shape_str(dst_cache));
   }
   for (int d = 1; d < src_cache.ndim; ++d) {
-    c.require(src_cache.shape[d] <= 1 || src_cache.strides[d] == dst_cache.strides[d],
+    TS_REQUIRE(c, src_cache.shape[d] <= 1 || src_cache.strides[d] == dst_cache.strides[d],
               "src_cache and dst_cache must lay out a block alike, got stride ",
               src_cache.strides[d], " and ", dst_cache.strides[d], " in dimension ", d);
   }
-  c.require(p.src_cache.dense, "a block of the caches must be one contiguous run of memory, "
+  TS_REQUIRE(c, p.src_cache.dense, "a block of the caches must be one contiguous run of memory, "
             "got strides of shape ", shape_str(src_cache));
   bool src_cuda = !detail::is_host(src_cache.device);
   bool dst_cuda = !detail::is_host(dst_cache.device);
-  c.require(!(src_cuda && dst_cuda) || src_cache.device.index == dst_cache.device.index,
+  TS_REQUIRE(c, !(src_cuda && dst_cuda) || src_cache.device.index == dst_cache.device.index,
             "device caches must be on one device, got ", detail::device_str(src_cache.device),
             " and ", detail::device_str(dst_cache.device));
   Device device = src_cuda ? src_cache.device : dst_cache.device;

@@ -5,11 +5,9 @@
 namespace tinyserve::detail {
 
 std::string shape_str(const TensorView& t) {
-  std::ostringstream os;
-  os << '[';
-  for (int i = 0; i < t.ndim; ++i) os << (i ? ", " : "") << t.shape[i];
-  os << ']';
-  return os.str();
+  std::string s = "[";
+  for (int i = 0; i < t.ndim; ++i) s += (i ? ", " : "") + std::to_string(t.shape[i]);
+  return s + "]";
 }
 
 std::string device_str(Device d) {

@@ -4,32 +4,63 @@
 //   tinyserve.<op>: <what is wrong>, got <value>
 // Bad arguments throw std::invalid_argument (Python ValueError); a missing backend or device
 // throws std::runtime_error.
+//
+// Messages are built only when a check fails (TS_REQUIRE), and without iostreams: the library
+// may be loaded into processes whose C++ runtime differs from the one it was built with, and
+// stream formatting is where such mixtures break.
 
+#include <cstdio>
 #include <initializer_list>
-#include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "tinyserve/tensor.h"
 
+// Checks `cond`; only when it fails are the message parts evaluated and the error thrown.
+#define TS_REQUIRE(check, cond, ...)     \
+  do {                                   \
+    if (!(cond)) (check).fail(__VA_ARGS__); \
+  } while (0)
+
 namespace tinyserve::detail {
 
-template <class... Args>
-std::string concat(Args&&... args) {
-  std::ostringstream os;
-  (os << ... << std::forward<Args>(args));
-  return os.str();
+inline void append(std::string& s, const char* v) { s += v; }
+inline void append(std::string& s, const std::string& v) { s += v; }
+inline void append(std::string& s, char v) { s += v; }
+template <class T, std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, char> &&
+                                        !std::is_same_v<T, bool>,
+                                    int> = 0>
+void append(std::string& s, T v) {
+  s += std::to_string(v);
+}
+inline void append(std::string& s, double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  s += buf;
+}
+inline void append(std::string& s, const void* v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%p", v);
+  s += buf;
 }
 
 template <class... Args>
-[[noreturn]] void fail(const char* op, Args&&... args) {
-  throw std::invalid_argument(concat("tinyserve.", op, ": ", std::forward<Args>(args)...));
+std::string concat(const Args&... args) {
+  std::string s;
+  (append(s, args), ...);
+  return s;
 }
 
 template <class... Args>
-[[noreturn]] void fail_runtime(const char* op, Args&&... args) {
-  throw std::runtime_error(concat("tinyserve.", op, ": ", std::forward<Args>(args)...));
+[[noreturn]] void fail(const char* op, const Args&... args) {
+  throw std::invalid_argument(concat("tinyserve.", op, ": ", args...));
+}
+
+template <class... Args>
+[[noreturn]] void fail_runtime(const char* op, const Args&... args) {
+  throw std::runtime_error(concat("tinyserve.", op, ": ", args...));
 }
 
 std::string shape_str(const TensorView& t);
@@ -50,12 +81,8 @@ class OpCheck {
   const char* op() const { return op_; }
 
   template <class... Args>
-  [[noreturn]] void fail(Args&&... args) const {
-    detail::fail(op_, std::forward<Args>(args)...);
-  }
-  template <class... Args>
-  void require(bool ok, Args&&... args) const {
-    if (!ok) detail::fail(op_, std::forward<Args>(args)...);
+  [[noreturn]] void fail(const Args&... args) const {
+    detail::fail(op_, args...);
   }
 
   // A tensor that must exist (non-null data unless it has no elements), with `n` dimensions

@@ -44,7 +44,8 @@ constexpr int kTile = 64;           // tokens per pipeline stage (MMA kernel)
 constexpr int kMmaHeads = 16;       // query heads per CTA (MMA kernel: the M of m16n8k16)
 constexpr int kGenericHeads = 8;    // query heads per CTA (generic kernel)
 constexpr int kGenericMaxDim = 512; // 16 elements per lane
-constexpr int kMinSplitTokens = 256;
+constexpr int kMinSplitTokens = 256;     // no split makes chunks shorter than this
+constexpr double kSplitOverheadTokens = 128.0;  // per-CTA fixed cost, in tokens of streaming
 
 struct AttnArgs {
   const void* query;
@@ -65,6 +66,7 @@ struct AttnArgs {
   std::int64_t num_blocks;
   int max_blocks;
   int batch, num_q_heads, head_dim, block_size;
+  int block_shift;  // log2(block_size) when it is a power of two, else -1
   int group;       // query heads per KV head
   int head_tiles;  // CTAs per KV head along the group
   int window_left;
@@ -86,6 +88,11 @@ __device__ __forceinline__ void split_range(const AttnArgs& a, int b, int split,
   chunk = (chunk + align - 1) / align * align;
   begin = min(len, first + split * chunk);
   end = min(len, begin + chunk);
+}
+
+// token / block_size (the page) and token % block_size (the slot in it).
+__device__ __forceinline__ int page_of(const AttnArgs& a, int token) {
+  return a.block_shift >= 0 ? token >> a.block_shift : int(unsigned(token) / unsigned(a.block_size));
 }
 
 __device__ __forceinline__ float logit(const AttnArgs& a, float qk) {
@@ -145,28 +152,42 @@ struct MmaConfig {
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row
   static constexpr int kRowsPerPass = kThreads / kChunks;
   static constexpr int kPasses = kTile / kRowsPerPass;
+  static constexpr bool kQInRegisters = D <= 128;
   static constexpr int kQBytes = kMmaHeads * kRow * 2;
   static constexpr int kStageBytes = 2 * kTile * kRow * 2;
-  static constexpr int kSmemBytes = kQBytes + kStages * kStageBytes;
+  static constexpr int kRowAddressBytes = kStages * 2 * kTile * 8;  // per stage: K, V row addresses
+  static constexpr int kSmemBytes = kQBytes + kStages * kStageBytes + kRowAddressBytes;
   static constexpr int kReduceBytes = kWarps * kMmaHeads * (D + 2) * 4;
   static_assert(kReduceBytes <= kStages * kStageBytes, "reduction must fit the stage buffers");
   static_assert(kThreads % kChunks == 0 && kTile % kRowsPerPass == 0, "loader shape");
+  static_assert(kTile <= kThreads, "one thread computes each row's offsets");
 };
+
+// The running max of a row is raised only when a score exceeds it by this much (log2 units):
+// probabilities then stay below 2^8 (exact enough in float32, representable in float16 and
+// bfloat16), and most tiles skip rescaling the accumulators.
+constexpr float kRescaleThreshold = 8.0f;
 
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads) decode_mma_kernel(const __grid_constant__ AttnArgs a) {
   using C = MmaConfig<D>;
+  constexpr std::uint32_t kRowBytes = C::kRow * 2;
   extern __shared__ __align__(16) unsigned char smem[];
   T* q_smem = reinterpret_cast<T*>(smem);
-  T* stages = reinterpret_cast<T*>(smem + C::kQBytes);
+  const std::uint32_t stages = ptx::smem_addr(smem + C::kQBytes);
+  // [stage][K, V][row]: the global address of each row of the tile; bit 0 set = no row (past
+  // the range, or a block id outside the cache).
+  std::uint64_t* rows =
+      reinterpret_cast<std::uint64_t*>(smem + C::kQBytes + C::kStages * C::kStageBytes);
 
-  const int b = blockIdx.x, split = blockIdx.y;
-  const int kv_head = blockIdx.z / a.head_tiles;
-  const int head0 = kv_head * a.group + (blockIdx.z % a.head_tiles) * kMmaHeads;
+  const int b = blockIdx.z, split = blockIdx.y;
+  const int kv_head = blockIdx.x / a.head_tiles;
+  const int head0 = kv_head * a.group + (blockIdx.x % a.head_tiles) * kMmaHeads;
   const int heads = min(kMmaHeads, kv_head * a.group + a.group - head0);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   int begin, end;
   split_range(a, b, split, kTile, begin, end);
+  const int num_tiles = (end - begin + kTile - 1) / kTile;
 
   // Q: [16 heads][D] in shared memory, rows past the group zero.
   {
@@ -179,42 +200,83 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(const __grid_const
     }
   }
 
-  const T* k_cache = static_cast<const T*>(a.k_cache) + kv_head * a.k_stride_head;
-  const T* v_cache = static_cast<const T*>(a.v_cache) + kv_head * a.v_stride_head;
+  // Row addresses: thread t < kTile owns row t of every tile. It reads the block id of its row
+  // two tiles ahead (into a register) and writes the row's K and V addresses one tile ahead of
+  // the copies that use them, so neither the table read nor the address arithmetic is on the
+  // copies' path.
   const std::int32_t* table = a.block_table + b * a.block_table_stride;
-  const int chunk = threadIdx.x % C::kChunks;
+  const bool row_owner = threadIdx.x < kTile;
+  const T* k_head = static_cast<const T*>(a.k_cache) + kv_head * a.k_stride_head;
+  const T* v_head = static_cast<const T*>(a.v_cache) + kv_head * a.v_stride_head;
+  auto lookup = [&](int tile) -> int {
+    const int token = begin + tile * kTile + int(threadIdx.x);
+    return tile < num_tiles && token < end ? table[page_of(a, token)] : -1;
+  };
+  auto store_rows = [&](int tile, std::int64_t block) {
+    const int token = begin + tile * kTile + int(threadIdx.x);
+    std::uint64_t k_row = reinterpret_cast<std::uint64_t>(k_head) | 1u;
+    std::uint64_t v_row = reinterpret_cast<std::uint64_t>(v_head) | 1u;
+    if (block >= 0 && block < a.num_blocks) {
+      const std::int64_t in_page = token - page_of(a, token) * a.block_size;
+      k_row = reinterpret_cast<std::uint64_t>(k_head + block * a.k_stride_block +
+                                              in_page * a.k_stride_token);
+      v_row = reinterpret_cast<std::uint64_t>(v_head + block * a.v_stride_block +
+                                              in_page * a.v_stride_token);
+    }
+    std::uint64_t* slot = rows + (tile % C::kStages) * 2 * kTile;
+    slot[threadIdx.x] = k_row;
+    slot[kTile + threadIdx.x] = v_row;
+  };
+
+  // Copies: thread t moves 16-byte chunk t % kChunks of rows t / kChunks + kRowsPerPass * i.
+  const std::uint32_t chunk_bytes = (threadIdx.x % C::kChunks) * 16;
   const int row0 = threadIdx.x / C::kChunks;
-  auto load_tile = [&](int tile, int stage) {
-    T* ks = stages + stage * 2 * kTile * C::kRow;
-    T* vs = ks + kTile * C::kRow;
-    const int t0 = begin + tile * kTile;
+  auto load_tile = [&](int tile) {
+    const int stage = tile % C::kStages;
+    const std::uint32_t ks = stages + stage * C::kStageBytes + row0 * kRowBytes + chunk_bytes;
+    const std::uint32_t vs = ks + kTile * kRowBytes;
+    const std::uint64_t* k_rows = rows + stage * 2 * kTile + row0;
+    const std::uint64_t* v_rows = k_rows + kTile;
 #pragma unroll
     for (int pass = 0; pass < C::kPasses; ++pass) {
-      const int r = row0 + pass * C::kRowsPerPass;
-      const int token = t0 + r;
-      const T* kp = k_cache;
-      const T* vp = v_cache;
-      bool valid = token < end;
-      if (valid) {
-        const int page = unsigned(token) / unsigned(a.block_size);
-        const std::int64_t block = table[page];
-        const std::int64_t offset = token - page * a.block_size;
-        valid = block >= 0 && block < a.num_blocks;
-        if (valid) {
-          kp += block * a.k_stride_block + offset * a.k_stride_token + chunk * 8;
-          vp += block * a.v_stride_block + offset * a.v_stride_token + chunk * 8;
-        }
-      }
-      ptx::cp_async_16(ks + r * C::kRow + chunk * 8, kp, valid);
-      ptx::cp_async_16(vs + r * C::kRow + chunk * 8, vp, valid);
+      const std::uint64_t kr = k_rows[pass * C::kRowsPerPass];
+      const std::uint64_t vr = v_rows[pass * C::kRowsPerPass];
+      const std::uint32_t dst = pass * C::kRowsPerPass * kRowBytes;
+      ptx::cp_async_16(ks + dst, reinterpret_cast<const char*>(kr & ~std::uint64_t(1)) + chunk_bytes,
+                       kr & 1u);
+      ptx::cp_async_16(vs + dst, reinterpret_cast<const char*>(vr & ~std::uint64_t(1)) + chunk_bytes,
+                       vr & 1u);
     }
   };
 
-  const int num_tiles = (end - begin + kTile - 1) / kTile;
+  int next_block = -1;
+  if (row_owner) {
 #pragma unroll
-  for (int s = 0; s < C::kStages - 1; ++s) {
-    if (s < num_tiles) load_tile(s, s);
+    for (int t = 0; t < C::kStages; ++t) store_rows(t, lookup(t));
+    next_block = lookup(C::kStages);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int t = 0; t < C::kStages - 1; ++t) {
+    if (t < num_tiles) load_tile(t);
     ptx::cp_async_commit();
+  }
+
+  // Fragment addresses (shared, bytes). Q (A operand): matrix l / 8 holds rows
+  // (l / 8 % 2) * 8 + l % 8, columns (l / 16) * 8 of each 16-wide step. K (B operand of S):
+  // tokens warp * 16 + (l / 16) * 8 + l % 8, columns (l / 8 % 2) * 8. V (B operand of O,
+  // transposed): tokens warp * 16 + (l / 8 % 2) * 8 + l % 8, columns (l / 16) * 8.
+  const std::uint32_t q_frag = ptx::smem_addr(q_smem) +
+                               ((lane % 8) + ((lane / 8) % 2) * 8) * kRowBytes + (lane / 16) * 16;
+  const std::uint32_t k_frag = stages + (warp * 16 + (lane / 16) * 8 + lane % 8) * kRowBytes +
+                               ((lane / 8) % 2) * 16;
+  const std::uint32_t v_frag = stages + kTile * kRowBytes +
+                               (warp * 16 + ((lane / 8) % 2) * 8 + lane % 8) * kRowBytes +
+                               (lane / 16) * 16;
+  std::uint32_t q_regs[C::kQInRegisters ? D / 16 : 1][4];
+  if constexpr (C::kQInRegisters) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) ptx::ldmatrix_x4(q_regs[kk], q_frag + kk * 32);
   }
 
   // Per thread: rows g = lane / 4 and g + 8 of the 16 heads; columns 2 * (lane % 4) + {0, 1}
@@ -229,59 +291,85 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(const __grid_const
   for (int tile = 0; tile < num_tiles; ++tile) {
     ptx::cp_async_wait<C::kStages - 2>();
     __syncthreads();
-    {
-      const int next = tile + C::kStages - 1;
-      if (next < num_tiles) load_tile(next, next % C::kStages);
-      ptx::cp_async_commit();
+    const int next = tile + C::kStages - 1;
+    if (next < num_tiles) load_tile(next);
+    ptx::cp_async_commit();
+    if (row_owner && next + 1 < num_tiles) {  // rows of tile next + 1 into this tile's slot
+      store_rows(next + 1, next_block);
+      next_block = lookup(next + 2);
     }
-    const T* ks = stages + (tile % C::kStages) * 2 * kTile * C::kRow;
-    const T* vs = ks + kTile * C::kRow;
-    const int t0 = begin + tile * kTile + warp * 16;
+    const std::uint32_t stage_offset = (tile % C::kStages) * C::kStageBytes;
 
-    // S = Q K^T for this warp's 16 tokens: two 8-token column blocks.
+    // S = Q K^T for this warp's 16 tokens: two 8-token column blocks, each summed in two
+    // independent chains (even and odd steps) to halve the MMA dependency depth.
     float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    float s_odd[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      std::uint32_t qa[4], kb[4];
-      ptx::ldmatrix_x4(qa, q_smem + ((lane % 8) + ((lane / 8) % 2) * 8) * C::kRow + kk * 16 +
-                               (lane / 16) * 8);
-      ptx::ldmatrix_x4(kb, ks + (warp * 16 + (lane / 16) * 8 + lane % 8) * C::kRow + kk * 16 +
-                               ((lane / 8) % 2) * 8);
-      ptx::mma_16816<T>(s[0], qa, kb[0], kb[1]);
-      ptx::mma_16816<T>(s[1], qa, kb[2], kb[3]);
+      std::uint32_t kb[4], qa_smem[4];
+      ptx::ldmatrix_x4(kb, k_frag + stage_offset + kk * 32);
+      const std::uint32_t(&qa)[4] = C::kQInRegisters ? q_regs[C::kQInRegisters ? kk : 0] : qa_smem;
+      if constexpr (!C::kQInRegisters) ptx::ldmatrix_x4(qa_smem, q_frag + kk * 32);
+      float(&acc)[2][4] = kk % 2 == 0 ? s : s_odd;
+      ptx::mma_16816<T>(acc[0], qa, kb[0], kb[1]);
+      ptx::mma_16816<T>(acc[1], qa, kb[2], kb[3]);
     }
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int token = t0 + j * 8 + quad_col + (e % 2);
-        s[j][e] = token < end ? logit(a, s[j][e]) : -INFINITY;
+      for (int e = 0; e < 4; ++e) s[j][e] += s_odd[j][e];
+    }
+    const int t0 = begin + tile * kTile + warp * 16;
+    if (begin + (tile + 1) * kTile <= end) {  // a full tile (uniform over the CTA)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] = logit(a, s[j][e]);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int token = t0 + j * 8 + quad_col + (e % 2);
+          s[j][e] = token < end ? logit(a, s[j][e]) : -INFINITY;
+        }
       }
     }
-    // Online softmax per row; a row's 16 scores are spread over the 4 lanes of a quad.
+    // Online softmax; a row's 16 scores are spread over the 4 lanes of a quad.
+    float mx[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float mx = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[r], mx);
-      const float base = m_new == -INFINITY ? 0.0f : m_new;  // nothing seen yet: p = 0
-      const float correction = ptx::exp2_approx(m[r] - base);
-      float sum = 0.0f;
+      mx[r] = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1]));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    }
+    const bool grow = mx[0] > m[0] + kRescaleThreshold || mx[1] > m[1] + kRescaleThreshold;
+    if (__any_sync(0xffffffffu, grow)) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        if (mx[r] > m[r]) {
+          const float correction = ptx::exp2_approx(m[r] - mx[r]);  // 0 when m was -inf
+          m[r] = mx[r];
+          l[r] *= correction;
+#pragma unroll
+          for (int nb = 0; nb < D / 8; ++nb) {
+            o[nb][2 * r] *= correction;
+            o[nb][2 * r + 1] *= correction;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float base = m[r] == -INFINITY ? 0.0f : m[r];  // nothing seen yet: p = 0
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
 #pragma unroll
         for (int e = 2 * r; e < 2 * r + 2; ++e) {
           s[j][e] = ptx::exp2_approx(s[j][e] - base);
-          sum += s[j][e];
+          l[r] += s[j][e];
         }
-      }
-      l[r] = l[r] * correction + sum;
-      m[r] = m_new;
-#pragma unroll
-      for (int nb = 0; nb < D / 8; ++nb) {
-        o[nb][2 * r] *= correction;
-        o[nb][2 * r + 1] *= correction;
       }
     }
     // O += P V: P's accumulator layout is the A operand layout of the next MMA.
@@ -290,13 +378,13 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(const __grid_const
 #pragma unroll
     for (int dp = 0; dp < D / 16; ++dp) {
       std::uint32_t vb[4];
-      ptx::ldmatrix_x4_trans(vb, vs + (warp * 16 + ((lane / 8) % 2) * 8 + lane % 8) * C::kRow +
-                                     dp * 16 + (lane / 16) * 8);
+      ptx::ldmatrix_x4_trans(vb, v_frag + stage_offset + dp * 32);
       ptx::mma_16816<T>(o[2 * dp], pa, vb[0], vb[1]);
       ptx::mma_16816<T>(o[2 * dp + 1], pa, vb[2], vb[3]);
     }
   }
   ptx::cp_async_wait<0>();
+  ptx::allow_dependent_grids();  // the merge kernel (if any) may start launching
   __syncthreads();  // the stage buffers become the reduction buffers
 
 #pragma unroll
@@ -340,9 +428,9 @@ __global__ void __launch_bounds__(kThreads)
   float* red_m = acc + kWarps * kGenericHeads * D;         // [kWarps][kGenericHeads]
   float* red_l = red_m + kWarps * kGenericHeads;
 
-  const int b = blockIdx.x, split = blockIdx.y;
-  const int kv_head = blockIdx.z / a.head_tiles;
-  const int head0 = kv_head * a.group + (blockIdx.z % a.head_tiles) * kGenericHeads;
+  const int b = blockIdx.z, split = blockIdx.y;
+  const int kv_head = blockIdx.x / a.head_tiles;
+  const int head0 = kv_head * a.group + (blockIdx.x % a.head_tiles) * kGenericHeads;
   const int heads = min(kGenericHeads, kv_head * a.group + a.group - head0);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   int begin, end;
@@ -368,7 +456,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   constexpr int kPerLane = kGenericMaxDim / 32;
   for (int token = begin + warp; token < end; token += kWarps) {
-    const int page = unsigned(token) / unsigned(a.block_size);
+    const int page = page_of(a, token);
     const std::int64_t block = table[page];
     if (block < 0 || block >= a.num_blocks) continue;  // never read outside the cache
     const std::int64_t offset = token - page * a.block_size;
@@ -407,6 +495,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
+  ptx::allow_dependent_grids();
   if (lane == 0) {
 #pragma unroll
     for (int g = 0; g < kGenericHeads; ++g) {
@@ -423,25 +512,33 @@ __global__ void __launch_bounds__(kThreads)
 
 template <class T>
 __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const __grid_constant__ AttnArgs a) {
-  extern __shared__ float weights[];  // [num_splits]
+  extern __shared__ float weights[];  // [num_splits]: first the partials' lse, then weights
+  ptx::wait_for_previous_grid();  // launched while the decode kernel finishes
   const int b = blockIdx.x / a.num_q_heads, h = blockIdx.x % a.num_q_heads;
   const std::int64_t stride = std::int64_t(a.batch) * a.num_q_heads;
   const std::int64_t row = std::int64_t(b) * a.num_q_heads + h;
+  for (int s = threadIdx.x; s < a.num_splits; s += kThreads) weights[s] = a.part_lse[s * stride + row];
+  __syncthreads();
   float m = -INFINITY;
-  for (int s = 0; s < a.num_splits; ++s) m = fmaxf(m, a.part_lse[s * stride + row]);
-  float total = 0.0f;
+  for (int s = 0; s < a.num_splits; ++s) m = fmaxf(m, weights[s]);
+  __syncthreads();
   for (int s = threadIdx.x; s < a.num_splits; s += kThreads) {
-    weights[s] = m == -INFINITY ? 0.0f : ptx::exp2_approx(a.part_lse[s * stride + row] - m);
+    weights[s] = m == -INFINITY ? 0.0f : ptx::exp2_approx(weights[s] - m);  // empty split: 0
   }
   __syncthreads();
+  float total = 0.0f;
   for (int s = 0; s < a.num_splits; ++s) total += weights[s];
+  const float inv = total > 0.0f ? 1.0f / total : 0.0f;
   T* out = static_cast<T*>(a.out) + b * a.out_stride_batch + h * a.out_stride_head;
+  const float* part = a.part_out + row * a.head_dim;
+  const std::int64_t split_stride = stride * a.head_dim;
   for (int d = threadIdx.x; d < a.head_dim; d += kThreads) {
+    // Partials of empty splits are zeros with weight 0: every term can be read unconditionally,
+    // so the loads of many splits are in flight at once.
     float acc = 0.0f;
-    for (int s = 0; s < a.num_splits; ++s) {
-      if (weights[s] != 0.0f) acc += weights[s] * a.part_out[(s * stride + row) * a.head_dim + d];
-    }
-    out[d] = from_float<T>(total > 0.0f ? acc / total : 0.0f);
+#pragma unroll 8
+    for (int s = 0; s < a.num_splits; ++s) acc += weights[s] * part[s * split_stride + d];
+    out[d] = from_float<T>(acc * inv);
   }
   if (threadIdx.x == 0 && a.lse) {
     a.lse[b * a.lse_stride_batch + h * a.lse_stride_head] =
@@ -495,26 +592,38 @@ Launch preferred_launch(DType dtype, int head_dim) {
   return generic_launch(dtype, head_dim);
 }
 
-// Raises the kernel's dynamic shared-memory limit once per (kernel, device); returns how many
-// CTAs of it fit on one multiprocessor.
-int prepare(const Launch& l, int device, const char* op) {
+// Raises the kernel's dynamic shared-memory limit to the most any launch of it needs, once per
+// (kernel, device), and returns how many CTAs of the given launch fit on one multiprocessor. The
+// limit is one attribute per kernel, so it is never lowered for a smaller launch.
+int prepare(const Launch& l, int max_smem_bytes, int device, const char* op) {
   struct Entry {
     KernelFn kernel;
     int device, smem, ctas;
   };
   static std::mutex mutex;
   static std::vector<Entry> prepared;
+  static std::vector<std::pair<KernelFn, int>> raised;  // (kernel, device)
   std::lock_guard<std::mutex> lock(mutex);
   for (const Entry& e : prepared) {
     if (e.kernel == l.kernel && e.device == device && e.smem == l.smem_bytes) return e.ctas;
   }
-  check(cudaFuncSetAttribute(l.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, l.smem_bytes),
-        op, "cudaFuncSetAttribute");
+  if (std::find(raised.begin(), raised.end(), std::make_pair(l.kernel, device)) == raised.end()) {
+    check(cudaFuncSetAttribute(l.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               max_smem_bytes),
+          op, "cudaFuncSetAttribute");
+    raised.emplace_back(l.kernel, device);
+  }
   int ctas = 0;
   check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, l.kernel, kThreads, l.smem_bytes),
         op, "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-  prepared.push_back({l.kernel, device, l.smem_bytes, std::max(ctas, 1)});
-  return std::max(ctas, 1);
+  ctas = std::max(ctas, 1);
+  prepared.push_back({l.kernel, device, l.smem_bytes, ctas});
+  return ctas;
+}
+
+// The largest dynamic shared memory a launch of l.kernel can ask for.
+int max_smem(const Launch& l) {
+  return l.heads_per_cta == kGenericHeads ? generic_smem_bytes(kGenericMaxDim) : l.smem_bytes;
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
@@ -538,22 +647,22 @@ int plan_attention_splits(int device_index, DType dtype, int batch, int num_q_he
   const int group = num_q_heads / num_kv_heads;
   const std::int64_t units = std::int64_t(batch) * num_kv_heads *
                              ((group + l.heads_per_cta - 1) / l.heads_per_cta);
-  const std::int64_t slots = std::int64_t(multiprocessor_count(device_index)) *
-                             prepare(l, device_index, op);
+  const std::int64_t slots = std::int64_t(device_info(device_index).multiprocessors) *
+                             prepare(l, max_smem(l), device_index, op);
   const std::int64_t max_splits =
       std::clamp<std::int64_t>(max_kv_len / kMinSplitTokens, 1, 1024);
-  // Wave efficiency of s splits: the share of CTA slots busy over the waves it takes (equal
-  // lengths assumed). Take the fewest splits within 5% of the best.
-  auto efficiency = [&](std::int64_t s) {
-    const double waves = double(units * s) / double(slots);
-    return waves / std::ceil(waves);
+  // Cost of s splits for equal-length sequences: the waves of CTAs it takes, times each CTA's
+  // work (its chunk of tokens plus a fixed cost, about two tiles of pipeline fill, that every
+  // CTA and every split's merge pays). The cheapest s wins; ties go to fewer splits.
+  auto cost = [&](std::int64_t s) {
+    const std::int64_t waves = (units * s + slots - 1) / slots;
+    return double(waves) * (double(max_kv_len) / double(s) + kSplitOverheadTokens);
   };
-  double best = 0.0;
-  for (std::int64_t s = 1; s <= max_splits; ++s) best = std::max(best, efficiency(s));
-  for (std::int64_t s = 1; s <= max_splits; ++s) {
-    if (efficiency(s) >= 0.95 * best) return int(s);
+  std::int64_t best = 1;
+  for (std::int64_t s = 2; s <= max_splits; ++s) {
+    if (cost(s) < cost(best)) best = s;
   }
-  return 1;
+  return int(best);
 }
 
 void paged_attention(const PagedAttentionParams& p, Stream stream) {
@@ -563,6 +672,10 @@ void paged_attention(const PagedAttentionParams& p, Stream stream) {
     throw std::invalid_argument(
         "tinyserve.paged_attention: max_blocks * block_size must fit int32 on CUDA, got " +
         std::to_string(std::int64_t(p.max_blocks) * p.block_size));
+  }
+  if (p.batch > 65535) {
+    throw std::invalid_argument("tinyserve.paged_attention: batch must be at most 65535 on CUDA, "
+                                "got " + std::to_string(p.batch));
   }
   DeviceGuard guard(p.device_index, op);
   AttnArgs a{};
@@ -592,6 +705,7 @@ void paged_attention(const PagedAttentionParams& p, Stream stream) {
   a.num_q_heads = p.num_q_heads;
   a.head_dim = p.head_dim;
   a.block_size = p.block_size;
+  a.block_shift = (p.block_size & (p.block_size - 1)) == 0 ? __builtin_ctz(unsigned(p.block_size)) : -1;
   a.group = p.num_q_heads / p.num_kv_heads;
   a.window_left = p.window_left;
   a.num_splits = p.num_splits;
@@ -616,25 +730,26 @@ void paged_attention(const PagedAttentionParams& p, Stream stream) {
                     p.value_cache.stride_head % 8 == 0;
     if (!ok) l = generic_launch(p.dtype, p.head_dim);
   }
-  prepare(l, p.device_index, op);
+  prepare(l, max_smem(l), p.device_index, op);
   a.head_tiles = (a.group + l.heads_per_cta - 1) / l.heads_per_cta;
   cudaStream_t s = as_stream(stream);
-  const dim3 grid(unsigned(p.batch), unsigned(p.num_splits), unsigned(p.num_kv_heads * a.head_tiles));
-  void* args[] = {&a};
-  check(cudaLaunchKernel(reinterpret_cast<const void*>(l.kernel), grid, dim3(kThreads), args,
-                         std::size_t(l.smem_bytes), s),
-        op, "decode kernel launch");
+  // The KV heads of one sequence run side by side: in NHD storage they read neighbouring slices
+  // of the same token rows.
+  const dim3 grid(unsigned(p.num_kv_heads * a.head_tiles), unsigned(p.num_splits),
+                  unsigned(p.batch));
+  launch(reinterpret_cast<const void*>(l.kernel), grid, dim3(kThreads),
+         std::size_t(l.smem_bytes), s, a, op, "decode kernel");
   if (p.num_splits > 1) {
-    const std::size_t smem = std::size_t(p.num_splits) * sizeof(float);
-    const unsigned blocks = unsigned(p.batch * p.num_q_heads);
-    switch (p.dtype) {
-      case DType::Float16: merge_splits_kernel<__half><<<blocks, kThreads, smem, s>>>(a); break;
-      case DType::BFloat16:
-        merge_splits_kernel<__nv_bfloat16><<<blocks, kThreads, smem, s>>>(a);
-        break;
-      default: merge_splits_kernel<float><<<blocks, kThreads, smem, s>>>(a); break;
-    }
-    check_launch(op, "merge_splits_kernel");
+    // Rounded up: the compiler may read the weights in wide vectors.
+    const std::size_t smem = std::size_t((p.num_splits + 31) / 32 * 32) * sizeof(float);
+    const void* merge = p.dtype == DType::Float16    ? reinterpret_cast<const void*>(
+                                                           merge_splits_kernel<__half>)
+                        : p.dtype == DType::BFloat16 ? reinterpret_cast<const void*>(
+                                                           merge_splits_kernel<__nv_bfloat16>)
+                                                     : reinterpret_cast<const void*>(
+                                                           merge_splits_kernel<float>);
+    launch_after(merge, dim3(unsigned(p.batch * p.num_q_heads)), dim3(kThreads), smem, s, a,
+                 device_info(p.device_index).compute_capability >= 90, op, "merge_splits_kernel");
   }
 }
 

@@ -92,7 +92,9 @@ __global__ void reshape_and_cache_kernel(const __grid_constant__ ReshapeArgs a) 
 // ---------------------------------------------------------------------------------------------
 // copy_blocks: dense tensors, every (pair, tensor) in one launch; grid (pairs, tensors).
 
-constexpr int kMaxCopyTensors = 192;  // 40 bytes each: the launch's parameters stay < 8 KB
+// 40 bytes each: the launch's parameters stay under the classic 4 KB limit, and 32 layers of K
+// and V caches still go in one launch.
+constexpr int kMaxCopyTensors = 96;
 
 struct CopyEntry {
   char* data;
@@ -201,15 +203,13 @@ void reshape_and_cache(const ReshapeAndCacheParams& p, Stream stream) {
   const int per_token = a.num_heads * a.words_per_row;
   const int threads = std::min(256, std::max(32, (per_token + 31) / 32 * 32));
   const unsigned grid = unsigned(std::min<std::int64_t>(p.num_tokens, 1 << 30));
-  cudaStream_t s = as_stream(stream);
-  switch (width) {
-    case 16: reshape_and_cache_kernel<16><<<grid, threads, 0, s>>>(a); break;
-    case 8: reshape_and_cache_kernel<8><<<grid, threads, 0, s>>>(a); break;
-    case 4: reshape_and_cache_kernel<4><<<grid, threads, 0, s>>>(a); break;
-    case 2: reshape_and_cache_kernel<2><<<grid, threads, 0, s>>>(a); break;
-    default: reshape_and_cache_kernel<1><<<grid, threads, 0, s>>>(a); break;
-  }
-  check_launch(op, "reshape_and_cache_kernel");
+  const void* kernel = width == 16  ? reinterpret_cast<const void*>(reshape_and_cache_kernel<16>)
+                       : width == 8 ? reinterpret_cast<const void*>(reshape_and_cache_kernel<8>)
+                       : width == 4 ? reinterpret_cast<const void*>(reshape_and_cache_kernel<4>)
+                       : width == 2 ? reinterpret_cast<const void*>(reshape_and_cache_kernel<2>)
+                                    : reinterpret_cast<const void*>(reshape_and_cache_kernel<1>);
+  launch(kernel, dim3(grid), dim3(threads), 0, as_stream(stream), a, op,
+         "reshape_and_cache_kernel");
 }
 
 void copy_blocks(const CopyBlocksParams& p, Stream stream) {
@@ -222,9 +222,9 @@ void copy_blocks(const CopyBlocksParams& p, Stream stream) {
   int count = 0;
   auto flush = [&] {
     if (count == 0) return;
-    dim3 grid(unsigned(p.num_pairs), unsigned(count));
-    copy_blocks_kernel<<<grid, 256, 0, s>>>(dense);
-    check_launch(op, "copy_blocks_kernel");
+    launch(reinterpret_cast<const void*>(copy_blocks_kernel),
+           dim3(unsigned(p.num_pairs), unsigned(count)), dim3(256), 0, s, dense, op,
+           "copy_blocks_kernel");
     count = 0;
   };
   for (const BlockTensor& t : p.tensors) {
@@ -244,13 +244,12 @@ void copy_blocks(const CopyBlocksParams& p, Stream stream) {
       a.dst = p.dst;
       dim3 grid(unsigned(std::min<std::int64_t>((t.inner_numel + 255) / 256, 1024)),
                 unsigned(p.num_pairs));
-      switch (t.elem_size) {
-        case 1: strided_copy_kernel<std::uint8_t><<<grid, 256, 0, s>>>(a); break;
-        case 2: strided_copy_kernel<std::uint16_t><<<grid, 256, 0, s>>>(a); break;
-        case 4: strided_copy_kernel<std::uint32_t><<<grid, 256, 0, s>>>(a); break;
-        default: strided_copy_kernel<std::uint64_t><<<grid, 256, 0, s>>>(a); break;
-      }
-      check_launch(op, "strided_copy_kernel");
+      const void* kernel =
+          t.elem_size == 1   ? reinterpret_cast<const void*>(strided_copy_kernel<std::uint8_t>)
+          : t.elem_size == 2 ? reinterpret_cast<const void*>(strided_copy_kernel<std::uint16_t>)
+          : t.elem_size == 4 ? reinterpret_cast<const void*>(strided_copy_kernel<std::uint32_t>)
+                             : reinterpret_cast<const void*>(strided_copy_kernel<std::uint64_t>);
+      launch(kernel, grid, dim3(256), 0, s, a, op, "strided_copy_kernel");
       continue;
     }
     CopyEntry& e = dense.entries[count++];

@@ -11,14 +11,22 @@ namespace tinyserve::kernels::cuda {
 
 inline void check(cudaError_t err, const char* op, const char* what) {
   if (err != cudaSuccess) {
+    cudaGetLastError();  // clear a sticky launch error so later, unrelated calls do not see it
     throw std::runtime_error(std::string("tinyserve.") + op + ": CUDA error in " + what + ": " +
                              cudaGetErrorString(err));
   }
 }
 
-// Checks that the kernel launch just made was accepted.
-inline void check_launch(const char* op, const char* kernel) {
-  check(cudaGetLastError(), op, kernel);
+// Launches `kernel(args)` and checks the launch's own result. A rejected launch also sets the
+// runtime's sticky last error, which is cleared so it cannot surface in an unrelated later call.
+// Launches `kernel(args)` and checks the launch's own result (check() also clears the runtime's
+// sticky last error, so a rejected launch cannot surface in an unrelated later call).
+template <class Args>
+void launch(const void* kernel, dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream,
+            Args& args, const char* op, const char* what) {
+  void* params[] = {&args};
+  cudaError_t err = cudaLaunchKernel(kernel, grid, block, params, smem, stream);
+  check(err, op, what);
 }
 
 // Makes `device` current for the scope, restoring the previous device after.
@@ -42,7 +50,34 @@ class DeviceGuard {
 
 inline cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
-// Multiprocessor count of a device, cached (read once per device per process).
-int multiprocessor_count(int device);
+// Facts of a device, read once per device per process.
+struct DeviceInfo {
+  int multiprocessors = 0;
+  int compute_capability = 0;  // major * 10 + minor
+};
+const DeviceInfo& device_info(int device);
+
+// launch() for a kernel that consumes the previous kernel's output on the same stream. With
+// `overlap` (sm_90+), it is launched with programmatic stream serialisation, so it can be
+// scheduled while the previous kernel drains; it must call ptx::wait_for_previous_grid() before
+// reading that output.
+template <class Args>
+void launch_after(const void* kernel, dim3 grid, dim3 block, std::size_t smem,
+                  cudaStream_t stream, Args& args, bool overlap, const char* op,
+                  const char* what) {
+  if (!overlap) return launch(kernel, grid, block, smem, stream, args, op, what);
+  void* params[] = {&args};
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  check(cudaLaunchKernelExC(&config, kernel, params), op, what);
+}
 
 }  // namespace tinyserve::kernels::cuda

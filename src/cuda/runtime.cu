@@ -26,18 +26,23 @@ void synchronize(Stream stream) {
         "cudaStreamSynchronize");
 }
 
-int multiprocessor_count(int device) {
+const DeviceInfo& device_info(int device) {
   static std::mutex mutex;
-  static std::vector<int> cache;
+  static std::vector<DeviceInfo> cache;
   std::lock_guard<std::mutex> lock(mutex);
-  if (device >= int(cache.size())) cache.resize(device + 1, 0);
-  if (cache[device] == 0) {
-    int n = 0;
-    check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device),
-          "paged_attention", "cudaDeviceGetAttribute");
-    cache[device] = n;
+  if (device >= int(cache.size())) cache.resize(device + 1);
+  DeviceInfo& info = cache[device];
+  if (info.multiprocessors == 0) {
+    int major = 0, minor = 0;
+    check(cudaDeviceGetAttribute(&info.multiprocessors, cudaDevAttrMultiProcessorCount, device),
+          "device_info", "cudaDeviceGetAttribute");
+    check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
+          "device_info", "cudaDeviceGetAttribute");
+    check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device),
+          "device_info", "cudaDeviceGetAttribute");
+    info.compute_capability = major * 10 + minor;
   }
-  return cache[device];
+  return info;
 }
 
 }  // namespace tinyserve::kernels::cuda
