@@ -23,9 +23,11 @@ echo "build: $(( $(date +%s) - start )) s ($(c++ --version | head -1))"
 so=$($PY -c "import tinyserve, os; print(os.path.dirname(tinyserve.__file__))")/lib/libtinyserve.so
 echo "libstdc++ symbols defined in libtinyserve.so: $(nm -D --defined-only "$so" | c++filt | grep -cE 'std::(basic_ostream|codecvt|locale)')"
 
+pytest_rc=skipped
+if [ -z "${QUICK:-}" ]; then  # QUICK=1: build and benchmark only
 $PY -m pytest tests/python -q -rfE --tb=short -p no:cacheprovider "$@" > "$OUT/pytest.log" 2>&1
 pytest_rc=$?
-if [ $pytest_rc -ge 128 ]; then  # a crash: find the test, then a host backtrace under cuda-gdb
+if [ "$pytest_rc" != skipped ] && [ "$pytest_rc" -ge 128 ]; then  # a crash: find the test, then a host backtrace under cuda-gdb
   crashed=$(grep -m1 -oE 'File "[^"]*tests/python/test_[a-z_]+\.py", line [0-9]+ in test_[a-z_0-9]+' "$OUT/pytest.log" | grep -oE 'test_[a-z_0-9]+$')
   echo "pytest crashed in $crashed; backtrace:"
   cuda-gdb -batch -ex run -ex bt --args $PY -m pytest -x -q -p no:cacheprovider tests/python -k "$crashed" > "$OUT/gdb.log" 2>&1
@@ -50,6 +52,7 @@ for tool in memcheck racecheck; do
   compute-sanitizer --tool $tool --error-exitcode 9 $cppt/test_cuda_ops > "$OUT/$tool.log" 2>&1
   echo "compute-sanitizer --tool $tool test_cuda_ops: rc=$? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$tool.log" | tail -1))"
 done
+fi
 
 for layout in ${BENCH_LAYOUTS:-NHD}; do
   $PY -X faulthandler benchmarks/bench_decode.py --layout $layout --json "$OUT/bench-$layout.json" \
@@ -57,15 +60,28 @@ for layout in ${BENCH_LAYOUTS:-NHD}; do
   echo "bench $layout rc=$?"
 done
 if [ -n "${PROFILE:-}" ]; then  # PROFILE="64 4096 NHD": ncu on one launch of the decode kernel
-  ncu --kernel-name regex:decode --launch-skip 3 --launch-count 1 --clock-control none \
+  ncu --kernel-name "regex:${PROFILE_KERNELS:-decode}" --launch-skip ${PROFILE_SKIP:-3} \
+    --launch-count ${PROFILE_COUNT:-1} --clock-control none \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
     --section Occupancy --section LaunchStats --section SchedulerStats \
     --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,smsp__inst_executed.sum,sm__cycles_elapsed.avg" \
     $PY benchmarks/profile_decode.py $PROFILE > "$OUT/ncu.txt" 2>&1
   echo "ncu rc=$?"
-  grep -E "DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Theoretical Occupancy|Registers Per|Stall|Warp Cycles Per Issued|Issued Warp|No Eligible|Active Warps Per|Block Limit Shared|L2 Hit|Mem Busy|inst_executed|cycles_elapsed" "$OUT/ncu.txt" | head -30
+  grep -E "^  [a-z_]+.*\(|DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Theoretical Occupancy|Registers Per|Stall|Warp Cycles Per Issued|Issued Warp|No Eligible|Active Warps Per|Block Limit Shared|L2 Hit|Mem Busy|inst_executed|cycles_elapsed" "$OUT/ncu.txt" | head -30
   grep -E "issue_stalled" "$OUT/ncu.txt" | awk '$NF+0 > 0.05' | sort -k3 -g -r | head -12
 fi
+# VARIANTS="-DFOO=1;-DBAR=2": rebuild with each set of extra CUDA flags and benchmark it (NHD).
+IFS=';' read -ra variants <<< "${VARIANTS:-}"
+for v in "${variants[@]}"; do
+  CMAKE_ARGS="-DCMAKE_CUDA_FLAGS=$v" $PY -m pip install --no-build-isolation --no-deps -q \
+    -Cbuild-dir="build/variant-$(echo "$v" | tr -c 'A-Za-z0-9' '_')" . > "$OUT/build-variant.log" 2>&1 \
+    || { tail -20 "$OUT/build-variant.log"; continue; }
+  $PY benchmarks/bench_decode.py --iters 15 --json "$OUT/variant.json" > "$OUT/variant.log" 2>&1
+  $PY -c "
+import json; r = json.load(open('$OUT/variant.json')); rc = r['read_ceiling']
+print('variant [$v] read ceiling %.2f:' % (rc / 1e12), '  '.join('%d/%d %.1f%%' % (d['batch'], d['context'], 100 * d['bandwidth'] / rc) for d in r['decode']))"
+done
+
 if [ -n "${SASS:-}" ]; then  # SASS=1: opcode histogram of the float16 head_dim-128 decode kernel
   cuobjdump -sass -fun '_ZN9tinyserve7kernels4cuda45_GLOBAL__N__' "$so" > /dev/null 2>&1
   cuobjdump -sass "$so" > "$OUT/sass.txt" 2>&1

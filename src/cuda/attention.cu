@@ -189,16 +189,6 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(const __grid_const
   split_range(a, b, split, kTile, begin, end);
   const int num_tiles = (end - begin + kTile - 1) / kTile;
 
-  // Q: [16 heads][D] in shared memory, rows past the group zero.
-  {
-    const T* q = static_cast<const T*>(a.query) + b * a.q_stride_batch;
-    for (int i = threadIdx.x; i < kMmaHeads * C::kChunks; i += kThreads) {
-      const int r = i / C::kChunks, c = i % C::kChunks;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (r < heads) v = *reinterpret_cast<const uint4*>(q + (head0 + r) * a.q_stride_head + c * 8);
-      *reinterpret_cast<uint4*>(q_smem + r * C::kRow + c * 8) = v;
-    }
-  }
 
   // Row addresses: thread t < kTile owns row t of every tile. It reads the block id of its row
   // two tiles ahead (into a register) and writes the row's K and V addresses one tile ahead of
@@ -249,15 +239,33 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(const __grid_const
     }
   };
 
+  // The first block ids are read before Q is copied, so the two reads' latencies overlap.
+  int first_blocks[C::kStages];
   int next_block = -1;
   if (row_owner) {
 #pragma unroll
-    for (int t = 0; t < C::kStages; ++t) store_rows(t, lookup(t));
+    for (int t = 0; t < C::kStages; ++t) first_blocks[t] = lookup(t);
     next_block = lookup(C::kStages);
   }
-  __syncthreads();
+  // Q: [16 heads][D] in shared memory, rows past the group zero.
+  {
+    const T* q = static_cast<const T*>(a.query) + b * a.q_stride_batch;
+    for (int i = threadIdx.x; i < kMmaHeads * C::kChunks; i += kThreads) {
+      const int r = i / C::kChunks, c = i % C::kChunks;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (r < heads) v = *reinterpret_cast<const uint4*>(q + (head0 + r) * a.q_stride_head + c * 8);
+      *reinterpret_cast<uint4*>(q_smem + r * C::kRow + c * 8) = v;
+    }
+  }
+  if (row_owner) {
 #pragma unroll
-  for (int t = 0; t < C::kStages - 1; ++t) {
+    for (int t = 0; t < C::kStages; ++t) store_rows(t, first_blocks[t]);
+  }
+  __syncthreads();
+  // Every stage is free at the start: fill them all. From then on each iteration refills the
+  // stage its predecessor consumed, kStages - 1 tiles ahead of the one it computes.
+#pragma unroll
+  for (int t = 0; t < C::kStages; ++t) {
     if (t < num_tiles) load_tile(t);
     ptx::cp_async_commit();
   }
@@ -289,11 +297,20 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(const __grid_const
   const int quad_col = 2 * (lane % 4);
 
   for (int tile = 0; tile < num_tiles; ++tile) {
-    ptx::cp_async_wait<C::kStages - 2>();
+    // Copy group k holds tile k: the prologue committed groups 0..kStages-1, iteration t >= 1
+    // commits group t + kStages - 1. Tile `tile` has landed once at most kStages - 1 (first
+    // iteration) or kStages - 2 (later) younger groups are pending.
+    if (tile == 0) {
+      ptx::cp_async_wait<C::kStages - 1>();
+    } else {
+      ptx::cp_async_wait<C::kStages - 2>();
+    }
     __syncthreads();
     const int next = tile + C::kStages - 1;
-    if (next < num_tiles) load_tile(next);
-    ptx::cp_async_commit();
+    if (tile > 0) {  // tile kStages - 1 was loaded by the prologue
+      if (next < num_tiles) load_tile(next);
+      ptx::cp_async_commit();
+    }
     if (row_owner && next + 1 < num_tiles) {  // rows of tile next + 1 into this tile's slot
       store_rows(next + 1, next_block);
       next_block = lookup(next + 2);
@@ -510,39 +527,87 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------------
 // Merge of split partials: one CTA per (sequence, query head).
 
+// Shared memory of the merge kernel: per warp, its running max and weight sum, and its partial
+// sum of a row.
+std::size_t merge_smem_bytes(int head_dim) {
+  return std::size_t(kWarps) * (2 + head_dim) * sizeof(float);
+}
+
+// Each warp merges every kWarps-th split online (running max), a lane reading elements
+// lane + 32 j of a row: a split's log-sum-exp and its partial row are loaded together and
+// independently of other splits, so many loads are in flight at once. The warps' states are
+// merged through shared memory.
 template <class T>
 __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const __grid_constant__ AttnArgs a) {
-  extern __shared__ float weights[];  // [num_splits]: first the partials' lse, then weights
+  extern __shared__ float merge_smem[];
+  float* warp_m = merge_smem;              // [kWarps]
+  float* warp_w = warp_m + kWarps;         // [kWarps]
+  float* warp_sum = warp_w + kWarps;       // [kWarps][head_dim]
   ptx::wait_for_previous_grid();  // launched while the decode kernel finishes
   const int b = blockIdx.x / a.num_q_heads, h = blockIdx.x % a.num_q_heads;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const std::int64_t stride = std::int64_t(a.batch) * a.num_q_heads;
   const std::int64_t row = std::int64_t(b) * a.num_q_heads + h;
-  for (int s = threadIdx.x; s < a.num_splits; s += kThreads) weights[s] = a.part_lse[s * stride + row];
-  __syncthreads();
-  float m = -INFINITY;
-  for (int s = 0; s < a.num_splits; ++s) m = fmaxf(m, weights[s]);
-  __syncthreads();
-  for (int s = threadIdx.x; s < a.num_splits; s += kThreads) {
-    weights[s] = m == -INFINITY ? 0.0f : ptx::exp2_approx(weights[s] - m);  // empty split: 0
-  }
-  __syncthreads();
-  float total = 0.0f;
-  for (int s = 0; s < a.num_splits; ++s) total += weights[s];
-  const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-  T* out = static_cast<T*>(a.out) + b * a.out_stride_batch + h * a.out_stride_head;
   const float* part = a.part_out + row * a.head_dim;
   const std::int64_t split_stride = stride * a.head_dim;
+  float m = -INFINITY, weight = 0.0f;
+  for (int d0 = 0; d0 < a.head_dim; d0 += 128) {
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    m = -INFINITY;
+    weight = 0.0f;
+#pragma unroll 4
+    for (int s = warp; s < a.num_splits; s += kWarps) {
+      const float lse = a.part_lse[s * stride + row];
+      float p[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int d = d0 + lane + 32 * j;
+        p[j] = d < a.head_dim ? part[s * split_stride + d] : 0.0f;
+      }
+      if (lse == -INFINITY) continue;  // an empty split
+      if (lse > m) {
+        const float correction = ptx::exp2_approx(m - lse);  // 0 while m is -inf
+        weight *= correction;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[j] *= correction;
+        m = lse;
+      }
+      const float w = ptx::exp2_approx(lse - m);
+      weight += w;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[j] += w * p[j];
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int d = d0 + lane + 32 * j;
+      if (d < a.head_dim) warp_sum[warp * a.head_dim + d] = acc[j];
+    }
+  }
+  if (lane == 0) {
+    warp_m[warp] = m;
+    warp_w[warp] = weight;
+  }
+  __syncthreads();
+  float m_all = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) m_all = fmaxf(m_all, warp_m[w]);
+  float scale[kWarps], total = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    scale[w] = warp_m[w] == -INFINITY ? 0.0f : ptx::exp2_approx(warp_m[w] - m_all);
+    total += warp_w[w] * scale[w];
+  }
+  const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+  T* out = static_cast<T*>(a.out) + b * a.out_stride_batch + h * a.out_stride_head;
   for (int d = threadIdx.x; d < a.head_dim; d += kThreads) {
-    // Partials of empty splits are zeros with weight 0: every term can be read unconditionally,
-    // so the loads of many splits are in flight at once.
-    float acc = 0.0f;
-#pragma unroll 8
-    for (int s = 0; s < a.num_splits; ++s) acc += weights[s] * part[s * split_stride + d];
-    out[d] = from_float<T>(acc * inv);
+    float v = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) v += warp_sum[w * a.head_dim + d] * scale[w];
+    out[d] = from_float<T>(v * inv);
   }
   if (threadIdx.x == 0 && a.lse) {
     a.lse[b * a.lse_stride_batch + h * a.lse_stride_head] =
-        total > 0.0f ? (m + log2f(total)) * kLn2 : -INFINITY;
+        total > 0.0f ? (m_all + log2f(total)) * kLn2 : -INFINITY;
   }
 }
 
@@ -740,8 +805,7 @@ void paged_attention(const PagedAttentionParams& p, Stream stream) {
   launch(reinterpret_cast<const void*>(l.kernel), grid, dim3(kThreads),
          std::size_t(l.smem_bytes), s, a, op, "decode kernel");
   if (p.num_splits > 1) {
-    // Rounded up: the compiler may read the weights in wide vectors.
-    const std::size_t smem = std::size_t((p.num_splits + 31) / 32 * 32) * sizeof(float);
+    const std::size_t smem = merge_smem_bytes(p.head_dim);
     const void* merge = p.dtype == DType::Float16    ? reinterpret_cast<const void*>(
                                                            merge_splits_kernel<__half>)
                         : p.dtype == DType::BFloat16 ? reinterpret_cast<const void*>(
