@@ -66,6 +66,24 @@ def percentile(samples: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(samples), q))
 
 
+def measure(
+    batch: int = 256,
+    block_size: int = 16,
+    min_len: int = 1000,
+    max_len: int = 4000,
+    reps: int = 2000,
+    warmup: int = 200,
+    seed: int = 0,
+    as_list: bool = False,
+) -> dict[str, list[float]]:
+    """Microseconds per step over `reps` steps after `warmup`, on a fresh manager; the manager's
+    invariants are checked afterwards so a fast but wrong step cannot pass unnoticed."""
+    bm, seq_ids = setup(batch, block_size, min_len, max_len, warmup + reps, seed)
+    samples = time_steps(bm, seq_ids, reps, warmup, as_list)
+    bm.check()
+    return samples
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256)
@@ -86,16 +104,16 @@ def main() -> None:
     )
     print(f"{'seq_ids passed as':<18} {'part':<13} {'median us':>10} {'p10 us':>8} {'p90 us':>8}")
     for as_list in (False, True):
-        bm, seq_ids = setup(
+        samples = measure(
             args.batch,
             args.block_size,
             args.min_len,
             args.max_len,
-            args.warmup + args.reps,
+            args.reps,
+            args.warmup,
             args.seed,
+            as_list,
         )
-        samples = time_steps(bm, seq_ids, args.reps, args.warmup, as_list)
-        bm.check()
         label = "list of int" if as_list else "numpy int64 array"
         for part, values in samples.items():
             print(
