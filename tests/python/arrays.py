@@ -58,9 +58,11 @@ def empty(shape, fw: str, dtype: str, device: str = "cpu", fill=np.nan):
     return torch.full(shape, fill, dtype=_torch_dtype(dtype), device=device)
 
 
-def cache_pair(key: np.ndarray, value: np.ndarray, fw: str, dtype: str, device: str, layout: str):
+def cache_pair(key: np.ndarray, value: np.ndarray, fw: str, dtype: str, device: str, layout: str,
+               pinned: bool = False):
     """K and V caches with logical shape [N, P, H, D] in one of the storage layouts:
-    NHD / HND (two tensors), or *_combined (two views of one [N, 2, ...] tensor)."""
+    NHD / HND (two tensors), or *_combined (two views of one [N, 2, ...] tensor). `pinned`
+    (torch, host): the storage is page-locked."""
     n, p, h, d = key.shape
     combined = layout.endswith("_combined")
     hnd = layout.startswith("HND")
@@ -71,7 +73,7 @@ def cache_pair(key: np.ndarray, value: np.ndarray, fw: str, dtype: str, device: 
     def alloc():
         if fw == "numpy":
             return np.empty(storage, dtype=dtype)
-        return torch.empty(storage, dtype=_torch_dtype(dtype), device=device)
+        return torch.empty(storage, dtype=_torch_dtype(dtype), device=device, pin_memory=pinned)
 
     def logical(t):  # storage -> logical [N, P, H, D] view
         if fw == "numpy":

@@ -102,16 +102,9 @@ def test_swap_blocks_roundtrip(rng, backend, layout):
     kc, _ = cache_pair(random_cache(rng, shape), random_cache(rng, shape), fw, "float16", device,
                        layout)
     host_shape = (host_blocks,) + shape[1:]
-    if fw == "torch":
-        host_k, _ = cache_pair(random_cache(rng, host_shape), random_cache(rng, host_shape),
-                               "torch", "float16", "cpu", layout)
-        if device == "cuda":
-            host_k = host_k.pin_memory() if layout == "NHD" else host_k
-    else:
-        host_k, _ = cache_pair(random_cache(rng, host_shape), random_cache(rng, host_shape),
-                               "numpy", "float16", "cpu", layout)
-    if device == "cuda" and not host_k.is_pinned():
-        pytest.skip("pinned combined layouts are built in test_cuda_ops")
+    # the host pool mirrors the device cache's layout; with a CUDA device it is pinned
+    host_k, _ = cache_pair(random_cache(rng, host_shape), random_cache(rng, host_shape), fw,
+                           "float16", "cpu", layout, pinned=device == "cuda")
     dev_before, host_before = f64(kc), f64(host_k)
     out_src = rng.choice(num_blocks, 5, replace=False).astype(np.int32)
     out_dst = rng.choice(host_blocks, 5, replace=False).astype(np.int32)
