@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -200,11 +201,13 @@ def copy_case(iters: int) -> dict:
 
 
 def commit() -> str:
+    """The git commit measured; the device machine gets a copy of the tree without .git, so the
+    caller may pass it in TINYSERVE_COMMIT."""
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()
     except Exception:  # noqa: BLE001
-        return "unknown"
+        return os.environ.get("TINYSERVE_COMMIT", "unknown")
 
 
 def main() -> None:

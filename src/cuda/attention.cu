@@ -95,6 +95,24 @@ __device__ __forceinline__ int page_of(const AttnArgs& a, int token) {
   return a.block_shift >= 0 ? token >> a.block_shift : int(unsigned(token) / unsigned(a.block_size));
 }
 
+// What one CTA computes: query heads [head0, head0 + heads) of KV head kv_head, over tokens
+// [begin, end) of sequence b (split `split`), from its position in the grid
+// (kv_heads x head_tiles, splits, batch).
+struct WorkUnit {
+  int b, split, kv_head, head0, heads, begin, end;
+};
+
+__device__ __forceinline__ WorkUnit work_unit(const AttnArgs& a, int heads_per_cta, int align) {
+  WorkUnit u;
+  u.b = blockIdx.z;
+  u.split = blockIdx.y;
+  u.kv_head = blockIdx.x / a.head_tiles;
+  u.head0 = u.kv_head * a.group + (blockIdx.x % a.head_tiles) * heads_per_cta;
+  u.heads = min(heads_per_cta, u.kv_head * a.group + a.group - u.head0);
+  split_range(a, u.b, u.split, align, u.begin, u.end);
+  return u;
+}
+
 __device__ __forceinline__ float logit(const AttnArgs& a, float qk) {
   return a.soft_cap ? a.post * tanhf(qk * a.pre) : qk * a.pre;
 }
@@ -180,13 +198,10 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(const __grid_const
   std::uint64_t* rows =
       reinterpret_cast<std::uint64_t*>(smem + C::kQBytes + C::kStages * C::kStageBytes);
 
-  const int b = blockIdx.z, split = blockIdx.y;
-  const int kv_head = blockIdx.x / a.head_tiles;
-  const int head0 = kv_head * a.group + (blockIdx.x % a.head_tiles) * kMmaHeads;
-  const int heads = min(kMmaHeads, kv_head * a.group + a.group - head0);
+  const WorkUnit u = work_unit(a, kMmaHeads, kTile);
+  const int b = u.b, split = u.split, kv_head = u.kv_head, head0 = u.head0, heads = u.heads;
+  const int begin = u.begin, end = u.end;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  int begin, end;
-  split_range(a, b, split, kTile, begin, end);
   const int num_tiles = (end - begin + kTile - 1) / kTile;
 
 
@@ -445,13 +460,10 @@ __global__ void __launch_bounds__(kThreads)
   float* red_m = acc + kWarps * kGenericHeads * D;         // [kWarps][kGenericHeads]
   float* red_l = red_m + kWarps * kGenericHeads;
 
-  const int b = blockIdx.z, split = blockIdx.y;
-  const int kv_head = blockIdx.x / a.head_tiles;
-  const int head0 = kv_head * a.group + (blockIdx.x % a.head_tiles) * kGenericHeads;
-  const int heads = min(kGenericHeads, kv_head * a.group + a.group - head0);
+  const WorkUnit u = work_unit(a, kGenericHeads, 1);
+  const int b = u.b, split = u.split, kv_head = u.kv_head, head0 = u.head0, heads = u.heads;
+  const int begin = u.begin, end = u.end;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  int begin, end;
-  split_range(a, b, split, 1, begin, end);
 
   const T* q = static_cast<const T*>(a.query) + b * a.q_stride_batch;
   for (int i = threadIdx.x; i < kGenericHeads * D; i += kThreads) {
