@@ -24,6 +24,7 @@ using tinyserve::cpu::to_float;
 namespace simd = tinyserve::cpu::simd;
 
 constexpr int kTile = 32;  // tokens scored before each softmax update
+constexpr int kAhead = 8;  // tokens between a key row's prefetch and its use
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // The token range [begin, end) that split `split` of sequence b reads.
@@ -48,6 +49,20 @@ const T* row(const CacheDesc& c, const PagedAttentionParams& p, const std::int32
   std::int64_t block = table[token / p.block_size];
   return static_cast<const T*>(c.data) + block * c.stride_block +
          (token % p.block_size) * c.stride_token + std::int64_t(kv_head) * c.stride_head;
+}
+
+// Software prefetch of a whole K or V row into cache. Rows of one KV head sit a token stride
+// apart (4 KB and more in NHD caches) on pages in random order, so the hardware prefetchers,
+// which follow sequential streams within a 4 KB page, do not fetch them ahead; without this each
+// row is a demand miss paid at full memory latency.
+inline void prefetch_row(const void* row, std::size_t bytes) {
+#if defined(__GNUC__) || defined(__clang__)
+  const char* p = static_cast<const char*>(row);
+  for (std::size_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+#else
+  (void)row;
+  (void)bytes;
+#endif
 }
 
 // Loads a row as float32: float rows are used in place, 16-bit rows converted into `buf`.
@@ -79,9 +94,18 @@ void attend(const PagedAttentionParams& p, int b, int kv_head, Range r, float* o
     for (int d = 0; d < D; ++d) q[std::size_t(g) * D + d] = to_float(qrow[d]);
   }
   const float cap = p.logits_soft_cap;
+  const std::size_t row_bytes = std::size_t(D) * sizeof(T);
+  for (std::int64_t t = r.begin; t < std::min(r.end, r.begin + kAhead); ++t) {
+    prefetch_row(row<T>(p.key_cache, p, table, t, kv_head), row_bytes);
+  }
   for (std::int64_t t0 = r.begin; t0 < r.end; t0 += kTile) {
     const int n = int(std::min<std::int64_t>(kTile, r.end - t0));
     for (int t = 0; t < n; ++t) {
+      // The key row kAhead tokens on, and this token's value row, used after the tile's scores.
+      if (t0 + t + kAhead < r.end) {
+        prefetch_row(row<T>(p.key_cache, p, table, t0 + t + kAhead, kv_head), row_bytes);
+      }
+      prefetch_row(row<T>(p.value_cache, p, table, t0 + t, kv_head), row_bytes);
       const float* k = as_float(row<T>(p.key_cache, p, table, t0 + t, kv_head), D, kbuf.data());
       for (int g = 0; g < group; ++g) {
         float s = simd::dot(q.data() + std::size_t(g) * D, k, D) * p.scale;
