@@ -7,8 +7,8 @@ fork and then diverge through copy-on-write; finished sequences are freed; when 
 out, the newest running sequence is preempted and recomputed later. Each decode step uses the
 library exactly as an engine would:
 
-    BlockManager.append_batch -> take_copies -> copy_blocks -> reshape_and_cache
-        -> block_table -> paged_attention
+    BlockManager: append_batch, take_copies, block_table   (host side)
+    ops:          copy_blocks, reshape_and_cache, paged_attention   (every layer)
 
 and the attention output is compared with a dense float64 NumPy computation over the K/V
 history that the demo keeps for every sequence itself (never read back from the cache). Any
@@ -225,7 +225,6 @@ class Counters:
     prefill_tokens: int = 0  # prompt tokens written by prefills (the cache covered the rest)
     prefix_hit_tokens: int = 0
     recomputed_tokens: int = 0  # tokens prefilled again after a preemption
-    requests_admitted: int = 0
     requests_finished: int = 0
     sequences_forked: int = 0
     sequences_freed: int = 0
@@ -351,7 +350,6 @@ class Engine:
             if cached is None:
                 break
             self.waiting.popleft()
-            c.requests_admitted += 1
             report.update(new=1, tokens=len(request.prompt), hits=cached)
             request.samples_left = len(request.new_tokens)
             parent.sample()  # the prefill's logits give each sample its first token
@@ -618,54 +616,64 @@ def _parser() -> argparse.ArgumentParser:
             "Continuous-batching decode simulation over tinyserve's BlockManager and ops, with "
             "prefix caching, parallel sampling (fork + copy-on-write), preemption, and every "
             "attention output checked against a dense float64 NumPy reference. Exits 1 if a "
-            "check fails."
+            "check fails. See docs/demo.md."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     size = p.add_argument_group("workload and pool size")
-    size.add_argument("--requests", type=int, default=32, help="requests to serve")
+    size.add_argument(
+        "--requests", type=int, default=32, help="requests to serve (default: %(default)s)"
+    )
     size.add_argument(
         "--max-new-tokens",
         type=int,
         default=64,
-        help="most tokens a sample generates (each stops at a random length "
-        "between a quarter of this and this)",
+        help="most tokens a sample generates; each stops at a random length between a quarter "
+        "of this and this (default: %(default)s)",
     )
     size.add_argument(
         "--arrival-interval",
         type=float,
         default=1.5,
-        help="mean decode steps between arrivals (the first 4 arrive at once)",
+        help="mean decode steps between arrivals; the first 4 arrive at once "
+        "(default: %(default)s)",
     )
     size.add_argument(
         "--steps",
         type=int,
         default=0,
-        help="stop after this many decode steps (0: run until every request "
-        "finished); what is left is freed in the drain",
+        help="stop after this many decode steps and free what is left (default: 0, run until "
+        "every request finished)",
     )
-    size.add_argument("--blocks", type=int, default=80, help="KV-cache blocks in the pool")
-    size.add_argument("--block-size", type=int, default=16, help="tokens per block")
-    size.add_argument("--layers", type=int, default=2, help="model layers")
-    size.add_argument("--seed", type=int, default=0, help="seeds the model and the workload")
+    size.add_argument(
+        "--blocks", type=int, default=80, help="KV-cache blocks in the pool (default: %(default)s)"
+    )
+    size.add_argument(
+        "--block-size", type=int, default=16, help="tokens per block (default: %(default)s)"
+    )
+    size.add_argument("--layers", type=int, default=2, help="model layers (default: %(default)s)")
+    size.add_argument(
+        "--seed", type=int, default=0, help="seeds the model and the workload (default: 0)"
+    )
     run = p.add_argument_group("device and checks")
     run.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
         default="auto",
-        help="auto: cuda when torch with CUDA and a tinyserve CUDA build are present",
+        help="auto (the default): cuda when torch with CUDA and a CUDA build of tinyserve are "
+        "present, else cpu",
     )
     run.add_argument(
         "--dtype",
         choices=tuple(TOLERANCE),
         default="float32",
-        help="KV cache, query and output dtype (bfloat16 needs torch)",
+        help="KV cache, query and output dtype; bfloat16 needs torch (default: %(default)s)",
     )
     run.add_argument(
         "--check-every",
         type=int,
         default=1,
-        help="check attention against the float64 reference every N decode steps (0: never)",
+        help="check attention against the float64 reference every N decode steps; 0 never "
+        "(default: %(default)s)",
     )
     run.add_argument(
         "--tolerance",
@@ -676,15 +684,18 @@ def _parser() -> argparse.ArgumentParser:
         + ")",
     )
     run.add_argument(
-        "--progress-every", type=int, default=16, help="print a decode progress line every N steps"
+        "--progress-every",
+        type=int,
+        default=16,
+        help="print a progress line every N decode steps (default: %(default)s)",
     )
     run.add_argument(
         "--inject-fault",
         type=int,
         default=-1,
         metavar="STEP",
-        help="self-test of the check: corrupt one cached token before decode step "
-        "STEP; the demo must then fail",
+        help="self-test of the check: corrupt one cached token before decode step STEP; the "
+        "demo must then fail",
     )
     run.add_argument("--quiet", action="store_true", help="print only the summary")
     return p
