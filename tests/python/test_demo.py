@@ -181,3 +181,14 @@ def test_cli_subprocess():
         timeout=60,
     )
     assert help_run.returncode == 0 and "usage: python -m tinyserve demo" in help_run.stdout
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_demo_cuda(capsys, dtype):
+    pytest.importorskip("torch")
+    code, out = run_demo(capsys, "--device", "cuda", "--dtype", dtype)
+    assert code == 0, out
+    s = summary(out)
+    assert "cuda (torch" in out and s["cow_copies"] > 0 and s["preemptions"] > 0
+    assert s["max_error"] <= s["tolerance"]
