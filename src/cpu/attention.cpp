@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "core/kernels.h"
@@ -25,6 +26,7 @@ namespace simd = tinyserve::cpu::simd;
 
 constexpr int kTile = 32;  // tokens scored before each softmax update
 constexpr int kAhead = 8;  // tokens between a key row's prefetch and its use
+constexpr int kStep = 4;   // tokens scored per call
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // The token range [begin, end) that split `split` of sequence b reads.
@@ -65,16 +67,19 @@ inline void prefetch_row(const void* row, std::size_t bytes) {
 #endif
 }
 
-// Loads a row as float32: float rows are used in place, 16-bit rows converted into `buf`.
+// Row t of a tile as float32: float32 rows are used in place, 16-bit rows converted into row t
+// of `tile` (kTile x n).
 template <class T>
-const float* as_float(const T* src, int n, float* buf) {
+const float* as_float(const T* src, int n, std::vector<float>& tile, int t) {
   if constexpr (std::is_same_v<T, float>) {
     (void)n;
-    (void)buf;
+    (void)tile;
+    (void)t;
     return src;
   } else {
-    for (int i = 0; i < n; ++i) buf[i] = to_float(src[i]);
-    return buf;
+    float* dst = tile.data() + std::size_t(t) * n;
+    for (int i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+    return dst;
   }
 }
 
@@ -85,9 +90,17 @@ void attend(const PagedAttentionParams& p, int b, int kv_head, Range r, float* o
   const int D = p.head_dim;
   const int group = p.num_q_heads / p.num_kv_heads;
   const std::int32_t* table = p.block_table + std::int64_t(b) * p.block_table_stride;
-  std::vector<float> q(std::size_t(group) * D), kbuf(D), vbuf(D);
+  std::vector<float> q(std::size_t(group) * D);
   std::vector<float> acc(std::size_t(group) * D, 0.0f), scores(std::size_t(group) * kTile);
   std::vector<float> m(group, kNegInf), l(group, 0.0f);
+  // The tile's rows as float32: pointers into the cache for float32, else into these copies.
+  const float* krows[kTile];
+  const float* vrows[kTile];
+  std::vector<float> kbuf, vbuf;
+  if constexpr (!std::is_same_v<T, float>) {
+    kbuf.resize(std::size_t(kTile) * D);
+    vbuf.resize(std::size_t(kTile) * D);
+  }
   for (int g = 0; g < group; ++g) {
     const T* qrow = static_cast<const T*>(p.query) + std::int64_t(b) * p.q_stride_batch +
                     std::int64_t(kv_head * group + g) * p.q_stride_head;
@@ -100,21 +113,26 @@ void attend(const PagedAttentionParams& p, int b, int kv_head, Range r, float* o
   }
   for (std::int64_t t0 = r.begin; t0 < r.end; t0 += kTile) {
     const int n = int(std::min<std::int64_t>(kTile, r.end - t0));
-    for (int t = 0; t < n; ++t) {
-      // The key row kAhead tokens on, and this token's value row, used after the tile's scores.
-      if (t0 + t + kAhead < r.end) {
-        prefetch_row(row<T>(p.key_cache, p, table, t0 + t + kAhead, kv_head), row_bytes);
+    // Scores in steps of kStep tokens, so that the prefetches are spread over the computation:
+    // issued all at once, they would stall the core until most of them had arrived.
+    for (int t1 = 0; t1 < n; t1 += kStep) {
+      const int n1 = std::min(kStep, n - t1);
+      for (int t = t1; t < t1 + n1; ++t) {
+        // The key row kAhead tokens on, and this token's value row, used after the tile's scores.
+        if (t0 + t + kAhead < r.end) {
+          prefetch_row(row<T>(p.key_cache, p, table, t0 + t + kAhead, kv_head), row_bytes);
+        }
+        prefetch_row(row<T>(p.value_cache, p, table, t0 + t, kv_head), row_bytes);
+        krows[t] = as_float(row<T>(p.key_cache, p, table, t0 + t, kv_head), D, kbuf, t);
       }
-      prefetch_row(row<T>(p.value_cache, p, table, t0 + t, kv_head), row_bytes);
-      const float* k = as_float(row<T>(p.key_cache, p, table, t0 + t, kv_head), D, kbuf.data());
-      for (int g = 0; g < group; ++g) {
-        float s = simd::dot(q.data() + std::size_t(g) * D, k, D) * p.scale;
-        if (cap > 0.0f) s = cap * std::tanh(s / cap);
-        scores[std::size_t(g) * kTile + t] = s;
-      }
+      simd::dot_rows(q.data(), group, krows + t1, n1, D, scores.data() + t1, kTile);
     }
     for (int g = 0; g < group; ++g) {
       float* s = scores.data() + std::size_t(g) * kTile;
+      for (int t = 0; t < n; ++t) {
+        s[t] *= p.scale;
+        if (cap > 0.0f) s[t] = cap * std::tanh(s[t] / cap);
+      }
       float tile_max = *std::max_element(s, s + n);
       float m_new = std::max(m[g], tile_max);
       float correction = std::exp(m[g] - m_new);  // exp(-inf) = 0 on the first tile
@@ -128,11 +146,9 @@ void attend(const PagedAttentionParams& p, int b, int kv_head, Range r, float* o
       if (correction != 1.0f) simd::scale(acc.data() + std::size_t(g) * D, correction, D);
     }
     for (int t = 0; t < n; ++t) {
-      const float* v = as_float(row<T>(p.value_cache, p, table, t0 + t, kv_head), D, vbuf.data());
-      for (int g = 0; g < group; ++g) {
-        simd::axpy(acc.data() + std::size_t(g) * D, scores[std::size_t(g) * kTile + t], v, D);
-      }
+      vrows[t] = as_float(row<T>(p.value_cache, p, table, t0 + t, kv_head), D, vbuf, t);
     }
+    simd::axpy_rows(acc.data(), group, scores.data(), kTile, vrows, n, D);
   }
   for (int g = 0; g < group; ++g) {
     float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;

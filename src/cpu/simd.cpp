@@ -1,26 +1,18 @@
 #include "cpu/simd.h"
 
+#include <cstring>
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__)
 #  define TS_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #  define TS_MULTIVERSION
 #endif
 
-namespace tinyserve::cpu::simd {
+// Helpers are inlined into each clone so that they are compiled for its instruction set. Like the
+// vector type below, this needs GCC or Clang (or a compiler compatible with them).
+#define TS_INLINE inline __attribute__((always_inline))
 
-// Sixteen independent partial sums: the compiler vectorises them without reassociating a
-// single float reduction.
-TS_MULTIVERSION float dot(const float* a, const float* b, int n) {
-  float acc[16] = {};
-  int d = 0;
-  for (; d + 16 <= n; d += 16) {
-    for (int j = 0; j < 16; ++j) acc[j] += a[d + j] * b[d + j];
-  }
-  float s = 0.0f;
-  for (; d < n; ++d) s += a[d] * b[d];
-  for (int j = 0; j < 16; ++j) s += acc[j];
-  return s;
-}
+namespace tinyserve::cpu::simd {
 
 TS_MULTIVERSION void axpy(float* y, float a, const float* x, int n) {
   for (int d = 0; d < n; ++d) y[d] += a * x[d];
@@ -28,6 +20,113 @@ TS_MULTIVERSION void axpy(float* y, float a, const float* x, int n) {
 
 TS_MULTIVERSION void scale(float* y, float a, int n) {
   for (int d = 0; d < n; ++d) y[d] *= a;
+}
+
+namespace {
+
+// Eight floats: one AVX register in the x86-64-v3 clone, two SSE registers in the baseline one.
+// GCC/Clang vector types, so that the register blocking below is what the compiler emits rather
+// than what its auto-vectoriser might find.
+typedef float f32x8 __attribute__((vector_size(32)));
+// The helpers taking and returning f32x8 are always inlined: no call passes one across an ABI
+// boundary, so GCC's note that the baseline clone passes them differently does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+TS_INLINE f32x8 load8(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+TS_INLINE void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
+
+TS_INLINE float sum8(f32x8 v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// Scores of G query heads against one key row. Sixteen partial sums per head (two registers),
+// so 2 * G independent FMA chains hide the FMA latency, and each key chunk is loaded once for
+// all G heads.
+template <int G>
+TS_INLINE void dot_heads(const float* q, int n, const float* k, float* scores, int stride) {
+  f32x8 acc[G][2] = {};
+  int d = 0;
+  for (; d + 16 <= n; d += 16) {
+    const f32x8 k0 = load8(k + d), k1 = load8(k + d + 8);
+    for (int g = 0; g < G; ++g) {
+      acc[g][0] += load8(q + g * n + d) * k0;
+      acc[g][1] += load8(q + g * n + d + 8) * k1;
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    float tail = 0.0f;
+    for (int i = d; i < n; ++i) tail += q[g * n + i] * k[i];
+    scores[g * stride] = sum8(acc[g][0] + acc[g][1]) + tail;
+  }
+}
+
+// acc of G heads += the tile's weighted value rows. A 16-wide slice of each head's accumulator
+// stays in registers through the whole tile, so accumulators are loaded and stored once per
+// tile instead of once per token, and each value chunk is loaded once for all G heads.
+template <int G>
+TS_INLINE void axpy_heads(float* acc, int n, const float* w, int stride, const float* const* rows,
+                          int tokens) {
+  int d = 0;
+  for (; d + 16 <= n; d += 16) {
+    f32x8 a[G][2];
+    for (int g = 0; g < G; ++g) {
+      a[g][0] = load8(acc + g * n + d);
+      a[g][1] = load8(acc + g * n + d + 8);
+    }
+    for (int t = 0; t < tokens; ++t) {
+      const f32x8 v0 = load8(rows[t] + d), v1 = load8(rows[t] + d + 8);
+      for (int g = 0; g < G; ++g) {
+        const float wt = w[g * stride + t];
+        a[g][0] += wt * v0;
+        a[g][1] += wt * v1;
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      store8(acc + g * n + d, a[g][0]);
+      store8(acc + g * n + d + 8, a[g][1]);
+    }
+  }
+  for (; d < n; ++d) {
+    for (int g = 0; g < G; ++g) {
+      float a = acc[g * n + d];
+      for (int t = 0; t < tokens; ++t) a += w[g * stride + t] * rows[t][d];
+      acc[g * n + d] = a;
+    }
+  }
+}
+
+}  // namespace
+
+// Heads in blocks of four (eight accumulator registers), then the remainder.
+TS_MULTIVERSION void dot_rows(const float* q, int group, const float* const* rows, int tokens,
+                              int n, float* scores, int stride) {
+  for (int t = 0; t < tokens; ++t) {
+    const float* k = rows[t];
+    float* s = scores + t;
+    int g = 0;
+    for (; g + 4 <= group; g += 4) dot_heads<4>(q + g * n, n, k, s + g * stride, stride);
+    const int rest = group - g;
+    if (rest == 3) dot_heads<3>(q + g * n, n, k, s + g * stride, stride);
+    if (rest == 2) dot_heads<2>(q + g * n, n, k, s + g * stride, stride);
+    if (rest == 1) dot_heads<1>(q + g * n, n, k, s + g * stride, stride);
+  }
+}
+
+TS_MULTIVERSION void axpy_rows(float* acc, int group, const float* weights, int stride,
+                               const float* const* rows, int tokens, int n) {
+  int g = 0;
+  for (; g + 4 <= group; g += 4) {
+    axpy_heads<4>(acc + g * n, n, weights + g * stride, stride, rows, tokens);
+  }
+  const int rest = group - g;
+  if (rest == 3) axpy_heads<3>(acc + g * n, n, weights + g * stride, stride, rows, tokens);
+  if (rest == 2) axpy_heads<2>(acc + g * n, n, weights + g * stride, stride, rows, tokens);
+  if (rest == 1) axpy_heads<1>(acc + g * n, n, weights + g * stride, stride, rows, tokens);
 }
 
 }  // namespace tinyserve::cpu::simd
