@@ -39,6 +39,14 @@ class TINYSERVE_API BlockManager {
     std::int64_t evictions = 0;      // cached blocks whose key was dropped to reuse them
   };
 
+  // What add_sequence would attach for a prompt, computed without changing anything.
+  struct PrefixMatch {
+    std::int64_t tokens = 0;       // tokens the cached blocks cover (at most prompt length - 1)
+    std::int64_t blocks = 0;       // cached blocks that would be attached
+    std::int64_t free_blocks = 0;  // of those, blocks now free: attaching takes them out of the
+                                   // free list, so they count against num_free_blocks()
+  };
+
   struct BlockTable {
     std::vector<std::int32_t> table;  // row-major [batch, width], padded with 0
     std::vector<std::int32_t> lens;   // [batch]
@@ -57,6 +65,10 @@ class TINYSERVE_API BlockManager {
   // num_token_ids - 1); those tokens count as appended. Otherwise returns 0.
   std::int64_t add_sequence(std::int64_t seq_id, const std::int64_t* token_ids = nullptr,
                             std::int64_t num_token_ids = 0);
+
+  // The prefix-cache lookup of add_sequence, read-only: no sequence is added, no block changes
+  // hands or LRU position, no statistic counts it. For admission control before add_sequence.
+  PrefixMatch match_prefix(const std::int64_t* token_ids, std::int64_t num_token_ids) const;
 
   // Reserves the slots of the sequence's next num_tokens tokens, writing them to slots_out
   // (num_tokens entries). A shared partial last block is copied first (copy-on-write). Token ids

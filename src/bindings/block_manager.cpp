@@ -159,6 +159,27 @@ void bind_block_manager(nb::module_& m) {
           "len(token_ids) - 1); those count as appended. Otherwise returns 0. The rest of the "
           "prompt is appended by the caller (append with its token ids).")
       .def(
+          "match_prefix",
+          [](const BlockManager& self, nb::handle token_ids) {
+            Int64Arg ids(token_ids, "match_prefix", "token_ids");
+            BlockManager::PrefixMatch match;
+            {
+              nb::gil_scoped_release release;
+              match = self.match_prefix(ids.data(), ids.size());
+            }
+            nb::dict d;
+            d["tokens"] = match.tokens;
+            d["blocks"] = match.blocks;
+            d["free_blocks"] = match.free_blocks;
+            return d;
+          },
+          "token_ids"_a,
+          nb::sig("def match_prefix(self, token_ids: typing.Sequence[int] | "
+                  "numpy.typing.ArrayLike) -> dict[str, int]"),
+          "What add_sequence would attach for this prompt, without changing anything: "
+          "{'tokens': tokens covered, 'blocks': cached blocks, 'free_blocks': those now free, "
+          "which attaching takes out of the free list}. For admission control.")
+      .def(
           "append",
           [](BlockManager& self, std::int64_t seq_id, std::int64_t num_tokens,
              nb::handle token_ids) {

@@ -584,6 +584,35 @@ std::int64_t BlockManager::add_sequence(std::int64_t seq_id, const std::int64_t*
   return s.len;
 }
 
+BlockManager::PrefixMatch BlockManager::match_prefix(const std::int64_t* token_ids,
+                                                     std::int64_t num_token_ids) const {
+  const char* method = "match_prefix";
+  const Impl& m = *impl_;
+  std::lock_guard<std::mutex> lock(m.mutex);
+  if (num_token_ids < 0) {
+    bad_argument(method, "num_token_ids must be >= 0, got " + std::to_string(num_token_ids));
+  }
+  if (num_token_ids > 0 && token_ids == nullptr) {
+    bad_argument(method, "token_ids must not be null when num_token_ids > 0, got " +
+                             std::to_string(num_token_ids));
+  }
+  PrefixMatch match;
+  // The same walk as add_sequence: whole blocks, at most num_token_ids - 1 tokens, stopping at
+  // the first miss.
+  const std::int64_t max_blocks =
+      m.caching && num_token_ids > 0 ? (num_token_ids - 1) / m.block_size : 0;
+  Digest key = root_key();
+  for (std::int64_t i = 0; i < max_blocks; ++i) {
+    key = detail::sha256_chain(key, token_ids + i * m.block_size, std::size_t(m.block_size));
+    auto it = m.cache.find(key);
+    if (it == m.cache.end()) break;
+    ++match.blocks;
+    if (m.ref[std::size_t(it->second)] == 0) ++match.free_blocks;
+  }
+  match.tokens = match.blocks * m.block_size;
+  return match;
+}
+
 void BlockManager::append(std::int64_t seq_id, std::int64_t num_tokens,
                           const std::int64_t* token_ids, std::int64_t* slots_out) {
   std::lock_guard<std::mutex> lock(impl_->mutex);

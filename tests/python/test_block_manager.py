@@ -1073,3 +1073,39 @@ BlockManagerMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestBlockManagerMachine = BlockManagerMachine.TestCase
+
+
+def test_match_prefix_is_read_only_and_agrees_with_add_sequence():
+    bm = BlockManager(6, 4, enable_prefix_caching=True)
+    t = list(range(13))
+    bm.add_sequence(0, t)
+    bm.append(0, 13, t)
+    bm.free(0)  # blocks of t's chain: keyed, free, evictable
+    u = [100 + i for i in range(8)]
+    bm.add_sequence(9, u)
+    bm.append(9, 8, u)
+    bm.free(9)
+    before = bm.stats()
+    match = bm.match_prefix(t)
+    assert match == {"tokens": 12, "blocks": 3, "free_blocks": 3}
+    assert bm.stats() == before  # no statistic counted the probe
+    bm.check()
+    # The LRU order is untouched: a new sequence still evicts the oldest cached blocks (t's
+    # tail first), exactly as it would have without the probe.
+    bm.add_sequence(2)
+    bm.append(2, 8)
+    assert sorted(bm.block_ids(2)) == [2, 5]
+    assert bm.match_prefix(t) == {"tokens": 8, "blocks": 2, "free_blocks": 2}
+    # add_sequence attaches what match_prefix reported
+    assert bm.add_sequence(3, t) == 8
+    assert bm.match_prefix(t) == {"tokens": 8, "blocks": 2, "free_blocks": 0}
+    bm.check()
+
+
+def test_match_prefix_edge_cases():
+    bm = BlockManager(4, 4, enable_prefix_caching=True)
+    assert bm.match_prefix([]) == {"tokens": 0, "blocks": 0, "free_blocks": 0}
+    assert BlockManager(4, 4).match_prefix([1, 2, 3, 4, 5]) == {"tokens": 0, "blocks": 0,
+                                                                "free_blocks": 0}
+    with pytest.raises(TypeError):
+        bm.match_prefix([1.5, 2.0])
