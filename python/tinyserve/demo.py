@@ -294,16 +294,18 @@ class Engine:
         when the pool cannot take the prompt now."""
         c = self.counters
         t = time.perf_counter()
+        # Admission control, read-only: the prompt takes its uncached blocks from the free list,
+        # and so do the cached blocks it would attach that are free now. Keep blocks free for the
+        # running sequences' next decode steps: each needs a new block every block_size steps,
+        # so a quarter of the batch covers the next few steps.
+        match = self.bm.match_prefix(tokens)
+        needed = -(-len(tokens) // self.args.block_size) - match["blocks"] + match["free_blocks"]
+        if self.bm.num_free_blocks - needed < max(1, len(self.running) // 4):
+            self._timed("manager", t)
+            return None
         seq_id = self.next_seq_id
         self.next_seq_id += 1
         cached = self.bm.add_sequence(seq_id, tokens)
-        needed = -(-len(tokens) // self.args.block_size) - len(self.bm.block_ids(seq_id))
-        # Keep blocks free for the running sequences' next decode steps: each needs a new block
-        # every block_size steps, so a quarter of the batch covers the next few steps.
-        if self.bm.num_free_blocks - needed < max(1, len(self.running) // 4):
-            self.bm.free(seq_id)
-            self._timed("manager", t)
-            return None
         try:
             slots = self.bm.append(seq_id, len(tokens) - cached, tokens[cached:])
         except tinyserve.OutOfBlocks:
