@@ -66,7 +66,9 @@ def attention_inputs(batch: int, context: int, q_heads: int, kv_heads: int, dim:
     def paged(x: torch.Tensor) -> torch.Tensor:
         # [B, H, L, D] -> [B * pages, page, H, D] in token order, then scattered to the pages.
         logical = x.permute(0, 2, 1, 3).reshape(batch * pages, page, kv_heads, dim)
-        cache = torch.empty_like(logical)
+        # Not empty_like: for batch 1 the reshape is a view with the heads outermost, and
+        # empty_like would keep those strides instead of the NHD layout.
+        cache = torch.empty(logical.shape, dtype=logical.dtype)
         cache[torch.from_numpy(perm)] = logical
         return cache
 
