@@ -1,5 +1,6 @@
 #include "cpu/simd.h"
 
+#include <cstdint>
 #include <cstring>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__)
@@ -28,8 +29,9 @@ namespace {
 // GCC/Clang vector types, so that the register blocking below is what the compiler emits rather
 // than what its auto-vectoriser might find.
 typedef float f32x8 __attribute__((vector_size(32)));
-// The helpers taking and returning f32x8 are always inlined: no call passes one across an ABI
-// boundary, so GCC's note that the baseline clone passes them differently does not apply.
+// The helpers below are always inlined, so no f32x8 crosses a call and GCC's warning that the
+// baseline clone returns one differently from AVX code does not apply. (Parameters are taken by
+// reference: by value they draw a note that this pragma does not silence.)
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 TS_INLINE f32x8 load8(const float* p) {
@@ -38,9 +40,9 @@ TS_INLINE f32x8 load8(const float* p) {
   return v;
 }
 
-TS_INLINE void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
+TS_INLINE void store8(float* p, const f32x8& v) { std::memcpy(p, &v, sizeof v); }
 
-TS_INLINE float sum8(f32x8 v) {
+TS_INLINE float sum8(const f32x8& v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
@@ -49,7 +51,8 @@ TS_INLINE float sum8(f32x8 v) {
 // all G heads.
 template <int G>
 TS_INLINE void dot_heads(const float* q, int n, const float* k, float* scores, int stride) {
-  f32x8 acc[G][2] = {};
+  f32x8 acc[G][2];  // zeroed in a loop: "= {}" made GCC 12 clear a stack copy with rep stosq
+  for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = f32x8{};
   int d = 0;
   for (; d + 16 <= n; d += 16) {
     const f32x8 k0 = load8(k + d), k1 = load8(k + d + 8);
@@ -58,10 +61,9 @@ TS_INLINE void dot_heads(const float* q, int n, const float* k, float* scores, i
       acc[g][1] += load8(q + g * n + d + 8) * k1;
     }
   }
-  for (int g = 0; g < G; ++g) {
-    float tail = 0.0f;
-    for (int i = d; i < n; ++i) tail += q[g * n + i] * k[i];
-    scores[g * stride] = sum8(acc[g][0] + acc[g][1]) + tail;
+  for (int g = 0; g < G; ++g) scores[g * stride] = sum8(acc[g][0] + acc[g][1]);
+  for (; d < n; ++d) {
+    for (int g = 0; g < G; ++g) scores[g * stride] += q[g * n + d] * k[d];
   }
 }
 
@@ -102,18 +104,19 @@ TS_INLINE void axpy_heads(float* acc, int n, const float* w, int stride, const f
 
 }  // namespace
 
-// Heads in blocks of four (eight accumulator registers), then the remainder.
-TS_MULTIVERSION void dot_rows(const float* q, int group, const float* const* rows, int tokens,
-                              int n, float* scores, int stride) {
-  for (int t = 0; t < tokens; ++t) {
-    const float* k = rows[t];
-    float* s = scores + t;
+// Query heads in blocks of four (eight accumulator registers), then the remainder.
+TS_MULTIVERSION void dot_token(const float* q, int kv_heads, int group, const float* k,
+                               std::int64_t head_stride, int n, float* scores, int stride) {
+  for (int h = 0; h < kv_heads; ++h) {
+    const float* qh = q + std::int64_t(h) * group * n;
+    const float* kh = k + h * head_stride;
+    float* s = scores + std::int64_t(h) * group * stride;
     int g = 0;
-    for (; g + 4 <= group; g += 4) dot_heads<4>(q + g * n, n, k, s + g * stride, stride);
+    for (; g + 4 <= group; g += 4) dot_heads<4>(qh + g * n, n, kh, s + g * stride, stride);
     const int rest = group - g;
-    if (rest == 3) dot_heads<3>(q + g * n, n, k, s + g * stride, stride);
-    if (rest == 2) dot_heads<2>(q + g * n, n, k, s + g * stride, stride);
-    if (rest == 1) dot_heads<1>(q + g * n, n, k, s + g * stride, stride);
+    if (rest == 3) dot_heads<3>(qh + g * n, n, kh, s + g * stride, stride);
+    if (rest == 2) dot_heads<2>(qh + g * n, n, kh, s + g * stride, stride);
+    if (rest == 1) dot_heads<1>(qh + g * n, n, kh, s + g * stride, stride);
   }
 }
 

@@ -3,19 +3,23 @@
 // Float32 vector loops of the CPU backend. They are compiled once per instruction-set level and
 // the best one for the running CPU is picked at load time (GCC/Clang function multiversioning).
 
+#include <cstdint>
+
 namespace tinyserve::cpu::simd {
 
 void axpy(float* y, float a, const float* x, int n);  // y += a * x
 void scale(float* y, float a, int n);                 // y *= a
 
-// The two halves of decode attention over a tile of `tokens` key or value rows of length n,
-// for the `group` query heads that share them (q and acc: group rows of n, contiguous).
-// Each row is read once for all heads, while it is in registers.
-//   dot_rows:  scores[g * stride + t] = q[g] . rows[t]
-//   axpy_rows: acc[g] += sum_t weights[g * stride + t] * rows[t]
-void dot_rows(const float* q, int group, const float* const* rows, int tokens, int n,
-              float* scores, int stride);
-void axpy_rows(float* acc, int group, const float* weights, int stride,
-               const float* const* rows, int tokens, int n);
+// The two halves of decode attention, for the `group` query heads that share each KV head (q and
+// acc: one row of n per query head, contiguous, grouped by KV head). Each key or value chunk is
+// loaded once for all heads of its group, while they are in registers.
+//   dot_token: one token's scores for all KV heads: the key row of KV head h is at
+//              k + h * head_stride, and scores[(h * group + g) * stride] = q[h * group + g] . k_h
+//   axpy_rows: one KV head over a tile of `tokens` value rows:
+//              acc[g] += sum_t weights[g * stride + t] * rows[t]
+void dot_token(const float* q, int kv_heads, int group, const float* k, std::int64_t head_stride,
+               int n, float* scores, int stride);
+void axpy_rows(float* acc, int group, const float* weights, int stride, const float* const* rows,
+               int tokens, int n);
 
 }  // namespace tinyserve::cpu::simd
