@@ -69,7 +69,7 @@ const float* as_float(const T* src, int n, std::vector<float>& tile, int t) {
     return src;
   } else {
     float* dst = tile.data() + std::size_t(t) * n;
-    for (int i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+    simd::to_float(src, dst, n);
     return dst;
   }
 }

@@ -15,6 +15,33 @@
 
 namespace tinyserve::cpu::simd {
 
+// Branch-free, so that the loop vectorises: each case computed, then selected. Subnormals are
+// converted through an exact integer-to-float conversion (mantissa * 2^-24).
+TS_MULTIVERSION void to_float(const half_t* src, float* dst, int n) {
+  for (int i = 0; i < n; ++i) {
+    const std::uint32_t h = src[i].bits;
+    const std::uint32_t exp = (h >> 10) & 0x1fu;
+    const std::uint32_t mant = h & 0x3ffu;
+    const float subnormal = float(std::int32_t(mant)) * 0x1p-24f;
+    std::uint32_t u;
+    std::memcpy(&u, &subnormal, 4);
+    // All-ones masks select the normal, then the inf/nan encoding.
+    const std::uint32_t is_normal = 0u - std::uint32_t(exp != 0);
+    const std::uint32_t is_inf_nan = 0u - std::uint32_t(exp == 0x1fu);
+    u = (u & ~is_normal) | ((((exp + 112) << 23) | (mant << 13)) & is_normal);
+    u = (u & ~is_inf_nan) | ((0x7f800000u | (mant << 13)) & is_inf_nan);
+    u |= (h & 0x8000u) << 16;
+    std::memcpy(&dst[i], &u, 4);
+  }
+}
+
+TS_MULTIVERSION void to_float(const bfloat16_t* src, float* dst, int n) {
+  for (int i = 0; i < n; ++i) {
+    const std::uint32_t u = std::uint32_t(src[i].bits) << 16;
+    std::memcpy(&dst[i], &u, 4);
+  }
+}
+
 TS_MULTIVERSION void axpy(float* y, float a, const float* x, int n) {
   for (int d = 0; d < n; ++d) y[d] += a * x[d];
 }

@@ -1,11 +1,17 @@
 #pragma once
 
-// Float32 vector loops of the CPU backend. They are compiled once per instruction-set level and
+// Vector loops of the CPU backend. They are compiled once per instruction-set level and
 // the best one for the running CPU is picked at load time (GCC/Clang function multiversioning).
 
 #include <cstdint>
 
+#include "cpu/dtypes.h"
+
 namespace tinyserve::cpu::simd {
+
+// 16-bit rows to float32, exactly as the scalar to_float of dtypes.h.
+void to_float(const half_t* src, float* dst, int n);
+void to_float(const bfloat16_t* src, float* dst, int n);
 
 void axpy(float* y, float a, const float* x, int n);  // y += a * x
 void scale(float* y, float a, int n);                 // y *= a
