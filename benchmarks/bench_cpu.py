@@ -35,10 +35,11 @@ import subprocess
 import time
 
 import numpy as np
-import tinyserve as ts
 import torch
 import torch.nn.functional as F
 from bench_block_manager import cpu_name, measure, percentile
+
+import tinyserve as ts
 
 ATTENTION_RATIO_TARGET = 2.0  # tinyserve time / torch time
 STEP_TARGET_US = 50.0

@@ -96,10 +96,12 @@ def read_ceiling(iters: int) -> tuple[float, str]:
     except Exception:  # noqa: BLE001 - CuPy is optional; the torch reductions still measure
         pass
     rates = {name: 4 * GiB / (median_ms(fn, iters) * 1e-3) for name, fn in candidates.items()}
-    del x
     best = max(rates, key=rates.get)
-    print("  read-only reductions: " + ", ".join(f"{k} {v / 1e12:.2f} TB/s" for k, v in
-                                                 rates.items()), flush=True)
+    print(
+        "  read-only reductions: "
+        + ", ".join(f"{k} {v / 1e12:.2f} TB/s" for k, v in rates.items()),
+        flush=True,
+    )
     return rates[best], best
 
 
@@ -108,12 +110,12 @@ def copy_ceiling(iters: int) -> float:
     src = torch.empty(2 * GiB, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src), iters)
-    del src, dst
     return 4 * GiB / (ms * 1e-3)
 
 
-def decode_case(batch: int, context: int, iters: int, rng: np.random.Generator,
-                layout: str) -> dict:
+def decode_case(
+    batch: int, context: int, iters: int, rng: np.random.Generator, layout: str
+) -> dict:
     q_heads, kv_heads, dim, page = 32, 8, 128, 16
     pages_per_seq = context // page
     num_blocks = batch * pages_per_seq
@@ -121,8 +123,9 @@ def decode_case(batch: int, context: int, iters: int, rng: np.random.Generator,
     table = perm.view(batch, pages_per_seq).cuda()
     lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
     if layout == "HND":  # storage [blocks, heads, page, dim], passed as the permuted view
-        kc = torch.randn((num_blocks, kv_heads, page, dim), dtype=torch.float16,
-                         device="cuda").transpose(1, 2)
+        kc = torch.randn(
+            (num_blocks, kv_heads, page, dim), dtype=torch.float16, device="cuda"
+        ).transpose(1, 2)
     else:
         kc = torch.randn((num_blocks, page, kv_heads, dim), dtype=torch.float16, device="cuda")
     vc = torch.randn_like(kc)
@@ -132,8 +135,9 @@ def decode_case(batch: int, context: int, iters: int, rng: np.random.Generator,
     workspace = torch.empty((max(nbytes, 16),), dtype=torch.uint8, device="cuda")
 
     def run():
-        ts.paged_attention(q, kc, vc, table, lens, out, max_seq_len=context,
-                           num_splits=splits, workspace=workspace)
+        ts.paged_attention(
+            q, kc, vc, table, lens, out, max_seq_len=context, num_splits=splits, workspace=workspace
+        )
 
     ms = median_ms(run, iters)
     kv_bytes = 2 * batch * context * kv_heads * dim * 2
@@ -145,18 +149,23 @@ def decode_case(batch: int, context: int, iters: int, rng: np.random.Generator,
     sdpa_ms, sdpa_note, agreement = None, "", None
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    for note, k_in, v_in, gqa in (("enable_gqa", k_dense, v_dense, True),
-                                  ("KV repeated per query head", None, None, False)):
+    for note, k_in, v_in, gqa in (
+        ("enable_gqa", k_dense, v_dense, True),
+        ("KV repeated per query head", None, None, False),
+    ):
         try:
             if k_in is None:
                 k_in = k_dense.repeat_interleave(q_heads // kv_heads, 1)
                 v_in = v_dense.repeat_interleave(q_heads // kv_heads, 1)
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+
                 def sdpa(k_in=k_in, v_in=v_in, gqa=gqa):
                     torch.nn.functional.scaled_dot_product_attention(q4, k_in, v_in, enable_gqa=gqa)
+
                 sdpa_ms = median_ms(sdpa, iters)
                 reference = torch.nn.functional.scaled_dot_product_attention(
-                    q4, k_in, v_in, enable_gqa=gqa).squeeze(2)
+                    q4, k_in, v_in, enable_gqa=gqa
+                ).squeeze(2)
             run()
             torch.cuda.synchronize()
             agreement = float((out.float() - reference.float()).norm() / reference.float().norm())
@@ -164,11 +173,13 @@ def decode_case(batch: int, context: int, iters: int, rng: np.random.Generator,
             break
         except Exception as exc:  # noqa: BLE001 - report why cuDNN refused, then try the next
             sdpa_note = f"{note}: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
-    del k_dense, v_dense, kc, vc
-    torch.cuda.empty_cache()
     return {
-        "batch": batch, "context": context, "splits": splits, "ms": ms,
-        "bandwidth": kv_bytes / (ms * 1e-3), "rel_diff_vs_sdpa": agreement,
+        "batch": batch,
+        "context": context,
+        "splits": splits,
+        "ms": ms,
+        "bandwidth": kv_bytes / (ms * 1e-3),
+        "rel_diff_vs_sdpa": agreement,
         "sdpa_ms": sdpa_ms,
         "sdpa_bandwidth": None if sdpa_ms is None else kv_bytes / (sdpa_ms * 1e-3),
         "sdpa_note": sdpa_note,
@@ -191,8 +202,10 @@ def reshape_case(iters: int) -> dict:
 def copy_case(iters: int) -> dict:
     layers, pairs, page, heads, dim = 32, 2048, 16, 8, 128
     num_blocks = 2 * pairs + 64
-    caches = [torch.randn((num_blocks, page, heads, dim), dtype=torch.float16, device="cuda")
-              for _ in range(2 * layers)]
+    caches = [
+        torch.randn((num_blocks, page, heads, dim), dtype=torch.float16, device="cuda")
+        for _ in range(2 * layers)
+    ]
     ids = torch.randperm(num_blocks, device="cuda")[: 2 * pairs].to(torch.int32)
     src, dst = ids[:pairs].contiguous(), ids[pairs:].contiguous()
     ms = median_ms(lambda: ts.copy_blocks(caches, src, dst), iters)
@@ -204,8 +217,9 @@ def commit() -> str:
     """The git commit measured; the device machine gets a copy of the tree without .git, so the
     caller may pass it in TINYSERVE_COMMIT."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except Exception:  # noqa: BLE001
         return os.environ.get("TINYSERVE_COMMIT", "unknown")
 
@@ -214,53 +228,85 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write all results to this file")
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--layout", choices=["NHD", "HND"], default="NHD",
-                        help="KV cache storage layout (both are passed as the logical NHD view)")
+    parser.add_argument(
+        "--layout",
+        choices=["NHD", "HND"],
+        default="NHD",
+        help="KV cache storage layout (both are passed as the logical NHD view)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     props = torch.cuda.get_device_properties(0)
-    header = {"device": props.name, "sms": props.multi_processor_count, "layout": args.layout,
-              "date": datetime.date.today().isoformat(), "commit": commit(),
-              "torch": torch.__version__, "host": platform.node()}
+    header = {
+        "device": props.name,
+        "sms": props.multi_processor_count,
+        "layout": args.layout,
+        "date": datetime.date.today().isoformat(),
+        "commit": commit(),
+        "torch": torch.__version__,
+        "host": platform.node(),
+    }
     tb = 1e12
-    print(f"{props.name} ({props.multi_processor_count} SMs), {header['date']}, "
-          f"commit {header['commit']}, torch {torch.__version__}, {args.layout} cache",
-          flush=True)
+    print(
+        f"{props.name} ({props.multi_processor_count} SMs), {header['date']}, "
+        f"commit {header['commit']}, torch {torch.__version__}, {args.layout} cache",
+        flush=True,
+    )
     (read_bw, read_method), copy_bw = read_ceiling(args.iters), copy_ceiling(args.iters)
     header["read_ceiling_method"] = read_method
-    print(f"read ceiling {read_bw / tb:.2f} TB/s ({read_method}); "
-          f"copy ceiling {copy_bw / tb:.2f} TB/s (D2D copy, read + write)", flush=True)
+    print(
+        f"read ceiling {read_bw / tb:.2f} TB/s ({read_method}); "
+        f"copy ceiling {copy_bw / tb:.2f} TB/s (D2D copy, read + write)",
+        flush=True,
+    )
     rows = []
     decode = []
     for b, c in ((64, 4096), (8, 32768), (1, 131072), (256, 1024)):
         r = decode_case(b, c, args.iters, rng, args.layout)
+        torch.cuda.empty_cache()  # the case's caches are gone: give their memory back
         decode.append(r)
         s_ms = "n/a" if r["sdpa_ms"] is None else f"{r['sdpa_ms']:.3f}"
         s_bw = "n/a" if r["sdpa_bandwidth"] is None else f"{r['sdpa_bandwidth'] / tb:.2f}"
-        s_pc = "n/a" if r["sdpa_bandwidth"] is None else f"{100 * r['sdpa_bandwidth'] / read_bw:.1f}"
+        s_pc = (
+            "n/a" if r["sdpa_bandwidth"] is None else f"{100 * r['sdpa_bandwidth'] / read_bw:.1f}"
+        )
         err = "n/a" if r["rel_diff_vs_sdpa"] is None else f"{r['rel_diff_vs_sdpa']:.1e}"
-        rows.append(f"| {r['batch']} | {r['context']} | {r['splits']} | {r['ms']:.3f} | "
-                    f"{r['bandwidth'] / tb:.2f} | {100 * r['bandwidth'] / read_bw:.1f} | {s_ms} | "
-                    f"{s_bw} | {s_pc} | {err} |")
+        rows.append(
+            f"| {r['batch']} | {r['context']} | {r['splits']} | {r['ms']:.3f} | "
+            f"{r['bandwidth'] / tb:.2f} | {100 * r['bandwidth'] / read_bw:.1f} | {s_ms} | "
+            f"{s_bw} | {s_pc} | {err} |"
+        )
         print(rows[-1], f" cuDNN: {r['sdpa_note']}", flush=True)
     reshape = reshape_case(args.iters)
-    reshape_line = (f"reshape_and_cache 64k tokens: {reshape['ms']:.3f} ms, "
-                    f"{reshape['bandwidth'] / tb:.2f} TB/s = "
-                    f"{100 * reshape['bandwidth'] / copy_bw:.1f}% of copy ceiling")
+    reshape_line = (
+        f"reshape_and_cache 64k tokens: {reshape['ms']:.3f} ms, "
+        f"{reshape['bandwidth'] / tb:.2f} TB/s = "
+        f"{100 * reshape['bandwidth'] / copy_bw:.1f}% of copy ceiling"
+    )
     print(reshape_line, flush=True)
     copy = copy_case(args.iters)
-    copy_line = (f"copy_blocks {copy['pairs']} pairs x {2 * copy['layers']} caches: "
-                 f"{copy['ms']:.3f} ms, {copy['bandwidth'] / tb:.2f} TB/s = "
-                 f"{100 * copy['bandwidth'] / copy_bw:.1f}% of copy ceiling")
+    copy_line = (
+        f"copy_blocks {copy['pairs']} pairs x {2 * copy['layers']} caches: "
+        f"{copy['ms']:.3f} ms, {copy['bandwidth'] / tb:.2f} TB/s = "
+        f"{100 * copy['bandwidth'] / copy_bw:.1f}% of copy ceiling"
+    )
     print(copy_line, flush=True)
-    results = dict(header, read_ceiling=read_bw, copy_ceiling=copy_bw, decode=decode,
-                   reshape_and_cache=reshape, copy_blocks=copy)
+    results = dict(
+        header,
+        read_ceiling=read_bw,
+        copy_ceiling=copy_bw,
+        decode=decode,
+        reshape_and_cache=reshape,
+        copy_blocks=copy,
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
-    print("\n| batch | context | splits | tinyserve ms | TB/s | % read ceiling | cuDNN SDPA ms "
-          "| TB/s | % read ceiling | rel diff vs SDPA |")
+    print(
+        "\n| batch | context | splits | tinyserve ms | TB/s | % read ceiling | cuDNN SDPA ms "
+        "| TB/s | % read ceiling | rel diff vs SDPA |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     print(reshape_line)

@@ -23,8 +23,9 @@ def main() -> None:
     table = table.view(batch, pages).cuda()
     shape = (batch * pages, page, kv_heads, dim)
     if layout == "HND":
-        kc = torch.randn((batch * pages, kv_heads, page, dim), dtype=torch.float16,
-                         device="cuda").transpose(1, 2)
+        kc = torch.randn(
+            (batch * pages, kv_heads, page, dim), dtype=torch.float16, device="cuda"
+        ).transpose(1, 2)
     else:
         kc = torch.randn(shape, dtype=torch.float16, device="cuda")
     vc = torch.randn_like(kc)

@@ -32,11 +32,11 @@ class TINYSERVE_API BlockManager {
     std::int64_t num_evictable = 0;  // free blocks that still hold a key
     std::int64_t num_shared = 0;     // blocks with ref count > 1
     std::int64_t num_sequences = 0;
-    std::int64_t num_tokens = 0;     // tokens held, summed over sequences
-    std::int64_t waste_slots = 0;    // slots of used blocks that hold no token of any sequence
-    std::int64_t prefix_hits = 0;    // blocks attached from the prefix cache, since creation
-    std::int64_t prefix_queries = 0; // full prompt blocks looked up, since creation
-    std::int64_t evictions = 0;      // cached blocks whose key was dropped to reuse them
+    std::int64_t num_tokens = 0;      // tokens held, summed over sequences
+    std::int64_t waste_slots = 0;     // slots of used blocks that hold no token of any sequence
+    std::int64_t prefix_hits = 0;     // blocks attached from the prefix cache, since creation
+    std::int64_t prefix_queries = 0;  // full prompt blocks looked up, since creation
+    std::int64_t evictions = 0;       // cached blocks whose key was dropped to reuse them
   };
 
   // What add_sequence would attach for a prompt, computed without changing anything.
@@ -51,7 +51,7 @@ class TINYSERVE_API BlockManager {
     std::vector<std::int32_t> table;  // row-major [batch, width], padded with 0
     std::vector<std::int32_t> lens;   // [batch]
     std::int64_t batch = 0;
-    std::int64_t width = 0;           // max blocks over the batch
+    std::int64_t width = 0;  // max blocks over the batch
   };
 
   BlockManager(std::int64_t num_blocks, std::int64_t block_size,
@@ -81,8 +81,8 @@ class TINYSERVE_API BlockManager {
 
   // append() for every listed sequence, slots concatenated in order into slots_out (the sum of
   // num_tokens entries); all-or-nothing over the whole batch.
-  void append_batch(const std::int64_t* seq_ids, const std::int64_t* num_tokens,
-                    std::int64_t count, std::int64_t* slots_out);
+  void append_batch(const std::int64_t* seq_ids, const std::int64_t* num_tokens, std::int64_t count,
+                    std::int64_t* slots_out);
 
   // The child shares every block of the parent; no copy until one of them appends into a shared
   // partial block.

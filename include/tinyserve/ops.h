@@ -81,10 +81,10 @@ TINYSERVE_API void swap_blocks(const TensorView& src_cache, const TensorView& ds
                                const TensorView& src, const TensorView& dst, Stream stream = 0);
 
 // Backends.
-TINYSERVE_API bool cuda_compiled();    // built with the CUDA backend
-TINYSERVE_API int cuda_device_count(); // 0 when not compiled, no driver or no device
+TINYSERVE_API bool cuda_compiled();     // built with the CUDA backend
+TINYSERVE_API int cuda_device_count();  // 0 when not compiled, no driver or no device
 TINYSERVE_API void cuda_stream_synchronize(Stream stream);  // waits for a CUDA stream
-TINYSERVE_API int num_threads();       // worker threads of the CPU backend
+TINYSERVE_API int num_threads();                            // worker threads of the CPU backend
 TINYSERVE_API void set_num_threads(int n);
 
 }  // namespace tinyserve

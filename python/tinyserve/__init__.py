@@ -3,6 +3,7 @@
 Ops take arrays from any framework (NumPy, PyTorch, CuPy, JAX, any DLPack producer); the device
 of the arrays picks the backend (CPU or CUDA). See README.md and docs/ for the contracts."""
 
+from ._ops import copy_blocks, paged_attention, plan_paged_attention, reshape_and_cache, swap_blocks
 from ._tinyserve import (
     BlockManager,
     OutOfBlocks,
@@ -12,7 +13,6 @@ from ._tinyserve import (
     num_threads,
     set_num_threads,
 )
-from ._ops import copy_blocks, paged_attention, plan_paged_attention, reshape_and_cache, swap_blocks
 
 
 def cuda_available() -> bool:
@@ -27,7 +27,8 @@ def cmake_dir() -> str:
 
     from . import _tinyserve
 
-    return os.path.join(os.path.dirname(os.path.abspath(_tinyserve.__file__)), "lib", "cmake", "tinyserve")
+    package = os.path.dirname(os.path.abspath(_tinyserve.__file__))
+    return os.path.join(package, "lib", "cmake", "tinyserve")
 
 
 __all__ = [

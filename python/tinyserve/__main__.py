@@ -1,8 +1,8 @@
 """python -m tinyserve: the command line.
 
-  python -m tinyserve demo [options]   the end-to-end continuous-batching decode simulation
-  python -m tinyserve --cmake-dir      the folder for CMAKE_PREFIX_PATH / tinyserve_DIR
-  python -m tinyserve --version
+python -m tinyserve demo [options]   the end-to-end continuous-batching decode simulation
+python -m tinyserve --cmake-dir      the folder for CMAKE_PREFIX_PATH / tinyserve_DIR
+python -m tinyserve --version
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ outputs through the caller's framework, and calls the compiled core once."""
 from __future__ import annotations
 
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from . import _interop
 from . import _tinyserve as _C

@@ -38,11 +38,14 @@ TensorView to_view(const nb::ndarray<Ts...>& a, const char* op, const char* name
     t.dtype = DType::UInt8;
   } else {
     throw bad("has an unsupported dtype (code " + std::to_string(int(dt.code)) + ", " +
-              std::to_string(dt.bits) + " bits); expected float32, float16, bfloat16, int32, "
+              std::to_string(dt.bits) +
+              " bits); expected float32, float16, bfloat16, int32, "
               "int64 or uint8");
   }
   switch (a.device_type()) {
-    case nb::device::cpu::value: t.device = {DeviceType::CPU, 0}; break;
+    case nb::device::cpu::value:
+      t.device = {DeviceType::CPU, 0};
+      break;
     case nb::device::cuda::value:
     case nb::device::cuda_managed::value:
       t.device = {DeviceType::CUDA, int(a.device_id())};

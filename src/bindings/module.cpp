@@ -14,8 +14,7 @@ NB_MODULE(_tinyserve, m) {
   m.doc() = "tinyserve's compiled core; use the tinyserve package, which wraps it.";
   m.attr("__version__") = TINYSERVE_VERSION;
 
-  static nb::exception<tinyserve::OutOfBlocks> out_of_blocks(m, "OutOfBlocks",
-                                                             PyExc_RuntimeError);
+  static nb::exception<tinyserve::OutOfBlocks> out_of_blocks(m, "OutOfBlocks", PyExc_RuntimeError);
   nb::register_exception_translator([](const std::exception_ptr& p, void*) {
     try {
       std::rethrow_exception(p);

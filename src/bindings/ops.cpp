@@ -1,3 +1,5 @@
+#include "tinyserve/ops.h"
+
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
@@ -8,7 +10,6 @@
 #include <vector>
 
 #include "bindings/convert.h"
-#include "tinyserve/ops.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -54,9 +55,9 @@ void bind_ops(nb::module_& m) {
   m.def(
       "paged_attention",
       [](In query, In key_cache, In value_cache, In block_table, In seq_lens, Out out,
-         std::optional<float> scale, int window_left, float logits_soft_cap,
-         std::optional<Out> lse, std::int64_t max_seq_len, int num_splits,
-         std::optional<Out> workspace, std::uintptr_t stream) {
+         std::optional<float> scale, int window_left, float logits_soft_cap, std::optional<Out> lse,
+         std::int64_t max_seq_len, int num_splits, std::optional<Out> workspace,
+         std::uintptr_t stream) {
         const char* op = "paged_attention";
         TensorView q = to_view(query, op, "query");
         TensorView kc = to_view(key_cache, op, "key_cache");
@@ -71,8 +72,8 @@ void bind_ops(nb::module_& m) {
       },
       "query"_a, "key_cache"_a, "value_cache"_a, "block_table"_a, "seq_lens"_a, "out"_a,
       "scale"_a = nb::none(), "window_left"_a = -1, "logits_soft_cap"_a = 0.0f,
-      "lse"_a = nb::none(), "max_seq_len"_a = -1, "num_splits"_a = 0,
-      "workspace"_a = nb::none(), "stream"_a = 0);
+      "lse"_a = nb::none(), "max_seq_len"_a = -1, "num_splits"_a = 0, "workspace"_a = nb::none(),
+      "stream"_a = 0);
 
   m.def(
       "plan_paged_attention",
@@ -83,9 +84,9 @@ void bind_ops(nb::module_& m) {
         o.window_left = window_left;
         o.max_seq_len = max_seq_len;
         o.num_splits = num_splits;
-        AttentionPlan plan = plan_paged_attention(to_view(query, op, "query"),
-                                                  to_view(key_cache, op, "key_cache"),
-                                                  to_view(block_table, op, "block_table"), o);
+        AttentionPlan plan =
+            plan_paged_attention(to_view(query, op, "query"), to_view(key_cache, op, "key_cache"),
+                                 to_view(block_table, op, "block_table"), o);
         return std::make_pair(plan.num_splits, plan.workspace_bytes);
       },
       "query"_a, "key_cache"_a, "block_table"_a, "window_left"_a = -1, "max_seq_len"_a = -1,

@@ -1,13 +1,14 @@
 // Op entry points: validate every argument, then dispatch to the backend of the tensors' device.
 // Nothing is written before the last check has passed.
 
+#include "tinyserve/ops.h"
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "core/kernels.h"
 #include "core/validate.h"
-#include "tinyserve/ops.h"
 
 namespace tinyserve {
 
@@ -39,7 +40,7 @@ void check_cache_pair(const OpCheck& c, const TensorView& key_cache,
   TS_REQUIRE(c, key_cache.shape[2] > 0, "num_kv_heads must be positive, got ", key_cache.shape[2]);
   TS_REQUIRE(c, key_cache.shape[3] > 0, "head_dim must be positive, got ", key_cache.shape[3]);
   TS_REQUIRE(c, key_cache.shape[1] <= (1 << 20), "block_size must be at most 1048576, got ",
-            key_cache.shape[1]);
+             key_cache.shape[1]);
 }
 
 // The longest key range one query reads: the table's capacity, cut by the caller's bound and
@@ -79,24 +80,30 @@ AttentionShapes check_attention_plan_args(const OpCheck& c, const TensorView& qu
   }
   TS_REQUIRE(c, o.window_left >= -1, "window_left must be -1 (off) or >= 0, got ", o.window_left);
   TS_REQUIRE(c, o.num_splits >= 0 && o.num_splits <= kMaxSplits, "num_splits must be in [0, ",
-            kMaxSplits, "], got ", o.num_splits);
+             kMaxSplits, "], got ", o.num_splits);
   TS_REQUIRE(c, o.max_seq_len >= -1, "max_seq_len must be -1 (unknown) or >= 0, got ",
-            o.max_seq_len);
+             o.max_seq_len);
   TS_REQUIRE(c, std::isfinite(o.logits_soft_cap) && o.logits_soft_cap >= 0.0f,
-            "logits_soft_cap must be finite and >= 0 (0 = off), got ", o.logits_soft_cap);
+             "logits_soft_cap must be finite and >= 0 (0 = off), got ", o.logits_soft_cap);
   if (o.scale) {
     TS_REQUIRE(c, std::isfinite(*o.scale) && *o.scale != 0.0f,
-              "scale must be finite and nonzero, got ", *o.scale);
+               "scale must be finite and nonzero, got ", *o.scale);
   }
-  TS_REQUIRE(c, query.shape[0] <= (1 << 30) && block_table.shape[1] <= (1 << 30) &&
-                query.shape[1] <= 65535,
-            "sizes must fit 32-bit indexing, got query ", shape_str(query), " and block_table ",
-            shape_str(block_table));
-  Device device = c.same_device({{query, "query"}, {key_cache, "key_cache"},
-                                 {block_table, "block_table"}});
-  return {int(query.shape[0]), int(query.shape[1]), int(key_cache.shape[2]),
-          int(key_cache.shape[3]), int(key_cache.shape[1]), int(block_table.shape[1]),
-          device, c.backend(device)};
+  TS_REQUIRE(
+      c,
+      query.shape[0] <= (1 << 30) && block_table.shape[1] <= (1 << 30) && query.shape[1] <= 65535,
+      "sizes must fit 32-bit indexing, got query ", shape_str(query), " and block_table ",
+      shape_str(block_table));
+  Device device =
+      c.same_device({{query, "query"}, {key_cache, "key_cache"}, {block_table, "block_table"}});
+  return {int(query.shape[0]),
+          int(query.shape[1]),
+          int(key_cache.shape[2]),
+          int(key_cache.shape[3]),
+          int(key_cache.shape[1]),
+          int(block_table.shape[1]),
+          device,
+          c.backend(device)};
 }
 
 AttentionPlan make_plan(const AttentionShapes& s, DType dtype, const AttentionOptions& o) {
@@ -111,15 +118,15 @@ AttentionPlan make_plan(const AttentionShapes& s, DType dtype, const AttentionOp
         s.device.index, dtype, s.batch, s.num_q_heads, s.num_kv_heads, s.head_dim, kv_len);
   }
   if (s.backend == Backend::CUDA && plan.num_splits > 1) {
-    plan.workspace_bytes = kernels::attention_workspace_bytes(plan.num_splits, s.batch,
-                                                              s.num_q_heads, s.head_dim);
+    plan.workspace_bytes =
+        kernels::attention_workspace_bytes(plan.num_splits, s.batch, s.num_q_heads, s.head_dim);
   }
   return plan;
 }
 
 kernels::BlockTensor block_tensor(const OpCheck& c, const TensorView& t, const char* name) {
   TS_REQUIRE(c, t.ndim >= 2, name, " must have at least 2 dimensions [num_blocks, ...], got ",
-            t.ndim, " (shape ", shape_str(t), ")");
+             t.ndim, " (shape ", shape_str(t), ")");
   for (int i = 0; i < t.ndim; ++i) {
     TS_REQUIRE(c, t.shape[i] >= 0, name, " has a negative extent, got shape ", shape_str(t));
   }
@@ -160,19 +167,19 @@ void check_host_block_ids(const OpCheck& c, const std::int32_t* src, const std::
                           bool same_tensor) {
   for (std::int64_t i = 0; i < n; ++i) {
     TS_REQUIRE(c, src[i] >= 0 && src[i] < src_blocks, "src[", i, "] must be a block id in [0, ",
-              src_blocks, "), got ", src[i]);
+               src_blocks, "), got ", src[i]);
     TS_REQUIRE(c, dst[i] >= 0 && dst[i] < dst_blocks, "dst[", i, "] must be a block id in [0, ",
-              dst_blocks, "), got ", dst[i]);
+               dst_blocks, "), got ", dst[i]);
   }
   std::vector<std::int32_t> sorted_dst(dst, dst + n);
   std::sort(sorted_dst.begin(), sorted_dst.end());
   auto dup = std::adjacent_find(sorted_dst.begin(), sorted_dst.end());
   TS_REQUIRE(c, dup == sorted_dst.end(), "dst must not name a block twice, got ",
-            dup == sorted_dst.end() ? 0 : *dup, " twice");
+             dup == sorted_dst.end() ? 0 : *dup, " twice");
   if (same_tensor) {
     for (std::int64_t i = 0; i < n; ++i) {
       TS_REQUIRE(c, !std::binary_search(sorted_dst.begin(), sorted_dst.end(), src[i]),
-                "a block must not be both a source and a destination, got block ", src[i]);
+                 "a block must not be both a source and a destination, got block ", src[i]);
     }
   }
 }
@@ -185,9 +192,9 @@ void check_id_array(const OpCheck& c, const TensorView& t, const char* name) {
 
 }  // namespace
 
-void reshape_and_cache(const TensorView& key, const TensorView& value,
-                       const TensorView& key_cache, const TensorView& value_cache,
-                       const TensorView& slot_mapping, Stream stream) {
+void reshape_and_cache(const TensorView& key, const TensorView& value, const TensorView& key_cache,
+                       const TensorView& value_cache, const TensorView& slot_mapping,
+                       Stream stream) {
   OpCheck c("reshape_and_cache");
   c.ndim(key, "key", 3, "[num_tokens, num_kv_heads, head_dim]");
   c.ndim(value, "value", 3, "[num_tokens, num_kv_heads, head_dim]");
@@ -209,8 +216,11 @@ void reshape_and_cache(const TensorView& key, const TensorView& value,
     }
   }
   c.dim(slot_mapping, "slot_mapping", 0, key.shape[0], "num_tokens of key");
-  Device device = c.same_device({{key, "key"}, {value, "value"}, {key_cache, "key_cache"},
-                                 {value_cache, "value_cache"}, {slot_mapping, "slot_mapping"}});
+  Device device = c.same_device({{key, "key"},
+                                 {value, "value"},
+                                 {key_cache, "key_cache"},
+                                 {value_cache, "value_cache"},
+                                 {slot_mapping, "slot_mapping"}});
   Backend backend = c.backend(device);
 
   const std::int64_t num_slots = key_cache.shape[0] * key_cache.shape[1];
@@ -218,7 +228,7 @@ void reshape_and_cache(const TensorView& key, const TensorView& value,
     const std::int64_t* slots = slot_mapping.ptr<const std::int64_t>();
     for (std::int64_t i = 0; i < slot_mapping.shape[0]; ++i) {
       TS_REQUIRE(c, slots[i] >= -1 && slots[i] < num_slots, "slot_mapping[", i,
-                "] must be -1 or a slot in [0, ", num_slots, "), got ", slots[i]);
+                 "] must be -1 or a slot in [0, ", num_slots, "), got ", slots[i]);
     }
   }
   if (key.shape[0] == 0) return;
@@ -248,8 +258,7 @@ void reshape_and_cache(const TensorView& key, const TensorView& value,
 }
 
 AttentionPlan plan_paged_attention(const TensorView& query, const TensorView& key_cache,
-                                   const TensorView& block_table,
-                                   const AttentionOptions& options) {
+                                   const TensorView& block_table, const AttentionOptions& options) {
   OpCheck c("plan_paged_attention");
   AttentionShapes s = check_attention_plan_args(c, query, key_cache, block_table, options);
   return make_plan(s, query.dtype, options);
@@ -275,8 +284,8 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
       c.fail("out must have the shape of query ", shape_str(query), ", got ", shape_str(out));
     }
   }
-  c.same_device({{query, "query"}, {value_cache, "value_cache"}, {seq_lens, "seq_lens"},
-                 {out, "out"}});
+  c.same_device(
+      {{query, "query"}, {value_cache, "value_cache"}, {seq_lens, "seq_lens"}, {out, "out"}});
   if (options.lse) {
     const TensorView& lse = *options.lse;
     c.ndim(lse, "lse", 2, "[batch, num_q_heads]");
@@ -289,8 +298,8 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
   AttentionPlan plan = make_plan(s, query.dtype, options);
   if (plan.workspace_bytes > 0) {
     TS_REQUIRE(c, options.workspace.has_value(), "splitting into ", plan.num_splits,
-              " pieces needs a workspace of ", plan.workspace_bytes,
-              " bytes (see plan_paged_attention), got none");
+               " pieces needs a workspace of ", plan.workspace_bytes,
+               " bytes (see plan_paged_attention), got none");
     const TensorView& ws = *options.workspace;
     c.same_device({{query, "query"}, {ws, "workspace"}});
     std::size_t bytes = std::size_t(ws.numel()) * dtype_size(ws.dtype);
@@ -302,9 +311,9 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
     }
     TS_REQUIRE(c, contiguous, "workspace must be contiguous, got strides of shape ", shape_str(ws));
     TS_REQUIRE(c, bytes >= plan.workspace_bytes, "workspace must hold at least ",
-              plan.workspace_bytes, " bytes for ", plan.num_splits, " splits, got ", bytes);
+               plan.workspace_bytes, " bytes for ", plan.num_splits, " splits, got ", bytes);
     TS_REQUIRE(c, reinterpret_cast<std::uintptr_t>(ws.data) % 16 == 0,
-              "workspace must be 16-byte aligned, got address ", ws.data);
+               "workspace must be 16-byte aligned, got address ", ws.data);
   }
 
   const std::int64_t capacity = std::int64_t(s.max_blocks) * s.block_size;
@@ -314,14 +323,15 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
     const std::int32_t* table = block_table.ptr<const std::int32_t>();
     for (int b = 0; b < s.batch; ++b) {
       TS_REQUIRE(c, lens[b] >= 0 && lens[b] <= capacity, "seq_lens[", b, "] must be in [0, ",
-                capacity, "] (max_blocks * block_size), got ", lens[b]);
+                 capacity, "] (max_blocks * block_size), got ", lens[b]);
       std::int64_t first = 0;
-      if (options.window_left >= 0) first = std::max<std::int64_t>(0, lens[b] - 1 - options.window_left);
+      if (options.window_left >= 0)
+        first = std::max<std::int64_t>(0, lens[b] - 1 - options.window_left);
       for (std::int64_t page = first / s.block_size;
            page < (lens[b] + s.block_size - 1) / s.block_size; ++page) {
         std::int32_t id = table[b * block_table.strides[0] + page];
         TS_REQUIRE(c, id >= 0 && id < key_cache.shape[0], "block_table[", b, ", ", page,
-                  "] must be a block id in [0, ", key_cache.shape[0], "), got ", id);
+                   "] must be a block id in [0, ", key_cache.shape[0], "), got ", id);
       }
     }
   }
@@ -359,8 +369,8 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
   p.num_splits = plan.num_splits;
   if (plan.workspace_bytes > 0) {
     p.workspace = options.workspace->data;
-    p.workspace_bytes = std::size_t(options.workspace->numel()) *
-                        dtype_size(options.workspace->dtype);
+    p.workspace_bytes =
+        std::size_t(options.workspace->numel()) * dtype_size(options.workspace->dtype);
   }
   p.device_index = s.device.index;
   if (s.backend == Backend::CPU) {
@@ -411,31 +421,33 @@ void swap_blocks(const TensorView& src_cache, const TensorView& dst_cache, const
   check_id_array(c, dst, "dst");
   c.dim(dst, "dst", 0, src.shape[0], "num_pairs of src");
   TS_REQUIRE(c, detail::is_host(src.device) && detail::is_host(dst.device),
-            "src and dst must be in host memory, got ", detail::device_str(src.device), " and ",
-            detail::device_str(dst.device));
+             "src and dst must be in host memory, got ", detail::device_str(src.device), " and ",
+             detail::device_str(dst.device));
   kernels::SwapBlocksParams p;
   p.src_cache = block_tensor(c, src_cache, "src_cache");
   p.dst_cache = block_tensor(c, dst_cache, "dst_cache");
   c.same_dtype(src_cache, "src_cache", dst_cache, "dst_cache");
   TS_REQUIRE(c, src_cache.ndim == dst_cache.ndim, "dst_cache must have the rank of src_cache (",
-            src_cache.ndim, "), got ", dst_cache.ndim);
+             src_cache.ndim, "), got ", dst_cache.ndim);
   for (int d = 1; d < src_cache.ndim; ++d) {
     TS_REQUIRE(c, src_cache.shape[d] == dst_cache.shape[d],
-              "dst_cache must match src_cache in every dimension but the first, got ",
-              shape_str(src_cache), " and ", shape_str(dst_cache));
+               "dst_cache must match src_cache in every dimension but the first, got ",
+               shape_str(src_cache), " and ", shape_str(dst_cache));
   }
   for (int d = 1; d < src_cache.ndim; ++d) {
     TS_REQUIRE(c, src_cache.shape[d] <= 1 || src_cache.strides[d] == dst_cache.strides[d],
-              "src_cache and dst_cache must lay out a block alike, got stride ",
-              src_cache.strides[d], " and ", dst_cache.strides[d], " in dimension ", d);
+               "src_cache and dst_cache must lay out a block alike, got stride ",
+               src_cache.strides[d], " and ", dst_cache.strides[d], " in dimension ", d);
   }
-  TS_REQUIRE(c, p.src_cache.dense, "a block of the caches must be one contiguous run of memory, "
-            "got strides of shape ", shape_str(src_cache));
+  TS_REQUIRE(c, p.src_cache.dense,
+             "a block of the caches must be one contiguous run of memory, "
+             "got strides of shape ",
+             shape_str(src_cache));
   bool src_cuda = !detail::is_host(src_cache.device);
   bool dst_cuda = !detail::is_host(dst_cache.device);
   TS_REQUIRE(c, !(src_cuda && dst_cuda) || src_cache.device.index == dst_cache.device.index,
-            "device caches must be on one device, got ", detail::device_str(src_cache.device),
-            " and ", detail::device_str(dst_cache.device));
+             "device caches must be on one device, got ", detail::device_str(src_cache.device),
+             " and ", detail::device_str(dst_cache.device));
   Device device = src_cuda ? src_cache.device : dst_cache.device;
   Backend backend = c.backend(device);
   check_host_block_ids(c, src.ptr<const std::int32_t>(), dst.ptr<const std::int32_t>(),

@@ -17,8 +17,8 @@ std::string device_str(Device d) {
 
 void OpCheck::ndim(const TensorView& t, const char* name, int n, const char* dims) const {
   if (t.ndim != n) {
-    fail(name, " must have ", n, " dimensions ", dims, ", got ", t.ndim, " (shape ",
-         shape_str(t), ")");
+    fail(name, " must have ", n, " dimensions ", dims, ", got ", t.ndim, " (shape ", shape_str(t),
+         ")");
   }
   for (int i = 0; i < t.ndim; ++i) {
     if (t.shape[i] < 0) fail(name, " has a negative extent, got shape ", shape_str(t));
@@ -57,8 +57,7 @@ void OpCheck::dim(const TensorView& t, const char* name, int d, std::int64_t exp
 void OpCheck::last_dim_contiguous(const TensorView& t, const char* name) const {
   // Strides of an empty tensor mean nothing (producers report arbitrary ones).
   if (t.ndim > 0 && t.numel() > 0 && t.shape[t.ndim - 1] > 1 && t.strides[t.ndim - 1] != 1) {
-    fail(name, " must be contiguous in its last dimension, got stride ",
-         t.strides[t.ndim - 1]);
+    fail(name, " must be contiguous in its last dimension, got stride ", t.strides[t.ndim - 1]);
   }
 }
 
@@ -82,8 +81,8 @@ Device OpCheck::same_device(std::initializer_list<Named> tensors) const {
     Device a = first->t.device, b = n.t.device;
     bool same = is_host(a) ? is_host(b) : (b.type == DeviceType::CUDA && a.index == b.index);
     if (!same) {
-      fail("all tensors must be on one device: ", first->name, " is on ", device_str(a),
-           ", got ", n.name, " on ", device_str(b));
+      fail("all tensors must be on one device: ", first->name, " is on ", device_str(a), ", got ",
+           n.name, " on ", device_str(b));
     }
   }
   return first ? first->t.device : Device{};

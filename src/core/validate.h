@@ -19,8 +19,8 @@
 #include "tinyserve/tensor.h"
 
 // Checks `cond`; only when it fails are the message parts evaluated and the error thrown.
-#define TS_REQUIRE(check, cond, ...)     \
-  do {                                   \
+#define TS_REQUIRE(check, cond, ...)        \
+  do {                                      \
     if (!(cond)) (check).fail(__VA_ARGS__); \
   } while (0)
 
@@ -90,8 +90,7 @@ class OpCheck {
   void ndim(const TensorView& t, const char* name, int n, const char* dims) const;
   void dtype(const TensorView& t, const char* name, DType expected) const;
   void attention_dtype(const TensorView& t, const char* name) const;  // float32/16, bfloat16
-  void same_dtype(const TensorView& a, const char* an, const TensorView& b,
-                  const char* bn) const;
+  void same_dtype(const TensorView& a, const char* an, const TensorView& b, const char* bn) const;
   void dim(const TensorView& t, const char* name, int d, std::int64_t expected,
            const char* what) const;
   void last_dim_contiguous(const TensorView& t, const char* name) const;

@@ -174,7 +174,8 @@ void store(const PagedAttentionParams& p, int b, int h, const float* o, float ls
   T* dst = static_cast<T*>(p.out) + std::int64_t(b) * p.out_stride_batch +
            std::int64_t(h) * p.out_stride_head;
   for (int d = 0; d < p.head_dim; ++d) dst[d] = from_float<T>(o[d]);
-  if (p.lse) p.lse[std::int64_t(b) * p.lse_stride_batch + std::int64_t(h) * p.lse_stride_head] = lse;
+  if (p.lse)
+    p.lse[std::int64_t(b) * p.lse_stride_batch + std::int64_t(h) * p.lse_stride_head] = lse;
 }
 
 template <class T>
@@ -241,10 +242,14 @@ int plan_attention_splits(int batch, int num_kv_heads, std::int64_t max_kv_len) 
 
 void paged_attention(const PagedAttentionParams& p) {
   switch (p.dtype) {
-    case DType::Float32: return run<float>(p);
-    case DType::Float16: return run<half_t>(p);
-    case DType::BFloat16: return run<bfloat16_t>(p);
-    default: break;
+    case DType::Float32:
+      return run<float>(p);
+    case DType::Float16:
+      return run<half_t>(p);
+    case DType::BFloat16:
+      return run<bfloat16_t>(p);
+    default:
+      break;
   }
 }
 

@@ -51,8 +51,7 @@ void reshape_and_cache(const ReshapeAndCacheParams& p) {
         const std::int64_t kc = block * p.key_cache.stride_block +
                                 offset * p.key_cache.stride_token + h * p.key_cache.stride_head;
         const std::int64_t vc = block * p.value_cache.stride_block +
-                                offset * p.value_cache.stride_token +
-                                h * p.value_cache.stride_head;
+                                offset * p.value_cache.stride_token + h * p.value_cache.stride_head;
         std::memcpy(static_cast<char*>(p.key_cache.data) + kc * elem,
                     static_cast<const char*>(p.key) +
                         (i * p.key_stride_token + h * p.key_stride_head) * elem,
@@ -68,15 +67,14 @@ void reshape_and_cache(const ReshapeAndCacheParams& p) {
 
 void copy_blocks(const CopyBlocksParams& p) {
   const std::int64_t per_tensor = p.num_pairs;
-  parallel_for(std::int64_t(p.tensors.size()) * per_tensor,
-               [&](std::int64_t begin, std::int64_t end) {
-                 for (std::int64_t i = begin; i < end; ++i) {
-                   const BlockTensor& t = p.tensors[std::size_t(i / per_tensor)];
-                   const std::int64_t pair = i % per_tensor;
-                   copy_block(t, block_base(t, p.src[pair]),
-                              const_cast<char*>(block_base(t, p.dst[pair])));
-                 }
-               });
+  parallel_for(
+      std::int64_t(p.tensors.size()) * per_tensor, [&](std::int64_t begin, std::int64_t end) {
+        for (std::int64_t i = begin; i < end; ++i) {
+          const BlockTensor& t = p.tensors[std::size_t(i / per_tensor)];
+          const std::int64_t pair = i % per_tensor;
+          copy_block(t, block_base(t, p.src[pair]), const_cast<char*>(block_base(t, p.dst[pair])));
+        }
+      });
 }
 
 void swap_blocks(const SwapBlocksParams& p) {

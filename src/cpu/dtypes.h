@@ -71,9 +71,9 @@ inline half_t from_float<half_t>(float f) {
   std::memcpy(&u, &f, 4);
   std::uint16_t sign = std::uint16_t((u >> 16) & 0x8000u);
   std::uint32_t abs = u & 0x7fffffffu;
-  if (abs > 0x7f800000u) return {std::uint16_t(sign | 0x7e00u)};  // nan
+  if (abs > 0x7f800000u) return {std::uint16_t(sign | 0x7e00u)};   // nan
   if (abs >= 0x477ff000u) return {std::uint16_t(sign | 0x7c00u)};  // overflow (rounds to inf)
-  if (abs < 0x38800000u) {  // result is subnormal or zero
+  if (abs < 0x38800000u) {                                         // result is subnormal or zero
     if (abs < 0x33000000u) return {sign};  // below half the smallest subnormal
     std::uint32_t exp = abs >> 23;
     std::uint32_t mant = (abs & 0x7fffffu) | 0x800000u;

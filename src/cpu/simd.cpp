@@ -4,9 +4,9 @@
 #include <cstring>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__)
-#  define TS_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define TS_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
-#  define TS_MULTIVERSION
+#define TS_MULTIVERSION
 #endif
 
 // Helpers are inlined into each clone so that they are compiled for its instruction set. Like the

@@ -40,11 +40,11 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
-constexpr int kTile = 64;           // tokens per pipeline stage (MMA kernel)
-constexpr int kMmaHeads = 16;       // query heads per CTA (MMA kernel: the M of m16n8k16)
-constexpr int kGenericHeads = 8;    // query heads per CTA (generic kernel)
-constexpr int kGenericMaxDim = 512; // 16 elements per lane
-constexpr int kMinSplitTokens = 256;     // no split makes chunks shorter than this
+constexpr int kTile = 64;             // tokens per pipeline stage (MMA kernel)
+constexpr int kMmaHeads = 16;         // query heads per CTA (MMA kernel: the M of m16n8k16)
+constexpr int kGenericHeads = 8;      // query heads per CTA (generic kernel)
+constexpr int kGenericMaxDim = 512;   // 16 elements per lane
+constexpr int kMinSplitTokens = 256;  // no split makes chunks shorter than this
 constexpr double kSplitOverheadTokens = 128.0;  // per-CTA fixed cost, in tokens of streaming
 
 struct AttnArgs {
@@ -67,8 +67,8 @@ struct AttnArgs {
   int max_blocks;
   int batch, num_q_heads, head_dim, block_size;
   int block_shift;  // log2(block_size) when it is a power of two, else -1
-  int group;       // query heads per KV head
-  int head_tiles;  // CTAs per KV head along the group
+  int group;        // query heads per KV head
+  int head_tiles;   // CTAs per KV head along the group
   int window_left;
   int num_splits;
   // logit (log2 domain) = post * tanh(q.k * pre) with a soft cap, else q.k * pre
@@ -92,7 +92,8 @@ __device__ __forceinline__ void split_range(const AttnArgs& a, int b, int split,
 
 // token / block_size (the page) and token % block_size (the slot in it).
 __device__ __forceinline__ int page_of(const AttnArgs& a, int token) {
-  return a.block_shift >= 0 ? token >> a.block_shift : int(unsigned(token) / unsigned(a.block_size));
+  return a.block_shift >= 0 ? token >> a.block_shift
+                            : int(unsigned(token) / unsigned(a.block_size));
 }
 
 // What one CTA computes: query heads [head0, head0 + heads) of KV head kv_head, over tokens
@@ -139,8 +140,8 @@ __device__ __forceinline__ void store_output(const AttnArgs& a, int b, int split
 // red_o [kWarps][rows][dim]. Writes rows [0, heads) of query heads head0...
 template <class T>
 __device__ void merge_warps_and_store(const AttnArgs& a, const float* red_m, const float* red_l,
-                                      const float* red_o, int rows, int dim, int heads,
-                                      int head0, int b, int split) {
+                                      const float* red_o, int rows, int dim, int heads, int head0,
+                                      int b, int split) {
   for (int i = threadIdx.x; i < heads * dim; i += kThreads) {
     const int r = i / dim, d = i - r * dim;
     float m = -INFINITY;
@@ -204,7 +205,6 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(const __grid_const
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int num_tiles = (end - begin + kTile - 1) / kTile;
 
-
   // Row addresses: thread t < kTile owns row t of every tile. It reads the block id of its row
   // two tiles ahead (into a register) and writes the row's K and V addresses one tile ahead of
   // the copies that use them, so neither the table read nor the address arithmetic is on the
@@ -247,10 +247,10 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(const __grid_const
       const std::uint64_t kr = k_rows[pass * C::kRowsPerPass];
       const std::uint64_t vr = v_rows[pass * C::kRowsPerPass];
       const std::uint32_t dst = pass * C::kRowsPerPass * kRowBytes;
-      ptx::cp_async_16(ks + dst, reinterpret_cast<const char*>(kr & ~std::uint64_t(1)) + chunk_bytes,
-                       kr & 1u);
-      ptx::cp_async_16(vs + dst, reinterpret_cast<const char*>(vr & ~std::uint64_t(1)) + chunk_bytes,
-                       vr & 1u);
+      ptx::cp_async_16(
+          ks + dst, reinterpret_cast<const char*>(kr & ~std::uint64_t(1)) + chunk_bytes, kr & 1u);
+      ptx::cp_async_16(
+          vs + dst, reinterpret_cast<const char*>(vr & ~std::uint64_t(1)) + chunk_bytes, vr & 1u);
     }
   };
 
@@ -289,10 +289,10 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(const __grid_const
   // (l / 8 % 2) * 8 + l % 8, columns (l / 16) * 8 of each 16-wide step. K (B operand of S):
   // tokens warp * 16 + (l / 16) * 8 + l % 8, columns (l / 8 % 2) * 8. V (B operand of O,
   // transposed): tokens warp * 16 + (l / 8 % 2) * 8 + l % 8, columns (l / 16) * 8.
-  const std::uint32_t q_frag = ptx::smem_addr(q_smem) +
-                               ((lane % 8) + ((lane / 8) % 2) * 8) * kRowBytes + (lane / 16) * 16;
-  const std::uint32_t k_frag = stages + (warp * 16 + (lane / 16) * 8 + lane % 8) * kRowBytes +
-                               ((lane / 8) % 2) * 16;
+  const std::uint32_t q_frag =
+      ptx::smem_addr(q_smem) + ((lane % 8) + ((lane / 8) % 2) * 8) * kRowBytes + (lane / 16) * 16;
+  const std::uint32_t k_frag =
+      stages + (warp * 16 + (lane / 16) * 8 + lane % 8) * kRowBytes + ((lane / 8) % 2) * 16;
   const std::uint32_t v_frag = stages + kTile * kRowBytes +
                                (warp * 16 + ((lane / 8) % 2) * 8 + lane % 8) * kRowBytes +
                                (lane / 16) * 16;
@@ -417,7 +417,7 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(const __grid_const
   }
   ptx::cp_async_wait<0>();
   ptx::allow_dependent_grids();  // the merge kernel (if any) may start launching
-  __syncthreads();  // the stage buffers become the reduction buffers
+  __syncthreads();               // the stage buffers become the reduction buffers
 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -455,9 +455,9 @@ __global__ void __launch_bounds__(kThreads)
     decode_generic_kernel(const __grid_constant__ AttnArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int D = a.head_dim;
-  float* q_smem = reinterpret_cast<float*>(smem);         // [kGenericHeads][D]
-  float* acc = q_smem + kGenericHeads * D;                 // [kWarps][kGenericHeads][D]
-  float* red_m = acc + kWarps * kGenericHeads * D;         // [kWarps][kGenericHeads]
+  float* q_smem = reinterpret_cast<float*>(smem);   // [kGenericHeads][D]
+  float* acc = q_smem + kGenericHeads * D;          // [kWarps][kGenericHeads][D]
+  float* red_m = acc + kWarps * kGenericHeads * D;  // [kWarps][kGenericHeads]
   float* red_l = red_m + kWarps * kGenericHeads;
 
   const WorkUnit u = work_unit(a, kGenericHeads, 1);
@@ -550,12 +550,13 @@ std::size_t merge_smem_bytes(int head_dim) {
 // independently of other splits, so many loads are in flight at once. The warps' states are
 // merged through shared memory.
 template <class T>
-__global__ void __launch_bounds__(kThreads) merge_splits_kernel(const __grid_constant__ AttnArgs a) {
+__global__ void __launch_bounds__(kThreads)
+    merge_splits_kernel(const __grid_constant__ AttnArgs a) {
   extern __shared__ float merge_smem[];
-  float* warp_m = merge_smem;              // [kWarps]
-  float* warp_w = warp_m + kWarps;         // [kWarps]
-  float* warp_sum = warp_w + kWarps;       // [kWarps][head_dim]
-  ptx::wait_for_previous_grid();  // launched while the decode kernel finishes
+  float* warp_m = merge_smem;         // [kWarps]
+  float* warp_w = warp_m + kWarps;    // [kWarps]
+  float* warp_sum = warp_w + kWarps;  // [kWarps][head_dim]
+  ptx::wait_for_previous_grid();      // launched while the decode kernel finishes
   const int b = blockIdx.x / a.num_q_heads, h = blockIdx.x % a.num_q_heads;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const std::int64_t stride = std::int64_t(a.batch) * a.num_q_heads;
@@ -637,10 +638,14 @@ struct Launch {
 template <class T>
 Launch mma_launch(int head_dim) {
   switch (head_dim) {
-    case 64: return {decode_mma_kernel<T, 64>, MmaConfig<64>::kSmemBytes, kMmaHeads};
-    case 128: return {decode_mma_kernel<T, 128>, MmaConfig<128>::kSmemBytes, kMmaHeads};
-    case 256: return {decode_mma_kernel<T, 256>, MmaConfig<256>::kSmemBytes, kMmaHeads};
-    default: return {nullptr, 0, 0};
+    case 64:
+      return {decode_mma_kernel<T, 64>, MmaConfig<64>::kSmemBytes, kMmaHeads};
+    case 128:
+      return {decode_mma_kernel<T, 128>, MmaConfig<128>::kSmemBytes, kMmaHeads};
+    case 256:
+      return {decode_mma_kernel<T, 256>, MmaConfig<256>::kSmemBytes, kMmaHeads};
+    default:
+      return {nullptr, 0, 0};
   }
 }
 
@@ -651,9 +656,12 @@ int generic_smem_bytes(int head_dim) {
 Launch generic_launch(DType dtype, int head_dim) {
   const int smem = generic_smem_bytes(head_dim);
   switch (dtype) {
-    case DType::Float16: return {decode_generic_kernel<__half>, smem, kGenericHeads};
-    case DType::BFloat16: return {decode_generic_kernel<__nv_bfloat16>, smem, kGenericHeads};
-    default: return {decode_generic_kernel<float>, smem, kGenericHeads};
+    case DType::Float16:
+      return {decode_generic_kernel<__half>, smem, kGenericHeads};
+    case DType::BFloat16:
+      return {decode_generic_kernel<__nv_bfloat16>, smem, kGenericHeads};
+    default:
+      return {decode_generic_kernel<float>, smem, kGenericHeads};
   }
 }
 
@@ -685,14 +693,14 @@ int prepare(const Launch& l, int max_smem_bytes, int device, const char* op) {
     if (e.kernel == l.kernel && e.device == device && e.smem == l.smem_bytes) return e.ctas;
   }
   if (std::find(raised.begin(), raised.end(), std::make_pair(l.kernel, device)) == raised.end()) {
-    check(cudaFuncSetAttribute(l.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               max_smem_bytes),
-          op, "cudaFuncSetAttribute");
+    check(
+        cudaFuncSetAttribute(l.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem_bytes),
+        op, "cudaFuncSetAttribute");
     raised.emplace_back(l.kernel, device);
   }
   int ctas = 0;
-  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, l.kernel, kThreads, l.smem_bytes),
-        op, "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, l.kernel, kThreads, l.smem_bytes), op,
+        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
   ctas = std::max(ctas, 1);
   prepared.push_back({l.kernel, device, l.smem_bytes, ctas});
   return ctas;
@@ -722,12 +730,11 @@ int plan_attention_splits(int device_index, DType dtype, int batch, int num_q_he
   DeviceGuard guard(device_index, op);
   const Launch l = preferred_launch(dtype, head_dim);
   const int group = num_q_heads / num_kv_heads;
-  const std::int64_t units = std::int64_t(batch) * num_kv_heads *
-                             ((group + l.heads_per_cta - 1) / l.heads_per_cta);
+  const std::int64_t units =
+      std::int64_t(batch) * num_kv_heads * ((group + l.heads_per_cta - 1) / l.heads_per_cta);
   const std::int64_t slots = std::int64_t(device_info(device_index).multiprocessors) *
                              prepare(l, max_smem(l), device_index, op);
-  const std::int64_t max_splits =
-      std::clamp<std::int64_t>(max_kv_len / kMinSplitTokens, 1, 1024);
+  const std::int64_t max_splits = std::clamp<std::int64_t>(max_kv_len / kMinSplitTokens, 1, 1024);
   // Cost of s splits for equal-length sequences: the waves of CTAs it takes, times each CTA's
   // work (its chunk of tokens plus a fixed cost, about two tiles of pipeline fill, that every
   // CTA and every split's merge pays). The cheapest s wins; ties go to fewer splits.
@@ -751,8 +758,10 @@ void paged_attention(const PagedAttentionParams& p, Stream stream) {
         std::to_string(std::int64_t(p.max_blocks) * p.block_size));
   }
   if (p.batch > 65535) {
-    throw std::invalid_argument("tinyserve.paged_attention: batch must be at most 65535 on CUDA, "
-                                "got " + std::to_string(p.batch));
+    throw std::invalid_argument(
+        "tinyserve.paged_attention: batch must be at most 65535 on CUDA, "
+        "got " +
+        std::to_string(p.batch));
   }
   DeviceGuard guard(p.device_index, op);
   AttnArgs a{};
@@ -782,7 +791,8 @@ void paged_attention(const PagedAttentionParams& p, Stream stream) {
   a.num_q_heads = p.num_q_heads;
   a.head_dim = p.head_dim;
   a.block_size = p.block_size;
-  a.block_shift = (p.block_size & (p.block_size - 1)) == 0 ? __builtin_ctz(unsigned(p.block_size)) : -1;
+  a.block_shift =
+      (p.block_size & (p.block_size - 1)) == 0 ? __builtin_ctz(unsigned(p.block_size)) : -1;
   a.group = p.num_q_heads / p.num_kv_heads;
   a.window_left = p.window_left;
   a.num_splits = p.num_splits;
@@ -814,16 +824,15 @@ void paged_attention(const PagedAttentionParams& p, Stream stream) {
   // of the same token rows.
   const dim3 grid(unsigned(p.num_kv_heads * a.head_tiles), unsigned(p.num_splits),
                   unsigned(p.batch));
-  launch(reinterpret_cast<const void*>(l.kernel), grid, dim3(kThreads),
-         std::size_t(l.smem_bytes), s, a, op, "decode kernel");
+  launch(reinterpret_cast<const void*>(l.kernel), grid, dim3(kThreads), std::size_t(l.smem_bytes),
+         s, a, op, "decode kernel");
   if (p.num_splits > 1) {
     const std::size_t smem = merge_smem_bytes(p.head_dim);
-    const void* merge = p.dtype == DType::Float16    ? reinterpret_cast<const void*>(
-                                                           merge_splits_kernel<__half>)
-                        : p.dtype == DType::BFloat16 ? reinterpret_cast<const void*>(
-                                                           merge_splits_kernel<__nv_bfloat16>)
-                                                     : reinterpret_cast<const void*>(
-                                                           merge_splits_kernel<float>);
+    const void* merge = p.dtype == DType::Float16
+                            ? reinterpret_cast<const void*>(merge_splits_kernel<__half>)
+                        : p.dtype == DType::BFloat16
+                            ? reinterpret_cast<const void*>(merge_splits_kernel<__nv_bfloat16>)
+                            : reinterpret_cast<const void*>(merge_splits_kernel<float>);
     launch_after(merge, dim3(unsigned(p.batch * p.num_q_heads)), dim3(kThreads), smem, s, a,
                  device_info(p.device_index).compute_capability >= 90, op, "merge_splits_kernel");
   }

@@ -125,11 +125,21 @@ __global__ void copy_blocks_kernel(const __grid_constant__ CopyArgs a) {
   char* to = e.data + d * e.stride_block;
   const char* from = e.data + s * e.stride_block;
   switch (e.width) {
-    case 16: copy_words<16>(to, from, e.block_bytes); break;
-    case 8: copy_words<8>(to, from, e.block_bytes); break;
-    case 4: copy_words<4>(to, from, e.block_bytes); break;
-    case 2: copy_words<2>(to, from, e.block_bytes); break;
-    default: copy_words<1>(to, from, e.block_bytes); break;
+    case 16:
+      copy_words<16>(to, from, e.block_bytes);
+      break;
+    case 8:
+      copy_words<8>(to, from, e.block_bytes);
+      break;
+    case 4:
+      copy_words<4>(to, from, e.block_bytes);
+      break;
+    case 2:
+      copy_words<2>(to, from, e.block_bytes);
+      break;
+    default:
+      copy_words<1>(to, from, e.block_bytes);
+      break;
   }
 }
 
@@ -191,14 +201,14 @@ void reshape_and_cache(const ReshapeAndCacheParams& p, Stream stream) {
   const std::uint64_t row_bytes = std::uint64_t(p.head_dim) * e;
   auto u = [](auto x) { return static_cast<std::uint64_t>(x); };
   // Negative strides are fine for the width test: only divisibility matters.
-  const int width = copy_width(
-      {row_bytes, u(reinterpret_cast<std::uintptr_t>(a.key)),
-       u(reinterpret_cast<std::uintptr_t>(a.value)),
-       u(reinterpret_cast<std::uintptr_t>(a.key_cache)),
-       u(reinterpret_cast<std::uintptr_t>(a.value_cache)), u(a.key_stride_token),
-       u(a.key_stride_head), u(a.value_stride_token), u(a.value_stride_head),
-       u(a.kc_stride_block), u(a.kc_stride_token), u(a.kc_stride_head), u(a.vc_stride_block),
-       u(a.vc_stride_token), u(a.vc_stride_head)});
+  const int width =
+      copy_width({row_bytes, u(reinterpret_cast<std::uintptr_t>(a.key)),
+                  u(reinterpret_cast<std::uintptr_t>(a.value)),
+                  u(reinterpret_cast<std::uintptr_t>(a.key_cache)),
+                  u(reinterpret_cast<std::uintptr_t>(a.value_cache)), u(a.key_stride_token),
+                  u(a.key_stride_head), u(a.value_stride_token), u(a.value_stride_head),
+                  u(a.kc_stride_block), u(a.kc_stride_token), u(a.kc_stride_head),
+                  u(a.vc_stride_block), u(a.vc_stride_token), u(a.vc_stride_head)});
   a.words_per_row = int(row_bytes / width);
   const int per_token = a.num_heads * a.words_per_row;
   const int threads = std::min(256, std::max(32, (per_token + 31) / 32 * 32));
@@ -317,8 +327,7 @@ void swap_blocks(const SwapBlocksParams& p, Stream stream) {
     cudaGetLastError();  // fall back to one call per run
   }
   for (std::size_t i = 0; i < srcs.size(); ++i) {
-    check(cudaMemcpyAsync(dsts[i], srcs[i], sizes[i], cudaMemcpyDefault, s), op,
-          "cudaMemcpyAsync");
+    check(cudaMemcpyAsync(dsts[i], srcs[i], sizes[i], cudaMemcpyDefault, s), op, "cudaMemcpyAsync");
   }
 }
 

@@ -62,9 +62,8 @@ const DeviceInfo& device_info(int device);
 // scheduled while the previous kernel drains; it must call ptx::wait_for_previous_grid() before
 // reading that output.
 template <class Args>
-void launch_after(const void* kernel, dim3 grid, dim3 block, std::size_t smem,
-                  cudaStream_t stream, Args& args, bool overlap, const char* op,
-                  const char* what) {
+void launch_after(const void* kernel, dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream,
+                  Args& args, bool overlap, const char* op, const char* what) {
   if (!overlap) return launch(kernel, grid, block, smem, stream, args, op, what);
   void* params[] = {&args};
   cudaLaunchConfig_t config{};

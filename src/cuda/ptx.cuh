@@ -38,8 +38,9 @@ __device__ __forceinline__ void cp_async_16(std::uint32_t smem, const void* gmem
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
   asm volatile(
       "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n"
-      " cp.async.cg.shared.global.L2::cache_hint" TS_L2_PREFETCH " [%0], [%1], 16, p, %3;\n}\n"
-      ::"r"(smem), "l"(gmem), "r"(int(zero)), "l"(policy));
+      " cp.async.cg.shared.global.L2::cache_hint" TS_L2_PREFETCH
+      " [%0], [%1], 16, p, %3;\n}\n" ::"r"(smem),
+      "l"(gmem), "r"(int(zero)), "l"(policy));
 #else
   asm volatile(
       "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n"
@@ -48,7 +49,9 @@ __device__ __forceinline__ void cp_async_16(std::uint32_t smem, const void* gmem
 #endif
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -85,8 +88,7 @@ __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const std::uint
 }
 
 template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4],
-                                                         const std::uint32_t (&a)[4],
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const std::uint32_t (&a)[4],
                                                          std::uint32_t b0, std::uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "

@@ -24,25 +24,25 @@ inline int exit_code() {
 
 }  // namespace test
 
-#define CHECK(cond)                                                              \
-  do {                                                                           \
-    if (!(cond)) {                                                               \
-      std::printf("%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);       \
-      ++test::failures();                                                        \
-    }                                                                            \
+#define CHECK(cond)                                                        \
+  do {                                                                     \
+    if (!(cond)) {                                                         \
+      std::printf("%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
+      ++test::failures();                                                  \
+    }                                                                      \
   } while (0)
 
-#define EXPECT_THROWS(stmt, type)                                                          \
-  do {                                                                                     \
-    bool caught_ = false;                                                                  \
-    try {                                                                                  \
-      stmt;                                                                                \
-    } catch (const type&) {                                                                \
-      caught_ = true;                                                                      \
-    } catch (...) {                                                                        \
-    }                                                                                      \
-    if (!caught_) {                                                                        \
-      std::printf("%s:%d: expected %s from: %s\n", __FILE__, __LINE__, #type, #stmt);     \
-      ++test::failures();                                                                  \
-    }                                                                                      \
+#define EXPECT_THROWS(stmt, type)                                                     \
+  do {                                                                                \
+    bool caught_ = false;                                                             \
+    try {                                                                             \
+      stmt;                                                                           \
+    } catch (const type&) {                                                           \
+      caught_ = true;                                                                 \
+    } catch (...) {                                                                   \
+    }                                                                                 \
+    if (!caught_) {                                                                   \
+      std::printf("%s:%d: expected %s from: %s\n", __FILE__, __LINE__, #type, #stmt); \
+      ++test::failures();                                                             \
+    }                                                                                 \
   } while (0)

@@ -3,17 +3,16 @@
 // racecheck) runs over. Exits 77 (skipped) where no CUDA device is visible.
 
 #include <cuda_runtime.h>
+#include <tinyserve/tinyserve.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <vector>
-
-#include <tinyserve/tinyserve.h>
 
 #include "check.h"
 
@@ -28,14 +27,13 @@ namespace {
 const Device kCpu{DeviceType::CPU, 0};
 const Device kGpu{DeviceType::CUDA, 0};
 
-#define CUDA_OK(call)                                                              \
-  do {                                                                             \
-    cudaError_t err_ = (call);                                                     \
-    if (err_ != cudaSuccess) {                                                     \
-      std::printf("%s:%d: %s: %s\n", __FILE__, __LINE__, #call,                    \
-                  cudaGetErrorString(err_));                                       \
-      std::exit(1);                                                                \
-    }                                                                              \
+#define CUDA_OK(call)                                                                      \
+  do {                                                                                     \
+    cudaError_t err_ = (call);                                                             \
+    if (err_ != cudaSuccess) {                                                             \
+      std::printf("%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(err_)); \
+      std::exit(1);                                                                        \
+    }                                                                                      \
   } while (0)
 
 std::uint16_t to_bits(float f, DType dtype) {
@@ -64,7 +62,8 @@ float from_bits(std::uint16_t b, DType dtype) {
       float f = std::ldexp(float(mant), -24);
       return sign ? -f : f;
     }
-    u = exp == 31 ? (sign | 0x7f800000u | (mant << 13)) : (sign | ((exp + 112) << 23) | (mant << 13));
+    u = exp == 31 ? (sign | 0x7f800000u | (mant << 13))
+                  : (sign | ((exp + 112) << 23) | (mant << 13));
   }
   float f;
   std::memcpy(&f, &u, 4);
@@ -126,9 +125,7 @@ double rel_error(const std::vector<float>& a, const std::vector<float>& b) {
   return std::sqrt(num / (den > 0 ? den : 1.0));
 }
 
-double tolerance(DType t) {
-  return t == DType::Float32 ? 1e-4 : t == DType::Float16 ? 4e-3 : 3e-2;
-}
+double tolerance(DType t) { return t == DType::Float32 ? 1e-4 : t == DType::Float16 ? 4e-3 : 3e-2; }
 
 struct AttentionCase {
   DType dtype;
@@ -187,8 +184,8 @@ void run_attention(const AttentionCase& c, std::mt19937& gen) {
   void* workspace = nullptr;
   if (plan.workspace_bytes > 0) {
     CUDA_OK(cudaMalloc(&workspace, plan.workspace_bytes));
-    opts.workspace = make_tensor(workspace, DType::UInt8, kGpu,
-                                 {std::int64_t(plan.workspace_bytes)});
+    opts.workspace =
+        make_tensor(workspace, DType::UInt8, kGpu, {std::int64_t(plan.workspace_bytes)});
   }
   opts.lse = make_tensor(lse.dev, DType::Float32, kGpu, {batch, q_heads});
   tinyserve::paged_attention(qv, cache_view(k.dev, kGpu), cache_view(v.dev, kGpu), tv,
@@ -204,18 +201,19 @@ void run_attention(const AttentionCase& c, std::mt19937& gen) {
   cpu_opts.window_left = c.window_left;
   cpu_opts.logits_soft_cap = c.soft_cap;
   cpu_opts.lse = make_tensor(cpu_lse.data(), DType::Float32, kCpu, {batch, q_heads});
-  tinyserve::paged_attention(
-      make_tensor(q.host.data(), c.dtype, kCpu, {batch, q_heads, D}),
-      cache_view(k.host.data(), kCpu), cache_view(v.host.data(), kCpu),
-      make_tensor(table.data(), DType::Int32, kCpu, {batch, max_blocks}),
-      make_tensor(lens.data(), DType::Int32, kCpu, {batch}),
-      make_tensor(cpu_out.host.data(), c.dtype, kCpu, {batch, q_heads, D}), cpu_opts);
+  tinyserve::paged_attention(make_tensor(q.host.data(), c.dtype, kCpu, {batch, q_heads, D}),
+                             cache_view(k.host.data(), kCpu), cache_view(v.host.data(), kCpu),
+                             make_tensor(table.data(), DType::Int32, kCpu, {batch, max_blocks}),
+                             make_tensor(lens.data(), DType::Int32, kCpu, {batch}),
+                             make_tensor(cpu_out.host.data(), c.dtype, kCpu, {batch, q_heads, D}),
+                             cpu_opts);
   const double err = rel_error(gpu_out, cpu_out.values());
   const double lse_err = rel_error(gpu_lse, cpu_lse);
-  std::printf("attention %s D=%d group=%d block=%d %s splits=%d(planned %d) window=%d cap=%g: "
-              "rel err %.2e, lse %.2e\n",
-              tinyserve::dtype_name(c.dtype), D, c.group, c.block_size, c.hnd ? "HND" : "NHD",
-              c.num_splits, plan.num_splits, c.window_left, c.soft_cap, err, lse_err);
+  std::printf(
+      "attention %s D=%d group=%d block=%d %s splits=%d(planned %d) window=%d cap=%g: "
+      "rel err %.2e, lse %.2e\n",
+      tinyserve::dtype_name(c.dtype), D, c.group, c.block_size, c.hnd ? "HND" : "NHD", c.num_splits,
+      plan.num_splits, c.window_left, c.soft_cap, err, lse_err);
   CHECK(err < tolerance(c.dtype));
   CHECK(lse_err < 1e-4);
   cudaFree(workspace);
@@ -252,7 +250,8 @@ void test_reshape_and_cache(std::mt19937& gen) {
   CUDA_OK(cudaMemcpy(slots_dev, slots.data(), tokens * 8, cudaMemcpyHostToDevice));
   auto cv = make_tensor(cache.dev, DType::BFloat16, kGpu, {n, p, h, d});
   auto kv = make_tensor(key.dev, DType::BFloat16, kGpu, {tokens, h, d});
-  tinyserve::reshape_and_cache(kv, kv, cv, cv, make_tensor(slots_dev, DType::Int64, kGpu, {tokens}));
+  tinyserve::reshape_and_cache(kv, kv, cv, cv,
+                               make_tensor(slots_dev, DType::Int64, kGpu, {tokens}));
   CUDA_OK(cudaDeviceSynchronize());
   std::vector<float> gpu = cache.download();
   auto ch = make_tensor(cache.host.data(), DType::BFloat16, kCpu, {n, p, h, d});
@@ -264,10 +263,9 @@ void test_reshape_and_cache(std::mt19937& gen) {
   // Out-of-range slots on the device: skipped, nothing written anywhere.
   std::vector<std::int64_t> bad = {n * p, -7, std::int64_t(1) << 40};
   CUDA_OK(cudaMemcpy(slots_dev, bad.data(), bad.size() * 8, cudaMemcpyHostToDevice));
-  tinyserve::reshape_and_cache(
-      make_tensor(key.dev, DType::BFloat16, kGpu, {3, h, d}),
-      make_tensor(key.dev, DType::BFloat16, kGpu, {3, h, d}), cv, cv,
-      make_tensor(slots_dev, DType::Int64, kGpu, {3}));
+  tinyserve::reshape_and_cache(make_tensor(key.dev, DType::BFloat16, kGpu, {3, h, d}),
+                               make_tensor(key.dev, DType::BFloat16, kGpu, {3, h, d}), cv, cv,
+                               make_tensor(slots_dev, DType::Int64, kGpu, {3}));
   CUDA_OK(cudaDeviceSynchronize());
   CHECK(cache.download() == gpu);
   cudaFree(slots_dev);
@@ -293,11 +291,11 @@ void test_copy_and_swap(std::mt19937& gen) {
                          make_tensor(ids + 4, DType::Int32, kGpu, {4}));
   CUDA_OK(cudaDeviceSynchronize());
   std::vector<float> ga = a.download(), gb = b.download();
-  tinyserve::copy_blocks(
-      {make_tensor(a.host.data(), DType::Float16, kCpu, {n, p, h, d}),
-       make_tensor(b.host.data(), DType::Float32, kCpu, {n, p, h, d / 2}, {p * h * d, h * d, d, 1})},
-      make_tensor(src.data(), DType::Int32, kCpu, {4}),
-      make_tensor(dst.data(), DType::Int32, kCpu, {4}));
+  tinyserve::copy_blocks({make_tensor(a.host.data(), DType::Float16, kCpu, {n, p, h, d}),
+                          make_tensor(b.host.data(), DType::Float32, kCpu, {n, p, h, d / 2},
+                                      {p * h * d, h * d, d, 1})},
+                         make_tensor(src.data(), DType::Int32, kCpu, {4}),
+                         make_tensor(dst.data(), DType::Int32, kCpu, {4}));
   CHECK(ga == a.values());
   CHECK(gb == b.values());
 

@@ -2,14 +2,14 @@
 // reference written here, error types across the library boundary, rejected calls writing
 // nothing.
 
+#include <tinyserve/tinyserve.h>
+
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <random>
 #include <stdexcept>
 #include <vector>
-
-#include <tinyserve/tinyserve.h>
 
 #include "check.h"
 
@@ -55,8 +55,8 @@ void test_paged_attention_cpu() {
   auto vc = make_tensor(v.data(), DType::Float32, kCpu, {num_blocks, block_size, kv_heads, dim});
   tinyserve::AttentionOptions opts;
   opts.lse = make_tensor(lse.data(), DType::Float32, kCpu, {1, q_heads});
-  tinyserve::paged_attention(make_tensor(q.data(), DType::Float32, kCpu, {1, q_heads, dim}), kc,
-                             vc, make_tensor(table.data(), DType::Int32, kCpu, {1, 4}),
+  tinyserve::paged_attention(make_tensor(q.data(), DType::Float32, kCpu, {1, q_heads, dim}), kc, vc,
+                             make_tensor(table.data(), DType::Int32, kCpu, {1, 4}),
                              make_tensor(lens.data(), DType::Int32, kCpu, {1}),
                              make_tensor(out.data(), DType::Float32, kCpu, {1, q_heads, dim}),
                              opts);
@@ -67,8 +67,8 @@ void test_paged_attention_cpu() {
     std::vector<double> logits(len);
     double m = -INFINITY;
     for (int t = 0; t < len; ++t) {
-      const float* krow = &k[((table[t / block_size] * block_size + t % block_size) * kv_heads +
-                              kvh) * dim];
+      const float* krow =
+          &k[((table[t / block_size] * block_size + t % block_size) * kv_heads + kvh) * dim];
       double s = 0.0;
       for (int d = 0; d < dim; ++d) s += double(q[h * dim + d]) * krow[d];
       logits[t] = s / std::sqrt(double(dim));
@@ -79,8 +79,8 @@ void test_paged_attention_cpu() {
     for (int t = 0; t < len; ++t) {
       const double p = std::exp(logits[t] - m);
       denom += p;
-      const float* vrow = &v[((table[t / block_size] * block_size + t % block_size) * kv_heads +
-                              kvh) * dim];
+      const float* vrow =
+          &v[((table[t / block_size] * block_size + t % block_size) * kv_heads + kvh) * dim];
       for (int d = 0; d < dim; ++d) acc[d] += p * vrow[d];
     }
     for (int d = 0; d < dim; ++d) {
@@ -94,12 +94,12 @@ void test_paged_attention_cpu() {
   // A block id out of range: std::invalid_argument, and nothing written.
   std::vector<float> before = out;
   table[2] = num_blocks;
-  EXPECT_THROWS(tinyserve::paged_attention(
-                    make_tensor(q.data(), DType::Float32, kCpu, {1, q_heads, dim}), kc, vc,
-                    make_tensor(table.data(), DType::Int32, kCpu, {1, 4}),
-                    make_tensor(lens.data(), DType::Int32, kCpu, {1}),
-                    make_tensor(out.data(), DType::Float32, kCpu, {1, q_heads, dim})),
-                std::invalid_argument);
+  EXPECT_THROWS(
+      tinyserve::paged_attention(make_tensor(q.data(), DType::Float32, kCpu, {1, q_heads, dim}), kc,
+                                 vc, make_tensor(table.data(), DType::Int32, kCpu, {1, 4}),
+                                 make_tensor(lens.data(), DType::Int32, kCpu, {1}),
+                                 make_tensor(out.data(), DType::Float32, kCpu, {1, q_heads, dim})),
+      std::invalid_argument);
   bool unchanged = true;
   for (std::size_t i = 0; i < out.size(); ++i) unchanged = unchanged && out[i] == before[i];
   CHECK(unchanged);
@@ -113,8 +113,8 @@ void test_cache_ops_cpu() {
   auto kct = make_tensor(kc.data(), DType::Float32, kCpu, {n, p, h, d});
   auto vct = make_tensor(vc.data(), DType::Float32, kCpu, {n, p, h, d});
   tinyserve::reshape_and_cache(make_tensor(key.data(), DType::Float32, kCpu, {2, h, d}),
-                               make_tensor(value.data(), DType::Float32, kCpu, {2, h, d}), kct,
-                               vct, make_tensor(slots.data(), DType::Int64, kCpu, {2}));
+                               make_tensor(value.data(), DType::Float32, kCpu, {2, h, d}), kct, vct,
+                               make_tensor(slots.data(), DType::Int64, kCpu, {2}));
   CHECK(kc[7 * d] == 1 && kc[7 * d + 3] == 4 && vc[7 * d] == 9);
   int written = 0;
   for (float x : kc) written += x != -1.0f;
@@ -135,11 +135,11 @@ void test_cache_ops_cpu() {
   // A slot past the cache: std::invalid_argument before any write.
   slots[1] = n * p;
   std::vector<float> before = kc;
-  EXPECT_THROWS(tinyserve::reshape_and_cache(
-                    make_tensor(key.data(), DType::Float32, kCpu, {2, h, d}),
-                    make_tensor(value.data(), DType::Float32, kCpu, {2, h, d}), kct, vct,
-                    make_tensor(slots.data(), DType::Int64, kCpu, {2})),
-                std::invalid_argument);
+  EXPECT_THROWS(
+      tinyserve::reshape_and_cache(make_tensor(key.data(), DType::Float32, kCpu, {2, h, d}),
+                                   make_tensor(value.data(), DType::Float32, kCpu, {2, h, d}), kct,
+                                   vct, make_tensor(slots.data(), DType::Int64, kCpu, {2})),
+      std::invalid_argument);
   CHECK(kc == before);
 }
 

@@ -58,8 +58,15 @@ def empty(shape, fw: str, dtype: str, device: str = "cpu", fill=np.nan):
     return torch.full(shape, fill, dtype=_torch_dtype(dtype), device=device)
 
 
-def cache_pair(key: np.ndarray, value: np.ndarray, fw: str, dtype: str, device: str, layout: str,
-               pinned: bool = False):
+def cache_pair(
+    key: np.ndarray,
+    value: np.ndarray,
+    fw: str,
+    dtype: str,
+    device: str,
+    layout: str,
+    pinned: bool = False,
+):
     """K and V caches with logical shape [N, P, H, D] in one of the storage layouts:
     NHD / HND (two tensors), or *_combined (two views of one [N, 2, ...] tensor). `pinned`
     (torch, host): the storage is page-locked."""

@@ -11,7 +11,6 @@ import threading
 
 import numpy as np
 import pytest
-import tinyserve
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -21,6 +20,8 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
+
+import tinyserve
 from tinyserve import BlockManager, OutOfBlocks
 
 STAT_FIELDS = (
@@ -1105,7 +1106,10 @@ def test_match_prefix_is_read_only_and_agrees_with_add_sequence():
 def test_match_prefix_edge_cases():
     bm = BlockManager(4, 4, enable_prefix_caching=True)
     assert bm.match_prefix([]) == {"tokens": 0, "blocks": 0, "free_blocks": 0}
-    assert BlockManager(4, 4).match_prefix([1, 2, 3, 4, 5]) == {"tokens": 0, "blocks": 0,
-                                                                "free_blocks": 0}
+    assert BlockManager(4, 4).match_prefix([1, 2, 3, 4, 5]) == {
+        "tokens": 0,
+        "blocks": 0,
+        "free_blocks": 0,
+    }
     with pytest.raises(TypeError):
         bm.match_prefix([1.5, 2.0])

@@ -61,9 +61,14 @@ def test_copy_blocks_many_layers(rng, backend):
     for layer in range(3):
         dtype = dtypes[layer % len(dtypes)]
         layout = CACHE_LAYOUTS[layer % len(CACHE_LAYOUTS)]
-        k, v = cache_pair(random_cache(rng, (num_blocks, block_size, heads, head_dim)),
-                          random_cache(rng, (num_blocks, block_size, heads, head_dim)),
-                          fw, dtype, device, layout)
+        k, v = cache_pair(
+            random_cache(rng, (num_blocks, block_size, heads, head_dim)),
+            random_cache(rng, (num_blocks, block_size, heads, head_dim)),
+            fw,
+            dtype,
+            device,
+            layout,
+        )
         tensors += [k, v]
     meta = asarray(random_cache(rng, (num_blocks, heads, 2, head_dim)), fw, "float32", device)
     tensors.append(meta)
@@ -99,12 +104,20 @@ def test_swap_blocks_roundtrip(rng, backend, layout):
     require(fw, "float16")
     num_blocks, host_blocks = 30, 12
     shape = (num_blocks, 16, 2, 64)
-    kc, _ = cache_pair(random_cache(rng, shape), random_cache(rng, shape), fw, "float16", device,
-                       layout)
+    kc, _ = cache_pair(
+        random_cache(rng, shape), random_cache(rng, shape), fw, "float16", device, layout
+    )
     host_shape = (host_blocks,) + shape[1:]
     # the host pool mirrors the device cache's layout; with a CUDA device it is pinned
-    host_k, _ = cache_pair(random_cache(rng, host_shape), random_cache(rng, host_shape), fw,
-                           "float16", "cpu", layout, pinned=device == "cuda")
+    host_k, _ = cache_pair(
+        random_cache(rng, host_shape),
+        random_cache(rng, host_shape),
+        fw,
+        "float16",
+        "cpu",
+        layout,
+        pinned=device == "cuda",
+    )
     dev_before, host_before = f64(kc), f64(host_k)
     out_src = rng.choice(num_blocks, 5, replace=False).astype(np.int32)
     out_dst = rng.choice(host_blocks, 5, replace=False).astype(np.int32)
@@ -137,8 +150,13 @@ def test_empty_calls_are_no_ops(rng):
     ts.copy_blocks([cache], none, none)
     ts.copy_blocks([], none, none)
     ts.swap_blocks(cache, cache.copy(), none, none)
-    ts.reshape_and_cache(np.zeros((0, 1, 8), np.float32), np.zeros((0, 1, 8), np.float32),
-                         cache, cache.copy(), np.zeros(0, np.int64))
+    ts.reshape_and_cache(
+        np.zeros((0, 1, 8), np.float32),
+        np.zeros((0, 1, 8), np.float32),
+        cache,
+        cache.copy(),
+        np.zeros(0, np.int64),
+    )
     np.testing.assert_array_equal(cache, before)
 
 

@@ -17,8 +17,12 @@ CPP_TESTS = Path(__file__).resolve().parents[1] / "cpp"
 
 
 def test_cmake_dir_points_at_the_package_config():
-    out = subprocess.run([sys.executable, "-m", "tinyserve", "--cmake-dir"], check=True,
-                         capture_output=True, text=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-m", "tinyserve", "--cmake-dir"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     assert out == tinyserve.cmake_dir()
     assert (Path(out) / "tinyserveConfig.cmake").is_file()
     assert (Path(out) / "tinyserveConfigVersion.cmake").is_file()
@@ -27,17 +31,33 @@ def test_cmake_dir_points_at_the_package_config():
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
 def test_cpp_consumer_builds_and_passes(tmp_path):
     build = tmp_path / "build"
-    env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", "2"))
+    jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", "2")
+    env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=jobs)
     configure = subprocess.run(
-        ["cmake", "-S", str(CPP_TESTS), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-         f"-DCMAKE_PREFIX_PATH={tinyserve.cmake_dir()}"],
-        capture_output=True, text=True, env=env)
+        [
+            "cmake",
+            "-S",
+            str(CPP_TESTS),
+            "-B",
+            str(build),
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DCMAKE_PREFIX_PATH={tinyserve.cmake_dir()}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert configure.returncode == 0, configure.stdout + configure.stderr
-    compile_ = subprocess.run(["cmake", "--build", str(build)], capture_output=True, text=True,
-                              env=env)
+    compile_ = subprocess.run(
+        ["cmake", "--build", str(build)], capture_output=True, text=True, env=env
+    )
     assert compile_.returncode == 0, compile_.stdout + compile_.stderr
-    run = subprocess.run(["ctest", "--test-dir", str(build), "--output-on-failure"],
-                         capture_output=True, text=True, env=env)
+    run = subprocess.run(
+        ["ctest", "--test-dir", str(build), "--output-on-failure"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     print(run.stdout)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "tests passed" in run.stdout

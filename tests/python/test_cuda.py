@@ -32,8 +32,9 @@ def test_cuda_matches_cpu_backend(rng, dtype, head_dim):
     q = cuda(case.query, dtype)
     table, lens = cuda(case.block_table), cuda(case.seq_lens)
     out_gpu, lse_gpu = ts.paged_attention(q, kc, vc, table, lens, return_lse=True)
-    out_cpu, lse_cpu = ts.paged_attention(q.cpu(), kc.cpu(), vc.cpu(), table.cpu(), lens.cpu(),
-                                          return_lse=True)
+    out_cpu, lse_cpu = ts.paged_attention(
+        q.cpu(), kc.cpu(), vc.cpu(), table.cpu(), lens.cpu(), return_lse=True
+    )
     torch.cuda.synchronize()
     ref, ref_lse = R.paged_attention(f64(q), f64(kc), f64(vc), case.block_table, case.seq_lens)
     assert R.rel_error(f64(out_gpu), ref) < TOLERANCE[dtype]
@@ -50,8 +51,9 @@ def test_lengths_up_to_100k(rng, dtype):
     case = R.PagedCase(rng, lens, 8, 2, 128, 16)
     kc, vc = cache_pair(case.key_cache, case.value_cache, "torch", dtype, "cuda", "HND")
     q = cuda(case.query, dtype)
-    out, lse = ts.paged_attention(q, kc, vc, cuda(case.block_table), cuda(case.seq_lens),
-                                  return_lse=True)
+    out, lse = ts.paged_attention(
+        q, kc, vc, cuda(case.block_table), cuda(case.seq_lens), return_lse=True
+    )
     torch.cuda.synchronize()
     ref, ref_lse = R.paged_attention(f64(q), f64(kc), f64(vc), case.block_table, case.seq_lens)
     assert R.rel_error(f64(out), ref) < TOLERANCE[dtype]
@@ -128,8 +130,9 @@ def test_runs_on_the_current_torch_stream(rng):
         explicit = torch.empty_like(out)
     ts.paged_attention(q, kc, vc, table, lens, explicit, stream=stream)
     stream.synchronize()
-    ref, _ = R.paged_attention(case.query.astype(np.float16), f64(kc), f64(vc), case.block_table,
-                               case.seq_lens)
+    ref, _ = R.paged_attention(
+        case.query.astype(np.float16), f64(kc), f64(vc), case.block_table, case.seq_lens
+    )
     assert R.rel_error(f64(out), ref) < TOLERANCE["float16"]
     assert R.rel_error(f64(explicit), ref) < TOLERANCE["float16"]
     with pytest.raises(TypeError):
@@ -151,15 +154,22 @@ def test_cache_writes_never_leave_the_cache(rng):
     expected[1:].reshape(-1, h, d)[3] = key[4]
     assert torch.equal(buf, expected)
 
-    ts.copy_blocks([cache], torch.tensor([0, -3, 9], dtype=torch.int32, device="cuda"),
-                   torch.tensor([n, 1, 2], dtype=torch.int32, device="cuda"))
+    ts.copy_blocks(
+        [cache],
+        torch.tensor([0, -3, 9], dtype=torch.int32, device="cuda"),
+        torch.tensor([n, 1, 2], dtype=torch.int32, device="cuda"),
+    )
     torch.cuda.synchronize()
     assert torch.equal(buf, expected)
 
     table = torch.tensor([[0, -1, n, 2**30]], dtype=torch.int32, device="cuda")
-    out = ts.paged_attention(torch.randn((1, 4, d), dtype=torch.float16, device="cuda"),
-                             cache, cache, table, torch.tensor([64], dtype=torch.int32,
-                                                              device="cuda"))
+    out = ts.paged_attention(
+        torch.randn((1, 4, d), dtype=torch.float16, device="cuda"),
+        cache,
+        cache,
+        table,
+        torch.tensor([64], dtype=torch.int32, device="cuda"),
+    )
     torch.cuda.synchronize()
     assert torch.isfinite(out).all()
 
@@ -174,8 +184,12 @@ def test_device_mismatch_and_pageable_host(rng):
     with pytest.raises(ValueError, match="must be pinned"):
         ts.swap_blocks(kc, host, np.array([0], np.int32), np.array([1], np.int32))
     with pytest.raises(ValueError, match="src and dst must be in host memory"):
-        ts.swap_blocks(kc, host.pin_memory(), torch.tensor([0], dtype=torch.int32, device="cuda"),
-                       np.array([1], np.int32))
+        ts.swap_blocks(
+            kc,
+            host.pin_memory(),
+            torch.tensor([0], dtype=torch.int32, device="cuda"),
+            np.array([1], np.int32),
+        )
 
 
 def test_swap_pinned_combined_layout(rng):
@@ -200,13 +214,16 @@ def test_cupy_arrays(rng):
     kc = cupy.asarray(case.key_cache.astype(np.float16))
     vc = cupy.asarray(case.value_cache.astype(np.float16))
     q = cupy.asarray(case.query.astype(np.float16))
-    out = ts.paged_attention(q, kc, vc, cupy.asarray(case.block_table),
-                             cupy.asarray(case.seq_lens))
+    out = ts.paged_attention(q, kc, vc, cupy.asarray(case.block_table), cupy.asarray(case.seq_lens))
     assert isinstance(out, cupy.ndarray)
     cupy.cuda.get_current_stream().synchronize()
-    ref, _ = R.paged_attention(case.query.astype(np.float16), case.key_cache.astype(np.float16),
-                               case.value_cache.astype(np.float16), case.block_table,
-                               case.seq_lens)
+    ref, _ = R.paged_attention(
+        case.query.astype(np.float16),
+        case.key_cache.astype(np.float16),
+        case.value_cache.astype(np.float16),
+        case.block_table,
+        case.seq_lens,
+    )
     assert R.rel_error(cupy.asnumpy(out), ref) < TOLERANCE["float16"]
     slots = cupy.asarray(np.array([5, -1], np.int64))
     new = cupy.asarray(rng.standard_normal((2, 2, 64)).astype(np.float16))
@@ -222,13 +239,23 @@ def test_jax_arrays_as_inputs(rng):
     if not any(d.platform == "gpu" for d in jax.devices()):
         pytest.skip("JAX sees no GPU")
     case = R.PagedCase(rng, [70, 3, 129], 8, 4, 128, 16)
-    args = [jnp.asarray(x) for x in (case.query.astype(np.float16),
-                                     case.key_cache.astype(np.float16),
-                                     case.value_cache.astype(np.float16),
-                                     case.block_table, case.seq_lens)]
+    args = [
+        jnp.asarray(x)
+        for x in (
+            case.query.astype(np.float16),
+            case.key_cache.astype(np.float16),
+            case.value_cache.astype(np.float16),
+            case.block_table,
+            case.seq_lens,
+        )
+    ]
     out = ts.paged_attention(*args)
     assert "jax" in type(out).__module__ or "jaxlib" in type(out).__module__
-    ref, _ = R.paged_attention(case.query.astype(np.float16), case.key_cache.astype(np.float16),
-                               case.value_cache.astype(np.float16), case.block_table,
-                               case.seq_lens)
+    ref, _ = R.paged_attention(
+        case.query.astype(np.float16),
+        case.key_cache.astype(np.float16),
+        case.value_cache.astype(np.float16),
+        case.block_table,
+        case.seq_lens,
+    )
     assert R.rel_error(np.asarray(out), ref) < TOLERANCE["float16"]

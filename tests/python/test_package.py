@@ -12,8 +12,9 @@ import tinyserve
 def test_version_matches_header():
     header = Path(tinyserve.cmake_dir()).parents[2] / "include" / "tinyserve" / "version.h"
     assert f'#define TINYSERVE_VERSION "{tinyserve.__version__}"' in header.read_text()
-    out = subprocess.run([sys.executable, "-m", "tinyserve", "--version"], check=True,
-                         capture_output=True, text=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-m", "tinyserve", "--version"], check=True, capture_output=True, text=True
+    ).stdout.strip()
     assert out == tinyserve.__version__
 
 
@@ -27,8 +28,9 @@ def test_typing_stubs_ship():
 def test_backend_queries_are_consistent():
     assert isinstance(tinyserve.cuda_compiled(), bool)
     assert tinyserve.cuda_device_count() >= 0
-    assert tinyserve.cuda_available() == (tinyserve.cuda_compiled()
-                                          and tinyserve.cuda_device_count() > 0)
+    assert tinyserve.cuda_available() == (
+        tinyserve.cuda_compiled() and tinyserve.cuda_device_count() > 0
+    )
     if not tinyserve.cuda_compiled():
         assert tinyserve.cuda_device_count() == 0
 
@@ -43,6 +45,7 @@ def test_num_threads_roundtrip():
 
 
 def test_cli_usage():
-    run = subprocess.run([sys.executable, "-m", "tinyserve", "bogus"], capture_output=True,
-                         text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "tinyserve", "bogus"], capture_output=True, text=True
+    )
     assert run.returncode == 2 and "demo" in run.stderr

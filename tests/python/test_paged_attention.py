@@ -45,7 +45,11 @@ def run_case(case, fw, device, dtype, layout, **kwargs):
     ts.paged_attention(q, kc, vc, table, lens, out, lse=lse, **kwargs)
     sync(fw, device)
     ref_out, ref_lse = R.paged_attention(
-        f64(q), f64(kc), f64(vc), case.block_table, case.seq_lens,
+        f64(q),
+        f64(kc),
+        f64(vc),
+        case.block_table,
+        case.seq_lens,
         scale=kwargs.get("scale"),
         window_left=kwargs.get("window_left", -1),
         logits_soft_cap=kwargs.get("logits_soft_cap", 0.0),
@@ -147,12 +151,17 @@ def test_strided_query_and_output(rng, backend):
     out = big_out[:, 1:9]
     kc, vc = cache_pair(case.key_cache, case.value_cache, fw, "float32", device, "NHD")
     ts.paged_attention(
-        q, kc, vc, asarray(case.block_table, fw, device=device),
-        asarray(case.seq_lens, fw, device=device), out,
+        q,
+        kc,
+        vc,
+        asarray(case.block_table, fw, device=device),
+        asarray(case.seq_lens, fw, device=device),
+        out,
     )
     sync(fw, device)
-    ref_out, _ = R.paged_attention(case.query, case.key_cache, case.value_cache,
-                                   case.block_table, case.seq_lens)
+    ref_out, _ = R.paged_attention(
+        case.query, case.key_cache, case.value_cache, case.block_table, case.seq_lens
+    )
     assert R.rel_error(f64(out), ref_out) < TOLERANCE["float32"]
     # the gap around the output view is untouched
     assert np.isnan(f64(big_out)[:, [0, 9]]).all()
@@ -165,8 +174,13 @@ def test_out_allocated_by_callers_framework(rng, backend):
     case = R.PagedCase(rng, [9, 20], 4, 4, 64, 8)
     kc, vc = cache_pair(case.key_cache, case.value_cache, fw, "float32", device, "NHD")
     q = asarray(case.query, fw, "float32", device)
-    args = (q, kc, vc, asarray(case.block_table, fw, device=device),
-            asarray(case.seq_lens, fw, device=device))
+    args = (
+        q,
+        kc,
+        vc,
+        asarray(case.block_table, fw, device=device),
+        asarray(case.seq_lens, fw, device=device),
+    )
     out = ts.paged_attention(*args)
     assert type(out) is type(q)
     out2, lse = ts.paged_attention(*args, return_lse=True)
@@ -175,8 +189,9 @@ def test_out_allocated_by_callers_framework(rng, backend):
     if fw == "torch":
         assert out.device == q.device and lse.device == q.device
     sync(fw, device)
-    ref_out, ref_lse = R.paged_attention(case.query, case.key_cache, case.value_cache,
-                                         case.block_table, case.seq_lens)
+    ref_out, ref_lse = R.paged_attention(
+        case.query, case.key_cache, case.value_cache, case.block_table, case.seq_lens
+    )
     assert R.rel_error(f64(out), ref_out) < TOLERANCE["float32"]
     np.testing.assert_array_equal(f64(out), f64(out2))
     check_lse(f64(lse), ref_lse)
@@ -184,8 +199,9 @@ def test_out_allocated_by_callers_framework(rng, backend):
 
 def test_plan_is_host_only_and_consistent(rng):
     case = R.PagedCase(rng, [10], 8, 2, 64, 16)
-    splits, nbytes = ts.plan_paged_attention(case.query, case.key_cache, case.block_table,
-                                             num_splits=3)
+    splits, nbytes = ts.plan_paged_attention(
+        case.query, case.key_cache, case.block_table, num_splits=3
+    )
     assert splits == 3
     assert nbytes == 0  # the CPU backend needs no workspace
     splits, _ = ts.plan_paged_attention(case.query, case.key_cache, case.block_table)
