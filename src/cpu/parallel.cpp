@@ -46,7 +46,9 @@ class Pool {
 
   void run(std::int64_t n, const std::function<void(std::int64_t, std::int64_t)>& fn) {
     std::lock_guard<std::mutex> run_lock(run_mutex_);
-    std::int64_t chunks = std::min<std::int64_t>(n, threads_);
+    // Several chunks per thread, claimed in turn: uneven work (sequences of different lengths)
+    // balances across the threads.
+    std::int64_t chunks = std::min<std::int64_t>(n, std::int64_t(threads_) * 4);
     {
       std::lock_guard<std::mutex> lock(mutex_);
       fn_ = &fn;
