@@ -133,6 +133,39 @@ struct BlockManager::Impl {
   std::uint64_t batch_epoch = 0;
   mutable std::vector<const Sequence*> table_rows;
 
+  // ---- prefix lookup -------------------------------------------------------------------------
+
+  // Validates a prompt's token ids; returns how many of its full blocks a prefix lookup checks.
+  // The last prompt token is always left to compute (its logits are needed), so a hit covers at
+  // most n - 1 tokens, in whole blocks.
+  std::int64_t prefix_lookup_blocks(const char* method, const std::int64_t* token_ids,
+                                    std::int64_t n) const {
+    if (n < 0) bad_argument(method, "num_token_ids must be >= 0, got " + std::to_string(n));
+    if (n > 0 && token_ids == nullptr) {
+      bad_argument(method,
+                   "token_ids must not be null when num_token_ids > 0, got " + std::to_string(n));
+    }
+    return caching && n > 0 ? (n - 1) / block_size : 0;
+  }
+
+  // Walks the prompt's chain of block keys over its first max_blocks blocks, calling
+  // on_hit(block, key) for each cached one, and stops at the first miss (later keys hash this
+  // block's key). Returns the blocks looked up.
+  template <class OnHit>
+  std::int64_t walk_prefix(const std::int64_t* token_ids, std::int64_t max_blocks,
+                           OnHit&& on_hit) const {
+    Digest key = root_key();
+    std::int64_t looked_up = 0;
+    for (std::int64_t i = 0; i < max_blocks; ++i) {
+      key = detail::sha256_chain(key, token_ids + i * block_size, std::size_t(block_size));
+      ++looked_up;
+      auto it = cache.find(key);
+      if (it == cache.end()) break;
+      on_hit(it->second, key);
+    }
+    return looked_up;
+  }
+
   // ---- blocks -------------------------------------------------------------------------------
 
   bool linked(std::int32_t b) const { return prev[std::size_t(b)] != kUnlinked; }
@@ -548,37 +581,22 @@ std::int64_t BlockManager::add_sequence(std::int64_t seq_id, const std::int64_t*
   const char* method = "add_sequence";
   Impl& m = *impl_;
   std::lock_guard<std::mutex> lock(m.mutex);
-  if (num_token_ids < 0) {
-    bad_argument(method, "num_token_ids must be >= 0, got " + std::to_string(num_token_ids));
-  }
-  if (num_token_ids > 0 && token_ids == nullptr) {
-    bad_argument(method, "token_ids must not be null when num_token_ids > 0, got " +
-                             std::to_string(num_token_ids));
-  }
+  const std::int64_t max_blocks = m.prefix_lookup_blocks(method, token_ids, num_token_ids);
   if (m.seqs.count(seq_id)) {
     bad_argument(method, "seq_id already exists, got " + std::to_string(seq_id));
   }
-  // The last prompt token is always left to compute (its logits are needed), so a hit covers
-  // at most num_token_ids - 1 tokens, in whole blocks.
-  const std::int64_t max_blocks =
-      m.caching && num_token_ids > 0 ? (num_token_ids - 1) / m.block_size : 0;
   Impl::Sequence fresh;
   fresh.chain_key = root_key();
   // Hits are distinct blocks, so never more than the pool.
   fresh.blocks.reserve(std::size_t(std::min<std::int64_t>(max_blocks, m.num_blocks)));
   Impl::Sequence& s = m.seqs.emplace(seq_id, std::move(fresh)).first->second;
-  for (std::int64_t i = 0; i < max_blocks; ++i) {
-    // The chain ends at the first miss: later keys hash this block's key.
-    const Digest key =
-        detail::sha256_chain(s.chain_key, token_ids + i * m.block_size, std::size_t(m.block_size));
-    ++m.prefix_queries;
-    auto it = m.cache.find(key);
-    if (it == m.cache.end()) break;
-    ++m.prefix_hits;
-    m.add_ref(it->second);
-    s.blocks.push_back(it->second);
-    s.chain_key = key;
-  }
+  m.prefix_queries +=
+      m.walk_prefix(token_ids, max_blocks, [&](std::int32_t block, const Digest& key) {
+        ++m.prefix_hits;
+        m.add_ref(block);
+        s.blocks.push_back(block);
+        s.chain_key = key;
+      });
   s.len = std::int64_t(s.blocks.size()) * m.block_size;
   m.num_tokens += s.len;
   return s.len;
@@ -589,26 +607,12 @@ BlockManager::PrefixMatch BlockManager::match_prefix(const std::int64_t* token_i
   const char* method = "match_prefix";
   const Impl& m = *impl_;
   std::lock_guard<std::mutex> lock(m.mutex);
-  if (num_token_ids < 0) {
-    bad_argument(method, "num_token_ids must be >= 0, got " + std::to_string(num_token_ids));
-  }
-  if (num_token_ids > 0 && token_ids == nullptr) {
-    bad_argument(method, "token_ids must not be null when num_token_ids > 0, got " +
-                             std::to_string(num_token_ids));
-  }
+  const std::int64_t max_blocks = m.prefix_lookup_blocks(method, token_ids, num_token_ids);
   PrefixMatch match;
-  // The same walk as add_sequence: whole blocks, at most num_token_ids - 1 tokens, stopping at
-  // the first miss.
-  const std::int64_t max_blocks =
-      m.caching && num_token_ids > 0 ? (num_token_ids - 1) / m.block_size : 0;
-  Digest key = root_key();
-  for (std::int64_t i = 0; i < max_blocks; ++i) {
-    key = detail::sha256_chain(key, token_ids + i * m.block_size, std::size_t(m.block_size));
-    auto it = m.cache.find(key);
-    if (it == m.cache.end()) break;
+  m.walk_prefix(token_ids, max_blocks, [&](std::int32_t block, const Digest&) {
     ++match.blocks;
-    if (m.ref[std::size_t(it->second)] == 0) ++match.free_blocks;
-  }
+    if (m.ref[std::size_t(block)] == 0) ++match.free_blocks;
+  });
   match.tokens = match.blocks * m.block_size;
   return match;
 }
