@@ -278,18 +278,19 @@ def main() -> None:
             f"{s_bw} | {s_pc} | {err} |"
         )
         print(rows[-1], f" cuDNN: {r['sdpa_note']}", flush=True)
+
+    def cache_op_line(label: str, r: dict) -> str:
+        return (
+            f"{label}: {r['ms']:.3f} ms, {r['bandwidth'] / tb:.2f} TB/s = "
+            f"{100 * r['bandwidth'] / copy_bw:.1f}% of copy ceiling"
+        )
+
     reshape = reshape_case(args.iters)
-    reshape_line = (
-        f"reshape_and_cache 64k tokens: {reshape['ms']:.3f} ms, "
-        f"{reshape['bandwidth'] / tb:.2f} TB/s = "
-        f"{100 * reshape['bandwidth'] / copy_bw:.1f}% of copy ceiling"
-    )
+    reshape_line = cache_op_line("reshape_and_cache 64k tokens", reshape)
     print(reshape_line, flush=True)
     copy = copy_case(args.iters)
-    copy_line = (
-        f"copy_blocks {copy['pairs']} pairs x {2 * copy['layers']} caches: "
-        f"{copy['ms']:.3f} ms, {copy['bandwidth'] / tb:.2f} TB/s = "
-        f"{100 * copy['bandwidth'] / copy_bw:.1f}% of copy ceiling"
+    copy_line = cache_op_line(
+        f"copy_blocks {copy['pairs']} pairs x {2 * copy['layers']} caches", copy
     )
     print(copy_line, flush=True)
     results = dict(

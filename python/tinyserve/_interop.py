@@ -4,6 +4,7 @@ so importing tinyserve never imports torch, CuPy or JAX."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any
 
@@ -67,11 +68,11 @@ def empty(like: Any, shape: tuple[int, ...], dtype: str | None = None) -> Any:
         with cupy.cuda.Device(like.device.id):
             return cupy.empty(shape, dtype=like.dtype if dtype is None else dtype)
     if fw == "jax":
-        jnp = sys.modules["jax.numpy"] if "jax.numpy" in sys.modules else __import__("jax.numpy")
         jax = sys.modules["jax"]
+        jnp = importlib.import_module("jax.numpy")
         dt = like.dtype if dtype is None else dtype
         # JAX arrays are immutable to JAX programs; this one is fresh and private until returned,
-        # and callers wait for writes into it to finish before handing it back (see is_jax use).
+        # and the ops wait for writes into it to finish before handing it back (_ops._finish_jax).
         return jax.device_put(jnp.zeros(shape, dtype=dt), next(iter(like.devices())))
     if fw == "numpy":
         return np.empty(shape, dtype=like.dtype if dtype is None else dtype)

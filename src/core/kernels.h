@@ -98,9 +98,20 @@ struct SwapBlocksParams {
   std::int64_t num_pairs = 0;
 };
 
-// Workspace for split partials: per split, batch and query head, head_dim float32 outputs and
-// one float32 log-sum-exp.
-std::size_t attention_workspace_bytes(int num_splits, int batch, int num_q_heads, int head_dim);
+// Workspace for split partials: per split, batch and query head, head_dim float32 outputs
+// (rounded up to 256 bytes), then one float32 log-sum-exp each. The one definition of the layout:
+// the core sizes the workspace with it, the CUDA backend finds the log-sum-exps with it.
+inline std::size_t attention_partials_bytes(int num_splits, int batch, int num_q_heads,
+                                            int head_dim) {
+  const std::size_t rows = std::size_t(num_splits) * batch * num_q_heads;
+  return (rows * head_dim * sizeof(float) + 255) / 256 * 256;
+}
+
+inline std::size_t attention_workspace_bytes(int num_splits, int batch, int num_q_heads,
+                                             int head_dim) {
+  return attention_partials_bytes(num_splits, batch, num_q_heads, head_dim) +
+         std::size_t(num_splits) * batch * num_q_heads * sizeof(float);
+}
 
 namespace cpu {
 void reshape_and_cache(const ReshapeAndCacheParams& p);

@@ -470,12 +470,4 @@ bool cuda_compiled() { return kernels::cuda::compiled(); }
 int cuda_device_count() { return kernels::cuda::device_count(); }
 void cuda_stream_synchronize(Stream stream) { kernels::cuda::synchronize(stream); }
 
-std::size_t kernels::attention_workspace_bytes(int num_splits, int batch, int num_q_heads,
-                                               int head_dim) {
-  std::size_t rows = std::size_t(num_splits) * batch * num_q_heads;
-  std::size_t out_bytes = rows * head_dim * sizeof(float);
-  out_bytes = (out_bytes + 255) / 256 * 256;
-  return out_bytes + rows * sizeof(float);
-}
-
 }  // namespace tinyserve

@@ -800,10 +800,10 @@ void paged_attention(const PagedAttentionParams& p, Stream stream) {
   a.pre = a.soft_cap ? p.scale / p.logits_soft_cap : p.scale * kLog2e;
   a.post = a.soft_cap ? p.logits_soft_cap * kLog2e : 1.0f;
   if (p.num_splits > 1) {
-    const std::size_t rows = std::size_t(p.num_splits) * p.batch * p.num_q_heads;
-    const std::size_t out_bytes = (rows * p.head_dim * sizeof(float) + 255) / 256 * 256;
     a.part_out = static_cast<float*>(p.workspace);
-    a.part_lse = reinterpret_cast<float*>(static_cast<char*>(p.workspace) + out_bytes);
+    a.part_lse = reinterpret_cast<float*>(
+        static_cast<char*>(p.workspace) +
+        attention_partials_bytes(p.num_splits, p.batch, p.num_q_heads, p.head_dim));
   }
 
   Launch l = preferred_launch(p.dtype, p.head_dim);

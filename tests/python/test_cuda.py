@@ -259,3 +259,46 @@ def test_jax_arrays_as_inputs(rng):
         case.seq_lens,
     )
     assert R.rel_error(np.asarray(out), ref) < TOLERANCE["float16"]
+
+
+def test_workspace_errors_write_nothing(rng):
+    """A split needs the caller's workspace: missing, too small, misaligned, strided or on the
+    wrong device, it is a ValueError and the output keeps its poison."""
+    case = R.PagedCase(rng, [600, 90], 8, 2, 128, 16)
+    kc, vc = cache_pair(case.key_cache, case.value_cache, "torch", "float16", "cuda", "NHD")
+    q = cuda(case.query, "float16")
+    table, lens = cuda(case.block_table), cuda(case.seq_lens)
+    out = torch.full_like(q, float("nan"))
+    _, nbytes = ts.plan_paged_attention(q, kc, table, num_splits=4)
+    big = torch.empty((2 * nbytes + 64,), dtype=torch.uint8, device="cuda")
+    cases = [
+        (None, r"splitting into 4 pieces needs a workspace of \d+ bytes"),
+        (big[:16], rf"workspace must hold at least {nbytes} bytes for 4 splits, got 16"),
+        (big[1 : nbytes + 1], r"workspace must be 16-byte aligned"),
+        (big[: 2 * nbytes : 2], r"workspace must be contiguous"),
+        (torch.empty((nbytes,), dtype=torch.uint8), r"all tensors must be on one device"),
+    ]
+    for workspace, match in cases:
+        with pytest.raises(ValueError, match="tinyserve.paged_attention: " + match):
+            # the core directly: the Python wrapper would supply its own workspace for None
+            ts._tinyserve.paged_attention(
+                q, kc, vc, table, lens, out, num_splits=4, workspace=workspace
+            )
+    torch.cuda.synchronize()
+    assert torch.isnan(out).all()
+    ts.paged_attention(q, kc, vc, table, lens, out, num_splits=4, workspace=big[:nbytes])
+    torch.cuda.synchronize()
+    ref, _ = R.paged_attention(f64(q), f64(kc), f64(vc), case.block_table, case.seq_lens)
+    assert R.rel_error(f64(out), ref) < TOLERANCE["float16"]
+
+
+def test_head_dim_limit_on_cuda():
+    q = torch.zeros((1, 2, 520), dtype=torch.float32, device="cuda")
+    kc = torch.zeros((2, 16, 1, 520), dtype=torch.float32, device="cuda")
+    out = torch.full_like(q, float("nan"))
+    table = torch.zeros((1, 2), dtype=torch.int32, device="cuda")
+    lens = torch.tensor([5], dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="head_dim must be at most 512 on CUDA, got 520"):
+        ts.paged_attention(q, kc, kc, table, lens, out)
+    torch.cuda.synchronize()
+    assert torch.isnan(out).all()
