@@ -102,7 +102,7 @@ import json; r = json.load(open('$RESULTS/bench-$layout.json')); rc = r['read_ce
 print(r['device'], r['date'], 'layout', r['layout'], 'read ceiling %.2f TB/s, copy ceiling %.2f TB/s' % (rc / 1e12, r['copy_ceiling'] / 1e12))
 for d in r['decode']:
     s = d['sdpa_bandwidth']
-    print('  B=%4d ctx=%6d splits=%3d  %.3f ms  %.2f TB/s  %5.1f%%   cuDNN %s' % (d['batch'], d['context'], d['splits'], d['ms'], d['bandwidth'] / 1e12, 100 * d['bandwidth'] / rc, 'n/a' if s is None else '%.2f TB/s %5.1f%%' % (s / 1e12, 100 * s / rc)))
+    print('  B=%4d ctx=%6d splits=%3d  %.3f ms  %.2f TB/s  %5.1f%% (eager %5.1f%%)  cuDNN %s' % (d['batch'], d['context'], d['splits'], d['ms'], d['bandwidth'] / 1e12, 100 * d['bandwidth'] / rc, 100 * d['bandwidth_eager'] / rc, 'n/a' if s is None else '%.2f TB/s %5.1f%%' % (s / 1e12, 100 * s / rc)))
 for k in ('reshape_and_cache', 'copy_blocks'):
     print('  %s %.3f ms %.2f TB/s %.1f%% of copy' % (k, r[k]['ms'], r[k]['bandwidth'] / 1e12, 100 * r[k]['bandwidth'] / r['copy_ceiling']))
 " 2>/dev/null || echo "bench $layout: no results"
