@@ -130,26 +130,43 @@ def copy_ceiling(iters: int) -> float:
     return 4 * GiB / (ms * 1e-3)
 
 
-def decode_case(
-    batch: int, context: int, iters: int, rng: np.random.Generator, layout: str
-) -> dict:
+def decode_inputs(
+    batch: int,
+    context: int,
+    rng: np.random.Generator,
+    layout: str = "NHD",
+    order: str = "random",
+    device: str = "cuda",
+):
+    """(query, key_cache, value_cache, block_table, seq_lens) of the benchmark's decode case:
+    float16, 32 query heads, 8 KV heads, head_dim 128, page 16, every sequence `context` tokens,
+    pages in random (or sequential) physical order, NHD storage or HND passed as the NHD view."""
     q_heads, kv_heads, dim, page = 32, 8, 128, 16
     pages_per_seq = context // page
     num_blocks = batch * pages_per_seq
-    perm = torch.from_numpy(rng.permutation(num_blocks).astype(np.int32))
-    table = perm.view(batch, pages_per_seq).cuda()
-    lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    ids = np.arange(num_blocks, dtype=np.int32)
+    table = torch.from_numpy(rng.permutation(ids) if order == "random" else ids)
+    table = table.view(batch, pages_per_seq).to(device)
+    lens = torch.full((batch,), context, dtype=torch.int32, device=device)
     if layout == "HND":  # storage [blocks, heads, page, dim], passed as the permuted view
         kc = torch.randn(
-            (num_blocks, kv_heads, page, dim), dtype=torch.float16, device="cuda"
+            (num_blocks, kv_heads, page, dim), dtype=torch.float16, device=device
         ).transpose(1, 2)
     else:
-        kc = torch.randn((num_blocks, page, kv_heads, dim), dtype=torch.float16, device="cuda")
+        kc = torch.randn((num_blocks, page, kv_heads, dim), dtype=torch.float16, device=device)
     vc = torch.randn_like(kc)
-    q = torch.randn((batch, q_heads, dim), dtype=torch.float16, device="cuda")
+    q = torch.randn((batch, q_heads, dim), dtype=torch.float16, device=device)
+    return q, kc, vc, table, lens
+
+
+def decode_case(
+    batch: int, context: int, iters: int, rng: np.random.Generator, layout: str
+) -> dict:
+    q, kc, vc, table, lens = decode_inputs(batch, context, rng, layout)
+    q_heads, kv_heads, dim = q.shape[1], kc.shape[2], q.shape[2]
     out = torch.empty_like(q)
     splits, nbytes = ts.plan_paged_attention(q, kc, table, max_seq_len=context)
-    workspace = torch.zeros((max(nbytes, 16),), dtype=torch.uint8, device="cuda")
+    workspace = torch.empty((max(nbytes, 16),), dtype=torch.uint8, device="cuda")
 
     def run():
         ts.paged_attention(

@@ -17,7 +17,7 @@ import statistics
 
 import numpy as np
 import torch
-from bench_decode import median_ms
+from bench_decode import decode_inputs, median_ms
 
 import tinyserve as ts
 
@@ -44,22 +44,15 @@ def profile_kernels(fn, calls: int = 50) -> dict[str, float]:
 def sweep_shape(
     batch: int, context: int, extra: list[int], iters: int, rng, order: str = "random"
 ) -> None:
-    q_heads, kv_heads, dim, page = 32, 8, 128, 16
-    pages = context // page
-    ids = np.arange(batch * pages, dtype=np.int32)
-    table = torch.from_numpy(rng.permutation(ids) if order == "random" else ids)
-    table = table.view(batch, pages).cuda()
-    kc = torch.randn((batch * pages, page, kv_heads, dim), dtype=torch.float16, device="cuda")
-    vc = torch.randn_like(kc)
-    q = torch.randn((batch, q_heads, dim), dtype=torch.float16, device="cuda")
-    lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    q, kc, vc, table, lens = decode_inputs(batch, context, rng, order=order)
+    kv_heads, dim = kc.shape[2], kc.shape[3]
     out = torch.empty_like(q)
     kv_bytes = 2 * batch * context * kv_heads * dim * 2
     planned, _ = ts.plan_paged_attention(q, kc, table, max_seq_len=context)
     line, detail = [], ""
     for splits in sorted({planned, *extra}):
         _, nbytes = ts.plan_paged_attention(q, kc, table, max_seq_len=context, num_splits=splits)
-        ws = torch.zeros((max(nbytes, 16),), dtype=torch.uint8, device="cuda")
+        ws = torch.empty((max(nbytes, 16),), dtype=torch.uint8, device="cuda")
 
         def run(splits=splits, ws=ws):
             ts.paged_attention(
