@@ -70,16 +70,18 @@ if [ -n "${PROFILE:-}" ]; then  # PROFILE="64 4096 NHD": ncu on one launch of th
   grep -E "^  [a-z_]+.*\(|DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Theoretical Occupancy|Registers Per|Stall|Warp Cycles Per Issued|Issued Warp|No Eligible|Active Warps Per|Block Limit Shared|L2 Hit|Mem Busy|inst_executed|cycles_elapsed" "$OUT/ncu.txt" | head -30
   grep -E "issue_stalled" "$OUT/ncu.txt" | awk '$NF+0 > 0.05' | sort -k3 -g -r | head -12
 fi
-# VARIANTS="-DFOO=1;-DBAR=2": rebuild with each set of extra CUDA flags and benchmark it (NHD).
+# VARIANTS="-DFOO=1;-DBAR=2@--order sequential": rebuild with each set of extra CUDA flags and
+# benchmark it (NHD, random page order, unless benchmark arguments follow an '@').
 IFS=';' read -ra variants <<< "${VARIANTS:-}"
-for v in "${variants[@]}"; do
+for spec in "${variants[@]}"; do
+  v=${spec%%@*}; vargs=""; [[ "$spec" == *@* ]] && vargs=${spec#*@}
   CMAKE_ARGS="-DCMAKE_CUDA_FLAGS=$v" $PY -m pip install --no-build-isolation --no-deps -q \
     -Cbuild-dir="build/variant-$(echo "$v" | tr -c 'A-Za-z0-9' '_')" . > "$OUT/build-variant.log" 2>&1 \
     || { tail -20 "$OUT/build-variant.log"; continue; }
-  $PY benchmarks/bench_decode.py --iters 15 --json "$OUT/variant.json" > "$OUT/variant.log" 2>&1
+  $PY benchmarks/bench_decode.py --iters 15 --json "$OUT/variant.json" $vargs > "$OUT/variant.log" 2>&1
   $PY -c "
 import json; r = json.load(open('$OUT/variant.json')); rc = r['read_ceiling']
-print('variant [$v] read ceiling %.2f:' % (rc / 1e12), '  '.join('%d/%d %.1f%%' % (d['batch'], d['context'], 100 * d['bandwidth'] / rc) for d in r['decode']))"
+print('variant [$spec] read ceiling %.2f:' % (rc / 1e12), '  '.join('%d/%d %.1f%%' % (d['batch'], d['context'], 100 * d['bandwidth'] / rc) for d in r['decode']))"
 done
 
 if [ -n "${SASS:-}" ]; then  # SASS=1: opcode histogram of the float16 head_dim-128 decode kernel
@@ -99,7 +101,7 @@ echo "pytest rc=$pytest_rc"
 for layout in ${BENCH_LAYOUTS:-NHD}; do
   $PY -c "
 import json; r = json.load(open('$RESULTS/bench-$layout.json')); rc = r['read_ceiling']
-print(r['device'], r['date'], 'layout', r['layout'], 'read ceiling %.2f TB/s, copy ceiling %.2f TB/s' % (rc / 1e12, r['copy_ceiling'] / 1e12))
+print(r['device'], r['date'], 'layout', r['layout'], 'read ceiling %.2f TB/s (%s), copy ceiling %.2f TB/s' % (rc / 1e12, r.get('read_ceiling_method'), r['copy_ceiling'] / 1e12))
 for d in r['decode']:
     s = d['sdpa_bandwidth']
     print('  B=%4d ctx=%6d splits=%3d  %.3f ms  %.2f TB/s  %5.1f%% (eager %5.1f%%)  cuDNN %s' % (d['batch'], d['context'], d['splits'], d['ms'], d['bandwidth'] / 1e12, 100 * d['bandwidth'] / rc, 100 * d['bandwidth_eager'] / rc, 'n/a' if s is None else '%.2f TB/s %5.1f%%' % (s / 1e12, 100 * s / rc)))

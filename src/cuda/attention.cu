@@ -33,6 +33,23 @@
 #include "cuda/dtypes.cuh"
 #include "cuda/ptx.cuh"
 
+// Diagnostics for benchmark variants only (each makes the output wrong): leave out the K/V
+// copies, the per-tile arithmetic, or the split merge, to time the rest.
+#ifndef TS_DIAG_NO_LOADS
+#define TS_DIAG_NO_LOADS 0
+#endif
+#ifndef TS_DIAG_NO_COMPUTE
+#define TS_DIAG_NO_COMPUTE 0
+#endif
+#ifndef TS_DIAG_NO_MERGE
+#define TS_DIAG_NO_MERGE 0
+#endif
+// K/V pipeline stages of the tensor-core decode kernel at head_dim 128 (three: two CTAs fit on a
+// multiprocessor; two: three CTAs). Other head dims use three stages.
+#ifndef TS_STAGES_D128
+#define TS_STAGES_D128 3
+#endif
+
 namespace tinyserve::kernels::cuda {
 namespace {
 
@@ -167,7 +184,7 @@ __device__ void merge_warps_and_store(const AttnArgs& a, const float* red_m, con
 template <int D>
 struct MmaConfig {
   static constexpr int kRow = D + 8;  // shared row stride (elements): 16-byte pad, no conflicts
-  static constexpr int kStages = 3;
+  static constexpr int kStages = D == 128 ? TS_STAGES_D128 : 3;
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row
   static constexpr int kRowsPerPass = kThreads / kChunks;
   static constexpr int kPasses = kTile / kRowsPerPass;
@@ -237,6 +254,9 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(const __grid_const
   const std::uint32_t chunk_bytes = (threadIdx.x % C::kChunks) * 16;
   const int row0 = threadIdx.x / C::kChunks;
   auto load_tile = [&](int tile) {
+#if TS_DIAG_NO_LOADS
+    return;
+#endif
     const int stage = tile % C::kStages;
     const std::uint32_t ks = stages + stage * C::kStageBytes + row0 * kRowBytes + chunk_bytes;
     const std::uint32_t vs = ks + kTile * kRowBytes;
@@ -331,6 +351,9 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(const __grid_const
       next_block = lookup(next + 2);
     }
     const std::uint32_t stage_offset = (tile % C::kStages) * C::kStageBytes;
+#if TS_DIAG_NO_COMPUTE
+    continue;
+#endif
 
     // S = Q K^T for this warp's 16 tokens: two 8-token column blocks, each summed in two
     // independent chains (even and odd steps) to halve the MMA dependency depth.
@@ -826,7 +849,7 @@ void paged_attention(const PagedAttentionParams& p, Stream stream) {
                   unsigned(p.batch));
   launch(reinterpret_cast<const void*>(l.kernel), grid, dim3(kThreads), std::size_t(l.smem_bytes),
          s, a, op, "decode kernel");
-  if (p.num_splits > 1) {
+  if (p.num_splits > 1 && !TS_DIAG_NO_MERGE) {
     const std::size_t smem = merge_smem_bytes(p.head_dim);
     const void* merge = p.dtype == DType::Float16
                             ? reinterpret_cast<const void*>(merge_splits_kernel<__half>)
