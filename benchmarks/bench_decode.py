@@ -260,14 +260,16 @@ def copy_case(iters: int) -> dict:
 
 
 def commit() -> str:
-    """The git commit measured; the device machine gets a copy of the tree without .git, so the
-    caller may pass it in TINYSERVE_COMMIT."""
+    """The git commit measured: TINYSERVE_COMMIT when set (a GPU machine may get a copy of the
+    tree whose .git, if any, is not the one measured), else the checkout's HEAD."""
+    if os.environ.get("TINYSERVE_COMMIT"):
+        return os.environ["TINYSERVE_COMMIT"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
     except Exception:  # noqa: BLE001
-        return os.environ.get("TINYSERVE_COMMIT", "unknown")
+        return "unknown"
 
 
 def main() -> None:
