@@ -68,7 +68,7 @@ def median_ms(fn, iters: int, warmup: int = 5, calls: int = 10, graph: bool = Fa
     return statistics.median(times)
 
 
-_READ_KERNEL = r"""
+READ_KERNEL = r"""
 extern "C" __global__ void read_all(const uint4* __restrict__ x, unsigned long long n,
                                     unsigned int* out) {
   // Read-only reduction: 16-byte loads, UNROLL in flight per thread, an XOR fold so no load can
@@ -110,7 +110,7 @@ def read_ceiling(iters: int) -> tuple[float, str]:
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         n = cupy.uint64(x.numel() * 2 // 16)
         for unroll, per_sm, threads in _READ_CONFIGS:
-            kernel = cupy.RawKernel(_READ_KERNEL, "read_all", options=(f"-DUNROLL={unroll}",))
+            kernel = cupy.RawKernel(READ_KERNEL, "read_all", options=(f"-DUNROLL={unroll}",))
 
             def raw(kernel=kernel, blocks=sms * per_sm, threads=threads):
                 with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
