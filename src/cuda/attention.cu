@@ -44,10 +44,10 @@
 #ifndef TS_DIAG_NO_MERGE
 #define TS_DIAG_NO_MERGE 0
 #endif
-// K/V pipeline stages of the tensor-core decode kernel at head_dim 128 (three: two CTAs fit on a
-// multiprocessor; two: three CTAs). Other head dims use three stages.
-#ifndef TS_STAGES_D128
-#define TS_STAGES_D128 3
+// Pipeline stages of the head_dim-128 tensor-core kernel when the sequences are split (two: three
+// CTAs fit on a multiprocessor). Unsplit launches and other head dims use three (two CTAs).
+#ifndef TS_SPLIT_STAGES_D128
+#define TS_SPLIT_STAGES_D128 2
 #endif
 
 namespace tinyserve::kernels::cuda {
@@ -181,10 +181,10 @@ __device__ void merge_warps_and_store(const AttnArgs& a, const float* red_m, con
 // ---------------------------------------------------------------------------------------------
 // Tensor-core kernel
 
-template <int D>
+template <int D, int Stages>
 struct MmaConfig {
   static constexpr int kRow = D + 8;  // shared row stride (elements): 16-byte pad, no conflicts
-  static constexpr int kStages = D == 128 ? TS_STAGES_D128 : 3;
+  static constexpr int kStages = Stages;
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row
   static constexpr int kRowsPerPass = kThreads / kChunks;
   static constexpr int kPasses = kTile / kRowsPerPass;
@@ -204,9 +204,9 @@ struct MmaConfig {
 // bfloat16), and most tiles skip rescaling the accumulators.
 constexpr float kRescaleThreshold = 8.0f;
 
-template <class T, int D>
+template <class T, int D, int Stages>
 __global__ void __launch_bounds__(kThreads) decode_mma_kernel(const __grid_constant__ AttnArgs a) {
-  using C = MmaConfig<D>;
+  using C = MmaConfig<D, Stages>;
   constexpr std::uint32_t kRowBytes = C::kRow * 2;
   extern __shared__ __align__(16) unsigned char smem[];
   T* q_smem = reinterpret_cast<T*>(smem);
@@ -658,15 +658,24 @@ struct Launch {
   int heads_per_cta;
 };
 
+template <class T, int D, int Stages>
+Launch mma_launch_of() {
+  return {decode_mma_kernel<T, D, Stages>, MmaConfig<D, Stages>::kSmemBytes, kMmaHeads};
+}
+
+// Split launches at head_dim 128 use fewer stages so that three CTAs share a multiprocessor: with
+// the GPU filled by splits of one or a few sequences, the extra CTAs hide more of each one's
+// start, end and arithmetic (measured on an H200: about one point of the read ceiling on one
+// 128k-token sequence; unsplit batches gained nothing, and lose with the extra partial wave).
 template <class T>
-Launch mma_launch(int head_dim) {
+Launch mma_launch(int head_dim, bool split) {
   switch (head_dim) {
     case 64:
-      return {decode_mma_kernel<T, 64>, MmaConfig<64>::kSmemBytes, kMmaHeads};
+      return mma_launch_of<T, 64, 3>();
     case 128:
-      return {decode_mma_kernel<T, 128>, MmaConfig<128>::kSmemBytes, kMmaHeads};
+      return split ? mma_launch_of<T, 128, TS_SPLIT_STAGES_D128>() : mma_launch_of<T, 128, 3>();
     case 256:
-      return {decode_mma_kernel<T, 256>, MmaConfig<256>::kSmemBytes, kMmaHeads};
+      return mma_launch_of<T, 256, 3>();
     default:
       return {nullptr, 0, 0};
   }
@@ -688,13 +697,14 @@ Launch generic_launch(DType dtype, int head_dim) {
   }
 }
 
-// The tensor-core kernel's path, when the dtype and head_dim have one (alignment aside).
-Launch preferred_launch(DType dtype, int head_dim) {
+// The tensor-core kernel's path, when the dtype and head_dim have one (alignment aside), for an
+// unsplit or a split launch.
+Launch preferred_launch(DType dtype, int head_dim, bool split) {
   if (dtype == DType::Float16) {
-    Launch l = mma_launch<__half>(head_dim);
+    Launch l = mma_launch<__half>(head_dim, split);
     if (l.kernel) return l;
   } else if (dtype == DType::BFloat16) {
-    Launch l = mma_launch<__nv_bfloat16>(head_dim);
+    Launch l = mma_launch<__nv_bfloat16>(head_dim, split);
     if (l.kernel) return l;
   }
   return generic_launch(dtype, head_dim);
@@ -751,25 +761,33 @@ int plan_attention_splits(int device_index, DType dtype, int batch, int num_q_he
   const char* op = "plan_paged_attention";
   check_head_dim(head_dim);
   DeviceGuard guard(device_index, op);
-  const Launch l = preferred_launch(dtype, head_dim);
   const int group = num_q_heads / num_kv_heads;
-  const std::int64_t units =
-      std::int64_t(batch) * num_kv_heads * ((group + l.heads_per_cta - 1) / l.heads_per_cta);
-  const std::int64_t slots = std::int64_t(device_info(device_index).multiprocessors) *
-                             prepare(l, max_smem(l), device_index, op);
   const std::int64_t max_splits = std::clamp<std::int64_t>(max_kv_len / kMinSplitTokens, 1, 1024);
+  // The cheapest split count for the kernel that a launch with (split) or without splits uses.
   // Cost of s splits for equal-length sequences: the waves of CTAs it takes, times each CTA's
   // work (its chunk of tokens plus a fixed cost, about two tiles of pipeline fill, that every
   // CTA and every split's merge pays). The cheapest s wins; ties go to fewer splits.
-  auto cost = [&](std::int64_t s) {
-    const std::int64_t waves = (units * s + slots - 1) / slots;
-    return double(waves) * (double(max_kv_len) / double(s) + kSplitOverheadTokens);
+  auto best_splits = [&](bool split) {
+    const Launch l = preferred_launch(dtype, head_dim, split);
+    const std::int64_t units =
+        std::int64_t(batch) * num_kv_heads * ((group + l.heads_per_cta - 1) / l.heads_per_cta);
+    const std::int64_t slots = std::int64_t(device_info(device_index).multiprocessors) *
+                               prepare(l, max_smem(l), device_index, op);
+    auto cost = [&](std::int64_t s) {
+      const std::int64_t waves = (units * s + slots - 1) / slots;
+      return double(waves) * (double(max_kv_len) / double(s) + kSplitOverheadTokens);
+    };
+    std::int64_t best = 1;
+    for (std::int64_t s = 2; s <= max_splits; ++s) {
+      if (cost(s) < cost(best)) best = s;
+    }
+    return best;
   };
-  std::int64_t best = 1;
-  for (std::int64_t s = 2; s <= max_splits; ++s) {
-    if (cost(s) < cost(best)) best = s;
-  }
-  return int(best);
+  // Split only where the unsplit kernel would leave the GPU short of work; the split count is
+  // then planned for the kernel that split launches use (more CTAs per multiprocessor at
+  // head_dim 128).
+  if (best_splits(false) == 1) return 1;
+  return int(best_splits(true));
 }
 
 void paged_attention(const PagedAttentionParams& p, Stream stream) {
@@ -829,7 +847,7 @@ void paged_attention(const PagedAttentionParams& p, Stream stream) {
         attention_partials_bytes(p.num_splits, p.batch, p.num_q_heads, p.head_dim));
   }
 
-  Launch l = preferred_launch(p.dtype, p.head_dim);
+  Launch l = preferred_launch(p.dtype, p.head_dim, p.num_splits > 1);
   if (l.heads_per_cta == kMmaHeads) {
     // The tensor-core kernel moves 16-byte rows: every row start must be 16-byte aligned.
     const bool ok = aligned16(p.query) && aligned16(p.key_cache.data) &&
