@@ -10,7 +10,8 @@
 //
 // Two kernels:
 // - decode_mma_kernel (float16/bfloat16, head_dim 64/128/256, 16-byte aligned rows): 4 warps,
-//   each owns 16 tokens of a 64-token tile. K and V tiles stream through a 3-stage cp.async
+//   each owns 16 tokens of a 64-token tile. K and V tiles stream through a 3-stage (split
+//   launches at head_dim 128: 2-stage, three CTAs per multiprocessor) cp.async
 //   pipeline (rows past the range are zero-filled, never read); Q.K^T and P.V run on tensor
 //   cores (m16n8k16, float32 accumulation; the query heads are the M dimension). Online softmax
 //   in float32, log2 domain. Warps merge their states through shared memory at the end.
