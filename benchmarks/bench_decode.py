@@ -90,7 +90,28 @@ extern "C" __global__ void read_all(const uint4* __restrict__ x, unsigned long l
 
 # (loads in flight per thread, CTAs per multiprocessor, threads per CTA) of the raw read kernel;
 # the fastest is kept, so no one launch shape decides the ceiling.
-_READ_CONFIGS = ((4, 8, 512), (8, 4, 512), (8, 2, 1024), (4, 16, 256), (8, 8, 256), (16, 4, 256))
+READ_CONFIGS = ((4, 8, 512), (8, 4, 512), (8, 2, 1024), (4, 16, 256), (8, 8, 256), (16, 4, 256))
+
+
+def raw_read_kernels(x: torch.Tensor) -> dict:
+    """{name: launch} of the raw 16-byte read kernel over all of x (CUDA, bytes a multiple of
+    16), one per launch shape of READ_CONFIGS, on torch's current stream. Needs CuPy."""
+    import cupy
+
+    xc = cupy.from_dlpack(x.view(torch.int32))
+    out = cupy.zeros(1, dtype=cupy.uint32)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    n = cupy.uint64(x.numel() * x.element_size() // 16)
+    launches = {}
+    for unroll, per_sm, threads in READ_CONFIGS:
+        kernel = cupy.RawKernel(READ_KERNEL, "read_all", options=(f"-DUNROLL={unroll}",))
+
+        def raw(kernel=kernel, blocks=sms * per_sm, threads=threads):
+            with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+                kernel((blocks,), (threads,), (xc, n, out))
+
+        launches[f"raw read x{unroll} {per_sm}x{threads}/SM"] = raw
+    return launches
 
 
 def read_ceiling(iters: int) -> tuple[float, str]:
@@ -103,20 +124,7 @@ def read_ceiling(iters: int) -> tuple[float, str]:
         "torch.sum(float32 view)": lambda: x.view(torch.float32).sum(),
     }
     try:
-        import cupy
-
-        xc = cupy.from_dlpack(x.view(torch.int32))
-        out = cupy.zeros(1, dtype=cupy.uint32)
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
-        n = cupy.uint64(x.numel() * 2 // 16)
-        for unroll, per_sm, threads in _READ_CONFIGS:
-            kernel = cupy.RawKernel(READ_KERNEL, "read_all", options=(f"-DUNROLL={unroll}",))
-
-            def raw(kernel=kernel, blocks=sms * per_sm, threads=threads):
-                with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
-                    kernel((blocks,), (threads,), (xc, n, out))
-
-            candidates[f"raw read x{unroll} {per_sm}x{threads}/SM"] = raw
+        candidates.update(raw_read_kernels(x))
     except Exception:  # noqa: BLE001 - CuPy is optional; the torch reductions still measure
         pass
     rates = {name: 4 * GiB / (median_ms(fn, iters) * 1e-3) for name, fn in candidates.items()}

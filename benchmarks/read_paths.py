@@ -14,13 +14,15 @@ import argparse
 
 import cupy
 import torch
-from bench_decode import READ_KERNEL, GiB, median_ms
+from bench_decode import GiB, median_ms, raw_read_kernels
 
-_SOURCE = r"""
+_PRELUDE = r"""
 __device__ __forceinline__ unsigned smem_u32(const void* p) {
   return (unsigned)__cvta_generic_to_shared(p);
 }
+"""
 
+_CPASYNC = r"""
 // cp.async: STAGES tiles of THREADS * PER * 16 bytes; with SYNC the CTA waits for a tile as a
 // whole (__syncthreads) before refilling, as the decode kernel does.
 extern "C" __global__ void cpasync_read(const char* __restrict__ x, long long tiles,
@@ -60,7 +62,9 @@ extern "C" __global__ void cpasync_read(const char* __restrict__ x, long long ti
   }
   if (acc == 0x9e3779b9u) atomicAdd(out, 1u);
 }
+"""
 
+_BULK = r"""
 // Bulk copies: STAGES tiles of 32 KB, each moved as 32 KB / SIZE copies issued by the lanes of
 // warp 0, completing on the stage's barrier.
 extern "C" __global__ void bulk_read(const char* __restrict__ x, long long tiles,
@@ -126,15 +130,7 @@ def main() -> None:
     def stream():
         return cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
 
-    cases = {}
-    for unroll, per_sm, threads in ((4, 8, 512), (8, 2, 1024)):
-        k = cupy.RawKernel(READ_KERNEL, "read_all", options=(f"-DUNROLL={unroll}",))
-
-        def ldg(k=k, blocks=sms * per_sm, threads=threads):
-            with stream():
-                k((blocks,), (threads,), (xc, cupy.uint64(x.numel() * 2 // 16), out))
-
-        cases[f"ldg x{unroll}, {per_sm} CTAs x {threads} per SM"] = ldg
+    cases = {f"16-byte loads to registers, {k}": fn for k, fn in raw_read_kernels(x).items()}
     # (threads, copies per thread per tile, stages, sync, CTAs per SM); tile = threads*per*16.
     for threads, per, stages, sync, per_sm in (
         (128, 16, 3, 1, 2),  # the decode kernel's shape
@@ -148,10 +144,9 @@ def main() -> None:
             f"-DPER={per}",
             f"-DSTAGES={stages}",
             f"-DSYNC={sync}",
-            "-DSIZE=16",
             "-std=c++17",
         )
-        k = cupy.RawKernel(_SOURCE, "cpasync_read", options=opts)
+        k = cupy.RawKernel(_PRELUDE + _CPASYNC, "cpasync_read", options=opts)
         smem = stages * threads * per * 16
         k.max_dynamic_shared_size_bytes = smem
 
@@ -164,15 +159,8 @@ def main() -> None:
             f"{'sync' if sync else 'no sync'}, {per_sm}/SM"
         ] = cpa
     for size in (256, 2048, 8192, 32768):
-        opts = (
-            "-DSTAGES=3",
-            f"-DSIZE={size}",
-            "-DTHREADS=128",
-            "-DPER=1",
-            "-DSYNC=1",
-            "-std=c++17",
-        )
-        k = cupy.RawKernel(_SOURCE, "bulk_read", options=opts)
+        opts = ("-DSTAGES=3", f"-DSIZE={size}", "-std=c++17")
+        k = cupy.RawKernel(_PRELUDE + _BULK, "bulk_read", options=opts)
         smem = 3 * 32768 + 64
         k.max_dynamic_shared_size_bytes = smem
 

@@ -768,8 +768,7 @@ int plan_attention_splits(int device_index, DType dtype, int batch, int num_q_he
   // Cost of s splits for equal-length sequences: the waves of CTAs it takes, times each CTA's
   // work (its chunk of tokens plus a fixed cost, about two tiles of pipeline fill, that every
   // CTA and every split's merge pays). The cheapest s wins; ties go to fewer splits.
-  auto best_splits = [&](bool split) {
-    const Launch l = preferred_launch(dtype, head_dim, split);
+  auto best_splits = [&](const Launch& l) {
     const std::int64_t units =
         std::int64_t(batch) * num_kv_heads * ((group + l.heads_per_cta - 1) / l.heads_per_cta);
     const std::int64_t slots = std::int64_t(device_info(device_index).multiprocessors) *
@@ -779,16 +778,21 @@ int plan_attention_splits(int device_index, DType dtype, int batch, int num_q_he
       return double(waves) * (double(max_kv_len) / double(s) + kSplitOverheadTokens);
     };
     std::int64_t best = 1;
+    double best_cost = cost(1);
     for (std::int64_t s = 2; s <= max_splits; ++s) {
-      if (cost(s) < cost(best)) best = s;
+      const double c = cost(s);
+      if (c < best_cost) best = s, best_cost = c;
     }
     return best;
   };
   // Split only where the unsplit kernel would leave the GPU short of work; the split count is
   // then planned for the kernel that split launches use (more CTAs per multiprocessor at
-  // head_dim 128).
-  if (best_splits(false) == 1) return 1;
-  return int(best_splits(true));
+  // head_dim 128), where that is another kernel.
+  const Launch unsplit = preferred_launch(dtype, head_dim, false);
+  const Launch split = preferred_launch(dtype, head_dim, true);
+  const std::int64_t unsplit_best = best_splits(unsplit);
+  if (unsplit_best == 1 || split.kernel == unsplit.kernel) return int(unsplit_best);
+  return int(best_splits(split));
 }
 
 void paged_attention(const PagedAttentionParams& p, Stream stream) {
