@@ -47,8 +47,39 @@
 #endif
 // Pipeline stages of the head_dim-128 tensor-core kernel when the sequences are split (two: three
 // CTAs fit on a multiprocessor). Unsplit launches and other head dims use three (two CTAs).
+// Timeline: every CTA of the tensor-core and merge kernels records globaltimer stamps into
+// ts_diag_timeline / ts_diag_merge_timeline (benchmarks/timeline.cu reads them). Off by default.
+#ifndef TS_DIAG_TIMELINE
+#define TS_DIAG_TIMELINE 0
+#endif
 #ifndef TS_SPLIT_STAGES_D128
 #define TS_SPLIT_STAGES_D128 2
+#endif
+
+#if TS_DIAG_TIMELINE
+constexpr int kDiagMaxCtas = 1 << 16;
+// Per decode CTA: start, first tile landed, loop done, end (ns), SM id. Per merge CTA: start,
+// after the wait for the decode kernel, end.
+__device__ unsigned long long ts_diag_timeline[kDiagMaxCtas][5];
+__device__ unsigned long long ts_diag_merge_timeline[kDiagMaxCtas][3];
+__device__ __forceinline__ unsigned long long ts_diag_now() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ unsigned ts_diag_cta() {
+  return blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+}
+#define TS_DIAG_MARK(table, event)                                                      \
+  do {                                                                                  \
+    if (threadIdx.x == 0 && ts_diag_cta() < kDiagMaxCtas) {                             \
+      table[ts_diag_cta()][event] = ts_diag_now();                                      \
+    }                                                                                   \
+  } while (0)
+#else
+#define TS_DIAG_MARK(table, event) \
+  do {                             \
+  } while (0)
 #endif
 
 namespace tinyserve::kernels::cuda {
@@ -209,6 +240,7 @@ template <class T, int D, int Stages>
 __global__ void __launch_bounds__(kThreads) decode_mma_kernel(const __grid_constant__ AttnArgs a) {
   using C = MmaConfig<D, Stages>;
   constexpr std::uint32_t kRowBytes = C::kRow * 2;
+  TS_DIAG_MARK(ts_diag_timeline, 0);
   extern __shared__ __align__(16) unsigned char smem[];
   T* q_smem = reinterpret_cast<T*>(smem);
   const std::uint32_t stages = ptx::smem_addr(smem + C::kQBytes);
@@ -342,6 +374,7 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(const __grid_const
       ptx::cp_async_wait<C::kStages - 2>();
     }
     __syncthreads();
+    if (tile == 0) TS_DIAG_MARK(ts_diag_timeline, 1);
     const int next = tile + C::kStages - 1;
     if (tile > 0) {  // tile kStages - 1 was loaded by the prologue
       if (next < num_tiles) load_tile(next);
@@ -442,6 +475,7 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(const __grid_const
   ptx::cp_async_wait<0>();
   ptx::allow_dependent_grids();  // the merge kernel (if any) may start launching
   __syncthreads();               // the stage buffers become the reduction buffers
+  TS_DIAG_MARK(ts_diag_timeline, 2);
 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -469,6 +503,15 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(const __grid_const
   }
   __syncthreads();
   merge_warps_and_store<T>(a, red_m, red_l, red_o, kMmaHeads, D, heads, head0, b, split);
+#if TS_DIAG_TIMELINE
+  __syncthreads();
+  TS_DIAG_MARK(ts_diag_timeline, 3);
+  if (threadIdx.x == 0 && ts_diag_cta() < kDiagMaxCtas) {
+    unsigned smid;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+    ts_diag_timeline[ts_diag_cta()][4] = smid;
+  }
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -580,7 +623,9 @@ __global__ void __launch_bounds__(kThreads)
   float* warp_m = merge_smem;         // [kWarps]
   float* warp_w = warp_m + kWarps;    // [kWarps]
   float* warp_sum = warp_w + kWarps;  // [kWarps][head_dim]
-  ptx::wait_for_previous_grid();      // launched while the decode kernel finishes
+  TS_DIAG_MARK(ts_diag_merge_timeline, 0);
+  ptx::wait_for_previous_grid();  // launched while the decode kernel finishes
+  TS_DIAG_MARK(ts_diag_merge_timeline, 1);
   const int b = blockIdx.x / a.num_q_heads, h = blockIdx.x % a.num_q_heads;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const std::int64_t stride = std::int64_t(a.batch) * a.num_q_heads;
@@ -646,6 +691,10 @@ __global__ void __launch_bounds__(kThreads)
     a.lse[b * a.lse_stride_batch + h * a.lse_stride_head] =
         total > 0.0f ? (m_all + log2f(total)) * kLn2 : -INFINITY;
   }
+#if TS_DIAG_TIMELINE
+  __syncthreads();
+  TS_DIAG_MARK(ts_diag_merge_timeline, 2);
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------
