@@ -186,11 +186,11 @@ __device__ __forceinline__ void store_output(const AttnArgs& a, int b, int split
 }
 
 // Final merge of per-warp softmax states kept in shared memory: red_m/red_l [kWarps][rows],
-// red_o [kWarps][rows][dim]. Writes rows [0, heads) of query heads head0...
+// red_o [kWarps][rows][o_stride] (dim used). Writes rows [0, heads) of query heads head0...
 template <class T>
 __device__ void merge_warps_and_store(const AttnArgs& a, const float* red_m, const float* red_l,
-                                      const float* red_o, int rows, int dim, int heads, int head0,
-                                      int b, int split) {
+                                      const float* red_o, int rows, int dim, int o_stride,
+                                      int heads, int head0, int b, int split) {
   for (int i = threadIdx.x; i < heads * dim; i += kThreads) {
     const int r = i / dim, d = i - r * dim;
     float m = -INFINITY;
@@ -201,7 +201,7 @@ __device__ void merge_warps_and_store(const AttnArgs& a, const float* red_m, con
       for (int w = 0; w < kWarps; ++w) {
         const float scale = ptx::exp2_approx(red_m[w * rows + r] - m);
         l += red_l[w * rows + r] * scale;
-        acc += red_o[(w * rows + r) * dim + d] * scale;
+        acc += red_o[(w * rows + r) * o_stride + d] * scale;
       }
       value = acc / l;
       lse2 = m + log2f(l);
@@ -225,7 +225,9 @@ struct MmaConfig {
   static constexpr int kStageBytes = 2 * kTile * kRow * 2;
   static constexpr int kRowAddressBytes = kStages * 2 * kTile * 8;  // per stage: K, V row addresses
   static constexpr int kSmemBytes = kQBytes + kStages * kStageBytes + kRowAddressBytes;
-  static constexpr int kReduceBytes = kWarps * kMmaHeads * (D + 2) * 4;
+  // Reduction rows of float32 outputs: stride D + 8 makes the quads' 8-byte stores conflict-free.
+  static constexpr int kRedRow = D + 8;
+  static constexpr int kReduceBytes = kWarps * kMmaHeads * (kRedRow + 2) * 4;
   static_assert(kReduceBytes <= kStages * kStageBytes, "reduction must fit the stage buffers");
   static_assert(kThreads % kChunks == 0 && kTile % kRowsPerPass == 0, "loader shape");
   static_assert(kTile <= kThreads, "one thread computes each row's offsets");
@@ -494,15 +496,13 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(const __grid_const
   }
 #pragma unroll
   for (int nb = 0; nb < D / 8; ++nb) {
-    float* row_g = red_o + (warp * kMmaHeads + g) * D + nb * 8 + quad_col;
-    float* row_g8 = row_g + 8 * D;
-    row_g[0] = o[nb][0];
-    row_g[1] = o[nb][1];
-    row_g8[0] = o[nb][2];
-    row_g8[1] = o[nb][3];
+    float* row_g = red_o + (warp * kMmaHeads + g) * C::kRedRow + nb * 8 + quad_col;
+    *reinterpret_cast<float2*>(row_g) = make_float2(o[nb][0], o[nb][1]);
+    *reinterpret_cast<float2*>(row_g + 8 * C::kRedRow) = make_float2(o[nb][2], o[nb][3]);
   }
   __syncthreads();
-  merge_warps_and_store<T>(a, red_m, red_l, red_o, kMmaHeads, D, heads, head0, b, split);
+  merge_warps_and_store<T>(a, red_m, red_l, red_o, kMmaHeads, D, C::kRedRow, heads, head0, b,
+                           split);
 #if TS_DIAG_TIMELINE
   __syncthreads();
   TS_DIAG_MARK(ts_diag_timeline, 3);
@@ -600,96 +600,121 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   __syncthreads();
-  merge_warps_and_store<T>(a, red_m, red_l, acc, kGenericHeads, D, heads, head0, b, split);
+  merge_warps_and_store<T>(a, red_m, red_l, acc, kGenericHeads, D, D, heads, head0, b, split);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Merge of split partials: one CTA per (sequence, query head).
+//
+// First the splits' weights: each split's log-sum-exp against the largest one, kept in shared
+// memory with their sum. Then thread t sums columns t % cols (float4 columns where head_dim
+// allows) over every groups-th split from t / cols on: each of its loads is independent of the
+// others, so all are in flight together. The groups' sums meet in shared memory.
+struct MergeShape {
+  int vec, cols, groups;
+};
 
-// Shared memory of the merge kernel: per warp, its running max and weight sum, and its partial
-// sum of a row.
-std::size_t merge_smem_bytes(int head_dim) {
-  return std::size_t(kWarps) * (2 + head_dim) * sizeof(float);
+// The weights take num_splits floats, rounded up to keep the column sums 16-byte aligned.
+__host__ __device__ inline int merge_weights_len(int num_splits) { return (num_splits + 3) / 4 * 4; }
+
+__host__ __device__ inline MergeShape merge_shape(int head_dim) {
+  MergeShape m;
+  m.vec = head_dim % 4 == 0 ? 4 : 1;
+  m.cols = head_dim / m.vec;
+  m.groups = m.cols >= kThreads ? 1 : kThreads / m.cols;
+  return m;
 }
 
-// Each warp merges every kWarps-th split online (running max), a lane reading elements
-// lane + 32 j of a row: a split's log-sum-exp and its partial row are loaded together and
-// independently of other splits, so many loads are in flight at once. The warps' states are
-// merged through shared memory.
+// Shared memory of the merge kernel: the split weights, the groups' column sums, and one value
+// per warp for the block-wide max and sum.
+std::size_t merge_smem_bytes(int head_dim, int num_splits) {
+  const MergeShape m = merge_shape(head_dim);
+  return (std::size_t(merge_weights_len(num_splits)) + std::size_t(m.groups) * head_dim + kWarps) *
+         sizeof(float);
+}
+
+template <class Op>
+__device__ __forceinline__ float block_reduce(float v, float* scratch, Op op) {
+#pragma unroll
+  for (int mask = 16; mask > 0; mask /= 2) v = op(v, __shfl_xor_sync(0xffffffffu, v, mask));
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  v = scratch[0];
+#pragma unroll
+  for (int w = 1; w < kWarps; ++w) v = op(v, scratch[w]);
+  __syncthreads();  // scratch may be reused
+  return v;
+}
+
 template <class T>
 __global__ void __launch_bounds__(kThreads)
     merge_splits_kernel(const __grid_constant__ AttnArgs a) {
-  extern __shared__ float merge_smem[];
-  float* warp_m = merge_smem;         // [kWarps]
-  float* warp_w = warp_m + kWarps;    // [kWarps]
-  float* warp_sum = warp_w + kWarps;  // [kWarps][head_dim]
+  extern __shared__ __align__(16) float merge_smem[];
+  const MergeShape shape = merge_shape(a.head_dim);
+  float* weight = merge_smem;                                 // [num_splits]
+  float* sums = weight + merge_weights_len(a.num_splits);     // [groups][head_dim]
+  float* scratch = sums + shape.groups * a.head_dim;          // [kWarps]
   TS_DIAG_MARK(ts_diag_merge_timeline, 0);
   ptx::wait_for_previous_grid();  // launched while the decode kernel finishes
   TS_DIAG_MARK(ts_diag_merge_timeline, 1);
   const int b = blockIdx.x / a.num_q_heads, h = blockIdx.x % a.num_q_heads;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const std::int64_t stride = std::int64_t(a.batch) * a.num_q_heads;
   const std::int64_t row = std::int64_t(b) * a.num_q_heads + h;
+
+  float m = -INFINITY;
+  for (int s = threadIdx.x; s < a.num_splits; s += kThreads) {
+    const float lse = a.part_lse[s * stride + row];
+    weight[s] = lse;
+    m = fmaxf(m, lse);
+  }
+  m = block_reduce(m, scratch, [](float x, float y) { return fmaxf(x, y); });
+  float total = 0.0f;
+  for (int s = threadIdx.x; s < a.num_splits; s += kThreads) {
+    const float lse = weight[s];  // written by this thread above
+    const float w = lse == -INFINITY ? 0.0f : ptx::exp2_approx(lse - m);  // an empty split: 0
+    weight[s] = w;
+    total += w;
+  }
+  total = block_reduce(total, scratch, [](float x, float y) { return x + y; });  // syncs
+
   const float* part = a.part_out + row * a.head_dim;
   const std::int64_t split_stride = stride * a.head_dim;
-  float m = -INFINITY, weight = 0.0f;
-  for (int d0 = 0; d0 < a.head_dim; d0 += 128) {
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    m = -INFINITY;
-    weight = 0.0f;
-#pragma unroll 4
-    for (int s = warp; s < a.num_splits; s += kWarps) {
-      const float lse = a.part_lse[s * stride + row];
-      float p[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int d = d0 + lane + 32 * j;
-        p[j] = d < a.head_dim ? part[s * split_stride + d] : 0.0f;
+  const int group = threadIdx.x / shape.cols;
+  if (group < shape.groups) {
+    for (int c = threadIdx.x % shape.cols; c < shape.cols; c += kThreads) {
+      if (shape.vec == 4) {
+        float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 8
+        for (int s = group; s < a.num_splits; s += shape.groups) {
+          const float w = weight[s];
+          const float4 p = *reinterpret_cast<const float4*>(part + s * split_stride + 4 * c);
+          acc.x += w * p.x;
+          acc.y += w * p.y;
+          acc.z += w * p.z;
+          acc.w += w * p.w;
+        }
+        *reinterpret_cast<float4*>(sums + group * a.head_dim + 4 * c) = acc;
+      } else {
+        float acc = 0.0f;
+#pragma unroll 8
+        for (int s = group; s < a.num_splits; s += shape.groups) {
+          acc += weight[s] * part[s * split_stride + c];
+        }
+        sums[group * a.head_dim + c] = acc;
       }
-      if (lse == -INFINITY) continue;  // an empty split
-      if (lse > m) {
-        const float correction = ptx::exp2_approx(m - lse);  // 0 while m is -inf
-        weight *= correction;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[j] *= correction;
-        m = lse;
-      }
-      const float w = ptx::exp2_approx(lse - m);
-      weight += w;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[j] += w * p[j];
     }
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int d = d0 + lane + 32 * j;
-      if (d < a.head_dim) warp_sum[warp * a.head_dim + d] = acc[j];
-    }
-  }
-  if (lane == 0) {
-    warp_m[warp] = m;
-    warp_w[warp] = weight;
   }
   __syncthreads();
-  float m_all = -INFINITY;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) m_all = fmaxf(m_all, warp_m[w]);
-  float scale[kWarps], total = 0.0f;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
-    scale[w] = warp_m[w] == -INFINITY ? 0.0f : ptx::exp2_approx(warp_m[w] - m_all);
-    total += warp_w[w] * scale[w];
-  }
   const float inv = total > 0.0f ? 1.0f / total : 0.0f;
   T* out = static_cast<T*>(a.out) + b * a.out_stride_batch + h * a.out_stride_head;
   for (int d = threadIdx.x; d < a.head_dim; d += kThreads) {
     float v = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) v += warp_sum[w * a.head_dim + d] * scale[w];
+    for (int g = 0; g < shape.groups; ++g) v += sums[g * a.head_dim + d];
     out[d] = from_float<T>(v * inv);
   }
   if (threadIdx.x == 0 && a.lse) {
     a.lse[b * a.lse_stride_batch + h * a.lse_stride_head] =
-        total > 0.0f ? (m_all + log2f(total)) * kLn2 : -INFINITY;
+        total > 0.0f ? (m + log2f(total)) * kLn2 : -INFINITY;
   }
 #if TS_DIAG_TIMELINE
   __syncthreads();
@@ -922,7 +947,7 @@ void paged_attention(const PagedAttentionParams& p, Stream stream) {
   launch(reinterpret_cast<const void*>(l.kernel), grid, dim3(kThreads), std::size_t(l.smem_bytes),
          s, a, op, "decode kernel");
   if (p.num_splits > 1 && !TS_DIAG_NO_MERGE) {
-    const std::size_t smem = merge_smem_bytes(p.head_dim);
+    const std::size_t smem = merge_smem_bytes(p.head_dim, p.num_splits);
     const void* merge = p.dtype == DType::Float16
                             ? reinterpret_cast<const void*>(merge_splits_kernel<__half>)
                         : p.dtype == DType::BFloat16

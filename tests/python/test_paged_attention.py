@@ -105,11 +105,14 @@ def test_options(rng, backend, dtype, options):
 
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 16, 200])
-def test_splits(rng, backend, num_splits):
-    """Any split count gives the reference result, including more splits than tokens."""
+@pytest.mark.parametrize("head_dim", [64, 63, 129])
+def test_splits(rng, backend, num_splits, head_dim):
+    """Any split count gives the reference result, including more splits than tokens. The head
+    dims take each path of the CUDA merge: float4 columns, scalar columns in two groups of splits,
+    and more scalar columns than threads."""
     fw, device = backend
     require(fw, "float32")
-    case = R.PagedCase(rng, [3000, 1, 130, 0, 57], 16, 4, 64, 16)
+    case = R.PagedCase(rng, [3000, 1, 130, 0, 57], 16, 4, head_dim, 16)
     out, lse, ref_out, ref_lse = run_case(case, fw, device, "float32", "NHD", num_splits=num_splits)
     assert R.rel_error(out, ref_out) < TOLERANCE["float32"]
     check_lse(lse, ref_lse)
