@@ -55,6 +55,11 @@
 #ifndef TS_SPLIT_STAGES_D128
 #define TS_SPLIT_STAGES_D128 2
 #endif
+// Launch the decode kernel with programmatic stream serialisation (sm_90+): its CTAs may become
+// resident while the previous kernel on the stream drains, and wait for it before reading.
+#ifndef TS_DECODE_PDL
+#define TS_DECODE_PDL 0
+#endif
 
 #if TS_DIAG_TIMELINE
 constexpr int kDiagMaxCtas = 1 << 16;
@@ -243,6 +248,7 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(const __grid_const
   using C = MmaConfig<D, Stages>;
   constexpr std::uint32_t kRowBytes = C::kRow * 2;
   TS_DIAG_MARK(ts_diag_timeline, 0);
+  ptx::wait_for_previous_grid();  // a no-op unless launched after a kernel with PDL
   extern __shared__ __align__(16) unsigned char smem[];
   T* q_smem = reinterpret_cast<T*>(smem);
   const std::uint32_t stages = ptx::smem_addr(smem + C::kQBytes);
@@ -526,6 +532,7 @@ __global__ void __launch_bounds__(kThreads)
   float* acc = q_smem + kGenericHeads * D;          // [kWarps][kGenericHeads][D]
   float* red_m = acc + kWarps * kGenericHeads * D;  // [kWarps][kGenericHeads]
   float* red_l = red_m + kWarps * kGenericHeads;
+  ptx::wait_for_previous_grid();  // a no-op unless launched after a kernel with PDL
 
   const WorkUnit u = work_unit(a, kGenericHeads, 1);
   const int b = u.b, split = u.split, kv_head = u.kv_head, head0 = u.head0, heads = u.heads;
@@ -604,117 +611,136 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Merge of split partials: one CTA per (sequence, query head).
+// Merge of split partials: one CTA of kMergeThreads per (sequence, query head).
 //
-// First the splits' weights: each split's log-sum-exp against the largest one, kept in shared
-// memory with their sum. Then thread t sums columns t % cols (float4 columns where head_dim
-// allows) over every groups-th split from t / cols on: each of its loads is independent of the
-// others, so all are in flight together. The groups' sums meet in shared memory.
+// Thread t owns columns t % cols (float4 columns where head_dim allows) of every groups-th split
+// from t / cols on. It loads its splits' log-sum-exps and partial rows together, a batch of
+// kMergeBatch splits at a time (one batch covers up to groups * kMergeBatch splits: 64 at
+// head_dim 128), and merges them online; the groups' states then meet in shared memory.
+constexpr int kMergeThreads = 512;
+constexpr int kMergeBatch = 4;
+
 struct MergeShape {
   int vec, cols, groups;
 };
-
-// The weights take num_splits floats, rounded up to keep the column sums 16-byte aligned.
-__host__ __device__ inline int merge_weights_len(int num_splits) { return (num_splits + 3) / 4 * 4; }
 
 __host__ __device__ inline MergeShape merge_shape(int head_dim) {
   MergeShape m;
   m.vec = head_dim % 4 == 0 ? 4 : 1;
   m.cols = head_dim / m.vec;
-  m.groups = m.cols >= kThreads ? 1 : kThreads / m.cols;
+  m.groups = m.cols >= kMergeThreads ? 1 : kMergeThreads / m.cols;
   return m;
 }
 
-// Shared memory of the merge kernel: the split weights, the groups' column sums, and one value
-// per warp for the block-wide max and sum.
-std::size_t merge_smem_bytes(int head_dim, int num_splits) {
+// Shared memory of the merge kernel: per group, its running max and weight, and its column sums.
+std::size_t merge_smem_bytes(int head_dim) {
   const MergeShape m = merge_shape(head_dim);
-  return (std::size_t(merge_weights_len(num_splits)) + std::size_t(m.groups) * head_dim + kWarps) *
-         sizeof(float);
+  return std::size_t(m.groups) * (4 + head_dim) * sizeof(float);
 }
 
-template <class Op>
-__device__ __forceinline__ float block_reduce(float v, float* scratch, Op op) {
+template <int V>
+struct MergeVec;
+template <>
+struct MergeVec<4> {
+  using type = float4;
+  static __device__ __forceinline__ float get(const float4& v, int j) {
+    return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+  }
+};
+template <>
+struct MergeVec<1> {
+  using type = float;
+  static __device__ __forceinline__ float get(float v, int) { return v; }
+};
+
+// Merges this thread's splits of column c online into (m, w, acc[V]); returns nothing new when
+// the thread's group has no split.
+template <int V>
+__device__ __forceinline__ void merge_column(const AttnArgs& a, const float* part,
+                                             std::int64_t row, std::int64_t stride, int group,
+                                             int groups, int c, float& m, float& w, float* acc) {
+  using Vec = typename MergeVec<V>::type;
+  const std::int64_t split_stride = stride * a.head_dim;
+  for (int s0 = group; s0 < a.num_splits; s0 += groups * kMergeBatch) {
+    float lse[kMergeBatch];
+    Vec p[kMergeBatch];
 #pragma unroll
-  for (int mask = 16; mask > 0; mask /= 2) v = op(v, __shfl_xor_sync(0xffffffffu, v, mask));
-  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
-  __syncthreads();
-  v = scratch[0];
+    for (int i = 0; i < kMergeBatch; ++i) {  // every load of the batch before any use
+      const int s = s0 + i * groups;
+      lse[i] = s < a.num_splits ? a.part_lse[s * stride + row] : -INFINITY;
+      if (s < a.num_splits) p[i] = *reinterpret_cast<const Vec*>(part + s * split_stride + V * c);
+    }
 #pragma unroll
-  for (int w = 1; w < kWarps; ++w) v = op(v, scratch[w]);
-  __syncthreads();  // scratch may be reused
-  return v;
+    for (int i = 0; i < kMergeBatch; ++i) {
+      if (lse[i] == -INFINITY) continue;  // an empty split, or none
+      if (lse[i] > m) {
+        const float correction = ptx::exp2_approx(m - lse[i]);  // 0 while m is -inf
+        w *= correction;
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[j] *= correction;
+        m = lse[i];
+      }
+      const float weight = ptx::exp2_approx(lse[i] - m);
+      w += weight;
+#pragma unroll
+      for (int j = 0; j < V; ++j) acc[j] += weight * MergeVec<V>::get(p[i], j);
+    }
+  }
 }
 
 template <class T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kMergeThreads)
     merge_splits_kernel(const __grid_constant__ AttnArgs a) {
   extern __shared__ __align__(16) float merge_smem[];
   const MergeShape shape = merge_shape(a.head_dim);
-  float* weight = merge_smem;                                 // [num_splits]
-  float* sums = weight + merge_weights_len(a.num_splits);     // [groups][head_dim]
-  float* scratch = sums + shape.groups * a.head_dim;          // [kWarps]
+  float* group_m = merge_smem;                 // [groups]
+  float* group_w = group_m + shape.groups;     // [groups]
+  float* sums = group_w + shape.groups;        // [groups][head_dim]
   TS_DIAG_MARK(ts_diag_merge_timeline, 0);
   ptx::wait_for_previous_grid();  // launched while the decode kernel finishes
+  ptx::allow_dependent_grids();   // the next kernel may be scheduled (it waits for this one)
   TS_DIAG_MARK(ts_diag_merge_timeline, 1);
   const int b = blockIdx.x / a.num_q_heads, h = blockIdx.x % a.num_q_heads;
   const std::int64_t stride = std::int64_t(a.batch) * a.num_q_heads;
   const std::int64_t row = std::int64_t(b) * a.num_q_heads + h;
-
-  float m = -INFINITY;
-  for (int s = threadIdx.x; s < a.num_splits; s += kThreads) {
-    const float lse = a.part_lse[s * stride + row];
-    weight[s] = lse;
-    m = fmaxf(m, lse);
-  }
-  m = block_reduce(m, scratch, [](float x, float y) { return fmaxf(x, y); });
-  float total = 0.0f;
-  for (int s = threadIdx.x; s < a.num_splits; s += kThreads) {
-    const float lse = weight[s];  // written by this thread above
-    const float w = lse == -INFINITY ? 0.0f : ptx::exp2_approx(lse - m);  // an empty split: 0
-    weight[s] = w;
-    total += w;
-  }
-  total = block_reduce(total, scratch, [](float x, float y) { return x + y; });  // syncs
-
   const float* part = a.part_out + row * a.head_dim;
-  const std::int64_t split_stride = stride * a.head_dim;
   const int group = threadIdx.x / shape.cols;
   if (group < shape.groups) {
-    for (int c = threadIdx.x % shape.cols; c < shape.cols; c += kThreads) {
+    for (int c = threadIdx.x % shape.cols; c < shape.cols; c += kMergeThreads) {
+      float m = -INFINITY, w = 0.0f, acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       if (shape.vec == 4) {
-        float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll 8
-        for (int s = group; s < a.num_splits; s += shape.groups) {
-          const float w = weight[s];
-          const float4 p = *reinterpret_cast<const float4*>(part + s * split_stride + 4 * c);
-          acc.x += w * p.x;
-          acc.y += w * p.y;
-          acc.z += w * p.z;
-          acc.w += w * p.w;
-        }
-        *reinterpret_cast<float4*>(sums + group * a.head_dim + 4 * c) = acc;
+        merge_column<4>(a, part, row, stride, group, shape.groups, c, m, w, acc);
       } else {
-        float acc = 0.0f;
-#pragma unroll 8
-        for (int s = group; s < a.num_splits; s += shape.groups) {
-          acc += weight[s] * part[s * split_stride + c];
-        }
-        sums[group * a.head_dim + c] = acc;
+        merge_column<1>(a, part, row, stride, group, shape.groups, c, m, w, acc);
+      }
+      for (int j = 0; j < shape.vec; ++j) sums[group * a.head_dim + shape.vec * c + j] = acc[j];
+      if (c == 0) {  // every column of a group sees the same splits: one thread records them
+        group_m[group] = m;
+        group_w[group] = w;
       }
     }
   }
   __syncthreads();
+  float m_all = -INFINITY;
+  for (int g = 0; g < shape.groups; ++g) m_all = fmaxf(m_all, group_m[g]);
+  float total = 0.0f;
+  for (int g = 0; g < shape.groups; ++g) {
+    if (group_m[g] != -INFINITY) total += group_w[g] * ptx::exp2_approx(group_m[g] - m_all);
+  }
   const float inv = total > 0.0f ? 1.0f / total : 0.0f;
   T* out = static_cast<T*>(a.out) + b * a.out_stride_batch + h * a.out_stride_head;
-  for (int d = threadIdx.x; d < a.head_dim; d += kThreads) {
+  for (int d = threadIdx.x; d < a.head_dim; d += kMergeThreads) {
     float v = 0.0f;
-    for (int g = 0; g < shape.groups; ++g) v += sums[g * a.head_dim + d];
+    for (int g = 0; g < shape.groups; ++g) {
+      if (group_m[g] != -INFINITY) {
+        v += sums[g * a.head_dim + d] * ptx::exp2_approx(group_m[g] - m_all);
+      }
+    }
     out[d] = from_float<T>(v * inv);
   }
   if (threadIdx.x == 0 && a.lse) {
     a.lse[b * a.lse_stride_batch + h * a.lse_stride_head] =
-        total > 0.0f ? (m + log2f(total)) * kLn2 : -INFINITY;
+        total > 0.0f ? (m_all + log2f(total)) * kLn2 : -INFINITY;
   }
 #if TS_DIAG_TIMELINE
   __syncthreads();
@@ -944,16 +970,18 @@ void paged_attention(const PagedAttentionParams& p, Stream stream) {
   // of the same token rows.
   const dim3 grid(unsigned(p.num_kv_heads * a.head_tiles), unsigned(p.num_splits),
                   unsigned(p.batch));
-  launch(reinterpret_cast<const void*>(l.kernel), grid, dim3(kThreads), std::size_t(l.smem_bytes),
-         s, a, op, "decode kernel");
+  launch_after(reinterpret_cast<const void*>(l.kernel), grid, dim3(kThreads),
+               std::size_t(l.smem_bytes), s, a,
+               TS_DECODE_PDL && device_info(p.device_index).compute_capability >= 90, op,
+               "decode kernel");
   if (p.num_splits > 1 && !TS_DIAG_NO_MERGE) {
-    const std::size_t smem = merge_smem_bytes(p.head_dim, p.num_splits);
+    const std::size_t smem = merge_smem_bytes(p.head_dim);
     const void* merge = p.dtype == DType::Float16
                             ? reinterpret_cast<const void*>(merge_splits_kernel<__half>)
                         : p.dtype == DType::BFloat16
                             ? reinterpret_cast<const void*>(merge_splits_kernel<__nv_bfloat16>)
                             : reinterpret_cast<const void*>(merge_splits_kernel<float>);
-    launch_after(merge, dim3(unsigned(p.batch * p.num_q_heads)), dim3(kThreads), smem, s, a,
+    launch_after(merge, dim3(unsigned(p.batch * p.num_q_heads)), dim3(kMergeThreads), smem, s, a,
                  device_info(p.device_index).compute_capability >= 90, op, "merge_splits_kernel");
   }
 }
