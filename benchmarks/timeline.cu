@@ -207,8 +207,8 @@ int main() {
     const float graph_ms = timed([&] { CK(cudaGraphLaunch(exec, stream)); }, 20) / 10;
 
     // Timeline of the last of three back-to-back calls.
-    static unsigned long long host[kDiagMaxCtas][5], merge_host[kDiagMaxCtas][3];
-    std::vector<unsigned long long> zeros(std::size_t(kDiagMaxCtas) * 5, 0);
+    static unsigned long long host[kDiagMaxCtas][5], merge_host[kDiagMaxCtas][5];
+    std::vector<unsigned long long> zeros(std::size_t(kDiagMaxCtas) * 5, 0);  // fits both
     CK(cudaMemcpyToSymbol(ts_diag_timeline, zeros.data(), sizeof(host)));
     CK(cudaMemcpyToSymbol(ts_diag_merge_timeline, zeros.data(), sizeof(merge_host)));
     for (int i = 0; i < 3; ++i) call();
@@ -245,16 +245,19 @@ int main() {
     std::printf("    CTAs per SM %d..%d", lo, hi);
     if (p.num_splits > 1) {
       const int mctas = batch * hq;
-      std::vector<double> ms, mw, me;
+      std::vector<double> ms, mw, me, ml, mg;
       for (int c = 0; c < mctas; ++c) {
         ms.push_back((double(merge_host[c][0]) - double(t0)) * 1e-3);
         mw.push_back((double(merge_host[c][1]) - double(t0)) * 1e-3);
         me.push_back((double(merge_host[c][2]) - double(t0)) * 1e-3);
+        ml.push_back((double(merge_host[c][3]) - double(t0)) * 1e-3);
+        mg.push_back((double(merge_host[c][4]) - double(t0)) * 1e-3);
       }
-      std::printf("  merge: start min %.1f max %.1f, wait done min %.1f max %.1f, end max %.1f "
-                  "(%.1f us after the last decode CTA)",
-                  pct(ms, 0), pct(ms, 1), pct(mw, 0), pct(mw, 1), pct(me, 1),
-                  pct(me, 1) - dec_end);
+      std::printf("  merge: start min %.1f max %.1f, wait done min %.1f max %.1f, thread 0 "
+                  "loaded max %.1f, groups met max %.1f, end max %.1f (%.1f us after the last "
+                  "decode CTA)",
+                  pct(ms, 0), pct(ms, 1), pct(mw, 0), pct(mw, 1), pct(ml, 1), pct(mg, 1),
+                  pct(me, 1), pct(me, 1) - dec_end);
     }
     std::printf("\n");
     CK(cudaGraphExecDestroy(exec));

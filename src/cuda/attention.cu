@@ -55,18 +55,13 @@
 #ifndef TS_SPLIT_STAGES_D128
 #define TS_SPLIT_STAGES_D128 2
 #endif
-// Launch the decode kernel with programmatic stream serialisation (sm_90+): its CTAs may become
-// resident while the previous kernel on the stream drains, and wait for it before reading.
-#ifndef TS_DECODE_PDL
-#define TS_DECODE_PDL 0
-#endif
 
 #if TS_DIAG_TIMELINE
 constexpr int kDiagMaxCtas = 1 << 16;
 // Per decode CTA: start, first tile landed, loop done, end (ns), SM id. Per merge CTA: start,
-// after the wait for the decode kernel, end.
+// after the wait for the decode kernel, end, thread 0's loads merged, groups met.
 __device__ unsigned long long ts_diag_timeline[kDiagMaxCtas][5];
-__device__ unsigned long long ts_diag_merge_timeline[kDiagMaxCtas][3];
+__device__ unsigned long long ts_diag_merge_timeline[kDiagMaxCtas][5];
 __device__ __forceinline__ unsigned long long ts_diag_now() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -248,7 +243,6 @@ __global__ void __launch_bounds__(kThreads) decode_mma_kernel(const __grid_const
   using C = MmaConfig<D, Stages>;
   constexpr std::uint32_t kRowBytes = C::kRow * 2;
   TS_DIAG_MARK(ts_diag_timeline, 0);
-  ptx::wait_for_previous_grid();  // a no-op unless launched after a kernel with PDL
   extern __shared__ __align__(16) unsigned char smem[];
   T* q_smem = reinterpret_cast<T*>(smem);
   const std::uint32_t stages = ptx::smem_addr(smem + C::kQBytes);
@@ -532,7 +526,6 @@ __global__ void __launch_bounds__(kThreads)
   float* acc = q_smem + kGenericHeads * D;          // [kWarps][kGenericHeads][D]
   float* red_m = acc + kWarps * kGenericHeads * D;  // [kWarps][kGenericHeads]
   float* red_l = red_m + kWarps * kGenericHeads;
-  ptx::wait_for_previous_grid();  // a no-op unless launched after a kernel with PDL
 
   const WorkUnit u = work_unit(a, kGenericHeads, 1);
   const int b = u.b, split = u.split, kv_head = u.kv_head, head0 = u.head0, heads = u.heads;
@@ -635,7 +628,7 @@ __host__ __device__ inline MergeShape merge_shape(int head_dim) {
 // Shared memory of the merge kernel: per group, its running max and weight, and its column sums.
 std::size_t merge_smem_bytes(int head_dim) {
   const MergeShape m = merge_shape(head_dim);
-  return std::size_t(m.groups) * (4 + head_dim) * sizeof(float);
+  return std::size_t(m.groups) * (2 + head_dim) * sizeof(float);
 }
 
 template <int V>
@@ -653,8 +646,8 @@ struct MergeVec<1> {
   static __device__ __forceinline__ float get(float v, int) { return v; }
 };
 
-// Merges this thread's splits of column c online into (m, w, acc[V]); returns nothing new when
-// the thread's group has no split.
+// Merges this thread's splits of column c online into (m, w, acc[V]), which stay as they were
+// when its group has no split.
 template <int V>
 __device__ __forceinline__ void merge_column(const AttnArgs& a, const float* part,
                                              std::int64_t row, std::int64_t stride, int group,
@@ -698,7 +691,6 @@ __global__ void __launch_bounds__(kMergeThreads)
   float* sums = group_w + shape.groups;        // [groups][head_dim]
   TS_DIAG_MARK(ts_diag_merge_timeline, 0);
   ptx::wait_for_previous_grid();  // launched while the decode kernel finishes
-  ptx::allow_dependent_grids();   // the next kernel may be scheduled (it waits for this one)
   TS_DIAG_MARK(ts_diag_merge_timeline, 1);
   const int b = blockIdx.x / a.num_q_heads, h = blockIdx.x % a.num_q_heads;
   const std::int64_t stride = std::int64_t(a.batch) * a.num_q_heads;
@@ -720,22 +712,32 @@ __global__ void __launch_bounds__(kMergeThreads)
       }
     }
   }
+  TS_DIAG_MARK(ts_diag_merge_timeline, 3);
   __syncthreads();
+  TS_DIAG_MARK(ts_diag_merge_timeline, 4);
+  // Every warp finds the largest group max and the total weight itself (lanes stride over the
+  // groups, then shuffle), so no further barrier is needed; an empty group scales to 0.
+  const int lane = threadIdx.x % 32;
   float m_all = -INFINITY;
-  for (int g = 0; g < shape.groups; ++g) m_all = fmaxf(m_all, group_m[g]);
-  float total = 0.0f;
-  for (int g = 0; g < shape.groups; ++g) {
-    if (group_m[g] != -INFINITY) total += group_w[g] * ptx::exp2_approx(group_m[g] - m_all);
+  for (int g = lane; g < shape.groups; g += 32) m_all = fmaxf(m_all, group_m[g]);
+#pragma unroll
+  for (int mask = 16; mask > 0; mask /= 2) {
+    m_all = fmaxf(m_all, __shfl_xor_sync(0xffffffffu, m_all, mask));
   }
+  auto scale_of = [&](int g) {
+    const float mg = group_m[g];
+    return mg == -INFINITY ? 0.0f : ptx::exp2_approx(mg - m_all);
+  };
+  float total = 0.0f;
+  for (int g = lane; g < shape.groups; g += 32) total += group_w[g] * scale_of(g);
+#pragma unroll
+  for (int mask = 16; mask > 0; mask /= 2) total += __shfl_xor_sync(0xffffffffu, total, mask);
   const float inv = total > 0.0f ? 1.0f / total : 0.0f;
   T* out = static_cast<T*>(a.out) + b * a.out_stride_batch + h * a.out_stride_head;
   for (int d = threadIdx.x; d < a.head_dim; d += kMergeThreads) {
     float v = 0.0f;
-    for (int g = 0; g < shape.groups; ++g) {
-      if (group_m[g] != -INFINITY) {
-        v += sums[g * a.head_dim + d] * ptx::exp2_approx(group_m[g] - m_all);
-      }
-    }
+#pragma unroll 8
+    for (int g = 0; g < shape.groups; ++g) v += sums[g * a.head_dim + d] * scale_of(g);
     out[d] = from_float<T>(v * inv);
   }
   if (threadIdx.x == 0 && a.lse) {
@@ -970,10 +972,8 @@ void paged_attention(const PagedAttentionParams& p, Stream stream) {
   // of the same token rows.
   const dim3 grid(unsigned(p.num_kv_heads * a.head_tiles), unsigned(p.num_splits),
                   unsigned(p.batch));
-  launch_after(reinterpret_cast<const void*>(l.kernel), grid, dim3(kThreads),
-               std::size_t(l.smem_bytes), s, a,
-               TS_DECODE_PDL && device_info(p.device_index).compute_capability >= 90, op,
-               "decode kernel");
+  launch(reinterpret_cast<const void*>(l.kernel), grid, dim3(kThreads), std::size_t(l.smem_bytes),
+         s, a, op, "decode kernel");
   if (p.num_splits > 1 && !TS_DIAG_NO_MERGE) {
     const std::size_t smem = merge_smem_bytes(p.head_dim);
     const void* merge = p.dtype == DType::Float16
