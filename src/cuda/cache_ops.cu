@@ -313,8 +313,11 @@ void swap_blocks(const SwapBlocksParams& p, Stream stream) {
     i += n;
   }
   cudaStream_t s = as_stream(stream);
-  if (s != nullptr && srcs.size() > 1) {
-    // One driver call for the whole batch (not allowed on the legacy default stream).
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (s != nullptr) check(cudaStreamIsCapturing(s, &capture), op, "cudaStreamIsCapturing");
+  if (s != nullptr && srcs.size() > 1 && capture == cudaStreamCaptureStatusNone) {
+    // One driver call for the whole batch (not allowed on the legacy default stream; while the
+    // stream is being captured into a graph, each run becomes its own copy node instead).
     cudaMemcpyAttributes attr{};
     attr.srcAccessOrder = cudaMemcpySrcAccessOrderStream;
     std::size_t attr_index = 0;

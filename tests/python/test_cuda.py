@@ -214,6 +214,37 @@ def test_swap_pinned_combined_layout(rng):
     assert torch.equal(dev[torch.from_numpy(back).long()], dev[torch.from_numpy(src).long()])
 
 
+def test_swap_blocks_in_a_cuda_graph(rng):
+    """Offload and recall captured in a CUDA graph: each replay copies the blocks' current
+    contents, and nothing else changes."""
+    dev = torch.randn((24, 16, 2, 64), dtype=torch.float16, device="cuda")
+    host = torch.zeros((8, 16, 2, 64), dtype=torch.float16).pin_memory()
+    out_src = np.array([3, 4, 9, 20, 21, 22], np.int32)  # runs of 2, 1 and 3 blocks
+    out_dst = np.array([0, 1, 5, 2, 3, 4], np.int32)
+    back = np.array([10, 11, 12, 0, 1, 2], np.int32)  # recall into other device blocks
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        ts.swap_blocks(dev, host, out_src, out_dst)  # warm-up outside capture
+        ts.swap_blocks(host, dev, out_dst, back)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ts.swap_blocks(dev, host, out_src, out_dst)
+        ts.swap_blocks(host, dev, out_dst, back)
+    for _ in range(3):
+        dev.copy_(torch.randn_like(dev))
+        host.fill_(float("nan"))
+        before = dev.clone()
+        graph.replay()
+        torch.cuda.synchronize()
+        src_idx = torch.from_numpy(out_src).long()
+        assert torch.equal(host[torch.from_numpy(out_dst).long()], before[src_idx].cpu())
+        assert torch.isnan(host[[6, 7]]).all()  # host blocks not named stay as they were
+        expected = before.clone()
+        expected[torch.from_numpy(back).long()] = before[src_idx]
+        assert torch.equal(dev, expected)
+
+
 def test_cupy_arrays(rng):
     cupy = pytest.importorskip("cupy")
     case = R.PagedCase(rng, [33, 200], 8, 2, 64, 16)
