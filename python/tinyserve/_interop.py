@@ -10,6 +10,43 @@ from typing import Any
 
 import numpy as np
 
+# torch's C++ DLPack exporter and raw current-stream query, found once the first torch tensor shows
+# up. Both are private to torch (and may be absent): every use falls back to the public path.
+_TORCH_TENSOR: Any = None
+_TORCH_TO_DLPACK: Any = None
+_TORCH_RAW_STREAM: Any = None
+
+
+def _find_torch_fast_paths() -> None:
+    global _TORCH_TENSOR, _TORCH_TO_DLPACK, _TORCH_RAW_STREAM
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    _TORCH_TO_DLPACK = getattr(torch._C, "_to_dlpack", None)
+    _TORCH_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    _TORCH_TENSOR = torch.Tensor
+
+
+def export(array: Any) -> Any:
+    """What to hand the compiled core for `array`. A torch tensor goes as the DLPack capsule that
+    torch's C++ exporter makes: the same description of the same memory as torch's Python-level
+    ``__dlpack__``, at about a fifth of the cost (which matters with up to ten arrays per call), and
+    without the event that ``__dlpack__`` records on the caller's stream for the legacy default
+    stream to wait on when the two differ. Anything else goes as it is (the core imports it
+    through ``__dlpack__`` or the buffer protocol).
+    """
+    tp = type(array)
+    if tp is not _TORCH_TENSOR:
+        if _TORCH_TENSOR is not None or tp.__module__ != "torch" or tp.__name__ != "Tensor":
+            return array
+        _find_torch_fast_paths()
+    if _TORCH_TO_DLPACK is None:
+        return array
+    try:
+        return _TORCH_TO_DLPACK(array)
+    except Exception:  # noqa: BLE001 - whatever it refuses, the public path reports
+        return array
+
 
 def framework(array: Any) -> str:
     """'torch', 'cupy', 'jax', 'numpy', or 'other' (any DLPack or buffer-protocol producer)."""
@@ -29,14 +66,19 @@ def is_cuda(array: Any) -> bool:
     return dlpack_device()[0] in (2, 13)
 
 
-def resolve_stream(stream: Any, array: Any) -> int:
+def resolve_stream(stream: Any, array: Any, cuda: bool | None = None) -> int:
     """The cudaStream_t integer to launch on. None picks the current stream of the framework
-    that made `array` (torch, CuPy), else the legacy default stream."""
+    that made `array` (torch, CuPy), else the legacy default stream. `cuda` is is_cuda(array)
+    when the caller knows it."""
     if stream is None:
-        if not is_cuda(array):
+        if not (is_cuda(array) if cuda is None else cuda):
             return 0
         fw = framework(array)
         if fw == "torch":
+            if _TORCH_TENSOR is None:
+                _find_torch_fast_paths()
+            if _TORCH_RAW_STREAM is not None and type(array) is _TORCH_TENSOR:
+                return int(_TORCH_RAW_STREAM(array.get_device()))
             torch = sys.modules["torch"]
             return int(torch.cuda.current_stream(array.device).cuda_stream)
         if fw == "cupy":

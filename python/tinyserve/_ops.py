@@ -62,7 +62,8 @@ def reshape_and_cache(
     ``[num_blocks, block_size, num_kv_heads, head_dim]`` (any strides, last dim contiguous)."""
     _interop.wait_ready(key, value, slot_mapping)
     s = _interop.resolve_stream(stream, key_cache)
-    _C.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, stream=s)
+    x = _interop.export
+    _C.reshape_and_cache(x(key), x(value), x(key_cache), x(value_cache), x(slot_mapping), stream=s)
 
 
 def plan_paged_attention(
@@ -76,10 +77,11 @@ def plan_paged_attention(
 ) -> tuple[int, int]:
     """``(num_splits, workspace_bytes)`` that :func:`paged_attention` uses for these arguments,
     from host-side values only."""
+    x = _interop.export
     return _C.plan_paged_attention(
-        query,
-        key_cache,
-        block_table,
+        x(query),
+        x(key_cache),
+        x(block_table),
         window_left=window_left,
         max_seq_len=-1 if max_seq_len is None else max_seq_len,
         num_splits=0 if num_splits is None else num_splits,
@@ -126,28 +128,30 @@ def paged_attention(
         lse = _interop.empty(query, tuple(query.shape[:2]), "float32")
     max_len = -1 if max_seq_len is None else max_seq_len
     splits = 0 if num_splits is None else num_splits
-    if workspace is None and _interop.is_cuda(query):
+    x = _interop.export
+    cuda = _interop.is_cuda(query)
+    if workspace is None and cuda:
         planned_splits, nbytes = _C.plan_paged_attention(
-            query, key_cache, block_table, window_left, max_len, splits
+            x(query), x(key_cache), x(block_table), window_left, max_len, splits
         )
         if nbytes > 0:
             workspace = _workspace(query, nbytes)
             splits = planned_splits
-    s = _interop.resolve_stream(stream, query)
+    s = _interop.resolve_stream(stream, query, cuda)
     _C.paged_attention(
-        query,
-        key_cache,
-        value_cache,
-        block_table,
-        seq_lens,
-        out,
+        x(query),
+        x(key_cache),
+        x(value_cache),
+        x(block_table),
+        x(seq_lens),
+        x(out),
         scale=scale,
         window_left=window_left,
         logits_soft_cap=logits_soft_cap,
-        lse=lse,
+        lse=None if lse is None else x(lse),
         max_seq_len=max_len,
         num_splits=splits,
-        workspace=workspace,
+        workspace=None if workspace is None else x(workspace),
         stream=s,
     )
     _finish_jax(s, query, out)
@@ -164,7 +168,8 @@ def copy_blocks(caches: Sequence[Any], src: Any, dst: Any, *, stream: Any = None
     if not caches:
         return
     s = _interop.resolve_stream(stream, caches[0])
-    _C.copy_blocks(caches, src, dst, stream=s)
+    x = _interop.export
+    _C.copy_blocks([x(c) for c in caches], x(src), x(dst), stream=s)
 
 
 def swap_blocks(src_cache: Any, dst_cache: Any, src: Any, dst: Any, *, stream: Any = None) -> None:
@@ -175,4 +180,5 @@ def swap_blocks(src_cache: Any, dst_cache: Any, src: Any, dst: Any, *, stream: A
     device_side = dst_cache if _interop.is_cuda(dst_cache) else src_cache
     _interop.wait_ready(src_cache)
     s = _interop.resolve_stream(stream, device_side)
-    _C.swap_blocks(src_cache, dst_cache, src, dst, stream=s)
+    x = _interop.export
+    _C.swap_blocks(x(src_cache), x(dst_cache), x(src), x(dst), stream=s)

@@ -145,6 +145,33 @@ def test_runs_on_the_current_torch_stream(rng):
         ts.paged_attention(q, kc, vc, table, lens, stream=1.5)
 
 
+def test_other_streams_are_left_alone(rng):
+    """Ops on a side stream add no work or wait to any other stream: while the side stream is
+    busy, the legacy default stream stays idle through every op, and the results are right."""
+    case = R.PagedCase(rng, [300, 40], 8, 2, 64, 16)
+    kc, vc = cache_pair(case.key_cache, case.value_cache, "torch", "float16", "cuda", "NHD")
+    q, table, lens = cuda(case.query, "float16"), cuda(case.block_table), cuda(case.seq_lens)
+    new_k = torch.randn((3, 2, 64), dtype=torch.float16, device="cuda")
+    slots = torch.tensor([5, -1, 17], dtype=torch.int64, device="cuda")
+    pairs = torch.tensor([0, 1], dtype=torch.int32, device="cuda")
+    k2, v2 = kc.clone(), vc.clone()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time on the side stream
+        out = ts.paged_attention(q, kc, vc, table, lens)
+        ts.reshape_and_cache(new_k, new_k, k2, v2, slots)
+        ts.copy_blocks([k2, v2], pairs[:1], pairs[1:])
+    assert torch.cuda.default_stream().query(), "the default stream was made to wait"
+    side.synchronize()
+    ref, _ = R.paged_attention(f64(q), f64(kc), f64(vc), case.block_table, case.seq_lens)
+    assert R.rel_error(f64(out), ref) < TOLERANCE["float16"]
+    expected = kc.clone()
+    expected.view(-1, 2, 64)[torch.tensor([5, 17], device="cuda")] = new_k[[0, 2]]
+    expected[1] = expected[0]
+    assert torch.equal(k2, expected)
+
+
 def test_cache_writes_never_leave_the_cache(rng):
     """Out-of-range slots and block ids arriving on the device write and read nothing outside
     the cache (the guard blocks around the cache view stay untouched)."""
