@@ -45,13 +45,13 @@
 #ifndef TS_DIAG_NO_MERGE
 #define TS_DIAG_NO_MERGE 0
 #endif
-// Pipeline stages of the head_dim-128 tensor-core kernel when the sequences are split (two: three
-// CTAs fit on a multiprocessor). Unsplit launches and other head dims use three (two CTAs).
 // Timeline: every CTA of the tensor-core and merge kernels records globaltimer stamps into
 // ts_diag_timeline / ts_diag_merge_timeline (benchmarks/timeline.cu reads them). Off by default.
 #ifndef TS_DIAG_TIMELINE
 #define TS_DIAG_TIMELINE 0
 #endif
+// Pipeline stages of the head_dim-128 tensor-core kernel when the sequences are split (two: three
+// CTAs fit on a multiprocessor). Unsplit launches and other head dims use three (two CTAs).
 #ifndef TS_SPLIT_STAGES_D128
 #define TS_SPLIT_STAGES_D128 2
 #endif
