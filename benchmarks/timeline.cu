@@ -58,21 +58,24 @@ __global__ void read_all(const uint4* __restrict__ x, std::size_t n, unsigned* o
   if (acc == 0x9e3779b9u) atomicAdd(out, 1u);
 }
 
+// Median over `iters` samples of the time between two events around f() on `stream`.
 template <class F>
-float median_ms(F&& f, int iters) {
+float median_ms(F&& f, int iters, cudaStream_t stream = nullptr) {
   cudaEvent_t a, b;
   CK(cudaEventCreate(&a));
   CK(cudaEventCreate(&b));
   std::vector<float> t;
   for (int i = 0; i < iters; ++i) {
-    CK(cudaEventRecord(a));
+    CK(cudaEventRecord(a, stream));
     f();
-    CK(cudaEventRecord(b));
+    CK(cudaEventRecord(b, stream));
     CK(cudaEventSynchronize(b));
     float ms = 0;
     CK(cudaEventElapsedTime(&ms, a, b));
     t.push_back(ms);
   }
+  CK(cudaEventDestroy(a));
+  CK(cudaEventDestroy(b));
   std::sort(t.begin(), t.end());
   return t[t.size() / 2];
 }
@@ -179,24 +182,7 @@ int main() {
     for (int i = 0; i < 10; ++i) call();
     CK(cudaStreamSynchronize(stream));
     // Eager: one call per event pair; graph: a graph of 10 calls, replayed.
-    cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
-    auto timed = [&](auto&& f, int reps) {
-      std::vector<float> t;
-      for (int i = 0; i < reps; ++i) {
-        CK(cudaEventRecord(e0, stream));
-        f();
-        CK(cudaEventRecord(e1, stream));
-        CK(cudaEventSynchronize(e1));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, e0, e1));
-        t.push_back(ms);
-      }
-      std::sort(t.begin(), t.end());
-      return t[t.size() / 2];
-    };
-    const float eager_ms = timed(call, 50);
+    const float eager_ms = median_ms(call, 50, stream);
     cudaGraph_t graph;
     cudaGraphExec_t exec;
     CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
@@ -204,7 +190,7 @@ int main() {
     CK(cudaStreamEndCapture(stream, &graph));
     CK(cudaGraphInstantiate(&exec, graph, 0));
     CK(cudaGraphLaunch(exec, stream));
-    const float graph_ms = timed([&] { CK(cudaGraphLaunch(exec, stream)); }, 20) / 10;
+    const float graph_ms = median_ms([&] { CK(cudaGraphLaunch(exec, stream)); }, 20, stream) / 10;
 
     // Timeline of the last of three back-to-back calls.
     static unsigned long long host[kDiagMaxCtas][5], merge_host[kDiagMaxCtas][5];

@@ -148,10 +148,10 @@ def paged_attention(
         scale=scale,
         window_left=window_left,
         logits_soft_cap=logits_soft_cap,
-        lse=None if lse is None else x(lse),
+        lse=x(lse),
         max_seq_len=max_len,
         num_splits=splits,
-        workspace=None if workspace is None else x(workspace),
+        workspace=x(workspace),
         stream=s,
     )
     _finish_jax(s, query, out)

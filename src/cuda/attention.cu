@@ -606,7 +606,7 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------------
 // Merge of split partials: one CTA of kMergeThreads per (sequence, query head).
 //
-// Thread t owns columns t % cols (float4 columns where head_dim allows) of every groups-th split
+// Thread t owns column t % cols (a float4 column where head_dim allows) of every groups-th split
 // from t / cols on. It loads its splits' log-sum-exps and partial rows together, a batch of
 // kMergeBatch splits at a time (one batch covers up to groups * kMergeBatch splits: 64 at
 // head_dim 128), and merges them online; the groups' states then meet in shared memory.
@@ -617,11 +617,13 @@ struct MergeShape {
   int vec, cols, groups;
 };
 
+static_assert(kGenericMaxDim <= kMergeThreads, "a merge thread owns at most one column");
+
 __host__ __device__ inline MergeShape merge_shape(int head_dim) {
   MergeShape m;
   m.vec = head_dim % 4 == 0 ? 4 : 1;
   m.cols = head_dim / m.vec;
-  m.groups = m.cols >= kMergeThreads ? 1 : kMergeThreads / m.cols;
+  m.groups = kMergeThreads / m.cols;
   return m;
 }
 
@@ -696,20 +698,18 @@ __global__ void __launch_bounds__(kMergeThreads)
   const std::int64_t stride = std::int64_t(a.batch) * a.num_q_heads;
   const std::int64_t row = std::int64_t(b) * a.num_q_heads + h;
   const float* part = a.part_out + row * a.head_dim;
-  const int group = threadIdx.x / shape.cols;
+  const int group = threadIdx.x / shape.cols, c = threadIdx.x % shape.cols;
   if (group < shape.groups) {
-    for (int c = threadIdx.x % shape.cols; c < shape.cols; c += kMergeThreads) {
-      float m = -INFINITY, w = 0.0f, acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      if (shape.vec == 4) {
-        merge_column<4>(a, part, row, stride, group, shape.groups, c, m, w, acc);
-      } else {
-        merge_column<1>(a, part, row, stride, group, shape.groups, c, m, w, acc);
-      }
-      for (int j = 0; j < shape.vec; ++j) sums[group * a.head_dim + shape.vec * c + j] = acc[j];
-      if (c == 0) {  // every column of a group sees the same splits: one thread records them
-        group_m[group] = m;
-        group_w[group] = w;
-      }
+    float m = -INFINITY, w = 0.0f, acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (shape.vec == 4) {
+      merge_column<4>(a, part, row, stride, group, shape.groups, c, m, w, acc);
+    } else {
+      merge_column<1>(a, part, row, stride, group, shape.groups, c, m, w, acc);
+    }
+    for (int j = 0; j < shape.vec; ++j) sums[group * a.head_dim + shape.vec * c + j] = acc[j];
+    if (c == 0) {  // every column of a group sees the same splits: one thread records them
+      group_m[group] = m;
+      group_w[group] = w;
     }
   }
   TS_DIAG_MARK(ts_diag_merge_timeline, 3);

@@ -119,9 +119,17 @@ def test_cuda_graph_capture_and_replay(rng):
         np.testing.assert_allclose(f64(lse)[finite], ref_lse[finite], rtol=1e-4, atol=1e-3)
 
 
-def test_runs_on_the_current_torch_stream(rng):
+@pytest.mark.parametrize("torch_paths", ["private", "public"])
+def test_runs_on_the_current_torch_stream(rng, monkeypatch, torch_paths):
     """With stream=None the op runs on torch's current stream: it sees work queued before it on
-    that stream (a long sleep, then the query write) with no synchronisation by the caller."""
+    that stream (a long sleep, then the query write) with no synchronisation by the caller. Also
+    through torch's public export and stream query, as where its private ones are missing."""
+    from tinyserve import _interop
+
+    _interop.export(torch.zeros(1))  # finds torch's fast paths
+    if torch_paths == "public":
+        monkeypatch.setattr(_interop, "_TORCH_TO_DLPACK", None)
+        monkeypatch.setattr(_interop, "_TORCH_RAW_STREAM", None)
     case = R.PagedCase(rng, [500, 37], 16, 4, 128, 16)
     kc, vc = cache_pair(case.key_cache, case.value_cache, "torch", "float16", "cuda", "NHD")
     table, lens = cuda(case.block_table), cuda(case.seq_lens)

@@ -72,3 +72,25 @@ def test_torch_tensors_cross_as_capsules():
     expected = cache.numpy().copy()
     expected[[5, 1]] = expected[[0, 4]]
     np.testing.assert_array_equal(via_capsules.numpy(), expected)
+
+
+@pytest.mark.parametrize("exporter", ["absent", "refuses"])
+def test_torch_tensors_without_the_fast_export(monkeypatch, exporter):
+    """Where torch's C++ exporter is missing, or refuses a tensor, the tensor goes as it is
+    (through torch's public __dlpack__) and the op still gives the reference result."""
+    torch = pytest.importorskip("torch")
+    from tinyserve import _interop
+
+    _interop.export(torch.zeros(1))  # finds torch's fast paths
+
+    def refuse(_tensor):
+        raise RuntimeError("no")
+
+    monkeypatch.setattr(_interop, "_TORCH_TO_DLPACK", None if exporter == "absent" else refuse)
+    cache = torch.randn((6, 2, 1, 4))
+    assert _interop.export(cache) is cache
+    expected = cache.numpy().copy()
+    expected[[5, 1]] = expected[[0, 4]]
+    src, dst = torch.tensor([0, 4], dtype=torch.int32), torch.tensor([5, 1], dtype=torch.int32)
+    ts.copy_blocks([cache], src, dst)
+    np.testing.assert_array_equal(cache.numpy(), expected)
