@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <mutex>
-#include <utility>
 #include <vector>
 
 #include "cuda/attention/split_plan.cuh"
@@ -22,19 +21,26 @@ int prepare_launch(const DecodeLaunch& l, int device, const char* op) {
     const void* kernel;
     int device, smem, ctas;
   };
+  struct Raised {  // a kernel whose limit is raised on a device
+    const void* kernel;
+    int device;
+  };
   static std::mutex mutex;
   static std::vector<Entry> prepared;
-  static std::vector<std::pair<const void*, int>> raised;  // (kernel, device)
+  static std::vector<Raised> raised;
   std::lock_guard<std::mutex> lock(mutex);
   for (const Entry& e : prepared) {
     if (e.kernel == l.kernel && e.device == device && e.smem == l.smem_bytes) return e.ctas;
   }
   // The limit is one attribute per kernel, so it is never lowered for a smaller launch.
-  if (std::find(raised.begin(), raised.end(), std::make_pair(l.kernel, device)) == raised.end()) {
+  const bool is_raised = std::any_of(raised.begin(), raised.end(), [&](const Raised& r) {
+    return r.kernel == l.kernel && r.device == device;
+  });
+  if (!is_raised) {
     check(cudaFuncSetAttribute(l.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                l.max_smem_bytes),
           op, "cudaFuncSetAttribute");
-    raised.emplace_back(l.kernel, device);
+    raised.push_back({l.kernel, device});
   }
   int ctas = 0;
   check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, l.kernel, l.threads, l.smem_bytes), op,
