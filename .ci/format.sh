@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Formatting, enforced: clang-format (the repo's .clang-format) over the C++/CUDA sources and ruff
-# (pyproject.toml's settings) over the Python. Checks and lists what is off (exit 1); with --fix,
-# rewrites the files instead. Needs the pinned versions: pip install -r .ci/format-requirements.txt
+# (pyproject.toml's settings) over the Python. Lists what is off and exits 1; with --fix, rewrites
+# the files first and lists only what it could not mend (lint errors that ruff cannot fix).
+# Needs the pinned versions: pip install -r .ci/format-requirements.txt
 #     bash .ci/format.sh          # check (CI)
 #     bash .ci/format.sh --fix    # format everything in place
 set -euo pipefail
@@ -33,19 +34,18 @@ mapfile -t cxx_files < <(git ls-files --cached --others --exclude-standard -- \
   'tests/cpp/*.cpp' 'tests/cpp/*.h' 'benchmarks/*.cu' 'benchmarks/*.cuh' | sort -u)
 python_dirs=(python tests benchmarks)
 
-status=0
 if [ $fix -eq 1 ]; then
   clang-format -i "${cxx_files[@]}"
-  ruff check --fix --quiet "${python_dirs[@]}" || status=1  # what --fix cannot mend is listed
+  ruff check --fix --quiet "${python_dirs[@]}" > /dev/null || true  # the check below lists the rest
   ruff format --quiet "${python_dirs[@]}"
-else
-  clang-format --dry-run -Werror "${cxx_files[@]}" || status=1
-  ruff check --quiet "${python_dirs[@]}" || status=1
-  ruff format --check --quiet "${python_dirs[@]}" || status=1
-  if [ $status -ne 0 ]; then
-    echo "format.sh: the files above are off the repo's formatting;" \
-      "bash .ci/format.sh --fix mends them" >&2
-  fi
+fi
+status=0
+clang-format --dry-run -Werror "${cxx_files[@]}" || status=1
+ruff check --quiet "${python_dirs[@]}" || status=1
+ruff format --check --quiet "${python_dirs[@]}" || status=1
+if [ $status -ne 0 ] && [ $fix -eq 0 ]; then
+  echo "format.sh: the files above are off the repo's formatting;" \
+    "bash .ci/format.sh --fix mends them" >&2
 fi
 verdict=$([ $status -eq 0 ] && echo clean || echo "NOT clean")
 echo "format.sh: ${#cxx_files[@]} C++/CUDA files, Python under ${python_dirs[*]}: $verdict"
