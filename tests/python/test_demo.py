@@ -146,7 +146,7 @@ def test_bad_arguments(capsys):
 def test_tolerance_must_be_positive(capsys, tolerance):
     assert demo.main([*SMALL, "--tolerance", tolerance]) == 2
     captured = capsys.readouterr()
-    assert "--tolerance must be a positive number, got " in captured.err
+    assert "--tolerance must be a positive finite number, got " in captured.err
     assert "summary" not in captured.out
 
 

@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
         "--tolerance",
         type=float,
         default=None,
-        help="largest relative error accepted (default: by dtype, "
+        help="largest relative error accepted, positive and finite (default: by dtype, "
         + ", ".join(f"{k} {v:g}" for k, v in TOLERANCE.items())
         + ")",
     )
@@ -147,7 +147,7 @@ def _validate(args: argparse.Namespace) -> str | None:
     if args.arrival_interval < 0 or args.steps < 0 or args.check_every < 0:
         return "--arrival-interval, --steps and --check-every must not be negative"
     if args.tolerance is not None and not (math.isfinite(args.tolerance) and args.tolerance > 0):
-        return f"--tolerance must be a positive number, got {args.tolerance:g}"
+        return f"--tolerance must be a positive finite number, got {args.tolerance:g}"
     if args.progress_every < 1:
         return f"--progress-every must be at least 1, got {args.progress_every}"
     # The longest sequence (system prompt + suffix + output) must fit in the pool on its own,

@@ -51,6 +51,9 @@ def _count(n: int, singular: str, plural: str | None = None) -> str:
 
 
 class Engine:
+    """The serving loop: admits waiting requests, runs decode steps over the running batch, and
+    checks the attention outputs as it goes (see check.py)."""
+
     def __init__(self, args: argparse.Namespace, arrays: Arrays, log: Callable[[str], None]):
         self.args = args
         self.arrays = arrays
