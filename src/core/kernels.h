@@ -51,8 +51,10 @@ struct PagedAttentionParams {
   DType query_dtype = DType::Float32;
   DType kv_dtype = DType::Float32;
   DType out_dtype = DType::Float32;
-  const void* query = nullptr;  // [batch, num_q_heads, head_dim]
+  const void* query = nullptr;  // [num_query_rows, num_q_heads, head_dim]
   std::int64_t q_stride_batch = 0, q_stride_head = 0;
+  const std::int32_t* query_start_loc = nullptr;  // optional [batch + 1], cumulative rows
+  std::int64_t num_query_rows = 0;                // batch in decode
   CacheDesc key_cache, value_cache;
   // Pages of sequence b for KV head h: block_table[b * block_table_stride_batch +
   // h * block_table_stride_head + page], and its length seq_lens[b * seq_lens_stride_batch +
@@ -147,6 +149,9 @@ void reshape_and_cache(const ReshapeAndCacheParams& p, Stream stream);
 void paged_attention(const PagedAttentionParams& p, Stream stream);
 int plan_attention_splits(int device_index, DType dtype, int batch, int num_q_heads,
                           int num_kv_heads, int head_dim, std::int64_t max_kv_len);
+// The split count of a prefill call (query_start_loc): num_query_rows rows over batch sequences.
+int plan_prefill_splits(int device_index, DType dtype, int batch, std::int64_t num_query_rows,
+                        int num_q_heads, int num_kv_heads, int head_dim, std::int64_t max_kv_len);
 void copy_blocks(const CopyBlocksParams& p, Stream stream);
 void swap_blocks(const SwapBlocksParams& p, Stream stream);
 void synchronize(Stream stream);
