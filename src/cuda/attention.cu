@@ -88,8 +88,8 @@ struct PrefillLaunch {
 template <class T, int D>
 DecodeLaunch prefill_mma_launch() {
   const int smem = PrefillMmaConfig<D>::kSmemBytes;
-  return {reinterpret_cast<const void*>(prefill_mma_kernel<T, D>), smem, smem, kPrefillRows,
-          kPrefillThreads};
+  return {reinterpret_cast<const void*>(prefill_mma_kernel<T, D>), smem, smem,
+          PrefillMmaConfig<D>::kRows, kPrefillThreads};
 }
 
 template <class T>

@@ -3,15 +3,16 @@
 // The tensor-core prefill kernel: float16/bfloat16, head_dim 64/128/256, 16-byte aligned rows.
 //
 // One CTA of 4 warps per (tile of query positions of one sequence, KV head x tile of its query
-// heads, split of the keys); see prefill_common.cuh for the schedule. The CTA's 64 query rows
-// are positions x query heads of one GQA group (row r = position r / heads_per_cta, head
-// r % heads_per_cta), so the heads of a group share every K/V tile; each warp owns 16 rows (the
-// M of m16n8k16) and runs its own online softmax over all the CTA's keys, so no cross-warp merge
-// is needed. K/V tiles are gathered row by row from their pages through the block table with
-// cp.async into padded shared rows (the 16-byte pad puts the 8 rows of every ldmatrix in distinct
-// banks), double-buffered: the copy of tile i + 1 runs under the MMAs of tile i. Masks are
-// applied only to tiles that cross a row's causal or window boundary; tiles outside every row's
-// range are never loaded (the key range is the union of the rows' ranges).
+// heads, split of the keys); see prefill_common.cuh for the schedule. The CTA's query rows (128,
+// or 64 at head_dim 256) are positions x query heads of one GQA group (row r = position
+// r / heads_per_cta, head r % heads_per_cta), so the heads of a group share every K/V tile; each
+// warp owns 32 (16) rows, M tiles of m16n8k16, and runs its own online softmax over all the
+// CTA's keys, so no cross-warp merge is needed. K/V tiles are gathered row by row from their
+// pages through the block table with cp.async into padded shared rows (the 16-byte pad puts the
+// 8 rows of every ldmatrix in distinct banks), double-buffered: the copy of tile i + 1 runs under
+// the MMAs of tile i. Masks are applied only to tiles that cross a row's causal or window boundary;
+// tiles outside every row's range are never loaded (the key range is the union of the rows'
+// ranges).
 
 #include <cmath>
 #include <cstdint>
@@ -23,24 +24,32 @@
 namespace tinyserve::kernels::cuda {
 
 constexpr int kPrefillThreads = 128;
-constexpr int kPrefillRows = 64;  // query rows per CTA: 16 per warp
+constexpr int kPrefillWarps = kPrefillThreads / 32;
 
 template <int D>
 struct PrefillMmaConfig {
-  // Keys per tile: 64, or 32 at head_dim 256 so that two CTAs share a multiprocessor.
-  static constexpr int kKeys = D == 256 ? 32 : 64;
+  // m16 row tiles per warp: two up to head_dim 128, so that every K/V fragment read from shared
+  // memory feeds two MMAs (with one, the ldmatrix traffic, not the tensor cores, bounds a
+  // warp); one at 256, where two would not fit the registers.
+  static constexpr int kWarpTiles = D <= 128 ? 2 : 1;
+  static constexpr int kRows = kPrefillWarps * 16 * kWarpTiles;  // query rows per CTA
+  // Keys per tile: 64 at head_dim 64; 32 above, where the scores of 64 keys would not fit the
+  // registers beside two row tiles' accumulators (128) and two CTAs would not share a
+  // multiprocessor's shared memory (256).
+  static constexpr int kKeys = D == 64 ? 64 : 32;
   static constexpr int kRow = D + 8;     // shared row stride (elements)
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row
   static constexpr int kRowsPerPass = kPrefillThreads / kChunks;
-  static constexpr int kQPasses = kPrefillRows / kRowsPerPass;
+  static constexpr int kQPasses = kRows / kRowsPerPass;
   static constexpr int kKvPasses = kKeys / kRowsPerPass;
-  static constexpr bool kQInRegisters = D <= 128;
-  static constexpr int kQBytes = kPrefillRows * kRow * 2;
+  // Q fragments stay in registers where they fit beside the accumulators.
+  static constexpr bool kQInRegisters = D * kWarpTiles <= 128;
+  static constexpr int kQBytes = kRows * kRow * 2;
   static constexpr int kTileBytes = kKeys * kRow * 2;  // K or V of one tile
   static constexpr int kStageBytes = 2 * kTileBytes;
   static constexpr int kSmemBytes = kQBytes + 2 * kStageBytes;
   static_assert(kPrefillThreads % kChunks == 0 && kKeys % kRowsPerPass == 0 &&
-                    kPrefillRows % kRowsPerPass == 0,
+                    kRows % kRowsPerPass == 0,
                 "loader shape");
 };
 
@@ -53,6 +62,7 @@ __global__ void __launch_bounds__(kPrefillThreads)
     prefill_mma_kernel(const __grid_constant__ PrefillArgs p) {
   using C = PrefillMmaConfig<D>;
   constexpr int kKeys = C::kKeys;
+  constexpr int kM = C::kWarpTiles;
   constexpr std::uint32_t kRowBytes = C::kRow * 2;
   extern __shared__ __align__(16) unsigned char smem[];
   PrefillUnit u;
@@ -114,18 +124,22 @@ __global__ void __launch_bounds__(kPrefillThreads)
     }
   };
 
-  // This thread's rows of its warp's 16: g = lane / 4 and g + 8, at positions qpos (-1: not a
-  // row of the tile, sees no key).
+  // The warp owns rows warp * 16 * kM + mt * 16 + [0, 16) for mt < kM; this thread rows g =
+  // lane / 4 and g + 8 of each, at positions qpos (-1: not a row of the tile, sees no key).
   const int quad_col = 2 * (lane % 4);
-  int qpos[2];
+  const int warp_row0 = warp * 16 * kM;
+  int qpos[kM][2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = warp * 16 + lane / 4 + 8 * r;
-    const int pos = row / hc, h = row - pos * hc;
-    qpos[r] = pos < u.rows && h < u.heads ? u.pos0 + pos : -1;
+  for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = warp_row0 + mt * 16 + lane / 4 + 8 * r;
+      const int pos = row / hc, h = row - pos * hc;
+      qpos[mt][r] = pos < u.rows && h < u.heads ? u.pos0 + pos : -1;
+    }
   }
   // Rows are filled from 0 on: a warp past the last row only helps copy.
-  const bool warp_active = warp * 16 < u.rows * hc;
+  const bool warp_active = warp_row0 < u.rows * hc;
   const int pos_last = u.pos0 + u.rows - 1;
   // A tile needs masks where a key follows the first row's position (causal) or precedes the
   // last row's window.
@@ -133,23 +147,30 @@ __global__ void __launch_bounds__(kPrefillThreads)
     return k0 + kKeys - 1 > u.pos0 || (a.window_left >= 0 && k0 < pos_last - a.window_left);
   };
 
-  // Fragment addresses (shared, bytes), as in the decode kernel. Q (A operand): rows
-  // warp * 16 + (l / 8 % 2) * 8 + l % 8, columns (l / 16) * 8 of each 16-wide step. K (B operand
-  // of S), per 16 keys: keys (l / 16) * 8 + l % 8, columns (l / 8 % 2) * 8. V (B operand of O,
-  // transposed), per 16 keys: keys (l / 8 % 2) * 8 + l % 8, columns (l / 16) * 8.
+  // Fragment addresses (shared, bytes), as in the decode kernel. Q (A operand) of row tile mt:
+  // rows warp_row0 + mt * 16 + (l / 8 % 2) * 8 + l % 8, columns (l / 16) * 8 of each 16-wide
+  // step. K (B operand of S), per 16 keys: keys (l / 16) * 8 + l % 8, columns (l / 8 % 2) * 8.
+  // V (B operand of O, transposed), per 16 keys: keys (l / 8 % 2) * 8 + l % 8, columns
+  // (l / 16) * 8.
   const std::uint32_t q_frag =
-      q_base + (warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * kRowBytes + (lane / 16) * 16;
+      q_base + (warp_row0 + (lane % 8) + ((lane / 8) % 2) * 8) * kRowBytes + (lane / 16) * 16;
   const std::uint32_t k_frag =
       stage_base + ((lane / 16) * 8 + lane % 8) * kRowBytes + ((lane / 8) % 2) * 16;
   const std::uint32_t v_frag =
       stage_base + C::kTileBytes + (((lane / 8) % 2) * 8 + lane % 8) * kRowBytes + (lane / 16) * 16;
 
-  float o[D / 8][4];
+  float o[kM][D / 8][4];
+  float m[kM][2], l[kM][2];
 #pragma unroll
-  for (int nb = 0; nb < D / 8; ++nb) o[nb][0] = o[nb][1] = o[nb][2] = o[nb][3] = 0.0f;
-  float m[2] = {-INFINITY, -INFINITY};
-  float l[2] = {0.0f, 0.0f};
-  std::uint32_t q_regs[C::kQInRegisters ? D / 16 : 1][4];
+  for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+    for (int nb = 0; nb < D / 8; ++nb) {
+      o[mt][nb][0] = o[mt][nb][1] = o[mt][nb][2] = o[mt][nb][3] = 0.0f;
+    }
+    m[mt][0] = m[mt][1] = -INFINITY;
+    l[mt][0] = l[mt][1] = 0.0f;
+  }
+  std::uint32_t q_regs[C::kQInRegisters ? kM : 1][C::kQInRegisters ? D / 16 : 1][4];
 
   const int num_tiles = u.tile_end - u.tile_begin;
   if (num_tiles > 0) load_tile(u.tile_begin, 0);
@@ -163,101 +184,139 @@ __global__ void __launch_bounds__(kPrefillThreads)
       if constexpr (C::kQInRegisters) {
         if (it == 0) {
 #pragma unroll
-          for (int kk = 0; kk < D / 16; ++kk) ptx::ldmatrix_x4(q_regs[kk], q_frag + kk * 32);
-        }
-      }
-      const std::uint32_t stage_offset = (it % 2) * C::kStageBytes;
-      // S = Q K^T: 16 rows x kKeys keys per warp.
-      float s[kKeys / 8][4];
+          for (int mt = 0; mt < kM; ++mt) {
 #pragma unroll
-      for (int j = 0; j < kKeys / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        std::uint32_t qa_smem[4];
-        if constexpr (!C::kQInRegisters) ptx::ldmatrix_x4(qa_smem, q_frag + kk * 32);
-        const std::uint32_t(&qa)[4] =
-            C::kQInRegisters ? q_regs[C::kQInRegisters ? kk : 0] : qa_smem;
-#pragma unroll
-        for (int kb = 0; kb < kKeys / 16; ++kb) {
-          std::uint32_t kf[4];
-          ptx::ldmatrix_x4(kf, k_frag + stage_offset + kb * 16 * kRowBytes + kk * 32);
-          ptx::mma_16816<T>(s[2 * kb], qa, kf[0], kf[1]);
-          ptx::mma_16816<T>(s[2 * kb + 1], qa, kf[2], kf[3]);
-        }
-      }
-      // Logits; element (j, e) is row qpos[e / 2], key k0 + j * 8 + quad_col + e % 2.
-      const int k0 = u.key_begin + (u.tile_begin + it) * kKeys;
-      if (needs_mask(k0)) {
-#pragma unroll
-        for (int j = 0; j < kKeys / 8; ++j) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int key = k0 + j * 8 + quad_col + (e % 2);
-            const int pos = qpos[e / 2];
-            const bool seen = key <= pos && (a.window_left < 0 || key >= pos - a.window_left);
-            s[j][e] = seen ? a.logit(s[j][e]) : -INFINITY;
-          }
-        }
-      } else {
-#pragma unroll
-        for (int j = 0; j < kKeys / 8; ++j) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[j][e] = a.logit(s[j][e]);
-        }
-      }
-      // Online softmax; a row's scores are spread over the 4 lanes of a quad.
-      float mx[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        mx[r] = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < kKeys / 8; ++j)
-          mx[r] = fmaxf(mx[r], fmaxf(s[j][2 * r], s[j][2 * r + 1]));
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      }
-      const bool grow =
-          mx[0] > m[0] + kPrefillRescaleThreshold || mx[1] > m[1] + kPrefillRescaleThreshold;
-      if (__any_sync(0xffffffffu, grow)) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          if (mx[r] > m[r]) {
-            const float correction = ptx::exp2_approx(m[r] - mx[r]);  // 0 when m was -inf
-            m[r] = mx[r];
-            l[r] *= correction;
-#pragma unroll
-            for (int nb = 0; nb < D / 8; ++nb) {
-              o[nb][2 * r] *= correction;
-              o[nb][2 * r + 1] *= correction;
+            for (int kk = 0; kk < D / 16; ++kk) {
+              ptx::ldmatrix_x4(q_regs[mt][kk], q_frag + mt * 16 * kRowBytes + kk * 32);
             }
           }
         }
       }
+      const std::uint32_t stage_offset = (it % 2) * C::kStageBytes;
+      // S = Q K^T: 16 * kM rows x kKeys keys per warp; each K fragment feeds kM MMAs.
+      float s[kM][kKeys / 8][4];
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const float base = m[r] == -INFINITY ? 0.0f : m[r];  // nothing seen yet: p = 0
+      for (int mt = 0; mt < kM; ++mt) {
 #pragma unroll
-        for (int j = 0; j < kKeys / 8; ++j) {
+        for (int j = 0; j < kKeys / 8; ++j)
+          s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.0f;
+      }
 #pragma unroll
-          for (int e = 2 * r; e < 2 * r + 2; ++e) {
-            s[j][e] = ptx::exp2_approx(s[j][e] - base);
-            l[r] += s[j][e];
+      for (int kk = 0; kk < D / 16; ++kk) {
+        std::uint32_t qa[kM][4];
+#pragma unroll
+        for (int mt = 0; mt < kM; ++mt) {
+          if constexpr (C::kQInRegisters) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+              qa[mt][i] = q_regs[C::kQInRegisters ? mt : 0][C::kQInRegisters ? kk : 0][i];
+          } else {
+            ptx::ldmatrix_x4(qa[mt], q_frag + mt * 16 * kRowBytes + kk * 32);
+          }
+        }
+#pragma unroll
+        for (int kb = 0; kb < kKeys / 16; ++kb) {
+          std::uint32_t kf[4];
+          ptx::ldmatrix_x4(kf, k_frag + stage_offset + kb * 16 * kRowBytes + kk * 32);
+#pragma unroll
+          for (int mt = 0; mt < kM; ++mt) {
+            ptx::mma_16816<T>(s[mt][2 * kb], qa[mt], kf[0], kf[1]);
+            ptx::mma_16816<T>(s[mt][2 * kb + 1], qa[mt], kf[2], kf[3]);
           }
         }
       }
-      // O += P V, 16 keys at a time: P's accumulator layout is the A operand layout.
+      // Logits; element (j, e) of row tile mt is row qpos[mt][e / 2], key
+      // k0 + j * 8 + quad_col + e % 2.
+      const int k0 = u.key_begin + (u.tile_begin + it) * kKeys;
+      if (needs_mask(k0)) {
+#pragma unroll
+        for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+          for (int j = 0; j < kKeys / 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int key = k0 + j * 8 + quad_col + (e % 2);
+              const int pos = qpos[mt][e / 2];
+              const bool seen = key <= pos && (a.window_left < 0 || key >= pos - a.window_left);
+              s[mt][j][e] = seen ? a.logit(s[mt][j][e]) : -INFINITY;
+            }
+          }
+        }
+      } else {
+#pragma unroll
+        for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+          for (int j = 0; j < kKeys / 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[mt][j][e] = a.logit(s[mt][j][e]);
+          }
+        }
+      }
+      // Online softmax; a row's scores are spread over the 4 lanes of a quad.
+#pragma unroll
+      for (int mt = 0; mt < kM; ++mt) {
+        float mx[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          mx[r] = -INFINITY;
+#pragma unroll
+          for (int j = 0; j < kKeys / 8; ++j) {
+            mx[r] = fmaxf(mx[r], fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]));
+          }
+          mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+          mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        }
+        const bool grow = mx[0] > m[mt][0] + kPrefillRescaleThreshold ||
+                          mx[1] > m[mt][1] + kPrefillRescaleThreshold;
+        if (__any_sync(0xffffffffu, grow)) {
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            if (mx[r] > m[mt][r]) {
+              const float correction = ptx::exp2_approx(m[mt][r] - mx[r]);  // 0 when m was -inf
+              m[mt][r] = mx[r];
+              l[mt][r] *= correction;
+#pragma unroll
+              for (int nb = 0; nb < D / 8; ++nb) {
+                o[mt][nb][2 * r] *= correction;
+                o[mt][nb][2 * r + 1] *= correction;
+              }
+            }
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float base = m[mt][r] == -INFINITY ? 0.0f : m[mt][r];  // nothing seen yet: p = 0
+#pragma unroll
+          for (int j = 0; j < kKeys / 8; ++j) {
+#pragma unroll
+            for (int e = 2 * r; e < 2 * r + 2; ++e) {
+              s[mt][j][e] = ptx::exp2_approx(s[mt][j][e] - base);
+              l[mt][r] += s[mt][j][e];
+            }
+          }
+        }
+      }
+      // O += P V, 16 keys at a time: P's accumulator layout is the A operand layout; each V
+      // fragment feeds kM MMAs.
 #pragma unroll
       for (int kc = 0; kc < kKeys / 16; ++kc) {
-        const std::uint32_t pa[4] = {pack2<T>(s[2 * kc][0], s[2 * kc][1]),
-                                     pack2<T>(s[2 * kc][2], s[2 * kc][3]),
-                                     pack2<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]),
-                                     pack2<T>(s[2 * kc + 1][2], s[2 * kc + 1][3])};
+        std::uint32_t pa[kM][4];
+#pragma unroll
+        for (int mt = 0; mt < kM; ++mt) {
+          pa[mt][0] = pack2<T>(s[mt][2 * kc][0], s[mt][2 * kc][1]);
+          pa[mt][1] = pack2<T>(s[mt][2 * kc][2], s[mt][2 * kc][3]);
+          pa[mt][2] = pack2<T>(s[mt][2 * kc + 1][0], s[mt][2 * kc + 1][1]);
+          pa[mt][3] = pack2<T>(s[mt][2 * kc + 1][2], s[mt][2 * kc + 1][3]);
+        }
 #pragma unroll
         for (int dp = 0; dp < D / 16; ++dp) {
           std::uint32_t vf[4];
           ptx::ldmatrix_x4_trans(vf, v_frag + stage_offset + kc * 16 * kRowBytes + dp * 32);
-          ptx::mma_16816<T>(o[2 * dp], pa, vf[0], vf[1]);
-          ptx::mma_16816<T>(o[2 * dp + 1], pa, vf[2], vf[3]);
+#pragma unroll
+          for (int mt = 0; mt < kM; ++mt) {
+            ptx::mma_16816<T>(o[mt][2 * dp], pa[mt], vf[0], vf[1]);
+            ptx::mma_16816<T>(o[mt][2 * dp + 1], pa[mt], vf[2], vf[3]);
+          }
         }
       }
     }
@@ -267,42 +326,43 @@ __global__ void __launch_bounds__(kPrefillThreads)
   ptx::allow_dependent_grids();  // the merge kernel (if any) may start launching
   if (!warp_active) return;
 
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-  }
   const AttentionOutput& out = a.output;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = warp * 16 + lane / 4 + 8 * r;
-    const int pos = row / hc, h = row - pos * hc;
-    if (pos >= u.rows || h >= u.heads) continue;
-    const int query_row = u.row0 + pos, head = u.head0 + h;
-    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-    const float lse2 = l[r] > 0.0f ? m[r] + log2f(l[r]) : -INFINITY;
-    if (out.num_splits == 1) {
-      T* dst = static_cast<T*>(out.out) + std::int64_t(query_row) * out.out_stride_batch +
-               std::int64_t(head) * out.out_stride_head + quad_col;
+  for (int mt = 0; mt < kM; ++mt) {
 #pragma unroll
-      for (int nb = 0; nb < D / 8; ++nb) {
-        *reinterpret_cast<std::uint32_t*>(dst + nb * 8) =
-            pack2<T>(o[nb][2 * r] * inv, o[nb][2 * r + 1] * inv);
-      }
-      if (lane % 4 == 0 && out.lse) {
-        out.lse[std::int64_t(query_row) * out.lse_stride_batch +
-                std::int64_t(head) * out.lse_stride_head] = natural_lse(lse2);
-      }
-    } else {
-      const std::int64_t part_row =
-          (std::int64_t(blockIdx.z) * out.batch + query_row) * out.num_q_heads + head;
-      float* dst = out.part_out + part_row * D + quad_col;
+    for (int r = 0; r < 2; ++r) {
+      float sum = l[mt][r];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const int row = warp_row0 + mt * 16 + lane / 4 + 8 * r;
+      const int pos = row / hc, h = row - pos * hc;
+      if (pos >= u.rows || h >= u.heads) continue;
+      const int query_row = u.row0 + pos, head = u.head0 + h;
+      const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+      const float lse2 = sum > 0.0f ? m[mt][r] + log2f(sum) : -INFINITY;
+      if (out.num_splits == 1) {
+        T* dst = static_cast<T*>(out.out) + std::int64_t(query_row) * out.out_stride_batch +
+                 std::int64_t(head) * out.out_stride_head + quad_col;
 #pragma unroll
-      for (int nb = 0; nb < D / 8; ++nb) {
-        *reinterpret_cast<float2*>(dst + nb * 8) =
-            make_float2(o[nb][2 * r] * inv, o[nb][2 * r + 1] * inv);
+        for (int nb = 0; nb < D / 8; ++nb) {
+          *reinterpret_cast<std::uint32_t*>(dst + nb * 8) =
+              pack2<T>(o[mt][nb][2 * r] * inv, o[mt][nb][2 * r + 1] * inv);
+        }
+        if (lane % 4 == 0 && out.lse) {
+          out.lse[std::int64_t(query_row) * out.lse_stride_batch +
+                  std::int64_t(head) * out.lse_stride_head] = natural_lse(lse2);
+        }
+      } else {
+        const std::int64_t part_row =
+            (std::int64_t(blockIdx.z) * out.batch + query_row) * out.num_q_heads + head;
+        float* dst = out.part_out + part_row * D + quad_col;
+#pragma unroll
+        for (int nb = 0; nb < D / 8; ++nb) {
+          *reinterpret_cast<float2*>(dst + nb * 8) =
+              make_float2(o[mt][nb][2 * r] * inv, o[mt][nb][2 * r + 1] * inv);
+        }
+        if (lane % 4 == 0) out.part_lse[part_row] = lse2;
       }
-      if (lane % 4 == 0) out.part_lse[part_row] = lse2;
     }
   }
 }
