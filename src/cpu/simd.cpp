@@ -9,15 +9,25 @@
 #define TS_MULTIVERSION
 #endif
 
+// float16 to float32 in hardware where the CPU has F16C (checked at run time), else portably.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define TS_X86_F16C 1
+#include <immintrin.h>
+#else
+#define TS_X86_F16C 0
+#endif
+
 // Helpers are inlined into each clone so that they are compiled for its instruction set. Like the
 // vector type below, this needs GCC or Clang (or a compiler compatible with them).
 #define TS_INLINE inline __attribute__((always_inline))
 
 namespace tinyserve::cpu::simd {
 
+namespace {
+
 // Branch-free, so that the loop vectorises: each case computed, then selected. Subnormals are
 // converted through an exact integer-to-float conversion (mantissa * 2^-24).
-TS_MULTIVERSION void to_float(const half_t* src, float* dst, int n) {
+TS_MULTIVERSION void half_to_float_portable(const half_t* src, float* dst, int n) {
   for (int i = 0; i < n; ++i) {
     const std::uint32_t h = src[i].bits;
     const std::uint32_t exp = (h >> 10) & 0x1fu;
@@ -33,6 +43,36 @@ TS_MULTIVERSION void to_float(const half_t* src, float* dst, int n) {
     u |= (h & 0x8000u) << 16;
     std::memcpy(&dst[i], &u, 4);
   }
+}
+
+#if TS_X86_F16C
+// The F16C instruction converts eight halves in one step, exactly (subnormals included); the
+// portable loop above takes about fifteen integer operations per element, which made float16
+// attention twice as slow as float32 although it reads half the bytes.
+__attribute__((target("avx,f16c"))) void half_to_float_f16c(const half_t* src, float* dst, int n) {
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m128i h;
+    std::memcpy(&h, src + i, sizeof h);
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+  }
+  if (i < n) half_to_float_portable(src + i, dst + i, n - i);
+}
+
+bool cpu_has_f16c() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+}
+#endif
+
+}  // namespace
+
+void to_float(const half_t* src, float* dst, int n) {
+#if TS_X86_F16C
+  static const bool f16c = cpu_has_f16c();
+  if (f16c) return half_to_float_f16c(src, dst, n);
+#endif
+  half_to_float_portable(src, dst, n);
 }
 
 TS_MULTIVERSION void to_float(const bfloat16_t* src, float* dst, int n) {

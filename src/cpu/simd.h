@@ -9,7 +9,8 @@
 
 namespace tinyserve::cpu::simd {
 
-// 16-bit rows to float32, exactly as the scalar to_float of dtypes.h.
+// 16-bit rows to float32, exactly as the scalar to_float of dtypes.h (float16 through the F16C
+// instructions where the CPU has them, which return a signalling NaN quietened).
 void to_float(const half_t* src, float* dst, int n);
 void to_float(const bfloat16_t* src, float* dst, int n);
 
