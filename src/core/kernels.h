@@ -38,18 +38,23 @@ struct ReshapeAndCacheParams {
   int device_index = 0;
 };
 
+// Decode (query_start_loc null): one query row per sequence, row b = sequence b. Prefill
+// (query_start_loc set): sequence b owns rows query_start_loc[b] .. query_start_loc[b + 1] - 1,
+// its last tokens, causal. The *_stride_batch strides step from one query row to the next.
 struct PagedAttentionParams {
   DType dtype = DType::Float32;
-  const void* query = nullptr;  // [batch, num_q_heads, head_dim]
+  const void* query = nullptr;  // [num_query_rows, num_q_heads, head_dim]
   std::int64_t q_stride_batch = 0, q_stride_head = 0;
+  const std::int32_t* query_start_loc = nullptr;  // optional [batch + 1], cumulative rows
+  std::int64_t num_query_rows = 0;                // batch in decode
   CacheDesc key_cache, value_cache;
   const std::int32_t* block_table = nullptr;  // [batch, max_blocks], row stride below
   std::int64_t block_table_stride = 0;
   int max_blocks = 0;
   const std::int32_t* seq_lens = nullptr;  // [batch], contiguous
-  void* out = nullptr;                     // [batch, num_q_heads, head_dim]
+  void* out = nullptr;                     // [num_query_rows, num_q_heads, head_dim]
   std::int64_t out_stride_batch = 0, out_stride_head = 0;
-  float* lse = nullptr;  // optional [batch, num_q_heads]
+  float* lse = nullptr;  // optional [num_query_rows, num_q_heads]
   std::int64_t lse_stride_batch = 0, lse_stride_head = 0;
   int batch = 0;
   int num_q_heads = 0;
@@ -116,7 +121,10 @@ inline std::size_t attention_workspace_bytes(int num_splits, int batch, int num_
 namespace cpu {
 void reshape_and_cache(const ReshapeAndCacheParams& p);
 void paged_attention(const PagedAttentionParams& p);
-int plan_attention_splits(int batch, int num_kv_heads, std::int64_t max_kv_len);
+// Splits per task for a batch of num_query_rows query rows (decode: one per sequence; prefill:
+// rows of several sequences, worked on in tiles of rows).
+int plan_attention_splits(std::int64_t num_query_rows, bool prefill, int num_kv_heads,
+                          std::int64_t max_kv_len);
 void copy_blocks(const CopyBlocksParams& p);
 void swap_blocks(const SwapBlocksParams& p);
 }  // namespace cpu
