@@ -7,9 +7,11 @@ from __future__ import annotations
 import ctypes
 import math
 import mmap
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -518,3 +520,15 @@ def test_cuda_grow_past_device_memory_is_all_or_nothing(rng):
     assert pool.mapped_bytes == mapped
     assert abs(free_bytes() - free0) < gib
     assert_kept(as_torch(pool), saved, 100)
+
+
+def test_documented_example_runs():
+    """docs/cache_pool.md's example runs as written, and does what it says."""
+    doc = Path(__file__).resolve().parents[2] / "docs" / "cache_pool.md"
+    block = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)[0]
+    scope: dict = {}
+    exec(compile(block, str(doc), "exec"), scope)
+    pool = scope["pool"]
+    verify(pool, 10)
+    assert scope["k0"].shape == (10, 16, 2, 64)
+    np.testing.assert_array_equal(scope["k0"], np.ones((10, 16, 2, 64), np.float32))
