@@ -73,7 +73,9 @@ def wall_ms(fn, iters: int, warmup: int = 2) -> float:
 
 
 def free_bytes() -> int:
+    """The driver's free device memory, with torch's cached blocks given back."""
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     return torch.cuda.mem_get_info()[0]
 
 
@@ -212,7 +214,7 @@ def shrink_grow(nbytes: int, iters: int, granule_bytes: int) -> dict:
         1, blocks, dtype="float16", device="cuda", granule_bytes=granule_bytes, **BLOCK
     )
     grow_ms, shrink_ms, taken, freed = [], [], [], []
-    for _ in range(iters):
+    for i in range(iters + 1):  # the first round warms up (the fill kernel's first load)
         before = free_bytes()
         start = time.perf_counter()
         pool.grow(blocks)
@@ -225,6 +227,10 @@ def shrink_grow(nbytes: int, iters: int, granule_bytes: int) -> dict:
         pool.shrink(0)
         shrink_ms.append((time.perf_counter() - start) * 1e3)
         after = free_bytes()
+        if i == 0:
+            grow_ms.clear()
+            shrink_ms.clear()
+            continue
         taken.append(before - mid)
         freed.append(after - mid)
     g = pool.granule_bytes

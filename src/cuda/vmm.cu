@@ -137,7 +137,10 @@ class CudaRegion final : public VirtualRegion {
     const Driver& d = driver(op);
     DeviceGuard guard(device_, op);
     make_current(op);
-    check_driver(d.address_reserve(&base_, num_granules * granule_, granule_, 0, 0), op,
+    // Every granule's address must be aligned to the driver's granularity, which divides the
+    // granule; the alignment must be a power of two: the granule's lowest set bit is both.
+    const std::size_t alignment = granule_ & (~granule_ + 1);
+    check_driver(d.address_reserve(&base_, num_granules * granule_, alignment, 0, 0), op,
                  "cuMemAddressReserve");
   }
 
