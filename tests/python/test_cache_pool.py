@@ -11,10 +11,14 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import reference as R
 import tinyserve as ts
@@ -167,6 +171,131 @@ def test_grow_shrink_random_walk_preserves_data(rng, granule_pages):
         n = target
         saved = snapshot(tensors, n)
         verify(pool, n)
+
+
+class CachePoolMachine(RuleBasedStateMachine):
+    """Grow, shrink, writes and rejected calls in any order against a NumPy model of the kept
+    blocks; after every step the invariants hold and every kept block reads back unchanged."""
+
+    MAX_BLOCKS = 40
+
+    @initialize(
+        layout=st.sampled_from(["NHD", "HND"]),
+        granule_pages=st.sampled_from([1, 2]),
+        start=st.integers(0, MAX_BLOCKS),
+    )
+    def make(self, layout, granule_pages, start):
+        # a K/V block is 4 * 2 * 8 * 4 = 256 bytes: many blocks per granule, so partly used
+        # granules are the common case
+        self.pool = ts.CachePool(
+            2,
+            self.MAX_BLOCKS,
+            4,
+            2,
+            8,
+            "float32",
+            "cpu",
+            layout=layout,
+            page_meta=True,
+            granule_bytes=granule_pages * mmap.PAGESIZE,
+            num_blocks=start,
+        )
+        self.counter = 0
+        self.model = [np.empty((0,) + np.from_dlpack(t).shape[1:]) for t in self.pool.tensors()]
+        self.write(0, start)
+
+    def write(self, lo, hi):
+        """Distinct values into blocks [lo, hi) of every tensor, mirrored in the model."""
+        for i, t in enumerate(self.pool.tensors()):
+            a = np.from_dlpack(t)
+            values = self.counter + 1 + np.arange(np.prod(a[lo:hi].shape), dtype=np.float64)
+            self.counter += len(values)
+            a[lo:hi] = values.reshape(a[lo:hi].shape)
+            m = self.model[i]
+            self.model[i] = np.concatenate([m[:lo], a[lo:hi].astype(np.float64), m[hi:]])
+
+    @rule(data=st.data())
+    def grow(self, data):
+        n = self.pool.num_blocks
+        target = data.draw(st.integers(n, self.MAX_BLOCKS))
+        self.pool.grow(target)
+        self.write(n, target)
+
+    @rule(data=st.data())
+    def shrink(self, data):
+        target = data.draw(st.integers(0, self.pool.num_blocks))
+        self.pool.shrink(target)
+        self.model = [m[:target] for m in self.model]
+
+    @rule(data=st.data())
+    def overwrite(self, data):
+        n = self.pool.num_blocks
+        lo = data.draw(st.integers(0, n))
+        self.write(lo, data.draw(st.integers(lo, n)))
+
+    @rule(data=st.data())
+    def rejected(self, data):
+        n = self.pool.num_blocks
+        bad_grow = data.draw(
+            st.one_of(st.integers(-5, n - 1), st.integers(self.MAX_BLOCKS + 1, 2**40))
+        )
+        bad_shrink = data.draw(st.one_of(st.integers(-(2**40), -1), st.integers(n + 1, 2**40)))
+        if bad_grow >= 0 or n > 0:
+            with pytest.raises(ValueError, match="grow: num_blocks must be in"):
+                self.pool.grow(bad_grow)
+        with pytest.raises(ValueError, match="shrink: num_blocks must be in"):
+            self.pool.shrink(bad_shrink)
+
+    @invariant()
+    def consistent(self):
+        n = self.pool.num_blocks
+        self.pool.check()
+        assert self.pool.mapped_bytes == expected_mapped(self.pool, n)
+        for t, m in zip(self.pool.tensors(), self.model):
+            a = np.from_dlpack(t)
+            assert a.shape[0] == n == len(m)
+            np.testing.assert_array_equal(a, m)
+
+
+CachePoolMachine.TestCase.settings = settings(
+    max_examples=150,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestCachePoolMachine = CachePoolMachine.TestCase
+
+
+def test_threads_grow_and_shrink_one_pool(rng):
+    """Threads growing and shrinking one pool: every call either succeeds or is rejected whole
+    (another thread moved num_blocks first), and the pool stays consistent."""
+    pool = make_pool(max_blocks=256)
+    seeds = rng.integers(0, 2**32, size=4)
+    errors = []
+
+    def work(seed):
+        local = np.random.default_rng(seed)
+        try:
+            for _ in range(200):
+                n = pool.num_blocks
+                try:
+                    if local.random() < 0.5:
+                        pool.grow(int(local.integers(n, 257)))
+                    else:
+                        pool.shrink(int(local.integers(0, n + 1)))
+                except ValueError:
+                    pass  # num_blocks moved between the read and the call
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(int(s),)) for s in seeds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    pool.check()
+    assert pool.mapped_bytes == expected_mapped(pool, pool.num_blocks)
 
 
 def test_grow_and_shrink_to_the_same_size_change_nothing():
