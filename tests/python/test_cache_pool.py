@@ -620,18 +620,21 @@ def test_cuda_freed_memory_serves_another_allocation():
     assert per_tensor >= gib, f"too little free device memory: {free0}"
     max_blocks = per_tensor // block_bytes
     pool = ts.CachePool(1, max_blocks, 16, 8, 128, "float16", "cuda", granule_bytes=gib)
-    pool.grow(max_blocks)
-    verify(pool, max_blocks)
-    probe = 2 * margin
-    with pytest.raises(torch.cuda.OutOfMemoryError):
-        torch.empty(probe, dtype=torch.uint8, device="cuda")
-    pool.shrink(0)
-    verify(pool, 0)
-    x = torch.empty(probe, dtype=torch.uint8, device="cuda")
-    x.fill_(1)
-    torch.cuda.synchronize()
-    del x
-    torch.cuda.empty_cache()
+    try:
+        pool.grow(max_blocks)
+        verify(pool, max_blocks)
+        probe = 2 * margin
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            torch.empty(probe, dtype=torch.uint8, device="cuda")
+        pool.shrink(0)
+        verify(pool, 0)
+        x = torch.empty(probe, dtype=torch.uint8, device="cuda")
+        x.fill_(1)
+        torch.cuda.synchronize()
+        del x
+    finally:  # a failure must not leave the device full for the tests after this one
+        pool.shrink(0)
+        torch.cuda.empty_cache()
 
 
 @pytest.mark.cuda
