@@ -24,14 +24,13 @@ namespace {
 using tinyserve::DType;
 namespace tk = tinyserve::kernels;
 
-#define CK(x)                                                                          \
-  do {                                                                                 \
-    cudaError_t e_ = (x);                                                              \
-    if (e_ != cudaSuccess) {                                                           \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x,                   \
-                   cudaGetErrorString(e_));                                            \
-      std::exit(1);                                                                    \
-    }                                                                                  \
+#define CK(x)                                                                                 \
+  do {                                                                                        \
+    cudaError_t e_ = (x);                                                                     \
+    if (e_ != cudaSuccess) {                                                                  \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                           \
+    }                                                                                         \
   } while (0)
 
 __global__ void fill_half(__half* x, std::size_t n, unsigned seed) {
@@ -117,9 +116,8 @@ int main() {
   const int hq = 32, hk = 8, dim = 128, bs = 16;
   const int shapes[][2] = {{64, 4096}, {8, 32768}, {1, 131072}, {256, 1024}};
   std::mt19937 rng(7);
-  std::printf(
-      "%-12s %6s %5s | %8s %8s %6s | %s\n", "shape", "splits", "CTAs", "eager", "graph", "%ceil",
-      "timeline (us from the first CTA start: median / p90 / max unless noted)");
+  std::printf("%-12s %6s %5s | %8s %8s %6s | %s\n", "shape", "splits", "CTAs", "eager", "graph",
+              "%ceil", "timeline (us from the first CTA start: median / p90 / max unless noted)");
   for (const auto& shape : shapes) {
     const int batch = shape[0], ctx = shape[1];
     const int blocks_per_seq = ctx / bs;
@@ -216,16 +214,18 @@ int main() {
     }
     const double bytes = 2.0 * batch * ctx * hk * dim * 2;
     const double dec_end = pct(end, 1.0);
-    std::printf("(%d,%d) %6d %5d | %6.1fus %6.1fus %5.1f%% | span %.1f us (%.1f%% of the ceiling "
-                "within the span)\n",
-                batch, ctx, p.num_splits, ctas, eager_ms * 1e3, graph_ms * 1e3,
-                100 * bytes / (graph_ms * 1e-3) / ceiling, dec_end,
-                100 * bytes / (dec_end * 1e-6) / ceiling);
-    std::printf("    start %.2f/%.2f/%.2f  first tile %.2f/%.2f/%.2f  loop min %.1f med %.1f max "
-                "%.1f  epilogue %.2f/%.2f/%.2f  end min %.1f med %.1f p90 %.1f max %.1f\n",
-                pct(start, .5), pct(start, .9), pct(start, 1), pct(first, .5), pct(first, .9),
-                pct(first, 1), pct(loop, 0), pct(loop, .5), pct(loop, 1), pct(epi, .5),
-                pct(epi, .9), pct(epi, 1), pct(end, 0), pct(end, .5), pct(end, .9), dec_end);
+    std::printf(
+        "(%d,%d) %6d %5d | %6.1fus %6.1fus %5.1f%% | span %.1f us (%.1f%% of the ceiling "
+        "within the span)\n",
+        batch, ctx, p.num_splits, ctas, eager_ms * 1e3, graph_ms * 1e3,
+        100 * bytes / (graph_ms * 1e-3) / ceiling, dec_end,
+        100 * bytes / (dec_end * 1e-6) / ceiling);
+    std::printf(
+        "    start %.2f/%.2f/%.2f  first tile %.2f/%.2f/%.2f  loop min %.1f med %.1f max "
+        "%.1f  epilogue %.2f/%.2f/%.2f  end min %.1f med %.1f p90 %.1f max %.1f\n",
+        pct(start, .5), pct(start, .9), pct(start, 1), pct(first, .5), pct(first, .9),
+        pct(first, 1), pct(loop, 0), pct(loop, .5), pct(loop, 1), pct(epi, .5), pct(epi, .9),
+        pct(epi, 1), pct(end, 0), pct(end, .5), pct(end, .9), dec_end);
     const int lo = *std::min_element(per_sm.begin(), per_sm.end());
     const int hi = *std::max_element(per_sm.begin(), per_sm.end());
     std::printf("    CTAs per SM %d..%d", lo, hi);
@@ -239,11 +239,12 @@ int main() {
         ml.push_back((double(merge_host[c][3]) - double(t0)) * 1e-3);
         mg.push_back((double(merge_host[c][4]) - double(t0)) * 1e-3);
       }
-      std::printf("  merge: start min %.1f max %.1f, wait done min %.1f max %.1f, thread 0 "
-                  "loaded max %.1f, groups met max %.1f, end max %.1f (%.1f us after the last "
-                  "decode CTA)",
-                  pct(ms, 0), pct(ms, 1), pct(mw, 0), pct(mw, 1), pct(ml, 1), pct(mg, 1),
-                  pct(me, 1), pct(me, 1) - dec_end);
+      std::printf(
+          "  merge: start min %.1f max %.1f, wait done min %.1f max %.1f, thread 0 "
+          "loaded max %.1f, groups met max %.1f, end max %.1f (%.1f us after the last "
+          "decode CTA)",
+          pct(ms, 0), pct(ms, 1), pct(mw, 0), pct(mw, 1), pct(ml, 1), pct(mg, 1), pct(me, 1),
+          pct(me, 1) - dec_end);
     }
     std::printf("\n");
     CK(cudaGraphExecDestroy(exec));
