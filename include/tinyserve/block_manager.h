@@ -21,7 +21,8 @@ namespace tinyserve {
 //   other entries;
 // - a sequence holds ceil(len / block_size) blocks.
 //
-// Failed calls change nothing.
+// Failed calls change nothing. The free list and the ref counts are a block pool of their own
+// (core/block_pool.h).
 class TINYSERVE_API BlockManager {
  public:
   struct Stats {
@@ -37,6 +38,9 @@ class TINYSERVE_API BlockManager {
     std::int64_t prefix_hits = 0;     // blocks attached from the prefix cache, since creation
     std::int64_t prefix_queries = 0;  // full prompt blocks looked up, since creation
     std::int64_t evictions = 0;       // cached blocks whose key was dropped to reuse them
+
+    // (name, value) of every field above, in order.
+    std::vector<std::pair<const char*, std::int64_t>> items() const;
   };
 
   // What add_sequence would attach for a prompt, computed without changing anything.
@@ -83,6 +87,12 @@ class TINYSERVE_API BlockManager {
   // num_tokens entries); all-or-nothing over the whole batch.
   void append_batch(const std::int64_t* seq_ids, const std::int64_t* num_tokens, std::int64_t count,
                     std::int64_t* slots_out);
+  // The same, returning the slots: num_tokens has num_counts entries (which must equal count),
+  // or one count for every sequence. The whole batch is checked before the slots are sized.
+  std::vector<std::int64_t> append_batch(const std::int64_t* seq_ids, std::int64_t count,
+                                         const std::int64_t* num_tokens, std::int64_t num_counts);
+  std::vector<std::int64_t> append_batch(const std::int64_t* seq_ids, std::int64_t count,
+                                         std::int64_t num_tokens_each);
 
   // The child shares every block of the parent; no copy until one of them appends into a shared
   // partial block.
@@ -108,8 +118,10 @@ class TINYSERVE_API BlockManager {
   // Verifies every invariant; throws std::logic_error naming the first violation.
   void check() const;
 
- private:
+  // The state, internal to the core.
   struct Impl;
+
+ private:
   std::unique_ptr<Impl> impl_;
 };
 
