@@ -185,7 +185,8 @@ void bind_block_manager(nb::module_& m) {
           nb::sig("def block_table(self, seq_ids: typing.Sequence[int] | "
                   "numpy.typing.ArrayLike) -> tuple[numpy.typing.NDArray[numpy.int32], "
                   "numpy.typing.NDArray[numpy.int32]]"),
-          "(table int32 [batch, max_blocks] padded with 0, lens int32 [batch]).")
+          "(table int32 [batch, max_blocks] padded with 0, lens int32 [batch]). Raises "
+          "RuntimeError for a sequence with offloaded blocks (Compactor.plan_recall first).")
       .def(
           "take_copies",
           [](BlockManager& self) {

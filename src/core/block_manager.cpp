@@ -12,6 +12,51 @@ using bm::root_key;
 using bm::unknown_sequence;
 using bm::where;
 
+// A pending plan must still apply: each pair reads a block holding content and writes a free
+// one, no block twice.
+template <class Fail>
+void BlockManager::Impl::check_plan(Fail&& fail) const {
+  auto str = [](std::int64_t v) { return std::to_string(v); };
+  if (pending_plan != last_plan || plan.serial != pending_plan) {
+    fail("the pending plan " + str(std::int64_t(pending_plan)) + " is not the last one handed out");
+  }
+  const bool evict = plan.kind == MovePlan::Kind::Evict;
+  if (evict ? !plan.dst.empty() : plan.dst.size() != plan.src.size()) {
+    fail(std::string("the pending ") + plan.kind_name() + " plan has " +
+         str(std::int64_t(plan.src.size())) + " sources and " + str(std::int64_t(plan.dst.size())) +
+         " destinations");
+  }
+  const bool src_on_host = plan.kind == MovePlan::Kind::Recall;
+  const bool dst_on_host = plan.kind == MovePlan::Kind::Offload;
+  const detail::BlockPool& src_pool = src_on_host ? host->pool : pool;
+  const detail::BlockPool& dst_pool = dst_on_host ? host->pool : pool;
+  std::vector<std::uint8_t> src_seen(std::size_t(src_pool.num_blocks()), 0);
+  std::vector<std::uint8_t> dst_seen(std::size_t(dst_pool.num_blocks()), 0);
+  for (std::size_t i = 0; i < plan.src.size(); ++i) {
+    const std::int32_t s = plan.src[i];
+    if (s < 0 || s >= src_pool.num_blocks() || src_seen[std::size_t(s)]) {
+      fail("the pending plan reads block " + str(s) + " out of range or twice");
+    }
+    src_seen[std::size_t(s)] = 1;
+    if (evict ? !(src_pool.is_free(s) && keyed(s)) : src_pool.is_free(s)) {
+      fail("the pending " + std::string(plan.kind_name()) + " plan's source block " + str(s) +
+           (evict ? " is not cached and free" : " holds nothing"));
+    }
+    if (plan.kind == MovePlan::Kind::Compact && s < plan_target) {
+      fail("the pending compact plan moves block " + str(s) + " from below its target");
+    }
+    if (evict) continue;
+    const std::int32_t d = plan.dst[i];
+    if (d < 0 || d >= dst_pool.num_blocks() || dst_seen[std::size_t(d)] || !dst_pool.is_free(d)) {
+      fail("the pending plan writes block " + str(d) + " out of range, twice or while used");
+    }
+    dst_seen[std::size_t(d)] = 1;
+    if (plan.kind == MovePlan::Kind::Compact && d >= plan_target) {
+      fail("the pending compact plan moves a block to " + str(d) + ", not below its target");
+    }
+  }
+}
+
 void BlockManager::Impl::check() const {
   auto fail = [](const std::string& what) {
     throw std::logic_error("tinyserve.BlockManager.check: " + what);
@@ -21,17 +66,39 @@ void BlockManager::Impl::check() const {
 
   std::vector<std::int64_t> holders(n, 0);
   std::vector<std::int64_t> held_by(n, -1);  // the sequence seen last, to catch repeats
+  const std::size_t num_host = host ? std::size_t(host->pool.num_blocks()) : 0;
+  std::vector<std::int64_t> host_holders(num_host, 0);
+  std::vector<std::int64_t> host_held_by(num_host, -1);
   std::int64_t tokens = 0, seq_index = 0;
   for (const auto& [id, s] : seqs) {
     if (s.len < 0 || std::int64_t(s.blocks.size()) != blocks_for(s.len)) {
       fail("sequence " + str(id) + " holds " + str(std::int64_t(s.blocks.size())) + " blocks for " +
            str(s.len) + " tokens");
     }
+    std::int64_t offloaded = 0;
     for (std::size_t i = 0; i < s.blocks.size(); ++i) {
       const std::int32_t entry = s.blocks[i];
       const std::int64_t in_block = std::min(block_size, s.len - std::int64_t(i) * block_size);
+      if (on_host(entry)) {
+        const std::int32_t h = host_id(entry);
+        if (std::size_t(h) >= num_host) {
+          fail("sequence " + str(id) + " holds host block id " + str(h) + " of a host pool of " +
+               str(std::int64_t(num_host)));
+        }
+        if (host_held_by[std::size_t(h)] == seq_index) {
+          fail("sequence " + str(id) + " holds host block " + str(h) + " twice");
+        }
+        host_held_by[std::size_t(h)] = seq_index;
+        ++host_holders[std::size_t(h)];
+        ++offloaded;
+        if (host->fill[std::size_t(h)] != in_block) {
+          fail("host block " + str(h) + " holds " + str(host->fill[std::size_t(h)]) +
+               " tokens but sequence " + str(id) + " has " + str(in_block) + " in it");
+        }
+        continue;
+      }
       const std::int32_t b = entry;
-      if (b < 0 || b >= num_blocks) fail("sequence " + str(id) + " holds block id " + str(b));
+      if (b >= num_blocks) fail("sequence " + str(id) + " holds block id " + str(b));
       if (held_by[std::size_t(b)] == seq_index) {
         fail("sequence " + str(id) + " holds block " + str(b) + " twice");
       }
@@ -48,6 +115,10 @@ void BlockManager::Impl::check() const {
       fail("sequence " + str(id) + " keeps " + str(std::int64_t(s.pending_tokens.size())) +
            " token ids of its partial block, expected " + str(pending));
     }
+    if (offloaded != s.num_offloaded) {
+      fail("sequence " + str(id) + " counts " + str(s.num_offloaded) + " offloaded blocks, found " +
+           str(offloaded));
+    }
     tokens += s.len;
     ++seq_index;
   }
@@ -55,6 +126,16 @@ void BlockManager::Impl::check() const {
   // Device pool: ref counts equal holders, the free list is exactly the unreferenced blocks.
   const std::string pool_broken = pool.verify(holders);
   if (!pool_broken.empty()) fail(pool_broken);
+  // The compactor's host pool, the same way.
+  if (host) {
+    const std::string host_broken = host->pool.verify(host_holders);
+    if (!host_broken.empty()) fail("host pool: " + host_broken);
+  } else if (has_compactor) {
+    fail("a compactor is attached without a host pool");
+  }
+  if (pending_plan != 0 && !has_compactor) fail("a plan is pending without a compactor");
+  if (pending_plan != 0) check_plan(fail);
+
   std::int64_t shared = 0, waste = 0, evictable = 0, free_read = 0;
   for (std::size_t b = 0; b < n; ++b) {
     const std::int32_t id = std::int32_t(b);
@@ -162,6 +243,7 @@ std::int64_t BlockManager::add_sequence(std::int64_t seq_id, const std::int64_t*
   if (m.seqs.count(seq_id)) {
     bad_argument(method, "seq_id already exists, got " + std::to_string(seq_id));
   }
+  m.require_no_plan(method);
   Impl::Sequence fresh;
   fresh.chain_key = root_key();
   // Hits are distinct blocks, so never more than the pool.
@@ -252,9 +334,10 @@ void BlockManager::fork(std::int64_t parent_id, std::int64_t child_id) {
   if (m.seqs.count(child_id)) {
     bad_argument("fork", "child_id already exists, got " + std::to_string(child_id));
   }
+  m.require_no_plan("fork");
   // Inserting keeps `parent` valid: unordered_map never moves its elements.
   const Impl::Sequence& child = m.seqs.emplace(child_id, parent).first->second;
-  for (std::int32_t entry : child.blocks) m.add_ref(entry);
+  for (std::int32_t entry : child.blocks) m.add_ref_entry(entry);
   m.num_tokens += child.len;
 }
 
@@ -263,10 +346,11 @@ void BlockManager::free(std::int64_t seq_id) {
   std::lock_guard<std::mutex> lock(m.mutex);
   auto it = m.seqs.find(seq_id);
   if (it == m.seqs.end()) unknown_sequence("free", "seq_id", seq_id);
+  m.require_no_plan("free");
   // Tail first: among the keyed blocks appended to the back, the ones that hash the most tokens
   // (least likely to be shared) come first and are evicted first.
   const std::vector<std::int32_t>& blocks = it->second.blocks;
-  for (auto b = blocks.rbegin(); b != blocks.rend(); ++b) m.release(*b);
+  for (auto b = blocks.rbegin(); b != blocks.rend(); ++b) m.release_entry(*b);
   m.num_tokens -= it->second.len;
   m.seqs.erase(it);
 }
@@ -282,6 +366,7 @@ BlockManager::BlockTable BlockManager::block_table(const std::int64_t* seq_ids,
   std::size_t width = 0;
   for (std::int64_t i = 0; i < count; ++i) {
     const Impl::Sequence& s = m.find(seq_ids[i], method);
+    m.require_on_device(s, seq_ids[i], method);
     m.table_rows.push_back(&s);
     width = std::max(width, s.blocks.size());
   }
@@ -321,7 +406,9 @@ std::int64_t BlockManager::seq_len(std::int64_t seq_id) const {
 
 std::vector<std::int32_t> BlockManager::block_ids(std::int64_t seq_id) const {
   std::lock_guard<std::mutex> lock(impl_->mutex);
-  return impl_->find(seq_id, "block_ids").blocks;
+  const Impl::Sequence& s = impl_->find(seq_id, "block_ids");
+  impl_->require_on_device(s, seq_id, "block_ids");
+  return s.blocks;
 }
 
 bool BlockManager::has_sequence(std::int64_t seq_id) const {
@@ -355,6 +442,7 @@ BlockManager::Stats BlockManager::stats() const {
   s.prefix_hits = m.prefix_hits;
   s.prefix_queries = m.prefix_queries;
   s.evictions = m.evictions;
+  s.num_offloaded = m.host ? m.host->pool.num_blocks() - m.host->pool.num_free() : 0;
   return s;
 }
 
@@ -370,7 +458,8 @@ std::vector<std::pair<const char*, std::int64_t>> BlockManager::Stats::items() c
           {"waste_slots", waste_slots},
           {"prefix_hits", prefix_hits},
           {"prefix_queries", prefix_queries},
-          {"evictions", evictions}};
+          {"evictions", evictions},
+          {"num_offloaded", num_offloaded}};
 }
 
 void BlockManager::check() const {

@@ -16,6 +16,7 @@
 #include "core/block_pool.h"
 #include "core/sha256.h"
 #include "tinyserve/block_manager.h"
+#include "tinyserve/compactor.h"
 #include "tinyserve/errors.h"
 
 namespace tinyserve {
@@ -60,12 +61,25 @@ inline std::string where(const char* method) {
 
 }  // namespace bm
 
-// The manager's state.
+// The manager's state, shared with the Compactor (which works on the same sequences and pool).
 struct BlockManager::Impl {
   using Digest = bm::Digest;
   using DigestHash = bm::DigestHash;
   static constexpr std::int64_t kNoPair = bm::kNoPair;
   static constexpr std::int64_t kMaxInt32 = bm::kMaxInt32;
+
+  // A sequence's block list holds device block ids (>= 0) and, for blocks the compactor
+  // offloaded, host block ids encoded as -(host_id + 1).
+  static bool on_host(std::int32_t entry) { return entry < 0; }
+  static std::int32_t host_entry(std::int32_t host_id) { return -host_id - 1; }
+  static std::int32_t host_id(std::int32_t entry) { return -entry - 1; }
+
+  // The compactor's host pool: the host block slots that offloaded blocks occupy.
+  struct HostPool {
+    explicit HostPool(std::int32_t n) : pool(n), fill(std::size_t(n), 0) {}
+    detail::BlockPool pool;
+    std::vector<std::int32_t> fill;  // tokens the offloaded block holds
+  };
 
   struct Sequence {
     std::vector<std::int32_t> blocks;
@@ -76,7 +90,8 @@ struct BlockManager::Impl {
     std::int64_t len = 0;
     // Every token so far came with its id, so the chain of keys is known.
     bool keyable = true;
-    std::uint64_t batch_mark = 0;  // append_batch's duplicate detection
+    std::uint64_t batch_mark = 0;    // append_batch's duplicate detection
+    std::int32_t num_offloaded = 0;  // entries of `blocks` on the host
   };
 
   // dst is kNoPair once the destination was freed before take_copies(): nobody needs the copy.
@@ -117,6 +132,15 @@ struct BlockManager::Impl {
   std::unordered_map<Digest, std::int32_t, DigestHash> cache;
   std::unordered_map<std::int64_t, Sequence> seqs;
   std::vector<CopyPair> copies;
+
+  // The compactor's part: its host pool (null until a Compactor attaches) and the plan it
+  // handed out that is neither committed nor aborted (serial 0: none).
+  std::unique_ptr<HostPool> host;
+  bool has_compactor = false;
+  std::uint64_t pending_plan = 0;
+  std::uint64_t last_plan = 0;
+  MovePlan plan;                 // the pending plan as handed out
+  std::int64_t plan_target = 0;  // a pending compact plan's num_blocks
 
   // Kept up to date by the helpers below so stats() is O(1); check() recomputes them.
   std::int64_t num_free_read = 0;  // free blocks that a pending copy reads
@@ -253,6 +277,40 @@ struct BlockManager::Impl {
     }
   }
 
+  // Releases one entry of a sequence's block list, on the device or on the host.
+  void release_entry(std::int32_t entry) {
+    if (!on_host(entry)) return release(entry);
+    const std::int32_t h = host_id(entry);
+    if (host->pool.release(h) == 0) host->pool.free_queue().push_back(h);
+  }
+
+  void add_ref_entry(std::int32_t entry) {
+    if (on_host(entry)) {
+      host->pool.acquire(host_id(entry));
+    } else {
+      add_ref(entry);
+    }
+  }
+
+  // Manager calls that change sequences would invalidate a plan in flight.
+  void require_no_plan(const char* method) const {
+    if (pending_plan != 0) {
+      throw std::runtime_error(bm::where(method) +
+                               "a compactor plan is pending; commit or abort it first");
+    }
+  }
+
+  // Sequences with offloaded blocks have no device block table until recalled.
+  void require_on_device(const Sequence& s, std::int64_t seq_id, const char* method) const {
+    if (s.num_offloaded > 0) {
+      throw std::runtime_error(bm::where(method) + "sequence " + std::to_string(seq_id) + " has " +
+                               std::to_string(s.num_offloaded) +
+                               " offloaded block(s); recall it first (Compactor.plan_recall), "
+                               "got seq_id " +
+                               std::to_string(seq_id));
+    }
+  }
+
   // ---- sequences ----------------------------------------------------------------------------
 
   Sequence& find(std::int64_t seq_id, const char* method, const char* name = "seq_id") {
@@ -338,6 +396,7 @@ struct BlockManager::Impl {
   // count == 1.
   std::int64_t prepare_append(const std::int64_t* seq_ids, const std::int64_t* counts,
                               std::int64_t count, const char* method) {
+    require_no_plan(method);
     if (count < 0) bm::bad_argument(method, "count must be >= 0, got " + std::to_string(count));
     if (count > 0 && (seq_ids == nullptr || counts == nullptr)) {
       bm::bad_argument(method, "seq_ids and num_tokens must not be null");
@@ -347,6 +406,7 @@ struct BlockManager::Impl {
     std::int64_t total = 0;
     for (std::int64_t i = 0; i < count; ++i) {
       Sequence& s = find(seq_ids[i], method);
+      require_on_device(s, seq_ids[i], method);
       const std::int64_t n = counts[i];
       if (n < 0) bm::bad_argument(method, "num_tokens must be >= 0, got " + std::to_string(n));
       if (n > kMaxInt32 - s.len) {
@@ -419,6 +479,8 @@ struct BlockManager::Impl {
   // ---- check() ------------------------------------------------------------------------------
 
   void check() const;
+  template <class Fail>
+  void check_plan(Fail&& fail) const;
 };
 
 }  // namespace tinyserve

@@ -38,6 +38,7 @@ STAT_FIELDS = (
     "prefix_hits",
     "prefix_queries",
     "evictions",
+    "num_offloaded",
 )
 
 
@@ -730,6 +731,7 @@ def test_stats_fields_are_exact():
         "prefix_hits": 0,
         "prefix_queries": 0,
         "evictions": 0,
+        "num_offloaded": 0,
     }
     assert bm.add_sequence(3, prompt) == 8
     assert bm.stats() == {
@@ -745,6 +747,7 @@ def test_stats_fields_are_exact():
         "prefix_hits": 2,
         "prefix_queries": 2,
         "evictions": 0,
+        "num_offloaded": 0,
     }
     bm.free(1)
     bm.free(2)
@@ -761,6 +764,7 @@ def test_stats_fields_are_exact():
         "prefix_hits": 2,
         "prefix_queries": 2,
         "evictions": 0,
+        "num_offloaded": 0,
     }
     bm.free(3)
     assert bm.stats() == {
@@ -776,6 +780,7 @@ def test_stats_fields_are_exact():
         "prefix_hits": 2,
         "prefix_queries": 2,
         "evictions": 0,
+        "num_offloaded": 0,
     }
     bm.check()
 
@@ -942,6 +947,7 @@ class Model:
             "prefix_hits": self.hits,
             "prefix_queries": self.queries,
             "evictions": self.evictions,
+            "num_offloaded": 0,
         }
 
 
