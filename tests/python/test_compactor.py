@@ -746,3 +746,16 @@ def test_random_plans_preserve_content_on_cuda_with_a_pinned_host_pool(data):
     for _ in range(data.draw(st.integers(10, 60))):
         work.step()
     work.finish()
+
+
+def test_readme_compactor_example_runs():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Reclaiming memory", 1)[1]
+    block = section.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    bm, compactor = scope["bm"], scope["compactor"]
+    bm.check()
+    assert not compactor.has_pending_plan and compactor.num_offloaded(0) == 0
