@@ -27,20 +27,28 @@ def _cache_list(caches: Any, name: str) -> list[Any]:
     return list(caches)
 
 
-def _ids_on_device_of(ids: np.ndarray, like: Any) -> Any:
-    """The int32 block ids where copy_blocks wants them: on the caches' device."""
+def _ids_on_device_of(ids: np.ndarray, like: Any, stream: Any = None) -> Any:
+    """The int32 block ids where copy_blocks wants them: on the caches' device. They are copied
+    on the framework's current stream; when the caller names another stream, that copy is
+    waited for, so the launch on `stream` cannot read them early."""
     if not _interop.is_cuda(like):
         return ids
     fw = _interop.framework(like)
     if fw == "torch":
         import torch
 
-        return torch.from_numpy(ids).to(like.device)
+        on_device = torch.from_numpy(ids).to(like.device)
+        if stream is not None:
+            torch.cuda.current_stream(like.device).synchronize()
+        return on_device
     if fw == "cupy":
         import cupy
 
         with cupy.cuda.Device(like.device.id):
-            return cupy.asarray(ids)
+            on_device = cupy.asarray(ids)
+            if stream is not None:
+                cupy.cuda.get_current_stream().synchronize()
+            return on_device
     raise RuntimeError(
         "tinyserve.execute_plan: device moves on CUDA need torch or cupy caches, "
         f"got {type(like).__name__}"
@@ -75,7 +83,10 @@ def execute_plan(
     if kind == "compact":
         like = devices[0]
         copy_blocks(
-            devices, _ids_on_device_of(src, like), _ids_on_device_of(dst, like), stream=stream
+            devices,
+            _ids_on_device_of(src, like, stream),
+            _ids_on_device_of(dst, like, stream),
+            stream=stream,
         )
         return
     hosts = _cache_list(host_caches, "host_caches")

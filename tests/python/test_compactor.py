@@ -709,40 +709,60 @@ def test_the_property_test_ran_thousands_of_plans():
 # ---- the same on CUDA tensors with a pinned host pool ----------------------------------------
 
 
-class TorchCudaCaches(NumpyCaches):
-    def __init__(self):
+class TorchCaches(NumpyCaches):
+    """The same tensors in torch on `device`; layer 1's caches stored HND (passed as permuted
+    views), so the host pool must copy each cache's own block layout."""
+
+    def __init__(self, device: str):
         import torch
 
         super().__init__()
-        self.kv = [torch.from_numpy(x).cuda() for x in self.kv]
-        self.meta = torch.from_numpy(self.meta).cuda()
+        self.torch, self.dev = torch, device
+        hnd = [
+            torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1, 3)))
+            .to(device)
+            .permute(0, 2, 1, 3)
+            for x in self.kv[2:]
+        ]
+        self.kv = [torch.from_numpy(x).to(device) for x in self.kv[:2]] + hnd
+        self.meta = torch.from_numpy(self.meta).to(device)
         self.host = tinyserve.allocate_host_pool(self.device, NUM_HOST)
-        assert all(h.is_pinned() for h in self.host)
+        for cache, host in zip(self.device, self.host):
+            assert host.stride()[1:] == cache.stride()[1:] and host.device.type == "cpu"
+            assert host.is_pinned() == (device == "cuda")
 
     def read(self, x):
-        import torch
-
-        torch.cuda.synchronize()
+        if self.dev == "cuda":
+            self.torch.cuda.synchronize()
         return x.cpu().numpy()
 
     def write(self, values, slots):
-        import torch
-
-        slots_t = torch.from_numpy(np.asarray(slots)).cuda()
+        torch = self.torch
+        slots_t = torch.from_numpy(np.asarray(slots)).to(self.dev)
         for layer in range(NUM_LAYERS):
-            k = torch.from_numpy(np.ascontiguousarray(values[:, layer, 0])).cuda()
-            v = torch.from_numpy(np.ascontiguousarray(values[:, layer, 1])).cuda()
+            k = torch.from_numpy(np.ascontiguousarray(values[:, layer, 0])).to(self.dev)
+            v = torch.from_numpy(np.ascontiguousarray(values[:, layer, 1])).to(self.dev)
             tinyserve.reshape_and_cache(k, v, self.kv[2 * layer], self.kv[2 * layer + 1], slots_t)
         meta = self.read(self.meta).copy()
         update_meta(meta, values, np.asarray(slots))
         self.meta.copy_(torch.from_numpy(meta))
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.data())
+def test_random_plans_preserve_content_on_torch_cpu_tensors(data):
+    pytest.importorskip("torch")
+    work = Workload(TorchCaches("cpu"), data)
+    for _ in range(data.draw(st.integers(10, 60))):
+        work.step()
+    work.finish()
+
+
 @pytest.mark.cuda
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.data())
 def test_random_plans_preserve_content_on_cuda_with_a_pinned_host_pool(data):
-    work = Workload(TorchCudaCaches(), data)
+    work = Workload(TorchCaches("cuda"), data)
     for _ in range(data.draw(st.integers(10, 60))):
         work.step()
     work.finish()
