@@ -138,8 +138,10 @@ __global__ void __launch_bounds__(kPrefillThreads)
       qpos[mt][r] = pos < u.rows && h < u.heads ? u.pos0 + pos : -1;
     }
   }
-  // Rows are filled from 0 on: a warp past the last row only helps copy.
+  // Rows are filled from 0 on: a warp past the last row only helps copy, and a row tile past it
+  // (a decode row's tile fills 1 position x the group) skips its MMAs.
   const bool warp_active = warp_row0 < u.rows * hc;
+  auto tile_active = [&](int mt) { return mt == 0 || warp_row0 + mt * 16 < u.rows * hc; };
   const int pos_last = u.pos0 + u.rows - 1;
   // A tile needs masks where a key follows the first row's position (causal) or precedes the
   // last row's window.
@@ -220,6 +222,7 @@ __global__ void __launch_bounds__(kPrefillThreads)
           ptx::ldmatrix_x4(kf, k_frag + stage_offset + kb * 16 * kRowBytes + kk * 32);
 #pragma unroll
           for (int mt = 0; mt < kM; ++mt) {
+            if (!tile_active(mt)) continue;
             ptx::mma_16816<T>(s[mt][2 * kb], qa[mt], kf[0], kf[1]);
             ptx::mma_16816<T>(s[mt][2 * kb + 1], qa[mt], kf[2], kf[3]);
           }
@@ -314,6 +317,7 @@ __global__ void __launch_bounds__(kPrefillThreads)
           ptx::ldmatrix_x4_trans(vf, v_frag + stage_offset + kc * 16 * kRowBytes + dp * 32);
 #pragma unroll
           for (int mt = 0; mt < kM; ++mt) {
+            if (!tile_active(mt)) continue;
             ptx::mma_16816<T>(o[mt][2 * dp], pa[mt], vf[0], vf[1]);
             ptx::mma_16816<T>(o[mt][2 * dp + 1], pa[mt], vf[2], vf[3]);
           }
