@@ -73,7 +73,7 @@ def attention(c, **over):
         (lambda c: {"seq_lens": np.array([-1, 3], np.int32)}, r"seq_lens\[0\] .* got -1"),
         (lambda c: {"out": c.out[:, :4]}, r"out must have the shape of query"),
         (lambda c: {"out": c.out.astype(np.float16)}, r"out must have the dtype of query"),
-        (lambda c: {"lse": c.lse.astype(np.float64)}, r"lse has an unsupported dtype"),
+        (lambda c: {"lse": c.lse.astype(np.float64)}, r"lse must be float32, got float64"),
         (lambda c: {"lse": c.lse[:, :3]}, r"lse dimension 1 \(num_q_heads\) must be 8, got 3"),
         (lambda c: {"key_cache": c.key_cache[..., ::2].copy()}, r"value_cache must have the shape"),
         (
