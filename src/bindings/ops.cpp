@@ -29,7 +29,8 @@ void bind_ops(nb::module_& m) {
         nb::gil_scoped_release release;
         reshape_and_cache(k, v, kc, vc, sm, s);
       },
-      "key"_a, "value"_a, "key_cache"_a, "value_cache"_a, "slot_mapping"_a, "stream"_a = 0,
+      "key"_a.none(), "value"_a.none(), "key_cache"_a.none(), "value_cache"_a.none(),
+      "slot_mapping"_a.none(), "stream"_a.none() = 0,
       nb::sig("def reshape_and_cache(key: typing.Any, value: typing.Any, key_cache: typing.Any, "
               "value_cache: typing.Any, slot_mapping: typing.Any, stream: int = 0) -> None"));
 
@@ -59,10 +60,11 @@ void bind_ops(nb::module_& m) {
         nb::gil_scoped_release release;
         paged_attention(q, kc, vc, bt, sl, o, opts, s);
       },
-      "query"_a, "key_cache"_a, "value_cache"_a, "block_table"_a, "seq_lens"_a, "out"_a,
-      "scale"_a = nb::none(), "window_left"_a = -1, "logits_soft_cap"_a = 0.0f,
-      "lse"_a = nb::none(), "max_seq_len"_a = -1, "num_splits"_a = 0, "workspace"_a = nb::none(),
-      "stream"_a = 0,
+      "query"_a.none(), "key_cache"_a.none(), "value_cache"_a.none(), "block_table"_a.none(),
+      "seq_lens"_a.none(), "out"_a.none(), "scale"_a.none() = nb::none(),
+      "window_left"_a.none() = -1, "logits_soft_cap"_a.none() = 0.0f, "lse"_a.none() = nb::none(),
+      "max_seq_len"_a.none() = -1, "num_splits"_a.none() = 0, "workspace"_a.none() = nb::none(),
+      "stream"_a.none() = 0,
       nb::sig("def paged_attention(query: typing.Any, key_cache: typing.Any, value_cache: "
               "typing.Any, block_table: typing.Any, seq_lens: typing.Any, out: typing.Any, scale: "
               "float | None = None, window_left: int = -1, logits_soft_cap: float = 0.0, lse: "
@@ -85,8 +87,8 @@ void bind_ops(nb::module_& m) {
         AttentionPlan plan = plan_paged_attention(q, kc, bt, o);
         return std::make_pair(plan.num_splits, plan.workspace_bytes);
       },
-      "query"_a, "key_cache"_a, "block_table"_a, "window_left"_a = -1, "max_seq_len"_a = -1,
-      "num_splits"_a = 0,
+      "query"_a.none(), "key_cache"_a.none(), "block_table"_a.none(), "window_left"_a.none() = -1,
+      "max_seq_len"_a.none() = -1, "num_splits"_a.none() = 0,
       nb::sig("def plan_paged_attention(query: typing.Any, key_cache: typing.Any, block_table: "
               "typing.Any, window_left: int = -1, max_seq_len: int = -1, num_splits: int = 0) -> "
               "tuple[int, int]"),
@@ -103,7 +105,7 @@ void bind_ops(nb::module_& m) {
         nb::gil_scoped_release release;
         copy_blocks(views, s, d, st);
       },
-      "caches"_a, "src"_a, "dst"_a, "stream"_a = 0,
+      "caches"_a.none(), "src"_a.none(), "dst"_a.none(), "stream"_a.none() = 0,
       nb::sig("def copy_blocks(caches: list[typing.Any] | tuple[typing.Any, ...], src: typing.Any, "
               "dst: typing.Any, stream: int = 0) -> None"));
 
@@ -120,7 +122,8 @@ void bind_ops(nb::module_& m) {
         nb::gil_scoped_release release;
         swap_blocks(sc, dc, s, d, st);
       },
-      "src_cache"_a, "dst_cache"_a, "src"_a, "dst"_a, "stream"_a = 0,
+      "src_cache"_a.none(), "dst_cache"_a.none(), "src"_a.none(), "dst"_a.none(),
+      "stream"_a.none() = 0,
       nb::sig("def swap_blocks(src_cache: typing.Any, dst_cache: typing.Any, src: typing.Any, dst: "
               "typing.Any, stream: int = 0) -> None"));
 
@@ -131,7 +134,7 @@ void bind_ops(nb::module_& m) {
         nb::gil_scoped_release release;
         cuda_stream_synchronize(s);
       },
-      "stream"_a, nb::sig("def _stream_synchronize(stream: int) -> None"),
+      "stream"_a.none(), nb::sig("def _stream_synchronize(stream: int) -> None"),
       "Waits for the CUDA stream (used where a framework shares no stream).");
 
   m.def("cuda_compiled", &cuda_compiled, "True when the library was built with CUDA kernels.");

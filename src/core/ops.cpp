@@ -247,8 +247,9 @@ void check_disjoint_tensors(const OpCheck& c, const std::vector<TensorView>& ten
     auto [lo, hi] = detail::byte_range(tensors[i]);
     ranges.push_back({lo, hi, i});
   }
-  std::sort(ranges.begin(), ranges.end(),
-            [](const Range& a, const Range& b) { return a.lo < b.lo; });
+  std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) {
+    return a.lo != b.lo ? a.lo < b.lo : a.index < b.index;
+  });
   for (std::size_t a = 0; a < ranges.size(); ++a) {
     for (std::size_t b = a + 1; b < ranges.size() && ranges[b].lo < ranges[a].hi; ++b) {
       std::size_t i = std::min(ranges[a].index, ranges[b].index);

@@ -166,7 +166,6 @@ void OpCheck::kv_cache(const TensorView& t, const char* name) const {
   ndim(t, name, 4, "[num_blocks, block_size, num_kv_heads, head_dim]");
   attention_dtype(t, name);
   last_dim_contiguous(t, name);
-  distinct_elements(t, name);
   const std::int64_t block_size = t.shape[1], heads = t.shape[2], head_dim = t.shape[3];
   if (block_size <= 0) fail("block_size must be positive, got ", block_size);
   if (heads <= 0) fail("num_kv_heads must be positive, got ", heads);
@@ -180,6 +179,7 @@ void OpCheck::kv_cache(const TensorView& t, const char* name) const {
          " bytes per token (num_kv_heads * head_dim * element size), got num_kv_heads ", heads,
          " and head_dim ", head_dim);
   }
+  distinct_elements(t, name);
 }
 
 void OpCheck::disjoint(const Named& a, const Named& b) const {
