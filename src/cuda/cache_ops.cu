@@ -8,6 +8,7 @@
 #include "core/kernels.h"
 #include "core/validate.h"
 #include "cuda/common.cuh"
+#include "cuda/dispatch.cuh"
 
 namespace tinyserve::kernels::cuda {
 namespace {
@@ -190,18 +191,12 @@ __global__ void strided_copy_kernel(const __grid_constant__ StridedCopyArgs<Id> 
 
 template <class Id>
 const void* strided_copy_for(int elem_size) {
-  switch (elem_size) {
-    case 1:
-      return reinterpret_cast<const void*>(strided_copy_kernel<std::uint8_t, Id>);
-    case 2:
-      return reinterpret_cast<const void*>(strided_copy_kernel<std::uint16_t, Id>);
-    case 4:
-      return reinterpret_cast<const void*>(strided_copy_kernel<std::uint32_t, Id>);
-    case 8:
-      return reinterpret_cast<const void*>(strided_copy_kernel<std::uint64_t, Id>);
-    default:
-      return reinterpret_cast<const void*>(strided_copy_kernel<Bytes16, Id>);
+  if (elem_size == 16) {
+    return reinterpret_cast<const void*>(strided_copy_kernel<Bytes16, Id>);
   }
+  return dispatch_element_size(elem_size, [](auto e) {
+    return reinterpret_cast<const void*>(strided_copy_kernel<typename decltype(e)::type, Id>);
+  });
 }
 
 // Grid limits: x up to 2**31 - 1, y up to 65535; the kernels loop over what does not fit.
@@ -300,11 +295,9 @@ void reshape_and_cache(const ReshapeAndCacheParams& p, Stream stream) {
   const int per_token = a.num_heads * a.words_per_row;
   const int threads = std::min(256, std::max(32, (per_token + 31) / 32 * 32));
   const unsigned grid = unsigned(std::min<std::int64_t>(p.num_tokens, 1 << 30));
-  const void* kernel = width == 16  ? reinterpret_cast<const void*>(reshape_and_cache_kernel<16>)
-                       : width == 8 ? reinterpret_cast<const void*>(reshape_and_cache_kernel<8>)
-                       : width == 4 ? reinterpret_cast<const void*>(reshape_and_cache_kernel<4>)
-                       : width == 2 ? reinterpret_cast<const void*>(reshape_and_cache_kernel<2>)
-                                    : reinterpret_cast<const void*>(reshape_and_cache_kernel<1>);
+  const void* kernel = dispatch_copy_width(width, [](auto w) {
+    return reinterpret_cast<const void*>(reshape_and_cache_kernel<decltype(w)::value>);
+  });
   launch(kernel, dim3(grid), dim3(threads), 0, as_stream(stream), a, op,
          "reshape_and_cache_kernel");
 }
