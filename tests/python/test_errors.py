@@ -7,6 +7,8 @@ import mmap
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import reference as R
 import tinyserve as ts
@@ -884,3 +886,39 @@ def test_swap_blocks_overlapping_caches(rng):
         r"^tinyserve.swap_blocks: src_cache and dst_cache must not share memory",
         buf,
     )
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_overlap_of_two_views_of_one_layout_is_exact(data):
+    """Two views of one buffer with the same shape and strides, at different offsets: copy_blocks
+    refuses them exactly when some element of one is an element of the other (brute force over
+    every address), however the layout interleaves them."""
+    ndim = data.draw(st.integers(2, 4))
+    shape = data.draw(st.lists(st.integers(1, 4), min_size=ndim, max_size=ndim))
+    order = data.draw(st.permutations(range(ndim - 1)))  # the last dimension's stride is 1
+    strides = [0] * ndim
+    strides[-1], span = 1, shape[-1] - 1
+    for dim in order:
+        strides[dim] = span + 1 + data.draw(st.integers(0, 3))
+        span += (shape[dim] - 1) * strides[dim]
+    offset_a, offset_b = data.draw(st.integers(0, 40)), data.draw(st.integers(0, 40))
+    if offset_a == offset_b:
+        offset_b += 1
+    buf = np.zeros(max(offset_a, offset_b) + span + 1, np.float32)
+    item = buf.itemsize
+
+    def view(offset):
+        return np.lib.stride_tricks.as_strided(
+            buf[offset:], shape, [s * item for s in strides], writeable=True
+        )
+
+    index = np.indices(shape).reshape(ndim, -1)
+    offsets = set((np.array(strides) @ index).tolist())
+    overlap = bool({o + offset_a for o in offsets} & {o + offset_b for o in offsets})
+    none = np.zeros(0, np.int32)
+    if overlap:
+        with pytest.raises(ValueError, match=r"caches\[0\] and caches\[1\] must not share memory"):
+            ts.copy_blocks([view(offset_a), view(offset_b)], none, none)
+    else:
+        ts.copy_blocks([view(offset_a), view(offset_b)], none, none)
