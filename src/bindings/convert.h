@@ -167,7 +167,7 @@ class Arrays {
     nb::ndarray<nb::ro> a;
     if (!nb::try_cast(h, a, /*convert=*/false)) not_an_array(h, name);
     TensorView t = to_view(a, op_, name);
-    inputs_.push_back(std::move(a));
+    inputs_.keep(std::move(a));
     return t;
   }
 
@@ -188,7 +188,7 @@ class Arrays {
       not_an_array(h, name);
     }
     TensorView t = to_view(a, op_, name);
-    outputs_.push_back(std::move(a));
+    outputs_.keep(std::move(a));
     return t;
   }
 
@@ -208,8 +208,7 @@ class Arrays {
     std::vector<TensorView> views;
     views.reserve(n);
     for (std::size_t i = 0; i < n; ++i) {
-      std::string item = detail::concat(name, '[', i, ']');
-      views.push_back(output(seq[i], item.c_str()));
+      views.push_back(output(seq[i], detail::IndexedName(name, i).text));
     }
     return views;
   }
@@ -220,9 +219,28 @@ class Arrays {
                nb::inst_name(h).c_str());
   }
 
+  // The arrays of a call, without an allocation for the usual handful.
+  template <class Array>
+  class Kept {
+   public:
+    void keep(Array&& a) {
+      if (count_ < kInline) {
+        inline_[count_++] = std::move(a);
+      } else {
+        more_.push_back(std::move(a));
+      }
+    }
+
+   private:
+    static constexpr std::size_t kInline = 8;
+    Array inline_[kInline];
+    std::size_t count_ = 0;
+    std::vector<Array> more_;
+  };
+
   const char* op_;
-  std::vector<nb::ndarray<nb::ro>> inputs_;
-  std::vector<nb::ndarray<>> outputs_;
+  Kept<nb::ndarray<nb::ro>> inputs_;
+  Kept<nb::ndarray<>> outputs_;
 };
 
 // A Python int (or anything with __index__) as T; out of T's range is a ValueError naming the

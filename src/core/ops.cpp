@@ -247,27 +247,35 @@ bool same_view(const TensorView& a, const TensorView& b) {
 // No two tensors of one copy share memory: a block written through one would be read or
 // written through another in the same launch. Only tensors whose address ranges meet are
 // compared closely.
-void check_disjoint_tensors(const OpCheck& c, const std::vector<TensorView>& tensors,
-                            const std::vector<std::string>& names) {
+void check_disjoint_tensors(const OpCheck& c, const std::vector<TensorView>& tensors) {
   struct Range {
     std::uintptr_t lo, hi;
     std::size_t index;
   };
-  std::vector<Range> ranges;
-  ranges.reserve(tensors.size());
+  // On the stack for the usual few tensors (this runs on every call).
+  constexpr std::size_t kInline = 16;
+  Range inline_ranges[kInline];
+  std::vector<Range> more;
+  Range* ranges = inline_ranges;
+  if (tensors.size() > kInline) {
+    more.resize(tensors.size());
+    ranges = more.data();
+  }
+  std::size_t count = 0;
   for (std::size_t i = 0; i < tensors.size(); ++i) {
     if (tensors[i].numel() == 0) continue;
     auto [lo, hi] = detail::byte_range(tensors[i]);
-    ranges.push_back({lo, hi, i});
+    ranges[count++] = {lo, hi, i};
   }
-  std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) {
+  std::sort(ranges, ranges + count, [](const Range& a, const Range& b) {
     return a.lo != b.lo ? a.lo < b.lo : a.index < b.index;
   });
-  for (std::size_t a = 0; a < ranges.size(); ++a) {
-    for (std::size_t b = a + 1; b < ranges.size() && ranges[b].lo < ranges[a].hi; ++b) {
+  for (std::size_t a = 0; a < count; ++a) {
+    for (std::size_t b = a + 1; b < count && ranges[b].lo < ranges[a].hi; ++b) {
       std::size_t i = std::min(ranges[a].index, ranges[b].index);
       std::size_t j = std::max(ranges[a].index, ranges[b].index);
-      c.disjoint({tensors[i], names[i].c_str()}, {tensors[j], names[j].c_str()});
+      c.disjoint({tensors[i], detail::IndexedName("caches", i).text},
+                 {tensors[j], detail::IndexedName("caches", j).text});
     }
   }
 }
@@ -483,18 +491,17 @@ void copy_blocks(const std::vector<TensorView>& caches, const TensorView& src,
   c.same_device({{src, "src"}, {dst, "dst"}});
   kernels::CopyBlocksParams p;
   p.tensors.reserve(caches.size());
-  std::vector<std::string> names(caches.size());
   std::int64_t min_blocks = INT64_MAX;
   for (std::size_t i = 0; i < caches.size(); ++i) {
-    names[i] = detail::concat("caches[", i, "]");
-    const char* name = names[i].c_str();
+    const detail::IndexedName item("caches", i);
+    const char* name = item.text;
     p.tensors.push_back(block_tensor(c, caches[i], name));
     c.same_device({{src, "src"}, {caches[i], name}});
     c.disjoint({caches[i], name}, {src, "src"});
     c.disjoint({caches[i], name}, {dst, "dst"});
     min_blocks = std::min(min_blocks, caches[i].shape[0]);
   }
-  check_disjoint_tensors(c, caches, names);
+  check_disjoint_tensors(c, caches);
   Backend backend = c.backend(src.device);
   if (detail::is_host(src.device) && !caches.empty()) {
     check_host_block_ids(c, block_ids(src), block_ids(dst), src.shape[0], min_blocks, min_blocks,

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <limits>
-#include <vector>
 
 #include "core/kernels.h"
 
@@ -15,15 +14,23 @@ struct Extent {
   std::int64_t stride, size;  // |stride| in elements, size > 1
 };
 
-// The dimensions that move the address, by |stride|, largest first.
-std::vector<Extent> moving_dims(const TensorView& t) {
-  std::vector<Extent> dims;
+// The dimensions that move the address, by |stride|, largest first (no allocation: these run
+// for every tensor of every call).
+struct Extents {
+  Extent dims[kMaxDims];
+  std::size_t count = 0;
+  std::size_t size() const { return count; }
+  const Extent& operator[](std::size_t i) const { return dims[i]; }
+};
+
+Extents moving_dims(const TensorView& t) {
+  Extents e;
   for (int i = 0; i < t.ndim; ++i) {
-    if (t.shape[i] > 1) dims.push_back({std::llabs(t.strides[i]), t.shape[i]});
+    if (t.shape[i] > 1) e.dims[e.count++] = {std::llabs(t.strides[i]), t.shape[i]};
   }
-  std::sort(dims.begin(), dims.end(),
+  std::sort(e.dims, e.dims + e.count,
             [](const Extent& a, const Extent& b) { return a.stride > b.stride; });
-  return dims;
+  return e;
 }
 
 std::int64_t floor_div(std::int64_t a, std::int64_t b) {
@@ -33,7 +40,7 @@ std::int64_t floor_div(std::int64_t a, std::int64_t b) {
 // Whether `offset` (elements) is sum_k d_k * dims[k].stride with |d_k| < dims[k].size for k >=
 // first: the difference of two index tuples. With non-overlapping dims at most two digits fit
 // each level, so the search stays tiny.
-bool reachable(const std::vector<Extent>& dims, std::size_t first, std::int64_t offset) {
+bool reachable(const Extents& dims, std::size_t first, std::int64_t offset) {
   if (first == dims.size()) return offset == 0;
   std::int64_t rest = 0;
   for (std::size_t k = first + 1; k < dims.size(); ++k) rest += (dims[k].size - 1) * dims[k].stride;
@@ -61,11 +68,11 @@ std::pair<std::uintptr_t, std::uintptr_t> byte_range(const TensorView& t) {
 
 bool non_overlapping(const TensorView& t) {
   if (t.numel() <= 1) return true;
-  std::vector<Extent> dims = moving_dims(t);
+  const Extents dims = moving_dims(t);
   std::int64_t span = 0;  // the largest offset that the smaller dimensions reach
-  for (auto it = dims.rbegin(); it != dims.rend(); ++it) {
-    if (it->stride <= span) return false;
-    span += (it->size - 1) * it->stride;
+  for (std::size_t k = dims.size(); k-- > 0;) {
+    if (dims[k].stride <= span) return false;
+    span += (dims[k].size - 1) * dims[k].stride;
   }
   return true;
 }

@@ -63,6 +63,26 @@ template <class... Args>
   throw std::runtime_error(concat("tinyserve.", op, ": ", args...));
 }
 
+// "name[i]" in a fixed buffer: names of list items are made on every call and read only when a
+// check fails, so they are built without an allocation.
+struct IndexedName {
+  char text[48];
+  IndexedName(const char* list, std::size_t index) {
+    char digits[24];
+    int n = 0;
+    do {
+      digits[n++] = char('0' + index % 10);
+      index /= 10;
+    } while (index > 0);
+    std::size_t len = 0;
+    for (const char* c = list; *c && len < sizeof(text) - 24; ++c) text[len++] = *c;
+    text[len++] = '[';
+    while (n > 0) text[len++] = digits[--n];
+    text[len++] = ']';
+    text[len] = '\0';
+  }
+};
+
 std::string shape_str(const TensorView& t);
 std::string strides_str(const TensorView& t);
 
