@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <limits>
+#include <utility>
 
 #include "core/kernels.h"
 
@@ -28,8 +29,12 @@ Extents moving_dims(const TensorView& t) {
   for (int i = 0; i < t.ndim; ++i) {
     if (t.shape[i] > 1) e.dims[e.count++] = {std::llabs(t.strides[i]), t.shape[i]};
   }
-  std::sort(e.dims, e.dims + e.count,
-            [](const Extent& a, const Extent& b) { return a.stride > b.stride; });
+  // Insertion sort: at most kMaxDims entries.
+  for (std::size_t i = 1; i < e.count; ++i) {
+    for (std::size_t j = i; j > 0 && e.dims[j - 1].stride < e.dims[j].stride; --j) {
+      std::swap(e.dims[j - 1], e.dims[j]);
+    }
+  }
   return e;
 }
 
