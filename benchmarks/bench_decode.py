@@ -14,6 +14,21 @@ Cache writes (reshape_and_cache, 64k tokens) and block copies (copy_blocks, thou
 over 32 layers) against the device-to-device copy ceiling (bytes read + written).
 
     python benchmarks/bench_decode.py [--json results.json] [--iters 50]
+
+--grid: the issue-14 grid instead (GRID below: head_dim 64/128/256, group 1/4/8, page 1/16/32,
+NHD/HND, float16/bfloat16, equal and ragged lengths, batch 1-256, contexts 512 to 128k, each
+against the base case 32q/8kv, head_dim 128, page 16, float16, 64 x 4096, NHD, random page
+order). Per case, on the same data in the same run: tinyserve paged_attention and FlashInfer's
+BatchDecodeWithPagedKVCacheWrapper(use_tensor_cores=True) (planned once; its backend "auto"
+unless --flashinfer-backend), both as CUDA-graph replays (both eager if either refuses the
+capture; the row says which), median of --iters replays of 10 calls; % of the read ceiling
+measured first; ratio FlashInfer time / tinyserve time; the two outputs' relative difference.
+Without an importable flashinfer the grid runs tinyserve alone and says so. --kv-dtype fp8 adds
+FlashInfer on an e4m3 cache (per-tensor scales) for the head_dim 128 cases; tinyserve's FP8
+column stays n/a until it has an FP8 cache. --dry-run: the grid shrunk on the CPU, checking the
+script and the page description given to FlashInfer against float64.
+
+    python benchmarks/bench_decode.py --grid [--kv-dtype fp8] [--cases base HND] [--json g.json]
 """
 
 from __future__ import annotations
@@ -408,11 +423,14 @@ def grid_inputs(case: dict, rng: np.random.Generator, device: str) -> dict:
     }
 
 
-def flashinfer_decode(flashinfer, case: dict, data: dict, workspace, k_cache, v_cache, **scales):
+def flashinfer_decode(
+    flashinfer, case: dict, data: dict, workspace, backend: str, k_cache, v_cache, **scales
+):
     """A planned FlashInfer tensor-core decode over (k_cache, v_cache), as a no-argument call
-    writing into a preallocated output (plan once, outside any timing)."""
+    writing into a preallocated output (plan once, outside any timing), and the backend its
+    plan resolved to."""
     wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-        workspace, case["layout"], use_tensor_cores=True
+        workspace, case["layout"], use_tensor_cores=True, backend=backend
     )
     wrapper.plan(
         data["indptr"],
@@ -430,7 +448,7 @@ def flashinfer_decode(flashinfer, case: dict, data: dict, workspace, k_cache, v_
     def run():
         wrapper.run(data["query"], (k_cache, v_cache), out=out, **scales)
 
-    return run, out
+    return run, out, getattr(wrapper, "resolved_backend", backend)
 
 
 def to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -474,6 +492,7 @@ def grid_case(
     flashinfer,
     workspace,
     kv_dtype: str,
+    fi_backend: str = "auto",
 ) -> dict:
     data = grid_inputs(case, rng, device)
     q = data["query"]
@@ -498,11 +517,11 @@ def grid_case(
 
     fns = {"tinyserve": tinyserve_run}
     notes = []
-    fi_out = None
+    fi_out, resolved = None, None
     if flashinfer is not None:
         try:
-            fns["flashinfer"], fi_out = flashinfer_decode(
-                flashinfer, case, data, workspace, data["k_store"], data["v_store"]
+            fns["flashinfer"], fi_out, resolved = flashinfer_decode(
+                flashinfer, case, data, workspace, fi_backend, data["k_store"], data["v_store"]
             )
         except Exception as exc:  # noqa: BLE001 - a refused configuration is a result too
             notes.append(f"FlashInfer: {first_line(exc)}")
@@ -511,8 +530,16 @@ def grid_case(
         try:
             k8, k_scale = to_fp8(data["k_store"])
             v8, v_scale = to_fp8(data["v_store"])
-            fns["flashinfer fp8"], fp8 = flashinfer_decode(
-                flashinfer, case, data, workspace, k8, v8, k_scale=k_scale, v_scale=v_scale
+            fns["flashinfer fp8"], fp8, _ = flashinfer_decode(
+                flashinfer,
+                case,
+                data,
+                workspace,
+                fi_backend,
+                k8,
+                v8,
+                k_scale=k_scale,
+                v_scale=v_scale,
             )
         except Exception as exc:  # noqa: BLE001
             notes.append(f"FlashInfer fp8: {first_line(exc)}")
@@ -533,6 +560,7 @@ def grid_case(
         "timing": how,
         "tinyserve_ms": times["tinyserve"],
         "flashinfer_ms": times.get("flashinfer"),
+        "flashinfer_backend": resolved,
         "rel_diff_tinyserve_vs_flashinfer": None if fi_out is None else rel_diff(out, fi_out),
         "rel_diff_tinyserve_vs_float64_over_peer_layout": (
             rel_diff(out, reference_from_peer_layout(case, data)) if device != "cuda" else None
@@ -563,6 +591,7 @@ def run_grid(args, device: str) -> None:
         "host": platform.node(),
         "peer": peer,
         "kv_dtype": args.kv_dtype,
+        "flashinfer_backend_requested": args.flashinfer_backend,
     }
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
@@ -592,17 +621,26 @@ def run_grid(args, device: str) -> None:
             case["context"] = max(case["page"] + 3, case["context"] // 256)
             case["batch"] = min(case["batch"], 4)
         try:
-            r = grid_case(name, case, args.iters, rng, device, flashinfer, workspace, args.kv_dtype)
+            r = grid_case(
+                name,
+                case,
+                args.iters,
+                rng,
+                device,
+                flashinfer,
+                workspace,
+                args.kv_dtype,
+                args.flashinfer_backend,
+            )
         except Exception as exc:  # noqa: BLE001 - one broken case must not lose the others
             r = {"name": name, **case, "error": first_line(exc)}
         if device == "cuda":
             torch.cuda.empty_cache()
         rows.append(r)
         print(grid_row(r, read_bw), flush=True)
-    results = dict(header, grid=rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        if args.json:  # after every case, so a run stopped at its time limit keeps its rows
+            with open(args.json, "w") as f:
+                json.dump(dict(header, grid=rows), f, indent=2)
     print(
         "\n% = share of the read ceiling (K+V bytes of the real tokens / time); "
         "ratio = FlashInfer time / tinyserve time (> 1: tinyserve faster)"
@@ -634,7 +672,8 @@ def grid_row(r: dict, read_bw) -> str:
     diff = r["rel_diff_tinyserve_vs_flashinfer"]
     if diff is None:  # dry run: tinyserve against float64 over the peer's page description
         diff = r.get("rel_diff_tinyserve_vs_float64_over_peer_layout")
-    timing = r["timing"] + ("; " + "; ".join(r["notes"]) if r["notes"] else "")
+    backend = f"FI {r['flashinfer_backend']}; " if r.get("flashinfer_backend") else ""
+    timing = backend + r["timing"] + ("; " + "; ".join(r["notes"]) if r["notes"] else "")
     return (
         f"| {r['name']} | {size} | {ms(ts_ms)} | {pct(r['kv_bytes'], ts_ms)} | {ms(fi_ms)} | "
         f"{pct(r['kv_bytes'], fi_ms)} | {ratio} | {'n/a' if diff is None else f'{diff:.1e}'} | "
@@ -681,6 +720,11 @@ def main() -> None:
         choices=["auto", "fp8"],
         default="auto",
         help="grid: fp8 adds FlashInfer on an e4m3 KV cache (head_dim 128 cases; tinyserve n/a)",
+    )
+    parser.add_argument(
+        "--flashinfer-backend",
+        default="auto",
+        help="grid: FlashInfer decode backend (auto picks per plan; fa2 or fa3 fix it)",
     )
     parser.add_argument(
         "--cases", nargs="*", help="grid: only the cases whose name contains one of these"
