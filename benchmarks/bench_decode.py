@@ -334,6 +334,9 @@ GRID = (
 )
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+# FlashInfer kernel configurations whose JIT build failed once, with why: later cases with the
+# same configuration skip it instead of paying for another failed build.
+PEER_FAILURES: dict = {}
 FP8_MAX = 448.0  # largest finite float8 e4m3fn value
 
 
@@ -347,6 +350,15 @@ def load_flashinfer():
         return flashinfer, None
     except Exception as exc:  # noqa: BLE001 - any import failure means: measure without it
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+
+
+def is_build_failure(exc: BaseException) -> bool:
+    """Whether exc is FlashInfer's failed JIT build; if so its compiler output's end is printed
+    (the table keeps only the first line)."""
+    if "build failed" not in str(exc).lower():
+        return False
+    print(f"FlashInfer JIT build failed; the end of its output:\n{str(exc)[-3000:]}", flush=True)
+    return True
 
 
 def first_line(exc: BaseException) -> str:
@@ -518,15 +530,23 @@ def grid_case(
     fns = {"tinyserve": tinyserve_run}
     notes = []
     fi_out, resolved = None, None
-    if flashinfer is not None:
+    kernel = (case["dtype"], case["dim"])  # what FlashInfer compiles a module for
+    if flashinfer is not None and kernel in PEER_FAILURES:
+        notes.append(f"FlashInfer: {PEER_FAILURES[kernel]} (an earlier case)")
+    elif flashinfer is not None:
         try:
             fns["flashinfer"], fi_out, resolved = flashinfer_decode(
                 flashinfer, case, data, workspace, fi_backend, data["k_store"], data["v_store"]
             )
         except Exception as exc:  # noqa: BLE001 - a refused configuration is a result too
+            if is_build_failure(exc):  # a failed JIT build would only fail again
+                PEER_FAILURES[kernel] = first_line(exc)
             notes.append(f"FlashInfer: {first_line(exc)}")
     fp8 = None
-    if kv_dtype == "fp8" and flashinfer is not None and case["dim"] == 128:
+    fp8_kernel = kernel + ("fp8",)
+    if kv_dtype == "fp8" and fp8_kernel in PEER_FAILURES:
+        notes.append(f"FlashInfer fp8: {PEER_FAILURES[fp8_kernel]} (an earlier case)")
+    elif kv_dtype == "fp8" and flashinfer is not None and case["dim"] == 128:
         try:
             k8, k_scale = to_fp8(data["k_store"])
             v8, v_scale = to_fp8(data["v_store"])
@@ -542,6 +562,8 @@ def grid_case(
                 v_scale=v_scale,
             )
         except Exception as exc:  # noqa: BLE001
+            if is_build_failure(exc):
+                PEER_FAILURES[fp8_kernel] = first_line(exc)
             notes.append(f"FlashInfer fp8: {first_line(exc)}")
     times, how = timed_pair(fns, iters, device)
     for fn in fns.values():  # one more call each, outside any graph, for the comparisons
@@ -652,6 +674,14 @@ def run_grid(args, device: str) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(grid_row(r, read_bw))
+    if device != "cuda":  # the dry run is a check: a case that failed or disagrees fails it
+        bad = [
+            r["name"]
+            for r in rows
+            if "error" in r or not r["rel_diff_tinyserve_vs_float64_over_peer_layout"] < 2e-2
+        ]
+        if bad:
+            raise SystemExit(f"dry run: wrong or failed cases: {bad}")
 
 
 def grid_row(r: dict, read_bw) -> str:
