@@ -23,10 +23,10 @@ echo "build: $(( $(date +%s) - start )) s"
 $PY -c "import flashinfer; print('flashinfer', flashinfer.__version__)" 2>&1 | tail -1
 # Time limits keep the whole call inside the device tool's ten minutes; each script writes its
 # JSON after every case, so a stopped run keeps what it measured.
-timeout "${GRID_TIMEOUT:-300}" $PY -X faulthandler benchmarks/bench_decode.py --grid \
+timeout "${GRID_TIMEOUT:-270}" $PY -X faulthandler benchmarks/bench_decode.py --grid \
   --json "$RESULTS/grid.json" "$@" > "$RESULTS/grid.log" 2>&1
 echo "grid rc=$? ($(( $(date +%s) - start )) s since the build began)"
-timeout "${PREFILL_TIMEOUT:-170}" $PY -X faulthandler benchmarks/bench_prefill.py \
+timeout "${PREFILL_TIMEOUT:-150}" $PY -X faulthandler benchmarks/bench_prefill.py \
   --json "$RESULTS/prefill.json" > "$RESULTS/prefill.log" 2>&1
 echo "prefill rc=$? ($(( $(date +%s) - start )) s since the build began)"
 grep -A3 "JIT build failed" "$RESULTS/grid.log" "$RESULTS/prefill.log" | head -20
