@@ -474,6 +474,41 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def prebuild_concurrently(builds: dict) -> None:
+    """Run FlashInfer's JIT builds (name -> no-argument call that plans a tiny problem, which
+    compiles that configuration's module) side by side, so their nvcc jobs share the machine's
+    cores instead of one module at a time; MAX_JOBS (ninja's parallelism, per module) splits the
+    cores between them unless the caller set it. A build that fails here fails again, with its
+    report, in the first case that needs it."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not builds:
+        return
+    cores = os.cpu_count() or 8
+    os.environ.setdefault("MAX_JOBS", str(max(2, cores // len(builds))))
+    start = time.perf_counter()
+
+    def build(item):
+        name, fn = item
+        t0 = time.perf_counter()
+        try:
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            return f"{name} {time.perf_counter() - t0:.0f} s"
+        except Exception as exc:  # noqa: BLE001 - reported by the case that needs it
+            return f"{name} failed ({first_line(exc)[:60]})"
+
+    with ThreadPoolExecutor(len(builds)) as pool:
+        done = list(pool.map(build, builds.items()))
+    print(
+        f"FlashInfer JIT, {len(builds)} configurations side by side (MAX_JOBS="
+        f"{os.environ['MAX_JOBS']}): {time.perf_counter() - start:.0f} s; " + ", ".join(done),
+        flush=True,
+    )
+
+
 def reference_from_peer_layout(case: dict, data: dict) -> torch.Tensor:
     """float64 decode attention computed from the page description handed to FlashInfer
     (indptr, indices, last_page_len over the storage tensors in the case's layout): the dry run
@@ -636,6 +671,27 @@ def run_grid(args, device: str) -> None:
         torch.empty(256 << 20, dtype=torch.uint8, device=device) if flashinfer is not None else None
     )
     selected = [(n, c) for n, c in GRID if not args.cases or any(s in n for s in args.cases)]
+    if flashinfer is not None:  # one tiny plan per kernel configuration, built side by side
+        builds = {}
+        for _, changes in selected:
+            tiny = dict(GRID_BASE, **changes, batch=1, context=64, ragged=False)
+            kernel = f"{tiny['dtype']} head_dim {tiny['dim']}"
+
+            def warm(tiny=tiny, fp8=False):
+                data = grid_inputs(tiny, np.random.default_rng(0), device)
+                k, v, scales = data["k_store"], data["v_store"], {}
+                if fp8:
+                    (k, ks), (v, vs) = to_fp8(k), to_fp8(v)
+                    scales = {"k_scale": ks, "v_scale": vs}
+                run, _, _ = flashinfer_decode(
+                    flashinfer, tiny, data, workspace, args.flashinfer_backend, k, v, **scales
+                )
+                run()
+
+            builds.setdefault(kernel, warm)
+            if args.kv_dtype == "fp8" and tiny["dim"] == 128:
+                builds.setdefault(kernel + " fp8 KV", lambda tiny=tiny: warm(tiny, fp8=True))
+        prebuild_concurrently(builds)
     rows = []
     for name, changes in selected:
         case = dict(GRID_BASE, **changes)

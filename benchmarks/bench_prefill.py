@@ -38,6 +38,7 @@ from bench_decode import (
     first_line,
     is_build_failure,
     load_flashinfer,
+    prebuild_concurrently,
     rel_diff,
     timed_pair,
 )
@@ -319,6 +320,14 @@ def main() -> None:
     workspace = (
         torch.empty(512 << 20, dtype=torch.uint8, device=device) if flashinfer is not None else None
     )
+    if flashinfer is not None:  # both backends' modules built side by side, on a tiny case
+        tiny = prefill_inputs([(16, 16)], np.random.default_rng(0), device)
+        prebuild_concurrently(
+            {
+                f"{b}": lambda b=b: flashinfer_prefill(flashinfer, tiny, workspace, b)[0]()
+                for b in ("fa2", "fa3")
+            }
+        )
     rows = []
     for name, seqs in CASES:
         if device != "cuda":  # dry run: the same structure, a few rows over short prefixes
