@@ -13,11 +13,12 @@
 // ceil(n / P)), so every row has a tile; the few virtual tiles past a sequence's rows exit at
 // once. A CTA finds its sequence by a 32-way search over first_tile, which is non-decreasing.
 //
-// Values read from the device are never trusted: offsets are clamped to [0, num_query_rows] and
+// Values read from the device are never trusted: offsets are clamped to [0, num_query_rows] (the
+// first sequence starting at row 0 and the last ending at the last row, as valid offsets do) and
 // lengths to the table's capacity, so no row outside the query/output and no page outside the
 // table is touched whatever query_start_loc holds (the core checks the values where it can read
-// them). A row whose position would be negative (more rows than keys) sees no key: output 0,
-// log-sum-exp -inf.
+// them), and every row is written. A row whose position would be negative (more rows than keys)
+// sees no key: output 0, log-sum-exp -inf.
 
 #include <cstdint>
 
@@ -46,15 +47,16 @@ struct PrefillUnit {
   int tile_end;
 };
 
-// The largest b in [0, batch) whose first virtual tile is at most t (b = 0 when none is: the
-// caller then finds t before the sequence's first tile). Every lane of the warp returns the
-// same value.
+// Sequence b's first query row, as the kernels trust it.
+__device__ __forceinline__ int sequence_start(const PrefillArgs& p, int b) {
+  return b == 0 ? 0 : min(max(p.query_start_loc[b], 0), p.num_query_rows);
+}
+
+// The largest b in [0, batch) whose first virtual tile is at most t. Every lane of the warp
+// returns the same value.
 __device__ __forceinline__ int find_sequence(const PrefillArgs& p, int t) {
   const int lane = threadIdx.x % 32;
-  auto first_tile = [&](int b) {
-    const int start = min(max(p.query_start_loc[b], 0), p.num_query_rows);
-    return start / p.positions + b;
-  };
+  auto first_tile = [&](int b) { return sequence_start(p, b) / p.positions + b; };
   int lo = 0, hi = p.batch;  // the answer is in [lo, hi)
   while (hi - lo > 1) {
     const int step = (hi - lo + 31) / 32;
@@ -72,8 +74,9 @@ __device__ __forceinline__ bool prefill_unit(const PrefillArgs& p, int key_tile,
   // Later tiles of a sequence read more keys: start them first.
   const int t = int(gridDim.x - 1 - blockIdx.x);
   const int b = find_sequence(p, t);
-  const int start = min(max(p.query_start_loc[b], 0), p.num_query_rows);
-  const int end = min(max(p.query_start_loc[b + 1], start), p.num_query_rows);
+  const int start = sequence_start(p, b);
+  const int end = b == p.batch - 1 ? p.num_query_rows
+                                   : min(max(p.query_start_loc[b + 1], start), p.num_query_rows);
   const int n = end - start;
   const int j = t - (start / p.positions + b);
   if (j < 0 || j * p.positions >= n) return false;
