@@ -451,3 +451,18 @@ def test_compact_and_shrink_returns_device_memory_to_the_driver():
     torch.cuda.synchronize()
     assert torch.cuda.mem_get_info()[0] <= free_after - result["freed_bytes"] + granule
     bm.check()
+
+
+def test_readme_compact_and_shrink_example_runs():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Reclaiming memory", 1)[1]
+    block = section.split("```python\n", 2)[2].split("```", 1)[0]
+    assert "compact_and_shrink" in block
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    bm, pool = scope["bm"], scope["pool"]
+    bm.check()
+    pool.check()
+    assert bm.num_blocks == pool.num_blocks == 64 and bm.num_free_blocks == 50
