@@ -466,3 +466,25 @@ def test_readme_compact_and_shrink_example_runs():
     bm.check()
     pool.check()
     assert bm.num_blocks == pool.num_blocks == 64 and bm.num_free_blocks == 50
+
+
+def test_compact_and_shrink_aborts_the_plan_when_the_copies_fail(monkeypatch):
+    pool = small_pool(16)
+    bm = BlockManager(16, 4)
+    comp = Compactor(bm)
+    for s in range(3):
+        _new(bm, s)
+        bm.append(s, 8)
+    bm.free(0)
+    state = (bm.stats(), [bm.block_ids(s).tolist() for s in (1, 2)], pool.mapped_bytes)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("copy failed")
+
+    monkeypatch.setattr(tinyserve._compactor, "execute_plan", broken)
+    with pytest.raises(RuntimeError, match="copy failed"):
+        tinyserve.compact_and_shrink(bm, comp, pool)
+    assert not comp.has_pending_plan
+    assert (bm.stats(), [bm.block_ids(s).tolist() for s in (1, 2)], pool.mapped_bytes) == state
+    assert bm.num_blocks == pool.num_blocks == 16
+    bm.check()
