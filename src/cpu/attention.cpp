@@ -224,11 +224,7 @@ void attend(const PagedAttentionParams& p, const Task& task, std::int64_t begin,
         continue;
       }
       const float correction = std::exp(m[v] - m_new);  // exp(-inf) = 0 on the first tile
-      float sum = 0.0f;
-      for (int t = 0; t < n; ++t) {
-        s[t] = std::exp(s[t] - m_new);
-        sum += s[t];
-      }
+      const float sum = simd::exp_shifted_sum(s, n, m_new);
       l[v] = l[v] * correction + sum;
       m[v] = m_new;
       if (correction != 1.0f) simd::scale(acc + std::size_t(v) * D, correction, D);

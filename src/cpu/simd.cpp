@@ -1,5 +1,6 @@
 #include "cpu/simd.h"
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -169,7 +170,56 @@ TS_INLINE void axpy_heads(float* acc, int n, const float* w, int stride, const f
   }
 }
 
+// exp(x) for x <= 0 as 2^k * exp(r), k = round(x / ln 2), |r| <= ln(2) / 2, with a degree-6
+// polynomial for exp(r) (the minimax coefficients of the Cephes library's expf). Below -87 the
+// result is 0 (float32 would be subnormal there; -inf lands here too).
+TS_INLINE f32x8 exp_nonpositive8(const f32x8& x) {
+  typedef std::int32_t i32x8 __attribute__((vector_size(32)));
+  const f32x8 clamped = x < -87.0f ? f32x8{} - 87.0f : x;  // keeps k >= -126 (normal 2^k)
+  // Round to nearest through the float mantissa: adding 1.5 * 2^23 leaves the integer part.
+  const f32x8 shifter = f32x8{} + 12582912.0f;
+  const f32x8 k = (clamped * 1.44269504088896341f + shifter) - shifter;
+  const f32x8 r = (clamped - k * 0.693359375f) - k * -2.12194440e-4f;
+  f32x8 p = f32x8{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const i32x8 bits = (__builtin_convertvector(k, i32x8) + 127) << 23;
+  f32x8 scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  const f32x8 y = p * scale;
+  const i32x8 keep = x >= -87.0f;  // all ones where kept
+  i32x8 out;
+  std::memcpy(&out, &y, sizeof out);
+  out &= keep;
+  f32x8 result;
+  std::memcpy(&result, &out, sizeof result);
+  return result;
+}
+
 }  // namespace
+
+TS_MULTIVERSION float exp_shifted_sum(float* s, int n, float m) {
+  f32x8 sum{};
+  int t = 0;
+  for (; t + 8 <= n; t += 8) {
+    const f32x8 e = exp_nonpositive8(load8(s + t) - m);
+    store8(s + t, e);
+    sum += e;
+  }
+  if (t < n) {
+    float rest[8];
+    for (int i = 0; i < 8; ++i) rest[i] = t + i < n ? s[t + i] - m : -INFINITY;
+    const f32x8 e = exp_nonpositive8(load8(rest));
+    store8(rest, e);
+    for (int i = 0; t + i < n; ++i) s[t + i] = rest[i];
+    sum += e;
+  }
+  return sum8(sum);
+}
 
 // Query heads in blocks of four (eight accumulator registers), then the remainder.
 TS_MULTIVERSION void dot_token(const float* q, int kv_heads, int group, const float* k,

@@ -15,7 +15,11 @@ void to_float(const half_t* src, float* dst, int n);
 void to_float(const bfloat16_t* src, float* dst, int n);
 
 void axpy(float* y, float a, const float* x, int n);  // y += a * x
-void scale(float* y, float a, int n);                 // y *= a
+
+// The softmax weights of one tile of scores: s[t] = exp(s[t] - m) for t < n, where m >= every
+// s[t] (a score of -inf gives 0); returns their sum. Within 2 ulp of std::exp.
+float exp_shifted_sum(float* s, int n, float m);
+void scale(float* y, float a, int n);  // y *= a
 
 // The two halves of decode attention, for the `group` query heads that share each KV head (q and
 // acc: one row of n per query head, contiguous, grouped by KV head). Each key or value chunk is
