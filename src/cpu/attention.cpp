@@ -159,6 +159,7 @@ void attend(const PagedAttentionParams& p, const Task& task, std::int64_t begin,
   float* scores = sc.scores.data();
   const T* krow0[kMaxTile];
   const T* vrow0[kMaxTile];
+  const float* krows[kMaxTile];
   const float* vrows[kMaxTile];
   for (int kvh = 0; kvh < kv_heads; ++kvh) {
     for (int r = 0; r < rows; ++r) {
@@ -182,7 +183,13 @@ void attend(const PagedAttentionParams& p, const Task& task, std::int64_t begin,
       krow0[t] = row<T>(p.key_cache, p, table, t0 + t, 0);
       vrow0[t] = row<T>(p.value_cache, p, table, t0 + t, 0);
     }
-    if (head_major) {
+    if (rows > 1) {
+      for (int kvh = 0; kvh < kv_heads; ++kvh) {
+        const std::size_t first = std::size_t(kvh) * vgroup;
+        for (int t = 0; t < n; ++t) krows[t] = as_float(krow0[t] + kvh * k_head, D, sc.buf, t);
+        simd::dot_tile(&q[first * D], vgroup, krows, n, D, &scores[first * kMaxTile], kMaxTile);
+      }
+    } else if (head_major) {
       for (int kvh = 0; kvh < kv_heads; ++kvh) {
         const std::size_t first = std::size_t(kvh) * vgroup;
         for (int t = 0; t < n; ++t) {

@@ -170,6 +170,63 @@ TS_INLINE void axpy_heads(float* acc, int n, const float* w, int stride, const f
   }
 }
 
+// The sums of eight vectors, as one vector (lane i = sum of a[i]): three rounds of pairwise
+// shuffles and adds instead of eight separate horizontal sums.
+TS_INLINE f32x8 sum8x8(const f32x8* a) {
+  f32x8 b[4], c[2];
+  for (int i = 0; i < 4; ++i) {
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+  }
+  for (int i = 0; i < 2; ++i) {
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  return __builtin_shufflevector(c[0], c[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(c[0], c[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+// Scores of G queries against T key rows, one accumulator per pair: each chunk of a key row is
+// loaded once for G queries and each chunk of a query once for T keys.
+template <int G, int T>
+TS_INLINE void dot_block(const float* q, int n, const float* const* rows, float* scores,
+                         int stride) {
+  f32x8 acc[G * T];
+  for (int i = 0; i < G * T; ++i) acc[i] = f32x8{};
+  int d = 0;
+  for (; d + 8 <= n; d += 8) {
+    f32x8 k[T];
+    for (int t = 0; t < T; ++t) k[t] = load8(rows[t] + d);
+    for (int g = 0; g < G; ++g) {
+      const f32x8 qv = load8(q + g * n + d);
+      for (int t = 0; t < T; ++t) acc[g * T + t] += qv * k[t];
+    }
+  }
+  if constexpr (G * T == 8) {
+    const f32x8 sums = sum8x8(acc);
+    for (int g = 0; g < G; ++g) {
+      for (int t = 0; t < T; ++t) scores[g * stride + t] = sums[g * T + t];
+    }
+  } else {
+    for (int g = 0; g < G; ++g) {
+      for (int t = 0; t < T; ++t) scores[g * stride + t] = sum8(acc[g * T + t]);
+    }
+  }
+  for (; d < n; ++d) {
+    for (int g = 0; g < G; ++g) {
+      for (int t = 0; t < T; ++t) scores[g * stride + t] += q[g * n + d] * rows[t][d];
+    }
+  }
+}
+
+template <int G>
+TS_INLINE void dot_block_row(const float* q, int n, const float* const* rows, int tokens,
+                             float* scores, int stride) {
+  int t = 0;
+  for (; t + 2 <= tokens; t += 2) dot_block<G, 2>(q, n, rows + t, scores + t, stride);
+  if (t < tokens) dot_block<G, 1>(q, n, rows + t, scores + t, stride);
+}
+
 // exp(x) for x <= 0 as 2^k * exp(r), k = round(x / ln 2), |r| <= ln(2) / 2, with a degree-6
 // polynomial for exp(r) (the minimax coefficients of the Cephes library's expf). Below -87 the
 // result is 0 (float32 would be subnormal there; -inf lands here too).
@@ -235,6 +292,19 @@ TS_MULTIVERSION void dot_token(const float* q, int kv_heads, int group, const fl
     if (rest == 2) dot_heads<2>(qh + g * n, n, kh, s + g * stride, stride);
     if (rest == 1) dot_heads<1>(qh + g * n, n, kh, s + g * stride, stride);
   }
+}
+
+TS_MULTIVERSION void dot_tile(const float* q, int count, const float* const* rows, int tokens,
+                              int n, float* scores, int stride) {
+  int g = 0;
+  for (; g + 4 <= count; g += 4) {
+    dot_block_row<4>(q + std::int64_t(g) * n, n, rows, tokens, scores + g * stride, stride);
+  }
+  const int rest = count - g;
+  const float* qg = q + std::int64_t(g) * n;
+  if (rest == 3) dot_block_row<3>(qg, n, rows, tokens, scores + g * stride, stride);
+  if (rest == 2) dot_block_row<2>(qg, n, rows, tokens, scores + g * stride, stride);
+  if (rest == 1) dot_block_row<1>(qg, n, rows, tokens, scores + g * stride, stride);
 }
 
 TS_MULTIVERSION void axpy_rows(float* acc, int group, const float* weights, int stride,

@@ -32,5 +32,10 @@ void dot_token(const float* q, int kv_heads, int group, const float* k, std::int
                int n, float* scores, int stride);
 void axpy_rows(float* acc, int group, const float* weights, int stride, const float* const* rows,
                int tokens, int n);
+// The scores of `count` query rows (q, one row of n each, contiguous) against a tile of `tokens`
+// key rows: scores[g * stride + t] = q[g] . rows[t]. Blocks of four queries by two keys share
+// every load, so a tile of prefill rows costs fewer loads per product than dot_token per key.
+void dot_tile(const float* q, int count, const float* const* rows, int tokens, int n, float* scores,
+              int stride);
 
 }  // namespace tinyserve::cpu::simd

@@ -23,9 +23,9 @@ from arrays import (
     torch,
 )
 
-# (head_dim, group size, block size): MHA, GQA, an odd head dim with an odd group and page,
-# MQA-like groups of 8 with pages of one token.
-SHAPES = [(64, 1, 16), (128, 4, 16), (80, 5, 7), (64, 8, 1)]
+# (head_dim, group size, block size): MHA, GQA, an odd group and page, MQA-like groups of 8 with
+# pages of one token, a head dim that is no multiple of 8 (the vector loops' scalar tails).
+SHAPES = [(64, 1, 16), (128, 4, 16), (80, 5, 7), (64, 8, 1), (36, 3, 5)]
 
 
 def mixed_batch(rng, num_seqs: int = 6, max_len: int = 120):
