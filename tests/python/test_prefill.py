@@ -440,3 +440,36 @@ def test_cuda_raises_not_implemented(rng):
         )
     torch.cuda.synchronize()
     assert torch.isnan(out).all()
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_strided_query_and_output(rng, backend):
+    """query rows as a view into a fused QKV buffer, out as a view with a gap around it."""
+    fw, device = backend
+    case = make_case(rng, [40, 77, 5], [40, 9, 1], 2, 4, 64, 16)
+    rows = case.query.shape[0]
+    qkv = asarray(rng.standard_normal((rows, 12, 64)).astype(np.float32), fw, "float32", device)
+    q = qkv[:, 2:10]
+    q[...] = asarray(case.query, fw, "float32", device)
+    big_out = empty((rows, 10, 64), fw, "float32", device)
+    out = big_out[:, 1:9]
+    kc, vc = cache_pair(case.key_cache, case.value_cache, fw, "float32", device, "NHD")
+    ts.paged_attention(
+        q,
+        kc,
+        vc,
+        asarray(case.block_table, fw),
+        asarray(case.seq_lens, fw),
+        out,
+        query_start_loc=asarray(case.query_start_loc, fw),
+    )
+    ref_out, _ = R.paged_prefill(
+        case.query,
+        case.key_cache,
+        case.value_cache,
+        case.block_table,
+        case.seq_lens,
+        case.query_start_loc,
+    )
+    assert R.rel_error(f64(out), ref_out) < TOLERANCE["float32"]
+    assert np.isnan(f64(big_out)[:, [0, 9]]).all()
