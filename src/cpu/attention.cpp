@@ -74,7 +74,7 @@ std::vector<Task> make_tasks(const PagedAttentionParams& p) {
     tasks.push_back(t);
   };
   for (int b = 0; b < p.batch; ++b) {
-    const std::int64_t len = std::max(0, p.seq_lens[b]);
+    const std::int64_t len = std::max(0, p.seq_lens[b * p.seq_lens_stride_batch]);
     if (p.query_start_loc == nullptr) {
       add(b, b, 1, len - 1);
       continue;
@@ -143,7 +143,7 @@ void attend(const PagedAttentionParams& p, const Task& task, std::int64_t begin,
   const std::int64_t k_head = p.key_cache.stride_head, v_head = p.value_cache.stride_head;
   const bool head_major = rows > 1 || k_head > p.key_cache.stride_token;
   const int tile = head_major ? kTileHeadMajor : kTileTokenMajor;
-  const std::int32_t* table = p.block_table + std::int64_t(task.seq) * p.block_table_stride;
+  const std::int32_t* table = p.block_table + std::int64_t(task.seq) * p.block_table_stride_batch;
   sc.q.resize(std::size_t(V) * D);
   sc.acc.assign(std::size_t(V) * D, 0.0f);
   sc.m.assign(V, kNegInf);
@@ -388,7 +388,7 @@ int plan_attention_splits(std::int64_t num_query_rows, bool prefill, int num_kv_
 }
 
 void paged_attention(const PagedAttentionParams& p) {
-  switch (p.dtype) {
+  switch (p.kv_dtype) {
     case DType::Float32:
       return run<float>(p);
     case DType::Float16:

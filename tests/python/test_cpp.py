@@ -99,3 +99,47 @@ def test_readme_cpp_example_builds_and_runs(tmp_path):
     expected = logits.max() + np.log(np.exp(logits - logits.max()).sum())
     for value in lse.groups():
         assert abs(float(value) - expected) < 1e-3, (value, expected)
+
+
+@needs_cmake
+def test_cpp_internals_build_and_pass(tmp_path):
+    """The in-tree C++ tests of internals (test_internals: the prefix hash against known digests),
+    built from the top-level project against its tinyserve_internal object library. The CPU
+    backend only: test_cuda_kernels runs on CUDA machines (benchmarks/gpu_check.sh)."""
+    build = tmp_path / "build"
+    jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", "2")
+    env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=jobs)
+    root = CPP_TESTS.parents[1]
+    configure = subprocess.run(
+        [
+            "cmake",
+            "-S",
+            str(root),
+            "-B",
+            str(build),
+            "-DCMAKE_BUILD_TYPE=Release",
+            "-DTINYSERVE_CUDA=OFF",
+            "-DTINYSERVE_BUILD_PYTHON=OFF",
+            "-DTINYSERVE_BUILD_TESTS=ON",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert configure.returncode == 0, configure.stdout + configure.stderr
+    compile_ = subprocess.run(
+        ["cmake", "--build", str(build), "--target", "test_internals"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert compile_.returncode == 0, compile_.stdout + compile_.stderr
+    run = subprocess.run(
+        ["ctest", "--test-dir", str(build), "-R", "^test_internals$", "--output-on-failure"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    print(run.stdout)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "100% tests passed, 0 tests failed out of 1" in run.stdout
