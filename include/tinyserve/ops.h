@@ -69,8 +69,10 @@ struct AttentionPlan {
 // already written). The row at position p attends causally to keys 0..p (window_left = w: keys
 // p - w .. p). query_start_loc[0] = 0, non-decreasing, last entry = total_rows, and
 // n_b <= seq_lens[b]; a sequence may have no rows, and a decode step is a sequence with one. lse
-// is [total_rows, num_q_heads]. The CPU backend checks all of this before writing; the CUDA
-// backend has no prefill kernel yet and raises std::runtime_error.
+// is [total_rows, num_q_heads]. The CPU backend checks the offsets before writing. On CUDA they
+// stay on the device and are not checked: bad offsets give wrong rows (zeros for a row that finds
+// no key) but never a read outside the cache or a write outside out; CUDA prefill does not split
+// (num_splits is ignored).
 TINYSERVE_API void paged_attention(const TensorView& query, const TensorView& key_cache,
                                    const TensorView& value_cache, const TensorView& block_table,
                                    const TensorView& seq_lens, const TensorView& out,

@@ -124,10 +124,11 @@ def paged_attention(
     ``query_start_loc[i]:query_start_loc[i + 1]`` are its last ``n_i`` tokens, at positions
     ``seq_lens[i] - n_i .. seq_lens[i] - 1``, attended causally: the row at position ``p`` sees
     keys ``0..p`` (``p - window_left .. p`` with a window). A batch may mix decode sequences (one
-    row) and prefill sequences, and a sequence may have no rows. Rejected with ``ValueError``,
-    nothing written: a first entry other than 0, a decreasing entry, a last entry other than
-    ``total_rows``, more rows than ``seq_lens[i]``. CPU only for now: CUDA tensors raise
-    ``RuntimeError``.
+    row) and prefill sequences, and a sequence may have no rows. On the CPU, rejected with
+    ``ValueError``, nothing written: a first entry other than 0, a decreasing entry, a last entry
+    other than ``total_rows``, more rows than ``seq_lens[i]``. On CUDA the offsets stay on the
+    device and are not checked (bad ones give wrong rows, never an access outside the cache or
+    ``out``), and prefill does not split (``num_splits`` is ignored).
 
     Returns ``out`` (allocated like ``query`` when omitted), or ``(out, lse)`` with
     ``return_lse=True``; ``lse`` is the float32 natural-log sum of exp(logits) per query row and

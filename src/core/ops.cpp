@@ -126,11 +126,6 @@ AttentionShapes check_attention_plan_args(const OpCheck& c, const TensorView& qu
       c.same_device({{query, "query"}, {key_cache, "key_cache"}, {block_table, "block_table"}});
   if (prefill) c.same_device({{query, "query"}, {*o.query_start_loc, "query_start_loc"}});
   Backend backend = c.backend(device);
-  if (prefill && backend == Backend::CUDA) {
-    detail::fail_runtime(c.op(),
-                         "query_start_loc (prefill) is not implemented on CUDA yet; the CPU "
-                         "backend runs it");
-  }
   return {int(block_table.shape[0]),
           int(query.shape[1]),
           int(key_cache.shape[2]),
@@ -146,7 +141,9 @@ AttentionShapes check_attention_plan_args(const OpCheck& c, const TensorView& qu
 AttentionPlan make_plan(const AttentionShapes& s, DType dtype, const AttentionOptions& o) {
   AttentionPlan plan;
   std::int64_t kv_len = max_kv_len(o, std::int64_t(s.max_blocks) * s.block_size);
-  if (o.num_splits > 0) {
+  if (s.prefill && s.backend == Backend::CUDA) {
+    plan.num_splits = 1;  // the CUDA prefill kernel does not split
+  } else if (o.num_splits > 0) {
     plan.num_splits = o.num_splits;
   } else if (s.backend == Backend::CPU) {
     plan.num_splits =

@@ -90,11 +90,11 @@ def check(out, lse, ref_out, ref_lse, dtype):
     np.testing.assert_allclose(lse, ref_lse, rtol=1e-4, atol=1e-3)
 
 
-# The host backends; CUDA has no prefill kernel yet (test_cuda_raises_not_implemented).
+# NumPy and torch on the CPU (the tests that build host arrays only).
 HOST_BACKENDS = backends()[:2]
 
 
-@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", CACHE_LAYOUTS)
 @pytest.mark.parametrize("head_dim,group,block_size", SHAPES)
@@ -106,7 +106,7 @@ def test_mixed_batch_matches_reference(rng, backend, dtype, layout, head_dim, gr
     check(*run_case(case, fw, device, dtype, layout), dtype)
 
 
-@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "options",
@@ -193,7 +193,7 @@ def test_causal_and_window_boundaries(rng):
             assert np.all(np.any(moved[~unseen] != base[~unseen], axis=(1, 2)))
 
 
-@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("window_left", [-1, 50])
 def test_chunked_prefill_equals_one_pass(rng, backend, window_left):
     """A prompt written and attended chunk by chunk through the BlockManager (slots,
@@ -224,32 +224,40 @@ def test_chunked_prefill_equals_one_pass(rng, backend, window_left):
         part = slice(done, done + int(n))
         slots = manager.append(7, int(n))
         manager.check()
-        ts.reshape_and_cache(asarray(k[part], fw), asarray(v[part], fw), kc, vc, asarray(slots, fw))
-        table, lens = manager.block_table([7])
-        out, lse = ts.paged_attention(
-            asarray(q[part], fw),
+        ts.reshape_and_cache(
+            asarray(k[part], fw, device=device),
+            asarray(v[part], fw, device=device),
             kc,
             vc,
-            asarray(table, fw),
-            asarray(lens, fw),
-            query_start_loc=asarray(np.array([0, n], np.int32), fw),
+            asarray(slots, fw, device=device),
+        )
+        table, lens = manager.block_table([7])
+        out, lse = ts.paged_attention(
+            asarray(q[part], fw, device=device),
+            kc,
+            vc,
+            asarray(table, fw, device=device),
+            asarray(lens, fw, device=device),
+            query_start_loc=asarray(np.array([0, n], np.int32), fw, device=device),
             window_left=window_left,
             return_lse=True,
         )
+        sync(fw, device)
         outs.append(f64(out))
         lses.append(f64(lse))
         done += int(n)
     table, lens = manager.block_table([7])
     one_out, one_lse = ts.paged_attention(
-        asarray(q, fw),
+        asarray(q, fw, device=device),
         kc,
         vc,
-        asarray(table, fw),
-        asarray(lens, fw),
-        query_start_loc=asarray(np.array([0, length], np.int32), fw),
+        asarray(table, fw, device=device),
+        asarray(lens, fw, device=device),
+        query_start_loc=asarray(np.array([0, length], np.int32), fw, device=device),
         window_left=window_left,
         return_lse=True,
     )
+    sync(fw, device)
     chunked_out, chunked_lse = np.concatenate(outs), np.concatenate(lses)
     assert R.rel_error(chunked_out, f64(one_out)) < 1e-6
     np.testing.assert_allclose(chunked_lse, f64(one_lse), rtol=1e-6, atol=1e-6)
@@ -421,25 +429,77 @@ def test_bad_input_is_rejected_and_nothing_written(rng, name, change, message):
 
 
 @pytest.mark.cuda
-def test_cuda_raises_not_implemented(rng):
-    """Until the CUDA prefill kernel exists, CUDA tensors with query_start_loc raise a clear
-    RuntimeError and write nothing."""
-    case = make_case(rng, [20, 9], [5, 1], 2, 2, 64, 16)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128, 256, 96, 512])
+def test_cuda_matches_cpu_backend(rng, dtype, head_dim):
+    """The CUDA prefill kernel against the CPU backend and the reference, head dims of the
+    tensor-core decode kernels and others, a split count asked for (CUDA prefill ignores it)."""
+    lens, rows = mixed_batch(rng, num_seqs=7, max_len=300)
+    case = make_case(rng, lens, rows, 2, 4, head_dim, 16)
+    out, lse, ref_out, ref_lse = run_case(case, "torch", "cuda", dtype, "HND", num_splits=4)
+    check(out, lse, ref_out, ref_lse, dtype)
+    cpu_out, cpu_lse, _, _ = run_case(case, "torch", "cpu", dtype, "HND")
+    assert R.rel_error(out, cpu_out) < TOLERANCE[dtype]
+    np.testing.assert_allclose(lse, cpu_lse, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.cuda
+def test_cuda_prefill_in_a_graph(rng):
+    """A captured prefill call replays with new offsets, lengths and queries: the device values
+    are read on the device, never baked into the graph."""
+    case = make_case(rng, [100] * 5, [10, 30, 0, 1, 20], 2, 4, 64, 16)
     kc, vc = cache_pair(case.key_cache, case.value_cache, "torch", "float16", "cuda", "NHD")
     q = asarray(case.query, "torch", "float16", "cuda")
+    table = asarray(case.block_table, "torch", device="cuda")
+    seq_lens = asarray(case.seq_lens, "torch", device="cuda")
+    starts = asarray(case.query_start_loc, "torch", device="cuda")
     out = empty(tuple(q.shape), "torch", "float16", "cuda")
-    with pytest.raises(RuntimeError, match=r"query_start_loc \(prefill\) is not implemented on"):
+    lse = empty(tuple(q.shape[:2]), "torch", "float32", "cuda")
+
+    def call():
+        ts.paged_attention(q, kc, vc, table, seq_lens, out, lse=lse, query_start_loc=starts)
+
+    call()  # warm-up outside the capture (kernel attributes)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    # The same 61 rows split another way over shorter sequences (all within written tokens).
+    new_lens = np.array([80, 60, 100, 90, 70], np.int32)
+    new_starts = np.concatenate([[0], np.cumsum([20, 1, 30, 10, 0])]).astype(np.int32)
+    starts.copy_(torch.from_numpy(new_starts))
+    seq_lens.copy_(torch.from_numpy(new_lens))
+    q.copy_(torch.from_numpy(rng.standard_normal(case.query.shape).astype(np.float32)))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_out, ref_lse = R.paged_prefill(
+        f64(q), f64(kc), f64(vc), case.block_table, new_lens, new_starts
+    )
+    check(f64(out), f64(lse), ref_out, ref_lse, "float16")
+
+
+@pytest.mark.cuda
+def test_cuda_bad_offsets_stay_in_bounds(rng):
+    """Offsets on the device cannot be checked without a synchronisation: unsorted offsets and
+    rows beyond a sequence's length give wrong rows (zeros where a row finds no key) but never
+    read outside the cache or write outside out."""
+    case = make_case(rng, [20, 9, 30], [5, 1, 30], 2, 2, 64, 16)
+    kc, vc = cache_pair(case.key_cache, case.value_cache, "torch", "float32", "cuda", "NHD")
+    big_out = empty((38, 4, 64), "torch", "float32", "cuda")
+    out = big_out[1:37]
+    for bad in ([0, 7, 6, 36], [0, 5, 30, 36], [3, 5, 6, 36], [0, 0, 0, 36]):
         ts.paged_attention(
-            q,
+            asarray(case.query, "torch", "float32", "cuda"),
             kc,
             vc,
             asarray(case.block_table, "torch", device="cuda"),
             asarray(case.seq_lens, "torch", device="cuda"),
             out,
-            query_start_loc=asarray(case.query_start_loc, "torch", device="cuda"),
+            query_start_loc=asarray(np.array(bad, np.int32), "torch", device="cuda"),
         )
-    torch.cuda.synchronize()
-    assert torch.isnan(out).all()
+        torch.cuda.synchronize()
+        assert not torch.isnan(out).any()
+        assert torch.isnan(big_out[[0, 37]]).all()
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
