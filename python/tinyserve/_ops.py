@@ -53,13 +53,12 @@ def _cuda_plan(
     query: Any,
     key_cache: Any,
     block_table: Any,
+    query_start_loc: Any,
     fw: str,
     window_left: int,
     max_seq_len: int,
     num_splits: int,
-    query_start_loc: Any,
 ) -> tuple[int, Any]:
-    prefill = query_start_loc is not None
     key = (
         query.shape,
         key_cache.shape,
@@ -69,7 +68,9 @@ def _cuda_plan(
         window_left,
         max_seq_len,
         num_splits,
-        prefill,
+        # Prefill plans differ (tiles of query rows, not sequences); the offsets' values are not
+        # read.
+        query_start_loc is not None,
     )
     plan = _plans.get(key)
     if plan is None:
@@ -195,7 +196,7 @@ def paged_attention(
     splits = 0 if num_splits is None else num_splits
     if workspace is None and cuda:
         planned_splits, workspace = _cuda_plan(
-            query, key_cache, block_table, fw, window_left, max_len, splits, query_start_loc
+            query, key_cache, block_table, query_start_loc, fw, window_left, max_len, splits
         )
         if workspace is not None:
             splits = planned_splits

@@ -71,8 +71,7 @@ void bind_ops(nb::module_& m) {
               "float | None = None, window_left: int = -1, logits_soft_cap: float = 0.0, lse: "
               "typing.Any | None = None, max_seq_len: int = -1, num_splits: int = 0, workspace: "
               "typing.Any | None = None, query_start_loc: typing.Any | None = None, stream: int = "
-              "0) -> "
-              "None"));
+              "0) -> None"));
 
   m.def(
       "plan_paged_attention",

@@ -25,7 +25,7 @@ constexpr int kMaxSplits = 4096;
 struct AttentionShapes {
   int batch, num_q_heads, num_kv_heads, head_dim, block_size, max_blocks;
   std::int64_t num_query_rows;  // batch in decode
-  bool prefill;
+  bool prefill;                 // options.query_start_loc given
   Device device;
   Backend backend;
 };
@@ -34,6 +34,7 @@ struct AttentionShapes {
 struct BackendKernels {
   void (*reshape_and_cache)(const kernels::ReshapeAndCacheParams&, Stream);
   void (*paged_attention)(const kernels::PagedAttentionParams&, Stream);
+  // Splits of the key range when the caller asks for none (num_splits 0).
   int (*plan_attention_splits)(const AttentionShapes&, DType, std::int64_t max_kv_len);
   void (*copy_blocks)(const kernels::CopyBlocksParams&, Stream);
   void (*swap_blocks)(const kernels::SwapBlocksParams&, Stream);
