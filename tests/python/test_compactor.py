@@ -372,7 +372,9 @@ def test_allocate_host_pool_matches_each_cache_block_layout():
     with pytest.raises(ValueError, match="a block of every cache must be one contiguous run"):
         tinyserve.allocate_host_pool([kv[:, :, ::2]], 2)
     with pytest.raises(
-        TypeError, match="device_caches must be a sequence of cache tensors, got ndarray"
+        TypeError,
+        match="^tinyserve.allocate_host_pool: device_caches must be a sequence of cache tensors, "
+        "got ndarray",
     ):
         tinyserve.allocate_host_pool(kv, 2)
     with pytest.raises(ValueError, match="num_host_blocks must be an int >= 0, got -1"):
@@ -385,7 +387,9 @@ def test_execute_plan_rejects_what_cannot_be_right():
     cache = np.zeros((8, 2, 1, 4), np.float32)
     plan = comp.plan_offload(1)
     with pytest.raises(
-        TypeError, match="device_caches must be a sequence of cache tensors, got ndarray"
+        TypeError,
+        match="^tinyserve.execute_plan: device_caches must be a sequence of cache tensors, "
+        "got ndarray",
     ):
         tinyserve.execute_plan(plan, cache)
     with pytest.raises(
