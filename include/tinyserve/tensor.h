@@ -8,7 +8,9 @@
 
 namespace tinyserve {
 
-enum class DType : std::int8_t { Float32, Float16, BFloat16, Int32, Int64, UInt8 };
+// Float8E4M3 is float8 e4m3fn (4 exponent bits, 3 mantissa bits, no infinities, largest finite
+// value 448): the element type of an FP8 KV cache, whose values are stored divided by a scale.
+enum class DType : std::int8_t { Float32, Float16, BFloat16, Int32, Int64, UInt8, Float8E4M3 };
 
 // Where a tensor's memory lives. CUDAHost is page-locked host memory that the device can reach.
 enum class DeviceType : std::int8_t { CPU, CUDA, CUDAHost };

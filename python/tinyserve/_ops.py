@@ -3,6 +3,7 @@ outputs through the caller's framework, and calls the compiled core once."""
 
 from __future__ import annotations
 
+import numbers
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -41,6 +42,25 @@ def _workspace(like: Any, nbytes: int) -> Any:
         return ws
 
 
+def _scale_args(name: str, scale: Any) -> dict[str, Any]:
+    """The core's arguments for a float8 cache's ``k_scale``/``v_scale``: a number (one scale for
+    the tensor) or a float32 array ``[num_kv_heads]`` (one per KV head) on the caches' device."""
+    if scale is None:
+        return {}
+    if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+        return {name: float(scale)}
+    return {f"{name}_per_head": _interop.export(scale)}
+
+
+def _fp8_view(cache: Any, kv_dtype: str | None) -> tuple[Any, str | None]:
+    """A NumPy array of ml_dtypes' float8_e4m3fn goes to the core as its uint8 bits, with
+    ``kv_dtype`` saying what they are (NumPy itself has no float8 type to export)."""
+    if kv_dtype is None and _interop.framework(cache) == "numpy":
+        if getattr(cache.dtype, "name", "") == "float8_e4m3fn":
+            return cache.view("uint8"), "float8_e4m3fn"
+    return cache, kv_dtype
+
+
 def _finish_jax(stream: int, *arrays: Any) -> None:
     # JAX shares no stream with us: results handed back to JAX must be complete.
     if any(_interop.framework(a) == "jax" for a in arrays) and _interop.is_cuda(arrays[0]):
@@ -54,16 +74,38 @@ def reshape_and_cache(
     value_cache: Any,
     slot_mapping: Any,
     *,
+    k_scale: Any = None,
+    v_scale: Any = None,
+    kv_dtype: str | None = None,
     stream: Any = None,
 ) -> None:
     """Write new tokens' keys and values, ``[num_tokens, num_kv_heads, head_dim]``, into their
     cache slots. ``slot_mapping`` is int64 ``[num_tokens]``: slot = block * block_size + offset,
     -1 skips the token. The caches have the logical shape
-    ``[num_blocks, block_size, num_kv_heads, head_dim]`` (any strides, last dim contiguous)."""
+    ``[num_blocks, block_size, num_kv_heads, head_dim]`` (any strides, last dim contiguous).
+
+    FP8 caches: caches of float8_e4m3fn (``torch.float8_e4m3fn``, ml_dtypes' ``float8_e4m3fn``,
+    or uint8 arrays of its bits with ``kv_dtype="float8_e4m3fn"``) take float32, float16 or
+    bfloat16 keys and values and store ``x / scale`` rounded to nearest even and saturated to
+    +-448. ``k_scale``/``v_scale``: a positive number (one scale for the tensor, default 1) or a
+    float32 array ``[num_kv_heads]`` (one per KV head) on the caches' device, read by CUDA
+    kernels from device memory when they run."""
     _interop.wait_ready(key, value, slot_mapping)
+    key_cache, kv_dtype = _fp8_view(key_cache, kv_dtype)
+    value_cache, kv_dtype = _fp8_view(value_cache, kv_dtype)
     s = _interop.resolve_stream(stream, key_cache)
     x = _interop.export
-    _C.reshape_and_cache(x(key), x(value), x(key_cache), x(value_cache), x(slot_mapping), stream=s)
+    _C.reshape_and_cache(
+        x(key),
+        x(value),
+        x(key_cache),
+        x(value_cache),
+        x(slot_mapping),
+        **_scale_args("k_scale", k_scale),
+        **_scale_args("v_scale", v_scale),
+        kv_dtype=kv_dtype,
+        stream=s,
+    )
 
 
 def plan_paged_attention(
@@ -74,9 +116,11 @@ def plan_paged_attention(
     window_left: int = -1,
     max_seq_len: int | None = None,
     num_splits: int | None = None,
+    kv_dtype: str | None = None,
 ) -> tuple[int, int]:
     """``(num_splits, workspace_bytes)`` that :func:`paged_attention` uses for these arguments,
     from host-side values only."""
+    key_cache, kv_dtype = _fp8_view(key_cache, kv_dtype)
     x = _interop.export
     return _C.plan_paged_attention(
         x(query),
@@ -85,6 +129,7 @@ def plan_paged_attention(
         window_left=window_left,
         max_seq_len=-1 if max_seq_len is None else max_seq_len,
         num_splits=0 if num_splits is None else num_splits,
+        kv_dtype=kv_dtype,
     )
 
 
@@ -104,6 +149,9 @@ def paged_attention(
     max_seq_len: int | None = None,
     num_splits: int | None = None,
     workspace: Any = None,
+    k_scale: Any = None,
+    v_scale: Any = None,
+    kv_dtype: str | None = None,
     stream: Any = None,
 ) -> Any:
     """Decode attention over a paged KV cache, one query token per sequence.
@@ -120,8 +168,15 @@ def paged_attention(
     bound on seq_lens known on the host (it only guides the split). num_splits fixes the
     flash-decoding split (1 disables it; a fixed value makes results batch-invariant).
     workspace is CUDA scratch of at least ``plan_paged_attention(...)[1]`` bytes; when omitted,
-    one buffer per device is kept and reused."""
+    one buffer per device is kept and reused.
+
+    FP8 caches (float8_e4m3fn; see :func:`reshape_and_cache` for how NumPy passes them) are read
+    as ``stored * k_scale`` and ``stored * v_scale``, dequantised in registers; the query and
+    the output keep their float32/float16/bfloat16 type. ``k_scale``/``v_scale`` as in
+    :func:`reshape_and_cache`."""
     _interop.wait_ready(query, key_cache, value_cache, block_table, seq_lens)
+    key_cache, kv_dtype = _fp8_view(key_cache, kv_dtype)
+    value_cache, kv_dtype = _fp8_view(value_cache, kv_dtype)
     if out is None:
         out = _interop.empty(query, tuple(query.shape))
     if lse is None and return_lse:
@@ -132,7 +187,7 @@ def paged_attention(
     cuda = _interop.is_cuda(query)
     if workspace is None and cuda:
         planned_splits, nbytes = _C.plan_paged_attention(
-            x(query), x(key_cache), x(block_table), window_left, max_len, splits
+            x(query), x(key_cache), x(block_table), window_left, max_len, splits, kv_dtype
         )
         if nbytes > 0:
             workspace = _workspace(query, nbytes)
@@ -152,6 +207,9 @@ def paged_attention(
         max_seq_len=max_len,
         num_splits=splits,
         workspace=x(workspace),
+        **_scale_args("k_scale", k_scale),
+        **_scale_args("v_scale", v_scale),
+        kv_dtype=kv_dtype,
         stream=s,
     )
     _finish_jax(s, query, out)

@@ -36,11 +36,13 @@ TensorView to_view(const nb::ndarray<Ts...>& a, const char* op, const char* name
     t.dtype = DType::Int64;
   } else if (code == nb::dlpack::dtype_code::UInt && dt.bits == 8) {
     t.dtype = DType::UInt8;
+  } else if (code == nb::dlpack::dtype_code::Float8_E4M3FN && dt.bits == 8) {
+    t.dtype = DType::Float8E4M3;
   } else {
     throw bad("has an unsupported dtype (code " + std::to_string(int(dt.code)) + ", " +
               std::to_string(dt.bits) +
               " bits); expected float32, float16, bfloat16, int32, "
-              "int64 or uint8");
+              "int64, uint8 or float8_e4m3fn");
   }
   switch (a.device_type()) {
     case nb::device::cpu::value:

@@ -29,7 +29,7 @@ void check_cache_pair(const OpCheck& c, const TensorView& key_cache,
                       const TensorView& value_cache) {
   c.ndim(key_cache, "key_cache", 4, "[num_blocks, block_size, num_kv_heads, head_dim]");
   c.ndim(value_cache, "value_cache", 4, "[num_blocks, block_size, num_kv_heads, head_dim]");
-  c.attention_dtype(key_cache, "key_cache");
+  if (key_cache.dtype != DType::Float8E4M3) c.attention_dtype(key_cache, "key_cache");
   c.same_dtype(key_cache, "key_cache", value_cache, "value_cache");
   for (int d = 0; d < 4; ++d) {
     if (key_cache.shape[d] != value_cache.shape[d]) {
@@ -42,6 +42,36 @@ void check_cache_pair(const OpCheck& c, const TensorView& key_cache,
   TS_REQUIRE(c, key_cache.shape[3] > 0, "head_dim must be positive, got ", key_cache.shape[3]);
   TS_REQUIRE(c, key_cache.shape[1] <= (1 << 20), "block_size must be at most 1048576, got ",
              key_cache.shape[1]);
+}
+
+// The kernels' view of a float8 cache's scale `s` (named `name`), checked: a positive finite
+// value, or a float32 [num_kv_heads] tensor on the caches' device whose entries, where they live
+// on the host, are positive and finite. Caches of other dtypes take the default scale only.
+kernels::ScaleArg check_scale(const OpCheck& c, const KVScale& s, const char* name,
+                              const TensorView& cache) {
+  TS_REQUIRE(c, std::isfinite(s.value) && s.value > 0.0f, name,
+             " must be positive and finite, got ", s.value);
+  TS_REQUIRE(c, cache.dtype == DType::Float8E4M3 || (s.value == 1.0f && !s.per_head), name,
+             " applies to float8_e4m3fn caches only, got a ", dtype_name(cache.dtype), " cache");
+  kernels::ScaleArg arg;
+  arg.value = s.value;
+  if (s.per_head) {
+    const TensorView& t = *s.per_head;
+    c.ndim(t, name, 1, "[num_kv_heads]");
+    c.dtype(t, name, DType::Float32);
+    c.dim(t, name, 0, cache.shape[2], "num_kv_heads of the caches");
+    c.last_dim_contiguous(t, name);
+    c.same_device({{cache, "the caches"}, {t, name}});
+    if (detail::is_host(t.device)) {
+      const float* v = t.ptr<const float>();
+      for (std::int64_t i = 0; i < t.shape[0]; ++i) {
+        TS_REQUIRE(c, std::isfinite(v[i]) && v[i] > 0.0f, name, "[", i,
+                   "] must be positive and finite, got ", v[i]);
+      }
+    }
+    arg.per_head = t.ptr<const float>();
+  }
+  return arg;
 }
 
 // The longest key range one query reads: the table's capacity, cut by the caller's bound and
@@ -119,7 +149,8 @@ AttentionShapes check_attention_plan_args(const OpCheck& c, const TensorView& qu
           c.backend(device)};
 }
 
-AttentionPlan make_plan(const AttentionShapes& s, DType dtype, const AttentionOptions& o) {
+AttentionPlan make_plan(const AttentionShapes& s, DType dtype, DType kv_dtype,
+                        const AttentionOptions& o) {
   AttentionPlan plan;
   std::int64_t kv_len = max_kv_len(o, std::int64_t(s.max_blocks) * s.block_size);
   if (o.num_splits > 0) {
@@ -127,8 +158,9 @@ AttentionPlan make_plan(const AttentionShapes& s, DType dtype, const AttentionOp
   } else if (s.backend == Backend::CPU) {
     plan.num_splits = kernels::cpu::plan_attention_splits(s.batch, s.num_kv_heads, kv_len);
   } else {
-    plan.num_splits = kernels::cuda::plan_attention_splits(
-        s.device.index, dtype, s.batch, s.num_q_heads, s.num_kv_heads, s.head_dim, kv_len);
+    plan.num_splits =
+        kernels::cuda::plan_attention_splits(s.device.index, dtype, kv_dtype, s.batch,
+                                             s.num_q_heads, s.num_kv_heads, s.head_dim, kv_len);
   }
   if (s.backend == Backend::CUDA && plan.num_splits > 1) {
     plan.workspace_bytes =
@@ -208,6 +240,12 @@ void check_id_array(const OpCheck& c, const TensorView& t, const char* name) {
 void reshape_and_cache(const TensorView& key, const TensorView& value, const TensorView& key_cache,
                        const TensorView& value_cache, const TensorView& slot_mapping,
                        Stream stream) {
+  reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, CacheWriteOptions{}, stream);
+}
+
+void reshape_and_cache(const TensorView& key, const TensorView& value, const TensorView& key_cache,
+                       const TensorView& value_cache, const TensorView& slot_mapping,
+                       const CacheWriteOptions& options, Stream stream) {
   OpCheck c("reshape_and_cache");
   c.ndim(key, "key", 3, "[num_tokens, num_kv_heads, head_dim]");
   c.ndim(value, "value", 3, "[num_tokens, num_kv_heads, head_dim]");
@@ -215,8 +253,12 @@ void reshape_and_cache(const TensorView& key, const TensorView& value, const Ten
   c.ndim(slot_mapping, "slot_mapping", 1, "[num_tokens]");
   c.dtype(slot_mapping, "slot_mapping", DType::Int64);
   c.last_dim_contiguous(slot_mapping, "slot_mapping");
-  c.same_dtype(key_cache, "key_cache", key, "key");
-  c.same_dtype(key_cache, "key_cache", value, "value");
+  if (key_cache.dtype == DType::Float8E4M3) {
+    c.attention_dtype(key, "key");
+  } else {
+    c.same_dtype(key_cache, "key_cache", key, "key");
+  }
+  c.same_dtype(key, "key", value, "value");
   c.last_dim_contiguous(key, "key");
   c.last_dim_contiguous(value, "value");
   c.writable(key_cache, "key_cache");
@@ -235,6 +277,8 @@ void reshape_and_cache(const TensorView& key, const TensorView& value, const Ten
                                  {value_cache, "value_cache"},
                                  {slot_mapping, "slot_mapping"}});
   Backend backend = c.backend(device);
+  const kernels::ScaleArg k_scale = check_scale(c, options.k_scale, "k_scale", key_cache);
+  const kernels::ScaleArg v_scale = check_scale(c, options.v_scale, "v_scale", value_cache);
 
   const std::int64_t num_slots = key_cache.shape[0] * key_cache.shape[1];
   if (backend == Backend::CPU) {
@@ -248,6 +292,9 @@ void reshape_and_cache(const TensorView& key, const TensorView& value, const Ten
 
   kernels::ReshapeAndCacheParams p;
   p.dtype = key.dtype;
+  p.cache_dtype = key_cache.dtype;
+  p.k_scale = k_scale;
+  p.v_scale = v_scale;
   p.key = key.data;
   p.key_stride_token = key.strides[0];
   p.key_stride_head = key.strides[1];
@@ -274,7 +321,8 @@ AttentionPlan plan_paged_attention(const TensorView& query, const TensorView& ke
                                    const TensorView& block_table, const AttentionOptions& options) {
   OpCheck c("plan_paged_attention");
   AttentionShapes s = check_attention_plan_args(c, query, key_cache, block_table, options);
-  return make_plan(s, query.dtype, options);
+  if (key_cache.dtype != DType::Float8E4M3) c.attention_dtype(key_cache, "key_cache");
+  return make_plan(s, query.dtype, key_cache.dtype, options);
 }
 
 void paged_attention(const TensorView& query, const TensorView& key_cache,
@@ -284,7 +332,9 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
   OpCheck c("paged_attention");
   check_cache_pair(c, key_cache, value_cache);
   AttentionShapes s = check_attention_plan_args(c, query, key_cache, block_table, options);
-  c.same_dtype(key_cache, "key_cache", query, "query");
+  if (key_cache.dtype != DType::Float8E4M3) c.same_dtype(query, "query", key_cache, "key_cache");
+  const kernels::ScaleArg k_scale = check_scale(c, options.k_scale, "k_scale", key_cache);
+  const kernels::ScaleArg v_scale = check_scale(c, options.v_scale, "v_scale", value_cache);
   c.ndim(seq_lens, "seq_lens", 1, "[batch]");
   c.dtype(seq_lens, "seq_lens", DType::Int32);
   c.last_dim_contiguous(seq_lens, "seq_lens");
@@ -308,7 +358,7 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
     c.dim(lse, "lse", 1, s.num_q_heads, "num_q_heads");
     c.same_device({{query, "query"}, {lse, "lse"}});
   }
-  AttentionPlan plan = make_plan(s, query.dtype, options);
+  AttentionPlan plan = make_plan(s, query.dtype, key_cache.dtype, options);
   if (plan.workspace_bytes > 0) {
     TS_REQUIRE(c, options.workspace.has_value(), "splitting into ", plan.num_splits,
                " pieces needs a workspace of ", plan.workspace_bytes,
@@ -354,6 +404,8 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
   p.query_dtype = query.dtype;
   p.kv_dtype = key_cache.dtype;
   p.out_dtype = out.dtype;
+  p.k_scale = k_scale;
+  p.v_scale = v_scale;
   p.query = query.data;
   p.q_stride_batch = query.strides[0];
   p.q_stride_head = query.strides[1];

@@ -19,6 +19,8 @@ std::size_t dtype_size(DType dtype) {
       return 8;
     case DType::UInt8:
       return 1;
+    case DType::Float8E4M3:
+      return 1;
   }
   return 0;
 }
@@ -37,6 +39,8 @@ const char* dtype_name(DType dtype) {
       return "int64";
     case DType::UInt8:
       return "uint8";
+    case DType::Float8E4M3:
+      return "float8_e4m3fn";
   }
   return "unknown";
 }

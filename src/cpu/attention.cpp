@@ -19,6 +19,7 @@ namespace tinyserve::kernels::cpu {
 namespace {
 
 using tinyserve::cpu::bfloat16_t;
+using tinyserve::cpu::float8_e4m3_t;
 using tinyserve::cpu::from_float;
 using tinyserve::cpu::half_t;
 using tinyserve::cpu::parallel_for;
@@ -59,19 +60,29 @@ const T* row(const CacheDesc& c, const PagedAttentionParams& p, const std::int32
          (token % p.block_size) * c.stride_token + std::int64_t(kv_head) * c.stride_head;
 }
 
-// A row as float32: float32 rows are used in place, 16-bit rows converted into row t of `tile`.
+// A row as float32: float32 rows are used in place, 16-bit rows converted into row t of `tile`,
+// float8 rows dequantised (stored * scale) into it; `scale` is a float8 cache's scale.
 template <class T>
-const float* as_float(const T* src, int n, std::vector<float>& tile, int t) {
+const float* as_float(const T* src, int n, std::vector<float>& tile, int t, float scale) {
+  (void)scale;
   if constexpr (std::is_same_v<T, float>) {
     (void)n;
     (void)tile;
     (void)t;
     return src;
+  } else if constexpr (std::is_same_v<T, float8_e4m3_t>) {
+    float* dst = tile.data() + std::size_t(t) * n;
+    for (int d = 0; d < n; ++d) dst[d] = to_float(src[d]) * scale;
+    return dst;
   } else {
     float* dst = tile.data() + std::size_t(t) * n;
     simd::to_float(src, dst, n);
     return dst;
   }
+}
+
+float scale_of(const ScaleArg& s, int kv_head) {
+  return s.per_head ? s.per_head[kv_head] : s.value;
 }
 
 // Attention of all query heads of sequence b over tokens [r.begin, r.end). Writes the normalised
@@ -82,7 +93,7 @@ const float* as_float(const T* src, int n, std::vector<float>& tile, int t) {
 // tokens are (HND). The hardware prefetchers then see runs of several KB. One KV head at a time
 // over the whole sequence would read 512-byte rows a token stride apart in an NHD cache, which
 // they do not follow: measured on the reads alone, 14.5 GB/s against 25 GB/s (2 threads, EPYC).
-template <class T>
+template <class T, class KV>
 void attend(const PagedAttentionParams& p, int b, Range r, float* out, float* lse) {
   const int D = p.head_dim;
   const int H = p.num_q_heads;
@@ -98,12 +109,17 @@ void attend(const PagedAttentionParams& p, int b, Range r, float* out, float* ls
   std::vector<float> m(H, kNegInf), l(H, 0.0f), scores(std::size_t(H) * kMaxTile);
   // The tile's key and value rows of KV head 0 (head h is h * stride_head further), and rows of
   // one head as float32: in the cache for float32, else converted into `buf`.
-  const T* krow0[kMaxTile];
-  const T* vrow0[kMaxTile];
+  const KV* krow0[kMaxTile];
+  const KV* vrow0[kMaxTile];
   const float* rows[kMaxTile];
   std::vector<float> buf;
-  if constexpr (!std::is_same_v<T, float>) {
+  if constexpr (!std::is_same_v<KV, float>) {
     buf.resize(std::size_t(std::max(kMaxTile, kv_heads)) * D);
+  }
+  std::vector<float> k_scale(kv_heads), v_scale(kv_heads);
+  for (int kvh = 0; kvh < kv_heads; ++kvh) {
+    k_scale[kvh] = scale_of(p.k_scale, kvh);
+    v_scale[kvh] = scale_of(p.v_scale, kvh);
   }
   for (int h = 0; h < H; ++h) {
     const T* qrow = static_cast<const T*>(p.query) + std::int64_t(b) * p.q_stride_batch +
@@ -114,25 +130,27 @@ void attend(const PagedAttentionParams& p, int b, Range r, float* out, float* ls
   for (std::int64_t t0 = r.begin; t0 < r.end; t0 += tile) {
     const int n = int(std::min<std::int64_t>(tile, r.end - t0));
     for (int t = 0; t < n; ++t) {
-      krow0[t] = row<T>(p.key_cache, p, table, t0 + t, 0);
-      vrow0[t] = row<T>(p.value_cache, p, table, t0 + t, 0);
+      krow0[t] = row<KV>(p.key_cache, p, table, t0 + t, 0);
+      vrow0[t] = row<KV>(p.value_cache, p, table, t0 + t, 0);
     }
     if (head_major) {
       for (int kvh = 0; kvh < kv_heads; ++kvh) {
         const std::size_t first = std::size_t(kvh) * group;
         for (int t = 0; t < n; ++t) {
-          const float* k = as_float(krow0[t] + kvh * k_head, D, buf, 0);
+          const float* k = as_float(krow0[t] + kvh * k_head, D, buf, 0, k_scale[kvh]);
           simd::dot_token(&q[first * D], 1, group, k, 0, D, &scores[first * kMaxTile + t],
                           kMaxTile);
         }
       }
-    } else if constexpr (std::is_same_v<T, float>) {
+    } else if constexpr (std::is_same_v<KV, float>) {
       for (int t = 0; t < n; ++t) {
         simd::dot_token(q.data(), kv_heads, group, krow0[t], k_head, D, &scores[t], kMaxTile);
       }
     } else {
       for (int t = 0; t < n; ++t) {
-        for (int kvh = 0; kvh < kv_heads; ++kvh) as_float(krow0[t] + kvh * k_head, D, buf, kvh);
+        for (int kvh = 0; kvh < kv_heads; ++kvh) {
+          as_float(krow0[t] + kvh * k_head, D, buf, kvh, k_scale[kvh]);
+        }
         simd::dot_token(q.data(), kv_heads, group, buf.data(), D, D, &scores[t], kMaxTile);
       }
     }
@@ -157,7 +175,8 @@ void attend(const PagedAttentionParams& p, int b, Range r, float* out, float* ls
     // Values one KV head at a time, so that its group's accumulators stay in registers through
     // the tile.
     for (int kvh = 0; kvh < kv_heads; ++kvh) {
-      for (int t = 0; t < n; ++t) rows[t] = as_float(vrow0[t] + kvh * v_head, D, buf, t);
+      for (int t = 0; t < n; ++t)
+        rows[t] = as_float(vrow0[t] + kvh * v_head, D, buf, t, v_scale[kvh]);
       const std::size_t first = std::size_t(kvh) * group;
       simd::axpy_rows(&acc[first * D], group, &scores[first * kMaxTile], kMaxTile, rows, n, D);
     }
@@ -178,7 +197,7 @@ void store(const PagedAttentionParams& p, int b, int h, const float* o, float ls
     p.lse[std::int64_t(b) * p.lse_stride_batch + std::int64_t(h) * p.lse_stride_head] = lse;
 }
 
-template <class T>
+template <class T, class KV>
 void run(const PagedAttentionParams& p) {
   const int H = p.num_q_heads;
   const int D = p.head_dim;
@@ -186,7 +205,7 @@ void run(const PagedAttentionParams& p) {
     parallel_for(p.batch, [&](std::int64_t begin, std::int64_t end) {
       std::vector<float> o(std::size_t(H) * D), lse(H);
       for (std::int64_t b = begin; b < end; ++b) {
-        attend<T>(p, int(b), split_range(p, int(b), 0), o.data(), lse.data());
+        attend<T, KV>(p, int(b), split_range(p, int(b), 0), o.data(), lse.data());
         for (int h = 0; h < H; ++h) store<T>(p, int(b), h, &o[std::size_t(h) * D], lse[h]);
       }
     });
@@ -200,7 +219,7 @@ void run(const PagedAttentionParams& p) {
     for (std::int64_t task = begin; task < end; ++task) {
       int split = int(task / p.batch), b = int(task % p.batch);
       std::size_t first = part(split, b, 0);
-      attend<T>(p, b, split_range(p, b, split), &part_out[first * D], &part_lse[first]);
+      attend<T, KV>(p, b, split_range(p, b, split), &part_out[first * D], &part_lse[first]);
     }
   });
   parallel_for(std::int64_t(p.batch) * p.num_q_heads, [&](std::int64_t begin, std::int64_t end) {
@@ -240,14 +259,21 @@ int plan_attention_splits(int batch, int num_kv_heads, std::int64_t max_kv_len) 
   return int(std::max<std::int64_t>(1, splits));
 }
 
+// The query and output share a type; the caches have it too, or are float8.
+template <class T>
+void run_query_type(const PagedAttentionParams& p) {
+  if (p.kv_dtype == DType::Float8E4M3) return run<T, float8_e4m3_t>(p);
+  return run<T, T>(p);
+}
+
 void paged_attention(const PagedAttentionParams& p) {
-  switch (p.kv_dtype) {
+  switch (p.query_dtype) {
     case DType::Float32:
-      return run<float>(p);
+      return run_query_type<float>(p);
     case DType::Float16:
-      return run<half_t>(p);
+      return run_query_type<half_t>(p);
     case DType::BFloat16:
-      return run<bfloat16_t>(p);
+      return run_query_type<bfloat16_t>(p);
     default:
       break;
   }
