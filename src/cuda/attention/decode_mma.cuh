@@ -1,6 +1,7 @@
 #pragma once
 
-// The tensor-core decode kernel: float16/bfloat16, head_dim 64/128/256, 16-byte aligned rows.
+// The tensor-core decode kernel: float16/bfloat16 queries over caches of the same type or of
+// float8 e4m3fn, head_dim 64/128/256, 16-byte aligned rows.
 //
 // One CTA of 4 warps per (sequence, split, KV head, tile of up to 16 query heads of its GQA
 // group), so all query heads of a group share every K/V tile; each warp owns 16 tokens of a
@@ -8,6 +9,10 @@
 // (rows past the range are zero-filled, never read); Q.K^T and P.V run on tensor cores (m16n8k16,
 // float32 accumulation; the query heads are the M dimension). Online softmax in float32, log2
 // domain. The warps merge their states through shared memory at the end.
+//
+// Float8 caches stream through the pipeline as bytes (half the traffic and half the stage
+// memory); each tile is converted once, exactly, into one 16-bit tile that the MMAs read, and
+// the scales apply outside the MMAs: K's to the scores, V's to the accumulated output.
 
 #include <cmath>
 #include <cstdint>
@@ -29,22 +34,28 @@ constexpr int kMmaHeads = 16;  // query heads per CTA: the M of m16n8k16
 // partial wave). Everything else uses three (two CTAs per multiprocessor at head_dim 128).
 constexpr int mma_stages(int head_dim, bool split) { return head_dim == 128 && split ? 2 : 3; }
 
-template <int D, int Stages>
+// Shared memory: Q, the stages, (float8 caches) the converted tile, the row addresses.
+template <int D, int Stages, int KvBytes = 2>
 struct MmaConfig {
-  static constexpr int kRow = D + 8;  // shared row stride (elements): 16-byte pad, no conflicts
+  static constexpr int kRow = D + 8;  // 16-bit row stride (elements): 16-byte pad, no conflicts
   static constexpr int kStages = Stages;
-  static constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  static constexpr bool kConvert = KvBytes == 1;           // float8 stages, converted per tile
+  static constexpr int kStageRowBytes = D * KvBytes + 16;  // stage row stride: 16-byte pad
+  static constexpr int kChunks = D * KvBytes / 16;         // 16-byte chunks per stage row
   static constexpr int kRowsPerPass = kDecodeThreads / kChunks;
   static constexpr int kPasses = kTile / kRowsPerPass;
   static constexpr bool kQInRegisters = D <= 128;
   static constexpr int kQBytes = kMmaHeads * kRow * 2;
-  static constexpr int kStageBytes = 2 * kTile * kRow * 2;
+  static constexpr int kStageBytes = 2 * kTile * kStageRowBytes;
+  static constexpr int kConvertedBytes = kConvert ? 2 * kTile * kRow * 2 : 0;
   static constexpr int kRowAddressBytes = kStages * 2 * kTile * 8;  // per stage: K, V row addresses
-  static constexpr int kSmemBytes = kQBytes + kStages * kStageBytes + kRowAddressBytes;
+  static constexpr int kSmemBytes =
+      kQBytes + kStages * kStageBytes + kConvertedBytes + kRowAddressBytes;
   // Reduction rows of float32 outputs: stride D + 8 makes the quads' 8-byte stores conflict-free.
   static constexpr int kRedRow = D + 8;
   static constexpr int kReduceBytes = kDecodeWarps * kMmaHeads * (kRedRow + 2) * 4;
-  static_assert(kReduceBytes <= kStages * kStageBytes, "reduction must fit the stage buffers");
+  static_assert(kReduceBytes <= kStages * kStageBytes + kConvertedBytes,
+                "reduction must fit the stage buffers");
   static_assert(kDecodeThreads % kChunks == 0 && kTile % kRowsPerPass == 0, "loader shape");
   static_assert(kTile <= kDecodeThreads, "one thread computes each row's offsets");
 };
@@ -54,18 +65,21 @@ struct MmaConfig {
 // bfloat16), and most tiles skip rescaling the accumulators.
 constexpr float kRescaleThreshold = 8.0f;
 
-template <class T, int D, int Stages>
+// T: the query and output type (16-bit); KV: the caches' (T, or __nv_fp8_e4m3).
+template <class T, class KV, int D, int Stages>
 __global__ void __launch_bounds__(kDecodeThreads)
     decode_mma_kernel(const __grid_constant__ DecodeArgs a) {
-  using C = MmaConfig<D, Stages>;
+  using C = MmaConfig<D, Stages, int(sizeof(KV))>;
   constexpr std::uint32_t kRowBytes = C::kRow * 2;
   extern __shared__ __align__(16) unsigned char smem[];
   T* q_smem = reinterpret_cast<T*>(smem);
   const std::uint32_t stages = ptx::smem_addr(smem + C::kQBytes);
+  // The 16-bit K and V tiles that the MMAs read: the stages themselves, or the converted tile.
+  unsigned char* converted = smem + C::kQBytes + C::kStages * C::kStageBytes;
+  const std::uint32_t mma_tiles = C::kConvert ? ptx::smem_addr(converted) : stages;
   // [stage][K, V][row]: the global address of each row of the tile; bit 0 set = no row (past
   // the range, or a block id outside the cache).
-  std::uint64_t* rows =
-      reinterpret_cast<std::uint64_t*>(smem + C::kQBytes + C::kStages * C::kStageBytes);
+  std::uint64_t* rows = reinterpret_cast<std::uint64_t*>(converted + C::kConvertedBytes);
 
   const WorkUnit u = work_unit(a, kMmaHeads, kTile);
   const int b = u.b, split = u.split, kv_head = u.kv_head, head0 = u.head0, heads = u.heads;
@@ -79,8 +93,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
   // copies' path.
   const std::int32_t* table = a.kv.table_row(b, kv_head);
   const bool row_owner = threadIdx.x < kTile;
-  const T* k_head = a.kv.k_head<T>(kv_head);
-  const T* v_head = a.kv.v_head<T>(kv_head);
+  const KV* k_head = a.kv.k_head<KV>(kv_head);
+  const KV* v_head = a.kv.v_head<KV>(kv_head);
   auto lookup = [&](int tile) -> int {
     const int token = begin + tile * kTile + int(threadIdx.x);
     return tile < num_tiles && token < end ? table[a.kv.page_of(token)] : -1;
@@ -104,15 +118,16 @@ __global__ void __launch_bounds__(kDecodeThreads)
   const int row0 = threadIdx.x / C::kChunks;
   auto load_tile = [&](int tile) {
     const int stage = tile % C::kStages;
-    const std::uint32_t ks = stages + stage * C::kStageBytes + row0 * kRowBytes + chunk_bytes;
-    const std::uint32_t vs = ks + kTile * kRowBytes;
+    const std::uint32_t ks =
+        stages + stage * C::kStageBytes + row0 * C::kStageRowBytes + chunk_bytes;
+    const std::uint32_t vs = ks + kTile * C::kStageRowBytes;
     const std::uint64_t* k_rows = rows + stage * 2 * kTile + row0;
     const std::uint64_t* v_rows = k_rows + kTile;
 #pragma unroll
     for (int pass = 0; pass < C::kPasses; ++pass) {
       const std::uint64_t kr = k_rows[pass * C::kRowsPerPass];
       const std::uint64_t vr = v_rows[pass * C::kRowsPerPass];
-      const std::uint32_t dst = pass * C::kRowsPerPass * kRowBytes;
+      const std::uint32_t dst = pass * C::kRowsPerPass * C::kStageRowBytes;
       ptx::cp_async_16(
           ks + dst, reinterpret_cast<const char*>(kr & ~std::uint64_t(1)) + chunk_bytes, kr & 1u);
       ptx::cp_async_16(
@@ -158,8 +173,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
   const std::uint32_t q_frag =
       ptx::smem_addr(q_smem) + ((lane % 8) + ((lane / 8) % 2) * 8) * kRowBytes + (lane / 16) * 16;
   const std::uint32_t k_frag =
-      stages + (warp * 16 + (lane / 16) * 8 + lane % 8) * kRowBytes + ((lane / 8) % 2) * 16;
-  const std::uint32_t v_frag = stages + kTile * kRowBytes +
+      mma_tiles + (warp * 16 + (lane / 16) * 8 + lane % 8) * kRowBytes + ((lane / 8) % 2) * 16;
+  const std::uint32_t v_frag = mma_tiles + kTile * kRowBytes +
                                (warp * 16 + ((lane / 8) % 2) * 8 + lane % 8) * kRowBytes +
                                (lane / 16) * 16;
   std::uint32_t q_regs[C::kQInRegisters ? D / 16 : 1][4];
@@ -176,6 +191,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
   float m[2] = {-INFINITY, -INFINITY};
   float l[2] = {0.0f, 0.0f};
   const int quad_col = 2 * (lane % 4);
+  const float k_scale = C::kConvert ? a.k_scale_of(kv_head) : 1.0f;
 
   for (int tile = 0; tile < num_tiles; ++tile) {
     // Copy group k holds tile k: the prologue committed groups 0..kStages-1, iteration t >= 1
@@ -196,7 +212,23 @@ __global__ void __launch_bounds__(kDecodeThreads)
       store_rows(next + 1, next_block);
       next_block = lookup(next + 2);
     }
-    const std::uint32_t stage_offset = (tile % C::kStages) * C::kStageBytes;
+    std::uint32_t stage_offset = (tile % C::kStages) * C::kStageBytes;
+    if constexpr (C::kConvert) {
+      // The float8 stage -> the 16-bit tile: the previous tile's MMAs have finished (the barrier
+      // above), and this tile's wait for the one below.
+      const unsigned char* stage = smem + C::kQBytes + stage_offset;
+      for (int i = threadIdx.x; i < 2 * kTile * C::kChunks; i += kDecodeThreads) {
+        const int r = i / C::kChunks, c = i % C::kChunks;
+        const uint4 bytes = *reinterpret_cast<const uint4*>(stage + r * C::kStageRowBytes + c * 16);
+        const uint2 p0 = fp8x4_to_pairs<T>(bytes.x), p1 = fp8x4_to_pairs<T>(bytes.y);
+        const uint2 p2 = fp8x4_to_pairs<T>(bytes.z), p3 = fp8x4_to_pairs<T>(bytes.w);
+        uint4* dst = reinterpret_cast<uint4*>(converted + r * kRowBytes + c * 32);
+        dst[0] = make_uint4(p0.x, p0.y, p1.x, p1.y);
+        dst[1] = make_uint4(p2.x, p2.y, p3.x, p3.y);
+      }
+      __syncthreads();
+      stage_offset = 0;
+    }
 
     // S = Q K^T for this warp's 16 tokens: two 8-token column blocks, each summed in two
     // independent chains (even and odd steps) to halve the MMA dependency depth.
@@ -222,7 +254,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[j][e] = a.logit(s[j][e]);
+        for (int e = 0; e < 4; ++e) s[j][e] = a.logit(C::kConvert ? s[j][e] * k_scale : s[j][e]);
       }
     } else {
 #pragma unroll
@@ -230,7 +262,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int token = t0 + j * 8 + quad_col + (e % 2);
-          s[j][e] = token < end ? a.logit(s[j][e]) : -INFINITY;
+          const float qk = C::kConvert ? s[j][e] * k_scale : s[j][e];
+          s[j][e] = token < end ? a.logit(qk) : -INFINITY;
         }
       }
     }
@@ -289,6 +322,14 @@ __global__ void __launch_bounds__(kDecodeThreads)
   for (int r = 0; r < 2; ++r) {
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+  }
+  if constexpr (C::kConvert) {
+    const float v_scale = a.v_scale_of(kv_head);
+#pragma unroll
+    for (int nb = 0; nb < D / 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[nb][e] *= v_scale;
+    }
   }
   float* red_m = reinterpret_cast<float*>(smem + C::kQBytes);
   float* red_l = red_m + kDecodeWarps * kMmaHeads;
