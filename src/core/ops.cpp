@@ -332,7 +332,7 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
   OpCheck c("paged_attention");
   check_cache_pair(c, key_cache, value_cache);
   AttentionShapes s = check_attention_plan_args(c, query, key_cache, block_table, options);
-  if (key_cache.dtype != DType::Float8E4M3) c.same_dtype(query, "query", key_cache, "key_cache");
+  if (key_cache.dtype != DType::Float8E4M3) c.same_dtype(key_cache, "key_cache", query, "query");
   const kernels::ScaleArg k_scale = check_scale(c, options.k_scale, "k_scale", key_cache);
   const kernels::ScaleArg v_scale = check_scale(c, options.v_scale, "v_scale", value_cache);
   c.ndim(seq_lens, "seq_lens", 1, "[batch]");
