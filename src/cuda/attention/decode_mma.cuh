@@ -11,8 +11,9 @@
 // domain. The warps merge their states through shared memory at the end.
 //
 // Float8 caches stream through the pipeline as bytes (half the traffic and half the stage
-// memory); each tile is converted once, exactly, into one 16-bit tile that the MMAs read, and
-// the scales apply outside the MMAs: K's to the scores, V's to the accumulated output.
+// memory); each warp converts its rows of each tile once, exactly, into one 16-bit tile that its
+// MMAs read, and the scales apply outside the MMAs: K's to the scores, V's to the accumulated
+// output.
 
 #include <cmath>
 #include <cstdint>
@@ -214,23 +215,24 @@ __global__ void __launch_bounds__(kDecodeThreads)
     }
     std::uint32_t stage_offset = (tile % C::kStages) * C::kStageBytes;
     if constexpr (C::kConvert) {
-      // The float8 stage -> the 16-bit tile: the previous tile's MMAs have finished (the barrier
-      // above), and this tile's wait for the one below.
+      // The float8 stage -> the 16-bit tile. Each warp's MMAs read only its own 16 token rows of
+      // K and V, so each warp converts those rows and no CTA barrier is needed: the one above
+      // ordered the stage's landing, and the warp's previous MMAs precede its stores.
       const unsigned char* stage = smem + C::kQBytes + stage_offset;
-      // 8 bytes in, 16 out per step: a quarter warp's 16-byte stores fill 128 contiguous bytes
-      // (no bank conflicts).
+      // 8 bytes in, 16 out per step: a quarter warp's 16-byte stores fill 128 contiguous bytes.
       constexpr int kPieces = D / 8;  // 8-byte pieces of a float8 row
-      static_assert(2 * kTile * kPieces % kDecodeThreads == 0, "whole steps");
+      static_assert(2 * 16 * kPieces % 32 == 0, "whole steps");
 #pragma unroll 4
-      for (int step = 0; step < 2 * kTile * kPieces / kDecodeThreads; ++step) {
-        const int i = step * kDecodeThreads + int(threadIdx.x);
-        const int r = i / kPieces, c = i % kPieces;
+      for (int step = 0; step < 2 * 16 * kPieces / 32; ++step) {
+        const int i = step * 32 + lane;
+        const int warp_row = i / kPieces, c = i % kPieces;  // rows 0-15: K, 16-31: V
+        const int r = warp * 16 + warp_row + (warp_row < 16 ? 0 : kTile - 16);
         const uint2 bytes = *reinterpret_cast<const uint2*>(stage + r * C::kStageRowBytes + c * 8);
         const uint2 lo = fp8x4_to_pairs<T>(bytes.x), hi = fp8x4_to_pairs<T>(bytes.y);
         *reinterpret_cast<uint4*>(converted + r * kRowBytes + c * 16) =
             make_uint4(lo.x, lo.y, hi.x, hi.y);
       }
-      __syncthreads();
+      __syncwarp();
       stage_offset = 0;
     }
 
