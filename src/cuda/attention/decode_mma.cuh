@@ -43,6 +43,7 @@ struct MmaConfig {
   static constexpr bool kConvert = KvBytes == 1;           // float8 stages, converted per tile
   static constexpr int kStageRowBytes = D * KvBytes + 16;  // stage row stride: 16-byte pad
   static constexpr int kChunks = D * KvBytes / 16;         // 16-byte chunks per stage row
+  static constexpr int kQChunks = D / 8;                   // 16-byte chunks per query row
   static constexpr int kRowsPerPass = kDecodeThreads / kChunks;
   static constexpr int kPasses = kTile / kRowsPerPass;
   static constexpr bool kQInRegisters = D <= 128;
@@ -147,8 +148,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
   // Q: [16 heads][D] in shared memory, rows past the group zero.
   {
     const T* q = static_cast<const T*>(a.query) + b * a.q_stride_batch;
-    for (int i = threadIdx.x; i < kMmaHeads * C::kChunks; i += kDecodeThreads) {
-      const int r = i / C::kChunks, c = i % C::kChunks;
+    for (int i = threadIdx.x; i < kMmaHeads * C::kQChunks; i += kDecodeThreads) {
+      const int r = i / C::kQChunks, c = i % C::kQChunks;
       uint4 v = make_uint4(0, 0, 0, 0);
       if (r < heads) v = *reinterpret_cast<const uint4*>(q + (head0 + r) * a.q_stride_head + c * 8);
       *reinterpret_cast<uint4*>(q_smem + r * C::kRow + c * 8) = v;
