@@ -11,9 +11,13 @@
 // domain. The warps merge their states through shared memory at the end.
 //
 // Float8 caches stream through the pipeline as bytes (half the traffic and half the stage
-// memory); each warp converts its rows of each tile once, exactly, into one 16-bit tile that its
-// MMAs read, and the scales apply outside the MMAs: K's to the scores, V's to the accumulated
-// output.
+// memory) and are converted in registers, exactly, as the fragments are loaded: ldmatrix reads a
+// float8 row as pairs of bytes, so each thread receives 4 neighbouring elements where a 16-bit
+// fragment holds 2 and 2 eight apart. The MMAs' sums do not care in which order they add: for
+// Q.K^T the query is stored with its head_dim permuted to match (within each 16), and for P.V
+// each 16 columns of V split into even and odd columns, two MMAs of 8, whose outputs interleave
+// back into place in the epilogue. The scales apply outside the MMAs: K's to the scores, V's to
+// the accumulated output.
 
 #include <cmath>
 #include <cstdint>
@@ -35,12 +39,12 @@ constexpr int kMmaHeads = 16;  // query heads per CTA: the M of m16n8k16
 // partial wave). Everything else uses three (two CTAs per multiprocessor at head_dim 128).
 constexpr int mma_stages(int head_dim, bool split) { return head_dim == 128 && split ? 2 : 3; }
 
-// Shared memory: Q, the stages, (float8 caches) the converted tile, the row addresses.
+// Shared memory: Q, the stages, the row addresses.
 template <int D, int Stages, int KvBytes = 2>
 struct MmaConfig {
   static constexpr int kRow = D + 8;  // 16-bit row stride (elements): 16-byte pad, no conflicts
   static constexpr int kStages = Stages;
-  static constexpr bool kConvert = KvBytes == 1;           // float8 stages, converted per tile
+  static constexpr bool kFp8 = KvBytes == 1;               // float8 stages
   static constexpr int kStageRowBytes = D * KvBytes + 16;  // stage row stride: 16-byte pad
   static constexpr int kChunks = D * KvBytes / 16;         // 16-byte chunks per stage row
   static constexpr int kQChunks = D / 8;                   // 16-byte chunks per query row
@@ -49,15 +53,12 @@ struct MmaConfig {
   static constexpr bool kQInRegisters = D <= 128;
   static constexpr int kQBytes = kMmaHeads * kRow * 2;
   static constexpr int kStageBytes = 2 * kTile * kStageRowBytes;
-  static constexpr int kConvertedBytes = kConvert ? 2 * kTile * kRow * 2 : 0;
   static constexpr int kRowAddressBytes = kStages * 2 * kTile * 8;  // per stage: K, V row addresses
-  static constexpr int kSmemBytes =
-      kQBytes + kStages * kStageBytes + kConvertedBytes + kRowAddressBytes;
+  static constexpr int kSmemBytes = kQBytes + kStages * kStageBytes + kRowAddressBytes;
   // Reduction rows of float32 outputs: stride D + 8 makes the quads' 8-byte stores conflict-free.
   static constexpr int kRedRow = D + 8;
   static constexpr int kReduceBytes = kDecodeWarps * kMmaHeads * (kRedRow + 2) * 4;
-  static_assert(kReduceBytes <= kStages * kStageBytes + kConvertedBytes,
-                "reduction must fit the stage buffers");
+  static_assert(kReduceBytes <= kStages * kStageBytes, "reduction must fit the stage buffers");
   static_assert(kDecodeThreads % kChunks == 0 && kTile % kRowsPerPass == 0, "loader shape");
   static_assert(kTile <= kDecodeThreads, "one thread computes each row's offsets");
 };
@@ -76,12 +77,10 @@ __global__ void __launch_bounds__(kDecodeThreads)
   extern __shared__ __align__(16) unsigned char smem[];
   T* q_smem = reinterpret_cast<T*>(smem);
   const std::uint32_t stages = ptx::smem_addr(smem + C::kQBytes);
-  // The 16-bit K and V tiles that the MMAs read: the stages themselves, or the converted tile.
-  unsigned char* converted = smem + C::kQBytes + C::kStages * C::kStageBytes;
-  const std::uint32_t mma_tiles = C::kConvert ? ptx::smem_addr(converted) : stages;
   // [stage][K, V][row]: the global address of each row of the tile; bit 0 set = no row (past
   // the range, or a block id outside the cache).
-  std::uint64_t* rows = reinterpret_cast<std::uint64_t*>(converted + C::kConvertedBytes);
+  std::uint64_t* rows =
+      reinterpret_cast<std::uint64_t*>(smem + C::kQBytes + C::kStages * C::kStageBytes);
 
   const WorkUnit u = work_unit(a, kMmaHeads, kTile);
   const int b = u.b, split = u.split, kv_head = u.kv_head, head0 = u.head0, heads = u.heads;
@@ -149,10 +148,29 @@ __global__ void __launch_bounds__(kDecodeThreads)
   {
     const T* q = static_cast<const T*>(a.query) + b * a.q_stride_batch;
     for (int i = threadIdx.x; i < kMmaHeads * C::kQChunks; i += kDecodeThreads) {
-      const int r = i / C::kQChunks, c = i % C::kQChunks;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (r < heads) v = *reinterpret_cast<const uint4*>(q + (head0 + r) * a.q_stride_head + c * 8);
-      *reinterpret_cast<uint4*>(q_smem + r * C::kRow + c * 8) = v;
+      if constexpr (C::kFp8) {
+        // Pairs of elements (32-bit words) of each 16: words 0, 2, 4, 6 make the first 8, words
+        // 1, 3, 5, 7 the second (the order in which a float8 fragment pairs K's elements).
+        const int pair = i / 2, half = i % 2;  // 16-element group, and which 8 of it
+        const int pr = pair / (D / 16), pc = pair % (D / 16);
+        uint4 lo = make_uint4(0, 0, 0, 0), hi = make_uint4(0, 0, 0, 0);
+        if (pr < heads) {
+          const uint4* src =
+              reinterpret_cast<const uint4*>(q + (head0 + pr) * a.q_stride_head + pc * 16);
+          lo = src[0];
+          hi = src[1];
+        }
+        const uint4 v =
+            half == 0 ? make_uint4(lo.x, lo.z, hi.x, hi.z) : make_uint4(lo.y, lo.w, hi.y, hi.w);
+        *reinterpret_cast<uint4*>(q_smem + pr * C::kRow + pc * 16 + half * 8) = v;
+      } else {
+        const int r = i / C::kQChunks, c = i % C::kQChunks;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (r < heads) {
+          v = *reinterpret_cast<const uint4*>(q + (head0 + r) * a.q_stride_head + c * 8);
+        }
+        *reinterpret_cast<uint4*>(q_smem + r * C::kRow + c * 8) = v;
+      }
     }
   }
   if (row_owner) {
@@ -175,10 +193,16 @@ __global__ void __launch_bounds__(kDecodeThreads)
   const std::uint32_t q_frag =
       ptx::smem_addr(q_smem) + ((lane % 8) + ((lane / 8) % 2) * 8) * kRowBytes + (lane / 16) * 16;
   const std::uint32_t k_frag =
-      mma_tiles + (warp * 16 + (lane / 16) * 8 + lane % 8) * kRowBytes + ((lane / 8) % 2) * 16;
-  const std::uint32_t v_frag = mma_tiles + kTile * kRowBytes +
+      stages + (warp * 16 + (lane / 16) * 8 + lane % 8) * kRowBytes + ((lane / 8) % 2) * 16;
+  const std::uint32_t v_frag = stages + kTile * kRowBytes +
                                (warp * 16 + ((lane / 8) % 2) * 8 + lane % 8) * kRowBytes +
                                (lane / 16) * 16;
+  // Float8 K and V (B operands, read as byte pairs): matrix l / 8 holds tokens
+  // warp * 16 + (l / 8 % 2) * 8 + l % 8 and bytes (l / 16) * 16 of each 32-wide step, so thread
+  // l receives bytes 4 * (l % 4) ... + 3 of token l / 4 (K), or with .trans bytes 2 * (l / 4) and
+  // + 1 of tokens 2 * (l % 4) and + 1 (V).
+  const std::uint32_t fp8_frag =
+      stages + (warp * 16 + ((lane / 8) % 2) * 8 + lane % 8) * C::kStageRowBytes + (lane / 16) * 16;
   std::uint32_t q_regs[C::kQInRegisters ? D / 16 : 1][4];
   if constexpr (C::kQInRegisters) {
 #pragma unroll
@@ -193,7 +217,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
   float m[2] = {-INFINITY, -INFINITY};
   float l[2] = {0.0f, 0.0f};
   const int quad_col = 2 * (lane % 4);
-  const float k_scale = C::kConvert ? a.k_scale_of(kv_head) : 1.0f;
+  const float k_scale = C::kFp8 ? a.k_scale_of(kv_head) : 1.0f;
 
   for (int tile = 0; tile < num_tiles; ++tile) {
     // Copy group k holds tile k: the prologue committed groups 0..kStages-1, iteration t >= 1
@@ -214,42 +238,44 @@ __global__ void __launch_bounds__(kDecodeThreads)
       store_rows(next + 1, next_block);
       next_block = lookup(next + 2);
     }
-    std::uint32_t stage_offset = (tile % C::kStages) * C::kStageBytes;
-    if constexpr (C::kConvert) {
-      // The float8 stage -> the 16-bit tile. Each warp's MMAs read only its own 16 token rows of
-      // K and V, so each warp converts those rows and no CTA barrier is needed: the one above
-      // ordered the stage's landing, and the warp's previous MMAs precede its stores.
-      const unsigned char* stage = smem + C::kQBytes + stage_offset;
-      // 8 bytes in, 16 out per step: a quarter warp's 16-byte stores fill 128 contiguous bytes.
-      constexpr int kPieces = D / 8;  // 8-byte pieces of a float8 row
-      static_assert(2 * 16 * kPieces % 32 == 0, "whole steps");
-#pragma unroll 4
-      for (int step = 0; step < 2 * 16 * kPieces / 32; ++step) {
-        const int i = step * 32 + lane;
-        const int warp_row = i / kPieces, c = i % kPieces;  // rows 0-15: K, 16-31: V
-        const int r = warp * 16 + warp_row + (warp_row < 16 ? 0 : kTile - 16);
-        const uint2 bytes = *reinterpret_cast<const uint2*>(stage + r * C::kStageRowBytes + c * 8);
-        const uint2 lo = fp8x4_to_pairs<T>(bytes.x), hi = fp8x4_to_pairs<T>(bytes.y);
-        *reinterpret_cast<uint4*>(converted + r * kRowBytes + c * 16) =
-            make_uint4(lo.x, lo.y, hi.x, hi.y);
-      }
-      __syncwarp();
-      stage_offset = 0;
-    }
+    const std::uint32_t stage_offset = (tile % C::kStages) * C::kStageBytes;
 
     // S = Q K^T for this warp's 16 tokens: two 8-token column blocks, each summed in two
     // independent chains (even and odd steps) to halve the MMA dependency depth.
     float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
     float s_odd[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    if constexpr (C::kFp8) {
+      // One ldmatrix covers two 16-wide steps: kb[0], kb[1] tokens 0-7 and 8-15 of step 2 * kp,
+      // kb[2], kb[3] of step 2 * kp + 1; each register's 4 bytes make both B registers.
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      std::uint32_t kb[4], qa_smem[4];
-      ptx::ldmatrix_x4(kb, k_frag + stage_offset + kk * 32);
-      const std::uint32_t(&qa)[4] = C::kQInRegisters ? q_regs[C::kQInRegisters ? kk : 0] : qa_smem;
-      if constexpr (!C::kQInRegisters) ptx::ldmatrix_x4(qa_smem, q_frag + kk * 32);
-      float(&acc)[2][4] = kk % 2 == 0 ? s : s_odd;
-      ptx::mma_16816<T>(acc[0], qa, kb[0], kb[1]);
-      ptx::mma_16816<T>(acc[1], qa, kb[2], kb[3]);
+      for (int kp = 0; kp < D / 32; ++kp) {
+        std::uint32_t kb[4], qa_smem[2][4];
+        ptx::ldmatrix_x4(kb, fp8_frag + stage_offset + kp * 32);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int kk = 2 * kp + half;
+          const std::uint32_t(&qa)[4] =
+              C::kQInRegisters ? q_regs[C::kQInRegisters ? kk : 0] : qa_smem[half];
+          if constexpr (!C::kQInRegisters) ptx::ldmatrix_x4(qa_smem[half], q_frag + kk * 32);
+          float(&acc)[2][4] = half == 0 ? s : s_odd;
+          const uint2 first = fp8x4_to_pairs<T>(kb[2 * half]);
+          const uint2 second = fp8x4_to_pairs<T>(kb[2 * half + 1]);
+          ptx::mma_16816<T>(acc[0], qa, first.x, first.y);
+          ptx::mma_16816<T>(acc[1], qa, second.x, second.y);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        std::uint32_t kb[4], qa_smem[4];
+        ptx::ldmatrix_x4(kb, k_frag + stage_offset + kk * 32);
+        const std::uint32_t(&qa)[4] =
+            C::kQInRegisters ? q_regs[C::kQInRegisters ? kk : 0] : qa_smem;
+        if constexpr (!C::kQInRegisters) ptx::ldmatrix_x4(qa_smem, q_frag + kk * 32);
+        float(&acc)[2][4] = kk % 2 == 0 ? s : s_odd;
+        ptx::mma_16816<T>(acc[0], qa, kb[0], kb[1]);
+        ptx::mma_16816<T>(acc[1], qa, kb[2], kb[3]);
+      }
     }
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
@@ -261,7 +287,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[j][e] = a.logit(C::kConvert ? s[j][e] * k_scale : s[j][e]);
+        for (int e = 0; e < 4; ++e) s[j][e] = a.logit(C::kFp8 ? s[j][e] * k_scale : s[j][e]);
       }
     } else {
 #pragma unroll
@@ -269,7 +295,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int token = t0 + j * 8 + quad_col + (e % 2);
-          const float qk = C::kConvert ? s[j][e] * k_scale : s[j][e];
+          const float qk = C::kFp8 ? s[j][e] * k_scale : s[j][e];
           s[j][e] = token < end ? a.logit(qk) : -INFINITY;
         }
       }
@@ -313,12 +339,32 @@ __global__ void __launch_bounds__(kDecodeThreads)
     // O += P V: P's accumulator layout is the A operand layout of the next MMA.
     const std::uint32_t pa[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]),
                                  pack2<T>(s[1][0], s[1][1]), pack2<T>(s[1][2], s[1][3])};
+    if constexpr (C::kFp8) {
+      // One ldmatrix.trans covers 32 columns: vb[0], vb[1] tokens 0-7 and 8-15 of columns
+      // 32 * dp ... + 15, vb[2], vb[3] of the next 16. A register holds columns 2g and 2g + 1
+      // (g = lane / 4) of two tokens; regrouped by column, they are the B registers of the even
+      // columns' MMA (o[2w]) and of the odd columns' (o[2w + 1]) of 16-column group w.
 #pragma unroll
-    for (int dp = 0; dp < D / 16; ++dp) {
-      std::uint32_t vb[4];
-      ptx::ldmatrix_x4_trans(vb, v_frag + stage_offset + dp * 32);
-      ptx::mma_16816<T>(o[2 * dp], pa, vb[0], vb[1]);
-      ptx::mma_16816<T>(o[2 * dp + 1], pa, vb[2], vb[3]);
+      for (int dp = 0; dp < D / 32; ++dp) {
+        std::uint32_t vb[4];
+        ptx::ldmatrix_x4_trans(vb, fp8_frag + kTile * C::kStageRowBytes + stage_offset + dp * 32);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int w = 2 * dp + half;
+          const uint2 first = fp8x4_to_pairs<T>(__byte_perm(vb[2 * half], 0, 0x3120));
+          const uint2 second = fp8x4_to_pairs<T>(__byte_perm(vb[2 * half + 1], 0, 0x3120));
+          ptx::mma_16816<T>(o[2 * w], pa, first.x, second.x);
+          ptx::mma_16816<T>(o[2 * w + 1], pa, first.y, second.y);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        std::uint32_t vb[4];
+        ptx::ldmatrix_x4_trans(vb, v_frag + stage_offset + dp * 32);
+        ptx::mma_16816<T>(o[2 * dp], pa, vb[0], vb[1]);
+        ptx::mma_16816<T>(o[2 * dp + 1], pa, vb[2], vb[3]);
+      }
     }
   }
   ptx::cp_async_wait<0>();
@@ -330,7 +376,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
   }
-  if constexpr (C::kConvert) {
+  if constexpr (C::kFp8) {
     const float v_scale = a.v_scale_of(kv_head);
 #pragma unroll
     for (int nb = 0; nb < D / 8; ++nb) {
@@ -348,11 +394,25 @@ __global__ void __launch_bounds__(kDecodeThreads)
     red_l[warp * kMmaHeads + g] = l[0];
     red_l[warp * kMmaHeads + g + 8] = l[1];
   }
+  if constexpr (C::kFp8) {
+    // Group w's even-column block o[2w] holds columns 16w + 4 * (lane % 4) + {0, 2}, its odd one
+    // + {1, 3}: interleaved, 4 consecutive columns.
 #pragma unroll
-  for (int nb = 0; nb < D / 8; ++nb) {
-    float* row_g = red_o + (warp * kMmaHeads + g) * C::kRedRow + nb * 8 + quad_col;
-    *reinterpret_cast<float2*>(row_g) = make_float2(o[nb][0], o[nb][1]);
-    *reinterpret_cast<float2*>(row_g + 8 * C::kRedRow) = make_float2(o[nb][2], o[nb][3]);
+    for (int w = 0; w < D / 16; ++w) {
+      float* row_g = red_o + (warp * kMmaHeads + g) * C::kRedRow + w * 16 + 2 * quad_col;
+      const float(&even)[4] = o[2 * w];
+      const float(&odd)[4] = o[2 * w + 1];
+      *reinterpret_cast<float4*>(row_g) = make_float4(even[0], odd[0], even[1], odd[1]);
+      *reinterpret_cast<float4*>(row_g + 8 * C::kRedRow) =
+          make_float4(even[2], odd[2], even[3], odd[3]);
+    }
+  } else {
+#pragma unroll
+    for (int nb = 0; nb < D / 8; ++nb) {
+      float* row_g = red_o + (warp * kMmaHeads + g) * C::kRedRow + nb * 8 + quad_col;
+      *reinterpret_cast<float2*>(row_g) = make_float2(o[nb][0], o[nb][1]);
+      *reinterpret_cast<float2*>(row_g + 8 * C::kRedRow) = make_float2(o[nb][2], o[nb][3]);
+    }
   }
   __syncthreads();
   merge_warps_and_store<T>(a, red_m, red_l, red_o, kMmaHeads, D, C::kRedRow, heads, head0, b,
