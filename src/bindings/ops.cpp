@@ -1,14 +1,10 @@
 #include "tinyserve/ops.h"
 
 #include <nanobind/nanobind.h>
-#include <nanobind/ndarray.h>
-#include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
-#include <nanobind/stl/vector.h>
 
 #include <optional>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -19,156 +15,176 @@ using namespace nb::literals;
 
 namespace tinyserve::bindings {
 
-using In = nb::ndarray<nb::ro>;  // read-only access is enough (accepts read-only producers)
-using Out = nb::ndarray<>;       // written to
-
 namespace {
 
 // A cache as the element type the caller names: NumPy has no float8 type, so a uint8 array
-// holds float8_e4m3fn bits when kv_dtype is "float8_e4m3fn". Without kv_dtype the array's own
+// holds float8_e4m3fn bits when kv_dtype is "float8_e4m3fn". With kv_dtype None the array's own
 // dtype counts.
-template <class... Ts>
-TensorView cache_view(const nb::ndarray<Ts...>& a, const std::optional<std::string>& kv_dtype,
-                      const char* op, const char* name) {
-  TensorView t = to_view(a, op, name);
-  if (!kv_dtype) return t;
-  if (*kv_dtype != "float8_e4m3fn") {
-    throw std::invalid_argument(std::string("tinyserve.") + op +
-                                ": kv_dtype must be None or 'float8_e4m3fn', got '" + *kv_dtype +
-                                "'");
+TensorView as_kv_dtype(TensorView t, nb::handle kv_dtype, const char* op, const char* name) {
+  if (kv_dtype.is_none()) return t;
+  if (!nb::isinstance<nb::str>(kv_dtype) || nb::cast<std::string>(kv_dtype) != "float8_e4m3fn") {
+    detail::fail(op, "kv_dtype must be None or 'float8_e4m3fn', got ", nb::repr(kv_dtype).c_str());
   }
-  if (t.dtype != DType::UInt8 && t.dtype != DType::Float8E4M3) {
-    throw std::invalid_argument(std::string("tinyserve.") + op + ": " + name +
-                                " must be uint8 or float8_e4m3fn with kv_dtype='float8_e4m3fn', "
-                                "got " +
-                                dtype_name(t.dtype));
+  if (t.dtype != DType::UInt8 && t.dtype != DType::Float8E4M3FN) {
+    detail::fail(op, name, " must be uint8 or float8_e4m3fn with kv_dtype='float8_e4m3fn', got ",
+                 dtype_name(t.dtype));
   }
-  t.dtype = DType::Float8E4M3;
+  t.dtype = DType::Float8E4M3FN;
   return t;
 }
 
-KVScale kv_scale(const char* op, const char* name, float value, const std::optional<In>& per_head) {
+// A float8 cache's scale: None (1), a number (one for the tensor) or an array (one per KV head).
+KVScale kv_scale(Arrays& a, nb::handle h, const char* op, const char* name) {
   KVScale s;
-  s.value = value;
-  if (per_head) s.per_head = to_view(*per_head, op, name);
+  if (h.is_none()) return s;
+  if (PyFloat_Check(h.ptr()) || PyLong_Check(h.ptr())) {
+    s.value = to_float(h, op, name);
+  } else {
+    s.per_head = a.input(h, name);
+  }
   return s;
-}
-
-AttentionOptions attention_options(const char* op, std::optional<float> scale, int window_left,
-                                   float logits_soft_cap, std::optional<Out> lse,
-                                   std::int64_t max_seq_len, int num_splits,
-                                   std::optional<Out> workspace) {
-  AttentionOptions o;
-  o.scale = scale;
-  o.window_left = window_left;
-  o.logits_soft_cap = logits_soft_cap;
-  if (lse) o.lse = to_view(*lse, op, "lse");
-  o.max_seq_len = max_seq_len;
-  o.num_splits = num_splits;
-  if (workspace) o.workspace = to_view(*workspace, op, "workspace");
-  return o;
 }
 
 }  // namespace
 
+// Every argument arrives as a Python object and goes through convert.h, so that whatever cannot
+// be converted is reported with the op, the argument and the value.
 void bind_ops(nb::module_& m) {
   m.def(
       "reshape_and_cache",
-      [](In key, In value, Out key_cache, Out value_cache, In slot_mapping, float k_scale,
-         std::optional<In> k_scale_per_head, float v_scale, std::optional<In> v_scale_per_head,
-         std::optional<std::string> kv_dtype, std::uintptr_t stream) {
+      [](nb::handle key, nb::handle value, nb::handle key_cache, nb::handle value_cache,
+         nb::handle slot_mapping, nb::handle k_scale, nb::handle v_scale, nb::handle kv_dtype,
+         nb::handle stream) {
         const char* op = "reshape_and_cache";
-        TensorView k = to_view(key, op, "key"), v = to_view(value, op, "value");
-        TensorView kc = cache_view(key_cache, kv_dtype, op, "key_cache");
-        TensorView vc = cache_view(value_cache, kv_dtype, op, "value_cache");
-        TensorView sm = to_view(slot_mapping, op, "slot_mapping");
+        Arrays a(op);
+        TensorView k = a.input(key, "key"), v = a.input(value, "value");
+        TensorView kc = as_kv_dtype(a.output(key_cache, "key_cache"), kv_dtype, op, "key_cache");
+        TensorView vc =
+            as_kv_dtype(a.output(value_cache, "value_cache"), kv_dtype, op, "value_cache");
+        TensorView sm = a.input(slot_mapping, "slot_mapping");
         CacheWriteOptions o;
-        o.k_scale = kv_scale(op, "k_scale", k_scale, k_scale_per_head);
-        o.v_scale = kv_scale(op, "v_scale", v_scale, v_scale_per_head);
+        o.k_scale = kv_scale(a, k_scale, op, "k_scale");
+        o.v_scale = kv_scale(a, v_scale, op, "v_scale");
+        Stream s = to_int<Stream>(stream, op, "stream");
         nb::gil_scoped_release release;
-        reshape_and_cache(k, v, kc, vc, sm, o, stream);
+        reshape_and_cache(k, v, kc, vc, sm, o, s);
       },
-      "key"_a, "value"_a, "key_cache"_a, "value_cache"_a, "slot_mapping"_a, "k_scale"_a = 1.0f,
-      "k_scale_per_head"_a = nb::none(), "v_scale"_a = 1.0f, "v_scale_per_head"_a = nb::none(),
-      "kv_dtype"_a = nb::none(), "stream"_a = 0);
+      "key"_a.none(), "value"_a.none(), "key_cache"_a.none(), "value_cache"_a.none(),
+      "slot_mapping"_a.none(), "k_scale"_a.none() = nb::none(), "v_scale"_a.none() = nb::none(),
+      "kv_dtype"_a.none() = nb::none(), "stream"_a.none() = 0,
+      nb::sig("def reshape_and_cache(key: typing.Any, value: typing.Any, key_cache: typing.Any, "
+              "value_cache: typing.Any, slot_mapping: typing.Any, k_scale: typing.Any | None = "
+              "None, v_scale: typing.Any | None = None, kv_dtype: str | None = None, stream: int "
+              "= 0) -> None"));
 
   m.def(
       "paged_attention",
-      [](In query, In key_cache, In value_cache, In block_table, In seq_lens, Out out,
-         std::optional<float> scale, int window_left, float logits_soft_cap, std::optional<Out> lse,
-         std::int64_t max_seq_len, int num_splits, std::optional<Out> workspace, float k_scale,
-         std::optional<In> k_scale_per_head, float v_scale, std::optional<In> v_scale_per_head,
-         std::optional<std::string> kv_dtype, std::uintptr_t stream) {
+      [](nb::handle query, nb::handle key_cache, nb::handle value_cache, nb::handle block_table,
+         nb::handle seq_lens, nb::handle out, nb::handle scale, nb::handle window_left,
+         nb::handle logits_soft_cap, nb::handle lse, nb::handle max_seq_len, nb::handle num_splits,
+         nb::handle workspace, nb::handle k_scale, nb::handle v_scale, nb::handle kv_dtype,
+         nb::handle stream) {
         const char* op = "paged_attention";
-        TensorView q = to_view(query, op, "query");
-        TensorView kc = cache_view(key_cache, kv_dtype, op, "key_cache");
-        TensorView vc = cache_view(value_cache, kv_dtype, op, "value_cache");
-        TensorView bt = to_view(block_table, op, "block_table");
-        TensorView sl = to_view(seq_lens, op, "seq_lens");
-        TensorView o = to_view(out, op, "out");
-        AttentionOptions opts = attention_options(op, scale, window_left, logits_soft_cap, lse,
-                                                  max_seq_len, num_splits, workspace);
-        opts.k_scale = kv_scale(op, "k_scale", k_scale, k_scale_per_head);
-        opts.v_scale = kv_scale(op, "v_scale", v_scale, v_scale_per_head);
+        Arrays a(op);
+        TensorView q = a.input(query, "query");
+        TensorView kc = as_kv_dtype(a.input(key_cache, "key_cache"), kv_dtype, op, "key_cache");
+        TensorView vc =
+            as_kv_dtype(a.input(value_cache, "value_cache"), kv_dtype, op, "value_cache");
+        TensorView bt = a.input(block_table, "block_table");
+        TensorView sl = a.input(seq_lens, "seq_lens");
+        TensorView o = a.output(out, "out");
+        AttentionOptions opts;
+        opts.scale = to_optional_float(scale, op, "scale");
+        opts.window_left = to_int<int>(window_left, op, "window_left");
+        opts.logits_soft_cap = to_float(logits_soft_cap, op, "logits_soft_cap");
+        opts.lse = a.optional_output(lse, "lse");
+        opts.max_seq_len = to_int<std::int64_t>(max_seq_len, op, "max_seq_len");
+        opts.num_splits = to_int<int>(num_splits, op, "num_splits");
+        opts.workspace = a.optional_output(workspace, "workspace");
+        opts.k_scale = kv_scale(a, k_scale, op, "k_scale");
+        opts.v_scale = kv_scale(a, v_scale, op, "v_scale");
+        Stream s = to_int<Stream>(stream, op, "stream");
         nb::gil_scoped_release release;
-        paged_attention(q, kc, vc, bt, sl, o, opts, stream);
+        paged_attention(q, kc, vc, bt, sl, o, opts, s);
       },
-      "query"_a, "key_cache"_a, "value_cache"_a, "block_table"_a, "seq_lens"_a, "out"_a,
-      "scale"_a = nb::none(), "window_left"_a = -1, "logits_soft_cap"_a = 0.0f,
-      "lse"_a = nb::none(), "max_seq_len"_a = -1, "num_splits"_a = 0, "workspace"_a = nb::none(),
-      "k_scale"_a = 1.0f, "k_scale_per_head"_a = nb::none(), "v_scale"_a = 1.0f,
-      "v_scale_per_head"_a = nb::none(), "kv_dtype"_a = nb::none(), "stream"_a = 0);
+      "query"_a.none(), "key_cache"_a.none(), "value_cache"_a.none(), "block_table"_a.none(),
+      "seq_lens"_a.none(), "out"_a.none(), "scale"_a.none() = nb::none(),
+      "window_left"_a.none() = -1, "logits_soft_cap"_a.none() = 0.0f, "lse"_a.none() = nb::none(),
+      "max_seq_len"_a.none() = -1, "num_splits"_a.none() = 0, "workspace"_a.none() = nb::none(),
+      "k_scale"_a.none() = nb::none(), "v_scale"_a.none() = nb::none(),
+      "kv_dtype"_a.none() = nb::none(), "stream"_a.none() = 0,
+      nb::sig("def paged_attention(query: typing.Any, key_cache: typing.Any, value_cache: "
+              "typing.Any, block_table: typing.Any, seq_lens: typing.Any, out: typing.Any, scale: "
+              "float | None = None, window_left: int = -1, logits_soft_cap: float = 0.0, lse: "
+              "typing.Any | None = None, max_seq_len: int = -1, num_splits: int = 0, workspace: "
+              "typing.Any | None = None, k_scale: typing.Any | None = None, v_scale: typing.Any | "
+              "None = None, kv_dtype: str | None = None, stream: int = 0) -> None"));
 
   m.def(
       "plan_paged_attention",
-      [](In query, In key_cache, In block_table, int window_left, std::int64_t max_seq_len,
-         int num_splits, std::optional<std::string> kv_dtype) {
+      [](nb::handle query, nb::handle key_cache, nb::handle block_table, nb::handle window_left,
+         nb::handle max_seq_len, nb::handle num_splits, nb::handle kv_dtype) {
         const char* op = "plan_paged_attention";
+        Arrays a(op);
+        TensorView q = a.input(query, "query");
+        TensorView kc = as_kv_dtype(a.input(key_cache, "key_cache"), kv_dtype, op, "key_cache");
+        TensorView bt = a.input(block_table, "block_table");
         AttentionOptions o;
-        o.window_left = window_left;
-        o.max_seq_len = max_seq_len;
-        o.num_splits = num_splits;
-        AttentionPlan plan = plan_paged_attention(to_view(query, op, "query"),
-                                                  cache_view(key_cache, kv_dtype, op, "key_cache"),
-                                                  to_view(block_table, op, "block_table"), o);
+        o.window_left = to_int<int>(window_left, op, "window_left");
+        o.max_seq_len = to_int<std::int64_t>(max_seq_len, op, "max_seq_len");
+        o.num_splits = to_int<int>(num_splits, op, "num_splits");
+        AttentionPlan plan = plan_paged_attention(q, kc, bt, o);
         return std::make_pair(plan.num_splits, plan.workspace_bytes);
       },
-      "query"_a, "key_cache"_a, "block_table"_a, "window_left"_a = -1, "max_seq_len"_a = -1,
-      "num_splits"_a = 0, "kv_dtype"_a = nb::none(),
+      "query"_a.none(), "key_cache"_a.none(), "block_table"_a.none(), "window_left"_a.none() = -1,
+      "max_seq_len"_a.none() = -1, "num_splits"_a.none() = 0, "kv_dtype"_a.none() = nb::none(),
+      nb::sig("def plan_paged_attention(query: typing.Any, key_cache: typing.Any, block_table: "
+              "typing.Any, window_left: int = -1, max_seq_len: int = -1, num_splits: int = 0, "
+              "kv_dtype: str | None = None) -> tuple[int, int]"),
       "Returns (num_splits, workspace_bytes) that paged_attention uses for these arguments.");
 
   m.def(
       "copy_blocks",
-      [](std::vector<Out> caches, In src, In dst, std::uintptr_t stream) {
+      [](nb::handle caches, nb::handle src, nb::handle dst, nb::handle stream) {
         const char* op = "copy_blocks";
-        std::vector<TensorView> views;
-        views.reserve(caches.size());
-        for (const Out& c : caches) views.push_back(to_view(c, op, "caches[i]"));
-        TensorView s = to_view(src, op, "src"), d = to_view(dst, op, "dst");
+        Arrays a(op);
+        std::vector<TensorView> views = a.output_list(caches, "caches");
+        TensorView s = a.input(src, "src"), d = a.input(dst, "dst");
+        Stream st = to_int<Stream>(stream, op, "stream");
         nb::gil_scoped_release release;
-        copy_blocks(views, s, d, stream);
+        copy_blocks(views, s, d, st);
       },
-      "caches"_a, "src"_a, "dst"_a, "stream"_a = 0);
+      "caches"_a.none(), "src"_a.none(), "dst"_a.none(), "stream"_a.none() = 0,
+      nb::sig("def copy_blocks(caches: list[typing.Any] | tuple[typing.Any, ...], src: typing.Any, "
+              "dst: typing.Any, stream: int = 0) -> None"));
 
   m.def(
       "swap_blocks",
-      [](In src_cache, Out dst_cache, In src, In dst, std::uintptr_t stream) {
+      [](nb::handle src_cache, nb::handle dst_cache, nb::handle src, nb::handle dst,
+         nb::handle stream) {
         const char* op = "swap_blocks";
-        TensorView sc = to_view(src_cache, op, "src_cache");
-        TensorView dc = to_view(dst_cache, op, "dst_cache");
-        TensorView s = to_view(src, op, "src"), d = to_view(dst, op, "dst");
+        Arrays a(op);
+        TensorView sc = a.input(src_cache, "src_cache");
+        TensorView dc = a.output(dst_cache, "dst_cache");
+        TensorView s = a.input(src, "src"), d = a.input(dst, "dst");
+        Stream st = to_int<Stream>(stream, op, "stream");
         nb::gil_scoped_release release;
-        swap_blocks(sc, dc, s, d, stream);
+        swap_blocks(sc, dc, s, d, st);
       },
-      "src_cache"_a, "dst_cache"_a, "src"_a, "dst"_a, "stream"_a = 0);
+      "src_cache"_a.none(), "dst_cache"_a.none(), "src"_a.none(), "dst"_a.none(),
+      "stream"_a.none() = 0,
+      nb::sig("def swap_blocks(src_cache: typing.Any, dst_cache: typing.Any, src: typing.Any, dst: "
+              "typing.Any, stream: int = 0) -> None"));
 
   m.def(
       "_stream_synchronize",
-      [](std::uintptr_t stream) {
+      [](nb::handle stream) {
+        Stream s = to_int<Stream>(stream, "synchronize", "stream");
         nb::gil_scoped_release release;
-        cuda_stream_synchronize(stream);
+        cuda_stream_synchronize(s);
       },
-      "stream"_a, "Waits for the CUDA stream (used where a framework shares no stream).");
+      "stream"_a.none(), nb::sig("def _stream_synchronize(stream: int) -> None"),
+      "Waits for the CUDA stream (used where a framework shares no stream).");
 
   m.def("cuda_compiled", &cuda_compiled, "True when the library was built with CUDA kernels.");
   m.def("cuda_device_count", &cuda_device_count,

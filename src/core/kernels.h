@@ -31,8 +31,8 @@ struct ScaleArg {
 
 struct ReshapeAndCacheParams {
   DType dtype = DType::Float32;        // of key and value
-  DType cache_dtype = DType::Float32;  // of the caches: dtype, or Float8E4M3 (quantised)
-  ScaleArg k_scale, v_scale;           // Float8E4M3 caches only
+  DType cache_dtype = DType::Float32;  // of the caches: dtype, or Float8E4M3FN (quantised)
+  ScaleArg k_scale, v_scale;           // Float8E4M3FN caches only
   const void* key = nullptr;           // [num_tokens, num_heads, head_dim]
   std::int64_t key_stride_token = 0, key_stride_head = 0;
   const void* value = nullptr;
@@ -56,7 +56,7 @@ constexpr int kMaxAttentionBatch = 65535;
 
 struct PagedAttentionParams {
   // Element types of the query, the K/V caches and the output: the output has the query's type;
-  // the caches have it too, or are Float8E4M3 (read as stored * k_scale / v_scale).
+  // the caches have it too, or are Float8E4M3FN (read as stored * k_scale / v_scale).
   DType query_dtype = DType::Float32;
   DType kv_dtype = DType::Float32;
   DType out_dtype = DType::Float32;
@@ -111,10 +111,20 @@ struct BlockTensor {
   bool dense = false;
 };
 
+// Block ids of a copy, int32 or int64 [num_pairs], in the memory of the backend that runs it.
+struct BlockIds {
+  const void* data = nullptr;
+  bool wide = false;  // int64 rather than int32
+  // Host memory only.
+  std::int64_t operator[](std::int64_t i) const {
+    return wide ? static_cast<const std::int64_t*>(data)[i]
+                : static_cast<const std::int32_t*>(data)[i];
+  }
+};
+
 struct CopyBlocksParams {
   std::vector<BlockTensor> tensors;
-  const std::int32_t* src = nullptr;
-  const std::int32_t* dst = nullptr;
+  BlockIds src, dst;
   std::int64_t num_pairs = 0;
   int device_index = 0;
 };
@@ -122,8 +132,7 @@ struct CopyBlocksParams {
 struct SwapBlocksParams {
   BlockTensor src_cache, dst_cache;  // same inner layout, both dense
   Device src_device, dst_device;
-  const std::int32_t* src = nullptr;  // host memory
-  const std::int32_t* dst = nullptr;
+  BlockIds src, dst;  // host memory
   std::int64_t num_pairs = 0;
 };
 

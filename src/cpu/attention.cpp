@@ -5,6 +5,7 @@
 // through their log-sum-exp.
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -71,8 +72,14 @@ const float* as_float(const T* src, int n, std::vector<float>& tile, int t, floa
     (void)t;
     return src;
   } else if constexpr (std::is_same_v<T, float8_e4m3_t>) {
+    // float8 e4m3fn values by bit pattern.
+    static const std::array<float, 256> values = [] {
+      std::array<float, 256> v{};
+      for (int i = 0; i < 256; ++i) v[i] = to_float(float8_e4m3_t{std::uint8_t(i)});
+      return v;
+    }();
     float* dst = tile.data() + std::size_t(t) * n;
-    for (int d = 0; d < n; ++d) dst[d] = to_float(src[d]) * scale;
+    for (int d = 0; d < n; ++d) dst[d] = values[src[d].bits] * scale;
     return dst;
   } else {
     float* dst = tile.data() + std::size_t(t) * n;
@@ -262,7 +269,7 @@ int plan_attention_splits(int batch, int num_kv_heads, std::int64_t max_kv_len) 
 // The query and output share a type; the caches have it too, or are float8.
 template <class T>
 void run_query_type(const PagedAttentionParams& p) {
-  if (p.kv_dtype == DType::Float8E4M3) return run<T, float8_e4m3_t>(p);
+  if (p.kv_dtype == DType::Float8E4M3FN) return run<T, float8_e4m3_t>(p);
   return run<T, T>(p);
 }
 

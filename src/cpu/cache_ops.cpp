@@ -75,7 +75,7 @@ void quantise_rows(const ReshapeAndCacheParams& p) {
 }  // namespace
 
 void reshape_and_cache(const ReshapeAndCacheParams& p) {
-  if (p.cache_dtype == DType::Float8E4M3) {
+  if (p.cache_dtype == DType::Float8E4M3FN) {
     switch (p.dtype) {
       case DType::Float16:
         return quantise_rows<tinyserve::cpu::half_t>(p);

@@ -107,7 +107,7 @@ int plan_attention_splits(int device_index, DType dtype, DType kv_dtype, int bat
 
 void paged_attention(const PagedAttentionParams& p, Stream stream) {
   const char* op = "paged_attention";
-  const bool kv_ok = p.kv_dtype == p.query_dtype || p.kv_dtype == DType::Float8E4M3;
+  const bool kv_ok = p.kv_dtype == p.query_dtype || p.kv_dtype == DType::Float8E4M3FN;
   if (!kv_ok || p.out_dtype != p.query_dtype) {
     throw std::invalid_argument(
         std::string("tinyserve.paged_attention: the CUDA kernels need the query's dtype for the "

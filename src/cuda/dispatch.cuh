@@ -52,7 +52,7 @@ decltype(auto) dispatch_float_dtype(DType dtype, F&& f) {
 // itself, or float8 e4m3fn (dequantised in the kernel).
 template <class Q, class F>
 decltype(auto) dispatch_kv_dtype(DType kv_dtype, F&& f) {
-  if (kv_dtype == DType::Float8E4M3) return f(TypeTag<__nv_fp8_e4m3>{});
+  if (kv_dtype == DType::Float8E4M3FN) return f(TypeTag<__nv_fp8_e4m3>{});
   return f(TypeTag<Q>{});
 }
 

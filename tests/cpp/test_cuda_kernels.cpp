@@ -131,7 +131,7 @@ void run_case(const Case& c) {
   tk::PagedAttentionParams p;
   p.query_dtype = p.kv_dtype = p.out_dtype = c.dtype;
   if (c.fp8_cache) {
-    p.kv_dtype = DType::Float8E4M3;
+    p.kv_dtype = DType::Float8E4M3FN;
     p.k_scale.per_head = d_k_scales;
     p.v_scale.value = v_scale;
   }

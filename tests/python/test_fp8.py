@@ -375,7 +375,7 @@ def _small_fp8(fw):
         (dict(k_scale=np.ones(3, np.float32)), r"k_scale dimension 0 \(num_kv_heads"),
         (dict(k_scale=np.ones((2, 1), np.float32)), "k_scale must have 1 dimensions"),
         (dict(v_scale=np.ones(2, np.float16)), "v_scale must be float32, got float16"),
-        (dict(v_scale=np.ones(2, np.float64)), "v_scale has an unsupported dtype"),
+        (dict(v_scale=np.ones(2, np.float64)), "v_scale must be float32, got float64"),
         (dict(v_scale=np.array([1.0, -2.0], np.float32)), r"v_scale\[1\] must be positive"),
         (dict(k_scale=np.array([np.nan, 1.0], np.float32)), r"k_scale\[0\] must be positive"),
     ],
