@@ -356,6 +356,48 @@ def test_write_then_attend(rng, backend, dtype):
     assert R.rel_error(f64(out), ref) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("backend", fp8_backends())
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_prefill_fp8(rng, backend, dtype, layout):
+    """Prefill rows (query_start_loc: a prompt, an append over a prefix, a decode row, a sequence
+    with no rows) over float8 caches with per-head scales, against float64 causal attention over
+    the dequantised values."""
+    fw, device = backend
+    _require(fw, dtype)
+    seq_lens = np.array([40, 75, 9, 30], dtype=np.int32)
+    rows = np.array([40, 12, 1, 0])
+    case, kb, vb, ks, vs = _attention_case(rng, seq_lens, 8, 2, 64, 16, "head")
+    starts = np.concatenate(([0], np.cumsum(rows))).astype(np.int32)
+    query = rng.standard_normal((int(starts[-1]), 8, 64))
+    kc, vc = _fp8_caches(kb, vb, fw, device, layout)
+    q = _input(query, fw, dtype, device)
+    if fw == "numpy":
+        table, lens, qsl = case.block_table, case.seq_lens, starts
+    else:
+        table, lens, qsl = (
+            torch.from_numpy(a).to(device) for a in (case.block_table, seq_lens, starts)
+        )
+    out, lse = ts.paged_attention(
+        q,
+        kc,
+        vc,
+        table,
+        lens,
+        query_start_loc=qsl,
+        k_scale=_scale_arg(ks, "head", fw, device),
+        v_scale=_scale_arg(vs, "head", fw, device),
+        kv_dtype=_kv_dtype(fw),
+        return_lse=True,
+    )
+    sync(fw, device)
+    k = decode_e4m3(kb) * ks[None, None, :, None]
+    v = decode_e4m3(vb) * vs[None, None, :, None]
+    ref, ref_lse = R.paged_prefill(f64(q), k, v, case.block_table, seq_lens, starts)
+    assert R.rel_error(f64(out), ref) < TOLERANCE[dtype]
+    np.testing.assert_allclose(f64(lse), ref_lse, rtol=1e-4, atol=1e-3)
+
+
 # --- argument checks ---------------------------------------------------------------------------
 
 
