@@ -4,6 +4,7 @@ core once."""
 
 from __future__ import annotations
 
+import numbers
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -47,6 +48,14 @@ def _workspace(like: Any, fw: str, nbytes: int) -> Any:
             ws = _interop.empty(like, (size,), "uint8", fw)
             _workspaces[key] = ws
         return ws
+
+
+def _scale(scale: Any) -> Any:
+    """A float8 cache's scale for the core: a number (NumPy scalars included) as a float, an
+    array (one scale per KV head) exported as it is."""
+    if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+        return float(scale)
+    return _interop.export(scale)
 
 
 def _fp8_view(cache: Any, kv_dtype: str | None) -> tuple[Any, str | None]:
@@ -137,8 +146,8 @@ def reshape_and_cache(
         x(key_cache),
         x(value_cache),
         x(slot_mapping),
-        k_scale=x(k_scale),
-        v_scale=x(v_scale),
+        k_scale=_scale(k_scale),
+        v_scale=_scale(v_scale),
         kv_dtype=kv_dtype,
         stream=s,
     )
@@ -272,8 +281,8 @@ def paged_attention(
         num_splits=splits,
         workspace=x(workspace),
         query_start_loc=x(query_start_loc),
-        k_scale=x(k_scale),
-        v_scale=x(v_scale),
+        k_scale=_scale(k_scale),
+        v_scale=_scale(v_scale),
         kv_dtype=kv_dtype,
         stream=s,
     )

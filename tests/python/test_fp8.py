@@ -122,7 +122,7 @@ def _scales(rng, mode: str, num_kv_heads: int) -> np.ndarray:
 
 def _scale_arg(scales: np.ndarray, mode: str, fw: str, device: str):
     if mode == "tensor":
-        return float(scales[0])
+        return scales[0]  # a NumPy float32 scalar: any real number is taken
     if fw == "numpy":
         return scales.copy()
     return torch.from_numpy(scales.copy()).to(device)
