@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -40,7 +41,6 @@ struct BackendKernels {
   void (*copy_blocks)(const kernels::CopyBlocksParams&, Stream);
   void (*swap_blocks)(const kernels::SwapBlocksParams&, Stream);
   bool split_partials_in_workspace;  // split attention needs the caller's workspace
-  bool prefill_splits;  // the prefill kernel splits the key range (else num_splits is ignored)
 };
 
 constexpr BackendKernels kCpuKernels{
@@ -53,13 +53,17 @@ constexpr BackendKernels kCpuKernels{
     [](const kernels::CopyBlocksParams& p, Stream) { kernels::cpu::copy_blocks(p); },
     [](const kernels::SwapBlocksParams& p, Stream) { kernels::cpu::swap_blocks(p); },
     false,
-    true,
 };
 
 constexpr BackendKernels kCudaKernels{
     kernels::cuda::reshape_and_cache,
     kernels::cuda::paged_attention,
     [](const AttentionShapes& s, DType dtype, DType kv_dtype, std::int64_t max_kv_len) {
+      if (s.prefill) {
+        return kernels::cuda::plan_prefill_splits(s.device.index, dtype, s.batch, s.num_query_rows,
+                                                  s.num_q_heads, s.num_kv_heads, s.head_dim,
+                                                  max_kv_len);
+      }
       return kernels::cuda::plan_attention_splits(s.device.index, dtype, kv_dtype, s.batch,
                                                   s.num_q_heads, s.num_kv_heads, s.head_dim,
                                                   max_kv_len);
@@ -67,7 +71,6 @@ constexpr BackendKernels kCudaKernels{
     kernels::cuda::copy_blocks,
     kernels::cuda::swap_blocks,
     true,
-    false,
 };
 
 const BackendKernels& kernels_of(Backend backend) {
@@ -210,15 +213,11 @@ AttentionPlan make_plan(const AttentionShapes& s, DType dtype, DType kv_dtype,
   AttentionPlan plan;
   std::int64_t kv_len = max_kv_len(o, std::int64_t(s.max_blocks) * s.block_size);
   const BackendKernels& k = kernels_of(s.backend);
-  if (s.prefill && !k.prefill_splits) {
-    plan.num_splits = 1;
-  } else {
-    plan.num_splits =
-        o.num_splits > 0 ? o.num_splits : k.plan_attention_splits(s, dtype, kv_dtype, kv_len);
-  }
+  plan.num_splits =
+      o.num_splits > 0 ? o.num_splits : k.plan_attention_splits(s, dtype, kv_dtype, kv_len);
   if (k.split_partials_in_workspace && plan.num_splits > 1) {
-    plan.workspace_bytes =
-        kernels::attention_workspace_bytes(plan.num_splits, s.batch, s.num_q_heads, s.head_dim);
+    plan.workspace_bytes = kernels::attention_workspace_bytes(
+        plan.num_splits, int(s.num_query_rows), s.num_q_heads, s.head_dim);
   }
   return plan;
 }
@@ -466,15 +465,23 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
     c.dim(lse, "lse", 1, s.num_q_heads, "num_q_heads");
     c.same_device({{query, "query"}, {lse, "lse"}});
   }
-  // Outputs share memory with nothing else of the call.
-  const detail::Named inputs[] = {{query, "query"},
-                                  {key_cache, "key_cache"},
-                                  {value_cache, "value_cache"},
-                                  {block_table, "block_table"},
-                                  {seq_lens, "seq_lens"}};
-  for (const detail::Named& in : inputs) c.disjoint({out, "out"}, in);
+  // Outputs share memory with nothing else of the call (query_start_loc included: the
+  // kernels read it while rows of out are being written).
+  const TensorView no_query_start_loc{};
+  const detail::Named all_inputs[] = {
+      {query, "query"},
+      {key_cache, "key_cache"},
+      {value_cache, "value_cache"},
+      {block_table, "block_table"},
+      {seq_lens, "seq_lens"},
+      {s.prefill ? *options.query_start_loc : no_query_start_loc, "query_start_loc"}};
+  const std::size_t num_inputs = std::size(all_inputs) - (s.prefill ? 0 : 1);
+  const detail::Named* const inputs_end = all_inputs + num_inputs;
+  for (const detail::Named* in = all_inputs; in != inputs_end; ++in) c.disjoint({out, "out"}, *in);
   if (options.lse) {
-    for (const detail::Named& in : inputs) c.disjoint({*options.lse, "lse"}, in);
+    for (const detail::Named* in = all_inputs; in != inputs_end; ++in) {
+      c.disjoint({*options.lse, "lse"}, *in);
+    }
     c.disjoint({*options.lse, "lse"}, {out, "out"});
   }
   AttentionPlan plan = make_plan(s, query.dtype, key_cache.dtype, options);
@@ -496,7 +503,9 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
                plan.workspace_bytes, " bytes for ", plan.num_splits, " splits, got ", bytes);
     TS_REQUIRE(c, reinterpret_cast<std::uintptr_t>(ws.data) % 16 == 0,
                "workspace must be 16-byte aligned, got address ", ws.data);
-    for (const detail::Named& in : inputs) c.disjoint({ws, "workspace"}, in);
+    for (const detail::Named* in = all_inputs; in != inputs_end; ++in) {
+      c.disjoint({ws, "workspace"}, *in);
+    }
     c.disjoint({ws, "workspace"}, {out, "out"});
     if (options.lse) c.disjoint({ws, "workspace"}, {*options.lse, "lse"});
   }

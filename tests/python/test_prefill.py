@@ -401,6 +401,18 @@ def _bad_inputs():
             set_key("out", lambda a: np.full((3, 4, 64), np.nan, np.float32)),
             r"out must have the shape of query",
         ),
+        # Offsets kept in the memory of an output: refused before any row is written (the
+        # NaN bits read as int32 would otherwise fail the offset checks with another message).
+        (
+            "starts_inside_out",
+            set_key("query_start_loc", lambda a: a["out"].reshape(-1)[5:9].view(np.int32)),
+            r"out and query_start_loc must not share memory",
+        ),
+        (
+            "starts_inside_lse",
+            set_key("query_start_loc", lambda a: a["lse"].reshape(-1)[-4:].view(np.int32)),
+            r"lse and query_start_loc must not share memory",
+        ),
         (
             "bad_block_in_prefix",
             set_key("block_table", bad_first_block),
@@ -433,7 +445,7 @@ def test_bad_input_is_rejected_and_nothing_written(rng, name, change, message):
 @pytest.mark.parametrize("head_dim", [64, 128, 256, 96, 512])
 def test_cuda_matches_cpu_backend(rng, dtype, head_dim):
     """The CUDA prefill kernel against the CPU backend and the reference, head dims of the
-    tensor-core decode kernels and others, a split count asked for (CUDA prefill ignores it)."""
+    tensor-core decode kernels and others, and keys split four ways."""
     lens, rows = mixed_batch(rng, num_seqs=7, max_len=300)
     case = make_case(rng, lens, rows, 2, 4, head_dim, 16)
     out, lse, ref_out, ref_lse = run_case(case, "torch", "cuda", dtype, "HND", num_splits=4)
