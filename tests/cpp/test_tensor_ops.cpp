@@ -311,14 +311,16 @@ void test_byte_copies_and_aliasing() {
 
 void test_backend_errors() {
   // A tensor on a CUDA device: built without CUDA, or no such device here: std::runtime_error.
-  float dummy[64];
+  // Four separate buffers: only the device is wrong, so no other check can answer first.
+  float key[4], value[4], key_cache[4], value_cache[4];
   const Device gpu{DeviceType::CUDA, 7};
   std::int64_t slot = 0;
-  auto c = make_tensor(dummy, DType::Float32, gpu, {1, 1, 1, 4});
   bool raised = false;
   try {
-    tinyserve::reshape_and_cache(make_tensor(dummy, DType::Float32, gpu, {1, 1, 4}),
-                                 make_tensor(dummy, DType::Float32, gpu, {1, 1, 4}), c, c,
+    tinyserve::reshape_and_cache(make_tensor(key, DType::Float32, gpu, {1, 1, 4}),
+                                 make_tensor(value, DType::Float32, gpu, {1, 1, 4}),
+                                 make_tensor(key_cache, DType::Float32, gpu, {1, 1, 1, 4}),
+                                 make_tensor(value_cache, DType::Float32, gpu, {1, 1, 1, 4}),
                                  make_tensor(&slot, DType::Int64, gpu, {1}));
   } catch (const std::invalid_argument&) {
   } catch (const std::runtime_error& e) {
