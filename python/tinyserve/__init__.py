@@ -3,7 +3,17 @@
 Ops take arrays from any framework (NumPy, PyTorch, CuPy, JAX, any DLPack producer); the device
 of the arrays picks the backend (CPU or CUDA). See README.md and docs/ for the contracts."""
 
-from ._ops import copy_blocks, paged_attention, plan_paged_attention, reshape_and_cache, swap_blocks
+from ._ops import (
+    DEFAULT_SUMMARY,
+    build_page_meta,
+    copy_blocks,
+    page_meta_shape,
+    paged_attention,
+    plan_paged_attention,
+    reshape_and_cache,
+    select_pages,
+    swap_blocks,
+)
 from ._tinyserve import (
     BlockManager,
     OutOfBlocks,
@@ -32,18 +42,22 @@ def cmake_dir() -> str:
 
 
 __all__ = [
+    "DEFAULT_SUMMARY",
     "BlockManager",
     "OutOfBlocks",
     "__version__",
+    "build_page_meta",
     "cmake_dir",
     "copy_blocks",
     "cuda_available",
     "cuda_compiled",
     "cuda_device_count",
     "num_threads",
+    "page_meta_shape",
     "paged_attention",
     "plan_paged_attention",
     "reshape_and_cache",
+    "select_pages",
     "set_num_threads",
     "swap_blocks",
 ]

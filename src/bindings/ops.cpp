@@ -4,12 +4,16 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
 #include <optional>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "bindings/convert.h"
+#include "tinyserve/selection.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -36,21 +40,96 @@ AttentionOptions attention_options(const char* op, std::optional<float> scale, i
   return o;
 }
 
+PageSummary page_summary(const char* op, const std::string& name) {
+  if (name == "minmax") return PageSummary::MinMax;
+  if (name == "meanstd") return PageSummary::MeanStd;
+  throw std::invalid_argument(std::string("tinyserve.") + op +
+                              ": summary must be 'minmax' or 'meanstd', got '" + name + "'");
+}
+
+GroupReduce group_reduce(const char* op, const std::string& name) {
+  if (name == "sum") return GroupReduce::Sum;
+  if (name == "max") return GroupReduce::Max;
+  throw std::invalid_argument(std::string("tinyserve.") + op +
+                              ": group_reduce must be 'sum' or 'max', got '" + name + "'");
+}
+
 }  // namespace
 
 void bind_ops(nb::module_& m) {
   m.def(
       "reshape_and_cache",
-      [](In key, In value, Out key_cache, Out value_cache, In slot_mapping, std::uintptr_t stream) {
+      [](In key, In value, Out key_cache, Out value_cache, In slot_mapping,
+         std::optional<Out> page_meta, const std::string& summary, std::uintptr_t stream) {
         const char* op = "reshape_and_cache";
         TensorView k = to_view(key, op, "key"), v = to_view(value, op, "value");
         TensorView kc = to_view(key_cache, op, "key_cache");
         TensorView vc = to_view(value_cache, op, "value_cache");
         TensorView sm = to_view(slot_mapping, op, "slot_mapping");
-        nb::gil_scoped_release release;
-        reshape_and_cache(k, v, kc, vc, sm, stream);
+        PageSummary kind = page_summary(op, summary);
+        if (page_meta) {
+          TensorView meta = to_view(*page_meta, op, "page_meta");
+          nb::gil_scoped_release release;
+          reshape_and_cache(k, v, kc, vc, sm, meta, kind, stream);
+        } else {
+          nb::gil_scoped_release release;
+          reshape_and_cache(k, v, kc, vc, sm, stream);
+        }
       },
-      "key"_a, "value"_a, "key_cache"_a, "value_cache"_a, "slot_mapping"_a, "stream"_a = 0);
+      "key"_a, "value"_a, "key_cache"_a, "value_cache"_a, "slot_mapping"_a,
+      "page_meta"_a = nb::none(), "summary"_a = "meanstd", "stream"_a = 0);
+
+  m.def(
+      "build_page_meta",
+      [](In key_cache, In block_table, In seq_lens, Out page_meta, const std::string& summary,
+         std::uintptr_t stream) {
+        const char* op = "build_page_meta";
+        TensorView kc = to_view(key_cache, op, "key_cache");
+        TensorView bt = to_view(block_table, op, "block_table");
+        TensorView sl = to_view(seq_lens, op, "seq_lens");
+        TensorView meta = to_view(page_meta, op, "page_meta");
+        PageSummary kind = page_summary(op, summary);
+        nb::gil_scoped_release release;
+        build_page_meta(kc, bt, sl, meta, kind, stream);
+      },
+      "key_cache"_a, "block_table"_a, "seq_lens"_a, "page_meta"_a, "summary"_a = "meanstd",
+      "stream"_a = 0);
+
+  m.def(
+      "select_pages",
+      [](In query, In page_meta, In block_table, In seq_lens, int budget, int block_size, Out table,
+         Out lens, int num_sink_pages, const std::string& summary, const std::string& reduce,
+         std::optional<Out> hits, std::optional<Out> workspace, std::uintptr_t stream) {
+        const char* op = "select_pages";
+        TensorView q = to_view(query, op, "query");
+        TensorView meta = to_view(page_meta, op, "page_meta");
+        TensorView bt = to_view(block_table, op, "block_table");
+        TensorView sl = to_view(seq_lens, op, "seq_lens");
+        TensorView t = to_view(table, op, "table");
+        TensorView l = to_view(lens, op, "lens");
+        SelectPagesOptions o;
+        o.summary = page_summary(op, summary);
+        o.group_reduce = group_reduce(op, reduce);
+        o.num_sink_pages = num_sink_pages;
+        if (hits) o.hits = to_view(*hits, op, "hits");
+        if (workspace) o.workspace = to_view(*workspace, op, "workspace");
+        nb::gil_scoped_release release;
+        select_pages(q, meta, bt, sl, budget, block_size, t, l, o, stream);
+      },
+      "query"_a, "page_meta"_a, "block_table"_a, "seq_lens"_a, "budget"_a, "block_size"_a,
+      "table"_a, "lens"_a, "num_sink_pages"_a = 0, "summary"_a = "meanstd",
+      "group_reduce"_a = "sum", "hits"_a = nb::none(), "workspace"_a = nb::none(), "stream"_a = 0);
+
+  m.def(
+      "select_pages_workspace_bytes",
+      [](In query, In page_meta, In block_table) {
+        const char* op = "select_pages_workspace_bytes";
+        return select_pages_workspace_bytes(to_view(query, op, "query"),
+                                            to_view(page_meta, op, "page_meta"),
+                                            to_view(block_table, op, "block_table"));
+      },
+      "query"_a, "page_meta"_a, "block_table"_a,
+      "Bytes of CUDA scratch select_pages needs for these shapes (0 for host arrays).");
 
   m.def(
       "paged_attention",

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/kernels.h"
+#include "core/selection.h"
 #include "core/validate.h"
 
 namespace tinyserve {
@@ -67,13 +68,23 @@ AttentionShapes check_attention_plan_args(const OpCheck& c, const TensorView& qu
   c.attention_dtype(query, "query");
   c.last_dim_contiguous(query, "query");
   c.ndim(key_cache, "key_cache", 4, "[num_blocks, block_size, num_kv_heads, head_dim]");
-  c.ndim(block_table, "block_table", 2, "[batch, max_blocks]");
+  if (block_table.ndim != 3) c.ndim(block_table, "block_table", 2, "[batch, max_blocks]");
+  c.ndim(block_table, "block_table", block_table.ndim,
+         "[batch, max_blocks] or [batch, num_kv_heads, max_blocks]");
   c.dtype(block_table, "block_table", DType::Int32);
   c.last_dim_contiguous(block_table, "block_table");
   TS_REQUIRE(c, key_cache.shape[2] > 0, "num_kv_heads must be positive, got ", key_cache.shape[2]);
   TS_REQUIRE(c, key_cache.shape[1] > 0, "block_size must be positive, got ", key_cache.shape[1]);
   c.dim(query, "query", 2, key_cache.shape[3], "head_dim of the caches");
   c.dim(block_table, "block_table", 0, query.shape[0], "batch");
+  const int table_dim = block_table.ndim - 1;  // its max_blocks dimension
+  if (block_table.ndim == 3) {
+    c.dim(block_table, "block_table", 1, key_cache.shape[2], "num_kv_heads of the caches");
+    TS_REQUIRE(c, o.window_left == -1,
+               "a per-KV-head block_table holds selected pages, not positions: window_left must "
+               "be -1, got ",
+               o.window_left);
+  }
   if (query.shape[1] % key_cache.shape[2] != 0 || query.shape[1] == 0) {
     c.fail("num_q_heads must be a positive multiple of num_kv_heads (", key_cache.shape[2],
            "), got ", query.shape[1]);
@@ -89,11 +100,11 @@ AttentionShapes check_attention_plan_args(const OpCheck& c, const TensorView& qu
     TS_REQUIRE(c, std::isfinite(*o.scale) && *o.scale != 0.0f,
                "scale must be finite and nonzero, got ", *o.scale);
   }
-  TS_REQUIRE(
-      c,
-      query.shape[0] <= (1 << 30) && block_table.shape[1] <= (1 << 30) && query.shape[1] <= 65535,
-      "sizes must fit 32-bit indexing, got query ", shape_str(query), " and block_table ",
-      shape_str(block_table));
+  TS_REQUIRE(c,
+             query.shape[0] <= (1 << 30) && block_table.shape[table_dim] <= (1 << 30) &&
+                 query.shape[1] <= 65535,
+             "sizes must fit 32-bit indexing, got query ", shape_str(query), " and block_table ",
+             shape_str(block_table));
   Device device =
       c.same_device({{query, "query"}, {key_cache, "key_cache"}, {block_table, "block_table"}});
   return {int(query.shape[0]),
@@ -101,7 +112,7 @@ AttentionShapes check_attention_plan_args(const OpCheck& c, const TensorView& qu
           int(key_cache.shape[2]),
           int(key_cache.shape[3]),
           int(key_cache.shape[1]),
-          int(block_table.shape[1]),
+          int(block_table.shape[table_dim]),
           device,
           c.backend(device)};
 }
@@ -192,9 +203,11 @@ void check_id_array(const OpCheck& c, const TensorView& t, const char* name) {
 
 }  // namespace
 
-void reshape_and_cache(const TensorView& key, const TensorView& value, const TensorView& key_cache,
-                       const TensorView& value_cache, const TensorView& slot_mapping,
-                       Stream stream) {
+namespace {
+
+void write_cache(const TensorView& key, const TensorView& value, const TensorView& key_cache,
+                 const TensorView& value_cache, const TensorView& slot_mapping,
+                 const TensorView* page_meta, PageSummary summary, Stream stream) {
   OpCheck c("reshape_and_cache");
   c.ndim(key, "key", 3, "[num_tokens, num_kv_heads, head_dim]");
   c.ndim(value, "value", 3, "[num_tokens, num_kv_heads, head_dim]");
@@ -221,6 +234,11 @@ void reshape_and_cache(const TensorView& key, const TensorView& value, const Ten
                                  {key_cache, "key_cache"},
                                  {value_cache, "value_cache"},
                                  {slot_mapping, "slot_mapping"}});
+  kernels::PageMetaDesc meta;
+  if (page_meta) {
+    meta = detail::check_page_meta(c, *page_meta, key_cache, summary, true);
+    c.same_device({{key_cache, "key_cache"}, {*page_meta, "page_meta"}});
+  }
   Backend backend = c.backend(device);
 
   const std::int64_t num_slots = key_cache.shape[0] * key_cache.shape[1];
@@ -249,12 +267,29 @@ void reshape_and_cache(const TensorView& key, const TensorView& value, const Ten
   p.head_dim = int(key.shape[2]);
   p.block_size = int(key_cache.shape[1]);
   p.num_blocks = key_cache.shape[0];
+  p.page_meta = meta;
+  p.summary = summary;
   p.device_index = device.index;
   if (backend == Backend::CPU) {
     kernels::cpu::reshape_and_cache(p);
   } else {
     kernels::cuda::reshape_and_cache(p, stream);
   }
+}
+
+}  // namespace
+
+void reshape_and_cache(const TensorView& key, const TensorView& value, const TensorView& key_cache,
+                       const TensorView& value_cache, const TensorView& slot_mapping,
+                       Stream stream) {
+  write_cache(key, value, key_cache, value_cache, slot_mapping, nullptr, PageSummary::MinMax,
+              stream);
+}
+
+void reshape_and_cache(const TensorView& key, const TensorView& value, const TensorView& key_cache,
+                       const TensorView& value_cache, const TensorView& slot_mapping,
+                       const TensorView& page_meta, PageSummary summary, Stream stream) {
+  write_cache(key, value, key_cache, value_cache, slot_mapping, &page_meta, summary, stream);
 }
 
 AttentionPlan plan_paged_attention(const TensorView& query, const TensorView& key_cache,
@@ -272,7 +307,13 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
   check_cache_pair(c, key_cache, value_cache);
   AttentionShapes s = check_attention_plan_args(c, query, key_cache, block_table, options);
   c.same_dtype(key_cache, "key_cache", query, "query");
-  c.ndim(seq_lens, "seq_lens", 1, "[batch]");
+  const bool per_head = block_table.ndim == 3;
+  if (per_head) {
+    c.ndim(seq_lens, "seq_lens", 2, "[batch, num_kv_heads] (the block_table is per KV head)");
+    c.dim(seq_lens, "seq_lens", 1, s.num_kv_heads, "num_kv_heads");
+  } else {
+    c.ndim(seq_lens, "seq_lens", 1, "[batch]");
+  }
   c.dtype(seq_lens, "seq_lens", DType::Int32);
   c.last_dim_contiguous(seq_lens, "seq_lens");
   c.dim(seq_lens, "seq_lens", 0, s.batch, "batch");
@@ -321,17 +362,25 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
     // Ids and lengths live on the host: check every one the kernel will read.
     const std::int32_t* lens = seq_lens.ptr<const std::int32_t>();
     const std::int32_t* table = block_table.ptr<const std::int32_t>();
+    const int rows = per_head ? s.num_kv_heads : 1;
     for (int b = 0; b < s.batch; ++b) {
-      TS_REQUIRE(c, lens[b] >= 0 && lens[b] <= capacity, "seq_lens[", b, "] must be in [0, ",
-                 capacity, "] (max_blocks * block_size), got ", lens[b]);
-      std::int64_t first = 0;
-      if (options.window_left >= 0)
-        first = std::max<std::int64_t>(0, lens[b] - 1 - options.window_left);
-      for (std::int64_t page = first / s.block_size;
-           page < (lens[b] + s.block_size - 1) / s.block_size; ++page) {
-        std::int32_t id = table[b * block_table.strides[0] + page];
-        TS_REQUIRE(c, id >= 0 && id < key_cache.shape[0], "block_table[", b, ", ", page,
-                   "] must be a block id in [0, ", key_cache.shape[0], "), got ", id);
+      for (int h = 0; h < rows; ++h) {
+        const std::int32_t len = per_head ? lens[b * seq_lens.strides[0] + h * seq_lens.strides[1]]
+                                          : lens[b * seq_lens.strides[0]];
+        const std::string at = per_head ? detail::concat(b, ", ", h) : std::to_string(b);
+        TS_REQUIRE(c, len >= 0 && len <= capacity, "seq_lens[", at, "] must be in [0, ", capacity,
+                   "] (max_blocks * block_size), got ", len);
+        std::int64_t first = 0;
+        if (options.window_left >= 0)
+          first = std::max<std::int64_t>(0, len - 1 - options.window_left);
+        const std::int32_t* row =
+            table + b * block_table.strides[0] + (per_head ? h * block_table.strides[1] : 0);
+        for (std::int64_t page = first / s.block_size;
+             page < (len + s.block_size - 1) / s.block_size; ++page) {
+          TS_REQUIRE(c, row[page] >= 0 && row[page] < key_cache.shape[0], "block_table[", at, ", ",
+                     page, "] must be a block id in [0, ", key_cache.shape[0], "), got ",
+                     row[page]);
+        }
       }
     }
   }
@@ -348,6 +397,11 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
   p.block_table_stride = block_table.strides[0];
   p.max_blocks = s.max_blocks;
   p.seq_lens = seq_lens.ptr<const std::int32_t>();
+  p.seq_lens_stride = seq_lens.strides[0];
+  if (per_head) {
+    p.block_table_stride_head = block_table.strides[1];
+    p.seq_lens_stride_head = seq_lens.strides[1];
+  }
   p.out = out.data;
   p.out_stride_batch = out.strides[0];
   p.out_stride_head = out.strides[1];

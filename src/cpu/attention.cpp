@@ -41,7 +41,7 @@ struct Range {
 };
 
 Range split_range(const PagedAttentionParams& p, int b, int split) {
-  std::int64_t len = std::max(0, p.seq_lens[b]);
+  std::int64_t len = std::max(0, p.seq_lens[b * p.seq_lens_stride]);
   std::int64_t first = 0;
   if (p.window_left >= 0) first = std::max<std::int64_t>(0, len - 1 - p.window_left);
   std::int64_t n = len - first;
@@ -240,14 +240,48 @@ int plan_attention_splits(int batch, int num_kv_heads, std::int64_t max_kv_len) 
   return int(std::max<std::int64_t>(1, splits));
 }
 
+// Per-KV-head tables: each KV head is a one-head problem over its own table row and length,
+// with its group's query heads.
+template <class T>
+void run_per_head(const PagedAttentionParams& p) {
+  const std::int64_t elem = std::int64_t(sizeof(T));
+  const int group = p.num_q_heads / p.num_kv_heads;
+  for (int kvh = 0; kvh < p.num_kv_heads; ++kvh) {
+    PagedAttentionParams h = p;
+    const std::int64_t first_q = std::int64_t(kvh) * group;
+    h.query = static_cast<const char*>(p.query) + first_q * p.q_stride_head * elem;
+    h.out = static_cast<char*>(p.out) + first_q * p.out_stride_head * elem;
+    if (p.lse) h.lse = p.lse + first_q * p.lse_stride_head;
+    h.key_cache.data = static_cast<char*>(p.key_cache.data) + kvh * p.key_cache.stride_head * elem;
+    h.value_cache.data =
+        static_cast<char*>(p.value_cache.data) + kvh * p.value_cache.stride_head * elem;
+    h.block_table = p.block_table + kvh * p.block_table_stride_head;
+    h.seq_lens = p.seq_lens + kvh * p.seq_lens_stride_head;
+    h.block_table_stride_head = 0;
+    h.seq_lens_stride_head = 0;
+    h.num_q_heads = group;
+    h.num_kv_heads = 1;
+    run<T>(h);
+  }
+}
+
+template <class T>
+void dispatch_tables(const PagedAttentionParams& p) {
+  if (p.block_table_stride_head != 0 || p.seq_lens_stride_head != 0) {
+    run_per_head<T>(p);
+  } else {
+    run<T>(p);
+  }
+}
+
 void paged_attention(const PagedAttentionParams& p) {
   switch (p.dtype) {
     case DType::Float32:
-      return run<float>(p);
+      return dispatch_tables<float>(p);
     case DType::Float16:
-      return run<half_t>(p);
+      return dispatch_tables<half_t>(p);
     case DType::BFloat16:
-      return run<bfloat16_t>(p);
+      return dispatch_tables<bfloat16_t>(p);
     default:
       break;
   }

@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "core/kernels.h"
+#include "cpu/page_meta.h"
 #include "cpu/parallel.h"
 
 namespace tinyserve::kernels::cpu {
@@ -63,6 +64,7 @@ void reshape_and_cache(const ReshapeAndCacheParams& p) {
       }
     }
   });
+  if (p.page_meta.data != nullptr) update_page_meta(p);
 }
 
 void copy_blocks(const CopyBlocksParams& p) {
