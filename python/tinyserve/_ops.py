@@ -235,9 +235,9 @@ def paged_attention(
     ``[batch, max_blocks]``; seq_lens int32 ``[batch]``. num_q_heads must be a multiple of
     num_kv_heads. Sparse decode: block_table int32 ``[batch, num_kv_heads, max_blocks]`` with
     seq_lens int32 ``[batch, num_kv_heads]`` gives each KV head its own pages (what
-    :func:`select_pages` returns); window_left must then be -1. Returns ``out`` (allocated like ``query`` when omitted), or ``(out, lse)`` with
-    ``return_lse=True``; ``lse`` is the float32 natural-log sum of exp(logits),
-    ``[batch, num_q_heads]``.
+    :func:`select_pages` returns); window_left must then be -1. Returns ``out`` (allocated like
+    ``query`` when omitted), or ``(out, lse)`` with ``return_lse=True``; ``lse`` is the float32
+    natural-log sum of exp(logits), ``[batch, num_q_heads]``.
 
     scale defaults to 1/sqrt(head_dim). window_left >= 0 attends to the last window_left + 1
     tokens only. logits_soft_cap > 0 applies cap * tanh(logits / cap). max_seq_len is an upper
