@@ -158,7 +158,8 @@ def select_pages(
     batch = int(query.shape[0])
     num_kv_heads = int(page_meta.shape[1])
     if out is None:
-        table = _interop.empty(query, (batch, num_kv_heads, budget), "int32")
+        # The core rejects a budget below 1; allocate nothing negative before it can.
+        table = _interop.empty(query, (batch, num_kv_heads, max(budget, 0)), "int32")
         lens = _interop.empty(query, (batch, num_kv_heads), "int32")
     else:
         table, lens = out
