@@ -59,12 +59,12 @@ struct PagedAttentionParams {
   std::int64_t block_table_stride = 0;
   // Per-KV-head tables ([batch, num_kv_heads, max_blocks] with seq_lens [batch, num_kv_heads]):
   // KV head h of sequence b reads row block_table + b * block_table_stride +
-  // h * block_table_stride_head and length seq_lens[b * seq_lens_stride + h *
+  // h * block_table_stride_head and length seq_lens[b * seq_lens_stride_batch + h *
   // seq_lens_stride_head]. Both head strides are 0 for one table shared by every head.
   std::int64_t block_table_stride_head = 0;
   int max_blocks = 0;
   const std::int32_t* seq_lens = nullptr;  // [batch] or [batch, num_kv_heads]
-  std::int64_t seq_lens_stride = 1;
+  std::int64_t seq_lens_stride_batch = 1;
   std::int64_t seq_lens_stride_head = 0;
   void* out = nullptr;  // [batch, num_q_heads, head_dim]
   std::int64_t out_stride_batch = 0, out_stride_head = 0;

@@ -357,6 +357,11 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
                "workspace must be 16-byte aligned, got address ", ws.data);
   }
 
+  // The CUDA decode kernels read one table row per sequence until they honour the head strides.
+  if (per_head && s.backend == Backend::CUDA) {
+    detail::fail_runtime("paged_attention",
+                         "per-KV-head block tables are not supported by the CUDA backend yet");
+  }
   const std::int64_t capacity = std::int64_t(s.max_blocks) * s.block_size;
   if (s.backend == Backend::CPU) {
     // Ids and lengths live on the host: check every one the kernel will read.
@@ -397,7 +402,7 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
   p.block_table_stride = block_table.strides[0];
   p.max_blocks = s.max_blocks;
   p.seq_lens = seq_lens.ptr<const std::int32_t>();
-  p.seq_lens_stride = seq_lens.strides[0];
+  p.seq_lens_stride_batch = seq_lens.strides[0];
   if (per_head) {
     p.block_table_stride_head = block_table.strides[1];
     p.seq_lens_stride_head = seq_lens.strides[1];

@@ -41,7 +41,7 @@ struct Range {
 };
 
 Range split_range(const PagedAttentionParams& p, int b, int split) {
-  std::int64_t len = std::max(0, p.seq_lens[b * p.seq_lens_stride]);
+  std::int64_t len = std::max(0, p.seq_lens[b * p.seq_lens_stride_batch]);
   std::int64_t first = 0;
   if (p.window_left >= 0) first = std::max<std::int64_t>(0, len - 1 - p.window_left);
   std::int64_t n = len - first;

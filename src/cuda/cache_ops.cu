@@ -7,6 +7,7 @@
 
 #include "core/kernels.h"
 #include "cuda/common.cuh"
+#include "cuda/page_meta.cuh"
 
 namespace tinyserve::kernels::cuda {
 namespace {
@@ -220,6 +221,7 @@ void reshape_and_cache(const ReshapeAndCacheParams& p, Stream stream) {
                                     : reinterpret_cast<const void*>(reshape_and_cache_kernel<1>);
   launch(kernel, dim3(grid), dim3(threads), 0, as_stream(stream), a, op,
          "reshape_and_cache_kernel");
+  if (p.page_meta.data != nullptr) update_page_meta(p, stream);
 }
 
 void copy_blocks(const CopyBlocksParams& p, Stream stream) {
