@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "core/kernels.h"
 #include "cuda/common.cuh"
@@ -301,9 +302,42 @@ struct SelectArgs {
 
 constexpr int kScoreThreads = 256;
 
+// VEC consecutive elements of a summary row as floats, in one load when VEC > 1 (the caller
+// checked the alignment).
+template <class T, int VEC>
+__device__ __forceinline__ void load_row(const T* p, float (&out)[VEC]) {
+  if constexpr (VEC == 1) {
+    out[0] = to_float(p[0]);
+  } else if constexpr (std::is_same_v<T, float>) {
+    static_assert(VEC == 4, "float rows load as float4");
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+  } else {
+    static_assert(VEC == 4, "16-bit rows load 8 bytes");
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    const T* h = reinterpret_cast<const T*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) out[i] = to_float(h[i]);
+  }
+}
+
+template <int VEC>
+__device__ __forceinline__ float page_term(PageSummary kind, const float* q, const float (&lo)[VEC],
+                                           const float (&hi)[VEC]) {
+  float s = 0.0f;
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    s += kind == PageSummary::MinMax ? fmaxf(q[v] * lo[v], q[v] * hi[v])
+                                     : fmaf(q[v], lo[v], fabsf(q[v]) * hi[v]);
+  }
+  return s;
+}
+
 // Scores of pages [blockIdx.x * pages_per_block, ...) of sequence blockIdx.y, every KV head:
-// one warp per (page, KV head), lanes over head_dim, the group's queries in shared memory.
-template <class T>
+// one warp per (page, KV head), each lane VEC consecutive elements of head_dim at a time (both
+// summary rows loaded before any arithmetic, so a warp has its loads in flight together), the
+// queries in shared memory.
+template <class T, int VEC>
 __global__ void __launch_bounds__(kScoreThreads)
     score_pages_kernel(const __grid_constant__ SelectArgs a) {
   extern __shared__ float q[];  // [num_q_heads, head_dim]
@@ -332,18 +366,31 @@ __global__ void __launch_bounds__(kScoreThreads)
     if (block >= 0 && block < a.num_blocks) {
       const T* r0 = meta + block * a.meta_stride_block + kvh * a.meta_stride_head;
       const T* r1 = r0 + a.meta_stride_row;
-      for (int g = 0; g < group; ++g) {
-        const float* qg = q + (kvh * group + g) * a.head_dim;
-        float s = 0.0f;
-        for (int d = lane; d < a.head_dim; d += 32) {
-          const float x = to_float(r0[d]), y = to_float(r1[d]), qd = qg[d];
-          s += a.kind == PageSummary::MinMax ? fmaxf(qd * x, qd * y) : fmaf(qd, x, fabsf(qd) * y);
+      const float* q0 = q + kvh * group * a.head_dim;
+      if (a.head_dim <= 32 * VEC) {
+        // One piece of head_dim per lane: load it once, score every query head of the group.
+        const int d = lane * VEC;
+        float lo[VEC] = {}, hi[VEC] = {};
+        if (d < a.head_dim) {
+          load_row<T, VEC>(r0 + d, lo);
+          load_row<T, VEC>(r1 + d, hi);
         }
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        if (g == 0) {
-          combined = s;
-        } else {
-          combined = a.reduce == GroupReduce::Sum ? combined + s : fmaxf(combined, s);
+        for (int g = 0; g < group; ++g) {
+          float s = d < a.head_dim ? page_term<VEC>(a.kind, q0 + g * a.head_dim + d, lo, hi) : 0.0f;
+          for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+          combined = g == 0 ? s : a.reduce == GroupReduce::Sum ? combined + s : fmaxf(combined, s);
+        }
+      } else {
+        for (int g = 0; g < group; ++g) {
+          float s = 0.0f;
+          for (int d = lane * VEC; d < a.head_dim; d += 32 * VEC) {
+            float lo[VEC], hi[VEC];
+            load_row<T, VEC>(r0 + d, lo);
+            load_row<T, VEC>(r1 + d, hi);
+            s += page_term<VEC>(a.kind, q0 + g * a.head_dim + d, lo, hi);
+          }
+          for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+          combined = g == 0 ? s : a.reduce == GroupReduce::Sum ? combined + s : fmaxf(combined, s);
         }
       }
       if (isnan(combined)) combined = -INFINITY;
@@ -394,9 +441,17 @@ __global__ void __launch_bounds__(kSelectThreads)
     for (int shift = 24; shift >= 0; shift -= 8) {
       for (int i = threadIdx.x; i < 256; i += blockDim.x) histogram[i] = 0;
       __syncthreads();
-      for (int p = first + threadIdx.x; p < last; p += blockDim.x) {
-        const std::uint32_t k = order_key(scores[p]);
-        if ((k & mask) == prefix) atomicAdd(&histogram[(k >> shift) & 255u], 1);
+      // Scores of one page range tend to share their top bits: lanes of a warp that hit one
+      // bin add together (one atomic per bin and warp, not one per lane).
+      for (int base = first; base < last; base += blockDim.x) {
+        const int p = base + threadIdx.x;
+        const std::uint32_t k = p < last ? order_key(scores[p]) : 0u;
+        const bool counted = p < last && (k & mask) == prefix;
+        const std::uint32_t bin = counted ? (k >> shift) & 255u : 256u;
+        const unsigned peers = __match_any_sync(0xffffffffu, bin);
+        if (counted && (threadIdx.x & 31) == __ffs(peers) - 1) {
+          atomicAdd(&histogram[bin], __popc(peers));
+        }
       }
       __syncthreads();
       // Thread t holds digit 255 - t: an inclusive scan counts the candidates at or above it.
@@ -552,8 +607,18 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
   a.pages_per_block = std::max(8, (p.max_blocks + want_blocks - 1) / want_blocks);
   const int score_grid = (p.max_blocks + a.pages_per_block - 1) / a.pages_per_block;
   const std::size_t smem = std::size_t(p.num_q_heads) * p.head_dim * sizeof(float);
-  const void* score = by_dtype(p.dtype, [](auto t) {
-    return reinterpret_cast<const void*>(score_pages_kernel<decltype(t)>);
+  // Vector loads of 4 elements where every row start is aligned for them.
+  const std::uint64_t align = 4 * dtype_size(p.dtype);
+  const auto aligned = [&](std::int64_t elements) {
+    return (std::uint64_t(elements) * dtype_size(p.dtype)) % align == 0;
+  };
+  const bool vec = reinterpret_cast<std::uintptr_t>(p.page_meta.data) % align == 0 &&
+                   aligned(p.head_dim) && aligned(p.page_meta.stride_block) &&
+                   aligned(p.page_meta.stride_head) && aligned(p.page_meta.stride_row);
+  const void* score = by_dtype(p.dtype, [vec](auto t) {
+    using T = decltype(t);
+    return vec ? reinterpret_cast<const void*>(score_pages_kernel<T, 4>)
+               : reinterpret_cast<const void*>(score_pages_kernel<T, 1>);
   });
   if (smem > 48 * 1024) {
     check(cudaFuncSetAttribute(score, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), op,
