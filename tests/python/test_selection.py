@@ -671,7 +671,9 @@ def test_select_pages_in_a_cuda_graph(rng):
     )
 
     def select():
-        ts.select_pages(q, m, t, lens, budget, block_size=block_size, out=out, workspace=ws)
+        ts.select_pages(
+            q, m, t, lens, budget, block_size=block_size, summary="meanstd", out=out, workspace=ws
+        )
 
     select()
     torch.cuda.synchronize()
