@@ -91,7 +91,7 @@ void attend(const PagedAttentionParams& p, int b, Range r, float* out, float* ls
   const std::int64_t k_head = p.key_cache.stride_head, v_head = p.value_cache.stride_head;
   const bool head_major = k_head > p.key_cache.stride_token;
   const int tile = head_major ? kTileHeadMajor : kTileTokenMajor;
-  const std::int32_t* table = p.block_table + std::int64_t(b) * p.block_table_stride;
+  const std::int32_t* table = p.block_table + std::int64_t(b) * p.block_table_stride_batch;
   // Per query head h: its query, output accumulator, running max and sum, and the current
   // tile's scores (then weights) at scores[h * kMaxTile + t].
   std::vector<float> q(std::size_t(H) * D), acc(std::size_t(H) * D, 0.0f);
@@ -275,7 +275,7 @@ void dispatch_tables(const PagedAttentionParams& p) {
 }
 
 void paged_attention(const PagedAttentionParams& p) {
-  switch (p.dtype) {
+  switch (p.kv_dtype) {
     case DType::Float32:
       return dispatch_tables<float>(p);
     case DType::Float16:
