@@ -90,7 +90,7 @@ def run_shape(batch: int, context: int, summary: str, gen) -> dict:
     ws_bytes = ts.plan_paged_attention(q, kc, table, max_seq_len=context)[1]
     ws = torch.empty(max(ws_bytes, 16), dtype=torch.uint8, device="cuda")
     sel_ws = torch.empty(
-        max(ts._tinyserve.select_pages_workspace_bytes(q, meta, table), 16),
+        max(ts.select_pages_workspace_bytes(q, meta, table), 16),
         dtype=torch.uint8,
         device="cuda",
     )

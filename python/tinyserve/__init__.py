@@ -12,6 +12,7 @@ from ._ops import (
     plan_paged_attention,
     reshape_and_cache,
     select_pages,
+    select_pages_workspace_bytes,
     swap_blocks,
 )
 from ._tinyserve import (
@@ -58,6 +59,7 @@ __all__ = [
     "plan_paged_attention",
     "reshape_and_cache",
     "select_pages",
+    "select_pages_workspace_bytes",
     "set_num_threads",
     "swap_blocks",
 ]

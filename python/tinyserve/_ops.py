@@ -19,6 +19,7 @@ __all__ = [
     "build_page_meta",
     "page_meta_shape",
     "select_pages",
+    "select_pages_workspace_bytes",
     "DEFAULT_SUMMARY",
 ]
 
@@ -119,6 +120,13 @@ def build_page_meta(
     )
 
 
+def select_pages_workspace_bytes(query: Any, page_meta: Any, block_table: Any) -> int:
+    """Bytes of CUDA scratch :func:`select_pages` needs for these shapes (0 for host arrays);
+    pass a buffer of that many bytes as ``workspace=`` to allocate nothing per call."""
+    x = _interop.export
+    return _C.select_pages_workspace_bytes(x(query), x(page_meta), x(block_table))
+
+
 def select_pages(
     query: Any,
     page_meta: Any,
@@ -152,8 +160,8 @@ def select_pages(
     ``num_sink_pages`` pages, its last page and the best-scoring others (ties: the lower logical
     page), in logical order with the last page last. ``hits`` (int32 ``[num_blocks]``) gets one
     added for every block each (sequence, KV head) keeps. ``out`` may give ``(table, lens)`` to
-    write; ``workspace`` CUDA scratch of ``select_pages_workspace_bytes`` bytes (one buffer per
-    device is kept when omitted)."""
+    write; ``workspace`` CUDA scratch of :func:`select_pages_workspace_bytes` bytes (one buffer
+    per device is kept when omitted)."""
     _interop.wait_ready(query, page_meta, block_table, seq_lens)
     batch = int(query.shape[0])
     num_kv_heads = int(page_meta.shape[1])
@@ -166,7 +174,7 @@ def select_pages(
     x = _interop.export
     cuda = _interop.is_cuda(query)
     if workspace is None and cuda:
-        nbytes = _C.select_pages_workspace_bytes(x(query), x(page_meta), x(block_table))
+        nbytes = select_pages_workspace_bytes(query, page_meta, block_table)
         workspace = _workspace(query, nbytes, "select_pages")
     s = _interop.resolve_stream(stream, query, cuda)
     _C.select_pages(

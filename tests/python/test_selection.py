@@ -666,9 +666,7 @@ def test_select_pages_in_a_cuda_graph(rng):
         torch.empty((3, 2, budget), dtype=torch.int32, device="cuda"),
         torch.empty((3, 2), dtype=torch.int32, device="cuda"),
     )
-    ws = torch.empty(
-        ts._tinyserve.select_pages_workspace_bytes(q, m, t), dtype=torch.uint8, device="cuda"
-    )
+    ws = torch.empty(ts.select_pages_workspace_bytes(q, m, t), dtype=torch.uint8, device="cuda")
 
     def select():
         ts.select_pages(
