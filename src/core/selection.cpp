@@ -26,9 +26,10 @@ void check_summary(const OpCheck& c, PageSummary summary) {
 // num_blocks < 0 accepts any.
 kernels::PageMetaDesc check_meta_shape(const OpCheck& c, const TensorView& meta,
                                        std::int64_t num_blocks, std::int64_t num_kv_heads,
-                                       std::int64_t head_dim, DType dtype, bool written) {
+                                       std::int64_t head_dim, DType dtype, const char* dtype_of,
+                                       bool written) {
   c.ndim(meta, "page_meta", 4, "[num_blocks, num_kv_heads, 2, head_dim]");
-  TS_REQUIRE(c, meta.dtype == dtype, "page_meta must have the dtype of the key cache (",
+  TS_REQUIRE(c, meta.dtype == dtype, "page_meta must have the dtype of ", dtype_of, " (",
              dtype_name(dtype), "), got ", dtype_name(meta.dtype));
   const std::int64_t expect[4] = {num_blocks < 0 ? meta.shape[0] : num_blocks, num_kv_heads, 2,
                                   head_dim};
@@ -57,6 +58,8 @@ void check_table_and_lens(const OpCheck& c, const TensorView& block_table,
   c.dim(seq_lens, "seq_lens", 0, batch, "batch");
   TS_REQUIRE(c, block_table.shape[1] <= (1 << 24), "max_blocks must be at most 16777216, got ",
              block_table.shape[1]);
+  // The CUDA grids put the batch in their second dimension; the limit holds on every backend.
+  TS_REQUIRE(c, batch <= 65535, "batch must be at most 65535, got ", batch);
 }
 
 // Host-side ids: every length within the table, every page it covers a block id.
@@ -84,7 +87,7 @@ kernels::PageMetaDesc check_page_meta(const OpCheck& c, const TensorView& page_m
                                       bool written) {
   check_summary(c, summary);
   return check_meta_shape(c, page_meta, key_cache.shape[0], key_cache.shape[2], key_cache.shape[3],
-                          key_cache.dtype, written);
+                          key_cache.dtype, "the key cache", written);
 }
 
 }  // namespace detail
@@ -153,6 +156,9 @@ SelectShapes check_select_shapes(const OpCheck& c, const TensorView& query,
              "), got ", query.shape[1]);
   TS_REQUIRE(c, query.shape[0] <= (1 << 24) && query.shape[1] <= 65535,
              "sizes must fit 32-bit indexing, got query ", shape_str(query));
+  // The CUDA scoring kernel holds one sequence's queries in shared memory as float32.
+  TS_REQUIRE(c, query.shape[1] * query.shape[2] <= 32768,
+             "num_q_heads * head_dim must be at most 32768, got query ", shape_str(query));
   c.ndim(block_table, "block_table", 2, "[batch, max_blocks]");
   Device device =
       c.same_device({{query, "query"}, {page_meta, "page_meta"}, {block_table, "block_table"}});
@@ -182,8 +188,8 @@ void select_pages(const TensorView& query, const TensorView& page_meta,
   TS_REQUIRE(c,
              options.group_reduce == GroupReduce::Sum || options.group_reduce == GroupReduce::Max,
              "group_reduce must be Sum or Max, got ", int(options.group_reduce));
-  kernels::PageMetaDesc meta =
-      detail::check_meta_shape(c, page_meta, -1, kv_heads, query.shape[2], query.dtype, false);
+  kernels::PageMetaDesc meta = detail::check_meta_shape(c, page_meta, -1, kv_heads, query.shape[2],
+                                                        query.dtype, "query", false);
   TS_REQUIRE(c, budget >= 1, "budget must be at least 1 page, got ", budget);
   TS_REQUIRE(c, block_size > 0 && block_size <= (1 << 20),
              "block_size must be in [1, 1048576], got ", block_size);

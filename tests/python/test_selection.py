@@ -520,7 +520,7 @@ def _select_args(fw="numpy", device="cpu"):
         (dict(meta_shape=(10, 2, 3, 8)), "page_meta must have the shape"),
         (dict(meta_shape=(10, 2, 2, 9)), "page_meta must have the shape"),
         (dict(meta_shape=(10, 2, 2)), "page_meta must have 4 dimensions"),
-        (dict(meta_dtype="float16"), "page_meta must have the dtype of the key cache (float32)"),
+        (dict(meta_dtype="float16"), "page_meta must have the dtype of query (float32)"),
         (dict(summary="mean"), "summary must be 'minmax' or 'meanstd'"),
         (dict(group_reduce="avg"), "group_reduce must be 'sum' or 'max'"),
         (dict(seq_len=41), "seq_lens[0] must be in [0, "),
@@ -689,3 +689,19 @@ def test_select_pages_in_a_cuda_graph(rng):
         )
         np.testing.assert_array_equal(to_np(out[0]), want_t)
         np.testing.assert_array_equal(to_np(out[1]), want_l)
+
+
+def test_select_pages_size_limits():
+    """The CUDA grids' and shared memory's limits, checked alike on every backend."""
+    meta = np.zeros((4, 1, 2, 8), np.float32)
+    batch = 65536
+    query = np.zeros((batch, 1, 8), np.float32)
+    table = np.zeros((batch, 1), np.int32)
+    lens = np.zeros(batch, np.int32)
+    with pytest.raises(ValueError, match="batch must be at most 65535, got 65536"):
+        ts.select_pages(query, meta, table, lens, 1, block_size=4)
+    wide = np.zeros((1, 2, 16385), np.float32)
+    with pytest.raises(ValueError, match="num_q_heads \\* head_dim must be at most 32768"):
+        ts.select_pages(
+            wide, np.zeros((4, 1, 2, 16385), np.float32), table[:1], lens[:1], 1, block_size=4
+        )
