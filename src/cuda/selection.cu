@@ -302,6 +302,13 @@ struct SelectArgs {
 
 constexpr int kScoreThreads = 256;
 
+// Sequence b's length as the device holds it, clamped to [0, the table's capacity]: lengths are
+// never read on the host, and a wrong one must not send a kernel past the table's row.
+__device__ __forceinline__ std::int64_t clamped_length(const SelectArgs& a, int b) {
+  const std::int64_t capacity = std::int64_t(a.max_blocks) * a.block_size;
+  return min(max(std::int64_t(a.seq_lens[b]), std::int64_t(0)), capacity);
+}
+
 // VEC consecutive elements of a summary row as floats, in one load when VEC > 1 (the caller
 // checked the alignment).
 template <class T, int VEC>
@@ -342,7 +349,7 @@ __global__ void __launch_bounds__(kScoreThreads)
     score_pages_kernel(const __grid_constant__ SelectArgs a) {
   extern __shared__ float q[];  // [num_q_heads, head_dim]
   const int b = blockIdx.y;
-  const std::int64_t len = a.seq_lens[b];
+  const std::int64_t len = clamped_length(a, b);
   const int pages = int((len + a.block_size - 1) / a.block_size);
   if (pages <= a.budget) return;  // the selection kernel copies the table
   const int begin = max(int(blockIdx.x) * a.pages_per_block, a.num_sink_pages);
@@ -416,7 +423,7 @@ __global__ void __launch_bounds__(kSelectThreads)
   __shared__ std::uint32_t prefix_shared;
   __shared__ int remaining_shared;
   const int kvh = blockIdx.x, b = blockIdx.y;
-  const std::int64_t len = a.seq_lens[b];
+  const std::int64_t len = clamped_length(a, b);
   const int pages = int((len + a.block_size - 1) / a.block_size);
   const std::int32_t* table = a.block_table + b * a.block_table_stride;
   std::int32_t* out = a.out_table + b * a.out_table_stride_batch + kvh * a.out_table_stride_head;
