@@ -55,14 +55,16 @@ def kernel_us(fn, name: str, calls: int = 20) -> float:
 
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    total = sum(
-        e.device_time_total for e in prof.key_averages() if name in e.key and e.device_time_total
-    )
-    return total / calls
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if name in e.key]
+        return sum(getattr(e, "device_time_total", 0.0) for e in events) / calls
+    except Exception as error:  # the profiler is optional: the timings above stand without it
+        print(f"profiler unavailable ({error}); kernel times omitted")
+        return float("nan")
 
 
 def case(batch: int, context: int, summary: str, gen: torch.Generator):
