@@ -3,6 +3,8 @@
 Ops take arrays from any framework (NumPy, PyTorch, CuPy, JAX, any DLPack producer); the device
 of the arrays picks the backend (CPU or CUDA). See README.md and docs/ for the contracts."""
 
+from ._cache_pool import CachePool
+from ._compactor import allocate_host_pool, execute_plan
 from ._ops import (
     DEFAULT_SUMMARY,
     build_page_meta,
@@ -17,6 +19,8 @@ from ._ops import (
 )
 from ._tinyserve import (
     BlockManager,
+    Compactor,
+    MovePlan,
     OutOfBlocks,
     __version__,
     cuda_compiled,
@@ -45,14 +49,19 @@ def cmake_dir() -> str:
 __all__ = [
     "DEFAULT_SUMMARY",
     "BlockManager",
+    "CachePool",
+    "Compactor",
+    "MovePlan",
     "OutOfBlocks",
     "__version__",
+    "allocate_host_pool",
     "build_page_meta",
     "cmake_dir",
     "copy_blocks",
     "cuda_available",
     "cuda_compiled",
     "cuda_device_count",
+    "execute_plan",
     "num_threads",
     "page_meta_shape",
     "paged_attention",
