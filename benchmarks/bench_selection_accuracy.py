@@ -134,6 +134,7 @@ class Runner:
             sel_t, sel_l = ts.select_pages(
                 qd, self.meta[summary][layer], self.table, lens, budget, block_size=PAGE,
                 summary=summary, group_reduce=self.variant.get("group_reduce", "sum"),
+                num_sink_pages=min(self.variant.get("sinks", 0), budget - 1),
             )  # fmt: skip
             out = ts.paged_attention(qd, self.k[layer], self.v[layer], sel_t, sel_l, scale=scaling)
         return out[:, None], None
@@ -232,7 +233,7 @@ def budgets_for(length: int) -> dict[str, int]:
 SCORINGS = [("minmax", "sum"), ("minmax", "max"), ("meanstd", "sum"), ("meanstd", "max")]
 
 
-def mass_and_error(runner: Runner, length: int, scale: float) -> dict:
+def mass_and_error(runner: Runner, length: int, scale: float, sinks: int = 0) -> dict:
     """{(budget, scoring): per-layer arrays of selected mass, oracle mass, output rel. error}."""
     table = torch.from_numpy(runner._table(runner.prompt_blocks))
     lens = torch.tensor([length], dtype=torch.int32)
@@ -260,7 +261,7 @@ def mass_and_error(runner: Runner, length: int, scale: float) -> dict:
             for summary, reduce in SCORINGS:
                 sel_t, sel_l = ts.select_pages(
                     qd, runner.meta[summary][layer], table, lens, budget, block_size=PAGE,
-                    summary=summary, group_reduce=reduce,
+                    summary=summary, group_reduce=reduce, num_sink_pages=min(sinks, budget - 1),
                 )  # fmt: skip
                 chosen = sel_t[0].numpy()  # physical blocks per KV head
                 logical = {int(b): i for i, b in enumerate(runner.prompt_blocks)}
@@ -323,6 +324,7 @@ def main() -> None:
     parser.add_argument("--text-tokens", type=int, default=4096, help="real-text prompt length")
     parser.add_argument("--steps", type=int, default=8, help="tokens generated per passkey prompt")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sink-pages", type=int, default=0, help="num_sink_pages of select_pages")
     parser.add_argument("--json")
     args = parser.parse_args()
     loaded = load_model()
@@ -337,7 +339,7 @@ def main() -> None:
     text_stats: dict = {}
     ids = real_text_prompt(tokenizer, args.text_tokens)
     runner.prefill(ids)
-    merge(text_stats, mass_and_error(runner, len(ids), scale))
+    merge(text_stats, mass_and_error(runner, len(ids), scale, args.sink_pages))
     print(f"real text: {len(ids)} tokens, {time.time() - started:.0f} s", flush=True)
 
     variants = {"dense": {}}
@@ -354,13 +356,13 @@ def main() -> None:
         target = int(rng.integers(args.min_tokens, args.max_tokens - 64))
         ids, key = passkey_prompt(tokenizer, rng, target)
         logits = runner.prefill(ids)
-        merge(passkey_stats, mass_and_error(runner, len(ids), scale))
+        merge(passkey_stats, mass_and_error(runner, len(ids), scale, args.sink_pages))
         outputs = {}
         for name, v in variants.items():
             budget = budgets_for(len(ids))[v["budget"]] if "budget" in v else None
             outputs[name] = runner.generate(
                 logits, args.steps, budget_pages=budget, summary=v.get("summary", "meanstd"),
-                dense_layers=v.get("dense_layers", 0),
+                dense_layers=v.get("dense_layers", 0), sinks=args.sink_pages,
             )  # fmt: skip
             text = tokenizer.decode(outputs[name])
             found[name] += key in text
@@ -371,6 +373,7 @@ def main() -> None:
             flush=True,
         )
 
+    print(f"num_sink_pages {args.sink_pages}")
     lines = mass_table(text_stats, f"Real text (idlelib NEWS.txt, {args.text_tokens} tokens)")
     lines += mass_table(passkey_stats, f"Passkey prompts ({args.prompts})")
     lines += [
