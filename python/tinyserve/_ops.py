@@ -158,7 +158,8 @@ def select_pages(
     ``sum_d (q_d * mean_d + |q_d| * std_d)``. A sequence with at most ``budget`` pages keeps all
     of them (attention then equals dense attention); otherwise it keeps its first
     ``num_sink_pages`` pages, its last page and the best-scoring others (ties: the lower logical
-    page), in logical order with the last page last. ``hits`` (int32 ``[num_blocks]``) gets one
+    page), in logical order with the last page last; ``num_sink_pages=1`` is recommended with
+    ``"meanstd"`` (docs/selection.md). ``hits`` (int32 ``[num_blocks]``) gets one
     added for every block each (sequence, KV head) keeps. ``out`` may give ``(table, lens)`` to
     write; ``workspace`` CUDA scratch of :func:`select_pages_workspace_bytes` bytes (one buffer
     per device is kept when omitted)."""
