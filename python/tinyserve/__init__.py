@@ -4,7 +4,7 @@ Ops take arrays from any framework (NumPy, PyTorch, CuPy, JAX, any DLPack produc
 of the arrays picks the backend (CPU or CUDA). See README.md and docs/ for the contracts."""
 
 from ._cache_pool import CachePool
-from ._compactor import allocate_host_pool, execute_plan
+from ._compactor import allocate_host_pool, compact_and_shrink, execute_plan, grow_pool
 from ._ops import (
     DEFAULT_SUMMARY,
     build_page_meta,
@@ -57,11 +57,13 @@ __all__ = [
     "allocate_host_pool",
     "build_page_meta",
     "cmake_dir",
+    "compact_and_shrink",
     "copy_blocks",
     "cuda_available",
     "cuda_compiled",
     "cuda_device_count",
     "execute_plan",
+    "grow_pool",
     "num_threads",
     "page_meta_shape",
     "paged_attention",

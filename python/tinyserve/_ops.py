@@ -1,5 +1,6 @@
-"""The ops, over any framework's arrays. Each wrapper resolves the stream, allocates missing
-outputs through the caller's framework, and calls the compiled core once."""
+"""The ops, over any framework's arrays. Each wrapper works out the caller's framework once,
+resolves the stream, allocates missing outputs through that framework, and calls the compiled
+core once."""
 
 from __future__ import annotations
 
@@ -34,8 +35,15 @@ _retired_workspaces: list[Any] = []
 _workspace_lock = threading.Lock()
 
 
-def _workspace(like: Any, nbytes: int, purpose: str = "paged_attention") -> Any:
-    key = (purpose, _interop.framework(like), str(getattr(like, "device", "")))
+# CUDA split plans of paged_attention by (shapes, dtype, device, options): the split count and
+# the workspace that holds its partials (None when the call does not split). A plan depends on
+# host values only, so a repeated call reuses it instead of asking the core again.
+_MAX_PLANS = 4096
+_plans: dict[tuple[Any, ...], tuple[int, Any]] = {}
+
+
+def _workspace(like: Any, fw: str, nbytes: int, purpose: str = "paged_attention") -> Any:
+    key = (purpose, fw, str(getattr(like, "device", "")))
     with _workspace_lock:
         ws = _workspaces.get(key)
         if ws is None or ws.nbytes < nbytes:
@@ -44,15 +52,51 @@ def _workspace(like: Any, nbytes: int, purpose: str = "paged_attention") -> Any:
             size = max(nbytes, _WORKSPACE_MIN_BYTES)
             if ws is not None:
                 size = max(size, 2 * ws.nbytes)
-            ws = _interop.empty(like, (size,), "uint8")
+            ws = _interop.empty(like, (size,), "uint8", fw)
             _workspaces[key] = ws
         return ws
 
 
-def _finish_jax(stream: int, *arrays: Any) -> None:
-    # JAX shares no stream with us: results handed back to JAX must be complete.
-    if any(_interop.framework(a) == "jax" for a in arrays) and _interop.is_cuda(arrays[0]):
-        _C._stream_synchronize(stream)
+def _cuda_plan(
+    query: Any,
+    key_cache: Any,
+    block_table: Any,
+    query_start_loc: Any,
+    fw: str,
+    window_left: int,
+    max_seq_len: int,
+    num_splits: int,
+) -> tuple[int, Any]:
+    key = (
+        query.shape,
+        key_cache.shape,
+        block_table.shape,
+        query.dtype,
+        _interop.device_key(query, fw),
+        window_left,
+        max_seq_len,
+        num_splits,
+        # Prefill plans differ (tiles of query rows, not sequences); the offsets' values are not
+        # read.
+        query_start_loc is not None,
+    )
+    plan = _plans.get(key)
+    if plan is None:
+        x = _interop.export
+        splits, nbytes = _C.plan_paged_attention(
+            x(query),
+            x(key_cache),
+            x(block_table),
+            window_left,
+            max_seq_len,
+            num_splits,
+            x(query_start_loc),
+        )
+        plan = (splits, _workspace(query, fw, nbytes) if nbytes > 0 else None)
+        if len(_plans) >= _MAX_PLANS:
+            _plans.clear()
+        _plans[key] = plan
+    return plan
 
 
 def reshape_and_cache(
@@ -75,10 +119,10 @@ def reshape_and_cache(
     :func:`page_meta_shape`), the summaries of the pages written are updated in the same call:
     a write at offset 0 restarts a page's summary from every key this call writes to it (in any
     order); a page written only at later offsets has its summary extended. ``summary`` is
-    ``"minmax"`` (elementwise min and max) or ``"meanstd"`` (mean and standard deviation); it
+    ``"meanstd"`` (mean and standard deviation) or ``"minmax"`` (elementwise min and max); it
     must match what :func:`select_pages` is told. Pages are assumed to fill in order of offset."""
     _interop.wait_ready(key, value, slot_mapping)
-    s = _interop.resolve_stream(stream, key_cache)
+    s = _interop.resolve_stream(stream, key_cache, "reshape_and_cache")
     x = _interop.export
     _C.reshape_and_cache(
         x(key),
@@ -113,7 +157,7 @@ def build_page_meta(
     sequence (int32 ``block_table [batch, max_blocks]``, int32 ``seq_lens [batch]``) is summarised
     from its keys. A block listed by several sequences must hold the same tokens in each."""
     _interop.wait_ready(key_cache, block_table, seq_lens)
-    s = _interop.resolve_stream(stream, key_cache)
+    s = _interop.resolve_stream(stream, key_cache, "build_page_meta")
     x = _interop.export
     _C.build_page_meta(
         x(key_cache), x(block_table), x(seq_lens), x(page_meta), summary=summary, stream=s
@@ -159,25 +203,26 @@ def select_pages(
     of them (attention then equals dense attention); otherwise it keeps its first
     ``num_sink_pages`` pages, its last page and the best-scoring others (ties: the lower logical
     page), in logical order with the last page last; ``num_sink_pages=1`` is recommended with
-    ``"meanstd"`` (docs/selection.md). ``hits`` (int32 ``[num_blocks]``) gets one
-    added for every block each (sequence, KV head) keeps. ``out`` may give ``(table, lens)`` to
-    write; ``workspace`` CUDA scratch of :func:`select_pages_workspace_bytes` bytes (one buffer
-    per device is kept when omitted)."""
+    ``"meanstd"`` (docs/selection.md). ``hits`` (int32 ``[num_blocks]``) gets one added for every
+    block each (sequence, KV head) keeps. ``out`` may give ``(table, lens)`` to write;
+    ``workspace`` CUDA scratch of :func:`select_pages_workspace_bytes` bytes (one buffer per
+    device is kept when omitted)."""
     _interop.wait_ready(query, page_meta, block_table, seq_lens)
+    fw = _interop.framework(query)
     batch = int(query.shape[0])
     num_kv_heads = int(page_meta.shape[1])
     if out is None:
         # The core rejects a budget below 1; allocate nothing negative before it can.
-        table = _interop.empty(query, (batch, num_kv_heads, max(budget, 0)), "int32")
-        lens = _interop.empty(query, (batch, num_kv_heads), "int32")
+        table = _interop.empty(query, (batch, num_kv_heads, max(budget, 0)), "int32", fw)
+        lens = _interop.empty(query, (batch, num_kv_heads), "int32", fw)
     else:
         table, lens = out
     x = _interop.export
     cuda = _interop.is_cuda(query)
     if workspace is None and cuda:
         nbytes = select_pages_workspace_bytes(query, page_meta, block_table)
-        workspace = _workspace(query, nbytes, "select_pages")
-    s = _interop.resolve_stream(stream, query, cuda)
+        workspace = _workspace(query, fw, nbytes, "select_pages")
+    s = _interop.resolve_stream(stream, query, "select_pages", cuda, fw)
     _C.select_pages(
         x(query),
         x(page_meta),
@@ -194,7 +239,9 @@ def select_pages(
         workspace=x(workspace),
         stream=s,
     )
-    _finish_jax(s, query, table)
+    if cuda and _interop.any_jax(query, table):
+        # JAX shares no stream with us: results handed back to JAX must be complete.
+        _C._stream_synchronize(s)
     return table, lens
 
 
@@ -206,9 +253,10 @@ def plan_paged_attention(
     window_left: int = -1,
     max_seq_len: int | None = None,
     num_splits: int | None = None,
+    query_start_loc: Any = None,
 ) -> tuple[int, int]:
     """``(num_splits, workspace_bytes)`` that :func:`paged_attention` uses for these arguments,
-    from host-side values only."""
+    from host-side values only (``query_start_loc``'s values are not read)."""
     x = _interop.export
     return _C.plan_paged_attention(
         x(query),
@@ -217,6 +265,7 @@ def plan_paged_attention(
         window_left=window_left,
         max_seq_len=-1 if max_seq_len is None else max_seq_len,
         num_splits=0 if num_splits is None else num_splits,
+        query_start_loc=x(query_start_loc),
     )
 
 
@@ -236,42 +285,62 @@ def paged_attention(
     max_seq_len: int | None = None,
     num_splits: int | None = None,
     workspace: Any = None,
+    query_start_loc: Any = None,
     stream: Any = None,
 ) -> Any:
-    """Decode attention over a paged KV cache, one query token per sequence.
+    """Attention over a paged KV cache: decode (one query token per sequence), or prefill /
+    append / chunked prefill with ``query_start_loc``.
 
-    query ``[batch, num_q_heads, head_dim]``; key_cache/value_cache
-    ``[num_blocks, block_size, num_kv_heads, head_dim]``; block_table int32
-    ``[batch, max_blocks]``; seq_lens int32 ``[batch]``. num_q_heads must be a multiple of
-    num_kv_heads. Sparse decode: block_table int32 ``[batch, num_kv_heads, max_blocks]`` with
-    seq_lens int32 ``[batch, num_kv_heads]`` gives each KV head its own pages (what
-    :func:`select_pages` returns); window_left must then be -1. Returns ``out`` (allocated like
-    ``query`` when omitted), or ``(out, lse)`` with ``return_lse=True``; ``lse`` is the float32
-    natural-log sum of exp(logits), ``[batch, num_q_heads]``.
+    key_cache/value_cache ``[num_blocks, block_size, num_kv_heads, head_dim]``; block_table int32
+    ``[batch, max_blocks]``; seq_lens int32 ``[batch]``, the sequences' lengths with the new
+    tokens' keys and values already written. num_q_heads must be a multiple of num_kv_heads.
+
+    Sparse decode: block_table int32 ``[batch, num_kv_heads, max_blocks]`` with seq_lens int32
+    ``[batch, num_kv_heads]`` gives each KV head its own pages (what :func:`select_pages`
+    returns); decode only, window_left -1.
+
+    Decode (``query_start_loc=None``): query ``[batch, num_q_heads, head_dim]``, one row per
+    sequence, attending to the whole sequence.
+
+    Prefill: ``query_start_loc`` is int32 ``[batch + 1]``, cumulative (``[0, n_0, n_0 + n_1,
+    ...]``), and query is ``[total_rows, num_q_heads, head_dim]``. Sequence ``i``'s rows
+    ``query_start_loc[i]:query_start_loc[i + 1]`` are its last ``n_i`` tokens, at positions
+    ``seq_lens[i] - n_i .. seq_lens[i] - 1``, attended causally: the row at position ``p`` sees
+    keys ``0..p`` (``p - window_left .. p`` with a window). A batch may mix decode sequences (one
+    row) and prefill sequences, and a sequence may have no rows. On the CPU, rejected with
+    ``ValueError``, nothing written: a first entry other than 0, a decreasing entry, a last entry
+    other than ``total_rows``, more rows than ``seq_lens[i]``. On CUDA the offsets stay on the
+    device and are not checked (bad ones give wrong rows, never an access outside the cache or
+    ``out``).
+
+    Returns ``out`` (allocated like ``query`` when omitted), or ``(out, lse)`` with
+    ``return_lse=True``; ``lse`` is the float32 natural-log sum of exp(logits) per query row and
+    head, ``[rows, num_q_heads]`` (-inf for a row that sees no key).
 
     scale defaults to 1/sqrt(head_dim). window_left >= 0 attends to the last window_left + 1
     tokens only. logits_soft_cap > 0 applies cap * tanh(logits / cap). max_seq_len is an upper
     bound on seq_lens known on the host (it only guides the split). num_splits fixes the
     flash-decoding split (1 disables it; a fixed value makes results batch-invariant).
     workspace is CUDA scratch of at least ``plan_paged_attention(...)[1]`` bytes; when omitted,
-    one buffer per device is kept and reused."""
-    _interop.wait_ready(query, key_cache, value_cache, block_table, seq_lens)
+    one buffer per device is kept and reused, and the split plan is remembered per shapes, dtype,
+    device and options, so that a repeated call crosses into the core once."""
+    _interop.wait_ready(query, key_cache, value_cache, block_table, seq_lens, query_start_loc)
+    fw = _interop.framework(query)
+    cuda = _interop.is_cuda(query)
     if out is None:
-        out = _interop.empty(query, tuple(query.shape))
+        out = _interop.empty(query, tuple(query.shape), fw=fw)
     if lse is None and return_lse:
-        lse = _interop.empty(query, tuple(query.shape[:2]), "float32")
+        lse = _interop.empty(query, tuple(query.shape[:2]), "float32", fw)
     max_len = -1 if max_seq_len is None else max_seq_len
     splits = 0 if num_splits is None else num_splits
-    x = _interop.export
-    cuda = _interop.is_cuda(query)
     if workspace is None and cuda:
-        planned_splits, nbytes = _C.plan_paged_attention(
-            x(query), x(key_cache), x(block_table), window_left, max_len, splits
+        planned_splits, workspace = _cuda_plan(
+            query, key_cache, block_table, query_start_loc, fw, window_left, max_len, splits
         )
-        if nbytes > 0:
-            workspace = _workspace(query, nbytes)
+        if workspace is not None:
             splits = planned_splits
-    s = _interop.resolve_stream(stream, query, cuda)
+    s = _interop.resolve_stream(stream, query, "paged_attention", cuda, fw)
+    x = _interop.export
     _C.paged_attention(
         x(query),
         x(key_cache),
@@ -286,22 +355,32 @@ def paged_attention(
         max_seq_len=max_len,
         num_splits=splits,
         workspace=x(workspace),
+        query_start_loc=x(query_start_loc),
         stream=s,
     )
-    _finish_jax(s, query, out)
+    if cuda and _interop.any_jax(query, out):
+        # JAX shares no stream with us: results handed back to JAX must be complete.
+        _C._stream_synchronize(s)
     return (out, lse) if return_lse else out
 
 
 def copy_blocks(caches: Sequence[Any], src: Any, dst: Any, *, stream: Any = None) -> None:
-    """Copy block ``src[i]`` to block ``dst[i]`` in every tensor of ``caches`` (each indexed by
-    block along dimension 0: the K and V caches of every layer, page metadata, ...). ``src`` and
-    ``dst`` are int32 ``[num_pairs]`` on the caches' device; on CUDA all copies are one launch.
+    """Copy block ``src[i]`` to block ``dst[i]`` in every tensor of ``caches`` (a list or other
+    sequence of arrays, each indexed by block along dimension 0: the K and V caches of every
+    layer, page metadata, ...; any element type, the copies move bytes). ``src`` and ``dst`` are
+    int32 or int64 ``[num_pairs]`` on the caches' device; on CUDA all copies are one launch.
     ``BlockManager.take_copies()`` returns the pairs as ``[P, 2]``: pass ``pairs[:, 0]`` and
-    ``pairs[:, 1]``."""
-    caches = list(caches)
-    if not caches:
-        return
-    s = _interop.resolve_stream(stream, caches[0])
+    ``pairs[:, 1]``. The tensors must not share memory, and no block may be both a source and a
+    destination."""
+    if not isinstance(caches, (list, tuple)):
+        # One array is not a list of caches (iterating it would give its blocks).
+        if not isinstance(caches, Sequence) or isinstance(caches, (str, bytes)):
+            raise TypeError(
+                "tinyserve.copy_blocks: caches must be a sequence of arrays (list or tuple), got "
+                f"{type(caches).__name__}"
+            )
+        caches = list(caches)
+    s = _interop.resolve_stream(stream, caches[0] if caches else src, "copy_blocks")
     x = _interop.export
     _C.copy_blocks([x(c) for c in caches], x(src), x(dst), stream=s)
 
@@ -309,10 +388,10 @@ def copy_blocks(caches: Sequence[Any], src: Any, dst: Any, *, stream: Any = None
 def swap_blocks(src_cache: Any, dst_cache: Any, src: Any, dst: Any, *, stream: Any = None) -> None:
     """Copy block ``src[i]`` of ``src_cache`` to block ``dst[i]`` of ``dst_cache`` between host
     and device caches (offload and recall). The caches share dtype, block shape and layout; on
-    CUDA the host side must be pinned (page-locked) memory. ``src`` and ``dst`` are int32 host
-    arrays."""
+    CUDA the host side must be pinned (page-locked) memory. Any element type (the copies move
+    bytes). ``src`` and ``dst`` are int32 or int64 host arrays."""
     device_side = dst_cache if _interop.is_cuda(dst_cache) else src_cache
     _interop.wait_ready(src_cache)
-    s = _interop.resolve_stream(stream, device_side)
+    s = _interop.resolve_stream(stream, device_side, "swap_blocks")
     x = _interop.export
     _C.swap_blocks(x(src_cache), x(dst_cache), x(src), x(dst), stream=s)

@@ -1,13 +1,9 @@
 #include "tinyserve/ops.h"
 
 #include <nanobind/nanobind.h>
-#include <nanobind/ndarray.h>
-#include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
-#include <nanobind/stl/vector.h>
 
-#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -20,34 +16,26 @@ using namespace nb::literals;
 
 namespace tinyserve::bindings {
 
-using In = nb::ndarray<nb::ro>;  // read-only access is enough (accepts read-only producers)
-using Out = nb::ndarray<>;       // written to
-
 namespace {
 
-AttentionOptions attention_options(const char* op, std::optional<float> scale, int window_left,
-                                   float logits_soft_cap, std::optional<Out> lse,
-                                   std::int64_t max_seq_len, int num_splits,
-                                   std::optional<Out> workspace) {
-  AttentionOptions o;
-  o.scale = scale;
-  o.window_left = window_left;
-  o.logits_soft_cap = logits_soft_cap;
-  if (lse) o.lse = to_view(*lse, op, "lse");
-  o.max_seq_len = max_seq_len;
-  o.num_splits = num_splits;
-  if (workspace) o.workspace = to_view(*workspace, op, "workspace");
-  return o;
+std::string to_name(nb::handle h, const char* op, const char* name) {
+  if (!nb::isinstance<nb::str>(h)) {
+    throw std::invalid_argument(std::string("tinyserve.") + op + ": " + name +
+                                " must be a str, got " + describe(h));
+  }
+  return nb::cast<std::string>(h);
 }
 
-PageSummary page_summary(const char* op, const std::string& name) {
+PageSummary page_summary(nb::handle h, const char* op) {
+  const std::string name = to_name(h, op, "summary");
   if (name == "minmax") return PageSummary::MinMax;
   if (name == "meanstd") return PageSummary::MeanStd;
   throw std::invalid_argument(std::string("tinyserve.") + op +
                               ": summary must be 'minmax' or 'meanstd', got '" + name + "'");
 }
 
-GroupReduce group_reduce(const char* op, const std::string& name) {
+GroupReduce group_reduce(nb::handle h, const char* op) {
+  const std::string name = to_name(h, op, "group_reduce");
   if (name == "sum") return GroupReduce::Sum;
   if (name == "max") return GroupReduce::Max;
   throw std::invalid_argument(std::string("tinyserve.") + op +
@@ -56,160 +44,223 @@ GroupReduce group_reduce(const char* op, const std::string& name) {
 
 }  // namespace
 
+// Every argument arrives as a Python object and goes through convert.h, so that whatever cannot
+// be converted is reported with the op, the argument and the value.
 void bind_ops(nb::module_& m) {
   m.def(
       "reshape_and_cache",
-      [](In key, In value, Out key_cache, Out value_cache, In slot_mapping,
-         std::optional<Out> page_meta, const std::string& summary, std::uintptr_t stream) {
+      [](nb::handle key, nb::handle value, nb::handle key_cache, nb::handle value_cache,
+         nb::handle slot_mapping, nb::handle page_meta, nb::handle summary, nb::handle stream) {
         const char* op = "reshape_and_cache";
-        TensorView k = to_view(key, op, "key"), v = to_view(value, op, "value");
-        TensorView kc = to_view(key_cache, op, "key_cache");
-        TensorView vc = to_view(value_cache, op, "value_cache");
-        TensorView sm = to_view(slot_mapping, op, "slot_mapping");
-        PageSummary kind = page_summary(op, summary);
-        if (page_meta) {
-          TensorView meta = to_view(*page_meta, op, "page_meta");
-          nb::gil_scoped_release release;
-          reshape_and_cache(k, v, kc, vc, sm, meta, kind, stream);
+        Arrays a(op);
+        TensorView k = a.input(key, "key"), v = a.input(value, "value");
+        TensorView kc = a.output(key_cache, "key_cache");
+        TensorView vc = a.output(value_cache, "value_cache");
+        TensorView sm = a.input(slot_mapping, "slot_mapping");
+        std::optional<TensorView> meta = a.optional_output(page_meta, "page_meta");
+        PageSummary kind = page_summary(summary, op);
+        Stream s = to_int<Stream>(stream, op, "stream");
+        nb::gil_scoped_release release;
+        if (meta) {
+          reshape_and_cache(k, v, kc, vc, sm, *meta, kind, s);
         } else {
-          nb::gil_scoped_release release;
-          reshape_and_cache(k, v, kc, vc, sm, stream);
+          reshape_and_cache(k, v, kc, vc, sm, s);
         }
       },
-      "key"_a, "value"_a, "key_cache"_a, "value_cache"_a, "slot_mapping"_a,
-      "page_meta"_a = nb::none(), "summary"_a = "meanstd", "stream"_a = 0);
+      "key"_a.none(), "value"_a.none(), "key_cache"_a.none(), "value_cache"_a.none(),
+      "slot_mapping"_a.none(), "page_meta"_a.none() = nb::none(), "summary"_a.none() = "meanstd",
+      "stream"_a.none() = 0,
+      nb::sig("def reshape_and_cache(key: typing.Any, value: typing.Any, key_cache: typing.Any, "
+              "value_cache: typing.Any, slot_mapping: typing.Any, page_meta: typing.Any | None = "
+              "None, summary: str = 'meanstd', stream: int = 0) -> None"));
 
   m.def(
       "build_page_meta",
-      [](In key_cache, In block_table, In seq_lens, Out page_meta, const std::string& summary,
-         std::uintptr_t stream) {
+      [](nb::handle key_cache, nb::handle block_table, nb::handle seq_lens, nb::handle page_meta,
+         nb::handle summary, nb::handle stream) {
         const char* op = "build_page_meta";
-        TensorView kc = to_view(key_cache, op, "key_cache");
-        TensorView bt = to_view(block_table, op, "block_table");
-        TensorView sl = to_view(seq_lens, op, "seq_lens");
-        TensorView meta = to_view(page_meta, op, "page_meta");
-        PageSummary kind = page_summary(op, summary);
+        Arrays a(op);
+        TensorView kc = a.input(key_cache, "key_cache");
+        TensorView bt = a.input(block_table, "block_table");
+        TensorView sl = a.input(seq_lens, "seq_lens");
+        TensorView meta = a.output(page_meta, "page_meta");
+        PageSummary kind = page_summary(summary, op);
+        Stream s = to_int<Stream>(stream, op, "stream");
         nb::gil_scoped_release release;
-        build_page_meta(kc, bt, sl, meta, kind, stream);
+        build_page_meta(kc, bt, sl, meta, kind, s);
       },
-      "key_cache"_a, "block_table"_a, "seq_lens"_a, "page_meta"_a, "summary"_a = "meanstd",
-      "stream"_a = 0);
+      "key_cache"_a.none(), "block_table"_a.none(), "seq_lens"_a.none(), "page_meta"_a.none(),
+      "summary"_a.none() = "meanstd", "stream"_a.none() = 0,
+      nb::sig("def build_page_meta(key_cache: typing.Any, block_table: typing.Any, seq_lens: "
+              "typing.Any, page_meta: typing.Any, summary: str = 'meanstd', stream: int = 0) -> "
+              "None"));
 
   m.def(
       "select_pages",
-      [](In query, In page_meta, In block_table, In seq_lens, int budget, int block_size, Out table,
-         Out lens, int num_sink_pages, const std::string& summary, const std::string& reduce,
-         std::optional<Out> hits, std::optional<Out> workspace, std::uintptr_t stream) {
+      [](nb::handle query, nb::handle page_meta, nb::handle block_table, nb::handle seq_lens,
+         nb::handle budget, nb::handle block_size, nb::handle table, nb::handle lens,
+         nb::handle num_sink_pages, nb::handle summary, nb::handle reduce, nb::handle hits,
+         nb::handle workspace, nb::handle stream) {
         const char* op = "select_pages";
-        TensorView q = to_view(query, op, "query");
-        TensorView meta = to_view(page_meta, op, "page_meta");
-        TensorView bt = to_view(block_table, op, "block_table");
-        TensorView sl = to_view(seq_lens, op, "seq_lens");
-        TensorView t = to_view(table, op, "table");
-        TensorView l = to_view(lens, op, "lens");
+        Arrays a(op);
+        TensorView q = a.input(query, "query");
+        TensorView meta = a.input(page_meta, "page_meta");
+        TensorView bt = a.input(block_table, "block_table");
+        TensorView sl = a.input(seq_lens, "seq_lens");
+        TensorView t = a.output(table, "table");
+        TensorView l = a.output(lens, "lens");
         SelectPagesOptions o;
-        o.summary = page_summary(op, summary);
-        o.group_reduce = group_reduce(op, reduce);
-        o.num_sink_pages = num_sink_pages;
-        if (hits) o.hits = to_view(*hits, op, "hits");
-        if (workspace) o.workspace = to_view(*workspace, op, "workspace");
+        o.summary = page_summary(summary, op);
+        o.group_reduce = group_reduce(reduce, op);
+        o.num_sink_pages = to_int<int>(num_sink_pages, op, "num_sink_pages");
+        o.hits = a.optional_output(hits, "hits");
+        o.workspace = a.optional_output(workspace, "workspace");
+        const int b = to_int<int>(budget, op, "budget");
+        const int size = to_int<int>(block_size, op, "block_size");
+        Stream s = to_int<Stream>(stream, op, "stream");
         nb::gil_scoped_release release;
-        select_pages(q, meta, bt, sl, budget, block_size, t, l, o, stream);
+        select_pages(q, meta, bt, sl, b, size, t, l, o, s);
       },
-      "query"_a, "page_meta"_a, "block_table"_a, "seq_lens"_a, "budget"_a, "block_size"_a,
-      "table"_a, "lens"_a, "num_sink_pages"_a = 0, "summary"_a = "meanstd",
-      "group_reduce"_a = "sum", "hits"_a = nb::none(), "workspace"_a = nb::none(), "stream"_a = 0);
+      "query"_a.none(), "page_meta"_a.none(), "block_table"_a.none(), "seq_lens"_a.none(),
+      "budget"_a.none(), "block_size"_a.none(), "table"_a.none(), "lens"_a.none(),
+      "num_sink_pages"_a.none() = 0, "summary"_a.none() = "meanstd",
+      "group_reduce"_a.none() = "sum", "hits"_a.none() = nb::none(),
+      "workspace"_a.none() = nb::none(), "stream"_a.none() = 0,
+      nb::sig("def select_pages(query: typing.Any, page_meta: typing.Any, block_table: "
+              "typing.Any, seq_lens: typing.Any, budget: int, block_size: int, table: typing.Any, "
+              "lens: typing.Any, num_sink_pages: int = 0, summary: str = 'meanstd', "
+              "group_reduce: str = 'sum', hits: typing.Any | None = None, workspace: typing.Any | "
+              "None = None, stream: int = 0) -> None"));
 
   m.def(
       "select_pages_workspace_bytes",
-      [](In query, In page_meta, In block_table) {
+      [](nb::handle query, nb::handle page_meta, nb::handle block_table) {
         const char* op = "select_pages_workspace_bytes";
-        return select_pages_workspace_bytes(to_view(query, op, "query"),
-                                            to_view(page_meta, op, "page_meta"),
-                                            to_view(block_table, op, "block_table"));
+        Arrays a(op);
+        return select_pages_workspace_bytes(a.input(query, "query"),
+                                            a.input(page_meta, "page_meta"),
+                                            a.input(block_table, "block_table"));
       },
-      "query"_a, "page_meta"_a, "block_table"_a,
+      "query"_a.none(), "page_meta"_a.none(), "block_table"_a.none(),
+      nb::sig("def select_pages_workspace_bytes(query: typing.Any, page_meta: typing.Any, "
+              "block_table: typing.Any) -> int"),
       "Bytes of CUDA scratch select_pages needs for these shapes (0 for host arrays).");
 
   m.def(
       "paged_attention",
-      [](In query, In key_cache, In value_cache, In block_table, In seq_lens, Out out,
-         std::optional<float> scale, int window_left, float logits_soft_cap, std::optional<Out> lse,
-         std::int64_t max_seq_len, int num_splits, std::optional<Out> workspace,
-         std::uintptr_t stream) {
+      [](nb::handle query, nb::handle key_cache, nb::handle value_cache, nb::handle block_table,
+         nb::handle seq_lens, nb::handle out, nb::handle scale, nb::handle window_left,
+         nb::handle logits_soft_cap, nb::handle lse, nb::handle max_seq_len, nb::handle num_splits,
+         nb::handle workspace, nb::handle query_start_loc, nb::handle stream) {
         const char* op = "paged_attention";
-        TensorView q = to_view(query, op, "query");
-        TensorView kc = to_view(key_cache, op, "key_cache");
-        TensorView vc = to_view(value_cache, op, "value_cache");
-        TensorView bt = to_view(block_table, op, "block_table");
-        TensorView sl = to_view(seq_lens, op, "seq_lens");
-        TensorView o = to_view(out, op, "out");
-        AttentionOptions opts = attention_options(op, scale, window_left, logits_soft_cap, lse,
-                                                  max_seq_len, num_splits, workspace);
+        Arrays a(op);
+        TensorView q = a.input(query, "query");
+        TensorView kc = a.input(key_cache, "key_cache");
+        TensorView vc = a.input(value_cache, "value_cache");
+        TensorView bt = a.input(block_table, "block_table");
+        TensorView sl = a.input(seq_lens, "seq_lens");
+        TensorView o = a.output(out, "out");
+        AttentionOptions opts;
+        opts.scale = to_optional_float(scale, op, "scale");
+        opts.window_left = to_int<int>(window_left, op, "window_left");
+        opts.logits_soft_cap = to_float(logits_soft_cap, op, "logits_soft_cap");
+        opts.lse = a.optional_output(lse, "lse");
+        opts.max_seq_len = to_int<std::int64_t>(max_seq_len, op, "max_seq_len");
+        opts.num_splits = to_int<int>(num_splits, op, "num_splits");
+        opts.workspace = a.optional_output(workspace, "workspace");
+        opts.query_start_loc = a.optional_input(query_start_loc, "query_start_loc");
+        Stream s = to_int<Stream>(stream, op, "stream");
         nb::gil_scoped_release release;
-        paged_attention(q, kc, vc, bt, sl, o, opts, stream);
+        paged_attention(q, kc, vc, bt, sl, o, opts, s);
       },
-      "query"_a, "key_cache"_a, "value_cache"_a, "block_table"_a, "seq_lens"_a, "out"_a,
-      "scale"_a = nb::none(), "window_left"_a = -1, "logits_soft_cap"_a = 0.0f,
-      "lse"_a = nb::none(), "max_seq_len"_a = -1, "num_splits"_a = 0, "workspace"_a = nb::none(),
-      "stream"_a = 0);
+      "query"_a.none(), "key_cache"_a.none(), "value_cache"_a.none(), "block_table"_a.none(),
+      "seq_lens"_a.none(), "out"_a.none(), "scale"_a.none() = nb::none(),
+      "window_left"_a.none() = -1, "logits_soft_cap"_a.none() = 0.0f, "lse"_a.none() = nb::none(),
+      "max_seq_len"_a.none() = -1, "num_splits"_a.none() = 0, "workspace"_a.none() = nb::none(),
+      "query_start_loc"_a.none() = nb::none(), "stream"_a.none() = 0,
+      nb::sig("def paged_attention(query: typing.Any, key_cache: typing.Any, value_cache: "
+              "typing.Any, block_table: typing.Any, seq_lens: typing.Any, out: typing.Any, scale: "
+              "float | None = None, window_left: int = -1, logits_soft_cap: float = 0.0, lse: "
+              "typing.Any | None = None, max_seq_len: int = -1, num_splits: int = 0, workspace: "
+              "typing.Any | None = None, query_start_loc: typing.Any | None = None, stream: int = "
+              "0) -> None"));
 
   m.def(
       "plan_paged_attention",
-      [](In query, In key_cache, In block_table, int window_left, std::int64_t max_seq_len,
-         int num_splits) {
+      [](nb::handle query, nb::handle key_cache, nb::handle block_table, nb::handle window_left,
+         nb::handle max_seq_len, nb::handle num_splits, nb::handle query_start_loc) {
         const char* op = "plan_paged_attention";
+        Arrays a(op);
+        TensorView q = a.input(query, "query");
+        TensorView kc = a.input(key_cache, "key_cache");
+        TensorView bt = a.input(block_table, "block_table");
         AttentionOptions o;
-        o.window_left = window_left;
-        o.max_seq_len = max_seq_len;
-        o.num_splits = num_splits;
-        AttentionPlan plan =
-            plan_paged_attention(to_view(query, op, "query"), to_view(key_cache, op, "key_cache"),
-                                 to_view(block_table, op, "block_table"), o);
+        o.window_left = to_int<int>(window_left, op, "window_left");
+        o.max_seq_len = to_int<std::int64_t>(max_seq_len, op, "max_seq_len");
+        o.num_splits = to_int<int>(num_splits, op, "num_splits");
+        o.query_start_loc = a.optional_input(query_start_loc, "query_start_loc");
+        AttentionPlan plan = plan_paged_attention(q, kc, bt, o);
         return std::make_pair(plan.num_splits, plan.workspace_bytes);
       },
-      "query"_a, "key_cache"_a, "block_table"_a, "window_left"_a = -1, "max_seq_len"_a = -1,
-      "num_splits"_a = 0,
+      "query"_a.none(), "key_cache"_a.none(), "block_table"_a.none(), "window_left"_a.none() = -1,
+      "max_seq_len"_a.none() = -1, "num_splits"_a.none() = 0,
+      "query_start_loc"_a.none() = nb::none(),
+      nb::sig("def plan_paged_attention(query: typing.Any, key_cache: typing.Any, block_table: "
+              "typing.Any, window_left: int = -1, max_seq_len: int = -1, num_splits: int = 0, "
+              "query_start_loc: typing.Any | None = None) -> tuple[int, int]"),
       "Returns (num_splits, workspace_bytes) that paged_attention uses for these arguments.");
 
   m.def(
       "copy_blocks",
-      [](std::vector<Out> caches, In src, In dst, std::uintptr_t stream) {
+      [](nb::handle caches, nb::handle src, nb::handle dst, nb::handle stream) {
         const char* op = "copy_blocks";
-        std::vector<TensorView> views;
-        views.reserve(caches.size());
-        for (const Out& c : caches) views.push_back(to_view(c, op, "caches[i]"));
-        TensorView s = to_view(src, op, "src"), d = to_view(dst, op, "dst");
+        Arrays a(op);
+        std::vector<TensorView> views = a.output_list(caches, "caches");
+        TensorView s = a.input(src, "src"), d = a.input(dst, "dst");
+        Stream st = to_int<Stream>(stream, op, "stream");
         nb::gil_scoped_release release;
-        copy_blocks(views, s, d, stream);
+        copy_blocks(views, s, d, st);
       },
-      "caches"_a, "src"_a, "dst"_a, "stream"_a = 0);
+      "caches"_a.none(), "src"_a.none(), "dst"_a.none(), "stream"_a.none() = 0,
+      nb::sig("def copy_blocks(caches: list[typing.Any] | tuple[typing.Any, ...], src: typing.Any, "
+              "dst: typing.Any, stream: int = 0) -> None"));
 
   m.def(
       "swap_blocks",
-      [](In src_cache, Out dst_cache, In src, In dst, std::uintptr_t stream) {
+      [](nb::handle src_cache, nb::handle dst_cache, nb::handle src, nb::handle dst,
+         nb::handle stream) {
         const char* op = "swap_blocks";
-        TensorView sc = to_view(src_cache, op, "src_cache");
-        TensorView dc = to_view(dst_cache, op, "dst_cache");
-        TensorView s = to_view(src, op, "src"), d = to_view(dst, op, "dst");
+        Arrays a(op);
+        TensorView sc = a.input(src_cache, "src_cache");
+        TensorView dc = a.output(dst_cache, "dst_cache");
+        TensorView s = a.input(src, "src"), d = a.input(dst, "dst");
+        Stream st = to_int<Stream>(stream, op, "stream");
         nb::gil_scoped_release release;
-        swap_blocks(sc, dc, s, d, stream);
+        swap_blocks(sc, dc, s, d, st);
       },
-      "src_cache"_a, "dst_cache"_a, "src"_a, "dst"_a, "stream"_a = 0);
+      "src_cache"_a.none(), "dst_cache"_a.none(), "src"_a.none(), "dst"_a.none(),
+      "stream"_a.none() = 0,
+      nb::sig("def swap_blocks(src_cache: typing.Any, dst_cache: typing.Any, src: typing.Any, dst: "
+              "typing.Any, stream: int = 0) -> None"));
 
   m.def(
       "_stream_synchronize",
-      [](std::uintptr_t stream) {
+      [](nb::handle stream) {
+        Stream s = to_int<Stream>(stream, "synchronize", "stream");
         nb::gil_scoped_release release;
-        cuda_stream_synchronize(stream);
+        cuda_stream_synchronize(s);
       },
-      "stream"_a, "Waits for the CUDA stream (used where a framework shares no stream).");
+      "stream"_a.none(), nb::sig("def _stream_synchronize(stream: int) -> None"),
+      "Waits for the CUDA stream (used where a framework shares no stream).");
 
   m.def("cuda_compiled", &cuda_compiled, "True when the library was built with CUDA kernels.");
   m.def("cuda_device_count", &cuda_device_count,
         "CUDA devices visible to tinyserve (0 without CUDA, driver or device).");
-  m.def("num_threads", &num_threads, "Worker threads of the CPU backend.");
-  m.def("set_num_threads", &set_num_threads, "n"_a, "Sets the CPU backend's worker threads.");
+  m.def("num_threads", &num_threads,
+        "Worker threads of the CPU backend: as many as asked for, or fewer when the system could "
+        "not start that many.");
+  m.def("set_num_threads", &set_num_threads, "n"_a,
+        "Sets the CPU backend's worker threads, n in [1, 1024].");
 }
 
 }  // namespace tinyserve::bindings

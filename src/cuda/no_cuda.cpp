@@ -1,18 +1,17 @@
 // The CUDA backend of a build without nvcc: it reports itself absent, and every entry point
 // fails with a precise error. The core reaches these only for tensors on a CUDA device.
 
-#include <stdexcept>
-
 #include "core/kernels.h"
+#include "core/validate.h"
 #include "core/virtual_memory.h"
 
 namespace tinyserve::kernels::cuda {
 namespace {
 
 [[noreturn]] void unavailable(const char* op) {
-  throw std::runtime_error(std::string("tinyserve.") + op +
-                           ": tinyserve was built without CUDA (rebuild with nvcc on the PATH, "
-                           "or TINYSERVE_CUDA=ON)");
+  detail::fail_runtime(op,
+                       "tinyserve was built without CUDA (rebuild with nvcc on the PATH, or "
+                       "TINYSERVE_CUDA=ON)");
 }
 
 }  // namespace
@@ -24,6 +23,9 @@ void paged_attention(const PagedAttentionParams&, Stream) { unavailable("paged_a
 void select_pages(const SelectPagesParams&, Stream) { unavailable("select_pages"); }
 void build_page_meta(const BuildPageMetaParams&, Stream) { unavailable("build_page_meta"); }
 int plan_attention_splits(int, DType, int, int, int, int, std::int64_t) {
+  unavailable("plan_paged_attention");
+}
+int plan_prefill_splits(int, DType, int, std::int64_t, int, int, int, std::int64_t) {
   unavailable("plan_paged_attention");
 }
 void copy_blocks(const CopyBlocksParams&, Stream) { unavailable("copy_blocks"); }
