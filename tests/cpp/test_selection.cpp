@@ -30,6 +30,7 @@ void test_summaries_and_selection() {
   // One sequence of 30 tokens on blocks 7, 6, ..., 0 (8 pages, the last holding 2 tokens).
   const int len = 30;
   std::vector<float> k(std::size_t(len) * kHeads * kDim), kc(kBlocks * kPage * kHeads * kDim);
+  std::vector<float> vc(kc.size());
   for (auto& x : k) x = normal(gen);
   std::vector<std::int32_t> table(kBlocks);
   std::iota(table.rbegin(), table.rend(), 0);
@@ -38,8 +39,9 @@ void test_summaries_and_selection() {
   std::vector<float> meta(kBlocks * kHeads * 2 * kDim, std::nanf(""));
   auto key = make_tensor(k.data(), DType::Float32, kCpu, {len, kHeads, kDim});
   auto cache = make_tensor(kc.data(), DType::Float32, kCpu, {kBlocks, kPage, kHeads, kDim});
+  auto v_cache = make_tensor(vc.data(), DType::Float32, kCpu, {kBlocks, kPage, kHeads, kDim});
   auto meta_view = make_tensor(meta.data(), DType::Float32, kCpu, {kBlocks, kHeads, 2, kDim});
-  tinyserve::reshape_and_cache(key, key, cache, cache,
+  tinyserve::reshape_and_cache(key, key, cache, v_cache,
                                make_tensor(slots.data(), DType::Int64, kCpu, {len}), meta_view,
                                tinyserve::PageSummary::MinMax);
   for (int page = 0; page < kBlocks; ++page) {
