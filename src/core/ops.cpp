@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -462,15 +463,23 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
     c.dim(lse, "lse", 1, s.num_q_heads, "num_q_heads");
     c.same_device({{query, "query"}, {lse, "lse"}});
   }
-  // Outputs share memory with nothing else of the call.
-  const detail::Named inputs[] = {{query, "query"},
-                                  {key_cache, "key_cache"},
-                                  {value_cache, "value_cache"},
-                                  {block_table, "block_table"},
-                                  {seq_lens, "seq_lens"}};
-  for (const detail::Named& in : inputs) c.disjoint({out, "out"}, in);
+  // Outputs share memory with nothing else of the call (query_start_loc included: the
+  // kernels read it while rows of out are being written).
+  const TensorView no_query_start_loc{};
+  const detail::Named all_inputs[] = {
+      {query, "query"},
+      {key_cache, "key_cache"},
+      {value_cache, "value_cache"},
+      {block_table, "block_table"},
+      {seq_lens, "seq_lens"},
+      {s.prefill ? *options.query_start_loc : no_query_start_loc, "query_start_loc"}};
+  const std::size_t num_inputs = std::size(all_inputs) - (s.prefill ? 0 : 1);
+  const detail::Named* const inputs_end = all_inputs + num_inputs;
+  for (const detail::Named* in = all_inputs; in != inputs_end; ++in) c.disjoint({out, "out"}, *in);
   if (options.lse) {
-    for (const detail::Named& in : inputs) c.disjoint({*options.lse, "lse"}, in);
+    for (const detail::Named* in = all_inputs; in != inputs_end; ++in) {
+      c.disjoint({*options.lse, "lse"}, *in);
+    }
     c.disjoint({*options.lse, "lse"}, {out, "out"});
   }
   AttentionPlan plan = make_plan(s, query.dtype, options);
@@ -492,7 +501,9 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
                plan.workspace_bytes, " bytes for ", plan.num_splits, " splits, got ", bytes);
     TS_REQUIRE(c, reinterpret_cast<std::uintptr_t>(ws.data) % 16 == 0,
                "workspace must be 16-byte aligned, got address ", ws.data);
-    for (const detail::Named& in : inputs) c.disjoint({ws, "workspace"}, in);
+    for (const detail::Named* in = all_inputs; in != inputs_end; ++in) {
+      c.disjoint({ws, "workspace"}, *in);
+    }
     c.disjoint({ws, "workspace"}, {out, "out"});
     if (options.lse) c.disjoint({ws, "workspace"}, {*options.lse, "lse"});
   }

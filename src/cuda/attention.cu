@@ -26,8 +26,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <stdexcept>
-#include <string>
 
 #include "core/kernels.h"
 #include "cuda/attention/decode_generic.cuh"
@@ -209,10 +207,9 @@ int plan_attention_splits(int device_index, DType dtype, int batch, int num_q_he
 void paged_attention(const PagedAttentionParams& p, Stream stream) {
   const char* op = "paged_attention";
   if (p.kv_dtype != p.query_dtype || p.out_dtype != p.query_dtype) {
-    throw std::invalid_argument(std::string("tinyserve.paged_attention: the CUDA kernels need "
-                                            "one dtype for query, caches and output, got ") +
-                                dtype_name(p.query_dtype) + ", " + dtype_name(p.kv_dtype) +
-                                " and " + dtype_name(p.out_dtype));
+    detail::fail(op, "the CUDA kernels need one dtype for query, caches and output, got ",
+                 dtype_name(p.query_dtype), ", ", dtype_name(p.kv_dtype), " and ",
+                 dtype_name(p.out_dtype));
   }
   DeviceGuard guard(p.device_index, op);
   if (p.query_start_loc) return prefill_attention(p, as_stream(stream), op);
