@@ -4,6 +4,7 @@ core once."""
 
 from __future__ import annotations
 
+import numbers
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -57,6 +58,23 @@ def _workspace(like: Any, fw: str, nbytes: int, purpose: str = "paged_attention"
         return ws
 
 
+def _scale(scale: Any) -> Any:
+    """A float8 cache's scale for the core: a number (NumPy scalars included) as a float, an
+    array (one scale per KV head) exported as it is."""
+    if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+        return float(scale)
+    return _interop.export(scale)
+
+
+def _fp8_view(cache: Any, kv_dtype: str | None) -> tuple[Any, str | None]:
+    """A NumPy array of ml_dtypes' float8_e4m3fn goes to the core as its uint8 bits, with
+    ``kv_dtype`` saying what they are (NumPy itself has no float8 type to export)."""
+    if kv_dtype is None and _interop.framework(cache) == "numpy":
+        if getattr(cache.dtype, "name", "") == "float8_e4m3fn":
+            return cache.view("uint8"), "float8_e4m3fn"
+    return cache, kv_dtype
+
+
 def _cuda_plan(
     query: Any,
     key_cache: Any,
@@ -66,12 +84,15 @@ def _cuda_plan(
     window_left: int,
     max_seq_len: int,
     num_splits: int,
+    kv_dtype: str | None,
 ) -> tuple[int, Any]:
     key = (
         query.shape,
         key_cache.shape,
         block_table.shape,
         query.dtype,
+        key_cache.dtype,
+        kv_dtype,
         _interop.device_key(query, fw),
         window_left,
         max_seq_len,
@@ -91,6 +112,7 @@ def _cuda_plan(
             max_seq_len,
             num_splits,
             x(query_start_loc),
+            kv_dtype,
         )
         plan = (splits, _workspace(query, fw, nbytes) if nbytes > 0 else None)
         if len(_plans) >= _MAX_PLANS:
@@ -108,6 +130,9 @@ def reshape_and_cache(
     page_meta: Any = None,
     *,
     summary: str = DEFAULT_SUMMARY,
+    k_scale: Any = None,
+    v_scale: Any = None,
+    kv_dtype: str | None = None,
     stream: Any = None,
 ) -> None:
     """Write new tokens' keys and values, ``[num_tokens, num_kv_heads, head_dim]``, into their
@@ -120,8 +145,18 @@ def reshape_and_cache(
     a write at offset 0 restarts a page's summary from every key this call writes to it (in any
     order); a page written only at later offsets has its summary extended. ``summary`` is
     ``"meanstd"`` (mean and standard deviation) or ``"minmax"`` (elementwise min and max); it
-    must match what :func:`select_pages` is told. Pages are assumed to fill in order of offset."""
+    must match what :func:`select_pages` is told. Pages are assumed to fill in order of offset.
+
+    FP8 caches: caches of float8_e4m3fn (``torch.float8_e4m3fn``, ml_dtypes' ``float8_e4m3fn``,
+    or uint8 arrays of its bits with ``kv_dtype="float8_e4m3fn"``) take float32, float16 or
+    bfloat16 keys and values and store ``x / scale`` rounded to nearest even and saturated to
+    +-448. ``k_scale``/``v_scale``: a positive number (one scale for the tensor, default 1) or a
+    float32 array ``[num_kv_heads]`` (one per KV head) on the caches' device, read by CUDA
+    kernels from device memory when they run. Float8 caches take no ``page_meta`` (summaries
+    stay in the queries' precision)."""
     _interop.wait_ready(key, value, slot_mapping)
+    key_cache, kv_dtype = _fp8_view(key_cache, kv_dtype)
+    value_cache, kv_dtype = _fp8_view(value_cache, kv_dtype)
     s = _interop.resolve_stream(stream, key_cache, "reshape_and_cache")
     x = _interop.export
     _C.reshape_and_cache(
@@ -132,6 +167,9 @@ def reshape_and_cache(
         x(slot_mapping),
         page_meta=x(page_meta),
         summary=summary,
+        k_scale=_scale(k_scale),
+        v_scale=_scale(v_scale),
+        kv_dtype=kv_dtype,
         stream=s,
     )
 
@@ -155,7 +193,13 @@ def build_page_meta(
     """Build the summaries of pages already in the cache (after loading a cache, or one written
     without ``page_meta``): every page holding tokens of the first ``seq_lens[b]`` tokens of each
     sequence (int32 ``block_table [batch, max_blocks]``, int32 ``seq_lens [batch]``) is summarised
-    from its keys. A block listed by several sequences must hold the same tokens in each."""
+    from its keys. A block listed by several sequences must hold the same tokens in each.
+    Float8 caches are refused (summaries stay in the queries' precision)."""
+    if _fp8_view(key_cache, None)[1] is not None:
+        raise ValueError(
+            "tinyserve.build_page_meta: page summaries need a float32, float16 or bfloat16 key "
+            "cache, got a float8_e4m3fn cache"
+        )
     _interop.wait_ready(key_cache, block_table, seq_lens)
     s = _interop.resolve_stream(stream, key_cache, "build_page_meta")
     x = _interop.export
@@ -254,9 +298,11 @@ def plan_paged_attention(
     max_seq_len: int | None = None,
     num_splits: int | None = None,
     query_start_loc: Any = None,
+    kv_dtype: str | None = None,
 ) -> tuple[int, int]:
     """``(num_splits, workspace_bytes)`` that :func:`paged_attention` uses for these arguments,
     from host-side values only (``query_start_loc``'s values are not read)."""
+    key_cache, kv_dtype = _fp8_view(key_cache, kv_dtype)
     x = _interop.export
     return _C.plan_paged_attention(
         x(query),
@@ -266,6 +312,7 @@ def plan_paged_attention(
         max_seq_len=-1 if max_seq_len is None else max_seq_len,
         num_splits=0 if num_splits is None else num_splits,
         query_start_loc=x(query_start_loc),
+        kv_dtype=kv_dtype,
     )
 
 
@@ -286,6 +333,9 @@ def paged_attention(
     num_splits: int | None = None,
     workspace: Any = None,
     query_start_loc: Any = None,
+    k_scale: Any = None,
+    v_scale: Any = None,
+    kv_dtype: str | None = None,
     stream: Any = None,
 ) -> Any:
     """Attention over a paged KV cache: decode (one query token per sequence), or prefill /
@@ -323,8 +373,15 @@ def paged_attention(
     flash-decoding split (1 disables it; a fixed value makes results batch-invariant).
     workspace is CUDA scratch of at least ``plan_paged_attention(...)[1]`` bytes; when omitted,
     one buffer per device is kept and reused, and the split plan is remembered per shapes, dtype,
-    device and options, so that a repeated call crosses into the core once."""
+    device and options, so that a repeated call crosses into the core once.
+
+    FP8 caches (float8_e4m3fn; see :func:`reshape_and_cache` for how NumPy passes them) are read
+    as ``stored * k_scale`` and ``stored * v_scale``, dequantised in registers; the query and
+    the output keep their float32/float16/bfloat16 type. ``k_scale``/``v_scale`` as in
+    :func:`reshape_and_cache`."""
     _interop.wait_ready(query, key_cache, value_cache, block_table, seq_lens, query_start_loc)
+    key_cache, kv_dtype = _fp8_view(key_cache, kv_dtype)
+    value_cache, kv_dtype = _fp8_view(value_cache, kv_dtype)
     fw = _interop.framework(query)
     cuda = _interop.is_cuda(query)
     if out is None:
@@ -335,7 +392,15 @@ def paged_attention(
     splits = 0 if num_splits is None else num_splits
     if workspace is None and cuda:
         planned_splits, workspace = _cuda_plan(
-            query, key_cache, block_table, query_start_loc, fw, window_left, max_len, splits
+            query,
+            key_cache,
+            block_table,
+            query_start_loc,
+            fw,
+            window_left,
+            max_len,
+            splits,
+            kv_dtype,
         )
         if workspace is not None:
             splits = planned_splits
@@ -356,6 +421,9 @@ def paged_attention(
         num_splits=splits,
         workspace=x(workspace),
         query_start_loc=x(query_start_loc),
+        k_scale=_scale(k_scale),
+        v_scale=_scale(v_scale),
+        kv_dtype=kv_dtype,
         stream=s,
     )
     if cuda and _interop.any_jax(query, out):

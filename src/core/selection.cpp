@@ -86,6 +86,11 @@ kernels::PageMetaDesc check_page_meta(const OpCheck& c, const TensorView& page_m
                                       const TensorView& key_cache, PageSummary summary,
                                       bool written) {
   check_summary(c, summary);
+  // Summaries stay in the precision of the queries that score them; building them from float8
+  // keys is not supported.
+  TS_REQUIRE(c, key_cache.dtype != DType::Float8E4M3FN,
+             "page summaries need a float32, float16 or bfloat16 key cache, got a ",
+             dtype_name(key_cache.dtype), " cache");
   return check_meta_shape(c, page_meta, key_cache.shape[0], key_cache.shape[2], key_cache.shape[3],
                           key_cache.dtype, "the key cache", written);
 }
@@ -97,6 +102,9 @@ void build_page_meta(const TensorView& key_cache, const TensorView& block_table,
                      Stream stream) {
   OpCheck c("build_page_meta");
   c.ndim(key_cache, "key_cache", 4, "[num_blocks, block_size, num_kv_heads, head_dim]");
+  TS_REQUIRE(c, key_cache.dtype != DType::Float8E4M3FN,
+             "page summaries need a float32, float16 or bfloat16 key cache, got a ",
+             dtype_name(key_cache.dtype), " cache");
   c.attention_dtype(key_cache, "key_cache");
   c.last_dim_contiguous(key_cache, "key_cache");
   TS_REQUIRE(c, key_cache.shape[1] > 0 && key_cache.shape[2] > 0 && key_cache.shape[3] > 0,
