@@ -65,6 +65,19 @@ for tool in memcheck racecheck; do
 done
 fi
 
+if [ -z "${QUICK:-}" ]; then  # the selection kernels under the sanitizers, through their GPU tests
+for tool in memcheck racecheck; do
+  compute-sanitizer --tool $tool --error-exitcode 9 $PY -m pytest -q -p no:cacheprovider \
+    tests/python/test_selection.py -m cuda -k "not graph" > "$OUT/$tool-selection.log" 2>&1
+  echo "compute-sanitizer --tool $tool test_selection (cuda): rc=$? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$tool-selection.log" | tail -1))"
+done
+fi
+for summary in meanstd minmax; do
+  $PY benchmarks/bench_selection.py --summary $summary --json "$OUT/bench-selection-$summary.json" \
+    > "$OUT/bench-selection-$summary.log" 2>&1
+  echo "bench_selection $summary rc=$?"; cat "$OUT/bench-selection-$summary.log"
+done
+
 for layout in ${BENCH_LAYOUTS:-NHD}; do
   $PY -X faulthandler benchmarks/bench_decode.py --layout $layout --json "$OUT/bench-$layout.json" \
     > "$OUT/bench-$layout.log" 2>&1

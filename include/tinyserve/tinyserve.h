@@ -7,5 +7,6 @@
 #include "tinyserve/errors.h"
 #include "tinyserve/export.h"
 #include "tinyserve/ops.h"
+#include "tinyserve/selection.h"
 #include "tinyserve/tensor.h"
 #include "tinyserve/version.h"

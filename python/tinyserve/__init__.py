@@ -5,7 +5,18 @@ of the arrays picks the backend (CPU or CUDA). See README.md and docs/ for the c
 
 from ._cache_pool import CachePool
 from ._compactor import allocate_host_pool, compact_and_shrink, execute_plan, grow_pool
-from ._ops import copy_blocks, paged_attention, plan_paged_attention, reshape_and_cache, swap_blocks
+from ._ops import (
+    DEFAULT_SUMMARY,
+    build_page_meta,
+    copy_blocks,
+    page_meta_shape,
+    paged_attention,
+    plan_paged_attention,
+    reshape_and_cache,
+    select_pages,
+    select_pages_workspace_bytes,
+    swap_blocks,
+)
 from ._tinyserve import (
     BlockManager,
     Compactor,
@@ -36,6 +47,7 @@ def cmake_dir() -> str:
 
 
 __all__ = [
+    "DEFAULT_SUMMARY",
     "BlockManager",
     "CachePool",
     "Compactor",
@@ -43,6 +55,7 @@ __all__ = [
     "OutOfBlocks",
     "__version__",
     "allocate_host_pool",
+    "build_page_meta",
     "cmake_dir",
     "compact_and_shrink",
     "copy_blocks",
@@ -52,9 +65,12 @@ __all__ = [
     "execute_plan",
     "grow_pool",
     "num_threads",
+    "page_meta_shape",
     "paged_attention",
     "plan_paged_attention",
     "reshape_and_cache",
+    "select_pages",
+    "select_pages_workspace_bytes",
     "set_num_threads",
     "swap_blocks",
 ]

@@ -18,12 +18,20 @@ __all__ = [
     "plan_paged_attention",
     "copy_blocks",
     "swap_blocks",
+    "build_page_meta",
+    "page_meta_shape",
+    "select_pages",
+    "select_pages_workspace_bytes",
+    "DEFAULT_SUMMARY",
 ]
+
+# The page summary that kept more attention mass on the real-model benchmark (docs/selection.md).
+DEFAULT_SUMMARY = "meanstd"
 
 # Split-KV scratch on CUDA, one buffer per (framework, device), grown when a call needs more.
 # Buffers that were replaced stay referenced: a captured CUDA graph may still point at them.
 _WORKSPACE_MIN_BYTES = 8 << 20
-_workspaces: dict[tuple[str, str], Any] = {}
+_workspaces: dict[tuple[str, str, str], Any] = {}
 _retired_workspaces: list[Any] = []
 _workspace_lock = threading.Lock()
 
@@ -35,8 +43,8 @@ _MAX_PLANS = 4096
 _plans: dict[tuple[Any, ...], tuple[int, Any]] = {}
 
 
-def _workspace(like: Any, fw: str, nbytes: int) -> Any:
-    key = (fw, str(getattr(like, "device", "")))
+def _workspace(like: Any, fw: str, nbytes: int, purpose: str = "paged_attention") -> Any:
+    key = (purpose, fw, str(getattr(like, "device", "")))
     with _workspace_lock:
         ws = _workspaces.get(key)
         if ws is None or ws.nbytes < nbytes:
@@ -119,7 +127,9 @@ def reshape_and_cache(
     key_cache: Any,
     value_cache: Any,
     slot_mapping: Any,
+    page_meta: Any = None,
     *,
+    summary: str = DEFAULT_SUMMARY,
     k_scale: Any = None,
     v_scale: Any = None,
     kv_dtype: str | None = None,
@@ -130,12 +140,20 @@ def reshape_and_cache(
     -1 skips the token. The caches have the logical shape
     ``[num_blocks, block_size, num_kv_heads, head_dim]`` (any strides, last dim contiguous).
 
+    With ``page_meta`` (``[num_blocks, num_kv_heads, 2, head_dim]``, the key cache's dtype, see
+    :func:`page_meta_shape`), the summaries of the pages written are updated in the same call:
+    a write at offset 0 restarts a page's summary from every key this call writes to it (in any
+    order); a page written only at later offsets has its summary extended. ``summary`` is
+    ``"meanstd"`` (mean and standard deviation) or ``"minmax"`` (elementwise min and max); it
+    must match what :func:`select_pages` is told. Pages are assumed to fill in order of offset.
+
     FP8 caches: caches of float8_e4m3fn (``torch.float8_e4m3fn``, ml_dtypes' ``float8_e4m3fn``,
     or uint8 arrays of its bits with ``kv_dtype="float8_e4m3fn"``) take float32, float16 or
     bfloat16 keys and values and store ``x / scale`` rounded to nearest even and saturated to
     +-448. ``k_scale``/``v_scale``: a positive number (one scale for the tensor, default 1) or a
     float32 array ``[num_kv_heads]`` (one per KV head) on the caches' device, read by CUDA
-    kernels from device memory when they run."""
+    kernels from device memory when they run. Float8 caches take no ``page_meta`` (summaries
+    stay in the queries' precision)."""
     _interop.wait_ready(key, value, slot_mapping)
     key_cache, kv_dtype = _fp8_view(key_cache, kv_dtype)
     value_cache, kv_dtype = _fp8_view(value_cache, kv_dtype)
@@ -147,11 +165,128 @@ def reshape_and_cache(
         x(key_cache),
         x(value_cache),
         x(slot_mapping),
+        page_meta=x(page_meta),
+        summary=summary,
         k_scale=_scale(k_scale),
         v_scale=_scale(v_scale),
         kv_dtype=kv_dtype,
         stream=s,
     )
+
+
+def page_meta_shape(key_cache: Any) -> tuple[int, int, int, int]:
+    """The shape of the page summaries for ``key_cache``:
+    ``(num_blocks, num_kv_heads, 2, head_dim)``."""
+    num_blocks, _, num_kv_heads, head_dim = tuple(key_cache.shape)
+    return (num_blocks, num_kv_heads, 2, head_dim)
+
+
+def build_page_meta(
+    key_cache: Any,
+    block_table: Any,
+    seq_lens: Any,
+    page_meta: Any,
+    *,
+    summary: str = DEFAULT_SUMMARY,
+    stream: Any = None,
+) -> None:
+    """Build the summaries of pages already in the cache (after loading a cache, or one written
+    without ``page_meta``): every page holding tokens of the first ``seq_lens[b]`` tokens of each
+    sequence (int32 ``block_table [batch, max_blocks]``, int32 ``seq_lens [batch]``) is summarised
+    from its keys. A block listed by several sequences must hold the same tokens in each.
+    Float8 caches are refused (summaries stay in the queries' precision)."""
+    if _fp8_view(key_cache, None)[1] is not None:
+        raise ValueError(
+            "tinyserve.build_page_meta: page summaries need a float32, float16 or bfloat16 key "
+            "cache, got a float8_e4m3fn cache"
+        )
+    _interop.wait_ready(key_cache, block_table, seq_lens)
+    s = _interop.resolve_stream(stream, key_cache, "build_page_meta")
+    x = _interop.export
+    _C.build_page_meta(
+        x(key_cache), x(block_table), x(seq_lens), x(page_meta), summary=summary, stream=s
+    )
+
+
+def select_pages_workspace_bytes(query: Any, page_meta: Any, block_table: Any) -> int:
+    """Bytes of CUDA scratch :func:`select_pages` needs for these shapes (0 for host arrays);
+    pass a buffer of that many bytes as ``workspace=`` to allocate nothing per call."""
+    x = _interop.export
+    return _C.select_pages_workspace_bytes(x(query), x(page_meta), x(block_table))
+
+
+def select_pages(
+    query: Any,
+    page_meta: Any,
+    block_table: Any,
+    seq_lens: Any,
+    budget: int,
+    *,
+    block_size: int,
+    num_sink_pages: int = 0,
+    summary: str = DEFAULT_SUMMARY,
+    group_reduce: str = "sum",
+    hits: Any = None,
+    out: tuple[Any, Any] | None = None,
+    workspace: Any = None,
+    stream: Any = None,
+) -> tuple[Any, Any]:
+    """Query-aware page selection for decode. Returns ``(table, lens)``: int32
+    ``[batch, num_kv_heads, budget]`` physical block ids (-1 past the kept pages) and int32
+    ``[batch, num_kv_heads]`` token counts, ready for :func:`paged_attention`.
+
+    ``query [batch, num_q_heads, head_dim]``; ``page_meta`` the summaries (see
+    :func:`reshape_and_cache`); ``block_table`` int32 ``[batch, max_blocks]`` and ``seq_lens``
+    int32 ``[batch]`` the dense table. ``budget`` counts pages (tokens = budget * block_size, the
+    last page partial), including the last page and the sinks: at least ``num_sink_pages + 1``.
+
+    Every page of a sequence is scored per KV head with its GQA group's query heads, combined by
+    ``group_reduce`` (``"sum"`` or ``"max"``): ``"minmax"`` summaries give Quest's bound
+    ``sum_d max(q_d * min_d, q_d * max_d)``, ``"meanstd"`` the estimate
+    ``sum_d (q_d * mean_d + |q_d| * std_d)``. A sequence with at most ``budget`` pages keeps all
+    of them (attention then equals dense attention); otherwise it keeps its first
+    ``num_sink_pages`` pages, its last page and the best-scoring others (ties: the lower logical
+    page), in logical order with the last page last; ``num_sink_pages=1`` is recommended with
+    ``"meanstd"`` (docs/selection.md). ``hits`` (int32 ``[num_blocks]``) gets one added for every
+    block each (sequence, KV head) keeps. ``out`` may give ``(table, lens)`` to write;
+    ``workspace`` CUDA scratch of :func:`select_pages_workspace_bytes` bytes (one buffer per
+    device is kept when omitted)."""
+    _interop.wait_ready(query, page_meta, block_table, seq_lens)
+    fw = _interop.framework(query)
+    batch = int(query.shape[0])
+    num_kv_heads = int(page_meta.shape[1])
+    if out is None:
+        # The core rejects a budget below 1; allocate nothing negative before it can.
+        table = _interop.empty(query, (batch, num_kv_heads, max(budget, 0)), "int32", fw)
+        lens = _interop.empty(query, (batch, num_kv_heads), "int32", fw)
+    else:
+        table, lens = out
+    x = _interop.export
+    cuda = _interop.is_cuda(query)
+    if workspace is None and cuda:
+        nbytes = select_pages_workspace_bytes(query, page_meta, block_table)
+        workspace = _workspace(query, fw, nbytes, "select_pages")
+    s = _interop.resolve_stream(stream, query, "select_pages", cuda, fw)
+    _C.select_pages(
+        x(query),
+        x(page_meta),
+        x(block_table),
+        x(seq_lens),
+        budget,
+        block_size,
+        x(table),
+        x(lens),
+        num_sink_pages=num_sink_pages,
+        summary=summary,
+        group_reduce=group_reduce,
+        hits=x(hits),
+        workspace=x(workspace),
+        stream=s,
+    )
+    if cuda and _interop.any_jax(query, table):
+        # JAX shares no stream with us: results handed back to JAX must be complete.
+        _C._stream_synchronize(s)
+    return table, lens
 
 
 def plan_paged_attention(
@@ -209,6 +344,10 @@ def paged_attention(
     key_cache/value_cache ``[num_blocks, block_size, num_kv_heads, head_dim]``; block_table int32
     ``[batch, max_blocks]``; seq_lens int32 ``[batch]``, the sequences' lengths with the new
     tokens' keys and values already written. num_q_heads must be a multiple of num_kv_heads.
+
+    Sparse decode: block_table int32 ``[batch, num_kv_heads, max_blocks]`` with seq_lens int32
+    ``[batch, num_kv_heads]`` gives each KV head its own pages (what :func:`select_pages`
+    returns); decode only, window_left -1.
 
     Decode (``query_start_loc=None``): query ``[batch, num_q_heads, head_dim]``, one row per
     sequence, attending to the whole sequence.

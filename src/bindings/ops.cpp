@@ -5,10 +5,12 @@
 #include <nanobind/stl/string.h>
 
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "bindings/convert.h"
+#include "tinyserve/selection.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -16,6 +18,30 @@ using namespace nb::literals;
 namespace tinyserve::bindings {
 
 namespace {
+
+std::string to_name(nb::handle h, const char* op, const char* name) {
+  if (!nb::isinstance<nb::str>(h)) {
+    throw std::invalid_argument(std::string("tinyserve.") + op + ": " + name +
+                                " must be a str, got " + describe(h));
+  }
+  return nb::cast<std::string>(h);
+}
+
+PageSummary page_summary(nb::handle h, const char* op) {
+  const std::string name = to_name(h, op, "summary");
+  if (name == "minmax") return PageSummary::MinMax;
+  if (name == "meanstd") return PageSummary::MeanStd;
+  throw std::invalid_argument(std::string("tinyserve.") + op +
+                              ": summary must be 'minmax' or 'meanstd', got '" + name + "'");
+}
+
+GroupReduce group_reduce(nb::handle h, const char* op) {
+  const std::string name = to_name(h, op, "group_reduce");
+  if (name == "sum") return GroupReduce::Sum;
+  if (name == "max") return GroupReduce::Max;
+  throw std::invalid_argument(std::string("tinyserve.") + op +
+                              ": group_reduce must be 'sum' or 'max', got '" + name + "'");
+}
 
 // A cache as the element type the caller names: NumPy has no float8 type, so a uint8 array
 // holds float8_e4m3fn bits when kv_dtype is "float8_e4m3fn". With kv_dtype None the array's own
@@ -53,8 +79,8 @@ void bind_ops(nb::module_& m) {
   m.def(
       "reshape_and_cache",
       [](nb::handle key, nb::handle value, nb::handle key_cache, nb::handle value_cache,
-         nb::handle slot_mapping, nb::handle k_scale, nb::handle v_scale, nb::handle kv_dtype,
-         nb::handle stream) {
+         nb::handle slot_mapping, nb::handle page_meta, nb::handle summary, nb::handle k_scale,
+         nb::handle v_scale, nb::handle kv_dtype, nb::handle stream) {
         const char* op = "reshape_and_cache";
         Arrays a(op);
         TensorView k = a.input(key, "key"), v = a.input(value, "value");
@@ -62,20 +88,105 @@ void bind_ops(nb::module_& m) {
         TensorView vc =
             as_kv_dtype(a.output(value_cache, "value_cache"), kv_dtype, op, "value_cache");
         TensorView sm = a.input(slot_mapping, "slot_mapping");
+        std::optional<TensorView> meta = a.optional_output(page_meta, "page_meta");
+        PageSummary kind = page_summary(summary, op);
         CacheWriteOptions o;
         o.k_scale = kv_scale(a, k_scale, op, "k_scale");
         o.v_scale = kv_scale(a, v_scale, op, "v_scale");
+        // Scales belong to float8 caches, which take no page_meta (the core refuses them): the
+        // page_meta overload has no scales to drop silently.
+        if (meta && (!k_scale.is_none() || !v_scale.is_none())) {
+          detail::fail(op, "k_scale and v_scale apply to float8_e4m3fn caches, which take no ",
+                       "page_meta, got a scale with page_meta");
+        }
         Stream s = to_int<Stream>(stream, op, "stream");
         nb::gil_scoped_release release;
-        reshape_and_cache(k, v, kc, vc, sm, o, s);
+        if (meta) {
+          reshape_and_cache(k, v, kc, vc, sm, *meta, kind, s);
+        } else {
+          reshape_and_cache(k, v, kc, vc, sm, o, s);
+        }
       },
       "key"_a.none(), "value"_a.none(), "key_cache"_a.none(), "value_cache"_a.none(),
-      "slot_mapping"_a.none(), "k_scale"_a.none() = nb::none(), "v_scale"_a.none() = nb::none(),
+      "slot_mapping"_a.none(), "page_meta"_a.none() = nb::none(), "summary"_a.none() = "meanstd",
+      "k_scale"_a.none() = nb::none(), "v_scale"_a.none() = nb::none(),
       "kv_dtype"_a.none() = nb::none(), "stream"_a.none() = 0,
       nb::sig("def reshape_and_cache(key: typing.Any, value: typing.Any, key_cache: typing.Any, "
-              "value_cache: typing.Any, slot_mapping: typing.Any, k_scale: typing.Any | None = "
-              "None, v_scale: typing.Any | None = None, kv_dtype: str | None = None, stream: int "
-              "= 0) -> None"));
+              "value_cache: typing.Any, slot_mapping: typing.Any, page_meta: typing.Any | None = "
+              "None, summary: str = 'meanstd', k_scale: typing.Any | None = None, v_scale: "
+              "typing.Any | None = None, kv_dtype: str | None = None, stream: int = 0) -> None"));
+
+  m.def(
+      "build_page_meta",
+      [](nb::handle key_cache, nb::handle block_table, nb::handle seq_lens, nb::handle page_meta,
+         nb::handle summary, nb::handle stream) {
+        const char* op = "build_page_meta";
+        Arrays a(op);
+        TensorView kc = a.input(key_cache, "key_cache");
+        TensorView bt = a.input(block_table, "block_table");
+        TensorView sl = a.input(seq_lens, "seq_lens");
+        TensorView meta = a.output(page_meta, "page_meta");
+        PageSummary kind = page_summary(summary, op);
+        Stream s = to_int<Stream>(stream, op, "stream");
+        nb::gil_scoped_release release;
+        build_page_meta(kc, bt, sl, meta, kind, s);
+      },
+      "key_cache"_a.none(), "block_table"_a.none(), "seq_lens"_a.none(), "page_meta"_a.none(),
+      "summary"_a.none() = "meanstd", "stream"_a.none() = 0,
+      nb::sig("def build_page_meta(key_cache: typing.Any, block_table: typing.Any, seq_lens: "
+              "typing.Any, page_meta: typing.Any, summary: str = 'meanstd', stream: int = 0) -> "
+              "None"));
+
+  m.def(
+      "select_pages",
+      [](nb::handle query, nb::handle page_meta, nb::handle block_table, nb::handle seq_lens,
+         nb::handle budget, nb::handle block_size, nb::handle table, nb::handle lens,
+         nb::handle num_sink_pages, nb::handle summary, nb::handle reduce, nb::handle hits,
+         nb::handle workspace, nb::handle stream) {
+        const char* op = "select_pages";
+        Arrays a(op);
+        TensorView q = a.input(query, "query");
+        TensorView meta = a.input(page_meta, "page_meta");
+        TensorView bt = a.input(block_table, "block_table");
+        TensorView sl = a.input(seq_lens, "seq_lens");
+        TensorView t = a.output(table, "table");
+        TensorView l = a.output(lens, "lens");
+        SelectPagesOptions o;
+        o.summary = page_summary(summary, op);
+        o.group_reduce = group_reduce(reduce, op);
+        o.num_sink_pages = to_int<int>(num_sink_pages, op, "num_sink_pages");
+        o.hits = a.optional_output(hits, "hits");
+        o.workspace = a.optional_output(workspace, "workspace");
+        const int b = to_int<int>(budget, op, "budget");
+        const int size = to_int<int>(block_size, op, "block_size");
+        Stream s = to_int<Stream>(stream, op, "stream");
+        nb::gil_scoped_release release;
+        select_pages(q, meta, bt, sl, b, size, t, l, o, s);
+      },
+      "query"_a.none(), "page_meta"_a.none(), "block_table"_a.none(), "seq_lens"_a.none(),
+      "budget"_a.none(), "block_size"_a.none(), "table"_a.none(), "lens"_a.none(),
+      "num_sink_pages"_a.none() = 0, "summary"_a.none() = "meanstd",
+      "group_reduce"_a.none() = "sum", "hits"_a.none() = nb::none(),
+      "workspace"_a.none() = nb::none(), "stream"_a.none() = 0,
+      nb::sig("def select_pages(query: typing.Any, page_meta: typing.Any, block_table: "
+              "typing.Any, seq_lens: typing.Any, budget: int, block_size: int, table: typing.Any, "
+              "lens: typing.Any, num_sink_pages: int = 0, summary: str = 'meanstd', "
+              "group_reduce: str = 'sum', hits: typing.Any | None = None, workspace: typing.Any | "
+              "None = None, stream: int = 0) -> None"));
+
+  m.def(
+      "select_pages_workspace_bytes",
+      [](nb::handle query, nb::handle page_meta, nb::handle block_table) {
+        const char* op = "select_pages_workspace_bytes";
+        Arrays a(op);
+        return select_pages_workspace_bytes(a.input(query, "query"),
+                                            a.input(page_meta, "page_meta"),
+                                            a.input(block_table, "block_table"));
+      },
+      "query"_a.none(), "page_meta"_a.none(), "block_table"_a.none(),
+      nb::sig("def select_pages_workspace_bytes(query: typing.Any, page_meta: typing.Any, "
+              "block_table: typing.Any) -> int"),
+      "Bytes of CUDA scratch select_pages needs for these shapes (0 for host arrays).");
 
   m.def(
       "paged_attention",

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "tinyserve/selection.h"
 #include "tinyserve/tensor.h"
 
 namespace tinyserve::kernels {
@@ -20,6 +21,15 @@ struct CacheDesc {
   std::int64_t stride_block = 0;
   std::int64_t stride_token = 0;
   std::int64_t stride_head = 0;
+};
+
+// Page summaries, logical shape [num_blocks, num_kv_heads, 2, head_dim] in the caches' dtype,
+// head_dim contiguous (see PageSummary in tinyserve/ops.h for what the two rows hold).
+struct PageMetaDesc {
+  void* data = nullptr;  // null = no summaries
+  std::int64_t stride_block = 0;
+  std::int64_t stride_head = 0;
+  std::int64_t stride_row = 0;
 };
 
 // The scale of a float8 cache (stored value * scale = value): per_head[kv_head] when per_head is
@@ -44,6 +54,8 @@ struct ReshapeAndCacheParams {
   int head_dim = 0;
   int block_size = 0;
   std::int64_t num_blocks = 0;
+  PageMetaDesc page_meta;  // updated from the keys written when data is set
+  PageSummary summary = PageSummary::MinMax;
   int device_index = 0;
 };
 
@@ -73,8 +85,9 @@ struct PagedAttentionParams {
   // Pages of sequence b for KV head h: block_table[b * block_table_stride_batch +
   // h * block_table_stride_head + page], and its length seq_lens[b * seq_lens_stride_batch +
   // h * seq_lens_stride_head]. A head stride of 0 shares one row (one length) among all KV heads
-  // of a sequence. The CUDA kernels honour both head strides; the CPU backend reads the shared
-  // row and length only (the core passes 0 for now).
+  // of a sequence (block_table [batch, max_blocks], seq_lens [batch]); per-KV-head tables are
+  // [batch, num_kv_heads, max_blocks] with seq_lens [batch, num_kv_heads]. Both backends honour
+  // both head strides.
   const std::int32_t* block_table = nullptr;
   std::int64_t block_table_stride_batch = 0;
   std::int64_t block_table_stride_head = 0;
@@ -157,8 +170,64 @@ inline std::size_t attention_workspace_bytes(int num_splits, int batch, int num_
          std::size_t(num_splits) * batch * num_q_heads * sizeof(float);
 }
 
+// Page selection for decode (select_pages): scores every page of each (sequence, KV head)
+// against the group's query heads and writes the chosen physical pages in logical order.
+struct SelectPagesParams {
+  DType dtype = DType::Float32;  // of query and page_meta
+  const void* query = nullptr;   // [batch, num_q_heads, head_dim]
+  std::int64_t q_stride_batch = 0, q_stride_head = 0;
+  PageMetaDesc page_meta;
+  PageSummary summary = PageSummary::MinMax;
+  GroupReduce group_reduce = GroupReduce::Sum;
+  const std::int32_t* block_table = nullptr;  // [batch, max_blocks]
+  std::int64_t block_table_stride = 0;
+  int max_blocks = 0;
+  const std::int32_t* seq_lens = nullptr;  // [batch], contiguous
+  std::int32_t* out_table = nullptr;       // [batch, num_kv_heads, budget]
+  std::int64_t out_table_stride_batch = 0, out_table_stride_head = 0;
+  std::int32_t* out_lens = nullptr;  // [batch, num_kv_heads]
+  std::int64_t out_lens_stride_batch = 0, out_lens_stride_head = 0;
+  std::int32_t* hits = nullptr;  // optional [num_blocks], contiguous
+  float* scores = nullptr;       // CUDA scratch: float32 [batch, num_kv_heads, max_blocks]
+  int batch = 0;
+  int num_q_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  int block_size = 0;
+  std::int64_t num_blocks = 0;
+  int budget = 0;  // pages, >= num_sink_pages + 1
+  int num_sink_pages = 0;
+  int device_index = 0;
+};
+
+// Summaries of pages already in the cache (build_page_meta): for each sequence, every page of
+// its first seq_lens[b] tokens, from its keys.
+struct BuildPageMetaParams {
+  DType dtype = DType::Float32;
+  CacheDesc key_cache;
+  PageMetaDesc page_meta;
+  PageSummary summary = PageSummary::MinMax;
+  const std::int32_t* block_table = nullptr;  // [batch, max_blocks]
+  std::int64_t block_table_stride = 0;
+  const std::int32_t* seq_lens = nullptr;  // [batch], contiguous
+  int batch = 0;
+  int max_blocks = 0;
+  int num_heads = 0;
+  int head_dim = 0;
+  int block_size = 0;
+  std::int64_t num_blocks = 0;
+  int device_index = 0;
+};
+
+// Bytes of CUDA scratch select_pages needs (the page scores), 0 on the CPU.
+inline std::size_t select_scores_bytes(int batch, int num_kv_heads, int max_blocks) {
+  return std::size_t(batch) * num_kv_heads * max_blocks * sizeof(float);
+}
+
 namespace cpu {
 void reshape_and_cache(const ReshapeAndCacheParams& p);
+void select_pages(const SelectPagesParams& p);
+void build_page_meta(const BuildPageMetaParams& p);
 void paged_attention(const PagedAttentionParams& p);
 // Splits per task for a batch of num_query_rows query rows (decode: one per sequence; prefill:
 // rows of several sequences, worked on in tiles of rows).
@@ -172,6 +241,8 @@ namespace cuda {
 bool compiled();
 int device_count();
 void reshape_and_cache(const ReshapeAndCacheParams& p, Stream stream);
+void select_pages(const SelectPagesParams& p, Stream stream);
+void build_page_meta(const BuildPageMetaParams& p, Stream stream);
 void paged_attention(const PagedAttentionParams& p, Stream stream);
 int plan_attention_splits(int device_index, DType dtype, DType kv_dtype, int batch, int num_q_heads,
                           int num_kv_heads, int head_dim, std::int64_t max_kv_len);

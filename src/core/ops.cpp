@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/kernels.h"
+#include "core/selection.h"
 #include "core/validate.h"
 
 namespace tinyserve {
@@ -144,10 +145,23 @@ AttentionShapes check_attention_plan_args(const OpCheck& c, const TensorView& qu
   c.attention_dtype(query, "query");
   c.last_dim_contiguous(query, "query");
   c.kv_cache(key_cache, "key_cache");
-  c.ndim(block_table, "block_table", 2, "[batch, max_blocks]");
+  if (block_table.ndim != 3) c.ndim(block_table, "block_table", 2, "[batch, max_blocks]");
+  c.ndim(block_table, "block_table", block_table.ndim,
+         "[batch, max_blocks] or [batch, num_kv_heads, max_blocks]");
   c.dtype(block_table, "block_table", DType::Int32);
   c.last_dim_contiguous(block_table, "block_table");
   c.dim(query, "query", 2, key_cache.shape[3], "head_dim of the caches");
+  const int table_dim = block_table.ndim - 1;  // its max_blocks dimension
+  if (block_table.ndim == 3) {
+    // One page list per KV head: what select_pages writes, for decode.
+    c.dim(block_table, "block_table", 1, key_cache.shape[2], "num_kv_heads of the caches");
+    TS_REQUIRE(c, !prefill,
+               "a per-KV-head block_table is for decode: query_start_loc must be None, got one");
+    TS_REQUIRE(c, o.window_left == -1,
+               "a per-KV-head block_table holds selected pages, not positions: window_left must "
+               "be -1, got ",
+               o.window_left);
+  }
   if (prefill) {
     const TensorView& qsl = *o.query_start_loc;
     c.ndim(qsl, "query_start_loc", 1, "[batch + 1]");
@@ -175,7 +189,7 @@ AttentionShapes check_attention_plan_args(const OpCheck& c, const TensorView& qu
                "scale must be finite and nonzero, got ", *o.scale);
   }
   TS_REQUIRE(c,
-             block_table.shape[0] <= (1 << 30) && block_table.shape[1] <= (1 << 30) &&
+             block_table.shape[0] <= (1 << 30) && block_table.shape[table_dim] <= (1 << 30) &&
                  query.shape[1] <= 65535,
              "sizes must fit 32-bit indexing, got query ", shape_str(query), " and block_table ",
              shape_str(block_table));
@@ -189,9 +203,9 @@ AttentionShapes check_attention_plan_args(const OpCheck& c, const TensorView& qu
              prefill ? "total_rows * num_q_heads" : "batch * num_q_heads", " must be at most ",
              INT32_MAX, ", got ", prefill ? "total_rows " : "batch ", query.shape[0],
              " and num_q_heads ", query.shape[1]);
-  TS_REQUIRE(c, block_table.shape[1] <= INT32_MAX / key_cache.shape[1],
+  TS_REQUIRE(c, block_table.shape[table_dim] <= INT32_MAX / key_cache.shape[1],
              "max_blocks * block_size must be at most ", INT32_MAX, ", got max_blocks ",
-             block_table.shape[1], " and block_size ", key_cache.shape[1]);
+             block_table.shape[table_dim], " and block_size ", key_cache.shape[1]);
   Device device =
       c.same_device({{query, "query"}, {key_cache, "key_cache"}, {block_table, "block_table"}});
   if (prefill) c.same_device({{query, "query"}, {*o.query_start_loc, "query_start_loc"}});
@@ -201,7 +215,7 @@ AttentionShapes check_attention_plan_args(const OpCheck& c, const TensorView& qu
           int(key_cache.shape[2]),
           int(key_cache.shape[3]),
           int(key_cache.shape[1]),
-          int(block_table.shape[1]),
+          int(block_table.shape[table_dim]),
           query.shape[0],
           prefill,
           device,
@@ -343,15 +357,12 @@ void check_disjoint_tensors(const OpCheck& c, const std::vector<TensorView>& ten
 
 }  // namespace
 
-void reshape_and_cache(const TensorView& key, const TensorView& value, const TensorView& key_cache,
-                       const TensorView& value_cache, const TensorView& slot_mapping,
-                       Stream stream) {
-  reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, CacheWriteOptions{}, stream);
-}
+namespace {
 
-void reshape_and_cache(const TensorView& key, const TensorView& value, const TensorView& key_cache,
-                       const TensorView& value_cache, const TensorView& slot_mapping,
-                       const CacheWriteOptions& options, Stream stream) {
+void write_cache(const TensorView& key, const TensorView& value, const TensorView& key_cache,
+                 const TensorView& value_cache, const TensorView& slot_mapping,
+                 const CacheWriteOptions& options, const TensorView* page_meta, PageSummary summary,
+                 Stream stream) {
   OpCheck c("reshape_and_cache");
   c.ndim(key, "key", 3, "[num_tokens, num_kv_heads, head_dim]");
   c.ndim(value, "value", 3, "[num_tokens, num_kv_heads, head_dim]");
@@ -390,6 +401,16 @@ void reshape_and_cache(const TensorView& key, const TensorView& value, const Ten
   }
   const kernels::ScaleArg k_scale = check_scale(c, options.k_scale, "k_scale", key_cache);
   const kernels::ScaleArg v_scale = check_scale(c, options.v_scale, "v_scale", value_cache);
+  kernels::PageMetaDesc meta;
+  if (page_meta) {
+    meta = detail::check_page_meta(c, *page_meta, key_cache, summary, true);
+    c.same_device({{key_cache, "key_cache"}, {*page_meta, "page_meta"}});
+    for (const detail::Named& other :
+         {detail::Named{key_cache, "key_cache"}, detail::Named{value_cache, "value_cache"},
+          detail::Named{key, "key"}, detail::Named{slot_mapping, "slot_mapping"}}) {
+      c.disjoint({*page_meta, "page_meta"}, other);
+    }
+  }
 
   const std::int64_t num_slots = key_cache.shape[0] * key_cache.shape[1];
   if (detail::is_host(device)) {  // slots in host memory: check every one
@@ -420,8 +441,33 @@ void reshape_and_cache(const TensorView& key, const TensorView& value, const Ten
   p.head_dim = int(key.shape[2]);
   p.block_size = int(key_cache.shape[1]);
   p.num_blocks = key_cache.shape[0];
+  p.page_meta = meta;
+  p.summary = summary;
   p.device_index = device.index;
   kernels_of(backend).reshape_and_cache(p, stream);
+}
+
+}  // namespace
+
+void reshape_and_cache(const TensorView& key, const TensorView& value, const TensorView& key_cache,
+                       const TensorView& value_cache, const TensorView& slot_mapping,
+                       Stream stream) {
+  write_cache(key, value, key_cache, value_cache, slot_mapping, CacheWriteOptions{}, nullptr,
+              PageSummary::MinMax, stream);
+}
+
+void reshape_and_cache(const TensorView& key, const TensorView& value, const TensorView& key_cache,
+                       const TensorView& value_cache, const TensorView& slot_mapping,
+                       const CacheWriteOptions& options, Stream stream) {
+  write_cache(key, value, key_cache, value_cache, slot_mapping, options, nullptr,
+              PageSummary::MinMax, stream);
+}
+
+void reshape_and_cache(const TensorView& key, const TensorView& value, const TensorView& key_cache,
+                       const TensorView& value_cache, const TensorView& slot_mapping,
+                       const TensorView& page_meta, PageSummary summary, Stream stream) {
+  write_cache(key, value, key_cache, value_cache, slot_mapping, CacheWriteOptions{}, &page_meta,
+              summary, stream);
 }
 
 AttentionPlan plan_paged_attention(const TensorView& query, const TensorView& key_cache,
@@ -441,7 +487,13 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
   if (key_cache.dtype != DType::Float8E4M3FN) c.same_dtype(key_cache, "key_cache", query, "query");
   const kernels::ScaleArg k_scale = check_scale(c, options.k_scale, "k_scale", key_cache);
   const kernels::ScaleArg v_scale = check_scale(c, options.v_scale, "v_scale", value_cache);
-  c.ndim(seq_lens, "seq_lens", 1, "[batch]");
+  const bool per_head = block_table.ndim == 3;
+  if (per_head) {
+    c.ndim(seq_lens, "seq_lens", 2, "[batch, num_kv_heads] (the block_table is per KV head)");
+    c.dim(seq_lens, "seq_lens", 1, s.num_kv_heads, "num_kv_heads");
+  } else {
+    c.ndim(seq_lens, "seq_lens", 1, "[batch]");
+  }
   c.dtype(seq_lens, "seq_lens", DType::Int32);
   c.last_dim_contiguous(seq_lens, "seq_lens");
   c.dim(seq_lens, "seq_lens", 0, s.batch, "batch");
@@ -523,7 +575,21 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
                  "] (the last entry) must be the number of query rows ", s.num_query_rows, ", got ",
                  starts[s.batch]);
     }
-    for (int b = 0; b < s.batch; ++b) {
+    // Per-KV-head tables (decode only): every head's length and pages.
+    for (int b = 0; per_head && b < s.batch; ++b) {
+      for (int h = 0; h < s.num_kv_heads; ++h) {
+        const std::int32_t len = lens[b * seq_lens.strides[0] + h * seq_lens.strides[1]];
+        TS_REQUIRE(c, len >= 0 && len <= capacity, "seq_lens[", b, ", ", h, "] must be in [0, ",
+                   capacity, "] (max_blocks * block_size), got ", len);
+        const std::int32_t* row = table + b * block_table.strides[0] + h * block_table.strides[1];
+        for (std::int64_t page = 0; page < (len + s.block_size - 1) / s.block_size; ++page) {
+          TS_REQUIRE(c, row[page] >= 0 && row[page] < key_cache.shape[0], "block_table[", b, ", ",
+                     h, ", ", page, "] must be a block id in [0, ", key_cache.shape[0], "), got ",
+                     row[page]);
+        }
+      }
+    }
+    for (int b = 0; !per_head && b < s.batch; ++b) {
       TS_REQUIRE(c, lens[b] >= 0 && lens[b] <= capacity, "seq_lens[", b, "] must be in [0, ",
                  capacity, "] (max_blocks * block_size), got ", lens[b]);
       // The first query row's position: the oldest key any row of the sequence reads.
@@ -569,6 +635,10 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
   p.max_blocks = s.max_blocks;
   p.seq_lens = seq_lens.ptr<const std::int32_t>();
   p.seq_lens_stride_batch = seq_lens.strides[0];
+  if (per_head) {
+    p.block_table_stride_head = block_table.strides[1];
+    p.seq_lens_stride_head = seq_lens.strides[1];
+  }
   p.out = out.data;
   p.out_stride_batch = out.strides[0];
   p.out_stride_head = out.strides[1];

@@ -421,11 +421,48 @@ int plan_attention_splits(std::int64_t num_query_rows, bool prefill, int num_kv_
 
 namespace {
 
+// Per-KV-head tables: each KV head is a one-head problem over its own table row and length,
+// with its group's query heads and its own scales.
+template <class T, class KV>
+void run_per_head(const PagedAttentionParams& p) {
+  const std::int64_t elem = std::int64_t(sizeof(T)), kv_elem = std::int64_t(sizeof(KV));
+  const int group = p.num_q_heads / p.num_kv_heads;
+  for (int kvh = 0; kvh < p.num_kv_heads; ++kvh) {
+    PagedAttentionParams h = p;
+    const std::int64_t first_q = std::int64_t(kvh) * group;
+    h.query = static_cast<const char*>(p.query) + first_q * p.q_stride_head * elem;
+    h.out = static_cast<char*>(p.out) + first_q * p.out_stride_head * elem;
+    if (p.lse) h.lse = p.lse + first_q * p.lse_stride_head;
+    h.key_cache.data =
+        static_cast<char*>(p.key_cache.data) + kvh * p.key_cache.stride_head * kv_elem;
+    h.value_cache.data =
+        static_cast<char*>(p.value_cache.data) + kvh * p.value_cache.stride_head * kv_elem;
+    h.k_scale = ScaleArg{scale_of(p.k_scale, kvh), nullptr};
+    h.v_scale = ScaleArg{scale_of(p.v_scale, kvh), nullptr};
+    h.block_table = p.block_table + kvh * p.block_table_stride_head;
+    h.seq_lens = p.seq_lens + kvh * p.seq_lens_stride_head;
+    h.block_table_stride_head = 0;
+    h.seq_lens_stride_head = 0;
+    h.num_q_heads = group;
+    h.num_kv_heads = 1;
+    run<T, KV>(h);
+  }
+}
+
+template <class T, class KV>
+void dispatch_tables(const PagedAttentionParams& p) {
+  if (p.block_table_stride_head != 0 || p.seq_lens_stride_head != 0) {
+    run_per_head<T, KV>(p);
+  } else {
+    run<T, KV>(p);
+  }
+}
+
 // The query and output share a type; the caches have it too, or are float8.
 template <class T>
 void run_query_type(const PagedAttentionParams& p) {
-  if (p.kv_dtype == DType::Float8E4M3FN) return run<T, float8_e4m3_t>(p);
-  return run<T, T>(p);
+  if (p.kv_dtype == DType::Float8E4M3FN) return dispatch_tables<T, float8_e4m3_t>(p);
+  return dispatch_tables<T, T>(p);
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 
 #include "core/kernels.h"
 #include "cpu/dtypes.h"
+#include "cpu/page_meta.h"
 #include "cpu/parallel.h"
 
 namespace tinyserve::kernels::cpu {
@@ -108,6 +109,7 @@ void reshape_and_cache(const ReshapeAndCacheParams& p) {
       }
     }
   });
+  if (p.page_meta.data != nullptr) update_page_meta(p);
 }
 
 void copy_blocks(const CopyBlocksParams& p) {

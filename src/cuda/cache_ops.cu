@@ -10,6 +10,7 @@
 #include "cuda/common.cuh"
 #include "cuda/dispatch.cuh"
 #include "cuda/dtypes.cuh"
+#include "cuda/page_meta.cuh"
 
 namespace tinyserve::kernels::cuda {
 namespace {
@@ -386,6 +387,7 @@ void reshape_and_cache(const ReshapeAndCacheParams& p, Stream stream) {
   });
   launch(kernel, dim3(grid), dim3(threads), 0, as_stream(stream), a, op,
          "reshape_and_cache_kernel");
+  if (p.page_meta.data != nullptr) update_page_meta(p, stream);
 }
 
 void copy_blocks(const CopyBlocksParams& p, Stream stream) {

@@ -20,6 +20,8 @@ bool compiled() { return false; }
 int device_count() { return 0; }
 void reshape_and_cache(const ReshapeAndCacheParams&, Stream) { unavailable("reshape_and_cache"); }
 void paged_attention(const PagedAttentionParams&, Stream) { unavailable("paged_attention"); }
+void select_pages(const SelectPagesParams&, Stream) { unavailable("select_pages"); }
+void build_page_meta(const BuildPageMetaParams&, Stream) { unavailable("build_page_meta"); }
 int plan_attention_splits(int, DType, DType, int, int, int, int, std::int64_t) {
   unavailable("plan_paged_attention");
 }

@@ -599,3 +599,92 @@ def test_fp8_cuda_graph_replay_reads_device_scales(rng):
         vd = decode_e4m3(value_bits.reshape(shape)) * vs[None, None, :, None]
         ref, _ = R.paged_attention(f64(q), kd, vd, new_table, new_lens)
         assert R.rel_error(f64(out), ref) < TOLERANCE["float16"]
+
+
+# --- per-KV-head tables and page summaries (selection) -----------------------------------------
+
+
+@pytest.mark.parametrize("backend", fp8_backends())
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("scale_mode", ["tensor", "head"])
+def test_per_head_tables_fp8(rng, backend, dtype, layout, scale_mode):
+    """Sparse decode over float8 caches: each KV head reads its own pages and length, dequantised
+    with its own scale, against float64 attention over the dequantised values."""
+    from test_selection import ref_attention_per_head
+
+    fw, device = backend
+    _require(fw, dtype)
+    block_size, heads, group, dim = 16, 3, 2, 64
+    batch, num_blocks, width = 3, 30, 7
+    key = rng.standard_normal((num_blocks, block_size, heads, dim))
+    value = rng.standard_normal((num_blocks, block_size, heads, dim))
+    k_scales, v_scales = _scales(rng, scale_mode, heads), _scales(rng, scale_mode, heads)
+    key_bits = quantise(key * k_scales[:, None] * 40, k_scales[None, None, :, None])
+    value_bits = quantise(value * v_scales[:, None] * 40, v_scales[None, None, :, None])
+    table = np.stack(
+        [[rng.permutation(num_blocks)[:width] for _ in range(heads)] for _ in range(batch)]
+    ).astype(np.int32)
+    lens = rng.integers(0, width * block_size + 1, size=(batch, heads)).astype(np.int32)
+    lens[0, 0] = 0
+    lens[1, 2] = 1
+    kc, vc = _fp8_caches(key_bits, value_bits, fw, device, layout)
+    q = _input(rng.standard_normal((batch, heads * group, dim)), fw, dtype, device)
+    k64 = decode_e4m3(key_bits) * k_scales[None, None, :, None]
+    v64 = decode_e4m3(value_bits) * v_scales[None, None, :, None]
+    want = ref_attention_per_head(f64(q), k64, v64, table, lens)
+    if fw == "numpy":
+        t, n = table, lens
+    else:
+        t, n = torch.from_numpy(table).to(device), torch.from_numpy(lens).to(device)
+    for splits in (1, 3):
+        if fw == "numpy":
+            out = np.full(q.shape, np.nan, dtype=dtype)
+        else:
+            out = torch.full(q.shape, float("nan"), dtype=getattr(torch, dtype), device=device)
+        ts.paged_attention(
+            q,
+            kc,
+            vc,
+            t,
+            n,
+            out,
+            num_splits=splits,
+            k_scale=_scale_arg(k_scales, scale_mode, fw, device),
+            v_scale=_scale_arg(v_scales, scale_mode, fw, device),
+            kv_dtype=_kv_dtype(fw),
+        )
+        sync(fw, device)
+        assert R.rel_error(f64(out), want) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("fw", ["numpy", "torch"])
+def test_page_summaries_refuse_float8_caches(rng, fw):
+    """Page summaries stay in the queries' precision: writing or building them over float8 caches
+    is refused with ValueError before anything is written, and scales cannot come with
+    page_meta."""
+    if fw == "torch" and torch is None:
+        pytest.skip("torch is not installed")
+    kc, vc = _small_fp8(fw)
+    meta = np.full((4, 2, 2, 16), np.nan, np.float32)
+    x = rng.standard_normal((3, 2, 16)).astype(np.float32)
+    slots = np.array([0, 5, 9], dtype=np.int64)
+    table, lens = np.array([[0, 1]], np.int32), np.array([5], np.int32)
+    if fw == "torch":
+        x, slots, meta, table, lens = (torch.from_numpy(a) for a in (x, slots, meta, table, lens))
+    need = "page summaries need a float32, float16 or bfloat16 key cache, got a float8_e4m3fn"
+    with pytest.raises(ValueError, match=rf"^tinyserve\.reshape_and_cache: {need}"):
+        ts.reshape_and_cache(x, x, kc, vc, slots, meta, kv_dtype=_kv_dtype(fw))
+    # NumPy has no float8 dtype: its uint8 bits are no float key cache either.
+    built = need if fw == "torch" else "key_cache must be float32, float16 or bfloat16, got uint8"
+    with pytest.raises(ValueError, match=rf"^tinyserve\.build_page_meta: {built}"):
+        ts.build_page_meta(kc, table, lens, meta)
+    assert (_bits(kc) == FP8_NAN).all() and (_bits(vc) == FP8_NAN).all()
+    assert np.isnan(f64(meta)).all()
+    floats = np.full((4, 4, 2, 16), np.nan, np.float32)
+    floats_v = floats.copy()
+    if fw == "torch":
+        floats, floats_v = torch.from_numpy(floats), torch.from_numpy(floats_v)
+    with pytest.raises(ValueError, match="k_scale and v_scale apply to float8_e4m3fn caches"):
+        ts.reshape_and_cache(x, x, floats, floats_v, slots, meta, k_scale=2.0)
+    assert np.isnan(f64(floats)).all() and np.isnan(f64(meta)).all()

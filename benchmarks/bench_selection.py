@@ -1,0 +1,168 @@
+"""GPU benchmark of query-aware sparse decode: select_pages + paged_attention over the selected
+per-KV-head pages, against dense paged_attention over every page, in the same run.
+
+float16, 32 query / 8 KV heads, head_dim 128, page 16, pages in random physical order, budget
+2048 tokens (128 pages). Shapes: 8 x 32k, 1 x 128k, and 8 x 1k (a batch shorter than the budget,
+where select_pages copies the table and the step must cost no more than dense). Each time is the
+median per-call GPU time of a CUDA graph of 10 back-to-back steps (CUDA events, median of 20
+replays). Reported: dense, select_pages alone, sparse attention alone, select + sparse, the
+speed-up, selection's share of the sparse step, and the selection kernel alone (the top-k
+part, from torch.profiler's kernel times) for 8 x 2048 pages.
+
+    python benchmarks/bench_selection.py [--json results.json] [--summary meanstd]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import subprocess
+
+import torch
+
+import tinyserve as ts
+
+HEADS_Q, HEADS_KV, HEAD_DIM, PAGE, BUDGET_TOKENS = 32, 8, 128, 16, 2048
+SHAPES = [(8, 32768), (1, 131072), (8, 1024)]
+
+
+def median_ms(fn, iters: int = 20, calls: int = 10) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
+def kernel_us(fn, name: str, calls: int = 20) -> float:
+    """Mean device time of the kernels whose name contains `name`, over `calls` eager calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if name in e.key]
+        return sum(getattr(e, "device_time_total", 0.0) for e in events) / calls
+    except Exception as error:  # the profiler is optional: the timings above stand without it
+        print(f"profiler unavailable ({error}); kernel times omitted")
+        return float("nan")
+
+
+def case(batch: int, context: int, summary: str, gen: torch.Generator):
+    pages = context // PAGE
+    num_blocks = batch * pages + 1
+    dev = "cuda"
+    kc = torch.randn(num_blocks, PAGE, HEADS_KV, HEAD_DIM, generator=gen, device=dev).half()
+    vc = torch.randn(num_blocks, PAGE, HEADS_KV, HEAD_DIM, generator=gen, device=dev).half()
+    perm = torch.randperm(num_blocks - 1, generator=gen, device=dev).int()
+    table = perm.view(batch, pages).contiguous()
+    lens = torch.full((batch,), context, dtype=torch.int32, device=dev)
+    q = torch.randn(batch, HEADS_Q, HEAD_DIM, generator=gen, device=dev).half()
+    meta = torch.empty(ts.page_meta_shape(kc), dtype=kc.dtype, device=dev)
+    ts.build_page_meta(kc, table, lens, meta, summary=summary)
+    return q, kc, vc, table, lens, meta
+
+
+def run_shape(batch: int, context: int, summary: str, gen) -> dict:
+    q, kc, vc, table, lens, meta = case(batch, context, summary, gen)
+    budget = BUDGET_TOKENS // PAGE
+    out = torch.empty_like(q)
+    sel_t = torch.empty(batch, HEADS_KV, budget, dtype=torch.int32, device="cuda")
+    sel_l = torch.empty(batch, HEADS_KV, dtype=torch.int32, device="cuda")
+    # Workspaces sized once, outside the timed graphs.
+    ws_bytes = ts.plan_paged_attention(q, kc, table, max_seq_len=context)[1]
+    ws = torch.empty(max(ws_bytes, 16), dtype=torch.uint8, device="cuda")
+    sel_ws = torch.empty(
+        max(ts.select_pages_workspace_bytes(q, meta, table), 16),
+        dtype=torch.uint8,
+        device="cuda",
+    )
+
+    def dense():
+        ts.paged_attention(q, kc, vc, table, lens, out, max_seq_len=context, workspace=ws)
+
+    def select():
+        ts.select_pages(
+            q, meta, table, lens, budget, block_size=PAGE, summary=summary,
+            out=(sel_t, sel_l), workspace=sel_ws,
+        )  # fmt: skip
+
+    select()
+    sparse_ws_bytes = ts.plan_paged_attention(q, kc, sel_t, max_seq_len=BUDGET_TOKENS)[1]
+    sparse_ws = torch.empty(max(sparse_ws_bytes, 16), dtype=torch.uint8, device="cuda")
+
+    def sparse():
+        ts.paged_attention(
+            q, kc, vc, sel_t, sel_l, out, max_seq_len=BUDGET_TOKENS, workspace=sparse_ws
+        )
+
+    def step():
+        select()
+        sparse()
+
+    r = {"batch": batch, "context": context, "summary": summary}
+    r["dense_us"] = 1e3 * median_ms(dense)
+    r["select_us"] = 1e3 * median_ms(select)
+    r["sparse_attention_us"] = 1e3 * median_ms(sparse)
+    r["step_us"] = 1e3 * median_ms(step)
+    r["speedup"] = r["dense_us"] / r["step_us"]
+    r["selection_share"] = r["select_us"] / r["step_us"]
+    r["topk_kernel_us"] = kernel_us(select, "select_pages_kernel")
+    r["score_kernel_us"] = kernel_us(select, "score_pages_kernel")
+    return r
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json")
+    parser.add_argument("--summary", default=ts.DEFAULT_SUMMARY, choices=["minmax", "meanstd"])
+    args = parser.parse_args()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = [run_shape(b, c, args.summary, gen) for b, c in SHAPES]
+    torch.cuda.empty_cache()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    device = torch.cuda.get_device_name()
+    print(
+        f"# {device}, {datetime.date.today()}, commit {commit or 'unknown'}, summary {args.summary}"
+    )
+    print(
+        "| batch x context | dense us | select us | sparse attn us | select+sparse us | speed-up "
+        "| selection share | top-k kernel us | score kernel us |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['batch']} x {r['context'] // 1024}k | {r['dense_us']:.1f} "
+            f"| {r['select_us']:.1f} "
+            f"| {r['sparse_attention_us']:.1f} | {r['step_us']:.1f} | {r['speedup']:.2f}x "
+            f"| {100 * r['selection_share']:.0f}% | {r['topk_kernel_us']:.1f} "
+            f"| {r['score_kernel_us']:.1f} |"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device, "commit": commit, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+// Page summaries and select_pages through the public C++ API on the CPU backend: summaries
+// against values computed here, the selected pages against a ranking computed here, and a
+// rejected call writing nothing.
+
+#include <tinyserve/tinyserve.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <random>
+#include <stdexcept>
+#include <vector>
+
+#include "check.h"
+
+using tinyserve::Device;
+using tinyserve::DeviceType;
+using tinyserve::DType;
+using tinyserve::make_tensor;
+
+namespace {
+
+const Device kCpu{DeviceType::CPU, 0};
+constexpr int kBlocks = 8, kPage = 4, kHeads = 1, kDim = 3;
+
+void test_summaries_and_selection() {
+  std::mt19937 gen(7);
+  std::normal_distribution<float> normal;
+  // One sequence of 30 tokens on blocks 7, 6, ..., 0 (8 pages, the last holding 2 tokens).
+  const int len = 30;
+  std::vector<float> k(std::size_t(len) * kHeads * kDim), kc(kBlocks * kPage * kHeads * kDim);
+  std::vector<float> vc(kc.size());
+  for (auto& x : k) x = normal(gen);
+  std::vector<std::int32_t> table(kBlocks);
+  std::iota(table.rbegin(), table.rend(), 0);
+  std::vector<std::int64_t> slots(len);
+  for (int t = 0; t < len; ++t) slots[t] = std::int64_t(table[t / kPage]) * kPage + t % kPage;
+  std::vector<float> meta(kBlocks * kHeads * 2 * kDim, std::nanf(""));
+  auto key = make_tensor(k.data(), DType::Float32, kCpu, {len, kHeads, kDim});
+  auto cache = make_tensor(kc.data(), DType::Float32, kCpu, {kBlocks, kPage, kHeads, kDim});
+  auto v_cache = make_tensor(vc.data(), DType::Float32, kCpu, {kBlocks, kPage, kHeads, kDim});
+  auto meta_view = make_tensor(meta.data(), DType::Float32, kCpu, {kBlocks, kHeads, 2, kDim});
+  tinyserve::reshape_and_cache(key, key, cache, v_cache,
+                               make_tensor(slots.data(), DType::Int64, kCpu, {len}), meta_view,
+                               tinyserve::PageSummary::MinMax);
+  for (int page = 0; page < kBlocks; ++page) {
+    for (int d = 0; d < kDim; ++d) {
+      float lo = INFINITY, hi = -INFINITY;
+      for (int t = page * kPage; t < std::min(len, (page + 1) * kPage); ++t) {
+        lo = std::min(lo, k[std::size_t(t) * kDim + d]);
+        hi = std::max(hi, k[std::size_t(t) * kDim + d]);
+      }
+      const int block = table[page];
+      CHECK(meta[std::size_t(block) * 2 * kDim + d] == lo);
+      CHECK(meta[std::size_t(block) * 2 * kDim + kDim + d] == hi);
+    }
+  }
+
+  // Budget 3: the best of pages 0..6 by Quest's bound for a 2-head group (scores summed), then
+  // the last page.
+  std::vector<float> q(2 * kDim);
+  for (auto& x : q) x = normal(gen);
+  std::vector<std::pair<double, int>> ranked;
+  for (int page = 0; page < kBlocks - 1; ++page) {
+    double score = 0;
+    for (int g = 0; g < 2; ++g) {
+      for (int d = 0; d < kDim; ++d) {
+        const double qd = q[std::size_t(g) * kDim + d];
+        const float* row = &meta[std::size_t(table[page]) * 2 * kDim];
+        score += std::max(qd * row[d], qd * row[kDim + d]);
+      }
+    }
+    ranked.push_back({-score, page});
+  }
+  std::sort(ranked.begin(), ranked.end());
+  std::vector<int> want = {ranked[0].second, ranked[1].second};
+  std::sort(want.begin(), want.end());
+  std::vector<std::int32_t> out_table(3, -7), out_lens(1, -7), lens = {len};
+  tinyserve::SelectPagesOptions options;
+  options.summary = tinyserve::PageSummary::MinMax;
+  auto query = make_tensor(q.data(), DType::Float32, kCpu, {1, 2, kDim});
+  auto dense = make_tensor(table.data(), DType::Int32, kCpu, {1, kBlocks});
+  auto dense_lens = make_tensor(lens.data(), DType::Int32, kCpu, {1});
+  auto sel = make_tensor(out_table.data(), DType::Int32, kCpu, {1, kHeads, 3});
+  auto sel_lens = make_tensor(out_lens.data(), DType::Int32, kCpu, {1, kHeads});
+  tinyserve::select_pages(query, meta_view, dense, dense_lens, 3, kPage, sel, sel_lens, options);
+  CHECK(out_table[0] == table[want[0]] && out_table[1] == table[want[1]]);
+  CHECK(out_table[2] == table[kBlocks - 1]);
+  CHECK(out_lens[0] == 2 * kPage + 2);
+
+  // Rejected (budget 0): nothing written.
+  std::fill(out_table.begin(), out_table.end(), -7);
+  out_lens[0] = -7;
+  EXPECT_THROWS(tinyserve::select_pages(query, meta_view, dense, dense_lens, 0, kPage, sel,
+                                        sel_lens, options),
+                std::invalid_argument);
+  CHECK(out_lens[0] == -7 && out_table[0] == -7);
+}
+
+}  // namespace
+
+int main() {
+  test_summaries_and_selection();
+  return test::exit_code();
+}

