@@ -6,7 +6,7 @@ import itertools
 import time
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ class ModelRunner(Protocol):
     dtype: torch.dtype
     device: torch.device
     eos_token_ids: set[int]
-    max_model_len: Optional[int]
+    max_model_len: int | None
 
     def forward(
         self,
@@ -147,8 +147,8 @@ class Engine:
     def add_request(
         self,
         prompt_ids: SequenceOf[int],
-        params: Optional[SamplingParams] = None,
-        on_token: Optional[TokenCallback] = None,
+        params: SamplingParams | None = None,
+        on_token: TokenCallback | None = None,
     ) -> int:
         """Queue a prompt (token ids); returns the request id. ``on_token(request_id,
         sample_index, token_id)`` streams each generated token."""
@@ -190,8 +190,8 @@ class Engine:
     def generate(
         self,
         prompts: SequenceOf[SequenceOf[int]],
-        params: Optional[SamplingParams] = None,
-        on_token: Optional[TokenCallback] = None,
+        params: SamplingParams | None = None,
+        on_token: TokenCallback | None = None,
     ) -> list[RequestOutput]:
         """Run the prompts to completion together; outputs in prompt order."""
         ids = [self.add_request(p, params, on_token) for p in prompts]

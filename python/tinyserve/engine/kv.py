@@ -5,7 +5,6 @@ attends to."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -88,7 +87,7 @@ class AttentionBatch:
         self,
         layer: int,
         query: torch.Tensor,
-        scale: Optional[float] = None,
+        scale: float | None = None,
         window_left: int = -1,
         logits_soft_cap: float = 0.0,
     ) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -28,7 +28,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
-    seed: Optional[int] = None
+    seed: int | None = None
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
@@ -69,10 +69,10 @@ class Sequence:
     request: Request
     sample_index: int
     token_ids: list[int]
-    generator: Optional[torch.Generator] = None
+    generator: torch.Generator | None = None
     num_computed: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
-    finish_reason: Optional[str] = None
+    finish_reason: str | None = None
 
     @property
     def num_generated(self) -> int:
@@ -95,10 +95,10 @@ class Request:
     request_id: int
     prompt_ids: list[int]
     params: SamplingParams
-    on_token: Optional[TokenCallback] = None
+    on_token: TokenCallback | None = None
     arrival_time: float = 0.0
-    first_token_time: Optional[float] = None
-    finish_time: Optional[float] = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
     prefix_cache_hit_tokens: int = 0
     samples: list[Sequence] = field(default_factory=list)
 
@@ -109,7 +109,7 @@ class Request:
         )
 
     @property
-    def time_to_first_token(self) -> Optional[float]:
+    def time_to_first_token(self) -> float | None:
         if self.first_token_time is None:
             return None
         return self.first_token_time - self.arrival_time
@@ -126,4 +126,4 @@ class RequestOutput:
     finish_reasons: list[str]
     time_to_first_token: float
     prefix_cache_hit_tokens: int
-    texts: Optional[list[str]] = None
+    texts: list[str] | None = None

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .request import SamplingParams
 
 
-def make_generator(params: SamplingParams, sample_index: int) -> Optional[torch.Generator]:
+def make_generator(params: SamplingParams, sample_index: int) -> torch.Generator | None:
     """A CPU generator for one sample, or None for greedy decoding. Seeded requests get
     ``seed + sample_index``; unseeded ones a random seed."""
     if params.greedy:
@@ -28,7 +26,7 @@ def greedy_tokens(logits: torch.Tensor) -> list[int]:
 
 
 def sample_token(
-    logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> int:
     """One token from one row of logits ``[vocab]`` under ``params``. Sampling runs in float32 on
     the CPU so that a seed gives the same token on any device."""

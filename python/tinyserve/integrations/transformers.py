@@ -24,7 +24,7 @@ import copy
 import importlib.util
 import os
 from collections.abc import Iterator, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,15 +42,15 @@ def tinyserve_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    attention_mask: Optional[torch.Tensor],
-    scaling: Optional[float] = None,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function (``AttentionInterface``): query ``[1, num_q_heads, rows,
     head_dim]``, key and value ``[1, num_kv_heads, rows, head_dim]`` for the step's packed rows;
     returns ``[1, rows, num_q_heads, head_dim]``."""
-    batch: Optional[AttentionBatch] = kwargs.get("tinyserve_batch")
+    batch: AttentionBatch | None = kwargs.get("tinyserve_batch")
     if batch is None:
         raise RuntimeError(
             "tinyserve.attention: the model was called without a tinyserve_batch argument, "
@@ -107,7 +107,7 @@ def default_model_path() -> str:
 
 
 def load_model(
-    path: Optional[str] = None,
+    path: str | None = None,
     *,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
