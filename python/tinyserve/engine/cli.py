@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 DEFAULT_PROMPTS = [
@@ -95,6 +96,9 @@ def encode_prompts(tokenizer, prompts: list[str], raw: bool) -> list[list[int]]:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    # torch's OpenMP workers spin between calls by default; every layer alternates torch calls
+    # with tinyserve's own CPU workers, which then wait for a core (benchmarks/bench_cpu.py).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
     from transformers.utils import logging as transformers_logging
 
