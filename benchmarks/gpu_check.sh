@@ -48,9 +48,20 @@ g++ -O2 -std=c++17 tests/cpp/test_cuda_ops.cpp -Itests/cpp -I"$prefix/include" \
   > "$OUT/cpp-build.log" 2>&1 || tail -20 "$OUT/cpp-build.log"
 $cppt/test_cuda_ops > "$OUT/cuda-ops.log" 2>&1; echo "test_cuda_ops rc=$?"
 grep -E "attention|failed|passed" "$OUT/cuda-ops.log" | tail -12
+# The kernels through the backend interface (per-KV-head tables and lengths), built in-tree
+# against the internal object library.
+intree=/tmp/tinyserve-intree
+cmake -S . -B $intree -DTINYSERVE_CUDA=ON -DTINYSERVE_BUILD_TESTS=ON -DTINYSERVE_BUILD_PYTHON=OFF \
+  > "$OUT/intree-build.log" 2>&1 \
+  && cmake --build $intree --target test_cuda_kernels >> "$OUT/intree-build.log" 2>&1 \
+  || tail -20 "$OUT/intree-build.log"
+$intree/tests/cpp/test_cuda_kernels > "$OUT/cuda-kernels.log" 2>&1; echo "test_cuda_kernels rc=$?"
+grep -E "failed|passed" "$OUT/cuda-kernels.log" | tail -3
 for tool in memcheck racecheck; do
-  compute-sanitizer --tool $tool --error-exitcode 9 $cppt/test_cuda_ops > "$OUT/$tool.log" 2>&1
-  echo "compute-sanitizer --tool $tool test_cuda_ops: rc=$? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$tool.log" | tail -1))"
+  for prog in $cppt/test_cuda_ops $intree/tests/cpp/test_cuda_kernels; do
+    compute-sanitizer --tool $tool --error-exitcode 9 $prog > "$OUT/$tool-$(basename $prog).log" 2>&1
+    echo "compute-sanitizer --tool $tool $(basename $prog): rc=$? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$tool-$(basename $prog).log" | tail -1))"
+  done
 done
 fi
 
@@ -70,20 +81,6 @@ if [ -n "${PROFILE:-}" ]; then  # PROFILE="64 4096 NHD": ncu on one launch of th
   grep -E "^  [a-z_]+.*\(|DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Theoretical Occupancy|Registers Per|Stall|Warp Cycles Per Issued|Issued Warp|No Eligible|Active Warps Per|Block Limit Shared|L2 Hit|Mem Busy|inst_executed|cycles_elapsed" "$OUT/ncu.txt" | head -30
   grep -E "issue_stalled" "$OUT/ncu.txt" | awk '$NF+0 > 0.05' | sort -k3 -g -r | head -12
 fi
-# VARIANTS="-DFOO=1;-DBAR=2@--order sequential": rebuild with each set of extra CUDA flags and
-# benchmark it (NHD, random page order, unless benchmark arguments follow an '@').
-IFS=';' read -ra variants <<< "${VARIANTS:-}"
-for spec in "${variants[@]}"; do
-  v=${spec%%@*}; vargs=""; [[ "$spec" == *@* ]] && vargs=${spec#*@}
-  CMAKE_ARGS="-DCMAKE_CUDA_FLAGS=$v" $PY -m pip install --no-build-isolation --no-deps -q \
-    -Cbuild-dir="build/variant-$(echo "$v" | tr -c 'A-Za-z0-9' '_')" . > "$OUT/build-variant.log" 2>&1 \
-    || { tail -20 "$OUT/build-variant.log"; continue; }
-  $PY benchmarks/bench_decode.py --iters 15 --json "$OUT/variant.json" $vargs > "$OUT/variant.log" 2>&1
-  $PY -c "
-import json; r = json.load(open('$OUT/variant.json')); rc = r['read_ceiling']
-print('variant [$spec] read ceiling %.2f:' % (rc / 1e12), '  '.join('%d/%d %.1f%%' % (d['batch'], d['context'], 100 * d['bandwidth'] / rc) for d in r['decode']))"
-done
-
 if [ -n "${SASS:-}" ]; then  # SASS=1: opcode histogram of the float16 head_dim-128 decode kernel
   cuobjdump -sass -fun '_ZN9tinyserve7kernels4cuda45_GLOBAL__N__' "$so" > /dev/null 2>&1
   cuobjdump -sass "$so" > "$OUT/sass.txt" 2>&1

@@ -38,16 +38,35 @@ struct ReshapeAndCacheParams {
   int device_index = 0;
 };
 
+// The widest head_dim that paged attention takes on every backend (the CUDA kernel for
+// head dims without a tensor-core path keeps 16 elements per lane of one warp); the core checks
+// it with the other arguments.
+constexpr int kMaxAttentionHeadDim = 512;
+// The most sequences one paged-attention call takes (the CUDA grid's third dimension).
+constexpr int kMaxAttentionBatch = 65535;
+
 struct PagedAttentionParams {
-  DType dtype = DType::Float32;
+  // Element types of the query, the K/V caches and the output. The kernels require them equal
+  // for now; they are separate so that a cache may one day hold another type than the query.
+  DType query_dtype = DType::Float32;
+  DType kv_dtype = DType::Float32;
+  DType out_dtype = DType::Float32;
   const void* query = nullptr;  // [batch, num_q_heads, head_dim]
   std::int64_t q_stride_batch = 0, q_stride_head = 0;
   CacheDesc key_cache, value_cache;
-  const std::int32_t* block_table = nullptr;  // [batch, max_blocks], row stride below
-  std::int64_t block_table_stride = 0;
+  // Pages of sequence b for KV head h: block_table[b * block_table_stride_batch +
+  // h * block_table_stride_head + page], and its length seq_lens[b * seq_lens_stride_batch +
+  // h * seq_lens_stride_head]. A head stride of 0 shares one row (one length) among all KV heads
+  // of a sequence. The CUDA kernels honour both head strides; the CPU backend reads the shared
+  // row and length only (the core passes 0 for now).
+  const std::int32_t* block_table = nullptr;
+  std::int64_t block_table_stride_batch = 0;
+  std::int64_t block_table_stride_head = 0;
   int max_blocks = 0;
-  const std::int32_t* seq_lens = nullptr;  // [batch], contiguous
-  void* out = nullptr;                     // [batch, num_q_heads, head_dim]
+  const std::int32_t* seq_lens = nullptr;
+  std::int64_t seq_lens_stride_batch = 1;
+  std::int64_t seq_lens_stride_head = 0;
+  void* out = nullptr;  // [batch, num_q_heads, head_dim]
   std::int64_t out_stride_batch = 0, out_stride_head = 0;
   float* lse = nullptr;  // optional [batch, num_q_heads]
   std::int64_t lse_stride_batch = 0, lse_stride_head = 0;

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <vector>
 
 #include "core/kernels.h"
@@ -94,6 +95,18 @@ AttentionShapes check_attention_plan_args(const OpCheck& c, const TensorView& qu
       query.shape[0] <= (1 << 30) && block_table.shape[1] <= (1 << 30) && query.shape[1] <= 65535,
       "sizes must fit 32-bit indexing, got query ", shape_str(query), " and block_table ",
       shape_str(block_table));
+  // Limits of the CUDA kernels, checked on every backend so that a call means the same
+  // everywhere.
+  TS_REQUIRE(c, key_cache.shape[3] <= kernels::kMaxAttentionHeadDim, "head_dim must be at most ",
+             kernels::kMaxAttentionHeadDim, ", got ", key_cache.shape[3]);
+  TS_REQUIRE(c, query.shape[0] <= kernels::kMaxAttentionBatch, "batch must be at most ",
+             kernels::kMaxAttentionBatch, ", got ", query.shape[0]);
+  TS_REQUIRE(c, query.shape[0] * query.shape[1] <= INT32_MAX,
+             "batch * num_q_heads must be at most ", INT32_MAX, ", got batch ", query.shape[0],
+             " and num_q_heads ", query.shape[1]);
+  TS_REQUIRE(c, block_table.shape[1] <= INT32_MAX / key_cache.shape[1],
+             "max_blocks * block_size must be at most ", INT32_MAX, ", got max_blocks ",
+             block_table.shape[1], " and block_size ", key_cache.shape[1]);
   Device device =
       c.same_device({{query, "query"}, {key_cache, "key_cache"}, {block_table, "block_table"}});
   return {int(query.shape[0]),
@@ -338,16 +351,19 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
   if (s.batch == 0) return;
 
   kernels::PagedAttentionParams p;
-  p.dtype = query.dtype;
+  p.query_dtype = query.dtype;
+  p.kv_dtype = key_cache.dtype;
+  p.out_dtype = out.dtype;
   p.query = query.data;
   p.q_stride_batch = query.strides[0];
   p.q_stride_head = query.strides[1];
   p.key_cache = cache_desc(key_cache);
   p.value_cache = cache_desc(value_cache);
   p.block_table = block_table.ptr<const std::int32_t>();
-  p.block_table_stride = block_table.strides[0];
+  p.block_table_stride_batch = block_table.strides[0];
   p.max_blocks = s.max_blocks;
   p.seq_lens = seq_lens.ptr<const std::int32_t>();
+  p.seq_lens_stride_batch = seq_lens.strides[0];
   p.out = out.data;
   p.out_stride_batch = out.strides[0];
   p.out_stride_head = out.strides[1];

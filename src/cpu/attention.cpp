@@ -41,7 +41,7 @@ struct Range {
 };
 
 Range split_range(const PagedAttentionParams& p, int b, int split) {
-  std::int64_t len = std::max(0, p.seq_lens[b]);
+  std::int64_t len = std::max(0, p.seq_lens[b * p.seq_lens_stride_batch]);
   std::int64_t first = 0;
   if (p.window_left >= 0) first = std::max<std::int64_t>(0, len - 1 - p.window_left);
   std::int64_t n = len - first;
@@ -91,7 +91,7 @@ void attend(const PagedAttentionParams& p, int b, Range r, float* out, float* ls
   const std::int64_t k_head = p.key_cache.stride_head, v_head = p.value_cache.stride_head;
   const bool head_major = k_head > p.key_cache.stride_token;
   const int tile = head_major ? kTileHeadMajor : kTileTokenMajor;
-  const std::int32_t* table = p.block_table + std::int64_t(b) * p.block_table_stride;
+  const std::int32_t* table = p.block_table + std::int64_t(b) * p.block_table_stride_batch;
   // Per query head h: its query, output accumulator, running max and sum, and the current
   // tile's scores (then weights) at scores[h * kMaxTile + t].
   std::vector<float> q(std::size_t(H) * D), acc(std::size_t(H) * D, 0.0f);
@@ -241,7 +241,7 @@ int plan_attention_splits(int batch, int num_kv_heads, std::int64_t max_kv_len) 
 }
 
 void paged_attention(const PagedAttentionParams& p) {
-  switch (p.dtype) {
+  switch (p.kv_dtype) {
     case DType::Float32:
       return run<float>(p);
     case DType::Float16:

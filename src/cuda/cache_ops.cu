@@ -7,6 +7,7 @@
 
 #include "core/kernels.h"
 #include "cuda/common.cuh"
+#include "cuda/dispatch.cuh"
 
 namespace tinyserve::kernels::cuda {
 namespace {
@@ -213,11 +214,9 @@ void reshape_and_cache(const ReshapeAndCacheParams& p, Stream stream) {
   const int per_token = a.num_heads * a.words_per_row;
   const int threads = std::min(256, std::max(32, (per_token + 31) / 32 * 32));
   const unsigned grid = unsigned(std::min<std::int64_t>(p.num_tokens, 1 << 30));
-  const void* kernel = width == 16  ? reinterpret_cast<const void*>(reshape_and_cache_kernel<16>)
-                       : width == 8 ? reinterpret_cast<const void*>(reshape_and_cache_kernel<8>)
-                       : width == 4 ? reinterpret_cast<const void*>(reshape_and_cache_kernel<4>)
-                       : width == 2 ? reinterpret_cast<const void*>(reshape_and_cache_kernel<2>)
-                                    : reinterpret_cast<const void*>(reshape_and_cache_kernel<1>);
+  const void* kernel = dispatch_copy_width(width, [](auto w) {
+    return reinterpret_cast<const void*>(reshape_and_cache_kernel<decltype(w)::value>);
+  });
   launch(kernel, dim3(grid), dim3(threads), 0, as_stream(stream), a, op,
          "reshape_and_cache_kernel");
 }
@@ -254,11 +253,9 @@ void copy_blocks(const CopyBlocksParams& p, Stream stream) {
       a.dst = p.dst;
       dim3 grid(unsigned(std::min<std::int64_t>((t.inner_numel + 255) / 256, 1024)),
                 unsigned(p.num_pairs));
-      const void* kernel =
-          t.elem_size == 1   ? reinterpret_cast<const void*>(strided_copy_kernel<std::uint8_t>)
-          : t.elem_size == 2 ? reinterpret_cast<const void*>(strided_copy_kernel<std::uint16_t>)
-          : t.elem_size == 4 ? reinterpret_cast<const void*>(strided_copy_kernel<std::uint32_t>)
-                             : reinterpret_cast<const void*>(strided_copy_kernel<std::uint64_t>);
+      const void* kernel = dispatch_element_size(t.elem_size, [](auto e) {
+        return reinterpret_cast<const void*>(strided_copy_kernel<typename decltype(e)::type>);
+      });
       launch(kernel, grid, dim3(256), 0, s, a, op, "strided_copy_kernel");
       continue;
     }

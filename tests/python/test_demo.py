@@ -142,6 +142,35 @@ def test_bad_arguments(capsys):
         assert "--device cuda is not available" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("tolerance", ["-1", "0", "nan", "inf"])
+def test_tolerance_must_be_positive(capsys, tolerance):
+    assert demo.main([*SMALL, "--tolerance", tolerance]) == 2
+    captured = capsys.readouterr()
+    assert "--tolerance must be a positive finite number, got " in captured.err
+    assert "summary" not in captured.out
+
+
+@pytest.mark.parametrize(
+    "compiled, devices, reason",
+    [
+        (False, 0, "tinyserve was built without CUDA"),
+        (True, 0, "tinyserve was built with CUDA but sees no CUDA device"),
+    ],
+)
+def test_cuda_unavailable_says_why(capsys, monkeypatch, compiled, devices, reason):
+    """Built without CUDA and built with CUDA but without a device are told apart, both when
+    --device cuda is refused and when --device auto falls back to the CPU."""
+    monkeypatch.setattr(tinyserve, "cuda_compiled", lambda: compiled)
+    monkeypatch.setattr(tinyserve, "cuda_device_count", lambda: devices)
+    assert demo.main(["--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"tinyserve demo: --device cuda is not available: {reason}"
+    auto = [*SMALL[: SMALL.index("--device")], "--device", "auto", "--quiet", "--requests", "2"]
+    code, out = run_demo(capsys, *auto)
+    assert code == 0, out
+    assert re.search(r"device\s+cpu \(.*\); CUDA not used: (.*)$", out, re.M).group(1) == reason
+
+
 def test_help(capsys):
     assert demo.main(["--help"]) == 0
     text = capsys.readouterr().out

@@ -137,6 +137,55 @@ def test_attention_bad_options(case, options, match):
     )
 
 
+def _limit_case(batch, max_blocks, block_size, head_dim):
+    """Arrays of the given sizes, as small as the sizes allow (one KV head, one query head)."""
+    q = np.zeros((batch, 1, head_dim), np.float32)
+    kc = np.zeros((1, block_size, 1, head_dim), np.float32)
+    table = np.zeros((batch, max_blocks), np.int32)
+    lens = np.ones(batch, np.int32)
+    out = np.full(q.shape, np.nan, np.float32)
+    return q, kc, table, lens, out
+
+
+@pytest.mark.parametrize(
+    "sizes,match",
+    [
+        ((1, 1, 16, 520), r"head_dim must be at most 512, got 520"),
+        ((65536, 1, 16, 8), r"batch must be at most 65535, got 65536"),
+        (
+            (1, 4096, 1 << 20, 1),
+            r"max_blocks \* block_size must be at most 2147483647, got max_blocks 4096 and "
+            r"block_size 1048576",
+        ),
+    ],
+    ids=["head_dim", "batch", "capacity"],
+)
+def test_attention_kernel_limits_on_every_backend(sizes, match):
+    """The CUDA kernels' limits are checked by the core, so a CPU call is refused alike."""
+    q, kc, table, lens, out = _limit_case(*sizes)
+    expect_error(
+        lambda: ts.paged_attention(q, kc, kc, table, lens, out),
+        ValueError,
+        "tinyserve.paged_attention: " + match,
+        out,
+    )
+    with pytest.raises(ValueError, match="tinyserve.plan_paged_attention: " + match):
+        ts.plan_paged_attention(q, kc, table)
+
+
+@pytest.mark.parametrize("sizes", [(1, 1, 16, 512), (65535, 1, 1, 8)], ids=["head_dim", "batch"])
+def test_attention_at_the_kernel_limits(sizes):
+    """The largest head_dim and batch are accepted and computed (a check off by one would
+    refuse them)."""
+    rng = np.random.default_rng(7)
+    q, kc, table, lens, out = _limit_case(*sizes)
+    q[:] = rng.standard_normal(q.shape)
+    kc[:] = rng.standard_normal(kc.shape)
+    ts.paged_attention(q, kc, kc, table, lens, out)
+    # One token: the output is that token's value row for every query.
+    np.testing.assert_allclose(out, np.broadcast_to(kc[0, 0], out.shape), rtol=1e-6)
+
+
 def test_attention_non_contiguous_last_dim(case):
     wide = np.full((2, 8, 128), np.nan, np.float32)
     expect_error(

@@ -55,6 +55,28 @@ def test_cli_usage():
     assert run.returncode == 2 and "demo" in run.stderr
 
 
+def test_cli_help_goes_to_stdout():
+    for flag in ("--help", "-h"):
+        run = subprocess.run(
+            [sys.executable, "-m", "tinyserve", flag], capture_output=True, text=True
+        )
+        assert run.returncode == 0 and run.stderr == "", run.stderr
+        for command in ("demo", "--cmake-dir", "--version"):
+            assert command in run.stdout
+
+
+@pytest.mark.parametrize(
+    "argv", [["--cmake-dir", "extra"], ["--version", "extra"], ["--help", "extra"]]
+)
+def test_cli_rejects_extra_arguments(capsys, argv):
+    from tinyserve.__main__ import main
+
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing a $(python -m tinyserve --cmake-dir ...) could take in
+    assert f"{argv[0]} takes no arguments, got 'extra'" in captured.err
+
+
 def test_torch_tensors_cross_as_capsules():
     """A torch tensor reaches the core as the DLPack capsule of torch's C++ exporter; other arrays
     go as they are. The capsule route gives the reference result."""

@@ -1,0 +1,65 @@
+#pragma once
+
+// What both decode kernels share: the work of one CTA (its sequence, split, KV head, query
+// heads and token range) and the epilogue that merges its warps' softmax states and stores the
+// result.
+
+#include <cmath>
+
+#include "cuda/attention/params.cuh"
+#include "cuda/attention/split_merge.cuh"
+#include "cuda/attention/state.cuh"
+
+namespace tinyserve::kernels::cuda {
+
+// What one CTA computes: query heads [head0, head0 + heads) of KV head kv_head, over tokens
+// [begin, end) of sequence b (split `split`).
+struct WorkUnit {
+  int b, split, kv_head, head0, heads, begin, end;
+};
+
+// The token range [begin, end) of split `split` of sequence b for KV head kv_head. Chunks are
+// whole multiples of `align` tokens so that only a sequence's last chunk has a partial tile. The
+// split count comes from host values; the range from the length read on the device, so a
+// captured CUDA graph stays correct when lengths change between replays.
+__device__ __forceinline__ void split_range(const DecodeArgs& a, int b, int kv_head, int split,
+                                            int align, int& begin, int& end) {
+  const int len = a.kv.seq_len(b, kv_head);
+  const int first = a.window_left >= 0 ? max(0, len - 1 - a.window_left) : 0;
+  const int n = len - first;
+  int chunk = (n + a.output.num_splits - 1) / a.output.num_splits;
+  chunk = (chunk + align - 1) / align * align;
+  begin = min(len, first + split * chunk);
+  end = min(len, begin + chunk);
+}
+
+// The CTA's work from its position in the grid (kv_heads x head_tiles, splits, batch).
+__device__ __forceinline__ WorkUnit work_unit(const DecodeArgs& a, int heads_per_cta, int align) {
+  WorkUnit u;
+  u.b = blockIdx.z;
+  u.split = blockIdx.y;
+  u.kv_head = blockIdx.x / a.head_tiles;
+  u.head0 = u.kv_head * a.group + (blockIdx.x % a.head_tiles) * heads_per_cta;
+  u.heads = min(heads_per_cta, u.kv_head * a.group + a.group - u.head0);
+  split_range(a, u.b, u.kv_head, u.split, align, u.begin, u.end);
+  return u;
+}
+
+// Merges the per-warp softmax states kept in shared memory, red_m/red_l [kDecodeWarps][rows] and
+// red_o [kDecodeWarps][rows][o_stride] (dim used), and stores rows [0, heads) as query heads
+// head0...
+template <class T>
+__device__ void merge_warps_and_store(const DecodeArgs& a, const float* red_m, const float* red_l,
+                                      const float* red_o, int rows, int dim, int o_stride,
+                                      int heads, int head0, int b, int split) {
+  for (int i = threadIdx.x; i < heads * dim; i += kDecodeThreads) {
+    const int r = i / dim, d = i - r * dim;
+    float value, lse2;
+    merge_states<kDecodeWarps>(
+        [&](int w) { return red_m[w * rows + r]; }, [&](int w) { return red_l[w * rows + r]; },
+        [&](int w) { return red_o[(w * rows + r) * o_stride + d]; }, value, lse2);
+    store_output<T>(a.output, b, split, head0 + r, d, value, lse2);
+  }
+}
+
+}  // namespace tinyserve::kernels::cuda

@@ -1,0 +1,36 @@
+#pragma once
+
+// The split planner (how many pieces flash-decoding cuts each sequence into) and the occupancy
+// cache it reads: host code only. The planner sees a decode kernel through a DecodeLaunch, so it
+// needs no kernel template; attention.cu picks the launches (dispatch) and passes them in.
+
+#include <cstdint>
+
+namespace tinyserve::kernels::cuda {
+
+// One decode kernel instantiation as a launch sees it.
+struct DecodeLaunch {
+  const void* kernel = nullptr;
+  int smem_bytes = 0;      // dynamic shared memory of this launch
+  int max_smem_bytes = 0;  // the most any launch of this kernel asks for
+  int heads_per_cta = 0;   // query heads of a group per CTA
+  int threads = 0;
+};
+
+// Raises the kernel's dynamic shared-memory limit to l.max_smem_bytes, once per (kernel, device),
+// and returns how many CTAs of the launch fit on one multiprocessor (cached).
+int prepare_launch(const DecodeLaunch& l, int device, const char* op);
+
+// The shapes a plan depends on: host values only, so that a captured CUDA graph replays with
+// new lengths and tables.
+struct SplitPlanShape {
+  int batch, num_q_heads, num_kv_heads;
+  std::int64_t max_kv_len;  // the longest key range one query may read
+};
+
+// The split count for a call: 1 where the unsplit kernel fills the GPU, else the cheapest count
+// for the kernel that split launches use.
+int plan_splits(const SplitPlanShape& s, const DecodeLaunch& unsplit, const DecodeLaunch& split,
+                int device, const char* op);
+
+}  // namespace tinyserve::kernels::cuda

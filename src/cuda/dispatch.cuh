@@ -1,0 +1,107 @@
+#pragma once
+
+// Compile-time choices made from run-time values, in one place: each dispatcher maps a value to
+// a template argument and calls `f` with a tag carrying it, so a call site reads
+//
+//   dispatch_float_dtype(dtype, [&](auto type) {
+//     using T = typename decltype(type)::type;
+//     return kernel<T>;
+//   });
+//
+// and the list of supported values lives here, not in a switch at every launch.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "tinyserve/tensor.h"
+
+namespace tinyserve::kernels::cuda {
+
+template <class T>
+struct TypeTag {
+  using type = T;
+};
+template <int N>
+using IntTag = std::integral_constant<int, N>;
+template <bool B>
+using BoolTag = std::integral_constant<bool, B>;
+
+// The device element type of a floating dtype the attention kernels take.
+template <class F>
+decltype(auto) dispatch_float_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::Float16:
+      return f(TypeTag<__half>{});
+    case DType::BFloat16:
+      return f(TypeTag<__nv_bfloat16>{});
+    case DType::Float32:
+      return f(TypeTag<float>{});
+    default:
+      throw std::invalid_argument(std::string("tinyserve: no CUDA attention kernel for dtype ") +
+                                  dtype_name(dtype));
+  }
+}
+
+// The 16-bit types that have tensor-core (m16n8k16) kernels.
+template <class T>
+constexpr bool kHasTensorCoreType = std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>;
+
+// The head dims that have tensor-core kernels: f(IntTag<D>) for those, otherwise() for the rest.
+template <class F, class G>
+decltype(auto) dispatch_mma_head_dim(int head_dim, F&& f, G&& otherwise) {
+  switch (head_dim) {
+    case 64:
+      return f(IntTag<64>{});
+    case 128:
+      return f(IntTag<128>{});
+    case 256:
+      return f(IntTag<256>{});
+    default:
+      return otherwise();
+  }
+}
+
+template <class F>
+decltype(auto) dispatch_bool(bool value, F&& f) {
+  return value ? f(BoolTag<true>{}) : f(BoolTag<false>{});
+}
+
+// Copy units of byte copies: f(IntTag<W>) for W in 16, 8, 4, 2, 1 (anything else copies bytes).
+template <class F>
+decltype(auto) dispatch_copy_width(int width, F&& f) {
+  switch (width) {
+    case 16:
+      return f(IntTag<16>{});
+    case 8:
+      return f(IntTag<8>{});
+    case 4:
+      return f(IntTag<4>{});
+    case 2:
+      return f(IntTag<2>{});
+    default:
+      return f(IntTag<1>{});
+  }
+}
+
+// Unsigned integer types of an element size: f(TypeTag<uintN_t>) for 1, 2, 4 and 8 bytes
+// (anything else uses 8).
+template <class F>
+decltype(auto) dispatch_element_size(int bytes, F&& f) {
+  switch (bytes) {
+    case 1:
+      return f(TypeTag<std::uint8_t>{});
+    case 2:
+      return f(TypeTag<std::uint16_t>{});
+    case 4:
+      return f(TypeTag<std::uint32_t>{});
+    default:
+      return f(TypeTag<std::uint64_t>{});
+  }
+}
+
+}  // namespace tinyserve::kernels::cuda
