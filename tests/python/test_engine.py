@@ -5,7 +5,6 @@ copy-on-write, streaming, and the CLI on the real default model (SmolLM2, when i
 import importlib.util
 import math
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -94,6 +93,39 @@ def test_greedy_tokens_identical_to_transformers(rng, heads):
     # The shared 23-token prefix spans 5 full blocks of 4: found for every later prompt.
     assert engine.stats.prefix_cache_hit_tokens >= 4 * 20
     assert engine.stats.generated_tokens == 5 * 12
+
+
+@pytest.mark.parametrize("family", ["mistral_sliding_window", "qwen3"])
+def test_other_llama_family_models_identical_to_transformers(rng, family):
+    """Mistral with a sliding window shorter than the prompts (transformers' window of w keys
+    is tinyserve's window_left = w - 1), and Qwen3 (query/key norms inside its attention)."""
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    if family == "qwen3":
+        config = transformers.Qwen3Config(**common)
+        model_class = transformers.Qwen3ForCausalLM
+    else:
+        config = transformers.MistralConfig(sliding_window=7, **common)
+        model_class = transformers.MistralForCausalLM
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(int(rng.integers(1 << 31)))
+    runner = TransformersRunner(model_class(config).eval())
+    prompts = shared_prefix_prompts(rng, 3)
+    outputs = run_and_check(make_engine(runner), prompts, SamplingParams(max_new_tokens=10))
+    assert [o.token_ids[0] for o in outputs] == transformers_generate(runner, prompts, 10)
 
 
 def test_prefix_cache_hits_skip_computation(rng):
@@ -258,12 +290,6 @@ def test_cli_smollm2_identical_to_transformers(capsys):
     # The chat template's system prompt is shared: its full blocks are computed once.
     hits = int(out.split("prefix-cache hits: ")[1].split()[0])
     assert hits >= 2 * 16
-
-
-def cuda_runner(heads, dtype):
-    return random_model(
-        *heads, seed=int(np.random.default_rng().integers(1 << 31)), dtype=dtype, device="cuda"
-    )
 
 
 @pytest.mark.cuda
