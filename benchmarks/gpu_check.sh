@@ -70,6 +70,10 @@ for layout in ${BENCH_LAYOUTS:-NHD}; do
     > "$OUT/bench-$layout.log" 2>&1
   echo "bench $layout rc=$?"
 done
+$PY -X faulthandler benchmarks/bench_compactor.py --json "$OUT/bench-compactor.json" \
+  > "$OUT/bench-compactor.log" 2>&1
+echo "bench_compactor rc=$?"
+grep -E "^(#|\|)|FAILED" "$OUT/bench-compactor.log"
 if [ -n "${PROFILE:-}" ]; then  # PROFILE="64 4096 NHD": ncu on one launch of the decode kernel
   ncu --kernel-name "regex:${PROFILE_KERNELS:-decode}" --launch-skip ${PROFILE_SKIP:-3} \
     --launch-count ${PROFILE_COUNT:-1} --clock-control none \

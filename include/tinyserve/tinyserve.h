@@ -2,6 +2,7 @@
 
 // The umbrella header of tinyserve's C++ API.
 #include "tinyserve/block_manager.h"
+#include "tinyserve/cache_pool.h"
 #include "tinyserve/errors.h"
 #include "tinyserve/export.h"
 #include "tinyserve/ops.h"

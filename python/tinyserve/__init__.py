@@ -3,6 +3,7 @@
 Ops take arrays from any framework (NumPy, PyTorch, CuPy, JAX, any DLPack producer); the device
 of the arrays picks the backend (CPU or CUDA). See README.md and docs/ for the contracts."""
 
+from ._cache_pool import CachePool
 from ._ops import copy_blocks, paged_attention, plan_paged_attention, reshape_and_cache, swap_blocks
 from ._tinyserve import (
     BlockManager,
@@ -33,6 +34,7 @@ def cmake_dir() -> str:
 
 __all__ = [
     "BlockManager",
+    "CachePool",
     "OutOfBlocks",
     "__version__",
     "cmake_dir",

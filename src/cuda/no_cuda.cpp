@@ -4,6 +4,7 @@
 #include <stdexcept>
 
 #include "core/kernels.h"
+#include "core/virtual_memory.h"
 
 namespace tinyserve::kernels::cuda {
 namespace {
@@ -26,5 +27,10 @@ int plan_attention_splits(int, DType, int, int, int, int, std::int64_t) {
 void copy_blocks(const CopyBlocksParams&, Stream) { unavailable("copy_blocks"); }
 void swap_blocks(const SwapBlocksParams&, Stream) { unavailable("swap_blocks"); }
 void synchronize(Stream) { unavailable("synchronize"); }
+std::size_t vmm_min_granule(int, const char* op) { unavailable(op); }
+std::size_t vmm_recommended_granule(int, const char* op) { unavailable(op); }
+std::unique_ptr<VirtualRegion> reserve_region(int, std::size_t, std::size_t, const char* op) {
+  unavailable(op);
+}
 
 }  // namespace tinyserve::kernels::cuda

@@ -332,6 +332,74 @@ void test_copy_and_swap(std::mt19937& gen) {
   cudaFree(ids);
 }
 
+// A CachePool on the device (CUDA virtual memory): copy_blocks over all of its tensors against
+// the CPU backend, then shrink (the kept blocks intact, the freed bytes back in cudaMemGetInfo)
+// and grow again.
+void test_cache_pool(std::mt19937& gen) {
+  std::normal_distribution<float> normal;
+  tinyserve::CachePoolConfig config;
+  config.num_layers = 2;
+  config.max_blocks = 256;
+  config.block_size = 16;
+  config.num_kv_heads = 2;
+  config.head_dim = 64;
+  config.dtype = DType::Float32;
+  config.device = kGpu;
+  config.page_meta = true;
+  tinyserve::CachePool pool(config);
+  const std::int64_t n = 200;
+  pool.grow(n);
+  pool.check();
+  std::vector<TensorView> dev = pool.tensors();
+  std::vector<std::vector<float>> host(dev.size());
+  std::vector<TensorView> cpu;
+  for (std::size_t t = 0; t < dev.size(); ++t) {
+    host[t].resize(std::size_t(dev[t].numel()));
+    for (float& x : host[t]) x = normal(gen);
+    CUDA_OK(cudaMemcpy(dev[t].data, host[t].data(), host[t].size() * 4, cudaMemcpyHostToDevice));
+    TensorView c = dev[t];
+    c.data = host[t].data();
+    c.device = kCpu;
+    cpu.push_back(c);
+  }
+  std::vector<std::int32_t> src = {199, 150, 3}, dst = {0, 7, 120};
+  std::int32_t* ids;
+  CUDA_OK(cudaMalloc(&ids, 6 * 4));
+  CUDA_OK(cudaMemcpy(ids, src.data(), 12, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(ids + 3, dst.data(), 12, cudaMemcpyHostToDevice));
+  tinyserve::copy_blocks(dev, make_tensor(ids, DType::Int32, kGpu, {3}),
+                         make_tensor(ids + 3, DType::Int32, kGpu, {3}));
+  tinyserve::copy_blocks(cpu, make_tensor(src.data(), DType::Int32, kCpu, {3}),
+                         make_tensor(dst.data(), DType::Int32, kCpu, {3}));
+  CUDA_OK(cudaDeviceSynchronize());
+  for (std::size_t t = 0; t < dev.size(); ++t) {
+    std::vector<float> got(host[t].size());
+    CUDA_OK(cudaMemcpy(got.data(), dev[t].data, got.size() * 4, cudaMemcpyDeviceToHost));
+    CHECK(got == host[t]);
+  }
+
+  std::size_t free_before = 0, free_after = 0, total = 0;
+  const std::size_t mapped_before = pool.mapped_bytes();
+  CUDA_OK(cudaMemGetInfo(&free_before, &total));
+  pool.shrink(10);
+  CUDA_OK(cudaMemGetInfo(&free_after, &total));
+  pool.check();
+  const std::size_t freed = mapped_before - pool.mapped_bytes();
+  CHECK(freed > 0);
+  const std::size_t shown = free_after - free_before;
+  CHECK((shown > freed ? shown - freed : freed - shown) < pool.granule_bytes());
+  pool.grow(256);
+  pool.check();
+  dev = pool.tensors();
+  for (std::size_t t = 0; t < dev.size(); ++t) {
+    const std::size_t kept = std::size_t(dev[t].strides[0]) * 10;
+    std::vector<float> got(kept);
+    CUDA_OK(cudaMemcpy(got.data(), dev[t].data, kept * 4, cudaMemcpyDeviceToHost));
+    CHECK(std::equal(got.begin(), got.end(), host[t].begin()));
+  }
+  cudaFree(ids);
+}
+
 }  // namespace
 
 int main() {
@@ -343,5 +411,6 @@ int main() {
   test_attention(gen);
   test_reshape_and_cache(gen);
   test_copy_and_swap(gen);
+  test_cache_pool(gen);
   return test::exit_code();
 }

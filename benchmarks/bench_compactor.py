@@ -1,0 +1,340 @@
+"""Memory movement for the compactor, on caches held in a tinyserve.CachePool (GPU only).
+
+1. Compaction: tinyserve.copy_blocks moving many scattered blocks over every layer's K and V in
+   one launch, against a device-to-device copy ceiling measured in the same run (counting bytes
+   read and written; the issue's target is >= 3 TB/s).
+2. Offload and recall: tinyserve.swap_blocks of 1,000+ scattered 32 KiB blocks per call between
+   the pool and a pinned host pool, each way, against one pinned cudaMemcpyAsync of the same bytes
+   (target >= 90%) and against one copy call per block (target >= 2x faster).
+3. Shrink and grow of 1 GiB of pool memory: time, and what cudaMemGetInfo shows freed and taken.
+
+    python benchmarks/bench_compactor.py [--layers 32] [--blocks 8192] [--moves 2048]
+        [--swap-blocks 2048] [--iters 20] [--json out.json]
+
+Every section checks its own result once (the moved blocks hold what they should) and exits
+non-zero with a message if anything is off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+import tinyserve as ts
+
+GiB = 1 << 30
+MiB = 1 << 20
+BLOCK = dict(block_size=16, num_kv_heads=8, head_dim=128)  # fp16: 32 KiB per block and tensor
+
+
+def fail(message: str) -> None:
+    print(f"bench_compactor: FAILED: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def event_ms(fn, iters: int, calls: int = 10, warmup: int = 3) -> float:
+    """Median per-call GPU time of `calls` back-to-back calls between two CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
+def wall_ms(fn, iters: int, warmup: int = 2) -> float:
+    """Median wall-clock time of one call, from an idle device until the device is done: counts
+    the host's time to issue the work as well as the copies."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def free_bytes() -> int:
+    """The driver's free device memory, with torch's cached blocks given back."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info()[0]
+
+
+def copy_ceiling(iters: int) -> float:
+    """Bytes/s (read + written) of one large device-to-device copy (2 GiB)."""
+    src = torch.empty(2 * GiB, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = event_ms(lambda: dst.copy_(src), iters)
+    return 4 * GiB / (ms * 1e-3)
+
+
+def compaction(layers: int, blocks: int, moves: int, iters: int) -> dict:
+    """Live blocks scattered over the top of the pool move to free ids scattered over the bottom,
+    in every K and V of every layer, in one copy_blocks call."""
+    pool = ts.CachePool(layers, blocks, dtype="float16", device="cuda", num_blocks=blocks, **BLOCK)
+    tensors = [torch.from_dlpack(t) for t in pool.tensors()]
+    for t in tensors:
+        t.normal_()
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    half = blocks // 2
+    if moves > half:
+        fail(f"--moves must be at most half of --blocks, got {moves} of {blocks}")
+    src = (half + torch.randperm(blocks - half, generator=gen)[:moves]).to(torch.int32).cuda()
+    dst = torch.randperm(half, generator=gen)[:moves].to(torch.int32).cuda()
+    probe = [0, moves // 2, moves - 1]
+    expected = [tensors[-1][src[i].item()].clone() for i in probe]
+
+    ms = event_ms(lambda: ts.copy_blocks(tensors, src, dst), iters)
+    for i, e in zip(probe, expected):
+        if not torch.equal(tensors[-1][dst[i].item()], e):
+            fail(f"copy_blocks: block {src[i].item()} did not arrive at {dst[i].item()}")
+    moved = 2 * moves * pool.bytes_per_block  # read + written
+    result = {
+        "layers": layers,
+        "tensors": len(tensors),
+        "moves": moves,
+        "bytes_moved": moves * pool.bytes_per_block,
+        "ms": ms,
+        "bandwidth": moved / (ms * 1e-3),
+    }
+    return result
+
+
+def copy_per_block(dst_base: int, src_base: int, pairs, block_bytes: int, kind: int, stream: int):
+    """One cudaMemcpyAsync call per block (the baseline a batched swap must beat), issued through
+    the thinnest binding at hand: CuPy's runtime wrapper, else torch's copy_."""
+    try:
+        import cupy
+    except ImportError:
+        return None
+    memcpy = cupy.cuda.runtime.memcpyAsync
+
+    def run():
+        for s, d in pairs:
+            memcpy(
+                dst_base + d * block_bytes, src_base + s * block_bytes, block_bytes, kind, stream
+            )
+
+    return run
+
+
+def offload_recall(swap_blocks: int, iters: int) -> dict:
+    """swap_blocks of `swap_blocks` scattered 32 KiB blocks each way between one pool tensor and
+    a pinned host tensor, against one contiguous pinned copy of the same bytes and against one
+    copy call per block."""
+    device_blocks = 4 * swap_blocks
+    host_blocks = 2 * swap_blocks
+    pool = ts.CachePool(1, device_blocks, dtype="float16", device="cuda", **BLOCK)
+    pool.grow(device_blocks)
+    dev = torch.from_dlpack(pool.key(0))
+    dev.normal_()
+    host = torch.empty((host_blocks,) + tuple(dev.shape[1:]), dtype=dev.dtype, pin_memory=True)
+    host.normal_()
+    block_bytes = dev[0].numel() * dev.element_size()
+    rng = np.random.default_rng(2)
+    dev_ids = rng.choice(device_blocks, swap_blocks, replace=False).astype(np.int32)
+    host_ids = rng.choice(host_blocks, swap_blocks, replace=False).astype(np.int32)
+    nbytes = swap_blocks * block_bytes
+    stream = torch.cuda.current_stream().cuda_stream
+
+    out = {"blocks": swap_blocks, "block_bytes": block_bytes, "bytes": nbytes}
+    # offload (device -> host) then recall (host -> device)
+    off_ms = wall_ms(lambda: ts.swap_blocks(dev, host, dev_ids, host_ids), iters)
+    if not torch.equal(host[int(host_ids[7])], dev[int(dev_ids[7])].cpu()):
+        fail("swap_blocks offload: a block did not arrive in the host pool")
+    rec_ms = wall_ms(lambda: ts.swap_blocks(host, dev, host_ids, dev_ids), iters)
+    if not torch.equal(dev[int(dev_ids[9])].cpu(), host[int(host_ids[9])]):
+        fail("swap_blocks recall: a block did not arrive in the pool")
+
+    # ceilings: one pinned cudaMemcpyAsync of the same bytes, each way
+    flat_dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    flat_host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    d2h_ms = wall_ms(lambda: flat_host.copy_(flat_dev, non_blocking=True), iters)
+    h2d_ms = wall_ms(lambda: flat_dev.copy_(flat_host, non_blocking=True), iters)
+
+    # baseline: one copy call per block
+    pairs_off = list(zip(dev_ids.tolist(), host_ids.tolist()))
+    pairs_rec = list(zip(host_ids.tolist(), dev_ids.tolist()))
+    per_off = copy_per_block(host.data_ptr(), dev.data_ptr(), pairs_off, block_bytes, 2, stream)
+    per_rec = copy_per_block(dev.data_ptr(), host.data_ptr(), pairs_rec, block_bytes, 1, stream)
+    if per_off is None:  # no CuPy: torch's copy_ per block
+
+        def per_off():
+            for s, d in pairs_off:
+                host[d].copy_(dev[s], non_blocking=True)
+
+        def per_rec():
+            for s, d in pairs_rec:
+                dev[d].copy_(host[s], non_blocking=True)
+
+        out["per_block_call"] = "torch copy_"
+    else:
+        out["per_block_call"] = "cudaMemcpyAsync (CuPy)"
+    per_off_ms = wall_ms(per_off, max(3, iters // 4))
+    per_rec_ms = wall_ms(per_rec, max(3, iters // 4))
+
+    for name, ms in [
+        ("offload", off_ms),
+        ("recall", rec_ms),
+        ("d2h_ceiling", d2h_ms),
+        ("h2d_ceiling", h2d_ms),
+        ("offload_per_block", per_off_ms),
+        ("recall_per_block", per_rec_ms),
+    ]:
+        out[name + "_ms"] = ms
+        out[name + "_bandwidth"] = nbytes / (ms * 1e-3)
+    return out
+
+
+def shrink_grow(nbytes: int, iters: int, granule_bytes: int) -> dict:
+    """Grow a pool from 0 to `nbytes` of mapped memory and shrink it back to 0, timing each and
+    reading what cudaMemGetInfo shows taken and freed."""
+    block_bytes = BLOCK["block_size"] * BLOCK["num_kv_heads"] * BLOCK["head_dim"] * 2
+    blocks = nbytes // (2 * block_bytes)  # K and V of one layer
+    pool = ts.CachePool(
+        1, blocks, dtype="float16", device="cuda", granule_bytes=granule_bytes, **BLOCK
+    )
+    grow_ms, shrink_ms, taken, freed = [], [], [], []
+    for i in range(iters + 1):  # the first round warms up (the fill kernel's first load)
+        before = free_bytes()
+        start = time.perf_counter()
+        pool.grow(blocks)
+        grow_ms.append((time.perf_counter() - start) * 1e3)
+        mid = free_bytes()
+        torch.from_dlpack(pool.key(0))[-1].fill_(1)  # the memory is usable
+        torch.from_dlpack(pool.value(0))[-1].fill_(1)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        pool.shrink(0)
+        shrink_ms.append((time.perf_counter() - start) * 1e3)
+        after = free_bytes()
+        if i == 0:
+            grow_ms.clear()
+            shrink_ms.clear()
+            continue
+        taken.append(before - mid)
+        freed.append(after - mid)
+    g = pool.granule_bytes
+    mapped = 2 * (-(-blocks * block_bytes // g) * g)
+    for name, values in [("taken", taken), ("freed", freed)]:
+        worst = max(abs(v - mapped) for v in values)
+        if worst >= g:
+            fail(f"cudaMemGetInfo showed {values} bytes {name}, the pool mapped {mapped}")
+    pool.check()
+    return {
+        "bytes": mapped,
+        "granule_bytes": g,
+        "granules": mapped // g,
+        "grow_ms": statistics.median(grow_ms),
+        "shrink_ms": statistics.median(shrink_ms),
+        "taken_bytes": statistics.median(taken),
+        "freed_bytes": statistics.median(freed),
+    }
+
+
+def commit() -> str:
+    if os.environ.get("TINYSERVE_COMMIT"):
+        return os.environ["TINYSERVE_COMMIT"]
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--blocks", type=int, default=8192, help="blocks of the compaction pool")
+    parser.add_argument("--moves", type=int, default=2048, help="blocks moved by one compaction")
+    parser.add_argument("--swap-blocks", type=int, default=2048, help="blocks per swap call")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--json", help="write all results to this file")
+    args = parser.parse_args()
+    if not ts.cuda_available():
+        fail("needs a CUDA device and tinyserve built with CUDA")
+    torch.manual_seed(0)
+    torch.cuda.init()
+    name = torch.cuda.get_device_name()
+
+    ceiling = copy_ceiling(args.iters)
+    torch.cuda.empty_cache()
+    comp = compaction(args.layers, args.blocks, args.moves, args.iters)
+    torch.cuda.empty_cache()
+    swap = offload_recall(args.swap_blocks, args.iters)
+    torch.cuda.empty_cache()
+    resize = [shrink_grow(GiB, 5, 0), shrink_grow(GiB, 5, 64 * MiB)]
+
+    tb = 1e12
+    gb = 1e9
+    print(f"# bench_compactor on {name}, {time.strftime('%Y-%m-%d')}, commit {commit()}")
+    print()
+    print("| what | measured | reference | ratio | target |")
+    print("| --- | --- | --- | --- | --- |")
+    print(
+        f"| compaction: copy_blocks, {comp['moves']} blocks x {comp['tensors']} tensors "
+        f"({comp['bytes_moved'] / GiB:.2f} GiB) | {comp['bandwidth'] / tb:.2f} TB/s "
+        f"({comp['ms']:.3f} ms) | D2D copy {ceiling / tb:.2f} TB/s | "
+        f"{comp['bandwidth'] / ceiling:.0%} | >= 3 TB/s |"
+    )
+    for way, ceil in [("offload", "d2h_ceiling"), ("recall", "h2d_ceiling")]:
+        print(
+            f"| {way}: swap_blocks, {swap['blocks']} x {swap['block_bytes'] // 1024} KiB "
+            f"scattered | {swap[way + '_bandwidth'] / gb:.1f} GB/s ({swap[way + '_ms']:.2f} ms) "
+            f"| pinned cudaMemcpyAsync {swap[ceil + '_bandwidth'] / gb:.1f} GB/s | "
+            f"{swap[way + '_bandwidth'] / swap[ceil + '_bandwidth']:.0%} | >= 90% |"
+        )
+        per = swap[way + "_per_block_ms"]
+        print(
+            f"| {way}: vs one {swap['per_block_call']} per block | {swap[way + '_ms']:.2f} ms "
+            f"| {per:.2f} ms | {per / swap[way + '_ms']:.1f}x faster | >= 2x |"
+        )
+    for r in resize:
+        print(
+            f"| grow 0 -> {r['bytes'] / GiB:.2f} GiB ({r['granules']} granules of "
+            f"{r['granule_bytes'] // MiB} MiB) | {r['grow_ms']:.1f} ms | cudaMemGetInfo: "
+            f"{r['taken_bytes'] / MiB:.0f} MiB taken | | |"
+        )
+        print(
+            f"| shrink {r['bytes'] / GiB:.2f} GiB -> 0 ({r['granule_bytes'] // MiB} MiB granules) "
+            f"| {r['shrink_ms']:.1f} ms | cudaMemGetInfo: {r['freed_bytes'] / MiB:.0f} MiB freed "
+            f"| | freed = mapped, to the granule |"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "device": name,
+                    "commit": commit(),
+                    "copy_ceiling": ceiling,
+                    "compaction": comp,
+                    "swap": swap,
+                    "resize": resize,
+                },
+                f,
+                indent=2,
+            )
+
+
+if __name__ == "__main__":
+    main()
