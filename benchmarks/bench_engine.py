@@ -210,10 +210,16 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--max-batched-tokens", type=int, default=8192)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch and tinyserve")
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.new_tokens is None:
         args.new_tokens = 256 if args.gpu else 32
+    if args.threads:
+        import tinyserve
+
+        torch.set_num_threads(args.threads)
+        tinyserve.set_num_threads(args.threads)
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()

@@ -59,6 +59,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--num-blocks", type=int, default=None, help="KV pool size in blocks (default: enough)"
     )
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch and tinyserve (default: theirs; 1 is much faster on a "
+        "machine whose cores are busy with other work)",
+    )
     parser.add_argument("--raw", action="store_true", help="no chat template around the prompts")
     parser.add_argument("--stream", action="store_true", help="print tokens as they are made")
     parser.add_argument(
@@ -71,6 +78,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.temperature = 0.0 if args.n == 1 else 0.8
     if args.check and args.temperature != 0:
         parser.error("--check compares greedy tokens: it needs --temperature 0")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.budget is not None:
         parser.error(
             "--budget needs sparse decode (tinyserve.select_pages), which this build does not "
@@ -110,6 +119,11 @@ def main(argv: list[str]) -> int:
     from .engine import Engine
     from .request import SamplingParams
 
+    if args.threads is not None:
+        import tinyserve
+
+        torch.set_num_threads(args.threads)
+        tinyserve.set_num_threads(args.threads)
     transformers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
     if args.device == "cuda" and not torch.cuda.is_available():
