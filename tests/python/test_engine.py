@@ -5,12 +5,18 @@ copy-on-write, streaming, and the CLI on the real default model (SmolLM2, when i
 import importlib.util
 import math
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from tinyserve.engine import Engine, SamplingParams  # noqa: E402
+from tinyserve.engine.kv import (  # noqa: E402
+    PagedKVCache,
+    build_attention_batch,
+    packed_prefill_supported,
+)
 from tinyserve.integrations.transformers import (  # noqa: E402
     TransformersRunner,
     tinyserve_attention,
@@ -79,12 +85,26 @@ def run_and_check(engine, prompts, params, on_token=None):
 GROUPS = [(4, 4), (6, 2), (4, 1)]  # GQA group sizes 1, 3, 4
 
 
+PREFILL_FORMS = [
+    pytest.param(False, id="expanded"),
+    pytest.param(
+        True,
+        id="packed",
+        marks=pytest.mark.skipif(
+            not packed_prefill_supported(torch.device("cpu")),
+            reason="this build's paged_attention has no query_start_loc on the CPU",
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize("packed", PREFILL_FORMS)
 @pytest.mark.parametrize("heads", GROUPS, ids=["group1", "group3", "group4"])
-def test_greedy_tokens_identical_to_transformers(rng, heads):
+def test_greedy_tokens_identical_to_transformers(rng, heads, packed):
     runner = random_model(*heads, seed=int(rng.integers(1 << 31)))
     prompts = shared_prefix_prompts(rng, 5)
     # A step budget of 16 tokens: prompts are prefilled in chunks, mixed with other decodes.
-    engine = make_engine(runner, max_num_batched_tokens=16)
+    engine = make_engine(runner, max_num_batched_tokens=16, packed_prefill=packed)
     params = SamplingParams(max_new_tokens=12)
     outputs = run_and_check(engine, prompts, params)
     expected = transformers_generate(runner, prompts, 12)
@@ -126,6 +146,29 @@ def test_other_llama_family_models_identical_to_transformers(rng, family):
     prompts = shared_prefix_prompts(rng, 3)
     outputs = run_and_check(make_engine(runner), prompts, SamplingParams(max_new_tokens=10))
     assert [o.token_ids[0] for o in outputs] == transformers_generate(runner, prompts, 10)
+
+
+def test_attention_batch_forms(rng):
+    """The two forms of a step's attention batch, from a table of 3 sequences: one decode row,
+    a 3-row chunk and a 2-row chunk."""
+    cache = PagedKVCache(1, 16, BLOCK_SIZE, 1, 16, torch.float32, torch.device("cpu"))
+    table = rng.integers(0, 16, (3, 4)).astype(np.int32)
+    lens = np.array([9, 7, 13], np.int32)
+    rows = np.array([1, 3, 2])
+    slots = rng.integers(0, 64, 6)
+    expanded = build_attention_batch(cache, slots, table, lens, rows, packed=False)
+    assert expanded.query_start_loc is None
+    np.testing.assert_array_equal(expanded.seq_lens.numpy(), [9, 5, 6, 7, 12, 13])
+    np.testing.assert_array_equal(expanded.block_table.numpy(), table[[0, 1, 1, 1, 2, 2]])
+    np.testing.assert_array_equal(expanded.slot_mapping.numpy(), slots)
+    packed = build_attention_batch(cache, slots, table, lens, rows, packed=True)
+    np.testing.assert_array_equal(packed.query_start_loc.numpy(), [0, 1, 4, 6])
+    np.testing.assert_array_equal(packed.seq_lens.numpy(), lens)
+    np.testing.assert_array_equal(packed.block_table.numpy(), table)
+    decode = build_attention_batch(cache, slots[:3], table, lens, np.ones(3), packed=False)
+    assert decode.query_start_loc is None
+    np.testing.assert_array_equal(decode.seq_lens.numpy(), lens)
+    assert decode.max_seq_len == 13
 
 
 def test_prefix_cache_hits_skip_computation(rng):

@@ -107,7 +107,9 @@ class Engine:
 
     ``num_blocks`` x ``block_size`` tokens of K/V fit in the pool (all layers);
     ``max_num_batched_tokens`` bounds the tokens computed in one step (longer prompts are
-    prefilled in chunks)."""
+    prefilled in chunks). ``packed_prefill`` picks how prefill rows reach ``paged_attention``
+    (:func:`~tinyserve.engine.kv.build_attention_batch`; default: ``query_start_loc`` where the
+    build supports it on the device, else one decode query per row)."""
 
     def __init__(
         self,
@@ -119,9 +121,11 @@ class Engine:
         max_num_batched_tokens: int = 1024,
         max_num_seqs: int = 256,
         tokenizer: Any = None,
+        packed_prefill: bool | None = None,
     ):
         self.runner = runner
         self.tokenizer = tokenizer
+        self.packed_prefill = packed_prefill
         self.block_manager = tinyserve.BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.kv_cache = PagedKVCache(
             runner.num_layers,
@@ -222,7 +226,12 @@ class Engine:
             [np.arange(s.num_computed, s.num_computed + n) for s, n in zip(plan.seqs, plan.rows)]
         )
         batch = build_attention_batch(
-            self.kv_cache, np.concatenate(plan.slots), table, lens, np.asarray(plan.rows)
+            self.kv_cache,
+            np.concatenate(plan.slots),
+            table,
+            lens,
+            np.asarray(plan.rows),
+            packed=self.packed_prefill,
         )
         row_ends = np.cumsum(plan.rows) - 1
         finishing = [

@@ -4,6 +4,7 @@ attends to."""
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +58,13 @@ class PagedKVCache:
         tinyserve.copy_blocks(self.tensors(), src, dst)
 
 
+def packed_prefill_supported(device: torch.device) -> bool:
+    """Whether this build's ``paged_attention`` takes ``query_start_loc`` (several query rows per
+    sequence, causal) on ``device``: so far on the CPU backend only."""
+    parameters = inspect.signature(tinyserve.paged_attention).parameters
+    return "query_start_loc" in parameters and torch.device(device).type == "cpu"
+
+
 @dataclass
 class AttentionBatch:
     """Everything a layer's attention needs for one engine step, built once per step.
@@ -66,17 +74,23 @@ class AttentionBatch:
     ``[rows]``) says where each row's key and value go. Attention is causal within the step: the
     row at position ``p`` of a sequence sees that sequence's keys ``0..p``.
 
-    Today every row is issued as a decode query (``paged_attention`` without
-    ``query_start_loc``): ``row_block_table`` repeats the sequence's block table row for each of
-    its rows and ``row_seq_lens`` is ``p + 1``. That is exact, and costs a table row per query
-    row. :func:`build_attention_batch` and :meth:`attend` are the only two places that know
-    this form."""
+    Two forms, chosen by :func:`build_attention_batch`, the only code that knows them besides
+    :meth:`attend`:
+
+    - packed (``query_start_loc`` set): ``block_table`` and ``seq_lens`` have one row per
+      sequence and ``query_start_loc`` (int32 ``[B + 1]``) marks each sequence's rows, for
+      ``paged_attention``'s prefill mode;
+    - expanded (``query_start_loc`` None): every row is a decode query, with its sequence's
+      block-table row repeated and ``seq_lens = p + 1``. Exact, and costs a table row per query
+      row; used where ``paged_attention`` has no prefill mode for the device. A step of decodes
+      only (one row per sequence) is the same in both forms and needs neither."""
 
     kv_cache: PagedKVCache
     slot_mapping: torch.Tensor
-    row_block_table: torch.Tensor
-    row_seq_lens: torch.Tensor
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
     max_seq_len: int
+    query_start_loc: torch.Tensor | None = None
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store the step's new keys and values ``[rows, num_kv_heads, head_dim]``."""
@@ -94,16 +108,18 @@ class AttentionBatch:
         """Attention of the step's query rows ``[rows, num_q_heads, head_dim]`` over the cache
         (after :meth:`write`); returns ``[rows, num_q_heads, head_dim]``."""
         key_cache, value_cache = self.kv_cache.layers[layer]
+        packed = {} if self.query_start_loc is None else {"query_start_loc": self.query_start_loc}
         return tinyserve.paged_attention(
             query,
             key_cache,
             value_cache,
-            self.row_block_table,
-            self.row_seq_lens,
+            self.block_table,
+            self.seq_lens,
             scale=scale,
             window_left=window_left,
             logits_soft_cap=logits_soft_cap,
             max_seq_len=self.max_seq_len,
+            **packed,
         )
 
 
@@ -113,23 +129,36 @@ def build_attention_batch(
     block_table: np.ndarray,
     seq_lens: np.ndarray,
     rows_per_seq: np.ndarray,
+    *,
+    packed: bool | None = None,
 ) -> AttentionBatch:
     """The attention batch of a step from the block manager's view after the step's appends:
     ``block_table`` int32 ``[B, max_blocks]`` and ``seq_lens`` int32 ``[B]`` (lengths including
     this step's tokens), ``rows_per_seq`` int ``[B]`` (this step's tokens of each sequence,
-    which are its last ones), ``slot_mapping`` int64 ``[sum(rows_per_seq)]``."""
-    rows_per_seq = np.asarray(rows_per_seq, dtype=np.int64)
-    seq_of_row = np.repeat(np.arange(len(rows_per_seq)), rows_per_seq)
-    # Position of each row: its sequence's length, minus the rows after it in the sequence.
-    ends = np.cumsum(rows_per_seq)
-    rows_after = ends[seq_of_row] - 1 - np.arange(len(seq_of_row))
-    row_seq_lens = (seq_lens[seq_of_row] - rows_after).astype(np.int32)
-    row_block_table = np.ascontiguousarray(block_table[seq_of_row])
+    which are its last ones), ``slot_mapping`` int64 ``[sum(rows_per_seq)]``. ``packed`` picks
+    the form (default: packed where :func:`packed_prefill_supported`)."""
     device = kv_cache.device
+    rows_per_seq = np.asarray(rows_per_seq, dtype=np.int64)
+    seq_lens = np.asarray(seq_lens, dtype=np.int32)
+    query_start_loc = None
+    if bool(np.all(rows_per_seq == 1)):
+        table, lens = block_table, seq_lens
+    elif packed if packed is not None else packed_prefill_supported(device):
+        table, lens = block_table, seq_lens
+        starts = np.concatenate([[0], np.cumsum(rows_per_seq)]).astype(np.int32)
+        query_start_loc = torch.from_numpy(starts).to(device)
+    else:
+        seq_of_row = np.repeat(np.arange(len(rows_per_seq)), rows_per_seq)
+        # Position of each row: its sequence's length, minus the rows after it in the sequence.
+        ends = np.cumsum(rows_per_seq)
+        rows_after = ends[seq_of_row] - 1 - np.arange(len(seq_of_row))
+        lens = (seq_lens[seq_of_row] - rows_after).astype(np.int32)
+        table = block_table[seq_of_row]
     return AttentionBatch(
         kv_cache=kv_cache,
         slot_mapping=torch.from_numpy(np.ascontiguousarray(slot_mapping, np.int64)).to(device),
-        row_block_table=torch.from_numpy(row_block_table).to(device),
-        row_seq_lens=torch.from_numpy(row_seq_lens).to(device),
+        block_table=torch.from_numpy(np.ascontiguousarray(table, np.int32)).to(device),
+        seq_lens=torch.from_numpy(np.ascontiguousarray(lens, np.int32)).to(device),
         max_seq_len=int(seq_lens.max()) if len(seq_lens) else 0,
+        query_start_loc=query_start_loc,
     )
