@@ -9,6 +9,8 @@
 
 namespace tinyserve {
 
+class Compactor;
+
 // The engine's allocator of physical KV-cache blocks. It owns no tensor memory: it hands out
 // block ids and slot ids (slot = block * block_size + offset) and says which block copies the
 // engine must run. All methods are thread-safe.
@@ -21,7 +23,9 @@ namespace tinyserve {
 //   other entries;
 // - a sequence holds ceil(len / block_size) blocks.
 //
-// Failed calls change nothing.
+// Failed calls change nothing. The free list and the ref counts are a block pool shared with
+// the Compactor; while a compactor plan is pending, calls that change sequences (add_sequence,
+// append, append_batch, fork, free) throw std::runtime_error.
 class TINYSERVE_API BlockManager {
  public:
   struct Stats {
@@ -37,6 +41,10 @@ class TINYSERVE_API BlockManager {
     std::int64_t prefix_hits = 0;     // blocks attached from the prefix cache, since creation
     std::int64_t prefix_queries = 0;  // full prompt blocks looked up, since creation
     std::int64_t evictions = 0;       // cached blocks whose key was dropped to reuse them
+    std::int64_t num_offloaded = 0;   // host blocks holding offloaded blocks (see Compactor)
+
+    // (name, value) of every field above, in order.
+    std::vector<std::pair<const char*, std::int64_t>> items() const;
   };
 
   // What add_sequence would attach for a prompt, computed without changing anything.
@@ -83,6 +91,12 @@ class TINYSERVE_API BlockManager {
   // num_tokens entries); all-or-nothing over the whole batch.
   void append_batch(const std::int64_t* seq_ids, const std::int64_t* num_tokens, std::int64_t count,
                     std::int64_t* slots_out);
+  // The same, returning the slots: num_tokens has num_counts entries (which must equal count),
+  // or one count for every sequence. The whole batch is checked before the slots are sized.
+  std::vector<std::int64_t> append_batch(const std::int64_t* seq_ids, std::int64_t count,
+                                         const std::int64_t* num_tokens, std::int64_t num_counts);
+  std::vector<std::int64_t> append_batch(const std::int64_t* seq_ids, std::int64_t count,
+                                         std::int64_t num_tokens_each);
 
   // The child shares every block of the parent; no copy until one of them appends into a shared
   // partial block.
@@ -91,6 +105,7 @@ class TINYSERVE_API BlockManager {
   // Releases the sequence's blocks, tail first.
   void free(std::int64_t seq_id);
 
+  // Throws std::runtime_error for a sequence with offloaded blocks (recall it first).
   BlockTable block_table(const std::int64_t* seq_ids, std::int64_t count) const;
 
   // The pending copy-on-write (src, dst) pairs, emptied by the call.
@@ -108,8 +123,11 @@ class TINYSERVE_API BlockManager {
   // Verifies every invariant; throws std::logic_error naming the first violation.
   void check() const;
 
- private:
+  // The state, internal to the core (the Compactor works on it too).
   struct Impl;
+
+ private:
+  friend class Compactor;
   std::unique_ptr<Impl> impl_;
 };
 

@@ -4,9 +4,12 @@ Ops take arrays from any framework (NumPy, PyTorch, CuPy, JAX, any DLPack produc
 of the arrays picks the backend (CPU or CUDA). See README.md and docs/ for the contracts."""
 
 from ._cache_pool import CachePool
+from ._compactor import allocate_host_pool, execute_plan
 from ._ops import copy_blocks, paged_attention, plan_paged_attention, reshape_and_cache, swap_blocks
 from ._tinyserve import (
     BlockManager,
+    Compactor,
+    MovePlan,
     OutOfBlocks,
     __version__,
     cuda_compiled,
@@ -35,13 +38,17 @@ def cmake_dir() -> str:
 __all__ = [
     "BlockManager",
     "CachePool",
+    "Compactor",
+    "MovePlan",
     "OutOfBlocks",
     "__version__",
+    "allocate_host_pool",
     "cmake_dir",
     "copy_blocks",
     "cuda_available",
     "cuda_compiled",
     "cuda_device_count",
+    "execute_plan",
     "num_threads",
     "paged_attention",
     "plan_paged_attention",

@@ -8,6 +8,7 @@ namespace nb = nanobind;
 namespace tinyserve::bindings {
 void bind_ops(nb::module_& m);
 void bind_block_manager(nb::module_& m);
+void bind_compactor(nb::module_& m);
 void bind_cache_pool(nb::module_& m);
 }  // namespace tinyserve::bindings
 
@@ -26,5 +27,6 @@ NB_MODULE(_tinyserve, m) {
 
   tinyserve::bindings::bind_ops(m);
   tinyserve::bindings::bind_block_manager(m);
+  tinyserve::bindings::bind_compactor(m);
   tinyserve::bindings::bind_cache_pool(m);
 }

@@ -1,414 +1,61 @@
 #include "tinyserve/block_manager.h"
 
-#include <algorithm>
-#include <cstring>
-#include <limits>
-#include <mutex>
-#include <stdexcept>
-#include <string>
-#include <unordered_map>
-
-#include "core/sha256.h"
-#include "tinyserve/errors.h"
+#include "core/block_manager_impl.h"
 
 namespace tinyserve {
 
-namespace {
+using bm::bad_argument;
+using bm::Digest;
+using bm::kMaxInt32;
+using bm::kNoPair;
+using bm::root_key;
+using bm::unknown_sequence;
+using bm::where;
 
-using detail::Digest;
-
-constexpr std::int64_t kMaxInt32 = std::numeric_limits<std::int32_t>::max();
-constexpr std::int32_t kUnlinked = -1;  // prev/next of a block that is not in the free list
-constexpr std::int64_t kNoPair = -1;
-
-struct DigestHash {
-  // A SHA-256 digest is already uniform: any 8 of its bytes make a good bucket hash.
-  std::size_t operator()(const Digest& d) const noexcept {
-    std::size_t h;
-    std::memcpy(&h, d.data(), sizeof h);
-    return h;
+// A pending plan must still apply: each pair reads a block holding content and writes a free
+// one, no block twice.
+template <class Fail>
+void BlockManager::Impl::check_plan(Fail&& fail) const {
+  auto str = [](std::int64_t v) { return std::to_string(v); };
+  if (pending_plan != last_plan || plan.serial != pending_plan) {
+    fail("the pending plan " + str(std::int64_t(pending_plan)) + " is not the last one handed out");
   }
-};
-
-// The parent of a sequence's first block. A fixed domain string rather than a random seed, so
-// keys are reproducible across processes (an engine may persist or compare them).
-const Digest& root_key() {
-  static const Digest root = [] {
-    static const char kDomain[] = "tinyserve.prefix.v1";
-    return detail::sha256(kDomain, sizeof kDomain - 1);
-  }();
-  return root;
+  const bool evict = plan.kind == MovePlan::Kind::Evict;
+  if (evict ? !plan.dst.empty() : plan.dst.size() != plan.src.size()) {
+    fail(std::string("the pending ") + plan.kind_name() + " plan has " +
+         str(std::int64_t(plan.src.size())) + " sources and " + str(std::int64_t(plan.dst.size())) +
+         " destinations");
+  }
+  const bool src_on_host = plan.kind == MovePlan::Kind::Recall;
+  const bool dst_on_host = plan.kind == MovePlan::Kind::Offload;
+  const detail::BlockPool& src_pool = src_on_host ? host->pool : pool;
+  const detail::BlockPool& dst_pool = dst_on_host ? host->pool : pool;
+  std::vector<std::uint8_t> src_seen(std::size_t(src_pool.num_blocks()), 0);
+  std::vector<std::uint8_t> dst_seen(std::size_t(dst_pool.num_blocks()), 0);
+  for (std::size_t i = 0; i < plan.src.size(); ++i) {
+    const std::int32_t s = plan.src[i];
+    if (s < 0 || s >= src_pool.num_blocks() || src_seen[std::size_t(s)]) {
+      fail("the pending plan reads block " + str(s) + " out of range or twice");
+    }
+    src_seen[std::size_t(s)] = 1;
+    if (evict ? !(src_pool.is_free(s) && keyed(s)) : src_pool.is_free(s)) {
+      fail("the pending " + std::string(plan.kind_name()) + " plan's source block " + str(s) +
+           (evict ? " is not cached and free" : " holds nothing"));
+    }
+    if (plan.kind == MovePlan::Kind::Compact && s < plan_target) {
+      fail("the pending compact plan moves block " + str(s) + " from below its target");
+    }
+    if (evict) continue;
+    const std::int32_t d = plan.dst[i];
+    if (d < 0 || d >= dst_pool.num_blocks() || dst_seen[std::size_t(d)] || !dst_pool.is_free(d)) {
+      fail("the pending plan writes block " + str(d) + " out of range, twice or while used");
+    }
+    dst_seen[std::size_t(d)] = 1;
+    if (plan.kind == MovePlan::Kind::Compact && d >= plan_target) {
+      fail("the pending compact plan moves a block to " + str(d) + ", not below its target");
+    }
+  }
 }
-
-std::string where(const char* method) {
-  return std::string("tinyserve.BlockManager") + (*method ? "." : "") + method + ": ";
-}
-
-[[noreturn]] void bad_argument(const char* method, const std::string& what) {
-  throw std::invalid_argument(where(method) + what);
-}
-
-[[noreturn]] void unknown_sequence(const char* method, const char* name, std::int64_t id) {
-  throw UnknownSequence(where(method) + "unknown " + name + ", got " + std::to_string(id));
-}
-
-}  // namespace
-
-struct BlockManager::Impl {
-  struct Sequence {
-    std::vector<std::int32_t> blocks;
-    // Token ids of the partial last block, kept while the sequence is keyable: they are hashed
-    // when the block becomes full.
-    std::vector<std::int64_t> pending_tokens;
-    Digest chain_key;  // key of the last full block (root_key() before the first)
-    std::int64_t len = 0;
-    // Every token so far came with its id, so the chain of keys is known.
-    bool keyable = true;
-    std::uint64_t batch_mark = 0;  // append_batch's duplicate detection
-  };
-
-  // dst is kNoPair once the destination was freed before take_copies(): nobody needs the copy.
-  struct CopyPair {
-    std::int32_t src;
-    std::int32_t dst;
-  };
-
-  Impl(std::int64_t n, std::int64_t bs, bool enable_caching)
-      : num_blocks(std::int32_t(n)),
-        block_size(bs),
-        caching(enable_caching),
-        ref(std::size_t(n), 0),
-        prev(std::size_t(n) + 1),
-        next(std::size_t(n) + 1),
-        fill(std::size_t(n), 0),
-        copy_reads(std::size_t(n), 0),
-        copy_pair(std::size_t(n), kNoPair),
-        cow_drops(std::size_t(n), 0) {
-    if (caching) {
-      keys.resize(std::size_t(n));
-      has_key.resize(std::size_t(n), 0);
-    }
-    // Free list 0, 1, ..., n-1 in id order, closed through the sentinel.
-    const std::int32_t sentinel = num_blocks;
-    for (std::int32_t b = 0; b <= sentinel; ++b) {
-      prev[std::size_t(b)] = b == 0 ? sentinel : b - 1;
-      next[std::size_t(b)] = b == sentinel ? 0 : b + 1;
-    }
-    num_free = n;
-  }
-
-  const std::int32_t num_blocks;  // also the id of the free list's sentinel node
-  const std::int64_t block_size;
-  const bool caching;
-  mutable std::mutex mutex;
-
-  // Per block (structure of arrays). prev/next have one more entry: the sentinel.
-  std::vector<std::int32_t> ref;
-  std::vector<std::int32_t> prev;
-  std::vector<std::int32_t> next;
-  std::vector<std::int32_t> fill;        // tokens written into the block by its holders
-  std::vector<std::int32_t> copy_reads;  // pending copies that read the block
-  std::vector<std::int64_t> copy_pair;   // index in `copies` of the pending copy writing it
-  std::vector<Digest> keys;              // only with prefix caching
-  std::vector<std::uint8_t> has_key;
-
-  std::unordered_map<Digest, std::int32_t, DigestHash> cache;
-  std::unordered_map<std::int64_t, Sequence> seqs;
-  std::vector<CopyPair> copies;
-
-  // Kept up to date by the helpers below so stats() is O(1); check() recomputes them.
-  std::int64_t num_free = 0;
-  std::int64_t num_free_read = 0;  // free blocks that a pending copy reads
-  std::int64_t num_evictable = 0;
-  std::int64_t num_shared = 0;
-  std::int64_t num_tokens = 0;
-  std::int64_t waste_slots = 0;
-  std::int64_t prefix_hits = 0;
-  std::int64_t prefix_queries = 0;
-  std::int64_t evictions = 0;
-
-  // Scratch reused by every call, so the per-step path allocates only its results.
-  std::vector<Sequence*> batch;
-  std::vector<std::int32_t> cow_drops;
-  std::uint64_t batch_epoch = 0;
-  mutable std::vector<const Sequence*> table_rows;
-
-  // ---- prefix lookup -------------------------------------------------------------------------
-
-  // Validates a prompt's token ids; returns how many of its full blocks a prefix lookup checks.
-  // The last prompt token is always left to compute (its logits are needed), so a hit covers at
-  // most n - 1 tokens, in whole blocks.
-  std::int64_t prefix_lookup_blocks(const char* method, const std::int64_t* token_ids,
-                                    std::int64_t n) const {
-    if (n < 0) bad_argument(method, "num_token_ids must be >= 0, got " + std::to_string(n));
-    if (n > 0 && token_ids == nullptr) {
-      bad_argument(method,
-                   "token_ids must not be null when num_token_ids > 0, got " + std::to_string(n));
-    }
-    return caching && n > 0 ? (n - 1) / block_size : 0;
-  }
-
-  // Walks the prompt's chain of block keys over its first max_blocks blocks, calling
-  // on_hit(block, key) for each cached one, and stops at the first miss (later keys hash this
-  // block's key). Returns the blocks looked up.
-  template <class OnHit>
-  std::int64_t walk_prefix(const std::int64_t* token_ids, std::int64_t max_blocks,
-                           OnHit&& on_hit) const {
-    Digest key = root_key();
-    std::int64_t looked_up = 0;
-    for (std::int64_t i = 0; i < max_blocks; ++i) {
-      key = detail::sha256_chain(key, token_ids + i * block_size, std::size_t(block_size));
-      ++looked_up;
-      auto it = cache.find(key);
-      if (it == cache.end()) break;
-      on_hit(it->second, key);
-    }
-    return looked_up;
-  }
-
-  // ---- blocks -------------------------------------------------------------------------------
-
-  bool linked(std::int32_t b) const { return prev[std::size_t(b)] != kUnlinked; }
-  bool keyed(std::int32_t b) const { return caching && has_key[std::size_t(b)]; }
-
-  void link_after(std::int32_t at, std::int32_t b) {
-    const std::int32_t after = next[std::size_t(at)];
-    prev[std::size_t(b)] = at;
-    next[std::size_t(b)] = after;
-    next[std::size_t(at)] = b;
-    prev[std::size_t(after)] = b;
-    ++num_free;
-    if (copy_reads[std::size_t(b)] > 0) ++num_free_read;
-    if (keyed(b)) ++num_evictable;
-  }
-
-  void unlink(std::int32_t b) {
-    const std::int32_t before = prev[std::size_t(b)], after = next[std::size_t(b)];
-    next[std::size_t(before)] = after;
-    prev[std::size_t(after)] = before;
-    prev[std::size_t(b)] = next[std::size_t(b)] = kUnlinked;
-    --num_free;
-    if (copy_reads[std::size_t(b)] > 0) --num_free_read;
-    if (keyed(b)) --num_evictable;
-  }
-
-  void drop_key(std::int32_t b) {
-    cache.erase(keys[std::size_t(b)]);
-    has_key[std::size_t(b)] = 0;
-  }
-
-  // Takes a free block for a new holder, evicting its key if it has one. A copy-on-write
-  // destination skips the blocks that pending copies still read: the engine runs all pending
-  // copies in one batch, where a block must not be both read and written.
-  std::int32_t take_free(bool for_copy) {
-    std::int32_t b = next[std::size_t(num_blocks)];
-    if (for_copy && num_free_read > 0) {
-      while (copy_reads[std::size_t(b)] > 0) b = next[std::size_t(b)];
-    }
-    unlink(b);
-    if (keyed(b)) {
-      drop_key(b);
-      ++evictions;
-    }
-    ref[std::size_t(b)] = 1;
-    return b;
-  }
-
-  void add_ref(std::int32_t b) {
-    if (ref[std::size_t(b)] == 0) {
-      unlink(b);
-      waste_slots += block_size - fill[std::size_t(b)];
-    }
-    if (++ref[std::size_t(b)] == 2) ++num_shared;
-  }
-
-  void drop_ref(std::int32_t b) {
-    if (ref[std::size_t(b)]-- == 2) --num_shared;
-  }
-
-  void add_read(std::int32_t b) {
-    if (copy_reads[std::size_t(b)]++ == 0 && linked(b)) ++num_free_read;
-  }
-
-  void release_read(std::int32_t b) {
-    if (--copy_reads[std::size_t(b)] == 0 && linked(b)) --num_free_read;
-  }
-
-  // A block whose last holder left: keyed blocks go to the back of the free list (kept longest,
-  // still findable), others to the front (reused first).
-  void release(std::int32_t b) {
-    drop_ref(b);
-    if (ref[std::size_t(b)] > 0) return;
-    waste_slots -= block_size - fill[std::size_t(b)];
-    const std::int64_t p = copy_pair[std::size_t(b)];
-    if (p != kNoPair) {
-      release_read(copies[std::size_t(p)].src);
-      copies[std::size_t(p)].dst = kNoPair;
-      copy_pair[std::size_t(b)] = kNoPair;
-    }
-    link_after(keyed(b) ? prev[std::size_t(num_blocks)] : num_blocks, b);
-  }
-
-  // ---- sequences ----------------------------------------------------------------------------
-
-  Sequence& find(std::int64_t seq_id, const char* method, const char* name = "seq_id") {
-    auto it = seqs.find(seq_id);
-    if (it == seqs.end()) unknown_sequence(method, name, seq_id);
-    return it->second;
-  }
-
-  const Sequence& find(std::int64_t seq_id, const char* method) const {
-    auto it = seqs.find(seq_id);
-    if (it == seqs.end()) unknown_sequence(method, "seq_id", seq_id);
-    return it->second;
-  }
-
-  std::int64_t blocks_for(std::int64_t tokens) const {
-    return (tokens + block_size - 1) / block_size;
-  }
-
-  // Gives the sequence its own copy of its shared partial last block.
-  void copy_on_write(Sequence& s) {
-    const std::int32_t src = s.blocks.back();
-    // If src is itself still waiting for its content, the copy reads where that comes from:
-    // after the batch both blocks hold the same data, and no block is read and written.
-    const std::int64_t p = copy_pair[std::size_t(src)];
-    const std::int32_t read = p == kNoPair ? src : copies[std::size_t(p)].src;
-    const std::int32_t dst = take_free(/*for_copy=*/true);
-    fill[std::size_t(dst)] = fill[std::size_t(src)];
-    waste_slots += block_size - fill[std::size_t(dst)];
-    copy_pair[std::size_t(dst)] = std::int64_t(copies.size());
-    copies.push_back({read, dst});
-    add_read(read);
-    drop_ref(src);
-    s.blocks.back() = dst;
-  }
-
-  void key_full_block(Sequence& s, std::int32_t b) {
-    s.chain_key =
-        detail::sha256_chain(s.chain_key, s.pending_tokens.data(), std::size_t(block_size));
-    s.pending_tokens.clear();
-    // A key maps to one block: a second block with the same content stays unkeyed.
-    if (cache.try_emplace(s.chain_key, b).second) {
-      keys[std::size_t(b)] = s.chain_key;
-      has_key[std::size_t(b)] = 1;
-    }
-  }
-
-  void write_tokens(Sequence& s, std::int64_t n, const std::int64_t* token_ids,
-                    std::int64_t* slots) {
-    if (caching && s.keyable && token_ids == nullptr) {
-      s.keyable = false;
-      s.pending_tokens.clear();
-    }
-    const bool keying = caching && s.keyable;
-    std::int64_t done = 0;
-    while (done < n) {
-      const std::int64_t offset = s.len % block_size;
-      if (offset == 0) {
-        const std::int32_t b = take_free(/*for_copy=*/false);
-        fill[std::size_t(b)] = 0;
-        waste_slots += block_size;
-        s.blocks.push_back(b);
-      }
-      const std::int32_t b = s.blocks.back();
-      const std::int64_t take = std::min(block_size - offset, n - done);
-      const std::int64_t base = std::int64_t(b) * block_size + offset;
-      for (std::int64_t i = 0; i < take; ++i) slots[done + i] = base + i;
-      fill[std::size_t(b)] += std::int32_t(take);
-      waste_slots -= take;
-      if (keying) {
-        s.pending_tokens.insert(s.pending_tokens.end(), token_ids + done, token_ids + done + take);
-        if (offset + take == block_size) key_full_block(s, b);
-      }
-      s.len += take;
-      done += take;
-    }
-    num_tokens += n;
-  }
-
-  // append() and append_batch(): validate everything, count the blocks, then execute, so a
-  // failed call changes nothing. token_ids only when count == 1.
-  void append(const std::int64_t* seq_ids, const std::int64_t* counts, std::int64_t count,
-              const std::int64_t* token_ids, std::int64_t* slots_out, const char* method) {
-    if (count < 0) bad_argument(method, "count must be >= 0, got " + std::to_string(count));
-    if (count > 0 && (seq_ids == nullptr || counts == nullptr)) {
-      bad_argument(method, "seq_ids and num_tokens must not be null");
-    }
-    ++batch_epoch;
-    batch.clear();
-    std::int64_t total = 0;
-    for (std::int64_t i = 0; i < count; ++i) {
-      Sequence& s = find(seq_ids[i], method);
-      const std::int64_t n = counts[i];
-      if (n < 0) bad_argument(method, "num_tokens must be >= 0, got " + std::to_string(n));
-      if (n > kMaxInt32 - s.len) {
-        bad_argument(method, "sequence length must stay <= " + std::to_string(kMaxInt32) +
-                                 ", got " + std::to_string(s.len) + " + " + std::to_string(n));
-      }
-      // Rejected rather than applied twice: an engine appends once per sequence and step, so
-      // a repeated id is a scheduling bug.
-      if (s.batch_mark == batch_epoch) {
-        bad_argument(method,
-                     "seq_ids must be unique, got " + std::to_string(seq_ids[i]) + " twice");
-      }
-      s.batch_mark = batch_epoch;
-      batch.push_back(&s);
-      total += n;
-    }
-    if (total > 0 && slots_out == nullptr) bad_argument(method, "slots_out must not be null");
-
-    // Copy-on-write counts are simulated in batch order: when every holder of a shared
-    // block appends, the last one finds it unshared and writes in place.
-    std::int64_t new_blocks = 0, copies_needed = 0;
-    for (std::int64_t i = 0; i < count; ++i) {
-      const Sequence& s = *batch[std::size_t(i)];
-      const std::int64_t n = counts[i];
-      if (n == 0) continue;
-      new_blocks += blocks_for(s.len + n) - std::int64_t(s.blocks.size());
-      if (s.len % block_size != 0) {
-        const std::size_t last = std::size_t(s.blocks.back());
-        if (ref[last] - cow_drops[last] > 1) {
-          ++copies_needed;
-          ++cow_drops[last];
-        }
-      }
-    }
-    for (std::int64_t i = 0; i < count; ++i) {
-      const Sequence& s = *batch[std::size_t(i)];
-      if (counts[i] > 0 && s.len % block_size != 0) cow_drops[std::size_t(s.blocks.back())] = 0;
-    }
-    if (copies_needed + new_blocks > num_free) {
-      throw OutOfBlocks(where(method) + "need " + std::to_string(copies_needed + new_blocks) +
-                        " free blocks, got " + std::to_string(num_free));
-    }
-    if (copies_needed > num_free - num_free_read) {
-      throw OutOfBlocks(where(method) + "need " + std::to_string(copies_needed) +
-                        " free blocks that no pending copy reads (copy-on-write), got " +
-                        std::to_string(num_free - num_free_read) +
-                        "; call take_copies() and run the copies first");
-    }
-
-    // Copies first, so they take only blocks that no pending copy reads; new blocks may then
-    // take any free block.
-    for (std::int64_t i = 0; i < count; ++i) {
-      Sequence& s = *batch[std::size_t(i)];
-      if (counts[i] > 0 && s.len % block_size != 0 && ref[std::size_t(s.blocks.back())] > 1) {
-        copy_on_write(s);
-      }
-    }
-    std::int64_t offset = 0;
-    for (std::int64_t i = 0; i < count; ++i) {
-      if (counts[i] == 0) continue;
-      write_tokens(*batch[std::size_t(i)], counts[i], token_ids, slots_out + offset);
-      offset += counts[i];
-    }
-  }
-
-  // ---- check() ------------------------------------------------------------------------------
-
-  void check() const;
-};
 
 void BlockManager::Impl::check() const {
   auto fail = [](const std::string& what) {
@@ -419,21 +66,44 @@ void BlockManager::Impl::check() const {
 
   std::vector<std::int64_t> holders(n, 0);
   std::vector<std::int64_t> held_by(n, -1);  // the sequence seen last, to catch repeats
+  const std::size_t num_host = host ? std::size_t(host->pool.num_blocks()) : 0;
+  std::vector<std::int64_t> host_holders(num_host, 0);
+  std::vector<std::int64_t> host_held_by(num_host, -1);
   std::int64_t tokens = 0, seq_index = 0;
   for (const auto& [id, s] : seqs) {
     if (s.len < 0 || std::int64_t(s.blocks.size()) != blocks_for(s.len)) {
       fail("sequence " + str(id) + " holds " + str(std::int64_t(s.blocks.size())) + " blocks for " +
            str(s.len) + " tokens");
     }
+    std::int64_t offloaded = 0;
     for (std::size_t i = 0; i < s.blocks.size(); ++i) {
-      const std::int32_t b = s.blocks[i];
-      if (b < 0 || b >= num_blocks) fail("sequence " + str(id) + " holds block id " + str(b));
+      const std::int32_t entry = s.blocks[i];
+      const std::int64_t in_block = std::min(block_size, s.len - std::int64_t(i) * block_size);
+      if (on_host(entry)) {
+        const std::int32_t h = host_id(entry);
+        if (std::size_t(h) >= num_host) {
+          fail("sequence " + str(id) + " holds host block id " + str(h) + " of a host pool of " +
+               str(std::int64_t(num_host)));
+        }
+        if (host_held_by[std::size_t(h)] == seq_index) {
+          fail("sequence " + str(id) + " holds host block " + str(h) + " twice");
+        }
+        host_held_by[std::size_t(h)] = seq_index;
+        ++host_holders[std::size_t(h)];
+        ++offloaded;
+        if (host->fill[std::size_t(h)] != in_block) {
+          fail("host block " + str(h) + " holds " + str(host->fill[std::size_t(h)]) +
+               " tokens but sequence " + str(id) + " has " + str(in_block) + " in it");
+        }
+        continue;
+      }
+      const std::int32_t b = entry;
+      if (b >= num_blocks) fail("sequence " + str(id) + " holds block id " + str(b));
       if (held_by[std::size_t(b)] == seq_index) {
         fail("sequence " + str(id) + " holds block " + str(b) + " twice");
       }
       held_by[std::size_t(b)] = seq_index;
       ++holders[std::size_t(b)];
-      const std::int64_t in_block = std::min(block_size, s.len - std::int64_t(i) * block_size);
       if (fill[std::size_t(b)] != in_block) {
         fail("block " + str(b) + " holds " + str(fill[std::size_t(b)]) + " tokens but sequence " +
              str(id) + " has " + str(in_block) + " in it");
@@ -445,47 +115,34 @@ void BlockManager::Impl::check() const {
       fail("sequence " + str(id) + " keeps " + str(std::int64_t(s.pending_tokens.size())) +
            " token ids of its partial block, expected " + str(pending));
     }
+    if (offloaded != s.num_offloaded) {
+      fail("sequence " + str(id) + " counts " + str(s.num_offloaded) + " offloaded blocks, found " +
+           str(offloaded));
+    }
     tokens += s.len;
     ++seq_index;
   }
 
-  std::int64_t shared = 0, waste = 0;
-  for (std::size_t b = 0; b < n; ++b) {
-    if (ref[b] != holders[b]) {
-      fail("block " + str(std::int64_t(b)) + " has ref count " + str(ref[b]) + " but " +
-           str(holders[b]) + " sequence(s) hold it");
-    }
-    if (ref[b] > 1) ++shared;
-    if (ref[b] > 0) waste += block_size - fill[b];
+  // Device pool: ref counts equal holders, the free list is exactly the unreferenced blocks.
+  const std::string pool_broken = pool.verify(holders);
+  if (!pool_broken.empty()) fail(pool_broken);
+  // The compactor's host pool, the same way.
+  if (host) {
+    const std::string host_broken = host->pool.verify(host_holders);
+    if (!host_broken.empty()) fail("host pool: " + host_broken);
+  } else if (has_compactor) {
+    fail("a compactor is attached without a host pool");
   }
+  if (pending_plan != 0 && !has_compactor) fail("a plan is pending without a compactor");
+  if (pending_plan != 0) check_plan(fail);
 
-  // The free list: properly linked both ways, exactly the blocks with ref count 0.
-  std::vector<std::uint8_t> seen(n, 0);
-  std::int64_t listed = 0, evictable = 0, free_read = 0;
-  const std::int32_t sentinel = num_blocks;
-  std::int32_t before = sentinel;
-  for (std::int32_t b = next[n]; b != sentinel; before = b, b = next[std::size_t(b)]) {
-    if (b < 0 || b > num_blocks) fail("free list links to block id " + str(b));
-    if (prev[std::size_t(b)] != before) {
-      fail("free list: block " + str(b) + " links back to " + str(prev[std::size_t(b)]) +
-           " instead of " + str(before));
-    }
-    if (seen[std::size_t(b)]) fail("free list holds block " + str(b) + " twice");
-    seen[std::size_t(b)] = 1;
-    if (ref[std::size_t(b)] != 0) {
-      fail("free list holds block " + str(b) + " with ref count " + str(ref[std::size_t(b)]));
-    }
-    ++listed;
-    if (keyed(b)) ++evictable;
-    if (copy_reads[std::size_t(b)] > 0) ++free_read;
-  }
-  if (prev[n] != before) fail("free list: the sentinel links back to " + str(prev[n]));
+  std::int64_t shared = 0, waste = 0, evictable = 0, free_read = 0;
   for (std::size_t b = 0; b < n; ++b) {
-    if (!seen[b] && ref[b] == 0)
-      fail("block " + str(std::int64_t(b)) + " is unreferenced but not free");
-    if (!seen[b] && (prev[b] != kUnlinked || next[b] != kUnlinked)) {
-      fail("block " + str(std::int64_t(b)) + " is used but still linked");
-    }
+    const std::int32_t id = std::int32_t(b);
+    if (ref(id) > 1) ++shared;
+    if (ref(id) > 0) waste += block_size - fill[b];
+    if (ref(id) == 0 && keyed(id)) ++evictable;
+    if (ref(id) == 0 && copy_reads[b] > 0) ++free_read;
   }
 
   // Prefix-cache keys: block.has_key <=> cache[block.key] == block; keyed blocks are full.
@@ -523,7 +180,7 @@ void BlockManager::Impl::check() const {
     if (copy_pair[std::size_t(c.dst)] != std::int64_t(p)) {
       fail("pending copy to block " + str(c.dst) + " is not recorded on the block");
     }
-    if (ref[std::size_t(c.dst)] == 0) fail("pending copy to free block " + str(c.dst));
+    if (ref(c.dst) == 0) fail("pending copy to free block " + str(c.dst));
     if (copy_pair[std::size_t(c.src)] != kNoPair) {
       fail("block " + str(c.src) + " is both read and written by pending copies");
     }
@@ -545,7 +202,6 @@ void BlockManager::Impl::check() const {
       fail(std::string(name) + " is " + str(kept) + ", recomputed " + str(actual));
     }
   };
-  counter("num_free", num_free, listed);
   counter("num_evictable", num_evictable, evictable);
   counter("free blocks read by pending copies", num_free_read, free_read);
   counter("num_shared", num_shared, shared);
@@ -559,10 +215,12 @@ BlockManager::BlockManager(std::int64_t num_blocks, std::int64_t block_size,
                            bool enable_prefix_caching) {
   if (num_blocks < 1)
     bad_argument("", "num_blocks must be >= 1, got " + std::to_string(num_blocks));
-  // Block ids are int32 (block tables), and the sentinel takes id num_blocks.
-  if (num_blocks > kMaxInt32) {
-    bad_argument("", "num_blocks must be <= " + std::to_string(kMaxInt32) + ", got " +
-                         std::to_string(num_blocks));
+  // Checked before allocating: the per-block bookkeeping is host memory in proportion.
+  if (num_blocks > detail::BlockPool::kMaxBlocks) {
+    bad_argument("", "num_blocks must be <= " + std::to_string(detail::BlockPool::kMaxBlocks) +
+                         " (the host bookkeeping takes about " +
+                         std::to_string(detail::BlockPool::kBytesPerBlock) +
+                         " bytes per block), got " + std::to_string(num_blocks));
   }
   if (block_size < 1)
     bad_argument("", "block_size must be >= 1, got " + std::to_string(block_size));
@@ -585,6 +243,7 @@ std::int64_t BlockManager::add_sequence(std::int64_t seq_id, const std::int64_t*
   if (m.seqs.count(seq_id)) {
     bad_argument(method, "seq_id already exists, got " + std::to_string(seq_id));
   }
+  m.require_no_plan(method);
   Impl::Sequence fresh;
   fresh.chain_key = root_key();
   // Hits are distinct blocks, so never more than the pool.
@@ -594,6 +253,7 @@ std::int64_t BlockManager::add_sequence(std::int64_t seq_id, const std::int64_t*
       m.walk_prefix(token_ids, max_blocks, [&](std::int32_t block, const Digest& key) {
         ++m.prefix_hits;
         m.add_ref(block);
+        m.pool.stamp(block);
         s.blocks.push_back(block);
         s.chain_key = key;
       });
@@ -611,7 +271,7 @@ BlockManager::PrefixMatch BlockManager::match_prefix(const std::int64_t* token_i
   PrefixMatch match;
   m.walk_prefix(token_ids, max_blocks, [&](std::int32_t block, const Digest&) {
     ++match.blocks;
-    if (m.ref[std::size_t(block)] == 0) ++match.free_blocks;
+    if (m.pool.is_free(block)) ++match.free_blocks;
   });
   match.tokens = match.blocks * m.block_size;
   return match;
@@ -620,29 +280,51 @@ BlockManager::PrefixMatch BlockManager::match_prefix(const std::int64_t* token_i
 void BlockManager::append(std::int64_t seq_id, std::int64_t num_tokens,
                           const std::int64_t* token_ids, std::int64_t* slots_out) {
   std::lock_guard<std::mutex> lock(impl_->mutex);
-  impl_->append(&seq_id, &num_tokens, 1, token_ids, slots_out, "append");
+  const std::int64_t total = impl_->prepare_append(&seq_id, &num_tokens, 1, "append");
+  if (total > 0 && slots_out == nullptr) bad_argument("append", "slots_out must not be null");
+  impl_->execute_append(&num_tokens, 1, token_ids, slots_out);
 }
 
 std::vector<std::int64_t> BlockManager::append(std::int64_t seq_id, std::int64_t num_tokens,
                                                const std::int64_t* token_ids) {
-  // Checked before sizing the result; the full validation happens inside.
-  if (num_tokens < 0 || num_tokens > kMaxInt32) {
-    std::lock_guard<std::mutex> lock(impl_->mutex);
-    impl_->find(seq_id, "append");
-    bad_argument("append", num_tokens < 0
-                               ? "num_tokens must be >= 0, got " + std::to_string(num_tokens)
-                               : "sequence length must stay <= " + std::to_string(kMaxInt32) +
-                                     ", got num_tokens " + std::to_string(num_tokens));
-  }
-  std::vector<std::int64_t> slots(static_cast<std::size_t>(num_tokens));
-  append(seq_id, num_tokens, token_ids, slots.data());
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  // The whole request is checked (pool included) before the slots are sized.
+  const std::int64_t total = impl_->prepare_append(&seq_id, &num_tokens, 1, "append");
+  std::vector<std::int64_t> slots(static_cast<std::size_t>(total));
+  impl_->execute_append(&num_tokens, 1, token_ids, slots.data());
   return slots;
 }
 
 void BlockManager::append_batch(const std::int64_t* seq_ids, const std::int64_t* num_tokens,
                                 std::int64_t count, std::int64_t* slots_out) {
   std::lock_guard<std::mutex> lock(impl_->mutex);
-  impl_->append(seq_ids, num_tokens, count, nullptr, slots_out, "append_batch");
+  const std::int64_t total = impl_->prepare_append(seq_ids, num_tokens, count, "append_batch");
+  if (total > 0 && slots_out == nullptr) bad_argument("append_batch", "slots_out must not be null");
+  impl_->execute_append(num_tokens, count, nullptr, slots_out);
+}
+
+std::vector<std::int64_t> BlockManager::append_batch(const std::int64_t* seq_ids,
+                                                     std::int64_t count,
+                                                     const std::int64_t* num_tokens,
+                                                     std::int64_t num_counts) {
+  const char* method = "append_batch";
+  if (num_counts != count) {
+    bad_argument(method, "num_tokens must have one entry per sequence (" + std::to_string(count) +
+                             "), got " + std::to_string(num_counts));
+  }
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  const std::int64_t total = impl_->prepare_append(seq_ids, num_tokens, count, method);
+  std::vector<std::int64_t> slots(static_cast<std::size_t>(total));
+  impl_->execute_append(num_tokens, count, nullptr, slots.data());
+  return slots;
+}
+
+std::vector<std::int64_t> BlockManager::append_batch(const std::int64_t* seq_ids,
+                                                     std::int64_t count,
+                                                     std::int64_t num_tokens_each) {
+  if (count < 0) bad_argument("append_batch", "count must be >= 0, got " + std::to_string(count));
+  const std::vector<std::int64_t> counts(std::size_t(count), num_tokens_each);
+  return append_batch(seq_ids, count, counts.data(), count);
 }
 
 void BlockManager::fork(std::int64_t parent_id, std::int64_t child_id) {
@@ -652,9 +334,10 @@ void BlockManager::fork(std::int64_t parent_id, std::int64_t child_id) {
   if (m.seqs.count(child_id)) {
     bad_argument("fork", "child_id already exists, got " + std::to_string(child_id));
   }
+  m.require_no_plan("fork");
   // Inserting keeps `parent` valid: unordered_map never moves its elements.
   const Impl::Sequence& child = m.seqs.emplace(child_id, parent).first->second;
-  for (std::int32_t b : child.blocks) m.add_ref(b);
+  for (std::int32_t entry : child.blocks) m.add_ref_entry(entry);
   m.num_tokens += child.len;
 }
 
@@ -663,10 +346,11 @@ void BlockManager::free(std::int64_t seq_id) {
   std::lock_guard<std::mutex> lock(m.mutex);
   auto it = m.seqs.find(seq_id);
   if (it == m.seqs.end()) unknown_sequence("free", "seq_id", seq_id);
+  m.require_no_plan("free");
   // Tail first: among the keyed blocks appended to the back, the ones that hash the most tokens
   // (least likely to be shared) come first and are evicted first.
   const std::vector<std::int32_t>& blocks = it->second.blocks;
-  for (auto b = blocks.rbegin(); b != blocks.rend(); ++b) m.release(*b);
+  for (auto b = blocks.rbegin(); b != blocks.rend(); ++b) m.release_entry(*b);
   m.num_tokens -= it->second.len;
   m.seqs.erase(it);
 }
@@ -682,6 +366,7 @@ BlockManager::BlockTable BlockManager::block_table(const std::int64_t* seq_ids,
   std::size_t width = 0;
   for (std::int64_t i = 0; i < count; ++i) {
     const Impl::Sequence& s = m.find(seq_ids[i], method);
+    m.require_on_device(s, seq_ids[i], method);
     m.table_rows.push_back(&s);
     width = std::max(width, s.blocks.size());
   }
@@ -721,7 +406,9 @@ std::int64_t BlockManager::seq_len(std::int64_t seq_id) const {
 
 std::vector<std::int32_t> BlockManager::block_ids(std::int64_t seq_id) const {
   std::lock_guard<std::mutex> lock(impl_->mutex);
-  return impl_->find(seq_id, "block_ids").blocks;
+  const Impl::Sequence& s = impl_->find(seq_id, "block_ids");
+  impl_->require_on_device(s, seq_id, "block_ids");
+  return s.blocks;
 }
 
 bool BlockManager::has_sequence(std::int64_t seq_id) const {
@@ -731,7 +418,7 @@ bool BlockManager::has_sequence(std::int64_t seq_id) const {
 
 std::int64_t BlockManager::num_free_blocks() const {
   std::lock_guard<std::mutex> lock(impl_->mutex);
-  return impl_->num_free;
+  return impl_->num_free();
 }
 
 // The three below read members fixed at construction: no lock needed.
@@ -744,8 +431,8 @@ BlockManager::Stats BlockManager::stats() const {
   std::lock_guard<std::mutex> lock(m.mutex);
   Stats s;
   s.num_blocks = m.num_blocks;
-  s.num_free = m.num_free;
-  s.num_used = m.num_blocks - m.num_free;
+  s.num_free = m.num_free();
+  s.num_used = m.num_blocks - m.num_free();
   s.num_cached = std::int64_t(m.cache.size());
   s.num_evictable = m.num_evictable;
   s.num_shared = m.num_shared;
@@ -755,7 +442,24 @@ BlockManager::Stats BlockManager::stats() const {
   s.prefix_hits = m.prefix_hits;
   s.prefix_queries = m.prefix_queries;
   s.evictions = m.evictions;
+  s.num_offloaded = m.host ? m.host->pool.num_blocks() - m.host->pool.num_free() : 0;
   return s;
+}
+
+std::vector<std::pair<const char*, std::int64_t>> BlockManager::Stats::items() const {
+  return {{"num_blocks", num_blocks},
+          {"num_free", num_free},
+          {"num_used", num_used},
+          {"num_cached", num_cached},
+          {"num_evictable", num_evictable},
+          {"num_shared", num_shared},
+          {"num_sequences", num_sequences},
+          {"num_tokens", num_tokens},
+          {"waste_slots", waste_slots},
+          {"prefix_hits", prefix_hits},
+          {"prefix_queries", prefix_queries},
+          {"evictions", evictions},
+          {"num_offloaded", num_offloaded}};
 }
 
 void BlockManager::check() const {

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "check.h"
+#include "core/block_pool.h"
 #include "core/sha256.h"
 
 namespace {
@@ -61,9 +62,49 @@ void test_sha256() {
         "4a08e636fd58e35b38b94e199af0bc362eb826cae1ffa01389f628632b8605eb");
 }
 
+// The block pool shared by BlockManager and Compactor: queue order, O(1) removal from the middle,
+// ref counts against the queue, and verify() catching a broken invariant.
+void test_block_pool() {
+  using tinyserve::detail::BlockPool;
+  BlockPool pool(5);
+  auto order = [&] {
+    std::vector<std::int32_t> out;
+    const auto& q = pool.free_queue();
+    for (std::int32_t b = q.front(); b != q.end(); b = q.next(b)) out.push_back(b);
+    return out;
+  };
+  CHECK(order() == (std::vector<std::int32_t>{0, 1, 2, 3, 4}) && pool.num_free() == 5);
+  CHECK(pool.acquire(2) == 1 && pool.acquire(2) == 2 && pool.acquire(0) == 1);
+  CHECK(order() == (std::vector<std::int32_t>{1, 3, 4}) && !pool.free_queue().contains(2));
+  std::vector<std::int64_t> holders{1, 0, 2, 0, 0};
+  CHECK(pool.verify(holders).empty());
+  CHECK(pool.release(2) == 1 && pool.release(0) == 0);
+  pool.free_queue().push_front(0);
+  pool.take(4, 3);
+  CHECK(order() == (std::vector<std::int32_t>{0, 1, 3}) && pool.ref_count(4) == 3);
+  holders = {0, 0, 1, 0, 3};
+  CHECK(pool.verify(holders).empty());
+  holders[4] = 2;
+  CHECK(pool.verify(holders).find("block 4 has ref count 3 but 2") != std::string::npos);
+  holders[4] = 3;
+  pool.clear(4);
+  CHECK(pool.verify(holders).find("block 4") != std::string::npos);
+  holders[4] = 0;
+  CHECK(pool.verify(holders).find("block 4 is unreferenced but not free") != std::string::npos);
+  pool.free_queue().push_back(4);
+  CHECK(pool.verify(holders).empty() && order() == (std::vector<std::int32_t>{0, 1, 3, 4}));
+  // Recency and frequency move with a block's content.
+  pool.tick();
+  pool.stamp(2);
+  pool.add_hits(2, 7);
+  pool.move_history(2, 3);
+  CHECK(pool.last_use(3) == 1 && pool.hits(3) == 7 && pool.last_use(2) == 0 && pool.hits(2) == 0);
+}
+
 }  // namespace
 
 int main() {
   test_sha256();
+  test_block_pool();
   return test::exit_code();
 }

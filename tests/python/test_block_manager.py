@@ -8,6 +8,7 @@ head, free() releases tail first with keyed blocks to the back and unkeyed block
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -37,6 +38,7 @@ STAT_FIELDS = (
     "prefix_hits",
     "prefix_queries",
     "evictions",
+    "num_offloaded",
 )
 
 
@@ -65,7 +67,11 @@ def new_seq(bm: BlockManager, seq_id: int, num_tokens: int, token_ids=None) -> n
     [
         ((0, 16), "tinyserve.BlockManager: num_blocks must be >= 1, got 0"),
         ((-3, 16), "num_blocks must be >= 1, got -3"),
-        ((2**31, 16), "num_blocks must be <= 2147483647, got 2147483648"),
+        (
+            (2**31, 16),
+            r"num_blocks must be <= 67108864 \(the host bookkeeping .*\), got 2147483648",
+        ),
+        ((2**26 + 1, 16), "num_blocks must be <= 67108864 .*got 67108865"),
         ((4, 0), "tinyserve.BlockManager: block_size must be >= 1, got 0"),
         ((4, 2**31), "block_size must be <= 2147483647, got 2147483648"),
     ],
@@ -73,6 +79,95 @@ def new_seq(bm: BlockManager, seq_id: int, num_tokens: int, token_ids=None) -> n
 def test_constructor_rejects_bad_sizes(args, message):
     with pytest.raises(ValueError, match=message):
         BlockManager(*args)
+
+
+def test_a_huge_pool_is_refused_before_anything_is_allocated():
+    # Issue 9, defect 6: 10**9 blocks used to run 12 s into a bare MemoryError.
+    start = time.perf_counter()
+    with pytest.raises(
+        ValueError,
+        match=r"tinyserve.BlockManager: num_blocks must be <= 67108864 "
+        r"\(the host bookkeeping takes about \d+ bytes per block\), got 1000000000",
+    ):
+        BlockManager(10**9, 16)
+    assert time.perf_counter() - start < 0.5
+
+
+def test_append_beyond_the_pool_fails_fast_and_allocates_nothing():
+    # Issue 9, defect 5: the slot array (2**29 int64: 4 GiB) was built before the pool was
+    # checked. tracemalloc sees NumPy's and nanobind's allocations through Python's allocator;
+    # the limit on the time catches a C++ vector sized to the request.
+    import tracemalloc
+
+    bm = BlockManager(16, 16)
+    bm.add_sequence(0)
+    bm.add_sequence(1)
+    tracemalloc.start()
+    try:
+        for call in (lambda: bm.append(0, 2**29), lambda: bm.append_batch([0, 1], [1, 2**29])):
+            start = time.perf_counter()
+            with pytest.raises(OutOfBlocks, match="need 3355443[23] free blocks, got 16"):
+                call()
+            assert time.perf_counter() - start < 0.05
+        assert tracemalloc.get_traced_memory()[1] < 1 << 20
+    finally:
+        tracemalloc.stop()
+    assert bm.seq_len(0) == bm.seq_len(1) == 0
+    bm.check()
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda bm: bm.append(2**63, 1),
+            "append: seq_id must fit in int64, got 9223372036854775808",
+        ),
+        (lambda bm: bm.append(1, -(2**64)), "append: num_tokens must fit in int64, got -18446"),
+        (lambda bm: bm.free(2**63), "free: seq_id must fit in int64, got 9223372036854775808"),
+        (
+            lambda bm: bm.fork(1, 2**70),
+            "fork: child_id must fit in int64, got 1180591620717411303424",
+        ),
+        (lambda bm: bm.seq_len(-(2**63) - 1), "seq_len: seq_id must fit in int64, got -92233"),
+        (lambda bm: bm.add_sequence(2**63), "add_sequence: seq_id must fit in int64"),
+        (lambda bm: bm.has_sequence(2**64), "has_sequence: seq_id must fit in int64"),
+        (lambda bm: bm.block_ids(2**64), "block_ids: seq_id must fit in int64"),
+        (
+            lambda bm: bm.append(1, 2, [5, 2**64]),
+            r"append: token_ids\[1\] must fit in int64, got 18446744073709551616",
+        ),
+        (
+            lambda bm: bm.add_sequence(9, [2**64]),
+            r"add_sequence: token_ids\[0\] must fit in int64, got 18446744073709551616",
+        ),
+        (
+            lambda bm: bm.append_batch([1, 2**63], 1),
+            r"append_batch: seq_ids\[1\] must fit in int64, got 9223372036854775808",
+        ),
+        (lambda bm: bm.append_batch([1], 2**63), "append_batch: num_tokens must fit in int64"),
+        (
+            lambda bm: bm.append(1, 1, np.array([2**63], np.uint64)),
+            r"append: token_ids\[0\] must fit in int64, got 9223372036854775808",
+        ),
+        (lambda bm: BlockManager(2**64, 4), "BlockManager: num_blocks must fit in int64"),
+    ],
+)
+def test_out_of_range_integers_name_the_argument_and_value(call, message):
+    # Issue 9, defect 8: these raised nanobind's "incompatible function arguments" or "got list".
+    bm = BlockManager(8, 2, enable_prefix_caching=True)
+    new_seq(bm, 1, 3, [1, 2, 3])
+    before = snapshot(bm, [1])
+    with pytest.raises(ValueError, match="tinyserve.*" + message):
+        call(bm)
+    assert snapshot(bm, [1]) == before
+    bm.check()
+
+
+def test_integer_array_dtype_errors_name_the_dtype():
+    bm = BlockManager(8, 2)
+    with pytest.raises(TypeError, match=r"append_batch: seq_ids must hold integers, got float64"):
+        bm.append_batch(np.array([1.0]), 1)
 
 
 def test_fresh_manager_is_all_free():
@@ -636,6 +731,7 @@ def test_stats_fields_are_exact():
         "prefix_hits": 0,
         "prefix_queries": 0,
         "evictions": 0,
+        "num_offloaded": 0,
     }
     assert bm.add_sequence(3, prompt) == 8
     assert bm.stats() == {
@@ -651,6 +747,7 @@ def test_stats_fields_are_exact():
         "prefix_hits": 2,
         "prefix_queries": 2,
         "evictions": 0,
+        "num_offloaded": 0,
     }
     bm.free(1)
     bm.free(2)
@@ -667,6 +764,7 @@ def test_stats_fields_are_exact():
         "prefix_hits": 2,
         "prefix_queries": 2,
         "evictions": 0,
+        "num_offloaded": 0,
     }
     bm.free(3)
     assert bm.stats() == {
@@ -682,6 +780,7 @@ def test_stats_fields_are_exact():
         "prefix_hits": 2,
         "prefix_queries": 2,
         "evictions": 0,
+        "num_offloaded": 0,
     }
     bm.check()
 
@@ -848,6 +947,7 @@ class Model:
             "prefix_hits": self.hits,
             "prefix_queries": self.queries,
             "evictions": self.evictions,
+            "num_offloaded": 0,
         }
 
 

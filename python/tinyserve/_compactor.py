@@ -1,0 +1,163 @@
+"""Running a Compactor's MovePlan on an engine's caches, and the host pool that offload needs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import _interop
+from ._ops import copy_blocks, swap_blocks
+
+
+def _cache_list(caches: Any, name: str) -> list[Any]:
+    # One array would be iterated block by block: refuse it rather than move rows of it.
+    if caches is None or hasattr(caches, "__dlpack__") or hasattr(caches, "__array_interface__"):
+        raise TypeError(
+            f"tinyserve.execute_plan: {name} must be a sequence of cache tensors, "
+            f"got {type(caches).__name__}"
+        )
+    if not isinstance(caches, Sequence) or isinstance(caches, (str, bytes)):
+        raise TypeError(
+            f"tinyserve.execute_plan: {name} must be a sequence of cache tensors, "
+            f"got {type(caches).__name__}"
+        )
+    return list(caches)
+
+
+def _ids_on_device_of(ids: np.ndarray, like: Any, stream: Any = None) -> Any:
+    """The int32 block ids where copy_blocks wants them: on the caches' device. They are copied
+    on the framework's current stream; when the caller names another stream, that copy is
+    waited for, so the launch on `stream` cannot read them early."""
+    if not _interop.is_cuda(like):
+        return ids
+    fw = _interop.framework(like)
+    if fw == "torch":
+        import torch
+
+        on_device = torch.from_numpy(ids).to(like.device)
+        if stream is not None:
+            torch.cuda.current_stream(like.device).synchronize()
+        return on_device
+    if fw == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(like.device.id):
+            on_device = cupy.asarray(ids)
+            if stream is not None:
+                cupy.cuda.get_current_stream().synchronize()
+            return on_device
+    raise RuntimeError(
+        "tinyserve.execute_plan: device moves on CUDA need torch or cupy caches, "
+        f"got {type(like).__name__}"
+    )
+
+
+def execute_plan(
+    plan: Any,
+    device_caches: Sequence[Any],
+    host_caches: Sequence[Any] | None = None,
+    *,
+    stream: Any = None,
+) -> None:
+    """Run a Compactor's plan on the engine's caches; commit it afterwards.
+
+    ``device_caches`` is every tensor indexed by device block along dimension 0 (each layer's K
+    and V caches, page metadata ``[num_blocks, num_kv_heads, 2, head_dim]``, ...);
+    ``host_caches`` the matching host pool tensors (see :func:`allocate_host_pool`), in the same
+    order, for offload and recall. A compaction is one ``copy_blocks`` call over every device
+    tensor (one launch on CUDA); offload and recall are one ``swap_blocks`` call per tensor,
+    each moving every block of the plan. An evict plan moves nothing. Calls are queued on
+    ``stream`` (default: the caches' framework's current stream), so the plan may be committed
+    as soon as this returns: later work on that stream sees the moved blocks.
+    """
+    kind = plan.kind
+    if kind not in ("evict", "offload", "recall", "compact"):
+        raise ValueError(f"tinyserve.execute_plan: plan must be a MovePlan, got kind {kind!r}")
+    devices = _cache_list(device_caches, "device_caches")
+    if kind == "evict" or len(plan) == 0 or not devices:
+        return
+    src, dst = plan.src, plan.dst
+    if kind == "compact":
+        like = devices[0]
+        copy_blocks(
+            devices,
+            _ids_on_device_of(src, like, stream),
+            _ids_on_device_of(dst, like, stream),
+            stream=stream,
+        )
+        return
+    hosts = _cache_list(host_caches, "host_caches")
+    if len(hosts) != len(devices):
+        raise ValueError(
+            "tinyserve.execute_plan: host_caches must match device_caches one to one "
+            f"({len(devices)} tensors), got {len(hosts)}"
+        )
+    for device_cache, host_cache in zip(devices, hosts):
+        if kind == "offload":
+            swap_blocks(device_cache, host_cache, src, dst, stream=stream)
+        else:
+            swap_blocks(host_cache, device_cache, src, dst, stream=stream)
+
+
+def _host_strides(cache: Any, shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, ...]:
+    """Element strides of a host pool whose block is laid out like the cache's block."""
+    block_elems = math.prod(shape[1:])
+    span = 1 + sum((n - 1) * abs(s) for n, s in zip(shape[1:], strides[1:]))
+    if block_elems and span != block_elems:
+        raise ValueError(
+            "tinyserve.allocate_host_pool: a block of every cache must be one contiguous run of "
+            f"memory, got shape {shape} with strides {strides}"
+        )
+    return (block_elems, *strides[1:])
+
+
+def allocate_host_pool(device_caches: Sequence[Any], num_host_blocks: int) -> list[Any]:
+    """Host tensors for a Compactor's host pool: one per cache tensor, with ``num_host_blocks``
+    blocks along dimension 0 and each block laid out like the cache's (so ``swap_blocks`` moves
+    a block as one run of bytes). Torch caches get torch tensors, pinned when the cache is on
+    CUDA; CuPy caches get pinned NumPy arrays; anything else gets NumPy arrays."""
+    caches = _cache_list(device_caches, "device_caches").copy()
+    if (
+        isinstance(num_host_blocks, bool)
+        or not isinstance(num_host_blocks, int)
+        or num_host_blocks < 0
+    ):
+        raise ValueError(
+            "tinyserve.allocate_host_pool: num_host_blocks must be an int >= 0, "
+            f"got {num_host_blocks!r}"
+        )
+    pools = []
+    for cache in caches:
+        fw = _interop.framework(cache)
+        shape = (num_host_blocks, *tuple(int(n) for n in cache.shape[1:]))
+        if fw == "torch":
+            import torch
+
+            strides = _host_strides(cache, tuple(cache.shape), tuple(cache.stride()))
+            pools.append(
+                torch.empty_strided(
+                    shape,
+                    strides,
+                    dtype=cache.dtype,
+                    device="cpu",
+                    pin_memory=_interop.is_cuda(cache),
+                )
+            )
+            continue
+        dtype = np.dtype(cache.dtype)
+        element_strides = tuple(int(s) // dtype.itemsize for s in cache.strides)
+        strides = _host_strides(cache, tuple(cache.shape), element_strides)
+        count = num_host_blocks * strides[0]
+        if fw == "cupy":
+            import cupyx
+
+            flat = cupyx.empty_pinned((count,), dtype)
+        else:
+            flat = np.empty((count,), dtype)
+        pools.append(
+            np.lib.stride_tricks.as_strided(flat, shape, tuple(s * dtype.itemsize for s in strides))
+        )
+    return pools
