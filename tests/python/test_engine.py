@@ -217,6 +217,40 @@ def test_preemption_under_memory_pressure_gives_identical_tokens(rng):
     assert engine.stats.preemptions > 0
 
 
+def test_preemption_by_offload_resumes_without_recomputing(rng):
+    runner = random_model(6, 2, seed=int(rng.integers(1 << 31)))
+    prompts = shared_prefix_prompts(rng, 6, prefix_len=9)
+    new = 16
+    expected = transformers_generate(runner, prompts, new)
+    longest = max(len(p) for p in prompts) + new
+    engine = make_engine(
+        runner, num_blocks=2 * math.ceil(longest / BLOCK_SIZE) + 1, num_host_blocks=64
+    )
+    outputs = run_and_check(engine, prompts, SamplingParams(max_new_tokens=new))
+    assert [o.token_ids[0] for o in outputs] == expected
+    stats = engine.stats
+    assert stats.preemptions > 0 and stats.offloads > 0
+    assert stats.recalls == stats.offloads
+    assert engine.compactor.num_free_host_blocks == 64
+    # Each prompt token not found in the prefix cache, and each generated token but the last,
+    # was computed exactly once: nothing was recomputed.
+    prompt_rows = sum(len(p) for p in prompts) - stats.prefix_cache_hit_tokens
+    assert stats.computed_tokens == prompt_rows + len(prompts) * (new - 1)
+
+
+def test_preemption_recomputes_when_the_host_pool_is_full(rng):
+    runner = random_model(4, 4, seed=int(rng.integers(1 << 31)))
+    prompts = shared_prefix_prompts(rng, 5, prefix_len=9)
+    expected = transformers_generate(runner, prompts, 16)
+    longest = max(len(p) for p in prompts) + 16
+    engine = make_engine(
+        runner, num_blocks=2 * math.ceil(longest / BLOCK_SIZE) + 1, num_host_blocks=1
+    )
+    outputs = run_and_check(engine, prompts, SamplingParams(max_new_tokens=16))
+    assert [o.token_ids[0] for o in outputs] == expected
+    assert engine.stats.preemptions > 0
+
+
 def test_parallel_samples_share_the_prompt_blocks(rng):
     runner = random_model(6, 2, seed=int(rng.integers(1 << 31)))
     prompt = rng.integers(0, VOCAB, 4 * BLOCK_SIZE + 2).tolist()  # a partial last block

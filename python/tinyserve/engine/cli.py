@@ -60,6 +60,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument(
+        "--host-blocks",
+        type=int,
+        default=None,
+        help="host pool for preemption by offload (default: as many as the KV pool; 0: "
+        "preemption recomputes)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -78,6 +85,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.temperature = 0.0 if args.n == 1 else 0.8
     if args.check and args.temperature != 0:
         parser.error("--check compares greedy tokens: it needs --temperature 0")
+    if args.host_blocks is not None and args.host_blocks < 0:
+        parser.error(f"--host-blocks must be >= 0, got {args.host_blocks}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.budget is not None:
@@ -152,7 +161,13 @@ def main(argv: list[str]) -> int:
             math.ceil((len(p) + args.max_new_tokens) / args.block_size) for p in prompt_ids
         ]
         num_blocks = args.n * sum(per_sample) + len(prompt_ids)
-    engine = Engine(runner, num_blocks=num_blocks, block_size=args.block_size, tokenizer=tokenizer)
+    engine = Engine(
+        runner,
+        num_blocks=num_blocks,
+        block_size=args.block_size,
+        tokenizer=tokenizer,
+        num_host_blocks=num_blocks if args.host_blocks is None else args.host_blocks,
+    )
 
     on_token = None
     if args.stream:

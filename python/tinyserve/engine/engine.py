@@ -62,8 +62,8 @@ class EngineStats:
     copy_on_write_blocks: int = 0
     forks: int = 0
     preemptions: int = 0
-    offloads: int = 0  # blocks moved to the host by preemption through a compactor
-    recalls: int = 0
+    offloads: int = 0  # blocks moved to the host pool by preemption through the compactor
+    recalls: int = 0  # blocks brought back from it
     peak_blocks_used: int = 0
     blocks_used: int = 0
     blocks_free: int = 0
@@ -90,8 +90,8 @@ class EngineStats:
                 f"blocks: {self.blocks_used} used, {self.blocks_free} free "
                 f"(peak {self.peak_blocks_used} used); copy-on-write copies: "
                 f"{self.copy_on_write_blocks}, forks: {self.forks}",
-                f"preemptions: {self.preemptions} (recompute); offloads/recalls: "
-                f"{self.offloads}/{self.recalls}",
+                f"preemptions: {self.preemptions}; offloads/recalls: {self.offloads}/"
+                f"{self.recalls} blocks",
             ]
         )
 
@@ -107,7 +107,10 @@ class Engine:
 
     ``num_blocks`` x ``block_size`` tokens of K/V fit in the pool (all layers);
     ``max_num_batched_tokens`` bounds the tokens computed in one step (longer prompts are
-    prefilled in chunks). ``packed_prefill`` picks how prefill rows reach ``paged_attention``
+    prefilled in chunks). With ``num_host_blocks > 0`` a :class:`tinyserve.Compactor` with a host
+    pool of that many blocks preempts by offload (see
+    :class:`~tinyserve.engine.scheduler.Scheduler`); otherwise preemption recomputes.
+    ``packed_prefill`` picks how prefill rows reach ``paged_attention``
     (:func:`~tinyserve.engine.kv.build_attention_batch`; default: ``query_start_loc`` where the
     build supports it on the device, else one decode query per row)."""
 
@@ -122,6 +125,7 @@ class Engine:
         max_num_seqs: int = 256,
         tokenizer: Any = None,
         packed_prefill: bool | None = None,
+        num_host_blocks: int = 0,
     ):
         self.runner = runner
         self.tokenizer = tokenizer
@@ -136,10 +140,22 @@ class Engine:
             runner.dtype,
             runner.device,
         )
+        self.compactor = None
+        run_plan = None
+        if num_host_blocks > 0:
+            self.compactor = tinyserve.Compactor(self.block_manager, num_host_blocks)
+            device_caches = self.kv_cache.tensors()
+            host_caches = tinyserve.allocate_host_pool(device_caches, num_host_blocks)
+
+            def run_plan(plan: Any) -> None:
+                tinyserve.execute_plan(plan, device_caches, host_caches)
+
         self.scheduler = Scheduler(
             self.block_manager,
             max_num_batched_tokens=max_num_batched_tokens,
             max_num_seqs=max_num_seqs,
+            compactor=self.compactor,
+            run_plan=run_plan,
         )
         self.stats = EngineStats(blocks_free=num_blocks)
         self._requests: dict[int, Request] = {}
@@ -242,6 +258,8 @@ class Engine:
         logits = self.runner.forward(token_ids, positions, batch, row_ends[finishing])
         for seq, n in zip(plan.seqs, plan.rows):
             seq.num_computed += n
+        if self.compactor is not None:
+            self.compactor.touch(seq_ids)  # recency: the blocks these sequences attended
         self.stats.computed_tokens += len(token_ids)
         self.stats.steps += 1
 
@@ -331,3 +349,5 @@ class Engine:
         self.stats.prefix_cache_hit_blocks = stats["prefix_hits"]
         self.stats.prefix_cache_hit_tokens = self.scheduler.prefix_cache_hit_tokens
         self.stats.preemptions = self.scheduler.num_preemptions
+        self.stats.offloads = self.scheduler.num_offloaded_blocks
+        self.stats.recalls = self.scheduler.num_recalled_blocks

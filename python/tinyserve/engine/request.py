@@ -55,6 +55,7 @@ class SamplingParams:
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # not in the block manager (new, or preempted)
     RUNNING = "running"  # holds blocks; scheduled every step until finished
+    SWAPPED = "swapped"  # preempted by offload: some of its blocks are in the host pool
     FINISHED = "finished"
 
 
