@@ -14,6 +14,21 @@ Cache writes (reshape_and_cache, 64k tokens) and block copies (copy_blocks, thou
 over 32 layers) against the device-to-device copy ceiling (bytes read + written).
 
     python benchmarks/bench_decode.py [--json results.json] [--iters 50]
+
+--grid: the issue-14 grid instead (GRID below: head_dim 64/128/256, group 1/4/8, page 1/16/32,
+NHD/HND, float16/bfloat16, equal and ragged lengths, batch 1-256, contexts 512 to 128k, each
+against the base case 32q/8kv, head_dim 128, page 16, float16, 64 x 4096, NHD, random page
+order). Per case, on the same data in the same run: tinyserve paged_attention and FlashInfer's
+BatchDecodeWithPagedKVCacheWrapper(use_tensor_cores=True) (planned once; its backend "auto"
+unless --flashinfer-backend), both as CUDA-graph replays (both eager if either refuses the
+capture; the row says which), median of --iters replays of 10 calls; % of the read ceiling
+measured first; ratio FlashInfer time / tinyserve time; the two outputs' relative difference.
+Without an importable flashinfer the grid runs tinyserve alone and says so. --kv-dtype fp8 adds
+FlashInfer on an e4m3 cache (per-tensor scales) for the head_dim 128 cases; tinyserve's FP8
+column stays n/a until it has an FP8 cache. --dry-run: the grid shrunk on the CPU, checking the
+script and the page description given to FlashInfer against float64.
+
+    python benchmarks/bench_decode.py --grid [--kv-dtype fp8] [--cases base HND] [--json g.json]
 """
 
 from __future__ import annotations
@@ -267,6 +282,491 @@ def copy_case(iters: int) -> dict:
     return {"layers": layers, "pairs": pairs, "ms": ms, "bandwidth": moved / (ms * 1e-3)}
 
 
+# Side-by-side grid against FlashInfer (issue 14): the same data, the same run, the same timing.
+
+GRID_BASE = dict(
+    q_heads=32,
+    kv_heads=8,
+    dim=128,
+    page=16,
+    dtype="float16",
+    layout="NHD",
+    batch=64,
+    context=4096,
+    ragged=False,
+    order="random",
+)
+
+# (name, changes to GRID_BASE): each axis of issue 14 against the base case, then batch x context
+# from 1 x 512 to 1 x 128k and 256 x 4096, then a few crossings. FlashInfer compiles one kernel
+# module per (query dtype, KV dtype, head_dim): this grid needs four (float16 at 64/128/256,
+# bfloat16 at 128); --kv-dtype fp8 adds two (float16 and bfloat16 queries over e4m3 KV).
+GRID = (
+    ("base", {}),
+    ("head_dim 64", {"dim": 64}),
+    ("head_dim 256", {"dim": 256}),
+    ("group 1 (8/8)", {"q_heads": 8}),
+    ("group 8 (64/8)", {"q_heads": 64}),
+    ("page 1", {"page": 1}),
+    ("page 32", {"page": 32}),
+    ("HND", {"layout": "HND"}),
+    ("bfloat16", {"dtype": "bfloat16"}),
+    ("ragged", {"ragged": True}),
+    ("sequential pages", {"order": "sequential"}),
+    ("1 x 512", {"batch": 1, "context": 512}),
+    ("1 x 4096", {"batch": 1, "context": 4096}),
+    ("1 x 32768", {"batch": 1, "context": 32768}),
+    ("1 x 131072", {"batch": 1, "context": 131072}),
+    ("4 x 16384", {"batch": 4, "context": 16384}),
+    ("8 x 32768", {"batch": 8, "context": 32768}),
+    ("32 x 8192", {"batch": 32, "context": 8192}),
+    ("128 x 2048", {"batch": 128, "context": 2048}),
+    ("256 x 512", {"batch": 256, "context": 512}),
+    ("256 x 1024", {"batch": 256, "context": 1024}),
+    ("256 x 4096", {"batch": 256, "context": 4096}),
+    ("37 x 4001 (partial last page)", {"batch": 37, "context": 4001}),
+    ("ragged 256 x 1024", {"ragged": True, "batch": 256, "context": 1024}),
+    ("head_dim 64, 8 x 32768", {"dim": 64, "batch": 8, "context": 32768}),
+    ("group 8, 8 x 32768", {"q_heads": 64, "batch": 8, "context": 32768}),
+    ("HND, page 32", {"layout": "HND", "page": 32}),
+    ("bfloat16, ragged", {"dtype": "bfloat16", "ragged": True}),
+    ("page 1, 1 x 32768", {"page": 1, "batch": 1, "context": 32768}),
+)
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+# FlashInfer kernel configurations whose JIT build failed once, with why: later cases with the
+# same configuration skip it instead of paying for another failed build.
+PEER_FAILURES: dict = {}
+FP8_MAX = 448.0  # largest finite float8 e4m3fn value
+
+
+def load_flashinfer():
+    """(flashinfer module, None) when it imports, else (None, why). Its JIT cache goes under /tmp
+    (FLASHINFER_WORKSPACE_BASE, unless the caller set it), never into the checkout or $HOME."""
+    os.environ.setdefault("FLASHINFER_WORKSPACE_BASE", "/tmp/tinyserve-flashinfer")
+    try:
+        import flashinfer
+
+        return flashinfer, None
+    except Exception as exc:  # noqa: BLE001 - any import failure means: measure without it
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+
+
+def is_build_failure(exc: BaseException) -> bool:
+    """Whether exc is FlashInfer's failed JIT build; if so its compiler output's end is printed
+    (the table keeps only the first line)."""
+    if "build failed" not in str(exc).lower():
+        return False
+    print(f"FlashInfer JIT build failed; the end of its output:\n{str(exc)[-3000:]}", flush=True)
+    return True
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0][:120] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"
+
+
+def timed_pair(fns: dict, iters: int, device: str) -> tuple[dict, str]:
+    """Median per-call ms of each callable in `fns`, and how they were timed. On CUDA every one
+    is captured in a CUDA graph of back-to-back calls and the graph replays are timed; if any
+    cannot be captured, all of them are timed eagerly instead, so the numbers stay comparable.
+    On the CPU (dry run) a host clock, a few calls."""
+    if device != "cuda":
+        import time
+
+        times = {}
+        for name, fn in fns.items():
+            fn()
+            samples = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fn()
+                samples.append((time.perf_counter() - t0) * 1e3)
+            times[name] = statistics.median(samples)
+        return times, "host clock (dry run)"
+    try:
+        return {name: median_ms(fn, iters, graph=True) for name, fn in fns.items()}, "graph"
+    except Exception as exc:  # noqa: BLE001 - a refused capture: time everything eagerly
+        torch.cuda.synchronize()
+        how = f"eager (graph capture failed: {first_line(exc)})"
+        return {name: median_ms(fn, iters) for name, fn in fns.items()}, how
+
+
+def grid_inputs(case: dict, rng: np.random.Generator, device: str) -> dict:
+    """Paged K/V, query and both libraries' page descriptions for one grid case: random
+    normal data, every sequence `context` tokens (ragged: uniform in [1, 2 * context - 1]),
+    pages in random (or sequential) physical order, NHD storage or HND storage."""
+    batch, page, kv_heads, dim = case["batch"], case["page"], case["kv_heads"], case["dim"]
+    dtype = DTYPES[case["dtype"]]
+    if case["ragged"]:
+        lens_np = rng.integers(1, 2 * case["context"], size=batch).astype(np.int32)
+    else:
+        lens_np = np.full(batch, case["context"], dtype=np.int32)
+    pages_np = (lens_np + page - 1) // page
+    num_blocks = int(pages_np.sum())
+    ids = np.arange(num_blocks, dtype=np.int32)
+    if case["order"] == "random":
+        ids = rng.permutation(ids)
+    indptr_np = np.concatenate(([0], np.cumsum(pages_np))).astype(np.int32)
+    table_np = np.zeros((batch, int(pages_np.max())), dtype=np.int32)
+    for i in range(batch):
+        table_np[i, : pages_np[i]] = ids[indptr_np[i] : indptr_np[i + 1]]
+    if case["layout"] == "HND":
+        k_store = torch.randn((num_blocks, kv_heads, page, dim), dtype=dtype, device=device)
+        k_view = k_store.transpose(1, 2)
+    else:
+        k_store = torch.randn((num_blocks, page, kv_heads, dim), dtype=dtype, device=device)
+        k_view = k_store
+    v_store = torch.randn_like(k_store)
+    v_view = v_store.transpose(1, 2) if case["layout"] == "HND" else v_store
+    return {
+        "query": torch.randn((batch, case["q_heads"], dim), dtype=dtype, device=device),
+        "k_store": k_store,
+        "v_store": v_store,
+        "k_view": k_view,
+        "v_view": v_view,
+        "table": torch.from_numpy(table_np).to(device),
+        "lens": torch.from_numpy(lens_np).to(device),
+        "max_len": int(lens_np.max()),
+        "tokens": int(lens_np.sum()),
+        "indptr": torch.from_numpy(indptr_np).to(device),
+        "indices": torch.from_numpy(ids).to(device),
+        "last_page_len": torch.from_numpy(lens_np - (pages_np - 1) * page).to(device),
+    }
+
+
+def flashinfer_decode(
+    flashinfer, case: dict, data: dict, workspace, backend: str, k_cache, v_cache, **scales
+):
+    """A planned FlashInfer tensor-core decode over (k_cache, v_cache), as a no-argument call
+    writing into a preallocated output (plan once, outside any timing), and the backend its
+    plan resolved to."""
+    wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+        workspace, case["layout"], use_tensor_cores=True, backend=backend
+    )
+    wrapper.plan(
+        data["indptr"],
+        data["indices"],
+        data["last_page_len"],
+        case["q_heads"],
+        case["kv_heads"],
+        case["dim"],
+        case["page"],
+        q_data_type=data["query"].dtype,
+        kv_data_type=k_cache.dtype,
+    )
+    out = torch.empty_like(data["query"])
+
+    def run():
+        wrapper.run(data["query"], (k_cache, v_cache), out=out, **scales)
+
+    return run, out, getattr(wrapper, "resolved_backend", backend)
+
+
+def to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """x in float8 e4m3 with one per-tensor scale (x ~= fp8 * scale)."""
+    scale = float(x.abs().max().float()) / FP8_MAX
+    return (x.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+def prebuild_concurrently(builds: dict) -> None:
+    """Run FlashInfer's JIT builds (name -> no-argument call that plans a tiny problem, which
+    compiles that configuration's module) side by side, so their nvcc jobs share the machine's
+    cores instead of one module at a time; MAX_JOBS (ninja's parallelism, per module) splits the
+    cores between them unless the caller set it. A build that fails here fails again, with its
+    report, in the first case that needs it."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not builds:
+        return
+    cores = os.cpu_count() or 8
+    os.environ.setdefault("MAX_JOBS", str(max(2, cores // len(builds))))
+    start = time.perf_counter()
+
+    def build(item):
+        name, fn = item
+        t0 = time.perf_counter()
+        try:
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            return f"{name} {time.perf_counter() - t0:.0f} s"
+        except Exception as exc:  # noqa: BLE001 - reported by the case that needs it
+            return f"{name} failed ({first_line(exc)[:60]})"
+
+    with ThreadPoolExecutor(len(builds)) as pool:
+        done = list(pool.map(build, builds.items()))
+    print(
+        f"FlashInfer JIT, {len(builds)} configurations side by side (MAX_JOBS="
+        f"{os.environ['MAX_JOBS']}): {time.perf_counter() - start:.0f} s; " + ", ".join(done),
+        flush=True,
+    )
+
+
+def reference_from_peer_layout(case: dict, data: dict) -> torch.Tensor:
+    """float64 decode attention computed from the page description handed to FlashInfer
+    (indptr, indices, last_page_len over the storage tensors in the case's layout): the dry run
+    checks that description against tinyserve's output, so a wrong peer input shows before the
+    GPU run."""
+    group = case["q_heads"] // case["kv_heads"]
+    outs = []
+    for i in range(case["batch"]):
+        ids = data["indices"][data["indptr"][i] : data["indptr"][i + 1]].long()
+        k, v = data["k_store"][ids].double(), data["v_store"][ids].double()
+        if case["layout"] == "HND":  # [pages, heads, page, dim] -> [pages, page, heads, dim]
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        n = (len(ids) - 1) * case["page"] + int(data["last_page_len"][i])
+        k = k.reshape(-1, case["kv_heads"], case["dim"])[:n].repeat_interleave(group, 1)
+        v = v.reshape(-1, case["kv_heads"], case["dim"])[:n].repeat_interleave(group, 1)
+        q = data["query"][i].double()  # [heads, dim]
+        weights = torch.softmax(torch.einsum("hd,nhd->hn", q, k) / case["dim"] ** 0.5, dim=-1)
+        outs.append(torch.einsum("hn,nhd->hd", weights, v))
+    return torch.stack(outs)
+
+
+def grid_case(
+    name: str,
+    case: dict,
+    iters: int,
+    rng: np.random.Generator,
+    device: str,
+    flashinfer,
+    workspace,
+    kv_dtype: str,
+    fi_backend: str = "auto",
+) -> dict:
+    data = grid_inputs(case, rng, device)
+    q = data["query"]
+    out = torch.empty_like(q)
+    splits, nbytes = ts.plan_paged_attention(
+        q, data["k_view"], data["table"], max_seq_len=data["max_len"]
+    )
+    ts_workspace = torch.empty((max(nbytes, 16),), dtype=torch.uint8, device=device)
+
+    def tinyserve_run():
+        ts.paged_attention(
+            q,
+            data["k_view"],
+            data["v_view"],
+            data["table"],
+            data["lens"],
+            out,
+            max_seq_len=data["max_len"],
+            num_splits=splits,
+            workspace=ts_workspace,
+        )
+
+    fns = {"tinyserve": tinyserve_run}
+    notes = []
+    fi_out, resolved = None, None
+    kernel = (case["dtype"], case["dim"])  # what FlashInfer compiles a module for
+    if flashinfer is not None and kernel in PEER_FAILURES:
+        notes.append(f"FlashInfer: {PEER_FAILURES[kernel]} (an earlier case)")
+    elif flashinfer is not None:
+        try:
+            fns["flashinfer"], fi_out, resolved = flashinfer_decode(
+                flashinfer, case, data, workspace, fi_backend, data["k_store"], data["v_store"]
+            )
+        except Exception as exc:  # noqa: BLE001 - a refused configuration is a result too
+            if is_build_failure(exc):  # a failed JIT build would only fail again
+                PEER_FAILURES[kernel] = first_line(exc)
+            notes.append(f"FlashInfer: {first_line(exc)}")
+    fp8 = None
+    fp8_kernel = kernel + ("fp8",)
+    if kv_dtype == "fp8" and fp8_kernel in PEER_FAILURES:
+        notes.append(f"FlashInfer fp8: {PEER_FAILURES[fp8_kernel]} (an earlier case)")
+    elif kv_dtype == "fp8" and flashinfer is not None and case["dim"] == 128:
+        try:
+            k8, k_scale = to_fp8(data["k_store"])
+            v8, v_scale = to_fp8(data["v_store"])
+            fns["flashinfer fp8"], fp8, _ = flashinfer_decode(
+                flashinfer,
+                case,
+                data,
+                workspace,
+                fi_backend,
+                k8,
+                v8,
+                k_scale=k_scale,
+                v_scale=v_scale,
+            )
+        except Exception as exc:  # noqa: BLE001
+            if is_build_failure(exc):
+                PEER_FAILURES[fp8_kernel] = first_line(exc)
+            notes.append(f"FlashInfer fp8: {first_line(exc)}")
+    times, how = timed_pair(fns, iters, device)
+    for fn in fns.values():  # one more call each, outside any graph, for the comparisons
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elem = q.element_size()
+    kv_bytes = 2 * data["tokens"] * case["kv_heads"] * case["dim"] * elem
+    result = {
+        "name": name,
+        **case,
+        "max_len": data["max_len"],
+        "tokens": data["tokens"],
+        "splits": splits,
+        "kv_bytes": kv_bytes,
+        "timing": how,
+        "tinyserve_ms": times["tinyserve"],
+        "flashinfer_ms": times.get("flashinfer"),
+        "flashinfer_backend": resolved,
+        "rel_diff_tinyserve_vs_flashinfer": None if fi_out is None else rel_diff(out, fi_out),
+        "rel_diff_tinyserve_vs_float64_over_peer_layout": (
+            rel_diff(out, reference_from_peer_layout(case, data)) if device != "cuda" else None
+        ),
+        "tinyserve_fp8_ms": None,  # tinyserve has no FP8 KV cache yet
+        "flashinfer_fp8_ms": times.get("flashinfer fp8"),
+        "fp8_kv_bytes": kv_bytes // elem,
+        "rel_diff_flashinfer_fp8_vs_fp16": (
+            None if fp8 is None or fi_out is None else rel_diff(fp8, fi_out)
+        ),
+        "notes": notes,
+    }
+    return result
+
+
+def run_grid(args, device: str) -> None:
+    flashinfer, why = (None, "dry run on the CPU") if device != "cuda" else load_flashinfer()
+    peer = (
+        f"FlashInfer {flashinfer.__version__} (BatchDecodeWithPagedKVCacheWrapper, "
+        "use_tensor_cores=True)"
+        if flashinfer is not None
+        else f"FlashInfer not measured ({why}): tinyserve alone"
+    )
+    header = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit(),
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "peer": peer,
+        "kv_dtype": args.kv_dtype,
+        "flashinfer_backend_requested": args.flashinfer_backend,
+    }
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        header.update(device=props.name, sms=props.multi_processor_count)
+        read_bw, read_method = read_ceiling(args.iters)
+        torch.cuda.empty_cache()
+    else:
+        header.update(device="cpu (dry run: contexts / 256, batch <= 4, host clock)")
+        read_bw, read_method = None, "none (dry run)"
+    header.update(read_ceiling=read_bw, read_ceiling_method=read_method)
+    print(
+        f"{header['device']}, {header['date']}, commit {header['commit']}, torch "
+        f"{torch.__version__}; {peer}; read ceiling "
+        + ("n/a" if read_bw is None else f"{read_bw / 1e12:.2f} TB/s ({read_method})"),
+        flush=True,
+    )
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    workspace = (
+        torch.empty(256 << 20, dtype=torch.uint8, device=device) if flashinfer is not None else None
+    )
+    selected = [(n, c) for n, c in GRID if not args.cases or any(s in n for s in args.cases)]
+    if flashinfer is not None:  # one tiny plan per kernel configuration, built side by side
+        builds = {}
+        for _, changes in selected:
+            tiny = dict(GRID_BASE, **changes, batch=1, context=64, ragged=False)
+            kernel = f"{tiny['dtype']} head_dim {tiny['dim']}"
+
+            def warm(tiny=tiny, fp8=False):
+                data = grid_inputs(tiny, np.random.default_rng(0), device)
+                k, v, scales = data["k_store"], data["v_store"], {}
+                if fp8:
+                    (k, ks), (v, vs) = to_fp8(k), to_fp8(v)
+                    scales = {"k_scale": ks, "v_scale": vs}
+                run, _, _ = flashinfer_decode(
+                    flashinfer, tiny, data, workspace, args.flashinfer_backend, k, v, **scales
+                )
+                run()
+
+            builds.setdefault(kernel, warm)
+            if args.kv_dtype == "fp8" and tiny["dim"] == 128:
+                builds.setdefault(kernel + " fp8 KV", lambda tiny=tiny: warm(tiny, fp8=True))
+        prebuild_concurrently(builds)
+    rows = []
+    for name, changes in selected:
+        case = dict(GRID_BASE, **changes)
+        if device != "cuda":  # dry run: the same shapes, small enough for a shared CPU
+            case["context"] = max(case["page"] + 3, case["context"] // 256)
+            case["batch"] = min(case["batch"], 4)
+        try:
+            r = grid_case(
+                name,
+                case,
+                args.iters,
+                rng,
+                device,
+                flashinfer,
+                workspace,
+                args.kv_dtype,
+                args.flashinfer_backend,
+            )
+        except Exception as exc:  # noqa: BLE001 - one broken case must not lose the others
+            r = {"name": name, **case, "error": first_line(exc)}
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        rows.append(r)
+        print(grid_row(r, read_bw), flush=True)
+        if args.json:  # after every case, so a run stopped at its time limit keeps its rows
+            with open(args.json, "w") as f:
+                json.dump(dict(header, grid=rows), f, indent=2)
+    print(
+        "\n% = share of the read ceiling (K+V bytes of the real tokens / time); "
+        "ratio = FlashInfer time / tinyserve time (> 1: tinyserve faster)"
+    )
+    print(
+        "| case | B x ctx | tinyserve ms | % | FlashInfer ms | % | ratio | rel diff "
+        "| FI fp8 ms | fp8 % | timing |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(grid_row(r, read_bw))
+    if device != "cuda":  # the dry run is a check: a case that failed or disagrees fails it
+        bad = [
+            r["name"]
+            for r in rows
+            if "error" in r or not r["rel_diff_tinyserve_vs_float64_over_peer_layout"] < 2e-2
+        ]
+        if bad:
+            raise SystemExit(f"dry run: wrong or failed cases: {bad}")
+
+
+def grid_row(r: dict, read_bw) -> str:
+    size = f"{r['batch']} x {r['context']}" + (" ragged" if r.get("ragged") else "")
+    if "error" in r:
+        return f"| {r['name']} | {size} | error: {r['error']} |"
+
+    def ms(v):
+        return "n/a" if v is None else f"{v:.4f}"
+
+    def pct(nbytes, v):
+        if v is None or read_bw is None:
+            return "n/a"
+        return f"{100 * nbytes / (v * 1e-3) / read_bw:.1f}"
+
+    ts_ms, fi_ms, f8_ms = r["tinyserve_ms"], r["flashinfer_ms"], r["flashinfer_fp8_ms"]
+    ratio = "n/a" if fi_ms is None else f"{fi_ms / ts_ms:.3f}"
+    diff = r["rel_diff_tinyserve_vs_flashinfer"]
+    if diff is None:  # dry run: tinyserve against float64 over the peer's page description
+        diff = r.get("rel_diff_tinyserve_vs_float64_over_peer_layout")
+    backend = f"FI {r['flashinfer_backend']}; " if r.get("flashinfer_backend") else ""
+    timing = backend + r["timing"] + ("; " + "; ".join(r["notes"]) if r["notes"] else "")
+    return (
+        f"| {r['name']} | {size} | {ms(ts_ms)} | {pct(r['kv_bytes'], ts_ms)} | {ms(fi_ms)} | "
+        f"{pct(r['kv_bytes'], fi_ms)} | {ratio} | {'n/a' if diff is None else f'{diff:.1e}'} | "
+        f"{ms(f8_ms)} | {pct(r['fp8_kv_bytes'], f8_ms)} | {timing} |"
+    )
+
+
 def commit() -> str:
     """The git commit measured: TINYSERVE_COMMIT when set (a GPU machine may get a copy of the
     tree whose .git, if any, is not the one measured), else the checkout's HEAD."""
@@ -296,7 +796,34 @@ def main() -> None:
         default="random",
         help="physical order of each sequence's pages (the benchmark case is random)",
     )
+    parser.add_argument(
+        "--grid",
+        action="store_true",
+        help="the issue-14 grid: tinyserve and FlashInfer side by side, one row per case",
+    )
+    parser.add_argument(
+        "--kv-dtype",
+        choices=["auto", "fp8"],
+        default="auto",
+        help="grid: fp8 adds FlashInfer on an e4m3 KV cache (head_dim 128 cases; tinyserve n/a)",
+    )
+    parser.add_argument(
+        "--flashinfer-backend",
+        default="auto",
+        help="grid: FlashInfer decode backend (auto picks per plan; fa2 or fa3 fix it)",
+    )
+    parser.add_argument(
+        "--cases", nargs="*", help="grid: only the cases whose name contains one of these"
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="grid on the CPU backend at small sizes (checks the script, measures nothing)",
+    )
     args = parser.parse_args()
+    if args.grid or args.dry_run:
+        run_grid(args, "cpu" if args.dry_run or not torch.cuda.is_available() else "cuda")
+        return
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     props = torch.cuda.get_device_properties(0)

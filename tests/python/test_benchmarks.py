@@ -1,0 +1,33 @@
+"""The GPU benchmarks' dry runs: each script builds its cases shrunk on the CPU and checks every
+input description (tinyserve's and the one handed to FlashInfer) against a float64 reference,
+exiting non-zero on a wrong or failed case, so a broken benchmark shows before the GPU run."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.mark.parametrize(
+    "script, extra",
+    [
+        ("bench_decode.py", ["--cases", "base", "HND", "ragged", "page 1", "group 8", "37 x"]),
+        ("bench_prefill.py", []),
+    ],
+)
+def test_benchmark_dry_run(script, extra, tmp_path):
+    result_file = tmp_path / "results.json"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--dry-run", "--json", str(result_file), *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert result_file.stat().st_size > 0
