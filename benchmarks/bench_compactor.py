@@ -7,9 +7,17 @@
    the pool and a pinned host pool, each way, against one pinned cudaMemcpyAsync of the same bytes
    (target >= 90%) and against one copy call per block (target >= 2x faster).
 3. Shrink and grow of 1 GiB of pool memory: time, and what cudaMemGetInfo shows freed and taken.
+4. Giving memory back end to end on a fragmented pool: tinyserve.compact_and_shrink (plan_compact,
+   execute_plan = one copy_blocks launch over every tensor, commit, BlockManager.resize,
+   CachePool.shrink): the moves' bandwidth, the host time of each step, the bytes
+   cudaMemGetInfo shows returned, and the memory held after against the live blocks (1.0x).
+5. Host cost per plan (plan and commit, each kind) on a 100k-block pool, from
+   bench_compactor_host.py (3 repeats here; run that script for more).
 
     python benchmarks/bench_compactor.py [--layers 32] [--blocks 8192] [--moves 2048]
         [--swap-blocks 2048] [--iters 20] [--json out.json]
+
+About 30 s on an H200 with the defaults.
 
 Every section checks its own result once (the moved blocks hold what they should) and exits
 non-zero with a message if anything is off.
@@ -251,6 +259,110 @@ def shrink_grow(nbytes: int, iters: int, granule_bytes: int) -> dict:
     }
 
 
+def compact_and_shrink_end_to_end(layers: int, blocks: int) -> dict:
+    """A pool of `blocks` blocks filled with sequences of 1-64 blocks, a random half of them freed
+    (live blocks scattered over the whole id range), then handed back with compact_and_shrink.
+    The moves must go through execute_plan as one copy_blocks call; every live block's content is
+    checked in the last tensor afterwards."""
+    pool = ts.CachePool(layers, blocks, dtype="float16", device="cuda", num_blocks=blocks, **BLOCK)
+    bm = ts.BlockManager(blocks, BLOCK["block_size"])
+    comp = ts.Compactor(bm)
+    rng = np.random.default_rng(3)
+    seq = 0
+    while True:
+        n = int(rng.integers(1, 65))
+        if n > bm.num_free_blocks:
+            break
+        bm.add_sequence(seq)
+        bm.append(seq, n * BLOCK["block_size"])
+        seq += 1
+    for s in rng.permutation(seq)[: seq // 2]:
+        bm.free(int(s))
+    live = [s for s in range(seq) if bm.has_sequence(s)]
+    tensors = [torch.from_dlpack(t) for t in pool.tensors()]
+    for t in tensors:
+        t.normal_()
+    last = tensors[-1]
+    before = {s: last[torch.from_numpy(bm.block_ids(s)).long().cuda()].clone() for s in live}
+    del tensors, last
+
+    calls = []
+    real_copy_blocks = ts._compactor.copy_blocks
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real_copy_blocks(*a, **k)
+
+    used = bm.stats()["num_used"]
+    free0 = free_bytes()
+    mapped0 = pool.mapped_bytes
+    # compact_and_shrink's steps, run here one by one so that each is timed.
+    t0 = time.perf_counter()
+    plan = comp.plan_compact()
+    t1 = time.perf_counter()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ts._compactor.copy_blocks = counted
+    try:
+        start.record()
+        ts.execute_plan(plan, ts._compactor._pool_tensors(pool))
+        end.record()
+    finally:
+        ts._compactor.copy_blocks = real_copy_blocks
+    end.synchronize()
+    t2 = time.perf_counter()
+    comp.commit(plan)
+    t3 = time.perf_counter()
+    bm.resize(used)
+    pool.shrink(used)
+    t4 = time.perf_counter()
+    mapped1 = pool.mapped_bytes
+    free1 = free_bytes()
+    bm.check()
+    if len(calls) != 1:
+        fail(f"execute_plan made {len(calls)} copy_blocks calls for one compaction, expected 1")
+    last = torch.from_dlpack(pool.tensors()[-1])
+    for s in live:
+        if not torch.equal(last[torch.from_numpy(bm.block_ids(s)).long().cuda()], before[s]):
+            fail(f"compact_and_shrink: sequence {s}'s blocks did not keep their content")
+    # Grow back through the helper (the reverse step), checking it hands the memory out again.
+    t5 = time.perf_counter()
+    ts.grow_pool(bm, pool, blocks)
+    torch.cuda.synchronize()
+    t6 = time.perf_counter()
+    bm.check()
+    ms = start.elapsed_time(end)
+    return {
+        "blocks": blocks,
+        "used": used,
+        "moves": len(plan),
+        "bytes_moved": len(plan) * pool.bytes_per_block,
+        "copy_blocks_calls": len(calls),
+        "move_ms": ms,
+        "bandwidth": 2 * len(plan) * pool.bytes_per_block / (ms * 1e-3),
+        "plan_ms": (t1 - t0) * 1e3,
+        "execute_wall_ms": (t2 - t1) * 1e3,
+        "commit_ms": (t3 - t2) * 1e3,
+        "resize_shrink_ms": (t4 - t3) * 1e3,
+        "grow_ms": (t6 - t5) * 1e3,
+        "mapped_before": mapped0,
+        "mapped_after": mapped1,
+        "unmapped_bytes": mapped0 - mapped1,
+        "driver_freed_bytes": free1 - free0,
+        "granule_bytes": pool.granule_bytes,
+        "live_bytes": used * pool.bytes_per_block,
+    }
+
+
+def host_plans() -> dict:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_compactor_host
+
+    rows = bench_compactor_host.measure(100_000, 16, 1000, 3, 0, log=lambda line: None)
+    return {
+        k: {"pairs": p, "plan_ms": a * 1e3, "commit_ms": b * 1e3} for k, (p, a, b) in rows.items()
+    }
+
+
 def commit() -> str:
     if os.environ.get("TINYSERVE_COMMIT"):
         return os.environ["TINYSERVE_COMMIT"]
@@ -284,6 +396,10 @@ def main() -> None:
     swap = offload_recall(args.swap_blocks, args.iters)
     torch.cuda.empty_cache()
     resize = [shrink_grow(GiB, 5, 0), shrink_grow(GiB, 5, 64 * MiB)]
+    torch.cuda.empty_cache()
+    e2e = compact_and_shrink_end_to_end(args.layers, args.blocks)
+    torch.cuda.empty_cache()
+    host = host_plans()
 
     tb = 1e12
     gb = 1e9
@@ -320,6 +436,29 @@ def main() -> None:
             f"| {r['shrink_ms']:.1f} ms | cudaMemGetInfo: {r['freed_bytes'] / MiB:.0f} MiB freed "
             f"| | freed = mapped, to the granule |"
         )
+    print(
+        f"| compact_and_shrink: {e2e['moves']} of {e2e['used']} live blocks moved "
+        f"({e2e['bytes_moved'] / GiB:.2f} GiB, {e2e['copy_blocks_calls']} copy_blocks call) | "
+        f"{e2e['bandwidth'] / tb:.2f} TB/s ({e2e['move_ms']:.2f} ms) | D2D copy "
+        f"{ceiling / tb:.2f} TB/s | {e2e['bandwidth'] / ceiling:.0%} | >= 3 TB/s |"
+    )
+    print(
+        f"| compact_and_shrink host: plan {e2e['plan_ms']:.2f} ms, commit "
+        f"{e2e['commit_ms']:.2f} ms, resize + shrink {e2e['resize_shrink_ms']:.1f} ms; "
+        f"grow_pool back {e2e['grow_ms']:.1f} ms | cudaMemGetInfo: "
+        f"{e2e['driver_freed_bytes'] / MiB:.0f} MiB freed | unmapped "
+        f"{e2e['unmapped_bytes'] / MiB:.0f} MiB | | freed = unmapped, to the granule |"
+    )
+    print(
+        f"| memory held after compact_and_shrink | {e2e['mapped_after'] / MiB:.1f} MiB | live "
+        f"blocks {e2e['live_bytes'] / MiB:.1f} MiB | "
+        f"{e2e['mapped_after'] / max(1, e2e['live_bytes']):.3f}x | 1.0x (to the granule) |"
+    )
+    for kind, r in host.items():
+        print(
+            f"| host, 100k-block pool: plan_{kind} ({r['pairs']:.0f} pairs) | plan "
+            f"{r['plan_ms']:.2f} ms | commit {r['commit_ms']:.2f} ms | | |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
@@ -330,6 +469,8 @@ def main() -> None:
                     "compaction": comp,
                     "swap": swap,
                     "resize": resize,
+                    "compact_and_shrink": e2e,
+                    "host_plans": host,
                 },
                 f,
                 indent=2,

@@ -77,6 +77,39 @@ def median_row(name: str, samples: list[tuple[int, float, float]]) -> tuple:
     )
 
 
+def measure(
+    num_blocks: int = 100_000,
+    block_size: int = 16,
+    move: int = 1000,
+    repeats: int = 10,
+    seed: int = 0,
+    log=print,
+) -> dict[str, tuple[float, float, float]]:
+    """{plan kind: (median pairs, median seconds to plan, median seconds to commit)}."""
+    samples: dict[str, list] = {"evict": [], "offload": [], "recall": [], "compact": []}
+    # Compaction empties the fragmentation it measures: one fresh pool per repeat (3 at most).
+    for repeat in range(min(repeats, 3)):
+        bm, comp, live = build(num_blocks, block_size, move, seed + repeat)
+        if repeat == 0:
+            s = bm.stats()
+            log(
+                f"pool: {s['num_blocks']} blocks of {block_size} tokens, "
+                f"{s['num_used']} used, "
+                f"{s['num_shared']} shared, {s['num_evictable']} cached free, "
+                f"{s['num_sequences']} sequences"
+            )
+            evict = min(move, s["num_evictable"] // repeats)
+            for _ in range(repeats):
+                samples["evict"].append(plan_and_commit(comp, partial(comp.plan_evict, evict)))
+                samples["offload"].append(plan_and_commit(comp, partial(comp.plan_offload, move)))
+                victims = [s for s in live if comp.num_offloaded(s)]
+                samples["recall"].append(plan_and_commit(comp, partial(comp.plan_recall, victims)))
+            bm.check()
+        samples["compact"].append(plan_and_commit(comp, comp.plan_compact))
+        bm.check()
+    return {name: median_row(name, rows)[1:] for name, rows in samples.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -88,33 +121,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    samples: dict[str, list] = {"evict": [], "offload": [], "recall": [], "compact": []}
-    # Compaction empties the fragmentation it measures: one fresh pool per repeat (3 at most).
-    for repeat in range(min(args.repeats, 3)):
-        bm, comp, live = build(args.num_blocks, args.block_size, args.move, args.seed + repeat)
-        if repeat == 0:
-            s = bm.stats()
-            print(
-                f"pool: {s['num_blocks']} blocks of {args.block_size} tokens, "
-                f"{s['num_used']} used, "
-                f"{s['num_shared']} shared, {s['num_evictable']} cached free, "
-                f"{s['num_sequences']} sequences"
-            )
-            evict = min(args.move, s["num_evictable"] // args.repeats)
-            for _ in range(args.repeats):
-                samples["evict"].append(plan_and_commit(comp, partial(comp.plan_evict, evict)))
-                samples["offload"].append(
-                    plan_and_commit(comp, partial(comp.plan_offload, args.move))
-                )
-                victims = [s for s in live if comp.num_offloaded(s)]
-                samples["recall"].append(plan_and_commit(comp, partial(comp.plan_recall, victims)))
-            bm.check()
-        samples["compact"].append(plan_and_commit(comp, comp.plan_compact))
-        bm.check()
-
+    rows = measure(args.num_blocks, args.block_size, args.move, args.repeats, args.seed)
     print(f"{'plan':>8} {'pairs':>7} {'plan (ms)':>10} {'commit (ms)':>12}")
-    for name, rows in samples.items():
-        name, pairs, plan_s, commit_s = median_row(name, rows)
+    for name, (pairs, plan_s, commit_s) in rows.items():
         print(f"{name:>8} {pairs:>7.0f} {plan_s * 1e3:>10.3f} {commit_s * 1e3:>12.3f}")
 
 

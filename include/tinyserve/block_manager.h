@@ -108,6 +108,14 @@ class TINYSERVE_API BlockManager {
   // Throws std::runtime_error for a sequence with offloaded blocks (recall it first).
   BlockTable block_table(const std::int64_t* seq_ids, std::int64_t count) const;
 
+  // Changes the number of usable blocks to num_blocks (0 .. 2**26), for a cache pool that was
+  // shrunk or grown to match. Growing appends free blocks num_blocks()..num_blocks-1 at the
+  // back of the free list. Shrinking drops blocks num_blocks.. (the prefix-cache keys of cached
+  // free ones are dropped, counted as evictions) and throws std::runtime_error, changing nothing,
+  // if any of them is referenced or read by a pending copy-on-write pair, or while a compactor
+  // plan is pending: compact first (Compactor::plan_compact(num_blocks)).
+  void resize(std::int64_t num_blocks);
+
   // The pending copy-on-write (src, dst) pairs, emptied by the call.
   std::vector<std::pair<std::int32_t, std::int32_t>> take_copies();
 

@@ -59,6 +59,10 @@ class TINYSERVE_API Compactor {
   // num_blocks blocks of live sequences, least recent first, then least often selected, then
   // lowest id, to free host blocks.
   MovePlan plan_offload(std::int64_t num_blocks);
+  // Preemption by offload: every device block held only by the listed sequences (ref count
+  // equal to the listed holders; blocks shared with other sequences stay on the device), in id
+  // order, to free host blocks. Every id is checked first; an id may repeat.
+  MovePlan plan_offload_sequences(const std::int64_t* seq_ids, std::int64_t count);
   // Every offloaded block of the listed sequences back into free device blocks.
   MovePlan plan_recall(const std::int64_t* seq_ids, std::int64_t count);
   // Moves the used blocks at or above num_blocks into free blocks below it, so that every used

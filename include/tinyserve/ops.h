@@ -14,7 +14,10 @@
 // enqueued on `stream` and never synchronise.
 //
 // A KV cache tensor has the logical shape [num_blocks, block_size, num_kv_heads, head_dim] with
-// a contiguous last dimension; any other strides are allowed (HND storage is the permuted view).
+// a contiguous last dimension and no two elements at one address; any other strides are allowed
+// (HND storage is the permuted view). A tensor that an op writes shares no memory with any other
+// tensor of the call (K and V may be two views of one [num_blocks, 2, ...] tensor: their elements
+// are apart).
 
 namespace tinyserve {
 
@@ -68,15 +71,17 @@ TINYSERVE_API AttentionPlan plan_paged_attention(const TensorView& query,
                                                  const AttentionOptions& options = {});
 
 // Copies block src[i] to block dst[i] in every tensor of `caches` (each indexed by block along
-// dimension 0: K and V caches of every layer, page metadata, ...), all pairs of all tensors in
-// one launch on CUDA. src and dst are int32 [num_pairs] on the caches' device. A block must not
-// be both a source and a destination of one call.
+// dimension 0: K and V caches of every layer, page metadata, ...; any element type, since
+// bytes are copied), all pairs of all tensors in one launch on CUDA. src and dst are int32 or
+// int64 [num_pairs] (one dtype) on the caches' device. A block must not be both a source and a
+// destination of one call, and the tensors must not share memory.
 TINYSERVE_API void copy_blocks(const std::vector<TensorView>& caches, const TensorView& src,
                                const TensorView& dst, Stream stream = 0);
 
 // Copies block src[i] of src_cache to block dst[i] of dst_cache, where the caches may live on
 // different devices (pinned host memory and a CUDA device: offload and recall). The caches share
-// dtype and every dimension but the first; src and dst are int32 [num_pairs] in host memory.
+// dtype (any) and every dimension but the first; src and dst are int32 or int64 [num_pairs] in
+// host memory.
 TINYSERVE_API void swap_blocks(const TensorView& src_cache, const TensorView& dst_cache,
                                const TensorView& src, const TensorView& dst, Stream stream = 0);
 

@@ -8,7 +8,30 @@
 
 namespace tinyserve {
 
-enum class DType : std::int8_t { Float32, Float16, BFloat16, Int32, Int64, UInt8 };
+// Element types. The attention ops compute in float32, float16 and bfloat16; the block copies
+// move bytes and take any of them. New members are appended (the values are ABI).
+enum class DType : std::int8_t {
+  Float32,
+  Float16,
+  BFloat16,
+  Int32,
+  Int64,
+  UInt8,
+  Float64,
+  Int8,
+  Int16,
+  UInt16,
+  UInt32,
+  UInt64,
+  Bool,
+  Float8E4M3FN,
+  Float8E5M2,
+  Float8E4M3FNUZ,
+  Float8E5M2FNUZ,
+  Float8E8M0FNU,
+  Complex64,
+  Complex128,
+};
 
 // Where a tensor's memory lives. CUDAHost is page-locked host memory that the device can reach.
 enum class DeviceType : std::int8_t { CPU, CUDA, CUDAHost };

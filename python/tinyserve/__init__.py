@@ -4,7 +4,7 @@ Ops take arrays from any framework (NumPy, PyTorch, CuPy, JAX, any DLPack produc
 of the arrays picks the backend (CPU or CUDA). See README.md and docs/ for the contracts."""
 
 from ._cache_pool import CachePool
-from ._compactor import allocate_host_pool, execute_plan
+from ._compactor import allocate_host_pool, compact_and_shrink, execute_plan, grow_pool
 from ._ops import copy_blocks, paged_attention, plan_paged_attention, reshape_and_cache, swap_blocks
 from ._tinyserve import (
     BlockManager,
@@ -44,11 +44,13 @@ __all__ = [
     "__version__",
     "allocate_host_pool",
     "cmake_dir",
+    "compact_and_shrink",
     "copy_blocks",
     "cuda_available",
     "cuda_compiled",
     "cuda_device_count",
     "execute_plan",
+    "grow_pool",
     "num_threads",
     "paged_attention",
     "plan_paged_attention",

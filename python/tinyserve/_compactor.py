@@ -161,3 +161,96 @@ def allocate_host_pool(device_caches: Sequence[Any], num_host_blocks: int) -> li
             np.lib.stride_tricks.as_strided(flat, shape, tuple(s * dtype.itemsize for s in strides))
         )
     return pools
+
+
+def _pool_tensors(pool: Any) -> list[Any]:
+    """The pool's tensors as execute_plan takes them: as they are on the CPU, through torch on
+    CUDA (the block ids of a device move are copied to the device through the framework)."""
+    tensors = list(pool.tensors())
+    if str(pool.device).startswith("cuda"):
+        try:
+            import torch
+        except ImportError as e:
+            raise RuntimeError(
+                "tinyserve.compact_and_shrink: a CUDA pool's moves run through torch, "
+                "got no torch installed"
+            ) from e
+        tensors = [torch.from_dlpack(t) for t in tensors]
+    return tensors
+
+
+def _same_size(block_manager: Any, pool: Any, op: str) -> None:
+    if pool.num_blocks != block_manager.num_blocks:
+        raise ValueError(
+            f"tinyserve.{op}: the pool and the block manager must have the same number of "
+            f"blocks, got pool.num_blocks={pool.num_blocks} and "
+            f"block_manager.num_blocks={block_manager.num_blocks}"
+        )
+
+
+def compact_and_shrink(
+    block_manager: Any,
+    compactor: Any,
+    pool: Any,
+    num_blocks: int | None = None,
+    *,
+    stream: Any = None,
+) -> dict[str, int]:
+    """Give a cache pool's unused memory back: pack the live blocks below ``num_blocks``
+    (default: the number of used blocks), then make that the manager's and the pool's size.
+
+    The sequence is ``compactor.plan_compact(num_blocks)``, :func:`execute_plan` over every
+    tensor of ``pool`` (one ``copy_blocks`` call), ``compactor.commit``,
+    ``block_manager.resize(num_blocks)`` and ``pool.shrink(num_blocks)``, which unmaps every
+    granule past the last kept block (on CUDA it goes back to the driver). Cached free blocks at
+    or above ``num_blocks`` lose their prefix keys. Everything that can be refused is refused
+    before anything changes: a pool and manager of different sizes (``ValueError``), a target
+    below the used blocks (``OutOfBlocks``), a pending plan or copy-on-write pairs
+    (``RuntimeError``). If the copies fail, the plan is aborted and nothing changed.
+
+    Returns ``{"num_blocks", "moved_blocks", "freed_bytes"}``: the new size, the blocks the
+    compaction moved and the memory the pool unmapped (whole granules).
+    """
+    _same_size(block_manager, pool, "compact_and_shrink")
+    plan = compactor.plan_compact(num_blocks)
+    try:
+        execute_plan(plan, _pool_tensors(pool), stream=stream)
+    except BaseException:
+        compactor.abort(plan)
+        raise
+    # The default target is the used count that plan_compact saw: nothing changed since.
+    target = block_manager.stats()["num_used"] if num_blocks is None else num_blocks
+    compactor.commit(plan)
+    before = pool.mapped_bytes
+    # Every block at or above the target is free now, and no plan or copy pair is pending
+    # (plan_compact refused those), so neither call below can refuse.
+    block_manager.resize(target)
+    pool.shrink(target)
+    return {
+        "num_blocks": target,
+        "moved_blocks": len(plan),
+        "freed_bytes": before - pool.mapped_bytes,
+    }
+
+
+def grow_pool(block_manager: Any, pool: Any, num_blocks: int) -> dict[str, int]:
+    """The reverse of :func:`compact_and_shrink`: back blocks up to ``num_blocks`` in ``pool``
+    (``pool.grow``), then give them to the manager as free blocks (``block_manager.resize``).
+    The pool grows first, so when memory runs out (``RuntimeError``) the manager is unchanged.
+    Returns ``{"num_blocks", "added_bytes"}``."""
+    _same_size(block_manager, pool, "grow_pool")
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int):
+        raise TypeError(f"tinyserve.grow_pool: num_blocks must be an int, got {num_blocks!r}")
+    if num_blocks < block_manager.num_blocks:
+        raise ValueError(
+            "tinyserve.grow_pool: num_blocks must be >= the current "
+            f"{block_manager.num_blocks} blocks, got {num_blocks}"
+        )
+    before = pool.mapped_bytes
+    pool.grow(num_blocks)
+    try:
+        block_manager.resize(num_blocks)
+    except BaseException:
+        pool.shrink(block_manager.num_blocks)
+        raise
+    return {"num_blocks": num_blocks, "added_bytes": pool.mapped_bytes - before}

@@ -66,14 +66,18 @@ def is_cuda(array: Any) -> bool:
     return dlpack_device()[0] in (2, 13)
 
 
-def resolve_stream(stream: Any, array: Any, cuda: bool | None = None) -> int:
-    """The cudaStream_t integer to launch on. None picks the current stream of the framework
-    that made `array` (torch, CuPy), else the legacy default stream. `cuda` is is_cuda(array)
-    when the caller knows it."""
+def resolve_stream(
+    stream: Any, array: Any, op: str, cuda: bool | None = None, fw: str | None = None
+) -> int:
+    """The cudaStream_t integer that `op` launches on. None picks the current stream of the
+    framework that made `array` (torch, CuPy), else the legacy default stream. `cuda` is
+    is_cuda(array) and `fw` framework(array) when the caller knows them. The core checks the
+    integer's range."""
     if stream is None:
         if not (is_cuda(array) if cuda is None else cuda):
             return 0
-        fw = framework(array)
+        if fw is None:
+            fw = framework(array)
         if fw == "torch":
             if _TORCH_TENSOR is None:
                 _find_torch_fast_paths()
@@ -92,15 +96,19 @@ def resolve_stream(stream: Any, array: Any, cuda: bool | None = None) -> int:
         if isinstance(value, int):
             return value
     raise TypeError(
-        "tinyserve: stream must be None, an int (cudaStream_t), or an object with .cuda_stream "
-        f"(torch) or .ptr (CuPy), got {type(stream).__name__}"
+        f"tinyserve.{op}: stream must be None, an int (cudaStream_t), or an object with "
+        f".cuda_stream (torch) or .ptr (CuPy), got {type(stream).__name__}"
     )
 
 
-def empty(like: Any, shape: tuple[int, ...], dtype: str | None = None) -> Any:
+def empty(
+    like: Any, shape: tuple[int, ...], dtype: str | None = None, fw: str | None = None
+) -> Any:
     """A new uninitialised array of `shape` from the framework and device of `like`, with the
-    dtype of `like` or the one named ('float32', 'uint8')."""
-    fw = framework(like)
+    dtype of `like` or the one named ('float32', 'uint8'). `fw` is framework(like) when the
+    caller knows it."""
+    if fw is None:
+        fw = framework(like)
     if fw == "torch":
         torch = sys.modules["torch"]
         dt = like.dtype if dtype is None else getattr(torch, dtype)
@@ -126,8 +134,22 @@ def empty(like: Any, shape: tuple[int, ...], dtype: str | None = None) -> Any:
     return np.empty(shape, dtype=np.asarray(like).dtype if dtype is None else dtype)
 
 
+def any_jax(*arrays: Any) -> bool:
+    """Whether any of the arrays is JAX's (never, while JAX has not been imported)."""
+    return "jax" in sys.modules and any(framework(a) == "jax" for a in arrays)
+
+
 def wait_ready(*arrays: Any) -> None:
     """JAX computes asynchronously and shares no stream with us: wait until its arrays exist."""
+    if "jax" not in sys.modules:
+        return
     for a in arrays:
         if framework(a) == "jax":
             a.block_until_ready()
+
+
+def device_key(array: Any, fw: str) -> Any:
+    """A hashable name of the array's device; `fw` is framework(array)."""
+    if fw == "torch":
+        return array.device
+    return array.__dlpack_device__()

@@ -1,5 +1,6 @@
-"""The ops, over any framework's arrays. Each wrapper resolves the stream, allocates missing
-outputs through the caller's framework, and calls the compiled core once."""
+"""The ops, over any framework's arrays. Each wrapper works out the caller's framework once,
+resolves the stream, allocates missing outputs through that framework, and calls the compiled
+core once."""
 
 from __future__ import annotations
 
@@ -26,8 +27,15 @@ _retired_workspaces: list[Any] = []
 _workspace_lock = threading.Lock()
 
 
-def _workspace(like: Any, nbytes: int) -> Any:
-    key = (_interop.framework(like), str(getattr(like, "device", "")))
+# CUDA split plans of paged_attention by (shapes, dtype, device, options): the split count and
+# the workspace that holds its partials (None when the call does not split). A plan depends on
+# host values only, so a repeated call reuses it instead of asking the core again.
+_MAX_PLANS = 4096
+_plans: dict[tuple[Any, ...], tuple[int, Any]] = {}
+
+
+def _workspace(like: Any, fw: str, nbytes: int) -> Any:
+    key = (fw, str(getattr(like, "device", "")))
     with _workspace_lock:
         ws = _workspaces.get(key)
         if ws is None or ws.nbytes < nbytes:
@@ -36,15 +44,41 @@ def _workspace(like: Any, nbytes: int) -> Any:
             size = max(nbytes, _WORKSPACE_MIN_BYTES)
             if ws is not None:
                 size = max(size, 2 * ws.nbytes)
-            ws = _interop.empty(like, (size,), "uint8")
+            ws = _interop.empty(like, (size,), "uint8", fw)
             _workspaces[key] = ws
         return ws
 
 
-def _finish_jax(stream: int, *arrays: Any) -> None:
-    # JAX shares no stream with us: results handed back to JAX must be complete.
-    if any(_interop.framework(a) == "jax" for a in arrays) and _interop.is_cuda(arrays[0]):
-        _C._stream_synchronize(stream)
+def _cuda_plan(
+    query: Any,
+    key_cache: Any,
+    block_table: Any,
+    fw: str,
+    window_left: int,
+    max_seq_len: int,
+    num_splits: int,
+) -> tuple[int, Any]:
+    key = (
+        query.shape,
+        key_cache.shape,
+        block_table.shape,
+        query.dtype,
+        _interop.device_key(query, fw),
+        window_left,
+        max_seq_len,
+        num_splits,
+    )
+    plan = _plans.get(key)
+    if plan is None:
+        x = _interop.export
+        splits, nbytes = _C.plan_paged_attention(
+            x(query), x(key_cache), x(block_table), window_left, max_seq_len, num_splits
+        )
+        plan = (splits, _workspace(query, fw, nbytes) if nbytes > 0 else None)
+        if len(_plans) >= _MAX_PLANS:
+            _plans.clear()
+        _plans[key] = plan
+    return plan
 
 
 def reshape_and_cache(
@@ -61,7 +95,7 @@ def reshape_and_cache(
     -1 skips the token. The caches have the logical shape
     ``[num_blocks, block_size, num_kv_heads, head_dim]`` (any strides, last dim contiguous)."""
     _interop.wait_ready(key, value, slot_mapping)
-    s = _interop.resolve_stream(stream, key_cache)
+    s = _interop.resolve_stream(stream, key_cache, "reshape_and_cache")
     x = _interop.export
     _C.reshape_and_cache(x(key), x(value), x(key_cache), x(value_cache), x(slot_mapping), stream=s)
 
@@ -120,24 +154,25 @@ def paged_attention(
     bound on seq_lens known on the host (it only guides the split). num_splits fixes the
     flash-decoding split (1 disables it; a fixed value makes results batch-invariant).
     workspace is CUDA scratch of at least ``plan_paged_attention(...)[1]`` bytes; when omitted,
-    one buffer per device is kept and reused."""
+    one buffer per device is kept and reused, and the split plan is remembered per shapes, dtype,
+    device and options, so that a repeated call crosses into the core once."""
     _interop.wait_ready(query, key_cache, value_cache, block_table, seq_lens)
+    fw = _interop.framework(query)
+    cuda = _interop.is_cuda(query)
     if out is None:
-        out = _interop.empty(query, tuple(query.shape))
+        out = _interop.empty(query, tuple(query.shape), fw=fw)
     if lse is None and return_lse:
-        lse = _interop.empty(query, tuple(query.shape[:2]), "float32")
+        lse = _interop.empty(query, tuple(query.shape[:2]), "float32", fw)
     max_len = -1 if max_seq_len is None else max_seq_len
     splits = 0 if num_splits is None else num_splits
-    x = _interop.export
-    cuda = _interop.is_cuda(query)
     if workspace is None and cuda:
-        planned_splits, nbytes = _C.plan_paged_attention(
-            x(query), x(key_cache), x(block_table), window_left, max_len, splits
+        planned_splits, workspace = _cuda_plan(
+            query, key_cache, block_table, fw, window_left, max_len, splits
         )
-        if nbytes > 0:
-            workspace = _workspace(query, nbytes)
+        if workspace is not None:
             splits = planned_splits
-    s = _interop.resolve_stream(stream, query, cuda)
+    s = _interop.resolve_stream(stream, query, "paged_attention", cuda, fw)
+    x = _interop.export
     _C.paged_attention(
         x(query),
         x(key_cache),
@@ -154,20 +189,29 @@ def paged_attention(
         workspace=x(workspace),
         stream=s,
     )
-    _finish_jax(s, query, out)
+    if cuda and _interop.any_jax(query, out):
+        # JAX shares no stream with us: results handed back to JAX must be complete.
+        _C._stream_synchronize(s)
     return (out, lse) if return_lse else out
 
 
 def copy_blocks(caches: Sequence[Any], src: Any, dst: Any, *, stream: Any = None) -> None:
-    """Copy block ``src[i]`` to block ``dst[i]`` in every tensor of ``caches`` (each indexed by
-    block along dimension 0: the K and V caches of every layer, page metadata, ...). ``src`` and
-    ``dst`` are int32 ``[num_pairs]`` on the caches' device; on CUDA all copies are one launch.
+    """Copy block ``src[i]`` to block ``dst[i]`` in every tensor of ``caches`` (a list or other
+    sequence of arrays, each indexed by block along dimension 0: the K and V caches of every
+    layer, page metadata, ...; any element type, the copies move bytes). ``src`` and ``dst`` are
+    int32 or int64 ``[num_pairs]`` on the caches' device; on CUDA all copies are one launch.
     ``BlockManager.take_copies()`` returns the pairs as ``[P, 2]``: pass ``pairs[:, 0]`` and
-    ``pairs[:, 1]``."""
-    caches = list(caches)
-    if not caches:
-        return
-    s = _interop.resolve_stream(stream, caches[0])
+    ``pairs[:, 1]``. The tensors must not share memory, and no block may be both a source and a
+    destination."""
+    if not isinstance(caches, (list, tuple)):
+        # One array is not a list of caches (iterating it would give its blocks).
+        if not isinstance(caches, Sequence) or isinstance(caches, (str, bytes)):
+            raise TypeError(
+                "tinyserve.copy_blocks: caches must be a sequence of arrays (list or tuple), got "
+                f"{type(caches).__name__}"
+            )
+        caches = list(caches)
+    s = _interop.resolve_stream(stream, caches[0] if caches else src, "copy_blocks")
     x = _interop.export
     _C.copy_blocks([x(c) for c in caches], x(src), x(dst), stream=s)
 
@@ -175,10 +219,10 @@ def copy_blocks(caches: Sequence[Any], src: Any, dst: Any, *, stream: Any = None
 def swap_blocks(src_cache: Any, dst_cache: Any, src: Any, dst: Any, *, stream: Any = None) -> None:
     """Copy block ``src[i]`` of ``src_cache`` to block ``dst[i]`` of ``dst_cache`` between host
     and device caches (offload and recall). The caches share dtype, block shape and layout; on
-    CUDA the host side must be pinned (page-locked) memory. ``src`` and ``dst`` are int32 host
-    arrays."""
+    CUDA the host side must be pinned (page-locked) memory. Any element type (the copies move
+    bytes). ``src`` and ``dst`` are int32 or int64 host arrays."""
     device_side = dst_cache if _interop.is_cuda(dst_cache) else src_cache
     _interop.wait_ready(src_cache)
-    s = _interop.resolve_stream(stream, device_side)
+    s = _interop.resolve_stream(stream, device_side, "swap_blocks")
     x = _interop.export
     _C.swap_blocks(x(src_cache), x(dst_cache), x(src), x(dst), stream=s)

@@ -255,7 +255,25 @@ void bind_block_manager(nb::module_& m) {
                      nb::gil_scoped_release release;
                      return self.num_free_blocks();
                    })
-      .def_prop_ro("num_blocks", &BlockManager::num_blocks)
+      .def_prop_ro("num_blocks",
+                   [](const BlockManager& self) {
+                     nb::gil_scoped_release release;
+                     return self.num_blocks();
+                   })
+      .def(
+          "resize",
+          [](BlockManager& self, nb::handle num_blocks) {
+            const std::int64_t n = to_int64(num_blocks, where("resize").c_str(), "num_blocks");
+            nb::gil_scoped_release release;
+            self.resize(n);
+          },
+          "num_blocks"_a, nb::sig("def resize(self, num_blocks: int) -> None"),
+          "Changes the number of usable blocks, to match a cache pool that was grown or shrunk. "
+          "Growing appends free blocks at the back of the free list. Shrinking drops the blocks "
+          "at or above num_blocks (cached free ones lose their prefix keys) and raises "
+          "RuntimeError, changing nothing, if any of them is in use or read by a pending "
+          "copy-on-write pair, or while a compactor plan is pending: compact first "
+          "(Compactor.plan_compact(num_blocks)).")
       .def_prop_ro("block_size", &BlockManager::block_size)
       .def_prop_ro("prefix_caching", &BlockManager::prefix_caching)
       .def(

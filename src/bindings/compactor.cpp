@@ -121,6 +121,19 @@ void bind_compactor(nb::module_& m) {
           "Move num_blocks blocks of live sequences (least recent, then least often selected) "
           "to the host pool. Their sequences have no block table until recalled.")
       .def(
+          "plan_offload_sequences",
+          [](Compactor& self, nb::handle seq_ids) {
+            Int64Arg seqs(seq_ids, where("plan_offload_sequences").c_str(), "seq_ids");
+            nb::gil_scoped_release release;
+            return self.plan_offload_sequences(seqs.data(), seqs.size());
+          },
+          "seq_ids"_a,
+          nb::sig("def plan_offload_sequences(self, seq_ids: typing.Sequence[int] | "
+                  "numpy.typing.ArrayLike) -> MovePlan"),
+          "Preemption by offload: move every device block held only by these sequences to the "
+          "host pool (blocks shared with other sequences stay). They have no block table until "
+          "recalled (plan_recall).")
+      .def(
           "plan_recall",
           [](Compactor& self, nb::handle seq_ids) {
             Int64Arg seqs(seq_ids, where("plan_recall").c_str(), "seq_ids");

@@ -1,52 +1,137 @@
 #pragma once
 
-// nb::ndarray -> TensorView. Only metadata is read, so views can be made and used with the GIL
-// released.
+// Python objects -> core arguments: arrays to TensorViews, Python ints and floats to the core's
+// fixed-width types. Every conversion that fails names the op, the argument and the value it got:
+// TypeError when the object is not of the kind asked for (a list where an array goes), ValueError
+// when it is but its value cannot be used (a read-only output, float64, an int out of range).
+// Only metadata is read, so the views can be used with the GIL released.
 
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <iterator>
 #include <limits>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "core/validate.h"
 #include "tinyserve/tensor.h"
 
 namespace tinyserve::bindings {
 
 namespace nb = nanobind;
 
+template <class... Args>
+[[noreturn]] void type_error(const char* op, const Args&... args) {
+  throw nb::type_error(detail::concat("tinyserve.", op, ": ", args...).c_str());
+}
+
+// How a value shows in a message: ints and floats as Python prints them, anything else by type.
+inline std::string describe(nb::handle h) {
+  if (PyLong_Check(h.ptr()) || PyFloat_Check(h.ptr())) return nb::repr(h).c_str();
+  return nb::inst_name(h).c_str();
+}
+
+// The DLPack element type as a DType; nullopt for types the core has no name for.
+inline std::optional<DType> dlpack_dtype(nb::dlpack::dtype dt) {
+  using Code = nb::dlpack::dtype_code;
+  if (dt.lanes != 1) return std::nullopt;
+  const int bits = dt.bits;
+  switch (static_cast<Code>(dt.code)) {
+    case Code::Float:
+      if (bits == 32) return DType::Float32;
+      if (bits == 16) return DType::Float16;
+      if (bits == 64) return DType::Float64;
+      break;
+    case Code::Bfloat:
+      if (bits == 16) return DType::BFloat16;
+      break;
+    case Code::Int:
+      if (bits == 32) return DType::Int32;
+      if (bits == 64) return DType::Int64;
+      if (bits == 8) return DType::Int8;
+      if (bits == 16) return DType::Int16;
+      break;
+    case Code::UInt:
+      if (bits == 8) return DType::UInt8;
+      if (bits == 16) return DType::UInt16;
+      if (bits == 32) return DType::UInt32;
+      if (bits == 64) return DType::UInt64;
+      break;
+    case Code::Bool:
+      if (bits == 8) return DType::Bool;
+      break;
+    case Code::Complex:
+      if (bits == 64) return DType::Complex64;
+      if (bits == 128) return DType::Complex128;
+      break;
+    case Code::Float8_E4M3FN:
+      if (bits == 8) return DType::Float8E4M3FN;
+      break;
+    case Code::Float8_E5M2:
+      if (bits == 8) return DType::Float8E5M2;
+      break;
+    case Code::Float8_E4M3FNUZ:
+      if (bits == 8) return DType::Float8E4M3FNUZ;
+      break;
+    case Code::Float8_E5M2FNUZ:
+      if (bits == 8) return DType::Float8E5M2FNUZ;
+      break;
+    case Code::Float8_E8M0FNU:
+      if (bits == 8) return DType::Float8E8M0FNU;
+      break;
+    default:
+      break;
+  }
+  return std::nullopt;
+}
+
+// A readable name for a DLPack element type the core cannot take.
+inline std::string dlpack_dtype_name(nb::dlpack::dtype dt) {
+  static const char* const kinds[] = {"int",
+                                      "uint",
+                                      "float",
+                                      "opaque handle",
+                                      "bfloat",
+                                      "complex",
+                                      "bool",
+                                      "float8_e3m4",
+                                      "float8_e4m3",
+                                      "float8_e4m3b11fnuz",
+                                      "float8_e4m3fn",
+                                      "float8_e4m3fnuz",
+                                      "float8_e5m2",
+                                      "float8_e5m2fnuz",
+                                      "float8_e8m0fnu",
+                                      "float6_e2m3fn",
+                                      "float6_e3m2fn",
+                                      "float4_e2m1fn",
+                                      "bcomplex"};
+  std::string name;
+  if (dt.code < std::size(kinds)) {
+    name = kinds[dt.code];
+    const bool sized = dt.code <= 5 || dt.code == 18 || (dt.code == 6 && dt.bits != 8);
+    if (sized) name = detail::concat(name, int(dt.bits));
+  } else {
+    name = detail::concat("DLPack dtype code ", int(dt.code), " of ", int(dt.bits), " bits");
+  }
+  if (dt.lanes != 1) name = detail::concat(name, " with ", int(dt.lanes), " lanes");
+  return name;
+}
+
 template <class... Ts>
 TensorView to_view(const nb::ndarray<Ts...>& a, const char* op, const char* name) {
-  auto bad = [&](const std::string& what) {
-    return std::invalid_argument(std::string("tinyserve.") + op + ": " + name + " " + what);
-  };
   TensorView t;
   const nb::dlpack::dtype dt = a.dtype();
-  const auto code = static_cast<nb::dlpack::dtype_code>(dt.code);
-  if (dt.lanes != 1) throw bad("must have one lane per element, got " + std::to_string(dt.lanes));
-  if (code == nb::dlpack::dtype_code::Float && dt.bits == 32) {
-    t.dtype = DType::Float32;
-  } else if (code == nb::dlpack::dtype_code::Float && dt.bits == 16) {
-    t.dtype = DType::Float16;
-  } else if (code == nb::dlpack::dtype_code::Bfloat && dt.bits == 16) {
-    t.dtype = DType::BFloat16;
-  } else if (code == nb::dlpack::dtype_code::Int && dt.bits == 32) {
-    t.dtype = DType::Int32;
-  } else if (code == nb::dlpack::dtype_code::Int && dt.bits == 64) {
-    t.dtype = DType::Int64;
-  } else if (code == nb::dlpack::dtype_code::UInt && dt.bits == 8) {
-    t.dtype = DType::UInt8;
-  } else {
-    throw bad("has an unsupported dtype (code " + std::to_string(int(dt.code)) + ", " +
-              std::to_string(dt.bits) +
-              " bits); expected float32, float16, bfloat16, int32, "
-              "int64 or uint8");
-  }
+  const std::optional<DType> dtype = dlpack_dtype(dt);
+  if (!dtype) detail::fail(op, name, " has an unsupported dtype, got ", dlpack_dtype_name(dt));
+  t.dtype = *dtype;
   switch (a.device_type()) {
     case nb::device::cpu::value:
       t.device = {DeviceType::CPU, 0};
@@ -59,12 +144,11 @@ TensorView to_view(const nb::ndarray<Ts...>& a, const char* op, const char* name
       t.device = {DeviceType::CUDAHost, int(a.device_id())};
       break;
     default:
-      throw bad("is on an unsupported device (DLPack device type " +
-                std::to_string(a.device_type()) + "); expected cpu, cuda or cuda_host");
+      detail::fail(op, name, " must be on cpu, cuda or cuda_host, got DLPack device type ",
+                   a.device_type());
   }
   if (a.ndim() > std::size_t(kMaxDims)) {
-    throw bad("must have at most " + std::to_string(kMaxDims) + " dimensions, got " +
-              std::to_string(a.ndim()));
+    detail::fail(op, name, " must have at most ", kMaxDims, " dimensions, got ", a.ndim());
   }
   t.ndim = int(a.ndim());
   for (int i = 0; i < t.ndim; ++i) {
@@ -73,6 +157,145 @@ TensorView to_view(const nb::ndarray<Ts...>& a, const char* op, const char* name
   }
   t.data = const_cast<void*>(static_cast<const void*>(a.data()));
   return t;
+}
+
+// The arrays of one call: converts them and keeps each imported array alive until the call
+// returns.
+class Arrays {
+ public:
+  explicit Arrays(const char* op) : op_(op) {}
+
+  // Read, never written: read-only arrays are fine.
+  TensorView input(nb::handle h, const char* name) {
+    nb::ndarray<nb::ro> a;
+    if (!nb::try_cast(h, a, /*convert=*/false)) not_an_array(h, name);
+    TensorView t = to_view(a, op_, name);
+    inputs_.keep(std::move(a));
+    return t;
+  }
+
+  std::optional<TensorView> optional_input(nb::handle h, const char* name) {
+    if (h.is_none()) return std::nullopt;
+    return input(h, name);
+  }
+
+  // Written to: must be writable.
+  TensorView output(nb::handle h, const char* name) {
+    nb::ndarray<> a;
+    if (!nb::try_cast(h, a, /*convert=*/false)) {
+      nb::ndarray<nb::ro> read_only;
+      if (nb::try_cast(h, read_only, /*convert=*/false)) {
+        detail::fail(op_, name, " is written to and must be writable, got a read-only ",
+                     nb::inst_name(h).c_str());
+      }
+      not_an_array(h, name);
+    }
+    TensorView t = to_view(a, op_, name);
+    outputs_.keep(std::move(a));
+    return t;
+  }
+
+  std::optional<TensorView> optional_output(nb::handle h, const char* name) {
+    if (h.is_none()) return std::nullopt;
+    return output(h, name);
+  }
+
+  // A list or tuple of outputs, named name[0], name[1], ... One array alone is refused rather
+  // than iterated over (its rows are not the tensors meant).
+  std::vector<TensorView> output_list(nb::handle h, const char* name) {
+    if (!PyList_Check(h.ptr()) && !PyTuple_Check(h.ptr())) {
+      type_error(op_, name, " must be a list or tuple of arrays, got ", nb::inst_name(h).c_str());
+    }
+    nb::sequence seq = nb::borrow<nb::sequence>(h);
+    const std::size_t n = nb::len(seq);
+    std::vector<TensorView> views;
+    views.reserve(n);
+    for (std::size_t i = 0; i < n; ++i) {
+      views.push_back(output(seq[i], detail::IndexedName(name, i).text));
+    }
+    return views;
+  }
+
+ private:
+  [[noreturn]] void not_an_array(nb::handle h, const char* name) const {
+    type_error(op_, name, " must be an array (DLPack or buffer protocol), got ",
+               nb::inst_name(h).c_str());
+  }
+
+  // The arrays of a call, without an allocation for the usual handful.
+  template <class Array>
+  class Kept {
+   public:
+    void keep(Array&& a) {
+      if (count_ < kInline) {
+        inline_[count_++] = std::move(a);
+      } else {
+        more_.push_back(std::move(a));
+      }
+    }
+
+   private:
+    static constexpr std::size_t kInline = 8;
+    Array inline_[kInline];
+    std::size_t count_ = 0;
+    std::vector<Array> more_;
+  };
+
+  const char* op_;
+  Kept<nb::ndarray<nb::ro>> inputs_;
+  Kept<nb::ndarray<>> outputs_;
+};
+
+// A Python int (or anything with __index__) as T; out of T's range is a ValueError naming the
+// argument and the value as given.
+template <class T>
+T to_int(nb::handle h, const char* op, const char* name) {
+  PyObject* index = PyNumber_Index(h.ptr());
+  if (index == nullptr) {
+    PyErr_Clear();
+    type_error(op, name, " must be an int, got ", nb::inst_name(h).c_str());
+  }
+  nb::object value = nb::steal(index);
+  bool in_range;
+  T result{};
+  if constexpr (std::is_signed_v<T>) {
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(index, &overflow);
+    in_range =
+        overflow == 0 && v >= std::numeric_limits<T>::min() && v <= std::numeric_limits<T>::max();
+    result = T(v);
+  } else {
+    unsigned long long v = PyLong_AsUnsignedLongLong(index);
+    in_range = !PyErr_Occurred() && v <= std::numeric_limits<T>::max();
+    PyErr_Clear();
+    result = T(v);
+  }
+  if (!in_range) {
+    detail::fail(op, name, " must be an int in [", std::numeric_limits<T>::min(), ", ",
+                 std::numeric_limits<T>::max(), "], got ", nb::repr(value).c_str());
+  }
+  return result;
+}
+
+// A Python float (or int, or anything with __float__) as float32. A finite value that float32
+// cannot hold (it would become inf or 0) is a ValueError with the value as given; inf and nan
+// pass through for the op's own checks.
+inline float to_float(nb::handle h, const char* op, const char* name) {
+  double v = PyFloat_AsDouble(h.ptr());
+  if (v == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    type_error(op, name, " must be a float, got ", nb::inst_name(h).c_str());
+  }
+  const float f = float(v);
+  if (std::isfinite(v) && (std::isinf(f) || (f == 0.0f && v != 0.0))) {
+    detail::fail(op, name, " must be representable in float32, got ", describe(h));
+  }
+  return f;
+}
+
+inline std::optional<float> to_optional_float(nb::handle h, const char* op, const char* name) {
+  if (h.is_none()) return std::nullopt;
+  return to_float(h, op, name);
 }
 
 // ---- integer arguments of host-side classes (BlockManager, Compactor) ----------------------

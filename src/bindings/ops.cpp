@@ -1,12 +1,8 @@
 #include "tinyserve/ops.h"
 
 #include <nanobind/nanobind.h>
-#include <nanobind/ndarray.h>
-#include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
-#include <nanobind/stl/vector.h>
 
-#include <optional>
 #include <vector>
 
 #include "bindings/convert.h"
@@ -16,115 +12,130 @@ using namespace nb::literals;
 
 namespace tinyserve::bindings {
 
-using In = nb::ndarray<nb::ro>;  // read-only access is enough (accepts read-only producers)
-using Out = nb::ndarray<>;       // written to
-
-namespace {
-
-AttentionOptions attention_options(const char* op, std::optional<float> scale, int window_left,
-                                   float logits_soft_cap, std::optional<Out> lse,
-                                   std::int64_t max_seq_len, int num_splits,
-                                   std::optional<Out> workspace) {
-  AttentionOptions o;
-  o.scale = scale;
-  o.window_left = window_left;
-  o.logits_soft_cap = logits_soft_cap;
-  if (lse) o.lse = to_view(*lse, op, "lse");
-  o.max_seq_len = max_seq_len;
-  o.num_splits = num_splits;
-  if (workspace) o.workspace = to_view(*workspace, op, "workspace");
-  return o;
-}
-
-}  // namespace
-
+// Every argument arrives as a Python object and goes through convert.h, so that whatever cannot
+// be converted is reported with the op, the argument and the value.
 void bind_ops(nb::module_& m) {
   m.def(
       "reshape_and_cache",
-      [](In key, In value, Out key_cache, Out value_cache, In slot_mapping, std::uintptr_t stream) {
+      [](nb::handle key, nb::handle value, nb::handle key_cache, nb::handle value_cache,
+         nb::handle slot_mapping, nb::handle stream) {
         const char* op = "reshape_and_cache";
-        TensorView k = to_view(key, op, "key"), v = to_view(value, op, "value");
-        TensorView kc = to_view(key_cache, op, "key_cache");
-        TensorView vc = to_view(value_cache, op, "value_cache");
-        TensorView sm = to_view(slot_mapping, op, "slot_mapping");
+        Arrays a(op);
+        TensorView k = a.input(key, "key"), v = a.input(value, "value");
+        TensorView kc = a.output(key_cache, "key_cache");
+        TensorView vc = a.output(value_cache, "value_cache");
+        TensorView sm = a.input(slot_mapping, "slot_mapping");
+        Stream s = to_int<Stream>(stream, op, "stream");
         nb::gil_scoped_release release;
-        reshape_and_cache(k, v, kc, vc, sm, stream);
+        reshape_and_cache(k, v, kc, vc, sm, s);
       },
-      "key"_a, "value"_a, "key_cache"_a, "value_cache"_a, "slot_mapping"_a, "stream"_a = 0);
+      "key"_a.none(), "value"_a.none(), "key_cache"_a.none(), "value_cache"_a.none(),
+      "slot_mapping"_a.none(), "stream"_a.none() = 0,
+      nb::sig("def reshape_and_cache(key: typing.Any, value: typing.Any, key_cache: typing.Any, "
+              "value_cache: typing.Any, slot_mapping: typing.Any, stream: int = 0) -> None"));
 
   m.def(
       "paged_attention",
-      [](In query, In key_cache, In value_cache, In block_table, In seq_lens, Out out,
-         std::optional<float> scale, int window_left, float logits_soft_cap, std::optional<Out> lse,
-         std::int64_t max_seq_len, int num_splits, std::optional<Out> workspace,
-         std::uintptr_t stream) {
+      [](nb::handle query, nb::handle key_cache, nb::handle value_cache, nb::handle block_table,
+         nb::handle seq_lens, nb::handle out, nb::handle scale, nb::handle window_left,
+         nb::handle logits_soft_cap, nb::handle lse, nb::handle max_seq_len, nb::handle num_splits,
+         nb::handle workspace, nb::handle stream) {
         const char* op = "paged_attention";
-        TensorView q = to_view(query, op, "query");
-        TensorView kc = to_view(key_cache, op, "key_cache");
-        TensorView vc = to_view(value_cache, op, "value_cache");
-        TensorView bt = to_view(block_table, op, "block_table");
-        TensorView sl = to_view(seq_lens, op, "seq_lens");
-        TensorView o = to_view(out, op, "out");
-        AttentionOptions opts = attention_options(op, scale, window_left, logits_soft_cap, lse,
-                                                  max_seq_len, num_splits, workspace);
+        Arrays a(op);
+        TensorView q = a.input(query, "query");
+        TensorView kc = a.input(key_cache, "key_cache");
+        TensorView vc = a.input(value_cache, "value_cache");
+        TensorView bt = a.input(block_table, "block_table");
+        TensorView sl = a.input(seq_lens, "seq_lens");
+        TensorView o = a.output(out, "out");
+        AttentionOptions opts;
+        opts.scale = to_optional_float(scale, op, "scale");
+        opts.window_left = to_int<int>(window_left, op, "window_left");
+        opts.logits_soft_cap = to_float(logits_soft_cap, op, "logits_soft_cap");
+        opts.lse = a.optional_output(lse, "lse");
+        opts.max_seq_len = to_int<std::int64_t>(max_seq_len, op, "max_seq_len");
+        opts.num_splits = to_int<int>(num_splits, op, "num_splits");
+        opts.workspace = a.optional_output(workspace, "workspace");
+        Stream s = to_int<Stream>(stream, op, "stream");
         nb::gil_scoped_release release;
-        paged_attention(q, kc, vc, bt, sl, o, opts, stream);
+        paged_attention(q, kc, vc, bt, sl, o, opts, s);
       },
-      "query"_a, "key_cache"_a, "value_cache"_a, "block_table"_a, "seq_lens"_a, "out"_a,
-      "scale"_a = nb::none(), "window_left"_a = -1, "logits_soft_cap"_a = 0.0f,
-      "lse"_a = nb::none(), "max_seq_len"_a = -1, "num_splits"_a = 0, "workspace"_a = nb::none(),
-      "stream"_a = 0);
+      "query"_a.none(), "key_cache"_a.none(), "value_cache"_a.none(), "block_table"_a.none(),
+      "seq_lens"_a.none(), "out"_a.none(), "scale"_a.none() = nb::none(),
+      "window_left"_a.none() = -1, "logits_soft_cap"_a.none() = 0.0f, "lse"_a.none() = nb::none(),
+      "max_seq_len"_a.none() = -1, "num_splits"_a.none() = 0, "workspace"_a.none() = nb::none(),
+      "stream"_a.none() = 0,
+      nb::sig("def paged_attention(query: typing.Any, key_cache: typing.Any, value_cache: "
+              "typing.Any, block_table: typing.Any, seq_lens: typing.Any, out: typing.Any, scale: "
+              "float | None = None, window_left: int = -1, logits_soft_cap: float = 0.0, lse: "
+              "typing.Any | None = None, max_seq_len: int = -1, num_splits: int = 0, workspace: "
+              "typing.Any | None = None, stream: int = 0) -> None"));
 
   m.def(
       "plan_paged_attention",
-      [](In query, In key_cache, In block_table, int window_left, std::int64_t max_seq_len,
-         int num_splits) {
+      [](nb::handle query, nb::handle key_cache, nb::handle block_table, nb::handle window_left,
+         nb::handle max_seq_len, nb::handle num_splits) {
         const char* op = "plan_paged_attention";
+        Arrays a(op);
+        TensorView q = a.input(query, "query");
+        TensorView kc = a.input(key_cache, "key_cache");
+        TensorView bt = a.input(block_table, "block_table");
         AttentionOptions o;
-        o.window_left = window_left;
-        o.max_seq_len = max_seq_len;
-        o.num_splits = num_splits;
-        AttentionPlan plan =
-            plan_paged_attention(to_view(query, op, "query"), to_view(key_cache, op, "key_cache"),
-                                 to_view(block_table, op, "block_table"), o);
+        o.window_left = to_int<int>(window_left, op, "window_left");
+        o.max_seq_len = to_int<std::int64_t>(max_seq_len, op, "max_seq_len");
+        o.num_splits = to_int<int>(num_splits, op, "num_splits");
+        AttentionPlan plan = plan_paged_attention(q, kc, bt, o);
         return std::make_pair(plan.num_splits, plan.workspace_bytes);
       },
-      "query"_a, "key_cache"_a, "block_table"_a, "window_left"_a = -1, "max_seq_len"_a = -1,
-      "num_splits"_a = 0,
+      "query"_a.none(), "key_cache"_a.none(), "block_table"_a.none(), "window_left"_a.none() = -1,
+      "max_seq_len"_a.none() = -1, "num_splits"_a.none() = 0,
+      nb::sig("def plan_paged_attention(query: typing.Any, key_cache: typing.Any, block_table: "
+              "typing.Any, window_left: int = -1, max_seq_len: int = -1, num_splits: int = 0) -> "
+              "tuple[int, int]"),
       "Returns (num_splits, workspace_bytes) that paged_attention uses for these arguments.");
 
   m.def(
       "copy_blocks",
-      [](std::vector<Out> caches, In src, In dst, std::uintptr_t stream) {
+      [](nb::handle caches, nb::handle src, nb::handle dst, nb::handle stream) {
         const char* op = "copy_blocks";
-        std::vector<TensorView> views;
-        views.reserve(caches.size());
-        for (const Out& c : caches) views.push_back(to_view(c, op, "caches[i]"));
-        TensorView s = to_view(src, op, "src"), d = to_view(dst, op, "dst");
+        Arrays a(op);
+        std::vector<TensorView> views = a.output_list(caches, "caches");
+        TensorView s = a.input(src, "src"), d = a.input(dst, "dst");
+        Stream st = to_int<Stream>(stream, op, "stream");
         nb::gil_scoped_release release;
-        copy_blocks(views, s, d, stream);
+        copy_blocks(views, s, d, st);
       },
-      "caches"_a, "src"_a, "dst"_a, "stream"_a = 0);
+      "caches"_a.none(), "src"_a.none(), "dst"_a.none(), "stream"_a.none() = 0,
+      nb::sig("def copy_blocks(caches: list[typing.Any] | tuple[typing.Any, ...], src: typing.Any, "
+              "dst: typing.Any, stream: int = 0) -> None"));
 
   m.def(
       "swap_blocks",
-      [](In src_cache, Out dst_cache, In src, In dst, std::uintptr_t stream) {
+      [](nb::handle src_cache, nb::handle dst_cache, nb::handle src, nb::handle dst,
+         nb::handle stream) {
         const char* op = "swap_blocks";
-        TensorView sc = to_view(src_cache, op, "src_cache");
-        TensorView dc = to_view(dst_cache, op, "dst_cache");
-        TensorView s = to_view(src, op, "src"), d = to_view(dst, op, "dst");
+        Arrays a(op);
+        TensorView sc = a.input(src_cache, "src_cache");
+        TensorView dc = a.output(dst_cache, "dst_cache");
+        TensorView s = a.input(src, "src"), d = a.input(dst, "dst");
+        Stream st = to_int<Stream>(stream, op, "stream");
         nb::gil_scoped_release release;
-        swap_blocks(sc, dc, s, d, stream);
+        swap_blocks(sc, dc, s, d, st);
       },
-      "src_cache"_a, "dst_cache"_a, "src"_a, "dst"_a, "stream"_a = 0);
+      "src_cache"_a.none(), "dst_cache"_a.none(), "src"_a.none(), "dst"_a.none(),
+      "stream"_a.none() = 0,
+      nb::sig("def swap_blocks(src_cache: typing.Any, dst_cache: typing.Any, src: typing.Any, dst: "
+              "typing.Any, stream: int = 0) -> None"));
 
   m.def(
       "_stream_synchronize",
-      [](std::uintptr_t stream) {
+      [](nb::handle stream) {
+        Stream s = to_int<Stream>(stream, "synchronize", "stream");
         nb::gil_scoped_release release;
-        cuda_stream_synchronize(stream);
+        cuda_stream_synchronize(s);
       },
-      "stream"_a, "Waits for the CUDA stream (used where a framework shares no stream).");
+      "stream"_a.none(), nb::sig("def _stream_synchronize(stream: int) -> None"),
+      "Waits for the CUDA stream (used where a framework shares no stream).");
 
   m.def("cuda_compiled", &cuda_compiled, "True when the library was built with CUDA kernels.");
   m.def("cuda_device_count", &cuda_device_count,

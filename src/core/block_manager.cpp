@@ -63,6 +63,11 @@ void BlockManager::Impl::check() const {
   };
   auto str = [](std::int64_t v) { return std::to_string(v); };
   const std::size_t n = std::size_t(num_blocks);
+  if (fill.size() != n || copy_reads.size() != n || copy_pair.size() != n ||
+      cow_drops.size() != n || (caching && (keys.size() != n || has_key.size() != n)) ||
+      pool.num_blocks() != num_blocks) {
+    fail("per-block state is not sized for the " + str(num_blocks) + " usable blocks");
+  }
 
   std::vector<std::int64_t> holders(n, 0);
   std::vector<std::int64_t> held_by(n, -1);  // the sequence seen last, to catch repeats
@@ -384,6 +389,62 @@ BlockManager::BlockTable BlockManager::block_table(const std::int64_t* seq_ids,
   return out;
 }
 
+void BlockManager::resize(std::int64_t num_blocks) {
+  const char* method = "resize";
+  Impl& m = *impl_;
+  std::lock_guard<std::mutex> lock(m.mutex);
+  if (num_blocks < 0 || num_blocks > detail::BlockPool::kMaxBlocks) {
+    bad_argument(method, "num_blocks must be in [0, " +
+                             std::to_string(detail::BlockPool::kMaxBlocks) + "], got " +
+                             std::to_string(num_blocks));
+  }
+  m.require_no_plan(method);
+  const std::int32_t old_n = m.num_blocks, n = std::int32_t(num_blocks);
+  for (std::int32_t b = n; b < old_n; ++b) {
+    if (!m.pool.is_free(b)) {
+      throw std::runtime_error(where(method) + "block " + std::to_string(b) +
+                               " is in use (ref count " + std::to_string(m.ref(b)) +
+                               "); compact below num_blocks first (Compactor.plan_compact), got " +
+                               std::to_string(num_blocks));
+    }
+    if (m.copy_reads[std::size_t(b)] > 0) {
+      throw std::runtime_error(where(method) + "block " + std::to_string(b) +
+                               " is read by a pending copy-on-write pair; call take_copies() and "
+                               "run the copies first, got " +
+                               std::to_string(num_blocks));
+    }
+  }
+  // Everything that can throw (allocation) happens before the first change.
+  m.pool.reserve(n);
+  m.fill.reserve(std::size_t(n));
+  m.copy_reads.reserve(std::size_t(n));
+  m.copy_pair.reserve(std::size_t(n));
+  m.cow_drops.reserve(std::size_t(n));
+  if (m.caching) {
+    m.keys.reserve(std::size_t(n));
+    m.has_key.reserve(std::size_t(n));
+  }
+  // The dropped blocks leave the free list (and the cache) before the pool forgets them.
+  for (std::int32_t b = n; b < old_n; ++b) {
+    m.leaving_free(b);
+    m.pool.free_queue().remove(b);
+    if (m.keyed(b)) {
+      m.drop_key(b);
+      ++m.evictions;
+    }
+  }
+  m.pool.resize(n);
+  m.fill.resize(std::size_t(n), 0);
+  m.copy_reads.resize(std::size_t(n), 0);
+  m.copy_pair.resize(std::size_t(n), kNoPair);
+  m.cow_drops.resize(std::size_t(n), 0);
+  if (m.caching) {
+    m.keys.resize(std::size_t(n));
+    m.has_key.resize(std::size_t(n), 0);
+  }
+  m.num_blocks = n;
+}
+
 std::vector<std::pair<std::int32_t, std::int32_t>> BlockManager::take_copies() {
   Impl& m = *impl_;
   std::lock_guard<std::mutex> lock(m.mutex);
@@ -421,8 +482,12 @@ std::int64_t BlockManager::num_free_blocks() const {
   return impl_->num_free();
 }
 
-// The three below read members fixed at construction: no lock needed.
-std::int64_t BlockManager::num_blocks() const { return impl_->num_blocks; }
+std::int64_t BlockManager::num_blocks() const {
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  return impl_->num_blocks;
+}
+
+// The two below read members fixed at construction: no lock needed.
 std::int64_t BlockManager::block_size() const { return impl_->block_size; }
 bool BlockManager::prefix_caching() const { return impl_->caching; }
 

@@ -115,7 +115,7 @@ struct BlockManager::Impl {
     }
   }
 
-  const std::int32_t num_blocks;
+  std::int32_t num_blocks;  // usable blocks now: resize() changes it
   const std::int64_t block_size;
   const bool caching;
   mutable std::mutex mutex;

@@ -34,6 +34,33 @@ void FreeBlockQueue::remove(std::int32_t b) {
   --size_;
 }
 
+void FreeBlockQueue::reserve(std::int32_t num_blocks) {
+  prev_.reserve(std::size_t(num_blocks) + 1);
+  next_.reserve(std::size_t(num_blocks) + 1);
+}
+
+void FreeBlockQueue::resize(std::int32_t num_blocks) {
+  const std::int32_t old_sentinel = sentinel_, first = front(), last = back();
+  const bool empty = size_ == 0;
+  prev_.resize(std::size_t(num_blocks) + 1, kUnlinked);
+  next_.resize(std::size_t(num_blocks) + 1, kUnlinked);
+  // Growing: the old sentinel's slot is an ordinary (unlinked) block now.
+  if (num_blocks > old_sentinel) {
+    prev_[std::size_t(old_sentinel)] = next_[std::size_t(old_sentinel)] = kUnlinked;
+  }
+  sentinel_ = num_blocks;
+  const std::size_t s = std::size_t(sentinel_);
+  if (empty) {
+    prev_[s] = next_[s] = sentinel_;
+  } else {
+    next_[s] = first;
+    prev_[std::size_t(first)] = sentinel_;
+    prev_[s] = last;
+    next_[std::size_t(last)] = sentinel_;
+  }
+  for (std::int32_t b = old_sentinel; b < num_blocks; ++b) push_back(b);
+}
+
 std::string FreeBlockQueue::verify(std::vector<std::uint8_t>& member) const {
   member.assign(std::size_t(sentinel_), 0);
   std::int64_t listed = 0;
@@ -68,7 +95,27 @@ BlockPool::BlockPool(std::int32_t num_blocks)
       last_use_(std::size_t(num_blocks), 0),
       hits_(std::size_t(num_blocks), 0) {}
 
+void BlockPool::reserve(std::int32_t num_blocks) {
+  free_.reserve(num_blocks);
+  ref_.reserve(std::size_t(num_blocks));
+  last_use_.reserve(std::size_t(num_blocks));
+  hits_.reserve(std::size_t(num_blocks));
+}
+
+void BlockPool::resize(std::int32_t num_blocks) {
+  free_.resize(num_blocks);
+  ref_.resize(std::size_t(num_blocks), 0);
+  last_use_.resize(std::size_t(num_blocks), 0);
+  hits_.resize(std::size_t(num_blocks), 0);
+  num_blocks_ = num_blocks;
+}
+
 std::string BlockPool::verify(const std::vector<std::int64_t>& holders) const {
+  if (free_.end() != num_blocks_ || ref_.size() != std::size_t(num_blocks_) ||
+      last_use_.size() != std::size_t(num_blocks_) || hits_.size() != std::size_t(num_blocks_) ||
+      holders.size() != std::size_t(num_blocks_)) {
+    return "the pool of " + str(num_blocks_) + " blocks keeps per-block state of another size";
+  }
   std::vector<std::uint8_t> member;
   std::string broken = free_.verify(member);
   if (!broken.empty()) return broken;

@@ -34,6 +34,12 @@ class FreeBlockQueue {
   void push_back(std::int32_t b) { link_after(prev_[std::size_t(sentinel_)], b); }
   void remove(std::int32_t b);
 
+  // Makes the id space 0..num_blocks-1. Shrinking requires every block at or above num_blocks
+  // to be unlinked already; growing appends the new blocks at the back in id order. The caller
+  // reserves first (reserve() may throw, resize() then does not).
+  void reserve(std::int32_t num_blocks);
+  void resize(std::int32_t num_blocks);
+
   // Walks the list from the front and returns an empty string, or the first broken invariant:
   // links that disagree both ways, a block listed twice, a block id out of range. member[b] is
   // set for every listed block.
@@ -65,6 +71,11 @@ class BlockPool {
   explicit BlockPool(std::int32_t num_blocks);
 
   std::int32_t num_blocks() const { return num_blocks_; }
+  // Changes the number of blocks. Shrinking requires every block at or above num_blocks to be
+  // free and already out of the free queue; new blocks are free, at the back of the queue, with
+  // no history. reserve() first: it may throw, resize() then does not.
+  void reserve(std::int32_t num_blocks);
+  void resize(std::int32_t num_blocks);
   std::int32_t ref_count(std::int32_t b) const { return ref_[std::size_t(b)]; }
   bool is_free(std::int32_t b) const { return ref_[std::size_t(b)] == 0; }
 

@@ -343,6 +343,38 @@ MovePlan Compactor::plan_offload(std::int64_t num_blocks) {
                   first_free(m.host->pool.free_queue(), num_blocks));
 }
 
+MovePlan Compactor::plan_offload_sequences(const std::int64_t* seq_ids, std::int64_t count) {
+  const char* method = "plan_offload_sequences";
+  Impl& m = *m_;
+  std::lock_guard<std::mutex> lock(m.mutex);
+  check_count(method, "count", count);
+  if (count > 0 && seq_ids == nullptr) bad_argument(method, "seq_ids must not be null");
+  std::vector<const Sequence*> seqs;
+  seqs.reserve(std::size_t(count));
+  for (std::int64_t i = 0; i < count; ++i) seqs.push_back(&find(m, seq_ids[i], method));
+  begin_plan(m, method);
+  // A sequence listed twice holds its blocks once.
+  std::sort(seqs.begin(), seqs.end());
+  seqs.erase(std::unique(seqs.begin(), seqs.end()), seqs.end());
+  // A block goes when every holder is listed: a block shared with an unlisted sequence (a
+  // prefix hit, a fork) stays, so that sequence keeps its block table.
+  std::vector<std::int32_t> listed_holders(std::size_t(m.num_blocks), 0);
+  std::vector<std::int32_t> src;
+  for (const Sequence* s : seqs) {
+    for (std::int32_t e : s->blocks) {
+      if (Impl::on_host(e)) continue;
+      if (++listed_holders[std::size_t(e)] == m.ref(e)) src.push_back(e);
+    }
+  }
+  if (std::int64_t(src.size()) > m.host->pool.num_free()) {
+    out_of_blocks(method, "need " + str(std::int64_t(src.size())) + " free host blocks, got " +
+                              str(m.host->pool.num_free()));
+  }
+  std::sort(src.begin(), src.end());
+  std::vector<std::int32_t> dst = first_free(m.host->pool.free_queue(), std::int64_t(src.size()));
+  return hand_out(m, MovePlan::Kind::Offload, std::move(src), std::move(dst));
+}
+
 MovePlan Compactor::plan_recall(const std::int64_t* seq_ids, std::int64_t count) {
   const char* method = "plan_recall";
   Impl& m = *m_;

@@ -101,10 +101,20 @@ struct BlockTensor {
   bool dense = false;
 };
 
+// Block ids of a copy, int32 or int64 [num_pairs], in the memory of the backend that runs it.
+struct BlockIds {
+  const void* data = nullptr;
+  bool wide = false;  // int64 rather than int32
+  // Host memory only.
+  std::int64_t operator[](std::int64_t i) const {
+    return wide ? static_cast<const std::int64_t*>(data)[i]
+                : static_cast<const std::int32_t*>(data)[i];
+  }
+};
+
 struct CopyBlocksParams {
   std::vector<BlockTensor> tensors;
-  const std::int32_t* src = nullptr;
-  const std::int32_t* dst = nullptr;
+  BlockIds src, dst;
   std::int64_t num_pairs = 0;
   int device_index = 0;
 };
@@ -112,8 +122,7 @@ struct CopyBlocksParams {
 struct SwapBlocksParams {
   BlockTensor src_cache, dst_cache;  // same inner layout, both dense
   Device src_device, dst_device;
-  const std::int32_t* src = nullptr;  // host memory
-  const std::int32_t* dst = nullptr;
+  BlockIds src, dst;  // host memory
   std::int64_t num_pairs = 0;
 };
 

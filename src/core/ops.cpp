@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "core/kernels.h"
@@ -21,15 +22,57 @@ namespace {
 
 constexpr int kMaxSplits = 4096;
 
+struct AttentionShapes {
+  int batch, num_q_heads, num_kv_heads, head_dim, block_size, max_blocks;
+  Device device;
+  Backend backend;
+};
+
+// Each backend's kernels behind one signature per op: the one place where an op meets a backend.
+struct BackendKernels {
+  void (*reshape_and_cache)(const kernels::ReshapeAndCacheParams&, Stream);
+  void (*paged_attention)(const kernels::PagedAttentionParams&, Stream);
+  int (*plan_attention_splits)(const AttentionShapes&, DType, std::int64_t max_kv_len);
+  void (*copy_blocks)(const kernels::CopyBlocksParams&, Stream);
+  void (*swap_blocks)(const kernels::SwapBlocksParams&, Stream);
+  bool split_partials_in_workspace;  // split attention needs the caller's workspace
+};
+
+constexpr BackendKernels kCpuKernels{
+    [](const kernels::ReshapeAndCacheParams& p, Stream) { kernels::cpu::reshape_and_cache(p); },
+    [](const kernels::PagedAttentionParams& p, Stream) { kernels::cpu::paged_attention(p); },
+    [](const AttentionShapes& s, DType, std::int64_t max_kv_len) {
+      return kernels::cpu::plan_attention_splits(s.batch, s.num_kv_heads, max_kv_len);
+    },
+    [](const kernels::CopyBlocksParams& p, Stream) { kernels::cpu::copy_blocks(p); },
+    [](const kernels::SwapBlocksParams& p, Stream) { kernels::cpu::swap_blocks(p); },
+    false,
+};
+
+constexpr BackendKernels kCudaKernels{
+    kernels::cuda::reshape_and_cache,
+    kernels::cuda::paged_attention,
+    [](const AttentionShapes& s, DType dtype, std::int64_t max_kv_len) {
+      return kernels::cuda::plan_attention_splits(s.device.index, dtype, s.batch, s.num_q_heads,
+                                                  s.num_kv_heads, s.head_dim, max_kv_len);
+    },
+    kernels::cuda::copy_blocks,
+    kernels::cuda::swap_blocks,
+    true,
+};
+
+const BackendKernels& kernels_of(Backend backend) {
+  return backend == Backend::CPU ? kCpuKernels : kCudaKernels;
+}
+
 kernels::CacheDesc cache_desc(const TensorView& t) {
   return {t.data, t.strides[0], t.strides[1], t.strides[2]};
 }
 
 void check_cache_pair(const OpCheck& c, const TensorView& key_cache,
                       const TensorView& value_cache) {
-  c.ndim(key_cache, "key_cache", 4, "[num_blocks, block_size, num_kv_heads, head_dim]");
-  c.ndim(value_cache, "value_cache", 4, "[num_blocks, block_size, num_kv_heads, head_dim]");
-  c.attention_dtype(key_cache, "key_cache");
+  c.kv_cache(key_cache, "key_cache");
+  c.kv_cache(value_cache, "value_cache");
   c.same_dtype(key_cache, "key_cache", value_cache, "value_cache");
   for (int d = 0; d < 4; ++d) {
     if (key_cache.shape[d] != value_cache.shape[d]) {
@@ -37,11 +80,6 @@ void check_cache_pair(const OpCheck& c, const TensorView& key_cache,
              shape_str(value_cache));
     }
   }
-  TS_REQUIRE(c, key_cache.shape[1] > 0, "block_size must be positive, got ", key_cache.shape[1]);
-  TS_REQUIRE(c, key_cache.shape[2] > 0, "num_kv_heads must be positive, got ", key_cache.shape[2]);
-  TS_REQUIRE(c, key_cache.shape[3] > 0, "head_dim must be positive, got ", key_cache.shape[3]);
-  TS_REQUIRE(c, key_cache.shape[1] <= (1 << 20), "block_size must be at most 1048576, got ",
-             key_cache.shape[1]);
 }
 
 // The longest key range one query reads: the table's capacity, cut by the caller's bound and
@@ -53,12 +91,6 @@ std::int64_t max_kv_len(const AttentionOptions& o, std::int64_t capacity) {
   return len;
 }
 
-struct AttentionShapes {
-  int batch, num_q_heads, num_kv_heads, head_dim, block_size, max_blocks;
-  Device device;
-  Backend backend;
-};
-
 // Checks what planning needs (query, caches, block table, options) and returns the shapes.
 AttentionShapes check_attention_plan_args(const OpCheck& c, const TensorView& query,
                                           const TensorView& key_cache,
@@ -67,12 +99,10 @@ AttentionShapes check_attention_plan_args(const OpCheck& c, const TensorView& qu
   c.ndim(query, "query", 3, "[batch, num_q_heads, head_dim]");
   c.attention_dtype(query, "query");
   c.last_dim_contiguous(query, "query");
-  c.ndim(key_cache, "key_cache", 4, "[num_blocks, block_size, num_kv_heads, head_dim]");
+  c.kv_cache(key_cache, "key_cache");
   c.ndim(block_table, "block_table", 2, "[batch, max_blocks]");
   c.dtype(block_table, "block_table", DType::Int32);
   c.last_dim_contiguous(block_table, "block_table");
-  TS_REQUIRE(c, key_cache.shape[2] > 0, "num_kv_heads must be positive, got ", key_cache.shape[2]);
-  TS_REQUIRE(c, key_cache.shape[1] > 0, "block_size must be positive, got ", key_cache.shape[1]);
   c.dim(query, "query", 2, key_cache.shape[3], "head_dim of the caches");
   c.dim(block_table, "block_table", 0, query.shape[0], "batch");
   if (query.shape[1] % key_cache.shape[2] != 0 || query.shape[1] == 0) {
@@ -122,15 +152,9 @@ AttentionShapes check_attention_plan_args(const OpCheck& c, const TensorView& qu
 AttentionPlan make_plan(const AttentionShapes& s, DType dtype, const AttentionOptions& o) {
   AttentionPlan plan;
   std::int64_t kv_len = max_kv_len(o, std::int64_t(s.max_blocks) * s.block_size);
-  if (o.num_splits > 0) {
-    plan.num_splits = o.num_splits;
-  } else if (s.backend == Backend::CPU) {
-    plan.num_splits = kernels::cpu::plan_attention_splits(s.batch, s.num_kv_heads, kv_len);
-  } else {
-    plan.num_splits = kernels::cuda::plan_attention_splits(
-        s.device.index, dtype, s.batch, s.num_q_heads, s.num_kv_heads, s.head_dim, kv_len);
-  }
-  if (s.backend == Backend::CUDA && plan.num_splits > 1) {
+  const BackendKernels& k = kernels_of(s.backend);
+  plan.num_splits = o.num_splits > 0 ? o.num_splits : k.plan_attention_splits(s, dtype, kv_len);
+  if (k.split_partials_in_workspace && plan.num_splits > 1) {
     plan.workspace_bytes =
         kernels::attention_workspace_bytes(plan.num_splits, s.batch, s.num_q_heads, s.head_dim);
   }
@@ -175,16 +199,17 @@ kernels::BlockTensor block_tensor(const OpCheck& c, const TensorView& t, const c
 
 // Ids of a block copy, on the host: in range, no destination twice, and (when source and
 // destination are one tensor) no block both read and written.
-void check_host_block_ids(const OpCheck& c, const std::int32_t* src, const std::int32_t* dst,
+void check_host_block_ids(const OpCheck& c, kernels::BlockIds src, kernels::BlockIds dst,
                           std::int64_t n, std::int64_t src_blocks, std::int64_t dst_blocks,
                           bool same_tensor) {
+  std::vector<std::int64_t> sorted_dst(static_cast<std::size_t>(n));
   for (std::int64_t i = 0; i < n; ++i) {
     TS_REQUIRE(c, src[i] >= 0 && src[i] < src_blocks, "src[", i, "] must be a block id in [0, ",
                src_blocks, "), got ", src[i]);
     TS_REQUIRE(c, dst[i] >= 0 && dst[i] < dst_blocks, "dst[", i, "] must be a block id in [0, ",
                dst_blocks, "), got ", dst[i]);
+    sorted_dst[std::size_t(i)] = dst[i];
   }
-  std::vector<std::int32_t> sorted_dst(dst, dst + n);
   std::sort(sorted_dst.begin(), sorted_dst.end());
   auto dup = std::adjacent_find(sorted_dst.begin(), sorted_dst.end());
   TS_REQUIRE(c, dup == sorted_dst.end(), "dst must not name a block twice, got ",
@@ -197,10 +222,62 @@ void check_host_block_ids(const OpCheck& c, const std::int32_t* src, const std::
   }
 }
 
-void check_id_array(const OpCheck& c, const TensorView& t, const char* name) {
-  c.ndim(t, name, 1, "[num_pairs]");
-  c.dtype(t, name, DType::Int32);
-  c.last_dim_contiguous(t, name);
+// src and dst of a block copy: int32 or int64 [num_pairs], one dtype, as many of each.
+void check_id_arrays(const OpCheck& c, const TensorView& src, const TensorView& dst) {
+  for (const detail::Named& n : {detail::Named{src, "src"}, detail::Named{dst, "dst"}}) {
+    c.ndim(n.t, n.name, 1, "[num_pairs]");
+    TS_REQUIRE(c, n.t.dtype == DType::Int32 || n.t.dtype == DType::Int64, n.name,
+               " must be int32 or int64, got ", dtype_name(n.t.dtype));
+    c.last_dim_contiguous(n.t, n.name);
+  }
+  c.same_dtype(src, "src", dst, "dst");
+  c.dim(dst, "dst", 0, src.shape[0], "num_pairs of src");
+}
+
+kernels::BlockIds block_ids(const TensorView& t) { return {t.data, t.dtype == DType::Int64}; }
+
+bool same_view(const TensorView& a, const TensorView& b) {
+  if (a.data != b.data || a.dtype != b.dtype || a.ndim != b.ndim) return false;
+  for (int d = 0; d < a.ndim; ++d) {
+    if (a.shape[d] != b.shape[d] || a.strides[d] != b.strides[d]) return false;
+  }
+  return true;
+}
+
+// No two tensors of one copy share memory: a block written through one would be read or
+// written through another in the same launch. Only tensors whose address ranges meet are
+// compared closely.
+void check_disjoint_tensors(const OpCheck& c, const std::vector<TensorView>& tensors) {
+  struct Range {
+    std::uintptr_t lo, hi;
+    std::size_t index;
+  };
+  // On the stack for the usual few tensors (this runs on every call).
+  constexpr std::size_t kInline = 16;
+  Range inline_ranges[kInline];
+  std::vector<Range> more;
+  Range* ranges = inline_ranges;
+  if (tensors.size() > kInline) {
+    more.resize(tensors.size());
+    ranges = more.data();
+  }
+  std::size_t count = 0;
+  for (std::size_t i = 0; i < tensors.size(); ++i) {
+    if (tensors[i].numel() == 0) continue;
+    auto [lo, hi] = detail::byte_range(tensors[i]);
+    ranges[count++] = {lo, hi, i};
+  }
+  std::sort(ranges, ranges + count, [](const Range& a, const Range& b) {
+    return a.lo != b.lo ? a.lo < b.lo : a.index < b.index;
+  });
+  for (std::size_t a = 0; a < count; ++a) {
+    for (std::size_t b = a + 1; b < count && ranges[b].lo < ranges[a].hi; ++b) {
+      std::size_t i = std::min(ranges[a].index, ranges[b].index);
+      std::size_t j = std::max(ranges[a].index, ranges[b].index);
+      c.disjoint({tensors[i], detail::IndexedName("caches", i).text},
+                 {tensors[j], detail::IndexedName("caches", j).text});
+    }
+  }
 }
 
 }  // namespace
@@ -219,8 +296,6 @@ void reshape_and_cache(const TensorView& key, const TensorView& value, const Ten
   c.same_dtype(key_cache, "key_cache", value, "value");
   c.last_dim_contiguous(key, "key");
   c.last_dim_contiguous(value, "value");
-  c.writable(key_cache, "key_cache");
-  c.writable(value_cache, "value_cache");
   c.dim(key, "key", 1, key_cache.shape[2], "num_kv_heads of the caches");
   c.dim(key, "key", 2, key_cache.shape[3], "head_dim of the caches");
   for (int d = 0; d < 3; ++d) {
@@ -235,9 +310,16 @@ void reshape_and_cache(const TensorView& key, const TensorView& value, const Ten
                                  {value_cache, "value_cache"},
                                  {slot_mapping, "slot_mapping"}});
   Backend backend = c.backend(device);
+  c.disjoint({key_cache, "key_cache"}, {value_cache, "value_cache"});
+  for (const detail::Named& cache :
+       {detail::Named{key_cache, "key_cache"}, detail::Named{value_cache, "value_cache"}}) {
+    c.disjoint(cache, {key, "key"});
+    c.disjoint(cache, {value, "value"});
+    c.disjoint(cache, {slot_mapping, "slot_mapping"});
+  }
 
   const std::int64_t num_slots = key_cache.shape[0] * key_cache.shape[1];
-  if (backend == Backend::CPU) {
+  if (detail::is_host(device)) {  // slots in host memory: check every one
     const std::int64_t* slots = slot_mapping.ptr<const std::int64_t>();
     for (std::int64_t i = 0; i < slot_mapping.shape[0]; ++i) {
       TS_REQUIRE(c, slots[i] >= -1 && slots[i] < num_slots, "slot_mapping[", i,
@@ -263,11 +345,7 @@ void reshape_and_cache(const TensorView& key, const TensorView& value, const Ten
   p.block_size = int(key_cache.shape[1]);
   p.num_blocks = key_cache.shape[0];
   p.device_index = device.index;
-  if (backend == Backend::CPU) {
-    kernels::cpu::reshape_and_cache(p);
-  } else {
-    kernels::cuda::reshape_and_cache(p, stream);
-  }
+  kernels_of(backend).reshape_and_cache(p, stream);
 }
 
 AttentionPlan plan_paged_attention(const TensorView& query, const TensorView& key_cache,
@@ -308,6 +386,17 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
     c.dim(lse, "lse", 1, s.num_q_heads, "num_q_heads");
     c.same_device({{query, "query"}, {lse, "lse"}});
   }
+  // Outputs share memory with nothing else of the call.
+  const detail::Named inputs[] = {{query, "query"},
+                                  {key_cache, "key_cache"},
+                                  {value_cache, "value_cache"},
+                                  {block_table, "block_table"},
+                                  {seq_lens, "seq_lens"}};
+  for (const detail::Named& in : inputs) c.disjoint({out, "out"}, in);
+  if (options.lse) {
+    for (const detail::Named& in : inputs) c.disjoint({*options.lse, "lse"}, in);
+    c.disjoint({*options.lse, "lse"}, {out, "out"});
+  }
   AttentionPlan plan = make_plan(s, query.dtype, options);
   if (plan.workspace_bytes > 0) {
     TS_REQUIRE(c, options.workspace.has_value(), "splitting into ", plan.num_splits,
@@ -327,10 +416,13 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
                plan.workspace_bytes, " bytes for ", plan.num_splits, " splits, got ", bytes);
     TS_REQUIRE(c, reinterpret_cast<std::uintptr_t>(ws.data) % 16 == 0,
                "workspace must be 16-byte aligned, got address ", ws.data);
+    for (const detail::Named& in : inputs) c.disjoint({ws, "workspace"}, in);
+    c.disjoint({ws, "workspace"}, {out, "out"});
+    if (options.lse) c.disjoint({ws, "workspace"}, {*options.lse, "lse"});
   }
 
   const std::int64_t capacity = std::int64_t(s.max_blocks) * s.block_size;
-  if (s.backend == Backend::CPU) {
+  if (detail::is_host(s.device)) {
     // Ids and lengths live on the host: check every one the kernel will read.
     const std::int32_t* lens = seq_lens.ptr<const std::int32_t>();
     const std::int32_t* table = block_table.ptr<const std::int32_t>();
@@ -389,53 +481,44 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
         std::size_t(options.workspace->numel()) * dtype_size(options.workspace->dtype);
   }
   p.device_index = s.device.index;
-  if (s.backend == Backend::CPU) {
-    kernels::cpu::paged_attention(p);
-  } else {
-    kernels::cuda::paged_attention(p, stream);
-  }
+  kernels_of(s.backend).paged_attention(p, stream);
 }
 
 void copy_blocks(const std::vector<TensorView>& caches, const TensorView& src,
                  const TensorView& dst, Stream stream) {
   OpCheck c("copy_blocks");
-  check_id_array(c, src, "src");
-  check_id_array(c, dst, "dst");
-  c.dim(dst, "dst", 0, src.shape[0], "num_pairs of src");
+  check_id_arrays(c, src, dst);
+  c.same_device({{src, "src"}, {dst, "dst"}});
   kernels::CopyBlocksParams p;
   p.tensors.reserve(caches.size());
   std::int64_t min_blocks = INT64_MAX;
-  Device device = src.device;
   for (std::size_t i = 0; i < caches.size(); ++i) {
-    std::string name = detail::concat("caches[", i, "]");
-    p.tensors.push_back(block_tensor(c, caches[i], name.c_str()));
-    c.same_device({{src, "src"}, {caches[i], name.c_str()}});
+    const detail::IndexedName item("caches", i);
+    const char* name = item.text;
+    p.tensors.push_back(block_tensor(c, caches[i], name));
+    c.same_device({{src, "src"}, {caches[i], name}});
+    c.disjoint({caches[i], name}, {src, "src"});
+    c.disjoint({caches[i], name}, {dst, "dst"});
     min_blocks = std::min(min_blocks, caches[i].shape[0]);
   }
-  c.same_device({{src, "src"}, {dst, "dst"}});
-  Backend backend = c.backend(device);
-  if (backend == Backend::CPU && !caches.empty()) {
-    check_host_block_ids(c, src.ptr<const std::int32_t>(), dst.ptr<const std::int32_t>(),
-                         src.shape[0], min_blocks, min_blocks, true);
+  check_disjoint_tensors(c, caches);
+  Backend backend = c.backend(src.device);
+  if (detail::is_host(src.device) && !caches.empty()) {
+    check_host_block_ids(c, block_ids(src), block_ids(dst), src.shape[0], min_blocks, min_blocks,
+                         true);
   }
   if (caches.empty() || src.shape[0] == 0) return;
-  p.src = src.ptr<const std::int32_t>();
-  p.dst = dst.ptr<const std::int32_t>();
+  p.src = block_ids(src);
+  p.dst = block_ids(dst);
   p.num_pairs = src.shape[0];
-  p.device_index = device.index;
-  if (backend == Backend::CPU) {
-    kernels::cpu::copy_blocks(p);
-  } else {
-    kernels::cuda::copy_blocks(p, stream);
-  }
+  p.device_index = src.device.index;
+  kernels_of(backend).copy_blocks(p, stream);
 }
 
 void swap_blocks(const TensorView& src_cache, const TensorView& dst_cache, const TensorView& src,
                  const TensorView& dst, Stream stream) {
   OpCheck c("swap_blocks");
-  check_id_array(c, src, "src");
-  check_id_array(c, dst, "dst");
-  c.dim(dst, "dst", 0, src.shape[0], "num_pairs of src");
+  check_id_arrays(c, src, dst);
   TS_REQUIRE(c, detail::is_host(src.device) && detail::is_host(dst.device),
              "src and dst must be in host memory, got ", detail::device_str(src.device), " and ",
              detail::device_str(dst.device));
@@ -466,20 +549,22 @@ void swap_blocks(const TensorView& src_cache, const TensorView& dst_cache, const
              " and ", detail::device_str(dst_cache.device));
   Device device = src_cuda ? src_cache.device : dst_cache.device;
   Backend backend = c.backend(device);
-  check_host_block_ids(c, src.ptr<const std::int32_t>(), dst.ptr<const std::int32_t>(),
-                       src.shape[0], src_cache.shape[0], dst_cache.shape[0],
-                       src_cache.data == dst_cache.data);
+  // One tensor as both caches is a copy within it (the ids then keep reads and writes apart);
+  // two tensors must not share memory.
+  const bool same_tensor = same_view(src_cache, dst_cache);
+  if (!same_tensor) c.disjoint({src_cache, "src_cache"}, {dst_cache, "dst_cache"});
+  for (const detail::Named& ids : {detail::Named{src, "src"}, detail::Named{dst, "dst"}}) {
+    c.disjoint({dst_cache, "dst_cache"}, ids);
+  }
+  check_host_block_ids(c, block_ids(src), block_ids(dst), src.shape[0], src_cache.shape[0],
+                       dst_cache.shape[0], same_tensor);
   if (src.shape[0] == 0) return;
   p.src_device = src_cache.device;
   p.dst_device = dst_cache.device;
-  p.src = src.ptr<const std::int32_t>();
-  p.dst = dst.ptr<const std::int32_t>();
+  p.src = block_ids(src);
+  p.dst = block_ids(dst);
   p.num_pairs = src.shape[0];
-  if (backend == Backend::CPU) {
-    kernels::cpu::swap_blocks(p);
-  } else {
-    kernels::cuda::swap_blocks(p, stream);
-  }
+  kernels_of(backend).swap_blocks(p, stream);
 }
 
 bool cuda_compiled() { return kernels::cuda::compiled(); }

@@ -1,23 +1,35 @@
 #include "tinyserve/tensor.h"
 
-#include <stdexcept>
-#include <string>
+#include "core/validate.h"
 
 namespace tinyserve {
 
 std::size_t dtype_size(DType dtype) {
   switch (dtype) {
+    case DType::Complex128:
+      return 16;
+    case DType::Complex64:
+    case DType::Float64:
+    case DType::Int64:
+    case DType::UInt64:
+      return 8;
     case DType::Float32:
+    case DType::Int32:
+    case DType::UInt32:
       return 4;
     case DType::Float16:
-      return 2;
     case DType::BFloat16:
+    case DType::Int16:
+    case DType::UInt16:
       return 2;
-    case DType::Int32:
-      return 4;
-    case DType::Int64:
-      return 8;
     case DType::UInt8:
+    case DType::Int8:
+    case DType::Bool:
+    case DType::Float8E4M3FN:
+    case DType::Float8E5M2:
+    case DType::Float8E4M3FNUZ:
+    case DType::Float8E5M2FNUZ:
+    case DType::Float8E8M0FNU:
       return 1;
   }
   return 0;
@@ -37,6 +49,34 @@ const char* dtype_name(DType dtype) {
       return "int64";
     case DType::UInt8:
       return "uint8";
+    case DType::Float64:
+      return "float64";
+    case DType::Int8:
+      return "int8";
+    case DType::Int16:
+      return "int16";
+    case DType::UInt16:
+      return "uint16";
+    case DType::UInt32:
+      return "uint32";
+    case DType::UInt64:
+      return "uint64";
+    case DType::Bool:
+      return "bool";
+    case DType::Float8E4M3FN:
+      return "float8_e4m3fn";
+    case DType::Float8E5M2:
+      return "float8_e5m2";
+    case DType::Float8E4M3FNUZ:
+      return "float8_e4m3fnuz";
+    case DType::Float8E5M2FNUZ:
+      return "float8_e5m2fnuz";
+    case DType::Float8E8M0FNU:
+      return "float8_e8m0fnu";
+    case DType::Complex64:
+      return "complex64";
+    case DType::Complex128:
+      return "complex128";
   }
   return "unknown";
 }
@@ -57,13 +97,11 @@ TensorView make_tensor(void* data, DType dtype, Device device,
                        std::initializer_list<std::int64_t> shape,
                        std::initializer_list<std::int64_t> strides) {
   if (shape.size() > static_cast<std::size_t>(kMaxDims)) {
-    throw std::invalid_argument("tinyserve.make_tensor: at most " + std::to_string(kMaxDims) +
-                                " dimensions, got " + std::to_string(shape.size()));
+    detail::fail("make_tensor", "at most ", kMaxDims, " dimensions, got ", shape.size());
   }
   if (strides.size() != 0 && strides.size() != shape.size()) {
-    throw std::invalid_argument("tinyserve.make_tensor: strides must match the shape's rank, got " +
-                                std::to_string(strides.size()) + " strides for " +
-                                std::to_string(shape.size()) + " dimensions");
+    detail::fail("make_tensor", "strides must match the shape's rank, got ", strides.size(),
+                 " strides for ", shape.size(), " dimensions");
   }
   TensorView t;
   t.data = data;
@@ -87,9 +125,8 @@ TensorView make_tensor(void* data, DType dtype, Device device,
 
 TensorView transpose(const TensorView& t, int a, int b) {
   if (a < 0 || a >= t.ndim || b < 0 || b >= t.ndim) {
-    throw std::invalid_argument("tinyserve.transpose: dimensions out of range for a tensor of " +
-                                std::to_string(t.ndim) + " dimensions, got " + std::to_string(a) +
-                                " and " + std::to_string(b));
+    detail::fail("transpose", "dimensions out of range for a tensor of ", t.ndim,
+                 " dimensions, got ", a, " and ", b);
   }
   TensorView r = t;
   std::swap(r.shape[a], r.shape[b]);

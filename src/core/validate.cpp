@@ -1,12 +1,113 @@
 #include "core/validate.h"
 
+#include <algorithm>
+#include <cstdlib>
+#include <limits>
+#include <utility>
+
 #include "core/kernels.h"
 
 namespace tinyserve::detail {
 
+namespace {
+
+struct Extent {
+  std::int64_t stride, size;  // |stride| in elements, size > 1
+};
+
+// The dimensions that move the address, by |stride|, largest first (no allocation: these run
+// for every tensor of every call).
+struct Extents {
+  Extent dims[kMaxDims];
+  std::size_t count = 0;
+  std::size_t size() const { return count; }
+  const Extent& operator[](std::size_t i) const { return dims[i]; }
+};
+
+Extents moving_dims(const TensorView& t) {
+  Extents e;
+  for (int i = 0; i < t.ndim; ++i) {
+    if (t.shape[i] > 1) e.dims[e.count++] = {std::llabs(t.strides[i]), t.shape[i]};
+  }
+  // Insertion sort: at most kMaxDims entries.
+  for (std::size_t i = 1; i < e.count; ++i) {
+    for (std::size_t j = i; j > 0 && e.dims[j - 1].stride < e.dims[j].stride; --j) {
+      std::swap(e.dims[j - 1], e.dims[j]);
+    }
+  }
+  return e;
+}
+
+std::int64_t floor_div(std::int64_t a, std::int64_t b) {
+  return a / b - ((a % b != 0) && ((a < 0) != (b < 0)));
+}
+
+// Whether `offset` (elements) is sum_k d_k * dims[k].stride with |d_k| < dims[k].size for k >=
+// first: the difference of two index tuples. With non-overlapping dims at most two digits fit
+// each level, so the search stays tiny.
+bool reachable(const Extents& dims, std::size_t first, std::int64_t offset) {
+  if (first == dims.size()) return offset == 0;
+  std::int64_t rest = 0;
+  for (std::size_t k = first + 1; k < dims.size(); ++k) rest += (dims[k].size - 1) * dims[k].stride;
+  const Extent& e = dims[first];
+  const std::int64_t lo = std::max(-(e.size - 1), -floor_div(-(offset - rest), e.stride));
+  const std::int64_t hi = std::min(e.size - 1, floor_div(offset + rest, e.stride));
+  for (std::int64_t d = lo; d <= hi; ++d) {
+    if (reachable(dims, first + 1, offset - d * e.stride)) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+std::pair<std::uintptr_t, std::uintptr_t> byte_range(const TensorView& t) {
+  const std::intptr_t elem = std::intptr_t(dtype_size(t.dtype));
+  std::intptr_t lo = 0, hi = 0;
+  for (int i = 0; i < t.ndim; ++i) {
+    const std::intptr_t reach = std::intptr_t(t.shape[i] - 1) * t.strides[i];
+    (reach < 0 ? lo : hi) += reach;
+  }
+  const std::uintptr_t base = reinterpret_cast<std::uintptr_t>(t.data);
+  return {base + std::uintptr_t(lo * elem), base + std::uintptr_t((hi + 1) * elem)};
+}
+
+bool non_overlapping(const TensorView& t) {
+  if (t.numel() <= 1) return true;
+  const Extents dims = moving_dims(t);
+  std::int64_t span = 0;  // the largest offset that the smaller dimensions reach
+  for (std::size_t k = dims.size(); k-- > 0;) {
+    if (dims[k].stride <= span) return false;
+    span += (dims[k].size - 1) * dims[k].stride;
+  }
+  return true;
+}
+
+bool may_overlap(const TensorView& a, const TensorView& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  auto [alo, ahi] = byte_range(a);
+  auto [blo, bhi] = byte_range(b);
+  if (ahi <= blo || bhi <= alo) return false;
+  const std::intptr_t elem = std::intptr_t(dtype_size(a.dtype));
+  bool same_layout = elem == std::intptr_t(dtype_size(b.dtype)) && a.ndim == b.ndim &&
+                     non_overlapping(a) && non_overlapping(b);
+  for (int i = 0; same_layout && i < a.ndim; ++i) {
+    same_layout = a.shape[i] == b.shape[i] && (a.shape[i] <= 1 || a.strides[i] == b.strides[i]);
+  }
+  const std::intptr_t delta =
+      reinterpret_cast<std::intptr_t>(b.data) - reinterpret_cast<std::intptr_t>(a.data);
+  if (!same_layout || delta % elem != 0) return true;
+  return reachable(moving_dims(a), 0, delta / elem);
+}
+
 std::string shape_str(const TensorView& t) {
   std::string s = "[";
-  for (int i = 0; i < t.ndim; ++i) s += (i ? ", " : "") + std::to_string(t.shape[i]);
+  for (int i = 0; i < t.ndim; ++i) s += concat(i ? ", " : "", t.shape[i]);
+  return s + "]";
+}
+
+std::string strides_str(const TensorView& t) {
+  std::string s = "[";
+  for (int i = 0; i < t.ndim; ++i) s += concat(i ? ", " : "", t.strides[i]);
   return s + "]";
 }
 
@@ -61,13 +162,42 @@ void OpCheck::last_dim_contiguous(const TensorView& t, const char* name) const {
   }
 }
 
+void OpCheck::distinct_elements(const TensorView& t, const char* name) const {
+  if (!non_overlapping(t)) {
+    fail(name, " must not reach one element's memory twice, got strides ", strides_str(t),
+         " for shape ", shape_str(t));
+  }
+}
+
 void OpCheck::writable(const TensorView& t, const char* name) const {
   last_dim_contiguous(t, name);
-  if (t.numel() == 0) return;
-  for (int i = 0; i < t.ndim; ++i) {
-    if (t.shape[i] > 1 && t.strides[i] == 0) {
-      fail(name, " is written to and must not repeat elements, got stride 0 in dimension ", i);
-    }
+  distinct_elements(t, name);
+}
+
+void OpCheck::kv_cache(const TensorView& t, const char* name) const {
+  ndim(t, name, 4, "[num_blocks, block_size, num_kv_heads, head_dim]");
+  attention_dtype(t, name);
+  last_dim_contiguous(t, name);
+  const std::int64_t block_size = t.shape[1], heads = t.shape[2], head_dim = t.shape[3];
+  if (block_size <= 0) fail("block_size must be positive, got ", block_size);
+  if (heads <= 0) fail("num_kv_heads must be positive, got ", heads);
+  if (head_dim <= 0) fail("head_dim must be positive, got ", head_dim);
+  if (block_size > (1 << 20)) fail("block_size must be at most 1048576, got ", block_size);
+  // One token's row of every head, in bytes, is indexed with 32-bit integers.
+  constexpr std::int64_t kMaxTokenBytes = std::numeric_limits<std::int32_t>::max();
+  if (heads > kMaxTokenBytes || head_dim > kMaxTokenBytes ||
+      heads * head_dim > kMaxTokenBytes / std::int64_t(dtype_size(t.dtype))) {
+    fail(name, " must hold at most ", kMaxTokenBytes,
+         " bytes per token (num_kv_heads * head_dim * element size), got num_kv_heads ", heads,
+         " and head_dim ", head_dim);
+  }
+  distinct_elements(t, name);
+}
+
+void OpCheck::disjoint(const Named& a, const Named& b) const {
+  if (may_overlap(a.t, b.t)) {
+    fail(a.name, " and ", b.name, " must not share memory, got overlapping views at ", a.t.data,
+         " and ", b.t.data);
   }
 }
 

@@ -63,7 +63,39 @@ template <class... Args>
   throw std::runtime_error(concat("tinyserve.", op, ": ", args...));
 }
 
+// "name[i]" in a fixed buffer: names of list items are made on every call and read only when a
+// check fails, so they are built without an allocation.
+struct IndexedName {
+  char text[48];
+  IndexedName(const char* list, std::size_t index) {
+    char digits[24];
+    int n = 0;
+    do {
+      digits[n++] = char('0' + index % 10);
+      index /= 10;
+    } while (index > 0);
+    std::size_t len = 0;
+    for (const char* c = list; *c && len < sizeof(text) - 24; ++c) text[len++] = *c;
+    text[len++] = '[';
+    while (n > 0) text[len++] = digits[--n];
+    text[len++] = ']';
+    text[len] = '\0';
+  }
+};
+
 std::string shape_str(const TensorView& t);
+std::string strides_str(const TensorView& t);
+
+// True when no two index tuples of `t` reach one address. Checked in the sufficient form that
+// every regular layout meets: with the dimensions ordered by |stride|, each |stride| exceeds
+// the span of all smaller ones.
+bool non_overlapping(const TensorView& t);
+// The bytes [first, last) that a non-empty tensor's elements lie in.
+std::pair<std::uintptr_t, std::uintptr_t> byte_range(const TensorView& t);
+// Whether two tensors may share an element's memory: exact for views of one layout (same
+// shape, strides and element size, such as K and V in one [N, 2, ...] tensor or two layers of a
+// [L, ...] tensor), otherwise by address ranges.
+bool may_overlap(const TensorView& a, const TensorView& b);
 std::string device_str(Device d);
 
 enum class Backend { CPU, CUDA };
@@ -94,9 +126,18 @@ class OpCheck {
   void dim(const TensorView& t, const char* name, int d, std::int64_t expected,
            const char* what) const;
   void last_dim_contiguous(const TensorView& t, const char* name) const;
-  // An output: last dimension contiguous, and no two elements at one address through a zero
-  // stride.
+  // No two elements at one address (see non_overlapping).
+  void distinct_elements(const TensorView& t, const char* name) const;
+  // An output: last dimension contiguous and distinct elements.
   void writable(const TensorView& t, const char* name) const;
+  // A KV cache argument, read or written: [num_blocks, block_size, num_kv_heads, head_dim], an
+  // attention dtype, rows of head_dim contiguous and no two elements at one address (rows that
+  // overlap, or one row twice, cannot hold different tokens), sizes that the kernels' 32-bit
+  // indices hold.
+  void kv_cache(const TensorView& t, const char* name) const;
+  // `a` and `b` share no memory (where the layouts differ, their address ranges must not
+  // intersect).
+  void disjoint(const Named& a, const Named& b) const;
   // All tensors on one device; host memory (cpu, cuda_host) counts as one device. Returns it.
   Device same_device(std::initializer_list<Named> tensors) const;
   // Throws std::runtime_error when the backend for `device` is not available.

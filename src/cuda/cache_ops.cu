@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "core/kernels.h"
+#include "core/validate.h"
 #include "cuda/common.cuh"
 #include "cuda/dispatch.cuh"
 
@@ -105,10 +106,13 @@ struct CopyEntry {
   int width;  // copy unit in bytes
 };
 
+// Block ids are int32 or int64 (Id); the kernels read them on the device.
+template <class Id>
 struct CopyArgs {
   CopyEntry entries[kMaxCopyTensors];
-  const std::int32_t* src;
-  const std::int32_t* dst;
+  const Id* src;
+  const Id* dst;
+  std::int64_t num_pairs;
 };
 
 template <int W>
@@ -119,32 +123,36 @@ __device__ __forceinline__ void copy_words(char* dst, const char* src, std::int6
   for (std::int64_t i = threadIdx.x; i < bytes / W; i += blockDim.x) d[i] = s[i];
 }
 
-__global__ void copy_blocks_kernel(const __grid_constant__ CopyArgs a) {
+template <class Id>
+__global__ void copy_blocks_kernel(const __grid_constant__ CopyArgs<Id> a) {
   const CopyEntry& e = a.entries[blockIdx.y];
-  const std::int64_t s = a.src[blockIdx.x], d = a.dst[blockIdx.x];
-  if (s < 0 || s >= e.num_blocks || d < 0 || d >= e.num_blocks) return;  // never out of bounds
-  char* to = e.data + d * e.stride_block;
-  const char* from = e.data + s * e.stride_block;
-  switch (e.width) {
-    case 16:
-      copy_words<16>(to, from, e.block_bytes);
-      break;
-    case 8:
-      copy_words<8>(to, from, e.block_bytes);
-      break;
-    case 4:
-      copy_words<4>(to, from, e.block_bytes);
-      break;
-    case 2:
-      copy_words<2>(to, from, e.block_bytes);
-      break;
-    default:
-      copy_words<1>(to, from, e.block_bytes);
-      break;
+  for (std::int64_t pair = blockIdx.x; pair < a.num_pairs; pair += gridDim.x) {
+    const std::int64_t s = a.src[pair], d = a.dst[pair];
+    if (s < 0 || s >= e.num_blocks || d < 0 || d >= e.num_blocks) continue;  // never out of bounds
+    char* to = e.data + d * e.stride_block;
+    const char* from = e.data + s * e.stride_block;
+    switch (e.width) {
+      case 16:
+        copy_words<16>(to, from, e.block_bytes);
+        break;
+      case 8:
+        copy_words<8>(to, from, e.block_bytes);
+        break;
+      case 4:
+        copy_words<4>(to, from, e.block_bytes);
+        break;
+      case 2:
+        copy_words<2>(to, from, e.block_bytes);
+        break;
+      default:
+        copy_words<1>(to, from, e.block_bytes);
+        break;
+    }
   }
 }
 
 // copy_blocks for a tensor whose blocks are not one contiguous run: element by element.
+template <class Id>
 struct StridedCopyArgs {
   char* data;
   std::int64_t stride_block;  // elements
@@ -153,24 +161,97 @@ struct StridedCopyArgs {
   std::int64_t inner_strides[kMaxDims - 1];
   std::int64_t inner_numel;
   int inner_ndim;
-  const std::int32_t* src;
-  const std::int32_t* dst;
+  const Id* src;
+  const Id* dst;
+  std::int64_t num_pairs;
 };
 
-template <class E>
-__global__ void strided_copy_kernel(const __grid_constant__ StridedCopyArgs a) {
-  const std::int64_t s = a.src[blockIdx.y], d = a.dst[blockIdx.y];
-  if (s < 0 || s >= a.num_blocks || d < 0 || d >= a.num_blocks) return;
+// A 16-byte element (complex128) moved as two 8-byte halves: its alignment may be only 8.
+struct Bytes16 {
+  std::uint64_t lo, hi;
+};
+
+template <class E, class Id>
+__global__ void strided_copy_kernel(const __grid_constant__ StridedCopyArgs<Id> a) {
   E* base = reinterpret_cast<E*>(a.data);
-  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < a.inner_numel;
-       i += std::int64_t(gridDim.x) * blockDim.x) {
-    std::int64_t rest = i, offset = 0;
-    for (int k = a.inner_ndim - 1; k >= 0; --k) {
-      offset += (rest % a.inner_shape[k]) * a.inner_strides[k];
-      rest /= a.inner_shape[k];
+  for (std::int64_t pair = blockIdx.y; pair < a.num_pairs; pair += gridDim.y) {
+    const std::int64_t s = a.src[pair], d = a.dst[pair];
+    if (s < 0 || s >= a.num_blocks || d < 0 || d >= a.num_blocks) continue;
+    for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < a.inner_numel;
+         i += std::int64_t(gridDim.x) * blockDim.x) {
+      std::int64_t rest = i, offset = 0;
+      for (int k = a.inner_ndim - 1; k >= 0; --k) {
+        offset += (rest % a.inner_shape[k]) * a.inner_strides[k];
+        rest /= a.inner_shape[k];
+      }
+      base[d * a.stride_block + offset] = base[s * a.stride_block + offset];
     }
-    base[d * a.stride_block + offset] = base[s * a.stride_block + offset];
   }
+}
+
+template <class Id>
+const void* strided_copy_for(int elem_size) {
+  if (elem_size == 16) {
+    return reinterpret_cast<const void*>(strided_copy_kernel<Bytes16, Id>);
+  }
+  return dispatch_element_size(elem_size, [](auto e) {
+    return reinterpret_cast<const void*>(strided_copy_kernel<typename decltype(e)::type, Id>);
+  });
+}
+
+// Grid limits: x up to 2**31 - 1, y up to 65535; the kernels loop over what does not fit.
+constexpr std::int64_t kMaxGridX = 0x7fffffff;
+constexpr std::int64_t kMaxGridY = 65535;
+
+template <class Id>
+void copy_blocks_with(const CopyBlocksParams& p, cudaStream_t s) {
+  const char* op = "copy_blocks";
+  const Id* src = static_cast<const Id*>(p.src.data);
+  const Id* dst = static_cast<const Id*>(p.dst.data);
+  CopyArgs<Id> dense{};
+  dense.src = src;
+  dense.dst = dst;
+  dense.num_pairs = p.num_pairs;
+  const unsigned pairs_x = unsigned(std::min(p.num_pairs, kMaxGridX));
+  int count = 0;
+  auto flush = [&] {
+    if (count == 0) return;
+    launch(reinterpret_cast<const void*>(copy_blocks_kernel<Id>), dim3(pairs_x, unsigned(count)),
+           dim3(256), 0, s, dense, op, "copy_blocks_kernel");
+    count = 0;
+  };
+  for (const BlockTensor& t : p.tensors) {
+    if (t.num_blocks == 0 || t.inner_numel == 0) continue;
+    if (!t.dense) {
+      StridedCopyArgs<Id> a{};
+      a.data = static_cast<char*>(t.data);
+      a.stride_block = t.stride_block;
+      a.num_blocks = t.num_blocks;
+      for (int i = 0; i < t.inner_ndim; ++i) {
+        a.inner_shape[i] = t.inner_shape[i];
+        a.inner_strides[i] = t.inner_strides[i];
+      }
+      a.inner_numel = t.inner_numel;
+      a.inner_ndim = t.inner_ndim;
+      a.src = src;
+      a.dst = dst;
+      a.num_pairs = p.num_pairs;
+      dim3 grid(unsigned(std::min<std::int64_t>((t.inner_numel + 255) / 256, 1024)),
+                unsigned(std::min(p.num_pairs, kMaxGridY)));
+      launch(strided_copy_for<Id>(t.elem_size), grid, dim3(256), 0, s, a, op,
+             "strided_copy_kernel");
+      continue;
+    }
+    CopyEntry& e = dense.entries[count++];
+    e.data = static_cast<char*>(t.data);
+    e.stride_block = t.stride_block * t.elem_size;
+    e.block_bytes = t.inner_numel * t.elem_size;
+    e.num_blocks = t.num_blocks;
+    e.width = copy_width({std::uint64_t(reinterpret_cast<std::uintptr_t>(e.data)),
+                          std::uint64_t(e.stride_block), std::uint64_t(e.block_bytes)});
+    if (count == kMaxCopyTensors) flush();
+  }
+  flush();
 }
 
 }  // namespace
@@ -222,53 +303,12 @@ void reshape_and_cache(const ReshapeAndCacheParams& p, Stream stream) {
 }
 
 void copy_blocks(const CopyBlocksParams& p, Stream stream) {
-  const char* op = "copy_blocks";
-  DeviceGuard guard(p.device_index, op);
-  cudaStream_t s = as_stream(stream);
-  CopyArgs dense{};
-  dense.src = p.src;
-  dense.dst = p.dst;
-  int count = 0;
-  auto flush = [&] {
-    if (count == 0) return;
-    launch(reinterpret_cast<const void*>(copy_blocks_kernel),
-           dim3(unsigned(p.num_pairs), unsigned(count)), dim3(256), 0, s, dense, op,
-           "copy_blocks_kernel");
-    count = 0;
-  };
-  for (const BlockTensor& t : p.tensors) {
-    if (t.num_blocks == 0 || t.inner_numel == 0) continue;
-    if (!t.dense) {
-      StridedCopyArgs a{};
-      a.data = static_cast<char*>(t.data);
-      a.stride_block = t.stride_block;
-      a.num_blocks = t.num_blocks;
-      for (int i = 0; i < t.inner_ndim; ++i) {
-        a.inner_shape[i] = t.inner_shape[i];
-        a.inner_strides[i] = t.inner_strides[i];
-      }
-      a.inner_numel = t.inner_numel;
-      a.inner_ndim = t.inner_ndim;
-      a.src = p.src;
-      a.dst = p.dst;
-      dim3 grid(unsigned(std::min<std::int64_t>((t.inner_numel + 255) / 256, 1024)),
-                unsigned(p.num_pairs));
-      const void* kernel = dispatch_element_size(t.elem_size, [](auto e) {
-        return reinterpret_cast<const void*>(strided_copy_kernel<typename decltype(e)::type>);
-      });
-      launch(kernel, grid, dim3(256), 0, s, a, op, "strided_copy_kernel");
-      continue;
-    }
-    CopyEntry& e = dense.entries[count++];
-    e.data = static_cast<char*>(t.data);
-    e.stride_block = t.stride_block * t.elem_size;
-    e.block_bytes = t.inner_numel * t.elem_size;
-    e.num_blocks = t.num_blocks;
-    e.width = copy_width({std::uint64_t(reinterpret_cast<std::uintptr_t>(e.data)),
-                          std::uint64_t(e.stride_block), std::uint64_t(e.block_bytes)});
-    if (count == kMaxCopyTensors) flush();
+  DeviceGuard guard(p.device_index, "copy_blocks");
+  if (p.src.wide) {
+    copy_blocks_with<std::int64_t>(p, as_stream(stream));
+  } else {
+    copy_blocks_with<std::int32_t>(p, as_stream(stream));
   }
-  flush();
 }
 
 void swap_blocks(const SwapBlocksParams& p, Stream stream) {
@@ -281,9 +321,9 @@ void swap_blocks(const SwapBlocksParams& p, Stream stream) {
     cudaPointerAttributes attr{};
     check(cudaPointerGetAttributes(&attr, data), op, "cudaPointerGetAttributes");
     if (attr.type != cudaMemoryTypeHost) {
-      throw std::invalid_argument(std::string("tinyserve.swap_blocks: ") + name +
-                                  " must be pinned (page-locked) host memory for a copy with a "
-                                  "CUDA device, got pageable memory");
+      detail::fail(op, name,
+                   " must be pinned (page-locked) host memory for a copy with a CUDA device, "
+                   "got pageable memory");
     }
   };
   if (!src_dev) require_pinned(p.src_cache.data, "src_cache");

@@ -4,21 +4,17 @@
 
 #include <cuda_runtime.h>
 
-#include <stdexcept>
-#include <string>
+#include "core/validate.h"
 
 namespace tinyserve::kernels::cuda {
 
 inline void check(cudaError_t err, const char* op, const char* what) {
   if (err != cudaSuccess) {
     cudaGetLastError();  // clear a sticky launch error so later, unrelated calls do not see it
-    throw std::runtime_error(std::string("tinyserve.") + op + ": CUDA error in " + what + ": " +
-                             cudaGetErrorString(err));
+    detail::fail_runtime(op, "CUDA error in ", what, ": ", cudaGetErrorString(err));
   }
 }
 
-// Launches `kernel(args)` and checks the launch's own result. A rejected launch also sets the
-// runtime's sticky last error, which is cleared so it cannot surface in an unrelated later call.
 // Launches `kernel(args)` and checks the launch's own result (check() also clears the runtime's
 // sticky last error, so a rejected launch cannot surface in an unrelated later call).
 template <class Args>

@@ -1,18 +1,17 @@
 // The CUDA backend of a build without nvcc: it reports itself absent, and every entry point
 // fails with a precise error. The core reaches these only for tensors on a CUDA device.
 
-#include <stdexcept>
-
 #include "core/kernels.h"
+#include "core/validate.h"
 #include "core/virtual_memory.h"
 
 namespace tinyserve::kernels::cuda {
 namespace {
 
 [[noreturn]] void unavailable(const char* op) {
-  throw std::runtime_error(std::string("tinyserve.") + op +
-                           ": tinyserve was built without CUDA (rebuild with nvcc on the PATH, "
-                           "or TINYSERVE_CUDA=ON)");
+  detail::fail_runtime(op,
+                       "tinyserve was built without CUDA (rebuild with nvcc on the PATH, or "
+                       "TINYSERVE_CUDA=ON)");
 }
 
 }  // namespace

@@ -128,9 +128,55 @@ void test_rules() {
   bm.check();
 }
 
+// Compact, then resize down: the tail is gone, refused while in use, and grows back free.
+void test_resize() {
+  BlockManager bm(8, 2, true);
+  Compactor comp(bm, 4);
+  add(bm, 1, {1, 2, 3, 4});  // blocks 0, 1 (keyed)
+  add(bm, 2, {5, 6, 7});     // blocks 2, 3
+  add(bm, 3, {8, 9});        // block 4
+  bm.free(1);                // 0, 1 cached free
+  const BlockManager::Stats before = bm.stats();
+  try {
+    bm.resize(4);  // block 4 is in use
+    CHECK(false);
+  } catch (const std::runtime_error& e) {
+    CHECK(std::string(e.what()).find("resize: block 4 is in use") != std::string::npos);
+  }
+  EXPECT_THROWS(bm.resize(-1), std::invalid_argument);
+  CHECK(bm.num_blocks() == 8 && bm.stats().num_free == before.num_free);
+  bm.check();
+  MovePlan plan = comp.plan_compact();
+  EXPECT_THROWS(bm.resize(3), std::runtime_error);  // a plan is pending
+  comp.commit(plan);
+  bm.resize(3);
+  bm.check();
+  CHECK(bm.num_blocks() == 3 && bm.stats().num_blocks == 3 && bm.num_free_blocks() == 0);
+  // Blocks 0, 1 (cached, free) took the moved live blocks; the live keyed blocks kept their keys.
+  CHECK(bm.stats().num_cached == 2 && bm.seq_len(2) == 3 && bm.seq_len(3) == 2);
+  for (std::int64_t s : {2, 3}) {
+    for (std::int32_t b : bm.block_ids(s)) CHECK(b < 3);
+  }
+  EXPECT_THROWS(bm.append(3, 1), tinyserve::OutOfBlocks);
+  // The victim's own blocks go to the host; recall needs room on the device.
+  const std::int64_t victim = 2;
+  plan = comp.plan_offload_sequences(&victim, 1);
+  CHECK(plan.src.size() == 2);
+  comp.commit(plan);
+  bm.check();
+  bm.resize(5);
+  bm.check();
+  CHECK(bm.num_free_blocks() == 4);
+  plan = comp.plan_recall(&victim, 1);
+  comp.commit(plan);
+  bm.check();
+  CHECK(bm.seq_len(2) == 3 && comp.num_offloaded(2) == 0 && bm.num_free_blocks() == 2);
+}
+
 }  // namespace
 
 int main() {
+  test_resize();
   test_offload_and_recall();
   test_compact_and_evict();
   test_rules();

@@ -101,10 +101,49 @@ void test_block_pool() {
   CHECK(pool.last_use(3) == 1 && pool.hits(3) == 7 && pool.last_use(2) == 0 && pool.hits(2) == 0);
 }
 
+// Resizing keeps the queue's order and links (through the moved sentinel), appends new blocks
+// at the back, and works from and to an empty queue.
+void test_block_pool_resize() {
+  using tinyserve::detail::BlockPool;
+  BlockPool pool(4);
+  auto order = [&] {
+    std::vector<std::int32_t> out;
+    const auto& q = pool.free_queue();
+    for (std::int32_t b = q.front(); b != q.end(); b = q.next(b)) out.push_back(b);
+    return out;
+  };
+  pool.acquire(1);
+  pool.free_queue().remove(3);  // about to go: the caller unlinks it first
+  pool.free_queue().remove(0);
+  pool.free_queue().push_back(0);  // queue 2, 0
+  pool.reserve(3);
+  pool.resize(3);
+  std::vector<std::int64_t> holders{0, 1, 0};
+  CHECK(pool.num_blocks() == 3 && pool.free_queue().end() == 3 && pool.verify(holders).empty());
+  CHECK(order() == (std::vector<std::int32_t>{2, 0}) && pool.free_queue().back() == 0);
+  pool.reserve(6);
+  pool.resize(6);
+  holders = {0, 1, 0, 0, 0, 0};
+  CHECK(pool.verify(holders).empty() && order() == (std::vector<std::int32_t>{2, 0, 3, 4, 5}));
+  CHECK(pool.num_free() == 5 && pool.ref_count(5) == 0 && pool.last_use(5) == 0);
+  for (std::int32_t b : {2, 0, 3, 4, 5}) pool.free_queue().remove(b);
+  pool.release(1);
+  pool.free_queue().push_back(1);
+  pool.free_queue().remove(1);
+  pool.resize(0);
+  holders.clear();
+  CHECK(pool.num_free() == 0 && pool.free_queue().front() == 0 && pool.verify(holders).empty());
+  pool.reserve(2);
+  pool.resize(2);
+  holders = {0, 0};
+  CHECK(order() == (std::vector<std::int32_t>{0, 1}) && pool.verify(holders).empty());
+}
+
 }  // namespace
 
 int main() {
   test_sha256();
   test_block_pool();
+  test_block_pool_resize();
   return test::exit_code();
 }

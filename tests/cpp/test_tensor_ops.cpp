@@ -9,6 +9,7 @@
 #include <limits>
 #include <random>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "check.h"
@@ -143,6 +144,55 @@ void test_cache_ops_cpu() {
   CHECK(kc == before);
 }
 
+// Block copies move bytes (any element type, int32 or int64 ids); a tensor that an op writes
+// shares memory with no other tensor of the call.
+void test_byte_copies_and_aliasing() {
+  const int n = 6, row = 8;
+  std::vector<std::int8_t> bytes(n * row);
+  for (std::size_t i = 0; i < bytes.size(); ++i) bytes[i] = std::int8_t(i * 37);
+  std::vector<std::uint8_t> flags(n * row);
+  for (std::size_t i = 0; i < flags.size(); ++i) flags[i] = (i * 7) % 3 == 0;
+  const std::vector<std::int8_t> bytes_before = bytes;
+  const std::vector<std::uint8_t> flags_before = flags;
+  std::vector<std::int64_t> src = {4, 0}, dst = {1, 5};
+  tinyserve::copy_blocks({make_tensor(bytes.data(), DType::Int8, kCpu, {n, row}),
+                          make_tensor(flags.data(), DType::Bool, kCpu, {n, row})},
+                         make_tensor(src.data(), DType::Int64, kCpu, {2}),
+                         make_tensor(dst.data(), DType::Int64, kCpu, {2}));
+  bool copied = true;
+  for (int b = 0; b < n; ++b) {
+    const int from = b == 1 ? 4 : b == 5 ? 0 : b;
+    for (int i = 0; i < row; ++i) {
+      copied = copied && bytes[b * row + i] == bytes_before[from * row + i] &&
+               flags[b * row + i] == flags_before[from * row + i];
+    }
+  }
+  CHECK(copied);
+  CHECK(std::string(tinyserve::dtype_name(DType::Float8E4M3FN)) == "float8_e4m3fn");
+  CHECK(tinyserve::dtype_size(DType::Complex128) == 16);
+
+  // One buffer as both caches, and ids of two widths: std::invalid_argument, nothing written.
+  const int p = 2, h = 1, d = 4;
+  std::vector<float> cache(n * p * h * d, -1.0f), key(h * d, 3.0f);
+  std::int64_t slot = 2;
+  auto ct = make_tensor(cache.data(), DType::Float32, kCpu, {n, p, h, d});
+  EXPECT_THROWS(
+      tinyserve::reshape_and_cache(make_tensor(key.data(), DType::Float32, kCpu, {1, h, d}),
+                                   make_tensor(key.data(), DType::Float32, kCpu, {1, h, d}), ct, ct,
+                                   make_tensor(&slot, DType::Int64, kCpu, {1})),
+      std::invalid_argument);
+  std::vector<std::int32_t> dst32 = {1, 5};
+  EXPECT_THROWS(tinyserve::copy_blocks({ct}, make_tensor(src.data(), DType::Int64, kCpu, {2}),
+                                       make_tensor(dst32.data(), DType::Int32, kCpu, {2})),
+                std::invalid_argument);
+  EXPECT_THROWS(tinyserve::copy_blocks({ct, ct}, make_tensor(src.data(), DType::Int64, kCpu, {2}),
+                                       make_tensor(dst.data(), DType::Int64, kCpu, {2})),
+                std::invalid_argument);
+  bool untouched = true;
+  for (float x : cache) untouched = untouched && x == -1.0f;
+  CHECK(untouched);
+}
+
 void test_backend_errors() {
   // A tensor on a CUDA device: built without CUDA, or no such device here: std::runtime_error.
   float dummy[64];
@@ -170,6 +220,7 @@ int main() {
   test_tensor_views();
   test_paged_attention_cpu();
   test_cache_ops_cpu();
+  test_byte_copies_and_aliasing();
   test_backend_errors();
   return test::exit_code();
 }

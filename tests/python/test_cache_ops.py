@@ -167,3 +167,142 @@ def test_torch_cpu_views_share_memory(rng):
     key = torch.from_numpy(rng.standard_normal((1, 1, 8)).astype(np.float32))
     ts.reshape_and_cache(key, key, cache, cache.clone(), torch.tensor([5], dtype=torch.int64))
     assert torch.equal(cache[2, 1], key[0])
+
+
+# Element types that the block copies move as bytes, by framework.
+BYTE_DTYPES = {
+    "numpy": ["int8", "bool", "uint8", "int16", "uint16", "float64", "complex64", "complex128"],
+    "torch": ["int8", "bool", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "bfloat16"]
+    + ["float64", "complex128", "int64"],
+}
+ITEMSIZE = {"bool": 1, "int8": 1, "uint8": 1, "int16": 2, "uint16": 2, "bfloat16": 2}
+ITEMSIZE.update({"float64": 8, "complex64": 8, "complex128": 16, "int64": 8})
+ITEMSIZE.update(dict.fromkeys(["float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz"], 1))
+
+
+def random_bytes_array(rng, shape, dtype, fw, device):
+    """Random bit patterns of `dtype` (bool: 0 or 1), shape `shape`, in the framework."""
+    itemsize = ITEMSIZE[dtype]
+    raw = rng.integers(0, 256, size=shape[:-1] + (shape[-1] * itemsize,), dtype=np.uint8)
+    if dtype == "bool":
+        raw &= 1
+    if fw == "numpy":
+        return raw.view(dtype)
+    return torch.from_numpy(raw).to(device).view(getattr(torch, dtype))
+
+
+def as_bytes(a) -> np.ndarray:
+    """The array's bytes, [..., last * itemsize] uint8, on the host."""
+    if torch is not None and isinstance(a, torch.Tensor):
+        return a.view(torch.uint8).cpu().numpy()
+    return a.view(np.uint8)
+
+
+def byte_dtype_params():
+    out = []
+    for fw, dtypes in BYTE_DTYPES.items():
+        backend = {"numpy": [("numpy", "cpu")], "torch": [("torch", "cpu"), ("torch", "cuda")]}[fw]
+        for fw_device in backend:
+            marks = [pytest.mark.cuda] if fw_device[1] == "cuda" else []
+            for dtype in dtypes:
+                out.append(
+                    pytest.param(
+                        fw_device, dtype, id=f"{fw_device[0]}-{fw_device[1]}-{dtype}", marks=marks
+                    )
+                )
+    return out
+
+
+@pytest.mark.parametrize("backend,dtype", byte_dtype_params())
+@pytest.mark.parametrize("id_dtype", ["int32", "int64"])
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
+def test_copy_blocks_any_element_type(rng, backend, dtype, id_dtype, padded):
+    """copy_blocks moves bytes: every element type, int32 or int64 ids, dense blocks and blocks
+    that are not one contiguous run (the strided path). Nothing outside the blocks changes."""
+    fw, device = backend
+    if fw == "torch" and torch is None:
+        pytest.skip("torch is not installed")
+    num_blocks, shape = 12, (4, 2, 6)
+    width = shape[-1] + (3 if padded else 0)
+    bases = [random_bytes_array(rng, (num_blocks,) + shape[:-1] + (width,), dtype, fw, device)]
+    bases.append(random_bytes_array(rng, (num_blocks, 3, 5), dtype, fw, device))
+    caches = [bases[0][..., : shape[-1]], bases[1]]
+    before = [as_bytes(b).copy() for b in bases]
+    src, dst = block_pairs(rng, num_blocks, 4)
+    ts.copy_blocks(
+        caches,
+        asarray(src.astype(id_dtype), fw, device=device),
+        asarray(dst.astype(id_dtype), fw, device=device),
+    )
+    sync(fw, device)
+    itemsize = ITEMSIZE[dtype]
+    for base, old in zip(bases, before):
+        expected = old.copy()
+        expected[dst] = old[src]
+        if base is bases[0]:  # the padding columns of every block keep their bytes
+            expected[..., shape[-1] * itemsize :] = old[..., shape[-1] * itemsize :]
+        np.testing.assert_array_equal(as_bytes(base), expected)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_copy_blocks_numpy_default_integer_ids(rng, backend):
+    """Ids as NumPy makes them by default (int64), straight from a list."""
+    fw, device = backend
+    cache = asarray(random_cache(rng, (9, 2, 1, 4)), fw, "float32", device)
+    expected = f64(cache)
+    src, dst = np.array([0, 3, 5]), np.array([8, 1, 2])
+    assert src.dtype == np.int64
+    ts.copy_blocks([cache], asarray(src, fw, device=device), asarray(dst, fw, device=device))
+    sync(fw, device)
+    expected[dst] = expected[src]
+    np.testing.assert_array_equal(f64(cache), expected)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("id_dtype", ["int32", "int64"])
+def test_copy_blocks_more_pairs_than_a_grid_dimension(rng, backend, id_dtype):
+    """70,000 pairs (CUDA: more than a grid's y extent of 65,535) through the strided path
+    (blocks with a gap inside) and the dense one."""
+    fw, device = backend
+    num_blocks, num_pairs = 140_001, 70_000
+    padded = asarray(rng.standard_normal((num_blocks, 2, 2)), fw, "float32", device)
+    dense = asarray(rng.standard_normal((num_blocks, 3)), fw, "float16", device)
+    caches = [padded[:, :, :1], dense]
+    before = [f64(padded), f64(dense)]
+    ids = rng.permutation(num_blocks)[: 2 * num_pairs].astype(id_dtype)
+    src, dst = ids[:num_pairs], ids[num_pairs:]
+    ts.copy_blocks(caches, asarray(src, fw, device=device), asarray(dst, fw, device=device))
+    sync(fw, device)
+    expect_padded, expect_dense = before[0].copy(), before[1].copy()
+    expect_padded[dst, :, 0] = before[0][src, :, 0]
+    expect_dense[dst] = before[1][src]
+    np.testing.assert_array_equal(f64(padded), expect_padded)
+    np.testing.assert_array_equal(f64(dense), expect_dense)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("id_dtype", ["int32", "int64"])
+@pytest.mark.parametrize("dtype", ["int8", "bool", "float64"])
+def test_swap_blocks_any_element_type(rng, backend, id_dtype, dtype):
+    """swap_blocks moves bytes too, with int32 or int64 host ids, both ways."""
+    fw, device = backend
+    if fw == "torch" and torch is None:
+        pytest.skip("torch is not installed")
+    dev = random_bytes_array(rng, (10, 4, 2, 8), dtype, fw, device)
+    host = random_bytes_array(rng, (6, 4, 2, 8), dtype, fw, "cpu")
+    if fw == "torch" and device == "cuda":
+        host = host.pin_memory()
+    dev_before, host_before = as_bytes(dev).copy(), as_bytes(host).copy()
+    src = np.array([7, 0, 3], id_dtype)
+    dst = np.array([5, 2, 0], id_dtype)
+    ts.swap_blocks(dev, host, src, dst)
+    sync(fw, device)
+    host_expect = host_before.copy()
+    host_expect[dst] = dev_before[src]
+    np.testing.assert_array_equal(as_bytes(host), host_expect)
+    back = np.array([1, 2, 4], id_dtype)
+    ts.swap_blocks(host, dev, dst, back)
+    sync(fw, device)
+    dev_expect = dev_before.copy()
+    dev_expect[back] = host_expect[dst]
+    np.testing.assert_array_equal(as_bytes(dev), dev_expect)

@@ -375,3 +375,68 @@ def test_head_dim_limit_on_cuda():
         ts.paged_attention(q, kc, kc, table, lens, out)
     torch.cuda.synchronize()
     assert torch.isnan(out).all()
+
+
+def test_repeated_calls_plan_once(rng, monkeypatch):
+    """An eager call with a split plans once per shapes and options: later calls cross into the
+    core once (no second planning call), and give the reference result with the kept
+    workspace; a new shape or option plans again."""
+    from tinyserve import _ops
+
+    planned = []
+    real_plan = _ops._C.plan_paged_attention
+
+    def counting_plan(*args, **kwargs):
+        planned.append(args)
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(_ops._C, "plan_paged_attention", counting_plan)
+    monkeypatch.setattr(_ops, "_plans", {})
+    case = R.PagedCase(rng, [3000, 17], 16, 4, 128, 16)
+    kc, vc = cache_pair(case.key_cache, case.value_cache, "torch", "float16", "cuda", "NHD")
+    q = cuda(case.query, "float16")
+    table, lens = cuda(case.block_table), cuda(case.seq_lens)
+    ref, _ = R.paged_attention(f64(q), f64(kc), f64(vc), case.block_table, case.seq_lens)
+    for _ in range(3):
+        out = torch.full_like(q, float("nan"))
+        ts.paged_attention(q, kc, vc, table, lens, out)
+        torch.cuda.synchronize()
+        assert R.rel_error(f64(out), ref) < TOLERANCE["float16"]
+    assert len(planned) == 1
+    ts.paged_attention(q, kc, vc, table, lens, window_left=100)
+    ts.paged_attention(q[:1], kc, vc, table[:1], lens[:1])
+    assert len(planned) == 3
+
+
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64] if torch is not None else [])
+def test_copy_blocks_byte_types_on_the_gpu(rng, id_dtype):
+    """FP8 and int8 caches with their float16 page metadata, int32 or int64 ids on the device,
+    one call: every byte of every moved block arrives, nothing else changes."""
+    shape = (20, 16, 2, 64)
+    k8 = torch.from_numpy(rng.integers(0, 256, shape, dtype=np.uint8)).cuda()
+    v8 = torch.from_numpy(rng.integers(0, 256, shape, dtype=np.uint8)).cuda()
+    caches = [k8.view(torch.float8_e4m3fn), v8.view(torch.int8)]
+    meta = cuda(rng.standard_normal((20, 2, 2, 64)), "float16")
+    before = [k8.cpu().numpy(), v8.cpu().numpy(), f64(meta)]
+    src = torch.tensor([3, 0, 11], dtype=id_dtype, device="cuda")
+    dst = torch.tensor([19, 7, 4], dtype=id_dtype, device="cuda")
+    ts.copy_blocks(caches + [meta], src, dst)
+    torch.cuda.synchronize()
+    for after, old in zip([k8.cpu().numpy(), v8.cpu().numpy(), f64(meta)], before):
+        expected = old.copy()
+        expected[[19, 7, 4]] = old[[3, 0, 11]]
+        np.testing.assert_array_equal(after, expected)
+
+
+def test_aliasing_rejected_for_cuda_tensors(rng):
+    """The host-side aliasing checks hold for device tensors: nothing is launched."""
+    kc = torch.full((6, 4, 2, 16), float("nan"), device="cuda")
+    key = cuda(rng.standard_normal((2, 2, 16)), "float32")
+    slots = torch.tensor([0, 5], dtype=torch.int64, device="cuda")
+    with pytest.raises(ValueError, match="key_cache and value_cache must not share memory"):
+        ts.reshape_and_cache(key, key, kc, kc, slots)
+    ids = torch.tensor([0], device="cuda"), torch.tensor([1], device="cuda")
+    with pytest.raises(ValueError, match=r"caches\[0\] and caches\[1\] must not share memory"):
+        ts.copy_blocks([kc, kc], *ids)
+    torch.cuda.synchronize()
+    assert torch.isnan(kc).all()

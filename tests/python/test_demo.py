@@ -40,6 +40,12 @@ def summary(text: str) -> dict[str, float]:
         "evicted": r"(\d+) cached blocks evicted",
         "cow_copies": r"copy-on-write\s+(\d+) block copies",
         "preemptions": r"preemptions\s+(\d+)",
+        "offloads": r"preemptions\s+\d+: (\d+) by offload",
+        "offloaded_blocks": r"by offload \((\d+) blocks to a host pool",
+        "recalls": r"host pool of \d+\), (\d+) recalled",
+        "recalled_blocks": r"recalled \((\d+) blocks back",
+        "recomputations": r"(\d+) freed for recomputation",
+        "recomputed_tokens": r"\((\d+) recomputed after preemption\)",
         "max_error": r"attention\s+(\S+) max relative error",
         "tolerance": r"\(tolerance (\S+)\): OK",
         "generated": r"tokens\s+(\d+) generated",
@@ -70,6 +76,40 @@ def test_demo_runs_and_exercises_every_feature(capsys):
     assert 0 < s["max_error"] <= s["tolerance"] == demo.TOLERANCE["float32"]
     for stage in ("setup", "prefill", "decode", "drain", "summary"):
         assert re.search(rf"^{stage}\b", out, re.MULTILINE), f"no {stage} line:\n{out}"
+
+
+def test_demo_preempts_by_offload_and_recalls_instead_of_recomputing(capsys):
+    """SMALL's 16-block pool forces preemption; with a host pool the victims' blocks go there
+    and come back (every offloaded sequence is recalled: all requests finish), and the dense
+    check of every step's attention still passes."""
+    code, out = run_demo(capsys)
+    assert code == 0, out
+    s = summary(out)
+    assert s["offloads"] > 0 and s["recalls"] == s["offloads"]
+    assert s["offloaded_blocks"] == s["recalled_blocks"] > 0
+    assert s["preemptions"] == s["offloads"] + s["recomputations"]
+    offloads = re.findall(
+        r"^offload  step +\d+: sequence (\d+) preempted, (\d+) blocks?", out, re.M
+    )
+    recalls = re.findall(r"^recall   step +\d+: sequence (\d+) resumed, (\d+) blocks?", out, re.M)
+    assert len(offloads) == s["offloads"] and sorted(offloads) == sorted(recalls)
+    assert 0 < s["max_error"] <= s["tolerance"]
+
+    # Without a host pool every preemption frees and recomputes.
+    code, out = run_demo(capsys, "--host-blocks", "0")
+    assert code == 0, out
+    s = summary(out)
+    assert s["offloads"] == s["recalls"] == 0 and "offload  step" not in out
+    assert s["preemptions"] == s["recomputations"] > 0 and s["recomputed_tokens"] > 0
+    assert 0 < s["max_error"] <= s["tolerance"]
+
+
+def test_demo_offload_with_a_tiny_host_pool_falls_back_to_recomputation(capsys):
+    code, out = run_demo(capsys, "--host-blocks", "2", "--quiet")
+    assert code == 0, out
+    s = summary(out)
+    assert s["recomputations"] > 0 and s["offloaded_blocks"] <= 2 * max(1, s["offloads"])
+    assert s["recalls"] == s["offloads"] and s["finished"] == s["requests"]
 
 
 def test_demo_is_deterministic_and_quiet(capsys):
@@ -136,6 +176,8 @@ def test_bad_arguments(capsys):
     assert demo.main(["--blocks", "3"]) == 2
     assert "too small" in capsys.readouterr().err
     assert demo.main(["--requests", "0"]) == 2
+    assert demo.main([*SMALL, "--host-blocks", "-1"]) == 2
+    assert "--host-blocks must not be negative, got -1" in capsys.readouterr().err
     assert demo.main(["--no-such-flag"]) == 2
     if not tinyserve.cuda_available():
         assert demo.main(["--device", "cuda"]) == 2
@@ -179,6 +221,7 @@ def test_help(capsys):
         "--max-new-tokens",
         "--steps",
         "--blocks",
+        "--host-blocks",
         "--block-size",
         "--layers",
         "--seed",

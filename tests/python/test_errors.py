@@ -3,8 +3,12 @@ call writes nothing."""
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import reference as R
 import tinyserve as ts
@@ -73,7 +77,7 @@ def attention(c, **over):
         (lambda c: {"seq_lens": np.array([-1, 3], np.int32)}, r"seq_lens\[0\] .* got -1"),
         (lambda c: {"out": c.out[:, :4]}, r"out must have the shape of query"),
         (lambda c: {"out": c.out.astype(np.float16)}, r"out must have the dtype of query"),
-        (lambda c: {"lse": c.lse.astype(np.float64)}, r"lse has an unsupported dtype"),
+        (lambda c: {"lse": c.lse.astype(np.float64)}, r"lse must be float32, got float64"),
         (lambda c: {"lse": c.lse[:, :3]}, r"lse dimension 1 \(num_q_heads\) must be 8, got 3"),
         (lambda c: {"key_cache": c.key_cache[..., ::2].copy()}, r"value_cache must have the shape"),
         (
@@ -200,10 +204,14 @@ def test_attention_non_contiguous_last_dim(case):
 def test_attention_read_only_output_rejected(case):
     frozen = case.out.copy()
     frozen.flags.writeable = False
-    with pytest.raises(TypeError):
-        ts.paged_attention(
-            case.query, case.key_cache, case.value_cache, case.block_table, case.seq_lens, frozen
-        )
+    expect_error(
+        attention(case, out=frozen),
+        ValueError,
+        r"tinyserve.paged_attention: out is written to and must be writable, got a read-only "
+        r"ndarray",
+        frozen,
+        case.lse,
+    )
 
 
 def test_attention_accepts_read_only_inputs(case):
@@ -295,9 +303,15 @@ def test_copy_blocks_bad_tensors(rng):
         good,
     )
     expect_error(
+        lambda: ts.copy_blocks([good], ids[0].astype(np.int16), ids[1]),
+        ValueError,
+        r"src must be int32 or int64, got int16",
+        good,
+    )
+    expect_error(
         lambda: ts.copy_blocks([good], ids[0].astype(np.int64), ids[1]),
         ValueError,
-        r"src must be int32, got int64",
+        r"dst must have the dtype of src \(int64\), got int32",
         good,
     )
     expect_error(
@@ -351,13 +365,13 @@ def test_unsupported_dtype_names_the_argument(case):
     expect_error(
         attention(case, query=case.query.astype(np.float64)),
         ValueError,
-        r"tinyserve.paged_attention: query has an unsupported dtype",
+        r"tinyserve.paged_attention: query must be float32, float16 or bfloat16, got float64$",
         case.out,
     )
 
 
 def test_stream_argument_type(case):
-    with pytest.raises(TypeError, match="stream must be None, an int"):
+    with pytest.raises(TypeError, match=r"^tinyserve.paged_attention: stream must be None, an int"):
         ts.paged_attention(
             case.query,
             case.key_cache,
@@ -367,3 +381,544 @@ def test_stream_argument_type(case):
             case.out,
             stream="default",
         )
+
+
+# --- KV cache strides (every cache argument of every op) ------------------------------------
+
+
+def strided_in_last_dim(c):
+    """Every other element of a buffer twice as wide: plausible-looking values, stride 2."""
+    return np.repeat(c, 2, -1)[..., ::2]
+
+
+def reversed_last_dim(c):
+    return c[..., ::-1]
+
+
+def torch_ndhp_transposed(c):
+    """torch storage [N, P, D, H] passed as .transpose(2, 3): last stride num_kv_heads."""
+    torch = pytest.importorskip("torch")
+    return torch.from_numpy(np.ascontiguousarray(c.transpose(0, 1, 3, 2))).transpose(2, 3)
+
+
+def overlapping_heads(c):
+    """Head rows half a row apart: every row overlaps the next."""
+    n, p, h, d = c.shape
+    base = np.full(n * p * h * d, np.nan, c.dtype)
+    e = c.itemsize
+    return np.lib.stride_tricks.as_strided(base, c.shape, (p * h * d * e, h * d * e, d // 2 * e, e))
+
+
+BAD_CACHES = [
+    pytest.param(
+        strided_in_last_dim, r"must be contiguous in its last dimension, got stride 2", id="repeat"
+    ),
+    pytest.param(
+        reversed_last_dim, r"must be contiguous in its last dimension, got stride -1", id="reversed"
+    ),
+    pytest.param(
+        torch_ndhp_transposed,
+        r"must be contiguous in its last dimension, got stride 2",
+        id="torch-NPDH",
+    ),
+    pytest.param(
+        overlapping_heads, r"must not reach one element's memory twice, got strides", id="overlap"
+    ),
+]
+
+
+def base_of(a):
+    """The array whose memory a view uses (NumPy or torch), as NumPy, for before/after checks."""
+    if type(a).__module__.startswith("torch"):
+        return a.numpy()
+    while isinstance(a, np.ndarray) and a.base is not None and isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+@pytest.mark.parametrize("make_bad,match", BAD_CACHES)
+@pytest.mark.parametrize("which", ["key_cache", "value_cache"])
+def test_attention_rejects_bad_cache_strides(case, make_bad, match, which):
+    bad = make_bad(getattr(case, which))
+    expect_error(
+        attention(case, **{which: bad}),
+        ValueError,
+        rf"tinyserve.paged_attention: {which} {match}",
+        case.out,
+        case.lse,
+    )
+
+
+@pytest.mark.parametrize("make_bad,match", BAD_CACHES)
+def test_plan_rejects_bad_cache_strides(case, make_bad, match):
+    with pytest.raises(ValueError, match=rf"tinyserve.plan_paged_attention: key_cache {match}"):
+        ts.plan_paged_attention(case.query, make_bad(case.key_cache), case.block_table)
+
+
+@pytest.mark.parametrize("make_bad,match", BAD_CACHES)
+@pytest.mark.parametrize("which", ["key_cache", "value_cache"])
+def test_reshape_and_cache_rejects_bad_cache_strides(cache_args, make_bad, match, which):
+    args = dict(cache_args)
+    args[which] = make_bad(cache_args[which])
+    watched = [base_of(args["key_cache"]), base_of(args["value_cache"])]
+    expect_error(
+        lambda: ts.reshape_and_cache(**args),
+        ValueError,
+        rf"tinyserve.reshape_and_cache: {which} {match}",
+        *watched,
+    )
+
+
+def test_copy_blocks_rejects_overlapping_elements(rng):
+    good = rng.standard_normal((6, 4, 2, 8)).astype(np.float32)
+    bad = overlapping_heads(np.zeros((6, 4, 2, 8), np.float32))
+    watched = base_of(bad)
+    watched[:] = rng.standard_normal(watched.shape)
+    expect_error(
+        lambda: ts.copy_blocks([good, bad], np.array([0], np.int32), np.array([1], np.int32)),
+        ValueError,
+        r"tinyserve.copy_blocks: caches\[1\] must not reach one element's memory twice",
+        good,
+        watched,
+    )
+
+
+# --- Sizes that kernels index with 32-bit integers -----------------------------------------
+
+
+def huge_view(shape, dtype=np.float32):
+    """A view of `shape`, last dimension contiguous and every other stride 0, over an anonymous
+    mapping that reserves no memory (its pages read as zeros until written): sizes past 32 bits
+    without gigabytes of RAM. Returns the view and its first 1024 elements, set to NaN: where a
+    write would land first."""
+    itemsize = np.dtype(dtype).itemsize
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+    memory = mmap.mmap(-1, max(shape[-1], 1024) * itemsize, flags=flags)
+    base = np.frombuffer(memory, dtype)
+    base[:1024] = np.nan
+    strides = [0] * (len(shape) - 1) + [itemsize]
+    return base[:1024], np.lib.stride_tricks.as_strided(base, shape, strides)
+
+
+@pytest.mark.parametrize(
+    "heads,head_dim",
+    [(1, 2**31 + 8), (2**31 + 1, 1), (2**16, 2**15)],
+    ids=["head_dim", "heads", "product"],
+)
+def test_reshape_and_cache_sizes_beyond_32_bits(heads, head_dim):
+    """These sizes used to be narrowed to int in the kernels (head_dim 2**31 + 8 crashed)."""
+    kc_base, kc = huge_view((1, 1, heads, head_dim))
+    vc_base, vc = huge_view((1, 1, heads, head_dim))
+    _, key = huge_view((1, heads, head_dim))
+    expect_error(
+        lambda: ts.reshape_and_cache(key, key, kc, vc, np.array([0], np.int64)),
+        ValueError,
+        rf"tinyserve.reshape_and_cache: key_cache must hold at most 2147483647 bytes per token "
+        rf"\(num_kv_heads \* head_dim \* element size\), got num_kv_heads {heads} and head_dim "
+        rf"{head_dim}",
+        kc_base,
+        vc_base,
+    )
+
+
+def test_attention_head_dim_beyond_32_bits(case):
+    kc_head, kc = huge_view((4, 16, 2, 2**31 + 8))
+    vc_head, vc = huge_view((4, 16, 2, 2**31 + 8))
+    q_head, q = huge_view((2, 8, 2**31 + 8))
+    out_head, out = huge_view((2, 8, 2**31 + 8))
+    expect_error(
+        attention(case, query=q, key_cache=kc, value_cache=vc, out=out),
+        ValueError,
+        r"tinyserve.paged_attention: key_cache must hold at most 2147483647 bytes per token",
+        out_head,
+        case.lse,
+    )
+
+
+# --- Errors that name the argument and the value --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options,exc,match",
+    [
+        (
+            {"window_left": 2**40},
+            ValueError,
+            r"window_left must be an int in \[-2147483648, 2147483647\], got 1099511627776",
+        ),
+        (
+            {"num_splits": 2**31},
+            ValueError,
+            r"num_splits must be an int in \[-2147483648, 2147483647\], got 2147483648",
+        ),
+        (
+            {"max_seq_len": 2**70},
+            ValueError,
+            r"max_seq_len must be an int in .*, got 1180591620717411303424",
+        ),
+        (
+            {"stream": -1},
+            ValueError,
+            r"stream must be an int in \[0, 18446744073709551615\], got -1",
+        ),
+        (
+            {"stream": 2**64},
+            ValueError,
+            r"stream must be an int in \[0, 18446744073709551615\], got 18446744073709551616",
+        ),
+        ({"stream": "abc"}, TypeError, r"stream must be None, an int .*got str"),
+        ({"window_left": "abc"}, TypeError, r"window_left must be an int, got str"),
+        ({"window_left": 1.5}, TypeError, r"window_left must be an int, got float"),
+        ({"scale": 1e60}, ValueError, r"scale must be representable in float32, got 1e\+60"),
+        ({"scale": -1e-60}, ValueError, r"scale must be representable in float32, got -1e-60"),
+        ({"scale": "abc"}, TypeError, r"scale must be a float, got str"),
+        (
+            {"logits_soft_cap": 1e300},
+            ValueError,
+            r"logits_soft_cap must be representable in float32, got 1e\+300",
+        ),
+        ({"scale": float("inf")}, ValueError, r"scale must be finite and nonzero, got inf"),
+    ],
+)
+def test_attention_option_values_are_named(case, options, exc, match):
+    expect_error(
+        attention(case, **options), exc, "^tinyserve.paged_attention: " + match, case.out, case.lse
+    )
+
+
+def test_plan_option_values_are_named(case):
+    with pytest.raises(
+        ValueError, match=r"^tinyserve.plan_paged_attention: num_splits must be an int in"
+    ):
+        ts.plan_paged_attention(case.query, case.key_cache, case.block_table, num_splits=2**31)
+
+
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (
+            lambda c: ts.reshape_and_cache(
+                c["key"], c["value"], c["key_cache"], c["value_cache"], c["slot_mapping"], stream=-1
+            ),
+            ValueError,
+            r"^tinyserve.reshape_and_cache: stream must be an int in \[0, \d+\], got -1",
+        ),
+        (
+            lambda c: ts.reshape_and_cache(
+                c["key"],
+                c["value"],
+                c["key_cache"],
+                c["value_cache"],
+                c["slot_mapping"],
+                stream="abc",
+            ),
+            TypeError,
+            r"^tinyserve.reshape_and_cache: stream must be None",
+        ),
+        (
+            lambda c: ts.reshape_and_cache(
+                c["key"].tolist(), c["value"], c["key_cache"], c["value_cache"], c["slot_mapping"]
+            ),
+            TypeError,
+            r"^tinyserve.reshape_and_cache: key must be an array \(DLPack or buffer protocol\), "
+            r"got list",
+        ),
+        (
+            lambda c: ts.reshape_and_cache(
+                c["key"], c["value"], c["key_cache"], c["value_cache"], [0, 5, -1, 23, 7]
+            ),
+            TypeError,
+            r"^tinyserve.reshape_and_cache: slot_mapping must be an array .*, got list",
+        ),
+        (
+            lambda c: ts.copy_blocks([c["key_cache"]], [0], [1], stream=-1),
+            TypeError,
+            r"^tinyserve.copy_blocks: src must be an array \(DLPack or buffer protocol\), got list",
+        ),
+        (
+            lambda c: ts.copy_blocks([c["key_cache"]], np.array([0]), np.array([1]), stream=-1),
+            ValueError,
+            r"^tinyserve.copy_blocks: stream must be an int in",
+        ),
+        (
+            lambda c: ts.copy_blocks([c["key_cache"]], np.array([0]), np.array([1]), stream="abc"),
+            TypeError,
+            r"^tinyserve.copy_blocks: stream must be None",
+        ),
+        (
+            lambda c: ts.swap_blocks(
+                c["key_cache"], c["value_cache"], np.array([0]), np.array([1]), stream=-1
+            ),
+            ValueError,
+            r"^tinyserve.swap_blocks: stream must be an int in",
+        ),
+    ],
+)
+def test_cache_op_arguments_are_named(cache_args, call, exc, match):
+    expect_error(
+        lambda: call(cache_args), exc, match, cache_args["key_cache"], cache_args["value_cache"]
+    )
+
+
+def test_read_only_outputs_are_named(cache_args):
+    kc, vc = cache_args["key_cache"], cache_args["value_cache"]
+    frozen = kc.copy()
+    frozen.flags.writeable = False
+    args = dict(cache_args, key_cache=frozen)
+    expect_error(
+        lambda: ts.reshape_and_cache(**args),
+        ValueError,
+        r"^tinyserve.reshape_and_cache: key_cache is written to and must be writable, got a "
+        r"read-only ndarray",
+        frozen,
+        vc,
+    )
+    ids = np.array([0]), np.array([1])
+    expect_error(
+        lambda: ts.copy_blocks([kc, frozen], *ids),
+        ValueError,
+        r"^tinyserve.copy_blocks: caches\[1\] is written to and must be writable, got a "
+        r"read-only ndarray",
+        kc,
+        frozen,
+    )
+    expect_error(
+        lambda: ts.swap_blocks(kc, frozen, *ids),
+        ValueError,
+        r"^tinyserve.swap_blocks: dst_cache is written to and must be writable",
+        kc,
+        frozen,
+    )
+
+
+def test_output_list_is_named(case):
+    expect_error(
+        attention(case, out=case.out.tolist()),
+        TypeError,
+        r"^tinyserve.paged_attention: out must be an array \(DLPack or buffer protocol\), got list",
+        case.lse,
+    )
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+def test_unsupported_dtype_is_named():
+    torch = pytest.importorskip("torch")
+    good = np.zeros((4, 2, 3), np.float32)
+    half_complex = torch.zeros((4, 2, 3), dtype=torch.complex32)
+    expect_error(
+        lambda: ts.copy_blocks([good, half_complex], np.array([0]), np.array([1])),
+        ValueError,
+        r"^tinyserve.copy_blocks: caches\[1\] has an unsupported dtype, got complex32$",
+        good,
+    )
+
+
+# --- copy_blocks takes a sequence of tensors, never one tensor -------------------------------
+
+
+@pytest.mark.parametrize(
+    "make_caches,name",
+    [
+        (lambda kc: kc, "ndarray"),
+        (lambda kc: None, "NoneType"),
+        (lambda kc: (c for c in [kc]), "generator"),
+        (lambda kc: "caches", "str"),
+    ],
+    ids=["one-array", "none", "generator", "str"],
+)
+def test_copy_blocks_needs_a_sequence_of_tensors(rng, make_caches, name):
+    kc = rng.standard_normal((6, 4, 2, 8)).astype(np.float32)
+    expect_error(
+        lambda: ts.copy_blocks(make_caches(kc), np.array([0], np.int32), np.array([1], np.int32)),
+        TypeError,
+        r"^tinyserve.copy_blocks: caches must be a sequence of arrays \(list or tuple\), "
+        rf"got {name}$",
+        kc,
+    )
+
+
+def test_copy_blocks_one_torch_tensor_is_not_a_list(rng):
+    torch = pytest.importorskip("torch")
+    kc = torch.from_numpy(rng.standard_normal((6, 4, 2, 8)).astype(np.float32))
+    expect_error(
+        lambda: ts.copy_blocks(kc, torch.tensor([0]), torch.tensor([1])),
+        TypeError,
+        r"^tinyserve.copy_blocks: caches must be a sequence of arrays \(list or tuple\), "
+        r"got Tensor$",
+        kc.numpy(),
+    )
+
+
+def test_copy_blocks_binding_refuses_one_array(rng):
+    """The compiled core refuses it too (a sequence of rows is not a list of caches)."""
+    from tinyserve import _tinyserve
+
+    kc = rng.standard_normal((6, 4, 2, 8)).astype(np.float32)
+    ids = np.array([0], np.int32), np.array([1], np.int32)
+    expect_error(
+        lambda: _tinyserve.copy_blocks(kc, *ids),
+        TypeError,
+        r"^tinyserve.copy_blocks: caches must be a list or tuple of arrays, got ndarray$",
+        kc,
+    )
+    expect_error(
+        lambda: _tinyserve.copy_blocks(None, *ids),
+        TypeError,
+        r"^tinyserve.copy_blocks: caches must be a list or tuple of arrays, got NoneType$",
+        kc,
+    )
+    expect_error(
+        lambda: ts.copy_blocks([kc, [1.0, 2.0]], *ids),
+        TypeError,
+        r"^tinyserve.copy_blocks: caches\[1\] must be an array \(DLPack or buffer protocol\), "
+        r"got list$",
+        kc,
+    )
+
+
+# --- Aliasing ------------------------------------------------------------------------------
+
+
+def test_reshape_and_cache_one_array_for_both_caches(cache_args):
+    kc = cache_args["key_cache"]
+    args = dict(cache_args, value_cache=kc)
+    expect_error(
+        lambda: ts.reshape_and_cache(**args),
+        ValueError,
+        r"^tinyserve.reshape_and_cache: key_cache and value_cache must not share memory",
+        kc,
+    )
+
+
+def test_reshape_and_cache_overlapping_cache_views(rng):
+    """Two views of one buffer a block apart overlap; K and V as the two halves of one
+    [N, 2, ...] tensor do not and are accepted."""
+    buf = np.full((7, 4, 2, 16), np.nan, np.float32)
+    key = rng.standard_normal((2, 2, 16)).astype(np.float32)
+    slots = np.array([0, 9], np.int64)
+    expect_error(
+        lambda: ts.reshape_and_cache(key, key, buf[:-1], buf[1:], slots),
+        ValueError,
+        r"key_cache and value_cache must not share memory",
+        buf,
+    )
+    kv = np.full((6, 2, 4, 2, 16), np.nan, np.float32)
+    ts.reshape_and_cache(key, key, kv[:, 0], kv[:, 1], slots)
+    np.testing.assert_array_equal(kv[0, 0, 0], key[0])
+    np.testing.assert_array_equal(kv[2, 1, 1], key[1])
+
+
+def test_reshape_and_cache_key_inside_the_cache(cache_args):
+    kc = cache_args["key_cache"]
+    kc[:] = 1.0
+    args = dict(cache_args, key=kc[0, :4] if kc.shape[1] >= 4 else kc[0])
+    args["key"] = kc.reshape(-1, kc.shape[2], kc.shape[3])[:5]
+    args["value"] = args["key"]
+    expect_error(
+        lambda: ts.reshape_and_cache(**args),
+        ValueError,
+        r"^tinyserve.reshape_and_cache: key_cache and key must not share memory",
+        kc,
+        cache_args["value_cache"],
+    )
+
+
+def test_attention_output_sharing_memory(case):
+    expect_error(
+        attention(case, out=case.query),
+        ValueError,
+        r"^tinyserve.paged_attention: out and query must not share memory",
+        case.query,
+        case.lse,
+    )
+    flat = np.full(case.out.size + case.lse.size, np.nan, np.float32)
+    out = flat[: case.out.size].reshape(case.out.shape)
+    lse = flat[case.out.size - 4 : case.out.size - 4 + case.lse.size].reshape(case.lse.shape)
+    expect_error(
+        attention(case, out=out, lse=lse),
+        ValueError,
+        r"^tinyserve.paged_attention: lse and out must not share memory",
+        flat,
+    )
+
+
+def test_copy_blocks_tensors_sharing_memory(rng):
+    kv = rng.standard_normal((6, 2, 4, 2, 8)).astype(np.float32)
+    ids = np.array([0, 1], np.int32), np.array([2, 3], np.int32)
+    for caches, pair in [
+        ([kv[:, 0], kv[:, 0]], (0, 1)),
+        ([kv[:, 1], kv, kv[:, 0]], (1, 2)),
+        ([kv[:, 0], kv[:, 1], kv[:-1, 0], kv[1:, 0]], (0, 2)),
+        ([kv[:, 0], kv.reshape(-1)[8:].reshape(-1, 8)], (0, 1)),
+    ]:
+        expect_error(
+            lambda caches=caches: ts.copy_blocks(caches, *ids),
+            ValueError,
+            rf"^tinyserve.copy_blocks: caches\[{pair[0]}\] and caches\[{pair[1]}\] must not "
+            "share memory",
+            kv,
+        )
+    expect_error(
+        lambda: ts.copy_blocks([kv[:, 0]], kv.reshape(-1).view(np.int32)[:2], ids[1]),
+        ValueError,
+        r"^tinyserve.copy_blocks: caches\[0\] and src must not share memory",
+        kv,
+    )
+
+
+def test_copy_blocks_disjoint_views_of_one_buffer(rng):
+    """K and V of several layers as interleaved views of one [N, layers, 2, ...] buffer: their
+    address ranges meet, their elements do not; accepted and copied."""
+    buf = rng.standard_normal((9, 3, 2, 4, 2, 8)).astype(np.float32)
+    caches = [buf[:, layer, kv] for layer in range(3) for kv in range(2)]
+    expected = buf.copy()
+    src, dst = np.array([0, 4, 7], np.int32), np.array([8, 1, 2], np.int32)
+    ts.copy_blocks(caches, src, dst)
+    expected[dst] = expected[src]
+    np.testing.assert_array_equal(buf, expected)
+
+
+def test_swap_blocks_overlapping_caches(rng):
+    buf = rng.standard_normal((7, 4, 2, 8)).astype(np.float32)
+    expect_error(
+        lambda: ts.swap_blocks(buf[:-1], buf[1:], np.array([0]), np.array([3])),
+        ValueError,
+        r"^tinyserve.swap_blocks: src_cache and dst_cache must not share memory",
+        buf,
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_overlap_of_two_views_of_one_layout_is_exact(data):
+    """Two views of one buffer with the same shape and strides, at different offsets: copy_blocks
+    refuses them exactly when some element of one is an element of the other (brute force over
+    every address), however the layout interleaves them."""
+    ndim = data.draw(st.integers(2, 4))
+    shape = data.draw(st.lists(st.integers(1, 4), min_size=ndim, max_size=ndim))
+    order = data.draw(st.permutations(range(ndim - 1)))  # the last dimension's stride is 1
+    strides = [0] * ndim
+    strides[-1], span = 1, shape[-1] - 1
+    for dim in order:
+        strides[dim] = span + 1 + data.draw(st.integers(0, 3))
+        span += (shape[dim] - 1) * strides[dim]
+    offset_a, offset_b = data.draw(st.integers(0, 40)), data.draw(st.integers(0, 40))
+    if offset_a == offset_b:
+        offset_b += 1
+    buf = np.zeros(max(offset_a, offset_b) + span + 1, np.float32)
+    item = buf.itemsize
+
+    def view(offset):
+        return np.lib.stride_tricks.as_strided(
+            buf[offset:], shape, [s * item for s in strides], writeable=True
+        )
+
+    index = np.indices(shape).reshape(ndim, -1)
+    offsets = set((np.array(strides) @ index).tolist())
+    overlap = bool({o + offset_a for o in offsets} & {o + offset_b for o in offsets})
+    none = np.zeros(0, np.int32)
+    if overlap:
+        with pytest.raises(ValueError, match=r"caches\[0\] and caches\[1\] must not share memory"):
+            ts.copy_blocks([view(offset_a), view(offset_b)], none, none)
+    else:
+        ts.copy_blocks([view(offset_a), view(offset_b)], none, none)

@@ -61,6 +61,14 @@ def _parser() -> argparse.ArgumentParser:
         "--blocks", type=int, default=80, help="KV-cache blocks in the pool (default: %(default)s)"
     )
     size.add_argument(
+        "--host-blocks",
+        type=int,
+        default=None,
+        help="host pool blocks for preemption by offload: a preempted sequence's blocks go to "
+        "host memory and come back when it resumes; 0 preempts by freeing and recomputing "
+        "(default: as many as --blocks)",
+    )
+    size.add_argument(
         "--block-size", type=int, default=16, help="tokens per block (default: %(default)s)"
     )
     size.add_argument("--layers", type=int, default=2, help="model layers (default: %(default)s)")
@@ -148,6 +156,10 @@ def _validate(args: argparse.Namespace) -> str | None:
         return "--arrival-interval, --steps and --check-every must not be negative"
     if args.tolerance is not None and not (math.isfinite(args.tolerance) and args.tolerance > 0):
         return f"--tolerance must be a positive finite number, got {args.tolerance:g}"
+    if args.host_blocks is None:
+        args.host_blocks = args.blocks
+    if args.host_blocks < 0:
+        return f"--host-blocks must not be negative, got {args.host_blocks}"
     if args.progress_every < 1:
         return f"--progress-every must be at least 1, got {args.progress_every}"
     # The longest sequence (system prompt + suffix + output) must fit in the pool on its own,
@@ -189,7 +201,7 @@ def _summary(engine: Engine, device_line: str, wall: float) -> list[str]:
         f"  requests       {c.requests_finished} finished of {args.requests}{cut_off}",
         (
             f"  sequences      {c.sequences_forked} forked, {c.sequences_freed} freed "
-            f"({c.preemptions} by preemption)"
+            f"({c.preempted_frees} by preemption)"
         ),
         (
             f"  blocks         {args.blocks} x {args.block_size} slots: peak {c.peak_used} used, "
@@ -203,7 +215,12 @@ def _summary(engine: Engine, device_line: str, wall: float) -> list[str]:
             f"evicted for reuse"
         ),
         f"  copy-on-write  {c.cow_copies} block copies in {c.copy_calls} copy_blocks calls",
-        f"  preemptions    {c.preemptions}",
+        (
+            f"  preemptions    {c.preemptions}: {c.offloads} by offload ({c.offloaded_blocks} "
+            f"blocks to a host pool of {args.host_blocks}), {c.recalls} recalled "
+            f"({c.recalled_blocks} blocks back, nothing recomputed), "
+            f"{c.preempted_frees} freed for recomputation"
+        ),
         f"  attention      {check}",
         f"  wall time      {wall:.2f}s ({parts})",
     ]
@@ -247,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         f"         model: {args.layers} layers, {NUM_Q_HEADS} query heads on {NUM_KV_HEADS} KV "
         f"heads x {HEAD_DIM}, synthetic K/V/Q (no weights)\n"
         f"         pool: {args.blocks} blocks x {args.block_size} slots, "
-        f"{arrays.nbytes(engine.kv) / 2**20:.1f} MiB of KV cache, prefix caching on\n"
+        f"{arrays.nbytes(engine.kv) / 2**20:.1f} MiB of KV cache, prefix caching on, "
+        f"{args.host_blocks} host blocks for preemption by offload\n"
         f"         workload: {args.requests} requests, {NUM_SYSTEM_PROMPTS} shared system "
         f"prompts, ~{PARALLEL_SAMPLING_SHARE:.0%} with n=2 samples, up to "
         f"{args.max_new_tokens} new tokens each"

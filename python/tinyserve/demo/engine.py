@@ -1,6 +1,7 @@
 """The engine: continuous batching over the BlockManager and the ops, as a serving engine runs
 them (admission with prefix-cache hits, fork for parallel sampling, decode steps with
-copy-on-write, preemption when the pool runs out, freeing finished sequences)."""
+copy-on-write, preemption when the pool runs out: by offload to a host pool through the
+Compactor, or by recomputation; freeing finished sequences)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,11 @@ class Counters:
     cow_copies: int = 0
     copy_calls: int = 0
     preemptions: int = 0
+    preempted_frees: int = 0  # preempted sequences freed for recomputation
+    offloads: int = 0  # preemptions whose blocks went to the host pool
+    offloaded_blocks: int = 0
+    recalls: int = 0
+    recalled_blocks: int = 0
     checks: int = 0
     max_error: float = 0.0
     peak_used: int = 0
@@ -64,6 +70,10 @@ class Engine:
         # kv[l, 0] / kv[l, 1] is a cache in the logical layout the ops take.
         self.kv = arrays.nan((args.layers, 2, args.blocks, args.block_size, NUM_KV_HEADS, HEAD_DIM))
         self.caches = [self.kv[layer, kind] for layer in range(args.layers) for kind in (0, 1)]
+        # Preemption by offload: a victim's blocks go to a host pool laid out like the caches
+        # and come back when it is readmitted, instead of being recomputed.
+        self.compactor = tinyserve.Compactor(self.bm, args.host_blocks)
+        self.host = tinyserve.allocate_host_pool(self.caches, args.host_blocks)
         self.tolerance = args.tolerance
         self.next_seq_id = 0
         self.waiting: collections.deque[Request | Sequence] = collections.deque()
@@ -139,6 +149,20 @@ class Engine:
         c, report = self.counters, self.since_report
         while self.waiting:
             item = self.waiting[0]
+            if isinstance(item, Sequence) and item.offloaded:  # preempted by offload: recall
+                if self._recall(item):
+                    self.waiting.popleft()
+                    self.running.append(item)
+                    continue
+                if self.running:
+                    break
+                # Nothing runs, so nothing will free blocks: the device blocks that other
+                # offloaded sequences still share keep this one out. Recompute it instead.
+                self.bm.free(item.seq_id)
+                item.offloaded = False
+                c.sequences_freed += 1
+                c.preempted_frees += 1
+                continue
             if isinstance(item, Sequence):  # preempted earlier: recompute its tokens
                 tokens = np.asarray(item.tokens, dtype=np.int64)
                 cached = self._prefill(item, tokens)
@@ -207,14 +231,61 @@ class Engine:
     # -- decode -----------------------------------------------------------------------------
 
     def _preempt(self) -> None:
-        """Free the most recently admitted running sequence and queue it for recomputation. Its
-        tokens were all written in earlier steps, so the keys it leaves in the prefix cache are
-        backed by real K/V (and its recomputation often hits them)."""
+        """Preempt the most recently admitted running sequence and queue it in front. Its blocks
+        that no other sequence holds go to the host pool (Compactor.plan_offload_sequences: one
+        swap_blocks call per cache), to be recalled when it is readmitted. When the host pool
+        cannot take them (or the victim holds none of its own), the victim is freed and
+        recomputed instead: its tokens were all written in earlier steps, so the keys it leaves
+        in the prefix cache are backed by real K/V (and its recomputation often hits them)."""
+        c = self.counters
         victim = self.running.pop()
-        self.bm.free(victim.seq_id)
         self.waiting.appendleft(victim)
-        self.counters.preemptions += 1
-        self.counters.sequences_freed += 1
+        c.preemptions += 1
+        try:
+            plan = self.compactor.plan_offload_sequences([victim.seq_id])
+        except tinyserve.OutOfBlocks:
+            plan = None
+        if plan is not None and len(plan) == 0:
+            self.compactor.abort(plan)
+            plan = None
+        if plan is None:
+            self.bm.free(victim.seq_id)
+            c.sequences_freed += 1
+            c.preempted_frees += 1
+            return
+        tinyserve.execute_plan(plan, self.caches, self.host)
+        self.compactor.commit(plan)
+        victim.offloaded = True
+        c.offloads += 1
+        c.offloaded_blocks += len(plan)
+        self.log(
+            f"offload  step  {self.step:>8}: sequence {victim.seq_id} preempted, "
+            f"{_count(len(plan), 'block')} to the host pool "
+            f"({self.compactor.num_free_host_blocks} host blocks free)"
+        )
+
+    def _recall(self, seq: Sequence) -> bool:
+        """Bring an offloaded sequence's blocks back (one swap_blocks call per cache) if the
+        pool can take them with the same margin admission keeps; False when it cannot yet."""
+        t = time.perf_counter()
+        needed = self.compactor.num_offloaded(seq.seq_id)
+        if self.bm.num_free_blocks - needed < max(1, len(self.running) // 4):
+            self._timed("manager", t)
+            return False
+        plan = self.compactor.plan_recall([seq.seq_id])
+        t = self._timed("manager", t)
+        tinyserve.execute_plan(plan, self.caches, self.host)
+        t = self._timed("kernels", t)
+        self.compactor.commit(plan)
+        self._timed("manager", t)
+        seq.offloaded = False
+        self.counters.recalls += 1
+        self.counters.recalled_blocks += len(plan)
+        self.log(
+            f"recall   step  {self.step:>8}: sequence {seq.seq_id} resumed, "
+            f"{_count(len(plan), 'block')} back from the host pool (nothing recomputed)"
+        )
+        return True
 
     def _finish(self, seq: Sequence) -> None:
         self.bm.free(seq.seq_id)
@@ -317,13 +388,14 @@ class Engine:
             self.step += 1
         self.log(self.report_admissions(report_from))
 
-        for seq in self.running:  # cut off by --steps
+        offloaded = [s for s in self.waiting if isinstance(s, Sequence) and s.offloaded]
+        for seq in self.running + offloaded:  # cut off by --steps
             self.bm.free(seq.seq_id)
             self.counters.sequences_freed += 1
         self.running = []
         self.bm.check()
         stats = self.bm.stats()
-        if stats["num_used"] or stats["num_sequences"]:
+        if stats["num_used"] or stats["num_sequences"] or stats["num_offloaded"]:
             raise DemoFailure(f"every sequence was freed but blocks are still in use: {stats}")
         self.log(
             f"drain    step  {self.step - 1:>8}: every sequence freed, the manager's invariants "
@@ -341,5 +413,6 @@ class Engine:
             f"blocks {s['num_used']} used, {s['num_shared']} shared, "
             f"{s['num_evictable']} evictable | "
             f"{_count(c.cow_copies, 'cow copy', 'cow copies')}, "
-            f"{_count(c.preemptions, 'preemption')} | {error}"
+            f"{_count(c.preemptions, 'preemption')} ({c.offloads} offloaded, "
+            f"{c.recalls} recalled) | {error}"
         )

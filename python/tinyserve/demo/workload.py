@@ -36,6 +36,7 @@ class Sequence:
     history: np.ndarray | None = None  # rounded K/V of `tokens`, float32 [layers, 2, cap, H, D]
     pending: int = -1  # sampled next token, appended by the next decode step
     generated: int = 0
+    offloaded: bool = False  # preempted with its blocks in the compactor's host pool
 
     def extend_history(self, kv: np.ndarray) -> None:
         """Append rows of rounded K/V, kv [layers, 2, T, H, D], after the current tokens."""
