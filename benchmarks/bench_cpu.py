@@ -1,8 +1,9 @@
 """CPU benchmark: paged decode attention against torch, and one BlockManager decode step.
 
 (a) paged_attention on the CPU backend: batch 8, context 4096, 32 query heads, 8 KV heads,
-    head_dim 128, float32, page size 16, pages in random physical order (NHD cache), against
-    torch's CPU scaled_dot_product_attention on the same keys and values held contiguously
+    head_dim 128, float32 (--dtype picks float16 or bfloat16), page size 16, pages in random
+    physical order (NHD cache), against torch's CPU scaled_dot_product_attention on the same keys
+    and values held contiguously
     ([B, H, L, D], enable_gqa=True so each KV head is read once). Both run with the same thread
     count. Median of many calls after warm-up, the two timed alternately so drift of the machine
     hits both alike; the outputs are compared (max abs diff). Target: tinyserve at most 2x torch.
@@ -14,6 +15,7 @@ torch's OpenMP threads are told to wait passively (OMP_WAIT_POLICY=PASSIVE, unle
 their spinning between calls does not slow the tinyserve calls timed in between.
 
     python benchmarks/bench_cpu.py [--json results.json] [--iters 40] [--steps 2000]
+                                   [--dtype float32|float16|bfloat16]
 """
 
 from __future__ import annotations
@@ -87,9 +89,11 @@ def attention_inputs(batch: int, context: int, q_heads: int, kv_heads: int, dim:
     return q, k, v, paged(k), paged(v), table, lens
 
 
-def bench_attention(iters: int, warmup: int) -> dict:
+def bench_attention(iters: int, warmup: int, dtype: str = "float32") -> dict:
     batch, context, q_heads, kv_heads, dim, page = 8, 4096, 32, 8, 128, 16
     q, k, v, kc, vc, table, lens = attention_inputs(batch, context, q_heads, kv_heads, dim, page)
+    torch_dtype = getattr(torch, dtype)
+    q, k, v, kc, vc = (x.to(torch_dtype) for x in (q, k, v, kc, vc))
     out = torch.empty_like(q)
     q4 = q.unsqueeze(2)  # [B, Hq, 1, D]
 
@@ -118,12 +122,12 @@ def bench_attention(iters: int, warmup: int) -> dict:
             "num_kv_heads": kv_heads,
             "head_dim": dim,
             "page_size": page,
-            "dtype": "float32",
+            "dtype": dtype,
             "layout": "NHD, pages in random physical order",
         },
         "iters": iters,
         "warmup": warmup,
-        "max_abs_diff": float((out - ref).abs().max()),
+        "max_abs_diff": float((out.float() - ref.float()).abs().max()),
     }
     for name, values in times.items():
         median = statistics.median(values)
@@ -169,6 +173,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed attention calls first")
     parser.add_argument("--steps", type=int, default=2000, help="timed BlockManager steps")
     parser.add_argument("--step-warmup", type=int, default=200)
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="storage dtype of query, caches and output (attention benchmark)",
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(ts.num_threads())
@@ -186,7 +196,7 @@ def main() -> None:
         "python": platform.python_version(),
         "system": f"{platform.system()} {platform.release()}",
     }
-    attention = bench_attention(args.iters, args.warmup)
+    attention = bench_attention(args.iters, args.warmup, args.dtype)
     step = bench_step(args.steps, args.step_warmup)
 
     print(
@@ -205,7 +215,7 @@ def main() -> None:
     s = attention["shape"]
     print(
         f"(a) decode attention, batch {s['batch']}, context {s['context']}, "
-        f"{s['num_q_heads']}/{s['num_kv_heads']} heads, head_dim {s['head_dim']}, float32, "
+        f"{s['num_q_heads']}/{s['num_kv_heads']} heads, head_dim {s['head_dim']}, {s['dtype']}, "
         f"page {s['page_size']}; median of {attention['iters']}"
     )
     print(f"    {'':<36} {'median ms':>10} {'p10 ms':>8} {'p90 ms':>8} {'K+V GB/s':>9}")

@@ -47,6 +47,10 @@ struct AttentionOptions {
   // CUDA scratch for split partials, at least plan_paged_attention(...).workspace_bytes bytes on
   // the tensors' device. Unused by the CPU backend and when no split happens.
   std::optional<TensorView> workspace;
+  // Prefill / append / chunked prefill: int32 [batch + 1], cumulative. Sequence b's query rows
+  // are query[query_start_loc[b] : query_start_loc[b + 1]], its last tokens (their keys and
+  // values already in the cache), attended causally. See paged_attention.
+  std::optional<TensorView> query_start_loc;
 };
 
 struct AttentionPlan {
@@ -54,10 +58,24 @@ struct AttentionPlan {
   std::size_t workspace_bytes = 0;
 };
 
-// Decode attention, one query token per sequence: query [batch, num_q_heads, head_dim],
-// block_table int32 [batch, max_blocks], seq_lens int32 [batch], out like query. num_q_heads must
-// be a multiple of num_kv_heads (GQA/MQA). Softmax in float32 whatever the dtype. A sequence of
-// length 0 gets a zero output.
+// Attention over the paged KV cache. block_table int32 [batch, max_blocks], seq_lens int32
+// [batch], out like query. num_q_heads must be a multiple of num_kv_heads (GQA/MQA). Softmax in
+// float32 whatever the dtype.
+//
+// Decode (no options.query_start_loc): one query token per sequence, query [batch, num_q_heads,
+// head_dim], attending to the whole sequence (or its window). A sequence of length 0 gets a zero
+// output and lse -inf.
+//
+// Prefill (options.query_start_loc, int32 [batch + 1]): query [total_rows, num_q_heads,
+// head_dim]; sequence b owns rows query_start_loc[b] .. query_start_loc[b + 1] - 1, which are
+// its last n_b tokens, at positions seq_lens[b] - n_b .. seq_lens[b] - 1 (their keys and values
+// already written). The row at position p attends causally to keys 0..p (window_left = w: keys
+// p - w .. p). query_start_loc[0] = 0, non-decreasing, last entry = total_rows, and
+// n_b <= seq_lens[b]; a sequence may have no rows, and a decode step is a sequence with one. lse
+// is [total_rows, num_q_heads]. The CPU backend checks the offsets before writing. On CUDA they
+// stay on the device and are not checked: bad offsets give wrong rows (zeros for a row that finds
+// no key) but never a read outside the cache or a write outside out; CUDA prefill does not split
+// (num_splits is ignored).
 TINYSERVE_API void paged_attention(const TensorView& query, const TensorView& key_cache,
                                    const TensorView& value_cache, const TensorView& block_table,
                                    const TensorView& seq_lens, const TensorView& out,
@@ -89,7 +107,10 @@ TINYSERVE_API void swap_blocks(const TensorView& src_cache, const TensorView& ds
 TINYSERVE_API bool cuda_compiled();     // built with the CUDA backend
 TINYSERVE_API int cuda_device_count();  // 0 when not compiled, no driver or no device
 TINYSERVE_API void cuda_stream_synchronize(Stream stream);  // waits for a CUDA stream
-TINYSERVE_API int num_threads();                            // worker threads of the CPU backend
+// Worker threads of the CPU backend (the calling thread counts as one): the number asked for
+// (set_num_threads, else TINYSERVE_NUM_THREADS, else the hardware's), or fewer when the system
+// could not start that many. set_num_threads takes n in [1, 1024].
+TINYSERVE_API int num_threads();
 TINYSERVE_API void set_num_threads(int n);
 
 }  // namespace tinyserve

@@ -53,6 +53,7 @@ def _cuda_plan(
     query: Any,
     key_cache: Any,
     block_table: Any,
+    query_start_loc: Any,
     fw: str,
     window_left: int,
     max_seq_len: int,
@@ -67,12 +68,20 @@ def _cuda_plan(
         window_left,
         max_seq_len,
         num_splits,
+        # Prefill plans differ (CUDA prefill does not split); the offsets' values are not read.
+        query_start_loc is not None,
     )
     plan = _plans.get(key)
     if plan is None:
         x = _interop.export
         splits, nbytes = _C.plan_paged_attention(
-            x(query), x(key_cache), x(block_table), window_left, max_seq_len, num_splits
+            x(query),
+            x(key_cache),
+            x(block_table),
+            window_left,
+            max_seq_len,
+            num_splits,
+            x(query_start_loc),
         )
         plan = (splits, _workspace(query, fw, nbytes) if nbytes > 0 else None)
         if len(_plans) >= _MAX_PLANS:
@@ -108,9 +117,10 @@ def plan_paged_attention(
     window_left: int = -1,
     max_seq_len: int | None = None,
     num_splits: int | None = None,
+    query_start_loc: Any = None,
 ) -> tuple[int, int]:
     """``(num_splits, workspace_bytes)`` that :func:`paged_attention` uses for these arguments,
-    from host-side values only."""
+    from host-side values only (``query_start_loc``'s values are not read)."""
     x = _interop.export
     return _C.plan_paged_attention(
         x(query),
@@ -119,6 +129,7 @@ def plan_paged_attention(
         window_left=window_left,
         max_seq_len=-1 if max_seq_len is None else max_seq_len,
         num_splits=0 if num_splits is None else num_splits,
+        query_start_loc=x(query_start_loc),
     )
 
 
@@ -138,16 +149,33 @@ def paged_attention(
     max_seq_len: int | None = None,
     num_splits: int | None = None,
     workspace: Any = None,
+    query_start_loc: Any = None,
     stream: Any = None,
 ) -> Any:
-    """Decode attention over a paged KV cache, one query token per sequence.
+    """Attention over a paged KV cache: decode (one query token per sequence), or prefill /
+    append / chunked prefill with ``query_start_loc``.
 
-    query ``[batch, num_q_heads, head_dim]``; key_cache/value_cache
-    ``[num_blocks, block_size, num_kv_heads, head_dim]``; block_table int32
-    ``[batch, max_blocks]``; seq_lens int32 ``[batch]``. num_q_heads must be a multiple of
-    num_kv_heads. Returns ``out`` (allocated like ``query`` when omitted), or ``(out, lse)`` with
-    ``return_lse=True``; ``lse`` is the float32 natural-log sum of exp(logits),
-    ``[batch, num_q_heads]``.
+    key_cache/value_cache ``[num_blocks, block_size, num_kv_heads, head_dim]``; block_table int32
+    ``[batch, max_blocks]``; seq_lens int32 ``[batch]``, the sequences' lengths with the new
+    tokens' keys and values already written. num_q_heads must be a multiple of num_kv_heads.
+
+    Decode (``query_start_loc=None``): query ``[batch, num_q_heads, head_dim]``, one row per
+    sequence, attending to the whole sequence.
+
+    Prefill: ``query_start_loc`` is int32 ``[batch + 1]``, cumulative (``[0, n_0, n_0 + n_1,
+    ...]``), and query is ``[total_rows, num_q_heads, head_dim]``. Sequence ``i``'s rows
+    ``query_start_loc[i]:query_start_loc[i + 1]`` are its last ``n_i`` tokens, at positions
+    ``seq_lens[i] - n_i .. seq_lens[i] - 1``, attended causally: the row at position ``p`` sees
+    keys ``0..p`` (``p - window_left .. p`` with a window). A batch may mix decode sequences (one
+    row) and prefill sequences, and a sequence may have no rows. On the CPU, rejected with
+    ``ValueError``, nothing written: a first entry other than 0, a decreasing entry, a last entry
+    other than ``total_rows``, more rows than ``seq_lens[i]``. On CUDA the offsets stay on the
+    device and are not checked (bad ones give wrong rows, never an access outside the cache or
+    ``out``), and prefill does not split (``num_splits`` is ignored).
+
+    Returns ``out`` (allocated like ``query`` when omitted), or ``(out, lse)`` with
+    ``return_lse=True``; ``lse`` is the float32 natural-log sum of exp(logits) per query row and
+    head, ``[rows, num_q_heads]`` (-inf for a row that sees no key).
 
     scale defaults to 1/sqrt(head_dim). window_left >= 0 attends to the last window_left + 1
     tokens only. logits_soft_cap > 0 applies cap * tanh(logits / cap). max_seq_len is an upper
@@ -156,7 +184,7 @@ def paged_attention(
     workspace is CUDA scratch of at least ``plan_paged_attention(...)[1]`` bytes; when omitted,
     one buffer per device is kept and reused, and the split plan is remembered per shapes, dtype,
     device and options, so that a repeated call crosses into the core once."""
-    _interop.wait_ready(query, key_cache, value_cache, block_table, seq_lens)
+    _interop.wait_ready(query, key_cache, value_cache, block_table, seq_lens, query_start_loc)
     fw = _interop.framework(query)
     cuda = _interop.is_cuda(query)
     if out is None:
@@ -167,7 +195,7 @@ def paged_attention(
     splits = 0 if num_splits is None else num_splits
     if workspace is None and cuda:
         planned_splits, workspace = _cuda_plan(
-            query, key_cache, block_table, fw, window_left, max_len, splits
+            query, key_cache, block_table, query_start_loc, fw, window_left, max_len, splits
         )
         if workspace is not None:
             splits = planned_splits
@@ -187,6 +215,7 @@ def paged_attention(
         max_seq_len=max_len,
         num_splits=splits,
         workspace=x(workspace),
+        query_start_loc=x(query_start_loc),
         stream=s,
     )
     if cuda and _interop.any_jax(query, out):

@@ -39,7 +39,7 @@ void bind_ops(nb::module_& m) {
       [](nb::handle query, nb::handle key_cache, nb::handle value_cache, nb::handle block_table,
          nb::handle seq_lens, nb::handle out, nb::handle scale, nb::handle window_left,
          nb::handle logits_soft_cap, nb::handle lse, nb::handle max_seq_len, nb::handle num_splits,
-         nb::handle workspace, nb::handle stream) {
+         nb::handle workspace, nb::handle query_start_loc, nb::handle stream) {
         const char* op = "paged_attention";
         Arrays a(op);
         TensorView q = a.input(query, "query");
@@ -56,6 +56,7 @@ void bind_ops(nb::module_& m) {
         opts.max_seq_len = to_int<std::int64_t>(max_seq_len, op, "max_seq_len");
         opts.num_splits = to_int<int>(num_splits, op, "num_splits");
         opts.workspace = a.optional_output(workspace, "workspace");
+        opts.query_start_loc = a.optional_input(query_start_loc, "query_start_loc");
         Stream s = to_int<Stream>(stream, op, "stream");
         nb::gil_scoped_release release;
         paged_attention(q, kc, vc, bt, sl, o, opts, s);
@@ -64,17 +65,18 @@ void bind_ops(nb::module_& m) {
       "seq_lens"_a.none(), "out"_a.none(), "scale"_a.none() = nb::none(),
       "window_left"_a.none() = -1, "logits_soft_cap"_a.none() = 0.0f, "lse"_a.none() = nb::none(),
       "max_seq_len"_a.none() = -1, "num_splits"_a.none() = 0, "workspace"_a.none() = nb::none(),
-      "stream"_a.none() = 0,
+      "query_start_loc"_a.none() = nb::none(), "stream"_a.none() = 0,
       nb::sig("def paged_attention(query: typing.Any, key_cache: typing.Any, value_cache: "
               "typing.Any, block_table: typing.Any, seq_lens: typing.Any, out: typing.Any, scale: "
               "float | None = None, window_left: int = -1, logits_soft_cap: float = 0.0, lse: "
               "typing.Any | None = None, max_seq_len: int = -1, num_splits: int = 0, workspace: "
-              "typing.Any | None = None, stream: int = 0) -> None"));
+              "typing.Any | None = None, query_start_loc: typing.Any | None = None, stream: int = "
+              "0) -> None"));
 
   m.def(
       "plan_paged_attention",
       [](nb::handle query, nb::handle key_cache, nb::handle block_table, nb::handle window_left,
-         nb::handle max_seq_len, nb::handle num_splits) {
+         nb::handle max_seq_len, nb::handle num_splits, nb::handle query_start_loc) {
         const char* op = "plan_paged_attention";
         Arrays a(op);
         TensorView q = a.input(query, "query");
@@ -84,14 +86,16 @@ void bind_ops(nb::module_& m) {
         o.window_left = to_int<int>(window_left, op, "window_left");
         o.max_seq_len = to_int<std::int64_t>(max_seq_len, op, "max_seq_len");
         o.num_splits = to_int<int>(num_splits, op, "num_splits");
+        o.query_start_loc = a.optional_input(query_start_loc, "query_start_loc");
         AttentionPlan plan = plan_paged_attention(q, kc, bt, o);
         return std::make_pair(plan.num_splits, plan.workspace_bytes);
       },
       "query"_a.none(), "key_cache"_a.none(), "block_table"_a.none(), "window_left"_a.none() = -1,
       "max_seq_len"_a.none() = -1, "num_splits"_a.none() = 0,
+      "query_start_loc"_a.none() = nb::none(),
       nb::sig("def plan_paged_attention(query: typing.Any, key_cache: typing.Any, block_table: "
-              "typing.Any, window_left: int = -1, max_seq_len: int = -1, num_splits: int = 0) -> "
-              "tuple[int, int]"),
+              "typing.Any, window_left: int = -1, max_seq_len: int = -1, num_splits: int = 0, "
+              "query_start_loc: typing.Any | None = None) -> tuple[int, int]"),
       "Returns (num_splits, workspace_bytes) that paged_attention uses for these arguments.");
 
   m.def(
@@ -140,8 +144,11 @@ void bind_ops(nb::module_& m) {
   m.def("cuda_compiled", &cuda_compiled, "True when the library was built with CUDA kernels.");
   m.def("cuda_device_count", &cuda_device_count,
         "CUDA devices visible to tinyserve (0 without CUDA, driver or device).");
-  m.def("num_threads", &num_threads, "Worker threads of the CPU backend.");
-  m.def("set_num_threads", &set_num_threads, "n"_a, "Sets the CPU backend's worker threads.");
+  m.def("num_threads", &num_threads,
+        "Worker threads of the CPU backend: as many as asked for, or fewer when the system could "
+        "not start that many.");
+  m.def("set_num_threads", &set_num_threads, "n"_a,
+        "Sets the CPU backend's worker threads, n in [1, 1024].");
 }
 
 }  // namespace tinyserve::bindings

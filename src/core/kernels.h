@@ -45,14 +45,20 @@ constexpr int kMaxAttentionHeadDim = 512;
 // The most sequences one paged-attention call takes (the CUDA grid's third dimension).
 constexpr int kMaxAttentionBatch = 65535;
 
+// Decode (query_start_loc null): one query row per sequence, row b = sequence b. Prefill
+// (query_start_loc set): sequence b owns rows query_start_loc[b] .. query_start_loc[b + 1] - 1,
+// its last tokens, causal. The *_stride_batch strides of query, out and lse step from one query
+// row to the next.
 struct PagedAttentionParams {
   // Element types of the query, the K/V caches and the output. The kernels require them equal
   // for now; they are separate so that a cache may one day hold another type than the query.
   DType query_dtype = DType::Float32;
   DType kv_dtype = DType::Float32;
   DType out_dtype = DType::Float32;
-  const void* query = nullptr;  // [batch, num_q_heads, head_dim]
+  const void* query = nullptr;  // [num_query_rows, num_q_heads, head_dim]
   std::int64_t q_stride_batch = 0, q_stride_head = 0;
+  const std::int32_t* query_start_loc = nullptr;  // optional [batch + 1], cumulative rows
+  std::int64_t num_query_rows = 0;                // batch in decode
   CacheDesc key_cache, value_cache;
   // Pages of sequence b for KV head h: block_table[b * block_table_stride_batch +
   // h * block_table_stride_head + page], and its length seq_lens[b * seq_lens_stride_batch +
@@ -66,9 +72,9 @@ struct PagedAttentionParams {
   const std::int32_t* seq_lens = nullptr;
   std::int64_t seq_lens_stride_batch = 1;
   std::int64_t seq_lens_stride_head = 0;
-  void* out = nullptr;  // [batch, num_q_heads, head_dim]
+  void* out = nullptr;  // [num_query_rows, num_q_heads, head_dim]
   std::int64_t out_stride_batch = 0, out_stride_head = 0;
-  float* lse = nullptr;  // optional [batch, num_q_heads]
+  float* lse = nullptr;  // optional [num_query_rows, num_q_heads]
   std::int64_t lse_stride_batch = 0, lse_stride_head = 0;
   int batch = 0;
   int num_q_heads = 0;
@@ -144,7 +150,10 @@ inline std::size_t attention_workspace_bytes(int num_splits, int batch, int num_
 namespace cpu {
 void reshape_and_cache(const ReshapeAndCacheParams& p);
 void paged_attention(const PagedAttentionParams& p);
-int plan_attention_splits(int batch, int num_kv_heads, std::int64_t max_kv_len);
+// Splits per task for a batch of num_query_rows query rows (decode: one per sequence; prefill:
+// rows of several sequences, worked on in tiles of rows).
+int plan_attention_splits(std::int64_t num_query_rows, bool prefill, int num_kv_heads,
+                          std::int64_t max_kv_len);
 void copy_blocks(const CopyBlocksParams& p);
 void swap_blocks(const SwapBlocksParams& p);
 }  // namespace cpu

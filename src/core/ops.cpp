@@ -24,6 +24,8 @@ constexpr int kMaxSplits = 4096;
 
 struct AttentionShapes {
   int batch, num_q_heads, num_kv_heads, head_dim, block_size, max_blocks;
+  std::int64_t num_query_rows;  // batch in decode
+  bool prefill;                 // options.query_start_loc given
   Device device;
   Backend backend;
 };
@@ -32,21 +34,25 @@ struct AttentionShapes {
 struct BackendKernels {
   void (*reshape_and_cache)(const kernels::ReshapeAndCacheParams&, Stream);
   void (*paged_attention)(const kernels::PagedAttentionParams&, Stream);
+  // Splits of the key range when the caller asks for none (num_splits 0).
   int (*plan_attention_splits)(const AttentionShapes&, DType, std::int64_t max_kv_len);
   void (*copy_blocks)(const kernels::CopyBlocksParams&, Stream);
   void (*swap_blocks)(const kernels::SwapBlocksParams&, Stream);
   bool split_partials_in_workspace;  // split attention needs the caller's workspace
+  bool prefill_splits;  // the prefill kernel splits the key range (else num_splits is ignored)
 };
 
 constexpr BackendKernels kCpuKernels{
     [](const kernels::ReshapeAndCacheParams& p, Stream) { kernels::cpu::reshape_and_cache(p); },
     [](const kernels::PagedAttentionParams& p, Stream) { kernels::cpu::paged_attention(p); },
     [](const AttentionShapes& s, DType, std::int64_t max_kv_len) {
-      return kernels::cpu::plan_attention_splits(s.batch, s.num_kv_heads, max_kv_len);
+      return kernels::cpu::plan_attention_splits(s.num_query_rows, s.prefill, s.num_kv_heads,
+                                                 max_kv_len);
     },
     [](const kernels::CopyBlocksParams& p, Stream) { kernels::cpu::copy_blocks(p); },
     [](const kernels::SwapBlocksParams& p, Stream) { kernels::cpu::swap_blocks(p); },
     false,
+    true,
 };
 
 constexpr BackendKernels kCudaKernels{
@@ -59,6 +65,7 @@ constexpr BackendKernels kCudaKernels{
     kernels::cuda::copy_blocks,
     kernels::cuda::swap_blocks,
     true,
+    false,
 };
 
 const BackendKernels& kernels_of(Backend backend) {
@@ -96,7 +103,9 @@ AttentionShapes check_attention_plan_args(const OpCheck& c, const TensorView& qu
                                           const TensorView& key_cache,
                                           const TensorView& block_table,
                                           const AttentionOptions& o) {
-  c.ndim(query, "query", 3, "[batch, num_q_heads, head_dim]");
+  const bool prefill = o.query_start_loc.has_value();
+  c.ndim(query, "query", 3,
+         prefill ? "[total_rows, num_q_heads, head_dim]" : "[batch, num_q_heads, head_dim]");
   c.attention_dtype(query, "query");
   c.last_dim_contiguous(query, "query");
   c.kv_cache(key_cache, "key_cache");
@@ -104,7 +113,17 @@ AttentionShapes check_attention_plan_args(const OpCheck& c, const TensorView& qu
   c.dtype(block_table, "block_table", DType::Int32);
   c.last_dim_contiguous(block_table, "block_table");
   c.dim(query, "query", 2, key_cache.shape[3], "head_dim of the caches");
-  c.dim(block_table, "block_table", 0, query.shape[0], "batch");
+  if (prefill) {
+    const TensorView& qsl = *o.query_start_loc;
+    c.ndim(qsl, "query_start_loc", 1, "[batch + 1]");
+    c.dtype(qsl, "query_start_loc", DType::Int32);
+    c.last_dim_contiguous(qsl, "query_start_loc");
+    c.dim(qsl, "query_start_loc", 0, block_table.shape[0] + 1, "batch + 1 of block_table");
+    TS_REQUIRE(c, query.shape[0] <= INT32_MAX, "query must have at most ", INT32_MAX,
+               " rows (query_start_loc is int32), got ", query.shape[0]);
+  } else {
+    c.dim(block_table, "block_table", 0, query.shape[0], "batch");
+  }
   if (query.shape[1] % key_cache.shape[2] != 0 || query.shape[1] == 0) {
     c.fail("num_q_heads must be a positive multiple of num_kv_heads (", key_cache.shape[2],
            "), got ", query.shape[1]);
@@ -120,40 +139,49 @@ AttentionShapes check_attention_plan_args(const OpCheck& c, const TensorView& qu
     TS_REQUIRE(c, std::isfinite(*o.scale) && *o.scale != 0.0f,
                "scale must be finite and nonzero, got ", *o.scale);
   }
-  TS_REQUIRE(
-      c,
-      query.shape[0] <= (1 << 30) && block_table.shape[1] <= (1 << 30) && query.shape[1] <= 65535,
-      "sizes must fit 32-bit indexing, got query ", shape_str(query), " and block_table ",
-      shape_str(block_table));
+  TS_REQUIRE(c,
+             block_table.shape[0] <= (1 << 30) && block_table.shape[1] <= (1 << 30) &&
+                 query.shape[1] <= 65535,
+             "sizes must fit 32-bit indexing, got query ", shape_str(query), " and block_table ",
+             shape_str(block_table));
   // Limits of the CUDA kernels, checked on every backend so that a call means the same
   // everywhere.
   TS_REQUIRE(c, key_cache.shape[3] <= kernels::kMaxAttentionHeadDim, "head_dim must be at most ",
              kernels::kMaxAttentionHeadDim, ", got ", key_cache.shape[3]);
-  TS_REQUIRE(c, query.shape[0] <= kernels::kMaxAttentionBatch, "batch must be at most ",
-             kernels::kMaxAttentionBatch, ", got ", query.shape[0]);
+  TS_REQUIRE(c, block_table.shape[0] <= kernels::kMaxAttentionBatch, "batch must be at most ",
+             kernels::kMaxAttentionBatch, ", got ", block_table.shape[0]);
   TS_REQUIRE(c, query.shape[0] * query.shape[1] <= INT32_MAX,
-             "batch * num_q_heads must be at most ", INT32_MAX, ", got batch ", query.shape[0],
+             prefill ? "total_rows * num_q_heads" : "batch * num_q_heads", " must be at most ",
+             INT32_MAX, ", got ", prefill ? "total_rows " : "batch ", query.shape[0],
              " and num_q_heads ", query.shape[1]);
   TS_REQUIRE(c, block_table.shape[1] <= INT32_MAX / key_cache.shape[1],
              "max_blocks * block_size must be at most ", INT32_MAX, ", got max_blocks ",
              block_table.shape[1], " and block_size ", key_cache.shape[1]);
   Device device =
       c.same_device({{query, "query"}, {key_cache, "key_cache"}, {block_table, "block_table"}});
-  return {int(query.shape[0]),
+  if (prefill) c.same_device({{query, "query"}, {*o.query_start_loc, "query_start_loc"}});
+  Backend backend = c.backend(device);
+  return {int(block_table.shape[0]),
           int(query.shape[1]),
           int(key_cache.shape[2]),
           int(key_cache.shape[3]),
           int(key_cache.shape[1]),
           int(block_table.shape[1]),
+          query.shape[0],
+          prefill,
           device,
-          c.backend(device)};
+          backend};
 }
 
 AttentionPlan make_plan(const AttentionShapes& s, DType dtype, const AttentionOptions& o) {
   AttentionPlan plan;
   std::int64_t kv_len = max_kv_len(o, std::int64_t(s.max_blocks) * s.block_size);
   const BackendKernels& k = kernels_of(s.backend);
-  plan.num_splits = o.num_splits > 0 ? o.num_splits : k.plan_attention_splits(s, dtype, kv_len);
+  if (s.prefill && !k.prefill_splits) {
+    plan.num_splits = 1;
+  } else {
+    plan.num_splits = o.num_splits > 0 ? o.num_splits : k.plan_attention_splits(s, dtype, kv_len);
+  }
   if (k.split_partials_in_workspace && plan.num_splits > 1) {
     plan.workspace_bytes =
         kernels::attention_workspace_bytes(plan.num_splits, s.batch, s.num_q_heads, s.head_dim);
@@ -367,7 +395,8 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
   c.dtype(seq_lens, "seq_lens", DType::Int32);
   c.last_dim_contiguous(seq_lens, "seq_lens");
   c.dim(seq_lens, "seq_lens", 0, s.batch, "batch");
-  c.ndim(out, "out", 3, "[batch, num_q_heads, head_dim]");
+  c.ndim(out, "out", 3,
+         s.prefill ? "[total_rows, num_q_heads, head_dim]" : "[batch, num_q_heads, head_dim]");
   c.same_dtype(query, "query", out, "out");
   c.writable(out, "out");
   for (int d = 0; d < 3; ++d) {
@@ -379,10 +408,10 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
       {{query, "query"}, {value_cache, "value_cache"}, {seq_lens, "seq_lens"}, {out, "out"}});
   if (options.lse) {
     const TensorView& lse = *options.lse;
-    c.ndim(lse, "lse", 2, "[batch, num_q_heads]");
+    c.ndim(lse, "lse", 2, s.prefill ? "[total_rows, num_q_heads]" : "[batch, num_q_heads]");
     c.dtype(lse, "lse", DType::Float32);
     c.writable(lse, "lse");
-    c.dim(lse, "lse", 0, s.batch, "batch");
+    c.dim(lse, "lse", 0, s.num_query_rows, s.prefill ? "total_rows" : "batch");
     c.dim(lse, "lse", 1, s.num_q_heads, "num_q_heads");
     c.same_device({{query, "query"}, {lse, "lse"}});
   }
@@ -422,16 +451,36 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
   }
 
   const std::int64_t capacity = std::int64_t(s.max_blocks) * s.block_size;
+  const std::int32_t* starts =
+      s.prefill ? options.query_start_loc->ptr<const std::int32_t>() : nullptr;
   if (detail::is_host(s.device)) {
     // Ids and lengths live on the host: check every one the kernel will read.
     const std::int32_t* lens = seq_lens.ptr<const std::int32_t>();
     const std::int32_t* table = block_table.ptr<const std::int32_t>();
+    if (s.prefill) {
+      TS_REQUIRE(c, starts[0] == 0, "query_start_loc[0] must be 0, got ", starts[0]);
+      TS_REQUIRE(c, starts[s.batch] == s.num_query_rows, "query_start_loc[", s.batch,
+                 "] (the last entry) must be the number of query rows ", s.num_query_rows, ", got ",
+                 starts[s.batch]);
+    }
     for (int b = 0; b < s.batch; ++b) {
       TS_REQUIRE(c, lens[b] >= 0 && lens[b] <= capacity, "seq_lens[", b, "] must be in [0, ",
                  capacity, "] (max_blocks * block_size), got ", lens[b]);
+      // The first query row's position: the oldest key any row of the sequence reads.
+      std::int64_t first_row = lens[b] - 1;
+      if (s.prefill) {
+        TS_REQUIRE(c, starts[b + 1] >= starts[b], "query_start_loc must be non-decreasing, got ",
+                   starts[b], " then ", starts[b + 1], " at index ", b);
+        const std::int64_t rows = std::int64_t(starts[b + 1]) - starts[b];
+        TS_REQUIRE(c, rows <= lens[b], "sequence ", b, " must have at most seq_lens[b] = ", lens[b],
+                   " query rows (its last tokens), got ", rows, " (query_start_loc[", b + 1,
+                   "] - query_start_loc[", b, "])");
+        if (rows == 0) continue;
+        first_row = lens[b] - rows;
+      }
       std::int64_t first = 0;
       if (options.window_left >= 0)
-        first = std::max<std::int64_t>(0, lens[b] - 1 - options.window_left);
+        first = std::max<std::int64_t>(0, first_row - options.window_left);
       for (std::int64_t page = first / s.block_size;
            page < (lens[b] + s.block_size - 1) / s.block_size; ++page) {
         std::int32_t id = table[b * block_table.strides[0] + page];
@@ -440,7 +489,7 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
       }
     }
   }
-  if (s.batch == 0) return;
+  if (s.batch == 0 || s.num_query_rows == 0) return;
 
   kernels::PagedAttentionParams p;
   p.query_dtype = query.dtype;
@@ -449,6 +498,8 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
   p.query = query.data;
   p.q_stride_batch = query.strides[0];
   p.q_stride_head = query.strides[1];
+  if (s.prefill) p.query_start_loc = starts;
+  p.num_query_rows = s.num_query_rows;
   p.key_cache = cache_desc(key_cache);
   p.value_cache = cache_desc(value_cache);
   p.block_table = block_table.ptr<const std::int32_t>();

@@ -1,8 +1,9 @@
-// CPU paged decode attention: the reference the other backends are checked against, and a
-// usable backend. One task per (sequence, split) covers every KV head, reading the cache in its
-// memory order; all query heads of a GQA group share each key and value row while it is in
-// registers. Online softmax in float32 over tiles of tokens; splits of one sequence are merged
-// through their log-sum-exp.
+// CPU paged attention: the reference the other backends are checked against, and a usable
+// backend. Work is cut into tasks: a task is a tile of query rows of one sequence (decode: its one
+// row; prefill: up to kRowTile consecutive rows) with every query head, reading the keys that any
+// of its rows sees, in the cache's memory order. All query heads of a GQA group, and all rows of
+// the tile, share each key and value row while it is in registers. Online softmax in float32 over
+// tiles of tokens; splits of a task's key range are merged through their log-sum-exp.
 
 #include <algorithm>
 #include <cmath>
@@ -35,20 +36,55 @@ constexpr int kTileHeadMajor = 16;
 constexpr int kMaxTile = 16;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// The token range [begin, end) that split `split` of sequence b reads.
-struct Range {
-  std::int64_t begin, end;
+// Query rows per prefill task. Eight rows of 32 query heads of 128 keep the tile's queries and
+// accumulators (128 KB each) in L2 while each key and value row is read once for all of them.
+constexpr int kRowTile = 8;
+// At most this many bytes of split partials at a time; more tasks are run in waves.
+constexpr std::size_t kMaxPartialBytes = std::size_t(64) << 20;
+
+// Query rows [row, row + rows) of sequence `seq`, at key positions pos .. pos + rows - 1, reading
+// keys [key_begin, key_end): the union of the rows' causal (and windowed) ranges. The keys are
+// cut into `splits` non-empty pieces of `chunk` keys (the last may be shorter).
+struct Task {
+  int seq = 0;
+  int rows = 1;
+  std::int64_t row = 0, pos = 0, key_begin = 0, key_end = 0, chunk = 0;
+  int splits = 1;
+  std::size_t part = 0;  // first partial row (one query head, head_dim floats) of split 0
 };
 
-Range split_range(const PagedAttentionParams& p, int b, int split) {
-  std::int64_t len = std::max(0, p.seq_lens[b * p.seq_lens_stride_batch]);
-  std::int64_t first = 0;
-  if (p.window_left >= 0) first = std::max<std::int64_t>(0, len - 1 - p.window_left);
-  std::int64_t n = len - first;
-  std::int64_t chunk = (n + p.num_splits - 1) / p.num_splits;
-  std::int64_t begin = std::min(len, first + split * chunk);
-  std::int64_t end = std::min(len, begin + chunk);
-  return {begin, end};
+// The tasks of the batch. Decode: one per sequence, its one row at position len - 1. Prefill:
+// sequence b's n rows are its last n tokens, in tiles of kRowTile rows.
+std::vector<Task> make_tasks(const PagedAttentionParams& p) {
+  std::vector<Task> tasks;
+  tasks.reserve(p.query_start_loc ? std::size_t(p.batch) + p.num_query_rows / kRowTile
+                                  : std::size_t(p.batch));
+  auto add = [&](int b, std::int64_t row, int rows, std::int64_t pos) {
+    Task t;
+    t.seq = b;
+    t.row = row;
+    t.rows = rows;
+    t.pos = pos;
+    t.key_end = std::max<std::int64_t>(0, pos + rows);
+    t.key_begin = p.window_left >= 0 ? std::max<std::int64_t>(0, pos - p.window_left) : 0;
+    t.key_begin = std::min(t.key_begin, t.key_end);
+    const std::int64_t keys = t.key_end - t.key_begin;
+    t.chunk = std::max<std::int64_t>(1, (keys + p.num_splits - 1) / p.num_splits);
+    t.splits = int((keys + t.chunk - 1) / t.chunk);
+    tasks.push_back(t);
+  };
+  for (int b = 0; b < p.batch; ++b) {
+    const std::int64_t len = std::max(0, p.seq_lens[b * p.seq_lens_stride_batch]);
+    if (p.query_start_loc == nullptr) {
+      add(b, b, 1, len - 1);
+      continue;
+    }
+    const std::int64_t first = p.query_start_loc[b], n = p.query_start_loc[b + 1] - first;
+    for (std::int64_t j = 0; j < n; j += kRowTile) {
+      add(b, first + j, int(std::min<std::int64_t>(kRowTile, n - j)), len - n + j);
+    }
+  }
+  return tasks;
 }
 
 template <class T>
@@ -74,166 +110,277 @@ const float* as_float(const T* src, int n, std::vector<float>& tile, int t) {
   }
 }
 
-// Attention of all query heads of sequence b over tokens [r.begin, r.end). Writes the normalised
-// output (float32, num_q_heads x head_dim) and the log-sum-exp per head.
+// One worker's buffers, reused from task to task.
+struct Scratch {
+  std::vector<float> q, acc, m, l, scores, buf;
+};
+
+// Attention of the task's rows, all query heads, over keys [begin, end) of its range. Writes the
+// normalised outputs (float32, [rows][num_q_heads][head_dim]) and log-sum-exps ([rows][heads]).
 //
-// One task reads every KV head, a tile of tokens at a time, in the order of the cache's memory:
+// Inside, the task's query vectors are "virtual heads" v = (kv_head * rows + r) * group + g: the
+// rows * group of them that share KV head kv_head are contiguous, so the vector loops treat a tile
+// of rows like a larger GQA group. Each row masks the keys outside its causal (windowed) range.
+//
+// Decode reads every KV head a tile of tokens at a time, in the order of the cache's memory:
 // token by token when one token's heads are contiguous (NHD), head by head when one head's
 // tokens are (HND). The hardware prefetchers then see runs of several KB. One KV head at a time
 // over the whole sequence would read 512-byte rows a token stride apart in an NHD cache, which
 // they do not follow: measured on the reads alone, 14.5 GB/s against 25 GB/s (2 threads, EPYC).
+// A tile of prefill rows goes head by head whatever the layout: a head's queries (rows * group
+// of them) then stay in L1 through the tile, and the tile's keys are in cache after the first
+// head.
 template <class T>
-void attend(const PagedAttentionParams& p, int b, Range r, float* out, float* lse) {
+void attend(const PagedAttentionParams& p, const Task& task, std::int64_t begin, std::int64_t end,
+            Scratch& sc, float* out, float* lse) {
   const int D = p.head_dim;
   const int H = p.num_q_heads;
   const int kv_heads = p.num_kv_heads;
   const int group = H / kv_heads;
+  const int rows = task.rows;
+  const int vgroup = rows * group;  // virtual heads per KV head
+  const int V = rows * H;
   const std::int64_t k_head = p.key_cache.stride_head, v_head = p.value_cache.stride_head;
-  const bool head_major = k_head > p.key_cache.stride_token;
+  const bool head_major = rows > 1 || k_head > p.key_cache.stride_token;
   const int tile = head_major ? kTileHeadMajor : kTileTokenMajor;
-  const std::int32_t* table = p.block_table + std::int64_t(b) * p.block_table_stride_batch;
-  // Per query head h: its query, output accumulator, running max and sum, and the current
-  // tile's scores (then weights) at scores[h * kMaxTile + t].
-  std::vector<float> q(std::size_t(H) * D), acc(std::size_t(H) * D, 0.0f);
-  std::vector<float> m(H, kNegInf), l(H, 0.0f), scores(std::size_t(H) * kMaxTile);
-  // The tile's key and value rows of KV head 0 (head h is h * stride_head further), and rows of
-  // one head as float32: in the cache for float32, else converted into `buf`.
+  const std::int32_t* table = p.block_table + std::int64_t(task.seq) * p.block_table_stride_batch;
+  sc.q.resize(std::size_t(V) * D);
+  sc.acc.assign(std::size_t(V) * D, 0.0f);
+  sc.m.assign(V, kNegInf);
+  sc.l.assign(V, 0.0f);
+  sc.scores.resize(std::size_t(V) * kMaxTile);
+  if constexpr (!std::is_same_v<T, float>) {
+    sc.buf.resize(std::size_t(std::max(kMaxTile, kv_heads)) * D);
+  }
+  float* q = sc.q.data();
+  float* acc = sc.acc.data();
+  float* m = sc.m.data();
+  float* l = sc.l.data();
+  float* scores = sc.scores.data();
   const T* krow0[kMaxTile];
   const T* vrow0[kMaxTile];
-  const float* rows[kMaxTile];
-  std::vector<float> buf;
-  if constexpr (!std::is_same_v<T, float>) {
-    buf.resize(std::size_t(std::max(kMaxTile, kv_heads)) * D);
+  const float* krows[kMaxTile];
+  const float* vrows[kMaxTile];
+  for (int kvh = 0; kvh < kv_heads; ++kvh) {
+    for (int r = 0; r < rows; ++r) {
+      for (int g = 0; g < group; ++g) {
+        const int h = kvh * group + g;
+        const T* src = static_cast<const T*>(p.query) + (task.row + r) * p.q_stride_batch +
+                       std::int64_t(h) * p.q_stride_head;
+        float* dst = q + (std::size_t(kvh * rows + r) * group + g) * D;
+        for (int d = 0; d < D; ++d) dst[d] = to_float(src[d]);
+      }
+    }
   }
-  for (int h = 0; h < H; ++h) {
-    const T* qrow = static_cast<const T*>(p.query) + std::int64_t(b) * p.q_stride_batch +
-                    std::int64_t(h) * p.q_stride_head;
-    for (int d = 0; d < D; ++d) q[std::size_t(h) * D + d] = to_float(qrow[d]);
-  }
+  // Row r sees keys [pos + r - window_left, pos + r]. A token tile inside [lo_last, pos] is
+  // seen by every row and needs no mask.
+  const std::int64_t last_row_lo =
+      p.window_left >= 0 ? task.pos + rows - 1 - p.window_left : std::int64_t(0);
   const float cap = p.logits_soft_cap;
-  for (std::int64_t t0 = r.begin; t0 < r.end; t0 += tile) {
-    const int n = int(std::min<std::int64_t>(tile, r.end - t0));
+  for (std::int64_t t0 = begin; t0 < end; t0 += tile) {
+    const int n = int(std::min<std::int64_t>(tile, end - t0));
     for (int t = 0; t < n; ++t) {
       krow0[t] = row<T>(p.key_cache, p, table, t0 + t, 0);
       vrow0[t] = row<T>(p.value_cache, p, table, t0 + t, 0);
     }
-    if (head_major) {
+    if (rows > 1) {
       for (int kvh = 0; kvh < kv_heads; ++kvh) {
-        const std::size_t first = std::size_t(kvh) * group;
+        const std::size_t first = std::size_t(kvh) * vgroup;
+        for (int t = 0; t < n; ++t) krows[t] = as_float(krow0[t] + kvh * k_head, D, sc.buf, t);
+        simd::dot_tile(&q[first * D], vgroup, krows, n, D, &scores[first * kMaxTile], kMaxTile);
+      }
+    } else if (head_major) {
+      for (int kvh = 0; kvh < kv_heads; ++kvh) {
+        const std::size_t first = std::size_t(kvh) * vgroup;
         for (int t = 0; t < n; ++t) {
-          const float* k = as_float(krow0[t] + kvh * k_head, D, buf, 0);
-          simd::dot_token(&q[first * D], 1, group, k, 0, D, &scores[first * kMaxTile + t],
+          const float* k = as_float(krow0[t] + kvh * k_head, D, sc.buf, 0);
+          simd::dot_token(&q[first * D], 1, vgroup, k, 0, D, &scores[first * kMaxTile + t],
                           kMaxTile);
         }
       }
     } else if constexpr (std::is_same_v<T, float>) {
       for (int t = 0; t < n; ++t) {
-        simd::dot_token(q.data(), kv_heads, group, krow0[t], k_head, D, &scores[t], kMaxTile);
+        simd::dot_token(q, kv_heads, vgroup, krow0[t], k_head, D, &scores[t], kMaxTile);
       }
     } else {
       for (int t = 0; t < n; ++t) {
-        for (int kvh = 0; kvh < kv_heads; ++kvh) as_float(krow0[t] + kvh * k_head, D, buf, kvh);
-        simd::dot_token(q.data(), kv_heads, group, buf.data(), D, D, &scores[t], kMaxTile);
+        for (int kvh = 0; kvh < kv_heads; ++kvh) {
+          as_float(krow0[t] + kvh * k_head, D, sc.buf, kvh);
+        }
+        simd::dot_token(q, kv_heads, vgroup, sc.buf.data(), D, D, &scores[t], kMaxTile);
       }
     }
-    for (int h = 0; h < H; ++h) {
-      float* s = scores.data() + std::size_t(h) * kMaxTile;
+    const bool masked = t0 < last_row_lo || t0 + n - 1 > task.pos;
+    for (int v = 0; v < V; ++v) {
+      float* s = scores + std::size_t(v) * kMaxTile;
       for (int t = 0; t < n; ++t) {
         s[t] *= p.scale;
         if (cap > 0.0f) s[t] = cap * std::tanh(s[t] / cap);
       }
-      float tile_max = *std::max_element(s, s + n);
-      float m_new = std::max(m[h], tile_max);
-      float correction = std::exp(m[h] - m_new);  // exp(-inf) = 0 on the first tile
-      float sum = 0.0f;
-      for (int t = 0; t < n; ++t) {
-        s[t] = std::exp(s[t] - m_new);
-        sum += s[t];
+      if (masked) {
+        const std::int64_t hi = task.pos + (v / group) % rows;
+        const std::int64_t lo = p.window_left >= 0 ? hi - p.window_left : 0;
+        for (int t = 0; t < n; ++t) {
+          if (t0 + t > hi || t0 + t < lo) s[t] = kNegInf;
+        }
       }
-      l[h] = l[h] * correction + sum;
-      m[h] = m_new;
-      if (correction != 1.0f) simd::scale(acc.data() + std::size_t(h) * D, correction, D);
+      const float tile_max = *std::max_element(s, s + n);
+      const float m_new = std::max(m[v], tile_max);
+      if (m_new == kNegInf) {  // no key of this row yet: nothing to add
+        std::fill(s, s + n, 0.0f);
+        continue;
+      }
+      const float correction = std::exp(m[v] - m_new);  // exp(-inf) = 0 on the first tile
+      const float sum = simd::exp_shifted_sum(s, n, m_new);
+      l[v] = l[v] * correction + sum;
+      m[v] = m_new;
+      if (correction != 1.0f) simd::scale(acc + std::size_t(v) * D, correction, D);
     }
-    // Values one KV head at a time, so that its group's accumulators stay in registers through
-    // the tile.
+    // Values one KV head at a time, so that its virtual heads' accumulators stay in registers
+    // through the tile.
     for (int kvh = 0; kvh < kv_heads; ++kvh) {
-      for (int t = 0; t < n; ++t) rows[t] = as_float(vrow0[t] + kvh * v_head, D, buf, t);
-      const std::size_t first = std::size_t(kvh) * group;
-      simd::axpy_rows(&acc[first * D], group, &scores[first * kMaxTile], kMaxTile, rows, n, D);
+      for (int t = 0; t < n; ++t) vrows[t] = as_float(vrow0[t] + kvh * v_head, D, sc.buf, t);
+      const std::size_t first = std::size_t(kvh) * vgroup;
+      simd::axpy_rows(&acc[first * D], vgroup, &scores[first * kMaxTile], kMaxTile, vrows, n, D);
     }
   }
-  for (int h = 0; h < H; ++h) {
-    float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
-    for (int d = 0; d < D; ++d) out[std::size_t(h) * D + d] = acc[std::size_t(h) * D + d] * inv;
-    lse[h] = l[h] > 0.0f ? m[h] + std::log(l[h]) : kNegInf;
+  for (int kvh = 0; kvh < kv_heads; ++kvh) {
+    for (int r = 0; r < rows; ++r) {
+      for (int g = 0; g < group; ++g) {
+        const std::size_t v = std::size_t(kvh * rows + r) * group + g;
+        const std::size_t o = std::size_t(r) * H + kvh * group + g;
+        const float inv = l[v] > 0.0f ? 1.0f / l[v] : 0.0f;
+        for (int d = 0; d < D; ++d) out[o * D + d] = acc[v * D + d] * inv;
+        lse[o] = l[v] > 0.0f ? m[v] + std::log(l[v]) : kNegInf;
+      }
+    }
   }
 }
 
 template <class T>
-void store(const PagedAttentionParams& p, int b, int h, const float* o, float lse) {
-  T* dst = static_cast<T*>(p.out) + std::int64_t(b) * p.out_stride_batch +
-           std::int64_t(h) * p.out_stride_head;
+void store(const PagedAttentionParams& p, std::int64_t query_row, int h, const float* o,
+           float lse) {
+  T* dst =
+      static_cast<T*>(p.out) + query_row * p.out_stride_batch + std::int64_t(h) * p.out_stride_head;
   for (int d = 0; d < p.head_dim; ++d) dst[d] = from_float<T>(o[d]);
-  if (p.lse)
-    p.lse[std::int64_t(b) * p.lse_stride_batch + std::int64_t(h) * p.lse_stride_head] = lse;
+  if (p.lse) p.lse[query_row * p.lse_stride_batch + std::int64_t(h) * p.lse_stride_head] = lse;
+}
+
+// Runs tasks[begin, end) split: every non-empty piece of every task into its partials, then a
+// merge per (row, query head).
+template <class T>
+void run_split(const PagedAttentionParams& p, std::vector<Task>& tasks, std::size_t begin,
+               std::size_t end) {
+  const int H = p.num_q_heads;
+  const int D = p.head_dim;
+  struct Piece {
+    std::size_t task;
+    int split;
+  };
+  std::vector<Piece> pieces;
+  std::size_t part_rows = 0;
+  for (std::size_t i = begin; i < end; ++i) {
+    tasks[i].part = part_rows;
+    part_rows += std::size_t(tasks[i].splits) * tasks[i].rows * H;
+    for (int split = 0; split < tasks[i].splits; ++split) pieces.push_back({i, split});
+  }
+  std::vector<float> part_out(part_rows * D), part_lse(part_rows);
+  parallel_for(std::int64_t(pieces.size()), [&](std::int64_t first, std::int64_t last) {
+    Scratch sc;
+    for (std::int64_t i = first; i < last; ++i) {
+      const Task& t = tasks[pieces[i].task];
+      const int split = pieces[i].split;
+      const std::int64_t from = t.key_begin + split * t.chunk;
+      const std::int64_t to = std::min(t.key_end, from + t.chunk);
+      const std::size_t at = t.part + std::size_t(split) * t.rows * H;
+      attend<T>(p, t, from, to, sc, &part_out[at * D], &part_lse[at]);
+    }
+  });
+  parallel_for(std::int64_t(end - begin), [&](std::int64_t first, std::int64_t last) {
+    std::vector<float> o(D);
+    for (std::int64_t i = first; i < last; ++i) {
+      const Task& t = tasks[begin + std::size_t(i)];
+      const std::size_t stride = std::size_t(t.rows) * H;  // partial rows per split
+      for (int r = 0; r < t.rows; ++r) {
+        for (int h = 0; h < H; ++h) {
+          const std::size_t at = t.part + std::size_t(r) * H + h;
+          float max_lse = kNegInf;
+          for (int s = 0; s < t.splits; ++s) max_lse = std::max(max_lse, part_lse[at + s * stride]);
+          std::fill(o.begin(), o.end(), 0.0f);
+          float total = 0.0f;
+          if (max_lse != kNegInf) {
+            for (int s = 0; s < t.splits; ++s) {
+              const float w = std::exp(part_lse[at + s * stride] - max_lse);
+              if (w == 0.0f) continue;
+              total += w;
+              simd::axpy(o.data(), w, &part_out[(at + s * stride) * D], D);
+            }
+            simd::scale(o.data(), 1.0f / total, D);
+          }
+          store<T>(p, t.row + r, h, o.data(),
+                   max_lse == kNegInf ? kNegInf : max_lse + std::log(total));
+        }
+      }
+    }
+  });
 }
 
 template <class T>
 void run(const PagedAttentionParams& p) {
   const int H = p.num_q_heads;
   const int D = p.head_dim;
+  std::vector<Task> tasks = make_tasks(p);
+  // Longest first: the pool hands out chunks in order, so the short tasks at the end even out
+  // the threads' loads (a causal prompt's last rows read many more keys than its first).
+  std::stable_sort(tasks.begin(), tasks.end(), [](const Task& a, const Task& b) {
+    return (a.key_end - a.key_begin) * a.rows > (b.key_end - b.key_begin) * b.rows;
+  });
   if (p.num_splits == 1) {
-    parallel_for(p.batch, [&](std::int64_t begin, std::int64_t end) {
-      std::vector<float> o(std::size_t(H) * D), lse(H);
-      for (std::int64_t b = begin; b < end; ++b) {
-        attend<T>(p, int(b), split_range(p, int(b), 0), o.data(), lse.data());
-        for (int h = 0; h < H; ++h) store<T>(p, int(b), h, &o[std::size_t(h) * D], lse[h]);
+    parallel_for(std::int64_t(tasks.size()), [&](std::int64_t begin, std::int64_t end) {
+      Scratch sc;
+      std::vector<float> o, lse;
+      for (std::int64_t i = begin; i < end; ++i) {
+        const Task& t = tasks[i];
+        o.resize(std::size_t(t.rows) * H * D);
+        lse.resize(std::size_t(t.rows) * H);
+        attend<T>(p, t, t.key_begin, t.key_end, sc, o.data(), lse.data());
+        for (int r = 0; r < t.rows; ++r) {
+          for (int h = 0; h < H; ++h) {
+            const std::size_t at = std::size_t(r) * H + h;
+            store<T>(p, t.row + r, h, &o[at * D], lse[at]);
+          }
+        }
       }
     });
     return;
   }
-  // Split: partial outputs per (split, sequence, query head), then a merge.
-  const std::size_t parts = std::size_t(p.num_splits) * p.batch * H;
-  std::vector<float> part_out(parts * D), part_lse(parts);
-  auto part = [&](int split, int b, int h) { return (std::size_t(split) * p.batch + b) * H + h; };
-  parallel_for(std::int64_t(p.num_splits) * p.batch, [&](std::int64_t begin, std::int64_t end) {
-    for (std::int64_t task = begin; task < end; ++task) {
-      int split = int(task / p.batch), b = int(task % p.batch);
-      std::size_t first = part(split, b, 0);
-      attend<T>(p, b, split_range(p, b, split), &part_out[first * D], &part_lse[first]);
-    }
-  });
-  parallel_for(std::int64_t(p.batch) * p.num_q_heads, [&](std::int64_t begin, std::int64_t end) {
-    std::vector<float> o(D);
-    for (std::int64_t bh = begin; bh < end; ++bh) {
-      int b = int(bh / p.num_q_heads), h = int(bh % p.num_q_heads);
-      float max_lse = kNegInf;
-      for (int s = 0; s < p.num_splits; ++s) max_lse = std::max(max_lse, part_lse[part(s, b, h)]);
-      std::fill(o.begin(), o.end(), 0.0f);
-      float total = 0.0f;
-      if (max_lse != kNegInf) {
-        for (int s = 0; s < p.num_splits; ++s) {
-          float w = std::exp(part_lse[part(s, b, h)] - max_lse);
-          if (w == 0.0f) continue;
-          total += w;
-          simd::axpy(o.data(), w, &part_out[part(s, b, h) * D], D);
-        }
-        simd::scale(o.data(), 1.0f / total, D);
-      }
-      store<T>(p, b, h, o.data(), max_lse == kNegInf ? kNegInf : max_lse + std::log(total));
-    }
-  });
+  // Split: partials sized by the pieces the tasks have (a short sequence has fewer pieces than
+  // num_splits), in waves of at most kMaxPartialBytes.
+  std::size_t begin = 0;
+  while (begin < tasks.size()) {
+    std::size_t end = begin, bytes = 0;
+    do {
+      const Task& t = tasks[end];
+      bytes += std::size_t(t.splits) * t.rows * H * (std::size_t(D) + 1) * sizeof(float);
+      ++end;
+    } while (end < tasks.size() && bytes < kMaxPartialBytes);
+    run_split<T>(p, tasks, begin, end);
+    begin = end;
+  }
 }
 
 }  // namespace
 
-int plan_attention_splits(int batch, int num_kv_heads, std::int64_t max_kv_len) {
+int plan_attention_splits(std::int64_t num_query_rows, bool prefill, int num_kv_heads,
+                          std::int64_t max_kv_len) {
   // Enough tasks to keep every worker busy (4 per worker for balance), chunks of at least 512
-  // tokens so a split pays for its merge. A task is one sequence (or split) with all its KV
-  // heads, so the number of heads does not count.
+  // tokens so a split pays for its merge. A task is a row (or a tile of prefill rows) with all
+  // its KV heads, so the number of heads does not count. Prefill rows of several sequences make
+  // at least rows / kRowTile tasks.
   (void)num_kv_heads;
   const std::int64_t want = 4 * std::int64_t(tinyserve::cpu::worker_count());
-  const std::int64_t tasks = std::max<std::int64_t>(1, batch);
+  const std::int64_t tasks = std::max<std::int64_t>(
+      1, prefill ? (num_query_rows + kRowTile - 1) / kRowTile : num_query_rows);
   if (tasks >= want) return 1;
   std::int64_t splits = (want + tasks - 1) / tasks;
   splits = std::min<std::int64_t>(splits, std::max<std::int64_t>(1, max_kv_len / 512));

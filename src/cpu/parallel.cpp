@@ -18,21 +18,38 @@
 namespace tinyserve::cpu {
 namespace {
 
+// More workers than this only add wake-up cost: the work is split into at most four chunks per
+// worker, and no CPU that this library runs on has more hardware threads.
+constexpr int kMaxWorkers = 1024;
+
 int default_worker_count() {
   if (const char* env = std::getenv("TINYSERVE_NUM_THREADS")) {
     int n = std::atoi(env);
-    if (n > 0) return n;
+    if (n > 0) return std::min(n, kMaxWorkers);
   }
   unsigned hw = std::thread::hardware_concurrency();
-  return hw == 0 ? 1 : int(hw);
+  return hw == 0 ? 1 : std::min(int(hw), kMaxWorkers);
 }
 
 // A fixed set of workers woken per job. One job runs at a time (run_mutex), which also keeps
 // the pool's state simple: a job is (fn, n, chunk count), workers claim chunk indices.
+//
+// The pool asks for `threads` threads (the caller is one of them) and runs on those that the
+// system gives it: when a thread cannot start (address space or process limits), it stops there
+// and threads() reports how many it has.
 class Pool {
  public:
-  explicit Pool(int threads) : threads_(std::max(1, threads)) {
-    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this] { work(); });
+  explicit Pool(int threads) {
+    const int wanted = std::max(1, threads);
+    workers_.reserve(std::size_t(wanted - 1));
+    for (int i = 1; i < wanted; ++i) {
+      try {
+        workers_.emplace_back([this] { work(); });
+      } catch (const std::exception&) {
+        break;  // std::system_error: the system has no more threads for us
+      }
+    }
+    threads_ = int(workers_.size()) + 1;
   }
   ~Pool() {
     {
@@ -104,7 +121,7 @@ class Pool {
     }
   }
 
-  int threads_;
+  int threads_ = 1;
   std::vector<std::thread> workers_;
   std::mutex run_mutex_, mutex_;
   std::condition_variable wake_, done_;
@@ -155,9 +172,9 @@ void parallel_for(std::int64_t n, const std::function<void(std::int64_t, std::in
 int worker_count() { return pool()->threads(); }
 
 void set_worker_count(int n) {
-  if (n < 1) {
-    throw std::invalid_argument("tinyserve.set_num_threads: n must be >= 1, got " +
-                                std::to_string(n));
+  if (n < 1 || n > kMaxWorkers) {
+    throw std::invalid_argument("tinyserve.set_num_threads: n must be in [1, " +
+                                std::to_string(kMaxWorkers) + "], got " + std::to_string(n));
   }
   std::lock_guard<std::mutex> lock(g_pool_mutex);
   g_requested = n;

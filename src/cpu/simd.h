@@ -9,12 +9,17 @@
 
 namespace tinyserve::cpu::simd {
 
-// 16-bit rows to float32, exactly as the scalar to_float of dtypes.h.
+// 16-bit rows to float32, exactly as the scalar to_float of dtypes.h (float16 through the F16C
+// instructions where the CPU has them, which return a signalling NaN quietened).
 void to_float(const half_t* src, float* dst, int n);
 void to_float(const bfloat16_t* src, float* dst, int n);
 
 void axpy(float* y, float a, const float* x, int n);  // y += a * x
-void scale(float* y, float a, int n);                 // y *= a
+
+// The softmax weights of one tile of scores: s[t] = exp(s[t] - m) for t < n, where m >= every
+// s[t] (a score of -inf gives 0); returns their sum. Within 2 ulp of std::exp.
+float exp_shifted_sum(float* s, int n, float m);
+void scale(float* y, float a, int n);  // y *= a
 
 // The two halves of decode attention, for the `group` query heads that share each KV head (q and
 // acc: one row of n per query head, contiguous, grouped by KV head). Each key or value chunk is
@@ -27,5 +32,10 @@ void dot_token(const float* q, int kv_heads, int group, const float* k, std::int
                int n, float* scores, int stride);
 void axpy_rows(float* acc, int group, const float* weights, int stride, const float* const* rows,
                int tokens, int n);
+// The scores of `count` query rows (q, one row of n each, contiguous) against a tile of `tokens`
+// key rows: scores[g * stride + t] = q[g] . rows[t]. Blocks of four queries by two keys share
+// every load, so a tile of prefill rows costs fewer loads per product than dot_token per key.
+void dot_tile(const float* q, int count, const float* const* rows, int tokens, int n, float* scores,
+              int stride);
 
 }  // namespace tinyserve::cpu::simd

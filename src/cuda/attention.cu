@@ -8,6 +8,7 @@
 //   decode_common.cuh   a decode CTA's work unit and its warps' epilogue
 //   decode_mma.cuh      the tensor-core decode kernel (float16/bfloat16, head_dim 64/128/256)
 //   decode_generic.cuh  the CUDA-core decode kernel (any dtype, head_dim <= 512)
+//   prefill_generic.cuh the CUDA-core prefill kernel (query_start_loc: causal rows, no splits)
 //   split_merge.cuh     outputs and split partials, and the kernel that merges the partials
 //   split_plan.cuh/.cu  the split planner and the occupancy cache
 //
@@ -24,6 +25,7 @@
 #include "cuda/attention/decode_generic.cuh"
 #include "cuda/attention/decode_mma.cuh"
 #include "cuda/attention/params.cuh"
+#include "cuda/attention/prefill_generic.cuh"
 #include "cuda/attention/split_merge.cuh"
 #include "cuda/attention/split_plan.cuh"
 #include "cuda/common.cuh"
@@ -67,6 +69,24 @@ DecodeLaunch decode_launch(DType dtype, int head_dim, bool split, bool aligned) 
   });
 }
 
+DecodeLaunch prefill_launch(DType dtype, int head_dim) {
+  return dispatch_float_dtype(dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    return DecodeLaunch{reinterpret_cast<const void*>(prefill_generic_kernel<T>),
+                        generic_smem_bytes(head_dim), generic_smem_bytes(kGenericMaxDim),
+                        kGenericHeads, kDecodeThreads};
+  });
+}
+
+// Rows with query_start_loc: one CTA per (row, KV head, head tile), no split.
+void prefill(const PagedAttentionParams& p, cudaStream_t s, const char* op) {
+  const DecodeLaunch l = prefill_launch(p.kv_dtype, p.head_dim);
+  prepare_launch(l, p.device_index, op);
+  PrefillArgs a = make_prefill_args(p, l.heads_per_cta);
+  const dim3 grid(unsigned(p.num_query_rows * a.tiles_per_row));
+  launch(l.kernel, grid, dim3(l.threads), std::size_t(l.smem_bytes), s, a, op, "prefill kernel");
+}
+
 const void* merge_kernel(DType dtype) {
   return dispatch_float_dtype(dtype, [](auto type) {
     using T = typename decltype(type)::type;
@@ -107,6 +127,7 @@ void paged_attention(const PagedAttentionParams& p, Stream stream) {
                                 " and " + dtype_name(p.out_dtype));
   }
   DeviceGuard guard(p.device_index, op);
+  if (p.query_start_loc != nullptr) return prefill(p, as_stream(stream), op);
   const bool split = p.num_splits > 1;
   const DecodeLaunch l = decode_launch(p.kv_dtype, p.head_dim, split, rows_aligned16(p));
   prepare_launch(l, p.device_index, op);

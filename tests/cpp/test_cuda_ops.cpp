@@ -134,12 +134,17 @@ struct AttentionCase {
   int num_splits;  // 0 = planned
   int window_left;
   float soft_cap;
+  // With query_start_loc: a decode row, 40 rows appended over 660 cached tokens, a whole
+  // 129-token prompt (170 query rows).
+  bool prefill = false;
 };
 
 void run_attention(const AttentionCase& c, std::mt19937& gen) {
   std::normal_distribution<float> normal;
   const int batch = 3, kv_heads = 2, q_heads = kv_heads * c.group, D = c.head_dim;
   std::vector<std::int32_t> lens = {1, 700, 129};
+  std::vector<std::int32_t> starts = {0, 1, 41, 170};
+  const int rows = c.prefill ? starts.back() : batch;
   const int max_blocks = (700 + c.block_size - 1) / c.block_size + 1;
   const int num_blocks = batch * max_blocks;
   std::vector<std::int32_t> table(batch * max_blocks);
@@ -149,9 +154,9 @@ void run_attention(const AttentionCase& c, std::mt19937& gen) {
   for (std::size_t i = 0; i < table.size(); ++i) table[i] = perm[i];
 
   const std::size_t cache_count = std::size_t(num_blocks) * c.block_size * kv_heads * D;
-  Buffer k(cache_count, c.dtype), v(cache_count, c.dtype), q(batch * q_heads * D, c.dtype);
+  Buffer k(cache_count, c.dtype), v(cache_count, c.dtype), q(rows * q_heads * D, c.dtype);
   Buffer out(q.count(), c.dtype);
-  Buffer lse(batch * q_heads, DType::Float32);
+  Buffer lse(rows * q_heads, DType::Float32);
   for (std::size_t i = 0; i < cache_count; ++i) {
     k.set(i, normal(gen));
     v.set(i, normal(gen));
@@ -162,9 +167,11 @@ void run_attention(const AttentionCase& c, std::mt19937& gen) {
   q.upload();
   CUDA_OK(cudaMemset(out.dev, 0xff, out.host.size()));  // NaN poison
   CUDA_OK(cudaMemset(lse.dev, 0xff, lse.host.size()));
-  std::int32_t *table_dev, *lens_dev;
+  std::int32_t *table_dev, *lens_dev, *starts_dev;
   CUDA_OK(cudaMalloc(&table_dev, table.size() * 4));
   CUDA_OK(cudaMalloc(&lens_dev, lens.size() * 4));
+  CUDA_OK(cudaMalloc(&starts_dev, starts.size() * 4));
+  CUDA_OK(cudaMemcpy(starts_dev, starts.data(), starts.size() * 4, cudaMemcpyHostToDevice));
   CUDA_OK(cudaMemcpy(table_dev, table.data(), table.size() * 4, cudaMemcpyHostToDevice));
   CUDA_OK(cudaMemcpy(lens_dev, lens.data(), lens.size() * 4, cudaMemcpyHostToDevice));
 
@@ -177,7 +184,8 @@ void run_attention(const AttentionCase& c, std::mt19937& gen) {
   opts.num_splits = c.num_splits;
   opts.window_left = c.window_left;
   opts.logits_soft_cap = c.soft_cap;
-  auto qv = make_tensor(q.dev, c.dtype, kGpu, {batch, q_heads, D});
+  if (c.prefill) opts.query_start_loc = make_tensor(starts_dev, DType::Int32, kGpu, {batch + 1});
+  auto qv = make_tensor(q.dev, c.dtype, kGpu, {rows, q_heads, D});
   auto tv = make_tensor(table_dev, DType::Int32, kGpu, {batch, max_blocks});
   tinyserve::AttentionPlan plan =
       tinyserve::plan_paged_attention(qv, cache_view(k.dev, kGpu), tv, opts);
@@ -187,10 +195,10 @@ void run_attention(const AttentionCase& c, std::mt19937& gen) {
     opts.workspace =
         make_tensor(workspace, DType::UInt8, kGpu, {std::int64_t(plan.workspace_bytes)});
   }
-  opts.lse = make_tensor(lse.dev, DType::Float32, kGpu, {batch, q_heads});
+  opts.lse = make_tensor(lse.dev, DType::Float32, kGpu, {rows, q_heads});
   tinyserve::paged_attention(qv, cache_view(k.dev, kGpu), cache_view(v.dev, kGpu), tv,
                              make_tensor(lens_dev, DType::Int32, kGpu, {batch}),
-                             make_tensor(out.dev, c.dtype, kGpu, {batch, q_heads, D}), opts);
+                             make_tensor(out.dev, c.dtype, kGpu, {rows, q_heads, D}), opts);
   CUDA_OK(cudaDeviceSynchronize());
   std::vector<float> gpu_out = out.download(), gpu_lse = lse.download();
 
@@ -200,25 +208,28 @@ void run_attention(const AttentionCase& c, std::mt19937& gen) {
   tinyserve::AttentionOptions cpu_opts;
   cpu_opts.window_left = c.window_left;
   cpu_opts.logits_soft_cap = c.soft_cap;
-  cpu_opts.lse = make_tensor(cpu_lse.data(), DType::Float32, kCpu, {batch, q_heads});
-  tinyserve::paged_attention(make_tensor(q.host.data(), c.dtype, kCpu, {batch, q_heads, D}),
+  cpu_opts.lse = make_tensor(cpu_lse.data(), DType::Float32, kCpu, {rows, q_heads});
+  if (c.prefill) cpu_opts.query_start_loc = make_tensor(starts.data(), DType::Int32, kCpu, {4});
+  tinyserve::paged_attention(make_tensor(q.host.data(), c.dtype, kCpu, {rows, q_heads, D}),
                              cache_view(k.host.data(), kCpu), cache_view(v.host.data(), kCpu),
                              make_tensor(table.data(), DType::Int32, kCpu, {batch, max_blocks}),
                              make_tensor(lens.data(), DType::Int32, kCpu, {batch}),
-                             make_tensor(cpu_out.host.data(), c.dtype, kCpu, {batch, q_heads, D}),
+                             make_tensor(cpu_out.host.data(), c.dtype, kCpu, {rows, q_heads, D}),
                              cpu_opts);
   const double err = rel_error(gpu_out, cpu_out.values());
   const double lse_err = rel_error(gpu_lse, cpu_lse);
   std::printf(
-      "attention %s D=%d group=%d block=%d %s splits=%d(planned %d) window=%d cap=%g: "
+      "attention%s %s D=%d group=%d block=%d %s splits=%d(planned %d) window=%d cap=%g: "
       "rel err %.2e, lse %.2e\n",
-      tinyserve::dtype_name(c.dtype), D, c.group, c.block_size, c.hnd ? "HND" : "NHD", c.num_splits,
-      plan.num_splits, c.window_left, c.soft_cap, err, lse_err);
+      c.prefill ? " (prefill)" : "", tinyserve::dtype_name(c.dtype), D, c.group, c.block_size,
+      c.hnd ? "HND" : "NHD", c.num_splits, plan.num_splits, c.window_left, c.soft_cap, err,
+      lse_err);
   CHECK(err < tolerance(c.dtype));
   CHECK(lse_err < 1e-4);
   cudaFree(workspace);
   cudaFree(table_dev);
   cudaFree(lens_dev);
+  cudaFree(starts_dev);
 }
 
 void test_attention(std::mt19937& gen) {
@@ -227,10 +238,13 @@ void test_attention(std::mt19937& gen) {
       {DType::Float16, 128, 4, 16, true, 5, -1, 0.0f},
       {DType::BFloat16, 64, 8, 1, false, 3, 100, 0.0f},
       {DType::BFloat16, 256, 1, 32, true, 0, -1, 20.0f},
-      {DType::Float16, 128, 20, 16, false, 2, -1, 0.0f},  // two head tiles per KV head
-      {DType::Float32, 80, 5, 7, false, 4, 50, 5.0f},     // generic kernel
-      {DType::Float16, 96, 3, 16, true, 0, -1, 0.0f},     // generic kernel, 16-bit
-      {DType::BFloat16, 512, 2, 16, false, 1, -1, 0.0f},  // generic kernel, widest head
+      {DType::Float16, 128, 20, 16, false, 2, -1, 0.0f},      // two head tiles per KV head
+      {DType::Float32, 80, 5, 7, false, 4, 50, 5.0f},         // generic kernel
+      {DType::Float16, 96, 3, 16, true, 0, -1, 0.0f},         // generic kernel, 16-bit
+      {DType::BFloat16, 512, 2, 16, false, 1, -1, 0.0f},      // generic kernel, widest head
+      {DType::Float16, 128, 4, 16, true, 0, -1, 0.0f, true},  // prefill kernel
+      {DType::Float32, 80, 5, 7, false, 3, 50, 5.0f, true},   // prefill: window, cap, no split
+      {DType::BFloat16, 64, 1, 1, false, 0, 0, 0.0f, true},   // prefill: window 0, MHA, page 1
   };
   for (const AttentionCase& c : cases) run_attention(c, gen);
 }

@@ -106,6 +106,80 @@ void test_paged_attention_cpu() {
   CHECK(unchanged);
 }
 
+// Prefill through AttentionOptions::query_start_loc: sequence 0 attends its last 5 tokens of 13
+// causally, sequence 1 is a decode row (its last token of 6), in one call.
+void test_prefill_cpu() {
+  std::mt19937 gen(99);
+  std::normal_distribution<float> normal;
+  const int num_blocks = 9, block_size = 4, kv_heads = 2, q_heads = 4, dim = 8;
+  std::vector<float> k(num_blocks * block_size * kv_heads * dim), v(k.size());
+  for (auto& x : k) x = normal(gen);
+  for (auto& x : v) x = normal(gen);
+  std::vector<std::int32_t> table = {5, 0, 3, 6, 8, 1, 2, 7};  // [2, 4]
+  std::vector<std::int32_t> lens = {13, 6};
+  std::vector<std::int32_t> starts = {0, 5, 6};
+  const int rows = 6;
+  std::vector<float> q(rows * q_heads * dim);
+  for (auto& x : q) x = normal(gen);
+  std::vector<float> out(q.size(), std::numeric_limits<float>::quiet_NaN());
+  std::vector<float> lse(rows * q_heads, std::numeric_limits<float>::quiet_NaN());
+
+  auto kc = make_tensor(k.data(), DType::Float32, kCpu, {num_blocks, block_size, kv_heads, dim});
+  auto vc = make_tensor(v.data(), DType::Float32, kCpu, {num_blocks, block_size, kv_heads, dim});
+  auto call = [&] {
+    tinyserve::AttentionOptions opts;
+    opts.lse = make_tensor(lse.data(), DType::Float32, kCpu, {rows, q_heads});
+    opts.query_start_loc = make_tensor(starts.data(), DType::Int32, kCpu, {3});
+    tinyserve::paged_attention(make_tensor(q.data(), DType::Float32, kCpu, {rows, q_heads, dim}),
+                               kc, vc, make_tensor(table.data(), DType::Int32, kCpu, {2, 4}),
+                               make_tensor(lens.data(), DType::Int32, kCpu, {2}),
+                               make_tensor(out.data(), DType::Float32, kCpu, {rows, q_heads, dim}),
+                               opts);
+  };
+  call();
+  double worst = 0.0, worst_lse = 0.0;
+  for (int r = 0; r < rows; ++r) {
+    const int b = r < 5 ? 0 : 1;
+    const int pos = b == 0 ? 13 - 5 + r : 5;  // the row's position: keys 0..pos
+    const std::int32_t* pages = &table[b * 4];
+    for (int h = 0; h < q_heads; ++h) {
+      const int kvh = h / (q_heads / kv_heads);
+      auto at = [&](const std::vector<float>& c, int t) {
+        return &c[((pages[t / block_size] * block_size + t % block_size) * kv_heads + kvh) * dim];
+      };
+      std::vector<double> logits(pos + 1);
+      double m = -INFINITY;
+      for (int t = 0; t <= pos; ++t) {
+        double s = 0.0;
+        for (int d = 0; d < dim; ++d) s += double(q[(r * q_heads + h) * dim + d]) * at(k, t)[d];
+        logits[t] = s / std::sqrt(double(dim));
+        m = std::max(m, logits[t]);
+      }
+      double denom = 0.0;
+      std::vector<double> acc(dim, 0.0);
+      for (int t = 0; t <= pos; ++t) {
+        const double p = std::exp(logits[t] - m);
+        denom += p;
+        for (int d = 0; d < dim; ++d) acc[d] += p * at(v, t)[d];
+      }
+      for (int d = 0; d < dim; ++d) {
+        worst = std::max(worst, std::abs(acc[d] / denom - out[(r * q_heads + h) * dim + d]));
+      }
+      worst_lse = std::max(worst_lse, std::abs(m + std::log(denom) - lse[r * q_heads + h]));
+    }
+  }
+  CHECK(worst < 1e-5);
+  CHECK(worst_lse < 1e-5);
+
+  // Decreasing offsets: std::invalid_argument, nothing written.
+  std::vector<float> before = out;
+  starts = {0, 6, 5};
+  EXPECT_THROWS(call(), std::invalid_argument);
+  bool unchanged = true;
+  for (std::size_t i = 0; i < out.size(); ++i) unchanged = unchanged && out[i] == before[i];
+  CHECK(unchanged);
+}
+
 void test_cache_ops_cpu() {
   const int n = 5, p = 2, h = 1, d = 4;
   std::vector<float> kc(n * p * h * d, -1.0f), vc(kc.size(), -1.0f);
@@ -219,6 +293,7 @@ void test_backend_errors() {
 int main() {
   test_tensor_views();
   test_paged_attention_cpu();
+  test_prefill_cpu();
   test_cache_ops_cpu();
   test_byte_copies_and_aliasing();
   test_backend_errors();

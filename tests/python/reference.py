@@ -54,6 +54,53 @@ def paged_attention(
     return out, lse
 
 
+def paged_prefill(
+    query: np.ndarray,
+    key_cache: np.ndarray,
+    value_cache: np.ndarray,
+    block_table: np.ndarray,
+    seq_lens: np.ndarray,
+    query_start_loc: np.ndarray,
+    scale: float | None = None,
+    window_left: int = -1,
+    logits_soft_cap: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Causal attention of each sequence's last rows in float64: (out [T, Hq, D], lse [T, Hq]).
+    Sequence b's rows query_start_loc[b]:query_start_loc[b + 1] sit at the last positions of its
+    seq_lens[b] tokens; the row at position p sees keys max(0, p - window_left)..p."""
+    q = np.asarray(query, dtype=np.float64)
+    k_cache = np.asarray(key_cache, dtype=np.float64)
+    v_cache = np.asarray(value_cache, dtype=np.float64)
+    total, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    scale = 1.0 / np.sqrt(head_dim) if scale is None else scale
+    out = np.zeros((total, num_q_heads, head_dim))
+    lse = np.full((total, num_q_heads), -np.inf)
+    for b in range(len(seq_lens)):
+        length = int(seq_lens[b])
+        first, last = int(query_start_loc[b]), int(query_start_loc[b + 1])
+        if last == first:
+            continue
+        k = logical_kv(k_cache, block_table[b], length)
+        v = logical_kv(v_cache, block_table[b], length)
+        for row in range(first, last):
+            pos = length - (last - first) + (row - first)
+            start = 0 if window_left < 0 else max(0, pos - window_left)
+            # All heads at once: [kv_head, group, key]
+            qh = q[row].reshape(num_kv_heads, group, head_dim)
+            logits = np.einsum("nkd,kgd->kgn", k[start : pos + 1], qh) * scale
+            if logits_soft_cap > 0:
+                logits = logits_soft_cap * np.tanh(logits / logits_soft_cap)
+            m = logits.max(-1, keepdims=True)
+            p = np.exp(logits - m)
+            total_p = p.sum(-1, keepdims=True)
+            o = np.einsum("kgn,nkd->kgd", p, v[start : pos + 1]) / total_p
+            out[row] = o.reshape(num_q_heads, head_dim)
+            lse[row] = (m + np.log(total_p)).reshape(num_q_heads)
+    return out, lse
+
+
 def rel_error(actual, expected) -> float:
     """||actual - expected|| / ||expected|| in float64 (NaN if anything is NaN)."""
     a = np.asarray(actual, dtype=np.float64)
@@ -66,6 +113,9 @@ def rel_error(actual, expected) -> float:
 
 class PagedCase:
     """A random batch of sequences in a NaN-poisoned paged cache (logical float32 arrays).
+
+    Decode by default (query [batch, Hq, D]); with `query_rows` (rows per sequence, each at most
+    its length), prefill: query [sum(query_rows), Hq, D] and `query_start_loc` int32 [batch + 1].
 
     Blocks are handed out in random physical order; every slot that holds no token (the tail of
     each last block, unused blocks) is NaN, and block-table padding names a real block of NaNs,
@@ -80,6 +130,7 @@ class PagedCase:
         head_dim: int,
         block_size: int,
         spare_blocks: int = 3,
+        query_rows=None,
     ):
         self.seq_lens = np.asarray(seq_lens, dtype=np.int32)
         batch = len(self.seq_lens)
@@ -104,4 +155,10 @@ class PagedCase:
             size = (length, num_kv_heads, head_dim)
             self.key_cache[blocks, tokens % block_size] = rng.standard_normal(size)
             self.value_cache[blocks, tokens % block_size] = rng.standard_normal(size)
-        self.query = rng.standard_normal((batch, num_q_heads, head_dim)).astype(np.float32)
+        if query_rows is None:
+            self.query = rng.standard_normal((batch, num_q_heads, head_dim)).astype(np.float32)
+        else:
+            rows = np.asarray(query_rows, dtype=np.int32)
+            self.query_start_loc = np.concatenate([[0], np.cumsum(rows)]).astype(np.int32)
+            total = int(self.query_start_loc[-1])
+            self.query = rng.standard_normal((total, num_q_heads, head_dim)).astype(np.float32)

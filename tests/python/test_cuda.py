@@ -380,7 +380,7 @@ def test_head_dim_limit_on_cuda():
 def test_repeated_calls_plan_once(rng, monkeypatch):
     """An eager call with a split plans once per shapes and options: later calls cross into the
     core once (no second planning call), and give the reference result with the kept
-    workspace; a new shape or option plans again."""
+    workspace; a new shape or option, or query_start_loc, plans again."""
     from tinyserve import _ops
 
     planned = []
@@ -406,6 +406,15 @@ def test_repeated_calls_plan_once(rng, monkeypatch):
     ts.paged_attention(q, kc, vc, table, lens, window_left=100)
     ts.paged_attention(q[:1], kc, vc, table[:1], lens[:1])
     assert len(planned) == 3
+    # The same shapes as prefill (one row per sequence, the decode rows) plan apart from decode,
+    # and give the decode result.
+    starts = torch.arange(3, dtype=torch.int32, device="cuda")
+    for _ in range(2):
+        out = torch.full_like(q, float("nan"))
+        ts.paged_attention(q, kc, vc, table, lens, out, query_start_loc=starts)
+        torch.cuda.synchronize()
+        assert R.rel_error(f64(out), ref) < TOLERANCE["float16"]
+    assert len(planned) == 4
 
 
 @pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64] if torch is not None else [])

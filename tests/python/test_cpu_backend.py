@@ -1,0 +1,180 @@
+"""The CPU backend's own limits: its thread pool under a limited address space, the memory of
+split partials, and the speed of 16-bit caches. The address-space limits are set in child
+processes (RLIMIT_AS), so a failure cannot take the test session with it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import reference as R
+import tinyserve as ts
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+# Run in a child: `limit_address_space(extra)` caps the address space at what the child maps now
+# plus `extra` bytes; `check(out, lse, ref)` compares with `reference(case)`, which is computed
+# before the limit (the threads may take all the room there is).
+CHILD_PRELUDE = textwrap.dedent(
+    """
+    import resource, sys
+    import numpy as np
+    sys.path.insert(0, {tests_dir!r})
+    import reference as R
+    import tinyserve as ts
+
+    def limit_address_space(extra):
+        with open("/proc/self/status") as f:
+            vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize"))
+        resource.setrlimit(resource.RLIMIT_AS, (vm + extra, resource.RLIM_INFINITY))
+
+    def reference(case):
+        return R.paged_attention(
+            case.query, case.key_cache, case.value_cache, case.block_table, case.seq_lens
+        )
+
+    def check(out, lse, ref):
+        ref_out, ref_lse = ref
+        assert R.rel_error(out, ref_out) < 2e-5, R.rel_error(out, ref_out)
+        np.testing.assert_allclose(lse, ref_lse, rtol=1e-4, atol=1e-3)
+    """
+)
+
+
+def run_child(body: str, env: dict | None = None, timeout: float = 120) -> str:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("address-space limits are set through /proc and RLIMIT_AS (Linux)")
+    code = CHILD_PRELUDE.format(tests_dir=TESTS_DIR) + textwrap.dedent(body)
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+    assert run.returncode == 0, f"child failed ({run.returncode}):\n{run.stdout}\n{run.stderr}"
+    return run.stdout
+
+
+POOL_BODY = """
+    rng = np.random.default_rng({seed})
+    case = R.PagedCase(rng, rng.integers(1, 200, size=64), 8, 2, 64, 16)
+    ref = reference(case)
+    out = np.full_like(case.query, np.nan)
+    lse = np.full(case.query.shape[:2], np.nan, dtype=np.float32)
+    limit_address_space(256 << 20)  # room for a few dozen thread stacks, not a thousand
+    {set_threads}
+    ts.paged_attention(
+        case.query, case.key_cache, case.value_cache, case.block_table, case.seq_lens, out,
+        lse=lse, num_splits=1,
+    )
+    check(out, lse, ref)
+    print(ts.num_threads())
+"""
+
+
+@pytest.mark.parametrize("how", ["set_num_threads", "environment"])
+def test_pool_runs_on_the_threads_that_start(rng, how):
+    """Asked for 1000 threads where the address space holds far fewer stacks, the pool runs on
+    those that started (and says how many) instead of hanging or aborting."""
+    seed = int(rng.integers(2**32))
+    if how == "set_num_threads":
+        body = POOL_BODY.format(seed=seed, set_threads="ts.set_num_threads(1000)")
+        env = None
+    else:
+        body = POOL_BODY.format(seed=seed, set_threads="")
+        env = {"TINYSERVE_NUM_THREADS": "1000"}
+    threads = int(run_child(body, env, timeout=120).split()[-1])
+    assert 1 <= threads < 1000
+
+
+def test_thread_count_is_bounded():
+    before = ts.num_threads()
+    try:
+        for bad in (0, -1, 1025, 10**6):
+            with pytest.raises(ValueError, match=r"tinyserve.set_num_threads: n must be in"):
+                ts.set_num_threads(bad)
+        assert ts.num_threads() == before
+        ts.set_num_threads(3)
+        assert ts.num_threads() == 3
+    finally:
+        ts.set_num_threads(before)
+
+
+def test_environment_thread_count_is_capped():
+    code = "import tinyserve; print(tinyserve.num_threads())"
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TINYSERVE_NUM_THREADS": "5000"},
+    )
+    assert run.returncode == 0, run.stderr
+    assert 1 <= int(run.stdout) <= 1024
+
+
+def test_split_partials_are_sized_by_the_sequences(rng):
+    """A fixed num_splits of 4096 over 32 one-token sequences: the partials of 4096 splits would
+    take 2 GiB (32 sequences x 32 heads x 128 floats x 4096); the sequences need one split
+    each. Run where the address space has 512 MiB to spare."""
+    seed = int(rng.integers(2**32))
+    body = f"""
+    rng = np.random.default_rng({seed})
+    case = R.PagedCase(rng, np.ones(32, dtype=np.int32), 32, 8, 128, 16)
+    # Start the pool (thread stacks) before the limit, so that only the call's memory counts.
+    ts.paged_attention(case.query, case.key_cache, case.value_cache, case.block_table,
+                       case.seq_lens, num_splits=1)
+    ref = reference(case)
+    out = np.full_like(case.query, np.nan)
+    lse = np.full(case.query.shape[:2], np.nan, dtype=np.float32)
+    limit_address_space(512 << 20)
+    ts.paged_attention(
+        case.query, case.key_cache, case.value_cache, case.block_table, case.seq_lens, out,
+        lse=lse, num_splits=4096,
+    )
+    check(out, lse, ref)
+    """
+    run_child(body)
+
+
+def cpu_has_f16c() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "f16c" in flags and "avx" in flags
+
+
+@pytest.mark.skipif(not cpu_has_f16c(), reason="the CPU has no F16C conversion instructions")
+def test_float16_is_not_slower_than_float32(rng):
+    """float16 caches read half the bytes of float32 ones; converting them with the CPU's F16C
+    instructions keeps decode at least as fast as float32 give or take noise (the portable
+    conversion made it about twice as slow). Fastest of several alternating calls of each."""
+    torch = pytest.importorskip("torch")
+    case = R.PagedCase(rng, np.full(4, 2048), 32, 8, 128, 16, spare_blocks=1)
+    table, lens = torch.from_numpy(case.block_table), torch.from_numpy(case.seq_lens)
+    # The padding block is NaN; the timing needs finite data only where it is read.
+    args = {}
+    for dtype in (torch.float32, torch.float16):
+        kc = torch.from_numpy(case.key_cache).to(dtype)
+        vc = torch.from_numpy(case.value_cache).to(dtype)
+        q = torch.from_numpy(case.query).to(dtype)
+        args[dtype] = (q, kc, vc, table, lens, torch.empty_like(q))
+    best = {dtype: float("inf") for dtype in args}
+    for _ in range(9):
+        for dtype, a in args.items():
+            start = time.perf_counter()
+            ts.paged_attention(*a, num_splits=1)
+            best[dtype] = min(best[dtype], time.perf_counter() - start)
+    ratio = best[torch.float16] / best[torch.float32]
+    assert ratio < 1.4, f"float16 {best[torch.float16] * 1e3:.2f} ms, float32 " + (
+        f"{best[torch.float32] * 1e3:.2f} ms"
+    )
