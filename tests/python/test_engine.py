@@ -12,11 +12,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from tinyserve.engine import Engine, SamplingParams  # noqa: E402
-from tinyserve.engine.kv import (  # noqa: E402
-    PagedKVCache,
-    build_attention_batch,
-    packed_prefill_supported,
-)
+from tinyserve.engine.kv import PagedKVCache, build_attention_batch  # noqa: E402
 from tinyserve.integrations.transformers import (  # noqa: E402
     TransformersRunner,
     tinyserve_attention,
@@ -85,17 +81,7 @@ def run_and_check(engine, prompts, params, on_token=None):
 GROUPS = [(4, 4), (6, 2), (4, 1)]  # GQA group sizes 1, 3, 4
 
 
-PREFILL_FORMS = [
-    pytest.param(False, id="expanded"),
-    pytest.param(
-        True,
-        id="packed",
-        marks=pytest.mark.skipif(
-            not packed_prefill_supported(torch.device("cpu")),
-            reason="this build's paged_attention has no query_start_loc on the CPU",
-        ),
-    ),
-]
+PREFILL_FORMS = [pytest.param(True, id="packed"), pytest.param(False, id="expanded")]
 
 
 @pytest.mark.parametrize("packed", PREFILL_FORMS)
@@ -370,11 +356,12 @@ def test_cli_smollm2_identical_to_transformers(capsys):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("packed", PREFILL_FORMS)
 @pytest.mark.parametrize("heads", GROUPS, ids=["group1", "group3", "group4"])
-def test_cuda_greedy_tokens_identical_to_transformers(rng, heads):
+def test_cuda_greedy_tokens_identical_to_transformers(rng, heads, packed):
     runner = random_model(*heads, seed=int(rng.integers(1 << 31)), device="cuda")
     prompts = shared_prefix_prompts(rng, 6)
-    engine = make_engine(runner, max_num_batched_tokens=16)
+    engine = make_engine(runner, max_num_batched_tokens=16, packed_prefill=packed)
     outputs = run_and_check(engine, prompts, SamplingParams(max_new_tokens=12))
     assert [o.token_ids[0] for o in outputs] == transformers_generate(runner, prompts, 12)
     assert engine.stats.prefix_cache_hit_tokens > 0

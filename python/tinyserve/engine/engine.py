@@ -110,9 +110,9 @@ class Engine:
     prefilled in chunks). With ``num_host_blocks > 0`` a :class:`tinyserve.Compactor` with a host
     pool of that many blocks preempts by offload (see
     :class:`~tinyserve.engine.scheduler.Scheduler`); otherwise preemption recomputes.
-    ``packed_prefill`` picks how prefill rows reach ``paged_attention``
-    (:func:`~tinyserve.engine.kv.build_attention_batch`; default: ``query_start_loc`` where the
-    build supports it on the device, else one decode query per row)."""
+    ``packed_prefill`` picks how prefill rows reach ``paged_attention``: packed with
+    ``query_start_loc`` (default), or each row as a decode query
+    (:func:`~tinyserve.engine.kv.build_attention_batch`)."""
 
     def __init__(
         self,
@@ -124,7 +124,7 @@ class Engine:
         max_num_batched_tokens: int = 1024,
         max_num_seqs: int = 256,
         tokenizer: Any = None,
-        packed_prefill: bool | None = None,
+        packed_prefill: bool = True,
         num_host_blocks: int = 0,
     ):
         self.runner = runner

@@ -4,7 +4,6 @@ attends to."""
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,13 +57,6 @@ class PagedKVCache:
         tinyserve.copy_blocks(self.tensors(), src, dst)
 
 
-def packed_prefill_supported(device: torch.device) -> bool:
-    """Whether this build's ``paged_attention`` takes ``query_start_loc`` (several query rows per
-    sequence, causal) on ``device``: so far on the CPU backend only."""
-    parameters = inspect.signature(tinyserve.paged_attention).parameters
-    return "query_start_loc" in parameters and torch.device(device).type == "cpu"
-
-
 @dataclass
 class AttentionBatch:
     """Everything a layer's attention needs for one engine step, built once per step.
@@ -77,13 +69,14 @@ class AttentionBatch:
     Two forms, chosen by :func:`build_attention_batch`, the only code that knows them besides
     :meth:`attend`:
 
-    - packed (``query_start_loc`` set): ``block_table`` and ``seq_lens`` have one row per
-      sequence and ``query_start_loc`` (int32 ``[B + 1]``) marks each sequence's rows, for
-      ``paged_attention``'s prefill mode;
+    - packed (the default; ``query_start_loc`` set): ``block_table`` and ``seq_lens`` have one
+      row per sequence and ``query_start_loc`` (int32 ``[B + 1]``) marks each sequence's rows,
+      for ``paged_attention``'s prefill mode;
     - expanded (``query_start_loc`` None): every row is a decode query, with its sequence's
-      block-table row repeated and ``seq_lens = p + 1``. Exact, and costs a table row per query
-      row; used where ``paged_attention`` has no prefill mode for the device. A step of decodes
-      only (one row per sequence) is the same in both forms and needs neither."""
+      block-table row repeated and ``seq_lens = p + 1``. Exact too, and costs a table row per
+      query row; kept as the independent way to compute the same thing (the tests compare
+      both). A step of decodes only (one row per sequence) is the same in both forms and needs
+      neither."""
 
     kv_cache: PagedKVCache
     slot_mapping: torch.Tensor
@@ -130,20 +123,20 @@ def build_attention_batch(
     seq_lens: np.ndarray,
     rows_per_seq: np.ndarray,
     *,
-    packed: bool | None = None,
+    packed: bool = True,
 ) -> AttentionBatch:
     """The attention batch of a step from the block manager's view after the step's appends:
     ``block_table`` int32 ``[B, max_blocks]`` and ``seq_lens`` int32 ``[B]`` (lengths including
     this step's tokens), ``rows_per_seq`` int ``[B]`` (this step's tokens of each sequence,
     which are its last ones), ``slot_mapping`` int64 ``[sum(rows_per_seq)]``. ``packed`` picks
-    the form (default: packed where :func:`packed_prefill_supported`)."""
+    the form."""
     device = kv_cache.device
     rows_per_seq = np.asarray(rows_per_seq, dtype=np.int64)
     seq_lens = np.asarray(seq_lens, dtype=np.int32)
     query_start_loc = None
     if bool(np.all(rows_per_seq == 1)):
         table, lens = block_table, seq_lens
-    elif packed if packed is not None else packed_prefill_supported(device):
+    elif packed:
         table, lens = block_table, seq_lens
         starts = np.concatenate([[0], np.cumsum(rows_per_seq)]).astype(np.int32)
         query_start_loc = torch.from_numpy(starts).to(device)
