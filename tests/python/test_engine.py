@@ -224,6 +224,28 @@ def test_preemption_by_offload_resumes_without_recomputing(rng):
     assert stats.computed_tokens == prompt_rows + len(prompts) * (new - 1)
 
 
+@pytest.mark.parametrize("host_blocks", [64, 0], ids=["offload", "recompute"])
+def test_tight_pool_with_chunked_prefill_and_samples_gives_identical_tokens(rng, host_blocks):
+    """A pool of about two sequences, 8-token steps (prompts in several chunks, so sequences
+    hold blocks mid-prefill) and two greedy samples per prompt: every sample still gets
+    transformers' tokens."""
+    runner = random_model(4, 2, seed=int(rng.integers(1 << 31)))
+    prompts = shared_prefix_prompts(rng, 5, prefix_len=6, suffix_range=(4, 20))
+    new = 10
+    expected = transformers_generate(runner, prompts, new)
+    longest = max(len(p) for p in prompts) + new
+    engine = make_engine(
+        runner,
+        num_blocks=2 * math.ceil(longest / BLOCK_SIZE) + 2,
+        num_host_blocks=host_blocks,
+        max_num_batched_tokens=8,
+    )
+    outputs = run_and_check(engine, prompts, SamplingParams(max_new_tokens=new, n=2))
+    assert [o.token_ids for o in outputs] == [[e, e] for e in expected]
+    assert engine.stats.preemptions > 0
+    assert engine.stats.recalls == engine.stats.offloads
+
+
 def test_preemption_recomputes_when_the_host_pool_is_full(rng):
     runner = random_model(4, 4, seed=int(rng.integers(1 << 31)))
     prompts = shared_prefix_prompts(rng, 5, prefix_len=9)

@@ -125,6 +125,8 @@ class Scheduler:
             if plan.seqs or not self.has_work():
                 return plan
             if not self.running and self.swapped:
+                if self._recall_swapped():
+                    continue  # the preemptions above made room for it
                 raise RuntimeError(
                     "tinyserve.Engine: a preempted sequence cannot come back: "
                     f"{self.bm.num_free_blocks} free blocks, got "
@@ -203,20 +205,24 @@ class Scheduler:
             plan.add(seq, chunk, slots)
             budget -= chunk
 
-    def _recall_swapped(self) -> None:
+    def _recall_swapped(self) -> bool:
+        """Bring preempted sequences back while there is room; True if any came back."""
+        recalled = False
         while self.swapped:
             seq = self.swapped[0]
             offloaded = self.compactor.num_offloaded(seq.seq_id)
             # Room for its blocks and for one new block of every running sequence, so that the
             # recall is not undone by the next decode step.
             if self.bm.num_free_blocks < offloaded + len(self.running) + 1:
-                return
+                return recalled
+            recalled = True
             if offloaded:
                 self._run(self.compactor.plan_recall([seq.seq_id]))
                 self.num_recalled_blocks += offloaded
             self.swapped.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+        return recalled
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
