@@ -74,8 +74,7 @@ struct AttentionPlan {
 // n_b <= seq_lens[b]; a sequence may have no rows, and a decode step is a sequence with one. lse
 // is [total_rows, num_q_heads]. The CPU backend checks the offsets before writing. On CUDA they
 // stay on the device and are not checked: bad offsets give wrong rows (zeros for a row that finds
-// no key) but never a read outside the cache or a write outside out; CUDA prefill does not split
-// (num_splits is ignored).
+// no key) but never a read outside the cache or a write outside out.
 TINYSERVE_API void paged_attention(const TensorView& query, const TensorView& key_cache,
                                    const TensorView& value_cache, const TensorView& block_table,
                                    const TensorView& seq_lens, const TensorView& out,

@@ -68,7 +68,8 @@ def _cuda_plan(
         window_left,
         max_seq_len,
         num_splits,
-        # Prefill plans differ (CUDA prefill does not split); the offsets' values are not read.
+        # Prefill plans differ (tiles of query rows, not sequences); the offsets' values are not
+        # read.
         query_start_loc is not None,
     )
     plan = _plans.get(key)
@@ -171,7 +172,7 @@ def paged_attention(
     ``ValueError``, nothing written: a first entry other than 0, a decreasing entry, a last entry
     other than ``total_rows``, more rows than ``seq_lens[i]``. On CUDA the offsets stay on the
     device and are not checked (bad ones give wrong rows, never an access outside the cache or
-    ``out``), and prefill does not split (``num_splits`` is ignored).
+    ``out``).
 
     Returns ``out`` (allocated like ``query`` when omitted), or ``(out, lse)`` with
     ``return_lse=True``; ``lse`` is the float32 natural-log sum of exp(logits) per query row and

@@ -39,7 +39,6 @@ struct BackendKernels {
   void (*copy_blocks)(const kernels::CopyBlocksParams&, Stream);
   void (*swap_blocks)(const kernels::SwapBlocksParams&, Stream);
   bool split_partials_in_workspace;  // split attention needs the caller's workspace
-  bool prefill_splits;  // the prefill kernel splits the key range (else num_splits is ignored)
 };
 
 constexpr BackendKernels kCpuKernels{
@@ -52,20 +51,23 @@ constexpr BackendKernels kCpuKernels{
     [](const kernels::CopyBlocksParams& p, Stream) { kernels::cpu::copy_blocks(p); },
     [](const kernels::SwapBlocksParams& p, Stream) { kernels::cpu::swap_blocks(p); },
     false,
-    true,
 };
 
 constexpr BackendKernels kCudaKernels{
     kernels::cuda::reshape_and_cache,
     kernels::cuda::paged_attention,
     [](const AttentionShapes& s, DType dtype, std::int64_t max_kv_len) {
+      if (s.prefill) {
+        return kernels::cuda::plan_prefill_splits(s.device.index, dtype, s.batch, s.num_query_rows,
+                                                  s.num_q_heads, s.num_kv_heads, s.head_dim,
+                                                  max_kv_len);
+      }
       return kernels::cuda::plan_attention_splits(s.device.index, dtype, s.batch, s.num_q_heads,
                                                   s.num_kv_heads, s.head_dim, max_kv_len);
     },
     kernels::cuda::copy_blocks,
     kernels::cuda::swap_blocks,
     true,
-    false,
 };
 
 const BackendKernels& kernels_of(Backend backend) {
@@ -177,14 +179,10 @@ AttentionPlan make_plan(const AttentionShapes& s, DType dtype, const AttentionOp
   AttentionPlan plan;
   std::int64_t kv_len = max_kv_len(o, std::int64_t(s.max_blocks) * s.block_size);
   const BackendKernels& k = kernels_of(s.backend);
-  if (s.prefill && !k.prefill_splits) {
-    plan.num_splits = 1;
-  } else {
-    plan.num_splits = o.num_splits > 0 ? o.num_splits : k.plan_attention_splits(s, dtype, kv_len);
-  }
+  plan.num_splits = o.num_splits > 0 ? o.num_splits : k.plan_attention_splits(s, dtype, kv_len);
   if (k.split_partials_in_workspace && plan.num_splits > 1) {
-    plan.workspace_bytes =
-        kernels::attention_workspace_bytes(plan.num_splits, s.batch, s.num_q_heads, s.head_dim);
+    plan.workspace_bytes = kernels::attention_workspace_bytes(
+        plan.num_splits, int(s.num_query_rows), s.num_q_heads, s.head_dim);
   }
   return plan;
 }

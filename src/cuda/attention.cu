@@ -8,15 +8,23 @@
 //   decode_common.cuh   a decode CTA's work unit and its warps' epilogue
 //   decode_mma.cuh      the tensor-core decode kernel (float16/bfloat16, head_dim 64/128/256)
 //   decode_generic.cuh  the CUDA-core decode kernel (any dtype, head_dim <= 512)
-//   prefill_generic.cuh the CUDA-core prefill kernel (query_start_loc: causal rows, no splits)
 //   split_merge.cuh     outputs and split partials, and the kernel that merges the partials
 //   split_plan.cuh/.cu  the split planner and the occupancy cache
+//   prefill_common.cuh  the prefill kernels' arguments and their in-kernel tile schedule
+//   prefill_mma.cuh     the tensor-core prefill kernel (float16/bfloat16, head_dim 64/128/256)
+//   prefill_generic.cuh the CUDA-core prefill kernel (any dtype, head_dim <= 512)
+//
+// With query_start_loc (prefill, append, chunked prefill, decode rows mixed in), one prefill
+// kernel runs every sequence's rows, decode rows included, and the split merge follows when the
+// keys are split: at most two launches. Its grid comes from host values (the number of query
+// rows and sequences), its work per CTA from query_start_loc read on the device.
 //
 // Long sequences are split into num_splits chunks (flash-decoding): each CTA writes a float32
 // partial and its log-sum-exp to the caller's workspace, and merge_splits_kernel combines them.
 // The split count and the grid come from host values only, so a captured CUDA graph stays
 // correct when lengths and tables change between replays.
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -26,6 +34,7 @@
 #include "cuda/attention/decode_mma.cuh"
 #include "cuda/attention/params.cuh"
 #include "cuda/attention/prefill_generic.cuh"
+#include "cuda/attention/prefill_mma.cuh"
 #include "cuda/attention/split_merge.cuh"
 #include "cuda/attention/split_plan.cuh"
 #include "cuda/common.cuh"
@@ -69,22 +78,51 @@ DecodeLaunch decode_launch(DType dtype, int head_dim, bool split, bool aligned) 
   });
 }
 
-DecodeLaunch prefill_launch(DType dtype, int head_dim) {
-  return dispatch_float_dtype(dtype, [&](auto type) {
-    using T = typename decltype(type)::type;
-    return DecodeLaunch{reinterpret_cast<const void*>(prefill_generic_kernel<T>),
-                        generic_smem_bytes(head_dim), generic_smem_bytes(kGenericMaxDim),
-                        kGenericHeads, kDecodeThreads};
-  });
+// A prefill kernel as the planner and the launch see it: heads_per_cta query heads of a group
+// and `positions` query positions per CTA.
+struct PrefillLaunch {
+  DecodeLaunch launch;
+  int positions;
+};
+
+template <class T, int D>
+DecodeLaunch prefill_mma_launch() {
+  const int smem = PrefillMmaConfig<D>::kSmemBytes;
+  return {reinterpret_cast<const void*>(prefill_mma_kernel<T, D>), smem, smem,
+          PrefillMmaConfig<D>::kRows, kPrefillThreads};
 }
 
-// Rows with query_start_loc: one CTA per (row, KV head, head tile), no split.
-void prefill(const PagedAttentionParams& p, cudaStream_t s, const char* op) {
-  const DecodeLaunch l = prefill_launch(p.kv_dtype, p.head_dim);
-  prepare_launch(l, p.device_index, op);
-  PrefillArgs a = make_prefill_args(p, l.heads_per_cta);
-  const dim3 grid(unsigned(p.num_query_rows * a.tiles_per_row));
-  launch(l.kernel, grid, dim3(l.threads), std::size_t(l.smem_bytes), s, a, op, "prefill kernel");
+template <class T>
+DecodeLaunch prefill_generic_launch(int head_dim) {
+  return {reinterpret_cast<const void*>(prefill_generic_kernel<T>),
+          generic_prefill_smem_bytes(head_dim), generic_prefill_smem_bytes(kGenericMaxDim),
+          kGenericPrefillRows, kGenericPrefillThreads};
+}
+
+// The prefill kernel for a call: the tensor-core kernel where the dtype and head_dim have one and
+// every row start is 16-byte aligned, else the CUDA-core kernel. A CTA's rows are positions x
+// query heads: min(group, rows) heads, and as many positions as fit.
+PrefillLaunch prefill_launch(DType dtype, int head_dim, bool aligned, int group) {
+  DecodeLaunch l = dispatch_float_dtype(dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    if constexpr (kHasTensorCoreType<T>) {
+      if (aligned) {
+        return dispatch_mma_head_dim(
+            head_dim, [&](auto dim) { return prefill_mma_launch<T, decltype(dim)::value>(); },
+            [&] { return prefill_generic_launch<T>(head_dim); });
+      }
+    }
+    return prefill_generic_launch<T>(head_dim);
+  });
+  const int rows = l.heads_per_cta;
+  l.heads_per_cta = std::min(group, rows);
+  return {l, rows / l.heads_per_cta};
+}
+
+// CTAs along the prefill grid's x: num_query_rows / positions + batch virtual tiles (see
+// prefill_common.cuh).
+std::int64_t prefill_tiles(std::int64_t num_query_rows, int batch, int positions) {
+  return num_query_rows / positions + batch;
 }
 
 const void* merge_kernel(DType dtype) {
@@ -105,7 +143,57 @@ bool rows_aligned16(const PagedAttentionParams& p) {
          p.value_cache.stride_token % 8 == 0 && p.value_cache.stride_head % 8 == 0;
 }
 
+// The tensor-core prefill kernel also stores pairs of output elements as one 32-bit word.
+bool prefill_aligned(const PagedAttentionParams& p) {
+  return rows_aligned16(p) && aligned16(p.out) && p.out_stride_batch % 8 == 0 &&
+         p.out_stride_head % 8 == 0;
+}
+
+void launch_merge(const PagedAttentionParams& p, AttentionOutput& output, cudaStream_t s,
+                  const char* op) {
+  launch_after(merge_kernel(p.out_dtype), dim3(unsigned(output.batch * p.num_q_heads)),
+               dim3(kMergeThreads), merge_smem_bytes(p.head_dim), s, output,
+               device_info(p.device_index).compute_capability >= 90, op, "merge_splits_kernel");
+}
+
+void prefill_attention(const PagedAttentionParams& p, cudaStream_t s, const char* op) {
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const PrefillLaunch pl = prefill_launch(p.kv_dtype, p.head_dim, prefill_aligned(p), group);
+  const std::int64_t tiles = prefill_tiles(p.num_query_rows, p.batch, pl.positions);
+  if (tiles > INT32_MAX) {
+    throw std::invalid_argument(
+        "tinyserve.paged_attention: too many query rows for the CUDA prefill grid, got " +
+        std::to_string(p.num_query_rows));
+  }
+  prepare_launch(pl.launch, p.device_index, op);
+  PrefillArgs a{};
+  a.a = make_decode_args(p, pl.launch.heads_per_cta);
+  a.query_start_loc = p.query_start_loc;
+  a.batch = p.batch;
+  a.num_query_rows = int(p.num_query_rows);
+  a.positions = pl.positions;
+  a.heads_per_cta = pl.launch.heads_per_cta;
+  const dim3 grid(unsigned(tiles), unsigned(p.num_kv_heads * a.a.head_tiles),
+                  unsigned(p.num_splits));
+  launch(pl.launch.kernel, grid, dim3(pl.launch.threads), std::size_t(pl.launch.smem_bytes), s, a,
+         op, "prefill kernel");
+  if (p.num_splits > 1) launch_merge(p, a.a.output, s, op);
+}
+
 }  // namespace
+
+int plan_prefill_splits(int device_index, DType dtype, int batch, std::int64_t num_query_rows,
+                        int num_q_heads, int num_kv_heads, int head_dim, std::int64_t max_kv_len) {
+  const char* op = "plan_paged_attention";
+  DeviceGuard guard(device_index, op);
+  const PrefillLaunch pl = prefill_launch(dtype, head_dim, true, num_q_heads / num_kv_heads);
+  // The planner counts CTAs as "sequences" x KV heads x head tiles; a prefill CTA reads at most
+  // max_kv_len keys like a decode one.
+  const std::int64_t tiles = prefill_tiles(num_query_rows, batch, pl.positions);
+  const SplitPlanShape shape{int(std::min<std::int64_t>(tiles, INT32_MAX)), num_q_heads,
+                             num_kv_heads, max_kv_len};
+  return plan_splits(shape, pl.launch, pl.launch, device_index, op);
+}
 
 int plan_attention_splits(int device_index, DType dtype, int batch, int num_q_heads,
                           int num_kv_heads, int head_dim, std::int64_t max_kv_len) {
@@ -127,7 +215,7 @@ void paged_attention(const PagedAttentionParams& p, Stream stream) {
                                 " and " + dtype_name(p.out_dtype));
   }
   DeviceGuard guard(p.device_index, op);
-  if (p.query_start_loc != nullptr) return prefill(p, as_stream(stream), op);
+  if (p.query_start_loc) return prefill_attention(p, as_stream(stream), op);
   const bool split = p.num_splits > 1;
   const DecodeLaunch l = decode_launch(p.kv_dtype, p.head_dim, split, rows_aligned16(p));
   prepare_launch(l, p.device_index, op);
@@ -138,11 +226,7 @@ void paged_attention(const PagedAttentionParams& p, Stream stream) {
   const dim3 grid(unsigned(p.num_kv_heads * a.head_tiles), unsigned(p.num_splits),
                   unsigned(p.batch));
   launch(l.kernel, grid, dim3(l.threads), std::size_t(l.smem_bytes), s, a, op, "decode kernel");
-  if (split) {
-    launch_after(merge_kernel(p.out_dtype), dim3(unsigned(p.batch * p.num_q_heads)),
-                 dim3(kMergeThreads), merge_smem_bytes(p.head_dim), s, a.output,
-                 device_info(p.device_index).compute_capability >= 90, op, "merge_splits_kernel");
-  }
+  if (split) launch_merge(p, a.output, s, op);
 }
 
 }  // namespace tinyserve::kernels::cuda

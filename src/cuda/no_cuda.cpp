@@ -23,6 +23,9 @@ void paged_attention(const PagedAttentionParams&, Stream) { unavailable("paged_a
 int plan_attention_splits(int, DType, int, int, int, int, std::int64_t) {
   unavailable("plan_paged_attention");
 }
+int plan_prefill_splits(int, DType, int, std::int64_t, int, int, int, std::int64_t) {
+  unavailable("plan_paged_attention");
+}
 void copy_blocks(const CopyBlocksParams&, Stream) { unavailable("copy_blocks"); }
 void swap_blocks(const SwapBlocksParams&, Stream) { unavailable("swap_blocks"); }
 void synchronize(Stream) { unavailable("synchronize"); }

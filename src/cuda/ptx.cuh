@@ -27,6 +27,15 @@ __device__ __forceinline__ void cp_async_16(std::uint32_t smem, const void* gmem
       "l"(gmem), "r"(int(zero)), "l"(policy));
 }
 
+// 16-byte async copy global -> shared with the default L2 policy, for data that other CTAs read
+// too (a prefill's K/V tiles are read by every query tile of the sequence). With `zero` set the
+// destination is zero-filled and nothing is read.
+__device__ __forceinline__ void cp_async_16_shared_data(std::uint32_t smem, const void* gmem,
+                                                        bool zero) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem),
+               "r"(zero ? 0 : 16));
+}
+
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 }

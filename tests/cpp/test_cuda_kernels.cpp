@@ -1,8 +1,9 @@
 // The CUDA attention kernels driven through the backend interface (core/kernels.h), for what the
 // public API does not expose yet: a block table and sequence lengths per KV head (strides of
-// [batch, num_kv_heads, ...] arrays). Each case is checked against a float64 reference computed
-// here, with the outputs poisoned with NaN first. In-tree CUDA builds only; exits 77 (skipped)
-// where no device is visible.
+// [batch, num_kv_heads, ...] arrays), in decode and in prefill (query_start_loc: a prompt over
+// several query and key tiles, a decode row, a short append). Each case is checked against a
+// float64 reference computed here, with the outputs poisoned with NaN first. In-tree CUDA builds
+// only; exits 77 (skipped) where no device is visible.
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -40,6 +41,7 @@ struct Case {
   int num_splits;
   bool table_per_head;
   bool lens_per_head;
+  bool prefill;  // query_start_loc: several rows per sequence, causal
 };
 
 // Rounds a float to the stored type (float16 or float32), as stored in device memory.
@@ -72,11 +74,25 @@ void run_case(const Case& c) {
     return table.data() + (c.table_per_head ? (b * kv_heads + h) : b) * max_blocks;
   };
   auto len_of = [&](int b, int h) { return lens[c.lens_per_head ? b * kv_heads + h : b]; };
+  // Query rows per sequence (their last tokens; at most the shortest of its heads' lengths) and
+  // their offsets. Decode: one row each, sequence b's row at position len - 1.
+  std::vector<int> rows(batch, 1);
+  if (c.prefill) {
+    const int wanted[3] = {70, 1, 5};
+    for (int b = 0; b < batch; ++b) {
+      int shortest = capacity;
+      for (int h = 0; h < kv_heads; ++h) shortest = std::min(shortest, len_of(b, h));
+      rows[b] = std::min(wanted[b], shortest);
+    }
+  }
+  std::vector<std::int32_t> starts(batch + 1, 0);
+  for (int b = 0; b < batch; ++b) starts[b + 1] = starts[b] + rows[b];
+  const int total_rows = starts[batch];
 
   // Caches [num_blocks, block_size, kv_heads, dim] and the query [batch, q_heads, dim], as
   // floats rounded to the stored type (the reference reads the same values).
   const std::size_t cache_n = std::size_t(num_blocks) * block_size * kv_heads * dim;
-  std::vector<float> kc(cache_n), vc(cache_n), q(std::size_t(batch) * q_heads * dim);
+  std::vector<float> kc(cache_n), vc(cache_n), q(std::size_t(total_rows) * q_heads * dim);
   for (float& x : kc) x = stored(c.dtype, uniform(rng));
   for (float& x : vc) x = stored(c.dtype, uniform(rng));
   for (float& x : q) x = stored(c.dtype, uniform(rng));
@@ -93,16 +109,18 @@ void run_case(const Case& c) {
   void* d_vc = to_device(vc);
   std::int32_t* d_table = device_copy(table);
   std::int32_t* d_lens = device_copy(lens);
+  std::int32_t* d_starts = device_copy(starts);
   const std::size_t elem = c.dtype == DType::Float16 ? 2 : 4;
-  const std::size_t out_n = std::size_t(batch) * q_heads * dim;
+  const std::size_t out_n = std::size_t(total_rows) * q_heads * dim;
   void* d_out = nullptr;
   float* d_lse = nullptr;
   void* d_ws = nullptr;
   CUDA_OK(cudaMalloc(&d_out, out_n * elem));
-  CUDA_OK(cudaMalloc(&d_lse, std::size_t(batch) * q_heads * sizeof(float)));
+  CUDA_OK(cudaMalloc(&d_lse, std::size_t(total_rows) * q_heads * sizeof(float)));
   CUDA_OK(cudaMemset(d_out, 0xff, out_n * elem));  // NaN in float16 and float32
-  CUDA_OK(cudaMemset(d_lse, 0xff, std::size_t(batch) * q_heads * sizeof(float)));
-  const std::size_t ws_bytes = tk::attention_workspace_bytes(c.num_splits, batch, q_heads, dim);
+  CUDA_OK(cudaMemset(d_lse, 0xff, std::size_t(total_rows) * q_heads * sizeof(float)));
+  const std::size_t ws_bytes =
+      tk::attention_workspace_bytes(c.num_splits, total_rows, q_heads, dim);
   if (c.num_splits > 1) CUDA_OK(cudaMalloc(&d_ws, ws_bytes));
 
   tk::PagedAttentionParams p;
@@ -110,6 +128,8 @@ void run_case(const Case& c) {
   p.query = d_q;
   p.q_stride_batch = std::int64_t(q_heads) * dim;
   p.q_stride_head = dim;
+  if (c.prefill) p.query_start_loc = d_starts;
+  p.num_query_rows = total_rows;
   const std::int64_t token_stride = std::int64_t(kv_heads) * dim;
   p.key_cache = {d_kc, block_size * token_stride, token_stride, dim};
   p.value_cache = {d_vc, block_size * token_stride, token_stride, dim};
@@ -140,7 +160,7 @@ void run_case(const Case& c) {
   tk::cuda::paged_attention(p, 0);
   CUDA_OK(cudaDeviceSynchronize());
 
-  std::vector<float> out(out_n), lse(std::size_t(batch) * q_heads);
+  std::vector<float> out(out_n), lse(std::size_t(total_rows) * q_heads);
   if (c.dtype == DType::Float32) {
     CUDA_OK(cudaMemcpy(out.data(), d_out, out_n * 4, cudaMemcpyDeviceToHost));
   } else {
@@ -153,14 +173,17 @@ void run_case(const Case& c) {
   const double tol = c.dtype == DType::Float16 ? 2e-2 : 1e-4;
   double worst = 0.0, worst_lse = 0.0;
   int bad_empty = 0;
-  for (int b = 0; b < batch; ++b) {
+  for (int r = 0; r < total_rows; ++r) {
+    const int b = int(std::upper_bound(starts.begin(), starts.end(), r) - starts.begin()) - 1;
     for (int h = 0; h < q_heads; ++h) {
-      const int kvh = h / group, len = len_of(b, kvh);
+      const int kvh = h / group;
+      // Row r sees keys 0..its position (len - rows + i), none for an empty sequence.
+      const int len = len_of(b, kvh) - rows[b] + (r - starts[b]) + 1;
       const std::int32_t* row = table_row(b, kvh);
-      const float* qh = q.data() + (std::size_t(b) * q_heads + h) * dim;
-      const float* got = out.data() + (std::size_t(b) * q_heads + h) * dim;
-      const float got_lse = lse[std::size_t(b) * q_heads + h];
-      if (len == 0) {
+      const float* qh = q.data() + (std::size_t(r) * q_heads + h) * dim;
+      const float* got = out.data() + (std::size_t(r) * q_heads + h) * dim;
+      const float got_lse = lse[std::size_t(r) * q_heads + h];
+      if (len <= 0) {
         for (int d = 0; d < dim; ++d) bad_empty += got[d] != 0.0f;
         bad_empty += !(std::isinf(got_lse) && got_lse < 0);
         continue;
@@ -189,15 +212,15 @@ void run_case(const Case& c) {
       worst_lse = std::max(worst_lse, std::fabs(mx + std::log(sum) - got_lse));
     }
   }
-  std::printf("paged_attention %s D=%d splits=%d table %s lens %s: max error %.2e, lse %.2e\n",
-              c.dtype == DType::Float16 ? "float16" : "float32", dim, c.num_splits,
-              c.table_per_head ? "per head" : "shared", c.lens_per_head ? "per head" : "shared",
-              worst, worst_lse);
+  std::printf("paged_attention%s %s D=%d splits=%d table %s lens %s: max error %.2e, lse %.2e\n",
+              c.prefill ? " prefill" : "", c.dtype == DType::Float16 ? "float16" : "float32", dim,
+              c.num_splits, c.table_per_head ? "per head" : "shared",
+              c.lens_per_head ? "per head" : "shared", worst, worst_lse);
   CHECK(worst < tol);  // NaN compares false: an unwritten output fails here
   CHECK(worst_lse < tol);
   CHECK(bad_empty == 0);
-  for (void* ptr : {d_q, d_kc, d_vc, static_cast<void*>(d_table), static_cast<void*>(d_lens), d_out,
-                    static_cast<void*>(d_lse), d_ws}) {
+  for (void* ptr : {d_q, d_kc, d_vc, static_cast<void*>(d_table), static_cast<void*>(d_lens),
+                    static_cast<void*>(d_starts), d_out, static_cast<void*>(d_lse), d_ws}) {
     if (ptr) CUDA_OK(cudaFree(ptr));
   }
 }
@@ -214,7 +237,9 @@ int main() {
     for (int splits : {1, 3}) {
       for (bool table_per_head : {false, true}) {
         for (bool lens_per_head : {false, true}) {
-          run_case({dtype, dim, splits, table_per_head, lens_per_head});
+          for (bool prefill : {false, true}) {
+            run_case({dtype, dim, splits, table_per_head, lens_per_head, prefill});
+          }
         }
       }
     }

@@ -433,7 +433,7 @@ def test_bad_input_is_rejected_and_nothing_written(rng, name, change, message):
 @pytest.mark.parametrize("head_dim", [64, 128, 256, 96, 512])
 def test_cuda_matches_cpu_backend(rng, dtype, head_dim):
     """The CUDA prefill kernel against the CPU backend and the reference, head dims of the
-    tensor-core decode kernels and others, a split count asked for (CUDA prefill ignores it)."""
+    tensor-core decode kernels and others, and keys split four ways."""
     lens, rows = mixed_batch(rng, num_seqs=7, max_len=300)
     case = make_case(rng, lens, rows, 2, 4, head_dim, 16)
     out, lse, ref_out, ref_lse = run_case(case, "torch", "cuda", dtype, "HND", num_splits=4)

@@ -25,11 +25,13 @@ struct AttentionOutput {
   std::int64_t lse_stride_batch, lse_stride_head;
   float* part_out;  // [num_splits, batch, num_q_heads, head_dim], when num_splits > 1
   float* part_lse;  // [num_splits, batch, num_q_heads], log2 domain
+  // Rows of the output: the sequences in decode, the query rows with query_start_loc.
   int batch, num_q_heads, head_dim;
   int num_splits;
 };
 
 inline AttentionOutput make_attention_output(const PagedAttentionParams& p) {
+  const int rows = p.query_start_loc ? int(p.num_query_rows) : p.batch;
   AttentionOutput o{};
   o.out = p.out;
   o.out_stride_batch = p.out_stride_batch;
@@ -41,9 +43,9 @@ inline AttentionOutput make_attention_output(const PagedAttentionParams& p) {
     o.part_out = static_cast<float*>(p.workspace);
     o.part_lse = reinterpret_cast<float*>(
         static_cast<char*>(p.workspace) +
-        attention_partials_bytes(p.num_splits, p.batch, p.num_q_heads, p.head_dim));
+        attention_partials_bytes(p.num_splits, rows, p.num_q_heads, p.head_dim));
   }
-  o.batch = p.batch;
+  o.batch = rows;
   o.num_q_heads = p.num_q_heads;
   o.head_dim = p.head_dim;
   o.num_splits = p.num_splits;
