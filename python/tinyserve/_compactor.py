@@ -12,16 +12,12 @@ from . import _interop
 from ._ops import copy_blocks, swap_blocks
 
 
-def _cache_list(caches: Any, name: str) -> list[Any]:
+def _cache_list(caches: Any, op: str, name: str) -> list[Any]:
     # One array would be iterated block by block: refuse it rather than move rows of it.
-    if caches is None or hasattr(caches, "__dlpack__") or hasattr(caches, "__array_interface__"):
+    is_one_array = hasattr(caches, "__dlpack__") or hasattr(caches, "__array_interface__")
+    if is_one_array or not isinstance(caches, Sequence) or isinstance(caches, (str, bytes)):
         raise TypeError(
-            f"tinyserve.execute_plan: {name} must be a sequence of cache tensors, "
-            f"got {type(caches).__name__}"
-        )
-    if not isinstance(caches, Sequence) or isinstance(caches, (str, bytes)):
-        raise TypeError(
-            f"tinyserve.execute_plan: {name} must be a sequence of cache tensors, "
+            f"tinyserve.{op}: {name} must be a sequence of cache tensors, "
             f"got {type(caches).__name__}"
         )
     return list(caches)
@@ -76,7 +72,7 @@ def execute_plan(
     kind = plan.kind
     if kind not in ("evict", "offload", "recall", "compact"):
         raise ValueError(f"tinyserve.execute_plan: plan must be a MovePlan, got kind {kind!r}")
-    devices = _cache_list(device_caches, "device_caches")
+    devices = _cache_list(device_caches, "execute_plan", "device_caches")
     if kind == "evict" or len(plan) == 0 or not devices:
         return
     src, dst = plan.src, plan.dst
@@ -89,7 +85,7 @@ def execute_plan(
             stream=stream,
         )
         return
-    hosts = _cache_list(host_caches, "host_caches")
+    hosts = _cache_list(host_caches, "execute_plan", "host_caches")
     if len(hosts) != len(devices):
         raise ValueError(
             "tinyserve.execute_plan: host_caches must match device_caches one to one "
@@ -119,7 +115,7 @@ def allocate_host_pool(device_caches: Sequence[Any], num_host_blocks: int) -> li
     blocks along dimension 0 and each block laid out like the cache's (so ``swap_blocks`` moves
     a block as one run of bytes). Torch caches get torch tensors, pinned when the cache is on
     CUDA; CuPy caches get pinned NumPy arrays; anything else gets NumPy arrays."""
-    caches = _cache_list(device_caches, "device_caches").copy()
+    caches = _cache_list(device_caches, "allocate_host_pool", "device_caches")
     if (
         isinstance(num_host_blocks, bool)
         or not isinstance(num_host_blocks, int)

@@ -17,15 +17,6 @@ using namespace nb::literals;
 
 namespace tinyserve::bindings {
 
-namespace {
-
-constexpr const char* kClass = "BlockManager";
-
-// "BlockManager.<method>", the prefix of the errors raised while converting its arguments.
-std::string where(const char* method) { return std::string(kClass) + "." + method; }
-
-}  // namespace
-
 void bind_block_manager(nb::module_& m) {
   using Int64Array = nb::ndarray<nb::numpy, std::int64_t>;
   using Int32Array = nb::ndarray<nb::numpy, std::int32_t>;
@@ -39,10 +30,10 @@ void bind_block_manager(nb::module_& m) {
           "__init__",
           [](BlockManager* self, nb::handle num_blocks, nb::handle block_size,
              bool enable_prefix_caching) {
-            const std::string at = kClass;
-            new (self)
-                BlockManager(to_int64(num_blocks, at.c_str(), "num_blocks"),
-                             to_int64(block_size, at.c_str(), "block_size"), enable_prefix_caching);
+            constexpr const char* op = "BlockManager";
+            new (self) BlockManager(to_int<std::int64_t>(num_blocks, op, "num_blocks"),
+                                    to_int<std::int64_t>(block_size, op, "block_size"),
+                                    enable_prefix_caching);
           },
           "num_blocks"_a, "block_size"_a, "enable_prefix_caching"_a = false,
           nb::sig("def __init__(self, num_blocks: int, block_size: int, "
@@ -50,13 +41,13 @@ void bind_block_manager(nb::module_& m) {
       .def(
           "add_sequence",
           [](BlockManager& self, nb::handle seq_id, nb::handle token_ids) {
-            const std::string at = where("add_sequence");
-            const std::int64_t id = to_int64(seq_id, at.c_str(), "seq_id");
+            constexpr const char* op = "BlockManager.add_sequence";
+            const std::int64_t id = to_int<std::int64_t>(seq_id, op, "seq_id");
             if (token_ids.is_none()) {
               nb::gil_scoped_release release;
               return self.add_sequence(id);
             }
-            Int64Arg ids(token_ids, at.c_str(), "token_ids");
+            Int64Arg ids(token_ids, op, "token_ids");
             nb::gil_scoped_release release;
             return self.add_sequence(id, ids.data(), ids.size());
           },
@@ -70,7 +61,7 @@ void bind_block_manager(nb::module_& m) {
       .def(
           "match_prefix",
           [](const BlockManager& self, nb::handle token_ids) {
-            Int64Arg ids(token_ids, where("match_prefix").c_str(), "token_ids");
+            Int64Arg ids(token_ids, "BlockManager.match_prefix", "token_ids");
             BlockManager::PrefixMatch match;
             {
               nb::gil_scoped_release release;
@@ -91,20 +82,18 @@ void bind_block_manager(nb::module_& m) {
       .def(
           "append",
           [](BlockManager& self, nb::handle seq_id, nb::handle num_tokens, nb::handle token_ids) {
-            const std::string at = where("append");
-            const std::int64_t id = to_int64(seq_id, at.c_str(), "seq_id");
-            const std::int64_t count = to_int64(num_tokens, at.c_str(), "num_tokens");
+            constexpr const char* op = "BlockManager.append";
+            const std::int64_t id = to_int<std::int64_t>(seq_id, op, "seq_id");
+            const std::int64_t count = to_int<std::int64_t>(num_tokens, op, "num_tokens");
             std::vector<std::int64_t> slots;
             if (token_ids.is_none()) {
               nb::gil_scoped_release release;
               slots = self.append(id, count);
             } else {
-              Int64Arg ids(token_ids, at.c_str(), "token_ids");
+              Int64Arg ids(token_ids, op, "token_ids");
               if (count >= 0 && ids.size() != count) {
-                throw std::invalid_argument(
-                    arg_error(at.c_str(), "token_ids",
-                              "must have num_tokens (" + std::to_string(count) + ") entries, got " +
-                                  std::to_string(ids.size())));
+                detail::fail(op, "token_ids must have num_tokens (", count, ") entries, got ",
+                             ids.size());
               }
               nb::gil_scoped_release release;
               slots = self.append(id, count, ids.data());
@@ -122,17 +111,17 @@ void bind_block_manager(nb::module_& m) {
       .def(
           "append_batch",
           [](BlockManager& self, nb::handle seq_ids, nb::handle num_tokens) {
-            const std::string at = where("append_batch");
-            Int64Arg ids(seq_ids, at.c_str(), "seq_ids");
+            constexpr const char* op = "BlockManager.append_batch";
+            Int64Arg ids(seq_ids, op, "seq_ids");
             std::vector<std::int64_t> slots;
             // One int for every sequence; arrays and lists (sequences) give one count each.
             if (!nb::isinstance<nb::sequence>(num_tokens) &&
                 (PyLong_Check(num_tokens.ptr()) || PyIndex_Check(num_tokens.ptr()))) {
-              const std::int64_t each = to_int64(num_tokens, at.c_str(), "num_tokens");
+              const std::int64_t each = to_int<std::int64_t>(num_tokens, op, "num_tokens");
               nb::gil_scoped_release release;
               slots = self.append_batch(ids.data(), ids.size(), each);
             } else {
-              Int64Arg counts(num_tokens, at.c_str(), "num_tokens");
+              Int64Arg counts(num_tokens, op, "num_tokens");
               nb::gil_scoped_release release;
               slots = self.append_batch(ids.data(), ids.size(), counts.data(), counts.size());
             }
@@ -149,9 +138,9 @@ void bind_block_manager(nb::module_& m) {
       .def(
           "fork",
           [](BlockManager& self, nb::handle parent_id, nb::handle child_id) {
-            const std::string at = where("fork");
-            const std::int64_t parent = to_int64(parent_id, at.c_str(), "parent_id");
-            const std::int64_t child = to_int64(child_id, at.c_str(), "child_id");
+            constexpr const char* op = "BlockManager.fork";
+            const std::int64_t parent = to_int<std::int64_t>(parent_id, op, "parent_id");
+            const std::int64_t child = to_int<std::int64_t>(child_id, op, "child_id");
             nb::gil_scoped_release release;
             self.fork(parent, child);
           },
@@ -162,7 +151,7 @@ void bind_block_manager(nb::module_& m) {
       .def(
           "free",
           [](BlockManager& self, nb::handle seq_id) {
-            const std::int64_t id = to_int64(seq_id, where("free").c_str(), "seq_id");
+            const std::int64_t id = to_int<std::int64_t>(seq_id, "BlockManager.free", "seq_id");
             nb::gil_scoped_release release;
             self.free(id);
           },
@@ -171,7 +160,7 @@ void bind_block_manager(nb::module_& m) {
       .def(
           "block_table",
           [](const BlockManager& self, nb::handle seq_ids) {
-            Int64Arg ids(seq_ids, where("block_table").c_str(), "seq_ids");
+            Int64Arg ids(seq_ids, "BlockManager.block_table", "seq_ids");
             BlockManager::BlockTable t;
             {
               nb::gil_scoped_release release;
@@ -212,7 +201,7 @@ void bind_block_manager(nb::module_& m) {
       .def(
           "seq_len",
           [](const BlockManager& self, nb::handle seq_id) {
-            const std::int64_t id = to_int64(seq_id, where("seq_len").c_str(), "seq_id");
+            const std::int64_t id = to_int<std::int64_t>(seq_id, "BlockManager.seq_len", "seq_id");
             nb::gil_scoped_release release;
             return self.seq_len(id);
           },
@@ -220,7 +209,8 @@ void bind_block_manager(nb::module_& m) {
       .def(
           "block_ids",
           [](const BlockManager& self, nb::handle seq_id) {
-            const std::int64_t id = to_int64(seq_id, where("block_ids").c_str(), "seq_id");
+            const std::int64_t id =
+                to_int<std::int64_t>(seq_id, "BlockManager.block_ids", "seq_id");
             std::vector<std::int32_t> ids;
             {
               nb::gil_scoped_release release;
@@ -235,7 +225,8 @@ void bind_block_manager(nb::module_& m) {
       .def(
           "has_sequence",
           [](const BlockManager& self, nb::handle seq_id) {
-            const std::int64_t id = to_int64(seq_id, where("has_sequence").c_str(), "seq_id");
+            const std::int64_t id =
+                to_int<std::int64_t>(seq_id, "BlockManager.has_sequence", "seq_id");
             nb::gil_scoped_release release;
             return self.has_sequence(id);
           },
@@ -263,7 +254,8 @@ void bind_block_manager(nb::module_& m) {
       .def(
           "resize",
           [](BlockManager& self, nb::handle num_blocks) {
-            const std::int64_t n = to_int64(num_blocks, where("resize").c_str(), "num_blocks");
+            const std::int64_t n =
+                to_int<std::int64_t>(num_blocks, "BlockManager.resize", "num_blocks");
             nb::gil_scoped_release release;
             self.resize(n);
           },

@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "core/validate.h"
+
 namespace nb = nanobind;
 using namespace nb::literals;
 
@@ -21,8 +23,7 @@ DType parse_dtype(const std::string& name) {
   if (name == "float16") return DType::Float16;
   if (name == "bfloat16") return DType::BFloat16;
   if (name == "float32") return DType::Float32;
-  throw std::invalid_argument(
-      "tinyserve.CachePool: dtype must be float16, bfloat16 or float32, got " + name);
+  detail::fail("CachePool", "dtype must be float16, bfloat16 or float32, got ", name);
 }
 
 Device parse_device(const std::string& name) {
@@ -32,15 +33,13 @@ Device parse_device(const std::string& name) {
       name.find_first_not_of("0123456789", 5) == std::string::npos && name.size() < 15) {
     return {DeviceType::CUDA, std::stoi(name.substr(5))};
   }
-  throw std::invalid_argument(
-      "tinyserve.CachePool: device must be 'cpu', 'cuda' or 'cuda:N', got '" + name + "'");
+  detail::fail("CachePool", "device must be 'cpu', 'cuda' or 'cuda:N', got '", name, "'");
 }
 
 CacheLayout parse_layout(const std::string& name) {
   if (name == "NHD") return CacheLayout::NHD;
   if (name == "HND") return CacheLayout::HND;
-  throw std::invalid_argument("tinyserve.CachePool: layout must be 'NHD' or 'HND', got '" + name +
-                              "'");
+  detail::fail("CachePool", "layout must be 'NHD' or 'HND', got '", name, "'");
 }
 
 std::string device_string(Device d) {

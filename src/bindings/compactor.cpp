@@ -18,8 +18,6 @@ namespace tinyserve::bindings {
 
 namespace {
 
-std::string where(const char* method) { return std::string("Compactor.") + method; }
-
 // The plan's pairs as a fresh int32 array (the plan stays immutable from Python).
 nb::ndarray<nb::numpy, std::int32_t> ids(const std::vector<std::int32_t>& v) {
   std::vector<std::int32_t> copy(v);
@@ -48,7 +46,8 @@ void bind_compactor(nb::module_& m) {
       .def(
           "num_bytes",
           [](const MovePlan& p, nb::handle bytes_per_block) {
-            return p.num_bytes(to_int64(bytes_per_block, "MovePlan.num_bytes", "bytes_per_block"));
+            return p.num_bytes(
+                to_int<std::int64_t>(bytes_per_block, "MovePlan.num_bytes", "bytes_per_block"));
           },
           "bytes_per_block"_a, nb::sig("def num_bytes(self, bytes_per_block: int) -> int"),
           "Bytes the plan copies, given one block's bytes over every cache tensor (0 for evict).")
@@ -70,8 +69,8 @@ void bind_compactor(nb::module_& m) {
       .def(
           "__init__",
           [](Compactor* self, BlockManager& manager, nb::handle num_host_blocks) {
-            new (self)
-                Compactor(manager, to_int64(num_host_blocks, "Compactor", "num_host_blocks"));
+            new (self) Compactor(
+                manager, to_int<std::int64_t>(num_host_blocks, "Compactor", "num_host_blocks"));
           },
           "block_manager"_a, "num_host_blocks"_a = 0, nb::keep_alive<1, 2>(),
           nb::sig("def __init__(self, block_manager: BlockManager, num_host_blocks: int = 0) "
@@ -80,7 +79,7 @@ void bind_compactor(nb::module_& m) {
       .def(
           "touch",
           [](Compactor& self, nb::handle seq_ids) {
-            Int64Arg seqs(seq_ids, where("touch").c_str(), "seq_ids");
+            Int64Arg seqs(seq_ids, "Compactor.touch", "seq_ids");
             nb::gil_scoped_release release;
             self.touch(seqs.data(), seqs.size());
           },
@@ -91,7 +90,7 @@ void bind_compactor(nb::module_& m) {
       .def(
           "record_hits",
           [](Compactor& self, nb::handle hits) {
-            Int64Arg counts(hits, where("record_hits").c_str(), "hits");
+            Int64Arg counts(hits, "Compactor.record_hits", "hits");
             nb::gil_scoped_release release;
             self.record_hits(counts.data(), counts.size());
           },
@@ -102,7 +101,8 @@ void bind_compactor(nb::module_& m) {
       .def(
           "plan_evict",
           [](Compactor& self, nb::handle num_blocks) {
-            const std::int64_t n = to_int64(num_blocks, where("plan_evict").c_str(), "num_blocks");
+            const std::int64_t n =
+                to_int<std::int64_t>(num_blocks, "Compactor.plan_evict", "num_blocks");
             nb::gil_scoped_release release;
             return self.plan_evict(n);
           },
@@ -113,7 +113,7 @@ void bind_compactor(nb::module_& m) {
           "plan_offload",
           [](Compactor& self, nb::handle num_blocks) {
             const std::int64_t n =
-                to_int64(num_blocks, where("plan_offload").c_str(), "num_blocks");
+                to_int<std::int64_t>(num_blocks, "Compactor.plan_offload", "num_blocks");
             nb::gil_scoped_release release;
             return self.plan_offload(n);
           },
@@ -123,7 +123,7 @@ void bind_compactor(nb::module_& m) {
       .def(
           "plan_offload_sequences",
           [](Compactor& self, nb::handle seq_ids) {
-            Int64Arg seqs(seq_ids, where("plan_offload_sequences").c_str(), "seq_ids");
+            Int64Arg seqs(seq_ids, "Compactor.plan_offload_sequences", "seq_ids");
             nb::gil_scoped_release release;
             return self.plan_offload_sequences(seqs.data(), seqs.size());
           },
@@ -136,7 +136,7 @@ void bind_compactor(nb::module_& m) {
       .def(
           "plan_recall",
           [](Compactor& self, nb::handle seq_ids) {
-            Int64Arg seqs(seq_ids, where("plan_recall").c_str(), "seq_ids");
+            Int64Arg seqs(seq_ids, "Compactor.plan_recall", "seq_ids");
             nb::gil_scoped_release release;
             return self.plan_recall(seqs.data(), seqs.size());
           },
@@ -150,7 +150,7 @@ void bind_compactor(nb::module_& m) {
             const std::int64_t n =
                 num_blocks.is_none()
                     ? -1
-                    : to_int64(num_blocks, where("plan_compact").c_str(), "num_blocks");
+                    : to_int<std::int64_t>(num_blocks, "Compactor.plan_compact", "num_blocks");
             nb::gil_scoped_release release;
             return self.plan_compact(n);
           },
@@ -166,7 +166,8 @@ void bind_compactor(nb::module_& m) {
       .def(
           "num_offloaded",
           [](const Compactor& self, nb::handle seq_id) {
-            const std::int64_t id = to_int64(seq_id, where("num_offloaded").c_str(), "seq_id");
+            const std::int64_t id =
+                to_int<std::int64_t>(seq_id, "Compactor.num_offloaded", "seq_id");
             nb::gil_scoped_release release;
             return self.num_offloaded(id);
           },

@@ -298,88 +298,29 @@ inline std::optional<float> to_optional_float(nb::handle h, const char* op, cons
   return to_float(h, op, name);
 }
 
-// ---- integer arguments of host-side classes (BlockManager, Compactor) ----------------------
-// `where` is the method's prefix, e.g. "BlockManager.append": errors read
-// "tinyserve.BlockManager.append: <name> ..., got <value>".
-
-inline std::string arg_error(const char* where, const std::string& name, const std::string& what) {
-  return std::string("tinyserve.") + where + ": " + name + " " + what;
-}
-
-// A DLPack dtype by its usual name (int32, float64, ...), for messages.
-inline std::string dlpack_dtype_str(const nb::dlpack::dtype& dt) {
-  std::string base;
-  switch (static_cast<nb::dlpack::dtype_code>(dt.code)) {
-    case nb::dlpack::dtype_code::Int:
-      base = "int";
-      break;
-    case nb::dlpack::dtype_code::UInt:
-      base = "uint";
-      break;
-    case nb::dlpack::dtype_code::Float:
-      base = "float";
-      break;
-    case nb::dlpack::dtype_code::Bfloat:
-      base = "bfloat";
-      break;
-    case nb::dlpack::dtype_code::Bool:
-      return "bool";
-    case nb::dlpack::dtype_code::Complex:
-      base = "complex";
-      break;
-    default:
-      return "dtype code " + std::to_string(int(dt.code)) + " with " + std::to_string(dt.bits) +
-             " bits";
-  }
-  return base + std::to_string(dt.bits) + (dt.lanes != 1 ? "x" + std::to_string(dt.lanes) : "");
-}
-
-// A Python integer (or anything with __index__) as int64; anything else, or a value out of
-// range, raises naming the argument and the value.
-inline std::int64_t to_int64(nb::handle h, const char* where, const std::string& name) {
-  if (!PyLong_Check(h.ptr()) && !PyIndex_Check(h.ptr())) {
-    throw nb::type_error(
-        arg_error(where, name, "must be an int, got " + std::string(nb::inst_name(h).c_str()))
-            .c_str());
-  }
-  nb::object index = nb::steal(PyNumber_Index(h.ptr()));
-  if (!index.is_valid()) throw nb::python_error();
-  int overflow = 0;
-  const long long v = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
-  if (overflow != 0) {
-    throw std::invalid_argument(
-        arg_error(where, name, "must fit in int64, got " + std::string(nb::str(index).c_str())));
-  }
-  if (v == -1 && PyErr_Occurred()) throw nb::python_error();
-  return std::int64_t(v);
-}
-
-// A 1-D int64 view of an argument: a sequence of Python ints, or any 1-D integer array on the
-// CPU (NumPy, any DLPack or buffer-protocol producer). A C-contiguous int64 array is borrowed;
-// anything else is converted into an owned vector. Errors name the argument, the element and
-// its value.
+// A 1-D int64 view of an argument of a host-side class (BlockManager, Compactor): a sequence of
+// Python ints, or any 1-D integer array on the CPU (NumPy, any DLPack or buffer-protocol
+// producer). A contiguous int64 array is borrowed; anything else is converted into an owned
+// vector. Errors name the argument, the element and its value.
 class Int64Arg {
  public:
-  Int64Arg(nb::handle h, const char* where, const char* name) {
+  Int64Arg(nb::handle h, const char* op, const char* name) {
     nb::ndarray<nb::ro> array;
     if (nb::try_cast(h, array, /*convert=*/false)) {
-      from_array(array, where, name);
+      from_array(array, op, name);
     } else if (nb::isinstance<nb::sequence>(h) && !nb::isinstance<nb::str>(h) &&
                !nb::isinstance<nb::bytes>(h)) {
       const nb::sequence seq = nb::borrow<nb::sequence>(h);
       const std::size_t n = nb::len(seq);
       owned_.reserve(n);
       for (std::size_t i = 0; i < n; ++i) {
-        owned_.push_back(
-            to_int64(seq[i], where, std::string(name) + "[" + std::to_string(i) + "]"));
+        owned_.push_back(to_int<std::int64_t>(seq[i], op, detail::IndexedName(name, i).text));
       }
       data_ = owned_.data();
       size_ = owned_.size();
     } else {
-      throw nb::type_error(arg_error(where, name,
-                                     "must be a list of ints or a 1-D integer array, got " +
-                                         std::string(nb::inst_name(h).c_str()))
-                               .c_str());
+      type_error(op, name, " must be a list of ints or a 1-D integer array, got ",
+                 nb::inst_name(h).c_str());
     }
   }
 
@@ -387,19 +328,17 @@ class Int64Arg {
   std::int64_t size() const { return std::int64_t(size_); }
 
  private:
-  void from_array(const nb::ndarray<nb::ro>& a, const char* where, const char* name) {
-    auto bad = [&](const std::string& what) {
-      return std::invalid_argument(arg_error(where, name, what));
-    };
-    if (a.device_type() != nb::device::cpu::value) throw bad("must be on the CPU");
-    if (a.ndim() != 1) throw bad("must be 1-D, got " + std::to_string(a.ndim()) + " dimensions");
+  void from_array(const nb::ndarray<nb::ro>& a, const char* op, const char* name) {
+    if (a.device_type() != nb::device::cpu::value) {
+      detail::fail(op, name, " must be on the CPU, got DLPack device type ", a.device_type());
+    }
+    if (a.ndim() != 1) detail::fail(op, name, " must be 1-D, got ", a.ndim(), " dimensions");
     const nb::dlpack::dtype dt = a.dtype();
     const auto code = static_cast<nb::dlpack::dtype_code>(dt.code);
     const bool is_signed = code == nb::dlpack::dtype_code::Int;
     if ((!is_signed && code != nb::dlpack::dtype_code::UInt) || dt.lanes != 1 ||
         (dt.bits != 8 && dt.bits != 16 && dt.bits != 32 && dt.bits != 64)) {
-      throw nb::type_error(
-          arg_error(where, name, "must hold integers, got " + dlpack_dtype_str(dt)).c_str());
+      type_error(op, name, " must hold integers, got ", dlpack_dtype_name(dt));
     }
     size_ = a.shape(0);
     const std::int64_t stride = a.stride(0);
@@ -415,7 +354,7 @@ class Int64Arg {
       const std::uint8_t* p = bytes + std::int64_t(i) * step;
       owned_[i] = is_signed
                       ? load<std::int8_t, std::int16_t, std::int32_t, std::int64_t>(p, dt.bits)
-                      : load_unsigned(p, dt.bits, where, name, i);
+                      : load_unsigned(p, dt.bits, op, name, i);
     }
     data_ = owned_.data();
   }
@@ -436,14 +375,14 @@ class Int64Arg {
     return std::int64_t(load_as<T64>(p));
   }
 
-  static std::int64_t load_unsigned(const std::uint8_t* p, int bits, const char* where,
+  static std::int64_t load_unsigned(const std::uint8_t* p, int bits, const char* op,
                                     const char* name, std::size_t i) {
     const std::uint64_t v =
         std::uint64_t(load<std::uint8_t, std::uint16_t, std::uint32_t, std::uint64_t>(p, bits));
     if (bits == 64 && v > std::uint64_t(std::numeric_limits<std::int64_t>::max())) {
-      throw std::invalid_argument(arg_error(where,
-                                            std::string(name) + "[" + std::to_string(i) + "]",
-                                            "must fit in int64, got " + std::to_string(v)));
+      detail::fail(op, detail::IndexedName(name, i).text, " must be an int in [",
+                   std::numeric_limits<std::int64_t>::min(), ", ",
+                   std::numeric_limits<std::int64_t>::max(), "], got ", v);
     }
     return std::int64_t(v);
   }

@@ -401,6 +401,18 @@ def _bad_inputs():
             set_key("out", lambda a: np.full((3, 4, 64), np.nan, np.float32)),
             r"out must have the shape of query",
         ),
+        # Offsets kept in the memory of an output: refused before any row is written (the
+        # NaN bits read as int32 would otherwise fail the offset checks with another message).
+        (
+            "starts_inside_out",
+            set_key("query_start_loc", lambda a: a["out"].reshape(-1)[5:9].view(np.int32)),
+            r"out and query_start_loc must not share memory",
+        ),
+        (
+            "starts_inside_lse",
+            set_key("query_start_loc", lambda a: a["lse"].reshape(-1)[-4:].view(np.int32)),
+            r"lse and query_start_loc must not share memory",
+        ),
         (
             "bad_block_in_prefix",
             set_key("block_table", bad_first_block),
