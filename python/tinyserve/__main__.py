@@ -15,6 +15,10 @@ SUBCOMMANDS = {
         "tinyserve.demo",
         "the end-to-end continuous-batching decode simulation (demo --help)",
     ),
+    "generate": (
+        "tinyserve.engine.cli",
+        "serve prompts with a transformers model through the engine (generate --help)",
+    ),
 }
 
 

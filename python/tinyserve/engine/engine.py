@@ -1,0 +1,353 @@
+"""The engine: requests in, tokens out, one batched model step at a time."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence as SequenceOf
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+import tinyserve
+
+from .kv import AttentionBatch, PagedKVCache, build_attention_batch
+from .request import (
+    Request,
+    RequestOutput,
+    SamplingParams,
+    Sequence,
+    SequenceStatus,
+    TokenCallback,
+)
+from .sampling import greedy_tokens, make_generator, sample_token
+from .scheduler import Scheduler
+
+
+class ModelRunner(Protocol):
+    """What the engine needs from a model (``tinyserve.integrations.transformers.
+    TransformersRunner`` is one)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    eos_token_ids: set[int]
+    max_model_len: int | None
+
+    def forward(
+        self,
+        token_ids: np.ndarray,
+        positions: np.ndarray,
+        batch: AttentionBatch,
+        logits_rows: np.ndarray,
+    ) -> torch.Tensor: ...
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine was made. Times are in seconds of wall clock; ``busy_time`` is
+    the time spent inside :meth:`Engine.step`."""
+
+    steps: int = 0
+    prompt_tokens: int = 0
+    computed_tokens: int = 0  # rows run through the model (prefill, recompute and decode)
+    generated_tokens: int = 0
+    busy_time: float = 0.0
+    prefix_cache_hit_tokens: int = 0  # prompt tokens found in the prefix cache, not computed
+    prefix_cache_hit_blocks: int = 0
+    copy_on_write_blocks: int = 0
+    forks: int = 0
+    preemptions: int = 0
+    offloads: int = 0  # blocks moved to the host pool by preemption through the compactor
+    recalls: int = 0  # blocks brought back from it
+    peak_blocks_used: int = 0
+    blocks_used: int = 0
+    blocks_free: int = 0
+    time_to_first_token: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.busy_time if self.busy_time > 0 else 0.0
+
+    def summary(self) -> str:
+        ttft = self.time_to_first_token
+        ttft_text = (
+            f"mean {1e3 * float(np.mean(ttft)):.1f} ms, max {1e3 * max(ttft):.1f} ms"
+            if ttft
+            else "n/a"
+        )
+        return "\n".join(
+            [
+                f"tokens/s: {self.tokens_per_second:.1f} ({self.generated_tokens} tokens "
+                f"generated in {self.busy_time:.2f} s, {self.steps} steps)",
+                f"time to first token: {ttft_text}",
+                f"prefix-cache hits: {self.prefix_cache_hit_tokens} prompt tokens "
+                f"({self.prefix_cache_hit_blocks} blocks) of {self.prompt_tokens}",
+                f"blocks: {self.blocks_used} used, {self.blocks_free} free "
+                f"(peak {self.peak_blocks_used} used); copy-on-write copies: "
+                f"{self.copy_on_write_blocks}, forks: {self.forks}",
+                f"preemptions: {self.preemptions}; offloads/recalls: {self.offloads}/"
+                f"{self.recalls} blocks",
+            ]
+        )
+
+
+class Engine:
+    """A continuous-batching engine over a model runner, with tinyserve owning the KV cache.
+
+    Requests join with :meth:`add_request` at any time; each :meth:`step` schedules the running
+    and waiting sequences (:class:`~tinyserve.engine.scheduler.Scheduler`), runs the pending
+    copy-on-write block copies, runs the model once on every scheduled token (prefill chunks
+    and decode tokens together) and samples the next token of every sequence whose tokens are
+    all computed. Finished sequences leave the batch in the same step.
+
+    ``num_blocks`` x ``block_size`` tokens of K/V fit in the pool (all layers);
+    ``max_num_batched_tokens`` bounds the tokens computed in one step (longer prompts are
+    prefilled in chunks). With ``num_host_blocks > 0`` a :class:`tinyserve.Compactor` with a host
+    pool of that many blocks preempts by offload (see
+    :class:`~tinyserve.engine.scheduler.Scheduler`); otherwise preemption recomputes.
+    ``packed_prefill`` picks how prefill rows reach ``paged_attention``: packed with
+    ``query_start_loc`` (default), or each row as a decode query
+    (:func:`~tinyserve.engine.kv.build_attention_batch`)."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        *,
+        num_blocks: int,
+        block_size: int = 16,
+        enable_prefix_caching: bool = True,
+        max_num_batched_tokens: int = 1024,
+        max_num_seqs: int = 256,
+        tokenizer: Any = None,
+        packed_prefill: bool = True,
+        num_host_blocks: int = 0,
+    ):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.packed_prefill = packed_prefill
+        self.block_manager = tinyserve.BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.kv_cache = PagedKVCache(
+            runner.num_layers,
+            num_blocks,
+            block_size,
+            runner.num_kv_heads,
+            runner.head_dim,
+            runner.dtype,
+            runner.device,
+        )
+        self.compactor = None
+        run_plan = None
+        if num_host_blocks > 0:
+            self.compactor = tinyserve.Compactor(self.block_manager, num_host_blocks)
+            device_caches = self.kv_cache.tensors()
+            host_caches = tinyserve.allocate_host_pool(device_caches, num_host_blocks)
+
+            def run_plan(plan: Any) -> None:
+                tinyserve.execute_plan(plan, device_caches, host_caches)
+
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_seqs=max_num_seqs,
+            compactor=self.compactor,
+            run_plan=run_plan,
+        )
+        self.stats = EngineStats(blocks_free=num_blocks)
+        self._requests: dict[int, Request] = {}
+        self._request_ids = itertools.count()
+        self._seq_ids = itertools.count()
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt_ids: SequenceOf[int],
+        params: SamplingParams | None = None,
+        on_token: TokenCallback | None = None,
+    ) -> int:
+        """Queue a prompt (token ids); returns the request id. ``on_token(request_id,
+        sample_index, token_id)`` streams each generated token."""
+        params = SamplingParams() if params is None else params
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError(
+                "tinyserve.Engine.add_request: the prompt must not be empty, got 0 tokens"
+            )
+        total = len(prompt) + params.max_new_tokens
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if total > capacity:
+            raise ValueError(
+                "tinyserve.Engine.add_request: prompt plus max_new_tokens must fit in the pool "
+                f"({capacity} tokens), got {total}"
+            )
+        limit = self.runner.max_model_len
+        if limit is not None and total > limit:
+            raise ValueError(
+                "tinyserve.Engine.add_request: prompt plus max_new_tokens must fit in the "
+                f"model's context ({limit} tokens), got {total}"
+            )
+        request = Request(
+            request_id=next(self._request_ids),
+            prompt_ids=prompt,
+            params=params,
+            on_token=on_token,
+            arrival_time=time.perf_counter(),
+        )
+        request.samples.append(self._new_sequence(request, 0, list(prompt)))
+        self._requests[request.request_id] = request
+        self.scheduler.add(request.samples[0])
+        self.stats.prompt_tokens += len(prompt)
+        return request.request_id
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def generate(
+        self,
+        prompts: SequenceOf[SequenceOf[int]],
+        params: SamplingParams | None = None,
+        on_token: TokenCallback | None = None,
+    ) -> list[RequestOutput]:
+        """Run the prompts to completion together; outputs in prompt order."""
+        ids = [self.add_request(p, params, on_token) for p in prompts]
+        done: dict[int, RequestOutput] = {}
+        while self.has_unfinished():
+            for output in self.step():
+                done[output.request_id] = output
+        return [done[i] for i in ids]
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; returns the requests that finished in it."""
+        start = time.perf_counter()
+        plan = self.scheduler.schedule()
+        if not plan.seqs:
+            return []
+        copies = self.block_manager.take_copies()
+        self.kv_cache.copy_blocks(copies)
+        self.stats.copy_on_write_blocks += len(copies)
+
+        seq_ids = [s.seq_id for s in plan.seqs]
+        table, lens = self.block_manager.block_table(seq_ids)
+        token_ids = np.concatenate(
+            [s.token_ids[s.num_computed : s.num_computed + n] for s, n in zip(plan.seqs, plan.rows)]
+        )
+        positions = np.concatenate(
+            [np.arange(s.num_computed, s.num_computed + n) for s, n in zip(plan.seqs, plan.rows)]
+        )
+        batch = build_attention_batch(
+            self.kv_cache,
+            np.concatenate(plan.slots),
+            table,
+            lens,
+            np.asarray(plan.rows),
+            packed=self.packed_prefill,
+        )
+        row_ends = np.cumsum(plan.rows) - 1
+        finishing = [
+            i
+            for i, (s, n) in enumerate(zip(plan.seqs, plan.rows))
+            if s.num_computed + n == len(s.token_ids)
+        ]
+        logits = self.runner.forward(token_ids, positions, batch, row_ends[finishing])
+        for seq, n in zip(plan.seqs, plan.rows):
+            seq.num_computed += n
+        if self.compactor is not None:
+            self.compactor.touch(seq_ids)  # recency: the blocks these sequences attended
+        self.stats.computed_tokens += len(token_ids)
+        self.stats.steps += 1
+
+        finished = self._sample([plan.seqs[i] for i in finishing], logits, time.perf_counter())
+        self._update_block_stats()
+        self.stats.busy_time += time.perf_counter() - start
+        return finished
+
+    def _sample(
+        self, seqs: list[Sequence], logits: torch.Tensor, now: float
+    ) -> list[RequestOutput]:
+        # A request with n > 1 forks its other samples once its prompt is computed: they share
+        # the prompt's blocks and each draws its own first token from the same logits.
+        rows: list[tuple[Sequence, int]] = []
+        for row, seq in enumerate(seqs):
+            rows.append((seq, row))
+            request = seq.request
+            if seq.sample_index == 0 and len(request.samples) < request.params.n:
+                for index in range(1, request.params.n):
+                    child = self._new_sequence(request, index, list(seq.token_ids))
+                    request.samples.append(child)
+                    self.scheduler.admit_fork(seq, child)
+                    self.stats.forks += 1
+                    rows.append((child, row))
+        greedy = [r for s, r in rows if s.request.params.greedy]
+        greedy_ids = dict(zip(greedy, greedy_tokens(logits[greedy]))) if greedy else {}
+        finished: list[RequestOutput] = []
+        eos_ids = self.runner.eos_token_ids
+        for seq, row in rows:
+            params = seq.request.params
+            if params.greedy:
+                token = greedy_ids[row]
+            else:
+                token = sample_token(logits[row], params, seq.generator)
+            seq.token_ids.append(token)
+            self.stats.generated_tokens += 1
+            request = seq.request
+            if request.first_token_time is None:
+                request.first_token_time = now
+                self.stats.time_to_first_token.append(now - request.arrival_time)
+            if request.on_token is not None:
+                request.on_token(request.request_id, seq.sample_index, token)
+            if token in eos_ids and not params.ignore_eos:
+                self.scheduler.finish(seq, "eos")
+            elif seq.num_generated >= params.max_new_tokens:
+                self.scheduler.finish(seq, "length")
+            else:
+                continue
+            if request.finished:
+                request.finish_time = now
+                finished.append(self._output(request))
+                del self._requests[request.request_id]
+        return finished
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _new_sequence(self, request: Request, index: int, tokens: list[int]) -> Sequence:
+        return Sequence(
+            seq_id=next(self._seq_ids),
+            request=request,
+            sample_index=index,
+            token_ids=tokens,
+            generator=make_generator(request.params, index),
+            status=SequenceStatus.WAITING,
+        )
+
+    def _output(self, request: Request) -> RequestOutput:
+        token_ids = [s.generated_ids for s in request.samples]
+        texts = None
+        if self.tokenizer is not None:
+            texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt_ids=request.prompt_ids,
+            token_ids=token_ids,
+            finish_reasons=[s.finish_reason or "" for s in request.samples],
+            time_to_first_token=request.time_to_first_token or 0.0,
+            prefix_cache_hit_tokens=request.prefix_cache_hit_tokens,
+            texts=texts,
+        )
+
+    def _update_block_stats(self) -> None:
+        stats = self.block_manager.stats()
+        self.stats.blocks_used = stats["num_used"]
+        self.stats.blocks_free = stats["num_free"]
+        self.stats.peak_blocks_used = max(self.stats.peak_blocks_used, stats["num_used"])
+        self.stats.prefix_cache_hit_blocks = stats["prefix_hits"]
+        self.stats.prefix_cache_hit_tokens = self.scheduler.prefix_cache_hit_tokens
+        self.stats.preemptions = self.scheduler.num_preemptions
+        self.stats.offloads = self.scheduler.num_offloaded_blocks
+        self.stats.recalls = self.scheduler.num_recalled_blocks

@@ -1,0 +1,157 @@
+"""The paged KV cache that the engine owns, and the per-step attention batch that every layer's
+attention reads: where to write the step's new keys and values, and which pages each query row
+attends to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import tinyserve
+
+
+class PagedKVCache:
+    """One K and one V tensor per layer, each ``[num_blocks, block_size, num_kv_heads,
+    head_dim]`` (tinyserve's NHD layout), indexed by the block ids of a
+    :class:`tinyserve.BlockManager`. Fresh blocks hold NaN so that a read of a slot that was
+    never written shows up in the output instead of passing silently."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.layers = [
+            (
+                torch.full(shape, float("nan"), dtype=dtype, device=device),
+                torch.full(shape, float("nan"), dtype=dtype, device=device),
+            )
+            for _ in range(num_layers)
+        ]
+        self.bytes_per_block = 2 * num_layers * block_size * num_kv_heads * head_dim
+        self.bytes_per_block *= torch.empty((), dtype=dtype).element_size()
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every cache tensor (K and V of every layer): what block copies must cover."""
+        return [t for pair in self.layers for t in pair]
+
+    def copy_blocks(self, pairs: np.ndarray) -> None:
+        """Run the block manager's pending copy-on-write pairs (``take_copies()``, int32
+        ``[P, 2]``) over every layer in one call."""
+        if len(pairs) == 0:
+            return
+        src = torch.from_numpy(np.ascontiguousarray(pairs[:, 0])).to(self.device)
+        dst = torch.from_numpy(np.ascontiguousarray(pairs[:, 1])).to(self.device)
+        tinyserve.copy_blocks(self.tensors(), src, dst)
+
+
+@dataclass
+class AttentionBatch:
+    """Everything a layer's attention needs for one engine step, built once per step.
+
+    The step's query rows are the tokens being computed, sequence after sequence (a decoding
+    sequence has one row, a prefilling one a chunk of its prompt). ``slot_mapping`` (int64
+    ``[rows]``) says where each row's key and value go. Attention is causal within the step: the
+    row at position ``p`` of a sequence sees that sequence's keys ``0..p``.
+
+    Two forms, chosen by :func:`build_attention_batch`, the only code that knows them besides
+    :meth:`attend`:
+
+    - packed (the default; ``query_start_loc`` set): ``block_table`` and ``seq_lens`` have one
+      row per sequence and ``query_start_loc`` (int32 ``[B + 1]``) marks each sequence's rows,
+      for ``paged_attention``'s prefill mode;
+    - expanded (``query_start_loc`` None): every row is a decode query, with its sequence's
+      block-table row repeated and ``seq_lens = p + 1``. Exact too, and costs a table row per
+      query row; kept as the independent way to compute the same thing (the tests compare
+      both). A step of decodes only (one row per sequence) is the same in both forms and needs
+      neither."""
+
+    kv_cache: PagedKVCache
+    slot_mapping: torch.Tensor
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    max_seq_len: int
+    query_start_loc: torch.Tensor | None = None
+
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store the step's new keys and values ``[rows, num_kv_heads, head_dim]``."""
+        key_cache, value_cache = self.kv_cache.layers[layer]
+        tinyserve.reshape_and_cache(key, value, key_cache, value_cache, self.slot_mapping)
+
+    def attend(
+        self,
+        layer: int,
+        query: torch.Tensor,
+        scale: float | None = None,
+        window_left: int = -1,
+        logits_soft_cap: float = 0.0,
+    ) -> torch.Tensor:
+        """Attention of the step's query rows ``[rows, num_q_heads, head_dim]`` over the cache
+        (after :meth:`write`); returns ``[rows, num_q_heads, head_dim]``."""
+        key_cache, value_cache = self.kv_cache.layers[layer]
+        packed = {} if self.query_start_loc is None else {"query_start_loc": self.query_start_loc}
+        return tinyserve.paged_attention(
+            query,
+            key_cache,
+            value_cache,
+            self.block_table,
+            self.seq_lens,
+            scale=scale,
+            window_left=window_left,
+            logits_soft_cap=logits_soft_cap,
+            max_seq_len=self.max_seq_len,
+            **packed,
+        )
+
+
+def build_attention_batch(
+    kv_cache: PagedKVCache,
+    slot_mapping: np.ndarray,
+    block_table: np.ndarray,
+    seq_lens: np.ndarray,
+    rows_per_seq: np.ndarray,
+    *,
+    packed: bool = True,
+) -> AttentionBatch:
+    """The attention batch of a step from the block manager's view after the step's appends:
+    ``block_table`` int32 ``[B, max_blocks]`` and ``seq_lens`` int32 ``[B]`` (lengths including
+    this step's tokens), ``rows_per_seq`` int ``[B]`` (this step's tokens of each sequence,
+    which are its last ones), ``slot_mapping`` int64 ``[sum(rows_per_seq)]``. ``packed`` picks
+    the form."""
+    device = kv_cache.device
+    rows_per_seq = np.asarray(rows_per_seq, dtype=np.int64)
+    seq_lens = np.asarray(seq_lens, dtype=np.int32)
+    query_start_loc = None
+    if bool(np.all(rows_per_seq == 1)):
+        table, lens = block_table, seq_lens
+    elif packed:
+        table, lens = block_table, seq_lens
+        starts = np.concatenate([[0], np.cumsum(rows_per_seq)]).astype(np.int32)
+        query_start_loc = torch.from_numpy(starts).to(device)
+    else:
+        seq_of_row = np.repeat(np.arange(len(rows_per_seq)), rows_per_seq)
+        # Position of each row: its sequence's length, minus the rows after it in the sequence.
+        ends = np.cumsum(rows_per_seq)
+        rows_after = ends[seq_of_row] - 1 - np.arange(len(seq_of_row))
+        lens = (seq_lens[seq_of_row] - rows_after).astype(np.int32)
+        table = block_table[seq_of_row]
+    return AttentionBatch(
+        kv_cache=kv_cache,
+        slot_mapping=torch.from_numpy(np.ascontiguousarray(slot_mapping, np.int64)).to(device),
+        block_table=torch.from_numpy(np.ascontiguousarray(table, np.int32)).to(device),
+        seq_lens=torch.from_numpy(np.ascontiguousarray(lens, np.int32)).to(device),
+        max_seq_len=int(seq_lens.max()) if len(seq_lens) else 0,
+        query_start_loc=query_start_loc,
+    )

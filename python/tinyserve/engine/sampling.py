@@ -1,0 +1,48 @@
+"""Picking the next token from a row of logits: greedy or seeded sampling."""
+
+from __future__ import annotations
+
+import torch
+
+from .request import SamplingParams
+
+
+def make_generator(params: SamplingParams, sample_index: int) -> torch.Generator | None:
+    """A CPU generator for one sample, or None for greedy decoding. Seeded requests get
+    ``seed + sample_index``; unseeded ones a random seed."""
+    if params.greedy:
+        return None
+    generator = torch.Generator(device="cpu")
+    if params.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(params.seed + sample_index)
+    return generator
+
+
+def greedy_tokens(logits: torch.Tensor) -> list[int]:
+    """Argmax of every row of ``[rows, vocab]`` logits, in one device-to-host transfer."""
+    return logits.argmax(dim=-1).tolist()
+
+
+def sample_token(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> int:
+    """One token from one row of logits ``[vocab]`` under ``params``. Sampling runs in float32 on
+    the CPU so that a seed gives the same token on any device."""
+    if params.greedy:
+        return int(logits.argmax())
+    scores = logits.detach().to("cpu", torch.float32) / params.temperature
+    if 0 < params.top_k < scores.numel():
+        kth = torch.topk(scores, params.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
+        # Keep the smallest prefix whose probability reaches top_p: a token is dropped when the
+        # tokens before it already reach it.
+        drop_sorted = (cumulative - torch.softmax(sorted_scores, dim=-1)) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

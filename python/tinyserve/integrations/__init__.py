@@ -1,0 +1,1 @@
+"""Adapters between tinyserve and model frameworks."""

