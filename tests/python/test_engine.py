@@ -8,6 +8,8 @@ import math
 import numpy as np
 import pytest
 
+import tinyserve
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -257,6 +259,45 @@ def test_preemption_recomputes_when_the_host_pool_is_full(rng):
     outputs = run_and_check(engine, prompts, SamplingParams(max_new_tokens=16))
     assert [o.token_ids[0] for o in outputs] == expected
     assert engine.stats.preemptions > 0
+
+
+needs_select_pages = pytest.mark.skipif(
+    not hasattr(tinyserve, "select_pages"), reason="this build has no select_pages"
+)
+
+
+@needs_select_pages
+def test_sparse_decode_with_a_budget_covering_every_page_gives_the_dense_tokens(rng):
+    runner = random_model(6, 2, seed=int(rng.integers(1 << 31)))
+    prompts = shared_prefix_prompts(rng, 4)
+    new = 10
+    longest = max(len(p) for p in prompts) + new
+    engine = make_engine(runner, sparse_budget_tokens=longest + BLOCK_SIZE)
+    outputs = run_and_check(engine, prompts, SamplingParams(max_new_tokens=new, n=2))
+    expected = transformers_generate(runner, prompts, new)
+    assert [o.token_ids for o in outputs] == [[e, e] for e in expected]
+    assert engine.stats.sparse_decode_steps > 0
+    assert engine.stats.copy_on_write_blocks > 0
+
+
+@needs_select_pages
+def test_sparse_decode_page_summaries_move_with_their_blocks(rng):
+    """With a budget of 2 pages, selection depends on every page's summary: the tokens must
+    not change when preemption offloads and recalls blocks (summaries included)."""
+    runner = random_model(4, 1, seed=int(rng.integers(1 << 31)))
+    prompts = shared_prefix_prompts(rng, 6, prefix_len=9)
+    params = SamplingParams(max_new_tokens=16)
+    roomy = make_engine(runner, sparse_budget_tokens=2 * BLOCK_SIZE)
+    expected = [o.token_ids for o in run_and_check(roomy, prompts, params)]
+    longest = max(len(p) for p in prompts) + 16
+    tight = make_engine(
+        runner,
+        num_blocks=2 * math.ceil(longest / BLOCK_SIZE) + 1,
+        num_host_blocks=64,
+        sparse_budget_tokens=2 * BLOCK_SIZE,
+    )
+    assert [o.token_ids for o in run_and_check(tight, prompts, params)] == expected
+    assert tight.stats.offloads > 0 and tight.stats.sparse_decode_steps > 0
 
 
 def test_parallel_samples_share_the_prompt_blocks(rng):

@@ -90,10 +90,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.budget is not None:
-        parser.error(
-            "--budget needs sparse decode (tinyserve.select_pages), which this build does not "
-            "have yet"
-        )
+        import tinyserve
+
+        if not hasattr(tinyserve, "select_pages"):
+            parser.error(
+                "--budget needs sparse decode (tinyserve.select_pages), which this build does "
+                "not have"
+            )
+        if args.budget < 1:
+            parser.error(f"--budget must be >= 1, got {args.budget}")
     return args
 
 
@@ -167,6 +172,7 @@ def main(argv: list[str]) -> int:
         block_size=args.block_size,
         tokenizer=tokenizer,
         num_host_blocks=num_blocks if args.host_blocks is None else args.host_blocks,
+        sparse_budget_tokens=args.budget,
     )
 
     on_token = None

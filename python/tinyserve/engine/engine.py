@@ -64,6 +64,7 @@ class EngineStats:
     preemptions: int = 0
     offloads: int = 0  # blocks moved to the host pool by preemption through the compactor
     recalls: int = 0  # blocks brought back from it
+    sparse_decode_steps: int = 0  # decode steps that attended through select_pages
     peak_blocks_used: int = 0
     blocks_used: int = 0
     blocks_free: int = 0
@@ -91,7 +92,7 @@ class EngineStats:
                 f"(peak {self.peak_blocks_used} used); copy-on-write copies: "
                 f"{self.copy_on_write_blocks}, forks: {self.forks}",
                 f"preemptions: {self.preemptions}; offloads/recalls: {self.offloads}/"
-                f"{self.recalls} blocks",
+                f"{self.recalls} blocks; sparse decode steps: {self.sparse_decode_steps}",
             ]
         )
 
@@ -110,9 +111,11 @@ class Engine:
     prefilled in chunks). With ``num_host_blocks > 0`` a :class:`tinyserve.Compactor` with a host
     pool of that many blocks preempts by offload (see
     :class:`~tinyserve.engine.scheduler.Scheduler`); otherwise preemption recomputes.
-    ``packed_prefill`` picks how prefill rows reach ``paged_attention``: packed with
-    ``query_start_loc`` (default), or each row as a decode query
-    (:func:`~tinyserve.engine.kv.build_attention_batch`)."""
+    ``sparse_budget_tokens`` turns on sparse decode: each decode query reads the
+    ``ceil(sparse_budget_tokens / block_size)`` pages that ``select_pages`` picks for it per KV
+    head (the pages' summaries are kept beside the cache). ``packed_prefill`` picks how prefill
+    rows reach ``paged_attention``: packed with ``query_start_loc`` (default), or each row as a
+    decode query (:func:`~tinyserve.engine.kv.build_attention_batch`)."""
 
     def __init__(
         self,
@@ -126,10 +129,19 @@ class Engine:
         tokenizer: Any = None,
         packed_prefill: bool = True,
         num_host_blocks: int = 0,
+        sparse_budget_tokens: int | None = None,
     ):
         self.runner = runner
         self.tokenizer = tokenizer
         self.packed_prefill = packed_prefill
+        self.sparse_budget = 0
+        if sparse_budget_tokens is not None:
+            if sparse_budget_tokens < 1:
+                raise ValueError(
+                    "tinyserve.Engine: sparse_budget_tokens must be >= 1, got "
+                    f"{sparse_budget_tokens}"
+                )
+            self.sparse_budget = -(-sparse_budget_tokens // block_size)
         self.block_manager = tinyserve.BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.kv_cache = PagedKVCache(
             runner.num_layers,
@@ -139,6 +151,7 @@ class Engine:
             runner.head_dim,
             runner.dtype,
             runner.device,
+            page_meta=self.sparse_budget > 0,
         )
         self.compactor = None
         run_plan = None
@@ -248,7 +261,10 @@ class Engine:
             lens,
             np.asarray(plan.rows),
             packed=self.packed_prefill,
+            sparse_budget=self.sparse_budget,
         )
+        if self.sparse_budget and batch.decode_only:
+            self.stats.sparse_decode_steps += 1
         row_ends = np.cumsum(plan.rows) - 1
         finishing = [
             i

@@ -16,7 +16,10 @@ class PagedKVCache:
     """One K and one V tensor per layer, each ``[num_blocks, block_size, num_kv_heads,
     head_dim]`` (tinyserve's NHD layout), indexed by the block ids of a
     :class:`tinyserve.BlockManager`. Fresh blocks hold NaN so that a read of a slot that was
-    never written shows up in the output instead of passing silently."""
+    never written shows up in the output instead of passing silently. With ``page_meta``, each
+    layer also gets page summaries ``[num_blocks, num_kv_heads, 2, head_dim]`` (kept by
+    ``reshape_and_cache``, read by ``select_pages`` for sparse decode), indexed by block like the
+    caches so that block copies and the compactor move them along."""
 
     def __init__(
         self,
@@ -27,6 +30,7 @@ class PagedKVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        page_meta: bool = False,
     ):
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.num_blocks = num_blocks
@@ -42,10 +46,17 @@ class PagedKVCache:
         ]
         self.bytes_per_block = 2 * num_layers * block_size * num_kv_heads * head_dim
         self.bytes_per_block *= torch.empty((), dtype=dtype).element_size()
+        self.page_meta: list[torch.Tensor] | None = None
+        if page_meta:
+            meta_shape = tinyserve.page_meta_shape(self.layers[0][0])
+            self.page_meta = [
+                torch.zeros(meta_shape, dtype=dtype, device=device) for _ in range(num_layers)
+            ]
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every cache tensor (K and V of every layer): what block copies must cover."""
-        return [t for pair in self.layers for t in pair]
+        """Every tensor indexed by block (K and V of every layer, page summaries): what block
+        copies and the compactor's moves must cover."""
+        return [t for pair in self.layers for t in pair] + (self.page_meta or [])
 
     def copy_blocks(self, pairs: np.ndarray) -> None:
         """Run the block manager's pending copy-on-write pairs (``take_copies()``, int32
@@ -84,11 +95,16 @@ class AttentionBatch:
     seq_lens: torch.Tensor
     max_seq_len: int
     query_start_loc: torch.Tensor | None = None
+    decode_only: bool = False
+    sparse_budget: int = 0  # pages each decode query reads (select_pages); 0: dense
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Store the step's new keys and values ``[rows, num_kv_heads, head_dim]``."""
+        """Store the step's new keys and values ``[rows, num_kv_heads, head_dim]`` (and update
+        the written pages' summaries when the cache keeps them)."""
         key_cache, value_cache = self.kv_cache.layers[layer]
-        tinyserve.reshape_and_cache(key, value, key_cache, value_cache, self.slot_mapping)
+        meta = self.kv_cache.page_meta
+        extra = {} if meta is None else {"page_meta": meta[layer]}
+        tinyserve.reshape_and_cache(key, value, key_cache, value_cache, self.slot_mapping, **extra)
 
     def attend(
         self,
@@ -102,12 +118,24 @@ class AttentionBatch:
         (after :meth:`write`); returns ``[rows, num_q_heads, head_dim]``."""
         key_cache, value_cache = self.kv_cache.layers[layer]
         packed = {} if self.query_start_loc is None else {"query_start_loc": self.query_start_loc}
+        table, lens = self.block_table, self.seq_lens
+        if self.sparse_budget and self.decode_only and window_left < 0:
+            # Sparse decode: per KV head, the pages whose summaries promise the largest scores
+            # for this query (the last page always), then the same kernel over those pages.
+            table, lens = tinyserve.select_pages(
+                query,
+                self.kv_cache.page_meta[layer],
+                table,
+                lens,
+                self.sparse_budget,
+                block_size=self.kv_cache.block_size,
+            )
         return tinyserve.paged_attention(
             query,
             key_cache,
             value_cache,
-            self.block_table,
-            self.seq_lens,
+            table,
+            lens,
             scale=scale,
             window_left=window_left,
             logits_soft_cap=logits_soft_cap,
@@ -124,17 +152,20 @@ def build_attention_batch(
     rows_per_seq: np.ndarray,
     *,
     packed: bool = True,
+    sparse_budget: int = 0,
 ) -> AttentionBatch:
     """The attention batch of a step from the block manager's view after the step's appends:
     ``block_table`` int32 ``[B, max_blocks]`` and ``seq_lens`` int32 ``[B]`` (lengths including
     this step's tokens), ``rows_per_seq`` int ``[B]`` (this step's tokens of each sequence,
     which are its last ones), ``slot_mapping`` int64 ``[sum(rows_per_seq)]``. ``packed`` picks
-    the form."""
+    the form. ``sparse_budget`` > 0 makes a step of decodes only attend through
+    ``select_pages`` (that many pages per query); steps with prefill rows stay dense."""
     device = kv_cache.device
     rows_per_seq = np.asarray(rows_per_seq, dtype=np.int64)
     seq_lens = np.asarray(seq_lens, dtype=np.int32)
     query_start_loc = None
-    if bool(np.all(rows_per_seq == 1)):
+    decode_only = bool(np.all(rows_per_seq == 1))
+    if decode_only:
         table, lens = block_table, seq_lens
     elif packed:
         table, lens = block_table, seq_lens
@@ -154,4 +185,6 @@ def build_attention_batch(
         seq_lens=torch.from_numpy(np.ascontiguousarray(lens, np.int32)).to(device),
         max_seq_len=int(seq_lens.max()) if len(seq_lens) else 0,
         query_start_loc=query_start_loc,
+        decode_only=decode_only,
+        sparse_budget=sparse_budget,
     )
