@@ -315,7 +315,7 @@ __global__ void __launch_bounds__(kSwapThreads)
 // Launches the swap kernel over every pair, as many pairs per launch as the parameters hold.
 template <class Id>
 void swap_with_kernel(const SwapBlocksParams& p, const char* src, char* dst, cudaStream_t s) {
-  SwapArgs<Id> a;
+  SwapArgs<Id> a{};
   a.src = src;
   a.dst = dst;
   a.src_stride = p.src_cache.stride_block * p.src_cache.elem_size;
