@@ -24,8 +24,9 @@ unless --flashinfer-backend), both as CUDA-graph replays (both eager if either r
 capture; the row says which), median of --iters replays of 10 calls; % of the read ceiling
 measured first; ratio FlashInfer time / tinyserve time; the two outputs' relative difference.
 Without an importable flashinfer the grid runs tinyserve alone and says so. --kv-dtype fp8 adds
-FlashInfer on an e4m3 cache (per-tensor scales) for the head_dim 128 cases; tinyserve's FP8
-column stays n/a until it has an FP8 cache. --dry-run: the grid shrunk on the CPU, checking the
+both on the same e4m3 cache (per-tensor scales; FlashInfer for the head_dim 128 cases), each as
+a share of the read ceiling in the FP8 bytes, and tinyserve's FP8 output against its float16
+one. --dry-run: the grid shrunk on the CPU, checking the
 script and the page description given to FlashInfer against float64.
 
     python benchmarks/bench_decode.py --grid [--kv-dtype fp8] [--cases base HND] [--json g.json]
@@ -563,6 +564,34 @@ def grid_case(
         )
 
     fns = {"tinyserve": tinyserve_run}
+    fp8_store = None
+    if kv_dtype == "fp8":  # one e4m3 copy of the data, read by both libraries
+        (k8, k_scale), (v8, v_scale) = to_fp8(data["k_store"]), to_fp8(data["v_store"])
+        fp8_store = (k8, v8, k_scale, v_scale)
+        hnd = case["layout"] == "HND"
+        k8_view, v8_view = (k8.transpose(1, 2), v8.transpose(1, 2)) if hnd else (k8, v8)
+        out8 = torch.empty_like(q)
+        splits8, nbytes8 = ts.plan_paged_attention(
+            q, k8_view, data["table"], max_seq_len=data["max_len"]
+        )
+        ts_workspace8 = torch.empty((max(nbytes8, 16),), dtype=torch.uint8, device=device)
+
+        def tinyserve_fp8_run():
+            ts.paged_attention(
+                q,
+                k8_view,
+                v8_view,
+                data["table"],
+                data["lens"],
+                out8,
+                max_seq_len=data["max_len"],
+                num_splits=splits8,
+                workspace=ts_workspace8,
+                k_scale=k_scale,
+                v_scale=v_scale,
+            )
+
+        fns["tinyserve fp8"] = tinyserve_fp8_run
     notes = []
     fi_out, resolved = None, None
     kernel = (case["dtype"], case["dim"])  # what FlashInfer compiles a module for
@@ -583,8 +612,7 @@ def grid_case(
         notes.append(f"FlashInfer fp8: {PEER_FAILURES[fp8_kernel]} (an earlier case)")
     elif kv_dtype == "fp8" and flashinfer is not None and case["dim"] == 128:
         try:
-            k8, k_scale = to_fp8(data["k_store"])
-            v8, v_scale = to_fp8(data["v_store"])
+            k8, v8, k_scale, v_scale = fp8_store
             fns["flashinfer fp8"], fp8, _ = flashinfer_decode(
                 flashinfer,
                 case,
@@ -622,7 +650,8 @@ def grid_case(
         "rel_diff_tinyserve_vs_float64_over_peer_layout": (
             rel_diff(out, reference_from_peer_layout(case, data)) if device != "cuda" else None
         ),
-        "tinyserve_fp8_ms": None,  # tinyserve has no FP8 KV cache yet
+        "tinyserve_fp8_ms": times.get("tinyserve fp8"),
+        "rel_diff_tinyserve_fp8_vs_fp16": None if fp8_store is None else rel_diff(out8, out),
         "flashinfer_fp8_ms": times.get("flashinfer fp8"),
         "fp8_kv_bytes": kv_bytes // elem,
         "rel_diff_flashinfer_fp8_vs_fp16": (
@@ -725,16 +754,18 @@ def run_grid(args, device: str) -> None:
     )
     print(
         "| case | B x ctx | tinyserve ms | % | FlashInfer ms | % | ratio | rel diff "
-        "| FI fp8 ms | fp8 % | timing |"
+        "| ts fp8 ms | fp8 % | fp8 vs fp16 | FI fp8 ms | fp8 % | timing |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(grid_row(r, read_bw))
     if device != "cuda":  # the dry run is a check: a case that failed or disagrees fails it
         bad = [
             r["name"]
             for r in rows
-            if "error" in r or not r["rel_diff_tinyserve_vs_float64_over_peer_layout"] < 2e-2
+            if "error" in r
+            or not r["rel_diff_tinyserve_vs_float64_over_peer_layout"] < 2e-2
+            or (args.kv_dtype == "fp8" and not r["rel_diff_tinyserve_fp8_vs_fp16"] < 0.1)
         ]
         if bad:
             raise SystemExit(f"dry run: wrong or failed cases: {bad}")
@@ -754,6 +785,7 @@ def grid_row(r: dict, read_bw) -> str:
         return f"{100 * nbytes / (v * 1e-3) / read_bw:.1f}"
 
     ts_ms, fi_ms, f8_ms = r["tinyserve_ms"], r["flashinfer_ms"], r["flashinfer_fp8_ms"]
+    ts8_ms, diff8 = r["tinyserve_fp8_ms"], r["rel_diff_tinyserve_fp8_vs_fp16"]
     ratio = "n/a" if fi_ms is None else f"{fi_ms / ts_ms:.3f}"
     diff = r["rel_diff_tinyserve_vs_flashinfer"]
     if diff is None:  # dry run: tinyserve against float64 over the peer's page description
@@ -763,6 +795,8 @@ def grid_row(r: dict, read_bw) -> str:
     return (
         f"| {r['name']} | {size} | {ms(ts_ms)} | {pct(r['kv_bytes'], ts_ms)} | {ms(fi_ms)} | "
         f"{pct(r['kv_bytes'], fi_ms)} | {ratio} | {'n/a' if diff is None else f'{diff:.1e}'} | "
+        f"{ms(ts8_ms)} | {pct(r['fp8_kv_bytes'], ts8_ms)} | "
+        f"{'n/a' if diff8 is None else f'{diff8:.1e}'} | "
         f"{ms(f8_ms)} | {pct(r['fp8_kv_bytes'], f8_ms)} | {timing} |"
     )
 
@@ -805,7 +839,7 @@ def main() -> None:
         "--kv-dtype",
         choices=["auto", "fp8"],
         default="auto",
-        help="grid: fp8 adds FlashInfer on an e4m3 KV cache (head_dim 128 cases; tinyserve n/a)",
+        help="grid: fp8 adds tinyserve and FlashInfer (head_dim 128 cases) on an e4m3 KV cache",
     )
     parser.add_argument(
         "--flashinfer-backend",

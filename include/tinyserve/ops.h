@@ -21,11 +21,34 @@
 
 namespace tinyserve {
 
+// The scale of a float8_e4m3fn KV cache: a stored value s stands for s * scale, so a write stores
+// x / scale (rounded to nearest even, saturated to +-448). Either one value for the whole tensor,
+// or, when `per_head` is set, a float32 tensor [num_kv_heads] (one scale per KV head) on the
+// caches' device; CUDA kernels read it from device memory when they run (no host read, so a
+// captured CUDA graph sees the values of each replay). Scales must be positive and finite: the
+// host checks a value and a host tensor's entries; a device tensor's entries are the caller's
+// promise. Only float8 caches take scales other than the default 1.
+struct KVScale {
+  float value = 1.0f;
+  std::optional<TensorView> per_head;
+};
+
+struct CacheWriteOptions {
+  KVScale k_scale, v_scale;
+};
+
 // Writes new tokens' keys and values, [num_tokens, num_kv_heads, head_dim], into the cache slots
 // named by slot_mapping (int64 [num_tokens], slot = block * block_size + offset, -1 = skip).
 TINYSERVE_API void reshape_and_cache(const TensorView& key, const TensorView& value,
                                      const TensorView& key_cache, const TensorView& value_cache,
                                      const TensorView& slot_mapping, Stream stream = 0);
+
+// The same into caches of another element type: float8_e4m3fn caches take float32, float16 or
+// bfloat16 keys and values and store them quantised with the options' scales.
+TINYSERVE_API void reshape_and_cache(const TensorView& key, const TensorView& value,
+                                     const TensorView& key_cache, const TensorView& value_cache,
+                                     const TensorView& slot_mapping,
+                                     const CacheWriteOptions& options, Stream stream = 0);
 
 struct AttentionOptions {
   // Softmax scale applied to q.k; unset means 1/sqrt(head_dim).
@@ -47,6 +70,8 @@ struct AttentionOptions {
   // CUDA scratch for split partials, at least plan_paged_attention(...).workspace_bytes bytes on
   // the tensors' device. Unused by the CPU backend and when no split happens.
   std::optional<TensorView> workspace;
+  // Scales of float8_e4m3fn caches (see KVScale): keys and values are read as stored * scale.
+  KVScale k_scale, v_scale;
   // Prefill / append / chunked prefill: int32 [batch + 1], cumulative. Sequence b's query rows
   // are query[query_start_loc[b] : query_start_loc[b + 1]], its last tokens (their keys and
   // values already in the cache), attended causally. See paged_attention.
@@ -60,7 +85,8 @@ struct AttentionPlan {
 
 // Attention over the paged KV cache. block_table int32 [batch, max_blocks], seq_lens int32
 // [batch], out like query. num_q_heads must be a multiple of num_kv_heads (GQA/MQA). Softmax in
-// float32 whatever the dtype.
+// float32 whatever the dtype. The caches have the query's dtype, or are float8_e4m3fn
+// (dequantised on the fly with options.k_scale/v_scale).
 //
 // Decode (no options.query_start_loc): one query token per sequence, query [batch, num_q_heads,
 // head_dim], attending to the whole sequence (or its window). A sequence of length 0 gets a zero

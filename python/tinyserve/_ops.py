@@ -4,6 +4,7 @@ core once."""
 
 from __future__ import annotations
 
+import numbers
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -49,6 +50,23 @@ def _workspace(like: Any, fw: str, nbytes: int) -> Any:
         return ws
 
 
+def _scale(scale: Any) -> Any:
+    """A float8 cache's scale for the core: a number (NumPy scalars included) as a float, an
+    array (one scale per KV head) exported as it is."""
+    if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+        return float(scale)
+    return _interop.export(scale)
+
+
+def _fp8_view(cache: Any, kv_dtype: str | None) -> tuple[Any, str | None]:
+    """A NumPy array of ml_dtypes' float8_e4m3fn goes to the core as its uint8 bits, with
+    ``kv_dtype`` saying what they are (NumPy itself has no float8 type to export)."""
+    if kv_dtype is None and _interop.framework(cache) == "numpy":
+        if getattr(cache.dtype, "name", "") == "float8_e4m3fn":
+            return cache.view("uint8"), "float8_e4m3fn"
+    return cache, kv_dtype
+
+
 def _cuda_plan(
     query: Any,
     key_cache: Any,
@@ -58,12 +76,15 @@ def _cuda_plan(
     window_left: int,
     max_seq_len: int,
     num_splits: int,
+    kv_dtype: str | None,
 ) -> tuple[int, Any]:
     key = (
         query.shape,
         key_cache.shape,
         block_table.shape,
         query.dtype,
+        key_cache.dtype,
+        kv_dtype,
         _interop.device_key(query, fw),
         window_left,
         max_seq_len,
@@ -83,6 +104,7 @@ def _cuda_plan(
             max_seq_len,
             num_splits,
             x(query_start_loc),
+            kv_dtype,
         )
         plan = (splits, _workspace(query, fw, nbytes) if nbytes > 0 else None)
         if len(_plans) >= _MAX_PLANS:
@@ -98,16 +120,38 @@ def reshape_and_cache(
     value_cache: Any,
     slot_mapping: Any,
     *,
+    k_scale: Any = None,
+    v_scale: Any = None,
+    kv_dtype: str | None = None,
     stream: Any = None,
 ) -> None:
     """Write new tokens' keys and values, ``[num_tokens, num_kv_heads, head_dim]``, into their
     cache slots. ``slot_mapping`` is int64 ``[num_tokens]``: slot = block * block_size + offset,
     -1 skips the token. The caches have the logical shape
-    ``[num_blocks, block_size, num_kv_heads, head_dim]`` (any strides, last dim contiguous)."""
+    ``[num_blocks, block_size, num_kv_heads, head_dim]`` (any strides, last dim contiguous).
+
+    FP8 caches: caches of float8_e4m3fn (``torch.float8_e4m3fn``, ml_dtypes' ``float8_e4m3fn``,
+    or uint8 arrays of its bits with ``kv_dtype="float8_e4m3fn"``) take float32, float16 or
+    bfloat16 keys and values and store ``x / scale`` rounded to nearest even and saturated to
+    +-448. ``k_scale``/``v_scale``: a positive number (one scale for the tensor, default 1) or a
+    float32 array ``[num_kv_heads]`` (one per KV head) on the caches' device, read by CUDA
+    kernels from device memory when they run."""
     _interop.wait_ready(key, value, slot_mapping)
+    key_cache, kv_dtype = _fp8_view(key_cache, kv_dtype)
+    value_cache, kv_dtype = _fp8_view(value_cache, kv_dtype)
     s = _interop.resolve_stream(stream, key_cache, "reshape_and_cache")
     x = _interop.export
-    _C.reshape_and_cache(x(key), x(value), x(key_cache), x(value_cache), x(slot_mapping), stream=s)
+    _C.reshape_and_cache(
+        x(key),
+        x(value),
+        x(key_cache),
+        x(value_cache),
+        x(slot_mapping),
+        k_scale=_scale(k_scale),
+        v_scale=_scale(v_scale),
+        kv_dtype=kv_dtype,
+        stream=s,
+    )
 
 
 def plan_paged_attention(
@@ -119,9 +163,11 @@ def plan_paged_attention(
     max_seq_len: int | None = None,
     num_splits: int | None = None,
     query_start_loc: Any = None,
+    kv_dtype: str | None = None,
 ) -> tuple[int, int]:
     """``(num_splits, workspace_bytes)`` that :func:`paged_attention` uses for these arguments,
     from host-side values only (``query_start_loc``'s values are not read)."""
+    key_cache, kv_dtype = _fp8_view(key_cache, kv_dtype)
     x = _interop.export
     return _C.plan_paged_attention(
         x(query),
@@ -131,6 +177,7 @@ def plan_paged_attention(
         max_seq_len=-1 if max_seq_len is None else max_seq_len,
         num_splits=0 if num_splits is None else num_splits,
         query_start_loc=x(query_start_loc),
+        kv_dtype=kv_dtype,
     )
 
 
@@ -151,6 +198,9 @@ def paged_attention(
     num_splits: int | None = None,
     workspace: Any = None,
     query_start_loc: Any = None,
+    k_scale: Any = None,
+    v_scale: Any = None,
+    kv_dtype: str | None = None,
     stream: Any = None,
 ) -> Any:
     """Attention over a paged KV cache: decode (one query token per sequence), or prefill /
@@ -184,8 +234,15 @@ def paged_attention(
     flash-decoding split (1 disables it; a fixed value makes results batch-invariant).
     workspace is CUDA scratch of at least ``plan_paged_attention(...)[1]`` bytes; when omitted,
     one buffer per device is kept and reused, and the split plan is remembered per shapes, dtype,
-    device and options, so that a repeated call crosses into the core once."""
+    device and options, so that a repeated call crosses into the core once.
+
+    FP8 caches (float8_e4m3fn; see :func:`reshape_and_cache` for how NumPy passes them) are read
+    as ``stored * k_scale`` and ``stored * v_scale``, dequantised in registers; the query and
+    the output keep their float32/float16/bfloat16 type. ``k_scale``/``v_scale`` as in
+    :func:`reshape_and_cache`."""
     _interop.wait_ready(query, key_cache, value_cache, block_table, seq_lens, query_start_loc)
+    key_cache, kv_dtype = _fp8_view(key_cache, kv_dtype)
+    value_cache, kv_dtype = _fp8_view(value_cache, kv_dtype)
     fw = _interop.framework(query)
     cuda = _interop.is_cuda(query)
     if out is None:
@@ -196,7 +253,15 @@ def paged_attention(
     splits = 0 if num_splits is None else num_splits
     if workspace is None and cuda:
         planned_splits, workspace = _cuda_plan(
-            query, key_cache, block_table, query_start_loc, fw, window_left, max_len, splits
+            query,
+            key_cache,
+            block_table,
+            query_start_loc,
+            fw,
+            window_left,
+            max_len,
+            splits,
+            kv_dtype,
         )
         if workspace is not None:
             splits = planned_splits
@@ -217,6 +282,9 @@ def paged_attention(
         num_splits=splits,
         workspace=x(workspace),
         query_start_loc=x(query_start_loc),
+        k_scale=_scale(k_scale),
+        v_scale=_scale(v_scale),
+        kv_dtype=kv_dtype,
         stream=s,
     )
     if cuda and _interop.any_jax(query, out):

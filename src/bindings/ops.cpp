@@ -2,7 +2,10 @@
 
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
 
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "bindings/convert.h"
@@ -12,39 +15,81 @@ using namespace nb::literals;
 
 namespace tinyserve::bindings {
 
+namespace {
+
+// A cache as the element type the caller names: NumPy has no float8 type, so a uint8 array
+// holds float8_e4m3fn bits when kv_dtype is "float8_e4m3fn". With kv_dtype None the array's own
+// dtype counts.
+TensorView as_kv_dtype(TensorView t, nb::handle kv_dtype, const char* op, const char* name) {
+  if (kv_dtype.is_none()) return t;
+  if (!nb::isinstance<nb::str>(kv_dtype) || nb::cast<std::string>(kv_dtype) != "float8_e4m3fn") {
+    detail::fail(op, "kv_dtype must be None or 'float8_e4m3fn', got ", nb::repr(kv_dtype).c_str());
+  }
+  if (t.dtype != DType::UInt8 && t.dtype != DType::Float8E4M3FN) {
+    detail::fail(op, name, " must be uint8 or float8_e4m3fn with kv_dtype='float8_e4m3fn', got ",
+                 dtype_name(t.dtype));
+  }
+  t.dtype = DType::Float8E4M3FN;
+  return t;
+}
+
+// A float8 cache's scale: None (1), a number (one for the tensor) or an array (one per KV head).
+KVScale kv_scale(Arrays& a, nb::handle h, const char* op, const char* name) {
+  KVScale s;
+  if (h.is_none()) return s;
+  if (PyFloat_Check(h.ptr()) || PyLong_Check(h.ptr())) {
+    s.value = to_float(h, op, name);
+  } else {
+    s.per_head = a.input(h, name);
+  }
+  return s;
+}
+
+}  // namespace
+
 // Every argument arrives as a Python object and goes through convert.h, so that whatever cannot
 // be converted is reported with the op, the argument and the value.
 void bind_ops(nb::module_& m) {
   m.def(
       "reshape_and_cache",
       [](nb::handle key, nb::handle value, nb::handle key_cache, nb::handle value_cache,
-         nb::handle slot_mapping, nb::handle stream) {
+         nb::handle slot_mapping, nb::handle k_scale, nb::handle v_scale, nb::handle kv_dtype,
+         nb::handle stream) {
         const char* op = "reshape_and_cache";
         Arrays a(op);
         TensorView k = a.input(key, "key"), v = a.input(value, "value");
-        TensorView kc = a.output(key_cache, "key_cache");
-        TensorView vc = a.output(value_cache, "value_cache");
+        TensorView kc = as_kv_dtype(a.output(key_cache, "key_cache"), kv_dtype, op, "key_cache");
+        TensorView vc =
+            as_kv_dtype(a.output(value_cache, "value_cache"), kv_dtype, op, "value_cache");
         TensorView sm = a.input(slot_mapping, "slot_mapping");
+        CacheWriteOptions o;
+        o.k_scale = kv_scale(a, k_scale, op, "k_scale");
+        o.v_scale = kv_scale(a, v_scale, op, "v_scale");
         Stream s = to_int<Stream>(stream, op, "stream");
         nb::gil_scoped_release release;
-        reshape_and_cache(k, v, kc, vc, sm, s);
+        reshape_and_cache(k, v, kc, vc, sm, o, s);
       },
       "key"_a.none(), "value"_a.none(), "key_cache"_a.none(), "value_cache"_a.none(),
-      "slot_mapping"_a.none(), "stream"_a.none() = 0,
+      "slot_mapping"_a.none(), "k_scale"_a.none() = nb::none(), "v_scale"_a.none() = nb::none(),
+      "kv_dtype"_a.none() = nb::none(), "stream"_a.none() = 0,
       nb::sig("def reshape_and_cache(key: typing.Any, value: typing.Any, key_cache: typing.Any, "
-              "value_cache: typing.Any, slot_mapping: typing.Any, stream: int = 0) -> None"));
+              "value_cache: typing.Any, slot_mapping: typing.Any, k_scale: typing.Any | None = "
+              "None, v_scale: typing.Any | None = None, kv_dtype: str | None = None, stream: int "
+              "= 0) -> None"));
 
   m.def(
       "paged_attention",
       [](nb::handle query, nb::handle key_cache, nb::handle value_cache, nb::handle block_table,
          nb::handle seq_lens, nb::handle out, nb::handle scale, nb::handle window_left,
          nb::handle logits_soft_cap, nb::handle lse, nb::handle max_seq_len, nb::handle num_splits,
-         nb::handle workspace, nb::handle query_start_loc, nb::handle stream) {
+         nb::handle workspace, nb::handle query_start_loc, nb::handle k_scale, nb::handle v_scale,
+         nb::handle kv_dtype, nb::handle stream) {
         const char* op = "paged_attention";
         Arrays a(op);
         TensorView q = a.input(query, "query");
-        TensorView kc = a.input(key_cache, "key_cache");
-        TensorView vc = a.input(value_cache, "value_cache");
+        TensorView kc = as_kv_dtype(a.input(key_cache, "key_cache"), kv_dtype, op, "key_cache");
+        TensorView vc =
+            as_kv_dtype(a.input(value_cache, "value_cache"), kv_dtype, op, "value_cache");
         TensorView bt = a.input(block_table, "block_table");
         TensorView sl = a.input(seq_lens, "seq_lens");
         TensorView o = a.output(out, "out");
@@ -57,6 +102,8 @@ void bind_ops(nb::module_& m) {
         opts.num_splits = to_int<int>(num_splits, op, "num_splits");
         opts.workspace = a.optional_output(workspace, "workspace");
         opts.query_start_loc = a.optional_input(query_start_loc, "query_start_loc");
+        opts.k_scale = kv_scale(a, k_scale, op, "k_scale");
+        opts.v_scale = kv_scale(a, v_scale, op, "v_scale");
         Stream s = to_int<Stream>(stream, op, "stream");
         nb::gil_scoped_release release;
         paged_attention(q, kc, vc, bt, sl, o, opts, s);
@@ -65,22 +112,25 @@ void bind_ops(nb::module_& m) {
       "seq_lens"_a.none(), "out"_a.none(), "scale"_a.none() = nb::none(),
       "window_left"_a.none() = -1, "logits_soft_cap"_a.none() = 0.0f, "lse"_a.none() = nb::none(),
       "max_seq_len"_a.none() = -1, "num_splits"_a.none() = 0, "workspace"_a.none() = nb::none(),
-      "query_start_loc"_a.none() = nb::none(), "stream"_a.none() = 0,
+      "query_start_loc"_a.none() = nb::none(), "k_scale"_a.none() = nb::none(),
+      "v_scale"_a.none() = nb::none(), "kv_dtype"_a.none() = nb::none(), "stream"_a.none() = 0,
       nb::sig("def paged_attention(query: typing.Any, key_cache: typing.Any, value_cache: "
               "typing.Any, block_table: typing.Any, seq_lens: typing.Any, out: typing.Any, scale: "
               "float | None = None, window_left: int = -1, logits_soft_cap: float = 0.0, lse: "
               "typing.Any | None = None, max_seq_len: int = -1, num_splits: int = 0, workspace: "
-              "typing.Any | None = None, query_start_loc: typing.Any | None = None, stream: int = "
-              "0) -> None"));
+              "typing.Any | None = None, query_start_loc: typing.Any | None = None, k_scale: "
+              "typing.Any | None = None, v_scale: typing.Any | None = None, kv_dtype: str | None "
+              "= None, stream: int = 0) -> None"));
 
   m.def(
       "plan_paged_attention",
       [](nb::handle query, nb::handle key_cache, nb::handle block_table, nb::handle window_left,
-         nb::handle max_seq_len, nb::handle num_splits, nb::handle query_start_loc) {
+         nb::handle max_seq_len, nb::handle num_splits, nb::handle query_start_loc,
+         nb::handle kv_dtype) {
         const char* op = "plan_paged_attention";
         Arrays a(op);
         TensorView q = a.input(query, "query");
-        TensorView kc = a.input(key_cache, "key_cache");
+        TensorView kc = as_kv_dtype(a.input(key_cache, "key_cache"), kv_dtype, op, "key_cache");
         TensorView bt = a.input(block_table, "block_table");
         AttentionOptions o;
         o.window_left = to_int<int>(window_left, op, "window_left");
@@ -92,10 +142,11 @@ void bind_ops(nb::module_& m) {
       },
       "query"_a.none(), "key_cache"_a.none(), "block_table"_a.none(), "window_left"_a.none() = -1,
       "max_seq_len"_a.none() = -1, "num_splits"_a.none() = 0,
-      "query_start_loc"_a.none() = nb::none(),
+      "query_start_loc"_a.none() = nb::none(), "kv_dtype"_a.none() = nb::none(),
       nb::sig("def plan_paged_attention(query: typing.Any, key_cache: typing.Any, block_table: "
               "typing.Any, window_left: int = -1, max_seq_len: int = -1, num_splits: int = 0, "
-              "query_start_loc: typing.Any | None = None) -> tuple[int, int]"),
+              "query_start_loc: typing.Any | None = None, kv_dtype: str | None = None) -> "
+              "tuple[int, int]"),
       "Returns (num_splits, workspace_bytes) that paged_attention uses for these arguments.");
 
   m.def(

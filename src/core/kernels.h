@@ -22,9 +22,18 @@ struct CacheDesc {
   std::int64_t stride_head = 0;
 };
 
+// The scale of a float8 cache (stored value * scale = value): per_head[kv_head] when per_head is
+// set (float32 [num_heads] on the caches' device), else `value`.
+struct ScaleArg {
+  float value = 1.0f;
+  const float* per_head = nullptr;
+};
+
 struct ReshapeAndCacheParams {
-  DType dtype = DType::Float32;
-  const void* key = nullptr;  // [num_tokens, num_heads, head_dim]
+  DType dtype = DType::Float32;        // of key and value
+  DType cache_dtype = DType::Float32;  // of the caches: dtype, or Float8E4M3FN (quantised)
+  ScaleArg k_scale, v_scale;           // Float8E4M3FN caches only
+  const void* key = nullptr;           // [num_tokens, num_heads, head_dim]
   std::int64_t key_stride_token = 0, key_stride_head = 0;
   const void* value = nullptr;
   std::int64_t value_stride_token = 0, value_stride_head = 0;
@@ -50,11 +59,12 @@ constexpr int kMaxAttentionBatch = 65535;
 // its last tokens, causal. The *_stride_batch strides of query, out and lse step from one query
 // row to the next.
 struct PagedAttentionParams {
-  // Element types of the query, the K/V caches and the output. The kernels require them equal
-  // for now; they are separate so that a cache may one day hold another type than the query.
+  // Element types of the query, the K/V caches and the output: the output has the query's type;
+  // the caches have it too, or are Float8E4M3FN (read as stored * k_scale / v_scale).
   DType query_dtype = DType::Float32;
   DType kv_dtype = DType::Float32;
   DType out_dtype = DType::Float32;
+  ScaleArg k_scale, v_scale;
   const void* query = nullptr;  // [num_query_rows, num_q_heads, head_dim]
   std::int64_t q_stride_batch = 0, q_stride_head = 0;
   const std::int32_t* query_start_loc = nullptr;  // optional [batch + 1], cumulative rows
@@ -163,7 +173,7 @@ bool compiled();
 int device_count();
 void reshape_and_cache(const ReshapeAndCacheParams& p, Stream stream);
 void paged_attention(const PagedAttentionParams& p, Stream stream);
-int plan_attention_splits(int device_index, DType dtype, int batch, int num_q_heads,
+int plan_attention_splits(int device_index, DType dtype, DType kv_dtype, int batch, int num_q_heads,
                           int num_kv_heads, int head_dim, std::int64_t max_kv_len);
 // The split count of a prefill call (query_start_loc): num_query_rows rows over batch sequences.
 int plan_prefill_splits(int device_index, DType dtype, int batch, std::int64_t num_query_rows,

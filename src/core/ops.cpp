@@ -36,7 +36,8 @@ struct BackendKernels {
   void (*reshape_and_cache)(const kernels::ReshapeAndCacheParams&, Stream);
   void (*paged_attention)(const kernels::PagedAttentionParams&, Stream);
   // Splits of the key range when the caller asks for none (num_splits 0).
-  int (*plan_attention_splits)(const AttentionShapes&, DType, std::int64_t max_kv_len);
+  int (*plan_attention_splits)(const AttentionShapes&, DType dtype, DType kv_dtype,
+                               std::int64_t max_kv_len);
   void (*copy_blocks)(const kernels::CopyBlocksParams&, Stream);
   void (*swap_blocks)(const kernels::SwapBlocksParams&, Stream);
   bool split_partials_in_workspace;  // split attention needs the caller's workspace
@@ -45,7 +46,7 @@ struct BackendKernels {
 constexpr BackendKernels kCpuKernels{
     [](const kernels::ReshapeAndCacheParams& p, Stream) { kernels::cpu::reshape_and_cache(p); },
     [](const kernels::PagedAttentionParams& p, Stream) { kernels::cpu::paged_attention(p); },
-    [](const AttentionShapes& s, DType, std::int64_t max_kv_len) {
+    [](const AttentionShapes& s, DType, DType, std::int64_t max_kv_len) {
       return kernels::cpu::plan_attention_splits(s.num_query_rows, s.prefill, s.num_kv_heads,
                                                  max_kv_len);
     },
@@ -57,14 +58,15 @@ constexpr BackendKernels kCpuKernels{
 constexpr BackendKernels kCudaKernels{
     kernels::cuda::reshape_and_cache,
     kernels::cuda::paged_attention,
-    [](const AttentionShapes& s, DType dtype, std::int64_t max_kv_len) {
+    [](const AttentionShapes& s, DType dtype, DType kv_dtype, std::int64_t max_kv_len) {
       if (s.prefill) {
         return kernels::cuda::plan_prefill_splits(s.device.index, dtype, s.batch, s.num_query_rows,
                                                   s.num_q_heads, s.num_kv_heads, s.head_dim,
                                                   max_kv_len);
       }
-      return kernels::cuda::plan_attention_splits(s.device.index, dtype, s.batch, s.num_q_heads,
-                                                  s.num_kv_heads, s.head_dim, max_kv_len);
+      return kernels::cuda::plan_attention_splits(s.device.index, dtype, kv_dtype, s.batch,
+                                                  s.num_q_heads, s.num_kv_heads, s.head_dim,
+                                                  max_kv_len);
     },
     kernels::cuda::copy_blocks,
     kernels::cuda::swap_blocks,
@@ -90,6 +92,36 @@ void check_cache_pair(const OpCheck& c, const TensorView& key_cache,
              shape_str(value_cache));
     }
   }
+}
+
+// The kernels' view of a float8 cache's scale `s` (named `name`), checked: a positive finite
+// value, or a float32 [num_kv_heads] tensor on the caches' device whose entries, where they live
+// on the host, are positive and finite. Caches of other dtypes take the default scale only.
+kernels::ScaleArg check_scale(const OpCheck& c, const KVScale& s, const char* name,
+                              const TensorView& cache) {
+  TS_REQUIRE(c, std::isfinite(s.value) && s.value > 0.0f, name,
+             " must be positive and finite, got ", s.value);
+  TS_REQUIRE(c, cache.dtype == DType::Float8E4M3FN || (s.value == 1.0f && !s.per_head), name,
+             " applies to float8_e4m3fn caches only, got a ", dtype_name(cache.dtype), " cache");
+  kernels::ScaleArg arg;
+  arg.value = s.value;
+  if (s.per_head) {
+    const TensorView& t = *s.per_head;
+    c.ndim(t, name, 1, "[num_kv_heads]");
+    c.dtype(t, name, DType::Float32);
+    c.dim(t, name, 0, cache.shape[2], "num_kv_heads of the caches");
+    c.last_dim_contiguous(t, name);
+    c.same_device({{cache, "the caches"}, {t, name}});
+    if (detail::is_host(t.device)) {
+      const float* v = t.ptr<const float>();
+      for (std::int64_t i = 0; i < t.shape[0]; ++i) {
+        TS_REQUIRE(c, std::isfinite(v[i]) && v[i] > 0.0f, name, "[", i,
+                   "] must be positive and finite, got ", v[i]);
+      }
+    }
+    arg.per_head = t.ptr<const float>();
+  }
+  return arg;
 }
 
 // The longest key range one query reads: the table's capacity, cut by the caller's bound and
@@ -176,11 +208,13 @@ AttentionShapes check_attention_plan_args(const OpCheck& c, const TensorView& qu
           backend};
 }
 
-AttentionPlan make_plan(const AttentionShapes& s, DType dtype, const AttentionOptions& o) {
+AttentionPlan make_plan(const AttentionShapes& s, DType dtype, DType kv_dtype,
+                        const AttentionOptions& o) {
   AttentionPlan plan;
   std::int64_t kv_len = max_kv_len(o, std::int64_t(s.max_blocks) * s.block_size);
   const BackendKernels& k = kernels_of(s.backend);
-  plan.num_splits = o.num_splits > 0 ? o.num_splits : k.plan_attention_splits(s, dtype, kv_len);
+  plan.num_splits =
+      o.num_splits > 0 ? o.num_splits : k.plan_attention_splits(s, dtype, kv_dtype, kv_len);
   if (k.split_partials_in_workspace && plan.num_splits > 1) {
     plan.workspace_bytes = kernels::attention_workspace_bytes(
         plan.num_splits, int(s.num_query_rows), s.num_q_heads, s.head_dim);
@@ -312,6 +346,12 @@ void check_disjoint_tensors(const OpCheck& c, const std::vector<TensorView>& ten
 void reshape_and_cache(const TensorView& key, const TensorView& value, const TensorView& key_cache,
                        const TensorView& value_cache, const TensorView& slot_mapping,
                        Stream stream) {
+  reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, CacheWriteOptions{}, stream);
+}
+
+void reshape_and_cache(const TensorView& key, const TensorView& value, const TensorView& key_cache,
+                       const TensorView& value_cache, const TensorView& slot_mapping,
+                       const CacheWriteOptions& options, Stream stream) {
   OpCheck c("reshape_and_cache");
   c.ndim(key, "key", 3, "[num_tokens, num_kv_heads, head_dim]");
   c.ndim(value, "value", 3, "[num_tokens, num_kv_heads, head_dim]");
@@ -319,8 +359,12 @@ void reshape_and_cache(const TensorView& key, const TensorView& value, const Ten
   c.ndim(slot_mapping, "slot_mapping", 1, "[num_tokens]");
   c.dtype(slot_mapping, "slot_mapping", DType::Int64);
   c.last_dim_contiguous(slot_mapping, "slot_mapping");
-  c.same_dtype(key_cache, "key_cache", key, "key");
-  c.same_dtype(key_cache, "key_cache", value, "value");
+  if (key_cache.dtype == DType::Float8E4M3FN) {
+    c.attention_dtype(key, "key");
+  } else {
+    c.same_dtype(key_cache, "key_cache", key, "key");
+  }
+  c.same_dtype(key, "key", value, "value");
   c.last_dim_contiguous(key, "key");
   c.last_dim_contiguous(value, "value");
   c.dim(key, "key", 1, key_cache.shape[2], "num_kv_heads of the caches");
@@ -344,6 +388,8 @@ void reshape_and_cache(const TensorView& key, const TensorView& value, const Ten
     c.disjoint(cache, {value, "value"});
     c.disjoint(cache, {slot_mapping, "slot_mapping"});
   }
+  const kernels::ScaleArg k_scale = check_scale(c, options.k_scale, "k_scale", key_cache);
+  const kernels::ScaleArg v_scale = check_scale(c, options.v_scale, "v_scale", value_cache);
 
   const std::int64_t num_slots = key_cache.shape[0] * key_cache.shape[1];
   if (detail::is_host(device)) {  // slots in host memory: check every one
@@ -357,6 +403,9 @@ void reshape_and_cache(const TensorView& key, const TensorView& value, const Ten
 
   kernels::ReshapeAndCacheParams p;
   p.dtype = key.dtype;
+  p.cache_dtype = key_cache.dtype;
+  p.k_scale = k_scale;
+  p.v_scale = v_scale;
   p.key = key.data;
   p.key_stride_token = key.strides[0];
   p.key_stride_head = key.strides[1];
@@ -379,7 +428,7 @@ AttentionPlan plan_paged_attention(const TensorView& query, const TensorView& ke
                                    const TensorView& block_table, const AttentionOptions& options) {
   OpCheck c("plan_paged_attention");
   AttentionShapes s = check_attention_plan_args(c, query, key_cache, block_table, options);
-  return make_plan(s, query.dtype, options);
+  return make_plan(s, query.dtype, key_cache.dtype, options);
 }
 
 void paged_attention(const TensorView& query, const TensorView& key_cache,
@@ -389,7 +438,9 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
   OpCheck c("paged_attention");
   check_cache_pair(c, key_cache, value_cache);
   AttentionShapes s = check_attention_plan_args(c, query, key_cache, block_table, options);
-  c.same_dtype(key_cache, "key_cache", query, "query");
+  if (key_cache.dtype != DType::Float8E4M3FN) c.same_dtype(key_cache, "key_cache", query, "query");
+  const kernels::ScaleArg k_scale = check_scale(c, options.k_scale, "k_scale", key_cache);
+  const kernels::ScaleArg v_scale = check_scale(c, options.v_scale, "v_scale", value_cache);
   c.ndim(seq_lens, "seq_lens", 1, "[batch]");
   c.dtype(seq_lens, "seq_lens", DType::Int32);
   c.last_dim_contiguous(seq_lens, "seq_lens");
@@ -433,7 +484,7 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
     }
     c.disjoint({*options.lse, "lse"}, {out, "out"});
   }
-  AttentionPlan plan = make_plan(s, query.dtype, options);
+  AttentionPlan plan = make_plan(s, query.dtype, key_cache.dtype, options);
   if (plan.workspace_bytes > 0) {
     TS_REQUIRE(c, options.workspace.has_value(), "splitting into ", plan.num_splits,
                " pieces needs a workspace of ", plan.workspace_bytes,
@@ -504,6 +555,8 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
   p.query_dtype = query.dtype;
   p.kv_dtype = key_cache.dtype;
   p.out_dtype = out.dtype;
+  p.k_scale = k_scale;
+  p.v_scale = v_scale;
   p.query = query.data;
   p.q_stride_batch = query.strides[0];
   p.q_stride_head = query.strides[1];

@@ -176,7 +176,7 @@ void OpCheck::writable(const TensorView& t, const char* name) const {
 
 void OpCheck::kv_cache(const TensorView& t, const char* name) const {
   ndim(t, name, 4, "[num_blocks, block_size, num_kv_heads, head_dim]");
-  attention_dtype(t, name);
+  if (t.dtype != DType::Float8E4M3FN) attention_dtype(t, name);  // or a float8 cache
   last_dim_contiguous(t, name);
   const std::int64_t block_size = t.shape[1], heads = t.shape[2], head_dim = t.shape[3];
   if (block_size <= 0) fail("block_size must be positive, got ", block_size);

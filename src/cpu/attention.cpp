@@ -6,6 +6,7 @@
 // tiles of tokens; splits of a task's key range are merged through their log-sum-exp.
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -20,6 +21,7 @@ namespace tinyserve::kernels::cpu {
 namespace {
 
 using tinyserve::cpu::bfloat16_t;
+using tinyserve::cpu::float8_e4m3_t;
 using tinyserve::cpu::from_float;
 using tinyserve::cpu::half_t;
 using tinyserve::cpu::parallel_for;
@@ -95,14 +97,26 @@ const T* row(const CacheDesc& c, const PagedAttentionParams& p, const std::int32
          (token % p.block_size) * c.stride_token + std::int64_t(kv_head) * c.stride_head;
 }
 
-// A row as float32: float32 rows are used in place, 16-bit rows converted into row t of `tile`.
+// A row as float32: float32 rows are used in place, 16-bit rows converted into row t of `tile`,
+// float8 rows dequantised (stored * scale) into it; `scale` is a float8 cache's scale.
 template <class T>
-const float* as_float(const T* src, int n, std::vector<float>& tile, int t) {
+const float* as_float(const T* src, int n, std::vector<float>& tile, int t, float scale) {
+  (void)scale;
   if constexpr (std::is_same_v<T, float>) {
     (void)n;
     (void)tile;
     (void)t;
     return src;
+  } else if constexpr (std::is_same_v<T, float8_e4m3_t>) {
+    // float8 e4m3fn values by bit pattern.
+    static const std::array<float, 256> values = [] {
+      std::array<float, 256> v{};
+      for (int i = 0; i < 256; ++i) v[i] = to_float(float8_e4m3_t{std::uint8_t(i)});
+      return v;
+    }();
+    float* dst = tile.data() + std::size_t(t) * n;
+    for (int d = 0; d < n; ++d) dst[d] = values[src[d].bits] * scale;
+    return dst;
   } else {
     float* dst = tile.data() + std::size_t(t) * n;
     simd::to_float(src, dst, n);
@@ -112,8 +126,12 @@ const float* as_float(const T* src, int n, std::vector<float>& tile, int t) {
 
 // One worker's buffers, reused from task to task.
 struct Scratch {
-  std::vector<float> q, acc, m, l, scores, buf;
+  std::vector<float> q, acc, m, l, scores, buf, k_scale, v_scale;
 };
+
+float scale_of(const ScaleArg& s, int kv_head) {
+  return s.per_head ? s.per_head[kv_head] : s.value;
+}
 
 // Attention of the task's rows, all query heads, over keys [begin, end) of its range. Writes the
 // normalised outputs (float32, [rows][num_q_heads][head_dim]) and log-sum-exps ([rows][heads]).
@@ -130,7 +148,9 @@ struct Scratch {
 // A tile of prefill rows goes head by head whatever the layout: a head's queries (rows * group
 // of them) then stay in L1 through the tile, and the tile's keys are in cache after the first
 // head.
-template <class T>
+//
+// T is the query's and output's type, KV the caches' (T, or float8 read as stored * scale).
+template <class T, class KV>
 void attend(const PagedAttentionParams& p, const Task& task, std::int64_t begin, std::int64_t end,
             Scratch& sc, float* out, float* lse) {
   const int D = p.head_dim;
@@ -149,16 +169,24 @@ void attend(const PagedAttentionParams& p, const Task& task, std::int64_t begin,
   sc.m.assign(V, kNegInf);
   sc.l.assign(V, 0.0f);
   sc.scores.resize(std::size_t(V) * kMaxTile);
-  if constexpr (!std::is_same_v<T, float>) {
+  if constexpr (!std::is_same_v<KV, float>) {
     sc.buf.resize(std::size_t(std::max(kMaxTile, kv_heads)) * D);
   }
+  sc.k_scale.resize(kv_heads);
+  sc.v_scale.resize(kv_heads);
+  for (int kvh = 0; kvh < kv_heads; ++kvh) {
+    sc.k_scale[kvh] = scale_of(p.k_scale, kvh);
+    sc.v_scale[kvh] = scale_of(p.v_scale, kvh);
+  }
+  const float* k_scale = sc.k_scale.data();
+  const float* v_scale = sc.v_scale.data();
   float* q = sc.q.data();
   float* acc = sc.acc.data();
   float* m = sc.m.data();
   float* l = sc.l.data();
   float* scores = sc.scores.data();
-  const T* krow0[kMaxTile];
-  const T* vrow0[kMaxTile];
+  const KV* krow0[kMaxTile];
+  const KV* vrow0[kMaxTile];
   const float* krows[kMaxTile];
   const float* vrows[kMaxTile];
   for (int kvh = 0; kvh < kv_heads; ++kvh) {
@@ -180,32 +208,34 @@ void attend(const PagedAttentionParams& p, const Task& task, std::int64_t begin,
   for (std::int64_t t0 = begin; t0 < end; t0 += tile) {
     const int n = int(std::min<std::int64_t>(tile, end - t0));
     for (int t = 0; t < n; ++t) {
-      krow0[t] = row<T>(p.key_cache, p, table, t0 + t, 0);
-      vrow0[t] = row<T>(p.value_cache, p, table, t0 + t, 0);
+      krow0[t] = row<KV>(p.key_cache, p, table, t0 + t, 0);
+      vrow0[t] = row<KV>(p.value_cache, p, table, t0 + t, 0);
     }
     if (rows > 1) {
       for (int kvh = 0; kvh < kv_heads; ++kvh) {
         const std::size_t first = std::size_t(kvh) * vgroup;
-        for (int t = 0; t < n; ++t) krows[t] = as_float(krow0[t] + kvh * k_head, D, sc.buf, t);
+        for (int t = 0; t < n; ++t) {
+          krows[t] = as_float(krow0[t] + kvh * k_head, D, sc.buf, t, k_scale[kvh]);
+        }
         simd::dot_tile(&q[first * D], vgroup, krows, n, D, &scores[first * kMaxTile], kMaxTile);
       }
     } else if (head_major) {
       for (int kvh = 0; kvh < kv_heads; ++kvh) {
         const std::size_t first = std::size_t(kvh) * vgroup;
         for (int t = 0; t < n; ++t) {
-          const float* k = as_float(krow0[t] + kvh * k_head, D, sc.buf, 0);
+          const float* k = as_float(krow0[t] + kvh * k_head, D, sc.buf, 0, k_scale[kvh]);
           simd::dot_token(&q[first * D], 1, vgroup, k, 0, D, &scores[first * kMaxTile + t],
                           kMaxTile);
         }
       }
-    } else if constexpr (std::is_same_v<T, float>) {
+    } else if constexpr (std::is_same_v<KV, float>) {
       for (int t = 0; t < n; ++t) {
         simd::dot_token(q, kv_heads, vgroup, krow0[t], k_head, D, &scores[t], kMaxTile);
       }
     } else {
       for (int t = 0; t < n; ++t) {
         for (int kvh = 0; kvh < kv_heads; ++kvh) {
-          as_float(krow0[t] + kvh * k_head, D, sc.buf, kvh);
+          as_float(krow0[t] + kvh * k_head, D, sc.buf, kvh, k_scale[kvh]);
         }
         simd::dot_token(q, kv_heads, vgroup, sc.buf.data(), D, D, &scores[t], kMaxTile);
       }
@@ -239,7 +269,9 @@ void attend(const PagedAttentionParams& p, const Task& task, std::int64_t begin,
     // Values one KV head at a time, so that its virtual heads' accumulators stay in registers
     // through the tile.
     for (int kvh = 0; kvh < kv_heads; ++kvh) {
-      for (int t = 0; t < n; ++t) vrows[t] = as_float(vrow0[t] + kvh * v_head, D, sc.buf, t);
+      for (int t = 0; t < n; ++t) {
+        vrows[t] = as_float(vrow0[t] + kvh * v_head, D, sc.buf, t, v_scale[kvh]);
+      }
       const std::size_t first = std::size_t(kvh) * vgroup;
       simd::axpy_rows(&acc[first * D], vgroup, &scores[first * kMaxTile], kMaxTile, vrows, n, D);
     }
@@ -268,7 +300,7 @@ void store(const PagedAttentionParams& p, std::int64_t query_row, int h, const f
 
 // Runs tasks[begin, end) split: every non-empty piece of every task into its partials, then a
 // merge per (row, query head).
-template <class T>
+template <class T, class KV>
 void run_split(const PagedAttentionParams& p, std::vector<Task>& tasks, std::size_t begin,
                std::size_t end) {
   const int H = p.num_q_heads;
@@ -293,7 +325,7 @@ void run_split(const PagedAttentionParams& p, std::vector<Task>& tasks, std::siz
       const std::int64_t from = t.key_begin + split * t.chunk;
       const std::int64_t to = std::min(t.key_end, from + t.chunk);
       const std::size_t at = t.part + std::size_t(split) * t.rows * H;
-      attend<T>(p, t, from, to, sc, &part_out[at * D], &part_lse[at]);
+      attend<T, KV>(p, t, from, to, sc, &part_out[at * D], &part_lse[at]);
     }
   });
   parallel_for(std::int64_t(end - begin), [&](std::int64_t first, std::int64_t last) {
@@ -325,7 +357,7 @@ void run_split(const PagedAttentionParams& p, std::vector<Task>& tasks, std::siz
   });
 }
 
-template <class T>
+template <class T, class KV>
 void run(const PagedAttentionParams& p) {
   const int H = p.num_q_heads;
   const int D = p.head_dim;
@@ -343,7 +375,7 @@ void run(const PagedAttentionParams& p) {
         const Task& t = tasks[i];
         o.resize(std::size_t(t.rows) * H * D);
         lse.resize(std::size_t(t.rows) * H);
-        attend<T>(p, t, t.key_begin, t.key_end, sc, o.data(), lse.data());
+        attend<T, KV>(p, t, t.key_begin, t.key_end, sc, o.data(), lse.data());
         for (int r = 0; r < t.rows; ++r) {
           for (int h = 0; h < H; ++h) {
             const std::size_t at = std::size_t(r) * H + h;
@@ -364,7 +396,7 @@ void run(const PagedAttentionParams& p) {
       bytes += std::size_t(t.splits) * t.rows * H * (std::size_t(D) + 1) * sizeof(float);
       ++end;
     } while (end < tasks.size() && bytes < kMaxPartialBytes);
-    run_split<T>(p, tasks, begin, end);
+    run_split<T, KV>(p, tasks, begin, end);
     begin = end;
   }
 }
@@ -387,14 +419,25 @@ int plan_attention_splits(std::int64_t num_query_rows, bool prefill, int num_kv_
   return int(std::max<std::int64_t>(1, splits));
 }
 
+namespace {
+
+// The query and output share a type; the caches have it too, or are float8.
+template <class T>
+void run_query_type(const PagedAttentionParams& p) {
+  if (p.kv_dtype == DType::Float8E4M3FN) return run<T, float8_e4m3_t>(p);
+  return run<T, T>(p);
+}
+
+}  // namespace
+
 void paged_attention(const PagedAttentionParams& p) {
-  switch (p.kv_dtype) {
+  switch (p.query_dtype) {
     case DType::Float32:
-      return run<float>(p);
+      return run_query_type<float>(p);
     case DType::Float16:
-      return run<half_t>(p);
+      return run_query_type<half_t>(p);
     case DType::BFloat16:
-      return run<bfloat16_t>(p);
+      return run_query_type<bfloat16_t>(p);
     default:
       break;
   }

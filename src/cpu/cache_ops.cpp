@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "core/kernels.h"
+#include "cpu/dtypes.h"
 #include "cpu/parallel.h"
 
 namespace tinyserve::kernels::cpu {
@@ -37,9 +38,53 @@ const char* block_base(const BlockTensor& t, std::int64_t block) {
   return static_cast<const char*>(t.data) + block * t.stride_block * t.elem_size;
 }
 
+float scale_of(const ScaleArg& s, int head) { return s.per_head ? s.per_head[head] : s.value; }
+
+// Rows of T quantised into a float8 cache: stored = x / scale, rounded to nearest even and
+// saturated (float32 division, the rounding the CUDA kernel makes too).
+template <class T>
+void quantise_rows(const ReshapeAndCacheParams& p) {
+  using tinyserve::cpu::float8_e4m3_t;
+  using tinyserve::cpu::from_float;
+  using tinyserve::cpu::to_float;
+  auto quantise = [&](const void* src, std::int64_t src_offset, const CacheDesc& cache,
+                      std::int64_t cache_offset, float scale) {
+    const T* x = static_cast<const T*>(src) + src_offset;
+    float8_e4m3_t* dst = static_cast<float8_e4m3_t*>(cache.data) + cache_offset;
+    for (int d = 0; d < p.head_dim; ++d) dst[d] = from_float<float8_e4m3_t>(to_float(x[d]) / scale);
+  };
+  parallel_for(p.num_tokens, [&](std::int64_t begin, std::int64_t end) {
+    for (std::int64_t i = begin; i < end; ++i) {
+      const std::int64_t slot = p.slot_mapping[i];
+      if (slot < 0) continue;
+      const std::int64_t block = slot / p.block_size, offset = slot % p.block_size;
+      for (int h = 0; h < p.num_heads; ++h) {
+        quantise(p.key, i * p.key_stride_token + h * p.key_stride_head, p.key_cache,
+                 block * p.key_cache.stride_block + offset * p.key_cache.stride_token +
+                     h * p.key_cache.stride_head,
+                 scale_of(p.k_scale, h));
+        quantise(p.value, i * p.value_stride_token + h * p.value_stride_head, p.value_cache,
+                 block * p.value_cache.stride_block + offset * p.value_cache.stride_token +
+                     h * p.value_cache.stride_head,
+                 scale_of(p.v_scale, h));
+      }
+    }
+  });
+}
+
 }  // namespace
 
 void reshape_and_cache(const ReshapeAndCacheParams& p) {
+  if (p.cache_dtype == DType::Float8E4M3FN) {
+    switch (p.dtype) {
+      case DType::Float16:
+        return quantise_rows<tinyserve::cpu::half_t>(p);
+      case DType::BFloat16:
+        return quantise_rows<tinyserve::cpu::bfloat16_t>(p);
+      default:
+        return quantise_rows<float>(p);
+    }
+  }
   const std::size_t elem = dtype_size(p.dtype);
   const std::size_t row_bytes = std::size_t(p.head_dim) * elem;
   parallel_for(p.num_tokens, [&](std::int64_t begin, std::int64_t end) {

@@ -1,7 +1,8 @@
 #pragma once
 
-// Host-side 16-bit float storage types and their conversions (round to nearest even).
+// Host-side 16-bit and 8-bit float storage types and their conversions (round to nearest even).
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -12,6 +13,10 @@ struct half_t {
 };
 struct bfloat16_t {
   std::uint16_t bits;
+};
+// float8 e4m3fn: sign, 4 exponent bits (bias 7), 3 mantissa bits; no infinities, 0x7f/0xff NaN.
+struct float8_e4m3_t {
+  std::uint8_t bits;
 };
 
 inline float to_float(float x) { return x; }
@@ -48,8 +53,40 @@ inline float to_float(half_t x) {
   return f;
 }
 
+inline float to_float(float8_e4m3_t x) {
+  const int exp = (x.bits >> 3) & 0xf, mant = x.bits & 0x7;
+  float magnitude;
+  if (exp == 0xf && mant == 0x7) {
+    magnitude = NAN;
+  } else if (exp == 0) {
+    magnitude = std::ldexp(float(mant), -9);  // subnormal: mant / 8 * 2^-6
+  } else {
+    magnitude = std::ldexp(float(8 + mant), exp - 10);  // (1 + mant / 8) * 2^(exp - 7)
+  }
+  return x.bits & 0x80 ? -magnitude : magnitude;
+}
+
 template <class T>
 T from_float(float f);
+
+// Rounds to nearest even and saturates to +-448 (the largest finite value); NaN stays NaN.
+template <>
+inline float8_e4m3_t from_float<float8_e4m3_t>(float f) {
+  std::uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const std::uint8_t sign = std::uint8_t((u >> 24) & 0x80u);
+  const std::uint32_t abs = u & 0x7fffffffu;
+  if (abs > 0x7f800000u) return {std::uint8_t(sign | 0x7fu)};
+  if (abs < 0x3c800000u) {  // below 2^-6, the smallest normal: a multiple of 2^-9 (or 2^-6)
+    float magnitude;
+    std::memcpy(&magnitude, &abs, 4);
+    return {std::uint8_t(sign | std::uint8_t(std::nearbyint(magnitude * 512.0f)))};
+  }
+  // Keep 3 of the 23 mantissa bits, rounding to nearest even, then rebias the exponent 127 -> 7.
+  const std::uint32_t rounded = (abs + 0x7ffffu + ((abs >> 20) & 1u)) >> 20;
+  const std::uint32_t bits = rounded - (120u << 3);
+  return {std::uint8_t(sign | (abs >= 0x43e00000u || bits > 0x7eu ? 0x7eu : bits))};
+}
 
 template <>
 inline float from_float<float>(float f) {

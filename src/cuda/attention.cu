@@ -6,8 +6,9 @@
 //   state.cuh           online-softmax state and the merge of states
 //   params.cuh          the decode kernels' arguments, built once per call
 //   decode_common.cuh   a decode CTA's work unit and its warps' epilogue
-//   decode_mma.cuh      the tensor-core decode kernel (float16/bfloat16, head_dim 64/128/256)
-//   decode_generic.cuh  the CUDA-core decode kernel (any dtype, head_dim <= 512)
+//   decode_mma.cuh      the tensor-core decode kernel (float16/bfloat16 queries, caches of the
+//                       query's type or float8 e4m3fn, head_dim 64/128/256)
+//   decode_generic.cuh  the CUDA-core decode kernel (any dtype, float8 caches, head_dim <= 512)
 //   split_merge.cuh     outputs and split partials, and the kernel that merges the partials
 //   split_plan.cuh/.cu  the split planner and the occupancy cache
 //   prefill_common.cuh  the prefill kernels' arguments and their in-kernel tile schedule
@@ -41,38 +42,42 @@
 namespace tinyserve::kernels::cuda {
 namespace {
 
-template <class T, int D, int Stages>
+template <class T, class KV, int D, int Stages>
 DecodeLaunch mma_launch() {
-  const int smem = MmaConfig<D, Stages>::kSmemBytes;
-  return {reinterpret_cast<const void*>(decode_mma_kernel<T, D, Stages>), smem, smem, kMmaHeads,
+  const int smem = MmaConfig<D, Stages, int(sizeof(KV))>::kSmemBytes;
+  return {reinterpret_cast<const void*>(decode_mma_kernel<T, KV, D, Stages>), smem, smem, kMmaHeads,
           kDecodeThreads};
 }
 
-template <class T>
+template <class T, class KV>
 DecodeLaunch generic_launch(int head_dim) {
-  return {reinterpret_cast<const void*>(decode_generic_kernel<T>), generic_smem_bytes(head_dim),
+  return {reinterpret_cast<const void*>(decode_generic_kernel<T, KV>), generic_smem_bytes(head_dim),
           generic_smem_bytes(kGenericMaxDim), kGenericHeads, kDecodeThreads};
 }
 
-// The decode kernel for a call: the tensor-core kernel where the dtype and head_dim have one and
-// every row start is 16-byte aligned (`aligned`), else the CUDA-core kernel.
-DecodeLaunch decode_launch(DType dtype, int head_dim, bool split, bool aligned) {
+// The decode kernel for a call: the tensor-core kernel where the query dtype and head_dim have
+// one and every row start is 16-byte aligned (`aligned`), else the CUDA-core kernel.
+DecodeLaunch decode_launch(DType dtype, DType kv_dtype, int head_dim, bool split, bool aligned) {
   return dispatch_float_dtype(dtype, [&](auto type) {
     using T = typename decltype(type)::type;
-    if constexpr (kHasTensorCoreType<T>) {
-      if (aligned) {
-        return dispatch_mma_head_dim(
-            head_dim,
-            [&](auto dim) {
-              return dispatch_bool(split, [&](auto is_split) {
-                constexpr int kStages = mma_stages(decltype(dim)::value, decltype(is_split)::value);
-                return mma_launch<T, decltype(dim)::value, kStages>();
-              });
-            },
-            [&] { return generic_launch<T>(head_dim); });
+    return dispatch_kv_dtype<T>(kv_dtype, [&](auto kv_type) {
+      using KV = typename decltype(kv_type)::type;
+      if constexpr (kHasTensorCoreType<T>) {
+        if (aligned) {
+          return dispatch_mma_head_dim(
+              head_dim,
+              [&](auto dim) {
+                return dispatch_bool(split, [&](auto is_split) {
+                  constexpr int kStages =
+                      mma_stages(decltype(dim)::value, decltype(is_split)::value);
+                  return mma_launch<T, KV, decltype(dim)::value, kStages>();
+                });
+              },
+              [&] { return generic_launch<T, KV>(head_dim); });
+        }
       }
-    }
-    return generic_launch<T>(head_dim);
+      return generic_launch<T, KV>(head_dim);
+    });
   });
 }
 
@@ -134,11 +139,13 @@ bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 
 
 // The tensor-core kernel moves 16-byte rows: every row start must be 16-byte aligned.
 bool rows_aligned16(const PagedAttentionParams& p) {
+  const std::int64_t q = 16 / std::int64_t(dtype_size(p.query_dtype));
+  const std::int64_t kv = 16 / std::int64_t(dtype_size(p.kv_dtype));
   return aligned16(p.query) && aligned16(p.key_cache.data) && aligned16(p.value_cache.data) &&
-         p.q_stride_batch % 8 == 0 && p.q_stride_head % 8 == 0 &&
-         p.key_cache.stride_block % 8 == 0 && p.key_cache.stride_token % 8 == 0 &&
-         p.key_cache.stride_head % 8 == 0 && p.value_cache.stride_block % 8 == 0 &&
-         p.value_cache.stride_token % 8 == 0 && p.value_cache.stride_head % 8 == 0;
+         p.q_stride_batch % q == 0 && p.q_stride_head % q == 0 &&
+         p.key_cache.stride_block % kv == 0 && p.key_cache.stride_token % kv == 0 &&
+         p.key_cache.stride_head % kv == 0 && p.value_cache.stride_block % kv == 0 &&
+         p.value_cache.stride_token % kv == 0 && p.value_cache.stride_head % kv == 0;
 }
 
 // The tensor-core prefill kernel also stores pairs of output elements as one 32-bit word.
@@ -193,28 +200,34 @@ int plan_prefill_splits(int device_index, DType dtype, int batch, std::int64_t n
   return plan_splits(shape, pl.launch, pl.launch, device_index, op);
 }
 
-int plan_attention_splits(int device_index, DType dtype, int batch, int num_q_heads,
+int plan_attention_splits(int device_index, DType dtype, DType kv_dtype, int batch, int num_q_heads,
                           int num_kv_heads, int head_dim, std::int64_t max_kv_len) {
   const char* op = "plan_paged_attention";
   DeviceGuard guard(device_index, op);
   // Planned for the kernels of aligned rows (what a framework allocates); an unaligned call
   // runs the CUDA-core kernel with the same split count.
   return plan_splits({batch, num_q_heads, num_kv_heads, max_kv_len},
-                     decode_launch(dtype, head_dim, false, true),
-                     decode_launch(dtype, head_dim, true, true), device_index, op);
+                     decode_launch(dtype, kv_dtype, head_dim, false, true),
+                     decode_launch(dtype, kv_dtype, head_dim, true, true), device_index, op);
 }
 
 void paged_attention(const PagedAttentionParams& p, Stream stream) {
   const char* op = "paged_attention";
-  if (p.kv_dtype != p.query_dtype || p.out_dtype != p.query_dtype) {
-    detail::fail(op, "the CUDA kernels need one dtype for query, caches and output, got ",
-                 dtype_name(p.query_dtype), ", ", dtype_name(p.kv_dtype), " and ",
-                 dtype_name(p.out_dtype));
+  const bool fp8 = p.kv_dtype == DType::Float8E4M3FN;
+  if ((p.kv_dtype != p.query_dtype && !fp8) || p.out_dtype != p.query_dtype) {
+    detail::fail(op, "the CUDA kernels need the query's dtype for the output, and it or ",
+                 "float8_e4m3fn for the caches, got ", dtype_name(p.query_dtype), ", ",
+                 dtype_name(p.kv_dtype), " and ", dtype_name(p.out_dtype));
+  }
+  if (fp8 && p.query_start_loc) {
+    detail::fail(op, "query_start_loc (prefill) over float8_e4m3fn caches has no CUDA kernel yet, ",
+                 "got a float8_e4m3fn cache with query_start_loc");
   }
   DeviceGuard guard(p.device_index, op);
   if (p.query_start_loc) return prefill_attention(p, as_stream(stream), op);
   const bool split = p.num_splits > 1;
-  const DecodeLaunch l = decode_launch(p.kv_dtype, p.head_dim, split, rows_aligned16(p));
+  const DecodeLaunch l =
+      decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, split, rows_aligned16(p));
   prepare_launch(l, p.device_index, op);
   DecodeArgs a = make_decode_args(p, l.heads_per_cta);
   cudaStream_t s = as_stream(stream);

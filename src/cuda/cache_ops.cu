@@ -10,6 +10,7 @@
 #include "core/validate.h"
 #include "cuda/common.cuh"
 #include "cuda/dispatch.cuh"
+#include "cuda/dtypes.cuh"
 
 namespace tinyserve::kernels::cuda {
 namespace {
@@ -90,6 +91,90 @@ __global__ void reshape_and_cache_kernel(const __grid_constant__ ReshapeArgs a) 
       reinterpret_cast<word*>(vc + head * a.vc_stride_head)[w] = vw;
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// reshape_and_cache into float8 caches: one thread block per token (grid-stride), a thread per
+// element; stored = x / scale, rounded to nearest even and saturated (the CPU backend's rule, the
+// same float32 division).
+
+struct QuantiseArgs {
+  const void* key;
+  const void* value;
+  std::uint8_t* key_cache;
+  std::uint8_t* value_cache;
+  const std::int64_t* slot_mapping;
+  std::int64_t key_stride_token, key_stride_head;  // elements
+  std::int64_t value_stride_token, value_stride_head;
+  std::int64_t kc_stride_block, kc_stride_token, kc_stride_head;
+  std::int64_t vc_stride_block, vc_stride_token, vc_stride_head;
+  ScaleArg k_scale, v_scale;  // per_head read from device memory when set
+  std::int64_t num_tokens;
+  std::int64_t num_slots;
+  int block_size;
+  int num_heads;
+  int head_dim;
+};
+
+__device__ __forceinline__ float scale_of(const ScaleArg& s, int head) {
+  return s.per_head ? s.per_head[head] : s.value;
+}
+
+template <class T>
+__global__ void reshape_and_quantise_kernel(const __grid_constant__ QuantiseArgs a) {
+  const int per_token = a.num_heads * a.head_dim;
+  for (std::int64_t tok = blockIdx.x; tok < a.num_tokens; tok += gridDim.x) {
+    const std::int64_t slot = a.slot_mapping[tok];
+    if (slot < 0 || slot >= a.num_slots) continue;  // -1 = padding; out of range never written
+    const std::int64_t block = slot / a.block_size;
+    const std::int64_t offset = slot - block * a.block_size;
+    const T* k = static_cast<const T*>(a.key) + tok * a.key_stride_token;
+    const T* v = static_cast<const T*>(a.value) + tok * a.value_stride_token;
+    std::uint8_t* kc = a.key_cache + block * a.kc_stride_block + offset * a.kc_stride_token;
+    std::uint8_t* vc = a.value_cache + block * a.vc_stride_block + offset * a.vc_stride_token;
+    for (int i = threadIdx.x; i < per_token; i += blockDim.x) {
+      const int head = i / a.head_dim;
+      const int d = i - head * a.head_dim;
+      const float kx = to_float(k[head * a.key_stride_head + d]);
+      const float vx = to_float(v[head * a.value_stride_head + d]);
+      kc[head * a.kc_stride_head + d] = to_fp8_e4m3(kx / scale_of(a.k_scale, head));
+      vc[head * a.vc_stride_head + d] = to_fp8_e4m3(vx / scale_of(a.v_scale, head));
+    }
+  }
+}
+
+void reshape_and_quantise(const ReshapeAndCacheParams& p, cudaStream_t stream, const char* op) {
+  QuantiseArgs a{};
+  a.key = p.key;
+  a.value = p.value;
+  a.key_cache = static_cast<std::uint8_t*>(p.key_cache.data);
+  a.value_cache = static_cast<std::uint8_t*>(p.value_cache.data);
+  a.slot_mapping = p.slot_mapping;
+  a.key_stride_token = p.key_stride_token;
+  a.key_stride_head = p.key_stride_head;
+  a.value_stride_token = p.value_stride_token;
+  a.value_stride_head = p.value_stride_head;
+  a.kc_stride_block = p.key_cache.stride_block;
+  a.kc_stride_token = p.key_cache.stride_token;
+  a.kc_stride_head = p.key_cache.stride_head;
+  a.vc_stride_block = p.value_cache.stride_block;
+  a.vc_stride_token = p.value_cache.stride_token;
+  a.vc_stride_head = p.value_cache.stride_head;
+  a.k_scale = p.k_scale;
+  a.v_scale = p.v_scale;
+  a.num_tokens = p.num_tokens;
+  a.num_slots = p.num_blocks * p.block_size;
+  a.block_size = p.block_size;
+  a.num_heads = p.num_heads;
+  a.head_dim = p.head_dim;
+  const int per_token = p.num_heads * p.head_dim;
+  const int threads = std::min(256, std::max(32, (per_token + 31) / 32 * 32));
+  const unsigned grid = unsigned(std::min<std::int64_t>(p.num_tokens, 1 << 30));
+  const void* kernel = dispatch_float_dtype(p.dtype, [](auto type) {
+    return reinterpret_cast<const void*>(
+        reshape_and_quantise_kernel<typename decltype(type)::type>);
+  });
+  launch(kernel, dim3(grid), dim3(threads), 0, stream, a, op, "reshape_and_quantise_kernel");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -347,6 +432,7 @@ void swap_with_kernel(const SwapBlocksParams& p, const char* src, char* dst, cud
 void reshape_and_cache(const ReshapeAndCacheParams& p, Stream stream) {
   const char* op = "reshape_and_cache";
   DeviceGuard guard(p.device_index, op);
+  if (p.cache_dtype == DType::Float8E4M3FN) return reshape_and_quantise(p, as_stream(stream), op);
   const std::int64_t e = std::int64_t(dtype_size(p.dtype));
   ReshapeArgs a;
   a.key = static_cast<const char*>(p.key);

@@ -12,6 +12,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include <cstdint>
 #include <type_traits>
@@ -44,6 +45,14 @@ decltype(auto) dispatch_float_dtype(DType dtype, F&& f) {
       // The core's checks admit only the dtypes above; this names a new one left out here.
       detail::fail("paged_attention", "no CUDA attention kernel for dtype ", dtype_name(dtype));
   }
+}
+
+// The device element type of a KV cache read by attention whose query has element type Q: Q
+// itself, or float8 e4m3fn (dequantised in the kernel).
+template <class Q, class F>
+decltype(auto) dispatch_kv_dtype(DType kv_dtype, F&& f) {
+  if (kv_dtype == DType::Float8E4M3FN) return f(TypeTag<__nv_fp8_e4m3>{});
+  return f(TypeTag<Q>{});
 }
 
 // The 16-bit types that have tensor-core (m16n8k16) kernels.

@@ -20,7 +20,7 @@ bool compiled() { return false; }
 int device_count() { return 0; }
 void reshape_and_cache(const ReshapeAndCacheParams&, Stream) { unavailable("reshape_and_cache"); }
 void paged_attention(const PagedAttentionParams&, Stream) { unavailable("paged_attention"); }
-int plan_attention_splits(int, DType, int, int, int, int, std::int64_t) {
+int plan_attention_splits(int, DType, DType, int, int, int, int, std::int64_t) {
   unavailable("plan_paged_attention");
 }
 int plan_prefill_splits(int, DType, int, std::int64_t, int, int, int, std::int64_t) {

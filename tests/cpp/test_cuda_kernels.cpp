@@ -1,11 +1,13 @@
 // The CUDA attention kernels driven through the backend interface (core/kernels.h), for what the
 // public API does not expose yet: a block table and sequence lengths per KV head (strides of
 // [batch, num_kv_heads, ...] arrays), in decode and in prefill (query_start_loc: a prompt over
-// several query and key tiles, a decode row, a short append). Each case is checked against a
+// several query and key tiles, a decode row, a short append), and float8 caches with per-head
+// K scales in device memory (decode). Each case is checked against a
 // float64 reference computed here, with the outputs poisoned with NaN first. In-tree CUDA builds
 // only; exits 77 (skipped) where no device is visible.
 
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -41,7 +43,8 @@ struct Case {
   int num_splits;
   bool table_per_head;
   bool lens_per_head;
-  bool prefill;  // query_start_loc: several rows per sequence, causal
+  bool prefill;            // query_start_loc: several rows per sequence, causal
+  bool fp8_cache = false;  // float8 e4m3fn K/V: K scale per head (device), V scale per tensor
 };
 
 // Rounds a float to the stored type (float16 or float32), as stored in device memory.
@@ -97,6 +100,25 @@ void run_case(const Case& c) {
   for (float& x : vc) x = stored(c.dtype, uniform(rng));
   for (float& x : q) x = stored(c.dtype, uniform(rng));
   const float scale = 1.0f / std::sqrt(float(dim));
+  // Float8 caches: the bits of x / scale (round to nearest even, saturated), and the reference
+  // reads bits * scale.
+  const std::vector<float> k_scales = {0.01f, 0.0035f};
+  const float v_scale = 0.006f;
+  std::vector<std::uint8_t> kc8, vc8;
+  if (c.fp8_cache) {
+    auto quantise = [&](std::vector<float>& x, std::vector<std::uint8_t>& bits, bool per_head) {
+      bits.resize(x.size());
+      for (std::size_t i = 0; i < x.size(); ++i) {
+        const float s = per_head ? k_scales[(i / dim) % kv_heads] : v_scale;
+        bits[i] = __nv_cvt_float_to_fp8(x[i] / s, __NV_SATFINITE, __NV_E4M3);
+        __nv_fp8_e4m3 f;
+        f.__x = bits[i];
+        x[i] = float(f) * s;
+      }
+    };
+    quantise(kc, kc8, true);
+    quantise(vc, vc8, false);
+  }
 
   auto to_device = [&](const std::vector<float>& x) -> void* {
     if (c.dtype == DType::Float32) return device_copy(x);
@@ -105,8 +127,9 @@ void run_case(const Case& c) {
     return device_copy(h);
   };
   void* d_q = to_device(q);
-  void* d_kc = to_device(kc);
-  void* d_vc = to_device(vc);
+  void* d_kc = c.fp8_cache ? device_copy(kc8) : to_device(kc);
+  void* d_vc = c.fp8_cache ? device_copy(vc8) : to_device(vc);
+  float* d_k_scales = device_copy(k_scales);
   std::int32_t* d_table = device_copy(table);
   std::int32_t* d_lens = device_copy(lens);
   std::int32_t* d_starts = device_copy(starts);
@@ -125,6 +148,11 @@ void run_case(const Case& c) {
 
   tk::PagedAttentionParams p;
   p.query_dtype = p.kv_dtype = p.out_dtype = c.dtype;
+  if (c.fp8_cache) {
+    p.kv_dtype = DType::Float8E4M3FN;
+    p.k_scale.per_head = d_k_scales;
+    p.v_scale.value = v_scale;
+  }
   p.query = d_q;
   p.q_stride_batch = std::int64_t(q_heads) * dim;
   p.q_stride_head = dim;
@@ -212,15 +240,17 @@ void run_case(const Case& c) {
       worst_lse = std::max(worst_lse, std::fabs(mx + std::log(sum) - got_lse));
     }
   }
-  std::printf("paged_attention%s %s D=%d splits=%d table %s lens %s: max error %.2e, lse %.2e\n",
-              c.prefill ? " prefill" : "", c.dtype == DType::Float16 ? "float16" : "float32", dim,
-              c.num_splits, c.table_per_head ? "per head" : "shared",
-              c.lens_per_head ? "per head" : "shared", worst, worst_lse);
+  std::printf("paged_attention%s %s%s D=%d splits=%d table %s lens %s: max error %.2e, lse %.2e\n",
+              c.prefill ? " prefill" : "", c.dtype == DType::Float16 ? "float16" : "float32",
+              c.fp8_cache ? " (float8 cache)" : "", dim, c.num_splits,
+              c.table_per_head ? "per head" : "shared", c.lens_per_head ? "per head" : "shared",
+              worst, worst_lse);
   CHECK(worst < tol);  // NaN compares false: an unwritten output fails here
   CHECK(worst_lse < tol);
   CHECK(bad_empty == 0);
   for (void* ptr : {d_q, d_kc, d_vc, static_cast<void*>(d_table), static_cast<void*>(d_lens),
-                    static_cast<void*>(d_starts), d_out, static_cast<void*>(d_lse), d_ws}) {
+                    static_cast<void*>(d_starts), d_out, static_cast<void*>(d_lse), d_ws,
+                    static_cast<void*>(d_k_scales)}) {
     if (ptr) CUDA_OK(cudaFree(ptr));
   }
 }
@@ -242,6 +272,16 @@ int main() {
           }
         }
       }
+    }
+  }
+  // Float8 caches: the tensor-core kernel (float16 query, head_dim 128 and 64) and the CUDA-core
+  // kernel (float32 query; float16 at head_dim 96).
+  for (int splits : {1, 3}) {
+    for (bool table_per_head : {false, true}) {
+      run_case({DType::Float16, 128, splits, table_per_head, table_per_head, false, true});
+      run_case({DType::Float16, 64, splits, table_per_head, false, false, true});
+      run_case({DType::Float16, 96, splits, false, table_per_head, false, true});
+      run_case({DType::Float32, 64, splits, table_per_head, false, false, true});
     }
   }
   return test::exit_code();

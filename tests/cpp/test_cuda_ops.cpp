@@ -252,36 +252,61 @@ void test_attention(std::mt19937& gen) {
 void test_reshape_and_cache(std::mt19937& gen) {
   std::normal_distribution<float> normal;
   const int n = 6, p = 16, h = 4, d = 128, tokens = 40;
-  Buffer key(tokens * h * d, DType::BFloat16), cache(n * p * h * d, DType::BFloat16);
-  for (std::size_t i = 0; i < key.count(); ++i) key.set(i, normal(gen));
-  for (std::size_t i = 0; i < cache.count(); ++i) cache.set(i, normal(gen));
-  key.upload();
-  cache.upload();
+  const std::size_t row = std::size_t(h) * d;
+  Buffer key(tokens * row, DType::BFloat16), value(tokens * row, DType::BFloat16);
+  Buffer key_cache(n * p * row, DType::BFloat16), value_cache(n * p * row, DType::BFloat16);
+  for (Buffer* b : {&key, &value, &key_cache, &value_cache}) {
+    for (std::size_t i = 0; i < b->count(); ++i) b->set(i, normal(gen));
+    b->upload();
+  }
+  const std::vector<float> key_cache_before = key_cache.values();
+  const std::vector<float> value_cache_before = value_cache.values();
+  // distinct slots (7 is invertible mod n * p), every fifth token padding
   std::vector<std::int64_t> slots(tokens);
   for (int i = 0; i < tokens; ++i) slots[i] = i % 5 == 0 ? -1 : (i * 7) % (n * p);
   std::int64_t* slots_dev;
   CUDA_OK(cudaMalloc(&slots_dev, tokens * 8));
   CUDA_OK(cudaMemcpy(slots_dev, slots.data(), tokens * 8, cudaMemcpyHostToDevice));
-  auto cv = make_tensor(cache.dev, DType::BFloat16, kGpu, {n, p, h, d});
-  auto kv = make_tensor(key.dev, DType::BFloat16, kGpu, {tokens, h, d});
-  tinyserve::reshape_and_cache(kv, kv, cv, cv,
-                               make_tensor(slots_dev, DType::Int64, kGpu, {tokens}));
+  auto kcv = make_tensor(key_cache.dev, DType::BFloat16, kGpu, {n, p, h, d});
+  auto vcv = make_tensor(value_cache.dev, DType::BFloat16, kGpu, {n, p, h, d});
+  tinyserve::reshape_and_cache(make_tensor(key.dev, DType::BFloat16, kGpu, {tokens, h, d}),
+                               make_tensor(value.dev, DType::BFloat16, kGpu, {tokens, h, d}), kcv,
+                               vcv, make_tensor(slots_dev, DType::Int64, kGpu, {tokens}));
   CUDA_OK(cudaDeviceSynchronize());
-  std::vector<float> gpu = cache.download();
-  auto ch = make_tensor(cache.host.data(), DType::BFloat16, kCpu, {n, p, h, d});
-  auto kh = make_tensor(key.host.data(), DType::BFloat16, kCpu, {tokens, h, d});
-  tinyserve::reshape_and_cache(kh, kh, ch, ch,
-                               make_tensor(slots.data(), DType::Int64, kCpu, {tokens}));
-  CHECK(gpu == cache.values());
+  const std::vector<float> key_gpu = key_cache.download();
+  const std::vector<float> value_gpu = value_cache.download();
 
-  // Out-of-range slots on the device: skipped, nothing written anywhere.
+  // Independent reference: each token's row lands in its slot of its own cache, the rest of both
+  // caches is untouched.
+  std::vector<float> key_expected = key_cache_before, value_expected = value_cache_before;
+  const std::vector<float> key_in = key.values(), value_in = value.values();
+  for (int t = 0; t < tokens; ++t) {
+    if (slots[t] < 0) continue;
+    std::copy_n(key_in.begin() + t * row, row, key_expected.begin() + slots[t] * row);
+    std::copy_n(value_in.begin() + t * row, row, value_expected.begin() + slots[t] * row);
+  }
+  CHECK(key_gpu == key_expected);
+  CHECK(value_gpu == value_expected);
+
+  // The CPU backend on the host copies agrees.
+  tinyserve::reshape_and_cache(
+      make_tensor(key.host.data(), DType::BFloat16, kCpu, {tokens, h, d}),
+      make_tensor(value.host.data(), DType::BFloat16, kCpu, {tokens, h, d}),
+      make_tensor(key_cache.host.data(), DType::BFloat16, kCpu, {n, p, h, d}),
+      make_tensor(value_cache.host.data(), DType::BFloat16, kCpu, {n, p, h, d}),
+      make_tensor(slots.data(), DType::Int64, kCpu, {tokens}));
+  CHECK(key_gpu == key_cache.values());
+  CHECK(value_gpu == value_cache.values());
+
+  // Out-of-range slots on the device: skipped, nothing written in either cache.
   std::vector<std::int64_t> bad = {n * p, -7, std::int64_t(1) << 40};
   CUDA_OK(cudaMemcpy(slots_dev, bad.data(), bad.size() * 8, cudaMemcpyHostToDevice));
   tinyserve::reshape_and_cache(make_tensor(key.dev, DType::BFloat16, kGpu, {3, h, d}),
-                               make_tensor(key.dev, DType::BFloat16, kGpu, {3, h, d}), cv, cv,
+                               make_tensor(value.dev, DType::BFloat16, kGpu, {3, h, d}), kcv, vcv,
                                make_tensor(slots_dev, DType::Int64, kGpu, {3}));
   CUDA_OK(cudaDeviceSynchronize());
-  CHECK(cache.download() == gpu);
+  CHECK(key_cache.download() == key_gpu);
+  CHECK(value_cache.download() == value_gpu);
   cudaFree(slots_dev);
 }
 

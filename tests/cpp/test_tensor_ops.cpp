@@ -218,6 +218,48 @@ void test_cache_ops_cpu() {
   CHECK(kc == before);
 }
 
+// A float8 cache: quantising writes (per-tensor K scale, per-head V scale in host memory) give
+// the hand-computed e4m3 bits; attention over one token returns the dequantised value; a bad
+// scale is refused before anything is written.
+void test_fp8_cpu() {
+  const int h = 1, d = 4, p = 2;
+  std::vector<std::uint8_t> kc(2 * p * h * d, 0x7f), vc(2 * p * h * d, 0x7f);
+  auto kct = make_tensor(kc.data(), DType::Float8E4M3FN, kCpu, {2, p, h, d});
+  auto vct = make_tensor(vc.data(), DType::Float8E4M3FN, kCpu, {2, p, h, d});
+  // Stored: K / 2 = {0.5, 1.0625 (a tie: 1), 500 (saturates to 448), -0.25}; V / 0.5.
+  std::vector<float> key = {1.0f, 2.125f, 1000.0f, -0.5f}, value = {1.0f, 2.0f, -3.0f, 0.125f};
+  std::vector<float> v_scales = {0.5f};
+  std::vector<std::int64_t> slot = {2};  // block 1, offset 0
+  tinyserve::CacheWriteOptions w;
+  w.k_scale.value = 2.0f;
+  w.v_scale.per_head = make_tensor(v_scales.data(), DType::Float32, kCpu, {1});
+  auto k_in = make_tensor(key.data(), DType::Float32, kCpu, {1, h, d});
+  auto v_in = make_tensor(value.data(), DType::Float32, kCpu, {1, h, d});
+  auto slots = make_tensor(slot.data(), DType::Int64, kCpu, {1});
+  tinyserve::CacheWriteOptions bad = w;
+  bad.k_scale.value = -1.0f;
+  EXPECT_THROWS(tinyserve::reshape_and_cache(k_in, v_in, kct, vct, slots, bad),
+                std::invalid_argument);
+  CHECK(kc == std::vector<std::uint8_t>(kc.size(), 0x7f));
+  tinyserve::reshape_and_cache(k_in, v_in, kct, vct, slots, w);
+  const std::size_t at = 2 * d;
+  CHECK(kc[at] == 0x30 && kc[at + 1] == 0x38 && kc[at + 2] == 0x7e && kc[at + 3] == 0xa8);
+  CHECK(vc[at] == 0x40 && vc[at + 1] == 0x48 && vc[at + 2] == 0xcc && vc[at + 3] == 0x28);
+
+  std::vector<float> q = {0.3f, -0.2f, 0.1f, 0.4f}, out(d, NAN);
+  std::vector<std::int32_t> table = {1, 0}, lens = {1};  // the one token: block 1, offset 0
+  tinyserve::AttentionOptions o;
+  o.k_scale.value = 2.0f;
+  o.v_scale.per_head = w.v_scale.per_head;
+  tinyserve::paged_attention(make_tensor(q.data(), DType::Float32, kCpu, {1, 1, d}),
+                             make_tensor(kc.data(), DType::Float8E4M3FN, kCpu, {2, p, h, d}),
+                             make_tensor(vc.data(), DType::Float8E4M3FN, kCpu, {2, p, h, d}),
+                             make_tensor(table.data(), DType::Int32, kCpu, {1, 2}),
+                             make_tensor(lens.data(), DType::Int32, kCpu, {1}),
+                             make_tensor(out.data(), DType::Float32, kCpu, {1, 1, d}), o);
+  CHECK(out[0] == 1.0f && out[1] == 2.0f && out[2] == -3.0f && out[3] == 0.125f);
+}
+
 // Block copies move bytes (any element type, int32 or int64 ids); a tensor that an op writes
 // shares memory with no other tensor of the call.
 void test_byte_copies_and_aliasing() {
@@ -269,14 +311,16 @@ void test_byte_copies_and_aliasing() {
 
 void test_backend_errors() {
   // A tensor on a CUDA device: built without CUDA, or no such device here: std::runtime_error.
-  float dummy[64];
+  // Four separate buffers: only the device is wrong, so no other check can answer first.
+  float key[4], value[4], key_cache[4], value_cache[4];
   const Device gpu{DeviceType::CUDA, 7};
   std::int64_t slot = 0;
-  auto c = make_tensor(dummy, DType::Float32, gpu, {1, 1, 1, 4});
   bool raised = false;
   try {
-    tinyserve::reshape_and_cache(make_tensor(dummy, DType::Float32, gpu, {1, 1, 4}),
-                                 make_tensor(dummy, DType::Float32, gpu, {1, 1, 4}), c, c,
+    tinyserve::reshape_and_cache(make_tensor(key, DType::Float32, gpu, {1, 1, 4}),
+                                 make_tensor(value, DType::Float32, gpu, {1, 1, 4}),
+                                 make_tensor(key_cache, DType::Float32, gpu, {1, 1, 1, 4}),
+                                 make_tensor(value_cache, DType::Float32, gpu, {1, 1, 1, 4}),
                                  make_tensor(&slot, DType::Int64, gpu, {1}));
   } catch (const std::invalid_argument&) {
   } catch (const std::runtime_error& e) {
@@ -295,6 +339,7 @@ int main() {
   test_paged_attention_cpu();
   test_prefill_cpu();
   test_cache_ops_cpu();
+  test_fp8_cpu();
   test_byte_copies_and_aliasing();
   test_backend_errors();
   return test::exit_code();

@@ -16,6 +16,7 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
     "script, extra",
     [
         ("bench_decode.py", ["--cases", "base", "HND", "ragged", "page 1", "group 8", "37 x"]),
+        ("bench_decode.py", ["--kv-dtype", "fp8", "--cases", "base", "HND", "bfloat16"]),
         ("bench_prefill.py", []),
     ],
 )

@@ -186,15 +186,21 @@ def test_cache_writes_never_leave_the_cache(rng):
     the cache (the guard blocks around the cache view stay untouched)."""
     n, p, h, d = 8, 16, 2, 64
     buf = torch.full((n + 2, p, h, d), 7.0, dtype=torch.float16, device="cuda")
-    cache = buf[1 : n + 1]
+    value_buf = torch.full_like(buf, 7.0)
+    cache, value_cache = buf[1 : n + 1], value_buf[1 : n + 1]
     slots = torch.tensor([-5, n * p, n * p + 100, -1, 3, 2**40], dtype=torch.int64, device="cuda")
     key = torch.randn((6, h, d), dtype=torch.float16, device="cuda")
-    ts.reshape_and_cache(key, key, cache, cache, slots)
+    value = torch.randn((6, h, d), dtype=torch.float16, device="cuda")
+    ts.reshape_and_cache(key, value, cache, value_cache, slots)
     torch.cuda.synchronize()
     assert torch.equal(cache.reshape(-1, h, d)[3], key[4])
+    assert torch.equal(value_cache.reshape(-1, h, d)[3], value[4])
     expected = torch.full_like(buf, 7.0)
     expected[1:].reshape(-1, h, d)[3] = key[4]
     assert torch.equal(buf, expected)
+    expected_value = torch.full_like(buf, 7.0)
+    expected_value[1:].reshape(-1, h, d)[3] = value[4]
+    assert torch.equal(value_buf, expected_value)
 
     ts.copy_blocks(
         [cache],

@@ -1,9 +1,9 @@
 #pragma once
 
-// The CUDA-core decode kernel: any dtype (float32 included), head_dim up to
-// kMaxAttentionHeadDim, any alignment. One CTA of 4 warps per (sequence, split, KV head, tile of
-// up to 8 query heads of its group); a warp per token, each lane holding head_dim / 32 elements
-// of the token's K and V rows.
+// The CUDA-core decode kernel: any dtype (float32 included; float8 caches dequantised in
+// registers), head_dim up to kMaxAttentionHeadDim, any alignment. One CTA of 4 warps per (sequence,
+// split, KV head, tile of up to 8 query heads of its group); a warp per token, each lane holding
+// head_dim / 32 elements of the token's K and V rows.
 
 #include <cmath>
 #include <cstdint>
@@ -26,7 +26,8 @@ inline int generic_smem_bytes(int head_dim) {
   return (kGenericHeads * head_dim * (1 + kDecodeWarps) + 2 * kDecodeWarps * kGenericHeads) * 4;
 }
 
-template <class T>
+// T: the query and output type; KV: the caches' (T, or __nv_fp8_e4m3).
+template <class T, class KV>
 __global__ void __launch_bounds__(kDecodeThreads)
     decode_generic_kernel(const __grid_constant__ DecodeArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -50,8 +51,10 @@ __global__ void __launch_bounds__(kDecodeThreads)
     acc[i] = 0.0f;
   __syncthreads();
 
-  const T* k_head = a.kv.k_head<T>(kv_head);
-  const T* v_head = a.kv.v_head<T>(kv_head);
+  const KV* k_head = a.kv.k_head<KV>(kv_head);
+  const KV* v_head = a.kv.v_head<KV>(kv_head);
+  // Scales of a float8 cache: K's on each score, V's on each value element.
+  const float k_scale = a.k_scale_of(kv_head), v_scale = a.v_scale_of(kv_head);
   const std::int32_t* table = a.kv.table_row(b, kv_head);
   float* my_acc = acc + warp * kGenericHeads * D;
   float m[kGenericHeads], l[kGenericHeads];
@@ -65,14 +68,15 @@ __global__ void __launch_bounds__(kDecodeThreads)
     const int page = a.kv.page_of(token);
     const std::int64_t block = table[page];
     if (!a.kv.in_cache(block)) continue;  // never read outside the cache
-    const T* k = a.kv.k_row(k_head, block, token, page);
-    const T* v = a.kv.v_row(v_head, block, token, page);
+    const KV* k = a.kv.k_row(k_head, block, token, page);
+    const KV* v = a.kv.v_row(v_head, block, token, page);
     float kr[kPerLane], vr[kPerLane];
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
       const int d = lane + 32 * i;
       kr[i] = d < D ? to_float(k[d]) : 0.0f;
       vr[i] = d < D ? to_float(v[d]) : 0.0f;
+      if constexpr (kIsFp8<KV>) vr[i] *= v_scale;
     }
 #pragma unroll
     for (int g = 0; g < kGenericHeads; ++g) {
@@ -87,6 +91,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
       for (int mask = 16; mask > 0; mask /= 2) {
         partial += __shfl_xor_sync(0xffffffffu, partial, mask);
       }
+      if constexpr (kIsFp8<KV>) partial *= k_scale;
       float p;
       const float correction = softmax_add(m[g], l[g], a.logit(partial), p);
 #pragma unroll

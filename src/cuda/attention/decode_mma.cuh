@@ -1,6 +1,7 @@
 #pragma once
 
-// The tensor-core decode kernel: float16/bfloat16, head_dim 64/128/256, 16-byte aligned rows.
+// The tensor-core decode kernel: float16/bfloat16 queries over caches of the same type or of
+// float8 e4m3fn, head_dim 64/128/256, 16-byte aligned rows.
 //
 // One CTA of 4 warps per (sequence, split, KV head, tile of up to 16 query heads of its GQA
 // group), so all query heads of a group share every K/V tile; each warp owns 16 tokens of a
@@ -8,6 +9,15 @@
 // (rows past the range are zero-filled, never read); Q.K^T and P.V run on tensor cores (m16n8k16,
 // float32 accumulation; the query heads are the M dimension). Online softmax in float32, log2
 // domain. The warps merge their states through shared memory at the end.
+//
+// Float8 caches stream through the pipeline as bytes (half the traffic and half the stage
+// memory) and are converted in registers, exactly, as the fragments are loaded: ldmatrix reads a
+// float8 row as pairs of bytes, so each thread receives 4 neighbouring elements where a 16-bit
+// fragment holds 2 and 2 eight apart. The MMAs' sums do not care in which order they add: for
+// Q.K^T the query is stored with its head_dim permuted to match (within each 16), and for P.V
+// each 16 columns of V split into even and odd columns, two MMAs of 8, whose outputs interleave
+// back into place in the epilogue. The scales apply outside the MMAs: K's to the scores, V's to
+// the accumulated output.
 
 #include <cmath>
 #include <cstdint>
@@ -29,16 +39,20 @@ constexpr int kMmaHeads = 16;  // query heads per CTA: the M of m16n8k16
 // partial wave). Everything else uses three (two CTAs per multiprocessor at head_dim 128).
 constexpr int mma_stages(int head_dim, bool split) { return head_dim == 128 && split ? 2 : 3; }
 
-template <int D, int Stages>
+// Shared memory: Q, the stages, the row addresses.
+template <int D, int Stages, int KvBytes = 2>
 struct MmaConfig {
-  static constexpr int kRow = D + 8;  // shared row stride (elements): 16-byte pad, no conflicts
+  static constexpr int kRow = D + 8;  // 16-bit row stride (elements): 16-byte pad, no conflicts
   static constexpr int kStages = Stages;
-  static constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  static constexpr bool kFp8 = KvBytes == 1;               // float8 stages
+  static constexpr int kStageRowBytes = D * KvBytes + 16;  // stage row stride: 16-byte pad
+  static constexpr int kChunks = D * KvBytes / 16;         // 16-byte chunks per stage row
+  static constexpr int kQChunks = D / 8;                   // 16-byte chunks per query row
   static constexpr int kRowsPerPass = kDecodeThreads / kChunks;
   static constexpr int kPasses = kTile / kRowsPerPass;
   static constexpr bool kQInRegisters = D <= 128;
   static constexpr int kQBytes = kMmaHeads * kRow * 2;
-  static constexpr int kStageBytes = 2 * kTile * kRow * 2;
+  static constexpr int kStageBytes = 2 * kTile * kStageRowBytes;
   static constexpr int kRowAddressBytes = kStages * 2 * kTile * 8;  // per stage: K, V row addresses
   static constexpr int kSmemBytes = kQBytes + kStages * kStageBytes + kRowAddressBytes;
   // Reduction rows of float32 outputs: stride D + 8 makes the quads' 8-byte stores conflict-free.
@@ -54,10 +68,11 @@ struct MmaConfig {
 // bfloat16), and most tiles skip rescaling the accumulators.
 constexpr float kRescaleThreshold = 8.0f;
 
-template <class T, int D, int Stages>
+// T: the query and output type (16-bit); KV: the caches' (T, or __nv_fp8_e4m3).
+template <class T, class KV, int D, int Stages>
 __global__ void __launch_bounds__(kDecodeThreads)
     decode_mma_kernel(const __grid_constant__ DecodeArgs a) {
-  using C = MmaConfig<D, Stages>;
+  using C = MmaConfig<D, Stages, int(sizeof(KV))>;
   constexpr std::uint32_t kRowBytes = C::kRow * 2;
   extern __shared__ __align__(16) unsigned char smem[];
   T* q_smem = reinterpret_cast<T*>(smem);
@@ -79,8 +94,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
   // copies' path.
   const std::int32_t* table = a.kv.table_row(b, kv_head);
   const bool row_owner = threadIdx.x < kTile;
-  const T* k_head = a.kv.k_head<T>(kv_head);
-  const T* v_head = a.kv.v_head<T>(kv_head);
+  const KV* k_head = a.kv.k_head<KV>(kv_head);
+  const KV* v_head = a.kv.v_head<KV>(kv_head);
   auto lookup = [&](int tile) -> int {
     const int token = begin + tile * kTile + int(threadIdx.x);
     return tile < num_tiles && token < end ? table[a.kv.page_of(token)] : -1;
@@ -104,15 +119,16 @@ __global__ void __launch_bounds__(kDecodeThreads)
   const int row0 = threadIdx.x / C::kChunks;
   auto load_tile = [&](int tile) {
     const int stage = tile % C::kStages;
-    const std::uint32_t ks = stages + stage * C::kStageBytes + row0 * kRowBytes + chunk_bytes;
-    const std::uint32_t vs = ks + kTile * kRowBytes;
+    const std::uint32_t ks =
+        stages + stage * C::kStageBytes + row0 * C::kStageRowBytes + chunk_bytes;
+    const std::uint32_t vs = ks + kTile * C::kStageRowBytes;
     const std::uint64_t* k_rows = rows + stage * 2 * kTile + row0;
     const std::uint64_t* v_rows = k_rows + kTile;
 #pragma unroll
     for (int pass = 0; pass < C::kPasses; ++pass) {
       const std::uint64_t kr = k_rows[pass * C::kRowsPerPass];
       const std::uint64_t vr = v_rows[pass * C::kRowsPerPass];
-      const std::uint32_t dst = pass * C::kRowsPerPass * kRowBytes;
+      const std::uint32_t dst = pass * C::kRowsPerPass * C::kStageRowBytes;
       ptx::cp_async_16(
           ks + dst, reinterpret_cast<const char*>(kr & ~std::uint64_t(1)) + chunk_bytes, kr & 1u);
       ptx::cp_async_16(
@@ -131,11 +147,30 @@ __global__ void __launch_bounds__(kDecodeThreads)
   // Q: [16 heads][D] in shared memory, rows past the group zero.
   {
     const T* q = static_cast<const T*>(a.query) + b * a.q_stride_batch;
-    for (int i = threadIdx.x; i < kMmaHeads * C::kChunks; i += kDecodeThreads) {
-      const int r = i / C::kChunks, c = i % C::kChunks;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (r < heads) v = *reinterpret_cast<const uint4*>(q + (head0 + r) * a.q_stride_head + c * 8);
-      *reinterpret_cast<uint4*>(q_smem + r * C::kRow + c * 8) = v;
+    for (int i = threadIdx.x; i < kMmaHeads * C::kQChunks; i += kDecodeThreads) {
+      if constexpr (C::kFp8) {
+        // Pairs of elements (32-bit words) of each 16: words 0, 2, 4, 6 make the first 8, words
+        // 1, 3, 5, 7 the second (the order in which a float8 fragment pairs K's elements).
+        const int pair = i / 2, half = i % 2;  // 16-element group, and which 8 of it
+        const int pr = pair / (D / 16), pc = pair % (D / 16);
+        uint4 lo = make_uint4(0, 0, 0, 0), hi = make_uint4(0, 0, 0, 0);
+        if (pr < heads) {
+          const uint4* src =
+              reinterpret_cast<const uint4*>(q + (head0 + pr) * a.q_stride_head + pc * 16);
+          lo = src[0];
+          hi = src[1];
+        }
+        const uint4 v =
+            half == 0 ? make_uint4(lo.x, lo.z, hi.x, hi.z) : make_uint4(lo.y, lo.w, hi.y, hi.w);
+        *reinterpret_cast<uint4*>(q_smem + pr * C::kRow + pc * 16 + half * 8) = v;
+      } else {
+        const int r = i / C::kQChunks, c = i % C::kQChunks;
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (r < heads) {
+          v = *reinterpret_cast<const uint4*>(q + (head0 + r) * a.q_stride_head + c * 8);
+        }
+        *reinterpret_cast<uint4*>(q_smem + r * C::kRow + c * 8) = v;
+      }
     }
   }
   if (row_owner) {
@@ -162,6 +197,12 @@ __global__ void __launch_bounds__(kDecodeThreads)
   const std::uint32_t v_frag = stages + kTile * kRowBytes +
                                (warp * 16 + ((lane / 8) % 2) * 8 + lane % 8) * kRowBytes +
                                (lane / 16) * 16;
+  // Float8 K and V (B operands, read as byte pairs): matrix l / 8 holds tokens
+  // warp * 16 + (l / 8 % 2) * 8 + l % 8 and bytes (l / 16) * 16 of each 32-wide step, so thread
+  // l receives bytes 4 * (l % 4) ... + 3 of token l / 4 (K), or with .trans bytes 2 * (l / 4) and
+  // + 1 of tokens 2 * (l % 4) and + 1 (V).
+  const std::uint32_t fp8_frag =
+      stages + (warp * 16 + ((lane / 8) % 2) * 8 + lane % 8) * C::kStageRowBytes + (lane / 16) * 16;
   std::uint32_t q_regs[C::kQInRegisters ? D / 16 : 1][4];
   if constexpr (C::kQInRegisters) {
 #pragma unroll
@@ -176,6 +217,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
   float m[2] = {-INFINITY, -INFINITY};
   float l[2] = {0.0f, 0.0f};
   const int quad_col = 2 * (lane % 4);
+  const float k_scale = C::kFp8 ? a.k_scale_of(kv_head) : 1.0f;
 
   for (int tile = 0; tile < num_tiles; ++tile) {
     // Copy group k holds tile k: the prologue committed groups 0..kStages-1, iteration t >= 1
@@ -202,15 +244,38 @@ __global__ void __launch_bounds__(kDecodeThreads)
     // independent chains (even and odd steps) to halve the MMA dependency depth.
     float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
     float s_odd[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    if constexpr (C::kFp8) {
+      // One ldmatrix covers two 16-wide steps: kb[0], kb[1] tokens 0-7 and 8-15 of step 2 * kp,
+      // kb[2], kb[3] of step 2 * kp + 1; each register's 4 bytes make both B registers.
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      std::uint32_t kb[4], qa_smem[4];
-      ptx::ldmatrix_x4(kb, k_frag + stage_offset + kk * 32);
-      const std::uint32_t(&qa)[4] = C::kQInRegisters ? q_regs[C::kQInRegisters ? kk : 0] : qa_smem;
-      if constexpr (!C::kQInRegisters) ptx::ldmatrix_x4(qa_smem, q_frag + kk * 32);
-      float(&acc)[2][4] = kk % 2 == 0 ? s : s_odd;
-      ptx::mma_16816<T>(acc[0], qa, kb[0], kb[1]);
-      ptx::mma_16816<T>(acc[1], qa, kb[2], kb[3]);
+      for (int kp = 0; kp < D / 32; ++kp) {
+        std::uint32_t kb[4], qa_smem[2][4];
+        ptx::ldmatrix_x4(kb, fp8_frag + stage_offset + kp * 32);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int kk = 2 * kp + half;
+          const std::uint32_t(&qa)[4] =
+              C::kQInRegisters ? q_regs[C::kQInRegisters ? kk : 0] : qa_smem[half];
+          if constexpr (!C::kQInRegisters) ptx::ldmatrix_x4(qa_smem[half], q_frag + kk * 32);
+          float(&acc)[2][4] = half == 0 ? s : s_odd;
+          const uint2 first = fp8x4_to_pairs<T>(kb[2 * half]);
+          const uint2 second = fp8x4_to_pairs<T>(kb[2 * half + 1]);
+          ptx::mma_16816<T>(acc[0], qa, first.x, first.y);
+          ptx::mma_16816<T>(acc[1], qa, second.x, second.y);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        std::uint32_t kb[4], qa_smem[4];
+        ptx::ldmatrix_x4(kb, k_frag + stage_offset + kk * 32);
+        const std::uint32_t(&qa)[4] =
+            C::kQInRegisters ? q_regs[C::kQInRegisters ? kk : 0] : qa_smem;
+        if constexpr (!C::kQInRegisters) ptx::ldmatrix_x4(qa_smem, q_frag + kk * 32);
+        float(&acc)[2][4] = kk % 2 == 0 ? s : s_odd;
+        ptx::mma_16816<T>(acc[0], qa, kb[0], kb[1]);
+        ptx::mma_16816<T>(acc[1], qa, kb[2], kb[3]);
+      }
     }
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
@@ -222,7 +287,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[j][e] = a.logit(s[j][e]);
+        for (int e = 0; e < 4; ++e) s[j][e] = a.logit(C::kFp8 ? s[j][e] * k_scale : s[j][e]);
       }
     } else {
 #pragma unroll
@@ -230,7 +295,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int token = t0 + j * 8 + quad_col + (e % 2);
-          s[j][e] = token < end ? a.logit(s[j][e]) : -INFINITY;
+          const float qk = C::kFp8 ? s[j][e] * k_scale : s[j][e];
+          s[j][e] = token < end ? a.logit(qk) : -INFINITY;
         }
       }
     }
@@ -273,12 +339,32 @@ __global__ void __launch_bounds__(kDecodeThreads)
     // O += P V: P's accumulator layout is the A operand layout of the next MMA.
     const std::uint32_t pa[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]),
                                  pack2<T>(s[1][0], s[1][1]), pack2<T>(s[1][2], s[1][3])};
+    if constexpr (C::kFp8) {
+      // One ldmatrix.trans covers 32 columns: vb[0], vb[1] tokens 0-7 and 8-15 of columns
+      // 32 * dp ... + 15, vb[2], vb[3] of the next 16. A register holds columns 2g and 2g + 1
+      // (g = lane / 4) of two tokens; regrouped by column, they are the B registers of the even
+      // columns' MMA (o[2w]) and of the odd columns' (o[2w + 1]) of 16-column group w.
 #pragma unroll
-    for (int dp = 0; dp < D / 16; ++dp) {
-      std::uint32_t vb[4];
-      ptx::ldmatrix_x4_trans(vb, v_frag + stage_offset + dp * 32);
-      ptx::mma_16816<T>(o[2 * dp], pa, vb[0], vb[1]);
-      ptx::mma_16816<T>(o[2 * dp + 1], pa, vb[2], vb[3]);
+      for (int dp = 0; dp < D / 32; ++dp) {
+        std::uint32_t vb[4];
+        ptx::ldmatrix_x4_trans(vb, fp8_frag + kTile * C::kStageRowBytes + stage_offset + dp * 32);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int w = 2 * dp + half;
+          const uint2 first = fp8x4_to_pairs<T>(__byte_perm(vb[2 * half], 0, 0x3120));
+          const uint2 second = fp8x4_to_pairs<T>(__byte_perm(vb[2 * half + 1], 0, 0x3120));
+          ptx::mma_16816<T>(o[2 * w], pa, first.x, second.x);
+          ptx::mma_16816<T>(o[2 * w + 1], pa, first.y, second.y);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        std::uint32_t vb[4];
+        ptx::ldmatrix_x4_trans(vb, v_frag + stage_offset + dp * 32);
+        ptx::mma_16816<T>(o[2 * dp], pa, vb[0], vb[1]);
+        ptx::mma_16816<T>(o[2 * dp + 1], pa, vb[2], vb[3]);
+      }
     }
   }
   ptx::cp_async_wait<0>();
@@ -290,6 +376,14 @@ __global__ void __launch_bounds__(kDecodeThreads)
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
   }
+  if constexpr (C::kFp8) {
+    const float v_scale = a.v_scale_of(kv_head);
+#pragma unroll
+    for (int nb = 0; nb < D / 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[nb][e] *= v_scale;
+    }
+  }
   float* red_m = reinterpret_cast<float*>(smem + C::kQBytes);
   float* red_l = red_m + kDecodeWarps * kMmaHeads;
   float* red_o = red_l + kDecodeWarps * kMmaHeads;
@@ -300,11 +394,25 @@ __global__ void __launch_bounds__(kDecodeThreads)
     red_l[warp * kMmaHeads + g] = l[0];
     red_l[warp * kMmaHeads + g + 8] = l[1];
   }
+  if constexpr (C::kFp8) {
+    // Group w's even-column block o[2w] holds columns 16w + 4 * (lane % 4) + {0, 2}, its odd one
+    // + {1, 3}: interleaved, 4 consecutive columns.
 #pragma unroll
-  for (int nb = 0; nb < D / 8; ++nb) {
-    float* row_g = red_o + (warp * kMmaHeads + g) * C::kRedRow + nb * 8 + quad_col;
-    *reinterpret_cast<float2*>(row_g) = make_float2(o[nb][0], o[nb][1]);
-    *reinterpret_cast<float2*>(row_g + 8 * C::kRedRow) = make_float2(o[nb][2], o[nb][3]);
+    for (int w = 0; w < D / 16; ++w) {
+      float* row_g = red_o + (warp * kMmaHeads + g) * C::kRedRow + w * 16 + 2 * quad_col;
+      const float(&even)[4] = o[2 * w];
+      const float(&odd)[4] = o[2 * w + 1];
+      *reinterpret_cast<float4*>(row_g) = make_float4(even[0], odd[0], even[1], odd[1]);
+      *reinterpret_cast<float4*>(row_g + 8 * C::kRedRow) =
+          make_float4(even[2], odd[2], even[3], odd[3]);
+    }
+  } else {
+#pragma unroll
+    for (int nb = 0; nb < D / 8; ++nb) {
+      float* row_g = red_o + (warp * kMmaHeads + g) * C::kRedRow + nb * 8 + quad_col;
+      *reinterpret_cast<float2*>(row_g) = make_float2(o[nb][0], o[nb][1]);
+      *reinterpret_cast<float2*>(row_g + 8 * C::kRedRow) = make_float2(o[nb][2], o[nb][3]);
+    }
   }
   __syncthreads();
   merge_warps_and_store<T>(a, red_m, red_l, red_o, kMmaHeads, D, C::kRedRow, heads, head0, b,

@@ -29,9 +29,18 @@ struct DecodeArgs {
   // logit (log2 domain) = post * tanh(q.k * pre) with a soft cap, else q.k * pre
   float pre, post;
   bool soft_cap;
+  // Float8 caches: a stored K (V) element stands for stored * scale; per_head read from device
+  // memory when set.
+  ScaleArg k_scale, v_scale;
 
   __device__ __forceinline__ float logit(float qk) const {
     return soft_cap ? post * tanhf(qk * pre) : qk * pre;
+  }
+  __device__ __forceinline__ float k_scale_of(int kv_head) const {
+    return k_scale.per_head ? k_scale.per_head[kv_head] : k_scale.value;
+  }
+  __device__ __forceinline__ float v_scale_of(int kv_head) const {
+    return v_scale.per_head ? v_scale.per_head[kv_head] : v_scale.value;
   }
 };
 
@@ -49,6 +58,8 @@ inline DecodeArgs make_decode_args(const PagedAttentionParams& p, int heads_per_
   a.soft_cap = p.logits_soft_cap > 0.0f;
   a.pre = a.soft_cap ? p.scale / p.logits_soft_cap : p.scale * kLog2e;
   a.post = a.soft_cap ? p.logits_soft_cap * kLog2e : 1.0f;
+  a.k_scale = p.k_scale;
+  a.v_scale = p.v_scale;
   return a;
 }
 

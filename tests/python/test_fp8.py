@@ -1,0 +1,601 @@
+"""FP8 (float8 e4m3fn) KV caches: quantising writes and dequantising decode attention.
+
+The reference models the quantisation with its own NumPy e4m3 encoder (nearest value of a table
+of all finite e4m3 values, ties to an even mantissa, saturation to +-448), then runs float64
+attention over the decoded values times the scales. NumPy passes caches as uint8 bits with
+``kv_dtype="float8_e4m3fn"``; torch passes ``torch.float8_e4m3fn`` tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import reference as R
+import tinyserve as ts
+from arrays import TOLERANCE, f64, require, sync
+
+try:
+    import torch
+except ImportError:
+    torch = None
+
+FP8_NAN = 0x7F  # the bits that poison unwritten cache slots
+
+
+# --- an independent float8 e4m3fn model --------------------------------------------------------
+
+
+def decode_e4m3(bits: np.ndarray) -> np.ndarray:
+    """float64 values of e4m3fn bit patterns (0x7f / 0xff are NaN)."""
+    bits = np.asarray(bits, dtype=np.uint8).astype(np.int64)
+    exp, mant = (bits >> 3) & 0xF, bits & 0x7
+    normal = np.ldexp(1.0 + mant / 8.0, exp - 7)
+    subnormal = np.ldexp(mant / 8.0, -6)
+    value = np.where(exp == 0, subnormal, normal)
+    value = np.where((exp == 0xF) & (mant == 0x7), np.nan, value)
+    return np.where(bits & 0x80, -value, value)
+
+
+_CODES = np.arange(0x7F, dtype=np.uint8)  # every finite non-negative code, in increasing order
+_VALUES = decode_e4m3(_CODES)
+
+
+def encode_e4m3(x: np.ndarray) -> np.ndarray:
+    """Bits of the e4m3fn value nearest to x (ties to an even mantissa), saturated to +-448."""
+    x = np.asarray(x, dtype=np.float64)
+    mag = np.minimum(np.abs(x), _VALUES[-1])
+    hi = np.clip(np.searchsorted(_VALUES, mag), 1, len(_VALUES) - 1)
+    lo = hi - 1
+    d_lo, d_hi = mag - _VALUES[lo], _VALUES[hi] - mag
+    pick_hi = (d_hi < d_lo) | ((d_hi == d_lo) & (_CODES[hi] % 2 == 0))
+    code = np.where(pick_hi, _CODES[hi], _CODES[lo]).astype(np.uint8)
+    code = np.where(np.signbit(x), code | 0x80, code).astype(np.uint8)
+    return np.where(np.isnan(x), np.uint8(FP8_NAN), code).astype(np.uint8)
+
+
+def quantise(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """What a write stores: x / scale in float32 (the kernels' division), encoded."""
+    return encode_e4m3(np.float32(x) / np.float32(scale))
+
+
+def test_encoder_model_known_values():
+    """The test's own encoder on hand-checked values (a wrong model would pass everything else)."""
+    x = np.array([0.0, 1.0, 1.0625, 1.1875, 448.0, 464.0, 1e9, -np.inf, 2.0**-9, 2.0**-10, -3.5])
+    expected = [0x00, 0x38, 0x38, 0x3A, 0x7E, 0x7E, 0x7E, 0xFE, 0x01, 0x00, 0xC6]
+    assert encode_e4m3(x).tolist() == expected
+    assert decode_e4m3(np.array(expected, dtype=np.uint8)).tolist() == [
+        0.0,
+        1.0,
+        1.0,
+        1.25,
+        448.0,
+        448.0,
+        448.0,
+        -448.0,
+        2.0**-9,
+        0.0,
+        -3.5,
+    ]
+
+
+# --- arrays ------------------------------------------------------------------------------------
+
+
+def _round_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    """x as the input dtype holds it (float64 result)."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.float32(x)).to(torch.bfloat16).double().numpy()
+    return np.asarray(x, dtype=dtype).astype(np.float64)
+
+
+def _input(x: np.ndarray, fw: str, dtype: str, device: str):
+    if fw == "numpy":
+        return np.ascontiguousarray(x.astype(dtype))
+    return torch.from_numpy(np.float32(x)).to(getattr(torch, dtype)).to(device)
+
+
+def _fp8_caches(key_bits: np.ndarray, value_bits: np.ndarray, fw: str, device: str, layout: str):
+    """Two float8 caches (logical [N, P, H, D]) holding the given bits, in NHD or HND storage."""
+
+    def one(bits):
+        storage = np.ascontiguousarray(bits.transpose(0, 2, 1, 3) if layout == "HND" else bits)
+        if fw == "numpy":
+            return storage.transpose(0, 2, 1, 3) if layout == "HND" else storage
+        t = torch.from_numpy(storage).to(device).view(torch.float8_e4m3fn)
+        return t.permute(0, 2, 1, 3) if layout == "HND" else t
+
+    return one(key_bits), one(value_bits)
+
+
+def _bits(cache) -> np.ndarray:
+    if torch is not None and isinstance(cache, torch.Tensor):
+        return cache.view(torch.uint8).cpu().numpy()
+    return np.asarray(cache)
+
+
+def _scales(rng, mode: str, num_kv_heads: int) -> np.ndarray:
+    """Per-head scales as an array [num_kv_heads] (equal entries for a per-tensor scale)."""
+    if mode == "tensor":
+        return np.full(num_kv_heads, np.float32(rng.uniform(0.005, 0.05)), dtype=np.float32)
+    return rng.uniform(0.002, 0.08, size=num_kv_heads).astype(np.float32)
+
+
+def _scale_arg(scales: np.ndarray, mode: str, fw: str, device: str):
+    if mode == "tensor":
+        return scales[0]  # a NumPy float32 scalar: any real number is taken
+    if fw == "numpy":
+        return scales.copy()
+    return torch.from_numpy(scales.copy()).to(device)
+
+
+def _kv_dtype(fw: str):
+    return "float8_e4m3fn" if fw == "numpy" else None
+
+
+def fp8_backends():
+    out = [pytest.param(("numpy", "cpu"), id="numpy-cpu")]
+    out.append(pytest.param(("torch", "cpu"), id="torch-cpu"))
+    out.append(pytest.param(("torch", "cuda"), id="torch-cuda", marks=pytest.mark.cuda))
+    return out
+
+
+def _require(fw: str, dtype: str) -> None:
+    if torch is None:
+        pytest.skip("torch is needed for bfloat16 rounding and float8 tensors")
+    require(fw, dtype)
+
+
+# --- reshape_and_cache -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", fp8_backends())
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("scale_mode", ["tensor", "head"])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_reshape_and_cache_quantises(rng, backend, dtype, scale_mode, layout):
+    """Every written element equals the encoder's bits for x / scale; every other slot keeps its
+    poison; -1 slots write nothing. The inputs include saturating values, infinities and ties."""
+    fw, device = backend
+    _require(fw, dtype)
+    num_blocks, block_size, heads, dim, tokens = 6, 4, 3, 32, 9
+    x = rng.standard_normal((2, tokens, heads, dim)) * rng.choice(
+        [0.01, 1.0, 30.0], (2, tokens, 1, 1)
+    )
+    special = [448.0, 464.0, 1e4, np.inf, -np.inf, 1.0625, 1.1875, 2.0**-10, -(2.0**-9), 0.0]
+    x[:, 0, 0, : len(special)] = special
+    k_scales, v_scales = _scales(rng, scale_mode, heads), _scales(rng, scale_mode, heads)
+    # The specials are meant for the stored value: undo the scale of head 0 for them.
+    x[0, 0, 0, : len(special)] *= k_scales[0]
+    x[1, 0, 0, : len(special)] *= v_scales[0]
+    x = _round_to(x, dtype)
+    slots = rng.permutation(num_blocks * block_size)[:tokens].astype(np.int64)
+    slots[3] = -1
+    poison = np.full((num_blocks, block_size, heads, dim), FP8_NAN, dtype=np.uint8)
+    kc, vc = _fp8_caches(poison, poison.copy(), fw, device, layout)
+    ts.reshape_and_cache(
+        _input(x[0], fw, dtype, device),
+        _input(x[1], fw, dtype, device),
+        kc,
+        vc,
+        slots if fw == "numpy" else torch.from_numpy(slots).to(device),
+        k_scale=_scale_arg(k_scales, scale_mode, fw, device),
+        v_scale=_scale_arg(v_scales, scale_mode, fw, device),
+        kv_dtype=_kv_dtype(fw),
+    )
+    sync(fw, device)
+    for cache, data, scales in ((kc, x[0], k_scales), (vc, x[1], v_scales)):
+        expected = poison.copy().reshape(-1, heads, dim)
+        written = slots >= 0
+        expected[slots[written]] = quantise(data[written], scales[None, :, None])
+        np.testing.assert_array_equal(_bits(cache).reshape(-1, heads, dim), expected)
+
+
+# --- paged_attention ---------------------------------------------------------------------------
+
+
+def _attention_case(rng, seq_lens, num_q_heads, num_kv_heads, head_dim, block_size, scale_mode):
+    """A NaN-poisoned paged case whose caches hold quantised K/V: (case, key bits, value bits,
+    k_scales, v_scales). Unwritten slots hold the float8 NaN."""
+    case = R.PagedCase(rng, seq_lens, num_q_heads, num_kv_heads, head_dim, block_size)
+    k_scales = _scales(rng, scale_mode, num_kv_heads)
+    v_scales = _scales(rng, scale_mode, num_kv_heads)
+    # Magnitudes that use the float8 range: stored values around 1 / scale.
+    key_bits = quantise(case.key_cache, k_scales[None, None, :, None])
+    value_bits = quantise(case.value_cache, v_scales[None, None, :, None])
+    return case, key_bits, value_bits, k_scales, v_scales
+
+
+def _reference(case, query64, key_bits, value_bits, k_scales, v_scales, **kw):
+    k = decode_e4m3(key_bits) * k_scales[None, None, :, None]
+    v = decode_e4m3(value_bits) * v_scales[None, None, :, None]
+    return R.paged_attention(query64, k, v, case.block_table, case.seq_lens, **kw)
+
+
+def _run_attention(
+    case, key_bits, value_bits, k_scales, v_scales, fw, device, dtype, layout, scale_mode, **kw
+):
+    kc, vc = _fp8_caches(key_bits, value_bits, fw, device, layout)
+    q = _input(case.query, fw, dtype, device)
+    if fw == "numpy":
+        table, lens = case.block_table, case.seq_lens
+        out = np.full(case.query.shape, np.nan, dtype=dtype)
+    else:
+        table = torch.from_numpy(case.block_table).to(device)
+        lens = torch.from_numpy(case.seq_lens).to(device)
+        out = torch.full(case.query.shape, float("nan"), dtype=getattr(torch, dtype), device=device)
+    result = ts.paged_attention(
+        q,
+        kc,
+        vc,
+        table,
+        lens,
+        out,
+        k_scale=_scale_arg(k_scales, scale_mode, fw, device),
+        v_scale=_scale_arg(v_scales, scale_mode, fw, device),
+        kv_dtype=_kv_dtype(fw),
+        **kw,
+    )
+    sync(fw, device)
+    assert result is out
+    return f64(out), f64(q)
+
+
+@pytest.mark.parametrize("backend", fp8_backends())
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("scale_mode", ["tensor", "head"])
+@pytest.mark.parametrize(
+    "num_q_heads,num_kv_heads,head_dim,block_size",
+    [(4, 4, 64, 16), (8, 2, 128, 16), (16, 2, 128, 1), (8, 1, 256, 32), (6, 2, 96, 8)],
+)
+def test_paged_attention_fp8(
+    rng, backend, dtype, layout, scale_mode, num_q_heads, num_kv_heads, head_dim, block_size
+):
+    """Decode over float8 caches against float64 attention over the dequantised values: MHA and
+    GQA, head dims with and without a tensor-core kernel, page sizes 1 to 32."""
+    fw, device = backend
+    _require(fw, dtype)
+    seq_lens = rng.integers(1, 300, size=3)
+    seq_lens[1] = 0
+    case, kb, vb, ks, vs = _attention_case(
+        rng, seq_lens, num_q_heads, num_kv_heads, head_dim, block_size, scale_mode
+    )
+    out, q64 = _run_attention(case, kb, vb, ks, vs, fw, device, dtype, layout, scale_mode)
+    ref, _ = _reference(case, q64, kb, vb, ks, vs)
+    assert R.rel_error(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("backend", fp8_backends())
+@pytest.mark.parametrize("num_splits", [1, 3, 7])
+def test_paged_attention_fp8_splits_window_lse(rng, backend, num_splits):
+    """Split counts, a sliding window, a soft cap and the log-sum-exp over float8 caches."""
+    fw, device = backend
+    _require(fw, "float16")
+    case, kb, vb, ks, vs = _attention_case(rng, [700, 1, 333, 64], 8, 2, 128, 16, "head")
+    kw = dict(window_left=250, logits_soft_cap=20.0)
+    out, q64 = _run_attention(
+        case, kb, vb, ks, vs, fw, device, "float16", "NHD", "head", num_splits=num_splits, **kw
+    )
+    ref, ref_lse = _reference(case, q64, kb, vb, ks, vs, **kw)
+    assert R.rel_error(out, ref) < TOLERANCE["float16"]
+    kc, vc = _fp8_caches(kb, vb, fw, device, "NHD")
+    q = _input(case.query, fw, "float16", device)
+    if fw == "torch":
+        table = torch.from_numpy(case.block_table).to(device)
+        lens = torch.from_numpy(case.seq_lens).to(device)
+    else:
+        table, lens = case.block_table, case.seq_lens
+    _, lse = ts.paged_attention(
+        q,
+        kc,
+        vc,
+        table,
+        lens,
+        k_scale=_scale_arg(ks, "head", fw, device),
+        v_scale=_scale_arg(vs, "head", fw, device),
+        kv_dtype=_kv_dtype(fw),
+        return_lse=True,
+        num_splits=num_splits,
+        **kw,
+    )
+    sync(fw, device)
+    np.testing.assert_allclose(f64(lse), ref_lse, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", fp8_backends())
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_write_then_attend(rng, backend, dtype):
+    """reshape_and_cache quantises and paged_attention reads back: the result matches float64
+    attention over the encoder's bits for the same inputs."""
+    fw, device = backend
+    _require(fw, dtype)
+    num_blocks, block_size, heads, group, dim = 40, 16, 2, 4, 128
+    lens = np.array([150, 37, 200], dtype=np.int32)
+    table = rng.permutation(num_blocks)[: 3 * 13].reshape(3, 13).astype(np.int32)
+    slots = np.concatenate(
+        [
+            table[b, np.arange(n) // block_size] * block_size + np.arange(n) % block_size
+            for b, n in enumerate(lens)
+        ]
+    ).astype(np.int64)
+    k = _round_to(rng.standard_normal((len(slots), heads, dim)), dtype)
+    v = _round_to(rng.standard_normal((len(slots), heads, dim)), dtype)
+    k_scale, v_scale = 0.02, np.array([0.01, 0.03], dtype=np.float32)
+    poison = np.full((num_blocks, block_size, heads, dim), FP8_NAN, dtype=np.uint8)
+    kc, vc = _fp8_caches(poison, poison.copy(), fw, device, "NHD")
+    if fw == "numpy":
+        dev = lambda a: a  # noqa: E731
+    else:
+        dev = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
+    vs_arg = v_scale if fw == "numpy" else dev(v_scale)
+    kv = _kv_dtype(fw)
+    ts.reshape_and_cache(
+        _input(k, fw, dtype, device),
+        _input(v, fw, dtype, device),
+        kc,
+        vc,
+        dev(slots),
+        k_scale=k_scale,
+        v_scale=vs_arg,
+        kv_dtype=kv,
+    )
+    query = rng.standard_normal((3, heads * group, dim))
+    q = _input(query, fw, dtype, device)
+    out = ts.paged_attention(
+        q, kc, vc, dev(table), dev(lens), k_scale=k_scale, v_scale=vs_arg, kv_dtype=kv
+    )
+    sync(fw, device)
+    key_bits = np.full((num_blocks * block_size, heads, dim), FP8_NAN, dtype=np.uint8)
+    value_bits = key_bits.copy()
+    key_bits[slots] = quantise(k, np.float32(k_scale))
+    value_bits[slots] = quantise(v, v_scale[None, :, None])
+    shape = (num_blocks, block_size, heads, dim)
+    kd = decode_e4m3(key_bits.reshape(shape)) * k_scale
+    vd = decode_e4m3(value_bits.reshape(shape)) * v_scale[None, None, :, None]
+    ref, _ = R.paged_attention(f64(q), kd, vd, table, lens)
+    assert R.rel_error(f64(out), ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("backend", fp8_backends())
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_prefill_fp8(rng, backend, dtype, layout):
+    """Prefill rows (query_start_loc: a prompt, an append over a prefix, a decode row, a sequence
+    with no rows) over float8 caches with per-head scales, against float64 causal attention over
+    the dequantised values. CUDA has no prefill kernel for float8 caches yet: refused, nothing
+    written."""
+    fw, device = backend
+    _require(fw, dtype)
+    seq_lens = np.array([40, 75, 9, 30], dtype=np.int32)
+    rows = np.array([40, 12, 1, 0])
+    case, kb, vb, ks, vs = _attention_case(rng, seq_lens, 8, 2, 64, 16, "head")
+    starts = np.concatenate(([0], np.cumsum(rows))).astype(np.int32)
+    query = rng.standard_normal((int(starts[-1]), 8, 64))
+    kc, vc = _fp8_caches(kb, vb, fw, device, layout)
+    q = _input(query, fw, dtype, device)
+    if fw == "numpy":
+        table, lens, qsl = case.block_table, case.seq_lens, starts
+    else:
+        table, lens, qsl = (
+            torch.from_numpy(a).to(device) for a in (case.block_table, seq_lens, starts)
+        )
+    kw = dict(
+        query_start_loc=qsl,
+        k_scale=_scale_arg(ks, "head", fw, device),
+        v_scale=_scale_arg(vs, "head", fw, device),
+        kv_dtype=_kv_dtype(fw),
+    )
+    if device == "cuda":
+        out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=device)
+        with pytest.raises(ValueError, match="over float8_e4m3fn caches has no CUDA kernel yet"):
+            ts.paged_attention(q, kc, vc, table, lens, out, **kw)
+        assert torch.isnan(out).all()
+        return
+    out, lse = ts.paged_attention(
+        q,
+        kc,
+        vc,
+        table,
+        lens,
+        query_start_loc=qsl,
+        k_scale=_scale_arg(ks, "head", fw, device),
+        v_scale=_scale_arg(vs, "head", fw, device),
+        kv_dtype=_kv_dtype(fw),
+        return_lse=True,
+    )
+    sync(fw, device)
+    k = decode_e4m3(kb) * ks[None, None, :, None]
+    v = decode_e4m3(vb) * vs[None, None, :, None]
+    ref, ref_lse = R.paged_prefill(f64(q), k, v, case.block_table, seq_lens, starts)
+    assert R.rel_error(f64(out), ref) < TOLERANCE[dtype]
+    np.testing.assert_allclose(f64(lse), ref_lse, rtol=1e-4, atol=1e-3)
+
+
+# --- argument checks ---------------------------------------------------------------------------
+
+
+def _small_fp8(fw):
+    poison = np.full((4, 4, 2, 16), FP8_NAN, dtype=np.uint8)
+    return _fp8_caches(poison, poison.copy(), fw, "cpu", "NHD")
+
+
+@pytest.mark.parametrize("fw", ["numpy", "torch"])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(k_scale=0.0), "k_scale must be positive and finite, got 0"),
+        (dict(v_scale=-1.0), "v_scale must be positive and finite, got -1"),
+        (dict(k_scale=float("nan")), "k_scale must be positive and finite"),
+        (dict(v_scale=float("inf")), "v_scale must be positive and finite"),
+        (dict(k_scale=np.ones(3, np.float32)), r"k_scale dimension 0 \(num_kv_heads"),
+        (dict(k_scale=np.ones((2, 1), np.float32)), "k_scale must have 1 dimensions"),
+        (dict(v_scale=np.ones(2, np.float16)), "v_scale must be float32, got float16"),
+        (dict(v_scale=np.ones(2, np.float64)), "v_scale must be float32, got float64"),
+        (dict(v_scale=np.array([1.0, -2.0], np.float32)), r"v_scale\[1\] must be positive"),
+        (dict(k_scale=np.array([np.nan, 1.0], np.float32)), r"k_scale\[0\] must be positive"),
+    ],
+)
+def test_bad_scales_write_nothing(rng, fw, bad, match):
+    """A rejected scale raises ValueError before anything is written (caches keep their poison;
+    attention's output stays NaN)."""
+    if fw == "torch" and torch is None:
+        pytest.skip("torch is not installed")
+    if fw == "torch":
+        bad = {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v) for k, v in bad.items()}
+    kc, vc = _small_fp8(fw)
+    kv = _kv_dtype(fw)
+    x = rng.standard_normal((3, 2, 16)).astype(np.float32)
+    slots = np.array([0, 5, 9], dtype=np.int64)
+    if fw == "torch":
+        x, slots = torch.from_numpy(x), torch.from_numpy(slots)
+    with pytest.raises(ValueError, match=match):
+        ts.reshape_and_cache(x, x, kc, vc, slots, kv_dtype=kv, **bad)
+    assert (_bits(kc) == FP8_NAN).all() and (_bits(vc) == FP8_NAN).all()
+    q = rng.standard_normal((1, 2, 16)).astype(np.float32)
+    table, lens = np.array([[0, 1]], np.int32), np.array([5], np.int32)
+    out = np.full(q.shape, np.nan, np.float32)
+    if fw == "torch":
+        q, table, lens, out = (torch.from_numpy(a) for a in (q, table, lens, out))
+    with pytest.raises(ValueError, match=match):
+        ts.paged_attention(q, kc, vc, table, lens, out, kv_dtype=kv, **bad)
+    assert np.isnan(f64(out)).all()
+
+
+def test_scales_need_a_float8_cache(rng):
+    cache = np.full((4, 4, 2, 16), np.nan, np.float32)
+    x = rng.standard_normal((1, 2, 16)).astype(np.float32)
+    with pytest.raises(
+        ValueError, match="k_scale applies to float8_e4m3fn caches only, got a float32"
+    ):
+        ts.reshape_and_cache(x, x, cache, cache.copy(), np.array([0]), k_scale=2.0)
+    with pytest.raises(ValueError, match="v_scale applies to float8_e4m3fn caches only"):
+        ts.paged_attention(
+            x,
+            cache,
+            cache,
+            np.zeros((1, 1), np.int32),
+            np.ones(1, np.int32),
+            v_scale=np.ones(2, np.float32),
+        )
+    assert np.isnan(cache).all()
+
+
+def test_kv_dtype_checks(rng):
+    """NumPy's uint8 bits are float8 only when kv_dtype says so; other names and dtypes are
+    refused."""
+    bits = np.full((4, 4, 2, 16), FP8_NAN, np.uint8)
+    x = rng.standard_normal((1, 2, 16)).astype(np.float32)
+    slots = np.array([0])
+    with pytest.raises(
+        ValueError, match="key_cache must be float32, float16 or bfloat16, got uint8"
+    ):
+        ts.reshape_and_cache(x, x, bits, bits.copy(), slots)
+    with pytest.raises(ValueError, match="kv_dtype must be None or 'float8_e4m3fn', got 'fp8'"):
+        ts.reshape_and_cache(x, x, bits, bits.copy(), slots, kv_dtype="fp8")
+    floats = np.zeros((4, 4, 2, 16), np.float32)
+    with pytest.raises(ValueError, match="key_cache must be uint8 or float8_e4m3fn"):
+        ts.reshape_and_cache(x, x, floats, floats.copy(), slots, kv_dtype="float8_e4m3fn")
+    with pytest.raises(ValueError, match="key must be float32, float16 or bfloat16, got int32"):
+        ts.reshape_and_cache(
+            x.astype(np.int32),
+            x.astype(np.int32),
+            bits,
+            bits.copy(),
+            slots,
+            kv_dtype="float8_e4m3fn",
+        )
+    assert (bits == FP8_NAN).all()
+
+
+def test_copy_and_swap_are_byte_copies(rng):
+    """Block copies move float8 blocks bit for bit (NaN patterns included)."""
+    if torch is None:
+        pytest.skip("torch is not installed")
+    bits = rng.integers(0, 256, size=(6, 4, 2, 16), dtype=np.uint8)
+    cache = torch.from_numpy(bits.copy()).view(torch.float8_e4m3fn)
+    ts.copy_blocks([cache], np.array([0, 2], np.int32), np.array([4, 5], np.int32))
+    expected = bits.copy()
+    expected[[4, 5]] = bits[[0, 2]]
+    np.testing.assert_array_equal(cache.view(torch.uint8).numpy(), expected)
+    dst = torch.zeros_like(cache)
+    ts.swap_blocks(cache, dst, np.array([1], np.int32), np.array([3], np.int32))
+    np.testing.assert_array_equal(dst.view(torch.uint8).numpy()[3], expected[1])
+
+
+# --- CUDA only ---------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+def test_fp8_cuda_graph_replay_reads_device_scales(rng):
+    """Quantising writes and decode captured in one CUDA graph with per-head scales in device
+    memory: each replay uses the scales, inputs, tables and lengths of that moment."""
+    num_blocks, block_size, heads, group, dim, batch, max_blocks = 64, 16, 2, 4, 128, 3, 8
+    kc = torch.zeros((num_blocks, block_size, heads, dim), dtype=torch.float8_e4m3fn, device="cuda")
+    vc = torch.zeros_like(kc)
+    k_scale = torch.ones(heads, dtype=torch.float32, device="cuda")
+    v_scale = torch.ones(heads, dtype=torch.float32, device="cuda")
+    n_new = batch * max_blocks * block_size
+    new_k = torch.zeros((n_new, heads, dim), dtype=torch.float16, device="cuda")
+    new_v = torch.zeros_like(new_k)
+    slots = torch.full((n_new,), -1, dtype=torch.int64, device="cuda")
+    q = torch.zeros((batch, heads * group, dim), dtype=torch.float16, device="cuda")
+    table = torch.zeros((batch, max_blocks), dtype=torch.int32, device="cuda")
+    lens = torch.ones((batch,), dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    splits, nbytes = ts.plan_paged_attention(q, kc, table, num_splits=3)
+    workspace = torch.empty((nbytes,), dtype=torch.uint8, device="cuda")
+
+    def step():
+        ts.reshape_and_cache(new_k, new_v, kc, vc, slots, k_scale=k_scale, v_scale=v_scale)
+        ts.paged_attention(
+            q,
+            kc,
+            vc,
+            table,
+            lens,
+            out,
+            k_scale=k_scale,
+            v_scale=v_scale,
+            num_splits=3,
+            workspace=workspace,
+        )
+
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(3):
+        new_lens = rng.integers(0, max_blocks * block_size + 1, size=batch).astype(np.int32)
+        new_table = rng.permutation(num_blocks)[: batch * max_blocks].reshape(batch, max_blocks)
+        new_table = new_table.astype(np.int32)
+        ks = rng.uniform(0.005, 0.05, size=heads).astype(np.float32)
+        vs = rng.uniform(0.005, 0.05, size=heads).astype(np.float32)
+        kx = _round_to(rng.standard_normal((n_new, heads, dim)), "float16")
+        vx = _round_to(rng.standard_normal((n_new, heads, dim)), "float16")
+        new_slots = (new_table[:, :, None] * block_size + np.arange(block_size)).reshape(-1)
+        new_slots = new_slots.astype(np.int64)
+        k_scale.copy_(torch.from_numpy(ks))
+        v_scale.copy_(torch.from_numpy(vs))
+        new_k.copy_(torch.from_numpy(kx))
+        new_v.copy_(torch.from_numpy(vx))
+        slots.copy_(torch.from_numpy(new_slots))
+        q.copy_(torch.from_numpy(rng.standard_normal(q.shape)).half())
+        table.copy_(torch.from_numpy(new_table))
+        lens.copy_(torch.from_numpy(new_lens))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        key_bits = np.zeros((num_blocks * block_size, heads, dim), np.uint8)
+        value_bits = key_bits.copy()
+        key_bits[new_slots] = quantise(kx, ks[None, :, None])
+        value_bits[new_slots] = quantise(vx, vs[None, :, None])
+        stored = kc.view(torch.uint8).cpu().numpy().reshape(key_bits.shape)[new_slots]
+        np.testing.assert_array_equal(stored, key_bits[new_slots])
+        shape = (num_blocks, block_size, heads, dim)
+        kd = decode_e4m3(key_bits.reshape(shape)) * ks[None, None, :, None]
+        vd = decode_e4m3(value_bits.reshape(shape)) * vs[None, None, :, None]
+        ref, _ = R.paged_attention(f64(q), kd, vd, new_table, new_lens)
+        assert R.rel_error(f64(out), ref) < TOLERANCE["float16"]
