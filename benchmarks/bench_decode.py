@@ -385,12 +385,18 @@ def timed_pair(fns: dict, iters: int, device: str) -> tuple[dict, str]:
                 samples.append((time.perf_counter() - t0) * 1e3)
             times[name] = statistics.median(samples)
         return times, "host clock (dry run)"
-    try:
-        return {name: median_ms(fn, iters, graph=True) for name, fn in fns.items()}, "graph"
-    except Exception as exc:  # noqa: BLE001 - a refused capture: time everything eagerly
-        torch.cuda.synchronize()
-        how = f"eager (graph capture failed: {first_line(exc)})"
-        return {name: median_ms(fn, iters) for name, fn in fns.items()}, how
+    times = {}
+    for name, fn in fns.items():
+        try:
+            times[name] = median_ms(fn, iters, graph=True)
+        except Exception as exc:  # noqa: BLE001 - a refused capture: time everything eagerly
+            torch.cuda.synchronize()
+            # Ending an invalidated capture raises "operation failed due to a previous error
+            # during capture" over the call that broke it: report that call's error.
+            cause = exc.__context__ if exc.__context__ is not None else exc
+            how = f"eager (graph capture of {name} failed: {first_line(cause)})"
+            return {name: median_ms(fn, iters) for name, fn in fns.items()}, how
+    return times, "graph"
 
 
 def grid_inputs(case: dict, rng: np.random.Generator, device: str) -> dict:

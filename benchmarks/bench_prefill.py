@@ -133,10 +133,14 @@ def sdpa_calls(data: dict, backend, repeat_kv: bool) -> tuple:
     """(run, out) of dense SDPA with one backend over contiguous K/V: one call per group of
     sequences with the same (new rows, prefix), bottom-right causal (the new rows are the last
     tokens) through torch's causal_lower_right bias, or is_causal when there is no prefix.
-    repeat_kv: K/V heads repeated per query head, for a backend that refuses enable_gqa."""
+    repeat_kv: K/V heads repeated per query head, for a backend that refuses enable_gqa.
+    Row ranges come from the host (``seqs``): reading ``qo_indptr`` on the device inside ``run``
+    would synchronise, which CUDA-graph capture forbids."""
     from torch.nn.attention import sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
 
+    starts = np.concatenate(([0], np.cumsum([n for n, _ in data["seqs"]]))).tolist()
+    rows = [slice(starts[i], starts[i + 1]) for i in range(len(data["seqs"]))]
     groups: dict = {}
     for i, shape in enumerate(data["seqs"]):
         groups.setdefault(shape, []).append(i)
@@ -149,12 +153,8 @@ def sdpa_calls(data: dict, backend, repeat_kv: bool) -> tuple:
         if repeat_kv:
             k = k.repeat_interleave(Q_HEADS // KV_HEADS, 1)
             v = v.repeat_interleave(Q_HEADS // KV_HEADS, 1)
-        q = torch.stack(
-            [
-                data["query"][int(data["qo_indptr"][i]) : int(data["qo_indptr"][i + 1])]
-                for i in members
-            ]
-        ).transpose(1, 2)  # [group, q_heads, n, dim]
+        q = torch.stack([data["query"][rows[i]] for i in members]).transpose(1, 2)
+        # q: [group, q_heads, n, dim]
         mask = None if prefix == 0 or n == 1 else causal_lower_right(n, n + prefix)
         calls.append((members, q, k, v, mask, prefix == 0 and n > 1))
 
@@ -166,7 +166,7 @@ def sdpa_calls(data: dict, backend, repeat_kv: bool) -> tuple:
                 )
                 o = o.transpose(1, 2)
                 for j, i in enumerate(members):
-                    out[int(data["qo_indptr"][i]) : int(data["qo_indptr"][i + 1])] = o[j]
+                    out[rows[i]] = o[j]
 
     return run, out
 

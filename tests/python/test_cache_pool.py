@@ -298,6 +298,65 @@ def test_threads_grow_and_shrink_one_pool(rng):
     assert pool.mapped_bytes == expected_mapped(pool, pool.num_blocks)
 
 
+def test_rejected_resizes_with_views_gc_and_dropped_pools_in_a_subprocess(rng):
+    """Rejected grow/shrink calls (the GIL released while they raise) interleaved with views
+    fetched and dropped, pools dropped while their arrays live on (the arrays keep them alive),
+    and garbage collection. In a subprocess under faulthandler, so that a crash here is one
+    failing test with its traceback, not the end of the run."""
+    code = textwrap.dedent(
+        """
+        import gc, mmap, sys
+        import numpy as np, tinyserve as ts
+        rng = np.random.default_rng(int(sys.argv[1]))
+        survivors = []
+        for step in range(400):
+            pool = ts.CachePool(2, 40, 4, 2, 8, "float32", "cpu", page_meta=True,
+                                granule_bytes=int(rng.integers(1, 3)) * mmap.PAGESIZE,
+                                num_blocks=int(rng.integers(0, 41)))
+            n = pool.num_blocks
+            arrays = [np.from_dlpack(t) for t in pool.tensors()]
+            for a in arrays:
+                a[:] = step
+            for bad, method in ((int(rng.integers(n + 1, 2**40)), pool.shrink),
+                                (int(rng.integers(41, 2**40)), pool.grow),
+                                (int(rng.integers(-(2**40), 0)), pool.shrink)):
+                try:
+                    method(bad)
+                except ValueError as e:
+                    assert "num_blocks must be in" in str(e), e
+                else:
+                    raise AssertionError(f"{method.__name__}({bad}) was accepted")
+            if n > 0:
+                try:
+                    pool.grow(int(rng.integers(-5, n)))
+                except ValueError:
+                    pass
+                else:
+                    raise AssertionError("a grow below num_blocks was accepted")
+            pool.check()
+            assert all((a == step).all() for a in arrays)
+            survivors.append(arrays[int(rng.integers(0, len(arrays)))])
+            del pool, arrays  # the survivor keeps its pool alive
+            if step % 7 == 0:
+                gc.collect()
+            if len(survivors) > 20:
+                survivors[int(rng.integers(0, len(survivors)))][:] = -1.0
+                survivors.pop(0)
+        print("done", flush=True)
+        """
+    )
+    seed = int(rng.integers(0, 2**31))
+    run = subprocess.run(
+        [sys.executable, "-X", "faulthandler", "-c", code, str(seed)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0 and run.stdout.strip() == "done", (
+        f"seed {seed}, exit {run.returncode}:\n{run.stderr[-4000:]}"
+    )
+
+
 def test_grow_and_shrink_to_the_same_size_change_nothing():
     pool = make_pool(num_blocks=10)
     before = pool.mapped_bytes
