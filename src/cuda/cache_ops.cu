@@ -1,6 +1,7 @@
 // CUDA cache writes, block copies and host<->device block swaps.
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <stdexcept>
 #include <vector>
@@ -340,6 +341,93 @@ void copy_blocks_with(const CopyBlocksParams& p, cudaStream_t s) {
   flush();
 }
 
+// ---------------------------------------------------------------------------------------------
+// swap_blocks over memory the device addresses (mapped pinned host memory, device memory): one
+// kernel whose CTAs read and write the host side directly over the bus (zero-copy). Each CTA
+// copies one slice of one pair's block; each thread has kSwapUnroll words in flight before it
+// stores any, and a warp's words are consecutive, so a warp moves whole 128-byte lines. Many
+// small blocks then fill the link as one large copy does, where one copy per block cannot.
+
+constexpr int kSwapThreads = 256;
+constexpr int kSwapUnroll = 8;  // 16-byte words: a CTA moves 32 KiB per step
+
+// The pairs travel in the kernel's parameters (up to 32,764 bytes from CUDA 12.1 on sm_70+), so
+// nothing is copied to the device first and a captured graph keeps its own copy of them.
+constexpr std::size_t kSwapParamBytes = 32000;
+
+template <class Id>
+struct SwapPair {
+  Id src, dst;
+};
+
+template <class Id>
+struct SwapArgs {
+  static constexpr int kMaxPairs = int((kSwapParamBytes - 48) / sizeof(SwapPair<Id>));
+  const char* src;
+  char* dst;
+  std::int64_t src_stride, dst_stride;  // bytes
+  std::int64_t block_bytes;
+  std::int64_t num_pairs;
+  SwapPair<Id> pairs[kMaxPairs];
+};
+static_assert(sizeof(SwapArgs<std::int32_t>) <= 32764 && sizeof(SwapArgs<std::int64_t>) <= 32764,
+              "kernel parameters are limited to 32,764 bytes");
+
+template <int W, class Id>
+__global__ void __launch_bounds__(kSwapThreads)
+    swap_blocks_kernel(const __grid_constant__ SwapArgs<Id> a) {
+  using word = typename Word<W>::type;
+  const SwapPair<Id> pair = a.pairs[blockIdx.x];
+  const word* from = reinterpret_cast<const word*>(a.src + pair.src * a.src_stride);
+  word* to = reinterpret_cast<word*>(a.dst + pair.dst * a.dst_stride);
+  const std::int64_t words = a.block_bytes / W;
+  constexpr int kStep = kSwapThreads * kSwapUnroll;
+  for (std::int64_t base = std::int64_t(blockIdx.y) * kStep + threadIdx.x; base < words;
+       base += std::int64_t(gridDim.y) * kStep) {
+    word held[kSwapUnroll];
+#pragma unroll
+    for (int u = 0; u < kSwapUnroll; ++u) {
+      const std::int64_t i = base + u * kSwapThreads;
+      if (i < words) held[u] = from[i];
+    }
+#pragma unroll
+    for (int u = 0; u < kSwapUnroll; ++u) {
+      const std::int64_t i = base + u * kSwapThreads;
+      if (i < words) to[i] = held[u];
+    }
+  }
+}
+
+// Launches the swap kernel over every pair, as many pairs per launch as the parameters hold.
+template <class Id>
+void swap_with_kernel(const SwapBlocksParams& p, const char* src, char* dst, cudaStream_t s) {
+  SwapArgs<Id> a{};
+  a.src = src;
+  a.dst = dst;
+  a.src_stride = p.src_cache.stride_block * p.src_cache.elem_size;
+  a.dst_stride = p.dst_cache.stride_block * p.dst_cache.elem_size;
+  a.block_bytes = p.src_cache.inner_numel * p.src_cache.elem_size;
+  auto u = [](auto x) { return static_cast<std::uint64_t>(x); };
+  const int width = copy_width({u(reinterpret_cast<std::uintptr_t>(src)),
+                                u(reinterpret_cast<std::uintptr_t>(dst)), u(a.src_stride),
+                                u(a.dst_stride), u(a.block_bytes)});
+  const std::int64_t steps =
+      (a.block_bytes / width + kSwapThreads * kSwapUnroll - 1) / (kSwapThreads * kSwapUnroll);
+  const unsigned slices = unsigned(std::min(steps, kMaxGridY));
+  const void* kernel = dispatch_copy_width(width, [](auto w) {
+    return reinterpret_cast<const void*>(swap_blocks_kernel<decltype(w)::value, Id>);
+  });
+  for (std::int64_t first = 0; first < p.num_pairs; first += SwapArgs<Id>::kMaxPairs) {
+    const std::int64_t n = std::min<std::int64_t>(p.num_pairs - first, SwapArgs<Id>::kMaxPairs);
+    for (std::int64_t i = 0; i < n; ++i) {
+      a.pairs[i] = {Id(p.src[first + i]), Id(p.dst[first + i])};
+    }
+    a.num_pairs = n;
+    launch(kernel, dim3(unsigned(n), slices), dim3(kSwapThreads), 0, s, a, "swap_blocks",
+           "swap_blocks_kernel");
+  }
+}
+
 }  // namespace
 
 void reshape_and_cache(const ReshapeAndCacheParams& p, Stream stream) {
@@ -404,8 +492,9 @@ void swap_blocks(const SwapBlocksParams& p, Stream stream) {
   const bool src_dev = p.src_device.type == DeviceType::CUDA;
   const bool dst_dev = p.dst_device.type == DeviceType::CUDA;
   DeviceGuard guard(src_dev ? p.src_device.index : p.dst_device.index, op);
-  // Host memory must be page-locked: a copy from pageable memory would block the caller.
-  auto require_pinned = [&](const void* data, const char* name) {
+  // Host memory must be page-locked: a copy from pageable memory would block the caller. Returns
+  // the address through which this device reads and writes it, or null where it has none.
+  auto pinned_device_address = [&](void* data, const char* name) {
     cudaPointerAttributes attr{};
     check(cudaPointerGetAttributes(&attr, data), op, "cudaPointerGetAttributes");
     if (attr.type != cudaMemoryTypeHost) {
@@ -413,18 +502,33 @@ void swap_blocks(const SwapBlocksParams& p, Stream stream) {
                    " must be pinned (page-locked) host memory for a copy with a CUDA device, "
                    "got pageable memory");
     }
+    return attr.devicePointer;
   };
-  if (!src_dev) require_pinned(p.src_cache.data, "src_cache");
-  if (!dst_dev) require_pinned(p.dst_cache.data, "dst_cache");
+  const char* src_base = static_cast<const char*>(p.src_cache.data);
+  char* dst_base = static_cast<char*>(p.dst_cache.data);
+  const void* src_mapped =
+      src_dev ? src_base : pinned_device_address(p.src_cache.data, "src_cache");
+  void* dst_mapped = dst_dev ? dst_base : pinned_device_address(p.dst_cache.data, "dst_cache");
+  cudaStream_t s = as_stream(stream);
+  if (src_mapped != nullptr && dst_mapped != nullptr) {
+    // Pinned host memory under unified addressing is mapped: one kernel moves every block.
+    const auto* src = static_cast<const char*>(src_mapped);
+    auto* dst = static_cast<char*>(dst_mapped);
+    if (std::max(p.src_cache.num_blocks, p.dst_cache.num_blocks) <= INT32_MAX) {
+      swap_with_kernel<std::int32_t>(p, src, dst, s);
+    } else {
+      swap_with_kernel<std::int64_t>(p, src, dst, s);
+    }
+    return;
+  }
   const std::int64_t block_bytes = p.src_cache.inner_numel * p.src_cache.elem_size;
   const std::int64_t src_stride = p.src_cache.stride_block * p.src_cache.elem_size;
   const std::int64_t dst_stride = p.dst_cache.stride_block * p.dst_cache.elem_size;
-  // Runs of consecutive ids on both sides become one copy when blocks sit back to back.
+  // Host memory the device cannot address: copy calls, runs of consecutive ids on both sides as
+  // one copy when blocks sit back to back.
   std::vector<void*> dsts;
   std::vector<const void*> srcs;
   std::vector<std::size_t> sizes;
-  const char* src_base = static_cast<const char*>(p.src_cache.data);
-  char* dst_base = static_cast<char*>(p.dst_cache.data);
   for (std::int64_t i = 0; i < p.num_pairs;) {
     std::int64_t n = 1;
     if (src_stride == block_bytes && dst_stride == block_bytes) {
@@ -437,7 +541,6 @@ void swap_blocks(const SwapBlocksParams& p, Stream stream) {
     sizes.push_back(std::size_t(n * block_bytes));
     i += n;
   }
-  cudaStream_t s = as_stream(stream);
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   if (s != nullptr) check(cudaStreamIsCapturing(s, &capture), op, "cudaStreamIsCapturing");
   if (s != nullptr && srcs.size() > 1 && capture == cudaStreamCaptureStatusNone) {

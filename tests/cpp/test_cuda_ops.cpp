@@ -371,6 +371,76 @@ void test_copy_and_swap(std::mt19937& gen) {
   cudaFree(ids);
 }
 
+// Pinned host memory is mapped, so swap_blocks runs the zero-copy kernel: captured in a graph it
+// is kernel nodes only (one per launch of up to ~4,000 pairs), and replaying the graph moves
+// 105-byte blocks (1-byte words: the host side starts at an odd address) exactly, both ways.
+void test_zero_copy_swap(std::mt19937& gen) {
+  const std::int64_t n_dev = 6000, n_host = 5000, pairs = 4100, block = 105;
+  std::vector<std::uint8_t> dev_host(std::size_t(n_dev * block));
+  std::uniform_int_distribution<int> byte(0, 255);
+  for (auto& b : dev_host) b = std::uint8_t(byte(gen));
+  void* dev;
+  CUDA_OK(cudaMalloc(&dev, dev_host.size()));
+  CUDA_OK(cudaMemcpy(dev, dev_host.data(), dev_host.size(), cudaMemcpyHostToDevice));
+  void* pinned;
+  CUDA_OK(cudaMallocHost(&pinned, std::size_t(n_host * block) + 1));
+  auto* host = static_cast<std::uint8_t*>(pinned) + 1;
+  std::memset(host, 0xAB, std::size_t(n_host * block));
+  std::vector<std::int32_t> dev_ids(static_cast<std::size_t>(n_dev));
+  std::vector<std::int32_t> host_ids(static_cast<std::size_t>(n_host));
+  for (std::int32_t i = 0; i < n_dev; ++i) dev_ids[std::size_t(i)] = i;
+  for (std::int32_t i = 0; i < n_host; ++i) host_ids[std::size_t(i)] = i;
+  std::shuffle(dev_ids.begin(), dev_ids.end(), gen);
+  std::shuffle(host_ids.begin(), host_ids.end(), gen);
+  std::vector<std::int32_t> out_src(dev_ids.begin(), dev_ids.begin() + pairs);
+  std::vector<std::int32_t> out_dst(host_ids.begin(), host_ids.begin() + pairs);
+  std::vector<std::int32_t> back(dev_ids.end() - pairs, dev_ids.end());
+  auto dv = make_tensor(dev, DType::UInt8, kGpu, {n_dev, 3, 5, 7});
+  auto hv = make_tensor(host, DType::UInt8, Device{DeviceType::CUDAHost, 0}, {n_host, 3, 5, 7});
+  auto ids = [](std::vector<std::int32_t>& v) {
+    return make_tensor(v.data(), DType::Int32, kCpu, {std::int64_t(v.size())});
+  };
+  cudaStream_t stream;
+  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cudaGraph_t graph;
+  CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  tinyserve::swap_blocks(dv, hv, ids(out_src), ids(out_dst),
+                         reinterpret_cast<tinyserve::Stream>(stream));
+  tinyserve::swap_blocks(hv, dv, ids(out_dst), ids(back),
+                         reinterpret_cast<tinyserve::Stream>(stream));
+  CUDA_OK(cudaStreamEndCapture(stream, &graph));
+  std::size_t num_nodes = 0;
+  CUDA_OK(cudaGraphGetNodes(graph, nullptr, &num_nodes));
+  std::vector<cudaGraphNode_t> nodes(num_nodes);
+  CUDA_OK(cudaGraphGetNodes(graph, nodes.data(), &num_nodes));
+  CHECK(num_nodes == 4);  // 4,100 pairs: two launches each way
+  for (cudaGraphNode_t node : nodes) {
+    cudaGraphNodeType type;
+    CUDA_OK(cudaGraphNodeGetType(node, &type));
+    CHECK(type == cudaGraphNodeTypeKernel);
+  }
+  cudaGraphExec_t exec;
+  CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+  CUDA_OK(cudaGraphLaunch(exec, stream));
+  CUDA_OK(cudaStreamSynchronize(stream));
+  std::vector<std::uint8_t> host_expect(std::size_t(n_host * block), 0xAB);
+  std::vector<std::uint8_t> dev_expect = dev_host;
+  for (std::int64_t i = 0; i < pairs; ++i) {
+    const std::uint8_t* from = dev_host.data() + out_src[std::size_t(i)] * block;
+    std::copy(from, from + block, host_expect.begin() + out_dst[std::size_t(i)] * block);
+    std::copy(from, from + block, dev_expect.begin() + back[std::size_t(i)] * block);
+  }
+  CHECK(std::memcmp(host, host_expect.data(), host_expect.size()) == 0);
+  std::vector<std::uint8_t> dev_now(dev_host.size());
+  CUDA_OK(cudaMemcpy(dev_now.data(), dev, dev_now.size(), cudaMemcpyDeviceToHost));
+  CHECK(dev_now == dev_expect);
+  CUDA_OK(cudaGraphExecDestroy(exec));
+  CUDA_OK(cudaGraphDestroy(graph));
+  CUDA_OK(cudaStreamDestroy(stream));
+  CUDA_OK(cudaFreeHost(pinned));
+  CUDA_OK(cudaFree(dev));
+}
+
 // A CachePool on the device (CUDA virtual memory): copy_blocks over all of its tensors against
 // the CPU backend, then shrink (the kept blocks intact, the freed bytes back in cudaMemGetInfo)
 // and grow again.
@@ -450,6 +520,7 @@ int main() {
   test_attention(gen);
   test_reshape_and_cache(gen);
   test_copy_and_swap(gen);
+  test_zero_copy_swap(gen);
   test_cache_pool(gen);
   return test::exit_code();
 }

@@ -287,6 +287,146 @@ def test_swap_blocks_in_a_cuda_graph(rng):
         assert torch.equal(dev, expected)
 
 
+# Pinned torch memory is mapped under unified addressing, so these swaps run the zero-copy kernel
+# (a CTA per block slice, the host side read and written over the bus).
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND_combined"])
+@pytest.mark.parametrize("id_dtype", ["int32", "int64"])
+def test_swap_kernel_scattered_kv_views(rng, layout, id_dtype):
+    """Offload and recall of hundreds of scattered 32 KiB blocks of K and V views, each against
+    a NumPy gather; blocks not named keep their (NaN) contents."""
+    n_dev, n_host, pairs = 600, 500, 450
+    shape = (n_dev, 16, 8, 128)  # float16: 32 KiB a block
+    kc, vc = cache_pair(
+        rng.standard_normal(shape), rng.standard_normal(shape), "torch", "float16", "cuda", layout
+    )
+    poison = np.full((n_host,) + shape[1:], np.nan)
+    hk, hv = cache_pair(poison, poison, "torch", "float16", "cpu", layout, pinned=True)
+    out_src = rng.choice(n_dev, pairs, replace=False).astype(id_dtype)
+    out_dst = rng.permutation(n_host)[:pairs].astype(id_dtype)
+    dev_before = [f64(kc), f64(vc)]
+    ts.swap_blocks(kc, hk, out_src, out_dst)
+    ts.swap_blocks(vc, hv, out_src, out_dst)
+    torch.cuda.synchronize()
+    for host, before in zip((hk, hv), dev_before):
+        expect = poison.copy()
+        expect[out_dst] = before[out_src]
+        np.testing.assert_array_equal(f64(host), expect)
+
+    back = rng.permutation(n_dev)[:pairs].astype(id_dtype)  # recall into other device blocks
+    back_idx = torch.from_numpy(back.astype(np.int64)).cuda()
+    for dev in (kc, vc):
+        dev[back_idx] = float("nan")
+    ts.swap_blocks(hk, kc, out_dst, back)
+    ts.swap_blocks(hv, vc, out_dst, back)
+    torch.cuda.synchronize()
+    for dev, before in zip((kc, vc), dev_before):
+        expect = before.copy()
+        expect[back] = before[out_src]
+        np.testing.assert_array_equal(f64(dev), expect)
+
+
+def pinned_bytes(rng, num_blocks, block_shape, offset):
+    """Random bytes [num_blocks, *block_shape] in pinned memory, starting `offset` bytes into
+    the allocation (so its address may be aligned to as little as 1 byte)."""
+    size = num_blocks * int(np.prod(block_shape))
+    buf = torch.empty(size + offset, dtype=torch.uint8).pin_memory()
+    view = buf[offset:].view((num_blocks,) + block_shape)
+    view.copy_(torch.from_numpy(rng.integers(0, 256, view.shape, dtype=np.uint8)))
+    return view
+
+
+@pytest.mark.parametrize(
+    ("block_shape", "offset"),
+    [
+        ((3, 5, 7), 1),  # 105-byte blocks at an odd address: 1-byte words
+        ((2, 3, 2), 2),  # 12 bytes: 4-byte words
+        ((9, 8), 8),  # 72 bytes: 8-byte words
+        ((1025, 1023), 3),  # about 1 MiB of 1-byte words: 513 CTAs per block
+        ((4112, 16, 16), 16),  # 16-byte words, blocks of 32 CTA steps plus a tail
+    ],
+)
+def test_swap_kernel_odd_block_sizes(rng, block_shape, offset):
+    """Blocks whose size or address is not a multiple of 16 bytes, and blocks larger than one
+    CTA step, copied exactly both ways."""
+    n_dev, n_host = 9, 7
+    if int(np.prod(block_shape)) > 2**20:
+        n_dev, n_host = 5, 4
+    dev = torch.from_numpy(rng.integers(0, 256, (n_dev,) + block_shape, dtype=np.uint8)).cuda()
+    host = pinned_bytes(rng, n_host, block_shape, offset)
+    dev_before, host_before = dev.cpu().numpy(), host.numpy().copy()
+    src = rng.choice(n_dev, 3, replace=False).astype(np.int32)
+    dst = rng.choice(n_host, 3, replace=False).astype(np.int32)
+    ts.swap_blocks(dev, host, src, dst)
+    torch.cuda.synchronize()
+    expect = host_before.copy()
+    expect[dst] = dev_before[src]
+    np.testing.assert_array_equal(host.numpy(), expect)
+    back = rng.choice(n_dev, 3, replace=False).astype(np.int64)
+    ts.swap_blocks(host, dev, dst, back)
+    torch.cuda.synchronize()
+    dev_expect = dev_before.copy()
+    dev_expect[back] = expect[dst]
+    np.testing.assert_array_equal(dev.cpu().numpy(), dev_expect)
+
+
+def test_swap_kernel_registered_numpy_memory(rng):
+    """Host memory pinned with cudaHostRegister (a NumPy array, not a torch allocation) is used
+    in place: the device cache's blocks land in the array and come back."""
+    cudart = torch.cuda.cudart()
+    host = np.full((6, 16, 2, 64), np.nan, np.float32)
+    torch.cuda.check_error(cudart.cudaHostRegister(host.ctypes.data, host.nbytes, 0))
+    try:
+        dev = torch.from_numpy(rng.standard_normal((10, 16, 2, 64)).astype(np.float32)).cuda()
+        before = dev.cpu().numpy()
+        src, dst = np.array([9, 2, 5], np.int32), np.array([4, 0, 3], np.int32)
+        ts.swap_blocks(dev, host, src, dst)
+        torch.cuda.synchronize()
+        expect = np.full_like(host, np.nan)
+        expect[dst] = before[src]
+        np.testing.assert_array_equal(host, expect)
+        back = np.array([0, 1, 7], np.int32)
+        ts.swap_blocks(host, dev, dst, back)
+        torch.cuda.synchronize()
+        dev_expect = before.copy()
+        dev_expect[back] = before[src]
+        np.testing.assert_array_equal(dev.cpu().numpy(), dev_expect)
+    finally:
+        torch.cuda.check_error(cudart.cudaHostUnregister(host.ctypes.data))
+
+
+def test_swap_kernel_many_pairs_in_a_cuda_graph(rng):
+    """More pairs than one launch's parameters hold (several kernel nodes), scattered, captured
+    in a graph: each replay moves the blocks' current contents both ways."""
+    n_dev, n_host, pairs = 12000, 9000, 8500
+    dev = torch.empty((n_dev, 4, 8), dtype=torch.float16, device="cuda")  # 64-byte blocks
+    host = torch.empty((n_host, 4, 8), dtype=torch.float16).pin_memory()
+    out_src = rng.choice(n_dev, pairs, replace=False).astype(np.int32)
+    out_dst = rng.choice(n_host, pairs, replace=False).astype(np.int32)
+    back = rng.choice(n_dev, pairs, replace=False).astype(np.int32)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        ts.swap_blocks(dev, host, out_src, out_dst)  # warm-up outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ts.swap_blocks(dev, host, out_src, out_dst)
+        ts.swap_blocks(host, dev, out_dst, back)
+    for _ in range(2):
+        dev.copy_(torch.randn_like(dev))
+        host.fill_(float("nan"))
+        before = f64(dev)
+        graph.replay()
+        torch.cuda.synchronize()
+        host_expect = np.full((n_host, 4, 8), np.nan)
+        host_expect[out_dst] = before[out_src]
+        np.testing.assert_array_equal(f64(host), host_expect)
+        dev_expect = before.copy()
+        dev_expect[back] = before[out_src]
+        np.testing.assert_array_equal(f64(dev), dev_expect)
+
+
 def test_cupy_arrays(rng):
     cupy = pytest.importorskip("cupy")
     case = R.PagedCase(rng, [33, 200], 8, 2, 64, 16)
