@@ -3,11 +3,11 @@
 #include <algorithm>
 #include <limits>
 #include <mutex>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 
 #include "core/kernels.h"
+#include "core/validate.h"
 #include "core/virtual_memory.h"
 
 namespace tinyserve {
@@ -15,10 +15,9 @@ namespace {
 
 template <class... Args>
 std::string message(const char* method, const Args&... args) {
-  std::ostringstream s;
-  s << "tinyserve.CachePool" << (*method ? "." : "") << method << ": ";
-  (s << ... << args);
-  return s.str();
+  // The one message builder (no iostreams: the library may share a process with another C++
+  // runtime, whose locale facets an ostream here would touch).
+  return detail::concat("tinyserve.CachePool", *method ? "." : "", method, ": ", args...);
 }
 
 template <class... Args>

@@ -448,7 +448,9 @@ void test_cache_pool(std::mt19937& gen) {
   std::normal_distribution<float> normal;
   tinyserve::CachePoolConfig config;
   config.num_layers = 2;
-  config.max_blocks = 256;
+  // 8 KiB blocks: 1024 of them span four 2 MiB granules per tensor, so the shrink below frees
+  // whole granules whatever the device's granularity up to 2 MiB.
+  config.max_blocks = 1024;
   config.block_size = 16;
   config.num_kv_heads = 2;
   config.head_dim = 64;
@@ -456,7 +458,7 @@ void test_cache_pool(std::mt19937& gen) {
   config.device = kGpu;
   config.page_meta = true;
   tinyserve::CachePool pool(config);
-  const std::int64_t n = 200;
+  const std::int64_t n = 800;
   pool.grow(n);
   pool.check();
   std::vector<TensorView> dev = pool.tensors();
