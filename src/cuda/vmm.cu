@@ -213,8 +213,11 @@ class CudaRegion final : public VirtualRegion {
     }
   }
 
-  // Asks the driver which allocation backs the granule, rather than trusting our own record.
+  // For a granule recorded as mapped, asks the driver which allocation backs it rather than
+  // trusting the record. A granule recorded as unmapped is not probed: the driver answers such a
+  // query with an error, which compute-sanitizer reports as a failed API call.
   bool is_mapped(std::size_t i) const override {
+    if (!mapped_[i]) return false;
     const Driver& d = driver("CachePool.check");
     DeviceGuard guard(device_, "CachePool.check");
     CUmemGenericAllocationHandle handle = 0;

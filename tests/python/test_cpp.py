@@ -142,4 +142,6 @@ def test_cpp_internals_build_and_pass(tmp_path):
     )
     print(run.stdout)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "100% tests passed, 0 tests failed out of 1" in run.stdout
+    # ctest's summary line differs across CMake versions ("100% tests passed, 0 tests failed out
+    # of 1" before 4.x, "100% tests passed out of 1" after): the exit code says it, the line shows it.
+    assert "100% tests passed" in run.stdout and "out of 1" in run.stdout

@@ -364,7 +364,7 @@ def test_swap_kernel_odd_block_sizes(rng, block_shape, offset):
     expect[dst] = dev_before[src]
     np.testing.assert_array_equal(host.numpy(), expect)
     back = rng.choice(n_dev, 3, replace=False).astype(np.int64)
-    ts.swap_blocks(host, dev, dst, back)
+    ts.swap_blocks(host, dev, dst.astype(np.int64), back)  # one id width per call
     torch.cuda.synchronize()
     dev_expect = dev_before.copy()
     dev_expect[back] = expect[dst]
