@@ -143,5 +143,5 @@ def test_cpp_internals_build_and_pass(tmp_path):
     print(run.stdout)
     assert run.returncode == 0, run.stdout + run.stderr
     # ctest's summary line differs across CMake versions ("100% tests passed, 0 tests failed out
-    # of 1" before 4.x, "100% tests passed out of 1" after): the exit code says it, the line shows it.
+    # of 1" before 4.x, "100% tests passed out of 1" after): the exit code decides, the line shows.
     assert "100% tests passed" in run.stdout and "out of 1" in run.stdout
