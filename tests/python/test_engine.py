@@ -280,26 +280,6 @@ def test_sparse_decode_with_a_budget_covering_every_page_gives_the_dense_tokens(
     assert engine.stats.copy_on_write_blocks > 0
 
 
-@needs_select_pages
-def test_sparse_decode_page_summaries_move_with_their_blocks(rng):
-    """With a budget of 2 pages, selection depends on every page's summary: the tokens must
-    not change when preemption offloads and recalls blocks (summaries included)."""
-    runner = random_model(4, 1, seed=int(rng.integers(1 << 31)))
-    prompts = shared_prefix_prompts(rng, 6, prefix_len=9)
-    params = SamplingParams(max_new_tokens=16)
-    roomy = make_engine(runner, sparse_budget_tokens=2 * BLOCK_SIZE)
-    expected = [o.token_ids for o in run_and_check(roomy, prompts, params)]
-    longest = max(len(p) for p in prompts) + 16
-    tight = make_engine(
-        runner,
-        num_blocks=2 * math.ceil(longest / BLOCK_SIZE) + 1,
-        num_host_blocks=64,
-        sparse_budget_tokens=2 * BLOCK_SIZE,
-    )
-    assert [o.token_ids for o in run_and_check(tight, prompts, params)] == expected
-    assert tight.stats.offloads > 0 and tight.stats.sparse_decode_steps > 0
-
-
 def test_parallel_samples_share_the_prompt_blocks(rng):
     runner = random_model(6, 2, seed=int(rng.integers(1 << 31)))
     prompt = rng.integers(0, VOCAB, 4 * BLOCK_SIZE + 2).tolist()  # a partial last block
