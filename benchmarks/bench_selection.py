@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
 
@@ -139,9 +140,13 @@ def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = [run_shape(b, c, args.summary, gen) for b, c in SHAPES]
     torch.cuda.empty_cache()
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    # A GPU machine may get a copy of the tree beside a stale .git: TINYSERVE_COMMIT wins.
+    commit = (
+        os.environ.get("TINYSERVE_COMMIT")
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+    )
     device = torch.cuda.get_device_name()
     print(
         f"# {device}, {datetime.date.today()}, commit {commit or 'unknown'}, summary {args.summary}"
