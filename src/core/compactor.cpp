@@ -53,6 +53,17 @@ void check_count(const char* method, const char* name, std::int64_t n) {
   if (n < 0) bad_argument(method, std::string(name) + " must be >= 0, got " + str(n));
 }
 
+// The sequences a plan names, each looked up (an unknown id raises) before anything changes.
+std::vector<const Sequence*> listed_sequences(const Impl& m, const std::int64_t* seq_ids,
+                                              std::int64_t count, const char* method) {
+  check_count(method, "count", count);
+  if (count > 0 && seq_ids == nullptr) bad_argument(method, "seq_ids must not be null");
+  std::vector<const Sequence*> seqs;
+  seqs.reserve(std::size_t(count));
+  for (std::int64_t i = 0; i < count; ++i) seqs.push_back(&find(m, seq_ids[i], method));
+  return seqs;
+}
+
 MovePlan hand_out(Impl& m, MovePlan::Kind kind, std::vector<std::int32_t> src,
                   std::vector<std::int32_t> dst) {
   MovePlan plan;
@@ -261,11 +272,7 @@ void Compactor::touch(const std::int64_t* seq_ids, std::int64_t count) {
   const char* method = "touch";
   Impl& m = *m_;
   std::lock_guard<std::mutex> lock(m.mutex);
-  check_count(method, "count", count);
-  if (count > 0 && seq_ids == nullptr) bad_argument(method, "seq_ids must not be null");
-  std::vector<const Sequence*> seqs;
-  seqs.reserve(std::size_t(count));
-  for (std::int64_t i = 0; i < count; ++i) seqs.push_back(&find(m, seq_ids[i], method));
+  std::vector<const Sequence*> seqs = listed_sequences(m, seq_ids, count, method);
   m.pool.tick();
   for (const Sequence* s : seqs) {
     for (std::int32_t e : s->blocks) {
@@ -347,11 +354,7 @@ MovePlan Compactor::plan_offload_sequences(const std::int64_t* seq_ids, std::int
   const char* method = "plan_offload_sequences";
   Impl& m = *m_;
   std::lock_guard<std::mutex> lock(m.mutex);
-  check_count(method, "count", count);
-  if (count > 0 && seq_ids == nullptr) bad_argument(method, "seq_ids must not be null");
-  std::vector<const Sequence*> seqs;
-  seqs.reserve(std::size_t(count));
-  for (std::int64_t i = 0; i < count; ++i) seqs.push_back(&find(m, seq_ids[i], method));
+  std::vector<const Sequence*> seqs = listed_sequences(m, seq_ids, count, method);
   begin_plan(m, method);
   // A sequence listed twice holds its blocks once.
   std::sort(seqs.begin(), seqs.end());
@@ -379,11 +382,7 @@ MovePlan Compactor::plan_recall(const std::int64_t* seq_ids, std::int64_t count)
   const char* method = "plan_recall";
   Impl& m = *m_;
   std::lock_guard<std::mutex> lock(m.mutex);
-  check_count(method, "count", count);
-  if (count > 0 && seq_ids == nullptr) bad_argument(method, "seq_ids must not be null");
-  std::vector<const Sequence*> seqs;
-  seqs.reserve(std::size_t(count));
-  for (std::int64_t i = 0; i < count; ++i) seqs.push_back(&find(m, seq_ids[i], method));
+  std::vector<const Sequence*> seqs = listed_sequences(m, seq_ids, count, method);
   begin_plan(m, method);
   // Distinct host blocks: forked sequences share them, and a sequence may be listed twice.
   std::vector<std::uint8_t> listed(std::size_t(m.host->pool.num_blocks()), 0);
