@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 
+import bench_compactor_host
 import numpy as np
 import torch
+from bench_decode import commit
 
 import tinyserve as ts
 
@@ -354,24 +354,10 @@ def compact_and_shrink_end_to_end(layers: int, blocks: int) -> dict:
 
 
 def host_plans() -> dict:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import bench_compactor_host
-
     rows = bench_compactor_host.measure(100_000, 16, 1000, 3, 0, log=lambda line: None)
     return {
         k: {"pairs": p, "plan_ms": a * 1e3, "commit_ms": b * 1e3} for k, (p, a, b) in rows.items()
     }
-
-
-def commit() -> str:
-    if os.environ.get("TINYSERVE_COMMIT"):
-        return os.environ["TINYSERVE_COMMIT"]
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def main() -> None:

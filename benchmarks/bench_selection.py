@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import statistics
-import subprocess
 
 import torch
+from bench_decode import commit
 
 import tinyserve as ts
 
@@ -140,17 +139,9 @@ def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = [run_shape(b, c, args.summary, gen) for b, c in SHAPES]
     torch.cuda.empty_cache()
-    # A GPU machine may get a copy of the tree beside a stale .git: TINYSERVE_COMMIT wins.
-    commit = (
-        os.environ.get("TINYSERVE_COMMIT")
-        or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
-    )
+    commit_id = commit()
     device = torch.cuda.get_device_name()
-    print(
-        f"# {device}, {datetime.date.today()}, commit {commit or 'unknown'}, summary {args.summary}"
-    )
+    print(f"# {device}, {datetime.date.today()}, commit {commit_id}, summary {args.summary}")
     print(
         "| batch x context | dense us | select us | sparse attn us | select+sparse us | speed-up "
         "| selection share | top-k kernel us | score kernel us |"
@@ -166,7 +157,7 @@ def main() -> None:
         )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device, "commit": commit, "rows": rows}, f, indent=1)
+            json.dump({"device": device, "commit": commit_id, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
