@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import reference
 import tinyserve
 
 try:
@@ -110,3 +111,26 @@ def sync(fw: str, device: str) -> None:
 
 def cuda_ok() -> bool:
     return tinyserve.cuda_available() and torch is not None and torch.cuda.is_available()
+
+
+def prefill_reference(q, kc, vc, case, **options):
+    """float64 reference (out, lse) of a prefill case (block_table, seq_lens, query_start_loc)
+    for the attention options of the call (options the reference has no use for are ignored)."""
+    return reference.paged_prefill(
+        f64(q),
+        f64(kc),
+        f64(vc),
+        case.block_table,
+        case.seq_lens,
+        case.query_start_loc,
+        scale=options.get("scale"),
+        window_left=options.get("window_left", -1),
+        logits_soft_cap=options.get("logits_soft_cap", 0.0),
+    )
+
+
+def check_prefill(out, lse, ref_out, ref_lse, dtype):
+    """Every row written, and out / lse within the dtype's tolerance of the reference."""
+    assert not np.isnan(out).any() and not np.isnan(lse).any()
+    assert reference.rel_error(out, ref_out) < TOLERANCE[dtype]
+    np.testing.assert_allclose(lse, ref_lse, rtol=1e-4, atol=1e-3)

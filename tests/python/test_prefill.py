@@ -18,9 +18,13 @@ from arrays import (
     cache_pair,
     empty,
     f64,
+    prefill_reference,
     require,
     sync,
     torch,
+)
+from arrays import (
+    check_prefill as check,
 )
 
 # (head_dim, group size, block size): MHA, GQA, an odd group and page, MQA-like groups of 8 with
@@ -70,24 +74,8 @@ def run_case(case, fw, device, dtype, layout, **kwargs):
     lse = empty(tuple(q.shape[:2]), fw, "float32", device)
     ts.paged_attention(q, kc, vc, table, lens, out, lse=lse, query_start_loc=starts, **kwargs)
     sync(fw, device)
-    ref_out, ref_lse = R.paged_prefill(
-        f64(q),
-        f64(kc),
-        f64(vc),
-        case.block_table,
-        case.seq_lens,
-        case.query_start_loc,
-        scale=kwargs.get("scale"),
-        window_left=kwargs.get("window_left", -1),
-        logits_soft_cap=kwargs.get("logits_soft_cap", 0.0),
-    )
+    ref_out, ref_lse = prefill_reference(q, kc, vc, case, **kwargs)
     return f64(out), f64(lse), ref_out, ref_lse
-
-
-def check(out, lse, ref_out, ref_lse, dtype):
-    assert not np.isnan(out).any() and not np.isnan(lse).any()
-    assert R.rel_error(out, ref_out) < TOLERANCE[dtype]
-    np.testing.assert_allclose(lse, ref_lse, rtol=1e-4, atol=1e-3)
 
 
 # NumPy and torch on the CPU (the tests that build host arrays only).

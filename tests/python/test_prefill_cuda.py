@@ -11,7 +11,8 @@ import pytest
 
 import reference as R
 import tinyserve as ts
-from arrays import TOLERANCE, asarray, cache_pair, empty, f64, torch
+from arrays import TOLERANCE, asarray, cache_pair, empty, f64, prefill_reference, torch
+from arrays import check_prefill as check
 
 pytestmark = [
     pytest.mark.cuda,
@@ -72,24 +73,8 @@ def run(case, dtype, layout="NHD", misaligned=False, **kwargs):
         **kwargs,
     )
     torch.cuda.synchronize()
-    ref_out, ref_lse = R.paged_prefill(
-        f64(q),
-        f64(kc),
-        f64(vc),
-        case.block_table,
-        case.seq_lens,
-        case.query_start_loc,
-        scale=kwargs.get("scale"),
-        window_left=kwargs.get("window_left", -1),
-        logits_soft_cap=kwargs.get("logits_soft_cap", 0.0),
-    )
+    ref_out, ref_lse = prefill_reference(q, kc, vc, case, **kwargs)
     return f64(out), f64(lse), ref_out, ref_lse
-
-
-def check(out, lse, ref_out, ref_lse, dtype):
-    assert not np.isnan(out).any() and not np.isnan(lse).any()
-    assert R.rel_error(out, ref_out) < TOLERANCE[dtype]
-    np.testing.assert_allclose(lse, ref_lse, rtol=1e-4, atol=1e-3)
 
 
 def make_case(rng, lens, rows, num_kv_heads, group, head_dim, block_size):
