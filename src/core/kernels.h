@@ -21,6 +21,10 @@ struct CacheDesc {
   std::int64_t stride_block = 0;
   std::int64_t stride_token = 0;
   std::int64_t stride_head = 0;
+  // Element offset of (block, token within the block, head)'s row.
+  std::int64_t offset(std::int64_t block, std::int64_t token, std::int64_t head) const {
+    return block * stride_block + token * stride_token + head * stride_head;
+  }
 };
 
 // Page summaries, logical shape [num_blocks, num_kv_heads, 2, head_dim] in the caches' dtype,

@@ -93,8 +93,7 @@ template <class T>
 const T* row(const CacheDesc& c, const PagedAttentionParams& p, const std::int32_t* table,
              std::int64_t token, int kv_head) {
   std::int64_t block = table[token / p.block_size];
-  return static_cast<const T*>(c.data) + block * c.stride_block +
-         (token % p.block_size) * c.stride_token + std::int64_t(kv_head) * c.stride_head;
+  return static_cast<const T*>(c.data) + c.offset(block, token % p.block_size, kv_head);
 }
 
 // A row as float32: float32 rows are used in place, 16-bit rows converted into row t of `tile`,

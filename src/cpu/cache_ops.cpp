@@ -61,13 +61,9 @@ void quantise_rows(const ReshapeAndCacheParams& p) {
       const std::int64_t block = slot / p.block_size, offset = slot % p.block_size;
       for (int h = 0; h < p.num_heads; ++h) {
         quantise(p.key, i * p.key_stride_token + h * p.key_stride_head, p.key_cache,
-                 block * p.key_cache.stride_block + offset * p.key_cache.stride_token +
-                     h * p.key_cache.stride_head,
-                 scale_of(p.k_scale, h));
+                 p.key_cache.offset(block, offset, h), scale_of(p.k_scale, h));
         quantise(p.value, i * p.value_stride_token + h * p.value_stride_head, p.value_cache,
-                 block * p.value_cache.stride_block + offset * p.value_cache.stride_token +
-                     h * p.value_cache.stride_head,
-                 scale_of(p.v_scale, h));
+                 p.value_cache.offset(block, offset, h), scale_of(p.v_scale, h));
       }
     }
   });
@@ -94,10 +90,8 @@ void reshape_and_cache(const ReshapeAndCacheParams& p) {
       if (slot < 0) continue;
       const std::int64_t block = slot / p.block_size, offset = slot % p.block_size;
       for (int h = 0; h < p.num_heads; ++h) {
-        const std::int64_t kc = block * p.key_cache.stride_block +
-                                offset * p.key_cache.stride_token + h * p.key_cache.stride_head;
-        const std::int64_t vc = block * p.value_cache.stride_block +
-                                offset * p.value_cache.stride_token + h * p.value_cache.stride_head;
+        const std::int64_t kc = p.key_cache.offset(block, offset, h);
+        const std::int64_t vc = p.value_cache.offset(block, offset, h);
         std::memcpy(static_cast<char*>(p.key_cache.data) + kc * elem,
                     static_cast<const char*>(p.key) +
                         (i * p.key_stride_token + h * p.key_stride_head) * elem,

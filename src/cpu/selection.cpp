@@ -167,8 +167,7 @@ void build_typed(const BuildPageMetaParams& p) {
       for (int h = 0; h < p.num_heads; ++h) {
         acc.reset();
         for (std::int64_t t = 0; t < pg.tokens; ++t) {
-          acc.add(static_cast<const T*>(p.key_cache.data) + pg.block * p.key_cache.stride_block +
-                  t * p.key_cache.stride_token + std::int64_t(h) * p.key_cache.stride_head);
+          acc.add(static_cast<const T*>(p.key_cache.data) + p.key_cache.offset(pg.block, t, h));
         }
         acc.store(meta_row<T>(p.page_meta, pg.block, h, 0),
                   meta_row<T>(p.page_meta, pg.block, h, 1));
