@@ -137,5 +137,8 @@ TINYSERVE_API void cuda_stream_synchronize(Stream stream);  // waits for a CUDA 
 // could not start that many. set_num_threads takes n in [1, 1024].
 TINYSERVE_API int num_threads();
 TINYSERVE_API void set_num_threads(int n);
+// Whether the CPU backend converts float16 K/V with the processor's F16C instructions (x86 with
+// AVX and F16C, checked at run time) rather than with the portable software conversion.
+TINYSERVE_API bool cpu_hardware_float16();
 
 }  // namespace tinyserve

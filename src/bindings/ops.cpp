@@ -311,6 +311,8 @@ void bind_ops(nb::module_& m) {
         "not start that many.");
   m.def("set_num_threads", &set_num_threads, "n"_a,
         "Sets the CPU backend's worker threads, n in [1, 1024].");
+  m.def("cpu_hardware_float16", &cpu_hardware_float16,
+        "True when the CPU backend converts float16 with the processor's F16C instructions.");
 }
 
 }  // namespace tinyserve::bindings

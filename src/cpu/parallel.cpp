@@ -13,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "cpu/simd.h"
 #include "tinyserve/ops.h"
 
 namespace tinyserve::cpu {
@@ -186,4 +187,5 @@ void set_worker_count(int n) {
 namespace tinyserve {
 int num_threads() { return cpu::worker_count(); }
 void set_num_threads(int n) { cpu::set_worker_count(n); }
+bool cpu_hardware_float16() { return cpu::simd::hardware_float16(); }
 }  // namespace tinyserve

@@ -68,10 +68,18 @@ bool cpu_has_f16c() {
 
 }  // namespace
 
-void to_float(const half_t* src, float* dst, int n) {
+bool hardware_float16() {
 #if TS_X86_F16C
   static const bool f16c = cpu_has_f16c();
-  if (f16c) return half_to_float_f16c(src, dst, n);
+  return f16c;
+#else
+  return false;
+#endif
+}
+
+void to_float(const half_t* src, float* dst, int n) {
+#if TS_X86_F16C
+  if (hardware_float16()) return half_to_float_f16c(src, dst, n);
 #endif
   half_to_float_portable(src, dst, n);
 }

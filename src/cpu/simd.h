@@ -13,6 +13,7 @@ namespace tinyserve::cpu::simd {
 // instructions where the CPU has them, which return a signalling NaN quietened).
 void to_float(const half_t* src, float* dst, int n);
 void to_float(const bfloat16_t* src, float* dst, int n);
+bool hardware_float16();  // float16 goes through F16C on this CPU
 
 void axpy(float* y, float a, const float* x, int n);  // y += a * x
 

