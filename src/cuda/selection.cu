@@ -666,6 +666,9 @@ constexpr int kRadixBins = 2048;
 // each, so they must stay below 32768.
 constexpr int kTopKMaxPages = 32767;
 
+// The kernel's static shared memory (histogram, scan scratch, two words), with a margin.
+constexpr int kTopKStaticSmemBytes = (kRadixBins + 33 + 2) * 4 + 1024;
+
 __device__ __forceinline__ int padded(int i) { return i + (i >> 5); }
 
 inline std::size_t topk_smem_bytes(int max_blocks) {
@@ -985,7 +988,6 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
                            : p.summary == PageSummary::MinMax ? ScoreMode::PerHeadMinMax
                                                               : ScoreMode::PerHeadMeanStd;
     score.smem_bytes = int((folded ? 2 * p.num_kv_heads : p.num_q_heads) * p.head_dim * 4);
-    score.max_smem_bytes = 2 * 32768 * 4;  // the core caps num_q_heads * head_dim at 32768
     score.kernel = by_dtype(p.dtype, [&](auto t) {
       using T = decltype(t);
       auto pick = [&](auto k) {
@@ -1014,31 +1016,40 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
                      aligned(p.head_dim) && aligned(p.page_meta.stride_block) &&
                      aligned(p.page_meta.stride_head) && aligned(p.page_meta.stride_row);
     score.smem_bytes = int(std::size_t(p.num_q_heads) * p.head_dim * sizeof(float));
-    score.max_smem_bytes = 32768 * 4;
     score.kernel = by_dtype(p.dtype, [vec](auto t) {
       using T = decltype(t);
       return vec ? reinterpret_cast<const void*>(score_pages_kernel<T, 4>)
                  : reinterpret_cast<const void*>(score_pages_kernel<T, 1>);
     });
   }
+  // The core caps num_q_heads * head_dim at 32768: at most 128 KiB of weights or queries (folded
+  // weights are two rows per KV head, with at least two query heads per KV head). The limit is
+  // raised once per kernel, to what any call may need that the device allows.
+  int smem_optin = 0;
+  check(
+      cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, p.device_index),
+      op, "cudaDeviceGetAttribute");
+  score.max_smem_bytes = std::min(32768 * 4, smem_optin);
   // Enough thread blocks to fill the device once, each a run of pages of one sequence for all
   // KV heads (a run of at least one page per warp).
   const int resident = info.multiprocessors * prepare_launch(score, p.device_index, op);
   const int blocks_per_seq = std::max(1, resident / std::max(1, p.batch));
   a.pages_per_block =
       std::max(kScoreThreads / 32, (p.max_blocks + blocks_per_seq - 1) / blocks_per_seq);
-  const int score_grid = (p.max_blocks + a.pages_per_block - 1) / a.pages_per_block;
+  const int score_grid = std::max(1, (p.max_blocks + a.pages_per_block - 1) / a.pages_per_block);
   launch(score.kernel, dim3(unsigned(score_grid), unsigned(p.batch)), dim3(kScoreThreads),
          std::size_t(score.smem_bytes), s, a, op, "score_pages_kernel");
 
   // Top-k, launched to overlap the scoring kernel's tail (it waits for the scores on the device).
   const bool overlap = info.compute_capability >= 90;
   const dim3 select_grid(unsigned(p.num_kv_heads), unsigned(p.batch));
-  if (p.max_blocks <= kTopKMaxPages) {
+  const int topk_smem_limit =
+      std::min(int(topk_smem_bytes(kTopKMaxPages)), smem_optin - kTopKStaticSmemBytes);
+  if (p.max_blocks <= kTopKMaxPages && int(topk_smem_bytes(p.max_blocks)) <= topk_smem_limit) {
     DecodeLaunch topk{};
     topk.kernel = reinterpret_cast<const void*>(select_pages_kernel);
     topk.smem_bytes = int(topk_smem_bytes(p.max_blocks));
-    topk.max_smem_bytes = int(topk_smem_bytes(kTopKMaxPages));
+    topk.max_smem_bytes = topk_smem_limit;
     topk.threads = kTopKThreads;
     prepare_launch(topk, p.device_index, op);
     launch_after(topk.kernel, select_grid, dim3(kTopKThreads), std::size_t(topk.smem_bytes), s, a,
