@@ -6,10 +6,13 @@
 // write one page, so no atomics are needed and the result does not depend on scheduling.
 //
 // Selection: a scoring kernel spread over (sequence, page range) writes one float score per
-// (sequence, KV head, page) into the caller's scratch; a selection kernel, one thread block per
-// (sequence, KV head), finds the k-th largest score by radix select (four 8-bit passes), keeps
-// the pages above it and the lowest-indexed pages equal to it, and writes them in logical order
-// with two block scans. Grids depend only on host-known shapes: graph capturable, no host sync.
+// (sequence, KV head, page) into the caller's scratch; its warps each load whole pages (every KV
+// head's summary rows at once). A selection kernel, one thread block per (sequence, KV head),
+// reads that row of scores into shared memory once, finds the k-th largest by radix select (three
+// passes of 11, 11 and 10 bits), keeps the pages above it and the lowest-indexed pages equal to
+// it, and writes them in logical order after one block scan; it is launched to overlap the
+// scoring kernel's end (programmatic dependent launch, sm_90) and waits for it on the device.
+// Grids depend only on host-known shapes: graph capturable, no host sync.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
