@@ -397,6 +397,40 @@ __device__ __forceinline__ float query_chunk(const float* q, const float (&lo)[N
   return s;
 }
 
+// Where a lane group's items of one round are, and which of their pieces this lane holds.
+struct WideLanes {
+  int lanes, groups, slot, group, chunks, heads;
+};
+
+// Issues one round's loads: for r < kRounds, item first_item + r * groups + group of the current
+// 32-page window (block ids in lane_block, lane j holding page j), both rows, K pieces per lane.
+// Missing items and pieces read as zeros.
+template <class T, int K, int kRounds>
+__device__ __forceinline__ void load_round(const SelectArgs& a, const T* meta,
+                                           std::int32_t lane_block, int first_item, int items,
+                                           const WideLanes& w, uint4 (&lo)[kRounds][K],
+                                           uint4 (&hi)[kRounds][K], bool (&valid)[kRounds]) {
+  constexpr int kVec = kChunkElems<T>;
+#pragma unroll
+  for (int r = 0; r < kRounds; ++r) {
+    const int item = first_item + r * w.groups + w.group;
+    const int page = item / w.heads, h = item - page * w.heads;
+    const std::int64_t block = __shfl_sync(0xffffffffu, lane_block, min(page, 31));
+    valid[r] = item < items && block >= 0 && block < a.num_blocks;
+    const T* row = meta + (valid[r] ? block : 0) * a.meta_stride_block + h * a.meta_stride_head;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int chunk = w.slot + k * w.lanes;
+      if (valid[r] && chunk < w.chunks) {
+        lo[r][k] = __ldg(reinterpret_cast<const uint4*>(row + chunk * kVec));
+        hi[r][k] = __ldg(reinterpret_cast<const uint4*>(row + a.meta_stride_row + chunk * kVec));
+      } else {
+        lo[r][k] = hi[r][k] = make_uint4(0, 0, 0, 0);
+      }
+    }
+  }
+}
+
 template <class T, int K, ScoreMode M>
 __global__ void __launch_bounds__(kScoreThreads)
     score_pages_wide_kernel(const __grid_constant__ SelectArgs a) {
@@ -419,14 +453,31 @@ __global__ void __launch_bounds__(kScoreThreads)
   const int per_warp = (end - begin + kWarps - 1) / kWarps;
   const int run_begin = begin + warp * per_warp, run_end = min(end, run_begin + per_warp);
   const std::int32_t* table = a.block_table + b * a.block_table_stride;
-  // Block ids of the run's first 32 pages, one per lane, read while the weights are built.
-  std::int32_t lane_block = run_begin + lane < run_end ? table[run_begin + lane] : -1;
+  const T* meta = reinterpret_cast<const T*>(a.meta);
+  WideLanes w;
+  w.lanes = a.lanes_per_head;  // a power of two, 32 / lanes groups per warp
+  w.groups = 32 / w.lanes;
+  w.slot = lane & (w.lanes - 1);
+  w.group = lane / w.lanes;
+  w.chunks = a.head_dim / kVec;  // 16-byte chunks per summary row
+  w.heads = a.num_kv_heads;
+  const int step = kRounds * w.groups;  // items per round
 
-  const int heads = a.num_kv_heads, dim = a.head_dim;
-  const int group = a.num_q_heads / heads;
+  // The warp walks its run in windows of 32 pages (block ids one per lane) and each window's
+  // (page, KV head) items in rounds. The first round's loads are issued before the weights are
+  // built, so their latency overlaps the query's.
+  int window = run_begin, first_item = 0;
+  int items = min(32, run_end - window) * w.heads;  // <= 0 for a warp without pages
+  std::int32_t lane_block = window + lane < run_end ? table[window + lane] : -1;
+  uint4 lo[kRounds][K], hi[kRounds][K];
+  bool valid[kRounds];
+  if (items > 0) load_round<T, K, kRounds>(a, meta, lane_block, 0, items, w, lo, hi, valid);
+
+  const int dim = a.head_dim;
+  const int group = a.num_q_heads / w.heads;
   const T* query = reinterpret_cast<const T*>(a.query) + b * a.q_stride_batch;
   if constexpr (M == ScoreMode::Folded) {
-    for (int i = threadIdx.x; i < heads * dim; i += blockDim.x) {
+    for (int i = threadIdx.x; i < w.heads * dim; i += blockDim.x) {
       const int h = i / dim, d = i - h * dim;
       float w0 = 0.0f, w1 = 0.0f;
       for (int g = 0; g < group; ++g) {
@@ -450,87 +501,63 @@ __global__ void __launch_bounds__(kScoreThreads)
   }
   __syncthreads();
 
-  const int lanes = a.lanes_per_head;  // a power of two, 32 / lanes groups per warp
-  const int groups = 32 / lanes;
-  const int slot = lane & (lanes - 1), my_group = lane / lanes;
-  const int chunks = dim / kVec;  // 16-byte chunks per summary row
-  const T* meta = reinterpret_cast<const T*>(a.meta);
-  float* scores = a.scores + std::int64_t(b) * heads * a.max_blocks;
-  for (int first_page = run_begin; first_page < run_end; first_page += 32) {
-    if (first_page != run_begin) {
-      lane_block = first_page + lane < run_end ? table[first_page + lane] : -1;
-    }
-    const int items = min(32, run_end - first_page) * heads;
-    for (int first_item = 0; first_item < items; first_item += kRounds * groups) {
-      uint4 lo[kRounds][K], hi[kRounds][K];
-      bool valid[kRounds];
+  float* scores = a.scores + std::int64_t(b) * w.heads * a.max_blocks;
+  while (items > 0) {
 #pragma unroll
-      for (int r = 0; r < kRounds; ++r) {
-        const int item = first_item + r * groups + my_group;
-        const int page = item / heads, h = item - page * heads;
-        const std::int64_t block = __shfl_sync(0xffffffffu, lane_block, min(page, 31));
-        valid[r] = item < items && block >= 0 && block < a.num_blocks;
-        const T* row = meta + (valid[r] ? block : 0) * a.meta_stride_block + h * a.meta_stride_head;
+    for (int r = 0; r < kRounds; ++r) {
+      const int item = first_item + r * w.groups + w.group;
+      if (first_item + r * w.groups >= items) break;  // no group of the warp has an item left
+      const int page = item / w.heads, h = item - page * w.heads;
+      float combined = 0.0f;
+      if constexpr (M == ScoreMode::Folded) {
 #pragma unroll
         for (int k = 0; k < K; ++k) {
-          const int chunk = slot + k * lanes;
-          if (valid[r] && chunk < chunks) {
-            lo[r][k] = __ldg(reinterpret_cast<const uint4*>(row + chunk * kVec));
-            hi[r][k] =
-                __ldg(reinterpret_cast<const uint4*>(row + a.meta_stride_row + chunk * kVec));
-          } else {
-            lo[r][k] = hi[r][k] = make_uint4(0, 0, 0, 0);
+          const int chunk = w.slot + k * w.lanes;
+          if (chunk < w.chunks) {
+            float l[kVec], u[kVec];
+            chunk_to_float<T>(lo[r][k], l);
+            chunk_to_float<T>(hi[r][k], u);
+            const float* wp = weights + h * 2 * dim + chunk * kVec;
+            combined += weighted_chunk<kVec>(wp, wp + dim, l, u);
           }
+        }
+        for (int o = w.lanes / 2; o > 0; o >>= 1) {
+          combined += __shfl_xor_sync(0xffffffffu, combined, o);
+        }
+      } else {
+        float l[K][kVec], u[K][kVec];
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          chunk_to_float<T>(lo[r][k], l[k]);
+          chunk_to_float<T>(hi[r][k], u[k]);
+        }
+        for (int g = 0; g < group; ++g) {
+          const float* q = weights + (h * group + g) * dim;
+          float s = 0.0f;
+#pragma unroll
+          for (int k = 0; k < K; ++k) {
+            const int chunk = w.slot + k * w.lanes;
+            if (chunk < w.chunks) s += query_chunk<M, kVec>(q + chunk * kVec, l[k], u[k]);
+          }
+          for (int o = w.lanes / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+          combined = g == 0 ? s : a.reduce == GroupReduce::Sum ? combined + s : fmaxf(combined, s);
         }
       }
-#pragma unroll
-      for (int r = 0; r < kRounds; ++r) {
-        const int item = first_item + r * groups + my_group;
-        if (first_item + r * groups >= items) break;  // no group of the warp has an item left
-        const int page = item / heads, h = item - page * heads;
-        float combined = 0.0f;
-        if constexpr (M == ScoreMode::Folded) {
-#pragma unroll
-          for (int k = 0; k < K; ++k) {
-            const int chunk = slot + k * lanes;
-            if (chunk < chunks) {
-              float l[kVec], u[kVec];
-              chunk_to_float<T>(lo[r][k], l);
-              chunk_to_float<T>(hi[r][k], u);
-              const float* w = weights + h * 2 * dim + chunk * kVec;
-              combined += weighted_chunk<kVec>(w, w + dim, l, u);
-            }
-          }
-          for (int o = lanes / 2; o > 0; o >>= 1) {
-            combined += __shfl_xor_sync(0xffffffffu, combined, o);
-          }
-        } else {
-          float l[K][kVec], u[K][kVec];
-#pragma unroll
-          for (int k = 0; k < K; ++k) {
-            chunk_to_float<T>(lo[r][k], l[k]);
-            chunk_to_float<T>(hi[r][k], u[k]);
-          }
-          for (int g = 0; g < group; ++g) {
-            const float* q = weights + (h * group + g) * dim;
-            float s = 0.0f;
-#pragma unroll
-            for (int k = 0; k < K; ++k) {
-              const int chunk = slot + k * lanes;
-              if (chunk < chunks) s += query_chunk<M, kVec>(q + chunk * kVec, l[k], u[k]);
-            }
-            for (int o = lanes / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-            combined = g == 0                         ? s
-                       : a.reduce == GroupReduce::Sum ? combined + s
-                                                      : fmaxf(combined, s);
-          }
-        }
-        if (slot == 0 && item < items) {
-          if (!valid[r] || isnan(combined)) combined = -INFINITY;
-          scores[std::int64_t(h) * a.max_blocks + first_page + page] = combined;
-        }
+      if (w.slot == 0 && item < items) {
+        if (!valid[r] || isnan(combined)) combined = -INFINITY;
+        scores[std::int64_t(h) * a.max_blocks + window + page] = combined;
       }
     }
+    // The next round: later items of this window, or the first of the next window.
+    first_item += step;
+    if (first_item >= items) {
+      window += 32;
+      first_item = 0;
+      items = min(32, run_end - window) * w.heads;
+      if (items <= 0) break;
+      lane_block = window + lane < run_end ? table[window + lane] : -1;
+    }
+    load_round<T, K, kRounds>(a, meta, lane_block, first_item, items, w, lo, hi, valid);
   }
 }
 
