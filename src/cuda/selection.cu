@@ -733,53 +733,72 @@ __global__ void __launch_bounds__(kTopKThreads)
     keep_block(a, out, a.budget - 1, table[last]);
     write_selected_lens(a, len, last, kvh, b);
   }
-  ptx::wait_for_previous_grid();  // the scores are the scoring kernel's
-  const float* scores = a.scores + (std::int64_t(b) * a.num_kv_heads + kvh) * a.max_blocks + first;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) keys[padded(i)] = order_key(scores[i]);
+  for (int i = threadIdx.x; i < kRadixBins; i += blockDim.x) histogram[i] = 0;
   __syncthreads();
-  // Radix select: the key of the keep-th largest candidate, from the top bits down.
-  std::uint32_t threshold = 0xffffffffu, mask = 0;
-  int remaining = 0;  // how many candidates equal to the threshold are kept (the lowest pages)
-  if (keep > 0) {
-    threshold = 0;
-    remaining = keep;
-    for (int pass = 0; pass < 3; ++pass) {
-      const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0;
-      const std::uint32_t digit_mask = pass == 2 ? 1023u : 2047u;
-      for (int i = threadIdx.x; i < kRadixBins; i += blockDim.x) histogram[i] = 0;
-      __syncthreads();
-      // Neighbouring pages' scores tend to share their top bits: lanes of a warp that hit one
-      // bin add together (one atomic per bin and warp, not one per lane).
-      for (int base = 0; base < n; base += blockDim.x) {
-        const int i = base + threadIdx.x;
-        const std::uint32_t k = i < n ? keys[padded(i)] : 0u;
-        const bool counted = i < n && (k & mask) == threshold;
-        const std::uint32_t bin = counted ? (k >> shift) & digit_mask : 0xffffffffu;
-        const unsigned peers = __match_any_sync(0xffffffffu, bin);
-        if (counted && (threadIdx.x & 31) == __ffs(peers) - 1) {
-          atomicAdd(&histogram[bin], __popc(peers));
+  ptx::wait_for_previous_grid();  // the scores are the scoring kernel's
+  // Radix select: the key of the keep-th largest candidate, from the top bits down; the first
+  // pass's histogram is built as the keys are read.
+  const float* scores = a.scores + (std::int64_t(b) * a.num_kv_heads + kvh) * a.max_blocks + first;
+  std::uint32_t threshold = 0, mask = 0;
+  int remaining = keep;  // how many candidates equal to the threshold are kept (the lowest pages)
+  // One bin count per warp and bin: lanes of a warp that hit one bin add together (neighbouring
+  // pages' scores tend to share their top bits).
+  const auto count_key = [&](std::uint32_t k, bool present, int shift, std::uint32_t digit_mask) {
+    const bool counted = keep > 0 && present && (k & mask) == threshold;
+    const std::uint32_t bin = counted ? (k >> shift) & digit_mask : 0xffffffffu;
+    const unsigned peers = __match_any_sync(0xffffffffu, bin);
+    if (counted && (threadIdx.x & 31) == __ffs(peers) - 1)
+      atomicAdd(&histogram[bin], __popc(peers));
+  };
+  for (int pass = 0; pass < 3; ++pass) {
+    const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0;
+    const std::uint32_t digit_mask = pass == 2 ? 1023u : 2047u;
+    if (pass == 0) {
+      // Four score loads in flight per thread before any is used.
+      constexpr int kBatch = 4;
+      for (int base = 0; base < n; base += kBatch * int(blockDim.x)) {
+        std::uint32_t k[kBatch];
+#pragma unroll
+        for (int j = 0; j < kBatch; ++j) {
+          const int i = base + j * int(blockDim.x) + int(threadIdx.x);
+          k[j] = i < n ? order_key(scores[i]) : 0u;
+        }
+#pragma unroll
+        for (int j = 0; j < kBatch; ++j) {
+          const int i = base + j * int(blockDim.x) + int(threadIdx.x);
+          if (i < n) keys[padded(i)] = k[j];
+          count_key(k[j], i < n, shift, digit_mask);
         }
       }
+    } else {
+      for (int i = threadIdx.x; i < kRadixBins; i += blockDim.x) histogram[i] = 0;
       __syncthreads();
-      // Thread t holds digits 2047 - 2t and 2046 - 2t: the scan counts the candidates above.
-      const int upper = histogram[kRadixBins - 1 - 2 * threadIdx.x];
-      const int lower = histogram[kRadixBins - 2 - 2 * threadIdx.x];
-      int total;
-      const int above = block_exclusive_scan(upper + lower, &total, scratch);
-      const std::uint32_t digit = kRadixBins - 1 - 2 * threadIdx.x;
-      if (above < remaining && remaining <= above + upper) {
-        prefix_shared = threshold | (digit << shift);
-        remaining_shared = remaining - above;
-      } else if (above + upper < remaining && remaining <= above + upper + lower) {
-        prefix_shared = threshold | ((digit - 1) << shift);
-        remaining_shared = remaining - above - upper;
+      for (int base = 0; base < n; base += blockDim.x) {
+        const int i = base + threadIdx.x;
+        count_key(i < n ? keys[padded(i)] : 0u, i < n, shift, digit_mask);
       }
-      __syncthreads();
-      threshold = prefix_shared;
-      remaining = remaining_shared;
-      mask |= digit_mask << shift;
     }
+    __syncthreads();
+    if (keep == 0) break;  // no candidate is kept: the keys are all that is needed
+    // Thread t holds digits 2047 - 2t and 2046 - 2t: the scan counts the candidates above.
+    const int upper = histogram[kRadixBins - 1 - 2 * threadIdx.x];
+    const int lower = histogram[kRadixBins - 2 - 2 * threadIdx.x];
+    int total;
+    const int above = block_exclusive_scan(upper + lower, &total, scratch);
+    const std::uint32_t digit = kRadixBins - 1 - 2 * threadIdx.x;
+    if (above < remaining && remaining <= above + upper) {
+      prefix_shared = threshold | (digit << shift);
+      remaining_shared = remaining - above;
+    } else if (above + upper < remaining && remaining <= above + upper + lower) {
+      prefix_shared = threshold | ((digit - 1) << shift);
+      remaining_shared = remaining - above - upper;
+    }
+    __syncthreads();
+    threshold = prefix_shared;
+    remaining = remaining_shared;
+    mask |= digit_mask << shift;
   }
+  if (keep == 0) threshold = 0xffffffffu;  // nothing compares above it, and remaining is 0
   // Place the kept candidates: each thread a run of `run` consecutive ones.
   int run = 1;
   while (run * int(blockDim.x) < n) run <<= 1;
