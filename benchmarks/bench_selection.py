@@ -109,12 +109,15 @@ def run_shape(batch: int, context: int, summary: str, gen, sparse_splits=()) -> 
         )  # fmt: skip
 
     select()
-    sparse_ws_bytes = ts.plan_paged_attention(q, kc, sel_t, max_seq_len=BUDGET_TOKENS)[1]
+    # The longest key range a selected table holds: the budget, or the context where it is
+    # shorter (a host-known bound, as dense decode's max_seq_len=context).
+    sparse_max = min(BUDGET_TOKENS, context)
+    sparse_ws_bytes = ts.plan_paged_attention(q, kc, sel_t, max_seq_len=sparse_max)[1]
     sparse_ws = torch.empty(max(sparse_ws_bytes, 16), dtype=torch.uint8, device="cuda")
 
     def sparse():
         ts.paged_attention(
-            q, kc, vc, sel_t, sel_l, out, max_seq_len=BUDGET_TOKENS, workspace=sparse_ws
+            q, kc, vc, sel_t, sel_l, out, max_seq_len=sparse_max, workspace=sparse_ws
         )
 
     def step():
@@ -142,14 +145,12 @@ def run_shape(batch: int, context: int, summary: str, gen, sparse_splits=()) -> 
     # per-KV-head tables).
     r["sparse_by_splits_us"] = {}
     for splits in sparse_splits:
-        ws_n = ts.plan_paged_attention(q, kc, sel_t, max_seq_len=BUDGET_TOKENS, num_splits=splits)[
-            1
-        ]
+        ws_n = ts.plan_paged_attention(q, kc, sel_t, max_seq_len=sparse_max, num_splits=splits)[1]
         ws_split = torch.empty(max(ws_n, 16), dtype=torch.uint8, device="cuda")
 
         def sparse_fixed(splits=splits, ws_split=ws_split):
             ts.paged_attention(
-                q, kc, vc, sel_t, sel_l, out, max_seq_len=BUDGET_TOKENS, num_splits=splits,
+                q, kc, vc, sel_t, sel_l, out, max_seq_len=sparse_max, num_splits=splits,
                 workspace=ws_split,
             )  # fmt: skip
 
