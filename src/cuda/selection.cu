@@ -745,6 +745,8 @@ __global__ void __launch_bounds__(kTopKThreads)
   // pages' scores tend to share their top bits).
   const auto count_key = [&](std::uint32_t k, bool present, int shift, std::uint32_t digit_mask) {
     const bool counted = keep > 0 && present && (k & mask) == threshold;
+    // After the first pass most warps hold no key under the prefix: skip the match for them.
+    if (__ballot_sync(0xffffffffu, counted) == 0) return;
     const std::uint32_t bin = counted ? (k >> shift) & digit_mask : 0xffffffffu;
     const unsigned peers = __match_any_sync(0xffffffffu, bin);
     if (counted && (threadIdx.x & 31) == __ffs(peers) - 1)
