@@ -719,8 +719,8 @@ __global__ void __launch_bounds__(kTopKThreads)
   std::int32_t* out = a.out_table + b * a.out_table_stride_batch + kvh * a.out_table_stride_head;
   if (pages <= a.budget) {
     copy_whole_table(a, table, out, pages, len, kvh, b);
-    // Finish no earlier than the scoring kernel, so that work queued after this one (launched
-    // without overlap) also follows it.
+    // Finish no earlier than the scoring kernel: work queued after this kernel waits for this
+    // grid alone, and must follow both.
     ptx::wait_for_previous_grid();
     return;
   }
