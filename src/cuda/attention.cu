@@ -235,11 +235,7 @@ void paged_attention(const PagedAttentionParams& p, Stream stream) {
   // of the same token rows.
   const dim3 grid(unsigned(p.num_kv_heads * a.head_tiles), unsigned(p.num_splits),
                   unsigned(p.batch));
-  // With programmatic stream serialisation (sm_90) the grid is launched while the previous
-  // kernel drains (a select_pages before sparse decode, a cache write before dense decode); the
-  // kernel waits for it before reading anything.
-  launch_after(l.kernel, grid, dim3(l.threads), std::size_t(l.smem_bytes), s, a,
-               device_info(p.device_index).compute_capability >= 90, op, "decode kernel");
+  launch(l.kernel, grid, dim3(l.threads), std::size_t(l.smem_bytes), s, a, op, "decode kernel");
   if (split) launch_merge(p, a.output, s, op);
 }
 

@@ -37,9 +37,6 @@ __global__ void __launch_bounds__(kDecodeThreads)
   float* red_m = acc + kDecodeWarps * kGenericHeads * D;  // [kDecodeWarps][kGenericHeads]
   float* red_l = red_m + kDecodeWarps * kGenericHeads;
 
-  // Launched to overlap the previous kernel's end (sm_90): everything this kernel reads (the
-  // query, lengths, tables, caches) may be that kernel's output.
-  ptx::wait_for_previous_grid();
   const WorkUnit u = work_unit(a, kGenericHeads, 1);
   const int b = u.b, split = u.split, kv_head = u.kv_head, head0 = u.head0, heads = u.heads;
   const int begin = u.begin, end = u.end;
