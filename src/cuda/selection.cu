@@ -835,7 +835,8 @@ __global__ void __launch_bounds__(kTopKThreads)
 
 // The same selection for tables too long for shared memory: one thread block of 512 per
 // (sequence, KV head), four 8-bit radix passes over the scores in global memory, and two block
-// scans per 512 pages to place the kept ones.
+// scans per 512 pages to place the kept ones. Also the whole call where the table is no wider
+// than the budget (every sequence is copied; no scores).
 constexpr int kSelectThreads = 512;
 
 __global__ void __launch_bounds__(kSelectThreads)
@@ -1017,6 +1018,14 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
   a.reduce = p.group_reduce;
   a.lanes_per_head = 32;
   cudaStream_t s = as_stream(stream);
+  const dim3 select_grid(unsigned(p.num_kv_heads), unsigned(p.batch));
+  if (p.max_blocks <= p.budget) {
+    // No sequence can have more pages than the budget (the table's width bounds them): nothing
+    // is scored, and one kernel copies the table per KV head.
+    launch(reinterpret_cast<const void*>(select_pages_global_kernel), select_grid,
+           dim3(kSelectThreads), 0, s, a, op, "select_pages_kernel");
+    return;
+  }
   const DeviceInfo& info = device_info(p.device_index);
   const int group = p.num_q_heads / p.num_kv_heads;
 
@@ -1093,7 +1102,6 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
 
   // Top-k, launched to overlap the scoring kernel's tail (it waits for the scores on the device).
   const bool overlap = info.compute_capability >= 90;
-  const dim3 select_grid(unsigned(p.num_kv_heads), unsigned(p.batch));
   const int topk_smem_limit =
       std::min(int(topk_smem_bytes(kTopKMaxPages)), smem_optin - kTopKStaticSmemBytes);
   if (p.max_blocks <= kTopKMaxPages && int(topk_smem_bytes(p.max_blocks)) <= topk_smem_limit) {

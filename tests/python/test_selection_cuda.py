@@ -328,3 +328,50 @@ def test_graph_replay_across_the_budget(rng, reduce):
         np.testing.assert_array_equal(
             to_np(hits), np.bincount(kept[kept >= 0], minlength=num_blocks)
         )
+
+
+@pytest.mark.parametrize("width_below_budget", [0, 3])
+def test_table_no_wider_than_the_budget(rng, width_below_budget):
+    """A block_table of at most `budget` columns launches only the copy: each KV head gets the
+    sequence's pages and -1 padding, lengths as given, hits counted, in a graph replay too."""
+    block_size, budget, kv_heads = 16, 10, 4
+    width = budget - width_below_budget
+    seq_lens = np.array([width * block_size, 1, 0, 37, width * block_size - 9], dtype=np.int32)
+    num_blocks = 64
+    table = np.stack([rng.permutation(num_blocks)[:width] for _ in seq_lens]).astype(np.int32)
+    query = rng.integers(-2, 3, size=(len(seq_lens), kv_heads * 2, 64)).astype(np.float32)
+    meta = integer_summaries(rng, num_blocks, kv_heads, 64, "meanstd")
+    hits = torch.zeros(num_blocks, dtype=torch.int32, device="cuda")
+    got_t = check_exact(query, meta, table, seq_lens, budget, block_size, 1, "meanstd", "sum",
+                        "float16", hits=hits)  # fmt: skip
+    kept = got_t.ravel()
+    np.testing.assert_array_equal(to_np(hits), np.bincount(kept[kept >= 0], minlength=num_blocks))
+
+    q = asarray(query, "torch", "float16", "cuda")
+    m = asarray(meta, "torch", "float16", "cuda")
+    t, lens = cuda_ints(table), cuda_ints(seq_lens)
+    out = (
+        torch.full((len(seq_lens), kv_heads, budget), -7, dtype=torch.int32, device="cuda"),
+        torch.full((len(seq_lens), kv_heads), -7, dtype=torch.int32, device="cuda"),
+    )
+    ws = torch.empty(max(16, ts.select_pages_workspace_bytes(q, m, t)), dtype=torch.uint8,
+                     device="cuda")  # fmt: skip
+
+    def select():
+        ts.select_pages(q, m, t, lens, budget, block_size=block_size, out=out, workspace=ws)
+
+    select()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        select()
+    new_lens = rng.integers(0, width * block_size + 1, size=len(seq_lens)).astype(np.int32)
+    lens.copy_(cuda_ints(new_lens))
+    out[0].fill_(-7)
+    graph.replay()
+    torch.cuda.synchronize()
+    want_t, want_l = ref_select(
+        query, meta, table, new_lens, budget, block_size, 0, "meanstd", "sum"
+    )
+    np.testing.assert_array_equal(to_np(out[0]), want_t)
+    np.testing.assert_array_equal(to_np(out[1]), want_l)
