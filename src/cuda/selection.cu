@@ -358,15 +358,31 @@ __device__ __forceinline__ void chunk_to_float(const uint4& v, float (&out)[kChu
   }
 }
 
-// sum_i w0[i] * lo[i] + w1[i] * hi[i] over one chunk (w0, w1 in shared memory, 16-byte aligned).
+// Weights and queries sit in shared memory by quarter-chunk: element d of a row (chunk c = d /
+// N, of `chunks` per row) is float j % 4 of float4 (j / 4) * chunks + c, where j = d % N. The
+// lanes of a group read their chunks' first float4s as consecutive 16-byte words, then their
+// second ones (16-bit rows have two per chunk): no bank conflicts.
 template <int N>
-__device__ __forceinline__ float weighted_chunk(const float* w0, const float* w1,
-                                                const float (&lo)[N], const float (&hi)[N]) {
+__device__ __forceinline__ int quarter_slot(int d, int chunks) {
+  const int j = d % N, c = d / N;
+  return ((j / 4) * chunks + c) * 4 + j % 4;
+}
+
+template <int N>
+__device__ __forceinline__ float4 quarter(const float* row, int chunk, int chunks, int i) {
+  return *reinterpret_cast<const float4*>(row + ((i / 4) * chunks + chunk) * 4);
+}
+
+// sum_i w0[i] * lo[i] + w1[i] * hi[i] over one chunk of two weight rows in shared memory.
+template <int N>
+__device__ __forceinline__ float weighted_chunk(const float* w0, const float* w1, int chunk,
+                                                int chunks, const float (&lo)[N],
+                                                const float (&hi)[N]) {
   float s = 0.0f;
 #pragma unroll
   for (int i = 0; i < N; i += 4) {
-    const float4 a = *reinterpret_cast<const float4*>(w0 + i);
-    const float4 c = *reinterpret_cast<const float4*>(w1 + i);
+    const float4 a = quarter<N>(w0, chunk, chunks, i);
+    const float4 c = quarter<N>(w1, chunk, chunks, i);
     s = fmaf(a.x, lo[i], s);
     s = fmaf(a.y, lo[i + 1], s);
     s = fmaf(a.z, lo[i + 2], s);
@@ -379,14 +395,14 @@ __device__ __forceinline__ float weighted_chunk(const float* w0, const float* w1
   return s;
 }
 
-// One query head's score terms over one chunk (q in shared memory, 16-byte aligned).
+// One query head's score terms over one chunk of its row in shared memory.
 template <ScoreMode M, int N>
-__device__ __forceinline__ float query_chunk(const float* q, const float (&lo)[N],
-                                             const float (&hi)[N]) {
+__device__ __forceinline__ float query_chunk(const float* q, int chunk, int chunks,
+                                             const float (&lo)[N], const float (&hi)[N]) {
   float s = 0.0f;
 #pragma unroll
   for (int i = 0; i < N; i += 4) {
-    const float4 v = *reinterpret_cast<const float4*>(q + i);
+    const float4 v = quarter<N>(q, chunk, chunks, i);
     const float x[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -490,13 +506,13 @@ __global__ void __launch_bounds__(kScoreThreads)
           w1 += fabsf(x);
         }
       }
-      weights[h * 2 * dim + d] = w0;
-      weights[h * 2 * dim + dim + d] = w1;
+      weights[h * 2 * dim + quarter_slot<kVec>(d, w.chunks)] = w0;
+      weights[h * 2 * dim + dim + quarter_slot<kVec>(d, w.chunks)] = w1;
     }
   } else {
     for (int i = threadIdx.x; i < a.num_q_heads * dim; i += blockDim.x) {
       const int h = i / dim, d = i - h * dim;
-      weights[i] = to_float(query[h * a.q_stride_head + d]);
+      weights[h * dim + quarter_slot<kVec>(d, w.chunks)] = to_float(query[h * a.q_stride_head + d]);
     }
   }
   __syncthreads();
@@ -517,8 +533,8 @@ __global__ void __launch_bounds__(kScoreThreads)
             float l[kVec], u[kVec];
             chunk_to_float<T>(lo[r][k], l);
             chunk_to_float<T>(hi[r][k], u);
-            const float* wp = weights + h * 2 * dim + chunk * kVec;
-            combined += weighted_chunk<kVec>(wp, wp + dim, l, u);
+            const float* wp = weights + h * 2 * dim;
+            combined += weighted_chunk<kVec>(wp, wp + dim, chunk, w.chunks, l, u);
           }
         }
         for (int o = w.lanes / 2; o > 0; o >>= 1) {
@@ -537,7 +553,7 @@ __global__ void __launch_bounds__(kScoreThreads)
 #pragma unroll
           for (int k = 0; k < K; ++k) {
             const int chunk = w.slot + k * w.lanes;
-            if (chunk < w.chunks) s += query_chunk<M, kVec>(q + chunk * kVec, l[k], u[k]);
+            if (chunk < w.chunks) s += query_chunk<M, kVec>(q, chunk, w.chunks, l[k], u[k]);
           }
           for (int o = w.lanes / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
           combined = g == 0 ? s : a.reduce == GroupReduce::Sum ? combined + s : fmaxf(combined, s);
