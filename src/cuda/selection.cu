@@ -413,6 +413,20 @@ __device__ __forceinline__ float query_chunk(const float* q, int chunk, int chun
   return s;
 }
 
+// 16 bytes of a summary, read once per call: not kept in L1, first out of L2 (the scores and
+// tables that the selection and attention kernels read next stay there).
+__device__ __forceinline__ uint4 load_summary_chunk(const void* p) {
+  // Not volatile: both are pure (the summaries do not change during the call), so the compiler
+  // may share the policy between loads and schedule the loads freely.
+  std::uint64_t policy;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p), "l"(policy));
+  return v;
+}
+
 // Where a lane group's items of one round are, and which of their pieces this lane holds.
 struct WideLanes {
   int lanes, groups, slot, group, chunks, heads;
@@ -438,8 +452,8 @@ __device__ __forceinline__ void load_round(const SelectArgs& a, const T* meta,
     for (int k = 0; k < K; ++k) {
       const int chunk = w.slot + k * w.lanes;
       if (valid[r] && chunk < w.chunks) {
-        lo[r][k] = __ldg(reinterpret_cast<const uint4*>(row + chunk * kVec));
-        hi[r][k] = __ldg(reinterpret_cast<const uint4*>(row + a.meta_stride_row + chunk * kVec));
+        lo[r][k] = load_summary_chunk(row + chunk * kVec);
+        hi[r][k] = load_summary_chunk(row + a.meta_stride_row + chunk * kVec);
       } else {
         lo[r][k] = hi[r][k] = make_uint4(0, 0, 0, 0);
       }
