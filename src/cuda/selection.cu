@@ -35,7 +35,9 @@ namespace {
 // Elements (head, dim) of one page that a thread folds per tile.
 constexpr int kPerThread = 4;
 
-// One thread's share of a page summary while it is built, over a tile of elements.
+// One thread's share of a page summary while it is built, over a tile of elements: MinMax keeps
+// (min, max); MeanStd keeps the running mean and the sum of squared deviations from it (Welford),
+// since E[x^2] - E[x]^2 in float32 loses a small standard deviation to cancellation.
 struct Accumulator {
   float a[kPerThread], b[kPerThread];
   int count;
@@ -49,15 +51,17 @@ __device__ __forceinline__ void acc_reset(Accumulator& acc, PageSummary kind) {
   acc.count = 0;
 }
 
+// `n`: the number of keys folded so far, this one included (MeanStd's running mean needs it).
 template <class T>
-__device__ __forceinline__ void acc_fold(Accumulator& acc, int i, PageSummary kind, T key) {
+__device__ __forceinline__ void acc_fold(Accumulator& acc, int i, PageSummary kind, T key, int n) {
   const float x = to_float(key);
   if (kind == PageSummary::MinMax) {
     acc.a[i] = fminf(acc.a[i], x);
     acc.b[i] = fmaxf(acc.b[i], x);
   } else {
-    acc.a[i] += x;
-    acc.b[i] = fmaf(x, x, acc.b[i]);
+    const float delta = x - acc.a[i];
+    acc.a[i] += delta / float(n);
+    acc.b[i] = fmaf(delta, x - acc.a[i], acc.b[i]);
   }
 }
 
@@ -69,8 +73,8 @@ __device__ __forceinline__ void acc_load(Accumulator& acc, int i, PageSummary ki
     acc.a[i] = x;
     acc.b[i] = y;
   } else {
-    acc.a[i] = float(n) * x;
-    acc.b[i] = float(n) * fmaf(y, y, x * x);
+    acc.a[i] = x;
+    acc.b[i] = float(n) * y * y;
   }
 }
 
@@ -82,10 +86,8 @@ __device__ __forceinline__ void acc_store(const Accumulator& acc, int i, PageSum
     *r1 = from_float<T>(acc.b[i]);
   } else {
     const float n = float(max(acc.count, 1));
-    const float mean = acc.a[i] / n;
-    const float var = fmaxf(0.0f, acc.b[i] / n - mean * mean);
-    *r0 = from_float<T>(mean);
-    *r1 = from_float<T>(sqrtf(var));
+    *r0 = from_float<T>(acc.a[i]);
+    *r1 = from_float<T>(sqrtf(fmaxf(0.0f, acc.b[i] / n)));
   }
 }
 
@@ -209,7 +211,8 @@ __global__ void update_page_meta_kernel(const __grid_constant__ UpdateArgs a) {
             const int e = first + i * blockDim.x + threadIdx.x;
             if (e >= elements) break;
             const int h = e / a.head_dim, d = e - h * a.head_dim;
-            acc_fold(acc, i, a.kind, key[t * a.key_stride_token + h * a.key_stride_head + d]);
+            acc_fold(acc, i, a.kind, key[t * a.key_stride_token + h * a.key_stride_head + d],
+                     acc.count + m + 1);
           }
         }
         acc.count += found;
@@ -265,7 +268,7 @@ __global__ void build_page_meta_kernel(const __grid_constant__ BuildArgs a) {
         const int e = first + i * blockDim.x + threadIdx.x;
         if (e >= elements) break;
         const int h = e / a.head_dim, d = e - h * a.head_dim;
-        acc_fold(acc, i, a.kind, kc[t * a.kc_stride_token + h * a.kc_stride_head + d]);
+        acc_fold(acc, i, a.kind, kc[t * a.kc_stride_token + h * a.kc_stride_head + d], t + 1);
       }
     }
     acc.count = tokens;
