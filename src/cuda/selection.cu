@@ -8,10 +8,11 @@
 // Selection: a scoring kernel spread over (sequence, page range) writes one float score per
 // (sequence, KV head, page) into the caller's scratch; its warps each load whole pages (every KV
 // head's summary rows at once). A selection kernel, one thread block per (sequence, KV head),
-// reads that row of scores into shared memory once, finds the k-th largest by radix select (three
-// passes of 11, 11 and 10 bits), keeps the pages above it and the lowest-indexed pages equal to
-// it, and writes them in logical order after one block scan; it is launched to overlap the
-// scoring kernel's end (programmatic dependent launch, sm_90) and waits for it on the device.
+// reads that row of scores into shared memory once, finds the k-th largest by a radix select
+// whose bins span the keys' own range (usually one or two passes), keeps the pages above it and
+// the lowest-indexed pages equal to it, and writes them in logical order after one block scan;
+// it is launched to overlap the scoring kernel's end (programmatic dependent launch, sm_90) and
+// waits for it on the device.
 // Grids depend only on host-known shapes: graph capturable, no host sync.
 
 #include <cuda_bf16.h>
@@ -685,9 +686,10 @@ __global__ void __launch_bounds__(kScoreThreads)
 // ---------------------------------------------------------------------------------------------
 // Top-k.
 
-// A float's bits as an unsigned key with the same order (larger float, larger key).
+// A float's bits as an unsigned key with the same order (larger float, larger key); -0.0 is
+// +0.0 first (they compare equal, so the lower page wins between them, as between other ties).
 __device__ __forceinline__ std::uint32_t order_key(float f) {
-  const std::uint32_t u = __float_as_uint(f);
+  const std::uint32_t u = __float_as_uint(f + 0.0f);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
@@ -717,20 +719,30 @@ __device__ __forceinline__ void keep_block(const SelectArgs& a, std::int32_t* ou
 }
 
 // Shared-memory top-k: one thread block of kTopKThreads per (sequence, KV head). The candidates'
-// keys are read from the scores once into shared memory; a radix select of three passes (11, 11
-// and 10 bits, a 2048-bin histogram each, every thread scanning two bins) finds the key of the
-// keep-th largest; then each thread takes a run of consecutive candidates, and one block scan of
-// (greater, equal) counts gives every kept page its place in logical order. Runs are a power of
-// two long and the keys padded by one word every 32, so that the runs read without bank
-// conflicts.
+// keys are read from the scores once into shared memory, with their minimum and maximum. A radix
+// select then narrows a key range [lo, hi] known to hold the keep-th largest candidate: each pass
+// bins the keys in the range into at most 2048 bins of equal width over exactly that range (so
+// the first pass splits the keys whatever their magnitude: neighbouring pages' scores share
+// their top bits, and fixed digits of the key would put them in a handful of bins) and keeps the
+// bin holding the keep-th largest. It stops when that bin's keys are all kept (the usual case
+// after one pass: the top of a score distribution is sparse) or the range is one key value (the
+// lowest-indexed pages equal to it are kept); otherwise the next range is the bin, tightened to
+// its keys' minimum and maximum. A pass costs three barriers; the bins' counts are shared-memory
+// atomics, the lanes of a warp that share a bin adding together. Each thread then takes a run of
+// consecutive candidates, and one block scan of (greater, equal) counts gives every kept page its
+// place in logical order. Runs are a power of two long and the keys padded by one word every 32,
+// so that the runs read without bank conflicts.
 constexpr int kTopKThreads = 1024;
-constexpr int kRadixBins = 2048;
+constexpr int kRadixBits = 11;
+constexpr int kRadixBins = 1 << kRadixBits;
+static_assert(kRadixBins == 2 * kTopKThreads, "each thread scans two bins");
 // Candidates held in shared memory; the (greater, equal) counts are scanned packed in 16 bits
 // each, so they must stay below 32768.
 constexpr int kTopKMaxPages = 32767;
 
-// The kernel's static shared memory (histogram, scan scratch, two words), with a margin.
-constexpr int kTopKStaticSmemBytes = (kRadixBins + 33 + 2) * 4 + 1024;
+// The kernel's static shared memory (histogram, per-warp partials, scan scratch, the pass's
+// result), with a margin.
+constexpr int kTopKStaticSmemBytes = (kRadixBins + 3 * 32 + 33 + 4) * 4 + 1024;
 
 __device__ __forceinline__ int padded(int i) { return i + (i >> 5); }
 
@@ -738,14 +750,35 @@ inline std::size_t topk_smem_bytes(int max_blocks) {
   return std::size_t(max_blocks + max_blocks / 32 + 1) * sizeof(std::uint32_t);
 }
 
+// The block's minimum and maximum of the threads' values (every thread gets both). One barrier;
+// `lo_part` and `hi_part` hold 32 words each and must not be rewritten before every thread has
+// passed a later barrier.
+__device__ __forceinline__ void block_min_max(std::uint32_t& lo, std::uint32_t& hi,
+                                              std::uint32_t* lo_part, std::uint32_t* hi_part) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  lo = __reduce_min_sync(0xffffffffu, lo);
+  hi = __reduce_max_sync(0xffffffffu, hi);
+  if (lane == 0) {
+    lo_part[warp] = lo;
+    hi_part[warp] = hi;
+  }
+  __syncthreads();
+  lo = __reduce_min_sync(0xffffffffu, lane < warps ? lo_part[lane] : 0xffffffffu);
+  hi = __reduce_max_sync(0xffffffffu, lane < warps ? hi_part[lane] : 0u);
+}
+
 __global__ void __launch_bounds__(kTopKThreads)
     select_pages_kernel(const __grid_constant__ SelectArgs a) {
   extern __shared__ std::uint32_t keys[];  // padded candidate index -> key
-  __shared__ int scratch[33];
   __shared__ int histogram[kRadixBins];
-  __shared__ std::uint32_t prefix_shared;
-  __shared__ int remaining_shared;
+  __shared__ std::uint32_t lo_part[32], hi_part[32];
+  __shared__ int warp_total[32];
+  __shared__ int scratch[33];
+  // The pass's outcome: the next range, how many of its keys are kept, and whether it is final.
+  __shared__ std::uint32_t next_lo, next_hi;
+  __shared__ int next_remaining, next_final;
   const int kvh = blockIdx.x, b = blockIdx.y;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const std::int64_t len = clamped_length(a, b);
   const int pages = int((len + a.block_size - 1) / a.block_size);
   const std::int32_t* table = a.block_table + b * a.block_table_stride;
@@ -758,8 +791,8 @@ __global__ void __launch_bounds__(kTopKThreads)
     return;
   }
   const int first = a.num_sink_pages, last = pages - 1;  // candidates [first, last)
-  const int n = last - first;
-  const int keep = a.budget - a.num_sink_pages - 1;
+  const int n = last - first;                            // > keep, since pages > budget
+  const int keep = max(0, a.budget - a.num_sink_pages - 1);
   // Sinks and the last page do not depend on the scores.
   for (int p = threadIdx.x; p < first; p += blockDim.x) keep_block(a, out, p, table[p]);
   if (threadIdx.x == 0) {
@@ -767,73 +800,125 @@ __global__ void __launch_bounds__(kTopKThreads)
     write_selected_lens(a, len, last, kvh, b);
   }
   for (int i = threadIdx.x; i < kRadixBins; i += blockDim.x) histogram[i] = 0;
-  __syncthreads();
   ptx::wait_for_previous_grid();  // the scores are the scoring kernel's
-  // Radix select: the key of the keep-th largest candidate, from the top bits down; the first
-  // pass's histogram is built as the keys are read.
   const float* scores = a.scores + (std::int64_t(b) * a.num_kv_heads + kvh) * a.max_blocks + first;
-  std::uint32_t threshold = 0, mask = 0;
-  int remaining = keep;  // how many candidates equal to the threshold are kept (the lowest pages)
-  // One bin count per warp and bin: lanes of a warp that hit one bin add together (neighbouring
-  // pages' scores tend to share their top bits).
-  const auto count_key = [&](std::uint32_t k, bool present, int shift, std::uint32_t digit_mask) {
-    const bool counted = keep > 0 && present && (k & mask) == threshold;
-    // After the first pass most warps hold no key under the prefix: skip the match for them.
-    if (__ballot_sync(0xffffffffu, counted) == 0) return;
-    const std::uint32_t bin = counted ? (k >> shift) & digit_mask : 0xffffffffu;
-    const unsigned peers = __match_any_sync(0xffffffffu, bin);
-    if (counted && (threadIdx.x & 31) == __ffs(peers) - 1)
-      atomicAdd(&histogram[bin], __popc(peers));
-  };
-  for (int pass = 0; pass < 3; ++pass) {
-    const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0;
-    const std::uint32_t digit_mask = pass == 2 ? 1023u : 2047u;
-    if (pass == 0) {
-      // Four score loads in flight per thread before any is used.
-      constexpr int kBatch = 4;
-      for (int base = 0; base < n; base += kBatch * int(blockDim.x)) {
-        std::uint32_t k[kBatch];
+
+  // The keys, eight score loads in flight per thread, and their minimum and maximum.
+  std::uint32_t lo = 0xffffffffu, hi = 0u;
+  constexpr int kBatch = 8;
+  for (int base = 0; base < n; base += kBatch * int(blockDim.x)) {
+    std::uint32_t k[kBatch];
 #pragma unroll
-        for (int j = 0; j < kBatch; ++j) {
-          const int i = base + j * int(blockDim.x) + int(threadIdx.x);
-          k[j] = i < n ? order_key(scores[i]) : 0u;
-        }
+    for (int j = 0; j < kBatch; ++j) {
+      const int i = base + j * int(blockDim.x) + int(threadIdx.x);
+      k[j] = i < n ? order_key(scores[i]) : 0u;
+    }
 #pragma unroll
-        for (int j = 0; j < kBatch; ++j) {
-          const int i = base + j * int(blockDim.x) + int(threadIdx.x);
-          if (i < n) keys[padded(i)] = k[j];
-          count_key(k[j], i < n, shift, digit_mask);
-        }
-      }
-    } else {
-      for (int i = threadIdx.x; i < kRadixBins; i += blockDim.x) histogram[i] = 0;
-      __syncthreads();
-      for (int base = 0; base < n; base += blockDim.x) {
-        const int i = base + threadIdx.x;
-        count_key(i < n ? keys[padded(i)] : 0u, i < n, shift, digit_mask);
+    for (int j = 0; j < kBatch; ++j) {
+      const int i = base + j * int(blockDim.x) + int(threadIdx.x);
+      if (i < n) {
+        keys[padded(i)] = k[j];
+        lo = min(lo, k[j]);
+        hi = max(hi, k[j]);
       }
     }
-    __syncthreads();
-    if (keep == 0) break;  // no candidate is kept: the keys are all that is needed
-    // Thread t holds digits 2047 - 2t and 2046 - 2t: the scan counts the candidates above.
-    const int upper = histogram[kRadixBins - 1 - 2 * threadIdx.x];
-    const int lower = histogram[kRadixBins - 2 - 2 * threadIdx.x];
-    int total;
-    const int above = block_exclusive_scan(upper + lower, &total, scratch);
-    const std::uint32_t digit = kRadixBins - 1 - 2 * threadIdx.x;
-    if (above < remaining && remaining <= above + upper) {
-      prefix_shared = threshold | (digit << shift);
-      remaining_shared = remaining - above;
-    } else if (above + upper < remaining && remaining <= above + upper + lower) {
-      prefix_shared = threshold | ((digit - 1) << shift);
-      remaining_shared = remaining - above - upper;
-    }
-    __syncthreads();
-    threshold = prefix_shared;
-    remaining = remaining_shared;
-    mask |= digit_mask << shift;
   }
-  if (keep == 0) threshold = 0xffffffffu;  // nothing compares above it, and remaining is 0
+  block_min_max(lo, hi, lo_part, hi_part);  // its barrier also publishes the keys
+
+  // Kept candidates: keys above `threshold`, and the first `equal_kept` (lowest pages) equal to
+  // it. Scores are never NaN, so no key is 0xffffffff: that threshold keeps nothing.
+  std::uint32_t threshold = 0xffffffffu;
+  int equal_kept = 0;
+  int remaining = keep;  // how many of the keys in [lo, hi] are kept (the largest)
+  // Each pass narrows the range's width at least 1024-fold: at most four passes.
+  while (keep > 0) {
+    if (lo == hi) {  // one key value: the lowest-indexed pages holding it are kept
+      threshold = lo;
+      equal_kept = remaining;
+      break;
+    }
+    const int shift = max(0, 32 - __clz(int(hi - lo)) - kRadixBits);
+    for (int base = 0; base < n; base += blockDim.x) {
+      const int i = base + threadIdx.x;
+      const std::uint32_t k = i < n ? keys[padded(i)] : 0u;
+      const bool counted = i < n && k >= lo && k <= hi;
+      const unsigned voters = __ballot_sync(0xffffffffu, counted);
+      if (voters == 0) continue;
+      // The bin of the warp's first counted lane is counted once for all lanes that share it
+      // (a dominant bin costs one atomic per warp); the others add alone.
+      const std::uint32_t bin = counted ? (k - lo) >> shift : 0xffffffffu;
+      const int leader = __ffs(voters) - 1;
+      const std::uint32_t leader_bin = __shfl_sync(0xffffffffu, bin, leader);
+      const unsigned sharing = __ballot_sync(0xffffffffu, bin == leader_bin);
+      if (lane == leader) {
+        atomicAdd(&histogram[bin], __popc(sharing));
+      } else if (counted && bin != leader_bin) {
+        atomicAdd(&histogram[bin], 1);
+      }
+    }
+    __syncthreads();
+    // Thread t holds bins 2047 - 2t and 2046 - 2t (the largest keys first) and clears them for
+    // the next pass; a block scan counts the keys in the bins above.
+    const int upper_bin = kRadixBins - 1 - 2 * int(threadIdx.x);
+    const int upper = histogram[upper_bin], lower = histogram[upper_bin - 1];
+    histogram[upper_bin] = 0;
+    histogram[upper_bin - 1] = 0;
+    int inclusive = upper + lower;
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, inclusive, o);
+      if (lane >= o) inclusive += y;
+    }
+    if (lane == 31) warp_total[warp] = inclusive;
+    __syncthreads();
+    const int above = __reduce_add_sync(0xffffffffu, lane < warp ? warp_total[lane] : 0) +
+                      inclusive - (upper + lower);
+    // Exactly one thread holds the bin where the remaining-th largest key falls (the range holds
+    // at least `remaining` keys).
+    int bin = -1, in_bin = 0, left = 0;
+    if (above < remaining && remaining <= above + upper) {
+      bin = upper_bin, in_bin = upper, left = remaining - above;
+    } else if (above + upper < remaining && remaining <= above + upper + lower) {
+      bin = upper_bin - 1, in_bin = lower, left = remaining - above - upper;
+    }
+    if (bin >= 0) {
+      const std::uint32_t bin_lo = lo + (std::uint32_t(bin) << shift);
+      const std::uint32_t bin_hi = std::uint32_t(
+          min(std::uint64_t(hi), std::uint64_t(bin_lo) + (std::uint64_t(1) << shift) - 1));
+      next_lo = bin_lo;
+      next_hi = bin_hi;
+      next_remaining = left;
+      // Final when the bin is one key value, or all of its keys are kept (keep < n, so a bin
+      // kept whole does not start at key 0).
+      next_final = shift == 0 ? 1 : (in_bin == left && bin_lo > 0) ? 2 : 0;
+    }
+    __syncthreads();
+    lo = next_lo;
+    hi = next_hi;
+    remaining = next_remaining;
+    if (next_final == 1) {
+      threshold = lo;
+      equal_kept = remaining;
+      break;
+    }
+    if (next_final == 2) {  // every key >= lo
+      threshold = lo - 1;
+      equal_kept = 0;
+      break;
+    }
+    // The next range: the bin's keys' own minimum and maximum.
+    std::uint32_t bin_min = 0xffffffffu, bin_max = 0u;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      const std::uint32_t k = keys[padded(i)];
+      if (k >= lo && k <= hi) {
+        bin_min = min(bin_min, k);
+        bin_max = max(bin_max, k);
+      }
+    }
+    block_min_max(bin_min, bin_max, lo_part, hi_part);
+    lo = bin_min;
+    hi = bin_max;
+  }
+
   // Place the kept candidates: each thread a run of `run` consecutive ones.
   int run = 1;
   while (run * int(blockDim.x) < n) run <<= 1;
@@ -855,10 +940,10 @@ __global__ void __launch_bounds__(kTopKThreads)
     if (i >= n) break;
     const std::uint32_t k = keys[padded(i)];
     if (k > threshold) {
-      keep_block(a, out, first + greater_before + min(equal_before, remaining), table[first + i]);
+      keep_block(a, out, first + greater_before + min(equal_before, equal_kept), table[first + i]);
       ++greater_before;
     } else if (k == threshold) {
-      if (equal_before < remaining) {
+      if (equal_before < equal_kept) {
         keep_block(a, out, first + greater_before + equal_before, table[first + i]);
       }
       ++equal_before;

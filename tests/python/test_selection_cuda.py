@@ -147,6 +147,53 @@ def test_long_sequences(rng, summary):
             )
 
 
+PLANTED_KINDS = ["ulps", "equal", "outliers", "ties", "signed_zeros", "wide"]
+
+
+def planted_scores(rng, kind, n):
+    """n float32 scores shaped to reach every way the top-k's radix select ends."""
+    if kind == "ulps":  # consecutive floats: a key range no wider than the bins, or twice
+        x = (np.float32(1.5).view(np.int32) + np.arange(n, dtype=np.int32)).view(np.float32)
+    elif kind == "equal":  # one key value from the start
+        x = np.full(n, 0.25, np.float32)
+    elif kind == "outliers":  # a tight cluster in one bin of the full range: a second pass
+        x = (7 + 1e-3 * rng.standard_normal(n)).astype(np.float32)
+        at = rng.permutation(n)
+        x[at[:3]], x[at[3:6]] = 1e30, -1e30
+        x[at[6:8]], x[at[8:12]] = np.inf, -np.inf
+    elif kind == "ties":  # four values: the cut falls inside a run of equal scores
+        x = (rng.integers(0, 4, n) * 2.0 - 3).astype(np.float32)
+    elif kind == "signed_zeros":  # -0.0 ranks equal to +0.0 (the lower page first), denormals
+        x = rng.choice(np.array([-0.0, 0.0, 1e-40, -1e-40, 1.0, -1.0], np.float32), n)
+    else:  # magnitudes from 1e-30 to 1e30, both signs
+        x = (rng.choice([-1.0, 1.0], n) * 10.0 ** rng.uniform(-30, 30, n)).astype(np.float32)
+    return rng.permutation(x)
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_top_k_on_planted_scores(rng, group):
+    """Scores planted exactly (float32 summaries whose score is one element: a one-hot query,
+    zero std): consecutive floats, all equal, far outliers and infinities, runs of ties at the
+    cut, signed zeros and denormals, 60 decades. Sequences of 2047, 2999, 200 and 9000
+    candidate pages (more than 8192: runs of 16 per top-k thread), two budgets, sinks."""
+    block_size, kv_heads, dim = 2, 2, 16
+    pages = [2049, 3000, 202, 9001]
+    seq_lens = np.array([p * block_size - 1 for p in pages], dtype=np.int32)
+    table, num_blocks = random_pages(rng, seq_lens, block_size)
+    query = np.zeros((len(pages), kv_heads * group, dim), np.float32)
+    query[:, :, 0] = 1.0 / group  # exact: the folded weights are 1.0 too
+    for combo, (budget, sinks) in enumerate([(130, 0), (130, 3), (37, 0), (37, 3)]):
+        meta = np.zeros((num_blocks, kv_heads, 2, dim), np.float32)
+        for b, n in enumerate(pages):
+            for h in range(kv_heads):
+                # Over the four calls, each sequence meets every kind.
+                kind = PLANTED_KINDS[(2 * combo + h + 3 * b) % len(PLANTED_KINDS)]
+                meta[table[b, :n], h, 0, 0] = planted_scores(rng, kind, n)
+        for reduce in REDUCES:
+            check_exact(query, meta, table, seq_lens, budget, block_size, sinks, "meanstd",
+                        reduce, "float32")  # fmt: skip
+
+
 def test_global_memory_top_k(rng):
     """A table wider than 32767 pages takes the global-memory top-k (block_size 1: 33000
     pages of one token), with the budget's boundaries in the same batch."""
