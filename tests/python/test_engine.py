@@ -276,8 +276,57 @@ def test_sparse_decode_with_a_budget_covering_every_page_gives_the_dense_tokens(
     outputs = run_and_check(engine, prompts, SamplingParams(max_new_tokens=new, n=2))
     expected = transformers_generate(runner, prompts, new)
     assert [o.token_ids for o in outputs] == [[e, e] for e in expected]
-    assert engine.stats.sparse_decode_steps > 0
+    # Every sequence fits the budget: each decode step attends densely, without selection.
+    assert engine.stats.sparse_decode_steps == 0
+    assert engine.stats.sparse_fitting_steps > 0
     assert engine.stats.copy_on_write_blocks > 0
+
+
+@needs_select_pages
+def test_sparse_decode_selects_once_a_sequence_outgrows_the_budget(rng):
+    """A budget of 3 pages over prompts of 5 or more: every decode step selects (the prefill's
+    token, computed densely, is transformers' own)."""
+    runner = random_model(6, 2, seed=int(rng.integers(1 << 31)))
+    prompts = shared_prefix_prompts(rng, 3)
+    assert min(len(p) for p in prompts) > 4 * BLOCK_SIZE
+    new = 6
+    engine = make_engine(runner, sparse_budget_tokens=3 * BLOCK_SIZE)
+    outputs = run_and_check(engine, prompts, SamplingParams(max_new_tokens=new))
+    expected = transformers_generate(runner, prompts, new)
+    assert [o.token_ids[0][0] for o in outputs] == [e[0] for e in expected]
+    assert all(len(o.token_ids[0]) == new for o in outputs)
+    assert engine.stats.sparse_decode_steps > 0
+    assert engine.stats.sparse_fitting_steps == 0
+
+
+@needs_select_pages
+def test_decode_batch_attends_densely_when_every_sequence_fits_the_budget(rng):
+    """build_attention_batch keeps sparse decode only where some sequence has more pages than
+    the budget, and attention through select_pages with a budget covering every page equals
+    the dense step exactly."""
+    heads, dim = 2, 16
+    cache = PagedKVCache(1, 32, BLOCK_SIZE, heads, dim, torch.float32, "cpu", page_meta=True)
+    lens = np.array([9, 5, 13], np.int32)  # 3, 2 and 4 pages
+    table = rng.permutation(32)[:12].reshape(3, 4).astype(np.int32)
+    slots = table[np.arange(3), (lens - 1) // BLOCK_SIZE] * BLOCK_SIZE + (lens - 1) % BLOCK_SIZE
+    for budget, kept in [(3, 3), (4, 0), (9, 0)]:
+        batch = build_attention_batch(cache, slots, table, lens, np.ones(3), sparse_budget=budget)
+        assert batch.decode_only and batch.sparse_budget == kept
+    # Keys everywhere (summaries from them), then one decode step both ways.
+    key_cache, value_cache = cache.layers[0]
+    key_cache.copy_(torch.from_numpy(rng.standard_normal(key_cache.shape).astype(np.float32)))
+    value_cache.copy_(torch.from_numpy(rng.standard_normal(value_cache.shape).astype(np.float32)))
+    tinyserve.build_page_meta(
+        key_cache, torch.from_numpy(table), torch.from_numpy(lens), cache.page_meta[0]
+    )
+    query = torch.from_numpy(rng.standard_normal((3, 2 * heads, dim)).astype(np.float32))
+    dense = build_attention_batch(cache, slots, table, lens, np.ones(3))
+    sparse = build_attention_batch(cache, slots, table, lens, np.ones(3), sparse_budget=4)
+    sparse.sparse_budget = 4  # force selection (it would keep every page)
+    want = dense.attend(0, query)
+    got = sparse.attend(0, query)
+    assert not torch.isnan(want).any()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_parallel_samples_share_the_prompt_blocks(rng):

@@ -65,6 +65,9 @@ class EngineStats:
     offloads: int = 0  # blocks moved to the host pool by preemption through the compactor
     recalls: int = 0  # blocks brought back from it
     sparse_decode_steps: int = 0  # decode steps that attended through select_pages
+    # Decode steps with sparse decode on where every sequence fit the budget: attended densely
+    # (the same pages select_pages would keep, without its launch).
+    sparse_fitting_steps: int = 0
     peak_blocks_used: int = 0
     blocks_used: int = 0
     blocks_free: int = 0
@@ -92,7 +95,8 @@ class EngineStats:
                 f"(peak {self.peak_blocks_used} used); copy-on-write copies: "
                 f"{self.copy_on_write_blocks}, forks: {self.forks}",
                 f"preemptions: {self.preemptions}; offloads/recalls: {self.offloads}/"
-                f"{self.recalls} blocks; sparse decode steps: {self.sparse_decode_steps}",
+                f"{self.recalls} blocks; sparse decode steps: {self.sparse_decode_steps} "
+                f"(and {self.sparse_fitting_steps} dense: every sequence fit the budget)",
             ]
         )
 
@@ -113,7 +117,8 @@ class Engine:
     :class:`~tinyserve.engine.scheduler.Scheduler`); otherwise preemption recomputes.
     ``sparse_budget_tokens`` turns on sparse decode: each decode query reads the
     ``ceil(sparse_budget_tokens / block_size)`` pages that ``select_pages`` picks for it per KV
-    head (the pages' summaries are kept beside the cache). ``packed_prefill`` picks how prefill
+    head (the pages' summaries are kept beside the cache); a step where every sequence has no
+    more pages than that attends densely (the same pages). ``packed_prefill`` picks how prefill
     rows reach ``paged_attention``: packed with ``query_start_loc`` (default), or each row as a
     decode query (:func:`~tinyserve.engine.kv.build_attention_batch`)."""
 
@@ -264,7 +269,10 @@ class Engine:
             sparse_budget=self.sparse_budget,
         )
         if self.sparse_budget and batch.decode_only:
-            self.stats.sparse_decode_steps += 1
+            if batch.sparse_budget:
+                self.stats.sparse_decode_steps += 1
+            else:
+                self.stats.sparse_fitting_steps += 1
         row_ends = np.cumsum(plan.rows) - 1
         finishing = [
             i

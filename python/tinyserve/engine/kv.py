@@ -159,12 +159,17 @@ def build_attention_batch(
     this step's tokens), ``rows_per_seq`` int ``[B]`` (this step's tokens of each sequence,
     which are its last ones), ``slot_mapping`` int64 ``[sum(rows_per_seq)]``. ``packed`` picks
     the form. ``sparse_budget`` > 0 makes a step of decodes only attend through
-    ``select_pages`` (that many pages per query); steps with prefill rows stay dense."""
+    ``select_pages`` (that many pages per query); steps with prefill rows stay dense, and so do
+    steps where every sequence has at most ``sparse_budget`` pages (selection would keep every
+    page: the dense step reads the same keys without the selection's launch)."""
     device = kv_cache.device
     rows_per_seq = np.asarray(rows_per_seq, dtype=np.int64)
     seq_lens = np.asarray(seq_lens, dtype=np.int32)
     query_start_loc = None
     decode_only = bool(np.all(rows_per_seq == 1))
+    block_size = kv_cache.block_size
+    if decode_only and len(seq_lens) and -(-int(seq_lens.max()) // block_size) <= sparse_budget:
+        sparse_budget = 0
     if decode_only:
         table, lens = block_table, seq_lens
     elif packed:
