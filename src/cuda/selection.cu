@@ -306,6 +306,7 @@ struct SelectArgs {
   int budget, num_sink_pages;
   int pages_per_block;  // scoring: pages per thread block
   int lanes_per_head;   // page-wide scoring: lanes sharing one summary row (a power of two)
+  bool query_chunked;   // page-wide scoring: every query row starts 16-byte aligned
   PageSummary kind;
   GroupReduce reduce;
 };
@@ -431,6 +432,68 @@ __device__ __forceinline__ uint4 load_summary_chunk(const void* p) {
   return v;
 }
 
+// The weights (Folded) or queries (per head) in shared memory from 16-byte chunks of the query
+// rows, a thread per (KV head or query head, chunk), up to four query heads' loads in flight at
+// once: one round trip to the query where element loads took one per element a thread builds.
+// The same sums in the same order as element by element.
+template <class T, ScoreMode M>
+__device__ __forceinline__ void build_weights_chunked(const SelectArgs& a, const T* query,
+                                                      int chunks, float* weights) {
+  constexpr int kVec = kChunkElems<T>;
+  const int dim = a.head_dim;
+  const auto store = [&](float* row, int chunk, const float(&x)[kVec]) {
+#pragma unroll
+    for (int q = 0; q < kVec / 4; ++q) {
+      *reinterpret_cast<float4*>(row + (q * chunks + chunk) * 4) =
+          make_float4(x[4 * q], x[4 * q + 1], x[4 * q + 2], x[4 * q + 3]);
+    }
+  };
+  if constexpr (M == ScoreMode::Folded) {
+    const int group = a.num_q_heads / a.num_kv_heads;
+    for (int i = threadIdx.x; i < a.num_kv_heads * chunks; i += blockDim.x) {
+      const int h = i / chunks, c = i - h * chunks;
+      const T* q = query + std::int64_t(h) * group * a.q_stride_head + c * kVec;
+      float w0[kVec], w1[kVec];
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) w0[e] = w1[e] = 0.0f;
+      for (int g0 = 0; g0 < group; g0 += 4) {
+        uint4 v[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (g0 + j < group)
+            v[j] = *reinterpret_cast<const uint4*>(q + (g0 + j) * a.q_stride_head);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (g0 + j >= group) break;
+          float x[kVec];
+          chunk_to_float<T>(v[j], x);
+#pragma unroll
+          for (int e = 0; e < kVec; ++e) {
+            if (a.kind == PageSummary::MinMax) {
+              w0[e] += fminf(x[e], 0.0f);
+              w1[e] += fmaxf(x[e], 0.0f);
+            } else {
+              w0[e] += x[e];
+              w1[e] += fabsf(x[e]);
+            }
+          }
+        }
+      }
+      store(weights + h * 2 * dim, c, w0);
+      store(weights + h * 2 * dim + dim, c, w1);
+    }
+  } else {
+    for (int i = threadIdx.x; i < a.num_q_heads * chunks; i += blockDim.x) {
+      const int h = i / chunks, c = i - h * chunks;
+      float x[kVec];
+      chunk_to_float<T>(
+          *reinterpret_cast<const uint4*>(query + std::int64_t(h) * a.q_stride_head + c * kVec), x);
+      store(weights + h * dim, c, x);
+    }
+  }
+}
+
 // Where a lane group's items of one round are, and which of their pieces this lane holds.
 struct WideLanes {
   int lanes, groups, slot, group, chunks, heads;
@@ -465,8 +528,11 @@ __device__ __forceinline__ void load_round(const SelectArgs& a, const T* meta,
   }
 }
 
+// Folded scoring of rows of at most 32 chunks (K = 1) holds four thread blocks per
+// multiprocessor (64 registers, nothing spilled in the page loop): a third more loads in flight
+// than the three that the registers the compiler would pick allow.
 template <class T, int K, ScoreMode M>
-__global__ void __launch_bounds__(kScoreThreads)
+__global__ void __launch_bounds__(kScoreThreads, M == ScoreMode::Folded && K == 1 ? 4 : 1)
     score_pages_wide_kernel(const __grid_constant__ SelectArgs a) {
   // Folded: [num_kv_heads][2][head_dim] weights; per head: [num_q_heads][head_dim] queries.
   extern __shared__ __align__(16) float weights[];
@@ -498,19 +564,19 @@ __global__ void __launch_bounds__(kScoreThreads)
   const int step = kRounds * w.groups;  // items per round
 
   // The warp walks its run in windows of 32 pages (block ids one per lane) and each window's
-  // (page, KV head) items in rounds. The first round's loads are issued before the weights are
-  // built, so their latency overlaps the query's.
+  // (page, KV head) items in rounds. The first window's block ids are read while the weights
+  // are built (from chunks of the query: one round trip to it), and the first round's loads are
+  // issued after them (issued before, they would hold their registers through the build).
   int window = run_begin, first_item = 0;
   int items = min(32, run_end - window) * w.heads;  // <= 0 for a warp without pages
   std::int32_t lane_block = window + lane < run_end ? table[window + lane] : -1;
-  uint4 lo[kRounds][K], hi[kRounds][K];
-  bool valid[kRounds];
-  if (items > 0) load_round<T, K, kRounds>(a, meta, lane_block, 0, items, w, lo, hi, valid);
 
   const int dim = a.head_dim;
   const int group = a.num_q_heads / w.heads;
   const T* query = reinterpret_cast<const T*>(a.query) + b * a.q_stride_batch;
-  if constexpr (M == ScoreMode::Folded) {
+  if (a.query_chunked) {
+    build_weights_chunked<T, M>(a, query, w.chunks, weights);
+  } else if constexpr (M == ScoreMode::Folded) {
     for (int i = threadIdx.x; i < w.heads * dim; i += blockDim.x) {
       const int h = i / dim, d = i - h * dim;
       float w0 = 0.0f, w1 = 0.0f;
@@ -535,6 +601,9 @@ __global__ void __launch_bounds__(kScoreThreads)
   }
   __syncthreads();
 
+  uint4 lo[kRounds][K], hi[kRounds][K];
+  bool valid[kRounds];
+  if (items > 0) load_round<T, K, kRounds>(a, meta, lane_block, 0, items, w, lo, hi, valid);
   float* scores = a.scores + std::int64_t(b) * w.heads * a.max_blocks;
   while (items > 0) {
 #pragma unroll
@@ -1135,6 +1204,7 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
   a.kind = p.summary;
   a.reduce = p.group_reduce;
   a.lanes_per_head = 32;
+  a.query_chunked = false;
   cudaStream_t s = as_stream(stream);
   const dim3 select_grid(unsigned(p.num_kv_heads), unsigned(p.batch));
   if (p.max_blocks <= p.budget) {
@@ -1161,6 +1231,8 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
   score.threads = kScoreThreads;
   if (wide) {
     while (a.lanes_per_head > 1 && a.lanes_per_head / 2 >= chunks) a.lanes_per_head /= 2;
+    a.query_chunked = reinterpret_cast<std::uintptr_t>(p.query) % 16 == 0 &&
+                      chunked(p.q_stride_batch) && chunked(p.q_stride_head);
     const bool folded = group > 1 && p.group_reduce == GroupReduce::Sum;
     const ScoreMode mode = folded                             ? ScoreMode::Folded
                            : p.summary == PageSummary::MinMax ? ScoreMode::PerHeadMinMax

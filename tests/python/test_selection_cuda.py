@@ -42,14 +42,15 @@ def cuda_ints(a):
 
 
 def run_select(query, meta, table, seq_lens, budget, block_size, sinks, summary, reduce, dtype,
-               *, hits=None, meta_view=None):  # fmt: skip
+               *, hits=None, meta_view=None, query_view=None):  # fmt: skip
     """select_pages on CUDA with poisoned outputs; returns (table, lens) as NumPy."""
     n, heads = len(seq_lens), meta.shape[1]
     got_t = torch.full((n, heads, budget), -7, dtype=torch.int32, device="cuda")
     got_l = torch.full((n, heads), -7, dtype=torch.int32, device="cuda")
     m = meta_view if meta_view is not None else asarray(meta, "torch", dtype, "cuda")
+    q = query_view if query_view is not None else asarray(query, "torch", dtype, "cuda")
     ts_out = ts.select_pages(
-        asarray(query, "torch", dtype, "cuda"),
+        q,
         m,
         cuda_ints(table),
         cuda_ints(seq_lens),
@@ -287,6 +288,30 @@ def test_strided_and_misaligned_summaries(rng, dtype):
             for m in (view, shifted):
                 check_exact(query, meta, table, seq_lens, budget, block_size, 1, summary, reduce,
                             dtype, meta_view=m)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_query_rows_off_16_byte_alignment(rng, dtype):
+    """Query rows that are not whole 16-byte chunks apart (a padded head stride) or start one
+    element off (the page-wide kernel builds its weights element by element then): the same
+    pages as a contiguous query, folded (summed group) and per query head (maximum)."""
+    block_size, budget, kv_heads, group, dim = 16, 6, 2, 4, 64
+    seq_lens = np.array([900, 70, 400], dtype=np.int32)
+    table, num_blocks = random_pages(rng, seq_lens, block_size)
+    query = rng.integers(-2, 3, size=(3, kv_heads * group, dim)).astype(np.float32)
+    q = asarray(query, "torch", dtype, "cuda")
+    padded = torch.full((3, kv_heads * group, dim + 1), float("nan"), device="cuda")
+    padded = padded.to(q.dtype)
+    padded[:, :, :dim] = q
+    flat = torch.full((q.numel() + 1,), float("nan"), dtype=q.dtype, device="cuda")
+    shifted = flat[1:].view(q.shape)
+    shifted.copy_(q)
+    for summary in SUMMARIES:
+        meta = integer_summaries(rng, num_blocks, kv_heads, dim, summary)
+        for reduce in REDUCES:
+            for view in (padded[:, :, :dim], shifted):
+                check_exact(query, meta, table, seq_lens, budget, block_size, 1, summary, reduce,
+                            dtype, query_view=view)  # fmt: skip
 
 
 @pytest.mark.parametrize("reduce", REDUCES)
