@@ -1057,11 +1057,9 @@ __global__ void __launch_bounds__(kSelectThreads)
         const int p = base + threadIdx.x;
         const std::uint32_t k = p < last ? order_key(scores[p]) : 0u;
         const bool counted = p < last && (k & mask) == prefix;
-        const std::uint32_t bin = counted ? (k >> shift) & 255u : 256u;
-        const unsigned peers = __match_any_sync(0xffffffffu, bin);
-        if (counted && (threadIdx.x & 31) == __ffs(peers) - 1) {
-          atomicAdd(&histogram[bin], __popc(peers));
-        }
+        // Plain increments: grouping a warp's lanes by bin first (__match_any_sync) costs more
+        // the more distinct bins the warp holds.
+        if (counted) atomicAdd(&histogram[(k >> shift) & 255u], 1);
       }
       __syncthreads();
       // Thread t holds digit 255 - t: an inclusive scan counts the candidates at or above it.
