@@ -311,7 +311,7 @@ class Engine:
                 token_ids, positions, arrays["slot_mapping"], table, arrays["seq_lens"]
             )
             if len(finishing) < len(plan.seqs):  # a one-token prefill chunk, not its last
-                logits = logits[torch.tensor(finishing, device=logits.device)]
+                logits = logits[torch.tensor(finishing, dtype=torch.long, device=logits.device)]
             self.stats.cuda_graph_steps += 1
         else:
             logits = self._forward_eager(
