@@ -353,17 +353,22 @@ def test_bfloat16_tokens_are_near_argmax_of_transformers_logprobs(rng):
     check_logprobs_close(runner, prompts, [o.token_ids[0] for o in outputs], new)
 
 
-def check_logprobs_close(runner, prompts, generated, new, tolerance=0.1):
+def check_logprobs_close(runner, prompts, generated, new, tolerance=0.1, logit_steps=0):
     """Every token the engine picked has, under transformers' own forward pass over the same
     tokens (same dtype, its own attention), a log-probability within ``tolerance`` nats of the
-    best token's: a pick differs from transformers' only at a near-tie."""
+    best token's: a pick differs from transformers' only at a near-tie. ``logit_steps`` widens
+    the tolerance by that many bfloat16 steps at the row's largest logit: a wider model's logits
+    are larger, and near a logit of 12 one bfloat16 step is already 0.0625 nats."""
     with runner.transformers_attention() as model, torch.inference_mode():
         for prompt, tokens in zip(prompts, generated):
             ids = torch.tensor([prompt + tokens], device=runner.device)
-            logprobs = model(ids).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
+            logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
+            logprobs = logits.log_softmax(-1)
             picked = logprobs[torch.arange(new), torch.tensor(tokens, device=runner.device)]
-            gap = (logprobs.max(-1).values - picked).max().item()
-            assert gap <= tolerance, f"a token {gap:.3f} nats below transformers' best"
+            gap = logprobs.max(-1).values - picked
+            step = torch.exp2(torch.floor(torch.log2(logits.abs().max(-1).values)) - 7)
+            excess = (gap - tolerance - logit_steps * step).max().item()
+            assert excess <= 0, f"a token {gap.max().item():.3f} nats below transformers' best"
 
 
 def test_errors(rng):
@@ -562,8 +567,9 @@ def test_cuda_graphs_default_sizes_and_larger_batches_than_captured(rng):
 @pytest.mark.cuda
 @pytest.mark.parametrize("head_dim", [16, 64])
 def test_cuda_graphs_bfloat16_near_transformers(rng, head_dim):
-    """bfloat16 (head_dim 64 takes the tensor-core decode kernel): every token the engine picks
-    with graphs, and without, is within the log-probability tolerance of transformers' best.
+    """bfloat16, GQA group 4 (head_dim 64: hidden 256 and the tensor-core decode kernel): every
+    token the engine picks with graphs, and without, is within the log-probability tolerance of
+    transformers' best (widened by two bfloat16 steps of the logits: see check_logprobs_close).
     Padding changes the matrix shapes, so bfloat16 tokens may differ from the eager engine's
     at a near-tie; each is checked against transformers instead."""
     runner = random_model(
@@ -573,14 +579,13 @@ def test_cuda_graphs_bfloat16_near_transformers(rng, head_dim):
         dtype=torch.bfloat16,
         device="cuda",
         head_dim=head_dim,
-        layers=4,
     )
     prompts, lengths = staggered_workload(rng)
     engines = graph_engines(runner)
     for engine in engines:
         got = run_staggered(engine, prompts, lengths)
         for prompt, tokens, n in zip(prompts, got, lengths):
-            check_logprobs_close(runner, [prompt], [tokens[0]], n)
+            check_logprobs_close(runner, [prompt], [tokens[0]], n, logit_steps=2)
     assert engines[0].stats.cuda_graph_steps > 0
 
 
