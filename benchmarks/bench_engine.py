@@ -36,6 +36,7 @@ import math
 import platform
 import statistics
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -334,7 +335,14 @@ def bench_gpu(args) -> list[dict]:
 
     for graphs in (True, False):
         label = "CUDA graphs" if graphs else "eager"
-        engine, made = make_gpu_engine(runner, args, graphs)
+        try:
+            engine, made = make_gpu_engine(runner, args, graphs)
+        except Exception as error:  # noqa: BLE001 - a failed capture must not lose the rest
+            traceback.print_exc()
+            name = f"tinyserve engine ({label})"
+            rows.append(gpu_row(name, n, float("nan"), 0, note=f"failed: {error!r}"[:60]))
+            free_gpu_memory()
+            continue
         time_engine(engine, draw(min(n, 8)), 4, stagger=False)  # warm-up
         for stagger in (False, True):
             s, t, ttft = time_engine(engine, draw(), new, stagger)
@@ -377,7 +385,7 @@ def bench_gpu(args) -> list[dict]:
         default=None,
     )
     ours = next(r for r in rows if r["path"].startswith("tinyserve engine (CUDA graphs)"))
-    if fastest is not None:
+    if fastest is not None and ours["tokens"]:
         print(
             f"tinyserve (CUDA graphs, together) / fastest transformers path "
             f"({fastest['path']}): {ours['tokens_per_s'] / fastest['tokens_per_s']:.2f}x"

@@ -181,7 +181,7 @@ def main(argv: list[str]) -> int:
         sparse_budget_tokens=args.budget,
         cuda_graphs=not args.no_cuda_graphs,
         # Graphs for the batch sizes these samples can make, not the default 256 sequences.
-        cuda_graph_batch_sizes=default_batch_sizes(args.n * len(prompt_ids)),
+        cuda_graph_batch_sizes=default_batch_sizes(min(args.n * len(prompt_ids), 256)),
     )
 
     on_token = None
