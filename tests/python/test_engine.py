@@ -73,6 +73,8 @@ def shared_prefix_prompts(rng, count, prefix_len=23, suffix_range=(1, 14)):
 
 
 def make_engine(runner, num_blocks=256, **kwargs):
+    # On CUDA: four graph sizes rather than the fifteen default ones, each captured at start.
+    kwargs.setdefault("cuda_graph_batch_sizes", GRAPH_SIZES)
     return Engine(runner, num_blocks=num_blocks, block_size=BLOCK_SIZE, **kwargs)
 
 
@@ -85,6 +87,7 @@ def run_and_check(engine, prompts, params, on_token=None):
 
 
 GROUPS = [(4, 4), (6, 2), (4, 1)]  # GQA group sizes 1, 3, 4
+GRAPH_SIZES = [1, 2, 4, 8]  # CUDA graph buckets: batches of 3, 5, 6 and 7 decodes run padded
 
 
 PREFILL_FORMS = [pytest.param(True, id="packed"), pytest.param(False, id="expanded")]
@@ -435,8 +438,6 @@ def test_cuda_bfloat16_and_parallel_samples(rng):
 
 # -- CUDA graphs of the decode step -----------------------------------------------------------
 
-GRAPH_SIZES = [1, 2, 4, 8]  # batches of 3, 5, 6 and 7 decodes run padded
-
 
 def run_staggered(engine, prompts, lengths, params=None):
     """One new request per step while others run and finish (batches grow and shrink through
@@ -556,12 +557,17 @@ def test_cuda_graphs_default_sizes_and_larger_batches_than_captured(rng):
     size (two samples per request take the running sequences past max_num_seqs) running
     eagerly between replayed ones."""
     runner = random_model(6, 2, seed=int(rng.integers(1 << 31)), device="cuda")
-    engine = make_engine(runner, max_num_seqs=3)
+    engine = Engine(runner, num_blocks=256, block_size=BLOCK_SIZE, max_num_seqs=3)
     assert engine.graphs.batch_sizes == [1, 2, 3]
-    prompts, lengths = staggered_workload(rng, 4)
+    prompts = shared_prefix_prompts(rng, 4)
+    # Requests join over the first four steps; then the batch shrinks from 6 decoding
+    # sequences (eager) to the last request's 2 (replayed).
+    lengths = [3, 5, 9, 14]
     got = run_staggered(engine, prompts, lengths, SamplingParams(n=2))
     assert got == [[e, e] for e in expected_tokens(runner, prompts, lengths)]
-    assert engine.stats.cuda_graph_steps > 0
+    prefill_steps = 4
+    decode_steps = engine.stats.steps - prefill_steps
+    assert 0 < engine.stats.cuda_graph_steps < decode_steps
 
 
 @pytest.mark.cuda
@@ -593,7 +599,7 @@ def test_cuda_graphs_bfloat16_near_transformers(rng, head_dim):
 def test_cuda_graphs_parallel_samples_share_blocks(rng):
     runner = random_model(4, 4, seed=int(rng.integers(1 << 31)), device="cuda")
     prompts, lengths = staggered_workload(rng, 4)
-    graphs, _ = graph_engines(runner)
+    graphs, _ = graph_engines(runner, sizes=[1, 2, 4, 8, 16])  # up to 12 sequences
     got = run_staggered(graphs, prompts, lengths, SamplingParams(n=3))
     assert got == [[e] * 3 for e in expected_tokens(runner, prompts, lengths)]
     assert graphs.stats.forks == 4 * 2
