@@ -509,6 +509,38 @@ def test_padded_decode_buffers_give_transformers_tokens(rng, heads, sparse):
         assert engine.stats.sparse_decode_steps > 0
 
 
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_captured_forward_reads_nothing_on_the_host(rng, monkeypatch, sparse):
+    """What a graph captures must not read device data on the host (a CUDA graph cannot
+    synchronise): the decode forward over the static buffers, transformers' modules included,
+    calls none of the tensor methods that would."""
+    if sparse and not hasattr(tinyserve, "select_pages"):
+        pytest.skip("this build has no select_pages")
+    runner = random_model(6, 2, seed=int(rng.integers(1 << 31)))
+    engine = make_engine(runner, sparse_budget_tokens=8 if sparse else None)
+    graphs = DecodeGraphs(
+        runner,
+        engine.kv_cache,
+        batch_sizes=[4],
+        max_blocks=8,
+        sparse_budget=engine.sparse_budget,
+        capture=False,
+    )
+    reads = []
+    for name in ["item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__index__", "nonzero"]:
+        original = getattr(torch.Tensor, name)
+
+        def noted(self, *args, _name=name, _original=original, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, noted)
+    logits = graphs._forward(4)
+    monkeypatch.undo()
+    assert reads == []
+    assert logits.shape == (4, VOCAB)
+
+
 def test_decode_graphs_reject_what_they_cannot_hold(rng):
     runner = random_model(4, 2, seed=0)
     engine = make_engine(runner)
