@@ -169,7 +169,6 @@ def random_llama(args) -> TransformersRunner:
         head_dim=128,
         max_position_embeddings=8192,
         rms_norm_eps=1e-5,
-        rope_theta=500000.0,
         tie_word_embeddings=False,
         bos_token_id=None,
         eos_token_id=None,
