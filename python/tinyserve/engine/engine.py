@@ -372,15 +372,17 @@ class Engine:
                     rows.append((child, row))
         # One argmax over every row and one transfer, rather than gathering the greedy rows.
         greedy_ids = greedy_tokens(logits) if any(s.request.params.greedy for s, _ in rows) else []
-        now = time.perf_counter()  # after the transfer: the step's tokens exist on the host
+        tokens = [
+            greedy_ids[row]
+            if seq.request.params.greedy
+            else sample_token(logits[row], seq.request.params, seq.generator)
+            for seq, row in rows
+        ]
+        now = time.perf_counter()  # the step's tokens are on the host: its GPU work is done
         finished: list[RequestOutput] = []
         eos_ids = self.runner.eos_token_ids
-        for seq, row in rows:
+        for (seq, _), token in zip(rows, tokens):
             params = seq.request.params
-            if params.greedy:
-                token = greedy_ids[row]
-            else:
-                token = sample_token(logits[row], params, seq.generator)
             seq.token_ids.append(token)
             self.stats.generated_tokens += 1
             request = seq.request
