@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from tinyserve.engine import Engine, SamplingParams  # noqa: E402
 from tinyserve.engine.cuda_graphs import DecodeGraphs, default_batch_sizes  # noqa: E402
-from tinyserve.engine.kv import PagedKVCache, build_attention_batch  # noqa: E402
+from tinyserve.engine.kv import PagedKVCache, build_attention_batch, upload  # noqa: E402
 from tinyserve.integrations.transformers import (  # noqa: E402
     TransformersRunner,
     tinyserve_attention,
@@ -554,6 +554,23 @@ def test_decode_graphs_reject_what_they_cannot_hold(rng):
     ids = np.zeros(3, np.int64)
     with pytest.raises(ValueError, match="does not fit the CUDA graphs"):
         graphs.run(ids, ids, ids, np.zeros((3, 1), np.int32), np.ones(3, np.int32))
+
+
+@pytest.mark.cuda
+def test_upload_packs_arrays_into_one_transfer(rng):
+    """A CUDA step's index arrays travel in one pinned buffer: every array comes back intact
+    whatever its dtype, shape and length (odd lengths, empty, 2-D)."""
+    arrays = [
+        rng.integers(-(1 << 40), 1 << 40, 7),
+        rng.integers(-5, 1 << 30, (3, 5)).astype(np.int32),
+        np.zeros(0, np.int64),
+        rng.integers(0, 100, 1).astype(np.int32),
+        rng.integers(0, 1 << 20, 33),
+    ]
+    tensors = upload(arrays, torch.device("cuda"))
+    for array, tensor in zip(arrays, tensors):
+        assert tensor.is_cuda and tensor.is_contiguous()
+        np.testing.assert_array_equal(tensor.cpu().numpy(), array)
 
 
 def graph_engines(runner, sizes=GRAPH_SIZES, **kwargs):

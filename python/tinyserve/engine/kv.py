@@ -63,8 +63,7 @@ class PagedKVCache:
         ``[P, 2]``) over every layer in one call."""
         if len(pairs) == 0:
             return
-        src = torch.from_numpy(np.ascontiguousarray(pairs[:, 0])).to(self.device)
-        dst = torch.from_numpy(np.ascontiguousarray(pairs[:, 1])).to(self.device)
+        src, dst = upload([pairs[:, 0], pairs[:, 1]], self.device)
         tinyserve.copy_blocks(self.tensors(), src, dst)
 
 
