@@ -98,8 +98,9 @@ class DecodeGraphs:
         host = self._views(self._host)
         self._host_views = {k: v.numpy() for k, v in host.items()}
         self._device_views = self._views(self._device)
-        self._host_views["slot_mapping"][:] = -1  # padding rows write nowhere ...
-        self._device_views["slot_mapping"].fill_(-1)  # ... and attend to nothing (length 0)
+        # Rows start as padding: slot -1 writes nowhere, length 0 reads nothing.
+        self._host_views["slot_mapping"][:] = -1
+        self._device_views["slot_mapping"].fill_(-1)
         # Recorded after each copy out of the staging buffer, which the next step overwrites.
         self._copied = torch.cuda.Event() if self.captured else None
         self.pool = torch.cuda.graph_pool_handle() if self.captured else None
@@ -118,8 +119,10 @@ class DecodeGraphs:
             for size in sizes
         }
         # Largest first: the smaller graphs then fit in the memory the larger ones freed.
-        for size in reversed(sizes if self.captured else []):
-            self._capture(size)
+        if self.captured:
+            with torch.cuda.device(device):
+                for size in reversed(sizes):
+                    self._capture(size)
 
     def _views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
         rows, o = self.max_batch, self._offsets
