@@ -31,6 +31,7 @@ import argparse
 import copy
 import datetime
 import gc
+import inspect
 import json
 import math
 import platform
@@ -288,12 +289,10 @@ def time_generate_batch(runner, prompts, new_tokens):
         config.eos_token_id = None
         torch.cuda.synchronize()
         start = time.perf_counter()
-        try:
-            outputs = model.generate_batch(
-                inputs=prompts, generation_config=config, record_timestamps=True
-            )
-        except TypeError:  # a transformers without record_timestamps
-            outputs = model.generate_batch(inputs=prompts, generation_config=config)
+        # Token times where this transformers records them.
+        parameters = inspect.signature(model.generate_batch).parameters
+        extra = {"record_timestamps": True} if "record_timestamps" in parameters else {}
+        outputs = model.generate_batch(inputs=prompts, generation_config=config, **extra)
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     outputs = list(outputs.values())
