@@ -370,8 +370,9 @@ def bench_gpu(args) -> list[dict]:
     if hasattr(runner.model, "generate_batch") and not args.no_generate_batch:
         name = "transformers generate_batch (continuous)"
         try:
-            time_generate_batch(runner, draw(2), 4)  # warm-up
-            free_gpu_memory()
+            if not args.quick:  # a warm-up call costs it 10+ s of fixed start-up
+                time_generate_batch(runner, draw(2), 4)
+                free_gpu_memory()
             s, t, ttft = time_generate_batch(runner, draw(), new)
             report(gpu_row(name, n, s, t, ttft))
         except Exception as error:  # noqa: BLE001 - as above
