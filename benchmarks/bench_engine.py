@@ -11,8 +11,9 @@ and without, arriving together and staggered (one new request per engine step); 
 transformers' ``generate`` with a dynamic cache and with a static cache (``--compile`` adds its
 static cache + torch.compile path) and ``generate_batch`` (its continuous batching) where the
 installed transformers has it. Tokens/s and time to first token per request (median, p90);
-the table comes last. About 3 minutes on an H200 (plus 2-3 with --compile); ``--quick`` (4
-layers, 16 requests of 256 + 32 tokens) is a smoke test of under a minute.
+the table comes last. Estimated (not yet run) at 3-4 minutes on an H200, 2-3 more with
+--compile; ``--quick`` (4 layers, 16 requests of 256 + 32 tokens) is a smoke test meant to
+take under a minute.
 
     python benchmarks/bench_engine.py [--new-tokens 32] [--json out.json]
     python benchmarks/bench_engine.py --gpu [--compile] [--json out.json]
@@ -370,7 +371,7 @@ def bench_gpu(args) -> list[dict]:
     if hasattr(runner.model, "generate_batch") and not args.no_generate_batch:
         name = "transformers generate_batch (continuous)"
         try:
-            if not args.quick:  # a warm-up call costs it 10+ s of fixed start-up
+            if not args.quick:  # its start-up alone took 10 s on a CPU
                 time_generate_batch(runner, draw(2), 4)
                 free_gpu_memory()
             s, t, ttft = time_generate_batch(runner, draw(), new)
@@ -425,7 +426,7 @@ def main() -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="GPU smoke test (under a minute): 4 layers, 16 requests of 256 + 32 tokens",
+        help="GPU smoke test: 4 layers, 16 requests of 256 + 32 tokens",
     )
     parser.add_argument("--threads", type=int, help="CPU threads for torch and tinyserve")
     parser.add_argument("--json")
