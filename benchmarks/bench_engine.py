@@ -258,7 +258,9 @@ def time_generate(runner, prompts, new_tokens, **config_fields):
     prompts (equal lengths: no padding), EOS ignored; ``config_fields`` set on its generation
     config."""
     ids = torch.tensor(prompts, dtype=torch.long, device=runner.device)
-    with runner.transformers_attention() as model, torch.inference_mode():
+    # no_grad, not inference_mode: generate_batch updates its tensors in place from a worker
+    # thread, where inference mode (thread-local) is off and inference tensors refuse it.
+    with runner.transformers_attention() as model, torch.no_grad():
         config = copy.deepcopy(model.generation_config)
         config.do_sample, config.temperature, config.top_p, config.top_k = False, None, None, None
         config.max_new_tokens = config.min_new_tokens = new_tokens
@@ -283,7 +285,9 @@ def time_generate(runner, prompts, new_tokens, **config_fields):
 def time_generate_batch(runner, prompts, new_tokens):
     """transformers' continuous batching (``generate_batch``, its paged cache): (seconds,
     generated tokens, time to first token of each request when it records token times)."""
-    with runner.transformers_attention() as model, torch.inference_mode():
+    # no_grad, not inference_mode: generate_batch updates its tensors in place from a worker
+    # thread, where inference mode (thread-local) is off and inference tensors refuse it.
+    with runner.transformers_attention() as model, torch.no_grad():
         config = copy.deepcopy(model.generation_config)
         config.do_sample, config.temperature, config.top_p, config.top_k = False, None, None, None
         config.max_new_tokens = new_tokens
