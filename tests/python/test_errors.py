@@ -293,6 +293,35 @@ def test_copy_blocks_bad_ids(rng, src, dst, match):
     )
 
 
+@pytest.mark.parametrize("num_blocks", [64, 6_000_000])  # the id checks' bitmap, then sort path
+@pytest.mark.parametrize("op", ["copy_blocks", "swap_blocks"])
+def test_repeated_block_ids_rejected_at_any_pool_size(rng, op, num_blocks):
+    cache = np.zeros((num_blocks, 1), np.uint8)
+    cache[:64, 0] = rng.integers(0, 255, 64, dtype=np.uint8)
+    cases = [
+        ([0, 1, 2], [40, 50, 40], r"dst must not name a block twice, got 40 twice"),
+        (
+            [0, 1, 50],
+            [40, 50, 60],
+            r"a block must not be both a source and a destination, got block 50",
+        ),
+    ]
+    for src, dst, match in cases:
+        ids = np.array(src, np.int32), np.array(dst, np.int32)
+        args = ([cache], *ids) if op == "copy_blocks" else (cache, cache, *ids)
+        expect_error(
+            lambda a=args: getattr(ts, op)(*a), ValueError, f"tinyserve.{op}: " + match, cache
+        )
+    # distinct ids, none both read and written: the copy happens
+    before = cache[:64, 0].copy()
+    src, dst = np.array([0, 1, 2], np.int32), np.array([40, 50, 63], np.int32)
+    if op == "copy_blocks":
+        ts.copy_blocks([cache], src, dst)
+    else:
+        ts.swap_blocks(cache, cache, src, dst)
+    np.testing.assert_array_equal(cache[dst, 0], before[src])
+
+
 def test_copy_blocks_bad_tensors(rng):
     good = rng.standard_normal((6, 4, 2, 8)).astype(np.float32)
     ids = np.array([0], np.int32), np.array([1], np.int32)
