@@ -515,6 +515,14 @@ def staggered_workload(rng, count=7):
     return prompts, lengths
 
 
+def outgrown_budget_workload(rng):
+    """Four prompts of 24 or 25 tokens joining one per step (7 or 8 pages once all four
+    decode) and 20 new tokens each (up to 11 pages), with a budget of 8 pages: the first
+    decode-only steps fit the budget, the later ones select."""
+    prompts = shared_prefix_prompts(rng, 4, suffix_range=(1, 3))
+    return prompts, [20] * 4, 8 * BLOCK_SIZE
+
+
 def expected_tokens(runner, prompts, lengths):
     return [transformers_generate(runner, [p], n)[0] for p, n in zip(prompts, lengths)]
 
@@ -554,8 +562,34 @@ def test_padded_decode_buffers_give_transformers_tokens(rng, heads, sparse):
     assert [g[0] for g in got] == expected_tokens(runner, prompts, lengths)
     assert engine.stats.cuda_graph_steps > 0
     assert engine.stats.cuda_graph_steps < engine.stats.steps  # prefill steps ran eagerly
-    if sparse:
-        assert engine.stats.sparse_decode_steps > 0
+    if sparse:  # every sequence fits the budget: the dense graphs replay
+        assert engine.stats.sparse_fitting_steps > 0
+        assert engine.stats.sparse_decode_steps == 0
+
+
+@needs_select_pages
+def test_padded_decode_buffers_select_like_eager_steps(rng):
+    """A budget that the first request fits and later ones outgrow: the padded static buffers
+    (``capture=False``) replay the dense forward while every sequence fits and the selecting
+    one after, and give the eager engine's tokens."""
+    runner = random_model(6, 2, seed=int(rng.integers(1 << 31)))
+    prompts, lengths, budget_tokens = outgrown_budget_workload(rng)
+    longest = max(len(p) + n for p, n in zip(prompts, lengths))
+    eager = make_engine(runner, sparse_budget_tokens=budget_tokens)
+    graphs = make_engine(runner, sparse_budget_tokens=budget_tokens)
+    graphs.graphs = DecodeGraphs(
+        runner,
+        graphs.kv_cache,
+        batch_sizes=GRAPH_SIZES,
+        max_blocks=math.ceil(longest / BLOCK_SIZE) + 1,
+        sparse_budget=graphs.sparse_budget,
+        capture=False,
+    )
+    want = run_staggered(eager, prompts, lengths)
+    assert run_staggered(graphs, prompts, lengths) == want
+    for engine in (eager, graphs):
+        assert engine.stats.sparse_decode_steps > 0 and engine.stats.sparse_fitting_steps > 0
+    assert graphs.stats.cuda_graph_steps > 0
 
 
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
@@ -713,7 +747,23 @@ def test_cuda_graphs_sparse_decode_with_a_full_budget_gives_the_dense_tokens(rng
     graphs, _ = graph_engines(runner, sparse_budget_tokens=longest + BLOCK_SIZE)
     got = run_staggered(graphs, prompts, lengths)
     assert [g[0] for g in got] == expected_tokens(runner, prompts, lengths)
-    assert graphs.stats.sparse_decode_steps > 0 and graphs.stats.cuda_graph_steps > 0
+    # Every sequence fits the budget: the dense graphs replay.
+    assert graphs.stats.sparse_fitting_steps > 0 and graphs.stats.cuda_graph_steps > 0
+    assert graphs.stats.sparse_decode_steps == 0
+
+
+@needs_select_pages
+@pytest.mark.cuda
+def test_cuda_graphs_select_like_eager_steps(rng):
+    """A budget that the first request fits and later ones outgrow: replays of the dense and the
+    selecting graphs give the eager engine's tokens (float32)."""
+    runner = random_model(6, 2, seed=int(rng.integers(1 << 31)), device="cuda")
+    prompts, lengths, budget_tokens = outgrown_budget_workload(rng)
+    graphs, eager = graph_engines(runner, sparse_budget_tokens=budget_tokens)
+    assert run_staggered(graphs, prompts, lengths) == run_staggered(eager, prompts, lengths)
+    for engine in (eager, graphs):
+        assert engine.stats.sparse_decode_steps > 0 and engine.stats.sparse_fitting_steps > 0
+    assert graphs.stats.cuda_graph_steps > 0
 
 
 @pytest.mark.cuda

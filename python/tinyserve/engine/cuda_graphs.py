@@ -15,8 +15,10 @@ What makes one capture valid for every later step of its batch size:
   planned for the longest sequence the captured table can hold (``max_seq_len`` of the captured
   batch is the table's capacity), so it is valid whatever the lengths of a replay; a shorter
   sequence leaves some splits with no keys;
-- sparse decode's ``select_pages`` runs inside the graph too (its output table and lengths are
-  graph memory), so the pages are chosen again on every replay;
+- with sparse decode each bucket is captured twice: with ``select_pages`` inside the graph (its
+  output table and lengths are graph memory, so the pages are chosen again on every replay),
+  and dense, replayed for steps where every sequence fits the budget (selection would keep
+  every page: the dense graph reads the same keys without selection's launches);
 - rows beyond the step's batch (padding up to the bucket) write nowhere (slot -1, which
   ``reshape_and_cache`` skips) and attend to nothing (length 0); their logits are never read.
   The model computes every row independently apart from attention, so padding rows cannot
@@ -49,7 +51,8 @@ class DecodeGraphs:
 
     ``max_blocks``: the widest block table a replay may bring (blocks per sequence), fixed at
     capture. ``sparse_budget``: pages per query for sparse decode (0: dense), as in
-    :class:`~tinyserve.engine.kv.AttentionBatch`. ``capture=False`` captures nothing and runs
+    :class:`~tinyserve.engine.kv.AttentionBatch`; with it, each batch size has a selecting and
+    a dense graph. ``capture=False`` captures nothing and runs
     the forward eagerly over the same padded static buffers that a replay reads (any device):
     the padding and bucketing checked without a GPU."""
 
@@ -104,25 +107,30 @@ class DecodeGraphs:
         # Recorded after each copy out of the staging buffer, which the next step overwrites.
         self._copied = torch.cuda.Event() if self.captured else None
         self.pool = torch.cuda.graph_pool_handle() if self.captured else None
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.sparse_budget = sparse_budget
+        # Keyed by (batch size, whether the graph selects pages).
+        self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._modes = [False, True] if sparse_budget else [False]
         capacity = max_blocks * kv_cache.block_size
         self._batches = {
-            size: AttentionBatch(
+            (size, select): AttentionBatch(
                 kv_cache=kv_cache,
                 slot_mapping=self._device_views["slot_mapping"][:size],
                 block_table=self._device_views["block_table"][:size],
                 seq_lens=self._device_views["seq_lens"][:size],
                 max_seq_len=capacity,  # splits planned for the longest sequence the table holds
                 decode_only=True,
-                sparse_budget=sparse_budget,
+                sparse_budget=sparse_budget if select else 0,
             )
             for size in sizes
+            for select in self._modes
         }
         # Largest first: the smaller graphs then fit in the memory the larger ones freed.
         if self.captured:
             with torch.cuda.device(device):
                 for size in reversed(sizes):
-                    self._capture(size)
+                    for select in self._modes:
+                        self._capture(size, select)
 
     def _views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
         rows, o = self.max_batch, self._offsets
@@ -141,13 +149,14 @@ class DecodeGraphs:
             ),
         }
 
-    def _forward(self, size: int) -> torch.Tensor:
+    def _forward(self, size: int, select: bool = True) -> torch.Tensor:
+        """The forward over the static buffers: selecting pages where ``select`` and the graphs
+        decode sparsely, densely otherwise."""
         v = self._device_views
-        return self.runner.forward(
-            v["token_ids"][:size], v["positions"][:size], self._batches[size], None
-        )
+        batch = self._batches[(size, select and bool(self.sparse_budget))]
+        return self.runner.forward(v["token_ids"][:size], v["positions"][:size], batch, None)
 
-    def _capture(self, size: int) -> None:
+    def _capture(self, size: int, select: bool) -> None:
         # torch's pattern: warm up on a side stream (lazy initialisation, tinyserve's split
         # plans and workspaces, cuBLAS handles) so that nothing allocates outside the pool or
         # synchronises during capture. The buffers hold padding only: nothing is written.
@@ -155,12 +164,12 @@ class DecodeGraphs:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._forward(size)
+                self._forward(size, select)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(size)
-        self._graphs[size] = (graph, logits)
+            logits = self._forward(size, select)
+        self._graphs[(size, select)] = (graph, logits)
 
     def bucket(self, batch: int) -> int | None:
         """The smallest captured batch size that holds ``batch`` rows, or None."""
@@ -179,10 +188,13 @@ class DecodeGraphs:
         slot_mapping: np.ndarray,
         block_table: np.ndarray,
         seq_lens: np.ndarray,
+        select: bool = True,
     ) -> torch.Tensor:
         """Logits ``[batch, vocab]`` (float32) of one decode step of ``batch = len(seq_lens)``
         sequences (one row each), after writing every row's keys and values into the cache.
-        The result is a view of the graph's output: read it before the next replay."""
+        With sparse decode, ``select=False`` replays the dense graph (for a step where every
+        sequence fits the budget). The result is a view of the graph's output: read it before
+        the next replay."""
         batch = len(seq_lens)
         width = block_table.shape[1]
         if not self.fits(batch, width):
@@ -208,9 +220,10 @@ class DecodeGraphs:
         h["seq_lens"][batch:size] = 0
         end = self._table_offset + 4 * size * self.max_blocks
         self._device[:end].copy_(self._host[:end], non_blocking=self.captured)
+        select = select and bool(self.sparse_budget)
         if not self.captured:
-            return self._forward(size)[:batch]
+            return self._forward(size, select)[:batch]
         self._copied.record()
-        graph, logits = self._graphs[size]
+        graph, logits = self._graphs[(size, select)]
         graph.replay()
         return logits[:batch]

@@ -71,8 +71,8 @@ class EngineStats:
     offloads: int = 0  # blocks moved to the host pool by preemption through the compactor
     recalls: int = 0  # blocks brought back from it
     sparse_decode_steps: int = 0  # decode steps that attended through select_pages
-    # Decode steps with sparse decode on where every sequence fit the budget, run eagerly: they
-    # attended densely (the same pages select_pages would keep, without its launches).
+    # Decode steps with sparse decode on where every sequence fit the budget: they attended
+    # densely (the same pages select_pages would keep, without its launches).
     sparse_fitting_steps: int = 0
     cuda_graph_steps: int = 0  # decode steps replayed from a captured CUDA graph
     peak_blocks_used: int = 0
@@ -124,10 +124,9 @@ class Engine:
     :class:`~tinyserve.engine.scheduler.Scheduler`); otherwise preemption recomputes.
     ``sparse_budget_tokens`` turns on sparse decode: each decode query reads the
     ``ceil(sparse_budget_tokens / block_size)`` pages that ``select_pages`` picks for it per KV
-    head (the pages' summaries are kept beside the cache); an eager step where every sequence
-    has no more pages than that attends densely (the same pages; the decode graphs below are
-    captured with selection). ``packed_prefill`` picks how prefill rows reach
-    ``paged_attention``: packed with ``query_start_loc`` (default), or each row as a
+    head (the pages' summaries are kept beside the cache); a step where every sequence has no
+    more pages than that attends densely (the same pages). ``packed_prefill`` picks how prefill
+    rows reach ``paged_attention``: packed with ``query_start_loc`` (default), or each row as a
     decode query (:func:`~tinyserve.engine.kv.build_attention_batch`).
 
     ``cuda_graphs`` (on a CUDA device; ignored elsewhere): decode steps replay CUDA graphs of
@@ -135,8 +134,9 @@ class Engine:
     ``cuda_graph_batch_sizes`` (default: 1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, ... up to
     ``min(max_num_seqs, 256)``); a step of ``B`` decodes runs the smallest captured size
     ``>= B``, the extra rows padding that writes and reads nothing
-    (:class:`~tinyserve.engine.cuda_graphs.DecodeGraphs`). Steps with prefill rows, and decode
-    steps larger than the largest size, run eagerly."""
+    (:class:`~tinyserve.engine.cuda_graphs.DecodeGraphs`; with sparse decode, each size is
+    captured selecting and dense). Steps with prefill rows, and decode steps larger than the
+    largest size, run eagerly."""
 
     def __init__(
         self,
@@ -305,13 +305,12 @@ class Engine:
             and self.graphs is not None
             and self.graphs.fits(len(plan.seqs), table.shape[1])
         )
-        # Eager steps select only where some sequence outgrew the budget; the decode graphs
-        # were captured with selection.
+        # Selection only where some sequence outgrew the budget.
         sparse_budget = step_sparse_budget(
             self.sparse_budget, decode_only, lens, self.kv_cache.block_size
         )
         if self.sparse_budget and decode_only:
-            if sparse_budget or use_graph:
+            if sparse_budget:
                 self.stats.sparse_decode_steps += 1
             else:
                 self.stats.sparse_fitting_steps += 1
@@ -323,7 +322,12 @@ class Engine:
         ]
         if use_graph:
             logits = self.graphs.run(
-                token_ids, positions, arrays["slot_mapping"], table, arrays["seq_lens"]
+                token_ids,
+                positions,
+                arrays["slot_mapping"],
+                table,
+                arrays["seq_lens"],
+                select=bool(sparse_budget),
             )
             if len(finishing) < len(plan.seqs):  # a one-token prefill chunk, not its last
                 logits = logits[torch.tensor(finishing, dtype=torch.long, device=logits.device)]
