@@ -8,10 +8,12 @@ median per-call GPU time of a CUDA graph of 10 back-to-back steps (CUDA events, 
 replays). Reported: dense, select_pages alone, sparse attention alone, select + sparse, the
 speed-up, selection's share of the sparse step, the top-k and scoring kernels alone (from
 torch.profiler's kernel times) and the scoring kernel's read rate over the summaries; with
---sparse-splits, the sparse attention at fixed split counts too.
+--sparse-splits, the sparse attention at fixed split counts too. --layout HND stores the caches
+[blocks, KV heads, page, head_dim] (passed as the permuted view): a KV head's keys of one page
+are then contiguous, which is what sparse attention over per-KV-head tables reads.
 
     python benchmarks/bench_selection.py [--json results.json] [--summary meanstd]
-                                         [--sparse-splits 8,16,32]
+                                         [--sparse-splits 8,16,32] [--layout NHD|HND]
 """
 
 from __future__ import annotations
@@ -69,12 +71,18 @@ def kernel_us(fn, name: str, calls: int = 20) -> float:
         return float("nan")
 
 
-def case(batch: int, context: int, summary: str, gen: torch.Generator):
+def case(batch: int, context: int, summary: str, gen: torch.Generator, layout: str = "NHD"):
     pages = context // PAGE
     num_blocks = batch * pages + 1
     dev = "cuda"
-    kc = torch.randn(num_blocks, PAGE, HEADS_KV, HEAD_DIM, generator=gen, device=dev).half()
-    vc = torch.randn(num_blocks, PAGE, HEADS_KV, HEAD_DIM, generator=gen, device=dev).half()
+
+    def cache():
+        if layout == "HND":  # storage [blocks, heads, page, dim], passed as the NHD view
+            store = torch.randn(num_blocks, HEADS_KV, PAGE, HEAD_DIM, generator=gen, device=dev)
+            return store.half().transpose(1, 2)
+        return torch.randn(num_blocks, PAGE, HEADS_KV, HEAD_DIM, generator=gen, device=dev).half()
+
+    kc, vc = cache(), cache()
     perm = torch.randperm(num_blocks - 1, generator=gen, device=dev).int()
     table = perm.view(batch, pages).contiguous()
     lens = torch.full((batch,), context, dtype=torch.int32, device=dev)
@@ -84,8 +92,10 @@ def case(batch: int, context: int, summary: str, gen: torch.Generator):
     return q, kc, vc, table, lens, meta
 
 
-def run_shape(batch: int, context: int, summary: str, gen, sparse_splits=()) -> dict:
-    q, kc, vc, table, lens, meta = case(batch, context, summary, gen)
+def run_shape(
+    batch: int, context: int, summary: str, gen, sparse_splits=(), layout: str = "NHD"
+) -> dict:
+    q, kc, vc, table, lens, meta = case(batch, context, summary, gen, layout)
     budget = BUDGET_TOKENS // PAGE
     out = torch.empty_like(q)
     sel_t = torch.empty(batch, HEADS_KV, budget, dtype=torch.int32, device="cuda")
@@ -124,7 +134,7 @@ def run_shape(batch: int, context: int, summary: str, gen, sparse_splits=()) -> 
         select()
         sparse()
 
-    r = {"batch": batch, "context": context, "summary": summary}
+    r = {"batch": batch, "context": context, "summary": summary, "layout": layout}
     r["dense_us"] = 1e3 * median_ms(dense)
     r["select_us"] = 1e3 * median_ms(select)
     r["sparse_attention_us"] = 1e3 * median_ms(sparse)
@@ -167,14 +177,18 @@ def main() -> None:
         default="",
         help="comma-separated split counts: also time the sparse attention at each",
     )
+    parser.add_argument("--layout", default="NHD", choices=["NHD", "HND"])
     args = parser.parse_args()
     splits = [int(x) for x in args.sparse_splits.split(",") if x]
     gen = torch.Generator(device="cuda").manual_seed(0)
-    rows = [run_shape(b, c, args.summary, gen, splits) for b, c in SHAPES]
+    rows = [run_shape(b, c, args.summary, gen, splits, args.layout) for b, c in SHAPES]
     torch.cuda.empty_cache()
     commit_id = commit()
     device = torch.cuda.get_device_name()
-    print(f"# {device}, {datetime.date.today()}, commit {commit_id}, summary {args.summary}")
+    print(
+        f"# {device}, {datetime.date.today()}, commit {commit_id}, summary {args.summary}, "
+        f"{args.layout} caches"
+    )
     print(
         "| batch x context | dense us | select us | sparse attn us | select+sparse us | speed-up "
         "| selection share | top-k kernel us | score kernel us | score kernel TB/s |"
