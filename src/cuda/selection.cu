@@ -334,8 +334,10 @@ __device__ __forceinline__ float page_term(PageSummary kind, const float* q, con
   float s = 0.0f;
 #pragma unroll
   for (int v = 0; v < VEC; ++v) {
-    s += kind == PageSummary::MinMax ? fmaxf(q[v] * lo[v], q[v] * hi[v])
-                                     : fmaf(q[v], lo[v], fabsf(q[v]) * hi[v]);
+    const float a = q[v] * lo[v], b = q[v] * hi[v];
+    s += kind == PageSummary::MinMax         ? fmaxf(a, b)
+         : kind == PageSummary::MinMaxDamped ? fmaf(0.75f, fmaxf(a, b), 0.25f * fminf(a, b))
+                                             : fmaf(q[v], lo[v], fabsf(q[v]) * hi[v]);
   }
   return s;
 }
