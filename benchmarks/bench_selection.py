@@ -9,7 +9,7 @@ replays). Reported: dense, select_pages alone, sparse attention alone, select + 
 speed-up, selection's share of the sparse step, and the selection kernel alone (the top-k
 part, from torch.profiler's kernel times) for 8 x 2048 pages.
 
-    python benchmarks/bench_selection.py [--json results.json] [--summary meanstd]
+    python benchmarks/bench_selection.py [--json results.json] [--summary NAME]
 """
 
 from __future__ import annotations
@@ -134,7 +134,9 @@ def run_shape(batch: int, context: int, summary: str, gen) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json")
-    parser.add_argument("--summary", default=ts.DEFAULT_SUMMARY, choices=["minmax", "meanstd"])
+    parser.add_argument(
+        "--summary", default=ts.DEFAULT_SUMMARY, choices=["minmax_damped", "minmax", "meanstd"]
+    )
     args = parser.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = [run_shape(b, c, args.summary, gen) for b, c in SHAPES]

@@ -110,9 +110,9 @@ void bind_ops(nb::module_& m) {
         }
       },
       "key"_a.none(), "value"_a.none(), "key_cache"_a.none(), "value_cache"_a.none(),
-      "slot_mapping"_a.none(), "page_meta"_a.none() = nb::none(), "summary"_a.none() = "minmax_damped",
-      "k_scale"_a.none() = nb::none(), "v_scale"_a.none() = nb::none(),
-      "kv_dtype"_a.none() = nb::none(), "stream"_a.none() = 0,
+      "slot_mapping"_a.none(), "page_meta"_a.none() = nb::none(),
+      "summary"_a.none() = "minmax_damped", "k_scale"_a.none() = nb::none(),
+      "v_scale"_a.none() = nb::none(), "kv_dtype"_a.none() = nb::none(), "stream"_a.none() = 0,
       nb::sig("def reshape_and_cache(key: typing.Any, value: typing.Any, key_cache: typing.Any, "
               "value_cache: typing.Any, slot_mapping: typing.Any, page_meta: typing.Any | None = "
               "None, summary: str = 'minmax_damped', k_scale: typing.Any | None = None, v_scale: "
@@ -135,9 +135,10 @@ void bind_ops(nb::module_& m) {
       },
       "key_cache"_a.none(), "block_table"_a.none(), "seq_lens"_a.none(), "page_meta"_a.none(),
       "summary"_a.none() = "minmax_damped", "stream"_a.none() = 0,
-      nb::sig("def build_page_meta(key_cache: typing.Any, block_table: typing.Any, seq_lens: "
-              "typing.Any, page_meta: typing.Any, summary: str = 'minmax_damped', stream: int = 0) -> "
-              "None"));
+      nb::sig(
+          "def build_page_meta(key_cache: typing.Any, block_table: typing.Any, seq_lens: "
+          "typing.Any, page_meta: typing.Any, summary: str = 'minmax_damped', stream: int = 0) -> "
+          "None"));
 
   m.def(
       "select_pages",

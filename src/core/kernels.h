@@ -58,7 +58,7 @@ struct ReshapeAndCacheParams {
   int head_dim = 0;
   int block_size = 0;
   std::int64_t num_blocks = 0;
-  PageMetaDesc page_meta;  // updated from the keys written when data is set
+  PageMetaDesc page_meta;                     // updated from the keys written when data is set
   PageSummary summary = PageSummary::MinMax;  // the rows: MinMax or MeanStd
   int device_index = 0;
 };
