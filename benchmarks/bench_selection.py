@@ -6,10 +6,12 @@ float16, 32 query / 8 KV heads, head_dim 128, page 16, pages in random physical 
 where select_pages copies the table and the step must cost no more than dense). Each time is the
 median per-call GPU time of a CUDA graph of 10 back-to-back steps (CUDA events, median of 20
 replays). Reported: dense, select_pages alone, sparse attention alone, select + sparse, the
-speed-up, selection's share of the sparse step, and the selection kernel alone (the top-k
-part, from torch.profiler's kernel times) for 8 x 2048 pages.
+speed-up, selection's share of the sparse step, the top-k and scoring kernels alone (from
+torch.profiler's kernel times) and the scoring kernel's read rate over the summaries; with
+--sparse-splits, the sparse attention at fixed split counts too.
 
     python benchmarks/bench_selection.py [--json results.json] [--summary NAME]
+                                         [--sparse-splits 8,16,32]
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def case(batch: int, context: int, summary: str, gen: torch.Generator):
     return q, kc, vc, table, lens, meta
 
 
-def run_shape(batch: int, context: int, summary: str, gen) -> dict:
+def run_shape(batch: int, context: int, summary: str, gen, sparse_splits=()) -> dict:
     q, kc, vc, table, lens, meta = case(batch, context, summary, gen)
     budget = BUDGET_TOKENS // PAGE
     out = torch.empty_like(q)
@@ -107,12 +109,15 @@ def run_shape(batch: int, context: int, summary: str, gen) -> dict:
         )  # fmt: skip
 
     select()
-    sparse_ws_bytes = ts.plan_paged_attention(q, kc, sel_t, max_seq_len=BUDGET_TOKENS)[1]
+    # The longest key range a selected table holds: the budget, or the context where it is
+    # shorter (a host-known bound, as dense decode's max_seq_len=context).
+    sparse_max = min(BUDGET_TOKENS, context)
+    sparse_ws_bytes = ts.plan_paged_attention(q, kc, sel_t, max_seq_len=sparse_max)[1]
     sparse_ws = torch.empty(max(sparse_ws_bytes, 16), dtype=torch.uint8, device="cuda")
 
     def sparse():
         ts.paged_attention(
-            q, kc, vc, sel_t, sel_l, out, max_seq_len=BUDGET_TOKENS, workspace=sparse_ws
+            q, kc, vc, sel_t, sel_l, out, max_seq_len=sparse_max, workspace=sparse_ws
         )
 
     def step():
@@ -126,8 +131,30 @@ def run_shape(batch: int, context: int, summary: str, gen) -> dict:
     r["step_us"] = 1e3 * median_ms(step)
     r["speedup"] = r["dense_us"] / r["step_us"]
     r["selection_share"] = r["select_us"] / r["step_us"]
-    r["topk_kernel_us"] = kernel_us(select, "select_pages_kernel")
-    r["score_kernel_us"] = kernel_us(select, "score_pages_kernel")
+    # Either kernel of each step (the page-wide scoring kernel or its row-by-row fallback; the
+    # shared-memory top-k or its global-memory fallback).
+    r["topk_kernel_us"] = kernel_us(select, "select_pages_")
+    r["score_kernel_us"] = kernel_us(select, "score_pages_")
+    # The scoring kernel's read rate: every page's summary (both rows, every KV head), once.
+    # (None where every sequence fits the budget: nothing is scored.)
+    summary_bytes = batch * (context // PAGE) * meta[0].numel() * meta.element_size()
+    r["score_read_tb_s"] = (
+        summary_bytes / (r["score_kernel_us"] * 1e-6) / 1e12 if context // PAGE > budget else None
+    )
+    # Sparse attention at fixed split counts beside the planned one (tuning the planner for
+    # per-KV-head tables).
+    r["sparse_by_splits_us"] = {}
+    for splits in sparse_splits:
+        ws_n = ts.plan_paged_attention(q, kc, sel_t, max_seq_len=sparse_max, num_splits=splits)[1]
+        ws_split = torch.empty(max(ws_n, 16), dtype=torch.uint8, device="cuda")
+
+        def sparse_fixed(splits=splits, ws_split=ws_split):
+            ts.paged_attention(
+                q, kc, vc, sel_t, sel_l, out, max_seq_len=sparse_max, num_splits=splits,
+                workspace=ws_split,
+            )  # fmt: skip
+
+        r["sparse_by_splits_us"][splits] = 1e3 * median_ms(sparse_fixed)
     return r
 
 
@@ -137,26 +164,43 @@ def main() -> None:
     parser.add_argument(
         "--summary", default=ts.DEFAULT_SUMMARY, choices=["minmax_damped", "minmax", "meanstd"]
     )
+    parser.add_argument(
+        "--sparse-splits",
+        default="",
+        help="comma-separated split counts: also time the sparse attention at each",
+    )
     args = parser.parse_args()
+    splits = [int(x) for x in args.sparse_splits.split(",") if x]
     gen = torch.Generator(device="cuda").manual_seed(0)
-    rows = [run_shape(b, c, args.summary, gen) for b, c in SHAPES]
+    rows = [run_shape(b, c, args.summary, gen, splits) for b, c in SHAPES]
     torch.cuda.empty_cache()
     commit_id = commit()
     device = torch.cuda.get_device_name()
     print(f"# {device}, {datetime.date.today()}, commit {commit_id}, summary {args.summary}")
     print(
         "| batch x context | dense us | select us | sparse attn us | select+sparse us | speed-up "
-        "| selection share | top-k kernel us | score kernel us |"
+        "| selection share | top-k kernel us | score kernel us | score kernel TB/s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['batch']} x {r['context'] // 1024}k | {r['dense_us']:.1f} "
             f"| {r['select_us']:.1f} "
             f"| {r['sparse_attention_us']:.1f} | {r['step_us']:.1f} | {r['speedup']:.2f}x "
             f"| {100 * r['selection_share']:.0f}% | {r['topk_kernel_us']:.1f} "
-            f"| {r['score_kernel_us']:.1f} |"
+            f"| {r['score_kernel_us']:.1f} "
+            f"| {'-' if r['score_read_tb_s'] is None else format(r['score_read_tb_s'], '.2f')} |"
         )
+    if splits:
+        print("\nSparse attention (us) at fixed split counts:")
+        print("| batch x context | planned | " + " | ".join(f"{n} splits" for n in splits) + " |")
+        print("|---|---|" + "---|" * len(splits))
+        for r in rows:
+            fixed = " | ".join(f"{r['sparse_by_splits_us'][n]:.1f}" for n in splits)
+            print(
+                f"| {r['batch']} x {r['context'] // 1024}k | {r['sparse_attention_us']:.1f} "
+                f"| {fixed} |"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": device, "commit": commit_id, "rows": rows}, f, indent=1)

@@ -68,7 +68,8 @@ fi
 if [ -z "${QUICK:-}" ]; then  # the selection kernels under the sanitizers, through their GPU tests
 for tool in memcheck racecheck; do
   compute-sanitizer --tool $tool --error-exitcode 9 $PY -m pytest -q -p no:cacheprovider \
-    tests/python/test_selection.py -m cuda -k "not graph" > "$OUT/$tool-selection.log" 2>&1
+    tests/python/test_selection.py tests/python/test_selection_cuda.py -m cuda \
+    -k "not graph and not long_sequences and not scoring_paths" > "$OUT/$tool-selection.log" 2>&1
   echo "compute-sanitizer --tool $tool test_selection (cuda): rc=$? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$tool-selection.log" | tail -1))"
 done
 fi

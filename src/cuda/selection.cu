@@ -6,10 +6,13 @@
 // write one page, so no atomics are needed and the result does not depend on scheduling.
 //
 // Selection: a scoring kernel spread over (sequence, page range) writes one float score per
-// (sequence, KV head, page) into the caller's scratch; a selection kernel, one thread block per
-// (sequence, KV head), finds the k-th largest score by radix select (four 8-bit passes), keeps
-// the pages above it and the lowest-indexed pages equal to it, and writes them in logical order
-// with two block scans. Grids depend only on host-known shapes: graph capturable, no host sync.
+// (sequence, KV head, page) into the caller's scratch; its warps each load whole pages (every KV
+// head's summary rows at once). A selection kernel, one thread block per (sequence, KV head),
+// reads that row of scores into shared memory once, finds the k-th largest by radix select (three
+// passes of 11, 11 and 10 bits), keeps the pages above it and the lowest-indexed pages equal to
+// it, and writes them in logical order after one block scan; it is launched to overlap the
+// scoring kernel's end (programmatic dependent launch, sm_90) and waits for it on the device.
+// Grids depend only on host-known shapes: graph capturable, no host sync.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -20,9 +23,11 @@
 #include <type_traits>
 
 #include "core/kernels.h"
+#include "cuda/attention/split_plan.cuh"
 #include "cuda/common.cuh"
 #include "cuda/dtypes.cuh"
 #include "cuda/page_meta.cuh"
+#include "cuda/ptx.cuh"
 
 namespace tinyserve::kernels::cuda {
 namespace {
@@ -30,7 +35,9 @@ namespace {
 // Elements (head, dim) of one page that a thread folds per tile.
 constexpr int kPerThread = 4;
 
-// One thread's share of a page summary while it is built, over a tile of elements.
+// One thread's share of a page summary while it is built, over a tile of elements: MinMax keeps
+// (min, max); MeanStd keeps the running mean and the sum of squared deviations from it (Welford),
+// since E[x^2] - E[x]^2 in float32 loses a small standard deviation to cancellation.
 struct Accumulator {
   float a[kPerThread], b[kPerThread];
   int count;
@@ -44,15 +51,17 @@ __device__ __forceinline__ void acc_reset(Accumulator& acc, PageSummary kind) {
   acc.count = 0;
 }
 
+// `n`: the number of keys folded so far, this one included (MeanStd's running mean needs it).
 template <class T>
-__device__ __forceinline__ void acc_fold(Accumulator& acc, int i, PageSummary kind, T key) {
+__device__ __forceinline__ void acc_fold(Accumulator& acc, int i, PageSummary kind, T key, int n) {
   const float x = to_float(key);
   if (kind == PageSummary::MinMax) {
     acc.a[i] = fminf(acc.a[i], x);
     acc.b[i] = fmaxf(acc.b[i], x);
   } else {
-    acc.a[i] += x;
-    acc.b[i] = fmaf(x, x, acc.b[i]);
+    const float delta = x - acc.a[i];
+    acc.a[i] += delta / float(n);
+    acc.b[i] = fmaf(delta, x - acc.a[i], acc.b[i]);
   }
 }
 
@@ -64,8 +73,8 @@ __device__ __forceinline__ void acc_load(Accumulator& acc, int i, PageSummary ki
     acc.a[i] = x;
     acc.b[i] = y;
   } else {
-    acc.a[i] = float(n) * x;
-    acc.b[i] = float(n) * fmaf(y, y, x * x);
+    acc.a[i] = x;
+    acc.b[i] = float(n) * y * y;
   }
 }
 
@@ -77,10 +86,8 @@ __device__ __forceinline__ void acc_store(const Accumulator& acc, int i, PageSum
     *r1 = from_float<T>(acc.b[i]);
   } else {
     const float n = float(max(acc.count, 1));
-    const float mean = acc.a[i] / n;
-    const float var = fmaxf(0.0f, acc.b[i] / n - mean * mean);
-    *r0 = from_float<T>(mean);
-    *r1 = from_float<T>(sqrtf(var));
+    *r0 = from_float<T>(acc.a[i]);
+    *r1 = from_float<T>(sqrtf(fmaxf(0.0f, acc.b[i] / n)));
   }
 }
 
@@ -204,7 +211,8 @@ __global__ void update_page_meta_kernel(const __grid_constant__ UpdateArgs a) {
             const int e = first + i * blockDim.x + threadIdx.x;
             if (e >= elements) break;
             const int h = e / a.head_dim, d = e - h * a.head_dim;
-            acc_fold(acc, i, a.kind, key[t * a.key_stride_token + h * a.key_stride_head + d]);
+            acc_fold(acc, i, a.kind, key[t * a.key_stride_token + h * a.key_stride_head + d],
+                     acc.count + m + 1);
           }
         }
         acc.count += found;
@@ -260,7 +268,7 @@ __global__ void build_page_meta_kernel(const __grid_constant__ BuildArgs a) {
         const int e = first + i * blockDim.x + threadIdx.x;
         if (e >= elements) break;
         const int h = e / a.head_dim, d = e - h * a.head_dim;
-        acc_fold(acc, i, a.kind, kc[t * a.kc_stride_token + h * a.kc_stride_head + d]);
+        acc_fold(acc, i, a.kind, kc[t * a.kc_stride_token + h * a.kc_stride_head + d], t + 1);
       }
     }
     acc.count = tokens;
@@ -296,6 +304,7 @@ struct SelectArgs {
   int num_q_heads, num_kv_heads, head_dim, block_size;
   int budget, num_sink_pages;
   int pages_per_block;  // scoring: pages per thread block
+  int lanes_per_head;   // page-wide scoring: lanes sharing one summary row (a power of two)
   PageSummary kind;
   GroupReduce reduce;
 };
@@ -308,6 +317,298 @@ __device__ __forceinline__ std::int64_t clamped_length(const SelectArgs& a, int 
   const std::int64_t capacity = std::int64_t(a.max_blocks) * a.block_size;
   return min(max(std::int64_t(a.seq_lens[b]), std::int64_t(0)), capacity);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Scoring, page-wide: the summaries of one page for all KV heads are loaded by one warp at once.
+//
+// A page's summary rows are 16-byte aligned and head_dim splits into whole 16-byte chunks. Lanes
+// form groups of lanes_per_head (the chunks of a row, rounded up to a power of two, at most 32);
+// each group takes one (page, KV head) item, each lane K chunks of both rows of it. A warp walks a
+// run of consecutive pages of one sequence, its items (page-major) kScoreSlots / K per group at a
+// time: all their loads are issued before any arithmetic (128 bytes per lane in flight), the block
+// ids of the next 32 pages come from one coalesced load, and each group reduces its item's sum
+// with log2(lanes_per_head) shuffles.
+//
+// With the group's scores summed (and more than one query head per KV head) the query heads are
+// folded into two weight vectors per KV head before the pages are read:
+//   meanstd: sum_g (q_g . mean + |q_g| . std) = (sum_g q_g) . mean + (sum_g |q_g|) . std
+//   minmax:  sum_g max(q_g * min, q_g * max) = (sum_g min(q_g, 0)) . min + (sum_g max(q_g, 0)) .
+//   max
+//   minmax_damped: sum_g (3/4 max(q_g * min, q_g * max) + 1/4 min(q_g * min, q_g * max))
+//            = (sum_g 3/4 min(q_g, 0) + 1/4 max(q_g, 0)) . min
+//            + (sum_g 3/4 max(q_g, 0) + 1/4 min(q_g, 0)) . max
+// (the last two hold elementwise since min <= max), so a page costs one dot product per KV head
+// whatever the group size. The result is the reference's up to float32 rounding of a reordered
+// sum. With the maximum, each query head is scored on its own from the query.
+
+enum class ScoreMode { Folded, PerHeadMinMax, PerHeadMinMaxDamped, PerHeadMeanStd };
+
+constexpr int kScoreSlots = 4;  // 16-byte chunks of each summary row a lane loads per round
+
+template <class T>
+constexpr int kChunkElems = 16 / int(sizeof(T));
+
+template <class T>
+__device__ __forceinline__ void chunk_to_float(const uint4& v, float (&out)[kChunkElems<T>]) {
+  const std::uint32_t w[4] = {v.x, v.y, v.z, v.w};
+  if constexpr (std::is_same_v<T, float>) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) out[i] = __uint_as_float(w[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const T* pair = reinterpret_cast<const T*>(&w[i]);
+      out[2 * i] = to_float(pair[0]);
+      out[2 * i + 1] = to_float(pair[1]);
+    }
+  }
+}
+
+// Weights and queries sit in shared memory by quarter-chunk: element d of a row (chunk c = d /
+// N, of `chunks` per row) is float j % 4 of float4 (j / 4) * chunks + c, where j = d % N. The
+// lanes of a group read their chunks' first float4s as consecutive 16-byte words, then their
+// second ones (16-bit rows have two per chunk): no bank conflicts.
+template <int N>
+__device__ __forceinline__ int quarter_slot(int d, int chunks) {
+  const int j = d % N, c = d / N;
+  return ((j / 4) * chunks + c) * 4 + j % 4;
+}
+
+template <int N>
+__device__ __forceinline__ float4 quarter(const float* row, int chunk, int chunks, int i) {
+  return *reinterpret_cast<const float4*>(row + ((i / 4) * chunks + chunk) * 4);
+}
+
+// sum_i w0[i] * lo[i] + w1[i] * hi[i] over one chunk of two weight rows in shared memory.
+template <int N>
+__device__ __forceinline__ float weighted_chunk(const float* w0, const float* w1, int chunk,
+                                                int chunks, const float (&lo)[N],
+                                                const float (&hi)[N]) {
+  float s = 0.0f;
+#pragma unroll
+  for (int i = 0; i < N; i += 4) {
+    const float4 a = quarter<N>(w0, chunk, chunks, i);
+    const float4 c = quarter<N>(w1, chunk, chunks, i);
+    s = fmaf(a.x, lo[i], s);
+    s = fmaf(a.y, lo[i + 1], s);
+    s = fmaf(a.z, lo[i + 2], s);
+    s = fmaf(a.w, lo[i + 3], s);
+    s = fmaf(c.x, hi[i], s);
+    s = fmaf(c.y, hi[i + 1], s);
+    s = fmaf(c.z, hi[i + 2], s);
+    s = fmaf(c.w, hi[i + 3], s);
+  }
+  return s;
+}
+
+// One query head's score terms over one chunk of its row in shared memory.
+template <ScoreMode M, int N>
+__device__ __forceinline__ float query_chunk(const float* q, int chunk, int chunks,
+                                             const float (&lo)[N], const float (&hi)[N]) {
+  float s = 0.0f;
+#pragma unroll
+  for (int i = 0; i < N; i += 4) {
+    const float4 v = quarter<N>(q, chunk, chunks, i);
+    const float x[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float a = x[j] * lo[i + j], b = x[j] * hi[i + j];
+      if constexpr (M == ScoreMode::PerHeadMinMax) {
+        s += fmaxf(a, b);
+      } else if constexpr (M == ScoreMode::PerHeadMinMaxDamped) {
+        s += fmaf(0.75f, fmaxf(a, b), 0.25f * fminf(a, b));
+      } else {
+        s += fmaf(x[j], lo[i + j], fabsf(x[j]) * hi[i + j]);
+      }
+    }
+  }
+  return s;
+}
+
+// 16 bytes of a summary, read once per call: not kept in L1, first out of L2 (the scores and
+// tables that the selection and attention kernels read next stay there).
+__device__ __forceinline__ uint4 load_summary_chunk(const void* p) {
+  // Not volatile: both are pure (the summaries do not change during the call), so the compiler
+  // may share the policy between loads and schedule the loads freely.
+  std::uint64_t policy;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p), "l"(policy));
+  return v;
+}
+
+// Where a lane group's items of one round are, and which of their pieces this lane holds.
+struct WideLanes {
+  int lanes, groups, slot, group, chunks, heads;
+};
+
+// Issues one round's loads: for r < kRounds, item first_item + r * groups + group of the current
+// 32-page window (block ids in lane_block, lane j holding page j), both rows, K pieces per lane.
+// Missing items and pieces read as zeros.
+template <class T, int K, int kRounds>
+__device__ __forceinline__ void load_round(const SelectArgs& a, const T* meta,
+                                           std::int32_t lane_block, int first_item, int items,
+                                           const WideLanes& w, uint4 (&lo)[kRounds][K],
+                                           uint4 (&hi)[kRounds][K], bool (&valid)[kRounds]) {
+  constexpr int kVec = kChunkElems<T>;
+#pragma unroll
+  for (int r = 0; r < kRounds; ++r) {
+    const int item = first_item + r * w.groups + w.group;
+    const int page = item / w.heads, h = item - page * w.heads;
+    const std::int64_t block = __shfl_sync(0xffffffffu, lane_block, min(page, 31));
+    valid[r] = item < items && block >= 0 && block < a.num_blocks;
+    const T* row = meta + (valid[r] ? block : 0) * a.meta_stride_block + h * a.meta_stride_head;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int chunk = w.slot + k * w.lanes;
+      if (valid[r] && chunk < w.chunks) {
+        lo[r][k] = load_summary_chunk(row + chunk * kVec);
+        hi[r][k] = load_summary_chunk(row + a.meta_stride_row + chunk * kVec);
+      } else {
+        lo[r][k] = hi[r][k] = make_uint4(0, 0, 0, 0);
+      }
+    }
+  }
+}
+
+template <class T, int K, ScoreMode M>
+__global__ void __launch_bounds__(kScoreThreads)
+    score_pages_wide_kernel(const __grid_constant__ SelectArgs a) {
+  // Folded: [num_kv_heads][2][head_dim] weights; per head: [num_q_heads][head_dim] queries.
+  extern __shared__ __align__(16) float weights[];
+  // The selection kernel may be scheduled now: it waits for this grid before reading scores, and
+  // every thread block of this one is resident or done by the time the trigger takes effect.
+  ptx::allow_dependent_grids();
+  constexpr int kVec = kChunkElems<T>;
+  constexpr int kRounds = kScoreSlots / K;  // items per lane group per round
+  const int b = blockIdx.y;
+  const std::int64_t len = clamped_length(a, b);
+  const int pages = int((len + a.block_size - 1) / a.block_size);
+  if (pages <= a.budget) return;  // the selection kernel copies the table
+  const int begin = max(int(blockIdx.x) * a.pages_per_block, a.num_sink_pages);
+  const int end = min(int(blockIdx.x + 1) * a.pages_per_block, pages - 1);
+  if (begin >= end) return;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  constexpr int kWarps = kScoreThreads / 32;
+  const int per_warp = (end - begin + kWarps - 1) / kWarps;
+  const int run_begin = begin + warp * per_warp, run_end = min(end, run_begin + per_warp);
+  const std::int32_t* table = a.block_table + b * a.block_table_stride;
+  const T* meta = reinterpret_cast<const T*>(a.meta);
+  WideLanes w;
+  w.lanes = a.lanes_per_head;  // a power of two, 32 / lanes groups per warp
+  w.groups = 32 / w.lanes;
+  w.slot = lane & (w.lanes - 1);
+  w.group = lane / w.lanes;
+  w.chunks = a.head_dim / kVec;  // 16-byte chunks per summary row
+  w.heads = a.num_kv_heads;
+  const int step = kRounds * w.groups;  // items per round
+
+  // The warp walks its run in windows of 32 pages (block ids one per lane) and each window's
+  // (page, KV head) items in rounds. The first round's loads are issued before the weights are
+  // built, so their latency overlaps the query's.
+  int window = run_begin, first_item = 0;
+  int items = min(32, run_end - window) * w.heads;  // <= 0 for a warp without pages
+  std::int32_t lane_block = window + lane < run_end ? table[window + lane] : -1;
+  uint4 lo[kRounds][K], hi[kRounds][K];
+  bool valid[kRounds];
+  if (items > 0) load_round<T, K, kRounds>(a, meta, lane_block, 0, items, w, lo, hi, valid);
+
+  const int dim = a.head_dim;
+  const int group = a.num_q_heads / w.heads;
+  const T* query = reinterpret_cast<const T*>(a.query) + b * a.q_stride_batch;
+  if constexpr (M == ScoreMode::Folded) {
+    for (int i = threadIdx.x; i < w.heads * dim; i += blockDim.x) {
+      const int h = i / dim, d = i - h * dim;
+      float w0 = 0.0f, w1 = 0.0f;
+      for (int g = 0; g < group; ++g) {
+        const float x = to_float(query[(h * group + g) * a.q_stride_head + d]);
+        if (a.kind == PageSummary::MinMax) {
+          w0 += fminf(x, 0.0f);
+          w1 += fmaxf(x, 0.0f);
+        } else if (a.kind == PageSummary::MinMaxDamped) {
+          w0 += fmaf(0.75f, fminf(x, 0.0f), 0.25f * fmaxf(x, 0.0f));
+          w1 += fmaf(0.75f, fmaxf(x, 0.0f), 0.25f * fminf(x, 0.0f));
+        } else {
+          w0 += x;
+          w1 += fabsf(x);
+        }
+      }
+      weights[h * 2 * dim + quarter_slot<kVec>(d, w.chunks)] = w0;
+      weights[h * 2 * dim + dim + quarter_slot<kVec>(d, w.chunks)] = w1;
+    }
+  } else {
+    for (int i = threadIdx.x; i < a.num_q_heads * dim; i += blockDim.x) {
+      const int h = i / dim, d = i - h * dim;
+      weights[h * dim + quarter_slot<kVec>(d, w.chunks)] = to_float(query[h * a.q_stride_head + d]);
+    }
+  }
+  __syncthreads();
+
+  float* scores = a.scores + std::int64_t(b) * w.heads * a.max_blocks;
+  while (items > 0) {
+#pragma unroll
+    for (int r = 0; r < kRounds; ++r) {
+      const int item = first_item + r * w.groups + w.group;
+      if (first_item + r * w.groups >= items) break;  // no group of the warp has an item left
+      const int page = item / w.heads, h = item - page * w.heads;
+      float combined = 0.0f;
+      if constexpr (M == ScoreMode::Folded) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          const int chunk = w.slot + k * w.lanes;
+          if (chunk < w.chunks) {
+            float l[kVec], u[kVec];
+            chunk_to_float<T>(lo[r][k], l);
+            chunk_to_float<T>(hi[r][k], u);
+            const float* wp = weights + h * 2 * dim;
+            combined += weighted_chunk<kVec>(wp, wp + dim, chunk, w.chunks, l, u);
+          }
+        }
+        for (int o = w.lanes / 2; o > 0; o >>= 1) {
+          combined += __shfl_xor_sync(0xffffffffu, combined, o);
+        }
+      } else {
+        float l[K][kVec], u[K][kVec];
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          chunk_to_float<T>(lo[r][k], l[k]);
+          chunk_to_float<T>(hi[r][k], u[k]);
+        }
+        for (int g = 0; g < group; ++g) {
+          const float* q = weights + (h * group + g) * dim;
+          float s = 0.0f;
+#pragma unroll
+          for (int k = 0; k < K; ++k) {
+            const int chunk = w.slot + k * w.lanes;
+            if (chunk < w.chunks) s += query_chunk<M, kVec>(q, chunk, w.chunks, l[k], u[k]);
+          }
+          for (int o = w.lanes / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+          combined = g == 0 ? s : a.reduce == GroupReduce::Sum ? combined + s : fmaxf(combined, s);
+        }
+      }
+      if (w.slot == 0 && item < items) {
+        if (!valid[r] || isnan(combined)) combined = -INFINITY;
+        scores[std::int64_t(h) * a.max_blocks + window + page] = combined;
+      }
+    }
+    // The next round: later items of this window, or the first of the next window.
+    first_item += step;
+    if (first_item >= items) {
+      window += 32;
+      first_item = 0;
+      items = min(32, run_end - window) * w.heads;
+      if (items <= 0) break;
+      lane_block = window + lane < run_end ? table[window + lane] : -1;
+    }
+    load_round<T, K, kRounds>(a, meta, lane_block, first_item, items, w, lo, hi, valid);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scoring, row by row: the fallback for summaries whose rows are not 16-byte chunks (head_dim or
+// a stride not a multiple of 16 bytes, or rows longer than 64 chunks).
 
 // VEC consecutive elements of a summary row as floats, in one load when VEC > 1 (the caller
 // checked the alignment).
@@ -343,13 +644,13 @@ __device__ __forceinline__ float page_term(PageSummary kind, const float* q, con
 }
 
 // Scores of pages [blockIdx.x * pages_per_block, ...) of sequence blockIdx.y, every KV head:
-// one warp per (page, KV head), each lane VEC consecutive elements of head_dim at a time (both
-// summary rows loaded before any arithmetic, so a warp has its loads in flight together), the
+// one warp per (page, KV head), each lane VEC consecutive elements of head_dim at a time, the
 // queries in shared memory.
 template <class T, int VEC>
 __global__ void __launch_bounds__(kScoreThreads)
     score_pages_kernel(const __grid_constant__ SelectArgs a) {
   extern __shared__ float q[];  // [num_q_heads, head_dim]
+  ptx::allow_dependent_grids();
   const int b = blockIdx.y;
   const std::int64_t len = clamped_length(a, b);
   const int pages = int((len + a.block_size - 1) / a.block_size);
@@ -376,31 +677,16 @@ __global__ void __launch_bounds__(kScoreThreads)
       const T* r0 = meta + block * a.meta_stride_block + kvh * a.meta_stride_head;
       const T* r1 = r0 + a.meta_stride_row;
       const float* q0 = q + kvh * group * a.head_dim;
-      if (a.head_dim <= 32 * VEC) {
-        // One piece of head_dim per lane: load it once, score every query head of the group.
-        const int d = lane * VEC;
-        float lo[VEC] = {}, hi[VEC] = {};
-        if (d < a.head_dim) {
+      for (int g = 0; g < group; ++g) {
+        float s = 0.0f;
+        for (int d = lane * VEC; d < a.head_dim; d += 32 * VEC) {
+          float lo[VEC], hi[VEC];
           load_row<T, VEC>(r0 + d, lo);
           load_row<T, VEC>(r1 + d, hi);
+          s += page_term<VEC>(a.kind, q0 + g * a.head_dim + d, lo, hi);
         }
-        for (int g = 0; g < group; ++g) {
-          float s = d < a.head_dim ? page_term<VEC>(a.kind, q0 + g * a.head_dim + d, lo, hi) : 0.0f;
-          for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-          combined = g == 0 ? s : a.reduce == GroupReduce::Sum ? combined + s : fmaxf(combined, s);
-        }
-      } else {
-        for (int g = 0; g < group; ++g) {
-          float s = 0.0f;
-          for (int d = lane * VEC; d < a.head_dim; d += 32 * VEC) {
-            float lo[VEC], hi[VEC];
-            load_row<T, VEC>(r0 + d, lo);
-            load_row<T, VEC>(r1 + d, hi);
-            s += page_term<VEC>(a.kind, q0 + g * a.head_dim + d, lo, hi);
-          }
-          for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-          combined = g == 0 ? s : a.reduce == GroupReduce::Sum ? combined + s : fmaxf(combined, s);
-        }
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        combined = g == 0 ? s : a.reduce == GroupReduce::Sum ? combined + s : fmaxf(combined, s);
       }
       if (isnan(combined)) combined = -INFINITY;
     }
@@ -410,16 +696,198 @@ __global__ void __launch_bounds__(kScoreThreads)
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Top-k.
+
 // A float's bits as an unsigned key with the same order (larger float, larger key).
 __device__ __forceinline__ std::uint32_t order_key(float f) {
   const std::uint32_t u = __float_as_uint(f);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// The short case of both selection kernels: a sequence of at most `budget` pages keeps them all.
+__device__ void copy_whole_table(const SelectArgs& a, const std::int32_t* table, std::int32_t* out,
+                                 int pages, std::int64_t len, int kvh, int b) {
+  for (int i = threadIdx.x; i < a.budget; i += blockDim.x) {
+    const std::int32_t id = i < pages ? table[i] : -1;
+    out[i] = id;
+    if (a.hits && id >= 0 && id < a.num_blocks) atomicAdd(&a.hits[id], 1);
+  }
+  if (threadIdx.x == 0) {
+    a.out_lens[b * a.out_lens_stride_batch + kvh * a.out_lens_stride_head] = std::int32_t(len);
+  }
+}
+
+__device__ __forceinline__ void write_selected_lens(const SelectArgs& a, std::int64_t len, int last,
+                                                    int kvh, int b) {
+  a.out_lens[b * a.out_lens_stride_batch + kvh * a.out_lens_stride_head] = std::int32_t(
+      std::int64_t(a.budget - 1) * a.block_size + len - std::int64_t(last) * a.block_size);
+}
+
+__device__ __forceinline__ void keep_block(const SelectArgs& a, std::int32_t* out, int at,
+                                           std::int32_t id) {
+  out[at] = id;
+  if (a.hits && id >= 0 && id < a.num_blocks) atomicAdd(&a.hits[id], 1);
+}
+
+// Shared-memory top-k: one thread block of kTopKThreads per (sequence, KV head). The candidates'
+// keys are read from the scores once into shared memory; a radix select of three passes (11, 11
+// and 10 bits, a 2048-bin histogram each, every thread scanning two bins) finds the key of the
+// keep-th largest; then each thread takes a run of consecutive candidates, and one block scan of
+// (greater, equal) counts gives every kept page its place in logical order. Runs are a power of
+// two long and the keys padded by one word every 32, so that the runs read without bank
+// conflicts.
+constexpr int kTopKThreads = 1024;
+constexpr int kRadixBins = 2048;
+// Candidates held in shared memory; the (greater, equal) counts are scanned packed in 16 bits
+// each, so they must stay below 32768.
+constexpr int kTopKMaxPages = 32767;
+
+// The kernel's static shared memory (histogram, scan scratch, two words), with a margin.
+constexpr int kTopKStaticSmemBytes = (kRadixBins + 33 + 2) * 4 + 1024;
+
+__device__ __forceinline__ int padded(int i) { return i + (i >> 5); }
+
+inline std::size_t topk_smem_bytes(int max_blocks) {
+  return std::size_t(max_blocks + max_blocks / 32 + 1) * sizeof(std::uint32_t);
+}
+
+__global__ void __launch_bounds__(kTopKThreads)
+    select_pages_kernel(const __grid_constant__ SelectArgs a) {
+  extern __shared__ std::uint32_t keys[];  // padded candidate index -> key
+  __shared__ int scratch[33];
+  __shared__ int histogram[kRadixBins];
+  __shared__ std::uint32_t prefix_shared;
+  __shared__ int remaining_shared;
+  const int kvh = blockIdx.x, b = blockIdx.y;
+  const std::int64_t len = clamped_length(a, b);
+  const int pages = int((len + a.block_size - 1) / a.block_size);
+  const std::int32_t* table = a.block_table + b * a.block_table_stride;
+  std::int32_t* out = a.out_table + b * a.out_table_stride_batch + kvh * a.out_table_stride_head;
+  if (pages <= a.budget) {
+    copy_whole_table(a, table, out, pages, len, kvh, b);
+    // Finish no earlier than the scoring kernel: work queued after this kernel waits for this
+    // grid alone, and must follow both.
+    ptx::wait_for_previous_grid();
+    return;
+  }
+  const int first = a.num_sink_pages, last = pages - 1;  // candidates [first, last)
+  const int n = last - first;
+  const int keep = a.budget - a.num_sink_pages - 1;
+  // Sinks and the last page do not depend on the scores.
+  for (int p = threadIdx.x; p < first; p += blockDim.x) keep_block(a, out, p, table[p]);
+  if (threadIdx.x == 0) {
+    keep_block(a, out, a.budget - 1, table[last]);
+    write_selected_lens(a, len, last, kvh, b);
+  }
+  for (int i = threadIdx.x; i < kRadixBins; i += blockDim.x) histogram[i] = 0;
+  __syncthreads();
+  ptx::wait_for_previous_grid();  // the scores are the scoring kernel's
+  // Radix select: the key of the keep-th largest candidate, from the top bits down; the first
+  // pass's histogram is built as the keys are read.
+  const float* scores = a.scores + (std::int64_t(b) * a.num_kv_heads + kvh) * a.max_blocks + first;
+  std::uint32_t threshold = 0, mask = 0;
+  int remaining = keep;  // how many candidates equal to the threshold are kept (the lowest pages)
+  // One bin count per warp and bin: lanes of a warp that hit one bin add together (neighbouring
+  // pages' scores tend to share their top bits).
+  const auto count_key = [&](std::uint32_t k, bool present, int shift, std::uint32_t digit_mask) {
+    const bool counted = keep > 0 && present && (k & mask) == threshold;
+    // After the first pass most warps hold no key under the prefix: skip the match for them.
+    if (__ballot_sync(0xffffffffu, counted) == 0) return;
+    const std::uint32_t bin = counted ? (k >> shift) & digit_mask : 0xffffffffu;
+    const unsigned peers = __match_any_sync(0xffffffffu, bin);
+    if (counted && (threadIdx.x & 31) == __ffs(peers) - 1)
+      atomicAdd(&histogram[bin], __popc(peers));
+  };
+  for (int pass = 0; pass < 3; ++pass) {
+    const int shift = pass == 0 ? 21 : pass == 1 ? 10 : 0;
+    const std::uint32_t digit_mask = pass == 2 ? 1023u : 2047u;
+    if (pass == 0) {
+      // Four score loads in flight per thread before any is used.
+      constexpr int kBatch = 4;
+      for (int base = 0; base < n; base += kBatch * int(blockDim.x)) {
+        std::uint32_t k[kBatch];
+#pragma unroll
+        for (int j = 0; j < kBatch; ++j) {
+          const int i = base + j * int(blockDim.x) + int(threadIdx.x);
+          k[j] = i < n ? order_key(scores[i]) : 0u;
+        }
+#pragma unroll
+        for (int j = 0; j < kBatch; ++j) {
+          const int i = base + j * int(blockDim.x) + int(threadIdx.x);
+          if (i < n) keys[padded(i)] = k[j];
+          count_key(k[j], i < n, shift, digit_mask);
+        }
+      }
+    } else {
+      for (int i = threadIdx.x; i < kRadixBins; i += blockDim.x) histogram[i] = 0;
+      __syncthreads();
+      for (int base = 0; base < n; base += blockDim.x) {
+        const int i = base + threadIdx.x;
+        count_key(i < n ? keys[padded(i)] : 0u, i < n, shift, digit_mask);
+      }
+    }
+    __syncthreads();
+    if (keep == 0) break;  // no candidate is kept: the keys are all that is needed
+    // Thread t holds digits 2047 - 2t and 2046 - 2t: the scan counts the candidates above.
+    const int upper = histogram[kRadixBins - 1 - 2 * threadIdx.x];
+    const int lower = histogram[kRadixBins - 2 - 2 * threadIdx.x];
+    int total;
+    const int above = block_exclusive_scan(upper + lower, &total, scratch);
+    const std::uint32_t digit = kRadixBins - 1 - 2 * threadIdx.x;
+    if (above < remaining && remaining <= above + upper) {
+      prefix_shared = threshold | (digit << shift);
+      remaining_shared = remaining - above;
+    } else if (above + upper < remaining && remaining <= above + upper + lower) {
+      prefix_shared = threshold | ((digit - 1) << shift);
+      remaining_shared = remaining - above - upper;
+    }
+    __syncthreads();
+    threshold = prefix_shared;
+    remaining = remaining_shared;
+    mask |= digit_mask << shift;
+  }
+  if (keep == 0) threshold = 0xffffffffu;  // nothing compares above it, and remaining is 0
+  // Place the kept candidates: each thread a run of `run` consecutive ones.
+  int run = 1;
+  while (run * int(blockDim.x) < n) run <<= 1;
+  const int run_begin = threadIdx.x * run;
+  int greater = 0, equal = 0;
+  for (int j = 0; j < run; ++j) {
+    const int i = run_begin + j;
+    if (i < n) {
+      const std::uint32_t k = keys[padded(i)];
+      greater += k > threshold;
+      equal += k == threshold;
+    }
+  }
+  int total;
+  const int before = block_exclusive_scan((greater << 16) | equal, &total, scratch);
+  int greater_before = before >> 16, equal_before = before & 0xffff;
+  for (int j = 0; j < run; ++j) {
+    const int i = run_begin + j;
+    if (i >= n) break;
+    const std::uint32_t k = keys[padded(i)];
+    if (k > threshold) {
+      keep_block(a, out, first + greater_before + min(equal_before, remaining), table[first + i]);
+      ++greater_before;
+    } else if (k == threshold) {
+      if (equal_before < remaining) {
+        keep_block(a, out, first + greater_before + equal_before, table[first + i]);
+      }
+      ++equal_before;
+    }
+  }
+}
+
+// The same selection for tables too long for shared memory: one thread block of 512 per
+// (sequence, KV head), four 8-bit radix passes over the scores in global memory, and two block
+// scans per 512 pages to place the kept ones. Also the whole call where the table is no wider
+// than the budget (every sequence is copied; no scores).
 constexpr int kSelectThreads = 512;
 
 __global__ void __launch_bounds__(kSelectThreads)
-    select_pages_kernel(const __grid_constant__ SelectArgs a) {
+    select_pages_global_kernel(const __grid_constant__ SelectArgs a) {
   __shared__ int scratch[33];
   __shared__ int histogram[256];
   __shared__ std::uint32_t prefix_shared;
@@ -430,16 +898,11 @@ __global__ void __launch_bounds__(kSelectThreads)
   const std::int32_t* table = a.block_table + b * a.block_table_stride;
   std::int32_t* out = a.out_table + b * a.out_table_stride_batch + kvh * a.out_table_stride_head;
   if (pages <= a.budget) {
-    for (int i = threadIdx.x; i < a.budget; i += blockDim.x) {
-      const std::int32_t id = i < pages ? table[i] : -1;
-      out[i] = id;
-      if (a.hits && id >= 0 && id < a.num_blocks) atomicAdd(&a.hits[id], 1);
-    }
-    if (threadIdx.x == 0) {
-      a.out_lens[b * a.out_lens_stride_batch + kvh * a.out_lens_stride_head] = std::int32_t(len);
-    }
+    copy_whole_table(a, table, out, pages, len, kvh, b);
+    ptx::wait_for_previous_grid();
     return;
   }
+  ptx::wait_for_previous_grid();
   const float* scores = a.scores + (std::int64_t(b) * a.num_kv_heads + kvh) * a.max_blocks;
   const int first = a.num_sink_pages, last = pages - 1;  // candidates [first, last)
   const int keep = a.budget - a.num_sink_pages - 1;
@@ -450,8 +913,6 @@ __global__ void __launch_bounds__(kSelectThreads)
     for (int shift = 24; shift >= 0; shift -= 8) {
       for (int i = threadIdx.x; i < 256; i += blockDim.x) histogram[i] = 0;
       __syncthreads();
-      // Scores of one page range tend to share their top bits: lanes of a warp that hit one
-      // bin add together (one atomic per bin and warp, not one per lane).
       for (int base = first; base < last; base += blockDim.x) {
         const int p = base + threadIdx.x;
         const std::uint32_t k = p < last ? order_key(scores[p]) : 0u;
@@ -496,16 +957,9 @@ __global__ void __launch_bounds__(kSelectThreads)
     int kept_total;
     const int at = written + block_exclusive_scan(kept, &kept_total, scratch);
     written += kept_total;
-    if (kept) {
-      const std::int32_t id = table[p];
-      out[at] = id;
-      if (a.hits && id >= 0 && id < a.num_blocks) atomicAdd(&a.hits[id], 1);
-    }
+    if (kept) keep_block(a, out, at, table[p]);
   }
-  if (threadIdx.x == 0) {
-    a.out_lens[b * a.out_lens_stride_batch + kvh * a.out_lens_stride_head] = std::int32_t(
-        std::int64_t(a.budget - 1) * a.block_size + len - std::int64_t(last) * a.block_size);
-  }
+  if (threadIdx.x == 0) write_selected_lens(a, len, last, kvh, b);
 }
 
 template <class F>
@@ -609,35 +1063,111 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
   a.num_sink_pages = p.num_sink_pages;
   a.kind = p.summary;
   a.reduce = p.group_reduce;
+  a.lanes_per_head = 32;
   cudaStream_t s = as_stream(stream);
-  // Scoring: enough thread blocks to fill the device, each a run of pages for all KV heads.
-  const int sms = device_info(p.device_index).multiprocessors;
-  const int want_blocks = std::max(1, 4 * sms / std::max(1, p.batch));
-  a.pages_per_block = std::max(8, (p.max_blocks + want_blocks - 1) / want_blocks);
-  const int score_grid = (p.max_blocks + a.pages_per_block - 1) / a.pages_per_block;
-  const std::size_t smem = std::size_t(p.num_q_heads) * p.head_dim * sizeof(float);
-  // Vector loads of 4 elements where every row start is aligned for them.
-  const std::uint64_t align = 4 * dtype_size(p.dtype);
-  const auto aligned = [&](std::int64_t elements) {
-    return (std::uint64_t(elements) * dtype_size(p.dtype)) % align == 0;
-  };
-  const bool vec = reinterpret_cast<std::uintptr_t>(p.page_meta.data) % align == 0 &&
-                   aligned(p.head_dim) && aligned(p.page_meta.stride_block) &&
-                   aligned(p.page_meta.stride_head) && aligned(p.page_meta.stride_row);
-  const void* score = by_dtype(p.dtype, [vec](auto t) {
-    using T = decltype(t);
-    return vec ? reinterpret_cast<const void*>(score_pages_kernel<T, 4>)
-               : reinterpret_cast<const void*>(score_pages_kernel<T, 1>);
-  });
-  if (smem > 48 * 1024) {
-    check(cudaFuncSetAttribute(score, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), op,
-          "cudaFuncSetAttribute");
+  const dim3 select_grid(unsigned(p.num_kv_heads), unsigned(p.batch));
+  if (p.max_blocks <= p.budget) {
+    // No sequence can have more pages than the budget (the table's width bounds them): nothing
+    // is scored, and one kernel copies the table per KV head.
+    launch(reinterpret_cast<const void*>(select_pages_global_kernel), select_grid,
+           dim3(kSelectThreads), 0, s, a, op, "select_pages_kernel");
+    return;
   }
-  launch(score, dim3(unsigned(score_grid), unsigned(p.batch)), dim3(kScoreThreads), smem, s, a, op,
-         "score_pages_kernel");
-  launch(reinterpret_cast<const void*>(select_pages_kernel),
-         dim3(unsigned(p.num_kv_heads), unsigned(p.batch)), dim3(kSelectThreads), 0, s, a, op,
-         "select_pages_kernel");
+  const DeviceInfo& info = device_info(p.device_index);
+  const int group = p.num_q_heads / p.num_kv_heads;
+
+  // Scoring. Page-wide where every summary row is whole 16-byte chunks (at most 64 of them).
+  const std::uint64_t element = dtype_size(p.dtype);
+  const auto chunked = [&](std::int64_t elements) {
+    return (std::uint64_t(elements) * element) % 16 == 0;
+  };
+  const int chunks = int(std::uint64_t(p.head_dim) * element / 16);
+  const bool wide = reinterpret_cast<std::uintptr_t>(p.page_meta.data) % 16 == 0 &&
+                    chunked(p.head_dim) && chunked(p.page_meta.stride_block) &&
+                    chunked(p.page_meta.stride_head) && chunked(p.page_meta.stride_row) &&
+                    chunks <= 64;
+  DecodeLaunch score{};
+  score.threads = kScoreThreads;
+  if (wide) {
+    while (a.lanes_per_head > 1 && a.lanes_per_head / 2 >= chunks) a.lanes_per_head /= 2;
+    const bool folded = group > 1 && p.group_reduce == GroupReduce::Sum;
+    const ScoreMode mode = folded                                   ? ScoreMode::Folded
+                           : p.summary == PageSummary::MinMax       ? ScoreMode::PerHeadMinMax
+                           : p.summary == PageSummary::MinMaxDamped ? ScoreMode::PerHeadMinMaxDamped
+                                                                    : ScoreMode::PerHeadMeanStd;
+    score.smem_bytes = int((folded ? 2 * p.num_kv_heads : p.num_q_heads) * p.head_dim * 4);
+    score.kernel = by_dtype(p.dtype, [&](auto t) {
+      using T = decltype(t);
+      auto pick = [&](auto k) {
+        constexpr int K = decltype(k)::value;
+        switch (mode) {
+          case ScoreMode::Folded:
+            return reinterpret_cast<const void*>(score_pages_wide_kernel<T, K, ScoreMode::Folded>);
+          case ScoreMode::PerHeadMinMax:
+            return reinterpret_cast<const void*>(
+                score_pages_wide_kernel<T, K, ScoreMode::PerHeadMinMax>);
+          case ScoreMode::PerHeadMinMaxDamped:
+            return reinterpret_cast<const void*>(
+                score_pages_wide_kernel<T, K, ScoreMode::PerHeadMinMaxDamped>);
+          default:
+            return reinterpret_cast<const void*>(
+                score_pages_wide_kernel<T, K, ScoreMode::PerHeadMeanStd>);
+        }
+      };
+      return chunks > 32 ? pick(std::integral_constant<int, 2>{})
+                         : pick(std::integral_constant<int, 1>{});
+    });
+  } else {
+    // Vector loads of 4 elements where every row start is aligned for them.
+    const std::uint64_t align = 4 * element;
+    const auto aligned = [&](std::int64_t elements) {
+      return (std::uint64_t(elements) * element) % align == 0;
+    };
+    const bool vec = reinterpret_cast<std::uintptr_t>(p.page_meta.data) % align == 0 &&
+                     aligned(p.head_dim) && aligned(p.page_meta.stride_block) &&
+                     aligned(p.page_meta.stride_head) && aligned(p.page_meta.stride_row);
+    score.smem_bytes = int(std::size_t(p.num_q_heads) * p.head_dim * sizeof(float));
+    score.kernel = by_dtype(p.dtype, [vec](auto t) {
+      using T = decltype(t);
+      return vec ? reinterpret_cast<const void*>(score_pages_kernel<T, 4>)
+                 : reinterpret_cast<const void*>(score_pages_kernel<T, 1>);
+    });
+  }
+  // The core caps num_q_heads * head_dim at 32768: at most 128 KiB of weights or queries (folded
+  // weights are two rows per KV head, with at least two query heads per KV head). The limit is
+  // raised once per kernel, to what any call may need that the device allows.
+  int smem_optin = 0;
+  check(
+      cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, p.device_index),
+      op, "cudaDeviceGetAttribute");
+  score.max_smem_bytes = std::min(32768 * 4, smem_optin);
+  // Enough thread blocks to fill the device once, each a run of pages of one sequence for all
+  // KV heads (a run of at least one page per warp).
+  const int resident = info.multiprocessors * prepare_launch(score, p.device_index, op);
+  const int blocks_per_seq = std::max(1, resident / std::max(1, p.batch));
+  a.pages_per_block =
+      std::max(kScoreThreads / 32, (p.max_blocks + blocks_per_seq - 1) / blocks_per_seq);
+  const int score_grid = std::max(1, (p.max_blocks + a.pages_per_block - 1) / a.pages_per_block);
+  launch(score.kernel, dim3(unsigned(score_grid), unsigned(p.batch)), dim3(kScoreThreads),
+         std::size_t(score.smem_bytes), s, a, op, "score_pages_kernel");
+
+  // Top-k, launched to overlap the scoring kernel's tail (it waits for the scores on the device).
+  const bool overlap = info.compute_capability >= 90;
+  const int topk_smem_limit =
+      std::min(int(topk_smem_bytes(kTopKMaxPages)), smem_optin - kTopKStaticSmemBytes);
+  if (p.max_blocks <= kTopKMaxPages && int(topk_smem_bytes(p.max_blocks)) <= topk_smem_limit) {
+    DecodeLaunch topk{};
+    topk.kernel = reinterpret_cast<const void*>(select_pages_kernel);
+    topk.smem_bytes = int(topk_smem_bytes(p.max_blocks));
+    topk.max_smem_bytes = topk_smem_limit;
+    topk.threads = kTopKThreads;
+    prepare_launch(topk, p.device_index, op);
+    launch_after(topk.kernel, select_grid, dim3(kTopKThreads), std::size_t(topk.smem_bytes), s, a,
+                 overlap, op, "select_pages_kernel");
+  } else {
+    launch_after(reinterpret_cast<const void*>(select_pages_global_kernel), select_grid,
+                 dim3(kSelectThreads), 0, s, a, overlap, op, "select_pages_kernel");
+  }
 }
 
 }  // namespace tinyserve::kernels::cuda

@@ -73,6 +73,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="CPU threads for torch and tinyserve (default: theirs; 1 is much faster on a "
         "machine whose cores are busy with other work)",
     )
+    parser.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="run decode steps eagerly on CUDA (default: replay CUDA graphs captured at start)",
+    )
     parser.add_argument("--raw", action="store_true", help="no chat template around the prompts")
     parser.add_argument("--stream", action="store_true", help="print tokens as they are made")
     parser.add_argument(
@@ -130,6 +135,7 @@ def main(argv: list[str]) -> int:
         load_model,
         transformers_generate,
     )
+    from .cuda_graphs import default_batch_sizes
     from .engine import Engine
     from .request import SamplingParams
 
@@ -173,6 +179,9 @@ def main(argv: list[str]) -> int:
         tokenizer=tokenizer,
         num_host_blocks=num_blocks if args.host_blocks is None else args.host_blocks,
         sparse_budget_tokens=args.budget,
+        cuda_graphs=not args.no_cuda_graphs,
+        # Graphs for the batch sizes these samples can make, not the default 256 sequences.
+        cuda_graph_batch_sizes=default_batch_sizes(min(args.n * len(prompt_ids), 256)),
     )
 
     on_token = None

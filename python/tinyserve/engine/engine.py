@@ -13,7 +13,8 @@ import torch
 
 import tinyserve
 
-from .kv import AttentionBatch, PagedKVCache, build_attention_batch
+from .cuda_graphs import DecodeGraphs, default_batch_sizes
+from .kv import AttentionBatch, PagedKVCache, attention_batch_arrays, upload
 from .request import (
     Request,
     RequestOutput,
@@ -40,11 +41,16 @@ class ModelRunner(Protocol):
 
     def forward(
         self,
-        token_ids: np.ndarray,
-        positions: np.ndarray,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
         batch: AttentionBatch,
-        logits_rows: np.ndarray,
-    ) -> torch.Tensor: ...
+        logits_rows: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Logits (float32) of the rows ``logits_rows`` (every row when None) of the step's
+        tokens (int64, on the runner's device), after writing all their keys and values through
+        ``batch``. Must launch work only (no host synchronisation, no allocation whose size
+        depends on device data): the engine captures it in CUDA graphs."""
+        ...
 
 
 @dataclass
@@ -65,6 +71,7 @@ class EngineStats:
     offloads: int = 0  # blocks moved to the host pool by preemption through the compactor
     recalls: int = 0  # blocks brought back from it
     sparse_decode_steps: int = 0  # decode steps that attended through select_pages
+    cuda_graph_steps: int = 0  # decode steps replayed from a captured CUDA graph
     peak_blocks_used: int = 0
     blocks_used: int = 0
     blocks_free: int = 0
@@ -115,7 +122,15 @@ class Engine:
     ``ceil(sparse_budget_tokens / block_size)`` pages that ``select_pages`` picks for it per KV
     head (the pages' summaries are kept beside the cache). ``packed_prefill`` picks how prefill
     rows reach ``paged_attention``: packed with ``query_start_loc`` (default), or each row as a
-    decode query (:func:`~tinyserve.engine.kv.build_attention_batch`)."""
+    decode query (:func:`~tinyserve.engine.kv.build_attention_batch`).
+
+    ``cuda_graphs`` (on a CUDA device; ignored elsewhere): decode steps replay CUDA graphs of
+    the model's forward captured when the engine is made, one per batch size in
+    ``cuda_graph_batch_sizes`` (default: 1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, ... up to
+    ``min(max_num_seqs, 256)``); a step of ``B`` decodes runs the smallest captured size
+    ``>= B``, the extra rows padding that writes and reads nothing
+    (:class:`~tinyserve.engine.cuda_graphs.DecodeGraphs`). Steps with prefill rows, and decode
+    steps larger than the largest size, run eagerly."""
 
     def __init__(
         self,
@@ -130,6 +145,8 @@ class Engine:
         packed_prefill: bool = True,
         num_host_blocks: int = 0,
         sparse_budget_tokens: int | None = None,
+        cuda_graphs: bool = True,
+        cuda_graph_batch_sizes: SequenceOf[int] | None = None,
     ):
         self.runner = runner
         self.tokenizer = tokenizer
@@ -171,6 +188,22 @@ class Engine:
             run_plan=run_plan,
         )
         self.stats = EngineStats(blocks_free=num_blocks)
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs and self.kv_cache.device.type == "cuda":
+            sizes = cuda_graph_batch_sizes
+            if sizes is None:
+                sizes = default_batch_sizes(min(max_num_seqs, 256))
+            # The longest sequence the pool and the model admit (add_request's checks).
+            longest = num_blocks * block_size
+            if runner.max_model_len is not None:
+                longest = min(longest, runner.max_model_len)
+            self.graphs = DecodeGraphs(
+                runner,
+                self.kv_cache,
+                batch_sizes=sizes,
+                max_blocks=-(-longest // block_size),
+                sparse_budget=self.sparse_budget,
+            )
         self._requests: dict[int, Request] = {}
         self._request_ids = itertools.count()
         self._seq_ids = itertools.count()
@@ -248,22 +281,20 @@ class Engine:
 
         seq_ids = [s.seq_id for s in plan.seqs]
         table, lens = self.block_manager.block_table(seq_ids)
-        token_ids = np.concatenate(
-            [s.token_ids[s.num_computed : s.num_computed + n] for s, n in zip(plan.seqs, plan.rows)]
+        token_ids = np.fromiter(
+            itertools.chain.from_iterable(
+                s.token_ids[s.num_computed : s.num_computed + n]
+                for s, n in zip(plan.seqs, plan.rows)
+            ),
+            np.int64,
         )
         positions = np.concatenate(
             [np.arange(s.num_computed, s.num_computed + n) for s, n in zip(plan.seqs, plan.rows)]
         )
-        batch = build_attention_batch(
-            self.kv_cache,
-            np.concatenate(plan.slots),
-            table,
-            lens,
-            np.asarray(plan.rows),
-            packed=self.packed_prefill,
-            sparse_budget=self.sparse_budget,
+        arrays, max_seq_len, decode_only = attention_batch_arrays(
+            np.concatenate(plan.slots), table, lens, np.asarray(plan.rows), self.packed_prefill
         )
-        if self.sparse_budget and batch.decode_only:
+        if self.sparse_budget and decode_only:
             self.stats.sparse_decode_steps += 1
         row_ends = np.cumsum(plan.rows) - 1
         finishing = [
@@ -271,7 +302,21 @@ class Engine:
             for i, (s, n) in enumerate(zip(plan.seqs, plan.rows))
             if s.num_computed + n == len(s.token_ids)
         ]
-        logits = self.runner.forward(token_ids, positions, batch, row_ends[finishing])
+        if (
+            decode_only
+            and self.graphs is not None
+            and self.graphs.fits(len(plan.seqs), table.shape[1])
+        ):
+            logits = self.graphs.run(
+                token_ids, positions, arrays["slot_mapping"], table, arrays["seq_lens"]
+            )
+            if len(finishing) < len(plan.seqs):  # a one-token prefill chunk, not its last
+                logits = logits[torch.tensor(finishing, dtype=torch.long, device=logits.device)]
+            self.stats.cuda_graph_steps += 1
+        else:
+            logits = self._forward_eager(
+                token_ids, positions, arrays, max_seq_len, decode_only, row_ends[finishing]
+            )
         for seq, n in zip(plan.seqs, plan.rows):
             seq.num_computed += n
         if self.compactor is not None:
@@ -279,14 +324,39 @@ class Engine:
         self.stats.computed_tokens += len(token_ids)
         self.stats.steps += 1
 
-        finished = self._sample([plan.seqs[i] for i in finishing], logits, time.perf_counter())
+        finished = self._sample([plan.seqs[i] for i in finishing], logits)
         self._update_block_stats()
         self.stats.busy_time += time.perf_counter() - start
         return finished
 
-    def _sample(
-        self, seqs: list[Sequence], logits: torch.Tensor, now: float
-    ) -> list[RequestOutput]:
+    def _forward_eager(
+        self,
+        token_ids: np.ndarray,
+        positions: np.ndarray,
+        arrays: dict[str, np.ndarray],
+        max_seq_len: int,
+        decode_only: bool,
+        logits_rows: np.ndarray,
+    ) -> torch.Tensor:
+        # The step's inputs and its attention batch reach the device in one transfer.
+        names = list(arrays)
+        host = [token_ids, positions, np.asarray(logits_rows, np.int64)]
+        host += [arrays[n] for n in names]
+        ids, pos, rows, *batch_tensors = upload(host, self.kv_cache.device)
+        tensors = dict(zip(names, batch_tensors))
+        batch = AttentionBatch(
+            kv_cache=self.kv_cache,
+            slot_mapping=tensors["slot_mapping"],
+            block_table=tensors["block_table"],
+            seq_lens=tensors["seq_lens"],
+            max_seq_len=max_seq_len,
+            query_start_loc=tensors.get("query_start_loc"),
+            decode_only=decode_only,
+            sparse_budget=self.sparse_budget,
+        )
+        return self.runner.forward(ids, pos, batch, rows)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
         # A request with n > 1 forks its other samples once its prompt is computed: they share
         # the prompt's blocks and each draws its own first token from the same logits.
         rows: list[tuple[Sequence, int]] = []
@@ -300,16 +370,19 @@ class Engine:
                     self.scheduler.admit_fork(seq, child)
                     self.stats.forks += 1
                     rows.append((child, row))
-        greedy = [r for s, r in rows if s.request.params.greedy]
-        greedy_ids = dict(zip(greedy, greedy_tokens(logits[greedy]))) if greedy else {}
+        # One argmax over every row and one transfer, rather than gathering the greedy rows.
+        greedy_ids = greedy_tokens(logits) if any(s.request.params.greedy for s, _ in rows) else []
+        tokens = [
+            greedy_ids[row]
+            if seq.request.params.greedy
+            else sample_token(logits[row], seq.request.params, seq.generator)
+            for seq, row in rows
+        ]
+        now = time.perf_counter()  # the step's tokens are on the host: its GPU work is done
         finished: list[RequestOutput] = []
         eos_ids = self.runner.eos_token_ids
-        for seq, row in rows:
+        for (seq, _), token in zip(rows, tokens):
             params = seq.request.params
-            if params.greedy:
-                token = greedy_ids[row]
-            else:
-                token = sample_token(logits[row], params, seq.generator)
             seq.token_ids.append(token)
             self.stats.generated_tokens += 1
             request = seq.request

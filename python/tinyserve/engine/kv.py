@@ -63,8 +63,7 @@ class PagedKVCache:
         ``[P, 2]``) over every layer in one call."""
         if len(pairs) == 0:
             return
-        src = torch.from_numpy(np.ascontiguousarray(pairs[:, 0])).to(self.device)
-        dst = torch.from_numpy(np.ascontiguousarray(pairs[:, 1])).to(self.device)
+        src, dst = upload([pairs[:, 0], pairs[:, 1]], self.device)
         tinyserve.copy_blocks(self.tensors(), src, dst)
 
 
@@ -144,6 +143,65 @@ class AttentionBatch:
         )
 
 
+def upload(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """The arrays as tensors on ``device``. On CUDA they travel together: packed into one pinned
+    host buffer (from torch's caching host allocator, which keeps it until the copy has run)
+    and copied in one asynchronous transfer, so a step pays one copy instead of one per array.
+    Elsewhere each array is wrapped as it is (``torch.from_numpy``)."""
+    if device.type != "cuda":
+        return [torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in arrays]
+    arrays = [np.ascontiguousarray(a) for a in arrays]
+    offsets = []
+    nbytes = 0
+    for a in arrays:
+        offsets.append(nbytes)
+        nbytes += -(-a.nbytes // 16) * 16  # every array starts 16-byte aligned
+    host = torch.empty(max(nbytes, 16), dtype=torch.uint8, pin_memory=True)
+    host_bytes = host.numpy()
+    for a, offset in zip(arrays, offsets):
+        host_bytes[offset : offset + a.nbytes] = a.reshape(-1).view(np.uint8)
+    staged = host.to(device, non_blocking=True)
+    return [
+        staged[offset : offset + a.nbytes].view(_TORCH_DTYPES[a.dtype]).view(a.shape)
+        for a, offset in zip(arrays, offsets)
+    ]
+
+
+_TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32}
+
+
+def attention_batch_arrays(
+    slot_mapping: np.ndarray,
+    block_table: np.ndarray,
+    seq_lens: np.ndarray,
+    rows_per_seq: np.ndarray,
+    packed: bool = True,
+) -> tuple[dict[str, np.ndarray], int, bool]:
+    """The host side of :func:`build_attention_batch`: the arrays ``slot_mapping``,
+    ``block_table``, ``seq_lens`` and (packed, with prefill rows) ``query_start_loc``, then
+    ``max_seq_len`` and whether the step is decodes only."""
+    rows_per_seq = np.asarray(rows_per_seq, dtype=np.int64)
+    seq_lens = np.asarray(seq_lens, dtype=np.int32)
+    decode_only = bool(np.all(rows_per_seq == 1))
+    arrays = {"slot_mapping": np.ascontiguousarray(slot_mapping, np.int64)}
+    if decode_only or packed:
+        table, lens = block_table, seq_lens
+        if not decode_only:
+            starts = np.concatenate([[0], np.cumsum(rows_per_seq)]).astype(np.int32)
+            arrays["query_start_loc"] = starts
+    else:
+        seq_of_row = np.repeat(np.arange(len(rows_per_seq)), rows_per_seq)
+        # Position of each row: its sequence's length, minus the rows after it in the sequence.
+        ends = np.cumsum(rows_per_seq)
+        rows_after = ends[seq_of_row] - 1 - np.arange(len(seq_of_row))
+        lens = (seq_lens[seq_of_row] - rows_after).astype(np.int32)
+        table = block_table[seq_of_row]
+    arrays["block_table"] = np.ascontiguousarray(table, np.int32)
+    arrays["seq_lens"] = np.ascontiguousarray(lens, np.int32)
+    max_seq_len = int(seq_lens.max()) if len(seq_lens) else 0
+    return arrays, max_seq_len, decode_only
+
+
 def build_attention_batch(
     kv_cache: PagedKVCache,
     slot_mapping: np.ndarray,
@@ -160,31 +218,17 @@ def build_attention_batch(
     which are its last ones), ``slot_mapping`` int64 ``[sum(rows_per_seq)]``. ``packed`` picks
     the form. ``sparse_budget`` > 0 makes a step of decodes only attend through
     ``select_pages`` (that many pages per query); steps with prefill rows stay dense."""
-    device = kv_cache.device
-    rows_per_seq = np.asarray(rows_per_seq, dtype=np.int64)
-    seq_lens = np.asarray(seq_lens, dtype=np.int32)
-    query_start_loc = None
-    decode_only = bool(np.all(rows_per_seq == 1))
-    if decode_only:
-        table, lens = block_table, seq_lens
-    elif packed:
-        table, lens = block_table, seq_lens
-        starts = np.concatenate([[0], np.cumsum(rows_per_seq)]).astype(np.int32)
-        query_start_loc = torch.from_numpy(starts).to(device)
-    else:
-        seq_of_row = np.repeat(np.arange(len(rows_per_seq)), rows_per_seq)
-        # Position of each row: its sequence's length, minus the rows after it in the sequence.
-        ends = np.cumsum(rows_per_seq)
-        rows_after = ends[seq_of_row] - 1 - np.arange(len(seq_of_row))
-        lens = (seq_lens[seq_of_row] - rows_after).astype(np.int32)
-        table = block_table[seq_of_row]
+    arrays, max_seq_len, decode_only = attention_batch_arrays(
+        slot_mapping, block_table, seq_lens, rows_per_seq, packed
+    )
+    tensors = dict(zip(arrays, upload(list(arrays.values()), kv_cache.device)))
     return AttentionBatch(
         kv_cache=kv_cache,
-        slot_mapping=torch.from_numpy(np.ascontiguousarray(slot_mapping, np.int64)).to(device),
-        block_table=torch.from_numpy(np.ascontiguousarray(table, np.int32)).to(device),
-        seq_lens=torch.from_numpy(np.ascontiguousarray(lens, np.int32)).to(device),
-        max_seq_len=int(seq_lens.max()) if len(seq_lens) else 0,
-        query_start_loc=query_start_loc,
+        slot_mapping=tensors["slot_mapping"],
+        block_table=tensors["block_table"],
+        seq_lens=tensors["seq_lens"],
+        max_seq_len=max_seq_len,
+        query_start_loc=tensors.get("query_start_loc"),
         decode_only=decode_only,
         sparse_budget=sparse_budget,
     )

@@ -175,17 +175,18 @@ class TransformersRunner:
     @torch.inference_mode()
     def forward(
         self,
-        token_ids: np.ndarray,
-        positions: np.ndarray,
+        token_ids: torch.Tensor | np.ndarray,
+        positions: torch.Tensor | np.ndarray,
         batch: AttentionBatch,
-        logits_rows: np.ndarray,
+        logits_rows: torch.Tensor | np.ndarray | None,
     ) -> torch.Tensor:
-        """Logits ``[len(logits_rows), vocab]`` (float32) of the given rows of the step, after
-        computing every row's keys and values into the cache."""
-        device = self.device
-        input_ids = torch.from_numpy(np.asarray(token_ids, np.int64)).to(device)[None]
-        position_ids = torch.from_numpy(np.asarray(positions, np.int64)).to(device)[None]
-        keep = torch.from_numpy(np.asarray(logits_rows, np.int64)).to(device)
+        """Logits ``[len(logits_rows), vocab]`` (float32) of the given rows of the step (every
+        row when ``logits_rows`` is None), after computing every row's keys and values into the
+        cache. Index arrays are int64, tensors on the model's device or NumPy arrays. Nothing
+        here reads device data on the host, so the engine captures it in CUDA graphs."""
+        input_ids = self._on_device(token_ids)[None]
+        position_ids = self._on_device(positions)[None]
+        keep = 0 if logits_rows is None else self._on_device(logits_rows)
         output = self.model(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -194,6 +195,11 @@ class TransformersRunner:
             tinyserve_batch=batch,
         )
         return output.logits[0].float()
+
+    def _on_device(self, array: torch.Tensor | np.ndarray) -> torch.Tensor:
+        if isinstance(array, torch.Tensor):
+            return array
+        return torch.from_numpy(np.asarray(array, np.int64)).to(self.device)
 
 
 def _eos_token_ids(model: torch.nn.Module) -> set[int]:

@@ -1,0 +1,377 @@
+"""select_pages on CUDA against the float64 NumPy reference of test_selection.py, over every
+path of the CUDA kernels: the page-wide scoring kernel (the group folded into two weight vectors
+for summed scores, or each query head scored alone), the row-by-row fallback (rows that are not
+whole 16-byte chunks, or misaligned), the shared-memory top-k and the global-memory one (tables
+of more than 32767 pages), the copy of short sequences, sinks, hits, and graph replay.
+
+Integer data makes every score exact in float32 whatever the order of the sums (the folded
+kernel reassociates them), so the page sets, their order and the tie-break (the lower page) are
+compared exactly; ties are frequent. Continuous data is compared exactly except where the
+reference's own scores are within float32 rounding of the cut, where either page may win."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_selection import random_pages, ref_scores, ref_select, to_np
+
+import tinyserve as ts
+from arrays import asarray, cuda_ok, torch
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not cuda_ok(), reason="needs torch with CUDA and tinyserve built with it"),
+]
+
+SUMMARIES = ["minmax_damped", "minmax", "meanstd"]
+REDUCES = ["sum", "max"]
+DTYPES = ["float32", "float16", "bfloat16"]
+
+
+def integer_summaries(rng, num_blocks, num_kv_heads, head_dim, summary):
+    """Small-integer summaries (valid ones: min <= max, std >= 0)."""
+    a = rng.integers(-3, 4, size=(num_blocks, num_kv_heads, head_dim))
+    b = rng.integers(-3, 4, size=(num_blocks, num_kv_heads, head_dim))
+    if summary in ("minmax", "minmax_damped"):
+        return np.stack([np.minimum(a, b), np.maximum(a, b)], axis=2).astype(np.float32)
+    return np.stack([a, np.abs(b)], axis=2).astype(np.float32)
+
+
+def cuda_ints(a):
+    return asarray(np.asarray(a), "torch", None, "cuda")
+
+
+def run_select(query, meta, table, seq_lens, budget, block_size, sinks, summary, reduce, dtype,
+               *, hits=None, meta_view=None):  # fmt: skip
+    """select_pages on CUDA with poisoned outputs; returns (table, lens) as NumPy."""
+    n, heads = len(seq_lens), meta.shape[1]
+    got_t = torch.full((n, heads, budget), -7, dtype=torch.int32, device="cuda")
+    got_l = torch.full((n, heads), -7, dtype=torch.int32, device="cuda")
+    m = meta_view if meta_view is not None else asarray(meta, "torch", dtype, "cuda")
+    ts_out = ts.select_pages(
+        asarray(query, "torch", dtype, "cuda"),
+        m,
+        cuda_ints(table),
+        cuda_ints(seq_lens),
+        budget,
+        block_size=block_size,
+        num_sink_pages=sinks,
+        summary=summary,
+        group_reduce=reduce,
+        hits=hits,
+        out=(got_t, got_l),
+    )
+    torch.cuda.synchronize()
+    assert ts_out[0] is got_t and ts_out[1] is got_l
+    return to_np(got_t), to_np(got_l)
+
+
+def check_exact(query, meta, table, seq_lens, budget, block_size, sinks, summary, reduce, dtype,
+                **kw):  # fmt: skip
+    got_t, got_l = run_select(
+        query, meta, table, seq_lens, budget, block_size, sinks, summary, reduce, dtype, **kw
+    )
+    want_t, want_l = ref_select(
+        query, meta, table, seq_lens, budget, block_size, sinks, summary, reduce
+    )
+    np.testing.assert_array_equal(got_t, want_t)
+    np.testing.assert_array_equal(got_l, want_l)
+    return got_t
+
+
+# ---------------------------------------------------------------------------------------------
+# Every scoring path: summary x reduce x dtype x head_dim x group
+
+
+# 64/128/256: whole 16-byte chunks, a power of two of them per row; 80/96: whole chunks, not a
+# power of two (idle lanes in a row's group); 40 and 20: whole chunks in float32, 8-byte loads of
+# the row-by-row fallback in 16-bit types; 17: the fallback's one-element loads.
+HEAD_DIMS = [64, 128, 256, 80, 96, 40, 20, 17]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("reduce", REDUCES)
+@pytest.mark.parametrize("summary", SUMMARIES)
+def test_scoring_paths(rng, summary, reduce, group, head_dim, dtype):
+    """Lengths around the budget (budget - 1, budget, budget + 1, budget + 2 pages), a long one,
+    an empty one; sinks 0 and 2."""
+    block_size, budget, kv_heads = 16, 8, 3
+    pages = [budget - 1, budget, budget + 1, budget + 2, 75, 0]
+    seq_lens = np.array([max(0, p * block_size - 5) for p in pages], dtype=np.int32)
+    seq_lens[1] = budget * block_size  # exactly budget full pages
+    table, num_blocks = random_pages(rng, seq_lens, block_size)
+    query = rng.integers(-2, 3, size=(len(pages), kv_heads * group, head_dim)).astype(np.float32)
+    meta = integer_summaries(rng, num_blocks, kv_heads, head_dim, summary)
+    for sinks in (0, 2):
+        check_exact(query, meta, table, seq_lens, budget, block_size, sinks, summary, reduce, dtype)
+
+
+@pytest.mark.parametrize("summary", SUMMARIES)
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_many_kv_heads_and_wide_rows(rng, summary, reduce):
+    """16 KV heads (several rounds of loads per page), head_dim 512 in 16-bit (64 chunks: two
+    per lane) and float32 head_dim 256 (64 chunks), and one KV head (a page is one row)."""
+    block_size, budget = 16, 6
+    for kv_heads, group, head_dim, dtype in [
+        (16, 2, 64, "float16"),
+        (2, 4, 512, "bfloat16"),
+        (2, 2, 256, "float32"),
+        (1, 8, 128, "float16"),
+    ]:
+        seq_lens = np.array([900, 40, 333], dtype=np.int32)
+        table, num_blocks = random_pages(rng, seq_lens, block_size)
+        query = rng.integers(-2, 3, size=(3, kv_heads * group, head_dim)).astype(np.float32)
+        meta = integer_summaries(rng, num_blocks, kv_heads, head_dim, summary)
+        check_exact(query, meta, table, seq_lens, budget, block_size, 1, summary, reduce, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Top-k: long sequences, budget boundaries, the global-memory kernel
+
+
+@pytest.mark.parametrize("summary", SUMMARIES)
+def test_long_sequences(rng, summary):
+    """8 sequences of 2048 pages and one of 8300 (runs of 8 candidates per top-k thread, many
+    32-page runs per scoring warp), the bench's shape: float16, 32 query / 8 KV heads,
+    head_dim 128, budget 128 pages with one sink."""
+    block_size, budget = 16, 128
+    for seq_lens in (np.full(8, 2048 * block_size, np.int32), np.array([8300 * 16 - 3], np.int32)):
+        table, num_blocks = random_pages(rng, seq_lens, block_size)
+        query = rng.integers(-2, 3, size=(len(seq_lens), 32, 128)).astype(np.float32)
+        meta = integer_summaries(rng, num_blocks, 8, 128, summary)
+        for reduce in REDUCES:
+            check_exact(
+                query, meta, table, seq_lens, budget, block_size, 1, summary, reduce, "float16"
+            )
+
+
+def test_global_memory_top_k(rng):
+    """A table wider than 32767 pages takes the global-memory top-k (block_size 1: 33000
+    pages of one token), with the budget's boundaries in the same batch."""
+    block_size, budget = 1, 40
+    seq_lens = np.array([33000, budget, budget + 1, 7], dtype=np.int32)
+    table, num_blocks = random_pages(rng, seq_lens, block_size)
+    assert table.shape[1] > 32767
+    query = rng.integers(-2, 3, size=(4, 4, 16)).astype(np.float32)
+    for summary in SUMMARIES:
+        meta = integer_summaries(rng, num_blocks, 2, 16, summary)
+        for sinks in (0, 3):
+            check_exact(query, meta, table, seq_lens, budget, block_size, sinks, summary, "sum",
+                        "float32")  # fmt: skip
+
+
+@pytest.mark.parametrize("sinks", [0, 1, 5])
+def test_budget_boundaries(rng, sinks):
+    """Every page count from 1 to budget + 40 in one batch, keep == 0 (budget = sinks + 1)
+    included, with continuous data (no exact ties; near-ties are checked against the
+    reference's scores)."""
+    block_size, kv_heads, group, dim = 4, 2, 4, 64
+    for budget in (sinks + 1, sinks + 2, 33):
+        pages = np.arange(1, budget + 41)
+        seq_lens = (pages * block_size - rng.integers(0, block_size, size=len(pages))).astype(
+            np.int32
+        )
+        table, num_blocks = random_pages(rng, seq_lens, block_size)
+        query = rng.standard_normal((len(pages), kv_heads * group, dim)).astype(np.float32)
+        meta = rng.standard_normal((num_blocks, kv_heads, 2, dim)).astype(np.float32)
+        meta[:, :, 1] = np.abs(meta[:, :, 1])
+        got_t, got_l = run_select(
+            query, meta, table, seq_lens, budget, block_size, sinks, "meanstd", "sum", "float32"
+        )
+        want_t, want_l = ref_select(
+            query, meta, table, seq_lens, budget, block_size, sinks, "meanstd", "sum"
+        )
+        np.testing.assert_array_equal(got_l, want_l)
+        check_up_to_rounding(got_t, want_t, query, meta, table, seq_lens, block_size, sinks)
+
+
+def check_up_to_rounding(got_t, want_t, query, meta, table, seq_lens, block_size, sinks):
+    """Equal tables, except that pages whose reference scores are within float32 rounding of the
+    cut may be swapped with each other (the kernels sum in float32, in another order)."""
+    for b in range(len(seq_lens)):
+        pages = -(-int(seq_lens[b]) // block_size)
+        row = table[b, :pages]
+        scores = ref_scores(query[b], meta[row], "meanstd", "sum") if pages else None
+        for h in range(got_t.shape[1]):
+            if np.array_equal(got_t[b, h], want_t[b, h]):
+                continue
+            assert scores is not None and pages > got_t.shape[2], (b, h)  # a real selection
+            assert got_t[b, h, -1] == want_t[b, h, -1]
+            position = {int(block): p for p, block in enumerate(row)}
+            got = {position[int(x)] for x in got_t[b, h] if x >= 0}
+            want = {position[int(x)] for x in want_t[b, h] if x >= 0}
+            assert len(got) == len(want)
+            kept = sorted(want - {pages - 1} - set(range(sinks)))
+            assert kept, (b, h)  # with no candidate kept the tables cannot differ
+            cut = min(scores[h, p] for p in kept)
+            scale = np.abs(scores[h]).max() + 1.0
+            for p in got ^ want:
+                assert abs(scores[h, p] - cut) <= 1e-5 * scale, (b, h, p)
+            # Still logical order with the last page last.
+            order = [position[int(x)] for x in got_t[b, h] if x >= 0]
+            assert order == sorted(order)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts, NaN, hits
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_and_misaligned_summaries(rng, dtype):
+    """Summaries in a padded buffer (rows 16-byte aligned but not contiguous: the page-wide
+    kernel with strides) and one element off alignment (the row-by-row kernel), and a strided
+    query: the same pages as contiguous ones."""
+    block_size, budget, kv_heads, group, dim = 16, 5, 2, 4, 64
+    seq_lens = np.array([700, 90, 300], dtype=np.int32)
+    table, num_blocks = random_pages(rng, seq_lens, block_size)
+    query = rng.integers(-2, 3, size=(3, kv_heads * group, dim)).astype(np.float32)
+    for summary in SUMMARIES:
+        meta = integer_summaries(rng, num_blocks, kv_heads, dim, summary)
+        padded = torch.full((num_blocks, kv_heads + 1, 2, dim + 16), float("nan"), device="cuda")
+        padded = padded.to(getattr(torch, dtype))
+        view = padded[:, :kv_heads, :, :dim]
+        view.copy_(asarray(meta, "torch", dtype, "cuda"))
+        flat = torch.empty(meta.size + 1, dtype=getattr(torch, dtype), device="cuda")
+        shifted = flat[1:].view(meta.shape)
+        shifted.copy_(asarray(meta, "torch", dtype, "cuda"))
+        for reduce in REDUCES:
+            for m in (view, shifted):
+                check_exact(query, meta, table, seq_lens, budget, block_size, 1, summary, reduce,
+                            dtype, meta_view=m)  # fmt: skip
+
+
+@pytest.mark.parametrize("reduce", REDUCES)
+@pytest.mark.parametrize("summary", SUMMARIES)
+def test_nan_summaries_rank_lowest(rng, summary, reduce):
+    """Pages whose summary is NaN (never written) are kept only where nothing else is left."""
+    block_size, budget = 16, 10
+    seq_lens = np.array([40 * 16, 12 * 16], dtype=np.int32)
+    table, num_blocks = random_pages(rng, seq_lens, block_size)
+    query = rng.integers(-2, 3, size=(2, 8, 128)).astype(np.float32)
+    meta = integer_summaries(rng, num_blocks, 2, 128, summary)
+    poisoned = rng.choice(num_blocks, size=num_blocks // 2, replace=False)
+    meta[poisoned] = np.nan
+    for dtype in DTYPES:
+        check_exact(query, meta, table, seq_lens, budget, block_size, 1, summary, reduce, dtype)
+
+
+def test_hits_with_sinks_and_short_sequences(rng):
+    """hits counts every kept block once per (sequence, KV head): sinks, the last page, chosen
+    pages and the whole table of a short sequence, on both top-k kernels."""
+    for block_size, lens in ((16, [3000, 50, 16 * 9]), (1, [33000, 5])):
+        budget = 9
+        seq_lens = np.array(lens, dtype=np.int32)
+        table, num_blocks = random_pages(rng, seq_lens, block_size)
+        query = rng.integers(-2, 3, size=(len(lens), 8, 64)).astype(np.float32)
+        meta = integer_summaries(rng, num_blocks, 2, 64, "meanstd")
+        start = rng.integers(0, 5, size=num_blocks).astype(np.int32)
+        hits = cuda_ints(start.copy())
+        got_t = check_exact(query, meta, table, seq_lens, budget, block_size, 2, "meanstd", "sum",
+                            "float16", hits=hits)  # fmt: skip
+        kept = got_t.ravel()
+        want = start + np.bincount(kept[kept >= 0], minlength=num_blocks)
+        np.testing.assert_array_equal(to_np(hits), want)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA graphs
+
+
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_graph_replay_across_the_budget(rng, reduce):
+    """One capture of the page-wide kernels (float16, head_dim 128, group 4, hits, sinks),
+    replayed while lengths grow from below the budget to far above it and the query changes in
+    place: every replay gives the reference's pages, lengths and hit counts."""
+    block_size, budget, sinks, kv_heads = 16, 12, 1, 2
+    capacity = np.array([4000, 2500, 600], dtype=np.int32)
+    table, num_blocks = random_pages(rng, capacity, block_size)
+    meta = integer_summaries(rng, num_blocks, kv_heads, 128, "meanstd")
+    query = rng.integers(-2, 3, size=(3, kv_heads * 4, 128)).astype(np.float32)
+    q = asarray(query, "torch", "float16", "cuda")
+    m = asarray(meta, "torch", "float16", "cuda")
+    t = cuda_ints(table)
+    lens = cuda_ints(np.array([100, 30, 5], dtype=np.int32))
+    hits = torch.zeros(num_blocks, dtype=torch.int32, device="cuda")
+    out = (
+        torch.full((3, kv_heads, budget), -7, dtype=torch.int32, device="cuda"),
+        torch.full((3, kv_heads), -7, dtype=torch.int32, device="cuda"),
+    )
+    ws = torch.empty(ts.select_pages_workspace_bytes(q, m, t), dtype=torch.uint8, device="cuda")
+
+    def select():
+        ts.select_pages(q, m, t, lens, budget, block_size=block_size, num_sink_pages=sinks,
+                        summary="meanstd", group_reduce=reduce, hits=hits, out=out,
+                        workspace=ws)  # fmt: skip
+
+    select()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        select()
+    for step_lens in ([100, 30, 5], [193, 192, 191], [4000, 1000, 600], [2500, 2500, 17]):
+        step_lens = np.minimum(np.array(step_lens, np.int32), capacity)
+        query = rng.integers(-2, 3, size=query.shape).astype(np.float32)
+        q.copy_(asarray(query, "torch", "float16", "cuda"))
+        lens.copy_(cuda_ints(step_lens))
+        hits.zero_()
+        out[0].fill_(-7)
+        graph.replay()
+        torch.cuda.synchronize()
+        want_t, want_l = ref_select(
+            query, meta, table, step_lens, budget, block_size, sinks, "meanstd", reduce
+        )
+        np.testing.assert_array_equal(to_np(out[0]), want_t)
+        np.testing.assert_array_equal(to_np(out[1]), want_l)
+        kept = want_t.ravel()
+        np.testing.assert_array_equal(
+            to_np(hits), np.bincount(kept[kept >= 0], minlength=num_blocks)
+        )
+
+
+@pytest.mark.parametrize("width_below_budget", [0, 3])
+def test_table_no_wider_than_the_budget(rng, width_below_budget):
+    """A block_table of at most `budget` columns launches only the copy: each KV head gets the
+    sequence's pages and -1 padding, lengths as given, hits counted, in a graph replay too."""
+    block_size, budget, kv_heads = 16, 10, 4
+    width = budget - width_below_budget
+    seq_lens = np.array([width * block_size, 1, 0, 37, width * block_size - 9], dtype=np.int32)
+    num_blocks = 64
+    table = np.stack([rng.permutation(num_blocks)[:width] for _ in seq_lens]).astype(np.int32)
+    query = rng.integers(-2, 3, size=(len(seq_lens), kv_heads * 2, 64)).astype(np.float32)
+    meta = integer_summaries(rng, num_blocks, kv_heads, 64, "meanstd")
+    hits = torch.zeros(num_blocks, dtype=torch.int32, device="cuda")
+    got_t = check_exact(query, meta, table, seq_lens, budget, block_size, 1, "meanstd", "sum",
+                        "float16", hits=hits)  # fmt: skip
+    kept = got_t.ravel()
+    np.testing.assert_array_equal(to_np(hits), np.bincount(kept[kept >= 0], minlength=num_blocks))
+
+    q = asarray(query, "torch", "float16", "cuda")
+    m = asarray(meta, "torch", "float16", "cuda")
+    t, lens = cuda_ints(table), cuda_ints(seq_lens)
+    out = (
+        torch.full((len(seq_lens), kv_heads, budget), -7, dtype=torch.int32, device="cuda"),
+        torch.full((len(seq_lens), kv_heads), -7, dtype=torch.int32, device="cuda"),
+    )
+    ws = torch.empty(max(16, ts.select_pages_workspace_bytes(q, m, t)), dtype=torch.uint8,
+                     device="cuda")  # fmt: skip
+
+    def select():
+        ts.select_pages(q, m, t, lens, budget, block_size=block_size, out=out, workspace=ws)
+
+    select()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        select()
+    new_lens = rng.integers(0, width * block_size + 1, size=len(seq_lens)).astype(np.int32)
+    lens.copy_(cuda_ints(new_lens))
+    out[0].fill_(-7)
+    graph.replay()
+    torch.cuda.synchronize()
+    want_t, want_l = ref_select(
+        query, meta, table, new_lens, budget, block_size, 0, "meanstd", "sum"
+    )
+    np.testing.assert_array_equal(to_np(out[0]), want_t)
+    np.testing.assert_array_equal(to_np(out[1]), want_l)
