@@ -10,7 +10,7 @@ speed-up, selection's share of the sparse step, the top-k and scoring kernels al
 torch.profiler's kernel times) and the scoring kernel's read rate over the summaries; with
 --sparse-splits, the sparse attention at fixed split counts too.
 
-    python benchmarks/bench_selection.py [--json results.json] [--summary meanstd]
+    python benchmarks/bench_selection.py [--json results.json] [--summary NAME]
                                          [--sparse-splits 8,16,32]
 """
 
@@ -161,7 +161,9 @@ def run_shape(batch: int, context: int, summary: str, gen, sparse_splits=()) -> 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json")
-    parser.add_argument("--summary", default=ts.DEFAULT_SUMMARY, choices=["minmax", "meanstd"])
+    parser.add_argument(
+        "--summary", default=ts.DEFAULT_SUMMARY, choices=["minmax_damped", "minmax", "meanstd"]
+    )
     parser.add_argument(
         "--sparse-splits",
         default="",
