@@ -12,7 +12,7 @@ torch.profiler's kernel times) and the scoring kernel's read rate over the summa
 [blocks, KV heads, page, head_dim] (passed as the permuted view): a KV head's keys of one page
 are then contiguous, which is what sparse attention over per-KV-head tables reads.
 
-    python benchmarks/bench_selection.py [--json results.json] [--summary meanstd]
+    python benchmarks/bench_selection.py [--json results.json] [--summary NAME]
                                          [--sparse-splits 8,16,32] [--layout NHD|HND]
 """
 
@@ -171,7 +171,9 @@ def run_shape(
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json")
-    parser.add_argument("--summary", default=ts.DEFAULT_SUMMARY, choices=["minmax", "meanstd"])
+    parser.add_argument(
+        "--summary", default=ts.DEFAULT_SUMMARY, choices=["minmax_damped", "minmax", "meanstd"]
+    )
     parser.add_argument(
         "--sparse-splits",
         default="",

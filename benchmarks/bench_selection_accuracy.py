@@ -8,11 +8,12 @@ densely (torch) while its keys and values go into tinyserve's paged cache with p
 each decode step writes its token with reshape_and_cache and attends with paged_attention,
 either densely or over select_pages' pages (every layer, or all but the first layers).
 
-Reported, per budget (L/4, L/8, L/16 and 256, 512, 1024 tokens) and per scoring (minmax,
-meanstd; group scores summed or maxed):
+Reported, per budget (L/4, L/8, L/16 and 256, 512, 1024 tokens) and per scoring (minmax_damped,
+minmax, meanstd; group scores summed or maxed):
   1. for the last prompt token's query in every layer and head: the share of the true attention
      mass on the selected pages, beside the oracle's (the `budget` pages holding the most mass),
-     and the attention output's relative error against dense; over layers 2-29 and layers 0-1;
+     and the attention output's relative error against dense; over layers 2-29 and layers 0-1,
+     and at L/8 by band of layers;
   2. passkey retrieval in greedy generation (a 5-digit key at a random depth of 2k-4k tokens of
      filler, Quest's format), sparse decode against dense decode, over --prompts prompts.
 
@@ -34,6 +35,7 @@ import torch
 import tinyserve as ts
 
 PAGE = 16
+SUMMARIES = ("minmax_damped", "minmax", "meanstd")
 FILLER = (
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 )
@@ -59,7 +61,7 @@ def load_model():
 
 
 class Runner:
-    """Holds every layer's paged K/V cache and page summaries (both kinds) for one prompt, and
+    """Holds every layer's paged K/V cache and page summaries (every kind) for one prompt, and
     runs prefill and decode steps of `model` with tinyserve attention.
 
     Decode variants share the prompt's pages: each gets a private copy of the prompt's last
@@ -76,9 +78,7 @@ class Runner:
         self.k = [torch.zeros(shape) for _ in range(self.layers)]
         self.v = [torch.zeros(shape) for _ in range(self.layers)]
         meta_shape = ts.page_meta_shape(self.k[0])
-        self.meta = {
-            s: [torch.zeros(meta_shape) for _ in range(self.layers)] for s in ("minmax", "meanstd")
-        }
+        self.meta = {s: [torch.zeros(meta_shape) for _ in range(self.layers)] for s in SUMMARIES}
         self.queries: list[torch.Tensor] = []  # last prompt token's query per layer (prefill)
         self.mode = "prefill"
         self.variant: dict = {}
@@ -100,9 +100,9 @@ class Runner:
         k_rows = k.transpose(0, 1).contiguous()
         v_rows = v.transpose(0, 1).contiguous()
         slot_mapping = torch.from_numpy(slots)
-        summary = self.variant.get("summary", "meanstd")
+        summary = self.variant.get("summary", ts.DEFAULT_SUMMARY)
         if self.mode == "prefill":
-            for s in ("minmax", "meanstd"):
+            for s in SUMMARIES:
                 ts.reshape_and_cache(
                     k_rows, v_rows, self.k[layer], self.v[layer], slot_mapping,
                     self.meta[s][layer], summary=s,
@@ -158,7 +158,7 @@ class Runner:
         if n % PAGE:  # copy the partial last page: decode appends into it
             src = torch.tensor([blocks[-1]], dtype=torch.int32)
             dst = torch.tensor([private[0]], dtype=torch.int32)
-            caches = self.k + self.v + self.meta["minmax"] + self.meta["meanstd"]
+            caches = self.k + self.v + [m for s in SUMMARIES for m in self.meta[s]]
             ts.copy_blocks(caches, src, dst)
             blocks[-1] = private[0]
             private = private[1:]
@@ -223,7 +223,9 @@ def budgets_for(length: int) -> dict[str, int]:
     }
 
 
-SCORINGS = [("minmax", "sum"), ("minmax", "max"), ("meanstd", "sum"), ("meanstd", "max")]
+SCORINGS = [(s, reduce) for s in SUMMARIES for reduce in ("sum", "max")]
+# Bands of layers reported separately at L/8 (the first two are the benchmark's "layers 0-1").
+BANDS = [(2, 11), (11, 21), (21, 30)]
 
 
 def mass_and_error(runner: Runner, length: int, scale: float, sinks: int = 0) -> dict:
@@ -303,6 +305,19 @@ def mass_table(stats: dict, title: str) -> list[str]:
             f"| {label} | {summary}/{reduce} | {m2:.3f} | {o2:.3f} | {m2 / o2:.3f} "
             f"| {err[:, 2:].mean():.3f} | {mass[:, :2].mean():.3f} | {oracle[:, :2].mean():.3f} |"
         )
+    lines += [
+        "",
+        "Mass against the oracle's at L/8 by band of layers:",
+        "",
+        "| scoring | " + " | ".join(f"layers {lo}-{hi - 1}" for lo, hi in BANDS) + " |",
+        "|---|" + "---|" * len(BANDS),
+    ]
+    for (label, summary, reduce), rec in stats.items():
+        if label != "L/8":
+            continue
+        mass, oracle = np.array(rec["mass"]), np.array(rec["oracle"])
+        ratios = [mass[:, lo:hi].mean() / oracle[:, lo:hi].mean() for lo, hi in BANDS]
+        lines.append(f"| {summary}/{reduce} | " + " | ".join(f"{r:.3f}" for r in ratios) + " |")
     return lines + [""]
 
 
@@ -336,7 +351,7 @@ def main() -> None:
     print(f"real text: {len(ids)} tokens, {time.time() - started:.0f} s", flush=True)
 
     variants = {"dense": {}}
-    for summary in ("minmax", "meanstd"):
+    for summary in SUMMARIES:
         for label in ("L/8", "L/16"):
             variants[f"{summary} {label}"] = {"summary": summary, "budget": label}
         variants[f"{summary} L/16, layers 0-1 dense"] = {
@@ -354,7 +369,8 @@ def main() -> None:
         for name, v in variants.items():
             budget = budgets_for(len(ids))[v["budget"]] if "budget" in v else None
             outputs[name] = runner.generate(
-                logits, args.steps, budget_pages=budget, summary=v.get("summary", "meanstd"),
+                logits, args.steps, budget_pages=budget,
+                summary=v.get("summary", ts.DEFAULT_SUMMARY),
                 dense_layers=v.get("dense_layers", 0), sinks=args.sink_pages,
             )  # fmt: skip
             text = tokenizer.decode(outputs[name])

@@ -73,7 +73,7 @@ for tool in memcheck racecheck; do
   echo "compute-sanitizer --tool $tool test_selection (cuda): rc=$? ($(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$tool-selection.log" | tail -1))"
 done
 fi
-for summary in meanstd minmax; do
+for summary in minmax_damped meanstd minmax; do
   $PY benchmarks/bench_selection.py --summary $summary --json "$OUT/bench-selection-$summary.json" \
     > "$OUT/bench-selection-$summary.log" 2>&1
   echo "bench_selection $summary rc=$?"; cat "$OUT/bench-selection-$summary.log"

@@ -25,8 +25,9 @@ __all__ = [
     "DEFAULT_SUMMARY",
 ]
 
-# The page summary that kept more attention mass on the real-model benchmark (docs/selection.md).
-DEFAULT_SUMMARY = "meanstd"
+# The page summary that kept the most attention mass on the real-model benchmark while finding
+# the passkey as often as dense decode (docs/selection.md).
+DEFAULT_SUMMARY = "minmax_damped"
 
 # Split-KV scratch on CUDA, one buffer per (framework, device), grown when a call needs more.
 # Buffers that were replaced stay referenced: a captured CUDA graph may still point at them.
@@ -144,8 +145,9 @@ def reshape_and_cache(
     :func:`page_meta_shape`), the summaries of the pages written are updated in the same call:
     a write at offset 0 restarts a page's summary from every key this call writes to it (in any
     order); a page written only at later offsets has its summary extended. ``summary`` is
-    ``"meanstd"`` (mean and standard deviation) or ``"minmax"`` (elementwise min and max); it
-    must match what :func:`select_pages` is told. Pages are assumed to fill in order of offset.
+    ``"minmax_damped"`` or ``"minmax"`` (both store the elementwise min and max) or
+    ``"meanstd"`` (mean and standard deviation); it must match what :func:`select_pages` is told.
+    Pages are assumed to fill in order of offset.
 
     FP8 caches: caches of float8_e4m3fn (``torch.float8_e4m3fn``, ml_dtypes' ``float8_e4m3fn``,
     or uint8 arrays of its bits with ``kv_dtype="float8_e4m3fn"``) take float32, float16 or
@@ -241,13 +243,15 @@ def select_pages(
     last page partial), including the last page and the sinks: at least ``num_sink_pages + 1``.
 
     Every page of a sequence is scored per KV head with its GQA group's query heads, combined by
-    ``group_reduce`` (``"sum"`` or ``"max"``): ``"minmax"`` summaries give Quest's bound
-    ``sum_d max(q_d * min_d, q_d * max_d)``, ``"meanstd"`` the estimate
+    ``group_reduce`` (``"sum"`` or ``"max"``): ``"minmax_damped"`` (the default) scores
+    ``sum_d (3/4 * max(q_d * min_d, q_d * max_d) + 1/4 * min(q_d * min_d, q_d * max_d))``,
+    halfway between the page box's centre and Quest's bound; ``"minmax"`` Quest's bound
+    ``sum_d max(q_d * min_d, q_d * max_d)``; ``"meanstd"`` the estimate
     ``sum_d (q_d * mean_d + |q_d| * std_d)``. A sequence with at most ``budget`` pages keeps all
     of them (attention then equals dense attention); otherwise it keeps its first
     ``num_sink_pages`` pages, its last page and the best-scoring others (ties: the lower logical
     page), in logical order with the last page last; ``num_sink_pages=1`` is recommended with
-    ``"meanstd"`` (docs/selection.md). ``hits`` (int32 ``[num_blocks]``) gets one added for every
+    every summary (docs/selection.md). ``hits`` (int32 ``[num_blocks]``) gets one added for every
     block each (sequence, KV head) keeps. ``out`` may give ``(table, lens)`` to write;
     ``workspace`` CUDA scratch of :func:`select_pages_workspace_bytes` bytes (one buffer per
     device is kept when omitted)."""

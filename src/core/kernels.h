@@ -58,8 +58,8 @@ struct ReshapeAndCacheParams {
   int head_dim = 0;
   int block_size = 0;
   std::int64_t num_blocks = 0;
-  PageMetaDesc page_meta;  // updated from the keys written when data is set
-  PageSummary summary = PageSummary::MinMax;
+  PageMetaDesc page_meta;                     // updated from the keys written when data is set
+  PageSummary summary = PageSummary::MinMax;  // the rows: MinMax or MeanStd
   int device_index = 0;
 };
 
@@ -210,7 +210,7 @@ struct BuildPageMetaParams {
   DType dtype = DType::Float32;
   CacheDesc key_cache;
   PageMetaDesc page_meta;
-  PageSummary summary = PageSummary::MinMax;
+  PageSummary summary = PageSummary::MinMax;  // the rows: MinMax or MeanStd
   const std::int32_t* block_table = nullptr;  // [batch, max_blocks]
   std::int64_t block_table_stride = 0;
   const std::int32_t* seq_lens = nullptr;  // [batch], contiguous

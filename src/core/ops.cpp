@@ -464,7 +464,7 @@ void write_cache(const TensorView& key, const TensorView& value, const TensorVie
   p.block_size = int(key_cache.shape[1]);
   p.num_blocks = key_cache.shape[0];
   p.page_meta = meta;
-  p.summary = summary;
+  p.summary = page_summary_rows(summary);  // the writers know only the kinds of rows
   p.device_index = device.index;
   kernels_of(backend).reshape_and_cache(p, stream);
 }

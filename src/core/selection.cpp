@@ -18,8 +18,10 @@ namespace detail {
 namespace {
 
 void check_summary(const OpCheck& c, PageSummary summary) {
-  TS_REQUIRE(c, summary == PageSummary::MinMax || summary == PageSummary::MeanStd,
-             "summary must be MinMax or MeanStd, got ", int(summary));
+  TS_REQUIRE(c,
+             summary == PageSummary::MinMax || summary == PageSummary::MeanStd ||
+                 summary == PageSummary::MinMaxDamped,
+             "summary must be MinMax, MeanStd or MinMaxDamped, got ", int(summary));
 }
 
 // page_meta against the expected [num_blocks, num_kv_heads, 2, head_dim] and dtype;
@@ -126,7 +128,7 @@ void build_page_meta(const TensorView& key_cache, const TensorView& block_table,
   p.dtype = key_cache.dtype;
   p.key_cache = {key_cache.data, key_cache.strides[0], key_cache.strides[1], key_cache.strides[2]};
   p.page_meta = meta;
-  p.summary = summary;
+  p.summary = page_summary_rows(summary);  // the writers know only the kinds of rows
   p.block_table = block_table.ptr<const std::int32_t>();
   p.block_table_stride = block_table.strides[0];
   p.seq_lens = seq_lens.ptr<const std::int32_t>();

@@ -179,6 +179,18 @@ void build_typed(const BuildPageMetaParams& p) {
 // ---------------------------------------------------------------------------------------------
 // Selection.
 
+// One element's share of a page's score for one query head (PageSummary says what x and y are).
+float page_term(PageSummary kind, float q, float x, float y) {
+  switch (kind) {
+    case PageSummary::MinMax:
+      return std::max(q * x, q * y);
+    case PageSummary::MinMaxDamped:
+      return 0.75f * std::max(q * x, q * y) + 0.25f * std::min(q * x, q * y);
+    default:
+      return q * x + std::fabs(q) * y;
+  }
+}
+
 template <class T>
 void select_typed(const SelectPagesParams& p) {
   const int group = p.num_q_heads / p.num_kv_heads;
@@ -217,8 +229,7 @@ void select_typed(const SelectPagesParams& p) {
             float s = 0.0f;
             for (int d = 0; d < D; ++d) {
               const float x = to_float(r0[d]), y = to_float(r1[d]);
-              s += p.summary == PageSummary::MinMax ? std::max(qg[d] * x, qg[d] * y)
-                                                    : qg[d] * x + std::fabs(qg[d]) * y;
+              s += page_term(p.summary, qg[d], x, y);
             }
             if (g == 0 || p.group_reduce == GroupReduce::Sum) {
               combined = g == 0 ? s : combined + s;

@@ -336,11 +336,14 @@ __device__ __forceinline__ std::int64_t clamped_length(const SelectArgs& a, int 
 //   meanstd: sum_g (q_g . mean + |q_g| . std) = (sum_g q_g) . mean + (sum_g |q_g|) . std
 //   minmax:  sum_g max(q_g * min, q_g * max) = (sum_g min(q_g, 0)) . min + (sum_g max(q_g, 0)) .
 //   max
-// (the second holds elementwise since min <= max), so a page costs one dot product per KV head
+//   minmax_damped: sum_g (3/4 max(q_g * min, q_g * max) + 1/4 min(q_g * min, q_g * max))
+//            = (sum_g 3/4 min(q_g, 0) + 1/4 max(q_g, 0)) . min
+//            + (sum_g 3/4 max(q_g, 0) + 1/4 min(q_g, 0)) . max
+// (the last two hold elementwise since min <= max), so a page costs one dot product per KV head
 // whatever the group size. The result is the reference's up to float32 rounding of a reordered
 // sum. With the maximum, each query head is scored on its own from the query.
 
-enum class ScoreMode { Folded, PerHeadMinMax, PerHeadMeanStd };
+enum class ScoreMode { Folded, PerHeadMinMax, PerHeadMinMaxDamped, PerHeadMeanStd };
 
 constexpr int kScoreSlots = 4;  // 16-byte chunks of each summary row a lane loads per round
 
@@ -411,8 +414,14 @@ __device__ __forceinline__ float query_chunk(const float* q, int chunk, int chun
     const float x[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      s += M == ScoreMode::PerHeadMinMax ? fmaxf(x[j] * lo[i + j], x[j] * hi[i + j])
-                                         : fmaf(x[j], lo[i + j], fabsf(x[j]) * hi[i + j]);
+      const float a = x[j] * lo[i + j], b = x[j] * hi[i + j];
+      if constexpr (M == ScoreMode::PerHeadMinMax) {
+        s += fmaxf(a, b);
+      } else if constexpr (M == ScoreMode::PerHeadMinMaxDamped) {
+        s += fmaf(0.75f, fmaxf(a, b), 0.25f * fminf(a, b));
+      } else {
+        s += fmaf(x[j], lo[i + j], fabsf(x[j]) * hi[i + j]);
+      }
     }
   }
   return s;
@@ -473,6 +482,9 @@ __device__ __forceinline__ void build_weights_chunked(const SelectArgs& a, const
             if (a.kind == PageSummary::MinMax) {
               w0[e] += fminf(x[e], 0.0f);
               w1[e] += fmaxf(x[e], 0.0f);
+            } else if (a.kind == PageSummary::MinMaxDamped) {
+              w0[e] += fmaf(0.75f, fminf(x[e], 0.0f), 0.25f * fmaxf(x[e], 0.0f));
+              w1[e] += fmaf(0.75f, fmaxf(x[e], 0.0f), 0.25f * fminf(x[e], 0.0f));
             } else {
               w0[e] += x[e];
               w1[e] += fabsf(x[e]);
@@ -529,8 +541,8 @@ __device__ __forceinline__ void load_round(const SelectArgs& a, const T* meta,
 }
 
 // Folded scoring of rows of at most 32 chunks (K = 1) holds four thread blocks per
-// multiprocessor (64 registers, nothing spilled in the page loop): a third more loads in flight
-// than the three that the registers the compiler would pick allow.
+// multiprocessor (64 registers; at most a few words spilled, none of the loaded summaries): a
+// third more loads in flight than the three that the registers the compiler would pick allow.
 template <class T, int K, ScoreMode M>
 __global__ void __launch_bounds__(kScoreThreads, M == ScoreMode::Folded && K == 1 ? 4 : 1)
     score_pages_wide_kernel(const __grid_constant__ SelectArgs a) {
@@ -585,6 +597,9 @@ __global__ void __launch_bounds__(kScoreThreads, M == ScoreMode::Folded && K == 
         if (a.kind == PageSummary::MinMax) {
           w0 += fminf(x, 0.0f);
           w1 += fmaxf(x, 0.0f);
+        } else if (a.kind == PageSummary::MinMaxDamped) {
+          w0 += fmaf(0.75f, fminf(x, 0.0f), 0.25f * fmaxf(x, 0.0f));
+          w1 += fmaf(0.75f, fmaxf(x, 0.0f), 0.25f * fminf(x, 0.0f));
         } else {
           w0 += x;
           w1 += fabsf(x);
@@ -693,8 +708,10 @@ __device__ __forceinline__ float page_term(PageSummary kind, const float* q, con
   float s = 0.0f;
 #pragma unroll
   for (int v = 0; v < VEC; ++v) {
-    s += kind == PageSummary::MinMax ? fmaxf(q[v] * lo[v], q[v] * hi[v])
-                                     : fmaf(q[v], lo[v], fabsf(q[v]) * hi[v]);
+    const float a = q[v] * lo[v], b = q[v] * hi[v];
+    s += kind == PageSummary::MinMax         ? fmaxf(a, b)
+         : kind == PageSummary::MinMaxDamped ? fmaf(0.75f, fmaxf(a, b), 0.25f * fminf(a, b))
+                                             : fmaf(q[v], lo[v], fabsf(q[v]) * hi[v]);
   }
   return s;
 }
@@ -1232,9 +1249,10 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
     a.query_chunked = reinterpret_cast<std::uintptr_t>(p.query) % 16 == 0 &&
                       chunked(p.q_stride_batch) && chunked(p.q_stride_head);
     const bool folded = group > 1 && p.group_reduce == GroupReduce::Sum;
-    const ScoreMode mode = folded                             ? ScoreMode::Folded
-                           : p.summary == PageSummary::MinMax ? ScoreMode::PerHeadMinMax
-                                                              : ScoreMode::PerHeadMeanStd;
+    const ScoreMode mode = folded                                   ? ScoreMode::Folded
+                           : p.summary == PageSummary::MinMax       ? ScoreMode::PerHeadMinMax
+                           : p.summary == PageSummary::MinMaxDamped ? ScoreMode::PerHeadMinMaxDamped
+                                                                    : ScoreMode::PerHeadMeanStd;
     score.smem_bytes = int((folded ? 2 * p.num_kv_heads : p.num_q_heads) * p.head_dim * 4);
     score.kernel = by_dtype(p.dtype, [&](auto t) {
       using T = decltype(t);
@@ -1246,6 +1264,9 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
           case ScoreMode::PerHeadMinMax:
             return reinterpret_cast<const void*>(
                 score_pages_wide_kernel<T, K, ScoreMode::PerHeadMinMax>);
+          case ScoreMode::PerHeadMinMaxDamped:
+            return reinterpret_cast<const void*>(
+                score_pages_wide_kernel<T, K, ScoreMode::PerHeadMinMaxDamped>);
           default:
             return reinterpret_cast<const void*>(
                 score_pages_wide_kernel<T, K, ScoreMode::PerHeadMeanStd>);

@@ -11,7 +11,9 @@ import reference as R
 import tinyserve as ts
 from arrays import TOLERANCE, asarray, backends, cache_pair, empty, f64, require, sync, torch
 
-SUMMARIES = ["minmax", "meanstd"]
+SUMMARIES = ["minmax_damped", "minmax", "meanstd"]
+# Summaries that store the elementwise minimum and maximum (they differ only in the score).
+MINMAX_ROWS = ("minmax", "minmax_damped")
 # Summaries are stored in the cache's dtype: allowed error of a mean/std against float64, relative
 # to the keys' scale (the rounding of the stored value, and float32 sums on the GPU).
 META_TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
@@ -24,7 +26,7 @@ META_TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
 def ref_summary(keys: np.ndarray, summary: str) -> np.ndarray:
     """[n, H, D] keys of one page -> [H, 2, D] summary in float64."""
     k = np.asarray(keys, dtype=np.float64)
-    if summary == "minmax":
+    if summary in MINMAX_ROWS:
         return np.stack([k.min(0), k.max(0)], axis=1)
     return np.stack([k.mean(0), k.std(0)], axis=1)
 
@@ -40,6 +42,9 @@ def ref_scores(q: np.ndarray, meta: np.ndarray, summary: str, group_reduce: str)
     hi = meta[:, :, 1].transpose(1, 0, 2)[:, None]
     if summary == "minmax":
         per_head = np.maximum(qg * lo, qg * hi).sum(-1)
+    elif summary == "minmax_damped":
+        # Halfway between the box centre's score and the bound: centre + |q| * half-width / 2.
+        per_head = (qg * (lo + hi) / 2 + np.abs(qg) * (hi - lo) / 4).sum(-1)
     else:
         per_head = (qg * lo + np.abs(qg) * hi).sum(-1)
     per_head = np.where(np.isnan(per_head), -np.inf, per_head)
@@ -133,7 +138,7 @@ def check_meta(meta, keys_by_block, summary, dtype, untouched):
     got = f64(meta)
     for block, keys in keys_by_block.items():
         want = ref_summary(np.stack(keys), summary)
-        if summary == "minmax":
+        if summary in MINMAX_ROWS:
             np.testing.assert_array_equal(got[block], want, err_msg=f"block {block}")
         else:
             scale = max(1.0, np.abs(want).max())
@@ -288,7 +293,7 @@ def integer_case(rng, seq_lens, num_q_heads, num_kv_heads, head_dim, block_size)
     b = rng.integers(-3, 4, size=(num_blocks, num_kv_heads, head_dim))
     minmax = np.stack([np.minimum(a, b), np.maximum(a, b)], axis=2).astype(np.float32)
     meanstd = np.stack([a, np.abs(b)], axis=2).astype(np.float32)
-    return table, query, {"minmax": minmax, "meanstd": meanstd}
+    return table, query, {"minmax": minmax, "minmax_damped": minmax, "meanstd": meanstd}
 
 
 @pytest.mark.parametrize("backend", backends())
@@ -326,6 +331,12 @@ def test_select_pages_matches_reference(rng, backend, summary, group_reduce, dty
         )
         np.testing.assert_array_equal(to_np(got_t), want_t)
         np.testing.assert_array_equal(to_np(got_l), want_l)
+        if summary == "minmax_damped":
+            # The same rows scored as Quest's bound keep other pages: the score is live.
+            bound_t, _ = ref_select(
+                query, meta, table, seq_lens, budget, block_size, sinks, "minmax", group_reduce
+            )
+            assert not np.array_equal(bound_t, want_t)
 
 
 @pytest.mark.parametrize("backend", backends())
@@ -338,7 +349,7 @@ def test_select_pages_random_scores(rng, backend):
     query = rng.standard_normal((3, 12, 64)).astype(np.float32)
     for summary in SUMMARIES:
         meta = rng.standard_normal((num_blocks, 4, 2, 64)).astype(np.float32)
-        if summary == "minmax":
+        if summary in MINMAX_ROWS:
             meta.sort(axis=2)
         else:
             meta[:, :, 1] = np.abs(meta[:, :, 1])
@@ -521,7 +532,7 @@ def _select_args(fw="numpy", device="cpu"):
         (dict(meta_shape=(10, 2, 2, 9)), "page_meta must have the shape"),
         (dict(meta_shape=(10, 2, 2)), "page_meta must have 4 dimensions"),
         (dict(meta_dtype="float16"), "page_meta must have the dtype of query (float32)"),
-        (dict(summary="mean"), "summary must be 'minmax' or 'meanstd'"),
+        (dict(summary="mean"), "summary must be 'minmax_damped', 'minmax' or 'meanstd'"),
         (dict(group_reduce="avg"), "group_reduce must be 'sum' or 'max'"),
         (dict(seq_len=41), "seq_lens[0] must be in [0, "),
         (dict(table_value=99), "block_table[0, 1] must be a block id"),
@@ -592,7 +603,9 @@ def test_bad_summary_name_writes_nothing(rng):
     vc = kc.copy()
     meta = np.full((6, 2, 2, 8), np.nan, np.float32)
     key = rng.standard_normal((1, 2, 8)).astype(np.float32)
-    with pytest.raises(ValueError, match="summary must be 'minmax' or 'meanstd', got 'max'"):
+    with pytest.raises(
+        ValueError, match="summary must be 'minmax_damped', 'minmax' or 'meanstd', got 'max'"
+    ):
         ts.reshape_and_cache(key, key, kc, vc, np.array([0], np.int64), meta, summary="max")
     assert np.isnan(kc).all() and np.isnan(meta).all()
 

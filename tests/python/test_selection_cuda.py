@@ -23,7 +23,7 @@ pytestmark = [
     pytest.mark.skipif(not cuda_ok(), reason="needs torch with CUDA and tinyserve built with it"),
 ]
 
-SUMMARIES = ["minmax", "meanstd"]
+SUMMARIES = ["minmax_damped", "minmax", "meanstd"]
 REDUCES = ["sum", "max"]
 DTYPES = ["float32", "float16", "bfloat16"]
 
@@ -32,7 +32,7 @@ def integer_summaries(rng, num_blocks, num_kv_heads, head_dim, summary):
     """Small-integer summaries (valid ones: min <= max, std >= 0)."""
     a = rng.integers(-3, 4, size=(num_blocks, num_kv_heads, head_dim))
     b = rng.integers(-3, 4, size=(num_blocks, num_kv_heads, head_dim))
-    if summary == "minmax":
+    if summary in ("minmax", "minmax_damped"):
         return np.stack([np.minimum(a, b), np.maximum(a, b)], axis=2).astype(np.float32)
     return np.stack([a, np.abs(b)], axis=2).astype(np.float32)
 

@@ -32,7 +32,7 @@ def _check_full_budget_is_dense(bench, model, ids, steps):
     logits = runner.prefill(ids)
     dense = runner.generate(logits, steps, budget_pages=None)
     pages = -(-(len(ids) + steps) // bench.PAGE)
-    for summary in ("minmax", "meanstd"):
+    for summary in bench.SUMMARIES:
         sparse = runner.generate(logits, steps, budget_pages=pages, summary=summary)
         assert sparse == dense, summary
     # A budget below the page count selects (the path is live): tokens may differ, the run holds.
