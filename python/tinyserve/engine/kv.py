@@ -128,6 +128,9 @@ class AttentionBatch:
                 lens,
                 self.sparse_budget,
                 block_size=self.kv_cache.block_size,
+                # The first page always kept (attention sinks): on SmolLM2 it lifts the selected
+                # share of attention from 0.93 to 0.95 of the oracle's (docs/selection.md).
+                num_sink_pages=1 if self.sparse_budget >= 2 else 0,
             )
         return tinyserve.paged_attention(
             query,
