@@ -709,7 +709,7 @@ def run_grid(args, device: str) -> None:
     if flashinfer is not None:  # one tiny plan per kernel configuration, built side by side
         builds = {}
         for _, changes in selected:
-            tiny = dict(GRID_BASE, **changes, batch=1, context=64, ragged=False)
+            tiny = {**GRID_BASE, **changes, "batch": 1, "context": 64, "ragged": False}
             kernel = f"{tiny['dtype']} head_dim {tiny['dim']}"
 
             def warm(tiny=tiny, fp8=False):
