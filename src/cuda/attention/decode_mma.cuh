@@ -4,11 +4,12 @@
 // float8 e4m3fn, head_dim 64/128/256, 16-byte aligned rows.
 //
 // One CTA of 4 warps per (sequence, split, KV head, tile of up to 16 query heads of its GQA
-// group), so all query heads of a group share every K/V tile; each warp owns 16 tokens of a
-// 64-token tile. K and V tiles stream through a cp.async pipeline of kStages shared-memory stages
-// (rows past the range are zero-filled, never read); Q.K^T and P.V run on tensor cores (m16n8k16,
-// float32 accumulation; the query heads are the M dimension). Online softmax in float32, log2
-// domain. The warps merge their states through shared memory at the end.
+// group), so all query heads of a group share every K/V tile. K and V tiles (64 tokens, 128 at
+// head_dim 64) stream through a cp.async pipeline of kStages shared-memory stages (rows past the
+// range are zero-filled, never read); each warp owns 16 tokens of every 64 of a tile. Q.K^T and
+// P.V run on tensor cores (m16n8k16, float32 accumulation; the query heads are the M dimension).
+// Online softmax in float32, log2 domain. The warps merge their states through shared memory at
+// the end.
 //
 // Float8 caches stream through the pipeline as bytes (half the traffic and half the stage
 // memory) and are converted in registers, exactly, as the fragments are loaded: ldmatrix reads a
@@ -29,8 +30,8 @@
 
 namespace tinyserve::kernels::cuda {
 
-constexpr int kTile = 64;      // tokens per pipeline stage
-constexpr int kMmaHeads = 16;  // query heads per CTA: the M of m16n8k16
+constexpr int kMmaHeads = 16;    // query heads per CTA: the M of m16n8k16
+constexpr int kWarpTokens = 16;  // tokens of a warp per step: the N of Q.K^T, the K of P.V
 
 // Pipeline stages. Split launches at head_dim 128 use two, so that three CTAs share a
 // multiprocessor: with the GPU filled by splits of one or a few sequences, the extra CTAs hide
@@ -42,17 +43,29 @@ constexpr int mma_stages(int head_dim, bool split) { return head_dim == 128 && s
 // Shared memory: Q, the stages, the row addresses.
 template <int D, int Stages, int KvBytes = 2>
 struct MmaConfig {
-  static constexpr int kRow = D + 8;  // 16-bit row stride (elements): 16-byte pad, no conflicts
+  // Tokens per stage. A tile pays fixed costs (a barrier, the waits, its rows' addresses, a
+  // softmax step); at head_dim 64 a 64-token tile is too few bytes to hide them (measured on an
+  // H200: 73% of the read ceiling, against 90% at head_dim 128), so it streams 128 tokens, two
+  // steps of 64 per iteration.
+  static constexpr int kTile = D == 64 ? 128 : 64;
+  static constexpr int kSteps = kTile / (kDecodeWarps * kWarpTokens);  // 64-token steps per tile
+  static constexpr int kRow = D + 8;  // 16-bit query row stride (elements): 16-byte pad
   static constexpr int kStages = Stages;
-  static constexpr bool kFp8 = KvBytes == 1;               // float8 stages
-  static constexpr int kStageRowBytes = D * KvBytes + 16;  // stage row stride: 16-byte pad
-  static constexpr int kChunks = D * KvBytes / 16;         // 16-byte chunks per stage row
-  static constexpr int kQChunks = D / 8;                   // 16-byte chunks per query row
+  static constexpr bool kFp8 = KvBytes == 1;  // float8 stages
+  // Stage rows are padded by 16 bytes, so that ldmatrix reads 8 rows without bank conflicts.
+  // 128-token stages interleave each token's K and V rows under one pad: half the padding, which
+  // lets two CTAs of three 16-bit stages share a multiprocessor (112896 bytes each; with separate
+  // K and V rows, 119040 would allow one).
+  static constexpr bool kInterleaved = kTile == 128;
+  static constexpr int kStageRowBytes = (kInterleaved ? 2 : 1) * D * KvBytes + 16;      // per token
+  static constexpr int kVOffset = kInterleaved ? D * KvBytes : kTile * kStageRowBytes;  // V - K
+  static constexpr int kChunks = D * KvBytes / 16;  // 16-byte chunks per K or V row
+  static constexpr int kQChunks = D / 8;            // 16-byte chunks per query row
   static constexpr int kRowsPerPass = kDecodeThreads / kChunks;
   static constexpr int kPasses = kTile / kRowsPerPass;
   static constexpr bool kQInRegisters = D <= 128;
   static constexpr int kQBytes = kMmaHeads * kRow * 2;
-  static constexpr int kStageBytes = 2 * kTile * kStageRowBytes;
+  static constexpr int kStageBytes = (kInterleaved ? 1 : 2) * kTile * kStageRowBytes;
   static constexpr int kRowAddressBytes = kStages * 2 * kTile * 8;  // per stage: K, V row addresses
   static constexpr int kSmemBytes = kQBytes + kStages * kStageBytes + kRowAddressBytes;
   // Reduction rows of float32 outputs: stride D + 8 makes the quads' 8-byte stores conflict-free.
@@ -61,6 +74,7 @@ struct MmaConfig {
   static_assert(kReduceBytes <= kStages * kStageBytes, "reduction must fit the stage buffers");
   static_assert(kDecodeThreads % kChunks == 0 && kTile % kRowsPerPass == 0, "loader shape");
   static_assert(kTile <= kDecodeThreads, "one thread computes each row's offsets");
+  static_assert(kSteps * kDecodeWarps * kWarpTokens == kTile, "tile shape");
 };
 
 // The running max of a row is raised only when a score exceeds it by this much (log2 units):
@@ -82,26 +96,26 @@ __global__ void __launch_bounds__(kDecodeThreads)
   std::uint64_t* rows =
       reinterpret_cast<std::uint64_t*>(smem + C::kQBytes + C::kStages * C::kStageBytes);
 
-  const WorkUnit u = work_unit(a, kMmaHeads, kTile);
+  const WorkUnit u = work_unit(a, kMmaHeads, C::kTile);
   const int b = u.b, split = u.split, kv_head = u.kv_head, head0 = u.head0, heads = u.heads;
   const int begin = u.begin, end = u.end;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int num_tiles = (end - begin + kTile - 1) / kTile;
+  const int num_tiles = (end - begin + C::kTile - 1) / C::kTile;
 
   // Row addresses: thread t < kTile owns row t of every tile. It reads the block id of its row
   // two tiles ahead (into a register) and writes the row's K and V addresses one tile ahead of
   // the copies that use them, so neither the table read nor the address arithmetic is on the
   // copies' path.
   const std::int32_t* table = a.kv.table_row(b, kv_head);
-  const bool row_owner = threadIdx.x < kTile;
+  const bool row_owner = threadIdx.x < C::kTile;
   const KV* k_head = a.kv.k_head<KV>(kv_head);
   const KV* v_head = a.kv.v_head<KV>(kv_head);
   auto lookup = [&](int tile) -> int {
-    const int token = begin + tile * kTile + int(threadIdx.x);
+    const int token = begin + tile * C::kTile + int(threadIdx.x);
     return tile < num_tiles && token < end ? table[a.kv.page_of(token)] : -1;
   };
   auto store_rows = [&](int tile, std::int64_t block) {
-    const int token = begin + tile * kTile + int(threadIdx.x);
+    const int token = begin + tile * C::kTile + int(threadIdx.x);
     std::uint64_t k_row = reinterpret_cast<std::uint64_t>(k_head) | 1u;
     std::uint64_t v_row = reinterpret_cast<std::uint64_t>(v_head) | 1u;
     if (a.kv.in_cache(block)) {
@@ -109,9 +123,9 @@ __global__ void __launch_bounds__(kDecodeThreads)
       k_row = reinterpret_cast<std::uint64_t>(a.kv.k_row(k_head, block, token, page));
       v_row = reinterpret_cast<std::uint64_t>(a.kv.v_row(v_head, block, token, page));
     }
-    std::uint64_t* slot = rows + (tile % C::kStages) * 2 * kTile;
+    std::uint64_t* slot = rows + (tile % C::kStages) * 2 * C::kTile;
     slot[threadIdx.x] = k_row;
-    slot[kTile + threadIdx.x] = v_row;
+    slot[C::kTile + threadIdx.x] = v_row;
   };
 
   // Copies: thread t moves 16-byte chunk t % kChunks of rows t / kChunks + kRowsPerPass * i.
@@ -121,9 +135,9 @@ __global__ void __launch_bounds__(kDecodeThreads)
     const int stage = tile % C::kStages;
     const std::uint32_t ks =
         stages + stage * C::kStageBytes + row0 * C::kStageRowBytes + chunk_bytes;
-    const std::uint32_t vs = ks + kTile * C::kStageRowBytes;
-    const std::uint64_t* k_rows = rows + stage * 2 * kTile + row0;
-    const std::uint64_t* v_rows = k_rows + kTile;
+    const std::uint32_t vs = ks + C::kVOffset;
+    const std::uint64_t* k_rows = rows + stage * 2 * C::kTile + row0;
+    const std::uint64_t* v_rows = k_rows + C::kTile;
 #pragma unroll
     for (int pass = 0; pass < C::kPasses; ++pass) {
       const std::uint64_t kr = k_rows[pass * C::kRowsPerPass];
@@ -186,16 +200,16 @@ __global__ void __launch_bounds__(kDecodeThreads)
     ptx::cp_async_commit();
   }
 
-  // Fragment addresses (shared, bytes). Q (A operand): matrix l / 8 holds rows
-  // (l / 8 % 2) * 8 + l % 8, columns (l / 16) * 8 of each 16-wide step. K (B operand of S):
-  // tokens warp * 16 + (l / 16) * 8 + l % 8, columns (l / 8 % 2) * 8. V (B operand of O,
-  // transposed): tokens warp * 16 + (l / 8 % 2) * 8 + l % 8, columns (l / 16) * 8.
+  // Fragment addresses (shared, bytes), in the first 64-token step of stage 0. Q (A operand):
+  // matrix l / 8 holds rows (l / 8 % 2) * 8 + l % 8, columns (l / 16) * 8 of each 16-wide step.
+  // K (B operand of S): tokens warp * 16 + (l / 16) * 8 + l % 8, columns (l / 8 % 2) * 8. V (B
+  // operand of O, transposed): tokens warp * 16 + (l / 8 % 2) * 8 + l % 8, columns (l / 16) * 8.
   const std::uint32_t q_frag =
       ptx::smem_addr(q_smem) + ((lane % 8) + ((lane / 8) % 2) * 8) * kRowBytes + (lane / 16) * 16;
   const std::uint32_t k_frag =
-      stages + (warp * 16 + (lane / 16) * 8 + lane % 8) * kRowBytes + ((lane / 8) % 2) * 16;
-  const std::uint32_t v_frag = stages + kTile * kRowBytes +
-                               (warp * 16 + ((lane / 8) % 2) * 8 + lane % 8) * kRowBytes +
+      stages + (warp * 16 + (lane / 16) * 8 + lane % 8) * C::kStageRowBytes + ((lane / 8) % 2) * 16;
+  const std::uint32_t v_frag = stages + C::kVOffset +
+                               (warp * 16 + ((lane / 8) % 2) * 8 + lane % 8) * C::kStageRowBytes +
                                (lane / 16) * 16;
   // Float8 K and V (B operands, read as byte pairs): matrix l / 8 holds tokens
   // warp * 16 + (l / 8 % 2) * 8 + l % 8 and bytes (l / 16) * 16 of each 32-wide step, so thread
@@ -238,132 +252,139 @@ __global__ void __launch_bounds__(kDecodeThreads)
       store_rows(next + 1, next_block);
       next_block = lookup(next + 2);
     }
-    const std::uint32_t stage_offset = (tile % C::kStages) * C::kStageBytes;
+    const bool full_tile = begin + (tile + 1) * C::kTile <= end;  // uniform over the CTA
+    // Each warp computes its 16 tokens of every 64-token step through one softmax state.
+#pragma unroll
+    for (int step = 0; step < C::kSteps; ++step) {
+      constexpr int kStepTokens = kDecodeWarps * kWarpTokens;
+      const std::uint32_t stage_offset =
+          (tile % C::kStages) * C::kStageBytes + step * kStepTokens * C::kStageRowBytes;
 
-    // S = Q K^T for this warp's 16 tokens: two 8-token column blocks, each summed in two
-    // independent chains (even and odd steps) to halve the MMA dependency depth.
-    float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-    float s_odd[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-    if constexpr (C::kFp8) {
-      // One ldmatrix covers two 16-wide steps: kb[0], kb[1] tokens 0-7 and 8-15 of step 2 * kp,
-      // kb[2], kb[3] of step 2 * kp + 1; each register's 4 bytes make both B registers.
+      // S = Q K^T for this warp's 16 tokens: two 8-token column blocks, each summed in two
+      // independent chains (even and odd steps) to halve the MMA dependency depth.
+      float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+      float s_odd[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+      if constexpr (C::kFp8) {
+        // One ldmatrix covers two 16-wide steps: kb[0], kb[1] tokens 0-7 and 8-15 of step 2 * kp,
+        // kb[2], kb[3] of step 2 * kp + 1; each register's 4 bytes make both B registers.
 #pragma unroll
-      for (int kp = 0; kp < D / 32; ++kp) {
-        std::uint32_t kb[4], qa_smem[2][4];
-        ptx::ldmatrix_x4(kb, fp8_frag + stage_offset + kp * 32);
+        for (int kp = 0; kp < D / 32; ++kp) {
+          std::uint32_t kb[4], qa_smem[2][4];
+          ptx::ldmatrix_x4(kb, fp8_frag + stage_offset + kp * 32);
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int kk = 2 * kp + half;
+          for (int half = 0; half < 2; ++half) {
+            const int kk = 2 * kp + half;
+            const std::uint32_t(&qa)[4] =
+                C::kQInRegisters ? q_regs[C::kQInRegisters ? kk : 0] : qa_smem[half];
+            if constexpr (!C::kQInRegisters) ptx::ldmatrix_x4(qa_smem[half], q_frag + kk * 32);
+            float(&acc)[2][4] = half == 0 ? s : s_odd;
+            const uint2 first = fp8x4_to_pairs<T>(kb[2 * half]);
+            const uint2 second = fp8x4_to_pairs<T>(kb[2 * half + 1]);
+            ptx::mma_16816<T>(acc[0], qa, first.x, first.y);
+            ptx::mma_16816<T>(acc[1], qa, second.x, second.y);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          std::uint32_t kb[4], qa_smem[4];
+          ptx::ldmatrix_x4(kb, k_frag + stage_offset + kk * 32);
           const std::uint32_t(&qa)[4] =
-              C::kQInRegisters ? q_regs[C::kQInRegisters ? kk : 0] : qa_smem[half];
-          if constexpr (!C::kQInRegisters) ptx::ldmatrix_x4(qa_smem[half], q_frag + kk * 32);
-          float(&acc)[2][4] = half == 0 ? s : s_odd;
-          const uint2 first = fp8x4_to_pairs<T>(kb[2 * half]);
-          const uint2 second = fp8x4_to_pairs<T>(kb[2 * half + 1]);
-          ptx::mma_16816<T>(acc[0], qa, first.x, first.y);
-          ptx::mma_16816<T>(acc[1], qa, second.x, second.y);
+              C::kQInRegisters ? q_regs[C::kQInRegisters ? kk : 0] : qa_smem;
+          if constexpr (!C::kQInRegisters) ptx::ldmatrix_x4(qa_smem, q_frag + kk * 32);
+          float(&acc)[2][4] = kk % 2 == 0 ? s : s_odd;
+          ptx::mma_16816<T>(acc[0], qa, kb[0], kb[1]);
+          ptx::mma_16816<T>(acc[1], qa, kb[2], kb[3]);
         }
       }
-    } else {
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        std::uint32_t kb[4], qa_smem[4];
-        ptx::ldmatrix_x4(kb, k_frag + stage_offset + kk * 32);
-        const std::uint32_t(&qa)[4] =
-            C::kQInRegisters ? q_regs[C::kQInRegisters ? kk : 0] : qa_smem;
-        if constexpr (!C::kQInRegisters) ptx::ldmatrix_x4(qa_smem, q_frag + kk * 32);
-        float(&acc)[2][4] = kk % 2 == 0 ? s : s_odd;
-        ptx::mma_16816<T>(acc[0], qa, kb[0], kb[1]);
-        ptx::mma_16816<T>(acc[1], qa, kb[2], kb[3]);
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[j][e] += s_odd[j][e];
-    }
-    const int t0 = begin + tile * kTile + warp * 16;
-    if (begin + (tile + 1) * kTile <= end) {  // a full tile (uniform over the CTA)
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[j][e] = a.logit(C::kFp8 ? s[j][e] * k_scale : s[j][e]);
+        for (int e = 0; e < 4; ++e) s[j][e] += s_odd[j][e];
       }
-    } else {
+      const int t0 = begin + tile * C::kTile + step * kStepTokens + warp * 16;
+      if (full_tile) {
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
+        for (int j = 0; j < 2; ++j) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int token = t0 + j * 8 + quad_col + (e % 2);
-          const float qk = C::kFp8 ? s[j][e] * k_scale : s[j][e];
-          s[j][e] = token < end ? a.logit(qk) : -INFINITY;
+          for (int e = 0; e < 4; ++e) s[j][e] = a.logit(C::kFp8 ? s[j][e] * k_scale : s[j][e]);
         }
-      }
-    }
-    // Online softmax; a row's 16 scores are spread over the 4 lanes of a quad.
-    float mx[2];
+      } else {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1]));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-    }
-    const bool grow = mx[0] > m[0] + kRescaleThreshold || mx[1] > m[1] + kRescaleThreshold;
-    if (__any_sync(0xffffffffu, grow)) {
+        for (int j = 0; j < 2; ++j) {
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        if (mx[r] > m[r]) {
-          const float correction = ptx::exp2_approx(m[r] - mx[r]);  // 0 when m was -inf
-          m[r] = mx[r];
-          l[r] *= correction;
-#pragma unroll
-          for (int nb = 0; nb < D / 8; ++nb) {
-            o[nb][2 * r] *= correction;
-            o[nb][2 * r + 1] *= correction;
+          for (int e = 0; e < 4; ++e) {
+            const int token = t0 + j * 8 + quad_col + (e % 2);
+            const float qk = C::kFp8 ? s[j][e] * k_scale : s[j][e];
+            s[j][e] = token < end ? a.logit(qk) : -INFINITY;
           }
         }
       }
-    }
+      // Online softmax; a row's 16 scores are spread over the 4 lanes of a quad.
+      float mx[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float base = m[r] == -INFINITY ? 0.0f : m[r];  // nothing seen yet: p = 0
+      for (int r = 0; r < 2; ++r) {
+        mx[r] = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1]));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      }
+      const bool grow = mx[0] > m[0] + kRescaleThreshold || mx[1] > m[1] + kRescaleThreshold;
+      if (__any_sync(0xffffffffu, grow)) {
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
+        for (int r = 0; r < 2; ++r) {
+          if (mx[r] > m[r]) {
+            const float correction = ptx::exp2_approx(m[r] - mx[r]);  // 0 when m was -inf
+            m[r] = mx[r];
+            l[r] *= correction;
 #pragma unroll
-        for (int e = 2 * r; e < 2 * r + 2; ++e) {
-          s[j][e] = ptx::exp2_approx(s[j][e] - base);
-          l[r] += s[j][e];
+            for (int nb = 0; nb < D / 8; ++nb) {
+              o[nb][2 * r] *= correction;
+              o[nb][2 * r + 1] *= correction;
+            }
+          }
         }
       }
-    }
-    // O += P V: P's accumulator layout is the A operand layout of the next MMA.
-    const std::uint32_t pa[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]),
-                                 pack2<T>(s[1][0], s[1][1]), pack2<T>(s[1][2], s[1][3])};
-    if constexpr (C::kFp8) {
-      // One ldmatrix.trans covers 32 columns: vb[0], vb[1] tokens 0-7 and 8-15 of columns
-      // 32 * dp ... + 15, vb[2], vb[3] of the next 16. A register holds columns 2g and 2g + 1
-      // (g = lane / 4) of two tokens; regrouped by column, they are the B registers of the even
-      // columns' MMA (o[2w]) and of the odd columns' (o[2w + 1]) of 16-column group w.
 #pragma unroll
-      for (int dp = 0; dp < D / 32; ++dp) {
-        std::uint32_t vb[4];
-        ptx::ldmatrix_x4_trans(vb, fp8_frag + kTile * C::kStageRowBytes + stage_offset + dp * 32);
+      for (int r = 0; r < 2; ++r) {
+        const float base = m[r] == -INFINITY ? 0.0f : m[r];  // nothing seen yet: p = 0
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int w = 2 * dp + half;
-          const uint2 first = fp8x4_to_pairs<T>(__byte_perm(vb[2 * half], 0, 0x3120));
-          const uint2 second = fp8x4_to_pairs<T>(__byte_perm(vb[2 * half + 1], 0, 0x3120));
-          ptx::mma_16816<T>(o[2 * w], pa, first.x, second.x);
-          ptx::mma_16816<T>(o[2 * w + 1], pa, first.y, second.y);
+        for (int j = 0; j < 2; ++j) {
+#pragma unroll
+          for (int e = 2 * r; e < 2 * r + 2; ++e) {
+            s[j][e] = ptx::exp2_approx(s[j][e] - base);
+            l[r] += s[j][e];
+          }
         }
       }
-    } else {
+      // O += P V: P's accumulator layout is the A operand layout of the next MMA.
+      const std::uint32_t pa[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]),
+                                   pack2<T>(s[1][0], s[1][1]), pack2<T>(s[1][2], s[1][3])};
+      if constexpr (C::kFp8) {
+        // One ldmatrix.trans covers 32 columns: vb[0], vb[1] tokens 0-7 and 8-15 of columns
+        // 32 * dp ... + 15, vb[2], vb[3] of the next 16. A register holds columns 2g and 2g + 1
+        // (g = lane / 4) of two tokens; regrouped by column, they are the B registers of the even
+        // columns' MMA (o[2w]) and of the odd columns' (o[2w + 1]) of 16-column group w.
 #pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        std::uint32_t vb[4];
-        ptx::ldmatrix_x4_trans(vb, v_frag + stage_offset + dp * 32);
-        ptx::mma_16816<T>(o[2 * dp], pa, vb[0], vb[1]);
-        ptx::mma_16816<T>(o[2 * dp + 1], pa, vb[2], vb[3]);
+        for (int dp = 0; dp < D / 32; ++dp) {
+          std::uint32_t vb[4];
+          ptx::ldmatrix_x4_trans(vb, fp8_frag + C::kVOffset + stage_offset + dp * 32);
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int w = 2 * dp + half;
+            const uint2 first = fp8x4_to_pairs<T>(__byte_perm(vb[2 * half], 0, 0x3120));
+            const uint2 second = fp8x4_to_pairs<T>(__byte_perm(vb[2 * half + 1], 0, 0x3120));
+            ptx::mma_16816<T>(o[2 * w], pa, first.x, second.x);
+            ptx::mma_16816<T>(o[2 * w + 1], pa, first.y, second.y);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+          std::uint32_t vb[4];
+          ptx::ldmatrix_x4_trans(vb, v_frag + stage_offset + dp * 32);
+          ptx::mma_16816<T>(o[2 * dp], pa, vb[0], vb[1]);
+          ptx::mma_16816<T>(o[2 * dp + 1], pa, vb[2], vb[3]);
+        }
       }
     }
   }
