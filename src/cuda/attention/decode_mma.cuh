@@ -37,7 +37,7 @@ constexpr int kWarpTokens = 16;  // tokens of a warp per step: the N of Q.K^T, t
 // multiprocessor: with the GPU filled by splits of one or a few sequences, the extra CTAs hide
 // more of each one's start, end and arithmetic (measured on an H200: about one point of the read
 // ceiling on one 128k-token sequence; unsplit batches gained nothing, and lose with the extra
-// partial wave). Everything else uses three (two CTAs per multiprocessor at head_dim 128).
+// partial wave). Everything else uses three (two CTAs per multiprocessor at head_dim 64 and 128).
 constexpr int mma_stages(int head_dim, bool split) { return head_dim == 128 && split ? 2 : 3; }
 
 // Shared memory: Q, the stages, the row addresses.
@@ -252,13 +252,12 @@ __global__ void __launch_bounds__(kDecodeThreads)
       store_rows(next + 1, next_block);
       next_block = lookup(next + 2);
     }
-    const bool full_tile = begin + (tile + 1) * C::kTile <= end;  // uniform over the CTA
+    const std::uint32_t tile_offset = (tile % C::kStages) * C::kStageBytes;
     // Each warp computes its 16 tokens of every 64-token step through one softmax state.
 #pragma unroll
     for (int step = 0; step < C::kSteps; ++step) {
       constexpr int kStepTokens = kDecodeWarps * kWarpTokens;
-      const std::uint32_t stage_offset =
-          (tile % C::kStages) * C::kStageBytes + step * kStepTokens * C::kStageRowBytes;
+      const std::uint32_t stage_offset = tile_offset + step * kStepTokens * C::kStageRowBytes;
 
       // S = Q K^T for this warp's 16 tokens: two 8-token column blocks, each summed in two
       // independent chains (even and odd steps) to halve the MMA dependency depth.
@@ -303,7 +302,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
         for (int e = 0; e < 4; ++e) s[j][e] += s_odd[j][e];
       }
       const int t0 = begin + tile * C::kTile + step * kStepTokens + warp * 16;
-      if (full_tile) {
+      if (begin + (tile + 1) * C::kTile <= end) {  // a full tile (uniform over the CTA)
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
 #pragma unroll
