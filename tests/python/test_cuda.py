@@ -44,20 +44,95 @@ def test_cuda_matches_cpu_backend(rng, dtype, head_dim):
     np.testing.assert_allclose(f64(lse_gpu), f64(lse_cpu), rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("head_dim", [pytest.param(128, id="d128"), pytest.param(64, id="d64")])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_lengths_up_to_100k(rng, dtype):
+def test_lengths_up_to_100k(rng, dtype, head_dim):
     """Long and short sequences in one batch, default (planned) splits."""
     lens = [100_000, 1, 4097, 65_536]
-    case = R.PagedCase(rng, lens, 8, 2, 128, 16)
+    case = R.PagedCase(rng, lens, 8, 2, head_dim, 16)
     kc, vc = cache_pair(case.key_cache, case.value_cache, "torch", dtype, "cuda", "HND")
     q = cuda(case.query, dtype)
-    out, lse = ts.paged_attention(
-        q, kc, vc, cuda(case.block_table), cuda(case.seq_lens), return_lse=True
+    out = torch.full_like(q, float("nan"))
+    _, lse = ts.paged_attention(
+        q, kc, vc, cuda(case.block_table), cuda(case.seq_lens), out, return_lse=True
     )
     torch.cuda.synchronize()
     ref, ref_lse = R.paged_attention(f64(q), f64(kc), f64(vc), case.block_table, case.seq_lens)
     assert R.rel_error(f64(out), ref) < TOLERANCE[dtype]
     np.testing.assert_allclose(f64(lse), ref_lse, rtol=1e-4, atol=1e-3)
+
+
+# Lengths at and around the edges of the tensor-core kernel's tiles at head_dim 64 (128 tokens,
+# computed as two steps of 64), and longer ones that splits cut into chunks ending inside a tile.
+D64_LENS = [1, 2, 63, 64, 65, 127, 128, 129, 191, 255, 256, 257, 300, 1000]
+
+
+def decode_d64(case, dtype, layout, **options):
+    """Runs decode at head_dim 64 on the GPU into NaN-poisoned outputs; returns (out, lse,
+    reference out, reference lse) in float64."""
+    kc, vc = cache_pair(case.key_cache, case.value_cache, "torch", dtype, "cuda", layout)
+    q = cuda(case.query, dtype)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:2], float("nan"), dtype=torch.float32, device="cuda")
+    ts.paged_attention(
+        q, kc, vc, cuda(case.block_table), cuda(case.seq_lens), out, lse=lse, **options
+    )
+    torch.cuda.synchronize()
+    ref, ref_lse = R.paged_attention(
+        f64(q), f64(kc), f64(vc), case.block_table, case.seq_lens, **options_for_reference(options)
+    )
+    return f64(out), f64(lse), ref, ref_lse
+
+
+def options_for_reference(options):
+    return {k: v for k, v in options.items() if k in ("window_left", "logits_soft_cap")}
+
+
+def check_d64(out, lse, ref, ref_lse, dtype):
+    assert R.rel_error(out, ref) < TOLERANCE[dtype]
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_array_equal(np.isfinite(lse), finite)
+    np.testing.assert_allclose(lse[finite], ref_lse[finite], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("block_size", [1, 16, 32])
+@pytest.mark.parametrize("group", [1, 4, 8, 20])
+@pytest.mark.parametrize("num_splits", [1, 3, 7])
+def test_d64_decode_tile_edges(rng, dtype, layout, block_size, group, num_splits):
+    """head_dim 64 on the tensor-core kernel: every length around a 64- and 128-token tile edge
+    (partial tiles, a tile whose second 64-token step is empty or partial), split into chunks of
+    whole tiles whose last one ends inside a tile, GQA groups of 1 to 20 (two head tiles), page
+    sizes 1/16/32, both cache layouts."""
+    case = R.PagedCase(rng, D64_LENS, 2 * group, 2, 64, block_size)
+    out, lse, ref, ref_lse = decode_d64(case, dtype, layout, num_splits=num_splits)
+    check_d64(out, lse, ref, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("num_splits", [1, 2, 5])
+@pytest.mark.parametrize("window_left", [0, 100, 200, 1000])
+def test_d64_decode_window_softcap_splits(rng, dtype, num_splits, window_left):
+    """A sliding window starts the key range (and so every tile and split) at a token that is no
+    multiple of 64 or 128; with a soft cap and split counts that leave some splits empty."""
+    case = R.PagedCase(rng, [1, 129, 300, 1000, 4097], 32, 8, 64, 16)
+    options = dict(num_splits=num_splits, window_left=window_left, logits_soft_cap=30.0)
+    out, lse, ref, ref_lse = decode_d64(case, dtype, "NHD", **options)
+    check_d64(out, lse, ref, ref_lse, dtype)
+
+
+def test_d64_planned_splits(rng):
+    """The planner's split counts at head_dim 64 (occupancy of the 128-token-tile kernel): one
+    long sequence is split across the GPU, and the planned call gives the reference result."""
+    sm = torch.cuda.get_device_properties(0).multi_processor_count
+    case = R.PagedCase(rng, [40_000], 32, 8, 64, 16)
+    q = cuda(case.query, "float16")
+    kc, vc = cache_pair(case.key_cache, case.value_cache, "torch", "float16", "cuda", "NHD")
+    splits, _ = ts.plan_paged_attention(q, kc, cuda(case.block_table))
+    assert splits * 8 >= sm
+    out, lse, ref, ref_lse = decode_d64(case, "float16", "NHD")
+    check_d64(out, lse, ref, ref_lse, "float16")
 
 
 def test_plan_fills_the_gpu_for_one_long_sequence(rng):
@@ -80,15 +155,16 @@ def test_plan_fills_the_gpu_for_one_long_sequence(rng):
     assert ts.plan_paged_attention(q256, kc, table256) == (1, 0)
 
 
-def test_cuda_graph_capture_and_replay(rng):
+@pytest.mark.parametrize("head_dim", [pytest.param(128, id="d128"), pytest.param(64, id="d64")])
+def test_cuda_graph_capture_and_replay(rng, head_dim):
     """Capture decode once; replay with new lengths, tables and queries written into the same
     buffers: every replay matches the reference."""
     num_blocks, block_size, max_blocks, batch = 600, 16, 40, 5
     dtype = torch.float16
-    key = rng.standard_normal((num_blocks, block_size, 4, 128)).astype(np.float32)
-    value = rng.standard_normal((num_blocks, block_size, 4, 128)).astype(np.float32)
+    key = rng.standard_normal((num_blocks, block_size, 4, head_dim)).astype(np.float32)
+    value = rng.standard_normal((num_blocks, block_size, 4, head_dim)).astype(np.float32)
     kc, vc = cuda(key, "float16"), cuda(value, "float16")
-    q = torch.zeros((batch, 16, 128), dtype=dtype, device="cuda")
+    q = torch.zeros((batch, 16, head_dim), dtype=dtype, device="cuda")
     table = torch.zeros((batch, max_blocks), dtype=torch.int32, device="cuda")
     lens = torch.ones((batch,), dtype=torch.int32, device="cuda")
     out = torch.empty_like(q)
@@ -106,7 +182,7 @@ def test_cuda_graph_capture_and_replay(rng):
     for _ in range(3):
         new_lens = rng.integers(0, max_blocks * block_size + 1, size=batch).astype(np.int32)
         new_table = rng.integers(0, num_blocks, size=(batch, max_blocks)).astype(np.int32)
-        new_q = rng.standard_normal((batch, 16, 128)).astype(np.float32)
+        new_q = rng.standard_normal((batch, 16, head_dim)).astype(np.float32)
         q.copy_(cuda(new_q, "float16"))
         table.copy_(cuda(new_table))
         lens.copy_(cuda(new_lens))

@@ -302,6 +302,38 @@ def test_paged_attention_fp8_splits_window_lse(rng, backend, num_splits):
     np.testing.assert_allclose(f64(lse), ref_lse, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("block_size", [1, 16, 32])
+@pytest.mark.parametrize("num_splits", [1, 3, 7])
+@pytest.mark.parametrize("window_left", [-1, 200])
+def test_fp8_d64_tile_edges(rng, dtype, block_size, num_splits, window_left):
+    """head_dim 64 over float8 caches on the tensor-core kernel (128-token tiles, two steps of
+    64): lengths around every tile edge, split into chunks that end inside a tile, GQA groups of
+    4, and a window that starts the key range at an unaligned token; with the log-sum-exp."""
+    _require("torch", dtype)
+    lens = [1, 2, 63, 64, 65, 127, 128, 129, 255, 256, 257, 300, 1000]
+    case, kb, vb, ks, vs = _attention_case(rng, lens, 8, 2, 64, block_size, "head")
+    kw = dict(num_splits=num_splits, window_left=window_left)
+    out, q64 = _run_attention(case, kb, vb, ks, vs, "torch", "cuda", dtype, "NHD", "head", **kw)
+    ref, ref_lse = _reference(case, q64, kb, vb, ks, vs, window_left=window_left)
+    assert R.rel_error(out, ref) < TOLERANCE[dtype]
+    kc, vc = _fp8_caches(kb, vb, "torch", "cuda", "NHD")
+    _, lse = ts.paged_attention(
+        _input(case.query, "torch", dtype, "cuda"),
+        kc,
+        vc,
+        torch.from_numpy(case.block_table).cuda(),
+        torch.from_numpy(case.seq_lens).cuda(),
+        k_scale=_scale_arg(ks, "head", "torch", "cuda"),
+        v_scale=_scale_arg(vs, "head", "torch", "cuda"),
+        return_lse=True,
+        **kw,
+    )
+    torch.cuda.synchronize()
+    np.testing.assert_allclose(f64(lse), ref_lse, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("backend", fp8_backends())
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_write_then_attend(rng, backend, dtype):
