@@ -102,8 +102,12 @@ class EngineStats:
                 f"(peak {self.peak_blocks_used} used); copy-on-write copies: "
                 f"{self.copy_on_write_blocks}, forks: {self.forks}",
                 f"preemptions: {self.preemptions}; offloads/recalls: {self.offloads}/"
-                f"{self.recalls} blocks; sparse decode steps: {self.sparse_decode_steps} "
-                f"(and {self.sparse_fitting_steps} dense: every sequence fit the budget)",
+                f"{self.recalls} blocks; sparse decode steps: {self.sparse_decode_steps}"
+                + (
+                    f" (and {self.sparse_fitting_steps} dense: every sequence fit the budget)"
+                    if self.sparse_fitting_steps
+                    else ""
+                ),
             ]
         )
 
