@@ -47,7 +47,7 @@ struct MmaConfig {
   // softmax step); at head_dim 64 a 64-token tile is too few bytes to hide them (measured on an
   // H200: 73% of the read ceiling, against 90% at head_dim 128), so it streams 128 tokens, two
   // steps of 64 per iteration.
-  static constexpr int kTile = D == 64 ? 128 : 64;
+  static constexpr int kTile = D == 64 && KvBytes == 2 ? 128 : 64;
   static constexpr int kSteps = kTile / (kDecodeWarps * kWarpTokens);  // 64-token steps per tile
   static constexpr int kRow = D + 8;  // 16-bit query row stride (elements): 16-byte pad
   static constexpr int kStages = Stages;
