@@ -11,8 +11,9 @@ __all__ = ["CachePool"]
 
 
 def _dtype_name(dtype: Any) -> str:
-    if isinstance(dtype, str):
-        return dtype
+    # None passes through as "None": NumPy would read it as float64, naming a dtype never given.
+    if isinstance(dtype, str) or dtype is None:
+        return str(dtype)
     text = str(dtype)
     if text.startswith("torch."):
         return text[len("torch.") :]

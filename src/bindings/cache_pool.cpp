@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "bindings/convert.h"
 #include "core/validate.h"
 
 namespace nb = nanobind;
@@ -77,35 +78,57 @@ void bind_cache_pool(nb::module_& m) {
                         "which accepts framework dtypes and devices.")
       .def(
           "__init__",
-          [](CachePool* self, int num_layers, std::int64_t max_blocks, int block_size,
-             int num_kv_heads, int head_dim, const std::string& dtype, const std::string& device,
-             const std::string& layout, bool page_meta, std::size_t granule_bytes,
-             std::int64_t num_blocks) {
+          [](CachePool* self, nb::handle num_layers, nb::handle max_blocks, nb::handle block_size,
+             nb::handle num_kv_heads, nb::handle head_dim, nb::handle dtype, nb::handle device,
+             nb::handle layout, nb::handle page_meta, nb::handle granule_bytes,
+             nb::handle num_blocks) {
+            constexpr const char* op = "CachePool";
             CachePoolConfig c;
-            c.num_layers = num_layers;
-            c.max_blocks = max_blocks;
-            c.block_size = block_size;
-            c.num_kv_heads = num_kv_heads;
-            c.head_dim = head_dim;
-            c.dtype = parse_dtype(dtype);
-            c.device = parse_device(device);
-            c.layout = parse_layout(layout);
-            c.page_meta = page_meta;
-            c.granule_bytes = granule_bytes;
-            c.num_blocks = num_blocks;
+            c.num_layers = to_int<int>(num_layers, op, "num_layers");
+            c.max_blocks = to_int<std::int64_t>(max_blocks, op, "max_blocks");
+            c.block_size = to_int<int>(block_size, op, "block_size");
+            c.num_kv_heads = to_int<int>(num_kv_heads, op, "num_kv_heads");
+            c.head_dim = to_int<int>(head_dim, op, "head_dim");
+            c.dtype = parse_dtype(to_name(dtype, op, "dtype"));
+            c.device = parse_device(to_name(device, op, "device"));
+            c.layout = parse_layout(to_name(layout, op, "layout"));
+            c.page_meta = to_bool(page_meta, op, "page_meta");
+            c.granule_bytes = to_int<std::size_t>(granule_bytes, op, "granule_bytes");
+            c.num_blocks = to_int<std::int64_t>(num_blocks, op, "num_blocks");
             nb::gil_scoped_release release;
             new (self) CachePool(c);
           },
-          "num_layers"_a, "max_blocks"_a, "block_size"_a, "num_kv_heads"_a, "head_dim"_a,
-          "dtype"_a = "float16", "device"_a = "cpu", "layout"_a = "NHD", "page_meta"_a = false,
-          "granule_bytes"_a = 0, "num_blocks"_a = 0)
-      .def("grow", &CachePool::grow, "num_blocks"_a, nb::call_guard<nb::gil_scoped_release>(),
-           "Backs blocks up to num_blocks (at least num_blocks, at most max_blocks); the new "
-           "blocks' contents are unspecified. All or nothing. Fetch views again afterwards.")
-      .def("shrink", &CachePool::shrink, "num_blocks"_a, nb::call_guard<nb::gil_scoped_release>(),
-           "Keeps blocks [0, num_blocks) and returns every granule past them to the driver (CUDA, "
-           "after waiting for all work on the device) or the OS. Views fetched before must not "
-           "touch blocks at or past num_blocks.")
+          // .none(): None reaches the conversions, which name the argument it was passed for.
+          "num_layers"_a.none(), "max_blocks"_a.none(), "block_size"_a.none(),
+          "num_kv_heads"_a.none(), "head_dim"_a.none(), "dtype"_a.none() = "float16",
+          "device"_a.none() = "cpu", "layout"_a.none() = "NHD", "page_meta"_a.none() = false,
+          "granule_bytes"_a.none() = 0, "num_blocks"_a.none() = 0,
+          nb::sig("def __init__(self, num_layers: int, max_blocks: int, block_size: int, "
+                  "num_kv_heads: int, head_dim: int, dtype: str = 'float16', device: str = 'cpu', "
+                  "layout: str = 'NHD', page_meta: bool = False, granule_bytes: int = 0, "
+                  "num_blocks: int = 0) -> None"))
+      .def(
+          "grow",
+          [](CachePool& self, nb::handle num_blocks) {
+            const std::int64_t n = to_int<std::int64_t>(num_blocks, "CachePool.grow", "num_blocks");
+            nb::gil_scoped_release release;
+            self.grow(n);
+          },
+          "num_blocks"_a.none(), nb::sig("def grow(self, num_blocks: int) -> None"),
+          "Backs blocks up to num_blocks (at least num_blocks, at most max_blocks); the new "
+          "blocks' contents are unspecified. All or nothing. Fetch views again afterwards.")
+      .def(
+          "shrink",
+          [](CachePool& self, nb::handle num_blocks) {
+            const std::int64_t n =
+                to_int<std::int64_t>(num_blocks, "CachePool.shrink", "num_blocks");
+            nb::gil_scoped_release release;
+            self.shrink(n);
+          },
+          "num_blocks"_a.none(), nb::sig("def shrink(self, num_blocks: int) -> None"),
+          "Keeps blocks [0, num_blocks) and returns every granule past them to the driver (CUDA, "
+          "after waiting for all work on the device) or the OS. Views fetched before must not "
+          "touch blocks at or past num_blocks.")
       .def_prop_ro("num_blocks", &CachePool::num_blocks)
       .def_prop_ro("max_blocks", [](const CachePool& p) { return p.config().max_blocks; })
       .def_prop_ro("num_layers", [](const CachePool& p) { return p.config().num_layers; })
@@ -130,24 +153,28 @@ void bind_cache_pool(nb::module_& m) {
       .def_prop_ro("num_tensors", &CachePool::num_tensors)
       .def(
           "key",
-          [](const CachePool& self, int layer) {
-            return as_array(self.key(layer), nb::find(&self));
+          [](const CachePool& self, nb::handle layer) {
+            const int index = to_int<int>(layer, "CachePool.key", "layer");
+            return as_array(self.key(index), nb::find(&self));
           },
-          "layer"_a,
+          "layer"_a.none(), nb::sig("def key(self, layer: int) -> Any"),
           "Layer's key cache [num_blocks, block_size, num_kv_heads, head_dim] (HND: a permuted "
           "view), a DLPack array over the pool's memory.")
       .def(
           "value",
-          [](const CachePool& self, int layer) {
-            return as_array(self.value(layer), nb::find(&self));
+          [](const CachePool& self, nb::handle layer) {
+            const int index = to_int<int>(layer, "CachePool.value", "layer");
+            return as_array(self.value(index), nb::find(&self));
           },
-          "layer"_a, "Layer's value cache, like key().")
+          "layer"_a.none(), nb::sig("def value(self, layer: int) -> Any"),
+          "Layer's value cache, like key().")
       .def(
           "page_meta",
-          [](const CachePool& self, int layer) {
-            return as_array(self.page_meta(layer), nb::find(&self));
+          [](const CachePool& self, nb::handle layer) {
+            const int index = to_int<int>(layer, "CachePool.page_meta", "layer");
+            return as_array(self.page_meta(index), nb::find(&self));
           },
-          "layer"_a,
+          "layer"_a.none(), nb::sig("def page_meta(self, layer: int) -> Any"),
           "Layer's page summaries [num_blocks, num_kv_heads, 2, head_dim] (pools made with "
           "page_meta=True).")
       .def(

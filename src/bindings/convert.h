@@ -277,6 +277,21 @@ T to_int(nb::handle h, const char* op, const char* name) {
   return result;
 }
 
+// A Python str; anything else is a ValueError naming the argument.
+inline std::string to_name(nb::handle h, const char* op, const char* name) {
+  if (!nb::isinstance<nb::str>(h)) detail::fail(op, name, " must be a str, got ", describe(h));
+  return nb::cast<std::string>(h);
+}
+
+// A Python bool (or NumPy bool); anything else, 0 and 1 included, is a TypeError.
+inline bool to_bool(nb::handle h, const char* op, const char* name) {
+  bool value = false;
+  if (!nb::try_cast(h, value, /*convert=*/false)) {
+    type_error(op, name, " must be a bool, got ", nb::inst_name(h).c_str());
+  }
+  return value;
+}
+
 // A Python float (or int, or anything with __float__) as float32. A finite value that float32
 // cannot hold (it would become inf or 0) is a ValueError with the value as given; inf and nan
 // pass through for the op's own checks.

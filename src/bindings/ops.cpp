@@ -19,14 +19,6 @@ namespace tinyserve::bindings {
 
 namespace {
 
-std::string to_name(nb::handle h, const char* op, const char* name) {
-  if (!nb::isinstance<nb::str>(h)) {
-    throw std::invalid_argument(std::string("tinyserve.") + op + ": " + name +
-                                " must be a str, got " + describe(h));
-  }
-  return nb::cast<std::string>(h);
-}
-
 PageSummary page_summary(nb::handle h, const char* op) {
   const std::string name = to_name(h, op, "summary");
   if (name == "minmax") return PageSummary::MinMax;

@@ -139,15 +139,19 @@ CachePool::CachePool(const CachePoolConfig& config) : impl_(std::make_unique<Imp
                  c.num_blocks);
   }
   const std::size_t elem = dtype_size(c.dtype);
+  // 2^60 bytes of address space is far beyond any machine; the bound keeps the sums exact. The
+  // estimate is taken in double before any size_t product, which could wrap.
+  const double reserve_estimate = double(c.max_blocks) * double(c.block_size) *
+                                  double(c.num_kv_heads) * double(c.head_dim) * double(elem) *
+                                  double(c.num_layers) * 3;
+  if (reserve_estimate > double(std::size_t(1) << 60)) {
+    bad_argument(op, "the pool would reserve more than 2^60 bytes, got max_blocks ", c.max_blocks,
+                 " x block_size ", c.block_size, " x num_kv_heads ", c.num_kv_heads, " x head_dim ",
+                 c.head_dim, " x ", elem, "-byte elements over ", c.num_layers, " layers");
+  }
   const std::size_t kv_block = std::size_t(c.block_size) * c.num_kv_heads * c.head_dim * elem;
   const std::size_t meta_block = std::size_t(c.num_kv_heads) * 2 * c.head_dim * elem;
   const int per_layer = c.page_meta ? 3 : 2;
-  // 2^60 bytes of address space is far beyond any machine; the bound keeps the sums exact.
-  const double reserve_estimate = double(c.max_blocks) * double(kv_block) * c.num_layers * 3;
-  if (reserve_estimate > double(std::size_t(1) << 60)) {
-    bad_argument(op, "the pool would reserve more than 2^60 bytes, got max_blocks ", c.max_blocks,
-                 " of ", kv_block, " bytes per tensor over ", c.num_layers, " layers");
-  }
 
   std::size_t min_granule = 0, default_granule = 0;
   if (c.device.type == DeviceType::CPU) {

@@ -530,6 +530,87 @@ def test_constructor_rejects(kwargs, message):
         make_pool(**kwargs)
 
 
+INT_RANGE = r"must be an int in \[-?\d+, \d+\]"
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(num_layers=1.5), TypeError, "CachePool: num_layers must be an int, got float"),
+        (dict(max_blocks="64"), TypeError, "CachePool: max_blocks must be an int, got str"),
+        (dict(block_size=None), TypeError, "CachePool: block_size must be an int, got NoneType"),
+        (dict(num_kv_heads=2.0), TypeError, "CachePool: num_kv_heads must be an int, got float"),
+        (dict(head_dim=[64]), TypeError, "CachePool: head_dim must be an int, got list"),
+        (dict(num_blocks=0.0), TypeError, "CachePool: num_blocks must be an int, got float"),
+        (dict(granule_bytes=4096.0), TypeError, "CachePool: granule_bytes must be an int, got"),
+        (dict(page_meta=1), TypeError, "CachePool: page_meta must be a bool, got int"),
+        (dict(page_meta=None), TypeError, "CachePool: page_meta must be a bool, got NoneType"),
+        (dict(num_layers=2**31), ValueError, f"CachePool: num_layers {INT_RANGE}, got 2147483648"),
+        (dict(block_size=-(2**40)), ValueError, f"block_size {INT_RANGE}, got -1099511627776"),
+        (dict(num_kv_heads=2**40), ValueError, f"num_kv_heads {INT_RANGE}, got 1099511627776"),
+        (dict(head_dim=2**63), ValueError, f"head_dim {INT_RANGE}, got 9223372036854775808"),
+        (dict(max_blocks=2**64), ValueError, f"max_blocks {INT_RANGE}, got 18446744073709551616"),
+        (dict(num_blocks=2**70), ValueError, f"num_blocks {INT_RANGE}, got {2**70}"),
+        (dict(num_blocks=-(2**70)), ValueError, f"num_blocks {INT_RANGE}, got -{2**70}"),
+        (dict(granule_bytes=-1), ValueError, f"CachePool: granule_bytes {INT_RANGE}, got -1"),
+        (dict(granule_bytes=2**64), ValueError, f"granule_bytes {INT_RANGE}, got {2**64}"),
+        (dict(layout=3), ValueError, "CachePool: layout must be a str, got 3"),
+        (dict(layout=None), ValueError, "CachePool: layout must be a str, got NoneType"),
+        (
+            dict(dtype=None),
+            ValueError,
+            "CachePool: dtype must be float16, bfloat16 or .*, got None",
+        ),
+        # The sizes' product wraps size_t (2^21 * 2^21 * 2^22 * 2 bytes = 2^65): still refused.
+        (
+            dict(max_blocks=1, num_layers=1, block_size=2**21, num_kv_heads=2**21, head_dim=2**22),
+            ValueError,
+            "would reserve more than 2\\^60 bytes, got max_blocks 1 x block_size 2097152 x",
+        ),
+    ],
+)
+def test_constructor_argument_kinds_and_ranges(kwargs, error, message):
+    """Every argument is converted with a message in the project's format, never nanobind's
+    generic 'incompatible function arguments'."""
+    with pytest.raises(error, match="^tinyserve\\.") as raised:
+        make_pool(**kwargs)
+    assert re.search(message, str(raised.value)), str(raised.value)
+
+
+def test_integer_like_arguments_are_accepted():
+    pool = make_pool(num_layers=np.int32(2), max_blocks=np.int64(8), num_blocks=np.uint8(3))
+    assert (pool.num_layers, pool.max_blocks, pool.num_blocks) == (2, 8, 3)
+    pool.grow(np.int64(5))
+    pool.shrink(np.int16(4))
+    assert pool.num_blocks == 4
+    assert np.from_dlpack(pool.key(np.int64(1))).shape[0] == 4
+    pool.check()
+
+
+@needs_torch
+def test_method_arguments_of_the_wrong_kind_or_range_change_nothing(rng):
+    pool = make_pool(page_meta=True, num_blocks=10, dtype="float32")
+    fill_random(rng, as_torch(pool), 0, 10)
+    saved = snapshot(as_torch(pool), 10)
+    mapped = pool.mapped_bytes
+    cases = [
+        (lambda: pool.grow(12.0), TypeError, "CachePool.grow: num_blocks must be an int, got"),
+        (lambda: pool.grow(2**70), ValueError, f"CachePool.grow: num_blocks {INT_RANGE}, got"),
+        (lambda: pool.shrink("1"), TypeError, "CachePool.shrink: num_blocks must be an int, got"),
+        (lambda: pool.shrink(-(2**64)), ValueError, f"CachePool.shrink: num_blocks {INT_RANGE}"),
+        (lambda: pool.key(0.0), TypeError, "CachePool.key: layer must be an int, got float"),
+        (lambda: pool.value(2**40), ValueError, f"CachePool.value: layer {INT_RANGE}, got"),
+        (lambda: pool.page_meta(None), TypeError, "CachePool.page_meta: layer must be an int"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match="^tinyserve\\.") as raised:
+            call()
+        assert re.search(message, str(raised.value)), str(raised.value)
+        verify(pool, 10)
+        assert pool.mapped_bytes == mapped
+        assert_kept(as_torch(pool), saved, 10)
+
+
 def test_cuda_device_without_backend_or_device():
     if not ts.cuda_compiled():
         with pytest.raises(RuntimeError, match="CachePool: device is cuda:0 but tinyserve was"):
