@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -201,13 +202,27 @@ def compact_and_shrink(
     granule past the last kept block (on CUDA it goes back to the driver). Cached free blocks at
     or above ``num_blocks`` lose their prefix keys. Everything that can be refused is refused
     before anything changes: a pool and manager of different sizes (``ValueError``), a target
-    below the used blocks (``OutOfBlocks``), a pending plan or copy-on-write pairs
+    below the used blocks (``OutOfBlocks``), a ``num_blocks`` that is not an int >= 0
+    (``TypeError``, ``ValueError``), a pending plan or copy-on-write pairs
     (``RuntimeError``). If the copies fail, the plan is aborted and nothing changed.
 
     Returns ``{"num_blocks", "moved_blocks", "freed_bytes"}``: the new size, the blocks the
     compaction moved and the memory the pool unmapped (whole granules).
     """
     _same_size(block_manager, pool, "compact_and_shrink")
+    if num_blocks is not None:
+        # Checked here, not left to plan_compact: it reads -1 as "the used count", and
+        # BlockManager.resize would refuse that only after the plan was committed.
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, numbers.Integral):
+            raise TypeError(
+                "tinyserve.compact_and_shrink: num_blocks must be an int or None, "
+                f"got {type(num_blocks).__name__}"
+            )
+        num_blocks = int(num_blocks)
+        if num_blocks < 0:
+            raise ValueError(
+                f"tinyserve.compact_and_shrink: num_blocks must be >= 0 or None, got {num_blocks}"
+            )
     plan = compactor.plan_compact(num_blocks)
     try:
         execute_plan(plan, _pool_tensors(pool), stream=stream)

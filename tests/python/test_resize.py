@@ -409,6 +409,61 @@ def test_compact_and_shrink_refuses_before_changing_anything():
     bm.check()
 
 
+@pytest.mark.parametrize(
+    "bad, error",
+    [(-1, ValueError), (-5, ValueError), (True, TypeError), (6.0, TypeError), ("6", TypeError)],
+)
+def test_compact_and_shrink_refuses_a_bad_target_before_committing(bad, error):
+    """plan_compact reads -1 as "the used count": the target is checked before any plan, so the
+    call cannot commit a compaction and then fail to resize."""
+    pool = small_pool(16)
+    bm = BlockManager(16, 4)
+    comp = Compactor(bm)
+    for s in range(3):
+        _new(bm, s)
+        bm.append(s, 8)  # blocks 0..5
+    bm.free(0)  # blocks 0..1 free: a compaction would move blocks
+    tables = {s: bm.block_ids(s).tolist() for s in (1, 2)}
+    state = (bm.stats(), pool.num_blocks, pool.mapped_bytes)
+    with pytest.raises(error, match="^tinyserve.compact_and_shrink: num_blocks must be"):
+        tinyserve.compact_and_shrink(bm, comp, pool, bad)
+    assert (bm.stats(), pool.num_blocks, pool.mapped_bytes) == state
+    assert {s: bm.block_ids(s).tolist() for s in (1, 2)} == tables
+    assert not comp.has_pending_plan
+    bm.check()
+    pool.check()
+    result = tinyserve.compact_and_shrink(bm, comp, pool, np.int64(6))
+    assert result["num_blocks"] == 6 and type(result["num_blocks"]) is int
+    bm.check()
+    pool.check()
+
+
+@pytest.mark.parametrize("num_used", [1, 3, 4, 5, 7, 9, 12])
+def test_compact_and_shrink_keeps_exactly_the_granules_of_the_kept_blocks(num_used):
+    """Blocks of 1 KiB per tensor in 4 KiB granules: a target off the granule boundary keeps
+    the one partly used granule per tensor, and no whole granule past the last kept block."""
+    pool = small_pool(16, granule_bytes=4096)
+    bm = BlockManager(16, 4)
+    comp = Compactor(bm)
+    for s in range(16):
+        _new(bm, s)
+        bm.append(s, 4)  # one block each
+    rng = np.random.default_rng(num_used)
+    keep = sorted(rng.choice(16, size=num_used, replace=False).tolist())
+    for s in set(range(16)) - set(keep):
+        bm.free(s)
+    before = pool.mapped_bytes
+    result = tinyserve.compact_and_shrink(bm, comp, pool)
+    bm.check()
+    pool.check()
+    per_tensor = -(-num_used * 1024 // 4096) * 4096
+    assert pool.num_tensors == 4
+    assert pool.mapped_bytes == 4 * per_tensor
+    assert result["num_blocks"] == pool.num_blocks == bm.num_blocks == num_used
+    assert result["freed_bytes"] == before - pool.mapped_bytes
+    assert max(max(bm.block_ids(s).tolist()) for s in keep) == num_used - 1
+
+
 @pytest.mark.cuda
 def test_compact_and_shrink_returns_device_memory_to_the_driver():
     torch = pytest.importorskip("torch")
