@@ -209,3 +209,60 @@ def test_plan_is_host_only_and_consistent(rng):
     assert nbytes == 0  # the CPU backend needs no workspace
     splits, _ = ts.plan_paged_attention(case.query, case.key_cache, case.block_table)
     assert splits >= 1
+
+
+def test_a_passed_workspace_is_not_kept(rng):
+    """A workspace given by the caller is used for that call only: neither the core nor the
+    plan cache keeps a reference, so it is freed as soon as the caller lets it go."""
+    import gc
+    import weakref
+
+    case = R.PagedCase(rng, [40, 9], 8, 2, 64, 16)
+    ref, _ = R.paged_attention(
+        case.query, case.key_cache, case.value_cache, case.block_table, case.seq_lens
+    )
+    workspace = np.empty(1 << 16, dtype=np.uint8)
+    kept = weakref.ref(workspace)
+    out = np.full(case.query.shape, np.nan, dtype=np.float32)
+    args = (case.query, case.key_cache, case.value_cache, case.block_table, case.seq_lens, out)
+    ts.paged_attention(*args, num_splits=2, workspace=workspace)
+    assert R.rel_error(f64(out), ref) < TOLERANCE["float32"]
+    del workspace
+    gc.collect()
+    assert kept() is None
+
+
+def test_the_plan_cache_keeps_only_its_own_workspace(rng, monkeypatch):
+    """The CUDA plan cache, driven on the CPU with the core's planning and launch stubbed: a
+    call with the caller's workspace neither plans nor stores it (the caller's buffer dies with
+    its last reference); a call without one gets the kept buffer of the query's device, never
+    the caller's earlier one."""
+    import gc
+    import weakref
+
+    from tinyserve import _interop, _ops
+
+    launched = []
+    monkeypatch.setattr(_ops, "_plans", {})
+    monkeypatch.setattr(_ops, "_workspaces", {})
+    monkeypatch.setattr(_ops, "_retired_workspaces", [])
+    monkeypatch.setattr(_interop, "is_cuda", lambda array: True)
+    monkeypatch.setattr(_ops._C, "plan_paged_attention", lambda *args: (2, 4096))
+    monkeypatch.setattr(
+        _ops._C, "paged_attention", lambda *args, **kw: launched.append(kw["workspace"])
+    )
+    case = R.PagedCase(rng, [40, 9], 8, 2, 64, 16)
+    args = (case.query, case.key_cache, case.value_cache, case.block_table, case.seq_lens)
+    mine = np.empty(8192, dtype=np.uint8)
+    kept = weakref.ref(mine)
+    ts.paged_attention(*args, np.empty_like(case.query), workspace=mine)
+    assert launched[-1] is mine and not _ops._plans and not _ops._workspaces
+    ts.paged_attention(*args, np.empty_like(case.query))
+    own = launched[-1]
+    assert own is not mine and own.nbytes >= 4096
+    assert list(_ops._plans.values()) == [(2, own)]
+    del mine, launched[0]
+    gc.collect()
+    assert kept() is None
+    ts.paged_attention(*args, np.empty_like(case.query))
+    assert launched[-1] is own
