@@ -129,6 +129,15 @@ void test_rejected_calls_change_nothing() {
   c = config();
   c.device = {tinyserve::DeviceType::CUDA, 64};
   EXPECT_THROWS(CachePool{c}, std::runtime_error);  // built without CUDA, or no such device
+  // 2^21 x 2^21 x 2^22 x 2 bytes per block wraps size_t to 0: still past the 2^60-byte bound.
+  c = config();
+  c.max_blocks = 1;
+  c.num_layers = 1;
+  c.block_size = 1 << 21;
+  c.num_kv_heads = 1 << 21;
+  c.head_dim = 1 << 22;
+  c.dtype = tinyserve::DType::Float16;
+  EXPECT_THROWS(CachePool{c}, std::invalid_argument);
 }
 
 }  // namespace
