@@ -98,3 +98,38 @@ def test_page_meta_shape(rng):
         ts.page_meta_shape(cache[0])
     with pytest.raises(TypeError, match=r"^tinyserve\.page_meta_shape: key_cache must be an"):
         ts.page_meta_shape("cache")
+
+
+def _manager_with_cached_block(seed_token):
+    manager = ts.BlockManager(4, 2, enable_prefix_caching=True)
+    compactor = ts.Compactor(manager, num_host_blocks=2)
+    tokens = [seed_token, seed_token + 1, seed_token + 2]
+    manager.add_sequence(1, tokens)
+    manager.append(1, 3, tokens)
+    manager.free(1)
+    manager.check()
+    return manager, compactor
+
+
+@pytest.mark.parametrize("finish", ["commit", "abort"])
+def test_compactor_refuses_a_plan_of_another_compactor(finish):
+    # DESIGN §5: commit(plan) applies that plan and abort(plan) forgets it; a plan handed out by
+    # another compactor (whose serial once matched) must not commit or abort this one's.
+    manager, compactor = _manager_with_cached_block(10)
+    other_manager, other = _manager_with_cached_block(20)
+    mine = compactor.plan_evict(1)
+    theirs = other.plan_evict(1)
+    before = manager.stats()
+    with pytest.raises(
+        ValueError, match=rf"^tinyserve\.Compactor\.{finish}: plan must be the pending"
+    ):
+        getattr(compactor, finish)(theirs)
+    assert compactor.has_pending_plan and other.has_pending_plan
+    assert manager.stats() == before
+    manager.check()
+    other_manager.check()
+    compactor.commit(mine)
+    other.commit(theirs)
+    assert manager.stats()["evictions"] == 1 and other_manager.stats()["evictions"] == 1
+    manager.check()
+    other_manager.check()
