@@ -21,7 +21,8 @@ struct TINYSERVE_API MovePlan {
   Kind kind = Kind::Evict;
   std::vector<std::int32_t> src;
   std::vector<std::int32_t> dst;
-  // Which plan of its compactor this is: commit and abort accept only the pending one.
+  // The plan's id, unique over the process: commit and abort accept only the pending one (a
+  // plan of another compactor never matches).
   std::uint64_t serial = 0;
 
   // "evict", "offload", "recall" or "compact".

@@ -5,6 +5,7 @@ core once."""
 from __future__ import annotations
 
 import numbers
+import operator
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -57,6 +58,21 @@ def _workspace(like: Any, fw: str, nbytes: int, purpose: str = "paged_attention"
             ws = _interop.empty(like, (size,), "uint8", fw)
             _workspaces[key] = ws
         return ws
+
+
+def _shape(array: Any, op: str, name: str) -> tuple[int, ...]:
+    """The shape of an array argument that the wrapper reads before the core sees it (to
+    allocate outputs), with the core's TypeError for an object that is no array."""
+    shape = getattr(array, "shape", None)
+    if shape is None:
+        try:
+            shape = memoryview(array).shape
+        except TypeError:
+            raise TypeError(
+                f"tinyserve.{op}: {name} must be an array (DLPack or buffer protocol), got "
+                f"{type(array).__name__}"
+            ) from None
+    return tuple(int(n) for n in shape)
 
 
 def _scale(scale: Any) -> Any:
@@ -179,7 +195,13 @@ def reshape_and_cache(
 def page_meta_shape(key_cache: Any) -> tuple[int, int, int, int]:
     """The shape of the page summaries for ``key_cache``:
     ``(num_blocks, num_kv_heads, 2, head_dim)``."""
-    num_blocks, _, num_kv_heads, head_dim = tuple(key_cache.shape)
+    shape = _shape(key_cache, "page_meta_shape", "key_cache")
+    if len(shape) != 4:
+        raise ValueError(
+            "tinyserve.page_meta_shape: key_cache must have 4 dimensions [num_blocks, "
+            f"block_size, num_kv_heads, head_dim], got {len(shape)} (shape {list(shape)})"
+        )
+    num_blocks, _, num_kv_heads, head_dim = shape
     return (num_blocks, num_kv_heads, 2, head_dim)
 
 
@@ -257,11 +279,18 @@ def select_pages(
     device is kept when omitted)."""
     _interop.wait_ready(query, page_meta, block_table, seq_lens)
     fw = _interop.framework(query)
-    batch = int(query.shape[0])
-    num_kv_heads = int(page_meta.shape[1])
     if out is None:
-        # The core rejects a budget below 1; allocate nothing negative before it can.
-        table = _interop.empty(query, (batch, num_kv_heads, max(budget, 0)), "int32", fw)
+        query_shape = _shape(query, "select_pages", "query")
+        meta_shape = _shape(page_meta, "select_pages", "page_meta")
+        # The core checks the shapes and the budget and names what is wrong; allocate nothing
+        # negative or fractional before it can.
+        batch = query_shape[0] if query_shape else 0
+        num_kv_heads = meta_shape[1] if len(meta_shape) > 1 else 0
+        try:
+            width = max(operator.index(budget), 0)
+        except TypeError:
+            width = 0
+        table = _interop.empty(query, (batch, num_kv_heads, width), "int32", fw)
         lens = _interop.empty(query, (batch, num_kv_heads), "int32", fw)
     else:
         table, lens = out
@@ -327,8 +356,8 @@ def paged_attention(
     block_table: Any,
     seq_lens: Any,
     out: Any = None,
-    *,
     scale: float | None = None,
+    *,
     window_left: int = -1,
     logits_soft_cap: float = 0.0,
     lse: Any = None,
@@ -389,9 +418,9 @@ def paged_attention(
     fw = _interop.framework(query)
     cuda = _interop.is_cuda(query)
     if out is None:
-        out = _interop.empty(query, tuple(query.shape), fw=fw)
+        out = _interop.empty(query, _shape(query, "paged_attention", "query"), fw=fw)
     if lse is None and return_lse:
-        lse = _interop.empty(query, tuple(query.shape[:2]), "float32", fw)
+        lse = _interop.empty(query, _shape(query, "paged_attention", "query")[:2], "float32", fw)
     max_len = -1 if max_seq_len is None else max_seq_len
     splits = 0 if num_splits is None else num_splits
     if workspace is None and cuda:

@@ -42,7 +42,9 @@ void bind_compactor(nb::module_& m) {
       .def_prop_ro(
           "dst", [](const MovePlan& p) { return ids(p.dst); }, nb::rv_policy::automatic,
           nb::sig("def dst(self) -> numpy.typing.NDArray[numpy.int32]"))
-      .def_ro("serial", &MovePlan::serial, "Which plan of its compactor this is.")
+      .def_ro(
+          "serial", &MovePlan::serial,
+          "The plan's id, unique over the process (commit and abort accept only the pending plan).")
       .def(
           "num_bytes",
           [](const MovePlan& p, nb::handle bytes_per_block) {

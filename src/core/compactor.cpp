@@ -1,6 +1,7 @@
 #include "tinyserve/compactor.h"
 
 #include <algorithm>
+#include <atomic>
 #include <tuple>
 
 #include "core/block_manager_impl.h"
@@ -64,13 +65,21 @@ std::vector<const Sequence*> listed_sequences(const Impl& m, const std::int64_t*
   return seqs;
 }
 
+// Serials are unique over the process, not per compactor: commit and abort know a plan by its
+// serial, so a plan of another compactor must never match the pending one.
+std::uint64_t next_plan_serial() {
+  static std::atomic<std::uint64_t> last{0};
+  return last.fetch_add(1, std::memory_order_relaxed) + 1;
+}
+
 MovePlan hand_out(Impl& m, MovePlan::Kind kind, std::vector<std::int32_t> src,
                   std::vector<std::int32_t> dst) {
   MovePlan plan;
   plan.kind = kind;
   plan.src = std::move(src);
   plan.dst = std::move(dst);
-  plan.serial = ++m.last_plan;
+  m.last_plan = next_plan_serial();
+  plan.serial = m.last_plan;
   m.plan = plan;
   m.pending_plan = plan.serial;
   return plan;

@@ -1,0 +1,135 @@
+"""The op signatures and argument errors as DESIGN.md §3 and §6 fix them, where the Python
+wrappers (not the core) decide: positional arguments, and objects that are no arrays."""
+
+from __future__ import annotations
+
+import array
+
+import numpy as np
+import pytest
+
+import reference as R
+import tinyserve as ts
+
+
+def test_paged_attention_takes_scale_after_out_positionally(rng):
+    # DESIGN §3: paged_attention(query, key_cache, value_cache, block_table, seq_lens, out=None,
+    # scale=None, ...).
+    c = R.PagedCase(rng, [19, 1, 0], 6, 2, 32, 8)
+    scale = float(rng.uniform(0.05, 0.5))
+    out = np.full(c.query.shape, np.nan, np.float32)
+    result = ts.paged_attention(
+        c.query, c.key_cache, c.value_cache, c.block_table, c.seq_lens, out, scale
+    )
+    assert result is out
+    expected, _ = R.paged_attention(
+        c.query, c.key_cache, c.value_cache, c.block_table, c.seq_lens, scale=scale
+    )
+    assert R.rel_error(out, expected) < 1e-5
+    # The scale really is the sixth positional argument: the default gives other numbers.
+    default, _ = R.paged_attention(c.query, c.key_cache, c.value_cache, c.block_table, c.seq_lens)
+    assert R.rel_error(out, default) > 1e-3
+
+    allocated = ts.paged_attention(
+        c.query, c.key_cache, c.value_cache, c.block_table, c.seq_lens, None, scale
+    )
+    assert R.rel_error(allocated, expected) < 1e-5
+
+
+NOT_ARRAYS = [[[0.0] * 4] * 2, "query", None, 3.0]
+
+
+@pytest.mark.parametrize("query", NOT_ARRAYS, ids=["list", "str", "None", "float"])
+def test_paged_attention_names_a_query_that_is_no_array(query):
+    k_cache = np.zeros((4, 2, 1, 4), np.float32)
+    table = np.zeros((2, 1), np.int32)
+    lens = np.ones(2, np.int32)
+    with pytest.raises(TypeError, match=r"^tinyserve\.paged_attention: query must be an array"):
+        ts.paged_attention(query, k_cache, k_cache.copy(), table, lens)
+    with pytest.raises(TypeError, match=r"^tinyserve\.paged_attention: query must be an array"):
+        ts.paged_attention(query, k_cache, k_cache.copy(), table, lens, return_lse=True)
+
+
+@pytest.mark.parametrize("query", NOT_ARRAYS, ids=["list", "str", "None", "float"])
+def test_select_pages_names_a_query_that_is_no_array(query):
+    page_meta = np.zeros((4, 1, 2, 4), np.float32)
+    table = np.zeros((2, 1), np.int32)
+    lens = np.ones(2, np.int32)
+    with pytest.raises(TypeError, match=r"^tinyserve\.select_pages: query must be an array"):
+        ts.select_pages(query, page_meta, table, lens, 2, block_size=2)
+
+
+def test_select_pages_names_page_meta_that_is_no_array():
+    query = np.zeros((2, 1, 4), np.float32)
+    table = np.zeros((2, 1), np.int32)
+    lens = np.ones(2, np.int32)
+    with pytest.raises(TypeError, match=r"^tinyserve\.select_pages: page_meta must be an array"):
+        ts.select_pages(query, [1, 2], table, lens, 2, block_size=2)
+    with pytest.raises(ValueError, match=r"^tinyserve\.select_pages: page_meta must have"):
+        ts.select_pages(query, np.zeros(4, np.float32), table, lens, 2, block_size=2)
+
+
+@pytest.mark.parametrize("budget", [2.5, None, "2"], ids=["float", "None", "str"])
+def test_select_pages_names_a_budget_that_is_no_int(budget):
+    query = np.zeros((2, 1, 4), np.float32)
+    page_meta = np.zeros((4, 1, 2, 4), np.float32)
+    table = np.zeros((2, 1), np.int32)
+    lens = np.ones(2, np.int32)
+    hits = np.zeros(4, np.int32)
+    with pytest.raises(TypeError, match=r"^tinyserve\.select_pages: budget must be an int, got"):
+        ts.select_pages(query, page_meta, table, lens, budget, block_size=2, hits=hits)
+    assert (hits == 0).all()
+
+
+def test_ops_take_buffer_protocol_queries_without_shape(rng):
+    # DESIGN §2: anything nb::ndarray accepts, the buffer protocol included; array.array has
+    # no .shape for the wrapper to allocate the output from.
+    c = R.PagedCase(rng, [5], 2, 2, 4, 4)
+    flat = array.array("f", c.query.ravel().tolist())
+    with pytest.raises(ValueError, match=r"^tinyserve\.paged_attention: query must have 3"):
+        ts.paged_attention(flat, c.key_cache, c.value_cache, c.block_table, c.seq_lens)
+
+
+def test_page_meta_shape(rng):
+    num_blocks, block_size, num_kv_heads, head_dim = rng.integers(1, 9, size=4)
+    cache = np.zeros((num_blocks, block_size, num_kv_heads, head_dim), np.float32)
+    assert ts.page_meta_shape(cache) == (num_blocks, num_kv_heads, 2, head_dim)
+    with pytest.raises(ValueError, match=r"^tinyserve\.page_meta_shape: key_cache must have 4"):
+        ts.page_meta_shape(cache[0])
+    with pytest.raises(TypeError, match=r"^tinyserve\.page_meta_shape: key_cache must be an"):
+        ts.page_meta_shape("cache")
+
+
+def _manager_with_cached_block(seed_token):
+    manager = ts.BlockManager(4, 2, enable_prefix_caching=True)
+    compactor = ts.Compactor(manager, num_host_blocks=2)
+    tokens = [seed_token, seed_token + 1, seed_token + 2]
+    manager.add_sequence(1, tokens)
+    manager.append(1, 3, tokens)
+    manager.free(1)
+    manager.check()
+    return manager, compactor
+
+
+@pytest.mark.parametrize("finish", ["commit", "abort"])
+def test_compactor_refuses_a_plan_of_another_compactor(finish):
+    # DESIGN §5: commit(plan) applies that plan and abort(plan) forgets it; a plan handed out by
+    # another compactor (whose serial once matched) must not commit or abort this one's.
+    manager, compactor = _manager_with_cached_block(10)
+    other_manager, other = _manager_with_cached_block(20)
+    mine = compactor.plan_evict(1)
+    theirs = other.plan_evict(1)
+    before = manager.stats()
+    with pytest.raises(
+        ValueError, match=rf"^tinyserve\.Compactor\.{finish}: plan must be the pending"
+    ):
+        getattr(compactor, finish)(theirs)
+    assert compactor.has_pending_plan and other.has_pending_plan
+    assert manager.stats() == before
+    manager.check()
+    other_manager.check()
+    compactor.commit(mine)
+    other.commit(theirs)
+    assert manager.stats()["evictions"] == 1 and other_manager.stats()["evictions"] == 1
+    manager.check()
+    other_manager.check()
