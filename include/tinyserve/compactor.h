@@ -39,7 +39,8 @@ struct TINYSERVE_API MovePlan {
 // std::runtime_error, and so do the manager's calls that change sequences. Plans are
 // all-or-nothing: one that cannot be made whole throws OutOfBlocks and changes nothing.
 // Planning also requires that the manager holds no pending copy-on-write pairs (take_copies()
-// first). A manager takes one compactor in its lifetime; the manager must outlive it.
+// first). A manager takes one compactor at a time (a later one must have the same
+// num_host_blocks while offloaded blocks remain); the manager must outlive it.
 // Thread-safe (the manager's lock).
 class TINYSERVE_API Compactor {
  public:
@@ -58,11 +59,11 @@ class TINYSERVE_API Compactor {
   // used first. No data moves.
   MovePlan plan_evict(std::int64_t num_blocks);
   // num_blocks blocks of live sequences, least recent first, then least often selected, then
-  // lowest id, to free host blocks.
+  // lowest id, into free host blocks.
   MovePlan plan_offload(std::int64_t num_blocks);
   // Preemption by offload: every device block held only by the listed sequences (ref count
   // equal to the listed holders; blocks shared with other sequences stay on the device), in id
-  // order, to free host blocks. Every id is checked first; an id may repeat.
+  // order, into free host blocks. Every id is checked first; an id may repeat.
   MovePlan plan_offload_sequences(const std::int64_t* seq_ids, std::int64_t count);
   // Every offloaded block of the listed sequences back into free device blocks.
   MovePlan plan_recall(const std::int64_t* seq_ids, std::int64_t count);

@@ -84,7 +84,9 @@ struct AttentionPlan {
 };
 
 // Attention over the paged KV cache. block_table int32 [batch, max_blocks], seq_lens int32
-// [batch], out like query. num_q_heads must be a multiple of num_kv_heads (GQA/MQA). Softmax in
+// [batch], out like query; for decode also per KV head, block_table int32 [batch, num_kv_heads,
+// max_blocks] and seq_lens int32 [batch, num_kv_heads] (what select_pages writes; window_left
+// must be -1). num_q_heads must be a multiple of num_kv_heads (GQA/MQA). Softmax in
 // float32 whatever the dtype. The caches have the query's dtype, or are float8_e4m3fn
 // (dequantised on the fly with options.k_scale/v_scale).
 //
@@ -117,14 +119,14 @@ TINYSERVE_API AttentionPlan plan_paged_attention(const TensorView& query,
 // dimension 0: K and V caches of every layer, page metadata, ...; any element type, since
 // bytes are copied), all pairs of all tensors in one launch on CUDA. src and dst are int32 or
 // int64 [num_pairs] (one dtype) on the caches' device. A block must not be both a source and a
-// destination of one call, and the tensors must not share memory.
+// destination of one call, no destination may repeat, and the tensors must not share memory.
 TINYSERVE_API void copy_blocks(const std::vector<TensorView>& caches, const TensorView& src,
                                const TensorView& dst, Stream stream = 0);
 
 // Copies block src[i] of src_cache to block dst[i] of dst_cache, where the caches may live on
 // different devices (pinned host memory and a CUDA device: offload and recall). The caches share
-// dtype (any) and every dimension but the first; src and dst are int32 or int64 [num_pairs] in
-// host memory.
+// dtype (any) and every dimension but the first; src and dst are int32 or int64 [num_pairs] (one
+// dtype) in host memory, and no destination may repeat.
 TINYSERVE_API void swap_blocks(const TensorView& src_cache, const TensorView& dst_cache,
                                const TensorView& src, const TensorView& dst, Stream stream = 0);
 

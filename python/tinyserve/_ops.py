@@ -471,8 +471,8 @@ def copy_blocks(caches: Sequence[Any], src: Any, dst: Any, *, stream: Any = None
     layer, page metadata, ...; any element type, the copies move bytes). ``src`` and ``dst`` are
     int32 or int64 ``[num_pairs]`` on the caches' device; on CUDA all copies are one launch.
     ``BlockManager.take_copies()`` returns the pairs as ``[P, 2]``: pass ``pairs[:, 0]`` and
-    ``pairs[:, 1]``. The tensors must not share memory, and no block may be both a source and a
-    destination."""
+    ``pairs[:, 1]``. The tensors must not share memory, no block may be both a source and a
+    destination, and no destination may repeat."""
     if not isinstance(caches, (list, tuple)):
         # One array is not a list of caches (iterating it would give its blocks).
         if not isinstance(caches, Sequence) or isinstance(caches, (str, bytes)):
@@ -490,7 +490,8 @@ def swap_blocks(src_cache: Any, dst_cache: Any, src: Any, dst: Any, *, stream: A
     """Copy block ``src[i]`` of ``src_cache`` to block ``dst[i]`` of ``dst_cache`` between host
     and device caches (offload and recall). The caches share dtype, block shape and layout; on
     CUDA the host side must be pinned (page-locked) memory. Any element type (the copies move
-    bytes). ``src`` and ``dst`` are int32 or int64 host arrays."""
+    bytes). ``src`` and ``dst`` are int32 or int64 host arrays of one dtype; no destination may
+    repeat."""
     device_side = dst_cache if _interop.is_cuda(dst_cache) else src_cache
     _interop.wait_ready(src_cache)
     s = _interop.resolve_stream(stream, device_side, "swap_blocks")

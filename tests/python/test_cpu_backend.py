@@ -1,5 +1,5 @@
 """The CPU backend's own limits: its thread pool under a limited address space, the memory of
-split partials, and the speed of 16-bit caches. The address-space limits are set in child
+split partials, and the hardware float16 conversion. The address-space limits are set in child
 processes (RLIMIT_AS), so a failure cannot take the test session with it."""
 
 from __future__ import annotations

@@ -128,10 +128,12 @@ class Engine:
     :class:`~tinyserve.engine.scheduler.Scheduler`); otherwise preemption recomputes.
     ``sparse_budget_tokens`` turns on sparse decode: each decode query reads the
     ``ceil(sparse_budget_tokens / block_size)`` pages that ``select_pages`` picks for it per KV
-    head (the pages' summaries are kept beside the cache); a step where every sequence has no
-    more pages than that attends densely (the same pages). ``packed_prefill`` picks how prefill
-    rows reach ``paged_attention``: packed with ``query_start_loc`` (default), or each row as a
-    decode query (:func:`~tinyserve.engine.kv.build_attention_batch`).
+    head, the first page (an attention sink, when that is two pages or more) and the last page
+    among them (the pages' summaries are kept beside the cache); prefill steps, layers with a
+    sliding window, and steps where every sequence has no more pages than that attend densely.
+    ``packed_prefill`` picks how prefill rows reach ``paged_attention``: packed with
+    ``query_start_loc`` (default), or each row as a decode query
+    (:func:`~tinyserve.engine.kv.build_attention_batch`).
 
     ``cuda_graphs`` (on a CUDA device; ignored elsewhere): decode steps replay CUDA graphs of
     the model's forward captured when the engine is made, one per batch size in
