@@ -268,12 +268,6 @@ def test_preemption_recomputes_when_the_host_pool_is_full(rng):
     assert engine.stats.preemptions > 0
 
 
-needs_select_pages = pytest.mark.skipif(
-    not hasattr(tinyserve, "select_pages"), reason="this build has no select_pages"
-)
-
-
-@needs_select_pages
 def test_sparse_decode_with_a_budget_covering_every_page_gives_the_dense_tokens(rng):
     runner = random_model(6, 2, seed=int(rng.integers(1 << 31)))
     prompts = shared_prefix_prompts(rng, 4)
@@ -289,7 +283,6 @@ def test_sparse_decode_with_a_budget_covering_every_page_gives_the_dense_tokens(
     assert engine.stats.copy_on_write_blocks > 0
 
 
-@needs_select_pages
 def test_sparse_decode_selects_once_a_sequence_outgrows_the_budget(rng):
     """A budget of 3 pages over prompts of 5 or more: every decode step selects (the prefill's
     token, computed densely, is transformers' own)."""
@@ -306,7 +299,6 @@ def test_sparse_decode_selects_once_a_sequence_outgrows_the_budget(rng):
     assert engine.stats.sparse_fitting_steps == 0
 
 
-@needs_select_pages
 def test_decode_batch_attends_densely_when_every_sequence_fits_the_budget(rng):
     """build_attention_batch keeps sparse decode only where some sequence has more pages than
     the budget, and attention through select_pages with a budget covering every page equals
@@ -542,8 +534,6 @@ def test_padded_decode_buffers_give_transformers_tokens(rng, heads, sparse):
     another sequence holds, or read one, would change that sequence's tokens. A 5-token step
     budget also makes one-row prefill chunks that are not a prompt's last (decode-only steps
     whose rows do not all produce a token)."""
-    if sparse and not hasattr(tinyserve, "select_pages"):
-        pytest.skip("this build has no select_pages")
     runner = random_model(*heads, seed=int(rng.integers(1 << 31)))
     prompts, lengths = staggered_workload(rng)
     longest = max(len(p) + n for p, n in zip(prompts, lengths))
@@ -567,7 +557,6 @@ def test_padded_decode_buffers_give_transformers_tokens(rng, heads, sparse):
         assert engine.stats.sparse_decode_steps == 0
 
 
-@needs_select_pages
 def test_padded_decode_buffers_select_like_eager_steps(rng):
     """A budget that the first request fits and later ones outgrow: the padded static buffers
     (``capture=False``) replay the dense forward while every sequence fits and the selecting
@@ -597,8 +586,6 @@ def test_captured_forward_reads_nothing_on_the_host(rng, monkeypatch, sparse):
     """What a graph captures must not read device data on the host (a CUDA graph cannot
     synchronise): the decode forward over the static buffers, transformers' modules included,
     calls none of the tensor methods that would."""
-    if sparse and not hasattr(tinyserve, "select_pages"):
-        pytest.skip("this build has no select_pages")
     runner = random_model(6, 2, seed=int(rng.integers(1 << 31)))
     engine = make_engine(runner, sparse_budget_tokens=8 if sparse else None)
     graphs = DecodeGraphs(
@@ -738,7 +725,6 @@ def test_cuda_graphs_parallel_samples_share_blocks(rng):
     assert graphs.stats.cuda_graph_steps > 0
 
 
-@needs_select_pages
 @pytest.mark.cuda
 def test_cuda_graphs_sparse_decode_with_a_full_budget_gives_the_dense_tokens(rng):
     runner = random_model(6, 2, seed=int(rng.integers(1 << 31)), device="cuda")
@@ -752,7 +738,6 @@ def test_cuda_graphs_sparse_decode_with_a_full_budget_gives_the_dense_tokens(rng
     assert graphs.stats.sparse_decode_steps == 0
 
 
-@needs_select_pages
 @pytest.mark.cuda
 def test_cuda_graphs_select_like_eager_steps(rng):
     """A budget that the first request fits and later ones outgrow: replays of the dense and the

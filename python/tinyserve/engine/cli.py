@@ -53,7 +53,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--budget",
         type=int,
         default=None,
-        help="sparse decode: KV tokens each decode query reads (needs tinyserve.select_pages)",
+        help="sparse decode: KV tokens each decode query reads (pages chosen by select_pages)",
     )
     parser.add_argument(
         "--num-blocks", type=int, default=None, help="KV pool size in blocks (default: enough)"
@@ -95,13 +95,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.budget is not None:
-        import tinyserve
-
-        if not hasattr(tinyserve, "select_pages"):
-            parser.error(
-                "--budget needs sparse decode (tinyserve.select_pages), which this build does "
-                "not have"
-            )
         if args.budget < 1:
             parser.error(f"--budget must be >= 1, got {args.budget}")
     return args
