@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+import reference as R
 import tinyserve
 
 torch = pytest.importorskip("torch")
@@ -326,6 +327,54 @@ def test_decode_batch_attends_densely_when_every_sequence_fits_the_budget(rng):
     got = sparse.attend(0, query)
     assert not torch.isnan(want).any()
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "budget,kept_pages",
+    [(2, [0, 3]), (1, [3])],
+    ids=["sink_and_last", "last_only"],
+)
+def test_sparse_decode_keeps_the_first_page_once_the_budget_has_two(rng, budget, kept_pages):
+    """A budget of two pages or more keeps the first page (an attention sink) beside the last
+    one; a budget of one page keeps the last page only. The first page's keys are tiny, so
+    selection by score alone would never pick it, and the pages left out hold NaN values, so
+    reading one shows. Reference: float64 attention over the kept pages."""
+    heads, dim = 2, 16
+    cache = PagedKVCache(1, 8, BLOCK_SIZE, heads, dim, torch.float32, "cpu", page_meta=True)
+    length = 4 * BLOCK_SIZE - 1  # four pages, the last partial
+    table = rng.permutation(8)[:4].reshape(1, 4).astype(np.int32)
+    lens = np.array([length], np.int32)
+    key_cache, value_cache = cache.layers[0]
+    keys = rng.standard_normal(key_cache.shape).astype(np.float32)
+    keys[table[0, 0]] *= 1e-3
+    values = rng.standard_normal(value_cache.shape).astype(np.float32)
+    key_cache.copy_(torch.from_numpy(keys))
+    tinyserve.build_page_meta(
+        key_cache, torch.from_numpy(table), torch.from_numpy(lens), cache.page_meta[0]
+    )
+    left_out = [table[0, p] for p in range(4) if p not in kept_pages]
+    values[left_out] = np.nan
+    value_cache.copy_(torch.from_numpy(values))
+    query = torch.from_numpy(rng.standard_normal((1, 2 * heads, dim)).astype(np.float32))
+    slots = table[0, -1:] * BLOCK_SIZE + (length - 1) % BLOCK_SIZE
+    batch = build_attention_batch(cache, slots, table, lens, np.ones(1), sparse_budget=budget)
+    assert batch.sparse_budget == budget
+    # Without the sink, selection would not keep the first page.
+    picked, _ = tinyserve.select_pages(
+        query,
+        cache.page_meta[0],
+        torch.from_numpy(table),
+        torch.from_numpy(lens),
+        2,
+        block_size=BLOCK_SIZE,
+    )
+    assert table[0, 0] not in picked.numpy()
+    got = batch.attend(0, query)
+    kept_table = table[:, kept_pages]
+    kept_len = length - BLOCK_SIZE * (4 - len(kept_pages))
+    want, _ = R.paged_attention(query.numpy(), keys, values, kept_table, np.array([kept_len]))
+    assert np.isfinite(want).all()
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_parallel_samples_share_the_prompt_blocks(rng):
