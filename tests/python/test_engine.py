@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from tinyserve.engine import Engine, SamplingParams  # noqa: E402
 from tinyserve.engine.cuda_graphs import DecodeGraphs, default_batch_sizes  # noqa: E402
+from tinyserve.engine.engine import EngineStats  # noqa: E402
 from tinyserve.engine.kv import PagedKVCache, build_attention_batch, upload  # noqa: E402
 from tinyserve.integrations.transformers import (  # noqa: E402
     TransformersRunner,
@@ -479,6 +480,116 @@ def test_errors(rng):
     q = torch.zeros(1, 4, 3, 16)
     with pytest.raises(RuntimeError, match="without a tinyserve_batch"):
         tinyserve_attention(runner.model.model.layers[0].self_attn, q, q, q, None)
+
+
+def test_summary_names_the_dense_fitting_steps_only_when_there_are_some():
+    stats = EngineStats(sparse_decode_steps=3)
+    last = stats.summary().splitlines()[-1]
+    assert last.endswith("sparse decode steps: 3")
+    stats.sparse_fitting_steps = 5
+    last = stats.summary().splitlines()[-1]
+    assert last.endswith("sparse decode steps: 3 (and 5 dense: every sequence fit the budget)")
+
+
+def test_engine_argument_errors(rng):
+    runner = random_model(4, 2, seed=0)
+    with pytest.raises(ValueError, match="sparse_budget_tokens must be >= 1, got 0"):
+        make_engine(runner, sparse_budget_tokens=0)
+    runner.max_model_len = 12
+    engine = make_engine(runner)
+    with pytest.raises(ValueError, match=r"fit in the model's context \(12 tokens\), got 13"):
+        engine.add_request(list(range(10)), SamplingParams(max_new_tokens=3))
+    assert not engine.has_unfinished()
+    engine.add_request(list(range(10)), SamplingParams(max_new_tokens=2))  # exactly fits
+
+
+class CharTokenizer:
+    """A tokenizer of one token per character, for running the CLI on a random model."""
+
+    chat_template = None
+
+    def __call__(self, text):
+        return {"input_ids": [ord(c) % VOCAB for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(32 + i % 95) for i in ids)
+
+
+def test_cli_generates_with_and_without_cuda_graphs(rng, monkeypatch, capsys):
+    """``python -m tinyserve generate`` over a random model (the loader patched): the engine it
+    makes gets ``cuda_graphs=False`` exactly when ``--no-cuda-graphs`` is given, and ``--check``
+    finds transformers' tokens."""
+    import tinyserve.engine.engine as engine_module
+    import tinyserve.integrations.transformers as integration
+    from tinyserve.engine.cli import main
+
+    runner = random_model(4, 2, seed=int(rng.integers(1 << 31)))
+
+    def load_model(*args, **kwargs):
+        runner.model.set_attn_implementation("sdpa")  # as loaded: the CLI makes its own runner
+        return runner.model, CharTokenizer()
+
+    monkeypatch.setattr(integration, "load_model", load_model)
+    made = []
+
+    class RecordingEngine(Engine):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs["cuda_graphs"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "Engine", RecordingEngine)
+    argv = ["--prompt", "tiny", "--prompt", "serve", "--max-new-tokens", "4", "--check"]
+    assert main(argv) == 0
+    assert main([*argv, "--no-cuda-graphs"]) == 0
+    assert made == [True, False]
+    out = capsys.readouterr().out
+    assert out.count("identical (8 tokens of 2 prompts)") == 2
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--budget", "0"], "--budget must be >= 1, got 0"),
+        (["--host-blocks", "-1"], "--host-blocks must be >= 0, got -1"),
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--check", "--temperature", "0.5"], "--check compares greedy tokens"),
+        (["--check", "--n", "2"], "--check compares greedy tokens"),
+    ],
+)
+def test_cli_rejects_bad_arguments(capsys, argv, message):
+    from tinyserve.engine.cli import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_defaults_and_flags():
+    from tinyserve.engine.cli import parse_args
+
+    args = parse_args([])
+    assert args.temperature == 0.0 and not args.no_cuda_graphs and args.budget is None
+    args = parse_args(["--n", "3", "--no-cuda-graphs", "--budget", "64"])
+    assert args.temperature == 0.8 and args.no_cuda_graphs and args.budget == 64
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without")
+def test_cli_without_a_cuda_device(capsys):
+    from tinyserve.engine.cli import main
+
+    assert main(["--device", "cuda"]) == 2
+    assert "--device cuda, but torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_cli_reports_a_model_it_cannot_load(tmp_path, capsys):
+    from tinyserve.engine.cli import main
+
+    missing = str(tmp_path / "no-such-model")
+    assert main(["--model", missing]) == 2
+    assert f"path must be a transformers model folder or a .gguf file, got {missing!r}" in (
+        capsys.readouterr().err
+    )
 
 
 @pytest.mark.skipif(
