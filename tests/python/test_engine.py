@@ -18,6 +18,8 @@ from tinyserve.engine import Engine, SamplingParams  # noqa: E402
 from tinyserve.engine.cuda_graphs import DecodeGraphs, default_batch_sizes  # noqa: E402
 from tinyserve.engine.engine import EngineStats  # noqa: E402
 from tinyserve.engine.kv import PagedKVCache, build_attention_batch, upload  # noqa: E402
+from tinyserve.engine.request import Request, Sequence  # noqa: E402
+from tinyserve.engine.scheduler import Scheduler  # noqa: E402
 from tinyserve.integrations.transformers import (  # noqa: E402
     TransformersRunner,
     tinyserve_attention,
@@ -501,6 +503,75 @@ def test_engine_argument_errors(rng):
         engine.add_request(list(range(10)), SamplingParams(max_new_tokens=3))
     assert not engine.has_unfinished()
     engine.add_request(list(range(10)), SamplingParams(max_new_tokens=2))  # exactly fits
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens must be >= 1, got 0"),
+        (dict(temperature=-0.5), "temperature must be >= 0, got -0.5"),
+        (dict(top_k=-1), "top_k must be >= 0, got -1"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
+    ],
+)
+def test_sampling_params_errors(change, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**change)
+
+
+def scheduled_sequence(seq_id, tokens):
+    request = Request(request_id=seq_id, prompt_ids=list(tokens), params=SamplingParams())
+    seq = Sequence(seq_id=seq_id, request=request, sample_index=0, token_ids=list(tokens))
+    request.samples.append(seq)
+    return seq
+
+
+def test_scheduler_argument_errors():
+    manager = tinyserve.BlockManager(4, BLOCK_SIZE, True)
+    with pytest.raises(ValueError, match="max_num_batched_tokens must be >= 1, got 0"):
+        Scheduler(manager, max_num_batched_tokens=0, max_num_seqs=1)
+    with pytest.raises(ValueError, match="max_num_seqs must be >= 1, got 0"):
+        Scheduler(manager, max_num_batched_tokens=8, max_num_seqs=0)
+    compactor = tinyserve.Compactor(manager, 2)
+    with pytest.raises(ValueError, match="compactor and run_plan go together, got only compactor"):
+        Scheduler(manager, max_num_batched_tokens=8, max_num_seqs=1, compactor=compactor)
+    with pytest.raises(ValueError, match="go together, got only run_plan"):
+        Scheduler(manager, max_num_batched_tokens=8, max_num_seqs=1, run_plan=print)
+
+
+def test_scheduler_refuses_a_sequence_larger_than_the_pool():
+    """The engine's add_request keeps these out; the scheduler itself says so rather than loop."""
+    manager = tinyserve.BlockManager(2, BLOCK_SIZE, True)
+    scheduler = Scheduler(manager, max_num_batched_tokens=64, max_num_seqs=4)
+    scheduler.add(scheduled_sequence(0, range(2 * BLOCK_SIZE + 1)))
+    with pytest.raises(RuntimeError, match=r"too small for one sequence on its own: 2 free"):
+        scheduler.schedule()
+    manager.check()
+    # A sequence that fills the pool, then needs one more slot to decode.
+    manager = tinyserve.BlockManager(2, BLOCK_SIZE, True)
+    scheduler = Scheduler(manager, max_num_batched_tokens=64, max_num_seqs=4)
+    seq = scheduled_sequence(0, range(2 * BLOCK_SIZE))
+    scheduler.add(seq)
+    plan = scheduler.schedule()
+    assert plan.seqs == [seq] and plan.rows == [2 * BLOCK_SIZE]
+    seq.num_computed = 2 * BLOCK_SIZE
+    seq.token_ids.append(7)
+    with pytest.raises(RuntimeError, match=rf"got {2 * BLOCK_SIZE + 1} tokens in 2 blocks"):
+        scheduler.schedule()
+    manager.check()
+
+
+def test_attention_refuses_rows_not_packed_into_one_batch_row(rng):
+    runner = random_model(4, 2, seed=0)
+    cache = PagedKVCache(2, 4, BLOCK_SIZE, 2, 16, torch.float32, "cpu")
+    table = np.zeros((1, 1), np.int32)
+    batch = build_attention_batch(cache, np.zeros(1), table, np.ones(1, np.int32), np.ones(1))
+    q = torch.zeros(2, 4, 1, 16)
+    kv = torch.zeros(2, 2, 1, 16)
+    attention = runner.model.model.layers[0].self_attn
+    with pytest.raises(ValueError, match="packed into batch 1, got batch 2"):
+        tinyserve_attention(attention, q, kv, kv, None, tinyserve_batch=batch)
+    assert all(torch.isnan(t).all() for t in cache.tensors())  # nothing written
 
 
 class CharTokenizer:
