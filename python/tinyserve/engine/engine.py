@@ -380,12 +380,18 @@ class Engine:
                     self.scheduler.admit_fork(seq, child)
                     self.stats.forks += 1
                     rows.append((child, row))
-        # One argmax over every row and one transfer, rather than gathering the greedy rows.
+        # One argmax over every row and one transfer, rather than gathering the greedy rows; the
+        # rows that sample (on the CPU) reach the host together too, not one transfer each.
         greedy_ids = greedy_tokens(logits) if any(s.request.params.greedy for s, _ in rows) else []
+        sampled = sorted({row for s, row in rows if not s.request.params.greedy})
+        host_logits = {}
+        if sampled:
+            picked = logits[torch.tensor(sampled, device=logits.device)].to("cpu", torch.float32)
+            host_logits = dict(zip(sampled, picked))
         tokens = [
             greedy_ids[row]
             if seq.request.params.greedy
-            else sample_token(logits[row], seq.request.params, seq.generator)
+            else sample_token(host_logits[row], seq.request.params, seq.generator)
             for seq, row in rows
         ]
         now = time.perf_counter()  # the step's tokens are on the host: its GPU work is done
