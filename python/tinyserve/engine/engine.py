@@ -222,7 +222,6 @@ class Engine:
                 max_blocks=-(-longest // block_size),
                 sparse_budget=self.sparse_budget,
             )
-        self._requests: dict[int, Request] = {}
         self._request_ids = itertools.count()
         self._seq_ids = itertools.count()
 
@@ -263,7 +262,6 @@ class Engine:
             arrival_time=time.perf_counter(),
         )
         request.samples.append(self._new_sequence(request, 0, list(prompt)))
-        self._requests[request.request_id] = request
         self.scheduler.add(request.samples[0])
         self.stats.prompt_tokens += len(prompt)
         return request.request_id
@@ -416,7 +414,6 @@ class Engine:
             if request.finished:
                 request.finish_time = now
                 finished.append(self._output(request))
-                del self._requests[request.request_id]
         return finished
 
     # -- helpers ----------------------------------------------------------------------------
