@@ -1229,7 +1229,7 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
            dim3(kSelectThreads), 0, s, a, op, "select_pages_kernel");
     return;
   }
-  const DeviceInfo& info = device_info(p.device_index);
+  const DeviceInfo info = device_info(p.device_index);
   const int group = p.num_q_heads / p.num_kv_heads;
 
   // Scoring. Page-wide where every summary row is whole 16-byte chunks (at most 64 of them).
@@ -1294,10 +1294,7 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
   // The core caps num_q_heads * head_dim at 32768: at most 128 KiB of weights or queries (folded
   // weights are two rows per KV head, with at least two query heads per KV head). The limit is
   // raised once per kernel, to what any call may need that the device allows.
-  int smem_optin = 0;
-  check(
-      cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, p.device_index),
-      op, "cudaDeviceGetAttribute");
+  const int smem_optin = info.max_shared_per_block;
   score.max_smem_bytes = std::min(32768 * 4, smem_optin);
   // Enough thread blocks to fill the device once, each a run of pages of one sequence for all
   // KV heads (a run of at least one page per warp).
