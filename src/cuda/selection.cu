@@ -779,7 +779,26 @@ __device__ __forceinline__ std::uint32_t order_key(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// What both selection kernels read and write for sequence b and KV head kvh.
+struct SelectionRows {
+  std::int64_t len;  // clamped_length
+  int pages;
+  const std::int32_t* table;  // the sequence's block ids
+  std::int32_t* out;          // its selected ids for the KV head
+};
+
+__device__ __forceinline__ SelectionRows selection_rows(const SelectArgs& a, int kvh, int b) {
+  SelectionRows r;
+  r.len = clamped_length(a, b);
+  r.pages = int((r.len + a.block_size - 1) / a.block_size);
+  r.table = a.block_table + b * a.block_table_stride;
+  r.out = a.out_table + b * a.out_table_stride_batch + kvh * a.out_table_stride_head;
+  return r;
+}
+
 // The short case of both selection kernels: a sequence of at most `budget` pages keeps them all.
+// It ends by waiting for the scoring grid, as the kernel returns after it: work queued after the
+// selection kernel waits for that grid alone, and must follow both.
 __device__ void copy_whole_table(const SelectArgs& a, const std::int32_t* table, std::int32_t* out,
                                  int pages, std::int64_t len, int kvh, int b) {
   for (int i = threadIdx.x; i < a.budget; i += blockDim.x) {
@@ -790,6 +809,7 @@ __device__ void copy_whole_table(const SelectArgs& a, const std::int32_t* table,
   if (threadIdx.x == 0) {
     a.out_lens[b * a.out_lens_stride_batch + kvh * a.out_lens_stride_head] = std::int32_t(len);
   }
+  ptx::wait_for_previous_grid();
 }
 
 __device__ __forceinline__ void write_selected_lens(const SelectArgs& a, std::int64_t len, int last,
@@ -865,15 +885,9 @@ __global__ void __launch_bounds__(kTopKThreads)
   __shared__ int next_remaining, next_final;
   const int kvh = blockIdx.x, b = blockIdx.y;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const std::int64_t len = clamped_length(a, b);
-  const int pages = int((len + a.block_size - 1) / a.block_size);
-  const std::int32_t* table = a.block_table + b * a.block_table_stride;
-  std::int32_t* out = a.out_table + b * a.out_table_stride_batch + kvh * a.out_table_stride_head;
+  const auto [len, pages, table, out] = selection_rows(a, kvh, b);
   if (pages <= a.budget) {
     copy_whole_table(a, table, out, pages, len, kvh, b);
-    // Finish no earlier than the scoring kernel: work queued after this kernel waits for this
-    // grid alone, and must follow both.
-    ptx::wait_for_previous_grid();
     return;
   }
   const int first = a.num_sink_pages, last = pages - 1;  // candidates [first, last)
@@ -1050,13 +1064,9 @@ __global__ void __launch_bounds__(kSelectThreads)
   __shared__ std::uint32_t prefix_shared;
   __shared__ int remaining_shared;
   const int kvh = blockIdx.x, b = blockIdx.y;
-  const std::int64_t len = clamped_length(a, b);
-  const int pages = int((len + a.block_size - 1) / a.block_size);
-  const std::int32_t* table = a.block_table + b * a.block_table_stride;
-  std::int32_t* out = a.out_table + b * a.out_table_stride_batch + kvh * a.out_table_stride_head;
+  const auto [len, pages, table, out] = selection_rows(a, kvh, b);
   if (pages <= a.budget) {
     copy_whole_table(a, table, out, pages, len, kvh, b);
-    ptx::wait_for_previous_grid();
     return;
   }
   ptx::wait_for_previous_grid();
