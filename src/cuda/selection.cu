@@ -320,6 +320,18 @@ __device__ __forceinline__ std::int64_t clamped_length(const SelectArgs& a, int 
   return min(max(std::int64_t(a.seq_lens[b]), std::int64_t(0)), capacity);
 }
 
+// The candidate pages [begin, end) of sequence b that scoring thread block blockIdx.x scores,
+// never a sink page or the last page; false where there are none, as where the sequence has no
+// more pages than the budget (the selection kernel copies its table).
+__device__ __forceinline__ bool scored_pages(const SelectArgs& a, int b, int& begin, int& end) {
+  const std::int64_t len = clamped_length(a, b);
+  const int pages = int((len + a.block_size - 1) / a.block_size);
+  if (pages <= a.budget) return false;
+  begin = max(int(blockIdx.x) * a.pages_per_block, a.num_sink_pages);
+  end = min(int(blockIdx.x + 1) * a.pages_per_block, pages - 1);
+  return begin < end;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Scoring, page-wide: the summaries of one page for all KV heads are loaded by one warp at once.
 //
@@ -554,12 +566,8 @@ __global__ void __launch_bounds__(kScoreThreads, M == ScoreMode::Folded && K == 
   constexpr int kVec = kChunkElems<T>;
   constexpr int kRounds = kScoreSlots / K;  // items per lane group per round
   const int b = blockIdx.y;
-  const std::int64_t len = clamped_length(a, b);
-  const int pages = int((len + a.block_size - 1) / a.block_size);
-  if (pages <= a.budget) return;  // the selection kernel copies the table
-  const int begin = max(int(blockIdx.x) * a.pages_per_block, a.num_sink_pages);
-  const int end = min(int(blockIdx.x + 1) * a.pages_per_block, pages - 1);
-  if (begin >= end) return;
+  int begin, end;
+  if (!scored_pages(a, b, begin, end)) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   constexpr int kWarps = kScoreThreads / 32;
   const int per_warp = (end - begin + kWarps - 1) / kWarps;
@@ -725,12 +733,8 @@ __global__ void __launch_bounds__(kScoreThreads)
   extern __shared__ float q[];  // [num_q_heads, head_dim]
   ptx::allow_dependent_grids();
   const int b = blockIdx.y;
-  const std::int64_t len = clamped_length(a, b);
-  const int pages = int((len + a.block_size - 1) / a.block_size);
-  if (pages <= a.budget) return;  // the selection kernel copies the table
-  const int begin = max(int(blockIdx.x) * a.pages_per_block, a.num_sink_pages);
-  const int end = min(int(blockIdx.x + 1) * a.pages_per_block, pages - 1);
-  if (begin >= end) return;
+  int begin, end;
+  if (!scored_pages(a, b, begin, end)) return;
   const T* query = reinterpret_cast<const T*>(a.query) + b * a.q_stride_batch;
   for (int i = threadIdx.x; i < a.num_q_heads * a.head_dim; i += blockDim.x) {
     const int h = i / a.head_dim, d = i - h * a.head_dim;
