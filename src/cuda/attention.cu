@@ -166,9 +166,7 @@ void prefill_attention(const PagedAttentionParams& p, cudaStream_t s, const char
   const PrefillLaunch pl = prefill_launch(p.kv_dtype, p.head_dim, prefill_aligned(p), group);
   const std::int64_t tiles = prefill_tiles(p.num_query_rows, p.batch, pl.positions);
   if (tiles > INT32_MAX) {
-    throw std::invalid_argument(
-        "tinyserve.paged_attention: too many query rows for the CUDA prefill grid, got " +
-        std::to_string(p.num_query_rows));
+    detail::fail(op, "too many query rows for the CUDA prefill grid, got ", p.num_query_rows);
   }
   prepare_launch(pl.launch, p.device_index, op);
   PrefillArgs a{};
