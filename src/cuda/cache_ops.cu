@@ -529,6 +529,9 @@ void swap_blocks(const SwapBlocksParams& p, Stream stream) {
   std::vector<void*> dsts;
   std::vector<const void*> srcs;
   std::vector<std::size_t> sizes;
+  dsts.reserve(std::size_t(p.num_pairs));  // at most one run per pair: no regrowth in the loop
+  srcs.reserve(std::size_t(p.num_pairs));
+  sizes.reserve(std::size_t(p.num_pairs));
   for (std::int64_t i = 0; i < p.num_pairs;) {
     std::int64_t n = 1;
     if (src_stride == block_bytes && dst_stride == block_bytes) {
