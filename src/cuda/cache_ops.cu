@@ -171,7 +171,7 @@ void reshape_and_quantise(const ReshapeAndCacheParams& p, cudaStream_t stream, c
   const int per_token = p.num_heads * p.head_dim;
   const int threads = std::min(256, std::max(32, (per_token + 31) / 32 * 32));
   const unsigned grid = unsigned(std::min<std::int64_t>(p.num_tokens, 1 << 30));
-  const void* kernel = dispatch_float_dtype(p.dtype, [](auto type) {
+  const void* kernel = dispatch_float_dtype(p.dtype, op, [](auto type) {
     return reinterpret_cast<const void*>(
         reshape_and_quantise_kernel<typename decltype(type)::type>);
   });

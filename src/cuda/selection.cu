@@ -26,6 +26,7 @@
 #include "core/kernels.h"
 #include "cuda/attention/split_plan.cuh"
 #include "cuda/common.cuh"
+#include "cuda/dispatch.cuh"
 #include "cuda/dtypes.cuh"
 #include "cuda/page_meta.cuh"
 #include "cuda/ptx.cuh"
@@ -1131,18 +1132,6 @@ __global__ void __launch_bounds__(kSelectThreads)
   if (threadIdx.x == 0) write_selected_lens(a, len, last, kvh, b);
 }
 
-template <class F>
-const void* by_dtype(DType dtype, F f) {
-  switch (dtype) {
-    case DType::Float16:
-      return f(__half{});
-    case DType::BFloat16:
-      return f(__nv_bfloat16{});
-    default:
-      return f(float{});
-  }
-}
-
 }  // namespace
 
 void update_page_meta(const ReshapeAndCacheParams& p, Stream stream) {
@@ -1165,8 +1154,8 @@ void update_page_meta(const ReshapeAndCacheParams& p, Stream stream) {
   const int elements = p.num_heads * p.head_dim;
   const int threads = std::min(1024, std::max(64, (elements / kPerThread + 31) / 32 * 32));
   const unsigned grid = unsigned(std::min<std::int64_t>(p.num_tokens, 1 << 30));
-  const void* kernel = by_dtype(p.dtype, [](auto t) {
-    return reinterpret_cast<const void*>(update_page_meta_kernel<decltype(t)>);
+  const void* kernel = dispatch_float_dtype(p.dtype, op, [](auto type) {
+    return reinterpret_cast<const void*>(update_page_meta_kernel<typename decltype(type)::type>);
   });
   launch(kernel, dim3(grid), dim3(threads), 0, as_stream(stream), a, op, "update_page_meta_kernel");
 }
@@ -1193,8 +1182,8 @@ void build_page_meta(const BuildPageMetaParams& p, Stream stream) {
   a.kind = p.summary;
   const int elements = p.num_heads * p.head_dim;
   const int threads = std::min(1024, std::max(64, (elements / kPerThread + 31) / 32 * 32));
-  const void* kernel = by_dtype(p.dtype, [](auto t) {
-    return reinterpret_cast<const void*>(build_page_meta_kernel<decltype(t)>);
+  const void* kernel = dispatch_float_dtype(p.dtype, op, [](auto type) {
+    return reinterpret_cast<const void*>(build_page_meta_kernel<typename decltype(type)::type>);
   });
   launch(kernel, dim3(unsigned(p.max_blocks), unsigned(p.batch)), dim3(threads), 0,
          as_stream(stream), a, op, "build_page_meta_kernel");
@@ -1268,8 +1257,8 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
                            : p.summary == PageSummary::MinMaxDamped ? ScoreMode::PerHeadMinMaxDamped
                                                                     : ScoreMode::PerHeadMeanStd;
     score.smem_bytes = int((folded ? 2 * p.num_kv_heads : p.num_q_heads) * p.head_dim * 4);
-    score.kernel = by_dtype(p.dtype, [&](auto t) {
-      using T = decltype(t);
+    score.kernel = dispatch_float_dtype(p.dtype, op, [&](auto type) {
+      using T = typename decltype(type)::type;
       auto pick = [&](auto k) {
         constexpr int K = decltype(k)::value;
         switch (mode) {
@@ -1286,8 +1275,7 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
                 score_pages_wide_kernel<T, K, ScoreMode::PerHeadMeanStd>);
         }
       };
-      return chunks > 32 ? pick(std::integral_constant<int, 2>{})
-                         : pick(std::integral_constant<int, 1>{});
+      return chunks > 32 ? pick(IntTag<2>{}) : pick(IntTag<1>{});
     });
   } else {
     // Vector loads of 4 elements where every row start is aligned for them.
@@ -1299,8 +1287,8 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
                      aligned(p.head_dim) && aligned(p.page_meta.stride_block) &&
                      aligned(p.page_meta.stride_head) && aligned(p.page_meta.stride_row);
     score.smem_bytes = int(std::size_t(p.num_q_heads) * p.head_dim * sizeof(float));
-    score.kernel = by_dtype(p.dtype, [vec](auto t) {
-      using T = decltype(t);
+    score.kernel = dispatch_float_dtype(p.dtype, op, [vec](auto type) {
+      using T = typename decltype(type)::type;
       return vec ? reinterpret_cast<const void*>(score_pages_kernel<T, 4>)
                  : reinterpret_cast<const void*>(score_pages_kernel<T, 1>);
     });
