@@ -1132,6 +1132,13 @@ __global__ void __launch_bounds__(kSelectThreads)
   if (threadIdx.x == 0) write_selected_lens(a, len, last, kvh, b);
 }
 
+// Threads of a page-summary kernel (update and build): one per kPerThread elements of a page's
+// (head, dim) tile, whole warps, 64 to 1024.
+int summary_threads(int num_heads, int head_dim) {
+  const int elements = num_heads * head_dim;
+  return std::min(1024, std::max(64, (elements / kPerThread + 31) / 32 * 32));
+}
+
 }  // namespace
 
 void update_page_meta(const ReshapeAndCacheParams& p, Stream stream) {
@@ -1151,8 +1158,7 @@ void update_page_meta(const ReshapeAndCacheParams& p, Stream stream) {
   a.num_heads = p.num_heads;
   a.head_dim = p.head_dim;
   a.kind = p.summary;
-  const int elements = p.num_heads * p.head_dim;
-  const int threads = std::min(1024, std::max(64, (elements / kPerThread + 31) / 32 * 32));
+  const int threads = summary_threads(p.num_heads, p.head_dim);
   const unsigned grid = unsigned(std::min<std::int64_t>(p.num_tokens, 1 << 30));
   const void* kernel = dispatch_float_dtype(p.dtype, op, [](auto type) {
     return reinterpret_cast<const void*>(update_page_meta_kernel<typename decltype(type)::type>);
@@ -1180,8 +1186,7 @@ void build_page_meta(const BuildPageMetaParams& p, Stream stream) {
   a.num_heads = p.num_heads;
   a.head_dim = p.head_dim;
   a.kind = p.summary;
-  const int elements = p.num_heads * p.head_dim;
-  const int threads = std::min(1024, std::max(64, (elements / kPerThread + 31) / 32 * 32));
+  const int threads = summary_threads(p.num_heads, p.head_dim);
   const void* kernel = dispatch_float_dtype(p.dtype, op, [](auto type) {
     return reinterpret_cast<const void*>(build_page_meta_kernel<typename decltype(type)::type>);
   });
@@ -1237,20 +1242,24 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
 
   // Scoring. Page-wide where every summary row is whole 16-byte chunks (at most 64 of them).
   const std::uint64_t element = dtype_size(p.dtype);
-  const auto chunked = [&](std::int64_t elements) {
-    return (std::uint64_t(elements) * element) % 16 == 0;
+  // Whether `elements` elements are a whole number of `bytes`.
+  const auto whole = [&](std::int64_t elements, std::uint64_t bytes) {
+    return (std::uint64_t(elements) * element) % bytes == 0;
+  };
+  // Whether every summary row starts `bytes`-aligned and is whole units of `bytes` long.
+  const auto meta_rows_aligned = [&](std::uint64_t bytes) {
+    return reinterpret_cast<std::uintptr_t>(p.page_meta.data) % bytes == 0 &&
+           whole(p.head_dim, bytes) && whole(p.page_meta.stride_block, bytes) &&
+           whole(p.page_meta.stride_head, bytes) && whole(p.page_meta.stride_row, bytes);
   };
   const int chunks = int(std::uint64_t(p.head_dim) * element / 16);
-  const bool wide = reinterpret_cast<std::uintptr_t>(p.page_meta.data) % 16 == 0 &&
-                    chunked(p.head_dim) && chunked(p.page_meta.stride_block) &&
-                    chunked(p.page_meta.stride_head) && chunked(p.page_meta.stride_row) &&
-                    chunks <= 64;
+  const bool wide = meta_rows_aligned(16) && chunks <= 64;
   DecodeLaunch score{};
   score.threads = kScoreThreads;
   if (wide) {
     while (a.lanes_per_head > 1 && a.lanes_per_head / 2 >= chunks) a.lanes_per_head /= 2;
     a.query_chunked = reinterpret_cast<std::uintptr_t>(p.query) % 16 == 0 &&
-                      chunked(p.q_stride_batch) && chunked(p.q_stride_head);
+                      whole(p.q_stride_batch, 16) && whole(p.q_stride_head, 16);
     const bool folded = group > 1 && p.group_reduce == GroupReduce::Sum;
     const ScoreMode mode = folded                                   ? ScoreMode::Folded
                            : p.summary == PageSummary::MinMax       ? ScoreMode::PerHeadMinMax
@@ -1279,13 +1288,7 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
     });
   } else {
     // Vector loads of 4 elements where every row start is aligned for them.
-    const std::uint64_t align = 4 * element;
-    const auto aligned = [&](std::int64_t elements) {
-      return (std::uint64_t(elements) * element) % align == 0;
-    };
-    const bool vec = reinterpret_cast<std::uintptr_t>(p.page_meta.data) % align == 0 &&
-                     aligned(p.head_dim) && aligned(p.page_meta.stride_block) &&
-                     aligned(p.page_meta.stride_head) && aligned(p.page_meta.stride_row);
+    const bool vec = meta_rows_aligned(4 * element);
     score.smem_bytes = int(std::size_t(p.num_q_heads) * p.head_dim * sizeof(float));
     score.kernel = dispatch_float_dtype(p.dtype, op, [vec](auto type) {
       using T = typename decltype(type)::type;
