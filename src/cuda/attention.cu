@@ -212,13 +212,8 @@ int plan_attention_splits(int device_index, DType dtype, DType kv_dtype, int bat
 
 void paged_attention(const PagedAttentionParams& p, Stream stream) {
   const char* op = "paged_attention";
-  const bool fp8 = p.kv_dtype == DType::Float8E4M3FN;
-  if ((p.kv_dtype != p.query_dtype && !fp8) || p.out_dtype != p.query_dtype) {
-    detail::fail(op, "the CUDA kernels need the query's dtype for the output, and it or ",
-                 "float8_e4m3fn for the caches, got ", dtype_name(p.query_dtype), ", ",
-                 dtype_name(p.kv_dtype), " and ", dtype_name(p.out_dtype));
-  }
-  if (fp8 && p.query_start_loc) {
+  // The core admits caches of the query's dtype or float8_e4m3fn, and out of the query's dtype.
+  if (p.kv_dtype == DType::Float8E4M3FN && p.query_start_loc) {
     detail::fail(op, "query_start_loc (prefill) over float8_e4m3fn caches has no CUDA kernel yet, ",
                  "got a float8_e4m3fn cache with query_start_loc");
   }
