@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <iterator>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/kernels.h"
@@ -257,17 +258,18 @@ kernels::BlockTensor block_tensor(const OpCheck& c, const TensorView& t, const c
     b.inner_numel *= t.shape[i];
   }
   // Dense: sorted by stride, each extent-above-1 dimension's stride is the product of the
-  // extents below it.
-  std::vector<std::pair<std::int64_t, std::int64_t>> dims;  // (stride, extent)
+  // extents below it. (On the stack: this runs for every tensor of every copy.)
+  std::pair<std::int64_t, std::int64_t> dims[kMaxDims - 1];  // (stride, extent)
+  int num_dims = 0;
   for (int i = 0; i < b.inner_ndim; ++i) {
-    if (b.inner_shape[i] > 1) dims.push_back({b.inner_strides[i], b.inner_shape[i]});
+    if (b.inner_shape[i] > 1) dims[num_dims++] = {b.inner_strides[i], b.inner_shape[i]};
   }
-  std::sort(dims.begin(), dims.end());
+  std::sort(dims, dims + num_dims);
   std::int64_t expect = 1;
   b.dense = true;
-  for (auto [stride, extent] : dims) {
-    if (stride != expect) b.dense = false;
-    expect *= extent;
+  for (int i = 0; i < num_dims; ++i) {
+    if (dims[i].first != expect) b.dense = false;
+    expect *= dims[i].second;
   }
   return b;
 }
