@@ -103,15 +103,10 @@ void build_page_meta(const TensorView& key_cache, const TensorView& block_table,
                      const TensorView& seq_lens, const TensorView& page_meta, PageSummary summary,
                      Stream stream) {
   OpCheck c("build_page_meta");
-  c.ndim(key_cache, "key_cache", 4, "[num_blocks, block_size, num_kv_heads, head_dim]");
   TS_REQUIRE(c, key_cache.dtype != DType::Float8E4M3FN,
              "page summaries need a float32, float16 or bfloat16 key cache, got a ",
              dtype_name(key_cache.dtype), " cache");
-  c.attention_dtype(key_cache, "key_cache");
-  c.last_dim_contiguous(key_cache, "key_cache");
-  TS_REQUIRE(c, key_cache.shape[1] > 0 && key_cache.shape[2] > 0 && key_cache.shape[3] > 0,
-             "key_cache must have positive block_size, num_kv_heads and head_dim, got shape ",
-             shape_str(key_cache));
+  c.kv_cache(key_cache, "key_cache");
   detail::check_table_and_lens(c, block_table, seq_lens, block_table.shape[0]);
   kernels::PageMetaDesc meta = detail::check_page_meta(c, page_meta, key_cache, summary, true);
   Device device = c.same_device({{key_cache, "key_cache"},
