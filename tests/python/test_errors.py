@@ -564,6 +564,113 @@ def test_attention_head_dim_beyond_32_bits(case):
     )
 
 
+def huge_ids(shape):
+    """An int32 view of `shape` (last dimension contiguous, others stride 0) over an anonymous
+    mapping that reserves no memory: a block table too wide for 32-bit indexing."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+    memory = mmap.mmap(-1, shape[-1] * 4, flags=flags)
+    base = np.frombuffer(memory, np.int32)
+    return np.lib.stride_tricks.as_strided(base, shape, [0] * (len(shape) - 1) + [4])
+
+
+@pytest.mark.parametrize(
+    "q_shape,table_shape,starts,match",
+    [
+        (
+            (1, 65536, 1),
+            (1, 1),
+            None,
+            r"sizes must fit 32-bit indexing, got query \[1, 65536, 1\] and block_table \[1, 1\]",
+        ),
+        (
+            (1, 1, 1),
+            (1, 2**30 + 1),
+            None,
+            r"sizes must fit 32-bit indexing, got query \[1, 1, 1\] and block_table "
+            r"\[1, 1073741825\]",
+        ),
+        (
+            (65535, 65535, 1),
+            (65535, 1),
+            None,
+            r"batch \* num_q_heads must be at most 2147483647, got batch 65535 and num_q_heads "
+            r"65535",
+        ),
+        (
+            (40000, 65535, 1),
+            (1, 1),
+            [0, 40000],
+            r"total_rows \* num_q_heads must be at most 2147483647, got total_rows 40000 and "
+            r"num_q_heads 65535",
+        ),
+    ],
+    ids=["num_q_heads", "max_blocks", "decode_rows", "prefill_rows"],
+)
+def test_attention_sizes_beyond_32_bits(q_shape, table_shape, starts, match):
+    out_head, out = huge_view(q_shape)
+    _, q = huge_view(q_shape)
+    kc = np.zeros((1, 1, 1, 1), np.float32)
+    table = huge_ids(table_shape) if table_shape[1] > 1 else np.zeros(table_shape, np.int32)
+    lens = np.ones(table_shape[0], np.int32)
+    options = {} if starts is None else {"query_start_loc": np.array(starts, np.int32)}
+    expect_error(
+        lambda: ts.paged_attention(q, kc, kc, table, lens, out, **options),
+        ValueError,
+        "tinyserve.paged_attention: " + match,
+        out_head,
+    )
+    with pytest.raises(ValueError, match="tinyserve.plan_paged_attention: " + match):
+        ts.plan_paged_attention(q, kc, table, **options)
+
+
+@pytest.mark.parametrize(
+    "shape,match",
+    [
+        ((4, 0, 2, 64), "block_size must be positive, got 0"),
+        ((4, 16, 0, 64), "num_kv_heads must be positive, got 0"),
+        ((4, 16, 2, 0), "head_dim must be positive, got 0"),
+    ],
+)
+def test_caches_with_an_empty_dimension_are_refused(case, rng, shape, match):
+    kc = np.zeros(shape, np.float32)
+    expect_error(
+        attention(case, key_cache=kc, value_cache=kc.copy()),
+        ValueError,
+        "tinyserve.paged_attention: " + match,
+        case.out,
+        case.lse,
+    )
+    key = rng.standard_normal((1, 2, 64)).astype(np.float32)
+    expect_error(
+        lambda: ts.reshape_and_cache(key, key, kc, kc.copy(), np.array([0], np.int64)),
+        ValueError,
+        "tinyserve.reshape_and_cache: " + match,
+    )
+    meta = np.full((4, max(shape[2], 1), 2, max(shape[3], 1)), np.nan, np.float32)
+    expect_error(
+        lambda: ts.build_page_meta(kc, np.zeros((1, 1), np.int32), np.zeros(1, np.int32), meta),
+        ValueError,
+        "tinyserve.build_page_meta: " + match,
+        meta,
+    )
+
+
+def test_reshape_and_cache_refuses_a_scale_with_page_meta(cache_args):
+    a = cache_args
+    n, _, h, d = a["key_cache"].shape
+    meta = np.full((n, h, 2, d), np.nan, np.float32)
+    for scale in ({"k_scale": 1.0}, {"v_scale": 2.0}):
+        expect_error(
+            lambda s=scale: ts.reshape_and_cache(**a, page_meta=meta, **s),
+            ValueError,
+            r"tinyserve.reshape_and_cache: k_scale and v_scale apply to float8_e4m3fn caches, "
+            r"which take no page_meta, got a scale with page_meta",
+            a["key_cache"],
+            a["value_cache"],
+            meta,
+        )
+
+
 # --- Errors that name the argument and the value --------------------------------------------
 
 
