@@ -3,6 +3,7 @@ call writes nothing."""
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 
 import numpy as np
@@ -669,6 +670,84 @@ def test_reshape_and_cache_refuses_a_scale_with_page_meta(cache_args):
             a["value_cache"],
             meta,
         )
+
+
+class _DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class _DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class _DLTensor(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device", _DLDevice),
+        ("ndim", ctypes.c_int32),
+        ("dtype", _DLDataType),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),
+        ("byte_offset", ctypes.c_uint64),
+    ]
+
+
+class _DLManagedTensor(ctypes.Structure):
+    _fields_ = [
+        ("dl_tensor", _DLTensor),
+        ("manager_ctx", ctypes.c_void_p),
+        ("deleter", ctypes.c_void_p),
+    ]
+
+
+class OnDevice:
+    """A 1-D integer array that says (through DLPack) it lives on DLPack device `device_type`:
+    the memory is host memory, which the refused calls never read."""
+
+    def __init__(self, array, device_type):
+        self.array = array
+        self.shape = (ctypes.c_int64 * 1)(array.shape[0])
+        self.managed = _DLManagedTensor()
+        t = self.managed.dl_tensor
+        t.data = array.ctypes.data
+        t.device = _DLDevice(device_type, 0)
+        t.ndim = 1
+        t.dtype = _DLDataType(0, array.dtype.itemsize * 8, 1)  # kDLInt
+        t.shape = self.shape
+        self.device_type = device_type
+
+    def __dlpack_device__(self):
+        return (self.device_type, 0)
+
+    def __dlpack__(self, **kwargs):
+        new = ctypes.pythonapi.PyCapsule_New
+        new.restype = ctypes.py_object
+        new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+        return new(ctypes.addressof(self.managed), b"dltensor", None)
+
+
+def test_arrays_on_other_devices_are_named():
+    """Op arguments may be on cpu, cuda or cuda_host; id arguments of the block manager on the
+    CPU only. DLPack device types 2 (CUDA) and 8 (Metal)."""
+    cache = np.full((4, 2), np.nan, np.float32)
+    metal = OnDevice(np.array([0, 1], np.int32), 8)
+    expect_error(
+        lambda: ts.copy_blocks([cache], metal, np.array([2, 3], np.int32)),
+        ValueError,
+        r"^tinyserve.copy_blocks: src must be on cpu, cuda or cuda_host, got DLPack device type 8$",
+        cache,
+    )
+    bm = ts.BlockManager(8, 2)
+    bm.add_sequence(0)
+    for device_type in (2, 8):
+        with pytest.raises(
+            ValueError,
+            match=rf"^tinyserve.BlockManager.append_batch: seq_ids must be on the CPU, got DLPack "
+            rf"device type {device_type}$",
+        ):
+            bm.append_batch(OnDevice(np.array([0], np.int64), device_type), 1)
+    assert bm.seq_len(0) == 0
+    bm.check()
 
 
 # --- Errors that name the argument and the value --------------------------------------------
