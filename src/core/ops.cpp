@@ -566,18 +566,9 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
                " bytes (see plan_paged_attention), got none");
     const TensorView& ws = *options.workspace;
     c.same_device({{query, "query"}, {ws, "workspace"}});
-    std::size_t bytes = std::size_t(ws.numel()) * dtype_size(ws.dtype);
-    bool contiguous = true;
-    std::int64_t expect = 1;
-    for (int d = ws.ndim - 1; d >= 0; --d) {
-      if (ws.shape[d] > 1 && ws.strides[d] != expect) contiguous = false;
-      expect *= ws.shape[d];
-    }
-    TS_REQUIRE(c, contiguous, "workspace must be contiguous, got strides of shape ", shape_str(ws));
+    const std::size_t bytes = c.workspace(ws);
     TS_REQUIRE(c, bytes >= plan.workspace_bytes, "workspace must hold at least ",
                plan.workspace_bytes, " bytes for ", plan.num_splits, " splits, got ", bytes);
-    TS_REQUIRE(c, reinterpret_cast<std::uintptr_t>(ws.data) % 16 == 0,
-               "workspace must be 16-byte aligned, got address ", ws.data);
     for (const detail::Named* in = all_inputs; in != inputs_end; ++in) {
       c.disjoint({ws, "workspace"}, *in);
     }
@@ -683,8 +674,7 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
   p.num_splits = plan.num_splits;
   if (plan.workspace_bytes > 0) {
     p.workspace = options.workspace->data;
-    p.workspace_bytes =
-        std::size_t(options.workspace->numel()) * dtype_size(options.workspace->dtype);
+    p.workspace_bytes = c.workspace(*options.workspace);
   }
   p.device_index = s.device.index;
   kernels_of(s.backend).paged_attention(p, stream);

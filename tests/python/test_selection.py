@@ -756,3 +756,55 @@ def test_select_pages_sizes_beyond_the_kernel_limits(batch, max_blocks, message)
     assert str(info.value).startswith("tinyserve.select_pages: ")
     assert message in str(info.value)
     assert (out_t == -7).all() and (out_l == -7).all()
+
+
+def test_select_pages_outputs_share_memory_with_nothing():
+    """Every output is refused when it overlaps an input or another output, before anything is
+    written (on the CPU the workspace is not used, so it is not checked)."""
+    query, meta, table, seq_lens = _select_args()
+    cases = []
+    # table inside block_table
+    block_table = np.zeros(64, np.int32)
+    block_table[:22] = table.reshape(-1)
+    bt = block_table[:22].reshape(2, 11)
+    cases.append((bt, block_table[:12].reshape(2, 2, 3), None, None, "table and block_table"))
+    # lens inside table
+    buf = np.full(16, -7, np.int32)
+    cases.append(
+        (table, buf[:12].reshape(2, 2, 3), buf[8:12].reshape(2, 2), None, "table and lens")
+    )
+    # hits over the query's memory
+    hits = query.view(np.int32).reshape(-1)[:16]
+    cases.append((table, None, None, hits, "hits and query"))
+    for bt, out_t, out_l, hits, pair in cases:
+        out_t = np.full((2, 2, 3), -7, np.int32) if out_t is None else out_t
+        out_l = np.full((2, 2), -7, np.int32) if out_l is None else out_l
+        watched = [a.copy() for a in (bt, out_t, out_l, query)]
+        with pytest.raises(ValueError) as info:
+            ts.select_pages(
+                query, meta, bt, seq_lens, 3, block_size=4, hits=hits, out=(out_t, out_l)
+            )
+        assert str(info.value).startswith(f"tinyserve.select_pages: {pair} must not share memory")
+        for a, before in zip((bt, out_t, out_l, query), watched):
+            np.testing.assert_array_equal(a, before)
+
+
+def test_build_page_meta_output_shares_memory_with_no_input(rng):
+    kc = rng.standard_normal((6, 4, 2, 8)).astype(np.float32)
+    table = np.zeros((1, 2), np.int32)
+    lens = np.array([7], np.int32)
+    inside_keys = kc.reshape(-1)[:192].reshape(6, 2, 2, 8)
+    ids = np.zeros(192, np.int32)
+    inside_table = ids.view(np.float32).reshape(6, 2, 2, 8)
+    for meta, bt, name in (
+        (inside_keys, table, "key_cache"),
+        (inside_table, ids[:2][None], "block_table"),
+    ):
+        before = kc.copy(), ids.copy()
+        with pytest.raises(ValueError) as info:
+            ts.build_page_meta(kc, bt, lens, meta)
+        assert str(info.value).startswith(
+            f"tinyserve.build_page_meta: page_meta and {name} must not share memory"
+        )
+        np.testing.assert_array_equal(kc, before[0])
+        np.testing.assert_array_equal(ids, before[1])
