@@ -146,8 +146,7 @@ AttentionShapes check_attention_plan_args(const OpCheck& c, const TensorView& qu
   c.attention_dtype(query, "query");
   c.last_dim_contiguous(query, "query");
   c.kv_cache(key_cache, "key_cache");
-  if (block_table.ndim != 3) c.ndim(block_table, "block_table", 2, "[batch, max_blocks]");
-  c.ndim(block_table, "block_table", block_table.ndim,
+  c.ndim(block_table, "block_table", block_table.ndim == 3 ? 3 : 2,
          "[batch, max_blocks] or [batch, num_kv_heads, max_blocks]");
   c.dtype(block_table, "block_table", DType::Int32);
   c.last_dim_contiguous(block_table, "block_table");

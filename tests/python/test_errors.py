@@ -70,6 +70,15 @@ def attention(c, **over):
             r"block_table must be int32, got int64",
         ),
         (lambda c: {"block_table": c.block_table[:1]}, r"block_table dimension 0 \(batch\)"),
+        (
+            lambda c: {"block_table": c.block_table[0]},
+            r"block_table must have 2 dimensions \[batch, max_blocks\] or \[batch, num_kv_heads, "
+            r"max_blocks\], got 1",
+        ),
+        (
+            lambda c: {"block_table": c.block_table[:, None, None]},
+            r"block_table must have 2 dimensions .*, got 4",
+        ),
         (lambda c: {"seq_lens": c.seq_lens.astype(np.int64)}, r"seq_lens must be int32, got int64"),
         (
             lambda c: {"seq_lens": np.array([20, 10_000], np.int32)},
