@@ -735,6 +735,16 @@ class OnDevice:
         return new(ctypes.addressof(self.managed), b"dltensor", None)
 
 
+def test_arrays_of_more_than_six_dimensions_are_named(case):
+    expect_error(
+        attention(case, query=np.zeros((1,) * 7, np.float32)),
+        ValueError,
+        r"^tinyserve.paged_attention: query must have at most 6 dimensions, got 7$",
+        case.out,
+        case.lse,
+    )
+
+
 def test_arrays_on_other_devices_are_named():
     """Op arguments may be on cpu, cuda or cuda_host; id arguments of the block manager on the
     CPU only. DLPack device types 2 (CUDA) and 8 (Metal)."""
