@@ -5,7 +5,6 @@
 #include <nanobind/stl/string.h>
 
 #include <optional>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
