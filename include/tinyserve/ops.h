@@ -68,7 +68,8 @@ struct AttentionOptions {
   // the batch; 1 disables splitting. A fixed value gives batch-invariant results.
   int num_splits = 0;
   // CUDA scratch for split partials, at least plan_paged_attention(...).workspace_bytes bytes on
-  // the tensors' device. Unused by the CPU backend and when no split happens.
+  // the tensors' device, contiguous and 16-byte aligned. Unused by the CPU backend and when no
+  // split happens.
   std::optional<TensorView> workspace;
   // Scales of float8_e4m3fn caches (see KVScale): keys and values are read as stored * scale.
   KVScale k_scale, v_scale;

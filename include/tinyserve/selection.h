@@ -72,7 +72,8 @@ struct SelectPagesOptions {
   int num_sink_pages = 0;
   // Optional int32 [num_blocks]: every (sequence, KV head) adds one to each block it keeps.
   std::optional<TensorView> hits;
-  // CUDA scratch of at least select_pages_workspace_bytes(...) bytes on the tensors' device.
+  // CUDA scratch of at least select_pages_workspace_bytes(...) bytes on the tensors' device,
+  // contiguous and 16-byte aligned.
   std::optional<TensorView> workspace;
 };
 

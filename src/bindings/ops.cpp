@@ -5,7 +5,6 @@
 #include <nanobind/stl/string.h>
 
 #include <optional>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -24,17 +23,14 @@ PageSummary page_summary(nb::handle h, const char* op) {
   if (name == "minmax") return PageSummary::MinMax;
   if (name == "meanstd") return PageSummary::MeanStd;
   if (name == "minmax_damped") return PageSummary::MinMaxDamped;
-  throw std::invalid_argument(std::string("tinyserve.") + op +
-                              ": summary must be 'minmax_damped', 'minmax' or 'meanstd', got '" +
-                              name + "'");
+  detail::fail(op, "summary must be 'minmax_damped', 'minmax' or 'meanstd', got '", name, "'");
 }
 
 GroupReduce group_reduce(nb::handle h, const char* op) {
   const std::string name = to_name(h, op, "group_reduce");
   if (name == "sum") return GroupReduce::Sum;
   if (name == "max") return GroupReduce::Max;
-  throw std::invalid_argument(std::string("tinyserve.") + op +
-                              ": group_reduce must be 'sum' or 'max', got '" + name + "'");
+  detail::fail(op, "group_reduce must be 'sum' or 'max', got '", name, "'");
 }
 
 // A cache as the element type the caller names: NumPy has no float8 type, so a uint8 array

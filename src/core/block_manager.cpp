@@ -17,9 +17,6 @@ using bm::where;
 template <class Fail>
 void BlockManager::Impl::check_plan(Fail&& fail) const {
   auto str = [](std::int64_t v) { return std::to_string(v); };
-  if (pending_plan != last_plan || plan.serial != pending_plan) {
-    fail("the pending plan " + str(std::int64_t(pending_plan)) + " is not the last one handed out");
-  }
   const bool evict = plan.kind == MovePlan::Kind::Evict;
   if (evict ? !plan.dst.empty() : plan.dst.size() != plan.src.size()) {
     fail(std::string("the pending ") + plan.kind_name() + " plan has " +
@@ -138,8 +135,8 @@ void BlockManager::Impl::check() const {
   } else if (has_compactor) {
     fail("a compactor is attached without a host pool");
   }
-  if (pending_plan != 0 && !has_compactor) fail("a plan is pending without a compactor");
-  if (pending_plan != 0) check_plan(fail);
+  if (plan_pending() && !has_compactor) fail("a plan is pending without a compactor");
+  if (plan_pending()) check_plan(fail);
 
   std::int64_t shared = 0, waste = 0, evictable = 0, free_read = 0;
   for (std::size_t b = 0; b < n; ++b) {

@@ -134,13 +134,12 @@ struct BlockManager::Impl {
   std::vector<CopyPair> copies;
 
   // The compactor's part: its host pool (null until a Compactor attaches) and the plan it
-  // handed out that is neither committed nor aborted (serial 0: none).
+  // handed out that is neither committed nor aborted, as handed out (serial 0: none).
   std::unique_ptr<HostPool> host;
   bool has_compactor = false;
-  std::uint64_t pending_plan = 0;
-  std::uint64_t last_plan = 0;
-  MovePlan plan;                 // the pending plan as handed out
+  MovePlan plan;
   std::int64_t plan_target = 0;  // a pending compact plan's num_blocks
+  bool plan_pending() const { return plan.serial != 0; }
 
   // Kept up to date by the helpers below so stats() is O(1); check() recomputes them.
   std::int64_t num_free_read = 0;  // free blocks that a pending copy reads
@@ -294,7 +293,7 @@ struct BlockManager::Impl {
 
   // Manager calls that change sequences would invalidate a plan in flight.
   void require_no_plan(const char* method) const {
-    if (pending_plan != 0) {
+    if (plan_pending()) {
       throw std::runtime_error(bm::where(method) +
                                "a compactor plan is pending; commit or abort it first");
     }

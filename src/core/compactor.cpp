@@ -37,8 +37,8 @@ const Sequence& find(const Impl& m, std::int64_t seq_id, const char* method) {
 // Checks shared by every plan_*: one plan at a time, and no copy-on-write pair in flight (its
 // blocks must not move before the engine has run it).
 void begin_plan(const Impl& m, const char* method) {
-  if (m.pending_plan != 0) {
-    throw std::runtime_error(where(method) + "plan " + str(std::int64_t(m.pending_plan)) +
+  if (m.plan_pending()) {
+    throw std::runtime_error(where(method) + "plan " + str(std::int64_t(m.plan.serial)) +
                              " is still pending; commit or abort it first");
   }
   for (const auto& c : m.copies) {
@@ -47,6 +47,15 @@ void begin_plan(const Impl& m, const char* method) {
                                "copy-on-write pairs are pending; call take_copies() and run "
                                "the copies first");
     }
+  }
+}
+
+// commit and abort take the pending plan only, known by its serial.
+void require_pending(const Impl& m, const MovePlan& plan, const char* method) {
+  if (!m.plan_pending()) throw std::runtime_error(where(method) + "no plan is pending");
+  if (plan.serial != m.plan.serial) {
+    bad_argument(method, "plan must be the pending plan " + str(std::int64_t(m.plan.serial)) +
+                             ", got plan " + str(std::int64_t(plan.serial)));
   }
 }
 
@@ -78,10 +87,8 @@ MovePlan hand_out(Impl& m, MovePlan::Kind kind, std::vector<std::int32_t> src,
   plan.kind = kind;
   plan.src = std::move(src);
   plan.dst = std::move(dst);
-  m.last_plan = next_plan_serial();
-  plan.serial = m.last_plan;
+  plan.serial = next_plan_serial();
   m.plan = plan;
-  m.pending_plan = plan.serial;
   return plan;
 }
 
@@ -270,7 +277,7 @@ Compactor::Compactor(BlockManager& manager, std::int64_t num_host_blocks)
 Compactor::~Compactor() {
   Impl& m = *m_;
   std::lock_guard<std::mutex> lock(m.mutex);
-  m.pending_plan = 0;
+  m.plan = MovePlan{};
   m.has_compactor = false;
   // Offloaded blocks keep their host pool (their sequences may still be freed or recalled by a
   // later compactor); an empty one goes.
@@ -443,11 +450,7 @@ MovePlan Compactor::plan_compact(std::int64_t num_blocks) {
 void Compactor::commit(const MovePlan& plan) {
   Impl& m = *m_;
   std::lock_guard<std::mutex> lock(m.mutex);
-  if (m.pending_plan == 0) throw std::runtime_error(where("commit") + "no plan is pending");
-  if (plan.serial != m.pending_plan) {
-    bad_argument("commit", "plan must be the pending plan " + str(std::int64_t(m.pending_plan)) +
-                               ", got plan " + str(std::int64_t(plan.serial)));
-  }
+  require_pending(m, plan, "commit");
   // The stored copy: the caller's may have been edited since it was handed out.
   const MovePlan& pending = m.plan;
   switch (pending.kind) {
@@ -464,19 +467,13 @@ void Compactor::commit(const MovePlan& plan) {
       commit_compact(m, pending, m.plan_target);
       break;
   }
-  m.pending_plan = 0;
   m.plan = MovePlan{};
 }
 
 void Compactor::abort(const MovePlan& plan) {
   Impl& m = *m_;
   std::lock_guard<std::mutex> lock(m.mutex);
-  if (m.pending_plan == 0) throw std::runtime_error(where("abort") + "no plan is pending");
-  if (plan.serial != m.pending_plan) {
-    bad_argument("abort", "plan must be the pending plan " + str(std::int64_t(m.pending_plan)) +
-                              ", got plan " + str(std::int64_t(plan.serial)));
-  }
-  m.pending_plan = 0;
+  require_pending(m, plan, "abort");
   m.plan = MovePlan{};
 }
 
@@ -497,7 +494,7 @@ std::int64_t Compactor::num_offloaded(std::int64_t seq_id) const {
 
 bool Compactor::has_pending_plan() const {
   std::lock_guard<std::mutex> lock(m_->mutex);
-  return m_->pending_plan != 0;
+  return m_->plan_pending();
 }
 
 }  // namespace tinyserve

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <iterator>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/kernels.h"
@@ -145,8 +146,7 @@ AttentionShapes check_attention_plan_args(const OpCheck& c, const TensorView& qu
   c.attention_dtype(query, "query");
   c.last_dim_contiguous(query, "query");
   c.kv_cache(key_cache, "key_cache");
-  if (block_table.ndim != 3) c.ndim(block_table, "block_table", 2, "[batch, max_blocks]");
-  c.ndim(block_table, "block_table", block_table.ndim,
+  c.ndim(block_table, "block_table", block_table.ndim == 3 ? 3 : 2,
          "[batch, max_blocks] or [batch, num_kv_heads, max_blocks]");
   c.dtype(block_table, "block_table", DType::Int32);
   c.last_dim_contiguous(block_table, "block_table");
@@ -188,9 +188,8 @@ AttentionShapes check_attention_plan_args(const OpCheck& c, const TensorView& qu
     TS_REQUIRE(c, std::isfinite(*o.scale) && *o.scale != 0.0f,
                "scale must be finite and nonzero, got ", *o.scale);
   }
-  TS_REQUIRE(c,
-             block_table.shape[0] <= (1 << 30) && block_table.shape[table_dim] <= (1 << 30) &&
-                 query.shape[1] <= 65535,
+  // (The batch has a tighter limit below.)
+  TS_REQUIRE(c, block_table.shape[table_dim] <= (1 << 30) && query.shape[1] <= 65535,
              "sizes must fit 32-bit indexing, got query ", shape_str(query), " and block_table ",
              shape_str(block_table));
   // Limits of the CUDA kernels, checked on every backend so that a call means the same
@@ -257,17 +256,18 @@ kernels::BlockTensor block_tensor(const OpCheck& c, const TensorView& t, const c
     b.inner_numel *= t.shape[i];
   }
   // Dense: sorted by stride, each extent-above-1 dimension's stride is the product of the
-  // extents below it.
-  std::vector<std::pair<std::int64_t, std::int64_t>> dims;  // (stride, extent)
+  // extents below it. (On the stack: this runs for every tensor of every copy.)
+  std::pair<std::int64_t, std::int64_t> dims[kMaxDims - 1];  // (stride, extent)
+  int num_dims = 0;
   for (int i = 0; i < b.inner_ndim; ++i) {
-    if (b.inner_shape[i] > 1) dims.push_back({b.inner_strides[i], b.inner_shape[i]});
+    if (b.inner_shape[i] > 1) dims[num_dims++] = {b.inner_strides[i], b.inner_shape[i]};
   }
-  std::sort(dims.begin(), dims.end());
+  std::sort(dims, dims + num_dims);
   std::int64_t expect = 1;
   b.dense = true;
-  for (auto [stride, extent] : dims) {
-    if (stride != expect) b.dense = false;
-    expect *= extent;
+  for (int i = 0; i < num_dims; ++i) {
+    if (dims[i].first != expect) b.dense = false;
+    expect *= dims[i].second;
   }
   return b;
 }
@@ -565,18 +565,9 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
                " bytes (see plan_paged_attention), got none");
     const TensorView& ws = *options.workspace;
     c.same_device({{query, "query"}, {ws, "workspace"}});
-    std::size_t bytes = std::size_t(ws.numel()) * dtype_size(ws.dtype);
-    bool contiguous = true;
-    std::int64_t expect = 1;
-    for (int d = ws.ndim - 1; d >= 0; --d) {
-      if (ws.shape[d] > 1 && ws.strides[d] != expect) contiguous = false;
-      expect *= ws.shape[d];
-    }
-    TS_REQUIRE(c, contiguous, "workspace must be contiguous, got strides of shape ", shape_str(ws));
+    const std::size_t bytes = c.workspace(ws);
     TS_REQUIRE(c, bytes >= plan.workspace_bytes, "workspace must hold at least ",
                plan.workspace_bytes, " bytes for ", plan.num_splits, " splits, got ", bytes);
-    TS_REQUIRE(c, reinterpret_cast<std::uintptr_t>(ws.data) % 16 == 0,
-               "workspace must be 16-byte aligned, got address ", ws.data);
     for (const detail::Named* in = all_inputs; in != inputs_end; ++in) {
       c.disjoint({ws, "workspace"}, *in);
     }
@@ -682,8 +673,7 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
   p.num_splits = plan.num_splits;
   if (plan.workspace_bytes > 0) {
     p.workspace = options.workspace->data;
-    p.workspace_bytes =
-        std::size_t(options.workspace->numel()) * dtype_size(options.workspace->dtype);
+    p.workspace_bytes = c.workspace(*options.workspace);
   }
   p.device_index = s.device.index;
   kernels_of(s.backend).paged_attention(p, stream);

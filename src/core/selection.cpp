@@ -4,6 +4,7 @@
 #include "core/selection.h"
 
 #include <algorithm>
+#include <iterator>
 #include <string>
 
 #include "tinyserve/selection.h"
@@ -103,15 +104,10 @@ void build_page_meta(const TensorView& key_cache, const TensorView& block_table,
                      const TensorView& seq_lens, const TensorView& page_meta, PageSummary summary,
                      Stream stream) {
   OpCheck c("build_page_meta");
-  c.ndim(key_cache, "key_cache", 4, "[num_blocks, block_size, num_kv_heads, head_dim]");
   TS_REQUIRE(c, key_cache.dtype != DType::Float8E4M3FN,
              "page summaries need a float32, float16 or bfloat16 key cache, got a ",
              dtype_name(key_cache.dtype), " cache");
-  c.attention_dtype(key_cache, "key_cache");
-  c.last_dim_contiguous(key_cache, "key_cache");
-  TS_REQUIRE(c, key_cache.shape[1] > 0 && key_cache.shape[2] > 0 && key_cache.shape[3] > 0,
-             "key_cache must have positive block_size, num_kv_heads and head_dim, got shape ",
-             shape_str(key_cache));
+  c.kv_cache(key_cache, "key_cache");
   detail::check_table_and_lens(c, block_table, seq_lens, block_table.shape[0]);
   kernels::PageMetaDesc meta = detail::check_page_meta(c, page_meta, key_cache, summary, true);
   Device device = c.same_device({{key_cache, "key_cache"},
@@ -119,6 +115,12 @@ void build_page_meta(const TensorView& key_cache, const TensorView& block_table,
                                  {seq_lens, "seq_lens"},
                                  {page_meta, "page_meta"}});
   Backend backend = c.backend(device);
+  // The summaries are written while the keys, table and lengths are read.
+  for (const detail::Named& in :
+       {detail::Named{key_cache, "key_cache"}, detail::Named{block_table, "block_table"},
+        detail::Named{seq_lens, "seq_lens"}}) {
+    c.disjoint({page_meta, "page_meta"}, in);
+  }
   if (backend == Backend::CPU) {
     detail::check_host_table(c, block_table, seq_lens, key_cache.shape[1], key_cache.shape[0]);
   }
@@ -237,13 +239,25 @@ void select_pages(const TensorView& query, const TensorView& page_meta,
                " bytes (see select_pages_workspace_bytes), got none");
     const TensorView& ws = *options.workspace;
     c.same_device({{query, "query"}, {ws, "workspace"}});
-    const std::size_t bytes = std::size_t(ws.numel()) * dtype_size(ws.dtype);
+    const std::size_t bytes = c.workspace(ws);
     TS_REQUIRE(c, bytes >= scratch, "workspace must hold at least ", scratch, " bytes, got ",
                bytes);
-    TS_REQUIRE(c, ws.ndim <= 1 || ws.numel() == 0 || ws.strides[ws.ndim - 1] == 1,
-               "workspace must be contiguous, got shape ", shape_str(ws));
-    TS_REQUIRE(c, reinterpret_cast<std::uintptr_t>(ws.data) % 16 == 0,
-               "workspace must be 16-byte aligned, got address ", ws.data);
+  }
+  // Outputs share memory with nothing else of the call: the kernels read every input while
+  // they write, and the outputs apart.
+  TensorView absent;  // an optional output not given: empty, so it overlaps nothing
+  absent.ndim = 1;
+  const detail::Named inputs[] = {{query, "query"},
+                                  {page_meta, "page_meta"},
+                                  {block_table, "block_table"},
+                                  {seq_lens, "seq_lens"}};
+  const detail::Named outputs[] = {{table, "table"},
+                                   {lens, "lens"},
+                                   {options.hits ? *options.hits : absent, "hits"},
+                                   {scratch > 0 ? *options.workspace : absent, "workspace"}};
+  for (std::size_t i = 0; i < std::size(outputs); ++i) {
+    for (const detail::Named& in : inputs) c.disjoint(outputs[i], in);
+    for (std::size_t j = i + 1; j < std::size(outputs); ++j) c.disjoint(outputs[i], outputs[j]);
   }
   if (s.backend == Backend::CPU) {
     detail::check_host_table(c, block_table, seq_lens, block_size, page_meta.shape[0]);

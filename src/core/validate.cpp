@@ -174,6 +174,21 @@ void OpCheck::writable(const TensorView& t, const char* name) const {
   distinct_elements(t, name);
 }
 
+std::size_t OpCheck::workspace(const TensorView& ws) const {
+  std::int64_t expect = 1;
+  for (int d = ws.ndim - 1; d >= 0; --d) {
+    if (ws.shape[d] > 1 && ws.strides[d] != expect) {
+      fail("workspace must be contiguous, got strides ", strides_str(ws), " for shape ",
+           shape_str(ws));
+    }
+    expect *= ws.shape[d];
+  }
+  if (reinterpret_cast<std::uintptr_t>(ws.data) % 16 != 0) {
+    fail("workspace must be 16-byte aligned, got address ", ws.data);
+  }
+  return std::size_t(ws.numel()) * dtype_size(ws.dtype);
+}
+
 void OpCheck::kv_cache(const TensorView& t, const char* name) const {
   ndim(t, name, 4, "[num_blocks, block_size, num_kv_heads, head_dim]");
   if (t.dtype != DType::Float8E4M3FN) attention_dtype(t, name);  // or a float8 cache

@@ -135,6 +135,9 @@ class OpCheck {
   // overlap, or one row twice, cannot hold different tokens), sizes that the kernels' 32-bit
   // indices hold.
   void kv_cache(const TensorView& t, const char* name) const;
+  // A caller's scratch buffer, which the kernels use as one run of bytes from its start:
+  // contiguous and 16-byte aligned. Returns its size in bytes.
+  std::size_t workspace(const TensorView& ws) const;
   // `a` and `b` share no memory (where the layouts differ, their address ranges must not
   // intersect).
   void disjoint(const Named& a, const Named& b) const;

@@ -35,11 +35,27 @@ void copy_block(const BlockTensor& t, const char* src, char* dst) {
   }
 }
 
-const char* block_base(const BlockTensor& t, std::int64_t block) {
-  return static_cast<const char*>(t.data) + block * t.stride_block * t.elem_size;
+char* block_base(const BlockTensor& t, std::int64_t block) {
+  return static_cast<char*>(t.data) + block * t.stride_block * t.elem_size;
 }
 
 float scale_of(const ScaleArg& s, int head) { return s.per_head ? s.per_head[head] : s.value; }
+
+// Calls write(token, head, key cache offset, value cache offset) for every row of every token
+// that has a slot, tokens spread over the threads.
+template <class Write>
+void for_each_cache_row(const ReshapeAndCacheParams& p, Write&& write) {
+  parallel_for(p.num_tokens, [&](std::int64_t begin, std::int64_t end) {
+    for (std::int64_t i = begin; i < end; ++i) {
+      const std::int64_t slot = p.slot_mapping[i];
+      if (slot < 0) continue;
+      const std::int64_t block = slot / p.block_size, offset = slot % p.block_size;
+      for (int h = 0; h < p.num_heads; ++h) {
+        write(i, h, p.key_cache.offset(block, offset, h), p.value_cache.offset(block, offset, h));
+      }
+    }
+  });
+}
 
 // Rows of T quantised into a float8 cache: stored = x / scale, rounded to nearest even and
 // saturated (float32 division, the rounding the CUDA kernel makes too).
@@ -54,18 +70,11 @@ void quantise_rows(const ReshapeAndCacheParams& p) {
     float8_e4m3_t* dst = static_cast<float8_e4m3_t*>(cache.data) + cache_offset;
     for (int d = 0; d < p.head_dim; ++d) dst[d] = from_float<float8_e4m3_t>(to_float(x[d]) / scale);
   };
-  parallel_for(p.num_tokens, [&](std::int64_t begin, std::int64_t end) {
-    for (std::int64_t i = begin; i < end; ++i) {
-      const std::int64_t slot = p.slot_mapping[i];
-      if (slot < 0) continue;
-      const std::int64_t block = slot / p.block_size, offset = slot % p.block_size;
-      for (int h = 0; h < p.num_heads; ++h) {
-        quantise(p.key, i * p.key_stride_token + h * p.key_stride_head, p.key_cache,
-                 p.key_cache.offset(block, offset, h), scale_of(p.k_scale, h));
-        quantise(p.value, i * p.value_stride_token + h * p.value_stride_head, p.value_cache,
-                 p.value_cache.offset(block, offset, h), scale_of(p.v_scale, h));
-      }
-    }
+  for_each_cache_row(p, [&](std::int64_t i, int h, std::int64_t kc, std::int64_t vc) {
+    quantise(p.key, i * p.key_stride_token + h * p.key_stride_head, p.key_cache, kc,
+             scale_of(p.k_scale, h));
+    quantise(p.value, i * p.value_stride_token + h * p.value_stride_head, p.value_cache, vc,
+             scale_of(p.v_scale, h));
   });
 }
 
@@ -84,45 +93,35 @@ void reshape_and_cache(const ReshapeAndCacheParams& p) {
   }
   const std::size_t elem = dtype_size(p.dtype);
   const std::size_t row_bytes = std::size_t(p.head_dim) * elem;
-  parallel_for(p.num_tokens, [&](std::int64_t begin, std::int64_t end) {
-    for (std::int64_t i = begin; i < end; ++i) {
-      const std::int64_t slot = p.slot_mapping[i];
-      if (slot < 0) continue;
-      const std::int64_t block = slot / p.block_size, offset = slot % p.block_size;
-      for (int h = 0; h < p.num_heads; ++h) {
-        const std::int64_t kc = p.key_cache.offset(block, offset, h);
-        const std::int64_t vc = p.value_cache.offset(block, offset, h);
-        std::memcpy(static_cast<char*>(p.key_cache.data) + kc * elem,
-                    static_cast<const char*>(p.key) +
-                        (i * p.key_stride_token + h * p.key_stride_head) * elem,
-                    row_bytes);
-        std::memcpy(static_cast<char*>(p.value_cache.data) + vc * elem,
-                    static_cast<const char*>(p.value) +
-                        (i * p.value_stride_token + h * p.value_stride_head) * elem,
-                    row_bytes);
-      }
-    }
+  for_each_cache_row(p, [&](std::int64_t i, int h, std::int64_t kc, std::int64_t vc) {
+    std::memcpy(
+        static_cast<char*>(p.key_cache.data) + kc * elem,
+        static_cast<const char*>(p.key) + (i * p.key_stride_token + h * p.key_stride_head) * elem,
+        row_bytes);
+    std::memcpy(static_cast<char*>(p.value_cache.data) + vc * elem,
+                static_cast<const char*>(p.value) +
+                    (i * p.value_stride_token + h * p.value_stride_head) * elem,
+                row_bytes);
   });
   if (p.page_meta.data != nullptr) update_page_meta(p);
 }
 
 void copy_blocks(const CopyBlocksParams& p) {
   const std::int64_t per_tensor = p.num_pairs;
-  parallel_for(
-      std::int64_t(p.tensors.size()) * per_tensor, [&](std::int64_t begin, std::int64_t end) {
-        for (std::int64_t i = begin; i < end; ++i) {
-          const BlockTensor& t = p.tensors[std::size_t(i / per_tensor)];
-          const std::int64_t pair = i % per_tensor;
-          copy_block(t, block_base(t, p.src[pair]), const_cast<char*>(block_base(t, p.dst[pair])));
-        }
-      });
+  parallel_for(std::int64_t(p.tensors.size()) * per_tensor,
+               [&](std::int64_t begin, std::int64_t end) {
+                 for (std::int64_t i = begin; i < end; ++i) {
+                   const BlockTensor& t = p.tensors[std::size_t(i / per_tensor)];
+                   const std::int64_t pair = i % per_tensor;
+                   copy_block(t, block_base(t, p.src[pair]), block_base(t, p.dst[pair]));
+                 }
+               });
 }
 
 void swap_blocks(const SwapBlocksParams& p) {
   parallel_for(p.num_pairs, [&](std::int64_t begin, std::int64_t end) {
     for (std::int64_t i = begin; i < end; ++i) {
-      std::memcpy(const_cast<char*>(block_base(p.dst_cache, p.dst[i])),
-                  block_base(p.src_cache, p.src[i]),
+      std::memcpy(block_base(p.dst_cache, p.dst[i]), block_base(p.src_cache, p.src[i]),
                   std::size_t(p.src_cache.inner_numel) * p.src_cache.elem_size);
     }
   });

@@ -1,7 +1,8 @@
 #pragma once
 
 // A minimal test harness: CHECK records a failure and continues, EXPECT_THROWS checks that a
-// statement throws the given type. main() returns test_exit_code().
+// statement throws the given type, EXPECT_THROWS_WITH also that its message contains a fragment.
+// main() returns test_exit_code().
 
 #include <cstdio>
 #include <string>
@@ -45,4 +46,22 @@ inline int exit_code() {
       std::printf("%s:%d: expected %s from: %s\n", __FILE__, __LINE__, #type, #stmt); \
       ++test::failures();                                                             \
     }                                                                                 \
+  } while (0)
+
+#define EXPECT_THROWS_WITH(stmt, type, fragment)                                               \
+  do {                                                                                         \
+    std::string message_;                                                                      \
+    bool caught_ = false;                                                                      \
+    try {                                                                                      \
+      stmt;                                                                                    \
+    } catch (const type& e_) {                                                                 \
+      caught_ = true;                                                                          \
+      message_ = e_.what();                                                                    \
+    } catch (...) {                                                                            \
+    }                                                                                          \
+    if (!caught_ || message_.find(fragment) == std::string::npos) {                            \
+      std::printf("%s:%d: expected %s with \"%s\" from: %s, got \"%s\"\n", __FILE__, __LINE__, \
+                  #type, fragment, #stmt, message_.c_str());                                   \
+      ++test::failures();                                                                      \
+    }                                                                                          \
   } while (0)

@@ -144,7 +144,30 @@ void test_errors() {
   EXPECT_THROWS(bm.block_ids(7), tinyserve::UnknownSequence);
   const std::int64_t unknown[] = {1, 7};
   EXPECT_THROWS(bm.block_table(unknown, 2), tinyserve::UnknownSequence);
-  EXPECT_THROWS(bm.append(1, 1, nullptr, nullptr), std::invalid_argument);
+  EXPECT_THROWS_WITH(bm.append(1, 1, nullptr, nullptr), std::invalid_argument,
+                     "append: slots_out must not be null");
+  // Null and negative counts of the pointer API, each refused before anything changes.
+  const std::int64_t one_id[] = {1}, one_count[] = {1}, tokens[] = {5, 6, 7};
+  std::int64_t slot = -1;
+  EXPECT_THROWS_WITH(bm.append_batch(one_id, one_count, 1, nullptr), std::invalid_argument,
+                     "append_batch: slots_out must not be null");
+  EXPECT_THROWS_WITH(bm.append_batch(one_id, one_count, -1, &slot), std::invalid_argument,
+                     "append_batch: count must be >= 0, got -1");
+  EXPECT_THROWS_WITH(bm.append_batch(one_id, -1, 1), std::invalid_argument,
+                     "append_batch: count must be >= 0, got -1");
+  EXPECT_THROWS_WITH(bm.append_batch(nullptr, one_count, 1, &slot), std::invalid_argument,
+                     "append_batch: seq_ids and num_tokens must not be null");
+  EXPECT_THROWS_WITH(bm.append_batch(one_id, nullptr, 1, &slot), std::invalid_argument,
+                     "append_batch: seq_ids and num_tokens must not be null");
+  EXPECT_THROWS_WITH(bm.add_sequence(2, tokens, -1), std::invalid_argument,
+                     "add_sequence: num_token_ids must be >= 0, got -1");
+  EXPECT_THROWS_WITH(bm.add_sequence(2, nullptr, 3), std::invalid_argument,
+                     "add_sequence: token_ids must not be null when num_token_ids > 0, got 3");
+  EXPECT_THROWS_WITH(bm.match_prefix(nullptr, 3), std::invalid_argument,
+                     "match_prefix: token_ids must not be null when num_token_ids > 0, got 3");
+  CHECK(slot == -1 && bm.seq_len(1) == 0 && bm.num_free_blocks() == 4);
+  EXPECT_THROWS(bm.seq_len(2), tinyserve::UnknownSequence);
+  bm.check();
   bm.free(1);
   EXPECT_THROWS(bm.free(1), tinyserve::UnknownSequence);
   // Python maps it to KeyError; C++ callers may catch it as std::out_of_range.

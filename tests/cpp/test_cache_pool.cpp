@@ -124,6 +124,10 @@ void test_rejected_calls_change_nothing() {
   c.num_layers = 0;
   EXPECT_THROWS(CachePool{c}, std::invalid_argument);
   c = config();
+  c.device = {tinyserve::DeviceType::CUDAHost, 0};
+  EXPECT_THROWS_WITH(CachePool{c}, std::invalid_argument,
+                     "CachePool: device must be cpu or cuda, got cuda_host");
+  c = config();
   c.dtype = tinyserve::DType::Int32;
   EXPECT_THROWS(CachePool{c}, std::invalid_argument);
   c = config();

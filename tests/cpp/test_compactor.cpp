@@ -96,6 +96,13 @@ void test_rules() {
   BlockManager bm(6, 2, false);
   Compactor comp(bm, 1);
   EXPECT_THROWS(Compactor(bm, 1), std::invalid_argument);
+  const std::int64_t one_id[] = {1};
+  EXPECT_THROWS_WITH(comp.touch(nullptr, 1), std::invalid_argument,
+                     "Compactor.touch: seq_ids must not be null");
+  EXPECT_THROWS_WITH(comp.touch(one_id, -1), std::invalid_argument,
+                     "Compactor.touch: count must be >= 0, got -1");
+  EXPECT_THROWS_WITH(comp.record_hits(nullptr, 6), std::invalid_argument,
+                     "Compactor.record_hits: hits must not be null");
   bm.add_sequence(1);
   bm.append(1, 5);
   const BlockManager::Stats before = bm.stats();

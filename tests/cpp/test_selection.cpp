@@ -96,6 +96,19 @@ void test_summaries_and_selection() {
                                         sel_lens, options),
                 std::invalid_argument);
   CHECK(out_lens[0] == -7 && out_table[0] == -7);
+  // Enum values outside the declared ones (the C++ API takes any integer cast to them).
+  tinyserve::SelectPagesOptions bad_summary = options;
+  bad_summary.summary = static_cast<tinyserve::PageSummary>(9);
+  EXPECT_THROWS_WITH(tinyserve::select_pages(query, meta_view, dense, dense_lens, 3, kPage, sel,
+                                             sel_lens, bad_summary),
+                     std::invalid_argument,
+                     "select_pages: summary must be MinMax, MeanStd or MinMaxDamped, got 9");
+  tinyserve::SelectPagesOptions bad_reduce = options;
+  bad_reduce.group_reduce = static_cast<tinyserve::GroupReduce>(5);
+  EXPECT_THROWS_WITH(tinyserve::select_pages(query, meta_view, dense, dense_lens, 3, kPage, sel,
+                                             sel_lens, bad_reduce),
+                     std::invalid_argument, "select_pages: group_reduce must be Sum or Max, got 5");
+  CHECK(out_lens[0] == -7 && out_table[0] == -7);
 }
 
 }  // namespace

@@ -34,7 +34,12 @@ void test_tensor_views() {
   CHECK(std::string(tinyserve::dtype_name(DType::Int64)) == "int64");
   EXPECT_THROWS(make_tensor(data, DType::Float32, kCpu, {1, 2, 3, 4, 5, 6, 7}),
                 std::invalid_argument);
-  EXPECT_THROWS(tinyserve::transpose(t, 0, 3), std::invalid_argument);
+  EXPECT_THROWS_WITH(
+      tinyserve::transpose(t, 0, 3), std::invalid_argument,
+      "transpose: dimensions out of range for a tensor of 3 dimensions, got 0 and 3");
+  EXPECT_THROWS_WITH(make_tensor(data, DType::Float32, kCpu, {2, 3}, {1}), std::invalid_argument,
+                     "make_tensor: strides must match the shape's rank, got 1 strides for 2 "
+                     "dimensions");
 }
 
 // Paged decode attention on one sequence: reference in double over the logical tokens.

@@ -1265,3 +1265,37 @@ def test_match_prefix_edge_cases():
     }
     with pytest.raises(TypeError):
         bm.match_prefix([1.5, 2.0])
+
+
+def test_copy_on_write_needs_a_free_block_no_pending_copy_reads():
+    """The one free block is the source of a pending copy-on-write pair: a second copy may not
+    write it (the engine runs all pending copies in one batch), so the append is refused."""
+    bm = BlockManager(2, 4)
+    new_seq(bm, 1, 2)  # block A, partly full
+    bm.fork(1, 2)
+    bm.append(2, 1)  # copy A -> B pending; sequence 2 holds B
+    bm.free(1)  # A is free, still read by the pending copy
+    bm.fork(2, 3)
+    bm.check()
+    before = snapshot(bm, [2, 3])
+    with pytest.raises(
+        OutOfBlocks,
+        match=r"append: need 1 free blocks that no pending copy reads \(copy-on-write\), got 0; "
+        r"call take_copies\(\) and run the copies first",
+    ):
+        bm.append(3, 1)
+    assert snapshot(bm, [2, 3]) == before
+    bm.check()
+    bm.take_copies()
+    bm.append(3, 1)  # A may be written once its copy has run
+    bm.check()
+
+
+@pytest.mark.parametrize("bad, name", [(object(), "object"), ("12", "str"), (3, "int")])
+def test_non_sequence_ids_name_the_accepted_kinds(bad, name):
+    bm = BlockManager(8, 2)
+    with pytest.raises(
+        TypeError,
+        match=rf"append_batch: seq_ids must be a list of ints or a 1-D integer array, got {name}",
+    ):
+        bm.append_batch(bad, 1)

@@ -3,6 +3,7 @@ call writes nothing."""
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 
 import numpy as np
@@ -69,6 +70,15 @@ def attention(c, **over):
             r"block_table must be int32, got int64",
         ),
         (lambda c: {"block_table": c.block_table[:1]}, r"block_table dimension 0 \(batch\)"),
+        (
+            lambda c: {"block_table": c.block_table[0]},
+            r"block_table must have 2 dimensions \[batch, max_blocks\] or \[batch, num_kv_heads, "
+            r"max_blocks\], got 1",
+        ),
+        (
+            lambda c: {"block_table": c.block_table[:, None, None]},
+            r"block_table must have 2 dimensions .*, got 4",
+        ),
         (lambda c: {"seq_lens": c.seq_lens.astype(np.int64)}, r"seq_lens must be int32, got int64"),
         (
             lambda c: {"seq_lens": np.array([20, 10_000], np.int32)},
@@ -562,6 +572,201 @@ def test_attention_head_dim_beyond_32_bits(case):
         out_head,
         case.lse,
     )
+
+
+def huge_ids(shape):
+    """An int32 view of `shape` (last dimension contiguous, others stride 0) over an anonymous
+    mapping that reserves no memory: a block table too wide for 32-bit indexing."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+    memory = mmap.mmap(-1, shape[-1] * 4, flags=flags)
+    base = np.frombuffer(memory, np.int32)
+    return np.lib.stride_tricks.as_strided(base, shape, [0] * (len(shape) - 1) + [4])
+
+
+@pytest.mark.parametrize(
+    "q_shape,table_shape,starts,match",
+    [
+        (
+            (1, 65536, 1),
+            (1, 1),
+            None,
+            r"sizes must fit 32-bit indexing, got query \[1, 65536, 1\] and block_table \[1, 1\]",
+        ),
+        (
+            (1, 1, 1),
+            (1, 2**30 + 1),
+            None,
+            r"sizes must fit 32-bit indexing, got query \[1, 1, 1\] and block_table "
+            r"\[1, 1073741825\]",
+        ),
+        (
+            (65535, 65535, 1),
+            (65535, 1),
+            None,
+            r"batch \* num_q_heads must be at most 2147483647, got batch 65535 and num_q_heads "
+            r"65535",
+        ),
+        (
+            (40000, 65535, 1),
+            (1, 1),
+            [0, 40000],
+            r"total_rows \* num_q_heads must be at most 2147483647, got total_rows 40000 and "
+            r"num_q_heads 65535",
+        ),
+    ],
+    ids=["num_q_heads", "max_blocks", "decode_rows", "prefill_rows"],
+)
+def test_attention_sizes_beyond_32_bits(q_shape, table_shape, starts, match):
+    out_head, out = huge_view(q_shape)
+    _, q = huge_view(q_shape)
+    kc = np.zeros((1, 1, 1, 1), np.float32)
+    table = huge_ids(table_shape) if table_shape[1] > 1 else np.zeros(table_shape, np.int32)
+    lens = np.ones(table_shape[0], np.int32)
+    options = {} if starts is None else {"query_start_loc": np.array(starts, np.int32)}
+    expect_error(
+        lambda: ts.paged_attention(q, kc, kc, table, lens, out, **options),
+        ValueError,
+        "tinyserve.paged_attention: " + match,
+        out_head,
+    )
+    with pytest.raises(ValueError, match="tinyserve.plan_paged_attention: " + match):
+        ts.plan_paged_attention(q, kc, table, **options)
+
+
+@pytest.mark.parametrize(
+    "shape,match",
+    [
+        ((4, 0, 2, 64), "block_size must be positive, got 0"),
+        ((4, 16, 0, 64), "num_kv_heads must be positive, got 0"),
+        ((4, 16, 2, 0), "head_dim must be positive, got 0"),
+    ],
+)
+def test_caches_with_an_empty_dimension_are_refused(case, rng, shape, match):
+    kc = np.zeros(shape, np.float32)
+    expect_error(
+        attention(case, key_cache=kc, value_cache=kc.copy()),
+        ValueError,
+        "tinyserve.paged_attention: " + match,
+        case.out,
+        case.lse,
+    )
+    key = rng.standard_normal((1, 2, 64)).astype(np.float32)
+    expect_error(
+        lambda: ts.reshape_and_cache(key, key, kc, kc.copy(), np.array([0], np.int64)),
+        ValueError,
+        "tinyserve.reshape_and_cache: " + match,
+    )
+    meta = np.full((4, max(shape[2], 1), 2, max(shape[3], 1)), np.nan, np.float32)
+    expect_error(
+        lambda: ts.build_page_meta(kc, np.zeros((1, 1), np.int32), np.zeros(1, np.int32), meta),
+        ValueError,
+        "tinyserve.build_page_meta: " + match,
+        meta,
+    )
+
+
+def test_reshape_and_cache_refuses_a_scale_with_page_meta(cache_args):
+    a = cache_args
+    n, _, h, d = a["key_cache"].shape
+    meta = np.full((n, h, 2, d), np.nan, np.float32)
+    for scale in ({"k_scale": 1.0}, {"v_scale": 2.0}):
+        expect_error(
+            lambda s=scale: ts.reshape_and_cache(**a, page_meta=meta, **s),
+            ValueError,
+            r"tinyserve.reshape_and_cache: k_scale and v_scale apply to float8_e4m3fn caches, "
+            r"which take no page_meta, got a scale with page_meta",
+            a["key_cache"],
+            a["value_cache"],
+            meta,
+        )
+
+
+class _DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class _DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class _DLTensor(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device", _DLDevice),
+        ("ndim", ctypes.c_int32),
+        ("dtype", _DLDataType),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),
+        ("byte_offset", ctypes.c_uint64),
+    ]
+
+
+class _DLManagedTensor(ctypes.Structure):
+    _fields_ = [
+        ("dl_tensor", _DLTensor),
+        ("manager_ctx", ctypes.c_void_p),
+        ("deleter", ctypes.c_void_p),
+    ]
+
+
+class OnDevice:
+    """A 1-D integer array that says (through DLPack) it lives on DLPack device `device_type`:
+    the memory is host memory, which the refused calls never read."""
+
+    def __init__(self, array, device_type):
+        self.array = array
+        self.shape = (ctypes.c_int64 * 1)(array.shape[0])
+        self.managed = _DLManagedTensor()
+        t = self.managed.dl_tensor
+        t.data = array.ctypes.data
+        t.device = _DLDevice(device_type, 0)
+        t.ndim = 1
+        t.dtype = _DLDataType(0, array.dtype.itemsize * 8, 1)  # kDLInt
+        t.shape = self.shape
+        self.device_type = device_type
+
+    def __dlpack_device__(self):
+        return (self.device_type, 0)
+
+    def __dlpack__(self, **kwargs):
+        new = ctypes.pythonapi.PyCapsule_New
+        new.restype = ctypes.py_object
+        new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+        return new(ctypes.addressof(self.managed), b"dltensor", None)
+
+
+def test_arrays_of_more_than_six_dimensions_are_named(case):
+    expect_error(
+        attention(case, query=np.zeros((1,) * 7, np.float32)),
+        ValueError,
+        r"^tinyserve.paged_attention: query must have at most 6 dimensions, got 7$",
+        case.out,
+        case.lse,
+    )
+
+
+def test_arrays_on_other_devices_are_named():
+    """Op arguments may be on cpu, cuda or cuda_host; id arguments of the block manager on the
+    CPU only. DLPack device types 2 (CUDA) and 8 (Metal)."""
+    cache = np.full((4, 2), np.nan, np.float32)
+    metal = OnDevice(np.array([0, 1], np.int32), 8)
+    expect_error(
+        lambda: ts.copy_blocks([cache], metal, np.array([2, 3], np.int32)),
+        ValueError,
+        r"^tinyserve.copy_blocks: src must be on cpu, cuda or cuda_host, got DLPack device type 8$",
+        cache,
+    )
+    bm = ts.BlockManager(8, 2)
+    bm.add_sequence(0)
+    for device_type in (2, 8):
+        with pytest.raises(
+            ValueError,
+            match=rf"^tinyserve.BlockManager.append_batch: seq_ids must be on the CPU, got DLPack "
+            rf"device type {device_type}$",
+        ):
+            bm.append_batch(OnDevice(np.array([0], np.int64), device_type), 1)
+    assert bm.seq_len(0) == 0
+    bm.check()
 
 
 # --- Errors that name the argument and the value --------------------------------------------

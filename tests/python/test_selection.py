@@ -4,6 +4,8 @@ reference. The torch-cuda variants run the same checks on the GPU."""
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import pytest
 
@@ -537,6 +539,7 @@ def _select_args(fw="numpy", device="cpu"):
         (dict(seq_len=41), "seq_lens[0] must be in [0, "),
         (dict(table_value=99), "block_table[0, 1] must be a block id"),
         (dict(hits_len=3), "hits dimension 0 (num_blocks of page_meta)"),
+        (dict(meta_shape=(10, 0, 2, 8)), "page_meta's num_kv_heads must be positive, got shape"),
     ],
 )
 def test_select_pages_rejects_bad_input(change, message):
@@ -618,6 +621,10 @@ def test_bad_summary_name_writes_nothing(rng):
         ("window", "window_left must be -1, got 4"),
         ("bad_id", "block_table[1, 0, 2] must be a block id"),
         ("bad_len", "seq_lens[0, 1] must be in [0, 48]"),
+        (
+            "prefill",
+            "a per-KV-head block_table is for decode: query_start_loc must be None, got one",
+        ),
     ],
 )
 def test_per_head_tables_reject_bad_input(rng, change, message):
@@ -636,9 +643,10 @@ def test_per_head_tables_reject_bad_input(rng, change, message):
         table[1, 0, 2] = 6
     elif change == "bad_len":
         lens[0, 1] = 49
+    starts = np.array([0, 1, 2], np.int32) if change == "prefill" else None
     out = np.full_like(q, np.nan)
     with pytest.raises(ValueError, match=r"^tinyserve\.paged_attention: ") as info:
-        ts.paged_attention(q, kc, kc, table, lens, out, window_left=window)
+        ts.paged_attention(q, kc, kc, table, lens, out, window_left=window, query_start_loc=starts)
     assert message in str(info.value)
     assert np.isnan(out).all()
 
@@ -718,3 +726,85 @@ def test_select_pages_size_limits():
         ts.select_pages(
             wide, np.zeros((4, 1, 2, 16385), np.float32), table[:1], lens[:1], 1, block_size=4
         )
+
+
+def _int32_view(shape):
+    """An int32 view of `shape` (last dimension contiguous, others stride 0) over an anonymous
+    mapping that reserves no memory."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+    base = np.frombuffer(mmap.mmap(-1, shape[-1] * 4, flags=flags), np.int32)
+    return np.lib.stride_tricks.as_strided(base, shape, [0] * (len(shape) - 1) + [4])
+
+
+@pytest.mark.parametrize(
+    "batch, max_blocks, message",
+    [
+        (1, 2**24 + 1, "max_blocks must be at most 16777216, got 16777217"),
+        (2**24 + 1, 1, "sizes must fit 32-bit indexing, got query [16777217, 2, 8]"),
+    ],
+    ids=["max_blocks", "batch"],
+)
+def test_select_pages_sizes_beyond_the_kernel_limits(batch, max_blocks, message):
+    query = np.lib.stride_tricks.as_strided(np.zeros(8, np.float32), (batch, 2, 8), (0, 0, 4))
+    meta = np.zeros((4, 1, 2, 8), np.float32)
+    table = _int32_view((batch, max_blocks))
+    lens = np.lib.stride_tricks.as_strided(np.zeros(1, np.int32), (batch,), (0,))
+    out_t = np.full((1, 1, 2), -7, np.int32)
+    out_l = np.full((1, 1), -7, np.int32)
+    with pytest.raises(ValueError) as info:
+        ts.select_pages(query, meta, table, lens, 2, block_size=4, out=(out_t, out_l))
+    assert str(info.value).startswith("tinyserve.select_pages: ")
+    assert message in str(info.value)
+    assert (out_t == -7).all() and (out_l == -7).all()
+
+
+def test_select_pages_outputs_share_memory_with_nothing():
+    """Every output is refused when it overlaps an input or another output, before anything is
+    written (on the CPU the workspace is not used, so it is not checked)."""
+    query, meta, table, seq_lens = _select_args()
+    cases = []
+    # table inside block_table
+    block_table = np.zeros(64, np.int32)
+    block_table[:22] = table.reshape(-1)
+    bt = block_table[:22].reshape(2, 11)
+    cases.append((bt, block_table[:12].reshape(2, 2, 3), None, None, "table and block_table"))
+    # lens inside table
+    buf = np.full(16, -7, np.int32)
+    cases.append(
+        (table, buf[:12].reshape(2, 2, 3), buf[8:12].reshape(2, 2), None, "table and lens")
+    )
+    # hits over the query's memory
+    hits = query.view(np.int32).reshape(-1)[:16]
+    cases.append((table, None, None, hits, "hits and query"))
+    for bt, out_t, out_l, hits, pair in cases:
+        out_t = np.full((2, 2, 3), -7, np.int32) if out_t is None else out_t
+        out_l = np.full((2, 2), -7, np.int32) if out_l is None else out_l
+        watched = [a.copy() for a in (bt, out_t, out_l, query)]
+        with pytest.raises(ValueError) as info:
+            ts.select_pages(
+                query, meta, bt, seq_lens, 3, block_size=4, hits=hits, out=(out_t, out_l)
+            )
+        assert str(info.value).startswith(f"tinyserve.select_pages: {pair} must not share memory")
+        for a, before in zip((bt, out_t, out_l, query), watched):
+            np.testing.assert_array_equal(a, before)
+
+
+def test_build_page_meta_output_shares_memory_with_no_input(rng):
+    kc = rng.standard_normal((6, 4, 2, 8)).astype(np.float32)
+    table = np.zeros((1, 2), np.int32)
+    lens = np.array([7], np.int32)
+    inside_keys = kc.reshape(-1)[:192].reshape(6, 2, 2, 8)
+    ids = np.zeros(192, np.int32)
+    inside_table = ids.view(np.float32).reshape(6, 2, 2, 8)
+    for meta, bt, name in (
+        (inside_keys, table, "key_cache"),
+        (inside_table, ids[:2][None], "block_table"),
+    ):
+        before = kc.copy(), ids.copy()
+        with pytest.raises(ValueError) as info:
+            ts.build_page_meta(kc, bt, lens, meta)
+        assert str(info.value).startswith(
+            f"tinyserve.build_page_meta: page_meta and {name} must not share memory"
+        )
+        np.testing.assert_array_equal(kc, before[0])
+        np.testing.assert_array_equal(ids, before[1])

@@ -447,3 +447,36 @@ def test_table_no_wider_than_the_budget(rng, width_below_budget):
     )
     np.testing.assert_array_equal(to_np(out[0]), want_t)
     np.testing.assert_array_equal(to_np(out[1]), want_l)
+
+
+def test_select_pages_workspace_errors_write_nothing():
+    """The CUDA scratch: missing, too small, misaligned, strided, sharing the output table's
+    memory or on the host, it is a ValueError and the outputs keep their poison."""
+    rng = np.random.default_rng(11)
+    seq_lens = np.array([40, 7], np.int32)
+    table, num_blocks = random_pages(rng, seq_lens, 4)
+    meta = integer_summaries(rng, num_blocks, 2, 8, "minmax")
+    query = rng.integers(-2, 3, size=(2, 4, 8)).astype(np.float32)
+    q, m = asarray(query, "torch", "float32", "cuda"), asarray(meta, "torch", "float32", "cuda")
+    t, lens = cuda_ints(table), cuda_ints(seq_lens)
+    nbytes = ts.select_pages_workspace_bytes(q, m, t)
+    big = torch.empty((2 * nbytes + 64,), dtype=torch.uint8, device="cuda")
+    shared = torch.full(((nbytes + 63) // 4,), -7, dtype=torch.int32, device="cuda")
+    out_l = torch.full((2, 2), -7, dtype=torch.int32, device="cuda")
+    cases = [
+        (None, None, rf"the CUDA backend needs a workspace of {nbytes} bytes"),
+        (big[:16], None, rf"workspace must hold at least {nbytes} bytes, got 16"),
+        (big[1 : nbytes + 1], None, r"workspace must be 16-byte aligned"),
+        (big[: 2 * nbytes : 2], None, r"workspace must be contiguous"),
+        (shared.view(torch.uint8)[:nbytes], shared[:12].view(2, 2, 3), r"table and workspace"),
+        (torch.empty((nbytes,), dtype=torch.uint8), None, r"all tensors must be on one device"),
+    ]
+    for workspace, out_t, match in cases:
+        if out_t is None:
+            out_t = torch.full((2, 2, 3), -7, dtype=torch.int32, device="cuda")
+        with pytest.raises(ValueError, match="^tinyserve.select_pages: " + match):
+            # the core directly: the Python wrapper would supply its own workspace for None
+            ts._tinyserve.select_pages(q, m, t, lens, 3, 4, out_t, out_l, workspace=workspace)
+        torch.cuda.synchronize()
+        assert (out_t == -7).all() and (out_l == -7).all()
+    assert (shared == -7).all()
