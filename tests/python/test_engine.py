@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+import reference as R
 import tinyserve
 
 torch = pytest.importorskip("torch")
@@ -325,6 +326,8 @@ def test_decode_batch_attends_densely_when_every_sequence_fits_the_budget(rng):
     want = dense.attend(0, query)
     got = sparse.attend(0, query)
     assert not torch.isnan(want).any()
+    reference, _ = R.paged_attention(query, key_cache, value_cache, table, lens)
+    assert R.rel_error(want, reference) < 1e-5
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
