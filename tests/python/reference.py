@@ -27,30 +27,23 @@ def paged_attention(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decode attention in float64: (out [B, Hq, D], lse [B, Hq]); empty sequences give zeros and
     -inf."""
+    # One query row per non-empty sequence, at its last position: the prefill reference.
     q = np.asarray(query, dtype=np.float64)
-    k_cache = np.asarray(key_cache, dtype=np.float64)
-    v_cache = np.asarray(value_cache, dtype=np.float64)
-    batch, num_q_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    group = num_q_heads // num_kv_heads
-    scale = 1.0 / np.sqrt(head_dim) if scale is None else scale
-    out = np.zeros((batch, num_q_heads, head_dim))
-    lse = np.full((batch, num_q_heads), -np.inf)
-    for b in range(batch):
-        length = int(seq_lens[b])
-        start = 0 if window_left < 0 else max(0, length - 1 - window_left)
-        if length == 0:
-            continue
-        k = logical_kv(k_cache, block_table[b], length)[start:]
-        v = logical_kv(v_cache, block_table[b], length)[start:]
-        for h in range(num_q_heads):
-            logits = k[:, h // group] @ q[b, h] * scale
-            if logits_soft_cap > 0:
-                logits = logits_soft_cap * np.tanh(logits / logits_soft_cap)
-            m = logits.max()
-            p = np.exp(logits - m)
-            out[b, h] = p @ v[:, h // group] / p.sum()
-            lse[b, h] = m + np.log(p.sum())
+    nonempty = np.asarray(seq_lens) > 0
+    query_start_loc = np.concatenate([[0], np.cumsum(nonempty)])
+    out = np.zeros(q.shape)
+    lse = np.full(q.shape[:2], -np.inf)
+    out[nonempty], lse[nonempty] = paged_prefill(
+        q[nonempty],
+        key_cache,
+        value_cache,
+        block_table,
+        seq_lens,
+        query_start_loc,
+        scale,
+        window_left,
+        logits_soft_cap,
+    )
     return out, lse
 
 
