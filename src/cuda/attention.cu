@@ -57,8 +57,9 @@ DecodeLaunch generic_launch(int head_dim) {
 
 // The decode kernel for a call: the tensor-core kernel where the query dtype and head_dim have
 // one and every row start is 16-byte aligned (`aligned`), else the CUDA-core kernel.
-DecodeLaunch decode_launch(DType dtype, DType kv_dtype, int head_dim, bool split, bool aligned) {
-  return dispatch_float_dtype(dtype, [&](auto type) {
+DecodeLaunch decode_launch(DType dtype, DType kv_dtype, int head_dim, bool split, bool aligned,
+                           const char* op) {
+  return dispatch_float_dtype(dtype, op, [&](auto type) {
     using T = typename decltype(type)::type;
     return dispatch_kv_dtype<T>(kv_dtype, [&](auto kv_type) {
       using KV = typename decltype(kv_type)::type;
@@ -105,8 +106,8 @@ DecodeLaunch prefill_generic_launch(int head_dim) {
 // The prefill kernel for a call: the tensor-core kernel where the dtype and head_dim have one and
 // every row start is 16-byte aligned, else the CUDA-core kernel. A CTA's rows are positions x
 // query heads: min(group, rows) heads, and as many positions as fit.
-PrefillLaunch prefill_launch(DType dtype, int head_dim, bool aligned, int group) {
-  DecodeLaunch l = dispatch_float_dtype(dtype, [&](auto type) {
+PrefillLaunch prefill_launch(DType dtype, int head_dim, bool aligned, int group, const char* op) {
+  DecodeLaunch l = dispatch_float_dtype(dtype, op, [&](auto type) {
     using T = typename decltype(type)::type;
     if constexpr (kHasTensorCoreType<T>) {
       if (aligned) {
@@ -128,8 +129,8 @@ std::int64_t prefill_tiles(std::int64_t num_query_rows, int batch, int positions
   return num_query_rows / positions + batch;
 }
 
-const void* merge_kernel(DType dtype) {
-  return dispatch_float_dtype(dtype, [](auto type) {
+const void* merge_kernel(DType dtype, const char* op) {
+  return dispatch_float_dtype(dtype, op, [](auto type) {
     using T = typename decltype(type)::type;
     return reinterpret_cast<const void*>(merge_splits_kernel<T>);
   });
@@ -156,19 +157,17 @@ bool prefill_aligned(const PagedAttentionParams& p) {
 
 void launch_merge(const PagedAttentionParams& p, AttentionOutput& output, cudaStream_t s,
                   const char* op) {
-  launch_after(merge_kernel(p.out_dtype), dim3(unsigned(output.batch * p.num_q_heads)),
+  launch_after(merge_kernel(p.out_dtype, op), dim3(unsigned(output.batch * p.num_q_heads)),
                dim3(kMergeThreads), merge_smem_bytes(p.head_dim), s, output,
                device_info(p.device_index).compute_capability >= 90, op, "merge_splits_kernel");
 }
 
 void prefill_attention(const PagedAttentionParams& p, cudaStream_t s, const char* op) {
   const int group = p.num_q_heads / p.num_kv_heads;
-  const PrefillLaunch pl = prefill_launch(p.kv_dtype, p.head_dim, prefill_aligned(p), group);
+  const PrefillLaunch pl = prefill_launch(p.kv_dtype, p.head_dim, prefill_aligned(p), group, op);
   const std::int64_t tiles = prefill_tiles(p.num_query_rows, p.batch, pl.positions);
   if (tiles > INT32_MAX) {
-    throw std::invalid_argument(
-        "tinyserve.paged_attention: too many query rows for the CUDA prefill grid, got " +
-        std::to_string(p.num_query_rows));
+    detail::fail(op, "too many query rows for the CUDA prefill grid, got ", p.num_query_rows);
   }
   prepare_launch(pl.launch, p.device_index, op);
   PrefillArgs a{};
@@ -191,7 +190,7 @@ int plan_prefill_splits(int device_index, DType dtype, int batch, std::int64_t n
                         int num_q_heads, int num_kv_heads, int head_dim, std::int64_t max_kv_len) {
   const char* op = "plan_paged_attention";
   DeviceGuard guard(device_index, op);
-  const PrefillLaunch pl = prefill_launch(dtype, head_dim, true, num_q_heads / num_kv_heads);
+  const PrefillLaunch pl = prefill_launch(dtype, head_dim, true, num_q_heads / num_kv_heads, op);
   // The planner counts CTAs as "sequences" x KV heads x head tiles; a prefill CTA reads at most
   // max_kv_len keys like a decode one.
   const std::int64_t tiles = prefill_tiles(num_query_rows, batch, pl.positions);
@@ -207,19 +206,14 @@ int plan_attention_splits(int device_index, DType dtype, DType kv_dtype, int bat
   // Planned for the kernels of aligned rows (what a framework allocates); an unaligned call
   // runs the CUDA-core kernel with the same split count.
   return plan_splits({batch, num_q_heads, num_kv_heads, max_kv_len},
-                     decode_launch(dtype, kv_dtype, head_dim, false, true),
-                     decode_launch(dtype, kv_dtype, head_dim, true, true), device_index, op);
+                     decode_launch(dtype, kv_dtype, head_dim, false, true, op),
+                     decode_launch(dtype, kv_dtype, head_dim, true, true, op), device_index, op);
 }
 
 void paged_attention(const PagedAttentionParams& p, Stream stream) {
   const char* op = "paged_attention";
-  const bool fp8 = p.kv_dtype == DType::Float8E4M3FN;
-  if ((p.kv_dtype != p.query_dtype && !fp8) || p.out_dtype != p.query_dtype) {
-    detail::fail(op, "the CUDA kernels need the query's dtype for the output, and it or ",
-                 "float8_e4m3fn for the caches, got ", dtype_name(p.query_dtype), ", ",
-                 dtype_name(p.kv_dtype), " and ", dtype_name(p.out_dtype));
-  }
-  if (fp8 && p.query_start_loc) {
+  // The core admits caches of the query's dtype or float8_e4m3fn, and out of the query's dtype.
+  if (p.kv_dtype == DType::Float8E4M3FN && p.query_start_loc) {
     detail::fail(op, "query_start_loc (prefill) over float8_e4m3fn caches has no CUDA kernel yet, ",
                  "got a float8_e4m3fn cache with query_start_loc");
   }
@@ -227,7 +221,7 @@ void paged_attention(const PagedAttentionParams& p, Stream stream) {
   if (p.query_start_loc) return prefill_attention(p, as_stream(stream), op);
   const bool split = p.num_splits > 1;
   const DecodeLaunch l =
-      decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, split, rows_aligned16(p));
+      decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, split, rows_aligned16(p), op);
   prepare_launch(l, p.device_index, op);
   DecodeArgs a = make_decode_args(p, l.heads_per_cta);
   cudaStream_t s = as_stream(stream);

@@ -171,7 +171,7 @@ void reshape_and_quantise(const ReshapeAndCacheParams& p, cudaStream_t stream, c
   const int per_token = p.num_heads * p.head_dim;
   const int threads = std::min(256, std::max(32, (per_token + 31) / 32 * 32));
   const unsigned grid = unsigned(std::min<std::int64_t>(p.num_tokens, 1 << 30));
-  const void* kernel = dispatch_float_dtype(p.dtype, [](auto type) {
+  const void* kernel = dispatch_float_dtype(p.dtype, op, [](auto type) {
     return reinterpret_cast<const void*>(
         reshape_and_quantise_kernel<typename decltype(type)::type>);
   });
@@ -529,6 +529,9 @@ void swap_blocks(const SwapBlocksParams& p, Stream stream) {
   std::vector<void*> dsts;
   std::vector<const void*> srcs;
   std::vector<std::size_t> sizes;
+  dsts.reserve(std::size_t(p.num_pairs));  // at most one run per pair: no regrowth in the loop
+  srcs.reserve(std::size_t(p.num_pairs));
+  sizes.reserve(std::size_t(p.num_pairs));
   for (std::int64_t i = 0; i < p.num_pairs;) {
     std::int64_t n = 1;
     if (src_stride == block_bytes && dst_stride == block_bytes) {

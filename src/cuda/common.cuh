@@ -49,9 +49,11 @@ inline cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaSt
 // Facts of a device, read once per device per process.
 struct DeviceInfo {
   int multiprocessors = 0;
-  int compute_capability = 0;  // major * 10 + minor
+  int compute_capability = 0;    // major * 10 + minor
+  int max_shared_per_block = 0;  // bytes of shared memory a block may opt in to
 };
-const DeviceInfo& device_info(int device);
+// A copy: the cache grows when another device is first asked about.
+DeviceInfo device_info(int device);
 
 // launch() for a kernel that consumes the previous kernel's output on the same stream. With
 // `overlap` (sm_90+), it is launched with programmatic stream serialisation, so it can be

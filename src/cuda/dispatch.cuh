@@ -3,7 +3,7 @@
 // Compile-time choices made from run-time values, in one place: each dispatcher maps a value to
 // a template argument and calls `f` with a tag carrying it, so a call site reads
 //
-//   dispatch_float_dtype(dtype, [&](auto type) {
+//   dispatch_float_dtype(dtype, op, [&](auto type) {
 //     using T = typename decltype(type)::type;
 //     return kernel<T>;
 //   });
@@ -31,9 +31,10 @@ using IntTag = std::integral_constant<int, N>;
 template <bool B>
 using BoolTag = std::integral_constant<bool, B>;
 
-// The device element type of a floating dtype the attention kernels take.
+// The device element type of a floating dtype the kernels take (attention, cache writes, page
+// summaries and scoring).
 template <class F>
-decltype(auto) dispatch_float_dtype(DType dtype, F&& f) {
+decltype(auto) dispatch_float_dtype(DType dtype, const char* op, F&& f) {
   switch (dtype) {
     case DType::Float16:
       return f(TypeTag<__half>{});
@@ -43,7 +44,7 @@ decltype(auto) dispatch_float_dtype(DType dtype, F&& f) {
       return f(TypeTag<float>{});
     default:
       // The core's checks admit only the dtypes above; this names a new one left out here.
-      detail::fail("paged_attention", "no CUDA attention kernel for dtype ", dtype_name(dtype));
+      detail::fail(op, "no CUDA kernel for dtype ", dtype_name(dtype));
   }
 }
 

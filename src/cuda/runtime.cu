@@ -26,23 +26,26 @@ void synchronize(Stream stream) {
         "cudaStreamSynchronize");
 }
 
-const DeviceInfo& device_info(int device) {
+DeviceInfo device_info(int device) {
   static std::mutex mutex;
-  static std::vector<DeviceInfo> cache;
+  static std::vector<DeviceInfo> cache;  // multiprocessors == 0: not read yet
   std::lock_guard<std::mutex> lock(mutex);
   if (device >= int(cache.size())) cache.resize(device + 1);
-  DeviceInfo& info = cache[device];
-  if (info.multiprocessors == 0) {
-    int major = 0, minor = 0;
-    check(cudaDeviceGetAttribute(&info.multiprocessors, cudaDevAttrMultiProcessorCount, device),
-          "device_info", "cudaDeviceGetAttribute");
-    check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "device_info",
-          "cudaDeviceGetAttribute");
-    check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "device_info",
-          "cudaDeviceGetAttribute");
-    info.compute_capability = major * 10 + minor;
+  if (cache[device].multiprocessors == 0) {
+    // Every fact is read before any is stored: a failed query leaves nothing half cached.
+    auto attribute = [device](cudaDeviceAttr which) {
+      int value = 0;
+      check(cudaDeviceGetAttribute(&value, which, device), "device_info", "cudaDeviceGetAttribute");
+      return value;
+    };
+    DeviceInfo info;
+    info.multiprocessors = attribute(cudaDevAttrMultiProcessorCount);
+    info.compute_capability = attribute(cudaDevAttrComputeCapabilityMajor) * 10 +
+                              attribute(cudaDevAttrComputeCapabilityMinor);
+    info.max_shared_per_block = attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+    cache[device] = info;
   }
-  return info;
+  return cache[device];
 }
 
 }  // namespace tinyserve::kernels::cuda

@@ -26,6 +26,7 @@
 #include "core/kernels.h"
 #include "cuda/attention/split_plan.cuh"
 #include "cuda/common.cuh"
+#include "cuda/dispatch.cuh"
 #include "cuda/dtypes.cuh"
 #include "cuda/page_meta.cuh"
 #include "cuda/ptx.cuh"
@@ -320,6 +321,18 @@ __device__ __forceinline__ std::int64_t clamped_length(const SelectArgs& a, int 
   return min(max(std::int64_t(a.seq_lens[b]), std::int64_t(0)), capacity);
 }
 
+// The candidate pages [begin, end) of sequence b that scoring thread block blockIdx.x scores,
+// never a sink page or the last page; false where there are none, as where the sequence has no
+// more pages than the budget (the selection kernel copies its table).
+__device__ __forceinline__ bool scored_pages(const SelectArgs& a, int b, int& begin, int& end) {
+  const std::int64_t len = clamped_length(a, b);
+  const int pages = int((len + a.block_size - 1) / a.block_size);
+  if (pages <= a.budget) return false;
+  begin = max(int(blockIdx.x) * a.pages_per_block, a.num_sink_pages);
+  end = min(int(blockIdx.x + 1) * a.pages_per_block, pages - 1);
+  return begin < end;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Scoring, page-wide: the summaries of one page for all KV heads are loaded by one warp at once.
 //
@@ -554,12 +567,8 @@ __global__ void __launch_bounds__(kScoreThreads, M == ScoreMode::Folded && K == 
   constexpr int kVec = kChunkElems<T>;
   constexpr int kRounds = kScoreSlots / K;  // items per lane group per round
   const int b = blockIdx.y;
-  const std::int64_t len = clamped_length(a, b);
-  const int pages = int((len + a.block_size - 1) / a.block_size);
-  if (pages <= a.budget) return;  // the selection kernel copies the table
-  const int begin = max(int(blockIdx.x) * a.pages_per_block, a.num_sink_pages);
-  const int end = min(int(blockIdx.x + 1) * a.pages_per_block, pages - 1);
-  if (begin >= end) return;
+  int begin, end;
+  if (!scored_pages(a, b, begin, end)) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   constexpr int kWarps = kScoreThreads / 32;
   const int per_warp = (end - begin + kWarps - 1) / kWarps;
@@ -725,12 +734,8 @@ __global__ void __launch_bounds__(kScoreThreads)
   extern __shared__ float q[];  // [num_q_heads, head_dim]
   ptx::allow_dependent_grids();
   const int b = blockIdx.y;
-  const std::int64_t len = clamped_length(a, b);
-  const int pages = int((len + a.block_size - 1) / a.block_size);
-  if (pages <= a.budget) return;  // the selection kernel copies the table
-  const int begin = max(int(blockIdx.x) * a.pages_per_block, a.num_sink_pages);
-  const int end = min(int(blockIdx.x + 1) * a.pages_per_block, pages - 1);
-  if (begin >= end) return;
+  int begin, end;
+  if (!scored_pages(a, b, begin, end)) return;
   const T* query = reinterpret_cast<const T*>(a.query) + b * a.q_stride_batch;
   for (int i = threadIdx.x; i < a.num_q_heads * a.head_dim; i += blockDim.x) {
     const int h = i / a.head_dim, d = i - h * a.head_dim;
@@ -779,7 +784,26 @@ __device__ __forceinline__ std::uint32_t order_key(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// What both selection kernels read and write for sequence b and KV head kvh.
+struct SelectionRows {
+  std::int64_t len;  // clamped_length
+  int pages;
+  const std::int32_t* table;  // the sequence's block ids
+  std::int32_t* out;          // its selected ids for the KV head
+};
+
+__device__ __forceinline__ SelectionRows selection_rows(const SelectArgs& a, int kvh, int b) {
+  SelectionRows r;
+  r.len = clamped_length(a, b);
+  r.pages = int((r.len + a.block_size - 1) / a.block_size);
+  r.table = a.block_table + b * a.block_table_stride;
+  r.out = a.out_table + b * a.out_table_stride_batch + kvh * a.out_table_stride_head;
+  return r;
+}
+
 // The short case of both selection kernels: a sequence of at most `budget` pages keeps them all.
+// It ends by waiting for the scoring grid, as the kernel returns after it: work queued after the
+// selection kernel waits for that grid alone, and must follow both.
 __device__ void copy_whole_table(const SelectArgs& a, const std::int32_t* table, std::int32_t* out,
                                  int pages, std::int64_t len, int kvh, int b) {
   for (int i = threadIdx.x; i < a.budget; i += blockDim.x) {
@@ -790,6 +814,7 @@ __device__ void copy_whole_table(const SelectArgs& a, const std::int32_t* table,
   if (threadIdx.x == 0) {
     a.out_lens[b * a.out_lens_stride_batch + kvh * a.out_lens_stride_head] = std::int32_t(len);
   }
+  ptx::wait_for_previous_grid();
 }
 
 __device__ __forceinline__ void write_selected_lens(const SelectArgs& a, std::int64_t len, int last,
@@ -865,15 +890,9 @@ __global__ void __launch_bounds__(kTopKThreads)
   __shared__ int next_remaining, next_final;
   const int kvh = blockIdx.x, b = blockIdx.y;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const std::int64_t len = clamped_length(a, b);
-  const int pages = int((len + a.block_size - 1) / a.block_size);
-  const std::int32_t* table = a.block_table + b * a.block_table_stride;
-  std::int32_t* out = a.out_table + b * a.out_table_stride_batch + kvh * a.out_table_stride_head;
+  const auto [len, pages, table, out] = selection_rows(a, kvh, b);
   if (pages <= a.budget) {
     copy_whole_table(a, table, out, pages, len, kvh, b);
-    // Finish no earlier than the scoring kernel: work queued after this kernel waits for this
-    // grid alone, and must follow both.
-    ptx::wait_for_previous_grid();
     return;
   }
   const int first = a.num_sink_pages, last = pages - 1;  // candidates [first, last)
@@ -1050,13 +1069,9 @@ __global__ void __launch_bounds__(kSelectThreads)
   __shared__ std::uint32_t prefix_shared;
   __shared__ int remaining_shared;
   const int kvh = blockIdx.x, b = blockIdx.y;
-  const std::int64_t len = clamped_length(a, b);
-  const int pages = int((len + a.block_size - 1) / a.block_size);
-  const std::int32_t* table = a.block_table + b * a.block_table_stride;
-  std::int32_t* out = a.out_table + b * a.out_table_stride_batch + kvh * a.out_table_stride_head;
+  const auto [len, pages, table, out] = selection_rows(a, kvh, b);
   if (pages <= a.budget) {
     copy_whole_table(a, table, out, pages, len, kvh, b);
-    ptx::wait_for_previous_grid();
     return;
   }
   ptx::wait_for_previous_grid();
@@ -1117,16 +1132,11 @@ __global__ void __launch_bounds__(kSelectThreads)
   if (threadIdx.x == 0) write_selected_lens(a, len, last, kvh, b);
 }
 
-template <class F>
-const void* by_dtype(DType dtype, F f) {
-  switch (dtype) {
-    case DType::Float16:
-      return f(__half{});
-    case DType::BFloat16:
-      return f(__nv_bfloat16{});
-    default:
-      return f(float{});
-  }
+// Threads of a page-summary kernel (update and build): one per kPerThread elements of a page's
+// (head, dim) tile, whole warps, 64 to 1024.
+int summary_threads(int num_heads, int head_dim) {
+  const int elements = num_heads * head_dim;
+  return std::min(1024, std::max(64, (elements / kPerThread + 31) / 32 * 32));
 }
 
 }  // namespace
@@ -1148,11 +1158,10 @@ void update_page_meta(const ReshapeAndCacheParams& p, Stream stream) {
   a.num_heads = p.num_heads;
   a.head_dim = p.head_dim;
   a.kind = p.summary;
-  const int elements = p.num_heads * p.head_dim;
-  const int threads = std::min(1024, std::max(64, (elements / kPerThread + 31) / 32 * 32));
+  const int threads = summary_threads(p.num_heads, p.head_dim);
   const unsigned grid = unsigned(std::min<std::int64_t>(p.num_tokens, 1 << 30));
-  const void* kernel = by_dtype(p.dtype, [](auto t) {
-    return reinterpret_cast<const void*>(update_page_meta_kernel<decltype(t)>);
+  const void* kernel = dispatch_float_dtype(p.dtype, op, [](auto type) {
+    return reinterpret_cast<const void*>(update_page_meta_kernel<typename decltype(type)::type>);
   });
   launch(kernel, dim3(grid), dim3(threads), 0, as_stream(stream), a, op, "update_page_meta_kernel");
 }
@@ -1177,10 +1186,9 @@ void build_page_meta(const BuildPageMetaParams& p, Stream stream) {
   a.num_heads = p.num_heads;
   a.head_dim = p.head_dim;
   a.kind = p.summary;
-  const int elements = p.num_heads * p.head_dim;
-  const int threads = std::min(1024, std::max(64, (elements / kPerThread + 31) / 32 * 32));
-  const void* kernel = by_dtype(p.dtype, [](auto t) {
-    return reinterpret_cast<const void*>(build_page_meta_kernel<decltype(t)>);
+  const int threads = summary_threads(p.num_heads, p.head_dim);
+  const void* kernel = dispatch_float_dtype(p.dtype, op, [](auto type) {
+    return reinterpret_cast<const void*>(build_page_meta_kernel<typename decltype(type)::type>);
   });
   launch(kernel, dim3(unsigned(p.max_blocks), unsigned(p.batch)), dim3(threads), 0,
          as_stream(stream), a, op, "build_page_meta_kernel");
@@ -1229,33 +1237,37 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
            dim3(kSelectThreads), 0, s, a, op, "select_pages_kernel");
     return;
   }
-  const DeviceInfo& info = device_info(p.device_index);
+  const DeviceInfo info = device_info(p.device_index);
   const int group = p.num_q_heads / p.num_kv_heads;
 
   // Scoring. Page-wide where every summary row is whole 16-byte chunks (at most 64 of them).
   const std::uint64_t element = dtype_size(p.dtype);
-  const auto chunked = [&](std::int64_t elements) {
-    return (std::uint64_t(elements) * element) % 16 == 0;
+  // Whether `elements` elements are a whole number of `bytes`.
+  const auto whole = [&](std::int64_t elements, std::uint64_t bytes) {
+    return (std::uint64_t(elements) * element) % bytes == 0;
+  };
+  // Whether every summary row starts `bytes`-aligned and is whole units of `bytes` long.
+  const auto meta_rows_aligned = [&](std::uint64_t bytes) {
+    return reinterpret_cast<std::uintptr_t>(p.page_meta.data) % bytes == 0 &&
+           whole(p.head_dim, bytes) && whole(p.page_meta.stride_block, bytes) &&
+           whole(p.page_meta.stride_head, bytes) && whole(p.page_meta.stride_row, bytes);
   };
   const int chunks = int(std::uint64_t(p.head_dim) * element / 16);
-  const bool wide = reinterpret_cast<std::uintptr_t>(p.page_meta.data) % 16 == 0 &&
-                    chunked(p.head_dim) && chunked(p.page_meta.stride_block) &&
-                    chunked(p.page_meta.stride_head) && chunked(p.page_meta.stride_row) &&
-                    chunks <= 64;
+  const bool wide = meta_rows_aligned(16) && chunks <= 64;
   DecodeLaunch score{};
   score.threads = kScoreThreads;
   if (wide) {
     while (a.lanes_per_head > 1 && a.lanes_per_head / 2 >= chunks) a.lanes_per_head /= 2;
     a.query_chunked = reinterpret_cast<std::uintptr_t>(p.query) % 16 == 0 &&
-                      chunked(p.q_stride_batch) && chunked(p.q_stride_head);
+                      whole(p.q_stride_batch, 16) && whole(p.q_stride_head, 16);
     const bool folded = group > 1 && p.group_reduce == GroupReduce::Sum;
     const ScoreMode mode = folded                                   ? ScoreMode::Folded
                            : p.summary == PageSummary::MinMax       ? ScoreMode::PerHeadMinMax
                            : p.summary == PageSummary::MinMaxDamped ? ScoreMode::PerHeadMinMaxDamped
                                                                     : ScoreMode::PerHeadMeanStd;
     score.smem_bytes = int((folded ? 2 * p.num_kv_heads : p.num_q_heads) * p.head_dim * 4);
-    score.kernel = by_dtype(p.dtype, [&](auto t) {
-      using T = decltype(t);
+    score.kernel = dispatch_float_dtype(p.dtype, op, [&](auto type) {
+      using T = typename decltype(type)::type;
       auto pick = [&](auto k) {
         constexpr int K = decltype(k)::value;
         switch (mode) {
@@ -1272,21 +1284,14 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
                 score_pages_wide_kernel<T, K, ScoreMode::PerHeadMeanStd>);
         }
       };
-      return chunks > 32 ? pick(std::integral_constant<int, 2>{})
-                         : pick(std::integral_constant<int, 1>{});
+      return chunks > 32 ? pick(IntTag<2>{}) : pick(IntTag<1>{});
     });
   } else {
     // Vector loads of 4 elements where every row start is aligned for them.
-    const std::uint64_t align = 4 * element;
-    const auto aligned = [&](std::int64_t elements) {
-      return (std::uint64_t(elements) * element) % align == 0;
-    };
-    const bool vec = reinterpret_cast<std::uintptr_t>(p.page_meta.data) % align == 0 &&
-                     aligned(p.head_dim) && aligned(p.page_meta.stride_block) &&
-                     aligned(p.page_meta.stride_head) && aligned(p.page_meta.stride_row);
+    const bool vec = meta_rows_aligned(4 * element);
     score.smem_bytes = int(std::size_t(p.num_q_heads) * p.head_dim * sizeof(float));
-    score.kernel = by_dtype(p.dtype, [vec](auto t) {
-      using T = decltype(t);
+    score.kernel = dispatch_float_dtype(p.dtype, op, [vec](auto type) {
+      using T = typename decltype(type)::type;
       return vec ? reinterpret_cast<const void*>(score_pages_kernel<T, 4>)
                  : reinterpret_cast<const void*>(score_pages_kernel<T, 1>);
     });
@@ -1294,10 +1299,7 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
   // The core caps num_q_heads * head_dim at 32768: at most 128 KiB of weights or queries (folded
   // weights are two rows per KV head, with at least two query heads per KV head). The limit is
   // raised once per kernel, to what any call may need that the device allows.
-  int smem_optin = 0;
-  check(
-      cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, p.device_index),
-      op, "cudaDeviceGetAttribute");
+  const int smem_optin = info.max_shared_per_block;
   score.max_smem_bytes = std::min(32768 * 4, smem_optin);
   // Enough thread blocks to fill the device once, each a run of pages of one sequence for all
   // KV heads (a run of at least one page per warp).

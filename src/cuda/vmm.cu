@@ -10,7 +10,6 @@
 #include <cuda.h>
 
 #include <mutex>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -74,10 +73,10 @@ const Driver& driver(const char* op) {
     load("cuMemRetainAllocationHandle", d.retain_handle, d.missing);
   });
   if (!d.missing.empty()) {
-    throw std::runtime_error(std::string("tinyserve.") + op +
-                             ": the CUDA driver does not provide virtual memory management, got "
-                             "no entry point for " +
-                             d.missing);
+    detail::fail_runtime(op,
+                         "the CUDA driver does not provide virtual memory management, got no entry "
+                         "point for ",
+                         d.missing);
   }
   return d;
 }
@@ -89,9 +88,8 @@ void check_driver(CUresult r, const char* op, const char* what) {
   const char* text = nullptr;
   d.get_error_name(r, &name);
   d.get_error_string(r, &text);
-  throw std::runtime_error(std::string("tinyserve.") + op + ": CUDA driver error in " + what +
-                           ": " + (text ? text : "unknown error") + " (" +
-                           (name ? name : std::to_string(int(r))) + ")");
+  detail::fail_runtime(op, "CUDA driver error in ", what, ": ", text ? text : "unknown error", " (",
+                       name ? std::string(name) : std::to_string(int(r)), ")");
 }
 
 CUmemAllocationProp device_allocation(int device) {
@@ -115,10 +113,9 @@ std::size_t granularity(int device, CUmemAllocationGranularity_flags which, cons
       d.get_attribute(&supported, CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED, device),
       op, "cuDeviceGetAttribute");
   if (!supported) {
-    throw std::runtime_error(std::string("tinyserve.") + op + ": CUDA device " +
-                             std::to_string(device) +
-                             " does not support virtual memory management, got "
-                             "CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED = 0");
+    detail::fail_runtime(op, "CUDA device ", device,
+                         " does not support virtual memory management, got "
+                         "CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED = 0");
   }
   const CUmemAllocationProp prop = device_allocation(device);
   std::size_t bytes = 0;

@@ -7,6 +7,8 @@ back through the block tables against values derived from the tokens alone."""
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -401,6 +403,11 @@ def test_execute_plan_rejects_what_cannot_be_right():
     ):
         tinyserve.execute_plan(plan, [cache, cache], [np.zeros((4, 2, 1, 4), np.float32)])
     comp.abort(plan)
+    before = cache.copy()
+    not_a_plan = types.SimpleNamespace(kind="swap", src=np.zeros(1), dst=np.zeros(1))
+    with pytest.raises(ValueError, match="plan must be a MovePlan, got kind 'swap'"):
+        tinyserve.execute_plan(not_a_plan, [cache], [cache])
+    np.testing.assert_array_equal(cache, before)
 
 
 def test_execute_plan_moves_each_block_of_every_tensor_in_one_call_per_tensor(monkeypatch):

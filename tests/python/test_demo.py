@@ -172,6 +172,26 @@ def test_check_every_zero_is_honest(capsys):
     assert "not checked (--check-every 0)" in out
 
 
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--requests", "0"], "--requests must be at least 1, got 0"),
+        (["--block-size", "0"], "--block-size must be at least 1, got 0"),
+        (["--layers", "0"], "--layers must be at least 1, got 0"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be at least 2, got 0"),
+        (["--max-new-tokens", "1"], "--max-new-tokens must be at least 2, got 1"),
+        (["--steps", "-1"], "--arrival-interval, --steps and --check-every must not be negative"),
+        (["--check-every", "-1"], "--check-every must not be negative"),
+        (["--arrival-interval", "-1"], "--check-every must not be negative"),
+        (["--progress-every", "0"], "--progress-every must be at least 1, got 0"),
+    ],
+)
+def test_each_bad_argument_is_named(capsys, argv, message):
+    assert demo.main([*SMALL, *argv]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""
+
+
 def test_bad_arguments(capsys):
     assert demo.main(["--blocks", "3"]) == 2
     assert "too small" in capsys.readouterr().err

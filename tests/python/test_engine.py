@@ -16,7 +16,10 @@ transformers = pytest.importorskip("transformers")
 
 from tinyserve.engine import Engine, SamplingParams  # noqa: E402
 from tinyserve.engine.cuda_graphs import DecodeGraphs, default_batch_sizes  # noqa: E402
+from tinyserve.engine.engine import EngineStats  # noqa: E402
 from tinyserve.engine.kv import PagedKVCache, build_attention_batch, upload  # noqa: E402
+from tinyserve.engine.request import Request, Sequence  # noqa: E402
+from tinyserve.engine.scheduler import Scheduler  # noqa: E402
 from tinyserve.integrations.transformers import (  # noqa: E402
     TransformersRunner,
     tinyserve_attention,
@@ -331,6 +334,54 @@ def test_decode_batch_attends_densely_when_every_sequence_fits_the_budget(rng):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(
+    "budget,kept_pages",
+    [(2, [0, 3]), (1, [3])],
+    ids=["sink_and_last", "last_only"],
+)
+def test_sparse_decode_keeps_the_first_page_once_the_budget_has_two(rng, budget, kept_pages):
+    """A budget of two pages or more keeps the first page (an attention sink) beside the last
+    one; a budget of one page keeps the last page only. The first page's keys are tiny, so
+    selection by score alone would never pick it, and the pages left out hold NaN values, so
+    reading one shows. Reference: float64 attention over the kept pages."""
+    heads, dim = 2, 16
+    cache = PagedKVCache(1, 8, BLOCK_SIZE, heads, dim, torch.float32, "cpu", page_meta=True)
+    length = 4 * BLOCK_SIZE - 1  # four pages, the last partial
+    table = rng.permutation(8)[:4].reshape(1, 4).astype(np.int32)
+    lens = np.array([length], np.int32)
+    key_cache, value_cache = cache.layers[0]
+    keys = rng.standard_normal(key_cache.shape).astype(np.float32)
+    keys[table[0, 0]] *= 1e-3
+    values = rng.standard_normal(value_cache.shape).astype(np.float32)
+    key_cache.copy_(torch.from_numpy(keys))
+    tinyserve.build_page_meta(
+        key_cache, torch.from_numpy(table), torch.from_numpy(lens), cache.page_meta[0]
+    )
+    left_out = [table[0, p] for p in range(4) if p not in kept_pages]
+    values[left_out] = np.nan
+    value_cache.copy_(torch.from_numpy(values))
+    query = torch.from_numpy(rng.standard_normal((1, 2 * heads, dim)).astype(np.float32))
+    slots = table[0, -1:] * BLOCK_SIZE + (length - 1) % BLOCK_SIZE
+    batch = build_attention_batch(cache, slots, table, lens, np.ones(1), sparse_budget=budget)
+    assert batch.sparse_budget == budget
+    # Without the sink, selection would not keep the first page.
+    picked, _ = tinyserve.select_pages(
+        query,
+        cache.page_meta[0],
+        torch.from_numpy(table),
+        torch.from_numpy(lens),
+        2,
+        block_size=BLOCK_SIZE,
+    )
+    assert table[0, 0] not in picked.numpy()
+    got = batch.attend(0, query)
+    kept_table = table[:, kept_pages]
+    kept_len = length - BLOCK_SIZE * (4 - len(kept_pages))
+    want, _ = R.paged_attention(query.numpy(), keys, values, kept_table, np.array([kept_len]))
+    assert np.isfinite(want).all()
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_parallel_samples_share_the_prompt_blocks(rng):
     runner = random_model(6, 2, seed=int(rng.integers(1 << 31)))
     prompt = rng.integers(0, VOCAB, 4 * BLOCK_SIZE + 2).tolist()  # a partial last block
@@ -433,6 +484,185 @@ def test_errors(rng):
     q = torch.zeros(1, 4, 3, 16)
     with pytest.raises(RuntimeError, match="without a tinyserve_batch"):
         tinyserve_attention(runner.model.model.layers[0].self_attn, q, q, q, None)
+
+
+def test_summary_names_the_dense_fitting_steps_only_when_there_are_some():
+    stats = EngineStats(sparse_decode_steps=3)
+    last = stats.summary().splitlines()[-1]
+    assert last.endswith("sparse decode steps: 3")
+    stats.sparse_fitting_steps = 5
+    last = stats.summary().splitlines()[-1]
+    assert last.endswith("sparse decode steps: 3 (and 5 dense: every sequence fit the budget)")
+
+
+def test_engine_argument_errors(rng):
+    runner = random_model(4, 2, seed=0)
+    with pytest.raises(ValueError, match="sparse_budget_tokens must be >= 1, got 0"):
+        make_engine(runner, sparse_budget_tokens=0)
+    runner.max_model_len = 12
+    engine = make_engine(runner)
+    with pytest.raises(ValueError, match=r"fit in the model's context \(12 tokens\), got 13"):
+        engine.add_request(list(range(10)), SamplingParams(max_new_tokens=3))
+    assert not engine.has_unfinished()
+    engine.add_request(list(range(10)), SamplingParams(max_new_tokens=2))  # exactly fits
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens must be >= 1, got 0"),
+        (dict(temperature=-0.5), "temperature must be >= 0, got -0.5"),
+        (dict(top_k=-1), "top_k must be >= 0, got -1"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
+    ],
+)
+def test_sampling_params_errors(change, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**change)
+
+
+def scheduled_sequence(seq_id, tokens):
+    request = Request(request_id=seq_id, prompt_ids=list(tokens), params=SamplingParams())
+    seq = Sequence(seq_id=seq_id, request=request, sample_index=0, token_ids=list(tokens))
+    request.samples.append(seq)
+    return seq
+
+
+def test_scheduler_argument_errors():
+    manager = tinyserve.BlockManager(4, BLOCK_SIZE, True)
+    with pytest.raises(ValueError, match="max_num_batched_tokens must be >= 1, got 0"):
+        Scheduler(manager, max_num_batched_tokens=0, max_num_seqs=1)
+    with pytest.raises(ValueError, match="max_num_seqs must be >= 1, got 0"):
+        Scheduler(manager, max_num_batched_tokens=8, max_num_seqs=0)
+    compactor = tinyserve.Compactor(manager, 2)
+    with pytest.raises(ValueError, match="compactor and run_plan go together, got only compactor"):
+        Scheduler(manager, max_num_batched_tokens=8, max_num_seqs=1, compactor=compactor)
+    with pytest.raises(ValueError, match="go together, got only run_plan"):
+        Scheduler(manager, max_num_batched_tokens=8, max_num_seqs=1, run_plan=print)
+
+
+def test_scheduler_refuses_a_sequence_larger_than_the_pool():
+    """The engine's add_request keeps these out; the scheduler itself says so rather than loop."""
+    manager = tinyserve.BlockManager(2, BLOCK_SIZE, True)
+    scheduler = Scheduler(manager, max_num_batched_tokens=64, max_num_seqs=4)
+    scheduler.add(scheduled_sequence(0, range(2 * BLOCK_SIZE + 1)))
+    with pytest.raises(RuntimeError, match=r"too small for one sequence on its own: 2 free"):
+        scheduler.schedule()
+    manager.check()
+    # A sequence that fills the pool, then needs one more slot to decode.
+    manager = tinyserve.BlockManager(2, BLOCK_SIZE, True)
+    scheduler = Scheduler(manager, max_num_batched_tokens=64, max_num_seqs=4)
+    seq = scheduled_sequence(0, range(2 * BLOCK_SIZE))
+    scheduler.add(seq)
+    plan = scheduler.schedule()
+    assert plan.seqs == [seq] and plan.rows == [2 * BLOCK_SIZE]
+    seq.num_computed = 2 * BLOCK_SIZE
+    seq.token_ids.append(7)
+    with pytest.raises(RuntimeError, match=rf"got {2 * BLOCK_SIZE + 1} tokens in 2 blocks"):
+        scheduler.schedule()
+    manager.check()
+
+
+def test_attention_refuses_rows_not_packed_into_one_batch_row(rng):
+    runner = random_model(4, 2, seed=0)
+    cache = PagedKVCache(2, 4, BLOCK_SIZE, 2, 16, torch.float32, "cpu")
+    table = np.zeros((1, 1), np.int32)
+    batch = build_attention_batch(cache, np.zeros(1), table, np.ones(1, np.int32), np.ones(1))
+    q = torch.zeros(2, 4, 1, 16)
+    kv = torch.zeros(2, 2, 1, 16)
+    attention = runner.model.model.layers[0].self_attn
+    with pytest.raises(ValueError, match="packed into batch 1, got batch 2"):
+        tinyserve_attention(attention, q, kv, kv, None, tinyserve_batch=batch)
+    assert all(torch.isnan(t).all() for t in cache.tensors())  # nothing written
+
+
+class CharTokenizer:
+    """A tokenizer of one token per character, for running the CLI on a random model."""
+
+    chat_template = None
+
+    def __call__(self, text):
+        return {"input_ids": [ord(c) % VOCAB for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(32 + i % 95) for i in ids)
+
+
+def test_cli_generates_with_and_without_cuda_graphs(rng, monkeypatch, capsys):
+    """``python -m tinyserve generate`` over a random model (the loader patched): the engine it
+    makes gets ``cuda_graphs=False`` exactly when ``--no-cuda-graphs`` is given, and ``--check``
+    finds transformers' tokens."""
+    import tinyserve.engine.engine as engine_module
+    import tinyserve.integrations.transformers as integration
+    from tinyserve.engine.cli import main
+
+    runner = random_model(4, 2, seed=int(rng.integers(1 << 31)))
+
+    def load_model(*args, **kwargs):
+        runner.model.set_attn_implementation("sdpa")  # as loaded: the CLI makes its own runner
+        return runner.model, CharTokenizer()
+
+    monkeypatch.setattr(integration, "load_model", load_model)
+    made = []
+
+    class RecordingEngine(Engine):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs["cuda_graphs"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "Engine", RecordingEngine)
+    argv = ["--prompt", "tiny", "--prompt", "serve", "--max-new-tokens", "4", "--check"]
+    assert main(argv) == 0
+    assert main([*argv, "--no-cuda-graphs"]) == 0
+    assert made == [True, False]
+    out = capsys.readouterr().out
+    assert out.count("identical (8 tokens of 2 prompts)") == 2
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--budget", "0"], "--budget must be >= 1, got 0"),
+        (["--host-blocks", "-1"], "--host-blocks must be >= 0, got -1"),
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--check", "--temperature", "0.5"], "--check compares greedy tokens"),
+        (["--check", "--n", "2"], "--check compares greedy tokens"),
+    ],
+)
+def test_cli_rejects_bad_arguments(capsys, argv, message):
+    from tinyserve.engine.cli import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_defaults_and_flags():
+    from tinyserve.engine.cli import parse_args
+
+    args = parse_args([])
+    assert args.temperature == 0.0 and not args.no_cuda_graphs and args.budget is None
+    args = parse_args(["--n", "3", "--no-cuda-graphs", "--budget", "64"])
+    assert args.temperature == 0.8 and args.no_cuda_graphs and args.budget == 64
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without")
+def test_cli_without_a_cuda_device(capsys):
+    from tinyserve.engine.cli import main
+
+    assert main(["--device", "cuda"]) == 2
+    assert "--device cuda, but torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_cli_reports_a_model_it_cannot_load(tmp_path, capsys):
+    from tinyserve.engine.cli import main
+
+    missing = str(tmp_path / "no-such-model")
+    assert main(["--model", missing]) == 2
+    assert f"path must be a transformers model folder or a .gguf file, got {missing!r}" in (
+        capsys.readouterr().err
+    )
 
 
 @pytest.mark.skipif(

@@ -116,3 +116,13 @@ def test_torch_tensors_without_the_fast_export(monkeypatch, exporter):
     src, dst = torch.tensor([0, 4], dtype=torch.int32), torch.tensor([5, 1], dtype=torch.int32)
     ts.copy_blocks([cache], src, dst)
     np.testing.assert_array_equal(cache.numpy(), expected)
+
+
+def test_cli_rejects_an_unknown_command(capsys):
+    from tinyserve.__main__ import main
+
+    assert main(["serve"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "python -m tinyserve: unknown command 'serve'" in captured.err
+    assert "python -m tinyserve generate" in captured.err  # the usage follows

@@ -147,7 +147,7 @@ def _resolve_device(requested: str) -> tuple[str | None, str]:
 
 
 def _validate(args: argparse.Namespace) -> str | None:
-    for name in ("requests", "max_new_tokens", "blocks", "block_size", "layers"):
+    for name in ("requests", "blocks", "block_size", "layers"):
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
     if args.max_new_tokens < 2:

@@ -92,6 +92,12 @@ class Engine:
 
     # -- prefill ----------------------------------------------------------------------------
 
+    def _has_room(self, blocks: int) -> bool:
+        """Whether the pool can give ``blocks`` free blocks and keep some for the running
+        sequences' next decode steps: each needs a new block every block_size steps, so a
+        quarter of the batch covers the next few steps."""
+        return self.bm.num_free_blocks - blocks >= max(1, len(self.running) // 4)
+
     def _write(self, slots: np.ndarray, kv_rounded: np.ndarray) -> None:
         """reshape_and_cache of rounded K/V [layers, 2, T, H, D] into every layer's cache."""
         slot_mapping = self.arrays.put(slots)
@@ -111,12 +117,10 @@ class Engine:
         c = self.counters
         t = time.perf_counter()
         # Admission control, read-only: the prompt takes its uncached blocks from the free list,
-        # and so do the cached blocks it would attach that are free now. Keep blocks free for the
-        # running sequences' next decode steps: each needs a new block every block_size steps,
-        # so a quarter of the batch covers the next few steps.
+        # and so do the cached blocks it would attach that are free now.
         match = self.bm.match_prefix(tokens)
         needed = -(-len(tokens) // self.args.block_size) - match["blocks"] + match["free_blocks"]
-        if self.bm.num_free_blocks - needed < max(1, len(self.running) // 4):
+        if not self._has_room(needed):
             self._timed("manager", t)
             return None
         seq_id = self.next_seq_id
@@ -268,8 +272,7 @@ class Engine:
         """Bring an offloaded sequence's blocks back (one swap_blocks call per cache) if the
         pool can take them with the same margin admission keeps; False when it cannot yet."""
         t = time.perf_counter()
-        needed = self.compactor.num_offloaded(seq.seq_id)
-        if self.bm.num_free_blocks - needed < max(1, len(self.running) // 4):
+        if not self._has_room(self.compactor.num_offloaded(seq.seq_id)):
             self._timed("manager", t)
             return False
         plan = self.compactor.plan_recall([seq.seq_id])
@@ -358,8 +361,6 @@ class Engine:
                 still_running.append(seq)
         self.running = still_running
         self._timed("manager", t)
-
-    # -- the check --------------------------------------------------------------------------
 
     # -- the loop ---------------------------------------------------------------------------
 

@@ -94,9 +94,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--host-blocks must be >= 0, got {args.host_blocks}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
-    if args.budget is not None:
-        if args.budget < 1:
-            parser.error(f"--budget must be >= 1, got {args.budget}")
+    if args.budget is not None and args.budget < 1:
+        parser.error(f"--budget must be >= 1, got {args.budget}")
     return args
 
 
@@ -146,7 +145,7 @@ def main(argv: list[str]) -> int:
         model, tokenizer = load_model(
             args.model, device=args.device, dtype=getattr(torch, args.dtype)
         )
-    except RuntimeError as error:
+    except (RuntimeError, ValueError) as error:  # no default model, or a path it cannot load
         print(error, file=sys.stderr)
         return 2
     runner = TransformersRunner(model)

@@ -27,6 +27,7 @@ What makes one capture valid for every later step of its batch size:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -83,18 +84,17 @@ class DecodeGraphs:
         # One host staging buffer and one device buffer with the same layout, so that a replay's
         # inputs travel in one copy: token ids, positions and slots (int64), lengths (int32), then
         # the block table (int32, row-major, so that a bucket's rows are a prefix of it).
-        self._offsets = {}
+        self._layout: list[tuple[str, torch.dtype, tuple[int, ...], int]] = []
         nbytes = 0
-        for name, size in (
-            ("token_ids", 8 * rows),
-            ("positions", 8 * rows),
-            ("slot_mapping", 8 * rows),
-            ("seq_lens", 4 * rows),
-            ("block_table", 4 * rows * max_blocks),
+        for name, dtype, shape in (
+            ("token_ids", torch.int64, (rows,)),
+            ("positions", torch.int64, (rows,)),
+            ("slot_mapping", torch.int64, (rows,)),
+            ("seq_lens", torch.int32, (rows,)),
+            ("block_table", torch.int32, (rows, max_blocks)),
         ):
-            self._offsets[name] = nbytes
-            nbytes += -(-size // 16) * 16
-        self._table_offset = self._offsets["block_table"]
+            self._layout.append((name, dtype, shape, nbytes))
+            nbytes += -(-(math.prod(shape) * dtype.itemsize) // 16) * 16
         self.captured = capture and device.type == "cuda"
         self._host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=self.captured)
         self._device = torch.zeros(nbytes, dtype=torch.uint8, device=device)
@@ -110,7 +110,7 @@ class DecodeGraphs:
         self.sparse_budget = sparse_budget
         # Keyed by (batch size, whether the graph selects pages).
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._modes = [False, True] if sparse_budget else [False]
+        modes = [False, True] if sparse_budget else [False]
         capacity = max_blocks * kv_cache.block_size
         self._batches = {
             (size, select): AttentionBatch(
@@ -123,31 +123,21 @@ class DecodeGraphs:
                 sparse_budget=sparse_budget if select else 0,
             )
             for size in sizes
-            for select in self._modes
+            for select in modes
         }
         # Largest first: the smaller graphs then fit in the memory the larger ones freed.
         if self.captured:
             with torch.cuda.device(device):
                 for size in reversed(sizes):
-                    for select in self._modes:
+                    for select in modes:
                         self._capture(size, select)
 
     def _views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
-        rows, o = self.max_batch, self._offsets
-
-        def view(name: str, dtype: torch.dtype, count: int) -> torch.Tensor:
-            width = torch.empty((), dtype=dtype).element_size()
-            return buffer[o[name] : o[name] + width * count].view(dtype)
-
-        return {
-            "token_ids": view("token_ids", torch.int64, rows),
-            "positions": view("positions", torch.int64, rows),
-            "slot_mapping": view("slot_mapping", torch.int64, rows),
-            "seq_lens": view("seq_lens", torch.int32, rows),
-            "block_table": view("block_table", torch.int32, rows * self.max_blocks).view(
-                rows, self.max_blocks
-            ),
-        }
+        views = {}
+        for name, dtype, shape, offset in self._layout:
+            nbytes = math.prod(shape) * dtype.itemsize
+            views[name] = buffer[offset : offset + nbytes].view(dtype).view(shape)
+        return views
 
     def _forward(self, size: int, select: bool = True) -> torch.Tensor:
         """The forward over the static buffers: selecting pages where ``select`` and the graphs
@@ -218,7 +208,9 @@ class DecodeGraphs:
         h["positions"][batch:size] = 0
         h["slot_mapping"][batch:size] = -1
         h["seq_lens"][batch:size] = 0
-        end = self._table_offset + 4 * size * self.max_blocks
+        # The inputs up to the bucket's last table row (the table is last in the buffers).
+        _, table_dtype, _, table_offset = self._layout[-1]
+        end = table_offset + size * self.max_blocks * table_dtype.itemsize
         self._device[:end].copy_(self._host[:end], non_blocking=self.captured)
         select = select and bool(self.sparse_budget)
         if not self.captured:

@@ -14,7 +14,13 @@ import torch
 import tinyserve
 
 from .cuda_graphs import DecodeGraphs, default_batch_sizes
-from .kv import AttentionBatch, PagedKVCache, attention_batch_arrays, step_sparse_budget, upload
+from .kv import (
+    AttentionBatch,
+    PagedKVCache,
+    attention_batch_arrays,
+    step_sparse_budget,
+    upload_attention_batch,
+)
 from .request import (
     Request,
     RequestOutput,
@@ -216,7 +222,6 @@ class Engine:
                 max_blocks=-(-longest // block_size),
                 sparse_budget=self.sparse_budget,
             )
-        self._requests: dict[int, Request] = {}
         self._request_ids = itertools.count()
         self._seq_ids = itertools.count()
 
@@ -257,7 +262,6 @@ class Engine:
             arrival_time=time.perf_counter(),
         )
         request.samples.append(self._new_sequence(request, 0, list(prompt)))
-        self._requests[request.request_id] = request
         self.scheduler.add(request.samples[0])
         self.stats.prompt_tokens += len(prompt)
         return request.request_id
@@ -300,11 +304,13 @@ class Engine:
             ),
             np.int64,
         )
-        positions = np.concatenate(
-            [np.arange(s.num_computed, s.num_computed + n) for s, n in zip(plan.seqs, plan.rows)]
-        )
+        rows = np.asarray(plan.rows, np.int64)
+        computed = np.fromiter((s.num_computed for s in plan.seqs), np.int64, len(plan.seqs))
+        row_ends = np.cumsum(rows)
+        # Each sequence's rows are its positions num_computed, num_computed + 1, ...
+        positions = np.arange(row_ends[-1]) + np.repeat(computed - (row_ends - rows), rows)
         arrays, max_seq_len, decode_only = attention_batch_arrays(
-            np.concatenate(plan.slots), table, lens, np.asarray(plan.rows), self.packed_prefill
+            np.concatenate(plan.slots), table, lens, rows, self.packed_prefill
         )
         use_graph = (
             decode_only
@@ -313,19 +319,16 @@ class Engine:
         )
         # Selection only where some sequence outgrew the budget.
         sparse_budget = step_sparse_budget(
-            self.sparse_budget, decode_only, lens, self.kv_cache.block_size
+            self.sparse_budget, decode_only, max_seq_len, self.kv_cache.block_size
         )
         if self.sparse_budget and decode_only:
             if sparse_budget:
                 self.stats.sparse_decode_steps += 1
             else:
                 self.stats.sparse_fitting_steps += 1
-        row_ends = np.cumsum(plan.rows) - 1
-        finishing = [
-            i
-            for i, (s, n) in enumerate(zip(plan.seqs, plan.rows))
-            if s.num_computed + n == len(s.token_ids)
-        ]
+        # The sequences whose tokens are all computed after this step: they sample one.
+        num_tokens = np.fromiter((len(s.token_ids) for s in plan.seqs), np.int64, len(plan.seqs))
+        finishing = np.flatnonzero(computed + rows == num_tokens)
         if use_graph:
             logits = self.graphs.run(
                 token_ids,
@@ -336,18 +339,19 @@ class Engine:
                 select=bool(sparse_budget),
             )
             if len(finishing) < len(plan.seqs):  # a one-token prefill chunk, not its last
-                logits = logits[torch.tensor(finishing, dtype=torch.long, device=logits.device)]
+                logits = logits[torch.from_numpy(finishing).to(logits.device)]
             self.stats.cuda_graph_steps += 1
         else:
-            logits = self._forward_eager(
-                token_ids,
-                positions,
+            # The step's inputs and its attention batch reach the device in one transfer.
+            batch, (ids, pos, logits_rows) = upload_attention_batch(
+                self.kv_cache,
                 arrays,
                 max_seq_len,
                 decode_only,
                 sparse_budget,
-                row_ends[finishing],
+                extra=[token_ids, positions, row_ends[finishing] - 1],
             )
+            logits = self.runner.forward(ids, pos, batch, logits_rows)
         for seq, n in zip(plan.seqs, plan.rows):
             seq.num_computed += n
         if self.compactor is not None:
@@ -359,34 +363,6 @@ class Engine:
         self._update_block_stats()
         self.stats.busy_time += time.perf_counter() - start
         return finished
-
-    def _forward_eager(
-        self,
-        token_ids: np.ndarray,
-        positions: np.ndarray,
-        arrays: dict[str, np.ndarray],
-        max_seq_len: int,
-        decode_only: bool,
-        sparse_budget: int,
-        logits_rows: np.ndarray,
-    ) -> torch.Tensor:
-        # The step's inputs and its attention batch reach the device in one transfer.
-        names = list(arrays)
-        host = [token_ids, positions, np.asarray(logits_rows, np.int64)]
-        host += [arrays[n] for n in names]
-        ids, pos, rows, *batch_tensors = upload(host, self.kv_cache.device)
-        tensors = dict(zip(names, batch_tensors))
-        batch = AttentionBatch(
-            kv_cache=self.kv_cache,
-            slot_mapping=tensors["slot_mapping"],
-            block_table=tensors["block_table"],
-            seq_lens=tensors["seq_lens"],
-            max_seq_len=max_seq_len,
-            query_start_loc=tensors.get("query_start_loc"),
-            decode_only=decode_only,
-            sparse_budget=sparse_budget,
-        )
-        return self.runner.forward(ids, pos, batch, rows)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
         # A request with n > 1 forks its other samples once its prompt is computed: they share
@@ -402,12 +378,18 @@ class Engine:
                     self.scheduler.admit_fork(seq, child)
                     self.stats.forks += 1
                     rows.append((child, row))
-        # One argmax over every row and one transfer, rather than gathering the greedy rows.
+        # One argmax over every row and one transfer, rather than gathering the greedy rows; the
+        # rows that sample (on the CPU) reach the host together too, not one transfer each.
         greedy_ids = greedy_tokens(logits) if any(s.request.params.greedy for s, _ in rows) else []
+        sampled = sorted({row for s, row in rows if not s.request.params.greedy})
+        host_logits = {}
+        if sampled:
+            picked = logits[torch.tensor(sampled, device=logits.device)].to("cpu", torch.float32)
+            host_logits = dict(zip(sampled, picked))
         tokens = [
             greedy_ids[row]
             if seq.request.params.greedy
-            else sample_token(logits[row], seq.request.params, seq.generator)
+            else sample_token(host_logits[row], seq.request.params, seq.generator)
             for seq, row in rows
         ]
         now = time.perf_counter()  # the step's tokens are on the host: its GPU work is done
@@ -432,7 +414,6 @@ class Engine:
             if request.finished:
                 request.finish_time = now
                 finished.append(self._output(request))
-                del self._requests[request.request_id]
         return finished
 
     # -- helpers ----------------------------------------------------------------------------

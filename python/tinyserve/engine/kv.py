@@ -206,16 +206,43 @@ def attention_batch_arrays(
 
 
 def step_sparse_budget(
-    sparse_budget: int, decode_only: bool, seq_lens: np.ndarray, block_size: int
+    sparse_budget: int, decode_only: bool, max_seq_len: int, block_size: int
 ) -> int:
     """The pages per query that a step's attention selects (0: dense): ``sparse_budget`` for a
-    step of decodes only where some sequence has more pages than that. Steps with prefill rows
-    stay dense, and so do steps where every sequence fits the budget: selection would keep every
-    page, and the dense step reads the same keys without selection's launches."""
-    if not sparse_budget or not decode_only or len(seq_lens) == 0:
+    step of decodes only whose longest sequence (``max_seq_len`` tokens) has more pages than
+    that. Steps with prefill rows stay dense, and so do steps where every sequence fits the
+    budget: selection would keep every page, and the dense step reads the same keys without
+    selection's launches."""
+    if not decode_only or -(-max_seq_len // block_size) <= sparse_budget:
         return 0
-    longest_pages = -(-int(np.max(seq_lens)) // block_size)
-    return sparse_budget if longest_pages > sparse_budget else 0
+    return sparse_budget
+
+
+def upload_attention_batch(
+    kv_cache: PagedKVCache,
+    arrays: dict[str, np.ndarray],
+    max_seq_len: int,
+    decode_only: bool,
+    sparse_budget: int,
+    extra: list[np.ndarray] | None = None,
+) -> tuple[AttentionBatch, list[torch.Tensor]]:
+    """The attention batch of :func:`attention_batch_arrays`' output on the cache's device, and
+    ``extra`` arrays (the step's other inputs) uploaded in the same transfer. ``sparse_budget``
+    is the step's own (:func:`step_sparse_budget`)."""
+    extra = extra or []
+    tensors = upload(extra + list(arrays.values()), kv_cache.device)
+    batch_tensors = dict(zip(arrays, tensors[len(extra) :]))
+    batch = AttentionBatch(
+        kv_cache=kv_cache,
+        slot_mapping=batch_tensors["slot_mapping"],
+        block_table=batch_tensors["block_table"],
+        seq_lens=batch_tensors["seq_lens"],
+        max_seq_len=max_seq_len,
+        query_start_loc=batch_tensors.get("query_start_loc"),
+        decode_only=decode_only,
+        sparse_budget=sparse_budget,
+    )
+    return batch, tensors[: len(extra)]
 
 
 def build_attention_batch(
@@ -238,14 +265,5 @@ def build_attention_batch(
     arrays, max_seq_len, decode_only = attention_batch_arrays(
         slot_mapping, block_table, seq_lens, rows_per_seq, packed
     )
-    tensors = dict(zip(arrays, upload(list(arrays.values()), kv_cache.device)))
-    return AttentionBatch(
-        kv_cache=kv_cache,
-        slot_mapping=tensors["slot_mapping"],
-        block_table=tensors["block_table"],
-        seq_lens=tensors["seq_lens"],
-        max_seq_len=max_seq_len,
-        query_start_loc=tensors.get("query_start_loc"),
-        decode_only=decode_only,
-        sparse_budget=step_sparse_budget(sparse_budget, decode_only, seq_lens, kv_cache.block_size),
-    )
+    sparse_budget = step_sparse_budget(sparse_budget, decode_only, max_seq_len, kv_cache.block_size)
+    return upload_attention_batch(kv_cache, arrays, max_seq_len, decode_only, sparse_budget)[0]

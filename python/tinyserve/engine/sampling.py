@@ -28,10 +28,9 @@ def greedy_tokens(logits: torch.Tensor) -> list[int]:
 def sample_token(
     logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
 ) -> int:
-    """One token from one row of logits ``[vocab]`` under ``params``. Sampling runs in float32 on
-    the CPU so that a seed gives the same token on any device."""
-    if params.greedy:
-        return int(logits.argmax())
+    """One token drawn from one row of logits ``[vocab]`` under ``params`` (not greedy: the
+    engine takes greedy tokens from :func:`greedy_tokens`). Sampling runs in float32 on the CPU
+    so that a seed gives the same token on any device."""
     scores = logits.detach().to("cpu", torch.float32) / params.temperature
     if 0 < params.top_k < scores.numel():
         kth = torch.topk(scores, params.top_k).values[-1]

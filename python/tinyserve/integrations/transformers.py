@@ -145,7 +145,7 @@ class TransformersRunner:
 
     def __init__(self, model: torch.nn.Module):
         config = model.config
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text_config = config.get_text_config()  # the config itself for a text-only model
         self.model = model
         self.num_layers = text_config.num_hidden_layers
         self.num_q_heads = text_config.num_attention_heads
