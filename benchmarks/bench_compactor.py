@@ -36,7 +36,7 @@ import time
 import bench_compactor_host
 import numpy as np
 import torch
-from bench_decode import commit
+from bench_decode import commit, copy_ceiling, median_ms
 
 import tinyserve as ts
 
@@ -48,23 +48,6 @@ BLOCK = dict(block_size=16, num_kv_heads=8, head_dim=128)  # fp16: 32 KiB per bl
 def fail(message: str) -> None:
     print(f"bench_compactor: FAILED: {message}", file=sys.stderr)
     sys.exit(1)
-
-
-def event_ms(fn, iters: int, calls: int = 10, warmup: int = 3) -> float:
-    """Median per-call GPU time of `calls` back-to-back calls between two CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return statistics.median(times)
 
 
 def wall_ms(fn, iters: int, warmup: int = 2) -> float:
@@ -94,7 +77,7 @@ def graph_ms(fn, iters: int) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return event_ms(graph.replay, iters)
+    return median_ms(graph.replay, iters, warmup=3)
 
 
 def free_bytes() -> int:
@@ -102,14 +85,6 @@ def free_bytes() -> int:
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     return torch.cuda.mem_get_info()[0]
-
-
-def copy_ceiling(iters: int) -> float:
-    """Bytes/s (read + written) of one large device-to-device copy (2 GiB)."""
-    src = torch.empty(2 * GiB, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    ms = event_ms(lambda: dst.copy_(src), iters)
-    return 4 * GiB / (ms * 1e-3)
 
 
 def compaction(layers: int, blocks: int, moves: int, iters: int) -> dict:
@@ -128,7 +103,7 @@ def compaction(layers: int, blocks: int, moves: int, iters: int) -> dict:
     probe = [0, moves // 2, moves - 1]
     expected = [tensors[-1][src[i].item()].clone() for i in probe]
 
-    ms = event_ms(lambda: ts.copy_blocks(tensors, src, dst), iters)
+    ms = median_ms(lambda: ts.copy_blocks(tensors, src, dst), iters, warmup=3)
     for i, e in zip(probe, expected):
         if not torch.equal(tensors[-1][dst[i].item()], e):
             fail(f"copy_blocks: block {src[i].item()} did not arrive at {dst[i].item()}")

@@ -53,12 +53,6 @@ def build(num_blocks: int, block_size: int, host_blocks: int, seed: int):
     return bm, comp, live
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def plan_and_commit(comp, make) -> tuple[int, float, float]:
     """(pairs, seconds to plan, seconds to commit) of one plan."""
     start = time.perf_counter()
@@ -68,13 +62,9 @@ def plan_and_commit(comp, make) -> tuple[int, float, float]:
     return len(plan), planned - start, time.perf_counter() - planned
 
 
-def median_row(name: str, samples: list[tuple[int, float, float]]) -> tuple:
-    return (
-        name,
-        statistics.median(s[0] for s in samples),
-        statistics.median(s[1] for s in samples),
-        statistics.median(s[2] for s in samples),
-    )
+def medians(samples: list[tuple[int, float, float]]) -> tuple[float, float, float]:
+    """Each field's median over the samples."""
+    return tuple(statistics.median(field) for field in zip(*samples))
 
 
 def measure(
@@ -107,7 +97,7 @@ def measure(
             bm.check()
         samples["compact"].append(plan_and_commit(comp, comp.plan_compact))
         bm.check()
-    return {name: median_row(name, rows)[1:] for name, rows in samples.items()}
+    return {name: medians(rows) for name, rows in samples.items()}
 
 
 def main() -> None:

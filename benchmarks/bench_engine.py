@@ -42,6 +42,7 @@ import traceback
 
 import numpy as np
 import torch
+from bench_decode import commit
 
 from tinyserve.engine import Engine, SamplingParams
 from tinyserve.engine.cli import DEFAULT_PROMPTS, encode_prompts
@@ -459,6 +460,7 @@ def main() -> None:
     if args.json:
         record = {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": commit(),
             "device": device,
             "torch": torch.__version__,
             "transformers": transformers.__version__,

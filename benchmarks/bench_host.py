@@ -10,12 +10,11 @@ kernel include. Beside the ops: the pieces they are made of, for comparison.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import time
 
 import torch
+from bench_decode import commit
 
 import tinyserve as ts
 from tinyserve import _interop
@@ -79,16 +78,8 @@ def main() -> None:
             torch.nn.functional.scaled_dot_product_attention(sdpa_q, sdpa_kv, sdpa_kv)
         ),
     }
-    commit = os.environ.get("TINYSERVE_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-            ).stdout.strip()
-        except Exception:  # noqa: BLE001 - no git on the machine
-            commit = "?"
     print(
-        f"{torch.cuda.get_device_name()}, commit {commit}, torch {torch.__version__}, "
+        f"{torch.cuda.get_device_name()}, commit {commit()}, torch {torch.__version__}, "
         f"{time.strftime('%Y-%m-%d')}; host us per call, median of {args.rounds} rounds of "
         f"{args.calls} calls"
     )

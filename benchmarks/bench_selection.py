@@ -21,36 +21,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 
 import torch
-from bench_decode import commit
+from bench_decode import commit, median_ms
 
 import tinyserve as ts
 
 HEADS_Q, HEADS_KV, HEAD_DIM, PAGE, BUDGET_TOKENS = 32, 8, 128, 16, 2048
 SHAPES = [(8, 32768), (1, 131072), (8, 1024)]
-
-
-def median_ms(fn, iters: int = 20, calls: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return statistics.median(times)
 
 
 def kernel_us(fn, name: str, calls: int = 20) -> float:
@@ -135,10 +113,10 @@ def run_shape(
         sparse()
 
     r = {"batch": batch, "context": context, "summary": summary, "layout": layout}
-    r["dense_us"] = 1e3 * median_ms(dense)
-    r["select_us"] = 1e3 * median_ms(select)
-    r["sparse_attention_us"] = 1e3 * median_ms(sparse)
-    r["step_us"] = 1e3 * median_ms(step)
+    r["dense_us"] = 1e3 * median_ms(dense, 20, warmup=3, graph=True)
+    r["select_us"] = 1e3 * median_ms(select, 20, warmup=3, graph=True)
+    r["sparse_attention_us"] = 1e3 * median_ms(sparse, 20, warmup=3, graph=True)
+    r["step_us"] = 1e3 * median_ms(step, 20, warmup=3, graph=True)
     r["speedup"] = r["dense_us"] / r["step_us"]
     r["selection_share"] = r["select_us"] / r["step_us"]
     # Either kernel of each step (the page-wide scoring kernel or its row-by-row fallback; the
@@ -164,7 +142,7 @@ def run_shape(
                 workspace=ws_split,
             )  # fmt: skip
 
-        r["sparse_by_splits_us"][splits] = 1e3 * median_ms(sparse_fixed)
+        r["sparse_by_splits_us"][splits] = 1e3 * median_ms(sparse_fixed, 20, warmup=3, graph=True)
     return r
 
 

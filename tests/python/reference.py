@@ -27,30 +27,23 @@ def paged_attention(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decode attention in float64: (out [B, Hq, D], lse [B, Hq]); empty sequences give zeros and
     -inf."""
+    # One query row per non-empty sequence, at its last position: the prefill reference.
     q = np.asarray(query, dtype=np.float64)
-    k_cache = np.asarray(key_cache, dtype=np.float64)
-    v_cache = np.asarray(value_cache, dtype=np.float64)
-    batch, num_q_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    group = num_q_heads // num_kv_heads
-    scale = 1.0 / np.sqrt(head_dim) if scale is None else scale
-    out = np.zeros((batch, num_q_heads, head_dim))
-    lse = np.full((batch, num_q_heads), -np.inf)
-    for b in range(batch):
-        length = int(seq_lens[b])
-        start = 0 if window_left < 0 else max(0, length - 1 - window_left)
-        if length == 0:
-            continue
-        k = logical_kv(k_cache, block_table[b], length)[start:]
-        v = logical_kv(v_cache, block_table[b], length)[start:]
-        for h in range(num_q_heads):
-            logits = k[:, h // group] @ q[b, h] * scale
-            if logits_soft_cap > 0:
-                logits = logits_soft_cap * np.tanh(logits / logits_soft_cap)
-            m = logits.max()
-            p = np.exp(logits - m)
-            out[b, h] = p @ v[:, h // group] / p.sum()
-            lse[b, h] = m + np.log(p.sum())
+    nonempty = np.asarray(seq_lens) > 0
+    query_start_loc = np.concatenate([[0], np.cumsum(nonempty)])
+    out = np.zeros(q.shape)
+    lse = np.full(q.shape[:2], -np.inf)
+    out[nonempty], lse[nonempty] = paged_prefill(
+        q[nonempty],
+        key_cache,
+        value_cache,
+        block_table,
+        seq_lens,
+        query_start_loc,
+        scale,
+        window_left,
+        logits_soft_cap,
+    )
     return out, lse
 
 
@@ -99,6 +92,90 @@ def paged_prefill(
             out[row] = o.reshape(num_q_heads, head_dim)
             lse[row] = (m + np.log(total_p)).reshape(num_q_heads)
     return out, lse
+
+
+# Summaries that store the elementwise minimum and maximum (they differ only in the score).
+MINMAX_SUMMARIES = ("minmax", "minmax_damped")
+
+
+def page_summary(keys: np.ndarray, summary: str) -> np.ndarray:
+    """[n, H, D] keys of one page -> [H, 2, D] summary in float64."""
+    k = np.asarray(keys, dtype=np.float64)
+    if summary in MINMAX_SUMMARIES:
+        return np.stack([k.min(0), k.max(0)], axis=1)
+    return np.stack([k.mean(0), k.std(0)], axis=1)
+
+
+def page_scores(q: np.ndarray, meta: np.ndarray, summary: str, group_reduce: str) -> np.ndarray:
+    """q [Hq, D], meta [P, Hkv, 2, D] (the pages of one sequence) -> scores [Hkv, P]."""
+    q = np.asarray(q, dtype=np.float64)
+    meta = np.asarray(meta, dtype=np.float64)
+    num_kv_heads = meta.shape[1]
+    group = q.shape[0] // num_kv_heads
+    qg = q.reshape(num_kv_heads, group, 1, -1)  # [Hkv, G, 1, D]
+    lo = meta[:, :, 0].transpose(1, 0, 2)[:, None]  # [Hkv, 1, P, D]
+    hi = meta[:, :, 1].transpose(1, 0, 2)[:, None]
+    if summary == "minmax":
+        per_head = np.maximum(qg * lo, qg * hi).sum(-1)
+    elif summary == "minmax_damped":
+        # Halfway between the box centre's score and the bound: centre + |q| * half-width / 2.
+        per_head = (qg * (lo + hi) / 2 + np.abs(qg) * (hi - lo) / 4).sum(-1)
+    else:
+        per_head = (qg * lo + np.abs(qg) * hi).sum(-1)
+    per_head = np.where(np.isnan(per_head), -np.inf, per_head)
+    return per_head.sum(1) if group_reduce == "sum" else per_head.max(1)
+
+
+def select_pages(
+    query, meta, block_table, seq_lens, budget, block_size, sinks, summary, group_reduce
+):
+    """(table [B, Hkv, budget] with -1 padding, lens [B, Hkv]) as DESIGN.md §3 specifies."""
+    batch, num_kv_heads = query.shape[0], meta.shape[1]
+    table = np.full((batch, num_kv_heads, budget), -1, dtype=np.int64)
+    lens = np.zeros((batch, num_kv_heads), dtype=np.int64)
+    for b in range(batch):
+        length = int(seq_lens[b])
+        pages = -(-length // block_size)
+        row = block_table[b, :pages]
+        if pages <= budget:
+            table[b, :, :pages] = row
+            lens[b] = length
+            continue
+        scores = page_scores(query[b], meta[row], summary, group_reduce)
+        for h in range(num_kv_heads):
+            candidates = list(range(sinks, pages - 1))
+            # Highest score first, the lower page on ties.
+            candidates.sort(key=lambda p: (-scores[h, p], p))
+            kept = sorted(list(range(sinks)) + candidates[: budget - sinks - 1]) + [pages - 1]
+            table[b, h] = row[kept]
+            lens[b, h] = (budget - 1) * block_size + length - (pages - 1) * block_size
+    return table, lens
+
+
+def paged_attention_per_kv_head(query, key_cache, value_cache, table, lens):
+    """Decode attention in float64 where KV head h of sequence b reads table[b, h, :] and
+    lens[b, h] tokens."""
+    q = np.asarray(query, dtype=np.float64)
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads = key_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    out = np.zeros_like(q)
+    for b in range(batch):
+        for h in range(num_kv_heads):
+            n = int(lens[b, h])
+            if n == 0:
+                continue
+            k = logical_kv(np.asarray(key_cache, np.float64), table[b, h], n)[:, h]
+            v = logical_kv(np.asarray(value_cache, np.float64), table[b, h], n)[:, h]
+            for g in range(group):
+                logits = k @ q[b, h * group + g] / np.sqrt(head_dim)
+                p = np.exp(logits - logits.max())
+                out[b, h * group + g] = p @ v / p.sum()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
 
 
 def rel_error(actual, expected) -> float:

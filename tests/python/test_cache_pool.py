@@ -587,28 +587,45 @@ def test_integer_like_arguments_are_accepted():
     pool.check()
 
 
-@needs_torch
-def test_method_arguments_of_the_wrong_kind_or_range_change_nothing(rng):
+def assert_rejected_calls_change_nothing(rng, cases_for):
+    """Each (call, error, message) of cases_for(pool) on a filled 10-block pool raises `error`
+    with a `tinyserve.` message matching `message`, and leaves blocks, summaries, mapping and
+    block count as they were."""
     pool = make_pool(page_meta=True, num_blocks=10, dtype="float32")
     fill_random(rng, as_torch(pool), 0, 10)
     saved = snapshot(as_torch(pool), 10)
     mapped = pool.mapped_bytes
-    cases = [
-        (lambda: pool.grow(12.0), TypeError, "CachePool.grow: num_blocks must be an int, got"),
-        (lambda: pool.grow(2**70), ValueError, f"CachePool.grow: num_blocks {INT_RANGE}, got"),
-        (lambda: pool.shrink("1"), TypeError, "CachePool.shrink: num_blocks must be an int, got"),
-        (lambda: pool.shrink(-(2**64)), ValueError, f"CachePool.shrink: num_blocks {INT_RANGE}"),
-        (lambda: pool.key(0.0), TypeError, "CachePool.key: layer must be an int, got float"),
-        (lambda: pool.value(2**40), ValueError, f"CachePool.value: layer {INT_RANGE}, got"),
-        (lambda: pool.page_meta(None), TypeError, "CachePool.page_meta: layer must be an int"),
-    ]
-    for call, error, message in cases:
+    for call, error, message in cases_for(pool):
         with pytest.raises(error, match="^tinyserve\\.") as raised:
             call()
         assert re.search(message, str(raised.value)), str(raised.value)
         verify(pool, 10)
         assert pool.mapped_bytes == mapped
         assert_kept(as_torch(pool), saved, 10)
+
+
+@needs_torch
+def test_method_arguments_of_the_wrong_kind_or_range_change_nothing(rng):
+    assert_rejected_calls_change_nothing(
+        rng,
+        lambda pool: [
+            (lambda: pool.grow(12.0), TypeError, "CachePool.grow: num_blocks must be an int, got"),
+            (lambda: pool.grow(2**70), ValueError, f"CachePool.grow: num_blocks {INT_RANGE}, got"),
+            (
+                lambda: pool.shrink("1"),
+                TypeError,
+                "CachePool.shrink: num_blocks must be an int, got",
+            ),
+            (
+                lambda: pool.shrink(-(2**64)),
+                ValueError,
+                f"CachePool.shrink: num_blocks {INT_RANGE}",
+            ),
+            (lambda: pool.key(0.0), TypeError, "CachePool.key: layer must be an int, got float"),
+            (lambda: pool.value(2**40), ValueError, f"CachePool.value: layer {INT_RANGE}, got"),
+            (lambda: pool.page_meta(None), TypeError, "CachePool.page_meta: layer must be an int"),
+        ],
+    )
 
 
 def test_cuda_device_without_backend_or_device():
@@ -622,25 +639,22 @@ def test_cuda_device_without_backend_or_device():
 
 @needs_torch
 def test_rejected_calls_change_nothing(rng):
-    pool = make_pool(page_meta=True, num_blocks=10, dtype="float32")
-    fill_random(rng, as_torch(pool), 0, 10)
-    saved = snapshot(as_torch(pool), 10)
-    mapped = pool.mapped_bytes
-    cases = [
-        (lambda: pool.grow(9), ValueError, r"grow: num_blocks must be in \[num_blocks = 10, "),
-        (lambda: pool.grow(65), ValueError, r"max_blocks = 64\], got 65"),
-        (lambda: pool.shrink(11), ValueError, r"shrink: num_blocks must be in \[0, num_blocks = "),
-        (lambda: pool.shrink(-1), ValueError, "got -1"),
-        (lambda: pool.key(3), ValueError, r"CachePool.key: layer must be in \[0, 3\), got 3"),
-        (lambda: pool.value(-1), ValueError, r"CachePool.value: layer must be .*, got -1"),
-        (lambda: pool.page_meta(3), ValueError, "CachePool.page_meta: layer must be"),
-    ]
-    for call, error, message in cases:
-        with pytest.raises(error, match=message):
-            call()
-        verify(pool, 10)
-        assert pool.mapped_bytes == mapped
-        assert_kept(as_torch(pool), saved, 10)
+    assert_rejected_calls_change_nothing(
+        rng,
+        lambda pool: [
+            (lambda: pool.grow(9), ValueError, r"grow: num_blocks must be in \[num_blocks = 10, "),
+            (lambda: pool.grow(65), ValueError, r"max_blocks = 64\], got 65"),
+            (
+                lambda: pool.shrink(11),
+                ValueError,
+                r"shrink: num_blocks must be in \[0, num_blocks = ",
+            ),
+            (lambda: pool.shrink(-1), ValueError, "got -1"),
+            (lambda: pool.key(3), ValueError, r"CachePool.key: layer must be in \[0, 3\), got 3"),
+            (lambda: pool.value(-1), ValueError, r"CachePool.value: layer must be .*, got -1"),
+            (lambda: pool.page_meta(3), ValueError, "CachePool.page_meta: layer must be"),
+        ],
+    )
     plain = make_pool()
     with pytest.raises(ValueError, match="page_meta: the pool holds no page summaries"):
         plain.page_meta(0)

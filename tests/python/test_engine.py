@@ -329,6 +329,8 @@ def test_decode_batch_attends_densely_when_every_sequence_fits_the_budget(rng):
     want = dense.attend(0, query)
     got = sparse.attend(0, query)
     assert not torch.isnan(want).any()
+    reference, _ = R.paged_attention(query, key_cache, value_cache, table, lens)
+    assert R.rel_error(want, reference) < 1e-5
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
@@ -756,6 +758,19 @@ def test_default_graph_batch_sizes():
     assert default_batch_sizes(1) == [1]
 
 
+def attach_uncaptured_graphs(engine, runner, longest: int) -> None:
+    """Gives the engine DecodeGraphs with ``capture=False`` (what a replay computes, run eagerly
+    on the CPU) for the GRAPH_SIZES buckets, wide enough for sequences of `longest` tokens."""
+    engine.graphs = DecodeGraphs(
+        runner,
+        engine.kv_cache,
+        batch_sizes=GRAPH_SIZES,
+        max_blocks=math.ceil(longest / BLOCK_SIZE) + 1,
+        sparse_budget=engine.sparse_budget,
+        capture=False,
+    )
+
+
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
 @pytest.mark.parametrize("heads", GROUPS, ids=["group1", "group3", "group4"])
 def test_padded_decode_buffers_give_transformers_tokens(rng, heads, sparse):
@@ -771,14 +786,7 @@ def test_padded_decode_buffers_give_transformers_tokens(rng, heads, sparse):
     extra = {"sparse_budget_tokens": longest + BLOCK_SIZE} if sparse else {}
     engine = make_engine(runner, max_num_batched_tokens=5, **extra)
     assert engine.graphs is None  # CPU: no graphs
-    engine.graphs = DecodeGraphs(
-        runner,
-        engine.kv_cache,
-        batch_sizes=GRAPH_SIZES,
-        max_blocks=math.ceil(longest / BLOCK_SIZE) + 1,
-        sparse_budget=engine.sparse_budget,
-        capture=False,
-    )
+    attach_uncaptured_graphs(engine, runner, longest)
     got = run_staggered(engine, prompts, lengths)
     assert [g[0] for g in got] == expected_tokens(runner, prompts, lengths)
     assert engine.stats.cuda_graph_steps > 0
@@ -797,14 +805,7 @@ def test_padded_decode_buffers_select_like_eager_steps(rng):
     longest = max(len(p) + n for p, n in zip(prompts, lengths))
     eager = make_engine(runner, sparse_budget_tokens=budget_tokens)
     graphs = make_engine(runner, sparse_budget_tokens=budget_tokens)
-    graphs.graphs = DecodeGraphs(
-        runner,
-        graphs.kv_cache,
-        batch_sizes=GRAPH_SIZES,
-        max_blocks=math.ceil(longest / BLOCK_SIZE) + 1,
-        sparse_budget=graphs.sparse_budget,
-        capture=False,
-    )
+    attach_uncaptured_graphs(graphs, runner, longest)
     want = run_staggered(eager, prompts, lengths)
     assert run_staggered(graphs, prompts, lengths) == want
     for engine in (eager, graphs):

@@ -206,6 +206,25 @@ def test_chunked_prefill_equals_one_pass(rng, backend, window_left):
     )
     manager = ts.BlockManager(num_blocks, block_size)
     manager.add_sequence(7)
+
+    def attend(rows):
+        """paged_attention of q[rows], the last rows of sequence 7 as the manager holds it."""
+        table, lens = manager.block_table([7])
+        out, lse = ts.paged_attention(
+            asarray(q[rows], fw, device=device),
+            kc,
+            vc,
+            asarray(table, fw, device=device),
+            asarray(lens, fw, device=device),
+            query_start_loc=asarray(
+                np.array([0, rows.stop - rows.start], np.int32), fw, device=device
+            ),
+            window_left=window_left,
+            return_lse=True,
+        )
+        sync(fw, device)
+        return f64(out), f64(lse)
+
     outs, lses = [], []
     done = 0
     for n in chunks:
@@ -219,36 +238,15 @@ def test_chunked_prefill_equals_one_pass(rng, backend, window_left):
             vc,
             asarray(slots, fw, device=device),
         )
-        table, lens = manager.block_table([7])
-        out, lse = ts.paged_attention(
-            asarray(q[part], fw, device=device),
-            kc,
-            vc,
-            asarray(table, fw, device=device),
-            asarray(lens, fw, device=device),
-            query_start_loc=asarray(np.array([0, n], np.int32), fw, device=device),
-            window_left=window_left,
-            return_lse=True,
-        )
-        sync(fw, device)
-        outs.append(f64(out))
-        lses.append(f64(lse))
+        out, lse = attend(part)
+        outs.append(out)
+        lses.append(lse)
         done += int(n)
+    one_out, one_lse = attend(slice(0, length))
     table, lens = manager.block_table([7])
-    one_out, one_lse = ts.paged_attention(
-        asarray(q, fw, device=device),
-        kc,
-        vc,
-        asarray(table, fw, device=device),
-        asarray(lens, fw, device=device),
-        query_start_loc=asarray(np.array([0, length], np.int32), fw, device=device),
-        window_left=window_left,
-        return_lse=True,
-    )
-    sync(fw, device)
     chunked_out, chunked_lse = np.concatenate(outs), np.concatenate(lses)
-    assert R.rel_error(chunked_out, f64(one_out)) < 1e-6
-    np.testing.assert_allclose(chunked_lse, f64(one_lse), rtol=1e-6, atol=1e-6)
+    assert R.rel_error(chunked_out, one_out) < 1e-6
+    np.testing.assert_allclose(chunked_lse, one_lse, rtol=1e-6, atol=1e-6)
     ref_out, ref_lse = R.paged_prefill(
         q, f64(kc), f64(vc), table, lens, np.array([0, length]), window_left=window_left
     )

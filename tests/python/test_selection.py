@@ -14,95 +14,9 @@ import tinyserve as ts
 from arrays import TOLERANCE, asarray, backends, cache_pair, empty, f64, require, sync, torch
 
 SUMMARIES = ["minmax_damped", "minmax", "meanstd"]
-# Summaries that store the elementwise minimum and maximum (they differ only in the score).
-MINMAX_ROWS = ("minmax", "minmax_damped")
 # Summaries are stored in the cache's dtype: allowed error of a mean/std against float64, relative
 # to the keys' scale (the rounding of the stored value, and float32 sums on the GPU).
 META_TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
-
-
-# ---------------------------------------------------------------------------------------------
-# References
-
-
-def ref_summary(keys: np.ndarray, summary: str) -> np.ndarray:
-    """[n, H, D] keys of one page -> [H, 2, D] summary in float64."""
-    k = np.asarray(keys, dtype=np.float64)
-    if summary in MINMAX_ROWS:
-        return np.stack([k.min(0), k.max(0)], axis=1)
-    return np.stack([k.mean(0), k.std(0)], axis=1)
-
-
-def ref_scores(q: np.ndarray, meta: np.ndarray, summary: str, group_reduce: str) -> np.ndarray:
-    """q [Hq, D], meta [P, Hkv, 2, D] (the pages of one sequence) -> scores [Hkv, P]."""
-    q = np.asarray(q, dtype=np.float64)
-    meta = np.asarray(meta, dtype=np.float64)
-    num_kv_heads = meta.shape[1]
-    group = q.shape[0] // num_kv_heads
-    qg = q.reshape(num_kv_heads, group, 1, -1)  # [Hkv, G, 1, D]
-    lo = meta[:, :, 0].transpose(1, 0, 2)[:, None]  # [Hkv, 1, P, D]
-    hi = meta[:, :, 1].transpose(1, 0, 2)[:, None]
-    if summary == "minmax":
-        per_head = np.maximum(qg * lo, qg * hi).sum(-1)
-    elif summary == "minmax_damped":
-        # Halfway between the box centre's score and the bound: centre + |q| * half-width / 2.
-        per_head = (qg * (lo + hi) / 2 + np.abs(qg) * (hi - lo) / 4).sum(-1)
-    else:
-        per_head = (qg * lo + np.abs(qg) * hi).sum(-1)
-    per_head = np.where(np.isnan(per_head), -np.inf, per_head)
-    return per_head.sum(1) if group_reduce == "sum" else per_head.max(1)
-
-
-def ref_select(
-    query, meta, block_table, seq_lens, budget, block_size, sinks, summary, group_reduce
-):
-    """(table [B, Hkv, budget] with -1 padding, lens [B, Hkv]) as DESIGN.md §3 specifies."""
-    batch, num_kv_heads = query.shape[0], meta.shape[1]
-    table = np.full((batch, num_kv_heads, budget), -1, dtype=np.int64)
-    lens = np.zeros((batch, num_kv_heads), dtype=np.int64)
-    for b in range(batch):
-        length = int(seq_lens[b])
-        pages = -(-length // block_size)
-        row = block_table[b, :pages]
-        if pages <= budget:
-            table[b, :, :pages] = row
-            lens[b] = length
-            continue
-        scores = ref_scores(query[b], meta[row], summary, group_reduce)
-        for h in range(num_kv_heads):
-            candidates = list(range(sinks, pages - 1))
-            # Highest score first, the lower page on ties.
-            candidates.sort(key=lambda p: (-scores[h, p], p))
-            kept = sorted(list(range(sinks)) + candidates[: budget - sinks - 1]) + [pages - 1]
-            table[b, h] = row[kept]
-            lens[b, h] = (budget - 1) * block_size + length - (pages - 1) * block_size
-    return table, lens
-
-
-def ref_attention_per_head(query, key_cache, value_cache, table, lens):
-    """Decode attention in float64 where KV head h of sequence b reads table[b, h, :] and
-    lens[b, h] tokens."""
-    q = np.asarray(query, dtype=np.float64)
-    batch, num_q_heads, head_dim = q.shape
-    num_kv_heads = key_cache.shape[2]
-    group = num_q_heads // num_kv_heads
-    out = np.zeros_like(q)
-    for b in range(batch):
-        for h in range(num_kv_heads):
-            n = int(lens[b, h])
-            if n == 0:
-                continue
-            k = R.logical_kv(np.asarray(key_cache, np.float64), table[b, h], n)[:, h]
-            v = R.logical_kv(np.asarray(value_cache, np.float64), table[b, h], n)[:, h]
-            for g in range(group):
-                logits = k @ q[b, h * group + g] / np.sqrt(head_dim)
-                p = np.exp(logits - logits.max())
-                out[b, h * group + g] = p @ v / p.sum()
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers
 
 
 def device_of(backend):
@@ -139,8 +53,8 @@ def check_meta(meta, keys_by_block, summary, dtype, untouched):
     """Every written block's summary against the reference of its keys; untouched blocks NaN."""
     got = f64(meta)
     for block, keys in keys_by_block.items():
-        want = ref_summary(np.stack(keys), summary)
-        if summary in MINMAX_ROWS:
+        want = R.page_summary(np.stack(keys), summary)
+        if summary in R.MINMAX_SUMMARIES:
             np.testing.assert_array_equal(got[block], want, err_msg=f"block {block}")
         else:
             scale = max(1.0, np.abs(want).max())
@@ -328,14 +242,14 @@ def test_select_pages_matches_reference(rng, backend, summary, group_reduce, dty
         )
         sync(fw, device)
         assert out[0] is got_t and out[1] is got_l
-        want_t, want_l = ref_select(
+        want_t, want_l = R.select_pages(
             query, meta, table, seq_lens, budget, block_size, sinks, summary, group_reduce
         )
         np.testing.assert_array_equal(to_np(got_t), want_t)
         np.testing.assert_array_equal(to_np(got_l), want_l)
         if summary == "minmax_damped":
             # The same rows scored as Quest's bound keep other pages: the score is live.
-            bound_t, _ = ref_select(
+            bound_t, _ = R.select_pages(
                 query, meta, table, seq_lens, budget, block_size, sinks, "minmax", group_reduce
             )
             assert not np.array_equal(bound_t, want_t)
@@ -351,7 +265,7 @@ def test_select_pages_random_scores(rng, backend):
     query = rng.standard_normal((3, 12, 64)).astype(np.float32)
     for summary in SUMMARIES:
         meta = rng.standard_normal((num_blocks, 4, 2, 64)).astype(np.float32)
-        if summary in MINMAX_ROWS:
+        if summary in R.MINMAX_SUMMARIES:
             meta.sort(axis=2)
         else:
             meta[:, :, 1] = np.abs(meta[:, :, 1])
@@ -364,7 +278,9 @@ def test_select_pages_random_scores(rng, backend):
             block_size=block_size,
             summary=summary,
         )
-        want_t, want_l = ref_select(query, meta, table, seq_lens, 17, block_size, 0, summary, "sum")
+        want_t, want_l = R.select_pages(
+            query, meta, table, seq_lens, 17, block_size, 0, summary, "sum"
+        )
         np.testing.assert_array_equal(to_np(got_t), want_t)
         np.testing.assert_array_equal(to_np(got_l), want_l)
 
@@ -456,7 +372,7 @@ def test_per_head_tables_match_reference(rng, backend, dtype, layout):
             q, kc, vc, ints(table, fw, device), ints(lens, fw, device), out, num_splits=splits
         )
         sync(fw, device)
-        want = ref_attention_per_head(f64(q), f64(kc), f64(vc), table, lens)
+        want = R.paged_attention_per_kv_head(f64(q), f64(kc), f64(vc), table, lens)
         assert R.rel_error(f64(out), want) < TOLERANCE[dtype]
 
 
@@ -500,7 +416,7 @@ def test_select_then_sparse_decode(rng, backend):
     q = asarray(case.query, fw, "float32", device)
     sparse_t, sparse_l = ts.select_pages(q, meta, table, lens, 5, block_size=block_size)
     out = ts.paged_attention(q, kc, vc, sparse_t, sparse_l)
-    want = ref_attention_per_head(
+    want = R.paged_attention_per_kv_head(
         case.query, case.key_cache, case.value_cache, to_np(sparse_t), to_np(sparse_l)
     )
     assert R.rel_error(f64(out), want) < TOLERANCE["float32"]
@@ -666,7 +582,9 @@ def test_readme_sparse_example_runs():
     pages, tokens = scope["pages"], scope["tokens"]
     assert pages.shape == (1, 2, 32) and (pages[0, :, -1] == 187).all()
     np.testing.assert_array_equal(tokens, [[31 * 16 + 3000 - 187 * 16] * 2])
-    want = ref_attention_per_head(scope["query"], scope["k_cache"], scope["v_cache"], pages, tokens)
+    want = R.paged_attention_per_kv_head(
+        scope["query"], scope["k_cache"], scope["v_cache"], pages, tokens
+    )
     assert R.rel_error(scope["out"], want) < TOLERANCE["float32"]
 
 
@@ -705,7 +623,7 @@ def test_select_pages_in_a_cuda_graph(rng):
         lens.add_(67 * step)
         graph.replay()
         torch.cuda.synchronize()
-        want_t, want_l = ref_select(
+        want_t, want_l = R.select_pages(
             query, meta, table, to_np(lens), budget, block_size, 0, "meanstd", "sum"
         )
         np.testing.assert_array_equal(to_np(out[0]), want_t)

@@ -1,4 +1,4 @@
-"""select_pages on CUDA against the float64 NumPy reference of test_selection.py, over every
+"""select_pages on CUDA against the float64 NumPy reference (reference.py), over every
 path of the CUDA kernels: the page-wide scoring kernel (the group folded into two weight vectors
 for summed scores, or each query head scored alone), the row-by-row fallback (rows that are not
 whole 16-byte chunks, or misaligned), the shared-memory top-k and the global-memory one (tables
@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_selection import random_pages, ref_scores, ref_select, to_np
+from test_selection import random_pages, to_np
 
+import reference as R
 import tinyserve as ts
 from arrays import asarray, cuda_ok, torch
 
@@ -72,7 +73,7 @@ def check_exact(query, meta, table, seq_lens, budget, block_size, sinks, summary
     got_t, got_l = run_select(
         query, meta, table, seq_lens, budget, block_size, sinks, summary, reduce, dtype, **kw
     )
-    want_t, want_l = ref_select(
+    want_t, want_l = R.select_pages(
         query, meta, table, seq_lens, budget, block_size, sinks, summary, reduce
     )
     np.testing.assert_array_equal(got_t, want_t)
@@ -228,7 +229,7 @@ def test_budget_boundaries(rng, sinks):
         got_t, got_l = run_select(
             query, meta, table, seq_lens, budget, block_size, sinks, "meanstd", "sum", "float32"
         )
-        want_t, want_l = ref_select(
+        want_t, want_l = R.select_pages(
             query, meta, table, seq_lens, budget, block_size, sinks, "meanstd", "sum"
         )
         np.testing.assert_array_equal(got_l, want_l)
@@ -241,7 +242,7 @@ def check_up_to_rounding(got_t, want_t, query, meta, table, seq_lens, block_size
     for b in range(len(seq_lens)):
         pages = -(-int(seq_lens[b]) // block_size)
         row = table[b, :pages]
-        scores = ref_scores(query[b], meta[row], "meanstd", "sum") if pages else None
+        scores = R.page_scores(query[b], meta[row], "meanstd", "sum") if pages else None
         for h in range(got_t.shape[1]):
             if np.array_equal(got_t[b, h], want_t[b, h]):
                 continue
@@ -391,7 +392,7 @@ def test_graph_replay_across_the_budget(rng, reduce):
         out[0].fill_(-7)
         graph.replay()
         torch.cuda.synchronize()
-        want_t, want_l = ref_select(
+        want_t, want_l = R.select_pages(
             query, meta, table, step_lens, budget, block_size, sinks, "meanstd", reduce
         )
         np.testing.assert_array_equal(to_np(out[0]), want_t)
@@ -442,7 +443,7 @@ def test_table_no_wider_than_the_budget(rng, width_below_budget):
     out[0].fill_(-7)
     graph.replay()
     torch.cuda.synchronize()
-    want_t, want_l = ref_select(
+    want_t, want_l = R.select_pages(
         query, meta, table, new_lens, budget, block_size, 0, "meanstd", "sum"
     )
     np.testing.assert_array_equal(to_np(out[0]), want_t)

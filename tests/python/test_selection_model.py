@@ -38,6 +38,13 @@ def _check_full_budget_is_dense(bench, model, ids, steps):
     # A budget below the page count selects (the path is live): tokens may differ, the run holds.
     small = runner.generate(logits, steps, budget_pages=2)
     assert len(small) == steps
+    # The dense tokens are transformers' own greedy choices: each is the argmax (up to float32
+    # rounding, so near-ties cannot flake) of the model's logits with its own attention.
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        own = model(torch.tensor([ids + dense[:-1]]), use_cache=False).logits[0, len(ids) - 1 :]
+    chosen = own[torch.arange(steps), torch.tensor(dense)]
+    assert (chosen >= own.max(-1).values - 1e-3).all(), (dense, own.argmax(-1).tolist())
     return dense
 
 
