@@ -91,9 +91,9 @@ struct PrefillLaunch {
 
 template <class T, int D>
 DecodeLaunch prefill_mma_launch() {
-  const int smem = PrefillMmaConfig<D>::kSmemBytes;
-  return {reinterpret_cast<const void*>(prefill_mma_kernel<T, D>), smem, smem,
-          PrefillMmaConfig<D>::kRows, kPrefillThreads};
+  using C = PrefillMmaConfig<D>;
+  return {reinterpret_cast<const void*>(prefill_mma_kernel<T, C>), C::kSmemBytes, C::kSmemBytes,
+          C::kRows, C::kThreads};
 }
 
 template <class T>

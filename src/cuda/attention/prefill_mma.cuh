@@ -16,6 +16,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/attention/prefill_common.cuh"
 #include "cuda/dtypes.cuh"
@@ -23,46 +24,85 @@
 
 namespace tinyserve::kernels::cuda {
 
-constexpr int kPrefillThreads = 128;
-constexpr int kPrefillWarps = kPrefillThreads / 32;
+// How a CTA overlaps its K/V copies with its MMAs (see the kernel's main loop):
+//  kTwoBarriers: each tile's K and V land together; the copy of tile i + Stages - 1 is issued
+//                before waiting for tile i, and a second barrier frees tile i's stage.
+//  kOneBarrier:  as above, but the copy is issued after the one barrier that says tile i has
+//                landed, into the stage that every warp finished with in the previous tile.
+//  kKThenV:      K and V of a tile are separate copy groups: the scores of tile i are computed
+//                while its V is still landing (a second barrier before P V).
+enum class PrefillPipeline { kTwoBarriers, kOneBarrier, kKThenV };
 
-template <int D>
-struct PrefillMmaConfig {
-  // m16 row tiles per warp: two up to head_dim 128, so that every K/V fragment read from shared
-  // memory feeds two MMAs (with one, the ldmatrix traffic, not the tensor cores, bounds a
-  // warp); one at 256, where two would not fit the registers.
-  static constexpr int kWarpTiles = D <= 128 ? 2 : 1;
-  static constexpr int kRows = kPrefillWarps * 16 * kWarpTiles;  // query rows per CTA
-  // Keys per tile: 64 at head_dim 64; 32 above, where the scores of 64 keys would not fit the
-  // registers beside two row tiles' accumulators (128) and two CTAs would not share a
-  // multiprocessor's shared memory (256).
-  static constexpr int kKeys = D == 64 ? 64 : 32;
+// The tile configuration of the tensor-core prefill kernel.
+//  Warps:        warps per CTA; each owns 16 * WarpTiles query rows.
+//  WarpTiles:    m16 row tiles per warp: with two, every K/V fragment read from shared memory
+//                feeds two MMAs (with one, ldmatrix traffic, not the tensor cores, bounds a warp).
+//  Keys:         keys per copied K/V tile (one pipeline stage).
+//  ChunkKeys:    keys whose scores are held in registers at once (a divisor of Keys); a tile
+//                wider than its chunk halves the barriers and copy setup per key without the
+//                registers of wider scores.
+//  Stages:       K/V tiles in flight (shared memory: Q + Stages x (K + V) tiles).
+//  PrefetchTable: the block-table entries of the next tile are loaded one tile ahead, so a copy's
+//                addresses do not wait on a dependent global load.
+//  QInRegisters: Q fragments are loaded once into registers instead of from shared per k-step.
+//  FusedScale:   the softmax scale is folded into the exponent (one FFMA per score with the max
+//                subtraction) where there is no soft-cap and the scale is positive.
+template <int D, int Warps, int WarpTiles, int Keys, int ChunkKeys, int Stages,
+          PrefillPipeline Pipeline, bool PrefetchTable, bool QInRegisters, bool FusedScale>
+struct PrefillTile {
+  static constexpr int kHeadDim = D;
+  static constexpr int kWarps = Warps;
+  static constexpr int kThreads = Warps * 32;
+  static constexpr int kWarpTiles = WarpTiles;
+  static constexpr int kRows = Warps * 16 * WarpTiles;  // query rows per CTA
+  static constexpr int kKeys = Keys;
+  static constexpr int kChunkKeys = ChunkKeys;
+  static constexpr int kStages = Stages;
+  static constexpr PrefillPipeline kPipeline = Pipeline;
+  static constexpr bool kPrefetchTable = PrefetchTable;
+  static constexpr bool kQInRegisters = QInRegisters;
+  static constexpr bool kFusedScale = FusedScale;
   static constexpr int kRow = D + 8;     // shared row stride (elements)
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row
-  static constexpr int kRowsPerPass = kPrefillThreads / kChunks;
+  static constexpr int kRowsPerPass = kThreads / kChunks;
   static constexpr int kQPasses = kRows / kRowsPerPass;
-  static constexpr int kKvPasses = kKeys / kRowsPerPass;
-  // Q fragments stay in registers where they fit beside the accumulators.
-  static constexpr bool kQInRegisters = D * kWarpTiles <= 128;
+  static constexpr int kKvPasses = Keys / kRowsPerPass;
   static constexpr int kQBytes = kRows * kRow * 2;
-  static constexpr int kTileBytes = kKeys * kRow * 2;  // K or V of one tile
+  static constexpr int kTileBytes = Keys * kRow * 2;  // K or V of one tile
   static constexpr int kStageBytes = 2 * kTileBytes;
-  static constexpr int kSmemBytes = kQBytes + 2 * kStageBytes;
-  static_assert(kPrefillThreads % kChunks == 0 && kKeys % kRowsPerPass == 0 &&
-                    kRows % kRowsPerPass == 0,
+  static constexpr int kSmemBytes = kQBytes + Stages * kStageBytes;
+  static_assert(kThreads % kChunks == 0 && Keys % kRowsPerPass == 0 && kRows % kRowsPerPass == 0,
                 "loader shape");
+  static_assert(Keys % ChunkKeys == 0 && ChunkKeys % 16 == 0 && Stages >= 2, "tile shape");
 };
+
+// The configuration each head dim ships with (one line per head dim):
+//  64:  64 keys, Q in registers (it fits beside one warp's two row tiles' accumulators).
+//  128: 32 keys: the scores of 64 keys would not fit the registers beside two row tiles'
+//       accumulators.
+//  256: one row tile per warp (two would not fit the registers), 32 keys (two CTAs share a
+//       multiprocessor's shared memory).
+template <int D>
+using PrefillMmaConfig = std::conditional_t<
+    D == 64, PrefillTile<64, 4, 2, 64, 64, 2, PrefillPipeline::kTwoBarriers, false, true, false>,
+    std::conditional_t<
+        D == 128,
+        PrefillTile<128, 4, 2, 32, 32, 2, PrefillPipeline::kTwoBarriers, false, false, false>,
+        PrefillTile<256, 4, 1, 32, 32, 2, PrefillPipeline::kTwoBarriers, false, false, false>>>;
 
 // As in the decode kernel: a row's running max is raised only when a score exceeds it by this
 // much (log2 units), so probabilities stay below 2^8 and most tiles skip the rescale.
 constexpr float kPrefillRescaleThreshold = 8.0f;
 
-template <class T, int D>
-__global__ void __launch_bounds__(kPrefillThreads)
+template <class T, class C>
+__global__ void __launch_bounds__(C::kThreads)
     prefill_mma_kernel(const __grid_constant__ PrefillArgs p) {
-  using C = PrefillMmaConfig<D>;
+  constexpr int D = C::kHeadDim;
   constexpr int kKeys = C::kKeys;
+  constexpr int kChunk = C::kChunkKeys;
+  constexpr int kStages = C::kStages;
   constexpr int kM = C::kWarpTiles;
+  constexpr PrefillPipeline kPipe = C::kPipeline;
   constexpr std::uint32_t kRowBytes = C::kRow * 2;
   extern __shared__ __align__(16) unsigned char smem[];
   PrefillUnit u;
@@ -93,34 +133,69 @@ __global__ void __launch_bounds__(kPrefillThreads)
     }
   }
 
-  // K/V tiles: key rows past the range, or in a block outside the cache, are zero-filled.
+  // K/V tiles: key rows past the range, or in a block outside the cache, are zero-filled. The
+  // block of each row this thread copies is looked up first (-1: zero-fill), then K and/or V are
+  // copied from it.
   const std::int32_t* table = a.kv.table_row(u.b, u.kv_head);
   const T* k_head = a.kv.k_head<T>(u.kv_head);
   const T* v_head = a.kv.v_head<T>(u.kv_head);
   const int key_end = max(0, u.pos0 + u.rows);  // <= the length: pos0 + rows <= len
-  auto load_tile = [&](int tile, int stage) {
-    const int k0 = u.key_begin + tile * kKeys;
+  const int num_tiles = u.tile_end - u.tile_begin;
+  auto tile_blocks = [&](int tile, std::int32_t(&blocks)[C::kKvPasses]) {
+    const int k0 = u.key_begin + (u.tile_begin + tile) * kKeys;
+#pragma unroll
+    for (int i = 0; i < C::kKvPasses; ++i) {
+      const int token = k0 + row_in_pass + i * C::kRowsPerPass;
+      blocks[i] = token < key_end ? table[a.kv.page_of(token)] : -1;
+    }
+  };
+  // parts: 1 = K, 2 = V, 3 = both.
+  auto copy_tile = [&](int tile, int stage, const std::int32_t(&blocks)[C::kKvPasses], int parts) {
+    const int k0 = u.key_begin + (u.tile_begin + tile) * kKeys;
     const std::uint32_t ks =
         stage_base + stage * C::kStageBytes + row_in_pass * kRowBytes + chunk_bytes;
     const std::uint32_t vs = ks + C::kTileBytes;
 #pragma unroll
     for (int i = 0; i < C::kKvPasses; ++i) {
       const int token = k0 + row_in_pass + i * C::kRowsPerPass;
-      const T* kr = k_head;
-      const T* vr = v_head;
-      bool zero = true;
-      if (token < key_end) {
-        const int page = a.kv.page_of(token);
-        const std::int64_t block = table[page];
-        if (a.kv.in_cache(block)) {
-          kr = a.kv.k_row(k_head, block, token, page);
-          vr = a.kv.v_row(v_head, block, token, page);
-          zero = false;
-        }
-      }
+      const int page = a.kv.page_of(token);
+      const std::int64_t block = blocks[i];
+      const bool zero = !a.kv.in_cache(block);
       const std::uint32_t dst = i * C::kRowsPerPass * kRowBytes;
-      ptx::cp_async_16_shared_data(ks + dst, reinterpret_cast<const char*>(kr) + chunk_bytes, zero);
-      ptx::cp_async_16_shared_data(vs + dst, reinterpret_cast<const char*>(vr) + chunk_bytes, zero);
+      if (parts & 1) {
+        const T* kr = zero ? k_head : a.kv.k_row(k_head, block, token, page);
+        ptx::cp_async_16_shared_data(ks + dst, reinterpret_cast<const char*>(kr) + chunk_bytes,
+                                     zero);
+      }
+      if (parts & 2) {
+        const T* vr = zero ? v_head : a.kv.v_row(v_head, block, token, page);
+        ptx::cp_async_16_shared_data(vs + dst, reinterpret_cast<const char*>(vr) + chunk_bytes,
+                                     zero);
+      }
+    }
+  };
+  // Issues tile `tile` (if it exists) into its stage as one copy group, or two (K, then V) with
+  // kKThenV. With PrefetchTable, `next` holds the tile's blocks on entry and the following
+  // tile's on exit.
+  std::int32_t next[C::kKvPasses];
+  auto issue_tile = [&](int tile) {
+    const bool exists = tile < num_tiles;
+    std::int32_t blocks[C::kKvPasses];
+    if constexpr (C::kPrefetchTable) {
+#pragma unroll
+      for (int i = 0; i < C::kKvPasses; ++i) blocks[i] = next[i];
+      if (tile + 1 < num_tiles) tile_blocks(tile + 1, next);
+    } else {
+      if (exists) tile_blocks(tile, blocks);
+    }
+    if constexpr (kPipe == PrefillPipeline::kKThenV) {
+      if (exists) copy_tile(tile, tile % kStages, blocks, 1);
+      ptx::cp_async_commit();
+      if (exists) copy_tile(tile, tile % kStages, blocks, 2);
+      ptx::cp_async_commit();
+    } else {
+      if (exists) copy_tile(tile, tile % kStages, blocks, 3);
+      ptx::cp_async_commit();
     }
   };
 
@@ -143,11 +218,15 @@ __global__ void __launch_bounds__(kPrefillThreads)
   const bool warp_active = warp_row0 < u.rows * hc;
   auto tile_active = [&](int mt) { return mt == 0 || warp_row0 + mt * 16 < u.rows * hc; };
   const int pos_last = u.pos0 + u.rows - 1;
-  // A tile needs masks where a key follows the first row's position (causal) or precedes the
+  // A chunk needs masks where a key follows the first row's position (causal) or precedes the
   // last row's window.
   auto needs_mask = [&](int k0) {
-    return k0 + kKeys - 1 > u.pos0 || (a.window_left >= 0 && k0 < pos_last - a.window_left);
+    return k0 + kChunk - 1 > u.pos0 || (a.window_left >= 0 && k0 < pos_last - a.window_left);
   };
+  // Scores become logits (log2 units) as logit = s * score_scale; FusedScale leaves the scale to
+  // the exponent where that is exact in order (no soft-cap, positive scale).
+  const bool scale_in_exp = C::kFusedScale && !a.soft_cap && a.pre > 0.0f;
+  const float score_scale = scale_in_exp ? a.pre : 1.0f;
 
   // Fragment addresses (shared, bytes), as in the decode kernel. Q (A operand) of row tile mt:
   // rows warp_row0 + mt * 16 + (l / 8 % 2) * 8 + l % 8, columns (l / 16) * 8 of each 16-wide
@@ -174,157 +253,189 @@ __global__ void __launch_bounds__(kPrefillThreads)
   }
   std::uint32_t q_regs[C::kQInRegisters ? kM : 1][C::kQInRegisters ? D / 16 : 1][4];
 
-  const int num_tiles = u.tile_end - u.tile_begin;
-  if (num_tiles > 0) load_tile(u.tile_begin, 0);
-  ptx::cp_async_commit();  // group 0: Q and the first tile; group i: tile i
+  // Copy groups: the first holds Q with tile 0; then one group per tile (two with kKThenV), one
+  // committed per tile even when the tile does not exist, so the wait counts below hold.
+  if constexpr (C::kPrefetchTable) tile_blocks(0, next);
+#pragma unroll
+  for (int t = 0; t < kStages - 1; ++t) issue_tile(t);
   for (int it = 0; it < num_tiles; ++it) {
-    if (it + 1 < num_tiles) load_tile(u.tile_begin + it + 1, (it + 1) % 2);
-    ptx::cp_async_commit();
-    ptx::cp_async_wait<1>();  // everything but the tile just issued has landed
-    __syncthreads();
-    if (warp_active) {
-      if constexpr (C::kQInRegisters) {
-        if (it == 0) {
-#pragma unroll
-          for (int mt = 0; mt < kM; ++mt) {
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-              ptx::ldmatrix_x4(q_regs[mt][kk], q_frag + mt * 16 * kRowBytes + kk * 32);
-            }
-          }
-        }
-      }
-      const std::uint32_t stage_offset = (it % 2) * C::kStageBytes;
-      // S = Q K^T: 16 * kM rows x kKeys keys per warp; each K fragment feeds kM MMAs.
-      float s[kM][kKeys / 8][4];
+    if constexpr (kPipe == PrefillPipeline::kTwoBarriers) {
+      issue_tile(it + kStages - 1);
+      ptx::cp_async_wait<kStages - 1>();  // everything but the tiles after `it` has landed
+      __syncthreads();
+    } else if constexpr (kPipe == PrefillPipeline::kOneBarrier) {
+      ptx::cp_async_wait<kStages - 2>();
+      __syncthreads();  // tile it has landed, and every warp is done with tile it - 1's stage
+      issue_tile(it + kStages - 1);
+    } else {
+      ptx::cp_async_wait<2 * kStages - 3>();  // K of tile it
+      __syncthreads();
+      issue_tile(it + kStages - 1);
+    }
+    if (warp_active && C::kQInRegisters && it == 0) {
 #pragma unroll
       for (int mt = 0; mt < kM; ++mt) {
 #pragma unroll
-        for (int j = 0; j < kKeys / 8; ++j)
-          s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.0f;
+        for (int kk = 0; kk < D / 16; ++kk) {
+          ptx::ldmatrix_x4(q_regs[C::kQInRegisters ? mt : 0][C::kQInRegisters ? kk : 0],
+                           q_frag + mt * 16 * kRowBytes + kk * 32);
+        }
       }
+    }
+    const std::uint32_t stage_offset = (it % kStages) * C::kStageBytes;
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        std::uint32_t qa[kM][4];
+    for (int c = 0; c < kKeys / kChunk; ++c) {
+      const int k0 = u.key_begin + (u.tile_begin + it) * kKeys + c * kChunk;
+      // A chunk past every row's position (in a tile wider than its chunk) is all masked.
+      const bool chunk_live = warp_active && (c == 0 || k0 <= pos_last);
+      const std::uint32_t chunk_offset = stage_offset + c * kChunk * kRowBytes;
+      float s[kM][kChunk / 8][4];
+      if (chunk_live) {
+        // S = Q K^T: 16 * kM rows x kChunk keys per warp; each K fragment feeds kM MMAs.
 #pragma unroll
         for (int mt = 0; mt < kM; ++mt) {
-          if constexpr (C::kQInRegisters) {
 #pragma unroll
-            for (int i = 0; i < 4; ++i)
-              qa[mt][i] = q_regs[C::kQInRegisters ? mt : 0][C::kQInRegisters ? kk : 0][i];
-          } else {
-            ptx::ldmatrix_x4(qa[mt], q_frag + mt * 16 * kRowBytes + kk * 32);
-          }
+          for (int j = 0; j < kChunk / 8; ++j)
+            s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.0f;
         }
 #pragma unroll
-        for (int kb = 0; kb < kKeys / 16; ++kb) {
-          std::uint32_t kf[4];
-          ptx::ldmatrix_x4(kf, k_frag + stage_offset + kb * 16 * kRowBytes + kk * 32);
+        for (int kk = 0; kk < D / 16; ++kk) {
+          std::uint32_t qa[kM][4];
 #pragma unroll
           for (int mt = 0; mt < kM; ++mt) {
-            if (!tile_active(mt)) continue;
-            ptx::mma_16816<T>(s[mt][2 * kb], qa[mt], kf[0], kf[1]);
-            ptx::mma_16816<T>(s[mt][2 * kb + 1], qa[mt], kf[2], kf[3]);
+            if constexpr (C::kQInRegisters) {
+#pragma unroll
+              for (int i = 0; i < 4; ++i)
+                qa[mt][i] = q_regs[C::kQInRegisters ? mt : 0][C::kQInRegisters ? kk : 0][i];
+            } else {
+              ptx::ldmatrix_x4(qa[mt], q_frag + mt * 16 * kRowBytes + kk * 32);
+            }
           }
-        }
-      }
-      // Logits; element (j, e) of row tile mt is row qpos[mt][e / 2], key
-      // k0 + j * 8 + quad_col + e % 2.
-      const int k0 = u.key_begin + (u.tile_begin + it) * kKeys;
-      if (needs_mask(k0)) {
 #pragma unroll
-        for (int mt = 0; mt < kM; ++mt) {
+          for (int kb = 0; kb < kChunk / 16; ++kb) {
+            std::uint32_t kf[4];
+            ptx::ldmatrix_x4(kf, k_frag + chunk_offset + kb * 16 * kRowBytes + kk * 32);
 #pragma unroll
-          for (int j = 0; j < kKeys / 8; ++j) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int key = k0 + j * 8 + quad_col + (e % 2);
-              const int pos = qpos[mt][e / 2];
-              const bool seen = key <= pos && (a.window_left < 0 || key >= pos - a.window_left);
-              s[mt][j][e] = seen ? a.logit(s[mt][j][e]) : -INFINITY;
+            for (int mt = 0; mt < kM; ++mt) {
+              if (!tile_active(mt)) continue;
+              ptx::mma_16816<T>(s[mt][2 * kb], qa[mt], kf[0], kf[1]);
+              ptx::mma_16816<T>(s[mt][2 * kb + 1], qa[mt], kf[2], kf[3]);
             }
           }
         }
-      } else {
+        // Logits; element (j, e) of row tile mt is row qpos[mt][e / 2], key
+        // k0 + j * 8 + quad_col + e % 2.
+        if (needs_mask(k0)) {
+#pragma unroll
+          for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+            for (int j = 0; j < kChunk / 8; ++j) {
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                const int key = k0 + j * 8 + quad_col + (e % 2);
+                const int pos = qpos[mt][e / 2];
+                const bool seen = key <= pos && (a.window_left < 0 || key >= pos - a.window_left);
+                const float logit = scale_in_exp ? s[mt][j][e] : a.logit(s[mt][j][e]);
+                s[mt][j][e] = seen ? logit : -INFINITY;
+              }
+            }
+          }
+        } else if (!scale_in_exp) {
+#pragma unroll
+          for (int mt = 0; mt < kM; ++mt) {
+#pragma unroll
+            for (int j = 0; j < kChunk / 8; ++j) {
+#pragma unroll
+              for (int e = 0; e < 4; ++e) s[mt][j][e] = a.logit(s[mt][j][e]);
+            }
+          }
+        }
+        // Online softmax; a row's scores are spread over the 4 lanes of a quad.
 #pragma unroll
         for (int mt = 0; mt < kM; ++mt) {
-#pragma unroll
-          for (int j = 0; j < kKeys / 8; ++j) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[mt][j][e] = a.logit(s[mt][j][e]);
-          }
-        }
-      }
-      // Online softmax; a row's scores are spread over the 4 lanes of a quad.
-#pragma unroll
-      for (int mt = 0; mt < kM; ++mt) {
-        float mx[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          mx[r] = -INFINITY;
-#pragma unroll
-          for (int j = 0; j < kKeys / 8; ++j) {
-            mx[r] = fmaxf(mx[r], fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]));
-          }
-          mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-          mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-        }
-        const bool grow = mx[0] > m[mt][0] + kPrefillRescaleThreshold ||
-                          mx[1] > m[mt][1] + kPrefillRescaleThreshold;
-        if (__any_sync(0xffffffffu, grow)) {
+          float mx[2];
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
-            if (mx[r] > m[mt][r]) {
-              const float correction = ptx::exp2_approx(m[mt][r] - mx[r]);  // 0 when m was -inf
-              m[mt][r] = mx[r];
-              l[mt][r] *= correction;
+            mx[r] = -INFINITY;
 #pragma unroll
-              for (int nb = 0; nb < D / 8; ++nb) {
-                o[mt][nb][2 * r] *= correction;
-                o[mt][nb][2 * r + 1] *= correction;
+            for (int j = 0; j < kChunk / 8; ++j) {
+              mx[r] = fmaxf(mx[r], fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]));
+            }
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            if constexpr (C::kFusedScale) mx[r] *= score_scale;  // -inf stays -inf
+          }
+          const bool grow = mx[0] > m[mt][0] + kPrefillRescaleThreshold ||
+                            mx[1] > m[mt][1] + kPrefillRescaleThreshold;
+          if (__any_sync(0xffffffffu, grow)) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              if (mx[r] > m[mt][r]) {
+                const float correction = ptx::exp2_approx(m[mt][r] - mx[r]);  // 0 when m was -inf
+                m[mt][r] = mx[r];
+                l[mt][r] *= correction;
+#pragma unroll
+                for (int nb = 0; nb < D / 8; ++nb) {
+                  o[mt][nb][2 * r] *= correction;
+                  o[mt][nb][2 * r + 1] *= correction;
+                }
+              }
+            }
+          }
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const float base = m[mt][r] == -INFINITY ? 0.0f : m[mt][r];  // nothing seen: p = 0
+#pragma unroll
+            for (int j = 0; j < kChunk / 8; ++j) {
+#pragma unroll
+              for (int e = 2 * r; e < 2 * r + 2; ++e) {
+                if constexpr (C::kFusedScale) {
+                  s[mt][j][e] = ptx::exp2_approx(fmaf(s[mt][j][e], score_scale, -base));
+                } else {
+                  s[mt][j][e] = ptx::exp2_approx(s[mt][j][e] - base);
+                }
+                l[mt][r] += s[mt][j][e];
               }
             }
           }
         }
+      }
+      if constexpr (kPipe == PrefillPipeline::kKThenV) {
+        if (c == 0) {
+          ptx::cp_async_wait<2 * kStages - 2>();  // V of tile it
+          __syncthreads();
+        }
+      }
+      if (chunk_live) {
+        // O += P V, 16 keys at a time: P's accumulator layout is the A operand layout; each V
+        // fragment feeds kM MMAs.
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const float base = m[mt][r] == -INFINITY ? 0.0f : m[mt][r];  // nothing seen yet: p = 0
+        for (int kc = 0; kc < kChunk / 16; ++kc) {
+          std::uint32_t pa[kM][4];
 #pragma unroll
-          for (int j = 0; j < kKeys / 8; ++j) {
+          for (int mt = 0; mt < kM; ++mt) {
+            pa[mt][0] = pack2<T>(s[mt][2 * kc][0], s[mt][2 * kc][1]);
+            pa[mt][1] = pack2<T>(s[mt][2 * kc][2], s[mt][2 * kc][3]);
+            pa[mt][2] = pack2<T>(s[mt][2 * kc + 1][0], s[mt][2 * kc + 1][1]);
+            pa[mt][3] = pack2<T>(s[mt][2 * kc + 1][2], s[mt][2 * kc + 1][3]);
+          }
 #pragma unroll
-            for (int e = 2 * r; e < 2 * r + 2; ++e) {
-              s[mt][j][e] = ptx::exp2_approx(s[mt][j][e] - base);
-              l[mt][r] += s[mt][j][e];
+          for (int dp = 0; dp < D / 16; ++dp) {
+            std::uint32_t vf[4];
+            ptx::ldmatrix_x4_trans(vf, v_frag + chunk_offset + kc * 16 * kRowBytes + dp * 32);
+#pragma unroll
+            for (int mt = 0; mt < kM; ++mt) {
+              if (!tile_active(mt)) continue;
+              ptx::mma_16816<T>(o[mt][2 * dp], pa[mt], vf[0], vf[1]);
+              ptx::mma_16816<T>(o[mt][2 * dp + 1], pa[mt], vf[2], vf[3]);
             }
           }
         }
       }
-      // O += P V, 16 keys at a time: P's accumulator layout is the A operand layout; each V
-      // fragment feeds kM MMAs.
-#pragma unroll
-      for (int kc = 0; kc < kKeys / 16; ++kc) {
-        std::uint32_t pa[kM][4];
-#pragma unroll
-        for (int mt = 0; mt < kM; ++mt) {
-          pa[mt][0] = pack2<T>(s[mt][2 * kc][0], s[mt][2 * kc][1]);
-          pa[mt][1] = pack2<T>(s[mt][2 * kc][2], s[mt][2 * kc][3]);
-          pa[mt][2] = pack2<T>(s[mt][2 * kc + 1][0], s[mt][2 * kc + 1][1]);
-          pa[mt][3] = pack2<T>(s[mt][2 * kc + 1][2], s[mt][2 * kc + 1][3]);
-        }
-#pragma unroll
-        for (int dp = 0; dp < D / 16; ++dp) {
-          std::uint32_t vf[4];
-          ptx::ldmatrix_x4_trans(vf, v_frag + stage_offset + kc * 16 * kRowBytes + dp * 32);
-#pragma unroll
-          for (int mt = 0; mt < kM; ++mt) {
-            if (!tile_active(mt)) continue;
-            ptx::mma_16816<T>(o[mt][2 * dp], pa[mt], vf[0], vf[1]);
-            ptx::mma_16816<T>(o[mt][2 * dp + 1], pa[mt], vf[2], vf[3]);
-          }
-        }
-      }
     }
-    __syncthreads();  // the stage is free for the copy two iterations on
+    if constexpr (kPipe == PrefillPipeline::kTwoBarriers) {
+      __syncthreads();  // the stage is free for the copy kStages iterations on
+    }
   }
   ptx::cp_async_wait<0>();
   ptx::allow_dependent_grids();  // the merge kernel (if any) may start launching

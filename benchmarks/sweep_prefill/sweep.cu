@@ -1,0 +1,359 @@
+// Times every prefill kernel configuration of configs.txt on issue 11's cases and checks each:
+// against a float64 host reference on small ragged batches (plain causal, window + soft-cap,
+// negative scale), and against the shipped configuration's output on the timed cases.
+// Built and run by run.sh; the table prints last.
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cuda/attention/params.cuh"
+#include "sweep.cuh"
+
+namespace {
+
+namespace k = tinyserve::kernels::cuda;
+
+#define CHECK(x)                                                                             \
+  do {                                                                                       \
+    cudaError_t e = (x);                                                                     \
+    if (e != cudaSuccess) {                                                                  \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); \
+      std::exit(1);                                                                          \
+    }                                                                                        \
+  } while (0)
+
+constexpr int kQHeads = 32, kKvHeads = 8, kDim = 128, kPage = 16;
+
+struct Seq {
+  int rows, prefix;
+};
+
+// Random normal-ish values (sum of four uniforms, unit variance) from a hash of the index.
+__global__ void fill_random(__half* x, std::int64_t n, std::uint32_t seed) {
+  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += std::int64_t(gridDim.x) * blockDim.x) {
+    std::uint32_t h = std::uint32_t(i) * 2654435761u ^ seed ^ std::uint32_t(i >> 32) * 40503u;
+    float sum = 0.0f;
+    for (int r = 0; r < 4; ++r) {
+      h ^= h >> 16;
+      h *= 0x7feb352du;
+      h ^= h >> 15;
+      h *= 0x846ca68bu;
+      h ^= h >> 16;
+      sum += float(h >> 8) * (1.0f / 16777216.0f);
+    }
+    x[i] = __float2half((sum - 2.0f) * 1.7320508f);
+  }
+}
+
+__global__ void fill_nan(__half* x, std::int64_t n) {
+  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += std::int64_t(gridDim.x) * blockDim.x)
+    x[i] = __ushort_as_half(0x7e00);
+}
+
+// max |a - b| into *result (as float bits; NaN anywhere gives +inf).
+__global__ void max_abs_diff(const __half* a, const __half* b, std::int64_t n, unsigned* result) {
+  float worst = 0.0f;
+  for (std::int64_t i = blockIdx.x * std::int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += std::int64_t(gridDim.x) * blockDim.x) {
+    const float d = fabsf(__half2float(a[i]) - __half2float(b[i]));
+    worst = d == d ? fmaxf(worst, d) : INFINITY;
+  }
+  atomicMax(result, __float_as_uint(worst));
+}
+
+// One batch on the device: paged K/V with pages in random physical order.
+struct Batch {
+  std::vector<Seq> seqs;
+  std::vector<int> lens, qsl, table;
+  int max_pages = 0, num_blocks = 0, rows = 0;
+  __half *q = nullptr, *kc = nullptr, *vc = nullptr;
+  int *d_table = nullptr, *d_lens = nullptr, *d_qsl = nullptr;
+
+  Batch(std::vector<Seq> s, std::uint32_t seed) : seqs(std::move(s)) {
+    std::mt19937 rng(seed);
+    qsl.push_back(0);
+    for (const Seq& x : seqs) {
+      lens.push_back(x.rows + x.prefix);
+      max_pages = std::max(max_pages, (lens.back() + kPage - 1) / kPage);
+      num_blocks += (lens.back() + kPage - 1) / kPage;
+      qsl.push_back(qsl.back() + x.rows);
+    }
+    rows = qsl.back();
+    std::vector<int> ids(num_blocks);
+    std::iota(ids.begin(), ids.end(), 0);
+    std::shuffle(ids.begin(), ids.end(), rng);
+    table.assign(seqs.size() * max_pages, 0);
+    int next = 0;
+    for (size_t b = 0; b < seqs.size(); ++b)
+      for (int pg = 0; pg < (lens[b] + kPage - 1) / kPage; ++pg)
+        table[b * max_pages + pg] = ids[next++];
+    const std::int64_t nq = std::int64_t(rows) * kQHeads * kDim;
+    const std::int64_t nkv = std::int64_t(num_blocks) * kPage * kKvHeads * kDim;
+    CHECK(cudaMalloc(&q, std::max<std::int64_t>(nq, 8) * 2));
+    CHECK(cudaMalloc(&kc, nkv * 2));
+    CHECK(cudaMalloc(&vc, nkv * 2));
+    fill_random<<<1024, 256>>>(q, nq, seed * 3 + 1);
+    fill_random<<<1024, 256>>>(kc, nkv, seed * 3 + 2);
+    fill_random<<<1024, 256>>>(vc, nkv, seed * 3 + 3);
+    CHECK(cudaMalloc(&d_table, table.size() * 4));
+    CHECK(cudaMalloc(&d_lens, lens.size() * 4));
+    CHECK(cudaMalloc(&d_qsl, qsl.size() * 4));
+    CHECK(cudaMemcpy(d_table, table.data(), table.size() * 4, cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(d_lens, lens.data(), lens.size() * 4, cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(d_qsl, qsl.data(), qsl.size() * 4, cudaMemcpyHostToDevice));
+    CHECK(cudaDeviceSynchronize());
+  }
+  ~Batch() {
+    cudaFree(q), cudaFree(kc), cudaFree(vc), cudaFree(d_table), cudaFree(d_lens), cudaFree(d_qsl);
+  }
+  std::int64_t out_elems() const { return std::int64_t(rows) * kQHeads * kDim; }
+  // causal FLOPs as benchmarks/bench_prefill.py counts them
+  double flops() const {
+    double pairs = 0;
+    for (const Seq& x : seqs)
+      pairs += double(x.rows) * x.prefix + double(x.rows) * (x.rows + 1) / 2;
+    return 4.0 * kQHeads * kDim * pairs;
+  }
+};
+
+struct Options {
+  float scale = 1.0f / std::sqrt(float(kDim));
+  float soft_cap = 0.0f;
+  int window_left = -1;
+};
+
+// The launch as attention.cu's prefill_attention does it (one split).
+void launch(const sweep::Config& c, const Batch& b, __half* out, const Options& o, cudaStream_t s) {
+  tinyserve::kernels::PagedAttentionParams p;
+  p.query_dtype = p.kv_dtype = p.out_dtype = tinyserve::DType::Float16;
+  p.query = b.q;
+  p.q_stride_batch = kQHeads * kDim;
+  p.q_stride_head = kDim;
+  p.query_start_loc = b.d_qsl;
+  p.num_query_rows = b.rows;
+  p.key_cache = {b.kc, kPage * kKvHeads * kDim, kKvHeads * kDim, kDim};
+  p.value_cache = {b.vc, kPage * kKvHeads * kDim, kKvHeads * kDim, kDim};
+  p.block_table = b.d_table;
+  p.block_table_stride_batch = b.max_pages;
+  p.max_blocks = b.max_pages;
+  p.seq_lens = b.d_lens;
+  p.out = out;
+  p.out_stride_batch = kQHeads * kDim;
+  p.out_stride_head = kDim;
+  p.batch = int(b.seqs.size());
+  p.num_q_heads = kQHeads;
+  p.num_kv_heads = kKvHeads;
+  p.head_dim = kDim;
+  p.block_size = kPage;
+  p.num_blocks = b.num_blocks;
+  p.scale = o.scale;
+  p.logits_soft_cap = o.soft_cap;
+  p.window_left = o.window_left;
+  const int group = kQHeads / kKvHeads;
+  const int heads_per_cta = std::min(group, c.rows);
+  k::PrefillArgs a{};
+  a.a = k::make_decode_args(p, heads_per_cta);
+  a.query_start_loc = b.d_qsl;
+  a.batch = p.batch;
+  a.num_query_rows = b.rows;
+  a.positions = c.rows / heads_per_cta;
+  a.heads_per_cta = heads_per_cta;
+  const dim3 grid(unsigned(b.rows / a.positions + p.batch), unsigned(kKvHeads * a.a.head_tiles), 1);
+  void* args[] = {&a};
+  CHECK(cudaLaunchKernel(c.kernel, grid, dim3(c.threads), args, size_t(c.smem_bytes), s));
+}
+
+// float64 reference on the host from the device's fp16 inputs.
+std::vector<double> reference(const Batch& b, const Options& o) {
+  const std::int64_t nkv = std::int64_t(b.num_blocks) * kPage * kKvHeads * kDim;
+  std::vector<__half> q(b.out_elems()), kc(nkv), vc(nkv);
+  CHECK(cudaMemcpy(q.data(), b.q, q.size() * 2, cudaMemcpyDeviceToHost));
+  CHECK(cudaMemcpy(kc.data(), b.kc, nkv * 2, cudaMemcpyDeviceToHost));
+  CHECK(cudaMemcpy(vc.data(), b.vc, nkv * 2, cudaMemcpyDeviceToHost));
+  std::vector<double> out(q.size(), 0.0);
+  for (size_t s = 0; s < b.seqs.size(); ++s) {
+    const int n = b.seqs[s].rows, len = b.lens[s];
+    for (int j = 0; j < n; ++j) {
+      const int row = b.qsl[s] + j, pos = len - n + j;
+      for (int h = 0; h < kQHeads; ++h) {
+        const int kvh = h / (kQHeads / kKvHeads);
+        const int lo = o.window_left >= 0 ? std::max(0, pos - o.window_left) : 0;
+        std::vector<double> logit(pos + 1 - lo);
+        double mx = -INFINITY;
+        auto kv_row = [&](const std::vector<__half>& c, int key) {
+          const int blk = b.table[s * b.max_pages + key / kPage];
+          return &c[((std::int64_t(blk) * kPage + key % kPage) * kKvHeads + kvh) * kDim];
+        };
+        for (int key = lo; key <= pos; ++key) {
+          const __half* kr = kv_row(kc, key);
+          double dot = 0;
+          for (int d = 0; d < kDim; ++d)
+            dot += double(__half2float(q[(std::int64_t(row) * kQHeads + h) * kDim + d])) *
+                   double(__half2float(kr[d]));
+          double x = dot * o.scale;
+          if (o.soft_cap > 0) x = o.soft_cap * std::tanh(x / o.soft_cap);
+          logit[key - lo] = x;
+          mx = std::max(mx, x);
+        }
+        double sum = 0;
+        for (double& x : logit) sum += (x = std::exp(x - mx));
+        double* dst = &out[(std::int64_t(row) * kQHeads + h) * kDim];
+        for (int key = lo; key <= pos; ++key) {
+          const __half* vr = kv_row(vc, key);
+          for (int d = 0; d < kDim; ++d)
+            dst[d] += logit[key - lo] / sum * double(__half2float(vr[d]));
+        }
+      }
+    }
+  }
+  return out;
+}
+
+double max_error(const __half* d_out, const std::vector<double>& ref) {
+  std::vector<__half> out(ref.size());
+  CHECK(cudaMemcpy(out.data(), d_out, out.size() * 2, cudaMemcpyDeviceToHost));
+  double worst = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double d = std::fabs(double(__half2float(out[i])) - ref[i]);
+    worst = d == d ? std::max(worst, d) : INFINITY;
+  }
+  return worst;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int reps = argc > 1 ? std::atoi(argv[1]) : 30;
+  auto& configs = sweep::registry();
+  std::stable_sort(configs.begin(), configs.end(), [](const auto& x, const auto& y) {
+    return (x.name == "shipped") > (y.name == "shipped");
+  });
+  if (configs.empty() || configs[0].name != "shipped") {
+    std::fprintf(stderr, "no 'shipped' configuration\n");
+    return 1;
+  }
+  for (const auto& c : configs)
+    CHECK(
+        cudaFuncSetAttribute(c.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, c.smem_bytes));
+  cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device: %s, %d configurations, median of %d runs\n", prop.name, int(configs.size()),
+              reps);
+  cudaStream_t stream;
+  CHECK(cudaStreamCreate(&stream));
+
+  // 1. Correctness against float64 on small ragged batches (decode rows, appends over prefixes,
+  // prompts, rows around the 32/64-position and 32/64/128-key tile boundaries, a sequence with
+  // no rows).
+  const double kTolerance = 1e-2;
+  std::vector<double> worst_ref(configs.size(), 0.0);
+  {
+    const std::vector<Seq> small = {{1, 200}, {77, 130}, {64, 0},  {129, 63}, {33, 31}, {0, 10},
+                                    {200, 0}, {1, 0},    {65, 64}, {31, 97},  {96, 191}};
+    const Options variants[] = {{}, {0.09f, 10.0f, 37}, {-0.2f, 0.0f, -1}, {0.1f, 0.0f, 64}};
+    Batch b(small, 7);
+    __half* out;
+    CHECK(cudaMalloc(&out, b.out_elems() * 2));
+    for (const Options& o : variants) {
+      const std::vector<double> ref = reference(b, o);
+      for (size_t i = 0; i < configs.size(); ++i) {
+        fill_nan<<<256, 256, 0, stream>>>(out, b.out_elems());
+        launch(configs[i], b, out, o, stream);
+        CHECK(cudaStreamSynchronize(stream));
+        worst_ref[i] = std::max(worst_ref[i], max_error(out, ref));
+      }
+    }
+    CHECK(cudaFree(out));
+  }
+
+  // 2. Timing on the issue's cases, each output compared with the shipped configuration's.
+  const std::vector<std::pair<const char*, std::vector<Seq>>> cases = {
+      {"8x4096 new", std::vector<Seq>(8, {4096, 0})},
+      {"4x1024/16k", std::vector<Seq>(4, {1024, 16384})},
+      {"1x2048/64k", {{2048, 65536}}},
+      {"mixed",
+       [] {
+         std::vector<Seq> v(64, {1, 4096});
+         v.push_back({512, 4096});
+         v.push_back({512, 4096});
+         return v;
+       }()},
+  };
+  std::vector<std::vector<double>> tflops(configs.size()), ms(configs.size());
+  std::vector<double> worst_shipped(configs.size(), 0.0);
+  unsigned* d_diff;
+  CHECK(cudaMalloc(&d_diff, 4));
+  cudaEvent_t start, stop;
+  CHECK(cudaEventCreate(&start));
+  CHECK(cudaEventCreate(&stop));
+  for (size_t ci = 0; ci < cases.size(); ++ci) {
+    Batch b(cases[ci].second, 100 + unsigned(ci));
+    __half *out, *shipped_out;
+    CHECK(cudaMalloc(&out, b.out_elems() * 2));
+    CHECK(cudaMalloc(&shipped_out, b.out_elems() * 2));
+    for (size_t i = 0; i < configs.size(); ++i) {
+      __half* dst = i == 0 ? shipped_out : out;
+      fill_nan<<<1024, 256, 0, stream>>>(dst, b.out_elems());
+      for (int w = 0; w < 3; ++w) launch(configs[i], b, dst, {}, stream);
+      std::vector<float> times;
+      for (int r = 0; r < reps; ++r) {
+        CHECK(cudaEventRecord(start, stream));
+        launch(configs[i], b, dst, {}, stream);
+        CHECK(cudaEventRecord(stop, stream));
+        CHECK(cudaEventSynchronize(stop));
+        float t;
+        CHECK(cudaEventElapsedTime(&t, start, stop));
+        times.push_back(t);
+      }
+      std::sort(times.begin(), times.end());
+      const double med = times[times.size() / 2];
+      ms[i].push_back(med);
+      tflops[i].push_back(b.flops() / (med * 1e-3) / 1e12);
+      if (i > 0) {
+        CHECK(cudaMemsetAsync(d_diff, 0, 4, stream));
+        max_abs_diff<<<1024, 256, 0, stream>>>(out, shipped_out, b.out_elems(), d_diff);
+        unsigned bits;
+        CHECK(cudaMemcpy(&bits, d_diff, 4, cudaMemcpyDeviceToHost));
+        float d;
+        std::memcpy(&d, &bits, 4);
+        worst_shipped[i] = std::max(worst_shipped[i], double(d));
+      }
+      CHECK(cudaGetLastError());
+    }
+    CHECK(cudaFree(out));
+    CHECK(cudaFree(shipped_out));
+  }
+
+  std::printf(
+      "\nTFLOP/s (causal; ms in brackets); ref: max |err| vs float64 on small batches "
+      "(tolerance %.0e); vs shipped: max |diff| on the timed cases\n",
+      kTolerance);
+  std::printf("%-24s %-34s", "config", "shape");
+  for (const auto& c : cases) std::printf(" %18s", c.first);
+  std::printf(" %9s %10s %s\n", "ref", "vs shipped", "smem");
+  for (size_t i = 0; i < configs.size(); ++i) {
+    std::printf("%-24s %-34s", configs[i].name.c_str(), configs[i].shape.c_str());
+    for (size_t ci = 0; ci < cases.size(); ++ci) {
+      char cell[32];
+      std::snprintf(cell, sizeof cell, "%.0f (%.3f)", tflops[i][ci], ms[i][ci]);
+      std::printf(" %18s", cell);
+    }
+    const bool ok = worst_ref[i] <= kTolerance && worst_shipped[i] <= kTolerance;
+    std::printf(" %9.1e %10.1e %dK%s\n", worst_ref[i], worst_shipped[i],
+                configs[i].smem_bytes / 1024, ok ? "" : "  WRONG");
+  }
+  return 0;
+}
