@@ -11,7 +11,7 @@ arch=${ARCH:-sm_90a}
 jobs=${JOBS:-$(nproc)}
 nvcc=${NVCC:-nvcc}
 mkdir -p "$build"
-rm -f "$build"/cfg_*.cu "$build"/*.o
+rm -f "$build"/cfg_*.cu "$build"/*.o "$build"/*.o.log
 flags=(-std=c++17 -O3 -arch="$arch" --expt-relaxed-constexpr -I"$root/src" -I"$root/include"
        -I"$here")
 while IFS='|' read -r name args; do

@@ -43,12 +43,18 @@ enum class PrefillPipeline { kTwoBarriers, kOneBarrier, kKThenV };
 //                registers of wider scores.
 //  Stages:       K/V tiles in flight (shared memory: Q + Stages x (K + V) tiles).
 //  PrefetchTable: the block-table entries of the next tile are loaded one tile ahead, so a copy's
-//                addresses do not wait on a dependent global load.
+//                addresses do not wait on a dependent global load; a power-of-two page size
+//                takes a copy of the loader without page_of's run-time branch.
 //  QInRegisters: Q fragments are loaded once into registers instead of from shared per k-step.
 //  FusedScale:   the softmax scale is folded into the exponent (one FFMA per score with the max
-//                subtraction) where there is no soft-cap and the scale is positive.
+//                subtraction) where there is no soft-cap and the scale is positive, and the
+//                logit transform runs under one branch per chunk instead of one per score.
+//  UniformMma:   the row tiles' MMAs run under one warp-uniform branch (a CTA of decode rows
+//                takes a one-row-tile copy of the loop) instead of a predicate per MMA, which
+//                costs a WARPSYNC per MMA in SASS.
 template <int D, int Warps, int WarpTiles, int Keys, int ChunkKeys, int Stages,
-          PrefillPipeline Pipeline, bool PrefetchTable, bool QInRegisters, bool FusedScale>
+          PrefillPipeline Pipeline, bool PrefetchTable, bool QInRegisters, bool FusedScale,
+          bool UniformMma = false>
 struct PrefillTile {
   static constexpr int kHeadDim = D;
   static constexpr int kWarps = Warps;
@@ -62,6 +68,7 @@ struct PrefillTile {
   static constexpr bool kPrefetchTable = PrefetchTable;
   static constexpr bool kQInRegisters = QInRegisters;
   static constexpr bool kFusedScale = FusedScale;
+  static constexpr bool kUniformMma = UniformMma;
   static constexpr int kRow = D + 8;     // shared row stride (elements)
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row
   static constexpr int kRowsPerPass = kThreads / kChunks;
@@ -141,16 +148,29 @@ __global__ void __launch_bounds__(C::kThreads)
   const T* v_head = a.kv.v_head<T>(u.kv_head);
   const int key_end = max(0, u.pos0 + u.rows);  // <= the length: pos0 + rows <= len
   const int num_tiles = u.tile_end - u.tile_begin;
-  auto tile_blocks = [&](int tile, std::int32_t(&blocks)[C::kKvPasses]) {
+  // The page of a token: pow2 (a constant at each call) takes the shift of a power-of-two page
+  // size without page_of's run-time branch.
+  auto page_of = [&](int token, bool pow2) {
+    return pow2 ? token >> a.kv.block_shift : a.kv.page_of(token);
+  };
+  auto tile_blocks = [&](int tile, std::int32_t(&blocks)[C::kKvPasses], bool pow2) {
     const int k0 = u.key_begin + (u.tile_begin + tile) * kKeys;
 #pragma unroll
     for (int i = 0; i < C::kKvPasses; ++i) {
       const int token = k0 + row_in_pass + i * C::kRowsPerPass;
-      blocks[i] = token < key_end ? table[a.kv.page_of(token)] : -1;
+      if constexpr (C::kPrefetchTable) {
+        // Loaded unconditionally (a key of the range: key_end >= 1 where a tile exists), so no
+        // branch separates the loads of a tile.
+        const std::int32_t block = table[page_of(min(token, key_end - 1), pow2)];
+        blocks[i] = token < key_end ? block : -1;
+      } else {
+        blocks[i] = token < key_end ? table[page_of(token, pow2)] : -1;
+      }
     }
   };
   // parts: 1 = K, 2 = V, 3 = both.
-  auto copy_tile = [&](int tile, int stage, const std::int32_t(&blocks)[C::kKvPasses], int parts) {
+  auto copy_tile = [&](int tile, int stage, const std::int32_t(&blocks)[C::kKvPasses], int parts,
+                       bool pow2) {
     const int k0 = u.key_begin + (u.tile_begin + tile) * kKeys;
     const std::uint32_t ks =
         stage_base + stage * C::kStageBytes + row_in_pass * kRowBytes + chunk_bytes;
@@ -158,7 +178,7 @@ __global__ void __launch_bounds__(C::kThreads)
 #pragma unroll
     for (int i = 0; i < C::kKvPasses; ++i) {
       const int token = k0 + row_in_pass + i * C::kRowsPerPass;
-      const int page = a.kv.page_of(token);
+      const int page = page_of(token, pow2);
       const std::int64_t block = blocks[i];
       const bool zero = !a.kv.in_cache(block);
       const std::uint32_t dst = i * C::kRowsPerPass * kRowBytes;
@@ -176,26 +196,35 @@ __global__ void __launch_bounds__(C::kThreads)
   };
   // Issues tile `tile` (if it exists) into its stage as one copy group, or two (K, then V) with
   // kKThenV. With PrefetchTable, `next` holds the tile's blocks on entry and the following
-  // tile's on exit.
+  // tile's on exit, and power-of-two page sizes take a copy of the loader without page_of's
+  // branch.
   std::int32_t next[C::kKvPasses];
-  auto issue_tile = [&](int tile) {
+  auto issue = [&](int tile, bool pow2) {
     const bool exists = tile < num_tiles;
     std::int32_t blocks[C::kKvPasses];
     if constexpr (C::kPrefetchTable) {
 #pragma unroll
       for (int i = 0; i < C::kKvPasses; ++i) blocks[i] = next[i];
-      if (tile + 1 < num_tiles) tile_blocks(tile + 1, next);
+      if (tile + 1 < num_tiles) tile_blocks(tile + 1, next, pow2);
     } else {
-      if (exists) tile_blocks(tile, blocks);
+      if (exists) tile_blocks(tile, blocks, pow2);
     }
     if constexpr (kPipe == PrefillPipeline::kKThenV) {
-      if (exists) copy_tile(tile, tile % kStages, blocks, 1);
+      if (exists) copy_tile(tile, tile % kStages, blocks, 1, pow2);
       ptx::cp_async_commit();
-      if (exists) copy_tile(tile, tile % kStages, blocks, 2);
+      if (exists) copy_tile(tile, tile % kStages, blocks, 2, pow2);
       ptx::cp_async_commit();
     } else {
-      if (exists) copy_tile(tile, tile % kStages, blocks, 3);
+      if (exists) copy_tile(tile, tile % kStages, blocks, 3, pow2);
       ptx::cp_async_commit();
+    }
+  };
+  const bool pow2_pages = C::kPrefetchTable && a.kv.block_shift >= 0;
+  auto issue_tile = [&](int tile) {
+    if (pow2_pages) {
+      issue(tile, true);
+    } else {
+      issue(tile, false);
     }
   };
 
@@ -222,6 +251,11 @@ __global__ void __launch_bounds__(C::kThreads)
   // last row's window.
   auto needs_mask = [&](int k0) {
     return k0 + kChunk - 1 > u.pos0 || (a.window_left >= 0 && k0 < pos_last - a.window_left);
+  };
+  // Whether the row at position pos sees key k0 + j * 8 + quad_col + e % 2.
+  auto seen = [&](int k0, int pos, int j, int e) {
+    const int key = k0 + j * 8 + quad_col + (e % 2);
+    return key <= pos && (a.window_left < 0 || key >= pos - a.window_left);
   };
   // Scores become logits (log2 units) as logit = s * score_scale; FusedScale leaves the scale to
   // the exponent where that is exact in order (no soft-cap, positive scale).
@@ -255,7 +289,9 @@ __global__ void __launch_bounds__(C::kThreads)
 
   // Copy groups: the first holds Q with tile 0; then one group per tile (two with kKThenV), one
   // committed per tile even when the tile does not exist, so the wait counts below hold.
-  if constexpr (C::kPrefetchTable) tile_blocks(0, next);
+  if constexpr (C::kPrefetchTable) {
+    if (num_tiles > 0) tile_blocks(0, next, pow2_pages);
+  }
 #pragma unroll
   for (int t = 0; t < kStages - 1; ++t) issue_tile(t);
   for (int it = 0; it < num_tiles; ++it) {
@@ -283,6 +319,174 @@ __global__ void __launch_bounds__(C::kThreads)
       }
     }
     const std::uint32_t stage_offset = (it % kStages) * C::kStageBytes;
+    // The chunk's work for the first `active` row tiles (a constant at each call): scores and
+    // softmax, then P V.
+    auto scores = [&](int active, float(&s)[kM][kChunk / 8][4], int k0,
+                      std::uint32_t chunk_offset) {
+    // A row tile's MMAs run when it holds a row: a warp-uniform branch around the row tiles
+    // (kUniformMma) or a per-MMA predicate.
+    // S = Q K^T: 16 * active rows x kChunk keys per warp; each K fragment feeds `active` MMAs.
+#pragma unroll
+      for (int mt = 0; mt < active; ++mt) {
+#pragma unroll
+        for (int j = 0; j < kChunk / 8; ++j)
+          s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.0f;
+      }
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        std::uint32_t qa[kM][4];
+#pragma unroll
+        for (int mt = 0; mt < active; ++mt) {
+          if constexpr (C::kQInRegisters) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+              qa[mt][i] = q_regs[C::kQInRegisters ? mt : 0][C::kQInRegisters ? kk : 0][i];
+          } else {
+            ptx::ldmatrix_x4(qa[mt], q_frag + mt * 16 * kRowBytes + kk * 32);
+          }
+        }
+#pragma unroll
+        for (int kb = 0; kb < kChunk / 16; ++kb) {
+          std::uint32_t kf[4];
+          ptx::ldmatrix_x4(kf, k_frag + chunk_offset + kb * 16 * kRowBytes + kk * 32);
+#pragma unroll
+          for (int mt = 0; mt < active; ++mt) {
+            if (!(C::kUniformMma || tile_active(mt))) continue;
+            ptx::mma_16816<T>(s[mt][2 * kb], qa[mt], kf[0], kf[1]);
+            ptx::mma_16816<T>(s[mt][2 * kb + 1], qa[mt], kf[2], kf[3]);
+          }
+        }
+      }
+      // Logits; element (j, e) of row tile mt is row qpos[mt][e / 2], key
+      // k0 + j * 8 + quad_col + e % 2.
+      if constexpr (C::kFusedScale) {
+        // The transform runs under one branch per chunk, not one per score.
+        if (!scale_in_exp) {
+          if (a.soft_cap) {
+#pragma unroll
+            for (int mt = 0; mt < active; ++mt)
+#pragma unroll
+              for (int j = 0; j < kChunk / 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[mt][j][e] = a.post * tanhf(s[mt][j][e] * a.pre);
+          } else {
+#pragma unroll
+            for (int mt = 0; mt < active; ++mt)
+#pragma unroll
+              for (int j = 0; j < kChunk / 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[mt][j][e] *= a.pre;
+          }
+        }
+        if (needs_mask(k0)) {
+#pragma unroll
+          for (int mt = 0; mt < active; ++mt)
+#pragma unroll
+            for (int j = 0; j < kChunk / 8; ++j)
+#pragma unroll
+              for (int e = 0; e < 4; ++e)
+                s[mt][j][e] = seen(k0, qpos[mt][e / 2], j, e) ? s[mt][j][e] : -INFINITY;
+        }
+      } else if (needs_mask(k0)) {
+#pragma unroll
+        for (int mt = 0; mt < active; ++mt) {
+#pragma unroll
+          for (int j = 0; j < kChunk / 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              s[mt][j][e] = seen(k0, qpos[mt][e / 2], j, e) ? a.logit(s[mt][j][e]) : -INFINITY;
+            }
+          }
+        }
+      } else {
+#pragma unroll
+        for (int mt = 0; mt < active; ++mt) {
+#pragma unroll
+          for (int j = 0; j < kChunk / 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[mt][j][e] = a.logit(s[mt][j][e]);
+          }
+        }
+      }
+      // Online softmax; a row's scores are spread over the 4 lanes of a quad.
+#pragma unroll
+      for (int mt = 0; mt < active; ++mt) {
+        float mx[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          mx[r] = -INFINITY;
+#pragma unroll
+          for (int j = 0; j < kChunk / 8; ++j) {
+            mx[r] = fmaxf(mx[r], fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]));
+          }
+          mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+          mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+          if constexpr (C::kFusedScale) mx[r] *= score_scale;  // -inf stays -inf
+        }
+        const bool grow = mx[0] > m[mt][0] + kPrefillRescaleThreshold ||
+                          mx[1] > m[mt][1] + kPrefillRescaleThreshold;
+        if (__any_sync(0xffffffffu, grow)) {
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            if (mx[r] > m[mt][r]) {
+              const float correction = ptx::exp2_approx(m[mt][r] - mx[r]);  // 0 when m was -inf
+              m[mt][r] = mx[r];
+              l[mt][r] *= correction;
+#pragma unroll
+              for (int nb = 0; nb < D / 8; ++nb) {
+                o[mt][nb][2 * r] *= correction;
+                o[mt][nb][2 * r + 1] *= correction;
+              }
+            }
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float base = m[mt][r] == -INFINITY ? 0.0f : m[mt][r];  // nothing seen: p = 0
+#pragma unroll
+          for (int j = 0; j < kChunk / 8; ++j) {
+#pragma unroll
+            for (int e = 2 * r; e < 2 * r + 2; ++e) {
+              if constexpr (C::kFusedScale) {
+                s[mt][j][e] = ptx::exp2_approx(fmaf(s[mt][j][e], score_scale, -base));
+              } else {
+                s[mt][j][e] = ptx::exp2_approx(s[mt][j][e] - base);
+              }
+              l[mt][r] += s[mt][j][e];
+            }
+          }
+        }
+      }
+    };
+    auto accumulate = [&](int active, float(&s)[kM][kChunk / 8][4], std::uint32_t chunk_offset) {
+    // O += P V, 16 keys at a time: P's accumulator layout is the A operand layout; each V
+    // fragment feeds `active` MMAs.
+#pragma unroll
+      for (int kc = 0; kc < kChunk / 16; ++kc) {
+        std::uint32_t pa[kM][4];
+#pragma unroll
+        for (int mt = 0; mt < active; ++mt) {
+          pa[mt][0] = pack2<T>(s[mt][2 * kc][0], s[mt][2 * kc][1]);
+          pa[mt][1] = pack2<T>(s[mt][2 * kc][2], s[mt][2 * kc][3]);
+          pa[mt][2] = pack2<T>(s[mt][2 * kc + 1][0], s[mt][2 * kc + 1][1]);
+          pa[mt][3] = pack2<T>(s[mt][2 * kc + 1][2], s[mt][2 * kc + 1][3]);
+        }
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+          std::uint32_t vf[4];
+          ptx::ldmatrix_x4_trans(vf, v_frag + chunk_offset + kc * 16 * kRowBytes + dp * 32);
+#pragma unroll
+          for (int mt = 0; mt < active; ++mt) {
+            if (!(C::kUniformMma || tile_active(mt))) continue;
+            ptx::mma_16816<T>(o[mt][2 * dp], pa[mt], vf[0], vf[1]);
+            ptx::mma_16816<T>(o[mt][2 * dp + 1], pa[mt], vf[2], vf[3]);
+          }
+        }
+      }
+    };
+    // With kUniformMma, a warp whose second row tile holds no row (a decode row's CTA) runs
+    // one row tile; rows fill from 0, so otherwise every tile runs (one past the rows is masked).
+    const bool one_tile = C::kUniformMma && kM > 1 && !tile_active(1);
 #pragma unroll
     for (int c = 0; c < kKeys / kChunk; ++c) {
       const int k0 = u.key_begin + (u.tile_begin + it) * kKeys + c * kChunk;
@@ -291,113 +495,10 @@ __global__ void __launch_bounds__(C::kThreads)
       const std::uint32_t chunk_offset = stage_offset + c * kChunk * kRowBytes;
       float s[kM][kChunk / 8][4];
       if (chunk_live) {
-        // S = Q K^T: 16 * kM rows x kChunk keys per warp; each K fragment feeds kM MMAs.
-#pragma unroll
-        for (int mt = 0; mt < kM; ++mt) {
-#pragma unroll
-          for (int j = 0; j < kChunk / 8; ++j)
-            s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.0f;
-        }
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          std::uint32_t qa[kM][4];
-#pragma unroll
-          for (int mt = 0; mt < kM; ++mt) {
-            if constexpr (C::kQInRegisters) {
-#pragma unroll
-              for (int i = 0; i < 4; ++i)
-                qa[mt][i] = q_regs[C::kQInRegisters ? mt : 0][C::kQInRegisters ? kk : 0][i];
-            } else {
-              ptx::ldmatrix_x4(qa[mt], q_frag + mt * 16 * kRowBytes + kk * 32);
-            }
-          }
-#pragma unroll
-          for (int kb = 0; kb < kChunk / 16; ++kb) {
-            std::uint32_t kf[4];
-            ptx::ldmatrix_x4(kf, k_frag + chunk_offset + kb * 16 * kRowBytes + kk * 32);
-#pragma unroll
-            for (int mt = 0; mt < kM; ++mt) {
-              if (!tile_active(mt)) continue;
-              ptx::mma_16816<T>(s[mt][2 * kb], qa[mt], kf[0], kf[1]);
-              ptx::mma_16816<T>(s[mt][2 * kb + 1], qa[mt], kf[2], kf[3]);
-            }
-          }
-        }
-        // Logits; element (j, e) of row tile mt is row qpos[mt][e / 2], key
-        // k0 + j * 8 + quad_col + e % 2.
-        if (needs_mask(k0)) {
-#pragma unroll
-          for (int mt = 0; mt < kM; ++mt) {
-#pragma unroll
-            for (int j = 0; j < kChunk / 8; ++j) {
-#pragma unroll
-              for (int e = 0; e < 4; ++e) {
-                const int key = k0 + j * 8 + quad_col + (e % 2);
-                const int pos = qpos[mt][e / 2];
-                const bool seen = key <= pos && (a.window_left < 0 || key >= pos - a.window_left);
-                const float logit = scale_in_exp ? s[mt][j][e] : a.logit(s[mt][j][e]);
-                s[mt][j][e] = seen ? logit : -INFINITY;
-              }
-            }
-          }
-        } else if (!scale_in_exp) {
-#pragma unroll
-          for (int mt = 0; mt < kM; ++mt) {
-#pragma unroll
-            for (int j = 0; j < kChunk / 8; ++j) {
-#pragma unroll
-              for (int e = 0; e < 4; ++e) s[mt][j][e] = a.logit(s[mt][j][e]);
-            }
-          }
-        }
-        // Online softmax; a row's scores are spread over the 4 lanes of a quad.
-#pragma unroll
-        for (int mt = 0; mt < kM; ++mt) {
-          float mx[2];
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            mx[r] = -INFINITY;
-#pragma unroll
-            for (int j = 0; j < kChunk / 8; ++j) {
-              mx[r] = fmaxf(mx[r], fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]));
-            }
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-            if constexpr (C::kFusedScale) mx[r] *= score_scale;  // -inf stays -inf
-          }
-          const bool grow = mx[0] > m[mt][0] + kPrefillRescaleThreshold ||
-                            mx[1] > m[mt][1] + kPrefillRescaleThreshold;
-          if (__any_sync(0xffffffffu, grow)) {
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              if (mx[r] > m[mt][r]) {
-                const float correction = ptx::exp2_approx(m[mt][r] - mx[r]);  // 0 when m was -inf
-                m[mt][r] = mx[r];
-                l[mt][r] *= correction;
-#pragma unroll
-                for (int nb = 0; nb < D / 8; ++nb) {
-                  o[mt][nb][2 * r] *= correction;
-                  o[mt][nb][2 * r + 1] *= correction;
-                }
-              }
-            }
-          }
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const float base = m[mt][r] == -INFINITY ? 0.0f : m[mt][r];  // nothing seen: p = 0
-#pragma unroll
-            for (int j = 0; j < kChunk / 8; ++j) {
-#pragma unroll
-              for (int e = 2 * r; e < 2 * r + 2; ++e) {
-                if constexpr (C::kFusedScale) {
-                  s[mt][j][e] = ptx::exp2_approx(fmaf(s[mt][j][e], score_scale, -base));
-                } else {
-                  s[mt][j][e] = ptx::exp2_approx(s[mt][j][e] - base);
-                }
-                l[mt][r] += s[mt][j][e];
-              }
-            }
-          }
+        if (one_tile) {
+          scores(1, s, k0, chunk_offset);
+        } else {
+          scores(kM, s, k0, chunk_offset);
         }
       }
       if constexpr (kPipe == PrefillPipeline::kKThenV) {
@@ -407,29 +508,10 @@ __global__ void __launch_bounds__(C::kThreads)
         }
       }
       if (chunk_live) {
-        // O += P V, 16 keys at a time: P's accumulator layout is the A operand layout; each V
-        // fragment feeds kM MMAs.
-#pragma unroll
-        for (int kc = 0; kc < kChunk / 16; ++kc) {
-          std::uint32_t pa[kM][4];
-#pragma unroll
-          for (int mt = 0; mt < kM; ++mt) {
-            pa[mt][0] = pack2<T>(s[mt][2 * kc][0], s[mt][2 * kc][1]);
-            pa[mt][1] = pack2<T>(s[mt][2 * kc][2], s[mt][2 * kc][3]);
-            pa[mt][2] = pack2<T>(s[mt][2 * kc + 1][0], s[mt][2 * kc + 1][1]);
-            pa[mt][3] = pack2<T>(s[mt][2 * kc + 1][2], s[mt][2 * kc + 1][3]);
-          }
-#pragma unroll
-          for (int dp = 0; dp < D / 16; ++dp) {
-            std::uint32_t vf[4];
-            ptx::ldmatrix_x4_trans(vf, v_frag + chunk_offset + kc * 16 * kRowBytes + dp * 32);
-#pragma unroll
-            for (int mt = 0; mt < kM; ++mt) {
-              if (!tile_active(mt)) continue;
-              ptx::mma_16816<T>(o[mt][2 * dp], pa[mt], vf[0], vf[1]);
-              ptx::mma_16816<T>(o[mt][2 * dp + 1], pa[mt], vf[2], vf[3]);
-            }
-          }
+        if (one_tile) {
+          accumulate(1, s, chunk_offset);
+        } else {
+          accumulate(kM, s, chunk_offset);
         }
       }
     }
