@@ -136,6 +136,26 @@ def test_causal_and_tile_boundaries(rng, dtype):
     check(*run(case, dtype, window_left=47), dtype)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("group,block_size", [(1, 16), (2, 7), (4, 16), (8, 16), (4, 32)])
+def test_tile_boundaries_of_every_tile_shape(rng, dtype, group, block_size):
+    """Head dim 128 with row counts and prefixes at and around every boundary a tile
+    configuration of the tensor-core kernel may have (benchmarks/sweep_prefill): query tiles of
+    16-256 positions (128 or 256 rows over groups of 1-8), key tiles and score chunks of 32, 64
+    and 128 keys, so the diagonal falls on every offset of a tile, a tile wider than its chunk
+    ends inside or past a chunk, and a page (7: the loader's non-power-of-two path) straddles
+    tiles; windows at the chunk width."""
+    rows = [31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 1, 96]
+    prefixes = [0, 1, 31, 32, 63, 64, 65, 127, 128, 191, 192, 255, 64, 160]
+    lens = [r + p for r, p in zip(rows, prefixes)]
+    case = make_case(rng, lens, rows, 2, group, 128, block_size)
+    check(*run(case, dtype), dtype)
+    for window in (31, 64):
+        check(*run(case, dtype, window_left=window), dtype)
+    check(*run(case, dtype, logits_soft_cap=5.0), dtype)
+    check(*run(case, dtype, scale=-0.1), dtype)
+
+
 @pytest.mark.parametrize(
     "dtype,group", [("float16", 16), ("float16", 64), ("float16", 130), ("float32", 70)]
 )

@@ -2,17 +2,18 @@
 
 // The tensor-core prefill kernel: float16/bfloat16, head_dim 64/128/256, 16-byte aligned rows.
 //
-// One CTA of 4 warps per (tile of query positions of one sequence, KV head x tile of its query
-// heads, split of the keys); see prefill_common.cuh for the schedule. The CTA's query rows (128,
-// or 64 at head_dim 256) are positions x query heads of one GQA group (row r = position
-// r / heads_per_cta, head r % heads_per_cta), so the heads of a group share every K/V tile; each
-// warp owns 32 (16) rows, M tiles of m16n8k16, and runs its own online softmax over all the
-// CTA's keys, so no cross-warp merge is needed. K/V tiles are gathered row by row from their
-// pages through the block table with cp.async into padded shared rows (the 16-byte pad puts the
-// 8 rows of every ldmatrix in distinct banks), double-buffered: the copy of tile i + 1 runs under
-// the MMAs of tile i. Masks are applied only to tiles that cross a row's causal or window boundary;
-// tiles outside every row's range are never loaded (the key range is the union of the rows'
-// ranges).
+// One CTA per (tile of query positions of one sequence, KV head x tile of its query heads, split
+// of the keys); see prefill_common.cuh for the schedule. Its shape is a PrefillTile (below);
+// PrefillMmaConfig<D> is the one each head dim ships with, and benchmarks/sweep_prefill times the
+// others. The CTA's query rows (warps x 16 x row tiles per warp: 128 as shipped, 64 at head_dim
+// 256) are positions x query heads of one GQA group (row r = position r / heads_per_cta, head
+// r % heads_per_cta), so the heads of a group share every K/V tile; each warp owns its row tiles
+// (m16n8k16) and runs its own online softmax over all the CTA's keys, so no cross-warp merge is
+// needed. K/V tiles are gathered row by row from their pages through the block table with
+// cp.async into padded shared rows (the 16-byte pad puts the 8 rows of every ldmatrix in distinct
+// banks), in a ring of Stages tiles: the copies of the next tiles run under the MMAs of this one.
+// Masks are applied only to chunks that cross a row's causal or window boundary; tiles outside
+// every row's range are never loaded (the key range is the union of the rows' ranges).
 
 #include <cmath>
 #include <cstdint>
