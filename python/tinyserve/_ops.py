@@ -409,8 +409,9 @@ def paged_attention(
     device and options, so that a repeated call crosses into the core once.
 
     FP8 caches (float8_e4m3fn; see :func:`reshape_and_cache` for how NumPy passes them) are read
-    as ``stored * k_scale`` and ``stored * v_scale``, dequantised in registers; the query and
-    the output keep their float32/float16/bfloat16 type. ``k_scale``/``v_scale`` as in
+    as ``stored * k_scale`` and ``stored * v_scale``, dequantised in registers, in decode and
+    prefill alike (on CUDA, prefill over them runs on CUDA cores); the query and the output keep
+    their float32/float16/bfloat16 type. ``k_scale``/``v_scale`` as in
     :func:`reshape_and_cache`."""
     _interop.wait_ready(query, key_cache, value_cache, block_table, seq_lens, query_start_loc)
     key_cache, kv_dtype = _fp8_view(key_cache, kv_dtype)
