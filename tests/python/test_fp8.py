@@ -749,7 +749,7 @@ def test_fp8_cuda_graph_replay_reads_device_scales(rng):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("num_splits", [None, 3])
-def test_fp8_prefill_cuda_graph_replay(rng, num_splits):
+def test_prefill_fp8_cuda_graph_replay(rng, num_splits):
     """Quantising writes and a mixed prefill/decode step captured in one CUDA graph over float8
     caches with per-head scales in device memory, the split planned (workspace kept by the Python
     layer) or fixed (workspace passed in): each replay uses the query_start_loc, lengths, tables,
@@ -839,7 +839,7 @@ def test_fp8_prefill_cuda_graph_replay(rng, num_splits):
 
 
 @pytest.mark.cuda
-def test_fp8_prefill_planned_split(rng):
+def test_prefill_fp8_planned_split(rng):
     """One chunk of 64 rows over a 12k-token prefix in float8 caches: the planner splits it
     (the CUDA-core kernel's tiles alone would leave the GPU short of work), and the split result
     matches the reference."""
