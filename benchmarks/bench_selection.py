@@ -150,7 +150,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json")
     parser.add_argument(
-        "--summary", default=ts.DEFAULT_SUMMARY, choices=["minmax_damped", "minmax", "meanstd"]
+        "--summary",
+        default=ts.DEFAULT_SUMMARY,
+        choices=["minmax", "minmax_damped", "meanstd"],
+        help="page summary scored (default: the library's, %(default)s; the engine uses "
+        "minmax_damped)",
     )
     parser.add_argument(
         "--sparse-splits",

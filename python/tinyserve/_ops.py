@@ -26,9 +26,9 @@ __all__ = [
     "DEFAULT_SUMMARY",
 ]
 
-# The page summary that kept the most attention mass on the real-model benchmark while finding
-# the passkey as often as dense decode (docs/selection.md).
-DEFAULT_SUMMARY = "minmax_damped"
+# The default page summary: Quest's bound over per-page min/max, the contract's scoring
+# (DESIGN.md). "minmax_damped" and "meanstd" are options (docs/selection.md compares them).
+DEFAULT_SUMMARY = "minmax"
 
 # Split-KV scratch on CUDA, one buffer per (framework, device), grown when a call needs more.
 # Buffers that were replaced stay referenced: a captured CUDA graph may still point at them.
@@ -161,8 +161,9 @@ def reshape_and_cache(
     :func:`page_meta_shape`), the summaries of the pages written are updated in the same call:
     a write at offset 0 restarts a page's summary from every key this call writes to it (in any
     order); a page written only at later offsets has its summary extended. ``summary`` is
-    ``"minmax_damped"`` or ``"minmax"`` (both store the elementwise min and max) or
-    ``"meanstd"`` (mean and standard deviation); it must match what :func:`select_pages` is told.
+    ``"minmax"`` (the default) or ``"minmax_damped"`` (both store the elementwise min and max)
+    or ``"meanstd"`` (mean and standard deviation); it must match what :func:`select_pages` is
+    told.
     Pages are assumed to fill in order of offset.
 
     FP8 caches: caches of float8_e4m3fn (``torch.float8_e4m3fn``, ml_dtypes' ``float8_e4m3fn``,
@@ -218,7 +219,8 @@ def build_page_meta(
     without ``page_meta``): every page holding tokens of the first ``seq_lens[b]`` tokens of each
     sequence (int32 ``block_table [batch, max_blocks]``, int32 ``seq_lens [batch]``) is summarised
     from its keys. A block listed by several sequences must hold the same tokens in each.
-    Float8 caches are refused (summaries stay in the queries' precision)."""
+    ``summary`` as in :func:`reshape_and_cache` (default ``"minmax"``). Float8 caches are
+    refused (summaries stay in the queries' precision)."""
     if _fp8_view(key_cache, None)[1] is not None:
         raise ValueError(
             "tinyserve.build_page_meta: page summaries need a float32, float16 or bfloat16 key "
@@ -265,10 +267,11 @@ def select_pages(
     last page partial), including the last page and the sinks: at least ``num_sink_pages + 1``.
 
     Every page of a sequence is scored per KV head with its GQA group's query heads, combined by
-    ``group_reduce`` (``"sum"`` or ``"max"``): ``"minmax_damped"`` (the default) scores
+    ``group_reduce`` (``"sum"``, the default: the group's scores added, or ``"max"``):
+    ``"minmax"`` (the default) scores Quest's bound ``sum_d max(q_d * min_d, q_d * max_d)``;
+    ``"minmax_damped"``
     ``sum_d (3/4 * max(q_d * min_d, q_d * max_d) + 1/4 * min(q_d * min_d, q_d * max_d))``,
-    halfway between the page box's centre and Quest's bound; ``"minmax"`` Quest's bound
-    ``sum_d max(q_d * min_d, q_d * max_d)``; ``"meanstd"`` the estimate
+    halfway between the page box's centre and Quest's bound; ``"meanstd"`` the estimate
     ``sum_d (q_d * mean_d + |q_d| * std_d)``. A sequence with at most ``budget`` pages keeps all
     of them (attention then equals dense attention); otherwise it keeps its first
     ``num_sink_pages`` pages, its last page and the best-scoring others (ties: the lower logical
@@ -409,8 +412,9 @@ def paged_attention(
     device and options, so that a repeated call crosses into the core once.
 
     FP8 caches (float8_e4m3fn; see :func:`reshape_and_cache` for how NumPy passes them) are read
-    as ``stored * k_scale`` and ``stored * v_scale``, dequantised in registers; the query and
-    the output keep their float32/float16/bfloat16 type. ``k_scale``/``v_scale`` as in
+    as ``stored * k_scale`` and ``stored * v_scale``, dequantised in registers, in decode and
+    prefill alike (on CUDA, prefill over them runs on CUDA cores); the query and the output keep
+    their float32/float16/bfloat16 type. ``k_scale``/``v_scale`` as in
     :func:`reshape_and_cache`."""
     _interop.wait_ready(query, key_cache, value_cache, block_table, seq_lens, query_start_loc)
     key_cache, kv_dtype = _fp8_view(key_cache, kv_dtype)

@@ -23,7 +23,7 @@ PageSummary page_summary(nb::handle h, const char* op) {
   if (name == "minmax") return PageSummary::MinMax;
   if (name == "meanstd") return PageSummary::MeanStd;
   if (name == "minmax_damped") return PageSummary::MinMaxDamped;
-  detail::fail(op, "summary must be 'minmax_damped', 'minmax' or 'meanstd', got '", name, "'");
+  detail::fail(op, "summary must be 'minmax', 'minmax_damped' or 'meanstd', got '", name, "'");
 }
 
 GroupReduce group_reduce(nb::handle h, const char* op) {
@@ -98,12 +98,12 @@ void bind_ops(nb::module_& m) {
         }
       },
       "key"_a.none(), "value"_a.none(), "key_cache"_a.none(), "value_cache"_a.none(),
-      "slot_mapping"_a.none(), "page_meta"_a.none() = nb::none(),
-      "summary"_a.none() = "minmax_damped", "k_scale"_a.none() = nb::none(),
-      "v_scale"_a.none() = nb::none(), "kv_dtype"_a.none() = nb::none(), "stream"_a.none() = 0,
+      "slot_mapping"_a.none(), "page_meta"_a.none() = nb::none(), "summary"_a.none() = "minmax",
+      "k_scale"_a.none() = nb::none(), "v_scale"_a.none() = nb::none(),
+      "kv_dtype"_a.none() = nb::none(), "stream"_a.none() = 0,
       nb::sig("def reshape_and_cache(key: typing.Any, value: typing.Any, key_cache: typing.Any, "
               "value_cache: typing.Any, slot_mapping: typing.Any, page_meta: typing.Any | None = "
-              "None, summary: str = 'minmax_damped', k_scale: typing.Any | None = None, v_scale: "
+              "None, summary: str = 'minmax', k_scale: typing.Any | None = None, v_scale: "
               "typing.Any | None = None, kv_dtype: str | None = None, stream: int = 0) -> None"));
 
   m.def(
@@ -122,11 +122,10 @@ void bind_ops(nb::module_& m) {
         build_page_meta(kc, bt, sl, meta, kind, s);
       },
       "key_cache"_a.none(), "block_table"_a.none(), "seq_lens"_a.none(), "page_meta"_a.none(),
-      "summary"_a.none() = "minmax_damped", "stream"_a.none() = 0,
-      nb::sig(
-          "def build_page_meta(key_cache: typing.Any, block_table: typing.Any, seq_lens: "
-          "typing.Any, page_meta: typing.Any, summary: str = 'minmax_damped', stream: int = 0) -> "
-          "None"));
+      "summary"_a.none() = "minmax", "stream"_a.none() = 0,
+      nb::sig("def build_page_meta(key_cache: typing.Any, block_table: typing.Any, seq_lens: "
+              "typing.Any, page_meta: typing.Any, summary: str = 'minmax', stream: int = 0) -> "
+              "None"));
 
   m.def(
       "select_pages",
@@ -156,12 +155,11 @@ void bind_ops(nb::module_& m) {
       },
       "query"_a.none(), "page_meta"_a.none(), "block_table"_a.none(), "seq_lens"_a.none(),
       "budget"_a.none(), "block_size"_a.none(), "table"_a.none(), "lens"_a.none(),
-      "num_sink_pages"_a.none() = 0, "summary"_a.none() = "minmax_damped",
-      "group_reduce"_a.none() = "sum", "hits"_a.none() = nb::none(),
-      "workspace"_a.none() = nb::none(), "stream"_a.none() = 0,
+      "num_sink_pages"_a.none() = 0, "summary"_a.none() = "minmax", "group_reduce"_a.none() = "sum",
+      "hits"_a.none() = nb::none(), "workspace"_a.none() = nb::none(), "stream"_a.none() = 0,
       nb::sig("def select_pages(query: typing.Any, page_meta: typing.Any, block_table: "
               "typing.Any, seq_lens: typing.Any, budget: int, block_size: int, table: typing.Any, "
-              "lens: typing.Any, num_sink_pages: int = 0, summary: str = 'minmax_damped', "
+              "lens: typing.Any, num_sink_pages: int = 0, summary: str = 'minmax', "
               "group_reduce: str = 'sum', hits: typing.Any | None = None, workspace: typing.Any | "
               "None = None, stream: int = 0) -> None"));
 

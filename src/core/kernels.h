@@ -251,8 +251,9 @@ void paged_attention(const PagedAttentionParams& p, Stream stream);
 int plan_attention_splits(int device_index, DType dtype, DType kv_dtype, int batch, int num_q_heads,
                           int num_kv_heads, int head_dim, std::int64_t max_kv_len);
 // The split count of a prefill call (query_start_loc): num_query_rows rows over batch sequences.
-int plan_prefill_splits(int device_index, DType dtype, int batch, std::int64_t num_query_rows,
-                        int num_q_heads, int num_kv_heads, int head_dim, std::int64_t max_kv_len);
+int plan_prefill_splits(int device_index, DType dtype, DType kv_dtype, int batch,
+                        std::int64_t num_query_rows, int num_q_heads, int num_kv_heads,
+                        int head_dim, std::int64_t max_kv_len);
 void copy_blocks(const CopyBlocksParams& p, Stream stream);
 void swap_blocks(const SwapBlocksParams& p, Stream stream);
 void synchronize(Stream stream);

@@ -62,9 +62,9 @@ constexpr BackendKernels kCudaKernels{
     kernels::cuda::paged_attention,
     [](const AttentionShapes& s, DType dtype, DType kv_dtype, std::int64_t max_kv_len) {
       if (s.prefill) {
-        return kernels::cuda::plan_prefill_splits(s.device.index, dtype, s.batch, s.num_query_rows,
-                                                  s.num_q_heads, s.num_kv_heads, s.head_dim,
-                                                  max_kv_len);
+        return kernels::cuda::plan_prefill_splits(s.device.index, dtype, kv_dtype, s.batch,
+                                                  s.num_query_rows, s.num_q_heads, s.num_kv_heads,
+                                                  s.head_dim, max_kv_len);
       }
       return kernels::cuda::plan_attention_splits(s.device.index, dtype, kv_dtype, s.batch,
                                                   s.num_q_heads, s.num_kv_heads, s.head_dim,

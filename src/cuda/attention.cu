@@ -13,7 +13,7 @@
 //   split_plan.cuh/.cu  the split planner and the occupancy cache
 //   prefill_common.cuh  the prefill kernels' arguments and their in-kernel tile schedule
 //   prefill_mma.cuh     the tensor-core prefill kernel (float16/bfloat16, head_dim 64/128/256)
-//   prefill_generic.cuh the CUDA-core prefill kernel (any dtype, head_dim <= 512)
+//   prefill_generic.cuh the CUDA-core prefill kernel (any dtype, float8 caches, head_dim <= 512)
 //
 // With query_start_loc (prefill, append, chunked prefill, decode rows mixed in), one prefill
 // kernel runs every sequence's rows, decode rows included, and the split merge follows when the
@@ -96,9 +96,9 @@ DecodeLaunch prefill_mma_launch() {
           C::kRows, C::kThreads};
 }
 
-template <class T>
+template <class T, class KV = T>
 DecodeLaunch prefill_generic_launch(int head_dim) {
-  return {reinterpret_cast<const void*>(prefill_generic_kernel<T>),
+  return {reinterpret_cast<const void*>(prefill_generic_kernel<T, KV>),
           generic_prefill_smem_bytes(head_dim), generic_prefill_smem_bytes(kGenericMaxDim),
           kGenericPrefillRows, kGenericPrefillThreads};
 }
@@ -117,6 +117,20 @@ PrefillLaunch prefill_launch(DType dtype, int head_dim, bool aligned, int group,
       }
     }
     return prefill_generic_launch<T>(head_dim);
+  });
+  const int rows = l.heads_per_cta;
+  l.heads_per_cta = std::min(group, rows);
+  return {l, rows / l.heads_per_cta};
+}
+
+// The prefill kernel for a call over caches of kv_dtype: over float8 caches the CUDA-core kernel,
+// which dequantises in registers (the tensor-core kernel reads caches of the query's type only);
+// otherwise prefill_launch's choice. Its CTA rows are cut as prefill_launch cuts them.
+PrefillLaunch prefill_kernel_launch(DType dtype, DType kv_dtype, int head_dim, bool aligned,
+                                    int group, const char* op) {
+  if (kv_dtype != DType::Float8E4M3FN) return prefill_launch(dtype, head_dim, aligned, group, op);
+  DecodeLaunch l = dispatch_float_dtype(dtype, op, [&](auto type) {
+    return prefill_generic_launch<typename decltype(type)::type, __nv_fp8_e4m3>(head_dim);
   });
   const int rows = l.heads_per_cta;
   l.heads_per_cta = std::min(group, rows);
@@ -164,7 +178,8 @@ void launch_merge(const PagedAttentionParams& p, AttentionOutput& output, cudaSt
 
 void prefill_attention(const PagedAttentionParams& p, cudaStream_t s, const char* op) {
   const int group = p.num_q_heads / p.num_kv_heads;
-  const PrefillLaunch pl = prefill_launch(p.kv_dtype, p.head_dim, prefill_aligned(p), group, op);
+  const PrefillLaunch pl =
+      prefill_kernel_launch(p.query_dtype, p.kv_dtype, p.head_dim, prefill_aligned(p), group, op);
   const std::int64_t tiles = prefill_tiles(p.num_query_rows, p.batch, pl.positions);
   if (tiles > INT32_MAX) {
     detail::fail(op, "too many query rows for the CUDA prefill grid, got ", p.num_query_rows);
@@ -186,11 +201,13 @@ void prefill_attention(const PagedAttentionParams& p, cudaStream_t s, const char
 
 }  // namespace
 
-int plan_prefill_splits(int device_index, DType dtype, int batch, std::int64_t num_query_rows,
-                        int num_q_heads, int num_kv_heads, int head_dim, std::int64_t max_kv_len) {
+int plan_prefill_splits(int device_index, DType dtype, DType kv_dtype, int batch,
+                        std::int64_t num_query_rows, int num_q_heads, int num_kv_heads,
+                        int head_dim, std::int64_t max_kv_len) {
   const char* op = "plan_paged_attention";
   DeviceGuard guard(device_index, op);
-  const PrefillLaunch pl = prefill_launch(dtype, head_dim, true, num_q_heads / num_kv_heads, op);
+  const PrefillLaunch pl =
+      prefill_kernel_launch(dtype, kv_dtype, head_dim, true, num_q_heads / num_kv_heads, op);
   // The planner counts CTAs as "sequences" x KV heads x head tiles; a prefill CTA reads at most
   // max_kv_len keys like a decode one.
   const std::int64_t tiles = prefill_tiles(num_query_rows, batch, pl.positions);
@@ -212,11 +229,6 @@ int plan_attention_splits(int device_index, DType dtype, DType kv_dtype, int bat
 
 void paged_attention(const PagedAttentionParams& p, Stream stream) {
   const char* op = "paged_attention";
-  // The core admits caches of the query's dtype or float8_e4m3fn, and out of the query's dtype.
-  if (p.kv_dtype == DType::Float8E4M3FN && p.query_start_loc) {
-    detail::fail(op, "query_start_loc (prefill) over float8_e4m3fn caches has no CUDA kernel yet, ",
-                 "got a float8_e4m3fn cache with query_start_loc");
-  }
   DeviceGuard guard(p.device_index, op);
   if (p.query_start_loc) return prefill_attention(p, as_stream(stream), op);
   const bool split = p.num_splits > 1;

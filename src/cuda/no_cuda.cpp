@@ -25,7 +25,7 @@ void build_page_meta(const BuildPageMetaParams&, Stream) { unavailable("build_pa
 int plan_attention_splits(int, DType, DType, int, int, int, int, std::int64_t) {
   unavailable("plan_paged_attention");
 }
-int plan_prefill_splits(int, DType, int, std::int64_t, int, int, int, std::int64_t) {
+int plan_prefill_splits(int, DType, DType, int, std::int64_t, int, int, int, std::int64_t) {
   unavailable("plan_paged_attention");
 }
 void copy_blocks(const CopyBlocksParams&, Stream) { unavailable("copy_blocks"); }

@@ -2,7 +2,7 @@
 // public API does not expose yet: a block table and sequence lengths per KV head (strides of
 // [batch, num_kv_heads, ...] arrays), in decode and in prefill (query_start_loc: a prompt over
 // several query and key tiles, a decode row, a short append), and float8 caches with per-head
-// K scales in device memory (decode). Each case is checked against a
+// K scales in device memory (decode and prefill). Each case is checked against a
 // float64 reference computed here, with the outputs poisoned with NaN first. In-tree CUDA builds
 // only; exits 77 (skipped) where no device is visible.
 
@@ -274,14 +274,16 @@ int main() {
       }
     }
   }
-  // Float8 caches: the tensor-core kernel (float16 query, head_dim 128 and 64) and the CUDA-core
-  // kernel (float32 query; float16 at head_dim 96).
+  // Float8 caches: in decode the tensor-core kernel (float16 query, head_dim 128 and 64) and the
+  // CUDA-core kernel (float32 query; float16 at head_dim 96); in prefill the CUDA-core kernel.
   for (int splits : {1, 3}) {
     for (bool table_per_head : {false, true}) {
-      run_case({DType::Float16, 128, splits, table_per_head, table_per_head, false, true});
-      run_case({DType::Float16, 64, splits, table_per_head, false, false, true});
-      run_case({DType::Float16, 96, splits, false, table_per_head, false, true});
-      run_case({DType::Float32, 64, splits, table_per_head, false, false, true});
+      for (bool prefill : {false, true}) {
+        run_case({DType::Float16, 128, splits, table_per_head, table_per_head, prefill, true});
+        run_case({DType::Float16, 64, splits, table_per_head, false, prefill, true});
+        run_case({DType::Float16, 96, splits, false, table_per_head, prefill, true});
+        run_case({DType::Float32, 64, splits, table_per_head, false, prefill, true});
+      }
     }
   }
   return test::exit_code();

@@ -41,9 +41,9 @@ void test_summaries_and_selection() {
   auto cache = make_tensor(kc.data(), DType::Float32, kCpu, {kBlocks, kPage, kHeads, kDim});
   auto v_cache = make_tensor(vc.data(), DType::Float32, kCpu, {kBlocks, kPage, kHeads, kDim});
   auto meta_view = make_tensor(meta.data(), DType::Float32, kCpu, {kBlocks, kHeads, 2, kDim});
+  // The default summary: min/max rows (DESIGN.md).
   tinyserve::reshape_and_cache(key, key, cache, v_cache,
-                               make_tensor(slots.data(), DType::Int64, kCpu, {len}), meta_view,
-                               tinyserve::PageSummary::MinMax);
+                               make_tensor(slots.data(), DType::Int64, kCpu, {len}), meta_view);
   for (int page = 0; page < kBlocks; ++page) {
     for (int d = 0; d < kDim; ++d) {
       float lo = INFINITY, hi = -INFINITY;
@@ -77,8 +77,7 @@ void test_summaries_and_selection() {
   std::vector<int> want = {ranked[0].second, ranked[1].second};
   std::sort(want.begin(), want.end());
   std::vector<std::int32_t> out_table(3, -7), out_lens(1, -7), lens = {len};
-  tinyserve::SelectPagesOptions options;
-  options.summary = tinyserve::PageSummary::MinMax;
+  tinyserve::SelectPagesOptions options;  // the defaults: Quest's bound, the group summed
   auto query = make_tensor(q.data(), DType::Float32, kCpu, {1, 2, kDim});
   auto dense = make_tensor(table.data(), DType::Int32, kCpu, {1, kBlocks});
   auto dense_lens = make_tensor(lens.data(), DType::Int32, kCpu, {1});

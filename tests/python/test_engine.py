@@ -320,7 +320,11 @@ def test_decode_batch_attends_densely_when_every_sequence_fits_the_budget(rng):
     key_cache.copy_(torch.from_numpy(rng.standard_normal(key_cache.shape).astype(np.float32)))
     value_cache.copy_(torch.from_numpy(rng.standard_normal(value_cache.shape).astype(np.float32)))
     tinyserve.build_page_meta(
-        key_cache, torch.from_numpy(table), torch.from_numpy(lens), cache.page_meta[0]
+        key_cache,
+        torch.from_numpy(table),
+        torch.from_numpy(lens),
+        cache.page_meta[0],
+        summary=cache.page_summary,
     )
     query = torch.from_numpy(rng.standard_normal((3, 2 * heads, dim)).astype(np.float32))
     dense = build_attention_batch(cache, slots, table, lens, np.ones(3))
@@ -355,7 +359,11 @@ def test_sparse_decode_keeps_the_first_page_once_the_budget_has_two(rng, budget,
     values = rng.standard_normal(value_cache.shape).astype(np.float32)
     key_cache.copy_(torch.from_numpy(keys))
     tinyserve.build_page_meta(
-        key_cache, torch.from_numpy(table), torch.from_numpy(lens), cache.page_meta[0]
+        key_cache,
+        torch.from_numpy(table),
+        torch.from_numpy(lens),
+        cache.page_meta[0],
+        summary=cache.page_summary,
     )
     left_out = [table[0, p] for p in range(4) if p not in kept_pages]
     values[left_out] = np.nan
@@ -372,6 +380,7 @@ def test_sparse_decode_keeps_the_first_page_once_the_budget_has_two(rng, budget,
         torch.from_numpy(lens),
         2,
         block_size=BLOCK_SIZE,
+        summary=cache.page_summary,
     )
     assert table[0, 0] not in picked.numpy()
     got = batch.attend(0, query)
@@ -495,10 +504,46 @@ def test_summary_names_the_dense_fitting_steps_only_when_there_are_some():
     assert last.endswith("sparse decode steps: 3 (and 5 dense: every sequence fit the budget)")
 
 
+@pytest.mark.parametrize("summary", [None, "minmax_damped", "minmax", "meanstd"])
+def test_sparse_summary_is_the_engines_setting(rng, monkeypatch, summary):
+    """The page summary of sparse decode is an engine setting, "minmax_damped" unless told
+    otherwise (not the library's default, Quest's bound): every reshape_and_cache and
+    select_pages call of a run that selects gets the summary the engine was given."""
+    runner = random_model(6, 2, seed=int(rng.integers(1 << 31)))
+    prompts = shared_prefix_prompts(rng, 3)
+    extra = {} if summary is None else {"sparse_summary": summary}
+    engine = make_engine(runner, sparse_budget_tokens=3 * BLOCK_SIZE, **extra)
+    want = "minmax_damped" if summary is None else summary
+    assert tinyserve.engine.ENGINE_PAGE_SUMMARY == "minmax_damped" != tinyserve.DEFAULT_SUMMARY
+    assert engine.kv_cache.page_summary == want
+    calls = {"select_pages": [], "reshape_and_cache": []}
+
+    def recording(name):
+        op = getattr(tinyserve, name)
+
+        def record(*args, **kwargs):
+            calls[name].append(kwargs.get("summary"))
+            return op(*args, **kwargs)
+
+        return record
+
+    for name in calls:
+        monkeypatch.setattr(tinyserve, name, recording(name))
+    engine.generate(prompts, SamplingParams(max_new_tokens=4))
+    assert engine.stats.sparse_decode_steps > 0
+    assert calls["select_pages"] and set(calls["select_pages"]) == {want}
+    assert calls["reshape_and_cache"] and set(calls["reshape_and_cache"]) == {want}
+
+
 def test_engine_argument_errors(rng):
     runner = random_model(4, 2, seed=0)
     with pytest.raises(ValueError, match="sparse_budget_tokens must be >= 1, got 0"):
         make_engine(runner, sparse_budget_tokens=0)
+    with pytest.raises(
+        ValueError,
+        match="sparse_summary must be one of 'minmax_damped', 'minmax', 'meanstd', got 'mean'",
+    ):
+        make_engine(runner, sparse_budget_tokens=8, sparse_summary="mean")
     runner.max_model_len = 12
     engine = make_engine(runner)
     with pytest.raises(ValueError, match=r"fit in the model's context \(12 tokens\), got 13"):
@@ -623,6 +668,7 @@ def test_cli_generates_with_and_without_cuda_graphs(rng, monkeypatch, capsys):
     "argv,message",
     [
         (["--budget", "0"], "--budget must be >= 1, got 0"),
+        (["--summary", "mean"], "argument --summary: invalid choice: 'mean'"),
         (["--host-blocks", "-1"], "--host-blocks must be >= 0, got -1"),
         (["--threads", "0"], "--threads must be >= 1, got 0"),
         (["--check", "--temperature", "0.5"], "--check compares greedy tokens"),
@@ -643,8 +689,10 @@ def test_cli_defaults_and_flags():
 
     args = parse_args([])
     assert args.temperature == 0.0 and not args.no_cuda_graphs and args.budget is None
-    args = parse_args(["--n", "3", "--no-cuda-graphs", "--budget", "64"])
+    assert args.summary == "minmax_damped"
+    args = parse_args(["--n", "3", "--no-cuda-graphs", "--budget", "64", "--summary", "minmax"])
     assert args.temperature == 0.8 and args.no_cuda_graphs and args.budget == 64
+    assert args.summary == "minmax"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without")

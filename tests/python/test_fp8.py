@@ -12,7 +12,7 @@ import pytest
 
 import reference as R
 import tinyserve as ts
-from arrays import TOLERANCE, f64, require, sync
+from arrays import TOLERANCE, check_prefill, empty, f64, require, sync
 
 try:
     import torch
@@ -388,59 +388,173 @@ def test_write_then_attend(rng, backend, dtype):
     assert R.rel_error(f64(out), ref) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("backend", fp8_backends())
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-@pytest.mark.parametrize("layout", ["NHD", "HND"])
-def test_prefill_fp8(rng, backend, dtype, layout):
-    """Prefill rows (query_start_loc: a prompt, an append over a prefix, a decode row, a sequence
-    with no rows) over float8 caches with per-head scales, against float64 causal attention over
-    the dequantised values. CUDA has no prefill kernel for float8 caches yet: refused, nothing
-    written."""
-    fw, device = backend
-    _require(fw, dtype)
-    seq_lens = np.array([40, 75, 9, 30], dtype=np.int32)
-    rows = np.array([40, 12, 1, 0])
-    case, kb, vb, ks, vs = _attention_case(rng, seq_lens, 8, 2, 64, 16, "head")
-    starts = np.concatenate(([0], np.cumsum(rows))).astype(np.int32)
-    query = rng.standard_normal((int(starts[-1]), 8, 64))
-    kc, vc = _fp8_caches(kb, vb, fw, device, layout)
-    q = _input(query, fw, dtype, device)
+# --- prefill (query_start_loc) ------------------------------------------------------------------
+
+
+def _mixed_rows(rng, num_seqs: int, max_len: int):
+    """(seq_lens, rows) of a ragged batch with every kind of sequence at least once: a decode
+    step, a whole prompt, an append over a cached prefix of random length, a sequence with no
+    rows and an empty one; the rest random."""
+    kinds = ["decode", "prompt", "append", "none", "empty"]
+    kinds += list(rng.choice(kinds[:3], size=num_seqs - len(kinds)))
+    rng.shuffle(kinds)
+    lens = rng.integers(2, max_len, size=num_seqs)
+    rows = []
+    for i, kind in enumerate(kinds):
+        if kind == "empty":
+            lens[i] = 0
+        n = int(lens[i])
+        append = int(rng.integers(1, n)) if n > 1 else n
+        rows.append({"decode": 1, "prompt": n, "append": append, "none": 0, "empty": 0}[kind])
+    return lens, rows
+
+
+def _prefill_case(rng, lens, rows, num_q_heads, num_kv_heads, head_dim, block_size, scale_mode):
+    """A NaN-poisoned prefill case (pages in random physical order) whose caches hold quantised
+    K/V: (case, key bits, value bits, k_scales, v_scales)."""
+    case = R.PagedCase(rng, lens, num_q_heads, num_kv_heads, head_dim, block_size, query_rows=rows)
+    k_scales = _scales(rng, scale_mode, num_kv_heads)
+    v_scales = _scales(rng, scale_mode, num_kv_heads)
+    key_bits = quantise(case.key_cache, k_scales[None, None, :, None])
+    value_bits = quantise(case.value_cache, v_scales[None, None, :, None])
+    return case, key_bits, value_bits, k_scales, v_scales
+
+
+def _device_array(fw: str, device: str):
     if fw == "numpy":
-        table, lens, qsl = case.block_table, case.seq_lens, starts
-    else:
-        table, lens, qsl = (
-            torch.from_numpy(a).to(device) for a in (case.block_table, seq_lens, starts)
-        )
-    kw = dict(
-        query_start_loc=qsl,
-        k_scale=_scale_arg(ks, "head", fw, device),
-        v_scale=_scale_arg(vs, "head", fw, device),
-        kv_dtype=_kv_dtype(fw),
-    )
-    if device == "cuda":
-        out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=device)
-        with pytest.raises(ValueError, match="over float8_e4m3fn caches has no CUDA kernel yet"):
-            ts.paged_attention(q, kc, vc, table, lens, out, **kw)
-        assert torch.isnan(out).all()
-        return
-    out, lse = ts.paged_attention(
+        return lambda a: a
+    return lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+
+def _run_prefill(case, kb, vb, ks, vs, fw, device, dtype, layout, scale_mode, **kw):
+    """tinyserve's prefill over the float8 caches (out and lse NaN-poisoned) and float64 causal
+    attention over the dequantised values times the scales, the query as the dtype holds it:
+    (out, lse, reference out, reference lse), all float64."""
+    kc, vc = _fp8_caches(kb, vb, fw, device, layout)
+    q = _input(case.query, fw, dtype, device)
+    put = _device_array(fw, device)
+    out = empty(tuple(q.shape), fw, dtype, device)
+    lse = empty(tuple(q.shape[:2]), fw, "float32", device)
+    ts.paged_attention(
         q,
         kc,
         vc,
-        table,
-        lens,
-        query_start_loc=qsl,
-        k_scale=_scale_arg(ks, "head", fw, device),
-        v_scale=_scale_arg(vs, "head", fw, device),
+        put(case.block_table),
+        put(case.seq_lens),
+        out,
+        lse=lse,
+        query_start_loc=put(case.query_start_loc),
+        k_scale=_scale_arg(ks, scale_mode, fw, device),
+        v_scale=_scale_arg(vs, scale_mode, fw, device),
         kv_dtype=_kv_dtype(fw),
-        return_lse=True,
+        **kw,
     )
     sync(fw, device)
     k = decode_e4m3(kb) * ks[None, None, :, None]
     v = decode_e4m3(vb) * vs[None, None, :, None]
-    ref, ref_lse = R.paged_prefill(f64(q), k, v, case.block_table, seq_lens, starts)
-    assert R.rel_error(f64(out), ref) < TOLERANCE[dtype]
-    np.testing.assert_allclose(f64(lse), ref_lse, rtol=1e-4, atol=1e-3)
+    ref, ref_lse = R.paged_prefill(
+        f64(q),
+        k,
+        v,
+        case.block_table,
+        case.seq_lens,
+        case.query_start_loc,
+        scale=kw.get("scale"),
+        window_left=kw.get("window_left", -1),
+        logits_soft_cap=kw.get("logits_soft_cap", 0.0),
+    )
+    return f64(out), f64(lse), ref, ref_lse
+
+
+@pytest.mark.parametrize("backend", fp8_backends())
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("scale_mode", ["tensor", "head"])
+@pytest.mark.parametrize(
+    "num_q_heads,num_kv_heads,head_dim,block_size",
+    [(4, 4, 64, 16), (8, 2, 128, 16), (8, 1, 96, 7), (6, 2, 256, 1)],
+)
+def test_prefill_fp8(
+    rng, backend, dtype, layout, scale_mode, num_q_heads, num_kv_heads, head_dim, block_size
+):
+    """Prefill rows (query_start_loc) over float8 caches against float64 causal attention over
+    the dequantised values: ragged batches mixing decode steps, prompts, appends over cached
+    prefixes of random length, sequences with no rows and empty ones; MHA, GQA and MQA; head dims
+    with and without a 16-bit tensor-core kernel (CUDA runs float8 prefill on CUDA cores); pages
+    of 1, 7 and 16 tokens; per-tensor and per-KV-head scales; every row and log-sum-exp
+    written."""
+    fw, device = backend
+    _require(fw, dtype)
+    lens, rows = _mixed_rows(rng, 8, 150)
+    case, kb, vb, ks, vs = _prefill_case(
+        rng, lens, rows, num_q_heads, num_kv_heads, head_dim, block_size, scale_mode
+    )
+    check_prefill(*_run_prefill(case, kb, vb, ks, vs, fw, device, dtype, layout, scale_mode), dtype)
+
+
+@pytest.mark.parametrize("backend", fp8_backends())
+@pytest.mark.parametrize("num_splits", [1, 3, 7])
+@pytest.mark.parametrize("scale_mode", ["tensor", "head"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"window_left": 40, "logits_soft_cap": 20.0},
+        {"window_left": 0},
+        {"scale": -0.2, "logits_soft_cap": 5.0},
+    ],
+)
+def test_prefill_fp8_splits_window_soft_cap(rng, backend, num_splits, scale_mode, options):
+    """Long cached prefixes under a few query rows with the keys split and merged, a sliding
+    window (one key per row at window 0), a soft cap and a negative scale, over float8 caches."""
+    fw, device = backend
+    _require(fw, "float16")
+    lens, rows = [700, 1, 333, 64, 0], [50, 1, 20, 64, 0]
+    case, kb, vb, ks, vs = _prefill_case(rng, lens, rows, 8, 2, 128, 16, scale_mode)
+    kw = dict(num_splits=num_splits, **options)
+    check_prefill(
+        *_run_prefill(case, kb, vb, ks, vs, fw, device, "float16", "NHD", scale_mode, **kw),
+        "float16",
+    )
+
+
+@pytest.mark.parametrize("backend", fp8_backends())
+@pytest.mark.parametrize("dtype,group", [("float16", 16), ("bfloat16", 20), ("float32", 3)])
+def test_prefill_fp8_large_groups(rng, backend, dtype, group):
+    """GQA groups that fill (16) or overflow (20: two head tiles per KV head) the CUDA-core
+    kernel's 16 rows per CTA, and one that does not divide them (3), over float8 caches."""
+    fw, device = backend
+    _require(fw, dtype)
+    lens, rows = _mixed_rows(rng, 6, 90)
+    case, kb, vb, ks, vs = _prefill_case(rng, lens, rows, 2 * group, 2, 64, 16, "head")
+    check_prefill(*_run_prefill(case, kb, vb, ks, vs, fw, device, dtype, "HND", "head"), dtype)
+
+
+@pytest.mark.parametrize("backend", fp8_backends())
+def test_prefill_fp8_chunked_equals_one_pass(rng, backend):
+    """A 300-token prompt attended in chunks of 1, 63, 100 and 136 rows over the same float8
+    cache (the lengths growing with each chunk) gives the rows of one pass, beside a sequence
+    taking a decode step."""
+    fw, device = backend
+    _require(fw, "float16")
+    prompt = 300
+    one, kb, vb, ks, vs = _prefill_case(rng, [prompt, 500], [prompt, 1], 8, 2, 128, 16, "head")
+    full_out, full_lse, ref, ref_lse = _run_prefill(
+        one, kb, vb, ks, vs, fw, device, "float16", "NHD", "head"
+    )
+    check_prefill(full_out, full_lse, ref, ref_lse, "float16")
+    done = 0
+    for chunk in [1, 63, 100, 136]:
+        case = R.PagedCase(rng, [done + chunk, 500], 8, 2, 128, 16, query_rows=[chunk, 1])
+        case.block_table = one.block_table
+        case.query = np.concatenate([one.query[done : done + chunk], one.query[prompt:]])
+        out, lse, ref, ref_lse = _run_prefill(
+            case, kb, vb, ks, vs, fw, device, "float16", "NHD", "head"
+        )
+        check_prefill(out, lse, ref, ref_lse, "float16")
+        assert R.rel_error(out[:chunk], full_out[done : done + chunk]) < TOLERANCE["float16"]
+        np.testing.assert_allclose(lse[:chunk], full_lse[done : done + chunk], rtol=1e-4, atol=1e-3)
+        done += chunk
+    assert done == prompt
 
 
 # --- argument checks ---------------------------------------------------------------------------
@@ -631,6 +745,148 @@ def test_fp8_cuda_graph_replay_reads_device_scales(rng):
         vd = decode_e4m3(value_bits.reshape(shape)) * vs[None, None, :, None]
         ref, _ = R.paged_attention(f64(q), kd, vd, new_table, new_lens)
         assert R.rel_error(f64(out), ref) < TOLERANCE["float16"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_prefill_fp8_cuda_graph_replay(rng, num_splits):
+    """Quantising writes and a mixed prefill/decode step captured in one CUDA graph over float8
+    caches with per-head scales in device memory, the split planned (workspace kept by the Python
+    layer) or fixed (workspace passed in): each replay uses the query_start_loc, lengths, tables,
+    scales, keys, values and queries of that moment."""
+    num_blocks, block_size, heads, group, dim, batch, max_blocks = 64, 16, 2, 4, 128, 4, 8
+    total = 120  # query rows of every replay, split differently among the sequences
+    shape = (num_blocks, block_size, heads, dim)
+    kc = torch.zeros(shape, dtype=torch.float8_e4m3fn, device="cuda")
+    vc = torch.zeros_like(kc)
+    k_scale = torch.ones(heads, dtype=torch.float32, device="cuda")
+    v_scale = torch.ones(heads, dtype=torch.float32, device="cuda")
+    n_new = batch * max_blocks * block_size
+    new_k = torch.zeros((n_new, heads, dim), dtype=torch.float16, device="cuda")
+    new_v = torch.zeros_like(new_k)
+    slots = torch.full((n_new,), -1, dtype=torch.int64, device="cuda")
+    q = torch.zeros((total, heads * group, dim), dtype=torch.float16, device="cuda")
+    starts = torch.zeros((batch + 1,), dtype=torch.int32, device="cuda")
+    starts[-1] = total
+    table = torch.zeros((batch, max_blocks), dtype=torch.int32, device="cuda")
+    lens = torch.full((batch,), total, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    lse = torch.empty((total, heads * group), dtype=torch.float32, device="cuda")
+    kw = dict(
+        lse=lse,
+        num_splits=num_splits,
+        query_start_loc=starts,
+        max_seq_len=max_blocks * block_size,
+        k_scale=k_scale,
+        v_scale=v_scale,
+    )
+    if num_splits is not None:
+        _, nbytes = ts.plan_paged_attention(
+            q, kc, table, num_splits=num_splits, query_start_loc=starts
+        )
+        kw["workspace"] = torch.empty((nbytes,), dtype=torch.uint8, device="cuda")
+
+    def step():
+        ts.reshape_and_cache(new_k, new_v, kc, vc, slots, k_scale=k_scale, v_scale=v_scale)
+        ts.paged_attention(q, kc, vc, table, lens, out, **kw)
+
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        step()  # warm-up outside capture (plans and allocates the kept workspace)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="global"):
+        step()
+    for _ in range(3):
+        cuts = np.sort(rng.integers(0, total + 1, size=batch - 1))
+        new_starts = np.concatenate([[0], cuts, [total]]).astype(np.int32)
+        rows = np.diff(new_starts)
+        prefix = rng.integers(0, max_blocks * block_size - rows + 1)
+        new_lens = (rows + prefix).astype(np.int32)
+        new_lens[rows == 0] = rng.integers(0, max_blocks * block_size + 1)
+        new_table = rng.permutation(num_blocks)[: batch * max_blocks].reshape(batch, max_blocks)
+        new_table = new_table.astype(np.int32)
+        ks = rng.uniform(0.005, 0.05, size=heads).astype(np.float32)
+        vs = rng.uniform(0.005, 0.05, size=heads).astype(np.float32)
+        kx = _round_to(rng.standard_normal((n_new, heads, dim)), "float16")
+        vx = _round_to(rng.standard_normal((n_new, heads, dim)), "float16")
+        new_slots = (new_table[:, :, None] * block_size + np.arange(block_size)).reshape(-1)
+        new_slots = new_slots.astype(np.int64)
+        for device_array, value in (
+            (k_scale, ks),
+            (v_scale, vs),
+            (new_k, kx),
+            (new_v, vx),
+            (slots, new_slots),
+            (q, rng.standard_normal(tuple(q.shape))),
+            (starts, new_starts),
+            (table, new_table),
+            (lens, new_lens),
+        ):
+            device_array.copy_(torch.from_numpy(value))
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        key_bits = np.zeros((num_blocks * block_size, heads, dim), np.uint8)
+        value_bits = key_bits.copy()
+        key_bits[new_slots] = quantise(kx, ks[None, :, None])
+        value_bits[new_slots] = quantise(vx, vs[None, :, None])
+        kd = decode_e4m3(key_bits.reshape(shape)) * ks[None, None, :, None]
+        vd = decode_e4m3(value_bits.reshape(shape)) * vs[None, None, :, None]
+        ref, ref_lse = R.paged_prefill(f64(q), kd, vd, new_table, new_lens, new_starts)
+        check_prefill(f64(out), f64(lse), ref, ref_lse, "float16")
+
+
+@pytest.mark.cuda
+def test_prefill_fp8_planned_split(rng):
+    """One chunk of 64 rows over a 12k-token prefix in float8 caches: the planner splits it
+    (the CUDA-core kernel's tiles alone would leave the GPU short of work), and the split result
+    matches the reference."""
+    case, kb, vb, ks, vs = _prefill_case(rng, [12000], [64], 16, 4, 128, 16, "tensor")
+    put = _device_array("torch", "cuda")
+    splits, nbytes = ts.plan_paged_attention(
+        _input(case.query, "torch", "float16", "cuda"),
+        _fp8_caches(kb, vb, "torch", "cuda", "NHD")[0],
+        put(case.block_table),
+        query_start_loc=put(case.query_start_loc),
+    )
+    assert splits > 1 and nbytes > 0
+    check_prefill(
+        *_run_prefill(case, kb, vb, ks, vs, "torch", "cuda", "float16", "NHD", "tensor"),
+        "float16",
+    )
+
+
+@pytest.mark.cuda
+def test_prefill_fp8_untrusted_device_offsets_stay_in_bounds(rng):
+    """query_start_loc on the device is not checked: offsets that decrease, pass the last row or
+    are negative touch no row outside out and lse (guard rows stay NaN), read nothing outside
+    the float8 caches, and still write every row."""
+    case, kb, vb, ks, vs = _prefill_case(rng, [50, 80, 30], [20, 30, 10], 8, 2, 96, 16, "head")
+    kc, vc = _fp8_caches(kb, vb, "torch", "cuda", "NHD")
+    q = _input(case.query, "torch", "float16", "cuda")
+    total = q.shape[0]
+    out_all = empty((total + 2,) + tuple(q.shape[1:]), "torch", "float16", "cuda")
+    lse_all = empty((total + 2, q.shape[1]), "torch", "float32", "cuda")
+    put = _device_array("torch", "cuda")
+    for bad in ([0, 40, 10, total], [0, 10, total + 500, total], [-30, 5, 20, total], [0, 0, 0, 0]):
+        ts.paged_attention(
+            q,
+            kc,
+            vc,
+            put(case.block_table),
+            put(case.seq_lens),
+            out_all[1:-1],
+            lse=lse_all[1:-1],
+            query_start_loc=put(np.asarray(bad, np.int32)),
+            k_scale=_scale_arg(ks, "head", "torch", "cuda"),
+            v_scale=_scale_arg(vs, "head", "torch", "cuda"),
+        )
+        torch.cuda.synchronize()
+        assert torch.isnan(out_all[0]).all() and torch.isnan(out_all[-1]).all()
+        assert torch.isnan(lse_all[0]).all() and torch.isnan(lse_all[-1]).all()
+        assert not torch.isnan(out_all[1:-1]).any() and not torch.isnan(lse_all[1:-1]).any()
 
 
 # --- per-KV-head tables and page summaries (selection) -----------------------------------------

@@ -285,6 +285,114 @@ def test_select_pages_random_scores(rng, backend):
         np.testing.assert_array_equal(to_np(got_l), want_l)
 
 
+def quest_bound_selection(query, keys_by_page, block_table, seq_lens, budget, block_size):
+    """DESIGN.md's default selection, written out on its own in float64: per KV head, Quest's
+    bound sum_d max(q_d * min_d, q_d * max_d) over each page's keys, summed over the group's
+    query heads; the last page kept, then the budget's other pages of highest bound (the lower
+    logical page on ties), in logical order. keys_by_page[block]: [n, Hkv, D] keys."""
+    q = np.asarray(query, np.float64)
+    batch, num_q_heads, _ = q.shape
+    num_kv_heads = next(iter(keys_by_page.values())).shape[1]
+    group = num_q_heads // num_kv_heads
+    table = np.full((batch, num_kv_heads, budget), -1, np.int64)
+    lens = np.zeros((batch, num_kv_heads), np.int64)
+    for b in range(batch):
+        length = int(seq_lens[b])
+        pages = -(-length // block_size)
+        for h in range(num_kv_heads):
+            if pages <= budget:
+                table[b, h, :pages] = block_table[b, :pages]
+                lens[b, h] = length
+                continue
+            bound = []
+            for p in range(pages - 1):
+                k = np.asarray(keys_by_page[int(block_table[b, p])][:, h], np.float64)
+                lo, hi = k.min(0), k.max(0)
+                qg = q[b, h * group : (h + 1) * group]
+                bound.append(np.maximum(qg * lo, qg * hi).sum())
+            order = sorted(range(pages - 1), key=lambda p: (-bound[p], p))
+            kept = sorted(order[: budget - 1]) + [pages - 1]
+            table[b, h] = block_table[b, kept]
+            lens[b, h] = (budget - 1) * block_size + length - (pages - 1) * block_size
+    return table, lens
+
+
+def spread_and_centre_case(rng, seq_lens, block_size, kv_heads, group, dim, budget, dtype):
+    """Keys whose pages differ in centre and in spread (so Quest's bound, the damped score and
+    mean/std rank them differently), a third of the pages exact copies of four others (so
+    scores tie). Returns (table, num_blocks, query, keys [num_blocks, block_size, Hkv, D],
+    keys_by_page {block: the page's written keys}, the bound's selection)."""
+    table, num_blocks = random_pages(rng, seq_lens, block_size)
+    centre = rng.standard_normal((num_blocks, 1, kv_heads, dim))
+    centre *= rng.uniform(0, 5, size=(num_blocks, 1, kv_heads, 1))
+    spread = rng.uniform(0.2, 2, size=(num_blocks, 1, kv_heads, 1))
+    keys = centre + spread * rng.standard_normal((num_blocks, block_size, kv_heads, dim))
+    pool = keys[rng.integers(0, num_blocks, size=4)]
+    copies = rng.random(num_blocks) < 0.3
+    keys[copies] = pool[rng.integers(0, len(pool), size=int(copies.sum()))]
+    keys = keys.astype(dtype)
+    query = rng.standard_normal((len(seq_lens), kv_heads * group, dim)).astype(dtype)
+    keys_by_page = {}
+    for b, length in enumerate(seq_lens):
+        for p in range(-(-int(length) // block_size)):
+            block = int(table[b, p])
+            keys_by_page[block] = keys[block, : min(block_size, int(length) - p * block_size)]
+    want = quest_bound_selection(query, keys_by_page, table, seq_lens, budget, block_size)
+    return table, num_blocks, query, keys, keys_by_page, want
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_default_selection_is_quests_bound(rng, backend, dtype):
+    """The defaults are DESIGN.md's: reshape_and_cache(page_meta=...) and select_pages called
+    with no summary or group_reduce keep exactly the pages of Quest's bound over the keys'
+    min/max with the GQA group's scores summed (an independent float64 model above), ties to
+    the lower logical page. The data is drawn until the damped and mean/std scores keep other
+    pages than the bound, so a default of either fails the check."""
+    fw, device = device_of(backend)
+    block_size, kv_heads, group, dim, budget = 8, 3, 3, 32, 7
+    for _ in range(20):
+        seq_lens = np.array(
+            [rng.integers(300, 500), rng.integers(60, 120), budget * block_size - 3], np.int32
+        )
+        table, num_blocks, query, keys, keys_by_page, (want_t, want_l) = spread_and_centre_case(
+            rng, seq_lens, block_size, kv_heads, group, dim, budget, dtype
+        )
+        others = []
+        for other in ("minmax_damped", "meanstd"):
+            other_meta = np.zeros((num_blocks, kv_heads, 2, dim))
+            for block, page_keys in keys_by_page.items():
+                other_meta[block] = R.page_summary(page_keys, other)
+            other_t, _ = R.select_pages(
+                query, other_meta, table, seq_lens, budget, block_size, 0, other, "sum"
+            )
+            others.append(other_t)
+        if not any(np.array_equal(other_t, want_t) for other_t in others):
+            break
+    else:
+        pytest.fail("no draw in 20 where the scorings keep different pages")
+    kc = empty((num_blocks, block_size, kv_heads, dim), fw, dtype, device)
+    vc = empty((num_blocks, block_size, kv_heads, dim), fw, dtype, device)
+    meta = empty((num_blocks, kv_heads, 2, dim), fw, dtype, device)
+    slots = np.array(
+        [b * block_size + i for b, k in keys_by_page.items() for i in range(len(k))], np.int64
+    )
+    written = np.concatenate(list(keys_by_page.values()))
+    order = rng.permutation(len(slots))  # any order within the call
+    k = asarray(written[order], fw, dtype, device)
+    ts.reshape_and_cache(k, k, kc, vc, ints(slots[order], fw, device), meta)
+    got_t, got_l = ts.select_pages(
+        asarray(query, fw, dtype, device),
+        meta,
+        ints(table, fw, device),
+        ints(seq_lens, fw, device),
+        budget,
+        block_size=block_size,
+    )
+    np.testing.assert_array_equal(to_np(got_t), want_t)
+    np.testing.assert_array_equal(to_np(got_l), want_l)
+
+
 @pytest.mark.parametrize("backend", backends())
 def test_hits_count_every_kept_block(rng, backend):
     fw, device = device_of(backend)
@@ -450,7 +558,7 @@ def _select_args(fw="numpy", device="cpu"):
         (dict(meta_shape=(10, 2, 2, 9)), "page_meta must have the shape"),
         (dict(meta_shape=(10, 2, 2)), "page_meta must have 4 dimensions"),
         (dict(meta_dtype="float16"), "page_meta must have the dtype of query (float32)"),
-        (dict(summary="mean"), "summary must be 'minmax_damped', 'minmax' or 'meanstd'"),
+        (dict(summary="mean"), "summary must be 'minmax', 'minmax_damped' or 'meanstd'"),
         (dict(group_reduce="avg"), "group_reduce must be 'sum' or 'max'"),
         (dict(seq_len=41), "seq_lens[0] must be in [0, "),
         (dict(table_value=99), "block_table[0, 1] must be a block id"),
@@ -523,7 +631,7 @@ def test_bad_summary_name_writes_nothing(rng):
     meta = np.full((6, 2, 2, 8), np.nan, np.float32)
     key = rng.standard_normal((1, 2, 8)).astype(np.float32)
     with pytest.raises(
-        ValueError, match="summary must be 'minmax_damped', 'minmax' or 'meanstd', got 'max'"
+        ValueError, match="summary must be 'minmax', 'minmax_damped' or 'meanstd', got 'max'"
     ):
         ts.reshape_and_cache(key, key, kc, vc, np.array([0], np.int64), meta, summary="max")
     assert np.isnan(kc).all() and np.isnan(meta).all()

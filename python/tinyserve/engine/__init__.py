@@ -3,11 +3,12 @@ The model comes through a runner (``tinyserve.integrations.transformers.Transfor
 for transformers models); see docs/engine.md."""
 
 from .engine import Engine, EngineStats, ModelRunner
-from .kv import AttentionBatch, PagedKVCache, build_attention_batch
+from .kv import ENGINE_PAGE_SUMMARY, AttentionBatch, PagedKVCache, build_attention_batch
 from .request import RequestOutput, SamplingParams
 from .scheduler import Scheduler
 
 __all__ = [
+    "ENGINE_PAGE_SUMMARY",
     "AttentionBatch",
     "Engine",
     "EngineStats",

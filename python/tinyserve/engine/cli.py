@@ -11,6 +11,8 @@ import math
 import os
 import sys
 
+from .kv import ENGINE_PAGE_SUMMARY, PAGE_SUMMARIES
+
 DEFAULT_PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
@@ -54,6 +56,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=int,
         default=None,
         help="sparse decode: KV tokens each decode query reads (pages chosen by select_pages)",
+    )
+    parser.add_argument(
+        "--summary",
+        choices=PAGE_SUMMARIES,
+        default=ENGINE_PAGE_SUMMARY,
+        help="sparse decode: the page summary selection scores (default: %(default)s, the best "
+        "on SmolLM2; minmax: Quest's bound, the library's default)",
     )
     parser.add_argument(
         "--num-blocks", type=int, default=None, help="KV pool size in blocks (default: enough)"
@@ -171,6 +180,7 @@ def main(argv: list[str]) -> int:
         tokenizer=tokenizer,
         num_host_blocks=num_blocks if args.host_blocks is None else args.host_blocks,
         sparse_budget_tokens=args.budget,
+        sparse_summary=args.summary,
         cuda_graphs=not args.no_cuda_graphs,
         # Graphs for the batch sizes these samples can make, not the default 256 sequences.
         cuda_graph_batch_sizes=default_batch_sizes(min(args.n * len(prompt_ids), 256)),

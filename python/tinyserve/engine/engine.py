@@ -15,6 +15,8 @@ import tinyserve
 
 from .cuda_graphs import DecodeGraphs, default_batch_sizes
 from .kv import (
+    ENGINE_PAGE_SUMMARY,
+    PAGE_SUMMARIES,
     AttentionBatch,
     PagedKVCache,
     attention_batch_arrays,
@@ -137,6 +139,11 @@ class Engine:
     head, the first page (an attention sink, when that is two pages or more) and the last page
     among them (the pages' summaries are kept beside the cache); prefill steps, layers with a
     sliding window, and steps where every sequence has no more pages than that attend densely.
+    ``sparse_summary`` is the page summary that selection scores (``summary=`` of
+    :func:`tinyserve.select_pages`): the engine uses ``"minmax_damped"``
+    (:data:`~tinyserve.engine.kv.ENGINE_PAGE_SUMMARY`, the best on SmolLM2 in
+    docs/selection.md) unless told ``"minmax"`` (Quest's bound, the library's default) or
+    ``"meanstd"``.
     ``packed_prefill`` picks how prefill rows reach ``paged_attention``: packed with
     ``query_start_loc`` (default), or each row as a decode query
     (:func:`~tinyserve.engine.kv.build_attention_batch`).
@@ -163,6 +170,7 @@ class Engine:
         packed_prefill: bool = True,
         num_host_blocks: int = 0,
         sparse_budget_tokens: int | None = None,
+        sparse_summary: str = ENGINE_PAGE_SUMMARY,
         cuda_graphs: bool = True,
         cuda_graph_batch_sizes: SequenceOf[int] | None = None,
     ):
@@ -177,6 +185,11 @@ class Engine:
                     f"{sparse_budget_tokens}"
                 )
             self.sparse_budget = -(-sparse_budget_tokens // block_size)
+        if sparse_summary not in PAGE_SUMMARIES:
+            raise ValueError(
+                "tinyserve.Engine: sparse_summary must be one of "
+                f"{', '.join(repr(name) for name in PAGE_SUMMARIES)}, got {sparse_summary!r}"
+            )
         self.block_manager = tinyserve.BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.kv_cache = PagedKVCache(
             runner.num_layers,
@@ -187,6 +200,7 @@ class Engine:
             runner.dtype,
             runner.device,
             page_meta=self.sparse_budget > 0,
+            page_summary=sparse_summary,
         )
         self.compactor = None
         run_plan = None

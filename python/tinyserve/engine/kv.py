@@ -11,6 +11,13 @@ import torch
 
 import tinyserve
 
+# The page summary the engine's sparse decode uses unless told otherwise: the damped min/max
+# score kept the most attention mass on SmolLM2 and found the passkey as often as dense decode
+# (docs/selection.md). The library's own default is Quest's bound ("minmax").
+ENGINE_PAGE_SUMMARY = "minmax_damped"
+# Every summary select_pages knows (the engine's choice first).
+PAGE_SUMMARIES = ("minmax_damped", "minmax", "meanstd")
+
 
 class PagedKVCache:
     """One K and one V tensor per layer, each ``[num_blocks, block_size, num_kv_heads,
@@ -19,7 +26,9 @@ class PagedKVCache:
     never written shows up in the output instead of passing silently. With ``page_meta``, each
     layer also gets page summaries ``[num_blocks, num_kv_heads, 2, head_dim]`` (kept by
     ``reshape_and_cache``, read by ``select_pages`` for sparse decode), indexed by block like the
-    caches so that block copies and the compactor move them along."""
+    caches so that block copies and the compactor move them along. ``page_summary`` names the
+    summary those pages keep and sparse decode scores (``summary=`` of
+    :func:`tinyserve.select_pages`); the engine's choice is ``ENGINE_PAGE_SUMMARY``."""
 
     def __init__(
         self,
@@ -31,8 +40,10 @@ class PagedKVCache:
         dtype: torch.dtype,
         device: torch.device,
         page_meta: bool = False,
+        page_summary: str | None = None,
     ):
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.page_summary = ENGINE_PAGE_SUMMARY if page_summary is None else page_summary
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.device = torch.device(device)
@@ -102,7 +113,9 @@ class AttentionBatch:
         the written pages' summaries when the cache keeps them)."""
         key_cache, value_cache = self.kv_cache.layers[layer]
         meta = self.kv_cache.page_meta
-        extra = {} if meta is None else {"page_meta": meta[layer]}
+        extra = {}
+        if meta is not None:
+            extra = {"page_meta": meta[layer], "summary": self.kv_cache.page_summary}
         tinyserve.reshape_and_cache(key, value, key_cache, value_cache, self.slot_mapping, **extra)
 
     def attend(
@@ -131,6 +144,7 @@ class AttentionBatch:
                 # The first page always kept (attention sinks): on SmolLM2 it lifts the selected
                 # share of attention from 0.93 to 0.95 of the oracle's (docs/selection.md).
                 num_sink_pages=1 if self.sparse_budget >= 2 else 0,
+                summary=self.kv_cache.page_summary,
             )
         return tinyserve.paged_attention(
             query,

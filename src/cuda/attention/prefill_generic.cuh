@@ -1,11 +1,13 @@
 #pragma once
 
-// The CUDA-core prefill kernel: any dtype (float32 included), head_dim up to
-// kMaxAttentionHeadDim, any alignment. The schedule is the tensor-core kernel's (see
-// prefill_common.cuh) with 16 query rows per CTA (positions x query heads of a group), 4 per
-// warp. Key tiles of 16 rows are converted to float32 in shared memory; for each of its rows a
-// warp scores the 16 keys (lane l takes key l % 16 over half the dimensions), updates the row's
-// online softmax, and accumulates P V with each lane holding head_dim / 32 output elements.
+// The CUDA-core prefill kernel: any dtype (float32 included; float8 caches dequantised in
+// registers), head_dim up to kMaxAttentionHeadDim, any alignment. The schedule is the tensor-core
+// kernel's (see prefill_common.cuh) with 16 query rows per CTA (positions x query heads of a
+// group), 4 per warp. Key tiles of 16 rows are converted to float32 in shared memory; for each of
+// its rows a warp scores the 16 keys (lane l takes key l % 16 over half the dimensions), updates
+// the row's online softmax, and accumulates P V with each lane holding head_dim / 32 output
+// elements. A float8 cache's scales apply as in decode: K's to each score, V's to each value
+// element (as it is staged).
 
 #include <cmath>
 #include <cstdint>
@@ -32,7 +34,8 @@ inline int generic_prefill_smem_bytes(int head_dim) {
          4;
 }
 
-template <class T>
+// T: the query and output type; KV: the caches' (T, or __nv_fp8_e4m3).
+template <class T, class KV>
 __global__ void __launch_bounds__(kGenericPrefillThreads)
     prefill_generic_kernel(const __grid_constant__ PrefillArgs p) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -78,8 +81,10 @@ __global__ void __launch_bounds__(kGenericPrefillThreads)
   }
 
   const std::int32_t* table = a.kv.table_row(u.b, u.kv_head);
-  const T* k_head = a.kv.k_head<T>(u.kv_head);
-  const T* v_head = a.kv.v_head<T>(u.kv_head);
+  const KV* k_head = a.kv.k_head<KV>(u.kv_head);
+  const KV* v_head = a.kv.v_head<KV>(u.kv_head);
+  const float k_scale = kIsFp8<KV> ? a.k_scale_of(u.kv_head) : 1.0f;
+  const float v_scale = kIsFp8<KV> ? a.v_scale_of(u.kv_head) : 1.0f;
   const int key_end = max(0, u.pos0 + u.rows);
   const int key = lane % 16, half = lane / 16;
   for (int tile = u.tile_begin; tile < u.tile_end; ++tile) {
@@ -95,6 +100,7 @@ __global__ void __launch_bounds__(kGenericPrefillThreads)
         if (a.kv.in_cache(block)) {
           kv = to_float(a.kv.k_row(k_head, block, token, page)[d]);
           vv = to_float(a.kv.v_row(v_head, block, token, page)[d]);
+          if constexpr (kIsFp8<KV>) vv *= v_scale;
         }
       }
       k_smem[kr * (D + 1) + d] = kv;
@@ -110,6 +116,7 @@ __global__ void __launch_bounds__(kGenericPrefillThreads)
       float dot = 0.0f;
       for (int d = half; d < D; d += 2) dot += qr[d] * kr[d];
       dot += __shfl_xor_sync(0xffffffffu, dot, 16);
+      if constexpr (kIsFp8<KV>) dot *= k_scale;
       const int pos = qpos[rr];
       const bool seen =
           token < key_end && token <= pos && (a.window_left < 0 || token >= pos - a.window_left);
