@@ -44,7 +44,8 @@ struct Register {
                         " k" + std::to_string(C::kKeys) + "/" + std::to_string(C::kChunkKeys) +
                         " s" + std::to_string(C::kStages) + " " + pipeline_name(C::kPipeline) +
                         (C::kPrefetchTable ? " pf" : "") + (C::kQInRegisters ? " qreg" : "") +
-                        (C::kFusedScale ? " fs" : "") + (C::kUniformMma ? " u" : "");
+                        (C::kFusedScale ? " fs" : "") + (C::kUniformMma ? " u" : "") +
+                        (C::kMinBlocks > 1 ? " b" + std::to_string(C::kMinBlocks) : "");
     registry().push_back({name, shape,
                           reinterpret_cast<const void*>(k::prefill_mma_kernel<__half, C>),
                           C::kSmemBytes, C::kRows, C::kThreads});

@@ -49,13 +49,15 @@ enum class PrefillPipeline { kTwoBarriers, kOneBarrier, kKThenV };
 //  QInRegisters: Q fragments are loaded once into registers instead of from shared per k-step.
 //  FusedScale:   the softmax scale is folded into the exponent (one FFMA per score with the max
 //                subtraction) where there is no soft-cap and the scale is positive, and the
-//                logit transform runs under one branch per chunk instead of one per score.
+//                logit transform runs under one branch per chunk instead of one per score (and
+//                masked chunks recompute their rows' positions instead of holding them).
 //  UniformMma:   the row tiles' MMAs run under one warp-uniform branch (a CTA of decode rows
 //                takes a one-row-tile copy of the loop) instead of a predicate per MMA, which
 //                costs a WARPSYNC per MMA in SASS.
+//  MinBlocks:    CTAs per multiprocessor the register allocation must allow (launch bounds).
 template <int D, int Warps, int WarpTiles, int Keys, int ChunkKeys, int Stages,
           PrefillPipeline Pipeline, bool PrefetchTable, bool QInRegisters, bool FusedScale,
-          bool UniformMma = false>
+          bool UniformMma = false, int MinBlocks = 1>
 struct PrefillTile {
   static constexpr int kHeadDim = D;
   static constexpr int kWarps = Warps;
@@ -70,6 +72,7 @@ struct PrefillTile {
   static constexpr bool kQInRegisters = QInRegisters;
   static constexpr bool kFusedScale = FusedScale;
   static constexpr bool kUniformMma = UniformMma;
+  static constexpr int kMinBlocks = MinBlocks;
   static constexpr int kRow = D + 8;     // shared row stride (elements)
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row
   static constexpr int kRowsPerPass = kThreads / kChunks;
@@ -103,7 +106,7 @@ using PrefillMmaConfig = std::conditional_t<
 constexpr float kPrefillRescaleThreshold = 8.0f;
 
 template <class T, class C>
-__global__ void __launch_bounds__(C::kThreads)
+__global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
     prefill_mma_kernel(const __grid_constant__ PrefillArgs p) {
   constexpr int D = C::kHeadDim;
   constexpr int kKeys = C::kKeys;
@@ -233,15 +236,16 @@ __global__ void __launch_bounds__(C::kThreads)
   // lane / 4 and g + 8 of each, at positions qpos (-1: not a row of the tile, sees no key).
   const int quad_col = 2 * (lane % 4);
   const int warp_row0 = warp * 16 * kM;
+  auto row_position = [&](int mt, int r) {
+    const int row = warp_row0 + mt * 16 + lane / 4 + 8 * r;
+    const int pos = row / hc, h = row - pos * hc;
+    return pos < u.rows && h < u.heads ? u.pos0 + pos : -1;
+  };
   int qpos[kM][2];
 #pragma unroll
   for (int mt = 0; mt < kM; ++mt) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = warp_row0 + mt * 16 + lane / 4 + 8 * r;
-      const int pos = row / hc, h = row - pos * hc;
-      qpos[mt][r] = pos < u.rows && h < u.heads ? u.pos0 + pos : -1;
-    }
+    for (int r = 0; r < 2; ++r) qpos[mt][r] = row_position(mt, r);
   }
   // Rows are filled from 0 on: a warp past the last row only helps copy, and a row tile past it
   // (a decode row's tile fills 1 position x the group) skips its MMAs.
@@ -380,13 +384,16 @@ __global__ void __launch_bounds__(C::kThreads)
           }
         }
         if (needs_mask(k0)) {
+          // Positions are recomputed here (masked chunks are few) rather than held in registers.
 #pragma unroll
-          for (int mt = 0; mt < active; ++mt)
+          for (int mt = 0; mt < active; ++mt) {
+            const int pos[2] = {row_position(mt, 0), row_position(mt, 1)};
 #pragma unroll
             for (int j = 0; j < kChunk / 8; ++j)
 #pragma unroll
               for (int e = 0; e < 4; ++e)
-                s[mt][j][e] = seen(k0, qpos[mt][e / 2], j, e) ? s[mt][j][e] : -INFINITY;
+                s[mt][j][e] = seen(k0, pos[e / 2], j, e) ? s[mt][j][e] : -INFINITY;
+          }
         }
       } else if (needs_mask(k0)) {
 #pragma unroll
