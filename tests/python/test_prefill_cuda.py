@@ -136,8 +136,10 @@ def test_causal_and_tile_boundaries(rng, dtype):
     check(*run(case, dtype, window_left=47), dtype)
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("group,block_size", [(1, 16), (2, 7), (4, 16), (8, 16), (4, 32)])
+@pytest.mark.parametrize(
+    "dtype,group,block_size",
+    [("float16", 1, 16), ("bfloat16", 2, 7), ("float16", 4, 32), ("float16", 8, 16)],
+)
 def test_tile_boundaries_of_every_tile_shape(rng, dtype, group, block_size):
     """Head dim 128 with row counts and prefixes at and around every boundary a tile
     configuration of the tensor-core kernel may have (benchmarks/sweep_prefill): query tiles of
