@@ -89,8 +89,10 @@ struct PrefillTile {
 
 // The configuration each head dim ships with (one line per head dim):
 //  64:  64 keys, Q in registers (it fits beside one warp's two row tiles' accumulators).
-//  128: 32 keys: the scores of 64 keys would not fit the registers beside two row tiles'
-//       accumulators.
+//  128: 64-key tiles (one barrier and one block-table prefetch per 64 keys) whose scores are
+//       taken 32 keys at a time (64 keys' scores would not fit the registers beside two row
+//       tiles' accumulators), scale folded into the exponent, row tiles under one branch:
+//       1.47x the 32-key two-barrier tile on an H200 (benchmarks/sweep_prefill).
 //  256: one row tile per warp (two would not fit the registers), 32 keys (two CTAs share a
 //       multiprocessor's shared memory).
 template <int D>
@@ -98,7 +100,7 @@ using PrefillMmaConfig = std::conditional_t<
     D == 64, PrefillTile<64, 4, 2, 64, 64, 2, PrefillPipeline::kTwoBarriers, false, true, false>,
     std::conditional_t<
         D == 128,
-        PrefillTile<128, 4, 2, 32, 32, 2, PrefillPipeline::kTwoBarriers, false, false, false>,
+        PrefillTile<128, 4, 2, 64, 32, 2, PrefillPipeline::kOneBarrier, true, false, true, true>,
         PrefillTile<256, 4, 1, 32, 32, 2, PrefillPipeline::kTwoBarriers, false, false, false>>>;
 
 // As in the decode kernel: a row's running max is raised only when a score exceeds it by this
