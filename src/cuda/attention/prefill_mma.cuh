@@ -55,9 +55,20 @@ enum class PrefillPipeline { kTwoBarriers, kOneBarrier, kKThenV };
 //                takes a one-row-tile copy of the loop) instead of a predicate per MMA, which
 //                costs a WARPSYNC per MMA in SASS.
 //  MinBlocks:    CTAs per multiprocessor the register allocation must allow (launch bounds).
+//  TableInShared: the block-table entries of tile i + Stages - 1 are copied into a small shared
+//                ring by the copy group of tile i (4-byte cp.async), so, like PrefetchTable, a
+//                copy's addresses never wait on a global load, but no registers hold them
+//                (kOneBarrier only; replaces PrefetchTable).
+//  HalfExp:      P = 2^x is computed two at a time in the 16-bit type (ex2.approx.f16x2 or
+//                .bf16x2 on sm_90) from the float32 exponent, which halves the MUFU work and
+//                leaves P packed for the P V MMA; row sums still add in float32. FusedScale only.
+//  OverlapChunks: the S = Q K^T MMAs of chunk c + 1 are issued before the softmax of chunk c,
+//                so the tensor cores run under a warp's own softmax (the registers of two
+//                chunks' scores; a tile of one chunk is unchanged).
 template <int D, int Warps, int WarpTiles, int Keys, int ChunkKeys, int Stages,
           PrefillPipeline Pipeline, bool PrefetchTable, bool QInRegisters, bool FusedScale,
-          bool UniformMma = false, int MinBlocks = 1>
+          bool UniformMma = false, int MinBlocks = 1, bool TableInShared = false,
+          bool HalfExp = false, bool OverlapChunks = false>
 struct PrefillTile {
   static constexpr int kHeadDim = D;
   static constexpr int kWarps = Warps;
@@ -73,6 +84,9 @@ struct PrefillTile {
   static constexpr bool kFusedScale = FusedScale;
   static constexpr bool kUniformMma = UniformMma;
   static constexpr int kMinBlocks = MinBlocks;
+  static constexpr bool kTableInShared = TableInShared;
+  static constexpr bool kHalfExp = HalfExp;
+  static constexpr bool kOverlapChunks = OverlapChunks;
   static constexpr int kRow = D + 8;     // shared row stride (elements)
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row
   static constexpr int kRowsPerPass = kThreads / kChunks;
@@ -81,7 +95,13 @@ struct PrefillTile {
   static constexpr int kQBytes = kRows * kRow * 2;
   static constexpr int kTileBytes = Keys * kRow * 2;  // K or V of one tile
   static constexpr int kStageBytes = 2 * kTileBytes;
-  static constexpr int kSmemBytes = kQBytes + Stages * kStageBytes;
+  // The block-table ring (TableInShared): Stages slots of kKvPasses x kThreads entries.
+  static constexpr int kTableSlotBytes = kKvPasses * kThreads * 4;
+  static constexpr int kTableBytes = TableInShared ? Stages * kTableSlotBytes : 0;
+  static constexpr int kSmemBytes = kQBytes + Stages * kStageBytes + kTableBytes;
+  static_assert(!TableInShared || (!PrefetchTable && Pipeline == PrefillPipeline::kOneBarrier),
+                "TableInShared replaces PrefetchTable and needs kOneBarrier");
+  static_assert(!HalfExp || FusedScale, "HalfExp needs FusedScale");
   static_assert(kThreads % kChunks == 0 && Keys % kRowsPerPass == 0 && kRows % kRowsPerPass == 0,
                 "loader shape");
   static_assert(Keys % ChunkKeys == 0 && ChunkKeys % 16 == 0 && Stages >= 2, "tile shape");
@@ -106,6 +126,32 @@ using PrefillMmaConfig = std::conditional_t<
 // As in the decode kernel: a row's running max is raised only when a score exceeds it by this
 // much (log2 units), so probabilities stay below 2^8 and most tiles skip the rescale.
 constexpr float kPrefillRescaleThreshold = 8.0f;
+
+// 2^x0, 2^x1 rounded to T and computed in T (HalfExp): two exponents per MUFU instruction.
+template <class T>
+__device__ __forceinline__ std::uint32_t exp2_pair(float x0, float x1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return ptx::exp2_approx_f16x2(pack2<T>(x0, x1));
+  } else {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    return ptx::exp2_approx_bf16x2(pack2<T>(x0, x1));
+#else
+    return pack2<T>(ptx::exp2_approx(x0), ptx::exp2_approx(x1));
+#endif
+  }
+}
+
+// The sum of the two T values packed in p, in float32.
+template <class T>
+__device__ __forceinline__ float sum_pair(std::uint32_t p) {
+  if constexpr (std::is_same_v<T, __half>) {
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&p));
+    return f.x + f.y;
+  } else {
+    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&p));
+    return f.x + f.y;
+  }
+}
 
 template <class T, class C>
 __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
@@ -204,14 +250,48 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
   // kKThenV. With PrefetchTable, `next` holds the tile's blocks on entry and the following
   // tile's on exit, and power-of-two page sizes take a copy of the loader without page_of's
   // branch.
-  std::int32_t next[C::kKvPasses];
-  auto issue = [&](int tile, bool pow2) {
+  std::int32_t next[C::kPrefetchTable ? C::kKvPasses : 1];
+  // TableInShared: slot tile % kStages of the ring holds this thread's entries of tile `tile`,
+  // entry i at [i * kThreads + threadIdx.x].
+  const std::uint32_t table_ring = stage_base + kStages * C::kStageBytes;
+  auto fetch_table = [&](int tile, bool pow2) {
+    if (tile >= num_tiles) return;
+    const int k0 = u.key_begin + (u.tile_begin + tile) * kKeys;
+    const std::uint32_t slot = table_ring + (tile % kStages) * C::kTableSlotBytes;
+#pragma unroll
+    for (int i = 0; i < C::kKvPasses; ++i) {
+      const int token = min(k0 + row_in_pass + i * C::kRowsPerPass, key_end - 1);
+      ptx::cp_async_4(slot + (i * C::kThreads + threadIdx.x) * 4, table + page_of(token, pow2));
+    }
+  };
+  auto read_table = [&](int tile, std::int32_t(&blocks)[C::kKvPasses]) {
+    const int k0 = u.key_begin + (u.tile_begin + tile) * kKeys;
+    const std::int32_t* slot = reinterpret_cast<const std::int32_t*>(
+        smem + C::kQBytes + kStages * C::kStageBytes + (tile % kStages) * C::kTableSlotBytes);
+#pragma unroll
+    for (int i = 0; i < C::kKvPasses; ++i) {
+      const int token = k0 + row_in_pass + i * C::kRowsPerPass;
+      blocks[i] = token < key_end ? slot[i * C::kThreads + threadIdx.x] : -1;
+    }
+  };
+  // prologue: the tiles issued before the main loop, whose table entries no earlier copy group
+  // fetched (TableInShared).
+  auto issue = [&](int tile, bool pow2, bool prologue) {
     const bool exists = tile < num_tiles;
     std::int32_t blocks[C::kKvPasses];
     if constexpr (C::kPrefetchTable) {
 #pragma unroll
       for (int i = 0; i < C::kKvPasses; ++i) blocks[i] = next[i];
       if (tile + 1 < num_tiles) tile_blocks(tile + 1, next, pow2);
+    } else if constexpr (C::kTableInShared) {
+      if (exists) {
+        if (prologue) {
+          tile_blocks(tile, blocks, pow2);
+        } else {
+          read_table(tile, blocks);  // landed with tile tile - kStages + 1's group
+        }
+      }
+      fetch_table(tile + kStages - 1, pow2);
     } else {
       if (exists) tile_blocks(tile, blocks, pow2);
     }
@@ -225,12 +305,12 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
       ptx::cp_async_commit();
     }
   };
-  const bool pow2_pages = C::kPrefetchTable && a.kv.block_shift >= 0;
-  auto issue_tile = [&](int tile) {
+  const bool pow2_pages = (C::kPrefetchTable || C::kTableInShared) && a.kv.block_shift >= 0;
+  auto issue_tile = [&](int tile, bool prologue) {
     if (pow2_pages) {
-      issue(tile, true);
+      issue(tile, true, prologue);
     } else {
-      issue(tile, false);
+      issue(tile, false, prologue);
     }
   };
 
@@ -300,20 +380,20 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
     if (num_tiles > 0) tile_blocks(0, next, pow2_pages);
   }
 #pragma unroll
-  for (int t = 0; t < kStages - 1; ++t) issue_tile(t);
+  for (int t = 0; t < kStages - 1; ++t) issue_tile(t, true);
   for (int it = 0; it < num_tiles; ++it) {
     if constexpr (kPipe == PrefillPipeline::kTwoBarriers) {
-      issue_tile(it + kStages - 1);
+      issue_tile(it + kStages - 1, false);
       ptx::cp_async_wait<kStages - 1>();  // everything but the tiles after `it` has landed
       __syncthreads();
     } else if constexpr (kPipe == PrefillPipeline::kOneBarrier) {
       ptx::cp_async_wait<kStages - 2>();
       __syncthreads();  // tile it has landed, and every warp is done with tile it - 1's stage
-      issue_tile(it + kStages - 1);
+      issue_tile(it + kStages - 1, false);
     } else {
       ptx::cp_async_wait<2 * kStages - 3>();  // K of tile it
       __syncthreads();
-      issue_tile(it + kStages - 1);
+      issue_tile(it + kStages - 1, false);
     }
     if (warp_active && C::kQInRegisters && it == 0) {
 #pragma unroll
@@ -326,10 +406,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
       }
     }
     const std::uint32_t stage_offset = (it % kStages) * C::kStageBytes;
-    // The chunk's work for the first `active` row tiles (a constant at each call): scores and
-    // softmax, then P V.
-    auto scores = [&](int active, float(&s)[kM][kChunk / 8][4], int k0,
-                      std::uint32_t chunk_offset) {
+    // The chunk's work for the first `active` row tiles (a constant at each call): scores
+    // (qk), softmax, then P V (accumulate).
+    auto qk = [&](int active, float(&s)[kM][kChunk / 8][4], std::uint32_t chunk_offset) {
     // A row tile's MMAs run when it holds a row: a warp-uniform branch around the row tiles
     // (kUniformMma) or a per-MMA predicate.
     // S = Q K^T: 16 * active rows x kChunk keys per warp; each K fragment feeds `active` MMAs.
@@ -364,6 +443,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
           }
         }
       }
+    };
+    auto softmax = [&](int active, float(&s)[kM][kChunk / 8][4], int k0) {
       // Logits; element (j, e) of row tile mt is row qpos[mt][e / 2], key
       // k0 + j * 8 + quad_col + e % 2.
       if constexpr (C::kFusedScale) {
@@ -453,16 +534,27 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const float base = m[mt][r] == -INFINITY ? 0.0f : m[mt][r];  // nothing seen: p = 0
+          if constexpr (C::kHalfExp) {
+            // P packed in T, in the first float of each pair (accumulate reads it as is).
 #pragma unroll
-          for (int j = 0; j < kChunk / 8; ++j) {
+            for (int j = 0; j < kChunk / 8; ++j) {
+              const std::uint32_t pp = exp2_pair<T>(fmaf(s[mt][j][2 * r], score_scale, -base),
+                                                    fmaf(s[mt][j][2 * r + 1], score_scale, -base));
+              l[mt][r] += sum_pair<T>(pp);
+              s[mt][j][2 * r] = __uint_as_float(pp);
+            }
+          } else {
 #pragma unroll
-            for (int e = 2 * r; e < 2 * r + 2; ++e) {
-              if constexpr (C::kFusedScale) {
-                s[mt][j][e] = ptx::exp2_approx(fmaf(s[mt][j][e], score_scale, -base));
-              } else {
-                s[mt][j][e] = ptx::exp2_approx(s[mt][j][e] - base);
+            for (int j = 0; j < kChunk / 8; ++j) {
+#pragma unroll
+              for (int e = 2 * r; e < 2 * r + 2; ++e) {
+                if constexpr (C::kFusedScale) {
+                  s[mt][j][e] = ptx::exp2_approx(fmaf(s[mt][j][e], score_scale, -base));
+                } else {
+                  s[mt][j][e] = ptx::exp2_approx(s[mt][j][e] - base);
+                }
+                l[mt][r] += s[mt][j][e];
               }
-              l[mt][r] += s[mt][j][e];
             }
           }
         }
@@ -476,10 +568,17 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
         std::uint32_t pa[kM][4];
 #pragma unroll
         for (int mt = 0; mt < active; ++mt) {
-          pa[mt][0] = pack2<T>(s[mt][2 * kc][0], s[mt][2 * kc][1]);
-          pa[mt][1] = pack2<T>(s[mt][2 * kc][2], s[mt][2 * kc][3]);
-          pa[mt][2] = pack2<T>(s[mt][2 * kc + 1][0], s[mt][2 * kc + 1][1]);
-          pa[mt][3] = pack2<T>(s[mt][2 * kc + 1][2], s[mt][2 * kc + 1][3]);
+          if constexpr (C::kHalfExp) {
+            pa[mt][0] = __float_as_uint(s[mt][2 * kc][0]);
+            pa[mt][1] = __float_as_uint(s[mt][2 * kc][2]);
+            pa[mt][2] = __float_as_uint(s[mt][2 * kc + 1][0]);
+            pa[mt][3] = __float_as_uint(s[mt][2 * kc + 1][2]);
+          } else {
+            pa[mt][0] = pack2<T>(s[mt][2 * kc][0], s[mt][2 * kc][1]);
+            pa[mt][1] = pack2<T>(s[mt][2 * kc][2], s[mt][2 * kc][3]);
+            pa[mt][2] = pack2<T>(s[mt][2 * kc + 1][0], s[mt][2 * kc + 1][1]);
+            pa[mt][3] = pack2<T>(s[mt][2 * kc + 1][2], s[mt][2 * kc + 1][3]);
+          }
         }
 #pragma unroll
         for (int dp = 0; dp < D / 16; ++dp) {
@@ -497,18 +596,45 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
     // With kUniformMma, a warp whose second row tile holds no row (a decode row's CTA) runs
     // one row tile; rows fill from 0, so otherwise every tile runs (one past the rows is masked).
     const bool one_tile = C::kUniformMma && kM > 1 && !tile_active(1);
+    constexpr int kChunksPerTile = kKeys / kChunk;
+    // With kOverlapChunks, chunk c + 1's scores are issued before chunk c's softmax (the scores
+    // of every chunk of the tile have their own registers).
+    constexpr bool kOverlap = C::kOverlapChunks && kChunksPerTile > 1;
+    float s_all[kOverlap ? kChunksPerTile : 1][kM][kChunk / 8][4];
+    auto qk_chunk = [&](int c) {
+      const int k0 = u.key_begin + (u.tile_begin + it) * kKeys + c * kChunk;
+      if (!(warp_active && (c == 0 || k0 <= pos_last))) return;
+      const std::uint32_t chunk_offset = stage_offset + c * kChunk * kRowBytes;
+      if (one_tile) {
+        qk(1, s_all[kOverlap ? c : 0], chunk_offset);
+      } else {
+        qk(kM, s_all[kOverlap ? c : 0], chunk_offset);
+      }
+    };
 #pragma unroll
-    for (int c = 0; c < kKeys / kChunk; ++c) {
+    for (int c = 0; c < kChunksPerTile; ++c) {
       const int k0 = u.key_begin + (u.tile_begin + it) * kKeys + c * kChunk;
       // A chunk past every row's position (in a tile wider than its chunk) is all masked.
       const bool chunk_live = warp_active && (c == 0 || k0 <= pos_last);
       const std::uint32_t chunk_offset = stage_offset + c * kChunk * kRowBytes;
-      float s[kM][kChunk / 8][4];
-      if (chunk_live) {
+      auto& s = s_all[kOverlap ? c : 0];
+      if constexpr (kOverlap) {
+        if (c == 0) qk_chunk(0);
+        if (c + 1 < kChunksPerTile) qk_chunk(c + 1);
+        if (chunk_live) {
+          if (one_tile) {
+            softmax(1, s, k0);
+          } else {
+            softmax(kM, s, k0);
+          }
+        }
+      } else if (chunk_live) {
         if (one_tile) {
-          scores(1, s, k0, chunk_offset);
+          qk(1, s, chunk_offset);
+          softmax(1, s, k0);
         } else {
-          scores(kM, s, k0, chunk_offset);
+          qk(kM, s, chunk_offset);
+          softmax(kM, s, k0);
         }
       }
       if constexpr (kPipe == PrefillPipeline::kKThenV) {
