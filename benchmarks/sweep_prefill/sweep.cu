@@ -1,6 +1,7 @@
 // Times every prefill kernel configuration of configs.txt on issue 11's cases and checks each:
 // against a float64 host reference on small ragged batches (plain causal, window + soft-cap,
-// negative scale), and against the shipped configuration's output on the timed cases.
+// negative scale), and against the shipped configuration's output on the timed cases. Each head
+// dim (64, 128, 256) is swept on its own, against its shipped configuration.
 // Built and run by run.sh; the table prints last.
 
 #include <cuda_fp16.h>
@@ -33,7 +34,7 @@ namespace k = tinyserve::kernels::cuda;
     }                                                                                        \
   } while (0)
 
-constexpr int kQHeads = 32, kKvHeads = 8, kDim = 128, kPage = 16;
+constexpr int kQHeads = 32, kKvHeads = 8, kPage = 16;
 
 struct Seq {
   int rows, prefix;
@@ -78,11 +79,11 @@ __global__ void max_abs_diff(const __half* a, const __half* b, std::int64_t n, u
 struct Batch {
   std::vector<Seq> seqs;
   std::vector<int> lens, qsl, table;
-  int max_pages = 0, num_blocks = 0, rows = 0;
+  int dim, max_pages = 0, num_blocks = 0, rows = 0;
   __half *q = nullptr, *kc = nullptr, *vc = nullptr;
   int *d_table = nullptr, *d_lens = nullptr, *d_qsl = nullptr;
 
-  Batch(std::vector<Seq> s, std::uint32_t seed) : seqs(std::move(s)) {
+  Batch(std::vector<Seq> s, int head_dim, std::uint32_t seed) : seqs(std::move(s)), dim(head_dim) {
     std::mt19937 rng(seed);
     qsl.push_back(0);
     for (const Seq& x : seqs) {
@@ -100,8 +101,8 @@ struct Batch {
     for (size_t b = 0; b < seqs.size(); ++b)
       for (int pg = 0; pg < (lens[b] + kPage - 1) / kPage; ++pg)
         table[b * max_pages + pg] = ids[next++];
-    const std::int64_t nq = std::int64_t(rows) * kQHeads * kDim;
-    const std::int64_t nkv = std::int64_t(num_blocks) * kPage * kKvHeads * kDim;
+    const std::int64_t nq = std::int64_t(rows) * kQHeads * dim;
+    const std::int64_t nkv = std::int64_t(num_blocks) * kPage * kKvHeads * dim;
     CHECK(cudaMalloc(&q, std::max<std::int64_t>(nq, 8) * 2));
     CHECK(cudaMalloc(&kc, nkv * 2));
     CHECK(cudaMalloc(&vc, nkv * 2));
@@ -119,47 +120,52 @@ struct Batch {
   ~Batch() {
     cudaFree(q), cudaFree(kc), cudaFree(vc), cudaFree(d_table), cudaFree(d_lens), cudaFree(d_qsl);
   }
-  std::int64_t out_elems() const { return std::int64_t(rows) * kQHeads * kDim; }
+  std::int64_t out_elems() const { return std::int64_t(rows) * kQHeads * dim; }
   // causal FLOPs as benchmarks/bench_prefill.py counts them
   double flops() const {
     double pairs = 0;
     for (const Seq& x : seqs)
       pairs += double(x.rows) * x.prefix + double(x.rows) * (x.rows + 1) / 2;
-    return 4.0 * kQHeads * kDim * pairs;
+    return 4.0 * kQHeads * dim * pairs;
   }
 };
 
 struct Options {
-  float scale = 1.0f / std::sqrt(float(kDim));
+  float scale = 0.0f;  // 0: 1 / sqrt(head_dim)
   float soft_cap = 0.0f;
   int window_left = -1;
 };
 
 // The launch as attention.cu's prefill_attention does it (one split).
+float scale_of(const Options& o, int dim) {
+  return o.scale != 0.0f ? o.scale : 1.0f / std::sqrt(float(dim));
+}
+
 void launch(const sweep::Config& c, const Batch& b, __half* out, const Options& o, cudaStream_t s) {
+  const int dim = b.dim;
   tinyserve::kernels::PagedAttentionParams p;
   p.query_dtype = p.kv_dtype = p.out_dtype = tinyserve::DType::Float16;
   p.query = b.q;
-  p.q_stride_batch = kQHeads * kDim;
-  p.q_stride_head = kDim;
+  p.q_stride_batch = kQHeads * dim;
+  p.q_stride_head = dim;
   p.query_start_loc = b.d_qsl;
   p.num_query_rows = b.rows;
-  p.key_cache = {b.kc, kPage * kKvHeads * kDim, kKvHeads * kDim, kDim};
-  p.value_cache = {b.vc, kPage * kKvHeads * kDim, kKvHeads * kDim, kDim};
+  p.key_cache = {b.kc, kPage * kKvHeads * dim, kKvHeads * dim, dim};
+  p.value_cache = {b.vc, kPage * kKvHeads * dim, kKvHeads * dim, dim};
   p.block_table = b.d_table;
   p.block_table_stride_batch = b.max_pages;
   p.max_blocks = b.max_pages;
   p.seq_lens = b.d_lens;
   p.out = out;
-  p.out_stride_batch = kQHeads * kDim;
-  p.out_stride_head = kDim;
+  p.out_stride_batch = kQHeads * dim;
+  p.out_stride_head = dim;
   p.batch = int(b.seqs.size());
   p.num_q_heads = kQHeads;
   p.num_kv_heads = kKvHeads;
-  p.head_dim = kDim;
+  p.head_dim = dim;
   p.block_size = kPage;
   p.num_blocks = b.num_blocks;
-  p.scale = o.scale;
+  p.scale = scale_of(o, dim);
   p.logits_soft_cap = o.soft_cap;
   p.window_left = o.window_left;
   const int group = kQHeads / kKvHeads;
@@ -178,7 +184,9 @@ void launch(const sweep::Config& c, const Batch& b, __half* out, const Options& 
 
 // float64 reference on the host from the device's fp16 inputs.
 std::vector<double> reference(const Batch& b, const Options& o) {
-  const std::int64_t nkv = std::int64_t(b.num_blocks) * kPage * kKvHeads * kDim;
+  const int dim = b.dim;
+  const float scale = scale_of(o, dim);
+  const std::int64_t nkv = std::int64_t(b.num_blocks) * kPage * kKvHeads * dim;
   auto fetch = [](const __half* d, std::int64_t n) {
     std::vector<__half> h(n);
     CHECK(cudaMemcpy(h.data(), d, n * 2, cudaMemcpyDeviceToHost));
@@ -198,27 +206,27 @@ std::vector<double> reference(const Batch& b, const Options& o) {
         const int lo = o.window_left >= 0 ? std::max(0, pos - o.window_left) : 0;
         auto kv_row = [&](const std::vector<float>& c, int key) {
           const int blk = b.table[s * b.max_pages + key / kPage];
-          return &c[((std::int64_t(blk) * kPage + key % kPage) * kKvHeads + kvh) * kDim];
+          return &c[((std::int64_t(blk) * kPage + key % kPage) * kKvHeads + kvh) * dim];
         };
-        const float* qr = &q[(std::int64_t(row) * kQHeads + h) * kDim];
+        const float* qr = &q[(std::int64_t(row) * kQHeads + h) * dim];
         std::vector<double> logit(pos + 1 - lo);
         double mx = -INFINITY;
         for (int key = lo; key <= pos; ++key) {
           const float* kr = kv_row(kc, key);
           double dot = 0;
-          for (int d = 0; d < kDim; ++d) dot += double(qr[d]) * double(kr[d]);
-          double x = dot * o.scale;
+          for (int d = 0; d < dim; ++d) dot += double(qr[d]) * double(kr[d]);
+          double x = dot * scale;
           if (o.soft_cap > 0) x = o.soft_cap * std::tanh(x / o.soft_cap);
           logit[key - lo] = x;
           mx = std::max(mx, x);
         }
         double sum = 0;
         for (double& x : logit) sum += (x = std::exp(x - mx));
-        double* dst = &out[(std::int64_t(row) * kQHeads + h) * kDim];
+        double* dst = &out[(std::int64_t(row) * kQHeads + h) * dim];
         for (int key = lo; key <= pos; ++key) {
           const float* vr = kv_row(vc, key);
           const double w = logit[key - lo] / sum;
-          for (int d = 0; d < kDim; ++d) dst[d] += w * double(vr[d]);
+          for (int d = 0; d < dim; ++d) dst[d] += w * double(vr[d]);
         }
       }
     }
@@ -237,43 +245,8 @@ double max_error(const __half* d_out, const std::vector<double>& ref) {
   return worst;
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
-  const int reps = argc > 1 ? std::atoi(argv[1]) : 30;
-  // SWEEP_SKIP: names of configurations to leave out (run.sh sets it after a crash).
-  const std::string skip = std::getenv("SWEEP_SKIP") ? std::getenv("SWEEP_SKIP") : "";
-  auto& all = sweep::registry();
-  std::vector<sweep::Config> configs;
-  for (const auto& c : all)
-    if (skip.find(" " + c.name + " ") == std::string::npos) configs.push_back(c);
-  std::stable_sort(configs.begin(), configs.end(), [](const auto& x, const auto& y) {
-    return (x.name == "shipped") > (y.name == "shipped");
-  });
-  if (configs.empty() || configs[0].name != "shipped") {
-    std::fprintf(stderr, "no 'shipped' configuration\n");
-    return 1;
-  }
-  cudaDeviceProp prop;
-  CHECK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("device: %s, %d configurations, median of %d timed runs after 3 warm-up runs\n",
-              prop.name, int(configs.size()), reps);
-  cudaStream_t stream;
-  CHECK(cudaStreamCreate(&stream));
-
-  // Correctness against float64 on a small ragged batch (decode rows, appends over prefixes,
-  // prompts, rows around the 32/64-position and 32/64/128-key tile boundaries, a sequence with
-  // no rows) under four logit options; timing on the issue's cases.
-  const double kTolerance = 1e-2;
-  const std::vector<Seq> small = {{1, 200}, {77, 130}, {64, 0},  {129, 63}, {33, 31}, {0, 10},
-                                  {200, 0}, {1, 0},    {65, 64}, {31, 97},  {96, 191}};
-  const Options variants[] = {{}, {0.09f, 10.0f, 37}, {-0.2f, 0.0f, -1}, {0.1f, 0.0f, 64}};
-  Batch check_batch(small, 7);
-  std::vector<std::vector<double>> refs;
-  for (const Options& o : variants) refs.push_back(reference(check_batch, o));
-  __half* check_out;
-  CHECK(cudaMalloc(&check_out, check_batch.out_elems() * 2));
-
+// The cases of issue 11 (and their names).
+std::vector<std::pair<const char*, std::vector<Seq>>> timed_cases() {
   std::vector<std::pair<const char*, std::vector<Seq>>> cases = {
       {"8x4096 new", std::vector<Seq>(8, {4096, 0})},
       {"4x1024/16k", std::vector<Seq>(4, {1024, 16384})},
@@ -282,12 +255,34 @@ int main(int argc, char** argv) {
   };
   cases[3].second.push_back({512, 4096});
   cases[3].second.push_back({512, 4096});
+  return cases;
+}
+
+const double kTolerance = 1e-2;
+
+// Checks and times the configurations of one head dim (the baseline first); appends a table row
+// per configuration to `rows`.
+void sweep_head_dim(int dim, const std::vector<sweep::Config>& configs, int reps,
+                    cudaStream_t stream, std::vector<std::string>& rows) {
+  // Correctness against float64 on a small ragged batch (decode rows, appends over prefixes,
+  // prompts, rows around the 32/64-position and 32/64/128-key tile boundaries, a sequence with
+  // no rows) under four logit options; timing on the issue's cases.
+  const std::vector<Seq> small = {{1, 200}, {77, 130}, {64, 0},  {129, 63}, {33, 31}, {0, 10},
+                                  {200, 0}, {1, 0},    {65, 64}, {31, 97},  {96, 191}};
+  const Options variants[] = {{}, {0.09f, 10.0f, 37}, {-0.2f, 0.0f, -1}, {0.1f, 0.0f, 64}};
+  Batch check_batch(small, dim, 7);
+  std::vector<std::vector<double>> refs;
+  for (const Options& o : variants) refs.push_back(reference(check_batch, o));
+  __half* check_out;
+  CHECK(cudaMalloc(&check_out, check_batch.out_elems() * 2));
+
+  const auto cases = timed_cases();
   std::vector<Batch*> batches;
   std::vector<__half*> shipped_out(cases.size());
   __half* out;
   std::int64_t max_elems = 0;
   for (size_t ci = 0; ci < cases.size(); ++ci) {
-    batches.push_back(new Batch(cases[ci].second, 100 + unsigned(ci)));
+    batches.push_back(new Batch(cases[ci].second, dim, 100 + unsigned(ci)));
     CHECK(cudaMalloc(&shipped_out[ci], batches[ci]->out_elems() * 2));
     max_elems = std::max(max_elems, batches[ci]->out_elems());
   }
@@ -298,7 +293,6 @@ int main(int argc, char** argv) {
   CHECK(cudaEventCreate(&start));
   CHECK(cudaEventCreate(&stop));
 
-  std::vector<std::string> rows;
   for (size_t i = 0; i < configs.size(); ++i) {
     const sweep::Config& c = configs[i];
     std::printf("running: %s\n", c.name.c_str());
@@ -313,8 +307,8 @@ int main(int argc, char** argv) {
       worst_ref = std::max(worst_ref, max_error(check_out, refs[v]));
     }
     std::string row;
-    char cell[64];
-    std::snprintf(cell, sizeof cell, "%-26s %-34s", c.name.c_str(), c.shape.c_str());
+    char cell[96];
+    std::snprintf(cell, sizeof cell, "%-30s %-40s", c.name.c_str(), c.shape.c_str());
     row += cell;
     for (size_t ci = 0; ci < cases.size(); ++ci) {
       const Batch& b = *batches[ci];
@@ -354,15 +348,52 @@ int main(int argc, char** argv) {
     rows.push_back(row);
   }
 
+  for (Batch* b : batches) delete b;
+  for (__half* x : shipped_out) cudaFree(x);
+  cudaFree(out), cudaFree(check_out), cudaFree(d_diff);
+  cudaEventDestroy(start), cudaEventDestroy(stop);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int reps = argc > 1 ? std::atoi(argv[1]) : 20;
+  // SWEEP_SKIP: names of configurations to leave out (run.sh sets it after a crash).
+  const std::string skip = std::getenv("SWEEP_SKIP") ? std::getenv("SWEEP_SKIP") : "";
+  std::vector<sweep::Config> configs;
+  for (const auto& c : sweep::registry())
+    if (skip.find(" " + c.name + " ") == std::string::npos) configs.push_back(c);
+  cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device: %s, %d configurations, median of %d timed runs after 3 warm-up runs\n",
+              prop.name, int(configs.size()), reps);
+  cudaStream_t stream;
+  CHECK(cudaStreamCreate(&stream));
+
+  std::vector<std::string> rows;
+  for (const int dim : {64, 128, 256}) {
+    std::vector<sweep::Config> of_dim;
+    for (const auto& c : configs)
+      if (c.head_dim == dim) of_dim.push_back(c);
+    if (of_dim.empty()) continue;
+    std::stable_sort(of_dim.begin(), of_dim.end(),
+                     [](const auto& x, const auto& y) { return x.baseline > y.baseline; });
+    if (!of_dim[0].baseline) {
+      std::fprintf(stderr, "no shipped configuration for head_dim %d\n", dim);
+      return 1;
+    }
+    rows.push_back("head_dim " + std::to_string(dim) + " (against " + of_dim[0].name + ")");
+    sweep_head_dim(dim, of_dim, reps, stream, rows);
+  }
+
   std::printf(
       "\nTFLOP/s of causal attention (median ms); ref: max |err| against float64 on small "
-      "ragged batches; shipped: max |diff| from the shipped configuration's output on the "
-      "timed cases (WRONG: either above %.0e)\n",
+      "ragged batches; shipped: max |diff| from the head dim's shipped configuration's output "
+      "on the timed cases (WRONG: either above %.0e)\n",
       kTolerance);
-  std::printf("%-26s %-34s", "config", "shape");
-  for (const auto& cs : cases) std::printf(" %15s", cs.first);
+  std::printf("%-30s %-40s", "config", "shape");
+  for (const auto& cs : timed_cases()) std::printf(" %15s", cs.first);
   std::printf(" %8s %8s %5s\n", "ref", "shipped", "smem");
   for (const std::string& row : rows) std::printf("%s\n", row.c_str());
-  for (Batch* b : batches) delete b;
   return 0;
 }
