@@ -65,10 +65,15 @@ enum class PrefillPipeline { kTwoBarriers, kOneBarrier, kKThenV };
 //  OverlapChunks: the S = Q K^T MMAs of chunk c + 1 are issued before the softmax of chunk c,
 //                so the tensor cores run under a warp's own softmax (the registers of two
 //                chunks' scores; a tile of one chunk is unchanged).
+//  SharedRowAddresses: the global address of every K and V row of a tile is computed once, by
+//                one thread, into a shared ring (the end of iteration i computes tile i + 2's,
+//                from a block id loaded at its start), instead of by each of the kChunks threads
+//                that copy a piece of the row: a copy is then a shared load and an add
+//                (kOneBarrier, 2 stages; replaces PrefetchTable and TableInShared).
 template <int D, int Warps, int WarpTiles, int Keys, int ChunkKeys, int Stages,
           PrefillPipeline Pipeline, bool PrefetchTable, bool QInRegisters, bool FusedScale,
           bool UniformMma = false, int MinBlocks = 1, bool TableInShared = false,
-          bool HalfExp = false, bool OverlapChunks = false>
+          bool HalfExp = false, bool OverlapChunks = false, bool SharedRowAddresses = false>
 struct PrefillTile {
   static constexpr int kHeadDim = D;
   static constexpr int kWarps = Warps;
@@ -87,6 +92,7 @@ struct PrefillTile {
   static constexpr bool kTableInShared = TableInShared;
   static constexpr bool kHalfExp = HalfExp;
   static constexpr bool kOverlapChunks = OverlapChunks;
+  static constexpr bool kSharedRowAddresses = SharedRowAddresses;
   static constexpr int kRow = D + 8;     // shared row stride (elements)
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row
   static constexpr int kRowsPerPass = kThreads / kChunks;
@@ -98,7 +104,13 @@ struct PrefillTile {
   // The block-table ring (TableInShared): Stages slots of kKvPasses x kThreads entries.
   static constexpr int kTableSlotBytes = kKvPasses * kThreads * 4;
   static constexpr int kTableBytes = TableInShared ? Stages * kTableSlotBytes : 0;
-  static constexpr int kSmemBytes = kQBytes + Stages * kStageBytes + kTableBytes;
+  // The row-address ring (SharedRowAddresses): 2 slots of Keys K then Keys V addresses.
+  static constexpr int kAddrSlotBytes = 2 * Keys * 8;
+  static constexpr int kAddrBytes = SharedRowAddresses ? 2 * kAddrSlotBytes : 0;
+  static constexpr int kSmemBytes = kQBytes + Stages * kStageBytes + kTableBytes + kAddrBytes;
+  static_assert(!SharedRowAddresses || (!PrefetchTable && !TableInShared && Stages == 2 &&
+                                        Pipeline == PrefillPipeline::kOneBarrier),
+                "SharedRowAddresses needs kOneBarrier, 2 stages, no other table prefetch");
   static_assert(!TableInShared || (!PrefetchTable && Pipeline == PrefillPipeline::kOneBarrier),
                 "TableInShared replaces PrefetchTable and needs kOneBarrier");
   static_assert(!HalfExp || FusedScale, "HalfExp needs FusedScale");
@@ -274,10 +286,74 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
       blocks[i] = token < key_end ? slot[i * C::kThreads + threadIdx.x] : -1;
     }
   };
+  // SharedRowAddresses: slot tile % 2 of the ring holds the address of K row r of tile `tile` at
+  // [r] and that of V row r at [kKeys + r] (0: zero-fill). This thread addresses rows
+  // threadIdx.x + n * kThreads (n < kAddrRows) of the 2 * kKeys; `ahead` holds their block ids
+  // (-1: past the keys) from load_row_blocks to store_row_addresses.
+  unsigned char* const addr_ring = smem + C::kQBytes + kStages * C::kStageBytes + C::kTableBytes;
+  constexpr int kAddrRows = (2 * kKeys + C::kThreads - 1) / C::kThreads;
+  std::int32_t ahead[C::kSharedRowAddresses ? kAddrRows : 1];
+  auto load_row_blocks = [&](int tile, bool pow2) {
+    if (tile >= num_tiles) return;
+    const int k0 = u.key_begin + (u.tile_begin + tile) * kKeys;
+#pragma unroll
+    for (int n = 0; n < kAddrRows; ++n) {
+      const int j = threadIdx.x + n * C::kThreads;
+      if (j >= 2 * kKeys) break;
+      const int token = k0 + j % kKeys;
+      // Loaded unconditionally (a key of the range), selected after.
+      const std::int32_t block = table[page_of(min(token, key_end - 1), pow2)];
+      ahead[n] = token < key_end ? block : -1;
+    }
+  };
+  auto store_row_addresses = [&](int tile, bool pow2) {
+    if (tile >= num_tiles) return;
+    const int k0 = u.key_begin + (u.tile_begin + tile) * kKeys;
+#pragma unroll
+    for (int n = 0; n < kAddrRows; ++n) {
+      const int j = threadIdx.x + n * C::kThreads;
+      if (j >= 2 * kKeys) break;
+      const int token = k0 + j % kKeys;
+      const std::int64_t block = ahead[n];
+      std::uint64_t address = 0;
+      if (a.kv.in_cache(block)) {
+        const int page = page_of(token, pow2);
+        address = j < kKeys
+                      ? reinterpret_cast<std::uint64_t>(a.kv.k_row(k_head, block, token, page))
+                      : reinterpret_cast<std::uint64_t>(a.kv.v_row(v_head, block, token, page));
+      }
+      *reinterpret_cast<std::uint64_t*>(addr_ring + (tile % 2) * C::kAddrSlotBytes + j * 8) =
+          address;
+    }
+  };
+  auto copy_rows = [&](int tile) {
+    const std::uint32_t ks =
+        stage_base + (tile % kStages) * C::kStageBytes + row_in_pass * kRowBytes + chunk_bytes;
+    const std::uint64_t* slot =
+        reinterpret_cast<const std::uint64_t*>(addr_ring + (tile % 2) * C::kAddrSlotBytes);
+#pragma unroll
+    for (int i = 0; i < C::kKvPasses; ++i) {
+      const int r = row_in_pass + i * C::kRowsPerPass;
+      const std::uint32_t dst = i * C::kRowsPerPass * kRowBytes;
+#pragma unroll
+      for (int part = 0; part < 2; ++part) {
+        const std::uint64_t address = slot[part * kKeys + r];
+        const bool zero = address == 0;
+        const char* src =
+            zero ? reinterpret_cast<const char*>(k_head) : reinterpret_cast<const char*>(address);
+        ptx::cp_async_16_shared_data(ks + part * C::kTileBytes + dst, src + chunk_bytes, zero);
+      }
+    }
+  };
   // prologue: the tiles issued before the main loop, whose table entries no earlier copy group
   // fetched (TableInShared).
   auto issue = [&](int tile, bool pow2, bool prologue) {
     const bool exists = tile < num_tiles;
+    if constexpr (C::kSharedRowAddresses) {
+      if (exists) copy_rows(tile);
+      ptx::cp_async_commit();
+      return;
+    }
     std::int32_t blocks[C::kKvPasses];
     if constexpr (C::kPrefetchTable) {
 #pragma unroll
@@ -305,7 +381,15 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
       ptx::cp_async_commit();
     }
   };
-  const bool pow2_pages = (C::kPrefetchTable || C::kTableInShared) && a.kv.block_shift >= 0;
+  const bool pow2_pages =
+      (C::kPrefetchTable || C::kTableInShared || C::kSharedRowAddresses) && a.kv.block_shift >= 0;
+  auto rows_ahead = [&](int tile, bool store) {
+    if (pow2_pages) {
+      store ? store_row_addresses(tile, true) : load_row_blocks(tile, true);
+    } else {
+      store ? store_row_addresses(tile, false) : load_row_blocks(tile, false);
+    }
+  };
   auto issue_tile = [&](int tile, bool prologue) {
     if (pow2_pages) {
       issue(tile, true, prologue);
@@ -379,8 +463,17 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
   if constexpr (C::kPrefetchTable) {
     if (num_tiles > 0) tile_blocks(0, next, pow2_pages);
   }
+  if constexpr (C::kSharedRowAddresses) {
+    rows_ahead(0, false);
+    rows_ahead(0, true);
+    __syncthreads();  // tile 0's addresses
+  }
 #pragma unroll
   for (int t = 0; t < kStages - 1; ++t) issue_tile(t, true);
+  if constexpr (C::kSharedRowAddresses) {
+    rows_ahead(1, false);
+    rows_ahead(1, true);  // read after the first iteration's barrier
+  }
   for (int it = 0; it < num_tiles; ++it) {
     if constexpr (kPipe == PrefillPipeline::kTwoBarriers) {
       issue_tile(it + kStages - 1, false);
@@ -390,6 +483,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
       ptx::cp_async_wait<kStages - 2>();
       __syncthreads();  // tile it has landed, and every warp is done with tile it - 1's stage
       issue_tile(it + kStages - 1, false);
+      if constexpr (C::kSharedRowAddresses) rows_ahead(it + 2, false);  // stored below
     } else {
       ptx::cp_async_wait<2 * kStages - 3>();  // K of tile it
       __syncthreads();
@@ -654,6 +748,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
     if constexpr (kPipe == PrefillPipeline::kTwoBarriers) {
       __syncthreads();  // the stage is free for the copy kStages iterations on
     }
+    // Tile it + 2's addresses into tile it's slot (read by every thread before this iteration's
+    // barrier), read after the next one.
+    if constexpr (C::kSharedRowAddresses) rows_ahead(it + 2, true);
   }
   ptx::cp_async_wait<0>();
   ptx::allow_dependent_grids();  // the merge kernel (if any) may start launching
