@@ -119,21 +119,25 @@ struct PrefillTile {
   static_assert(Keys % ChunkKeys == 0 && ChunkKeys % 16 == 0 && Stages >= 2, "tile shape");
 };
 
-// The configuration each head dim ships with (one line per head dim):
-//  64:  64 keys, Q in registers (it fits beside one warp's two row tiles' accumulators).
-//  128: 64-key tiles (one barrier and one block-table prefetch per 64 keys) whose scores are
-//       taken 32 keys at a time (64 keys' scores would not fit the registers beside two row
-//       tiles' accumulators), scale folded into the exponent, row tiles under one branch:
-//       1.47x the 32-key two-barrier tile on an H200 (benchmarks/sweep_prefill).
-//  256: one row tile per warp (two would not fit the registers), 32 keys (two CTAs share a
-//       multiprocessor's shared memory).
+// The configuration each head dim ships with (one line per head dim), each the fastest of
+// benchmarks/sweep_prefill on an H200 (float16, 32 query / 8 KV heads, page 16). All three take
+// one barrier per tile, fold the scale into the exponent and run the row tiles under one branch.
+//  64:  128-key tiles scored 64 keys at a time, Q in registers, the next tile's block ids loaded
+//       a tile ahead: 1.9-2.0x the earlier 64-key, two-barrier tile.
+//  128: 64-key tiles, each K/V row's address computed once per tile into shared memory (ptxas
+//       spills 96 bytes to L1 here; the spill-free 32-key-chunk variant measured 2-6% slower).
+//  256: one row tile per warp (two would not fit the registers), 32-key tiles (two CTAs share a
+//       multiprocessor's shared memory), row addresses in shared memory: 1.3-1.45x the earlier
+//       two-barrier tile.
 template <int D>
 using PrefillMmaConfig = std::conditional_t<
-    D == 64, PrefillTile<64, 4, 2, 64, 64, 2, PrefillPipeline::kTwoBarriers, false, true, false>,
-    std::conditional_t<
-        D == 128,
-        PrefillTile<128, 4, 2, 64, 32, 2, PrefillPipeline::kOneBarrier, true, false, true, true>,
-        PrefillTile<256, 4, 1, 32, 32, 2, PrefillPipeline::kTwoBarriers, false, false, false>>>;
+    D == 64,
+    PrefillTile<64, 4, 2, 128, 64, 2, PrefillPipeline::kOneBarrier, true, true, true, true>,
+    std::conditional_t<D == 128,
+                       PrefillTile<128, 4, 2, 64, 64, 2, PrefillPipeline::kOneBarrier, false, false,
+                                   true, true, 1, false, false, false, true>,
+                       PrefillTile<256, 4, 1, 32, 32, 2, PrefillPipeline::kOneBarrier, false, false,
+                                   true, true, 1, false, false, false, true>>>;
 
 // As in the decode kernel: a row's running max is raised only when a score exceeds it by this
 // much (log2 units), so probabilities stay below 2^8 and most tiles skip the rescale.
