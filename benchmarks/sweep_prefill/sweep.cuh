@@ -50,7 +50,10 @@ struct Register {
                         (C::kFusedScale ? " fs" : "") + (C::kUniformMma ? " u" : "") +
                         (C::kMinBlocks > 1 ? " b" + std::to_string(C::kMinBlocks) : "") +
                         (C::kTableInShared ? " ts" : "") + (C::kHalfExp ? " hx" : "") +
-                        (C::kOverlapChunks ? " ov" : "");
+                        (C::kOverlapChunks ? " ov" : "") + (C::kSharedRowAddresses ? " sa" : "") +
+                        (C::kZeroRowSource ? " zr" : "") +
+                        (C::kAddressBatch > 1 ? " ab" + std::to_string(C::kAddressBatch) : "") +
+                        (C::kMmaRowSums ? " rs" : "") + (C::kTreeRowMax ? " tm" : "");
     registry().push_back({name, shape,
                           reinterpret_cast<const void*>(k::prefill_mma_kernel<__half, C>),
                           C::kSmemBytes, C::kRows, C::kThreads, C::kHeadDim, baseline});

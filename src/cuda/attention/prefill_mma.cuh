@@ -70,10 +70,26 @@ enum class PrefillPipeline { kTwoBarriers, kOneBarrier, kKThenV };
 //                from a block id loaded at its start), instead of by each of the kChunks threads
 //                that copy a piece of the row: a copy is then a shared load and an add
 //                (kOneBarrier, 2 stages; replaces PrefetchTable and TableInShared).
+//  ZeroRowSource: a zero-filled row's slot of the address ring holds a static row of zeros
+//                instead of 0, so a copy reads its source as is (no compare and select per copy).
+//                SharedRowAddresses only.
+//  AddressBatch: copies whose ring addresses are loaded from shared memory together before they
+//                are issued: ptxas puts three never-executed shared loads between a shared load
+//                and a following cp.async, so loading N addresses first issues those once per N
+//                copies instead of once per copy (N address register pairs live instead of one).
+//                SharedRowAddresses only.
+//  MmaRowSums:   the row sums of P are accumulated by one more MMA per 16 keys and row tile (P
+//                times a column of ones) instead of an FADD per score, which also leaves no quad
+//                reduction at the end.
+//  TreeRowMax:   a row's max over the chunk is reduced as a tree (dependency depth log2 of the
+//                scores, not their number), and one vote per chunk decides the rescale of every
+//                row tile instead of one per row tile.
 template <int D, int Warps, int WarpTiles, int Keys, int ChunkKeys, int Stages,
           PrefillPipeline Pipeline, bool PrefetchTable, bool QInRegisters, bool FusedScale,
           bool UniformMma = false, int MinBlocks = 1, bool TableInShared = false,
-          bool HalfExp = false, bool OverlapChunks = false, bool SharedRowAddresses = false>
+          bool HalfExp = false, bool OverlapChunks = false, bool SharedRowAddresses = false,
+          bool ZeroRowSource = false, int AddressBatch = 1, bool MmaRowSums = false,
+          bool TreeRowMax = false>
 struct PrefillTile {
   static constexpr int kHeadDim = D;
   static constexpr int kWarps = Warps;
@@ -93,6 +109,10 @@ struct PrefillTile {
   static constexpr bool kHalfExp = HalfExp;
   static constexpr bool kOverlapChunks = OverlapChunks;
   static constexpr bool kSharedRowAddresses = SharedRowAddresses;
+  static constexpr bool kZeroRowSource = ZeroRowSource;
+  static constexpr int kAddressBatch = AddressBatch;
+  static constexpr bool kMmaRowSums = MmaRowSums;
+  static constexpr bool kTreeRowMax = TreeRowMax;
   static constexpr int kRow = D + 8;     // shared row stride (elements)
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row
   static constexpr int kRowsPerPass = kThreads / kChunks;
@@ -114,6 +134,10 @@ struct PrefillTile {
   static_assert(!TableInShared || (!PrefetchTable && Pipeline == PrefillPipeline::kOneBarrier),
                 "TableInShared replaces PrefetchTable and needs kOneBarrier");
   static_assert(!HalfExp || FusedScale, "HalfExp needs FusedScale");
+  static_assert((!ZeroRowSource && AddressBatch == 1) || SharedRowAddresses,
+                "ZeroRowSource and AddressBatch need SharedRowAddresses");
+  static_assert(AddressBatch >= 1 && (2 * Keys / (Warps * 32 / (D / 8))) % AddressBatch == 0,
+                "AddressBatch must divide the copies per thread and tile");
   static_assert(kThreads % kChunks == 0 && Keys % kRowsPerPass == 0 && kRows % kRowsPerPass == 0,
                 "loader shape");
   static_assert(Keys % ChunkKeys == 0 && ChunkKeys % 16 == 0 && Stages >= 2, "tile shape");
@@ -168,6 +192,11 @@ __device__ __forceinline__ float sum_pair(std::uint32_t p) {
     return f.x + f.y;
   }
 }
+
+// The source of zero-filled K/V rows with ZeroRowSource: one row of D 16-bit elements
+// (instantiated, so emitted, only where a configuration uses it).
+template <int D>
+__device__ __align__(16) uint4 prefill_zero_row[D * 2 / 16];
 
 template <class T, class C>
 __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
@@ -320,6 +349,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
       const int token = k0 + j % kKeys;
       const std::int64_t block = ahead[n];
       std::uint64_t address = 0;
+      if constexpr (C::kZeroRowSource) {
+        address = reinterpret_cast<std::uint64_t>(prefill_zero_row<D>);
+      }
       if (a.kv.in_cache(block)) {
         const int page = page_of(token, pow2);
         address = j < kKeys
@@ -335,17 +367,46 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
         stage_base + (tile % kStages) * C::kStageBytes + row_in_pass * kRowBytes + chunk_bytes;
     const std::uint64_t* slot =
         reinterpret_cast<const std::uint64_t*>(addr_ring + (tile % 2) * C::kAddrSlotBytes);
+    if constexpr (C::kZeroRowSource || C::kAddressBatch > 1) {
+      // Copy n moves part n % 2 (K, V) of row row_in_pass + (n / 2) * kRowsPerPass.
+      constexpr int kCopies = 2 * C::kKvPasses, kBatch = C::kAddressBatch;
 #pragma unroll
-    for (int i = 0; i < C::kKvPasses; ++i) {
-      const int r = row_in_pass + i * C::kRowsPerPass;
-      const std::uint32_t dst = i * C::kRowsPerPass * kRowBytes;
+      for (int n0 = 0; n0 < kCopies; n0 += kBatch) {
+        std::uint64_t address[kBatch];
 #pragma unroll
-      for (int part = 0; part < 2; ++part) {
-        const std::uint64_t address = slot[part * kKeys + r];
-        const bool zero = address == 0;
-        const char* src =
-            zero ? reinterpret_cast<const char*>(k_head) : reinterpret_cast<const char*>(address);
-        ptx::cp_async_16_shared_data(ks + part * C::kTileBytes + dst, src + chunk_bytes, zero);
+        for (int b = 0; b < kBatch; ++b) {
+          const int n = n0 + b;
+          address[b] = slot[(n % 2) * kKeys + row_in_pass + (n / 2) * C::kRowsPerPass];
+        }
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+          const int n = n0 + b;
+          const std::uint32_t dst =
+              ks + (n % 2) * C::kTileBytes + (n / 2) * C::kRowsPerPass * kRowBytes;
+          if constexpr (C::kZeroRowSource) {
+            ptx::cp_async_16_shared_data(
+                dst, reinterpret_cast<const char*>(address[b]) + chunk_bytes, false);
+          } else {
+            const bool zero = address[b] == 0;
+            const char* src = zero ? reinterpret_cast<const char*>(k_head)
+                                   : reinterpret_cast<const char*>(address[b]);
+            ptx::cp_async_16_shared_data(dst, src + chunk_bytes, zero);
+          }
+        }
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < C::kKvPasses; ++i) {
+        const int r = row_in_pass + i * C::kRowsPerPass;
+        const std::uint32_t dst = i * C::kRowsPerPass * kRowBytes;
+#pragma unroll
+        for (int part = 0; part < 2; ++part) {
+          const std::uint64_t address = slot[part * kKeys + r];
+          const bool zero = address == 0;
+          const char* src =
+              zero ? reinterpret_cast<const char*>(k_head) : reinterpret_cast<const char*>(address);
+          ptx::cp_async_16_shared_data(ks + part * C::kTileBytes + dst, src + chunk_bytes, zero);
+        }
       }
     }
   };
@@ -451,6 +512,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
 
   float o[kM][D / 8][4];
   float m[kM][2], l[kM][2];
+  // MmaRowSums: the row sums as an MMA accumulator (every column holds its row's sum).
+  float l_acc[C::kMmaRowSums ? kM : 1][4];
 #pragma unroll
   for (int mt = 0; mt < kM; ++mt) {
 #pragma unroll
@@ -459,6 +522,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
     }
     m[mt][0] = m[mt][1] = -INFINITY;
     l[mt][0] = l[mt][1] = 0.0f;
+    if constexpr (C::kMmaRowSums) {
+      l_acc[C::kMmaRowSums ? mt : 0][0] = l_acc[C::kMmaRowSums ? mt : 0][1] = 0.0f;
+      l_acc[C::kMmaRowSums ? mt : 0][2] = l_acc[C::kMmaRowSums ? mt : 0][3] = 0.0f;
+    }
   }
   std::uint32_t q_regs[C::kQInRegisters ? kM : 1][C::kQInRegisters ? D / 16 : 1][4];
 
@@ -598,29 +665,64 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
         }
       }
       // Online softmax; a row's scores are spread over the 4 lanes of a quad.
+      // TreeRowMax: every row tile's maxima first (tree-reduced), then one vote for all.
+      float tile_mx[C::kTreeRowMax ? kM : 1][2];
+      bool tile_grow = false;
+      if constexpr (C::kTreeRowMax) {
+        bool grow = false;
+#pragma unroll
+        for (int mt = 0; mt < active; ++mt) {
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            float v[kChunk / 8];
+#pragma unroll
+            for (int j = 0; j < kChunk / 8; ++j) v[j] = fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]);
+#pragma unroll
+            for (int w = kChunk / 16; w >= 1; w /= 2) {
+#pragma unroll
+              for (int j = 0; j < w; ++j) v[j] = fmaxf(v[j], v[j + w]);
+            }
+            float mx = fmaxf(v[0], __shfl_xor_sync(0xffffffffu, v[0], 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            mx *= score_scale;  // -inf stays -inf
+            tile_mx[C::kTreeRowMax ? mt : 0][r] = mx;
+            grow = grow || mx > m[mt][r] + kPrefillRescaleThreshold;
+          }
+        }
+        tile_grow = __any_sync(0xffffffffu, grow);
+      }
 #pragma unroll
       for (int mt = 0; mt < active; ++mt) {
         float mx[2];
+        if constexpr (C::kTreeRowMax) {
+          mx[0] = tile_mx[C::kTreeRowMax ? mt : 0][0];
+          mx[1] = tile_mx[C::kTreeRowMax ? mt : 0][1];
+        } else {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          mx[r] = -INFINITY;
+          for (int r = 0; r < 2; ++r) {
+            mx[r] = -INFINITY;
 #pragma unroll
-          for (int j = 0; j < kChunk / 8; ++j) {
-            mx[r] = fmaxf(mx[r], fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]));
+            for (int j = 0; j < kChunk / 8; ++j) {
+              mx[r] = fmaxf(mx[r], fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]));
+            }
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            if constexpr (C::kFusedScale) mx[r] *= score_scale;  // -inf stays -inf
           }
-          mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-          mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-          if constexpr (C::kFusedScale) mx[r] *= score_scale;  // -inf stays -inf
         }
         const bool grow = mx[0] > m[mt][0] + kPrefillRescaleThreshold ||
                           mx[1] > m[mt][1] + kPrefillRescaleThreshold;
-        if (__any_sync(0xffffffffu, grow)) {
+        if (C::kTreeRowMax ? tile_grow : __any_sync(0xffffffffu, grow)) {
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             if (mx[r] > m[mt][r]) {
               const float correction = ptx::exp2_approx(m[mt][r] - mx[r]);  // 0 when m was -inf
               m[mt][r] = mx[r];
               l[mt][r] *= correction;
+              if constexpr (C::kMmaRowSums) {
+                l_acc[C::kMmaRowSums ? mt : 0][2 * r] *= correction;
+                l_acc[C::kMmaRowSums ? mt : 0][2 * r + 1] *= correction;
+              }
 #pragma unroll
               for (int nb = 0; nb < D / 8; ++nb) {
                 o[mt][nb][2 * r] *= correction;
@@ -638,7 +740,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
             for (int j = 0; j < kChunk / 8; ++j) {
               const std::uint32_t pp = exp2_pair<T>(fmaf(s[mt][j][2 * r], score_scale, -base),
                                                     fmaf(s[mt][j][2 * r + 1], score_scale, -base));
-              l[mt][r] += sum_pair<T>(pp);
+              if constexpr (!C::kMmaRowSums) l[mt][r] += sum_pair<T>(pp);
               s[mt][j][2 * r] = __uint_as_float(pp);
             }
           } else {
@@ -651,7 +753,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
                 } else {
                   s[mt][j][e] = ptx::exp2_approx(s[mt][j][e] - base);
                 }
-                l[mt][r] += s[mt][j][e];
+                if constexpr (!C::kMmaRowSums) l[mt][r] += s[mt][j][e];
               }
             }
           }
@@ -687,6 +789,14 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
             if (!(C::kUniformMma || tile_active(mt))) continue;
             ptx::mma_16816<T>(o[mt][2 * dp], pa[mt], vf[0], vf[1]);
             ptx::mma_16816<T>(o[mt][2 * dp + 1], pa[mt], vf[2], vf[3]);
+          }
+        }
+        if constexpr (C::kMmaRowSums) {
+          const std::uint32_t ones = pack2<T>(1.0f, 1.0f);
+#pragma unroll
+          for (int mt = 0; mt < active; ++mt) {
+            if (!(C::kUniformMma || tile_active(mt))) continue;
+            ptx::mma_16816<T>(l_acc[C::kMmaRowSums ? mt : 0], pa[mt], ones, ones);
           }
         }
       }
@@ -766,8 +876,12 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float sum = l[mt][r];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      if constexpr (C::kMmaRowSums) {
+        sum = l_acc[C::kMmaRowSums ? mt : 0][2 * r];  // already summed over the quad's keys
+      } else {
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      }
       const int row = warp_row0 + mt * 16 + lane / 4 + 8 * r;
       const int pos = row / hc, h = row - pos * hc;
       if (pos >= u.rows || h >= u.heads) continue;
