@@ -53,7 +53,8 @@ struct Register {
                         (C::kOverlapChunks ? " ov" : "") + (C::kSharedRowAddresses ? " sa" : "") +
                         (C::kZeroRowSource ? " zr" : "") +
                         (C::kAddressBatch > 1 ? " ab" + std::to_string(C::kAddressBatch) : "") +
-                        (C::kMmaRowSums ? " rs" : "") + (C::kTreeRowMax ? " tm" : "");
+                        (C::kMmaRowSums ? " rs" : "") + (C::kTreeRowMax ? " tm" : "") +
+                        (C::kCopyInScores ? " ci" : "");
     registry().push_back({name, shape,
                           reinterpret_cast<const void*>(k::prefill_mma_kernel<__half, C>),
                           C::kSmemBytes, C::kRows, C::kThreads, C::kHeadDim, baseline});

@@ -84,12 +84,16 @@ enum class PrefillPipeline { kTwoBarriers, kOneBarrier, kKThenV };
 //  TreeRowMax:   a row's max over the chunk is reduced as a tree (dependency depth log2 of the
 //                scores, not their number), and one vote per chunk decides the rescale of every
 //                row tile instead of one per row tile.
+//  CopyInScores: the copy of tile i + 1 is issued in address batches between the k-steps of
+//                tile i's first score MMAs instead of all at once after the barrier, so its
+//                instructions issue while the tensor cores work (SharedRowAddresses, no
+//                OverlapChunks).
 template <int D, int Warps, int WarpTiles, int Keys, int ChunkKeys, int Stages,
           PrefillPipeline Pipeline, bool PrefetchTable, bool QInRegisters, bool FusedScale,
           bool UniformMma = false, int MinBlocks = 1, bool TableInShared = false,
           bool HalfExp = false, bool OverlapChunks = false, bool SharedRowAddresses = false,
           bool ZeroRowSource = false, int AddressBatch = 1, bool MmaRowSums = false,
-          bool TreeRowMax = false>
+          bool TreeRowMax = false, bool CopyInScores = false>
 struct PrefillTile {
   static constexpr int kHeadDim = D;
   static constexpr int kWarps = Warps;
@@ -113,6 +117,7 @@ struct PrefillTile {
   static constexpr int kAddressBatch = AddressBatch;
   static constexpr bool kMmaRowSums = MmaRowSums;
   static constexpr bool kTreeRowMax = TreeRowMax;
+  static constexpr bool kCopyInScores = CopyInScores;
   static constexpr int kRow = D + 8;     // shared row stride (elements)
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row
   static constexpr int kRowsPerPass = kThreads / kChunks;
@@ -138,6 +143,8 @@ struct PrefillTile {
                 "ZeroRowSource and AddressBatch need SharedRowAddresses");
   static_assert(AddressBatch >= 1 && (2 * Keys / (Warps * 32 / (D / 8))) % AddressBatch == 0,
                 "AddressBatch must divide the copies per thread and tile");
+  static_assert(!CopyInScores || (SharedRowAddresses && !OverlapChunks),
+                "CopyInScores needs SharedRowAddresses and no OverlapChunks");
   static_assert(kThreads % kChunks == 0 && Keys % kRowsPerPass == 0 && kRows % kRowsPerPass == 0,
                 "loader shape");
   static_assert(Keys % ChunkKeys == 0 && ChunkKeys % 16 == 0 && Stages >= 2, "tile shape");
@@ -362,38 +369,45 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
           address;
     }
   };
+  // Copies n0 .. n0 + AddressBatch - 1 of tile `tile` (ZeroRowSource, AddressBatch,
+  // CopyInScores): copy n moves part n % 2 (K, V) of row row_in_pass + (n / 2) * kRowsPerPass.
+  auto copy_batch = [&](int tile, int n0) {
+    const std::uint32_t ks =
+        stage_base + (tile % kStages) * C::kStageBytes + row_in_pass * kRowBytes + chunk_bytes;
+    const std::uint64_t* slot =
+        reinterpret_cast<const std::uint64_t*>(addr_ring + (tile % 2) * C::kAddrSlotBytes);
+    constexpr int kBatch = C::kAddressBatch;
+    std::uint64_t address[kBatch];
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int n = n0 + b;
+      address[b] = slot[(n % 2) * kKeys + row_in_pass + (n / 2) * C::kRowsPerPass];
+    }
+#pragma unroll
+    for (int b = 0; b < kBatch; ++b) {
+      const int n = n0 + b;
+      const std::uint32_t dst =
+          ks + (n % 2) * C::kTileBytes + (n / 2) * C::kRowsPerPass * kRowBytes;
+      if constexpr (C::kZeroRowSource) {
+        ptx::cp_async_16_shared_data(dst, reinterpret_cast<const char*>(address[b]) + chunk_bytes,
+                                     false);
+      } else {
+        const bool zero = address[b] == 0;
+        const char* src = zero ? reinterpret_cast<const char*>(k_head)
+                               : reinterpret_cast<const char*>(address[b]);
+        ptx::cp_async_16_shared_data(dst, src + chunk_bytes, zero);
+      }
+    }
+  };
+  constexpr int kCopyBatches = 2 * C::kKvPasses / C::kAddressBatch;
   auto copy_rows = [&](int tile) {
     const std::uint32_t ks =
         stage_base + (tile % kStages) * C::kStageBytes + row_in_pass * kRowBytes + chunk_bytes;
     const std::uint64_t* slot =
         reinterpret_cast<const std::uint64_t*>(addr_ring + (tile % 2) * C::kAddrSlotBytes);
-    if constexpr (C::kZeroRowSource || C::kAddressBatch > 1) {
-      // Copy n moves part n % 2 (K, V) of row row_in_pass + (n / 2) * kRowsPerPass.
-      constexpr int kCopies = 2 * C::kKvPasses, kBatch = C::kAddressBatch;
+    if constexpr (C::kZeroRowSource || C::kAddressBatch > 1 || C::kCopyInScores) {
 #pragma unroll
-      for (int n0 = 0; n0 < kCopies; n0 += kBatch) {
-        std::uint64_t address[kBatch];
-#pragma unroll
-        for (int b = 0; b < kBatch; ++b) {
-          const int n = n0 + b;
-          address[b] = slot[(n % 2) * kKeys + row_in_pass + (n / 2) * C::kRowsPerPass];
-        }
-#pragma unroll
-        for (int b = 0; b < kBatch; ++b) {
-          const int n = n0 + b;
-          const std::uint32_t dst =
-              ks + (n % 2) * C::kTileBytes + (n / 2) * C::kRowsPerPass * kRowBytes;
-          if constexpr (C::kZeroRowSource) {
-            ptx::cp_async_16_shared_data(
-                dst, reinterpret_cast<const char*>(address[b]) + chunk_bytes, false);
-          } else {
-            const bool zero = address[b] == 0;
-            const char* src = zero ? reinterpret_cast<const char*>(k_head)
-                                   : reinterpret_cast<const char*>(address[b]);
-            ptx::cp_async_16_shared_data(dst, src + chunk_bytes, zero);
-          }
-        }
-      }
+      for (int b = 0; b < kCopyBatches; ++b) copy_batch(tile, b * C::kAddressBatch);
     } else {
 #pragma unroll
       for (int i = 0; i < C::kKvPasses; ++i) {
@@ -553,8 +567,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
     } else if constexpr (kPipe == PrefillPipeline::kOneBarrier) {
       ptx::cp_async_wait<kStages - 2>();
       __syncthreads();  // tile it has landed, and every warp is done with tile it - 1's stage
-      issue_tile(it + kStages - 1, false);
-      if constexpr (C::kSharedRowAddresses) rows_ahead(it + 2, false);  // stored below
+      if constexpr (!C::kCopyInScores) issue_tile(it + kStages - 1, false);  // else in qk below
+      if constexpr (C::kSharedRowAddresses) rows_ahead(it + 2, false);       // stored below
     } else {
       ptx::cp_async_wait<2 * kStages - 3>();  // K of tile it
       __syncthreads();
@@ -573,7 +587,20 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
     const std::uint32_t stage_offset = (it % kStages) * C::kStageBytes;
     // The chunk's work for the first `active` row tiles (a constant at each call): scores
     // (qk), softmax, then P V (accumulate).
-    auto qk = [&](int active, float(&s)[kM][kChunk / 8][4], std::uint32_t chunk_offset) {
+    // CopyInScores: tile it + 1's copy batches, spread evenly over the k-steps of chunk 0's
+    // scores (copy_in), so they issue while the tensor cores work.
+    const bool next_exists = it + 1 < num_tiles;
+    auto copy_step = [&](int kk) {
+      if constexpr (C::kCopyInScores) {
+        if (!next_exists) return;
+#pragma unroll
+        for (int b = 0; b < kCopyBatches; ++b) {
+          if (b * (D / 16) / kCopyBatches == kk) copy_batch(it + 1, b * C::kAddressBatch);
+        }
+      }
+    };
+    auto qk = [&](int active, float(&s)[kM][kChunk / 8][4], std::uint32_t chunk_offset,
+                  bool copy_in = false) {
     // A row tile's MMAs run when it holds a row: a warp-uniform branch around the row tiles
     // (kUniformMma) or a per-MMA predicate.
     // S = Q K^T: 16 * active rows x kChunk keys per warp; each K fragment feeds `active` MMAs.
@@ -606,6 +633,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
             ptx::mma_16816<T>(s[mt][2 * kb], qa[mt], kf[0], kf[1]);
             ptx::mma_16816<T>(s[mt][2 * kb + 1], qa[mt], kf[2], kf[3]);
           }
+        }
+        if constexpr (C::kCopyInScores) {
+          if (copy_in) copy_step(kk);
         }
       }
     };
@@ -829,6 +859,27 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
       if constexpr (kOverlap) {
         if (c == 0) qk_chunk(0);
         if (c + 1 < kChunksPerTile) qk_chunk(c + 1);
+        if (chunk_live) {
+          if (one_tile) {
+            softmax(1, s, k0);
+          } else {
+            softmax(kM, s, k0);
+          }
+        }
+      } else if constexpr (C::kCopyInScores) {
+        // Tile it + 1's copy goes with chunk 0's scores (all at once in a warp with no rows),
+        // committed as the tile's copy group.
+        if (chunk_live) {
+          if (one_tile) {
+            qk(1, s, chunk_offset, c == 0);
+          } else {
+            qk(kM, s, chunk_offset, c == 0);
+          }
+        } else if (c == 0 && next_exists) {
+#pragma unroll
+          for (int b = 0; b < kCopyBatches; ++b) copy_batch(it + 1, b * C::kAddressBatch);
+        }
+        if (c == 0) ptx::cp_async_commit();
         if (chunk_live) {
           if (one_tile) {
             softmax(1, s, k0);
