@@ -91,7 +91,7 @@ struct PrefillLaunch {
 
 template <class T, int D>
 DecodeLaunch prefill_mma_launch() {
-  using C = PrefillMmaConfig<D>;
+  using C = PrefillMmaShape<T, D>;
   return {reinterpret_cast<const void*>(prefill_mma_kernel<T, C>), C::kSmemBytes, C::kSmemBytes,
           C::kRows, C::kThreads};
 }

@@ -174,6 +174,17 @@ using PrefillMmaConfig = std::conditional_t<
         PrefillTile<256, 4, 1, 32, 32, 2, PrefillPipeline::kOneBarrier, false, false, true, true, 1,
                     false, false, false, true>>>;
 
+// The shape a kernel of query type T runs: PrefillMmaConfig<D>, except bfloat16 at head_dim 128,
+// which keeps the float32 row sums of the 64-key tile with row addresses in shared memory: the
+// MMA row sums add P rounded to bfloat16 (8-bit mantissa), which moves the log-sum-exp by about
+// 1e-3, where float16's P (11 bits) keeps it within 1e-4.
+template <class T, int D>
+using PrefillMmaShape =
+    std::conditional_t<std::is_same_v<T, __nv_bfloat16> && D == 128,
+                       PrefillTile<128, 4, 2, 64, 64, 2, PrefillPipeline::kOneBarrier, false, false,
+                                   true, true, 1, false, false, false, true>,
+                       PrefillMmaConfig<D>>;
+
 // As in the decode kernel: a row's running max is raised only when a score exceeds it by this
 // much (log2 units), so probabilities stay below 2^8 and most tiles skip the rescale.
 constexpr float kPrefillRescaleThreshold = 8.0f;
