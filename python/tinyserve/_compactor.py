@@ -211,8 +211,8 @@ def compact_and_shrink(
     """
     _same_size(block_manager, pool, "compact_and_shrink")
     if num_blocks is not None:
-        # Checked here, not left to plan_compact: it reads -1 as "the used count", and
-        # BlockManager.resize would refuse that only after the plan was committed.
+        # Checked here, before any plan, so that the error names this call and nothing is
+        # planned or committed for a target that resize() would refuse.
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, numbers.Integral):
             raise TypeError(
                 "tinyserve.compact_and_shrink: num_blocks must be an int or None, "

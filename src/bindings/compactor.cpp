@@ -149,10 +149,15 @@ void bind_compactor(nb::module_& m) {
       .def(
           "plan_compact",
           [](Compactor& self, nb::handle num_blocks) {
-            const std::int64_t n =
-                num_blocks.is_none()
-                    ? -1
-                    : to_int<std::int64_t>(num_blocks, "Compactor.plan_compact", "num_blocks");
+            constexpr const char* op = "Compactor.plan_compact";
+            // None is the default target; the C++ API spells it -1, which Python callers must
+            // not be able to pass by accident (an off-by-one target would silently compact to
+            // the used count).
+            std::int64_t n = -1;
+            if (!num_blocks.is_none()) {
+              n = to_int<std::int64_t>(num_blocks, op, "num_blocks");
+              if (n < 0) detail::fail(op, "num_blocks must be >= 0 or None, got ", n);
+            }
             nb::gil_scoped_release release;
             return self.plan_compact(n);
           },

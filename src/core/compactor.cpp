@@ -426,8 +426,8 @@ MovePlan Compactor::plan_compact(std::int64_t num_blocks) {
   const std::int64_t used = m.num_blocks - m.num_free();
   if (num_blocks == -1) num_blocks = used;
   if (num_blocks < 0 || num_blocks > m.num_blocks) {
-    bad_argument(method, "num_blocks must be in [0, " + str(m.num_blocks) + "] or -1, got " +
-                             str(num_blocks));
+    bad_argument(method, "num_blocks must be in [0, " + str(m.num_blocks) +
+                             "] (default: the number of used blocks), got " + str(num_blocks));
   }
   begin_plan(m, method);
   if (num_blocks < used) {
@@ -439,9 +439,13 @@ MovePlan Compactor::plan_compact(std::int64_t num_blocks) {
   for (std::int32_t b = target; b < m.num_blocks; ++b) {
     if (!m.pool.is_free(b)) src.push_back(b);
   }
+  // Destinations in free-list order (uncached blocks first, then cached ones least recently
+  // used first), so a cached block below the target loses its key only when no other free block
+  // there is left. There are enough: target >= used blocks.
   dst.reserve(src.size());
-  for (std::int32_t b = 0; b < target && dst.size() < src.size(); ++b) {
-    if (m.pool.is_free(b)) dst.push_back(b);
+  const detail::FreeBlockQueue& queue = m.pool.free_queue();
+  for (std::int32_t b = queue.front(); dst.size() < src.size(); b = queue.next(b)) {
+    if (b < target) dst.push_back(b);
   }
   m.plan_target = num_blocks;
   return hand_out(m, MovePlan::Kind::Compact, std::move(src), std::move(dst));

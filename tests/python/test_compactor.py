@@ -193,7 +193,17 @@ def test_bad_arguments():
             ValueError,
             "plan_offload: num_blocks " + INT64_RANGE,
         ),
-        (lambda: comp.plan_compact(9), ValueError, r"num_blocks must be in \[0, 8\] or -1, got 9"),
+        (
+            lambda: comp.plan_compact(9),
+            ValueError,
+            r"plan_compact: num_blocks must be in \[0, 8\] \(default: the number of used blocks\), "
+            "got 9",
+        ),
+        (
+            lambda: comp.plan_compact(-1),
+            ValueError,
+            "plan_compact: num_blocks must be >= 0 or None, got -1",
+        ),
         (lambda: comp.plan_compact(-2), ValueError, "got -2"),
         (lambda: comp.plan_recall([1, 5]), KeyError, "plan_recall: unknown seq_id, got 5"),
         (lambda: comp.touch([1, 2**64]), ValueError, r"touch: seq_ids\[1\] " + INT64_RANGE),
@@ -649,7 +659,9 @@ class Workload:
                 self.draw(st.lists(st.sampled_from(offloaded), max_size=3)) if offloaded else []
             )
         else:
-            target = self.draw(st.one_of(st.none(), st.integers(stats["num_used"] - 1, NUM_BLOCKS)))
+            target = self.draw(
+                st.one_of(st.none(), st.integers(max(stats["num_used"] - 1, 0), NUM_BLOCKS))
+            )
             plan = self.comp.plan_compact(target)
         return plan
 

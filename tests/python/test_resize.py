@@ -273,7 +273,7 @@ class ResizingWorkload(Workload):
     def make_plan(self, kind, stats):
         if kind == "compact":
             n = self.bm.num_blocks
-            target = self.draw(st.one_of(st.none(), st.integers(stats["num_used"] - 1, n)))
+            target = self.draw(st.one_of(st.none(), st.integers(max(stats["num_used"] - 1, 0), n)))
             return self.comp.plan_compact(target)
         if kind == "offload" and self.tokens and self.draw(st.booleans()):
             victims = self.draw(st.lists(st.sampled_from(sorted(self.tokens)), max_size=3))
@@ -414,8 +414,8 @@ def test_compact_and_shrink_refuses_before_changing_anything():
     [(-1, ValueError), (-5, ValueError), (True, TypeError), (6.0, TypeError), ("6", TypeError)],
 )
 def test_compact_and_shrink_refuses_a_bad_target_before_committing(bad, error):
-    """plan_compact reads -1 as "the used count": the target is checked before any plan, so the
-    call cannot commit a compaction and then fail to resize."""
+    """The target is checked before any plan, so the call cannot commit a compaction and then
+    fail to resize."""
     pool = small_pool(16)
     bm = BlockManager(16, 4)
     comp = Compactor(bm)
