@@ -262,6 +262,9 @@ struct BlockManager::Impl {
       release_read(copies[std::size_t(p)].src);
       copies[std::size_t(p)].dst = kNoPair;
       copy_pair[std::size_t(b)] = kNoPair;
+      // The copy that fills the block's first tokens will never run: a key would let a later
+      // prompt attach a block whose content is incomplete.
+      if (keyed(b)) drop_key(b);
     }
     put_free(b);
   }

@@ -469,3 +469,31 @@ def test_cached_blocks_are_evicted_least_recently_used_first_by_the_compactors_r
     bm2.append(3, 6)  # two uncached blocks, then 2's cached one
     bm2.check()
     assert bm2.match_prefix([1, 1, 9])["tokens"] == 2 and bm2.match_prefix([2, 2, 9])["tokens"] == 0
+
+
+def test_a_block_whose_copy_is_dropped_is_not_left_in_the_prefix_cache():
+    """Copy-on-write fills a new block's first tokens; when its sequence is freed before
+    take_copies(), the copy is dropped, so the block's content is incomplete and must not be
+    findable by a later prompt, even though its own appended tokens made it full and keyed."""
+    bm = BlockManager(8, 4, enable_prefix_caching=True)
+    bm.add_sequence(1)
+    bm.append(1, 2, [1, 2])
+    bm.fork(1, 2)
+    bm.append(2, 2, [3, 4])  # copies block 0 into a new block, which the two tokens fill
+    bm.check()
+    assert bm.stats()["num_cached"] == 1 and bm.match_prefix([1, 2, 3, 4, 5])["tokens"] == 4
+    bm.free(2)
+    bm.check()
+    assert bm.take_copies().shape == (0, 2)
+    assert bm.stats()["num_cached"] == 0 and bm.stats()["num_evictable"] == 0
+    assert bm.match_prefix([1, 2, 3, 4, 5])["tokens"] == 0
+    assert bm.add_sequence(3, [1, 2, 3, 4, 5]) == 0
+    bm.check()
+    # Once the copy was handed out (and so ran), the key stays through a free.
+    bm.fork(1, 4)
+    bm.append(4, 2, [3, 4])
+    assert bm.take_copies().shape == (1, 2)
+    bm.free(4)
+    bm.check()
+    assert bm.add_sequence(5, [1, 2, 3, 4, 5]) == 4
+    bm.check()

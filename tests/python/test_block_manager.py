@@ -974,6 +974,9 @@ class Model:
                 pair = self.pending_pair_to(b)
                 if pair:
                     pair[1] = None
+                    if self.key[b] is not None:  # its content will never be complete
+                        del self.cache[self.key[b]]
+                        self.key[b] = None
                 if self.key[b] is not None:
                     self.free.append(b)
                 else:
