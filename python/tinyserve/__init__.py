@@ -18,6 +18,7 @@ from ._ops import (
     swap_blocks,
 )
 from ._tinyserve import (
+    ArgumentTypeError,
     BlockManager,
     Compactor,
     MovePlan,
@@ -49,6 +50,7 @@ def cmake_dir() -> str:
 
 __all__ = [
     "DEFAULT_SUMMARY",
+    "ArgumentTypeError",
     "BlockManager",
     "CachePool",
     "Compactor",

@@ -11,13 +11,14 @@ import numpy as np
 
 from . import _interop
 from ._ops import copy_blocks, swap_blocks
+from ._tinyserve import ArgumentTypeError
 
 
 def _cache_list(caches: Any, op: str, name: str) -> list[Any]:
     # One array would be iterated block by block: refuse it rather than move rows of it.
     is_one_array = hasattr(caches, "__dlpack__") or hasattr(caches, "__array_interface__")
     if is_one_array or not isinstance(caches, Sequence) or isinstance(caches, (str, bytes)):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"tinyserve.{op}: {name} must be a sequence of cache tensors, "
             f"got {type(caches).__name__}"
         )
@@ -214,7 +215,7 @@ def compact_and_shrink(
         # Checked here, before any plan, so that the error names this call and nothing is
         # planned or committed for a target that resize() would refuse.
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, numbers.Integral):
-            raise TypeError(
+            raise ArgumentTypeError(
                 "tinyserve.compact_and_shrink: num_blocks must be an int or None, "
                 f"got {type(num_blocks).__name__}"
             )
@@ -251,7 +252,9 @@ def grow_pool(block_manager: Any, pool: Any, num_blocks: int) -> dict[str, int]:
     Returns ``{"num_blocks", "added_bytes"}``."""
     _same_size(block_manager, pool, "grow_pool")
     if isinstance(num_blocks, bool) or not isinstance(num_blocks, int):
-        raise TypeError(f"tinyserve.grow_pool: num_blocks must be an int, got {num_blocks!r}")
+        raise ArgumentTypeError(
+            f"tinyserve.grow_pool: num_blocks must be an int, got {num_blocks!r}"
+        )
     if num_blocks < block_manager.num_blocks:
         raise ValueError(
             "tinyserve.grow_pool: num_blocks must be >= the current "

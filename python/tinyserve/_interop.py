@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from ._tinyserve import ArgumentTypeError
+
 # torch's C++ DLPack exporter and raw current-stream query, found once the first torch tensor shows
 # up. Both are private to torch (and may be absent): every use falls back to the public path.
 _TORCH_TENSOR: Any = None
@@ -95,18 +97,22 @@ def resolve_stream(
         value = getattr(stream, attribute, None)
         if isinstance(value, int):
             return value
-    raise TypeError(
+    raise ArgumentTypeError(
         f"tinyserve.{op}: stream must be None, an int (cudaStream_t), or an object with "
         f".cuda_stream (torch) or .ptr (CuPy), got {type(stream).__name__}"
     )
 
 
 def empty(
-    like: Any, shape: tuple[int, ...], dtype: str | None = None, fw: str | None = None
+    like: Any,
+    shape: tuple[int, ...],
+    dtype: str | None = None,
+    fw: str | None = None,
+    op: str = "empty",
 ) -> Any:
     """A new uninitialised array of `shape` from the framework and device of `like`, with the
     dtype of `like` or the one named ('float32', 'uint8'). `fw` is framework(like) when the
-    caller knows it."""
+    caller knows it; `op` names the op in errors."""
     if fw is None:
         fw = framework(like)
     if fw == "torch":
@@ -127,9 +133,9 @@ def empty(
     if fw == "numpy":
         return np.empty(shape, dtype=like.dtype if dtype is None else dtype)
     if is_cuda(like):
-        raise TypeError(
-            f"tinyserve: cannot allocate an output like a {type(like).__name__} on a CUDA "
-            "device; pass out= explicitly"
+        raise ArgumentTypeError(
+            f"tinyserve.{op}: cannot allocate an output on a CUDA device through an unknown "
+            f"framework (pass out= explicitly), got a {type(like).__name__}"
         )
     return np.empty(shape, dtype=np.asarray(like).dtype if dtype is None else dtype)
 

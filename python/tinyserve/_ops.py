@@ -12,6 +12,7 @@ from typing import Any
 
 from . import _interop
 from . import _tinyserve as _C
+from ._tinyserve import ArgumentTypeError
 
 __all__ = [
     "reshape_and_cache",
@@ -55,20 +56,20 @@ def _workspace(like: Any, fw: str, nbytes: int, purpose: str = "paged_attention"
             size = max(nbytes, _WORKSPACE_MIN_BYTES)
             if ws is not None:
                 size = max(size, 2 * ws.nbytes)
-            ws = _interop.empty(like, (size,), "uint8", fw)
+            ws = _interop.empty(like, (size,), "uint8", fw, purpose)
             _workspaces[key] = ws
         return ws
 
 
 def _shape(array: Any, op: str, name: str) -> tuple[int, ...]:
     """The shape of an array argument that the wrapper reads before the core sees it (to
-    allocate outputs), with the core's TypeError for an object that is no array."""
+    allocate outputs), with the core's ArgumentTypeError for an object that is no array."""
     shape = getattr(array, "shape", None)
     if shape is None:
         try:
             shape = memoryview(array).shape
         except TypeError:
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"tinyserve.{op}: {name} must be an array (DLPack or buffer protocol), got "
                 f"{type(array).__name__}"
             ) from None
@@ -293,8 +294,8 @@ def select_pages(
             width = max(operator.index(budget), 0)
         except TypeError:
             width = 0
-        table = _interop.empty(query, (batch, num_kv_heads, width), "int32", fw)
-        lens = _interop.empty(query, (batch, num_kv_heads), "int32", fw)
+        table = _interop.empty(query, (batch, num_kv_heads, width), "int32", fw, "select_pages")
+        lens = _interop.empty(query, (batch, num_kv_heads), "int32", fw, "select_pages")
     else:
         table, lens = out
     x = _interop.export
@@ -422,9 +423,13 @@ def paged_attention(
     fw = _interop.framework(query)
     cuda = _interop.is_cuda(query)
     if out is None:
-        out = _interop.empty(query, _shape(query, "paged_attention", "query"), fw=fw)
+        out = _interop.empty(
+            query, _shape(query, "paged_attention", "query"), fw=fw, op="paged_attention"
+        )
     if lse is None and return_lse:
-        lse = _interop.empty(query, _shape(query, "paged_attention", "query")[:2], "float32", fw)
+        lse = _interop.empty(
+            query, _shape(query, "paged_attention", "query")[:2], "float32", fw, "paged_attention"
+        )
     max_len = -1 if max_seq_len is None else max_seq_len
     splits = 0 if num_splits is None else num_splits
     if workspace is None and cuda:
@@ -480,7 +485,7 @@ def copy_blocks(caches: Sequence[Any], src: Any, dst: Any, *, stream: Any = None
     if not isinstance(caches, (list, tuple)):
         # One array is not a list of caches (iterating it would give its blocks).
         if not isinstance(caches, Sequence) or isinstance(caches, (str, bytes)):
-            raise TypeError(
+            raise ArgumentTypeError(
                 "tinyserve.copy_blocks: caches must be a sequence of arrays (list or tuple), got "
                 f"{type(caches).__name__}"
             )

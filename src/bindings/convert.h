@@ -27,9 +27,15 @@ namespace tinyserve::bindings {
 
 namespace nb = nanobind;
 
+// tinyserve.ArgumentTypeError, a subclass of both TypeError and ValueError (module.cpp makes it).
+PyObject* argument_type_error();
+
+// An argument of the wrong kind (a list where an array goes): a TypeError by Python's habit, and
+// a ValueError as the contract calls every bad argument, so that either `except` catches it.
 template <class... Args>
 [[noreturn]] void type_error(const char* op, const Args&... args) {
-  throw nb::type_error(detail::concat("tinyserve.", op, ": ", args...).c_str());
+  PyErr_SetString(argument_type_error(), detail::concat("tinyserve.", op, ": ", args...).c_str());
+  throw nb::python_error();
 }
 
 // How a value shows in a message: ints and floats as Python prints them, anything else by type.

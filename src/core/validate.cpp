@@ -236,13 +236,12 @@ Device OpCheck::same_device(std::initializer_list<Named> tensors) const {
 Backend OpCheck::backend(Device device) const {
   if (is_host(device)) return Backend::CPU;
   if (!kernels::cuda::compiled()) {
-    fail_runtime(op_, "tensors are on ", device_str(device),
-                 " but tinyserve was built without CUDA");
+    fail_runtime(op_, "tinyserve was built without CUDA, got tensors on ", device_str(device));
   }
   int count = kernels::cuda::device_count();
   if (device.index < 0 || device.index >= count) {
-    fail_runtime(op_, "tensors are on ", device_str(device), " but ", count,
-                 " CUDA device(s) are available");
+    fail_runtime(op_, "tensors must be on one of the ", count,
+                 " visible CUDA device(s), got tensors on ", device_str(device));
   }
   return Backend::CUDA;
 }
