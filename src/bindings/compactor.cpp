@@ -110,7 +110,7 @@ void bind_compactor(nb::module_& m) {
           },
           "num_blocks"_a, nb::sig("def plan_evict(self, num_blocks: int) -> MovePlan"),
           "Drop the prefix-cache keys of num_blocks cached, unreferenced blocks, least recently "
-          "used first. No data moves.")
+          "used first (recency: the last write, prefix hit or touch). No data moves.")
       .def(
           "plan_offload",
           [](Compactor& self, nb::handle num_blocks) {
@@ -163,9 +163,10 @@ void bind_compactor(nb::module_& m) {
           },
           "num_blocks"_a = nb::none(),
           nb::sig("def plan_compact(self, num_blocks: int | None = None) -> MovePlan"),
-          "Move used blocks so that every used block id is below num_blocks (default: the "
-          "number of used blocks); cached free blocks at or above it are evicted, not moved. "
-          "After commit, the free tail is taken last.")
+          "Move used blocks so that every used block id is below num_blocks (>= 0; default: the "
+          "number of used blocks), into free blocks there, uncached ones first (a cached one "
+          "loses its key only when no other is left); cached free blocks at or above it are "
+          "evicted, not moved. After commit, the free tail is taken last.")
       .def("commit", &Compactor::commit, "plan"_a, nb::call_guard<nb::gil_scoped_release>(),
            "After the plan's copies ran: remap the sequences' blocks and free the sources.")
       .def("abort", &Compactor::abort, "plan"_a, nb::call_guard<nb::gil_scoped_release>(),
