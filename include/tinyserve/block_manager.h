@@ -18,9 +18,7 @@ class Compactor;
 // Invariants (check() verifies them all):
 // - a block's ref count equals the number of sequence block lists that hold it;
 // - the free list holds exactly the blocks with ref count 0, each once; its order is the
-//   eviction order (head first): unkeyed blocks, then prefix-cached ones least recently used
-//   first (recency: the Compactor's clock step of the last write, prefix hit or touch; equal
-//   recency keeps release order);
+//   eviction order (head first);
 // - a block that holds a prefix-cache key is the one the key maps to, and the map holds no
 //   other entries;
 // - a sequence holds ceil(len / block_size) blocks.

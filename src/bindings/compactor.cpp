@@ -110,7 +110,7 @@ void bind_compactor(nb::module_& m) {
           },
           "num_blocks"_a, nb::sig("def plan_evict(self, num_blocks: int) -> MovePlan"),
           "Drop the prefix-cache keys of num_blocks cached, unreferenced blocks, least recently "
-          "used first (recency: the last write, prefix hit or touch). No data moves.")
+          "used first. No data moves.")
       .def(
           "plan_offload",
           [](Compactor& self, nb::handle num_blocks) {

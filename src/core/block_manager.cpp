@@ -147,19 +147,6 @@ void BlockManager::Impl::check() const {
     if (ref(id) == 0 && copy_reads[b] > 0) ++free_read;
   }
 
-  // Eviction order: along the free list, each run of keyed blocks is in recency order.
-  if (caching) {
-    const detail::FreeBlockQueue& queue = pool.free_queue();
-    std::int32_t before = queue.end();
-    for (std::int32_t b = queue.front(); b != queue.end(); before = b, b = queue.next(b)) {
-      if (before != queue.end() && keyed(before) && keyed(b) &&
-          pool.last_use(before) > pool.last_use(b)) {
-        fail("free block " + str(b) + " is cached after block " + str(before) +
-             ", which was used more recently");
-      }
-    }
-  }
-
   // Prefix-cache keys: block.has_key <=> cache[block.key] == block; keyed blocks are full.
   if (caching) {
     std::int64_t keyed_blocks = 0;

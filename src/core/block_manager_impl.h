@@ -251,8 +251,8 @@ struct BlockManager::Impl {
     if (--copy_reads[std::size_t(b)] == 0 && linked(b)) --num_free_read;
   }
 
-  // A block whose last holder left: keyed blocks go towards the back of the free list (kept
-  // longest, still findable; see put_free), others to the front (reused first).
+  // A block whose last holder left: keyed blocks go to the back of the free list (kept longest,
+  // still findable), others to the front (reused first).
   void release(std::int32_t b) {
     drop_ref(b);
     if (ref(b) > 0) return;
@@ -269,20 +269,14 @@ struct BlockManager::Impl {
     put_free(b);
   }
 
-  // Links a block that just became free: unkeyed blocks at the front (reused first), keyed ones
-  // at the back behind the keyed blocks used less recently, so that eviction from the front is
-  // least recently used first. Recency is the compactor's (the clock step of the block's last
-  // write, prefix hit or touch); blocks of equal recency keep their release order. The walk
-  // stops at the first unkeyed block and, as blocks are usually released in recency order,
-  // mostly takes no step.
+  // Links a block that just became free: keyed blocks at the back, others at the front.
   void put_free(std::int32_t b) {
     entering_free(b);
-    detail::FreeBlockQueue& queue = pool.free_queue();
-    if (!keyed(b)) return queue.push_front(b);
-    const std::uint64_t used = pool.last_use(b);
-    std::int32_t at = queue.back();
-    while (at != queue.end() && keyed(at) && pool.last_use(at) > used) at = queue.prev(at);
-    queue.insert_after(at, b);
+    if (keyed(b)) {
+      pool.free_queue().push_back(b);
+    } else {
+      pool.free_queue().push_front(b);
+    }
   }
 
   // Releases one entry of a sequence's block list, on the device or on the host.

@@ -27,14 +27,11 @@ class FreeBlockQueue {
   std::int32_t front() const { return next_[std::size_t(sentinel_)]; }
   std::int32_t back() const { return prev_[std::size_t(sentinel_)]; }
   std::int32_t next(std::int32_t b) const { return next_[std::size_t(b)]; }
-  std::int32_t prev(std::int32_t b) const { return prev_[std::size_t(b)]; }
   bool contains(std::int32_t b) const { return prev_[std::size_t(b)] != kUnlinked; }
   std::int64_t size() const { return size_; }
 
   void push_front(std::int32_t b) { link_after(sentinel_, b); }
   void push_back(std::int32_t b) { link_after(prev_[std::size_t(sentinel_)], b); }
-  // Links b right after `at`, a listed block or end() (then b goes to the front).
-  void insert_after(std::int32_t at, std::int32_t b) { link_after(at, b); }
   void remove(std::int32_t b);
 
   // Makes the id space 0..num_blocks-1. Shrinking requires every block at or above num_blocks

@@ -439,8 +439,8 @@ MovePlan Compactor::plan_compact(std::int64_t num_blocks) {
   for (std::int32_t b = target; b < m.num_blocks; ++b) {
     if (!m.pool.is_free(b)) src.push_back(b);
   }
-  // Destinations in free-list order (uncached blocks first, then cached ones least recently
-  // used first), so a cached block below the target loses its key only when no other free block
+  // Destinations in free-list order (uncached blocks first, then cached ones oldest released
+  // first), so a cached block below the target loses its key only when no other free block
   // there is left. There are enough: target >= used blocks.
   dst.reserve(src.size());
   const detail::FreeBlockQueue& queue = m.pool.free_queue();

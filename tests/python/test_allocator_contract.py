@@ -429,48 +429,6 @@ def test_random_calls_keep_every_sequence_readable_and_rejected_calls_change_not
     assert rejected > 50  # the rejected paths were exercised, not just the happy ones
 
 
-def test_cached_blocks_are_evicted_least_recently_used_first_by_the_compactors_recency():
-    """Recency is the last step a block was appended to or attended (Compactor.touch): a
-    sequence attended later keeps its cached blocks longer, whatever the order of the frees."""
-    bm = BlockManager(6, 2, enable_prefix_caching=True)
-    comp = Compactor(bm)
-    for seq_id in (1, 2, 3):
-        bm.add_sequence(seq_id)
-        bm.append(seq_id, 4, [seq_id] * 4)  # two keyed blocks each
-    blocks = {s: bm.block_ids(s).tolist() for s in (1, 2, 3)}
-    comp.touch([1, 2, 3])
-    comp.touch([3])
-    comp.touch([1])  # recency: 2 oldest, then 3, then 1
-    for seq_id in (1, 3, 2):  # freed in another order
-        bm.free(seq_id)
-        bm.check()
-    plan = comp.plan_evict(6)
-    assert plan.src.tolist() == blocks[2][::-1] + blocks[3][::-1] + blocks[1][::-1]  # tail first
-    comp.abort(plan)
-    bm.check()
-    # The manager's own eviction takes the same order: a new 3-block sequence evicts 2's blocks
-    # and 3's tail block; 1's prefix stays whole.
-    bm.add_sequence(4)
-    bm.append(4, 6)
-    bm.check()
-    assert sorted(bm.block_ids(4).tolist()) == sorted(blocks[2] + blocks[3][1:])
-    assert bm.match_prefix([1] * 5)["tokens"] == 4
-    assert bm.match_prefix([3] * 5)["tokens"] == 2
-    assert bm.match_prefix([2] * 5)["tokens"] == 0
-    # Without touches every block has the same recency: the order is the release order.
-    bm2 = BlockManager(4, 2, enable_prefix_caching=True)
-    for seq_id in (1, 2):
-        bm2.add_sequence(seq_id)
-        bm2.append(seq_id, 2, [seq_id] * 2)
-    bm2.free(2)
-    bm2.free(1)
-    bm2.check()
-    bm2.add_sequence(3)
-    bm2.append(3, 6)  # two uncached blocks, then 2's cached one
-    bm2.check()
-    assert bm2.match_prefix([1, 1, 9])["tokens"] == 2 and bm2.match_prefix([2, 2, 9])["tokens"] == 0
-
-
 def test_a_block_whose_copy_is_dropped_is_not_left_in_the_prefix_cache():
     """Copy-on-write fills a new block's first tokens; when its sequence is freed before
     take_copies(), the copy is dropped, so the block's content is incomplete and must not be
