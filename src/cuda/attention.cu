@@ -103,12 +103,16 @@ DecodeLaunch prefill_generic_launch(int head_dim) {
           kGenericPrefillRows, kGenericPrefillThreads};
 }
 
-// The prefill kernel for a call: the tensor-core kernel where the dtype and head_dim have one and
-// every row start is 16-byte aligned, else the CUDA-core kernel. A CTA's rows are positions x
-// query heads: min(group, rows) heads, and as many positions as fit.
-PrefillLaunch prefill_launch(DType dtype, int head_dim, bool aligned, int group, const char* op) {
+// The prefill kernel for a call: over float8 caches the CUDA-core kernel, which dequantises in
+// registers (the tensor-core kernel reads caches of the query's type only); otherwise the
+// tensor-core kernel where the dtype and head_dim have one and every row start is 16-byte
+// aligned, else the CUDA-core kernel. A CTA's rows are positions x query heads: min(group, rows)
+// heads, and as many positions as fit.
+PrefillLaunch prefill_launch(DType dtype, DType kv_dtype, int head_dim, bool aligned, int group,
+                             const char* op) {
   DecodeLaunch l = dispatch_float_dtype(dtype, op, [&](auto type) {
     using T = typename decltype(type)::type;
+    if (kv_dtype == DType::Float8E4M3FN) return prefill_generic_launch<T, __nv_fp8_e4m3>(head_dim);
     if constexpr (kHasTensorCoreType<T>) {
       if (aligned) {
         return dispatch_mma_head_dim(
@@ -117,20 +121,6 @@ PrefillLaunch prefill_launch(DType dtype, int head_dim, bool aligned, int group,
       }
     }
     return prefill_generic_launch<T>(head_dim);
-  });
-  const int rows = l.heads_per_cta;
-  l.heads_per_cta = std::min(group, rows);
-  return {l, rows / l.heads_per_cta};
-}
-
-// The prefill kernel for a call over caches of kv_dtype: over float8 caches the CUDA-core kernel,
-// which dequantises in registers (the tensor-core kernel reads caches of the query's type only);
-// otherwise prefill_launch's choice. Its CTA rows are cut as prefill_launch cuts them.
-PrefillLaunch prefill_kernel_launch(DType dtype, DType kv_dtype, int head_dim, bool aligned,
-                                    int group, const char* op) {
-  if (kv_dtype != DType::Float8E4M3FN) return prefill_launch(dtype, head_dim, aligned, group, op);
-  DecodeLaunch l = dispatch_float_dtype(dtype, op, [&](auto type) {
-    return prefill_generic_launch<typename decltype(type)::type, __nv_fp8_e4m3>(head_dim);
   });
   const int rows = l.heads_per_cta;
   l.heads_per_cta = std::min(group, rows);
@@ -179,7 +169,7 @@ void launch_merge(const PagedAttentionParams& p, AttentionOutput& output, cudaSt
 void prefill_attention(const PagedAttentionParams& p, cudaStream_t s, const char* op) {
   const int group = p.num_q_heads / p.num_kv_heads;
   const PrefillLaunch pl =
-      prefill_kernel_launch(p.query_dtype, p.kv_dtype, p.head_dim, prefill_aligned(p), group, op);
+      prefill_launch(p.query_dtype, p.kv_dtype, p.head_dim, prefill_aligned(p), group, op);
   const std::int64_t tiles = prefill_tiles(p.num_query_rows, p.batch, pl.positions);
   if (tiles > INT32_MAX) {
     detail::fail(op, "too many query rows for the CUDA prefill grid, got ", p.num_query_rows);
@@ -207,7 +197,7 @@ int plan_prefill_splits(int device_index, DType dtype, DType kv_dtype, int batch
   const char* op = "plan_paged_attention";
   DeviceGuard guard(device_index, op);
   const PrefillLaunch pl =
-      prefill_kernel_launch(dtype, kv_dtype, head_dim, true, num_q_heads / num_kv_heads, op);
+      prefill_launch(dtype, kv_dtype, head_dim, true, num_q_heads / num_kv_heads, op);
   // The planner counts CTAs as "sequences" x KV heads x head tiles; a prefill CTA reads at most
   // max_kv_len keys like a decode one.
   const std::int64_t tiles = prefill_tiles(num_query_rows, batch, pl.positions);
