@@ -30,14 +30,7 @@ inline std::vector<Config>& registry() {
 }
 
 inline const char* pipeline_name(k::PrefillPipeline p) {
-  switch (p) {
-    case k::PrefillPipeline::kTwoBarriers:
-      return "2bar";
-    case k::PrefillPipeline::kOneBarrier:
-      return "1bar";
-    default:
-      return "KthenV";
-  }
+  return p == k::PrefillPipeline::kTwoBarriers ? "2bar" : "1bar";
 }
 
 template <class C>
@@ -49,9 +42,7 @@ struct Register {
                         (C::kPrefetchTable ? " pf" : "") + (C::kQInRegisters ? " qreg" : "") +
                         (C::kFusedScale ? " fs" : "") + (C::kUniformMma ? " u" : "") +
                         (C::kMinBlocks > 1 ? " b" + std::to_string(C::kMinBlocks) : "") +
-                        (C::kTableInShared ? " ts" : "") + (C::kHalfExp ? " hx" : "") +
-                        (C::kOverlapChunks ? " ov" : "") + (C::kSharedRowAddresses ? " sa" : "") +
-                        (C::kZeroRowSource ? " zr" : "") +
+                        (C::kSharedRowAddresses ? " sa" : "") + (C::kZeroRowSource ? " zr" : "") +
                         (C::kAddressBatch > 1 ? " ab" + std::to_string(C::kAddressBatch) : "") +
                         (C::kMmaRowSums ? " rs" : "") + (C::kTreeRowMax ? " tm" : "") +
                         (C::kCopyInScores ? " ci" : "");

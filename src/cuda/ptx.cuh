@@ -36,11 +36,6 @@ __device__ __forceinline__ void cp_async_16_shared_data(std::uint32_t smem, cons
                "r"(zero ? 0 : 16));
 }
 
-// 4-byte async copy global -> shared (through L1), for small lookups such as block-table entries.
-__device__ __forceinline__ void cp_async_4(std::uint32_t smem, const void* gmem) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem), "l"(gmem));
-}
-
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
@@ -107,20 +102,6 @@ __device__ __forceinline__ void allow_dependent_grids() {
 __device__ __forceinline__ float exp2_approx(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// 2^x of two float16 values in one instruction (half the MUFU work of two float32 exponents).
-__device__ __forceinline__ std::uint32_t exp2_approx_f16x2(std::uint32_t x) {
-  std::uint32_t y;
-  asm("ex2.approx.f16x2 %0, %1;\n" : "=r"(y) : "r"(x));
-  return y;
-}
-
-// 2^x of two bfloat16 values in one instruction (sm_90).
-__device__ __forceinline__ std::uint32_t exp2_approx_bf16x2(std::uint32_t x) {
-  std::uint32_t y;
-  asm("ex2.approx.ftz.bf16x2 %0, %1;\n" : "=r"(y) : "r"(x));
   return y;
 }
 

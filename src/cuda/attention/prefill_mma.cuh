@@ -30,9 +30,7 @@ namespace tinyserve::kernels::cuda {
 //                before waiting for tile i, and a second barrier frees tile i's stage.
 //  kOneBarrier:  as above, but the copy is issued after the one barrier that says tile i has
 //                landed, into the stage that every warp finished with in the previous tile.
-//  kKThenV:      K and V of a tile are separate copy groups: the scores of tile i are computed
-//                while its V is still landing (a second barrier before P V).
-enum class PrefillPipeline { kTwoBarriers, kOneBarrier, kKThenV };
+enum class PrefillPipeline { kTwoBarriers, kOneBarrier };
 
 // The tile configuration of the tensor-core prefill kernel.
 //  Warps:        warps per CTA; each owns 16 * WarpTiles query rows.
@@ -55,21 +53,11 @@ enum class PrefillPipeline { kTwoBarriers, kOneBarrier, kKThenV };
 //                takes a one-row-tile copy of the loop) instead of a predicate per MMA, which
 //                costs a WARPSYNC per MMA in SASS.
 //  MinBlocks:    CTAs per multiprocessor the register allocation must allow (launch bounds).
-//  TableInShared: the block-table entries of tile i + Stages - 1 are copied into a small shared
-//                ring by the copy group of tile i (4-byte cp.async), so, like PrefetchTable, a
-//                copy's addresses never wait on a global load, but no registers hold them
-//                (kOneBarrier only; replaces PrefetchTable).
-//  HalfExp:      P = 2^x is computed two at a time in the 16-bit type (ex2.approx.f16x2 or
-//                .bf16x2 on sm_90) from the float32 exponent, which halves the MUFU work and
-//                leaves P packed for the P V MMA; row sums still add in float32. FusedScale only.
-//  OverlapChunks: the S = Q K^T MMAs of chunk c + 1 are issued before the softmax of chunk c,
-//                so the tensor cores run under a warp's own softmax (the registers of two
-//                chunks' scores; a tile of one chunk is unchanged).
 //  SharedRowAddresses: the global address of every K and V row of a tile is computed once, by
 //                one thread, into a shared ring (the end of iteration i computes tile i + 2's,
 //                from a block id loaded at its start), instead of by each of the kChunks threads
 //                that copy a piece of the row: a copy is then a shared load and an add
-//                (kOneBarrier, 2 stages; replaces PrefetchTable and TableInShared).
+//                (kOneBarrier, 2 stages; replaces PrefetchTable).
 //  ZeroRowSource: a zero-filled row's slot of the address ring holds a static row of zeros
 //                instead of 0, so a copy reads its source as is (no compare and select per copy).
 //                SharedRowAddresses only.
@@ -86,12 +74,10 @@ enum class PrefillPipeline { kTwoBarriers, kOneBarrier, kKThenV };
 //                row tile instead of one per row tile.
 //  CopyInScores: the copy of tile i + 1 is issued in address batches between the k-steps of
 //                tile i's first score MMAs instead of all at once after the barrier, so its
-//                instructions issue while the tensor cores work (SharedRowAddresses, no
-//                OverlapChunks).
+//                instructions issue while the tensor cores work (SharedRowAddresses).
 template <int D, int Warps, int WarpTiles, int Keys, int ChunkKeys, int Stages,
           PrefillPipeline Pipeline, bool PrefetchTable, bool QInRegisters, bool FusedScale,
-          bool UniformMma = false, int MinBlocks = 1, bool TableInShared = false,
-          bool HalfExp = false, bool OverlapChunks = false, bool SharedRowAddresses = false,
+          bool UniformMma = false, int MinBlocks = 1, bool SharedRowAddresses = false,
           bool ZeroRowSource = false, int AddressBatch = 1, bool MmaRowSums = false,
           bool TreeRowMax = false, bool CopyInScores = false>
 struct PrefillTile {
@@ -109,9 +95,6 @@ struct PrefillTile {
   static constexpr bool kFusedScale = FusedScale;
   static constexpr bool kUniformMma = UniformMma;
   static constexpr int kMinBlocks = MinBlocks;
-  static constexpr bool kTableInShared = TableInShared;
-  static constexpr bool kHalfExp = HalfExp;
-  static constexpr bool kOverlapChunks = OverlapChunks;
   static constexpr bool kSharedRowAddresses = SharedRowAddresses;
   static constexpr bool kZeroRowSource = ZeroRowSource;
   static constexpr int kAddressBatch = AddressBatch;
@@ -126,25 +109,18 @@ struct PrefillTile {
   static constexpr int kQBytes = kRows * kRow * 2;
   static constexpr int kTileBytes = Keys * kRow * 2;  // K or V of one tile
   static constexpr int kStageBytes = 2 * kTileBytes;
-  // The block-table ring (TableInShared): Stages slots of kKvPasses x kThreads entries.
-  static constexpr int kTableSlotBytes = kKvPasses * kThreads * 4;
-  static constexpr int kTableBytes = TableInShared ? Stages * kTableSlotBytes : 0;
   // The row-address ring (SharedRowAddresses): 2 slots of Keys K then Keys V addresses.
   static constexpr int kAddrSlotBytes = 2 * Keys * 8;
   static constexpr int kAddrBytes = SharedRowAddresses ? 2 * kAddrSlotBytes : 0;
-  static constexpr int kSmemBytes = kQBytes + Stages * kStageBytes + kTableBytes + kAddrBytes;
-  static_assert(!SharedRowAddresses || (!PrefetchTable && !TableInShared && Stages == 2 &&
-                                        Pipeline == PrefillPipeline::kOneBarrier),
+  static constexpr int kSmemBytes = kQBytes + Stages * kStageBytes + kAddrBytes;
+  static_assert(!SharedRowAddresses ||
+                    (!PrefetchTable && Stages == 2 && Pipeline == PrefillPipeline::kOneBarrier),
                 "SharedRowAddresses needs kOneBarrier, 2 stages, no other table prefetch");
-  static_assert(!TableInShared || (!PrefetchTable && Pipeline == PrefillPipeline::kOneBarrier),
-                "TableInShared replaces PrefetchTable and needs kOneBarrier");
-  static_assert(!HalfExp || FusedScale, "HalfExp needs FusedScale");
   static_assert((!ZeroRowSource && AddressBatch == 1) || SharedRowAddresses,
                 "ZeroRowSource and AddressBatch need SharedRowAddresses");
   static_assert(AddressBatch >= 1 && (2 * Keys / (Warps * 32 / (D / 8))) % AddressBatch == 0,
                 "AddressBatch must divide the copies per thread and tile");
-  static_assert(!CopyInScores || (SharedRowAddresses && !OverlapChunks),
-                "CopyInScores needs SharedRowAddresses and no OverlapChunks");
+  static_assert(!CopyInScores || SharedRowAddresses, "CopyInScores needs SharedRowAddresses");
   static_assert(kThreads % kChunks == 0 && Keys % kRowsPerPass == 0 && kRows % kRowsPerPass == 0,
                 "loader shape");
   static_assert(Keys % ChunkKeys == 0 && ChunkKeys % 16 == 0 && Stages >= 2, "tile shape");
@@ -167,12 +143,11 @@ template <int D>
 using PrefillMmaConfig = std::conditional_t<
     D == 64,
     PrefillTile<64, 4, 2, 128, 64, 2, PrefillPipeline::kOneBarrier, true, true, true, true>,
-    std::conditional_t<
-        D == 128,
-        PrefillTile<128, 4, 2, 64, 64, 2, PrefillPipeline::kOneBarrier, false, false, true, true, 1,
-                    false, false, false, true, true, 8, true, true, true>,
-        PrefillTile<256, 4, 1, 32, 32, 2, PrefillPipeline::kOneBarrier, false, false, true, true, 1,
-                    false, false, false, true>>>;
+    std::conditional_t<D == 128,
+                       PrefillTile<128, 4, 2, 64, 64, 2, PrefillPipeline::kOneBarrier, false, false,
+                                   true, true, 1, true, true, 8, true, true, true>,
+                       PrefillTile<256, 4, 1, 32, 32, 2, PrefillPipeline::kOneBarrier, false, false,
+                                   true, true, 1, true>>>;
 
 // The shape a kernel of query type T runs: PrefillMmaConfig<D>, except bfloat16 at head_dim 128,
 // which keeps the float32 row sums of the 64-key tile with row addresses in shared memory: the
@@ -182,38 +157,12 @@ template <class T, int D>
 using PrefillMmaShape =
     std::conditional_t<std::is_same_v<T, __nv_bfloat16> && D == 128,
                        PrefillTile<128, 4, 2, 64, 64, 2, PrefillPipeline::kOneBarrier, false, false,
-                                   true, true, 1, false, false, false, true>,
+                                   true, true, 1, true>,
                        PrefillMmaConfig<D>>;
 
 // As in the decode kernel: a row's running max is raised only when a score exceeds it by this
 // much (log2 units), so probabilities stay below 2^8 and most tiles skip the rescale.
 constexpr float kPrefillRescaleThreshold = 8.0f;
-
-// 2^x0, 2^x1 rounded to T and computed in T (HalfExp): two exponents per MUFU instruction.
-template <class T>
-__device__ __forceinline__ std::uint32_t exp2_pair(float x0, float x1) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return ptx::exp2_approx_f16x2(pack2<T>(x0, x1));
-  } else {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    return ptx::exp2_approx_bf16x2(pack2<T>(x0, x1));
-#else
-    return pack2<T>(ptx::exp2_approx(x0), ptx::exp2_approx(x1));
-#endif
-  }
-}
-
-// The sum of the two T values packed in p, in float32.
-template <class T>
-__device__ __forceinline__ float sum_pair(std::uint32_t p) {
-  if constexpr (std::is_same_v<T, __half>) {
-    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&p));
-    return f.x + f.y;
-  } else {
-    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&p));
-    return f.x + f.y;
-  }
-}
 
 // The source of zero-filled K/V rows with ZeroRowSource: one row of D 16-bit elements
 // (instantiated, so emitted, only where a configuration uses it).
@@ -287,9 +236,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
       }
     }
   };
-  // parts: 1 = K, 2 = V, 3 = both.
-  auto copy_tile = [&](int tile, int stage, const std::int32_t(&blocks)[C::kKvPasses], int parts,
-                       bool pow2) {
+  auto copy_tile = [&](int tile, int stage, const std::int32_t(&blocks)[C::kKvPasses], bool pow2) {
     const int k0 = u.key_begin + (u.tile_begin + tile) * kKeys;
     const std::uint32_t ks =
         stage_base + stage * C::kStageBytes + row_in_pass * kRowBytes + chunk_bytes;
@@ -301,51 +248,21 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
       const std::int64_t block = blocks[i];
       const bool zero = !a.kv.in_cache(block);
       const std::uint32_t dst = i * C::kRowsPerPass * kRowBytes;
-      if (parts & 1) {
-        const T* kr = zero ? k_head : a.kv.k_row(k_head, block, token, page);
-        ptx::cp_async_16_shared_data(ks + dst, reinterpret_cast<const char*>(kr) + chunk_bytes,
-                                     zero);
-      }
-      if (parts & 2) {
-        const T* vr = zero ? v_head : a.kv.v_row(v_head, block, token, page);
-        ptx::cp_async_16_shared_data(vs + dst, reinterpret_cast<const char*>(vr) + chunk_bytes,
-                                     zero);
-      }
+      const T* kr = zero ? k_head : a.kv.k_row(k_head, block, token, page);
+      ptx::cp_async_16_shared_data(ks + dst, reinterpret_cast<const char*>(kr) + chunk_bytes, zero);
+      const T* vr = zero ? v_head : a.kv.v_row(v_head, block, token, page);
+      ptx::cp_async_16_shared_data(vs + dst, reinterpret_cast<const char*>(vr) + chunk_bytes, zero);
     }
   };
-  // Issues tile `tile` (if it exists) into its stage as one copy group, or two (K, then V) with
-  // kKThenV. With PrefetchTable, `next` holds the tile's blocks on entry and the following
-  // tile's on exit, and power-of-two page sizes take a copy of the loader without page_of's
-  // branch.
+  // Issues tile `tile` (if it exists) into its stage as one copy group. With PrefetchTable, `next`
+  // holds the tile's blocks on entry and the following tile's on exit, and power-of-two page sizes
+  // take a copy of the loader without page_of's branch.
   std::int32_t next[C::kPrefetchTable ? C::kKvPasses : 1];
-  // TableInShared: slot tile % kStages of the ring holds this thread's entries of tile `tile`,
-  // entry i at [i * kThreads + threadIdx.x].
-  const std::uint32_t table_ring = stage_base + kStages * C::kStageBytes;
-  auto fetch_table = [&](int tile, bool pow2) {
-    if (tile >= num_tiles) return;
-    const int k0 = u.key_begin + (u.tile_begin + tile) * kKeys;
-    const std::uint32_t slot = table_ring + (tile % kStages) * C::kTableSlotBytes;
-#pragma unroll
-    for (int i = 0; i < C::kKvPasses; ++i) {
-      const int token = min(k0 + row_in_pass + i * C::kRowsPerPass, key_end - 1);
-      ptx::cp_async_4(slot + (i * C::kThreads + threadIdx.x) * 4, table + page_of(token, pow2));
-    }
-  };
-  auto read_table = [&](int tile, std::int32_t(&blocks)[C::kKvPasses]) {
-    const int k0 = u.key_begin + (u.tile_begin + tile) * kKeys;
-    const std::int32_t* slot = reinterpret_cast<const std::int32_t*>(
-        smem + C::kQBytes + kStages * C::kStageBytes + (tile % kStages) * C::kTableSlotBytes);
-#pragma unroll
-    for (int i = 0; i < C::kKvPasses; ++i) {
-      const int token = k0 + row_in_pass + i * C::kRowsPerPass;
-      blocks[i] = token < key_end ? slot[i * C::kThreads + threadIdx.x] : -1;
-    }
-  };
   // SharedRowAddresses: slot tile % 2 of the ring holds the address of K row r of tile `tile` at
   // [r] and that of V row r at [kKeys + r] (0: zero-fill). This thread addresses rows
   // threadIdx.x + n * kThreads (n < kAddrRows) of the 2 * kKeys; `ahead` holds their block ids
   // (-1: past the keys) from load_row_blocks to store_row_addresses.
-  unsigned char* const addr_ring = smem + C::kQBytes + kStages * C::kStageBytes + C::kTableBytes;
+  unsigned char* const addr_ring = smem + C::kQBytes + kStages * C::kStageBytes;
   constexpr int kAddrRows = (2 * kKeys + C::kThreads - 1) / C::kThreads;
   std::int32_t ahead[C::kSharedRowAddresses ? kAddrRows : 1];
   auto load_row_blocks = [&](int tile, bool pow2) {
@@ -439,9 +356,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
       }
     }
   };
-  // prologue: the tiles issued before the main loop, whose table entries no earlier copy group
-  // fetched (TableInShared).
-  auto issue = [&](int tile, bool pow2, bool prologue) {
+  auto issue = [&](int tile, bool pow2) {
     const bool exists = tile < num_tiles;
     if constexpr (C::kSharedRowAddresses) {
       if (exists) copy_rows(tile);
@@ -453,30 +368,13 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
 #pragma unroll
       for (int i = 0; i < C::kKvPasses; ++i) blocks[i] = next[i];
       if (tile + 1 < num_tiles) tile_blocks(tile + 1, next, pow2);
-    } else if constexpr (C::kTableInShared) {
-      if (exists) {
-        if (prologue) {
-          tile_blocks(tile, blocks, pow2);
-        } else {
-          read_table(tile, blocks);  // landed with tile tile - kStages + 1's group
-        }
-      }
-      fetch_table(tile + kStages - 1, pow2);
     } else {
       if (exists) tile_blocks(tile, blocks, pow2);
     }
-    if constexpr (kPipe == PrefillPipeline::kKThenV) {
-      if (exists) copy_tile(tile, tile % kStages, blocks, 1, pow2);
-      ptx::cp_async_commit();
-      if (exists) copy_tile(tile, tile % kStages, blocks, 2, pow2);
-      ptx::cp_async_commit();
-    } else {
-      if (exists) copy_tile(tile, tile % kStages, blocks, 3, pow2);
-      ptx::cp_async_commit();
-    }
+    if (exists) copy_tile(tile, tile % kStages, blocks, pow2);
+    ptx::cp_async_commit();
   };
-  const bool pow2_pages =
-      (C::kPrefetchTable || C::kTableInShared || C::kSharedRowAddresses) && a.kv.block_shift >= 0;
+  const bool pow2_pages = (C::kPrefetchTable || C::kSharedRowAddresses) && a.kv.block_shift >= 0;
   auto rows_ahead = [&](int tile, bool store) {
     if (pow2_pages) {
       store ? store_row_addresses(tile, true) : load_row_blocks(tile, true);
@@ -484,11 +382,11 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
       store ? store_row_addresses(tile, false) : load_row_blocks(tile, false);
     }
   };
-  auto issue_tile = [&](int tile, bool prologue) {
+  auto issue_tile = [&](int tile) {
     if (pow2_pages) {
-      issue(tile, true, prologue);
+      issue(tile, true);
     } else {
-      issue(tile, false, prologue);
+      issue(tile, false);
     }
   };
 
@@ -558,8 +456,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
   }
   std::uint32_t q_regs[C::kQInRegisters ? kM : 1][C::kQInRegisters ? D / 16 : 1][4];
 
-  // Copy groups: the first holds Q with tile 0; then one group per tile (two with kKThenV), one
-  // committed per tile even when the tile does not exist, so the wait counts below hold.
+  // Copy groups: the first holds Q with tile 0; then one group per tile, committed even when the
+  // tile does not exist, so the wait counts below hold.
   if constexpr (C::kPrefetchTable) {
     if (num_tiles > 0) tile_blocks(0, next, pow2_pages);
   }
@@ -569,25 +467,21 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
     __syncthreads();  // tile 0's addresses
   }
 #pragma unroll
-  for (int t = 0; t < kStages - 1; ++t) issue_tile(t, true);
+  for (int t = 0; t < kStages - 1; ++t) issue_tile(t);
   if constexpr (C::kSharedRowAddresses) {
     rows_ahead(1, false);
     rows_ahead(1, true);  // read after the first iteration's barrier
   }
   for (int it = 0; it < num_tiles; ++it) {
     if constexpr (kPipe == PrefillPipeline::kTwoBarriers) {
-      issue_tile(it + kStages - 1, false);
+      issue_tile(it + kStages - 1);
       ptx::cp_async_wait<kStages - 1>();  // everything but the tiles after `it` has landed
       __syncthreads();
     } else if constexpr (kPipe == PrefillPipeline::kOneBarrier) {
       ptx::cp_async_wait<kStages - 2>();
       __syncthreads();  // tile it has landed, and every warp is done with tile it - 1's stage
-      if constexpr (!C::kCopyInScores) issue_tile(it + kStages - 1, false);  // else in qk below
-      if constexpr (C::kSharedRowAddresses) rows_ahead(it + 2, false);       // stored below
-    } else {
-      ptx::cp_async_wait<2 * kStages - 3>();  // K of tile it
-      __syncthreads();
-      issue_tile(it + kStages - 1, false);
+      if constexpr (!C::kCopyInScores) issue_tile(it + kStages - 1);    // else in qk below
+      if constexpr (C::kSharedRowAddresses) rows_ahead(it + 2, false);  // stored below
     }
     if (warp_active && C::kQInRegisters && it == 0) {
 #pragma unroll
@@ -779,27 +673,16 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const float base = m[mt][r] == -INFINITY ? 0.0f : m[mt][r];  // nothing seen: p = 0
-          if constexpr (C::kHalfExp) {
-            // P packed in T, in the first float of each pair (accumulate reads it as is).
 #pragma unroll
-            for (int j = 0; j < kChunk / 8; ++j) {
-              const std::uint32_t pp = exp2_pair<T>(fmaf(s[mt][j][2 * r], score_scale, -base),
-                                                    fmaf(s[mt][j][2 * r + 1], score_scale, -base));
-              if constexpr (!C::kMmaRowSums) l[mt][r] += sum_pair<T>(pp);
-              s[mt][j][2 * r] = __uint_as_float(pp);
-            }
-          } else {
+          for (int j = 0; j < kChunk / 8; ++j) {
 #pragma unroll
-            for (int j = 0; j < kChunk / 8; ++j) {
-#pragma unroll
-              for (int e = 2 * r; e < 2 * r + 2; ++e) {
-                if constexpr (C::kFusedScale) {
-                  s[mt][j][e] = ptx::exp2_approx(fmaf(s[mt][j][e], score_scale, -base));
-                } else {
-                  s[mt][j][e] = ptx::exp2_approx(s[mt][j][e] - base);
-                }
-                if constexpr (!C::kMmaRowSums) l[mt][r] += s[mt][j][e];
+            for (int e = 2 * r; e < 2 * r + 2; ++e) {
+              if constexpr (C::kFusedScale) {
+                s[mt][j][e] = ptx::exp2_approx(fmaf(s[mt][j][e], score_scale, -base));
+              } else {
+                s[mt][j][e] = ptx::exp2_approx(s[mt][j][e] - base);
               }
+              if constexpr (!C::kMmaRowSums) l[mt][r] += s[mt][j][e];
             }
           }
         }
@@ -813,17 +696,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
         std::uint32_t pa[kM][4];
 #pragma unroll
         for (int mt = 0; mt < active; ++mt) {
-          if constexpr (C::kHalfExp) {
-            pa[mt][0] = __float_as_uint(s[mt][2 * kc][0]);
-            pa[mt][1] = __float_as_uint(s[mt][2 * kc][2]);
-            pa[mt][2] = __float_as_uint(s[mt][2 * kc + 1][0]);
-            pa[mt][3] = __float_as_uint(s[mt][2 * kc + 1][2]);
-          } else {
-            pa[mt][0] = pack2<T>(s[mt][2 * kc][0], s[mt][2 * kc][1]);
-            pa[mt][1] = pack2<T>(s[mt][2 * kc][2], s[mt][2 * kc][3]);
-            pa[mt][2] = pack2<T>(s[mt][2 * kc + 1][0], s[mt][2 * kc + 1][1]);
-            pa[mt][3] = pack2<T>(s[mt][2 * kc + 1][2], s[mt][2 * kc + 1][3]);
-          }
+          pa[mt][0] = pack2<T>(s[mt][2 * kc][0], s[mt][2 * kc][1]);
+          pa[mt][1] = pack2<T>(s[mt][2 * kc][2], s[mt][2 * kc][3]);
+          pa[mt][2] = pack2<T>(s[mt][2 * kc + 1][0], s[mt][2 * kc + 1][1]);
+          pa[mt][3] = pack2<T>(s[mt][2 * kc + 1][2], s[mt][2 * kc + 1][3]);
         }
 #pragma unroll
         for (int dp = 0; dp < D / 16; ++dp) {
@@ -850,38 +726,14 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
     // one row tile; rows fill from 0, so otherwise every tile runs (one past the rows is masked).
     const bool one_tile = C::kUniformMma && kM > 1 && !tile_active(1);
     constexpr int kChunksPerTile = kKeys / kChunk;
-    // With kOverlapChunks, chunk c + 1's scores are issued before chunk c's softmax (the scores
-    // of every chunk of the tile have their own registers).
-    constexpr bool kOverlap = C::kOverlapChunks && kChunksPerTile > 1;
-    float s_all[kOverlap ? kChunksPerTile : 1][kM][kChunk / 8][4];
-    auto qk_chunk = [&](int c) {
-      const int k0 = u.key_begin + (u.tile_begin + it) * kKeys + c * kChunk;
-      if (!(warp_active && (c == 0 || k0 <= pos_last))) return;
-      const std::uint32_t chunk_offset = stage_offset + c * kChunk * kRowBytes;
-      if (one_tile) {
-        qk(1, s_all[kOverlap ? c : 0], chunk_offset);
-      } else {
-        qk(kM, s_all[kOverlap ? c : 0], chunk_offset);
-      }
-    };
+    float s[kM][kChunk / 8][4];  // the chunk's scores, then its P
 #pragma unroll
     for (int c = 0; c < kChunksPerTile; ++c) {
       const int k0 = u.key_begin + (u.tile_begin + it) * kKeys + c * kChunk;
       // A chunk past every row's position (in a tile wider than its chunk) is all masked.
       const bool chunk_live = warp_active && (c == 0 || k0 <= pos_last);
       const std::uint32_t chunk_offset = stage_offset + c * kChunk * kRowBytes;
-      auto& s = s_all[kOverlap ? c : 0];
-      if constexpr (kOverlap) {
-        if (c == 0) qk_chunk(0);
-        if (c + 1 < kChunksPerTile) qk_chunk(c + 1);
-        if (chunk_live) {
-          if (one_tile) {
-            softmax(1, s, k0);
-          } else {
-            softmax(kM, s, k0);
-          }
-        }
-      } else if constexpr (C::kCopyInScores) {
+      if constexpr (C::kCopyInScores) {
         // Tile it + 1's copy goes with chunk 0's scores (all at once in a warp with no rows),
         // committed as the tile's copy group.
         if (chunk_live) {
@@ -909,12 +761,6 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks)
         } else {
           qk(kM, s, chunk_offset);
           softmax(kM, s, k0);
-        }
-      }
-      if constexpr (kPipe == PrefillPipeline::kKThenV) {
-        if (c == 0) {
-          ptx::cp_async_wait<2 * kStages - 2>();  // V of tile it
-          __syncthreads();
         }
       }
       if (chunk_live) {
