@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -214,12 +213,7 @@ def compact_and_shrink(
     if num_blocks is not None:
         # Checked here, before any plan, so that the error names this call and nothing is
         # planned or committed for a target that resize() would refuse.
-        if isinstance(num_blocks, bool) or not isinstance(num_blocks, numbers.Integral):
-            raise ArgumentTypeError(
-                "tinyserve.compact_and_shrink: num_blocks must be an int or None, "
-                f"got {type(num_blocks).__name__}"
-            )
-        num_blocks = int(num_blocks)
+        num_blocks = _interop.int_argument(num_blocks, "compact_and_shrink", "num_blocks")
         if num_blocks < 0:
             raise ValueError(
                 f"tinyserve.compact_and_shrink: num_blocks must be >= 0 or None, got {num_blocks}"
@@ -251,10 +245,7 @@ def grow_pool(block_manager: Any, pool: Any, num_blocks: int) -> dict[str, int]:
     The pool grows first, so when memory runs out (``RuntimeError``) the manager is unchanged.
     Returns ``{"num_blocks", "added_bytes"}``."""
     _same_size(block_manager, pool, "grow_pool")
-    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int):
-        raise ArgumentTypeError(
-            f"tinyserve.grow_pool: num_blocks must be an int, got {num_blocks!r}"
-        )
+    num_blocks = _interop.int_argument(num_blocks, "grow_pool", "num_blocks")
     if num_blocks < block_manager.num_blocks:
         raise ValueError(
             "tinyserve.grow_pool: num_blocks must be >= the current "

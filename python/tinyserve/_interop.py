@@ -5,6 +5,7 @@ so importing tinyserve never imports torch, CuPy or JAX."""
 from __future__ import annotations
 
 import importlib
+import numbers
 import sys
 from typing import Any
 
@@ -101,6 +102,16 @@ def resolve_stream(
         f"tinyserve.{op}: stream must be None, an int (cudaStream_t), or an object with "
         f".cuda_stream (torch) or .ptr (CuPy), got {type(stream).__name__}"
     )
+
+
+def int_argument(value: Any, op: str, name: str) -> int:
+    """An int argument that a Python wrapper reads itself (an int or NumPy integer, not a bool)
+    as an int; anything else is the core's ArgumentTypeError naming `op` and `name`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ArgumentTypeError(
+            f"tinyserve.{op}: {name} must be an int, got {type(value).__name__}"
+        )
+    return int(value)
 
 
 def empty(
