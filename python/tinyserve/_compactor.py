@@ -10,18 +10,6 @@ import numpy as np
 
 from . import _interop
 from ._ops import copy_blocks, swap_blocks
-from ._tinyserve import ArgumentTypeError
-
-
-def _cache_list(caches: Any, op: str, name: str) -> list[Any]:
-    # One array would be iterated block by block: refuse it rather than move rows of it.
-    is_one_array = hasattr(caches, "__dlpack__") or hasattr(caches, "__array_interface__")
-    if is_one_array or not isinstance(caches, Sequence) or isinstance(caches, (str, bytes)):
-        raise ArgumentTypeError(
-            f"tinyserve.{op}: {name} must be a sequence of cache tensors, "
-            f"got {type(caches).__name__}"
-        )
-    return list(caches)
 
 
 def _ids_on_device_of(ids: np.ndarray, like: Any, stream: Any = None) -> Any:
@@ -73,7 +61,7 @@ def execute_plan(
     kind = plan.kind
     if kind not in ("evict", "offload", "recall", "compact"):
         raise ValueError(f"tinyserve.execute_plan: plan must be a MovePlan, got kind {kind!r}")
-    devices = _cache_list(device_caches, "execute_plan", "device_caches")
+    devices = _interop.array_list(device_caches, "execute_plan", "device_caches", "cache tensors")
     if kind == "evict" or len(plan) == 0 or not devices:
         return
     src, dst = plan.src, plan.dst
@@ -86,7 +74,7 @@ def execute_plan(
             stream=stream,
         )
         return
-    hosts = _cache_list(host_caches, "execute_plan", "host_caches")
+    hosts = _interop.array_list(host_caches, "execute_plan", "host_caches", "cache tensors")
     if len(hosts) != len(devices):
         raise ValueError(
             "tinyserve.execute_plan: host_caches must match device_caches one to one "
@@ -116,7 +104,9 @@ def allocate_host_pool(device_caches: Sequence[Any], num_host_blocks: int) -> li
     blocks along dimension 0 and each block laid out like the cache's (so ``swap_blocks`` moves
     a block as one run of bytes). Torch caches get torch tensors, pinned when the cache is on
     CUDA; CuPy caches get pinned NumPy arrays; anything else gets NumPy arrays."""
-    caches = _cache_list(device_caches, "allocate_host_pool", "device_caches")
+    caches = _interop.array_list(
+        device_caches, "allocate_host_pool", "device_caches", "cache tensors"
+    )
     if (
         isinstance(num_host_blocks, bool)
         or not isinstance(num_host_blocks, int)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import numbers
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -112,6 +113,20 @@ def int_argument(value: Any, op: str, name: str) -> int:
             f"tinyserve.{op}: {name} must be an int, got {type(value).__name__}"
         )
     return int(value)
+
+
+def array_list(value: Any, op: str, name: str, items: str) -> list[Any] | tuple[Any, ...]:
+    """A sequence of arrays: a list or tuple as it is (copy_blocks runs every step), another
+    sequence as a list. One array, which iterates by rows, or anything else is
+    ArgumentTypeError: `{name} must be a sequence of {items}`."""
+    if isinstance(value, (list, tuple)):
+        return value
+    is_one_array = hasattr(value, "__dlpack__") or hasattr(value, "__array_interface__")
+    if is_one_array or not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
+        raise ArgumentTypeError(
+            f"tinyserve.{op}: {name} must be a sequence of {items}, got {type(value).__name__}"
+        )
+    return list(value)
 
 
 def empty(
