@@ -634,8 +634,8 @@ class CharTokenizer:
 
 def test_cli_generates_with_and_without_cuda_graphs(rng, monkeypatch, capsys):
     """``python -m tinyserve generate`` over a random model (the loader patched): the engine it
-    makes gets ``cuda_graphs=False`` exactly when ``--no-cuda-graphs`` is given, and ``--check``
-    finds transformers' tokens."""
+    makes gets ``cuda_graphs=False`` exactly when ``--no-cuda-graphs`` is given and the page
+    summary that ``--summary`` names, and ``--check`` finds transformers' tokens."""
     import tinyserve.engine.engine as engine_module
     import tinyserve.integrations.transformers as integration
     from tinyserve.engine.cli import main
@@ -651,16 +651,17 @@ def test_cli_generates_with_and_without_cuda_graphs(rng, monkeypatch, capsys):
 
     class RecordingEngine(Engine):
         def __init__(self, *args, **kwargs):
-            made.append(kwargs["cuda_graphs"])
+            made.append((kwargs["cuda_graphs"], kwargs["sparse_summary"]))
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(engine_module, "Engine", RecordingEngine)
     argv = ["--prompt", "tiny", "--prompt", "serve", "--max-new-tokens", "4", "--check"]
     assert main(argv) == 0
     assert main([*argv, "--no-cuda-graphs"]) == 0
-    assert made == [True, False]
+    assert main([*argv, "--summary", "meanstd"]) == 0
+    assert made == [(True, "minmax_damped"), (False, "minmax_damped"), (True, "meanstd")]
     out = capsys.readouterr().out
-    assert out.count("identical (8 tokens of 2 prompts)") == 2
+    assert out.count("identical (8 tokens of 2 prompts)") == 3
 
 
 @pytest.mark.parametrize(
