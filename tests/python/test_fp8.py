@@ -12,7 +12,7 @@ import pytest
 
 import reference as R
 import tinyserve as ts
-from arrays import TOLERANCE, check_prefill, empty, f64, require, sync
+from arrays import TOLERANCE, check_prefill, empty, f64, prefill_reference, require, sync
 
 try:
     import torch
@@ -452,17 +452,7 @@ def _run_prefill(case, kb, vb, ks, vs, fw, device, dtype, layout, scale_mode, **
     sync(fw, device)
     k = decode_e4m3(kb) * ks[None, None, :, None]
     v = decode_e4m3(vb) * vs[None, None, :, None]
-    ref, ref_lse = R.paged_prefill(
-        f64(q),
-        k,
-        v,
-        case.block_table,
-        case.seq_lens,
-        case.query_start_loc,
-        scale=kw.get("scale"),
-        window_left=kw.get("window_left", -1),
-        logits_soft_cap=kw.get("logits_soft_cap", 0.0),
-    )
+    ref, ref_lse = prefill_reference(q, k, v, case, **kw)
     return f64(out), f64(lse), ref, ref_lse
 
 
