@@ -11,9 +11,8 @@ and without, arriving together and staggered (one new request per engine step); 
 transformers' ``generate`` with a dynamic cache and with a static cache (``--compile`` adds its
 static cache + torch.compile path) and ``generate_batch`` (its continuous batching) where the
 installed transformers has it. Tokens/s and time to first token per request (median, p90);
-the table comes last. Estimated (not yet run) at 3-4 minutes on an H200, 2-3 more with
---compile; ``--quick`` (4 layers, 16 requests of 256 + 32 tokens) is a smoke test meant to
-take under a minute.
+the table comes last. About 3 minutes on an H200 with --compile (docs/PERFORMANCE.md);
+``--quick`` (4 layers, 16 requests of 256 + 32 tokens) is a smoke test.
 
     python benchmarks/bench_engine.py [--new-tokens 32] [--json out.json]
     python benchmarks/bench_engine.py --gpu [--compile] [--json out.json]

@@ -68,7 +68,7 @@ class TINYSERVE_API Compactor {
   // Every offloaded block of the listed sequences back into free device blocks.
   MovePlan plan_recall(const std::int64_t* seq_ids, std::int64_t count);
   // Moves the used blocks at or above num_blocks into free blocks below it (in free-list order:
-  // uncached ones first, then cached ones least recently used first), so that every used
+  // uncached ones first, then cached ones in release order, oldest first), so that every used
   // block id is below num_blocks (-1: the number of used blocks), and drops the keys of the
   // cached free blocks at or above it (evicted rather than moved). On commit the free blocks at
   // or above num_blocks go to the back of the free list in id order, so they are taken last.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,18 +10,6 @@ import numpy as np
 
 from . import _interop
 from ._ops import copy_blocks, swap_blocks
-from ._tinyserve import ArgumentTypeError
-
-
-def _cache_list(caches: Any, op: str, name: str) -> list[Any]:
-    # One array would be iterated block by block: refuse it rather than move rows of it.
-    is_one_array = hasattr(caches, "__dlpack__") or hasattr(caches, "__array_interface__")
-    if is_one_array or not isinstance(caches, Sequence) or isinstance(caches, (str, bytes)):
-        raise ArgumentTypeError(
-            f"tinyserve.{op}: {name} must be a sequence of cache tensors, "
-            f"got {type(caches).__name__}"
-        )
-    return list(caches)
 
 
 def _ids_on_device_of(ids: np.ndarray, like: Any, stream: Any = None) -> Any:
@@ -74,7 +61,7 @@ def execute_plan(
     kind = plan.kind
     if kind not in ("evict", "offload", "recall", "compact"):
         raise ValueError(f"tinyserve.execute_plan: plan must be a MovePlan, got kind {kind!r}")
-    devices = _cache_list(device_caches, "execute_plan", "device_caches")
+    devices = _interop.array_list(device_caches, "execute_plan", "device_caches", "cache tensors")
     if kind == "evict" or len(plan) == 0 or not devices:
         return
     src, dst = plan.src, plan.dst
@@ -87,7 +74,7 @@ def execute_plan(
             stream=stream,
         )
         return
-    hosts = _cache_list(host_caches, "execute_plan", "host_caches")
+    hosts = _interop.array_list(host_caches, "execute_plan", "host_caches", "cache tensors")
     if len(hosts) != len(devices):
         raise ValueError(
             "tinyserve.execute_plan: host_caches must match device_caches one to one "
@@ -117,7 +104,9 @@ def allocate_host_pool(device_caches: Sequence[Any], num_host_blocks: int) -> li
     blocks along dimension 0 and each block laid out like the cache's (so ``swap_blocks`` moves
     a block as one run of bytes). Torch caches get torch tensors, pinned when the cache is on
     CUDA; CuPy caches get pinned NumPy arrays; anything else gets NumPy arrays."""
-    caches = _cache_list(device_caches, "allocate_host_pool", "device_caches")
+    caches = _interop.array_list(
+        device_caches, "allocate_host_pool", "device_caches", "cache tensors"
+    )
     if (
         isinstance(num_host_blocks, bool)
         or not isinstance(num_host_blocks, int)
@@ -214,12 +203,7 @@ def compact_and_shrink(
     if num_blocks is not None:
         # Checked here, before any plan, so that the error names this call and nothing is
         # planned or committed for a target that resize() would refuse.
-        if isinstance(num_blocks, bool) or not isinstance(num_blocks, numbers.Integral):
-            raise ArgumentTypeError(
-                "tinyserve.compact_and_shrink: num_blocks must be an int or None, "
-                f"got {type(num_blocks).__name__}"
-            )
-        num_blocks = int(num_blocks)
+        num_blocks = _interop.int_argument(num_blocks, "compact_and_shrink", "num_blocks")
         if num_blocks < 0:
             raise ValueError(
                 f"tinyserve.compact_and_shrink: num_blocks must be >= 0 or None, got {num_blocks}"
@@ -251,10 +235,7 @@ def grow_pool(block_manager: Any, pool: Any, num_blocks: int) -> dict[str, int]:
     The pool grows first, so when memory runs out (``RuntimeError``) the manager is unchanged.
     Returns ``{"num_blocks", "added_bytes"}``."""
     _same_size(block_manager, pool, "grow_pool")
-    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int):
-        raise ArgumentTypeError(
-            f"tinyserve.grow_pool: num_blocks must be an int, got {num_blocks!r}"
-        )
+    num_blocks = _interop.int_argument(num_blocks, "grow_pool", "num_blocks")
     if num_blocks < block_manager.num_blocks:
         raise ValueError(
             "tinyserve.grow_pool: num_blocks must be >= the current "

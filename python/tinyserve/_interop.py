@@ -5,7 +5,9 @@ so importing tinyserve never imports torch, CuPy or JAX."""
 from __future__ import annotations
 
 import importlib
+import numbers
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -101,6 +103,30 @@ def resolve_stream(
         f"tinyserve.{op}: stream must be None, an int (cudaStream_t), or an object with "
         f".cuda_stream (torch) or .ptr (CuPy), got {type(stream).__name__}"
     )
+
+
+def int_argument(value: Any, op: str, name: str) -> int:
+    """An int argument that a Python wrapper reads itself (an int or NumPy integer, not a bool)
+    as an int; anything else is the core's ArgumentTypeError naming `op` and `name`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ArgumentTypeError(
+            f"tinyserve.{op}: {name} must be an int, got {type(value).__name__}"
+        )
+    return int(value)
+
+
+def array_list(value: Any, op: str, name: str, items: str) -> list[Any] | tuple[Any, ...]:
+    """A sequence of arrays: a list or tuple as it is (copy_blocks runs every step), another
+    sequence as a list. One array, which iterates by rows, or anything else is
+    ArgumentTypeError: `{name} must be a sequence of {items}`."""
+    if isinstance(value, (list, tuple)):
+        return value
+    is_one_array = hasattr(value, "__dlpack__") or hasattr(value, "__array_interface__")
+    if is_one_array or not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
+        raise ArgumentTypeError(
+            f"tinyserve.{op}: {name} must be a sequence of {items}, got {type(value).__name__}"
+        )
+    return list(value)
 
 
 def empty(

@@ -482,14 +482,7 @@ def copy_blocks(caches: Sequence[Any], src: Any, dst: Any, *, stream: Any = None
     ``BlockManager.take_copies()`` returns the pairs as ``[P, 2]``: pass ``pairs[:, 0]`` and
     ``pairs[:, 1]``. The tensors must not share memory, no block may be both a source and a
     destination, and no destination may repeat."""
-    if not isinstance(caches, (list, tuple)):
-        # One array is not a list of caches (iterating it would give its blocks).
-        if not isinstance(caches, Sequence) or isinstance(caches, (str, bytes)):
-            raise ArgumentTypeError(
-                "tinyserve.copy_blocks: caches must be a sequence of arrays (list or tuple), got "
-                f"{type(caches).__name__}"
-            )
-        caches = list(caches)
+    caches = _interop.array_list(caches, "copy_blocks", "caches", "arrays (list or tuple)")
     s = _interop.resolve_stream(stream, caches[0] if caches else src, "copy_blocks")
     x = _interop.export
     _C.copy_blocks([x(c) for c in caches], x(src), x(dst), stream=s)

@@ -283,9 +283,9 @@ T to_int(nb::handle h, const char* op, const char* name) {
   return result;
 }
 
-// A Python str; anything else is a ValueError naming the argument.
+// A Python str; anything else is an ArgumentTypeError naming the argument.
 inline std::string to_name(nb::handle h, const char* op, const char* name) {
-  if (!nb::isinstance<nb::str>(h)) detail::fail(op, name, " must be a str, got ", describe(h));
+  if (!nb::isinstance<nb::str>(h)) type_error(op, name, " must be a str, got ", describe(h));
   return nb::cast<std::string>(h);
 }
 

@@ -605,6 +605,14 @@ def test_constructor_argument_kinds_and_ranges(kwargs, error, message):
     assert re.search(message, str(raised.value)), str(raised.value)
 
 
+@pytest.mark.parametrize("layout", [3, None, b"NHD"])
+def test_a_name_of_the_wrong_kind_is_an_argument_type_error(layout):
+    """A non-str where a name goes is the wrong kind of argument, like a non-int where an int
+    goes: the ArgumentTypeError that both `except TypeError` and `except ValueError` catch."""
+    with pytest.raises(ts.ArgumentTypeError, match="^tinyserve.CachePool: layout must be a str"):
+        make_pool(layout=layout)
+
+
 def test_integer_like_arguments_are_accepted():
     pool = make_pool(num_layers=np.int32(2), max_blocks=np.int64(8), num_blocks=np.uint8(3))
     assert (pool.num_layers, pool.max_blocks, pool.num_blocks) == (2, 8, 3)

@@ -1156,3 +1156,17 @@ def test_overlap_of_two_views_of_one_layout_is_exact(data):
             ts.copy_blocks([view(offset_a), view(offset_b)], none, none)
     else:
         ts.copy_blocks([view(offset_a), view(offset_b)], none, none)
+
+
+@pytest.mark.parametrize("summary", [1, None])
+def test_a_summary_of_the_wrong_kind_is_an_argument_type_error(rng, summary):
+    """Checked before anything is written: page_meta keeps its poison."""
+    key_cache = rng.standard_normal((4, 2, 1, 8)).astype(np.float32)
+    block_table = np.array([[0, 1]], np.int32)
+    seq_lens = np.array([3], np.int32)
+    page_meta = np.full(ts.page_meta_shape(key_cache), np.nan, np.float32)
+    with pytest.raises(
+        ts.ArgumentTypeError, match="^tinyserve.build_page_meta: summary must be a str, got"
+    ):
+        ts.build_page_meta(key_cache, block_table, seq_lens, page_meta, summary=summary)
+    assert np.isnan(page_meta).all()

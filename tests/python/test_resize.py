@@ -567,3 +567,25 @@ def test_compact_and_shrink_aborts_the_plan_when_the_copies_fail(monkeypatch):
     assert (bm.stats(), [bm.block_ids(s).tolist() for s in (1, 2)], pool.mapped_bytes) == state
     assert bm.num_blocks == pool.num_blocks == 16
     bm.check()
+
+
+@pytest.mark.parametrize("bad", [True, 12.0, "12", None])
+def test_grow_pool_refuses_a_target_that_is_not_an_int(bad):
+    """Refused before the pool grows, as the ArgumentTypeError of every bad kind of argument;
+    a NumPy integer is an int."""
+    pool = small_pool(8)
+    bm = BlockManager(8, 4)
+    state = (bm.stats(), pool.num_blocks, pool.mapped_bytes)
+    with pytest.raises(
+        tinyserve.ArgumentTypeError,
+        match=f"^tinyserve.grow_pool: num_blocks must be an int, got {type(bad).__name__}$",
+    ):
+        tinyserve.grow_pool(bm, pool, bad)
+    assert (bm.stats(), pool.num_blocks, pool.mapped_bytes) == state
+    bm.check()
+    pool.check()
+    result = tinyserve.grow_pool(bm, pool, np.int32(12))
+    assert result["num_blocks"] == 12 and type(result["num_blocks"]) is int
+    assert bm.num_blocks == 12 and pool.num_blocks >= 12
+    bm.check()
+    pool.check()
