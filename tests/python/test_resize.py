@@ -409,24 +409,6 @@ def test_compact_and_shrink_refuses_before_changing_anything():
     bm.check()
 
 
-@pytest.mark.parametrize("bad", [True, 20.0, "20", None])
-def test_grow_pool_refuses_a_target_that_is_not_an_int(bad):
-    """A wrong type is tinyserve.ArgumentTypeError (both TypeError and ValueError), raised before
-    the pool or the manager changes."""
-    pool = small_pool(16)
-    bm = BlockManager(16, 4)
-    _new(bm, 0)
-    bm.append(0, 8)
-    state = (bm.stats(), bm.num_blocks, pool.num_blocks, pool.mapped_bytes)
-    with pytest.raises(
-        tinyserve.ArgumentTypeError, match="^tinyserve.grow_pool: num_blocks must be an int, got"
-    ):
-        tinyserve.grow_pool(bm, pool, bad)
-    assert (bm.stats(), bm.num_blocks, pool.num_blocks, pool.mapped_bytes) == state
-    bm.check()
-    pool.check()
-
-
 @pytest.mark.parametrize(
     "bad, error",
     [
