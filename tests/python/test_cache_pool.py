@@ -536,15 +536,43 @@ INT_RANGE = r"must be an int in \[-?\d+, \d+\]"
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        (dict(num_layers=1.5), TypeError, "CachePool: num_layers must be an int, got float"),
-        (dict(max_blocks="64"), TypeError, "CachePool: max_blocks must be an int, got str"),
-        (dict(block_size=None), TypeError, "CachePool: block_size must be an int, got NoneType"),
-        (dict(num_kv_heads=2.0), TypeError, "CachePool: num_kv_heads must be an int, got float"),
-        (dict(head_dim=[64]), TypeError, "CachePool: head_dim must be an int, got list"),
-        (dict(num_blocks=0.0), TypeError, "CachePool: num_blocks must be an int, got float"),
-        (dict(granule_bytes=4096.0), TypeError, "CachePool: granule_bytes must be an int, got"),
-        (dict(page_meta=1), TypeError, "CachePool: page_meta must be a bool, got int"),
-        (dict(page_meta=None), TypeError, "CachePool: page_meta must be a bool, got NoneType"),
+        (
+            dict(num_layers=1.5),
+            ts.ArgumentTypeError,
+            "CachePool: num_layers must be an int, got float",
+        ),
+        (
+            dict(max_blocks="64"),
+            ts.ArgumentTypeError,
+            "CachePool: max_blocks must be an int, got str",
+        ),
+        (
+            dict(block_size=None),
+            ts.ArgumentTypeError,
+            "CachePool: block_size must be an int, got NoneType",
+        ),
+        (
+            dict(num_kv_heads=2.0),
+            ts.ArgumentTypeError,
+            "CachePool: num_kv_heads must be an int, got float",
+        ),
+        (dict(head_dim=[64]), ts.ArgumentTypeError, "CachePool: head_dim must be an int, got list"),
+        (
+            dict(num_blocks=0.0),
+            ts.ArgumentTypeError,
+            "CachePool: num_blocks must be an int, got float",
+        ),
+        (
+            dict(granule_bytes=4096.0),
+            ts.ArgumentTypeError,
+            "CachePool: granule_bytes must be an int, got",
+        ),
+        (dict(page_meta=1), ts.ArgumentTypeError, "CachePool: page_meta must be a bool, got int"),
+        (
+            dict(page_meta=None),
+            ts.ArgumentTypeError,
+            "CachePool: page_meta must be a bool, got NoneType",
+        ),
         (dict(num_layers=2**31), ValueError, f"CachePool: num_layers {INT_RANGE}, got 2147483648"),
         (dict(block_size=-(2**40)), ValueError, f"block_size {INT_RANGE}, got -1099511627776"),
         (dict(num_kv_heads=2**40), ValueError, f"num_kv_heads {INT_RANGE}, got 1099511627776"),
@@ -617,11 +645,15 @@ def test_method_arguments_of_the_wrong_kind_or_range_change_nothing(rng):
     assert_rejected_calls_change_nothing(
         rng,
         lambda pool: [
-            (lambda: pool.grow(12.0), TypeError, "CachePool.grow: num_blocks must be an int, got"),
+            (
+                lambda: pool.grow(12.0),
+                ts.ArgumentTypeError,
+                "CachePool.grow: num_blocks must be an int, got",
+            ),
             (lambda: pool.grow(2**70), ValueError, f"CachePool.grow: num_blocks {INT_RANGE}, got"),
             (
                 lambda: pool.shrink("1"),
-                TypeError,
+                ts.ArgumentTypeError,
                 "CachePool.shrink: num_blocks must be an int, got",
             ),
             (
@@ -629,9 +661,17 @@ def test_method_arguments_of_the_wrong_kind_or_range_change_nothing(rng):
                 ValueError,
                 f"CachePool.shrink: num_blocks {INT_RANGE}",
             ),
-            (lambda: pool.key(0.0), TypeError, "CachePool.key: layer must be an int, got float"),
+            (
+                lambda: pool.key(0.0),
+                ts.ArgumentTypeError,
+                "CachePool.key: layer must be an int, got float",
+            ),
             (lambda: pool.value(2**40), ValueError, f"CachePool.value: layer {INT_RANGE}, got"),
-            (lambda: pool.page_meta(None), TypeError, "CachePool.page_meta: layer must be an int"),
+            (
+                lambda: pool.page_meta(None),
+                ts.ArgumentTypeError,
+                "CachePool.page_meta: layer must be an int",
+            ),
         ],
     )
 

@@ -303,6 +303,17 @@ def test_sparse_decode_selects_once_a_sequence_outgrows_the_budget(rng):
     assert engine.stats.sparse_fitting_steps == 0
 
 
+def _summarise_layer0(cache, table, lens):
+    """Layer 0's page summaries built from the keys now in its cache, in the cache's summary."""
+    tinyserve.build_page_meta(
+        cache.layers[0][0],
+        torch.from_numpy(table),
+        torch.from_numpy(lens),
+        cache.page_meta[0],
+        summary=cache.page_summary,
+    )
+
+
 def test_decode_batch_attends_densely_when_every_sequence_fits_the_budget(rng):
     """build_attention_batch keeps sparse decode only where some sequence has more pages than
     the budget, and attention through select_pages with a budget covering every page equals
@@ -319,13 +330,7 @@ def test_decode_batch_attends_densely_when_every_sequence_fits_the_budget(rng):
     key_cache, value_cache = cache.layers[0]
     key_cache.copy_(torch.from_numpy(rng.standard_normal(key_cache.shape).astype(np.float32)))
     value_cache.copy_(torch.from_numpy(rng.standard_normal(value_cache.shape).astype(np.float32)))
-    tinyserve.build_page_meta(
-        key_cache,
-        torch.from_numpy(table),
-        torch.from_numpy(lens),
-        cache.page_meta[0],
-        summary=cache.page_summary,
-    )
+    _summarise_layer0(cache, table, lens)
     query = torch.from_numpy(rng.standard_normal((3, 2 * heads, dim)).astype(np.float32))
     dense = build_attention_batch(cache, slots, table, lens, np.ones(3))
     sparse = build_attention_batch(cache, slots, table, lens, np.ones(3), sparse_budget=4)
@@ -358,13 +363,7 @@ def test_sparse_decode_keeps_the_first_page_once_the_budget_has_two(rng, budget,
     keys[table[0, 0]] *= 1e-3
     values = rng.standard_normal(value_cache.shape).astype(np.float32)
     key_cache.copy_(torch.from_numpy(keys))
-    tinyserve.build_page_meta(
-        key_cache,
-        torch.from_numpy(table),
-        torch.from_numpy(lens),
-        cache.page_meta[0],
-        summary=cache.page_summary,
-    )
+    _summarise_layer0(cache, table, lens)
     left_out = [table[0, p] for p in range(4) if p not in kept_pages]
     values[left_out] = np.nan
     value_cache.copy_(torch.from_numpy(values))
@@ -635,8 +634,8 @@ class CharTokenizer:
 
 def test_cli_generates_with_and_without_cuda_graphs(rng, monkeypatch, capsys):
     """``python -m tinyserve generate`` over a random model (the loader patched): the engine it
-    makes gets ``cuda_graphs=False`` exactly when ``--no-cuda-graphs`` is given, and ``--check``
-    finds transformers' tokens."""
+    makes gets ``cuda_graphs=False`` exactly when ``--no-cuda-graphs`` is given and the page
+    summary that ``--summary`` names, and ``--check`` finds transformers' tokens."""
     import tinyserve.engine.engine as engine_module
     import tinyserve.integrations.transformers as integration
     from tinyserve.engine.cli import main
@@ -652,16 +651,17 @@ def test_cli_generates_with_and_without_cuda_graphs(rng, monkeypatch, capsys):
 
     class RecordingEngine(Engine):
         def __init__(self, *args, **kwargs):
-            made.append(kwargs["cuda_graphs"])
+            made.append((kwargs["cuda_graphs"], kwargs["sparse_summary"]))
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(engine_module, "Engine", RecordingEngine)
     argv = ["--prompt", "tiny", "--prompt", "serve", "--max-new-tokens", "4", "--check"]
     assert main(argv) == 0
     assert main([*argv, "--no-cuda-graphs"]) == 0
-    assert made == [True, False]
+    assert main([*argv, "--summary", "meanstd"]) == 0
+    assert made == [(True, "minmax_damped"), (False, "minmax_damped"), (True, "meanstd")]
     out = capsys.readouterr().out
-    assert out.count("identical (8 tokens of 2 prompts)") == 2
+    assert out.count("identical (8 tokens of 2 prompts)") == 3
 
 
 @pytest.mark.parametrize(

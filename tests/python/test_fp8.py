@@ -12,7 +12,7 @@ import pytest
 
 import reference as R
 import tinyserve as ts
-from arrays import TOLERANCE, check_prefill, empty, f64, require, sync
+from arrays import TOLERANCE, check_prefill, empty, f64, prefill_reference, require, sync
 
 try:
     import torch
@@ -452,17 +452,7 @@ def _run_prefill(case, kb, vb, ks, vs, fw, device, dtype, layout, scale_mode, **
     sync(fw, device)
     k = decode_e4m3(kb) * ks[None, None, :, None]
     v = decode_e4m3(vb) * vs[None, None, :, None]
-    ref, ref_lse = R.paged_prefill(
-        f64(q),
-        k,
-        v,
-        case.block_table,
-        case.seq_lens,
-        case.query_start_loc,
-        scale=kw.get("scale"),
-        window_left=kw.get("window_left", -1),
-        logits_soft_cap=kw.get("logits_soft_cap", 0.0),
-    )
+    ref, ref_lse = prefill_reference(q, k, v, case, **kw)
     return f64(out), f64(lse), ref, ref_lse
 
 
@@ -671,19 +661,55 @@ def test_copy_and_swap_are_byte_copies(rng):
 # --- CUDA only ---------------------------------------------------------------------------------
 
 
+def _graph_write_buffers(shape, num_rows: int, device: str = "cuda"):
+    """The device buffers a captured float8 write reads and writes: zeroed float8 caches of
+    `shape`, per-head scales of 1, float16 keys and values of `num_rows` rows and their slots
+    (-1: skipped until a replay writes real ones)."""
+    num_kv_heads, head_dim = shape[2:]
+    kc = torch.zeros(shape, dtype=torch.float8_e4m3fn, device=device)
+    vc = torch.zeros_like(kc)
+    k_scale = torch.ones(num_kv_heads, dtype=torch.float32, device=device)
+    v_scale = torch.ones_like(k_scale)
+    new_k = torch.zeros((num_rows, num_kv_heads, head_dim), dtype=torch.float16, device=device)
+    new_v = torch.zeros_like(new_k)
+    slots = torch.full((num_rows,), -1, dtype=torch.int64, device=device)
+    return kc, vc, k_scale, v_scale, new_k, new_v, slots
+
+
+def _fresh_writes(rng, block_table: np.ndarray, shape):
+    """One replay's writes: per-head key and value scales, float16-rounded keys and values, and
+    their slots, every position of every block in `block_table`."""
+    block_size, num_kv_heads, head_dim = shape[1:]
+    ks = rng.uniform(0.005, 0.05, size=num_kv_heads).astype(np.float32)
+    vs = rng.uniform(0.005, 0.05, size=num_kv_heads).astype(np.float32)
+    rows = (block_table.size * block_size, num_kv_heads, head_dim)
+    kx = _round_to(rng.standard_normal(rows), "float16")
+    vx = _round_to(rng.standard_normal(rows), "float16")
+    slots = (block_table[..., None] * block_size + np.arange(block_size)).reshape(-1)
+    return ks, vs, kx, vx, slots.astype(np.int64)
+
+
+def _written_caches(kx, vx, ks, vs, slots, shape):
+    """The model of zeroed float8 caches of `shape` after the write: (key bits by slot
+    [num_slots, num_kv_heads, head_dim], dequantised keys and values in `shape`)."""
+    key_bits = np.zeros((shape[0] * shape[1],) + tuple(shape[2:]), np.uint8)
+    value_bits = key_bits.copy()
+    key_bits[slots] = quantise(kx, ks[None, :, None])
+    value_bits[slots] = quantise(vx, vs[None, :, None])
+    kd = decode_e4m3(key_bits.reshape(shape)) * ks[None, None, :, None]
+    vd = decode_e4m3(value_bits.reshape(shape)) * vs[None, None, :, None]
+    return key_bits, kd, vd
+
+
 @pytest.mark.cuda
 def test_fp8_cuda_graph_replay_reads_device_scales(rng):
     """Quantising writes and decode captured in one CUDA graph with per-head scales in device
     memory: each replay uses the scales, inputs, tables and lengths of that moment."""
     num_blocks, block_size, heads, group, dim, batch, max_blocks = 64, 16, 2, 4, 128, 3, 8
-    kc = torch.zeros((num_blocks, block_size, heads, dim), dtype=torch.float8_e4m3fn, device="cuda")
-    vc = torch.zeros_like(kc)
-    k_scale = torch.ones(heads, dtype=torch.float32, device="cuda")
-    v_scale = torch.ones(heads, dtype=torch.float32, device="cuda")
-    n_new = batch * max_blocks * block_size
-    new_k = torch.zeros((n_new, heads, dim), dtype=torch.float16, device="cuda")
-    new_v = torch.zeros_like(new_k)
-    slots = torch.full((n_new,), -1, dtype=torch.int64, device="cuda")
+    shape = (num_blocks, block_size, heads, dim)
+    kc, vc, k_scale, v_scale, new_k, new_v, slots = _graph_write_buffers(
+        shape, batch * max_blocks * block_size
+    )
     q = torch.zeros((batch, heads * group, dim), dtype=torch.float16, device="cuda")
     table = torch.zeros((batch, max_blocks), dtype=torch.int32, device="cuda")
     lens = torch.ones((batch,), dtype=torch.int32, device="cuda")
@@ -717,12 +743,7 @@ def test_fp8_cuda_graph_replay_reads_device_scales(rng):
         new_lens = rng.integers(0, max_blocks * block_size + 1, size=batch).astype(np.int32)
         new_table = rng.permutation(num_blocks)[: batch * max_blocks].reshape(batch, max_blocks)
         new_table = new_table.astype(np.int32)
-        ks = rng.uniform(0.005, 0.05, size=heads).astype(np.float32)
-        vs = rng.uniform(0.005, 0.05, size=heads).astype(np.float32)
-        kx = _round_to(rng.standard_normal((n_new, heads, dim)), "float16")
-        vx = _round_to(rng.standard_normal((n_new, heads, dim)), "float16")
-        new_slots = (new_table[:, :, None] * block_size + np.arange(block_size)).reshape(-1)
-        new_slots = new_slots.astype(np.int64)
+        ks, vs, kx, vx, new_slots = _fresh_writes(rng, new_table, shape)
         k_scale.copy_(torch.from_numpy(ks))
         v_scale.copy_(torch.from_numpy(vs))
         new_k.copy_(torch.from_numpy(kx))
@@ -734,15 +755,9 @@ def test_fp8_cuda_graph_replay_reads_device_scales(rng):
         out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        key_bits = np.zeros((num_blocks * block_size, heads, dim), np.uint8)
-        value_bits = key_bits.copy()
-        key_bits[new_slots] = quantise(kx, ks[None, :, None])
-        value_bits[new_slots] = quantise(vx, vs[None, :, None])
+        key_bits, kd, vd = _written_caches(kx, vx, ks, vs, new_slots, shape)
         stored = kc.view(torch.uint8).cpu().numpy().reshape(key_bits.shape)[new_slots]
         np.testing.assert_array_equal(stored, key_bits[new_slots])
-        shape = (num_blocks, block_size, heads, dim)
-        kd = decode_e4m3(key_bits.reshape(shape)) * ks[None, None, :, None]
-        vd = decode_e4m3(value_bits.reshape(shape)) * vs[None, None, :, None]
         ref, _ = R.paged_attention(f64(q), kd, vd, new_table, new_lens)
         assert R.rel_error(f64(out), ref) < TOLERANCE["float16"]
 
@@ -757,14 +772,9 @@ def test_prefill_fp8_cuda_graph_replay(rng, num_splits):
     num_blocks, block_size, heads, group, dim, batch, max_blocks = 64, 16, 2, 4, 128, 4, 8
     total = 120  # query rows of every replay, split differently among the sequences
     shape = (num_blocks, block_size, heads, dim)
-    kc = torch.zeros(shape, dtype=torch.float8_e4m3fn, device="cuda")
-    vc = torch.zeros_like(kc)
-    k_scale = torch.ones(heads, dtype=torch.float32, device="cuda")
-    v_scale = torch.ones(heads, dtype=torch.float32, device="cuda")
-    n_new = batch * max_blocks * block_size
-    new_k = torch.zeros((n_new, heads, dim), dtype=torch.float16, device="cuda")
-    new_v = torch.zeros_like(new_k)
-    slots = torch.full((n_new,), -1, dtype=torch.int64, device="cuda")
+    kc, vc, k_scale, v_scale, new_k, new_v, slots = _graph_write_buffers(
+        shape, batch * max_blocks * block_size
+    )
     q = torch.zeros((total, heads * group, dim), dtype=torch.float16, device="cuda")
     starts = torch.zeros((batch + 1,), dtype=torch.int32, device="cuda")
     starts[-1] = total
@@ -806,12 +816,7 @@ def test_prefill_fp8_cuda_graph_replay(rng, num_splits):
         new_lens[rows == 0] = rng.integers(0, max_blocks * block_size + 1)
         new_table = rng.permutation(num_blocks)[: batch * max_blocks].reshape(batch, max_blocks)
         new_table = new_table.astype(np.int32)
-        ks = rng.uniform(0.005, 0.05, size=heads).astype(np.float32)
-        vs = rng.uniform(0.005, 0.05, size=heads).astype(np.float32)
-        kx = _round_to(rng.standard_normal((n_new, heads, dim)), "float16")
-        vx = _round_to(rng.standard_normal((n_new, heads, dim)), "float16")
-        new_slots = (new_table[:, :, None] * block_size + np.arange(block_size)).reshape(-1)
-        new_slots = new_slots.astype(np.int64)
+        ks, vs, kx, vx, new_slots = _fresh_writes(rng, new_table, shape)
         for device_array, value in (
             (k_scale, ks),
             (v_scale, vs),
@@ -828,12 +833,7 @@ def test_prefill_fp8_cuda_graph_replay(rng, num_splits):
         lse.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        key_bits = np.zeros((num_blocks * block_size, heads, dim), np.uint8)
-        value_bits = key_bits.copy()
-        key_bits[new_slots] = quantise(kx, ks[None, :, None])
-        value_bits[new_slots] = quantise(vx, vs[None, :, None])
-        kd = decode_e4m3(key_bits.reshape(shape)) * ks[None, None, :, None]
-        vd = decode_e4m3(value_bits.reshape(shape)) * vs[None, None, :, None]
+        _, kd, vd = _written_caches(kx, vx, ks, vs, new_slots, shape)
         ref, ref_lse = R.paged_prefill(f64(q), kd, vd, new_table, new_lens, new_starts)
         check_prefill(f64(out), f64(lse), ref, ref_lse, "float16")
 

@@ -195,6 +195,36 @@ def test_planned_split_for_one_long_chunk(rng):
     check(*run(case, "float16"), "float16")
 
 
+def test_no_planned_split_once_the_ctas_fill_every_slot():
+    """Once a prefill step's CTAs fill every slot of the GPU the planner does not split, even
+    where the last wave of CTAs is nearly empty (the cost model for equal-length decode rows
+    would split those). Batches of one-row sequences over a 32k-key bound: 8 KV heads, so at
+    least 8 * batch CTAs, and from 4 * SMs sequences on that is >= 32 CTAs per SM, the most an
+    SM holds; the sweep covers every remainder of the last wave. A single sequence with the
+    same bound still splits (the bound is seen)."""
+    num_kv_heads, head_dim, block_size, max_seq_len = 8, 128, 16, 32768
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    first = 4 * sms
+    last = 2 * first
+    q = torch.zeros((last, num_kv_heads, head_dim), dtype=torch.float16, device="cuda")
+    kc = torch.zeros((4, block_size, num_kv_heads, head_dim), dtype=torch.float16, device="cuda")
+    table = torch.zeros((last, max_seq_len // block_size), dtype=torch.int32, device="cuda")
+    starts = torch.arange(last + 1, dtype=torch.int32, device="cuda")
+
+    def planned_splits(batch):
+        splits, _ = ts.plan_paged_attention(
+            q[:batch],
+            kc,
+            table[:batch],
+            max_seq_len=max_seq_len,
+            query_start_loc=starts[: batch + 1],
+        )
+        return splits
+
+    assert planned_splits(1) > 1
+    assert {planned_splits(batch) for batch in range(first, last + 1)} == {1}
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_unaligned_rows_take_the_cuda_core_kernel(rng, dtype):
     """A query view that starts 2 elements into its rows is not 16-byte aligned: the CUDA-core

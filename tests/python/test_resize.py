@@ -411,7 +411,13 @@ def test_compact_and_shrink_refuses_before_changing_anything():
 
 @pytest.mark.parametrize(
     "bad, error",
-    [(-1, ValueError), (-5, ValueError), (True, TypeError), (6.0, TypeError), ("6", TypeError)],
+    [
+        (-1, ValueError),
+        (-5, ValueError),
+        (True, tinyserve.ArgumentTypeError),
+        (6.0, tinyserve.ArgumentTypeError),
+        ("6", tinyserve.ArgumentTypeError),
+    ],
 )
 def test_compact_and_shrink_refuses_a_bad_target_before_committing(bad, error):
     """The target is checked before any plan, so the call cannot commit a compaction and then
