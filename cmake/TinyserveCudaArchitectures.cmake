@@ -1,7 +1,8 @@
 # Picks CUDA architectures when the caller named none (CMAKE_CUDA_ARCHITECTURES unset): the
 # compute capabilities of the GPUs nvidia-smi reports, so a build on a GPU machine runs natively;
-# with no GPU to ask, one architecture, which keeps builds on GPU-less machines short. Release
-# wheels name their list explicitly.
+# with no GPU to ask, one architecture, which keeps builds on GPU-less machines short. Compute
+# capability 9.0 builds as 90a, which adds the Hopper prefill kernel (warpgroup MMA; sm_90a code
+# runs on 9.0 devices only). Release wheels name their list explicitly.
 function(tinyserve_default_cuda_architectures out_var)
   set(_archs "")
   find_program(_nvidia_smi nvidia-smi)
@@ -14,7 +15,9 @@ function(tinyserve_default_cuda_architectures out_var)
       foreach(_cap IN LISTS _caps)
         string(STRIP "${_cap}" _cap)
         string(REPLACE "." "" _cap "${_cap}")
-        if(_cap MATCHES "^[0-9]+$")
+        if(_cap STREQUAL "90")
+          list(APPEND _archs 90a)
+        elseif(_cap MATCHES "^[0-9]+$")
           list(APPEND _archs ${_cap})
         endif()
       endforeach()

@@ -13,6 +13,7 @@
 //   split_plan.cuh/.cu  the split planner and the occupancy cache
 //   prefill_common.cuh  the prefill kernels' arguments and their in-kernel tile schedule
 //   prefill_mma.cuh     the tensor-core prefill kernel (float16/bfloat16, head_dim 64/128/256)
+//   prefill_wgmma.cuh   the Hopper prefill kernel (warpgroup MMA, sm_90a builds; same types)
 //   prefill_generic.cuh the CUDA-core prefill kernel (any dtype, float8 caches, head_dim <= 512)
 //
 // With query_start_loc (prefill, append, chunked prefill, decode rows mixed in), one prefill
@@ -34,6 +35,7 @@
 #include "cuda/attention/params.cuh"
 #include "cuda/attention/prefill_generic.cuh"
 #include "cuda/attention/prefill_mma.cuh"
+#include "cuda/attention/prefill_wgmma.cuh"
 #include "cuda/attention/split_merge.cuh"
 #include "cuda/attention/split_plan.cuh"
 #include "cuda/common.cuh"
@@ -96,6 +98,13 @@ DecodeLaunch prefill_mma_launch() {
           C::kRows, C::kThreads};
 }
 
+template <class T, int D>
+DecodeLaunch prefill_wgmma_launch() {
+  using C = PrefillWgmmaShape<D>;
+  return {reinterpret_cast<const void*>(prefill_wgmma_kernel<T, D>), C::kSmemBytes,
+          C::kSmemBytes, C::kRows, C::kThreads};
+}
+
 template <class T, class KV = T>
 DecodeLaunch prefill_generic_launch(int head_dim) {
   return {reinterpret_cast<const void*>(prefill_generic_kernel<T, KV>),
@@ -103,20 +112,43 @@ DecodeLaunch prefill_generic_launch(int head_dim) {
           kGenericPrefillRows, kGenericPrefillThreads};
 }
 
+// Whether a prefill launch takes the Hopper kernel: built for sm_90a, run on a compute
+// capability 9.0 device, with sequences of at least kWgmmaRowsPerSequence query rows on average.
+// Its CTAs hold 128 rows in two warpgroups of 64, so a batch of mostly decode rows (one position x
+// the group per sequence) would run 64-row MMAs for a few rows: the mma.sync kernel, whose warps
+// take 16 rows, wastes less there.
+constexpr std::int64_t kWgmmaRowsPerSequence = 64;
+
+bool use_wgmma_prefill(int device_index, std::int64_t num_query_rows, int batch) {
+#if defined(TINYSERVE_WGMMA)
+  return device_info(device_index).compute_capability == 90 &&
+         num_query_rows >= kWgmmaRowsPerSequence * std::int64_t(batch);
+#else
+  (void)device_index;
+  (void)num_query_rows;
+  (void)batch;
+  return false;
+#endif
+}
+
 // The prefill kernel for a call: over float8 caches the CUDA-core kernel, which dequantises in
-// registers (the tensor-core kernel reads caches of the query's type only); otherwise the
-// tensor-core kernel where the dtype and head_dim have one and every row start is 16-byte
-// aligned, else the CUDA-core kernel. A CTA's rows are positions x query heads: min(group, rows)
-// heads, and as many positions as fit.
+// registers (the tensor-core kernels read caches of the query's type only); otherwise, where the
+// dtype and head_dim have one and every row start is 16-byte aligned, the Hopper kernel when
+// `wgmma` (use_wgmma_prefill) else the mma.sync kernel; else the CUDA-core kernel. A CTA's rows
+// are positions x query heads: min(group, rows) heads, and as many positions as fit.
 PrefillLaunch prefill_launch(DType dtype, DType kv_dtype, int head_dim, bool aligned, int group,
-                             const char* op) {
+                             bool wgmma, const char* op) {
   DecodeLaunch l = dispatch_float_dtype(dtype, op, [&](auto type) {
     using T = typename decltype(type)::type;
     if (kv_dtype == DType::Float8E4M3FN) return prefill_generic_launch<T, __nv_fp8_e4m3>(head_dim);
     if constexpr (kHasTensorCoreType<T>) {
       if (aligned) {
         return dispatch_mma_head_dim(
-            head_dim, [&](auto dim) { return prefill_mma_launch<T, decltype(dim)::value>(); },
+            head_dim,
+            [&](auto dim) {
+              constexpr int D = decltype(dim)::value;
+              return wgmma ? prefill_wgmma_launch<T, D>() : prefill_mma_launch<T, D>();
+            },
             [&] { return prefill_generic_launch<T>(head_dim); });
       }
     }
@@ -169,7 +201,8 @@ void launch_merge(const PagedAttentionParams& p, AttentionOutput& output, cudaSt
 void prefill_attention(const PagedAttentionParams& p, cudaStream_t s, const char* op) {
   const int group = p.num_q_heads / p.num_kv_heads;
   const PrefillLaunch pl =
-      prefill_launch(p.query_dtype, p.kv_dtype, p.head_dim, prefill_aligned(p), group, op);
+      prefill_launch(p.query_dtype, p.kv_dtype, p.head_dim, prefill_aligned(p), group,
+                     use_wgmma_prefill(p.device_index, p.num_query_rows, p.batch), op);
   const std::int64_t tiles = prefill_tiles(p.num_query_rows, p.batch, pl.positions);
   if (tiles > INT32_MAX) {
     detail::fail(op, "too many query rows for the CUDA prefill grid, got ", p.num_query_rows);
@@ -197,7 +230,8 @@ int plan_prefill_splits(int device_index, DType dtype, DType kv_dtype, int batch
   const char* op = "plan_paged_attention";
   DeviceGuard guard(device_index, op);
   const PrefillLaunch pl =
-      prefill_launch(dtype, kv_dtype, head_dim, true, num_q_heads / num_kv_heads, op);
+      prefill_launch(dtype, kv_dtype, head_dim, true, num_q_heads / num_kv_heads,
+                     use_wgmma_prefill(device_index, num_query_rows, batch), op);
   // The planner counts CTAs as "sequences" x KV heads x head tiles; a prefill CTA reads at most
   // max_kv_len keys like a decode one.
   const std::int64_t tiles = prefill_tiles(num_query_rows, batch, pl.positions);

@@ -35,6 +35,10 @@ struct PrefillArgs {
   int heads_per_cta;  // query heads of a group per CTA
 };
 
+// As in the decode kernel: a row's running max is raised only when a score exceeds it by this
+// much (log2 units), so probabilities stay below 2^8 and most tiles skip the rescale.
+constexpr float kPrefillRescaleThreshold = 8.0f;
+
 // The work of one CTA.
 struct PrefillUnit {
   int b;     // sequence

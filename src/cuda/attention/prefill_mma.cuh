@@ -160,10 +160,6 @@ using PrefillMmaShape =
                                    true, true, 1, true>,
                        PrefillMmaConfig<D>>;
 
-// As in the decode kernel: a row's running max is raised only when a score exceeds it by this
-// much (log2 units), so probabilities stay below 2^8 and most tiles skip the rescale.
-constexpr float kPrefillRescaleThreshold = 8.0f;
-
 // The source of zero-filled K/V rows with ZeroRowSource: one row of D 16-bit elements
 // (instantiated, so emitted, only where a configuration uses it).
 template <int D>
