@@ -101,8 +101,8 @@ DecodeLaunch prefill_mma_launch() {
 template <class T, int D>
 DecodeLaunch prefill_wgmma_launch() {
   using C = PrefillWgmmaShape<D>;
-  return {reinterpret_cast<const void*>(prefill_wgmma_kernel<T, D>), C::kSmemBytes,
-          C::kSmemBytes, C::kRows, C::kThreads};
+  return {reinterpret_cast<const void*>(prefill_wgmma_kernel<T, D>), C::kSmemBytes, C::kSmemBytes,
+          C::kRows, C::kThreads};
 }
 
 template <class T, class KV = T>

@@ -27,8 +27,10 @@ struct PrefillWgmmaShape {
   static constexpr int kHeadDim = D;
   static constexpr int kThreads = 256;  // two warpgroups
   static constexpr int kRows = 128;     // query rows per CTA, 64 per warpgroup
-  // Keys per tile (one stage): the score accumulator is kKeys / 2 registers a thread.
-  static constexpr int kKeys = D == 256 ? 64 : 128;
+  // Keys per tile (one stage): the score accumulator is kKeys / 2 registers a thread; three
+  // stages of K and V tiles fit beside Q in shared memory.
+  static constexpr int kKeys = D == 256 ? 32 : 128;
+  static constexpr int kStages = 3;
   static constexpr int kChunks = D / 8;  // 16-byte chunks of a row
   static constexpr int kRowsPerPass = kThreads / kChunks;
   static constexpr int kQPasses = kRows / kRowsPerPass;
@@ -36,8 +38,8 @@ struct PrefillWgmmaShape {
   static constexpr int kQBytes = kRows * D * 2;
   static constexpr int kTileBytes = kKeys * D * 2;  // K or V of one tile
   static constexpr int kStageBytes = 2 * kTileBytes;
-  // Two stages, and room to align the operands to the swizzle's 1024-byte period.
-  static constexpr int kSmemBytes = kQBytes + 2 * kStageBytes + 1024;
+  // The stages, and room to align the operands to the swizzle's 1024-byte period.
+  static constexpr int kSmemBytes = kQBytes + kStages * kStageBytes + 1024;
   // A thread's rows of one pass share their swizzle (row % 8), so its copy offsets are fixed.
   static_assert(kRowsPerPass % 8 == 0 && kKeys % kRowsPerPass == 0 && kRows % kRowsPerPass == 0,
                 "loader shape");
@@ -108,7 +110,7 @@ __global__ void __launch_bounds__(256, 1)
   };
   auto copy_tile = [&](int tile) {
     const int k0 = tile_key(tile);
-    const std::uint32_t ks = stage_base + (tile % 2) * C::kStageBytes + copy_offset(kKeys);
+    const std::uint32_t ks = stage_base + (tile % C::kStages) * C::kStageBytes + copy_offset(kKeys);
     const std::uint32_t vs = ks + C::kTileBytes;
 #pragma unroll
     for (int i = 0; i < C::kKvPasses; ++i) {
@@ -164,32 +166,34 @@ __global__ void __launch_bounds__(256, 1)
   if (num_tiles > 1) load_blocks(1);
 
   // Operand descriptors: Q's rows of this warpgroup; a k-step of 16 moves 32 bytes within a
-  // 128-byte column block, and every 4 steps to the next block.
+  // 128-byte column block, and every 4 steps to the next block. V is read N-major: its 128-byte
+  // column blocks kKeys rows apart, 16 rows per k-step.
   const std::uint64_t q_desc = wgmma::descriptor(q_base + wg * 64 * 128, 16, 1024);
-  for (int it = 0; it < num_tiles; ++it) {
-    ptx::cp_async_wait<0>();
-    wgmma::fence_async_shared();
-    __syncthreads();  // tile it has landed, and every warpgroup is done with tile it - 1
-    const std::uint32_t k_smem = stage_base + (it % 2) * C::kStageBytes;
-    {
-      const std::uint64_t k_desc = wgmma::descriptor(k_smem, 16, 1024);
-      wgmma::fence();
+  auto stage_smem = [&](int tile) { return stage_base + (tile % C::kStages) * C::kStageBytes; };
+  auto issue_scores = [&](int tile) {
+    const std::uint64_t k_desc = wgmma::descriptor(stage_smem(tile), 16, 1024);
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const std::uint32_t q_step = ((kk / 4) * C::kRows * 128 + (kk % 4) * 32) >> 4;
-        const std::uint32_t k_step = ((kk / 4) * kKeys * 128 + (kk % 4) * 32) >> 4;
-        wgmma::wgmma_ss<kKeys, T>(s, q_desc + q_step, k_desc + k_step, kk > 0);
-      }
-      wgmma::commit();
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const std::uint32_t q_step = ((kk / 4) * C::kRows * 128 + (kk % 4) * 32) >> 4;
+      const std::uint32_t k_step = ((kk / 4) * kKeys * 128 + (kk % 4) * 32) >> 4;
+      wgmma::wgmma_ss<kKeys, T>(s, q_desc + q_step, k_desc + k_step, kk > 0);
     }
-    // The next tile goes to the other stage while the scores are computed.
-    if (it + 1 < num_tiles) copy_tile(it + 1);
-    ptx::cp_async_commit();
-    if (it + 2 < num_tiles) load_blocks(it + 2);
-    wgmma::wait<0>();
-    wgmma::hold(s);
-
-    const int k0 = tile_key(it);
+    wgmma::commit();
+  };
+  std::uint32_t pa[kKeys / 16][4];  // P of the previous tile, the A operand of O += P V
+  auto issue_values = [&](int tile) {
+    const std::uint64_t v_desc =
+        wgmma::descriptor(stage_smem(tile) + C::kTileBytes, kKeys * 128, 1024);
+#pragma unroll
+    for (int kc = 0; kc < kKeys / 16; ++kc) {
+      wgmma::wgmma_rs<D, T>(o, pa[kc], v_desc + ((kc * 16 * 128) >> 4));
+    }
+    wgmma::commit();
+  };
+  // The online softmax of tile `tile`'s scores in s: logits, masks, the new row maxima (m) and
+  // sums (l); s becomes P. Returns the factor the earlier O rows must take (1: none).
+  auto softmax = [&](int tile, float(&correction)[2]) {
+    const int k0 = tile_key(tile);
     if (!scale_in_exp) {
       if (a.soft_cap) {
 #pragma unroll
@@ -212,7 +216,7 @@ __global__ void __launch_bounds__(256, 1)
         }
       }
     }
-    // Online softmax; a row's scores are spread over the 4 lanes of a quad.
+    // A row's scores are spread over the 4 lanes of a quad; its max is reduced as a tree.
     float mx[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -230,20 +234,16 @@ __global__ void __launch_bounds__(256, 1)
       x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
       mx[r] = x * score_scale;  // -inf stays -inf
     }
-    const bool grow = mx[0] > m[0] + kPrefillRescaleThreshold ||
-                      mx[1] > m[1] + kPrefillRescaleThreshold;
+    correction[0] = correction[1] = 1.0f;
+    const bool grow =
+        mx[0] > m[0] + kPrefillRescaleThreshold || mx[1] > m[1] + kPrefillRescaleThreshold;
     if (__any_sync(0xffffffffu, grow)) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         if (mx[r] > m[r]) {
-          const float correction = ptx::exp2_approx(m[r] - mx[r]);  // 0 when m was -inf
+          correction[r] = ptx::exp2_approx(m[r] - mx[r]);  // 0 when m was -inf
           m[r] = mx[r];
-          l[r] *= correction;
-#pragma unroll
-          for (int j = 0; j < D / 8; ++j) {
-            o[4 * j + 2 * r] *= correction;
-            o[4 * j + 2 * r + 1] *= correction;
-          }
+          l[r] *= correction[r];
         }
       }
     }
@@ -259,9 +259,18 @@ __global__ void __launch_bounds__(256, 1)
         }
       }
     }
-    // O += P V: P's accumulator layout is the register A operand's, 16 keys per k-step; V is
-    // read N-major (its 128-byte column blocks kKeys rows apart), 16 rows per k-step.
-    std::uint32_t pa[kKeys / 16][4];
+  };
+  auto rescale_and_take_p = [&](const float(&correction)[2]) {
+    if (correction[0] != 1.0f || correction[1] != 1.0f) {
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        o[4 * j + 0] *= correction[0];
+        o[4 * j + 1] *= correction[0];
+        o[4 * j + 2] *= correction[1];
+        o[4 * j + 3] *= correction[1];
+      }
+    }
+    // P's accumulator layout is the register A operand's, 16 keys per k-step.
 #pragma unroll
     for (int kc = 0; kc < kKeys / 16; ++kc) {
       pa[kc][0] = pack2<T>(s[8 * kc + 0], s[8 * kc + 1]);
@@ -269,13 +278,48 @@ __global__ void __launch_bounds__(256, 1)
       pa[kc][2] = pack2<T>(s[8 * kc + 4], s[8 * kc + 5]);
       pa[kc][3] = pack2<T>(s[8 * kc + 6], s[8 * kc + 7]);
     }
-    const std::uint64_t v_desc = wgmma::descriptor(k_smem + C::kTileBytes, kKeys * 128, 1024);
+  };
+
+  // Tile it: its scores and the previous tile's O += P V are issued together, and the softmax
+  // of these scores runs while the tensor cores do P V (tile 0 has no previous tile: it runs
+  // alone, so the loop holds no branch around the MMAs). Three stages: tile it + 1 is copied
+  // into the stage of tile it - 2, whose P V every warpgroup finished before the barrier.
+  auto next_copies = [&](int it) {
+    if (it + 1 < num_tiles) copy_tile(it + 1);
+    ptx::cp_async_commit();
+    if (it + 2 < num_tiles) load_blocks(it + 2);
+  };
+  float correction[2];
+  if (num_tiles > 0) {
+    ptx::cp_async_wait<0>();
+    wgmma::fence_async_shared();
+    __syncthreads();  // Q and tile 0 have landed
     wgmma::fence();
-#pragma unroll
-    for (int kc = 0; kc < kKeys / 16; ++kc) {
-      wgmma::wgmma_rs<D, T>(o, pa[kc], v_desc + ((kc * 16 * 128) >> 4));
-    }
-    wgmma::commit();
+    issue_scores(0);
+    next_copies(0);
+    wgmma::wait<0>();
+    wgmma::hold(s);
+    softmax(0, correction);
+    rescale_and_take_p(correction);
+  }
+  for (int it = 1; it < num_tiles; ++it) {
+    ptx::cp_async_wait<0>();
+    wgmma::fence_async_shared();
+    __syncthreads();  // tile it has landed; tile it - 2's stage is free
+    wgmma::fence();
+    issue_scores(it);
+    issue_values(it - 1);
+    next_copies(it);
+    wgmma::wait<1>();  // the scores; P V may still run
+    wgmma::hold(s);
+    softmax(it, correction);
+    wgmma::wait<0>();
+    wgmma::hold(o);
+    rescale_and_take_p(correction);
+  }
+  if (num_tiles > 0) {
+    wgmma::fence();
+    issue_values(num_tiles - 1);
     wgmma::wait<0>();
     wgmma::hold(o);
   }
