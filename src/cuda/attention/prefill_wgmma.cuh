@@ -6,11 +6,11 @@
 // The schedule and the work of a CTA are those of the other prefill kernels (prefill_common.cuh):
 // 128 query rows (positions x query heads of one GQA group), two warpgroups of 64 rows each.
 // Every thread gathers K/V rows from their pages with cp.async into a 128-byte swizzled layout
-// (wgmma.cuh), two stages deep. Per key tile a warpgroup issues S = Q K^T as asynchronous
-// wgmmas with Q and K in shared memory, issues the next tile's copies while the tensor cores
-// work, runs the online softmax on S in registers (the accumulator layout is mma.sync's, so P
-// becomes the A operand of the next MMA in place) and issues O += P V with V read N-major from
-// the same stage. A warpgroup whose 64 rows hold no query row only copies.
+// (wgmma.cuh), five or six stages deep, kStages - 2 tiles ahead. Per key tile a warpgroup issues S
+// = Q K^T as asynchronous wgmmas with Q and K in shared memory, issues the next tile's copies while
+// the tensor cores work, runs the online softmax on S in registers (the accumulator layout is
+// mma.sync's, so P becomes the A operand of the next MMA in place) and issues O += P V with V read
+// N-major from the same stage. A warpgroup whose 64 rows hold no query row only copies.
 
 #include <cmath>
 #include <cstdint>
@@ -27,10 +27,8 @@ struct PrefillWgmmaShape {
   static constexpr int kHeadDim = D;
   static constexpr int kThreads = 256;  // two warpgroups
   static constexpr int kRows = 128;     // query rows per CTA, 64 per warpgroup
-  // Keys per tile (one stage): the score accumulator is kKeys / 2 registers a thread; three
-  // stages of K and V tiles fit beside Q in shared memory.
-  static constexpr int kKeys = D == 256 ? 32 : 128;
-  static constexpr int kStages = 3;
+  // Keys per tile: the score accumulator is kKeys / 2 registers a thread.
+  static constexpr int kKeys = D == 64 ? 128 : D == 128 ? 64 : 32;
   static constexpr int kChunks = D / 8;  // 16-byte chunks of a row
   static constexpr int kRowsPerPass = kThreads / kChunks;
   static constexpr int kQPasses = kRows / kRowsPerPass;
@@ -38,11 +36,17 @@ struct PrefillWgmmaShape {
   static constexpr int kQBytes = kRows * D * 2;
   static constexpr int kTileBytes = kKeys * D * 2;  // K or V of one tile
   static constexpr int kStageBytes = 2 * kTileBytes;
-  // The stages, and room to align the operands to the swizzle's 1024-byte period.
+  // As many K/V stages as fit beside Q (227 KB a CTA on Hopper, with 1024 bytes to align the
+  // operands to the swizzle's period): 6, 6 and 5 at head_dim 64, 128, 256. Copies run
+  // kStages - 2 tiles ahead (a tile's V is read until the next tile's scores are done).
+  static constexpr int kStages =
+      (232448 - 1024 - kQBytes) / kStageBytes < 6 ? (232448 - 1024 - kQBytes) / kStageBytes : 6;
+  static constexpr int kAhead = kStages - 2;
   static constexpr int kSmemBytes = kQBytes + kStages * kStageBytes + 1024;
   // A thread's rows of one pass share their swizzle (row % 8), so its copy offsets are fixed.
   static_assert(kRowsPerPass % 8 == 0 && kKeys % kRowsPerPass == 0 && kRows % kRowsPerPass == 0,
                 "loader shape");
+  static_assert(kStages >= 3, "stages");
 };
 
 template <class T, int D>
@@ -157,13 +161,15 @@ __global__ void __launch_bounds__(256, 1)
   for (int i = 0; i < kKeys / 2; ++i) s[i] = 0.0f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
 
-  // Copy groups: Q with tile 0, then one per tile (committed even when empty).
-  if (num_tiles > 0) {
-    load_blocks(0);
-    copy_tile(0);
+  // Copy groups: Q with tile 0, then one per tile (committed even when empty), kAhead tiles in
+  // flight; `blocks` is loaded a tile before its copy.
+  if (num_tiles > 0) load_blocks(0);
+#pragma unroll
+  for (int t = 0; t < C::kAhead; ++t) {
+    if (t < num_tiles) copy_tile(t);
+    ptx::cp_async_commit();
+    if (t + 1 < num_tiles) load_blocks(t + 1);
   }
-  ptx::cp_async_commit();
-  if (num_tiles > 1) load_blocks(1);
 
   // Operand descriptors: Q's rows of this warpgroup; a k-step of 16 moves 32 bytes within a
   // 128-byte column block, and every 4 steps to the next block. V is read N-major: its 128-byte
@@ -282,16 +288,16 @@ __global__ void __launch_bounds__(256, 1)
 
   // Tile it: its scores and the previous tile's O += P V are issued together, and the softmax
   // of these scores runs while the tensor cores do P V (tile 0 has no previous tile: it runs
-  // alone, so the loop holds no branch around the MMAs). Three stages: tile it + 1 is copied
-  // into the stage of tile it - 2, whose P V every warpgroup finished before the barrier.
+  // alone, so the loop holds no branch around the MMAs). Tile it + kAhead is copied into the
+  // stage of tile it - 2, whose P V every warpgroup finished before the barrier.
   auto next_copies = [&](int it) {
-    if (it + 1 < num_tiles) copy_tile(it + 1);
+    if (it + C::kAhead < num_tiles) copy_tile(it + C::kAhead);
     ptx::cp_async_commit();
-    if (it + 2 < num_tiles) load_blocks(it + 2);
+    if (it + C::kAhead + 1 < num_tiles) load_blocks(it + C::kAhead + 1);
   };
   float correction[2];
   if (num_tiles > 0) {
-    ptx::cp_async_wait<0>();
+    ptx::cp_async_wait<C::kAhead - 1>();
     wgmma::fence_async_shared();
     __syncthreads();  // Q and tile 0 have landed
     wgmma::fence();
@@ -303,7 +309,7 @@ __global__ void __launch_bounds__(256, 1)
     rescale_and_take_p(correction);
   }
   for (int it = 1; it < num_tiles; ++it) {
-    ptx::cp_async_wait<0>();
+    ptx::cp_async_wait<C::kAhead - 1>();
     wgmma::fence_async_shared();
     __syncthreads();  // tile it has landed; tile it - 2's stage is free
     wgmma::fence();
