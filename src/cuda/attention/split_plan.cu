@@ -10,7 +10,11 @@
 namespace tinyserve::kernels::cuda {
 namespace {
 
-constexpr int kMinSplitTokens = 256;  // no split makes chunks shorter than this
+// No split makes chunks shorter than this: one tile of the tensor-core kernel at head_dim 128.
+// Selected (sparse) tables are short: 2,048 tokens per KV head take 32 chunks to put the 8 KV
+// heads of one sequence on every multiprocessor; the cost model below keeps longer chunks where
+// there is enough work.
+constexpr int kMinSplitTokens = 64;
 constexpr std::int64_t kMaxPlannedSplits = 1024;
 constexpr double kSplitOverheadTokens = 128.0;  // per-CTA fixed cost, in tokens of streaming
 
