@@ -6,13 +6,14 @@
 // write one page, so no atomics are needed and the result does not depend on scheduling.
 //
 // Selection: a scoring kernel spread over (sequence, page range) writes one float score per
-// (sequence, KV head, page) into the caller's scratch; its warps each load whole pages (every KV
-// head's summary rows at once). A selection kernel, one thread block per (sequence, KV head),
+// (sequence, KV head, page) into the caller's scratch; its warps each stream whole pages (every KV
+// head's summary rows at once) through shared memory, several pages in flight. A selection
+// kernel, one thread block per (sequence, KV head),
 // reads that row of scores into shared memory once, finds the k-th largest by a radix select
 // whose bins span the keys' own range (usually one or two passes), keeps the pages above it and
 // the lowest-indexed pages equal to it, and writes them in logical order after one block scan;
 // it is launched to overlap the scoring kernel's end (programmatic dependent launch, sm_90) and
-// waits for it on the device.
+// waits for it on the device, as the scoring kernel does for the kernel before it.
 // Grids depend only on host-known shapes: graph capturable, no host sync.
 
 #include <cuda_bf16.h>
@@ -577,8 +578,11 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
   // Folded: [num_kv_heads][2][head_dim] weights; per head: [num_q_heads][head_dim] queries; then
   // the warps' staging (kScoreStagingBytes), weights_bytes from the start.
   extern __shared__ __align__(16) float weights[];
-  // The selection kernel may be scheduled now: it waits for this grid before reading scores, and
-  // every thread block of this one is resident or done by the time the trigger takes effect.
+  // Launched while the previous kernel drains (sm_90): nothing is read before it is done. The
+  // selection kernel may then be scheduled: it waits for this grid before reading scores, reads
+  // only inputs before that (complete now), and every thread block of this one is resident or
+  // done by the time the trigger takes effect.
+  ptx::wait_for_previous_grid();
   ptx::allow_dependent_grids();
   constexpr int kVec = kChunkElems<T>;
   constexpr int kRounds = kScoreSlots / K;  // items per lane group per round
@@ -782,7 +786,8 @@ __device__ __forceinline__ float page_term(PageSummary kind, const float* q, con
 template <class T, int VEC>
 __global__ void __launch_bounds__(kScoreThreads)
     score_pages_kernel(const __grid_constant__ SelectArgs a) {
-  extern __shared__ float q[];  // [num_q_heads, head_dim]
+  extern __shared__ float q[];    // [num_q_heads, head_dim]
+  ptx::wait_for_previous_grid();  // as the page-wide kernel
   ptx::allow_dependent_grids();
   const int b = blockIdx.y;
   int begin, end;
@@ -1374,11 +1379,13 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
   a.pages_per_block =
       std::max(kScoreThreads / 32, (p.max_blocks + blocks_per_seq - 1) / blocks_per_seq);
   const int score_grid = std::max(1, (p.max_blocks + a.pages_per_block - 1) / a.pages_per_block);
-  launch(score.kernel, dim3(unsigned(score_grid), unsigned(p.batch)), dim3(kScoreThreads),
-         std::size_t(score.smem_bytes), s, a, op, "score_pages_kernel");
-
-  // Top-k, launched to overlap the scoring kernel's tail (it waits for the scores on the device).
+  // Both kernels are launched with programmatic dependent launch on sm_90: the scoring kernel's
+  // launch overlaps the previous kernel's end, the top-k's the scoring kernel's; each waits on the
+  // device for the grid before it.
   const bool overlap = info.compute_capability >= 90;
+  launch_after(score.kernel, dim3(unsigned(score_grid), unsigned(p.batch)), dim3(kScoreThreads),
+               std::size_t(score.smem_bytes), s, a, overlap, op, "score_pages_kernel");
+
   const int topk_smem_limit =
       std::min(int(topk_smem_bytes(kTopKMaxPages)), smem_optin - kTopKStaticSmemBytes);
   if (p.max_blocks <= kTopKMaxPages && int(topk_smem_bytes(p.max_blocks)) <= topk_smem_limit) {
