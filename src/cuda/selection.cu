@@ -307,6 +307,7 @@ struct SelectArgs {
   int num_q_heads, num_kv_heads, head_dim, block_size;
   int budget, num_sink_pages;
   int pages_per_block;  // scoring: pages per thread block
+  int score_stages;     // page-wide scoring: rounds staged per warp (2 or kMaxScoreStages)
   int lanes_per_head;   // page-wide scoring: lanes sharing one summary row (a power of two)
   bool query_chunked;   // page-wide scoring: every query row starts 16-byte aligned
   PageSummary kind;
@@ -530,13 +531,15 @@ __device__ __forceinline__ bool next_round(RoundCursor& c, int step, int heads, 
   return true;
 }
 
-// Rounds of summary loads in flight per warp: each round is staged in shared memory (16 bytes
-// per lane per piece), so the loads hold no registers, and a warp keeps kScoreStages - 1 rounds
-// in flight while it scores one.
-constexpr int kScoreStages = 3;
+// Rounds of summary loads per warp: each round is staged in shared memory (16 bytes per lane per
+// piece), so the loads hold no registers, and a warp keeps stages - 1 rounds in flight while it
+// scores one. Three stages (96 KiB per thread block; two thread blocks per multiprocessor on
+// sm_90) where the device's shared memory per block allows it, else two (64 KiB).
+constexpr int kMaxScoreStages = 3;
 // Bytes of one round of one warp: kScoreSlots pieces of both rows, 16 bytes per lane each.
 constexpr int kScoreStageBytes = kScoreSlots * 2 * 32 * 16;
-constexpr int kScoreStagingBytes = kScoreStages * kScoreStageBytes * (kScoreThreads / 32);
+// Bytes of one stage of every warp of a thread block.
+constexpr int kScoreStageBlockBytes = kScoreStageBytes * (kScoreThreads / 32);
 
 // Issues one round's copies into this lane's part of a stage (`stage`: its shared address): for
 // r < kRounds, item first_item + r * groups + group of the cursor's window (block ids in
@@ -571,12 +574,13 @@ __device__ __forceinline__ unsigned issue_round(const SelectArgs& a, const T* me
   return valid_bits;
 }
 
-// Two thread blocks per multiprocessor (the staging's shared memory: 2 x 96 KiB plus weights).
+// Up to two thread blocks per multiprocessor (the staging's shared memory: 96 KiB each, plus the
+// weights).
 template <class T, int K, ScoreMode M>
 __global__ void __launch_bounds__(kScoreThreads, 2)
     score_pages_wide_kernel(const __grid_constant__ SelectArgs a) {
   // Folded: [num_kv_heads][2][head_dim] weights; per head: [num_q_heads][head_dim] queries; then
-  // the warps' staging (kScoreStagingBytes), weights_bytes from the start.
+  // the warps' staging (score_stages * kScoreStageBlockBytes) after them.
   extern __shared__ __align__(16) float weights[];
   // Launched while the previous kernel drains (sm_90): nothing is read before it is done. The
   // selection kernel may then be scheduled: it waits for this grid before reading scores, reads
@@ -606,17 +610,19 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
   const int dim = a.head_dim;
   const int group = a.num_q_heads / w.heads;
   const int weight_floats = (M == ScoreMode::Folded ? 2 * w.heads : a.num_q_heads) * dim;
+  const int stages = a.score_stages;
 
   // The warp walks its run in windows of 32 pages (block ids one per lane) and each window's
   // (page, KV head) items in rounds, with two cursors: `ahead` issues the copies of round
-  // t + kScoreStages - 1 while `at` scores round t. Every issue commits one copy group (empty past
-  // the run's end), so waiting until kScoreStages - 1 groups are pending leaves round t complete.
+  // t + stages - 1 while `at` scores round t. Every issue commits one copy group (empty past the
+  // run's end), so waiting until stages - 1 groups are pending leaves round t complete.
   // The first rounds are issued before the weights are built (the query read while they fly).
   const int first_items = min(32, run_end - run_begin) * w.heads;  // <= 0 for a warp without pages
   RoundCursor ahead{run_begin, 0, first_items};
   std::int32_t lane_block = run_begin + lane < run_end ? table[run_begin + lane] : -1;
   const std::uint32_t staging = ptx::smem_addr(weights + weight_floats) +
-                                std::uint32_t(warp * kScoreStages * kScoreStageBytes + 16 * lane);
+                                std::uint32_t(warp * stages * kScoreStageBytes + 16 * lane);
+  static_assert(kMaxScoreStages * kScoreSlots <= 32, "the items' validity fits one word");
   unsigned valid_ring = 0;  // bits [s * kRounds, (s + 1) * kRounds): the items of stage s
   int ahead_stage = 0;
   const auto issue = [&]() {
@@ -633,10 +639,9 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
       }
     }
     ptx::cp_async_commit();
-    ahead_stage = ahead_stage + 1 == kScoreStages ? 0 : ahead_stage + 1;
+    ahead_stage = ahead_stage + 1 == stages ? 0 : ahead_stage + 1;
   };
-#pragma unroll
-  for (int s = 0; s < kScoreStages - 1; ++s) issue();
+  for (int s = 0; s < stages - 1; ++s) issue();
 
   const T* query = reinterpret_cast<const T*>(a.query) + b * a.q_stride_batch;
   if (a.query_chunked) {
@@ -675,12 +680,16 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
   // Each lane reads back only the pieces it copied itself: its own wait makes them visible.
   const uint4* staged = reinterpret_cast<const uint4*>(reinterpret_cast<const char*>(weights) +
                                                        std::size_t(weight_floats) * sizeof(float) +
-                                                       warp * kScoreStages * kScoreStageBytes) +
+                                                       warp * stages * kScoreStageBytes) +
                         lane;
   while (at.items > 0) {
     // Refill the stage scored in the previous iteration, then wait for this one's.
     issue();
-    ptx::cp_async_wait<kScoreStages - 1>();
+    if (stages == kMaxScoreStages) {
+      ptx::cp_async_wait<kMaxScoreStages - 1>();
+    } else {
+      ptx::cp_async_wait<1>();
+    }
     uint4 lo[kRounds][K], hi[kRounds][K];
     const uint4* stage = staged + at_stage * (kScoreStageBytes / 16);
 #pragma unroll
@@ -738,7 +747,7 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
       }
     }
     next_round(at, step, w.heads, run_end);
-    at_stage = at_stage + 1 == kScoreStages ? 0 : at_stage + 1;
+    at_stage = at_stage + 1 == stages ? 0 : at_stage + 1;
   }
   ptx::cp_async_wait<0>();  // only empty groups can be pending here
 }
@@ -1324,8 +1333,11 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
   const int smem_optin = info.max_shared_per_block;
   const bool folded = group > 1 && p.group_reduce == GroupReduce::Sum;
   const int weights_bytes = int((folded ? 2 * p.num_kv_heads : p.num_q_heads) * p.head_dim * 4);
-  const bool wide =
-      meta_rows_aligned(16) && chunks <= 64 && weights_bytes + kScoreStagingBytes <= smem_optin;
+  // Page-wide scoring stages as many rounds as the device's shared memory per block allows.
+  a.score_stages =
+      weights_bytes + kMaxScoreStages * kScoreStageBlockBytes <= smem_optin ? kMaxScoreStages : 2;
+  const bool wide = meta_rows_aligned(16) && chunks <= 64 &&
+                    weights_bytes + a.score_stages * kScoreStageBlockBytes <= smem_optin;
   DecodeLaunch score{};
   score.threads = kScoreThreads;
   if (wide) {
@@ -1336,7 +1348,7 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
                            : p.summary == PageSummary::MinMax       ? ScoreMode::PerHeadMinMax
                            : p.summary == PageSummary::MinMaxDamped ? ScoreMode::PerHeadMinMaxDamped
                                                                     : ScoreMode::PerHeadMeanStd;
-    score.smem_bytes = weights_bytes + kScoreStagingBytes;
+    score.smem_bytes = weights_bytes + a.score_stages * kScoreStageBlockBytes;
     score.kernel = dispatch_float_dtype(p.dtype, op, [&](auto type) {
       using T = typename decltype(type)::type;
       auto pick = [&](auto k) {
@@ -1371,7 +1383,8 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
   // weights are two rows per KV head, with at least two query heads per KV head), plus the
   // page-wide kernel's staging. The limit is raised once per kernel, to what any call may need
   // that the device allows (a call that needs more takes the row-by-row kernel).
-  score.max_smem_bytes = std::min(32768 * 4 + (wide ? kScoreStagingBytes : 0), smem_optin);
+  score.max_smem_bytes =
+      std::min(32768 * 4 + (wide ? kMaxScoreStages * kScoreStageBlockBytes : 0), smem_optin);
   // Enough thread blocks to fill the device once, each a run of pages of one sequence for all
   // KV heads (a run of at least one page per warp).
   const int resident = info.multiprocessors * prepare_launch(score, p.device_index, op);
