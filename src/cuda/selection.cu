@@ -342,9 +342,9 @@ __device__ __forceinline__ bool scored_pages(const SelectArgs& a, int b, int& be
 // form groups of lanes_per_head (the chunks of a row, rounded up to a power of two, at most 32);
 // each group takes one (page, KV head) item, each lane K chunks of both rows of it. A warp walks a
 // run of consecutive pages of one sequence, its items (page-major) kScoreSlots / K per group a
-// round at a time (4 KiB per warp). Rounds are copied into shared memory asynchronously, several
-// ahead of the one being scored (kScoreStages), so a multiprocessor keeps 128 to 192 KiB of
-// summaries in flight without holding them in registers; the block ids of the next 32 pages come
+// round at a time (4 KiB per warp). Rounds are copied into shared memory asynchronously, one or
+// two ahead of the one being scored, so that a multiprocessor keeps 128 to 192 KiB of summaries
+// in flight (sm_90) without holding them in registers; the block ids of the next 32 pages come
 // from one coalesced load, and each group reduces its item's sum with log2(lanes_per_head)
 // shuffles.
 //
