@@ -135,11 +135,16 @@ def test_many_kv_heads_and_wide_rows(rng, summary, reduce):
 
 @pytest.mark.parametrize("summary", SUMMARIES)
 def test_long_sequences(rng, summary):
-    """8 sequences of 2048 pages and one of 8300 (runs of 8 candidates per top-k thread, many
-    32-page runs per scoring warp), the bench's shape: float16, 32 query / 8 KV heads,
-    head_dim 128, budget 128 pages with one sink."""
+    """The bench's shapes, 8 sequences of 2048 pages and one of 8192 (runs of 8 candidates per
+    top-k thread, every block id read before the scores), and one of 8300 (runs of 16: ids past
+    the eighth read after the select): float16, 32 query / 8 KV heads, head_dim 128, budget 128
+    pages with one sink."""
     block_size, budget = 16, 128
-    for seq_lens in (np.full(8, 2048 * block_size, np.int32), np.array([8300 * 16 - 3], np.int32)):
+    for seq_lens in (
+        np.full(8, 2048 * block_size, np.int32),
+        np.array([8192 * block_size], np.int32),
+        np.array([8300 * block_size - 3], np.int32),
+    ):
         table, num_blocks = random_pages(rng, seq_lens, block_size)
         query = rng.integers(-2, 3, size=(len(seq_lens), 32, 128)).astype(np.float32)
         meta = integer_summaries(rng, num_blocks, 8, 128, summary)
