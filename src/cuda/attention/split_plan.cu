@@ -10,11 +10,6 @@
 namespace tinyserve::kernels::cuda {
 namespace {
 
-// No split makes chunks shorter than this: one tile of the tensor-core kernel at head_dim 128.
-// Selected (sparse) tables are short: 2,048 tokens per KV head take 32 chunks to put the 8 KV
-// heads of one sequence on every multiprocessor; the cost model below keeps longer chunks where
-// there is enough work.
-constexpr int kMinSplitTokens = 64;
 constexpr std::int64_t kMaxPlannedSplits = 1024;
 constexpr double kSplitOverheadTokens = 128.0;  // per-CTA fixed cost, in tokens of streaming
 
@@ -58,7 +53,7 @@ int plan_splits(const SplitPlanShape& s, const DecodeLaunch& unsplit, const Deco
                 int device, const char* op) {
   const int group = s.num_q_heads / s.num_kv_heads;
   const std::int64_t max_splits =
-      std::clamp<std::int64_t>(s.max_kv_len / kMinSplitTokens, 1, kMaxPlannedSplits);
+      std::clamp<std::int64_t>(s.max_kv_len / s.min_split_tokens, 1, kMaxPlannedSplits);
   // The cheapest split count for one kernel. Cost of n splits for equal-length sequences: the
   // waves of CTAs it takes, times each CTA's work (its chunk of tokens plus a fixed cost, about
   // two tiles of pipeline fill, that every CTA and every split's merge pays). The cheapest n
