@@ -246,7 +246,7 @@ int plan_prefill_splits(int device_index, DType dtype, DType kv_dtype, int batch
                              prepare_launch(pl.launch, device_index, op);
   if (ctas >= slots) return 1;
   const SplitPlanShape shape{int(std::min<std::int64_t>(tiles, INT32_MAX)), num_q_heads,
-                             num_kv_heads, max_kv_len};
+                             num_kv_heads, max_kv_len, kMinPrefillSplitTokens};
   return plan_splits(shape, pl.launch, pl.launch, device_index, op);
 }
 
@@ -256,7 +256,7 @@ int plan_attention_splits(int device_index, DType dtype, DType kv_dtype, int bat
   DeviceGuard guard(device_index, op);
   // Planned for the kernels of aligned rows (what a framework allocates); an unaligned call
   // runs the CUDA-core kernel with the same split count.
-  return plan_splits({batch, num_q_heads, num_kv_heads, max_kv_len},
+  return plan_splits({batch, num_q_heads, num_kv_heads, max_kv_len, kMinDecodeSplitTokens},
                      decode_launch(dtype, kv_dtype, head_dim, false, true, op),
                      decode_launch(dtype, kv_dtype, head_dim, true, true, op), device_index, op);
 }

@@ -6,13 +6,14 @@
 // write one page, so no atomics are needed and the result does not depend on scheduling.
 //
 // Selection: a scoring kernel spread over (sequence, page range) writes one float score per
-// (sequence, KV head, page) into the caller's scratch; its warps each load whole pages (every KV
-// head's summary rows at once). A selection kernel, one thread block per (sequence, KV head),
+// (sequence, KV head, page) into the caller's scratch; its warps each stream whole pages (every KV
+// head's summary rows at once) through shared memory, several pages in flight. A selection
+// kernel, one thread block per (sequence, KV head),
 // reads that row of scores into shared memory once, finds the k-th largest by a radix select
 // whose bins span the keys' own range (usually one or two passes), keeps the pages above it and
 // the lowest-indexed pages equal to it, and writes them in logical order after one block scan;
 // it is launched to overlap the scoring kernel's end (programmatic dependent launch, sm_90) and
-// waits for it on the device.
+// waits for it on the device, as the scoring kernel does for the kernel before it.
 // Grids depend only on host-known shapes: graph capturable, no host sync.
 
 #include <cuda_bf16.h>
@@ -306,6 +307,7 @@ struct SelectArgs {
   int num_q_heads, num_kv_heads, head_dim, block_size;
   int budget, num_sink_pages;
   int pages_per_block;  // scoring: pages per thread block
+  int score_stages;     // page-wide scoring: rounds staged per warp (2 or kMaxScoreStages)
   int lanes_per_head;   // page-wide scoring: lanes sharing one summary row (a power of two)
   bool query_chunked;   // page-wide scoring: every query row starts 16-byte aligned
   PageSummary kind;
@@ -339,10 +341,12 @@ __device__ __forceinline__ bool scored_pages(const SelectArgs& a, int b, int& be
 // A page's summary rows are 16-byte aligned and head_dim splits into whole 16-byte chunks. Lanes
 // form groups of lanes_per_head (the chunks of a row, rounded up to a power of two, at most 32);
 // each group takes one (page, KV head) item, each lane K chunks of both rows of it. A warp walks a
-// run of consecutive pages of one sequence, its items (page-major) kScoreSlots / K per group at a
-// time: all their loads are issued before any arithmetic (128 bytes per lane in flight), the block
-// ids of the next 32 pages come from one coalesced load, and each group reduces its item's sum
-// with log2(lanes_per_head) shuffles.
+// run of consecutive pages of one sequence, its items (page-major) kScoreSlots / K per group a
+// round at a time (4 KiB per warp). Rounds are copied into shared memory asynchronously, one or
+// two ahead of the one being scored, so that a multiprocessor keeps 128 to 192 KiB of summaries
+// in flight (sm_90) without holding them in registers; the block ids of the next 32 pages come
+// from one coalesced load, and each group reduces its item's sum with log2(lanes_per_head)
+// shuffles.
 //
 // With the group's scores summed (and more than one query head per KV head) the query heads are
 // folded into two weight vectors per KV head before the pages are read:
@@ -440,20 +444,6 @@ __device__ __forceinline__ float query_chunk(const float* q, int chunk, int chun
   return s;
 }
 
-// 16 bytes of a summary, read once per call: not kept in L1, first out of L2 (the scores and
-// tables that the selection and attention kernels read next stay there).
-__device__ __forceinline__ uint4 load_summary_chunk(const void* p) {
-  // Not volatile: both are pure (the summaries do not change during the call), so the compiler
-  // may share the policy between loads and schedule the loads freely.
-  std::uint64_t policy;
-  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;\n"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p), "l"(policy));
-  return v;
-}
-
 // The weights (Folded) or queries (per head) in shared memory from 16-byte chunks of the query
 // rows, a thread per (KV head or query head, chunk), up to four query heads' loads in flight at
 // once: one round trip to the query where element loads took one per element a thread builds.
@@ -524,45 +514,79 @@ struct WideLanes {
   int lanes, groups, slot, group, chunks, heads;
 };
 
-// Issues one round's loads: for r < kRounds, item first_item + r * groups + group of the current
-// 32-page window (block ids in lane_block, lane j holding page j), both rows, K pieces per lane.
-// Missing items and pieces read as zeros.
+// A warp's position in its run of pages: the current window of 32 pages (block ids one per lane)
+// and the first (page, KV head) item of the round in it. `items` <= 0: the run is done.
+struct RoundCursor {
+  int window, first_item, items;
+};
+
+// The next round of a cursor; true where it moved to a new window (whose block ids the caller
+// loads).
+__device__ __forceinline__ bool next_round(RoundCursor& c, int step, int heads, int run_end) {
+  c.first_item += step;
+  if (c.first_item < c.items) return false;
+  c.window += 32;
+  c.first_item = 0;
+  c.items = min(32, run_end - c.window) * heads;
+  return true;
+}
+
+// Rounds of summary loads per warp: each round is staged in shared memory (16 bytes per lane per
+// piece), so the loads hold no registers, and a warp keeps stages - 1 rounds in flight while it
+// scores one. Three stages (96 KiB per thread block; two thread blocks per multiprocessor on
+// sm_90) where the device's shared memory per block allows it, else two (64 KiB).
+constexpr int kMaxScoreStages = 3;
+// Bytes of one round of one warp: kScoreSlots pieces of both rows, 16 bytes per lane each.
+constexpr int kScoreStageBytes = kScoreSlots * 2 * 32 * 16;
+// Bytes of one stage of every warp of a thread block.
+constexpr int kScoreStageBlockBytes = kScoreStageBytes * (kScoreThreads / 32);
+
+// Issues one round's copies into this lane's part of a stage (`stage`: its shared address): for
+// r < kRounds, item first_item + r * groups + group of the cursor's window (block ids in
+// lane_block, lane j holding page j), both rows, K pieces per lane; piece (r, k, row) of lane l
+// at stage + ((r * K + k) * 2 + row) * 512 + 16 * l. Missing items and pieces are zero-filled.
+// Returns bit r set where item r is a valid (page, KV head).
 template <class T, int K, int kRounds>
-__device__ __forceinline__ void load_round(const SelectArgs& a, const T* meta,
-                                           std::int32_t lane_block, int first_item, int items,
-                                           const WideLanes& w, uint4 (&lo)[kRounds][K],
-                                           uint4 (&hi)[kRounds][K], bool (&valid)[kRounds]) {
+__device__ __forceinline__ unsigned issue_round(const SelectArgs& a, const T* meta,
+                                                std::int32_t lane_block, int first_item, int items,
+                                                const WideLanes& w, std::uint32_t stage) {
   constexpr int kVec = kChunkElems<T>;
+  unsigned valid_bits = 0;
 #pragma unroll
   for (int r = 0; r < kRounds; ++r) {
     const int item = first_item + r * w.groups + w.group;
     const int page = item / w.heads, h = item - page * w.heads;
     const std::int64_t block = __shfl_sync(0xffffffffu, lane_block, min(page, 31));
-    valid[r] = item < items && block >= 0 && block < a.num_blocks;
-    const T* row = meta + (valid[r] ? block : 0) * a.meta_stride_block + h * a.meta_stride_head;
+    const bool valid = item < items && block >= 0 && block < a.num_blocks;
+    valid_bits |= unsigned(valid) << r;
+    const T* row = meta + (valid ? block : 0) * a.meta_stride_block + h * a.meta_stride_head;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int chunk = w.slot + k * w.lanes;
-      if (valid[r] && chunk < w.chunks) {
-        lo[r][k] = load_summary_chunk(row + chunk * kVec);
-        hi[r][k] = load_summary_chunk(row + a.meta_stride_row + chunk * kVec);
-      } else {
-        lo[r][k] = hi[r][k] = make_uint4(0, 0, 0, 0);
-      }
+      const bool live = valid && chunk < w.chunks;
+      const T* lo = live ? row + chunk * kVec : meta;
+      const T* hi = live ? row + a.meta_stride_row + chunk * kVec : meta;
+      const std::uint32_t at = stage + std::uint32_t((r * K + k) * 2) * 512u;
+      ptx::cp_async_16(at, lo, !live);
+      ptx::cp_async_16(at + 512u, hi, !live);
     }
   }
+  return valid_bits;
 }
 
-// Folded scoring of rows of at most 32 chunks (K = 1) holds four thread blocks per
-// multiprocessor (64 registers; at most a few words spilled, none of the loaded summaries): a
-// third more loads in flight than the three that the registers the compiler would pick allow.
+// Up to two thread blocks per multiprocessor (the staging's shared memory: 96 KiB each, plus the
+// weights).
 template <class T, int K, ScoreMode M>
-__global__ void __launch_bounds__(kScoreThreads, M == ScoreMode::Folded && K == 1 ? 4 : 1)
+__global__ void __launch_bounds__(kScoreThreads, 2)
     score_pages_wide_kernel(const __grid_constant__ SelectArgs a) {
-  // Folded: [num_kv_heads][2][head_dim] weights; per head: [num_q_heads][head_dim] queries.
+  // Folded: [num_kv_heads][2][head_dim] weights; per head: [num_q_heads][head_dim] queries; then
+  // the warps' staging (score_stages * kScoreStageBlockBytes) after them.
   extern __shared__ __align__(16) float weights[];
-  // The selection kernel may be scheduled now: it waits for this grid before reading scores, and
-  // every thread block of this one is resident or done by the time the trigger takes effect.
+  // Launched while the previous kernel drains (sm_90): nothing is read before it is done. The
+  // selection kernel may then be scheduled: it waits for this grid before reading scores, reads
+  // only inputs before that (complete now), and every thread block of this one is resident or
+  // done by the time the trigger takes effect.
+  ptx::wait_for_previous_grid();
   ptx::allow_dependent_grids();
   constexpr int kVec = kChunkElems<T>;
   constexpr int kRounds = kScoreSlots / K;  // items per lane group per round
@@ -583,17 +607,42 @@ __global__ void __launch_bounds__(kScoreThreads, M == ScoreMode::Folded && K == 
   w.chunks = a.head_dim / kVec;  // 16-byte chunks per summary row
   w.heads = a.num_kv_heads;
   const int step = kRounds * w.groups;  // items per round
-
-  // The warp walks its run in windows of 32 pages (block ids one per lane) and each window's
-  // (page, KV head) items in rounds. The first window's block ids are read while the weights
-  // are built (from chunks of the query: one round trip to it), and the first round's loads are
-  // issued after them (issued before, they would hold their registers through the build).
-  int window = run_begin, first_item = 0;
-  int items = min(32, run_end - window) * w.heads;  // <= 0 for a warp without pages
-  std::int32_t lane_block = window + lane < run_end ? table[window + lane] : -1;
-
   const int dim = a.head_dim;
   const int group = a.num_q_heads / w.heads;
+  const int weight_floats = (M == ScoreMode::Folded ? 2 * w.heads : a.num_q_heads) * dim;
+  const int stages = a.score_stages;
+
+  // The warp walks its run in windows of 32 pages (block ids one per lane) and each window's
+  // (page, KV head) items in rounds, with two cursors: `ahead` issues the copies of round
+  // t + stages - 1 while `at` scores round t. Every issue commits one copy group (empty past the
+  // run's end), so waiting until stages - 1 groups are pending leaves round t complete.
+  // The first rounds are issued before the weights are built (the query read while they fly).
+  const int first_items = min(32, run_end - run_begin) * w.heads;  // <= 0 for a warp without pages
+  RoundCursor ahead{run_begin, 0, first_items};
+  std::int32_t lane_block = run_begin + lane < run_end ? table[run_begin + lane] : -1;
+  const std::uint32_t staging = ptx::smem_addr(weights + weight_floats) +
+                                std::uint32_t(warp * stages * kScoreStageBytes + 16 * lane);
+  static_assert(kMaxScoreStages * kScoreSlots <= 32, "the items' validity fits one word");
+  unsigned valid_ring = 0;  // bits [s * kRounds, (s + 1) * kRounds): the items of stage s
+  int ahead_stage = 0;
+  const auto issue = [&]() {
+    // The stage refilled here was read in the previous iteration: keep those reads before it.
+    asm volatile("" ::: "memory");
+    if (ahead.items > 0) {
+      const unsigned bits =
+          issue_round<T, K, kRounds>(a, meta, lane_block, ahead.first_item, ahead.items, w,
+                                     staging + std::uint32_t(ahead_stage * kScoreStageBytes));
+      const unsigned mask = ((1u << kRounds) - 1u) << (ahead_stage * kRounds);
+      valid_ring = (valid_ring & ~mask) | (bits << (ahead_stage * kRounds));
+      if (next_round(ahead, step, w.heads, run_end) && ahead.items > 0) {
+        lane_block = ahead.window + lane < run_end ? table[ahead.window + lane] : -1;
+      }
+    }
+    ptx::cp_async_commit();
+    ahead_stage = ahead_stage + 1 == stages ? 0 : ahead_stage + 1;
+  };
+  for (int s = 0; s < stages - 1; ++s) issue();
+
   const T* query = reinterpret_cast<const T*>(a.query) + b * a.q_stride_batch;
   if (a.query_chunked) {
     build_weights_chunked<T, M>(a, query, w.chunks, weights);
@@ -625,15 +674,37 @@ __global__ void __launch_bounds__(kScoreThreads, M == ScoreMode::Folded && K == 
   }
   __syncthreads();
 
-  uint4 lo[kRounds][K], hi[kRounds][K];
-  bool valid[kRounds];
-  if (items > 0) load_round<T, K, kRounds>(a, meta, lane_block, 0, items, w, lo, hi, valid);
   float* scores = a.scores + std::int64_t(b) * w.heads * a.max_blocks;
-  while (items > 0) {
+  RoundCursor at{run_begin, 0, first_items};
+  int at_stage = 0;
+  // Each lane reads back only the pieces it copied itself: its own wait makes them visible.
+  const uint4* staged = reinterpret_cast<const uint4*>(reinterpret_cast<const char*>(weights) +
+                                                       std::size_t(weight_floats) * sizeof(float) +
+                                                       warp * stages * kScoreStageBytes) +
+                        lane;
+  while (at.items > 0) {
+    // Refill the stage scored in the previous iteration, then wait for this one's.
+    issue();
+    if (stages == kMaxScoreStages) {
+      ptx::cp_async_wait<kMaxScoreStages - 1>();
+    } else {
+      ptx::cp_async_wait<1>();
+    }
+    uint4 lo[kRounds][K], hi[kRounds][K];
+    const uint4* stage = staged + at_stage * (kScoreStageBytes / 16);
 #pragma unroll
     for (int r = 0; r < kRounds; ++r) {
-      const int item = first_item + r * w.groups + w.group;
-      if (first_item + r * w.groups >= items) break;  // no group of the warp has an item left
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        lo[r][k] = stage[((r * K + k) * 2) * 32];
+        hi[r][k] = stage[((r * K + k) * 2 + 1) * 32];
+      }
+    }
+    const unsigned valid = valid_ring >> (at_stage * kRounds);
+#pragma unroll
+    for (int r = 0; r < kRounds; ++r) {
+      const int item = at.first_item + r * w.groups + w.group;
+      if (at.first_item + r * w.groups >= at.items) break;  // no group of the warp has one left
       const int page = item / w.heads, h = item - page * w.heads;
       float combined = 0.0f;
       if constexpr (M == ScoreMode::Folded) {
@@ -670,22 +741,15 @@ __global__ void __launch_bounds__(kScoreThreads, M == ScoreMode::Folded && K == 
           combined = g == 0 ? s : a.reduce == GroupReduce::Sum ? combined + s : fmaxf(combined, s);
         }
       }
-      if (w.slot == 0 && item < items) {
-        if (!valid[r] || isnan(combined)) combined = -INFINITY;
-        scores[std::int64_t(h) * a.max_blocks + window + page] = combined;
+      if (w.slot == 0 && item < at.items) {
+        if (!((valid >> r) & 1u) || isnan(combined)) combined = -INFINITY;
+        scores[std::int64_t(h) * a.max_blocks + at.window + page] = combined;
       }
     }
-    // The next round: later items of this window, or the first of the next window.
-    first_item += step;
-    if (first_item >= items) {
-      window += 32;
-      first_item = 0;
-      items = min(32, run_end - window) * w.heads;
-      if (items <= 0) break;
-      lane_block = window + lane < run_end ? table[window + lane] : -1;
-    }
-    load_round<T, K, kRounds>(a, meta, lane_block, first_item, items, w, lo, hi, valid);
+    next_round(at, step, w.heads, run_end);
+    at_stage = at_stage + 1 == stages ? 0 : at_stage + 1;
   }
+  ptx::cp_async_wait<0>();  // only empty groups can be pending here
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -731,7 +795,8 @@ __device__ __forceinline__ float page_term(PageSummary kind, const float* q, con
 template <class T, int VEC>
 __global__ void __launch_bounds__(kScoreThreads)
     score_pages_kernel(const __grid_constant__ SelectArgs a) {
-  extern __shared__ float q[];  // [num_q_heads, head_dim]
+  extern __shared__ float q[];    // [num_q_heads, head_dim]
+  ptx::wait_for_previous_grid();  // as the page-wide kernel
   ptx::allow_dependent_grids();
   const int b = blockIdx.y;
   int begin, end;
@@ -905,6 +970,17 @@ __global__ void __launch_bounds__(kTopKThreads)
     write_selected_lens(a, len, last, kvh, b);
   }
   for (int i = threadIdx.x; i < kRadixBins; i += blockDim.x) histogram[i] = 0;
+  // Each thread places a run of `run` consecutive candidates at the end; their block ids (up to
+  // kPrefetchedIds of them) are read now, while the scoring kernel runs, not after the select.
+  int run = 1;
+  while (run * int(blockDim.x) < n) run <<= 1;
+  const int run_begin = threadIdx.x * run;
+  constexpr int kPrefetchedIds = 8;  // every id of a table of up to 8192 pages
+  std::int32_t ids[kPrefetchedIds];
+#pragma unroll
+  for (int j = 0; j < kPrefetchedIds; ++j) {
+    ids[j] = j < run && run_begin + j < n ? table[first + run_begin + j] : -1;
+  }
   ptx::wait_for_previous_grid();  // the scores are the scoring kernel's
   const float* scores = a.scores + (std::int64_t(b) * a.num_kv_heads + kvh) * a.max_blocks + first;
 
@@ -1024,10 +1100,7 @@ __global__ void __launch_bounds__(kTopKThreads)
     hi = bin_max;
   }
 
-  // Place the kept candidates: each thread a run of `run` consecutive ones.
-  int run = 1;
-  while (run * int(blockDim.x) < n) run <<= 1;
-  const int run_begin = threadIdx.x * run;
+  // Place the kept candidates: each thread its run of consecutive ones.
   int greater = 0, equal = 0;
   for (int j = 0; j < run; ++j) {
     const int i = run_begin + j;
@@ -1040,19 +1113,23 @@ __global__ void __launch_bounds__(kTopKThreads)
   int total;
   const int before = block_exclusive_scan((greater << 16) | equal, &total, scratch);
   int greater_before = before >> 16, equal_before = before & 0xffff;
-  for (int j = 0; j < run; ++j) {
-    const int i = run_begin + j;
-    if (i >= n) break;
+  std::int32_t* const dst = out;  // a lambda may not capture a structured binding (C++17)
+  const auto place = [&](int i, std::int32_t id) {
     const std::uint32_t k = keys[padded(i)];
     if (k > threshold) {
-      keep_block(a, out, first + greater_before + min(equal_before, equal_kept), table[first + i]);
+      keep_block(a, dst, first + greater_before + min(equal_before, equal_kept), id);
       ++greater_before;
     } else if (k == threshold) {
-      if (equal_before < equal_kept) {
-        keep_block(a, out, first + greater_before + equal_before, table[first + i]);
-      }
+      if (equal_before < equal_kept) keep_block(a, dst, first + greater_before + equal_before, id);
       ++equal_before;
     }
+  };
+#pragma unroll
+  for (int j = 0; j < kPrefetchedIds; ++j) {
+    if (j < run && run_begin + j < n) place(run_begin + j, ids[j]);
+  }
+  for (int j = kPrefetchedIds; j < run && run_begin + j < n; ++j) {
+    place(run_begin + j, table[first + run_begin + j]);
   }
 }
 
@@ -1253,19 +1330,25 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
            whole(p.page_meta.stride_head, bytes) && whole(p.page_meta.stride_row, bytes);
   };
   const int chunks = int(std::uint64_t(p.head_dim) * element / 16);
-  const bool wide = meta_rows_aligned(16) && chunks <= 64;
+  const int smem_optin = info.max_shared_per_block;
+  const bool folded = group > 1 && p.group_reduce == GroupReduce::Sum;
+  const int weights_bytes = int((folded ? 2 * p.num_kv_heads : p.num_q_heads) * p.head_dim * 4);
+  // Page-wide scoring stages as many rounds as the device's shared memory per block allows.
+  a.score_stages =
+      weights_bytes + kMaxScoreStages * kScoreStageBlockBytes <= smem_optin ? kMaxScoreStages : 2;
+  const bool wide = meta_rows_aligned(16) && chunks <= 64 &&
+                    weights_bytes + a.score_stages * kScoreStageBlockBytes <= smem_optin;
   DecodeLaunch score{};
   score.threads = kScoreThreads;
   if (wide) {
     while (a.lanes_per_head > 1 && a.lanes_per_head / 2 >= chunks) a.lanes_per_head /= 2;
     a.query_chunked = reinterpret_cast<std::uintptr_t>(p.query) % 16 == 0 &&
                       whole(p.q_stride_batch, 16) && whole(p.q_stride_head, 16);
-    const bool folded = group > 1 && p.group_reduce == GroupReduce::Sum;
     const ScoreMode mode = folded                                   ? ScoreMode::Folded
                            : p.summary == PageSummary::MinMax       ? ScoreMode::PerHeadMinMax
                            : p.summary == PageSummary::MinMaxDamped ? ScoreMode::PerHeadMinMaxDamped
                                                                     : ScoreMode::PerHeadMeanStd;
-    score.smem_bytes = int((folded ? 2 * p.num_kv_heads : p.num_q_heads) * p.head_dim * 4);
+    score.smem_bytes = weights_bytes + a.score_stages * kScoreStageBlockBytes;
     score.kernel = dispatch_float_dtype(p.dtype, op, [&](auto type) {
       using T = typename decltype(type)::type;
       auto pick = [&](auto k) {
@@ -1297,10 +1380,11 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
     });
   }
   // The core caps num_q_heads * head_dim at 32768: at most 128 KiB of weights or queries (folded
-  // weights are two rows per KV head, with at least two query heads per KV head). The limit is
-  // raised once per kernel, to what any call may need that the device allows.
-  const int smem_optin = info.max_shared_per_block;
-  score.max_smem_bytes = std::min(32768 * 4, smem_optin);
+  // weights are two rows per KV head, with at least two query heads per KV head), plus the
+  // page-wide kernel's staging. The limit is raised once per kernel, to what any call may need
+  // that the device allows (a call that needs more takes the row-by-row kernel).
+  score.max_smem_bytes =
+      std::min(32768 * 4 + (wide ? kMaxScoreStages * kScoreStageBlockBytes : 0), smem_optin);
   // Enough thread blocks to fill the device once, each a run of pages of one sequence for all
   // KV heads (a run of at least one page per warp).
   const int resident = info.multiprocessors * prepare_launch(score, p.device_index, op);
@@ -1308,11 +1392,13 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
   a.pages_per_block =
       std::max(kScoreThreads / 32, (p.max_blocks + blocks_per_seq - 1) / blocks_per_seq);
   const int score_grid = std::max(1, (p.max_blocks + a.pages_per_block - 1) / a.pages_per_block);
-  launch(score.kernel, dim3(unsigned(score_grid), unsigned(p.batch)), dim3(kScoreThreads),
-         std::size_t(score.smem_bytes), s, a, op, "score_pages_kernel");
-
-  // Top-k, launched to overlap the scoring kernel's tail (it waits for the scores on the device).
+  // Both kernels are launched with programmatic dependent launch on sm_90: the scoring kernel's
+  // launch overlaps the previous kernel's end, the top-k's the scoring kernel's; each waits on the
+  // device for the grid before it.
   const bool overlap = info.compute_capability >= 90;
+  launch_after(score.kernel, dim3(unsigned(score_grid), unsigned(p.batch)), dim3(kScoreThreads),
+               std::size_t(score.smem_bytes), s, a, overlap, op, "score_pages_kernel");
+
   const int topk_smem_limit =
       std::min(int(topk_smem_bytes(kTopKMaxPages)), smem_optin - kTopKStaticSmemBytes);
   if (p.max_blocks <= kTopKMaxPages && int(topk_smem_bytes(p.max_blocks)) <= topk_smem_limit) {

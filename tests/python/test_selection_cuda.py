@@ -17,7 +17,7 @@ from test_selection import random_pages, to_np
 
 import reference as R
 import tinyserve as ts
-from arrays import asarray, cuda_ok, torch
+from arrays import TOLERANCE, asarray, cuda_ok, torch
 
 pytestmark = [
     pytest.mark.cuda,
@@ -135,11 +135,16 @@ def test_many_kv_heads_and_wide_rows(rng, summary, reduce):
 
 @pytest.mark.parametrize("summary", SUMMARIES)
 def test_long_sequences(rng, summary):
-    """8 sequences of 2048 pages and one of 8300 (runs of 8 candidates per top-k thread, many
-    32-page runs per scoring warp), the bench's shape: float16, 32 query / 8 KV heads,
-    head_dim 128, budget 128 pages with one sink."""
+    """The bench's shapes, 8 sequences of 2048 pages and one of 8192 (runs of 8 candidates per
+    top-k thread, every block id read before the scores), and one of 8300 (runs of 16: ids past
+    the eighth read after the select): float16, 32 query / 8 KV heads, head_dim 128, budget 128
+    pages with one sink."""
     block_size, budget = 16, 128
-    for seq_lens in (np.full(8, 2048 * block_size, np.int32), np.array([8300 * 16 - 3], np.int32)):
+    for seq_lens in (
+        np.full(8, 2048 * block_size, np.int32),
+        np.array([8192 * block_size], np.int32),
+        np.array([8300 * block_size - 3], np.int32),
+    ):
         table, num_blocks = random_pages(rng, seq_lens, block_size)
         query = rng.integers(-2, 3, size=(len(seq_lens), 32, 128)).astype(np.float32)
         meta = integer_summaries(rng, num_blocks, 8, 128, summary)
@@ -147,6 +152,24 @@ def test_long_sequences(rng, summary):
             check_exact(
                 query, meta, table, seq_lens, budget, block_size, 1, summary, reduce, "float16"
             )
+
+
+@pytest.mark.parametrize("reduce", REDUCES)
+@pytest.mark.parametrize("summary", ["minmax_damped", "meanstd"])
+def test_scoring_runs_longer_than_a_window(rng, summary, reduce):
+    """Enough pages that each scoring warp walks more than one window of 32 pages (24 sequences
+    of 3000-3400 pages: at 264 resident thread blocks of the page-wide kernel, 11 per sequence,
+    runs of about 39 pages per warp; fewer multiprocessors give longer runs), with four rounds
+    per window (2 KV heads at head_dim 64 in float16: 8 pages a round), so the copies issued
+    ahead cross into the next window while the warp scores the last rounds of the current one,
+    and runs end mid-window and mid-round. Integer data: exact page sets."""
+    block_size, budget, kv_heads, group, head_dim = 16, 20, 2, 4, 64
+    pages = rng.integers(3000, 3401, size=24)
+    seq_lens = (pages * block_size - rng.integers(0, block_size, size=24)).astype(np.int32)
+    table, num_blocks = random_pages(rng, seq_lens, block_size)
+    query = rng.integers(-2, 3, size=(24, kv_heads * group, head_dim)).astype(np.float32)
+    meta = integer_summaries(rng, num_blocks, kv_heads, head_dim, summary)
+    check_exact(query, meta, table, seq_lens, budget, block_size, 1, summary, reduce, "float16")
 
 
 PLANTED_KINDS = ["ulps", "equal", "outliers", "ties", "signed_zeros", "wide"]
@@ -261,6 +284,46 @@ def check_up_to_rounding(got_t, want_t, query, meta, table, seq_lens, block_size
             # Still logical order with the last page last.
             order = [position[int(x)] for x in got_t[b, h] if x >= 0]
             assert order == sorted(order)
+
+
+def test_sparse_decode_of_one_sequence_fills_the_gpu(rng):
+    """A selected table of one sequence (8 KV heads of 128 pages, 2048 tokens) is planned in
+    enough splits to give every multiprocessor a CTA (chunks down to 64 tokens), and sparse
+    decode at that split count matches the float64 reference over the selected pages."""
+    sm = torch.cuda.get_device_properties(0).multi_processor_count
+    block_size, kv_heads, group, head_dim, budget = 16, 8, 4, 128, 128
+    pages = 300
+    seq_lens = np.array([pages * block_size - 5], np.int32)
+    table, num_blocks = random_pages(rng, seq_lens, block_size)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    key_cache = rng.standard_normal(shape).astype(np.float32)
+    value_cache = rng.standard_normal(shape).astype(np.float32)
+    query = rng.standard_normal((1, kv_heads * group, head_dim)).astype(np.float32)
+    kc = asarray(key_cache, "torch", "float16", "cuda")
+    vc = asarray(value_cache, "torch", "float16", "cuda")
+    q = asarray(query, "torch", "float16", "cuda")
+    t, lens = cuda_ints(table), cuda_ints(seq_lens)
+    meta = torch.empty((num_blocks, kv_heads, 2, head_dim), dtype=torch.float16, device="cuda")
+    ts.build_page_meta(kc, t, lens, meta, summary="minmax_damped")
+    sel_t, sel_l = ts.select_pages(
+        q, meta, t, lens, budget, block_size=block_size, num_sink_pages=1, summary="minmax_damped"
+    )
+    max_len = budget * block_size
+    splits, nbytes = ts.plan_paged_attention(q, kc, sel_t, max_seq_len=max_len)
+    assert splits * kv_heads >= sm
+    assert max_len // splits >= 64
+    workspace = torch.empty((max(nbytes, 16),), dtype=torch.uint8, device="cuda")
+    out = torch.full_like(q, float("nan"))
+    ts.paged_attention(q, kc, vc, sel_t, sel_l, out, max_seq_len=max_len, workspace=workspace)
+    torch.cuda.synchronize()
+    want = R.paged_attention_per_kv_head(
+        to_np(q).astype(np.float64),
+        to_np(kc).astype(np.float64),
+        to_np(vc).astype(np.float64),
+        to_np(sel_t),
+        to_np(sel_l),
+    )
+    assert R.rel_error(to_np(out), want) < TOLERANCE["float16"]
 
 
 # ---------------------------------------------------------------------------------------------

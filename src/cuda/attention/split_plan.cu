@@ -10,7 +10,6 @@
 namespace tinyserve::kernels::cuda {
 namespace {
 
-constexpr int kMinSplitTokens = 256;  // no split makes chunks shorter than this
 constexpr std::int64_t kMaxPlannedSplits = 1024;
 constexpr double kSplitOverheadTokens = 128.0;  // per-CTA fixed cost, in tokens of streaming
 
@@ -54,7 +53,7 @@ int plan_splits(const SplitPlanShape& s, const DecodeLaunch& unsplit, const Deco
                 int device, const char* op) {
   const int group = s.num_q_heads / s.num_kv_heads;
   const std::int64_t max_splits =
-      std::clamp<std::int64_t>(s.max_kv_len / kMinSplitTokens, 1, kMaxPlannedSplits);
+      std::clamp<std::int64_t>(s.max_kv_len / s.min_split_tokens, 1, kMaxPlannedSplits);
   // The cheapest split count for one kernel. Cost of n splits for equal-length sequences: the
   // waves of CTAs it takes, times each CTA's work (its chunk of tokens plus a fixed cost, about
   // two tiles of pipeline fill, that every CTA and every split's merge pays). The cheapest n

@@ -21,11 +21,20 @@ struct DecodeLaunch {
 // and returns how many CTAs of the launch fit on one multiprocessor (cached).
 int prepare_launch(const DecodeLaunch& l, int device, const char* op);
 
+// The shortest chunk a split may make, in tokens. Decode: one tile of the tensor-core kernel at
+// head_dim 128, so that a short key range can still be spread over the GPU (a table selected by
+// select_pages holds 2,048 tokens per KV head: 32 chunks put the 8 KV heads of one sequence on
+// every multiprocessor); the cost model keeps longer chunks wherever there is enough work.
+// Prefill: 256.
+constexpr int kMinDecodeSplitTokens = 64;
+constexpr int kMinPrefillSplitTokens = 256;
+
 // The shapes a plan depends on: host values only, so that a captured CUDA graph replays with
 // new lengths and tables.
 struct SplitPlanShape {
   int batch, num_q_heads, num_kv_heads;
   std::int64_t max_kv_len;  // the longest key range one query may read
+  int min_split_tokens;     // no split makes chunks shorter than this
 };
 
 // The split count for a call: 1 where the unsplit kernel fills the GPU, else the cheapest count
