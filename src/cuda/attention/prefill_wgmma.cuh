@@ -6,16 +6,17 @@
 // The schedule and the work of a CTA are those of the other prefill kernels (prefill_common.cuh):
 // 128 query rows (positions x query heads of one GQA group), two warpgroups of 64 rows each.
 // Every thread gathers K/V rows from their pages with cp.async into a 128-byte swizzled layout
-// (wgmma.cuh), five or six stages deep, kStages - 2 tiles ahead. Per key tile a warpgroup issues S
-// = Q K^T as asynchronous wgmmas with Q and K in shared memory, issues the next tile's copies while
-// the tensor cores work, runs the online softmax on S in registers (the accumulator layout is
-// mma.sync's, so P becomes the A operand of the next MMA in place) and issues O += P V with V read
-// N-major from the same stage. A warpgroup whose 64 rows hold no query row only copies.
+// (wgmma.cuh), kStages - 2 tiles ahead, each row's address computed once into shared memory.
+// Per key tile a warpgroup issues S = Q K^T as asynchronous wgmmas (Q and K in shared memory)
+// together with the previous tile's O += P V (P from registers, V read N-major from its stage),
+// issues copies while the tensor cores work, and runs the online softmax of S while they do
+// P V: the accumulator layout is mma.sync's, so P becomes the A operand in place.
 
 #include <cmath>
 #include <cstdint>
 
 #include "cuda/attention/prefill_common.cuh"
+#include "cuda/attention/prefill_mma.cuh"
 #include "cuda/dtypes.cuh"
 #include "cuda/ptx.cuh"
 #include "cuda/wgmma.cuh"
@@ -36,13 +37,15 @@ struct PrefillWgmmaShape {
   static constexpr int kQBytes = kRows * D * 2;
   static constexpr int kTileBytes = kKeys * D * 2;  // K or V of one tile
   static constexpr int kStageBytes = 2 * kTileBytes;
-  // As many K/V stages as fit beside Q (227 KB a CTA on Hopper, with 1024 bytes to align the
-  // operands to the swizzle's period): 6, 6 and 5 at head_dim 64, 128, 256. Copies run
-  // kStages - 2 tiles ahead (a tile's V is read until the next tile's scores are done).
-  static constexpr int kStages =
-      (232448 - 1024 - kQBytes) / kStageBytes < 6 ? (232448 - 1024 - kQBytes) / kStageBytes : 6;
+  // The row-address ring: 2 slots of kKeys K then kKeys V row addresses.
+  static constexpr int kAddrBytes = 2 * 2 * kKeys * 8;
+  // As many K/V stages as fit beside Q and the ring (227 KB a CTA on Hopper, with 1024 bytes to
+  // align the operands to the swizzle's period): 6, 5 and 5 at head_dim 64, 128, 256. Copies
+  // run kStages - 2 tiles ahead (a tile's V is read until the next tile's scores are done).
+  static constexpr int kFit = (232448 - 1024 - kAddrBytes - kQBytes) / kStageBytes;
+  static constexpr int kStages = kFit < 6 ? kFit : 6;
   static constexpr int kAhead = kStages - 2;
-  static constexpr int kSmemBytes = kQBytes + kStages * kStageBytes + 1024;
+  static constexpr int kSmemBytes = kQBytes + kStages * kStageBytes + kAddrBytes + 1024;
   // A thread's rows of one pass share their swizzle (row % 8), so its copy offsets are fixed.
   static_assert(kRowsPerPass % 8 == 0 && kKeys % kRowsPerPass == 0 && kRows % kRowsPerPass == 0,
                 "loader shape");
@@ -92,42 +95,57 @@ __global__ void __launch_bounds__(256, 1)
     }
   }
 
-  // K/V tiles: key rows past the range, or in a block outside the cache, are zero-filled (a zero
-  // V row keeps P V finite where P is 0). `blocks` holds the block ids of the next tile's rows,
-  // loaded a tile ahead so a copy's address does not wait on the table.
+  // K/V tiles: key rows past the range, or in a block outside the cache, are copied from a row
+  // of zeros (a zero V row keeps P V finite where P is 0). The global address of every K and V
+  // row of a tile is computed once, by thread j < 2 kKeys for K (j < kKeys) or V row j % kKeys,
+  // into a shared ring of two slots, a tile before its copy; the block id it needs is loaded
+  // earlier in the same iteration. A copy is then a shared load and an add.
   const std::int32_t* table = a.kv.table_row(u.b, u.kv_head);
   const T* k_head = a.kv.k_head<T>(u.kv_head);
   const T* v_head = a.kv.v_head<T>(u.kv_head);
   const int key_end = max(0, u.pos0 + u.rows);  // <= the length: pos0 + rows <= len
   const int num_tiles = u.tile_end - u.tile_begin;
   auto tile_key = [&](int tile) { return u.key_begin + (u.tile_begin + tile) * kKeys; };
-  std::int32_t blocks[C::kKvPasses];
-  auto load_blocks = [&](int tile) {
-    const int k0 = tile_key(tile);
-#pragma unroll
-    for (int i = 0; i < C::kKvPasses; ++i) {
-      const int token = k0 + row_in_pass + i * C::kRowsPerPass;
-      // Loaded unconditionally (a key of the range: key_end >= 1 where a tile exists).
-      const std::int32_t block = table[a.kv.page_of(min(token, key_end - 1))];
-      blocks[i] = token < key_end ? block : -1;
+  std::uint64_t* const ring = reinterpret_cast<std::uint64_t*>(
+      smem + (q_base - ptx::smem_addr(smem)) + C::kQBytes + C::kStages * C::kStageBytes);
+  const bool address_thread = threadIdx.x < 2 * kKeys;
+  std::int32_t row_block = -1;  // the block of this thread's row of the next tile addressed
+  auto load_row_block = [&](int tile) {
+    if (!address_thread || tile >= num_tiles) return;
+    const int token = tile_key(tile) + int(threadIdx.x) % kKeys;
+    // Loaded unconditionally (a key of the range: key_end >= 1 where a tile exists).
+    const std::int32_t block = table[a.kv.page_of(min(token, key_end - 1))];
+    row_block = token < key_end ? block : -1;
+  };
+  auto store_row_address = [&](int tile) {
+    if (!address_thread || tile >= num_tiles) return;
+    const int token = tile_key(tile) + int(threadIdx.x) % kKeys;
+    const std::int64_t block = row_block;
+    std::uint64_t address = reinterpret_cast<std::uint64_t>(prefill_zero_row<D>);
+    if (a.kv.in_cache(block)) {
+      const int page = a.kv.page_of(token);
+      address = int(threadIdx.x) < kKeys
+                    ? reinterpret_cast<std::uint64_t>(a.kv.k_row(k_head, block, token, page))
+                    : reinterpret_cast<std::uint64_t>(a.kv.v_row(v_head, block, token, page));
     }
+    ring[(tile % 2) * 2 * kKeys + threadIdx.x] = address;
   };
   auto copy_tile = [&](int tile) {
-    const int k0 = tile_key(tile);
+    const std::uint64_t* slot = ring + (tile % 2) * 2 * kKeys;
     const std::uint32_t ks = stage_base + (tile % C::kStages) * C::kStageBytes + copy_offset(kKeys);
     const std::uint32_t vs = ks + C::kTileBytes;
+    std::uint64_t k_address[C::kKvPasses], v_address[C::kKvPasses];
 #pragma unroll
     for (int i = 0; i < C::kKvPasses; ++i) {
-      const int token = k0 + row_in_pass + i * C::kRowsPerPass;
-      const std::int64_t block = blocks[i];
-      const bool zero = !a.kv.in_cache(block);
-      const int page = a.kv.page_of(token);
-      const T* kr = zero ? k_head : a.kv.k_row(k_head, block, token, page);
-      const T* vr = zero ? v_head : a.kv.v_row(v_head, block, token, page);
+      k_address[i] = slot[row_in_pass + i * C::kRowsPerPass];
+      v_address[i] = slot[kKeys + row_in_pass + i * C::kRowsPerPass];
+    }
+#pragma unroll
+    for (int i = 0; i < C::kKvPasses; ++i) {
       ptx::cp_async_16_shared_data(ks + i * kPassBytes,
-                                   reinterpret_cast<const char*>(kr) + chunk * 16, zero);
+                                   reinterpret_cast<const char*>(k_address[i]) + chunk * 16, false);
       ptx::cp_async_16_shared_data(vs + i * kPassBytes,
-                                   reinterpret_cast<const char*>(vr) + chunk * 16, zero);
+                                   reinterpret_cast<const char*>(v_address[i]) + chunk * 16, false);
     }
   };
 
@@ -162,14 +180,18 @@ __global__ void __launch_bounds__(256, 1)
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
 
   // Copy groups: Q with tile 0, then one per tile (committed even when empty), kAhead tiles in
-  // flight; `blocks` is loaded a tile before its copy.
-  if (num_tiles > 0) load_blocks(0);
+  // flight. Each prologue tile's addresses are stored, then read after a barrier; the slot a
+  // store overwrites was read before the previous barrier.
 #pragma unroll
   for (int t = 0; t < C::kAhead; ++t) {
+    load_row_block(t);
+    store_row_address(t);
+    __syncthreads();
     if (t < num_tiles) copy_tile(t);
     ptx::cp_async_commit();
-    if (t + 1 < num_tiles) load_blocks(t + 1);
   }
+  load_row_block(C::kAhead);
+  store_row_address(C::kAhead);  // read after the loop's first barrier
 
   // Operand descriptors: Q's rows of this warpgroup; a k-step of 16 moves 32 bytes within a
   // 128-byte column block, and every 4 steps to the next block. V is read N-major: its 128-byte
@@ -293,7 +315,7 @@ __global__ void __launch_bounds__(256, 1)
   auto next_copies = [&](int it) {
     if (it + C::kAhead < num_tiles) copy_tile(it + C::kAhead);
     ptx::cp_async_commit();
-    if (it + C::kAhead + 1 < num_tiles) load_blocks(it + C::kAhead + 1);
+    load_row_block(it + C::kAhead + 1);
   };
   float correction[2];
   if (num_tiles > 0) {
@@ -307,6 +329,7 @@ __global__ void __launch_bounds__(256, 1)
     wgmma::hold(s);
     softmax(0, correction);
     rescale_and_take_p(correction);
+    store_row_address(C::kAhead + 1);  // into the slot read before this barrier
   }
   for (int it = 1; it < num_tiles; ++it) {
     ptx::cp_async_wait<C::kAhead - 1>();
@@ -322,6 +345,7 @@ __global__ void __launch_bounds__(256, 1)
     wgmma::wait<0>();
     wgmma::hold(o);
     rescale_and_take_p(correction);
+    store_row_address(it + C::kAhead + 1);  // into the slot read before this barrier
   }
   if (num_tiles > 0) {
     wgmma::fence();
