@@ -3,10 +3,10 @@ MMA) where the build and the device have it: float16/bfloat16 at head_dim 64/128
 aligned rows, at least 64 query rows per sequence on average (fewer take the mma.sync kernel,
 which test_prefill_cuda.py covers; elsewhere these batches run that kernel too, so the tests hold
 on any GPU). Against the float64 reference: ragged prompts and appends in random page order with
-decode rows and empty sequences mixed in, causal and tile boundaries (128-key tiles, 64 at
-head_dim 256; 128 rows per CTA), windows, soft-cap, a negative scale, GQA packings, splits, HND
-storage, pages of 1 and 7 tokens, chunked prefill and CUDA-graph replay. Skipped without a
-device."""
+decode rows and empty sequences mixed in, causal and tile boundaries (key tiles of 128, 64 and
+32 keys at head_dim 64, 128, 256; 128 rows per CTA), windows, soft-cap, a negative scale, GQA
+packings, splits, HND storage, pages of 1 and 7 tokens, chunked prefill and CUDA-graph replay.
+Skipped without a device."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def test_ragged_long_rows(rng, dtype, head_dim, group, block_size):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_tile_boundaries(rng, dtype, head_dim):
-    """Row counts and prefixes at and around the key tiles (64, 128) and the 128-row query tile
+    """Row counts and prefixes at and around the key tiles (32-128) and the 128-row query tile
     (32 positions at group 4), so the diagonal falls on every offset of a tile; windows at and
     off the tile width, soft-cap and a negative scale."""
     rows = [127, 128, 129, 255, 256, 257, 64, 65, 200, 96]
