@@ -31,23 +31,26 @@ __all__ = [
 # (DESIGN.md). "minmax_damped" and "meanstd" are options (docs/selection.md compares them).
 DEFAULT_SUMMARY = "minmax"
 
-# Split-KV scratch on CUDA, one buffer per (framework, device), grown when a call needs more.
-# Buffers that were replaced stay referenced: a captured CUDA graph may still point at them.
+# CUDA scratch of the ops that take a workspace, one buffer per (op, framework, device, stream),
+# grown when a call needs more: calls on one stream run in order, so they can share a buffer,
+# while calls on two streams may overlap and must not. Buffers that were replaced stay
+# referenced: a captured CUDA graph may still point at them.
 _WORKSPACE_MIN_BYTES = 8 << 20
-_workspaces: dict[tuple[str, str, str], Any] = {}
+_workspaces: dict[tuple[str, str, str, int], Any] = {}
 _retired_workspaces: list[Any] = []
 _workspace_lock = threading.Lock()
 
 
 # CUDA split plans of paged_attention by (shapes, dtype, device, options): the split count and
-# the workspace that holds its partials (None when the call does not split). A plan depends on
+# the bytes of workspace its partials take (0 when the call does not split). A plan depends on
 # host values only, so a repeated call reuses it instead of asking the core again.
 _MAX_PLANS = 4096
-_plans: dict[tuple[Any, ...], tuple[int, Any]] = {}
+_plans: dict[tuple[Any, ...], tuple[int, int]] = {}
 
 
-def _workspace(like: Any, fw: str, nbytes: int, purpose: str = "paged_attention") -> Any:
-    key = (purpose, fw, str(getattr(like, "device", "")))
+def _workspace(like: Any, fw: str, nbytes: int, purpose: str, stream: int) -> Any:
+    """The kept scratch buffer of at least nbytes for `purpose` on `stream` (a cudaStream_t)."""
+    key = (purpose, fw, str(getattr(like, "device", "")), stream)
     with _workspace_lock:
         ws = _workspaces.get(key)
         if ws is None or ws.nbytes < nbytes:
@@ -103,7 +106,7 @@ def _cuda_plan(
     max_seq_len: int,
     num_splits: int,
     kv_dtype: str | None,
-) -> tuple[int, Any]:
+) -> tuple[int, int]:
     key = (
         query.shape,
         key_cache.shape,
@@ -132,7 +135,7 @@ def _cuda_plan(
             x(query_start_loc),
             kv_dtype,
         )
-        plan = (splits, _workspace(query, fw, nbytes) if nbytes > 0 else None)
+        plan = (splits, nbytes)
         if len(_plans) >= _MAX_PLANS:
             _plans.clear()
         _plans[key] = plan
@@ -280,7 +283,7 @@ def select_pages(
     every summary (docs/selection.md). ``hits`` (int32 ``[num_blocks]``) gets one added for every
     block each (sequence, KV head) keeps. ``out`` may give ``(table, lens)`` to write;
     ``workspace`` CUDA scratch of :func:`select_pages_workspace_bytes` bytes (one buffer per
-    device is kept when omitted)."""
+    device and stream is kept when omitted)."""
     _interop.wait_ready(query, page_meta, block_table, seq_lens)
     fw = _interop.framework(query)
     if out is None:
@@ -300,10 +303,10 @@ def select_pages(
         table, lens = out
     x = _interop.export
     cuda = _interop.is_cuda(query)
+    s = _interop.resolve_stream(stream, query, "select_pages", cuda, fw)
     if workspace is None and cuda:
         nbytes = select_pages_workspace_bytes(query, page_meta, block_table)
-        workspace = _workspace(query, fw, nbytes, "select_pages")
-    s = _interop.resolve_stream(stream, query, "select_pages", cuda, fw)
+        workspace = _workspace(query, fw, nbytes, "select_pages", s)
     _C.select_pages(
         x(query),
         x(page_meta),
@@ -409,8 +412,9 @@ def paged_attention(
     bound on seq_lens known on the host (it only guides the split). num_splits fixes the
     flash-decoding split (1 disables it; a fixed value makes results batch-invariant).
     workspace is CUDA scratch of at least ``plan_paged_attention(...)[1]`` bytes; when omitted,
-    one buffer per device is kept and reused, and the split plan is remembered per shapes, dtype,
-    device and options, so that a repeated call crosses into the core once.
+    one buffer per device and stream is kept and reused (calls on different streams may run at
+    once), and the split plan is remembered per shapes, dtype, device and options, so that a
+    repeated call crosses into the core once.
 
     FP8 caches (float8_e4m3fn; see :func:`reshape_and_cache` for how NumPy passes them) are read
     as ``stored * k_scale`` and ``stored * v_scale``, dequantised in registers, in decode and
@@ -432,8 +436,9 @@ def paged_attention(
         )
     max_len = -1 if max_seq_len is None else max_seq_len
     splits = 0 if num_splits is None else num_splits
+    s = _interop.resolve_stream(stream, query, "paged_attention", cuda, fw)
     if workspace is None and cuda:
-        planned_splits, workspace = _cuda_plan(
+        planned_splits, nbytes = _cuda_plan(
             query,
             key_cache,
             block_table,
@@ -444,9 +449,9 @@ def paged_attention(
             splits,
             kv_dtype,
         )
-        if workspace is not None:
+        if nbytes > 0:
+            workspace = _workspace(query, fw, nbytes, "paged_attention", s)
             splits = planned_splits
-    s = _interop.resolve_stream(stream, query, "paged_attention", cuda, fw)
     x = _interop.export
     _C.paged_attention(
         x(query),

@@ -639,6 +639,41 @@ def test_repeated_calls_plan_once(rng, monkeypatch):
     assert len(planned) == 4
 
 
+def test_two_streams_at_once_with_kept_workspaces(rng):
+    """Split decode (and split prefill) on two streams at once with no workspace passed: each
+    stream has a kept buffer of its own for its partials, so every result matches the
+    reference however the streams interleave."""
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    runs = []
+    for rows in (None, [40, 3]):
+        case = R.PagedCase(rng, [6000, 3000], 16, 4, 128, 16, query_rows=rows)
+        kc, vc = cache_pair(case.key_cache, case.value_cache, "torch", "float16", "cuda", "NHD")
+        q = cuda(case.query, "float16")
+        table, lens = cuda(case.block_table), cuda(case.seq_lens)
+        if rows is None:
+            ref, _ = R.paged_attention(f64(q), f64(kc), f64(vc), case.block_table, case.seq_lens)
+            starts = None
+        else:
+            starts = cuda(case.query_start_loc)
+            ref, _ = R.paged_prefill(
+                f64(q), f64(kc), f64(vc), case.block_table, case.seq_lens, case.query_start_loc
+            )
+        runs.append((q, kc, vc, table, lens, starts, ref))
+    torch.cuda.synchronize()
+    outs = []
+    for _ in range(10):
+        for stream, (q, kc, vc, table, lens, starts, ref) in zip(streams, runs):
+            with torch.cuda.stream(stream):
+                out = torch.full_like(q, float("nan"))
+                ts.paged_attention(
+                    q, kc, vc, table, lens, out, num_splits=8, query_start_loc=starts
+                )
+                outs.append((out, ref))
+    torch.cuda.synchronize()
+    for out, ref in outs:
+        assert R.rel_error(f64(out), ref) < TOLERANCE["float16"]
+
+
 @pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64] if torch is not None else [])
 def test_copy_blocks_byte_types_on_the_gpu(rng, id_dtype):
     """FP8 and int8 caches with their float16 page metadata, int32 or int64 ids on the device,

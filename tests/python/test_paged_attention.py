@@ -235,8 +235,8 @@ def test_a_passed_workspace_is_not_kept(rng):
 def test_the_plan_cache_keeps_only_its_own_workspace(rng, monkeypatch):
     """The CUDA plan cache, driven on the CPU with the core's planning and launch stubbed: a
     call with the caller's workspace neither plans nor stores it (the caller's buffer dies with
-    its last reference); a call without one gets the kept buffer of the query's device, never
-    the caller's earlier one."""
+    its last reference); a call without one gets the kept buffer of the query's device and
+    stream, never the caller's earlier one; the plan keeps the split and the bytes only."""
     import gc
     import weakref
 
@@ -260,9 +260,63 @@ def test_the_plan_cache_keeps_only_its_own_workspace(rng, monkeypatch):
     ts.paged_attention(*args, np.empty_like(case.query))
     own = launched[-1]
     assert own is not mine and own.nbytes >= 4096
-    assert list(_ops._plans.values()) == [(2, own)]
+    assert list(_ops._plans.values()) == [(2, 4096)]
     del mine, launched[0]
     gc.collect()
     assert kept() is None
     ts.paged_attention(*args, np.empty_like(case.query))
     assert launched[-1] is own
+
+
+def test_kept_workspaces_are_per_stream(rng, monkeypatch):
+    """Calls on two streams may run at once, so without a caller's workspace each stream gets a
+    buffer of its own (paged_attention and select_pages alike, driven on the CPU with the core
+    stubbed); calls on one stream share theirs, and a call needing more grows only its own."""
+    from tinyserve import _interop, _ops
+
+    launched = []
+    monkeypatch.setattr(_ops, "_plans", {})
+    monkeypatch.setattr(_ops, "_workspaces", {})
+    monkeypatch.setattr(_ops, "_retired_workspaces", [])
+    monkeypatch.setattr(_interop, "is_cuda", lambda array: True)
+    needed = {"bytes": 4096}
+    monkeypatch.setattr(_ops._C, "plan_paged_attention", lambda *a: (2, needed["bytes"]))
+
+    def launch(*args, **kwargs):
+        launched.append((kwargs["stream"], kwargs["workspace"]))
+
+    monkeypatch.setattr(_ops._C, "paged_attention", launch)
+    case = R.PagedCase(rng, [40, 9], 8, 2, 64, 16)
+    args = (case.query, case.key_cache, case.value_cache, case.block_table, case.seq_lens)
+    for stream in (11, 22, 11, 22):
+        ts.paged_attention(*args, np.empty_like(case.query), stream=stream)
+    (s1, w1), (s2, w2), (s3, w3), (s4, w4) = launched
+    assert (s1, s2, s3, s4) == (11, 22, 11, 22)
+    assert w1 is not w2 and w3 is w1 and w4 is w2
+    assert min(w1.nbytes, w2.nbytes) >= 4096
+    # A call that needs more grows its stream's buffer; the old one stays referenced (a captured
+    # graph may point at it) and the other stream's is untouched.
+    monkeypatch.setattr(_ops, "_plans", {})
+    needed["bytes"] = 2 * w1.nbytes + 1
+    ts.paged_attention(*args, np.empty_like(case.query), stream=11)
+    grown = launched[-1][1]
+    assert grown is not w1 and grown.nbytes >= needed["bytes"]
+    assert any(w is w1 for w in _ops._retired_workspaces)
+    kept = {key[-1]: w for key, w in _ops._workspaces.items() if key[0] == "paged_attention"}
+    assert kept[11] is grown and kept[22] is w2
+
+    selected = []
+
+    def select(*args, **kwargs):
+        selected.append((kwargs["stream"], kwargs["workspace"]))
+
+    monkeypatch.setattr(_ops._C, "select_pages_workspace_bytes", lambda *a: 1024)
+    monkeypatch.setattr(_ops._C, "select_pages", select)
+    meta = np.zeros((case.key_cache.shape[0], 2, 2, 64), dtype=np.float32)
+    for stream in (11, 22, 11):
+        ts.select_pages(
+            case.query, meta, case.block_table, case.seq_lens, 2, block_size=16, stream=stream
+        )
+    (_, a), (_, b), (_, c) = selected
+    assert a is not b and c is a
+    assert all(a is not w and b is not w for w in (grown, w2))
