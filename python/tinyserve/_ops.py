@@ -482,7 +482,8 @@ def paged_attention(
 def copy_blocks(caches: Sequence[Any], src: Any, dst: Any, *, stream: Any = None) -> None:
     """Copy block ``src[i]`` to block ``dst[i]`` in every tensor of ``caches`` (a list or other
     sequence of arrays, each indexed by block along dimension 0: the K and V caches of every
-    layer, page metadata, ...; any element type, the copies move bytes). ``src`` and ``dst`` are
+    layer, page metadata, one value per block (``[num_blocks]``, any stride), ...; any element
+    type, the copies move bytes). ``src`` and ``dst`` are
     int32 or int64 ``[num_pairs]`` on the caches' device; on CUDA all copies are one launch.
     ``BlockManager.take_copies()`` returns the pairs as ``[P, 2]``: pass ``pairs[:, 0]`` and
     ``pairs[:, 1]``. The tensors must not share memory, no block may be both a source and a

@@ -236,13 +236,18 @@ AttentionPlan make_plan(const AttentionShapes& s, DType dtype, DType kv_dtype,
 }
 
 kernels::BlockTensor block_tensor(const OpCheck& c, const TensorView& t, const char* name) {
-  TS_REQUIRE(c, t.ndim >= 2, name, " must have at least 2 dimensions [num_blocks, ...], got ",
+  TS_REQUIRE(c, t.ndim >= 1, name, " must have at least 1 dimension [num_blocks, ...], got ",
              t.ndim, " (shape ", shape_str(t), ")");
   for (int i = 0; i < t.ndim; ++i) {
     TS_REQUIRE(c, t.shape[i] >= 0, name, " has a negative extent, got shape ", shape_str(t));
   }
   TS_REQUIRE(c, t.data != nullptr || t.numel() == 0, name, " has no data, got a null pointer");
-  c.writable(t, name);
+  // A tensor of one value per block ([num_blocks]) may have any block stride.
+  if (t.ndim > 1) {
+    c.writable(t, name);
+  } else {
+    c.distinct_elements(t, name);
+  }
   kernels::BlockTensor b;
   b.data = t.data;
   b.num_blocks = t.shape[0];

@@ -306,3 +306,44 @@ def test_swap_blocks_any_element_type(rng, backend, id_dtype, dtype):
     dev_expect = dev_before.copy()
     dev_expect[back] = host_expect[dst]
     np.testing.assert_array_equal(as_bytes(dev), dev_expect)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_one_dimensional_block_tensors(rng, backend):
+    """A tensor of one value per block (per-block scales, flags) is indexed by block along its
+    only dimension: copy_blocks moves its entries with a cache's blocks in the same call (a
+    strided view too), and swap_blocks moves them between host and device."""
+    fw, device = backend
+    num_blocks = 24
+    cache = asarray(random_cache(rng, (num_blocks, 4, 2, 8)), fw, "float32", device)
+    scales = asarray(random_cache(rng, (num_blocks,)), fw, "float32", device)
+    flags = asarray(rng.integers(-100, 100, num_blocks), fw, "int32", device)
+    wide = asarray(random_cache(rng, (num_blocks, 3)), fw, "float32", device)
+    column = wide[:, 1]  # stride 3 elements
+    tensors = [cache, scales, flags, column]
+    expected = [f64(t) for t in tensors]
+    wide_before = f64(wide)
+    src, dst = block_pairs(rng, num_blocks, 7)
+    ts.copy_blocks(tensors, asarray(src, fw, device=device), asarray(dst, fw, device=device))
+    sync(fw, device)
+    for t, e in zip(tensors, expected):
+        e[dst] = e[src]
+        np.testing.assert_array_equal(f64(t), e)
+    np.testing.assert_array_equal(f64(wide)[:, [0, 2]], wide_before[:, [0, 2]])
+
+    host = asarray(np.full(10, np.nan, np.float32), fw, "float32", "cpu")
+    if fw == "torch" and device == "cuda":
+        host = host.pin_memory()
+    before = f64(scales)
+    out_src, out_dst = np.array([3, 17, 0], np.int32), np.array([9, 0, 4], np.int32)
+    ts.swap_blocks(scales, host, out_src, out_dst)
+    sync(fw, device)
+    host_now = f64(host)
+    np.testing.assert_array_equal(host_now[out_dst], before[out_src])
+    assert np.isnan(np.delete(host_now, out_dst)).all()
+    back = np.array([5, 6, 7], np.int32)
+    ts.swap_blocks(host, scales, out_dst, back)
+    sync(fw, device)
+    expect = before.copy()
+    expect[back] = before[out_src]
+    np.testing.assert_array_equal(f64(scales), expect)

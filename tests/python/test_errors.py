@@ -336,9 +336,9 @@ def test_copy_blocks_bad_tensors(rng):
     good = rng.standard_normal((6, 4, 2, 8)).astype(np.float32)
     ids = np.array([0], np.int32), np.array([1], np.int32)
     expect_error(
-        lambda: ts.copy_blocks([good, np.zeros(6, np.float32)], *ids),
+        lambda: ts.copy_blocks([good, np.zeros((), np.float32)], *ids),
         ValueError,
-        r"caches\[1\] must have at least 2 dimensions",
+        r"caches\[1\] must have at least 1 dimension \[num_blocks, \.\.\.\], got 0",
         good,
     )
     expect_error(
