@@ -118,9 +118,10 @@ TINYSERVE_API AttentionPlan plan_paged_attention(const TensorView& query,
 
 // Copies block src[i] to block dst[i] in every tensor of `caches` (each indexed by block along
 // dimension 0: K and V caches of every layer, page metadata, one value per block ([num_blocks],
-// any stride), ...; any element type, since bytes are copied), all pairs of all tensors in one launch on CUDA. src and dst are int32 or
-// int64 [num_pairs] (one dtype) on the caches' device. A block must not be both a source and a
-// destination of one call, no destination may repeat, and the tensors must not share memory.
+// any stride), ...; any element type, since bytes are copied), all pairs of all tensors in one
+// launch on CUDA. src and dst are int32 or int64 [num_pairs] (one dtype) on the caches' device. A
+// block must not be both a source and a destination of one call, no destination may repeat, and the
+// tensors must not share memory.
 TINYSERVE_API void copy_blocks(const std::vector<TensorView>& caches, const TensorView& src,
                                const TensorView& dst, Stream stream = 0);
 
