@@ -456,7 +456,8 @@ def test_bfloat16_tokens_are_near_argmax_of_transformers_logprobs(rng):
     prompts = shared_prefix_prompts(rng, 4)
     new = 12
     outputs = run_and_check(make_engine(runner), prompts, SamplingParams(max_new_tokens=new))
-    check_logprobs_close(runner, prompts, [o.token_ids[0] for o in outputs], new)
+    # The two runs round their bfloat16 logits apart: a near-tie may differ by one logit step.
+    check_logprobs_close(runner, prompts, [o.token_ids[0] for o in outputs], new, logit_steps=1)
 
 
 def check_logprobs_close(runner, prompts, generated, new, tolerance=0.1, logit_steps=0):
