@@ -1,6 +1,6 @@
 #pragma once
 
-// What both prefill kernels share: their arguments, and the work of one CTA (a tile of query
+// What the prefill kernels share: their arguments, and the work of one CTA (a tile of query
 // positions of one sequence, with up to heads_per_cta query heads of one KV head's group, over a
 // split of the keys those positions read).
 //

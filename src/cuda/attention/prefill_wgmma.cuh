@@ -40,7 +40,8 @@ struct PrefillWgmmaShape {
   // The row-address ring: 2 slots of kKeys K then kKeys V row addresses.
   static constexpr int kAddrBytes = 2 * 2 * kKeys * 8;
   // As many K/V stages as fit beside Q and the ring (227 KB a CTA on Hopper, with 1024 bytes to
-  // align the operands to the swizzle's period): 6, 5 and 5 at head_dim 64, 128, 256. Copies
+  // align the operands to the swizzle's period): 6, 6 and 5 at head_dim 64, 128, 256 (at 128
+  // the CTA takes all of the 227 KB). Copies
   // run kStages - 2 tiles ahead (a tile's V is read until the next tile's scores are done).
   static constexpr int kFit = (232448 - 1024 - kAddrBytes - kQBytes) / kStageBytes;
   static constexpr int kStages = kFit < 6 ? kFit : 6;
@@ -344,6 +345,7 @@ __global__ void __launch_bounds__(256, 1)
     softmax(it, correction);
     wgmma::wait<0>();
     wgmma::hold(o);
+    wgmma::hold(s);  // P is packed into the registers that P V read only after the wait
     rescale_and_take_p(correction);
     store_row_address(it + C::kAhead + 1);  // into the slot read before this barrier
   }
@@ -393,6 +395,10 @@ __global__ void __launch_bounds__(256, 1)
       if (lane % 4 == 0) out.part_lse[part_row] = lse2;
     }
   }
+#elif defined(__CUDA_ARCH__)
+  // Only sm_90a images hold this kernel; the host launches it only from builds that have one
+  // (TINYSERVE_WGMMA), so reaching this is a build misconfiguration: fail loudly, not silently.
+  __trap();
 #endif
 }
 
