@@ -41,11 +41,12 @@ _retired_workspaces: list[Any] = []
 _workspace_lock = threading.Lock()
 
 
-# CUDA split plans of paged_attention by (shapes, dtype, device, options): the split count and
-# the bytes of workspace its partials take (0 when the call does not split). A plan depends on
-# host values only, so a repeated call reuses it instead of asking the core again.
+# CUDA split plans of paged_attention by (shapes, dtype, device, stream, options): the split
+# count and the stream's kept workspace that holds its partials (None when the call does not
+# split). A plan depends on host values only, so a repeated call reuses it instead of asking the
+# core again.
 _MAX_PLANS = 4096
-_plans: dict[tuple[Any, ...], tuple[int, int]] = {}
+_plans: dict[tuple[Any, ...], tuple[int, Any]] = {}
 
 
 def _workspace(like: Any, fw: str, nbytes: int, purpose: str, stream: int) -> Any:
@@ -106,7 +107,8 @@ def _cuda_plan(
     max_seq_len: int,
     num_splits: int,
     kv_dtype: str | None,
-) -> tuple[int, int]:
+    stream: int,
+) -> tuple[int, Any]:
     key = (
         query.shape,
         key_cache.shape,
@@ -115,6 +117,7 @@ def _cuda_plan(
         key_cache.dtype,
         kv_dtype,
         _interop.device_key(query, fw),
+        stream,
         window_left,
         max_seq_len,
         num_splits,
@@ -135,7 +138,10 @@ def _cuda_plan(
             x(query_start_loc),
             kv_dtype,
         )
-        plan = (splits, nbytes)
+        plan = (
+            splits,
+            _workspace(query, fw, nbytes, "paged_attention", stream) if nbytes else None,
+        )
         if len(_plans) >= _MAX_PLANS:
             _plans.clear()
         _plans[key] = plan
@@ -438,7 +444,7 @@ def paged_attention(
     splits = 0 if num_splits is None else num_splits
     s = _interop.resolve_stream(stream, query, "paged_attention", cuda, fw)
     if workspace is None and cuda:
-        planned_splits, nbytes = _cuda_plan(
+        planned_splits, workspace = _cuda_plan(
             query,
             key_cache,
             block_table,
@@ -448,9 +454,9 @@ def paged_attention(
             max_len,
             splits,
             kv_dtype,
+            s,
         )
-        if nbytes > 0:
-            workspace = _workspace(query, fw, nbytes, "paged_attention", s)
+        if workspace is not None:
             splits = planned_splits
     x = _interop.export
     _C.paged_attention(

@@ -236,7 +236,7 @@ def test_the_plan_cache_keeps_only_its_own_workspace(rng, monkeypatch):
     """The CUDA plan cache, driven on the CPU with the core's planning and launch stubbed: a
     call with the caller's workspace neither plans nor stores it (the caller's buffer dies with
     its last reference); a call without one gets the kept buffer of the query's device and
-    stream, never the caller's earlier one; the plan keeps the split and the bytes only."""
+    stream, never the caller's earlier one."""
     import gc
     import weakref
 
@@ -260,7 +260,7 @@ def test_the_plan_cache_keeps_only_its_own_workspace(rng, monkeypatch):
     ts.paged_attention(*args, np.empty_like(case.query))
     own = launched[-1]
     assert own is not mine and own.nbytes >= 4096
-    assert list(_ops._plans.values()) == [(2, 4096)]
+    assert list(_ops._plans.values()) == [(2, own)]
     del mine, launched[0]
     gc.collect()
     assert kept() is None
