@@ -273,13 +273,21 @@ def test_chunked_prefill_equals_one_pass(rng, dtype):
 
 @pytest.mark.parametrize("workspace_kind", ["explicit", "planned"])
 @pytest.mark.parametrize("num_splits", [None, 3])
-def test_cuda_graph_replay_with_new_offsets_lengths_and_tables(rng, workspace_kind, num_splits):
+@pytest.mark.parametrize(
+    "batch,total,max_blocks",
+    [(5, 300, 40), (4, 640, 60)],
+    ids=["short-rows", "long-rows"],
+)
+def test_cuda_graph_replay_with_new_offsets_lengths_and_tables(
+    rng, workspace_kind, num_splits, batch, total, max_blocks
+):
     """Capture in torch's global mode (any synchronising or allocating CUDA call from any thread
     breaks it), with the workspace passed in or planned and kept by the Python layer
     (workspace=None, what the benchmark does), split or not; every replay writes new
     query_start_loc, lengths, tables and queries into the same buffers (same total rows,
-    different split among sequences) and matches the reference."""
-    num_blocks, block_size, max_blocks, batch, total = 400, 16, 40, 5, 300
+    different split among sequences) and matches the reference. 60 rows a sequence take the
+    mma.sync kernel, 160 the Hopper kernel where the build and the device have it."""
+    num_blocks, block_size = 10 * max_blocks, 16
     heads_kv, group, head_dim = 2, 4, 128
     shape = (num_blocks, block_size, heads_kv, head_dim)
     kc = cuda(rng.standard_normal(shape), "float16")

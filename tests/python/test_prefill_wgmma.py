@@ -5,18 +5,17 @@ which test_prefill_cuda.py covers; elsewhere these batches run that kernel too, 
 on any GPU). Against the float64 reference: ragged prompts and appends in random page order with
 decode rows and empty sequences mixed in, causal and tile boundaries (key tiles of 128, 64 and
 32 keys at head_dim 64, 128, 256; 128 rows per CTA), windows, soft-cap, a negative scale, GQA
-packings, splits, HND storage, pages of 1 and 7 tokens, chunked prefill and CUDA-graph replay.
-Skipped without a device."""
+packings, splits, HND storage, pages of 1 and 7 tokens and chunked prefill (CUDA-graph replay of
+such batches: test_prefill_cuda.py). Skipped without a device."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_prefill_cuda import cuda, make_case, run
+from test_prefill_cuda import make_case, run
 
 import reference as R
-import tinyserve as ts
-from arrays import TOLERANCE, f64, torch
+from arrays import TOLERANCE, torch
 from arrays import check_prefill as check
 
 pytestmark = [
@@ -103,46 +102,3 @@ def test_chunked_prefill_equals_one_pass(rng, dtype):
         np.testing.assert_allclose(lse, full_lse[done : done + chunk], rtol=1e-4, atol=1e-3)
         done += chunk
     assert done == prompt
-
-
-def test_cuda_graph_replay(rng):
-    """Replays with new offsets, lengths, tables and queries (same total rows, at least 64 rows a
-    sequence on average) match the reference."""
-    num_blocks, block_size, max_blocks, batch, total = 600, 16, 60, 4, 640
-    heads_kv, group, head_dim = 2, 4, 128
-    shape = (num_blocks, block_size, heads_kv, head_dim)
-    kc = cuda(rng.standard_normal(shape), "float16")
-    vc = cuda(rng.standard_normal(shape), "float16")
-    q = torch.zeros((total, heads_kv * group, head_dim), dtype=torch.float16, device="cuda")
-    starts = torch.zeros((batch + 1,), dtype=torch.int32, device="cuda")
-    starts[-1] = total
-    table = torch.zeros((batch, max_blocks), dtype=torch.int32, device="cuda")
-    lens = torch.full((batch,), total, dtype=torch.int32, device="cuda")
-    out = torch.empty_like(q)
-    lse = torch.empty((total, heads_kv * group), dtype=torch.float32, device="cuda")
-    kwargs = dict(out=out, lse=lse, query_start_loc=starts, max_seq_len=max_blocks * block_size)
-    ts.paged_attention(q, kc, vc, table, lens, **kwargs)  # warm-up outside capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="global"):
-        ts.paged_attention(q, kc, vc, table, lens, **kwargs)
-    for _ in range(3):
-        cuts = np.sort(rng.integers(0, total + 1, size=batch - 1))
-        new_starts = np.concatenate([[0], cuts, [total]]).astype(np.int32)
-        rows = np.diff(new_starts)
-        new_lens = (rows + rng.integers(0, max_blocks * block_size - total, size=batch)).astype(
-            np.int32
-        )
-        new_table = rng.integers(0, num_blocks, size=(batch, max_blocks)).astype(np.int32)
-        q.copy_(cuda(rng.standard_normal(tuple(q.shape)).astype(np.float32), "float16"))
-        starts.copy_(cuda(new_starts))
-        table.copy_(cuda(new_table))
-        lens.copy_(cuda(new_lens))
-        out.fill_(float("nan"))
-        lse.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        ref, ref_lse = R.paged_prefill(f64(q), f64(kc), f64(vc), new_table, new_lens, new_starts)
-        assert not np.isnan(f64(out)).any() and not np.isnan(f64(lse)).any()
-        assert R.rel_error(f64(out), ref) < TOLERANCE["float16"]
-        np.testing.assert_allclose(f64(lse), ref_lse, rtol=1e-4, atol=1e-3)
