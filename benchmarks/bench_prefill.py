@@ -196,31 +196,39 @@ def flashinfer_prefill(flashinfer, data: dict, workspace, backend: str) -> tuple
     return run, out
 
 
+def planned_call(data: dict, query, table, seq_lens, out, starts, device: str):
+    """One tinyserve paged_attention over `data`'s caches (prefill with `starts` as
+    query_start_loc, decode without), its split planned once and its workspace its own."""
+    kc, vc, max_len = data["k_cache"], data["v_cache"], data["max_len"]
+    splits, nbytes = ts.plan_paged_attention(
+        query, kc, table, max_seq_len=max_len, query_start_loc=starts
+    )
+    workspace = torch.empty((max(nbytes, 16),), dtype=torch.uint8, device=device)
+
+    def call():
+        ts.paged_attention(
+            query,
+            kc,
+            vc,
+            table,
+            seq_lens,
+            out,
+            max_seq_len=max_len,
+            num_splits=splits,
+            workspace=workspace,
+            query_start_loc=starts,
+        )
+
+    return call
+
+
 def tinyserve_prefill(data: dict, device: str) -> tuple:
     """(run, out) of tinyserve's paged_attention with query_start_loc; raises when the build
     lacks it (an older API raises TypeError, a missing backend RuntimeError)."""
-    q = data["query"]
-    qsl = data["qo_indptr"]
-    splits, nbytes = ts.plan_paged_attention(
-        q, data["k_cache"], data["table"], max_seq_len=data["max_len"], query_start_loc=qsl
+    out = torch.empty_like(data["query"])
+    run = planned_call(
+        data, data["query"], data["table"], data["seq_lens"], out, data["qo_indptr"], device
     )
-    workspace = torch.empty((max(nbytes, 16),), dtype=torch.uint8, device=device)
-    out = torch.empty_like(q)
-
-    def run():
-        ts.paged_attention(
-            q,
-            data["k_cache"],
-            data["v_cache"],
-            data["table"],
-            data["seq_lens"],
-            out,
-            max_seq_len=data["max_len"],
-            num_splits=splits,
-            workspace=workspace,
-            query_start_loc=qsl,
-        )
-
     run()  # a refusal shows here, not inside a graph capture
     return run, out
 
@@ -237,37 +245,17 @@ def tinyserve_two_calls(data: dict, device: str, lead: int) -> tuple:
     """(run, out) of a mixed step as two tinyserve calls, what the mixed launch is measured
     against: decode (no query_start_loc) for the `lead` one-row sequences, then prefill for the
     rest; both write slices of one output (the decode rows come first)."""
-    q, kc, vc = data["query"], data["k_cache"], data["v_cache"]
-    table, lens = data["table"], data["seq_lens"]
-    qsl = (data["qo_indptr"][lead:] - lead).contiguous()
-    max_len = data["max_len"]
+    q, table, lens = data["query"], data["table"], data["seq_lens"]
     out = torch.empty_like(q)
-    parts = (
-        (q[:lead], table[:lead], lens[:lead], out[:lead], None),
-        (q[lead:], table[lead:], lens[lead:], out[lead:], qsl),
-    )
-    calls = []
-    for query, tab, seq_lens, dst, starts in parts:
-        splits, nbytes = ts.plan_paged_attention(
-            query, kc, tab, max_seq_len=max_len, query_start_loc=starts
-        )
-        ws = torch.empty((max(nbytes, 16),), dtype=torch.uint8, device=device)
-        calls.append((query, tab, seq_lens, dst, starts, splits, ws))
+    starts = (data["qo_indptr"][lead:] - lead).contiguous()
+    calls = [
+        planned_call(data, q[:lead], table[:lead], lens[:lead], out[:lead], None, device),
+        planned_call(data, q[lead:], table[lead:], lens[lead:], out[lead:], starts, device),
+    ]
 
     def run():
-        for query, tab, seq_lens, dst, starts, splits, ws in calls:
-            ts.paged_attention(
-                query,
-                kc,
-                vc,
-                tab,
-                seq_lens,
-                dst,
-                max_seq_len=max_len,
-                num_splits=splits,
-                workspace=ws,
-                query_start_loc=starts,
-            )
+        for call in calls:
+            call()
 
     run()
     return run, out
