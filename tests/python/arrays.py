@@ -113,6 +113,14 @@ def cuda_ok() -> bool:
     return tinyserve.cuda_available() and torch is not None and torch.cuda.is_available()
 
 
+def random_row_split(rng, batch: int, total: int) -> tuple[np.ndarray, np.ndarray]:
+    """(query_start_loc int32 [batch + 1], rows per sequence): `total` query rows cut among
+    `batch` sequences at random (a sequence may get none), as a graph replay rewrites them."""
+    cuts = np.sort(rng.integers(0, total + 1, size=batch - 1))
+    starts = np.concatenate([[0], cuts, [total]]).astype(np.int32)
+    return starts, np.diff(starts)
+
+
 def prefill_reference(q, kc, vc, case, **options):
     """float64 reference (out, lse) of a prefill case (block_table, seq_lens, query_start_loc)
     for the attention options of the call (options the reference has no use for are ignored)."""

@@ -12,7 +12,16 @@ import pytest
 
 import reference as R
 import tinyserve as ts
-from arrays import TOLERANCE, check_prefill, empty, f64, prefill_reference, require, sync
+from arrays import (
+    TOLERANCE,
+    check_prefill,
+    empty,
+    f64,
+    prefill_reference,
+    random_row_split,
+    require,
+    sync,
+)
 
 try:
     import torch
@@ -808,9 +817,7 @@ def test_prefill_fp8_cuda_graph_replay(rng, num_splits):
     with torch.cuda.graph(graph, capture_error_mode="global"):
         step()
     for _ in range(3):
-        cuts = np.sort(rng.integers(0, total + 1, size=batch - 1))
-        new_starts = np.concatenate([[0], cuts, [total]]).astype(np.int32)
-        rows = np.diff(new_starts)
+        new_starts, rows = random_row_split(rng, batch, total)
         prefix = rng.integers(0, max_blocks * block_size - rows + 1)
         new_lens = (rows + prefix).astype(np.int32)
         new_lens[rows == 0] = rng.integers(0, max_blocks * block_size + 1)

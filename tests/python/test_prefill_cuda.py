@@ -11,7 +11,16 @@ import pytest
 
 import reference as R
 import tinyserve as ts
-from arrays import TOLERANCE, asarray, cache_pair, empty, f64, prefill_reference, torch
+from arrays import (
+    TOLERANCE,
+    asarray,
+    cache_pair,
+    empty,
+    f64,
+    prefill_reference,
+    random_row_split,
+    torch,
+)
 from arrays import check_prefill as check
 
 pytestmark = [
@@ -325,9 +334,7 @@ def test_cuda_graph_replay_with_new_offsets_lengths_and_tables(
         for _ in range(2):  # back to back, as the benchmark captures its calls
             ts.paged_attention(q, kc, vc, table, lens, **kwargs)
     for _ in range(4):
-        cuts = np.sort(rng.integers(0, total + 1, size=batch - 1))
-        new_starts = np.concatenate([[0], cuts, [total]]).astype(np.int32)
-        rows = np.diff(new_starts)
+        new_starts, rows = random_row_split(rng, batch, total)
         new_lens = (rows + rng.integers(0, max_blocks * block_size - total, size=batch)).astype(
             np.int32
         )
