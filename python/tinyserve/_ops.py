@@ -47,6 +47,9 @@ _workspace_lock = threading.Lock()
 # core again.
 _MAX_PLANS = 4096
 _plans: dict[tuple[Any, ...], tuple[int, Any]] = {}
+# select_pages' kept workspaces by (shapes, dtypes, device, stream), so that a repeated call
+# neither asks the core for the size nor takes the lock again.
+_select_workspaces: dict[tuple[Any, ...], Any] = {}
 
 
 def _workspace(like: Any, fw: str, nbytes: int, purpose: str, stream: int) -> Any:
@@ -311,8 +314,22 @@ def select_pages(
     cuda = _interop.is_cuda(query)
     s = _interop.resolve_stream(stream, query, "select_pages", cuda, fw)
     if workspace is None and cuda:
-        nbytes = select_pages_workspace_bytes(query, page_meta, block_table)
-        workspace = _workspace(query, fw, nbytes, "select_pages", s)
+        key = (
+            query.shape,
+            page_meta.shape,
+            block_table.shape,
+            query.dtype,
+            page_meta.dtype,
+            _interop.device_key(query, fw),
+            s,
+        )
+        workspace = _select_workspaces.get(key)
+        if workspace is None:
+            nbytes = select_pages_workspace_bytes(query, page_meta, block_table)
+            workspace = _workspace(query, fw, nbytes, "select_pages", s)
+            if len(_select_workspaces) >= _MAX_PLANS:
+                _select_workspaces.clear()
+            _select_workspaces[key] = workspace
     _C.select_pages(
         x(query),
         x(page_meta),

@@ -271,7 +271,8 @@ def test_the_plan_cache_keeps_only_its_own_workspace(rng, monkeypatch):
 def test_kept_workspaces_are_per_stream(rng, monkeypatch):
     """Calls on two streams may run at once, so without a caller's workspace each stream gets a
     buffer of its own (paged_attention and select_pages alike, driven on the CPU with the core
-    stubbed); calls on one stream share theirs, and a call needing more grows only its own."""
+    stubbed); calls on one stream share theirs, a call needing more grows only its own, and a
+    repeated call reuses what the first one planned."""
     from tinyserve import _interop, _ops
 
     launched = []
@@ -310,7 +311,14 @@ def test_kept_workspaces_are_per_stream(rng, monkeypatch):
     def select(*args, **kwargs):
         selected.append((kwargs["stream"], kwargs["workspace"]))
 
-    monkeypatch.setattr(_ops._C, "select_pages_workspace_bytes", lambda *a: 1024)
+    sized = []
+
+    def size(*args):
+        sized.append(args)
+        return 1024
+
+    monkeypatch.setattr(_ops, "_select_workspaces", {})
+    monkeypatch.setattr(_ops._C, "select_pages_workspace_bytes", size)
     monkeypatch.setattr(_ops._C, "select_pages", select)
     meta = np.zeros((case.key_cache.shape[0], 2, 2, 64), dtype=np.float32)
     for stream in (11, 22, 11):
@@ -319,4 +327,5 @@ def test_kept_workspaces_are_per_stream(rng, monkeypatch):
         )
     (_, a), (_, b), (_, c) = selected
     assert a is not b and c is a
+    assert len(sized) == 2  # a repeated call on a stream does not ask the core for the size
     assert all(a is not w and b is not w for w in (grown, w2))
