@@ -121,6 +121,21 @@ def random_row_split(rng, batch: int, total: int) -> tuple[np.ndarray, np.ndarra
     return starts, np.diff(starts)
 
 
+def prefill_graph_buffers(batch, total, max_blocks, num_q_heads, head_dim, device="cuda"):
+    """(query, query_start_loc, block_table, seq_lens, out, lse) torch buffers of a prefill step
+    that a CUDA graph captures and later replays with new contents: float16 query and out of
+    `total` rows, int32 offsets ([0, ..., total] until rewritten), table and lengths, float32
+    lse."""
+    q = torch.zeros((total, num_q_heads, head_dim), dtype=torch.float16, device=device)
+    starts = torch.zeros((batch + 1,), dtype=torch.int32, device=device)
+    starts[-1] = total
+    table = torch.zeros((batch, max_blocks), dtype=torch.int32, device=device)
+    lens = torch.full((batch,), total, dtype=torch.int32, device=device)
+    out = torch.empty_like(q)
+    lse = torch.empty((total, num_q_heads), dtype=torch.float32, device=device)
+    return q, starts, table, lens, out, lse
+
+
 def prefill_reference(q, kc, vc, case, **options):
     """float64 reference (out, lse) of a prefill case (block_table, seq_lens, query_start_loc)
     for the attention options of the call (options the reference has no use for are ignored)."""

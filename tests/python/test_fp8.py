@@ -17,6 +17,7 @@ from arrays import (
     check_prefill,
     empty,
     f64,
+    prefill_graph_buffers,
     prefill_reference,
     random_row_split,
     require,
@@ -784,13 +785,9 @@ def test_prefill_fp8_cuda_graph_replay(rng, num_splits):
     kc, vc, k_scale, v_scale, new_k, new_v, slots = _graph_write_buffers(
         shape, batch * max_blocks * block_size
     )
-    q = torch.zeros((total, heads * group, dim), dtype=torch.float16, device="cuda")
-    starts = torch.zeros((batch + 1,), dtype=torch.int32, device="cuda")
-    starts[-1] = total
-    table = torch.zeros((batch, max_blocks), dtype=torch.int32, device="cuda")
-    lens = torch.full((batch,), total, dtype=torch.int32, device="cuda")
-    out = torch.empty_like(q)
-    lse = torch.empty((total, heads * group), dtype=torch.float32, device="cuda")
+    q, starts, table, lens, out, lse = prefill_graph_buffers(
+        batch, total, max_blocks, heads * group, dim
+    )
     kw = dict(
         lse=lse,
         num_splits=num_splits,

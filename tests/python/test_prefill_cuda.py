@@ -17,6 +17,7 @@ from arrays import (
     cache_pair,
     empty,
     f64,
+    prefill_graph_buffers,
     prefill_reference,
     random_row_split,
     torch,
@@ -301,13 +302,9 @@ def test_cuda_graph_replay_with_new_offsets_lengths_and_tables(
     shape = (num_blocks, block_size, heads_kv, head_dim)
     kc = cuda(rng.standard_normal(shape), "float16")
     vc = cuda(rng.standard_normal(shape), "float16")
-    q = torch.zeros((total, heads_kv * group, head_dim), dtype=torch.float16, device="cuda")
-    starts = torch.zeros((batch + 1,), dtype=torch.int32, device="cuda")
-    starts[-1] = total
-    table = torch.zeros((batch, max_blocks), dtype=torch.int32, device="cuda")
-    lens = torch.full((batch,), total, dtype=torch.int32, device="cuda")
-    out = torch.empty_like(q)
-    lse = torch.empty((total, heads_kv * group), dtype=torch.float32, device="cuda")
+    q, starts, table, lens, out, lse = prefill_graph_buffers(
+        batch, total, max_blocks, heads_kv * group, head_dim
+    )
     kwargs = dict(
         out=out,
         lse=lse,
