@@ -145,3 +145,38 @@ def test_cpp_internals_build_and_pass(tmp_path):
     # ctest's summary line differs across CMake versions ("100% tests passed, 0 tests failed out
     # of 1" before 4.x, "100% tests passed out of 1" after): the exit code decides, the line shows.
     assert "100% tests passed" in run.stdout and "out of 1" in run.stdout
+
+
+@needs_cmake
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize(
+    "architectures,hopper_prefill,warned",
+    [("90a", True, False), ("80;90a", True, False), ("90;90a", False, True), ("90", False, False)],
+)
+def test_hopper_prefill_kernel_is_built_for_90a_alone(
+    tmp_path, architectures, hopper_prefill, warned
+):
+    """The Hopper prefill kernel (TINYSERVE_WGMMA) is compiled in where the architecture list
+    names 90a and not plain 90: a 9.0 device might load an sm_90 image, which has no such
+    kernel, so a list naming both leaves it out with a warning. Configure only."""
+    build = tmp_path / "build"
+    configure = subprocess.run(
+        [
+            "cmake",
+            "-S",
+            str(CPP_TESTS.parents[1]),
+            "-B",
+            str(build),
+            "-G",
+            "Unix Makefiles",
+            "-DTINYSERVE_CUDA=ON",
+            "-DTINYSERVE_BUILD_PYTHON=OFF",
+            f"-DCMAKE_CUDA_ARCHITECTURES={architectures}",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert configure.returncode == 0, configure.stdout + configure.stderr
+    flags = (build / "CMakeFiles" / "tinyserve_internal.dir" / "flags.make").read_text()
+    assert ("-DTINYSERVE_WGMMA=1" in flags) == hopper_prefill, flags
+    assert ("holds both 90 and 90a" in configure.stderr) == warned, configure.stderr
