@@ -16,10 +16,17 @@
 //   prefill_wgmma.cuh   the Hopper prefill kernel (warpgroup MMA, sm_90a builds; same types)
 //   prefill_generic.cuh the CUDA-core prefill kernel (any dtype, float8 caches, head_dim <= 512)
 //
-// With query_start_loc (prefill, append, chunked prefill, decode rows mixed in), one prefill
-// kernel runs every sequence's rows, decode rows included, and the split merge follows when the
-// keys are split: at most two launches. Its grid comes from host values (the number of query
-// rows and sequences), its work per CTA from query_start_loc read on the device.
+// With query_start_loc (prefill, append, chunked prefill, decode rows mixed in), a prefill
+// kernel runs the sequences' rows. Where the tensor-core prefill kernels run a batch of fewer
+// than kWgmmaRowsPerSequence query rows per sequence on average (decode rows mixed in), the
+// tensor-core decode kernel runs first over every sequence and attends those with exactly one
+// row, whose tiles in the prefill kernel then exit at once: a decode row would otherwise fill one
+// position of a prefill CTA's tile. Otherwise the prefill kernel runs every row. The split merge
+// follows when the keys are split (both kernels write partials of the same layout, one merge
+// combines them): at most three launches. The grids come from host values (the number of query
+// rows and sequences), the work per CTA from query_start_loc read on the device, through the
+// same clamping in both kernels (params.cuh), so each row is written by exactly one of them
+// whatever a captured CUDA graph's offsets hold at replay.
 //
 // Long sequences are split into num_splits chunks (flash-decoding): each CTA writes a float32
 // partial and its log-sum-exp to the caller's workspace, and merge_splits_kernel combines them.
@@ -85,10 +92,11 @@ DecodeLaunch decode_launch(DType dtype, DType kv_dtype, int head_dim, bool split
 }
 
 // A prefill kernel as the planner and the launch see it: heads_per_cta query heads of a group
-// and `positions` query positions per CTA.
+// and `positions` query positions per CTA; tensor_core: mma.sync or wgmma.
 struct PrefillLaunch {
   DecodeLaunch launch;
   int positions;
+  bool tensor_core;
 };
 
 template <class T, int D>
@@ -112,17 +120,30 @@ DecodeLaunch prefill_generic_launch(int head_dim) {
           kGenericPrefillRows, kGenericPrefillThreads};
 }
 
-// Whether a prefill launch takes the Hopper kernel: built for sm_90a, run on a compute
-// capability 9.0 device, with sequences of at least kWgmmaRowsPerSequence query rows on average.
-// Its CTAs hold 128 rows in two warpgroups of 64, so a batch of mostly decode rows (one position x
-// the group per sequence) would run 64-row MMAs for a few rows: the mma.sync kernel, whose warps
-// take 16 rows, wastes less there.
+// A batch of fewer query rows per sequence than this on average is "mixed" where the
+// tensor-core prefill kernels run it: the decode kernel takes its one-row sequences (see the top
+// of this file).
 constexpr std::int64_t kWgmmaRowsPerSequence = 64;
 
+bool mixed_batch(std::int64_t num_query_rows, int batch) {
+  return num_query_rows < kWgmmaRowsPerSequence * std::int64_t(batch);
+}
+
+// In a mixed batch, the multi-row work (query rows past one per sequence) from which the Hopper
+// kernel runs the prefill launch: below it, a few rows would leave its 128-row CTAs mostly empty.
+constexpr std::int64_t kWgmmaMixedRows = 256;
+
+// Whether a prefill launch takes the Hopper kernel: built for sm_90a, run on a compute
+// capability 9.0 device, and either sequences of at least kWgmmaRowsPerSequence query rows on
+// average, or a mixed batch with at least kWgmmaMixedRows rows past its decode rows. Its CTAs
+// hold 128 rows in two warpgroups of 64, so a batch of mostly decode rows (one position x the
+// group per sequence) run in this kernel would run 64-row MMAs for a few rows: the mma.sync
+// kernel, whose warps take 16 rows, wastes less there. In a mixed batch the decode kernel takes
+// the decode rows, so only the rest count.
 bool use_wgmma_prefill(int device_index, std::int64_t num_query_rows, int batch) {
 #if defined(TINYSERVE_WGMMA)
   return device_info(device_index).compute_capability == 90 &&
-         num_query_rows >= kWgmmaRowsPerSequence * std::int64_t(batch);
+         (!mixed_batch(num_query_rows, batch) || num_query_rows - batch >= kWgmmaMixedRows);
 #else
   (void)device_index;
   (void)num_query_rows;
@@ -138,25 +159,30 @@ bool use_wgmma_prefill(int device_index, std::int64_t num_query_rows, int batch)
 // are positions x query heads: min(group, rows) heads, and as many positions as fit.
 PrefillLaunch prefill_launch(DType dtype, DType kv_dtype, int head_dim, bool aligned, int group,
                              bool wgmma, const char* op) {
-  DecodeLaunch l = dispatch_float_dtype(dtype, op, [&](auto type) {
+  PrefillLaunch pl = dispatch_float_dtype(dtype, op, [&](auto type) {
     using T = typename decltype(type)::type;
-    if (kv_dtype == DType::Float8E4M3FN) return prefill_generic_launch<T, __nv_fp8_e4m3>(head_dim);
+    auto generic = [&] { return PrefillLaunch{prefill_generic_launch<T>(head_dim), 0, false}; };
+    if (kv_dtype == DType::Float8E4M3FN) {
+      return PrefillLaunch{prefill_generic_launch<T, __nv_fp8_e4m3>(head_dim), 0, false};
+    }
     if constexpr (kHasTensorCoreType<T>) {
       if (aligned) {
         return dispatch_mma_head_dim(
             head_dim,
             [&](auto dim) {
               constexpr int D = decltype(dim)::value;
-              return wgmma ? prefill_wgmma_launch<T, D>() : prefill_mma_launch<T, D>();
+              return PrefillLaunch{
+                  wgmma ? prefill_wgmma_launch<T, D>() : prefill_mma_launch<T, D>(), 0, true};
             },
-            [&] { return prefill_generic_launch<T>(head_dim); });
+            generic);
       }
     }
-    return prefill_generic_launch<T>(head_dim);
+    return generic();
   });
-  const int rows = l.heads_per_cta;
-  l.heads_per_cta = std::min(group, rows);
-  return {l, rows / l.heads_per_cta};
+  const int rows = pl.launch.heads_per_cta;
+  pl.launch.heads_per_cta = std::min(group, rows);
+  pl.positions = rows / pl.launch.heads_per_cta;
+  return pl;
 }
 
 // CTAs along the prefill grid's x: num_query_rows / positions + batch virtual tiles (see
@@ -203,11 +229,20 @@ void prefill_attention(const PagedAttentionParams& p, cudaStream_t s, const char
   const PrefillLaunch pl =
       prefill_launch(p.query_dtype, p.kv_dtype, p.head_dim, prefill_aligned(p), group,
                      use_wgmma_prefill(p.device_index, p.num_query_rows, p.batch), op);
+  const bool mixed = pl.tensor_core && mixed_batch(p.num_query_rows, p.batch);
   const std::int64_t tiles = prefill_tiles(p.num_query_rows, p.batch, pl.positions);
   if (tiles > INT32_MAX) {
     detail::fail(op, "too many query rows for the CUDA prefill grid, got ", p.num_query_rows);
   }
+  // Everything that may fail comes before the first launch, so a rejected call writes nothing.
   prepare_launch(pl.launch, p.device_index, op);
+  DecodeLaunch dl{};
+  if (mixed) {
+    // The tensor-core decode kernel: the prefill kernel's types and alignment imply it.
+    dl = decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, p.num_splits > 1,
+                       rows_aligned16(p), op);
+    prepare_launch(dl, p.device_index, op);
+  }
   PrefillArgs a{};
   a.a = make_decode_args(p, pl.launch.heads_per_cta);
   a.query_start_loc = p.query_start_loc;
@@ -215,6 +250,16 @@ void prefill_attention(const PagedAttentionParams& p, cudaStream_t s, const char
   a.num_query_rows = int(p.num_query_rows);
   a.positions = pl.positions;
   a.heads_per_cta = pl.launch.heads_per_cta;
+  a.skip_single_rows = mixed;
+  if (mixed) {
+    DecodeArgs d = make_decode_args(p, dl.heads_per_cta);
+    d.query_start_loc = p.query_start_loc;
+    d.num_query_rows = int(p.num_query_rows);
+    const dim3 grid(unsigned(p.num_kv_heads * d.head_tiles), unsigned(p.num_splits),
+                    unsigned(p.batch));
+    launch(dl.kernel, grid, dim3(dl.threads), std::size_t(dl.smem_bytes), s, d, op,
+           "decode kernel");
+  }
   const dim3 grid(unsigned(tiles), unsigned(p.num_kv_heads * a.a.head_tiles),
                   unsigned(p.num_splits));
   launch(pl.launch.kernel, grid, dim3(pl.launch.threads), std::size_t(pl.launch.smem_bytes), s, a,
@@ -233,7 +278,9 @@ int plan_prefill_splits(int device_index, DType dtype, DType kv_dtype, int batch
       prefill_launch(dtype, kv_dtype, head_dim, true, num_q_heads / num_kv_heads,
                      use_wgmma_prefill(device_index, num_query_rows, batch), op);
   // The planner counts CTAs as "sequences" x KV heads x head tiles; a prefill CTA reads at most
-  // max_kv_len keys like a decode one.
+  // max_kv_len keys like a decode one. The prefill kernel is the one the call launches (planned
+  // for aligned rows, as in decode). In a mixed batch the one split count serves both launches;
+  // the virtual tiles count one per sequence, which stands for its decode CTAs.
   const std::int64_t tiles = prefill_tiles(num_query_rows, batch, pl.positions);
   // Prefill CTAs differ in work (positions, causal ranges, decode rows mixed in), so once they
   // fill every slot of the GPU the scheduler balances them better than splits would: a split

@@ -13,9 +13,10 @@
 namespace tinyserve::kernels::cuda {
 
 // What one CTA computes: query heads [head0, head0 + heads) of KV head kv_head, over tokens
-// [begin, end) of sequence b (split `split`).
+// [begin, end) of sequence b (split `split`), for query and output row `row`: b in decode, the
+// sequence's one query row in a mixed call's decode launch.
 struct WorkUnit {
-  int b, split, kv_head, head0, heads, begin, end;
+  int b, row, split, kv_head, head0, heads, begin, end;
 };
 
 // The token range [begin, end) of split `split` of sequence b for KV head kv_head. Chunks are
@@ -33,10 +34,11 @@ __device__ __forceinline__ void split_range(const DecodeArgs& a, int b, int kv_h
   end = min(len, begin + chunk);
 }
 
-// The CTA's work from its position in the grid (kv_heads x head_tiles, splits, batch).
+// The CTA's work from its position in the grid (kv_heads x head_tiles, splits, batch), in decode.
 __device__ __forceinline__ WorkUnit work_unit(const DecodeArgs& a, int heads_per_cta, int align) {
   WorkUnit u;
   u.b = blockIdx.z;
+  u.row = u.b;
   u.split = blockIdx.y;
   u.kv_head = blockIdx.x / a.head_tiles;
   u.head0 = u.kv_head * a.group + (blockIdx.x % a.head_tiles) * heads_per_cta;
@@ -45,20 +47,41 @@ __device__ __forceinline__ WorkUnit work_unit(const DecodeArgs& a, int heads_per
   return u;
 }
 
+// work_unit for a kernel that also runs a mixed call's decode launch (a.query_start_loc set):
+// there the CTA attends its sequence's query row when the sequence has exactly one, and returns
+// false, before anything else is read, when it has another number (the prefill launch, or
+// nobody, takes those). Only the tensor-core kernel runs such launches (a mixed call's types are
+// the tensor-core prefill kernels'); the CUDA-core kernel takes work_unit, whose code stays as
+// lean as the early exit would not let it be (96 registers against 128 at sm_90).
+__device__ __forceinline__ bool mixed_work_unit(const DecodeArgs& a, int heads_per_cta, int align,
+                                                WorkUnit& u) {
+  int row = blockIdx.z;
+  if (a.query_start_loc) {
+    const int b = blockIdx.z;
+    const int start = query_row_start(a.query_start_loc, a.num_query_rows, b);
+    const int end = query_row_end(a.query_start_loc, a.num_query_rows, int(gridDim.z), b, start);
+    if (end - start != 1) return false;
+    row = start;
+  }
+  u = work_unit(a, heads_per_cta, align);
+  u.row = row;
+  return true;
+}
+
 // Merges the per-warp softmax states kept in shared memory, red_m/red_l [kDecodeWarps][rows] and
 // red_o [kDecodeWarps][rows][o_stride] (dim used), and stores rows [0, heads) as query heads
-// head0...
+// head0... of output row `row`.
 template <class T>
 __device__ void merge_warps_and_store(const DecodeArgs& a, const float* red_m, const float* red_l,
                                       const float* red_o, int rows, int dim, int o_stride,
-                                      int heads, int head0, int b, int split) {
+                                      int heads, int head0, int row, int split) {
   for (int i = threadIdx.x; i < heads * dim; i += kDecodeThreads) {
     const int r = i / dim, d = i - r * dim;
     float value, lse2;
     merge_states<kDecodeWarps>(
         [&](int w) { return red_m[w * rows + r]; }, [&](int w) { return red_l[w * rows + r]; },
         [&](int w) { return red_o[(w * rows + r) * o_stride + d]; }, value, lse2);
-    store_output<T>(a.output, b, split, head0 + r, d, value, lse2);
+    store_output<T>(a.output, row, split, head0 + r, d, value, lse2);
   }
 }
 

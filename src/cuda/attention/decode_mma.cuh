@@ -9,7 +9,8 @@
 // range are zero-filled, never read); each warp owns 16 tokens of every 64 of a tile. Q.K^T and
 // P.V run on tensor cores (m16n8k16, float32 accumulation; the query heads are the M dimension).
 // Online softmax in float32, log2 domain. The warps merge their states through shared memory at
-// the end.
+// the end. It also runs the decode launch of a mixed call (mixed_work_unit): one-row sequences'
+// rows, read from query_start_loc.
 //
 // Float8 caches stream through the pipeline as bytes (half the traffic and half the stage
 // memory) and are converted in registers, exactly, as the fragments are loaded: ldmatrix reads a
@@ -96,7 +97,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
   std::uint64_t* rows =
       reinterpret_cast<std::uint64_t*>(smem + C::kQBytes + C::kStages * C::kStageBytes);
 
-  const WorkUnit u = work_unit(a, kMmaHeads, C::kTile);
+  WorkUnit u;
+  if (!mixed_work_unit(a, kMmaHeads, C::kTile, u)) return;  // before any barrier
   const int b = u.b, split = u.split, kv_head = u.kv_head, head0 = u.head0, heads = u.heads;
   const int begin = u.begin, end = u.end;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -160,7 +162,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
   }
   // Q: [16 heads][D] in shared memory, rows past the group zero.
   {
-    const T* q = static_cast<const T*>(a.query) + b * a.q_stride_batch;
+    const T* q = static_cast<const T*>(a.query) + u.row * a.q_stride_batch;
     for (int i = threadIdx.x; i < kMmaHeads * C::kQChunks; i += kDecodeThreads) {
       if constexpr (C::kFp8) {
         // Pairs of elements (32-bit words) of each 16: words 0, 2, 4, 6 make the first 8, words
@@ -435,7 +437,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
     }
   }
   __syncthreads();
-  merge_warps_and_store<T>(a, red_m, red_l, red_o, kMmaHeads, D, C::kRedRow, heads, head0, b,
+  merge_warps_and_store<T>(a, red_m, red_l, red_o, kMmaHeads, D, C::kRedRow, heads, head0, u.row,
                            split);
 }
 

@@ -4,6 +4,9 @@
 // make_decode_args: the paged view of the caches, the outputs, and the values derived on the host
 // (the GQA group, the logit transform). Both decode kernels and the split merge read them from
 // the kernel parameter space (__grid_constant__), so nothing is copied to the device first.
+//
+// Also here: how every attention kernel reads a sequence's query rows from query_start_loc, so
+// that the decode and prefill kernels of one mixed call agree on them whatever it holds.
 
 #include <cstdint>
 
@@ -19,8 +22,13 @@ constexpr int kDecodeThreads = 128;
 constexpr int kDecodeWarps = kDecodeThreads / 32;
 
 struct DecodeArgs {
-  const void* query;  // [batch, num_q_heads, head_dim]
+  const void* query;  // [batch, num_q_heads, head_dim], or [num_query_rows, ...] when mixed
   std::int64_t q_stride_batch, q_stride_head;
+  // Null in decode. In a mixed call's decode launch, the query rows' offsets ([batch + 1]): a CTA
+  // attends its sequence's row when that sequence has exactly one, and else writes nothing
+  // (the prefill launch takes the others).
+  const std::int32_t* query_start_loc;
+  int num_query_rows;
   PagedKV kv;
   AttentionOutput output;
   int group;       // query heads per KV head
@@ -44,7 +52,23 @@ struct DecodeArgs {
   }
 };
 
-// The arguments of a launch whose CTAs each take up to heads_per_cta query heads of a group.
+// Sequence b's query rows [query_row_start, query_row_end) of num_query_rows, as the kernels
+// trust query_start_loc: offsets clamped to [0, num_query_rows], the first sequence starting at
+// row 0, the last ending at the last row, and no sequence ending before it starts (valid offsets
+// are all that already). So no row outside the query and output is touched whatever the device
+// holds, and every kernel of a call sees the same rows.
+__device__ __forceinline__ int query_row_start(const std::int32_t* query_start_loc,
+                                               int num_query_rows, int b) {
+  return b == 0 ? 0 : min(max(query_start_loc[b], 0), num_query_rows);
+}
+__device__ __forceinline__ int query_row_end(const std::int32_t* query_start_loc,
+                                             int num_query_rows, int batch, int b, int start) {
+  return b == batch - 1 ? num_query_rows
+                        : min(max(query_start_loc[b + 1], start), num_query_rows);
+}
+
+// The arguments of a launch whose CTAs each take up to heads_per_cta query heads of a group
+// (query_start_loc left null: see DecodeArgs).
 inline DecodeArgs make_decode_args(const PagedAttentionParams& p, int heads_per_cta) {
   DecodeArgs a{};
   a.query = p.query;

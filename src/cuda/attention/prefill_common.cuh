@@ -12,13 +12,17 @@
 // That run is at least ceil(n_b / positions) long (floor((s + n) / P) - floor(s / P) + 1 >=
 // ceil(n / P)), so every row has a tile; the few virtual tiles past a sequence's rows exit at
 // once. A CTA finds its sequence by a 32-way search over first_tile, which is non-decreasing.
+// In a mixed call (skip_single_rows) the tiles of sequences with exactly one row exit too: the
+// decode kernel, launched first, attends those rows.
 //
 // Values read from the device are never trusted: offsets are clamped to [0, num_query_rows] (the
-// first sequence starting at row 0 and the last ending at the last row, as valid offsets do) and
-// lengths to the table's capacity, so no row outside the query/output and no page outside the
-// table is touched whatever query_start_loc holds (the core checks the values where it can read
-// them), and every row is written. A row whose position would be negative (more rows than keys)
-// sees no key: output 0, log-sum-exp -inf.
+// first sequence starting at row 0 and the last ending at the last row, as valid offsets do:
+// query_row_start / query_row_end in params.cuh, which the decode kernel of a mixed call reads
+// them through too) and lengths to the table's capacity, so no row outside the query/output and
+// no page outside the table is touched whatever query_start_loc holds (the core checks the
+// values where it can read them), and every row is written (by exactly one of a mixed call's
+// two kernels when the offsets are valid). A row whose position would be negative (more rows than keys) sees no key: output 0,
+// log-sum-exp -inf.
 
 #include <cstdint>
 
@@ -33,6 +37,9 @@ struct PrefillArgs {
   int num_query_rows;
   int positions;      // query positions per CTA
   int heads_per_cta;  // query heads of a group per CTA
+  // A mixed call: the decode launch before this one took the sequences of exactly one row, so
+  // their tiles exit at once.
+  bool skip_single_rows;
 };
 
 // As in the decode kernel: a row's running max is raised only when a score exceeds it by this
@@ -51,9 +58,9 @@ struct PrefillUnit {
   int tile_end;
 };
 
-// Sequence b's first query row, as the kernels trust it.
+// Sequence b's first query row, as the kernels trust it (params.cuh).
 __device__ __forceinline__ int sequence_start(const PrefillArgs& p, int b) {
-  return b == 0 ? 0 : min(max(p.query_start_loc[b], 0), p.num_query_rows);
+  return query_row_start(p.query_start_loc, p.num_query_rows, b);
 }
 
 // The largest b in [0, batch) whose first virtual tile is at most t. Every lane of the warp
@@ -79,11 +86,9 @@ __device__ __forceinline__ bool prefill_unit(const PrefillArgs& p, int key_tile,
   const int t = int(gridDim.x - 1 - blockIdx.x);
   const int b = find_sequence(p, t);
   const int start = sequence_start(p, b);
-  const int end = b == p.batch - 1 ? p.num_query_rows
-                                   : min(max(p.query_start_loc[b + 1], start), p.num_query_rows);
-  const int n = end - start;
+  const int n = query_row_end(p.query_start_loc, p.num_query_rows, p.batch, b, start) - start;
   const int j = t - (start / p.positions + b);
-  if (j < 0 || j * p.positions >= n) return false;
+  if (j < 0 || j * p.positions >= n || (p.skip_single_rows && n == 1)) return false;
   const DecodeArgs& a = p.a;
   u.b = b;
   u.row0 = start + j * p.positions;
