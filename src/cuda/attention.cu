@@ -148,6 +148,7 @@ bool use_wgmma_prefill(int device_index, std::int64_t num_query_rows, int batch)
   (void)device_index;
   (void)num_query_rows;
   (void)batch;
+  (void)kWgmmaMixedRows;
   return false;
 #endif
 }
@@ -239,8 +240,8 @@ void prefill_attention(const PagedAttentionParams& p, cudaStream_t s, const char
   DecodeLaunch dl{};
   if (mixed) {
     // The tensor-core decode kernel: the prefill kernel's types and alignment imply it.
-    dl = decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, p.num_splits > 1,
-                       rows_aligned16(p), op);
+    dl = decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, p.num_splits > 1, rows_aligned16(p),
+                       op);
     prepare_launch(dl, p.device_index, op);
   }
   PrefillArgs a{};

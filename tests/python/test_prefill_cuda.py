@@ -295,8 +295,9 @@ def test_cuda_graph_replay_with_new_offsets_lengths_and_tables(
     breaks it), with the workspace passed in or planned and kept by the Python layer
     (workspace=None, what the benchmark does), split or not; every replay writes new
     query_start_loc, lengths, tables and queries into the same buffers (same total rows,
-    different split among sequences) and matches the reference. 60 rows a sequence take the
-    mma.sync kernel, 160 the Hopper kernel where the build and the device have it."""
+    different split among sequences) and matches the reference. 60 rows a sequence make a mixed
+    step (the decode kernel for one-row sequences, then the prefill kernel), 160 run in the
+    prefill kernel alone (the Hopper one where the build and the device have it)."""
     num_blocks, block_size = 10 * max_blocks, 16
     heads_kv, group, head_dim = 2, 4, 128
     shape = (num_blocks, block_size, heads_kv, head_dim)

@@ -1,12 +1,13 @@
 """paged_attention with query_start_loc on batches that take the Hopper prefill kernel (warpgroup
 MMA) where the build and the device have it: float16/bfloat16 at head_dim 64/128/256 with
-aligned rows, at least 64 query rows per sequence on average (fewer take the mma.sync kernel,
-which test_prefill_cuda.py covers; elsewhere these batches run that kernel too, so the tests hold
-on any GPU). Against the float64 reference: ragged prompts and appends in random page order with
-decode rows and empty sequences mixed in, causal and tile boundaries (key tiles of 128, 64 and
-32 keys at head_dim 64, 128, 256; 128 rows per CTA), windows, soft-cap, a negative scale, GQA
-packings, splits, HND storage, pages of 1 and 7 tokens and chunked prefill (CUDA-graph replay of
-such batches: test_prefill_cuda.py). Skipped without a device."""
+aligned rows, at least 64 query rows per sequence on average (fewer make a mixed step, whose
+one-row sequences the decode kernel takes: test_prefill_mixed.py; elsewhere these batches run the
+mma.sync kernel, so the tests hold on any GPU). Against the float64 reference: ragged prompts and
+appends in random page order with decode rows and empty sequences mixed in, causal and tile
+boundaries (key tiles of 128, 64 and 32 keys at head_dim 64, 128, 256; 128 rows per CTA),
+windows, soft-cap, a negative scale, GQA packings, splits, HND storage, pages of 1 and 7 tokens
+and chunked prefill (CUDA-graph replay of such batches: test_prefill_cuda.py). Skipped without a
+device."""
 
 from __future__ import annotations
 

@@ -51,8 +51,9 @@ __device__ __forceinline__ WorkUnit work_unit(const DecodeArgs& a, int heads_per
 // there the CTA attends its sequence's query row when the sequence has exactly one, and returns
 // false, before anything else is read, when it has another number (the prefill launch, or
 // nobody, takes those). Only the tensor-core kernel runs such launches (a mixed call's types are
-// the tensor-core prefill kernels'); the CUDA-core kernel takes work_unit, whose code stays as
-// lean as the early exit would not let it be (96 registers against 128 at sm_90).
+// the tensor-core prefill kernels'); the CUDA-core kernel takes plain work_unit, since the early
+// exit alone would cost it 32 registers (96 to 128 at sm_90a: five CTAs a multiprocessor to
+// four).
 __device__ __forceinline__ bool mixed_work_unit(const DecodeArgs& a, int heads_per_cta, int align,
                                                 WorkUnit& u) {
   int row = blockIdx.z;

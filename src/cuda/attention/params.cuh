@@ -63,8 +63,7 @@ __device__ __forceinline__ int query_row_start(const std::int32_t* query_start_l
 }
 __device__ __forceinline__ int query_row_end(const std::int32_t* query_start_loc,
                                              int num_query_rows, int batch, int b, int start) {
-  return b == batch - 1 ? num_query_rows
-                        : min(max(query_start_loc[b + 1], start), num_query_rows);
+  return b == batch - 1 ? num_query_rows : min(max(query_start_loc[b + 1], start), num_query_rows);
 }
 
 // The arguments of a launch whose CTAs each take up to heads_per_cta query heads of a group

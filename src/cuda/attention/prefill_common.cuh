@@ -21,8 +21,8 @@
 // them through too) and lengths to the table's capacity, so no row outside the query/output and
 // no page outside the table is touched whatever query_start_loc holds (the core checks the
 // values where it can read them), and every row is written (by exactly one of a mixed call's
-// two kernels when the offsets are valid). A row whose position would be negative (more rows than keys) sees no key: output 0,
-// log-sum-exp -inf.
+// two kernels when the offsets are valid). A row whose position would be negative (more rows
+// than keys) sees no key: output 0, log-sum-exp -inf.
 
 #include <cstdint>
 
