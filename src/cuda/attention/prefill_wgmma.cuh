@@ -4,13 +4,14 @@
 // 16-byte aligned rows, caches of the query's type.
 //
 // The schedule and the work of a CTA are those of the other prefill kernels (prefill_common.cuh):
-// 128 query rows (positions x query heads of one GQA group), two warpgroups of 64 rows each.
-// Every thread gathers K/V rows from their pages with cp.async into a 128-byte swizzled layout
-// (wgmma.cuh), kStages - 2 tiles ahead, each row's address computed once into shared memory.
-// Per key tile a warpgroup issues S = Q K^T as asynchronous wgmmas (Q and K in shared memory)
-// together with the previous tile's O += P V (P from registers, V read N-major from its stage),
-// issues copies while the tensor cores work, and runs the online softmax of S while they do
-// P V: the accumulator layout is mma.sync's, so P becomes the A operand in place.
+// 128 query rows (positions x query heads of one GQA group). The CTA's warps are specialised:
+// a producer warpgroup gathers K/V rows from their pages with cp.async into a 128-byte swizzled
+// layout (wgmma.cuh), up to kStages - 2 tiles ahead, and hands each stage over through shared
+// memory barriers; two consumer warpgroups of 64 query rows each run the MMAs and the softmax
+// without waiting for each other. Per key tile a consumer issues S = Q K^T as asynchronous
+// wgmmas (Q and K in shared memory) together with the previous tile's O += P V (P from
+// registers, V read N-major from its stage), and runs the online softmax of S while the tensor
+// cores do P V: the accumulator layout is mma.sync's, so P becomes the A operand in place.
 
 #include <cmath>
 #include <cstdint>
@@ -26,39 +27,47 @@ namespace tinyserve::kernels::cuda {
 template <int D>
 struct PrefillWgmmaShape {
   static constexpr int kHeadDim = D;
-  static constexpr int kThreads = 256;  // two warpgroups
-  static constexpr int kRows = 128;     // query rows per CTA, 64 per warpgroup
+  static constexpr int kThreads = 384;  // a producer warpgroup and two consumer warpgroups
+  static constexpr int kRows = 128;     // query rows per CTA, 64 per consumer warpgroup
   // Keys per tile: the score accumulator is kKeys / 2 registers a thread.
   static constexpr int kKeys = D == 64 ? 128 : D == 128 ? 64 : 32;
   static constexpr int kChunks = D / 8;  // 16-byte chunks of a row
-  static constexpr int kRowsPerPass = kThreads / kChunks;
-  static constexpr int kQPasses = kRows / kRowsPerPass;
-  static constexpr int kKvPasses = kKeys / kRowsPerPass;
   static constexpr int kQBytes = kRows * D * 2;
   static constexpr int kTileBytes = kKeys * D * 2;  // K or V of one tile
   static constexpr int kStageBytes = 2 * kTileBytes;
-  // The row-address ring: 2 slots of kKeys K then kKeys V row addresses.
-  static constexpr int kAddrBytes = 2 * 2 * kKeys * 8;
-  // As many K/V stages as fit beside Q and the ring (227 KB a CTA on Hopper, with 1024 bytes to
-  // align the operands to the swizzle's period): 6, 6 and 5 at head_dim 64, 128, 256 (at 128
-  // the CTA takes all of the 227 KB). Copies
-  // run kStages - 2 tiles ahead (a tile's V is read until the next tile's scores are done).
-  static constexpr int kFit = (232448 - 1024 - kAddrBytes - kQBytes) / kStageBytes;
-  static constexpr int kStages = kFit < 6 ? kFit : 6;
-  static constexpr int kAhead = kStages - 2;
-  static constexpr int kSmemBytes = kQBytes + kStages * kStageBytes + kAddrBytes + 1024;
-  // A thread's rows of one pass share their swizzle (row % 8), so its copy offsets are fixed.
-  static_assert(kRowsPerPass % 8 == 0 && kKeys % kRowsPerPass == 0 && kRows % kRowsPerPass == 0,
-                "loader shape");
-  static_assert(kStages >= 3, "stages");
+  static constexpr int kMaxStages = 8;
+  static constexpr int kBarrierBytes = 2 * 8 * kMaxStages;  // a full and an empty barrier a stage
+  // As many K/V stages as fit beside Q and the barriers (227 KB a CTA on Hopper, with 1024 bytes
+  // to align the operands to the swizzle's period): 6, 6 and 5 at head_dim 64, 128, 256.
+  static constexpr int kFit = (232448 - 1024 - kBarrierBytes - kQBytes) / kStageBytes;
+  static constexpr int kStages = kFit < kMaxStages ? kFit : kMaxStages;
+  // The producer marks a tile full once kLag later tiles are issued (it waits for the tile's
+  // copies then); the consumers hold two stages (a tile's K, the tile before's V), so the
+  // producer may run kStages - 2 tiles ahead and kLag <= kStages - 3 keeps it from waiting on
+  // a release that waits on it.
+  static constexpr int kLag = kStages - 3;
+  static constexpr int kSmemBytes = kQBytes + kStages * kStageBytes + kBarrierBytes + 1024;
+  // The producer's four warps copy a tile's 2 kKeys rows (K, then V), kKeys / 2 rows a warp;
+  // lane l computes the addresses of the warp's rows l + 32 j and the warp's lanes copy 32
+  // chunks of its rows at a time.
+  static constexpr int kRowsPerWarp = kKeys / 2;
+  static constexpr int kAddressSlots = (kRowsPerWarp + 31) / 32;
+  static constexpr int kCopiesPerLane = kRowsPerWarp * kChunks / 32;
+  // Registers a thread (the pool is 64K): the producer needs few, the consumers' accumulators many.
+  static constexpr int kProducerRegisters = 72;
+  static constexpr int kConsumerRegisters = 216;
+  static_assert(kProducerRegisters * 128 + kConsumerRegisters * 256 <= 65536, "registers");
+  static_assert(32 % kChunks == 0 && kRowsPerWarp % (32 / kChunks) == 0, "copy plan");
+  static_assert(kStages >= 4 && kLag >= 1, "stages");
 };
 
 template <class T, int D>
-__global__ void __launch_bounds__(256, 1)
+__global__ void __launch_bounds__(384, 1)
     prefill_wgmma_kernel(const __grid_constant__ PrefillArgs p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = PrefillWgmmaShape<D>;
   constexpr int kKeys = C::kKeys;
+  constexpr int kStages = C::kStages;
   extern __shared__ __align__(16) unsigned char smem[];
   PrefillUnit u;
   if (!prefill_unit(p, kKeys, u)) return;
@@ -68,94 +77,132 @@ __global__ void __launch_bounds__(256, 1)
   const int hc = p.heads_per_cta;
   const std::uint32_t q_base = (ptx::smem_addr(smem) + 1023u) & ~1023u;
   const std::uint32_t stage_base = q_base + C::kQBytes;
-
-  // Copies: thread t moves 16-byte chunk t % kChunks of rows t / kChunks + kRowsPerPass * i; the
-  // chunk lands in 128-byte column block chunk / 8 of an operand of `rows` rows, swizzled.
-  const int chunk = threadIdx.x % C::kChunks;
-  const int row_in_pass = threadIdx.x / C::kChunks;
-  auto copy_offset = [&](int rows) {
-    return std::uint32_t((chunk / 8) * rows * 128 + row_in_pass * 128 +
-                         (((chunk % 8) ^ (row_in_pass % 8)) * 16));
+  const std::uint32_t full_bar = stage_base + kStages * C::kStageBytes;
+  const std::uint32_t empty_bar = full_bar + 8 * C::kMaxStages;
+  auto full = [&](int tile) { return full_bar + 8 * (tile % kStages); };
+  auto empty = [&](int tile) { return empty_bar + 8 * (tile % kStages); };
+  auto stage_smem = [&](int tile) { return stage_base + (tile % kStages) * C::kStageBytes; };
+  const int num_tiles = u.tile_end - u.tile_begin;
+  auto tile_key = [&](int tile) { return u.key_begin + (u.tile_begin + tile) * kKeys; };
+  // Byte offset of 16-byte chunk `chunk` of row `row` in an operand of `rows` rows: 128-byte
+  // column blocks of `rows` rows each, swizzled (wgmma.cuh).
+  auto operand_offset = [](int rows, int row, int chunk) {
+    return std::uint32_t((chunk / 8) * rows * 128 + row * 128 + (((chunk % 8) ^ (row % 8)) * 16));
   };
-  constexpr std::uint32_t kPassBytes = C::kRowsPerPass * 128;
 
-  // Q: rows past the tile's positions or the group's heads are zero-filled.
-  {
-    const T* q = static_cast<const T*>(a.query);
-    const std::uint32_t dst = q_base + copy_offset(C::kRows);
+  // A stage is full when every producer thread's copies of its tile have landed, empty when
+  // every consumer warp's MMAs have read it.
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      wgmma::barrier_init(full_bar + 8 * s, 128);
+      wgmma::barrier_init(empty_bar + 8 * s, 8);
+    }
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // The producer: gathers each tile's K/V rows from their pages into its stage. Key rows past
+    // the range, or in a block outside the cache, are copied from a row of zeros (a zero V row
+    // keeps P V finite where P is 0).
+    wgmma::release_registers<C::kProducerRegisters>();
+    const std::int32_t* table = a.kv.table_row(u.b, u.kv_head);
+    const T* k_head = a.kv.k_head<T>(u.kv_head);
+    const T* v_head = a.kv.v_head<T>(u.kv_head);
+    const int key_end = max(0, u.pos0 + u.rows);  // <= the length: pos0 + rows <= len
+    const int warp_row0 = warp * C::kRowsPerWarp;  // K rows below kKeys, V rows from kKeys
+    const bool values = warp_row0 >= kKeys;
+    auto owns = [&](int j) { return lane + 32 * j < C::kRowsPerWarp; };
+    auto row_token = [&](int tile, int j) {
+      return tile_key(tile) + (warp_row0 + lane + 32 * j) % kKeys;
+    };
+    std::int32_t blocks[C::kAddressSlots];
+    auto load_blocks = [&](int tile) {
 #pragma unroll
-    for (int i = 0; i < C::kQPasses; ++i) {
-      const int r = row_in_pass + i * C::kRowsPerPass;
+      for (int j = 0; j < C::kAddressSlots; ++j) {
+        // Loaded unconditionally (a key of the range: key_end >= 1 where a tile exists).
+        const int token = row_token(tile, j);
+        if (owns(j) && tile < num_tiles) blocks[j] = table[a.kv.page_of(min(token, key_end - 1))];
+      }
+    };
+    load_blocks(0);
+    for (int t = 0; t < num_tiles; ++t) {
+      std::uint64_t address[C::kAddressSlots];
+#pragma unroll
+      for (int j = 0; j < C::kAddressSlots; ++j) {
+        const int token = row_token(t, j);
+        const std::int64_t block = blocks[j];
+        address[j] = reinterpret_cast<std::uint64_t>(prefill_zero_row<D>);
+        if (owns(j) && token < key_end && a.kv.in_cache(block)) {
+          const int page = a.kv.page_of(token);
+          address[j] =
+              values ? reinterpret_cast<std::uint64_t>(a.kv.v_row(v_head, block, token, page))
+                     : reinterpret_cast<std::uint64_t>(a.kv.k_row(k_head, block, token, page));
+        }
+      }
+      load_blocks(t + 1);
+      // The stage's previous tile (t - kStages) released; a fresh barrier passes parity 1.
+      wgmma::barrier_wait(empty(t), ((t / kStages) & 1) ^ 1);
+      const std::uint32_t dst = stage_smem(t) + (values ? C::kTileBytes : 0);
+#pragma unroll
+      for (int i = 0; i < C::kCopiesPerLane; ++i) {
+        const int x = (i * 32 + lane) / C::kChunks;  // the warp's row; x / 32 == i / kChunks
+        const int chunk = lane % C::kChunks;
+        const std::uint64_t src = __shfl_sync(0xffffffffu, address[i / C::kChunks], x % 32);
+        const int row = (warp_row0 + x) % kKeys;
+        ptx::cp_async_16_shared_data(dst + operand_offset(kKeys, row, chunk),
+                                     reinterpret_cast<const char*>(src) + chunk * 16, false);
+      }
+      ptx::cp_async_commit();
+      if (t >= C::kLag) {
+        // Tile t - kLag's copies have landed: make them visible to the consumers' wgmmas.
+        ptx::cp_async_wait<C::kLag>();
+        wgmma::fence_async_shared();
+        wgmma::barrier_arrive(full(t - C::kLag));
+      }
+    }
+    ptx::cp_async_wait<0>();
+    wgmma::fence_async_shared();
+    for (int t = max(0, num_tiles - C::kLag); t < num_tiles; ++t) wgmma::barrier_arrive(full(t));
+    return;
+  }
+
+  // The consumers: warpgroup cw takes query rows 64 cw .. 64 cw + 63 of the CTA's 128.
+  wgmma::claim_registers<C::kConsumerRegisters>();
+  const int cw = wg - 1;
+  {
+    // Q: rows past the tile's positions or the group's heads are zero-filled.
+    const T* q = static_cast<const T*>(a.query);
+    constexpr int kRowsPerPass = 128 / C::kChunks;
+    const int t = threadIdx.x - 128 * wg;
+    const int chunk = t % C::kChunks;
+#pragma unroll
+    for (int i = 0; i < 64 / kRowsPerPass; ++i) {
+      const int r = cw * 64 + t / C::kChunks + i * kRowsPerPass;
       const int pos = r / hc, h = r - pos * hc;
       const bool valid = pos < u.rows && h < u.heads;
       const T* src = valid ? q + std::int64_t(u.row0 + pos) * a.q_stride_batch +
                                  std::int64_t(u.head0 + h) * a.q_stride_head
                            : q;
-      ptx::cp_async_16_shared_data(dst + i * kPassBytes,
+      ptx::cp_async_16_shared_data(q_base + operand_offset(C::kRows, r, chunk),
                                    reinterpret_cast<const char*>(src) + chunk * 16, !valid);
     }
+    ptx::cp_async_commit();
+    ptx::cp_async_wait<0>();
+    wgmma::fence_async_shared();
+    // The warpgroup's Q rows have landed (named barriers 1 and 2: 0 is __syncthreads').
+    if (cw == 0) {
+      wgmma::named_barrier_sync<1, 128>();
+    } else {
+      wgmma::named_barrier_sync<2, 128>();
+    }
   }
-
-  // K/V tiles: key rows past the range, or in a block outside the cache, are copied from a row
-  // of zeros (a zero V row keeps P V finite where P is 0). The global address of every K and V
-  // row of a tile is computed once, by thread j < 2 kKeys for K (j < kKeys) or V row j % kKeys,
-  // into a shared ring of two slots, a tile before its copy; the block id it needs is loaded
-  // earlier in the same iteration. A copy is then a shared load and an add.
-  const std::int32_t* table = a.kv.table_row(u.b, u.kv_head);
-  const T* k_head = a.kv.k_head<T>(u.kv_head);
-  const T* v_head = a.kv.v_head<T>(u.kv_head);
-  const int key_end = max(0, u.pos0 + u.rows);  // <= the length: pos0 + rows <= len
-  const int num_tiles = u.tile_end - u.tile_begin;
-  auto tile_key = [&](int tile) { return u.key_begin + (u.tile_begin + tile) * kKeys; };
-  std::uint64_t* const ring = reinterpret_cast<std::uint64_t*>(
-      smem + (q_base - ptx::smem_addr(smem)) + C::kQBytes + C::kStages * C::kStageBytes);
-  const bool address_thread = threadIdx.x < 2 * kKeys;
-  std::int32_t row_block = -1;  // the block of this thread's row of the next tile addressed
-  auto load_row_block = [&](int tile) {
-    if (!address_thread || tile >= num_tiles) return;
-    const int token = tile_key(tile) + int(threadIdx.x) % kKeys;
-    // Loaded unconditionally (a key of the range: key_end >= 1 where a tile exists).
-    const std::int32_t block = table[a.kv.page_of(min(token, key_end - 1))];
-    row_block = token < key_end ? block : -1;
-  };
-  auto store_row_address = [&](int tile) {
-    if (!address_thread || tile >= num_tiles) return;
-    const int token = tile_key(tile) + int(threadIdx.x) % kKeys;
-    const std::int64_t block = row_block;
-    std::uint64_t address = reinterpret_cast<std::uint64_t>(prefill_zero_row<D>);
-    if (a.kv.in_cache(block)) {
-      const int page = a.kv.page_of(token);
-      address = int(threadIdx.x) < kKeys
-                    ? reinterpret_cast<std::uint64_t>(a.kv.k_row(k_head, block, token, page))
-                    : reinterpret_cast<std::uint64_t>(a.kv.v_row(v_head, block, token, page));
-    }
-    ring[(tile % 2) * 2 * kKeys + threadIdx.x] = address;
-  };
-  auto copy_tile = [&](int tile) {
-    const std::uint64_t* slot = ring + (tile % 2) * 2 * kKeys;
-    const std::uint32_t ks = stage_base + (tile % C::kStages) * C::kStageBytes + copy_offset(kKeys);
-    const std::uint32_t vs = ks + C::kTileBytes;
-    std::uint64_t k_address[C::kKvPasses], v_address[C::kKvPasses];
-#pragma unroll
-    for (int i = 0; i < C::kKvPasses; ++i) {
-      k_address[i] = slot[row_in_pass + i * C::kRowsPerPass];
-      v_address[i] = slot[kKeys + row_in_pass + i * C::kRowsPerPass];
-    }
-#pragma unroll
-    for (int i = 0; i < C::kKvPasses; ++i) {
-      ptx::cp_async_16_shared_data(ks + i * kPassBytes,
-                                   reinterpret_cast<const char*>(k_address[i]) + chunk * 16, false);
-      ptx::cp_async_16_shared_data(vs + i * kPassBytes,
-                                   reinterpret_cast<const char*>(v_address[i]) + chunk * 16, false);
-    }
-  };
 
   // This thread's rows of the accumulators: row_base and row_base + 8 of the CTA's 128, at key
   // columns 8 j + quad_col + 0..1 of every 8 (wgmma.cuh). Rows fill from 0, so a warpgroup past
   // the last row holds none.
   const int quad_col = 2 * (lane % 4);
-  const int row_base = wg * 64 + (warp % 4) * 16 + lane / 4;
-  const bool wg_active = wg * 64 < u.rows * hc;
+  const int row_base = cw * 64 + (warp % 4) * 16 + lane / 4;
+  const bool wg_active = cw * 64 < u.rows * hc;
   auto row_position = [&](int r) {
     const int row = row_base + 8 * r;
     const int pos = row / hc, h = row - pos * hc;
@@ -180,25 +227,10 @@ __global__ void __launch_bounds__(256, 1)
   for (int i = 0; i < kKeys / 2; ++i) s[i] = 0.0f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
 
-  // Copy groups: Q with tile 0, then one per tile (committed even when empty), kAhead tiles in
-  // flight. Each prologue tile's addresses are stored, then read after a barrier; the slot a
-  // store overwrites was read before the previous barrier.
-#pragma unroll
-  for (int t = 0; t < C::kAhead; ++t) {
-    load_row_block(t);
-    store_row_address(t);
-    __syncthreads();
-    if (t < num_tiles) copy_tile(t);
-    ptx::cp_async_commit();
-  }
-  load_row_block(C::kAhead);
-  store_row_address(C::kAhead);  // read after the loop's first barrier
-
   // Operand descriptors: Q's rows of this warpgroup; a k-step of 16 moves 32 bytes within a
   // 128-byte column block, and every 4 steps to the next block. V is read N-major: its 128-byte
   // column blocks kKeys rows apart, 16 rows per k-step.
-  const std::uint64_t q_desc = wgmma::descriptor(q_base + wg * 64 * 128, 16, 1024);
-  auto stage_smem = [&](int tile) { return stage_base + (tile % C::kStages) * C::kStageBytes; };
+  const std::uint64_t q_desc = wgmma::descriptor(q_base + cw * 64 * 128, 16, 1024);
   auto issue_scores = [&](int tile) {
     const std::uint64_t k_desc = wgmma::descriptor(stage_smem(tile), 16, 1024);
 #pragma unroll
@@ -309,45 +341,47 @@ __global__ void __launch_bounds__(256, 1)
     }
   };
 
+  // A warp's MMAs on a tile are done: the producer may refill its stage.
+  auto release = [&](int tile) {
+    if (lane == 0) wgmma::barrier_arrive(empty(tile));
+  };
+  auto wait_full = [&](int tile) { wgmma::barrier_wait(full(tile), (tile / kStages) & 1); };
+  if (!wg_active) {
+    // No row of this CTA falls in this warpgroup: it only keeps the stages' accounting.
+    for (int it = 0; it < num_tiles; ++it) {
+      wait_full(it);
+      release(it);
+    }
+    return;
+  }
+
   // Tile it: its scores and the previous tile's O += P V are issued together, and the softmax
   // of these scores runs while the tensor cores do P V (tile 0 has no previous tile: it runs
-  // alone, so the loop holds no branch around the MMAs). Tile it + kAhead is copied into the
-  // stage of tile it - 2, whose P V every warpgroup finished before the barrier.
-  auto next_copies = [&](int it) {
-    if (it + C::kAhead < num_tiles) copy_tile(it + C::kAhead);
-    ptx::cp_async_commit();
-    load_row_block(it + C::kAhead + 1);
-  };
+  // alone, so the loop holds no branch around the MMAs). Tile it - 1's stage is released once
+  // its P V is done.
   float correction[2];
   if (num_tiles > 0) {
-    ptx::cp_async_wait<C::kAhead - 1>();
-    wgmma::fence_async_shared();
-    __syncthreads();  // Q and tile 0 have landed
+    wait_full(0);
     wgmma::fence();
     issue_scores(0);
-    next_copies(0);
     wgmma::wait<0>();
     wgmma::hold(s);
     softmax(0, correction);
     rescale_and_take_p(correction);
-    store_row_address(C::kAhead + 1);  // into the slot read before this barrier
   }
   for (int it = 1; it < num_tiles; ++it) {
-    ptx::cp_async_wait<C::kAhead - 1>();
-    wgmma::fence_async_shared();
-    __syncthreads();  // tile it has landed; tile it - 2's stage is free
+    wait_full(it);
     wgmma::fence();
     issue_scores(it);
     issue_values(it - 1);
-    next_copies(it);
     wgmma::wait<1>();  // the scores; P V may still run
     wgmma::hold(s);
     softmax(it, correction);
     wgmma::wait<0>();
     wgmma::hold(o);
     wgmma::hold(s);  // P is packed into the registers that P V read only after the wait
+    release(it - 1);
     rescale_and_take_p(correction);
-    store_row_address(it + C::kAhead + 1);  // into the slot read before this barrier
   }
   if (num_tiles > 0) {
     wgmma::fence();
@@ -355,9 +389,7 @@ __global__ void __launch_bounds__(256, 1)
     wgmma::wait<0>();
     wgmma::hold(o);
   }
-  ptx::cp_async_wait<0>();
   ptx::allow_dependent_grids();  // the merge kernel (if any) may start launching
-  if (!wg_active) return;
 
   const AttentionOutput& out = a.output;
 #pragma unroll
