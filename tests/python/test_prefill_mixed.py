@@ -45,11 +45,21 @@ def mixed_batch(rng, chunks, num_decode: int = 8, max_prefix: int = 700):
 
 
 def decode_call(case, dtype, **options):
-    """(out, lse) as float64 of a plain decode call (no query_start_loc) over the case's
-    sequences of exactly one row: their table rows, lengths and query rows."""
+    """(rows, out, lse), out and lse as float64, of a plain decode call (no query_start_loc)
+    over the case's sequences of exactly one row (`rows`: their query rows): their table rows,
+    lengths and queries, with the call's options and the split count that the mixed call uses."""
     rows = np.diff(case.query_start_loc)
     single = np.flatnonzero(rows == 1)
     kc, vc = cache_pair(case.key_cache, case.value_cache, "torch", dtype, "cuda", "NHD")
+    splits, _ = ts.plan_paged_attention(
+        cuda(case.query, dtype),
+        kc,
+        cuda(case.block_table),
+        window_left=options.get("window_left", -1),
+        num_splits=options.get("num_splits"),
+        query_start_loc=cuda(case.query_start_loc),
+    )
+    options = {**options, "num_splits": splits}
     q = cuda(case.query[case.query_start_loc[single]], dtype)
     out = empty(tuple(q.shape), "torch", dtype, "cuda")
     lse = empty(tuple(q.shape[:2]), "torch", "float32", "cuda")
@@ -68,8 +78,8 @@ def decode_call(case, dtype, **options):
 
 
 def assert_decode_rows_bitwise(case, dtype, out, lse, **options):
-    """The mixed call's rows of one-row sequences equal a decode call's bit for bit (same split
-    count): the decode kernel wrote them, and nothing wrote them after."""
+    """The mixed call's rows of one-row sequences equal a decode call's bit for bit (with the
+    mixed call's split count): the decode kernel wrote them, and nothing wrote them after."""
     rows, dec_out, dec_lse = decode_call(case, dtype, **options)
     assert len(rows) > 0
     np.testing.assert_array_equal(out[rows], dec_out)
@@ -231,7 +241,7 @@ def test_planned_split_of_a_mixed_step(rng):
     workspace = torch.empty((nbytes,), dtype=torch.uint8, device="cuda")
     out, lse, ref_out, ref_lse = run(case, "float16", workspace=workspace)
     check(out, lse, ref_out, ref_lse, "float16")
-    assert_decode_rows_bitwise(case, "float16", out, lse, num_splits=splits)
+    assert_decode_rows_bitwise(case, "float16", out, lse)
 
 
 @pytest.mark.parametrize("kernel,total", [("mma", 90), ("wgmma", 420)])
