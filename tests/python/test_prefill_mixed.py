@@ -29,10 +29,12 @@ pytestmark = [
 CHUNKS = {"mma": [37, 90, 17], "wgmma": [300, 129, 64]}
 
 
-def mixed_batch(rng, chunks, num_decode: int = 8, max_prefix: int = 700):
-    """(seq_lens, rows) of a mixed step, shuffled: num_decode decode rows over random prefixes,
-    the chunks over random prefixes, an empty sequence, a sequence with a prefix and no rows, and
-    a sequence of one token with its one row."""
+def mixed_batch(rng, kernel: str, num_decode: int = 8, max_prefix: int = 700):
+    """(seq_lens, rows) of a mixed step for the prefill kernel `kernel`, shuffled: num_decode
+    decode rows over random prefixes, the kernel's chunks over random prefixes, an empty
+    sequence, a sequence with a prefix and no rows, and a sequence of one token with its one
+    row."""
+    chunks = CHUNKS[kernel]
     rows = [1] * num_decode + list(chunks) + [0, 0, 1]
     lens = [1 + int(rng.integers(1, max_prefix)) for _ in range(num_decode)]
     lens += [c + int(rng.integers(0, max_prefix)) for c in chunks]
@@ -41,6 +43,7 @@ def mixed_batch(rng, chunks, num_decode: int = 8, max_prefix: int = 700):
     rows = [rows[i] for i in order]
     lens = [lens[i] for i in order]
     assert sum(rows) < 64 * len(rows)  # a mixed step
+    assert (sum(rows) - len(rows) >= 256) == (kernel == "wgmma")
     return lens, rows
 
 
@@ -94,7 +97,7 @@ def assert_decode_rows_bitwise(case, dtype, out, lse, **options):
 def test_mixed_step(rng, kernel, dtype, head_dim, group, block_size):
     """Decode rows, chunks, empty sequences, a sequence without rows and a one-token sequence;
     MHA, GQA and a group of 20 (two head tiles of the decode kernel), pages of 1, 7 and 16."""
-    lens, rows = mixed_batch(rng, CHUNKS[kernel])
+    lens, rows = mixed_batch(rng, kernel)
     case = make_case(rng, lens, rows, 2, group, head_dim, block_size)
     out, lse, ref_out, ref_lse = run(case, dtype)
     check(out, lse, ref_out, ref_lse, dtype)
@@ -114,7 +117,7 @@ def test_mixed_step(rng, kernel, dtype, head_dim, group, block_size):
     ],
 )
 def test_mixed_step_window_soft_cap_scale(rng, kernel, num_splits, options):
-    lens, rows = mixed_batch(rng, CHUNKS[kernel])
+    lens, rows = mixed_batch(rng, kernel)
     case = make_case(rng, lens, rows, 2, 4, 128, 16)
     out, lse, ref_out, ref_lse = run(case, "float16", num_splits=num_splits, **options)
     check(out, lse, ref_out, ref_lse, "float16")
@@ -127,7 +130,7 @@ def test_mixed_step_window_soft_cap_scale(rng, kernel, num_splits, options):
 def test_mixed_step_forced_splits(rng, kernel, dtype, num_splits):
     """Both kernels write split partials of the query rows into one workspace and one merge
     combines them; long prefixes, so that splits cut every row's keys (a split may get none)."""
-    lens, rows = mixed_batch(rng, CHUNKS[kernel], num_decode=6, max_prefix=2500)
+    lens, rows = mixed_batch(rng, kernel, num_decode=6, max_prefix=2500)
     case = make_case(rng, lens, rows, 2, 4, 128, 16)
     for options in ({}, {"window_left": 900}):
         out, lse, ref_out, ref_lse = run(case, dtype, num_splits=num_splits, **options)
@@ -171,7 +174,7 @@ def test_one_row_without_keys(rng, kernel, num_splits):
     """A one-row sequence whose length on the device is 0 (more rows than keys, which CUDA cannot
     check): its row sees no key, output 0 and log-sum-exp -inf as the prefill kernel gives such
     rows; the other rows are untouched by it."""
-    lens, rows = mixed_batch(rng, CHUNKS[kernel])
+    lens, rows = mixed_batch(rng, kernel)
     case = make_case(rng, lens, rows, 2, 4, 128, 16)
     ref_out, ref_lse = R.paged_prefill(
         f64(cuda(case.query, "float16")),
@@ -253,7 +256,7 @@ def test_cuda_graph_replay_switches_one_and_several_rows(rng, kernel, total, num
     the new offsets at every replay."""
     batch, max_blocks, block_size = 12, 60, 16
     num_blocks, heads_kv, group, head_dim = 10 * max_blocks, 2, 4, 128
-    assert total < 64 * batch
+    assert total < 64 * batch and (total - batch >= 256) == (kernel == "wgmma")
     shape = (num_blocks, block_size, heads_kv, head_dim)
     kc = cuda(rng.standard_normal(shape), "float16")
     vc = cuda(rng.standard_normal(shape), "float16")
