@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(384, 1)
     const std::int32_t* table = a.kv.table_row(u.b, u.kv_head);
     const T* k_head = a.kv.k_head<T>(u.kv_head);
     const T* v_head = a.kv.v_head<T>(u.kv_head);
-    const int key_end = max(0, u.pos0 + u.rows);  // <= the length: pos0 + rows <= len
+    const int key_end = max(0, u.pos0 + u.rows);   // <= the length: pos0 + rows <= len
     const int warp_row0 = warp * C::kRowsPerWarp;  // K rows below kKeys, V rows from kKeys
     const bool values = warp_row0 >= kKeys;
     auto owns = [&](int j) { return lane + 32 * j < C::kRowsPerWarp; };
