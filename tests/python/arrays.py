@@ -136,6 +136,36 @@ def prefill_graph_buffers(batch, total, max_blocks, num_q_heads, head_dim, devic
     return q, starts, table, lens, out, lse
 
 
+def replay_prefill_step(replay, rng, buffers, kc, vc, new_starts, rows, num_blocks, block_size):
+    """Writes a new prefill step into the buffers of prefill_graph_buffers (offsets new_starts of
+    `rows` rows a sequence, lengths of at least those rows, a random table and random queries),
+    NaN-poisons out and lse, runs `replay` (a captured graph's replay) and checks every row
+    against the float64 reference."""
+    q, starts, table, lens, out, lse = buffers
+    batch, max_blocks = tuple(table.shape)
+    total = q.shape[0]
+    new_lens = (rows + rng.integers(0, max_blocks * block_size - total, size=batch)).astype(
+        np.int32
+    )
+    new_table = rng.integers(0, num_blocks, size=(batch, max_blocks)).astype(np.int32)
+    new_q = rng.standard_normal(tuple(q.shape)).astype(np.float32)
+    q.copy_(torch.from_numpy(new_q).to(q.device, q.dtype))
+    starts.copy_(torch.from_numpy(np.asarray(new_starts, np.int32)).to(starts.device))
+    table.copy_(torch.from_numpy(new_table).to(table.device))
+    lens.copy_(torch.from_numpy(new_lens).to(lens.device))
+    out.fill_(float("nan"))
+    lse.fill_(float("nan"))
+    replay()
+    if q.is_cuda:
+        torch.cuda.synchronize()
+    ref, ref_lse = reference.paged_prefill(
+        f64(q), f64(kc), f64(vc), new_table, new_lens, np.asarray(new_starts, np.int32)
+    )
+    assert not np.isnan(f64(out)).any() and not np.isnan(f64(lse)).any()
+    assert reference.rel_error(f64(out), ref) < TOLERANCE[str(q.dtype).split(".")[-1]]
+    np.testing.assert_allclose(f64(lse), ref_lse, rtol=1e-4, atol=1e-3)
+
+
 def prefill_reference(q, kc, vc, case, **options):
     """float64 reference (out, lse) of a prefill case (block_table, seq_lens, query_start_loc)
     for the attention options of the call (options the reference has no use for are ignored)."""

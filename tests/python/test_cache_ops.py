@@ -50,13 +50,25 @@ def block_pairs(rng, num_blocks, num_pairs):
     return ids[:num_pairs].copy(), ids[num_pairs:].copy()
 
 
+def copy_blocks_and_check(rng, tensors, num_blocks, num_pairs, fw, device):
+    """copy_blocks over `tensors` with num_pairs random (src, dst) pairs; every tensor must then
+    equal its copy from before the call with the blocks moved in NumPy."""
+    expected = [f64(t) for t in tensors]
+    src, dst = block_pairs(rng, num_blocks, num_pairs)
+    ts.copy_blocks(tensors, asarray(src, fw, device=device), asarray(dst, fw, device=device))
+    sync(fw, device)
+    for t, e in zip(tensors, expected):
+        e[dst] = e[src]
+        np.testing.assert_array_equal(f64(t), e)
+
+
 @pytest.mark.parametrize("backend", backends())
 def test_copy_blocks_many_layers(rng, backend):
     """Every pair in every tensor: K and V of several layers in mixed layouts and dtypes, plus a
     page-metadata-shaped tensor, in one call."""
     fw, device = backend
     num_blocks, block_size, heads, head_dim = 40, 16, 2, 64
-    tensors, expected = [], []
+    tensors = []
     dtypes = ["float32", "float16"] + (["bfloat16"] if fw == "torch" else [])
     for layer in range(3):
         dtype = dtypes[layer % len(dtypes)]
@@ -72,13 +84,7 @@ def test_copy_blocks_many_layers(rng, backend):
         tensors += [k, v]
     meta = asarray(random_cache(rng, (num_blocks, heads, 2, head_dim)), fw, "float32", device)
     tensors.append(meta)
-    expected = [f64(t) for t in tensors]
-    src, dst = block_pairs(rng, num_blocks, 12)
-    ts.copy_blocks(tensors, asarray(src, fw, device=device), asarray(dst, fw, device=device))
-    sync(fw, device)
-    for t, e in zip(tensors, expected):
-        e[dst] = e[src]
-        np.testing.assert_array_equal(f64(t), e)
+    copy_blocks_and_check(rng, tensors, num_blocks, 12, fw, device)
 
 
 @pytest.mark.parametrize("backend", backends())
@@ -321,14 +327,8 @@ def test_one_dimensional_block_tensors(rng, backend):
     wide = asarray(random_cache(rng, (num_blocks, 3)), fw, "float32", device)
     column = wide[:, 1]  # stride 3 elements
     tensors = [cache, scales, flags, column]
-    expected = [f64(t) for t in tensors]
     wide_before = f64(wide)
-    src, dst = block_pairs(rng, num_blocks, 7)
-    ts.copy_blocks(tensors, asarray(src, fw, device=device), asarray(dst, fw, device=device))
-    sync(fw, device)
-    for t, e in zip(tensors, expected):
-        e[dst] = e[src]
-        np.testing.assert_array_equal(f64(t), e)
+    copy_blocks_and_check(rng, tensors, num_blocks, 7, fw, device)
     np.testing.assert_array_equal(f64(wide)[:, [0, 2]], wide_before[:, [0, 2]])
 
     host = asarray(np.full(10, np.nan, np.float32), fw, "float32", "cpu")

@@ -16,7 +16,15 @@ from test_prefill_cuda import cuda, make_case, run
 
 import reference as R
 import tinyserve as ts
-from arrays import TOLERANCE, cache_pair, empty, f64, prefill_graph_buffers, torch
+from arrays import (
+    TOLERANCE,
+    cache_pair,
+    empty,
+    f64,
+    prefill_graph_buffers,
+    replay_prefill_step,
+    torch,
+)
 from arrays import check_prefill as check
 
 pytestmark = [
@@ -261,9 +269,8 @@ def test_cuda_graph_replay_switches_one_and_several_rows(rng, kernel, total, num
     shape = (num_blocks, block_size, heads_kv, head_dim)
     kc = cuda(rng.standard_normal(shape), "float16")
     vc = cuda(rng.standard_normal(shape), "float16")
-    q, starts, table, lens, out, lse = prefill_graph_buffers(
-        batch, total, max_blocks, heads_kv * group, head_dim
-    )
+    buffers = prefill_graph_buffers(batch, total, max_blocks, heads_kv * group, head_dim)
+    q, starts, table, lens, out, lse = buffers
     kwargs = dict(out=out, lse=lse, num_splits=num_splits, query_start_loc=starts)
     _, nbytes = ts.plan_paged_attention(q, kc, table, num_splits=num_splits, query_start_loc=starts)
     kwargs["workspace"] = torch.empty((max(nbytes, 1),), dtype=torch.uint8, device="cuda")
@@ -284,19 +291,6 @@ def test_cuda_graph_replay_switches_one_and_several_rows(rng, kernel, total, num
         cuts = np.sort(rng.integers(0, spare + 1, size=len(others) - 1))
         rows[others] += np.diff(np.concatenate([[0], cuts, [spare]]))
         new_starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int32)
-        new_lens = (rows + rng.integers(0, max_blocks * block_size - total, size=batch)).astype(
-            np.int32
+        replay_prefill_step(
+            graph.replay, rng, buffers, kc, vc, new_starts, rows, num_blocks, block_size
         )
-        new_table = rng.integers(0, num_blocks, size=(batch, max_blocks)).astype(np.int32)
-        q.copy_(cuda(rng.standard_normal(tuple(q.shape)), "float16"))
-        starts.copy_(cuda(new_starts))
-        table.copy_(cuda(new_table))
-        lens.copy_(cuda(new_lens))
-        out.fill_(float("nan"))
-        lse.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        ref, ref_lse = R.paged_prefill(f64(q), f64(kc), f64(vc), new_table, new_lens, new_starts)
-        assert not np.isnan(f64(out)).any() and not np.isnan(f64(lse)).any()
-        assert R.rel_error(f64(out), ref) < TOLERANCE["float16"]
-        np.testing.assert_allclose(f64(lse), ref_lse, rtol=1e-4, atol=1e-3)
