@@ -52,6 +52,14 @@ _plans: dict[tuple[Any, ...], tuple[int, Any]] = {}
 _select_workspaces: dict[tuple[Any, ...], Any] = {}
 
 
+def _remember(cache: dict[tuple[Any, ...], Any], key: tuple[Any, ...], value: Any) -> None:
+    """Keeps value under key in one of the host-value caches above, emptied when it holds
+    _MAX_PLANS entries (a bound for callers whose shapes never repeat)."""
+    if len(cache) >= _MAX_PLANS:
+        cache.clear()
+    cache[key] = value
+
+
 def _workspace(like: Any, fw: str, nbytes: int, purpose: str, stream: int) -> Any:
     """The kept scratch buffer of at least nbytes for `purpose` on `stream` (a cudaStream_t)."""
     key = (purpose, fw, str(getattr(like, "device", "")), stream)
@@ -145,9 +153,7 @@ def _cuda_plan(
             splits,
             _workspace(query, fw, nbytes, "paged_attention", stream) if nbytes else None,
         )
-        if len(_plans) >= _MAX_PLANS:
-            _plans.clear()
-        _plans[key] = plan
+        _remember(_plans, key, plan)
     return plan
 
 
@@ -327,9 +333,7 @@ def select_pages(
         if workspace is None:
             nbytes = select_pages_workspace_bytes(query, page_meta, block_table)
             workspace = _workspace(query, fw, nbytes, "select_pages", s)
-            if len(_select_workspaces) >= _MAX_PLANS:
-                _select_workspaces.clear()
-            _select_workspaces[key] = workspace
+            _remember(_select_workspaces, key, workspace)
     _C.select_pages(
         x(query),
         x(page_meta),

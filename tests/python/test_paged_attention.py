@@ -232,6 +232,20 @@ def test_a_passed_workspace_is_not_kept(rng):
     assert kept() is None
 
 
+def test_host_value_caches_are_bounded(monkeypatch):
+    """The plan and select-workspace caches hold at most _MAX_PLANS entries: the one past the
+    bound empties the cache and stays alone in it."""
+    from tinyserve import _ops
+
+    monkeypatch.setattr(_ops, "_MAX_PLANS", 3)
+    cache = {}
+    for i in range(3):
+        _ops._remember(cache, (i,), i)
+    assert cache == {(0,): 0, (1,): 1, (2,): 2}
+    _ops._remember(cache, (3,), 3)
+    assert cache == {(3,): 3}
+
+
 def test_the_plan_cache_keeps_only_its_own_workspace(rng, monkeypatch):
     """The CUDA plan cache, driven on the CPU with the core's planning and launch stubbed: a
     call with the caller's workspace neither plans nor stores it (the caller's buffer dies with
