@@ -323,15 +323,17 @@ __device__ __forceinline__ std::int64_t clamped_length(const SelectArgs& a, int 
   return min(max(std::int64_t(a.seq_lens[b]), std::int64_t(0)), capacity);
 }
 
-// The candidate pages [begin, end) of sequence b that scoring thread block blockIdx.x scores,
+// The candidate pages [begin, end) of sequence b in a scoring kernel's page range `chunk`
+// (pages_per_block pages from chunk * pages_per_block),
 // never a sink page or the last page; false where there are none, as where the sequence has no
 // more pages than the budget (the selection kernel copies its table).
-__device__ __forceinline__ bool scored_pages(const SelectArgs& a, int b, int& begin, int& end) {
+__device__ __forceinline__ bool scored_pages(const SelectArgs& a, int b, int chunk, int& begin,
+                                             int& end) {
   const std::int64_t len = clamped_length(a, b);
   const int pages = int((len + a.block_size - 1) / a.block_size);
   if (pages <= a.budget) return false;
-  begin = max(int(blockIdx.x) * a.pages_per_block, a.num_sink_pages);
-  end = min(int(blockIdx.x + 1) * a.pages_per_block, pages - 1);
+  begin = max(chunk * a.pages_per_block, a.num_sink_pages);
+  end = min((chunk + 1) * a.pages_per_block, pages - 1);
   return begin < end;
 }
 
@@ -592,7 +594,7 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
   constexpr int kRounds = kScoreSlots / K;  // items per lane group per round
   const int b = blockIdx.y;
   int begin, end;
-  if (!scored_pages(a, b, begin, end)) return;
+  if (!scored_pages(a, b, int(blockIdx.x), begin, end)) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   constexpr int kWarps = kScoreThreads / 32;
   const int per_warp = (end - begin + kWarps - 1) / kWarps;
@@ -753,6 +755,309 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
 }
 
 // ---------------------------------------------------------------------------------------------
+// Scoring on tensor cores: 16-bit summaries, head_dim 64, 128 or 256, rows 16-byte aligned.
+//
+// Every score is linear in a page's two summary rows: for KV head h and column c (each query
+// head of the group, or one column where the group is folded as above),
+//   score_c = sum_d w0[c][d] * row0[d] + w1[c][d] * row1[d],
+// with w0, w1 from the query: per query head, minmax min(q, 0) and max(q, 0); minmax_damped
+// 3/4 min(q, 0) + 1/4 max(q, 0) and 3/4 max(q, 0) + 1/4 min(q, 0); meanstd q and |q| (the
+// reference's formulas, since min <= max); folded, their sums over the group. The columns'
+// scores are then summed or maximised. So one KV head's rows of 16 pages (a 16 x 2 head_dim
+// tile) times its weights (2 head_dim x columns) is a matrix product: m16n8k16 MMAs, the pages as
+// M, the columns as N (padded to 8), float32 accumulators.
+//
+// The weights are float32 and the MMA's B operand 16-bit, so each weight is split into 16-bit
+// terms whose sum is the weight to about 2^-22 relative or better, each term one more MMA into
+// the same accumulators. float16: hi = half(w), lo = half(w - hi), after the KV head's weights are
+// scaled by a power of two that puts the largest in [2^14, 2^15) (no term overflows, and only
+// weights below 2^-29 of the largest, negligible beside it, fall into float16's subnormals); the
+// scale is undone on the score, exactly. bfloat16 has float32's range and 8 bits: three terms, no
+// scale. The summaries are exact in the MMA's input type and the products exact in float32; the
+// tensor cores sum them in float32 in another order than a loop would.
+//
+// One thread block per (sequence, KV head, page range) builds its KV head's weights once, in
+// shared memory in B-fragment order. Warp w scores the range's 16-page tiles w, w + 4, ...: a
+// tile (both rows of 16 pages, 64 * head_dim bytes) is copied into the warp's staging with
+// cp.async kMmaScoreStages - 1 tiles ahead of the one being scored (the block ids one tile ahead
+// of that), each page's rows padded by 16 bytes so that each ldmatrix reads 8 pages' chunks from
+// distinct banks; a tile's 16 scores are one coalesced store.
+
+constexpr int kMmaScoreWarps = 4;
+constexpr int kMmaScoreThreads = 32 * kMmaScoreWarps;
+// Three stages: two tiles in flight per warp while it scores a third, about 128 KiB per
+// multiprocessor at every head_dim (4, 2 or 1 thread blocks of 51, 99 or 195 KiB of staging at
+// head_dim 64, 128 or 256).
+constexpr int kMmaScoreStages = 3;
+constexpr int kMmaTilePages = 16;  // the MMA's M
+
+// 16-bit terms per weight.
+template <class T>
+constexpr int kWeightTerms = std::is_same_v<T, __half> ? 2 : 3;
+
+// Bytes of a staged page (both summary rows, then 16 bytes of padding: 8 consecutive pages' same
+// chunk lie in distinct banks for ldmatrix) and of a staged tile of 16 pages.
+constexpr int mma_page_bytes(int head_dim) { return 2 * head_dim * 2 + 16; }
+constexpr int mma_tile_bytes(int head_dim) { return kMmaTilePages * mma_page_bytes(head_dim); }
+
+// Dynamic shared memory of score_pages_mma_kernel: the weights' B fragments (8 bytes per lane
+// per term, per 16 of the 2 * head_dim, per 8 columns), the warps' staging, the warps' maxima.
+constexpr std::int64_t mma_score_smem_bytes(int head_dim, int columns, int terms) {
+  return std::int64_t((columns + 7) / 8) * (head_dim / 8) * terms * 32 * 8 +
+         kMmaScoreWarps * kMmaScoreStages * mma_tile_bytes(head_dim) + kMmaScoreWarps * 4;
+}
+
+// The weights (w0, w1) of column c of KV head h at element d: query head h * group + c, or the
+// group's sums where folded (the page-wide kernel's sums, in its order).
+template <class T>
+__device__ __forceinline__ float2 column_weights(const SelectArgs& a, const T* query, int h,
+                                                 int group, bool folded, int c, int d) {
+  float w0 = 0.0f, w1 = 0.0f;
+  const int first = folded ? 0 : c, last = folded ? group : c + 1;
+  for (int g = first; g < last; ++g) {
+    const float x = to_float(query[(h * group + g) * a.q_stride_head + d]);
+    if (a.kind == PageSummary::MinMax) {
+      w0 += fminf(x, 0.0f);
+      w1 += fmaxf(x, 0.0f);
+    } else if (a.kind == PageSummary::MinMaxDamped) {
+      w0 += fmaf(0.75f, fminf(x, 0.0f), 0.25f * fmaxf(x, 0.0f));
+      w1 += fmaf(0.75f, fmaxf(x, 0.0f), 0.25f * fminf(x, 0.0f));
+    } else {
+      w0 += x;
+      w1 += fabsf(x);
+    }
+  }
+  return make_float2(w0, w1);
+}
+
+// w as kWeightTerms<T> 16-bit terms, largest first, each the rest rounded to nearest (every rest
+// is exact in float32). A non-finite w is its own first term (the score becomes what float32
+// arithmetic with it gives).
+template <class T>
+__device__ __forceinline__ void split_weight(float w, T (&terms)[kWeightTerms<T>]) {
+  float rest = w;
+#pragma unroll
+  for (int t = 0; t < kWeightTerms<T>; ++t) {
+    terms[t] = from_float<T>(rest);
+    rest = isfinite(w) ? rest - to_float(terms[t]) : 0.0f;
+  }
+}
+
+// Two 16-bit values as one register of an MMA fragment, `first` in the low half.
+template <class T>
+__device__ __forceinline__ std::uint32_t pack_pair(T first, T second) {
+  std::uint16_t lo, hi;
+  memcpy(&lo, &first, 2);
+  memcpy(&hi, &second, 2);
+  return std::uint32_t(lo) | (std::uint32_t(hi) << 16);
+}
+
+// Grid (page ranges * num_kv_heads, batch): thread block x scores KV head x % num_kv_heads over
+// pages [(x / num_kv_heads) * pages_per_block, ...) of sequence y, pages_per_block a multiple
+// of 16.
+template <class T, int D>
+__global__ void __launch_bounds__(kMmaScoreThreads, 4)
+    score_pages_mma_kernel(const __grid_constant__ SelectArgs a) {
+  constexpr int kTerms = kWeightTerms<T>;
+  constexpr int kSteps = D / 8;      // k-steps of 16 over both rows (2 * D)
+  constexpr int kChunks = D / 4;     // 16-byte chunks of a page's two rows
+  constexpr int kRowChunks = D / 8;  // of one row
+  constexpr int kPageBytes = mma_page_bytes(D);
+  constexpr int kTileBytes = mma_tile_bytes(D);
+  // Copy i of a tile (one 16-byte cp.async per lane): page (i / kCopiesPerPage) * kPagesPerCopy
+  // + lane / kLanesPerPage, chunk (i % kCopiesPerPage) * kLanesPerPage + lane % kLanesPerPage.
+  constexpr int kLanesPerPage = kChunks < 32 ? kChunks : 32;
+  constexpr int kPagesPerCopy = 32 / kLanesPerPage;
+  constexpr int kCopiesPerPage = kChunks / kLanesPerPage;
+  constexpr int kCopies = kMmaTilePages * kCopiesPerPage / kPagesPerCopy;  // per lane per tile
+  static_assert(D % 16 == 0 && (32 % kChunks == 0 || kChunks % 32 == 0),
+                "whole k-steps, and pages' chunks in whole copy instructions of a warp");
+  // [column tile][k-step][term][lane] fragments, then the staging, then the warps' maxima.
+  extern __shared__ __align__(16) unsigned char score_mma_smem[];
+  // As the page-wide kernel: nothing is read before the previous grid is done, and the
+  // selection kernel may be scheduled from here (it waits for this grid before reading scores).
+  ptx::wait_for_previous_grid();
+  ptx::allow_dependent_grids();
+  const int heads = a.num_kv_heads;
+  const int h = int(blockIdx.x % unsigned(heads)), b = blockIdx.y;
+  int begin, end;
+  if (!scored_pages(a, b, int(blockIdx.x / unsigned(heads)), begin, end)) return;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int group = a.num_q_heads / heads;
+  const bool folded = group > 1 && a.reduce == GroupReduce::Sum;
+  const int columns = folded ? 1 : group;
+  const int column_tiles = (columns + 7) / 8;
+  uint2* const fragments = reinterpret_cast<uint2*>(score_mma_smem);
+  const int fragment_bytes = column_tiles * kSteps * kTerms * 32 * 8;
+  const std::uint32_t staging =
+      ptx::smem_addr(score_mma_smem + fragment_bytes) + warp * kMmaScoreStages * kTileBytes;
+  const int lane_page = lane / kLanesPerPage, lane_chunk = lane % kLanesPerPage;
+  float* const warp_max = reinterpret_cast<float*>(score_mma_smem + fragment_bytes +
+                                                   kMmaScoreWarps * kMmaScoreStages * kTileBytes);
+
+  // Copies: lanes 0-15 hold the block ids of the tile to issue next and of the one after it.
+  const std::int32_t* table = a.block_table + b * a.block_table_stride;
+  const T* meta = reinterpret_cast<const T*>(a.meta);
+  const int tiles = (end - begin + kMmaTilePages - 1) / kMmaTilePages;
+  const auto tile_block = [&](int k) -> std::int32_t {  // page `lane` of the warp's tile k
+    const int page = begin + (warp + k * kMmaScoreWarps) * kMmaTilePages + lane;
+    return lane < kMmaTilePages && page < end ? table[page] : -1;
+  };
+  std::int32_t block_now = tile_block(0), block_next = tile_block(1);
+  const std::int64_t head_offset = h * a.meta_stride_head;
+  std::int64_t chunk_offset[kCopiesPerPage];  // elements from a page's rows to this lane's chunks
+#pragma unroll
+  for (int v = 0; v < kCopiesPerPage; ++v) {
+    const int j = v * kLanesPerPage + lane_chunk;
+    chunk_offset[v] =
+        (j / kRowChunks) * a.meta_stride_row + (j % kRowChunks) * (16 / int(sizeof(T)));
+  }
+  const std::uint32_t lane_staging = staging + lane_page * kPageBytes + lane_chunk * 16;
+  const std::uint64_t policy = ptx::evict_first_policy();
+  std::uint64_t pending = 0;  // 16 bits per tile in flight, oldest lowest: which pages are valid
+  int issued = 0;
+  // Issues the warp's next tile (pages past the range or with a bad block id zero-filled; none
+  // where no page is valid) as one copy group; `slot`: its place among the tiles in flight.
+  const auto issue = [&](int slot) {
+    const bool valid = block_now >= 0 && block_now < a.num_blocks;
+    const T* rows = meta + (valid ? block_now * a.meta_stride_block + head_offset : 0);
+    const unsigned mask = __ballot_sync(0xffffffffu, valid) & 0xffffu;
+    pending |= std::uint64_t(mask) << (16 * slot);
+    const std::uint32_t stage = lane_staging + (issued % kMmaScoreStages) * kTileBytes;
+    if (mask != 0) {
+#pragma unroll
+      for (int i = 0; i < kCopies; ++i) {
+        const int page = (i / kCopiesPerPage) * kPagesPerCopy + lane_page;
+        const T* page_rows = reinterpret_cast<const T*>(
+            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(rows), page));
+        const std::uint32_t at = (i / kCopiesPerPage) * kPagesPerCopy * kPageBytes +
+                                 (i % kCopiesPerPage) * kLanesPerPage * 16;
+        ptx::cp_async_16(stage + at, page_rows + chunk_offset[i % kCopiesPerPage],
+                         !((mask >> page) & 1u), policy);
+      }
+    }
+    ptx::cp_async_commit();
+    ++issued;
+    block_now = block_next;
+    block_next = tile_block(issued + 1);
+  };
+  for (int s = 0; s < kMmaScoreStages - 1; ++s) issue(s);
+
+  // The weights, while the first tiles fly: the KV head's largest finite weight, then the
+  // fragments of the scaled weights' terms.
+  const T* query = reinterpret_cast<const T*>(a.query) + b * a.q_stride_batch;
+  float largest = 0.0f;
+  for (int i = threadIdx.x; i < columns * D; i += kMmaScoreThreads) {
+    const float2 w = column_weights(a, query, h, group, folded, i / D, i % D);
+    if (isfinite(w.x)) largest = fmaxf(largest, fabsf(w.x));
+    if (isfinite(w.y)) largest = fmaxf(largest, fabsf(w.y));
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, o));
+  }
+  if (lane == 0) warp_max[warp] = largest;
+  __syncthreads();
+#pragma unroll
+  for (int w = 0; w < kMmaScoreWarps; ++w) largest = fmaxf(largest, warp_max[w]);
+  float scale = 1.0f;
+  if constexpr (std::is_same_v<T, __half>) {
+    if (largest > 0.0f) scale = ldexpf(1.0f, 14 - ilogbf(largest));
+  }
+  // Lane l of a fragment holds column 8 * tile + l / 4 at k = 16 * step + 2 * (l % 4) + {0, 1}
+  // (first register) and the same k + 8 (second); k < D is row 0, else row 1 at k - D.
+  for (int i = threadIdx.x; i < column_tiles * kSteps * 32; i += kMmaScoreThreads) {
+    const int l = i % 32, step = (i / 32) % kSteps, tile = i / (32 * kSteps);
+    const int c = tile * 8 + l / 4;
+    const int k = step * 16 + (l % 4) * 2;  // k .. k + 9 lie in one row (D % 16 == 0)
+    const int row = k / D;
+    T terms[4][kTerms];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float w = 0.0f;
+      if (c < columns) {
+        const float2 pair =
+            column_weights(a, query, h, group, folded, c, k % D + (e & 1) + (e >> 1) * 8);
+        w = (row == 0 ? pair.x : pair.y) * scale;
+      }
+      split_weight<T>(w, terms[e]);
+    }
+    uint2* out = fragments + (tile * kSteps + step) * kTerms * 32 + l;
+#pragma unroll
+    for (int t = 0; t < kTerms; ++t) {
+      out[t * 32] =
+          make_uint2(pack_pair(terms[0][t], terms[1][t]), pack_pair(terms[2][t], terms[3][t]));
+    }
+  }
+  __syncthreads();
+
+  // ldmatrix: lane l addresses page (l % 8) + 8 * ((l / 8) % 2), chunk 2 * step + l / 16 (A's
+  // four 8x8 blocks: pages 0-7 and 8-15 at k 0-7, then at k 8-15).
+  const std::uint32_t a_offset =
+      ((lane & 7) + ((lane >> 3) & 1) * 8) * kPageBytes + (lane >> 4) * 16;
+  const bool by_max = a.reduce == GroupReduce::Max;  // (several columns only with the maximum)
+  const float identity = by_max ? -INFINITY : 0.0f;
+  const float unscale = 1.0f / scale;
+  float* const scores = a.scores + (std::int64_t(b) * heads + h) * a.max_blocks;
+  for (int k = 0; warp + k * kMmaScoreWarps < tiles; ++k) {
+    // Tile k has landed for every lane (each waits for its own copies, the warp barrier makes
+    // them visible to all), and every lane has read the stage refilled now (tile k - 1's).
+    ptx::cp_async_wait<kMmaScoreStages - 2>();
+    __syncwarp();
+    issue(kMmaScoreStages - 1);
+    const unsigned valid = unsigned(pending) & 0xffffu;
+    pending >>= 16;
+    const std::uint32_t stage = staging + (k % kMmaScoreStages) * kTileBytes + a_offset;
+    // Rows g = lane / 4 and g + 8 of the tile, over this lane's columns and then its quad's.
+    float row_lo = identity, row_hi = identity;
+    for (int tile = 0; tile < column_tiles; ++tile) {
+      // Two accumulators per term (even and odd steps): shorter chains of dependent MMAs.
+      float acc[kTerms][2][4] = {};
+      const uint2* frag = fragments + tile * kSteps * kTerms * 32 + lane;
+#pragma unroll
+      for (int s = 0; s < kSteps; ++s) {
+        std::uint32_t rows[4];
+        ptx::ldmatrix_x4(rows, stage + s * 32);
+#pragma unroll
+        for (int t = 0; t < kTerms; ++t) {
+          const uint2 w = frag[(s * kTerms + t) * 32];
+          ptx::mma_16816<T>(acc[t][s & 1], rows, w.x, w.y);
+        }
+      }
+      float c[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        c[q] = 0.0f;
+#pragma unroll
+        for (int t = kTerms - 1; t >= 0; --t) c[q] += acc[t][0][q] + acc[t][1][q];
+      }
+      // c[0], c[1]: row g, columns col and col + 1; c[2], c[3]: row g + 8.
+      const int col = tile * 8 + 2 * (lane & 3);
+      const float v0 = col < columns ? c[0] : identity, v1 = col + 1 < columns ? c[1] : identity;
+      const float v2 = col < columns ? c[2] : identity, v3 = col + 1 < columns ? c[3] : identity;
+      float lo = by_max ? fmaxf(v0, v1) : v0 + v1;
+      float hi = by_max ? fmaxf(v2, v3) : v2 + v3;
+#pragma unroll
+      for (int o = 1; o < 4; o <<= 1) {
+        const float lo_other = __shfl_xor_sync(0xffffffffu, lo, o);
+        const float hi_other = __shfl_xor_sync(0xffffffffu, hi, o);
+        lo = by_max ? fmaxf(lo, lo_other) : lo + lo_other;
+        hi = by_max ? fmaxf(hi, hi_other) : hi + hi_other;
+      }
+      row_lo = by_max ? fmaxf(row_lo, lo) : row_lo + lo;
+      row_hi = by_max ? fmaxf(row_hi, hi) : row_hi + hi;
+    }
+    // Lane l < 16 takes page l of the tile: row l from lane 4 * (l % 8).
+    const float from_lo = __shfl_sync(0xffffffffu, row_lo, (lane & 7) * 4);
+    const float from_hi = __shfl_sync(0xffffffffu, row_hi, (lane & 7) * 4);
+    float score = (lane < 8 ? from_lo : from_hi) * unscale;
+    if (!((valid >> lane) & 1u) || isnan(score)) score = -INFINITY;
+    const int page = begin + (warp + k * kMmaScoreWarps) * kMmaTilePages + lane;
+    if (lane < kMmaTilePages && page < end) scores[page] = score;
+  }
+  ptx::cp_async_wait<0>();  // only empty groups can be pending here
+}
+
+// ---------------------------------------------------------------------------------------------
 // Scoring, row by row: the fallback for summaries whose rows are not 16-byte chunks (head_dim or
 // a stride not a multiple of 16 bytes, or rows longer than 64 chunks).
 
@@ -800,7 +1105,7 @@ __global__ void __launch_bounds__(kScoreThreads)
   ptx::allow_dependent_grids();
   const int b = blockIdx.y;
   int begin, end;
-  if (!scored_pages(a, b, begin, end)) return;
+  if (!scored_pages(a, b, int(blockIdx.x), begin, end)) return;
   const T* query = reinterpret_cast<const T*>(a.query) + b * a.q_stride_batch;
   for (int i = threadIdx.x; i < a.num_q_heads * a.head_dim; i += blockDim.x) {
     const int h = i / a.head_dim, d = i - h * a.head_dim;
@@ -1317,7 +1622,9 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
   const DeviceInfo info = device_info(p.device_index);
   const int group = p.num_q_heads / p.num_kv_heads;
 
-  // Scoring. Page-wide where every summary row is whole 16-byte chunks (at most 64 of them).
+  // Scoring, by the first kernel that takes the call: on tensor cores (16-bit summaries of
+  // head_dim 64, 128 or 256, rows 16-byte aligned, weights and staging within the device's shared
+  // memory per block); page-wide (rows of whole 16-byte chunks, at most 64 of them); row by row.
   const std::uint64_t element = dtype_size(p.dtype);
   // Whether `elements` elements are a whole number of `bytes`.
   const auto whole = [&](std::int64_t elements, std::uint64_t bytes) {
@@ -1332,15 +1639,37 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
   const int chunks = int(std::uint64_t(p.head_dim) * element / 16);
   const int smem_optin = info.max_shared_per_block;
   const bool folded = group > 1 && p.group_reduce == GroupReduce::Sum;
+  const std::int64_t mma_smem =
+      mma_score_smem_bytes(p.head_dim, folded ? 1 : group, p.dtype == DType::BFloat16 ? 3 : 2);
+  const void* mma_kernel = nullptr;
+  if (meta_rows_aligned(16) && mma_smem <= smem_optin) {
+    mma_kernel = dispatch_float_dtype(p.dtype, op, [&](auto type) -> const void* {
+      using T = typename decltype(type)::type;
+      if constexpr (kHasTensorCoreType<T>) {
+        return dispatch_mma_head_dim(
+            p.head_dim,
+            [](auto d) {
+              return reinterpret_cast<const void*>(score_pages_mma_kernel<T, decltype(d)::value>);
+            },
+            [] { return static_cast<const void*>(nullptr); });
+      } else {
+        return nullptr;
+      }
+    });
+  }
   const int weights_bytes = int((folded ? 2 * p.num_kv_heads : p.num_q_heads) * p.head_dim * 4);
   // Page-wide scoring stages as many rounds as the device's shared memory per block allows.
   a.score_stages =
       weights_bytes + kMaxScoreStages * kScoreStageBlockBytes <= smem_optin ? kMaxScoreStages : 2;
-  const bool wide = meta_rows_aligned(16) && chunks <= 64 &&
+  const bool wide = !mma_kernel && meta_rows_aligned(16) && chunks <= 64 &&
                     weights_bytes + a.score_stages * kScoreStageBlockBytes <= smem_optin;
   DecodeLaunch score{};
   score.threads = kScoreThreads;
-  if (wide) {
+  if (mma_kernel) {
+    score.kernel = mma_kernel;
+    score.smem_bytes = int(mma_smem);
+    score.threads = kMmaScoreThreads;
+  } else if (wide) {
     while (a.lanes_per_head > 1 && a.lanes_per_head / 2 >= chunks) a.lanes_per_head /= 2;
     a.query_chunked = reinterpret_cast<std::uintptr_t>(p.query) % 16 == 0 &&
                       whole(p.q_stride_batch, 16) && whole(p.q_stride_head, 16);
@@ -1382,21 +1711,35 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
   // The core caps num_q_heads * head_dim at 32768: at most 128 KiB of weights or queries (folded
   // weights are two rows per KV head, with at least two query heads per KV head), plus the
   // page-wide kernel's staging. The limit is raised once per kernel, to what any call may need
-  // that the device allows (a call that needs more takes the row-by-row kernel).
+  // that the device allows (a call that needs more takes the next kernel).
   score.max_smem_bytes =
-      std::min(32768 * 4 + (wide ? kMaxScoreStages * kScoreStageBlockBytes : 0), smem_optin);
-  // Enough thread blocks to fill the device once, each a run of pages of one sequence for all
-  // KV heads (a run of at least one page per warp).
+      mma_kernel
+          ? smem_optin
+          : std::min(32768 * 4 + (wide ? kMaxScoreStages * kScoreStageBlockBytes : 0), smem_optin);
+  // Enough thread blocks to fill the device once: on tensor cores each whole 16-page tiles of
+  // one (sequence, KV head), otherwise each a run of pages of one sequence for all KV heads (at
+  // least one page per warp).
   const int resident = info.multiprocessors * prepare_launch(score, p.device_index, op);
-  const int blocks_per_seq = std::max(1, resident / std::max(1, p.batch));
-  a.pages_per_block =
-      std::max(kScoreThreads / 32, (p.max_blocks + blocks_per_seq - 1) / blocks_per_seq);
-  const int score_grid = std::max(1, (p.max_blocks + a.pages_per_block - 1) / a.pages_per_block);
+  dim3 score_grid;
+  if (mma_kernel) {
+    const std::int64_t rows = std::max<std::int64_t>(1, std::int64_t(p.batch) * p.num_kv_heads);
+    const std::int64_t blocks_per_row = std::max<std::int64_t>(1, resident / rows);
+    const std::int64_t pages = (p.max_blocks + blocks_per_row - 1) / blocks_per_row;
+    a.pages_per_block = int((pages + kMmaTilePages - 1) / kMmaTilePages * kMmaTilePages);
+    const std::int64_t ranges = (p.max_blocks + a.pages_per_block - 1) / a.pages_per_block;
+    score_grid = dim3(unsigned(ranges * p.num_kv_heads), unsigned(p.batch));
+  } else {
+    const int blocks_per_seq = std::max(1, resident / std::max(1, p.batch));
+    a.pages_per_block =
+        std::max(kScoreThreads / 32, (p.max_blocks + blocks_per_seq - 1) / blocks_per_seq);
+    const int ranges = std::max(1, (p.max_blocks + a.pages_per_block - 1) / a.pages_per_block);
+    score_grid = dim3(unsigned(ranges), unsigned(p.batch));
+  }
   // Both kernels are launched with programmatic dependent launch on sm_90: the scoring kernel's
   // launch overlaps the previous kernel's end, the top-k's the scoring kernel's; each waits on the
   // device for the grid before it.
   const bool overlap = info.compute_capability >= 90;
-  launch_after(score.kernel, dim3(unsigned(score_grid), unsigned(p.batch)), dim3(kScoreThreads),
+  launch_after(score.kernel, score_grid, dim3(unsigned(score.threads)),
                std::size_t(score.smem_bytes), s, a, overlap, op, "score_pages_kernel");
 
   const int topk_smem_limit =
