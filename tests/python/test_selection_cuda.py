@@ -1,7 +1,9 @@
 """select_pages on CUDA against the float64 NumPy reference (reference.py), over every
-path of the CUDA kernels: the page-wide scoring kernel (the group folded into two weight vectors
-for summed scores, or each query head scored alone), the row-by-row fallback (rows that are not
-whole 16-byte chunks, or misaligned), the shared-memory top-k and the global-memory one (tables
+path of the CUDA kernels: the tensor-core scoring kernel (float16 and bfloat16 summaries of
+head_dim 64, 128 and 256: the float32 weights as sums of 16-bit terms), the page-wide scoring
+kernel (float32, other head_dims; the group folded into two weight vectors for summed scores, or
+each query head scored alone), the row-by-row fallback (rows that are not whole 16-byte chunks,
+or misaligned), the shared-memory top-k and the global-memory one (tables
 of more than 32767 pages), the copy of short sequences, sinks, hits, and graph replay.
 
 Integer data makes every score exact in float32 whatever the order of the sums (the folded
@@ -127,6 +129,146 @@ def test_many_kv_heads_and_wide_rows(rng, summary, reduce):
         query = rng.integers(-2, 3, size=(3, kv_heads * group, head_dim)).astype(np.float32)
         meta = integer_summaries(rng, num_blocks, kv_heads, head_dim, summary)
         check_exact(query, meta, table, seq_lens, budget, block_size, 1, summary, reduce, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor-core scoring (float16 / bfloat16 summaries of head_dim 64, 128 or 256, rows 16-byte
+# aligned): float32 weights as sums of 16-bit terms
+
+MMA_DTYPES = ["float16", "bfloat16"]
+MMA_HEAD_DIMS = [64, 128, 256]
+
+
+def in_dtype(x, dtype):
+    """x rounded to `dtype`, as float32 NumPy: the values a kernel reads from such a tensor."""
+    return to_np(asarray(np.asarray(x, np.float32), "torch", dtype).float())
+
+
+def folded_weights(q, summary):
+    """(w0, w1) [..., Hkv, D] in float64 with the group's summed score = w0 . row0 + w1 . row1
+    for q [..., Hkv, G, D] (minmax boxes with min <= max)."""
+    q = np.asarray(q, np.float64)
+    neg, pos = np.minimum(q, 0), np.maximum(q, 0)
+    if summary == "minmax":
+        w0, w1 = neg, pos
+    elif summary == "minmax_damped":
+        w0, w1 = 0.75 * neg + 0.25 * pos, 0.75 * pos + 0.25 * neg
+    else:
+        w0, w1 = q, np.abs(q)
+    return w0.sum(-2), w1.sum(-2)
+
+
+def top_pages(scores, pages, budget, sinks):
+    """The logical pages the selection keeps from one row of scores (highest first, the lower page
+    on ties; sinks and the last page always)."""
+    candidates = sorted(range(sinks, pages - 1), key=lambda p: (-scores[p], p))
+    return sorted(list(range(sinks)) + candidates[: budget - sinks - 1]) + [pages - 1]
+
+
+@pytest.mark.parametrize("dtype", MMA_DTYPES)
+@pytest.mark.parametrize("head_dim", MMA_HEAD_DIMS)
+@pytest.mark.parametrize("group", [2, 4, 8])
+@pytest.mark.parametrize("summary", SUMMARIES)
+def test_tensor_core_scores_keep_float32_weights(rng, summary, group, head_dim, dtype):
+    """Summed-group weights that 16 bits cannot hold: per KV head, query head 0 is (1, -1) and
+    query head 1 is (eps, 0) on dims 0 and 1 (eps = 2^-12 in float16, 2^-9 in bfloat16: at most
+    half an ulp of 1), so the weights there sum to 1 + eps and -1 (minmax: on the max and min
+    rows). Each page's summary on those dims is the point b_p (meanstd: mean b_p, std 0), b_p
+    distinct integers, and 0 elsewhere, where the query holds random integers: the score is
+    eps * b_p, exact in float32. With the weights rounded to 16 bits every page would score 0 and
+    the lowest pages would win (checked): the exact reference's pages are required."""
+    block_size, budget, kv_heads, sinks = 16, 12, 2, 1
+    eps = 2.0**-12 if dtype == "float16" else 2.0**-9
+    seq_lens = np.array([120 * block_size - 3, 80 * block_size, 9 * block_size], np.int32)
+    table, num_blocks = random_pages(rng, seq_lens, block_size)
+    query = rng.integers(-2, 3, size=(3, kv_heads, group, head_dim)).astype(np.float32)
+    query[:, :, :, :2] = 0
+    query[:, :, 0, :2] = [1, -1]
+    query[:, :, 1, 0] = eps
+    query = query.reshape(3, kv_heads * group, head_dim)
+    meta = np.zeros((num_blocks, kv_heads, 2, head_dim), np.float32)
+    for h in range(kv_heads):
+        b_p = rng.permutation(num_blocks) + 1  # at most 256: exact in bfloat16
+        meta[:, h, 0, :2] = b_p[:, None]
+        if summary != "meanstd":
+            meta[:, h, 1, :2] = b_p[:, None]
+    assert num_blocks <= 256
+    chosen = check_exact(query, meta, table, seq_lens, budget, block_size, sinks, summary, "sum",
+                         dtype)  # fmt: skip
+    # The same selection from weights rounded to 16 bits picks other pages for every row.
+    w0, w1 = folded_weights(query.reshape(3, kv_heads, group, head_dim), summary)
+    w0, w1 = in_dtype(w0, dtype), in_dtype(w1, dtype)
+    for b in range(2):  # the third sequence fits the budget: copied, not scored
+        pages = -(-int(seq_lens[b]) // block_size)
+        row = table[b, :pages]
+        for h in range(kv_heads):
+            rounded = meta[row, h, 0] @ w0[b, h] + meta[row, h, 1] @ w1[b, h]
+            assert not np.array_equal(
+                row[top_pages(rounded, pages, budget, sinks)], chosen[b, h]
+            ), (b, h)
+
+
+@pytest.mark.parametrize("dtype", MMA_DTYPES)
+@pytest.mark.parametrize("head_dim", MMA_HEAD_DIMS)
+@pytest.mark.parametrize("group", [1, 4, 8, 16])
+@pytest.mark.parametrize("reduce", REDUCES)
+@pytest.mark.parametrize("summary", SUMMARIES)
+def test_tensor_core_scoring_over_wide_magnitudes(rng, summary, reduce, group, head_dim, dtype):
+    """Query elements spanning eight decades (1e-4 to 1e4: the group's summed weights pass
+    float16's range, the small ones its subnormals), summaries of both signs, one planted needle
+    per (sequence, KV head) (the widest box, or the largest std: the highest score of every query
+    head) and pages with equal summaries (exact ties). Group 16 takes two tiles of MMA columns
+    where its weights fit beside the staging (not at head_dim 256: the page-wide kernel). The
+    needle is kept, and the pages are the float64 reference's except where its scores are
+    within 2^-16 of the scores' term magnitudes (sum over the group and dims of |q| * (|row0| +
+    |row1|), the needles left out) of the cut."""
+    block_size, budget, kv_heads, sinks = 16, 24, 2, 1
+    pages = np.array([300, 77, 25, 24])  # the last two: a short candidate list, a copied table
+    seq_lens = (pages * block_size - rng.integers(0, block_size, size=4)).astype(np.int32)
+    table, num_blocks = random_pages(rng, seq_lens, block_size)
+    shape = (4, kv_heads * group, head_dim)
+    magnitude = 10.0 ** rng.uniform(-4, 4, size=shape)
+    query = in_dtype(rng.standard_normal(shape) * magnitude, dtype)
+    a = in_dtype(rng.standard_normal((num_blocks, kv_heads, head_dim)), dtype)
+    c = in_dtype(rng.standard_normal((num_blocks, kv_heads, head_dim)), dtype)
+    if summary == "meanstd":
+        meta = np.stack([a, np.abs(c)], axis=2)
+    else:
+        meta = np.stack([np.minimum(a, c), np.maximum(a, c)], axis=2)
+    needles = {}
+    for b in range(4):
+        n = int(pages[b])
+        for h in range(kv_heads):
+            p = int(rng.integers(sinks, n - 1))
+            needles[b, h] = p
+            meta[table[b, p], h, 0] = 0 if summary == "meanstd" else -64
+            meta[table[b, p], h, 1] = 64
+        # Exact ties: some candidates take another candidate's summaries (needles left alone).
+        others = [p for p in range(sinks, n - 1) if p not in (needles[b, 0], needles[b, 1])]
+        for src, dst in rng.choice(others, size=(n // 8, 2)):
+            meta[table[b, dst]] = meta[table[b, src]]
+
+    def tolerance(b, scores):
+        n = scores.shape[1]
+        q = np.abs(query[b].astype(np.float64)).reshape(kv_heads, group, head_dim).sum(1)
+        rows = np.abs(meta[table[b, :n]].astype(np.float64)).sum(2)  # [n, Hkv, D]
+        terms = np.einsum("hd,phd->hp", q, rows)
+        for h in range(kv_heads):
+            terms[h, needles[b, h]] = 0
+        return 2.0**-16 * terms.max(axis=1)
+
+    got_t, got_l = run_select(
+        query, meta, table, seq_lens, budget, block_size, sinks, summary, reduce, dtype
+    )
+    want_t, want_l = R.select_pages(
+        query, meta, table, seq_lens, budget, block_size, sinks, summary, reduce
+    )
+    np.testing.assert_array_equal(got_l, want_l)
+    for b in range(3):
+        for h in range(kv_heads):
+            assert table[b, needles[b, h]] in got_t[b, h], (b, h)
+    check_up_to_rounding(got_t, want_t, query, meta, table, seq_lens, block_size, sinks, summary,
+                         reduce, tolerance)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,13 +401,22 @@ def test_budget_boundaries(rng, sinks):
         check_up_to_rounding(got_t, want_t, query, meta, table, seq_lens, block_size, sinks)
 
 
-def check_up_to_rounding(got_t, want_t, query, meta, table, seq_lens, block_size, sinks):
+def check_up_to_rounding(got_t, want_t, query, meta, table, seq_lens, block_size, sinks,
+                         summary="meanstd", reduce="sum", tolerance=None):  # fmt: skip
     """Equal tables, except that pages whose reference scores are within float32 rounding of the
-    cut may be swapped with each other (the kernels sum in float32, in another order)."""
+    cut may be swapped with each other (the kernels sum in float32, in another order).
+    tolerance(b, scores) -> [Hkv] (scores: the reference's [Hkv, pages] of sequence b); by default
+    1e-5 of the largest score's magnitude, plus one."""
     for b in range(len(seq_lens)):
         pages = -(-int(seq_lens[b]) // block_size)
         row = table[b, :pages]
-        scores = R.page_scores(query[b], meta[row], "meanstd", "sum") if pages else None
+        scores = R.page_scores(query[b], meta[row], summary, reduce) if pages else None
+        if scores is not None:
+            tol = (
+                1e-5 * (np.abs(scores).max(axis=1) + 1.0)
+                if tolerance is None
+                else tolerance(b, scores)
+            )
         for h in range(got_t.shape[1]):
             if np.array_equal(got_t[b, h], want_t[b, h]):
                 continue
@@ -278,9 +429,8 @@ def check_up_to_rounding(got_t, want_t, query, meta, table, seq_lens, block_size
             kept = sorted(want - {pages - 1} - set(range(sinks)))
             assert kept, (b, h)  # with no candidate kept the tables cannot differ
             cut = min(scores[h, p] for p in kept)
-            scale = np.abs(scores[h]).max() + 1.0
             for p in got ^ want:
-                assert abs(scores[h, p] - cut) <= 1e-5 * scale, (b, h, p)
+                assert abs(scores[h, p] - cut) <= tol[h], (b, h, p)
             # Still logical order with the last page last.
             order = [position[int(x)] for x in got_t[b, h] if x >= 0]
             assert order == sorted(order)
