@@ -779,7 +779,7 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
 // One thread block per (sequence, KV head, page range) builds its KV head's weights once, in
 // shared memory in B-fragment order. Warp w scores the range's 16-page tiles w, w + 4, ...: a
 // tile (both rows of 16 pages, 64 * head_dim bytes) is copied into the warp's staging with
-// cp.async kMmaScoreStages - 1 tiles ahead of the one being scored (the block ids one tile ahead
+// cp.async kMmaScoreStages - 1 tiles ahead of the one being scored (the block ids two tiles ahead
 // of that), each page's rows padded by 16 bytes so that each ldmatrix reads 8 pages' chunks from
 // distinct banks; a tile's 16 scores are one coalesced store.
 
@@ -895,7 +895,8 @@ __global__ void __launch_bounds__(kMmaScoreThreads, 4)
   float* const warp_max = reinterpret_cast<float*>(score_mma_smem + fragment_bytes +
                                                    kMmaScoreWarps * kMmaScoreStages * kTileBytes);
 
-  // Copies: lanes 0-15 hold the block ids of the tile to issue next and of the one after it.
+  // Copies: lanes 0-15 hold the block ids of the next three tiles to issue (each loaded two
+  // iterations before its tile is issued).
   const std::int32_t* table = a.block_table + b * a.block_table_stride;
   const T* meta = reinterpret_cast<const T*>(a.meta);
   const int tiles = (end - begin + kMmaTilePages - 1) / kMmaTilePages;
@@ -903,7 +904,7 @@ __global__ void __launch_bounds__(kMmaScoreThreads, 4)
     const int page = begin + (warp + k * kMmaScoreWarps) * kMmaTilePages + lane;
     return lane < kMmaTilePages && page < end ? table[page] : -1;
   };
-  std::int32_t block_now = tile_block(0), block_next = tile_block(1);
+  std::int32_t block_now = tile_block(0), block_next = tile_block(1), block_after = tile_block(2);
   const std::int64_t head_offset = h * a.meta_stride_head;
   std::int64_t chunk_offset[kCopiesPerPage];  // elements from a page's rows to this lane's chunks
 #pragma unroll
@@ -939,7 +940,8 @@ __global__ void __launch_bounds__(kMmaScoreThreads, 4)
     ptx::cp_async_commit();
     ++issued;
     block_now = block_next;
-    block_next = tile_block(issued + 1);
+    block_next = block_after;
+    block_after = tile_block(issued + 2);
   };
   for (int s = 0; s < kMmaScoreStages - 1; ++s) issue(s);
 
