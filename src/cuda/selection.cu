@@ -8,16 +8,16 @@
 // Selection: a scoring kernel spread over (sequence, page range) writes one float score per
 // (sequence, KV head, page) into the caller's scratch; its warps each stream whole pages (every KV
 // head's summary rows at once) through shared memory, several pages in flight. A selection
-// kernel, one thread block per (sequence, KV head),
-// reads that row of scores into shared memory once, finds the k-th largest by a radix select
-// whose bins span the keys' own range (usually one or two passes), keeps the pages above it and
-// the lowest-indexed pages equal to it, and writes them in logical order after one block scan;
+// kernel, one thread block per (sequence, KV head) or per slice of its pages (a thread-block
+// cluster per row on sm_90), reads that row of scores once, finds the k-th largest by a radix
+// select whose bins span the keys' own range (usually one or two passes), keeps the pages above
+// it and the lowest-indexed pages equal to it, and writes them in logical order after one scan;
 // it is launched to overlap the scoring kernel's end (programmatic dependent launch, sm_90) and
 // waits for it on the device, as the scoring kernel does for the kernel before it.
 // Grids depend only on host-known shapes: graph capturable, no host sync.
 
-#include <cuda_bf16.h>
 #include <cooperative_groups.h>
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
@@ -897,7 +897,8 @@ __device__ __forceinline__ void keep_block(const SelectArgs& a, std::int32_t* ou
   if (a.hits && id >= 0 && id < a.num_blocks) atomicAdd(&a.hits[id], 1);
 }
 
-// Shared-memory top-k: one thread block of kTopKThreads per (sequence, KV head). The candidates'
+// Shared-memory top-k (before sm_90, or where the cluster kernel below cannot take the table):
+// one thread block of kTopKThreads per (sequence, KV head). The candidates'
 // keys are read from the scores once into shared memory, with their minimum and maximum. A radix
 // select then narrows a key range [lo, hi] known to hold the keep-th largest candidate: each pass
 // bins the keys in the range into at most 2048 bins of equal width over exactly that range (so
@@ -1230,7 +1231,8 @@ __device__ __forceinline__ void row_min_max(std::uint32_t& lo, std::uint32_t& hi
   slices_sync(slices);
   lo = __reduce_min_sync(0xffffffffu,
                          lane < slices ? *slice_shared(&sh.slice_lo, lane, slices) : 0xffffffffu);
-  hi = __reduce_max_sync(0xffffffffu, lane < slices ? *slice_shared(&sh.slice_hi, lane, slices) : 0u);
+  hi = __reduce_max_sync(0xffffffffu,
+                         lane < slices ? *slice_shared(&sh.slice_hi, lane, slices) : 0u);
 }
 
 // The exclusive prefix of `value` over the row in logical order (slices by rank, threads in
@@ -1282,7 +1284,8 @@ __device__ __forceinline__ void find_cut(SliceShared& sh, int pass, int slices, 
   }
   int above = inclusive - (upper + lower);
   // Exactly one lane holds the cut (the range holds at least `remaining` keys).
-  const int holder = __ffs(__ballot_sync(0xffffffffu, above < remaining && remaining <= inclusive)) - 1;
+  const int holder =
+      __ffs(__ballot_sync(0xffffffffu, above < remaining && remaining <= inclusive)) - 1;
   int coarse_bin = kCoarseBins - 1 - 2 * lane;
   if (remaining > above + upper) {
     coarse_bin -= 1;
@@ -1781,7 +1784,8 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
                           dim3(unsigned(cluster_blocks * p.num_kv_heads), unsigned(p.batch)),
                           dim3(kSliceThreads), cluster_blocks, s, a, op,
                           "select_pages_cluster_kernel");
-  } else if (p.max_blocks <= kTopKMaxPages && int(topk_smem_bytes(p.max_blocks)) <= topk_smem_limit) {
+  } else if (p.max_blocks <= kTopKMaxPages &&
+             int(topk_smem_bytes(p.max_blocks)) <= topk_smem_limit) {
     DecodeLaunch topk{};
     topk.kernel = reinterpret_cast<const void*>(select_pages_kernel);
     topk.smem_bytes = int(topk_smem_bytes(p.max_blocks));
