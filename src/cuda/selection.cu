@@ -947,9 +947,11 @@ __device__ __forceinline__ void block_min_max(std::uint32_t& lo, std::uint32_t& 
   hi = __reduce_max_sync(0xffffffffu, lane < warps ? hi_part[lane] : 0u);
 }
 
-// Adds one to histogram[bin] for each lane of the warp with `counted` set (every lane calls it).
-// The bin of the warp's first counted lane is counted once for all lanes that share it (a
-// dominant bin costs one atomic per warp); the others add alone.
+// Adds one to bin `bin` of the histogram for each lane of the warp with `counted` set (every
+// lane calls it). The bin of the warp's first counted lane is counted once for all lanes that
+// share it (a dominant bin costs one atomic per warp); the others add alone. With Packed, two
+// 16-bit counts share a word: bin 2w in the low half of word w, bin 2w + 1 in its high half.
+template <bool Packed = false>
 __device__ __forceinline__ void count_in_bin(int* histogram, std::uint32_t bin, bool counted) {
   const unsigned voters = __ballot_sync(0xffffffffu, counted);
   if (voters == 0) return;
@@ -957,10 +959,17 @@ __device__ __forceinline__ void count_in_bin(int* histogram, std::uint32_t bin, 
   const int leader = __ffs(voters) - 1;
   const std::uint32_t leader_bin = __shfl_sync(0xffffffffu, bin, leader);
   const unsigned sharing = __ballot_sync(0xffffffffu, bin == leader_bin);
+  const auto add = [&](int count) {
+    if (Packed) {
+      atomicAdd(&histogram[bin >> 1], count << ((bin & 1u) * 16));
+    } else {
+      atomicAdd(&histogram[bin], count);
+    }
+  };
   if ((threadIdx.x & 31) == leader) {
-    atomicAdd(&histogram[bin], __popc(sharing));
+    add(__popc(sharing));
   } else if (counted && bin != leader_bin) {
-    atomicAdd(&histogram[bin], 1);
+    add(1);
   }
 }
 
@@ -1153,19 +1162,23 @@ __global__ void __launch_bounds__(kTopKThreads)
 // passes: 2048 bins narrow a range of 2^32 keys to one in three). Every block computes the same
 // cut from the same counts. A block's kept candidates then take their places from one exclusive
 // scan of packed (greater, equal) counts over the row.
-constexpr int kSliceThreads = 512;
+constexpr int kSliceThreads = 256;
 constexpr int kSliceWarps = kSliceThreads / 32;
-constexpr int kSliceKeysPerThread = 4;
+constexpr int kSliceKeysPerThread = 8;
 constexpr int kSliceKeys = kSliceThreads * kSliceKeysPerThread;
 constexpr int kMaxSlices = 16;  // a cluster of more than 8 blocks is non-portable
 constexpr int kCoarseBins = kRadixBins / 32;
 constexpr int kMaxSlicePasses = 3;
 static_assert(kCoarseBins == 64, "a warp scans the coarse bins two per lane");
 
+// A block's shared memory: about 13 KiB, and at most 64 registers per thread, so that a block
+// fits beside the scoring kernel's blocks where they leave room, and is resident, its block ids
+// read, before the scores are done.
 struct alignas(16) SliceShared {
   // One histogram per pass, cleared before the scores arrive: a slice's histogram is read by the
-  // other slices after the pass's barrier, so it is never reused.
-  int fine[kMaxSlicePasses][kRadixBins];
+  // other slices after the pass's barrier, so it is never reused. Fine bins are counted two to a
+  // word (a slice holds at most 2048 keys).
+  int fine[kMaxSlicePasses][kRadixBins / 2];
   int coarse[kMaxSlicePasses][kCoarseBins];
   std::uint32_t warp_lo[kSliceWarps], warp_hi[kSliceWarps], slice_lo, slice_hi;
   unsigned warp_counts[kSliceWarps], slice_counts;
@@ -1293,12 +1306,14 @@ __device__ __forceinline__ void find_cut(SliceShared& sh, int pass, int slices, 
   }
   coarse_bin = __shfl_sync(0xffffffffu, coarse_bin, holder);
   above = __shfl_sync(0xffffffffu, above, holder);
-  // Lane l: fine bin 31 - l of the coarse bin.
+  // Lane l: fine bin 31 - l of the coarse bin (two lanes read each word).
   const int bin = coarse_bin * 32 + 31 - lane;
   int count = 0;
 #pragma unroll
   for (int s = 0; s < kMaxSlices; ++s) {
-    if (s < slices) count += *slice_shared(&sh.fine[pass][bin], s, slices);
+    if (s < slices) {
+      count += (*slice_shared(&sh.fine[pass][bin >> 1], s, slices) >> (bin & 1) * 16) & 0xffff;
+    }
   }
   inclusive = count;
   for (int o = 1; o < 32; o <<= 1) {
@@ -1320,7 +1335,7 @@ __device__ __forceinline__ void find_cut(SliceShared& sh, int pass, int slices, 
   }
 }
 
-__global__ void __launch_bounds__(kSliceThreads)
+__global__ void __launch_bounds__(kSliceThreads, 4)
     select_pages_cluster_kernel(const __grid_constant__ SelectArgs a) {
   __shared__ SliceShared sh;
   const int blocks = cluster_blocks(), rank = cluster_rank();
@@ -1351,7 +1366,7 @@ __global__ void __launch_bounds__(kSliceThreads)
       write_selected_lens(a, len, last, kvh, b);
     }
   }
-  for (int i = threadIdx.x; i < kMaxSlicePasses * kRadixBins; i += blockDim.x) {
+  for (int i = threadIdx.x; i < kMaxSlicePasses * kRadixBins / 2; i += blockDim.x) {
     (&sh.fine[0][0])[i] = 0;
   }
   for (int i = threadIdx.x; i < kMaxSlicePasses * kCoarseBins; i += blockDim.x) {
@@ -1396,7 +1411,7 @@ __global__ void __launch_bounds__(kSliceThreads)
     for (int j = 0; j < kSliceKeysPerThread; ++j) {
       const bool counted = keys[j] >= lo && keys[j] <= hi;
       const std::uint32_t bin = (keys[j] - lo) >> shift;
-      count_in_bin(sh.fine[pass], bin, counted);
+      count_in_bin<true>(sh.fine[pass], bin, counted);
       count_in_bin(sh.coarse[pass], bin >> 5, counted);
     }
     slices_sync(slices);
