@@ -4,8 +4,8 @@
 // float8 e4m3fn, head_dim 64/128/256, 16-byte aligned rows.
 //
 // One CTA of 4 warps per (sequence, split, KV head, tile of up to 16 query heads of its GQA
-// group), so all query heads of a group share every K/V tile. K and V tiles (64 tokens, 128 at
-// head_dim 64) stream through a cp.async pipeline of kStages shared-memory stages (rows past the
+// group), so all query heads of a group share every K/V tile. K and V tiles (64 tokens, 128 for
+// 128-byte rows) stream through a cp.async pipeline of kStages shared-memory stages (rows past the
 // range are zero-filled, never read); each warp owns 16 tokens of every 64 of a tile. Q.K^T and
 // P.V run on tensor cores (m16n8k16, float32 accumulation; the query heads are the M dimension).
 // Online softmax in float32, log2 domain. The warps merge their states through shared memory at
@@ -45,10 +45,11 @@ constexpr int mma_stages(int head_dim, bool split) { return head_dim == 128 && s
 template <int D, int Stages, int KvBytes = 2>
 struct MmaConfig {
   // Tokens per stage. A tile pays fixed costs (a barrier, the waits, its rows' addresses, a
-  // softmax step); at head_dim 64 a 64-token tile is too few bytes to hide them (measured on an
-  // H200: 73% of the read ceiling, against 90% at head_dim 128), so it streams 128 tokens, two
-  // steps of 64 per iteration.
-  static constexpr int kTile = D == 64 && KvBytes == 2 ? 128 : 64;
+  // softmax step); with 128-byte rows (head_dim 64 in 16 bits, head_dim 128 in float8) a
+  // 64-token tile is too few bytes to hide them (measured on an H200: 73% of the read ceiling at
+  // head_dim 64 and 69% for float8 at head_dim 128, against 90% at head_dim 128 in 16 bits), so
+  // such rows stream 128 tokens, two steps of 64 per iteration.
+  static constexpr int kTile = D * KvBytes == 128 ? 128 : 64;
   static constexpr int kSteps = kTile / (kDecodeWarps * kWarpTokens);  // 64-token steps per tile
   static constexpr int kRow = D + 8;  // 16-bit query row stride (elements): 16-byte pad
   static constexpr int kStages = Stages;
