@@ -1549,7 +1549,7 @@ int summary_threads(int num_heads, int head_dim) {
 // (sm_90): enough slices for the most candidates a row may hold, or 0 where that takes more
 // than kMaxSlices or the device cannot schedule such a cluster (the shared-memory kernel then
 // takes the call). Checked once per (device, size).
-int topk_cluster_blocks(const SelectPagesParams& p, const char* op) {
+int topk_cluster_blocks(const SelectPagesParams& p) {
   const int candidates = std::max(0, p.max_blocks - 1 - p.num_sink_pages);
   const int blocks = std::max(1, (candidates + kSliceKeys - 1) / kSliceKeys);
   if (blocks > kMaxSlices) return 0;
@@ -1565,9 +1565,11 @@ int topk_cluster_blocks(const SelectPagesParams& p, const char* op) {
     if (c.device == p.device_index && c.blocks == blocks) return c.schedulable ? blocks : 0;
   }
   const void* kernel = reinterpret_cast<const void*>(select_pages_cluster_kernel);
+  // A device that refuses the size (an error here) takes the other kernel, as one that cannot
+  // place such a cluster (no active cluster).
+  cudaError_t err = cudaSuccess;
   if (blocks > 8) {
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1), op,
-          "cudaFuncSetAttribute");
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
   }
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(unsigned(blocks));
@@ -1580,8 +1582,11 @@ int topk_cluster_blocks(const SelectPagesParams& p, const char* op) {
   config.attrs = &cluster;
   config.numAttrs = 1;
   int clusters = 0;
-  check(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config), op,
-        "cudaOccupancyMaxActiveClusters");
+  if (err == cudaSuccess) err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // not sticky: later calls must not see it
+    clusters = 0;
+  }
   checked.push_back({p.device_index, blocks, clusters > 0});
   return clusters > 0 ? blocks : 0;
 }
@@ -1791,7 +1796,7 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
   launch_after(score.kernel, dim3(unsigned(score_grid), unsigned(p.batch)), dim3(kScoreThreads),
                std::size_t(score.smem_bytes), s, a, overlap, op, "score_pages_kernel");
 
-  const int cluster_blocks = overlap ? topk_cluster_blocks(p, op) : 0;
+  const int cluster_blocks = overlap ? topk_cluster_blocks(p) : 0;
   const int topk_smem_limit =
       std::min(int(topk_smem_bytes(kTopKMaxPages)), smem_optin - kTopKStaticSmemBytes);
   if (cluster_blocks > 0) {
