@@ -1,8 +1,10 @@
 """select_pages on CUDA against the float64 NumPy reference (reference.py), over every
 path of the CUDA kernels: the page-wide scoring kernel (the group folded into two weight vectors
 for summed scores, or each query head scored alone), the row-by-row fallback (rows that are not
-whole 16-byte chunks, or misaligned), the shared-memory top-k and the global-memory one (tables
-of more than 32767 pages), the copy of short sequences, sinks, hits, and graph replay.
+whole 16-byte chunks, or misaligned), the top-k kernels (on sm_90 the cluster one, a row in
+slices of 2048 candidates over up to 16 blocks; before sm_90 the shared-memory one; the
+global-memory one for tables of more than 32767 pages), the copy of short sequences, sinks, hits,
+and graph replay.
 
 Integer data makes every score exact in float32 whatever the order of the sums (the folded
 kernel reassociates them), so the page sets, their order and the tie-break (the lower page) are
@@ -135,10 +137,11 @@ def test_many_kv_heads_and_wide_rows(rng, summary, reduce):
 
 @pytest.mark.parametrize("summary", SUMMARIES)
 def test_long_sequences(rng, summary):
-    """The bench's shapes, 8 sequences of 2048 pages and one of 8192 (runs of 8 candidates per
-    top-k thread, every block id read before the scores), and one of 8300 (runs of 16: ids past
-    the eighth read after the select): float16, 32 query / 8 KV heads, head_dim 128, budget 128
-    pages with one sink."""
+    """The bench's shapes, 8 sequences of 2048 pages (one block per row of the cluster top-k)
+    and one of 8192 (a cluster of four; the shared-memory top-k's runs of 8 candidates per
+    thread, every block id read before the scores), and one of 8300 (a cluster of five; runs of
+    16: ids past the eighth read after the select): float16, 32 query / 8 KV heads, head_dim
+    128, budget 128 pages with one sink."""
     block_size, budget = 16, 128
     for seq_lens in (
         np.full(8, 2048 * block_size, np.int32),
@@ -203,8 +206,9 @@ def planted_scores(rng, kind, n):
 def test_top_k_on_planted_scores(rng, group):
     """Scores planted exactly (float32 summaries whose score is one element: a one-hot query,
     zero std): consecutive floats, all equal, far outliers and infinities, runs of ties at the
-    cut, signed zeros and denormals, 60 decades. Sequences of 2047, 2999, 200 and 9000
-    candidate pages (more than 8192: runs of 16 per top-k thread), two budgets, sinks."""
+    cut, signed zeros and denormals, 60 decades, mostly -inf. Sequences of 2047, 2999, 200 and
+    9000 candidate pages (a cluster of five slices; more than 8192: runs of 16 per thread of the
+    shared-memory top-k), two budgets, sinks."""
     block_size, kv_heads, dim = 2, 2, 16
     pages = [2049, 3000, 202, 9001]
     seq_lens = np.array([p * block_size - 1 for p in pages], dtype=np.int32)
