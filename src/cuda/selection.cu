@@ -1170,6 +1170,7 @@ constexpr int kMaxSlices = 16;  // a cluster of more than 8 blocks is non-portab
 constexpr int kCoarseBins = kRadixBins / 32;
 constexpr int kMaxSlicePasses = 3;
 static_assert(kCoarseBins == 64, "a warp scans the coarse bins two per lane");
+static_assert(kMaxSlices * kSliceKeys < 65536, "a row's counts (and a slice's bins) fit 16 bits");
 
 // A block's shared memory: about 13 KiB, and at most 64 registers per thread, so that a block
 // fits beside the scoring kernel's blocks where they leave room, and is resident, its block ids
