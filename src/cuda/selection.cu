@@ -8,21 +8,24 @@
 // Selection: a scoring kernel spread over (sequence, page range) writes one float score per
 // (sequence, KV head, page) into the caller's scratch; its warps each stream whole pages (every KV
 // head's summary rows at once) through shared memory, several pages in flight. A selection
-// kernel, one thread block per (sequence, KV head),
-// reads that row of scores into shared memory once, finds the k-th largest by a radix select
-// whose bins span the keys' own range (usually one or two passes), keeps the pages above it and
-// the lowest-indexed pages equal to it, and writes them in logical order after one block scan;
+// kernel, one thread block per (sequence, KV head) or per slice of its pages (a thread-block
+// cluster per row on sm_90), reads that row of scores once, finds the k-th largest by a radix
+// select whose bins span the keys' own range (usually one or two passes), keeps the pages above
+// it and the lowest-indexed pages equal to it, and writes them in logical order after one scan;
 // it is launched to overlap the scoring kernel's end (programmatic dependent launch, sm_90) and
 // waits for it on the device, as the scoring kernel does for the kernel before it.
 // Grids depend only on host-known shapes: graph capturable, no host sync.
 
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <mutex>
 #include <type_traits>
+#include <vector>
 
 #include "core/kernels.h"
 #include "cuda/attention/split_plan.cuh"
@@ -1201,7 +1204,8 @@ __device__ __forceinline__ void keep_block(const SelectArgs& a, std::int32_t* ou
   if (a.hits && id >= 0 && id < a.num_blocks) atomicAdd(&a.hits[id], 1);
 }
 
-// Shared-memory top-k: one thread block of kTopKThreads per (sequence, KV head). The candidates'
+// Shared-memory top-k (before sm_90, or where the cluster kernel below cannot take the table):
+// one thread block of kTopKThreads per (sequence, KV head). The candidates'
 // keys are read from the scores once into shared memory, with their minimum and maximum. A radix
 // select then narrows a key range [lo, hi] known to hold the keep-th largest candidate: each pass
 // bins the keys in the range into at most 2048 bins of equal width over exactly that range (so
@@ -1248,6 +1252,32 @@ __device__ __forceinline__ void block_min_max(std::uint32_t& lo, std::uint32_t& 
   __syncthreads();
   lo = __reduce_min_sync(0xffffffffu, lane < warps ? lo_part[lane] : 0xffffffffu);
   hi = __reduce_max_sync(0xffffffffu, lane < warps ? hi_part[lane] : 0u);
+}
+
+// Adds one to bin `bin` of the histogram for each lane of the warp with `counted` set (every
+// lane calls it). The bin of the warp's first counted lane is counted once for all lanes that
+// share it (a dominant bin costs one atomic per warp); the others add alone. With Packed, two
+// 16-bit counts share a word: bin 2w in the low half of word w, bin 2w + 1 in its high half.
+template <bool Packed = false>
+__device__ __forceinline__ void count_in_bin(int* histogram, std::uint32_t bin, bool counted) {
+  const unsigned voters = __ballot_sync(0xffffffffu, counted);
+  if (voters == 0) return;
+  bin = counted ? bin : 0xffffffffu;
+  const int leader = __ffs(voters) - 1;
+  const std::uint32_t leader_bin = __shfl_sync(0xffffffffu, bin, leader);
+  const unsigned sharing = __ballot_sync(0xffffffffu, bin == leader_bin);
+  const auto add = [&](int count) {
+    if (Packed) {
+      atomicAdd(&histogram[bin >> 1], count << ((bin & 1u) * 16));
+    } else {
+      atomicAdd(&histogram[bin], count);
+    }
+  };
+  if ((threadIdx.x & 31) == leader) {
+    add(__popc(sharing));
+  } else if (counted && bin != leader_bin) {
+    add(1);
+  }
 }
 
 __global__ void __launch_bounds__(kTopKThreads)
@@ -1329,20 +1359,7 @@ __global__ void __launch_bounds__(kTopKThreads)
     for (int base = 0; base < n; base += blockDim.x) {
       const int i = base + threadIdx.x;
       const std::uint32_t k = i < n ? keys[padded(i)] : 0u;
-      const bool counted = i < n && k >= lo && k <= hi;
-      const unsigned voters = __ballot_sync(0xffffffffu, counted);
-      if (voters == 0) continue;
-      // The bin of the warp's first counted lane is counted once for all lanes that share it
-      // (a dominant bin costs one atomic per warp); the others add alone.
-      const std::uint32_t bin = counted ? (k - lo) >> shift : 0xffffffffu;
-      const int leader = __ffs(voters) - 1;
-      const std::uint32_t leader_bin = __shfl_sync(0xffffffffu, bin, leader);
-      const unsigned sharing = __ballot_sync(0xffffffffu, bin == leader_bin);
-      if (lane == leader) {
-        atomicAdd(&histogram[bin], __popc(sharing));
-      } else if (counted && bin != leader_bin) {
-        atomicAdd(&histogram[bin], 1);
-      }
+      count_in_bin(histogram, (k - lo) >> shift, i < n && k >= lo && k <= hi);
     }
     __syncthreads();
     // Thread t holds bins 2047 - 2t and 2046 - 2t (the largest keys first) and clears them for
@@ -1440,6 +1457,319 @@ __global__ void __launch_bounds__(kTopKThreads)
   }
 }
 
+// Register top-k over a row's slices (sm_90): one thread block of kSliceThreads per slice of
+// kSliceKeys consecutive candidates, each thread holding a run of kSliceKeysPerThread keys in
+// registers. A row of at most kSliceKeys candidates is one block (the other blocks of its cluster
+// only wait for the scores and leave); a longer one is spread over the blocks of a thread-block
+// cluster, which add their counts through distributed shared memory. The select is the shared-
+// memory kernel's, with the barriers and scans cut down: the row's minimum and maximum bound the
+// first range; each pass counts the range's keys in 2048 equal bins and in 64 coarse bins of 32,
+// so that one warp of each block finds the cut's bin (the coarse bin, then its fine bin, summed
+// over the slices) without a block scan; the next range is the cut's bin itself (at most three
+// passes: 2048 bins narrow a range of 2^32 keys to one in three). Every block computes the same
+// cut from the same counts. A block's kept candidates then take their places from one exclusive
+// scan of packed (greater, equal) counts over the row.
+constexpr int kSliceThreads = 256;
+constexpr int kSliceWarps = kSliceThreads / 32;
+constexpr int kSliceKeysPerThread = 8;
+constexpr int kSliceKeys = kSliceThreads * kSliceKeysPerThread;
+constexpr int kMaxSlices = 16;  // a cluster of more than 8 blocks is non-portable
+constexpr int kCoarseBins = kRadixBins / 32;
+constexpr int kMaxSlicePasses = 3;
+static_assert(kCoarseBins == 64, "a warp scans the coarse bins two per lane");
+static_assert(kMaxSlices * kSliceKeys < 65536, "a row's counts (and a slice's bins) fit 16 bits");
+
+// A block's shared memory: about 13 KiB, and at most 64 registers per thread, so that a block
+// fits beside the scoring kernel's blocks where they leave room, and is resident, its block ids
+// read, before the scores are done.
+struct alignas(16) SliceShared {
+  // One histogram per pass, cleared before the scores arrive: a slice's histogram is read by the
+  // other slices after the pass's barrier, so it is never reused. Fine bins are counted two to a
+  // word (a slice holds at most 2048 keys).
+  int fine[kMaxSlicePasses][kRadixBins / 2];
+  int coarse[kMaxSlicePasses][kCoarseBins];
+  std::uint32_t warp_lo[kSliceWarps], warp_hi[kSliceWarps], slice_lo, slice_hi;
+  unsigned warp_counts[kSliceWarps], slice_counts;
+  // The pass's outcome (as in the shared-memory kernel).
+  std::uint32_t next_lo, next_hi;
+  int next_remaining, next_final;
+};
+
+// The thread-block cluster as the slices of one row see it: its size and this block's rank (1
+// and 0 without a cluster), a barrier over the row's slices, and a slice's shared memory.
+__device__ __forceinline__ int cluster_blocks() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return int(cooperative_groups::this_cluster().num_blocks());
+#else
+  return 1;
+#endif
+}
+
+__device__ __forceinline__ int cluster_rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return int(cooperative_groups::this_cluster().block_rank());
+#else
+  return 0;
+#endif
+}
+
+__device__ __forceinline__ void slices_sync(int slices) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (slices > 1) {
+    cooperative_groups::this_cluster().sync();
+    return;
+  }
+#endif
+  __syncthreads();
+}
+
+template <class T>
+__device__ __forceinline__ const T* slice_shared(const T* p, int slice, int slices) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (slices > 1) return cooperative_groups::this_cluster().map_shared_rank(p, slice);
+#endif
+  return p;
+}
+
+// The row's minimum and maximum of the threads' values (every thread gets both).
+__device__ __forceinline__ void row_min_max(std::uint32_t& lo, std::uint32_t& hi, SliceShared& sh,
+                                            int slices) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  lo = __reduce_min_sync(0xffffffffu, lo);
+  hi = __reduce_max_sync(0xffffffffu, hi);
+  if (lane == 0) {
+    sh.warp_lo[warp] = lo;
+    sh.warp_hi[warp] = hi;
+  }
+  __syncthreads();
+  lo = __reduce_min_sync(0xffffffffu, lane < kSliceWarps ? sh.warp_lo[lane] : 0xffffffffu);
+  hi = __reduce_max_sync(0xffffffffu, lane < kSliceWarps ? sh.warp_hi[lane] : 0u);
+  if (slices == 1) return;
+  if (threadIdx.x == 0) {
+    sh.slice_lo = lo;
+    sh.slice_hi = hi;
+  }
+  slices_sync(slices);
+  lo = __reduce_min_sync(0xffffffffu,
+                         lane < slices ? *slice_shared(&sh.slice_lo, lane, slices) : 0xffffffffu);
+  hi = __reduce_max_sync(0xffffffffu,
+                         lane < slices ? *slice_shared(&sh.slice_hi, lane, slices) : 0u);
+}
+
+// The exclusive prefix of `value` over the row in logical order (slices by rank, threads in
+// order). One block barrier, and one cluster barrier where the row has several slices.
+__device__ __forceinline__ unsigned row_exclusive_scan(unsigned value, SliceShared& sh, int slices,
+                                                       int rank) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  unsigned inclusive = value;
+  for (int o = 1; o < 32; o <<= 1) {
+    const unsigned y = __shfl_up_sync(0xffffffffu, inclusive, o);
+    if (lane >= o) inclusive += y;
+  }
+  if (lane == 31) sh.warp_counts[warp] = inclusive;
+  __syncthreads();
+  const unsigned warp_count = lane < kSliceWarps ? sh.warp_counts[lane] : 0u;
+  unsigned before = __reduce_add_sync(0xffffffffu, lane < warp ? warp_count : 0u);
+  if (slices > 1) {
+    const unsigned slice_total = __reduce_add_sync(0xffffffffu, warp_count);
+    if (threadIdx.x == 0) sh.slice_counts = slice_total;
+    slices_sync(slices);
+    before += __reduce_add_sync(0xffffffffu,
+                                lane < rank ? *slice_shared(&sh.slice_counts, lane, slices) : 0u);
+  }
+  return before + inclusive - value;
+}
+
+// Warp 0 of each block: the bin of this pass's histograms (summed over the slices) that holds the
+// remaining-th largest key of the range [lo, hi] binned with `shift`, and the pass's outcome in
+// sh.next_*. The coarse bins are scanned from the top, two per lane, then the 32 bins of the
+// coarse bin that holds the cut.
+__device__ __forceinline__ void find_cut(SliceShared& sh, int pass, int slices, std::uint32_t lo,
+                                         std::uint32_t hi, int shift, int remaining) {
+  const int lane = threadIdx.x & 31;
+  // Lane l: coarse bins 63 - 2l (upper) and 62 - 2l (lower), adjacent words.
+  int upper = 0, lower = 0;
+#pragma unroll
+  for (int s = 0; s < kMaxSlices; ++s) {
+    if (s < slices) {
+      const int2 c = *reinterpret_cast<const int2*>(
+          slice_shared(&sh.coarse[pass][kCoarseBins - 2 - 2 * lane], s, slices));
+      lower += c.x;
+      upper += c.y;
+    }
+  }
+  int inclusive = upper + lower;
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, inclusive, o);
+    if (lane >= o) inclusive += y;
+  }
+  int above = inclusive - (upper + lower);
+  // Exactly one lane holds the cut (the range holds at least `remaining` keys).
+  const int holder =
+      __ffs(__ballot_sync(0xffffffffu, above < remaining && remaining <= inclusive)) - 1;
+  int coarse_bin = kCoarseBins - 1 - 2 * lane;
+  if (remaining > above + upper) {
+    coarse_bin -= 1;
+    above += upper;
+  }
+  coarse_bin = __shfl_sync(0xffffffffu, coarse_bin, holder);
+  above = __shfl_sync(0xffffffffu, above, holder);
+  // Lane l: fine bin 31 - l of the coarse bin (two lanes read each word).
+  const int bin = coarse_bin * 32 + 31 - lane;
+  int count = 0;
+#pragma unroll
+  for (int s = 0; s < kMaxSlices; ++s) {
+    if (s < slices) {
+      count += (*slice_shared(&sh.fine[pass][bin >> 1], s, slices) >> (bin & 1) * 16) & 0xffff;
+    }
+  }
+  inclusive = count;
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, inclusive, o);
+    if (lane >= o) inclusive += y;
+  }
+  const int bin_above = above + inclusive - count;
+  if (bin_above < remaining && remaining <= bin_above + count) {
+    const std::uint32_t bin_lo = lo + (std::uint32_t(bin) << shift);
+    const std::uint32_t bin_hi = std::uint32_t(
+        min(std::uint64_t(hi), std::uint64_t(bin_lo) + (std::uint64_t(1) << shift) - 1));
+    const int left = remaining - bin_above;
+    sh.next_lo = bin_lo;
+    sh.next_hi = bin_hi;
+    sh.next_remaining = left;
+    // Final when the bin is one key value, or all of its keys are kept (keep < n, so a bin kept
+    // whole does not start at key 0).
+    sh.next_final = shift == 0 ? 1 : (count == left && bin_lo > 0) ? 2 : 0;
+  }
+}
+
+__global__ void __launch_bounds__(kSliceThreads, 4)
+    select_pages_cluster_kernel(const __grid_constant__ SelectArgs a) {
+  __shared__ SliceShared sh;
+  const int blocks = cluster_blocks(), rank = cluster_rank();
+  const int kvh = int(blockIdx.x) / blocks, b = blockIdx.y;
+  const auto [len, pages, table, out] = selection_rows(a, kvh, b);
+  if (pages <= a.budget) {
+    if (rank == 0) {
+      copy_whole_table(a, table, out, pages, len, kvh, b);
+    } else {
+      ptx::wait_for_previous_grid();  // see copy_whole_table
+    }
+    return;
+  }
+  const int first = a.num_sink_pages, last = pages - 1;  // candidates [first, last)
+  const int n = last - first;                            // > keep, since pages > budget
+  const int keep = max(0, a.budget - a.num_sink_pages - 1);
+  // The host makes the cluster large enough for the widest table; a short row is one slice.
+  const int slices = n <= kSliceKeys ? 1 : blocks;
+  if (rank >= slices) {
+    ptx::wait_for_previous_grid();
+    return;
+  }
+  // Sinks and the last page do not depend on the scores.
+  if (rank == 0) {
+    for (int p = threadIdx.x; p < first; p += blockDim.x) keep_block(a, out, p, table[p]);
+    if (threadIdx.x == 0) {
+      keep_block(a, out, a.budget - 1, table[last]);
+      write_selected_lens(a, len, last, kvh, b);
+    }
+  }
+  for (int i = threadIdx.x; i < kMaxSlicePasses * kRadixBins / 2; i += blockDim.x) {
+    (&sh.fine[0][0])[i] = 0;
+  }
+  for (int i = threadIdx.x; i < kMaxSlicePasses * kCoarseBins; i += blockDim.x) {
+    (&sh.coarse[0][0])[i] = 0;
+  }
+  // This thread's run of candidates, and their block ids, read while the scoring kernel runs.
+  const int run_begin = rank * kSliceKeys + int(threadIdx.x) * kSliceKeysPerThread;
+  std::int32_t ids[kSliceKeysPerThread];
+#pragma unroll
+  for (int j = 0; j < kSliceKeysPerThread; ++j) {
+    ids[j] = run_begin + j < n ? table[first + run_begin + j] : -1;
+  }
+  ptx::wait_for_previous_grid();  // the scores are the scoring kernel's
+  const float* scores = a.scores + (std::int64_t(b) * a.num_kv_heads + kvh) * a.max_blocks + first;
+  // Scores are never NaN, so no candidate's key is 0: 0 marks the run's places past the row.
+  std::uint32_t keys[kSliceKeysPerThread];
+  std::uint32_t lo = 0xffffffffu, hi = 0u;
+#pragma unroll
+  for (int j = 0; j < kSliceKeysPerThread; ++j) {
+    keys[j] = run_begin + j < n ? order_key(scores[run_begin + j]) : 0u;
+  }
+#pragma unroll
+  for (int j = 0; j < kSliceKeysPerThread; ++j) {
+    lo = min(lo, keys[j] != 0u ? keys[j] : 0xffffffffu);
+    hi = max(hi, keys[j]);
+  }
+  row_min_max(lo, hi, sh, slices);
+
+  // Kept candidates: keys above `threshold`, and the first `equal_kept` (lowest pages) equal to
+  // it; a threshold of 0xffffffff keeps nothing.
+  std::uint32_t threshold = 0xffffffffu;
+  int equal_kept = 0;
+  int remaining = keep;  // how many of the keys in [lo, hi] are kept (the largest)
+  for (int pass = 0; keep > 0; ++pass) {
+    if (lo == hi) {  // one key value: the lowest-indexed pages holding it are kept
+      threshold = lo;
+      equal_kept = remaining;
+      break;
+    }
+    const int shift = max(0, 32 - __clz(int(hi - lo)) - kRadixBits);
+#pragma unroll
+    for (int j = 0; j < kSliceKeysPerThread; ++j) {
+      const bool counted = keys[j] >= lo && keys[j] <= hi;
+      const std::uint32_t bin = (keys[j] - lo) >> shift;
+      count_in_bin<true>(sh.fine[pass], bin, counted);
+      count_in_bin(sh.coarse[pass], bin >> 5, counted);
+    }
+    slices_sync(slices);
+    if (threadIdx.x < 32) find_cut(sh, pass, slices, lo, hi, shift, remaining);
+    __syncthreads();
+    lo = sh.next_lo;
+    hi = sh.next_hi;
+    remaining = sh.next_remaining;
+    if (sh.next_final == 1) {
+      threshold = lo;
+      equal_kept = remaining;
+      break;
+    }
+    if (sh.next_final == 2) {  // every key >= lo
+      threshold = lo - 1;
+      break;
+    }
+  }
+
+  // Place the kept candidates: counts packed as (greater << 16) | equal (at most `keep` keys are
+  // greater, and a row holds fewer than 65536 candidates).
+  unsigned mine = 0;
+#pragma unroll
+  for (int j = 0; j < kSliceKeysPerThread; ++j) {
+    mine += (keys[j] > threshold ? 1u << 16 : 0u) + (keys[j] == threshold ? 1u : 0u);
+  }
+  const unsigned before = row_exclusive_scan(mine, sh, slices, rank);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // The other slices read this block's shared memory until they pass the scan: a block leaves
+  // only once every block of the cluster has.
+  if (slices > 1) cooperative_groups::this_cluster().barrier_arrive();
+#endif
+  int greater_before = int(before >> 16), equal_before = int(before & 0xffffu);
+#pragma unroll
+  for (int j = 0; j < kSliceKeysPerThread; ++j) {
+    if (keys[j] > threshold) {
+      keep_block(a, out, first + greater_before + min(equal_before, equal_kept), ids[j]);
+      ++greater_before;
+    } else if (keys[j] == threshold) {
+      if (equal_before < equal_kept) {
+        keep_block(a, out, first + greater_before + equal_before, ids[j]);
+      }
+      ++equal_before;
+    }
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (slices > 1) cooperative_groups::this_cluster().barrier_wait();
+#endif
+}
+
 // The same selection for tables too long for shared memory: one thread block of 512 per
 // (sequence, KV head), four 8-bit radix passes over the scores in global memory, and two block
 // scans per 512 pages to place the kept ones. Also the whole call where the table is no wider
@@ -1521,6 +1851,74 @@ __global__ void __launch_bounds__(kSelectThreads)
 int summary_threads(int num_heads, int head_dim) {
   const int elements = num_heads * head_dim;
   return std::min(1024, std::max(64, (elements / kPerThread + 31) / 32 * 32));
+}
+
+// The blocks of the cluster over which select_pages_cluster_kernel spreads a row of this table
+// (sm_90): enough slices for the most candidates a row may hold, or 0 where that takes more
+// than kMaxSlices or the device cannot schedule such a cluster (the shared-memory kernel then
+// takes the call). Checked once per (device, size).
+int topk_cluster_blocks(const SelectPagesParams& p) {
+  const int candidates = std::max(0, p.max_blocks - 1 - p.num_sink_pages);
+  const int blocks = std::max(1, (candidates + kSliceKeys - 1) / kSliceKeys);
+  if (blocks > kMaxSlices) return 0;
+  if (blocks == 1) return 1;
+  struct Checked {
+    int device, blocks;
+    bool schedulable;
+  };
+  static std::mutex mutex;
+  static std::vector<Checked> checked;
+  std::lock_guard<std::mutex> lock(mutex);
+  for (const Checked& c : checked) {
+    if (c.device == p.device_index && c.blocks == blocks) return c.schedulable ? blocks : 0;
+  }
+  const void* kernel = reinterpret_cast<const void*>(select_pages_cluster_kernel);
+  // A device that refuses the size (an error here) takes the other kernel, as one that cannot
+  // place such a cluster (no active cluster).
+  cudaError_t err = cudaSuccess;
+  if (blocks > 8) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  }
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(unsigned(blocks));
+  config.blockDim = dim3(kSliceThreads);
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = unsigned(blocks);
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = 1;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  int clusters = 0;
+  if (err == cudaSuccess) err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // not sticky: later calls must not see it
+    clusters = 0;
+  }
+  checked.push_back({p.device_index, blocks, clusters > 0});
+  return clusters > 0 ? blocks : 0;
+}
+
+// launch_after() (with programmatic dependent launch) for a grid of clusters of `cluster_blocks`
+// blocks along x.
+template <class Args>
+void launch_clusters_after(const void* kernel, dim3 grid, dim3 block, int cluster_blocks,
+                           cudaStream_t stream, Args& args, const char* op, const char* what) {
+  void* params[] = {&args};
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.stream = stream;
+  cudaLaunchAttribute attributes[2]{};
+  attributes[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attributes[0].val.programmaticStreamSerializationAllowed = 1;
+  attributes[1].id = cudaLaunchAttributeClusterDimension;
+  attributes[1].val.clusterDim.x = unsigned(cluster_blocks);
+  attributes[1].val.clusterDim.y = 1;
+  attributes[1].val.clusterDim.z = 1;
+  config.attrs = attributes;
+  config.numAttrs = 2;
+  check(cudaLaunchKernelExC(&config, kernel, params), op, what);
 }
 
 }  // namespace
@@ -1744,9 +2142,16 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
   launch_after(score.kernel, score_grid, dim3(unsigned(score.threads)),
                std::size_t(score.smem_bytes), s, a, overlap, op, "score_pages_kernel");
 
+  const int cluster_blocks = overlap ? topk_cluster_blocks(p) : 0;
   const int topk_smem_limit =
       std::min(int(topk_smem_bytes(kTopKMaxPages)), smem_optin - kTopKStaticSmemBytes);
-  if (p.max_blocks <= kTopKMaxPages && int(topk_smem_bytes(p.max_blocks)) <= topk_smem_limit) {
+  if (cluster_blocks > 0) {
+    launch_clusters_after(reinterpret_cast<const void*>(select_pages_cluster_kernel),
+                          dim3(unsigned(cluster_blocks * p.num_kv_heads), unsigned(p.batch)),
+                          dim3(kSliceThreads), cluster_blocks, s, a, op,
+                          "select_pages_cluster_kernel");
+  } else if (p.max_blocks <= kTopKMaxPages &&
+             int(topk_smem_bytes(p.max_blocks)) <= topk_smem_limit) {
     DecodeLaunch topk{};
     topk.kernel = reinterpret_cast<const void*>(select_pages_kernel);
     topk.smem_bytes = int(topk_smem_bytes(p.max_blocks));

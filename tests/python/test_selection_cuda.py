@@ -3,8 +3,9 @@ path of the CUDA kernels: the tensor-core scoring kernel (float16 and bfloat16 s
 head_dim 64, 128 and 256: the float32 weights as sums of 16-bit terms), the page-wide scoring
 kernel (float32, other head_dims; the group folded into two weight vectors for summed scores, or
 each query head scored alone), the row-by-row fallback (rows that are not whole 16-byte chunks,
-or misaligned), the shared-memory top-k and the global-memory one (tables
-of more than 32767 pages), the copy of short sequences, sinks, hits, and graph replay.
+or misaligned), the top-k kernels (on sm_90 the cluster one, a row in slices of 2048 candidates
+over up to 16 blocks; before sm_90 the shared-memory one; the global-memory one for tables of
+more than 32767 pages), the copy of short sequences, sinks, hits, and graph replay.
 
 Integer data makes every score exact in float32 whatever the order of the sums (the folded
 kernel reassociates them), so the page sets, their order and the tie-break (the lower page) are
@@ -277,10 +278,11 @@ def test_tensor_core_scoring_over_wide_magnitudes(rng, summary, reduce, group, h
 
 @pytest.mark.parametrize("summary", SUMMARIES)
 def test_long_sequences(rng, summary):
-    """The bench's shapes, 8 sequences of 2048 pages and one of 8192 (runs of 8 candidates per
-    top-k thread, every block id read before the scores), and one of 8300 (runs of 16: ids past
-    the eighth read after the select): float16, 32 query / 8 KV heads, head_dim 128, budget 128
-    pages with one sink."""
+    """The bench's shapes, 8 sequences of 2048 pages (one block per row of the cluster top-k)
+    and one of 8192 (a cluster of four; the shared-memory top-k's runs of 8 candidates per
+    thread, every block id read before the scores), and one of 8300 (a cluster of five; runs of
+    16: ids past the eighth read after the select): float16, 32 query / 8 KV heads, head_dim
+    128, budget 128 pages with one sink."""
     block_size, budget = 16, 128
     for seq_lens in (
         np.full(8, 2048 * block_size, np.int32),
@@ -314,7 +316,7 @@ def test_scoring_runs_longer_than_a_window(rng, summary, reduce):
     check_exact(query, meta, table, seq_lens, budget, block_size, 1, summary, reduce, "float16")
 
 
-PLANTED_KINDS = ["ulps", "equal", "outliers", "ties", "signed_zeros", "wide"]
+PLANTED_KINDS = ["ulps", "equal", "outliers", "ties", "signed_zeros", "wide", "minus_inf"]
 
 
 def planted_scores(rng, kind, n):
@@ -332,6 +334,10 @@ def planted_scores(rng, kind, n):
         x = (rng.integers(0, 4, n) * 2.0 - 3).astype(np.float32)
     elif kind == "signed_zeros":  # -0.0 ranks equal to +0.0 (the lower page first), denormals
         x = rng.choice(np.array([-0.0, 0.0, 1e-40, -1e-40, 1.0, -1.0], np.float32), n)
+    elif kind == "minus_inf":  # mostly -inf: the cut falls among -inf ties where few are finite
+        x = np.full(n, -np.inf, np.float32)
+        finite = rng.choice(n, size=max(1, n // 50), replace=False)
+        x[finite] = rng.standard_normal(len(finite)).astype(np.float32)
     else:  # magnitudes from 1e-30 to 1e30, both signs
         x = (rng.choice([-1.0, 1.0], n) * 10.0 ** rng.uniform(-30, 30, n)).astype(np.float32)
     return rng.permutation(x)
@@ -341,8 +347,9 @@ def planted_scores(rng, kind, n):
 def test_top_k_on_planted_scores(rng, group):
     """Scores planted exactly (float32 summaries whose score is one element: a one-hot query,
     zero std): consecutive floats, all equal, far outliers and infinities, runs of ties at the
-    cut, signed zeros and denormals, 60 decades. Sequences of 2047, 2999, 200 and 9000
-    candidate pages (more than 8192: runs of 16 per top-k thread), two budgets, sinks."""
+    cut, signed zeros and denormals, 60 decades, mostly -inf. Sequences of 2047, 2999, 200 and
+    9000 candidate pages (a cluster of five slices; more than 8192: runs of 16 per thread of the
+    shared-memory top-k), two budgets, sinks."""
     block_size, kv_heads, dim = 2, 2, 16
     pages = [2049, 3000, 202, 9001]
     seq_lens = np.array([p * block_size - 1 for p in pages], dtype=np.int32)
@@ -374,6 +381,112 @@ def test_global_memory_top_k(rng):
         for sinks in (0, 3):
             check_exact(query, meta, table, seq_lens, budget, block_size, sinks, summary, "sum",
                         "float32")  # fmt: skip
+
+
+# The cluster top-k (sm_90) takes a row in slices of 2048 candidates, its cluster as many blocks
+# as the table's width needs (up to 16); other devices run the shared-memory top-k on the same
+# tests.
+SLICE = 2048
+
+
+def exact_width_table(rng, seq_lens, block_size):
+    """random_pages' table cut to the longest sequence's pages, so that its width sets the
+    top-k's cluster size exactly."""
+    table, num_blocks = random_pages(rng, seq_lens, block_size)
+    width = max(1, max(-(-int(n) // block_size) for n in seq_lens))
+    return np.ascontiguousarray(table[:, :width]), num_blocks
+
+
+def planted_meta(rng, table, pages, num_blocks, kv_heads, dim, kinds):
+    """float32 summaries whose meanstd score under a one-hot query is exactly the planted
+    score: kinds[b][h] for sequence b and KV head h."""
+    meta = np.zeros((num_blocks, kv_heads, 2, dim), np.float32)
+    for b, n in enumerate(pages):
+        for h in range(kv_heads):
+            if n > 0:
+                meta[table[b, :n], h, 0, 0] = planted_scores(rng, kinds[b][h], n)
+    return meta
+
+
+def check_with_hits(rng, query, meta, table, seq_lens, budget, block_size, sinks, reduce):
+    """check_exact of planted float32 summaries with a hits array (random start counts): each
+    kept block adds one."""
+    num_blocks = meta.shape[0]
+    start = rng.integers(0, 3, num_blocks).astype(np.int32)
+    hits = cuda_ints(start.copy())
+    got_t = check_exact(query, meta, table, seq_lens, budget, block_size, sinks, "meanstd",
+                        reduce, "float32", hits=hits)  # fmt: skip
+    kept = got_t.ravel()
+    want = start + np.bincount(kept[kept >= 0], minlength=num_blocks)
+    np.testing.assert_array_equal(to_np(hits), want)
+
+
+@pytest.mark.parametrize("slices", [1, 2, 3, 4, 8, 9, 16])
+def test_cluster_top_k_around_slice_boundaries(rng, slices):
+    """A table exactly wide enough for `slices` slices of candidates (the widest cluster that
+    size), and a batch of sequences around every slice boundary within it: the full width, one
+    page less, one candidate past the previous boundary, 2049 and 2048 candidates (two slices,
+    and one block of a larger cluster), 2047, a short row, one within the budget (copied), an
+    empty one. Planted scores of every kind (all equal, ties at the cut, -inf, ...), budgets
+    whose kept pages stay in one slice (130) or span two (2600), sinks 0 and 3, hits; exact
+    pages, order and lengths."""
+    block_size, kv_heads, dim, group = 1, 2, 16, 2
+    for sinks in (0, 3):
+        widest = slices * SLICE + 1 + sinks  # pages: slices * 2048 candidates
+        candidates = [slices * SLICE, slices * SLICE - 1, (slices - 1) * SLICE + 1]
+        candidates += [SLICE + 1, SLICE, SLICE - 1, 700]
+        pages = [min(c, widest - 1 - sinks) + 1 + sinks for c in candidates if c > 0]
+        pages[0] = widest
+        for budget in (130, 2600):
+            batch = pages + [min(budget - 2, widest), 0]
+            seq_lens = np.array([p * block_size for p in batch], np.int32)
+            table, num_blocks = exact_width_table(rng, seq_lens, block_size)
+            kinds = [
+                [PLANTED_KINDS[(b + 3 * h + budget) % len(PLANTED_KINDS)] for h in range(kv_heads)]
+                for b in range(len(batch))
+            ]
+            meta = planted_meta(rng, table, batch, num_blocks, kv_heads, dim, kinds)
+            query = np.zeros((len(batch), kv_heads * group, dim), np.float32)
+            query[:, :, 0] = 1.0 / group  # exact: the folded weights are 1.0 too
+            for reduce in REDUCES:
+                check_with_hits(rng, query, meta, table, seq_lens, budget, block_size, sinks,
+                                reduce)  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["equal", "ties", "minus_inf"])
+def test_cluster_top_k_ties_across_slices(rng, kind):
+    """All-equal scores, four values, or mostly -inf over rows of one to five slices, with a
+    budget larger than a slice: the equal pages kept are the lowest ones, across the blocks of
+    the cluster."""
+    block_size, kv_heads, dim = 2, 3, 8
+    batch = [5 * SLICE + 1, 3 * SLICE + 7, 2 * SLICE, SLICE + 2, 900]
+    seq_lens = np.array([p * block_size - 1 for p in batch], np.int32)
+    table, num_blocks = exact_width_table(rng, seq_lens, block_size)
+    meta = planted_meta(rng, table, batch, num_blocks, kv_heads, dim, [[kind] * kv_heads] * 5)
+    query = np.zeros((len(batch), kv_heads, dim), np.float32)
+    query[:, :, 0] = 1.0
+    for budget, sinks in ((3000, 1), (2049, 0), (64, 2)):
+        check_with_hits(rng, query, meta, table, seq_lens, budget, block_size, sinks, "sum")
+
+
+def test_cluster_top_k_ragged_batch(rng):
+    """Ragged lengths from one page to 9000 in one batch (float16, 32 query / 8 KV heads,
+    head_dim 32, page 16, budget 128, one sink), scored from integer summaries (ties are
+    frequent): short rows on one block of the cluster, long ones over up to five, copies."""
+    block_size, budget = 16, 128
+    pages = np.concatenate([[9000, 8192, 2050, 2051, 129, 128, 1], rng.integers(1, 9001, 5)])
+    seq_lens = (pages * block_size - rng.integers(0, block_size, len(pages))).astype(np.int32)
+    table, num_blocks = exact_width_table(rng, seq_lens, block_size)
+    query = rng.integers(-2, 3, size=(len(pages), 32, 32)).astype(np.float32)
+    meta = integer_summaries(rng, num_blocks, 8, 32, "minmax_damped")
+    for reduce in REDUCES:
+        hits = torch.zeros(num_blocks, dtype=torch.int32, device="cuda")
+        got_t = check_exact(query, meta, table, seq_lens, budget, block_size, 1, "minmax_damped",
+                            reduce, "float16", hits=hits)  # fmt: skip
+        kept = got_t.ravel()
+        np.testing.assert_array_equal(
+            to_np(hits), np.bincount(kept[kept >= 0], minlength=num_blocks)
+        )
 
 
 @pytest.mark.parametrize("sinks", [0, 1, 5])
@@ -603,6 +716,63 @@ def test_graph_replay_across_the_budget(rng, reduce):
         lens.copy_(cuda_ints(step_lens))
         hits.zero_()
         out[0].fill_(-7)
+        graph.replay()
+        torch.cuda.synchronize()
+        want_t, want_l = R.select_pages(
+            query, meta, table, step_lens, budget, block_size, sinks, "meanstd", reduce
+        )
+        np.testing.assert_array_equal(to_np(out[0]), want_t)
+        np.testing.assert_array_equal(to_np(out[1]), want_l)
+        kept = want_t.ravel()
+        np.testing.assert_array_equal(
+            to_np(hits), np.bincount(kept[kept >= 0], minlength=num_blocks)
+        )
+
+
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_graph_replay_across_slices(rng, reduce):
+    """One capture with a table three slices of candidates wide (the cluster top-k on sm_90),
+    replayed while lengths move between a copy, one slice, two and three, with the query
+    changed in place: every replay gives the reference's pages, lengths and hit counts."""
+    block_size, budget, sinks, kv_heads = 16, 96, 2, 4
+    capacity = np.array([3 * SLICE + 3, 2 * SLICE + 40, SLICE + 3, 500], dtype=np.int32)
+    table, num_blocks = exact_width_table(rng, capacity * block_size, block_size)
+    meta = integer_summaries(rng, num_blocks, kv_heads, 64, "meanstd")
+    query = rng.integers(-2, 3, size=(4, kv_heads * 2, 64)).astype(np.float32)
+    q = asarray(query, "torch", "float16", "cuda")
+    m = asarray(meta, "torch", "float16", "cuda")
+    t = cuda_ints(table)
+    lens = cuda_ints(np.full(4, 50, np.int32))
+    hits = torch.zeros(num_blocks, dtype=torch.int32, device="cuda")
+    out = (
+        torch.full((4, kv_heads, budget), -7, dtype=torch.int32, device="cuda"),
+        torch.full((4, kv_heads), -7, dtype=torch.int32, device="cuda"),
+    )
+    ws = torch.empty(ts.select_pages_workspace_bytes(q, m, t), dtype=torch.uint8, device="cuda")
+
+    def select():
+        ts.select_pages(q, m, t, lens, budget, block_size=block_size, num_sink_pages=sinks,
+                        summary="meanstd", group_reduce=reduce, hits=hits, out=out,
+                        workspace=ws)  # fmt: skip
+
+    select()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        select()
+    for step_pages in (
+        [50, 90, 3, 96],
+        [SLICE + 3, SLICE + 4, SLICE + 3, 97],
+        [3 * SLICE + 3, 2 * SLICE + 40, SLICE + 2, 500],
+        [2 * SLICE + 3, 1, SLICE + 3, 0],
+    ):
+        step_lens = (np.array(step_pages) * block_size - 7).clip(0).astype(np.int32)
+        query = rng.integers(-2, 3, size=query.shape).astype(np.float32)
+        q.copy_(asarray(query, "torch", "float16", "cuda"))
+        lens.copy_(cuda_ints(step_lens))
+        hits.zero_()
+        out[0].fill_(-7)
+        out[1].fill_(-7)
         graph.replay()
         torch.cuda.synchronize()
         want_t, want_l = R.select_pages(
