@@ -119,8 +119,8 @@ def run_shape(
     r["step_us"] = 1e3 * median_ms(step, 20, warmup=3, graph=True)
     r["speedup"] = r["dense_us"] / r["step_us"]
     r["selection_share"] = r["select_us"] / r["step_us"]
-    # Whichever kernels the step takes (the tensor-core, page-wide or row-by-row scoring kernel;
-    # the shared-memory top-k or its global-memory fallback).
+    # Either kernel of each step (the page-wide scoring kernel or its row-by-row fallback; the
+    # shared-memory top-k or its global-memory fallback).
     r["topk_kernel_us"] = kernel_us(select, "select_pages_")
     r["score_kernel_us"] = kernel_us(select, "score_pages_")
     # The scoring kernel's read rate: every page's summary (both rows, every KV head), once.

@@ -27,22 +27,6 @@ __device__ __forceinline__ void cp_async_16(std::uint32_t smem, const void* gmem
       "l"(gmem), "r"(int(zero)), "l"(policy));
 }
 
-// The evict-first L2 policy of cp_async_16, made once for a kernel's many copies.
-__device__ __forceinline__ std::uint64_t evict_first_policy() {
-  std::uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
-
-// cp_async_16 with a policy made by evict_first_policy.
-__device__ __forceinline__ void cp_async_16(std::uint32_t smem, const void* gmem, bool zero,
-                                            std::uint64_t policy) {
-  asm volatile(
-      "{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n"
-      " cp.async.cg.shared.global.L2::cache_hint.L2::128B [%0], [%1], 16, p, %3;\n}\n" ::"r"(smem),
-      "l"(gmem), "r"(int(zero)), "l"(policy));
-}
-
 // 16-byte async copy global -> shared with the default L2 policy, for data that other CTAs read
 // too (a prefill's K/V tiles are read by every query tile of the sequence). With `zero` set the
 // destination is zero-filled and nothing is read.

@@ -8,24 +8,21 @@
 // Selection: a scoring kernel spread over (sequence, page range) writes one float score per
 // (sequence, KV head, page) into the caller's scratch; its warps each stream whole pages (every KV
 // head's summary rows at once) through shared memory, several pages in flight. A selection
-// kernel, one thread block per (sequence, KV head) or per slice of its pages (a thread-block
-// cluster per row on sm_90), reads that row of scores once, finds the k-th largest by a radix
-// select whose bins span the keys' own range (usually one or two passes), keeps the pages above
-// it and the lowest-indexed pages equal to it, and writes them in logical order after one scan;
+// kernel, one thread block per (sequence, KV head),
+// reads that row of scores into shared memory once, finds the k-th largest by a radix select
+// whose bins span the keys' own range (usually one or two passes), keeps the pages above it and
+// the lowest-indexed pages equal to it, and writes them in logical order after one block scan;
 // it is launched to overlap the scoring kernel's end (programmatic dependent launch, sm_90) and
 // waits for it on the device, as the scoring kernel does for the kernel before it.
 // Grids depend only on host-known shapes: graph capturable, no host sync.
 
-#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <limits>
-#include <mutex>
 #include <type_traits>
-#include <vector>
 
 #include "core/kernels.h"
 #include "cuda/attention/split_plan.cuh"
@@ -326,17 +323,15 @@ __device__ __forceinline__ std::int64_t clamped_length(const SelectArgs& a, int 
   return min(max(std::int64_t(a.seq_lens[b]), std::int64_t(0)), capacity);
 }
 
-// The candidate pages [begin, end) of sequence b in a scoring kernel's page range `chunk`
-// (pages_per_block pages from chunk * pages_per_block),
+// The candidate pages [begin, end) of sequence b that scoring thread block blockIdx.x scores,
 // never a sink page or the last page; false where there are none, as where the sequence has no
 // more pages than the budget (the selection kernel copies its table).
-__device__ __forceinline__ bool scored_pages(const SelectArgs& a, int b, int chunk, int& begin,
-                                             int& end) {
+__device__ __forceinline__ bool scored_pages(const SelectArgs& a, int b, int& begin, int& end) {
   const std::int64_t len = clamped_length(a, b);
   const int pages = int((len + a.block_size - 1) / a.block_size);
   if (pages <= a.budget) return false;
-  begin = max(chunk * a.pages_per_block, a.num_sink_pages);
-  end = min((chunk + 1) * a.pages_per_block, pages - 1);
+  begin = max(int(blockIdx.x) * a.pages_per_block, a.num_sink_pages);
+  end = min(int(blockIdx.x + 1) * a.pages_per_block, pages - 1);
   return begin < end;
 }
 
@@ -597,7 +592,7 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
   constexpr int kRounds = kScoreSlots / K;  // items per lane group per round
   const int b = blockIdx.y;
   int begin, end;
-  if (!scored_pages(a, b, int(blockIdx.x), begin, end)) return;
+  if (!scored_pages(a, b, begin, end)) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   constexpr int kWarps = kScoreThreads / 32;
   const int per_warp = (end - begin + kWarps - 1) / kWarps;
@@ -758,311 +753,6 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Scoring on tensor cores: 16-bit summaries, head_dim 64, 128 or 256, rows 16-byte aligned.
-//
-// Every score is linear in a page's two summary rows: for KV head h and column c (each query
-// head of the group, or one column where the group is folded as above),
-//   score_c = sum_d w0[c][d] * row0[d] + w1[c][d] * row1[d],
-// with w0, w1 from the query: per query head, minmax min(q, 0) and max(q, 0); minmax_damped
-// 3/4 min(q, 0) + 1/4 max(q, 0) and 3/4 max(q, 0) + 1/4 min(q, 0); meanstd q and |q| (the
-// reference's formulas, since min <= max); folded, their sums over the group. The columns'
-// scores are then summed or maximised. So one KV head's rows of 16 pages (a 16 x 2 head_dim
-// tile) times its weights (2 head_dim x columns) is a matrix product: m16n8k16 MMAs, the pages as
-// M, the columns as N (padded to 8), float32 accumulators.
-//
-// The weights are float32 and the MMA's B operand 16-bit, so each weight is split into 16-bit
-// terms whose sum is the weight to about 2^-22 relative or better, each term one more MMA into
-// the same accumulators. float16: hi = half(w), lo = half(w - hi), after the KV head's weights are
-// scaled by a power of two that puts the largest in [2^14, 2^15) (no term overflows, and only
-// weights below 2^-29 of the largest, negligible beside it, fall into float16's subnormals); the
-// scale is undone on the score, exactly. bfloat16 has float32's range and 8 bits: three terms, no
-// scale. The summaries are exact in the MMA's input type and the products exact in float32; the
-// tensor cores sum them in float32 in another order than a loop would.
-//
-// One thread block per (sequence, KV head, page range) builds its KV head's weights once, in
-// shared memory in B-fragment order. Warp w scores the range's 16-page tiles w, w + 4, ...: a
-// tile (both rows of 16 pages, 64 * head_dim bytes) is copied into the warp's staging with
-// cp.async kMmaScoreStages - 1 tiles ahead of the one being scored (the block ids two tiles ahead
-// of that), each page's rows padded by 16 bytes so that each ldmatrix reads 8 pages' chunks from
-// distinct banks; a tile's 16 scores are one coalesced store.
-
-constexpr int kMmaScoreWarps = 4;
-constexpr int kMmaScoreThreads = 32 * kMmaScoreWarps;
-// Three stages: two tiles in flight per warp while it scores a third, about 128 KiB per
-// multiprocessor at every head_dim (4, 2 or 1 thread blocks of 51, 99 or 195 KiB of staging at
-// head_dim 64, 128 or 256).
-constexpr int kMmaScoreStages = 3;
-constexpr int kMmaTilePages = 16;  // the MMA's M
-
-// 16-bit terms per weight.
-template <class T>
-constexpr int kWeightTerms = std::is_same_v<T, __half> ? 2 : 3;
-
-// Bytes of a staged page (both summary rows, then 16 bytes of padding: 8 consecutive pages' same
-// chunk lie in distinct banks for ldmatrix) and of a staged tile of 16 pages.
-constexpr int mma_page_bytes(int head_dim) { return 2 * head_dim * 2 + 16; }
-constexpr int mma_tile_bytes(int head_dim) { return kMmaTilePages * mma_page_bytes(head_dim); }
-
-// Dynamic shared memory of score_pages_mma_kernel: the weights' B fragments (8 bytes per lane
-// per term, per 16 of the 2 * head_dim, per 8 columns), the warps' staging, the warps' maxima.
-constexpr std::int64_t mma_score_smem_bytes(int head_dim, int columns, int terms) {
-  return std::int64_t((columns + 7) / 8) * (head_dim / 8) * terms * 32 * 8 +
-         kMmaScoreWarps * kMmaScoreStages * mma_tile_bytes(head_dim) + kMmaScoreWarps * 4;
-}
-
-// The weights (w0, w1) of column c of KV head h at element d: query head h * group + c, or the
-// group's sums where folded (the page-wide kernel's sums, in its order).
-template <class T>
-__device__ __forceinline__ float2 column_weights(const SelectArgs& a, const T* query, int h,
-                                                 int group, bool folded, int c, int d) {
-  float w0 = 0.0f, w1 = 0.0f;
-  const int first = folded ? 0 : c, last = folded ? group : c + 1;
-  for (int g = first; g < last; ++g) {
-    const float x = to_float(query[(h * group + g) * a.q_stride_head + d]);
-    if (a.kind == PageSummary::MinMax) {
-      w0 += fminf(x, 0.0f);
-      w1 += fmaxf(x, 0.0f);
-    } else if (a.kind == PageSummary::MinMaxDamped) {
-      w0 += fmaf(0.75f, fminf(x, 0.0f), 0.25f * fmaxf(x, 0.0f));
-      w1 += fmaf(0.75f, fmaxf(x, 0.0f), 0.25f * fminf(x, 0.0f));
-    } else {
-      w0 += x;
-      w1 += fabsf(x);
-    }
-  }
-  return make_float2(w0, w1);
-}
-
-// w as kWeightTerms<T> 16-bit terms, largest first, each the rest rounded to nearest (every rest
-// is exact in float32). A non-finite w is its own first term (the score becomes what float32
-// arithmetic with it gives).
-template <class T>
-__device__ __forceinline__ void split_weight(float w, T (&terms)[kWeightTerms<T>]) {
-  float rest = w;
-#pragma unroll
-  for (int t = 0; t < kWeightTerms<T>; ++t) {
-    terms[t] = from_float<T>(rest);
-    rest = isfinite(w) ? rest - to_float(terms[t]) : 0.0f;
-  }
-}
-
-// Two 16-bit values as one register of an MMA fragment, `first` in the low half.
-template <class T>
-__device__ __forceinline__ std::uint32_t pack_pair(T first, T second) {
-  std::uint16_t lo, hi;
-  memcpy(&lo, &first, 2);
-  memcpy(&hi, &second, 2);
-  return std::uint32_t(lo) | (std::uint32_t(hi) << 16);
-}
-
-// Grid (page ranges * num_kv_heads, batch): thread block x scores KV head x % num_kv_heads over
-// pages [(x / num_kv_heads) * pages_per_block, ...) of sequence y, pages_per_block a multiple
-// of 16.
-template <class T, int D>
-__global__ void __launch_bounds__(kMmaScoreThreads, 4)
-    score_pages_mma_kernel(const __grid_constant__ SelectArgs a) {
-  constexpr int kTerms = kWeightTerms<T>;
-  constexpr int kSteps = D / 8;      // k-steps of 16 over both rows (2 * D)
-  constexpr int kChunks = D / 4;     // 16-byte chunks of a page's two rows
-  constexpr int kRowChunks = D / 8;  // of one row
-  constexpr int kPageBytes = mma_page_bytes(D);
-  constexpr int kTileBytes = mma_tile_bytes(D);
-  // Copy i of a tile (one 16-byte cp.async per lane): page (i / kCopiesPerPage) * kPagesPerCopy
-  // + lane / kLanesPerPage, chunk (i % kCopiesPerPage) * kLanesPerPage + lane % kLanesPerPage.
-  constexpr int kLanesPerPage = kChunks < 32 ? kChunks : 32;
-  constexpr int kPagesPerCopy = 32 / kLanesPerPage;
-  constexpr int kCopiesPerPage = kChunks / kLanesPerPage;
-  constexpr int kCopies = kMmaTilePages * kCopiesPerPage / kPagesPerCopy;  // per lane per tile
-  static_assert(D % 16 == 0 && (32 % kChunks == 0 || kChunks % 32 == 0),
-                "whole k-steps, and pages' chunks in whole copy instructions of a warp");
-  // [column tile][k-step][term][lane] fragments, then the staging, then the warps' maxima.
-  extern __shared__ __align__(16) unsigned char score_mma_smem[];
-  // As the page-wide kernel: nothing is read before the previous grid is done, and the
-  // selection kernel may be scheduled from here (it waits for this grid before reading scores).
-  ptx::wait_for_previous_grid();
-  ptx::allow_dependent_grids();
-  const int heads = a.num_kv_heads;
-  const int h = int(blockIdx.x % unsigned(heads)), b = blockIdx.y;
-  int begin, end;
-  if (!scored_pages(a, b, int(blockIdx.x / unsigned(heads)), begin, end)) return;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int group = a.num_q_heads / heads;
-  const bool folded = group > 1 && a.reduce == GroupReduce::Sum;
-  const int columns = folded ? 1 : group;
-  const int column_tiles = (columns + 7) / 8;
-  uint2* const fragments = reinterpret_cast<uint2*>(score_mma_smem);
-  const int fragment_bytes = column_tiles * kSteps * kTerms * 32 * 8;
-  const std::uint32_t staging =
-      ptx::smem_addr(score_mma_smem + fragment_bytes) + warp * kMmaScoreStages * kTileBytes;
-  const int lane_page = lane / kLanesPerPage, lane_chunk = lane % kLanesPerPage;
-  float* const warp_max = reinterpret_cast<float*>(score_mma_smem + fragment_bytes +
-                                                   kMmaScoreWarps * kMmaScoreStages * kTileBytes);
-
-  // Copies: lanes 0-15 hold the block ids of the next three tiles to issue (each loaded two
-  // iterations before its tile is issued).
-  const std::int32_t* table = a.block_table + b * a.block_table_stride;
-  const T* meta = reinterpret_cast<const T*>(a.meta);
-  const int tiles = (end - begin + kMmaTilePages - 1) / kMmaTilePages;
-  const auto tile_block = [&](int k) -> std::int32_t {  // page `lane` of the warp's tile k
-    const int page = begin + (warp + k * kMmaScoreWarps) * kMmaTilePages + lane;
-    return lane < kMmaTilePages && page < end ? table[page] : -1;
-  };
-  std::int32_t block_now = tile_block(0), block_next = tile_block(1), block_after = tile_block(2);
-  const std::int64_t head_offset = h * a.meta_stride_head;
-  std::int64_t chunk_offset[kCopiesPerPage];  // elements from a page's rows to this lane's chunks
-#pragma unroll
-  for (int v = 0; v < kCopiesPerPage; ++v) {
-    const int j = v * kLanesPerPage + lane_chunk;
-    chunk_offset[v] =
-        (j / kRowChunks) * a.meta_stride_row + (j % kRowChunks) * (16 / int(sizeof(T)));
-  }
-  const std::uint32_t lane_staging = staging + lane_page * kPageBytes + lane_chunk * 16;
-  const std::uint64_t policy = ptx::evict_first_policy();
-  std::uint64_t pending = 0;  // 16 bits per tile in flight, oldest lowest: which pages are valid
-  int issued = 0;
-  // Issues the warp's next tile (pages past the range or with a bad block id zero-filled; none
-  // where no page is valid) as one copy group; `slot`: its place among the tiles in flight.
-  const auto issue = [&](int slot) {
-    const bool valid = block_now >= 0 && block_now < a.num_blocks;
-    const T* rows = meta + (valid ? block_now * a.meta_stride_block + head_offset : 0);
-    const unsigned mask = __ballot_sync(0xffffffffu, valid) & 0xffffu;
-    pending |= std::uint64_t(mask) << (16 * slot);
-    const std::uint32_t stage = lane_staging + (issued % kMmaScoreStages) * kTileBytes;
-    if (mask != 0) {
-#pragma unroll
-      for (int i = 0; i < kCopies; ++i) {
-        const int page = (i / kCopiesPerPage) * kPagesPerCopy + lane_page;
-        const T* page_rows = reinterpret_cast<const T*>(
-            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(rows), page));
-        const std::uint32_t at = (i / kCopiesPerPage) * kPagesPerCopy * kPageBytes +
-                                 (i % kCopiesPerPage) * kLanesPerPage * 16;
-        ptx::cp_async_16(stage + at, page_rows + chunk_offset[i % kCopiesPerPage],
-                         !((mask >> page) & 1u), policy);
-      }
-    }
-    ptx::cp_async_commit();
-    ++issued;
-    block_now = block_next;
-    block_next = block_after;
-    block_after = tile_block(issued + 2);
-  };
-  for (int s = 0; s < kMmaScoreStages - 1; ++s) issue(s);
-
-  // The weights, while the first tiles fly: the KV head's largest finite weight, then the
-  // fragments of the scaled weights' terms.
-  const T* query = reinterpret_cast<const T*>(a.query) + b * a.q_stride_batch;
-  float largest = 0.0f;
-  for (int i = threadIdx.x; i < columns * D; i += kMmaScoreThreads) {
-    const float2 w = column_weights(a, query, h, group, folded, i / D, i % D);
-    if (isfinite(w.x)) largest = fmaxf(largest, fabsf(w.x));
-    if (isfinite(w.y)) largest = fmaxf(largest, fabsf(w.y));
-  }
-  for (int o = 16; o > 0; o >>= 1) {
-    largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, o));
-  }
-  if (lane == 0) warp_max[warp] = largest;
-  __syncthreads();
-#pragma unroll
-  for (int w = 0; w < kMmaScoreWarps; ++w) largest = fmaxf(largest, warp_max[w]);
-  float scale = 1.0f;
-  if constexpr (std::is_same_v<T, __half>) {
-    if (largest > 0.0f) scale = ldexpf(1.0f, 14 - ilogbf(largest));
-  }
-  // Lane l of a fragment holds column 8 * tile + l / 4 at k = 16 * step + 2 * (l % 4) + {0, 1}
-  // (first register) and the same k + 8 (second); k < D is row 0, else row 1 at k - D.
-  for (int i = threadIdx.x; i < column_tiles * kSteps * 32; i += kMmaScoreThreads) {
-    const int l = i % 32, step = (i / 32) % kSteps, tile = i / (32 * kSteps);
-    const int c = tile * 8 + l / 4;
-    const int k = step * 16 + (l % 4) * 2;  // k .. k + 9 lie in one row (D % 16 == 0)
-    const int row = k / D;
-    T terms[4][kTerms];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      float w = 0.0f;
-      if (c < columns) {
-        const float2 pair =
-            column_weights(a, query, h, group, folded, c, k % D + (e & 1) + (e >> 1) * 8);
-        w = (row == 0 ? pair.x : pair.y) * scale;
-      }
-      split_weight<T>(w, terms[e]);
-    }
-    uint2* out = fragments + (tile * kSteps + step) * kTerms * 32 + l;
-#pragma unroll
-    for (int t = 0; t < kTerms; ++t) {
-      out[t * 32] =
-          make_uint2(pack_pair(terms[0][t], terms[1][t]), pack_pair(terms[2][t], terms[3][t]));
-    }
-  }
-  __syncthreads();
-
-  // ldmatrix: lane l addresses page (l % 8) + 8 * ((l / 8) % 2), chunk 2 * step + l / 16 (A's
-  // four 8x8 blocks: pages 0-7 and 8-15 at k 0-7, then at k 8-15).
-  const std::uint32_t a_offset =
-      ((lane & 7) + ((lane >> 3) & 1) * 8) * kPageBytes + (lane >> 4) * 16;
-  const bool by_max = a.reduce == GroupReduce::Max;  // (several columns only with the maximum)
-  const float identity = by_max ? -INFINITY : 0.0f;
-  const float unscale = 1.0f / scale;
-  float* const scores = a.scores + (std::int64_t(b) * heads + h) * a.max_blocks;
-  for (int k = 0; warp + k * kMmaScoreWarps < tiles; ++k) {
-    // Tile k has landed for every lane (each waits for its own copies, the warp barrier makes
-    // them visible to all), and every lane has read the stage refilled now (tile k - 1's).
-    ptx::cp_async_wait<kMmaScoreStages - 2>();
-    __syncwarp();
-    issue(kMmaScoreStages - 1);
-    const unsigned valid = unsigned(pending) & 0xffffu;
-    pending >>= 16;
-    const std::uint32_t stage = staging + (k % kMmaScoreStages) * kTileBytes + a_offset;
-    // Rows g = lane / 4 and g + 8 of the tile, over this lane's columns and then its quad's.
-    float row_lo = identity, row_hi = identity;
-    for (int tile = 0; tile < column_tiles; ++tile) {
-      // Two accumulators per term (even and odd steps): shorter chains of dependent MMAs.
-      float acc[kTerms][2][4] = {};
-      const uint2* frag = fragments + tile * kSteps * kTerms * 32 + lane;
-#pragma unroll
-      for (int s = 0; s < kSteps; ++s) {
-        std::uint32_t rows[4];
-        ptx::ldmatrix_x4(rows, stage + s * 32);
-#pragma unroll
-        for (int t = 0; t < kTerms; ++t) {
-          const uint2 w = frag[(s * kTerms + t) * 32];
-          ptx::mma_16816<T>(acc[t][s & 1], rows, w.x, w.y);
-        }
-      }
-      float c[4];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        c[q] = 0.0f;
-#pragma unroll
-        for (int t = kTerms - 1; t >= 0; --t) c[q] += acc[t][0][q] + acc[t][1][q];
-      }
-      // c[0], c[1]: row g, columns col and col + 1; c[2], c[3]: row g + 8.
-      const int col = tile * 8 + 2 * (lane & 3);
-      const float v0 = col < columns ? c[0] : identity, v1 = col + 1 < columns ? c[1] : identity;
-      const float v2 = col < columns ? c[2] : identity, v3 = col + 1 < columns ? c[3] : identity;
-      float lo = by_max ? fmaxf(v0, v1) : v0 + v1;
-      float hi = by_max ? fmaxf(v2, v3) : v2 + v3;
-#pragma unroll
-      for (int o = 1; o < 4; o <<= 1) {
-        const float lo_other = __shfl_xor_sync(0xffffffffu, lo, o);
-        const float hi_other = __shfl_xor_sync(0xffffffffu, hi, o);
-        lo = by_max ? fmaxf(lo, lo_other) : lo + lo_other;
-        hi = by_max ? fmaxf(hi, hi_other) : hi + hi_other;
-      }
-      row_lo = by_max ? fmaxf(row_lo, lo) : row_lo + lo;
-      row_hi = by_max ? fmaxf(row_hi, hi) : row_hi + hi;
-    }
-    // Lane l < 16 takes page l of the tile: row l from lane 4 * (l % 8).
-    const float from_lo = __shfl_sync(0xffffffffu, row_lo, (lane & 7) * 4);
-    const float from_hi = __shfl_sync(0xffffffffu, row_hi, (lane & 7) * 4);
-    float score = (lane < 8 ? from_lo : from_hi) * unscale;
-    if (!((valid >> lane) & 1u) || isnan(score)) score = -INFINITY;
-    const int page = begin + (warp + k * kMmaScoreWarps) * kMmaTilePages + lane;
-    if (lane < kMmaTilePages && page < end) scores[page] = score;
-  }
-  ptx::cp_async_wait<0>();  // only empty groups can be pending here
-}
-
-// ---------------------------------------------------------------------------------------------
 // Scoring, row by row: the fallback for summaries whose rows are not 16-byte chunks (head_dim or
 // a stride not a multiple of 16 bytes, or rows longer than 64 chunks).
 
@@ -1110,7 +800,7 @@ __global__ void __launch_bounds__(kScoreThreads)
   ptx::allow_dependent_grids();
   const int b = blockIdx.y;
   int begin, end;
-  if (!scored_pages(a, b, int(blockIdx.x), begin, end)) return;
+  if (!scored_pages(a, b, begin, end)) return;
   const T* query = reinterpret_cast<const T*>(a.query) + b * a.q_stride_batch;
   for (int i = threadIdx.x; i < a.num_q_heads * a.head_dim; i += blockDim.x) {
     const int h = i / a.head_dim, d = i - h * a.head_dim;
@@ -1204,8 +894,7 @@ __device__ __forceinline__ void keep_block(const SelectArgs& a, std::int32_t* ou
   if (a.hits && id >= 0 && id < a.num_blocks) atomicAdd(&a.hits[id], 1);
 }
 
-// Shared-memory top-k (before sm_90, or where the cluster kernel below cannot take the table):
-// one thread block of kTopKThreads per (sequence, KV head). The candidates'
+// Shared-memory top-k: one thread block of kTopKThreads per (sequence, KV head). The candidates'
 // keys are read from the scores once into shared memory, with their minimum and maximum. A radix
 // select then narrows a key range [lo, hi] known to hold the keep-th largest candidate: each pass
 // bins the keys in the range into at most 2048 bins of equal width over exactly that range (so
@@ -1252,32 +941,6 @@ __device__ __forceinline__ void block_min_max(std::uint32_t& lo, std::uint32_t& 
   __syncthreads();
   lo = __reduce_min_sync(0xffffffffu, lane < warps ? lo_part[lane] : 0xffffffffu);
   hi = __reduce_max_sync(0xffffffffu, lane < warps ? hi_part[lane] : 0u);
-}
-
-// Adds one to bin `bin` of the histogram for each lane of the warp with `counted` set (every
-// lane calls it). The bin of the warp's first counted lane is counted once for all lanes that
-// share it (a dominant bin costs one atomic per warp); the others add alone. With Packed, two
-// 16-bit counts share a word: bin 2w in the low half of word w, bin 2w + 1 in its high half.
-template <bool Packed = false>
-__device__ __forceinline__ void count_in_bin(int* histogram, std::uint32_t bin, bool counted) {
-  const unsigned voters = __ballot_sync(0xffffffffu, counted);
-  if (voters == 0) return;
-  bin = counted ? bin : 0xffffffffu;
-  const int leader = __ffs(voters) - 1;
-  const std::uint32_t leader_bin = __shfl_sync(0xffffffffu, bin, leader);
-  const unsigned sharing = __ballot_sync(0xffffffffu, bin == leader_bin);
-  const auto add = [&](int count) {
-    if (Packed) {
-      atomicAdd(&histogram[bin >> 1], count << ((bin & 1u) * 16));
-    } else {
-      atomicAdd(&histogram[bin], count);
-    }
-  };
-  if ((threadIdx.x & 31) == leader) {
-    add(__popc(sharing));
-  } else if (counted && bin != leader_bin) {
-    add(1);
-  }
 }
 
 __global__ void __launch_bounds__(kTopKThreads)
@@ -1359,7 +1022,20 @@ __global__ void __launch_bounds__(kTopKThreads)
     for (int base = 0; base < n; base += blockDim.x) {
       const int i = base + threadIdx.x;
       const std::uint32_t k = i < n ? keys[padded(i)] : 0u;
-      count_in_bin(histogram, (k - lo) >> shift, i < n && k >= lo && k <= hi);
+      const bool counted = i < n && k >= lo && k <= hi;
+      const unsigned voters = __ballot_sync(0xffffffffu, counted);
+      if (voters == 0) continue;
+      // The bin of the warp's first counted lane is counted once for all lanes that share it
+      // (a dominant bin costs one atomic per warp); the others add alone.
+      const std::uint32_t bin = counted ? (k - lo) >> shift : 0xffffffffu;
+      const int leader = __ffs(voters) - 1;
+      const std::uint32_t leader_bin = __shfl_sync(0xffffffffu, bin, leader);
+      const unsigned sharing = __ballot_sync(0xffffffffu, bin == leader_bin);
+      if (lane == leader) {
+        atomicAdd(&histogram[bin], __popc(sharing));
+      } else if (counted && bin != leader_bin) {
+        atomicAdd(&histogram[bin], 1);
+      }
     }
     __syncthreads();
     // Thread t holds bins 2047 - 2t and 2046 - 2t (the largest keys first) and clears them for
@@ -1457,319 +1133,6 @@ __global__ void __launch_bounds__(kTopKThreads)
   }
 }
 
-// Register top-k over a row's slices (sm_90): one thread block of kSliceThreads per slice of
-// kSliceKeys consecutive candidates, each thread holding a run of kSliceKeysPerThread keys in
-// registers. A row of at most kSliceKeys candidates is one block (the other blocks of its cluster
-// only wait for the scores and leave); a longer one is spread over the blocks of a thread-block
-// cluster, which add their counts through distributed shared memory. The select is the shared-
-// memory kernel's, with the barriers and scans cut down: the row's minimum and maximum bound the
-// first range; each pass counts the range's keys in 2048 equal bins and in 64 coarse bins of 32,
-// so that one warp of each block finds the cut's bin (the coarse bin, then its fine bin, summed
-// over the slices) without a block scan; the next range is the cut's bin itself (at most three
-// passes: 2048 bins narrow a range of 2^32 keys to one in three). Every block computes the same
-// cut from the same counts. A block's kept candidates then take their places from one exclusive
-// scan of packed (greater, equal) counts over the row.
-constexpr int kSliceThreads = 256;
-constexpr int kSliceWarps = kSliceThreads / 32;
-constexpr int kSliceKeysPerThread = 8;
-constexpr int kSliceKeys = kSliceThreads * kSliceKeysPerThread;
-constexpr int kMaxSlices = 16;  // a cluster of more than 8 blocks is non-portable
-constexpr int kCoarseBins = kRadixBins / 32;
-constexpr int kMaxSlicePasses = 3;
-static_assert(kCoarseBins == 64, "a warp scans the coarse bins two per lane");
-static_assert(kMaxSlices * kSliceKeys < 65536, "a row's counts (and a slice's bins) fit 16 bits");
-
-// A block's shared memory: about 13 KiB, and at most 64 registers per thread, so that a block
-// fits beside the scoring kernel's blocks where they leave room, and is resident, its block ids
-// read, before the scores are done.
-struct alignas(16) SliceShared {
-  // One histogram per pass, cleared before the scores arrive: a slice's histogram is read by the
-  // other slices after the pass's barrier, so it is never reused. Fine bins are counted two to a
-  // word (a slice holds at most 2048 keys).
-  int fine[kMaxSlicePasses][kRadixBins / 2];
-  int coarse[kMaxSlicePasses][kCoarseBins];
-  std::uint32_t warp_lo[kSliceWarps], warp_hi[kSliceWarps], slice_lo, slice_hi;
-  unsigned warp_counts[kSliceWarps], slice_counts;
-  // The pass's outcome (as in the shared-memory kernel).
-  std::uint32_t next_lo, next_hi;
-  int next_remaining, next_final;
-};
-
-// The thread-block cluster as the slices of one row see it: its size and this block's rank (1
-// and 0 without a cluster), a barrier over the row's slices, and a slice's shared memory.
-__device__ __forceinline__ int cluster_blocks() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  return int(cooperative_groups::this_cluster().num_blocks());
-#else
-  return 1;
-#endif
-}
-
-__device__ __forceinline__ int cluster_rank() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  return int(cooperative_groups::this_cluster().block_rank());
-#else
-  return 0;
-#endif
-}
-
-__device__ __forceinline__ void slices_sync(int slices) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (slices > 1) {
-    cooperative_groups::this_cluster().sync();
-    return;
-  }
-#endif
-  __syncthreads();
-}
-
-template <class T>
-__device__ __forceinline__ const T* slice_shared(const T* p, int slice, int slices) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (slices > 1) return cooperative_groups::this_cluster().map_shared_rank(p, slice);
-#endif
-  return p;
-}
-
-// The row's minimum and maximum of the threads' values (every thread gets both).
-__device__ __forceinline__ void row_min_max(std::uint32_t& lo, std::uint32_t& hi, SliceShared& sh,
-                                            int slices) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  lo = __reduce_min_sync(0xffffffffu, lo);
-  hi = __reduce_max_sync(0xffffffffu, hi);
-  if (lane == 0) {
-    sh.warp_lo[warp] = lo;
-    sh.warp_hi[warp] = hi;
-  }
-  __syncthreads();
-  lo = __reduce_min_sync(0xffffffffu, lane < kSliceWarps ? sh.warp_lo[lane] : 0xffffffffu);
-  hi = __reduce_max_sync(0xffffffffu, lane < kSliceWarps ? sh.warp_hi[lane] : 0u);
-  if (slices == 1) return;
-  if (threadIdx.x == 0) {
-    sh.slice_lo = lo;
-    sh.slice_hi = hi;
-  }
-  slices_sync(slices);
-  lo = __reduce_min_sync(0xffffffffu,
-                         lane < slices ? *slice_shared(&sh.slice_lo, lane, slices) : 0xffffffffu);
-  hi = __reduce_max_sync(0xffffffffu,
-                         lane < slices ? *slice_shared(&sh.slice_hi, lane, slices) : 0u);
-}
-
-// The exclusive prefix of `value` over the row in logical order (slices by rank, threads in
-// order). One block barrier, and one cluster barrier where the row has several slices.
-__device__ __forceinline__ unsigned row_exclusive_scan(unsigned value, SliceShared& sh, int slices,
-                                                       int rank) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  unsigned inclusive = value;
-  for (int o = 1; o < 32; o <<= 1) {
-    const unsigned y = __shfl_up_sync(0xffffffffu, inclusive, o);
-    if (lane >= o) inclusive += y;
-  }
-  if (lane == 31) sh.warp_counts[warp] = inclusive;
-  __syncthreads();
-  const unsigned warp_count = lane < kSliceWarps ? sh.warp_counts[lane] : 0u;
-  unsigned before = __reduce_add_sync(0xffffffffu, lane < warp ? warp_count : 0u);
-  if (slices > 1) {
-    const unsigned slice_total = __reduce_add_sync(0xffffffffu, warp_count);
-    if (threadIdx.x == 0) sh.slice_counts = slice_total;
-    slices_sync(slices);
-    before += __reduce_add_sync(0xffffffffu,
-                                lane < rank ? *slice_shared(&sh.slice_counts, lane, slices) : 0u);
-  }
-  return before + inclusive - value;
-}
-
-// Warp 0 of each block: the bin of this pass's histograms (summed over the slices) that holds the
-// remaining-th largest key of the range [lo, hi] binned with `shift`, and the pass's outcome in
-// sh.next_*. The coarse bins are scanned from the top, two per lane, then the 32 bins of the
-// coarse bin that holds the cut.
-__device__ __forceinline__ void find_cut(SliceShared& sh, int pass, int slices, std::uint32_t lo,
-                                         std::uint32_t hi, int shift, int remaining) {
-  const int lane = threadIdx.x & 31;
-  // Lane l: coarse bins 63 - 2l (upper) and 62 - 2l (lower), adjacent words.
-  int upper = 0, lower = 0;
-#pragma unroll
-  for (int s = 0; s < kMaxSlices; ++s) {
-    if (s < slices) {
-      const int2 c = *reinterpret_cast<const int2*>(
-          slice_shared(&sh.coarse[pass][kCoarseBins - 2 - 2 * lane], s, slices));
-      lower += c.x;
-      upper += c.y;
-    }
-  }
-  int inclusive = upper + lower;
-  for (int o = 1; o < 32; o <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, inclusive, o);
-    if (lane >= o) inclusive += y;
-  }
-  int above = inclusive - (upper + lower);
-  // Exactly one lane holds the cut (the range holds at least `remaining` keys).
-  const int holder =
-      __ffs(__ballot_sync(0xffffffffu, above < remaining && remaining <= inclusive)) - 1;
-  int coarse_bin = kCoarseBins - 1 - 2 * lane;
-  if (remaining > above + upper) {
-    coarse_bin -= 1;
-    above += upper;
-  }
-  coarse_bin = __shfl_sync(0xffffffffu, coarse_bin, holder);
-  above = __shfl_sync(0xffffffffu, above, holder);
-  // Lane l: fine bin 31 - l of the coarse bin (two lanes read each word).
-  const int bin = coarse_bin * 32 + 31 - lane;
-  int count = 0;
-#pragma unroll
-  for (int s = 0; s < kMaxSlices; ++s) {
-    if (s < slices) {
-      count += (*slice_shared(&sh.fine[pass][bin >> 1], s, slices) >> (bin & 1) * 16) & 0xffff;
-    }
-  }
-  inclusive = count;
-  for (int o = 1; o < 32; o <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, inclusive, o);
-    if (lane >= o) inclusive += y;
-  }
-  const int bin_above = above + inclusive - count;
-  if (bin_above < remaining && remaining <= bin_above + count) {
-    const std::uint32_t bin_lo = lo + (std::uint32_t(bin) << shift);
-    const std::uint32_t bin_hi = std::uint32_t(
-        min(std::uint64_t(hi), std::uint64_t(bin_lo) + (std::uint64_t(1) << shift) - 1));
-    const int left = remaining - bin_above;
-    sh.next_lo = bin_lo;
-    sh.next_hi = bin_hi;
-    sh.next_remaining = left;
-    // Final when the bin is one key value, or all of its keys are kept (keep < n, so a bin kept
-    // whole does not start at key 0).
-    sh.next_final = shift == 0 ? 1 : (count == left && bin_lo > 0) ? 2 : 0;
-  }
-}
-
-__global__ void __launch_bounds__(kSliceThreads, 4)
-    select_pages_cluster_kernel(const __grid_constant__ SelectArgs a) {
-  __shared__ SliceShared sh;
-  const int blocks = cluster_blocks(), rank = cluster_rank();
-  const int kvh = int(blockIdx.x) / blocks, b = blockIdx.y;
-  const auto [len, pages, table, out] = selection_rows(a, kvh, b);
-  if (pages <= a.budget) {
-    if (rank == 0) {
-      copy_whole_table(a, table, out, pages, len, kvh, b);
-    } else {
-      ptx::wait_for_previous_grid();  // see copy_whole_table
-    }
-    return;
-  }
-  const int first = a.num_sink_pages, last = pages - 1;  // candidates [first, last)
-  const int n = last - first;                            // > keep, since pages > budget
-  const int keep = max(0, a.budget - a.num_sink_pages - 1);
-  // The host makes the cluster large enough for the widest table; a short row is one slice.
-  const int slices = n <= kSliceKeys ? 1 : blocks;
-  if (rank >= slices) {
-    ptx::wait_for_previous_grid();
-    return;
-  }
-  // Sinks and the last page do not depend on the scores.
-  if (rank == 0) {
-    for (int p = threadIdx.x; p < first; p += blockDim.x) keep_block(a, out, p, table[p]);
-    if (threadIdx.x == 0) {
-      keep_block(a, out, a.budget - 1, table[last]);
-      write_selected_lens(a, len, last, kvh, b);
-    }
-  }
-  for (int i = threadIdx.x; i < kMaxSlicePasses * kRadixBins / 2; i += blockDim.x) {
-    (&sh.fine[0][0])[i] = 0;
-  }
-  for (int i = threadIdx.x; i < kMaxSlicePasses * kCoarseBins; i += blockDim.x) {
-    (&sh.coarse[0][0])[i] = 0;
-  }
-  // This thread's run of candidates, and their block ids, read while the scoring kernel runs.
-  const int run_begin = rank * kSliceKeys + int(threadIdx.x) * kSliceKeysPerThread;
-  std::int32_t ids[kSliceKeysPerThread];
-#pragma unroll
-  for (int j = 0; j < kSliceKeysPerThread; ++j) {
-    ids[j] = run_begin + j < n ? table[first + run_begin + j] : -1;
-  }
-  ptx::wait_for_previous_grid();  // the scores are the scoring kernel's
-  const float* scores = a.scores + (std::int64_t(b) * a.num_kv_heads + kvh) * a.max_blocks + first;
-  // Scores are never NaN, so no candidate's key is 0: 0 marks the run's places past the row.
-  std::uint32_t keys[kSliceKeysPerThread];
-  std::uint32_t lo = 0xffffffffu, hi = 0u;
-#pragma unroll
-  for (int j = 0; j < kSliceKeysPerThread; ++j) {
-    keys[j] = run_begin + j < n ? order_key(scores[run_begin + j]) : 0u;
-  }
-#pragma unroll
-  for (int j = 0; j < kSliceKeysPerThread; ++j) {
-    lo = min(lo, keys[j] != 0u ? keys[j] : 0xffffffffu);
-    hi = max(hi, keys[j]);
-  }
-  row_min_max(lo, hi, sh, slices);
-
-  // Kept candidates: keys above `threshold`, and the first `equal_kept` (lowest pages) equal to
-  // it; a threshold of 0xffffffff keeps nothing.
-  std::uint32_t threshold = 0xffffffffu;
-  int equal_kept = 0;
-  int remaining = keep;  // how many of the keys in [lo, hi] are kept (the largest)
-  for (int pass = 0; keep > 0; ++pass) {
-    if (lo == hi) {  // one key value: the lowest-indexed pages holding it are kept
-      threshold = lo;
-      equal_kept = remaining;
-      break;
-    }
-    const int shift = max(0, 32 - __clz(int(hi - lo)) - kRadixBits);
-#pragma unroll
-    for (int j = 0; j < kSliceKeysPerThread; ++j) {
-      const bool counted = keys[j] >= lo && keys[j] <= hi;
-      const std::uint32_t bin = (keys[j] - lo) >> shift;
-      count_in_bin<true>(sh.fine[pass], bin, counted);
-      count_in_bin(sh.coarse[pass], bin >> 5, counted);
-    }
-    slices_sync(slices);
-    if (threadIdx.x < 32) find_cut(sh, pass, slices, lo, hi, shift, remaining);
-    __syncthreads();
-    lo = sh.next_lo;
-    hi = sh.next_hi;
-    remaining = sh.next_remaining;
-    if (sh.next_final == 1) {
-      threshold = lo;
-      equal_kept = remaining;
-      break;
-    }
-    if (sh.next_final == 2) {  // every key >= lo
-      threshold = lo - 1;
-      break;
-    }
-  }
-
-  // Place the kept candidates: counts packed as (greater << 16) | equal (at most `keep` keys are
-  // greater, and a row holds fewer than 65536 candidates).
-  unsigned mine = 0;
-#pragma unroll
-  for (int j = 0; j < kSliceKeysPerThread; ++j) {
-    mine += (keys[j] > threshold ? 1u << 16 : 0u) + (keys[j] == threshold ? 1u : 0u);
-  }
-  const unsigned before = row_exclusive_scan(mine, sh, slices, rank);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // The other slices read this block's shared memory until they pass the scan: a block leaves
-  // only once every block of the cluster has.
-  if (slices > 1) cooperative_groups::this_cluster().barrier_arrive();
-#endif
-  int greater_before = int(before >> 16), equal_before = int(before & 0xffffu);
-#pragma unroll
-  for (int j = 0; j < kSliceKeysPerThread; ++j) {
-    if (keys[j] > threshold) {
-      keep_block(a, out, first + greater_before + min(equal_before, equal_kept), ids[j]);
-      ++greater_before;
-    } else if (keys[j] == threshold) {
-      if (equal_before < equal_kept) {
-        keep_block(a, out, first + greater_before + equal_before, ids[j]);
-      }
-      ++equal_before;
-    }
-  }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (slices > 1) cooperative_groups::this_cluster().barrier_wait();
-#endif
-}
-
 // The same selection for tables too long for shared memory: one thread block of 512 per
 // (sequence, KV head), four 8-bit radix passes over the scores in global memory, and two block
 // scans per 512 pages to place the kept ones. Also the whole call where the table is no wider
@@ -1851,74 +1214,6 @@ __global__ void __launch_bounds__(kSelectThreads)
 int summary_threads(int num_heads, int head_dim) {
   const int elements = num_heads * head_dim;
   return std::min(1024, std::max(64, (elements / kPerThread + 31) / 32 * 32));
-}
-
-// The blocks of the cluster over which select_pages_cluster_kernel spreads a row of this table
-// (sm_90): enough slices for the most candidates a row may hold, or 0 where that takes more
-// than kMaxSlices or the device cannot schedule such a cluster (the shared-memory kernel then
-// takes the call). Checked once per (device, size).
-int topk_cluster_blocks(const SelectPagesParams& p) {
-  const int candidates = std::max(0, p.max_blocks - 1 - p.num_sink_pages);
-  const int blocks = std::max(1, (candidates + kSliceKeys - 1) / kSliceKeys);
-  if (blocks > kMaxSlices) return 0;
-  if (blocks == 1) return 1;
-  struct Checked {
-    int device, blocks;
-    bool schedulable;
-  };
-  static std::mutex mutex;
-  static std::vector<Checked> checked;
-  std::lock_guard<std::mutex> lock(mutex);
-  for (const Checked& c : checked) {
-    if (c.device == p.device_index && c.blocks == blocks) return c.schedulable ? blocks : 0;
-  }
-  const void* kernel = reinterpret_cast<const void*>(select_pages_cluster_kernel);
-  // A device that refuses the size (an error here) takes the other kernel, as one that cannot
-  // place such a cluster (no active cluster).
-  cudaError_t err = cudaSuccess;
-  if (blocks > 8) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-  }
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(unsigned(blocks));
-  config.blockDim = dim3(kSliceThreads);
-  cudaLaunchAttribute cluster{};
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = unsigned(blocks);
-  cluster.val.clusterDim.y = 1;
-  cluster.val.clusterDim.z = 1;
-  config.attrs = &cluster;
-  config.numAttrs = 1;
-  int clusters = 0;
-  if (err == cudaSuccess) err = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
-  if (err != cudaSuccess) {
-    cudaGetLastError();  // not sticky: later calls must not see it
-    clusters = 0;
-  }
-  checked.push_back({p.device_index, blocks, clusters > 0});
-  return clusters > 0 ? blocks : 0;
-}
-
-// launch_after() (with programmatic dependent launch) for a grid of clusters of `cluster_blocks`
-// blocks along x.
-template <class Args>
-void launch_clusters_after(const void* kernel, dim3 grid, dim3 block, int cluster_blocks,
-                           cudaStream_t stream, Args& args, const char* op, const char* what) {
-  void* params[] = {&args};
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.stream = stream;
-  cudaLaunchAttribute attributes[2]{};
-  attributes[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attributes[0].val.programmaticStreamSerializationAllowed = 1;
-  attributes[1].id = cudaLaunchAttributeClusterDimension;
-  attributes[1].val.clusterDim.x = unsigned(cluster_blocks);
-  attributes[1].val.clusterDim.y = 1;
-  attributes[1].val.clusterDim.z = 1;
-  config.attrs = attributes;
-  config.numAttrs = 2;
-  check(cudaLaunchKernelExC(&config, kernel, params), op, what);
 }
 
 }  // namespace
@@ -2022,9 +1317,7 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
   const DeviceInfo info = device_info(p.device_index);
   const int group = p.num_q_heads / p.num_kv_heads;
 
-  // Scoring, by the first kernel that takes the call: on tensor cores (16-bit summaries of
-  // head_dim 64, 128 or 256, rows 16-byte aligned, weights and staging within the device's shared
-  // memory per block); page-wide (rows of whole 16-byte chunks, at most 64 of them); row by row.
+  // Scoring. Page-wide where every summary row is whole 16-byte chunks (at most 64 of them).
   const std::uint64_t element = dtype_size(p.dtype);
   // Whether `elements` elements are a whole number of `bytes`.
   const auto whole = [&](std::int64_t elements, std::uint64_t bytes) {
@@ -2039,37 +1332,15 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
   const int chunks = int(std::uint64_t(p.head_dim) * element / 16);
   const int smem_optin = info.max_shared_per_block;
   const bool folded = group > 1 && p.group_reduce == GroupReduce::Sum;
-  const std::int64_t mma_smem =
-      mma_score_smem_bytes(p.head_dim, folded ? 1 : group, p.dtype == DType::BFloat16 ? 3 : 2);
-  const void* mma_kernel = nullptr;
-  if (meta_rows_aligned(16) && mma_smem <= smem_optin) {
-    mma_kernel = dispatch_float_dtype(p.dtype, op, [&](auto type) -> const void* {
-      using T = typename decltype(type)::type;
-      if constexpr (kHasTensorCoreType<T>) {
-        return dispatch_mma_head_dim(
-            p.head_dim,
-            [](auto d) {
-              return reinterpret_cast<const void*>(score_pages_mma_kernel<T, decltype(d)::value>);
-            },
-            [] { return static_cast<const void*>(nullptr); });
-      } else {
-        return nullptr;
-      }
-    });
-  }
   const int weights_bytes = int((folded ? 2 * p.num_kv_heads : p.num_q_heads) * p.head_dim * 4);
   // Page-wide scoring stages as many rounds as the device's shared memory per block allows.
   a.score_stages =
       weights_bytes + kMaxScoreStages * kScoreStageBlockBytes <= smem_optin ? kMaxScoreStages : 2;
-  const bool wide = !mma_kernel && meta_rows_aligned(16) && chunks <= 64 &&
+  const bool wide = meta_rows_aligned(16) && chunks <= 64 &&
                     weights_bytes + a.score_stages * kScoreStageBlockBytes <= smem_optin;
   DecodeLaunch score{};
   score.threads = kScoreThreads;
-  if (mma_kernel) {
-    score.kernel = mma_kernel;
-    score.smem_bytes = int(mma_smem);
-    score.threads = kMmaScoreThreads;
-  } else if (wide) {
+  if (wide) {
     while (a.lanes_per_head > 1 && a.lanes_per_head / 2 >= chunks) a.lanes_per_head /= 2;
     a.query_chunked = reinterpret_cast<std::uintptr_t>(p.query) % 16 == 0 &&
                       whole(p.q_stride_batch, 16) && whole(p.q_stride_head, 16);
@@ -2111,47 +1382,26 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
   // The core caps num_q_heads * head_dim at 32768: at most 128 KiB of weights or queries (folded
   // weights are two rows per KV head, with at least two query heads per KV head), plus the
   // page-wide kernel's staging. The limit is raised once per kernel, to what any call may need
-  // that the device allows (a call that needs more takes the next kernel).
+  // that the device allows (a call that needs more takes the row-by-row kernel).
   score.max_smem_bytes =
-      mma_kernel
-          ? smem_optin
-          : std::min(32768 * 4 + (wide ? kMaxScoreStages * kScoreStageBlockBytes : 0), smem_optin);
-  // Enough thread blocks to fill the device once: on tensor cores each whole 16-page tiles of
-  // one (sequence, KV head), otherwise each a run of pages of one sequence for all KV heads (at
-  // least one page per warp).
+      std::min(32768 * 4 + (wide ? kMaxScoreStages * kScoreStageBlockBytes : 0), smem_optin);
+  // Enough thread blocks to fill the device once, each a run of pages of one sequence for all
+  // KV heads (a run of at least one page per warp).
   const int resident = info.multiprocessors * prepare_launch(score, p.device_index, op);
-  dim3 score_grid;
-  if (mma_kernel) {
-    const std::int64_t rows = std::max<std::int64_t>(1, std::int64_t(p.batch) * p.num_kv_heads);
-    const std::int64_t blocks_per_row = std::max<std::int64_t>(1, resident / rows);
-    const std::int64_t pages = (p.max_blocks + blocks_per_row - 1) / blocks_per_row;
-    a.pages_per_block = int((pages + kMmaTilePages - 1) / kMmaTilePages * kMmaTilePages);
-    const std::int64_t ranges = (p.max_blocks + a.pages_per_block - 1) / a.pages_per_block;
-    score_grid = dim3(unsigned(ranges * p.num_kv_heads), unsigned(p.batch));
-  } else {
-    const int blocks_per_seq = std::max(1, resident / std::max(1, p.batch));
-    a.pages_per_block =
-        std::max(kScoreThreads / 32, (p.max_blocks + blocks_per_seq - 1) / blocks_per_seq);
-    const int ranges = std::max(1, (p.max_blocks + a.pages_per_block - 1) / a.pages_per_block);
-    score_grid = dim3(unsigned(ranges), unsigned(p.batch));
-  }
+  const int blocks_per_seq = std::max(1, resident / std::max(1, p.batch));
+  a.pages_per_block =
+      std::max(kScoreThreads / 32, (p.max_blocks + blocks_per_seq - 1) / blocks_per_seq);
+  const int score_grid = std::max(1, (p.max_blocks + a.pages_per_block - 1) / a.pages_per_block);
   // Both kernels are launched with programmatic dependent launch on sm_90: the scoring kernel's
   // launch overlaps the previous kernel's end, the top-k's the scoring kernel's; each waits on the
   // device for the grid before it.
   const bool overlap = info.compute_capability >= 90;
-  launch_after(score.kernel, score_grid, dim3(unsigned(score.threads)),
+  launch_after(score.kernel, dim3(unsigned(score_grid), unsigned(p.batch)), dim3(kScoreThreads),
                std::size_t(score.smem_bytes), s, a, overlap, op, "score_pages_kernel");
 
-  const int cluster_blocks = overlap ? topk_cluster_blocks(p) : 0;
   const int topk_smem_limit =
       std::min(int(topk_smem_bytes(kTopKMaxPages)), smem_optin - kTopKStaticSmemBytes);
-  if (cluster_blocks > 0) {
-    launch_clusters_after(reinterpret_cast<const void*>(select_pages_cluster_kernel),
-                          dim3(unsigned(cluster_blocks * p.num_kv_heads), unsigned(p.batch)),
-                          dim3(kSliceThreads), cluster_blocks, s, a, op,
-                          "select_pages_cluster_kernel");
-  } else if (p.max_blocks <= kTopKMaxPages &&
-             int(topk_smem_bytes(p.max_blocks)) <= topk_smem_limit) {
+  if (p.max_blocks <= kTopKMaxPages && int(topk_smem_bytes(p.max_blocks)) <= topk_smem_limit) {
     DecodeLaunch topk{};
     topk.kernel = reinterpret_cast<const void*>(select_pages_kernel);
     topk.smem_bytes = int(topk_smem_bytes(p.max_blocks));

@@ -1,11 +1,10 @@
 """select_pages on CUDA against the float64 NumPy reference (reference.py), over every
-path of the CUDA kernels: the tensor-core scoring kernel (float16 and bfloat16 summaries of
-head_dim 64, 128 and 256: the float32 weights as sums of 16-bit terms), the page-wide scoring
-kernel (float32, other head_dims; the group folded into two weight vectors for summed scores, or
-each query head scored alone), the row-by-row fallback (rows that are not whole 16-byte chunks,
-or misaligned), the top-k kernels (on sm_90 the cluster one, a row in slices of 2048 candidates
-over up to 16 blocks; before sm_90 the shared-memory one; the global-memory one for tables of
-more than 32767 pages), the copy of short sequences, sinks, hits, and graph replay.
+path of the CUDA kernels: the page-wide scoring kernel (the group folded into two weight vectors
+for summed scores, or each query head scored alone), the row-by-row fallback (rows that are not
+whole 16-byte chunks, or misaligned), the shared-memory top-k and the global-memory one (tables
+of more than 32767 pages), the copy of short sequences, sinks, hits, and graph replay; scores of
+16-bit summaries as accurate as float32 weights make them, over wide magnitudes; rows of
+thousands of candidates around multiples of 2048, ties across them, ragged batches.
 
 Integer data makes every score exact in float32 whatever the order of the sums (the folded
 kernel reassociates them), so the page sets, their order and the tie-break (the lower page) are
@@ -133,11 +132,10 @@ def test_many_kv_heads_and_wide_rows(rng, summary, reduce):
 
 
 # ---------------------------------------------------------------------------------------------
-# Tensor-core scoring (float16 / bfloat16 summaries of head_dim 64, 128 or 256, rows 16-byte
-# aligned): float32 weights as sums of 16-bit terms
+# 16-bit summaries (head_dim 64, 128, 256): the scores keep the float32 weights' precision
 
-MMA_DTYPES = ["float16", "bfloat16"]
-MMA_HEAD_DIMS = [64, 128, 256]
+HALF_DTYPES = ["float16", "bfloat16"]
+HALF_HEAD_DIMS = [64, 128, 256]
 
 
 def in_dtype(x, dtype):
@@ -166,11 +164,11 @@ def top_pages(scores, pages, budget, sinks):
     return sorted(list(range(sinks)) + candidates[: budget - sinks - 1]) + [pages - 1]
 
 
-@pytest.mark.parametrize("dtype", MMA_DTYPES)
-@pytest.mark.parametrize("head_dim", MMA_HEAD_DIMS)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("head_dim", HALF_HEAD_DIMS)
 @pytest.mark.parametrize("group", [2, 4, 8])
 @pytest.mark.parametrize("summary", SUMMARIES)
-def test_tensor_core_scores_keep_float32_weights(rng, summary, group, head_dim, dtype):
+def test_16_bit_summaries_keep_float32_weights(rng, summary, group, head_dim, dtype):
     """Summed-group weights that 16 bits cannot hold: per KV head, query head 0 is (1, -1) and
     query head 1 is (eps, 0) on dims 0 and 1 (eps = 2^-12 in float16, 2^-9 in bfloat16: at most
     half an ulp of 1), so the weights there sum to 1 + eps and -1 (minmax: on the max and min
@@ -209,20 +207,19 @@ def test_tensor_core_scores_keep_float32_weights(rng, summary, group, head_dim, 
             ), (b, h)
 
 
-@pytest.mark.parametrize("dtype", MMA_DTYPES)
-@pytest.mark.parametrize("head_dim", MMA_HEAD_DIMS)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("head_dim", HALF_HEAD_DIMS)
 @pytest.mark.parametrize("group", [1, 4, 8, 16])
 @pytest.mark.parametrize("reduce", REDUCES)
 @pytest.mark.parametrize("summary", SUMMARIES)
-def test_tensor_core_scoring_over_wide_magnitudes(rng, summary, reduce, group, head_dim, dtype):
-    """Query elements spanning eight decades (1e-4 to 1e4: the group's summed weights pass
-    float16's range, the small ones its subnormals), summaries of both signs, one planted needle
-    per (sequence, KV head) (the widest box, or the largest std: the highest score of every query
-    head) and pages with equal summaries (exact ties). Group 16 takes two tiles of MMA columns
-    where its weights fit beside the staging (not at head_dim 256: the page-wide kernel). The
-    needle is kept, and the pages are the float64 reference's except where its scores are
-    within 2^-16 of the scores' term magnitudes (sum over the group and dims of |q| * (|row0| +
-    |row1|), the needles left out) of the cut."""
+def test_scoring_over_wide_magnitudes(rng, summary, reduce, group, head_dim, dtype):
+    """Query elements spanning eight decades (1e-4 to 1e4: the group's summed weights pass float16's
+    range, the small ones its subnormals), summaries of both signs, one planted needle per
+    (sequence, KV head) (the widest box, or the largest std: the highest score of every query head)
+    and pages with equal summaries (exact ties), groups up to 16. The needle is kept, and the pages
+    are the float64 reference's except where its scores are within 2^-16 of the scores' term
+    magnitudes (sum over the group and dims of |q| * (|row0| + |row1|), the needles left out) of the
+    cut."""
     block_size, budget, kv_heads, sinks = 16, 24, 2, 1
     pages = np.array([300, 77, 25, 24])  # the last two: a short candidate list, a copied table
     seq_lens = (pages * block_size - rng.integers(0, block_size, size=4)).astype(np.int32)
@@ -278,11 +275,10 @@ def test_tensor_core_scoring_over_wide_magnitudes(rng, summary, reduce, group, h
 
 @pytest.mark.parametrize("summary", SUMMARIES)
 def test_long_sequences(rng, summary):
-    """The bench's shapes, 8 sequences of 2048 pages (one block per row of the cluster top-k)
-    and one of 8192 (a cluster of four; the shared-memory top-k's runs of 8 candidates per
-    thread, every block id read before the scores), and one of 8300 (a cluster of five; runs of
-    16: ids past the eighth read after the select): float16, 32 query / 8 KV heads, head_dim
-    128, budget 128 pages with one sink."""
+    """The bench's shapes, 8 sequences of 2048 pages and one of 8192 (runs of 8 candidates per
+    top-k thread, every block id read before the scores), and one of 8300 (runs of 16: ids past
+    the eighth read after the select): float16, 32 query / 8 KV heads, head_dim 128, budget 128
+    pages with one sink."""
     block_size, budget = 16, 128
     for seq_lens in (
         np.full(8, 2048 * block_size, np.int32),
@@ -348,8 +344,7 @@ def test_top_k_on_planted_scores(rng, group):
     """Scores planted exactly (float32 summaries whose score is one element: a one-hot query,
     zero std): consecutive floats, all equal, far outliers and infinities, runs of ties at the
     cut, signed zeros and denormals, 60 decades, mostly -inf. Sequences of 2047, 2999, 200 and
-    9000 candidate pages (a cluster of five slices; more than 8192: runs of 16 per thread of the
-    shared-memory top-k), two budgets, sinks."""
+    9000 candidate pages (more than 8192: runs of 16 per top-k thread), two budgets, sinks."""
     block_size, kv_heads, dim = 2, 2, 16
     pages = [2049, 3000, 202, 9001]
     seq_lens = np.array([p * block_size - 1 for p in pages], dtype=np.int32)
@@ -383,15 +378,13 @@ def test_global_memory_top_k(rng):
                         "float32")  # fmt: skip
 
 
-# The cluster top-k (sm_90) takes a row in slices of 2048 candidates, its cluster as many blocks
-# as the table's width needs (up to 16); other devices run the shared-memory top-k on the same
-# tests.
+# Rows of candidates around multiples of 2048 (SLICE), in tables exactly as wide as their
+# longest row.
 SLICE = 2048
 
 
 def exact_width_table(rng, seq_lens, block_size):
-    """random_pages' table cut to the longest sequence's pages, so that its width sets the
-    top-k's cluster size exactly."""
+    """random_pages' table cut to the longest sequence's pages (no spare columns)."""
     table, num_blocks = random_pages(rng, seq_lens, block_size)
     width = max(1, max(-(-int(n) // block_size) for n in seq_lens))
     return np.ascontiguousarray(table[:, :width]), num_blocks
@@ -422,14 +415,13 @@ def check_with_hits(rng, query, meta, table, seq_lens, budget, block_size, sinks
 
 
 @pytest.mark.parametrize("slices", [1, 2, 3, 4, 8, 9, 16])
-def test_cluster_top_k_around_slice_boundaries(rng, slices):
-    """A table exactly wide enough for `slices` slices of candidates (the widest cluster that
-    size), and a batch of sequences around every slice boundary within it: the full width, one
-    page less, one candidate past the previous boundary, 2049 and 2048 candidates (two slices,
-    and one block of a larger cluster), 2047, a short row, one within the budget (copied), an
-    empty one. Planted scores of every kind (all equal, ties at the cut, -inf, ...), budgets
-    whose kept pages stay in one slice (130) or span two (2600), sinks 0 and 3, hits; exact
-    pages, order and lengths."""
+def test_top_k_around_slice_boundaries(rng, slices):
+    """A table exactly wide enough for `slices` slices of 2048 candidates, and a batch of sequences
+    around every slice boundary within it: the full width, one page less, one candidate past the
+    previous boundary, 2049 and 2048 candidates, 2047, a short row, one within the budget (copied),
+    an empty one. Planted scores of every kind (all equal, ties at the cut, -inf, ...), budgets
+    whose kept pages stay in one slice (130) or span two (2600), sinks 0 and 3, hits; exact pages,
+    order and lengths."""
     block_size, kv_heads, dim, group = 1, 2, 16, 2
     for sinks in (0, 3):
         widest = slices * SLICE + 1 + sinks  # pages: slices * 2048 candidates
@@ -454,10 +446,10 @@ def test_cluster_top_k_around_slice_boundaries(rng, slices):
 
 
 @pytest.mark.parametrize("kind", ["equal", "ties", "minus_inf"])
-def test_cluster_top_k_ties_across_slices(rng, kind):
+def test_top_k_ties_across_slices(rng, kind):
     """All-equal scores, four values, or mostly -inf over rows of one to five slices, with a
-    budget larger than a slice: the equal pages kept are the lowest ones, across the blocks of
-    the cluster."""
+    budget larger than a slice: the equal pages kept are the lowest ones, across slice
+    boundaries."""
     block_size, kv_heads, dim = 2, 3, 8
     batch = [5 * SLICE + 1, 3 * SLICE + 7, 2 * SLICE, SLICE + 2, 900]
     seq_lens = np.array([p * block_size - 1 for p in batch], np.int32)
@@ -469,10 +461,10 @@ def test_cluster_top_k_ties_across_slices(rng, kind):
         check_with_hits(rng, query, meta, table, seq_lens, budget, block_size, sinks, "sum")
 
 
-def test_cluster_top_k_ragged_batch(rng):
+def test_top_k_ragged_batch(rng):
     """Ragged lengths from one page to 9000 in one batch (float16, 32 query / 8 KV heads,
     head_dim 32, page 16, budget 128, one sink), scored from integer summaries (ties are
-    frequent): short rows on one block of the cluster, long ones over up to five, copies."""
+    frequent): short rows, long ones of up to five slices of 2048 candidates, copies."""
     block_size, budget = 16, 128
     pages = np.concatenate([[9000, 8192, 2050, 2051, 129, 128, 1], rng.integers(1, 9001, 5)])
     seq_lens = (pages * block_size - rng.integers(0, block_size, len(pages))).astype(np.int32)
@@ -731,9 +723,9 @@ def test_graph_replay_across_the_budget(rng, reduce):
 
 @pytest.mark.parametrize("reduce", REDUCES)
 def test_graph_replay_across_slices(rng, reduce):
-    """One capture with a table three slices of candidates wide (the cluster top-k on sm_90),
-    replayed while lengths move between a copy, one slice, two and three, with the query
-    changed in place: every replay gives the reference's pages, lengths and hit counts."""
+    """One capture with a table three slices of candidates wide, replayed while lengths move between
+    a copy, one slice, two and three, with the query changed in place: every replay gives the
+    reference's pages, lengths and hit counts."""
     block_size, budget, sinks, kv_heads = 16, 96, 2, 4
     capacity = np.array([3 * SLICE + 3, 2 * SLICE + 40, SLICE + 3, 500], dtype=np.int32)
     table, num_blocks = exact_width_table(rng, capacity * block_size, block_size)
