@@ -35,6 +35,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "core/kernels.h"
 #include "cuda/attention/decode_generic.cuh"
@@ -53,7 +54,7 @@ namespace {
 
 template <class T, class KV, int D, int Stages>
 DecodeLaunch mma_launch() {
-  const int smem = MmaConfig<D, Stages, int(sizeof(KV))>::kSmemBytes;
+  const int smem = MmaConfig<D, Stages, int(sizeof(KV)), std::is_same_v<T, __half>>::kSmemBytes;
   return {reinterpret_cast<const void*>(decode_mma_kernel<T, KV, D, Stages>), smem, smem, kMmaHeads,
           kDecodeThreads};
 }

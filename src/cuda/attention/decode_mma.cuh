@@ -5,12 +5,12 @@
 //
 // One CTA of 4 warps per (sequence, split, KV head, tile of up to 16 query heads of its GQA
 // group), so all query heads of a group share every K/V tile. K and V tiles (64 tokens, 128 for
-// 128-byte rows) stream through a cp.async pipeline of kStages shared-memory stages (rows past the
-// range are zero-filled, never read); each warp owns 16 tokens of every 64 of a tile. Q.K^T and
-// P.V run on tensor cores (m16n8k16, float32 accumulation; the query heads are the M dimension).
-// Online softmax in float32, log2 domain. The warps merge their states through shared memory at
-// the end. It also runs the decode launch of a mixed call (mixed_work_unit): one-row sequences'
-// rows, read from query_start_loc.
+// 128-byte rows but float8 under bfloat16 queries) stream through a cp.async pipeline of kStages
+// shared-memory stages (rows past the range are zero-filled, never read); each warp owns 16 tokens
+// of every 64 of a tile. Q.K^T and P.V run on tensor cores (m16n8k16, float32 accumulation; the
+// query heads are the M dimension). Online softmax in float32, log2 domain. The warps merge their
+// states through shared memory at the end. It also runs the decode launch of a mixed call
+// (mixed_work_unit): one-row sequences' rows, read from query_start_loc.
 //
 // Float8 caches stream through the pipeline as bytes (half the traffic and half the stage
 // memory) and are converted in registers, exactly, as the fragments are loaded: ldmatrix reads a
@@ -23,6 +23,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/attention/decode_common.cuh"
 #include "cuda/attention/params.cuh"
@@ -41,15 +42,17 @@ constexpr int kWarpTokens = 16;  // tokens of a warp per step: the N of Q.K^T, t
 // partial wave). Everything else uses three (two CTAs per multiprocessor at head_dim 64 and 128).
 constexpr int mma_stages(int head_dim, bool split) { return head_dim == 128 && split ? 2 : 3; }
 
-// Shared memory: Q, the stages, the row addresses.
-template <int D, int Stages, int KvBytes = 2>
+// Shared memory: Q, the stages, the row addresses. HalfQuery: the query type is float16.
+template <int D, int Stages, int KvBytes = 2, bool HalfQuery = true>
 struct MmaConfig {
   // Tokens per stage. A tile pays fixed costs (a barrier, the waits, its rows' addresses, a
   // softmax step); with 128-byte rows (head_dim 64 in 16 bits, head_dim 128 in float8) a
   // 64-token tile is too few bytes to hide them (measured on an H200: 73% of the read ceiling at
   // head_dim 64 and 69% for float8 at head_dim 128, against 90% at head_dim 128 in 16 bits), so
-  // such rows stream 128 tokens, two steps of 64 per iteration.
-  static constexpr int kTile = D * KvBytes == 128 ? 128 : 64;
+  // such rows stream 128 tokens, two steps of 64 per iteration. bfloat16 queries over float8
+  // keep 64-token tiles: with 128 they measured 8% slower at 64 x 4096 and 43% slower on ragged
+  // lengths.
+  static constexpr int kTile = D * KvBytes == 128 && (KvBytes == 2 || HalfQuery) ? 128 : 64;
   static constexpr int kSteps = kTile / (kDecodeWarps * kWarpTokens);  // 64-token steps per tile
   static constexpr int kRow = D + 8;  // 16-bit query row stride (elements): 16-byte pad
   static constexpr int kStages = Stages;
@@ -88,7 +91,7 @@ constexpr float kRescaleThreshold = 8.0f;
 template <class T, class KV, int D, int Stages>
 __global__ void __launch_bounds__(kDecodeThreads)
     decode_mma_kernel(const __grid_constant__ DecodeArgs a) {
-  using C = MmaConfig<D, Stages, int(sizeof(KV))>;
+  using C = MmaConfig<D, Stages, int(sizeof(KV)), std::is_same_v<T, __half>>;
   constexpr std::uint32_t kRowBytes = C::kRow * 2;
   extern __shared__ __align__(16) unsigned char smem[];
   T* q_smem = reinterpret_cast<T*>(smem);
