@@ -670,24 +670,23 @@ def test_hits_with_sinks_and_short_sequences(rng):
 # CUDA graphs
 
 
-@pytest.mark.parametrize("reduce", REDUCES)
-def test_graph_replay_across_the_budget(rng, reduce):
-    """One capture of the page-wide kernels (float16, head_dim 128, group 4, hits, sinks),
-    replayed while lengths grow from below the budget to far above it and the query changes in
-    place: every replay gives the reference's pages, lengths and hit counts."""
-    block_size, budget, sinks, kv_heads = 16, 12, 1, 2
-    capacity = np.array([4000, 2500, 600], dtype=np.int32)
-    table, num_blocks = random_pages(rng, capacity, block_size)
-    meta = integer_summaries(rng, num_blocks, kv_heads, 128, "meanstd")
-    query = rng.integers(-2, 3, size=(3, kv_heads * 4, 128)).astype(np.float32)
+def check_graph_replays(
+    rng, table, num_blocks, kv_heads, group, head_dim, budget, block_size, sinks, reduce, steps
+):
+    """One capture of select_pages (float16 meanstd summaries, hits), replayed once per entry of
+    `steps` (the sequences' lengths) with a new query written in place and the outputs poisoned:
+    every replay gives the reference's pages, lengths and hit counts."""
+    batch = table.shape[0]
+    meta = integer_summaries(rng, num_blocks, kv_heads, head_dim, "meanstd")
+    query = rng.integers(-2, 3, size=(batch, kv_heads * group, head_dim)).astype(np.float32)
     q = asarray(query, "torch", "float16", "cuda")
     m = asarray(meta, "torch", "float16", "cuda")
     t = cuda_ints(table)
-    lens = cuda_ints(np.array([100, 30, 5], dtype=np.int32))
+    lens = cuda_ints(np.asarray(steps[0], np.int32))
     hits = torch.zeros(num_blocks, dtype=torch.int32, device="cuda")
     out = (
-        torch.full((3, kv_heads, budget), -7, dtype=torch.int32, device="cuda"),
-        torch.full((3, kv_heads), -7, dtype=torch.int32, device="cuda"),
+        torch.full((batch, kv_heads, budget), -7, dtype=torch.int32, device="cuda"),
+        torch.full((batch, kv_heads), -7, dtype=torch.int32, device="cuda"),
     )
     ws = torch.empty(ts.select_pages_workspace_bytes(q, m, t), dtype=torch.uint8, device="cuda")
 
@@ -701,64 +700,8 @@ def test_graph_replay_across_the_budget(rng, reduce):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         select()
-    for step_lens in ([100, 30, 5], [193, 192, 191], [4000, 1000, 600], [2500, 2500, 17]):
-        step_lens = np.minimum(np.array(step_lens, np.int32), capacity)
-        query = rng.integers(-2, 3, size=query.shape).astype(np.float32)
-        q.copy_(asarray(query, "torch", "float16", "cuda"))
-        lens.copy_(cuda_ints(step_lens))
-        hits.zero_()
-        out[0].fill_(-7)
-        graph.replay()
-        torch.cuda.synchronize()
-        want_t, want_l = R.select_pages(
-            query, meta, table, step_lens, budget, block_size, sinks, "meanstd", reduce
-        )
-        np.testing.assert_array_equal(to_np(out[0]), want_t)
-        np.testing.assert_array_equal(to_np(out[1]), want_l)
-        kept = want_t.ravel()
-        np.testing.assert_array_equal(
-            to_np(hits), np.bincount(kept[kept >= 0], minlength=num_blocks)
-        )
-
-
-@pytest.mark.parametrize("reduce", REDUCES)
-def test_graph_replay_across_slices(rng, reduce):
-    """One capture with a table three slices of candidates wide, replayed while lengths move between
-    a copy, one slice, two and three, with the query changed in place: every replay gives the
-    reference's pages, lengths and hit counts."""
-    block_size, budget, sinks, kv_heads = 16, 96, 2, 4
-    capacity = np.array([3 * SLICE + 3, 2 * SLICE + 40, SLICE + 3, 500], dtype=np.int32)
-    table, num_blocks = exact_width_table(rng, capacity * block_size, block_size)
-    meta = integer_summaries(rng, num_blocks, kv_heads, 64, "meanstd")
-    query = rng.integers(-2, 3, size=(4, kv_heads * 2, 64)).astype(np.float32)
-    q = asarray(query, "torch", "float16", "cuda")
-    m = asarray(meta, "torch", "float16", "cuda")
-    t = cuda_ints(table)
-    lens = cuda_ints(np.full(4, 50, np.int32))
-    hits = torch.zeros(num_blocks, dtype=torch.int32, device="cuda")
-    out = (
-        torch.full((4, kv_heads, budget), -7, dtype=torch.int32, device="cuda"),
-        torch.full((4, kv_heads), -7, dtype=torch.int32, device="cuda"),
-    )
-    ws = torch.empty(ts.select_pages_workspace_bytes(q, m, t), dtype=torch.uint8, device="cuda")
-
-    def select():
-        ts.select_pages(q, m, t, lens, budget, block_size=block_size, num_sink_pages=sinks,
-                        summary="meanstd", group_reduce=reduce, hits=hits, out=out,
-                        workspace=ws)  # fmt: skip
-
-    select()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        select()
-    for step_pages in (
-        [50, 90, 3, 96],
-        [SLICE + 3, SLICE + 4, SLICE + 3, 97],
-        [3 * SLICE + 3, 2 * SLICE + 40, SLICE + 2, 500],
-        [2 * SLICE + 3, 1, SLICE + 3, 0],
-    ):
-        step_lens = (np.array(step_pages) * block_size - 7).clip(0).astype(np.int32)
+    for step_lens in steps:
+        step_lens = np.asarray(step_lens, np.int32)
         query = rng.integers(-2, 3, size=query.shape).astype(np.float32)
         q.copy_(asarray(query, "torch", "float16", "cuda"))
         lens.copy_(cuda_ints(step_lens))
@@ -776,6 +719,34 @@ def test_graph_replay_across_slices(rng, reduce):
         np.testing.assert_array_equal(
             to_np(hits), np.bincount(kept[kept >= 0], minlength=num_blocks)
         )
+
+
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_graph_replay_across_the_budget(rng, reduce):
+    """The page-wide kernels (head_dim 128, group 4, sinks) replayed while lengths grow from below
+    the budget to far above it."""
+    block_size, capacity = 16, np.array([4000, 2500, 600], dtype=np.int32)
+    table, num_blocks = random_pages(rng, capacity, block_size)
+    steps = [[100, 30, 5], [193, 192, 191], [4000, 1000, 600], [2500, 2500, 17]]
+    check_graph_replays(rng, table, num_blocks, 2, 4, 128, 12, block_size, 1, reduce,
+                        [np.minimum(s, capacity) for s in steps])  # fmt: skip
+
+
+@pytest.mark.parametrize("reduce", REDUCES)
+def test_graph_replay_across_slices(rng, reduce):
+    """A table three slices of 2048 candidates wide (head_dim 64, group 2, two sinks) replayed
+    while lengths move between a copy, one slice, two and three."""
+    block_size = 16
+    capacity = np.array([3 * SLICE + 3, 2 * SLICE + 40, SLICE + 3, 500], dtype=np.int32)
+    table, num_blocks = exact_width_table(rng, capacity * block_size, block_size)
+    step_pages = [
+        [50, 90, 3, 96],
+        [SLICE + 3, SLICE + 4, SLICE + 3, 97],
+        [3 * SLICE + 3, 2 * SLICE + 40, SLICE + 2, 500],
+        [2 * SLICE + 3, 1, SLICE + 3, 0],
+    ]
+    steps = [(np.array(p) * block_size - 7).clip(0) for p in step_pages]
+    check_graph_replays(rng, table, num_blocks, 4, 2, 64, 96, block_size, 2, reduce, steps)
 
 
 @pytest.mark.parametrize("width_below_budget", [0, 3])
