@@ -428,13 +428,21 @@ void write_cache(const TensorView& key, const TensorView& value, const TensorVie
   }
   const kernels::ScaleArg k_scale = check_scale(c, options.k_scale, "k_scale", key_cache);
   const kernels::ScaleArg v_scale = check_scale(c, options.v_scale, "v_scale", value_cache);
+  // Per-head scales are read while the caches are written.
+  for (const KVScale* scale : {&options.k_scale, &options.v_scale}) {
+    if (!scale->per_head) continue;
+    const detail::Named named{*scale->per_head, scale == &options.k_scale ? "k_scale" : "v_scale"};
+    c.disjoint({key_cache, "key_cache"}, named);
+    c.disjoint({value_cache, "value_cache"}, named);
+  }
   kernels::PageMetaDesc meta;
   if (page_meta) {
     meta = detail::check_page_meta(c, *page_meta, key_cache, summary, true);
     c.same_device({{key_cache, "key_cache"}, {*page_meta, "page_meta"}});
     for (const detail::Named& other :
          {detail::Named{key_cache, "key_cache"}, detail::Named{value_cache, "value_cache"},
-          detail::Named{key, "key"}, detail::Named{slot_mapping, "slot_mapping"}}) {
+          detail::Named{key, "key"}, detail::Named{value, "value"},
+          detail::Named{slot_mapping, "slot_mapping"}}) {
       c.disjoint({*page_meta, "page_meta"}, other);
     }
   }
@@ -544,18 +552,21 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
     c.dim(lse, "lse", 1, s.num_q_heads, "num_q_heads");
     c.same_device({{query, "query"}, {lse, "lse"}});
   }
-  // Outputs share memory with nothing else of the call (query_start_loc included: the
-  // kernels read it while rows of out are being written).
-  const TensorView no_query_start_loc{};
+  // Outputs share memory with nothing else of the call (query_start_loc and per-head scales
+  // included: the kernels read them while rows of out are being written). An optional input
+  // not given is empty, so it overlaps nothing.
+  TensorView absent;
+  absent.ndim = 1;
   const detail::Named all_inputs[] = {
       {query, "query"},
       {key_cache, "key_cache"},
       {value_cache, "value_cache"},
       {block_table, "block_table"},
       {seq_lens, "seq_lens"},
-      {s.prefill ? *options.query_start_loc : no_query_start_loc, "query_start_loc"}};
-  const std::size_t num_inputs = std::size(all_inputs) - (s.prefill ? 0 : 1);
-  const detail::Named* const inputs_end = all_inputs + num_inputs;
+      {s.prefill ? *options.query_start_loc : absent, "query_start_loc"},
+      {options.k_scale.per_head ? *options.k_scale.per_head : absent, "k_scale"},
+      {options.v_scale.per_head ? *options.v_scale.per_head : absent, "v_scale"}};
+  const detail::Named* const inputs_end = std::end(all_inputs);
   for (const detail::Named* in = all_inputs; in != inputs_end; ++in) c.disjoint({out, "out"}, *in);
   if (options.lse) {
     for (const detail::Named* in = all_inputs; in != inputs_end; ++in) {

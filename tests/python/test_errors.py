@@ -1112,6 +1112,90 @@ def test_copy_blocks_disjoint_views_of_one_buffer(rng):
     np.testing.assert_array_equal(buf, expected)
 
 
+def test_reshape_and_cache_page_meta_sharing_memory_with_value(rng):
+    """page_meta is written while value is read: one buffer holding both is refused, nothing
+    written; the same arrays side by side in one buffer are accepted."""
+    n, p, h, d = 6, 4, 2, 16
+    key = rng.standard_normal((5, h, d)).astype(np.float32)
+    kc = np.full((n, p, h, d), np.nan, np.float32)
+    vc = np.full((n, p, h, d), np.nan, np.float32)
+    slots = np.array([0, 5, -1, 23, 7], np.int64)
+    meta_size = n * h * 2 * d
+    buf = np.full(meta_size + key.size, np.nan, np.float32)
+    meta = buf[:meta_size].reshape(n, h, 2, d)
+    value = buf[meta_size - key.size : meta_size].reshape(key.shape)
+    value[:] = rng.standard_normal(key.shape)
+    expect_error(
+        lambda: ts.reshape_and_cache(key, value, kc, vc, slots, meta),
+        ValueError,
+        r"^tinyserve.reshape_and_cache: page_meta and value must not share memory",
+        buf,
+        kc,
+        vc,
+    )
+    apart = buf[meta_size:].reshape(key.shape)
+    apart[:] = value
+    ts.reshape_and_cache(key, apart, kc, vc, slots, meta)
+    for i, slot in enumerate(slots):
+        if slot >= 0:
+            np.testing.assert_array_equal(vc[slot // p, slot % p], apart[i])
+    np.testing.assert_array_equal(meta[0, :, 0], key[[0]].min(0))
+
+
+def test_outputs_sharing_memory_with_per_head_scales(rng):
+    """Per-KV-head float8 scales are read while paged_attention writes out and lse and while
+    reshape_and_cache writes the caches: an output that is also a scale is refused, nothing
+    written."""
+    n, p, h, d = 4, 4, 2, 16
+    fp8 = dict(kv_dtype="float8_e4m3fn")
+    kc = np.zeros((n, p, h, d), np.uint8)  # float8 zeros
+    vc = np.zeros((n, p, h, d), np.uint8)
+    query = rng.standard_normal((1, 4, d)).astype(np.float32)
+    table, lens = np.array([[0, 1]], np.int32), np.array([5], np.int32)
+    out = np.full(query.shape, np.nan, np.float32)
+    lse = np.full(query.shape[:2], np.nan, np.float32)
+    scale_in_out = out.reshape(-1)[:h]
+    scale_in_out[:] = 1.0
+    expect_error(
+        lambda: ts.paged_attention(query, kc, vc, table, lens, out, k_scale=scale_in_out, **fp8),
+        ValueError,
+        r"^tinyserve.paged_attention: out and k_scale must not share memory",
+        out,
+    )
+    scale_in_lse = lse.reshape(-1)[2 : 2 + h]
+    scale_in_lse[:] = 2.0
+    expect_error(
+        lambda: ts.paged_attention(
+            query,
+            kc,
+            vc,
+            table,
+            lens,
+            np.full_like(out, np.nan),
+            lse=lse,
+            v_scale=scale_in_lse,
+            **fp8,
+        ),
+        ValueError,
+        r"^tinyserve.paged_attention: lse and v_scale must not share memory",
+        lse,
+    )
+    # Caches and scales in one byte buffer, the scale inside the key cache.
+    buf = np.zeros(2 * kc.size, np.uint8)
+    kc_view, vc_view = buf[: kc.size].reshape(kc.shape), buf[kc.size :].reshape(vc.shape)
+    scale = buf[8:16].view(np.float32)
+    scale[:] = 1.0
+    key = rng.standard_normal((3, h, d)).astype(np.float32)
+    expect_error(
+        lambda: ts.reshape_and_cache(
+            key, key, kc_view, vc_view, np.array([0, 1, 2], np.int64), k_scale=scale, **fp8
+        ),
+        ValueError,
+        r"^tinyserve.reshape_and_cache: key_cache and k_scale must not share memory",
+        buf,
+    )
+
+
 def test_swap_blocks_overlapping_caches(rng):
     buf = rng.standard_normal((7, 4, 2, 8)).astype(np.float32)
     expect_error(
