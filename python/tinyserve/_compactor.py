@@ -10,6 +10,7 @@ import numpy as np
 
 from . import _interop
 from ._ops import copy_blocks, swap_blocks
+from ._tinyserve import ArgumentTypeError
 
 
 def _ids_on_device_of(ids: np.ndarray, like: Any, stream: Any = None) -> Any:
@@ -58,9 +59,10 @@ def execute_plan(
     ``stream`` (default: the caches' framework's current stream), so the plan may be committed
     as soon as this returns: later work on that stream sees the moved blocks.
     """
-    kind = plan.kind
+    kind = getattr(plan, "kind", None)
     if kind not in ("evict", "offload", "recall", "compact"):
-        raise ValueError(f"tinyserve.execute_plan: plan must be a MovePlan, got kind {kind!r}")
+        what = f"kind {kind!r}" if hasattr(plan, "kind") else type(plan).__name__
+        raise ArgumentTypeError(f"tinyserve.execute_plan: plan must be a MovePlan, got {what}")
     devices = _interop.array_list(device_caches, "execute_plan", "device_caches", "cache tensors")
     if kind == "evict" or len(plan) == 0 or not devices:
         return

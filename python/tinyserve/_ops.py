@@ -314,8 +314,15 @@ def select_pages(
             width = 0
         table = _interop.empty(query, (batch, num_kv_heads, width), "int32", fw, "select_pages")
         lens = _interop.empty(query, (batch, num_kv_heads), "int32", fw, "select_pages")
-    else:
+    elif isinstance(out, (tuple, list)) and len(out) == 2:
         table, lens = out
+    else:
+        # One array would unpack into its rows; name what is wrong instead.
+        raise ArgumentTypeError(
+            "tinyserve.select_pages: out must be None or a (table, lens) pair of arrays, got "
+            f"{type(out).__name__}"
+            + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "")
+        )
     x = _interop.export
     cuda = _interop.is_cuda(query)
     s = _interop.resolve_stream(stream, query, "select_pages", cuda, fw)

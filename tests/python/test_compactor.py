@@ -418,6 +418,11 @@ def test_execute_plan_rejects_what_cannot_be_right():
     with pytest.raises(ValueError, match="plan must be a MovePlan, got kind 'swap'"):
         tinyserve.execute_plan(not_a_plan, [cache], [cache])
     np.testing.assert_array_equal(cache, before)
+    with pytest.raises(
+        TypeError, match="^tinyserve.execute_plan: plan must be a MovePlan, got list"
+    ):
+        tinyserve.execute_plan([plan.src, plan.dst], [cache], [cache])
+    np.testing.assert_array_equal(cache, before)
 
 
 def test_execute_plan_moves_each_block_of_every_tensor_in_one_call_per_tensor(monkeypatch):

@@ -815,6 +815,24 @@ def test_select_pages_outputs_share_memory_with_nothing():
             np.testing.assert_array_equal(a, before)
 
 
+@pytest.mark.parametrize("shape", ["one array", "1-tuple", "3-tuple"])
+def test_select_pages_out_must_be_a_pair(shape):
+    """out= other than a (table, lens) pair is named in the contract's format (one array would
+    otherwise be unpacked into its rows), and nothing is written."""
+    query, meta, table, seq_lens = _select_args()
+    hits = np.full(meta.shape[0], -7, np.int32)
+    out_t = np.full((2, 2, 3), -7, np.int32)
+    out_l = np.full((2, 2), -7, np.int32)
+    out = {"one array": out_t[:2], "1-tuple": (out_t,), "3-tuple": (out_t, out_l, out_l)}[shape]
+    with pytest.raises(TypeError) as info:
+        ts.select_pages(query, meta, table, seq_lens, 3, block_size=4, hits=hits, out=out)
+    assert isinstance(info.value, ValueError)
+    assert str(info.value).startswith(
+        "tinyserve.select_pages: out must be None or a (table, lens) pair of arrays, got "
+    )
+    assert (out_t == -7).all() and (out_l == -7).all() and (hits == -7).all()
+
+
 def test_build_page_meta_output_shares_memory_with_no_input(rng):
     kc = rng.standard_normal((6, 4, 2, 8)).astype(np.float32)
     table = np.zeros((1, 2), np.int32)
