@@ -29,13 +29,13 @@ void bind_block_manager(nb::module_& m) {
       .def(
           "__init__",
           [](BlockManager* self, nb::handle num_blocks, nb::handle block_size,
-             bool enable_prefix_caching) {
+             nb::handle enable_prefix_caching) {
             constexpr const char* op = "BlockManager";
             new (self) BlockManager(to_int<std::int64_t>(num_blocks, op, "num_blocks"),
                                     to_int<std::int64_t>(block_size, op, "block_size"),
-                                    enable_prefix_caching);
+                                    to_bool(enable_prefix_caching, op, "enable_prefix_caching"));
           },
-          "num_blocks"_a, "block_size"_a, "enable_prefix_caching"_a = false,
+          "num_blocks"_a.none(), "block_size"_a.none(), "enable_prefix_caching"_a.none() = false,
           nb::sig("def __init__(self, num_blocks: int, block_size: int, "
                   "enable_prefix_caching: bool = False) -> None"))
       .def(

@@ -292,10 +292,18 @@ inline std::string to_name(nb::handle h, const char* op, const char* name) {
 // A Python bool (or NumPy bool); anything else, 0 and 1 included, is a TypeError.
 inline bool to_bool(nb::handle h, const char* op, const char* name) {
   bool value = false;
-  if (!nb::try_cast(h, value, /*convert=*/false)) {
-    type_error(op, name, " must be a bool, got ", nb::inst_name(h).c_str());
+  if (nb::try_cast(h, value, /*convert=*/false)) return value;
+  // numpy.bool_ (numpy.bool in NumPy 2) is no Python bool; nanobind's strict cast refuses it.
+  const nb::handle type = h.type();
+  const std::string module =
+      nb::borrow<nb::str>(nb::getattr(type, "__module__", nb::str(""))).c_str();
+  const std::string type_name = nb::type_name(type).c_str();
+  if (module == "numpy" && (type_name == "bool" || type_name == "bool_")) {
+    const int truth = PyObject_IsTrue(h.ptr());
+    if (truth >= 0) return truth == 1;
+    PyErr_Clear();
   }
-  return value;
+  type_error(op, name, " must be a bool, got ", nb::inst_name(h).c_str());
 }
 
 // A Python float (or int, or anything with __float__) as float32. A finite value that float32

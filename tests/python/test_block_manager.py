@@ -86,6 +86,19 @@ def test_constructor_rejects_bad_sizes(args, message):
         BlockManager(*args)
 
 
+@pytest.mark.parametrize("flag, name", [(1, "int"), (None, "NoneType"), ("yes", "str")])
+def test_constructor_takes_a_bool_for_prefix_caching(flag, name):
+    with pytest.raises(
+        tinyserve.ArgumentTypeError,
+        match=f"^tinyserve.BlockManager: enable_prefix_caching must be a bool, got {name}$",
+    ):
+        BlockManager(4, 16, flag)
+    for value in (True, False, np.bool_(True)):
+        bm = BlockManager(4, 16, enable_prefix_caching=value)
+        assert bm.prefix_caching == bool(value)
+        bm.check()
+
+
 def run_with_little_memory(body: str) -> None:
     """Runs `body` in a child process whose address space may grow by at most 256 MiB after
     tinyserve is loaded: a call that allocates in proportion to a huge request fails there with
