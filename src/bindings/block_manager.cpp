@@ -51,7 +51,7 @@ void bind_block_manager(nb::module_& m) {
             nb::gil_scoped_release release;
             return self.add_sequence(id, ids.data(), ids.size());
           },
-          "seq_id"_a, "token_ids"_a = nb::none(),
+          "seq_id"_a.none(), "token_ids"_a.none() = nb::none(),
           nb::sig("def add_sequence(self, seq_id: int, token_ids: typing.Sequence[int] | "
                   "numpy.typing.ArrayLike | None = None) -> int"),
           "Registers a sequence. With prefix caching and token ids, attaches the cached blocks "
@@ -73,7 +73,7 @@ void bind_block_manager(nb::module_& m) {
             d["free_blocks"] = match.free_blocks;
             return d;
           },
-          "token_ids"_a,
+          "token_ids"_a.none(),
           nb::sig("def match_prefix(self, token_ids: typing.Sequence[int] | "
                   "numpy.typing.ArrayLike) -> dict[str, int]"),
           "What add_sequence would attach for this prompt, without changing anything: "
@@ -101,7 +101,7 @@ void bind_block_manager(nb::module_& m) {
             const std::size_t n = slots.size();
             return to_numpy(std::move(slots), {n});
           },
-          "seq_id"_a, "num_tokens"_a, "token_ids"_a = nb::none(),
+          "seq_id"_a.none(), "num_tokens"_a.none(), "token_ids"_a.none() = nb::none(),
           nb::sig("def append(self, seq_id: int, num_tokens: int, token_ids: "
                   "typing.Sequence[int] | numpy.typing.ArrayLike | None = None) -> "
                   "numpy.typing.NDArray[numpy.int64]"),
@@ -128,7 +128,7 @@ void bind_block_manager(nb::module_& m) {
             const std::size_t n = slots.size();
             return to_numpy(std::move(slots), {n});
           },
-          "seq_ids"_a, "num_tokens"_a,
+          "seq_ids"_a.none(), "num_tokens"_a.none(),
           nb::sig("def append_batch(self, seq_ids: typing.Sequence[int] | "
                   "numpy.typing.ArrayLike, num_tokens: int | typing.Sequence[int] | "
                   "numpy.typing.ArrayLike) -> numpy.typing.NDArray[numpy.int64]"),
@@ -144,7 +144,7 @@ void bind_block_manager(nb::module_& m) {
             nb::gil_scoped_release release;
             self.fork(parent, child);
           },
-          "parent_id"_a, "child_id"_a,
+          "parent_id"_a.none(), "child_id"_a.none(),
           nb::sig("def fork(self, parent_id: int, child_id: int) -> None"),
           "The child shares every block of the parent; a shared partial block is copied when "
           "either of them appends into it.")
@@ -155,7 +155,7 @@ void bind_block_manager(nb::module_& m) {
             nb::gil_scoped_release release;
             self.free(id);
           },
-          "seq_id"_a, nb::sig("def free(self, seq_id: int) -> None"),
+          "seq_id"_a.none(), nb::sig("def free(self, seq_id: int) -> None"),
           "Releases the sequence's blocks, tail first. Raises KeyError for an unknown id.")
       .def(
           "block_table",
@@ -170,7 +170,7 @@ void bind_block_manager(nb::module_& m) {
             return nb::make_tuple(to_numpy(std::move(t.table), {batch, width}),
                                   to_numpy(std::move(t.lens), {batch}));
           },
-          "seq_ids"_a,
+          "seq_ids"_a.none(),
           nb::sig("def block_table(self, seq_ids: typing.Sequence[int] | "
                   "numpy.typing.ArrayLike) -> tuple[numpy.typing.NDArray[numpy.int32], "
                   "numpy.typing.NDArray[numpy.int32]]"),
@@ -205,7 +205,7 @@ void bind_block_manager(nb::module_& m) {
             nb::gil_scoped_release release;
             return self.seq_len(id);
           },
-          "seq_id"_a, nb::sig("def seq_len(self, seq_id: int) -> int"))
+          "seq_id"_a.none(), nb::sig("def seq_len(self, seq_id: int) -> int"))
       .def(
           "block_ids",
           [](const BlockManager& self, nb::handle seq_id) {
@@ -219,7 +219,7 @@ void bind_block_manager(nb::module_& m) {
             const std::size_t n = ids.size();
             return to_numpy(std::move(ids), {n});
           },
-          "seq_id"_a,
+          "seq_id"_a.none(),
           nb::sig("def block_ids(self, seq_id: int) -> "
                   "numpy.typing.NDArray[numpy.int32]"))
       .def(
@@ -230,7 +230,7 @@ void bind_block_manager(nb::module_& m) {
             nb::gil_scoped_release release;
             return self.has_sequence(id);
           },
-          "seq_id"_a, nb::sig("def has_sequence(self, seq_id: int) -> bool"))
+          "seq_id"_a.none(), nb::sig("def has_sequence(self, seq_id: int) -> bool"))
       .def(
           "__contains__",
           [](const BlockManager& self, nb::handle seq_id) {
@@ -240,7 +240,7 @@ void bind_block_manager(nb::module_& m) {
             nb::gil_scoped_release release;
             return self.has_sequence(id);
           },
-          "seq_id"_a, nb::sig("def __contains__(self, seq_id: object) -> bool"))
+          "seq_id"_a.none(), nb::sig("def __contains__(self, seq_id: object) -> bool"))
       .def_prop_ro("num_free_blocks",
                    [](const BlockManager& self) {
                      nb::gil_scoped_release release;
@@ -259,7 +259,7 @@ void bind_block_manager(nb::module_& m) {
             nb::gil_scoped_release release;
             self.resize(n);
           },
-          "num_blocks"_a, nb::sig("def resize(self, num_blocks: int) -> None"),
+          "num_blocks"_a.none(), nb::sig("def resize(self, num_blocks: int) -> None"),
           "Changes the number of usable blocks, to match a cache pool that was grown or shrunk. "
           "Growing appends free blocks at the back of the free list. Shrinking drops the blocks "
           "at or above num_blocks (cached free ones lose their prefix keys) and raises "

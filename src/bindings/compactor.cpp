@@ -51,7 +51,7 @@ void bind_compactor(nb::module_& m) {
             return p.num_bytes(
                 to_int<std::int64_t>(bytes_per_block, "MovePlan.num_bytes", "bytes_per_block"));
           },
-          "bytes_per_block"_a, nb::sig("def num_bytes(self, bytes_per_block: int) -> int"),
+          "bytes_per_block"_a.none(), nb::sig("def num_bytes(self, bytes_per_block: int) -> int"),
           "Bytes the plan copies, given one block's bytes over every cache tensor (0 for evict).")
       .def("__len__", [](const MovePlan& p) { return p.src.size(); })
       .def("__repr__", [](const MovePlan& p) {
@@ -70,11 +70,13 @@ void bind_compactor(nb::module_& m) {
       "every method releases the GIL.")
       .def(
           "__init__",
-          [](Compactor* self, BlockManager& manager, nb::handle num_host_blocks) {
-            new (self) Compactor(
-                manager, to_int<std::int64_t>(num_host_blocks, "Compactor", "num_host_blocks"));
+          [](Compactor* self, nb::handle manager, nb::handle num_host_blocks) {
+            BlockManager& m =
+                instance_of<BlockManager>(manager, "Compactor", "block_manager", "BlockManager");
+            new (self)
+                Compactor(m, to_int<std::int64_t>(num_host_blocks, "Compactor", "num_host_blocks"));
           },
-          "block_manager"_a, "num_host_blocks"_a = 0, nb::keep_alive<1, 2>(),
+          "block_manager"_a.none(), "num_host_blocks"_a.none() = 0, nb::keep_alive<1, 2>(),
           nb::sig("def __init__(self, block_manager: BlockManager, num_host_blocks: int = 0) "
                   "-> None"),
           "A compactor over the manager with a host pool of num_host_blocks block slots.")
@@ -85,7 +87,7 @@ void bind_compactor(nb::module_& m) {
             nb::gil_scoped_release release;
             self.touch(seqs.data(), seqs.size());
           },
-          "seq_ids"_a,
+          "seq_ids"_a.none(),
           nb::sig("def touch(self, seq_ids: typing.Sequence[int] | numpy.typing.ArrayLike) -> "
                   "None"),
           "Recency: these sequences were attended this step.")
@@ -96,7 +98,7 @@ void bind_compactor(nb::module_& m) {
             nb::gil_scoped_release release;
             self.record_hits(counts.data(), counts.size());
           },
-          "hits"_a,
+          "hits"_a.none(),
           nb::sig("def record_hits(self, hits: typing.Sequence[int] | numpy.typing.ArrayLike) "
                   "-> None"),
           "Frequency: adds per-block hit counts (select_pages' hits, num_blocks entries, >= 0).")
@@ -108,7 +110,7 @@ void bind_compactor(nb::module_& m) {
             nb::gil_scoped_release release;
             return self.plan_evict(n);
           },
-          "num_blocks"_a, nb::sig("def plan_evict(self, num_blocks: int) -> MovePlan"),
+          "num_blocks"_a.none(), nb::sig("def plan_evict(self, num_blocks: int) -> MovePlan"),
           "Drop the prefix-cache keys of num_blocks cached, unreferenced blocks, least recently "
           "used first. No data moves.")
       .def(
@@ -119,7 +121,7 @@ void bind_compactor(nb::module_& m) {
             nb::gil_scoped_release release;
             return self.plan_offload(n);
           },
-          "num_blocks"_a, nb::sig("def plan_offload(self, num_blocks: int) -> MovePlan"),
+          "num_blocks"_a.none(), nb::sig("def plan_offload(self, num_blocks: int) -> MovePlan"),
           "Move num_blocks blocks of live sequences (least recent, then least often selected) "
           "to the host pool. Their sequences have no block table until recalled.")
       .def(
@@ -129,7 +131,7 @@ void bind_compactor(nb::module_& m) {
             nb::gil_scoped_release release;
             return self.plan_offload_sequences(seqs.data(), seqs.size());
           },
-          "seq_ids"_a,
+          "seq_ids"_a.none(),
           nb::sig("def plan_offload_sequences(self, seq_ids: typing.Sequence[int] | "
                   "numpy.typing.ArrayLike) -> MovePlan"),
           "Preemption by offload: move every device block held only by these sequences to the "
@@ -142,7 +144,7 @@ void bind_compactor(nb::module_& m) {
             nb::gil_scoped_release release;
             return self.plan_recall(seqs.data(), seqs.size());
           },
-          "seq_ids"_a,
+          "seq_ids"_a.none(),
           nb::sig("def plan_recall(self, seq_ids: typing.Sequence[int] | "
                   "numpy.typing.ArrayLike) -> MovePlan"),
           "Bring every offloaded block of these sequences back into free device blocks.")
@@ -161,16 +163,30 @@ void bind_compactor(nb::module_& m) {
             nb::gil_scoped_release release;
             return self.plan_compact(n);
           },
-          "num_blocks"_a = nb::none(),
+          "num_blocks"_a.none() = nb::none(),
           nb::sig("def plan_compact(self, num_blocks: int | None = None) -> MovePlan"),
           "Move used blocks so that every used block id is below num_blocks (>= 0; default: the "
           "number of used blocks), into free blocks there, uncached ones first (a cached one "
           "loses its key only when no other is left); cached free blocks at or above it are "
           "evicted, not moved. After commit, the free tail is taken last.")
-      .def("commit", &Compactor::commit, "plan"_a, nb::call_guard<nb::gil_scoped_release>(),
-           "After the plan's copies ran: remap the sequences' blocks and free the sources.")
-      .def("abort", &Compactor::abort, "plan"_a, nb::call_guard<nb::gil_scoped_release>(),
-           "Forget the pending plan; nothing changes.")
+      .def(
+          "commit",
+          [](Compactor& self, nb::handle plan) {
+            const MovePlan& p = instance_of<MovePlan>(plan, "Compactor.commit", "plan", "MovePlan");
+            nb::gil_scoped_release release;
+            self.commit(p);
+          },
+          "plan"_a.none(), nb::sig("def commit(self, plan: MovePlan) -> None"),
+          "After the plan's copies ran: remap the sequences' blocks and free the sources.")
+      .def(
+          "abort",
+          [](Compactor& self, nb::handle plan) {
+            const MovePlan& p = instance_of<MovePlan>(plan, "Compactor.abort", "plan", "MovePlan");
+            nb::gil_scoped_release release;
+            self.abort(p);
+          },
+          "plan"_a.none(), nb::sig("def abort(self, plan: MovePlan) -> None"),
+          "Forget the pending plan; nothing changes.")
       .def(
           "num_offloaded",
           [](const Compactor& self, nb::handle seq_id) {
@@ -179,7 +195,7 @@ void bind_compactor(nb::module_& m) {
             nb::gil_scoped_release release;
             return self.num_offloaded(id);
           },
-          "seq_id"_a, nb::sig("def num_offloaded(self, seq_id: int) -> int"),
+          "seq_id"_a.none(), nb::sig("def num_offloaded(self, seq_id: int) -> int"),
           "Blocks of the sequence now in the host pool.")
       .def_prop_ro("num_host_blocks", &Compactor::num_host_blocks)
       .def_prop_ro("num_free_host_blocks", &Compactor::num_free_host_blocks)

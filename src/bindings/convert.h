@@ -306,6 +306,17 @@ inline bool to_bool(nb::handle h, const char* op, const char* name) {
   type_error(op, name, " must be a bool, got ", nb::inst_name(h).c_str());
 }
 
+// The C++ object behind a bound class instance (`type` names the class in the message); anything
+// else, None included, is an ArgumentTypeError naming the argument.
+template <class T>
+T& instance_of(nb::handle h, const char* op, const char* name, const char* type) {
+  T* p = nullptr;
+  if (!nb::try_cast(h, p, /*convert=*/false) || p == nullptr) {
+    type_error(op, name, " must be a ", type, ", got ", nb::inst_name(h).c_str());
+  }
+  return *p;
+}
+
 // A Python float (or int, or anything with __float__) as float32. A finite value that float32
 // cannot hold (it would become inf or 0) is a ValueError with the value as given; inf and nan
 // pass through for the op's own checks.

@@ -810,3 +810,43 @@ def test_readme_compactor_example_runs():
     bm, compactor = scope["bm"], scope["compactor"]
     bm.check()
     assert not compactor.has_pending_plan and compactor.num_offloaded(0) == 0
+
+
+NONE_ARGUMENTS = [
+    ("BlockManager.add_sequence", "seq_id must be an int", lambda bm, c: bm.add_sequence(None)),
+    ("BlockManager.append", "seq_id must be an int", lambda bm, c: bm.append(None, 1)),
+    ("BlockManager.append", "num_tokens must be an int", lambda bm, c: bm.append(1, None)),
+    ("BlockManager.append_batch", "seq_ids must be a list", lambda bm, c: bm.append_batch(None, 1)),
+    ("BlockManager.fork", "child_id must be an int", lambda bm, c: bm.fork(1, None)),
+    ("BlockManager.free", "seq_id must be an int", lambda bm, c: bm.free(None)),
+    ("BlockManager.block_table", "seq_ids must be a list", lambda bm, c: bm.block_table(None)),
+    ("BlockManager.seq_len", "seq_id must be an int", lambda bm, c: bm.seq_len(None)),
+    ("BlockManager.block_ids", "seq_id must be an int", lambda bm, c: bm.block_ids(None)),
+    ("BlockManager.resize", "num_blocks must be an int", lambda bm, c: bm.resize(None)),
+    ("BlockManager.match_prefix", "token_ids must be a list", lambda bm, c: bm.match_prefix(None)),
+    ("Compactor", "block_manager must be a BlockManager", lambda bm, c: Compactor(None)),
+    ("Compactor.touch", "seq_ids must be a list", lambda bm, c: c.touch(None)),
+    ("Compactor.record_hits", "hits must be a list", lambda bm, c: c.record_hits(None)),
+    ("Compactor.plan_evict", "num_blocks must be an int", lambda bm, c: c.plan_evict(None)),
+    ("Compactor.plan_offload", "num_blocks must be an int", lambda bm, c: c.plan_offload(None)),
+    ("Compactor.plan_recall", "seq_ids must be a list", lambda bm, c: c.plan_recall(None)),
+    ("Compactor.commit", "plan must be a MovePlan", lambda bm, c: c.commit(None)),
+    ("Compactor.abort", "plan must be a MovePlan", lambda bm, c: c.abort("plan")),
+    ("Compactor.num_offloaded", "seq_id must be an int", lambda bm, c: c.num_offloaded(None)),
+]
+
+
+@pytest.mark.parametrize("op, message, call", NONE_ARGUMENTS, ids=[n[0] for n in NONE_ARGUMENTS])
+def test_none_or_a_wrong_object_is_named_in_the_contract_format(op, message, call):
+    """None (or an object of the wrong class) where an id, a count, a list or a plan belongs is
+    an ArgumentTypeError (both TypeError and ValueError) naming the call and the argument, and
+    changes nothing."""
+    bm, comp = make()
+    add(bm, 1, [1, 2, 3])
+    before = bm.stats()
+    with pytest.raises(tinyserve.ArgumentTypeError) as info:
+        call(bm, comp)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, TypeError)
+    assert str(info.value).startswith(f"tinyserve.{op}: {message}")
+    assert bm.stats() == before and not comp.has_pending_plan
+    bm.check()
