@@ -298,8 +298,11 @@ void bind_ops(nb::module_& m) {
   m.def("num_threads", &num_threads,
         "Worker threads of the CPU backend: as many as asked for, or fewer when the system could "
         "not start that many.");
-  m.def("set_num_threads", &set_num_threads, "n"_a,
-        "Sets the CPU backend's worker threads, n in [1, 1024].");
+  m.def(
+      "set_num_threads",
+      [](nb::handle n) { set_num_threads(to_int<int>(n, "set_num_threads", "n")); }, "n"_a.none(),
+      nb::sig("def set_num_threads(n: int) -> None"),
+      "Sets the CPU backend's worker threads, n in [1, 1024].");
   m.def("cpu_hardware_float16", &cpu_hardware_float16,
         "True when the CPU backend converts float16 with the processor's F16C instructions.");
 }

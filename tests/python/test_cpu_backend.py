@@ -97,6 +97,12 @@ def test_thread_count_is_bounded():
         for bad in (0, -1, 1025, 10**6):
             with pytest.raises(ValueError, match=r"tinyserve.set_num_threads: n must be in"):
                 ts.set_num_threads(bad)
+        for bad, name in ((None, "NoneType"), ("4", "str"), (2.0, "float")):
+            with pytest.raises(
+                ts.ArgumentTypeError,
+                match=rf"^tinyserve.set_num_threads: n must be an int, got {name}$",
+            ):
+                ts.set_num_threads(bad)
         assert ts.num_threads() == before
         ts.set_num_threads(3)
         assert ts.num_threads() == 3
