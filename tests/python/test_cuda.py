@@ -706,3 +706,38 @@ def test_aliasing_rejected_for_cuda_tensors(rng):
         ts.copy_blocks([kc, kc], *ids)
     torch.cuda.synchronize()
     assert torch.isnan(kc).all()
+
+
+def test_scale_and_value_aliasing_rejected_for_cuda_tensors(rng):
+    """Per-head float8 scales and page_meta are checked against the outputs and inputs of device
+    calls too: page_meta over value, out over k_scale, the key cache over k_scale. Nothing is
+    launched."""
+    n, p, h, d = 6, 4, 2, 16
+    key = cuda(rng.standard_normal((3, h, d)), "float32")
+    kc = torch.full((n, p, h, d), float("nan"), device="cuda")
+    vc = torch.full((n, p, h, d), float("nan"), device="cuda")
+    slots = torch.tensor([0, 5, 9], dtype=torch.int64, device="cuda")
+    buf = torch.full((n * h * 2 * d,), float("nan"), device="cuda")
+    meta = buf.view(n, h, 2, d)
+    value = buf[: key.numel()].view(key.shape)
+    with pytest.raises(ValueError, match="page_meta and value must not share memory"):
+        ts.reshape_and_cache(key, value, kc, vc, slots, meta)
+    k8 = torch.zeros((n, p, h, d), dtype=torch.uint8, device="cuda")
+    v8 = torch.zeros((n, p, h, d), dtype=torch.uint8, device="cuda")
+    scale = k8.view(-1)[:8].view(torch.float32)
+    scale.fill_(1.0)
+    k8_before = k8.clone()
+    with pytest.raises(ValueError, match="key_cache and k_scale must not share memory"):
+        ts.reshape_and_cache(key, key, k8, v8, slots, k_scale=scale, kv_dtype="float8_e4m3fn")
+    query = cuda(rng.standard_normal((1, 4, d)), "float32")
+    out = torch.full((1, 4, d), float("nan"), device="cuda")
+    out.view(-1)[:h] = 1.0
+    table = torch.tensor([[0, 1]], dtype=torch.int32, device="cuda")
+    lens = torch.tensor([5], dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="out and k_scale must not share memory"):
+        ts.paged_attention(
+            query, k8, v8, table, lens, out, k_scale=out.view(-1)[:h], kv_dtype="float8_e4m3fn"
+        )
+    torch.cuda.synchronize()
+    assert torch.isnan(kc).all() and torch.isnan(vc).all() and torch.isnan(out.view(-1)[h:]).all()
+    assert torch.equal(k8, k8_before) and (v8 == 0).all()
