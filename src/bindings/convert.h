@@ -295,10 +295,12 @@ inline bool to_bool(nb::handle h, const char* op, const char* name) {
   if (nb::try_cast(h, value, /*convert=*/false)) return value;
   // numpy.bool_ (numpy.bool in NumPy 2) is no Python bool; nanobind's strict cast refuses it.
   const nb::handle type = h.type();
-  const std::string module =
-      nb::borrow<nb::str>(nb::getattr(type, "__module__", nb::str(""))).c_str();
-  const std::string type_name = nb::type_name(type).c_str();
-  if (module == "numpy" && (type_name == "bool" || type_name == "bool_")) {
+  const auto text_of = [&](const char* attribute) {
+    const nb::object v = nb::getattr(type, attribute, nb::none());
+    return nb::isinstance<nb::str>(v) ? std::string(nb::borrow<nb::str>(v).c_str()) : "";
+  };
+  const std::string type_name = text_of("__name__");
+  if (text_of("__module__") == "numpy" && (type_name == "bool" || type_name == "bool_")) {
     const int truth = PyObject_IsTrue(h.ptr());
     if (truth >= 0) return truth == 1;
     PyErr_Clear();
