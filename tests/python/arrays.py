@@ -166,6 +166,25 @@ def replay_prefill_step(replay, rng, buffers, kc, vc, new_starts, rows, num_bloc
     np.testing.assert_allclose(f64(lse), ref_lse, rtol=1e-4, atol=1e-3)
 
 
+def check_offsets_stay_in_bounds(attend, q, bad_offsets) -> None:
+    """For each of `bad_offsets` (query_start_loc values the device is handed unchecked),
+    attend(query_start_loc, out, lse) must write every row of out and lse (no NaN left) and
+    nothing outside them: both sit between NaN guard rows of one buffer, which must stay NaN. q:
+    the call's torch query, whose shape, dtype and device out takes."""
+    total = q.shape[0]
+    out_all = torch.full((total + 2,) + tuple(q.shape[1:]), np.nan, dtype=q.dtype, device=q.device)
+    lse_all = torch.full((total + 2, q.shape[1]), np.nan, dtype=torch.float32, device=q.device)
+    for bad in bad_offsets:
+        starts = torch.from_numpy(np.asarray(bad, np.int32)).to(q.device)
+        attend(starts, out_all[1:-1], lse_all[1:-1])
+        if q.is_cuda:
+            torch.cuda.synchronize()
+        assert torch.isnan(out_all[0]).all() and torch.isnan(out_all[-1]).all(), bad
+        assert torch.isnan(lse_all[0]).all() and torch.isnan(lse_all[-1]).all(), bad
+        assert not torch.isnan(out_all[1:-1]).any(), bad
+        assert not torch.isnan(lse_all[1:-1]).any(), bad
+
+
 def prefill_reference(q, kc, vc, case, **options):
     """float64 reference (out, lse) of a prefill case (block_table, seq_lens, query_start_loc)
     for the attention options of the call (options the reference has no use for are ignored)."""
