@@ -554,7 +554,8 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
   }
   // Outputs share memory with nothing else of the call (query_start_loc and per-head scales
   // included: the kernels read them while rows of out are being written). An optional input
-  // not given is empty, so it overlaps nothing.
+  // not given stands as a tensor of no element ([0]: a default view has no dimension, which
+  // counts as one element), so it overlaps nothing.
   TensorView absent;
   absent.ndim = 1;
   const detail::Named all_inputs[] = {
@@ -566,12 +567,12 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
       {s.prefill ? *options.query_start_loc : absent, "query_start_loc"},
       {options.k_scale.per_head ? *options.k_scale.per_head : absent, "k_scale"},
       {options.v_scale.per_head ? *options.v_scale.per_head : absent, "v_scale"}};
-  const detail::Named* const inputs_end = std::end(all_inputs);
-  for (const detail::Named* in = all_inputs; in != inputs_end; ++in) c.disjoint({out, "out"}, *in);
+  const auto apart_from_inputs = [&](const detail::Named& output) {
+    for (const detail::Named& in : all_inputs) c.disjoint(output, in);
+  };
+  apart_from_inputs({out, "out"});
   if (options.lse) {
-    for (const detail::Named* in = all_inputs; in != inputs_end; ++in) {
-      c.disjoint({*options.lse, "lse"}, *in);
-    }
+    apart_from_inputs({*options.lse, "lse"});
     c.disjoint({*options.lse, "lse"}, {out, "out"});
   }
   AttentionPlan plan = make_plan(s, query.dtype, key_cache.dtype, options);
@@ -584,9 +585,7 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
     const std::size_t bytes = c.workspace(ws);
     TS_REQUIRE(c, bytes >= plan.workspace_bytes, "workspace must hold at least ",
                plan.workspace_bytes, " bytes for ", plan.num_splits, " splits, got ", bytes);
-    for (const detail::Named* in = all_inputs; in != inputs_end; ++in) {
-      c.disjoint({ws, "workspace"}, *in);
-    }
+    apart_from_inputs({ws, "workspace"});
     c.disjoint({ws, "workspace"}, {out, "out"});
     if (options.lse) c.disjoint({ws, "workspace"}, {*options.lse, "lse"});
   }

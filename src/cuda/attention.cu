@@ -141,17 +141,16 @@ constexpr std::int64_t kWgmmaMixedRows = 256;
 // group per sequence) run in this kernel would run 64-row MMAs for a few rows: the mma.sync
 // kernel, whose warps take 16 rows, wastes less there. In a mixed batch the decode kernel takes
 // the decode rows, so only the rest count.
-bool use_wgmma_prefill(int device_index, std::int64_t num_query_rows, int batch) {
 #if defined(TINYSERVE_WGMMA)
-  return device_info(device_index).compute_capability == 90 &&
-         (!mixed_batch(num_query_rows, batch) || num_query_rows - batch >= kWgmmaMixedRows);
+constexpr bool kWgmmaBuilt = true;
 #else
-  (void)device_index;
-  (void)num_query_rows;
-  (void)batch;
-  (void)kWgmmaMixedRows;
-  return false;
+constexpr bool kWgmmaBuilt = false;
 #endif
+
+bool use_wgmma_prefill(int device_index, std::int64_t num_query_rows, int batch) {
+  return kWgmmaBuilt &&
+         (!mixed_batch(num_query_rows, batch) || num_query_rows - batch >= kWgmmaMixedRows) &&
+         device_info(device_index).compute_capability == 90;
 }
 
 // The prefill kernel for a call: over float8 caches the CUDA-core kernel, which dequantises in
