@@ -18,7 +18,7 @@
 //
 // With query_start_loc (prefill, append, chunked prefill, decode rows mixed in), a prefill
 // kernel runs the sequences' rows. Where the tensor-core prefill kernels run a batch of fewer
-// than kWgmmaRowsPerSequence query rows per sequence on average (decode rows mixed in), the
+// than kMixedRowsPerSequence query rows per sequence on average (decode rows mixed in), the
 // tensor-core decode kernel runs first over every sequence and attends those with exactly one
 // row, whose tiles in the prefill kernel then exit at once: a decode row would otherwise fill one
 // position of a prefill CTA's tile. Otherwise the prefill kernel runs every row. The split merge
@@ -124,10 +124,10 @@ DecodeLaunch prefill_generic_launch(int head_dim) {
 // A batch of fewer query rows per sequence than this on average is "mixed" where the
 // tensor-core prefill kernels run it: the decode kernel takes its one-row sequences (see the top
 // of this file).
-constexpr std::int64_t kWgmmaRowsPerSequence = 64;
+constexpr std::int64_t kMixedRowsPerSequence = 64;
 
 bool mixed_batch(std::int64_t num_query_rows, int batch) {
-  return num_query_rows < kWgmmaRowsPerSequence * std::int64_t(batch);
+  return num_query_rows < kMixedRowsPerSequence * std::int64_t(batch);
 }
 
 // In a mixed batch, the multi-row work (query rows past one per sequence) from which the Hopper
@@ -135,7 +135,7 @@ bool mixed_batch(std::int64_t num_query_rows, int batch) {
 constexpr std::int64_t kWgmmaMixedRows = 256;
 
 // Whether a prefill launch takes the Hopper kernel: built for sm_90a, run on a compute
-// capability 9.0 device, and either sequences of at least kWgmmaRowsPerSequence query rows on
+// capability 9.0 device, and either sequences of at least kMixedRowsPerSequence query rows on
 // average, or a mixed batch with at least kWgmmaMixedRows rows past its decode rows. Its CTAs
 // hold 128 rows in two warpgroups of 64, so a batch of mostly decode rows (one position x the
 // group per sequence) run in this kernel would run 64-row MMAs for a few rows: the mma.sync
