@@ -131,6 +131,33 @@ def test_many_kv_heads_and_wide_rows(rng, summary, reduce):
         check_exact(query, meta, table, seq_lens, budget, block_size, 1, summary, reduce, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_heads", [1, 2, 3, 4, 8, 16])
+@pytest.mark.parametrize("row_bytes", [128, 256, 512])
+def test_folded_scoring_shapes(rng, dtype, kv_heads, row_bytes):
+    """The shapes of the page-major folded kernel (summed group, or one query head per KV head):
+    a KV head's two rows 16, 32 or 64 16-byte chunks, a page of 1 to 16 KV heads (passes of 1, 2,
+    4 or 8 chunks a lane, several passes a page, and pages that are not whole warps of chunks,
+    which take the page-wide kernel), runs of many pages per warp, sinks, an empty sequence; with
+    a contiguous and a strided summary buffer."""
+    block_size, budget, sinks = 16, 20, 1
+    head_dim = row_bytes // (4 if dtype == "float32" else 2)
+    seq_lens = np.array([700 * block_size - 3, 21 * block_size, 64 * block_size + 1, 0], np.int32)
+    table, num_blocks = random_pages(rng, seq_lens, block_size)
+    for group, reduce in ((4, "sum"), (1, "max")):
+        query = rng.integers(-2, 3, size=(4, kv_heads * group, head_dim)).astype(np.float32)
+        for summary in SUMMARIES:
+            meta = integer_summaries(rng, num_blocks, kv_heads, head_dim, summary)
+            check_exact(query, meta, table, seq_lens, budget, block_size, sinks, summary, reduce,
+                        dtype)  # fmt: skip
+        padded = torch.full((num_blocks, kv_heads + 1, 2, head_dim + 16), float("nan"))
+        padded = padded.to(device="cuda", dtype=getattr(torch, dtype))
+        view = padded[:, 1:, :, 8 : 8 + head_dim]
+        view.copy_(asarray(meta, "torch", dtype, "cuda"))
+        check_exact(query, meta, table, seq_lens, budget, block_size, sinks, summary, reduce,
+                    dtype, meta_view=view)  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------
 # 16-bit summaries (head_dim 64, 128, 256): the scores keep the float32 weights' precision
 
