@@ -770,11 +770,6 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
 // read 32 pages at a time, a window ahead. A chunk's address is a lane part fixed for the kernel
 // plus a part uniform over the warp (its j): no per-chunk index arithmetic in the page loop. P is
 // whole passes (the host checks).
-//
-// Measured on an H200 (bench_selection, 8 x 32k): 20.7 us with the next page in registers and the
-// block id read per page, 20.5 us staged; three thread blocks per multiprocessor with two stages,
-// and copies without the L2 hint, the same. ncu then showed each page waiting on its block id's
-// load: the ids now come 32 at a time.
 
 // Pages staged per warp by the folded kernel (stages - 1 in flight while one is summed).
 constexpr int kMaxFoldedStages = 3;
