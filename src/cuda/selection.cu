@@ -815,32 +815,30 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
   // negative and positive parts: w = sum_g alpha * min(q_g, 0) + beta * max(q_g, 0).
   const T* query = reinterpret_cast<const T*>(a.query) + b * a.q_stride_batch;
   for (int i = threadIdx.x; i < total; i += blockDim.x) {
+    const int h = i / head_chunks, r = (i / row_chunks) & 1, c = i % row_chunks;
+    float alpha, beta;
+    if (a.kind == PageSummary::MinMax) {
+      alpha = r == 0 ? 1.0f : 0.0f, beta = r == 0 ? 0.0f : 1.0f;
+    } else if (a.kind == PageSummary::MinMaxDamped) {
+      alpha = r == 0 ? 0.75f : 0.25f, beta = r == 0 ? 0.25f : 0.75f;
+    } else {  // mean: q; std: |q|
+      alpha = r == 0 ? 1.0f : -1.0f, beta = 1.0f;
+    }
     float w[kVec];
 #pragma unroll
     for (int e = 0; e < kVec; ++e) w[e] = 0.0f;
-    {
-      const int h = i / head_chunks, r = (i / row_chunks) & 1, c = i % row_chunks;
-      float alpha, beta;
-      if (a.kind == PageSummary::MinMax) {
-        alpha = r == 0 ? 1.0f : 0.0f, beta = r == 0 ? 0.0f : 1.0f;
-      } else if (a.kind == PageSummary::MinMaxDamped) {
-        alpha = r == 0 ? 0.75f : 0.25f, beta = r == 0 ? 0.25f : 0.75f;
-      } else {  // mean: q; std: |q|
-        alpha = r == 0 ? 1.0f : -1.0f, beta = 1.0f;
+    for (int g = 0; g < group; ++g) {
+      const T* q = query + std::int64_t(h * group + g) * a.q_stride_head + c * kVec;
+      float x[kVec];
+      if (a.query_chunked) {
+        chunk_to_float<T>(*reinterpret_cast<const uint4*>(q), x);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) x[e] = to_float(q[e]);
       }
-      for (int g = 0; g < group; ++g) {
-        const T* q = query + std::int64_t(h * group + g) * a.q_stride_head + c * kVec;
-        float x[kVec];
-        if (a.query_chunked) {
-          chunk_to_float<T>(*reinterpret_cast<const uint4*>(q), x);
-        } else {
 #pragma unroll
-          for (int e = 0; e < kVec; ++e) x[e] = to_float(q[e]);
-        }
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) {
-          w[e] += fmaf(alpha, fminf(x[e], 0.0f), beta * fmaxf(x[e], 0.0f));
-        }
+      for (int e = 0; e < kVec; ++e) {
+        w[e] += fmaf(alpha, fminf(x[e], 0.0f), beta * fmaxf(x[e], 0.0f));
       }
     }
 #pragma unroll
@@ -899,6 +897,7 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
           window = window_next;
           window_next = window_of(issue_page + 33);
         }
+        // A block id outside the cache reads nothing (its stage is zero-filled; its score -inf).
         const bool valid = block >= 0 && block < a.num_blocks;
         const T* base = meta + std::int64_t(valid ? block : 0) * a.meta_stride_block + pass_offset +
                         lane_offset;
@@ -907,7 +906,7 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
         for (int j = 0; j < JB; ++j) {
           const T* chunk = base + (j / LOCAL) * head_step;
           if (LOCAL == 2 && j % 2 == 1) chunk += a.meta_stride_row;
-          ptx::cp_async_16(at + std::uint32_t(j * 512), chunk, false);
+          ptx::cp_async_16(at + std::uint32_t(j * 512), valid ? chunk : meta, !valid);
         }
         valid_bits = (valid_bits & ~(1u << issue_stage)) | (unsigned(valid) << issue_stage);
       }
@@ -1585,7 +1584,8 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
       (p.group_reduce == GroupReduce::Sum || group == 1) && meta_rows_aligned(16) &&
       (head_chunks == 16 || head_chunks == 32 || head_chunks == 64) && page_chunks % 32 == 0 &&
       folded_weights_bytes + 2 * folded_stage_bytes <= smem_optin &&
-      (p.num_kv_heads - 1) * p.page_meta.stride_head + p.page_meta.stride_row + p.head_dim <=
+      // a lane's offset within a block's summary is an int
+      p.page_meta.stride_head + p.page_meta.stride_row + p.head_dim <=
           std::numeric_limits<int>::max();
   if (page_major) {
     a.query_chunked = reinterpret_cast<std::uintptr_t>(p.query) % 16 == 0 &&

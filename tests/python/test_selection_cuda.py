@@ -660,6 +660,37 @@ def test_query_rows_off_16_byte_alignment(rng, dtype):
                             dtype, query_view=view)  # fmt: skip
 
 
+@pytest.mark.parametrize("head_dim", [128, 96, 17])
+def test_block_ids_outside_the_cache_rank_lowest(rng, head_dim):
+    """A device table naming blocks outside the cache (negative, and past page_meta's first
+    dimension; nothing checks a table on the device): every scoring kernel (head_dim 128 the
+    page-major one, 96 the page-wide one, 17 the row-by-row one) reads nothing there and ranks
+    those pages lowest. The reference scores them as a block of NaN summaries; with candidates
+    to spare, the kept pages are the reference's exactly. Run under memcheck on the GPU."""
+    block_size, budget, kv_heads, group = 16, 10, 8, 4
+    seq_lens = np.array([300 * block_size - 7, 90 * block_size], np.int32)
+    table, num_blocks = random_pages(rng, seq_lens, block_size)
+    query = rng.integers(-2, 3, size=(2, kv_heads * group, head_dim)).astype(np.float32)
+    bad = [-1, -(2**31), num_blocks, num_blocks + 1000, 2**31 - 1]
+    device_table, ref_table = table.copy(), table.copy()
+    for b, n in enumerate([300, 90]):
+        pages = rng.choice(np.arange(1, n - 1), size=20, replace=False)  # candidates only
+        device_table[b, pages] = rng.choice(bad, size=20)
+        ref_table[b, pages] = num_blocks  # the reference's NaN block
+    for summary in SUMMARIES:
+        meta = integer_summaries(rng, num_blocks, kv_heads, head_dim, summary)
+        ref_meta = np.concatenate([meta, np.full_like(meta[:1], np.nan)])
+        for reduce in REDUCES:
+            got_t, got_l = run_select(query, meta, device_table, seq_lens, budget, block_size, 1,
+                                      summary, reduce, "float16")  # fmt: skip
+            want_t, want_l = R.select_pages(
+                query, ref_meta, ref_table, seq_lens, budget, block_size, 1, summary, reduce
+            )
+            assert not np.isin(want_t, num_blocks).any()
+            np.testing.assert_array_equal(got_t, want_t)
+            np.testing.assert_array_equal(got_l, want_l)
+
+
 @pytest.mark.parametrize("reduce", REDUCES)
 @pytest.mark.parametrize("summary", SUMMARIES)
 def test_nan_summaries_rank_lowest(rng, summary, reduce):
