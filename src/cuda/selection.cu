@@ -307,9 +307,9 @@ struct SelectArgs {
   int num_q_heads, num_kv_heads, head_dim, block_size;
   int budget, num_sink_pages;
   int pages_per_block;  // scoring: pages per thread block
-  int score_stages;     // page-wide scoring: rounds staged per warp (2 or kMaxScoreStages)
+  int score_stages;     // page-wide / page-major scoring: rounds or pages staged per warp
   int lanes_per_head;   // page-wide scoring: lanes sharing one summary row (a power of two)
-  bool query_chunked;   // page-wide scoring: every query row starts 16-byte aligned
+  bool query_chunked;   // page-wide / page-major scoring: query rows start 16-byte aligned
   PageSummary kind;
   GroupReduce reduce;
 };
@@ -764,12 +764,12 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
 // heads (L divides 32, or 32 divides L and LOCAL = L / 32 consecutive j's are one head), so the
 // warp sums each head's chunks in one transposing butterfly over the lane bits: while a lane holds
 // more than one sum, partners swap halves and add (log2(JB / LOCAL) levels of JB / LOCAL / 2, ...
-// shuffles), then the one sum left is halved plainly: 9 shuffles for 8 heads of 32 lanes, where a
-// reduction per head takes 40. Each warp streams a run of consecutive pages through a ring of
-// shared-memory stages (cp.async; stages - 1 pages in flight while one is summed), the block ids
-// read 32 pages at a time, a window ahead. A chunk's address is a lane part fixed for the kernel
-// plus a part uniform over the warp (its j): no per-chunk index arithmetic in the page loop. P is
-// whole passes (the host checks).
+// shuffles), then the one sum left is summed over the remaining lane bits: 9 shuffles for 8 heads
+// of 32 lanes, where a reduction per head takes 40. Each warp streams a run of consecutive pages
+// through a ring of shared-memory stages (cp.async; stages - 1 pages in flight while one is
+// summed), the block ids read 32 pages at a time, a window ahead. A chunk's address is a lane part
+// fixed for the kernel plus a part uniform over the warp (its j): no per-chunk index arithmetic in
+// the page loop. P is whole passes (the host checks).
 
 // Pages staged per warp by the folded kernel (stages - 1 in flight while one is summed).
 constexpr int kMaxFoldedStages = 3;
@@ -1654,10 +1654,11 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
                  : reinterpret_cast<const void*>(score_pages_kernel<T, 1>);
     });
   }
-  // The core caps num_q_heads * head_dim at 32768: at most 128 KiB of weights or queries (folded
-  // weights are two rows per KV head, with at least two query heads per KV head), plus the
-  // page-wide kernel's staging. The limit is raised once per kernel, to what any call may need
-  // that the device allows (a call that needs more takes the row-by-row kernel).
+  // The core caps num_q_heads * head_dim at 32768: the page-wide kernel's weights or queries take
+  // at most 128 KiB (it folds only groups of two or more), plus its staging; the page-major
+  // kernel's weights up to 256 KiB (one query head per KV head), plus its stages. The limit is
+  // raised once per kernel, to what any call may need that the device allows (a call that needs
+  // more takes another kernel: the host checks each one's shared memory).
   score.max_smem_bytes =
       page_major
           ? smem_optin

@@ -138,24 +138,51 @@ def test_folded_scoring_shapes(rng, dtype, kv_heads, row_bytes):
     """The shapes of the page-major folded kernel (summed group, or one query head per KV head):
     a KV head's two rows 16, 32 or 64 16-byte chunks, a page of 1 to 16 KV heads (passes of 1, 2,
     4 or 8 chunks a lane, several passes a page, and pages that are not whole warps of chunks,
-    which take the page-wide kernel), runs of many pages per warp, sinks, an empty sequence; with
-    a contiguous and a strided summary buffer."""
+    which take the page-wide kernel), sinks, an empty sequence; every summary with a contiguous
+    and a strided summary buffer."""
     block_size, budget, sinks = 16, 20, 1
     head_dim = row_bytes // (4 if dtype == "float32" else 2)
     seq_lens = np.array([700 * block_size - 3, 21 * block_size, 64 * block_size + 1, 0], np.int32)
     table, num_blocks = random_pages(rng, seq_lens, block_size)
+    padded = torch.full((num_blocks, kv_heads + 1, 2, head_dim + 16), float("nan"))
+    padded = padded.to(device="cuda", dtype=getattr(torch, dtype))
+    view = padded[:, 1:, :, 8 : 8 + head_dim]
     for group, reduce in ((4, "sum"), (1, "max")):
         query = rng.integers(-2, 3, size=(4, kv_heads * group, head_dim)).astype(np.float32)
         for summary in SUMMARIES:
             meta = integer_summaries(rng, num_blocks, kv_heads, head_dim, summary)
             check_exact(query, meta, table, seq_lens, budget, block_size, sinks, summary, reduce,
                         dtype)  # fmt: skip
-        padded = torch.full((num_blocks, kv_heads + 1, 2, head_dim + 16), float("nan"))
-        padded = padded.to(device="cuda", dtype=getattr(torch, dtype))
-        view = padded[:, 1:, :, 8 : 8 + head_dim]
-        view.copy_(asarray(meta, "torch", dtype, "cuda"))
-        check_exact(query, meta, table, seq_lens, budget, block_size, sinks, summary, reduce,
-                    dtype, meta_view=view)  # fmt: skip
+            view.copy_(asarray(meta, "torch", dtype, "cuda"))
+            check_exact(query, meta, table, seq_lens, budget, block_size, sinks, summary, reduce,
+                        dtype, meta_view=view)  # fmt: skip
+
+
+def test_folded_scoring_long_runs_and_many_passes(rng):
+    """The page-major kernel where each warp walks more than two windows of 32 pages (block ids
+    loaded window by window, and again for every pass of a page): enough sequences that each
+    gets one thread block of the scoring grid, the long ones 600, 333 and 101 pages, with 3 KV
+    heads at head_dim 128 in float16 (3 passes of one chunk a lane); and 72 KV heads at head_dim
+    256 (18 passes of 8 chunks a lane, weights too large for three stages of copies: the
+    two-stage ring)."""
+    block_size, budget, sinks = 16, 12, 1
+    long = [600 * block_size - 5, 333 * block_size, 101 * block_size + 3]
+    short = rng.integers(1, budget * block_size + 1, size=2100 - len(long))
+    seq_lens = np.concatenate([long, short]).astype(np.int32)
+    table, num_blocks = random_pages(rng, seq_lens, block_size)
+    query = rng.integers(-2, 3, size=(len(seq_lens), 3 * 2, 128)).astype(np.float32)
+    for summary in SUMMARIES:
+        meta = integer_summaries(rng, num_blocks, 3, 128, summary)
+        check_exact(query, meta, table, seq_lens, budget, block_size, sinks, summary, "sum",
+                    "float16")  # fmt: skip
+    seq_lens = np.array([50 * block_size, 30 * block_size - 1], np.int32)
+    table, num_blocks = random_pages(rng, seq_lens, block_size)
+    query = rng.integers(-2, 3, size=(2, 72, 256)).astype(np.float32)
+    for summary in SUMMARIES:
+        meta = integer_summaries(rng, num_blocks, 72, 256, summary)
+        for reduce in REDUCES:
+            check_exact(query, meta, table, seq_lens, budget, block_size, sinks, summary, reduce,
+                        "float16")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -664,29 +691,43 @@ def test_query_rows_off_16_byte_alignment(rng, dtype):
 def test_block_ids_outside_the_cache_rank_lowest(rng, head_dim):
     """A device table naming blocks outside the cache (negative, and past page_meta's first
     dimension; nothing checks a table on the device): every scoring kernel (head_dim 128 the
-    page-major one, 96 the page-wide one, 17 the row-by-row one) reads nothing there and ranks
-    those pages lowest. The reference scores them as a block of NaN summaries; with candidates
-    to spare, the kept pages are the reference's exactly. Run under memcheck on the GPU."""
-    block_size, budget, kv_heads, group = 16, 10, 8, 4
-    seq_lens = np.array([300 * block_size - 7, 90 * block_size], np.int32)
+    page-major one with the group summed, the page-wide one with its maximum; 96 the page-wide
+    one, 17 the row-by-row one) reads nothing there and ranks those pages lowest, below pages of
+    any score. The reference scores each such page as a block of NaN summaries of its own. The
+    last sequence has fewer scorable candidates than the budget, and its scorable pages score
+    below zero (a page read as zeros would outrank them): its lowest unreadable pages are kept
+    after them. Run under memcheck on the GPU."""
+    block_size, budget, kv_heads, group = 16, 16, 8, 4
+    pages = [300, 90, 30]
+    seq_lens = np.array([300 * block_size - 7, 90 * block_size, 30 * block_size - 2], np.int32)
     table, num_blocks = random_pages(rng, seq_lens, block_size)
-    query = rng.integers(-2, 3, size=(2, kv_heads * group, head_dim)).astype(np.float32)
+    query = rng.integers(-2, 3, size=(3, kv_heads * group, head_dim)).astype(np.float32)
+    query[2] = 1  # with summaries of -3 (std 0), every readable page of it scores -3 per element
     bad = [-1, -(2**31), num_blocks, num_blocks + 1000, 2**31 - 1]
     device_table, ref_table = table.copy(), table.copy()
-    for b, n in enumerate([300, 90]):
-        pages = rng.choice(np.arange(1, n - 1), size=20, replace=False)  # candidates only
-        device_table[b, pages] = rng.choice(bad, size=20)
-        ref_table[b, pages] = num_blocks  # the reference's NaN block
+    device_id = {}  # the reference's NaN block -> the id the device table holds there
+    for b, n in enumerate(pages):
+        chosen = rng.choice(np.arange(1, n - 1), size=20, replace=False)  # candidates only
+        for page in chosen:
+            device_table[b, page] = rng.choice(bad)
+            ref_table[b, page] = num_blocks + len(device_id)
+            device_id[int(ref_table[b, page])] = int(device_table[b, page])
     for summary in SUMMARIES:
         meta = integer_summaries(rng, num_blocks, kv_heads, head_dim, summary)
-        ref_meta = np.concatenate([meta, np.full_like(meta[:1], np.nan)])
+        readable = table[2, : pages[2]][device_table[2, : pages[2]] == table[2, : pages[2]]]
+        meta[readable, :, 0] = -3
+        meta[readable, :, 1] = 0 if summary == "meanstd" else -3
+        nan_blocks = np.full((len(device_id),) + meta.shape[1:], np.nan, np.float32)
+        ref_meta = np.concatenate([meta, nan_blocks])
         for reduce in REDUCES:
             got_t, got_l = run_select(query, meta, device_table, seq_lens, budget, block_size, 1,
                                       summary, reduce, "float16")  # fmt: skip
             want_t, want_l = R.select_pages(
                 query, ref_meta, ref_table, seq_lens, budget, block_size, 1, summary, reduce
             )
-            assert not np.isin(want_t, num_blocks).any()
+            kept_bad = np.isin(want_t, list(device_id))
+            assert kept_bad[2].any() and not kept_bad[:2].any()
+            want_t = np.vectorize(lambda i: device_id.get(int(i), int(i)))(want_t)
             np.testing.assert_array_equal(got_t, want_t)
             np.testing.assert_array_equal(got_l, want_l)
 
