@@ -1532,7 +1532,6 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
   a.kind = p.summary;
   a.reduce = p.group_reduce;
   a.lanes_per_head = 32;
-  a.query_chunked = false;
   cudaStream_t s = as_stream(stream);
   const dim3 select_grid(unsigned(p.num_kv_heads), unsigned(p.batch));
   if (p.max_blocks <= p.budget) {
@@ -1562,10 +1561,14 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
   const bool folded = group > 1 && p.group_reduce == GroupReduce::Sum;
   const int weights_bytes = int((folded ? 2 * p.num_kv_heads : p.num_q_heads) * p.head_dim * 4);
   // Page-wide scoring stages as many rounds as the device's shared memory per block allows.
-  a.score_stages =
+  const int wide_stages =
       weights_bytes + kMaxScoreStages * kScoreStageBlockBytes <= smem_optin ? kMaxScoreStages : 2;
   const bool wide = meta_rows_aligned(16) && chunks <= 64 &&
-                    weights_bytes + a.score_stages * kScoreStageBlockBytes <= smem_optin;
+                    weights_bytes + wide_stages * kScoreStageBlockBytes <= smem_optin;
+  // Both 16-byte-chunk kernels read the query in chunks where its rows allow (the row-by-row
+  // kernel reads it element by element whatever this says).
+  a.query_chunked = reinterpret_cast<std::uintptr_t>(p.query) % 16 == 0 &&
+                    whole(p.q_stride_batch, 16) && whole(p.q_stride_head, 16);
   DecodeLaunch score{};
   score.threads = kScoreThreads;
   // Page-major folded scoring where the group's scores are summed (or there is one query head
@@ -1588,8 +1591,6 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
       p.page_meta.stride_head + p.page_meta.stride_row + p.head_dim <=
           std::numeric_limits<int>::max();
   if (page_major) {
-    a.query_chunked = reinterpret_cast<std::uintptr_t>(p.query) % 16 == 0 &&
-                      whole(p.q_stride_batch, 16) && whole(p.q_stride_head, 16);
     a.score_stages = folded_weights_bytes + kMaxFoldedStages * folded_stage_bytes <= smem_optin
                          ? kMaxFoldedStages
                          : 2;
@@ -1617,8 +1618,7 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
     });
   } else if (wide) {
     while (a.lanes_per_head > 1 && a.lanes_per_head / 2 >= chunks) a.lanes_per_head /= 2;
-    a.query_chunked = reinterpret_cast<std::uintptr_t>(p.query) % 16 == 0 &&
-                      whole(p.q_stride_batch, 16) && whole(p.q_stride_head, 16);
+    a.score_stages = wide_stages;
     const ScoreMode mode = folded                                   ? ScoreMode::Folded
                            : p.summary == PageSummary::MinMax       ? ScoreMode::PerHeadMinMax
                            : p.summary == PageSummary::MinMaxDamped ? ScoreMode::PerHeadMinMaxDamped
