@@ -28,34 +28,42 @@ extern "C" __global__ void gather(const uint4* __restrict__ data, const int* __r
   if ((acc.x ^ acc.y ^ acc.z ^ acc.w) == 0x12345678u) out[0] = 1;
 }
 """
-k = cp.RawKernel(src, "gather")
-total = 1 << 30  # 1 GiB region
-out = cp.zeros(1, cp.uint64)
-data = cp.random.randint(0, 2**31, size=total // 4, dtype=cp.int32)
-props = cp.cuda.runtime.getDeviceProperties(0)
-sms = props["multiProcessorCount"]
-print(props["name"].decode())
-print("| granule bytes | read MB | blocks/SM x threads | us | TB/s |")
-for g in (256, 512, 1024, 2048, 4096, 8192, 32768):
-    for mb in (64, 512):
-        n = mb * 2**20 // g
-        idx = cp.asarray(np.random.default_rng(0).permutation(total // g)[:n].astype(np.int32))
-        best = None
-        for bps, thr in ((2, 256), (4, 256), (8, 256), (16, 128)):
-            grid = sms * bps
-            for _ in range(3):
-                k((grid,), (thr,), (data, idx, np.int32(n), np.int32(g // 16), out))
-            s, e = cp.cuda.Event(), cp.cuda.Event()
-            ts = []
-            for _ in range(10):
-                s.record()
-                k((grid,), (thr,), (data, idx, np.int32(n), np.int32(g // 16), out))
-                e.record()
-                e.synchronize()
-                ts.append(cp.cuda.get_elapsed_time(s, e))
-            t = float(np.median(ts)) * 1e3
-            if best is None or t < best[0]:
-                best = (t, f"{bps} x {thr}")
-        print(
-            f"| {g} | {mb} | {best[1]} | {best[0]:.1f} | {n * g / best[0] / 1e6:.2f} |", flush=True
-        )
+
+
+def main() -> None:
+    k = cp.RawKernel(src, "gather")
+    total = 1 << 30  # 1 GiB region
+    out = cp.zeros(1, cp.uint64)
+    data = cp.random.randint(0, 2**31, size=total // 4, dtype=cp.int32)
+    props = cp.cuda.runtime.getDeviceProperties(0)
+    sms = props["multiProcessorCount"]
+    print(props["name"].decode())
+    print("| granule bytes | read MB | blocks/SM x threads | us | TB/s |")
+    for g in (256, 512, 1024, 2048, 4096, 8192, 32768):
+        for mb in (64, 512):
+            n = mb * 2**20 // g
+            idx = cp.asarray(np.random.default_rng(0).permutation(total // g)[:n].astype(np.int32))
+            best = None
+            for bps, thr in ((2, 256), (4, 256), (8, 256), (16, 128)):
+                grid = sms * bps
+                for _ in range(3):
+                    k((grid,), (thr,), (data, idx, np.int32(n), np.int32(g // 16), out))
+                s, e = cp.cuda.Event(), cp.cuda.Event()
+                ts = []
+                for _ in range(10):
+                    s.record()
+                    k((grid,), (thr,), (data, idx, np.int32(n), np.int32(g // 16), out))
+                    e.record()
+                    e.synchronize()
+                    ts.append(cp.cuda.get_elapsed_time(s, e))
+                t = float(np.median(ts)) * 1e3
+                if best is None or t < best[0]:
+                    best = (t, f"{bps} x {thr}")
+            print(
+                f"| {g} | {mb} | {best[1]} | {best[0]:.1f} | {n * g / best[0] / 1e6:.2f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
