@@ -120,12 +120,16 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const std::uint32_t 
 #define TS_WGMMA_ACC_16(i) \
   TS_WGMMA_ACC_4(i), TS_WGMMA_ACC_4(i + 4), TS_WGMMA_ACC_4(i + 8), TS_WGMMA_ACC_4(i + 12)
 #define TS_WGMMA_ACC_32(i) TS_WGMMA_ACC_16(i), TS_WGMMA_ACC_16(i + 16)
+#define TS_WGMMA_ACC_48(i) TS_WGMMA_ACC_32(i), TS_WGMMA_ACC_16(i + 32)
 #define TS_WGMMA_ACC_64(i) TS_WGMMA_ACC_32(i), TS_WGMMA_ACC_32(i + 32)
 #define TS_WGMMA_ACC_128(i) TS_WGMMA_ACC_64(i), TS_WGMMA_ACC_64(i + 64)
 #define TS_WGMMA_OPS_16 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
 #define TS_WGMMA_OPS_32 \
   TS_WGMMA_OPS_16       \
   ", %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define TS_WGMMA_OPS_48 \
+  TS_WGMMA_OPS_32       \
+  ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47"
 #define TS_WGMMA_OPS_64                                                               \
   TS_WGMMA_OPS_32                                                                     \
   ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47," \
@@ -168,6 +172,8 @@ TS_WGMMA_SS(32, 16, __half, "f16", "%16", "%17", "%18")
 TS_WGMMA_SS(32, 16, __nv_bfloat16, "bf16", "%16", "%17", "%18")
 TS_WGMMA_SS(64, 32, __half, "f16", "%32", "%33", "%34")
 TS_WGMMA_SS(64, 32, __nv_bfloat16, "bf16", "%32", "%33", "%34")
+TS_WGMMA_SS(96, 48, __half, "f16", "%48", "%49", "%50")
+TS_WGMMA_SS(96, 48, __nv_bfloat16, "bf16", "%48", "%49", "%50")
 TS_WGMMA_SS(128, 64, __half, "f16", "%64", "%65", "%66")
 TS_WGMMA_SS(128, 64, __nv_bfloat16, "bf16", "%64", "%65", "%66")
 TS_WGMMA_RS(64, 32, __half, "f16", "%32, %33, %34, %35", "%36")
@@ -181,10 +187,12 @@ TS_WGMMA_RS(256, 128, __nv_bfloat16, "bf16", "%128, %129, %130, %131", "%132")
 #undef TS_WGMMA_RS
 #undef TS_WGMMA_OPS_128
 #undef TS_WGMMA_OPS_64
+#undef TS_WGMMA_OPS_48
 #undef TS_WGMMA_OPS_32
 #undef TS_WGMMA_OPS_16
 #undef TS_WGMMA_ACC_128
 #undef TS_WGMMA_ACC_64
+#undef TS_WGMMA_ACC_48
 #undef TS_WGMMA_ACC_32
 #undef TS_WGMMA_ACC_16
 #undef TS_WGMMA_ACC_4

@@ -4,7 +4,7 @@ aligned rows, at least 64 query rows per sequence on average (fewer make a mixed
 one-row sequences the decode kernel takes: test_prefill_mixed.py; elsewhere these batches run the
 mma.sync kernel, so the tests hold on any GPU). Against the float64 reference: ragged prompts and
 appends in random page order with decode rows and empty sequences mixed in, causal and tile
-boundaries (key tiles of 128, 64 and 32 keys at head_dim 64, 128, 256; 128 rows per CTA),
+boundaries (key tiles of 128, 96 and 32 keys at head_dim 64, 128, 256; 128 rows per CTA),
 windows, soft-cap, a negative scale, GQA packings, splits, HND storage, pages of 1 and 7 tokens
 and chunked prefill (CUDA-graph replay of such batches: test_prefill_cuda.py). Skipped without a
 device."""
@@ -53,11 +53,11 @@ def test_ragged_long_rows(rng, dtype, head_dim, group, block_size):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_tile_boundaries(rng, dtype, head_dim):
-    """Row counts and prefixes at and around the key tiles (32-128) and the 128-row query tile
+    """Row counts and prefixes at and around the key tiles (32-128 keys) and the 128-row query tile
     (32 positions at group 4), so the diagonal falls on every offset of a tile; windows at and
     off the tile width, soft-cap and a negative scale."""
-    rows = [127, 128, 129, 255, 256, 257, 64, 65, 200, 96]
-    prefixes = [0, 1, 63, 64, 127, 128, 129, 255, 256, 31]
+    rows = [127, 128, 129, 255, 256, 257, 64, 65, 200, 96, 95, 97, 33]
+    prefixes = [0, 1, 63, 64, 127, 128, 129, 255, 256, 31, 97, 191, 95]
     lens = [r + p for r, p in zip(rows, prefixes)]
     case = make_case(rng, lens, rows, 2, 4, head_dim, 16)
     check(*run(case, dtype), dtype)
