@@ -67,6 +67,12 @@ __device__ __forceinline__ void barrier_arrive(std::uint32_t bar) {
   asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
 
+// An arrival made by the hardware once every cp.async this thread issued before it has landed
+// (noinc: it is one of the barrier's `count` arrivals). The thread goes on at once.
+__device__ __forceinline__ void barrier_arrive_on_copies(std::uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
 // Blocks until the phase of parity `parity` has completed (acquire). A fresh barrier reads as
 // having completed the phase of parity 1.
 __device__ __forceinline__ void barrier_wait(std::uint32_t bar, std::uint32_t parity) {

@@ -42,11 +42,9 @@ struct PrefillWgmmaShape {
   // to align the operands to the swizzle's period): 6, 4 and 5 at head_dim 64, 128, 256.
   static constexpr int kFit = (232448 - 1024 - kBarrierBytes - kQBytes) / kStageBytes;
   static constexpr int kStages = kFit < kMaxStages ? kFit : kMaxStages;
-  // The producer marks a tile full once kLag later tiles are issued (it waits for the tile's
-  // copies then); the consumers hold two stages (a tile's K, the tile before's V), so the
-  // producer may run kStages - 2 tiles ahead and kLag <= kStages - 3 keeps it from waiting on
-  // a release that waits on it.
-  static constexpr int kLag = kStages - 3;
+  // A tile's stage turns full when its copies land (the producer does not wait for them); the
+  // consumers hold two stages (a tile's K, the tile before's V), so the producer runs up to
+  // kStages - 2 tiles ahead.
   static constexpr int kSmemBytes = kQBytes + kStages * kStageBytes + kBarrierBytes + 1024;
   // The producer's four warps copy a tile's 2 kKeys rows (K, then V), kKeys / 2 rows a warp;
   // lane l computes the addresses of the warp's rows l + 32 j and the warp's lanes copy 32
@@ -60,7 +58,7 @@ struct PrefillWgmmaShape {
   static constexpr int kConsumerRegisters = D == 128 ? 208 : 216;
   static_assert(kProducerRegisters * 128 + kConsumerRegisters * 256 <= 65536, "registers");
   static_assert(32 % kChunks == 0 && kRowsPerWarp % (32 / kChunks) == 0, "copy plan");
-  static_assert(kStages >= 4 && kLag >= 1, "stages");
+  static_assert(kStages >= 3, "stages");
 };
 
 // v[0] = the maximum of v[0 .. N - 1], as a tree: the upper half (rounded down) folds onto the
@@ -165,17 +163,10 @@ __global__ void __launch_bounds__(384, 1)
         ptx::cp_async_16_shared_data(dst + operand_offset(kKeys, row, chunk),
                                      reinterpret_cast<const char*>(src) + chunk * 16, false);
       }
-      ptx::cp_async_commit();
-      if (t >= C::kLag) {
-        // Tile t - kLag's copies have landed: make them visible to the consumers' wgmmas.
-        ptx::cp_async_wait<C::kLag>();
-        wgmma::fence_async_shared();
-        wgmma::barrier_arrive(full(t - C::kLag));
-      }
+      wgmma::barrier_arrive_on_copies(full(t));
     }
+    ptx::cp_async_commit();
     ptx::cp_async_wait<0>();
-    wgmma::fence_async_shared();
-    for (int t = max(0, num_tiles - C::kLag); t < num_tiles; ++t) wgmma::barrier_arrive(full(t));
     return;
   }
 
@@ -352,7 +343,12 @@ __global__ void __launch_bounds__(384, 1)
   auto release = [&](int tile) {
     if (lane == 0) wgmma::barrier_arrive(empty(tile));
   };
-  auto wait_full = [&](int tile) { wgmma::barrier_wait(full(tile), (tile / kStages) & 1); };
+  // The stage's copies have landed (the producer's threads' arrivals); the proxy fence makes
+  // them visible to the wgmmas that read the stage.
+  auto wait_full = [&](int tile) {
+    wgmma::barrier_wait(full(tile), (tile / kStages) & 1);
+    wgmma::fence_async_shared();
+  };
   if (!wg_active) {
     // No row of this CTA falls in this warpgroup: it only keeps the stages' accounting.
     for (int it = 0; it < num_tiles; ++it) {
