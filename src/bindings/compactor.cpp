@@ -60,6 +60,14 @@ void bind_compactor(nb::module_& m) {
                ", serial=" + std::to_string(p.serial) + ")";
       });
 
+  // commit and abort: the plan argument checked as a MovePlan, then the call without the GIL.
+  const auto on_plan = [](void (Compactor::*method)(const MovePlan&), const char* op) {
+    return [method, op](Compactor& self, nb::handle plan) {
+      const MovePlan& p = instance_of<MovePlan>(plan, op, "plan", "MovePlan");
+      nb::gil_scoped_release release;
+      (self.*method)(p);
+    };
+  };
   nb::class_<Compactor>(
       m, "Compactor",
       "The LRU memory compactor over a BlockManager (sharing its block pool): plans evictions, "
@@ -169,24 +177,12 @@ void bind_compactor(nb::module_& m) {
           "number of used blocks), into free blocks there, uncached ones first (a cached one "
           "loses its key only when no other is left); cached free blocks at or above it are "
           "evicted, not moved. After commit, the free tail is taken last.")
-      .def(
-          "commit",
-          [](Compactor& self, nb::handle plan) {
-            const MovePlan& p = instance_of<MovePlan>(plan, "Compactor.commit", "plan", "MovePlan");
-            nb::gil_scoped_release release;
-            self.commit(p);
-          },
-          "plan"_a.none(), nb::sig("def commit(self, plan: MovePlan) -> None"),
-          "After the plan's copies ran: remap the sequences' blocks and free the sources.")
-      .def(
-          "abort",
-          [](Compactor& self, nb::handle plan) {
-            const MovePlan& p = instance_of<MovePlan>(plan, "Compactor.abort", "plan", "MovePlan");
-            nb::gil_scoped_release release;
-            self.abort(p);
-          },
-          "plan"_a.none(), nb::sig("def abort(self, plan: MovePlan) -> None"),
-          "Forget the pending plan; nothing changes.")
+      .def("commit", on_plan(&Compactor::commit, "Compactor.commit"), "plan"_a.none(),
+           nb::sig("def commit(self, plan: MovePlan) -> None"),
+           "After the plan's copies ran: remap the sequences' blocks and free the sources.")
+      .def("abort", on_plan(&Compactor::abort, "Compactor.abort"), "plan"_a.none(),
+           nb::sig("def abort(self, plan: MovePlan) -> None"),
+           "Forget the pending plan; nothing changes.")
       .def(
           "num_offloaded",
           [](const Compactor& self, nb::handle seq_id) {

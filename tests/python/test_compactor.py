@@ -812,12 +812,22 @@ def test_readme_compactor_example_runs():
     assert not compactor.has_pending_plan and compactor.num_offloaded(0) == 0
 
 
+def num_bytes_of_none(c: Compactor) -> None:
+    """MovePlan.num_bytes(None) on a plan taken and given back (no plan stays pending)."""
+    plan = c.plan_evict(0)
+    c.abort(plan)
+    plan.num_bytes(None)
+
+
 NONE_ARGUMENTS = [
     ("BlockManager.add_sequence", "seq_id must be an int", lambda bm, c: bm.add_sequence(None)),
     ("BlockManager.append", "seq_id must be an int", lambda bm, c: bm.append(None, 1)),
     ("BlockManager.append", "num_tokens must be an int", lambda bm, c: bm.append(1, None)),
     ("BlockManager.append_batch", "seq_ids must be a list", lambda bm, c: bm.append_batch(None, 1)),
+    ("BlockManager.append_batch", "num_tokens must be", lambda bm, c: bm.append_batch([1], None)),
+    ("BlockManager.fork", "parent_id must be an int", lambda bm, c: bm.fork(None, 2)),
     ("BlockManager.fork", "child_id must be an int", lambda bm, c: bm.fork(1, None)),
+    ("BlockManager.has_sequence", "seq_id must be an int", lambda bm, c: bm.has_sequence(None)),
     ("BlockManager.free", "seq_id must be an int", lambda bm, c: bm.free(None)),
     ("BlockManager.block_table", "seq_ids must be a list", lambda bm, c: bm.block_table(None)),
     ("BlockManager.seq_len", "seq_id must be an int", lambda bm, c: bm.seq_len(None)),
@@ -830,6 +840,12 @@ NONE_ARGUMENTS = [
     ("Compactor.plan_evict", "num_blocks must be an int", lambda bm, c: c.plan_evict(None)),
     ("Compactor.plan_offload", "num_blocks must be an int", lambda bm, c: c.plan_offload(None)),
     ("Compactor.plan_recall", "seq_ids must be a list", lambda bm, c: c.plan_recall(None)),
+    (
+        "Compactor.plan_offload_sequences",
+        "seq_ids must be a list",
+        lambda bm, c: c.plan_offload_sequences(None),
+    ),
+    ("MovePlan.num_bytes", "bytes_per_block must be an int", lambda bm, c: num_bytes_of_none(c)),
     ("Compactor.commit", "plan must be a MovePlan", lambda bm, c: c.commit(None)),
     ("Compactor.abort", "plan must be a MovePlan", lambda bm, c: c.abort("plan")),
     ("Compactor.num_offloaded", "seq_id must be an int", lambda bm, c: c.num_offloaded(None)),

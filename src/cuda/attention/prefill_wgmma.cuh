@@ -52,12 +52,17 @@ struct PrefillWgmmaShape {
   static constexpr int kRowsPerWarp = kKeys / 2;
   static constexpr int kAddressSlots = (kRowsPerWarp + 31) / 32;
   static constexpr int kCopiesPerLane = kRowsPerWarp * kChunks / 32;
-  // Registers a thread (the pool is 64K): the producer needs few, the consumers' accumulators many.
-  // At head_dim 128 the producer's 24 copies a lane per tile need 96 without spilling (with 88,
-  // one spilled value per tile made the kernel 3-4% slower on an H200).
-  static constexpr int kProducerRegisters = D == 128 ? 96 : 72;
-  static constexpr int kConsumerRegisters = D == 128 ? 200 : 216;
-  static_assert(kProducerRegisters * 128 + kConsumerRegisters * 256 <= 65536, "registers");
+  // Registers a thread: the launch gives each of the 384 threads 168 (__launch_bounds__(384, 1):
+  // 64K / 384 in steps of 8), and setmaxnreg moves them between the warpgroups within that total.
+  // The producer needs few, 96 where a lane copies more than 16 chunks a tile (head_dim 128: with
+  // 88, one spilled value per tile made the kernel 3-4% slower on an H200); the consumers'
+  // accumulators take the rest (setmaxnreg counts in steps of 8).
+  static constexpr int kLaunchRegisters = 168;
+  static constexpr int kProducerRegisters = kCopiesPerLane > 16 ? 96 : 72;
+  static constexpr int kConsumerRegisters =
+      (kLaunchRegisters * kThreads - kProducerRegisters * 128) / 256 / 8 * 8;
+  static_assert(kProducerRegisters * 128 + kConsumerRegisters * 256 <= kLaunchRegisters * kThreads,
+                "registers");
   static_assert(32 % kChunks == 0 && kRowsPerWarp % (32 / kChunks) == 0, "copy plan");
   static_assert(kStages >= 3, "stages");
 };
