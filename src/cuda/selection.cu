@@ -362,6 +362,26 @@ __device__ __forceinline__ bool scored_pages(const SelectArgs& a, int b, int& be
 
 enum class ScoreMode { Folded, PerHeadMinMax, PerHeadMinMaxDamped, PerHeadMeanStd };
 
+// The coefficients of a folded weight row: row 0 multiplies the summary's min (or mean) row, row
+// 1 its max (or std) row, and a query element x adds alpha * min(x, 0) + beta * max(x, 0) to it
+// (every kind is linear in x's negative and positive parts; mean: x, std: |x|). Taken once per
+// row, outside the loops over elements: chosen per element, the choice cost the scoring kernel
+// 1.3 us at 8 x 32k on an H200.
+__device__ __forceinline__ void fold_coefficients(PageSummary kind, int row, float& alpha,
+                                                  float& beta) {
+  if (kind == PageSummary::MinMax) {
+    alpha = row == 0 ? 1.0f : 0.0f, beta = row == 0 ? 0.0f : 1.0f;
+  } else if (kind == PageSummary::MinMaxDamped) {
+    alpha = row == 0 ? 0.75f : 0.25f, beta = row == 0 ? 0.25f : 0.75f;
+  } else {
+    alpha = row == 0 ? 1.0f : -1.0f, beta = 1.0f;
+  }
+}
+
+__device__ __forceinline__ float fold_term(float alpha, float beta, float x) {
+  return fmaf(alpha, fminf(x, 0.0f), beta * fmaxf(x, 0.0f));
+}
+
 constexpr int kScoreSlots = 4;  // 16-byte chunks of each summary row a lane loads per round
 
 template <class T>
@@ -462,6 +482,9 @@ __device__ __forceinline__ void build_weights_chunked(const SelectArgs& a, const
   };
   if constexpr (M == ScoreMode::Folded) {
     const int group = a.num_q_heads / a.num_kv_heads;
+    float alpha0, beta0, alpha1, beta1;
+    fold_coefficients(a.kind, 0, alpha0, beta0);
+    fold_coefficients(a.kind, 1, alpha1, beta1);
     for (int i = threadIdx.x; i < a.num_kv_heads * chunks; i += blockDim.x) {
       const int h = i / chunks, c = i - h * chunks;
       const T* q = query + std::int64_t(h) * group * a.q_stride_head + c * kVec;
@@ -482,16 +505,8 @@ __device__ __forceinline__ void build_weights_chunked(const SelectArgs& a, const
           chunk_to_float<T>(v[j], x);
 #pragma unroll
           for (int e = 0; e < kVec; ++e) {
-            if (a.kind == PageSummary::MinMax) {
-              w0[e] += fminf(x[e], 0.0f);
-              w1[e] += fmaxf(x[e], 0.0f);
-            } else if (a.kind == PageSummary::MinMaxDamped) {
-              w0[e] += fmaf(0.75f, fminf(x[e], 0.0f), 0.25f * fmaxf(x[e], 0.0f));
-              w1[e] += fmaf(0.75f, fmaxf(x[e], 0.0f), 0.25f * fminf(x[e], 0.0f));
-            } else {
-              w0[e] += x[e];
-              w1[e] += fabsf(x[e]);
-            }
+            w0[e] += fold_term(alpha0, beta0, x[e]);
+            w1[e] += fold_term(alpha1, beta1, x[e]);
           }
         }
       }
@@ -647,21 +662,16 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
   if (a.query_chunked) {
     build_weights_chunked<T, M>(a, query, w.chunks, weights);
   } else if constexpr (M == ScoreMode::Folded) {
+    float alpha0, beta0, alpha1, beta1;
+    fold_coefficients(a.kind, 0, alpha0, beta0);
+    fold_coefficients(a.kind, 1, alpha1, beta1);
     for (int i = threadIdx.x; i < w.heads * dim; i += blockDim.x) {
       const int h = i / dim, d = i - h * dim;
       float w0 = 0.0f, w1 = 0.0f;
       for (int g = 0; g < group; ++g) {
         const float x = to_float(query[(h * group + g) * a.q_stride_head + d]);
-        if (a.kind == PageSummary::MinMax) {
-          w0 += fminf(x, 0.0f);
-          w1 += fmaxf(x, 0.0f);
-        } else if (a.kind == PageSummary::MinMaxDamped) {
-          w0 += fmaf(0.75f, fminf(x, 0.0f), 0.25f * fmaxf(x, 0.0f));
-          w1 += fmaf(0.75f, fmaxf(x, 0.0f), 0.25f * fminf(x, 0.0f));
-        } else {
-          w0 += x;
-          w1 += fabsf(x);
-        }
+        w0 += fold_term(alpha0, beta0, x);
+        w1 += fold_term(alpha1, beta1, x);
       }
       weights[h * 2 * dim + quarter_slot<kVec>(d, w.chunks)] = w0;
       weights[h * 2 * dim + dim + quarter_slot<kVec>(d, w.chunks)] = w1;
@@ -811,19 +821,12 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
   };
   std::int32_t window = window_of(run_begin), window_next = window_of(run_begin + 32);
 
-  // Folded weights of every chunk, a thread per chunk. Every kind is linear in the query's
-  // negative and positive parts: w = sum_g alpha * min(q_g, 0) + beta * max(q_g, 0).
+  // Folded weights of every chunk, a thread per chunk (fold_term).
   const T* query = reinterpret_cast<const T*>(a.query) + b * a.q_stride_batch;
   for (int i = threadIdx.x; i < total; i += blockDim.x) {
     const int h = i / head_chunks, r = (i / row_chunks) & 1, c = i % row_chunks;
     float alpha, beta;
-    if (a.kind == PageSummary::MinMax) {
-      alpha = r == 0 ? 1.0f : 0.0f, beta = r == 0 ? 0.0f : 1.0f;
-    } else if (a.kind == PageSummary::MinMaxDamped) {
-      alpha = r == 0 ? 0.75f : 0.25f, beta = r == 0 ? 0.25f : 0.75f;
-    } else {  // mean: q; std: |q|
-      alpha = r == 0 ? 1.0f : -1.0f, beta = 1.0f;
-    }
+    fold_coefficients(a.kind, r, alpha, beta);
     float w[kVec];
 #pragma unroll
     for (int e = 0; e < kVec; ++e) w[e] = 0.0f;
@@ -838,7 +841,7 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
       }
 #pragma unroll
       for (int e = 0; e < kVec; ++e) {
-        w[e] += fmaf(alpha, fminf(x[e], 0.0f), beta * fmaxf(x[e], 0.0f));
+        w[e] += fold_term(alpha, beta, x[e]);
       }
     }
 #pragma unroll
