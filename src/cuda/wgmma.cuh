@@ -127,7 +127,7 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const std::uint32_t 
   TS_WGMMA_ACC_4(i), TS_WGMMA_ACC_4(i + 4), TS_WGMMA_ACC_4(i + 8), TS_WGMMA_ACC_4(i + 12)
 #define TS_WGMMA_ACC_32(i) TS_WGMMA_ACC_16(i), TS_WGMMA_ACC_16(i + 16)
 #define TS_WGMMA_ACC_48(i) TS_WGMMA_ACC_32(i), TS_WGMMA_ACC_16(i + 32)
-#define TS_WGMMA_ACC_64(i) TS_WGMMA_ACC_32(i), TS_WGMMA_ACC_32(i + 32)
+#define TS_WGMMA_ACC_64(i) TS_WGMMA_ACC_48(i), TS_WGMMA_ACC_16(i + 48)
 #define TS_WGMMA_ACC_128(i) TS_WGMMA_ACC_64(i), TS_WGMMA_ACC_64(i + 64)
 #define TS_WGMMA_OPS_16 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
 #define TS_WGMMA_OPS_32 \
@@ -136,10 +136,9 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const std::uint32_t 
 #define TS_WGMMA_OPS_48 \
   TS_WGMMA_OPS_32       \
   ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47"
-#define TS_WGMMA_OPS_64                                                               \
-  TS_WGMMA_OPS_32                                                                     \
-  ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47," \
-  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define TS_WGMMA_OPS_64 \
+  TS_WGMMA_OPS_48       \
+  ", %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
 #define TS_WGMMA_OPS_128                                                              \
   TS_WGMMA_OPS_64                                                                     \
   ", %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79," \

@@ -52,12 +52,12 @@ struct PrefillWgmmaShape {
   static constexpr int kRowsPerWarp = kKeys / 2;
   static constexpr int kAddressSlots = (kRowsPerWarp + 31) / 32;
   static constexpr int kCopiesPerLane = kRowsPerWarp * kChunks / 32;
-  // Registers a thread: the launch gives each of the 384 threads 168 (__launch_bounds__(384, 1):
-  // 64K / 384 in steps of 8), and setmaxnreg moves them between the warpgroups within that total.
+  // Registers a thread: the launch gives each thread 64K / kThreads in steps of 8 (168;
+  // __launch_bounds__(384, 1)), and setmaxnreg moves them between the warpgroups within that total.
   // The producer needs few, 96 where a lane copies more than 16 chunks a tile (head_dim 128: with
   // 88, one spilled value per tile made the kernel 3-4% slower on an H200); the consumers'
   // accumulators take the rest (setmaxnreg counts in steps of 8).
-  static constexpr int kLaunchRegisters = 168;
+  static constexpr int kLaunchRegisters = 65536 / kThreads / 8 * 8;
   static constexpr int kProducerRegisters = kCopiesPerLane > 16 ? 96 : 72;
   static constexpr int kConsumerRegisters =
       (kLaunchRegisters * kThreads - kProducerRegisters * 128) / 256 / 8 * 8;
