@@ -434,6 +434,7 @@ def grid_inputs(case: dict, rng: np.random.Generator, device: str) -> dict:
         "v_view": v_view,
         "table": torch.from_numpy(table_np).to(device),
         "lens": torch.from_numpy(lens_np).to(device),
+        "lens_host": lens_np,
         "max_len": int(lens_np.max()),
         "tokens": int(lens_np.sum()),
         "indptr": torch.from_numpy(indptr_np).to(device),
@@ -551,8 +552,13 @@ def grid_case(
     data = grid_inputs(case, rng, device)
     q = data["query"]
     out = torch.empty_like(q)
+    # Both libraries plan from the lengths on the host (FlashInfer's plan takes the page counts).
     splits, nbytes = ts.plan_paged_attention(
-        q, data["k_view"], data["table"], max_seq_len=data["max_len"]
+        q,
+        data["k_view"],
+        data["table"],
+        max_seq_len=data["max_len"],
+        host_seq_lens=data["lens_host"],
     )
     ts_workspace = torch.empty((max(nbytes, 16),), dtype=torch.uint8, device=device)
 
@@ -578,7 +584,11 @@ def grid_case(
         k8_view, v8_view = (k8.transpose(1, 2), v8.transpose(1, 2)) if hnd else (k8, v8)
         out8 = torch.empty_like(q)
         splits8, nbytes8 = ts.plan_paged_attention(
-            q, k8_view, data["table"], max_seq_len=data["max_len"]
+            q,
+            k8_view,
+            data["table"],
+            max_seq_len=data["max_len"],
+            host_seq_lens=data["lens_host"],
         )
         ts_workspace8 = torch.empty((max(nbytes8, 16),), dtype=torch.uint8, device=device)
 

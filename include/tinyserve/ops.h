@@ -64,6 +64,11 @@ struct AttentionOptions {
   // An upper bound on seq_lens that the caller knows on the host (no device read is ever made).
   // -1 uses the block table's capacity, max_blocks * block_size.
   std::int64_t max_seq_len = -1;
+  // Decode: the sequences' lengths as the caller knows them on the host (host memory, int32
+  // [batch], or [batch, num_kv_heads] with a per-KV-head block_table), only to plan the split
+  // count (num_splits 0) on CUDA: where they differ, the split is balanced over them. Clamped
+  // like seq_lens; never read on the device, and the call still reads seq_lens.
+  std::optional<TensorView> host_seq_lens;
   // How many pieces each sequence is split into (flash-decoding). 0 picks from the device and
   // the batch; 1 disables splitting. A fixed value gives batch-invariant results.
   int num_splits = 0;

@@ -10,6 +10,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from . import _interop
 from . import _tinyserve as _C
 from ._tinyserve import ArgumentTypeError
@@ -373,10 +375,22 @@ def plan_paged_attention(
     num_splits: int | None = None,
     query_start_loc: Any = None,
     kv_dtype: str | None = None,
+    host_seq_lens: Any = None,
 ) -> tuple[int, int]:
     """``(num_splits, workspace_bytes)`` that :func:`paged_attention` uses for these arguments,
-    from host-side values only (``query_start_loc``'s values are not read)."""
+    from host-side values only (``query_start_loc``'s values are not read).
+
+    ``host_seq_lens`` (decode, optional): the sequences' lengths as the caller knows them on the
+    host, int32 ``[batch]`` (or ``[batch, num_kv_heads]`` with a per-KV-head table) in host
+    memory (a NumPy array, a CPU tensor or a list). On CUDA, where they differ, the split count is
+    balanced over them (each candidate count's thread blocks scheduled in launch order onto the
+    GPU); otherwise the longest of them bounds the plan like ``max_seq_len``. Pass the returned
+    count and a workspace of the returned size to :func:`paged_attention` (``num_splits=``,
+    ``workspace=``): it plans from ``max_seq_len`` alone otherwise. The lengths are clamped like
+    ``seq_lens``; the call itself still reads ``seq_lens``, so a stale plan stays correct."""
     key_cache, kv_dtype = _fp8_view(key_cache, kv_dtype)
+    if isinstance(host_seq_lens, (list, tuple)):
+        host_seq_lens = np.asarray(host_seq_lens, dtype=np.int32)
     x = _interop.export
     return _C.plan_paged_attention(
         x(query),
@@ -387,6 +401,7 @@ def plan_paged_attention(
         num_splits=0 if num_splits is None else num_splits,
         query_start_loc=x(query_start_loc),
         kv_dtype=kv_dtype,
+        host_seq_lens=x(host_seq_lens),
     )
 
 

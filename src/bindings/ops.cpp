@@ -226,7 +226,7 @@ void bind_ops(nb::module_& m) {
       "plan_paged_attention",
       [](nb::handle query, nb::handle key_cache, nb::handle block_table, nb::handle window_left,
          nb::handle max_seq_len, nb::handle num_splits, nb::handle query_start_loc,
-         nb::handle kv_dtype) {
+         nb::handle kv_dtype, nb::handle host_seq_lens) {
         const char* op = "plan_paged_attention";
         Arrays a(op);
         TensorView q = a.input(query, "query");
@@ -237,16 +237,18 @@ void bind_ops(nb::module_& m) {
         o.max_seq_len = to_int<std::int64_t>(max_seq_len, op, "max_seq_len");
         o.num_splits = to_int<int>(num_splits, op, "num_splits");
         o.query_start_loc = a.optional_input(query_start_loc, "query_start_loc");
+        o.host_seq_lens = a.optional_input(host_seq_lens, "host_seq_lens");
         AttentionPlan plan = plan_paged_attention(q, kc, bt, o);
         return std::make_pair(plan.num_splits, plan.workspace_bytes);
       },
       "query"_a.none(), "key_cache"_a.none(), "block_table"_a.none(), "window_left"_a.none() = -1,
       "max_seq_len"_a.none() = -1, "num_splits"_a.none() = 0,
       "query_start_loc"_a.none() = nb::none(), "kv_dtype"_a.none() = nb::none(),
+      "host_seq_lens"_a.none() = nb::none(),
       nb::sig("def plan_paged_attention(query: typing.Any, key_cache: typing.Any, block_table: "
               "typing.Any, window_left: int = -1, max_seq_len: int = -1, num_splits: int = 0, "
-              "query_start_loc: typing.Any | None = None, kv_dtype: str | None = None) -> "
-              "tuple[int, int]"),
+              "query_start_loc: typing.Any | None = None, kv_dtype: str | None = None, "
+              "host_seq_lens: typing.Any | None = None) -> tuple[int, int]"),
       "Returns (num_splits, workspace_bytes) that paged_attention uses for these arguments.");
 
   m.def(

@@ -248,8 +248,12 @@ void reshape_and_cache(const ReshapeAndCacheParams& p, Stream stream);
 void select_pages(const SelectPagesParams& p, Stream stream);
 void build_page_meta(const BuildPageMetaParams& p, Stream stream);
 void paged_attention(const PagedAttentionParams& p, Stream stream);
+// lens: the key range of each (sequence) or (sequence, KV head), as the caller knows it on the
+// host (clamped like seq_lens), lens_per_head entries per sequence (1 or num_kv_heads); empty when
+// only max_kv_len is known.
 int plan_attention_splits(int device_index, DType dtype, DType kv_dtype, int batch, int num_q_heads,
-                          int num_kv_heads, int head_dim, std::int64_t max_kv_len);
+                          int num_kv_heads, int head_dim, std::int64_t max_kv_len,
+                          const std::vector<std::int64_t>& lens, int lens_per_head);
 // The split count of a prefill call (query_start_loc): num_query_rows rows over batch sequences.
 int plan_prefill_splits(int device_index, DType dtype, DType kv_dtype, int batch,
                         std::int64_t num_query_rows, int num_q_heads, int num_kv_heads,

@@ -38,8 +38,11 @@ struct BackendKernels {
   void (*reshape_and_cache)(const kernels::ReshapeAndCacheParams&, Stream);
   void (*paged_attention)(const kernels::PagedAttentionParams&, Stream);
   // Splits of the key range when the caller asks for none (num_splits 0).
+  // lens: the key ranges the caller knows on the host (one per sequence, or per sequence and KV
+  // head: lens_per_head), empty when only max_kv_len is known.
   int (*plan_attention_splits)(const AttentionShapes&, DType dtype, DType kv_dtype,
-                               std::int64_t max_kv_len);
+                               std::int64_t max_kv_len, const std::vector<std::int64_t>& lens,
+                               int lens_per_head);
   void (*copy_blocks)(const kernels::CopyBlocksParams&, Stream);
   void (*swap_blocks)(const kernels::SwapBlocksParams&, Stream);
   bool split_partials_in_workspace;  // split attention needs the caller's workspace
@@ -48,7 +51,8 @@ struct BackendKernels {
 constexpr BackendKernels kCpuKernels{
     [](const kernels::ReshapeAndCacheParams& p, Stream) { kernels::cpu::reshape_and_cache(p); },
     [](const kernels::PagedAttentionParams& p, Stream) { kernels::cpu::paged_attention(p); },
-    [](const AttentionShapes& s, DType, DType, std::int64_t max_kv_len) {
+    [](const AttentionShapes& s, DType, DType, std::int64_t max_kv_len,
+       const std::vector<std::int64_t>&, int) {
       return kernels::cpu::plan_attention_splits(s.num_query_rows, s.prefill, s.num_kv_heads,
                                                  max_kv_len);
     },
@@ -60,7 +64,8 @@ constexpr BackendKernels kCpuKernels{
 constexpr BackendKernels kCudaKernels{
     kernels::cuda::reshape_and_cache,
     kernels::cuda::paged_attention,
-    [](const AttentionShapes& s, DType dtype, DType kv_dtype, std::int64_t max_kv_len) {
+    [](const AttentionShapes& s, DType dtype, DType kv_dtype, std::int64_t max_kv_len,
+       const std::vector<std::int64_t>& lens, int lens_per_head) {
       if (s.prefill) {
         return kernels::cuda::plan_prefill_splits(s.device.index, dtype, kv_dtype, s.batch,
                                                   s.num_query_rows, s.num_q_heads, s.num_kv_heads,
@@ -68,7 +73,7 @@ constexpr BackendKernels kCudaKernels{
       }
       return kernels::cuda::plan_attention_splits(s.device.index, dtype, kv_dtype, s.batch,
                                                   s.num_q_heads, s.num_kv_heads, s.head_dim,
-                                                  max_kv_len);
+                                                  max_kv_len, lens, lens_per_head);
     },
     kernels::cuda::copy_blocks,
     kernels::cuda::swap_blocks,
@@ -182,6 +187,19 @@ AttentionShapes check_attention_plan_args(const OpCheck& c, const TensorView& qu
              kMaxSplits, "], got ", o.num_splits);
   TS_REQUIRE(c, o.max_seq_len >= -1, "max_seq_len must be -1 (unknown) or >= 0, got ",
              o.max_seq_len);
+  if (o.host_seq_lens) {
+    const TensorView& hl = *o.host_seq_lens;
+    TS_REQUIRE(c, detail::is_host(hl.device), "host_seq_lens must be in host memory, got ",
+               detail::device_str(hl.device));
+    c.dtype(hl, "host_seq_lens", DType::Int32);
+    TS_REQUIRE(
+        c, hl.ndim == 1 || (hl.ndim == 2 && block_table.ndim == 3), "host_seq_lens must be [batch]",
+        block_table.ndim == 3 ? " or [batch, num_kv_heads]" : "", ", got shape ", shape_str(hl));
+    c.dim(hl, "host_seq_lens", 0, block_table.shape[0], "batch");
+    if (hl.ndim == 2) c.dim(hl, "host_seq_lens", 1, key_cache.shape[2], "num_kv_heads");
+    TS_REQUIRE(c, hl.data != nullptr || hl.numel() == 0,
+               "host_seq_lens has no data, got a null pointer");
+  }
   TS_REQUIRE(c, std::isfinite(o.logits_soft_cap) && o.logits_soft_cap >= 0.0f,
              "logits_soft_cap must be finite and >= 0 (0 = off), got ", o.logits_soft_cap);
   if (o.scale) {
@@ -226,8 +244,25 @@ AttentionPlan make_plan(const AttentionShapes& s, DType dtype, DType kv_dtype,
   AttentionPlan plan;
   std::int64_t kv_len = max_kv_len(o, std::int64_t(s.max_blocks) * s.block_size);
   const BackendKernels& k = kernels_of(s.backend);
-  plan.num_splits =
-      o.num_splits > 0 ? o.num_splits : k.plan_attention_splits(s, dtype, kv_dtype, kv_len);
+  // The host copy of the lengths, clamped as the kernels clamp seq_lens and cut to kv_len (the
+  // caller's bound and the window).
+  std::vector<std::int64_t> lens;
+  int lens_per_head = 1;
+  if (o.host_seq_lens && o.num_splits == 0 && !s.prefill) {
+    const TensorView& hl = *o.host_seq_lens;
+    lens_per_head = hl.ndim == 2 ? int(hl.shape[1]) : 1;
+    lens.reserve(std::size_t(hl.numel()));
+    const auto* base = static_cast<const std::int32_t*>(hl.data);
+    for (std::int64_t b = 0; b < hl.shape[0]; ++b) {
+      for (int h = 0; h < lens_per_head; ++h) {
+        const std::int64_t at = b * hl.strides[0] + (hl.ndim == 2 ? h * hl.strides[1] : 0);
+        lens.push_back(std::clamp<std::int64_t>(base[at], 0, kv_len));
+      }
+    }
+  }
+  plan.num_splits = o.num_splits > 0
+                        ? o.num_splits
+                        : k.plan_attention_splits(s, dtype, kv_dtype, kv_len, lens, lens_per_head);
   if (k.split_partials_in_workspace && plan.num_splits > 1) {
     plan.workspace_bytes = kernels::attention_workspace_bytes(
         plan.num_splits, int(s.num_query_rows), s.num_q_heads, s.head_dim);

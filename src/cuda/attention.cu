@@ -299,14 +299,17 @@ int plan_prefill_splits(int device_index, DType dtype, DType kv_dtype, int batch
 }
 
 int plan_attention_splits(int device_index, DType dtype, DType kv_dtype, int batch, int num_q_heads,
-                          int num_kv_heads, int head_dim, std::int64_t max_kv_len) {
+                          int num_kv_heads, int head_dim, std::int64_t max_kv_len,
+                          const std::vector<std::int64_t>& lens, int lens_per_head) {
   const char* op = "plan_paged_attention";
   DeviceGuard guard(device_index, op);
   // Planned for the kernels of aligned rows (what a framework allocates); an unaligned call
   // runs the CUDA-core kernel with the same split count.
-  return plan_splits({batch, num_q_heads, num_kv_heads, max_kv_len, kMinDecodeSplitTokens},
-                     decode_launch(dtype, kv_dtype, head_dim, false, true, op),
-                     decode_launch(dtype, kv_dtype, head_dim, true, true, op), device_index, op);
+  const SplitPlanShape shape{batch, num_q_heads, num_kv_heads, max_kv_len, kMinDecodeSplitTokens};
+  const DecodeLaunch unsplit = decode_launch(dtype, kv_dtype, head_dim, false, true, op);
+  const DecodeLaunch split = decode_launch(dtype, kv_dtype, head_dim, true, true, op);
+  return plan_splits_for_lengths(shape, lens, lens_per_head, kMinDecodeSplitTokens, unsplit, split,
+                                 device_index, op);
 }
 
 void paged_attention(const PagedAttentionParams& p, Stream stream) {

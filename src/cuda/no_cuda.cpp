@@ -22,7 +22,8 @@ void reshape_and_cache(const ReshapeAndCacheParams&, Stream) { unavailable("resh
 void paged_attention(const PagedAttentionParams&, Stream) { unavailable("paged_attention"); }
 void select_pages(const SelectPagesParams&, Stream) { unavailable("select_pages"); }
 void build_page_meta(const BuildPageMetaParams&, Stream) { unavailable("build_page_meta"); }
-int plan_attention_splits(int, DType, DType, int, int, int, int, std::int64_t) {
+int plan_attention_splits(int, DType, DType, int, int, int, int, std::int64_t,
+                          const std::vector<std::int64_t>&, int) {
   unavailable("plan_paged_attention");
 }
 int plan_prefill_splits(int, DType, DType, int, std::int64_t, int, int, int, std::int64_t) {

@@ -155,6 +155,69 @@ def test_plan_fills_the_gpu_for_one_long_sequence(rng):
     assert ts.plan_paged_attention(q256, kc, table256) == (1, 0)
 
 
+def test_plan_over_host_lengths(rng):
+    """plan_paged_attention(host_seq_lens=...): equal lengths plan as max_seq_len does; where
+    lengths differ on a batch that fills the GPU only once or twice, the plan may split (on an
+    H100/H200 it does for 64 sequences of 1-8k tokens); many waves of short sequences stay
+    unsplit; a plan made over stale lengths is still correct (the call reads seq_lens)."""
+    kc = torch.empty((4, 16, 8, 128), dtype=torch.float16, device="cuda")
+    q = torch.empty((64, 32, 128), dtype=torch.float16, device="cuda")
+    table = torch.zeros((64, 512), dtype=torch.int32, device="cuda")
+    equal = np.full(64, 4096, np.int32)
+    assert ts.plan_paged_attention(q, kc, table, host_seq_lens=equal) == ts.plan_paged_attention(
+        q, kc, table, max_seq_len=4096
+    )
+    ragged = rng.integers(1, 8192, size=64).astype(np.int32)
+    splits, nbytes = ts.plan_paged_attention(q, kc, table, host_seq_lens=ragged)
+    assert splits >= 1 and (nbytes > 0) == (splits > 1)
+    props = torch.cuda.get_device_properties(0)
+    if (props.major, props.minor) == (9, 0) and props.multi_processor_count >= 114:
+        assert splits > 1
+    # A list works too, and num_splits given wins over the lengths.
+    assert ts.plan_paged_attention(q, kc, table, host_seq_lens=list(ragged))[0] == splits
+    assert ts.plan_paged_attention(q, kc, table, host_seq_lens=ragged, num_splits=3)[0] == 3
+    q256 = torch.empty((256, 32, 128), dtype=torch.float16, device="cuda")
+    table256 = torch.zeros((256, 128), dtype=torch.int32, device="cuda")
+    short = rng.integers(1, 2048, size=256).astype(np.int32)
+    assert ts.plan_paged_attention(q256, kc, table256, host_seq_lens=short) == (1, 0)
+    # Per-KV-head lengths with a per-KV-head table.
+    table_h = torch.zeros((64, 8, 512), dtype=torch.int32, device="cuda")
+    lens_h = rng.integers(1, 8192, size=(64, 8)).astype(np.int32)
+    assert ts.plan_paged_attention(q, kc, table_h, host_seq_lens=lens_h)[0] >= 1
+    with pytest.raises(ValueError, match="host_seq_lens must be in host memory"):
+        ts.plan_paged_attention(q, kc, table, host_seq_lens=torch.from_numpy(ragged).cuda())
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["planned", "stale_plan"])
+def test_decode_with_a_plan_over_host_lengths(rng, stale):
+    """Decode over ragged lengths with the split planned from their host copy (or from other,
+    stale lengths): the float64 reference's result, every output row written."""
+    lens = rng.integers(1, 6000, size=24)
+    case = R.PagedCase(rng, lens, 32, 8, 128, 16)
+    kc, vc = cache_pair(case.key_cache, case.value_cache, "torch", "float16", "cuda", "NHD")
+    q = cuda(case.query, "float16")
+    host = rng.integers(1, 6000, size=24) if stale else case.seq_lens
+    splits, nbytes = ts.plan_paged_attention(
+        q, kc, cuda(case.block_table), host_seq_lens=np.asarray(host, np.int32)
+    )
+    workspace = torch.empty((max(nbytes, 16),), dtype=torch.uint8, device="cuda")
+    out = torch.full_like(q, float("nan"))
+    ts.paged_attention(
+        q,
+        kc,
+        vc,
+        cuda(case.block_table),
+        cuda(case.seq_lens),
+        out,
+        num_splits=splits,
+        workspace=workspace,
+    )
+    torch.cuda.synchronize()
+    ref, _ = R.paged_attention(f64(q), f64(kc), f64(vc), case.block_table, case.seq_lens)
+    assert not torch.isnan(out).any()
+    assert R.rel_error(f64(out), ref) < TOLERANCE["float16"]
+
+
 @pytest.mark.parametrize("head_dim", [pytest.param(128, id="d128"), pytest.param(64, id="d64")])
 def test_cuda_graph_capture_and_replay(rng, head_dim):
     """Capture decode once; replay with new lengths, tables and queries written into the same

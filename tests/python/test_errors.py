@@ -1254,3 +1254,35 @@ def test_a_summary_of_the_wrong_kind_is_an_argument_type_error(rng, summary):
     ):
         ts.build_page_meta(key_cache, block_table, seq_lens, page_meta, summary=summary)
     assert np.isnan(page_meta).all()
+
+
+@pytest.mark.parametrize(
+    "lens,match",
+    [
+        (np.ones(3, np.int32), r"host_seq_lens dimension 0 \(batch\) must be 4, got 3"),
+        (np.ones(4, np.int64), "host_seq_lens must be int32, got int64"),
+        (np.ones((4, 2), np.int32), r"host_seq_lens must be \[batch\], got shape \[4, 2\]"),
+        (np.ones((4, 2, 1), np.int32), r"host_seq_lens must be \[batch\], got shape"),
+    ],
+    ids=["batch", "dtype", "per_head_with_shared_table", "3d"],
+)
+def test_plan_host_seq_lens_rejected(lens, match):
+    """plan_paged_attention's host_seq_lens: wrong shape or dtype raises ValueError."""
+    q = np.zeros((4, 8, 64), np.float32)
+    kc = np.zeros((32, 16, 2, 64), np.float32)
+    table = np.zeros((4, 8), np.int32)
+    with pytest.raises(ValueError, match="^tinyserve.plan_paged_attention: " + match):
+        ts.plan_paged_attention(q, kc, table, host_seq_lens=lens)
+
+
+def test_plan_host_seq_lens_per_kv_head():
+    """[batch, num_kv_heads] host lengths go with a per-KV-head table (of that many heads); the
+    CPU backend's plan does not depend on them."""
+    q = np.zeros((4, 8, 64), np.float32)
+    kc = np.zeros((32, 16, 2, 64), np.float32)
+    table = np.zeros((4, 2, 8), np.int32)
+    plain = ts.plan_paged_attention(q, kc, table)
+    assert ts.plan_paged_attention(q, kc, table, host_seq_lens=np.ones((4, 2), np.int32)) == plain
+    assert ts.plan_paged_attention(q, kc, table, host_seq_lens=[5, 1, 128, 0]) == plain
+    with pytest.raises(ValueError, match=r"host_seq_lens dimension 1 \(num_kv_heads\) must be 2"):
+        ts.plan_paged_attention(q, kc, table, host_seq_lens=np.ones((4, 3), np.int32))

@@ -5,6 +5,7 @@
 // needs no kernel template; attention.cu picks the launches (dispatch) and passes them in.
 
 #include <cstdint>
+#include <vector>
 
 namespace tinyserve::kernels::cuda {
 
@@ -41,5 +42,15 @@ struct SplitPlanShape {
 // for the kernel that split launches use.
 int plan_splits(const SplitPlanShape& s, const DecodeLaunch& unsplit, const DecodeLaunch& split,
                 int device, const char* op);
+
+// The split count for a decode call whose key ranges the caller knows on the host: lens holds
+// one per sequence (lens_per_head 1) or one per (sequence, KV head) (lens_per_head =
+// num_kv_heads), each at most s.max_kv_len. Where the ranges differ, the CTAs of each candidate
+// count are scheduled greedily in launch order onto the GPU's slots (each CTA its chunk plus the
+// fixed cost), and the shortest finish wins, a split count paying a fixed penalty for its merge
+// and partials; equal ranges plan as plan_splits.
+int plan_splits_for_lengths(const SplitPlanShape& s, const std::vector<std::int64_t>& lens,
+                            int lens_per_head, int align, const DecodeLaunch& unsplit,
+                            const DecodeLaunch& split, int device, const char* op);
 
 }  // namespace tinyserve::kernels::cuda
