@@ -114,9 +114,15 @@ void bind_block_manager(nb::module_& m) {
             constexpr const char* op = "BlockManager.append_batch";
             Int64Arg ids(seq_ids, op, "seq_ids");
             std::vector<std::int64_t> slots;
-            // One int for every sequence; arrays and lists (sequences) give one count each.
-            if (!nb::isinstance<nb::sequence>(num_tokens) &&
-                (PyLong_Check(num_tokens.ptr()) || PyIndex_Check(num_tokens.ptr()))) {
+            // One int for every sequence; arrays and lists (sequences) give one count each. An
+            // array with __index__ (a one-element torch tensor) is an array: only ints and
+            // scalars without dimensions (NumPy integers, 0-d arrays) count for every sequence.
+            bool scalar = PyLong_Check(num_tokens.ptr());
+            if (!scalar && PyIndex_Check(num_tokens.ptr())) {
+              const nb::object shape = nb::getattr(num_tokens, "shape", nb::none());
+              scalar = shape.is_none() || nb::len(shape) == 0;
+            }
+            if (scalar) {
               const std::int64_t each = to_int<std::int64_t>(num_tokens, op, "num_tokens");
               nb::gil_scoped_release release;
               slots = self.append_batch(ids.data(), ids.size(), each);

@@ -252,10 +252,12 @@ class Arrays {
   Kept<nb::ndarray<>> outputs_;
 };
 
-// A Python int (or anything with __index__) as T; out of T's range is a ValueError naming the
-// argument and the value as given.
+// A Python int (or anything with __index__ but a bool) as T; out of T's range is a ValueError
+// naming the argument and the value as given.
 template <class T>
 T to_int(nb::handle h, const char* op, const char* name) {
+  // True and False index as 1 and 0; an int argument given a bool is a mistake.
+  if (PyBool_Check(h.ptr())) type_error(op, name, " must be an int, got bool");
   PyObject* index = PyNumber_Index(h.ptr());
   if (index == nullptr) {
     PyErr_Clear();

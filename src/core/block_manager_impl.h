@@ -298,7 +298,8 @@ struct BlockManager::Impl {
   void require_no_plan(const char* method) const {
     if (plan_pending()) {
       throw std::runtime_error(bm::where(method) +
-                               "a compactor plan is pending; commit or abort it first");
+                               "a compactor plan is pending; commit or abort it first, got plan " +
+                               std::to_string(plan.serial));
     }
   }
 

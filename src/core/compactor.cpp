@@ -38,21 +38,26 @@ const Sequence& find(const Impl& m, std::int64_t seq_id, const char* method) {
 // blocks must not move before the engine has run it).
 void begin_plan(const Impl& m, const char* method) {
   if (m.plan_pending()) {
-    throw std::runtime_error(where(method) + "plan " + str(std::int64_t(m.plan.serial)) +
-                             " is still pending; commit or abort it first");
+    throw std::runtime_error(where(method) +
+                             "a plan is still pending; commit or abort it first, got plan " +
+                             str(std::int64_t(m.plan.serial)));
   }
-  for (const auto& c : m.copies) {
-    if (c.dst != Impl::kNoPair) {
-      throw std::runtime_error(where(method) +
-                               "copy-on-write pairs are pending; call take_copies() and run "
-                               "the copies first");
-    }
+  std::int64_t pairs = 0;
+  for (const auto& c : m.copies) pairs += c.dst != Impl::kNoPair;
+  if (pairs > 0) {
+    throw std::runtime_error(where(method) +
+                             "copy-on-write pairs are pending; call take_copies() and run the "
+                             "copies first, got " +
+                             str(pairs) + " pending pairs");
   }
 }
 
 // commit and abort take the pending plan only, known by its serial.
 void require_pending(const Impl& m, const MovePlan& plan, const char* method) {
-  if (!m.plan_pending()) throw std::runtime_error(where(method) + "no plan is pending");
+  if (!m.plan_pending()) {
+    throw std::runtime_error(where(method) + "no plan is pending, got plan " +
+                             str(std::int64_t(plan.serial)));
+  }
   if (plan.serial != m.plan.serial) {
     bad_argument(method, "plan must be the pending plan " + str(std::int64_t(m.plan.serial)) +
                              ", got plan " + str(std::int64_t(plan.serial)));

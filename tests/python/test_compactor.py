@@ -76,7 +76,9 @@ def test_planning_twice_raises_and_changes_nothing():
         lambda: comp.plan_recall([1]),
         lambda: comp.plan_compact(),
     ):
-        with pytest.raises(RuntimeError, match=f"plan {plan.serial} is still pending"):
+        with pytest.raises(
+            RuntimeError, match=f"still pending; commit or abort it first, got plan {plan.serial}$"
+        ):
             again()
         assert snapshot(bm, comp) == before
         bm.check()

@@ -133,3 +133,65 @@ def test_compactor_refuses_a_plan_of_another_compactor(finish):
     assert manager.stats()["evictions"] == 1 and other_manager.stats()["evictions"] == 1
     manager.check()
     other_manager.check()
+
+
+def test_append_batch_counts_from_a_tensor():
+    """append_batch's num_tokens as a torch tensor is an array (one count each), whatever its
+    length: a one-element tensor for two sequences is refused, not read as a count for all;
+    an int, a NumPy integer and a 0-d array count for every sequence."""
+    torch = pytest.importorskip("torch")
+    bm = ts.BlockManager(64, 4)
+    for i in range(2):
+        bm.add_sequence(i)
+    slots = bm.append_batch([0, 1], torch.tensor([1, 2]))
+    assert len(slots) == 3 and bm.seq_len(0) == 1 and bm.seq_len(1) == 2
+    with pytest.raises(ValueError, match="num_tokens must have one entry per sequence"):
+        bm.append_batch([0, 1], torch.tensor([3]))
+    assert bm.seq_len(0) == 1 and bm.seq_len(1) == 2
+    for each in (np.int64(2), torch.tensor(2), np.array(2)):
+        bm.append_batch([0, 1], each)
+    assert bm.seq_len(0) == 7 and bm.seq_len(1) == 8
+    bm.check()
+
+
+def test_bools_are_not_ints():
+    """An int argument given True or False is refused (TypeError) with nothing changed: True
+    would otherwise index as 1 and False as sequence 0."""
+    bm = ts.BlockManager(8, 4)
+    bm.add_sequence(0)
+    bm.append(0, 3)
+    comp = ts.Compactor(bm)
+    calls = [
+        lambda: bm.free(False),
+        lambda: bm.add_sequence(True),
+        lambda: bm.append(0, True),
+        lambda: bm.resize(True),
+        lambda: comp.plan_compact(True),
+        lambda: ts.BlockManager(True, 4),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match="must be an int, got bool"):
+            call()
+    assert bm.seq_len(0) == 3 and bm.stats()["num_blocks"] == 8
+    bm.check()
+
+
+def test_state_errors_name_what_they_got():
+    """The compactor's state errors follow the error style too: `..., got <value>`."""
+    bm = ts.BlockManager(8, 4)
+    comp = ts.Compactor(bm)
+    bm.add_sequence(0)
+    bm.append(0, 2)
+    bm.fork(0, 1)
+    bm.append(1, 1)  # a shared partial block: one copy-on-write pair pending
+    with pytest.raises(RuntimeError, match="run the copies first, got 1 pending pairs$"):
+        comp.plan_compact()
+    bm.take_copies()
+    plan = comp.plan_compact()
+    with pytest.raises(RuntimeError, match=f"commit or abort it first, got plan {plan.serial}$"):
+        comp.plan_evict(0)
+    with pytest.raises(RuntimeError, match=f"commit or abort it first, got plan {plan.serial}$"):
+        bm.add_sequence(5)
+    comp.abort(plan)
+    with pytest.raises(RuntimeError, match=f"no plan is pending, got plan {plan.serial}$"):
+        comp.commit(plan)
