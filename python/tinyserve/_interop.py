@@ -67,7 +67,10 @@ def is_cuda(array: Any) -> bool:
     dlpack_device = getattr(array, "__dlpack_device__", None)
     if dlpack_device is None:
         return False
-    return dlpack_device()[0] in (2, 13)
+    try:
+        return dlpack_device()[0] in (2, 13)
+    except Exception:  # noqa: BLE001 - a device DLPack cannot name: the core reports it
+        return False
 
 
 def resolve_stream(

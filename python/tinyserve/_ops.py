@@ -311,8 +311,10 @@ def select_pages(
         batch = query_shape[0] if query_shape else 0
         num_kv_heads = meta_shape[1] if len(meta_shape) > 1 else 0
         try:
-            width = max(operator.index(budget), 0)
+            width = operator.index(budget)
         except TypeError:
+            width = 0
+        if not 0 <= width <= 2**31 - 1:  # the core names the budget out of its range
             width = 0
         table = _interop.empty(query, (batch, num_kv_heads, width), "int32", fw, "select_pages")
         lens = _interop.empty(query, (batch, num_kv_heads), "int32", fw, "select_pages")

@@ -224,6 +224,35 @@ class Arrays {
 
  private:
   [[noreturn]] void not_an_array(nb::handle h, const char* name) const {
+    // An array on a device that DLPack cannot name (torch's "meta") says where it is.
+    const nb::object device_of = nb::getattr(h, "__dlpack_device__", nb::none());
+    if (!device_of.is_none()) {
+      bool named = true;
+      try {
+        device_of();
+      } catch (nb::python_error&) {
+        named = false;
+      }
+      if (!named) {
+        const nb::object device = nb::getattr(h, "device", nb::none());
+        detail::fail(op_, name, " must be on cpu, cuda or cuda_host, got ",
+                     nb::inst_name(h).c_str(), " on ",
+                     device.is_none() ? std::string("a device DLPack cannot name")
+                                      : std::string(nb::str(device).c_str()));
+      }
+    }
+    // An array of a dtype or byte order that neither protocol carries (NumPy's byte-swapped
+    // arrays, object arrays) names its dtype.
+    const nb::object dtype = nb::getattr(h, "dtype", nb::none());
+    if (!dtype.is_none()) {
+      const nb::object order = nb::getattr(dtype, "byteorder", nb::none());
+      const bool swapped =
+          nb::isinstance<nb::str>(order) && std::string(nb::str(order).c_str()) == ">";
+      type_error(op_, name,
+                 swapped ? " must be in native byte order, got "
+                         : " must be an array of a supported dtype, got ",
+                 nb::inst_name(h).c_str(), " of dtype ", nb::str(dtype).c_str());
+    }
     type_error(op_, name, " must be an array (DLPack or buffer protocol), got ",
                nb::inst_name(h).c_str());
   }

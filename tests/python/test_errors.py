@@ -1286,3 +1286,40 @@ def test_plan_host_seq_lens_per_kv_head():
     assert ts.plan_paged_attention(q, kc, table, host_seq_lens=[5, 1, 128, 0]) == plain
     with pytest.raises(ValueError, match=r"host_seq_lens dimension 1 \(num_kv_heads\) must be 2"):
         ts.plan_paged_attention(q, kc, table, host_seq_lens=np.ones((4, 3), np.int32))
+
+
+def test_arrays_that_cannot_be_exported_are_named():
+    """An array that neither DLPack nor the buffer protocol carries is refused in the library's
+    style, saying why: byte order, dtype, or a device DLPack cannot name (torch's "meta")."""
+    kc = np.zeros((4, 4, 2, 8), np.float32)
+    table, lens = np.zeros((2, 2), np.int32), np.ones(2, np.int32)
+    out = np.full((2, 4, 8), np.nan, np.float32)
+    cases = [
+        (
+            np.zeros((2, 4, 8), ">f4"),
+            "query must be in native byte order, got ndarray of dtype >f4",
+        ),
+        (np.zeros((2, 4, 8), object), "query must be an array of a supported dtype, got ndarray"),
+    ]
+    for query, match in cases:
+        with pytest.raises(ValueError, match="^tinyserve.paged_attention: " + match):
+            ts.paged_attention(query, kc, kc, table, lens, out)
+        assert np.isnan(out).all()
+    torch = pytest.importorskip("torch")
+    with pytest.raises(
+        ValueError,
+        match=r"^tinyserve.paged_attention: query must be on cpu, cuda "
+        r"or cuda_host, got torch.Tensor on meta",
+    ):
+        ts.paged_attention(torch.empty((2, 4, 8), device="meta"), kc, kc, table, lens, out)
+    assert np.isnan(out).all()
+
+
+def test_select_pages_budget_beyond_int32_allocates_nothing():
+    """select_pages without out= refuses a budget outside int32 as the core does (ValueError),
+    before sizing its outputs from it."""
+    q = np.zeros((2, 4, 8), np.float32)
+    meta = np.zeros((8, 2, 2, 8), np.float32)
+    table, lens = np.zeros((2, 2), np.int32), np.array([5, 8], np.int32)
+    with pytest.raises(ValueError, match=r"^tinyserve.select_pages: budget must be an int in"):
+        ts.select_pages(q, meta, table, lens, 2**40, block_size=4)
