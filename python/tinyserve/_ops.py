@@ -392,7 +392,11 @@ def plan_paged_attention(
     ``seq_lens``; the call itself still reads ``seq_lens``, so a stale plan stays correct."""
     key_cache, kv_dtype = _fp8_view(key_cache, kv_dtype)
     if isinstance(host_seq_lens, (list, tuple)):
-        host_seq_lens = np.asarray(host_seq_lens, dtype=np.int32)
+        # Lengths are clamped like seq_lens, so an integer list clamps into int32; anything
+        # else goes on for the core to name its dtype.
+        host_seq_lens = np.asarray(host_seq_lens)
+        if host_seq_lens.dtype.kind in "iu":
+            host_seq_lens = host_seq_lens.clip(-(2**31), 2**31 - 1).astype(np.int32)
     x = _interop.export
     return _C.plan_paged_attention(
         x(query),

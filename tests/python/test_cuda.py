@@ -173,6 +173,13 @@ def test_plan_over_host_lengths(rng):
     props = torch.cuda.get_device_properties(0)
     if (props.major, props.minor) == (9, 0) and props.multi_processor_count >= 114:
         assert splits > 1
+        # 128 ragged sequences are near four waves of CTAs: they balance unsplit (measured
+        # faster than 3 splits on an H200), so the plan is not simulated.
+        q128 = torch.empty((128, 32, 128), dtype=torch.float16, device="cuda")
+        lens128 = rng.integers(1, 4096, size=128).astype(np.int32)
+        assert ts.plan_paged_attention(
+            q128, kc, table[:1].expand(128, -1).contiguous(), host_seq_lens=lens128
+        ) == (1, 0)
     # A list works too, and num_splits given wins over the lengths.
     assert ts.plan_paged_attention(q, kc, table, host_seq_lens=list(ragged))[0] == splits
     assert ts.plan_paged_attention(q, kc, table, host_seq_lens=ragged, num_splits=3)[0] == 3

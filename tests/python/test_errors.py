@@ -1284,6 +1284,10 @@ def test_plan_host_seq_lens_per_kv_head():
     plain = ts.plan_paged_attention(q, kc, table)
     assert ts.plan_paged_attention(q, kc, table, host_seq_lens=np.ones((4, 2), np.int32)) == plain
     assert ts.plan_paged_attention(q, kc, table, host_seq_lens=[5, 1, 128, 0]) == plain
+    # A list clamps its integers into int32 (lengths are clamped anyway); floats are refused.
+    assert ts.plan_paged_attention(q, kc, table, host_seq_lens=[2**40, 1, -(2**40), 0]) == plain
+    with pytest.raises(ValueError, match="host_seq_lens must be int32, got float64"):
+        ts.plan_paged_attention(q, kc, table, host_seq_lens=[1.5, 1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match=r"host_seq_lens dimension 1 \(num_kv_heads\) must be 2"):
         ts.plan_paged_attention(q, kc, table, host_seq_lens=np.ones((4, 3), np.int32))
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <functional>
+#include <iterator>
 #include <mutex>
 #include <queue>
 #include <vector>
@@ -95,20 +96,36 @@ int prepare_launch(const DecodeLaunch& l, int device, const char* op) {
   return ctas;
 }
 
+namespace {
+
+// The CTAs a launch of l runs side by side: multiprocessors x CTAs per multiprocessor.
+std::int64_t launch_slots(const DecodeLaunch& l, int device, const char* op) {
+  return std::int64_t(device_info(device).multiprocessors) * prepare_launch(l, device, op);
+}
+
+// The CTAs of l per KV head (the head tiles of a GQA group).
+std::int64_t head_tiles(const SplitPlanShape& s, const DecodeLaunch& l) {
+  const int group = s.num_q_heads / s.num_kv_heads;
+  return (group + l.heads_per_cta - 1) / l.heads_per_cta;
+}
+
+// The most splits a key range of max_kv_len allows.
+std::int64_t max_split_count(const SplitPlanShape& s) {
+  return std::clamp<std::int64_t>(s.max_kv_len / s.min_split_tokens, 1, kMaxPlannedSplits);
+}
+
+}  // namespace
+
 int plan_splits(const SplitPlanShape& s, const DecodeLaunch& unsplit, const DecodeLaunch& split,
                 int device, const char* op) {
-  const int group = s.num_q_heads / s.num_kv_heads;
-  const std::int64_t max_splits =
-      std::clamp<std::int64_t>(s.max_kv_len / s.min_split_tokens, 1, kMaxPlannedSplits);
+  const std::int64_t max_splits = max_split_count(s);
   // The cheapest split count for one kernel. Cost of n splits for equal-length sequences: the
   // waves of CTAs it takes, times each CTA's work (its chunk of tokens plus a fixed cost, about
   // two tiles of pipeline fill, that every CTA and every split's merge pays). The cheapest n
   // wins; ties go to fewer splits.
   auto best_splits = [&](const DecodeLaunch& l) {
-    const std::int64_t units =
-        std::int64_t(s.batch) * s.num_kv_heads * ((group + l.heads_per_cta - 1) / l.heads_per_cta);
-    const std::int64_t slots =
-        std::int64_t(device_info(device).multiprocessors) * prepare_launch(l, device, op);
+    const std::int64_t units = std::int64_t(s.batch) * s.num_kv_heads * head_tiles(s, l);
+    const std::int64_t slots = launch_slots(l, device, op);
     auto cost = [&](std::int64_t n) {
       const std::int64_t waves = (units * n + slots - 1) / slots;
       return double(waves) * (double(s.max_kv_len) / double(n) + kSplitOverheadTokens);
@@ -137,29 +154,25 @@ int plan_splits_for_lengths(const SplitPlanShape& s, const std::vector<std::int6
   longest.max_kv_len = std::min(s.max_kv_len, *hi);
   const int equal_plan = plan_splits(longest, unsplit, split, device, op);
   if (*lo == *hi) return equal_plan;
-  const int group = s.num_q_heads / s.num_kv_heads;
   const std::int64_t entries = std::int64_t(lens.size());
-  // CTAs per length entry, and the slots of a launch.
-  auto units = [&](const DecodeLaunch& l) {
-    return std::int64_t(s.num_kv_heads / lens_per_head) *
-           ((group + l.heads_per_cta - 1) / l.heads_per_cta);
-  };
-  auto slots = [&](const DecodeLaunch& l) {
-    return std::int64_t(device_info(device).multiprocessors) * prepare_launch(l, device, op);
-  };
-  if (entries * units(unsplit) >= kBalancedWaves * slots(unsplit)) return equal_plan;
+  // CTAs per length entry, and the slots, of the unsplit and the split launch.
+  const std::int64_t per_entry = s.num_kv_heads / lens_per_head;
+  const std::int64_t units1 = per_entry * head_tiles(s, unsplit);
+  const std::int64_t units_n = per_entry * head_tiles(s, split);
+  const std::int64_t slots1 = launch_slots(unsplit, device, op);
+  const std::int64_t slots_n = launch_slots(split, device, op);
+  if (entries * units1 >= kBalancedWaves * slots1) return equal_plan;
   int best = 1;
-  double best_cost = greedy_finish(lens, lens_per_head, units(unsplit), 1, align, slots(unsplit));
-  const std::int64_t max_splits =
-      std::clamp<std::int64_t>(longest.max_kv_len / s.min_split_tokens, 1, kMaxPlannedSplits);
-  auto consider = [&](std::int64_t n) {
-    if (n < 2 || n > max_splits || entries * units(split) * n > kMaxSimulatedCtas) return;
-    const double cost = greedy_finish(lens, lens_per_head, units(split), n, align, slots(split)) +
-                        kSplitPenaltyTokens;
-    if (cost < best_cost || (cost == best_cost && n < best)) best = int(n), best_cost = cost;
+  double best_cost = greedy_finish(lens, lens_per_head, units1, 1, align, slots1);
+  const std::int64_t max_splits = max_split_count(longest);
+  auto consider = [&](std::int64_t n) {  // in increasing n: ties keep the fewer splits
+    if (n < 2 || n > max_splits || entries * units_n * n > kMaxSimulatedCtas) return;
+    const double cost =
+        greedy_finish(lens, lens_per_head, units_n, n, align, slots_n) + kSplitPenaltyTokens;
+    if (cost < best_cost) best = int(n), best_cost = cost;
   };
   for (const std::int64_t n : kSimulatedSplits) consider(n);
-  if (equal_plan > 16) consider(equal_plan);
+  if (equal_plan > std::end(kSimulatedSplits)[-1]) consider(equal_plan);
   return best;
 }
 
