@@ -114,6 +114,33 @@ def test_greedy_tokens_identical_to_transformers(rng, heads, packed):
     assert engine.stats.generated_tokens == 5 * 12
 
 
+def test_eos_stops_a_sample_unless_ignore_eos(rng):
+    """A token the model emits mid-generation made its EOS: the engine stops there with
+    finish reason "eos" (the EOS token kept, as transformers keeps it), and with ``ignore_eos``
+    runs on to max_new_tokens; transformers' generate agrees token for token either way."""
+    runner = random_model(4, 2, seed=int(rng.integers(1 << 31)))
+    prompts = shared_prefix_prompts(rng, 4)
+    new = 10
+    free = transformers_generate(runner, prompts, new)
+    # EOS: the third token of the first prompt's continuation, where it first appears there.
+    eos = free[0][2]
+    assert eos not in free[0][:2]
+    runner.eos_token_ids = {eos}
+    runner.model.generation_config.eos_token_id = eos
+    stopped = [t[: t.index(eos) + 1] if eos in t else t for t in free]
+    outputs = run_and_check(make_engine(runner), prompts, SamplingParams(max_new_tokens=new))
+    assert (
+        [o.token_ids[0] for o in outputs] == stopped == transformers_generate(runner, prompts, new)
+    )
+    assert outputs[0].finish_reasons == ["eos"]
+    assert [o.finish_reasons[0] for o in outputs] == ["eos" if eos in t else "length" for t in free]
+    params = SamplingParams(max_new_tokens=new, ignore_eos=True)
+    outputs = run_and_check(make_engine(runner), prompts, params)
+    assert [o.token_ids[0] for o in outputs] == free
+    assert transformers_generate(runner, prompts, new, ignore_eos=True) == free
+    assert all(o.finish_reasons == ["length"] for o in outputs)
+
+
 @pytest.mark.parametrize("family", ["mistral_sliding_window", "qwen3"])
 def test_other_llama_family_models_identical_to_transformers(rng, family):
     """Mistral with a sliding window shorter than the prompts (transformers' window of w keys
@@ -544,6 +571,37 @@ def test_engine_argument_errors(rng):
         match="sparse_summary must be one of 'minmax_damped', 'minmax', 'meanstd', got 'mean'",
     ):
         make_engine(runner, sparse_budget_tokens=8, sparse_summary="mean")
+    with pytest.raises(ValueError, match="block_size must be >= 1, got 0"):
+        Engine(runner, num_blocks=8, block_size=0, sparse_budget_tokens=16)
+    with pytest.raises(ValueError, match="num_blocks must be >= 1, got 0"):
+        make_engine(runner, num_blocks=0)
+    with pytest.raises(ValueError, match="num_host_blocks must be >= 0, got -1"):
+        make_engine(runner, num_host_blocks=-1)
+    with pytest.raises(ValueError, match="max_num_seqs must be >= 1, got 0"):
+        make_engine(runner, max_num_seqs=0)
+    with pytest.raises(TypeError, match="num_blocks must be an integer, got float"):
+        make_engine(runner, num_blocks=8.0)
+    engine = make_engine(runner, num_blocks=np.int64(8))  # NumPy integers are integers
+    with pytest.raises(TypeError, match="got str: encode the text with the tokenizer first"):
+        engine.add_request("Hello")
+    with pytest.raises(TypeError, match="sequence of integer token ids, got list"):
+        engine.add_request([1, 2.5])
+    with pytest.raises(TypeError, match="sequence of integer token ids, got Tensor"):
+        engine.add_request(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=rf"< {VOCAB} \(the model's vocabulary\), got {VOCAB}"):
+        engine.add_request([1, VOCAB])
+    with pytest.raises(ValueError, match="token ids must be >= 0 and < .*, got -1"):
+        engine.add_request([-1, 3])
+    with pytest.raises(TypeError, match="params must be a SamplingParams, got dict"):
+        engine.add_request([1, 2], {"max_new_tokens": 2})
+    with pytest.raises(TypeError, match="on_token must be callable or None, got int"):
+        engine.add_request([1, 2], None, 3)
+    assert not engine.has_unfinished()  # nothing was queued by the rejected calls
+    # Token ids from NumPy and torch are taken as they are.
+    params = SamplingParams(max_new_tokens=2)
+    from_numpy = engine.generate([np.array([5, 6, 7])], params)[0].token_ids
+    from_torch = engine.generate([torch.tensor([5, 6, 7])], params)[0].token_ids
+    assert from_numpy == from_torch == engine.generate([[5, 6, 7]], params)[0].token_ids
     runner.max_model_len = 12
     engine = make_engine(runner)
     with pytest.raises(ValueError, match=r"fit in the model's context \(12 tokens\), got 13"):
@@ -556,14 +614,54 @@ def test_engine_argument_errors(rng):
     "change,match",
     [
         (dict(max_new_tokens=0), "max_new_tokens must be >= 1, got 0"),
-        (dict(temperature=-0.5), "temperature must be >= 0, got -0.5"),
+        (dict(temperature=-0.5), "temperature must be finite and >= 0, got -0.5"),
+        (dict(temperature=math.nan), "temperature must be finite and >= 0, got nan"),
+        (dict(temperature=math.inf), "temperature must be finite and >= 0, got inf"),
         (dict(top_k=-1), "top_k must be >= 0, got -1"),
         (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
+        (dict(top_p=math.nan), r"top_p must be in \(0, 1\], got nan"),
+        (dict(seed=2**64), r"seed must be in \[-2\*\*63, 2\*\*64 - n\], got 18446744073709551616"),
+        (dict(seed=2**64 - 2, n=3), r"seed must be in \[-2\*\*63, 2\*\*64 - n\]"),
     ],
 )
 def test_sampling_params_errors(change, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**change)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(max_new_tokens=2.5), "max_new_tokens must be an integer, got float 2.5"),
+        (dict(n="2"), "n must be an integer, got str '2'"),
+        (dict(n=True), "n must be an integer, got bool True"),
+        (dict(top_k=None), "top_k must be an integer, got NoneType None"),
+        (dict(seed=1.5), "seed must be an integer, got float 1.5"),
+        (dict(temperature="0.5"), "temperature must be a number, got str '0.5'"),
+        (dict(top_p=None), "top_p must be a number, got NoneType None"),
+        (dict(ignore_eos="yes"), "ignore_eos must be a bool, got str"),
+    ],
+)
+def test_sampling_params_type_errors(change, match):
+    with pytest.raises(TypeError, match=match):
+        SamplingParams(**change)
+
+
+def test_sampling_params_take_numpy_numbers_as_python_ones():
+    params = SamplingParams(
+        max_new_tokens=np.int32(4),
+        n=np.int64(2),
+        temperature=np.float32(0.5),
+        top_k=np.uint8(3),
+        top_p=np.float64(0.9),
+        seed=np.int64(7),
+        ignore_eos=np.bool_(True),
+    )
+    values = [params.max_new_tokens, params.n, params.top_k, params.seed, params.ignore_eos]
+    assert values == [4, 2, 3, 7, True]
+    assert [type(v) for v in values] == [int, int, int, int, bool]
+    assert type(params.temperature) is float and params.temperature == 0.5
+    assert type(params.top_p) is float and params.top_p == 0.9
 
 
 def scheduled_sequence(seq_id, tokens):
@@ -674,6 +772,14 @@ def test_cli_generates_with_and_without_cuda_graphs(rng, monkeypatch, capsys):
         (["--threads", "0"], "--threads must be >= 1, got 0"),
         (["--check", "--temperature", "0.5"], "--check compares greedy tokens"),
         (["--check", "--n", "2"], "--check compares greedy tokens"),
+        (["--n", "0"], "--n must be >= 1, got 0"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+        (["--block-size", "0"], "--block-size must be >= 1, got 0"),
+        (["--num-blocks", "0"], "--num-blocks must be >= 1, got 0"),
+        (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+        (["--top-p", "nan"], "--top-p must be in (0, 1], got nan"),
+        (["--temperature", "-1", "--n", "2"], "--temperature must be finite and >= 0, got -1.0"),
+        (["--temperature", "inf"], "--temperature must be finite and >= 0, got inf"),
     ],
 )
 def test_cli_rejects_bad_arguments(capsys, argv, message):
@@ -683,6 +789,24 @@ def test_cli_rejects_bad_arguments(capsys, argv, message):
         parse_args(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_reports_prompts_the_pool_or_the_model_cannot_hold(rng, monkeypatch, capsys):
+    """Sizes known only once the prompts are encoded: a pool too small for a prompt, an empty
+    raw prompt, and prompt plus --max-new-tokens past the model's context end with exit code 2
+    and a message, before any step runs (the last before the pool is allocated)."""
+    import tinyserve.integrations.transformers as integration
+    from tinyserve.engine.cli import main
+
+    runner = random_model(4, 2, seed=int(rng.integers(1 << 31)))
+    monkeypatch.setattr(integration, "load_model", lambda *a, **k: (runner.model, CharTokenizer()))
+    assert main(["--prompt", "a prompt of many tokens", "--num-blocks", "2"]) == 2
+    assert "must fit in the pool (32 tokens), got 55" in capsys.readouterr().err
+    assert main(["--raw", "--prompt", "", "--max-new-tokens", "2"]) == 2
+    assert "the prompt must not be empty" in capsys.readouterr().err
+    assert main(["--prompt", "abc", "--max-new-tokens", "1022"]) == 2
+    assert "is 1025 tokens, more than the model's context (1024)" in capsys.readouterr().err
+    assert main(["--prompt", "abc", "--max-new-tokens", "1021", "--num-blocks", "64"]) == 0
 
 
 def test_cli_defaults_and_flags():

@@ -35,7 +35,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="a prompt (repeat for several; default: four short questions)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="default: %(default)s"
+    )
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument(
         "--model", help="a local transformers model folder or GGUF file (default: SmolLM2)"
@@ -95,6 +97,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="compare every token with transformers' own greedy generate",
     )
     args = parser.parse_args(argv)
+    for flag, value, least in (
+        ("--max-new-tokens", args.max_new_tokens, 1),
+        ("--n", args.n, 1),
+        ("--block-size", args.block_size, 1),
+        ("--num-blocks", args.num_blocks, 1),
+    ):
+        if value is not None and value < least:
+            parser.error(f"{flag} must be >= {least}, got {value}")
+    if args.temperature is not None and not 0 <= args.temperature < math.inf:
+        parser.error(f"--temperature must be finite and >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.temperature is None:
         args.temperature = 0.0 if args.n == 1 else 0.8
     if args.check and args.temperature != 0:
@@ -160,6 +174,15 @@ def main(argv: list[str]) -> int:
     runner = TransformersRunner(model)
     prompts = args.prompt or DEFAULT_PROMPTS
     prompt_ids = encode_prompts(tokenizer, prompts, args.raw)
+    longest = max(len(p) for p in prompt_ids) + args.max_new_tokens
+    if runner.max_model_len is not None and longest > runner.max_model_len:
+        # Checked before the pool is sized from max_new_tokens.
+        print(
+            f"tinyserve generate: the longest prompt plus --max-new-tokens is {longest} tokens, "
+            f"more than the model's context ({runner.max_model_len})",
+            file=sys.stderr,
+        )
+        return 2
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
         n=args.n,
@@ -192,7 +215,16 @@ def main(argv: list[str]) -> int:
         def on_token(request_id: int, sample: int, token: int) -> None:
             print(f"[{request_id}.{sample}] {tokenizer.decode([token])!r}", flush=True)
 
-    outputs = engine.generate(prompt_ids, params, on_token)
+    try:
+        request_ids = [engine.add_request(p, params, on_token) for p in prompt_ids]
+    except ValueError as error:  # a prompt the pool cannot hold, or an empty one
+        print(f"tinyserve generate: {error}", file=sys.stderr)
+        return 2
+    finished = {}
+    while engine.has_unfinished():
+        for output in engine.step():
+            finished[output.request_id] = output
+    outputs = [finished[i] for i in request_ids]
     for text, output in zip(prompts, outputs):
         print(f"prompt {output.request_id}: {text}")
         for sample, completion in enumerate(output.texts or []):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import numbers
+import operator
 import time
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass, field
@@ -46,6 +48,8 @@ class ModelRunner(Protocol):
     device: torch.device
     eos_token_ids: set[int]
     max_model_len: int | None
+    # Optional: the number of token ids the model embeds; add_request refuses ids outside it.
+    vocab_size: int | None
 
     def forward(
         self,
@@ -174,6 +178,19 @@ class Engine:
         cuda_graphs: bool = True,
         cuda_graph_batch_sizes: SequenceOf[int] | None = None,
     ):
+        for name, value, least in (
+            ("num_blocks", num_blocks, 1),
+            ("block_size", block_size, 1),
+            ("num_host_blocks", num_host_blocks, 0),
+            ("max_num_batched_tokens", max_num_batched_tokens, 1),
+            ("max_num_seqs", max_num_seqs, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(
+                    f"tinyserve.Engine: {name} must be an integer, got {type(value).__name__}"
+                )
+            if value < least:
+                raise ValueError(f"tinyserve.Engine: {name} must be >= {least}, got {value}")
         self.runner = runner
         self.tokenizer = tokenizer
         self.packed_prefill = packed_prefill
@@ -250,7 +267,17 @@ class Engine:
         """Queue a prompt (token ids); returns the request id. ``on_token(request_id,
         sample_index, token_id)`` streams each generated token."""
         params = SamplingParams() if params is None else params
-        prompt = [int(t) for t in prompt_ids]
+        if not isinstance(params, SamplingParams):
+            raise TypeError(
+                "tinyserve.Engine.add_request: params must be a SamplingParams, got "
+                f"{type(params).__name__}"
+            )
+        if on_token is not None and not callable(on_token):
+            raise TypeError(
+                "tinyserve.Engine.add_request: on_token must be callable or None, got "
+                f"{type(on_token).__name__}"
+            )
+        prompt = self._token_ids(prompt_ids)
         if not prompt:
             raise ValueError(
                 "tinyserve.Engine.add_request: the prompt must not be empty, got 0 tokens"
@@ -279,6 +306,30 @@ class Engine:
         self.scheduler.add(request.samples[0])
         self.stats.prompt_tokens += len(prompt)
         return request.request_id
+
+    def _token_ids(self, prompt_ids: Any) -> list[int]:
+        """The prompt as a list of ints, each a token id of the model's vocabulary (an id past
+        it would fail inside the model's embedding, on CUDA as a device-side assert)."""
+        if isinstance(prompt_ids, (str, bytes)):
+            raise TypeError(
+                "tinyserve.Engine.add_request: prompt_ids must be token ids, got "
+                f"{type(prompt_ids).__name__}: encode the text with the tokenizer first"
+            )
+        try:
+            prompt = [operator.index(t) for t in prompt_ids]
+        except TypeError:
+            raise TypeError(
+                "tinyserve.Engine.add_request: prompt_ids must be a sequence of integer token "
+                f"ids, got {type(prompt_ids).__name__}"
+            ) from None
+        vocab = getattr(self.runner, "vocab_size", None)
+        bad = [t for t in prompt if t < 0 or (vocab is not None and t >= vocab)]
+        if bad:
+            bound = "" if vocab is None else f" and < {vocab} (the model's vocabulary)"
+            raise ValueError(
+                f"tinyserve.Engine.add_request: token ids must be >= 0{bound}, got {bad[0]}"
+            )
+        return prompt
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()

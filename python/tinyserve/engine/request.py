@@ -4,14 +4,36 @@ schedules."""
 from __future__ import annotations
 
 import enum
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 # on_token(request_id, sample_index, token_id): called once for every generated token, in order,
 # as soon as the step that produced it ends.
 TokenCallback = Callable[[int, int, int], None]
+
+
+def _integer(name: str, value: object) -> int:
+    """``value`` as an int: Python and NumPy integers pass; bools, floats and the rest do not."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"tinyserve.SamplingParams: {name} must be an integer, got "
+            f"{type(value).__name__} {value!r}"
+        )
+    return int(value)
+
+
+def _real(name: str, value: object) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"tinyserve.SamplingParams: {name} must be a number, got "
+            f"{type(value).__name__} {value!r}"
+        )
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -32,20 +54,38 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "n", "top_k"):
+            object.__setattr__(self, name, _integer(name, getattr(self, name)))
+        for name in ("temperature", "top_p"):
+            object.__setattr__(self, name, _real(name, getattr(self, name)))
+        if self.seed is not None:
+            object.__setattr__(self, "seed", _integer("seed", self.seed))
+        if not isinstance(self.ignore_eos, (bool, np.bool_)):
+            raise TypeError(
+                "tinyserve.SamplingParams: ignore_eos must be a bool, got "
+                f"{type(self.ignore_eos).__name__}"
+            )
+        object.__setattr__(self, "ignore_eos", bool(self.ignore_eos))
         if self.max_new_tokens < 1:
             raise ValueError(
                 f"tinyserve.SamplingParams: max_new_tokens must be >= 1, got {self.max_new_tokens}"
             )
         if self.n < 1:
             raise ValueError(f"tinyserve.SamplingParams: n must be >= 1, got {self.n}")
-        if self.temperature < 0:
+        if not 0 <= self.temperature < math.inf:
             raise ValueError(
-                f"tinyserve.SamplingParams: temperature must be >= 0, got {self.temperature}"
+                "tinyserve.SamplingParams: temperature must be finite and >= 0, got "
+                f"{self.temperature}"
             )
         if self.top_k < 0:
             raise ValueError(f"tinyserve.SamplingParams: top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"tinyserve.SamplingParams: top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not -(2**63) <= self.seed <= 2**64 - self.n:
+            # torch.Generator.manual_seed takes [-2**63, 2**64); sample i uses seed + i.
+            raise ValueError(
+                f"tinyserve.SamplingParams: seed must be in [-2**63, 2**64 - n], got {self.seed}"
+            )
 
     @property
     def greedy(self) -> bool:

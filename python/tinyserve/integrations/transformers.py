@@ -154,6 +154,7 @@ class TransformersRunner:
             text_config.hidden_size // self.num_q_heads
         )
         self.max_model_len = getattr(text_config, "max_position_embeddings", None)
+        self.vocab_size = model.get_input_embeddings().num_embeddings
         parameter = next(model.parameters())
         self.dtype = parameter.dtype
         self.device = parameter.device
@@ -229,7 +230,8 @@ def transformers_generate(
         config.max_new_tokens = max_new_tokens
         config.temperature, config.top_k, config.top_p = None, None, None
         if ignore_eos:
-            config.eos_token_id = None
+            # Not None: generate() fills None from the model's own generation config.
+            config.eos_token_id = []
         if config.pad_token_id is None:
             config.pad_token_id = next(iter(runner.eos_token_ids), 0)
         for prompt in prompts:
