@@ -313,6 +313,31 @@ def test_paged_attention_fp8_splits_window_lse(rng, backend, num_splits):
     np.testing.assert_allclose(f64(lse), ref_lse, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("backend", fp8_backends())
+@pytest.mark.parametrize("magnitude", [1e-20, 1e-5, 1e5, 1e30, "spread"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_fp8_bfloat16_queries_of_any_magnitude(rng, backend, magnitude, head_dim):
+    """bfloat16 queries over float8 caches far outside float16's range (the tensor-core kernel
+    multiplies them in float16 after a power-of-two scaling), with the softmax scale making up
+    for the magnitude; "spread": the query heads of a group 1 to 1e-6 of each other."""
+    fw, device = backend
+    _require(fw, "bfloat16")
+    case, kb, vb, ks, vs = _attention_case(rng, [1, 130, 700], 8, 2, head_dim, 16, "head")
+    if magnitude == "spread":
+        factor = 10.0 ** rng.uniform(-6, 0, size=(1, 8, 1))
+        scale = None
+    else:
+        factor = magnitude
+        scale = 1.0 / (np.sqrt(head_dim) * magnitude)
+    case.query = case.query * factor
+    out, q64 = _run_attention(
+        case, kb, vb, ks, vs, fw, device, "bfloat16", "NHD", "head", scale=scale
+    )
+    assert np.isfinite(out).all()
+    ref, _ = _reference(case, q64, kb, vb, ks, vs, scale=scale)
+    assert R.rel_error(out, ref) < TOLERANCE["bfloat16"]
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("block_size", [1, 16, 32])
