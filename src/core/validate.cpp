@@ -42,20 +42,56 @@ std::int64_t floor_div(std::int64_t a, std::int64_t b) {
   return a / b - ((a % b != 0) && ((a < 0) != (b < 0)));
 }
 
-// Whether `offset` (elements) is sum_k d_k * dims[k].stride with |d_k| < dims[k].size for k >=
-// first: the difference of two index tuples. With non-overlapping dims at most two digits fit
+// One dimension of the difference of two index tuples (one per view): |stride| in elements,
+// and the range [lo, hi] of the digit d = i_a - i_b.
+struct Digit {
+  std::int64_t stride, lo, hi;
+};
+
+struct Digits {
+  Digit dims[kMaxDims];
+  std::size_t count = 0;
+};
+
+// Whether `offset` (elements) is sum_k d_k * dims[k].stride with each d_k in its range, for k >=
+// first: the difference of two index tuples. With non-overlapping views at most a few digits fit
 // each level, so the search stays tiny.
-bool reachable(const Extents& dims, std::size_t first, std::int64_t offset) {
-  if (first == dims.size()) return offset == 0;
-  std::int64_t rest = 0;
-  for (std::size_t k = first + 1; k < dims.size(); ++k) rest += (dims[k].size - 1) * dims[k].stride;
-  const Extent& e = dims[first];
-  const std::int64_t lo = std::max(-(e.size - 1), -floor_div(-(offset - rest), e.stride));
-  const std::int64_t hi = std::min(e.size - 1, floor_div(offset + rest, e.stride));
+bool reachable(const Digits& dims, std::size_t first, std::int64_t offset) {
+  if (first == dims.count) return offset == 0;
+  std::int64_t rest_lo = 0, rest_hi = 0;  // what the smaller dimensions reach
+  for (std::size_t k = first + 1; k < dims.count; ++k) {
+    rest_lo += dims.dims[k].lo * dims.dims[k].stride;
+    rest_hi += dims.dims[k].hi * dims.dims[k].stride;
+  }
+  const Digit& e = dims.dims[first];
+  const std::int64_t lo = std::max(e.lo, -floor_div(-(offset - rest_hi), e.stride));
+  const std::int64_t hi = std::min(e.hi, floor_div(offset - rest_lo, e.stride));
   for (std::int64_t d = lo; d <= hi; ++d) {
     if (reachable(dims, first + 1, offset - d * e.stride)) return true;
   }
   return false;
+}
+
+// The digits of two views that step through memory alike: the same element size and rank, and
+// the same stride in every dimension where either moves (the shapes may differ: slices of
+// different widths of one buffer). False where they do not.
+bool pair_digits(const TensorView& a, const TensorView& b, Digits& out) {
+  if (dtype_size(a.dtype) != dtype_size(b.dtype) || a.ndim != b.ndim) return false;
+  for (int i = 0; i < a.ndim; ++i) {
+    const std::int64_t na = a.shape[i], nb = b.shape[i];
+    if (na <= 1 && nb <= 1) continue;
+    if (na > 1 && nb > 1 && a.strides[i] != b.strides[i]) return false;
+    const std::int64_t stride = na > 1 ? a.strides[i] : b.strides[i];
+    if (stride == 0) return false;
+    // a + i * stride = b + j * stride: d = i - j in [-(nb - 1), na - 1], negated for a
+    // negative stride so that every stride is positive.
+    Digit d = {std::llabs(stride), -(nb - 1), na - 1};
+    if (stride < 0) d = {-stride, -(na - 1), nb - 1};
+    std::size_t k = out.count++;
+    for (; k > 0 && out.dims[k - 1].stride < d.stride; --k) out.dims[k] = out.dims[k - 1];
+    out.dims[k] = d;
+  }
+  return true;
 }
 
 }  // namespace
@@ -87,16 +123,16 @@ bool may_overlap(const TensorView& a, const TensorView& b) {
   auto [alo, ahi] = byte_range(a);
   auto [blo, bhi] = byte_range(b);
   if (ahi <= blo || bhi <= alo) return false;
+  // Views that step alike (K and V as two views of one tensor, column slices of one buffer):
+  // exactly, by whether the distance between them is a difference of two index tuples.
+  // Anything else whose ranges meet counts as overlapping.
   const std::intptr_t elem = std::intptr_t(dtype_size(a.dtype));
-  bool same_layout = elem == std::intptr_t(dtype_size(b.dtype)) && a.ndim == b.ndim &&
-                     non_overlapping(a) && non_overlapping(b);
-  for (int i = 0; same_layout && i < a.ndim; ++i) {
-    same_layout = a.shape[i] == b.shape[i] && (a.shape[i] <= 1 || a.strides[i] == b.strides[i]);
-  }
+  Digits digits;
+  if (!non_overlapping(a) || !non_overlapping(b) || !pair_digits(a, b, digits)) return true;
   const std::intptr_t delta =
       reinterpret_cast<std::intptr_t>(b.data) - reinterpret_cast<std::intptr_t>(a.data);
-  if (!same_layout || delta % elem != 0) return true;
-  return reachable(moving_dims(a), 0, delta / elem);
+  if (delta % elem != 0) return true;
+  return reachable(digits, 0, delta / elem);
 }
 
 std::string shape_str(const TensorView& t) {

@@ -92,9 +92,9 @@ std::string strides_str(const TensorView& t);
 bool non_overlapping(const TensorView& t);
 // The bytes [first, last) that a non-empty tensor's elements lie in.
 std::pair<std::uintptr_t, std::uintptr_t> byte_range(const TensorView& t);
-// Whether two tensors may share an element's memory: exact for views of one layout (same
-// shape, strides and element size, such as K and V in one [N, 2, ...] tensor or two layers of a
-// [L, ...] tensor), otherwise by address ranges.
+// Whether two tensors may share an element's memory: exact for views that step alike (the same
+// element size, rank and strides, shapes free: K and V in one [N, 2, ...] tensor, two layers of a
+// [L, ...] tensor, column slices of different widths of one buffer), otherwise by address ranges.
 bool may_overlap(const TensorView& a, const TensorView& b);
 std::string device_str(Device d);
 

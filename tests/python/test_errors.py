@@ -1112,6 +1112,33 @@ def test_copy_blocks_disjoint_views_of_one_buffer(rng):
     np.testing.assert_array_equal(buf, expected)
 
 
+def test_copy_blocks_column_slices_of_different_widths(rng):
+    """Slices of one buffer's last dimension of different widths (a wide K beside a narrow V),
+    also both with their pages reversed: disjoint, accepted and copied; slices that share a
+    column refused with nothing written."""
+    buf = rng.standard_normal((6, 4, 2, 40)).astype(np.float32)
+    expected = buf.copy()
+    src, dst = np.array([0, 3], np.int32), np.array([5, 1], np.int32)
+    ts.copy_blocks([buf[..., :24], buf[..., 24:]], src, dst)
+    expected[dst] = expected[src]
+    np.testing.assert_array_equal(buf, expected)
+    src, dst = np.array([5], np.int32), np.array([2], np.int32)
+    ts.copy_blocks([buf[:, ::-1, :, 30:], buf[:, ::-1, :, :30]], src, dst)  # both reversed
+    expected[dst] = expected[src]
+    np.testing.assert_array_equal(buf, expected)
+    for caches in (
+        [buf[..., :24], buf[..., 23:]],
+        [buf[:, ::-1, :, 30:], buf[:, ::-1, :, :31]],
+        [buf[..., 8:], buf[..., :9][:, ::-1]],
+    ):
+        expect_error(
+            lambda caches=caches: ts.copy_blocks(caches, src, dst),
+            ValueError,
+            r"^tinyserve.copy_blocks: caches\[0\] and caches\[1\] must not share memory",
+            buf,
+        )
+
+
 def test_reshape_and_cache_page_meta_sharing_memory_with_value(rng):
     """page_meta is written while value is read: one buffer holding both is refused, nothing
     written; the same arrays side by side in one buffer are accepted."""
