@@ -122,9 +122,12 @@ def test_eos_stops_a_sample_unless_ignore_eos(rng):
     prompts = shared_prefix_prompts(rng, 4)
     new = 10
     free = transformers_generate(runner, prompts, new)
-    # EOS: the third token of the first prompt's continuation, where it first appears there.
-    eos = free[0][2]
-    assert eos not in free[0][:2]
+    # EOS: a token new to some prompt's continuation at its position, mid-generation if one is.
+    candidates = [
+        (p, i) for i in range(1, new) for p in range(len(free)) if free[p][i] not in free[p][:i]
+    ]
+    first, at = min(candidates, key=lambda c: (c[1] < 3, c[1]))
+    eos = free[first][at]
     runner.eos_token_ids = {eos}
     runner.model.generation_config.eos_token_id = eos
     stopped = [t[: t.index(eos) + 1] if eos in t else t for t in free]
@@ -132,7 +135,7 @@ def test_eos_stops_a_sample_unless_ignore_eos(rng):
     assert (
         [o.token_ids[0] for o in outputs] == stopped == transformers_generate(runner, prompts, new)
     )
-    assert outputs[0].finish_reasons == ["eos"]
+    assert outputs[first].finish_reasons == ["eos"] and len(outputs[first].token_ids[0]) == at + 1
     assert [o.finish_reasons[0] for o in outputs] == ["eos" if eos in t else "length" for t in free]
     params = SamplingParams(max_new_tokens=new, ignore_eos=True)
     outputs = run_and_check(make_engine(runner), prompts, params)
