@@ -144,10 +144,16 @@ def test_eos_stops_a_sample_unless_ignore_eos(rng):
     assert all(o.finish_reasons == ["length"] for o in outputs)
 
 
-@pytest.mark.parametrize("family", ["mistral_sliding_window", "qwen3"])
+FAMILIES = ["mistral_sliding_window", "qwen3", "gemma2", "gpt_oss", "phi3"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_other_llama_family_models_identical_to_transformers(rng, family):
     """Mistral with a sliding window shorter than the prompts (transformers' window of w keys
-    is tinyserve's window_left = w - 1), and Qwen3 (query/key norms inside its attention)."""
+    is tinyserve's window_left = w - 1); Qwen3 (query/key norms inside its attention); Gemma2
+    (a logit soft-cap, sliding and global layers alternating, its own query scaling); gpt-oss
+    (a learned sink logit per query head in every softmax, sliding layers, experts); Phi3
+    (fused projections)."""
     common = dict(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -163,15 +169,31 @@ def test_other_llama_family_models_identical_to_transformers(rng, family):
         eos_token_id=None,
         pad_token_id=None,
     )
+    attention = "sdpa"
     if family == "qwen3":
         config = transformers.Qwen3Config(**common)
-        model_class = transformers.Qwen3ForCausalLM
+    elif family == "gemma2":
+        config = transformers.Gemma2Config(
+            sliding_window=7, attn_logit_softcapping=5.0, query_pre_attn_scalar=24, **common
+        )
+        attention = "eager"  # transformers' own soft-capped attention
+    elif family == "gpt_oss":
+        config = transformers.GptOssConfig(
+            sliding_window=7, num_local_experts=4, num_experts_per_tok=2, **common
+        )
+        attention = "eager"  # transformers' attention with sinks
+    elif family == "phi3":
+        common.pop("head_dim")
+        config = transformers.Phi3Config(**common)
     else:
         config = transformers.MistralConfig(sliding_window=7, **common)
-        model_class = transformers.MistralForCausalLM
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attention
     torch.manual_seed(int(rng.integers(1 << 31)))
-    runner = TransformersRunner(model_class(config).eval())
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    if family == "gpt_oss":  # sinks large enough to matter (they start empty)
+        for layer in model.model.layers:
+            torch.nn.init.normal_(layer.self_attn.sinks, std=2.0)
+    runner = TransformersRunner(model.eval())
     prompts = shared_prefix_prompts(rng, 3)
     outputs = run_and_check(make_engine(runner), prompts, SamplingParams(max_new_tokens=10))
     assert [o.token_ids[0] for o in outputs] == transformers_generate(runner, prompts, 10)

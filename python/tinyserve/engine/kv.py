@@ -125,9 +125,13 @@ class AttentionBatch:
         scale: float | None = None,
         window_left: int = -1,
         logits_soft_cap: float = 0.0,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention of the step's query rows ``[rows, num_q_heads, head_dim]`` over the cache
-        (after :meth:`write`); returns ``[rows, num_q_heads, head_dim]``."""
+        (after :meth:`write`); returns ``[rows, num_q_heads, head_dim]``. ``sinks``
+        ``[num_q_heads]``: a learned logit per query head that joins every row's softmax
+        without a value (gpt-oss): the output is scaled by ``Z / (Z + exp(sink))``, ``Z`` the
+        sum of the row's exponentiated scores, from the log-sum-exp the kernel returns."""
         key_cache, value_cache = self.kv_cache.layers[layer]
         packed = {} if self.query_start_loc is None else {"query_start_loc": self.query_start_loc}
         table, lens = self.block_table, self.seq_lens
@@ -146,7 +150,7 @@ class AttentionBatch:
                 num_sink_pages=1 if self.sparse_budget >= 2 else 0,
                 summary=self.kv_cache.page_summary,
             )
-        return tinyserve.paged_attention(
+        result = tinyserve.paged_attention(
             query,
             key_cache,
             value_cache,
@@ -156,8 +160,16 @@ class AttentionBatch:
             window_left=window_left,
             logits_soft_cap=logits_soft_cap,
             max_seq_len=self.max_seq_len,
+            return_lse=sinks is not None,
             **packed,
         )
+        if sinks is None:
+            return result
+        out, lse = result
+        # Z / (Z + exp(sink)) = sigmoid(lse - sink); rows that attend nothing have lse = -inf
+        # and stay zero.
+        keep = torch.sigmoid(lse - sinks.to(device=lse.device, dtype=torch.float32))
+        return (out.float() * keep.unsqueeze(-1)).to(out.dtype)
 
 
 def upload(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:

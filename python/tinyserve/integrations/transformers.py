@@ -1,5 +1,5 @@
-"""Serving a transformers Llama-family model (Llama, Mistral, Qwen2/Qwen3, SmolLM: rotary GQA
-attention) with tinyserve owning the KV cache.
+"""Serving a transformers decoder with rotary GQA attention (Llama, SmolLM, Mistral, Qwen2/Qwen3,
+Gemma2/Gemma3, Phi3, gpt-oss, ...) with tinyserve owning the KV cache.
 
 transformers supplies the layers: embeddings, norms, projections, rotary embedding, MLP and the
 language-model head. Attention goes through tinyserve: :func:`register` adds an attention
@@ -75,6 +75,7 @@ def tinyserve_attention(
         scale=scaling,
         window_left=window_left,
         logits_soft_cap=soft_cap,
+        sinks=kwargs.get("s_aux"),  # gpt-oss: a sink logit per query head
     )
     return out.unsqueeze(0), None
 
