@@ -199,6 +199,28 @@ def test_other_llama_family_models_identical_to_transformers(rng, family):
     assert [o.token_ids[0] for o in outputs] == transformers_generate(runner, prompts, 10)
 
 
+def test_models_whose_attention_tinyserve_cannot_own_are_refused(rng):
+    """Models that compute attention themselves (Falcon), chunked attention (Llama 4) and layers
+    that keep state of their own (LFM2's convolutions) would run without reading the cache:
+    refused with the reason, at construction or at the first step."""
+    small = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    falcon = transformers.FalconForCausalLM(transformers.FalconConfig(**small))
+    with pytest.raises(ValueError, match="through transformers' AttentionInterface, got Falcon"):
+        TransformersRunner(falcon)
+    common = dict(small, intermediate_size=128, num_key_value_heads=2, head_dim=16)
+    config = transformers.Llama4TextConfig(
+        attention_chunk_size=8, num_local_experts=2, intermediate_size_mlp=128, **common
+    )
+    with pytest.raises(ValueError, match="chunked attention is not supported, got Llama4"):
+        TransformersRunner(transformers.AutoModelForCausalLM.from_config(config))
+    config = transformers.Lfm2Config(layer_types=["conv", "full_attention"], **common)
+    runner = TransformersRunner(transformers.AutoModelForCausalLM.from_config(config).eval())
+    engine = make_engine(runner)
+    engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=2))
+    with pytest.raises(RuntimeError, match="model's 2 layers must attend through tinyserve, got 1"):
+        engine.step()
+
+
 def test_attention_batch_forms(rng):
     """The two forms of a step's attention batch, from a table of 3 sequences: one decode row,
     a 3-row chunk and a 2-row chunk."""

@@ -107,6 +107,9 @@ class AttentionBatch:
     query_start_loc: torch.Tensor | None = None
     decode_only: bool = False
     sparse_budget: int = 0  # pages each decode query reads (select_pages); 0: dense
+    # Layers attended through this batch in the current forward (the model runner checks that
+    # every layer was: a layer that attends some other way would read no cache).
+    attention_calls: int = 0
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store the step's new keys and values ``[rows, num_kv_heads, head_dim]`` (and update

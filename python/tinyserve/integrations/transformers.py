@@ -63,6 +63,7 @@ def tinyserve_attention(
             f"{query.shape[0]}"
         )
     layer = module.layer_idx
+    batch.attention_calls += 1
     batch.write(layer, key[0].transpose(0, 1), value[0].transpose(0, 1))
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     # transformers' window of w keys is tinyserve's window_left = w - 1 (the query's own key
@@ -147,6 +148,20 @@ class TransformersRunner:
     def __init__(self, model: torch.nn.Module):
         config = model.config
         text_config = config.get_text_config()  # the config itself for a text-only model
+        name = type(model).__name__
+        if not getattr(model, "_supports_attention_backend", False):
+            # Falcon, Bloom, MPT (ALiBi), ...: their layers compute attention themselves, so the
+            # engine's cache would never be written or read.
+            raise ValueError(
+                f"tinyserve.TransformersRunner: the model must run its attention through "
+                f"transformers' AttentionInterface, got {name}, which does not"
+            )
+        chunk = getattr(text_config, "attention_chunk_size", None)
+        if chunk:
+            raise ValueError(
+                "tinyserve.TransformersRunner: chunked attention is not supported, got "
+                f"{name} with attention_chunk_size={chunk}"
+            )
         self.model = model
         self.num_layers = text_config.num_hidden_layers
         self.num_q_heads = text_config.num_attention_heads
@@ -189,6 +204,7 @@ class TransformersRunner:
         input_ids = self._on_device(token_ids)[None]
         position_ids = self._on_device(positions)[None]
         keep = 0 if logits_rows is None else self._on_device(logits_rows)
+        batch.attention_calls = 0
         output = self.model(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -196,6 +212,14 @@ class TransformersRunner:
             logits_to_keep=keep,
             tinyserve_batch=batch,
         )
+        if batch.attention_calls != self.num_layers:
+            # A layer that keeps state of its own (linear attention, recurrent layers) or shares
+            # another layer's cache would compute from the step's tokens alone.
+            raise RuntimeError(
+                f"tinyserve.TransformersRunner: every one of the model's {self.num_layers} "
+                f"layers must attend through tinyserve, got {batch.attention_calls} that did "
+                f"({type(self.model).__name__})"
+            )
         return output.logits[0].float()
 
     def _on_device(self, array: torch.Tensor | np.ndarray) -> torch.Tensor:
