@@ -200,9 +200,10 @@ def test_other_llama_family_models_identical_to_transformers(rng, family):
 
 
 def test_models_whose_attention_tinyserve_cannot_own_are_refused(rng):
-    """Models that compute attention themselves (Falcon), chunked attention (Llama 4) and layers
-    that keep state of their own (LFM2's convolutions) would run without reading the cache:
-    refused with the reason, at construction or at the first step."""
+    """Models that compute attention themselves (Falcon), chunked attention (Llama 4), keys and
+    values of different head dims (DeepSeek's latent attention) and layers that keep state of
+    their own (LFM2's convolutions) would not be served exactly: refused with the reason, at
+    construction or at the first step; so is a mask of the model's own."""
     small = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
     falcon = transformers.FalconForCausalLM(transformers.FalconConfig(**small))
     with pytest.raises(ValueError, match="through transformers' AttentionInterface, got Falcon"):
@@ -213,12 +214,32 @@ def test_models_whose_attention_tinyserve_cannot_own_are_refused(rng):
     )
     with pytest.raises(ValueError, match="chunked attention is not supported, got Llama4"):
         TransformersRunner(transformers.AutoModelForCausalLM.from_config(config))
+    config = transformers.DeepseekV3Config(
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        n_group=1,
+        topk_group=1,
+        **{k: v for k, v in common.items() if k != "head_dim"},
+    )
+    with pytest.raises(ValueError, match="latent attention .* got DeepseekV3ForCausalLM"):
+        TransformersRunner(transformers.AutoModelForCausalLM.from_config(config))
     config = transformers.Lfm2Config(layer_types=["conv", "full_attention"], **common)
     runner = TransformersRunner(transformers.AutoModelForCausalLM.from_config(config).eval())
     engine = make_engine(runner)
     engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=2))
     with pytest.raises(RuntimeError, match="model's 2 layers must attend through tinyserve, got 1"):
         engine.step()
+    runner = random_model(4, 2, seed=0)
+    q = torch.zeros(1, 4, 3, 16)
+    mask = torch.zeros(1, 1, 3, 3)
+    with pytest.raises(ValueError, match=r"masks other than causal .* shape \(1, 1, 3, 3\)"):
+        attention = runner.model.model.layers[0].self_attn
+        tinyserve_attention(attention, q, q, q, mask, tinyserve_batch=object())
 
 
 def test_attention_batch_forms(rng):

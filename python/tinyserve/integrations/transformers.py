@@ -62,6 +62,14 @@ def tinyserve_attention(
             f"tinyserve.attention: the step's rows must be packed into batch 1, got batch "
             f"{query.shape[0]}"
         )
+    if attention_mask is not None:
+        # No mask function is registered for "tinyserve", so transformers builds none; a mask
+        # here is the model's own (a bias or a pattern the paged batch cannot express).
+        raise ValueError(
+            "tinyserve.attention: masks other than causal (and sliding-window) are not "
+            f"supported, got an attention_mask of shape {tuple(attention_mask.shape)} from "
+            f"{type(module).__name__}"
+        )
     layer = module.layer_idx
     batch.attention_calls += 1
     batch.write(layer, key[0].transpose(0, 1), value[0].transpose(0, 1))
@@ -155,6 +163,13 @@ class TransformersRunner:
             raise ValueError(
                 f"tinyserve.TransformersRunner: the model must run its attention through "
                 f"transformers' AttentionInterface, got {name}, which does not"
+            )
+        if getattr(text_config, "kv_lora_rank", None):
+            # DeepSeek-V2/V3: keys of qk_nope + qk_rope dims, values of v_head_dim.
+            raise ValueError(
+                "tinyserve.TransformersRunner: multi-head latent attention (keys and values of "
+                f"different head dims) is not supported, got {name} with kv_lora_rank="
+                f"{text_config.kv_lora_rank}"
             )
         chunk = getattr(text_config, "attention_chunk_size", None)
         if chunk:
