@@ -242,6 +242,68 @@ def test_models_whose_attention_tinyserve_cannot_own_are_refused(rng):
         tinyserve_attention(attention, q, q, q, mask, tinyserve_batch=object())
 
 
+def _fp8_reference_attention(scale):
+    """transformers' sdpa attention over keys and values rounded through float8 e4m3fn the way
+    the cache stores them (``x / scale``, nearest even), registered as "fp8_reference"."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
+    def rounded(x):
+        return (x / scale).to(torch.float8_e4m3fn).to(x.dtype) * scale
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        return sdpa_attention_forward(
+            module, query, rounded(key), rounded(value), attention_mask, **kwargs
+        )
+
+    AttentionInterface.register("fp8_reference", attention)
+    AttentionMaskInterface.register("fp8_reference", sdpa_mask)
+    return "fp8_reference"
+
+
+@pytest.mark.parametrize("kv_scale", [1.0, 0.25])
+def test_fp8_kv_cache_tokens_identical_to_transformers_over_rounded_kv(rng, kv_scale):
+    """kv_cache_dtype="fp8": greedy tokens equal transformers' over keys and values rounded
+    through float8 the same way (chunked prefill, prefix hits, preemption by offload); the
+    cache holds a quarter of float32's bytes per block."""
+    runner = random_model(4, 2, seed=int(rng.integers(1 << 31)))
+    prompts = shared_prefix_prompts(rng, 6, prefix_len=9)
+    new = 12
+    longest = max(len(p) for p in prompts) + new
+    engine = make_engine(
+        runner,
+        num_blocks=2 * math.ceil(longest / BLOCK_SIZE) + 1,
+        max_num_batched_tokens=16,
+        num_host_blocks=64,
+        kv_cache_dtype="fp8",
+        kv_cache_scale=kv_scale,
+    )
+    assert all(t.dtype == torch.float8_e4m3fn for t in engine.kv_cache.tensors())
+    assert engine.kv_cache.bytes_per_block == make_engine(runner).kv_cache.bytes_per_block // 4
+    outputs = run_and_check(engine, prompts, SamplingParams(max_new_tokens=new))
+    assert engine.stats.prefix_cache_hit_tokens > 0 and engine.stats.offloads > 0
+    runner.original_attention = _fp8_reference_attention(kv_scale)
+    expected = transformers_generate(runner, prompts, new)
+    assert [o.token_ids[0] for o in outputs] == expected
+    runner.original_attention = "sdpa"
+    dense = transformers_generate(runner, prompts, new)
+    assert expected != dense or kv_scale == 1.0  # at 0.25 the rounding changes some token
+
+
+def test_fp8_kv_cache_argument_errors(rng):
+    runner = random_model(4, 2, seed=0)
+    with pytest.raises(ValueError, match="kv_cache_dtype must be None or 'auto'.*got 'int8'"):
+        make_engine(runner, kv_cache_dtype="int8")
+    with pytest.raises(ValueError, match="kv_cache_scale must be finite and > 0, got 0"):
+        make_engine(runner, kv_cache_dtype="fp8", kv_cache_scale=0)
+    with pytest.raises(TypeError, match="kv_cache_scale must be a number, got str"):
+        make_engine(runner, kv_cache_dtype="fp8", kv_cache_scale="1")
+    with pytest.raises(ValueError, match="sparse decode needs a 16-bit or float32 KV cache"):
+        make_engine(runner, kv_cache_dtype="fp8", sparse_budget_tokens=8)
+    assert make_engine(runner, kv_cache_dtype="auto").kv_cache.kv_dtype == torch.float32
+
+
 def test_attention_batch_forms(rng):
     """The two forms of a step's attention batch, from a table of 3 sequences: one decode row,
     a 3-row chunk and a 2-row chunk."""
@@ -829,6 +891,9 @@ def test_cli_generates_with_and_without_cuda_graphs(rng, monkeypatch, capsys):
     assert made == [(True, "minmax_damped"), (False, "minmax_damped"), (True, "meanstd")]
     out = capsys.readouterr().out
     assert out.count("identical (8 tokens of 2 prompts)") == 3
+    # An fp8 cache: the check names it (tokens may differ from the float32 cache's).
+    assert main([*argv, "--kv-dtype", "fp8"]) in (0, 1)
+    assert "(sdpa, tinyserve's cache in fp8, float32)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -848,6 +913,9 @@ def test_cli_generates_with_and_without_cuda_graphs(rng, monkeypatch, capsys):
         (["--top-p", "nan"], "--top-p must be in (0, 1], got nan"),
         (["--temperature", "-1", "--n", "2"], "--temperature must be finite and >= 0, got -1.0"),
         (["--temperature", "inf"], "--temperature must be finite and >= 0, got inf"),
+        (["--kv-scale", "0"], "--kv-scale must be finite and > 0, got 0.0"),
+        (["--kv-dtype", "fp8", "--budget", "64"], "--budget (sparse decode) needs a 16-bit"),
+        (["--kv-dtype", "int8"], "argument --kv-dtype: invalid choice: 'int8'"),
     ],
 )
 def test_cli_rejects_bad_arguments(capsys, argv, message):
@@ -1141,6 +1209,23 @@ def test_cuda_graphs_identical_to_eager_and_transformers(rng, heads):
     # All together: one bucket, then smaller ones as requests finish.
     outputs = run_and_check(graphs, prompts, SamplingParams(max_new_tokens=9))
     assert [o.token_ids[0] for o in outputs] == transformers_generate(runner, prompts, 9)
+
+
+@pytest.mark.cuda
+def test_cuda_graphs_fp8_kv_cache(rng):
+    """A float8 cache on CUDA (float32 model), requests joining and leaving every step: the
+    same tokens with graphs, without, and from transformers over keys and values rounded
+    through float8."""
+    runner = random_model(6, 2, seed=int(rng.integers(1 << 31)), device="cuda")
+    prompts, lengths = staggered_workload(rng)
+    graphs, eager = graph_engines(
+        runner, max_num_batched_tokens=5, kv_cache_dtype="fp8", kv_cache_scale=0.5
+    )
+    with_graphs = [g[0] for g in run_staggered(graphs, prompts, lengths)]
+    assert with_graphs == [g[0] for g in run_staggered(eager, prompts, lengths)]
+    assert graphs.stats.cuda_graph_steps > 0
+    runner.original_attention = _fp8_reference_attention(0.5)
+    assert with_graphs == expected_tokens(runner, prompts, lengths)
 
 
 @pytest.mark.cuda

@@ -40,6 +40,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument(
+        "--kv-dtype",
+        choices=("auto", "fp8"),
+        default="auto",
+        help="KV cache dtype: the model's (auto), or float8 e4m3fn (fp8; not with --budget)",
+    )
+    parser.add_argument(
+        "--kv-scale",
+        type=float,
+        default=1.0,
+        help="fp8 cache: values are stored as x / scale (default 1: up to +-448)",
+    )
+    parser.add_argument(
         "--model", help="a local transformers model folder or GGUF file (default: SmolLM2)"
     )
     parser.add_argument(
@@ -107,6 +119,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             parser.error(f"{flag} must be >= {least}, got {value}")
     if args.temperature is not None and not 0 <= args.temperature < math.inf:
         parser.error(f"--temperature must be finite and >= 0, got {args.temperature}")
+    if not 0 < args.kv_scale < math.inf:
+        parser.error(f"--kv-scale must be finite and > 0, got {args.kv_scale}")
+    if args.kv_dtype == "fp8" and args.budget is not None:
+        parser.error(
+            "--budget (sparse decode) needs a 16-bit or float32 KV cache, not --kv-dtype fp8"
+        )
     if not 0 < args.top_p <= 1:
         parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.temperature is None:
@@ -207,6 +225,8 @@ def main(argv: list[str]) -> int:
         cuda_graphs=not args.no_cuda_graphs,
         # Graphs for the batch sizes these samples can make, not the default 256 sequences.
         cuda_graph_batch_sizes=default_batch_sizes(min(args.n * len(prompt_ids), 256)),
+        kv_cache_dtype=args.kv_dtype,
+        kv_cache_scale=args.kv_scale,
     )
 
     on_token = None
@@ -237,6 +257,8 @@ def main(argv: list[str]) -> int:
         return 0
     reference = transformers_generate(runner, prompt_ids, args.max_new_tokens)
     attention = runner.original_attention
+    if args.kv_dtype == "fp8":
+        attention += ", tinyserve's cache in fp8"
     mismatches = []
     for output, expected in zip(outputs, reference):
         for sample, tokens in enumerate(output.token_ids):

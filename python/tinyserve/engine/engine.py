@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import numbers
 import operator
 import time
@@ -35,6 +36,19 @@ from .request import (
 )
 from .sampling import greedy_tokens, make_generator, sample_token
 from .scheduler import Scheduler
+
+
+def _kv_cache_dtype(value: str | torch.dtype | None, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's dtype: the model's (None, "auto"), or float8 e4m3fn ("fp8",
+    "float8_e4m3fn", torch.float8_e4m3fn)."""
+    if value is None or value == "auto" or value == model_dtype:
+        return model_dtype
+    if value in ("fp8", "float8_e4m3fn", torch.float8_e4m3fn):
+        return torch.float8_e4m3fn
+    raise ValueError(
+        "tinyserve.Engine: kv_cache_dtype must be None or 'auto' (the model's dtype), or 'fp8' "
+        f"(float8 e4m3fn), got {value!r}"
+    )
 
 
 class ModelRunner(Protocol):
@@ -148,6 +162,10 @@ class Engine:
     (:data:`~tinyserve.engine.kv.ENGINE_PAGE_SUMMARY`, the best on SmolLM2 in
     docs/selection.md) unless told ``"minmax"`` (Quest's bound, the library's default) or
     ``"meanstd"``.
+    ``kv_cache_dtype="fp8"`` stores keys and values as float8 e4m3fn (half the bytes of a 16-bit
+    cache, a quarter of float32's), quantised as ``x / kv_cache_scale`` (one scale for every
+    layer and head, default 1; values beyond 448 times it saturate) and dequantised inside
+    attention; not with sparse decode.
     ``packed_prefill`` picks how prefill rows reach ``paged_attention``: packed with
     ``query_start_loc`` (default), or each row as a decode query
     (:func:`~tinyserve.engine.kv.build_attention_batch`).
@@ -177,6 +195,8 @@ class Engine:
         sparse_summary: str = ENGINE_PAGE_SUMMARY,
         cuda_graphs: bool = True,
         cuda_graph_batch_sizes: SequenceOf[int] | None = None,
+        kv_cache_dtype: str | torch.dtype | None = None,
+        kv_cache_scale: float = 1.0,
     ):
         for name, value, least in (
             ("num_blocks", num_blocks, 1),
@@ -202,6 +222,22 @@ class Engine:
                     f"{sparse_budget_tokens}"
                 )
             self.sparse_budget = -(-sparse_budget_tokens // block_size)
+        kv_dtype = _kv_cache_dtype(kv_cache_dtype, runner.dtype)
+        if kv_dtype == torch.float8_e4m3fn:
+            if isinstance(kv_cache_scale, bool) or not isinstance(kv_cache_scale, numbers.Real):
+                raise TypeError(
+                    "tinyserve.Engine: kv_cache_scale must be a number, got "
+                    f"{type(kv_cache_scale).__name__}"
+                )
+            if not 0 < kv_cache_scale < math.inf:
+                raise ValueError(
+                    f"tinyserve.Engine: kv_cache_scale must be finite and > 0, got {kv_cache_scale}"
+                )
+            if self.sparse_budget:
+                raise ValueError(
+                    "tinyserve.Engine: sparse decode needs a 16-bit or float32 KV cache (its page "
+                    "summaries), got sparse_budget_tokens with kv_cache_dtype float8_e4m3fn"
+                )
         if sparse_summary not in PAGE_SUMMARIES:
             raise ValueError(
                 "tinyserve.Engine: sparse_summary must be one of "
@@ -218,6 +254,8 @@ class Engine:
             runner.device,
             page_meta=self.sparse_budget > 0,
             page_summary=sparse_summary,
+            kv_dtype=kv_dtype,
+            kv_scale=kv_cache_scale,
         )
         self.compactor = None
         run_plan = None

@@ -28,7 +28,12 @@ class PagedKVCache:
     ``reshape_and_cache``, read by ``select_pages`` for sparse decode), indexed by block like the
     caches so that block copies and the compactor move them along. ``page_summary`` names the
     summary those pages keep and sparse decode scores (``summary=`` of
-    :func:`tinyserve.select_pages`); the engine's choice is ``ENGINE_PAGE_SUMMARY``."""
+    :func:`tinyserve.select_pages`); the engine's choice is ``ENGINE_PAGE_SUMMARY``.
+
+    ``kv_dtype`` (default: ``dtype``) may be ``torch.float8_e4m3fn``: keys and values are then
+    quantised as they are written (``x / kv_scale``, one scale for every layer and head) and
+    dequantised in the attention kernels; fresh blocks hold float8's NaN. Page summaries need a
+    16-bit or float32 cache."""
 
     def __init__(
         self,
@@ -41,6 +46,8 @@ class PagedKVCache:
         device: torch.device,
         page_meta: bool = False,
         page_summary: str | None = None,
+        kv_dtype: torch.dtype | None = None,
+        kv_scale: float = 1.0,
     ):
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.page_summary = ENGINE_PAGE_SUMMARY if page_summary is None else page_summary
@@ -48,15 +55,31 @@ class PagedKVCache:
         self.block_size = block_size
         self.device = torch.device(device)
         self.dtype = dtype
-        self.layers = [
-            (
-                torch.full(shape, float("nan"), dtype=dtype, device=device),
-                torch.full(shape, float("nan"), dtype=dtype, device=device),
+        self.kv_dtype = dtype if kv_dtype is None else kv_dtype
+        fp8 = self.kv_dtype == torch.float8_e4m3fn
+        if not fp8 and self.kv_dtype != dtype:
+            raise ValueError(
+                "tinyserve.PagedKVCache: kv_dtype must be the model's dtype or "
+                f"torch.float8_e4m3fn, got {self.kv_dtype}"
             )
-            for _ in range(num_layers)
-        ]
+        if fp8 and page_meta:
+            raise ValueError(
+                "tinyserve.PagedKVCache: page summaries (sparse decode) need a 16-bit or float32 "
+                "cache, got torch.float8_e4m3fn"
+            )
+        # The keyword arguments that the cache's writes and reads pass: float8's scales.
+        self.scales = {"k_scale": float(kv_scale), "v_scale": float(kv_scale)} if fp8 else {}
+
+        def poisoned() -> torch.Tensor:
+            if fp8:  # 0x7f: float8 e4m3fn's NaN (torch fills no float8 tensor on the CPU)
+                return torch.full(shape, 0x7F, dtype=torch.uint8, device=device).view(
+                    torch.float8_e4m3fn
+                )
+            return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+        self.layers = [(poisoned(), poisoned()) for _ in range(num_layers)]
         self.bytes_per_block = 2 * num_layers * block_size * num_kv_heads * head_dim
-        self.bytes_per_block *= torch.empty((), dtype=dtype).element_size()
+        self.bytes_per_block *= torch.empty((), dtype=self.kv_dtype).element_size()
         self.page_meta: list[torch.Tensor] | None = None
         if page_meta:
             meta_shape = tinyserve.page_meta_shape(self.layers[0][0])
@@ -116,9 +139,9 @@ class AttentionBatch:
         the written pages' summaries when the cache keeps them)."""
         key_cache, value_cache = self.kv_cache.layers[layer]
         meta = self.kv_cache.page_meta
-        extra = {}
+        extra = dict(self.kv_cache.scales)
         if meta is not None:
-            extra = {"page_meta": meta[layer], "summary": self.kv_cache.page_summary}
+            extra.update(page_meta=meta[layer], summary=self.kv_cache.page_summary)
         tinyserve.reshape_and_cache(key, value, key_cache, value_cache, self.slot_mapping, **extra)
 
     def attend(
@@ -165,6 +188,7 @@ class AttentionBatch:
             max_seq_len=self.max_seq_len,
             return_lse=sinks is not None,
             **packed,
+            **self.kv_cache.scales,
         )
         if sinks is None:
             return result
