@@ -52,13 +52,16 @@ def export(array: Any) -> Any:
         return array
 
 
+_FRAMEWORKS = {"torch": "torch", "cupy": "cupy", "numpy": "numpy", "jax": "jax", "jaxlib": "jax"}
+
+
 def framework(array: Any) -> str:
-    """'torch', 'cupy', 'jax', 'numpy', or 'other' (any DLPack or buffer-protocol producer)."""
-    module = type(array).__module__.split(".", 1)[0]
-    if module in ("torch", "cupy", "numpy"):
-        return module
-    if module in ("jax", "jaxlib"):
-        return "jax"
+    """'torch', 'cupy', 'jax', 'numpy', or 'other' (any DLPack or buffer-protocol producer). A
+    subclass defined elsewhere (a torch.Tensor subclass of the caller's) is its base's."""
+    for cls in type(array).__mro__[:-1]:  # the class, then its bases; not object
+        fw = _FRAMEWORKS.get(cls.__module__.split(".", 1)[0])
+        if fw is not None:
+            return fw
     return "other"
 
 
@@ -166,7 +169,16 @@ def empty(
             f"tinyserve.{op}: cannot allocate an output on a CUDA device through an unknown "
             f"framework (pass out= explicitly), got a {type(like).__name__}"
         )
-    return np.empty(shape, dtype=np.asarray(like).dtype if dtype is None else dtype)
+    if dtype is None:
+        try:  # a DLPack producer or a buffer of a dtype NumPy knows
+            dtype = np.from_dlpack(like).dtype if hasattr(like, "__dlpack__") else None
+            dtype = np.asarray(like).dtype if dtype is None else dtype
+        except (TypeError, ValueError, BufferError, RuntimeError):
+            raise ArgumentTypeError(
+                f"tinyserve.{op}: cannot allocate an output like a {type(like).__name__} whose "
+                "dtype NumPy cannot hold (pass out= explicitly)"
+            ) from None
+    return np.empty(shape, dtype=dtype)
 
 
 def any_jax(*arrays: Any) -> bool:

@@ -83,13 +83,17 @@ def _shape(array: Any, op: str, name: str) -> tuple[int, ...]:
     allocate outputs), with the core's ArgumentTypeError for an object that is no array."""
     shape = getattr(array, "shape", None)
     if shape is None:
+        # DLPack producers without .shape, and tinyserve's own arrays (CachePool's) of a dtype
+        # the buffer protocol cannot describe (bfloat16): as the core imports them.
         try:
-            shape = memoryview(array).shape
-        except TypeError:
+            shape = _C._array_shape(array)
+        except Exception:  # noqa: BLE001 - a producer whose export fails: no array to us
+            shape = None
+        if shape is None:
             raise ArgumentTypeError(
                 f"tinyserve.{op}: {name} must be an array (DLPack or buffer protocol), got "
                 f"{type(array).__name__}"
-            ) from None
+            )
     return tuple(int(n) for n in shape)
 
 
@@ -103,8 +107,9 @@ def _scale(scale: Any) -> Any:
 
 def _fp8_view(cache: Any, kv_dtype: str | None) -> tuple[Any, str | None]:
     """A NumPy array of ml_dtypes' float8_e4m3fn goes to the core as its uint8 bits, with
-    ``kv_dtype`` saying what they are (NumPy itself has no float8 type to export)."""
-    if kv_dtype is None and _interop.framework(cache) == "numpy":
+    ``kv_dtype`` saying what they are (NumPy itself has no float8 type to export). Each cache of
+    a call is viewed on its own, whether ``kv_dtype`` was given or set by the other cache."""
+    if kv_dtype in (None, "float8_e4m3fn") and _interop.framework(cache) == "numpy":
         if getattr(cache.dtype, "name", "") == "float8_e4m3fn":
             return cache.view("uint8"), "float8_e4m3fn"
     return cache, kv_dtype

@@ -405,7 +405,8 @@ class Int64Arg {
     if (a.device_type() != nb::device::cpu::value) {
       detail::fail(op, name, " must be on the CPU, got DLPack device type ", a.device_type());
     }
-    if (a.ndim() != 1) detail::fail(op, name, " must be 1-D, got ", a.ndim(), " dimensions");
+    // The dtype first: a float or bool scalar (numpy.float64(2.0)) is a type error, not a
+    // shape one.
     const nb::dlpack::dtype dt = a.dtype();
     const auto code = static_cast<nb::dlpack::dtype_code>(dt.code);
     const bool is_signed = code == nb::dlpack::dtype_code::Int;
@@ -413,6 +414,7 @@ class Int64Arg {
         (dt.bits != 8 && dt.bits != 16 && dt.bits != 32 && dt.bits != 64)) {
       type_error(op, name, " must hold integers, got ", dlpack_dtype_name(dt));
     }
+    if (a.ndim() != 1) detail::fail(op, name, " must be 1-D, got ", a.ndim(), " dimensions");
     size_ = a.shape(0);
     const std::int64_t stride = a.stride(0);
     const auto* bytes = static_cast<const std::uint8_t*>(a.data());

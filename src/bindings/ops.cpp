@@ -294,6 +294,19 @@ void bind_ops(nb::module_& m) {
       "stream"_a.none(), nb::sig("def _stream_synchronize(stream: int) -> None"),
       "Waits for the CUDA stream (used where a framework shares no stream).");
 
+  m.def(
+      "_array_shape",
+      [](nb::handle h) -> nb::object {
+        // What the core would import (DLPack or the buffer protocol), any dtype and device.
+        nb::ndarray<nb::ro> a;
+        if (!nb::try_cast(h, a, /*convert=*/false)) return nb::none();
+        nb::list shape;
+        for (std::size_t i = 0; i < a.ndim(); ++i) shape.append(a.shape(i));
+        return nb::tuple(shape);
+      },
+      "array"_a.none(), nb::sig("def _array_shape(array: object) -> tuple[int, ...] | None"),
+      "The shape of an array as the ops import it, or None for an object that is no array.");
+
   m.def("cuda_compiled", &cuda_compiled, "True when the library was built with CUDA kernels.");
   m.def("cuda_device_count", &cuda_device_count,
         "CUDA devices visible to tinyserve (0 without CUDA, driver or device).");

@@ -27,6 +27,11 @@ from hypothesis.stateful import (
 import tinyserve
 from tinyserve import BlockManager, OutOfBlocks
 
+try:
+    import torch
+except ImportError:
+    torch = None
+
 # How an int argument outside int64 is refused.
 INT64_RANGE = r"must be an int in \[-9223372036854775808, 9223372036854775807\]"
 
@@ -233,6 +238,33 @@ def test_integer_array_dtype_errors_name_the_dtype():
     bm = BlockManager(8, 2)
     with pytest.raises(TypeError, match=r"append_batch: seq_ids must hold integers, got float64"):
         bm.append_batch(np.array([1.0]), 1)
+    bm.add_sequence(0)
+    before = snapshot(bm, [0])
+    # NumPy float and bool scalars are counts of the wrong type, not of the wrong shape.
+    for count, dtype in [(np.float64(2.0), "float64"), (np.float32(2.0), "float32")]:
+        with pytest.raises(
+            TypeError, match=rf"append_batch: num_tokens must hold integers, got {dtype}"
+        ):
+            bm.append_batch([0], count)
+    with pytest.raises(TypeError, match=r"append_batch: num_tokens must hold integers, got bool"):
+        bm.append_batch([0], np.bool_(True))
+    with pytest.raises(TypeError, match=r"add_sequence: token_ids must hold integers, got float64"):
+        bm.add_sequence(1, np.float64(1.0))
+    assert snapshot(bm, [0]) == before and not bm.has_sequence(1)
+
+
+def test_membership_takes_any_integer_id():
+    """``x in manager`` answers as has_sequence for Python, NumPy and 0-d torch integers, and
+    False for anything that is no id (a bool, a float, a string, an int beyond int64)."""
+    bm = BlockManager(8, 2)
+    bm.add_sequence(5)
+    ids = [5, np.int64(5), np.int32(5), np.uint8(5)]
+    if torch is not None:
+        ids.append(torch.tensor(5))
+    for seq_id in ids:
+        assert seq_id in bm and bm.has_sequence(seq_id)
+    for other in (6, np.int64(6), True, 5.0, "5", None, 2**70, -(2**70)):
+        assert other not in bm
 
 
 def test_fresh_manager_is_all_free():

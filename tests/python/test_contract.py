@@ -100,6 +100,62 @@ def test_page_meta_shape(rng):
         ts.page_meta_shape("cache")
 
 
+class DLPackOnly:
+    """A producer that offers nothing but DLPack (no .shape, no buffer protocol)."""
+
+    def __init__(self, array):
+        self._array = array
+
+    def __dlpack__(self, **kwargs):
+        return self._array.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._array.__dlpack_device__()
+
+
+def test_arrays_without_shape_attributes_allocate_outputs(rng):
+    """Outputs sized from an argument that has no ``.shape``: a DLPack-only query, and
+    CachePool's own bfloat16 arrays (no buffer-protocol format exists for bfloat16)."""
+    torch = pytest.importorskip("torch")
+    case = R.PagedCase(rng, [20, 5], 4, 2, 64, 16)
+    q = np.ascontiguousarray(case.query, np.float32)
+    kc, vc = np.float32(case.key_cache), np.float32(case.value_cache)
+    out = ts.paged_attention(DLPackOnly(q), kc, vc, case.block_table, case.seq_lens)
+    assert isinstance(out, np.ndarray) and out.shape == q.shape
+    np.testing.assert_array_equal(
+        out, ts.paged_attention(q, kc, vc, case.block_table, case.seq_lens)
+    )
+    pool = ts.CachePool(1, 8, 16, 2, 64, "bfloat16", "cpu", page_meta=True, num_blocks=8)
+    assert ts.page_meta_shape(pool.key(0)) == (8, 2, 2, 64)
+    query = torch.randn(1, 4, 64, dtype=torch.bfloat16)
+    table = torch.tensor([[0, 1, 2]], dtype=torch.int32)
+    lens = torch.tensor([40], dtype=torch.int32)
+    pages, kept = ts.select_pages(query, pool.page_meta(0), table, lens, 2, block_size=16)
+    assert isinstance(pages, torch.Tensor) and pages.shape == (1, 2, 2)
+    assert kept.tolist() == [[24, 24]]  # a full page and the last 8 tokens, per KV head
+
+
+def test_outputs_of_a_torch_subclass_query_are_torch_tensors(rng):
+    """A query of the caller's own torch.Tensor subclass is torch's: the allocated output is a
+    torch tensor, as for a plain one."""
+    torch = pytest.importorskip("torch")
+
+    class Tagged(torch.Tensor):
+        pass
+
+    case = R.PagedCase(rng, [20, 5], 4, 2, 64, 16)
+    q = torch.from_numpy(np.float32(case.query)).as_subclass(Tagged)
+    kc = torch.from_numpy(np.float32(case.key_cache))
+    vc = torch.from_numpy(np.float32(case.value_cache))
+    table, lens = torch.from_numpy(case.block_table), torch.from_numpy(case.seq_lens)
+    out = ts.paged_attention(q, kc, vc, table, lens)
+    assert isinstance(out, torch.Tensor)
+    ref, _ = R.paged_attention(
+        case.query, case.key_cache, case.value_cache, case.block_table, case.seq_lens
+    )
+    assert R.rel_error(np.asarray(torch.Tensor(out)), ref) < 1e-5
+
+
 def _manager_with_cached_block(seed_token):
     manager = ts.BlockManager(4, 2, enable_prefix_caching=True)
     compactor = ts.Compactor(manager, num_host_blocks=2)

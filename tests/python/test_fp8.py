@@ -1004,3 +1004,33 @@ def test_page_summaries_refuse_float8_caches(rng, fw):
     with pytest.raises(ValueError, match="k_scale and v_scale apply to float8_e4m3fn caches"):
         ts.reshape_and_cache(x, x, floats, floats_v, slots, meta, k_scale=2.0)
     assert np.isnan(f64(floats)).all() and np.isnan(f64(meta)).all()
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["inferred", "kv_dtype"])
+def test_numpy_float8_caches_of_ml_dtypes(rng, explicit):
+    """NumPy caches of ml_dtypes' float8_e4m3fn go in as they are (both caches viewed, whether
+    kv_dtype is given or found from the key cache): written like uint8 bit caches, attended
+    like them."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    n, p, h, d = 4, 16, 2, 64
+    kc = np.zeros((n, p, h, d), ml_dtypes.float8_e4m3fn)
+    vc = np.zeros_like(kc)
+    bits_k = np.zeros((n, p, h, d), np.uint8)
+    bits_v = np.zeros_like(bits_k)
+    x = rng.standard_normal((2, 40, h, d)).astype(np.float32)
+    slots = rng.permutation(n * p)[:40].astype(np.int64)
+    kw = {"kv_dtype": "float8_e4m3fn"} if explicit else {}
+    ts.reshape_and_cache(x[0], x[1], kc, vc, slots, k_scale=0.5, v_scale=0.25, **kw)
+    ts.reshape_and_cache(
+        x[0], x[1], bits_k, bits_v, slots, k_scale=0.5, v_scale=0.25, kv_dtype="float8_e4m3fn"
+    )
+    np.testing.assert_array_equal(kc.view(np.uint8), bits_k)
+    np.testing.assert_array_equal(vc.view(np.uint8), bits_v)
+    q = rng.standard_normal((2, 4, d)).astype(np.float32)
+    table = np.array([[0, 1, 2], [3, 2, 1]], np.int32)
+    lens = np.array([40, 33], np.int32)
+    out = ts.paged_attention(q, kc, vc, table, lens, k_scale=0.5, v_scale=0.25, **kw)
+    k = decode_e4m3(bits_k) * 0.5
+    v = decode_e4m3(bits_v) * 0.25
+    ref, _ = R.paged_attention(q.astype(np.float64), k, v, table, lens)
+    assert R.rel_error(out, ref) < TOLERANCE["float32"]
