@@ -304,6 +304,63 @@ def test_fp8_kv_cache_argument_errors(rng):
     assert make_engine(runner, kv_cache_dtype="auto").kv_cache.kv_dtype == torch.float32
 
 
+def test_abort_request_frees_everything_and_leaves_the_others_exact(rng):
+    """abort_request on a waiting request, on a running one mid-generation, on one preempted by
+    offload (blocks on the host), and from an on_token callback (with two samples): no output
+    for them, every block freed on both pools, the other requests' tokens still transformers'."""
+    runner = random_model(4, 2, seed=int(rng.integers(1 << 31)))
+    prompts = shared_prefix_prompts(rng, 6, prefix_len=9)
+    new = 12
+    expected = transformers_generate(runner, prompts, new)
+    longest = max(len(p) for p in prompts) + new
+    engine = make_engine(
+        runner, num_blocks=2 * math.ceil(longest / BLOCK_SIZE) + 1, num_host_blocks=64
+    )
+    params = SamplingParams(max_new_tokens=new)
+    ids = [engine.add_request(p, params) for p in prompts]
+    assert engine.abort_request(ids[5])  # waiting
+    assert not engine.abort_request(ids[5]) and not engine.abort_request(999)
+    outputs = {}
+    swapped_aborted = running_aborted = False
+    while engine.has_unfinished():
+        for output in engine.step():
+            outputs[output.request_id] = output
+        engine.block_manager.check()
+        if not swapped_aborted and engine.scheduler.swapped:
+            victim = engine.scheduler.swapped[0].request.request_id
+            assert engine.compactor.num_offloaded(engine.scheduler.swapped[0].seq_id) > 0
+            assert engine.abort_request(victim)
+            swapped_aborted = True
+        if not running_aborted and engine.stats.steps == 4:
+            victim = engine.scheduler.running[0].request.request_id
+            assert engine.abort_request(victim)
+            running_aborted = True
+        engine.block_manager.check()
+    assert swapped_aborted and running_aborted
+    assert engine.stats.aborted_requests == 3
+    assert "aborted requests: 3" in engine.stats.summary()
+    assert engine.block_manager.stats()["num_used"] == 0
+    assert engine.compactor.num_free_host_blocks == 64
+    assert len(outputs) == 3
+    for request_id, output in outputs.items():
+        assert output.token_ids[0] == expected[ids.index(request_id)]
+
+    # From a callback: the request (two samples) stops after its third token.
+    engine = make_engine(runner)
+    seen = []
+
+    def on_token(request_id, sample, token):
+        seen.append(request_id)
+        if request_id == 1 and seen.count(1) == 3:
+            engine.abort_request(1)
+
+    sampled = SamplingParams(max_new_tokens=new, n=2, temperature=0.8, seed=3)
+    results = engine.generate(prompts[:3], sampled, on_token)
+    assert results[1] is None and results[0] is not None and results[2] is not None
+    assert seen.count(1) == 3 and engine.block_manager.stats()["num_used"] == 0
+    engine.block_manager.check()
+
+
 def test_attention_batch_forms(rng):
     """The two forms of a step's attention batch, from a table of 3 sequences: one decode row,
     a 3-row chunk and a 2-row chunk."""

@@ -101,6 +101,7 @@ class EngineStats:
     # densely (the same pages select_pages would keep, without its launches).
     sparse_fitting_steps: int = 0
     cuda_graph_steps: int = 0  # decode steps replayed from a captured CUDA graph
+    aborted_requests: int = 0  # requests stopped by Engine.abort_request
     peak_blocks_used: int = 0
     blocks_used: int = 0
     blocks_free: int = 0
@@ -127,7 +128,9 @@ class EngineStats:
                 f"blocks: {self.blocks_used} used, {self.blocks_free} free "
                 f"(peak {self.peak_blocks_used} used); copy-on-write copies: "
                 f"{self.copy_on_write_blocks}, forks: {self.forks}",
-                f"preemptions: {self.preemptions}; offloads/recalls: {self.offloads}/"
+                f"preemptions: {self.preemptions}; "
+                + (f"aborted requests: {self.aborted_requests}; " if self.aborted_requests else "")
+                + f"offloads/recalls: {self.offloads}/"
                 f"{self.recalls} blocks; sparse decode steps: {self.sparse_decode_steps}"
                 + (
                     f" (and {self.sparse_fitting_steps} dense: every sequence fit the budget)"
@@ -293,6 +296,7 @@ class Engine:
             )
         self._request_ids = itertools.count()
         self._seq_ids = itertools.count()
+        self._requests: dict[int, Request] = {}  # the unfinished requests, by id
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -343,7 +347,23 @@ class Engine:
         request.samples.append(self._new_sequence(request, 0, list(prompt)))
         self.scheduler.add(request.samples[0])
         self.stats.prompt_tokens += len(prompt)
+        self._requests[request.request_id] = request
         return request.request_id
+
+    def abort_request(self, request_id: int) -> bool:
+        """Stop a request now (a client went away): its samples leave the batch, their blocks
+        are freed (offloaded ones too) and no output is made for it. True if it was unfinished;
+        False for an id that finished, was aborted or never existed. Safe between steps and from
+        an ``on_token`` callback (the rest of that step skips it)."""
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return False
+        for seq in request.samples:
+            self.scheduler.abort(seq)
+        request.aborted = True
+        self.stats.aborted_requests += 1
+        self._update_block_stats()
+        return True
 
     def _token_ids(self, prompt_ids: Any) -> list[int]:
         """The prompt as a list of ints, each a token id of the model's vocabulary (an id past
@@ -377,14 +397,16 @@ class Engine:
         prompts: SequenceOf[SequenceOf[int]],
         params: SamplingParams | None = None,
         on_token: TokenCallback | None = None,
-    ) -> list[RequestOutput]:
-        """Run the prompts to completion together; outputs in prompt order."""
+    ) -> list[RequestOutput | None]:
+        """Run the prompts to completion together; outputs in prompt order (None for a request
+        that an ``on_token`` callback aborted)."""
         ids = [self.add_request(p, params, on_token) for p in prompts]
         done: dict[int, RequestOutput] = {}
         while self.has_unfinished():
             for output in self.step():
                 done[output.request_id] = output
-        return [done[i] for i in ids]
+        # A request aborted meanwhile (from a callback) has no output: None in its place.
+        return [done.get(i) for i in ids]
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -499,6 +521,8 @@ class Engine:
         finished: list[RequestOutput] = []
         eos_ids = self.runner.eos_token_ids
         for (seq, _), token in zip(rows, tokens):
+            if seq.request.aborted:  # by an on_token callback earlier in this loop
+                continue
             params = seq.request.params
             seq.token_ids.append(token)
             self.stats.generated_tokens += 1
@@ -516,6 +540,7 @@ class Engine:
                 continue
             if request.finished:
                 request.finish_time = now
+                self._requests.pop(request.request_id, None)
                 finished.append(self._output(request))
         return finished
 

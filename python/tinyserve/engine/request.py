@@ -142,6 +142,7 @@ class Request:
     finish_time: float | None = None
     prefix_cache_hit_tokens: int = 0
     samples: list[Sequence] = field(default_factory=list)
+    aborted: bool = False
 
     @property
     def finished(self) -> bool:

@@ -114,6 +114,22 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
+    def abort(self, seq: Sequence) -> None:
+        """Drop a sequence wherever it is: its blocks (device and offloaded) are freed, and it
+        leaves its queue."""
+        if seq.status is SequenceStatus.FINISHED:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.SWAPPED:
+            self.swapped.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        if self.bm.has_sequence(seq.seq_id):
+            self.bm.free(seq.seq_id)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "abort"
+
     def schedule(self) -> StepPlan:
         self._recall_swapped()
         while True:
