@@ -142,6 +142,14 @@ def test_eos_stops_a_sample_unless_ignore_eos(rng):
     assert [o.token_ids[0] for o in outputs] == free
     assert transformers_generate(runner, prompts, new, ignore_eos=True) == free
     assert all(o.finish_reasons == ["length"] for o in outputs)
+    # The same token as a stop token: it ends the sample even with ignore_eos.
+    runner.eos_token_ids = set()
+    params = SamplingParams(max_new_tokens=new, ignore_eos=True, stop_token_ids=[np.int64(eos)])
+    outputs = run_and_check(make_engine(runner), prompts, params)
+    assert [o.token_ids[0] for o in outputs] == stopped
+    assert [o.finish_reasons[0] for o in outputs] == [
+        "stop" if eos in t else "length" for t in free
+    ]
 
 
 FAMILIES = ["mistral_sliding_window", "qwen3", "gemma2", "gpt_oss", "phi3"]
@@ -807,6 +815,7 @@ def test_engine_argument_errors(rng):
         (dict(top_k=-1), "top_k must be >= 0, got -1"),
         (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
         (dict(top_p=math.nan), r"top_p must be in \(0, 1\], got nan"),
+        (dict(stop_token_ids=[3, -1]), "stop_token_ids must be >= 0, got -1"),
         (dict(seed=2**64), r"seed must be in \[-2\*\*63, 2\*\*64 - n\], got 18446744073709551616"),
         (dict(seed=2**64 - 2, n=3), r"seed must be in \[-2\*\*63, 2\*\*64 - n\]"),
     ],
@@ -827,6 +836,9 @@ def test_sampling_params_errors(change, match):
         (dict(temperature="0.5"), "temperature must be a number, got str '0.5'"),
         (dict(top_p=None), "top_p must be a number, got NoneType None"),
         (dict(ignore_eos="yes"), "ignore_eos must be a bool, got str"),
+        (dict(stop_token_ids=5), "stop_token_ids must be a sequence of token ids, got int"),
+        (dict(stop_token_ids="5"), "stop_token_ids must be a sequence of token ids, got str"),
+        (dict(stop_token_ids=[1, 2.0]), r"stop_token_ids\[1\] must be an integer, got float"),
     ],
 )
 def test_sampling_params_type_errors(change, match):

@@ -534,6 +534,8 @@ class Engine:
                 request.on_token(request.request_id, seq.sample_index, token)
             if token in eos_ids and not params.ignore_eos:
                 self.scheduler.finish(seq, "eos")
+            elif token in params.stop_token_ids:
+                self.scheduler.finish(seq, "stop")
             elif seq.num_generated >= params.max_new_tokens:
                 self.scheduler.finish(seq, "length")
             else:

@@ -52,6 +52,8 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False
+    # Tokens that end a sample like EOS does (finish reason "stop"), whatever ignore_eos says.
+    stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "n", "top_k"):
@@ -66,6 +68,21 @@ class SamplingParams:
                 f"{type(self.ignore_eos).__name__}"
             )
         object.__setattr__(self, "ignore_eos", bool(self.ignore_eos))
+        if isinstance(self.stop_token_ids, (str, bytes)) or not hasattr(
+            self.stop_token_ids, "__iter__"
+        ):
+            raise TypeError(
+                "tinyserve.SamplingParams: stop_token_ids must be a sequence of token ids, got "
+                f"{type(self.stop_token_ids).__name__}"
+            )
+        stops = tuple(
+            _integer(f"stop_token_ids[{i}]", t) for i, t in enumerate(self.stop_token_ids)
+        )
+        if any(t < 0 for t in stops):
+            raise ValueError(
+                f"tinyserve.SamplingParams: stop_token_ids must be >= 0, got {min(stops)}"
+            )
+        object.__setattr__(self, "stop_token_ids", stops)
         if self.max_new_tokens < 1:
             raise ValueError(
                 f"tinyserve.SamplingParams: max_new_tokens must be >= 1, got {self.max_new_tokens}"
@@ -160,7 +177,8 @@ class Request:
 @dataclass(frozen=True)
 class RequestOutput:
     """A finished request: each sample's generated token ids (and text, when the engine has a
-    tokenizer), why each stopped (``"length"`` or ``"eos"``), and its time to first token."""
+    tokenizer), why each stopped (``"length"``, ``"eos"``, or ``"stop"`` for one of
+    ``stop_token_ids``; the stopping token is kept), and its time to first token."""
 
     request_id: int
     prompt_ids: list[int]
