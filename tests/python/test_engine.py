@@ -369,6 +369,82 @@ def test_abort_request_frees_everything_and_leaves_the_others_exact(rng):
     engine.block_manager.check()
 
 
+@pytest.mark.parametrize(
+    "sparse,host_blocks",
+    [(False, 0), (False, 32), (True, 32)],
+    ids=["dense-recompute", "dense-offload", "sparse-offload"],
+)
+def test_elastic_pool_shrinks_and_grows_mid_generation(rng, sparse, host_blocks):
+    """An engine over an elastic pool (max_num_blocks): shrunk to its used blocks mid-generation
+    (blocks in use above that packed down by the compactor, memory unmapped), grown back, and
+    shrunk again with room to spare: every token still transformers' (dense), or the same
+    engine's without resizing (sparse decode: the page summaries move with their blocks;
+    preemption there offloads, since keys recomputed by a prefill can differ from the decode's
+    in their last bits, enough to change a page's rank)."""
+    runner = random_model(4, 2, seed=int(rng.integers(1 << 31)))
+    prompts = shared_prefix_prompts(rng, 5, prefix_len=9)
+    new = 14
+    kwargs = dict(num_host_blocks=host_blocks, sparse_budget_tokens=8 if sparse else None)
+    params = SamplingParams(max_new_tokens=new)
+    if sparse:
+        fixed = make_engine(runner, num_blocks=128, **kwargs)
+        expected = [o.token_ids[0] for o in run_and_check(fixed, prompts, params)]
+        assert fixed.stats.sparse_decode_steps > 0
+    else:
+        expected = transformers_generate(runner, prompts, new)
+    engine = make_engine(runner, num_blocks=96, max_num_blocks=128, **kwargs)
+    pool = engine.kv_cache.pool
+    assert pool is not None and pool.num_blocks == 96 and pool.max_blocks == 128
+    ids = [engine.add_request(p, params) for p in prompts]
+    outputs = {}
+
+    def steps(count):
+        for _ in range(count):
+            for output in engine.step():
+                outputs[output.request_id] = output
+            engine.block_manager.check()
+
+    steps(3)
+    used = engine.block_manager.stats()["num_used"]
+    top = max(b for s in engine.scheduler.running for b in engine.block_manager.block_ids(s.seq_id))
+    shrunk = engine.shrink_pool()
+    assert shrunk["num_blocks"] == used and pool.num_blocks == used
+    assert engine.block_manager.num_blocks == used and engine.kv_cache.num_blocks == used
+    assert all(t.shape[0] == used for t in engine.kv_cache.tensors())
+    if top >= used:
+        assert shrunk["moved_blocks"] > 0
+    with pytest.raises(tinyserve.OutOfBlocks):
+        engine.shrink_pool(used - 1)  # below the blocks in use: nothing changes
+    assert pool.num_blocks == used
+    steps(2)  # a full pool: a decode that needs a new block preempts
+    assert engine.grow_pool(128)["num_blocks"] == 128 and engine.kv_cache.num_blocks == 128
+    steps(3)
+    engine.shrink_pool(engine.block_manager.stats()["num_used"] + 40)
+    while engine.has_unfinished():
+        steps(1)
+    assert [outputs[i].token_ids[0] for i in ids] == expected
+    assert engine.block_manager.stats()["num_used"] == 0
+
+
+def test_elastic_pool_errors(rng):
+    runner = random_model(4, 2, seed=0)
+    with pytest.raises(ValueError, match=r"max_num_blocks must be >= num_blocks \(16\), got 8"):
+        make_engine(runner, num_blocks=16, max_num_blocks=8)
+    with pytest.raises(RuntimeError, match="not elastic, got an engine made without max_num"):
+        make_engine(runner).shrink_pool()
+    engine = make_engine(runner, num_blocks=16, max_num_blocks=32)
+    with pytest.raises(ValueError, match=r"grow_pool: num_blocks must be in \[16, 32\].*got 33"):
+        engine.grow_pool(33)
+    with pytest.raises(TypeError, match="shrink_pool: num_blocks must be an integer, got float"):
+        engine.shrink_pool(8.0)
+    engine.add_request(list(range(30)), SamplingParams(max_new_tokens=10))
+    with pytest.raises(
+        ValueError, match="unfinished request 0 needs 40 tokens, more than 8 blocks"
+    ):
+        engine.shrink_pool(8)
+    assert engine.kv_cache.pool.num_blocks == 16
+
+
 def test_attention_batch_forms(rng):
     """The two forms of a step's attention batch, from a table of 3 sequences: one decode row,
     a 3-row chunk and a 2-row chunk."""

@@ -200,6 +200,7 @@ class Engine:
         cuda_graph_batch_sizes: SequenceOf[int] | None = None,
         kv_cache_dtype: str | torch.dtype | None = None,
         kv_cache_scale: float = 1.0,
+        max_num_blocks: int | None = None,
     ):
         for name, value, least in (
             ("num_blocks", num_blocks, 1),
@@ -207,6 +208,7 @@ class Engine:
             ("num_host_blocks", num_host_blocks, 0),
             ("max_num_batched_tokens", max_num_batched_tokens, 1),
             ("max_num_seqs", max_num_seqs, 1),
+            ("max_num_blocks", num_blocks if max_num_blocks is None else max_num_blocks, 1),
         ):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(
@@ -225,6 +227,11 @@ class Engine:
                     f"{sparse_budget_tokens}"
                 )
             self.sparse_budget = -(-sparse_budget_tokens // block_size)
+        if max_num_blocks is not None and max_num_blocks < num_blocks:
+            raise ValueError(
+                f"tinyserve.Engine: max_num_blocks must be >= num_blocks ({num_blocks}), got "
+                f"{max_num_blocks}"
+            )
         kv_dtype = _kv_cache_dtype(kv_cache_dtype, runner.dtype)
         if kv_dtype == torch.float8_e4m3fn:
             if isinstance(kv_cache_scale, bool) or not isinstance(kv_cache_scale, numbers.Real):
@@ -259,16 +266,22 @@ class Engine:
             page_summary=sparse_summary,
             kv_dtype=kv_dtype,
             kv_scale=kv_cache_scale,
+            max_blocks=max_num_blocks,
         )
         self.compactor = None
         run_plan = None
         if num_host_blocks > 0:
             self.compactor = tinyserve.Compactor(self.block_manager, num_host_blocks)
-            device_caches = self.kv_cache.tensors()
-            host_caches = tinyserve.allocate_host_pool(device_caches, num_host_blocks)
+            host_caches = tinyserve.allocate_host_pool(self.kv_cache.tensors(), num_host_blocks)
 
             def run_plan(plan: Any) -> None:
-                tinyserve.execute_plan(plan, device_caches, host_caches)
+                # The cache's current tensors: an elastic pool's views change when it resizes.
+                tinyserve.execute_plan(plan, self.kv_cache.tensors(), host_caches)
+
+        # The compactor that packs an elastic pool before it shrinks (a manager takes one).
+        self._pool_compactor = self.compactor
+        if self.kv_cache.pool is not None and self._pool_compactor is None:
+            self._pool_compactor = tinyserve.Compactor(self.block_manager, 0)
 
         self.scheduler = Scheduler(
             self.block_manager,
@@ -279,24 +292,106 @@ class Engine:
         )
         self.stats = EngineStats(blocks_free=num_blocks)
         self.graphs: DecodeGraphs | None = None
+        self._graph_sizes: list[int] = []
         if cuda_graphs and self.kv_cache.device.type == "cuda":
             sizes = cuda_graph_batch_sizes
             if sizes is None:
                 sizes = default_batch_sizes(min(max_num_seqs, 256))
-            # The longest sequence the pool and the model admit (add_request's checks).
-            longest = num_blocks * block_size
-            if runner.max_model_len is not None:
-                longest = min(longest, runner.max_model_len)
-            self.graphs = DecodeGraphs(
-                runner,
-                self.kv_cache,
-                batch_sizes=sizes,
-                max_blocks=-(-longest // block_size),
-                sparse_budget=self.sparse_budget,
-            )
+            self._graph_sizes = list(sizes)
+            self._capture_graphs()
         self._request_ids = itertools.count()
         self._seq_ids = itertools.count()
         self._requests: dict[int, Request] = {}  # the unfinished requests, by id
+
+    def _capture_graphs(self) -> None:
+        """(Re)capture the decode graphs over the cache's current tensors."""
+        self.graphs = None  # the old graphs' memory goes first
+        block_size = self.block_manager.block_size
+        # The longest sequence the pool (at its largest) and the model admit.
+        longest = self.kv_cache.max_blocks * block_size
+        if self.runner.max_model_len is not None:
+            longest = min(longest, self.runner.max_model_len)
+        self.graphs = DecodeGraphs(
+            self.runner,
+            self.kv_cache,
+            batch_sizes=self._graph_sizes,
+            max_blocks=-(-longest // block_size),
+            sparse_budget=self.sparse_budget,
+        )
+
+    # -- an elastic pool ----------------------------------------------------------------------
+
+    def shrink_pool(self, num_blocks: int | None = None) -> dict[str, int]:
+        """Give KV memory back (an engine made with ``max_num_blocks``): the live blocks are
+        packed below ``num_blocks`` (default: as many as are in use) by the compactor, the
+        manager and the pool shrink to it, and the memory past it is unmapped (on CUDA returned
+        to the driver). Between steps. Refused, changing nothing, below the blocks in use or
+        when an unfinished request would no longer fit. Returns
+        :func:`tinyserve.compact_and_shrink`'s ``{"num_blocks", "moved_blocks", "freed_bytes"}``."""
+        pool = self._elastic_pool("shrink_pool")
+        if num_blocks is None:
+            num_blocks = self.block_manager.stats()["num_used"]
+        num_blocks = self._pool_size(num_blocks, "shrink_pool")
+        if num_blocks > pool.num_blocks:
+            raise ValueError(
+                f"tinyserve.Engine.shrink_pool: num_blocks must be <= the current "
+                f"{pool.num_blocks}, got {num_blocks}"
+            )
+        self._check_requests_fit(num_blocks, "shrink_pool")
+        result = tinyserve.compact_and_shrink(
+            self.block_manager, self._pool_compactor, pool, num_blocks
+        )
+        self._pool_resized()
+        return result
+
+    def grow_pool(self, num_blocks: int) -> dict[str, int]:
+        """Back more of an elastic pool (up to ``max_num_blocks``) and give the blocks to the
+        manager. Returns :func:`tinyserve.grow_pool`'s ``{"num_blocks", "added_bytes"}``."""
+        pool = self._elastic_pool("grow_pool")
+        num_blocks = self._pool_size(num_blocks, "grow_pool")
+        if not pool.num_blocks <= num_blocks <= pool.max_blocks:
+            raise ValueError(
+                f"tinyserve.Engine.grow_pool: num_blocks must be in [{pool.num_blocks}, "
+                f"{pool.max_blocks}] (the current size and max_num_blocks), got {num_blocks}"
+            )
+        result = tinyserve.grow_pool(self.block_manager, pool, num_blocks)
+        self._pool_resized()
+        return result
+
+    def _elastic_pool(self, op: str) -> Any:
+        if self.kv_cache.pool is None:
+            raise RuntimeError(
+                f"tinyserve.Engine.{op}: the engine's KV cache is not elastic, got an engine "
+                "made without max_num_blocks"
+            )
+        return self.kv_cache.pool
+
+    @staticmethod
+    def _pool_size(num_blocks: Any, op: str) -> int:
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, numbers.Integral):
+            raise TypeError(
+                f"tinyserve.Engine.{op}: num_blocks must be an integer, got "
+                f"{type(num_blocks).__name__}"
+            )
+        if num_blocks < 1:
+            raise ValueError(f"tinyserve.Engine.{op}: num_blocks must be >= 1, got {num_blocks}")
+        return int(num_blocks)
+
+    def _check_requests_fit(self, num_blocks: int, op: str) -> None:
+        capacity = num_blocks * self.block_manager.block_size
+        for request in self._requests.values():
+            total = len(request.prompt_ids) + request.params.max_new_tokens
+            if total > capacity:
+                raise ValueError(
+                    f"tinyserve.Engine.{op}: unfinished request {request.request_id} needs "
+                    f"{total} tokens, more than {num_blocks} blocks hold ({capacity})"
+                )
+
+    def _pool_resized(self) -> None:
+        self.kv_cache.fetch_pool_views()
+        if self.graphs is not None:
+            self._capture_graphs()
+        self._update_block_stats()
 
     # -- requests ---------------------------------------------------------------------------
 

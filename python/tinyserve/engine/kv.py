@@ -30,6 +30,10 @@ class PagedKVCache:
     summary those pages keep and sparse decode scores (``summary=`` of
     :func:`tinyserve.select_pages`); the engine's choice is ``ENGINE_PAGE_SUMMARY``.
 
+    ``max_blocks`` (elastic): the tensors are views of a :class:`tinyserve.CachePool` that
+    reserves ``max_blocks`` blocks and backs ``num_blocks`` of them (fresh blocks hold zeros
+    there); after the pool shrinks or grows, :meth:`fetch_pool_views` takes new views.
+
     ``kv_dtype`` (default: ``dtype``) may be ``torch.float8_e4m3fn``: keys and values are then
     quantised as they are written (``x / kv_scale``, one scale for every layer and head) and
     dequantised in the attention kernels; fresh blocks hold float8's NaN. Page summaries need a
@@ -48,10 +52,12 @@ class PagedKVCache:
         page_summary: str | None = None,
         kv_dtype: torch.dtype | None = None,
         kv_scale: float = 1.0,
+        max_blocks: int | None = None,
     ):
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.page_summary = ENGINE_PAGE_SUMMARY if page_summary is None else page_summary
         self.num_blocks = num_blocks
+        self.max_blocks = num_blocks if max_blocks is None else max_blocks  # elastic: the most
         self.block_size = block_size
         self.device = torch.device(device)
         self.dtype = dtype
@@ -69,6 +75,31 @@ class PagedKVCache:
             )
         # The keyword arguments that the cache's writes and reads pass: float8's scales.
         self.scales = {"k_scale": float(kv_scale), "v_scale": float(kv_scale)} if fp8 else {}
+        self.bytes_per_block = 2 * num_layers * block_size * num_kv_heads * head_dim
+        self.bytes_per_block *= torch.empty((), dtype=self.kv_dtype).element_size()
+        self.page_meta: list[torch.Tensor] | None = None
+        # Elastic: the tensors live in a tinyserve.CachePool that reserves max_blocks blocks and
+        # backs num_blocks of them; the engine shrinks and grows it.
+        self.pool = None
+        if max_blocks is not None:
+            if fp8:
+                raise ValueError(
+                    "tinyserve.PagedKVCache: an elastic pool (max_blocks) holds 16-bit or float32 "
+                    "caches, got torch.float8_e4m3fn"
+                )
+            self.pool = tinyserve.CachePool(
+                num_layers,
+                max_blocks,
+                block_size,
+                num_kv_heads,
+                head_dim,
+                dtype,
+                self.device,
+                page_meta=page_meta,
+                num_blocks=num_blocks,
+            )
+            self.fetch_pool_views()
+            return
 
         def poisoned() -> torch.Tensor:
             if fp8:  # 0x7f: float8 e4m3fn's NaN (torch fills no float8 tensor on the CPU)
@@ -78,14 +109,23 @@ class PagedKVCache:
             return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
         self.layers = [(poisoned(), poisoned()) for _ in range(num_layers)]
-        self.bytes_per_block = 2 * num_layers * block_size * num_kv_heads * head_dim
-        self.bytes_per_block *= torch.empty((), dtype=self.kv_dtype).element_size()
-        self.page_meta: list[torch.Tensor] | None = None
         if page_meta:
             meta_shape = tinyserve.page_meta_shape(self.layers[0][0])
             self.page_meta = [
                 torch.zeros(meta_shape, dtype=dtype, device=device) for _ in range(num_layers)
             ]
+
+    def fetch_pool_views(self) -> None:
+        """Torch views of the elastic pool's tensors at its current size (after it was made,
+        shrunk or grown: older views must not be used)."""
+        pool = self.pool
+        self.num_blocks = pool.num_blocks
+        self.layers = [
+            (torch.from_dlpack(pool.key(i)), torch.from_dlpack(pool.value(i)))
+            for i in range(pool.num_layers)
+        ]
+        if pool.has_page_meta:
+            self.page_meta = [torch.from_dlpack(pool.page_meta(i)) for i in range(pool.num_layers)]
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor indexed by block (K and V of every layer, page summaries): what block
