@@ -1374,6 +1374,30 @@ def test_cuda_graphs_fp8_kv_cache(rng):
 
 
 @pytest.mark.cuda
+def test_cuda_graphs_elastic_pool(rng):
+    """An elastic pool on CUDA (driver virtual memory) with CUDA graphs: shrunk mid-generation
+    below blocks in use and grown back, the graphs recaptured each time; the tokens still
+    transformers'."""
+    runner = random_model(4, 2, seed=int(rng.integers(1 << 31)), device="cuda")
+    prompts = shared_prefix_prompts(rng, 5, prefix_len=9)
+    expected = transformers_generate(runner, prompts, 14)
+    engine = make_engine(runner, num_blocks=96, max_num_blocks=128, num_host_blocks=32)
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=14)) for p in prompts]
+    outputs = {}
+    for step in range(200):
+        if step == 3:
+            engine.shrink_pool()
+        elif step == 6:
+            engine.grow_pool(128)
+        for output in engine.step():
+            outputs[output.request_id] = output
+        if not engine.has_unfinished():
+            break
+    assert [outputs[i].token_ids[0] for i in ids] == expected
+    assert engine.stats.cuda_graph_steps > 0 and engine.graphs.captured
+
+
+@pytest.mark.cuda
 def test_cuda_graphs_default_sizes_and_larger_batches_than_captured(rng):
     """Default buckets up to max_num_seqs, and decode batches larger than the largest captured
     size (two samples per request take the running sequences past max_num_seqs) running
