@@ -776,6 +776,46 @@ def check_logprobs_close(runner, prompts, generated, new, tolerance=0.1, logit_s
             assert excess <= 0, f"a token {gap.max().item():.3f} nats below transformers' best"
 
 
+def test_logprobs_are_the_models_own(rng):
+    """SamplingParams(logprobs=k): each generated token's log-probability and the k most likely
+    tokens' equal the log-softmax of transformers' own forward over the same tokens, for greedy
+    requests and for sampled ones (before temperature and top-p), forks included; k = 0 gives
+    each token's own only; without logprobs the output has none."""
+    runner = random_model(4, 2, seed=int(rng.integers(1 << 31)))
+    prompts = shared_prefix_prompts(rng, 3)
+    new = 8
+    engine = make_engine(runner, max_num_batched_tokens=16)
+    greedy = SamplingParams(max_new_tokens=new, logprobs=3)
+    sampled = SamplingParams(
+        max_new_tokens=new, n=2, temperature=0.7, top_p=0.9, seed=5, logprobs=0
+    )
+    ids = [engine.add_request(p, greedy) for p in prompts]
+    ids.append(engine.add_request(prompts[0], sampled))
+    plain = engine.add_request(prompts[1], SamplingParams(max_new_tokens=new))
+    outputs = {}
+    while engine.has_unfinished():
+        for output in engine.step():
+            outputs[output.request_id] = output
+    assert outputs[plain].logprobs is None and outputs[plain].top_logprobs is None
+    with runner.transformers_attention() as model, torch.inference_mode():
+        for request_id, prompt in zip(ids, [*prompts, prompts[0]]):
+            out = outputs[request_id]
+            for s, tokens in enumerate(out.token_ids):
+                full = torch.tensor([prompt + tokens])
+                reference = model(full).logits[0, len(prompt) - 1 : -1].double().log_softmax(-1)
+                own = reference[torch.arange(len(tokens)), torch.tensor(tokens)]
+                np.testing.assert_allclose(out.logprobs[s], own.numpy(), atol=1e-4)
+                k = 3 if request_id != ids[-1] else 0
+                for i, top in enumerate(out.top_logprobs[s]):
+                    assert len(top) == k
+                    best = reference[i].topk(k) if k else None
+                    if k:
+                        assert list(top) == best.indices.tolist()
+                        np.testing.assert_allclose(
+                            list(top.values()), best.values.numpy(), atol=1e-4
+                        )
+
+
 def test_errors(rng):
     runner = random_model(4, 2, seed=0)
     engine = make_engine(runner, num_blocks=4)
@@ -892,6 +932,7 @@ def test_engine_argument_errors(rng):
         (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
         (dict(top_p=math.nan), r"top_p must be in \(0, 1\], got nan"),
         (dict(stop_token_ids=[3, -1]), "stop_token_ids must be >= 0, got -1"),
+        (dict(logprobs=-1), "logprobs must be >= 0 or None, got -1"),
         (dict(seed=2**64), r"seed must be in \[-2\*\*63, 2\*\*64 - n\], got 18446744073709551616"),
         (dict(seed=2**64 - 2, n=3), r"seed must be in \[-2\*\*63, 2\*\*64 - n\]"),
     ],
@@ -912,6 +953,7 @@ def test_sampling_params_errors(change, match):
         (dict(temperature="0.5"), "temperature must be a number, got str '0.5'"),
         (dict(top_p=None), "top_p must be a number, got NoneType None"),
         (dict(ignore_eos="yes"), "ignore_eos must be a bool, got str"),
+        (dict(logprobs=1.0), "logprobs must be an integer, got float"),
         (dict(stop_token_ids=5), "stop_token_ids must be a sequence of token ids, got int"),
         (dict(stop_token_ids="5"), "stop_token_ids must be a sequence of token ids, got str"),
         (dict(stop_token_ids=[1, 2.0]), r"stop_token_ids\[1\] must be an integer, got float"),

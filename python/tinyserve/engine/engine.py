@@ -612,6 +612,7 @@ class Engine:
             else sample_token(host_logits[row], seq.request.params, seq.generator)
             for seq, row in rows
         ]
+        self._record_logprobs(rows, tokens, logits)
         now = time.perf_counter()  # the step's tokens are on the host: its GPU work is done
         finished: list[RequestOutput] = []
         eos_ids = self.runner.eos_token_ids
@@ -641,6 +642,33 @@ class Engine:
                 finished.append(self._output(request))
         return finished
 
+    @staticmethod
+    def _record_logprobs(
+        rows: list[tuple[Sequence, int]], tokens: list[int], logits: torch.Tensor
+    ) -> None:
+        """Each picked token's log-probability (and the top k) for the samples that ask: one
+        log-softmax over their rows and one transfer."""
+        wanted = [i for i, (seq, _) in enumerate(rows) if seq.request.params.logprobs is not None]
+        if not wanted:
+            return
+        device = logits.device
+        picked_rows = torch.tensor([rows[i][1] for i in wanted], device=device)
+        logprobs = logits[picked_rows].float().log_softmax(-1)
+        chosen = torch.tensor([tokens[i] for i in wanted], device=device)
+        own = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+        k = min(max(rows[i][0].request.params.logprobs for i in wanted), logprobs.shape[1])
+        top_values, top_ids = [], []
+        if k > 0:
+            # Stable: ties to the lower token id.
+            order = torch.sort(logprobs, dim=-1, descending=True, stable=True)
+            top_values = order.values[:, :k].tolist()
+            top_ids = order.indices[:, :k].tolist()
+        for j, i in enumerate(wanted):
+            seq = rows[i][0]
+            seq.logprobs.append(own[j])
+            n = seq.request.params.logprobs
+            seq.top_logprobs.append(dict(zip(top_ids[j][:n], top_values[j][:n])) if n and k else {})
+
     # -- helpers ----------------------------------------------------------------------------
 
     def _new_sequence(self, request: Request, index: int, tokens: list[int]) -> Sequence:
@@ -658,6 +686,7 @@ class Engine:
         texts = None
         if self.tokenizer is not None:
             texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]
+        with_logprobs = request.params.logprobs is not None
         return RequestOutput(
             request_id=request.request_id,
             prompt_ids=request.prompt_ids,
@@ -666,6 +695,8 @@ class Engine:
             time_to_first_token=request.time_to_first_token or 0.0,
             prefix_cache_hit_tokens=request.prefix_cache_hit_tokens,
             texts=texts,
+            logprobs=[s.logprobs for s in request.samples] if with_logprobs else None,
+            top_logprobs=[s.top_logprobs for s in request.samples] if with_logprobs else None,
         )
 
     def _update_block_stats(self) -> None:

@@ -54,6 +54,10 @@ class SamplingParams:
     ignore_eos: bool = False
     # Tokens that end a sample like EOS does (finish reason "stop"), whatever ignore_eos says.
     stop_token_ids: tuple[int, ...] = ()
+    # Log-probabilities in the output: None (none), or k >= 0: each generated token's own under
+    # the model's distribution (log-softmax of its logits, before temperature, top-k and top-p)
+    # and the k most likely tokens' (ties to the lower id).
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "n", "top_k"):
@@ -83,6 +87,12 @@ class SamplingParams:
                 f"tinyserve.SamplingParams: stop_token_ids must be >= 0, got {min(stops)}"
             )
         object.__setattr__(self, "stop_token_ids", stops)
+        if self.logprobs is not None:
+            object.__setattr__(self, "logprobs", _integer("logprobs", self.logprobs))
+            if self.logprobs < 0:
+                raise ValueError(
+                    f"tinyserve.SamplingParams: logprobs must be >= 0 or None, got {self.logprobs}"
+                )
         if self.max_new_tokens < 1:
             raise ValueError(
                 f"tinyserve.SamplingParams: max_new_tokens must be >= 1, got {self.max_new_tokens}"
@@ -131,6 +141,9 @@ class Sequence:
     num_computed: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
+    # With SamplingParams.logprobs: per generated token, its log-probability and the top ones.
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
 
     @property
     def num_generated(self) -> int:
@@ -178,7 +191,9 @@ class Request:
 class RequestOutput:
     """A finished request: each sample's generated token ids (and text, when the engine has a
     tokenizer), why each stopped (``"length"``, ``"eos"``, or ``"stop"`` for one of
-    ``stop_token_ids``; the stopping token is kept), and its time to first token."""
+    ``stop_token_ids``; the stopping token is kept), and its time to first token. With
+    ``SamplingParams.logprobs = k``: ``logprobs[s][i]`` is the log-probability of sample ``s``'s
+    token ``i`` and ``top_logprobs[s][i]`` the ``k`` most likely tokens' ``{token: logprob}``."""
 
     request_id: int
     prompt_ids: list[int]
@@ -187,3 +202,5 @@ class RequestOutput:
     time_to_first_token: float
     prefix_cache_hit_tokens: int
     texts: list[str] | None = None
+    logprobs: list[list[float]] | None = None
+    top_logprobs: list[list[dict[int, float]]] | None = None
