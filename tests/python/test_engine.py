@@ -601,6 +601,33 @@ def test_sparse_decode_selects_once_a_sequence_outgrows_the_budget(rng):
     assert engine.stats.sparse_fitting_steps == 0
 
 
+def test_sparse_dense_layers_attend_densely(rng, monkeypatch):
+    """sparse_dense_layers=k: the first k layers never select. All layers dense gives
+    transformers' tokens while steps still count as sparse; one dense layer of two selects in
+    the second layer only."""
+    runner = random_model(6, 2, seed=int(rng.integers(1 << 31)))
+    prompts = shared_prefix_prompts(rng, 3)
+    new = 6
+    engine = make_engine(runner, sparse_budget_tokens=3 * BLOCK_SIZE, sparse_dense_layers=2)
+    outputs = run_and_check(engine, prompts, SamplingParams(max_new_tokens=new))
+    assert [o.token_ids[0] for o in outputs] == transformers_generate(runner, prompts, new)
+    assert engine.stats.sparse_decode_steps > 0
+    layers = []
+    select = tinyserve.select_pages
+
+    def recording(query, page_meta, *args, **kwargs):
+        layers.append(next(i for i, m in enumerate(engine.kv_cache.page_meta) if m is page_meta))
+        return select(query, page_meta, *args, **kwargs)
+
+    monkeypatch.setattr(tinyserve, "select_pages", recording)
+    engine = make_engine(runner, sparse_budget_tokens=3 * BLOCK_SIZE, sparse_dense_layers=1)
+    run_and_check(engine, prompts, SamplingParams(max_new_tokens=new))
+    assert layers and set(layers) == {1}
+    assert len(layers) == engine.stats.sparse_decode_steps
+    with pytest.raises(ValueError, match="sparse_dense_layers must be >= 0, got -1"):
+        make_engine(runner, sparse_budget_tokens=8, sparse_dense_layers=-1)
+
+
 def _summarise_layer0(cache, table, lens):
     """Layer 0's page summaries built from the keys now in its cache, in the cache's summary."""
     tinyserve.build_page_meta(
@@ -1101,6 +1128,7 @@ def test_cli_generates_with_and_without_cuda_graphs(rng, monkeypatch, capsys):
         (["--temperature", "-1", "--n", "2"], "--temperature must be finite and >= 0, got -1.0"),
         (["--temperature", "inf"], "--temperature must be finite and >= 0, got inf"),
         (["--kv-scale", "0"], "--kv-scale must be finite and > 0, got 0.0"),
+        (["--dense-layers", "-1"], "--dense-layers must be >= 0, got -1"),
         (["--kv-dtype", "fp8", "--budget", "64"], "--budget (sparse decode) needs a 16-bit"),
         (["--kv-dtype", "int8"], "argument --kv-dtype: invalid choice: 'int8'"),
     ],

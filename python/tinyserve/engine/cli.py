@@ -72,6 +72,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="sparse decode: KV tokens each decode query reads (pages chosen by select_pages)",
     )
     parser.add_argument(
+        "--dense-layers",
+        type=int,
+        default=0,
+        help="sparse decode: the first layers that always attend densely (default: none)",
+    )
+    parser.add_argument(
         "--summary",
         choices=PAGE_SUMMARIES,
         default=ENGINE_PAGE_SUMMARY,
@@ -137,6 +143,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.budget is not None and args.budget < 1:
         parser.error(f"--budget must be >= 1, got {args.budget}")
+    if args.dense_layers < 0:
+        parser.error(f"--dense-layers must be >= 0, got {args.dense_layers}")
     return args
 
 
@@ -222,6 +230,7 @@ def main(argv: list[str]) -> int:
         num_host_blocks=num_blocks if args.host_blocks is None else args.host_blocks,
         sparse_budget_tokens=args.budget,
         sparse_summary=args.summary,
+        sparse_dense_layers=args.dense_layers,
         cuda_graphs=not args.no_cuda_graphs,
         # Graphs for the batch sizes these samples can make, not the default 256 sequences.
         cuda_graph_batch_sizes=default_batch_sizes(min(args.n * len(prompt_ids), 256)),

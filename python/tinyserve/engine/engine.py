@@ -160,6 +160,8 @@ class Engine:
     head, the first page (an attention sink, when that is two pages or more) and the last page
     among them (the pages' summaries are kept beside the cache); prefill steps, layers with a
     sliding window, and steps where every sequence has no more pages than that attend densely.
+    ``sparse_dense_layers``: the first layers attend densely in every step (Quest keeps two;
+    on SmolLM2 attention there is diffuse, see docs/selection.md).
     ``sparse_summary`` is the page summary that selection scores (``summary=`` of
     :func:`tinyserve.select_pages`): the engine uses ``"minmax_damped"``
     (:data:`~tinyserve.engine.kv.ENGINE_PAGE_SUMMARY`, the best on SmolLM2 in
@@ -201,6 +203,7 @@ class Engine:
         kv_cache_dtype: str | torch.dtype | None = None,
         kv_cache_scale: float = 1.0,
         max_num_blocks: int | None = None,
+        sparse_dense_layers: int = 0,
     ):
         for name, value, least in (
             ("num_blocks", num_blocks, 1),
@@ -209,6 +212,7 @@ class Engine:
             ("max_num_batched_tokens", max_num_batched_tokens, 1),
             ("max_num_seqs", max_num_seqs, 1),
             ("max_num_blocks", num_blocks if max_num_blocks is None else max_num_blocks, 1),
+            ("sparse_dense_layers", sparse_dense_layers, 0),
         ):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(
@@ -268,6 +272,7 @@ class Engine:
             kv_scale=kv_cache_scale,
             max_blocks=max_num_blocks,
         )
+        self.kv_cache.dense_layers = sparse_dense_layers
         self.compactor = None
         run_plan = None
         if num_host_blocks > 0:

@@ -58,6 +58,7 @@ class PagedKVCache:
         self.page_summary = ENGINE_PAGE_SUMMARY if page_summary is None else page_summary
         self.num_blocks = num_blocks
         self.max_blocks = num_blocks if max_blocks is None else max_blocks  # elastic: the most
+        self.dense_layers = 0  # sparse decode: the first layers that always attend densely
         self.block_size = block_size
         self.device = torch.device(device)
         self.dtype = dtype
@@ -201,7 +202,12 @@ class AttentionBatch:
         key_cache, value_cache = self.kv_cache.layers[layer]
         packed = {} if self.query_start_loc is None else {"query_start_loc": self.query_start_loc}
         table, lens = self.block_table, self.seq_lens
-        if self.sparse_budget and self.decode_only and window_left < 0:
+        if (
+            self.sparse_budget
+            and self.decode_only
+            and window_left < 0
+            and layer >= self.kv_cache.dense_layers
+        ):
             # Sparse decode: per KV head, the pages whose summaries promise the largest scores
             # for this query (the last page always), then the same kernel over those pages.
             table, lens = tinyserve.select_pages(
