@@ -368,6 +368,16 @@ def test_abort_request_frees_everything_and_leaves_the_others_exact(rng):
     assert seen.count(1) == 3 and engine.block_manager.stats()["num_used"] == 0
     engine.block_manager.check()
 
+    # From a callback on the token that ends the sample anyway (its last).
+    engine = make_engine(runner)
+    other = engine.add_request(prompts[1], SamplingParams(max_new_tokens=2))
+    own = engine.add_request(
+        prompts[0], SamplingParams(max_new_tokens=1), lambda rid, s, t: engine.abort_request(rid)
+    )
+    finished = [o.request_id for _ in range(4) for o in engine.step()]
+    assert finished == [other] and own not in finished and not engine.has_unfinished()
+    assert engine.block_manager.stats()["num_used"] == 0
+
 
 @pytest.mark.parametrize(
     "sparse,host_blocks",
@@ -433,6 +443,8 @@ def test_elastic_pool_errors(rng):
     with pytest.raises(RuntimeError, match="not elastic, got an engine made without max_num"):
         make_engine(runner).shrink_pool()
     engine = make_engine(runner, num_blocks=16, max_num_blocks=32)
+    assert engine.shrink_pool()["num_blocks"] == 1  # idle: down to one block
+    engine.grow_pool(16)
     with pytest.raises(ValueError, match=r"grow_pool: num_blocks must be in \[16, 32\].*got 33"):
         engine.grow_pool(33)
     with pytest.raises(TypeError, match="shrink_pool: num_blocks must be an integer, got float"):
@@ -599,6 +611,51 @@ def test_sparse_decode_selects_once_a_sequence_outgrows_the_budget(rng):
     assert all(len(o.token_ids[0]) == new for o in outputs)
     assert engine.stats.sparse_decode_steps > 0
     assert engine.stats.sparse_fitting_steps == 0
+
+
+def test_preemption_by_offload_with_forks_in_pools_that_just_fit(rng):
+    """Samples forked from one prompt in pools that just hold one sample (so they preempt one
+    another), with preemption by offload and by recomputation: a victim that holds no block
+    alone is recomputed (its references would keep its sibling's copy-on-write from a block),
+    and preempted sequences that keep shared blocks on the device give them up rather than
+    block the oldest one's return. Two cases that deadlocked before, then random ones; every
+    sample's tokens transformers', every block back."""
+    cases = [
+        (0, [[1, 2, 3, 4, 5]], [(3, 2)], 2),
+        (
+            7,
+            [[0, 477, 305, 133, 438, 290, 371, 312, 132, 74, 507, 273], [53, 384]],
+            [(3, 2), (7, 2)],
+            4,
+        ),
+    ]
+    for _ in range(8):
+        count = int(rng.integers(1, 4))
+        prompts = [rng.integers(0, VOCAB, int(rng.integers(1, 14))).tolist() for _ in range(count)]
+        shapes = [(int(rng.integers(1, 9)), int(rng.integers(1, 4))) for _ in range(count)]
+        need = max(-(-(len(p) + new) // BLOCK_SIZE) for p, (new, _) in zip(prompts, shapes))
+        cases.append((int(rng.integers(1 << 31)), prompts, shapes, need + int(rng.integers(0, 3))))
+    for seed, prompts, shapes, num_blocks in cases:
+        runner = random_model(4, 2, seed=seed)
+        expected = [
+            transformers_generate(runner, [p], new)[0] for p, (new, _) in zip(prompts, shapes)
+        ]
+        for host_blocks in (0, 64):
+            engine = make_engine(runner, num_blocks=num_blocks, num_host_blocks=host_blocks)
+            ids = [
+                engine.add_request(p, SamplingParams(max_new_tokens=new, n=n))
+                for p, (new, n) in zip(prompts, shapes)
+            ]
+            outputs = {}
+            while engine.has_unfinished():
+                for output in engine.step():
+                    outputs[output.request_id] = output
+                engine.block_manager.check()
+            for request_id, tokens, (_, n) in zip(ids, expected, shapes):
+                assert outputs[request_id].token_ids == [tokens] * n
+            assert engine.block_manager.stats()["num_used"] == 0
+            if host_blocks:
+                assert engine.compactor.num_free_host_blocks == host_blocks
 
 
 def test_sparse_dense_layers_attend_densely(rng, monkeypatch):
@@ -924,8 +981,14 @@ def test_engine_argument_errors(rng):
         engine.add_request("Hello")
     with pytest.raises(TypeError, match="sequence of integer token ids, got list"):
         engine.add_request([1, 2.5])
-    with pytest.raises(TypeError, match="sequence of integer token ids, got Tensor"):
+    with pytest.raises(ValueError, match="prompt_ids must be 1-D, got 2 dimensions"):
         engine.add_request(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="prompt_ids must be 1-D, got 2 dimensions"):
+        engine.add_request(np.zeros((3, 1), np.int64))
+    with pytest.raises(TypeError, match="sequence of integer token ids, got list"):
+        engine.add_request([True, False])
+    with pytest.raises(TypeError, match="sequence of integer token ids, got Tensor"):
+        engine.add_request(torch.zeros(3))
     with pytest.raises(ValueError, match=rf"< {VOCAB} \(the model's vocabulary\), got {VOCAB}"):
         engine.add_request([1, VOCAB])
     with pytest.raises(ValueError, match="token ids must be >= 0 and < .*, got -1"):

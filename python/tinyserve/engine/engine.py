@@ -334,8 +334,8 @@ class Engine:
         when an unfinished request would no longer fit. Returns
         :func:`tinyserve.compact_and_shrink`'s ``{"num_blocks", "moved_blocks", "freed_bytes"}``."""
         pool = self._elastic_pool("shrink_pool")
-        if num_blocks is None:
-            num_blocks = self.block_manager.stats()["num_used"]
+        if num_blocks is None:  # the blocks in use, and at least one
+            num_blocks = max(self.block_manager.stats()["num_used"], 1)
         num_blocks = self._pool_size(num_blocks, "shrink_pool")
         if num_blocks > pool.num_blocks:
             raise ValueError(
@@ -473,8 +473,15 @@ class Engine:
                 "tinyserve.Engine.add_request: prompt_ids must be token ids, got "
                 f"{type(prompt_ids).__name__}: encode the text with the tokenizer first"
             )
+        ndim = getattr(prompt_ids, "ndim", 1)
+        if ndim != 1:
+            raise ValueError(
+                f"tinyserve.Engine.add_request: prompt_ids must be 1-D, got {ndim} dimensions"
+            )
         try:
             prompt = [operator.index(t) for t in prompt_ids]
+            if any(isinstance(t, (bool, np.bool_)) for t in prompt_ids):
+                raise TypeError
         except TypeError:
             raise TypeError(
                 "tinyserve.Engine.add_request: prompt_ids must be a sequence of integer token "
@@ -633,6 +640,8 @@ class Engine:
                 self.stats.time_to_first_token.append(now - request.arrival_time)
             if request.on_token is not None:
                 request.on_token(request.request_id, seq.sample_index, token)
+                if request.aborted:  # by this very callback: its blocks are already free
+                    continue
             if token in eos_ids and not params.ignore_eos:
                 self.scheduler.finish(seq, "eos")
             elif token in params.stop_token_ids:

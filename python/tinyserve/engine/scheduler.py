@@ -52,13 +52,16 @@ class Scheduler:
        cached too).
 
     Preemption, with a :class:`tinyserve.Compactor` (``compactor`` and ``run_plan``, which runs a
-    plan's copies on the caches): the other running sequences are touched, so the victim's
-    blocks that no running sequence shares are the coldest, and exactly that many blocks are
-    offloaded to the host pool (``plan_offload``). The victim keeps its place in its sequence
-    and resumes without recomputing anything once recalled. Without a compactor, or when the
-    host pool is full, the victim's blocks are freed and it goes back to the head of the waiting
-    queue, to be recomputed from its tokens (prompt and generated so far) when readmitted, mostly
-    from the prefix cache when its blocks have not been reused meanwhile."""
+    plan's copies on the caches): the blocks that the victim alone holds are offloaded to the
+    host pool (``plan_offload_sequences``; blocks it shares stay on the device). The victim keeps
+    its place in its sequence and resumes without recomputing anything once recalled. Without a
+    compactor, when the host pool is full, or when the victim holds no block alone (offloading
+    would free nothing, and its references would keep a sibling's copy-on-write from a block),
+    the victim's blocks are freed and it goes back to the head of the waiting queue, to be
+    recomputed from its tokens (prompt and generated so far) when readmitted, mostly from the
+    prefix cache when its blocks have not been reused meanwhile. A preempted sequence that
+    cannot come back because younger preempted ones keep device blocks (or a last running
+    sequence that needs them) makes the youngest of those recompute instead."""
 
     def __init__(
         self,
@@ -143,6 +146,11 @@ class Scheduler:
             if not self.running and self.swapped:
                 if self._recall_swapped():
                     continue  # the preemptions above made room for it
+                if len(self.swapped) > 1:
+                    # The oldest cannot come back while the younger ones keep device blocks
+                    # (those they share): the youngest is recomputed instead.
+                    self._recompute_swapped(self.swapped.pop())
+                    continue
                 raise RuntimeError(
                     "tinyserve.Engine: a preempted sequence cannot come back: "
                     f"{self.bm.num_free_blocks} free blocks, got "
@@ -166,6 +174,10 @@ class Scheduler:
             try:
                 slots = self.bm.append_batch([s.seq_id for s in decoding], 1)
             except tinyserve.OutOfBlocks:
+                if len(self.running) == 1 and self.swapped:
+                    # Preempted sequences still hold device blocks the last running one needs.
+                    self._recompute_swapped(self.swapped.pop())
+                    continue
                 if len(self.running) == 1:
                     raise RuntimeError(
                         "tinyserve.Engine: the pool is too small for one sequence on its own, "
@@ -227,9 +239,11 @@ class Scheduler:
         while self.swapped:
             seq = self.swapped[0]
             offloaded = self.compactor.num_offloaded(seq.seq_id)
-            # Room for its blocks and for one new block of every running sequence, so that the
-            # recall is not undone by the next decode step.
-            if self.bm.num_free_blocks < offloaded + len(self.running) + 1:
+            # Room for its blocks and for one new block of every running sequence and its own,
+            # so that the recall is not undone by the next decode step; with nothing running,
+            # room for its blocks (a sequence holding the whole pool needs no more).
+            headroom = len(self.running) + 1 if self.running else 0
+            if self.bm.num_free_blocks < offloaded + headroom:
                 return recalled
             recalled = True
             if offloaded:
@@ -253,22 +267,29 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _offload(self, seq: Sequence) -> bool:
-        """Move the victim's blocks that no running sequence holds to the host pool; False
-        (nothing changed) when the host pool has no room for them."""
-        others = [s.seq_id for s in self.running]
-        held = {b for i in others for b in self.bm.block_ids(i)}
-        exclusive = sum(1 for b in self.bm.block_ids(seq.seq_id) if b not in held)
-        if exclusive == 0:
-            return True  # it holds nothing alone: waiting frees its share of the next step
-        if others:
-            self.compactor.touch(others)  # the running sequences' blocks are the warmest now
+        """Move the victim's blocks that it alone holds to the host pool
+        (``plan_offload_sequences``: exactly its blocks, not whichever are coldest); False
+        (nothing changed) when it holds none alone (offloading would free nothing, and its
+        references would keep a sibling's copy-on-write from a block) or the host pool has no
+        room for them."""
         try:
-            plan = self.compactor.plan_offload(exclusive)
+            plan = self.compactor.plan_offload_sequences([seq.seq_id])
         except tinyserve.OutOfBlocks:
             return False
+        if len(plan) == 0:
+            self.compactor.abort(plan)
+            return False
         self._run(plan)
-        self.num_offloaded_blocks += exclusive
+        self.num_offloaded_blocks += len(plan)
         return True
+
+    def _recompute_swapped(self, seq: Sequence) -> None:
+        """A preempted sequence gives up its blocks (device and host) and waits, first in line,
+        to be recomputed."""
+        self.bm.free(seq.seq_id)
+        seq.num_computed = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
 
     def _run(self, plan: Any) -> None:
         try:
