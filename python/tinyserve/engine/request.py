@@ -43,7 +43,8 @@ class SamplingParams:
     ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely tokens (0: all) and
     to the smallest set whose probability reaches ``top_p``, with a generator seeded from
     ``seed`` (sample ``i`` of a request uses ``seed + i``), so a seeded request gives the same
-    tokens on every run, whatever else is in the batch."""
+    tokens on every run, whatever else is in the batch (up to the last bits of the logits,
+    which another batch can change: a draw within about 1e-6 of a boundary can flip)."""
 
     max_new_tokens: int = 32
     n: int = 1
