@@ -96,6 +96,9 @@ class EngineStats:
     preemptions: int = 0
     offloads: int = 0  # blocks moved to the host pool by preemption through the compactor
     recalls: int = 0  # blocks brought back from it
+    # Offloaded blocks dropped from the host pool because their sequence was recomputed instead
+    # (it could not come back while other preempted sequences kept device blocks).
+    discarded_offloads: int = 0
     sparse_decode_steps: int = 0  # decode steps that attended through select_pages
     # Decode steps with sparse decode on where every sequence fit the budget: they attended
     # densely (the same pages select_pages would keep, without its launches).
@@ -130,8 +133,9 @@ class EngineStats:
                 f"{self.copy_on_write_blocks}, forks: {self.forks}",
                 f"preemptions: {self.preemptions}; "
                 + (f"aborted requests: {self.aborted_requests}; " if self.aborted_requests else "")
-                + f"offloads/recalls: {self.offloads}/"
-                f"{self.recalls} blocks; sparse decode steps: {self.sparse_decode_steps}"
+                + f"offloads/recalls: {self.offloads}/{self.recalls} blocks"
+                + (f" ({self.discarded_offloads} discarded)" if self.discarded_offloads else "")
+                + f"; sparse decode steps: {self.sparse_decode_steps}"
                 + (
                     f" (and {self.sparse_fitting_steps} dense: every sequence fit the budget)"
                     if self.sparse_fitting_steps
@@ -723,3 +727,4 @@ class Engine:
         self.stats.preemptions = self.scheduler.num_preemptions
         self.stats.offloads = self.scheduler.num_offloaded_blocks
         self.stats.recalls = self.scheduler.num_recalled_blocks
+        self.stats.discarded_offloads = self.scheduler.num_discarded_blocks

@@ -96,6 +96,8 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_offloaded_blocks = 0
         self.num_recalled_blocks = 0
+        # Offloaded blocks freed on the host: their sequence was recomputed instead of recalled.
+        self.num_discarded_blocks = 0
         self.prefix_cache_hit_tokens = 0
 
     def add(self, seq: Sequence) -> None:
@@ -286,6 +288,7 @@ class Scheduler:
     def _recompute_swapped(self, seq: Sequence) -> None:
         """A preempted sequence gives up its blocks (device and host) and waits, first in line,
         to be recomputed."""
+        self.num_discarded_blocks += self.compactor.num_offloaded(seq.seq_id)
         self.bm.free(seq.seq_id)
         seq.num_computed = 0
         seq.status = SequenceStatus.WAITING
