@@ -242,17 +242,10 @@ void bind_block_manager(nb::module_& m) {
           [](const BlockManager& self, nb::handle seq_id) {
             // `x in manager` answers False for anything that is not an int64 id: ints and
             // other integers (NumPy's, a 0-d integer tensor: __index__) are ids, bools not.
-            if (PyBool_Check(seq_id.ptr())) return false;
-            nb::object index = nb::steal(PyNumber_Index(seq_id.ptr()));
-            if (!index.is_valid()) {
-              PyErr_Clear();
-              return false;
-            }
-            int overflow = 0;
-            const std::int64_t id = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
-            if (overflow != 0) return false;
+            const std::optional<std::int64_t> id = as_int64(seq_id);
+            if (!id) return false;
             nb::gil_scoped_release release;
-            return self.has_sequence(id);
+            return self.has_sequence(*id);
           },
           "seq_id"_a.none(), nb::sig("def __contains__(self, seq_id: object) -> bool"))
       .def_prop_ro("num_free_blocks",

@@ -281,6 +281,21 @@ class Arrays {
   Kept<nb::ndarray<>> outputs_;
 };
 
+// An integer (a Python int, or anything with __index__ but a bool) that fits int64, or nothing:
+// for the questions that answer False rather than raise (`x in manager`).
+inline std::optional<std::int64_t> as_int64(nb::handle h) {
+  if (PyBool_Check(h.ptr())) return std::nullopt;
+  nb::object index = nb::steal(PyNumber_Index(h.ptr()));
+  if (!index.is_valid()) {
+    PyErr_Clear();
+    return std::nullopt;
+  }
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+  if (overflow != 0) return std::nullopt;
+  return std::int64_t(v);
+}
+
 // A Python int (or anything with __index__ but a bool) as T; out of T's range is a ValueError
 // naming the argument and the value as given.
 template <class T>

@@ -133,6 +133,9 @@ def test_arrays_without_shape_attributes_allocate_outputs(rng):
     pages, kept = ts.select_pages(query, pool.page_meta(0), table, lens, 2, block_size=16)
     assert isinstance(pages, torch.Tensor) and pages.shape == (1, 2, 2)
     assert kept.tolist() == [[24, 24]]  # a full page and the last 8 tokens, per KV head
+    # An output like a DLPack-only bfloat16 query has no NumPy dtype to be allocated with.
+    with pytest.raises(TypeError, match="cannot allocate an output like a DLPackOnly whose dtype"):
+        ts.paged_attention(DLPackOnly(query), pool.key(0), pool.value(0), table, lens)
 
 
 def test_outputs_of_a_torch_subclass_query_are_torch_tensors(rng):

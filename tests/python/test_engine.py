@@ -18,7 +18,7 @@ from tinyserve.engine import Engine, SamplingParams  # noqa: E402
 from tinyserve.engine.cuda_graphs import DecodeGraphs, default_batch_sizes  # noqa: E402
 from tinyserve.engine.engine import EngineStats  # noqa: E402
 from tinyserve.engine.kv import PagedKVCache, build_attention_batch, upload  # noqa: E402
-from tinyserve.engine.request import Request, Sequence  # noqa: E402
+from tinyserve.engine.request import Request, Sequence, SequenceStatus  # noqa: E402
 from tinyserve.engine.scheduler import Scheduler  # noqa: E402
 from tinyserve.integrations.transformers import (  # noqa: E402
     TransformersRunner,
@@ -40,27 +40,43 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+def model_config(**overrides):
+    """The config arguments of the tests' small models: two layers, 4 query and 2 KV heads of
+    16, weights drawn wider than a trained model's (initializer_range 0.2) so that next-token
+    logits are decisive: exact-match tests then fail on a real difference, not on a near-tie
+    rounding either way."""
+    return dict(
+        dict(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=1024,
+            initializer_range=0.2,
+            tie_word_embeddings=False,
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
+        ),
+        **overrides,
+    )
+
+
 def random_model(
     num_q_heads, num_kv_heads, seed, dtype=torch.float32, device="cpu", head_dim=16, layers=2
 ):
-    """A Llama with random weights (two layers of 16-wide heads unless told). The weights are
-    drawn wider than a trained model's (initializer_range 0.2) so that next-token logits are
-    decisive: exact-match tests then fail on a real difference, not on a near-tie rounding
-    either way."""
+    """A Llama with random weights (model_config's, with these heads and layers)."""
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=head_dim * num_q_heads,  # transformers wants whole heads
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=num_q_heads,
-        num_key_value_heads=num_kv_heads,
-        head_dim=head_dim,
-        max_position_embeddings=1024,
-        initializer_range=0.2,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
+        **model_config(
+            hidden_size=head_dim * num_q_heads,  # transformers wants whole heads
+            num_hidden_layers=layers,
+            num_attention_heads=num_q_heads,
+            num_key_value_heads=num_kv_heads,
+            head_dim=head_dim,
+        )
     )
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
@@ -162,21 +178,7 @@ def test_other_llama_family_models_identical_to_transformers(rng, family):
     (a logit soft-cap, sliding and global layers alternating, its own query scaling); gpt-oss
     (a learned sink logit per query head in every softmax, sliding layers, experts); Phi3
     (fused projections)."""
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=1024,
-        initializer_range=0.2,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
+    common = model_config()
     attention = "sdpa"
     if family == "qwen3":
         config = transformers.Qwen3Config(**common)
@@ -212,11 +214,11 @@ def test_models_whose_attention_tinyserve_cannot_own_are_refused(rng):
     values of different head dims (DeepSeek's latent attention) and layers that keep state of
     their own (LFM2's convolutions) would not be served exactly: refused with the reason, at
     construction or at the first step; so is a mask of the model's own."""
-    small = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
-    falcon = transformers.FalconForCausalLM(transformers.FalconConfig(**small))
+    common = model_config()
+    no_head_dim = {k: v for k, v in common.items() if k != "head_dim"}  # derived, or a property
+    falcon = transformers.FalconForCausalLM(transformers.FalconConfig(**no_head_dim))
     with pytest.raises(ValueError, match="through transformers' AttentionInterface, got Falcon"):
         TransformersRunner(falcon)
-    common = dict(small, intermediate_size=128, num_key_value_heads=2, head_dim=16)
     config = transformers.Llama4TextConfig(
         attention_chunk_size=8, num_local_experts=2, intermediate_size_mlp=128, **common
     )
@@ -232,7 +234,7 @@ def test_models_whose_attention_tinyserve_cannot_own_are_refused(rng):
         moe_intermediate_size=32,
         n_group=1,
         topk_group=1,
-        **{k: v for k, v in common.items() if k != "head_dim"},
+        **no_head_dim,
     )
     with pytest.raises(ValueError, match="latent attention .* got DeepseekV3ForCausalLM"):
         TransformersRunner(transformers.AutoModelForCausalLM.from_config(config))
@@ -456,6 +458,14 @@ def test_elastic_pool_errors(rng):
     ):
         engine.shrink_pool(8)
     assert engine.kv_cache.pool.num_blocks == 16
+    with pytest.raises(ValueError, match="an elastic pool .* holds 16-bit or float32 caches"):
+        make_engine(runner, num_blocks=16, max_num_blocks=32, kv_cache_dtype="fp8")
+    # The cache's own checks (the engine maps its arguments into what they allow).
+    args = (2, 8, BLOCK_SIZE, 2, 16, torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match="kv_dtype must be the model's dtype or torch.float8"):
+        PagedKVCache(*args, kv_dtype=torch.float16)
+    with pytest.raises(ValueError, match="page summaries .* need a 16-bit or float32 cache"):
+        PagedKVCache(*args, page_meta=True, kv_dtype=torch.float8_e4m3fn)
 
 
 def test_attention_batch_forms(rng):
@@ -636,7 +646,6 @@ def test_preemption_by_offload_with_forks_in_pools_that_just_fit(rng):
         shapes = [(int(rng.integers(1, 9)), int(rng.integers(1, 4))) for _ in range(count)]
         need = max(-(-(len(p) + new) // BLOCK_SIZE) for p, (new, _) in zip(prompts, shapes))
         cases.append((int(rng.integers(1 << 31)), prompts, shapes, need + int(rng.integers(0, 3))))
-    discarded = 0
     for seed, prompts, shapes, num_blocks in cases:
         runner = random_model(4, 2, seed=seed)
         expected = [
@@ -660,7 +669,6 @@ def test_preemption_by_offload_with_forks_in_pools_that_just_fit(rng):
                 assert engine.compactor.num_free_host_blocks == host_blocks
                 stats = engine.stats
                 assert stats.recalls + stats.discarded_offloads == stats.offloads
-                discarded += stats.discarded_offloads
 
 
 def test_sparse_dense_layers_attend_densely(rng, monkeypatch):
@@ -994,6 +1002,10 @@ def test_engine_argument_errors(rng):
         engine.add_request([True, False])
     with pytest.raises(TypeError, match="sequence of integer token ids, got Tensor"):
         engine.add_request(torch.zeros(3))
+    with pytest.raises(TypeError, match="sequence of integer token ids, got ndarray"):
+        engine.add_request(np.array([True, False]))
+    with pytest.raises(TypeError, match="sequence of integer token ids, got int"):
+        engine.add_request(5)
     with pytest.raises(ValueError, match=rf"< {VOCAB} \(the model's vocabulary\), got {VOCAB}"):
         engine.add_request([1, VOCAB])
     with pytest.raises(ValueError, match="token ids must be >= 0 and < .*, got -1"):
@@ -1115,6 +1127,66 @@ def test_scheduler_refuses_a_sequence_larger_than_the_pool():
     seq.token_ids.append(7)
     with pytest.raises(RuntimeError, match=rf"got {2 * BLOCK_SIZE + 1} tokens in 2 blocks"):
         scheduler.schedule()
+    manager.check()
+
+
+def offloading_scheduler(num_blocks):
+    """A scheduler with a compactor whose plans move no data (the block tables are the test)."""
+    manager = tinyserve.BlockManager(num_blocks, BLOCK_SIZE)
+    compactor = tinyserve.Compactor(manager, 8)
+    scheduler = Scheduler(
+        manager, max_num_batched_tokens=64, max_num_seqs=4, compactor=compactor,
+        run_plan=lambda plan: None,
+    )  # fmt: skip
+    return manager, compactor, scheduler
+
+
+def held_sequence(manager, scheduler, seq_id, tokens, status):
+    """A sequence whose tokens all have blocks and are computed, in the scheduler's list."""
+    seq = scheduled_sequence(seq_id, range(tokens))
+    manager.add_sequence(seq_id)
+    manager.append(seq_id, tokens)
+    seq.num_computed = tokens
+    seq.status = status
+    (scheduler.running if status is SequenceStatus.RUNNING else scheduler.swapped).append(seq)
+    return seq
+
+
+def test_a_preempted_sequence_blocking_the_oldest_is_recomputed():
+    """Nothing runs; the oldest preempted sequence (2 blocks on the host) cannot come back
+    while a younger one keeps 3 device blocks of 4: the younger gives them (and its host block)
+    up and waits to be recomputed, and the oldest comes back and decodes."""
+    manager, compactor, scheduler = offloading_scheduler(4)
+    old = held_sequence(manager, scheduler, 0, 2 * BLOCK_SIZE, SequenceStatus.SWAPPED)
+    plan = compactor.plan_offload_sequences([0])
+    compactor.commit(plan)
+    young = held_sequence(manager, scheduler, 1, 4 * BLOCK_SIZE, SequenceStatus.SWAPPED)
+    compactor.commit(compactor.plan_offload(1))  # one of the young one's blocks
+    assert compactor.num_offloaded(0) == 2 and compactor.num_offloaded(1) == 1
+    old.token_ids.append(7)
+    plan = scheduler.schedule()
+    assert plan.seqs == [old] and plan.rows == [1]
+    assert old.status is SequenceStatus.RUNNING and not scheduler.swapped
+    assert list(scheduler.waiting) == [young] and young.status is SequenceStatus.WAITING
+    assert young.num_computed == 0 and not manager.has_sequence(1)
+    assert scheduler.num_recalled_blocks == 2 and scheduler.num_discarded_blocks == 1
+    assert compactor.num_free_host_blocks == 8
+    manager.check()
+
+
+def test_the_last_running_sequence_takes_a_preempted_ones_device_blocks():
+    """One running sequence needs a new block; a preempted one keeps 2 device blocks (and one on
+    the host) of a full pool: it is recomputed instead, and the running one decodes."""
+    manager, compactor, scheduler = offloading_scheduler(4)
+    preempted = held_sequence(manager, scheduler, 1, 3 * BLOCK_SIZE, SequenceStatus.SWAPPED)
+    compactor.commit(compactor.plan_offload(1))
+    running = held_sequence(manager, scheduler, 0, 2 * BLOCK_SIZE, SequenceStatus.RUNNING)
+    assert manager.num_free_blocks == 0
+    running.token_ids.append(7)
+    plan = scheduler.schedule()
+    assert plan.seqs == [running] and plan.rows == [1]
+    assert list(scheduler.waiting) == [preempted] and not scheduler.swapped
+    assert scheduler.num_discarded_blocks == 1 and compactor.num_free_host_blocks == 8
     manager.check()
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import numbers
 import operator
 import time
 from collections.abc import Sequence as SequenceOf
@@ -33,9 +32,28 @@ from .request import (
     Sequence,
     SequenceStatus,
     TokenCallback,
+    checked_number,
 )
 from .sampling import greedy_tokens, make_generator, sample_token
 from .scheduler import Scheduler
+
+
+def _count(op: str, name: str, value: Any, least: int) -> int:
+    """An integer argument at least ``least``."""
+    count = checked_number(op, name, value)
+    if count < least:
+        raise ValueError(f"{op}: {name} must be >= {least}, got {count}")
+    return count
+
+
+def _holds_integers(dtype: Any) -> bool:
+    """Whether an array dtype (torch's or NumPy's) is an integer type (bool is not)."""
+    if isinstance(dtype, torch.dtype):
+        return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+    try:
+        return np.dtype(dtype).kind in "iu"
+    except TypeError:
+        return False
 
 
 def _kv_cache_dtype(value: str | torch.dtype | None, model_dtype: torch.dtype) -> torch.dtype:
@@ -209,21 +227,15 @@ class Engine:
         max_num_blocks: int | None = None,
         sparse_dense_layers: int = 0,
     ):
-        for name, value, least in (
-            ("num_blocks", num_blocks, 1),
-            ("block_size", block_size, 1),
-            ("num_host_blocks", num_host_blocks, 0),
-            ("max_num_batched_tokens", max_num_batched_tokens, 1),
-            ("max_num_seqs", max_num_seqs, 1),
-            ("max_num_blocks", num_blocks if max_num_blocks is None else max_num_blocks, 1),
-            ("sparse_dense_layers", sparse_dense_layers, 0),
-        ):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise TypeError(
-                    f"tinyserve.Engine: {name} must be an integer, got {type(value).__name__}"
-                )
-            if value < least:
-                raise ValueError(f"tinyserve.Engine: {name} must be >= {least}, got {value}")
+        op = "tinyserve.Engine"
+        num_blocks = _count(op, "num_blocks", num_blocks, 1)
+        block_size = _count(op, "block_size", block_size, 1)
+        num_host_blocks = _count(op, "num_host_blocks", num_host_blocks, 0)
+        max_num_batched_tokens = _count(op, "max_num_batched_tokens", max_num_batched_tokens, 1)
+        max_num_seqs = _count(op, "max_num_seqs", max_num_seqs, 1)
+        if max_num_blocks is not None:
+            max_num_blocks = _count(op, "max_num_blocks", max_num_blocks, 1)
+        sparse_dense_layers = _count(op, "sparse_dense_layers", sparse_dense_layers, 0)
         self.runner = runner
         self.tokenizer = tokenizer
         self.packed_prefill = packed_prefill
@@ -242,11 +254,7 @@ class Engine:
             )
         kv_dtype = _kv_cache_dtype(kv_cache_dtype, runner.dtype)
         if kv_dtype == torch.float8_e4m3fn:
-            if isinstance(kv_cache_scale, bool) or not isinstance(kv_cache_scale, numbers.Real):
-                raise TypeError(
-                    "tinyserve.Engine: kv_cache_scale must be a number, got "
-                    f"{type(kv_cache_scale).__name__}"
-                )
+            kv_cache_scale = checked_number(op, "kv_cache_scale", kv_cache_scale, integral=False)
             if not 0 < kv_cache_scale < math.inf:
                 raise ValueError(
                     f"tinyserve.Engine: kv_cache_scale must be finite and > 0, got {kv_cache_scale}"
@@ -275,8 +283,8 @@ class Engine:
             kv_dtype=kv_dtype,
             kv_scale=kv_cache_scale,
             max_blocks=max_num_blocks,
+            dense_layers=sparse_dense_layers,
         )
-        self.kv_cache.dense_layers = sparse_dense_layers
         self.compactor = None
         run_plan = None
         if num_host_blocks > 0:
@@ -340,7 +348,7 @@ class Engine:
         pool = self._elastic_pool("shrink_pool")
         if num_blocks is None:  # the blocks in use, and at least one
             num_blocks = max(self.block_manager.stats()["num_used"], 1)
-        num_blocks = self._pool_size(num_blocks, "shrink_pool")
+        num_blocks = _count("tinyserve.Engine.shrink_pool", "num_blocks", num_blocks, 1)
         if num_blocks > pool.num_blocks:
             raise ValueError(
                 f"tinyserve.Engine.shrink_pool: num_blocks must be <= the current "
@@ -357,7 +365,7 @@ class Engine:
         """Back more of an elastic pool (up to ``max_num_blocks``) and give the blocks to the
         manager. Returns :func:`tinyserve.grow_pool`'s ``{"num_blocks", "added_bytes"}``."""
         pool = self._elastic_pool("grow_pool")
-        num_blocks = self._pool_size(num_blocks, "grow_pool")
+        num_blocks = _count("tinyserve.Engine.grow_pool", "num_blocks", num_blocks, 1)
         if not pool.num_blocks <= num_blocks <= pool.max_blocks:
             raise ValueError(
                 f"tinyserve.Engine.grow_pool: num_blocks must be in [{pool.num_blocks}, "
@@ -374,17 +382,6 @@ class Engine:
                 "made without max_num_blocks"
             )
         return self.kv_cache.pool
-
-    @staticmethod
-    def _pool_size(num_blocks: Any, op: str) -> int:
-        if isinstance(num_blocks, bool) or not isinstance(num_blocks, numbers.Integral):
-            raise TypeError(
-                f"tinyserve.Engine.{op}: num_blocks must be an integer, got "
-                f"{type(num_blocks).__name__}"
-            )
-        if num_blocks < 1:
-            raise ValueError(f"tinyserve.Engine.{op}: num_blocks must be >= 1, got {num_blocks}")
-        return int(num_blocks)
 
     def _check_requests_fit(self, num_blocks: int, op: str) -> None:
         capacity = num_blocks * self.block_manager.block_size
@@ -482,15 +479,26 @@ class Engine:
             raise ValueError(
                 f"tinyserve.Engine.add_request: prompt_ids must be 1-D, got {ndim} dimensions"
             )
-        try:
-            prompt = [operator.index(t) for t in prompt_ids]
-            if any(isinstance(t, (bool, np.bool_)) for t in prompt_ids):
-                raise TypeError
-        except TypeError:
-            raise TypeError(
-                "tinyserve.Engine.add_request: prompt_ids must be a sequence of integer token "
-                f"ids, got {type(prompt_ids).__name__}"
-            ) from None
+        refused = TypeError(
+            "tinyserve.Engine.add_request: prompt_ids must be a sequence of integer token ids, "
+            f"got {type(prompt_ids).__name__}"
+        )
+        dtype = getattr(prompt_ids, "dtype", None)
+        if dtype is not None and hasattr(prompt_ids, "tolist"):
+            # An array (NumPy, torch): its dtype says what it holds, and one conversion (one
+            # transfer from a device) gives the ints, with no Python object per token on its side.
+            if not _holds_integers(dtype):
+                raise refused
+            prompt = prompt_ids.tolist()
+        else:
+            prompt = []
+            try:
+                for t in prompt_ids:  # TypeError for something that is no sequence, too
+                    if isinstance(t, bool):  # an int to Python, not a token id
+                        raise TypeError
+                    prompt.append(operator.index(t))
+            except TypeError:
+                raise refused from None
         vocab = getattr(self.runner, "vocab_size", None)
         bad = [t for t in prompt if t < 0 or (vocab is not None and t >= vocab)]
         if bad:

@@ -53,12 +53,13 @@ class PagedKVCache:
         kv_dtype: torch.dtype | None = None,
         kv_scale: float = 1.0,
         max_blocks: int | None = None,
+        dense_layers: int = 0,
     ):
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.page_summary = ENGINE_PAGE_SUMMARY if page_summary is None else page_summary
         self.num_blocks = num_blocks
         self.max_blocks = num_blocks if max_blocks is None else max_blocks  # elastic: the most
-        self.dense_layers = 0  # sparse decode: the first layers that always attend densely
+        self.dense_layers = dense_layers  # sparse decode: the first layers that stay dense
         self.block_size = block_size
         self.device = torch.device(device)
         self.dtype = dtype

@@ -17,23 +17,26 @@ import torch
 TokenCallback = Callable[[int, int, int], None]
 
 
-def _integer(name: str, value: object) -> int:
-    """``value`` as an int: Python and NumPy integers pass; bools, floats and the rest do not."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+def checked_number(op: str, name: str, value: object, integral: bool = True) -> int | float:
+    """``value`` as an int (``integral``) or a float: Python and NumPy numbers pass; bools (ints
+    to Python; NumPy's are no numbers) and everything else are a TypeError naming ``op`` and
+    ``name``."""
+    if isinstance(value, bool) or not isinstance(
+        value, numbers.Integral if integral else numbers.Real
+    ):
         raise TypeError(
-            f"tinyserve.SamplingParams: {name} must be an integer, got "
+            f"{op}: {name} must be {'an integer' if integral else 'a number'}, got "
             f"{type(value).__name__} {value!r}"
         )
-    return int(value)
+    return int(value) if integral else float(value)
+
+
+def _integer(name: str, value: object) -> int:
+    return checked_number("tinyserve.SamplingParams", name, value)
 
 
 def _real(name: str, value: object) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"tinyserve.SamplingParams: {name} must be a number, got "
-            f"{type(value).__name__} {value!r}"
-        )
-    return float(value)
+    return checked_number("tinyserve.SamplingParams", name, value, integral=False)
 
 
 @dataclass(frozen=True)

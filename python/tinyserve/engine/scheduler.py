@@ -263,10 +263,7 @@ class Scheduler:
             seq.status = SequenceStatus.SWAPPED
             self.swapped.append(seq)
             return
-        self.bm.free(seq.seq_id)
-        seq.num_computed = 0
-        seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        self._requeue(seq)
 
     def _offload(self, seq: Sequence) -> bool:
         """Move the victim's blocks that it alone holds to the host pool
@@ -289,6 +286,10 @@ class Scheduler:
         """A preempted sequence gives up its blocks (device and host) and waits, first in line,
         to be recomputed."""
         self.num_discarded_blocks += self.compactor.num_offloaded(seq.seq_id)
+        self._requeue(seq)
+
+    def _requeue(self, seq: Sequence) -> None:
+        """Free the sequence's blocks; it waits first in line, to be recomputed."""
         self.bm.free(seq.seq_id)
         seq.num_computed = 0
         seq.status = SequenceStatus.WAITING
