@@ -8,7 +8,11 @@ memory; --scale tensor uses one scale for each cache). Reported: median time per
 of the read ceiling in the bytes it reads (K+V of the real tokens: 1 byte an element for FP8),
 the speedup, and the FP8 output's relative L2 error against the 16-bit cache's output.
 
-    python benchmarks/bench_fp8.py [--iters 20] [--scale head|tensor] [--json fp8.json]
+    python benchmarks/bench_fp8.py [--iters 20] [--scale head|tensor] [--dtype float16|bfloat16]
+                                   [--cases LABEL ...] [--json fp8.json]
+
+--dtype runs every case with that query (and 16-bit cache) type instead of its own; --cases
+runs only the cases of those labels.
 """
 
 from __future__ import annotations
@@ -148,8 +152,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--scale", choices=["head", "tensor"], default="head")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16"], help="every case in this type")
+    parser.add_argument("--cases", nargs="+", metavar="LABEL", help="only these cases")
     parser.add_argument("--json", help="write all results to this file")
     args = parser.parse_args()
+    labels = [c[0] for c in CASES]
+    unknown = sorted(set(args.cases or []) - set(labels))
+    if unknown:
+        parser.error(f"unknown cases {unknown}; the cases are {labels}")
+    cases = [c for c in CASES if args.cases is None or c[0] in args.cases]
+    if args.dtype:
+        cases = [c[:-1] + (getattr(torch, args.dtype),) for c in cases]
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     props = torch.cuda.get_device_properties(0)
@@ -163,7 +176,7 @@ def main() -> None:
     )
     print(header + "\n|---|---|---|---|---|---|---|---|---|---|", flush=True)
     results = []
-    for case in CASES:
+    for case in cases:
         r = run_case(case, args.iters, rng, args.scale)
         torch.cuda.empty_cache()
         results.append(r)

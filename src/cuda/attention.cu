@@ -54,7 +54,7 @@ namespace {
 
 template <class T, class KV, int D, int Stages>
 DecodeLaunch mma_launch() {
-  const int smem = MmaConfig<D, Stages, int(sizeof(KV)), std::is_same_v<T, __half>>::kSmemBytes;
+  const int smem = MmaConfig<D, Stages, int(sizeof(KV))>::kSmemBytes;
   return {reinterpret_cast<const void*>(decode_mma_kernel<T, KV, D, Stages>), smem, smem, kMmaHeads,
           kDecodeThreads};
 }

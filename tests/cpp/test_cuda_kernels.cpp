@@ -6,6 +6,7 @@
 // float64 reference computed here, with the outputs poisoned with NaN first. In-tree CUDA builds
 // only; exits 77 (skipped) where no device is visible.
 
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
@@ -38,7 +39,7 @@ T* device_copy(const std::vector<T>& host) {
 }
 
 struct Case {
-  DType dtype;  // Float16 (tensor-core kernel at head_dim 128) or Float32 (CUDA-core kernel)
+  DType dtype;  // Float16/BFloat16 (tensor-core kernel at head_dim 64/128) or Float32 (CUDA-core)
   int head_dim;
   int num_splits;
   bool table_per_head;
@@ -47,9 +48,11 @@ struct Case {
   bool fp8_cache = false;  // float8 e4m3fn K/V: K scale per head (device), V scale per tensor
 };
 
-// Rounds a float to the stored type (float16 or float32), as stored in device memory.
+// Rounds a float to the stored type (float16, bfloat16 or float32), as stored in device memory.
 float stored(DType dtype, float x) {
-  return dtype == DType::Float16 ? __half2float(__float2half(x)) : x;
+  if (dtype == DType::Float16) return __half2float(__float2half(x));
+  if (dtype == DType::BFloat16) return __bfloat162float(__float2bfloat16(x));
+  return x;
 }
 
 void run_case(const Case& c) {
@@ -122,6 +125,11 @@ void run_case(const Case& c) {
 
   auto to_device = [&](const std::vector<float>& x) -> void* {
     if (c.dtype == DType::Float32) return device_copy(x);
+    if (c.dtype == DType::BFloat16) {
+      std::vector<__nv_bfloat16> h(x.size());
+      for (std::size_t i = 0; i < x.size(); ++i) h[i] = __float2bfloat16(x[i]);
+      return device_copy(h);
+    }
     std::vector<__half> h(x.size());
     for (std::size_t i = 0; i < x.size(); ++i) h[i] = __float2half(x[i]);
     return device_copy(h);
@@ -133,14 +141,14 @@ void run_case(const Case& c) {
   std::int32_t* d_table = device_copy(table);
   std::int32_t* d_lens = device_copy(lens);
   std::int32_t* d_starts = device_copy(starts);
-  const std::size_t elem = c.dtype == DType::Float16 ? 2 : 4;
+  const std::size_t elem = c.dtype == DType::Float32 ? 4 : 2;
   const std::size_t out_n = std::size_t(total_rows) * q_heads * dim;
   void* d_out = nullptr;
   float* d_lse = nullptr;
   void* d_ws = nullptr;
   CUDA_OK(cudaMalloc(&d_out, out_n * elem));
   CUDA_OK(cudaMalloc(&d_lse, std::size_t(total_rows) * q_heads * sizeof(float)));
-  CUDA_OK(cudaMemset(d_out, 0xff, out_n * elem));  // NaN in float16 and float32
+  CUDA_OK(cudaMemset(d_out, 0xff, out_n * elem));  // NaN in each type
   CUDA_OK(cudaMemset(d_lse, 0xff, std::size_t(total_rows) * q_heads * sizeof(float)));
   const std::size_t ws_bytes =
       tk::attention_workspace_bytes(c.num_splits, total_rows, q_heads, dim);
@@ -191,6 +199,10 @@ void run_case(const Case& c) {
   std::vector<float> out(out_n), lse(std::size_t(total_rows) * q_heads);
   if (c.dtype == DType::Float32) {
     CUDA_OK(cudaMemcpy(out.data(), d_out, out_n * 4, cudaMemcpyDeviceToHost));
+  } else if (c.dtype == DType::BFloat16) {
+    std::vector<__nv_bfloat16> h(out_n);
+    CUDA_OK(cudaMemcpy(h.data(), d_out, out_n * 2, cudaMemcpyDeviceToHost));
+    for (std::size_t i = 0; i < out_n; ++i) out[i] = __bfloat162float(h[i]);
   } else {
     std::vector<__half> h(out_n);
     CUDA_OK(cudaMemcpy(h.data(), d_out, out_n * 2, cudaMemcpyDeviceToHost));
@@ -198,7 +210,7 @@ void run_case(const Case& c) {
   }
   CUDA_OK(cudaMemcpy(lse.data(), d_lse, lse.size() * 4, cudaMemcpyDeviceToHost));
 
-  const double tol = c.dtype == DType::Float16 ? 2e-2 : 1e-4;
+  const double tol = c.dtype == DType::Float32 ? 1e-4 : 2e-2;
   double worst = 0.0, worst_lse = 0.0;
   int bad_empty = 0;
   for (int r = 0; r < total_rows; ++r) {
@@ -241,7 +253,10 @@ void run_case(const Case& c) {
     }
   }
   std::printf("paged_attention%s %s%s D=%d splits=%d table %s lens %s: max error %.2e, lse %.2e\n",
-              c.prefill ? " prefill" : "", c.dtype == DType::Float16 ? "float16" : "float32",
+              c.prefill ? " prefill" : "",
+              c.dtype == DType::Float32   ? "float32"
+              : c.dtype == DType::Float16 ? "float16"
+                                          : "bfloat16",
               c.fp8_cache ? " (float8 cache)" : "", dim, c.num_splits,
               c.table_per_head ? "per head" : "shared", c.lens_per_head ? "per head" : "shared",
               worst, worst_lse);
@@ -274,13 +289,16 @@ int main() {
       }
     }
   }
-  // Float8 caches: in decode the tensor-core kernel (float16 query, head_dim 128 and 64) and the
-  // CUDA-core kernel (float32 query; float16 at head_dim 96); in prefill the CUDA-core kernel.
+  // Float8 caches: in decode the tensor-core kernel (float16 and bfloat16 queries, head_dim 128
+  // and 64) and the CUDA-core kernel (float32 query; float16 at head_dim 96); in prefill the
+  // CUDA-core kernel.
   for (int splits : {1, 3}) {
     for (bool table_per_head : {false, true}) {
       for (bool prefill : {false, true}) {
         run_case({DType::Float16, 128, splits, table_per_head, table_per_head, prefill, true});
         run_case({DType::Float16, 64, splits, table_per_head, false, prefill, true});
+        run_case({DType::BFloat16, 128, splits, false, table_per_head, prefill, true});
+        run_case({DType::BFloat16, 64, splits, table_per_head, table_per_head, prefill, true});
         run_case({DType::Float16, 96, splits, false, table_per_head, prefill, true});
         run_case({DType::Float32, 64, splits, table_per_head, false, prefill, true});
       }

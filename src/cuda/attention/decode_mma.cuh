@@ -5,11 +5,11 @@
 //
 // One CTA of 4 warps per (sequence, split, KV head, tile of up to 16 query heads of its GQA
 // group), so all query heads of a group share every K/V tile. K and V tiles (64 tokens, 128 for
-// 128-byte rows but float8 under bfloat16 queries) stream through a cp.async pipeline of kStages
-// shared-memory stages (rows past the range are zero-filled, never read); each warp owns 16 tokens
-// of every 64 of a tile. Q.K^T and P.V run on tensor cores (m16n8k16, float32 accumulation; the
-// query heads are the M dimension). Online softmax in float32, log2 domain. The warps merge their
-// states through shared memory at the end. It also runs the decode launch of a mixed call
+// 128-byte rows) stream through a cp.async pipeline of kStages shared-memory stages (rows past
+// the range are zero-filled, never read); each warp owns 16 tokens of every 64 of a tile. Q.K^T
+// and P.V run on tensor cores (m16n8k16, float32 accumulation; the query heads are the M
+// dimension). Online softmax in float32, log2 domain. The warps merge their states through
+// shared memory at the end. It also runs the decode launch of a mixed call
 // (mixed_work_unit): one-row sequences' rows, read from query_start_loc.
 //
 // Float8 caches stream through the pipeline as bytes (half the traffic and half the stage
@@ -19,7 +19,11 @@
 // Q.K^T the query is stored with its head_dim permuted to match (within each 16), and for P.V
 // each 16 columns of V split into even and odd columns, two MMAs of 8, whose outputs interleave
 // back into place in the epilogue. The scales apply outside the MMAs: K's to the scores, V's to
-// the accumulated output.
+// the accumulated output. Over float8 caches the MMAs run in float16 whatever the query type
+// (float8 converts to float16 in one instruction per pair, to bfloat16 in several): a bfloat16
+// query is multiplied by the power of two that brings its CTA's largest element to [2^14, 2^15)
+// and rounded to float16 (exact, but for elements below 2^-31 of that largest one, which lose
+// low bits), and K's scale divides the power back out of the scores.
 
 #include <cmath>
 #include <cstdint>
@@ -42,17 +46,15 @@ constexpr int kWarpTokens = 16;  // tokens of a warp per step: the N of Q.K^T, t
 // partial wave). Everything else uses three (two CTAs per multiprocessor at head_dim 64 and 128).
 constexpr int mma_stages(int head_dim, bool split) { return head_dim == 128 && split ? 2 : 3; }
 
-// Shared memory: Q, the stages, the row addresses. HalfQuery: the query type is float16.
-template <int D, int Stages, int KvBytes = 2, bool HalfQuery = true>
+// Shared memory: Q, the stages, the row addresses.
+template <int D, int Stages, int KvBytes = 2>
 struct MmaConfig {
   // Tokens per stage. A tile pays fixed costs (a barrier, the waits, its rows' addresses, a
   // softmax step); with 128-byte rows (head_dim 64 in 16 bits, head_dim 128 in float8) a
   // 64-token tile is too few bytes to hide them (measured on an H200: 73% of the read ceiling at
   // head_dim 64 and 69% for float8 at head_dim 128, against 90% at head_dim 128 in 16 bits), so
-  // such rows stream 128 tokens, two steps of 64 per iteration. bfloat16 queries over float8
-  // keep 64-token tiles: with 128 they measured 8% slower at 64 x 4096 and 43% slower on ragged
-  // lengths.
-  static constexpr int kTile = D * KvBytes == 128 && (KvBytes == 2 || HalfQuery) ? 128 : 64;
+  // such rows stream 128 tokens, two steps of 64 per iteration.
+  static constexpr int kTile = D * KvBytes == 128 ? 128 : 64;
   static constexpr int kSteps = kTile / (kDecodeWarps * kWarpTokens);  // 64-token steps per tile
   static constexpr int kRow = D + 8;  // 16-bit query row stride (elements): 16-byte pad
   static constexpr int kStages = Stages;
@@ -87,14 +89,31 @@ struct MmaConfig {
 // bfloat16), and most tiles skip rescaling the accumulators.
 constexpr float kRescaleThreshold = 8.0f;
 
+// The power of two by which a bfloat16 query is multiplied before its float16 MMAs: it brings the
+// CTA's largest |element| (max_abs_bits: its bits as a bfloat16) to [2^14, 2^15), within +-126
+// so that it and its inverse are normal floats. An all-zero query gets 126; inf and NaN get -126
+// and stay inf and NaN.
+__device__ __forceinline__ int query_shift(std::uint32_t max_abs_bits) {
+  const int exponent = max(int(max_abs_bits >> 7), 1) - 127;  // subnormals as 2^-126
+  return min(max(14 - exponent, -126), 126);
+}
+
+// Two bfloat16 values (a 32-bit word, low half first) times factor, as a float16 pair.
+__device__ __forceinline__ std::uint32_t bf16x2_to_half2_scaled(std::uint32_t x, float factor) {
+  return pack2<__half>(__uint_as_float(x << 16) * factor,
+                       __uint_as_float(x & 0xffff0000u) * factor);
+}
+
 // T: the query and output type (16-bit); KV: the caches' (T, or __nv_fp8_e4m3).
 template <class T, class KV, int D, int Stages>
 __global__ void __launch_bounds__(kDecodeThreads)
     decode_mma_kernel(const __grid_constant__ DecodeArgs a) {
-  using C = MmaConfig<D, Stages, int(sizeof(KV)), std::is_same_v<T, __half>>;
+  using C = MmaConfig<D, Stages, int(sizeof(KV))>;
+  using M = std::conditional_t<C::kFp8, __half, T>;  // the MMAs' operand type
+  constexpr bool kScaledQuery = C::kFp8 && !std::is_same_v<T, __half>;
   constexpr std::uint32_t kRowBytes = C::kRow * 2;
   extern __shared__ __align__(16) unsigned char smem[];
-  T* q_smem = reinterpret_cast<T*>(smem);
+  M* q_smem = reinterpret_cast<M*>(smem);
   const std::uint32_t stages = ptx::smem_addr(smem + C::kQBytes);
   // [stage][K, V][row]: the global address of each row of the tile; bit 0 set = no row (past
   // the range, or a block id outside the cache).
@@ -165,13 +184,18 @@ __global__ void __launch_bounds__(kDecodeThreads)
     next_block = lookup(C::kStages);
   }
   // Q: [16 heads][D] in shared memory, rows past the group zero.
+  int q_shift = 0;  // the query in shared memory is the input times 2^q_shift
   {
     const T* q = static_cast<const T*>(a.query) + u.row * a.q_stride_batch;
-    for (int i = threadIdx.x; i < kMmaHeads * C::kQChunks; i += kDecodeThreads) {
-      if constexpr (C::kFp8) {
-        // Pairs of elements (32-bit words) of each 16: words 0, 2, 4, 6 make the first 8, words
-        // 1, 3, 5, 7 the second (the order in which a float8 fragment pairs K's elements).
-        const int pair = i / 2, half = i % 2;  // 16-element group, and which 8 of it
+    if constexpr (C::kFp8) {
+      // Pairs of elements (32-bit words) of each 16: words 0, 2, 4, 6 make the first 8, words
+      // 1, 3, 5, 7 the second (the order in which a float8 fragment pairs K's elements).
+      constexpr int kPerThread = kMmaHeads * C::kQChunks / kDecodeThreads;
+      static_assert(kPerThread * kDecodeThreads == kMmaHeads * C::kQChunks, "query chunks");
+      uint4 words[kPerThread];
+#pragma unroll
+      for (int k = 0; k < kPerThread; ++k) {
+        const int pair = (int(threadIdx.x) + k * kDecodeThreads) / 2;  // 16-element group
         const int pr = pair / (D / 16), pc = pair % (D / 16);
         uint4 lo = make_uint4(0, 0, 0, 0), hi = make_uint4(0, 0, 0, 0);
         if (pr < heads) {
@@ -180,10 +204,45 @@ __global__ void __launch_bounds__(kDecodeThreads)
           lo = src[0];
           hi = src[1];
         }
-        const uint4 v =
-            half == 0 ? make_uint4(lo.x, lo.z, hi.x, hi.z) : make_uint4(lo.y, lo.w, hi.y, hi.w);
-        *reinterpret_cast<uint4*>(q_smem + pr * C::kRow + pc * 16 + half * 8) = v;
-      } else {
+        words[k] = threadIdx.x % 2 == 0 ? make_uint4(lo.x, lo.z, hi.x, hi.z)
+                                        : make_uint4(lo.y, lo.w, hi.y, hi.w);
+      }
+      if constexpr (kScaledQuery) {
+        // The CTA's largest |element|: per warp, then over the warps through the stage memory
+        // (not in use before the barrier after Q).
+        std::uint32_t max_bits = 0;
+#pragma unroll
+        for (int k = 0; k < kPerThread; ++k) {
+          const std::uint32_t w[4] = {words[k].x, words[k].y, words[k].z, words[k].w};
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            max_bits = max(max_bits, max(w[e] & 0x7fffu, (w[e] >> 16) & 0x7fffu));
+          }
+        }
+        max_bits = __reduce_max_sync(0xffffffffu, max_bits);
+        std::uint32_t* warp_max = reinterpret_cast<std::uint32_t*>(smem + C::kQBytes);
+        if (lane == 0) warp_max[warp] = max_bits;
+        __syncthreads();
+#pragma unroll
+        for (int w = 0; w < kDecodeWarps; ++w) max_bits = max(max_bits, warp_max[w]);
+        q_shift = query_shift(max_bits);
+        const float factor = exp2f(float(q_shift));
+#pragma unroll
+        for (int k = 0; k < kPerThread; ++k) {
+          words[k] = make_uint4(bf16x2_to_half2_scaled(words[k].x, factor),
+                                bf16x2_to_half2_scaled(words[k].y, factor),
+                                bf16x2_to_half2_scaled(words[k].z, factor),
+                                bf16x2_to_half2_scaled(words[k].w, factor));
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < kPerThread; ++k) {
+        const int i = int(threadIdx.x) + k * kDecodeThreads;
+        const int pr = (i / 2) / (D / 16), pc = (i / 2) % (D / 16);
+        *reinterpret_cast<uint4*>(q_smem + pr * C::kRow + pc * 16 + (i % 2) * 8) = words[k];
+      }
+    } else {
+      for (int i = threadIdx.x; i < kMmaHeads * C::kQChunks; i += kDecodeThreads) {
         const int r = i / C::kQChunks, c = i % C::kQChunks;
         uint4 v = make_uint4(0, 0, 0, 0);
         if (r < heads) {
@@ -237,7 +296,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
   float m[2] = {-INFINITY, -INFINITY};
   float l[2] = {0.0f, 0.0f};
   const int quad_col = 2 * (lane % 4);
-  const float k_scale = C::kFp8 ? a.k_scale_of(kv_head) : 1.0f;
+  // K's scale, and the query's power of two undone.
+  const float k_scale = C::kFp8 ? ldexpf(a.k_scale_of(kv_head), -q_shift) : 1.0f;
 
   for (int tile = 0; tile < num_tiles; ++tile) {
     // Copy group k holds tile k: the prologue committed groups 0..kStages-1, iteration t >= 1
@@ -283,10 +343,10 @@ __global__ void __launch_bounds__(kDecodeThreads)
                 C::kQInRegisters ? q_regs[C::kQInRegisters ? kk : 0] : qa_smem[half];
             if constexpr (!C::kQInRegisters) ptx::ldmatrix_x4(qa_smem[half], q_frag + kk * 32);
             float(&acc)[2][4] = half == 0 ? s : s_odd;
-            const uint2 first = fp8x4_to_pairs<T>(kb[2 * half]);
-            const uint2 second = fp8x4_to_pairs<T>(kb[2 * half + 1]);
-            ptx::mma_16816<T>(acc[0], qa, first.x, first.y);
-            ptx::mma_16816<T>(acc[1], qa, second.x, second.y);
+            const uint2 first = fp8x4_to_pairs<M>(kb[2 * half]);
+            const uint2 second = fp8x4_to_pairs<M>(kb[2 * half + 1]);
+            ptx::mma_16816<M>(acc[0], qa, first.x, first.y);
+            ptx::mma_16816<M>(acc[1], qa, second.x, second.y);
           }
         }
       } else {
@@ -362,8 +422,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
         }
       }
       // O += P V: P's accumulator layout is the A operand layout of the next MMA.
-      const std::uint32_t pa[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]),
-                                   pack2<T>(s[1][0], s[1][1]), pack2<T>(s[1][2], s[1][3])};
+      const std::uint32_t pa[4] = {pack2<M>(s[0][0], s[0][1]), pack2<M>(s[0][2], s[0][3]),
+                                   pack2<M>(s[1][0], s[1][1]), pack2<M>(s[1][2], s[1][3])};
       if constexpr (C::kFp8) {
         // One ldmatrix.trans covers 32 columns: vb[0], vb[1] tokens 0-7 and 8-15 of columns
         // 32 * dp ... + 15, vb[2], vb[3] of the next 16. A register holds columns 2g and 2g + 1
@@ -376,10 +436,10 @@ __global__ void __launch_bounds__(kDecodeThreads)
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
             const int w = 2 * dp + half;
-            const uint2 first = fp8x4_to_pairs<T>(__byte_perm(vb[2 * half], 0, 0x3120));
-            const uint2 second = fp8x4_to_pairs<T>(__byte_perm(vb[2 * half + 1], 0, 0x3120));
-            ptx::mma_16816<T>(o[2 * w], pa, first.x, second.x);
-            ptx::mma_16816<T>(o[2 * w + 1], pa, first.y, second.y);
+            const uint2 first = fp8x4_to_pairs<M>(__byte_perm(vb[2 * half], 0, 0x3120));
+            const uint2 second = fp8x4_to_pairs<M>(__byte_perm(vb[2 * half + 1], 0, 0x3120));
+            ptx::mma_16816<M>(o[2 * w], pa, first.x, second.x);
+            ptx::mma_16816<M>(o[2 * w + 1], pa, first.y, second.y);
           }
         }
       } else {
