@@ -95,8 +95,8 @@ constexpr float kRescaleThreshold = 8.0f;
 
 // The power of two by which a bfloat16 query is multiplied before its float16 MMAs: it brings the
 // CTA's largest |element| (max_abs_bits: its bits as a bfloat16) to [2^14, 2^15), within +-126
-// so that it and its inverse are normal floats. An all-zero query gets 126; inf and NaN get -126
-// and stay inf and NaN.
+// so that it and its inverse are normal floats. An all-zero query gets 126; inf and NaN stay
+// inf and NaN.
 __device__ __forceinline__ int query_shift(std::uint32_t max_abs_bits) {
   const int exponent = max(int(max_abs_bits >> 7), 1) - 127;  // subnormals as 2^-126
   return min(max(14 - exponent, -126), 126);
