@@ -88,7 +88,8 @@ struct SelectPagesOptions {
 // A sequence with at most `budget` pages keeps all of them (lens = seq_lens[b]), and
 // paged_attention over the result equals dense attention. Otherwise it keeps its sink pages,
 // its last page, and the budget's remaining pages of highest score (ties: the lower logical
-// page wins), all in logical order with the last page last.
+// page wins; a NaN score counts as minus infinity, and GroupReduce::Max leaves out a query head
+// scoring NaN), all in logical order with the last page last.
 TINYSERVE_API void select_pages(const TensorView& query, const TensorView& page_meta,
                                 const TensorView& block_table, const TensorView& seq_lens,
                                 int budget, int block_size, const TensorView& table,

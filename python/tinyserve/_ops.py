@@ -115,6 +115,16 @@ def _fp8_view(cache: Any, kv_dtype: str | None) -> tuple[Any, str | None]:
     return cache, kv_dtype
 
 
+def _renamed(error: Exception, op: str, caller: str) -> Exception:
+    """``error`` with the prefix ``tinyserve.<op>:`` of its message changed to the caller's op,
+    the same exception type; other messages are kept."""
+    message = str(error)
+    prefix = f"tinyserve.{op}:"
+    if not message.startswith(prefix):
+        return error
+    return type(error)(f"tinyserve.{caller}:" + message[len(prefix) :])
+
+
 def _cuda_plan(
     query: Any,
     key_cache: Any,
@@ -146,16 +156,20 @@ def _cuda_plan(
     plan = _plans.get(key)
     if plan is None:
         x = _interop.export
-        splits, nbytes = _C.plan_paged_attention(
-            x(query),
-            x(key_cache),
-            x(block_table),
-            window_left,
-            max_seq_len,
-            num_splits,
-            x(query_start_loc),
-            kv_dtype,
-        )
+        try:
+            splits, nbytes = _C.plan_paged_attention(
+                x(query),
+                x(key_cache),
+                x(block_table),
+                window_left,
+                max_seq_len,
+                num_splits,
+                x(query_start_loc),
+                kv_dtype,
+            )
+        except (ValueError, TypeError, RuntimeError) as e:
+            # The plan checks paged_attention's own arguments: its errors carry that op's name.
+            raise _renamed(e, "plan_paged_attention", "paged_attention") from None
         plan = (
             splits,
             _workspace(query, fw, nbytes, "paged_attention", stream) if nbytes else None,
@@ -301,7 +315,8 @@ def select_pages(
     ``sum_d (q_d * mean_d + |q_d| * std_d)``. A sequence with at most ``budget`` pages keeps all
     of them (attention then equals dense attention); otherwise it keeps its first
     ``num_sink_pages`` pages, its last page and the best-scoring others (ties: the lower logical
-    page), in logical order with the last page last; ``num_sink_pages=1`` is recommended with
+    page; a NaN score counts as minus infinity, and ``group_reduce="max"`` leaves out a head
+    scoring NaN), in logical order with the last page last; ``num_sink_pages=1`` is recommended with
     every summary (docs/selection.md). ``hits`` (int32 ``[num_blocks]``) gets one added for every
     block each (sequence, KV head) keeps. ``out`` may give ``(table, lens)`` to write;
     ``workspace`` CUDA scratch of :func:`select_pages_workspace_bytes` bytes (one buffer per

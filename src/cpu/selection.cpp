@@ -234,7 +234,7 @@ void select_typed(const SelectPagesParams& p) {
             if (g == 0 || p.group_reduce == GroupReduce::Sum) {
               combined = g == 0 ? s : combined + s;
             } else {
-              combined = std::max(combined, s);
+              combined = std::fmax(combined, s);  // a NaN head is left out, as in CUDA's fmaxf
             }
           }
           scores[std::size_t(page - first)] =

@@ -710,19 +710,21 @@ class _DLManagedTensor(ctypes.Structure):
 
 
 class OnDevice:
-    """A 1-D integer array that says (through DLPack) it lives on DLPack device `device_type`:
-    the memory is host memory, which the refused calls never read."""
+    """A C-contiguous integer or float array that says (through DLPack) it lives on DLPack device
+    `device_type`: the memory is host memory, which the refused calls never read."""
 
     def __init__(self, array, device_type):
-        self.array = array
-        self.shape = (ctypes.c_int64 * 1)(array.shape[0])
+        self.array = np.ascontiguousarray(array)
+        self.shape, self.dtype = array.shape, array.dtype
+        self.dl_shape = (ctypes.c_int64 * array.ndim)(*array.shape)
         self.managed = _DLManagedTensor()
         t = self.managed.dl_tensor
-        t.data = array.ctypes.data
+        t.data = self.array.ctypes.data
         t.device = _DLDevice(device_type, 0)
-        t.ndim = 1
-        t.dtype = _DLDataType(0, array.dtype.itemsize * 8, 1)  # kDLInt
-        t.shape = self.shape
+        t.ndim = array.ndim
+        code = {"i": 0, "u": 1, "f": 2}[array.dtype.kind]  # kDLInt, kDLUInt, kDLFloat
+        t.dtype = _DLDataType(code, array.dtype.itemsize * 8, 1)
+        t.shape = self.dl_shape
         self.device_type = device_type
 
     def __dlpack_device__(self):
@@ -767,6 +769,18 @@ def test_arrays_on_other_devices_are_named():
             bm.append_batch(OnDevice(np.array([0], np.int64), device_type), 1)
     assert bm.seq_len(0) == 0
     bm.check()
+
+
+def test_a_query_on_the_gpu_beside_host_caches_is_named_by_paged_attention(case):
+    """A CUDA query plans the call first; the plan's checks speak as paged_attention."""
+    expect_error(
+        attention(case, query=OnDevice(case.query, 2)),
+        ValueError,
+        r"^tinyserve.paged_attention: all tensors must be on one device: query is on cuda:0, got "
+        r"key_cache on cpu$",
+        case.out,
+        case.lse,
+    )
 
 
 # --- Errors that name the argument and the value --------------------------------------------

@@ -285,6 +285,41 @@ def test_select_pages_random_scores(rng, backend):
         np.testing.assert_array_equal(to_np(got_l), want_l)
 
 
+@pytest.mark.parametrize("backend", backends())
+def test_nan_scores_count_as_minus_infinity(backend):
+    """A page scoring NaN (0 * inf in an infinite summary) ties with one scoring minus infinity
+    (the lower page kept); under group_reduce="max" a head scoring NaN is left out, so the order
+    of a group's query heads does not matter."""
+    fw, device = device_of(backend)
+    table = ints(np.array([[0, 1, 2, 3]], np.int32), fw, device)
+    lens = ints(np.array([4], np.int32), fw, device)
+
+    def select(query, meta, group_reduce):
+        got, _ = ts.select_pages(
+            asarray(np.array([query], np.float32), fw, "float32", device),
+            asarray(meta, fw, "float32", device),
+            table,
+            lens,
+            3,
+            block_size=1,
+            num_sink_pages=1,
+            summary="minmax",
+            group_reduce=group_reduce,
+        )
+        return to_np(got).tolist()
+
+    meta = np.zeros((4, 1, 2, 2), np.float32)
+    meta[1, 0, :, 1] = [-np.inf, np.inf]  # q_1 = 0: NaN
+    meta[2, 0, :, 0] = [-np.inf, -np.inf]  # q_0 = 1: minus infinity
+    for reduce in ("sum", "max"):
+        assert select([[1.0, 0.0]], meta, reduce) == [[[0, 1, 3]]]
+    meta[2, 0, :, 0] = [-5.0, -5.0]
+    assert select([[1.0, 0.0]], meta, "sum") == [[[0, 2, 3]]]  # NaN under -5
+    # Page 1: NaN for the first head, +inf for the second; the maximum is +inf either way.
+    for heads in ([[1.0, 0.0], [1.0, 1.0]], [[1.0, 1.0], [1.0, 0.0]]):
+        assert select(heads, meta, "max") == [[[0, 1, 3]]]
+
+
 def quest_bound_selection(query, keys_by_page, block_table, seq_lens, budget, block_size):
     """DESIGN.md's default selection, written out on its own in float64: per KV head, Quest's
     bound sum_d max(q_d * min_d, q_d * max_d) over each page's keys, summed over the group's
