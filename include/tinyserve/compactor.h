@@ -27,7 +27,8 @@ struct TINYSERVE_API MovePlan {
 
   // "evict", "offload", "recall" or "compact".
   const char* kind_name() const;
-  // Bytes the plan copies given the bytes of one block over every cache tensor (0 for evict).
+  // Bytes the plan copies given the bytes of one block over every cache tensor (0 for evict);
+  // std::invalid_argument when bytes_per_block is negative or the product overflows int64.
   std::int64_t num_bytes(std::int64_t bytes_per_block) const;
 };
 

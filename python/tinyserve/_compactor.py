@@ -105,7 +105,9 @@ def allocate_host_pool(device_caches: Sequence[Any], num_host_blocks: int) -> li
     """Host tensors for a Compactor's host pool: one per cache tensor, with ``num_host_blocks``
     blocks along dimension 0 and each block laid out like the cache's (so ``swap_blocks`` moves
     a block as one run of bytes). Torch caches get torch tensors, pinned when the cache is on
-    CUDA; CuPy caches get pinned NumPy arrays; anything else gets NumPy arrays."""
+    CUDA; CuPy caches get pinned NumPy arrays; anything else gets NumPy arrays. Tensors that
+    only speak DLPack (a CachePool's) are read as NumPy arrays on the host, and through torch on
+    CUDA or in a dtype NumPy lacks."""
     caches = _interop.array_list(
         device_caches, "allocate_host_pool", "device_caches", "cache tensors"
     )
@@ -120,6 +122,7 @@ def allocate_host_pool(device_caches: Sequence[Any], num_host_blocks: int) -> li
         )
     pools = []
     for cache in caches:
+        cache = _with_layout(cache)
         fw = _interop.framework(cache)
         shape = (num_host_blocks, *tuple(int(n) for n in cache.shape[1:]))
         if fw == "torch":
@@ -150,6 +153,27 @@ def allocate_host_pool(device_caches: Sequence[Any], num_host_blocks: int) -> li
             np.lib.stride_tricks.as_strided(flat, shape, tuple(s * dtype.itemsize for s in strides))
         )
     return pools
+
+
+def _with_layout(cache: Any) -> Any:
+    """A cache that only speaks DLPack (a CachePool's tensors) as an array that names its shape,
+    strides and dtype, over the same memory: NumPy on the host where NumPy has the dtype, else
+    torch. Arrays of a framework are returned as they are."""
+    if hasattr(cache, "shape") and hasattr(cache, "dtype"):
+        return cache
+    if not _interop.is_cuda(cache):
+        try:
+            return np.from_dlpack(cache)
+        except (TypeError, ValueError, BufferError, RuntimeError):
+            pass  # a dtype NumPy lacks (bfloat16): through torch
+    try:
+        import torch
+    except ImportError as e:
+        raise TypeError(
+            "tinyserve.allocate_host_pool: a cache NumPy cannot view (on a CUDA device, or of a "
+            f"dtype NumPy lacks) needs torch installed, got {type(cache).__name__}"
+        ) from e
+    return torch.from_dlpack(cache)
 
 
 def _pool_tensors(pool: Any) -> list[Any]:

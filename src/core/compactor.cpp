@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <limits>
 #include <tuple>
 
 #include "core/block_manager_impl.h"
@@ -251,7 +252,13 @@ std::int64_t MovePlan::num_bytes(std::int64_t bytes_per_block) const {
     throw std::invalid_argument("tinyserve.MovePlan.num_bytes: bytes_per_block must be >= 0, got " +
                                 str(bytes_per_block));
   }
-  return kind == Kind::Evict ? 0 : std::int64_t(src.size()) * bytes_per_block;
+  const std::int64_t blocks = kind == Kind::Evict ? 0 : std::int64_t(src.size());
+  if (blocks > 0 && bytes_per_block > std::numeric_limits<std::int64_t>::max() / blocks) {
+    throw std::invalid_argument("tinyserve.MovePlan.num_bytes: " + str(blocks) +
+                                " blocks of bytes_per_block bytes overflow int64, got " +
+                                str(bytes_per_block));
+  }
+  return blocks * bytes_per_block;
 }
 
 Compactor::Compactor(BlockManager& manager, std::int64_t num_host_blocks)

@@ -57,6 +57,14 @@ def test_move_plan_fields():
     assert plan.num_bytes(4096) == 2 * 4096
     with pytest.raises(ValueError, match="num_bytes: bytes_per_block must be >= 0, got -1"):
         plan.num_bytes(-1)
+    assert plan.num_bytes(2**62 - 1) == 2**63 - 2  # the largest product that fits
+    for too_big in (2**62, 2**63 - 1):
+        with pytest.raises(
+            ValueError,
+            match=rf"^tinyserve.MovePlan.num_bytes: 2 blocks of bytes_per_block bytes overflow "
+            rf"int64, got {too_big}$",
+        ):
+            plan.num_bytes(too_big)
     assert "offload" in repr(plan)
     comp.abort(plan)
     evict = comp.plan_evict(0)
@@ -393,6 +401,31 @@ def test_allocate_host_pool_matches_each_cache_block_layout():
         tinyserve.allocate_host_pool(kv, 2)
     with pytest.raises(ValueError, match="num_host_blocks must be an int >= 0, got -1"):
         tinyserve.allocate_host_pool(caches, -1)
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_allocate_host_pool_takes_a_cache_pools_tensors(rng, layout):
+    """A CachePool's tensors speak DLPack only (no shape attribute): the host pool still gets
+    their block layout, and a block offloaded into it and recalled comes back unchanged."""
+    pool = tinyserve.CachePool(
+        2, 8, 4, 2, 8, dtype="float32", layout=layout, page_meta=True, num_blocks=8
+    )
+    views = [np.from_dlpack(t) for t in pool.tensors()]
+    for v in views:
+        v[...] = rng.standard_normal(v.shape)
+    hosts = tinyserve.allocate_host_pool(pool.tensors(), 3)
+    assert len(hosts) == len(views)
+    for view, host in zip(views, hosts):
+        assert host.shape == (3, *view.shape[1:]) and host.dtype == view.dtype
+        assert host.strides[1:] == view.strides[1:]
+    before = [v.copy() for v in views]
+    for view, host, old in zip(views, hosts, before):
+        tinyserve.swap_blocks(view, host, np.array([5, 2], np.int32), np.array([0, 2], np.int32))
+        np.testing.assert_array_equal(host[[0, 2]], old[[5, 2]])
+        view[5] = np.nan
+        tinyserve.swap_blocks(host, view, np.array([0], np.int32), np.array([5], np.int32))
+    for view, old in zip(views, before):
+        np.testing.assert_array_equal(view, old)
 
 
 def test_execute_plan_rejects_what_cannot_be_right():
