@@ -111,14 +111,13 @@ def allocate_host_pool(device_caches: Sequence[Any], num_host_blocks: int) -> li
     caches = _interop.array_list(
         device_caches, "allocate_host_pool", "device_caches", "cache tensors"
     )
-    if (
-        isinstance(num_host_blocks, bool)
-        or not isinstance(num_host_blocks, int)
-        or num_host_blocks < 0
-    ):
+    num_host_blocks = _interop.int_argument(
+        num_host_blocks, "allocate_host_pool", "num_host_blocks"
+    )
+    if num_host_blocks < 0:
         raise ValueError(
             "tinyserve.allocate_host_pool: num_host_blocks must be an int >= 0, "
-            f"got {num_host_blocks!r}"
+            f"got {num_host_blocks}"
         )
     pools = []
     for cache in caches:

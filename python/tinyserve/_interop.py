@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import numbers
+import operator
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -99,8 +100,8 @@ def resolve_stream(
             cupy = sys.modules["cupy"]
             return int(cupy.cuda.get_current_stream().ptr)
         return 0
-    if isinstance(stream, int):
-        return stream
+    if isinstance(stream, numbers.Integral) and not isinstance(stream, bool):
+        return int(stream)  # NumPy integers too
     for attribute in ("cuda_stream", "ptr"):
         value = getattr(stream, attribute, None)
         if isinstance(value, int):
@@ -112,13 +113,17 @@ def resolve_stream(
 
 
 def int_argument(value: Any, op: str, name: str) -> int:
-    """An int argument that a Python wrapper reads itself (an int or NumPy integer, not a bool)
-    as an int; anything else is the core's ArgumentTypeError naming `op` and `name`."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ArgumentTypeError(
-            f"tinyserve.{op}: {name} must be an int, got {type(value).__name__}"
-        )
-    return int(value)
+    """An int argument that a Python wrapper reads itself as an int, as the core reads one:
+    anything with __index__ (NumPy integers, 0-d integer tensors) but a bool or a bool tensor;
+    anything else is the core's ArgumentTypeError naming `op` and `name`."""
+    is_bool = isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
+    if not is_bool:
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    kind = "bool" if is_bool else type(value).__name__
+    raise ArgumentTypeError(f"tinyserve.{op}: {name} must be an int, got {kind}")
 
 
 def array_list(value: Any, op: str, name: str, items: str) -> list[Any] | tuple[Any, ...]:

@@ -17,6 +17,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -281,10 +282,25 @@ class Arrays {
   Kept<nb::ndarray<>> outputs_;
 };
 
+// A bool, or an array scalar of a bool dtype (a 0-d torch.bool tensor indexes as 0 or 1).
+inline bool is_bool_like(nb::handle h) {
+  if (PyBool_Check(h.ptr())) return true;
+  if (PyLong_CheckExact(h.ptr()) || !nb::hasattr(h, "dtype")) return false;
+  const nb::object dtype = h.attr("dtype");
+  const nb::object name = nb::steal(PyObject_Str(dtype.ptr()));
+  const char* text = name.is_valid() ? PyUnicode_AsUTF8(name.ptr()) : nullptr;
+  if (text == nullptr) {
+    PyErr_Clear();
+    return false;
+  }
+  const std::string_view view(text);
+  return view == "bool" || view == "torch.bool";
+}
+
 // An integer (a Python int, or anything with __index__ but a bool) that fits int64, or nothing:
 // for the questions that answer False rather than raise (`x in manager`).
 inline std::optional<std::int64_t> as_int64(nb::handle h) {
-  if (PyBool_Check(h.ptr())) return std::nullopt;
+  if (is_bool_like(h)) return std::nullopt;
   nb::object index = nb::steal(PyNumber_Index(h.ptr()));
   if (!index.is_valid()) {
     PyErr_Clear();
@@ -300,8 +316,9 @@ inline std::optional<std::int64_t> as_int64(nb::handle h) {
 // naming the argument and the value as given.
 template <class T>
 T to_int(nb::handle h, const char* op, const char* name) {
-  // True and False index as 1 and 0; an int argument given a bool is a mistake.
-  if (PyBool_Check(h.ptr())) type_error(op, name, " must be an int, got bool");
+  // True and False (and bool tensors) index as 1 and 0; an int argument given a bool is a
+  // mistake.
+  if (is_bool_like(h)) type_error(op, name, " must be an int, got bool");
   PyObject* index = PyNumber_Index(h.ptr());
   if (index == nullptr) {
     PyErr_Clear();

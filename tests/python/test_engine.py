@@ -505,6 +505,34 @@ def test_prefix_cache_hits_skip_computation(rng):
     assert outputs[0].prefix_cache_hit_tokens == (len(prompts[0]) - 1) // BLOCK_SIZE * BLOCK_SIZE
 
 
+def test_recomputation_is_no_prefix_cache_hit(rng):
+    """A sequence recomputed after preemption finds its own earlier blocks in the prefix cache;
+    those are not prompt tokens saved, and the hit counts stay within the prompts."""
+    runner = random_model(4, 2, seed=int(rng.integers(1 << 31)))
+    prompts = [[1], [2], [3]]  # distinct one-token prompts: nothing to find
+    engine = make_engine(runner, num_blocks=7)
+    outputs = run_and_check(engine, prompts, SamplingParams(max_new_tokens=20))
+    assert [o.token_ids[0] for o in outputs] == transformers_generate(runner, prompts, 20)
+    stats = engine.stats
+    assert stats.preemptions > 0 and stats.offloads == 0  # recomputed, no host pool
+    assert engine.block_manager.stats()["prefix_hits"] > 0  # the recomputations found blocks
+    assert stats.prefix_cache_hit_tokens == 0 and stats.prefix_cache_hit_blocks == 0
+    assert all(o.prefix_cache_hit_tokens == 0 for o in outputs)
+
+
+def test_a_tiny_temperature_samples_the_largest_logit(rng):
+    """A temperature so small that the logits over it overflow float32 samples as greedy
+    rather than failing on inf and NaN probabilities."""
+    runner = random_model(4, 2, seed=int(rng.integers(1 << 31)))
+    prompts = shared_prefix_prompts(rng, 3)
+    engine = make_engine(runner)
+    greedy = run_and_check(engine, prompts, SamplingParams(max_new_tokens=6))
+    for temperature in (1e-300, 1e-45, 1e-30):
+        tiny = SamplingParams(max_new_tokens=6, temperature=temperature, seed=1)
+        sampled = run_and_check(engine, prompts, tiny)
+        assert [o.token_ids for o in sampled] == [o.token_ids for o in greedy]
+
+
 def test_requests_join_and_leave_every_step(rng):
     runner = random_model(6, 2, seed=int(rng.integers(1 << 31)))
     prompts = shared_prefix_prompts(rng, 6)

@@ -1368,3 +1368,49 @@ def test_select_pages_budget_beyond_int32_allocates_nothing():
     table, lens = np.zeros((2, 2), np.int32), np.array([5, 8], np.int32)
     with pytest.raises(ValueError, match=r"^tinyserve.select_pages: budget must be an int in"):
         ts.select_pages(q, meta, table, lens, 2**40, block_size=4)
+
+
+def test_bool_tensors_are_not_ints(case):
+    """A 0-d torch.bool tensor indexes as 0 or 1 but is refused where an int is meant, as a
+    Python bool is; a 0-d integer tensor is an int."""
+    torch = pytest.importorskip("torch")
+    for name in ("window_left", "num_splits", "max_seq_len"):
+        expect_error(
+            attention(case, **{name: torch.tensor(True)}),
+            TypeError,
+            rf"^tinyserve.paged_attention: {name} must be an int, got bool$",
+            case.out,
+            case.lse,
+        )
+    q = np.zeros((2, 4, 8), np.float32)
+    meta = np.zeros((8, 2, 2, 8), np.float32)
+    table, lens = np.zeros((2, 2), np.int32), np.array([5, 8], np.int32)
+    with pytest.raises(
+        TypeError, match=r"^tinyserve.select_pages: budget must be an int, got bool"
+    ):
+        ts.select_pages(q, meta, table, lens, torch.tensor(True), block_size=4)
+    bm = ts.BlockManager(4, 2)
+    bm.add_sequence(0)
+    assert torch.tensor(0) in bm and torch.tensor(False) not in bm
+    caches = [np.zeros((4, 2, 1, 8), np.float32)]
+    assert ts.allocate_host_pool(caches, torch.tensor(3))[0].shape == (3, 2, 1, 8)
+    with pytest.raises(TypeError, match="num_host_blocks must be an int, got bool"):
+        ts.allocate_host_pool(caches, torch.tensor(True))
+
+
+def test_python_wrappers_read_ints_as_the_core_does():
+    """allocate_host_pool's count and every op's stream take NumPy integers like the core's int
+    arguments; a float or a bool is an ArgumentTypeError."""
+    caches = [np.zeros((4, 2, 1, 8), np.float32)]
+    assert ts.allocate_host_pool(caches, np.int64(2))[0].shape == (2, 2, 1, 8)
+    for bad, kind in ((4.0, "float"), (True, "bool"), (np.bool_(True), "bool"), ("4", "str")):
+        with pytest.raises(
+            ts.ArgumentTypeError,
+            match=rf"^tinyserve.allocate_host_pool: num_host_blocks must be an int, got {kind}$",
+        ):
+            ts.allocate_host_pool(caches, bad)
+    cache = np.arange(16, dtype=np.float32).reshape(4, 4)
+    ts.copy_blocks([cache], np.array([0]), np.array([1]), stream=np.int64(0))
+    np.testing.assert_array_equal(cache[1], cache[0])
+    with pytest.raises(TypeError, match=r"^tinyserve.copy_blocks: stream must be None.*got bool"):
+        ts.copy_blocks([cache], np.array([0]), np.array([1]), stream=True)

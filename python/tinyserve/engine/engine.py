@@ -730,7 +730,7 @@ class Engine:
         self.stats.blocks_used = stats["num_used"]
         self.stats.blocks_free = stats["num_free"]
         self.stats.peak_blocks_used = max(self.stats.peak_blocks_used, stats["num_used"])
-        self.stats.prefix_cache_hit_blocks = stats["prefix_hits"]
+        self.stats.prefix_cache_hit_blocks = self.scheduler.prefix_cache_hit_blocks
         self.stats.prefix_cache_hit_tokens = self.scheduler.prefix_cache_hit_tokens
         self.stats.preemptions = self.scheduler.num_preemptions
         self.stats.offloads = self.scheduler.num_offloaded_blocks

@@ -144,6 +144,7 @@ class Sequence:
     generator: torch.Generator | None = None
     num_computed: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
+    admitted: bool = False  # admitted once (a recomputation after preemption is not counted)
     finish_reason: str | None = None
     # With SamplingParams.logprobs: per generated token, its log-probability and the top ones.
     logprobs: list[float] = field(default_factory=list)

@@ -31,7 +31,11 @@ def sample_token(
     """One token drawn from one row of logits ``[vocab]`` under ``params`` (not greedy: the
     engine takes greedy tokens from :func:`greedy_tokens`). Sampling runs in float32 on the CPU
     so that a seed gives the same token on any device."""
-    scores = logits.detach().to("cpu", torch.float32) / params.temperature
+    scores = logits.detach().to("cpu", torch.float64)
+    # The largest made 0 before the temperature divides (softmax, top-k and top-p do not change),
+    # in float64, where any temperature > 0 is > 0: a tiny one sends the others to -inf, greedy,
+    # rather than overflowing to inf (or, below float32's range, dividing 0 by 0).
+    scores = ((scores - scores.max()) / params.temperature).to(torch.float32)
     if 0 < params.top_k < scores.numel():
         kth = torch.topk(scores, params.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

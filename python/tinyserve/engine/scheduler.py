@@ -98,7 +98,8 @@ class Scheduler:
         self.num_recalled_blocks = 0
         # Offloaded blocks freed on the host: their sequence was recomputed instead of recalled.
         self.num_discarded_blocks = 0
-        self.prefix_cache_hit_tokens = 0
+        self.prefix_cache_hit_tokens = 0  # prompt tokens found at first admissions
+        self.prefix_cache_hit_blocks = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -111,6 +112,7 @@ class Scheduler:
         self.bm.fork(parent.seq_id, child.seq_id)
         child.num_computed = parent.num_computed
         child.status = SequenceStatus.RUNNING
+        child.admitted = True
         self.running.insert(self.running.index(parent) + 1, child)
 
     def finish(self, seq: Sequence, reason: str) -> None:
@@ -229,9 +231,12 @@ class Scheduler:
             seq.num_computed = cached
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            self.prefix_cache_hit_tokens += cached
-            if seq.sample_index == 0 and seq.request.first_token_time is None:
-                seq.request.prefix_cache_hit_tokens = cached
+            if not seq.admitted:  # a recomputed sequence's hits are its own earlier blocks
+                seq.admitted = True
+                self.prefix_cache_hit_tokens += cached
+                self.prefix_cache_hit_blocks += cached // self.block_size
+                if seq.sample_index == 0:
+                    seq.request.prefix_cache_hit_tokens = cached
             plan.add(seq, chunk, slots)
             budget -= chunk
 
