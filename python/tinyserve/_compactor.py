@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from . import _interop
-from ._ops import copy_blocks, swap_blocks
+from ._ops import _renamed, _shape, copy_blocks, swap_blocks
 from ._tinyserve import ArgumentTypeError
 
 
@@ -82,11 +82,26 @@ def execute_plan(
             "tinyserve.execute_plan: host_caches must match device_caches one to one "
             f"({len(devices)} tensors), got {len(hosts)}"
         )
-    for device_cache, host_cache in zip(devices, hosts):
-        if kind == "offload":
-            swap_blocks(device_cache, host_cache, src, dst, stream=stream)
-        else:
-            swap_blocks(host_cache, device_cache, src, dst, stream=stream)
+    pairs = list(zip(devices, hosts) if kind == "offload" else zip(hosts, devices))
+    # Every pair is checked before the first block moves, so that a refused call writes nothing
+    # (a recall half done would leave cached prefix blocks holding other data): the arrays
+    # through a call that moves no block, the ids against each tensor's block count.
+    none = src[:0]
+    sides = ("device", "host") if kind == "offload" else ("host", "device")
+    for from_cache, to_cache in pairs:
+        try:
+            swap_blocks(from_cache, to_cache, none, none, stream=stream)
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise _renamed(e, "swap_blocks", "execute_plan") from None
+        for ids, cache, side in ((src, from_cache, sides[0]), (dst, to_cache, sides[1])):
+            count = _shape(cache, "execute_plan", f"a {side} cache")[0]
+            if int(ids.max()) >= count:
+                raise ValueError(
+                    f"tinyserve.execute_plan: the plan's block ids must be below the {count} "
+                    f"blocks of every {side} cache, got {int(ids.max())}"
+                )
+    for from_cache, to_cache in pairs:
+        swap_blocks(from_cache, to_cache, src, dst, stream=stream)
 
 
 def _host_strides(cache: Any, shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, ...]:

@@ -486,7 +486,40 @@ def test_execute_plan_moves_each_block_of_every_tensor_in_one_call_per_tensor(mo
     plan = comp.plan_offload(6)
     tinyserve.execute_plan(plan, caches, hosts)
     comp.commit(plan)
-    assert calls == [("copy", 5, 3)] + [("swap", 6)] * 5
+    # Each pair is first checked by a call that moves no block.
+    assert calls == [("copy", 5, 3)] + [("swap", 0)] * 5 + [("swap", 6)] * 5
+
+
+@pytest.mark.parametrize("kind", ["offload", "recall"])
+@pytest.mark.parametrize("bad", ["shape", "too_few_blocks"])
+def test_a_refused_offload_or_recall_writes_nothing(rng, kind, bad):
+    """Every pair of tensors is checked before any block moves: a bad last pair leaves the
+    earlier ones unwritten (a recall half done would leave cached blocks holding other data)."""
+    bm, comp = make(num_blocks=8, block_size=2, host=4, caching=False)
+    bm.add_sequence(1)
+    bm.append(1, 4)
+    caches = [rng.standard_normal((8, 2, 1, 4)).astype(np.float32) for _ in range(3)]
+    hosts = [rng.standard_normal((4, 2, 1, 4)).astype(np.float32) for _ in range(3)]
+    if kind == "recall":
+        plan = comp.plan_offload_sequences([1])
+        tinyserve.execute_plan(plan, caches, hosts)
+        comp.commit(plan)
+        plan = comp.plan_recall([1])
+    else:
+        plan = comp.plan_offload_sequences([1])
+    if bad == "shape":
+        hosts[-1] = rng.standard_normal((4, 2, 1, 3)).astype(np.float32)
+        message = r"^tinyserve.execute_plan: .*must match .* in every dimension but the first"
+    else:
+        hosts[-1] = rng.standard_normal((1, 2, 1, 4)).astype(np.float32)
+        message = r"^tinyserve.execute_plan: the plan's block ids must be below the 1 blocks of "
+    before = [a.copy() for a in caches + hosts]
+    with pytest.raises(ValueError, match=message):
+        tinyserve.execute_plan(plan, caches, hosts)
+    for a, b in zip(caches + hosts, before):
+        np.testing.assert_array_equal(a, b)
+    comp.abort(plan)
+    bm.check()
 
 
 # ---- content preserved: random workloads and random plans ----------------------------------

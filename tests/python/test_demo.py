@@ -184,6 +184,9 @@ def test_check_every_zero_is_honest(capsys):
         (["--check-every", "-1"], "--check-every must not be negative"),
         (["--arrival-interval", "-1"], "--check-every must not be negative"),
         (["--progress-every", "0"], "--progress-every must be at least 1, got 0"),
+        (["--arrival-interval", "nan"], "--arrival-interval must be finite, got nan"),
+        (["--arrival-interval", "inf"], "--arrival-interval must be finite, got inf"),
+        (["--seed", "-1"], "--seed must not be negative, got -1"),
     ],
 )
 def test_each_bad_argument_is_named(capsys, argv, message):

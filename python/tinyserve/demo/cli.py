@@ -154,6 +154,10 @@ def _validate(args: argparse.Namespace) -> str | None:
         return f"--max-new-tokens must be at least 2, got {args.max_new_tokens}"
     if args.arrival_interval < 0 or args.steps < 0 or args.check_every < 0:
         return "--arrival-interval, --steps and --check-every must not be negative"
+    if not math.isfinite(args.arrival_interval):
+        return f"--arrival-interval must be finite, got {args.arrival_interval:g}"
+    if args.seed < 0:  # NumPy's seeds are not negative
+        return f"--seed must not be negative, got {args.seed}"
     if args.tolerance is not None and not (math.isfinite(args.tolerance) and args.tolerance > 0):
         return f"--tolerance must be a positive finite number, got {args.tolerance:g}"
     if args.host_blocks is None:

@@ -145,6 +145,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--budget must be >= 1, got {args.budget}")
     if args.dense_layers < 0:
         parser.error(f"--dense-layers must be >= 0, got {args.dense_layers}")
+    if not -(2**63) <= args.seed <= 2**64 - args.n:  # sample i draws with seed + i
+        parser.error(f"--seed must be in [-2**63, 2**64 - n], got {args.seed}")
     return args
 
 
