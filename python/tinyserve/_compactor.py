@@ -55,7 +55,8 @@ def execute_plan(
     ``host_caches`` the matching host pool tensors (see :func:`allocate_host_pool`), in the same
     order, for offload and recall. A compaction is one ``copy_blocks`` call over every device
     tensor (one launch on CUDA); offload and recall are one ``swap_blocks`` call per tensor,
-    each moving every block of the plan. An evict plan moves nothing. Calls are queued on
+    each moving every block of the plan, once every tensor pair has been checked (a refused
+    call moves nothing). An evict plan moves nothing. Calls are queued on
     ``stream`` (default: the caches' framework's current stream), so the plan may be committed
     as soon as this returns: later work on that stream sees the moved blocks.
     """
