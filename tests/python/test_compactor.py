@@ -7,6 +7,7 @@ back through the block tables against values derived from the tokens alone."""
 
 from __future__ import annotations
 
+import sys
 import types
 
 import numpy as np
@@ -426,6 +427,26 @@ def test_allocate_host_pool_takes_a_cache_pools_tensors(rng, layout):
         tinyserve.swap_blocks(host, view, np.array([0], np.int32), np.array([5], np.int32))
     for view, old in zip(views, before):
         np.testing.assert_array_equal(view, old)
+
+
+def test_allocate_host_pool_takes_bfloat16_pool_tensors_through_torch(rng, monkeypatch):
+    """NumPy has no bfloat16: a bfloat16 CachePool's tensors get torch host tensors laid out
+    like theirs; without torch that is a TypeError naming what is needed."""
+    pool = tinyserve.CachePool(1, 8, 4, 2, 8, dtype="bfloat16", num_blocks=8)
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "torch", None)  # import torch fails
+        with pytest.raises(TypeError, match="^tinyserve.allocate_host_pool: .*needs torch"):
+            tinyserve.allocate_host_pool(pool.tensors(), 3)
+    torch = pytest.importorskip("torch")
+    views = [torch.from_dlpack(t) for t in pool.tensors()]
+    for v in views:
+        v.copy_(torch.from_numpy(rng.standard_normal(tuple(v.shape)).astype(np.float32)))
+    hosts = tinyserve.allocate_host_pool(pool.tensors(), 3)
+    for view, host in zip(views, hosts):
+        assert isinstance(host, torch.Tensor) and host.dtype == torch.bfloat16
+        assert tuple(host.shape) == (3, *view.shape[1:]) and host.stride()[1:] == view.stride()[1:]
+        tinyserve.swap_blocks(view, host, np.array([6], np.int32), np.array([1], np.int32))
+        assert torch.equal(host[1], view[6])
 
 
 def test_execute_plan_rejects_what_cannot_be_right():
