@@ -225,6 +225,48 @@ def test_decode_with_a_plan_over_host_lengths(rng, stale):
     assert R.rel_error(f64(out), ref) < TOLERANCE["float16"]
 
 
+@pytest.mark.parametrize("batch", [2, 37, 256, 257])
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("window_left", [-1, 40])
+def test_sequences_run_longest_first(rng, batch, num_splits, window_left):
+    """The tensor-core decode kernel runs the sequences of a batch of 2-256 longest first (each
+    CTA ranks them by their lengths on the device): every row is its own sequence's attention
+    whatever the order, with lengths tied, empty, longer and shorter than the window, split or
+    not, and at 257 sequences (index order)."""
+    lens = rng.choice([0, 1, 17, 40, 41, 300, 300, 777], size=batch)
+    lens[rng.integers(batch)] = 1000  # one clearly longest, anywhere
+    case = R.PagedCase(rng, lens, 8, 2, 128, 16)
+    kc, vc = cache_pair(case.key_cache, case.value_cache, "torch", "float16", "cuda", "NHD")
+    q = cuda(case.query, "float16")
+    table, seq_lens = cuda(case.block_table), cuda(case.seq_lens)
+    _, nbytes = ts.plan_paged_attention(q, kc, table, num_splits=num_splits)
+    workspace = torch.empty((max(nbytes, 16),), dtype=torch.uint8, device="cuda")
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full(q.shape[:2], float("nan"), dtype=torch.float32, device="cuda")
+    ts.paged_attention(
+        q,
+        kc,
+        vc,
+        table,
+        seq_lens,
+        out,
+        lse=lse,
+        num_splits=num_splits,
+        workspace=workspace,
+        window_left=window_left,
+    )
+    torch.cuda.synchronize()
+    ref, ref_lse = R.paged_attention(
+        f64(q), f64(kc), f64(vc), case.block_table, case.seq_lens, window_left=window_left
+    )
+    got, got_lse = f64(out), f64(lse)
+    for b in range(batch):  # row by row: a row computed for another sequence stands out
+        assert R.rel_error(got[b], ref[b]) < TOLERANCE["float16"], b
+        finite = np.isfinite(ref_lse[b])
+        np.testing.assert_allclose(got_lse[b][finite], ref_lse[b][finite], rtol=1e-4, atol=1e-3)
+        assert (np.isneginf(got_lse[b]) == ~finite).all(), b
+
+
 @pytest.mark.parametrize("head_dim", [pytest.param(128, id="d128"), pytest.param(64, id="d64")])
 def test_cuda_graph_capture_and_replay(rng, head_dim):
     """Capture decode once; replay with new lengths, tables and queries written into the same

@@ -8,6 +8,7 @@
 
 #include "cuda/attention/params.cuh"
 #include "cuda/attention/split_merge.cuh"
+#include "cuda/attention/split_plan.cuh"
 #include "cuda/attention/state.cuh"
 
 namespace tinyserve::kernels::cuda {
@@ -34,10 +35,48 @@ __device__ __forceinline__ void split_range(const DecodeArgs& a, int b, int kv_h
   end = min(len, begin + chunk);
 }
 
-// The CTA's work from its position in the grid (kv_heads x head_tiles, splits, batch), in decode.
-__device__ __forceinline__ WorkUnit work_unit(const DecodeArgs& a, int heads_per_cta, int align) {
+// The sequence of launch rank `rank` (blockIdx.z) when the sequences are ordered by the number of
+// keys they attend (after the sliding window), longest first, equal ones by index. The thread
+// blocks of a grid start in index order, so the longest sequences start first and the shortest
+// fill the last wave, where in index order a long sequence that starts late finishes alone
+// (on an H200, 64 sequences of 1 to 8k tokens: the launch's tail). Every CTA computes the same
+// permutation from the same lengths: each key is (keys attended, clamped to 2^23 - 1) << 8 |
+// (255 - index), unique, and a sequence's rank is the number of keys above its own. `keys`:
+// shared memory for kLongestFirstMaxBatch words, 16-byte aligned, free until the second
+// barrier; `ranked`: shared, read after it. Called by every thread of the CTA.
+__device__ __forceinline__ int sequence_by_length(const DecodeArgs& a, int rank,
+                                                  std::uint32_t* keys, int* ranked) {
+  const int batch = int(gridDim.z), padded = (batch + 3) & ~3;
+  for (int i = threadIdx.x; i < padded; i += blockDim.x) {
+    std::uint32_t key = 0;  // padding: above no key
+    if (i < batch) {
+      const int len = a.kv.seq_len(i, 0);
+      const int first = a.window_left >= 0 ? max(0, len - 1 - a.window_left) : 0;
+      key = (std::uint32_t(min(len - first, (1 << 23) - 1)) << 8) | std::uint32_t(255 - i);
+    }
+    keys[i] = key;
+  }
+  if (threadIdx.x == 0) *ranked = rank;  // overwritten below: every rank has a sequence
+  __syncthreads();
+  for (int i = threadIdx.x; i < batch; i += blockDim.x) {
+    const std::uint32_t own = keys[i];
+    int above = 0;
+    for (int j = 0; j < padded; j += 4) {
+      const uint4 k = *reinterpret_cast<const uint4*>(keys + j);
+      above += int(k.x > own) + int(k.y > own) + int(k.z > own) + int(k.w > own);
+    }
+    if (above == rank) *ranked = i;
+  }
+  __syncthreads();
+  return *ranked;
+}
+
+// The CTA's work from its position in the grid (kv_heads x head_tiles, splits, batch), in decode,
+// for sequence b (blockIdx.z, or its sequence_by_length).
+__device__ __forceinline__ WorkUnit work_unit(const DecodeArgs& a, int heads_per_cta, int align,
+                                              int b) {
   WorkUnit u;
-  u.b = blockIdx.z;
+  u.b = b;
   u.row = u.b;
   u.split = blockIdx.y;
   u.kv_head = blockIdx.x / a.head_tiles;
@@ -55,8 +94,8 @@ __device__ __forceinline__ WorkUnit work_unit(const DecodeArgs& a, int heads_per
 // exit alone would cost it 32 registers (96 to 128 at sm_90a: five CTAs a multiprocessor to
 // four).
 __device__ __forceinline__ bool mixed_work_unit(const DecodeArgs& a, int heads_per_cta, int align,
-                                                WorkUnit& u) {
-  int row = blockIdx.z;
+                                                int b, WorkUnit& u) {
+  int row = b;
   if (a.query_start_loc) {
     const int b = blockIdx.z;
     const int start = query_row_start(a.query_start_loc, a.num_query_rows, b);
@@ -64,7 +103,7 @@ __device__ __forceinline__ bool mixed_work_unit(const DecodeArgs& a, int heads_p
     if (end - start != 1) return false;
     row = start;
   }
-  u = work_unit(a, heads_per_cta, align);
+  u = work_unit(a, heads_per_cta, align, b);
   u.row = row;
   return true;
 }

@@ -124,8 +124,15 @@ __global__ void __launch_bounds__(kDecodeThreads)
   std::uint64_t* rows =
       reinterpret_cast<std::uint64_t*>(smem + C::kQBytes + C::kStages * C::kStageBytes);
 
+  __shared__ int ranked_sequence;
+  static_assert(kLongestFirstMaxBatch * 4 <= C::kStages * C::kStageBytes, "ranking keys");
+  const int seq =
+      a.longest_first
+          ? sequence_by_length(a, blockIdx.z, reinterpret_cast<std::uint32_t*>(smem + C::kQBytes),
+                               &ranked_sequence)
+          : int(blockIdx.z);
   WorkUnit u;
-  if (!mixed_work_unit(a, kMmaHeads, C::kTile, u)) return;  // before any barrier
+  if (!mixed_work_unit(a, kMmaHeads, C::kTile, seq, u)) return;  // before any barrier
   const int b = u.b, split = u.split, kv_head = u.kv_head, head0 = u.head0, heads = u.heads;
   const int begin = u.begin, end = u.end;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;

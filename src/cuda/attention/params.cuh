@@ -29,6 +29,11 @@ struct DecodeArgs {
   // (the prefill launch takes the others).
   const std::int32_t* query_start_loc;
   int num_query_rows;
+  // Decode launches of the tensor-core kernel over one length per sequence (2 to
+  // kLongestFirstMaxBatch sequences): blockIdx.z is a rank, the sequences ordered by the number
+  // of keys they attend, longest first (ties by index), so that the longest start first and the
+  // launch's last wave is short (see sequence_by_length). Other kernels ignore it.
+  bool longest_first;
   PagedKV kv;
   AttentionOutput output;
   int group;       // query heads per KV head

@@ -30,18 +30,19 @@ constexpr std::int64_t kBalancedWaves = 3;
 constexpr std::int64_t kMaxSimulatedCtas = std::int64_t(1) << 16;
 
 // When `slots` CTA slots, each taking the next CTA of the launch as it frees, finish the launch
-// (in tokens streamed per slot): the CTAs go in launch order (sequence, split, KV head), `units`
+// (in tokens streamed per slot): the CTAs go in launch order (the sequences in `order`, then
+// split, KV head), `units`
 // of each (sequence, split, length entry), each its chunk (cut as split_range cuts it) plus the
 // fixed cost; a CTA whose chunk is empty exits at once and is not counted. The `units` equal
 // CTAs of an entry take `units` slots freed together, so they are scheduled as one job on
 // slots / units groups of slots (the host time of a plan: 8x fewer steps at 8 KV heads).
-double greedy_finish(const std::vector<std::int64_t>& lens, int lens_per_head, std::int64_t units,
-                     std::int64_t splits, int align, std::int64_t slots) {
+double greedy_finish(const std::vector<std::int64_t>& lens, const std::vector<std::size_t>& order,
+                     int lens_per_head, std::int64_t units, std::int64_t splits, int align,
+                     std::int64_t slots) {
   std::priority_queue<double, std::vector<double>, std::greater<double>> free_at;
   for (std::int64_t i = 0; i < std::max<std::int64_t>(1, slots / units); ++i) free_at.push(0.0);
   double finish = 0.0;
-  const std::size_t batch = lens.size() / std::size_t(lens_per_head);
-  for (std::size_t b = 0; b < batch; ++b) {
+  for (const std::size_t b : order) {
     for (std::int64_t sp = 0; sp < splits; ++sp) {
       for (int h = 0; h < lens_per_head; ++h) {
         const std::int64_t len = lens[b * std::size_t(lens_per_head) + std::size_t(h)];
@@ -61,6 +62,11 @@ double greedy_finish(const std::vector<std::int64_t>& lens, int lens_per_head, s
 }
 
 }  // namespace
+
+bool longest_first(int batch, bool one_length_per_sequence, std::int64_t ctas, std::int64_t slots) {
+  return one_length_per_sequence && batch >= 2 && batch <= kLongestFirstMaxBatch &&
+         ctas < kBalancedWaves * slots;
+}
 
 int prepare_launch(const DecodeLaunch& l, int device, const char* op) {
   struct Entry {
@@ -162,13 +168,23 @@ int plan_splits_for_lengths(const SplitPlanShape& s, const std::vector<std::int6
   const std::int64_t slots1 = launch_slots(unsplit, device, op);
   const std::int64_t slots_n = launch_slots(split, device, op);
   if (entries * units1 >= kBalancedWaves * slots1) return equal_plan;
+  // The sequences in launch order: by length, longest first (ties by index), where the kernel
+  // orders them so.
+  const std::size_t batch = lens.size() / std::size_t(lens_per_head);
+  std::vector<std::size_t> order(batch);
+  for (std::size_t b = 0; b < batch; ++b) order[b] = b;
+  if (longest_first(int(batch), lens_per_head == 1,
+                    std::int64_t(batch) * s.num_kv_heads * head_tiles(s, unsplit), slots1)) {
+    std::stable_sort(order.begin(), order.end(),
+                     [&](std::size_t x, std::size_t y) { return lens[x] > lens[y]; });
+  }
   int best = 1;
-  double best_cost = greedy_finish(lens, lens_per_head, units1, 1, align, slots1);
+  double best_cost = greedy_finish(lens, order, lens_per_head, units1, 1, align, slots1);
   const std::int64_t max_splits = max_split_count(longest);
   auto consider = [&](std::int64_t n) {  // in increasing n: ties keep the fewer splits
     if (n < 2 || n > max_splits || entries * units_n * n > kMaxSimulatedCtas) return;
     const double cost =
-        greedy_finish(lens, lens_per_head, units_n, n, align, slots_n) + kSplitPenaltyTokens;
+        greedy_finish(lens, order, lens_per_head, units_n, n, align, slots_n) + kSplitPenaltyTokens;
     if (cost < best_cost) best = int(n), best_cost = cost;
   };
   for (const std::int64_t n : kSimulatedSplits) consider(n);

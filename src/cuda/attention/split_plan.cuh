@@ -38,6 +38,18 @@ struct SplitPlanShape {
   int min_split_tokens;     // no split makes chunks shorter than this
 };
 
+// The most sequences a decode launch orders by length (DecodeArgs::longest_first): each CTA
+// ranks them all, batch^2 / 128 comparisons per thread.
+constexpr int kLongestFirstMaxBatch = 256;
+
+// Whether a decode launch of `batch` sequences orders its sequences by length, longest first
+// (DecodeArgs::longest_first; the tensor-core kernel does, the CUDA-core kernel keeps index
+// order): where each sequence has one length for all KV heads, there are 2 to
+// kLongestFirstMaxBatch of them, and their unsplit CTAs (`ctas`) are fewer than three waves of
+// the unsplit kernel's `slots`. Longer launches balance themselves, and the ranking each CTA does
+// before its first load costs them more than it saves (on an H200, 256 x 1024 tokens: 8% slower).
+bool longest_first(int batch, bool one_length_per_sequence, std::int64_t ctas, std::int64_t slots);
+
 // The split count for a call: 1 where the unsplit kernel fills the GPU, else the cheapest count
 // for the kernel that split launches use.
 int plan_splits(const SplitPlanShape& s, const DecodeLaunch& unsplit, const DecodeLaunch& split,
@@ -46,9 +58,9 @@ int plan_splits(const SplitPlanShape& s, const DecodeLaunch& unsplit, const Deco
 // The split count for a decode call whose key ranges the caller knows on the host: lens holds
 // one per sequence (lens_per_head 1) or one per (sequence, KV head) (lens_per_head =
 // num_kv_heads), each at most s.max_kv_len. Where the ranges differ, the CTAs of each candidate
-// count are scheduled greedily in launch order onto the GPU's slots (each CTA its chunk plus the
-// fixed cost), and the shortest finish wins, a split count paying a fixed penalty for its merge
-// and partials; equal ranges plan as plan_splits.
+// count are scheduled greedily in launch order (longest first where longest_first holds) onto the
+// GPU's slots (each CTA its chunk plus the fixed cost), and the shortest finish wins, a split count
+// paying a fixed penalty for its merge and partials; equal ranges plan as plan_splits.
 int plan_splits_for_lengths(const SplitPlanShape& s, const std::vector<std::int64_t>& lens,
                             int lens_per_head, int align, const DecodeLaunch& unsplit,
                             const DecodeLaunch& split, int device, const char* op);
