@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numbers
 import operator
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -115,6 +116,34 @@ def _fp8_view(cache: Any, kv_dtype: str | None) -> tuple[Any, str | None]:
     return cache, kv_dtype
 
 
+def _as_bytes(array: Any) -> Any:
+    """A NumPy array of an ml_dtypes type (float8, bfloat16, ...: NumPy has no type of its own
+    to export for them) as unsigned integers of its width; anything else as it is. Block copies
+    move bytes, so only the width matters to them."""
+    if _interop.framework(array) == "numpy":
+        dtype = getattr(array, "dtype", None)
+        if getattr(getattr(dtype, "type", None), "__module__", "").startswith("ml_dtypes"):
+            if dtype.itemsize in (1, 2, 4, 8):
+                return array.view(f"uint{8 * dtype.itemsize}")
+    return array
+
+
+def _swap_pair(src_cache: Any, dst_cache: Any) -> tuple[Any, Any]:
+    """The two caches of a swap as the core reads them: an ml_dtypes NumPy side as its bits
+    (_as_bytes); a torch tensor opposite it then as the same unsigned integers, so that the two
+    sides' dtypes still agree (float8 in torch, say, against float8 bits from NumPy)."""
+    src_bytes, dst_bytes = _as_bytes(src_cache), _as_bytes(dst_cache)
+    viewed_src, viewed_dst = src_bytes is not src_cache, dst_bytes is not dst_cache
+    if viewed_src != viewed_dst:
+        other = dst_cache if viewed_src else src_cache
+        bits = src_bytes if viewed_src else dst_bytes
+        if _interop.framework(other) == "torch" and other.element_size() == bits.dtype.itemsize:
+            torch = sys.modules["torch"]
+            viewed = other.view(getattr(torch, str(bits.dtype)))
+            return (bits, viewed) if viewed_src else (viewed, bits)
+    return src_bytes, dst_bytes
+
+
 def _renamed(error: Exception, op: str, caller: str) -> Exception:
     """``error`` with the prefix ``tinyserve.<op>:`` of its message changed to the caller's op,
     the same exception type; other messages are kept."""
@@ -194,7 +223,10 @@ def reshape_and_cache(
 ) -> None:
     """Write new tokens' keys and values, ``[num_tokens, num_kv_heads, head_dim]``, into their
     cache slots. ``slot_mapping`` is int64 ``[num_tokens]``: slot = block * block_size + offset,
-    -1 skips the token. The caches have the logical shape
+    -1 skips the token. Slots should be distinct within a call: where one repeats, which of its
+    tokens the slot keeps is unspecified (tokens are written in parallel), and a page summary
+    covers every key the call wrote to the page, the overwritten one included (for min/max a
+    looser bound, still a bound). The caches have the logical shape
     ``[num_blocks, block_size, num_kv_heads, head_dim]`` (any strides, last dim contiguous).
 
     With ``page_meta`` (``[num_blocks, num_kv_heads, 2, head_dim]``, the key cache's dtype, see
@@ -558,7 +590,8 @@ def copy_blocks(caches: Sequence[Any], src: Any, dst: Any, *, stream: Any = None
     """Copy block ``src[i]`` to block ``dst[i]`` in every tensor of ``caches`` (a list or other
     sequence of arrays, each indexed by block along dimension 0: the K and V caches of every
     layer, page metadata, one value per block (``[num_blocks]``, any stride), ...; any element
-    type, the copies move bytes). ``src`` and ``dst`` are
+    type, NumPy arrays of ml_dtypes' float8 and bfloat16 included: the copies move bytes).
+    ``src`` and ``dst`` are
     int32 or int64 ``[num_pairs]`` on the caches' device; on CUDA all copies are one launch.
     ``BlockManager.take_copies()`` returns the pairs as ``[P, 2]``: pass ``pairs[:, 0]`` and
     ``pairs[:, 1]``. The tensors must not share memory, no block may be both a source and a
@@ -566,17 +599,19 @@ def copy_blocks(caches: Sequence[Any], src: Any, dst: Any, *, stream: Any = None
     caches = _interop.array_list(caches, "copy_blocks", "caches", "arrays (list or tuple)")
     s = _interop.resolve_stream(stream, caches[0] if caches else src, "copy_blocks")
     x = _interop.export
-    _C.copy_blocks([x(c) for c in caches], x(src), x(dst), stream=s)
+    _C.copy_blocks([x(_as_bytes(c)) for c in caches], x(src), x(dst), stream=s)
 
 
 def swap_blocks(src_cache: Any, dst_cache: Any, src: Any, dst: Any, *, stream: Any = None) -> None:
     """Copy block ``src[i]`` of ``src_cache`` to block ``dst[i]`` of ``dst_cache`` between host
     and device caches (offload and recall). The caches share dtype, block shape and layout; on
     CUDA the host side must be pinned (page-locked) memory. Any element type (the copies move
-    bytes). ``src`` and ``dst`` are int32 or int64 host arrays of one dtype; no destination may
+    bytes; a NumPy array of an ml_dtypes type pairs with a torch tensor of the same type).
+    ``src`` and ``dst`` are int32 or int64 host arrays of one dtype; no destination may
     repeat."""
     device_side = dst_cache if _interop.is_cuda(dst_cache) else src_cache
     _interop.wait_ready(src_cache)
     s = _interop.resolve_stream(stream, device_side, "swap_blocks")
     x = _interop.export
+    src_cache, dst_cache = _swap_pair(src_cache, dst_cache)
     _C.swap_blocks(x(src_cache), x(dst_cache), x(src), x(dst), stream=s)

@@ -386,6 +386,8 @@ T& instance_of(nb::handle h, const char* op, const char* name, const char* type)
 // cannot hold (it would become inf or 0) is a ValueError with the value as given; inf and nan
 // pass through for the op's own checks.
 inline float to_float(nb::handle h, const char* op, const char* name) {
+  // True and False convert to 1.0 and 0.0; a float argument given a bool is a mistake.
+  if (is_bool_like(h)) type_error(op, name, " must be a float, got bool");
   double v = PyFloat_AsDouble(h.ptr());
   if (v == -1.0 && PyErr_Occurred()) {
     PyErr_Clear();

@@ -53,7 +53,7 @@ TensorView as_kv_dtype(TensorView t, nb::handle kv_dtype, const char* op, const 
 KVScale kv_scale(Arrays& a, nb::handle h, const char* op, const char* name) {
   KVScale s;
   if (h.is_none()) return s;
-  if (PyFloat_Check(h.ptr()) || PyLong_Check(h.ptr())) {
+  if (PyFloat_Check(h.ptr()) || PyLong_Check(h.ptr())) {  // a bool: to_float refuses it
     s.value = to_float(h, op, name);
   } else {
     s.per_head = a.input(h, name);

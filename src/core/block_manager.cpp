@@ -325,6 +325,10 @@ std::vector<std::int64_t> BlockManager::append_batch(const std::int64_t* seq_ids
                                                      std::int64_t count,
                                                      std::int64_t num_tokens_each) {
   if (count < 0) bad_argument("append_batch", "count must be >= 0, got " + std::to_string(count));
+  // Checked here too: an empty batch has no entry to carry it to the per-sequence check.
+  if (num_tokens_each < 0) {
+    bad_argument("append_batch", "num_tokens must be >= 0, got " + std::to_string(num_tokens_each));
+  }
   const std::vector<std::int64_t> counts(std::size_t(count), num_tokens_each);
   return append_batch(seq_ids, count, counts.data(), count);
 }

@@ -709,6 +709,7 @@ def test_an_unknown_id_in_a_batch_changes_nothing():
         (lambda bm: bm.append(1, 1, [1, 2]), r"\(1\) entries, got 2"),
         (lambda bm: bm.append(1, 2**31), "sequence length must stay <= 2147483647"),
         (lambda bm: bm.append_batch([1], [-2]), "num_tokens must be >= 0, got -2"),
+        (lambda bm: bm.append_batch([], -1), "append_batch: num_tokens must be >= 0, got -1"),
         (lambda bm: bm.append_batch([1, 2, 1], 1), "seq_ids must be unique, got 1 twice"),
         (lambda bm: bm.append_batch([1, 2], [1]), "one entry per sequence"),
         (lambda bm: bm.add_sequence(2), "add_sequence: seq_id already exists, got 2"),

@@ -694,6 +694,59 @@ def test_copy_and_swap_are_byte_copies(rng):
     np.testing.assert_array_equal(dst.view(torch.uint8).numpy()[3], expected[1])
 
 
+def test_copy_and_swap_take_ml_dtypes_numpy_arrays(rng):
+    """NumPy caches of ml_dtypes' float8 (and bfloat16) types, which reshape_and_cache and
+    paged_attention take, are block-copied and swapped bit for bit too (NumPy exports no such
+    type: the copies read their bits); a swap pairs such an array with a torch tensor of the
+    same type."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    for dtype, width in ((ml_dtypes.float8_e4m3fn, np.uint8), (ml_dtypes.bfloat16, np.uint16)):
+        bits = rng.integers(0, np.iinfo(width).max + 1, size=(6, 4, 2, 16)).astype(width)
+        cache = bits.copy().view(dtype)
+        meta = rng.standard_normal((6, 2, 2, 16)).astype(np.float32)
+        expected, expected_meta = bits.copy(), meta.copy()
+        expected[[4, 5]] = bits[[0, 2]]
+        expected_meta[[4, 5]] = meta[[0, 2]]
+        ts.copy_blocks([cache, meta], np.array([0, 2], np.int32), np.array([4, 5], np.int32))
+        np.testing.assert_array_equal(cache.view(width), expected)
+        np.testing.assert_array_equal(meta, expected_meta)
+        dst = np.zeros_like(cache)
+        ts.swap_blocks(cache, dst, np.array([1, 5], np.int32), np.array([3, 0], np.int32))
+        np.testing.assert_array_equal(dst.view(width)[[3, 0]], expected[[1, 5]])
+        np.testing.assert_array_equal(dst.view(width)[[1, 2, 4, 5]], 0)
+    if torch is not None:
+        bits = rng.integers(0, 256, size=(6, 4, 2, 16), dtype=np.uint8)
+        host = bits.copy().view(ml_dtypes.float8_e4m3fn)
+        other = torch.zeros((6, 4, 2, 16), dtype=torch.float8_e4m3fn)
+        ts.swap_blocks(host, other, np.array([2], np.int32), np.array([1], np.int32))
+        np.testing.assert_array_equal(other.view(torch.uint8).numpy()[1], bits[2])
+        ts.swap_blocks(other, host, np.array([1], np.int32), np.array([4], np.int32))
+        np.testing.assert_array_equal(host.view(np.uint8)[4], bits[2])
+
+
+def test_scales_refuse_bools():
+    """A bool where a float is expected (k_scale, v_scale, scale, logits_soft_cap) is refused
+    with the argument named, before anything is written, as bools are for int arguments."""
+    kc = np.zeros((2, 4, 1, 8), np.uint8)
+    vc = np.zeros_like(kc)
+    x = np.ones((1, 1, 8), np.float32)
+    for name in ("k_scale", "v_scale"):
+        with pytest.raises(ts.ArgumentTypeError, match=f"{name} must be a float, got bool"):
+            ts.reshape_and_cache(
+                x, x, kc, vc, np.array([0], np.int64), kv_dtype="float8_e4m3fn", **{name: True}
+            )
+        assert not kc.any() and not vc.any()
+    kf, vf = np.ones((2, 4, 1, 8), np.float32), np.ones((2, 4, 1, 8), np.float32)
+    table, lens = np.array([[0]], np.int32), np.array([3], np.int32)
+    for name, value in (("k_scale", True), ("scale", True), ("logits_soft_cap", False)):
+        out = np.full((1, 1, 8), np.nan, np.float32)
+        cache = (kc, vc) if name == "k_scale" else (kf, vf)
+        extra = {"kv_dtype": "float8_e4m3fn"} if name == "k_scale" else {}
+        with pytest.raises(ts.ArgumentTypeError, match=f"{name} must be a float, got bool"):
+            ts.paged_attention(x, *cache, table, lens, out, **{name: value}, **extra)
+        assert np.isnan(out).all()
+
+
 # --- CUDA only ---------------------------------------------------------------------------------
 
 
