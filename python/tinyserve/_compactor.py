@@ -106,10 +106,13 @@ def execute_plan(
 
 
 def _host_strides(cache: Any, shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, ...]:
-    """Element strides of a host pool whose block is laid out like the cache's block."""
+    """Element strides of a host pool whose block is laid out like the cache's block. A block
+    must be one contiguous run with no dimension reversed, as swap_blocks moves it (a negative
+    stride would also place elements before the pool's buffer)."""
     block_elems = math.prod(shape[1:])
     span = 1 + sum((n - 1) * abs(s) for n, s in zip(shape[1:], strides[1:]))
-    if block_elems and span != block_elems:
+    reversed_dim = any(n > 1 and s < 0 for n, s in zip(shape[1:], strides[1:]))
+    if block_elems and (span != block_elems or reversed_dim):
         raise ValueError(
             "tinyserve.allocate_host_pool: a block of every cache must be one contiguous run of "
             f"memory, got shape {shape} with strides {strides}"

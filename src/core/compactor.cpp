@@ -276,7 +276,9 @@ Compactor::Compactor(BlockManager& manager, std::int64_t num_host_blocks)
   if (m.has_compactor) {
     bad_argument(method, "the block manager already has a compactor, got a second one");
   }
-  // A host pool left by an earlier compactor still holds offloaded blocks: keep it.
+  // A host pool left by an earlier compactor that still holds offloaded blocks is kept; one
+  // whose blocks have all been freed since holds nothing, and goes.
+  if (m.host && m.host->pool.num_free() == m.host->pool.num_blocks()) m.host.reset();
   if (m.host && m.host->pool.num_blocks() != num_host_blocks) {
     bad_argument(method, "the block manager's host pool of " + str(m.host->pool.num_blocks()) +
                              " blocks still holds offloaded blocks, so num_host_blocks must be " +

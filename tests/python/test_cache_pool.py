@@ -866,6 +866,7 @@ def test_cuda_grow_past_device_memory_is_all_or_nothing(rng):
     assert_kept(as_torch(pool), saved, 100)
 
 
+@needs_torch  # verify() reads the pool's tensors through torch
 def test_documented_example_runs():
     """docs/cache_pool.md's example runs as written, and does what it says."""
     doc = Path(__file__).resolve().parents[2] / "docs" / "cache_pool.md"

@@ -377,6 +377,21 @@ def test_a_manager_takes_one_compactor_and_keeps_an_offloaded_host_pool():
     bm.check()
     del comp
     assert Compactor(bm, 5).num_host_blocks == 5  # the empty pool went with the compactor
+    # A pool left holding blocks whose sequences are freed later holds nothing: a new
+    # compactor may size its own.
+    comp = Compactor(bm, 5)
+    bm.add_sequence(2)
+    bm.append(2, 3)
+    comp.commit(comp.plan_offload(2))  # two blocks, least recently used first
+    del comp
+    assert bm.stats()["num_offloaded"] == 2
+    with pytest.raises(ValueError, match="host pool of 5 blocks still holds offloaded blocks"):
+        Compactor(bm, 7)
+    bm.free(1)
+    bm.free(2)
+    assert bm.stats()["num_offloaded"] == 0
+    assert Compactor(bm, 7).num_host_blocks == 7
+    bm.check()
 
 
 # ---- execution helpers -----------------------------------------------------------------------
@@ -394,6 +409,10 @@ def test_allocate_host_pool_matches_each_cache_block_layout():
         assert pool.strides[0] == cache[0].size * cache.itemsize
     with pytest.raises(ValueError, match="a block of every cache must be one contiguous run"):
         tinyserve.allocate_host_pool([kv[:, :, ::2]], 2)
+    # A reversed dimension: contiguous, but its host pool would start before its buffer (and
+    # swap_blocks refuses such a block).
+    with pytest.raises(ValueError, match="a block of every cache must be one contiguous run"):
+        tinyserve.allocate_host_pool([hnd[:, ::-1]], 2)
     with pytest.raises(
         TypeError,
         match="^tinyserve.allocate_host_pool: device_caches must be a sequence of cache tensors, "
