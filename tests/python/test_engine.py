@@ -701,15 +701,15 @@ def test_preemption_by_offload_with_forks_in_pools_that_just_fit(rng):
 
 def test_sparse_dense_layers_attend_densely(rng, monkeypatch):
     """sparse_dense_layers=k: the first k layers never select. All layers dense gives
-    transformers' tokens while steps still count as sparse; one dense layer of two selects in
-    the second layer only."""
+    transformers' tokens and no step counts as sparse (none selected pages); one dense layer
+    of two selects in the second layer only."""
     runner = random_model(6, 2, seed=int(rng.integers(1 << 31)))
     prompts = shared_prefix_prompts(rng, 3)
     new = 6
     engine = make_engine(runner, sparse_budget_tokens=3 * BLOCK_SIZE, sparse_dense_layers=2)
     outputs = run_and_check(engine, prompts, SamplingParams(max_new_tokens=new))
     assert [o.token_ids[0] for o in outputs] == transformers_generate(runner, prompts, new)
-    assert engine.stats.sparse_decode_steps > 0
+    assert engine.stats.sparse_decode_steps == 0
     layers = []
     select = tinyserve.select_pages
 
@@ -722,6 +722,11 @@ def test_sparse_dense_layers_attend_densely(rng, monkeypatch):
     run_and_check(engine, prompts, SamplingParams(max_new_tokens=new))
     assert layers and set(layers) == {1}
     assert len(layers) == engine.stats.sparse_decode_steps
+    # sparse_budget_tokens is an int like the other sizes: a float, a string or a bool is
+    # refused at construction, naming it (a float used to fail inside a later step).
+    for bad in (40.5, "32", True):
+        with pytest.raises(TypeError, match="sparse_budget_tokens must be an integer"):
+            make_engine(runner, sparse_budget_tokens=bad)
     with pytest.raises(ValueError, match="sparse_dense_layers must be >= 0, got -1"):
         make_engine(runner, sparse_budget_tokens=8, sparse_dense_layers=-1)
 
@@ -953,6 +958,13 @@ def test_errors(rng):
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
     assert not engine.has_unfinished()  # nothing was queued by the rejected calls
+    # generate() checks every prompt before queueing any: a bad later prompt leaves the earlier
+    # ones unqueued (they used to run, unasked, in the next call).
+    with pytest.raises(ValueError, match="token ids must be >= 0"):
+        engine.generate([[1, 2], [-1]], SamplingParams(max_new_tokens=1))
+    assert not engine.has_unfinished()
+    (output,) = engine.generate([[1, 2]], SamplingParams(max_new_tokens=1))
+    assert engine.stats.generated_tokens == 1 and engine.stats.prompt_tokens == 2
     q = torch.zeros(1, 4, 3, 16)
     with pytest.raises(RuntimeError, match="without a tinyserve_batch"):
         tinyserve_attention(runner.model.model.layers[0].self_attn, q, q, q, None)
@@ -1302,6 +1314,9 @@ def test_cli_generates_with_and_without_cuda_graphs(rng, monkeypatch, capsys):
         (["--seed", str(-(2**63) - 1)], "--seed must be in [-2**63, 2**64 - n]"),
         (["--kv-dtype", "fp8", "--budget", "64"], "--budget (sparse decode) needs a 16-bit"),
         (["--kv-dtype", "int8"], "argument --kv-dtype: invalid choice: 'int8'"),
+        (["--num-blocks", str(2**26 + 1)], "--num-blocks must be <= 67108864, got 67108865"),
+        (["--host-blocks", str(2**26 + 1)], "--host-blocks must be <= 67108864"),
+        (["--block-size", str(2**31)], "--block-size must be <= 2147483647, got 2147483648"),
     ],
 )
 def test_cli_rejects_bad_arguments(capsys, argv, message):
@@ -1329,6 +1344,21 @@ def test_cli_reports_prompts_the_pool_or_the_model_cannot_hold(rng, monkeypatch,
     assert main(["--prompt", "abc", "--max-new-tokens", "1022"]) == 2
     assert "is 1025 tokens, more than the model's context (1024)" in capsys.readouterr().err
     assert main(["--prompt", "abc", "--max-new-tokens", "1021", "--num-blocks", "64"]) == 0
+
+
+def test_cli_limits_are_the_block_managers():
+    """The command's upper bounds are the library's: the largest pool and block it allows
+    construct, one more is refused."""
+    from tinyserve.engine.cli import MAX_BLOCK_SIZE, MAX_BLOCKS
+
+    tinyserve.BlockManager(1, MAX_BLOCK_SIZE)
+    with pytest.raises(ValueError, match=str(MAX_BLOCK_SIZE)):
+        tinyserve.BlockManager(1, MAX_BLOCK_SIZE + 1)
+    with pytest.raises(ValueError, match=str(MAX_BLOCKS)):
+        tinyserve.BlockManager(MAX_BLOCKS + 1, 1)
+    bm = tinyserve.BlockManager(1, 1)
+    with pytest.raises(ValueError, match=str(MAX_BLOCKS)):
+        tinyserve.Compactor(bm, MAX_BLOCKS + 1)
 
 
 def test_cli_defaults_and_flags():

@@ -21,6 +21,10 @@ DEFAULT_PROMPTS = [
 ]
 
 DTYPES = ("float32", "bfloat16", "float16")
+# The block manager's limits (a test checks them against the library): blocks per pool, on the
+# device and on the host, and tokens per block.
+MAX_BLOCKS = 1 << 26
+MAX_BLOCK_SIZE = 2**31 - 1
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -139,6 +143,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--check compares greedy tokens: it needs --temperature 0")
     if args.host_blocks is not None and args.host_blocks < 0:
         parser.error(f"--host-blocks must be >= 0, got {args.host_blocks}")
+    for flag, value, most in (
+        ("--num-blocks", args.num_blocks, MAX_BLOCKS),
+        ("--host-blocks", args.host_blocks, MAX_BLOCKS),
+        ("--block-size", args.block_size, MAX_BLOCK_SIZE),
+    ):
+        if value is not None and value > most:
+            parser.error(f"{flag} must be <= {most}, got {value}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.budget is not None and args.budget < 1:
@@ -224,6 +235,13 @@ def main(argv: list[str]) -> int:
             math.ceil((len(p) + args.max_new_tokens) / args.block_size) for p in prompt_ids
         ]
         num_blocks = args.n * sum(per_sample) + len(prompt_ids)
+    if num_blocks > MAX_BLOCKS:  # sized from the prompts and --max-new-tokens
+        print(
+            f"tinyserve generate: the prompts need {num_blocks} blocks of {args.block_size} "
+            f"tokens, more than a pool holds ({MAX_BLOCKS}): use a larger --block-size",
+            file=sys.stderr,
+        )
+        return 2
     engine = Engine(
         runner,
         num_blocks=num_blocks,

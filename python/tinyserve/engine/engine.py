@@ -241,12 +241,10 @@ class Engine:
         self.packed_prefill = packed_prefill
         self.sparse_budget = 0
         if sparse_budget_tokens is not None:
-            if sparse_budget_tokens < 1:
-                raise ValueError(
-                    "tinyserve.Engine: sparse_budget_tokens must be >= 1, got "
-                    f"{sparse_budget_tokens}"
-                )
+            sparse_budget_tokens = _count(op, "sparse_budget_tokens", sparse_budget_tokens, 1)
             self.sparse_budget = -(-sparse_budget_tokens // block_size)
+        # Whether any layer selects pages (the first sparse_dense_layers attend densely).
+        self._selecting = self.sparse_budget > 0 and sparse_dense_layers < runner.num_layers
         if max_num_blocks is not None and max_num_blocks < num_blocks:
             raise ValueError(
                 f"tinyserve.Engine: max_num_blocks must be >= num_blocks ({num_blocks}), got "
@@ -409,6 +407,14 @@ class Engine:
     ) -> int:
         """Queue a prompt (token ids); returns the request id. ``on_token(request_id,
         sample_index, token_id)`` streams each generated token."""
+        prompt, params = self._checked_request(prompt_ids, params, on_token)
+        return self._queue(prompt, params, on_token)
+
+    def _checked_request(
+        self, prompt_ids: Any, params: SamplingParams | None, on_token: TokenCallback | None
+    ) -> tuple[list[int], SamplingParams]:
+        """add_request's arguments checked, the prompt as a list of token ids: what it refuses
+        is refused here, before anything is queued."""
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(
@@ -438,6 +444,12 @@ class Engine:
                 "tinyserve.Engine.add_request: prompt plus max_new_tokens must fit in the "
                 f"model's context ({limit} tokens), got {total}"
             )
+        return prompt, params
+
+    def _queue(
+        self, prompt: list[int], params: SamplingParams, on_token: TokenCallback | None
+    ) -> int:
+        """A checked request queued; its id."""
         request = Request(
             request_id=next(self._request_ids),
             prompt_ids=prompt,
@@ -518,8 +530,10 @@ class Engine:
         on_token: TokenCallback | None = None,
     ) -> list[RequestOutput | None]:
         """Run the prompts to completion together; outputs in prompt order (None for a request
-        that an ``on_token`` callback aborted)."""
-        ids = [self.add_request(p, params, on_token) for p in prompts]
+        that an ``on_token`` callback aborted). A prompt refused refuses the call: every prompt
+        is checked before any is queued."""
+        checked = [self._checked_request(p, params, on_token) for p in prompts]
+        ids = [self._queue(prompt, p, on_token) for prompt, p in checked]
         done: dict[int, RequestOutput] = {}
         while self.has_unfinished():
             for output in self.step():
@@ -565,7 +579,7 @@ class Engine:
         sparse_budget = step_sparse_budget(
             self.sparse_budget, decode_only, max_seq_len, self.kv_cache.block_size
         )
-        if self.sparse_budget and decode_only:
+        if self._selecting and decode_only:
             if sparse_budget:
                 self.stats.sparse_decode_steps += 1
             else:
