@@ -309,6 +309,21 @@ def test_fp8_kv_cache_argument_errors(rng):
         make_engine(runner, kv_cache_dtype="fp8", kv_cache_scale=0)
     with pytest.raises(TypeError, match="kv_cache_scale must be a number, got str"):
         make_engine(runner, kv_cache_dtype="fp8", kv_cache_scale="1")
+    # Checked with a 16-bit cache too (it used to be ignored there), as are the flags and the
+    # graph sizes whatever the device.
+    with pytest.raises(TypeError, match="kv_cache_scale must be a number, got str"):
+        make_engine(runner, kv_cache_scale="x")
+    for name in ("packed_prefill", "enable_prefix_caching", "cuda_graphs"):
+        with pytest.raises(TypeError, match=f"{name} must be a bool, got str 'no'"):
+            make_engine(runner, **{name: "no"})
+    with pytest.raises(ValueError, match="cuda_graph_batch_sizes entries must be >= 1, got 0"):
+        make_engine(runner, cuda_graph_batch_sizes=[0])
+    with pytest.raises(TypeError, match="cuda_graph_batch_sizes entries must be an integer"):
+        make_engine(runner, cuda_graph_batch_sizes=[2.5])
+    with pytest.raises(TypeError, match="cuda_graph_batch_sizes must be a sequence of ints"):
+        make_engine(runner, cuda_graph_batch_sizes=8)
+    with pytest.raises(ValueError, match="cuda_graph_batch_sizes must not be empty"):
+        make_engine(runner, cuda_graph_batch_sizes=[])
     with pytest.raises(ValueError, match="sparse decode needs a 16-bit or float32 KV cache"):
         make_engine(runner, kv_cache_dtype="fp8", sparse_budget_tokens=8)
     assert make_engine(runner, kv_cache_dtype="auto").kv_cache.kv_dtype == torch.float32

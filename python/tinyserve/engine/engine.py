@@ -236,6 +236,31 @@ class Engine:
         if max_num_blocks is not None:
             max_num_blocks = _count(op, "max_num_blocks", max_num_blocks, 1)
         sparse_dense_layers = _count(op, "sparse_dense_layers", sparse_dense_layers, 0)
+        for name, flag in (
+            ("enable_prefix_caching", enable_prefix_caching),
+            ("packed_prefill", packed_prefill),
+            ("cuda_graphs", cuda_graphs),
+        ):
+            if not isinstance(flag, (bool, np.bool_)):  # "no" would read as true
+                raise TypeError(f"{op}: {name} must be a bool, got {type(flag).__name__} {flag!r}")
+        # Checked whatever the cache and device, so that a bad value is not ignored silently.
+        kv_cache_scale = checked_number(op, "kv_cache_scale", kv_cache_scale, integral=False)
+        if not 0 < kv_cache_scale < math.inf:
+            raise ValueError(f"{op}: kv_cache_scale must be finite and > 0, got {kv_cache_scale}")
+        if cuda_graph_batch_sizes is not None:
+            if isinstance(cuda_graph_batch_sizes, (str, bytes)) or not hasattr(
+                cuda_graph_batch_sizes, "__iter__"
+            ):
+                raise TypeError(
+                    f"{op}: cuda_graph_batch_sizes must be a sequence of ints, got "
+                    f"{type(cuda_graph_batch_sizes).__name__}"
+                )
+            cuda_graph_batch_sizes = [
+                _count(op, "cuda_graph_batch_sizes entries", size, 1)
+                for size in cuda_graph_batch_sizes
+            ]
+            if not cuda_graph_batch_sizes:
+                raise ValueError(f"{op}: cuda_graph_batch_sizes must not be empty, got []")
         self.runner = runner
         self.tokenizer = tokenizer
         self.packed_prefill = packed_prefill
@@ -252,11 +277,6 @@ class Engine:
             )
         kv_dtype = _kv_cache_dtype(kv_cache_dtype, runner.dtype)
         if kv_dtype == torch.float8_e4m3fn:
-            kv_cache_scale = checked_number(op, "kv_cache_scale", kv_cache_scale, integral=False)
-            if not 0 < kv_cache_scale < math.inf:
-                raise ValueError(
-                    f"tinyserve.Engine: kv_cache_scale must be finite and > 0, got {kv_cache_scale}"
-                )
             if self.sparse_budget:
                 raise ValueError(
                     "tinyserve.Engine: sparse decode needs a 16-bit or float32 KV cache (its page "
