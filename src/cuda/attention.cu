@@ -321,15 +321,13 @@ void paged_attention(const PagedAttentionParams& p, Stream stream) {
       decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, split, rows_aligned16(p), op);
   prepare_launch(l, p.device_index, op);
   DecodeArgs a = make_decode_args(p, l.heads_per_cta);
-  // Ordered by length where the unsplit kernel's CTAs would fill the GPU fewer than three
-  // times (as the planner simulates them).
+  // Ordered by length as the planner simulates it (plan_splits_for_lengths).
   const DecodeLaunch unsplit =
       split ? decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, false, rows_aligned16(p), op)
             : l;
-  const std::int64_t slots = std::int64_t(device_info(p.device_index).multiprocessors) *
-                             prepare_launch(unsplit, p.device_index, op);
-  a.longest_first = longest_first(p.batch, p.seq_lens_stride_head == 0,
-                                  std::int64_t(p.batch) * p.num_kv_heads * a.head_tiles, slots);
+  const SplitPlanShape shape{p.batch, p.num_q_heads, p.num_kv_heads, p.max_seq_len,
+                             kMinDecodeSplitTokens};
+  a.longest_first = longest_first(shape, p.seq_lens_stride_head == 0, unsplit, p.device_index, op);
   cudaStream_t s = as_stream(stream);
   // The KV heads of one sequence run side by side: in NHD storage they read neighbouring slices
   // of the same token rows.

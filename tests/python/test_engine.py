@@ -1368,6 +1368,10 @@ def test_cli_reports_prompts_the_pool_or_the_model_cannot_hold(rng, monkeypatch,
     assert main(["--prompt", "abc", "--max-new-tokens", "1022"]) == 2
     assert "is 1025 tokens, more than the model's context (1024)" in capsys.readouterr().err
     assert main(["--prompt", "abc", "--max-new-tokens", "1021", "--num-blocks", "64"]) == 0
+    # A pool sized from the prompts past the block manager's limit: refused before the engine.
+    many = ["--prompt", "abc", "--block-size", "1", "--n", "70000", "--max-new-tokens", "1000"]
+    assert main(many) == 2
+    assert "more than a pool holds (67108864)" in capsys.readouterr().err
 
 
 def test_cli_limits_are_the_block_managers():

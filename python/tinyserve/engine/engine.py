@@ -268,8 +268,6 @@ class Engine:
         if sparse_budget_tokens is not None:
             sparse_budget_tokens = _count(op, "sparse_budget_tokens", sparse_budget_tokens, 1)
             self.sparse_budget = -(-sparse_budget_tokens // block_size)
-        # Whether any layer selects pages (the first sparse_dense_layers attend densely).
-        self._selecting = self.sparse_budget > 0 and sparse_dense_layers < runner.num_layers
         if max_num_blocks is not None and max_num_blocks < num_blocks:
             raise ValueError(
                 f"tinyserve.Engine: max_num_blocks must be >= num_blocks ({num_blocks}), got "
@@ -599,7 +597,9 @@ class Engine:
         sparse_budget = step_sparse_budget(
             self.sparse_budget, decode_only, max_seq_len, self.kv_cache.block_size
         )
-        if self._selecting and decode_only:
+        # Counted where some layer selects pages (the first dense_layers attend densely).
+        selecting = self.sparse_budget and self.kv_cache.dense_layers < self.runner.num_layers
+        if selecting and decode_only:
             if sparse_budget:
                 self.stats.sparse_decode_steps += 1
             else:

@@ -63,11 +63,6 @@ double greedy_finish(const std::vector<std::int64_t>& lens, const std::vector<st
 
 }  // namespace
 
-bool longest_first(int batch, bool one_length_per_sequence, std::int64_t ctas, std::int64_t slots) {
-  return one_length_per_sequence && batch >= 2 && batch <= kLongestFirstMaxBatch &&
-         ctas < kBalancedWaves * slots;
-}
-
 int prepare_launch(const DecodeLaunch& l, int device, const char* op) {
   struct Entry {
     const void* kernel;
@@ -122,6 +117,13 @@ std::int64_t max_split_count(const SplitPlanShape& s) {
 
 }  // namespace
 
+bool longest_first(const SplitPlanShape& s, bool one_length_per_sequence,
+                   const DecodeLaunch& unsplit, int device, const char* op) {
+  return one_length_per_sequence && s.batch >= 2 && s.batch <= kLongestFirstMaxBatch &&
+         std::int64_t(s.batch) * s.num_kv_heads * head_tiles(s, unsplit) <
+             kBalancedWaves * launch_slots(unsplit, device, op);
+}
+
 int plan_splits(const SplitPlanShape& s, const DecodeLaunch& unsplit, const DecodeLaunch& split,
                 int device, const char* op) {
   const std::int64_t max_splits = max_split_count(s);
@@ -173,8 +175,7 @@ int plan_splits_for_lengths(const SplitPlanShape& s, const std::vector<std::int6
   const std::size_t batch = lens.size() / std::size_t(lens_per_head);
   std::vector<std::size_t> order(batch);
   for (std::size_t b = 0; b < batch; ++b) order[b] = b;
-  if (longest_first(int(batch), lens_per_head == 1,
-                    std::int64_t(batch) * s.num_kv_heads * head_tiles(s, unsplit), slots1)) {
+  if (longest_first(s, lens_per_head == 1, unsplit, device, op)) {
     std::stable_sort(order.begin(), order.end(),
                      [&](std::size_t x, std::size_t y) { return lens[x] > lens[y]; });
   }

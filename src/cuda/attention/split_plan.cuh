@@ -42,13 +42,14 @@ struct SplitPlanShape {
 // ranks them all, batch^2 / 128 comparisons per thread.
 constexpr int kLongestFirstMaxBatch = 256;
 
-// Whether a decode launch of `batch` sequences orders its sequences by length, longest first
+// Whether a decode launch of s.batch sequences orders its sequences by length, longest first
 // (DecodeArgs::longest_first; the tensor-core kernel does, the CUDA-core kernel keeps index
 // order): where each sequence has one length for all KV heads, there are 2 to
-// kLongestFirstMaxBatch of them, and their unsplit CTAs (`ctas`) are fewer than three waves of
-// the unsplit kernel's `slots`. Longer launches balance themselves, and the ranking each CTA does
-// before its first load costs them more than it saves (on an H200, 256 x 1024 tokens: 8% slower).
-bool longest_first(int batch, bool one_length_per_sequence, std::int64_t ctas, std::int64_t slots);
+// kLongestFirstMaxBatch of them, and the CTAs of the `unsplit` kernel would fill the GPU fewer
+// than three times. Longer launches balance themselves, and the ranking each CTA does before its
+// first load costs them more than it saves (on an H200, 256 x 1024 tokens: 8% slower).
+bool longest_first(const SplitPlanShape& s, bool one_length_per_sequence,
+                   const DecodeLaunch& unsplit, int device, const char* op);
 
 // The split count for a call: 1 where the unsplit kernel fills the GPU, else the cheapest count
 // for the kernel that split launches use.
