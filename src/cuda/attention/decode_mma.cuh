@@ -330,7 +330,12 @@ __global__ void __launch_bounds__(kDecodeThreads)
       next_block = lookup(next + 2);
     }
     const std::uint32_t tile_offset = (tile % C::kStages) * C::kStageBytes;
-    // Each warp computes its 16 tokens of every 64-token step through one softmax state.
+    // Each warp computes its 16 tokens of every 64-token step through one softmax state. A
+    // thread holds rows g and g + 8 of the 16; with at most 8 query heads (groups up to 8) rows
+    // g + 8 are all padding, and their scores, softmax and probabilities are skipped.
+    auto compute_tile = [&](auto upper_rows) {
+    constexpr bool kUpper = decltype(upper_rows)::value;
+    constexpr int kRowHalves = kUpper ? 2 : 1;
 #pragma unroll
     for (int step = 0; step < C::kSteps; ++step) {
       constexpr int kStepTokens = kDecodeWarps * kWarpTokens;
@@ -383,13 +388,15 @@ __global__ void __launch_bounds__(kDecodeThreads)
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) s[j][e] = a.logit(C::kFp8 ? s[j][e] * k_scale : s[j][e]);
+          for (int e = 0; e < 2 * kRowHalves; ++e) {
+            s[j][e] = a.logit(C::kFp8 ? s[j][e] * k_scale : s[j][e]);
+          }
         }
       } else {
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
+          for (int e = 0; e < 2 * kRowHalves; ++e) {
             const int token = t0 + j * 8 + quad_col + (e % 2);
             const float qk = C::kFp8 ? s[j][e] * k_scale : s[j][e];
             s[j][e] = token < end ? a.logit(qk) : -INFINITY;
@@ -397,17 +404,18 @@ __global__ void __launch_bounds__(kDecodeThreads)
         }
       }
       // Online softmax; a row's 16 scores are spread over the 4 lanes of a quad.
-      float mx[2];
+      float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
+      for (int r = 0; r < kRowHalves; ++r) {
         mx[r] = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1]));
         mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
         mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
       }
-      const bool grow = mx[0] > m[0] + kRescaleThreshold || mx[1] > m[1] + kRescaleThreshold;
+      const bool grow =
+          mx[0] > m[0] + kRescaleThreshold || (kUpper && mx[1] > m[1] + kRescaleThreshold);
       if (__any_sync(0xffffffffu, grow)) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
+        for (int r = 0; r < kRowHalves; ++r) {
           if (mx[r] > m[r]) {
             const float correction = ptx::exp2_approx(m[r] - mx[r]);  // 0 when m was -inf
             m[r] = mx[r];
@@ -421,7 +429,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
         }
       }
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
+      for (int r = 0; r < kRowHalves; ++r) {
         const float base = m[r] == -INFINITY ? 0.0f : m[r];  // nothing seen yet: p = 0
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
@@ -433,8 +441,10 @@ __global__ void __launch_bounds__(kDecodeThreads)
         }
       }
       // O += P V: P's accumulator layout is the A operand layout of the next MMA.
-      const std::uint32_t pa[4] = {pack2<M>(s[0][0], s[0][1]), pack2<M>(s[0][2], s[0][3]),
-                                   pack2<M>(s[1][0], s[1][1]), pack2<M>(s[1][2], s[1][3])};
+      const std::uint32_t pa[4] = {pack2<M>(s[0][0], s[0][1]),
+                                   kUpper ? pack2<M>(s[0][2], s[0][3]) : 0u,
+                                   pack2<M>(s[1][0], s[1][1]),
+                                   kUpper ? pack2<M>(s[1][2], s[1][3]) : 0u};
       if constexpr (C::kFp8) {
         // One ldmatrix.trans covers 32 columns: vb[0], vb[1] tokens 0-7 and 8-15 of columns
         // 32 * dp ... + 15, vb[2], vb[3] of the next 16. A register holds columns 2g and 2g + 1
@@ -462,6 +472,12 @@ __global__ void __launch_bounds__(kDecodeThreads)
           ptx::mma_16816<T>(o[2 * dp + 1], pa, vb[2], vb[3]);
         }
       }
+    }
+    };
+    if (heads > 8) {
+      compute_tile(std::true_type{});
+    } else {
+      compute_tile(std::false_type{});
     }
   }
   ptx::cp_async_wait<0>();
