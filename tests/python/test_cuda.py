@@ -122,6 +122,22 @@ def test_d64_decode_window_softcap_splits(rng, dtype, num_splits, window_left):
     check_d64(out, lse, ref, ref_lse, dtype)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("group", [1, 7, 8, 9, 16, 24])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_query_heads_across_the_mma_rows(rng, dtype, head_dim, group, num_splits):
+    """The tensor-core decode kernel holds up to 16 query heads of a KV head as its MMA rows and
+    skips the softmax of rows 8-15 when it holds at most 8. Groups on both sides of 8, a full 16
+    and 24 (a CTA of 16 heads and one of 8 per KV head): every query head's output against the
+    float64 reference, over lengths that end inside and on tiles."""
+    case = R.PagedCase(rng, [1, 64, 130, 1000], 2 * group, 2, head_dim, 16)
+    out, lse, ref, ref_lse = decode_d64(case, dtype, "NHD", num_splits=num_splits)
+    for head in range(2 * group):
+        assert R.rel_error(out[:, head], ref[:, head]) < TOLERANCE[dtype], head
+    check_d64(out, lse, ref, ref_lse, dtype)
+
+
 def test_d64_planned_splits(rng):
     """The planner's split counts at head_dim 64 (occupancy of the 128-token-tile kernel): one
     long sequence is split across the GPU, and the planned call gives the reference result."""

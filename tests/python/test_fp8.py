@@ -257,13 +257,22 @@ def _run_attention(
 @pytest.mark.parametrize("scale_mode", ["tensor", "head"])
 @pytest.mark.parametrize(
     "num_q_heads,num_kv_heads,head_dim,block_size",
-    [(4, 4, 64, 16), (8, 2, 128, 16), (16, 2, 128, 1), (8, 1, 256, 32), (6, 2, 96, 8)],
+    [
+        (4, 4, 64, 16),
+        (8, 2, 128, 16),
+        (16, 2, 128, 1),
+        (8, 1, 256, 32),
+        (6, 2, 96, 8),
+        (24, 2, 128, 16),
+        (40, 2, 64, 16),
+    ],
 )
 def test_paged_attention_fp8(
     rng, backend, dtype, layout, scale_mode, num_q_heads, num_kv_heads, head_dim, block_size
 ):
     """Decode over float8 caches against float64 attention over the dequantised values: MHA and
-    GQA, head dims with and without a tensor-core kernel, page sizes 1 to 32."""
+    GQA (groups of 12 and 20 fill more than half of a tensor-core CTA's 16 query rows, 20 in two
+    CTAs of 16 and 4), head dims with and without a tensor-core kernel, page sizes 1 to 32."""
     fw, device = backend
     _require(fw, dtype)
     seq_lens = rng.integers(1, 300, size=3)
