@@ -1,13 +1,16 @@
 // CPU page summaries and page selection: the reference for the CUDA kernels.
 //
 // A summary accumulates in double (min/max exactly, mean/std as sums of x and x^2) and is stored
-// in the cache's dtype. Scores accumulate in float32 over head_dim in order, per query head, then
-// combine over the GQA group.
+// in the cache's dtype, rounded once. Scores accumulate in float32 over head_dim in order, per
+// query head, then combine over the GQA group.
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "core/kernels.h"
@@ -23,6 +26,23 @@ using tinyserve::cpu::from_float;
 using tinyserve::cpu::half_t;
 using tinyserve::cpu::parallel_for;
 using tinyserve::cpu::to_float;
+
+// d rounded once to T (to nearest, ties to even). A double rounded to float and then to a 16-bit
+// type is rounded twice, and lands on the wrong neighbour where the float falls exactly halfway
+// between two 16-bit values that the double is not halfway between. Rounded to odd instead
+// (truncated toward zero, the last bit set where that lost anything), the float keeps what the
+// second rounding needs: it has more than two bits beyond a 16-bit type's.
+template <class T>
+T from_double(double d) {
+  float f = float(d);
+  if (std::is_same_v<T, float> || !std::isfinite(d) || double(f) == d) return from_float<T>(f);
+  if (std::fabs(double(f)) > std::fabs(d)) f = std::nextafter(f, 0.0f);
+  std::uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  bits |= 1u;
+  std::memcpy(&f, &bits, 4);
+  return from_float<T>(f);
+}
 
 // One (page, head)'s summary while it is being built: a and b are min and max (MinMax) or the
 // sums of x and x^2 (MeanStd) over `count` keys.
@@ -82,8 +102,8 @@ struct Accumulator {
         const double n = double(std::max<std::int64_t>(count, 1));
         const double mean = a[d] / n;
         const double var = std::max(0.0, b[d] / n - mean * mean);
-        row0[d] = from_float<T>(float(mean));
-        row1[d] = from_float<T>(float(std::sqrt(var)));
+        row0[d] = from_double<T>(mean);
+        row1[d] = from_double<T>(std::sqrt(var));
       }
     }
   }

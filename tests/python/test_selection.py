@@ -69,6 +69,43 @@ def check_meta(meta, keys_by_block, summary, dtype, untouched):
 # Summaries
 
 
+def test_cpu_meanstd_summaries_of_float16_rounded_once(rng):
+    """The CPU backend accumulates a page's mean and standard deviation in float64 and stores
+    each rounded once to float16, exactly NumPy's rounding of the float64 statistic (rounded
+    through float32 first, a value just above a float16 halfway point can land on it and round
+    to the wrong neighbour). One page whose deviation is such a value, and 1024 pages of random
+    keys, written with the cache and built from it."""
+    block_size, num_kv_heads, head_dim = 16, 4, 64
+    pages = 1024
+    keys = (rng.standard_normal((pages * block_size, num_kv_heads, head_dim)) * 3).astype(
+        np.float16
+    )
+    # Page 0, head 0, element 0: keys whose deviation, 4.978515837..., rounds through float32 to
+    # the float16 halfway point 4.978515625 and from there to even, 4.9765625; once, to 4.98046875.
+    keys[:3, 0, 0] = [-7.9921875, 1.408203125, 3.435546875]
+    kc = np.zeros((pages, block_size, num_kv_heads, head_dim), np.float16)
+    vc = np.zeros_like(kc)
+    lens = np.full(pages, block_size, dtype=np.int32)
+    lens[0] = 3
+    slots = np.concatenate([np.arange(3), np.arange(block_size, pages * block_size)]).astype(
+        np.int64
+    )
+    meta = np.full((pages, num_kv_heads, 2, head_dim), np.nan, np.float16)
+    ts.reshape_and_cache(keys[slots], keys[slots], kc, vc, slots, meta, summary="meanstd")
+    built = np.full_like(meta, np.nan)
+    table = np.arange(pages, dtype=np.int32)[:, None]
+    ts.build_page_meta(kc, table, lens, built, summary="meanstd")
+    k64 = kc.astype(np.float64)
+    want = np.empty(meta.shape, np.float64)
+    for page in range(pages):
+        page_keys = k64[page, : lens[page]]
+        want[page] = np.stack([page_keys.mean(0), page_keys.std(0)], axis=1)
+    want = want.astype(np.float16)
+    assert want[0, 0, 1, 0] == np.float16(4.98046875)
+    np.testing.assert_array_equal(meta, want)
+    np.testing.assert_array_equal(built, want)
+
+
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("summary", SUMMARIES)
