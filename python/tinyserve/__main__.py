@@ -20,6 +20,8 @@ SUBCOMMANDS = {
         "serve prompts with a transformers model through the engine (generate --help)",
     ),
 }
+# What the engine's command imports beyond the library (the `model` extra).
+MODEL_PACKAGES = ("torch", "transformers", "gguf", "accelerate")
 
 
 def _usage() -> str:
@@ -51,7 +53,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command in SUBCOMMANDS:
-        module = importlib.import_module(SUBCOMMANDS[command][0])
+        try:
+            module = importlib.import_module(SUBCOMMANDS[command][0])
+        except ModuleNotFoundError as error:
+            if error.name not in MODEL_PACKAGES:
+                raise
+            print(
+                f"python -m tinyserve {command}: needs {error.name}, which is not installed "
+                "(pip install 'tinyserve[model]', or the `model` extra of a source install)",
+                file=sys.stderr,
+            )
+            return 2
         return module.main(rest)
     if command in ("--cmake-dir", "--version"):
         if rest:

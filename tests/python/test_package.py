@@ -126,3 +126,20 @@ def test_cli_rejects_an_unknown_command(capsys):
     assert captured.out == ""
     assert "python -m tinyserve: unknown command 'serve'" in captured.err
     assert "python -m tinyserve generate" in captured.err  # the usage follows
+
+
+def test_cli_generate_without_the_model_packages(monkeypatch, capsys):
+    """Without torch (the library itself does not need it), `generate` says what to install and
+    exits 2 instead of raising an import error."""
+    from tinyserve.__main__ import main
+
+    for name in [
+        m for m in sys.modules if m == "tinyserve.engine" or m.startswith("tinyserve.engine.")
+    ]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ModuleNotFoundError
+    assert main(["generate", "--help"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "python -m tinyserve generate: needs torch, which is not installed" in captured.err
+    assert "tinyserve[model]" in captured.err
