@@ -755,6 +755,31 @@ def test_sparse_dense_layers_attend_densely(rng, monkeypatch):
         make_engine(runner, sparse_budget_tokens=8, sparse_dense_layers=-1)
 
 
+def test_sparse_decode_leaves_sliding_window_layers_dense(rng, monkeypatch):
+    """Layers with a sliding window attend densely within it whatever the budget: a model whose
+    every layer slides gives transformers' tokens, never selects, and counts no step as a
+    sparse decode step (nor as one that fit the budget)."""
+    config = transformers.MistralConfig(sliding_window=7, **model_config())
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(int(rng.integers(1 << 31)))
+    runner = TransformersRunner(transformers.AutoModelForCausalLM.from_config(config).eval())
+    calls = []
+    select = tinyserve.select_pages
+
+    def recording(*args, **kwargs):
+        calls.append(1)
+        return select(*args, **kwargs)
+
+    monkeypatch.setattr(tinyserve, "select_pages", recording)
+    prompts = shared_prefix_prompts(rng, 3)
+    engine = make_engine(runner, sparse_budget_tokens=2 * BLOCK_SIZE)
+    outputs = run_and_check(engine, prompts, SamplingParams(max_new_tokens=8))
+    assert [o.token_ids[0] for o in outputs] == transformers_generate(runner, prompts, 8)
+    assert not calls
+    assert engine.stats.sparse_decode_steps == 0 and engine.stats.sparse_fitting_steps == 0
+    assert engine.kv_cache.windowed_layers == {0, 1}
+
+
 def _summarise_layer0(cache, table, lens):
     """Layer 0's page summaries built from the keys now in its cache, in the cache's summary."""
     tinyserve.build_page_meta(
@@ -1070,6 +1095,13 @@ def test_engine_argument_errors(rng):
         engine.add_request(np.array([True, False]))
     with pytest.raises(TypeError, match="sequence of integer token ids, got int"):
         engine.add_request(5)
+    # Collections without an order of their own (a set's, a dict's keys') are no prompt.
+    with pytest.raises(TypeError, match="ordered sequence of token ids, got set"):
+        engine.add_request({5, 3, 1})
+    with pytest.raises(TypeError, match="ordered sequence of token ids, got dict"):
+        engine.add_request({7: "a", 9: "b"})
+    with pytest.raises(TypeError, match="ordered sequence of token ids, got frozenset"):
+        engine.add_request(frozenset([2]))
     with pytest.raises(ValueError, match=rf"< {VOCAB} \(the model's vocabulary\), got {VOCAB}"):
         engine.add_request([1, VOCAB])
     with pytest.raises(ValueError, match="token ids must be >= 0 and < .*, got -1"):
@@ -1372,6 +1404,24 @@ def test_cli_reports_prompts_the_pool_or_the_model_cannot_hold(rng, monkeypatch,
     many = ["--prompt", "abc", "--block-size", "1", "--n", "70000", "--max-new-tokens", "1000"]
     assert main(many) == 2
     assert "more than a pool holds (67108864)" in capsys.readouterr().err
+    # A pool the machine cannot allocate (torch raises a RuntimeError): a message and exit code
+    # 2, not a traceback; any other error from the engine's construction still propagates.
+    import tinyserve.engine.engine as engine_module
+
+    def failing(message):
+        def construct(*args, **kwargs):
+            raise RuntimeError(message)
+
+        return construct
+
+    refusal = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 25600000000 bytes"
+    monkeypatch.setattr(engine_module, "Engine", failing(refusal))
+    assert main(["--prompt", "abc", "--block-size", "100000000"]) == 2
+    err = capsys.readouterr().err
+    assert "KV cache of 2 blocks of 100000000 tokens could not be allocated (Default" in err
+    monkeypatch.setattr(engine_module, "Engine", failing("something else"))
+    with pytest.raises(RuntimeError, match="something else"):
+        main(["--prompt", "abc"])
 
 
 def test_cli_limits_are_the_block_managers():

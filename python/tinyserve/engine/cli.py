@@ -242,21 +242,33 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    engine = Engine(
-        runner,
-        num_blocks=num_blocks,
-        block_size=args.block_size,
-        tokenizer=tokenizer,
-        num_host_blocks=num_blocks if args.host_blocks is None else args.host_blocks,
-        sparse_budget_tokens=args.budget,
-        sparse_summary=args.summary,
-        sparse_dense_layers=args.dense_layers,
-        cuda_graphs=not args.no_cuda_graphs,
-        # Graphs for the batch sizes these samples can make, not the default 256 sequences.
-        cuda_graph_batch_sizes=default_batch_sizes(min(args.n * len(prompt_ids), 256)),
-        kv_cache_dtype=args.kv_dtype,
-        kv_cache_scale=args.kv_scale,
-    )
+    try:
+        engine = Engine(
+            runner,
+            num_blocks=num_blocks,
+            block_size=args.block_size,
+            tokenizer=tokenizer,
+            num_host_blocks=num_blocks if args.host_blocks is None else args.host_blocks,
+            sparse_budget_tokens=args.budget,
+            sparse_summary=args.summary,
+            sparse_dense_layers=args.dense_layers,
+            cuda_graphs=not args.no_cuda_graphs,
+            # Graphs for the batch sizes these samples can make, not the default 256 sequences.
+            cuda_graph_batch_sizes=default_batch_sizes(min(args.n * len(prompt_ids), 256)),
+            kv_cache_dtype=args.kv_dtype,
+            kv_cache_scale=args.kv_scale,
+        )
+    except RuntimeError as error:  # the pools: torch's allocation failures are RuntimeErrors
+        if not isinstance(error, torch.cuda.OutOfMemoryError) and "allocate" not in str(error):
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        print(
+            f"tinyserve generate: the KV cache of {num_blocks} blocks of {args.block_size} "
+            f"tokens could not be allocated ({message}): use a smaller --block-size or "
+            "--num-blocks",
+            file=sys.stderr,
+        )
+        return 2
 
     on_token = None
     if args.stream:

@@ -6,7 +6,9 @@ import itertools
 import math
 import operator
 import time
+from collections.abc import Mapping
 from collections.abc import Sequence as SequenceOf
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -521,6 +523,11 @@ class Engine:
                 raise refused
             prompt = prompt_ids.tolist()
         else:
+            if isinstance(prompt_ids, (AbstractSet, Mapping)):  # no order of its own
+                raise TypeError(
+                    "tinyserve.Engine.add_request: prompt_ids must be an ordered sequence of "
+                    f"token ids, got {type(prompt_ids).__name__}"
+                )
             prompt = []
             try:
                 for t in prompt_ids:  # TypeError for something that is no sequence, too
@@ -597,13 +604,6 @@ class Engine:
         sparse_budget = step_sparse_budget(
             self.sparse_budget, decode_only, max_seq_len, self.kv_cache.block_size
         )
-        # Counted where some layer selects pages (the first dense_layers attend densely).
-        selecting = self.sparse_budget and self.kv_cache.dense_layers < self.runner.num_layers
-        if selecting and decode_only:
-            if sparse_budget:
-                self.stats.sparse_decode_steps += 1
-            else:
-                self.stats.sparse_fitting_steps += 1
         # The sequences whose tokens are all computed after this step: they sample one.
         num_tokens = np.fromiter((len(s.token_ids) for s in plan.seqs), np.int64, len(plan.seqs))
         finishing = np.flatnonzero(computed + rows == num_tokens)
@@ -630,6 +630,11 @@ class Engine:
                 extra=[token_ids, positions, row_ends[finishing] - 1],
             )
             logits = self.runner.forward(ids, pos, batch, logits_rows)
+        if self.sparse_budget and decode_only and self._some_layer_selects():
+            if sparse_budget:
+                self.stats.sparse_decode_steps += 1
+            else:
+                self.stats.sparse_fitting_steps += 1
         for seq, n in zip(plan.seqs, plan.rows):
             seq.num_computed += n
         if self.compactor is not None:
@@ -641,6 +646,16 @@ class Engine:
         self._update_block_stats()
         self.stats.busy_time += time.perf_counter() - start
         return finished
+
+    def _some_layer_selects(self) -> bool:
+        """Whether a decode step past the budget selects pages in some layer: one after the
+        first dense_layers without a sliding window. The windows are known from the layers'
+        attention calls, which every sequence's prefill (eager) has made before its decode."""
+        kv = self.kv_cache
+        return any(
+            layer not in kv.windowed_layers
+            for layer in range(kv.dense_layers, self.runner.num_layers)
+        )
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[RequestOutput]:
         # A request with n > 1 forks its other samples once its prompt is computed: they share

@@ -60,6 +60,8 @@ class PagedKVCache:
         self.num_blocks = num_blocks
         self.max_blocks = num_blocks if max_blocks is None else max_blocks  # elastic: the most
         self.dense_layers = dense_layers  # sparse decode: the first layers that stay dense
+        # Layers seen attending through a sliding window (sparse decode leaves them dense).
+        self.windowed_layers: set[int] = set()
         self.block_size = block_size
         self.device = torch.device(device)
         self.dtype = dtype
@@ -201,6 +203,8 @@ class AttentionBatch:
         without a value (gpt-oss): the output is scaled by ``Z / (Z + exp(sink))``, ``Z`` the
         sum of the row's exponentiated scores, from the log-sum-exp the kernel returns."""
         key_cache, value_cache = self.kv_cache.layers[layer]
+        if window_left >= 0:
+            self.kv_cache.windowed_layers.add(layer)
         packed = {} if self.query_start_loc is None else {"query_start_loc": self.query_start_loc}
         table, lens = self.block_table, self.seq_lens
         if (
