@@ -347,3 +347,28 @@ def test_one_dimensional_block_tensors(rng, backend):
     expect = before.copy()
     expect[back] = before[out_src]
     np.testing.assert_array_equal(f64(scales), expect)
+
+
+def test_block_copies_refuse_torch_views_with_lazy_bits():
+    """A torch tensor with its conjugate bit set (x.conj() of a complex tensor) or its negative
+    bit set reads as values its memory does not hold: copy_blocks and swap_blocks refuse it as
+    a source or a destination, naming it, and write nothing; the resolved tensor copies."""
+    if torch is None:
+        pytest.skip("torch is not installed")
+    src = torch.tensor([[1 + 2j], [3 + 4j]], dtype=torch.complex64)
+    dst = torch.zeros(2, 1, dtype=torch.complex64)
+    pair = (torch.tensor([0]), torch.tensor([1]))
+    lazy = {"conj": src.conj(), "neg": torch._neg_view(torch.ones(2, 1))}
+    assert lazy["conj"].is_conj() and lazy["neg"].is_neg()
+    for view in lazy.values():
+        other = torch.zeros(2, 1, dtype=view.dtype)
+        with pytest.raises(ValueError, match=r"swap_blocks: src_cache is a torch tensor with its"):
+            ts.swap_blocks(view, other, *pair)
+        with pytest.raises(ValueError, match=r"swap_blocks: dst_cache is a torch tensor with its"):
+            ts.swap_blocks(other, view, *pair)
+        with pytest.raises(ValueError, match=r"copy_blocks: caches\[1\] is a torch tensor with"):
+            ts.copy_blocks([other, view], *pair)
+        assert not other.any()
+    assert not dst.any()
+    ts.swap_blocks(src.conj().resolve_conj(), dst, *pair)
+    assert dst[1, 0] == 1 - 2j
