@@ -128,16 +128,21 @@ def _as_bytes(array: Any) -> Any:
     return array
 
 
-def _no_lazy_bits(array: Any, op: str, name: str) -> None:
-    """Refuses a torch tensor whose conjugate or negative bit is set: torch applies the bit when
-    the tensor is read, so its values are not the bytes in its memory, which are all DLPack
-    describes (torch's own ``__dlpack__`` refuses the conjugate bit). The block copies, which
-    take complex and any other element type, check it; the attention ops take no complex type."""
-    if _interop.framework(array) == "torch" and (array.is_conj() or array.is_neg()):
-        raise ValueError(
-            f"tinyserve.{op}: {name} is a torch tensor with its conjugate or negative bit set "
-            "(a lazy view whose values are not its memory's): pass .resolve_conj().resolve_neg()"
-        )
+def _refuse_conjugate_views(arrays: Sequence[Any], op: str, names: Any) -> None:
+    """Refuses a torch tensor whose conjugate bit is set (``x.conj()`` of a complex tensor): torch
+    conjugates it when it is read, so its values are not the bytes in its memory, which are all
+    DLPack describes; torch's own ``__dlpack__`` refuses it too. The block copies check it (they
+    take complex types; the attention ops take none). ``names(i)``: the name of arrays[i]."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    tensor = torch.Tensor
+    for i, array in enumerate(arrays):
+        if isinstance(array, tensor) and array.is_conj():
+            raise ValueError(
+                f"tinyserve.{op}: {names(i)} is a torch tensor with its conjugate bit set (a "
+                "lazy view whose values are not its memory's): pass .resolve_conj()"
+            )
 
 
 def _swap_pair(src_cache: Any, dst_cache: Any) -> tuple[Any, Any]:
@@ -609,8 +614,7 @@ def copy_blocks(caches: Sequence[Any], src: Any, dst: Any, *, stream: Any = None
     ``pairs[:, 1]``. The tensors must not share memory, no block may be both a source and a
     destination, and no destination may repeat."""
     caches = _interop.array_list(caches, "copy_blocks", "caches", "arrays (list or tuple)")
-    for i, cache in enumerate(caches):
-        _no_lazy_bits(cache, "copy_blocks", f"caches[{i}]")
+    _refuse_conjugate_views(caches, "copy_blocks", lambda i: f"caches[{i}]")
     s = _interop.resolve_stream(stream, caches[0] if caches else src, "copy_blocks")
     x = _interop.export
     _C.copy_blocks([x(_as_bytes(c)) for c in caches], x(src), x(dst), stream=s)
@@ -623,8 +627,9 @@ def swap_blocks(src_cache: Any, dst_cache: Any, src: Any, dst: Any, *, stream: A
     bytes; a NumPy array of an ml_dtypes type pairs with a torch tensor of the same type).
     ``src`` and ``dst`` are int32 or int64 host arrays of one dtype; no destination may
     repeat."""
-    _no_lazy_bits(src_cache, "swap_blocks", "src_cache")
-    _no_lazy_bits(dst_cache, "swap_blocks", "dst_cache")
+    _refuse_conjugate_views(
+        (src_cache, dst_cache), "swap_blocks", ("src_cache", "dst_cache").__getitem__
+    )
     device_side = dst_cache if _interop.is_cuda(dst_cache) else src_cache
     _interop.wait_ready(src_cache)
     s = _interop.resolve_stream(stream, device_side, "swap_blocks")
