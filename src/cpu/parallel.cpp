@@ -25,8 +25,11 @@ constexpr int kMaxWorkers = 1024;
 
 int default_worker_count() {
   if (const char* env = std::getenv("TINYSERVE_NUM_THREADS")) {
-    int n = std::atoi(env);
-    if (n > 0) return std::min(n, kMaxWorkers);
+    // Read as a wide integer (strtoll saturates where atoi wrapped), so that any positive count,
+    // however large, is cut to kMaxWorkers.
+    char* end = nullptr;
+    const long long n = std::strtoll(env, &end, 10);
+    if (end != env && n > 0) return int(std::min<long long>(n, kMaxWorkers));
   }
   unsigned hw = std::thread::hardware_concurrency();
   return hw == 0 ? 1 : std::min(int(hw), kMaxWorkers);

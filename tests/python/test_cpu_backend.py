@@ -111,16 +111,25 @@ def test_thread_count_is_bounded():
 
 
 def test_environment_thread_count_is_capped():
+    """A TINYSERVE_NUM_THREADS above 1024 is cut to 1024, however large (past int32 and int64
+    too): each gives the pool of 1024 requested threads (or as many as the system starts)."""
     code = "import tinyserve; print(tinyserve.num_threads())"
-    run = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "TINYSERVE_NUM_THREADS": "5000"},
-    )
-    assert run.returncode == 0, run.stderr
-    assert 1 <= int(run.stdout) <= 1024
+
+    def threads(value):
+        run = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "TINYSERVE_NUM_THREADS": value},
+        )
+        assert run.returncode == 0, run.stderr
+        return int(run.stdout)
+
+    capped = threads("5000")
+    assert 1 <= capped <= 1024
+    for value in ("2147483648", "4294967299", "99999999999999999999"):
+        assert threads(value) == capped, value
 
 
 def test_split_partials_are_sized_by_the_sequences(rng):
