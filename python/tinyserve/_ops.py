@@ -628,7 +628,7 @@ def swap_blocks(src_cache: Any, dst_cache: Any, src: Any, dst: Any, *, stream: A
     ``src`` and ``dst`` are int32 or int64 host arrays of one dtype; no destination may
     repeat."""
     _refuse_conjugate_views(
-        (src_cache, dst_cache), "swap_blocks", ("src_cache", "dst_cache").__getitem__
+        (src_cache, dst_cache), "swap_blocks", lambda i: ("src_cache", "dst_cache")[i]
     )
     device_side = dst_cache if _interop.is_cuda(dst_cache) else src_cache
     _interop.wait_ready(src_cache)

@@ -35,7 +35,8 @@ using tinyserve::cpu::to_float;
 template <class T>
 T from_double(double d) {
   float f = float(d);
-  if (std::is_same_v<T, float> || !std::isfinite(d) || double(f) == d) return from_float<T>(f);
+  if constexpr (std::is_same_v<T, float>) return f;  // one rounding already
+  if (!std::isfinite(d) || double(f) == d) return from_float<T>(f);
   if (std::fabs(double(f)) > std::fabs(d)) f = std::nextafter(f, 0.0f);
   std::uint32_t bits;
   std::memcpy(&bits, &f, 4);

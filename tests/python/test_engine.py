@@ -1419,6 +1419,15 @@ def test_cli_reports_prompts_the_pool_or_the_model_cannot_hold(rng, monkeypatch,
     assert main(["--prompt", "abc", "--block-size", "100000000"]) == 2
     err = capsys.readouterr().err
     assert "KV cache of 2 blocks of 100000000 tokens could not be allocated (Default" in err
+
+    def out_of_device_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 24.00 GiB")
+
+    monkeypatch.setattr(engine_module, "Engine", out_of_device_memory)
+    assert main(["--prompt", "abc", "--num-blocks", "4"]) == 2
+    assert "KV cache of 4 blocks of 16 tokens could not be allocated (CUDA out of memory" in (
+        capsys.readouterr().err
+    )
     monkeypatch.setattr(engine_module, "Engine", failing("something else"))
     with pytest.raises(RuntimeError, match="something else"):
         main(["--prompt", "abc"])

@@ -143,3 +143,13 @@ def test_cli_generate_without_the_model_packages(monkeypatch, capsys):
     assert captured.out == ""
     assert "python -m tinyserve generate: needs torch, which is not installed" in captured.err
     assert "tinyserve[model]" in captured.err
+
+
+def test_cli_other_missing_modules_still_raise(monkeypatch):
+    """Only the model extra's packages are reported as missing; any other import error of a
+    subcommand (a broken install) propagates as it is."""
+    import tinyserve.__main__ as cli
+
+    monkeypatch.setitem(cli.SUBCOMMANDS, "generate", ("tinyserve.no_such_module", "x"))
+    with pytest.raises(ModuleNotFoundError, match="tinyserve.no_such_module"):
+        cli.main(["generate"])
