@@ -11,9 +11,12 @@ torch.profiler's kernel times) and the scoring kernel's read rate over the summa
 --sparse-splits, the sparse attention at fixed split counts too. --layout HND stores the caches
 [blocks, KV heads, page, head_dim] (passed as the permuted view): a KV head's keys of one page
 are then contiguous, which is what sparse attention over per-KV-head tables reads.
+--meta-dtypes float16,float8_e4m3fn times every shape with summaries of each dtype in turn
+(float8 summaries: half the bytes the scoring kernel reads).
 
     python benchmarks/bench_selection.py [--json results.json] [--summary NAME]
                                          [--sparse-splits 8,16,32] [--layout NHD|HND]
+                                         [--meta-dtypes float16[,float8_e4m3fn]]
 """
 
 from __future__ import annotations
@@ -49,7 +52,10 @@ def kernel_us(fn, name: str, calls: int = 20) -> float:
         return float("nan")
 
 
-def case(batch: int, context: int, summary: str, gen: torch.Generator, layout: str = "NHD"):
+def case(
+    batch: int, context: int, summary: str, gen: torch.Generator, layout: str = "NHD",
+    meta_dtype: str = "float16",
+):  # fmt: skip
     pages = context // PAGE
     num_blocks = batch * pages + 1
     dev = "cuda"
@@ -65,15 +71,16 @@ def case(batch: int, context: int, summary: str, gen: torch.Generator, layout: s
     table = perm.view(batch, pages).contiguous()
     lens = torch.full((batch,), context, dtype=torch.int32, device=dev)
     q = torch.randn(batch, HEADS_Q, HEAD_DIM, generator=gen, device=dev).half()
-    meta = torch.empty(ts.page_meta_shape(kc), dtype=kc.dtype, device=dev)
+    meta = torch.empty(ts.page_meta_shape(kc), dtype=getattr(torch, meta_dtype), device=dev)
     ts.build_page_meta(kc, table, lens, meta, summary=summary)
     return q, kc, vc, table, lens, meta
 
 
 def run_shape(
-    batch: int, context: int, summary: str, gen, sparse_splits=(), layout: str = "NHD"
-) -> dict:
-    q, kc, vc, table, lens, meta = case(batch, context, summary, gen, layout)
+    batch: int, context: int, summary: str, gen, sparse_splits=(), layout: str = "NHD",
+    meta_dtype: str = "float16",
+) -> dict:  # fmt: skip
+    q, kc, vc, table, lens, meta = case(batch, context, summary, gen, layout, meta_dtype)
     budget = BUDGET_TOKENS // PAGE
     out = torch.empty_like(q)
     sel_t = torch.empty(batch, HEADS_KV, budget, dtype=torch.int32, device="cuda")
@@ -112,7 +119,10 @@ def run_shape(
         select()
         sparse()
 
-    r = {"batch": batch, "context": context, "summary": summary, "layout": layout}
+    r = {
+        "batch": batch, "context": context, "summary": summary, "layout": layout,
+        "meta_dtype": meta_dtype,
+    }  # fmt: skip
     r["dense_us"] = 1e3 * median_ms(dense, 20, warmup=3, graph=True)
     r["select_us"] = 1e3 * median_ms(select, 20, warmup=3, graph=True)
     r["sparse_attention_us"] = 1e3 * median_ms(sparse, 20, warmup=3, graph=True)
@@ -162,10 +172,24 @@ def main() -> None:
         help="comma-separated split counts: also time the sparse attention at each",
     )
     parser.add_argument("--layout", default="NHD", choices=["NHD", "HND"])
+    parser.add_argument(
+        "--meta-dtypes",
+        default="float16",
+        help="comma-separated page summary dtypes, each timed over every shape: float16 (the "
+        "caches' dtype) and/or float8_e4m3fn",
+    )
     args = parser.parse_args()
     splits = [int(x) for x in args.sparse_splits.split(",") if x]
+    meta_dtypes = [x for x in args.meta_dtypes.split(",") if x]
+    for name in meta_dtypes:
+        if name not in ("float16", "float8_e4m3fn"):
+            parser.error(f"--meta-dtypes: float16 or float8_e4m3fn, got {name!r}")
     gen = torch.Generator(device="cuda").manual_seed(0)
-    rows = [run_shape(b, c, args.summary, gen, splits, args.layout) for b, c in SHAPES]
+    rows = [
+        run_shape(b, c, args.summary, gen, splits, args.layout, m)
+        for m in meta_dtypes
+        for b, c in SHAPES
+    ]
     torch.cuda.empty_cache()
     commit_id = commit()
     device = torch.cuda.get_device_name()
@@ -174,13 +198,13 @@ def main() -> None:
         f"{args.layout} caches"
     )
     print(
-        "| batch x context | dense us | select us | sparse attn us | select+sparse us | speed-up "
-        "| selection share | top-k kernel us | score kernel us | score kernel TB/s |"
+        "| batch x context | summaries | dense us | select us | sparse attn us | select+sparse us "
+        "| speed-up | selection share | top-k kernel us | score kernel us | score kernel TB/s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['batch']} x {r['context'] // 1024}k | {r['dense_us']:.1f} "
+            f"| {r['batch']} x {r['context'] // 1024}k | {r['meta_dtype']} | {r['dense_us']:.1f} "
             f"| {r['select_us']:.1f} "
             f"| {r['sparse_attention_us']:.1f} | {r['step_us']:.1f} | {r['speedup']:.2f}x "
             f"| {100 * r['selection_share']:.0f}% | {r['topk_kernel_us']:.1f} "
@@ -189,13 +213,17 @@ def main() -> None:
         )
     if splits:
         print("\nSparse attention (us) at fixed split counts:")
-        print("| batch x context | planned | " + " | ".join(f"{n} splits" for n in splits) + " |")
-        print("|---|---|" + "---|" * len(splits))
+        print(
+            "| batch x context | summaries | planned | "
+            + " | ".join(f"{n} splits" for n in splits)
+            + " |"
+        )
+        print("|---|---|---|" + "---|" * len(splits))
         for r in rows:
             fixed = " | ".join(f"{r['sparse_by_splits_us'][n]:.1f}" for n in splits)
             print(
-                f"| {r['batch']} x {r['context'] // 1024}k | {r['sparse_attention_us']:.1f} "
-                f"| {fixed} |"
+                f"| {r['batch']} x {r['context'] // 1024}k | {r['meta_dtype']} "
+                f"| {r['sparse_attention_us']:.1f} | {fixed} |"
             )
     if args.json:
         with open(args.json, "w") as f:

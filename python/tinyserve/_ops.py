@@ -116,6 +116,14 @@ def _fp8_view(cache: Any, kv_dtype: str | None) -> tuple[Any, str | None]:
     return cache, kv_dtype
 
 
+def _meta_view(page_meta: Any) -> tuple[Any, str | None]:
+    """Page summaries of ml_dtypes' float8_e4m3fn in a NumPy array go to the core as their uint8
+    bits with ``meta_dtype="float8_e4m3fn"`` (as float8 caches do); anything else as it is."""
+    if page_meta is None:
+        return None, None
+    return _fp8_view(page_meta, None)
+
+
 def _as_bytes(array: Any) -> Any:
     """A NumPy array of an ml_dtypes type (float8, bfloat16, ...: NumPy has no type of its own
     to export for them) as unsigned integers of its width; anything else as it is. Block copies
@@ -246,14 +254,18 @@ def reshape_and_cache(
     looser bound, still a bound). The caches have the logical shape
     ``[num_blocks, block_size, num_kv_heads, head_dim]`` (any strides, last dim contiguous).
 
-    With ``page_meta`` (``[num_blocks, num_kv_heads, 2, head_dim]``, the key cache's dtype, see
-    :func:`page_meta_shape`), the summaries of the pages written are updated in the same call:
+    With ``page_meta`` (``[num_blocks, num_kv_heads, 2, head_dim]``, the key cache's dtype or
+    float8_e4m3fn, see :func:`page_meta_shape`), the summaries of the pages written are updated
+    in the same call:
     a write at offset 0 restarts a page's summary from every key this call writes to it (in any
     order); a page written only at later offsets has its summary extended. ``summary`` is
     ``"minmax"`` (the default) or ``"minmax_damped"`` (both store the elementwise min and max)
     or ``"meanstd"`` (mean and standard deviation); it must match what :func:`select_pages` is
     told.
-    Pages are assumed to fill in order of offset.
+    Pages are assumed to fill in order of offset. Float8 summaries (``"minmax"`` and
+    ``"minmax_damped"`` only) take half the bytes of 16-bit ones: minimums are rounded toward
+    minus infinity and maximums toward plus infinity, saturating at +-448 (so a float8 box still
+    bounds keys within that range).
 
     FP8 caches: caches of float8_e4m3fn (``torch.float8_e4m3fn``, ml_dtypes' ``float8_e4m3fn``,
     or uint8 arrays of its bits with ``kv_dtype="float8_e4m3fn"``) take float32, float16 or
@@ -265,6 +277,7 @@ def reshape_and_cache(
     _interop.wait_ready(key, value, slot_mapping)
     key_cache, kv_dtype = _fp8_view(key_cache, kv_dtype)
     value_cache, kv_dtype = _fp8_view(value_cache, kv_dtype)
+    page_meta, meta_dtype = _meta_view(page_meta)
     s = _interop.resolve_stream(stream, key_cache, "reshape_and_cache")
     x = _interop.export
     _C.reshape_and_cache(
@@ -278,6 +291,7 @@ def reshape_and_cache(
         k_scale=_scale(k_scale),
         v_scale=_scale(v_scale),
         kv_dtype=kv_dtype,
+        meta_dtype=meta_dtype,
         stream=s,
     )
 
@@ -308,18 +322,26 @@ def build_page_meta(
     without ``page_meta``): every page holding tokens of the first ``seq_lens[b]`` tokens of each
     sequence (int32 ``block_table [batch, max_blocks]``, int32 ``seq_lens [batch]``) is summarised
     from its keys. A block listed by several sequences must hold the same tokens in each.
-    ``summary`` as in :func:`reshape_and_cache` (default ``"minmax"``). Float8 caches are
-    refused (summaries stay in the queries' precision)."""
+    ``summary`` as in :func:`reshape_and_cache` (default ``"minmax"``); ``page_meta`` of the
+    key cache's dtype or float8_e4m3fn, rounded as there. Float8 caches are refused (summaries
+    come from the keys before quantisation, which such a cache no longer holds)."""
     if _fp8_view(key_cache, None)[1] is not None:
         raise ValueError(
             "tinyserve.build_page_meta: page summaries need a float32, float16 or bfloat16 key "
             "cache, got a float8_e4m3fn cache"
         )
     _interop.wait_ready(key_cache, block_table, seq_lens)
+    page_meta, meta_dtype = _meta_view(page_meta)
     s = _interop.resolve_stream(stream, key_cache, "build_page_meta")
     x = _interop.export
     _C.build_page_meta(
-        x(key_cache), x(block_table), x(seq_lens), x(page_meta), summary=summary, stream=s
+        x(key_cache),
+        x(block_table),
+        x(seq_lens),
+        x(page_meta),
+        summary=summary,
+        meta_dtype=meta_dtype,
+        stream=s,
     )
 
 
@@ -327,6 +349,7 @@ def select_pages_workspace_bytes(query: Any, page_meta: Any, block_table: Any) -
     """Bytes of CUDA scratch :func:`select_pages` needs for these shapes (0 for host arrays);
     pass a buffer of that many bytes as ``workspace=`` to allocate nothing per call."""
     x = _interop.export
+    page_meta = _meta_view(page_meta)[0]
     return _C.select_pages_workspace_bytes(x(query), x(page_meta), x(block_table))
 
 
@@ -351,7 +374,8 @@ def select_pages(
     ``[batch, num_kv_heads]`` token counts, ready for :func:`paged_attention`.
 
     ``query [batch, num_q_heads, head_dim]``; ``page_meta`` the summaries (see
-    :func:`reshape_and_cache`); ``block_table`` int32 ``[batch, max_blocks]`` and ``seq_lens``
+    :func:`reshape_and_cache`; the query's dtype or float8_e4m3fn); ``block_table`` int32
+    ``[batch, max_blocks]`` and ``seq_lens``
     int32 ``[batch]`` the dense table. ``budget`` counts pages (tokens = budget * block_size, the
     last page partial), including the last page and the sinks: at least ``num_sink_pages + 1``.
 
@@ -397,6 +421,7 @@ def select_pages(
             + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "")
         )
     x = _interop.export
+    page_meta, meta_dtype = _meta_view(page_meta)
     cuda = _interop.is_cuda(query)
     s = _interop.resolve_stream(stream, query, "select_pages", cuda, fw)
     if workspace is None and cuda:
@@ -428,6 +453,7 @@ def select_pages(
         group_reduce=group_reduce,
         hits=x(hits),
         workspace=x(workspace),
+        meta_dtype=meta_dtype,
         stream=s,
     )
     if cuda and _interop.any_jax(query, table):

@@ -36,13 +36,15 @@ GroupReduce group_reduce(nb::handle h, const char* op) {
 // A cache as the element type the caller names: NumPy has no float8 type, so a uint8 array
 // holds float8_e4m3fn bits when kv_dtype is "float8_e4m3fn". With kv_dtype None the array's own
 // dtype counts.
-TensorView as_kv_dtype(TensorView t, nb::handle kv_dtype, const char* op, const char* name) {
+// `arg` names the option (kv_dtype, or meta_dtype for page summaries).
+TensorView as_kv_dtype(TensorView t, nb::handle kv_dtype, const char* op, const char* name,
+                       const char* arg = "kv_dtype") {
   if (kv_dtype.is_none()) return t;
   if (!nb::isinstance<nb::str>(kv_dtype) || nb::cast<std::string>(kv_dtype) != "float8_e4m3fn") {
-    detail::fail(op, "kv_dtype must be None or 'float8_e4m3fn', got ", nb::repr(kv_dtype).c_str());
+    detail::fail(op, arg, " must be None or 'float8_e4m3fn', got ", nb::repr(kv_dtype).c_str());
   }
   if (t.dtype != DType::UInt8 && t.dtype != DType::Float8E4M3FN) {
-    detail::fail(op, name, " must be uint8 or float8_e4m3fn with kv_dtype='float8_e4m3fn', got ",
+    detail::fail(op, name, " must be uint8 or float8_e4m3fn with ", arg, "='float8_e4m3fn', got ",
                  dtype_name(t.dtype));
   }
   t.dtype = DType::Float8E4M3FN;
@@ -70,7 +72,7 @@ void bind_ops(nb::module_& m) {
       "reshape_and_cache",
       [](nb::handle key, nb::handle value, nb::handle key_cache, nb::handle value_cache,
          nb::handle slot_mapping, nb::handle page_meta, nb::handle summary, nb::handle k_scale,
-         nb::handle v_scale, nb::handle kv_dtype, nb::handle stream) {
+         nb::handle v_scale, nb::handle kv_dtype, nb::handle meta_dtype, nb::handle stream) {
         const char* op = "reshape_and_cache";
         Arrays a(op);
         TensorView k = a.input(key, "key"), v = a.input(value, "value");
@@ -79,6 +81,7 @@ void bind_ops(nb::module_& m) {
             as_kv_dtype(a.output(value_cache, "value_cache"), kv_dtype, op, "value_cache");
         TensorView sm = a.input(slot_mapping, "slot_mapping");
         std::optional<TensorView> meta = a.optional_output(page_meta, "page_meta");
+        if (meta) meta = as_kv_dtype(*meta, meta_dtype, op, "page_meta", "meta_dtype");
         PageSummary kind = page_summary(summary, op);
         CacheWriteOptions o;
         o.k_scale = kv_scale(a, k_scale, op, "k_scale");
@@ -100,43 +103,46 @@ void bind_ops(nb::module_& m) {
       "key"_a.none(), "value"_a.none(), "key_cache"_a.none(), "value_cache"_a.none(),
       "slot_mapping"_a.none(), "page_meta"_a.none() = nb::none(), "summary"_a.none() = "minmax",
       "k_scale"_a.none() = nb::none(), "v_scale"_a.none() = nb::none(),
-      "kv_dtype"_a.none() = nb::none(), "stream"_a.none() = 0,
+      "kv_dtype"_a.none() = nb::none(), "meta_dtype"_a.none() = nb::none(), "stream"_a.none() = 0,
       nb::sig("def reshape_and_cache(key: typing.Any, value: typing.Any, key_cache: typing.Any, "
               "value_cache: typing.Any, slot_mapping: typing.Any, page_meta: typing.Any | None = "
               "None, summary: str = 'minmax', k_scale: typing.Any | None = None, v_scale: "
-              "typing.Any | None = None, kv_dtype: str | None = None, stream: int = 0) -> None"));
+              "typing.Any | None = None, kv_dtype: str | None = None, meta_dtype: str | None = "
+              "None, stream: int = 0) -> None"));
 
   m.def(
       "build_page_meta",
       [](nb::handle key_cache, nb::handle block_table, nb::handle seq_lens, nb::handle page_meta,
-         nb::handle summary, nb::handle stream) {
+         nb::handle summary, nb::handle meta_dtype, nb::handle stream) {
         const char* op = "build_page_meta";
         Arrays a(op);
         TensorView kc = a.input(key_cache, "key_cache");
         TensorView bt = a.input(block_table, "block_table");
         TensorView sl = a.input(seq_lens, "seq_lens");
-        TensorView meta = a.output(page_meta, "page_meta");
+        TensorView meta = as_kv_dtype(a.output(page_meta, "page_meta"), meta_dtype, op, "page_meta",
+                                      "meta_dtype");
         PageSummary kind = page_summary(summary, op);
         Stream s = to_int<Stream>(stream, op, "stream");
         nb::gil_scoped_release release;
         build_page_meta(kc, bt, sl, meta, kind, s);
       },
       "key_cache"_a.none(), "block_table"_a.none(), "seq_lens"_a.none(), "page_meta"_a.none(),
-      "summary"_a.none() = "minmax", "stream"_a.none() = 0,
+      "summary"_a.none() = "minmax", "meta_dtype"_a.none() = nb::none(), "stream"_a.none() = 0,
       nb::sig("def build_page_meta(key_cache: typing.Any, block_table: typing.Any, seq_lens: "
-              "typing.Any, page_meta: typing.Any, summary: str = 'minmax', stream: int = 0) -> "
-              "None"));
+              "typing.Any, page_meta: typing.Any, summary: str = 'minmax', meta_dtype: str | None "
+              "= None, stream: int = 0) -> None"));
 
   m.def(
       "select_pages",
       [](nb::handle query, nb::handle page_meta, nb::handle block_table, nb::handle seq_lens,
          nb::handle budget, nb::handle block_size, nb::handle table, nb::handle lens,
          nb::handle num_sink_pages, nb::handle summary, nb::handle reduce, nb::handle hits,
-         nb::handle workspace, nb::handle stream) {
+         nb::handle workspace, nb::handle meta_dtype, nb::handle stream) {
         const char* op = "select_pages";
         Arrays a(op);
         TensorView q = a.input(query, "query");
-        TensorView meta = a.input(page_meta, "page_meta");
+        TensorView meta =
+            as_kv_dtype(a.input(page_meta, "page_meta"), meta_dtype, op, "page_meta", "meta_dtype");
         TensorView bt = a.input(block_table, "block_table");
         TensorView sl = a.input(seq_lens, "seq_lens");
         TensorView t = a.output(table, "table");
@@ -156,12 +162,13 @@ void bind_ops(nb::module_& m) {
       "query"_a.none(), "page_meta"_a.none(), "block_table"_a.none(), "seq_lens"_a.none(),
       "budget"_a.none(), "block_size"_a.none(), "table"_a.none(), "lens"_a.none(),
       "num_sink_pages"_a.none() = 0, "summary"_a.none() = "minmax", "group_reduce"_a.none() = "sum",
-      "hits"_a.none() = nb::none(), "workspace"_a.none() = nb::none(), "stream"_a.none() = 0,
+      "hits"_a.none() = nb::none(), "workspace"_a.none() = nb::none(),
+      "meta_dtype"_a.none() = nb::none(), "stream"_a.none() = 0,
       nb::sig("def select_pages(query: typing.Any, page_meta: typing.Any, block_table: "
               "typing.Any, seq_lens: typing.Any, budget: int, block_size: int, table: typing.Any, "
               "lens: typing.Any, num_sink_pages: int = 0, summary: str = 'minmax', "
               "group_reduce: str = 'sum', hits: typing.Any | None = None, workspace: typing.Any | "
-              "None = None, stream: int = 0) -> None"));
+              "None = None, meta_dtype: str | None = None, stream: int = 0) -> None"));
 
   m.def(
       "select_pages_workspace_bytes",

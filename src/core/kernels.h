@@ -34,6 +34,8 @@ struct PageMetaDesc {
   std::int64_t stride_block = 0;
   std::int64_t stride_head = 0;
   std::int64_t stride_row = 0;
+  // float8 e4m3fn summaries (8-bit, rounded outward) instead of the keys' or queries' dtype
+  bool fp8 = false;
 };
 
 // The scale of a float8 cache (stored value * scale = value): per_head[kv_head] when per_head is

@@ -32,8 +32,9 @@ kernels::PageMetaDesc check_meta_shape(const OpCheck& c, const TensorView& meta,
                                        std::int64_t head_dim, DType dtype, const char* dtype_of,
                                        bool written) {
   c.ndim(meta, "page_meta", 4, "[num_blocks, num_kv_heads, 2, head_dim]");
-  TS_REQUIRE(c, meta.dtype == dtype, "page_meta must have the dtype of ", dtype_of, " (",
-             dtype_name(dtype), "), got ", dtype_name(meta.dtype));
+  TS_REQUIRE(c, meta.dtype == dtype || meta.dtype == DType::Float8E4M3FN,
+             "page_meta must have the dtype of ", dtype_of, " (", dtype_name(dtype),
+             ") or float8_e4m3fn, got ", dtype_name(meta.dtype));
   const std::int64_t expect[4] = {num_blocks < 0 ? meta.shape[0] : num_blocks, num_kv_heads, 2,
                                   head_dim};
   for (int d = 0; d < 4; ++d) {
@@ -46,7 +47,8 @@ kernels::PageMetaDesc check_meta_shape(const OpCheck& c, const TensorView& meta,
   } else {
     c.last_dim_contiguous(meta, "page_meta");
   }
-  return {meta.data, meta.strides[0], meta.strides[1], meta.strides[2]};
+  return {meta.data, meta.strides[0], meta.strides[1], meta.strides[2],
+          meta.dtype == DType::Float8E4M3FN};
 }
 
 void check_table_and_lens(const OpCheck& c, const TensorView& block_table,
@@ -94,6 +96,11 @@ kernels::PageMetaDesc check_page_meta(const OpCheck& c, const TensorView& page_m
   TS_REQUIRE(c, key_cache.dtype != DType::Float8E4M3FN,
              "page summaries need a float32, float16 or bfloat16 key cache, got a ",
              dtype_name(key_cache.dtype), " cache");
+  // A mean and deviation extended from float8 values lose the page's earlier keys (the mean is
+  // rounded to 3 bits before the next key moves it); bounds extend exactly.
+  TS_REQUIRE(c, page_meta.dtype != DType::Float8E4M3FN || summary != PageSummary::MeanStd,
+             "float8_e4m3fn page summaries take the min/max summaries (minmax, minmax_damped), got "
+             "meanstd");
   return check_meta_shape(c, page_meta, key_cache.shape[0], key_cache.shape[2], key_cache.shape[3],
                           key_cache.dtype, "the key cache", written);
 }

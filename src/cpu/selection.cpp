@@ -1,8 +1,8 @@
 // CPU page summaries and page selection: the reference for the CUDA kernels.
 //
 // A summary accumulates in double (min/max exactly, mean/std as sums of x and x^2) and is stored
-// in the cache's dtype, rounded once. Scores accumulate in float32 over head_dim in order, per
-// query head, then combine over the GQA group.
+// in the cache's dtype, rounded once, or in float8 e4m3fn, rounded outward (stored<T>). Scores
+// accumulate in float32 over head_dim in order, per query head, then combine over the GQA group.
 
 #include <algorithm>
 #include <cmath>
@@ -22,6 +22,7 @@ namespace tinyserve::kernels::cpu {
 namespace {
 
 using tinyserve::cpu::bfloat16_t;
+using tinyserve::cpu::float8_e4m3_t;
 using tinyserve::cpu::from_float;
 using tinyserve::cpu::half_t;
 using tinyserve::cpu::parallel_for;
@@ -43,6 +44,34 @@ T from_double(double d) {
   bits |= 1u;
   std::memcpy(&f, &bits, 4);
   return from_float<T>(f);
+}
+
+// Float8 e4m3fn bits one step toward minus infinity (from +-0: the negative smallest subnormal),
+// saturating at -448.
+std::uint8_t fp8_step_down(std::uint8_t bits) {
+  const std::uint8_t magnitude = bits & 0x7fu;
+  if (magnitude == 0) return 0x81u;
+  if (bits & 0x80u) return magnitude < 0x7eu ? std::uint8_t(bits + 1) : bits;
+  return std::uint8_t(bits - 1);
+}
+
+// x as stored in a summary of type T. 16-bit and float32 summaries are rounded to nearest (once).
+// Float8 ones are rounded toward minus infinity (direction < 0: a minimum), plus infinity
+// (direction > 0: a maximum or a standard deviation) or to nearest (0: a mean), saturating at
+// +-448, so that a min/max box of float8 summaries still holds every key within that range.
+template <class T>
+T stored(double x, int direction) {
+  if constexpr (std::is_same_v<T, float8_e4m3_t>) {
+    float8_e4m3_t r = from_double<float8_e4m3_t>(x);
+    if (direction != 0 && !std::isnan(x)) {
+      const double v = to_float(r);
+      if (direction < 0 && v > x) r.bits = fp8_step_down(r.bits);
+      if (direction > 0 && v < x) r.bits = std::uint8_t(fp8_step_down(r.bits ^ 0x80u) ^ 0x80u);
+    }
+    return r;
+  } else {
+    return from_double<T>(x);
+  }
 }
 
 // One (page, head)'s summary while it is being built: a and b are min and max (MinMax) or the
@@ -97,14 +126,14 @@ struct Accumulator {
   void store(T* row0, T* row1) const {
     for (int d = 0; d < dim; ++d) {
       if (kind == PageSummary::MinMax) {
-        row0[d] = from_float<T>(float(a[d]));
-        row1[d] = from_float<T>(float(b[d]));
+        row0[d] = stored<T>(a[d], -1);
+        row1[d] = stored<T>(b[d], 1);
       } else {
         const double n = double(std::max<std::int64_t>(count, 1));
         const double mean = a[d] / n;
         const double var = std::max(0.0, b[d] / n - mean * mean);
-        row0[d] = from_double<T>(mean);
-        row1[d] = from_double<T>(std::sqrt(var));
+        row0[d] = stored<T>(mean, 0);
+        row1[d] = stored<T>(std::sqrt(var), 1);
       }
     }
   }
@@ -119,7 +148,8 @@ T* meta_row(const PageMetaDesc& m, std::int64_t block, int head, int row) {
 // ---------------------------------------------------------------------------------------------
 // Summaries written with the cache.
 
-template <class T>
+// T: the keys' type; M: the summaries' (T, or float8 e4m3fn).
+template <class T, class M>
 void update_typed(const ReshapeAndCacheParams& p) {
   // The call's tokens grouped by page, each group in token order.
   std::vector<std::int64_t> order;
@@ -146,8 +176,8 @@ void update_typed(const ReshapeAndCacheParams& p) {
         lowest = std::min(lowest, p.slot_mapping[order[i]] % p.block_size);
       }
       for (int h = 0; h < p.num_heads; ++h) {
-        T* row0 = meta_row<T>(p.page_meta, block, h, 0);
-        T* row1 = meta_row<T>(p.page_meta, block, h, 1);
+        M* row0 = meta_row<M>(p.page_meta, block, h, 0);
+        M* row1 = meta_row<M>(p.page_meta, block, h, 1);
         acc.reset();
         if (lowest > 0) acc.load(row0, row1, lowest);  // extends the keys before `lowest`
         for (std::size_t i = first; i < last; ++i) {
@@ -160,7 +190,7 @@ void update_typed(const ReshapeAndCacheParams& p) {
   });
 }
 
-template <class T>
+template <class T, class M>
 void build_typed(const BuildPageMetaParams& p) {
   // (block, tokens in it) per page of every sequence; a block that several sequences list is
   // built once, from the longest of its lists.
@@ -190,8 +220,8 @@ void build_typed(const BuildPageMetaParams& p) {
         for (std::int64_t t = 0; t < pg.tokens; ++t) {
           acc.add(static_cast<const T*>(p.key_cache.data) + p.key_cache.offset(pg.block, t, h));
         }
-        acc.store(meta_row<T>(p.page_meta, pg.block, h, 0),
-                  meta_row<T>(p.page_meta, pg.block, h, 1));
+        acc.store(meta_row<M>(p.page_meta, pg.block, h, 0),
+                  meta_row<M>(p.page_meta, pg.block, h, 1));
       }
     }
   });
@@ -212,7 +242,8 @@ float page_term(PageSummary kind, float q, float x, float y) {
   }
 }
 
-template <class T>
+// T: the query's type; M: the summaries' (T, or float8 e4m3fn).
+template <class T, class M>
 void select_typed(const SelectPagesParams& p) {
   const int group = p.num_q_heads / p.num_kv_heads;
   const int D = p.head_dim;
@@ -242,8 +273,8 @@ void select_typed(const SelectPagesParams& p) {
         const std::int64_t first = p.num_sink_pages, last = num_pages - 1;
         scores.assign(std::size_t(last - first), 0.0f);
         for (std::int64_t page = first; page < last; ++page) {
-          const T* r0 = meta_row<const T>(p.page_meta, dense[page], kvh, 0);
-          const T* r1 = meta_row<const T>(p.page_meta, dense[page], kvh, 1);
+          const M* r0 = meta_row<const M>(p.page_meta, dense[page], kvh, 0);
+          const M* r1 = meta_row<const M>(p.page_meta, dense[page], kvh, 1);
           float combined = 0.0f;
           for (int g = 0; g < group; ++g) {
             const float* qg = &q[std::size_t(g) * D];
@@ -304,15 +335,21 @@ void dispatch(DType dtype, const P& p) {
 
 template <class T>
 struct Update {
-  static void run(const ReshapeAndCacheParams& p) { update_typed<T>(p); }
+  static void run(const ReshapeAndCacheParams& p) {
+    p.page_meta.fp8 ? update_typed<T, float8_e4m3_t>(p) : update_typed<T, T>(p);
+  }
 };
 template <class T>
 struct Build {
-  static void run(const BuildPageMetaParams& p) { build_typed<T>(p); }
+  static void run(const BuildPageMetaParams& p) {
+    p.page_meta.fp8 ? build_typed<T, float8_e4m3_t>(p) : build_typed<T, T>(p);
+  }
 };
 template <class T>
 struct Select {
-  static void run(const SelectPagesParams& p) { select_typed<T>(p); }
+  static void run(const SelectPagesParams& p) {
+    p.page_meta.fp8 ? select_typed<T, float8_e4m3_t>(p) : select_typed<T, T>(p);
+  }
 };
 
 }  // namespace

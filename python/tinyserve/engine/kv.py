@@ -29,6 +29,8 @@ class PagedKVCache:
     caches so that block copies and the compactor move them along. ``page_summary`` names the
     summary those pages keep and sparse decode scores (``summary=`` of
     :func:`tinyserve.select_pages`); the engine's choice is ``ENGINE_PAGE_SUMMARY``.
+    ``page_meta_dtype``: the summaries' dtype, ``dtype`` (None) or ``torch.float8_e4m3fn`` (the
+    min/max summaries only; not with ``max_blocks``).
 
     ``max_blocks`` (elastic): the tensors are views of a :class:`tinyserve.CachePool` that
     reserves ``max_blocks`` blocks and backs ``num_blocks`` of them (fresh blocks hold zeros
@@ -50,6 +52,7 @@ class PagedKVCache:
         device: torch.device,
         page_meta: bool = False,
         page_summary: str | None = None,
+        page_meta_dtype: torch.dtype | None = None,
         kv_dtype: torch.dtype | None = None,
         kv_scale: float = 1.0,
         max_blocks: int | None = None,
@@ -77,6 +80,22 @@ class PagedKVCache:
                 "tinyserve.PagedKVCache: page summaries (sparse decode) need a 16-bit or float32 "
                 "cache, got torch.float8_e4m3fn"
             )
+        if page_meta_dtype not in (None, dtype, torch.float8_e4m3fn):
+            raise ValueError(
+                "tinyserve.PagedKVCache: page_meta_dtype must be None, the cache's dtype or "
+                f"torch.float8_e4m3fn, got {page_meta_dtype}"
+            )
+        if page_meta_dtype == torch.float8_e4m3fn and page_meta:
+            if self.page_summary == "meanstd":
+                raise ValueError(
+                    "tinyserve.PagedKVCache: float8 page summaries hold the min/max summaries, "
+                    "got page_summary 'meanstd'"
+                )
+            if max_blocks is not None:
+                raise ValueError(
+                    "tinyserve.PagedKVCache: an elastic pool (max_blocks) keeps page summaries in "
+                    "the cache's dtype, got page_meta_dtype torch.float8_e4m3fn"
+                )
         # The keyword arguments that the cache's writes and reads pass: float8's scales.
         self.scales = {"k_scale": float(kv_scale), "v_scale": float(kv_scale)} if fp8 else {}
         self.bytes_per_block = 2 * num_layers * block_size * num_kv_heads * head_dim
@@ -115,8 +134,9 @@ class PagedKVCache:
         self.layers = [(poisoned(), poisoned()) for _ in range(num_layers)]
         if page_meta:
             meta_shape = tinyserve.page_meta_shape(self.layers[0][0])
+            meta_dtype = dtype if page_meta_dtype is None else page_meta_dtype
             self.page_meta = [
-                torch.zeros(meta_shape, dtype=dtype, device=device) for _ in range(num_layers)
+                torch.zeros(meta_shape, dtype=meta_dtype, device=device) for _ in range(num_layers)
             ]
 
     def fetch_pool_views(self) -> None:
