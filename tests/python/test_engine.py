@@ -715,6 +715,26 @@ def test_sparse_decode_with_float8_summaries(rng):
             assert (meta[block, :, 1] - hi <= hi.abs() / 8 + 2.0**-9).all()
 
 
+def test_sparse_decode_with_float8_summaries_through_offload(rng):
+    """Float8 page summaries move with their blocks through preemption by offload (swap out to
+    the host pool and back, byte copies): a pool of about two sequences selecting in every
+    decode step gives the tokens of the same engine with room for every sequence."""
+    runner = random_model(4, 2, seed=int(rng.integers(1 << 31)))
+    prompts = shared_prefix_prompts(rng, 5, prefix_len=9)
+    new = 14
+    longest = max(len(p) for p in prompts) + new
+    kwargs = dict(sparse_budget_tokens=2 * BLOCK_SIZE, sparse_summary_dtype="fp8")
+    params = SamplingParams(max_new_tokens=new)
+    roomy = make_engine(runner, num_blocks=128, **kwargs)
+    expected = [o.token_ids[0] for o in run_and_check(roomy, prompts, params)]
+    tight = make_engine(
+        runner, num_blocks=2 * math.ceil(longest / BLOCK_SIZE) + 1, num_host_blocks=64, **kwargs
+    )
+    assert [o.token_ids[0] for o in run_and_check(tight, prompts, params)] == expected
+    assert tight.stats.offloads > 0 and tight.stats.recalls > 0
+    assert roomy.stats.sparse_decode_steps > 0 and tight.stats.sparse_decode_steps > 0
+
+
 def test_preemption_by_offload_with_forks_in_pools_that_just_fit(rng):
     """Samples forked from one prompt in pools that just hold one sample (so they preempt one
     another), with preemption by offload and by recomputation: a victim that holds no block
