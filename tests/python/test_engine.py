@@ -1397,7 +1397,9 @@ def test_cli_generates_with_and_without_cuda_graphs(rng, monkeypatch, capsys):
 
     class RecordingEngine(Engine):
         def __init__(self, *args, **kwargs):
-            made.append((kwargs["cuda_graphs"], kwargs["sparse_summary"]))
+            made.append(
+                (kwargs["cuda_graphs"], kwargs["sparse_summary"], kwargs["sparse_summary_dtype"])
+            )
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(engine_module, "Engine", RecordingEngine)
@@ -1405,9 +1407,15 @@ def test_cli_generates_with_and_without_cuda_graphs(rng, monkeypatch, capsys):
     assert main(argv) == 0
     assert main([*argv, "--no-cuda-graphs"]) == 0
     assert main([*argv, "--summary", "meanstd"]) == 0
-    assert made == [(True, "minmax_damped"), (False, "minmax_damped"), (True, "meanstd")]
+    assert main([*argv, "--budget", "16", "--summary-dtype", "fp8"]) == 0
+    assert made == [
+        (True, "minmax_damped", None),
+        (False, "minmax_damped", None),
+        (True, "meanstd", None),
+        (True, "minmax_damped", "fp8"),
+    ]
     out = capsys.readouterr().out
-    assert out.count("identical (8 tokens of 2 prompts)") == 3
+    assert out.count("identical (8 tokens of 2 prompts)") == 4
     # An fp8 cache: the check names it (tokens may differ from the float32 cache's).
     assert main([*argv, "--kv-dtype", "fp8"]) in (0, 1)
     assert "(sdpa, tinyserve's cache in fp8, float32)" in capsys.readouterr().out
@@ -1437,6 +1445,8 @@ def test_cli_generates_with_and_without_cuda_graphs(rng, monkeypatch, capsys):
         (["--seed", str(-(2**63) - 1)], "--seed must be in [-2**63, 2**64 - n]"),
         (["--kv-dtype", "fp8", "--budget", "64"], "--budget (sparse decode) needs a 16-bit"),
         (["--kv-dtype", "int8"], "argument --kv-dtype: invalid choice: 'int8'"),
+        (["--summary-dtype", "int8"], "argument --summary-dtype: invalid choice: 'int8'"),
+        (["--summary-dtype", "fp8", "--summary", "meanstd"], "--summary-dtype fp8 holds the"),
         (["--num-blocks", str(2**26 + 1)], "--num-blocks must be <= 67108864, got 67108865"),
         (["--host-blocks", str(2**26 + 1)], "--host-blocks must be <= 67108864"),
         (["--block-size", str(2**31)], "--block-size must be <= 2147483647, got 2147483648"),

@@ -89,6 +89,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "on SmolLM2; minmax: Quest's bound, the library's default)",
     )
     parser.add_argument(
+        "--summary-dtype",
+        choices=["auto", "fp8"],
+        default="auto",
+        help="sparse decode: the page summaries' dtype (auto: the model's; fp8: float8 e4m3fn, "
+        "rounded outward, for the min/max summaries)",
+    )
+    parser.add_argument(
         "--num-blocks", type=int, default=None, help="KV pool size in blocks (default: enough)"
     )
     parser.add_argument("--block-size", type=int, default=16)
@@ -135,6 +142,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(
             "--budget (sparse decode) needs a 16-bit or float32 KV cache, not --kv-dtype fp8"
         )
+    if args.summary_dtype == "fp8" and args.summary == "meanstd":
+        parser.error("--summary-dtype fp8 holds the min/max summaries, not --summary meanstd")
     if not 0 < args.top_p <= 1:
         parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.temperature is None:
@@ -252,6 +261,7 @@ def main(argv: list[str]) -> int:
             sparse_budget_tokens=args.budget,
             sparse_summary=args.summary,
             sparse_dense_layers=args.dense_layers,
+            sparse_summary_dtype=None if args.summary_dtype == "auto" else args.summary_dtype,
             cuda_graphs=not args.no_cuda_graphs,
             # Graphs for the batch sizes these samples can make, not the default 256 sequences.
             cuda_graph_batch_sizes=default_batch_sizes(min(args.n * len(prompt_ids), 256)),
