@@ -273,7 +273,7 @@ def reshape_and_cache(
     +-448. ``k_scale``/``v_scale``: a positive number (one scale for the tensor, default 1) or a
     float32 array ``[num_kv_heads]`` (one per KV head) on the caches' device, read by CUDA
     kernels from device memory when they run. Float8 caches take no ``page_meta`` (summaries
-    stay in the queries' precision)."""
+    come from the keys before quantisation, which such a cache no longer holds)."""
     _interop.wait_ready(key, value, slot_mapping)
     key_cache, kv_dtype = _fp8_view(key_cache, kv_dtype)
     value_cache, kv_dtype = _fp8_view(value_cache, kv_dtype)

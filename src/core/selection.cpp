@@ -91,8 +91,7 @@ kernels::PageMetaDesc check_page_meta(const OpCheck& c, const TensorView& page_m
                                       const TensorView& key_cache, PageSummary summary,
                                       bool written) {
   check_summary(c, summary);
-  // Summaries stay in the precision of the queries that score them; building them from float8
-  // keys is not supported.
+  // Summaries come from the keys before quantisation, which a float8 cache no longer holds.
   TS_REQUIRE(c, key_cache.dtype != DType::Float8E4M3FN,
              "page summaries need a float32, float16 or bfloat16 key cache, got a ",
              dtype_name(key_cache.dtype), " cache");

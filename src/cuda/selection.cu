@@ -818,7 +818,7 @@ __global__ void __launch_bounds__(kScoreThreads, 2)
 // ---------------------------------------------------------------------------------------------
 // Scoring, folded and page-major: the kernel where the group's scores are summed (any group
 // size) and a KV head's two summary rows are 16, 32 or 64 16-byte chunks (16-bit head_dim 64, 128,
-// 256; float32 32, 64, 128).
+// 256; float32 32, 64, 128; float8 128, 256, 512).
 //
 // A page's summary is P = num_kv_heads * L chunks (L: a KV head's two rows); chunk i is KV head
 // i / L, row (i / C) % 2, chunk i % C of the row (C = L / 2). A pass of a page is JB * 32 chunks:

@@ -1129,7 +1129,9 @@ def test_engine_argument_errors(rng):
         make_engine(runner, sparse_budget_tokens=8, sparse_summary="mean")
     with pytest.raises(ValueError, match="block_size must be >= 1, got 0"):
         Engine(runner, num_blocks=8, block_size=0, sparse_budget_tokens=16)
-    with pytest.raises(ValueError, match="sparse_summary_dtype must be None .* got 'int8'"):
+    with pytest.raises(
+        ValueError, match="sparse_summary_dtype must be None or 'auto'.* got 'int8'"
+    ):
         make_engine(runner, sparse_budget_tokens=8, sparse_summary_dtype="int8")
     with pytest.raises(ValueError, match="hold the min/max summaries .* got sparse_summary"):
         make_engine(runner, sparse_budget_tokens=8, sparse_summary="meanstd",
@@ -1409,9 +1411,9 @@ def test_cli_generates_with_and_without_cuda_graphs(rng, monkeypatch, capsys):
     assert main([*argv, "--summary", "meanstd"]) == 0
     assert main([*argv, "--budget", "16", "--summary-dtype", "fp8"]) == 0
     assert made == [
-        (True, "minmax_damped", None),
-        (False, "minmax_damped", None),
-        (True, "meanstd", None),
+        (True, "minmax_damped", "auto"),
+        (False, "minmax_damped", "auto"),
+        (True, "meanstd", "auto"),
         (True, "minmax_damped", "fp8"),
     ]
     out = capsys.readouterr().out

@@ -359,6 +359,52 @@ def test_fp8_cuda_scoring_paths(rng, summary, reduce, group, head_dim, dtype):
                          dtype, "torch", "cuda")  # fmt: skip
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not cuda_ok(), reason="needs torch with CUDA and tinyserve built with it")
+@pytest.mark.parametrize("head_dim", [512, 1024])
+@pytest.mark.parametrize("reduce", ["sum", "max"])
+@pytest.mark.parametrize("summary", ["minmax_damped", "meanstd"])
+def test_fp8_cuda_wide_rows(rng, summary, reduce, head_dim):
+    """Float8 rows of 32 and 64 chunks: the page-major kernel with a KV head over two chunks a
+    lane (head_dim 512, summed group) and the page-wide kernel with two chunks a lane (1024, or
+    the group's maximum)."""
+    block_size, budget, kv_heads, group = 16, 8, 2, 2
+    seq_lens = np.array([70 * block_size - 3, 9 * block_size, 0], np.int32)
+    table, num_blocks = random_pages(rng, seq_lens, block_size)
+    query = rng.integers(-2, 3, size=(3, kv_heads * group, head_dim)).astype(np.float32)
+    meta = e4m3_summaries(rng, num_blocks, kv_heads, head_dim, group, summary)
+    check_select(query, meta, table, seq_lens, budget, block_size, 1, summary, reduce, "float16",
+                 "torch", "cuda")  # fmt: skip
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not cuda_ok(), reason="needs torch with CUDA and tinyserve built with it")
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_fp8_cuda_query_off_16_byte_alignment(rng, dtype, head_dim):
+    """Query rows one element off 16-byte alignment over float8 summaries: both 16-byte-chunk
+    kernels then build their weights (16 elements a float8 chunk) element by element; the same
+    pages as the reference, summed group and maximum."""
+    block_size, budget, kv_heads, group = 16, 6, 8, 4
+    seq_lens = np.array([900, 70, 400], dtype=np.int32)
+    table, num_blocks = random_pages(rng, seq_lens, block_size)
+    query = rng.integers(-2, 3, size=(3, kv_heads * group, head_dim)).astype(np.float32)
+    q = asarray(query, "torch", dtype, "cuda")
+    flat = torch.full((q.numel() + 1,), float("nan"), dtype=q.dtype, device="cuda")
+    shifted = flat[1:].view(q.shape)
+    shifted.copy_(q)
+    for summary in BOX_SUMMARIES:
+        meta = e4m3_summaries(rng, num_blocks, kv_heads, head_dim, group, summary)
+        m8 = fp8_array(meta, "torch", "cuda")
+        for reduce in ("sum", "max"):
+            args = (table, seq_lens, budget, block_size, 1, summary, reduce, "torch", "cuda")
+            got_t, got_l = select(shifted, m8, *args)
+            want_t, want_l = R.select_pages(query, meta, table, seq_lens, budget, block_size, 1,
+                                            summary, reduce)  # fmt: skip
+            np.testing.assert_array_equal(got_t, want_t)
+            np.testing.assert_array_equal(got_l, want_l)
+
+
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("summary", BOX_SUMMARIES)
 def test_fp8_planted_needle_is_found(rng, backend, summary):

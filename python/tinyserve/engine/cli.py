@@ -261,7 +261,7 @@ def main(argv: list[str]) -> int:
             sparse_budget_tokens=args.budget,
             sparse_summary=args.summary,
             sparse_dense_layers=args.dense_layers,
-            sparse_summary_dtype=None if args.summary_dtype == "auto" else args.summary_dtype,
+            sparse_summary_dtype=args.summary_dtype,
             cuda_graphs=not args.no_cuda_graphs,
             # Graphs for the batch sizes these samples can make, not the default 256 sequences.
             cuda_graph_batch_sizes=default_batch_sizes(min(args.n * len(prompt_ids), 256)),

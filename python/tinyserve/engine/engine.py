@@ -193,7 +193,7 @@ class Engine:
     ``"meanstd"``. ``sparse_summary_dtype="fp8"`` (or ``"float8_e4m3fn"``,
     ``torch.float8_e4m3fn``) keeps the min/max summaries in float8, rounded outward: half the
     bytes that selection reads each step under a 16-bit cache; not with ``"meanstd"`` or
-    ``max_num_blocks``. The default (None) keeps them in the model's dtype.
+    ``max_num_blocks``. The default (None or ``"auto"``) keeps them in the model's dtype.
     ``kv_cache_dtype="fp8"`` stores keys and values as float8 e4m3fn (half the bytes of a 16-bit
     cache, a quarter of float32's), quantised as ``x / kv_cache_scale`` (one scale for every
     layer and head, default 1; values beyond 448 times it saturate) and dequantised inside
@@ -292,11 +292,11 @@ class Engine:
                 f"{', '.join(repr(name) for name in PAGE_SUMMARIES)}, got {sparse_summary!r}"
             )
         meta_dtype = None  # the model's
-        if sparse_summary_dtype is not None and sparse_summary_dtype != runner.dtype:
+        if sparse_summary_dtype not in (None, "auto") and sparse_summary_dtype != runner.dtype:
             if sparse_summary_dtype not in ("fp8", "float8_e4m3fn", torch.float8_e4m3fn):
                 raise ValueError(
-                    "tinyserve.Engine: sparse_summary_dtype must be None (the model's dtype) or "
-                    f"'fp8' (float8 e4m3fn), got {sparse_summary_dtype!r}"
+                    "tinyserve.Engine: sparse_summary_dtype must be None or 'auto' (the model's "
+                    f"dtype), or 'fp8' (float8 e4m3fn), got {sparse_summary_dtype!r}"
                 )
             meta_dtype = torch.float8_e4m3fn
             if sparse_summary == "meanstd":
