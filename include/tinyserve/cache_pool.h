@@ -30,6 +30,9 @@ struct CachePoolConfig {
   // usually 2 MiB; CPU: the page size). Otherwise a multiple of the backend's minimum.
   std::size_t granule_bytes = 0;
   std::int64_t num_blocks = 0;  // blocks mapped at construction
+  // The page summaries in float8 e4m3fn instead of the caches' dtype (needs page_meta): half the
+  // bytes of 16-bit summaries, see selection.h.
+  bool page_meta_float8 = false;
 };
 
 // The device memory of a paged KV cache, reserved once for max_blocks and backed by physical

@@ -61,6 +61,10 @@ class CachePool(_C.CachePool):
             "cuda:N", an int N, or a torch.device.
         layout: "NHD" or "HND" (how a block is stored).
         page_meta: also hold per-layer page summaries ``[num_blocks, num_kv_heads, 2, head_dim]``.
+        page_meta_dtype: the summaries' dtype: None (the caches'), or "float8_e4m3fn" /
+            ``torch.float8_e4m3fn`` (half the bytes of 16-bit summaries; see docs/selection.md).
+            Their views are then float8 DLPack arrays, which torch and JAX take (NumPy has no
+            float8 type).
         granule_bytes: the mapping unit; 0 picks the driver's recommended granularity (CUDA,
             usually 2 MiB) or the page size (CPU).
         num_blocks: blocks to back at construction.
@@ -80,6 +84,7 @@ class CachePool(_C.CachePool):
         page_meta: bool = False,
         granule_bytes: int = 0,
         num_blocks: int = 0,
+        page_meta_dtype: Any = None,
     ) -> None:
         super().__init__(
             num_layers,
@@ -93,4 +98,5 @@ class CachePool(_C.CachePool):
             page_meta,
             granule_bytes,
             num_blocks,
+            None if page_meta_dtype is None else _dtype_name(page_meta_dtype),
         )

@@ -2,10 +2,12 @@
 
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -53,6 +55,8 @@ nb::dlpack::dtype dlpack_dtype(DType t) {
       return {std::uint8_t(nb::dlpack::dtype_code::Float), 16, 1};
     case DType::BFloat16:
       return {std::uint8_t(nb::dlpack::dtype_code::Bfloat), 16, 1};
+    case DType::Float8E4M3FN:
+      return {std::uint8_t(nb::dlpack::dtype_code::Float8_E4M3FN), 8, 1};
     default:
       return nb::dtype<float>();
   }
@@ -81,7 +85,7 @@ void bind_cache_pool(nb::module_& m) {
           [](CachePool* self, nb::handle num_layers, nb::handle max_blocks, nb::handle block_size,
              nb::handle num_kv_heads, nb::handle head_dim, nb::handle dtype, nb::handle device,
              nb::handle layout, nb::handle page_meta, nb::handle granule_bytes,
-             nb::handle num_blocks) {
+             nb::handle num_blocks, nb::handle page_meta_dtype) {
             constexpr const char* op = "CachePool";
             CachePoolConfig c;
             c.num_layers = to_int<int>(num_layers, op, "num_layers");
@@ -93,6 +97,19 @@ void bind_cache_pool(nb::module_& m) {
             c.device = parse_device(to_name(device, op, "device"));
             c.layout = parse_layout(to_name(layout, op, "layout"));
             c.page_meta = to_bool(page_meta, op, "page_meta");
+            if (!page_meta_dtype.is_none()) {
+              const std::string name = to_name(page_meta_dtype, op, "page_meta_dtype");
+              const bool caches_dtype =
+                  (name == "float16" || name == "bfloat16" || name == "float32") &&
+                  parse_dtype(name) == c.dtype;
+              if (name != "float8_e4m3fn" && !caches_dtype) {
+                detail::fail(op,
+                             "page_meta_dtype must be None, the caches' dtype or "
+                             "'float8_e4m3fn', got '",
+                             name, "'");
+              }
+              c.page_meta_float8 = name == "float8_e4m3fn";
+            }
             c.granule_bytes = to_int<std::size_t>(granule_bytes, op, "granule_bytes");
             c.num_blocks = to_int<std::int64_t>(num_blocks, op, "num_blocks");
             nb::gil_scoped_release release;
@@ -103,10 +120,11 @@ void bind_cache_pool(nb::module_& m) {
           "num_kv_heads"_a.none(), "head_dim"_a.none(), "dtype"_a.none() = "float16",
           "device"_a.none() = "cpu", "layout"_a.none() = "NHD", "page_meta"_a.none() = false,
           "granule_bytes"_a.none() = 0, "num_blocks"_a.none() = 0,
+          "page_meta_dtype"_a.none() = nb::none(),
           nb::sig("def __init__(self, num_layers: int, max_blocks: int, block_size: int, "
                   "num_kv_heads: int, head_dim: int, dtype: str = 'float16', device: str = 'cpu', "
                   "layout: str = 'NHD', page_meta: bool = False, granule_bytes: int = 0, "
-                  "num_blocks: int = 0) -> None"))
+                  "num_blocks: int = 0, page_meta_dtype: str | None = None) -> None"))
       .def(
           "grow",
           [](CachePool& self, nb::handle num_blocks) {
@@ -143,6 +161,14 @@ void bind_cache_pool(nb::module_& m) {
                      return std::string(p.config().layout == CacheLayout::NHD ? "NHD" : "HND");
                    })
       .def_prop_ro("has_page_meta", [](const CachePool& p) { return p.config().page_meta; })
+      .def_prop_ro(
+          "page_meta_dtype",
+          [](const CachePool& p) -> std::optional<std::string> {
+            const CachePoolConfig& c = p.config();
+            if (!c.page_meta) return std::nullopt;
+            return std::string(dtype_name(c.page_meta_float8 ? DType::Float8E4M3FN : c.dtype));
+          },
+          "The page summaries' dtype name (None without page_meta).")
       .def_prop_ro("granule_bytes", &CachePool::granule_bytes, "The unit of mapping, in bytes.")
       .def_prop_ro("mapped_bytes", &CachePool::mapped_bytes,
                    "Physical memory backing the pool now, in bytes (whole granules).")

@@ -84,7 +84,7 @@ struct CachePool::Impl {
     const CachePoolConfig& c = config;
     TensorView t;
     t.data = static_cast<char*>(memory->base()) + r.first * granule;
-    t.dtype = c.dtype;
+    t.dtype = r.part == Part::PageMeta && c.page_meta_float8 ? DType::Float8E4M3FN : c.dtype;
     t.device = c.device;
     t.ndim = 4;
     const std::int64_t bs = c.block_size, h = c.num_kv_heads, d = c.head_dim;
@@ -134,6 +134,9 @@ CachePool::CachePool(const CachePoolConfig& config) : impl_(std::make_unique<Imp
   if (c.dtype != DType::Float16 && c.dtype != DType::BFloat16 && c.dtype != DType::Float32) {
     bad_argument(op, "dtype must be float16, bfloat16 or float32, got ", dtype_name(c.dtype));
   }
+  if (c.page_meta_float8 && !c.page_meta) {
+    bad_argument(op, "float8 page summaries need page_meta, got page_meta false");
+  }
   if (c.num_blocks < 0 || c.num_blocks > c.max_blocks) {
     bad_argument(op, "num_blocks must be in [0, max_blocks = ", c.max_blocks, "], got ",
                  c.num_blocks);
@@ -150,7 +153,8 @@ CachePool::CachePool(const CachePoolConfig& config) : impl_(std::make_unique<Imp
                  c.head_dim, " x ", elem, "-byte elements over ", c.num_layers, " layers");
   }
   const std::size_t kv_block = std::size_t(c.block_size) * c.num_kv_heads * c.head_dim * elem;
-  const std::size_t meta_block = std::size_t(c.num_kv_heads) * 2 * c.head_dim * elem;
+  const std::size_t meta_block =
+      std::size_t(c.num_kv_heads) * 2 * c.head_dim * (c.page_meta_float8 ? 1 : elem);
   const int per_layer = c.page_meta ? 3 : 2;
 
   std::size_t min_granule = 0, default_granule = 0;

@@ -32,7 +32,8 @@ def expected_mapped(pool, num_blocks: int) -> int:
     """Mapped bytes recomputed from the configuration: each tensor backs whole granules."""
     g = pool.granule_bytes
     kv = pool.block_size * pool.num_kv_heads * pool.head_dim * ELEM[pool.dtype]
-    meta = pool.num_kv_heads * 2 * pool.head_dim * ELEM[pool.dtype]
+    meta_elem = 1 if pool.page_meta_dtype == "float8_e4m3fn" else ELEM[pool.dtype]
+    meta = pool.num_kv_heads * 2 * pool.head_dim * meta_elem
     per_layer = 2 * math.ceil(num_blocks * kv / g) * g
     if pool.has_page_meta:
         per_layer += math.ceil(num_blocks * meta / g) * g
@@ -488,6 +489,61 @@ def test_ops_on_pool_tensors_cpu(rng, layout):
     run_ops_on_pool(rng, "cpu", "float32", layout)
 
 
+def run_float8_summaries_pool(rng, device: str):
+    """A pool whose page summaries are float8 e4m3fn (float16 caches): views and accounting (a
+    summary block half the bytes of a float16 one), reshape_and_cache writing outward-rounded
+    summaries into the pool (float64 reference: the keys' min rounded down and max rounded up to
+    e4m3), select_pages over them, and the summaries kept through shrink and grow."""
+    from test_selection_fp8 import ceil8, floor8
+
+    block_size, heads, head_dim = 16, 2, 64
+    pool = ts.CachePool(2, 64, block_size, heads, head_dim, "float16", device, page_meta=True,
+                        page_meta_dtype=torch.float8_e4m3fn, num_blocks=24)  # fmt: skip
+    assert pool.page_meta_dtype == "float8_e4m3fn" and pool.has_page_meta
+    half = ts.CachePool(2, 64, block_size, heads, head_dim, "float16", device, page_meta=True)
+    assert half.page_meta_dtype == "float16"
+    meta_block = heads * 2 * head_dim
+    assert pool.bytes_per_block == half.bytes_per_block - 2 * meta_block
+    verify(pool, 24)
+    key, value = torch.from_dlpack(pool.key(1)), torch.from_dlpack(pool.value(1))
+    meta = torch.from_dlpack(pool.page_meta(1))
+    assert meta.dtype == torch.float8_e4m3fn and meta.shape == (24, heads, 2, head_dim)
+    meta.view(torch.uint8).fill_(0x7F)  # NaN
+    n = 5 * block_size - 3
+    slots = torch.randperm(n, generator=torch.Generator().manual_seed(int(rng.integers(1 << 31))))
+    keys = torch.from_numpy(rng.standard_normal((n, heads, head_dim)) * 3).half()
+    ts.reshape_and_cache(keys.to(device), keys.to(device), key, value, slots.to(device), meta)
+    if device != "cpu":
+        torch.cuda.synchronize()
+    got = f64(meta)
+    k64 = f64(keys)[np.argsort(slots.numpy())]  # token order
+    for block in range(5):
+        page = k64[block * block_size : (block + 1) * block_size]
+        want = np.stack([floor8(page.min(0)), ceil8(page.max(0))], axis=1)
+        np.testing.assert_array_equal(got[block], want)
+    assert np.isnan(got[5:]).all()
+    table = torch.arange(64, dtype=torch.int32)[None].to(device)
+    lens = torch.tensor([n], dtype=torch.int32, device=device)
+    query = torch.from_numpy(rng.integers(-2, 3, size=(1, 2 * heads, head_dim))).half()
+    got_t, got_l = ts.select_pages(query.to(device), meta, table, lens, 3, block_size=block_size)
+    want_t, want_l = R.select_pages(f64(query), got, table.cpu().numpy(), np.array([n]), 3,
+                                    block_size, 0, "minmax", "sum")  # fmt: skip
+    np.testing.assert_array_equal(got_t.cpu().numpy(), want_t)
+    np.testing.assert_array_equal(got_l.cpu().numpy(), want_l)
+    saved = meta.view(torch.uint8)[:5].cpu().clone()
+    pool.shrink(5)
+    verify(pool, 5)
+    pool.grow(40)
+    verify(pool, 40)
+    kept = torch.from_dlpack(pool.page_meta(1)).view(torch.uint8)[:5].cpu()
+    assert torch.equal(kept, saved)
+
+
+@needs_torch
+def test_float8_summaries_pool_cpu(rng):
+    run_float8_summaries_pool(rng, "cpu")
+
+
 def test_pool_arrays_go_to_ops_without_a_framework(rng):
     """The DLPack arrays themselves are accepted by the ops."""
     pool = make_pool(num_layers=1, num_blocks=8, dtype="float32")
@@ -522,6 +578,15 @@ def test_pool_arrays_go_to_ops_without_a_framework(rng):
         (dict(granule_bytes=1000), f"granule_bytes must be a multiple of {mmap.PAGESIZE}"),
         (dict(num_blocks=65), r"num_blocks must be in \[0, max_blocks = 64\], got 65"),
         (dict(num_blocks=-1), r"num_blocks must be in \[0, max_blocks = 64\], got -1"),
+        (dict(page_meta_dtype="float8_e4m3fn"), "float8 page summaries need page_meta, got"),
+        (
+            dict(page_meta=True, page_meta_dtype="int8"),
+            "page_meta_dtype must be None, the caches' dtype or 'float8_e4m3fn', got 'int8'",
+        ),
+        (
+            dict(page_meta=True, page_meta_dtype="float32"),
+            "page_meta_dtype must be None, the caches' dtype or 'float8_e4m3fn', got 'float32'",
+        ),
         (dict(max_blocks=2**31 - 1, num_layers=2**20), "would reserve more than 2\\^60 bytes"),
     ],
 )
@@ -877,3 +942,9 @@ def test_documented_example_runs():
     verify(pool, 10)
     assert scope["k0"].shape == (10, 16, 2, 64)
     np.testing.assert_array_equal(scope["k0"], np.ones((10, 16, 2, 64), np.float32))
+
+
+@pytest.mark.cuda
+@needs_torch
+def test_cuda_float8_summaries_pool(rng):
+    run_float8_summaries_pool(rng, f"cuda:{torch.cuda.current_device()}")

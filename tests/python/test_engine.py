@@ -408,8 +408,8 @@ def test_abort_request_frees_everything_and_leaves_the_others_exact(rng):
 
 @pytest.mark.parametrize(
     "sparse,host_blocks",
-    [(False, 0), (False, 32), (True, 32)],
-    ids=["dense-recompute", "dense-offload", "sparse-offload"],
+    [(False, 0), (False, 32), (True, 32), ("fp8", 32)],
+    ids=["dense-recompute", "dense-offload", "sparse-offload", "sparse-fp8-summaries-offload"],
 )
 def test_elastic_pool_shrinks_and_grows_mid_generation(rng, sparse, host_blocks):
     """An engine over an elastic pool (max_num_blocks): shrunk to its used blocks mid-generation
@@ -422,6 +422,8 @@ def test_elastic_pool_shrinks_and_grows_mid_generation(rng, sparse, host_blocks)
     prompts = shared_prefix_prompts(rng, 5, prefix_len=9)
     new = 14
     kwargs = dict(num_host_blocks=host_blocks, sparse_budget_tokens=8 if sparse else None)
+    if sparse == "fp8":  # the pool holds float8 summaries
+        kwargs["sparse_summary_dtype"] = "fp8"
     params = SamplingParams(max_new_tokens=new)
     if sparse:
         fixed = make_engine(runner, num_blocks=128, **kwargs)
@@ -432,6 +434,9 @@ def test_elastic_pool_shrinks_and_grows_mid_generation(rng, sparse, host_blocks)
     engine = make_engine(runner, num_blocks=96, max_num_blocks=128, **kwargs)
     pool = engine.kv_cache.pool
     assert pool is not None and pool.num_blocks == 96 and pool.max_blocks == 128
+    if sparse == "fp8":
+        assert pool.page_meta_dtype == "float8_e4m3fn"
+        assert all(m.dtype == torch.float8_e4m3fn for m in engine.kv_cache.page_meta)
     ids = [engine.add_request(p, params) for p in prompts]
     outputs = {}
 
@@ -1136,9 +1141,6 @@ def test_engine_argument_errors(rng):
     with pytest.raises(ValueError, match="hold the min/max summaries .* got sparse_summary"):
         make_engine(runner, sparse_budget_tokens=8, sparse_summary="meanstd",
                     sparse_summary_dtype="fp8")  # fmt: skip
-    with pytest.raises(ValueError, match="elastic pool .* got sparse_summary_dtype float8"):
-        make_engine(runner, sparse_budget_tokens=8, sparse_summary_dtype="fp8",
-                    max_num_blocks=512)  # fmt: skip
     with pytest.raises(ValueError, match="num_blocks must be >= 1, got 0"):
         make_engine(runner, num_blocks=0)
     with pytest.raises(ValueError, match="num_host_blocks must be >= 0, got -1"):

@@ -192,8 +192,8 @@ class Engine:
     docs/selection.md) unless told ``"minmax"`` (Quest's bound, the library's default) or
     ``"meanstd"``. ``sparse_summary_dtype="fp8"`` (or ``"float8_e4m3fn"``,
     ``torch.float8_e4m3fn``) keeps the min/max summaries in float8, rounded outward: half the
-    bytes that selection reads each step under a 16-bit cache; not with ``"meanstd"`` or
-    ``max_num_blocks``. The default (None or ``"auto"``) keeps them in the model's dtype.
+    bytes that selection reads each step under a 16-bit cache; not with ``"meanstd"``. The
+    default (None or ``"auto"``) keeps them in the model's dtype.
     ``kv_cache_dtype="fp8"`` stores keys and values as float8 e4m3fn (half the bytes of a 16-bit
     cache, a quarter of float32's), quantised as ``x / kv_cache_scale`` (one scale for every
     layer and head, default 1; values beyond 448 times it saturate) and dequantised inside
@@ -304,11 +304,7 @@ class Engine:
                     "tinyserve.Engine: float8 page summaries hold the min/max summaries "
                     "('minmax_damped', 'minmax'), got sparse_summary 'meanstd'"
                 )
-            if max_num_blocks is not None:
-                raise ValueError(
-                    "tinyserve.Engine: an elastic pool (max_num_blocks) keeps page summaries in "
-                    "the model's dtype, got sparse_summary_dtype float8_e4m3fn"
-                )
+
         self.block_manager = tinyserve.BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.kv_cache = PagedKVCache(
             runner.num_layers,

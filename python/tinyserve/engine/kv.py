@@ -30,7 +30,7 @@ class PagedKVCache:
     summary those pages keep and sparse decode scores (``summary=`` of
     :func:`tinyserve.select_pages`); the engine's choice is ``ENGINE_PAGE_SUMMARY``.
     ``page_meta_dtype``: the summaries' dtype, ``dtype`` (None) or ``torch.float8_e4m3fn`` (the
-    min/max summaries only; not with ``max_blocks``).
+    min/max summaries only).
 
     ``max_blocks`` (elastic): the tensors are views of a :class:`tinyserve.CachePool` that
     reserves ``max_blocks`` blocks and backs ``num_blocks`` of them (fresh blocks hold zeros
@@ -91,11 +91,7 @@ class PagedKVCache:
                     "tinyserve.PagedKVCache: float8 page summaries hold the min/max summaries, "
                     "got page_summary 'meanstd'"
                 )
-            if max_blocks is not None:
-                raise ValueError(
-                    "tinyserve.PagedKVCache: an elastic pool (max_blocks) keeps page summaries in "
-                    "the cache's dtype, got page_meta_dtype torch.float8_e4m3fn"
-                )
+
         # The keyword arguments that the cache's writes and reads pass: float8's scales.
         self.scales = {"k_scale": float(kv_scale), "v_scale": float(kv_scale)} if fp8 else {}
         self.bytes_per_block = 2 * num_layers * block_size * num_kv_heads * head_dim
@@ -120,6 +116,7 @@ class PagedKVCache:
                 self.device,
                 page_meta=page_meta,
                 num_blocks=num_blocks,
+                page_meta_dtype=page_meta_dtype if page_meta else None,
             )
             self.fetch_pool_views()
             return
