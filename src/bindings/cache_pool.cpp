@@ -99,10 +99,7 @@ void bind_cache_pool(nb::module_& m) {
             c.page_meta = to_bool(page_meta, op, "page_meta");
             if (!page_meta_dtype.is_none()) {
               const std::string name = to_name(page_meta_dtype, op, "page_meta_dtype");
-              const bool caches_dtype =
-                  (name == "float16" || name == "bfloat16" || name == "float32") &&
-                  parse_dtype(name) == c.dtype;
-              if (name != "float8_e4m3fn" && !caches_dtype) {
+              if (name != "float8_e4m3fn" && name != dtype_name(c.dtype)) {
                 detail::fail(op,
                              "page_meta_dtype must be None, the caches' dtype or "
                              "'float8_e4m3fn', got '",

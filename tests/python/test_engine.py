@@ -495,6 +495,10 @@ def test_elastic_pool_errors(rng):
         PagedKVCache(*args, kv_dtype=torch.float16)
     with pytest.raises(ValueError, match="page summaries .* need a 16-bit or float32 cache"):
         PagedKVCache(*args, page_meta=True, kv_dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="page_meta_dtype must be None, the cache's dtype or"):
+        PagedKVCache(*args, page_meta=True, page_meta_dtype=torch.float16)
+    fp8_meta = PagedKVCache(*args, page_meta=True, page_meta_dtype=torch.float8_e4m3fn)
+    assert all(m.dtype == torch.float8_e4m3fn for m in fp8_meta.page_meta)
 
 
 def test_attention_batch_forms(rng):

@@ -487,12 +487,10 @@ def test_hits_count_every_kept_block(rng, backend):
     np.testing.assert_array_equal(to_np(hits), want)
 
 
-@pytest.mark.parametrize("backend", backends())
-@pytest.mark.parametrize("summary", SUMMARIES)
-def test_planted_needle_is_found(rng, backend, summary):
+def check_planted_needle(rng, fw, device, summary, make_meta):
     """One key in a long sequence points along the query; with summaries written by
-    reshape_and_cache, a 4-page budget keeps that key's page for every KV head."""
-    fw, device = device_of(backend)
+    reshape_and_cache into `make_meta(shape)`, a 4-page budget keeps that key's page for every
+    KV head, and sparse decode over the kept pages equals the float64 reference over them."""
     block_size, heads, dim, length = 16, 2, 64, 4000
     table, num_blocks = random_pages(rng, [length], block_size)
     keys = rng.standard_normal((length, heads, dim)).astype(np.float32)
@@ -503,13 +501,14 @@ def test_planted_needle_is_found(rng, backend, summary):
         keys[needle, h] = 4 * direction / np.linalg.norm(direction) * np.sqrt(dim)
     kc = empty((num_blocks, block_size, heads, dim), fw, "float32", device)
     vc = empty((num_blocks, block_size, heads, dim), fw, "float32", device)
-    meta = empty((num_blocks, heads, 2, dim), fw, "float32", device)
+    meta = make_meta((num_blocks, heads, 2, dim))
     pos = np.arange(length)
     slots = table[0, pos // block_size].astype(np.int64) * block_size + pos % block_size
     k = asarray(keys, fw, "float32", device)
     ts.reshape_and_cache(k, k, kc, vc, ints(slots, fw, device), meta, summary=summary)
-    got_t, _ = ts.select_pages(
-        asarray(query, fw, "float32", device),
+    q = asarray(query, fw, "float32", device)
+    got_t, got_l = ts.select_pages(
+        q,
         meta,
         ints(table, fw, device),
         ints(np.array([length], np.int32), fw, device),
@@ -517,8 +516,21 @@ def test_planted_needle_is_found(rng, backend, summary):
         block_size=block_size,
         summary=summary,
     )
+    out = ts.paged_attention(q, kc, vc, got_t, got_l)
+    sync(fw, device)
     for h in range(heads):
         assert table[0, needle // block_size] in to_np(got_t)[0, h]
+    want = R.paged_attention_per_kv_head(query, f64(kc), f64(vc), to_np(got_t), to_np(got_l))
+    assert R.rel_error(f64(out), want) < TOLERANCE["float32"]
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("summary", SUMMARIES)
+def test_planted_needle_is_found(rng, backend, summary):
+    fw, device = device_of(backend)
+    check_planted_needle(
+        rng, fw, device, summary, lambda shape: empty(shape, fw, "float32", device)
+    )
 
 
 # ---------------------------------------------------------------------------------------------

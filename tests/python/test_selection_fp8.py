@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_selection import SUMMARIES, device_of, integer_case, ints, random_pages, to_np
+from test_selection import (
+    SUMMARIES,
+    check_planted_needle,
+    device_of,
+    integer_case,
+    ints,
+    random_pages,
+    to_np,
+)
 
 import reference as R
 import tinyserve as ts
-from arrays import TOLERANCE, asarray, backends, cuda_ok, empty, f64, require, sync, torch
+from arrays import asarray, backends, cuda_ok, empty, f64, require, sync, torch
 
 try:
     import ml_dtypes
@@ -408,35 +416,9 @@ def test_fp8_cuda_query_off_16_byte_alignment(rng, dtype, head_dim):
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("summary", BOX_SUMMARIES)
 def test_fp8_planted_needle_is_found(rng, backend, summary):
-    """One key in a long sequence points along the query; with float8 summaries written by
-    reshape_and_cache, a 4-page budget keeps its page for every KV head, and sparse decode over
-    the kept pages equals the float64 reference over them."""
+    """test_selection's planted needle with float8 summaries written by reshape_and_cache."""
     fw, device = device_of(backend)
-    block_size, heads, dim, length = 16, 2, 64, 4000
-    table, num_blocks = random_pages(rng, [length], block_size)
-    keys = rng.standard_normal((length, heads, dim)).astype(np.float32)
-    query = rng.standard_normal((1, 2 * heads, dim)).astype(np.float32)
-    needle = int(rng.integers(0, length - block_size))
-    for h in range(heads):
-        direction = query[0, 2 * h] + query[0, 2 * h + 1]
-        keys[needle, h] = 4 * direction / np.linalg.norm(direction) * np.sqrt(dim)
-    kc = empty((num_blocks, block_size, heads, dim), fw, "float32", device)
-    vc = empty((num_blocks, block_size, heads, dim), fw, "float32", device)
-    meta = fp8_empty((num_blocks, heads, 2, dim), fw, device)
-    pos = np.arange(length)
-    slots = table[0, pos // block_size].astype(np.int64) * block_size + pos % block_size
-    k = asarray(keys, fw, "float32", device)
-    ts.reshape_and_cache(k, k, kc, vc, ints(slots, fw, device), meta, summary=summary)
-    q = asarray(query, fw, "float32", device)
-    got_t, got_l = ts.select_pages(q, meta, ints(table, fw, device),
-                                   ints(np.array([length], np.int32), fw, device), 4,
-                                   block_size=block_size, summary=summary)  # fmt: skip
-    out = ts.paged_attention(q, kc, vc, got_t, got_l)
-    sync(fw, device)
-    for h in range(heads):
-        assert table[0, needle // block_size] in to_np(got_t)[0, h]
-    want = R.paged_attention_per_kv_head(query, f64(kc), f64(vc), to_np(got_t), to_np(got_l))
-    assert R.rel_error(f64(out), want) < TOLERANCE["float32"]
+    check_planted_needle(rng, fw, device, summary, lambda shape: fp8_empty(shape, fw, device))
 
 
 @pytest.mark.parametrize("backend", backends())
@@ -604,3 +586,23 @@ def test_fp8_summaries_in_a_cuda_graph(rng):
                                         "minmax", "sum")  # fmt: skip
         np.testing.assert_array_equal(to_np(out[0]), want_t)
         np.testing.assert_array_equal(to_np(out[1]), want_l)
+
+
+def test_meta_dtype_of_the_bindings():
+    """The bindings' meta_dtype (what the Python ops pass for NumPy float8 summaries): a name
+    other than float8_e4m3fn, or summaries neither uint8 nor float8, are refused by name."""
+    C = ts._tinyserve
+    query = np.zeros((1, 2, 16), np.float32)
+    table, lens = np.zeros((1, 2), np.int32), np.array([4], np.int32)
+    out = (np.full((1, 1, 2), -7, np.int32), np.full((1, 1), -7, np.int32))
+    bits = np.zeros((2, 1, 2, 16), np.uint8)
+    with pytest.raises(ValueError, match="select_pages: meta_dtype must be None or "
+                       "'float8_e4m3fn', got 'float16'"):  # fmt: skip
+        C.select_pages(query, bits, table, lens, 2, 4, *out, meta_dtype="float16")
+    with pytest.raises(ValueError, match="page_meta must be uint8 or float8_e4m3fn with "
+                       "meta_dtype='float8_e4m3fn', got float32"):  # fmt: skip
+        C.select_pages(query, bits.astype(np.float32), table, lens, 2, 4, *out,
+                       meta_dtype="float8_e4m3fn")  # fmt: skip
+    assert (out[0] == -7).all() and (out[1] == -7).all()
+    C.select_pages(query, bits, table, lens, 2, 4, *out, meta_dtype="float8_e4m3fn")
+    np.testing.assert_array_equal(out[1], [[4]])

@@ -80,17 +80,12 @@ class PagedKVCache:
                 "tinyserve.PagedKVCache: page summaries (sparse decode) need a 16-bit or float32 "
                 "cache, got torch.float8_e4m3fn"
             )
+        # (the writers refuse meanstd in float8: reshape_and_cache names it at the first write)
         if page_meta_dtype not in (None, dtype, torch.float8_e4m3fn):
             raise ValueError(
                 "tinyserve.PagedKVCache: page_meta_dtype must be None, the cache's dtype or "
                 f"torch.float8_e4m3fn, got {page_meta_dtype}"
             )
-        if page_meta_dtype == torch.float8_e4m3fn and page_meta:
-            if self.page_summary == "meanstd":
-                raise ValueError(
-                    "tinyserve.PagedKVCache: float8 page summaries hold the min/max summaries, "
-                    "got page_summary 'meanstd'"
-                )
 
         # The keyword arguments that the cache's writes and reads pass: float8's scales.
         self.scales = {"k_scale": float(kv_scale), "v_scale": float(kv_scale)} if fp8 else {}
