@@ -29,7 +29,10 @@
 // whatever a captured CUDA graph's offsets hold at replay.
 //
 // Long sequences are split into num_splits chunks (flash-decoding): each CTA writes a float32
-// partial and its log-sum-exp to the caller's workspace, and merge_splits_kernel combines them.
+// partial and its log-sum-exp to the caller's workspace, and merge_splits_kernel combines them;
+// in a decode launch of the tensor-core kernel with at most kMaxClusterSplits splits on sm_90,
+// the splits of a row run as one thread-block cluster and merge through distributed shared
+// memory instead (cluster_merge_and_store: no partials, no second launch).
 // The split count and the grid come from host values only, so a captured CUDA graph stays
 // correct when lengths and tables change between replays.
 
@@ -52,11 +55,15 @@
 namespace tinyserve::kernels::cuda {
 namespace {
 
-template <class T, class KV, int D, int Stages>
+template <class T, class KV, int D, int Stages, bool Cluster>
 DecodeLaunch mma_launch() {
   const int smem = MmaConfig<D, Stages, int(sizeof(KV))>::kSmemBytes;
-  return {reinterpret_cast<const void*>(decode_mma_kernel<T, KV, D, Stages>), smem, smem, kMmaHeads,
-          kDecodeThreads};
+  return {reinterpret_cast<const void*>(decode_mma_kernel<T, KV, D, Stages, Cluster>),
+          smem,
+          smem,
+          kMmaHeads,
+          kDecodeThreads,
+          Cluster};
 }
 
 template <class T, class KV>
@@ -66,9 +73,11 @@ DecodeLaunch generic_launch(int head_dim) {
 }
 
 // The decode kernel for a call: the tensor-core kernel where the query dtype and head_dim have
-// one and every row start is 16-byte aligned (`aligned`), else the CUDA-core kernel.
+// one and every row start is 16-byte aligned (`aligned`), else the CUDA-core kernel. With
+// `cluster` (split launches only), the tensor-core kernel's variant that merges its splits in a
+// cluster (DecodeLaunch::cluster_merge tells whether that is the one returned).
 DecodeLaunch decode_launch(DType dtype, DType kv_dtype, int head_dim, bool split, bool aligned,
-                           const char* op) {
+                           const char* op, bool cluster = false) {
   return dispatch_float_dtype(dtype, op, [&](auto type) {
     using T = typename decltype(type)::type;
     return dispatch_kv_dtype<T>(kv_dtype, [&](auto kv_type) {
@@ -78,10 +87,14 @@ DecodeLaunch decode_launch(DType dtype, DType kv_dtype, int head_dim, bool split
           return dispatch_mma_head_dim(
               head_dim,
               [&](auto dim) {
+                constexpr int D = decltype(dim)::value;
                 return dispatch_bool(split, [&](auto is_split) {
-                  constexpr int kStages =
-                      mma_stages(decltype(dim)::value, decltype(is_split)::value);
-                  return mma_launch<T, KV, decltype(dim)::value, kStages>();
+                  constexpr bool kSplit = decltype(is_split)::value;
+                  constexpr int kStages = mma_stages(D, kSplit);
+                  if constexpr (kSplit) {
+                    if (cluster) return mma_launch<T, KV, D, kStages, true>();
+                  }
+                  return mma_launch<T, KV, D, kStages, false>();
                 });
               },
               [&] { return generic_launch<T, KV>(head_dim); });
@@ -308,8 +321,9 @@ int plan_attention_splits(int device_index, DType dtype, DType kv_dtype, int bat
   const SplitPlanShape shape{batch, num_q_heads, num_kv_heads, max_kv_len, kMinDecodeSplitTokens};
   const DecodeLaunch unsplit = decode_launch(dtype, kv_dtype, head_dim, false, true, op);
   const DecodeLaunch split = decode_launch(dtype, kv_dtype, head_dim, true, true, op);
+  const DecodeLaunch clustered = decode_launch(dtype, kv_dtype, head_dim, true, true, op, true);
   return plan_splits_for_lengths(shape, lens, lens_per_head, kMinDecodeSplitTokens, unsplit, split,
-                                 device_index, op);
+                                 device_index, op, clustered.cluster_merge ? &clustered : nullptr);
 }
 
 void paged_attention(const PagedAttentionParams& p, Stream stream) {
@@ -317,8 +331,21 @@ void paged_attention(const PagedAttentionParams& p, Stream stream) {
   DeviceGuard guard(p.device_index, op);
   if (p.query_start_loc) return prefill_attention(p, as_stream(stream), op);
   const bool split = p.num_splits > 1;
-  const DecodeLaunch l =
+  DecodeLaunch l =
       decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, split, rows_aligned16(p), op);
+  // A split launch of the tensor-core kernel merges its splits in clusters where all of its
+  // clusters fit the device at once (cluster_launch_fits); otherwise, and always in the
+  // CUDA-core kernel, merge_splits_kernel follows it.
+  if (split) {
+    const DecodeLaunch clustered =
+        decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, true, rows_aligned16(p), op, true);
+    const int group = p.num_q_heads / p.num_kv_heads;
+    const std::int64_t clusters = std::int64_t(p.batch) * p.num_kv_heads *
+                                  ((group + clustered.heads_per_cta - 1) / clustered.heads_per_cta);
+    if (cluster_launch_fits(clustered, p.device_index, p.num_splits, clusters, op)) {
+      l = clustered;
+    }
+  }
   prepare_launch(l, p.device_index, op);
   DecodeArgs a = make_decode_args(p, l.heads_per_cta);
   // Ordered by length as the planner simulates it (plan_splits_for_lengths).
@@ -333,6 +360,11 @@ void paged_attention(const PagedAttentionParams& p, Stream stream) {
   // of the same token rows.
   const dim3 grid(unsigned(p.num_kv_heads * a.head_tiles), unsigned(p.num_splits),
                   unsigned(p.batch));
+  if (l.cluster_merge) {
+    launch_cluster(l.kernel, grid, dim3(l.threads), std::size_t(l.smem_bytes), s, a, p.num_splits,
+                   op, "decode kernel");
+    return;
+  }
   launch(l.kernel, grid, dim3(l.threads), std::size_t(l.smem_bytes), s, a, op, "decode kernel");
   if (split) launch_merge(p, a.output, s, op);
 }

@@ -77,4 +77,25 @@ void launch_after(const void* kernel, dim3 grid, dim3 block, std::size_t smem, c
   check(cudaLaunchKernelExC(&config, kernel, params), op, what);
 }
 
+// launch() as clusters of (1, cluster_y, 1) CTAs (sm_90+; grid.y a multiple of cluster_y).
+template <class Args>
+void launch_cluster(const void* kernel, dim3 grid, dim3 block, std::size_t smem,
+                    cudaStream_t stream, Args& args, int cluster_y, const char* op,
+                    const char* what) {
+  void* params[] = {&args};
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = 1;
+  attribute.val.clusterDim.y = unsigned(cluster_y);
+  attribute.val.clusterDim.z = 1;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  check(cudaLaunchKernelExC(&config, kernel, params), op, what);
+}
+
 }  // namespace tinyserve::kernels::cuda

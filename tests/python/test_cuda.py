@@ -138,6 +138,57 @@ def test_decode_query_heads_across_the_mma_rows(rng, dtype, head_dim, group, num
     check_d64(out, lse, ref, ref_lse, dtype)
 
 
+# Split counts on both sides of the cluster merge's limit (kMaxClusterSplits = 8: up to 8 splits
+# of a row merge in a thread-block cluster on sm_90, more through the merge kernel).
+CLUSTER_SPLITS = [2, 5, 8, 9, 16]
+
+
+@pytest.mark.parametrize("num_splits", CLUSTER_SPLITS)
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("group", [4, 24])
+def test_split_merge_in_a_cluster_and_in_the_merge_kernel(rng, num_splits, head_dim, group):
+    """Every split count around the cluster limit: lengths that leave most splits of a row empty
+    (1 and 17 tokens over 16 splits), chunks ending inside a tile, a group of 24 (two head tiles,
+    so two clusters per KV head); output and log-sum-exp against float64 into poisoned buffers."""
+    case = R.PagedCase(rng, [1, 17, 197, 1000, 4097], 2 * group, 2, head_dim, 16)
+    for dtype in ["float16", "bfloat16"]:
+        out, lse, ref, ref_lse = decode_d64(case, dtype, "NHD", num_splits=num_splits)
+        check_d64(out, lse, ref, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("num_splits", [2, 3])
+def test_split_merge_over_many_waves(rng, num_splits):
+    """A split launch of more CTAs than the device holds at once: 2 splits merge in clusters
+    whatever the launch's length (clusters of two CTAs fill every slot), 3 through the merge
+    kernel (where clusters of three would leave slots idle)."""
+    lens = rng.integers(1, 700, size=300)
+    case = R.PagedCase(rng, lens, 8, 4, 128, 16)
+    out, lse, ref, ref_lse = decode_d64(case, "float16", "NHD", num_splits=num_splits)
+    check_d64(out, lse, ref, ref_lse, "float16")
+
+
+@pytest.mark.parametrize("num_splits", CLUSTER_SPLITS)
+def test_split_merge_over_per_kv_head_tables(rng, num_splits):
+    """Sparse decode's shape (one page list and length per KV head, as select_pages returns):
+    KV heads of one sequence with different lengths, one of them empty, at every split count."""
+    num_blocks, block_size, kv_heads, group, head_dim = 600, 16, 4, 8, 128
+    key = rng.standard_normal((num_blocks, block_size, kv_heads, head_dim)).astype(np.float32)
+    value = rng.standard_normal((num_blocks, block_size, kv_heads, head_dim)).astype(np.float32)
+    kc, vc = cuda(key, "float16"), cuda(value, "float16")
+    batch, width = 3, 40
+    table = rng.permutation(num_blocks)[: batch * kv_heads * width]
+    table = table.reshape(batch, kv_heads, width).astype(np.int32)
+    lens = rng.integers(1, width * block_size + 1, size=(batch, kv_heads)).astype(np.int32)
+    lens[1, 2] = 0
+    q = cuda(rng.standard_normal((batch, kv_heads * group, head_dim)), "float16")
+    out = torch.full_like(q, float("nan"))
+    ts.paged_attention(q, kc, vc, cuda(table), cuda(lens), out, num_splits=num_splits)
+    torch.cuda.synchronize()
+    want = R.paged_attention_per_kv_head(f64(q), f64(kc), f64(vc), table, lens)
+    assert R.rel_error(f64(out), want) < TOLERANCE["float16"]
+    np.testing.assert_array_equal(f64(out)[1, 2 * group : 3 * group], 0.0)
+
+
 def test_d64_planned_splits(rng):
     """The planner's split counts at head_dim 64 (occupancy of the 128-token-tile kernel): one
     long sequence is split across the GPU, and the planned call gives the reference result."""

@@ -597,9 +597,11 @@ def check_up_to_rounding(got_t, want_t, query, meta, table, seq_lens, block_size
 
 def test_sparse_decode_of_one_sequence_fills_the_gpu(rng):
     """A selected table of one sequence (8 KV heads of 128 pages, 2048 tokens) is planned in
-    enough splits to give every multiprocessor a CTA (chunks down to 64 tokens), and sparse
+    enough splits to give every multiprocessor a CTA (chunks down to 64 tokens), or on sm_90 in
+    8 splits that merge in thread-block clusters (no merge launch: faster there), and sparse
     decode at that split count matches the float64 reference over the selected pages."""
-    sm = torch.cuda.get_device_properties(0).multi_processor_count
+    props = torch.cuda.get_device_properties(0)
+    sm = props.multi_processor_count
     block_size, kv_heads, group, head_dim, budget = 16, 8, 4, 128, 128
     pages = 300
     seq_lens = np.array([pages * block_size - 5], np.int32)
@@ -619,7 +621,7 @@ def test_sparse_decode_of_one_sequence_fills_the_gpu(rng):
     )
     max_len = budget * block_size
     splits, nbytes = ts.plan_paged_attention(q, kc, sel_t, max_seq_len=max_len)
-    assert splits * kv_heads >= sm
+    assert splits * kv_heads >= sm or (props.major >= 9 and splits == 8)
     assert max_len // splits >= 64
     workspace = torch.empty((max(nbytes, 16),), dtype=torch.uint8, device="cuda")
     out = torch.full_like(q, float("nan"))

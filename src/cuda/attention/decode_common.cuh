@@ -6,6 +6,10 @@
 
 #include <cmath>
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#include <cooperative_groups.h>
+#endif
+
 #include "cuda/attention/params.cuh"
 #include "cuda/attention/split_merge.cuh"
 #include "cuda/attention/split_plan.cuh"
@@ -123,6 +127,90 @@ __device__ void merge_warps_and_store(const DecodeArgs& a, const float* red_m, c
         [&](int w) { return red_o[(w * rows + r) * o_stride + d]; }, value, lse2);
     store_output<T>(a.output, row, split, head0 + r, d, value, lse2);
   }
+}
+
+// The split merge inside a split launch whose splits of one (sequence, KV head, head tile) form
+// a thread-block cluster along the grid's y (sm_90; see cluster_launch_fits): no partials in
+// global memory and no merge launch. Each CTA merges its warps' states as merge_warps_and_store
+// does, but keeps the result in shared memory, in place of warp 0's rows of red_o (value of
+// element d at column d, the row's log-sum-exp (log2) in the padding column `dim`); after a
+// cluster barrier the CTAs split the rows' elements among them, and each element's owner merges
+// it over every CTA of the cluster through distributed shared memory and stores the output. A
+// second barrier keeps every CTA's shared memory alive until the others have read it. Every CTA
+// of the cluster must reach both barriers (no early exit: an empty split merges as lse -inf).
+//
+// The arithmetic is merge_splits_kernel's for at most kMaxClusterSplits splits (each split then
+// alone in its group of merge threads, whose weights meet in a butterfly over the warp's lanes),
+// so a row's output has the same bits whichever way its splits merge: a mixed call's decode rows
+// (always merged by the kernel) equal a plain decode call's.
+template <class T>
+__device__ void cluster_merge_and_store(const DecodeArgs& a, float* red_m, float* red_l,
+                                        float* red_o, int rows, int dim, int o_stride, int heads,
+                                        int head0, int row) {
+  // At the tensor-core kernel's largest head_dim (256) the merge kernel has 8 groups.
+  static_assert(kMaxClusterSplits <= 8 && 256 / 4 <= kMergeThreads / 8,
+                "each split has a merge group of its own, and the lanes' butterfly adds them");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  const cg::cluster_group cluster = cg::this_cluster();
+  for (int i = threadIdx.x; i < heads * dim; i += kDecodeThreads) {
+    const int r = i / dim, d = i - r * dim;
+    float value, lse2;
+    merge_states<kDecodeWarps>(
+        [&](int w) { return red_m[w * rows + r]; }, [&](int w) { return red_l[w * rows + r]; },
+        [&](int w) { return red_o[(w * rows + r) * o_stride + d]; }, value, lse2);
+    red_o[r * o_stride + d] = value;  // warp 0's element (r, d): read above by this thread only
+    if (d == 0) red_o[r * o_stride + dim] = lse2;
+  }
+  cluster.sync();
+  const int splits = int(cluster.num_blocks()), rank = int(cluster.block_rank());
+  const AttentionOutput& o = a.output;
+  T* out = static_cast<T*>(o.out) + row * o.out_stride_batch;
+  for (int i = rank * kDecodeThreads + threadIdx.x; i < heads * dim; i += splits * kDecodeThreads) {
+    const int r = i / dim, d = i - r * dim;
+    float lse[kMaxClusterSplits], part[kMaxClusterSplits];
+    float m_all = -INFINITY;
+#pragma unroll
+    for (int s = 0; s < kMaxClusterSplits; ++s) {
+      lse[s] = s < splits ? *cluster.map_shared_rank(red_o + r * o_stride + dim, s) : -INFINITY;
+      part[s] = s < splits ? *cluster.map_shared_rank(red_o + r * o_stride + d, s) : 0.0f;
+      m_all = fmaxf(m_all, lse[s]);
+    }
+    // Each split's group state (merge_column from an empty state), its scale to m_all, and the
+    // weighted sum in split order; the weights' total in the lanes' butterfly order (the 8 lanes
+    // of the splits, the other lanes adding zeros).
+    float v = 0.0f, weights[kMaxClusterSplits];
+#pragma unroll
+    for (int s = 0; s < kMaxClusterSplits; ++s) {
+      float m = -INFINITY, w = 0.0f, acc = 0.0f;
+      if (lse[s] != -INFINITY) {
+        merge_normalised_state<1>(m, w, &acc, lse[s], [&](int) { return part[s]; });
+      }
+      const float scale = m == -INFINITY ? 0.0f : ptx::exp2_approx(m - m_all);
+      float total = 0.0f;
+      total += w * scale;
+      weights[s] = total;
+      v += acc * scale;
+    }
+    // The merge kernel's groups past the splits add 0 * 0 (which turns a sum of -0 into +0).
+    if (merge_shape(dim).groups > kMaxClusterSplits) v += 0.0f * 0.0f;
+#pragma unroll
+    for (int width = kMaxClusterSplits / 2; width > 0; width /= 2) {
+#pragma unroll
+      for (int s = 0; s < width; ++s) weights[s] += weights[s + width];
+    }
+    const float total = weights[0];
+    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+    out[(head0 + r) * o.out_stride_head + d] = from_float<T>(v * inv);
+    if (d == 0 && o.lse) {
+      o.lse[row * o.lse_stride_batch + (head0 + r) * o.lse_stride_head] =
+          total > 0.0f ? (m_all + log2f(total)) * kLn2 : -INFINITY;
+    }
+  }
+  cluster.sync();
+#else
+  __trap();  // never launched: the host launches clusters only where the kernel has them
+#endif
 }
 
 }  // namespace tinyserve::kernels::cuda

@@ -9,7 +9,9 @@
 // the range are zero-filled, never read); each warp owns 16 tokens of every 64 of a tile. Q.K^T
 // and P.V run on tensor cores (m16n8k16, float32 accumulation; the query heads are the M
 // dimension). Online softmax in float32, log2 domain. The warps merge their states through
-// shared memory at the end. It also runs the decode launch of a mixed call
+// shared memory at the end; in a split launch of at most kMaxClusterSplits splits on sm_90 the
+// splits of a row form a thread-block cluster and merge through distributed shared memory too
+// (no merge launch). It also runs the decode launch of a mixed call
 // (mixed_work_unit): one-row sequences' rows, read from query_start_loc.
 //
 // Float8 caches stream through the pipeline as bytes (half the traffic and half the stage
@@ -108,8 +110,9 @@ __device__ __forceinline__ std::uint32_t bf16x2_to_half2_scaled(std::uint32_t x,
                        __uint_as_float(x & 0xffff0000u) * factor);
 }
 
-// T: the query and output type (16-bit); KV: the caches' (T, or __nv_fp8_e4m3).
-template <class T, class KV, int D, int Stages>
+// T: the query and output type (16-bit); KV: the caches' (T, or __nv_fp8_e4m3). Cluster: a split
+// launch whose splits form a cluster and merge there (cluster_merge_and_store).
+template <class T, class KV, int D, int Stages, bool Cluster = false>
 __global__ void __launch_bounds__(kDecodeThreads)
     decode_mma_kernel(const __grid_constant__ DecodeArgs a) {
   using C = MmaConfig<D, Stages, int(sizeof(KV))>;
@@ -527,8 +530,13 @@ __global__ void __launch_bounds__(kDecodeThreads)
     }
   }
   __syncthreads();
-  merge_warps_and_store<T>(a, red_m, red_l, red_o, kMmaHeads, D, C::kRedRow, heads, head0, u.row,
-                           split);
+  if constexpr (Cluster) {
+    cluster_merge_and_store<T>(a, red_m, red_l, red_o, kMmaHeads, D, C::kRedRow, heads, head0,
+                               u.row);
+  } else {
+    merge_warps_and_store<T>(a, red_m, red_l, red_o, kMmaHeads, D, C::kRedRow, heads, head0, u.row,
+                             split);
+  }
 }
 
 }  // namespace tinyserve::kernels::cuda

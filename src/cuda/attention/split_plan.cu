@@ -1,6 +1,7 @@
 // The split planner and the occupancy cache (see split_plan.cuh).
 
 #include <algorithm>
+#include <cstdint>
 #include <functional>
 #include <iterator>
 #include <mutex>
@@ -15,6 +16,11 @@ namespace {
 
 constexpr std::int64_t kMaxPlannedSplits = 1024;
 constexpr double kSplitOverheadTokens = 128.0;  // per-CTA fixed cost, in tokens of streaming
+// What merging in clusters saves a split launch that fits (plan_splits): the merge launch, the
+// partials' writes and reads, in the same tokens (set so that, on an H200, the 2,048-token
+// tables of sparse decode plan 4 splits in clusters at 8 x 32k and 8 at 1 x 128k, which measured
+// faster than 6 and 32 through the merge kernel).
+constexpr double kClusterMergeSavingTokens = 2.0 * kSplitOverheadTokens;
 
 // Planning over known lengths (plan_splits_for_lengths). A split launch pays for its partials and
 // their merge, and its CTAs stream less efficiently than the schedule below counts: a fixed
@@ -117,6 +123,56 @@ std::int64_t max_split_count(const SplitPlanShape& s) {
 
 }  // namespace
 
+bool cluster_launch_fits(const DecodeLaunch& l, int device, int splits, std::int64_t clusters,
+                         const char* op) {
+  if (!l.cluster_merge || splits < 2 || splits > kMaxClusterSplits ||
+      device_info(device).compute_capability < 90) {
+    return false;
+  }
+  struct Entry {
+    const void* kernel;
+    int device, splits, smem, capacity;
+  };
+  static std::mutex mutex;
+  static std::vector<Entry> known;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    for (const Entry& e : known) {
+      if (e.kernel == l.kernel && e.device == device && e.splits == splits &&
+          e.smem == l.smem_bytes) {
+        return clusters <= e.capacity;
+      }
+    }
+  }
+  prepare_launch(l, device, op);  // the kernel's shared-memory limit, which the query needs
+  cudaFuncAttributes attributes{};
+  check(cudaFuncGetAttributes(&attributes, l.kernel), op, "cudaFuncGetAttributes");
+  int capacity = 0;
+  if (attributes.ptxVersion >= 90) {
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(1, unsigned(splits), 1);
+    config.blockDim = dim3(unsigned(l.threads));
+    config.dynamicSmemBytes = std::size_t(l.smem_bytes);
+    cudaLaunchAttribute attribute{};
+    attribute.id = cudaLaunchAttributeClusterDimension;
+    attribute.val.clusterDim.x = 1;
+    attribute.val.clusterDim.y = unsigned(splits);
+    attribute.val.clusterDim.z = 1;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    check(cudaOccupancyMaxActiveClusters(&capacity, l.kernel, &config), op,
+          "cudaOccupancyMaxActiveClusters");
+  }
+  // Clusters that fill every slot of the device (two CTAs each, say) lose nothing to their
+  // placement, however many waves the launch takes: as if every cluster fitted at once.
+  const std::int64_t slots =
+      std::int64_t(device_info(device).multiprocessors) * prepare_launch(l, device, op);
+  if (std::int64_t(capacity) * splits >= slots) capacity = INT32_MAX;
+  std::lock_guard<std::mutex> lock(mutex);
+  known.push_back({l.kernel, device, splits, l.smem_bytes, capacity});
+  return clusters <= capacity;
+}
+
 bool longest_first(const SplitPlanShape& s, bool one_length_per_sequence,
                    const DecodeLaunch& unsplit, int device, const char* op) {
   return one_length_per_sequence && s.batch >= 2 && s.batch <= kLongestFirstMaxBatch &&
@@ -125,42 +181,49 @@ bool longest_first(const SplitPlanShape& s, bool one_length_per_sequence,
 }
 
 int plan_splits(const SplitPlanShape& s, const DecodeLaunch& unsplit, const DecodeLaunch& split,
-                int device, const char* op) {
+                int device, const char* op, const DecodeLaunch* clustered) {
   const std::int64_t max_splits = max_split_count(s);
   // The cheapest split count for one kernel. Cost of n splits for equal-length sequences: the
   // waves of CTAs it takes, times each CTA's work (its chunk of tokens plus a fixed cost, about
-  // two tiles of pipeline fill, that every CTA and every split's merge pays). The cheapest n
-  // wins; ties go to fewer splits.
-  auto best_splits = [&](const DecodeLaunch& l) {
+  // two tiles of pipeline fill, that every CTA and every split's merge pays); with `c`, a count
+  // whose launch merges in clusters (cluster_launch_fits) costs kClusterMergeSavingTokens less.
+  // The cheapest n wins; ties go to fewer splits.
+  auto best_splits = [&](const DecodeLaunch& l, const DecodeLaunch* c) {
     const std::int64_t units = std::int64_t(s.batch) * s.num_kv_heads * head_tiles(s, l);
     const std::int64_t slots = launch_slots(l, device, op);
     auto cost = [&](std::int64_t n) {
       const std::int64_t waves = (units * n + slots - 1) / slots;
-      return double(waves) * (double(s.max_kv_len) / double(n) + kSplitOverheadTokens);
+      const double unfused =
+          double(waves) * (double(s.max_kv_len) / double(n) + kSplitOverheadTokens);
+      const bool fused = c != nullptr && cluster_launch_fits(*c, device, int(n), units, op);
+      return fused ? unfused - kClusterMergeSavingTokens : unfused;
     };
     std::int64_t best = 1;
     double best_cost = cost(1);
     for (std::int64_t n = 2; n <= max_splits; ++n) {
-      const double c = cost(n);
-      if (c < best_cost) best = n, best_cost = c;
+      const double cn = cost(n);
+      if (cn < best_cost) best = n, best_cost = cn;
     }
     return best;
   };
-  // Split only where the unsplit kernel would leave the GPU short of work; the split count is
-  // then planned for the kernel that split launches use, where that is another kernel.
-  const std::int64_t unsplit_best = best_splits(unsplit);
-  if (unsplit_best == 1 || split.kernel == unsplit.kernel) return int(unsplit_best);
-  return int(best_splits(split));
+  // Split only where the unsplit kernel would leave the GPU short of work (merges not counted);
+  // the split count is then planned for the kernel that split launches use.
+  const std::int64_t unsplit_best = best_splits(unsplit, nullptr);
+  if (unsplit_best == 1 || (split.kernel == unsplit.kernel && clustered == nullptr)) {
+    return int(unsplit_best);
+  }
+  return int(best_splits(split, clustered));
 }
 
 int plan_splits_for_lengths(const SplitPlanShape& s, const std::vector<std::int64_t>& lens,
                             int lens_per_head, int align, const DecodeLaunch& unsplit,
-                            const DecodeLaunch& split, int device, const char* op) {
-  if (lens.empty()) return plan_splits(s, unsplit, split, device, op);
+                            const DecodeLaunch& split, int device, const char* op,
+                            const DecodeLaunch* clustered) {
+  if (lens.empty()) return plan_splits(s, unsplit, split, device, op, clustered);
   const auto [lo, hi] = std::minmax_element(lens.begin(), lens.end());
   SplitPlanShape longest = s;
   longest.max_kv_len = std::min(s.max_kv_len, *hi);
-  const int equal_plan = plan_splits(longest, unsplit, split, device, op);
+  const int equal_plan = plan_splits(longest, unsplit, split, device, op, clustered);
   if (*lo == *hi) return equal_plan;
   const std::int64_t entries = std::int64_t(lens.size());
   // CTAs per length entry, and the slots, of the unsplit and the split launch.

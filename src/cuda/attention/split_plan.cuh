@@ -16,7 +16,24 @@ struct DecodeLaunch {
   int max_smem_bytes = 0;  // the most any launch of this kernel asks for
   int heads_per_cta = 0;   // query heads of a group per CTA
   int threads = 0;
+  bool cluster_merge = false;  // a split launch run as clusters of its splits (no merge launch)
 };
+
+// The most splits a decode launch merges inside one thread-block cluster (the portable cluster
+// size); a launch of more splits writes partials and runs merge_splits_kernel.
+constexpr int kMaxClusterSplits = 8;
+
+// Whether a launch of `clusters` clusters of `splits` CTAs of l (a decode kernel with the cluster
+// merge, DecodeLaunch::cluster_merge) merges in them on `device`: 2 to kMaxClusterSplits splits,
+// compute capability 9.0 or later, the kernel's code built for it (PTX version 9.0 or later),
+// and either every cluster resident at once (cudaOccupancyMaxActiveClusters, cached per kernel,
+// device, size and shared memory) or clusters of this size filling every CTA slot of the device
+// (two splits do). A cluster waits for a whole group of free slots in one GPC, so where fewer
+// clusters than that fill the device, the last ones of a longer launch run in a late partial
+// wave (on an H200, 8 x 32k tokens at head_dim 64 in 64 clusters of 4, against room for 62:
+// 60% slower than the merge kernel's launch); such launches merge through merge_splits_kernel.
+bool cluster_launch_fits(const DecodeLaunch& l, int device, int splits, std::int64_t clusters,
+                         const char* op);
 
 // Raises the kernel's dynamic shared-memory limit to l.max_smem_bytes, once per (kernel, device),
 // and returns how many CTAs of the launch fit on one multiprocessor (cached).
@@ -53,8 +70,11 @@ bool longest_first(const SplitPlanShape& s, bool one_length_per_sequence,
 
 // The split count for a call: 1 where the unsplit kernel fills the GPU, else the cheapest count
 // for the kernel that split launches use.
+// With `clustered` (the split kernel's cluster-merge variant, where the call may run it), a count
+// of at most kMaxClusterSplits whose clusters all fit at once (cluster_launch_fits) is costed
+// without the merge: kClusterMergeSavingTokens less.
 int plan_splits(const SplitPlanShape& s, const DecodeLaunch& unsplit, const DecodeLaunch& split,
-                int device, const char* op);
+                int device, const char* op, const DecodeLaunch* clustered = nullptr);
 
 // The split count for a decode call whose key ranges the caller knows on the host: lens holds
 // one per sequence (lens_per_head 1) or one per (sequence, KV head) (lens_per_head =
@@ -64,6 +84,7 @@ int plan_splits(const SplitPlanShape& s, const DecodeLaunch& unsplit, const Deco
 // paying a fixed penalty for its merge and partials; equal ranges plan as plan_splits.
 int plan_splits_for_lengths(const SplitPlanShape& s, const std::vector<std::int64_t>& lens,
                             int lens_per_head, int align, const DecodeLaunch& unsplit,
-                            const DecodeLaunch& split, int device, const char* op);
+                            const DecodeLaunch& split, int device, const char* op,
+                            const DecodeLaunch* clustered = nullptr);
 
 }  // namespace tinyserve::kernels::cuda
