@@ -331,23 +331,18 @@ void paged_attention(const PagedAttentionParams& p, Stream stream) {
   DeviceGuard guard(p.device_index, op);
   if (p.query_start_loc) return prefill_attention(p, as_stream(stream), op);
   const bool split = p.num_splits > 1;
+  // A split launch of the tensor-core kernel merges its splits in clusters where its clusters
+  // fit the device (cluster_launch_fits); otherwise, and always in the CUDA-core kernel,
+  // merge_splits_kernel follows it. Both variants take the same CTAs (the arguments below).
   DecodeLaunch l =
-      decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, split, rows_aligned16(p), op);
-  // A split launch of the tensor-core kernel merges its splits in clusters where all of its
-  // clusters fit the device at once (cluster_launch_fits); otherwise, and always in the
-  // CUDA-core kernel, merge_splits_kernel follows it.
-  if (split) {
-    const DecodeLaunch clustered =
-        decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, true, rows_aligned16(p), op, true);
-    const int group = p.num_q_heads / p.num_kv_heads;
-    const std::int64_t clusters = std::int64_t(p.batch) * p.num_kv_heads *
-                                  ((group + clustered.heads_per_cta - 1) / clustered.heads_per_cta);
-    if (cluster_launch_fits(clustered, p.device_index, p.num_splits, clusters, op)) {
-      l = clustered;
-    }
+      decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, split, rows_aligned16(p), op, split);
+  DecodeArgs a = make_decode_args(p, l.heads_per_cta);
+  if (l.cluster_merge &&
+      !cluster_launch_fits(l, p.device_index, p.num_splits,
+                           std::int64_t(p.batch) * p.num_kv_heads * a.head_tiles, op)) {
+    l = decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, split, rows_aligned16(p), op);
   }
   prepare_launch(l, p.device_index, op);
-  DecodeArgs a = make_decode_args(p, l.heads_per_cta);
   // Ordered by length as the planner simulates it (plan_splits_for_lengths).
   const DecodeLaunch unsplit =
       split ? decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, false, rows_aligned16(p), op)
@@ -361,8 +356,8 @@ void paged_attention(const PagedAttentionParams& p, Stream stream) {
   const dim3 grid(unsigned(p.num_kv_heads * a.head_tiles), unsigned(p.num_splits),
                   unsigned(p.batch));
   if (l.cluster_merge) {
-    launch_cluster(l.kernel, grid, dim3(l.threads), std::size_t(l.smem_bytes), s, a, p.num_splits,
-                   op, "decode kernel");
+    launch_with(l.kernel, grid, dim3(l.threads), std::size_t(l.smem_bytes), s, a,
+                cluster_y_attribute(p.num_splits), op, "decode kernel");
     return;
   }
   launch(l.kernel, grid, dim3(l.threads), std::size_t(l.smem_bytes), s, a, op, "decode kernel");

@@ -55,6 +55,44 @@ struct DeviceInfo {
 // A copy: the cache grows when another device is first asked about.
 DeviceInfo device_info(int device);
 
+// A launch configuration of one attribute (cudaLaunchKernelExC, cudaOccupancyMaxActiveClusters).
+struct LaunchConfig {
+  cudaLaunchConfig_t config{};
+  cudaLaunchAttribute attribute{};
+
+  LaunchConfig(dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream,
+               cudaLaunchAttribute a) {
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    attribute = a;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+  }
+  LaunchConfig(const LaunchConfig&) = delete;  // config.attrs points into this object
+  LaunchConfig& operator=(const LaunchConfig&) = delete;
+};
+
+// Clusters of (1, y, 1) CTAs (sm_90+; the grid's y a multiple of y).
+inline cudaLaunchAttribute cluster_y_attribute(int y) {
+  cudaLaunchAttribute a{};
+  a.id = cudaLaunchAttributeClusterDimension;
+  a.val.clusterDim.x = 1;
+  a.val.clusterDim.y = unsigned(y);
+  a.val.clusterDim.z = 1;
+  return a;
+}
+
+// launch() with one launch attribute.
+template <class Args>
+void launch_with(const void* kernel, dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream,
+                 Args& args, cudaLaunchAttribute attribute, const char* op, const char* what) {
+  void* params[] = {&args};
+  LaunchConfig c(grid, block, smem, stream, attribute);
+  check(cudaLaunchKernelExC(&c.config, kernel, params), op, what);
+}
+
 // launch() for a kernel that consumes the previous kernel's output on the same stream. With
 // `overlap` (sm_90+), it is launched with programmatic stream serialisation, so it can be
 // scheduled while the previous kernel drains; it must call ptx::wait_for_previous_grid() before
@@ -63,39 +101,10 @@ template <class Args>
 void launch_after(const void* kernel, dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream,
                   Args& args, bool overlap, const char* op, const char* what) {
   if (!overlap) return launch(kernel, grid, block, smem, stream, args, op, what);
-  void* params[] = {&args};
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
   cudaLaunchAttribute attribute{};
   attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = &attribute;
-  config.numAttrs = 1;
-  check(cudaLaunchKernelExC(&config, kernel, params), op, what);
-}
-
-// launch() as clusters of (1, cluster_y, 1) CTAs (sm_90+; grid.y a multiple of cluster_y).
-template <class Args>
-void launch_cluster(const void* kernel, dim3 grid, dim3 block, std::size_t smem,
-                    cudaStream_t stream, Args& args, int cluster_y, const char* op,
-                    const char* what) {
-  void* params[] = {&args};
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeClusterDimension;
-  attribute.val.clusterDim.x = 1;
-  attribute.val.clusterDim.y = unsigned(cluster_y);
-  attribute.val.clusterDim.z = 1;
-  config.attrs = &attribute;
-  config.numAttrs = 1;
-  check(cudaLaunchKernelExC(&config, kernel, params), op, what);
+  launch_with(kernel, grid, block, smem, stream, args, attribute, op, what);
 }
 
 }  // namespace tinyserve::kernels::cuda

@@ -156,6 +156,27 @@ def test_split_merge_in_a_cluster_and_in_the_merge_kernel(rng, num_splits, head_
         check_d64(out, lse, ref, ref_lse, dtype)
 
 
+def test_split_merge_in_clusters_writes_no_partials(rng):
+    """On sm_90 a launch of 4 splits whose 20 clusters fit the device at once merges them in
+    thread-block clusters: the caller's workspace keeps every byte it had. 9 splits (more than
+    a cluster takes) write their partials there for the merge kernel, as every split launch does
+    before sm_90. Both outputs against float64."""
+    case = R.PagedCase(rng, [700, 1000, 1, 333, 2000], 16, 4, 128, 16)
+    kc, vc = cache_pair(case.key_cache, case.value_cache, "torch", "float16", "cuda", "NHD")
+    q = cuda(case.query, "float16")
+    table, lens = cuda(case.block_table), cuda(case.seq_lens)
+    ref, _ = R.paged_attention(f64(q), f64(kc), f64(vc), case.block_table, case.seq_lens)
+    hopper = torch.cuda.get_device_properties(0).major >= 9
+    for splits, in_clusters in [(4, hopper), (9, False)]:
+        _, nbytes = ts.plan_paged_attention(q, kc, table, num_splits=splits)
+        workspace = torch.full((nbytes,), 0x7F, dtype=torch.uint8, device="cuda")
+        out = torch.full_like(q, float("nan"))
+        ts.paged_attention(q, kc, vc, table, lens, out, num_splits=splits, workspace=workspace)
+        torch.cuda.synchronize()
+        assert R.rel_error(f64(out), ref) < TOLERANCE["float16"], splits
+        assert bool((workspace == 0x7F).all()) == in_clusters, splits
+
+
 @pytest.mark.parametrize("num_splits", [2, 3])
 def test_split_merge_over_many_waves(rng, num_splits):
     """A split launch of more CTAs than the device holds at once: 2 splits merge in clusters

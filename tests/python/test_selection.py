@@ -106,57 +106,65 @@ def test_cpu_meanstd_summaries_of_float16_rounded_once(rng):
     np.testing.assert_array_equal(built, want)
 
 
-@pytest.mark.parametrize("backend", backends())
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-@pytest.mark.parametrize("summary", SUMMARIES)
-def test_summaries_follow_the_writes(rng, backend, dtype, summary):
-    """A prompt written in one call with its tokens in random order (and padding slots), then
-    decode steps of one token per sequence in random sequence order: after every call each
-    written page's summary is that of all its keys so far, and no other page is touched."""
-    fw, device = device_of(backend)
-    require(fw, dtype)
+def check_summaries_follow_the_writes(rng, fw, device, dtype, summary, make_meta, check):
+    """A prompt written in one call (tokens in random order, padding slots), decode steps of one
+    token per sequence in random sequence order extending pages and starting new ones, then two
+    written blocks reused (rewritten from offset 0, offset 0 not first). After every call,
+    check(meta, keys_by_block, untouched) with each written page's keys so far (float64, as
+    stored in the cache) and the blocks never written. make_meta(shape): the summaries, NaN."""
     block_size, num_kv_heads, head_dim = 8, 2, 16
     prompt = rng.integers(1, 40, size=4)
     steps = 11
     table, num_blocks = random_pages(rng, prompt + steps, block_size)
     kc = empty((num_blocks, block_size, num_kv_heads, head_dim), fw, dtype, device)
     vc = empty((num_blocks, block_size, num_kv_heads, head_dim), fw, dtype, device)
-    meta = empty((num_blocks, num_kv_heads, 2, head_dim), fw, dtype, device)
+    meta = make_meta((num_blocks, num_kv_heads, 2, head_dim))
     keys_by_block: dict[int, list] = {}
 
-    def write(seqs, positions):
-        n = len(seqs)
+    def write(slots):
+        n = len(slots)
         key = rng.standard_normal((n + 2, num_kv_heads, head_dim)) * 3 + 1
-        slots = [
-            int(table[s, p // block_size]) * block_size + p % block_size
-            for s, p in zip(seqs, positions)
-        ]
         order = rng.permutation(n + 2)
-        slot_mapping = np.array(slots + [-1, -1], dtype=np.int64)[order]
-        key = key[order]
-        k_dev = asarray(key, fw, dtype, device)
+        slot_mapping = np.array(list(slots) + [-1, -1], dtype=np.int64)[order]
+        k_dev = asarray(key[order], fw, dtype, device)
         ts.reshape_and_cache(
             k_dev, k_dev, kc, vc, ints(slot_mapping, fw, device), meta, summary=summary
         )
         sync(fw, device)
         rounded = f64(k_dev)
-        written = [divmod(int(slot), block_size) + (i,) for i, slot in enumerate(slot_mapping)]
-        written = [w for w in written if slot_mapping[w[2]] >= 0]
+        written = [divmod(int(s), block_size) + (i,) for i, s in enumerate(slot_mapping) if s >= 0]
         for block in {w[0] for w in written}:
             mine = [w for w in written if w[0] == block]
             if any(offset == 0 for _, offset, _ in mine):  # a restart: this call's keys only
                 keys_by_block[block] = []
             keys_by_block.setdefault(block, []).extend(rounded[i] for _, _, i in mine)
+        check(meta, keys_by_block, set(range(num_blocks)) - set(keys_by_block))
 
-    seqs = [s for s in range(len(prompt)) for _ in range(prompt[s])]
-    write(seqs, [p for s in range(len(prompt)) for p in range(prompt[s])])
+    def slot(s, p):
+        return int(table[s, p // block_size]) * block_size + p % block_size
+
+    write([slot(s, p) for s in range(len(prompt)) for p in range(prompt[s])])
     lengths = prompt.copy()
     for _ in range(steps):
-        order = rng.permutation(len(prompt))
-        write(list(order), [int(lengths[s]) for s in order])
+        write([slot(s, int(lengths[s])) for s in rng.permutation(len(prompt))])
         lengths += 1
-        untouched = set(range(num_blocks)) - set(keys_by_block)
-        check_meta(meta, keys_by_block, summary, dtype, untouched)
+    reused = rng.choice(sorted(keys_by_block), size=2, replace=False)
+    write([int(b) * block_size + p for b in reused for p in (2, 0, 1)])
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("summary", SUMMARIES)
+def test_summaries_follow_the_writes(rng, backend, dtype, summary):
+    """check_summaries_follow_the_writes with summaries in the caches' dtype: after every call
+    each written page's summary is that of all its keys so far, and no other page is touched."""
+    fw, device = device_of(backend)
+    require(fw, dtype)
+    check_summaries_follow_the_writes(
+        rng, fw, device, dtype, summary,
+        lambda shape: empty(shape, fw, dtype, device),
+        lambda meta, keys, untouched: check_meta(meta, keys, summary, dtype, untouched),
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", backends())

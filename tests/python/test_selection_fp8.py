@@ -12,6 +12,7 @@ import pytest
 from test_selection import (
     SUMMARIES,
     check_planted_needle,
+    check_summaries_follow_the_writes,
     device_of,
     integer_case,
     ints,
@@ -133,51 +134,15 @@ def check_fp8_meta(meta, keys_by_block, untouched):
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("summary", BOX_SUMMARIES)
 def test_fp8_summaries_follow_the_writes(rng, backend, dtype, summary):
-    """A prompt written in one call (tokens in random order, padding slots), decode steps of one
-    token per sequence extending pages and starting new ones, then two written blocks reused
-    (rewritten from offset 0, offset 0 not first): after every call each page's float8 summary
-    is the outward rounding of all its keys so far, and no other page is touched."""
+    """check_summaries_follow_the_writes with float8 summaries (a prompt in one call, decode
+    steps extending pages and starting new ones, two written blocks reused): after every call
+    each page's float8 summary is the outward rounding of all its keys so far, and no other page
+    is touched."""
     fw, device = device_of(backend)
     require(fw, dtype)
-    block_size, num_kv_heads, head_dim = 8, 2, 16
-    prompt = rng.integers(1, 40, size=4)
-    steps = 11
-    table, num_blocks = random_pages(rng, prompt + steps, block_size)
-    kc = empty((num_blocks, block_size, num_kv_heads, head_dim), fw, dtype, device)
-    vc = empty((num_blocks, block_size, num_kv_heads, head_dim), fw, dtype, device)
-    meta = fp8_empty((num_blocks, num_kv_heads, 2, head_dim), fw, device)
-    keys_by_block: dict[int, list] = {}
-
-    def write(slots):
-        n = len(slots)
-        key = rng.standard_normal((n + 2, num_kv_heads, head_dim)) * 3 + 1
-        order = rng.permutation(n + 2)
-        slot_mapping = np.array(list(slots) + [-1, -1], dtype=np.int64)[order]
-        k_dev = asarray(key[order], fw, dtype, device)
-        ts.reshape_and_cache(
-            k_dev, k_dev, kc, vc, ints(slot_mapping, fw, device), meta, summary=summary
-        )
-        sync(fw, device)
-        rounded = f64(k_dev)
-        written = [divmod(int(s), block_size) + (i,) for i, s in enumerate(slot_mapping) if s >= 0]
-        for block in {w[0] for w in written}:
-            mine = [w for w in written if w[0] == block]
-            if any(offset == 0 for _, offset, _ in mine):  # a restart: this call's keys only
-                keys_by_block[block] = []
-            keys_by_block.setdefault(block, []).extend(rounded[i] for _, _, i in mine)
-        untouched = set(range(num_blocks)) - set(keys_by_block)
-        check_fp8_meta(meta, keys_by_block, untouched)
-
-    def slot(s, p):
-        return int(table[s, p // block_size]) * block_size + p % block_size
-
-    write([slot(s, p) for s in range(len(prompt)) for p in range(prompt[s])])
-    lengths = prompt.copy()
-    for _ in range(steps):
-        write([slot(s, int(lengths[s])) for s in rng.permutation(len(prompt))])
-        lengths += 1
-    reused = rng.choice(sorted(keys_by_block), size=2, replace=False)
-    write([int(b) * block_size + p for b in reused for p in (2, 0, 1)])
+    check_summaries_follow_the_writes(
+        rng, fw, device, dtype, summary, lambda shape: fp8_empty(shape, fw, device), check_fp8_meta
+    )
 
 
 @pytest.mark.parametrize("backend", backends())

@@ -144,29 +144,19 @@ bool cluster_launch_fits(const DecodeLaunch& l, int device, int splits, std::int
       }
     }
   }
-  prepare_launch(l, device, op);  // the kernel's shared-memory limit, which the query needs
+  // launch_slots prepares the kernel (its shared-memory limit, which the query needs).
+  const std::int64_t slots = launch_slots(l, device, op);
   cudaFuncAttributes attributes{};
   check(cudaFuncGetAttributes(&attributes, l.kernel), op, "cudaFuncGetAttributes");
   int capacity = 0;
   if (attributes.ptxVersion >= 90) {
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(1, unsigned(splits), 1);
-    config.blockDim = dim3(unsigned(l.threads));
-    config.dynamicSmemBytes = std::size_t(l.smem_bytes);
-    cudaLaunchAttribute attribute{};
-    attribute.id = cudaLaunchAttributeClusterDimension;
-    attribute.val.clusterDim.x = 1;
-    attribute.val.clusterDim.y = unsigned(splits);
-    attribute.val.clusterDim.z = 1;
-    config.attrs = &attribute;
-    config.numAttrs = 1;
-    check(cudaOccupancyMaxActiveClusters(&capacity, l.kernel, &config), op,
+    LaunchConfig c(dim3(1, unsigned(splits), 1), dim3(unsigned(l.threads)),
+                   std::size_t(l.smem_bytes), nullptr, cluster_y_attribute(splits));
+    check(cudaOccupancyMaxActiveClusters(&capacity, l.kernel, &c.config), op,
           "cudaOccupancyMaxActiveClusters");
   }
   // Clusters that fill every slot of the device (two CTAs each, say) lose nothing to their
   // placement, however many waves the launch takes: as if every cluster fitted at once.
-  const std::int64_t slots =
-      std::int64_t(device_info(device).multiprocessors) * prepare_launch(l, device, op);
   if (std::int64_t(capacity) * splits >= slots) capacity = INT32_MAX;
   std::lock_guard<std::mutex> lock(mutex);
   known.push_back({l.kernel, device, splits, l.smem_bytes, capacity});
