@@ -55,14 +55,14 @@
 namespace tinyserve::kernels::cuda {
 namespace {
 
-template <class T, class KV, int D, int Stages, bool Cluster>
+template <class T, class KV, int D, bool SplitConfig, bool Cluster>
 DecodeLaunch mma_launch() {
-  const int smem = MmaConfig<D, Stages, int(sizeof(KV))>::kSmemBytes;
-  return {reinterpret_cast<const void*>(decode_mma_kernel<T, KV, D, Stages, Cluster>),
-          smem,
-          smem,
+  using C = MmaConfig<D, int(sizeof(KV)), SplitConfig>;
+  return {reinterpret_cast<const void*>(decode_mma_kernel<T, KV, D, SplitConfig, Cluster>),
+          C::kSmemBytes,
+          C::kSmemBytes,
           kMmaHeads,
-          kDecodeThreads,
+          C::kThreads,
           Cluster};
 }
 
@@ -90,11 +90,11 @@ DecodeLaunch decode_launch(DType dtype, DType kv_dtype, int head_dim, bool split
                 constexpr int D = decltype(dim)::value;
                 return dispatch_bool(split, [&](auto is_split) {
                   constexpr bool kSplit = decltype(is_split)::value;
-                  constexpr int kStages = mma_stages(D, kSplit);
+                  constexpr bool kConfig = mma_split_config(D, int(sizeof(KV)), kSplit);
                   if constexpr (kSplit) {
-                    if (cluster) return mma_launch<T, KV, D, kStages, true>();
+                    if (cluster) return mma_launch<T, KV, D, kConfig, true>();
                   }
-                  return mma_launch<T, KV, D, kStages, false>();
+                  return mma_launch<T, KV, D, kConfig, false>();
                 });
               },
               [&] { return generic_launch<T, KV>(head_dim); });

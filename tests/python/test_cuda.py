@@ -63,7 +63,7 @@ def test_lengths_up_to_100k(rng, dtype, head_dim):
 
 
 # Lengths at and around the edges of the tensor-core kernel's tiles at head_dim 64 (128 tokens,
-# computed as two steps of 64), and longer ones that splits cut into chunks ending inside a tile.
+# 16 for each of 8 warps), and longer ones that splits cut into chunks ending inside a tile.
 D64_LENS = [1, 2, 63, 64, 65, 127, 128, 129, 191, 255, 256, 257, 300, 1000]
 
 
@@ -102,7 +102,7 @@ def check_d64(out, lse, ref, ref_lse, dtype):
 @pytest.mark.parametrize("num_splits", [1, 3, 7])
 def test_d64_decode_tile_edges(rng, dtype, layout, block_size, group, num_splits):
     """head_dim 64 on the tensor-core kernel: every length around a 64- and 128-token tile edge
-    (partial tiles, a tile whose second 64-token step is empty or partial), split into chunks of
+    (partial tiles, a tile whose last 4 warps' tokens are empty or partial), split into chunks of
     whole tiles whose last one ends inside a tile, GQA groups of 1 to 20 (two head tiles), page
     sizes 1/16/32, both cache layouts."""
     case = R.PagedCase(rng, D64_LENS, 2 * group, 2, 64, block_size)

@@ -353,9 +353,10 @@ def test_fp8_bfloat16_queries_of_any_magnitude(rng, backend, magnitude, head_dim
 @pytest.mark.parametrize("num_splits", [1, 3, 7])
 @pytest.mark.parametrize("window_left", [-1, 200])
 def test_fp8_d64_tile_edges(rng, dtype, block_size, num_splits, window_left):
-    """head_dim 64 over float8 caches on the tensor-core kernel (128-token tiles, two steps of
-    64): lengths around every tile edge, split into chunks that end inside a tile, GQA groups of
-    4, and a window that starts the key range at an unaligned token; with the log-sum-exp."""
+    """head_dim 64 over float8 caches on the tensor-core kernel (unsplit: 128-token tiles of 8
+    warps; split: 64-token tiles of 4): lengths around every tile edge, split into chunks that end
+    inside a tile, GQA groups of 4, and a window that starts the key range at an unaligned token;
+    with the log-sum-exp."""
     _require("torch", dtype)
     lens = [1, 2, 63, 64, 65, 127, 128, 129, 255, 256, 257, 300, 1000]
     case, kb, vb, ks, vs = _attention_case(rng, lens, 8, 2, 64, block_size, "head")

@@ -112,33 +112,33 @@ __device__ __forceinline__ bool mixed_work_unit(const DecodeArgs& a, int heads_p
   return true;
 }
 
-// Merges the per-warp softmax states kept in shared memory, red_m/red_l [kDecodeWarps][rows] and
-// red_o [kDecodeWarps][rows][o_stride] (dim used), for rows [0, heads): store(r, d, value, lse2)
-// for each element, by the one thread that merged it.
-template <class Store>
+// Merges the per-warp softmax states kept in shared memory, red_m/red_l [Warps][rows] and
+// red_o [Warps][rows][o_stride] (dim used), for rows [0, heads): store(r, d, value, lse2) for
+// each element, by the one thread that merged it (a CTA of Warps warps).
+template <int Warps, class Store>
 __device__ __forceinline__ void merge_warps(const float* red_m, const float* red_l,
                                             const float* red_o, int rows, int dim, int o_stride,
                                             int heads, Store store) {
-  for (int i = threadIdx.x; i < heads * dim; i += kDecodeThreads) {
+  for (int i = threadIdx.x; i < heads * dim; i += Warps * 32) {
     const int r = i / dim, d = i - r * dim;
     float value, lse2;
-    merge_states<kDecodeWarps>(
-        [&](int w) { return red_m[w * rows + r]; }, [&](int w) { return red_l[w * rows + r]; },
-        [&](int w) { return red_o[(w * rows + r) * o_stride + d]; }, value, lse2);
+    merge_states<Warps>([&](int w) { return red_m[w * rows + r]; },
+                        [&](int w) { return red_l[w * rows + r]; },
+                        [&](int w) { return red_o[(w * rows + r) * o_stride + d]; }, value, lse2);
     store(r, d, value, lse2);
   }
 }
 
 // merge_warps, storing rows [0, heads) as query heads head0... of output row `row` (split
 // `split`'s partial in a split launch).
-template <class T>
+template <class T, int Warps = kDecodeWarps>
 __device__ void merge_warps_and_store(const DecodeArgs& a, const float* red_m, const float* red_l,
                                       const float* red_o, int rows, int dim, int o_stride,
                                       int heads, int head0, int row, int split) {
-  merge_warps(red_m, red_l, red_o, rows, dim, o_stride, heads,
-              [&](int r, int d, float value, float lse2) {
-                store_output<T>(a.output, row, split, head0 + r, d, value, lse2);
-              });
+  merge_warps<Warps>(red_m, red_l, red_o, rows, dim, o_stride, heads,
+                     [&](int r, int d, float value, float lse2) {
+                       store_output<T>(a.output, row, split, head0 + r, d, value, lse2);
+                     });
 }
 
 // The split merge inside a split launch whose splits of one (sequence, KV head, head tile) form
@@ -155,7 +155,7 @@ __device__ void merge_warps_and_store(const DecodeArgs& a, const float* red_m, c
 // alone in its group of merge threads, whose weights meet in a butterfly over the warp's lanes),
 // so a row's output has the same bits whichever way its splits merge: a mixed call's decode rows
 // (always merged by the kernel) equal a plain decode call's.
-template <class T>
+template <class T, int Warps>
 __device__ void cluster_merge_and_store(const DecodeArgs& a, const float* red_m, const float* red_l,
                                         float* red_o, int rows, int dim, int o_stride, int heads,
                                         int head0, int row) {
@@ -166,16 +166,16 @@ __device__ void cluster_merge_and_store(const DecodeArgs& a, const float* red_m,
   namespace cg = cooperative_groups;
   const cg::cluster_group cluster = cg::this_cluster();
   // Warp 0's element (r, d) is read in the merge by the thread that stores it only.
-  merge_warps(red_m, red_l, red_o, rows, dim, o_stride, heads,
-              [&](int r, int d, float value, float lse2) {
-                red_o[r * o_stride + d] = value;
-                if (d == 0) red_o[r * o_stride + dim] = lse2;
-              });
+  merge_warps<Warps>(red_m, red_l, red_o, rows, dim, o_stride, heads,
+                     [&](int r, int d, float value, float lse2) {
+                       red_o[r * o_stride + d] = value;
+                       if (d == 0) red_o[r * o_stride + dim] = lse2;
+                     });
   cluster.sync();
   const int splits = int(cluster.num_blocks()), rank = int(cluster.block_rank());
   const AttentionOutput& o = a.output;
   T* out = static_cast<T*>(o.out) + row * o.out_stride_batch;
-  for (int i = rank * kDecodeThreads + threadIdx.x; i < heads * dim; i += splits * kDecodeThreads) {
+  for (int i = rank * Warps * 32 + threadIdx.x; i < heads * dim; i += splits * Warps * 32) {
     const int r = i / dim, d = i - r * dim;
     float lse[kMaxClusterSplits], part[kMaxClusterSplits];
     float m_all = -INFINITY;

@@ -3,10 +3,11 @@
 // The tensor-core decode kernel: float16/bfloat16 queries over caches of the same type or of
 // float8 e4m3fn, head_dim 64/128/256, 16-byte aligned rows.
 //
-// One CTA of 4 warps per (sequence, split, KV head, tile of up to 16 query heads of its GQA
-// group), so all query heads of a group share every K/V tile. K and V tiles (64 tokens, 128 for
-// 128-byte rows) stream through a cp.async pipeline of kStages shared-memory stages (rows past
-// the range are zero-filled, never read); each warp owns 16 tokens of every 64 of a tile. Q.K^T
+// One CTA per (sequence, split, KV head, tile of up to 16 query heads of its GQA group), so all
+// query heads of a group share every K/V tile. K and V tiles (64 tokens through 4 warps, or 128
+// through 8 for rows of at most 128 bytes: MmaConfig) stream through a cp.async pipeline of
+// kStages shared-memory stages (rows past the range are zero-filled, never read); each warp owns
+// 16 tokens of every 64 or 128 of a tile. Q.K^T
 // and P.V run on tensor cores (m16n8k16, float32 accumulation; the query heads are the M
 // dimension). Online softmax in float32, log2 domain. The warps merge their states through
 // shared memory at the end; in a split launch of at most kMaxClusterSplits splits on sm_90 the
@@ -41,53 +42,71 @@ namespace tinyserve::kernels::cuda {
 constexpr int kMmaHeads = 16;    // query heads per CTA: the M of m16n8k16
 constexpr int kWarpTokens = 16;  // tokens of a warp per step: the N of Q.K^T, the K of P.V
 
-// Pipeline stages. Split launches at head_dim 128 use two, so that three CTAs share a
-// multiprocessor: with the GPU filled by splits of one or a few sequences, the extra CTAs hide
-// more of each one's start, end and arithmetic (measured on an H200: about one point of the read
-// ceiling on one 128k-token sequence; unsplit batches gained nothing, and lose with the extra
-// partial wave). Everything else uses three (two CTAs per multiprocessor at head_dim 64 and 128).
-constexpr int mma_stages(int head_dim, bool split) { return head_dim == 128 && split ? 2 : 3; }
+// Whether a split launch runs a configuration of its own rather than the unsplit launch's
+// kernel: at head_dim 128 (two stages), and over float8 caches at head_dim 64 (64-token tiles);
+// see MmaConfig.
+constexpr bool mma_split_config(int head_dim, int kv_bytes, bool split) {
+  return split && (head_dim == 128 || (head_dim == 64 && kv_bytes == 1));
+}
 
-// Shared memory: Q, the stages, the row addresses.
-template <int D, int Stages, int KvBytes = 2>
+// The kernel's shape and shared memory (Q, the stages, the row addresses) for head_dim D over
+// caches of KvBytes-byte elements; SplitConfig: mma_split_config's split launches.
+template <int D, int KvBytes, bool SplitConfig>
 struct MmaConfig {
-  // Tokens per stage. A tile pays fixed costs (a barrier, the waits, its rows' addresses, a
-  // softmax step); with 128-byte rows (head_dim 64 in 16 bits, head_dim 128 in float8) a
-  // 64-token tile is too few bytes to hide them (measured on an H200: 73% of the read ceiling at
-  // head_dim 64 and 69% for float8 at head_dim 128, against 90% at head_dim 128 in 16 bits), so
-  // such rows stream 128 tokens, two steps of 64 per iteration. But float8 split launches (two
-  // stages) keep 64-token tiles: a CTA then takes 43 KiB of shared memory, three share a
-  // multiprocessor (by registers) instead of two, and hide more of each other's start and end
-  // (H200: 8 x 32768 and 1 x 131072 about 3% faster, ragged lengths 4%; unsplit launches gain
-  // nothing).
-  static constexpr int kTile = D * KvBytes == 128 && !(KvBytes == 1 && Stages == 2) ? 128 : 64;
-  static constexpr int kSteps = kTile / (kDecodeWarps * kWarpTokens);  // 64-token steps per tile
-  static constexpr int kRow = D + 8;  // 16-bit query row stride (elements): 16-byte pad
-  static constexpr int kStages = Stages;
+  // Pipeline stages. Split launches at head_dim 128 use two, so that three CTAs share a
+  // multiprocessor: with the GPU filled by splits of one or a few sequences, the extra CTAs hide
+  // more of each one's start, end and arithmetic (measured on an H200: about one point of the
+  // read ceiling on one 128k-token sequence; unsplit batches gained nothing, and lose with the
+  // extra partial wave). Everything else uses three.
+  static constexpr int kStages = SplitConfig && D == 128 ? 2 : 3;
+  // Tokens per stage, and warps. A tile pays fixed costs (a barrier, the waits, its rows'
+  // addresses, a softmax step); with rows of at most 128 bytes (head_dim 64 in 16 bits, float8 at
+  // head_dim 64 and 128) a 64-token tile is too few bytes to hide them (measured on an H200: 73%
+  // of the read ceiling at head_dim 64 and 69% for float8 at head_dim 128, against 90% at
+  // head_dim 128 in 16 bits), so such rows stream 128-token tiles through 8 warps, each owning
+  // 16 tokens: per byte read these kernels do two (four: float8 at head_dim 64) times the scores
+  // and softmax of the 16-bit head_dim-128 one, and wait on that arithmetic, which 16 warps a
+  // multiprocessor hide better than 8 (H200, 64 x 4096: float8 at head_dim 64 21% faster than
+  // 4 warps over 64-token tiles, 16 bits at head_dim 64 2% faster than 4 warps taking two
+  // 64-token steps a tile). Float8 split launches keep 64-token tiles of 4 warps: at head_dim
+  // 128 (two stages) a CTA then takes 43 KiB of shared memory and three share a multiprocessor,
+  // which hide more of each other's start and end (H200: 8 x 32768 and 1 x 131072 about 3%
+  // faster, ragged lengths 4%); at head_dim 64 the 8-warp tiles measured 6% slower on 8 x 32768.
+  static constexpr int kTile = !SplitConfig && D * KvBytes <= 128 ? 128 : 64;
+  static constexpr int kWarps = kTile == 128 ? 8 : 4;
+  static constexpr int kThreads = kWarps * 32;
+  // CTAs per multiprocessor the registers must allow with 8 warps (the stages' shared memory
+  // allows two); 0: no bound.
+  static constexpr int kMinBlocks = kWarps == 8 ? 2 : 0;
+  static constexpr int kSteps = kTile / (kWarps * kWarpTokens);  // 64-token steps per tile
+  static constexpr int kRow = D + 8;          // 16-bit query row stride (elements): 16-byte pad
   static constexpr bool kFp8 = KvBytes == 1;  // float8 stages
   // Stage rows are padded by 16 bytes, so that ldmatrix reads 8 rows without bank conflicts.
-  // 128-token stages interleave each token's K and V rows under one pad: half the padding, which
-  // lets two CTAs of three 16-bit stages share a multiprocessor (112896 bytes each; with separate
-  // K and V rows, 119040 would allow one).
-  static constexpr bool kInterleaved = kTile == 128;
+  // 128-token stages, and float8 ones at head_dim 256, interleave each token's K and V rows under
+  // one pad: half the padding, which lets two CTAs of three stages share a multiprocessor (16-bit
+  // head_dim 64: 112896 bytes each, where separate K and V rows take 119040; float8 at head_dim
+  // 256 the same 112896 against 115968).
+  static constexpr bool kInterleaved = kTile == 128 || (KvBytes == 1 && D == 256);
   static constexpr int kStageRowBytes = (kInterleaved ? 2 : 1) * D * KvBytes + 16;      // per token
   static constexpr int kVOffset = kInterleaved ? D * KvBytes : kTile * kStageRowBytes;  // V - K
   static constexpr int kChunks = D * KvBytes / 16;  // 16-byte chunks per K or V row
   static constexpr int kQChunks = D / 8;            // 16-byte chunks per query row
-  static constexpr int kRowsPerPass = kDecodeThreads / kChunks;
+  static constexpr int kRowsPerPass = kThreads / kChunks;
   static constexpr int kPasses = kTile / kRowsPerPass;
-  static constexpr bool kQInRegisters = D <= 128;
+  // Q's fragments stay in registers up to head_dim 128, but for 8 warps at head_dim 128 (float8),
+  // where two CTAs of 256 threads leave 128 registers a thread: they are read from shared memory.
+  static constexpr bool kQInRegisters = D <= 64 || (D <= 128 && kWarps == 4);
   static constexpr int kQBytes = kMmaHeads * kRow * 2;
   static constexpr int kStageBytes = (kInterleaved ? 1 : 2) * kTile * kStageRowBytes;
   static constexpr int kRowAddressBytes = kStages * 2 * kTile * 8;  // per stage: K, V row addresses
   static constexpr int kSmemBytes = kQBytes + kStages * kStageBytes + kRowAddressBytes;
   // Reduction rows of float32 outputs: stride D + 8 makes the quads' 8-byte stores conflict-free.
   static constexpr int kRedRow = D + 8;
-  static constexpr int kReduceBytes = kDecodeWarps * kMmaHeads * (kRedRow + 2) * 4;
+  static constexpr int kReduceBytes = kWarps * kMmaHeads * (kRedRow + 2) * 4;
   static_assert(kReduceBytes <= kStages * kStageBytes, "reduction must fit the stage buffers");
-  static_assert(kDecodeThreads % kChunks == 0 && kTile % kRowsPerPass == 0, "loader shape");
-  static_assert(kTile <= kDecodeThreads, "one thread computes each row's offsets");
-  static_assert(kSteps * kDecodeWarps * kWarpTokens == kTile, "tile shape");
+  static_assert(kThreads % kChunks == 0 && kTile % kRowsPerPass == 0, "loader shape");
+  static_assert(kTile <= kThreads, "one thread computes each row's offsets");
+  static_assert(kSteps * kWarps * kWarpTokens == kTile, "tile shape");
 };
 
 // The running max of a row is raised only when a score exceeds it by this much (log2 units):
@@ -112,10 +131,11 @@ __device__ __forceinline__ std::uint32_t bf16x2_to_half2_scaled(std::uint32_t x,
 
 // T: the query and output type (16-bit); KV: the caches' (T, or __nv_fp8_e4m3). Cluster: a split
 // launch whose splits form a cluster and merge there (cluster_merge_and_store).
-template <class T, class KV, int D, int Stages, bool Cluster = false>
-__global__ void __launch_bounds__(kDecodeThreads)
+template <class T, class KV, int D, bool SplitConfig, bool Cluster = false>
+__global__ void __launch_bounds__(MmaConfig<D, int(sizeof(KV)), SplitConfig>::kThreads,
+                                  MmaConfig<D, int(sizeof(KV)), SplitConfig>::kMinBlocks)
     decode_mma_kernel(const __grid_constant__ DecodeArgs a) {
-  using C = MmaConfig<D, Stages, int(sizeof(KV))>;
+  using C = MmaConfig<D, int(sizeof(KV)), SplitConfig>;
   using M = std::conditional_t<C::kFp8, __half, T>;  // the MMAs' operand type
   constexpr bool kScaledQuery = C::kFp8 && !std::is_same_v<T, __half>;
   constexpr std::uint32_t kRowBytes = C::kRow * 2;
@@ -204,12 +224,14 @@ __global__ void __launch_bounds__(kDecodeThreads)
     if constexpr (C::kFp8) {
       // Pairs of elements (32-bit words) of each 16: words 0, 2, 4, 6 make the first 8, words
       // 1, 3, 5, 7 the second (the order in which a float8 fragment pairs K's elements).
-      constexpr int kPerThread = kMmaHeads * C::kQChunks / kDecodeThreads;
-      static_assert(kPerThread * kDecodeThreads == kMmaHeads * C::kQChunks, "query chunks");
+      // Half-groups (8 words) of the query, two per 16 elements; threads past them load nothing.
+      constexpr int kHalves = kMmaHeads * C::kQChunks;
+      constexpr int kPerThread = (kHalves + C::kThreads - 1) / C::kThreads;
+      static_assert(kHalves % C::kThreads == 0 || kPerThread == 1, "query chunks");
       uint4 words[kPerThread];
 #pragma unroll
       for (int k = 0; k < kPerThread; ++k) {
-        const int pair = (int(threadIdx.x) + k * kDecodeThreads) / 2;  // 16-element group
+        const int pair = (int(threadIdx.x) + k * C::kThreads) / 2;  // 16-element group
         const int pr = pair / (D / 16), pc = pair % (D / 16);
         uint4 lo = make_uint4(0, 0, 0, 0), hi = make_uint4(0, 0, 0, 0);
         if (pr < heads) {
@@ -238,7 +260,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
         if (lane == 0) warp_max[warp] = max_bits;
         __syncthreads();
 #pragma unroll
-        for (int w = 0; w < kDecodeWarps; ++w) max_bits = max(max_bits, warp_max[w]);
+        for (int w = 0; w < C::kWarps; ++w) max_bits = max(max_bits, warp_max[w]);
         q_shift = query_shift(max_bits);
         const float factor = exp2f(float(q_shift));
 #pragma unroll
@@ -251,12 +273,13 @@ __global__ void __launch_bounds__(kDecodeThreads)
       }
 #pragma unroll
       for (int k = 0; k < kPerThread; ++k) {
-        const int i = int(threadIdx.x) + k * kDecodeThreads;
+        const int i = int(threadIdx.x) + k * C::kThreads;
+        if (kHalves % C::kThreads != 0 && i >= kHalves) break;
         const int pr = (i / 2) / (D / 16), pc = (i / 2) % (D / 16);
         *reinterpret_cast<uint4*>(q_smem + pr * C::kRow + pc * 16 + (i % 2) * 8) = words[k];
       }
     } else {
-      for (int i = threadIdx.x; i < kMmaHeads * C::kQChunks; i += kDecodeThreads) {
+      for (int i = threadIdx.x; i < kMmaHeads * C::kQChunks; i += C::kThreads) {
         const int r = i / C::kQChunks, c = i % C::kQChunks;
         uint4 v = make_uint4(0, 0, 0, 0);
         if (r < heads) {
@@ -341,7 +364,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
       constexpr int kRowHalves = kUpper ? 2 : 1;
 #pragma unroll
       for (int step = 0; step < C::kSteps; ++step) {
-        constexpr int kStepTokens = kDecodeWarps * kWarpTokens;
+        constexpr int kStepTokens = C::kWarps * kWarpTokens;
         const std::uint32_t stage_offset = tile_offset + step * kStepTokens * C::kStageRowBytes;
 
         // S = Q K^T for this warp's 16 tokens: two 8-token column blocks, each summed in two
@@ -500,8 +523,8 @@ __global__ void __launch_bounds__(kDecodeThreads)
     }
   }
   float* red_m = reinterpret_cast<float*>(smem + C::kQBytes);
-  float* red_l = red_m + kDecodeWarps * kMmaHeads;
-  float* red_o = red_l + kDecodeWarps * kMmaHeads;
+  float* red_l = red_m + C::kWarps * kMmaHeads;
+  float* red_o = red_l + C::kWarps * kMmaHeads;
   const int g = lane / 4;
   if (lane % 4 == 0) {
     red_m[warp * kMmaHeads + g] = m[0];
@@ -531,11 +554,11 @@ __global__ void __launch_bounds__(kDecodeThreads)
   }
   __syncthreads();
   if constexpr (Cluster) {
-    cluster_merge_and_store<T>(a, red_m, red_l, red_o, kMmaHeads, D, C::kRedRow, heads, head0,
-                               u.row);
+    cluster_merge_and_store<T, C::kWarps>(a, red_m, red_l, red_o, kMmaHeads, D, C::kRedRow, heads,
+                                          head0, u.row);
   } else {
-    merge_warps_and_store<T>(a, red_m, red_l, red_o, kMmaHeads, D, C::kRedRow, heads, head0, u.row,
-                             split);
+    merge_warps_and_store<T, C::kWarps>(a, red_m, red_l, red_o, kMmaHeads, D, C::kRedRow, heads,
+                                        head0, u.row, split);
   }
 }
 

@@ -17,7 +17,8 @@
 
 namespace tinyserve::kernels::cuda {
 
-// The decode kernels' CTA: 4 warps.
+// The CUDA-core decode kernel's CTA, and the tensor-core one's by default: 4 warps (the
+// tensor-core kernel's configurations with 128-token tiles take 8: MmaConfig).
 constexpr int kDecodeThreads = 128;
 constexpr int kDecodeWarps = kDecodeThreads / 32;
 
