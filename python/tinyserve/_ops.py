@@ -349,8 +349,10 @@ def select_pages_workspace_bytes(query: Any, page_meta: Any, block_table: Any) -
     """Bytes of CUDA scratch :func:`select_pages` needs for these shapes (0 for host arrays);
     pass a buffer of that many bytes as ``workspace=`` to allocate nothing per call."""
     x = _interop.export
-    page_meta = _meta_view(page_meta)[0]
-    return _C.select_pages_workspace_bytes(x(query), x(page_meta), x(block_table))
+    page_meta, meta_dtype = _meta_view(page_meta)
+    return _C.select_pages_workspace_bytes(
+        x(query), x(page_meta), x(block_table), meta_dtype=meta_dtype
+    )
 
 
 def select_pages(
@@ -436,7 +438,9 @@ def select_pages(
         )
         workspace = _select_workspaces.get(key)
         if workspace is None:
-            nbytes = select_pages_workspace_bytes(query, page_meta, block_table)
+            nbytes = _C.select_pages_workspace_bytes(
+                x(query), x(page_meta), x(block_table), meta_dtype=meta_dtype
+            )
             workspace = _workspace(query, fw, nbytes, "select_pages", s)
             _remember(_select_workspaces, key, workspace)
     _C.select_pages(

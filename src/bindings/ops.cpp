@@ -172,16 +172,18 @@ void bind_ops(nb::module_& m) {
 
   m.def(
       "select_pages_workspace_bytes",
-      [](nb::handle query, nb::handle page_meta, nb::handle block_table) {
+      [](nb::handle query, nb::handle page_meta, nb::handle block_table, nb::handle meta_dtype) {
         const char* op = "select_pages_workspace_bytes";
         Arrays a(op);
-        return select_pages_workspace_bytes(a.input(query, "query"),
-                                            a.input(page_meta, "page_meta"),
-                                            a.input(block_table, "block_table"));
+        TensorView q = a.input(query, "query");
+        TensorView meta =
+            as_kv_dtype(a.input(page_meta, "page_meta"), meta_dtype, op, "page_meta", "meta_dtype");
+        return select_pages_workspace_bytes(q, meta, a.input(block_table, "block_table"));
       },
       "query"_a.none(), "page_meta"_a.none(), "block_table"_a.none(),
+      "meta_dtype"_a.none() = nb::none(),
       nb::sig("def select_pages_workspace_bytes(query: typing.Any, page_meta: typing.Any, "
-              "block_table: typing.Any) -> int"),
+              "block_table: typing.Any, meta_dtype: str | None = None) -> int"),
       "Bytes of CUDA scratch select_pages needs for these shapes (0 for host arrays).");
 
   m.def(

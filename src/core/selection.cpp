@@ -159,6 +159,7 @@ namespace {
 struct SelectShapes {
   Device device;
   Backend backend;
+  kernels::PageMetaDesc meta;
 };
 
 SelectShapes check_select_shapes(const OpCheck& c, const TensorView& query,
@@ -178,9 +179,13 @@ SelectShapes check_select_shapes(const OpCheck& c, const TensorView& query,
   TS_REQUIRE(c, query.shape[1] * query.shape[2] <= 32768,
              "num_q_heads * head_dim must be at most 32768, got query ", shape_str(query));
   c.ndim(block_table, "block_table", 2, "[batch, max_blocks]");
+  // The summaries' shape and dtype against the query (so select_pages_workspace_bytes refuses
+  // what select_pages would).
+  const kernels::PageMetaDesc meta = detail::check_meta_shape(
+      c, page_meta, -1, page_meta.shape[1], query.shape[2], query.dtype, "query", false);
   Device device =
       c.same_device({{query, "query"}, {page_meta, "page_meta"}, {block_table, "block_table"}});
-  return {device, c.backend(device)};
+  return {device, c.backend(device), meta};
 }
 
 }  // namespace
@@ -206,8 +211,6 @@ void select_pages(const TensorView& query, const TensorView& page_meta,
   TS_REQUIRE(c,
              options.group_reduce == GroupReduce::Sum || options.group_reduce == GroupReduce::Max,
              "group_reduce must be Sum or Max, got ", int(options.group_reduce));
-  kernels::PageMetaDesc meta = detail::check_meta_shape(c, page_meta, -1, kv_heads, query.shape[2],
-                                                        query.dtype, "query", false);
   TS_REQUIRE(c, budget >= 1, "budget must be at least 1 page, got ", budget);
   TS_REQUIRE(c, block_size > 0 && block_size <= (1 << 20),
              "block_size must be in [1, 1048576], got ", block_size);
@@ -275,7 +278,7 @@ void select_pages(const TensorView& query, const TensorView& page_meta,
   p.query = query.data;
   p.q_stride_batch = query.strides[0];
   p.q_stride_head = query.strides[1];
-  p.page_meta = meta;
+  p.page_meta = s.meta;
   p.summary = options.summary;
   p.group_reduce = options.group_reduce;
   p.block_table = block_table.ptr<const std::int32_t>();

@@ -327,7 +327,7 @@ def test_kept_workspaces_are_per_stream(rng, monkeypatch):
 
     sized = []
 
-    def size(*args):
+    def size(*args, **kwargs):
         sized.append(args)
         return 1024
 

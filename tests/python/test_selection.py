@@ -694,6 +694,29 @@ def test_select_pages_rejects_bad_input(change, message):
 @pytest.mark.parametrize(
     "meta_shape, meta_dtype, message",
     [
+        ((10, 2, 2, 8), "float16", "page_meta must have the dtype of query (float32)"),
+        ((10, 2, 2, 8), "int32", "page_meta must have the dtype of query (float32)"),
+        ((10, 2, 3, 8), "float32", "page_meta must have the shape"),
+        ((10, 2, 2, 9), "float32", "page_meta must have the shape"),
+        ((10, 3, 2, 8), "float32", "num_q_heads must be a positive multiple of num_kv_heads"),
+    ],
+)
+def test_select_pages_workspace_bytes_rejects_bad_summaries(meta_shape, meta_dtype, message):
+    """The workspace size query checks the summaries as select_pages does: a size is never
+    returned for summaries select_pages would refuse."""
+    query, _, table, _ = _select_args()
+    meta = np.zeros(meta_shape, meta_dtype)
+    with pytest.raises(ValueError) as info:
+        ts.select_pages_workspace_bytes(query, meta, table)
+    assert str(info.value).startswith("tinyserve.select_pages_workspace_bytes: ")
+    assert message in str(info.value)
+    good = np.zeros((10, 2, 2, 8), np.float32)
+    assert ts.select_pages_workspace_bytes(query, good, table) == 0  # host arrays: no scratch
+
+
+@pytest.mark.parametrize(
+    "meta_shape, meta_dtype, message",
+    [
         ((5, 2, 2, 8), "float32", "page_meta must have the shape [6, 2, 2, 8]"),
         ((6, 3, 2, 8), "float32", "page_meta must have the shape [6, 2, 2, 8]"),
         ((6, 2, 2, 8), "float16", "page_meta must have the dtype of the key cache (float32)"),
