@@ -16,6 +16,7 @@
 #include <optional>
 
 #include "tinyserve/export.h"
+#include "tinyserve/ops.h"
 #include "tinyserve/tensor.h"
 
 namespace tinyserve {
@@ -60,6 +61,15 @@ TINYSERVE_API void reshape_and_cache(const TensorView& key, const TensorView& va
                                      const TensorView& slot_mapping, const TensorView& page_meta,
                                      PageSummary summary = kDefaultPageSummary, Stream stream = 0);
 
+// The same with the caches' scales: into float8_e4m3fn caches the summaries (in the dtype of
+// `key`, or float8_e4m3fn) are of the keys as the cache holds them, each x / k_scale rounded to
+// e4m3 times k_scale, so that they bound what attention reads.
+TINYSERVE_API void reshape_and_cache(const TensorView& key, const TensorView& value,
+                                     const TensorView& key_cache, const TensorView& value_cache,
+                                     const TensorView& slot_mapping,
+                                     const CacheWriteOptions& options, const TensorView& page_meta,
+                                     PageSummary summary = kDefaultPageSummary, Stream stream = 0);
+
 // Builds the summaries of the pages already in the cache: for every sequence b, each page
 // block_table[b, i] holding tokens of its first seq_lens[b] tokens is summarised from those
 // tokens' keys (loading a cache, or one written without summaries). block_table int32
@@ -67,6 +77,14 @@ TINYSERVE_API void reshape_and_cache(const TensorView& key, const TensorView& va
 // same tokens in each.
 TINYSERVE_API void build_page_meta(const TensorView& key_cache, const TensorView& block_table,
                                    const TensorView& seq_lens, const TensorView& page_meta,
+                                   PageSummary summary = kDefaultPageSummary, Stream stream = 0);
+
+// The same over a float8_e4m3fn key cache of scale k_scale: the keys are summarised as attention
+// reads them, stored * k_scale, into page_meta of float32, float16, bfloat16 (the queries'
+// precision) or float8_e4m3fn.
+TINYSERVE_API void build_page_meta(const TensorView& key_cache, const TensorView& block_table,
+                                   const TensorView& seq_lens, const TensorView& page_meta,
+                                   const KVScale& k_scale,
                                    PageSummary summary = kDefaultPageSummary, Stream stream = 0);
 
 struct SelectPagesOptions {

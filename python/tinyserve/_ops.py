@@ -272,8 +272,9 @@ def reshape_and_cache(
     bfloat16 keys and values and store ``x / scale`` rounded to nearest even and saturated to
     +-448. ``k_scale``/``v_scale``: a positive number (one scale for the tensor, default 1) or a
     float32 array ``[num_kv_heads]`` (one per KV head) on the caches' device, read by CUDA
-    kernels from device memory when they run. Float8 caches take no ``page_meta`` (summaries
-    come from the keys before quantisation, which such a cache no longer holds)."""
+    kernels from device memory when they run. With ``page_meta`` (of the keys' dtype, or
+    float8_e4m3fn) a float8 cache's summaries are of its keys as stored and read back,
+    ``x / k_scale`` rounded to e4m3 times ``k_scale``, so that they bound what attention reads."""
     _interop.wait_ready(key, value, slot_mapping)
     key_cache, kv_dtype = _fp8_view(key_cache, kv_dtype)
     value_cache, kv_dtype = _fp8_view(value_cache, kv_dtype)
@@ -316,6 +317,8 @@ def build_page_meta(
     page_meta: Any,
     *,
     summary: str = DEFAULT_SUMMARY,
+    k_scale: Any = None,
+    kv_dtype: str | None = None,
     stream: Any = None,
 ) -> None:
     """Build the summaries of pages already in the cache (after loading a cache, or one written
@@ -323,14 +326,12 @@ def build_page_meta(
     sequence (int32 ``block_table [batch, max_blocks]``, int32 ``seq_lens [batch]``) is summarised
     from its keys. A block listed by several sequences must hold the same tokens in each.
     ``summary`` as in :func:`reshape_and_cache` (default ``"minmax"``); ``page_meta`` of the
-    key cache's dtype or float8_e4m3fn, rounded as there. Float8 caches are refused (summaries
-    come from the keys before quantisation, which such a cache no longer holds)."""
-    if _fp8_view(key_cache, None)[1] is not None:
-        raise ValueError(
-            "tinyserve.build_page_meta: page summaries need a float32, float16 or bfloat16 key "
-            "cache, got a float8_e4m3fn cache"
-        )
+    key cache's dtype or float8_e4m3fn, rounded as there. A float8 cache (``kv_dtype`` as in
+    :func:`reshape_and_cache`) is summarised as attention reads it, stored values times
+    ``k_scale`` (a number or a float32 ``[num_kv_heads]`` array on its device), into
+    ``page_meta`` of float32, float16, bfloat16 (the queries' dtype) or float8_e4m3fn."""
     _interop.wait_ready(key_cache, block_table, seq_lens)
+    key_cache, kv_dtype = _fp8_view(key_cache, kv_dtype)
     page_meta, meta_dtype = _meta_view(page_meta)
     s = _interop.resolve_stream(stream, key_cache, "build_page_meta")
     x = _interop.export
@@ -340,6 +341,8 @@ def build_page_meta(
         x(seq_lens),
         x(page_meta),
         summary=summary,
+        k_scale=_scale(k_scale),
+        kv_dtype=kv_dtype,
         meta_dtype=meta_dtype,
         stream=s,
     )

@@ -86,16 +86,10 @@ void bind_ops(nb::module_& m) {
         CacheWriteOptions o;
         o.k_scale = kv_scale(a, k_scale, op, "k_scale");
         o.v_scale = kv_scale(a, v_scale, op, "v_scale");
-        // Scales belong to float8 caches, which take no page_meta (the core refuses them): the
-        // page_meta overload has no scales to drop silently.
-        if (meta && (!k_scale.is_none() || !v_scale.is_none())) {
-          detail::fail(op, "k_scale and v_scale apply to float8_e4m3fn caches, which take no ",
-                       "page_meta, got a scale with page_meta");
-        }
         Stream s = to_int<Stream>(stream, op, "stream");
         nb::gil_scoped_release release;
         if (meta) {
-          reshape_and_cache(k, v, kc, vc, sm, *meta, kind, s);
+          reshape_and_cache(k, v, kc, vc, sm, o, *meta, kind, s);
         } else {
           reshape_and_cache(k, v, kc, vc, sm, o, s);
         }
@@ -113,24 +107,28 @@ void bind_ops(nb::module_& m) {
   m.def(
       "build_page_meta",
       [](nb::handle key_cache, nb::handle block_table, nb::handle seq_lens, nb::handle page_meta,
-         nb::handle summary, nb::handle meta_dtype, nb::handle stream) {
+         nb::handle summary, nb::handle k_scale, nb::handle kv_dtype, nb::handle meta_dtype,
+         nb::handle stream) {
         const char* op = "build_page_meta";
         Arrays a(op);
-        TensorView kc = a.input(key_cache, "key_cache");
+        TensorView kc = as_kv_dtype(a.input(key_cache, "key_cache"), kv_dtype, op, "key_cache");
         TensorView bt = a.input(block_table, "block_table");
         TensorView sl = a.input(seq_lens, "seq_lens");
         TensorView meta = as_kv_dtype(a.output(page_meta, "page_meta"), meta_dtype, op, "page_meta",
                                       "meta_dtype");
         PageSummary kind = page_summary(summary, op);
+        KVScale scale = kv_scale(a, k_scale, op, "k_scale");
         Stream s = to_int<Stream>(stream, op, "stream");
         nb::gil_scoped_release release;
-        build_page_meta(kc, bt, sl, meta, kind, s);
+        build_page_meta(kc, bt, sl, meta, scale, kind, s);
       },
       "key_cache"_a.none(), "block_table"_a.none(), "seq_lens"_a.none(), "page_meta"_a.none(),
-      "summary"_a.none() = "minmax", "meta_dtype"_a.none() = nb::none(), "stream"_a.none() = 0,
+      "summary"_a.none() = "minmax", "k_scale"_a.none() = nb::none(),
+      "kv_dtype"_a.none() = nb::none(), "meta_dtype"_a.none() = nb::none(), "stream"_a.none() = 0,
       nb::sig("def build_page_meta(key_cache: typing.Any, block_table: typing.Any, seq_lens: "
-              "typing.Any, page_meta: typing.Any, summary: str = 'minmax', meta_dtype: str | None "
-              "= None, stream: int = 0) -> None"));
+              "typing.Any, page_meta: typing.Any, summary: str = 'minmax', k_scale: typing.Any | "
+              "None = None, kv_dtype: str | None = None, meta_dtype: str | None = None, stream: "
+              "int = 0) -> None"));
 
   m.def(
       "select_pages",

@@ -60,7 +60,9 @@ struct ReshapeAndCacheParams {
   int head_dim = 0;
   int block_size = 0;
   std::int64_t num_blocks = 0;
-  PageMetaDesc page_meta;                     // updated from the keys written when data is set
+  // Updated from the keys written when data is set; over a Float8E4M3FN cache from the keys as
+  // stored (x / k_scale rounded to e4m3, times k_scale), in the keys' dtype or float8.
+  PageMetaDesc page_meta;
   PageSummary summary = PageSummary::MinMax;  // the rows: MinMax or MeanStd
   int device_index = 0;
 };
@@ -209,8 +211,12 @@ struct SelectPagesParams {
 // Summaries of pages already in the cache (build_page_meta): for each sequence, every page of
 // its first seq_lens[b] tokens, from its keys.
 struct BuildPageMetaParams {
-  DType dtype = DType::Float32;
+  DType dtype = DType::Float32;  // of the key cache: float32/16, bfloat16 or Float8E4M3FN
+  ScaleArg k_scale;              // Float8E4M3FN caches only (keys read as stored * k_scale)
   CacheDesc key_cache;
+  // The summaries' dtype where they are not float8 (page_meta.fp8): the cache's, or for a float8
+  // cache float32, float16 or bfloat16.
+  DType meta_dtype = DType::Float32;
   PageMetaDesc page_meta;
   PageSummary summary = PageSummary::MinMax;  // the rows: MinMax or MeanStd
   const std::int32_t* block_table = nullptr;  // [batch, max_blocks]

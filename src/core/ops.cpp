@@ -21,6 +21,40 @@ using detail::Backend;
 using detail::OpCheck;
 using detail::shape_str;
 
+namespace detail {
+
+// The kernels' view of a float8 cache's scale `s` (named `name`), checked: a positive finite
+// value, or a float32 [num_kv_heads] tensor on the caches' device whose entries, where they live
+// on the host, are positive and finite. Caches of other dtypes take the default scale only.
+kernels::ScaleArg check_scale(const OpCheck& c, const KVScale& s, const char* name,
+                              const TensorView& cache) {
+  TS_REQUIRE(c, std::isfinite(s.value) && s.value > 0.0f, name,
+             " must be positive and finite, got ", s.value);
+  TS_REQUIRE(c, cache.dtype == DType::Float8E4M3FN || (s.value == 1.0f && !s.per_head), name,
+             " applies to float8_e4m3fn caches only, got a ", dtype_name(cache.dtype), " cache");
+  kernels::ScaleArg arg;
+  arg.value = s.value;
+  if (s.per_head) {
+    const TensorView& t = *s.per_head;
+    c.ndim(t, name, 1, "[num_kv_heads]");
+    c.dtype(t, name, DType::Float32);
+    c.dim(t, name, 0, cache.shape[2], "num_kv_heads of the caches");
+    c.last_dim_contiguous(t, name);
+    c.same_device({{cache, "the caches"}, {t, name}});
+    if (detail::is_host(t.device)) {
+      const float* v = t.ptr<const float>();
+      for (std::int64_t i = 0; i < t.shape[0]; ++i) {
+        TS_REQUIRE(c, std::isfinite(v[i]) && v[i] > 0.0f, name, "[", i,
+                   "] must be positive and finite, got ", v[i]);
+      }
+    }
+    arg.per_head = t.ptr<const float>();
+  }
+  return arg;
+}
+
+}  // namespace detail
+
 namespace {
 
 constexpr int kMaxSplits = 4096;
@@ -99,36 +133,6 @@ void check_cache_pair(const OpCheck& c, const TensorView& key_cache,
              shape_str(value_cache));
     }
   }
-}
-
-// The kernels' view of a float8 cache's scale `s` (named `name`), checked: a positive finite
-// value, or a float32 [num_kv_heads] tensor on the caches' device whose entries, where they live
-// on the host, are positive and finite. Caches of other dtypes take the default scale only.
-kernels::ScaleArg check_scale(const OpCheck& c, const KVScale& s, const char* name,
-                              const TensorView& cache) {
-  TS_REQUIRE(c, std::isfinite(s.value) && s.value > 0.0f, name,
-             " must be positive and finite, got ", s.value);
-  TS_REQUIRE(c, cache.dtype == DType::Float8E4M3FN || (s.value == 1.0f && !s.per_head), name,
-             " applies to float8_e4m3fn caches only, got a ", dtype_name(cache.dtype), " cache");
-  kernels::ScaleArg arg;
-  arg.value = s.value;
-  if (s.per_head) {
-    const TensorView& t = *s.per_head;
-    c.ndim(t, name, 1, "[num_kv_heads]");
-    c.dtype(t, name, DType::Float32);
-    c.dim(t, name, 0, cache.shape[2], "num_kv_heads of the caches");
-    c.last_dim_contiguous(t, name);
-    c.same_device({{cache, "the caches"}, {t, name}});
-    if (detail::is_host(t.device)) {
-      const float* v = t.ptr<const float>();
-      for (std::int64_t i = 0; i < t.shape[0]; ++i) {
-        TS_REQUIRE(c, std::isfinite(v[i]) && v[i] > 0.0f, name, "[", i,
-                   "] must be positive and finite, got ", v[i]);
-      }
-    }
-    arg.per_head = t.ptr<const float>();
-  }
-  return arg;
 }
 
 // The longest key range one query reads: the table's capacity, cut by the caller's bound and
@@ -461,8 +465,8 @@ void write_cache(const TensorView& key, const TensorView& value, const TensorVie
     c.disjoint(cache, {value, "value"});
     c.disjoint(cache, {slot_mapping, "slot_mapping"});
   }
-  const kernels::ScaleArg k_scale = check_scale(c, options.k_scale, "k_scale", key_cache);
-  const kernels::ScaleArg v_scale = check_scale(c, options.v_scale, "v_scale", value_cache);
+  const kernels::ScaleArg k_scale = detail::check_scale(c, options.k_scale, "k_scale", key_cache);
+  const kernels::ScaleArg v_scale = detail::check_scale(c, options.v_scale, "v_scale", value_cache);
   // Per-head scales are read while the caches are written.
   for (const KVScale* scale : {&options.k_scale, &options.v_scale}) {
     if (!scale->per_head) continue;
@@ -472,7 +476,7 @@ void write_cache(const TensorView& key, const TensorView& value, const TensorVie
   }
   kernels::PageMetaDesc meta;
   if (page_meta) {
-    meta = detail::check_page_meta(c, *page_meta, key_cache, summary, true);
+    meta = detail::check_page_meta(c, *page_meta, key_cache, summary, true, key.dtype);
     c.same_device({{key_cache, "key_cache"}, {*page_meta, "page_meta"}});
     for (const detail::Named& other :
          {detail::Named{key_cache, "key_cache"}, detail::Named{value_cache, "value_cache"},
@@ -540,6 +544,14 @@ void reshape_and_cache(const TensorView& key, const TensorView& value, const Ten
               summary, stream);
 }
 
+void reshape_and_cache(const TensorView& key, const TensorView& value, const TensorView& key_cache,
+                       const TensorView& value_cache, const TensorView& slot_mapping,
+                       const CacheWriteOptions& options, const TensorView& page_meta,
+                       PageSummary summary, Stream stream) {
+  write_cache(key, value, key_cache, value_cache, slot_mapping, options, &page_meta, summary,
+              stream);
+}
+
 AttentionPlan plan_paged_attention(const TensorView& query, const TensorView& key_cache,
                                    const TensorView& block_table, const AttentionOptions& options) {
   OpCheck c("plan_paged_attention");
@@ -555,8 +567,8 @@ void paged_attention(const TensorView& query, const TensorView& key_cache,
   check_cache_pair(c, key_cache, value_cache);
   AttentionShapes s = check_attention_plan_args(c, query, key_cache, block_table, options);
   if (key_cache.dtype != DType::Float8E4M3FN) c.same_dtype(key_cache, "key_cache", query, "query");
-  const kernels::ScaleArg k_scale = check_scale(c, options.k_scale, "k_scale", key_cache);
-  const kernels::ScaleArg v_scale = check_scale(c, options.v_scale, "v_scale", value_cache);
+  const kernels::ScaleArg k_scale = detail::check_scale(c, options.k_scale, "k_scale", key_cache);
+  const kernels::ScaleArg v_scale = detail::check_scale(c, options.v_scale, "v_scale", value_cache);
   const bool per_head = block_table.ndim == 3;
   if (per_head) {
     c.ndim(seq_lens, "seq_lens", 2, "[batch, num_kv_heads] (the block_table is per KV head)");

@@ -89,19 +89,16 @@ void check_host_table(const OpCheck& c, const TensorView& block_table, const Ten
 
 kernels::PageMetaDesc check_page_meta(const OpCheck& c, const TensorView& page_meta,
                                       const TensorView& key_cache, PageSummary summary,
-                                      bool written) {
+                                      bool written, DType keys) {
   check_summary(c, summary);
-  // Summaries come from the keys before quantisation, which a float8 cache no longer holds.
-  TS_REQUIRE(c, key_cache.dtype != DType::Float8E4M3FN,
-             "page summaries need a float32, float16 or bfloat16 key cache, got a ",
-             dtype_name(key_cache.dtype), " cache");
   // A mean and deviation extended from float8 values lose the page's earlier keys (the mean is
   // rounded to 3 bits before the next key moves it); bounds extend exactly.
   TS_REQUIRE(c, page_meta.dtype != DType::Float8E4M3FN || summary != PageSummary::MeanStd,
              "float8_e4m3fn page summaries take the min/max summaries (minmax, minmax_damped), got "
              "meanstd");
+  const bool fp8_cache = key_cache.dtype == DType::Float8E4M3FN;
   return check_meta_shape(c, page_meta, key_cache.shape[0], key_cache.shape[2], key_cache.shape[3],
-                          key_cache.dtype, "the key cache", written);
+                          keys, fp8_cache ? "the keys written" : "the key cache", written);
 }
 
 }  // namespace detail
@@ -109,24 +106,42 @@ kernels::PageMetaDesc check_page_meta(const OpCheck& c, const TensorView& page_m
 void build_page_meta(const TensorView& key_cache, const TensorView& block_table,
                      const TensorView& seq_lens, const TensorView& page_meta, PageSummary summary,
                      Stream stream) {
+  build_page_meta(key_cache, block_table, seq_lens, page_meta, KVScale{}, summary, stream);
+}
+
+void build_page_meta(const TensorView& key_cache, const TensorView& block_table,
+                     const TensorView& seq_lens, const TensorView& page_meta,
+                     const KVScale& k_scale, PageSummary summary, Stream stream) {
   OpCheck c("build_page_meta");
-  TS_REQUIRE(c, key_cache.dtype != DType::Float8E4M3FN,
-             "page summaries need a float32, float16 or bfloat16 key cache, got a ",
-             dtype_name(key_cache.dtype), " cache");
   c.kv_cache(key_cache, "key_cache");
   detail::check_table_and_lens(c, block_table, seq_lens, block_table.shape[0]);
-  kernels::PageMetaDesc meta = detail::check_page_meta(c, page_meta, key_cache, summary, true);
+  // A float8 cache's summaries are of its keys as attention reads them (stored * k_scale), in
+  // float32, float16, bfloat16 (the queries' precision) or float8.
+  DType keys = key_cache.dtype;
+  if (key_cache.dtype == DType::Float8E4M3FN) {
+    TS_REQUIRE(c,
+               page_meta.dtype == DType::Float32 || page_meta.dtype == DType::Float16 ||
+                   page_meta.dtype == DType::BFloat16 || page_meta.dtype == DType::Float8E4M3FN,
+               "page_meta of a float8_e4m3fn key cache must be float32, float16, bfloat16 or "
+               "float8_e4m3fn, got ",
+               dtype_name(page_meta.dtype));
+    keys = page_meta.dtype;
+  }
+  const kernels::ScaleArg scale = detail::check_scale(c, k_scale, "k_scale", key_cache);
+  kernels::PageMetaDesc meta =
+      detail::check_page_meta(c, page_meta, key_cache, summary, true, keys);
   Device device = c.same_device({{key_cache, "key_cache"},
                                  {block_table, "block_table"},
                                  {seq_lens, "seq_lens"},
                                  {page_meta, "page_meta"}});
   Backend backend = c.backend(device);
-  // The summaries are written while the keys, table and lengths are read.
+  // The summaries are written while the keys, table, lengths and scales are read.
   for (const detail::Named& in :
        {detail::Named{key_cache, "key_cache"}, detail::Named{block_table, "block_table"},
         detail::Named{seq_lens, "seq_lens"}}) {
     c.disjoint({page_meta, "page_meta"}, in);
   }
+  if (k_scale.per_head) c.disjoint({page_meta, "page_meta"}, {*k_scale.per_head, "k_scale"});
   if (backend == Backend::CPU) {
     detail::check_host_table(c, block_table, seq_lens, key_cache.shape[1], key_cache.shape[0]);
   }
@@ -134,6 +149,8 @@ void build_page_meta(const TensorView& key_cache, const TensorView& block_table,
 
   kernels::BuildPageMetaParams p;
   p.dtype = key_cache.dtype;
+  p.k_scale = scale;
+  p.meta_dtype = page_meta.dtype;
   p.key_cache = {key_cache.data, key_cache.strides[0], key_cache.strides[1], key_cache.strides[2]};
   p.page_meta = meta;
   p.summary = page_summary_rows(summary);  // the writers know only the kinds of rows

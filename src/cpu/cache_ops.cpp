@@ -84,12 +84,17 @@ void reshape_and_cache(const ReshapeAndCacheParams& p) {
   if (p.cache_dtype == DType::Float8E4M3FN) {
     switch (p.dtype) {
       case DType::Float16:
-        return quantise_rows<tinyserve::cpu::half_t>(p);
+        quantise_rows<tinyserve::cpu::half_t>(p);
+        break;
       case DType::BFloat16:
-        return quantise_rows<tinyserve::cpu::bfloat16_t>(p);
+        quantise_rows<tinyserve::cpu::bfloat16_t>(p);
+        break;
       default:
-        return quantise_rows<float>(p);
+        quantise_rows<float>(p);
+        break;
     }
+    if (p.page_meta.data != nullptr) update_page_meta(p);
+    return;
   }
   const std::size_t elem = dtype_size(p.dtype);
   const std::size_t row_bytes = std::size_t(p.head_dim) * elem;

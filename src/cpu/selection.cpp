@@ -1,7 +1,9 @@
 // CPU page summaries and page selection: the reference for the CUDA kernels.
 //
 // A summary accumulates in double (min/max exactly, mean/std as sums of x and x^2) and is stored
-// in the cache's dtype, rounded once, or in float8 e4m3fn, rounded outward (stored<T>). Scores
+// in the cache's dtype, rounded once, or in float8 e4m3fn, rounded outward (stored<T>). Over a
+// float8 cache it summarises the keys as attention reads them, stored * k_scale in float32 (a
+// write quantises x / k_scale as the cache write does), in the summaries' dtype. Scores
 // accumulate in float32 over head_dim in order, per query head, then combine over the GQA group.
 
 #include <algorithm>
@@ -148,9 +150,14 @@ T* meta_row(const PageMetaDesc& m, std::int64_t block, int head, int row) {
 // ---------------------------------------------------------------------------------------------
 // Summaries written with the cache.
 
-// T: the keys' type; M: the summaries' (T, or float8 e4m3fn).
+// K's scale of KV head h.
+float head_scale(const ScaleArg& s, int h) { return s.per_head ? s.per_head[h] : s.value; }
+
+// T: the keys' type; M: the summaries' (T, or float8 e4m3fn). Over a float8 cache each key is
+// summarised as the cache holds it: x / scale rounded to e4m3, times the scale (float32).
 template <class T, class M>
 void update_typed(const ReshapeAndCacheParams& p) {
+  const bool quantised = p.cache_dtype == DType::Float8E4M3FN;
   // The call's tokens grouped by page, each group in token order.
   std::vector<std::int64_t> order;
   order.reserve(std::size_t(p.num_tokens));
@@ -168,6 +175,7 @@ void update_typed(const ReshapeAndCacheParams& p) {
   const std::int64_t groups = std::int64_t(starts.size()) - 1;
   parallel_for(groups, [&](std::int64_t begin, std::int64_t end) {
     Accumulator acc(p.summary, p.head_dim);
+    std::vector<float> stored_key(quantised ? std::size_t(p.head_dim) : 0);
     for (std::int64_t g = begin; g < end; ++g) {
       const std::size_t first = starts[std::size_t(g)], last = starts[std::size_t(g) + 1];
       const std::int64_t block = block_of(order[first]);
@@ -181,8 +189,18 @@ void update_typed(const ReshapeAndCacheParams& p) {
         acc.reset();
         if (lowest > 0) acc.load(row0, row1, lowest);  // extends the keys before `lowest`
         for (std::size_t i = first; i < last; ++i) {
-          acc.add(static_cast<const T*>(p.key) + order[i] * p.key_stride_token +
-                  std::int64_t(h) * p.key_stride_head);
+          const T* key = static_cast<const T*>(p.key) + order[i] * p.key_stride_token +
+                         std::int64_t(h) * p.key_stride_head;
+          if (quantised) {
+            const float scale = head_scale(p.k_scale, h);
+            for (int d = 0; d < p.head_dim; ++d) {
+              stored_key[std::size_t(d)] =
+                  to_float(from_float<float8_e4m3_t>(to_float(key[d]) / scale)) * scale;
+            }
+            acc.add(stored_key.data());
+          } else {
+            acc.add(key);
+          }
         }
         acc.store(row0, row1);
       }
@@ -190,8 +208,10 @@ void update_typed(const ReshapeAndCacheParams& p) {
   });
 }
 
+// T: the key cache's type (float8 e4m3fn: read as stored * k_scale); M: the summaries'.
 template <class T, class M>
 void build_typed(const BuildPageMetaParams& p) {
+  constexpr bool kQuantised = std::is_same_v<T, float8_e4m3_t>;
   // (block, tokens in it) per page of every sequence; a block that several sequences list is
   // built once, from the longest of its lists.
   struct Page {
@@ -213,12 +233,23 @@ void build_typed(const BuildPageMetaParams& p) {
               pages.end());
   parallel_for(std::int64_t(pages.size()), [&](std::int64_t begin, std::int64_t end) {
     Accumulator acc(p.summary, p.head_dim);
+    std::vector<float> stored_key(kQuantised ? std::size_t(p.head_dim) : 0);
     for (std::int64_t i = begin; i < end; ++i) {
       const Page& pg = pages[std::size_t(i)];
       for (int h = 0; h < p.num_heads; ++h) {
         acc.reset();
         for (std::int64_t t = 0; t < pg.tokens; ++t) {
-          acc.add(static_cast<const T*>(p.key_cache.data) + p.key_cache.offset(pg.block, t, h));
+          const T* key =
+              static_cast<const T*>(p.key_cache.data) + p.key_cache.offset(pg.block, t, h);
+          if constexpr (kQuantised) {
+            const float scale = head_scale(p.k_scale, h);
+            for (int d = 0; d < p.head_dim; ++d) {
+              stored_key[std::size_t(d)] = to_float(key[d]) * scale;
+            }
+            acc.add(stored_key.data());
+          } else {
+            acc.add(key);
+          }
         }
         acc.store(meta_row<M>(p.page_meta, pg.block, h, 0),
                   meta_row<M>(p.page_meta, pg.block, h, 1));
@@ -345,6 +376,11 @@ struct Build {
     p.page_meta.fp8 ? build_typed<T, float8_e4m3_t>(p) : build_typed<T, T>(p);
   }
 };
+// Over a float8 cache into summaries of type M (dispatched on meta_dtype where not float8).
+template <class M>
+struct BuildFromFp8 {
+  static void run(const BuildPageMetaParams& p) { build_typed<float8_e4m3_t, M>(p); }
+};
 template <class T>
 struct Select {
   static void run(const SelectPagesParams& p) {
@@ -355,7 +391,15 @@ struct Select {
 }  // namespace
 
 void update_page_meta(const ReshapeAndCacheParams& p) { dispatch<Update>(p.dtype, p); }
-void build_page_meta(const BuildPageMetaParams& p) { dispatch<Build>(p.dtype, p); }
+void build_page_meta(const BuildPageMetaParams& p) {
+  if (p.dtype == DType::Float8E4M3FN && p.page_meta.fp8) {
+    build_typed<float8_e4m3_t, float8_e4m3_t>(p);
+  } else if (p.dtype == DType::Float8E4M3FN) {
+    dispatch<BuildFromFp8>(p.meta_dtype, p);
+  } else {
+    dispatch<Build>(p.dtype, p);
+  }
+}
 void select_pages(const SelectPagesParams& p) { dispatch<Select>(p.dtype, p); }
 
 }  // namespace tinyserve::kernels::cpu

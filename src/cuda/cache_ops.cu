@@ -433,7 +433,11 @@ void swap_with_kernel(const SwapBlocksParams& p, const char* src, char* dst, cud
 void reshape_and_cache(const ReshapeAndCacheParams& p, Stream stream) {
   const char* op = "reshape_and_cache";
   DeviceGuard guard(p.device_index, op);
-  if (p.cache_dtype == DType::Float8E4M3FN) return reshape_and_quantise(p, as_stream(stream), op);
+  if (p.cache_dtype == DType::Float8E4M3FN) {
+    reshape_and_quantise(p, as_stream(stream), op);
+    if (p.page_meta.data != nullptr) update_page_meta(p, stream);
+    return;
+  }
   const std::int64_t e = std::int64_t(dtype_size(p.dtype));
   ReshapeArgs a;
   a.key = static_cast<const char*>(p.key);

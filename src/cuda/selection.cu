@@ -168,7 +168,23 @@ struct UpdateArgs {
   int num_heads;
   int head_dim;
   PageSummary kind;
+  // A float8 cache's write: each key is summarised as stored, x / k_scale rounded to e4m3 (as the
+  // cache write rounds it) times k_scale.
+  bool quantised;
+  ScaleArg k_scale;
 };
+
+// K's scale of KV head h (per-head scales read from device memory).
+__device__ __forceinline__ float head_scale(const ScaleArg& s, int h) {
+  return s.per_head ? s.per_head[h] : s.value;
+}
+
+// x as a float8 cache holds it: x / scale rounded to e4m3fn, times the scale.
+__device__ __forceinline__ float as_stored_fp8(float x, float scale) {
+  __nv_fp8_e4m3 q;
+  q.__x = __nv_fp8_storage_t(to_fp8_e4m3(x / scale));
+  return to_float(q) * scale;
+}
 
 // T: the keys' type; M: the summaries' (T, or float8 e4m3fn).
 template <class T, class M>
@@ -246,8 +262,9 @@ __global__ void update_page_meta_kernel(const __grid_constant__ UpdateArgs a) {
             const int e = first + i * blockDim.x + threadIdx.x;
             if (e >= elements) break;
             const int h = e / a.head_dim, d = e - h * a.head_dim;
-            acc_fold(acc, i, a.kind, key[t * a.key_stride_token + h * a.key_stride_head + d],
-                     acc.count + m + 1);
+            float x = to_float(key[t * a.key_stride_token + h * a.key_stride_head + d]);
+            if (a.quantised) x = as_stored_fp8(x, head_scale(a.k_scale, h));
+            acc_fold(acc, i, a.kind, x, acc.count + m + 1);
           }
         }
         acc.count += found;
@@ -281,8 +298,10 @@ struct BuildArgs {
   int num_heads;
   int head_dim;
   PageSummary kind;
+  ScaleArg k_scale;  // float8 caches: keys read as stored * k_scale
 };
 
+// T: the key cache's type (float8 e4m3fn: times K's scale); M: the summaries'.
 template <class T, class M>
 __global__ void build_page_meta_kernel(const __grid_constant__ BuildArgs a) {
   const int b = blockIdx.y;
@@ -303,7 +322,9 @@ __global__ void build_page_meta_kernel(const __grid_constant__ BuildArgs a) {
         const int e = first + i * blockDim.x + threadIdx.x;
         if (e >= elements) break;
         const int h = e / a.head_dim, d = e - h * a.head_dim;
-        acc_fold(acc, i, a.kind, kc[t * a.kc_stride_token + h * a.kc_stride_head + d], t + 1);
+        float x = to_float(kc[t * a.kc_stride_token + h * a.kc_stride_head + d]);
+        if constexpr (std::is_same_v<T, __nv_fp8_e4m3>) x *= head_scale(a.k_scale, h);
+        acc_fold(acc, i, a.kind, x, t + 1);
       }
     }
     acc.count = tokens;
@@ -1526,6 +1547,8 @@ void update_page_meta(const ReshapeAndCacheParams& p, Stream stream) {
   a.num_heads = p.num_heads;
   a.head_dim = p.head_dim;
   a.kind = p.summary;
+  a.quantised = p.cache_dtype == DType::Float8E4M3FN;
+  a.k_scale = p.k_scale;
   const int threads = summary_threads(p.num_heads, p.head_dim);
   const unsigned grid = unsigned(std::min<std::int64_t>(p.num_tokens, 1 << 30));
   const void* kernel = dispatch_float_dtype(p.dtype, op, [&](auto type) {
@@ -1557,12 +1580,28 @@ void build_page_meta(const BuildPageMetaParams& p, Stream stream) {
   a.num_heads = p.num_heads;
   a.head_dim = p.head_dim;
   a.kind = p.summary;
+  a.k_scale = p.k_scale;
   const int threads = summary_threads(p.num_heads, p.head_dim);
-  const void* kernel = dispatch_float_dtype(p.dtype, op, [&](auto type) {
-    using T = typename decltype(type)::type;
-    return p.page_meta.fp8 ? reinterpret_cast<const void*>(build_page_meta_kernel<T, __nv_fp8_e4m3>)
-                           : reinterpret_cast<const void*>(build_page_meta_kernel<T, T>);
-  });
+  const void* kernel = nullptr;
+  if (p.page_meta.fp8) {
+    kernel =
+        p.dtype == DType::Float8E4M3FN
+            ? reinterpret_cast<const void*>(build_page_meta_kernel<__nv_fp8_e4m3, __nv_fp8_e4m3>)
+            : dispatch_float_dtype(p.dtype, op, [&](auto type) {
+                using T = typename decltype(type)::type;
+                return reinterpret_cast<const void*>(build_page_meta_kernel<T, __nv_fp8_e4m3>);
+              });
+  } else if (p.dtype == DType::Float8E4M3FN) {  // a float8 cache's summaries in meta_dtype
+    kernel = dispatch_float_dtype(p.meta_dtype, op, [&](auto type) {
+      using M = typename decltype(type)::type;
+      return reinterpret_cast<const void*>(build_page_meta_kernel<__nv_fp8_e4m3, M>);
+    });
+  } else {
+    kernel = dispatch_float_dtype(p.dtype, op, [&](auto type) {
+      using T = typename decltype(type)::type;
+      return reinterpret_cast<const void*>(build_page_meta_kernel<T, T>);
+    });
+  }
   launch(kernel, dim3(unsigned(p.max_blocks), unsigned(p.batch)), dim3(threads), 0,
          as_stream(stream), a, op, "build_page_meta_kernel");
 }

@@ -665,16 +665,16 @@ def test_caches_with_an_empty_dimension_are_refused(case, rng, shape, match):
     )
 
 
-def test_reshape_and_cache_refuses_a_scale_with_page_meta(cache_args):
+def test_reshape_and_cache_refuses_a_scale_with_page_meta_of_a_16_bit_cache(cache_args):
     a = cache_args
     n, _, h, d = a["key_cache"].shape
     meta = np.full((n, h, 2, d), np.nan, np.float32)
-    for scale in ({"k_scale": 1.0}, {"v_scale": 2.0}):
+    for name, scale in (("k_scale", {"k_scale": 3.0}), ("v_scale", {"v_scale": 2.0})):
         expect_error(
             lambda s=scale: ts.reshape_and_cache(**a, page_meta=meta, **s),
             ValueError,
-            r"tinyserve.reshape_and_cache: k_scale and v_scale apply to float8_e4m3fn caches, "
-            r"which take no page_meta, got a scale with page_meta",
+            rf"tinyserve.reshape_and_cache: {name} applies to float8_e4m3fn caches only, got a "
+            rf"{a['key_cache'].dtype} cache",
             a["key_cache"],
             a["value_cache"],
             meta,

@@ -30,6 +30,11 @@ try:
 except ImportError:
     torch = None
 
+try:
+    import ml_dtypes
+except ImportError:  # NumPy float8 summaries need it; torch ones do not
+    ml_dtypes = None
+
 FP8_NAN = 0x7F  # the bits that poison unwritten cache slots
 
 
@@ -1037,36 +1042,252 @@ def test_per_head_tables_fp8(rng, backend, dtype, layout, scale_mode):
         assert R.rel_error(f64(out), want) < TOLERANCE[dtype]
 
 
+def _fp8_meta(shape, meta_dtype, fw, device):
+    """NaN-poisoned page summaries of `meta_dtype` ("float8_e4m3fn": NaN bits)."""
+    if meta_dtype == "float8_e4m3fn":
+        bits = np.full(shape, FP8_NAN, np.uint8)
+        if fw == "numpy":
+            return bits.view(ml_dtypes.float8_e4m3fn)
+        return torch.from_numpy(bits).to(device).view(torch.float8_e4m3fn)
+    if fw == "numpy":
+        return np.full(shape, np.nan, dtype=meta_dtype)
+    return torch.full(shape, float("nan"), dtype=getattr(torch, meta_dtype), device=device)
+
+
+def _meta64(meta) -> np.ndarray:
+    """float64 values of page summaries of any dtype (float8 decoded from its bits)."""
+    if torch is not None and isinstance(meta, torch.Tensor):
+        if meta.dtype == torch.float8_e4m3fn:
+            return decode_e4m3(meta.view(torch.uint8).cpu().numpy())
+        return meta.double().cpu().numpy()
+    if getattr(meta.dtype, "name", "") == "float8_e4m3fn":
+        return decode_e4m3(meta.view(np.uint8))
+    return np.asarray(meta, np.float64)
+
+
+def _summary_reference(stored, meta_dtype, summary):
+    """Rows (min, max) or (mean, std) over axis 0 of keys as a float8 cache holds them (float32
+    products), rounded as the summaries store them: float8 outward (floor / ceil), 16-bit to
+    nearest."""
+    if summary == "meanstd":
+        return np.stack([stored.mean(0), stored.std(0)])
+    lo, hi = stored.min(0), stored.max(0)
+    if meta_dtype == "float8_e4m3fn":
+        values = decode_e4m3(np.arange(0x7F, dtype=np.uint8))
+        table = np.concatenate([-values[:0:-1], values])  # ascending, one zero
+        lo = table[np.maximum(np.searchsorted(table, lo, "right") - 1, 0)]
+        hi = table[np.minimum(np.searchsorted(table, hi, "left"), len(table) - 1)]
+        return np.stack([lo, hi])
+    return np.stack([_round_to(lo, meta_dtype), _round_to(hi, meta_dtype)])
+
+
+def _check_summaries(meta, written, meta_dtype, summary, num_blocks):
+    """Every written page's summary against the reference over its keys as stored; pages never
+    written keep their NaN poison."""
+    got = _meta64(meta)
+    for block in range(num_blocks):
+        if block not in written:
+            assert np.isnan(got[block]).all()
+            continue
+        want = _summary_reference(np.stack(written[block]), meta_dtype, summary)
+        for h in range(got.shape[1]):
+            if summary == "meanstd":  # sums in another order (and float32 on the GPU)
+                tol = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}[meta_dtype]
+                scale = np.abs(want[:, h]).max()
+                np.testing.assert_allclose(got[block, h], want[:, h], rtol=tol, atol=tol * scale)
+            else:  # min/max select a key exactly, then round once
+                np.testing.assert_array_equal(got[block, h], want[:, h])
+
+
+@pytest.mark.parametrize("backend", fp8_backends())
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("scale_mode", ["tensor", "head"])
+@pytest.mark.parametrize(
+    "summary, float8_meta",
+    [("minmax", False), ("meanstd", False), ("minmax", True)],
+    ids=["minmax", "meanstd", "minmax-float8-summaries"],
+)
+def test_page_summaries_of_float8_caches(rng, backend, dtype, scale_mode, summary, float8_meta):
+    """Page summaries written with a float8 cache, in the keys' dtype or float8, are of the keys
+    as the cache holds them (x / k_scale rounded to e4m3, times k_scale, in float32): every page
+    after each of two writes in random slot order (pages started, extended at later offsets,
+    restarted at offset 0), against the float64 reference over the independent e4m3 model; then
+    build_page_meta over the filled cache gives the same summaries."""
+    fw, device = backend
+    _require(fw, dtype)
+    if fw == "numpy" and float8_meta and ml_dtypes is None:
+        pytest.skip("NumPy float8 summaries need ml_dtypes")
+    meta_dtype = "float8_e4m3fn" if float8_meta else dtype
+    num_blocks, block_size, heads, dim = 7, 4, 2, 16
+    k_scales, v_scales = _scales(rng, scale_mode, heads), _scales(rng, scale_mode, heads)
+    poison = np.full((num_blocks, block_size, heads, dim), FP8_NAN, np.uint8)
+    kc, vc = _fp8_caches(poison, poison.copy(), fw, device, "NHD")
+    meta = _fp8_meta((num_blocks, heads, 2, dim), meta_dtype, fw, device)
+    written = {}  # block -> keys as stored, in offset order
+    # Call 1 fills offsets 0-2 of blocks 0-3; call 2 extends them at offset 3 and restarts
+    # block 1 from offset 0 together with block 4, each call in random slot order.
+    calls = [
+        [(b, o) for b in range(4) for o in range(3)],
+        [(b, 3) for b in (0, 2, 3)] + [(1, o) for o in range(4)] + [(4, o) for o in range(2)],
+    ]
+    for places in calls:
+        places = [places[i] for i in rng.permutation(len(places))]
+        x = rng.standard_normal((len(places), heads, dim)) * 40 * k_scales[None, :, None]
+        x[0, 0, 0] = 600 * k_scales[0]  # saturates to 448 * scale
+        x = _round_to(x, dtype)
+        slots = np.array([b * block_size + o for b, o in places], np.int64)
+        stored = np.float32(decode_e4m3(quantise(x, k_scales[None, :, None])))
+        stored = stored * k_scales[None, :, None]  # float32 products, as the kernels form them
+        for block in {b for b, o in places if o == 0}:
+            written[block] = [None] * block_size
+        for (block, offset), key in zip(places, stored.astype(np.float64)):
+            written[block][offset] = key
+        xs = _input(x, fw, dtype, device)
+        sl = slots if fw == "numpy" else torch.from_numpy(slots).to(device)
+        ts.reshape_and_cache(
+            xs,
+            xs,
+            kc,
+            vc,
+            sl,
+            meta,
+            summary=summary,
+            k_scale=_scale_arg(k_scales, scale_mode, fw, device),
+            v_scale=_scale_arg(v_scales, scale_mode, fw, device),
+            kv_dtype=_kv_dtype(fw),
+        )
+        sync(fw, device)
+        keys = {b: [k for k in ks if k is not None] for b, ks in written.items()}
+        _check_summaries(meta, keys, meta_dtype, summary, num_blocks)
+    # The filled cache summarised again: the same summaries (min/max to the bit).
+    lens = np.array([4, 4, 4, 4, 2], np.int32)
+    table = np.array([[b, num_blocks - 1] for b in range(5)], np.int32)  # block 6 past the lengths
+    rebuilt = _fp8_meta((num_blocks, heads, 2, dim), meta_dtype, fw, device)
+    t = table if fw == "numpy" else torch.from_numpy(table).to(device)
+    n = lens if fw == "numpy" else torch.from_numpy(lens).to(device)
+    ts.build_page_meta(
+        kc,
+        t,
+        n,
+        rebuilt,
+        summary=summary,
+        k_scale=_scale_arg(k_scales, scale_mode, fw, device),
+        kv_dtype=_kv_dtype(fw),
+    )
+    sync(fw, device)
+    _check_summaries(rebuilt, keys, meta_dtype, summary, num_blocks)
+    if summary != "meanstd":
+        np.testing.assert_array_equal(_meta64(rebuilt)[:5], _meta64(meta)[:5])
+
+
+@pytest.mark.parametrize("backend", fp8_backends())
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_sparse_decode_over_float8_caches(rng, backend, dtype):
+    """select_pages over summaries written with a float8 cache, then sparse decode: a key planted
+    along the query is kept for every KV head under a 4-page budget, and the attention over the
+    selected pages equals float64 attention over the same pages' keys as stored; a budget
+    covering every page selects the dense table."""
+    fw, device = backend
+    _require(fw, dtype)
+    block_size, heads, group, dim, length = 16, 2, 2, 64, 1000
+    scales = _scales(rng, "head", heads)
+    pages = (length + block_size - 1) // block_size
+    num_blocks = pages + 3
+    table = rng.permutation(num_blocks)[:pages].astype(np.int32)[None, :]
+    x = rng.standard_normal((length, heads, dim))
+    query = rng.standard_normal((1, heads * group, dim))
+    needle = int(rng.integers(0, length - block_size))
+    for h in range(heads):
+        direction = query[0, group * h : group * (h + 1)].sum(0)
+        x[needle, h] = 4 * direction / np.linalg.norm(direction) * np.sqrt(dim)
+    x = _round_to(x * 40 * scales[None, :, None] / 4, dtype)
+    pos = np.arange(length)
+    slots = table[0, pos // block_size].astype(np.int64) * block_size + pos % block_size
+    poison = np.full((num_blocks, block_size, heads, dim), FP8_NAN, np.uint8)
+    kc, vc = _fp8_caches(poison, poison.copy(), fw, device, "NHD")
+    meta = _fp8_meta((num_blocks, heads, 2, dim), dtype, fw, device)
+    xs, q = _input(x, fw, dtype, device), _input(query, fw, dtype, device)
+    scale = _scale_arg(scales, "head", fw, device)
+    asdev = (lambda a: a) if fw == "numpy" else (lambda a: torch.from_numpy(a).to(device))
+    ts.reshape_and_cache(
+        xs, xs, kc, vc, asdev(slots), meta, k_scale=scale, v_scale=scale, kv_dtype=_kv_dtype(fw)
+    )
+    lens = np.array([length], np.int32)
+    stored = decode_e4m3(_bits(kc)).astype(np.float32) * scales[None, None, :, None]
+    stored = stored.astype(np.float64)
+    for budget in (4, pages):
+        got_t, got_l = ts.select_pages(
+            q, meta, asdev(table), asdev(lens), budget, block_size=block_size
+        )
+        out = ts.paged_attention(
+            q, kc, vc, got_t, got_l, k_scale=scale, v_scale=scale, kv_dtype=_kv_dtype(fw)
+        )
+        sync(fw, device)
+        t_np, l_np = np.asarray(f64(got_t), np.int32), np.asarray(f64(got_l), np.int32)
+        if budget == pages:
+            np.testing.assert_array_equal(t_np[0], np.repeat(table, heads, 0))
+            np.testing.assert_array_equal(l_np[0], [length] * heads)
+        else:
+            for h in range(heads):
+                assert table[0, needle // block_size] in t_np[0, h, :budget]
+        want = R.paged_attention_per_kv_head(f64(q), stored, stored, t_np, l_np)
+        assert R.rel_error(f64(out), want) < TOLERANCE[dtype]
+
+
 @pytest.mark.parametrize("fw", ["numpy", "torch"])
-def test_page_summaries_refuse_float8_caches(rng, fw):
-    """Page summaries stay in the queries' precision: writing or building them over float8 caches
-    is refused with ValueError before anything is written, and scales cannot come with
-    page_meta."""
-    if fw == "torch" and torch is None:
+def test_float8_cache_summaries_refuse_bad_input(rng, fw):
+    """Summaries of a float8 cache: a dtype other than the keys' (writes) or a float one
+    (builds), mean/std in float8, and bad scales are refused with ValueError before anything is
+    written; a scale is refused for a 16-bit cache."""
+    if torch is None:
         pytest.skip("torch is not installed")
     kc, vc = _small_fp8(fw)
-    meta = np.full((4, 2, 2, 16), np.nan, np.float32)
     x = rng.standard_normal((3, 2, 16)).astype(np.float32)
     slots = np.array([0, 5, 9], dtype=np.int64)
     table, lens = np.array([[0, 1]], np.int32), np.array([5], np.int32)
+    half = np.full((4, 2, 2, 16), np.nan, np.float16)
+    ints32 = np.zeros((4, 2, 2, 16), np.int32)
     if fw == "torch":
-        x, slots, meta, table, lens = (torch.from_numpy(a) for a in (x, slots, meta, table, lens))
-    need = "page summaries need a float32, float16 or bfloat16 key cache, got a float8_e4m3fn"
-    with pytest.raises(ValueError, match=rf"^tinyserve\.reshape_and_cache: {need}"):
-        ts.reshape_and_cache(x, x, kc, vc, slots, meta, kv_dtype=_kv_dtype(fw))
-    # NumPy has no float8 dtype: its uint8 bits are no float key cache either.
-    built = need if fw == "torch" else "key_cache must be float32, float16 or bfloat16, got uint8"
-    with pytest.raises(ValueError, match=rf"^tinyserve\.build_page_meta: {built}"):
-        ts.build_page_meta(kc, table, lens, meta)
+        x, slots, table, lens, half, ints32 = (
+            torch.from_numpy(a) for a in (x, slots, table, lens, half, ints32)
+        )
+    fp8_meta = (
+        _fp8_meta((4, 2, 2, 16), "float8_e4m3fn", fw, "cpu")
+        if (fw == "torch" or ml_dtypes is not None)
+        else None
+    )
+    kv = _kv_dtype(fw)
+    w = r"^tinyserve\.reshape_and_cache: "
+    b = r"^tinyserve\.build_page_meta: "
+    with pytest.raises(
+        ValueError,
+        match=w + r"page_meta must have the dtype of the keys written "
+        r"\(float32\) or float8_e4m3fn, got float16",
+    ):
+        ts.reshape_and_cache(x, x, kc, vc, slots, half, kv_dtype=kv)
+    with pytest.raises(
+        ValueError,
+        match=b + "page_meta of a float8_e4m3fn key cache must be "
+        "float32, float16, bfloat16 or float8_e4m3fn, got int32",
+    ):
+        ts.build_page_meta(kc, table, lens, ints32, kv_dtype=kv)
+    with pytest.raises(ValueError, match=b + "k_scale must be positive and finite, got -2"):
+        ts.build_page_meta(kc, table, lens, half, k_scale=-2.0, kv_dtype=kv)
+    if fp8_meta is not None:
+        with pytest.raises(ValueError, match=b + "float8_e4m3fn page summaries take the min/max"):
+            ts.build_page_meta(kc, table, lens, fp8_meta, summary="meanstd", kv_dtype=kv)
+        assert np.isnan(_meta64(fp8_meta)).all()
     assert (_bits(kc) == FP8_NAN).all() and (_bits(vc) == FP8_NAN).all()
-    assert np.isnan(f64(meta)).all()
+    assert np.isnan(f64(half)).all()
     floats = np.full((4, 4, 2, 16), np.nan, np.float32)
-    floats_v = floats.copy()
+    floats_v, meta32 = floats.copy(), np.full((4, 2, 2, 16), np.nan, np.float32)
     if fw == "torch":
-        floats, floats_v = torch.from_numpy(floats), torch.from_numpy(floats_v)
-    with pytest.raises(ValueError, match="k_scale and v_scale apply to float8_e4m3fn caches"):
-        ts.reshape_and_cache(x, x, floats, floats_v, slots, meta, k_scale=2.0)
-    assert np.isnan(f64(floats)).all() and np.isnan(f64(meta)).all()
+        floats, floats_v, meta32 = (torch.from_numpy(a) for a in (floats, floats_v, meta32))
+    with pytest.raises(ValueError, match="k_scale applies to float8_e4m3fn caches only"):
+        ts.reshape_and_cache(x, x, floats, floats_v, slots, meta32, k_scale=2.0)
+    with pytest.raises(ValueError, match=b + "k_scale applies to float8_e4m3fn caches only"):
+        ts.build_page_meta(floats, table, lens, meta32, k_scale=2.0)
+    assert np.isnan(f64(floats)).all() and np.isnan(f64(meta32)).all()
 
 
 @pytest.mark.parametrize("explicit", [False, True], ids=["inferred", "kv_dtype"])

@@ -400,29 +400,6 @@ def test_copy_blocks_moves_fp8_summaries(rng, backend):
     np.testing.assert_array_equal(bits_of(meta), want)
 
 
-@pytest.mark.parametrize("fw", ["numpy", "torch"])
-@pytest.mark.parametrize("meta_kind", ["float8_e4m3fn", "float32"])
-def test_float8_caches_refuse_summaries_of_any_dtype(rng, fw, meta_kind):
-    """A float8 key cache gets no summaries, float8 or float32: ValueError from both writers
-    before anything is written."""
-    _ = device_of((fw, "cpu"))
-    cache = fp8_empty((4, 4, 2, 16), fw, "cpu")
-    kc, vc = cache, cache.clone() if fw == "torch" else cache.copy()
-    if meta_kind == "float32":
-        meta = empty((4, 2, 2, 16), fw, "float32")
-    else:
-        meta = fp8_empty((4, 2, 2, 16), fw, "cpu")
-    x = asarray(rng.standard_normal((3, 2, 16)), fw, "float32")
-    need = "page summaries need a float32, float16 or bfloat16 key cache, got a float8_e4m3fn"
-    with pytest.raises(ValueError, match=rf"^tinyserve\.reshape_and_cache: {need}"):
-        ts.reshape_and_cache(x, x, kc, vc, ints([0, 5, 9], fw, "cpu"), meta)
-    with pytest.raises(ValueError, match=rf"^tinyserve\.build_page_meta: {need}"):
-        table, lens = np.array([[0, 1]], np.int32), np.array([5], np.int32)
-        ts.build_page_meta(kc, ints(table, fw, "cpu"), ints(lens, fw, "cpu"), meta)
-    assert (bits_of(kc) == 0x7F).all() and (bits_of(vc) == 0x7F).all()
-    assert np.isnan(f64(meta)).all()
-
-
 @pytest.mark.parametrize(
     "fw, key_dtype, meta_dtype",
     [("numpy", "float32", "float16"), ("numpy", "float32", "uint8"),
