@@ -27,8 +27,9 @@ struct CacheDesc {
   }
 };
 
-// Page summaries, logical shape [num_blocks, num_kv_heads, 2, head_dim] in the caches' dtype,
-// head_dim contiguous (see PageSummary in tinyserve/ops.h for what the two rows hold).
+// Page summaries, logical shape [num_blocks, num_kv_heads, 2, head_dim] in the keys' dtype (a
+// float8 cache's: the keys written, or BuildPageMetaParams::meta_dtype) or float8 e4m3fn,
+// head_dim contiguous (see PageSummary in tinyserve/selection.h for what the two rows hold).
 struct PageMetaDesc {
   void* data = nullptr;  // null = no summaries
   std::int64_t stride_block = 0;

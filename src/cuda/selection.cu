@@ -3,7 +3,9 @@
 // Summaries written with the cache: one thread block per token of the call; the block of the
 // first token (in slot_mapping order) that writes a page owns that page for the call, gathers
 // every token of the call on the page, and rewrites the page's summary alone. No two blocks
-// write one page, so no atomics are needed and the result does not depend on scheduling.
+// write one page, so no atomics are needed and the result does not depend on scheduling. Into a
+// float8 cache each key is summarised as the cache holds it (x / k_scale rounded to e4m3, times
+// k_scale); a filled float8 cache is summarised from its stored values times k_scale.
 //
 // Selection: a scoring kernel spread over (sequence, page range) writes one float score per
 // (sequence, KV head, page) into the caller's scratch; its warps each stream whole pages (every KV

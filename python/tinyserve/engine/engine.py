@@ -283,8 +283,10 @@ class Engine:
         if kv_dtype == torch.float8_e4m3fn:
             if self.sparse_budget:
                 raise ValueError(
-                    "tinyserve.Engine: sparse decode needs a 16-bit or float32 KV cache (its page "
-                    "summaries), got sparse_budget_tokens with kv_cache_dtype float8_e4m3fn"
+                    "tinyserve.Engine: sparse decode needs a 16-bit or float32 KV cache in the "
+                    "engine (its cache pool keeps page summaries in the caches' dtype or float8, "
+                    "not in the model's over a float8 cache), got sparse_budget_tokens with "
+                    "kv_cache_dtype float8_e4m3fn"
                 )
         if sparse_summary not in PAGE_SUMMARIES:
             raise ValueError(
