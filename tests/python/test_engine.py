@@ -333,8 +333,6 @@ def test_fp8_kv_cache_argument_errors(rng):
         make_engine(runner, cuda_graph_batch_sizes=8)
     with pytest.raises(ValueError, match="cuda_graph_batch_sizes must not be empty"):
         make_engine(runner, cuda_graph_batch_sizes=[])
-    with pytest.raises(ValueError, match="sparse decode needs a 16-bit or float32 KV cache"):
-        make_engine(runner, kv_cache_dtype="fp8", sparse_budget_tokens=8)
     assert make_engine(runner, kv_cache_dtype="auto").kv_cache.kv_dtype == torch.float32
 
 
@@ -722,6 +720,52 @@ def test_sparse_decode_with_float8_summaries(rng):
             assert (meta[block, :, 0] <= lo).all() and (meta[block, :, 1] >= hi).all()
             assert (lo - meta[block, :, 0] <= lo.abs() / 8 + 2.0**-9).all()
             assert (meta[block, :, 1] - hi <= hi.abs() / 8 + 2.0**-9).all()
+
+
+@pytest.mark.parametrize("summary_dtype", [None, "fp8"])
+def test_sparse_decode_over_a_float8_kv_cache(rng, summary_dtype):
+    """kv_cache_dtype="fp8" with sparse decode: a budget covering every page gives the tokens of
+    the same engine without sparse decode; a budget of 3 pages selects in every decode step; the
+    page summaries (the model's dtype, or float8) are of the keys as the cache holds them,
+    stored * kv_cache_scale: the model's-dtype min/max equal the cached keys' exactly, the
+    float8 ones bound them outward."""
+    runner = random_model(6, 2, seed=int(rng.integers(1 << 31)))
+    prompts = shared_prefix_prompts(rng, 3)
+    new, scale = 6, 0.5
+    longest = max(len(p) for p in prompts) + new
+    fp8 = dict(kv_cache_dtype="fp8", kv_cache_scale=scale, sparse_summary_dtype=summary_dtype)
+    dense = make_engine(runner, kv_cache_dtype="fp8", kv_cache_scale=scale)
+    expected = run_and_check(dense, prompts, SamplingParams(max_new_tokens=new))
+    full = make_engine(runner, sparse_budget_tokens=longest + BLOCK_SIZE, **fp8)
+    outputs = run_and_check(full, prompts, SamplingParams(max_new_tokens=new))
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in expected]
+    engine = make_engine(
+        runner, sparse_budget_tokens=3 * BLOCK_SIZE, enable_prefix_caching=False, **fp8
+    )
+    outputs = run_and_check(engine, prompts, SamplingParams(max_new_tokens=new))
+    assert [o.token_ids[0][0] for o in outputs] == [e.token_ids[0][0] for e in expected]
+    assert all(len(o.token_ids[0]) == new for o in outputs)
+    assert engine.stats.sparse_decode_steps > 0
+    kv = engine.kv_cache
+    want_dtype = torch.float8_e4m3fn if summary_dtype else runner.dtype
+    assert all(m.dtype == want_dtype for m in kv.page_meta)
+    checked = 0
+    for layer in range(runner.num_layers):
+        bits = kv.layers[layer][0].view(torch.uint8)
+        keys = kv.layers[layer][0].float() * scale  # float32 products, as the writes form them
+        keys[(bits & 0x7F) == 0x7F] = float("nan")  # never written: float8's NaN
+        meta = kv.page_meta[layer].float()
+        written = ~torch.isnan(keys).any(-1).any(-1).any(-1)
+        for block in torch.nonzero(written).flatten().tolist():
+            k = keys[block]
+            filled = ~torch.isnan(k).any(-1).any(-1)
+            lo, hi = k[filled].amin(0), k[filled].amax(0)
+            if summary_dtype is None:
+                assert torch.equal(meta[block, :, 0], lo) and torch.equal(meta[block, :, 1], hi)
+            else:
+                assert (meta[block, :, 0] <= lo).all() and (meta[block, :, 1] >= hi).all()
+            checked += 1
+    assert checked > 0
 
 
 def test_sparse_decode_with_float8_summaries_through_offload(rng):
@@ -1451,7 +1495,6 @@ def test_cli_generates_with_and_without_cuda_graphs(rng, monkeypatch, capsys):
         (["--seed", str(2**64)], "--seed must be in [-2**63, 2**64 - n], got 18446744073709551616"),
         (["--seed", str(2**64 - 1), "--n", "2"], "--seed must be in [-2**63, 2**64 - n]"),
         (["--seed", str(-(2**63) - 1)], "--seed must be in [-2**63, 2**64 - n]"),
-        (["--kv-dtype", "fp8", "--budget", "64"], "--budget (sparse decode) needs a 16-bit"),
         (["--kv-dtype", "int8"], "argument --kv-dtype: invalid choice: 'int8'"),
         (["--summary-dtype", "int8"], "argument --summary-dtype: invalid choice: 'int8'"),
         (["--summary-dtype", "fp8", "--summary", "meanstd"], "--summary-dtype fp8 holds the"),

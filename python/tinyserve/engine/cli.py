@@ -47,7 +47,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--kv-dtype",
         choices=("auto", "fp8"),
         default="auto",
-        help="KV cache dtype: the model's (auto), or float8 e4m3fn (fp8; not with --budget)",
+        help="KV cache dtype: the model's (auto), or float8 e4m3fn (fp8)",
     )
     parser.add_argument(
         "--kv-scale",
@@ -138,10 +138,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--temperature must be finite and >= 0, got {args.temperature}")
     if not 0 < args.kv_scale < math.inf:
         parser.error(f"--kv-scale must be finite and > 0, got {args.kv_scale}")
-    if args.kv_dtype == "fp8" and args.budget is not None:
-        parser.error(
-            "--budget (sparse decode) needs a 16-bit or float32 KV cache, not --kv-dtype fp8"
-        )
     if args.summary_dtype == "fp8" and args.summary == "meanstd":
         parser.error("--summary-dtype fp8 holds the min/max summaries, not --summary meanstd")
     if not 0 < args.top_p <= 1:

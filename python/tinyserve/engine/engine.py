@@ -197,7 +197,8 @@ class Engine:
     ``kv_cache_dtype="fp8"`` stores keys and values as float8 e4m3fn (half the bytes of a 16-bit
     cache, a quarter of float32's), quantised as ``x / kv_cache_scale`` (one scale for every
     layer and head, default 1; values beyond 448 times it saturate) and dequantised inside
-    attention; not with sparse decode.
+    attention; with sparse decode its page summaries are of the keys as stored (not with an
+    elastic pool, ``max_num_blocks``, which holds 16-bit and float32 caches).
     ``packed_prefill`` picks how prefill rows reach ``paged_attention``: packed with
     ``query_start_loc`` (default), or each row as a decode query
     (:func:`~tinyserve.engine.kv.build_attention_batch`).
@@ -280,14 +281,6 @@ class Engine:
                 f"{max_num_blocks}"
             )
         kv_dtype = _kv_cache_dtype(kv_cache_dtype, runner.dtype)
-        if kv_dtype == torch.float8_e4m3fn:
-            if self.sparse_budget:
-                raise ValueError(
-                    "tinyserve.Engine: sparse decode needs a 16-bit or float32 KV cache in the "
-                    "engine (its cache pool keeps page summaries in the caches' dtype or float8, "
-                    "not in the model's over a float8 cache), got sparse_budget_tokens with "
-                    "kv_cache_dtype float8_e4m3fn"
-                )
         if sparse_summary not in PAGE_SUMMARIES:
             raise ValueError(
                 "tinyserve.Engine: sparse_summary must be one of "

@@ -38,8 +38,9 @@ class PagedKVCache:
 
     ``kv_dtype`` (default: ``dtype``) may be ``torch.float8_e4m3fn``: keys and values are then
     quantised as they are written (``x / kv_scale``, one scale for every layer and head) and
-    dequantised in the attention kernels; fresh blocks hold float8's NaN. Page summaries need a
-    16-bit or float32 cache."""
+    dequantised in the attention kernels; fresh blocks hold float8's NaN. Its page summaries
+    (``dtype`` or float8) are of the keys as stored: ``x / kv_scale`` rounded to float8, times
+    ``kv_scale``."""
 
     def __init__(
         self,
@@ -74,11 +75,6 @@ class PagedKVCache:
             raise ValueError(
                 "tinyserve.PagedKVCache: kv_dtype must be the model's dtype or "
                 f"torch.float8_e4m3fn, got {self.kv_dtype}"
-            )
-        if fp8 and page_meta:
-            raise ValueError(
-                "tinyserve.PagedKVCache: page summaries (sparse decode) need a 16-bit or float32 "
-                "cache, got torch.float8_e4m3fn"
             )
         # (the writers refuse meanstd in float8: reshape_and_cache names it at the first write)
         if page_meta_dtype not in (None, dtype, torch.float8_e4m3fn):
