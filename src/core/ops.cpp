@@ -484,6 +484,12 @@ void write_cache(const TensorView& key, const TensorView& value, const TensorVie
           detail::Named{slot_mapping, "slot_mapping"}}) {
       c.disjoint({*page_meta, "page_meta"}, other);
     }
+    // A float8 cache's summaries are written while its scales are read.
+    for (const KVScale* scale : {&options.k_scale, &options.v_scale}) {
+      if (!scale->per_head) continue;
+      c.disjoint({*page_meta, "page_meta"},
+                 {*scale->per_head, scale == &options.k_scale ? "k_scale" : "v_scale"});
+    }
   }
 
   const std::int64_t num_slots = key_cache.shape[0] * key_cache.shape[1];

@@ -1290,6 +1290,29 @@ def test_float8_cache_summaries_refuse_bad_input(rng, fw):
     assert np.isnan(f64(floats)).all() and np.isnan(f64(meta32)).all()
 
 
+def test_float8_cache_summaries_refuse_a_scale_inside_them(rng):
+    """Per-head scales are read while the summaries are written: a k_scale (or v_scale) that is a
+    view into page_meta is refused by both writers before anything is written."""
+    kc, vc = _small_fp8("numpy")
+    meta = np.full((4, 2, 2, 16), np.nan, np.float32)
+    inside = meta.reshape(-1)[:2]  # two float32 entries of the summaries, valid scales
+    inside[:] = 0.5
+    before = meta.copy()
+    x = rng.standard_normal((3, 2, 16)).astype(np.float32)
+    slots = np.array([0, 5, 9], dtype=np.int64)
+    table, lens = np.array([[0, 1]], np.int32), np.array([5], np.int32)
+    overlap = "page_meta and {} must not share memory"
+    for name in ("k_scale", "v_scale"):
+        with pytest.raises(ValueError, match=overlap.format(name)):
+            ts.reshape_and_cache(
+                x, x, kc, vc, slots, meta, kv_dtype="float8_e4m3fn", **{name: inside}
+            )
+    with pytest.raises(ValueError, match=overlap.format("k_scale")):
+        ts.build_page_meta(kc, table, lens, meta, k_scale=inside, kv_dtype="float8_e4m3fn")
+    assert (_bits(kc) == FP8_NAN).all() and (_bits(vc) == FP8_NAN).all()
+    np.testing.assert_array_equal(meta, before)  # NaN-aware
+
+
 @pytest.mark.parametrize("explicit", [False, True], ids=["inferred", "kv_dtype"])
 def test_numpy_float8_caches_of_ml_dtypes(rng, explicit):
     """NumPy caches of ml_dtypes' float8_e4m3fn go in as they are (both caches viewed, whether
