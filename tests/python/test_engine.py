@@ -491,8 +491,10 @@ def test_elastic_pool_errors(rng):
     args = (2, 8, BLOCK_SIZE, 2, 16, torch.float32, torch.device("cpu"))
     with pytest.raises(ValueError, match="kv_dtype must be the model's dtype or torch.float8"):
         PagedKVCache(*args, kv_dtype=torch.float16)
-    with pytest.raises(ValueError, match="page summaries .* need a 16-bit or float32 cache"):
-        PagedKVCache(*args, page_meta=True, kv_dtype=torch.float8_e4m3fn)
+    # A float8 cache keeps its summaries in the model's dtype (or float8) and its keys in float8.
+    fp8_kv = PagedKVCache(*args, page_meta=True, kv_dtype=torch.float8_e4m3fn)
+    assert all(m.dtype == torch.float32 for m in fp8_kv.page_meta)
+    assert all(k.dtype == torch.float8_e4m3fn for pair in fp8_kv.layers for k in pair)
     with pytest.raises(ValueError, match="page_meta_dtype must be None, the cache's dtype or"):
         PagedKVCache(*args, page_meta=True, page_meta_dtype=torch.float16)
     fp8_meta = PagedKVCache(*args, page_meta=True, page_meta_dtype=torch.float8_e4m3fn)
