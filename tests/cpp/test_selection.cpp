@@ -1,6 +1,7 @@
 // Page summaries and select_pages through the public C++ API on the CPU backend: summaries
-// against values computed here, the selected pages against a ranking computed here, and a
-// rejected call writing nothing.
+// against values computed here (of a float8 cache too, through the overloads that take its
+// scale), the selected pages against a ranking computed here, and a rejected call writing
+// nothing.
 
 #include <tinyserve/tinyserve.h>
 
@@ -110,9 +111,76 @@ void test_summaries_and_selection() {
   CHECK(out_lens[0] == -7 && out_table[0] == -7);
 }
 
+// The value of float8 e4m3fn bits (no NaN among the bits this test produces).
+float e4m3_value(std::uint8_t bits) {
+  const int exponent = (bits >> 3) & 0xF, mantissa = bits & 0x7;
+  const float magnitude = exponent == 0 ? std::ldexp(float(mantissa) / 8.0f, -6)
+                                        : std::ldexp(1.0f + float(mantissa) / 8.0f, exponent - 7);
+  return (bits & 0x80) ? -magnitude : magnitude;
+}
+
+// A float8 cache's summaries (float32 here) are of its keys as stored times k_scale: the writes'
+// and build_page_meta's, both equal to the min/max computed here from the cache's bytes.
+void test_float8_cache_summaries() {
+  std::mt19937 gen(11);
+  std::normal_distribution<float> normal;
+  const int len = 10;
+  const float scale = 0.03f;
+  std::vector<float> k(std::size_t(len) * kHeads * kDim);
+  for (auto& x : k) x = 2.0f * normal(gen);
+  std::vector<std::uint8_t> kc(kBlocks * kPage * kHeads * kDim, 0x7F), vc(kc.size(), 0x7F);
+  std::vector<std::int64_t> slots(len);
+  for (int t = 0; t < len; ++t) slots[t] = t;  // blocks 0, 1 and half of 2
+  std::vector<float> meta(kBlocks * kHeads * 2 * kDim, std::nanf(""));
+  auto key = make_tensor(k.data(), DType::Float32, kCpu, {len, kHeads, kDim});
+  auto cache = make_tensor(kc.data(), DType::Float8E4M3FN, kCpu, {kBlocks, kPage, kHeads, kDim});
+  auto v_cache = make_tensor(vc.data(), DType::Float8E4M3FN, kCpu, {kBlocks, kPage, kHeads, kDim});
+  auto meta_view = make_tensor(meta.data(), DType::Float32, kCpu, {kBlocks, kHeads, 2, kDim});
+  tinyserve::CacheWriteOptions options;
+  options.k_scale.value = scale;
+  options.v_scale.value = scale;
+  tinyserve::reshape_and_cache(key, key, cache, v_cache,
+                               make_tensor(slots.data(), DType::Int64, kCpu, {len}), options,
+                               meta_view);
+  auto check = [&](const std::vector<float>& got) {
+    for (int block = 0; block < 3; ++block) {
+      for (int d = 0; d < kDim; ++d) {
+        float lo = INFINITY, hi = -INFINITY;
+        for (int t = block * kPage; t < std::min(len, (block + 1) * kPage); ++t) {
+          const float x = e4m3_value(kc[std::size_t(t) * kDim + d]) * scale;
+          lo = std::min(lo, x);
+          hi = std::max(hi, x);
+        }
+        CHECK(got[std::size_t(block) * 2 * kDim + d] == lo);
+        CHECK(got[std::size_t(block) * 2 * kDim + kDim + d] == hi);
+      }
+    }
+    CHECK(std::isnan(got[3 * 2 * kDim]));  // a block never written
+  };
+  check(meta);
+  std::vector<float> built(meta.size(), std::nanf(""));
+  std::vector<std::int32_t> table = {0, 1, 2}, lens = {len};
+  tinyserve::KVScale k_scale;
+  k_scale.value = scale;
+  tinyserve::build_page_meta(
+      cache, make_tensor(table.data(), DType::Int32, kCpu, {1, 3}),
+      make_tensor(lens.data(), DType::Int32, kCpu, {1}),
+      make_tensor(built.data(), DType::Float32, kCpu, {kBlocks, kHeads, 2, kDim}), k_scale);
+  check(built);
+  // Summaries of another dtype than the keys written: refused, nothing written.
+  std::vector<std::uint16_t> half(meta.size(), 0x7E00);
+  EXPECT_THROWS_WITH(
+      tinyserve::reshape_and_cache(
+          key, key, cache, v_cache, make_tensor(slots.data(), DType::Int64, kCpu, {len}), options,
+          make_tensor(half.data(), DType::Float16, kCpu, {kBlocks, kHeads, 2, kDim})),
+      std::invalid_argument, "page_meta must have the dtype of the keys written (float32)");
+  CHECK(std::all_of(half.begin(), half.end(), [](std::uint16_t h) { return h == 0x7E00; }));
+}
+
 }  // namespace
 
 int main() {
   test_summaries_and_selection();
+  test_float8_cache_summaries();
   return test::exit_code();
 }
