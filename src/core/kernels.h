@@ -39,11 +39,20 @@ struct PageMetaDesc {
   bool fp8 = false;
 };
 
+#if defined(__CUDACC__)
+#define TINYSERVE_HOST_DEVICE __host__ __device__
+#else
+#define TINYSERVE_HOST_DEVICE
+#endif
+
 // The scale of a float8 cache (stored value * scale = value): per_head[kv_head] when per_head is
 // set (float32 [num_heads] on the caches' device), else `value`.
 struct ScaleArg {
   float value = 1.0f;
   const float* per_head = nullptr;
+
+  // KV head h's scale (a device kernel reads per_head from device memory).
+  TINYSERVE_HOST_DEVICE float of(int h) const { return per_head ? per_head[h] : value; }
 };
 
 struct ReshapeAndCacheParams {

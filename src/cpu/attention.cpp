@@ -128,10 +128,6 @@ struct Scratch {
   std::vector<float> q, acc, m, l, scores, buf, k_scale, v_scale;
 };
 
-float scale_of(const ScaleArg& s, int kv_head) {
-  return s.per_head ? s.per_head[kv_head] : s.value;
-}
-
 // Attention of the task's rows, all query heads, over keys [begin, end) of its range. Writes the
 // normalised outputs (float32, [rows][num_q_heads][head_dim]) and log-sum-exps ([rows][heads]).
 //
@@ -174,8 +170,8 @@ void attend(const PagedAttentionParams& p, const Task& task, std::int64_t begin,
   sc.k_scale.resize(kv_heads);
   sc.v_scale.resize(kv_heads);
   for (int kvh = 0; kvh < kv_heads; ++kvh) {
-    sc.k_scale[kvh] = scale_of(p.k_scale, kvh);
-    sc.v_scale[kvh] = scale_of(p.v_scale, kvh);
+    sc.k_scale[kvh] = p.k_scale.of(kvh);
+    sc.v_scale[kvh] = p.v_scale.of(kvh);
   }
   const float* k_scale = sc.k_scale.data();
   const float* v_scale = sc.v_scale.data();
@@ -436,8 +432,8 @@ void run_per_head(const PagedAttentionParams& p) {
         static_cast<char*>(p.key_cache.data) + kvh * p.key_cache.stride_head * kv_elem;
     h.value_cache.data =
         static_cast<char*>(p.value_cache.data) + kvh * p.value_cache.stride_head * kv_elem;
-    h.k_scale = ScaleArg{scale_of(p.k_scale, kvh), nullptr};
-    h.v_scale = ScaleArg{scale_of(p.v_scale, kvh), nullptr};
+    h.k_scale = ScaleArg{p.k_scale.of(kvh), nullptr};
+    h.v_scale = ScaleArg{p.v_scale.of(kvh), nullptr};
     h.block_table = p.block_table + kvh * p.block_table_stride_head;
     h.seq_lens = p.seq_lens + kvh * p.seq_lens_stride_head;
     h.block_table_stride_head = 0;

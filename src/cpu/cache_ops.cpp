@@ -39,8 +39,6 @@ char* block_base(const BlockTensor& t, std::int64_t block) {
   return static_cast<char*>(t.data) + block * t.stride_block * t.elem_size;
 }
 
-float scale_of(const ScaleArg& s, int head) { return s.per_head ? s.per_head[head] : s.value; }
-
 // Calls write(token, head, key cache offset, value cache offset) for every row of every token
 // that has a slot, tokens spread over the threads.
 template <class Write>
@@ -62,19 +60,19 @@ void for_each_cache_row(const ReshapeAndCacheParams& p, Write&& write) {
 template <class T>
 void quantise_rows(const ReshapeAndCacheParams& p) {
   using tinyserve::cpu::float8_e4m3_t;
-  using tinyserve::cpu::from_float;
+  using tinyserve::cpu::quantise_e4m3;
   using tinyserve::cpu::to_float;
   auto quantise = [&](const void* src, std::int64_t src_offset, const CacheDesc& cache,
                       std::int64_t cache_offset, float scale) {
     const T* x = static_cast<const T*>(src) + src_offset;
     float8_e4m3_t* dst = static_cast<float8_e4m3_t*>(cache.data) + cache_offset;
-    for (int d = 0; d < p.head_dim; ++d) dst[d] = from_float<float8_e4m3_t>(to_float(x[d]) / scale);
+    for (int d = 0; d < p.head_dim; ++d) dst[d] = quantise_e4m3(to_float(x[d]), scale);
   };
   for_each_cache_row(p, [&](std::int64_t i, int h, std::int64_t kc, std::int64_t vc) {
     quantise(p.key, i * p.key_stride_token + h * p.key_stride_head, p.key_cache, kc,
-             scale_of(p.k_scale, h));
+             p.k_scale.of(h));
     quantise(p.value, i * p.value_stride_token + h * p.value_stride_head, p.value_cache, vc,
-             scale_of(p.v_scale, h));
+             p.v_scale.of(h));
   });
 }
 

@@ -125,4 +125,10 @@ inline half_t from_float<half_t>(float f) {
   return {std::uint16_t(sign | (r >> 13))};
 }
 
+// x as a float8 cache of scale `scale` stores it: x / scale in float32, rounded to nearest even
+// and saturated (the rule of every float8 cache write; summaries of such a cache read it back).
+inline float8_e4m3_t quantise_e4m3(float x, float scale) {
+  return from_float<float8_e4m3_t>(x / scale);
+}
+
 }  // namespace tinyserve::cpu

@@ -150,9 +150,6 @@ T* meta_row(const PageMetaDesc& m, std::int64_t block, int head, int row) {
 // ---------------------------------------------------------------------------------------------
 // Summaries written with the cache.
 
-// K's scale of KV head h.
-float head_scale(const ScaleArg& s, int h) { return s.per_head ? s.per_head[h] : s.value; }
-
 // T: the keys' type; M: the summaries' (T, or float8 e4m3fn). Over a float8 cache each key is
 // summarised as the cache holds it: x / scale rounded to e4m3, times the scale (float32).
 template <class T, class M>
@@ -192,10 +189,10 @@ void update_typed(const ReshapeAndCacheParams& p) {
           const T* key = static_cast<const T*>(p.key) + order[i] * p.key_stride_token +
                          std::int64_t(h) * p.key_stride_head;
           if (quantised) {
-            const float scale = head_scale(p.k_scale, h);
+            const float scale = p.k_scale.of(h);
             for (int d = 0; d < p.head_dim; ++d) {
               stored_key[std::size_t(d)] =
-                  to_float(from_float<float8_e4m3_t>(to_float(key[d]) / scale)) * scale;
+                  to_float(tinyserve::cpu::quantise_e4m3(to_float(key[d]), scale)) * scale;
             }
             acc.add(stored_key.data());
           } else {
@@ -242,7 +239,7 @@ void build_typed(const BuildPageMetaParams& p) {
           const T* key =
               static_cast<const T*>(p.key_cache.data) + p.key_cache.offset(pg.block, t, h);
           if constexpr (kQuantised) {
-            const float scale = head_scale(p.k_scale, h);
+            const float scale = p.k_scale.of(h);
             for (int d = 0; d < p.head_dim; ++d) {
               stored_key[std::size_t(d)] = to_float(key[d]) * scale;
             }

@@ -117,10 +117,6 @@ struct QuantiseArgs {
   int head_dim;
 };
 
-__device__ __forceinline__ float scale_of(const ScaleArg& s, int head) {
-  return s.per_head ? s.per_head[head] : s.value;
-}
-
 template <class T>
 __global__ void reshape_and_quantise_kernel(const __grid_constant__ QuantiseArgs a) {
   const int per_token = a.num_heads * a.head_dim;
@@ -138,8 +134,8 @@ __global__ void reshape_and_quantise_kernel(const __grid_constant__ QuantiseArgs
       const int d = i - head * a.head_dim;
       const float kx = to_float(k[head * a.key_stride_head + d]);
       const float vx = to_float(v[head * a.value_stride_head + d]);
-      kc[head * a.kc_stride_head + d] = to_fp8_e4m3(kx / scale_of(a.k_scale, head));
-      vc[head * a.vc_stride_head + d] = to_fp8_e4m3(vx / scale_of(a.v_scale, head));
+      kc[head * a.kc_stride_head + d] = quantise_e4m3(kx, a.k_scale.of(head));
+      vc[head * a.vc_stride_head + d] = quantise_e4m3(vx, a.v_scale.of(head));
     }
   }
 }

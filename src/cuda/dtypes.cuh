@@ -69,6 +69,12 @@ __device__ __forceinline__ std::uint8_t to_fp8_e4m3(float x) {
   return __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3);
 }
 
+// x as a float8 cache of scale `scale` stores it: x / scale in float32, to_fp8_e4m3 (the rule of
+// every float8 cache write; summaries of such a cache read it back).
+__device__ __forceinline__ std::uint8_t quantise_e4m3(float x, float scale) {
+  return to_fp8_e4m3(x / scale);
+}
+
 // Four float8 e4m3fn values (the bytes of x, lowest first) as two packed pairs of a 16-bit type
 // (low half = first); exact, since float16 and bfloat16 hold every e4m3 value.
 template <class T>

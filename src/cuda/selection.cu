@@ -176,15 +176,10 @@ struct UpdateArgs {
   ScaleArg k_scale;
 };
 
-// K's scale of KV head h (per-head scales read from device memory).
-__device__ __forceinline__ float head_scale(const ScaleArg& s, int h) {
-  return s.per_head ? s.per_head[h] : s.value;
-}
-
 // x as a float8 cache holds it: x / scale rounded to e4m3fn, times the scale.
 __device__ __forceinline__ float as_stored_fp8(float x, float scale) {
   __nv_fp8_e4m3 q;
-  q.__x = __nv_fp8_storage_t(to_fp8_e4m3(x / scale));
+  q.__x = __nv_fp8_storage_t(quantise_e4m3(x, scale));
   return to_float(q) * scale;
 }
 
@@ -265,7 +260,7 @@ __global__ void update_page_meta_kernel(const __grid_constant__ UpdateArgs a) {
             if (e >= elements) break;
             const int h = e / a.head_dim, d = e - h * a.head_dim;
             float x = to_float(key[t * a.key_stride_token + h * a.key_stride_head + d]);
-            if (a.quantised) x = as_stored_fp8(x, head_scale(a.k_scale, h));
+            if (a.quantised) x = as_stored_fp8(x, a.k_scale.of(h));
             acc_fold(acc, i, a.kind, x, acc.count + m + 1);
           }
         }
@@ -325,7 +320,7 @@ __global__ void build_page_meta_kernel(const __grid_constant__ BuildArgs a) {
         if (e >= elements) break;
         const int h = e / a.head_dim, d = e - h * a.head_dim;
         float x = to_float(kc[t * a.kc_stride_token + h * a.kc_stride_head + d]);
-        if constexpr (std::is_same_v<T, __nv_fp8_e4m3>) x *= head_scale(a.k_scale, h);
+        if constexpr (std::is_same_v<T, __nv_fp8_e4m3>) x *= a.k_scale.of(h);
         acc_fold(acc, i, a.kind, x, t + 1);
       }
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_selection_fp8 import bits_of, ceil8, floor8, fp8_empty
 
 import reference as R
 import tinyserve as ts
@@ -1043,12 +1044,9 @@ def test_per_head_tables_fp8(rng, backend, dtype, layout, scale_mode):
 
 
 def _fp8_meta(shape, meta_dtype, fw, device):
-    """NaN-poisoned page summaries of `meta_dtype` ("float8_e4m3fn": NaN bits)."""
+    """NaN-poisoned page summaries of `meta_dtype` (float8: test_selection_fp8's)."""
     if meta_dtype == "float8_e4m3fn":
-        bits = np.full(shape, FP8_NAN, np.uint8)
-        if fw == "numpy":
-            return bits.view(ml_dtypes.float8_e4m3fn)
-        return torch.from_numpy(bits).to(device).view(torch.float8_e4m3fn)
+        return fp8_empty(shape, fw, device)
     if fw == "numpy":
         return np.full(shape, np.nan, dtype=meta_dtype)
     return torch.full(shape, float("nan"), dtype=getattr(torch, meta_dtype), device=device)
@@ -1056,28 +1054,20 @@ def _fp8_meta(shape, meta_dtype, fw, device):
 
 def _meta64(meta) -> np.ndarray:
     """float64 values of page summaries of any dtype (float8 decoded from its bits)."""
-    if torch is not None and isinstance(meta, torch.Tensor):
-        if meta.dtype == torch.float8_e4m3fn:
-            return decode_e4m3(meta.view(torch.uint8).cpu().numpy())
-        return meta.double().cpu().numpy()
-    if getattr(meta.dtype, "name", "") == "float8_e4m3fn":
-        return decode_e4m3(meta.view(np.uint8))
-    return np.asarray(meta, np.float64)
+    if "float8_e4m3fn" in str(getattr(meta, "dtype", "")):  # torch's or ml_dtypes' float8
+        return decode_e4m3(bits_of(meta))
+    return f64(meta)
 
 
 def _summary_reference(stored, meta_dtype, summary):
     """Rows (min, max) or (mean, std) over axis 0 of keys as a float8 cache holds them (float32
-    products), rounded as the summaries store them: float8 outward (floor / ceil), 16-bit to
+    products), rounded as the summaries store them: float8 outward (floor8 / ceil8), 16-bit to
     nearest."""
     if summary == "meanstd":
         return np.stack([stored.mean(0), stored.std(0)])
     lo, hi = stored.min(0), stored.max(0)
     if meta_dtype == "float8_e4m3fn":
-        values = decode_e4m3(np.arange(0x7F, dtype=np.uint8))
-        table = np.concatenate([-values[:0:-1], values])  # ascending, one zero
-        lo = table[np.maximum(np.searchsorted(table, lo, "right") - 1, 0)]
-        hi = table[np.minimum(np.searchsorted(table, hi, "left"), len(table) - 1)]
-        return np.stack([lo, hi])
+        return np.stack([floor8(lo), ceil8(hi)])
     return np.stack([_round_to(lo, meta_dtype), _round_to(hi, meta_dtype)])
 
 
@@ -1143,13 +1133,12 @@ def test_page_summaries_of_float8_caches(rng, backend, dtype, scale_mode, summar
         for (block, offset), key in zip(places, stored.astype(np.float64)):
             written[block][offset] = key
         xs = _input(x, fw, dtype, device)
-        sl = slots if fw == "numpy" else torch.from_numpy(slots).to(device)
         ts.reshape_and_cache(
             xs,
             xs,
             kc,
             vc,
-            sl,
+            _device_array(fw, device)(slots),
             meta,
             summary=summary,
             k_scale=_scale_arg(k_scales, scale_mode, fw, device),
@@ -1163,12 +1152,11 @@ def test_page_summaries_of_float8_caches(rng, backend, dtype, scale_mode, summar
     lens = np.array([4, 4, 4, 4, 2], np.int32)
     table = np.array([[b, num_blocks - 1] for b in range(5)], np.int32)  # block 6 past the lengths
     rebuilt = _fp8_meta((num_blocks, heads, 2, dim), meta_dtype, fw, device)
-    t = table if fw == "numpy" else torch.from_numpy(table).to(device)
-    n = lens if fw == "numpy" else torch.from_numpy(lens).to(device)
+    asdev = _device_array(fw, device)
     ts.build_page_meta(
         kc,
-        t,
-        n,
+        asdev(table),
+        asdev(lens),
         rebuilt,
         summary=summary,
         k_scale=_scale_arg(k_scales, scale_mode, fw, device),
@@ -1208,7 +1196,7 @@ def test_sparse_decode_over_float8_caches(rng, backend, dtype):
     meta = _fp8_meta((num_blocks, heads, 2, dim), dtype, fw, device)
     xs, q = _input(x, fw, dtype, device), _input(query, fw, dtype, device)
     scale = _scale_arg(scales, "head", fw, device)
-    asdev = (lambda a: a) if fw == "numpy" else (lambda a: torch.from_numpy(a).to(device))
+    asdev = _device_array(fw, device)
     ts.reshape_and_cache(
         xs, xs, kc, vc, asdev(slots), meta, k_scale=scale, v_scale=scale, kv_dtype=_kv_dtype(fw)
     )

@@ -712,6 +712,9 @@ def test_select_pages_workspace_bytes_rejects_bad_summaries(meta_shape, meta_dty
     assert message in str(info.value)
     good = np.zeros((10, 2, 2, 8), np.float32)
     assert ts.select_pages_workspace_bytes(query, good, table) == 0  # host arrays: no scratch
+    ml_dtypes = pytest.importorskip("ml_dtypes")  # NumPy float8 summaries, as select_pages takes
+    fp8 = np.zeros((10, 2, 2, 8), ml_dtypes.float8_e4m3fn)
+    assert ts.select_pages_workspace_bytes(query, fp8, table) == 0
 
 
 @pytest.mark.parametrize(

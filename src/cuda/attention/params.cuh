@@ -50,12 +50,8 @@ struct DecodeArgs {
   __device__ __forceinline__ float logit(float qk) const {
     return soft_cap ? post * tanhf(qk * pre) : qk * pre;
   }
-  __device__ __forceinline__ float k_scale_of(int kv_head) const {
-    return k_scale.per_head ? k_scale.per_head[kv_head] : k_scale.value;
-  }
-  __device__ __forceinline__ float v_scale_of(int kv_head) const {
-    return v_scale.per_head ? v_scale.per_head[kv_head] : v_scale.value;
-  }
+  __device__ __forceinline__ float k_scale_of(int kv_head) const { return k_scale.of(kv_head); }
+  __device__ __forceinline__ float v_scale_of(int kv_head) const { return v_scale.of(kv_head); }
 };
 
 // Sequence b's query rows [query_row_start, query_row_end) of num_query_rows, as the kernels
