@@ -712,7 +712,12 @@ def test_select_pages_workspace_bytes_rejects_bad_summaries(meta_shape, meta_dty
     assert message in str(info.value)
     good = np.zeros((10, 2, 2, 8), np.float32)
     assert ts.select_pages_workspace_bytes(query, good, table) == 0  # host arrays: no scratch
-    ml_dtypes = pytest.importorskip("ml_dtypes")  # NumPy float8 summaries, as select_pages takes
+
+
+def test_select_pages_workspace_bytes_takes_numpy_float8_summaries():
+    """NumPy float8 summaries (ml_dtypes), as select_pages takes them: a size, no refusal."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    query, _, table, _ = _select_args()
     fp8 = np.zeros((10, 2, 2, 8), ml_dtypes.float8_e4m3fn)
     assert ts.select_pages_workspace_bytes(query, fp8, table) == 0
 
