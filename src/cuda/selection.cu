@@ -1217,10 +1217,16 @@ __device__ __forceinline__ void keep_block(const SelectArgs& a, std::int32_t* ou
 // consecutive candidates, and one block scan of (greater, equal) counts gives every kept page its
 // place in logical order. Runs are a power of two long and the keys padded by one word every 32,
 // so that the runs read without bank conflicts.
+// 1024 threads: the kernel waits on its chain of barriers and shared-memory round trips more than
+// on its instructions, and more warps shorten it (on an H200, 256 threads for tables of up to 2048
+// pages, 8 candidates a thread, took 17-21 us for 8 x 2048 pages against 10 us).
 constexpr int kTopKThreads = 1024;
 constexpr int kRadixBits = 11;
 constexpr int kRadixBins = 1 << kRadixBits;
 static_assert(kRadixBins == 2 * kTopKThreads, "each thread scans two bins");
+// Score loads in flight per thread, and block ids read ahead (every id of a table of up to 8192
+// pages).
+constexpr int kTopKPerThread = 8;
 // Candidates held in shared memory; the (greater, equal) counts are scanned packed in 16 bits
 // each, so they must stay below 32768.
 constexpr int kTopKMaxPages = 32767;
@@ -1254,6 +1260,7 @@ __device__ __forceinline__ void block_min_max(std::uint32_t& lo, std::uint32_t& 
 
 __global__ void __launch_bounds__(kTopKThreads)
     select_pages_kernel(const __grid_constant__ SelectArgs a) {
+  constexpr int kThreads = kTopKThreads;
   extern __shared__ std::uint32_t keys[];  // padded candidate index -> key
   __shared__ int histogram[kRadixBins];
   __shared__ std::uint32_t lo_part[32], hi_part[32];
@@ -1273,18 +1280,18 @@ __global__ void __launch_bounds__(kTopKThreads)
   const int n = last - first;                            // > keep, since pages > budget
   const int keep = max(0, a.budget - a.num_sink_pages - 1);
   // Sinks and the last page do not depend on the scores.
-  for (int p = threadIdx.x; p < first; p += blockDim.x) keep_block(a, out, p, table[p]);
+  for (int p = threadIdx.x; p < first; p += kThreads) keep_block(a, out, p, table[p]);
   if (threadIdx.x == 0) {
     keep_block(a, out, a.budget - 1, table[last]);
     write_selected_lens(a, len, last, kvh, b);
   }
-  for (int i = threadIdx.x; i < kRadixBins; i += blockDim.x) histogram[i] = 0;
+  for (int i = threadIdx.x; i < kRadixBins; i += kThreads) histogram[i] = 0;
   // Each thread places a run of `run` consecutive candidates at the end; their block ids (up to
   // kPrefetchedIds of them) are read now, while the scoring kernel runs, not after the select.
   int run = 1;
-  while (run * int(blockDim.x) < n) run <<= 1;
+  while (run * kThreads < n) run <<= 1;
   const int run_begin = threadIdx.x * run;
-  constexpr int kPrefetchedIds = 8;  // every id of a table of up to 8192 pages
+  constexpr int kPrefetchedIds = kTopKPerThread;
   std::int32_t ids[kPrefetchedIds];
 #pragma unroll
   for (int j = 0; j < kPrefetchedIds; ++j) {
@@ -1293,21 +1300,24 @@ __global__ void __launch_bounds__(kTopKThreads)
   ptx::wait_for_previous_grid();  // the scores are the scoring kernel's
   const float* scores = a.scores + (std::int64_t(b) * a.num_kv_heads + kvh) * a.max_blocks + first;
 
-  // The keys, eight score loads in flight per thread, and their minimum and maximum.
+  // The keys, kTopKPerThread score loads in flight per thread, and their minimum and maximum.
+  // Candidate i + j * kThreads sits j * kPaddedStride words after candidate i (kThreads is a
+  // multiple of 32), so each thread's loads and stores take one address and constant offsets.
   std::uint32_t lo = 0xffffffffu, hi = 0u;
-  constexpr int kBatch = 8;
-  for (int base = 0; base < n; base += kBatch * int(blockDim.x)) {
+  constexpr int kBatch = kTopKPerThread;
+  constexpr int kPaddedStride = kThreads + kThreads / 32;
+  for (int base = 0; base < n; base += kBatch * kThreads) {
+    const int i0 = base + int(threadIdx.x);
+    const float* src = scores + i0;
+    std::uint32_t* dst = keys + padded(i0);
     std::uint32_t k[kBatch];
 #pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-      const int i = base + j * int(blockDim.x) + int(threadIdx.x);
-      k[j] = i < n ? order_key(scores[i]) : 0u;
-    }
+    for (int j = 0; j < kBatch; ++j)
+      k[j] = i0 + j * kThreads < n ? order_key(src[j * kThreads]) : 0u;
 #pragma unroll
     for (int j = 0; j < kBatch; ++j) {
-      const int i = base + j * int(blockDim.x) + int(threadIdx.x);
-      if (i < n) {
-        keys[padded(i)] = k[j];
+      if (i0 + j * kThreads < n) {
+        dst[j * kPaddedStride] = k[j];
         lo = min(lo, k[j]);
         hi = max(hi, k[j]);
       }
@@ -1328,7 +1338,7 @@ __global__ void __launch_bounds__(kTopKThreads)
       break;
     }
     const int shift = max(0, 32 - __clz(int(hi - lo)) - kRadixBits);
-    for (int base = 0; base < n; base += blockDim.x) {
+    for (int base = 0; base < n; base += kThreads) {
       const int i = base + threadIdx.x;
       const std::uint32_t k = i < n ? keys[padded(i)] : 0u;
       const bool counted = i < n && k >= lo && k <= hi;
@@ -1397,7 +1407,7 @@ __global__ void __launch_bounds__(kTopKThreads)
     }
     // The next range: the bin's keys' own minimum and maximum.
     std::uint32_t bin_min = 0xffffffffu, bin_max = 0u;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    for (int i = threadIdx.x; i < n; i += kThreads) {
       const std::uint32_t k = keys[padded(i)];
       if (k >= lo && k <= hi) {
         bin_min = min(bin_min, k);

@@ -499,6 +499,31 @@ def test_top_k_around_slice_boundaries(rng, slices):
                                 reduce)  # fmt: skip
 
 
+@pytest.mark.parametrize("width", [2048, 2049, 4096, 4097, 8192])
+def test_top_k_table_widths(rng, width):
+    """Tables on either side of the widths where the shared-memory top-k's threads place runs of
+    2, 4 and 8 candidates (up to 2048, 4096 and 8192 candidates; its score loads are batched by
+    8192): rows of the full width, one page less, about half and a short one, planted scores of
+    every kind, budgets of 130 and 1500 pages, sinks 0 and 3, hits; exact pages, order and
+    lengths."""
+    block_size, kv_heads, dim, group = 1, 2, 16, 2
+    for sinks in (0, 3):
+        batch = [width, width - 1, width // 2 + 1, 300 + sinks]
+        seq_lens = np.array([p * block_size for p in batch], np.int32)
+        table, num_blocks = exact_width_table(rng, seq_lens, block_size)
+        assert table.shape[1] == width
+        for budget in (130, 1500):
+            kinds = [
+                [PLANTED_KINDS[(b + 3 * h + budget + sinks) % len(PLANTED_KINDS)]
+                 for h in range(kv_heads)]
+                for b in range(len(batch))
+            ]  # fmt: skip
+            meta = planted_meta(rng, table, batch, num_blocks, kv_heads, dim, kinds)
+            query = np.zeros((len(batch), kv_heads * group, dim), np.float32)
+            query[:, :, 0] = 1.0 / group  # exact: the folded weights are 1.0 too
+            check_with_hits(rng, query, meta, table, seq_lens, budget, block_size, sinks, "sum")
+
+
 @pytest.mark.parametrize("kind", ["equal", "ties", "minus_inf"])
 def test_top_k_ties_across_slices(rng, kind):
     """All-equal scores, four values, or mostly -inf over rows of one to five slices, with a
