@@ -1954,15 +1954,20 @@ def test_cuda_graphs_sparse_decode_with_a_full_budget_gives_the_dense_tokens(rng
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("summary_dtype", [None, "fp8"], ids=["model-dtype", "fp8-summaries"])
-def test_cuda_graphs_select_like_eager_steps(rng, summary_dtype):
+@pytest.mark.parametrize(
+    "summary_dtype, kv_dtype",
+    [(None, None), ("fp8", None), (None, "fp8"), ("fp8", "fp8")],
+    ids=["model-dtype", "fp8-summaries", "fp8-cache", "fp8-cache-fp8-summaries"],
+)
+def test_cuda_graphs_select_like_eager_steps(rng, summary_dtype, kv_dtype):
     """A budget that the first request fits and later ones outgrow: replays of the dense and the
     selecting graphs give the eager engine's tokens (float32; page summaries in float32 or in
-    float8)."""
+    float8; a float32 or a float8 cache, whose summaries are of the keys as it holds them)."""
     runner = random_model(6, 2, seed=int(rng.integers(1 << 31)), device="cuda")
     prompts, lengths, budget_tokens = outgrown_budget_workload(rng)
+    cache = dict(kv_cache_dtype="fp8", kv_cache_scale=0.5) if kv_dtype else {}
     graphs, eager = graph_engines(
-        runner, sparse_budget_tokens=budget_tokens, sparse_summary_dtype=summary_dtype
+        runner, sparse_budget_tokens=budget_tokens, sparse_summary_dtype=summary_dtype, **cache
     )
     assert run_staggered(graphs, prompts, lengths) == run_staggered(eager, prompts, lengths)
     for engine in (eager, graphs):
