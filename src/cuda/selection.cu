@@ -1260,7 +1260,6 @@ __device__ __forceinline__ void block_min_max(std::uint32_t& lo, std::uint32_t& 
 
 __global__ void __launch_bounds__(kTopKThreads)
     select_pages_kernel(const __grid_constant__ SelectArgs a) {
-  constexpr int kThreads = kTopKThreads;
   extern __shared__ std::uint32_t keys[];  // padded candidate index -> key
   __shared__ int histogram[kRadixBins];
   __shared__ std::uint32_t lo_part[32], hi_part[32];
@@ -1280,43 +1279,41 @@ __global__ void __launch_bounds__(kTopKThreads)
   const int n = last - first;                            // > keep, since pages > budget
   const int keep = max(0, a.budget - a.num_sink_pages - 1);
   // Sinks and the last page do not depend on the scores.
-  for (int p = threadIdx.x; p < first; p += kThreads) keep_block(a, out, p, table[p]);
+  for (int p = threadIdx.x; p < first; p += kTopKThreads) keep_block(a, out, p, table[p]);
   if (threadIdx.x == 0) {
     keep_block(a, out, a.budget - 1, table[last]);
     write_selected_lens(a, len, last, kvh, b);
   }
-  for (int i = threadIdx.x; i < kRadixBins; i += kThreads) histogram[i] = 0;
+  for (int i = threadIdx.x; i < kRadixBins; i += kTopKThreads) histogram[i] = 0;
   // Each thread places a run of `run` consecutive candidates at the end; their block ids (up to
-  // kPrefetchedIds of them) are read now, while the scoring kernel runs, not after the select.
+  // kTopKPerThread of them) are read now, while the scoring kernel runs, not after the select.
   int run = 1;
-  while (run * kThreads < n) run <<= 1;
+  while (run * kTopKThreads < n) run <<= 1;
   const int run_begin = threadIdx.x * run;
-  constexpr int kPrefetchedIds = kTopKPerThread;
-  std::int32_t ids[kPrefetchedIds];
+  std::int32_t ids[kTopKPerThread];
 #pragma unroll
-  for (int j = 0; j < kPrefetchedIds; ++j) {
+  for (int j = 0; j < kTopKPerThread; ++j) {
     ids[j] = j < run && run_begin + j < n ? table[first + run_begin + j] : -1;
   }
   ptx::wait_for_previous_grid();  // the scores are the scoring kernel's
   const float* scores = a.scores + (std::int64_t(b) * a.num_kv_heads + kvh) * a.max_blocks + first;
 
   // The keys, kTopKPerThread score loads in flight per thread, and their minimum and maximum.
-  // Candidate i + j * kThreads sits j * kPaddedStride words after candidate i (kThreads is a
-  // multiple of 32), so each thread's loads and stores take one address and constant offsets.
+  // Candidate i + j * kTopKThreads sits j * kPaddedStride words after candidate i (kTopKThreads is
+  // a multiple of 32), so each thread's loads and stores take one address and constant offsets.
   std::uint32_t lo = 0xffffffffu, hi = 0u;
-  constexpr int kBatch = kTopKPerThread;
-  constexpr int kPaddedStride = kThreads + kThreads / 32;
-  for (int base = 0; base < n; base += kBatch * kThreads) {
+  constexpr int kPaddedStride = kTopKThreads + kTopKThreads / 32;
+  for (int base = 0; base < n; base += kTopKPerThread * kTopKThreads) {
     const int i0 = base + int(threadIdx.x);
     const float* src = scores + i0;
     std::uint32_t* dst = keys + padded(i0);
-    std::uint32_t k[kBatch];
+    std::uint32_t k[kTopKPerThread];
 #pragma unroll
-    for (int j = 0; j < kBatch; ++j)
-      k[j] = i0 + j * kThreads < n ? order_key(src[j * kThreads]) : 0u;
+    for (int j = 0; j < kTopKPerThread; ++j)
+      k[j] = i0 + j * kTopKThreads < n ? order_key(src[j * kTopKThreads]) : 0u;
 #pragma unroll
-    for (int j = 0; j < kBatch; ++j) {
-      if (i0 + j * kThreads < n) {
+    for (int j = 0; j < kTopKPerThread; ++j) {
+      if (i0 + j * kTopKThreads < n) {
         dst[j * kPaddedStride] = k[j];
         lo = min(lo, k[j]);
         hi = max(hi, k[j]);
@@ -1338,7 +1335,7 @@ __global__ void __launch_bounds__(kTopKThreads)
       break;
     }
     const int shift = max(0, 32 - __clz(int(hi - lo)) - kRadixBits);
-    for (int base = 0; base < n; base += kThreads) {
+    for (int base = 0; base < n; base += kTopKThreads) {
       const int i = base + threadIdx.x;
       const std::uint32_t k = i < n ? keys[padded(i)] : 0u;
       const bool counted = i < n && k >= lo && k <= hi;
@@ -1407,7 +1404,7 @@ __global__ void __launch_bounds__(kTopKThreads)
     }
     // The next range: the bin's keys' own minimum and maximum.
     std::uint32_t bin_min = 0xffffffffu, bin_max = 0u;
-    for (int i = threadIdx.x; i < n; i += kThreads) {
+    for (int i = threadIdx.x; i < n; i += kTopKThreads) {
       const std::uint32_t k = keys[padded(i)];
       if (k >= lo && k <= hi) {
         bin_min = min(bin_min, k);
@@ -1444,10 +1441,10 @@ __global__ void __launch_bounds__(kTopKThreads)
     }
   };
 #pragma unroll
-  for (int j = 0; j < kPrefetchedIds; ++j) {
+  for (int j = 0; j < kTopKPerThread; ++j) {
     if (j < run && run_begin + j < n) place(run_begin + j, ids[j]);
   }
-  for (int j = kPrefetchedIds; j < run && run_begin + j < n; ++j) {
+  for (int j = kTopKPerThread; j < run && run_begin + j < n; ++j) {
     place(run_begin + j, table[first + run_begin + j]);
   }
 }

@@ -40,7 +40,7 @@
 namespace tinyserve::kernels::cuda {
 
 constexpr int kMmaHeads = 16;    // query heads per CTA: the M of m16n8k16
-constexpr int kWarpTokens = 16;  // tokens of a warp per step: the N of Q.K^T, the K of P.V
+constexpr int kWarpTokens = 16;  // tokens of a warp per tile: the N of Q.K^T, the K of P.V
 
 // Whether a split launch runs a configuration of its own rather than the unsplit launch's
 // kernel: at head_dim 128 (two stages), and over float8 caches at head_dim 64 (64-token tiles);
@@ -78,7 +78,6 @@ struct MmaConfig {
   // CTAs per multiprocessor the registers must allow with 8 warps (the stages' shared memory
   // allows two); 0: no bound.
   static constexpr int kMinBlocks = kWarps == 8 ? 2 : 0;
-  static constexpr int kSteps = kTile / (kWarps * kWarpTokens);  // 64-token steps per tile
   static constexpr int kRow = D + 8;          // 16-bit query row stride (elements): 16-byte pad
   static constexpr bool kFp8 = KvBytes == 1;  // float8 stages
   // Stage rows are padded by 16 bytes, so that ldmatrix reads 8 rows without bank conflicts.
@@ -106,7 +105,7 @@ struct MmaConfig {
   static_assert(kReduceBytes <= kStages * kStageBytes, "reduction must fit the stage buffers");
   static_assert(kThreads % kChunks == 0 && kTile % kRowsPerPass == 0, "loader shape");
   static_assert(kTile <= kThreads, "one thread computes each row's offsets");
-  static_assert(kSteps * kWarps * kWarpTokens == kTile, "tile shape");
+  static_assert(kWarps * kWarpTokens == kTile, "each warp owns 16 tokens of a tile");
 };
 
 // The running max of a row is raised only when a score exceeds it by this much (log2 units):
@@ -356,146 +355,140 @@ __global__ void __launch_bounds__(MmaConfig<D, int(sizeof(KV)), SplitConfig>::kT
       next_block = lookup(next + 2);
     }
     const std::uint32_t tile_offset = (tile % C::kStages) * C::kStageBytes;
-    // Each warp computes its 16 tokens of every 64-token step through one softmax state. A
+    // Each warp computes its 16 tokens of the tile through one softmax state. A
     // thread holds rows g and g + 8 of the 16; with at most 8 query heads (groups up to 8) rows
     // g + 8 are all padding, and their scores, softmax and probabilities are skipped.
     auto compute_tile = [&](auto upper_rows) {
       constexpr bool kUpper = decltype(upper_rows)::value;
       constexpr int kRowHalves = kUpper ? 2 : 1;
+      // S = Q K^T for this warp's 16 tokens: two 8-token column blocks, each summed in two
+      // independent chains (even and odd steps) to halve the MMA dependency depth.
+      float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+      float s_odd[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+      if constexpr (C::kFp8) {
+        // One ldmatrix covers two 16-wide steps: kb[0], kb[1] tokens 0-7 and 8-15 of step 2 * kp,
+        // kb[2], kb[3] of step 2 * kp + 1; each register's 4 bytes make both B registers.
 #pragma unroll
-      for (int step = 0; step < C::kSteps; ++step) {
-        constexpr int kStepTokens = C::kWarps * kWarpTokens;
-        const std::uint32_t stage_offset = tile_offset + step * kStepTokens * C::kStageRowBytes;
-
-        // S = Q K^T for this warp's 16 tokens: two 8-token column blocks, each summed in two
-        // independent chains (even and odd steps) to halve the MMA dependency depth.
-        float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-        float s_odd[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-        if constexpr (C::kFp8) {
-          // One ldmatrix covers two 16-wide steps: kb[0], kb[1] tokens 0-7 and 8-15 of step 2 * kp,
-          // kb[2], kb[3] of step 2 * kp + 1; each register's 4 bytes make both B registers.
+        for (int kp = 0; kp < D / 32; ++kp) {
+          std::uint32_t kb[4], qa_smem[2][4];
+          ptx::ldmatrix_x4(kb, fp8_frag + tile_offset + kp * 32);
 #pragma unroll
-          for (int kp = 0; kp < D / 32; ++kp) {
-            std::uint32_t kb[4], qa_smem[2][4];
-            ptx::ldmatrix_x4(kb, fp8_frag + stage_offset + kp * 32);
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-              const int kk = 2 * kp + half;
-              const std::uint32_t(&qa)[4] =
-                  C::kQInRegisters ? q_regs[C::kQInRegisters ? kk : 0] : qa_smem[half];
-              if constexpr (!C::kQInRegisters) ptx::ldmatrix_x4(qa_smem[half], q_frag + kk * 32);
-              float(&acc)[2][4] = half == 0 ? s : s_odd;
-              const uint2 first = fp8x4_to_pairs<M>(kb[2 * half]);
-              const uint2 second = fp8x4_to_pairs<M>(kb[2 * half + 1]);
-              ptx::mma_16816<M>(acc[0], qa, first.x, first.y);
-              ptx::mma_16816<M>(acc[1], qa, second.x, second.y);
-            }
-          }
-        } else {
-#pragma unroll
-          for (int kk = 0; kk < D / 16; ++kk) {
-            std::uint32_t kb[4], qa_smem[4];
-            ptx::ldmatrix_x4(kb, k_frag + stage_offset + kk * 32);
+          for (int half = 0; half < 2; ++half) {
+            const int kk = 2 * kp + half;
             const std::uint32_t(&qa)[4] =
-                C::kQInRegisters ? q_regs[C::kQInRegisters ? kk : 0] : qa_smem;
-            if constexpr (!C::kQInRegisters) ptx::ldmatrix_x4(qa_smem, q_frag + kk * 32);
-            float(&acc)[2][4] = kk % 2 == 0 ? s : s_odd;
-            ptx::mma_16816<T>(acc[0], qa, kb[0], kb[1]);
-            ptx::mma_16816<T>(acc[1], qa, kb[2], kb[3]);
+                C::kQInRegisters ? q_regs[C::kQInRegisters ? kk : 0] : qa_smem[half];
+            if constexpr (!C::kQInRegisters) ptx::ldmatrix_x4(qa_smem[half], q_frag + kk * 32);
+            float(&acc)[2][4] = half == 0 ? s : s_odd;
+            const uint2 first = fp8x4_to_pairs<M>(kb[2 * half]);
+            const uint2 second = fp8x4_to_pairs<M>(kb[2 * half + 1]);
+            ptx::mma_16816<M>(acc[0], qa, first.x, first.y);
+            ptx::mma_16816<M>(acc[1], qa, second.x, second.y);
           }
         }
+      } else {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          std::uint32_t kb[4], qa_smem[4];
+          ptx::ldmatrix_x4(kb, k_frag + tile_offset + kk * 32);
+          const std::uint32_t(&qa)[4] =
+              C::kQInRegisters ? q_regs[C::kQInRegisters ? kk : 0] : qa_smem;
+          if constexpr (!C::kQInRegisters) ptx::ldmatrix_x4(qa_smem, q_frag + kk * 32);
+          float(&acc)[2][4] = kk % 2 == 0 ? s : s_odd;
+          ptx::mma_16816<T>(acc[0], qa, kb[0], kb[1]);
+          ptx::mma_16816<T>(acc[1], qa, kb[2], kb[3]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] += s_odd[j][e];
+      }
+      const int t0 = begin + tile * C::kTile + warp * 16;
+      if (begin + (tile + 1) * C::kTile <= end) {  // a full tile (uniform over the CTA)
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) s[j][e] += s_odd[j][e];
-        }
-        const int t0 = begin + tile * C::kTile + step * kStepTokens + warp * 16;
-        if (begin + (tile + 1) * C::kTile <= end) {  // a full tile (uniform over the CTA)
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-#pragma unroll
-            for (int e = 0; e < 2 * kRowHalves; ++e) {
-              s[j][e] = a.logit(C::kFp8 ? s[j][e] * k_scale : s[j][e]);
-            }
-          }
-        } else {
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-#pragma unroll
-            for (int e = 0; e < 2 * kRowHalves; ++e) {
-              const int token = t0 + j * 8 + quad_col + (e % 2);
-              const float qk = C::kFp8 ? s[j][e] * k_scale : s[j][e];
-              s[j][e] = token < end ? a.logit(qk) : -INFINITY;
-            }
+          for (int e = 0; e < 2 * kRowHalves; ++e) {
+            s[j][e] = a.logit(C::kFp8 ? s[j][e] * k_scale : s[j][e]);
           }
         }
-        // Online softmax; a row's 16 scores are spread over the 4 lanes of a quad.
-        float mx[2] = {-INFINITY, -INFINITY};
+      } else {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+#pragma unroll
+          for (int e = 0; e < 2 * kRowHalves; ++e) {
+            const int token = t0 + j * 8 + quad_col + (e % 2);
+            const float qk = C::kFp8 ? s[j][e] * k_scale : s[j][e];
+            s[j][e] = token < end ? a.logit(qk) : -INFINITY;
+          }
+        }
+      }
+      // Online softmax; a row's 16 scores are spread over the 4 lanes of a quad.
+      float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int r = 0; r < kRowHalves; ++r) {
+        mx[r] = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1]));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      }
+      const bool grow =
+          mx[0] > m[0] + kRescaleThreshold || (kUpper && mx[1] > m[1] + kRescaleThreshold);
+      if (__any_sync(0xffffffffu, grow)) {
 #pragma unroll
         for (int r = 0; r < kRowHalves; ++r) {
-          mx[r] = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1]));
-          mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-          mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-        }
-        const bool grow =
-            mx[0] > m[0] + kRescaleThreshold || (kUpper && mx[1] > m[1] + kRescaleThreshold);
-        if (__any_sync(0xffffffffu, grow)) {
+          if (mx[r] > m[r]) {
+            const float correction = ptx::exp2_approx(m[r] - mx[r]);  // 0 when m was -inf
+            m[r] = mx[r];
+            l[r] *= correction;
 #pragma unroll
-          for (int r = 0; r < kRowHalves; ++r) {
-            if (mx[r] > m[r]) {
-              const float correction = ptx::exp2_approx(m[r] - mx[r]);  // 0 when m was -inf
-              m[r] = mx[r];
-              l[r] *= correction;
-#pragma unroll
-              for (int nb = 0; nb < D / 8; ++nb) {
-                o[nb][2 * r] *= correction;
-                o[nb][2 * r + 1] *= correction;
-              }
+            for (int nb = 0; nb < D / 8; ++nb) {
+              o[nb][2 * r] *= correction;
+              o[nb][2 * r + 1] *= correction;
             }
           }
         }
+      }
 #pragma unroll
-        for (int r = 0; r < kRowHalves; ++r) {
-          const float base = m[r] == -INFINITY ? 0.0f : m[r];  // nothing seen yet: p = 0
+      for (int r = 0; r < kRowHalves; ++r) {
+        const float base = m[r] == -INFINITY ? 0.0f : m[r];  // nothing seen yet: p = 0
 #pragma unroll
-          for (int j = 0; j < 2; ++j) {
+        for (int j = 0; j < 2; ++j) {
 #pragma unroll
-            for (int e = 2 * r; e < 2 * r + 2; ++e) {
-              s[j][e] = ptx::exp2_approx(s[j][e] - base);
-              l[r] += s[j][e];
-            }
+          for (int e = 2 * r; e < 2 * r + 2; ++e) {
+            s[j][e] = ptx::exp2_approx(s[j][e] - base);
+            l[r] += s[j][e];
           }
         }
-        // O += P V: P's accumulator layout is the A operand layout of the next MMA.
-        const std::uint32_t pa[4] = {
-            pack2<M>(s[0][0], s[0][1]), kUpper ? pack2<M>(s[0][2], s[0][3]) : 0u,
-            pack2<M>(s[1][0], s[1][1]), kUpper ? pack2<M>(s[1][2], s[1][3]) : 0u};
-        if constexpr (C::kFp8) {
-          // One ldmatrix.trans covers 32 columns: vb[0], vb[1] tokens 0-7 and 8-15 of columns
-          // 32 * dp ... + 15, vb[2], vb[3] of the next 16. A register holds columns 2g and 2g + 1
-          // (g = lane / 4) of two tokens; regrouped by column, they are the B registers of the even
-          // columns' MMA (o[2w]) and of the odd columns' (o[2w + 1]) of 16-column group w.
+      }
+      // O += P V: P's accumulator layout is the A operand layout of the next MMA.
+      const std::uint32_t pa[4] = {
+          pack2<M>(s[0][0], s[0][1]), kUpper ? pack2<M>(s[0][2], s[0][3]) : 0u,
+          pack2<M>(s[1][0], s[1][1]), kUpper ? pack2<M>(s[1][2], s[1][3]) : 0u};
+      if constexpr (C::kFp8) {
+        // One ldmatrix.trans covers 32 columns: vb[0], vb[1] tokens 0-7 and 8-15 of columns
+        // 32 * dp ... + 15, vb[2], vb[3] of the next 16. A register holds columns 2g and 2g + 1
+        // (g = lane / 4) of two tokens; regrouped by column, they are the B registers of the even
+        // columns' MMA (o[2w]) and of the odd columns' (o[2w + 1]) of 16-column group w.
 #pragma unroll
-          for (int dp = 0; dp < D / 32; ++dp) {
-            std::uint32_t vb[4];
-            ptx::ldmatrix_x4_trans(vb, fp8_frag + C::kVOffset + stage_offset + dp * 32);
+        for (int dp = 0; dp < D / 32; ++dp) {
+          std::uint32_t vb[4];
+          ptx::ldmatrix_x4_trans(vb, fp8_frag + C::kVOffset + tile_offset + dp * 32);
 #pragma unroll
-            for (int half = 0; half < 2; ++half) {
-              const int w = 2 * dp + half;
-              const uint2 first = fp8x4_to_pairs<M>(__byte_perm(vb[2 * half], 0, 0x3120));
-              const uint2 second = fp8x4_to_pairs<M>(__byte_perm(vb[2 * half + 1], 0, 0x3120));
-              ptx::mma_16816<M>(o[2 * w], pa, first.x, second.x);
-              ptx::mma_16816<M>(o[2 * w + 1], pa, first.y, second.y);
-            }
+          for (int half = 0; half < 2; ++half) {
+            const int w = 2 * dp + half;
+            const uint2 first = fp8x4_to_pairs<M>(__byte_perm(vb[2 * half], 0, 0x3120));
+            const uint2 second = fp8x4_to_pairs<M>(__byte_perm(vb[2 * half + 1], 0, 0x3120));
+            ptx::mma_16816<M>(o[2 * w], pa, first.x, second.x);
+            ptx::mma_16816<M>(o[2 * w + 1], pa, first.y, second.y);
           }
-        } else {
+        }
+      } else {
 #pragma unroll
-          for (int dp = 0; dp < D / 16; ++dp) {
-            std::uint32_t vb[4];
-            ptx::ldmatrix_x4_trans(vb, v_frag + stage_offset + dp * 32);
-            ptx::mma_16816<T>(o[2 * dp], pa, vb[0], vb[1]);
-            ptx::mma_16816<T>(o[2 * dp + 1], pa, vb[2], vb[3]);
-          }
+        for (int dp = 0; dp < D / 16; ++dp) {
+          std::uint32_t vb[4];
+          ptx::ldmatrix_x4_trans(vb, v_frag + tile_offset + dp * 32);
+          ptx::mma_16816<T>(o[2 * dp], pa, vb[0], vb[1]);
+          ptx::mma_16816<T>(o[2 * dp + 1], pa, vb[2], vb[3]);
         }
       }
     };
