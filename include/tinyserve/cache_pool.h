@@ -3,6 +3,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "tinyserve/export.h"
@@ -20,19 +21,20 @@ struct CachePoolConfig {
   int block_size = 0;
   int num_kv_heads = 0;
   int head_dim = 0;
-  DType dtype = DType::Float16;  // float16, bfloat16 or float32
+  DType dtype = DType::Float16;  // float16, bfloat16, float32 or float8 e4m3fn
   Device device{};               // CPU or CUDA
   CacheLayout layout = CacheLayout::NHD;
-  // Also hold, per layer, the page summaries [num_blocks, num_kv_heads, 2, head_dim] (dtype as
-  // the caches) that reshape_and_cache and select_pages use.
+  // Also hold, per layer, the page summaries [num_blocks, num_kv_heads, 2, head_dim] (in
+  // page_meta_dtype) that reshape_and_cache and select_pages use.
   bool page_meta = false;
   // The unit of mapping: 0 picks the backend's (CUDA: the driver's recommended granularity,
   // usually 2 MiB; CPU: the page size). Otherwise a multiple of the backend's minimum.
   std::size_t granule_bytes = 0;
   std::int64_t num_blocks = 0;  // blocks mapped at construction
-  // The page summaries in float8 e4m3fn instead of the caches' dtype (needs page_meta): half the
-  // bytes of 16-bit summaries, see selection.h.
-  bool page_meta_float8 = false;
+  // The page summaries' dtype (needs page_meta); none: the caches'. Float8 e4m3fn summaries take
+  // half the bytes of 16-bit ones (see selection.h); over float8 caches the summaries may also
+  // be float16, bfloat16 or float32 (the query's precision).
+  std::optional<DType> page_meta_dtype;
 };
 
 // The device memory of a paged KV cache, reserved once for max_blocks and backed by physical

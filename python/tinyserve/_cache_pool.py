@@ -56,15 +56,16 @@ class CachePool(_C.CachePool):
     again, and never touch a block at or past ``num_blocks`` through an older view.
 
     Args:
-        dtype: "float16", "bfloat16", "float32", or a torch / NumPy dtype.
+        dtype: "float16", "bfloat16", "float32", "float8_e4m3fn" (a float8 cache: pass its
+            scales to the ops, as for any float8 cache), or a torch / NumPy dtype. Float8 views
+            are float8 DLPack arrays, which torch and JAX take (NumPy has no float8 type).
         device: "cpu", "cuda" (torch's current device if torch has initialised CUDA, else 0),
             "cuda:N", an int N, or a torch.device.
         layout: "NHD" or "HND" (how a block is stored).
         page_meta: also hold per-layer page summaries ``[num_blocks, num_kv_heads, 2, head_dim]``.
         page_meta_dtype: the summaries' dtype: None (the caches'), or "float8_e4m3fn" /
-            ``torch.float8_e4m3fn`` (half the bytes of 16-bit summaries; see docs/selection.md).
-            Their views are then float8 DLPack arrays, which torch and JAX take (NumPy has no
-            float8 type).
+            ``torch.float8_e4m3fn`` (half the bytes of 16-bit summaries; see docs/selection.md);
+            over float8 caches also "float16", "bfloat16" or "float32" (the query's precision).
         granule_bytes: the mapping unit; 0 picks the driver's recommended granularity (CUDA,
             usually 2 MiB) or the page size (CPU).
         num_blocks: blocks to back at construction.

@@ -22,11 +22,14 @@ namespace tinyserve::bindings {
 
 namespace {
 
-DType parse_dtype(const std::string& name) {
+// A pool's dtype name; the core checks which of them each argument takes.
+DType parse_dtype(const std::string& name, const char* argument) {
   if (name == "float16") return DType::Float16;
   if (name == "bfloat16") return DType::BFloat16;
   if (name == "float32") return DType::Float32;
-  detail::fail("CachePool", "dtype must be float16, bfloat16 or float32, got ", name);
+  if (name == "float8_e4m3fn") return DType::Float8E4M3FN;
+  detail::fail("CachePool", argument, " must be float16, bfloat16, float32 or float8_e4m3fn, got ",
+               name);
 }
 
 Device parse_device(const std::string& name) {
@@ -93,19 +96,13 @@ void bind_cache_pool(nb::module_& m) {
             c.block_size = to_int<int>(block_size, op, "block_size");
             c.num_kv_heads = to_int<int>(num_kv_heads, op, "num_kv_heads");
             c.head_dim = to_int<int>(head_dim, op, "head_dim");
-            c.dtype = parse_dtype(to_name(dtype, op, "dtype"));
+            c.dtype = parse_dtype(to_name(dtype, op, "dtype"), "dtype");
             c.device = parse_device(to_name(device, op, "device"));
             c.layout = parse_layout(to_name(layout, op, "layout"));
             c.page_meta = to_bool(page_meta, op, "page_meta");
             if (!page_meta_dtype.is_none()) {
-              const std::string name = to_name(page_meta_dtype, op, "page_meta_dtype");
-              if (name != "float8_e4m3fn" && name != dtype_name(c.dtype)) {
-                detail::fail(op,
-                             "page_meta_dtype must be None, the caches' dtype or "
-                             "'float8_e4m3fn', got '",
-                             name, "'");
-              }
-              c.page_meta_float8 = name == "float8_e4m3fn";
+              c.page_meta_dtype =
+                  parse_dtype(to_name(page_meta_dtype, op, "page_meta_dtype"), "page_meta_dtype");
             }
             c.granule_bytes = to_int<std::size_t>(granule_bytes, op, "granule_bytes");
             c.num_blocks = to_int<std::int64_t>(num_blocks, op, "num_blocks");
@@ -163,7 +160,7 @@ void bind_cache_pool(nb::module_& m) {
           [](const CachePool& p) -> std::optional<std::string> {
             const CachePoolConfig& c = p.config();
             if (!c.page_meta) return std::nullopt;
-            return std::string(dtype_name(c.page_meta_float8 ? DType::Float8E4M3FN : c.dtype));
+            return std::string(dtype_name(c.page_meta_dtype.value_or(c.dtype)));
           },
           "The page summaries' dtype name (None without page_meta).")
       .def_prop_ro("granule_bytes", &CachePool::granule_bytes, "The unit of mapping, in bytes.")

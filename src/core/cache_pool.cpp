@@ -84,7 +84,7 @@ struct CachePool::Impl {
     const CachePoolConfig& c = config;
     TensorView t;
     t.data = static_cast<char*>(memory->base()) + r.first * granule;
-    t.dtype = r.part == Part::PageMeta && c.page_meta_float8 ? DType::Float8E4M3FN : c.dtype;
+    t.dtype = r.part == Part::PageMeta ? c.page_meta_dtype.value_or(c.dtype) : c.dtype;
     t.device = c.device;
     t.ndim = 4;
     const std::int64_t bs = c.block_size, h = c.num_kv_heads, d = c.head_dim;
@@ -131,30 +131,50 @@ CachePool::CachePool(const CachePoolConfig& config) : impl_(std::make_unique<Imp
     bad_argument(op, "num_kv_heads must be at least 1, got ", c.num_kv_heads);
   }
   if (c.head_dim < 1) bad_argument(op, "head_dim must be at least 1, got ", c.head_dim);
-  if (c.dtype != DType::Float16 && c.dtype != DType::BFloat16 && c.dtype != DType::Float32) {
-    bad_argument(op, "dtype must be float16, bfloat16 or float32, got ", dtype_name(c.dtype));
+  const auto wide = [](DType t) {
+    return t == DType::Float16 || t == DType::BFloat16 || t == DType::Float32;
+  };
+  if (!wide(c.dtype) && c.dtype != DType::Float8E4M3FN) {
+    bad_argument(op, "dtype must be float16, bfloat16, float32 or float8_e4m3fn, got ",
+                 dtype_name(c.dtype));
   }
-  if (c.page_meta_float8 && !c.page_meta) {
-    bad_argument(op, "float8 page summaries need page_meta, got page_meta false");
+  if (c.page_meta_dtype) {
+    const DType m = *c.page_meta_dtype;
+    if (!c.page_meta) {
+      bad_argument(op, dtype_name(m), " page summaries need page_meta, got page_meta false");
+    }
+    if (c.dtype == DType::Float8E4M3FN ? !wide(m) && m != DType::Float8E4M3FN
+                                       : m != c.dtype && m != DType::Float8E4M3FN) {
+      if (c.dtype == DType::Float8E4M3FN) {
+        bad_argument(op,
+                     "page_meta_dtype over float8_e4m3fn caches must be float16, bfloat16, "
+                     "float32 or float8_e4m3fn, got ",
+                     dtype_name(m));
+      }
+      bad_argument(op, "page_meta_dtype must be the caches' dtype (", dtype_name(c.dtype),
+                   ") or float8_e4m3fn, got ", dtype_name(m));
+    }
   }
   if (c.num_blocks < 0 || c.num_blocks > c.max_blocks) {
     bad_argument(op, "num_blocks must be in [0, max_blocks = ", c.max_blocks, "], got ",
                  c.num_blocks);
   }
   const std::size_t elem = dtype_size(c.dtype);
-  // 2^60 bytes of address space is far beyond any machine; the bound keeps the sums exact. The
-  // estimate is taken in double before any size_t product, which could wrap.
-  const double reserve_estimate = double(c.max_blocks) * double(c.block_size) *
-                                  double(c.num_kv_heads) * double(c.head_dim) * double(elem) *
-                                  double(c.num_layers) * 3;
+  const std::size_t meta_elem = dtype_size(c.page_meta_dtype.value_or(c.dtype));
+  // 2^60 bytes of address space is far beyond any machine; the bound keeps the sums exact (with
+  // room for each tensor's granule rounding). The estimate is taken in double before any size_t
+  // product, which could wrap.
+  const double block_estimate =
+      double(c.num_kv_heads) * double(c.head_dim) *
+      (2.0 * double(c.block_size) * double(elem) + (c.page_meta ? 2.0 * double(meta_elem) : 0.0));
+  const double reserve_estimate = double(c.max_blocks) * double(c.num_layers) * block_estimate;
   if (reserve_estimate > double(std::size_t(1) << 60)) {
     bad_argument(op, "the pool would reserve more than 2^60 bytes, got max_blocks ", c.max_blocks,
                  " x block_size ", c.block_size, " x num_kv_heads ", c.num_kv_heads, " x head_dim ",
                  c.head_dim, " x ", elem, "-byte elements over ", c.num_layers, " layers");
   }
   const std::size_t kv_block = std::size_t(c.block_size) * c.num_kv_heads * c.head_dim * elem;
-  const std::size_t meta_block =
-      std::size_t(c.num_kv_heads) * 2 * c.head_dim * (c.page_meta_float8 ? 1 : elem);
+  const std::size_t meta_block = std::size_t(c.num_kv_heads) * 2 * c.head_dim * meta_elem;
   const int per_layer = c.page_meta ? 3 : 2;
 
   std::size_t min_granule = 0, default_granule = 0;

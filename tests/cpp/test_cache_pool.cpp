@@ -130,6 +130,25 @@ void test_rejected_calls_change_nothing() {
   c = config();
   c.dtype = tinyserve::DType::Int32;
   EXPECT_THROWS(CachePool{c}, std::invalid_argument);
+  // Summaries: the caches' dtype or float8 over 16/32-bit caches; over float8 caches also any
+  // of float16, bfloat16 and float32; never without page_meta.
+  c = config();
+  c.page_meta_dtype = tinyserve::DType::Float16;  // the caches are float32
+  EXPECT_THROWS_WITH(CachePool{c}, std::invalid_argument,
+                     "CachePool: page_meta_dtype must be the caches' dtype (float32) or "
+                     "float8_e4m3fn, got float16");
+  c.dtype = tinyserve::DType::Float8E4M3FN;
+  CachePool float8(c);
+  CHECK(float8.key(0).dtype == tinyserve::DType::Float8E4M3FN);
+  CHECK(float8.page_meta(0).dtype == tinyserve::DType::Float16);
+  c.page_meta_dtype = tinyserve::DType::Int8;
+  EXPECT_THROWS_WITH(CachePool{c}, std::invalid_argument,
+                     "CachePool: page_meta_dtype over float8_e4m3fn caches must be float16, "
+                     "bfloat16, float32 or float8_e4m3fn, got int8");
+  c.page_meta_dtype = tinyserve::DType::Float8E4M3FN;
+  c.page_meta = false;
+  EXPECT_THROWS_WITH(CachePool{c}, std::invalid_argument,
+                     "CachePool: float8_e4m3fn page summaries need page_meta, got page_meta false");
   c = config();
   c.device = {tinyserve::DeviceType::CUDA, 64};
   EXPECT_THROWS(CachePool{c}, std::runtime_error);  // built without CUDA, or no such device

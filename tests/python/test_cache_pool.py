@@ -544,6 +544,110 @@ def test_float8_summaries_pool_cpu(rng):
     run_float8_summaries_pool(rng, "cpu")
 
 
+def run_float8_cache_pool(rng, device: str, meta_dtype):
+    """A pool of float8 e4m3fn caches: views and accounting (a K or V block one byte an
+    element; the summaries in meta_dtype, None: float8 as the caches), reshape_and_cache
+    quantising into it with per-KV-head scales (the test's own e4m3 encoder as the reference,
+    bit for bit), paged_attention over it against float64 over the decoded values, summaries of
+    the keys as stored, copy_blocks moving bytes over every tensor, and everything kept through
+    shrink and grow."""
+    from test_fp8 import decode_e4m3, quantise
+
+    block_size, heads, q_heads, head_dim = 16, 2, 4, 64
+    pool = ts.CachePool(2, 64, block_size, heads, head_dim, torch.float8_e4m3fn, device,
+                        page_meta=True, page_meta_dtype=meta_dtype, num_blocks=24)  # fmt: skip
+    meta_name = "float8_e4m3fn" if meta_dtype is None else str(meta_dtype).split(".")[-1]
+    assert pool.dtype == "float8_e4m3fn" and pool.page_meta_dtype == meta_name
+    meta_elem = {"float8_e4m3fn": 1, "float16": 2, "float32": 4}[meta_name]
+    kv_block, meta_block = block_size * heads * head_dim, heads * 2 * head_dim * meta_elem
+    assert pool.bytes_per_block == 2 * (2 * kv_block + meta_block)
+    g = pool.granule_bytes
+    assert pool.mapped_bytes == 2 * (
+        2 * math.ceil(24 * kv_block / g) * g + math.ceil(24 * meta_block / g) * g
+    )
+    pool.check()
+    tensors = as_torch(pool)
+    key, value, meta = tensors[3], tensors[4], tensors[5]  # layer 1
+    assert key.dtype == value.dtype == torch.float8_e4m3fn and key.shape == (24, 16, 2, 64)
+    assert meta.shape == (24, heads, 2, head_dim)
+    for t in tensors:
+        t.view(torch.uint8).fill_(0x7F)  # float8 NaN everywhere: unwritten slots show
+    lens = np.array([37, 1, 70], dtype=np.int32)
+    blocks = [-(-int(n) // block_size) for n in lens]
+    perm = rng.permutation(24).astype(np.int32)
+    table = np.zeros((3, max(blocks)), dtype=np.int32)
+    used, slots = 0, []
+    for b, nb in enumerate(blocks):
+        table[b, :nb] = perm[used : used + nb]
+        used += nb
+        tok = np.arange(lens[b])
+        slots.append(table[b, tok // block_size].astype(np.int64) * block_size + tok % block_size)
+    slot_mapping = np.concatenate(slots)
+    n = len(slot_mapping)
+    # The keys and queries in the summaries' dtype (16/32-bit summaries are the keys'), else
+    # float16.
+    tdtype = torch.float16 if meta_name == "float8_e4m3fn" else meta_dtype
+    k_new = torch.from_numpy(rng.standard_normal((n, heads, head_dim)) * 4).to(tdtype)
+    v_new = torch.from_numpy(rng.standard_normal((n, heads, head_dim)) * 4).to(tdtype)
+    k_scale = np.array([0.5, 0.25], dtype=np.float32)
+    v_scale = np.array([0.125, 1.0], dtype=np.float32)
+    scales = dict(k_scale=torch.from_numpy(k_scale).to(device),
+                  v_scale=torch.from_numpy(v_scale).to(device))  # fmt: skip
+    ts.reshape_and_cache(k_new.to(device), v_new.to(device), key, value,
+                         torch.from_numpy(slot_mapping).to(device), meta, **scales)  # fmt: skip
+    query = torch.from_numpy(rng.standard_normal((3, q_heads, head_dim))).to(tdtype).to(device)
+    out = torch.full_like(query, float("nan"))
+    ts.paged_attention(query, key, value, torch.from_numpy(table).to(device),
+                       torch.from_numpy(lens).to(device), out=out, **scales)  # fmt: skip
+    if device != "cpu":
+        torch.cuda.synchronize()
+    k_bits = np.full((24, block_size, heads, head_dim), 0x7F, dtype=np.uint8)
+    v_bits = k_bits.copy()
+    page, offset = slot_mapping // block_size, slot_mapping % block_size
+    k_bits[page, offset] = quantise(f64(k_new), k_scale[None, :, None])
+    v_bits[page, offset] = quantise(f64(v_new), v_scale[None, :, None])
+    np.testing.assert_array_equal(key.view(torch.uint8).cpu().numpy(), k_bits)
+    np.testing.assert_array_equal(value.view(torch.uint8).cpu().numpy(), v_bits)
+    k_ref = decode_e4m3(k_bits) * k_scale[None, None, :, None]
+    v_ref = decode_e4m3(v_bits) * v_scale[None, None, :, None]
+    ref, _ = R.paged_attention(f64(query), k_ref, v_ref, table, lens)
+    assert R.rel_error(f64(out), ref) < TOLERANCE[str(tdtype).split(".")[-1]]
+    # Summaries of the keys as stored: min and max of the written pages' decoded keys (float8
+    # summaries round outward, so the float64 value lies within one e4m3 step).
+    got = f64(meta)
+    for blk in np.unique(page):
+        rows = k_ref[blk][~np.isnan(k_ref[blk]).any(axis=(1, 2))]
+        want = np.stack([rows.min(0), rows.max(0)], axis=1)
+        if meta_name == "float8_e4m3fn":
+            assert (got[blk, :, 0] <= want[:, 0]).all() and (got[blk, :, 1] >= want[:, 1]).all()
+            np.testing.assert_allclose(got[blk], want, rtol=0.13, atol=2.0**-9)
+        else:
+            np.testing.assert_allclose(got[blk], want, rtol=1e-3)
+
+    before = [t.view(torch.uint8).cpu().numpy().copy() for t in tensors]
+    ids = rng.permutation(24)
+    src, dst = ids[:9].astype(np.int32), ids[9:18].astype(np.int32)
+    ts.copy_blocks(tensors, torch.from_numpy(src).to(device), torch.from_numpy(dst).to(device))
+    if device != "cpu":
+        torch.cuda.synchronize()
+    for t, e in zip(tensors, before):
+        e[dst] = e[src]
+        np.testing.assert_array_equal(t.view(torch.uint8).cpu().numpy(), e)
+    pool.shrink(5)
+    pool.check()
+    pool.grow(40)
+    pool.check()
+    for t, e in zip(as_torch(pool), before):
+        np.testing.assert_array_equal(t[:5].view(torch.uint8).cpu().numpy(), e[:5])
+    return pool
+
+
+@needs_torch
+@pytest.mark.parametrize("meta_dtype", [None, "float16", "float32"])
+def test_float8_cache_pool_cpu(rng, meta_dtype):
+    run_float8_cache_pool(rng, "cpu", None if meta_dtype is None else getattr(torch, meta_dtype))
+
+
 def test_pool_arrays_go_to_ops_without_a_framework(rng):
     """The DLPack arrays themselves are accepted by the ops."""
     pool = make_pool(num_layers=1, num_blocks=8, dtype="float32")
@@ -570,22 +674,33 @@ def test_pool_arrays_go_to_ops_without_a_framework(rng):
         (dict(block_size=0), "block_size must be at least 1, got 0"),
         (dict(num_kv_heads=-1), "num_kv_heads must be at least 1, got -1"),
         (dict(head_dim=0), "head_dim must be at least 1, got 0"),
-        (dict(dtype="int32"), "dtype must be float16, bfloat16 or float32, got int32"),
-        (dict(dtype=np.float64), "dtype must be float16, bfloat16 or float32, got float64"),
+        (
+            dict(dtype="int32"),
+            "dtype must be float16, bfloat16, float32 or float8_e4m3fn, got int32",
+        ),
+        (
+            dict(dtype=np.float64),
+            "dtype must be float16, bfloat16, float32 or float8_e4m3fn, got f",
+        ),
         (dict(device="tpu"), "device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
         (dict(device="cuda:x"), "got 'cuda:x'"),
         (dict(layout="NDH"), "layout must be 'NHD' or 'HND', got 'NDH'"),
         (dict(granule_bytes=1000), f"granule_bytes must be a multiple of {mmap.PAGESIZE}"),
         (dict(num_blocks=65), r"num_blocks must be in \[0, max_blocks = 64\], got 65"),
         (dict(num_blocks=-1), r"num_blocks must be in \[0, max_blocks = 64\], got -1"),
-        (dict(page_meta_dtype="float8_e4m3fn"), "float8 page summaries need page_meta, got"),
+        (dict(page_meta_dtype="float8_e4m3fn"), "float8_e4m3fn page summaries need page_meta, got"),
+        (dict(page_meta_dtype="float16"), "float16 page summaries need page_meta, got page_meta"),
         (
             dict(page_meta=True, page_meta_dtype="int8"),
-            "page_meta_dtype must be None, the caches' dtype or 'float8_e4m3fn', got 'int8'",
+            "page_meta_dtype must be float16, bfloat16, float32 or float8_e4m3fn, got int8",
         ),
         (
-            dict(page_meta=True, page_meta_dtype="float32"),
-            "page_meta_dtype must be None, the caches' dtype or 'float8_e4m3fn', got 'float32'",
+            dict(dtype="float16", page_meta=True, page_meta_dtype="float32"),
+            r"page_meta_dtype must be the caches' dtype \(float16\) or float8_e4m3fn, got float32",
+        ),
+        (
+            dict(dtype="float8_e4m3fn", page_meta=True, page_meta_dtype="int8"),
+            "page_meta_dtype must be float16, bfloat16, float32 or float8_e4m3fn, got int8",
         ),
         (dict(max_blocks=2**31 - 1, num_layers=2**20), "would reserve more than 2\\^60 bytes"),
     ],
@@ -652,7 +767,7 @@ INT_RANGE = r"must be an int in \[-?\d+, \d+\]"
         (
             dict(dtype=None),
             ValueError,
-            "CachePool: dtype must be float16, bfloat16 or .*, got None",
+            "CachePool: dtype must be float16, bfloat16, float32 or float8_e4m3fn, got None",
         ),
         # The sizes' product wraps size_t (2^21 * 2^21 * 2^22 * 2 bytes = 2^65): still refused.
         (
@@ -948,3 +1063,14 @@ def test_documented_example_runs():
 @needs_torch
 def test_cuda_float8_summaries_pool(rng):
     run_float8_summaries_pool(rng, f"cuda:{torch.cuda.current_device()}")
+
+
+@pytest.mark.cuda
+@needs_torch
+@pytest.mark.parametrize("meta_dtype", [None, "float16"])
+def test_cuda_float8_cache_pool(rng, meta_dtype):
+    run_float8_cache_pool(
+        rng,
+        f"cuda:{torch.cuda.current_device()}",
+        None if meta_dtype is None else getattr(torch, meta_dtype),
+    )

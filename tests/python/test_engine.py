@@ -405,28 +405,47 @@ def test_abort_request_frees_everything_and_leaves_the_others_exact(rng):
 
 
 @pytest.mark.parametrize(
-    "sparse,host_blocks",
-    [(False, 0), (False, 32), (True, 32), ("fp8", 32)],
-    ids=["dense-recompute", "dense-offload", "sparse-offload", "sparse-fp8-summaries-offload"],
+    "sparse,host_blocks,kv_fp8",
+    [
+        (False, 0, False),
+        (False, 32, False),
+        (True, 32, False),
+        ("fp8", 32, False),
+        (False, 32, True),
+        (True, 32, True),
+        ("fp8", 32, True),
+    ],
+    ids=[
+        "dense-recompute",
+        "dense-offload",
+        "sparse-offload",
+        "sparse-fp8-summaries-offload",
+        "fp8-cache-dense-offload",
+        "fp8-cache-sparse-offload",
+        "fp8-cache-sparse-fp8-summaries-offload",
+    ],
 )
-def test_elastic_pool_shrinks_and_grows_mid_generation(rng, sparse, host_blocks):
+def test_elastic_pool_shrinks_and_grows_mid_generation(rng, sparse, host_blocks, kv_fp8):
     """An engine over an elastic pool (max_num_blocks): shrunk to its used blocks mid-generation
     (blocks in use above that packed down by the compactor, memory unmapped), grown back, and
     shrunk again with room to spare: every token still transformers' (dense), or the same
     engine's without resizing (sparse decode: the page summaries move with their blocks;
     preemption there offloads, since keys recomputed by a prefill can differ from the decode's
-    in their last bits, enough to change a page's rank)."""
+    in their last bits, enough to change a page's rank; a float8 cache: the pool holds float8
+    keys and values, moved and offloaded as bytes)."""
     runner = random_model(4, 2, seed=int(rng.integers(1 << 31)))
     prompts = shared_prefix_prompts(rng, 5, prefix_len=9)
     new = 14
     kwargs = dict(num_host_blocks=host_blocks, sparse_budget_tokens=8 if sparse else None)
     if sparse == "fp8":  # the pool holds float8 summaries
         kwargs["sparse_summary_dtype"] = "fp8"
+    if kv_fp8:
+        kwargs.update(kv_cache_dtype="fp8", kv_cache_scale=0.5)
     params = SamplingParams(max_new_tokens=new)
-    if sparse:
+    if sparse or kv_fp8:
         fixed = make_engine(runner, num_blocks=128, **kwargs)
         expected = [o.token_ids[0] for o in run_and_check(fixed, prompts, params)]
-        assert fixed.stats.sparse_decode_steps > 0
+        assert (fixed.stats.sparse_decode_steps > 0) == bool(sparse)
     else:
         expected = transformers_generate(runner, prompts, new)
     engine = make_engine(runner, num_blocks=96, max_num_blocks=128, **kwargs)
@@ -435,6 +454,11 @@ def test_elastic_pool_shrinks_and_grows_mid_generation(rng, sparse, host_blocks)
     if sparse == "fp8":
         assert pool.page_meta_dtype == "float8_e4m3fn"
         assert all(m.dtype == torch.float8_e4m3fn for m in engine.kv_cache.page_meta)
+    elif sparse:  # the model's dtype, whatever the cache's
+        assert pool.page_meta_dtype == "float32"
+    want_kv = torch.float8_e4m3fn if kv_fp8 else torch.float32
+    assert pool.dtype == str(want_kv).removeprefix("torch.")
+    assert all(t.dtype == want_kv for pair in engine.kv_cache.layers for t in pair)
     ids = [engine.add_request(p, params) for p in prompts]
     outputs = {}
 
@@ -485,8 +509,6 @@ def test_elastic_pool_errors(rng):
     ):
         engine.shrink_pool(8)
     assert engine.kv_cache.pool.num_blocks == 16
-    with pytest.raises(ValueError, match="an elastic pool .* holds 16-bit or float32 caches"):
-        make_engine(runner, num_blocks=16, max_num_blocks=32, kv_cache_dtype="fp8")
     # The cache's own checks (the engine maps its arguments into what they allow).
     args = (2, 8, BLOCK_SIZE, 2, 16, torch.float32, torch.device("cpu"))
     with pytest.raises(ValueError, match="kv_dtype must be the model's dtype or torch.float8"):
@@ -1862,14 +1884,24 @@ def test_cuda_graphs_fp8_kv_cache(rng):
 
 
 @pytest.mark.cuda
-def test_cuda_graphs_elastic_pool(rng):
+@pytest.mark.parametrize("kv_cache_dtype", [None, "fp8"])
+def test_cuda_graphs_elastic_pool(rng, kv_cache_dtype):
     """An elastic pool on CUDA (driver virtual memory) with CUDA graphs: shrunk mid-generation
     below blocks in use and grown back, the graphs recaptured each time; the tokens still
-    transformers'."""
+    transformers' (a float8 pool: those of the same engine over a fixed float8 cache)."""
     runner = random_model(4, 2, seed=int(rng.integers(1 << 31)), device="cuda")
     prompts = shared_prefix_prompts(rng, 5, prefix_len=9)
-    expected = transformers_generate(runner, prompts, 14)
-    engine = make_engine(runner, num_blocks=96, max_num_blocks=128, num_host_blocks=32)
+    kwargs = dict(num_host_blocks=32)
+    if kv_cache_dtype:
+        kwargs.update(kv_cache_dtype=kv_cache_dtype, kv_cache_scale=0.5)
+        fixed = make_engine(runner, num_blocks=128, **kwargs)
+        params = SamplingParams(max_new_tokens=14)
+        expected = [o.token_ids[0] for o in run_and_check(fixed, prompts, params)]
+    else:
+        expected = transformers_generate(runner, prompts, 14)
+    engine = make_engine(runner, num_blocks=96, max_num_blocks=128, **kwargs)
+    if kv_cache_dtype:
+        assert engine.kv_cache.pool.dtype == "float8_e4m3fn"
     ids = [engine.add_request(p, SamplingParams(max_new_tokens=14)) for p in prompts]
     outputs = {}
     for step in range(200):

@@ -197,8 +197,8 @@ class Engine:
     ``kv_cache_dtype="fp8"`` stores keys and values as float8 e4m3fn (half the bytes of a 16-bit
     cache, a quarter of float32's), quantised as ``x / kv_cache_scale`` (one scale for every
     layer and head, default 1; values beyond 448 times it saturate) and dequantised inside
-    attention; with sparse decode its page summaries are of the keys as stored (not with an
-    elastic pool, ``max_num_blocks``, which holds 16-bit and float32 caches).
+    attention, with or without an elastic pool (``max_num_blocks``); with sparse decode its page
+    summaries are of the keys as stored.
     ``packed_prefill`` picks how prefill rows reach ``paged_attention``: packed with
     ``query_start_loc`` (default), or each row as a decode query
     (:func:`~tinyserve.engine.kv.build_attention_batch`).

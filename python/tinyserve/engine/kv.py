@@ -38,7 +38,8 @@ class PagedKVCache:
 
     ``kv_dtype`` (default: ``dtype``) may be ``torch.float8_e4m3fn``: keys and values are then
     quantised as they are written (``x / kv_scale``, one scale for every layer and head) and
-    dequantised in the attention kernels; fresh blocks hold float8's NaN. Its page summaries
+    dequantised in the attention kernels; fresh blocks hold float8's NaN (zeros in an elastic
+    pool, a float8 :class:`tinyserve.CachePool`). Its page summaries
     (``dtype`` or float8) are of the keys as stored: ``x / kv_scale`` rounded to float8, times
     ``kv_scale``."""
 
@@ -92,22 +93,18 @@ class PagedKVCache:
         # backs num_blocks of them; the engine shrinks and grows it.
         self.pool = None
         if max_blocks is not None:
-            if fp8:
-                raise ValueError(
-                    "tinyserve.PagedKVCache: an elastic pool (max_blocks) holds 16-bit or float32 "
-                    "caches, got torch.float8_e4m3fn"
-                )
             self.pool = tinyserve.CachePool(
                 num_layers,
                 max_blocks,
                 block_size,
                 num_kv_heads,
                 head_dim,
-                dtype,
+                self.kv_dtype,
                 self.device,
                 page_meta=page_meta,
                 num_blocks=num_blocks,
-                page_meta_dtype=page_meta_dtype if page_meta else None,
+                # the model's dtype unless float8 is asked for, as without a pool
+                page_meta_dtype=(page_meta_dtype or dtype) if page_meta else None,
             )
             self.fetch_pool_views()
             return
