@@ -55,10 +55,10 @@
 namespace tinyserve::kernels::cuda {
 namespace {
 
-template <class T, class KV, int D, bool SplitConfig, bool Cluster>
+template <class T, class KV, int D, bool SplitConfig, bool Cluster, bool Swap = false>
 DecodeLaunch mma_launch() {
   using C = MmaConfig<D, int(sizeof(KV)), SplitConfig>;
-  return {reinterpret_cast<const void*>(decode_mma_kernel<T, KV, D, SplitConfig, Cluster>),
+  return {reinterpret_cast<const void*>(decode_mma_kernel<T, KV, D, SplitConfig, Cluster, Swap>),
           C::kSmemBytes,
           C::kSmemBytes,
           kMmaHeads,
@@ -75,9 +75,14 @@ DecodeLaunch generic_launch(int head_dim) {
 // The decode kernel for a call: the tensor-core kernel where the query dtype and head_dim have
 // one and every row start is 16-byte aligned (`aligned`), else the CUDA-core kernel. With
 // `cluster` (split launches only), the tensor-core kernel's variant that merges its splits in a
-// cluster (DecodeLaunch::cluster_merge tells whether that is the one returned).
-DecodeLaunch decode_launch(DType dtype, DType kv_dtype, int head_dim, bool split, bool aligned,
-                           const char* op, bool cluster = false) {
+// cluster (DecodeLaunch::cluster_merge tells whether that is the one returned). `group`: query
+// heads per KV head; over float8 caches an unsplit launch of a group of at most 8 takes the
+// kernel whose MMAs have the tokens as M and the heads as N (decode_mma_kernel's Swap: on an
+// H200, 1.3-10.6% faster on the unsplit float8 cases of the decode grid, 2.7% at 64 x 4096).
+// Split launches keep the other: swapped too, some ran faster (ragged lengths 6%, 37 x 4001 14%)
+// and some slower (1 x 4096 9%, a group of 8 at 8 x 32768 2%), one round, not yet understood.
+DecodeLaunch decode_launch(DType dtype, DType kv_dtype, int head_dim, int group, bool split,
+                           bool aligned, const char* op, bool cluster = false) {
   return dispatch_float_dtype(dtype, op, [&](auto type) {
     using T = typename decltype(type)::type;
     return dispatch_kv_dtype<T>(kv_dtype, [&](auto kv_type) {
@@ -91,6 +96,9 @@ DecodeLaunch decode_launch(DType dtype, DType kv_dtype, int head_dim, bool split
                 return dispatch_bool(split, [&](auto is_split) {
                   constexpr bool kSplit = decltype(is_split)::value;
                   constexpr bool kConfig = mma_split_config(D, int(sizeof(KV)), kSplit);
+                  if constexpr (sizeof(KV) == 1 && !kSplit) {
+                    if (group <= 8) return mma_launch<T, KV, D, kConfig, false, true>();
+                  }
                   if constexpr (kSplit) {
                     if (cluster) return mma_launch<T, KV, D, kConfig, true>();
                   }
@@ -253,8 +261,8 @@ void prefill_attention(const PagedAttentionParams& p, cudaStream_t s, const char
   DecodeLaunch dl{};
   if (mixed) {
     // The tensor-core decode kernel: the prefill kernel's types and alignment imply it.
-    dl = decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, p.num_splits > 1, rows_aligned16(p),
-                       op);
+    dl = decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, p.num_q_heads / p.num_kv_heads,
+                       p.num_splits > 1, rows_aligned16(p), op);
     prepare_launch(dl, p.device_index, op);
   }
   PrefillArgs a{};
@@ -319,9 +327,11 @@ int plan_attention_splits(int device_index, DType dtype, DType kv_dtype, int bat
   // Planned for the kernels of aligned rows (what a framework allocates); an unaligned call
   // runs the CUDA-core kernel with the same split count.
   const SplitPlanShape shape{batch, num_q_heads, num_kv_heads, max_kv_len, kMinDecodeSplitTokens};
-  const DecodeLaunch unsplit = decode_launch(dtype, kv_dtype, head_dim, false, true, op);
-  const DecodeLaunch split = decode_launch(dtype, kv_dtype, head_dim, true, true, op);
-  const DecodeLaunch clustered = decode_launch(dtype, kv_dtype, head_dim, true, true, op, true);
+  const int group = num_q_heads / num_kv_heads;
+  const DecodeLaunch unsplit = decode_launch(dtype, kv_dtype, head_dim, group, false, true, op);
+  const DecodeLaunch split = decode_launch(dtype, kv_dtype, head_dim, group, true, true, op);
+  const DecodeLaunch clustered =
+      decode_launch(dtype, kv_dtype, head_dim, group, true, true, op, true);
   return plan_splits_for_lengths(shape, lens, lens_per_head, kMinDecodeSplitTokens, unsplit, split,
                                  device_index, op, clustered.cluster_merge ? &clustered : nullptr);
 }
@@ -334,19 +344,20 @@ void paged_attention(const PagedAttentionParams& p, Stream stream) {
   // A split launch of the tensor-core kernel merges its splits in clusters where its clusters
   // fit the device (cluster_launch_fits); otherwise, and always in the CUDA-core kernel,
   // merge_splits_kernel follows it. Both variants take the same CTAs (the arguments below).
-  DecodeLaunch l =
-      decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, split, rows_aligned16(p), op, split);
+  const int group = p.num_q_heads / p.num_kv_heads;
+  DecodeLaunch l = decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, group, split,
+                                 rows_aligned16(p), op, split);
   DecodeArgs a = make_decode_args(p, l.heads_per_cta);
   if (l.cluster_merge &&
       !cluster_launch_fits(l, p.device_index, p.num_splits,
                            std::int64_t(p.batch) * p.num_kv_heads * a.head_tiles, op)) {
-    l = decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, split, rows_aligned16(p), op);
+    l = decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, group, split, rows_aligned16(p), op);
   }
   prepare_launch(l, p.device_index, op);
   // Ordered by length as the planner simulates it (plan_splits_for_lengths).
-  const DecodeLaunch unsplit =
-      split ? decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, false, rows_aligned16(p), op)
-            : l;
+  const DecodeLaunch unsplit = split ? decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, group,
+                                                     false, rows_aligned16(p), op)
+                                     : l;
   const SplitPlanShape shape{p.batch, p.num_q_heads, p.num_kv_heads, p.max_seq_len,
                              kMinDecodeSplitTokens};
   a.longest_first = longest_first(shape, p.seq_lens_stride_head == 0, unsplit, p.device_index, op);

@@ -59,6 +59,14 @@ __device__ __forceinline__ void ldmatrix_x4_trans(std::uint32_t (&r)[4], std::ui
                : "r"(smem));
 }
 
+// The transpose of an 8x8 matrix of 16-bit elements held as a fragment (lane l: row l / 4,
+// columns 2 (l % 4) and + 1): the same fragment of the transpose.
+__device__ __forceinline__ std::uint32_t movmatrix_trans(std::uint32_t x) {
+  std::uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
 // d += a * b for a 16x16 A (row-major fragment), 16x8 B (column-major fragment), float32 C.
 template <class T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const std::uint32_t (&a)[4],

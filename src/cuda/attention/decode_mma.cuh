@@ -129,12 +129,17 @@ __device__ __forceinline__ std::uint32_t bf16x2_to_half2_scaled(std::uint32_t x,
 }
 
 // T: the query and output type (16-bit); KV: the caches' (T, or __nv_fp8_e4m3). Cluster: a split
-// launch whose splits form a cluster and merge there (cluster_merge_and_store).
-template <class T, class KV, int D, bool SplitConfig, bool Cluster = false>
+// launch whose splits form a cluster and merge there (cluster_merge_and_store). Swap (float8
+// caches, at most 8 query heads a CTA; attention.cu takes it for unsplit launches): the MMAs
+// take the warp's 16 tokens as their M rows and the query heads as N (S^T = K Q^T,
+// O^T += V^T P^T), so a GQA group of up to 8 fills half or all of N instead of padding M to 16
+// rows: half the MMAs, and half the output accumulators.
+template <class T, class KV, int D, bool SplitConfig, bool Cluster = false, bool Swap = false>
 __global__ void __launch_bounds__(MmaConfig<D, int(sizeof(KV)), SplitConfig>::kThreads,
                                   MmaConfig<D, int(sizeof(KV)), SplitConfig>::kMinBlocks)
     decode_mma_kernel(const __grid_constant__ DecodeArgs a) {
   using C = MmaConfig<D, int(sizeof(KV)), SplitConfig>;
+  static_assert(!Swap || C::kFp8, "the swapped MMAs read float8 tiles");
   using M = std::conditional_t<C::kFp8, __half, T>;  // the MMAs' operand type
   constexpr bool kScaledQuery = C::kFp8 && !std::is_same_v<T, __half>;
   constexpr std::uint32_t kRowBytes = C::kRow * 2;
@@ -318,17 +323,38 @@ __global__ void __launch_bounds__(MmaConfig<D, int(sizeof(KV)), SplitConfig>::kT
   // + 1 of tokens 2 * (l % 4) and + 1 (V).
   const std::uint32_t fp8_frag =
       stages + (warp * 16 + ((lane / 8) % 2) * 8 + lane % 8) * C::kStageRowBytes + (lane / 16) * 16;
-  std::uint32_t q_regs[C::kQInRegisters ? D / 16 : 1][4];
-  if constexpr (C::kQInRegisters) {
+  std::uint32_t q_regs[C::kQInRegisters && !Swap ? D / 16 : 1][4];
+  if constexpr (C::kQInRegisters && !Swap) {
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) ptx::ldmatrix_x4(q_regs[kk], q_frag + kk * 32);
   }
+  // Swap: Q^T as the B operand of each 16-wide step kk (heads 0-7 the N columns; the same
+  // permuted head_dim as above): matrix l / 8 holds heads l % 8, columns ((l / 16) * 16 +
+  // (l / 8 % 2) * 8) of each 32-wide step, so one ldmatrix gives steps 2 kp and 2 kp + 1.
+  std::uint32_t q_cols[Swap ? D / 16 : 1][2];
+  if constexpr (Swap) {
+    const std::uint32_t qt_frag = ptx::smem_addr(q_smem) + (lane % 8) * kRowBytes +
+                                  ((lane / 16) * 16 + ((lane / 8) % 2) * 8) * 2;
+#pragma unroll
+    for (int kp = 0; kp < D / 32; ++kp) {
+      std::uint32_t r[4];
+      ptx::ldmatrix_x4(r, qt_frag + kp * 64);
+      q_cols[2 * kp][0] = r[0];
+      q_cols[2 * kp][1] = r[1];
+      q_cols[2 * kp + 1][0] = r[2];
+      q_cols[2 * kp + 1][1] = r[3];
+    }
+  }
 
   // Per thread: rows g = lane / 4 and g + 8 of the 16 heads; columns 2 * (lane % 4) + {0, 1}
-  // of each 8-wide block.
-  float o[D / 8][4];
+  // of each 8-wide block. Swap: O^T, its rows head_dim and its columns the heads; o[2 dp] holds
+  // columns 2 (lane % 4) + {0, 1} (heads) of rows 32 dp + 2 g and 32 dp + 16 + 2 g (head_dim),
+  // o[2 dp + 1] those of rows 32 dp + 2 g + 1 and 32 dp + 17 + 2 g; m and l are then those of
+  // heads 2 (lane % 4) + {0, 1}.
+  constexpr int kOBlocks = Swap ? D / 16 : D / 8;
+  float o[kOBlocks][4];
 #pragma unroll
-  for (int nb = 0; nb < D / 8; ++nb) o[nb][0] = o[nb][1] = o[nb][2] = o[nb][3] = 0.0f;
+  for (int nb = 0; nb < kOBlocks; ++nb) o[nb][0] = o[nb][1] = o[nb][2] = o[nb][3] = 0.0f;
   float m[2] = {-INFINITY, -INFINITY};
   float l[2] = {0.0f, 0.0f};
   const int quad_col = 2 * (lane % 4);
@@ -492,7 +518,97 @@ __global__ void __launch_bounds__(MmaConfig<D, int(sizeof(KV)), SplitConfig>::kT
         }
       }
     };
-    if (heads > 8) {
+    // Swap: S^T = K Q^T over the warp's 16 tokens (M) and at most 8 heads (N), its softmax down
+    // the columns, then O^T += V^T P^T with P^T transposed into a B operand in registers.
+    auto compute_tile_swapped = [&](auto) {
+      // S^T: s[0], s[1] token g, heads 2 (lane % 4) + {0, 1}; s[2], s[3] token g + 8; summed in
+      // two chains (even and odd steps). K's float8 fragments are the A operand as they are
+      // loaded (the same pairing of head_dim as Q's storage).
+      float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      float s_odd[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+      for (int kp = 0; kp < D / 32; ++kp) {
+        std::uint32_t kb[4];
+        ptx::ldmatrix_x4(kb, fp8_frag + tile_offset + kp * 32);
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const uint2 first = fp8x4_to_pairs<M>(kb[2 * half]);       // tokens 0-7
+          const uint2 second = fp8x4_to_pairs<M>(kb[2 * half + 1]);  // tokens 8-15
+          const std::uint32_t ka[4] = {first.x, second.x, first.y, second.y};
+          float(&acc)[4] = half == 0 ? s : s_odd;
+          ptx::mma_16816<M>(acc, ka, q_cols[2 * kp + half][0], q_cols[2 * kp + half][1]);
+        }
+      }
+      const int g = lane / 4;
+      const int t0 = begin + tile * C::kTile + warp * 16;
+      if (begin + (tile + 1) * C::kTile <= end) {  // a full tile (uniform over the CTA)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[e] = a.logit((s[e] + s_odd[e]) * k_scale);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int token = t0 + g + (e / 2) * 8;
+          s[e] = token < end ? a.logit((s[e] + s_odd[e]) * k_scale) : -INFINITY;
+        }
+      }
+      // Online softmax per head: a column's 16 scores are spread over the 8 lanes of equal
+      // lane % 4, two each.
+      float mx[2];
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        mx[c] = fmaxf(s[c], s[2 + c]);
+        mx[c] = fmaxf(mx[c], __shfl_xor_sync(0xffffffffu, mx[c], 4));
+        mx[c] = fmaxf(mx[c], __shfl_xor_sync(0xffffffffu, mx[c], 8));
+        mx[c] = fmaxf(mx[c], __shfl_xor_sync(0xffffffffu, mx[c], 16));
+      }
+      const bool grow = mx[0] > m[0] + kRescaleThreshold || mx[1] > m[1] + kRescaleThreshold;
+      if (__any_sync(0xffffffffu, grow)) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          if (mx[c] > m[c]) {
+            const float correction = ptx::exp2_approx(m[c] - mx[c]);  // 0 when m was -inf
+            m[c] = mx[c];
+            l[c] *= correction;
+#pragma unroll
+            for (int nb = 0; nb < kOBlocks; ++nb) {
+              o[nb][c] *= correction;
+              o[nb][2 + c] *= correction;
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const float base = m[c] == -INFINITY ? 0.0f : m[c];  // nothing seen yet: p = 0
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          s[2 * r + c] = ptx::exp2_approx(s[2 * r + c] - base);
+          l[c] += s[2 * r + c];
+        }
+      }
+      // P^T (tokens x heads) as the B operand: each 8x8 block of the accumulator transposed.
+      const std::uint32_t pb0 = ptx::movmatrix_trans(pack2<M>(s[0], s[1]));  // tokens 0-7
+      const std::uint32_t pb1 = ptx::movmatrix_trans(pack2<M>(s[2], s[3]));  // tokens 8-15
+      // V^T as the A operand: one ldmatrix.trans covers 32 columns of V (as in the unswapped
+      // kernel: vb[0], vb[1] tokens 0-7 and 8-15 of columns 32 dp ... + 15, vb[2], vb[3] of the
+      // next 16); regrouped by column, its registers are the A operands of two MMAs, one over
+      // rows 32 dp + 2 g and 32 dp + 16 + 2 g of V^T and one over the odd rows beside them.
+#pragma unroll
+      for (int dp = 0; dp < D / 32; ++dp) {
+        std::uint32_t vb[4];
+        ptx::ldmatrix_x4_trans(vb, fp8_frag + C::kVOffset + tile_offset + dp * 32);
+        uint2 v[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) v[i] = fp8x4_to_pairs<M>(__byte_perm(vb[i], 0, 0x3120));
+        const std::uint32_t even[4] = {v[0].x, v[2].x, v[1].x, v[3].x};
+        const std::uint32_t odd[4] = {v[0].y, v[2].y, v[1].y, v[3].y};
+        ptx::mma_16816<M>(o[2 * dp], even, pb0, pb1);
+        ptx::mma_16816<M>(o[2 * dp + 1], odd, pb0, pb1);
+      }
+    };
+    if constexpr (Swap) {
+      compute_tile_swapped(0);
+    } else if (heads > 8) {
       compute_tile(std::true_type{});
     } else {
       compute_tile(std::false_type{});
@@ -504,13 +620,19 @@ __global__ void __launch_bounds__(MmaConfig<D, int(sizeof(KV)), SplitConfig>::kT
 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    if constexpr (Swap) {  // a head's sums are over the lanes of equal lane % 4
+      l[r] += __shfl_xor_sync(0xffffffffu, l[r], 4);
+      l[r] += __shfl_xor_sync(0xffffffffu, l[r], 8);
+      l[r] += __shfl_xor_sync(0xffffffffu, l[r], 16);
+    } else {
+      l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+      l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    }
   }
   if constexpr (C::kFp8) {
     const float v_scale = a.v_scale_of(kv_head);
 #pragma unroll
-    for (int nb = 0; nb < D / 8; ++nb) {
+    for (int nb = 0; nb < kOBlocks; ++nb) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) o[nb][e] *= v_scale;
     }
@@ -519,13 +641,34 @@ __global__ void __launch_bounds__(MmaConfig<D, int(sizeof(KV)), SplitConfig>::kT
   float* red_l = red_m + C::kWarps * kMmaHeads;
   float* red_o = red_l + C::kWarps * kMmaHeads;
   const int g = lane / 4;
-  if (lane % 4 == 0) {
+  if constexpr (Swap) {
+    // Heads 2 (lane % 4) + c: their states from lanes 0-3 (rows 8-15 of the reduction are not
+    // read: at most 8 heads).
+    if (lane < 4) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        red_m[warp * kMmaHeads + quad_col + c] = m[c];
+        red_l[warp * kMmaHeads + quad_col + c] = l[c];
+      }
+    }
+  } else if (lane % 4 == 0) {
     red_m[warp * kMmaHeads + g] = m[0];
     red_m[warp * kMmaHeads + g + 8] = m[1];
     red_l[warp * kMmaHeads + g] = l[0];
     red_l[warp * kMmaHeads + g + 8] = l[1];
   }
-  if constexpr (C::kFp8) {
+  if constexpr (Swap) {
+    // O^T's rows 32 dp + 2 g (+ 1) and 32 dp + 16 + 2 g (+ 1) of heads 2 (lane % 4) + c.
+#pragma unroll
+    for (int dp = 0; dp < D / 32; ++dp) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        float* row = red_o + (warp * kMmaHeads + quad_col + c) * C::kRedRow + dp * 32 + 2 * g;
+        *reinterpret_cast<float2*>(row) = make_float2(o[2 * dp][c], o[2 * dp + 1][c]);
+        *reinterpret_cast<float2*>(row + 16) = make_float2(o[2 * dp][2 + c], o[2 * dp + 1][2 + c]);
+      }
+    }
+  } else if constexpr (C::kFp8) {
     // Group w's even-column block o[2w] holds columns 16w + 4 * (lane % 4) + {0, 2}, its odd one
     // + {1, 3}: interleaved, 4 consecutive columns.
 #pragma unroll
