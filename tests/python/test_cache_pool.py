@@ -418,6 +418,38 @@ def test_stale_view_past_the_blocks_faults():
 # --- ops on pool tensors -----------------------------------------------------------------------
 
 
+def pool_batch(rng, block_size: int, num_blocks: int):
+    """Three sequences of 37, 1 and 70 tokens over distinct blocks of [0, num_blocks) in random
+    order: (table int32 [3, max pages], lens int32 [3], slot_mapping int64 of every token)."""
+    lens = np.array([37, 1, 70], dtype=np.int32)
+    blocks = [-(-int(n) // block_size) for n in lens]
+    perm = rng.permutation(num_blocks).astype(np.int32)
+    table = np.zeros((3, max(blocks)), dtype=np.int32)
+    used, slots = 0, []
+    for b, nb in enumerate(blocks):
+        table[b, :nb] = perm[used : used + nb]
+        used += nb
+        tok = np.arange(lens[b])
+        slots.append(table[b, tok // block_size].astype(np.int64) * block_size + tok % block_size)
+    return table, lens, np.concatenate(slots)
+
+
+def check_copy_blocks(rng, tensors, device: str, as_numpy):
+    """copy_blocks of 9 random blocks over every tensor against a NumPy copy of the contents
+    (as_numpy: a tensor's contents as a comparable array); returns the contents before."""
+    before = [as_numpy(t) for t in tensors]
+    ids = rng.permutation(tensors[0].shape[0])
+    src, dst = ids[:9].astype(np.int32), ids[9:18].astype(np.int32)
+    ts.copy_blocks(tensors, torch.from_numpy(src).to(device), torch.from_numpy(dst).to(device))
+    if device != "cpu":
+        torch.cuda.synchronize()
+    after = [e.copy() for e in before]
+    for t, e in zip(tensors, after):
+        e[dst] = e[src]
+        np.testing.assert_array_equal(as_numpy(t), e)
+    return after
+
+
 def run_ops_on_pool(rng, device: str, dtype: str, layout: str):
     """reshape_and_cache into pool K/V, paged_attention over them (float64 reference), then
     copy_blocks over every tensor of the pool (NumPy reference), in one pool."""
@@ -429,18 +461,7 @@ def run_ops_on_pool(rng, device: str, dtype: str, layout: str):
     tensors = as_torch(pool)
     for t in tensors:
         t.fill_(float("nan"))
-    lens = np.array([37, 1, 70], dtype=np.int32)
-    blocks = [-(-int(n) // block_size) for n in lens]
-    perm = rng.permutation(24).astype(np.int32)
-    table = np.zeros((3, max(blocks)), dtype=np.int32)
-    used = 0
-    slots = []
-    for b, nb in enumerate(blocks):
-        table[b, :nb] = perm[used : used + nb]
-        used += nb
-        tok = np.arange(lens[b])
-        slots.append(table[b, tok // block_size].astype(np.int64) * block_size + tok % block_size)
-    slot_mapping = np.concatenate(slots)
+    table, lens, slot_mapping = pool_batch(rng, block_size, 24)
     tdtype = getattr(torch, dtype)
     k_new = torch.from_numpy(rng.standard_normal((len(slot_mapping), heads, head_dim))).to(tdtype)
     v_new = torch.from_numpy(rng.standard_normal((len(slot_mapping), heads, head_dim))).to(tdtype)
@@ -470,15 +491,7 @@ def run_ops_on_pool(rng, device: str, dtype: str, layout: str):
     np.testing.assert_array_equal(f64(value), v_ref)
 
     fill_random(rng, tensors, 0, 24)
-    before = [f64(t) for t in tensors]
-    ids = rng.permutation(24)
-    src, dst = ids[:9].astype(np.int32), ids[9:18].astype(np.int32)
-    ts.copy_blocks(tensors, torch.from_numpy(src).to(device), torch.from_numpy(dst).to(device))
-    if device != "cpu":
-        torch.cuda.synchronize()
-    for t, e in zip(tensors, before):
-        e[dst] = e[src]
-        np.testing.assert_array_equal(f64(t), e)
+    check_copy_blocks(rng, tensors, device, f64)
     pool.check()
     return pool
 
@@ -572,17 +585,7 @@ def run_float8_cache_pool(rng, device: str, meta_dtype):
     assert meta.shape == (24, heads, 2, head_dim)
     for t in tensors:
         t.view(torch.uint8).fill_(0x7F)  # float8 NaN everywhere: unwritten slots show
-    lens = np.array([37, 1, 70], dtype=np.int32)
-    blocks = [-(-int(n) // block_size) for n in lens]
-    perm = rng.permutation(24).astype(np.int32)
-    table = np.zeros((3, max(blocks)), dtype=np.int32)
-    used, slots = 0, []
-    for b, nb in enumerate(blocks):
-        table[b, :nb] = perm[used : used + nb]
-        used += nb
-        tok = np.arange(lens[b])
-        slots.append(table[b, tok // block_size].astype(np.int64) * block_size + tok % block_size)
-    slot_mapping = np.concatenate(slots)
+    table, lens, slot_mapping = pool_batch(rng, block_size, 24)
     n = len(slot_mapping)
     # The keys and queries in the summaries' dtype (16/32-bit summaries are the keys'), else
     # float16.
@@ -624,15 +627,7 @@ def run_float8_cache_pool(rng, device: str, meta_dtype):
         else:
             np.testing.assert_allclose(got[blk], want, rtol=1e-3)
 
-    before = [t.view(torch.uint8).cpu().numpy().copy() for t in tensors]
-    ids = rng.permutation(24)
-    src, dst = ids[:9].astype(np.int32), ids[9:18].astype(np.int32)
-    ts.copy_blocks(tensors, torch.from_numpy(src).to(device), torch.from_numpy(dst).to(device))
-    if device != "cpu":
-        torch.cuda.synchronize()
-    for t, e in zip(tensors, before):
-        e[dst] = e[src]
-        np.testing.assert_array_equal(t.view(torch.uint8).cpu().numpy(), e)
+    before = check_copy_blocks(rng, tensors, device, lambda t: t.view(torch.uint8).cpu().numpy())
     pool.shrink(5)
     pool.check()
     pool.grow(40)
