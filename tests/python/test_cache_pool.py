@@ -698,6 +698,21 @@ def test_pool_arrays_go_to_ops_without_a_framework(rng):
             "page_meta_dtype must be float16, bfloat16, float32 or float8_e4m3fn, got int8",
         ),
         (dict(max_blocks=2**31 - 1, num_layers=2**20), "would reserve more than 2\\^60 bytes"),
+        # Counted with the summaries' own elements: float32 summaries of a float8 cache at
+        # block_size 1 take 8 bytes a (head, dim) against the K/V's 2, 2.5 x 2^60 in all here.
+        (
+            dict(
+                num_layers=1,
+                max_blocks=2**31 - 1,
+                block_size=1,
+                num_kv_heads=2**13,
+                head_dim=2**14,
+                dtype="float8_e4m3fn",
+                page_meta=True,
+                page_meta_dtype="float32",
+            ),
+            "would reserve more than 2\\^60 bytes",
+        ),
     ],
 )
 def test_constructor_rejects(kwargs, message):

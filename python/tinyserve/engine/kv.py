@@ -83,6 +83,8 @@ class PagedKVCache:
                 "tinyserve.PagedKVCache: page_meta_dtype must be None, the cache's dtype or "
                 f"torch.float8_e4m3fn, got {page_meta_dtype}"
             )
+        # The summaries' dtype: the model's unless float8 is asked for, whatever the cache's.
+        meta_dtype = dtype if page_meta_dtype is None else page_meta_dtype
 
         # The keyword arguments that the cache's writes and reads pass: float8's scales.
         self.scales = {"k_scale": float(kv_scale), "v_scale": float(kv_scale)} if fp8 else {}
@@ -103,8 +105,7 @@ class PagedKVCache:
                 self.device,
                 page_meta=page_meta,
                 num_blocks=num_blocks,
-                # the model's dtype unless float8 is asked for, as without a pool
-                page_meta_dtype=(page_meta_dtype or dtype) if page_meta else None,
+                page_meta_dtype=meta_dtype if page_meta else None,
             )
             self.fetch_pool_views()
             return
@@ -119,7 +120,6 @@ class PagedKVCache:
         self.layers = [(poisoned(), poisoned()) for _ in range(num_layers)]
         if page_meta:
             meta_shape = tinyserve.page_meta_shape(self.layers[0][0])
-            meta_dtype = dtype if page_meta_dtype is None else page_meta_dtype
             self.page_meta = [
                 torch.zeros(meta_shape, dtype=meta_dtype, device=device) for _ in range(num_layers)
             ]

@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
   const KV* k_head = a.kv.k_head<KV>(kv_head);
   const KV* v_head = a.kv.v_head<KV>(kv_head);
   // Scales of a float8 cache: K's on each score, V's on each value element.
-  const float k_scale = a.k_scale_of(kv_head), v_scale = a.v_scale_of(kv_head);
+  const float k_scale = a.k_scale.of(kv_head), v_scale = a.v_scale.of(kv_head);
   const std::int32_t* table = a.kv.table_row(b, kv_head);
   float* my_acc = acc + warp * kGenericHeads * D;
   float m[kGenericHeads], l[kGenericHeads];

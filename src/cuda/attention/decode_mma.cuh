@@ -113,6 +113,51 @@ struct MmaConfig {
 // bfloat16), and most tiles skip rescaling the accumulators.
 constexpr float kRescaleThreshold = 8.0f;
 
+// One tile's online-softmax step for a thread's kStates softmax states (the rows or head columns
+// it holds scores of): state r's kScores scores score(r, i), already logits (-inf where masked),
+// are spread over the lanes that differ in the xor masks kFirstLane, 2 kFirstLane, ... kLastLane.
+// Raises a state's running max m[r] only when a score of the warp exceeds it by
+// kRescaleThreshold, then rescaling its sum l[r] and its accumulators (rescale(r, correction));
+// turns the scores into probabilities and adds them to l[r].
+template <int kStates, int kScores, int kFirstLane, int kLastLane, class Score, class Rescale>
+__device__ __forceinline__ void online_softmax_step(float (&m)[2], float (&l)[2], Score&& score,
+                                                    Rescale&& rescale) {
+  static_assert(kScores == 2 || kScores == 4, "scores per state");
+  float mx[kStates];
+  bool grow = false;
+#pragma unroll
+  for (int r = 0; r < kStates; ++r) {
+    mx[r] = kScores == 4 ? fmaxf(fmaxf(score(r, 0), score(r, 1)), fmaxf(score(r, 2), score(r, 3)))
+                         : fmaxf(score(r, 0), score(r, 1));
+#pragma unroll
+    for (int lanes = kFirstLane; lanes <= kLastLane; lanes *= 2) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], lanes));
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kStates; ++r) grow = grow || mx[r] > m[r] + kRescaleThreshold;
+  if (__any_sync(0xffffffffu, grow)) {
+#pragma unroll
+    for (int r = 0; r < kStates; ++r) {
+      if (mx[r] > m[r]) {
+        const float correction = ptx::exp2_approx(m[r] - mx[r]);  // 0 when m was -inf
+        m[r] = mx[r];
+        l[r] *= correction;
+        rescale(r, correction);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kStates; ++r) {
+    const float base = m[r] == -INFINITY ? 0.0f : m[r];  // nothing seen yet: p = 0
+#pragma unroll
+    for (int i = 0; i < kScores; ++i) {
+      score(r, i) = ptx::exp2_approx(score(r, i) - base);
+      l[r] += score(r, i);
+    }
+  }
+}
+
 // The power of two by which a bfloat16 query is multiplied before its float16 MMAs: it brings the
 // CTA's largest |element| (max_abs_bits: its bits as a bfloat16) to [2^14, 2^15), within +-126
 // so that it and its inverse are normal floats. An all-zero query gets 126; inf and NaN stay
@@ -359,7 +404,7 @@ __global__ void __launch_bounds__(MmaConfig<D, int(sizeof(KV)), SplitConfig>::kT
   float l[2] = {0.0f, 0.0f};
   const int quad_col = 2 * (lane % 4);
   // K's scale, and the query's power of two undone.
-  const float k_scale = C::kFp8 ? ldexpf(a.k_scale_of(kv_head), -q_shift) : 1.0f;
+  const float k_scale = C::kFp8 ? ldexpf(a.k_scale.of(kv_head), -q_shift) : 1.0f;
 
   for (int tile = 0; tile < num_tiles; ++tile) {
     // Copy group k holds tile k: the prologue committed groups 0..kStages-1, iteration t >= 1
@@ -450,42 +495,15 @@ __global__ void __launch_bounds__(MmaConfig<D, int(sizeof(KV)), SplitConfig>::kT
         }
       }
       // Online softmax; a row's 16 scores are spread over the 4 lanes of a quad.
-      float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int r = 0; r < kRowHalves; ++r) {
-        mx[r] = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1]));
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      }
-      const bool grow =
-          mx[0] > m[0] + kRescaleThreshold || (kUpper && mx[1] > m[1] + kRescaleThreshold);
-      if (__any_sync(0xffffffffu, grow)) {
-#pragma unroll
-        for (int r = 0; r < kRowHalves; ++r) {
-          if (mx[r] > m[r]) {
-            const float correction = ptx::exp2_approx(m[r] - mx[r]);  // 0 when m was -inf
-            m[r] = mx[r];
-            l[r] *= correction;
+      online_softmax_step<kRowHalves, 4, 1, 2>(
+          m, l, [&](int r, int i) -> float& { return s[i / 2][2 * r + i % 2]; },
+          [&](int r, float correction) {
 #pragma unroll
             for (int nb = 0; nb < D / 8; ++nb) {
               o[nb][2 * r] *= correction;
               o[nb][2 * r + 1] *= correction;
             }
-          }
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < kRowHalves; ++r) {
-        const float base = m[r] == -INFINITY ? 0.0f : m[r];  // nothing seen yet: p = 0
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-#pragma unroll
-          for (int e = 2 * r; e < 2 * r + 2; ++e) {
-            s[j][e] = ptx::exp2_approx(s[j][e] - base);
-            l[r] += s[j][e];
-          }
-        }
-      }
+          });
       // O += P V: P's accumulator layout is the A operand layout of the next MMA.
       const std::uint32_t pa[4] = {
           pack2<M>(s[0][0], s[0][1]), kUpper ? pack2<M>(s[0][2], s[0][3]) : 0u,
@@ -551,41 +569,17 @@ __global__ void __launch_bounds__(MmaConfig<D, int(sizeof(KV)), SplitConfig>::kT
           s[e] = token < end ? a.logit((s[e] + s_odd[e]) * k_scale) : -INFINITY;
         }
       }
-      // Online softmax per head: a column's 16 scores are spread over the 8 lanes of equal
+      // Online softmax per head c: a column's 16 scores are spread over the 8 lanes of equal
       // lane % 4, two each.
-      float mx[2];
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        mx[c] = fmaxf(s[c], s[2 + c]);
-        mx[c] = fmaxf(mx[c], __shfl_xor_sync(0xffffffffu, mx[c], 4));
-        mx[c] = fmaxf(mx[c], __shfl_xor_sync(0xffffffffu, mx[c], 8));
-        mx[c] = fmaxf(mx[c], __shfl_xor_sync(0xffffffffu, mx[c], 16));
-      }
-      const bool grow = mx[0] > m[0] + kRescaleThreshold || mx[1] > m[1] + kRescaleThreshold;
-      if (__any_sync(0xffffffffu, grow)) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          if (mx[c] > m[c]) {
-            const float correction = ptx::exp2_approx(m[c] - mx[c]);  // 0 when m was -inf
-            m[c] = mx[c];
-            l[c] *= correction;
+      online_softmax_step<2, 2, 4, 16>(
+          m, l, [&](int c, int i) -> float& { return s[2 * i + c]; },
+          [&](int c, float correction) {
 #pragma unroll
             for (int nb = 0; nb < kOBlocks; ++nb) {
               o[nb][c] *= correction;
               o[nb][2 + c] *= correction;
             }
-          }
-        }
-      }
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        const float base = m[c] == -INFINITY ? 0.0f : m[c];  // nothing seen yet: p = 0
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          s[2 * r + c] = ptx::exp2_approx(s[2 * r + c] - base);
-          l[c] += s[2 * r + c];
-        }
-      }
+          });
       // P^T (tokens x heads) as the B operand: each 8x8 block of the accumulator transposed.
       const std::uint32_t pb0 = ptx::movmatrix_trans(pack2<M>(s[0], s[1]));  // tokens 0-7
       const std::uint32_t pb1 = ptx::movmatrix_trans(pack2<M>(s[2], s[3]));  // tokens 8-15
@@ -630,7 +624,7 @@ __global__ void __launch_bounds__(MmaConfig<D, int(sizeof(KV)), SplitConfig>::kT
     }
   }
   if constexpr (C::kFp8) {
-    const float v_scale = a.v_scale_of(kv_head);
+    const float v_scale = a.v_scale.of(kv_head);
 #pragma unroll
     for (int nb = 0; nb < kOBlocks; ++nb) {
 #pragma unroll

@@ -50,8 +50,6 @@ struct DecodeArgs {
   __device__ __forceinline__ float logit(float qk) const {
     return soft_cap ? post * tanhf(qk * pre) : qk * pre;
   }
-  __device__ __forceinline__ float k_scale_of(int kv_head) const { return k_scale.of(kv_head); }
-  __device__ __forceinline__ float v_scale_of(int kv_head) const { return v_scale.of(kv_head); }
 };
 
 // Sequence b's query rows [query_row_start, query_row_end) of num_query_rows, as the kernels

@@ -83,8 +83,8 @@ __global__ void __launch_bounds__(kGenericPrefillThreads)
   const std::int32_t* table = a.kv.table_row(u.b, u.kv_head);
   const KV* k_head = a.kv.k_head<KV>(u.kv_head);
   const KV* v_head = a.kv.v_head<KV>(u.kv_head);
-  const float k_scale = kIsFp8<KV> ? a.k_scale_of(u.kv_head) : 1.0f;
-  const float v_scale = kIsFp8<KV> ? a.v_scale_of(u.kv_head) : 1.0f;
+  const float k_scale = kIsFp8<KV> ? a.k_scale.of(u.kv_head) : 1.0f;
+  const float v_scale = kIsFp8<KV> ? a.v_scale.of(u.kv_head) : 1.0f;
   const int key_end = max(0, u.pos0 + u.rows);
   const int key = lane % 16, half = lane / 16;
   for (int tile = u.tile_begin; tile < u.tile_end; ++tile) {
