@@ -234,11 +234,20 @@ int plan_splits_for_lengths(const SplitPlanShape& s, const std::vector<std::int6
   }
   int best = 1;
   double best_cost = greedy_finish(lens, order, lens_per_head, units1, 1, align, slots1);
+  // A slot streams its multiprocessor's share: where the split kernel runs more CTAs a
+  // multiprocessor than the unsplit one, each of its slots is that much slower, and its finish
+  // (tokens a slot streams) is scaled to the unsplit slots' time. Counted equal, the split
+  // launches' extra slots looked like bandwidth: on an H200, 64 sequences of 1-8k tokens planned
+  // 3 splits where unsplit ran faster (float8 caches at head_dim 128, 3 CTAs a multiprocessor
+  // against 2: 0.176 against 0.149 ms; at head_dim 64, 5 against 2: 0.108 against 0.094;
+  // float16 at head_dim 128: 0.291 against 0.280).
+  const double slot_time = double(slots_n) / double(slots1);
   const std::int64_t max_splits = max_split_count(longest);
   auto consider = [&](std::int64_t n) {  // in increasing n: ties keep the fewer splits
     if (n < 2 || n > max_splits || entries * units_n * n > kMaxSimulatedCtas) return;
     const double cost =
-        greedy_finish(lens, order, lens_per_head, units_n, n, align, slots_n) + kSplitPenaltyTokens;
+        greedy_finish(lens, order, lens_per_head, units_n, n, align, slots_n) * slot_time +
+        kSplitPenaltyTokens;
     if (cost < best_cost) best = int(n), best_cost = cost;
   };
   for (const std::int64_t n : kSimulatedSplits) consider(n);

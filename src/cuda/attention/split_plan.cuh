@@ -81,7 +81,9 @@ int plan_splits(const SplitPlanShape& s, const DecodeLaunch& unsplit, const Deco
 // num_kv_heads), each at most s.max_kv_len. Where the ranges differ, the CTAs of each candidate
 // count are scheduled greedily in launch order (longest first where longest_first holds) onto the
 // GPU's slots (each CTA its chunk plus the fixed cost), and the shortest finish wins, a split count
-// paying a fixed penalty for its merge and partials; equal ranges plan as plan_splits.
+// paying a fixed penalty for its merge and partials, and its slots' finish scaled by the CTAs a
+// multiprocessor of the split kernel over the unsplit one's (a slot streams its share of the
+// multiprocessor); equal ranges plan as plan_splits.
 int plan_splits_for_lengths(const SplitPlanShape& s, const std::vector<std::int64_t>& lens,
                             int lens_per_head, int align, const DecodeLaunch& unsplit,
                             const DecodeLaunch& split, int device, const char* op,
