@@ -1,6 +1,7 @@
 // The split planner and the occupancy cache (see split_plan.cuh).
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <iterator>
@@ -27,6 +28,15 @@ constexpr double kClusterMergeSavingTokens = 2.0 * kSplitOverheadTokens;
 // penalty, in tokens of the finish time (fitted on an H200 at head_dim 128 to the measured
 // times of batches of 32-256 sequences, equal and uniformly random lengths, at 1-8 splits).
 constexpr double kSplitPenaltyTokens = 16.0 * kSplitOverheadTokens;
+// How much of the split kernel's extra CTAs a multiprocessor slows each of its slots
+// (plan_splits_for_lengths): 1 would be the whole ratio, as if every CTA shared its
+// multiprocessor to the end; a launch's tail runs fewer CTAs a multiprocessor. Fitted to the
+// same H200 measurements (16, 32 and 64 sequences of 1-8k tokens, float16 and float8 caches,
+// head_dim 64-256, at 1-12 splits): at 0.75 the plans of 32 sequences stay split (measured
+// 10-19% faster than unsplit at head_dim 128) and those of 64 go unsplit (4-15% faster than
+// the 3 splits planned before); at 1, 40-48 sequences, unmeasured, would go unsplit in a third
+// to all of random draws, at 0.75 in a twentieth to a half.
+constexpr double kSlotShareExponent = 0.75;
 // Counts simulated beyond 1; a longer count comes only from plan_splits (equal-length model).
 constexpr std::int64_t kSimulatedSplits[] = {2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16};
 // A launch of at least this many waves of unsplit CTAs balances itself: planned as plan_splits
@@ -235,13 +245,14 @@ int plan_splits_for_lengths(const SplitPlanShape& s, const std::vector<std::int6
   int best = 1;
   double best_cost = greedy_finish(lens, order, lens_per_head, units1, 1, align, slots1);
   // A slot streams its multiprocessor's share: where the split kernel runs more CTAs a
-  // multiprocessor than the unsplit one, each of its slots is that much slower, and its finish
-  // (tokens a slot streams) is scaled to the unsplit slots' time. Counted equal, the split
-  // launches' extra slots looked like bandwidth: on an H200, 64 sequences of 1-8k tokens planned
-  // 3 splits where unsplit ran faster (float8 caches at head_dim 128, 3 CTAs a multiprocessor
-  // against 2: 0.176 against 0.149 ms; at head_dim 64, 5 against 2: 0.108 against 0.094;
-  // float16 at head_dim 128: 0.291 against 0.280).
-  const double slot_time = double(slots_n) / double(slots1);
+  // multiprocessor than the unsplit one, each of its slots is slower, and its finish (tokens a
+  // slot streams) is scaled toward the unsplit slots' time. Counted equal, the split launches'
+  // extra slots looked like bandwidth: on an H200, 64 sequences of 1-8k tokens planned 3 splits
+  // where unsplit ran faster (float8 caches at head_dim 128, 3 CTAs a multiprocessor against 2:
+  // 0.176 against 0.149 ms; at head_dim 64, 5 against 2: 0.108 against 0.094; float16 at
+  // head_dim 128: 0.291 against 0.280). The ratio of CTAs is taken to the power
+  // kSlotShareExponent.
+  const double slot_time = std::pow(double(slots_n) / double(slots1), kSlotShareExponent);
   const std::int64_t max_splits = max_split_count(longest);
   auto consider = [&](std::int64_t n) {  // in increasing n: ties keep the fewer splits
     if (n < 2 || n > max_splits || entries * units_n * n > kMaxSimulatedCtas) return;
