@@ -143,16 +143,16 @@ CachePool::CachePool(const CachePoolConfig& config) : impl_(std::make_unique<Imp
     if (!c.page_meta) {
       bad_argument(op, dtype_name(m), " page summaries need page_meta, got page_meta false");
     }
-    if (m == DType::Float8E4M3FN || m == c.dtype) {
-      // float8 summaries, or the caches' own dtype: always
-    } else if (c.dtype == DType::Float8E4M3FN) {
-      if (!wide(m)) {
+    // Float8 summaries always; over float8 caches any wide dtype (the query's precision), else
+    // the caches' own.
+    if (c.dtype == DType::Float8E4M3FN) {
+      if (m != DType::Float8E4M3FN && !wide(m)) {
         bad_argument(op,
                      "page_meta_dtype over float8_e4m3fn caches must be float16, bfloat16, "
                      "float32 or float8_e4m3fn, got ",
                      dtype_name(m));
       }
-    } else {
+    } else if (m != DType::Float8E4M3FN && m != c.dtype) {
       bad_argument(op, "page_meta_dtype must be the caches' dtype (", dtype_name(c.dtype),
                    ") or float8_e4m3fn, got ", dtype_name(m));
     }

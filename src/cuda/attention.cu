@@ -79,8 +79,10 @@ DecodeLaunch generic_launch(int head_dim) {
 // heads per KV head; over float8 caches an unsplit launch of a group of at most 8 takes the
 // kernel whose MMAs have the tokens as M and the heads as N (decode_mma_kernel's Swap: on an
 // H200, 1.3-10.6% faster on the unsplit float8 cases of the decode grid, 2.7% at 64 x 4096).
-// Split launches keep the other: swapped too, some ran faster (ragged lengths 6%, 37 x 4001 14%)
-// and some slower (1 x 4096 9%, a group of 8 at 8 x 32768 2%), one round, not yet understood.
+// Split launches keep the other: the swapped kernel's fewer registers let 5 CTAs share a
+// multiprocessor instead of 3, so the planner picks other split counts for it, and at those the
+// grid ran 15% faster to 4% slower (at its own best counts it matched or beat the other on all
+// but one case; docs/cuda.md, "What limits the decode kernel").
 DecodeLaunch decode_launch(DType dtype, DType kv_dtype, int head_dim, int group, bool split,
                            bool aligned, const char* op, bool cluster = false) {
   return dispatch_float_dtype(dtype, op, [&](auto type) {
