@@ -1,7 +1,6 @@
 // The split planner and the occupancy cache (see split_plan.cuh).
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <iterator>
@@ -23,20 +22,15 @@ constexpr double kSplitOverheadTokens = 128.0;  // per-CTA fixed cost, in tokens
 // faster than 6 and 32 through the merge kernel).
 constexpr double kClusterMergeSavingTokens = 2.0 * kSplitOverheadTokens;
 
-// Planning over known lengths (plan_splits_for_lengths). A split launch pays for its partials and
-// their merge, and its CTAs stream less efficiently than the schedule below counts: a fixed
-// penalty, in tokens of the finish time (fitted on an H200 at head_dim 128 to the measured
-// times of batches of 32-256 sequences, equal and uniformly random lengths, at 1-8 splits).
-constexpr double kSplitPenaltyTokens = 16.0 * kSplitOverheadTokens;
-// How much of the split kernel's extra CTAs a multiprocessor slows each of its slots
-// (plan_splits_for_lengths): 1 would be the whole ratio, as if every CTA shared its
-// multiprocessor to the end; a launch's tail runs fewer CTAs a multiprocessor. Fitted to the
-// same H200 measurements (16, 32 and 64 sequences of 1-8k tokens, float16 and float8 caches,
-// head_dim 64-256, at 1-12 splits): at 0.75 the plans of 32 sequences stay split (measured
-// 10-19% faster than unsplit at head_dim 128) and those of 64 go unsplit (4-15% faster than
-// the 3 splits planned before); at 1, 40-48 sequences, unmeasured, would go unsplit in a third
-// to all of random draws, at 0.75 in a twentieth to a half.
-constexpr double kSlotShareExponent = 0.75;
+// Planning over known lengths (plan_splits_for_lengths): each CTA of the simulated schedule costs
+// its chunk plus this fixed cost, in tokens of streaming (its pipeline's fill and drain, its
+// output, and for a split CTA its partial and its share of the merge). Fitted, with the slot
+// scaling below, to the times of 48 ragged batches measured at fixed split counts on an H200
+// (16-64 sequences of 1-8k tokens; float16 and float8 caches; head_dim 64, 128 and 256), and
+// checked on 48 others (24-80 sequences of 1-4k and 1-16k tokens): there its plans cost 1.2%
+// more than the fastest count on average, 10% at most (the costs before it, 128 tokens a CTA,
+// 2,048 a split launch and the slot ratio to the power 0.75: 4.0% and 21%).
+constexpr double kLengthsCtaCostTokens = 3.0 * kSplitOverheadTokens;
 // Counts simulated beyond 1; a longer count comes only from plan_splits (equal-length model).
 constexpr std::int64_t kSimulatedSplits[] = {2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16};
 // A launch of at least this many waves of unsplit CTAs balances itself: planned as plan_splits
@@ -47,11 +41,11 @@ constexpr std::int64_t kMaxSimulatedCtas = std::int64_t(1) << 16;
 
 // When `slots` CTA slots, each taking the next CTA of the launch as it frees, finish the launch
 // (in tokens streamed per slot): the CTAs go in launch order (the sequences in `order`, then
-// split, KV head), `units`
-// of each (sequence, split, length entry), each its chunk (cut as split_range cuts it) plus the
-// fixed cost; a CTA whose chunk is empty exits at once and is not counted. The `units` equal
-// CTAs of an entry take `units` slots freed together, so they are scheduled as one job on
-// slots / units groups of slots (the host time of a plan: 8x fewer steps at 8 KV heads).
+// split, KV head), `units` of each (sequence, split, length entry), each its chunk (cut as
+// split_range cuts it) plus kLengthsCtaCostTokens; a CTA whose chunk is empty exits at once and is
+// not counted. The `units` equal CTAs of an entry take `units` slots freed together, so they are
+// scheduled as one job on slots / units groups of slots (the host time of a plan: 8x fewer steps at
+// 8 KV heads).
 double greedy_finish(const std::vector<std::int64_t>& lens, const std::vector<std::size_t>& order,
                      int lens_per_head, std::int64_t units, std::int64_t splits, int align,
                      std::int64_t slots) {
@@ -67,7 +61,7 @@ double greedy_finish(const std::vector<std::int64_t>& lens, const std::vector<st
         const std::int64_t begin = std::min(len, sp * chunk);
         const std::int64_t end = std::min(len, begin + chunk);
         if (end <= begin) continue;
-        const double done = free_at.top() + double(end - begin) + kSplitOverheadTokens;
+        const double done = free_at.top() + double(end - begin) + kLengthsCtaCostTokens;
         free_at.pop();
         free_at.push(done);
         finish = std::max(finish, done);
@@ -245,20 +239,17 @@ int plan_splits_for_lengths(const SplitPlanShape& s, const std::vector<std::int6
   int best = 1;
   double best_cost = greedy_finish(lens, order, lens_per_head, units1, 1, align, slots1);
   // A slot streams its multiprocessor's share: where the split kernel runs more CTAs a
-  // multiprocessor than the unsplit one, each of its slots is slower, and its finish (tokens a
-  // slot streams) is scaled toward the unsplit slots' time. Counted equal, the split launches'
-  // extra slots looked like bandwidth: on an H200, 64 sequences of 1-8k tokens planned 3 splits
-  // where unsplit ran faster (float8 caches at head_dim 128, 3 CTAs a multiprocessor against 2:
-  // 0.176 against 0.149 ms; at head_dim 64, 5 against 2: 0.108 against 0.094; float16 at
-  // head_dim 128: 0.291 against 0.280). The ratio of CTAs is taken to the power
-  // kSlotShareExponent.
-  const double slot_time = std::pow(double(slots_n) / double(slots1), kSlotShareExponent);
+  // multiprocessor than the unsplit one, each of its slots is that much slower, and its finish
+  // (tokens a slot streams) is scaled by the ratio. Counted equal, the split launches' extra
+  // slots looked like bandwidth (on an H200, 64 sequences of 1-8k tokens planned 3 splits where
+  // unsplit ran 4-15% faster: float16 and float8 caches at head_dim 128, 3 CTAs a multiprocessor
+  // against 2; float8 at head_dim 64, 5 against 2).
+  const double slot_time = double(slots_n) / double(slots1);
   const std::int64_t max_splits = max_split_count(longest);
   auto consider = [&](std::int64_t n) {  // in increasing n: ties keep the fewer splits
     if (n < 2 || n > max_splits || entries * units_n * n > kMaxSimulatedCtas) return;
     const double cost =
-        greedy_finish(lens, order, lens_per_head, units_n, n, align, slots_n) * slot_time +
-        kSplitPenaltyTokens;
+        greedy_finish(lens, order, lens_per_head, units_n, n, align, slots_n) * slot_time;
     if (cost < best_cost) best = int(n), best_cost = cost;
   };
   for (const std::int64_t n : kSimulatedSplits) consider(n);
