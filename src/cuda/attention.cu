@@ -78,13 +78,14 @@ DecodeLaunch generic_launch(int head_dim) {
 // cluster (DecodeLaunch::cluster_merge tells whether that is the one returned). `group`: query
 // heads per KV head; over float8 caches an unsplit launch of a group of at most 8 takes the
 // kernel whose MMAs have the tokens as M and the heads as N (decode_mma_kernel's Swap: on an
-// H200, 1.3-10.6% faster on the unsplit float8 cases of the decode grid, 2.7% at 64 x 4096).
-// Split launches keep the other: the swapped kernel's fewer registers let 5 CTAs share a
-// multiprocessor instead of 3, so the planner picks other split counts for it, and at those the
-// grid ran 15% faster to 4% slower (at its own best counts it matched or beat the other on all
-// but one case; docs/cuda.md, "What limits the decode kernel").
+// H200, 1.3-10.6% faster on the unsplit float8 cases of the decode grid, 2.7% at 64 x 4096), and
+// so does a split launch with `swap_split` (swap_split_launch). The planner plans with the
+// unswapped split kernel (swap_split false): the swapped one's fewer registers let 5 CTAs share a
+// multiprocessor instead of 3 at head_dim 128, and the planner's model, fitted to the other,
+// would pick more splits for it than are fastest.
 DecodeLaunch decode_launch(DType dtype, DType kv_dtype, int head_dim, int group, bool split,
-                           bool aligned, const char* op, bool cluster = false) {
+                           bool aligned, const char* op, bool cluster = false,
+                           bool swap_split = false) {
   return dispatch_float_dtype(dtype, op, [&](auto type) {
     using T = typename decltype(type)::type;
     return dispatch_kv_dtype<T>(kv_dtype, [&](auto kv_type) {
@@ -98,8 +99,13 @@ DecodeLaunch decode_launch(DType dtype, DType kv_dtype, int head_dim, int group,
                 return dispatch_bool(split, [&](auto is_split) {
                   constexpr bool kSplit = decltype(is_split)::value;
                   constexpr bool kConfig = mma_split_config(D, int(sizeof(KV)), kSplit);
-                  if constexpr (sizeof(KV) == 1 && !kSplit) {
-                    if (group <= 8) return mma_launch<T, KV, D, kConfig, false, true>();
+                  if constexpr (sizeof(KV) == 1) {
+                    if (group <= 8 && (!kSplit || swap_split)) {
+                      if constexpr (kSplit) {
+                        if (cluster) return mma_launch<T, KV, D, kConfig, true, true>();
+                      }
+                      return mma_launch<T, KV, D, kConfig, false, true>();
+                    }
                   }
                   if constexpr (kSplit) {
                     if (cluster) return mma_launch<T, KV, D, kConfig, true>();
@@ -113,6 +119,23 @@ DecodeLaunch decode_launch(DType dtype, DType kv_dtype, int head_dim, int group,
       return generic_launch<T, KV>(head_dim);
     });
   });
+}
+
+// Whether a split launch over float8 caches takes the swapped MMAs (decode_launch's swap_split):
+// at head_dim 256 always; at head_dim 64 and 128 where a split's chunk of keys (the longest
+// sequence's) is at most kSwapSplitMaxChunk tokens. Two runs on an H200 (71 split cases, each
+// kernel at the same planned split count) found the swapped kernel faster, or within 1%, on every
+// case at head_dim 256 (1-9%) and on every case with chunks of at most 1,024 tokens (up to 22%:
+// short sequences of few splits, one sequence of 4-32k tokens in 49), but at head_dim 64 and 128
+// with longer chunks 13% faster to 13% slower (16 x 16384 at head_dim 64 in 5 splits 13%
+// slower, 8 x 32768 at head_dim 128 in 6 splits 3.6%, ragged batches of 28-48 sequences 3-6.5%):
+// its fewer registers let more CTAs share a multiprocessor (5 against 3 at head_dim 128), and long
+// chunks then share the bandwidth less evenly.
+constexpr std::int64_t kSwapSplitMaxChunk = 1024;
+
+bool swap_split_launch(DType kv_dtype, int head_dim, std::int64_t max_seq_len, int num_splits) {
+  if (kv_dtype != DType::Float8E4M3FN || num_splits < 2) return false;
+  return head_dim == 256 || (max_seq_len + num_splits - 1) / num_splits <= kSwapSplitMaxChunk;
 }
 
 // A prefill kernel as the planner and the launch see it: heads_per_cta query heads of a group
@@ -264,7 +287,8 @@ void prefill_attention(const PagedAttentionParams& p, cudaStream_t s, const char
   if (mixed) {
     // The tensor-core decode kernel: the prefill kernel's types and alignment imply it.
     dl = decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, p.num_q_heads / p.num_kv_heads,
-                       p.num_splits > 1, rows_aligned16(p), op);
+                       p.num_splits > 1, rows_aligned16(p), op, false,
+                       swap_split_launch(p.kv_dtype, p.head_dim, p.max_seq_len, p.num_splits));
     prepare_launch(dl, p.device_index, op);
   }
   PrefillArgs a{};
@@ -347,13 +371,15 @@ void paged_attention(const PagedAttentionParams& p, Stream stream) {
   // fit the device (cluster_launch_fits); otherwise, and always in the CUDA-core kernel,
   // merge_splits_kernel follows it. Both variants take the same CTAs (the arguments below).
   const int group = p.num_q_heads / p.num_kv_heads;
+  const bool swap = swap_split_launch(p.kv_dtype, p.head_dim, p.max_seq_len, p.num_splits);
   DecodeLaunch l = decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, group, split,
-                                 rows_aligned16(p), op, split);
+                                 rows_aligned16(p), op, split, swap);
   DecodeArgs a = make_decode_args(p, l.heads_per_cta);
   if (l.cluster_merge &&
       !cluster_launch_fits(l, p.device_index, p.num_splits,
                            std::int64_t(p.batch) * p.num_kv_heads * a.head_tiles, op)) {
-    l = decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, group, split, rows_aligned16(p), op);
+    l = decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, group, split, rows_aligned16(p), op,
+                      false, swap);
   }
   prepare_launch(l, p.device_index, op);
   // Ordered by length as the planner simulates it (plan_splits_for_lengths).

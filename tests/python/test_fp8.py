@@ -329,6 +329,48 @@ def test_paged_attention_fp8_splits_window_lse(rng, backend, num_splits):
 
 
 @pytest.mark.parametrize("backend", fp8_backends())
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("num_splits", [2, 3, 6])
+def test_fp8_split_chunks_long_and_short(rng, backend, head_dim, num_splits):
+    """Split decode over float8 caches with chunks of about 520 to 1,550 tokens (a split's chunk
+    is the table's capacity over the count): on CUDA the swapped-MMA kernel takes chunks of at
+    most 1,024 tokens (and every chunk at head_dim 256), the other kernel longer ones; both
+    against float64, with the log-sum-exp, over lengths that end a chunk early, fill one or leave
+    it empty."""
+    fw, device = backend
+    _require(fw, "float16")
+    lens = [3073, 1, 0, 2048, 1025]
+    case, kb, vb, ks, vs = _attention_case(rng, lens, 8, 2, head_dim, 16, "head")
+    chunk = -(-case.block_table.shape[1] * 16 // num_splits)
+    assert (chunk > 1024) == (num_splits < 6)  # both kernels of split launches
+    out, q64 = _run_attention(
+        case, kb, vb, ks, vs, fw, device, "float16", "NHD", "head", num_splits=num_splits
+    )
+    ref, ref_lse = _reference(case, q64, kb, vb, ks, vs)
+    assert R.rel_error(out, ref) < TOLERANCE["float16"]
+    kc, vc = _fp8_caches(kb, vb, fw, device, "NHD")
+    if fw == "torch":
+        table = torch.from_numpy(case.block_table).to(device)
+        lens_t = torch.from_numpy(case.seq_lens).to(device)
+    else:
+        table, lens_t = case.block_table, case.seq_lens
+    _, lse = ts.paged_attention(
+        _input(case.query, fw, "float16", device),
+        kc,
+        vc,
+        table,
+        lens_t,
+        k_scale=_scale_arg(ks, "head", fw, device),
+        v_scale=_scale_arg(vs, "head", fw, device),
+        kv_dtype=_kv_dtype(fw),
+        return_lse=True,
+        num_splits=num_splits,
+    )
+    sync(fw, device)
+    np.testing.assert_allclose(f64(lse), ref_lse, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", fp8_backends())
 @pytest.mark.parametrize("magnitude", [1e-20, 1e-5, 1e5, 1e30, "spread"])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_fp8_bfloat16_queries_of_any_magnitude(rng, backend, magnitude, head_dim):
