@@ -291,14 +291,9 @@ def test_paged_attention_fp8(
     assert R.rel_error(out, ref) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("backend", fp8_backends())
-@pytest.mark.parametrize("num_splits", [1, 3, 7])
-def test_paged_attention_fp8_splits_window_lse(rng, backend, num_splits):
-    """Split counts, a sliding window, a soft cap and the log-sum-exp over float8 caches."""
-    fw, device = backend
-    _require(fw, "float16")
-    case, kb, vb, ks, vs = _attention_case(rng, [700, 1, 333, 64], 8, 2, 128, 16, "head")
-    kw = dict(window_left=250, logits_soft_cap=20.0)
+def _check_attention_and_lse(case, kb, vb, ks, vs, fw, device, num_splits, **kw):
+    """Decode over float8 caches (float16 queries, NHD, per-KV-head scales) in num_splits splits
+    against float64 attention over the dequantised values, then its log-sum-exp."""
     out, q64 = _run_attention(
         case, kb, vb, ks, vs, fw, device, "float16", "NHD", "head", num_splits=num_splits, **kw
     )
@@ -329,6 +324,17 @@ def test_paged_attention_fp8_splits_window_lse(rng, backend, num_splits):
 
 
 @pytest.mark.parametrize("backend", fp8_backends())
+@pytest.mark.parametrize("num_splits", [1, 3, 7])
+def test_paged_attention_fp8_splits_window_lse(rng, backend, num_splits):
+    """Split counts, a sliding window, a soft cap and the log-sum-exp over float8 caches."""
+    fw, device = backend
+    _require(fw, "float16")
+    case, kb, vb, ks, vs = _attention_case(rng, [700, 1, 333, 64], 8, 2, 128, 16, "head")
+    kw = dict(window_left=250, logits_soft_cap=20.0)
+    _check_attention_and_lse(case, kb, vb, ks, vs, fw, device, num_splits, **kw)
+
+
+@pytest.mark.parametrize("backend", fp8_backends())
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("num_splits", [2, 3, 6])
 def test_fp8_split_chunks_long_and_short(rng, backend, head_dim, num_splits):
@@ -343,31 +349,7 @@ def test_fp8_split_chunks_long_and_short(rng, backend, head_dim, num_splits):
     case, kb, vb, ks, vs = _attention_case(rng, lens, 8, 2, head_dim, 16, "head")
     chunk = -(-case.block_table.shape[1] * 16 // num_splits)
     assert (chunk > 1024) == (num_splits < 6)  # both kernels of split launches
-    out, q64 = _run_attention(
-        case, kb, vb, ks, vs, fw, device, "float16", "NHD", "head", num_splits=num_splits
-    )
-    ref, ref_lse = _reference(case, q64, kb, vb, ks, vs)
-    assert R.rel_error(out, ref) < TOLERANCE["float16"]
-    kc, vc = _fp8_caches(kb, vb, fw, device, "NHD")
-    if fw == "torch":
-        table = torch.from_numpy(case.block_table).to(device)
-        lens_t = torch.from_numpy(case.seq_lens).to(device)
-    else:
-        table, lens_t = case.block_table, case.seq_lens
-    _, lse = ts.paged_attention(
-        _input(case.query, fw, "float16", device),
-        kc,
-        vc,
-        table,
-        lens_t,
-        k_scale=_scale_arg(ks, "head", fw, device),
-        v_scale=_scale_arg(vs, "head", fw, device),
-        kv_dtype=_kv_dtype(fw),
-        return_lse=True,
-        num_splits=num_splits,
-    )
-    sync(fw, device)
-    np.testing.assert_allclose(f64(lse), ref_lse, rtol=1e-4, atol=1e-3)
+    _check_attention_and_lse(case, kb, vb, ks, vs, fw, device, num_splits)
 
 
 @pytest.mark.parametrize("backend", fp8_backends())
