@@ -79,10 +79,10 @@ DecodeLaunch generic_launch(int head_dim) {
 // heads per KV head; over float8 caches an unsplit launch of a group of at most 8 takes the
 // kernel whose MMAs have the tokens as M and the heads as N (decode_mma_kernel's Swap: on an
 // H200, 1.3-10.6% faster on the unsplit float8 cases of the decode grid, 2.7% at 64 x 4096), and
-// so does a split launch with `swap_split` (swap_split_launch). The planner plans with the
-// unswapped split kernel (swap_split false): the swapped one's fewer registers let 5 CTAs share a
-// multiprocessor instead of 3 at head_dim 128, and the planner's model, fitted to the other,
-// would pick more splits for it than are fastest.
+// so does a split launch with `swap_split` (swap_split_launch, split_plan.cuh). The planner plans
+// with the unswapped split kernel (swap_split false): the swapped one's fewer registers let 5 CTAs
+// share a multiprocessor instead of 3 at head_dim 128, and the planner's model, fitted to the
+// other, would pick more splits for it than are fastest.
 DecodeLaunch decode_launch(DType dtype, DType kv_dtype, int head_dim, int group, bool split,
                            bool aligned, const char* op, bool cluster = false,
                            bool swap_split = false) {
@@ -99,18 +99,17 @@ DecodeLaunch decode_launch(DType dtype, DType kv_dtype, int head_dim, int group,
                 return dispatch_bool(split, [&](auto is_split) {
                   constexpr bool kSplit = decltype(is_split)::value;
                   constexpr bool kConfig = mma_split_config(D, int(sizeof(KV)), kSplit);
-                  if constexpr (sizeof(KV) == 1) {
-                    if (group <= 8 && (!kSplit || swap_split)) {
-                      if constexpr (kSplit) {
-                        if (cluster) return mma_launch<T, KV, D, kConfig, true, true>();
-                      }
-                      return mma_launch<T, KV, D, kConfig, false, true>();
+                  auto with_swap = [&](auto swap) {
+                    constexpr bool kSwap = decltype(swap)::value;
+                    if constexpr (kSplit) {
+                      if (cluster) return mma_launch<T, KV, D, kConfig, true, kSwap>();
                     }
+                    return mma_launch<T, KV, D, kConfig, false, kSwap>();
+                  };
+                  if constexpr (sizeof(KV) == 1) {
+                    if (group <= 8 && (!kSplit || swap_split)) return with_swap(std::true_type{});
                   }
-                  if constexpr (kSplit) {
-                    if (cluster) return mma_launch<T, KV, D, kConfig, true>();
-                  }
-                  return mma_launch<T, KV, D, kConfig, false>();
+                  return with_swap(std::false_type{});
                 });
               },
               [&] { return generic_launch<T, KV>(head_dim); });
@@ -119,23 +118,6 @@ DecodeLaunch decode_launch(DType dtype, DType kv_dtype, int head_dim, int group,
       return generic_launch<T, KV>(head_dim);
     });
   });
-}
-
-// Whether a split launch over float8 caches takes the swapped MMAs (decode_launch's swap_split):
-// at head_dim 256 always; at head_dim 64 and 128 where a split's chunk of keys (the longest
-// sequence's) is at most kSwapSplitMaxChunk tokens. Two runs on an H200 (71 split cases, each
-// kernel at the same planned split count) found the swapped kernel faster, or within 1%, on every
-// case at head_dim 256 (1-9%) and on every case with chunks of at most 1,024 tokens (up to 22%:
-// short sequences of few splits, one sequence of 4-32k tokens in 49), but at head_dim 64 and 128
-// with longer chunks 13% faster to 13% slower (16 x 16384 at head_dim 64 in 5 splits 13%
-// slower, 8 x 32768 at head_dim 128 in 6 splits 3.6%, ragged batches of 28-48 sequences 3-6.5%):
-// its fewer registers let more CTAs share a multiprocessor (5 against 3 at head_dim 128), and long
-// chunks then share the bandwidth less evenly.
-constexpr std::int64_t kSwapSplitMaxChunk = 1024;
-
-bool swap_split_launch(DType kv_dtype, int head_dim, std::int64_t max_seq_len, int num_splits) {
-  if (kv_dtype != DType::Float8E4M3FN || num_splits < 2) return false;
-  return head_dim == 256 || (max_seq_len + num_splits - 1) / num_splits <= kSwapSplitMaxChunk;
 }
 
 // A prefill kernel as the planner and the launch see it: heads_per_cta query heads of a group

@@ -116,38 +116,32 @@ int main() {
   CHECK(plan_lengths(f16_128, std::vector<std::int64_t>(8, 32768)) == 6);
   CHECK(plan_lengths(f16_128, std::vector<std::int64_t>(64, 4096)) == 1);
 
-  // Ragged lengths, 1-8k tokens. 16 sequences leave most of the GPU idle unsplit: they split.
-  // 64 fill it about twice, run longest first: unsplit (on an H200 3 splits, the plan before the
-  // split launch's slots were scaled to their multiprocessor's share, ran 4% slower in float16,
-  // 13-15% over float8 caches), every draw here for the head_dim-128 kernels and all but a few
-  // for float8 at head_dim 64 (five split CTAs a multiprocessor: some draws plan 3-5 splits).
-  // 128 sequences of 1-4k tokens are near four waves and balance themselves: not simulated,
-  // unsplit.
+  // Ragged lengths (uniform in [1, hi]), each plan as measured fastest or near it on an H200.
+  // 16 and 32 sequences of 1-8k tokens leave much of the GPU idle unsplit: they split (32
+  // measured 10-19% faster split at head_dim 128 and over float8 caches at head_dim 64). 64 fill
+  // it about twice, run longest first: unsplit (3 splits, planned before the split launch's slots
+  // were scaled to their multiprocessor's share, ran 4% slower in float16, 13-15% over float8
+  // caches), every draw for the head_dim-128 kernels and all but a few for float8 at head_dim 64
+  // (five split CTAs a multiprocessor: some draws plan 3-5 splits). Between them, at head_dim
+  // 128, 44 sequences plan 2 splits (44-52 ran 3-13% faster in 2 than unsplit and 5-12% faster
+  // than in 3 or 4, where the planner before kLengthsCtaCostTokens planned 1-4). 24 of 1-4k
+  // tokens split (14% faster in 2-3 splits than unsplit, which that planner, with a fixed cost
+  // per split launch, chose in some draws). 128 of 1-4k tokens are near four waves and balance
+  // themselves: not simulated, unsplit.
   int fp8_64_unsplit = 0;
   for (std::uint64_t seed = 1; seed <= 20; ++seed) {
     for (const Kernels* k : {&f16_128, &fp8_64}) {
       const int sixteen = plan_lengths(*k, ragged(16, 8191, seed));
       CHECK(sixteen >= 2 && sixteen <= 16);
+      CHECK(plan_lengths(*k, ragged(32, 8191, seed)) > 1);
       CHECK(plan_lengths(*k, ragged(128, 4095, seed)) == 1);
     }
     CHECK(plan_lengths(f16_128, ragged(64, 8191, seed)) == 1);
     fp8_64_unsplit += plan_lengths(fp8_64, ragged(64, 8191, seed)) == 1;
+    CHECK(plan_lengths(f16_128, ragged(44, 8191, seed)) == 2);
+    CHECK(plan_lengths(f16_128, ragged(24, 4095, seed)) > 1);
   }
   CHECK(fp8_64_unsplit >= 18);
-  // 32 sequences still split (measured 10-19% faster split than unsplit at head_dim 128 and
-  // over float8 caches at head_dim 64).
-  for (std::uint64_t seed = 1; seed <= 20; ++seed) {
-    for (const Kernels* k : {&f16_128, &fp8_64})
-      CHECK(plan_lengths(*k, ragged(32, 8191, seed)) > 1);
-  }
-  // Between them, at head_dim 128, 2 splits: on an H200, 44-52 sequences of 1-8k tokens ran
-  // 3-13% faster in 2 splits than unsplit and 5-12% faster than in 3 or 4 (the planner before
-  // kLengthsCtaCostTokens planned 1-4). Short sequences split too: 24 of 1-4k tokens ran 14%
-  // faster in 2-3 splits than unsplit, which a fixed cost per split launch planned.
-  for (std::uint64_t seed = 1; seed <= 20; ++seed) {
-    CHECK(plan_lengths(f16_128, ragged(44, 8191, seed)) == 2);
-    CHECK(plan_lengths(f16_128, ragged(24, 2047, seed)) > 1);
-  }
   // Where the split kernel runs as many CTAs a multiprocessor as the unsplit one (float16 at
   // head_dim 64, or 256), the scaling changes nothing: 24 sequences still split.
   const Kernels same(2, 2);
@@ -157,5 +151,20 @@ int main() {
   const SplitPlanShape s{8, 32, 8, 2048, 64};
   const int p = plan_splits_for_lengths(s, per_head, 8, 64, f16_128.unsplit, f16_128.split, 0, "t");
   CHECK(p >= 1 && p <= 2048 / 64);
+
+  // Which kernel a float8 split launch runs: the swapped MMAs at head_dim 256, and at head_dim 64
+  // and 128 for chunks of at most 1,024 tokens; never unsplit or over 16-bit caches.
+  using tinyserve::DType;
+  using tinyserve::kernels::cuda::swap_split_launch;
+  for (const int dim : {64, 128}) {
+    CHECK(swap_split_launch(DType::Float8E4M3FN, dim, 4096, 4));
+    CHECK(!swap_split_launch(DType::Float8E4M3FN, dim, 4097, 4));
+    CHECK(swap_split_launch(DType::Float8E4M3FN, dim, 131072, 128));
+    CHECK(!swap_split_launch(DType::Float8E4M3FN, dim, 32768, 6));
+  }
+  CHECK(swap_split_launch(DType::Float8E4M3FN, 256, 32768, 4));
+  CHECK(!swap_split_launch(DType::Float8E4M3FN, 256, 32768, 1));
+  CHECK(!swap_split_launch(DType::Float16, 128, 1024, 4));
+  CHECK(!swap_split_launch(DType::BFloat16, 256, 32768, 4));
   return test::exit_code();
 }

@@ -257,4 +257,9 @@ int plan_splits_for_lengths(const SplitPlanShape& s, const std::vector<std::int6
   return best;
 }
 
+bool swap_split_launch(DType kv_dtype, int head_dim, std::int64_t max_seq_len, int num_splits) {
+  if (kv_dtype != DType::Float8E4M3FN || num_splits < 2) return false;
+  return head_dim == 256 || (max_seq_len + num_splits - 1) / num_splits <= kSwapSplitMaxChunk;
+}
+
 }  // namespace tinyserve::kernels::cuda

@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "tinyserve/tensor.h"
+
 namespace tinyserve::kernels::cuda {
 
 // One decode kernel instantiation as a launch sees it.
@@ -80,13 +82,28 @@ int plan_splits(const SplitPlanShape& s, const DecodeLaunch& unsplit, const Deco
 // one per sequence (lens_per_head 1) or one per (sequence, KV head) (lens_per_head =
 // num_kv_heads), each at most s.max_kv_len. Where the ranges differ, the CTAs of each candidate
 // count are scheduled greedily in launch order (longest first where longest_first holds) onto the
-// GPU's slots (each CTA its chunk plus the fixed cost), and the shortest finish wins, a split count
-// paying a fixed penalty for its merge and partials, and its slots' finish scaled by the CTAs a
-// multiprocessor of the split kernel over the unsplit one's (a slot streams its share of the
-// multiprocessor); equal ranges plan as plan_splits.
+// GPU's slots (each CTA its chunk plus a fixed cost that covers its partial and merge), and the
+// shortest finish wins, a split count's finish scaled by the CTAs a multiprocessor of the split
+// kernel over the unsplit one's (a slot streams its share of the multiprocessor); equal ranges
+// plan as plan_splits.
 int plan_splits_for_lengths(const SplitPlanShape& s, const std::vector<std::int64_t>& lens,
                             int lens_per_head, int align, const DecodeLaunch& unsplit,
                             const DecodeLaunch& split, int device, const char* op,
                             const DecodeLaunch* clustered = nullptr);
+
+// Whether a split launch over float8 caches runs the decode kernel with swapped MMAs (tokens as
+// M, query heads as N) instead of the one the planner plans for: at head_dim 256 always; at
+// head_dim 64 and 128 where a split's chunk of keys (max_seq_len over num_splits) is at most
+// kSwapSplitMaxChunk tokens. Two runs on an H200 (71 split cases, each kernel at the same
+// planned split count) found the swapped kernel faster, or within 1%, on every case at head_dim
+// 256 (1-9%) and on every case with chunks of at most 1,024 tokens (up to 22%: short sequences
+// of few splits, one sequence of 4-32k tokens in 49), but at head_dim 64 and 128 with longer
+// chunks 18% faster to 13% slower (16 x 16384 at head_dim 64 in 5 splits 13% slower, 8 x 32768
+// at head_dim 128 in 6 splits 3.6%, ragged batches of 28-48 sequences 3-6.5%): its fewer
+// registers let more CTAs share a multiprocessor (5 against 3 at head_dim 128), and long chunks
+// then share the bandwidth less evenly. Split counts are planned for the unswapped kernel, whose
+// occupancy the planner's model was fitted to.
+constexpr std::int64_t kSwapSplitMaxChunk = 1024;
+bool swap_split_launch(DType kv_dtype, int head_dim, std::int64_t max_seq_len, int num_splits);
 
 }  // namespace tinyserve::kernels::cuda
