@@ -21,11 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import numpy as np
 import torch
-from bench_decode import commit, median_ms, to_fp8
+from bench_decode import commit, timed_pair, to_fp8
 
 import tinyserve as ts
 
@@ -88,17 +87,9 @@ def reference(q, kc, vc, scales, table, lens) -> torch.Tensor:
 
 
 def time_call(fn, rounds: int, device: str) -> float:
-    """Per-call milliseconds: graph-replayed medians on CUDA (the fastest round), wall time on
-    the CPU."""
-    if device == "cuda":
-        return min(median_ms(fn, 20, graph=True) for _ in range(rounds))
-    fn()
-    samples = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+    """Per-call milliseconds, the fastest of `rounds` rounds of bench_decode's timing (graph
+    replays on CUDA, a host clock on the CPU)."""
+    return min(timed_pair({"call": fn}, 20, device)[0]["call"] for _ in range(rounds))
 
 
 def run_case(batch, context, dim, kv_dtype, spread, counts, rounds, rng, device) -> dict:
