@@ -34,7 +34,10 @@ Q_HEADS, KV_HEADS, PAGE = 32, 8, 16
 def parse_spread(spread: str) -> tuple[float, float] | None:
     if spread == "equal":
         return None
-    lo, hi = (float(x) for x in spread.split("-"))
+    try:
+        lo, hi = (float(x) for x in spread.split("-"))
+    except ValueError:
+        lo, hi = 0.0, 0.0
     if not 0 <= lo < hi:
         raise SystemExit(f"calibrate_splits: a spread is lo-hi with 0 <= lo < hi, got {spread}")
     return lo, hi
@@ -162,13 +165,16 @@ def main() -> None:
     if device == "cpu":  # the script's path on small shapes
         batches, contexts = [2, 3], [min(c, 96) for c in contexts[:1]]
     counts = ints(args.splits)
+    spreads = args.spreads.split(",")
+    for spread in spreads:  # a malformed spread stops the run before any case
+        parse_spread(spread)
     rng = np.random.default_rng(args.seed)
     name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (dry run)"
     print(f"{name}, commit {commit()}")
     cases = []
     for kv_dtype in args.kv_dtypes.split(","):
         for dim in dims:
-            for spread in args.spreads.split(","):
+            for spread in spreads:
                 for context in contexts:
                     for batch in batches:
                         r = run_case(

@@ -240,6 +240,17 @@ bool rows_aligned16(const PagedAttentionParams& p) {
          p.value_cache.stride_token % kv == 0 && p.value_cache.stride_head % kv == 0;
 }
 
+// The decode kernel of call p (decode_launch over its dtypes, head_dim, group and alignment),
+// unsplit or as its split launch runs it: with the swapped MMAs where swap_split_launch says so,
+// and with `cluster`, the cluster-merge variant.
+DecodeLaunch call_decode_launch(const PagedAttentionParams& p, bool split, bool cluster,
+                                const char* op) {
+  return decode_launch(
+      p.query_dtype, p.kv_dtype, p.head_dim, p.num_q_heads / p.num_kv_heads, split,
+      rows_aligned16(p), op, cluster,
+      split && swap_split_launch(p.kv_dtype, p.head_dim, p.max_seq_len, p.num_splits));
+}
+
 // The tensor-core prefill kernel also stores pairs of output elements as one 32-bit word.
 bool prefill_aligned(const PagedAttentionParams& p) {
   return rows_aligned16(p) && aligned16(p.out) && p.out_stride_batch % 8 == 0 &&
@@ -268,9 +279,7 @@ void prefill_attention(const PagedAttentionParams& p, cudaStream_t s, const char
   DecodeLaunch dl{};
   if (mixed) {
     // The tensor-core decode kernel: the prefill kernel's types and alignment imply it.
-    dl = decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, p.num_q_heads / p.num_kv_heads,
-                       p.num_splits > 1, rows_aligned16(p), op, false,
-                       swap_split_launch(p.kv_dtype, p.head_dim, p.max_seq_len, p.num_splits));
+    dl = call_decode_launch(p, p.num_splits > 1, false, op);
     prepare_launch(dl, p.device_index, op);
   }
   PrefillArgs a{};
@@ -352,22 +361,16 @@ void paged_attention(const PagedAttentionParams& p, Stream stream) {
   // A split launch of the tensor-core kernel merges its splits in clusters where its clusters
   // fit the device (cluster_launch_fits); otherwise, and always in the CUDA-core kernel,
   // merge_splits_kernel follows it. Both variants take the same CTAs (the arguments below).
-  const int group = p.num_q_heads / p.num_kv_heads;
-  const bool swap = swap_split_launch(p.kv_dtype, p.head_dim, p.max_seq_len, p.num_splits);
-  DecodeLaunch l = decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, group, split,
-                                 rows_aligned16(p), op, split, swap);
+  DecodeLaunch l = call_decode_launch(p, split, split, op);
   DecodeArgs a = make_decode_args(p, l.heads_per_cta);
   if (l.cluster_merge &&
       !cluster_launch_fits(l, p.device_index, p.num_splits,
                            std::int64_t(p.batch) * p.num_kv_heads * a.head_tiles, op)) {
-    l = decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, group, split, rows_aligned16(p), op,
-                      false, swap);
+    l = call_decode_launch(p, split, false, op);
   }
   prepare_launch(l, p.device_index, op);
   // Ordered by length as the planner simulates it (plan_splits_for_lengths).
-  const DecodeLaunch unsplit = split ? decode_launch(p.query_dtype, p.kv_dtype, p.head_dim, group,
-                                                     false, rows_aligned16(p), op)
-                                     : l;
+  const DecodeLaunch unsplit = split ? call_decode_launch(p, false, false, op) : l;
   const SplitPlanShape shape{p.batch, p.num_q_heads, p.num_kv_heads, p.max_seq_len,
                              kMinDecodeSplitTokens};
   a.longest_first = longest_first(shape, p.seq_lens_stride_head == 0, unsplit, p.device_index, op);

@@ -33,3 +33,19 @@ def test_benchmark_dry_run(script, extra, tmp_path):
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert result_file.stat().st_size > 0
+
+
+@pytest.mark.parametrize("spread", ["2-1", "abc", "0.5"])
+def test_calibrate_splits_refuses_a_bad_spread(spread):
+    """A malformed length spread stops calibrate_splits.py before any case, naming it."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "calibrate_splits.py"), "--dry-run", "--spreads", spread],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert f"got {spread}" in done.stderr
+    assert "plan" not in done.stdout  # no case ran

@@ -175,7 +175,8 @@ __device__ __forceinline__ std::uint32_t bf16x2_to_half2_scaled(std::uint32_t x,
 
 // T: the query and output type (16-bit); KV: the caches' (T, or __nv_fp8_e4m3). Cluster: a split
 // launch whose splits form a cluster and merge there (cluster_merge_and_store). Swap (float8
-// caches, at most 8 query heads a CTA; attention.cu takes it for unsplit launches): the MMAs
+// caches, at most 8 query heads a CTA; attention.cu takes it for unsplit launches, and for split
+// launches where swap_split_launch says so): the MMAs
 // take the warp's 16 tokens as their M rows and the query heads as N (S^T = K Q^T,
 // O^T += V^T P^T), so a GQA group of up to 8 fills half or all of N instead of padding M to 16
 // rows: half the MMAs, and half the output accumulators.
