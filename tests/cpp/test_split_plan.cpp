@@ -115,6 +115,14 @@ int main() {
   CHECK(plan_equal(f16_128, 1, 131072) == 49);
   CHECK(plan_lengths(f16_128, std::vector<std::int64_t>(8, 32768)) == 6);
   CHECK(plan_lengths(f16_128, std::vector<std::int64_t>(64, 4096)) == 1);
+  // Between one and three waves of unsplit CTAs, each plan the fastest of 1-16 splits measured on
+  // an H200 (float16 and float8 caches, head_dim 128): 56 and 80 sequences of 4,096 tokens
+  // unsplit (the model that costed a partial wave as a full one planned 6 and 3 splits, 1-16%
+  // slower), 48 and 72 in 2 splits.
+  CHECK(plan_equal(f16_128, 56, 4096) == 1);
+  CHECK(plan_equal(f16_128, 80, 4096) == 1);
+  CHECK(plan_equal(f16_128, 48, 4096) == 2);
+  CHECK(plan_equal(f16_128, 72, 4096) == 2);
 
   // Ragged lengths (uniform in [1, hi]), each plan as measured fastest or near it on an H200.
   // 16 and 32 sequences of 1-8k tokens leave much of the GPU idle unsplit: they split (32
