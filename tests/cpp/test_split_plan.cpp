@@ -123,6 +123,8 @@ int main() {
   CHECK(plan_equal(f16_128, 80, 4096) == 1);
   CHECK(plan_equal(f16_128, 48, 4096) == 2);
   CHECK(plan_equal(f16_128, 72, 4096) == 2);
+  // Past one wave no count above the 16 measured is planned (50 x 262,144 would model 21).
+  CHECK(plan_equal(f16_128, 50, 262144) == 16);
 
   // Ragged lengths (uniform in [1, hi]), each plan as measured fastest or near it on an H200.
   // 16 and 32 sequences of 1-8k tokens leave much of the GPU idle unsplit: they split (32

@@ -33,7 +33,8 @@ constexpr double kClusterMergeSavingTokens = 2.0 * kSplitOverheadTokens;
 // 2,048 a split launch and the slot ratio to the power 0.75: 4.0% and 21%).
 constexpr double kLengthsCtaCostTokens = 3.0 * kSplitOverheadTokens;
 // plan_splits over more CTAs than one wave of the unsplit kernel: a partial last wave costs at
-// least this share of a full one, and no count above kMaxSharedWaveSplits is considered. Fitted to
+// least this share of a full one, and no count above kMaxSharedWaveSplits (the most it was
+// checked at) is considered. Fitted to
 // float8 batches of 40-96 sequences of 4,096 tokens at head_dim 128 on an H200, then checked on an
 // H200 against the fastest of 1-16 splits over 208 batches of 20-256 sequences (1-16k tokens,
 // equal and spread lengths, float16, bfloat16 and float8 caches, head_dim 64-256): the plans cost
@@ -220,19 +221,20 @@ int plan_splits(const SplitPlanShape& s, const DecodeLaunch& unsplit, const Deco
   const std::int64_t units1 = std::int64_t(s.batch) * s.num_kv_heads * head_tiles(s, unsplit);
   const std::int64_t slots1 = launch_slots(unsplit, device, op);
   if (units1 > slots1) {
-    auto cost = [&](const DecodeLaunch& l, std::int64_t n) {
-      const std::int64_t slots = launch_slots(l, device, op);
-      const double x =
-          double(std::int64_t(s.batch) * s.num_kv_heads * head_tiles(s, l) * n) / double(slots);
+    const std::int64_t units_n = std::int64_t(s.batch) * s.num_kv_heads * head_tiles(s, split);
+    const std::int64_t slots_n = launch_slots(split, device, op);
+    // n splits of `units` CTAs each on `slots` slots.
+    auto cost = [&](std::int64_t units, std::int64_t slots, std::int64_t n) {
+      const double x = double(units * n) / double(slots);
       const double full = std::floor(x), part = x - full;
       const double waves = full + (part > 0.0 ? std::max(part, kPartialWaveFloor) : 0.0);
       return waves * (double(s.max_kv_len) / double(n) + kLengthsCtaCostTokens) *
              (double(slots) / double(slots1));
     };
     std::int64_t best = 1;
-    double best_cost = cost(unsplit, 1);
+    double best_cost = cost(units1, slots1, 1);
     for (std::int64_t n = 2; n <= std::min<std::int64_t>(max_splits, kMaxSharedWaveSplits); ++n) {
-      const double cn = cost(split, n);
+      const double cn = cost(units_n, slots_n, n);
       if (cn < best_cost) best = n, best_cost = cn;
     }
     return int(best);

@@ -70,8 +70,12 @@ constexpr int kLongestFirstMaxBatch = 256;
 bool longest_first(const SplitPlanShape& s, bool one_length_per_sequence,
                    const DecodeLaunch& unsplit, int device, const char* op);
 
-// The split count for a call: 1 where the unsplit kernel fills the GPU, else the cheapest count
-// for the kernel that split launches use.
+// The split count for a call of equal key ranges (s.max_kv_len each). Within one wave of the
+// unsplit kernel's CTAs: 1 where that kernel's own cheapest count is 1, else the cheapest count
+// for the kernel that split launches use, each count costed as its waves (rounded up) times a
+// CTA's chunk plus a fixed cost. Past one wave: the cheapest of 1 to kMaxSharedWaveSplits, a
+// partial last wave costed by its share of a full one (at least kPartialWaveFloor of it) and a
+// split launch's waves scaled by its slots over the unsplit kernel's.
 // With `clustered` (the split kernel's cluster-merge variant, where the call may run it), a count
 // of at most kMaxClusterSplits whose clusters all fit at once (cluster_launch_fits) is costed
 // without the merge: kClusterMergeSavingTokens less.
