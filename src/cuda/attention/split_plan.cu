@@ -190,14 +190,18 @@ bool longest_first(const SplitPlanShape& s, bool one_length_per_sequence,
 int plan_splits(const SplitPlanShape& s, const DecodeLaunch& unsplit, const DecodeLaunch& split,
                 int device, const char* op, const DecodeLaunch* clustered) {
   const std::int64_t max_splits = max_split_count(s);
-  // The cheapest split count for one kernel. Cost of n splits for equal-length sequences: the
-  // waves of CTAs it takes, times each CTA's work (its chunk of tokens plus a fixed cost, about
-  // two tiles of pipeline fill, that every CTA and every split's merge pays); with `c`, a count
-  // whose launch merges in clusters (cluster_launch_fits) costs kClusterMergeSavingTokens less.
-  // The cheapest n wins; ties go to fewer splits.
-  auto best_splits = [&](const DecodeLaunch& l, const DecodeLaunch* c) {
-    const std::int64_t units = std::int64_t(s.batch) * s.num_kv_heads * head_tiles(s, l);
-    const std::int64_t slots = launch_slots(l, device, op);
+  // The CTAs a split of each kernel takes, and the kernel's slots (the split kernel's are asked
+  // for only where a split is costed).
+  const std::int64_t units1 = std::int64_t(s.batch) * s.num_kv_heads * head_tiles(s, unsplit);
+  const std::int64_t slots1 = launch_slots(unsplit, device, op);
+  const std::int64_t units_n = std::int64_t(s.batch) * s.num_kv_heads * head_tiles(s, split);
+  // The cheapest split count for a kernel of `slots` slots whose splits take `units` CTAs each.
+  // Cost of n splits for equal-length sequences: the waves of CTAs it takes, times each CTA's
+  // work (its chunk of tokens plus a fixed cost, about two tiles of pipeline fill, that every CTA
+  // and every split's merge pays); with `c`, a count whose launch merges in clusters
+  // (cluster_launch_fits) costs kClusterMergeSavingTokens less. The cheapest n wins; ties go to
+  // fewer splits.
+  auto best_splits = [&](std::int64_t units, std::int64_t slots, const DecodeLaunch* c) {
     auto cost = [&](std::int64_t n) {
       const std::int64_t waves = (units * n + slots - 1) / slots;
       const double unfused =
@@ -218,10 +222,7 @@ int plan_splits(const SplitPlanShape& s, const DecodeLaunch& unsplit, const Deco
   // kPartialWaveFloor of it (a CTA streams only so fast alone); a split launch's waves are
   // scaled by its slots over the unsplit kernel's (a slot streams its share of a
   // multiprocessor), and each CTA costs its chunk plus kLengthsCtaCostTokens.
-  const std::int64_t units1 = std::int64_t(s.batch) * s.num_kv_heads * head_tiles(s, unsplit);
-  const std::int64_t slots1 = launch_slots(unsplit, device, op);
   if (units1 > slots1) {
-    const std::int64_t units_n = std::int64_t(s.batch) * s.num_kv_heads * head_tiles(s, split);
     const std::int64_t slots_n = launch_slots(split, device, op);
     // n splits of `units` CTAs each on `slots` slots.
     auto cost = [&](std::int64_t units, std::int64_t slots, std::int64_t n) {
@@ -241,11 +242,11 @@ int plan_splits(const SplitPlanShape& s, const DecodeLaunch& unsplit, const Deco
   }
   // Split only where the unsplit kernel would leave the GPU short of work (merges not counted);
   // the split count is then planned for the kernel that split launches use.
-  const std::int64_t unsplit_best = best_splits(unsplit, nullptr);
+  const std::int64_t unsplit_best = best_splits(units1, slots1, nullptr);
   if (unsplit_best == 1 || (split.kernel == unsplit.kernel && clustered == nullptr)) {
     return int(unsplit_best);
   }
-  return int(best_splits(split, clustered));
+  return int(best_splits(units_n, launch_slots(split, device, op), clustered));
 }
 
 int plan_splits_for_lengths(const SplitPlanShape& s, const std::vector<std::int64_t>& lens,
