@@ -379,12 +379,17 @@ void paged_attention(const PagedAttentionParams& p, Stream stream) {
   // of the same token rows.
   const dim3 grid(unsigned(p.num_kv_heads * a.head_tiles), unsigned(p.num_splits),
                   unsigned(p.batch));
-  if (l.cluster_merge) {
+  // On sm_90 the decode kernel is launched to be scheduled while the previous kernel drains (it
+  // waits for that kernel on the device before reading anything): its launch and start hide
+  // behind that kernel's tail.
+  const bool overlap = device_info(p.device_index).compute_capability >= 90;
+  if (l.cluster_merge) {  // only on sm_90+ (cluster_launch_fits)
     launch_with(l.kernel, grid, dim3(l.threads), std::size_t(l.smem_bytes), s, a,
-                cluster_y_attribute(p.num_splits), op, "decode kernel");
+                cluster_y_attribute(p.num_splits), overlap_attribute(), op, "decode kernel");
     return;
   }
-  launch(l.kernel, grid, dim3(l.threads), std::size_t(l.smem_bytes), s, a, op, "decode kernel");
+  launch_after(l.kernel, grid, dim3(l.threads), std::size_t(l.smem_bytes), s, a, overlap, op,
+               "decode kernel");
   if (split) launch_merge(p, a.output, s, op);
 }
 

@@ -55,10 +55,11 @@ struct DeviceInfo {
 // A copy: the cache grows when another device is first asked about.
 DeviceInfo device_info(int device);
 
-// A launch configuration of one attribute (cudaLaunchKernelExC, cudaOccupancyMaxActiveClusters).
+// A launch configuration of one or two attributes (cudaLaunchKernelExC,
+// cudaOccupancyMaxActiveClusters).
 struct LaunchConfig {
   cudaLaunchConfig_t config{};
-  cudaLaunchAttribute attribute{};
+  cudaLaunchAttribute attributes[2]{};
 
   LaunchConfig(dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream,
                cudaLaunchAttribute a) {
@@ -66,13 +67,29 @@ struct LaunchConfig {
     config.blockDim = block;
     config.dynamicSmemBytes = smem;
     config.stream = stream;
-    attribute = a;
-    config.attrs = &attribute;
+    attributes[0] = a;
+    config.attrs = attributes;
     config.numAttrs = 1;
+  }
+  LaunchConfig(dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream, cudaLaunchAttribute a,
+               cudaLaunchAttribute b)
+      : LaunchConfig(grid, block, smem, stream, a) {
+    attributes[1] = b;
+    config.numAttrs = 2;
   }
   LaunchConfig(const LaunchConfig&) = delete;  // config.attrs points into this object
   LaunchConfig& operator=(const LaunchConfig&) = delete;
 };
+
+// Programmatic stream serialisation (sm_90+): the kernel may be scheduled while the previous
+// kernel on the stream drains, and must call ptx::wait_for_previous_grid() before it reads
+// anything an earlier kernel may write, and before its first write.
+inline cudaLaunchAttribute overlap_attribute() {
+  cudaLaunchAttribute a{};
+  a.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  a.val.programmaticStreamSerializationAllowed = 1;
+  return a;
+}
 
 // Clusters of (1, y, 1) CTAs (sm_90+; the grid's y a multiple of y).
 inline cudaLaunchAttribute cluster_y_attribute(int y) {
@@ -93,6 +110,16 @@ void launch_with(const void* kernel, dim3 grid, dim3 block, std::size_t smem, cu
   check(cudaLaunchKernelExC(&c.config, kernel, params), op, what);
 }
 
+// launch() with two launch attributes.
+template <class Args>
+void launch_with(const void* kernel, dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream,
+                 Args& args, cudaLaunchAttribute first, cudaLaunchAttribute second, const char* op,
+                 const char* what) {
+  void* params[] = {&args};
+  LaunchConfig c(grid, block, smem, stream, first, second);
+  check(cudaLaunchKernelExC(&c.config, kernel, params), op, what);
+}
+
 // launch() for a kernel that consumes the previous kernel's output on the same stream. With
 // `overlap` (sm_90+), it is launched with programmatic stream serialisation, so it can be
 // scheduled while the previous kernel drains; it must call ptx::wait_for_previous_grid() before
@@ -101,10 +128,7 @@ template <class Args>
 void launch_after(const void* kernel, dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream,
                   Args& args, bool overlap, const char* op, const char* what) {
   if (!overlap) return launch(kernel, grid, block, smem, stream, args, op, what);
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  launch_with(kernel, grid, block, smem, stream, args, attribute, op, what);
+  launch_with(kernel, grid, block, smem, stream, args, overlap_attribute(), op, what);
 }
 
 }  // namespace tinyserve::kernels::cuda

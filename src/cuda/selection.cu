@@ -1176,10 +1176,12 @@ __device__ __forceinline__ SelectionRows selection_rows(const SelectArgs& a, int
 }
 
 // The short case of both selection kernels: a sequence of at most `budget` pages keeps them all.
-// It ends by waiting for the scoring grid, as the kernel returns after it: work queued after the
-// selection kernel waits for that grid alone, and must follow both.
+// It waits for the previous grid first (a kernel queued after the selection kernel waits for
+// that grid alone, so it must follow both), then lets the kernel queued after it be scheduled.
 __device__ void copy_whole_table(const SelectArgs& a, const std::int32_t* table, std::int32_t* out,
                                  int pages, std::int64_t len, int kvh, int b) {
+  ptx::wait_for_previous_grid();
+  ptx::allow_dependent_grids();
   for (int i = threadIdx.x; i < a.budget; i += blockDim.x) {
     const std::int32_t id = i < pages ? table[i] : -1;
     out[i] = id;
@@ -1188,7 +1190,6 @@ __device__ void copy_whole_table(const SelectArgs& a, const std::int32_t* table,
   if (threadIdx.x == 0) {
     a.out_lens[b * a.out_lens_stride_batch + kvh * a.out_lens_stride_head] = std::int32_t(len);
   }
-  ptx::wait_for_previous_grid();
 }
 
 __device__ __forceinline__ void write_selected_lens(const SelectArgs& a, std::int64_t len, int last,
@@ -1462,12 +1463,15 @@ __global__ void __launch_bounds__(kSelectThreads)
   __shared__ std::uint32_t prefix_shared;
   __shared__ int remaining_shared;
   const int kvh = blockIdx.x, b = blockIdx.y;
+  // Launched while the previous kernel drains: the scoring kernel, or, where nothing is scored,
+  // whatever came before the call, which may have written the lengths and the table.
+  ptx::wait_for_previous_grid();
+  ptx::allow_dependent_grids();
   const auto [len, pages, table, out] = selection_rows(a, kvh, b);
   if (pages <= a.budget) {
     copy_whole_table(a, table, out, pages, len, kvh, b);
     return;
   }
-  ptx::wait_for_previous_grid();
   const float* scores = a.scores + (std::int64_t(b) * a.num_kv_heads + kvh) * a.max_blocks;
   const int first = a.num_sink_pages, last = pages - 1;  // candidates [first, last)
   const int keep = a.budget - a.num_sink_pages - 1;
@@ -1648,8 +1652,9 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
   if (p.max_blocks <= p.budget) {
     // No sequence can have more pages than the budget (the table's width bounds them): nothing
     // is scored, and one kernel copies the table per KV head.
-    launch(reinterpret_cast<const void*>(select_pages_global_kernel), select_grid,
-           dim3(kSelectThreads), 0, s, a, op, "select_pages_kernel");
+    launch_after(reinterpret_cast<const void*>(select_pages_global_kernel), select_grid,
+                 dim3(kSelectThreads), 0, s, a,
+                 device_info(p.device_index).compute_capability >= 90, op, "select_pages_kernel");
     return;
   }
   const DeviceInfo info = device_info(p.device_index);

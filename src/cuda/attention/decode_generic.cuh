@@ -37,6 +37,7 @@ __global__ void __launch_bounds__(kDecodeThreads)
   float* red_m = acc + kDecodeWarps * kGenericHeads * D;  // [kDecodeWarps][kGenericHeads]
   float* red_l = red_m + kDecodeWarps * kGenericHeads;
 
+  ptx::wait_for_previous_grid();  // launched while the previous kernel drains (sm_90)
   const WorkUnit u = work_unit(a, kGenericHeads, 1, blockIdx.z);
   const int b = u.b, split = u.split, kv_head = u.kv_head, head0 = u.head0, heads = u.heads;
   const int begin = u.begin, end = u.end;

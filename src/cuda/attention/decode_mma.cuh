@@ -199,6 +199,9 @@ __global__ void __launch_bounds__(MmaConfig<D, int(sizeof(KV)), SplitConfig>::kT
 
   __shared__ int ranked_sequence;
   static_assert(kLongestFirstMaxBatch * 4 <= C::kStages * C::kStageBytes, "ranking keys");
+  // Launched while the previous kernel drains (sm_90): any input may be that kernel's output
+  // (select_pages' lengths and tables, the query, a scale), so nothing is read before it is done.
+  ptx::wait_for_previous_grid();
   const int seq =
       a.longest_first
           ? sequence_by_length(a, blockIdx.z, reinterpret_cast<std::uint32_t*>(smem + C::kQBytes),
