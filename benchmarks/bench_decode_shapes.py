@@ -5,10 +5,12 @@ pointing at a `pip install --target` of the other build, alternating, on one mac
 float16, 32 query / 8 KV heads, head_dim 128, page 16, each sequence's pages in random physical
 order, NHD, split workspace planned once outside the timing. Each figure is the lowest of
 --samples medians, each the median of 20 replays of a CUDA graph of 10 back-to-back calls (CUDA
-events; bench_decode.median_ms), so short launches are timed without the host.
+events; bench_decode.median_ms), so short launches are timed without the host. --dry-run: small
+shapes on the CPU, each output checked against float64 attention over the pages the table names
+(the check of the script itself; no timing).
 
     python benchmarks/bench_decode_shapes.py [--shapes 1x512,8x1024,...] [--samples 3]
-                                             [--json PATH]
+                                             [--json PATH] [--dry-run]
 """
 
 from __future__ import annotations
@@ -24,28 +26,48 @@ import tinyserve as ts
 
 HEADS_Q, HEADS_KV, HEAD_DIM, PAGE = 32, 8, 128, 16
 SHAPES = "1x512,1x2048,1x4096,8x1024,8x4096,64x4096,8x32768"
+DRY_SHAPES = "1x40,3x100"
 
 
-def time_shape(batch: int, context: int, samples: int, gen: torch.Generator) -> dict:
+def reference(q, kc, vc, table, context: int) -> torch.Tensor:
+    """float64 attention of each sequence over the first `context` tokens of its pages."""
+    group = HEADS_Q // HEADS_KV
+    outs = []
+    for b in range(q.shape[0]):
+        k = kc[table[b].long()].reshape(-1, HEADS_KV, HEAD_DIM)[:context].double()
+        v = vc[table[b].long()].reshape(-1, HEADS_KV, HEAD_DIM)[:context].double()
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        s = torch.einsum("hd,thd->ht", q[b].double(), k) / HEAD_DIM**0.5
+        outs.append(torch.einsum("ht,thd->hd", torch.softmax(s, dim=-1), v))
+    return torch.stack(outs)
+
+
+def time_shape(batch: int, context: int, samples: int, gen: torch.Generator, device: str) -> dict:
     pages = (context + PAGE - 1) // PAGE
     blocks = batch * pages + 1
-    kc = torch.randn(blocks, PAGE, HEADS_KV, HEAD_DIM, device="cuda", dtype=torch.float16,
+    kc = torch.randn(blocks, PAGE, HEADS_KV, HEAD_DIM, device=device, dtype=torch.float16,
                      generator=gen)  # fmt: skip
     vc = torch.randn_like(kc)
-    table = torch.randperm(blocks - 1, device="cuda", generator=gen)[: batch * pages]
+    table = torch.randperm(blocks - 1, device=device, generator=gen)[: batch * pages]
     table = table.view(batch, pages).to(torch.int32)
-    lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
-    q = torch.randn(batch, HEADS_Q, HEAD_DIM, device="cuda", dtype=torch.float16, generator=gen)
-    out = torch.empty_like(q)
+    lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    q = torch.randn(batch, HEADS_Q, HEAD_DIM, device=device, dtype=torch.float16, generator=gen)
+    out = torch.full_like(q, float("nan"))
     splits, ws_bytes = ts.plan_paged_attention(q, kc, table, max_seq_len=context)[:2]
-    ws = torch.empty(max(ws_bytes, 16), dtype=torch.uint8, device="cuda")
+    ws = torch.empty(max(ws_bytes, 16), dtype=torch.uint8, device=device)
 
     def call():
         ts.paged_attention(q, kc, vc, table, lens, out, max_seq_len=context, workspace=ws)
 
+    row = {"batch": batch, "context": context, "splits": splits}
+    if device == "cpu":  # the dry run: check the case, time nothing
+        call()
+        err = ((out.double() - reference(q, kc, vc, table, context)).abs().max()).item()
+        if not err < 2e-3:
+            raise SystemExit(f"{batch} x {context}: output differs from float64 by {err}")
+        return {**row, "max_abs_error": err}
     times = [1e3 * median_ms(call, 20, warmup=3, graph=True) for _ in range(samples)]
-    return {"batch": batch, "context": context, "splits": splits, "us": min(times),
-            "us_samples": times}  # fmt: skip
+    return {**row, "us": min(times), "us_samples": times}
 
 
 def main() -> None:
@@ -53,12 +75,15 @@ def main() -> None:
     parser.add_argument("--shapes", default=SHAPES, help="comma-separated BATCHxCONTEXT")
     parser.add_argument("--samples", type=int, default=3)
     parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--dry-run", action="store_true", help="small shapes on the CPU, checked")
     args = parser.parse_args()
-    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    rows = [time_shape(b, c, args.samples, gen) for b, c in shapes]
+    device = "cpu" if args.dry_run else "cuda"
+    spec = DRY_SHAPES if args.dry_run and args.shapes == SHAPES else args.shapes
+    shapes = [tuple(int(x) for x in s.split("x")) for s in spec.split(",")]
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = [time_shape(b, c, args.samples, gen, device) for b, c in shapes]
     result = {
-        "device": torch.cuda.get_device_name(),
+        "device": "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name(),
         "date": datetime.date.today().isoformat(),
         "commit": commit(),
         "tinyserve": ts.__file__,
@@ -68,7 +93,10 @@ def main() -> None:
     print("| batch | context | splits | us (lowest of samples) |")
     print("|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} | {r['context']} | {r['splits']} | {r['us']:.2f} |")
+        us = (
+            f"dry run: max abs error {r['max_abs_error']:.1e}" if args.dry_run else f"{r['us']:.2f}"
+        )
+        print(f"| {r['batch']} | {r['context']} | {r['splits']} | {us} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

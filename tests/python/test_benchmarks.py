@@ -19,6 +19,7 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
         ("bench_decode.py", ["--kv-dtype", "fp8", "--cases", "base", "HND", "bfloat16"]),
         ("bench_prefill.py", []),
         ("calibrate_splits.py", ["--kv-dtypes", "float16,fp8", "--spreads", "equal,0-2"]),
+        ("bench_decode_shapes.py", []),
     ],
 )
 def test_benchmark_dry_run(script, extra, tmp_path):
