@@ -2,8 +2,9 @@
 comparing two builds of tinyserve in one session (run it once per build, e.g. with PYTHONPATH
 pointing at a `pip install --target` of the other build, alternating, on one machine).
 
-float16, 32 query / 8 KV heads, head_dim 128, page 16, each sequence's pages in random physical
-order, NHD, split workspace planned once outside the timing. Each figure is the lowest of
+The case is bench_decode.decode_inputs': float16, 32 query / 8 KV heads, head_dim 128, page 16,
+each sequence's pages in random physical order, NHD; the split workspace is planned once outside
+the timing. Each figure is the lowest of
 --samples medians, each the median of 20 replays of a CUDA graph of 10 back-to-back calls (CUDA
 events; bench_decode.median_ms), so short launches are timed without the host. --dry-run: small
 shapes on the CPU, each output checked against float64 attention over the pages the table names
@@ -19,41 +20,50 @@ import argparse
 import datetime
 import json
 
+import numpy as np
 import torch
-from bench_decode import commit, median_ms
+from bench_decode import commit, decode_inputs, median_ms
 
 import tinyserve as ts
 
-HEADS_Q, HEADS_KV, HEAD_DIM, PAGE = 32, 8, 128, 16
 SHAPES = "1x512,1x2048,1x4096,8x1024,8x4096,64x4096,8x32768"
-DRY_SHAPES = "1x40,3x100"
+DRY_SHAPES = "1x48,3x96"
+PAGE = 16  # decode_inputs' page size: contexts are whole pages
+
+
+def parse_shapes(spec: str) -> list[tuple[int, int]]:
+    """BATCHxCONTEXT,... into (batch, context) pairs; ValueError naming the spec otherwise."""
+    try:
+        shapes = [tuple(int(x) for x in item.split("x")) for item in spec.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 2 or s[0] < 1 or s[1] < PAGE or s[1] % PAGE for s in shapes):
+        raise ValueError(
+            f"--shapes takes BATCHxCONTEXT,... (batch >= 1, context a positive multiple of "
+            f"{PAGE}), got {spec}"
+        )
+    return shapes
 
 
 def reference(q, kc, vc, table, context: int) -> torch.Tensor:
     """float64 attention of each sequence over the first `context` tokens of its pages."""
-    group = HEADS_Q // HEADS_KV
+    group = q.shape[1] // kc.shape[2]
     outs = []
     for b in range(q.shape[0]):
-        k = kc[table[b].long()].reshape(-1, HEADS_KV, HEAD_DIM)[:context].double()
-        v = vc[table[b].long()].reshape(-1, HEADS_KV, HEAD_DIM)[:context].double()
+        k = kc[table[b].long()].reshape(-1, kc.shape[2], kc.shape[3])[:context].double()
+        v = vc[table[b].long()].reshape(-1, kc.shape[2], kc.shape[3])[:context].double()
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        s = torch.einsum("hd,thd->ht", q[b].double(), k) / HEAD_DIM**0.5
+        s = torch.einsum("hd,thd->ht", q[b].double(), k) / q.shape[2] ** 0.5
         outs.append(torch.einsum("ht,thd->hd", torch.softmax(s, dim=-1), v))
     return torch.stack(outs)
 
 
-def time_shape(batch: int, context: int, samples: int, gen: torch.Generator, device: str) -> dict:
-    pages = (context + PAGE - 1) // PAGE
-    blocks = batch * pages + 1
-    kc = torch.randn(blocks, PAGE, HEADS_KV, HEAD_DIM, device=device, dtype=torch.float16,
-                     generator=gen)  # fmt: skip
-    vc = torch.randn_like(kc)
-    table = torch.randperm(blocks - 1, device=device, generator=gen)[: batch * pages]
-    table = table.view(batch, pages).to(torch.int32)
-    lens = torch.full((batch,), context, dtype=torch.int32, device=device)
-    q = torch.randn(batch, HEADS_Q, HEAD_DIM, device=device, dtype=torch.float16, generator=gen)
+def time_shape(
+    batch: int, context: int, samples: int, rng: np.random.Generator, device: str
+) -> dict:  # fmt: skip
+    q, kc, vc, table, lens = decode_inputs(batch, context, rng, device=device)
     out = torch.full_like(q, float("nan"))
-    splits, ws_bytes = ts.plan_paged_attention(q, kc, table, max_seq_len=context)[:2]
+    splits, ws_bytes = ts.plan_paged_attention(q, kc, table, max_seq_len=context)
     ws = torch.empty(max(ws_bytes, 16), dtype=torch.uint8, device=device)
 
     def call():
@@ -78,10 +88,13 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="small shapes on the CPU, checked")
     args = parser.parse_args()
     device = "cpu" if args.dry_run else "cuda"
-    spec = DRY_SHAPES if args.dry_run and args.shapes == SHAPES else args.shapes
-    shapes = [tuple(int(x) for x in s.split("x")) for s in spec.split(",")]
-    gen = torch.Generator(device=device).manual_seed(0)
-    rows = [time_shape(b, c, args.samples, gen, device) for b, c in shapes]
+    try:
+        shapes = parse_shapes(DRY_SHAPES if args.dry_run and args.shapes == SHAPES else args.shapes)
+    except ValueError as exc:
+        parser.error(str(exc))
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    rows = [time_shape(b, c, args.samples, rng, device) for b, c in shapes]
     result = {
         "device": "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name(),
         "date": datetime.date.today().isoformat(),

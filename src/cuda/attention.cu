@@ -261,7 +261,7 @@ void launch_merge(const PagedAttentionParams& p, AttentionOutput& output, cudaSt
                   const char* op) {
   launch_after(merge_kernel(p.out_dtype, op), dim3(unsigned(output.batch * p.num_q_heads)),
                dim3(kMergeThreads), merge_smem_bytes(p.head_dim), s, output,
-               device_info(p.device_index).compute_capability >= 90, op, "merge_splits_kernel");
+               device_info(p.device_index).overlaps_launches(), op, "merge_splits_kernel");
 }
 
 void prefill_attention(const PagedAttentionParams& p, cudaStream_t s, const char* op) {
@@ -382,7 +382,7 @@ void paged_attention(const PagedAttentionParams& p, Stream stream) {
   // On sm_90 the decode kernel is launched to be scheduled while the previous kernel drains (it
   // waits for that kernel on the device before reading anything): its launch and start hide
   // behind that kernel's tail.
-  const bool overlap = device_info(p.device_index).compute_capability >= 90;
+  const bool overlap = device_info(p.device_index).overlaps_launches();
   if (l.cluster_merge) {  // only on sm_90+ (cluster_launch_fits)
     launch_with(l.kernel, grid, dim3(l.threads), std::size_t(l.smem_bytes), s, a,
                 cluster_y_attribute(p.num_splits), overlap_attribute(), op, "decode kernel");

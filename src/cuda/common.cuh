@@ -51,6 +51,9 @@ struct DeviceInfo {
   int multiprocessors = 0;
   int compute_capability = 0;    // major * 10 + minor
   int max_shared_per_block = 0;  // bytes of shared memory a block may opt in to
+  // Whether a kernel may be launched to overlap the previous one on its stream (programmatic
+  // dependent launch, sm_90+; see launch_after).
+  bool overlaps_launches() const { return compute_capability >= 90; }
 };
 // A copy: the cache grows when another device is first asked about.
 DeviceInfo device_info(int device);

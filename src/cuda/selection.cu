@@ -1653,8 +1653,8 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
     // No sequence can have more pages than the budget (the table's width bounds them): nothing
     // is scored, and one kernel copies the table per KV head.
     launch_after(reinterpret_cast<const void*>(select_pages_global_kernel), select_grid,
-                 dim3(kSelectThreads), 0, s, a,
-                 device_info(p.device_index).compute_capability >= 90, op, "select_pages_kernel");
+                 dim3(kSelectThreads), 0, s, a, device_info(p.device_index).overlaps_launches(), op,
+                 "select_pages_kernel");
     return;
   }
   const DeviceInfo info = device_info(p.device_index);
@@ -1804,7 +1804,7 @@ void select_pages(const SelectPagesParams& p, Stream stream) {
   // Both kernels are launched with programmatic dependent launch on sm_90: the scoring kernel's
   // launch overlaps the previous kernel's end, the top-k's the scoring kernel's; each waits on the
   // device for the grid before it.
-  const bool overlap = info.compute_capability >= 90;
+  const bool overlap = info.overlaps_launches();
   launch_after(score.kernel, dim3(unsigned(score_grid), unsigned(p.batch)), dim3(kScoreThreads),
                std::size_t(score.smem_bytes), s, a, overlap, op, "score_pages_kernel");
 

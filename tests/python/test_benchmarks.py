@@ -50,3 +50,42 @@ def test_calibrate_splits_refuses_a_bad_spread(spread):
     assert done.returncode != 0
     assert f"got {spread}" in done.stderr
     assert "plan" not in done.stdout  # no case ran
+
+
+@pytest.mark.parametrize("shapes", ["8", "8x", "0x64", "2x100", "1x512,4"])
+def test_bench_decode_shapes_refuses_a_bad_shape(shapes):
+    """A malformed or partial-page shape stops bench_decode_shapes.py before any case, naming it."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "bench_decode_shapes.py"),
+            "--dry-run",
+            "--shapes",
+            shapes,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert f"got {shapes}" in done.stderr
+    assert "|" not in done.stdout  # no case ran
+
+
+def test_bench_decode_shapes_dry_run_catches_a_wrong_case(monkeypatch):
+    """The dry run's float64 check fails when the case it checks is not the one attended (here the
+    reference reads each sequence's attention over the next sequence's pages)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_decode_shapes as bench
+    import numpy as np
+
+    right = bench.reference
+    row = bench.time_shape(3, 96, 1, np.random.default_rng(1), "cpu")
+    assert row["max_abs_error"] < 2e-3
+    monkeypatch.setattr(
+        bench, "reference", lambda q, k, v, t, c: right(q, k, v, t.roll(1, dims=0), c)
+    )
+    with pytest.raises(SystemExit, match="differs from float64"):
+        bench.time_shape(3, 96, 1, np.random.default_rng(1), "cpu")
